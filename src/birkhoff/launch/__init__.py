@@ -1,0 +1,1 @@
+"""The `birkhoff` command: recipe loading and validation, rank start-up through torchrun."""

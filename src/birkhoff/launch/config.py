@@ -1,0 +1,49 @@
+"""The `launch` recipe section: how many processes, on how many nodes, meeting where."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from birkhoff.errors import require
+
+
+@dataclass
+class LaunchConfig:
+    """Left null, `nnodes`, `node_rank`, `rdzv_endpoint` and `rdzv_id` come from SLURM's
+    environment inside a SLURM job, else mean one node on this machine."""
+
+    nproc_per_node: int = 1
+    nnodes: int | None = None
+    node_rank: int | None = None
+    rdzv_endpoint: str | None = None
+    rdzv_port: int = 29500
+    rdzv_id: str | None = None
+    max_restarts: int = 0
+
+    def validate(self, prefix: str = "launch") -> None:
+        require(
+            self.nproc_per_node > 0,
+            f"{prefix}.nproc_per_node",
+            self.nproc_per_node,
+            "must be a positive integer (processes on this node, usually one per device)",
+        )
+        require(
+            self.nnodes is None or self.nnodes > 0,
+            f"{prefix}.nnodes",
+            self.nnodes,
+            "must be null (from SLURM, else 1) or a positive integer",
+        )
+        if self.nnodes is not None and self.node_rank is not None:
+            require(
+                0 <= self.node_rank < self.nnodes,
+                f"{prefix}.node_rank",
+                self.node_rank,
+                f"must be in [0, launch.nnodes={self.nnodes})",
+            )
+        require(
+            0 < self.rdzv_port < 65536,
+            f"{prefix}.rdzv_port",
+            self.rdzv_port,
+            "must be a TCP port in 1..65535",
+        )
+        require(self.max_restarts >= 0, f"{prefix}.max_restarts", self.max_restarts, "must be >= 0")

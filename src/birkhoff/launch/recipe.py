@@ -1,0 +1,72 @@
+"""A composed recipe -> typed, validated `Recipe`, or one RecipeError naming key, value and fix."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
+
+from birkhoff.errors import RecipeError
+from birkhoff.launch.config import LaunchConfig
+from birkhoff.launch.topology import Topology, resolve_topology
+from birkhoff.train.recipe import TrainRecipe
+
+
+@dataclass
+class Recipe(TrainRecipe):
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+
+def load_recipe(
+    cfg: DictConfig | Mapping[str, Any], env: Mapping[str, str]
+) -> tuple[Recipe, Topology]:
+    """Type-check `cfg` against the schema, then check every value; nothing runs before this."""
+    recipe = _typed(cfg)
+    recipe.launch.validate()
+    topology = resolve_topology(recipe.launch, env)
+    recipe.validate(topology.world_size)
+    return recipe, topology
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(recipe), resolve=True)
+
+
+def _typed(cfg: DictConfig | Mapping[str, Any]) -> Recipe:
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Recipe), cfg)
+        return OmegaConf.to_object(merged)
+    except ConfigKeyError as err:
+        key = err.full_key or str(err.key)
+        raise RecipeError(key, _value_at(cfg, key), f"unknown key; {_allowed_keys(key)}") from None
+    except MissingMandatoryValue as err:
+        raise RecipeError(err.full_key, "???", "is required: set it on the command line") from None
+    except OmegaConfBaseException as err:
+        reason = str(err.msg).splitlines()[0] if err.msg else type(err).__name__
+        raise RecipeError(err.full_key, err.value, reason) from None
+
+
+def _allowed_keys(full_key: str) -> str:
+    """The keys the schema has beside an unknown one, e.g. 'optim allows: lr, ...'."""
+    parent_path = full_key.rpartition(".")[0]
+    node: Any = Recipe
+    for part in filter(None, parent_path.split(".")):
+        node = typing.get_type_hints(node).get(part)
+        if not dataclasses.is_dataclass(node):
+            return "check the spelling against `birkhoff train --cfg job`"
+    names = ", ".join(f.name for f in dataclasses.fields(node))
+    return f"{parent_path or 'the recipe'} allows: {names}"
+
+
+def _value_at(cfg: DictConfig | Mapping[str, Any], full_key: str) -> Any:
+    node: Any = cfg
+    for part in full_key.split("."):
+        if not isinstance(node, Mapping | DictConfig) or part not in node:
+            return None
+        node = node[part]
+    return OmegaConf.to_container(node) if isinstance(node, DictConfig) else node

@@ -1,0 +1,142 @@
+"""The `optim`, `train`, `backend` and `logging` recipe sections."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from birkhoff.errors import require, require_choice
+
+SCHEDULES = ("cosine", "wsd", "constant")
+PRECISIONS = ("none", "bf16")
+CONSOLE_MODES = ("auto", "rich", "plain")
+WANDB_MODES = ("offline", "online")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW. `schedule`: cosine (warmup, cosine to min), wsd (warmup, stable, linear decay over
+    the last `decay_fraction` of steps) or constant (after warmup)."""
+
+    name: str = "adamw"
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    schedule: str = "cosine"
+    warmup_steps: int = 20
+    decay_fraction: float = 0.2
+
+    def validate(self, prefix: str = "optim") -> None:
+        require_choice(f"{prefix}.name", self.name, ("adamw",))
+        require(self.lr > 0, f"{prefix}.lr", self.lr, "must be > 0")
+        require(
+            0 <= self.min_lr_ratio <= 1,
+            f"{prefix}.min_lr_ratio",
+            self.min_lr_ratio,
+            "must be in [0, 1]",
+        )
+        require(self.weight_decay >= 0, f"{prefix}.weight_decay", self.weight_decay, "must be >= 0")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            require(0 <= value < 1, f"{prefix}.{name}", value, "must be in [0, 1)")
+        require(self.eps > 0, f"{prefix}.eps", self.eps, "must be > 0")
+        require(
+            self.grad_clip >= 0,
+            f"{prefix}.grad_clip",
+            self.grad_clip,
+            "must be >= 0 (0 disables clipping)",
+        )
+        require_choice(f"{prefix}.schedule", self.schedule, SCHEDULES)
+        require(self.warmup_steps >= 0, f"{prefix}.warmup_steps", self.warmup_steps, "must be >= 0")
+        require(
+            0 < self.decay_fraction <= 1,
+            f"{prefix}.decay_fraction",
+            self.decay_fraction,
+            "must be in (0, 1]",
+        )
+
+
+@dataclass
+class TrainConfig:
+    """`global_batch_size` sequences per optimizer step over all ranks; each rank runs them as
+    micro-batches of `micro_batch_size` (gradient accumulation makes up the rest)."""
+
+    steps: int = 300
+    global_batch_size: int = 16
+    micro_batch_size: int = 16
+    seed: int = 1234
+    eval_every: int = 100
+    eval_batches: int = 4
+    mixed_precision: str = "none"
+    deterministic: bool = False
+
+    def validate(self, dp_size: int, prefix: str = "train") -> None:
+        for name in ("steps", "global_batch_size", "micro_batch_size", "eval_batches"):
+            value = getattr(self, name)
+            require(value > 0, f"{prefix}.{name}", value, "must be a positive integer")
+        require(
+            self.eval_every >= 0,
+            f"{prefix}.eval_every",
+            self.eval_every,
+            "must be >= 0 (0 evaluates only at the end)",
+        )
+        require_choice(f"{prefix}.mixed_precision", self.mixed_precision, PRECISIONS)
+        per_step = self.micro_batch_size * dp_size
+        require(
+            self.global_batch_size % per_step == 0,
+            f"{prefix}.global_batch_size",
+            self.global_batch_size,
+            f"must be divisible by train.micro_batch_size ({self.micro_batch_size}) x "
+            f"data-parallel ranks ({dp_size}) = {per_step}",
+        )
+
+    def grad_accum_steps(self, dp_size: int) -> int:
+        return self.global_batch_size // (self.micro_batch_size * dp_size)
+
+
+@dataclass
+class BackendConfig:
+    """`device`: auto | cpu | cuda | npu. `kernels`: which kernel backend runs the hot ops."""
+
+    device: str = "auto"
+    kernels: str = "reference"
+
+    def validate(self, available_kernels: list[str], prefix: str = "backend") -> None:
+        require_choice(f"{prefix}.device", self.device, ("auto", "cpu", "cuda", "npu"))
+        require_choice(f"{prefix}.kernels", self.kernels, available_kernels)
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases. The API key comes from WANDB_API_KEY only, never from a recipe."""
+
+    enabled: bool = False
+    project: str = "birkhoff"
+    entity: str | None = None
+    name: str | None = None
+    mode: str = "offline"
+    tags: list[str] = field(default_factory=list)
+
+    def validate(self, prefix: str) -> None:
+        require_choice(f"{prefix}.mode", self.mode, WANDB_MODES)
+        require(bool(self.project), f"{prefix}.project", self.project, "must be a non-empty name")
+
+
+@dataclass
+class LoggingConfig:
+    """Console every `log_every` steps; metrics.jsonl in the run dir each step; wandb if enabled."""
+
+    console: str = "auto"
+    log_every: int = 10
+    jsonl: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def validate(self, prefix: str = "logging") -> None:
+        require_choice(f"{prefix}.console", self.console, CONSOLE_MODES)
+        require(
+            self.log_every > 0, f"{prefix}.log_every", self.log_every, "must be a positive integer"
+        )
+        self.wandb.validate(f"{prefix}.wandb")

@@ -1,0 +1,50 @@
+"""Everything a rank needs to train: the recipe sections below `launch`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from birkhoff import kernels
+from birkhoff.data.config import DataConfig
+from birkhoff.errors import require
+from birkhoff.model.config import ModelConfig
+from birkhoff.parallel.config import ParallelConfig
+from birkhoff.train.config import (
+    BackendConfig,
+    LoggingConfig,
+    OptimConfig,
+    TrainConfig,
+)
+
+
+@dataclass
+class TrainRecipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self, world_size: int) -> None:
+        """Every section's own checks, then the checks that span sections."""
+        self.model.validate()
+        self.data.validate()
+        self.optim.validate()
+        self.parallel.validate(world_size)
+        self.train.validate(self.parallel.resolved_dp(world_size))
+        self.backend.validate(kernels.available_backends())
+        self.logging.validate()
+        require(
+            self.data.seq_len <= self.model.max_seq_len,
+            "data.seq_len",
+            self.data.seq_len,
+            f"must be <= model.max_seq_len={self.model.max_seq_len}",
+        )
+        require(
+            self.optim.warmup_steps < self.train.steps,
+            "optim.warmup_steps",
+            self.optim.warmup_steps,
+            f"must be < train.steps={self.train.steps}",
+        )

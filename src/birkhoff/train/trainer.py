@@ -1,0 +1,163 @@
+"""The training loop: micro-batches with gradient accumulation, clipping, AdamW, evals, metrics."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from birkhoff.data import BatchLoader, PreparedData, heldout_batches
+from birkhoff.model import build_model
+from birkhoff.parallel import DistributedContext, apply_data_parallel
+from birkhoff.train.metrics import MetricLogger
+from birkhoff.train.optim import build_optimizer
+from birkhoff.train.recipe import TrainRecipe
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(deterministic)
+
+
+class Trainer:
+    def __init__(
+        self,
+        recipe: TrainRecipe,
+        data: PreparedData,
+        ctx: DistributedContext,
+        device: torch.device,
+        metrics: MetricLogger,
+    ) -> None:
+        self.recipe = recipe
+        self.data = data
+        self.ctx = ctx
+        self.device = device
+        self.metrics = metrics
+        train_cfg = recipe.train
+        self.dp_size = recipe.parallel.resolved_dp(ctx.world_size)
+        self.grad_accum = train_cfg.grad_accum_steps(self.dp_size)
+        seed_everything(train_cfg.seed, train_cfg.deterministic)
+        self.model = build_model(recipe.model, recipe.backend.kernels).to(device)
+        self.parallel_model = apply_data_parallel(self.model, ctx)
+        self.optimizer, self.scheduler = build_optimizer(self.model, recipe.optim, train_cfg.steps)
+        self.loader = BatchLoader(
+            data.train_tokens,
+            recipe.data.seq_len,
+            train_cfg.global_batch_size,
+            train_cfg.micro_batch_size,
+            ctx.rank,
+            self.dp_size,
+            train_cfg.seed,
+        )
+        self.tokens_per_step = train_cfg.global_batch_size * recipe.data.seq_len
+        self.step = 0
+        self._check_heldout_size()
+
+    def fit(self) -> dict[str, Any]:
+        """Train for `train.steps` steps; returns the run summary (losses, throughput)."""
+        cfg = self.recipe.train
+        first_loss = last_loss = float("nan")
+        start = time.perf_counter()
+        while self.step < cfg.steps:
+            record = self.train_step()
+            first_loss = record["loss"] if self.step == 1 else first_loss
+            last_loss = record["loss"]
+            self.metrics.log(record)
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                self.metrics.log({"step": self.step, "eval_loss": self.evaluate()})
+        heldout_loss = self.evaluate()
+        self.metrics.log({"step": self.step, "eval_loss": heldout_loss})
+        elapsed = time.perf_counter() - start
+        return {
+            "steps": self.step,
+            "first_loss": first_loss,
+            "last_loss": last_loss,
+            "heldout_loss": heldout_loss,
+            "tokens": self.step * self.tokens_per_step,
+            "seconds": elapsed,
+            "tokens_per_s": self.step * self.tokens_per_step / elapsed,
+            "world_size": self.ctx.world_size,
+        }
+
+    def train_step(self) -> dict[str, Any]:
+        step_start = time.perf_counter()
+        self.parallel_model.train()
+        micro_batches = self.loader.next_batch()
+        loss_sum = torch.zeros((), device=self.device)
+        for index, (inputs, targets) in enumerate(micro_batches):
+            is_last = index == len(micro_batches) - 1
+            with self._gradient_sync(is_last), self._autocast():
+                loss = self.parallel_model(inputs.to(self.device), targets.to(self.device))
+            (loss / self.grad_accum).backward()
+            loss_sum += loss.detach()
+        grad_norm = self._clip_gradients()
+        if not math.isfinite(grad_norm):
+            raise FloatingPointError(f"step {self.step + 1}: gradient norm is {grad_norm}")
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.ctx.all_reduce_mean(loss_sum / self.grad_accum).item()
+        self.step += 1
+        step_time = time.perf_counter() - step_start
+        return {
+            "step": self.step,
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "tokens_per_s": self.tokens_per_step / step_time,
+            "step_time_s": step_time,
+            "tokens_seen": self.step * self.tokens_per_step,
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over the same held-out windows every time, across all ranks."""
+        cfg = self.recipe.train
+        self.parallel_model.eval()
+        batches = heldout_batches(
+            self.data.heldout_tokens,
+            self.recipe.data.seq_len,
+            cfg.global_batch_size,
+            cfg.eval_batches,
+            self.ctx.rank,
+            self.dp_size,
+        )
+        losses = []
+        for inputs, targets in batches:
+            with self._autocast():
+                losses.append(self.model(inputs.to(self.device), targets.to(self.device)))
+        mean = torch.stack(losses).mean()
+        return self.ctx.all_reduce_mean(mean).item()
+
+    def _check_heldout_size(self) -> None:
+        windows = (len(self.data.heldout_tokens) - 1) // self.recipe.data.seq_len
+        if windows < self.recipe.train.global_batch_size:
+            raise ValueError(
+                f"the held-out split has {windows} windows of data.seq_len="
+                f"{self.recipe.data.seq_len} tokens, fewer than one batch of "
+                f"train.global_batch_size={self.recipe.train.global_batch_size}: "
+                "raise data.heldout_fraction or lower the batch"
+            )
+
+    def _clip_gradients(self) -> float:
+        max_norm = self.recipe.optim.grad_clip or float("inf")
+        return nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
+
+    def _gradient_sync(self, sync: bool):
+        """DDP all-reduces gradients only on the last micro-batch of a step."""
+        if sync or not hasattr(self.parallel_model, "no_sync"):
+            return nullcontext()
+        return self.parallel_model.no_sync()
+
+    def _autocast(self):
+        enabled = self.recipe.train.mixed_precision == "bf16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)

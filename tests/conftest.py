@@ -1,0 +1,46 @@
+"""Shared fixtures: one tokenizer/token cache per test session, a small recipe, and composition."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import DictConfig
+
+# A model small enough that a step takes milliseconds; the data is the real shipped corpus.
+SMALL_OVERRIDES = [
+    "model.hidden_size=64",
+    "model.num_layers=2",
+    "model.num_heads=4",
+    "model.num_kv_heads=2",
+    "model.ffn_hidden_size=128",
+    "data.seq_len=64",
+    "train.global_batch_size=8",
+    "train.micro_batch_size=8",
+    "train.eval_batches=2",
+    "optim.warmup_steps=2",
+    "backend=cpu",
+    "logging.console=plain",
+]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Tokenizer and token caches are built once and reused by every test and subprocess."""
+    cache = tmp_path_factory.mktemp("birkhoff-cache")
+    previous = os.environ.get("BIRKHOFF_CACHE_DIR")
+    os.environ["BIRKHOFF_CACHE_DIR"] = str(cache)
+    yield cache
+    if previous is None:
+        os.environ.pop("BIRKHOFF_CACHE_DIR", None)
+    else:
+        os.environ["BIRKHOFF_CACHE_DIR"] = previous
+
+
+def compose_recipe(overrides: list[str] | None = None) -> DictConfig:
+    """The recipe `birkhoff train <overrides>` would compose."""
+    with initialize_config_module(config_module="birkhoff.recipes", version_base=None):
+        return compose(config_name="config", overrides=list(overrides or []))

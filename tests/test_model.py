@@ -1,0 +1,65 @@
+import pytest
+import torch
+
+from birkhoff.errors import RecipeError
+from birkhoff.model import ModelConfig, build_model
+
+CFG = ModelConfig(
+    vocab_size=97,
+    hidden_size=32,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    ffn_hidden_size=64,
+    max_seq_len=16,
+)
+
+
+def test_logits_shape_and_loss_at_init_is_near_uniform():
+    torch.manual_seed(0)
+    model = build_model(CFG)
+    tokens = torch.randint(0, 97, (3, 16))
+    assert model(tokens).shape == (3, 16, 97)
+    loss = model(tokens, tokens)
+    assert abs(loss.item() - torch.log(torch.tensor(97.0)).item()) < 0.1
+
+
+def test_attention_is_causal():
+    torch.manual_seed(0)
+    model = build_model(CFG)
+    tokens = torch.randint(0, 97, (1, 16))
+    changed = tokens.clone()
+    changed[0, 10] = (changed[0, 10] + 1) % 97
+    before, after = model(tokens), model(changed)
+    torch.testing.assert_close(before[:, :10], after[:, :10])
+    assert not torch.allclose(before[:, 10:], after[:, 10:])
+
+
+def test_tied_embeddings_share_one_tensor():
+    model = build_model(ModelConfig(**{**CFG.__dict__, "tie_embeddings": True}))
+    assert model.head.weight is model.embedding.weight
+
+
+def test_output_projections_get_the_depth_scaled_init():
+    torch.manual_seed(0)
+    model = build_model(
+        ModelConfig(**{**CFG.__dict__, "num_layers": 8, "hidden_size": 256, "ffn_hidden_size": 512})
+    )
+    assert abs(model.blocks[0].attention.wq.weight.std().item() - 0.02) < 0.002
+    assert abs(model.blocks[0].attention.wo.weight.std().item() - 0.02 / 4) < 0.001
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        ({"num_heads": 5}, "model.num_heads"),
+        ({"num_kv_heads": 3}, "model.num_kv_heads"),
+        ({"hidden_size": 0}, "model.hidden_size"),
+        ({"architecture": "moe"}, "model.architecture"),
+        ({"hidden_size": 12, "num_heads": 4}, "model.num_heads"),  # odd head_dim: no RoPE pairs
+    ],
+)
+def test_bad_shapes_fail_at_build_time_naming_the_field(change, key):
+    with pytest.raises(RecipeError) as info:
+        build_model(ModelConfig(**{**CFG.__dict__, **change}))
+    assert info.value.key == key

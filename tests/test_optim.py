@@ -1,0 +1,68 @@
+import itertools
+
+import pytest
+import torch
+
+from birkhoff.model import ModelConfig, build_model
+from birkhoff.train.config import OptimConfig
+from birkhoff.train.optim import build_optimizer, param_groups
+from birkhoff.train.schedule import lr_multiplier
+
+
+def test_warmup_then_cosine_to_the_floor():
+    f = lr_multiplier(OptimConfig(warmup_steps=10, min_lr_ratio=0.1, schedule="cosine"), 110)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+    values = [f(s) for s in range(10, 111)]
+    assert all(a >= b for a, b in itertools.pairwise(values))
+
+
+def test_warmup_stable_decay():
+    f = lr_multiplier(
+        OptimConfig(warmup_steps=5, min_lr_ratio=0.0, schedule="wsd", decay_fraction=0.2), 100
+    )
+    assert f(4) == pytest.approx(1.0)
+    assert all(f(s) == 1.0 for s in range(5, 80))
+    assert f(89) == pytest.approx(0.5) and f(99) == pytest.approx(0.0)
+
+
+def test_constant_schedule_and_no_warmup():
+    f = lr_multiplier(OptimConfig(warmup_steps=0, schedule="constant"), 50)
+    assert [f(s) for s in (0, 25, 49)] == [1.0, 1.0, 1.0]
+
+
+def test_no_weight_decay_on_norms_biases_and_embeddings():
+    model = build_model(
+        ModelConfig(
+            vocab_size=50,
+            hidden_size=16,
+            num_layers=2,
+            num_heads=2,
+            num_kv_heads=1,
+            ffn_hidden_size=32,
+            max_seq_len=8,
+        )
+    )
+    model.register_parameter("extra_bias", torch.nn.Parameter(torch.zeros(16)))
+    decay, no_decay = param_groups(model, 0.1)
+    no_decay_ids = {id(p) for p in no_decay["params"]}
+    names = {name for name, p in model.named_parameters() if id(p) in no_decay_ids}
+    assert names == {"embedding.weight", "norm.weight", "extra_bias"} | {
+        f"blocks.{i}.{n}.weight" for i in range(2) for n in ("attention_norm", "ffn_norm")
+    }
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_scheduler_drives_the_optimizer_lr():
+    model = torch.nn.Linear(2, 2)
+    optimizer, scheduler = build_optimizer(model, OptimConfig(lr=1.0, warmup_steps=4), 20)
+    lrs = []
+    for _ in range(5):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert optimizer.param_groups[0]["lr"] == scheduler.get_last_lr()[0] < 1.0

@@ -1,0 +1,115 @@
+"""Each bad recipe ends with one RecipeError naming the key, the value and what is allowed."""
+
+import subprocess
+import sys
+
+import pytest
+
+from birkhoff.errors import RecipeError
+from birkhoff.launch.recipe import load_recipe
+from conftest import compose_recipe
+
+
+def recipe_error(overrides, env=None) -> RecipeError:
+    with pytest.raises(RecipeError) as info:
+        load_recipe(compose_recipe(overrides), env=env or {})
+    return info.value
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "allowed"),
+    [
+        (["optim.lr=-1e-3"], "optim.lr", "must be > 0"),
+        (["optim.lr=0"], "optim.lr", "must be > 0"),
+        (["data.seq_len=0"], "data.seq_len", "positive integer"),
+        (["data.seq_len=-5"], "data.seq_len", "positive integer"),
+        (
+            ["train.global_batch_size=12", "train.micro_batch_size=8"],
+            "train.global_batch_size",
+            "divisible by train.micro_batch_size (8)",
+        ),
+        (
+            ["train.global_batch_size=16", "train.micro_batch_size=8", "launch.nproc_per_node=4"],
+            "train.global_batch_size",
+            "x data-parallel ranks (4) = 32",
+        ),
+        (["data.seq_len=512"], "data.seq_len", "model.max_seq_len=256"),
+        (["model.num_heads=5"], "model.num_heads", "must divide model.hidden_size=192"),
+        (["model.num_kv_heads=4"], "model.num_kv_heads", "must divide model.num_heads=6"),
+        (["optim.schedule=linear"], "optim.schedule", "one of cosine, wsd, constant"),
+        (["train.mixed_precision=fp8"], "train.mixed_precision", "one of none, bf16"),
+        (["backend.device=tpu"], "backend.device", "one of auto, cpu, cuda, npu"),
+        (["logging.wandb.mode=cloud"], "logging.wandb.mode", "one of offline, online"),
+        (
+            ["parallel.dp_replicate=3", "launch.nproc_per_node=2"],
+            "parallel.dp_replicate",
+            "world size 2",
+        ),
+        (["launch.nproc_per_node=0"], "launch.nproc_per_node", "positive integer"),
+        (["launch.nnodes=2", "launch.node_rank=2"], "launch.node_rank", "[0, launch.nnodes=2)"),
+        (["launch.nnodes=2"], "launch.rdzv_endpoint", "host:port of node 0"),
+        (["optim.warmup_steps=300"], "optim.warmup_steps", "< train.steps=300"),
+    ],
+)
+def test_impossible_values(overrides, key, allowed):
+    err = recipe_error(overrides)
+    assert err.key == key
+    assert allowed in str(err)
+    assert key in str(err)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "value", "allowed"),
+    [
+        (["optim.lr=fast"], "optim.lr", "fast", "could not be converted to float"),
+        (["train.steps=1.5"], "train.steps", "1.5", "could not be converted to int"),
+        (["model.tie_embeddings=maybe"], "model.tie_embeddings", "maybe", "bool"),
+    ],
+)
+def test_wrong_types(overrides, key, value, allowed):
+    err = recipe_error(overrides)
+    assert err.key == key
+    assert str(err.value) == value
+    assert allowed.lower() in str(err).lower()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "allowed"),
+    [
+        (["+optim.lrr=0.1"], "optim.lrr", "optim allows: name, lr, min_lr_ratio"),
+        (["+trian.steps=3"], "trian", "the recipe allows: model, data, optim, train"),
+        (["+logging.wandb.api_key=abc"], "logging.wandb.api_key", "logging.wandb allows: enabled"),
+    ],
+)
+def test_unknown_keys(overrides, key, allowed):
+    err = recipe_error(overrides)
+    assert err.key == key
+    assert "unknown key" in str(err) and allowed in str(err)
+
+
+def test_unknown_key_in_a_recipe_file_is_reported():
+    cfg = compose_recipe()
+    cfg_dict = {**dict(cfg), "train": {**dict(cfg.train), "step": 5}}
+    with pytest.raises(RecipeError, match=r"'train.step' = 5: unknown key; train allows: steps"):
+        load_recipe(cfg_dict, env={})
+
+
+def test_cli_reports_one_clear_line_and_exits_2(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "birkhoff.launch.cli",
+            "train",
+            "optim.lr=-1",
+            f"hydra.run.dir={tmp_path}/run",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == "birkhoff: recipe key 'optim.lr' = -1.0: must be > 0"
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not (tmp_path / "run").exists(), "a rejected recipe must leave no run dir behind"
