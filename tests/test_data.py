@@ -112,11 +112,6 @@ def test_state_dict_resumes_the_same_stream():
         make_loader(0, 2, tokens, seed=8).load_state_dict(loader.state_dict())
 
 
-def test_too_small_a_corpus_is_refused():
-    with pytest.raises(ValueError, match=r"fewer than train\.global_batch_size=8"):
-        make_loader(0, 1, np.arange(20, dtype=np.int32))
-
-
 def test_heldout_batches_are_fixed_and_split_across_ranks():
     tokens = np.arange(401, dtype=np.int32)
     whole = [torch_cat([b]) for b in heldout_batches(tokens, 4, 8, 3, 0, 1)]

@@ -21,6 +21,7 @@ SLURM = {
         ("gpu[3,5-6],cpu1", "gpu3"),
         ("a-b-[12-13]", "a-b-12"),
         ("login,compute[1-2]", "login"),
+        ("rack1-[01-02]-ib,rack2-[01-02]-ib", "rack1-01-ib"),
     ],
 )
 def test_first_host_of_a_slurm_nodelist(nodelist, host):
@@ -58,10 +59,10 @@ def test_multi_node_without_endpoint_outside_slurm_is_refused():
 
 
 def test_elastic_config_matches_torchrun_semantics():
-    single = elastic_config(resolve_topology(LaunchConfig(nproc_per_node=2), env={}), 0)
+    single = elastic_config(resolve_topology(LaunchConfig(nproc_per_node=2), env={}))
     assert (single.min_nodes, single.max_nodes, single.nproc_per_node) == (1, 1, 2)
     assert single.rdzv_endpoint == "localhost:0" and single.rdzv_backend == "c10d"
-    multi = elastic_config(resolve_topology(LaunchConfig(nproc_per_node=8), env=SLURM), 3)
-    assert (multi.min_nodes, multi.max_nodes, multi.max_restarts) == (4, 4, 3)
+    multi = elastic_config(resolve_topology(LaunchConfig(nproc_per_node=8), env=SLURM))
+    assert (multi.min_nodes, multi.max_nodes, multi.max_restarts) == (4, 4, 0)
     assert multi.rdzv_endpoint == "gpu007:29500" and multi.run_id == "4242"
     assert multi.rdzv_configs["is_host"] is False

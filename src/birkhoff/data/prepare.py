@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from birkhoff.atomic import write_bytes_atomic
 from birkhoff.data.config import DataConfig
-from birkhoff.data.corpus import Document, corpus_fingerprint, load_documents
+from birkhoff.data.corpus import CorpusError, Document, corpus_fingerprint, load_documents
 from birkhoff.data.tokenizer import Tokenizer, load_or_train_tokenizer
 
 CACHE_ENV = "BIRKHOFF_CACHE_DIR"
@@ -22,7 +23,6 @@ class PreparedData:
     tokenizer: Tokenizer
     train_tokens: np.ndarray
     heldout_tokens: np.ndarray
-    num_documents: int
 
 
 def cache_dir(cfg: DataConfig) -> Path:
@@ -42,7 +42,7 @@ def prepare_data(cfg: DataConfig) -> PreparedData:
     key = f"{tokenizer.sha256()[:16]}-{cfg.split_seed}-{cfg.heldout_fraction}"
     train = _cached_tokens(tokenizer, train_docs, root / "tokens" / f"{key}-train.npy")
     heldout = _cached_tokens(tokenizer, heldout_docs, root / "tokens" / f"{key}-heldout.npy")
-    return PreparedData(tokenizer, train, heldout, len(documents))
+    return PreparedData(tokenizer, train, heldout)
 
 
 def split_documents(
@@ -62,7 +62,7 @@ def _split_single(doc: Document, heldout_fraction: float) -> tuple[list[Document
     lines = doc.text.splitlines()
     cut = len(lines) - max(1, round(heldout_fraction * len(lines)))
     if cut < 1:
-        raise ValueError(f"{doc.name}: too few lines ({len(lines)}) for a held-out split")
+        raise CorpusError(f"{doc.name}: too few lines ({len(lines)}) for a held-out split")
     head, tail = "\n".join(lines[:cut]), "\n".join(lines[cut:])
     return [Document(doc.name, head)], [Document(f"{doc.name}#heldout", tail)]
 
@@ -87,8 +87,7 @@ def _cached_tokens(tokenizer: Tokenizer, documents: list[Document], path: Path) 
     if path.is_file():
         return np.load(path)
     tokens = tokenize_documents(tokenizer, documents)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npy", delete=False) as tmp:
-        np.save(tmp, tokens)
-    os.replace(tmp.name, path)
+    buffer = io.BytesIO()
+    np.save(buffer, tokens)
+    write_bytes_atomic(path, buffer.getvalue())
     return tokens

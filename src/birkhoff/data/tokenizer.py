@@ -12,6 +12,7 @@ import sentencepiece as spm
 
 from birkhoff.data.config import TokenizerConfig
 from birkhoff.data.corpus import Document
+from birkhoff.errors import RecipeError
 
 NEWLINE = "\n"
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -64,20 +65,28 @@ def _train(cfg: TokenizerConfig, documents: list[Document], model_path: Path) ->
     lines = [line for doc in documents for line in doc.text.splitlines() if line.strip()]
     with tempfile.TemporaryDirectory(dir=model_path.parent) as tmp:
         prefix = os.path.join(tmp, "spm")
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines),
-            model_prefix=prefix,
-            vocab_size=cfg.vocab_size,
-            model_type=cfg.model_type,
-            character_coverage=cfg.character_coverage,
-            unk_id=UNK_ID,
-            bos_id=BOS_ID,
-            eos_id=EOS_ID,
-            pad_id=PAD_ID,
-            user_defined_symbols=[NEWLINE],
-            byte_fallback=True,
-            split_digits=True,
-            num_threads=os.cpu_count() or 1,
-            minloglevel=2,
-        )
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(lines),
+                model_prefix=prefix,
+                vocab_size=cfg.vocab_size,
+                model_type=cfg.model_type,
+                character_coverage=cfg.character_coverage,
+                unk_id=UNK_ID,
+                bos_id=BOS_ID,
+                eos_id=EOS_ID,
+                pad_id=PAD_ID,
+                user_defined_symbols=[NEWLINE],
+                byte_fallback=True,
+                split_digits=True,
+                num_threads=os.cpu_count() or 1,
+                minloglevel=2,
+            )
+        except RuntimeError as err:  # sentencepiece reports bad settings as RuntimeError
+            reason = str(err).split("] ", 1)[-1]
+            raise RecipeError(
+                "data.tokenizer.vocab_size",
+                cfg.vocab_size,
+                f"sentencepiece cannot train it on this corpus: {reason}",
+            ) from None
         os.replace(f"{prefix}.model", model_path)

@@ -9,17 +9,17 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from birkhoff.atomic import write_text_atomic
 from birkhoff.data import prepare_data
 from birkhoff.data.corpus import CorpusError
-from birkhoff.errors import RecipeError
+from birkhoff.errors import RecipeError, require
 from birkhoff.launch.recipe import load_recipe, recipe_to_dict
 from birkhoff.launch.spawn import launch_ranks
+from birkhoff.launch.topology import Topology
 from birkhoff.train import run_rank
-from birkhoff.train.entry import check_tokenizer_matches
-from birkhoff.train.secrets import redact
+from birkhoff.train.entry import check_prepared_data
+from birkhoff.train.run_files import refuse_used_run_dir
 
 USAGE = """usage: birkhoff <command> [args]
 
@@ -31,7 +31,6 @@ commands:
                          birkhoff train --help           (Hydra's help: groups and options)
 """
 RECIPES = "pkg://birkhoff.recipes"
-RECIPE_FILE = "recipe.yaml"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,31 +48,51 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train_job(cfg: DictConfig) -> None:
-    """One Hydra job: validate, record the recipe, prepare data once, then start the ranks."""
+    """One Hydra job: validate, prepare the data once, then run or start the ranks."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         recipe, topology = load_recipe(cfg, os.environ)
+        check_run_dir(run_dir, topology)
         data = prepare_data(recipe.data)
-        check_tokenizer_matches(data.tokenizer, recipe.model)
+        check_prepared_data(data, recipe)
     except (RecipeError, CorpusError) as err:
         _remove_if_empty(run_dir)
         print(f"birkhoff: {err}", file=sys.stderr)
         sys.exit(2)
-    recipe_dict = redact(recipe_to_dict(recipe))
-    if topology.node_rank == 0:
-        write_text_atomic(run_dir / RECIPE_FILE, OmegaConf.to_yaml(recipe_dict))
     print(
         f"birkhoff: {topology.world_size} rank(s) on {topology.nnodes} node(s), run dir {run_dir}",
         flush=True,
     )
-    if topology.world_size == 1:
-        run_rank(recipe_dict, str(run_dir))
-    else:
-        launch_ranks(topology, recipe.launch.max_restarts, recipe_dict, str(run_dir))
+    try:
+        if topology.world_size == 1:
+            run_rank(recipe_to_dict(recipe), str(run_dir), data)
+        else:
+            launch_ranks(topology, recipe_to_dict(recipe), str(run_dir))
+    finally:
+        _remove_if_empty(run_dir)  # on a node without global rank 0 nothing was written
+
+
+def check_run_dir(run_dir: Path, topology: Topology) -> None:
+    """Nodes must share one run dir; a single node refuses a used one before starting ranks.
+
+    Across nodes only global rank 0 checks, after the rendezvous: the rendezvous decides which
+    node hosts it, and the other nodes may see its files appear at any time.
+    """
+    if topology.nnodes == 1:
+        refuse_used_run_dir(run_dir)
+        return
+    given = any(item.startswith("hydra.run.dir=") for item in HydraConfig.get().overrides.hydra)
+    require(
+        given or "SLURM_JOB_ID" in os.environ,
+        "hydra.run.dir",
+        str(run_dir),
+        f"a {topology.nnodes}-node run needs one run dir shared by every node: pass "
+        "hydra.run.dir=/shared/path on each node (inside SLURM it defaults to the job id)",
+    )
 
 
 def _remove_if_empty(run_dir: Path) -> None:
-    """Hydra creates the run dir before the job runs; a rejected recipe leaves nothing behind."""
+    """Hydra creates the run dir before the job runs; a job that wrote nothing leaves nothing."""
     with contextlib.suppress(OSError):
         run_dir.rmdir()
 

@@ -18,7 +18,6 @@ class LaunchConfig:
     rdzv_endpoint: str | None = None
     rdzv_port: int = 29500
     rdzv_id: str | None = None
-    max_restarts: int = 0
 
     def validate(self, prefix: str = "launch") -> None:
         require(
@@ -46,4 +45,3 @@ class LaunchConfig:
             self.rdzv_port,
             "must be a TCP port in 1..65535",
         )
-        require(self.max_restarts >= 0, f"{prefix}.max_restarts", self.max_restarts, "must be >= 0")

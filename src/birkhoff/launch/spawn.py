@@ -12,8 +12,11 @@ from birkhoff.launch.topology import Topology
 from birkhoff.train import run_rank
 
 
-def elastic_config(topology: Topology, max_restarts: int) -> ElasticConfig:
-    """The same settings torchrun derives from its flags (a single node meets on localhost)."""
+def elastic_config(topology: Topology) -> ElasticConfig:
+    """The settings torchrun derives from its flags (a single node meets on localhost).
+
+    No restarts: a restarted rank would train again from step 0 until checkpoint resume exists.
+    """
     single_node = topology.nnodes == 1 and topology.rdzv_endpoint is None
     return ElasticConfig(
         min_nodes=topology.nnodes,
@@ -23,15 +26,12 @@ def elastic_config(topology: Topology, max_restarts: int) -> ElasticConfig:
         rdzv_backend="c10d",
         rdzv_endpoint="localhost:0" if single_node else topology.rdzv_endpoint,
         rdzv_configs={"is_host": topology.node_rank == 0},
-        max_restarts=max_restarts,
+        max_restarts=0,
         monitor_interval=0.1,
         start_method="spawn",
     )
 
 
-def launch_ranks(
-    topology: Topology, max_restarts: int, recipe: dict[str, Any], run_dir: str
-) -> dict[str, Any] | None:
-    """Run every local rank to completion; the summary of global rank 0 if it is on this node."""
-    results = elastic_launch(elastic_config(topology, max_restarts), run_rank)(recipe, run_dir)
-    return results.get(0)
+def launch_ranks(topology: Topology, recipe: dict[str, Any], run_dir: str) -> None:
+    """Run every local rank of this node to completion (a failed rank raises ChildFailedError)."""
+    elastic_launch(elastic_config(topology), run_rank)(recipe, run_dir)

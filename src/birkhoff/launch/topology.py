@@ -48,10 +48,10 @@ def resolve_topology(cfg: LaunchConfig, env: Mapping[str, str]) -> Topology:
 
 def first_host(nodelist: str) -> str:
     """The first host of a SLURM node list: 'gpu[003-005,9],cpu1' -> 'gpu003'."""
-    match = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\]([^,\[]*))?", nodelist.strip())
     if match is None:
         raise ValueError(f"cannot read SLURM_JOB_NODELIST={nodelist!r}")
-    prefix, _, ranges = match.groups()
+    prefix, ranges, suffix = match.groups()
     if ranges is None:
         return prefix
-    return prefix + ranges.split(",")[0].split("-")[0]
+    return prefix + ranges.split(",")[0].split("-")[0] + suffix

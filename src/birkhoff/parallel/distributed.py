@@ -25,13 +25,18 @@ class DistributedContext:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def dp_rank(self) -> int:
+        return 0 if self.mesh is None else self.mesh.get_local_rank("dp_replicate")
+
     def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
         """Mean over data-parallel ranks (a no-op in one process)."""
         if self.mesh is None:
             return value
+        group = self.mesh.get_group("dp_replicate")
         value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM, group=self.mesh.get_group("dp_replicate"))
-        return value / self.world_size
+        dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
+        return value / dist.get_world_size(group)
 
 
 def env_rank() -> tuple[int, int, int]:

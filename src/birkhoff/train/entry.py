@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 
-from birkhoff.atomic import write_text_atomic
-from birkhoff.data import prepare_data
-from birkhoff.data.tokenizer import Tokenizer
+from birkhoff.data import PreparedData, prepare_data
 from birkhoff.errors import require
-from birkhoff.model import ModelConfig
 from birkhoff.parallel import distributed, resolve_device
 from birkhoff.parallel.distributed import env_rank
 from birkhoff.train.metrics import build_metric_logger
 from birkhoff.train.recipe import TrainRecipe
+from birkhoff.train.run_files import refuse_used_run_dir, write_recipe, write_summary
 from birkhoff.train.secrets import redact
 from birkhoff.train.trainer import Trainer
-
-SUMMARY_FILE = "summary.json"
 
 
 def train_recipe_from_dict(recipe: dict[str, Any]) -> TrainRecipe:
@@ -30,29 +25,47 @@ def train_recipe_from_dict(recipe: dict[str, Any]) -> TrainRecipe:
     return OmegaConf.to_object(merged)
 
 
-def check_tokenizer_matches(tokenizer: Tokenizer, model: ModelConfig) -> None:
+def check_prepared_data(data: PreparedData, recipe: TrainRecipe) -> None:
+    """The tokenizer fits the model and both splits hold at least one global batch."""
+    tokenizer = data.tokenizer
     require(
-        tokenizer.vocab_size == model.vocab_size,
+        tokenizer.vocab_size == recipe.model.vocab_size,
         "model.vocab_size",
-        model.vocab_size,
+        recipe.model.vocab_size,
         f"must equal the tokenizer's vocabulary size {tokenizer.vocab_size} ({tokenizer.path})",
     )
+    seq_len, batch = recipe.data.seq_len, recipe.train.global_batch_size
+    for split, tokens in (("training", data.train_tokens), ("held-out", data.heldout_tokens)):
+        windows = (len(tokens) - 1) // seq_len
+        require(
+            windows >= batch,
+            "train.global_batch_size",
+            batch,
+            f"the {split} split has only {windows} sequences of data.seq_len={seq_len}: "
+            "lower the batch or seq_len, or use a larger corpus / data.heldout_fraction",
+        )
 
 
-def run_rank(recipe: dict[str, Any], run_dir: str) -> dict[str, Any]:
-    """Entry point of every rank (torchrun's launcher calls it); returns the run summary."""
+def run_rank(
+    recipe: dict[str, Any], run_dir: str, data: PreparedData | None = None
+) -> dict[str, Any]:
+    """Entry point of every rank (torchrun's launcher calls it); returns the run summary.
+
+    `data` lets a single-process caller pass what it already prepared; ranks load the cache.
+    """
     train_recipe = train_recipe_from_dict(recipe)
+    public_recipe = redact(recipe)
+    run_path = Path(run_dir)
     _, local_rank, _ = env_rank()
     device = resolve_device(train_recipe.backend.device, local_rank)
     with distributed(device) as ctx:
-        data = prepare_data(train_recipe.data)
-        check_tokenizer_matches(data.tokenizer, train_recipe.model)
+        data = data or prepare_data(train_recipe.data)
+        check_prepared_data(data, train_recipe)
+        if ctx.is_main:
+            refuse_used_run_dir(run_path)
+            write_recipe(run_path, public_recipe)
         metrics = build_metric_logger(
-            train_recipe.logging,
-            Path(run_dir),
-            train_recipe.train.steps,
-            redact(recipe),
-            ctx.is_main,
+            train_recipe.logging, run_path, train_recipe.train.steps, public_recipe, ctx.is_main
         )
         try:
             summary = Trainer(train_recipe, data, ctx, device, metrics).fit()
@@ -60,7 +73,7 @@ def run_rank(recipe: dict[str, Any], run_dir: str) -> dict[str, Any]:
             metrics.close()
     if ctx.is_main:
         summary["tokenizer"] = {"path": str(data.tokenizer.path), "sha256": data.tokenizer.sha256()}
-        write_text_atomic(Path(run_dir) / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+        write_summary(run_path, summary)
         print(
             f"done: {summary['steps']} steps | first loss {summary['first_loss']:.4f} | "
             f"last loss {summary['last_loss']:.4f} | held-out loss {summary['heldout_loss']:.4f} "

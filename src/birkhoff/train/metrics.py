@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from birkhoff.train.config import LoggingConfig
+from birkhoff.train.run_files import METRICS_FILE
 
 Record = dict[str, Any]
 
@@ -140,7 +141,7 @@ def build_metric_logger(
     )
     sinks: list[Sink] = [console]
     if cfg.jsonl:
-        sinks.append(JsonlSink(run_dir / "metrics.jsonl"))
+        sinks.append(JsonlSink(run_dir / METRICS_FILE))
     if cfg.wandb.enabled:
         sinks.append(WandbSink(cfg, run_dir, recipe))
     return MetricLogger(sinks)

@@ -15,6 +15,7 @@ from birkhoff.train.config import (
     OptimConfig,
     TrainConfig,
 )
+from birkhoff.train.schedule import wsd_decay_steps
 
 
 @dataclass
@@ -48,3 +49,12 @@ class TrainRecipe:
             self.optim.warmup_steps,
             f"must be < train.steps={self.train.steps}",
         )
+        if self.optim.schedule == "wsd":
+            decay = wsd_decay_steps(self.optim, self.train.steps)
+            require(
+                self.optim.warmup_steps + decay <= self.train.steps,
+                "optim.warmup_steps",
+                self.optim.warmup_steps,
+                f"warmup and the decay window ({decay} steps = optim.decay_fraction x "
+                f"train.steps) must fit in train.steps={self.train.steps}",
+            )

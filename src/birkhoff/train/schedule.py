@@ -8,29 +8,31 @@ from collections.abc import Callable
 from birkhoff.train.config import OptimConfig
 
 
-def lr_multiplier(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:
-    """step -> factor on cfg.lr: linear warmup from 1/warmup, then the configured shape."""
-    floor = cfg.min_lr_ratio
+def wsd_decay_steps(cfg: OptimConfig, total_steps: int) -> int:
+    return max(1, round(cfg.decay_fraction * total_steps))
 
-    def warmup(step: int) -> float | None:
-        return (step + 1) / cfg.warmup_steps if step < cfg.warmup_steps else None
+
+def lr_multiplier(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:
+    """step -> factor on cfg.lr for steps 0..total_steps-1: a linear warmup reaching 1 at step
+    warmup-1, then the schedule's shape, which ends exactly at min_lr_ratio on the last step."""
+    floor = cfg.min_lr_ratio
+    last = total_steps - 1
 
     def cosine(step: int) -> float:
-        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        progress = min(1.0, (step - cfg.warmup_steps + 1) / max(1, last - cfg.warmup_steps + 1))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def wsd(step: int) -> float:
-        decay_steps = max(1, round(cfg.decay_fraction * total_steps))
-        decay_start = total_steps - decay_steps
-        if step < decay_start:
-            return 1.0
-        return 1.0 - (1 - floor) * min(1.0, (step - decay_start + 1) / decay_steps)
+        decay_steps = wsd_decay_steps(cfg, total_steps)
+        into_decay = step - (total_steps - decay_steps) + 1
+        return 1.0 - (1 - floor) * min(1.0, max(0, into_decay) / decay_steps)
 
     shapes = {"cosine": cosine, "wsd": wsd, "constant": lambda step: 1.0}
     shape = shapes[cfg.schedule]
 
     def multiplier(step: int) -> float:
-        ramp = warmup(step)
-        return ramp if ramp is not None else shape(step)
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        return shape(step)
 
     return multiplier
