@@ -3,6 +3,7 @@ import torch
 
 from birkhoff.errors import RecipeError
 from birkhoff.model import ModelConfig, build_model
+from birkhoff.model.config import ResidualConfig
 
 CFG = ModelConfig(
     vocab_size=97,
@@ -55,7 +56,8 @@ def test_output_projections_get_the_depth_scaled_init():
         ({"num_heads": 5}, "model.num_heads"),
         ({"num_kv_heads": 3}, "model.num_kv_heads"),
         ({"hidden_size": 0}, "model.hidden_size"),
-        ({"architecture": "moe"}, "model.architecture"),
+        ({"residual": ResidualConfig(n_streams=0)}, "model.residual.n_streams"),
+        ({"residual": ResidualConfig(mode="dense")}, "model.residual.mode"),
         ({"hidden_size": 12, "num_heads": 4}, "model.num_heads"),  # odd head_dim: no RoPE pairs
     ],
 )

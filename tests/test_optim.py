@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from birkhoff.model import ModelConfig, build_model
+from birkhoff.model.config import ResidualConfig
 from birkhoff.train.config import OptimConfig
 from birkhoff.train.optim import build_optimizer, param_groups
 from birkhoff.train.schedule import lr_multiplier
@@ -44,10 +45,11 @@ def test_no_weight_decay_on_norms_biases_and_embeddings():
             num_kv_heads=1,
             ffn_hidden_size=32,
             max_seq_len=8,
+            residual=ResidualConfig(mode="plain"),
         )
     )
     model.register_parameter("extra_bias", torch.nn.Parameter(torch.zeros(16)))
-    decay, no_decay = param_groups(model, 0.1)
+    decay, no_decay = param_groups(model, 0.1, 1e-3)
     no_decay_ids = {id(p) for p in no_decay["params"]}
     names = {name for name, p in model.named_parameters() if id(p) in no_decay_ids}
     assert names == {"embedding.weight", "norm.weight", "extra_bias"} | {
@@ -67,3 +69,22 @@ def test_scheduler_drives_the_optimizer_lr():
         scheduler.step()
     assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     assert optimizer.param_groups[0]["lr"] == scheduler.get_last_lr()[0] < 1.0
+
+
+def test_mhc_static_biases_and_gains_are_not_decayed():
+    model = build_model(
+        ModelConfig(
+            vocab_size=50,
+            hidden_size=16,
+            num_layers=1,
+            num_heads=2,
+            num_kv_heads=1,
+            ffn_hidden_size=32,
+            max_seq_len=8,
+        )
+    )
+    decay, _ = param_groups(model, 0.1, 1e-3)
+    decayed = {name for name, p in model.named_parameters() if any(p is q for q in decay["params"])}
+    assert "blocks.0.attention_residual.bias_res" not in decayed
+    assert "blocks.0.attention_residual.alpha" not in decayed
+    assert "blocks.0.attention_residual.proj.weight" in decayed

@@ -36,7 +36,7 @@ def test_default_recipe_composes_validates_and_matches_the_schema():
     cfg = compose_recipe()
     assert yaml_keys(cfg) == schema_keys(), "recipes/ and the dataclass schema have drifted"
     recipe, topology = load_recipe(cfg, env={})
-    assert recipe.model.architecture == "dense"
+    assert recipe.model.residual.mode == "mhc" and recipe.model.moe.num_experts > 0
     assert recipe.model.vocab_size == recipe.data.tokenizer.vocab_size  # interpolated
     assert topology.world_size == 1
 

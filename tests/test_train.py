@@ -15,6 +15,13 @@ from birkhoff.train import run_rank
 from conftest import SMALL_OVERRIDES, compose_recipe
 
 STEP_KEYS = {"step", "loss", "grad_norm", "lr", "tokens_per_s", "step_time_s", "tokens_seen"}
+MHC_KEYS = {"mhc_row_dev", "mhc_col_dev", "mhc_gain_fwd", "mhc_gain_bwd"}
+MOE_KEYS = {
+    "moe_load_max_over_mean",
+    "moe_load_min_over_mean",
+    "moe_load_max_min_ratio",
+    "moe_dropped_tokens",
+}
 
 
 def train_in_process(run_dir: Path, overrides: list[str]) -> dict:
@@ -51,7 +58,9 @@ def test_loss_falls_on_the_shipped_corpus_and_metrics_are_written(tmp_path):
     summary = train_in_process(tmp_path, ["train.steps=60", "train.eval_every=30"])
     steps, evals = read_metrics(tmp_path)
     assert [r["step"] for r in steps] == list(range(1, 61))
-    assert all(set(r) == STEP_KEYS for r in steps)
+    assert all(set(r) == STEP_KEYS | MHC_KEYS | MOE_KEYS for r in steps)
+    assert all(r["moe_dropped_tokens"] == 0 for r in steps)
+    assert max(r["mhc_col_dev"] for r in steps) < 0.01
     assert [r["step"] for r in evals] == [30, 60]
     assert summary["first_loss"] == steps[0]["loss"] > 8.0  # ~ln(4096) at init
     # Measured: last ~5.9, held-out ~6.0 after 60 steps (see README); thresholds leave margin.

@@ -33,6 +33,9 @@ class Tokenizer:
     def encode_lines(self, lines: list[str]) -> list[list[int]]:
         return self._sp.encode(lines)
 
+    def pieces(self) -> list[str]:
+        return [self._sp.id_to_piece(i) for i in range(self.vocab_size)]
+
     def decode(self, ids: list[int]) -> str:
         return self._sp.decode(ids)
 

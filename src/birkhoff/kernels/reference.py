@@ -28,3 +28,130 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal grouped-query attention on (B, H, T, D) tensors; k/v may have fewer heads."""
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+
+@register("sinkhorn_knopp", REFERENCE)
+def sinkhorn_knopp(logits: torch.Tensor, iters: int) -> torch.Tensor:
+    """exp(logits) projected toward the doubly stochastic matrices over the last two dims.
+
+    Each iteration normalises columns, then rows, in log space (no overflow for any logits);
+    the rows are therefore exact after the last iteration and the columns approximate. The
+    matrices are laid out (n, n, batch) so each reduction runs over contiguous batch rows:
+    3.7x faster than reducing the trailing 4-wide dimension (measured on 2048 4x4 matrices).
+    """
+    batch_shape = logits.shape[:-2]
+    compute_dtype = torch.promote_types(logits.dtype, torch.float32)
+    log_m = logits.to(compute_dtype).flatten(0, -3).permute(1, 2, 0).contiguous()
+    for _ in range(iters):
+        log_m = log_m - torch.logsumexp(log_m, dim=0, keepdim=True)
+        log_m = log_m - torch.logsumexp(log_m, dim=1, keepdim=True)
+    # Contiguous output: a permuted H_res sends the following matmul down a per-matrix slow path.
+    matrices = log_m.exp().permute(2, 0, 1).contiguous()
+    return matrices.view(*batch_shape, *logits.shape[-2:]).to(logits.dtype)
+
+
+@register("mhc_pre", REFERENCE)
+def mhc_pre(streams: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
+    """Layer input from n streams: sum_i h_pre[i] * x_i. (B, T, n, C), (B, T, n) -> (B, T, C)."""
+    return (h_pre.to(streams.dtype).unsqueeze(-2) @ streams).squeeze(-2)
+
+
+@register("mhc_post", REFERENCE)
+def mhc_post(
+    streams: torch.Tensor, layer_out: torch.Tensor, h_res: torch.Tensor, h_post: torch.Tensor
+) -> torch.Tensor:
+    """Next streams H_res x + h_post^T F(x): (B,T,n,C), (B,T,C), (B,T,n,n), (B,T,n) -> (B,T,n,C)."""
+    mixed = h_res.to(streams.dtype) @ streams
+    return mixed + h_post.to(streams.dtype).unsqueeze(-1) * layer_out.unsqueeze(-2)
+
+
+@register("moe_permute", REFERENCE)
+def moe_permute(
+    tokens: torch.Tensor, expert_ids: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Copies of each token for each of its k experts, grouped by expert.
+
+    tokens (N, C), expert_ids (N, k) -> permuted (N*k, C), order (N*k,) (the flat slot each row
+    came from: token = order // k), tokens per expert (E,).
+    """
+    flat_ids = expert_ids.flatten()
+    order = flat_ids.argsort(stable=True)
+    counts = torch.bincount(flat_ids, minlength=num_experts)
+    return tokens[order // expert_ids.shape[1]], order, counts
+
+
+@register("moe_unpermute", REFERENCE)
+def moe_unpermute(
+    expert_out: torch.Tensor, order: torch.Tensor, gate_weights: torch.Tensor, num_tokens: int
+) -> torch.Tensor:
+    """Weighted sum of each token's k expert outputs back in token order: (N*k, C) -> (N, C)."""
+    top_k = gate_weights.shape[1]
+    weighted = expert_out * gate_weights.flatten()[order].unsqueeze(-1).to(expert_out.dtype)
+    combined = expert_out.new_zeros(num_tokens, expert_out.shape[-1])
+    return combined.index_add(0, order // top_k, weighted)
+
+
+@register("grouped_gemm", REFERENCE)
+def grouped_gemm(x: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Rows of x grouped by expert times that expert's matrix: (M, K), (E, K, N), (E,) -> (M, N)."""
+    offsets = counts.cumsum(0).to(torch.int32)
+    return F.grouped_mm(x, weights, offs=offsets)
+
+
+@register("engram_hash", REFERENCE)
+def engram_hash(
+    compressed: torch.Tensor,
+    multipliers: torch.Tensor,
+    primes: torch.Tensor,
+    offsets: torch.Tensor,
+    pad_id: int,
+) -> torch.Tensor:
+    """Row indices of every Engram head for every position.
+
+    compressed (B, T) canonical ids; multipliers (N,) odd int64 (m_0 for the current token);
+    primes and offsets (N-1, K) for orders n = 2..N. For order n, mix_t = XOR_{j<n} x_{t-j} m_j
+    (int64, wrapping), left-padded with `pad_id`; the head's row is mix mod p + offset.
+    Returns (B, T, (N-1) K) int64.
+    """
+    max_order = multipliers.shape[0]
+    padded = F.pad(compressed, (max_order - 1, 0), value=pad_id)
+    seq = compressed.shape[1]
+    mix = torch.zeros_like(compressed)
+    heads = []
+    for j in range(max_order):
+        shifted = padded[:, max_order - 1 - j : max_order - 1 - j + seq]
+        mix = torch.bitwise_xor(mix, shifted * multipliers[j])
+        if j >= 1:  # mix now covers the n = j + 1 most recent tokens
+            heads.append(torch.remainder(mix.unsqueeze(-1), primes[j - 1]) + offsets[j - 1])
+    return torch.cat(heads, dim=-1)
+
+
+def _signed_sqrt(x: torch.Tensor) -> torch.Tensor:
+    return torch.sign(x) * torch.sqrt(x.abs().clamp_min(1e-6))  # finite gradient at 0
+
+
+@register("engram_gather_gate", REFERENCE)
+def engram_gather_gate(
+    table: torch.Tensor,
+    indices: torch.Tensor,
+    key_weight: torch.Tensor,
+    value_weight: torch.Tensor,
+    streams: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """Gather the n-gram rows and gate the shared value per stream.
+
+    table (rows, d); indices (B, T, H); key_weight (n*C, H*d) (one key projection per stream);
+    value_weight (C, H*d); streams (B, T, n, C). e = concat of rows; per stream m:
+    alpha_m = sigmoid(signed_sqrt(<RMSNorm(h_m), RMSNorm(W_K^m e)> / sqrt(C))); returns
+    alpha_m * W_V e of shape (B, T, n, C).
+    """
+    memory = F.embedding(indices, table).flatten(-2)
+    n, hidden = streams.shape[-2], streams.shape[-1]
+    keys = F.linear(memory, key_weight).unflatten(-1, (n, hidden))
+    value = F.linear(memory, value_weight)
+    normed_streams = F.rms_norm(streams.float(), (hidden,), eps=eps)
+    normed_keys = F.rms_norm(keys.float(), (hidden,), eps=eps)
+    similarity = (normed_streams * normed_keys).sum(-1) / hidden**0.5
+    alpha = torch.sigmoid(_signed_sqrt(similarity))
+    return alpha.unsqueeze(-1).to(value.dtype) * value.unsqueeze(-2)

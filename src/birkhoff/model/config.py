@@ -2,18 +2,168 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from birkhoff.errors import require, require_choice
 
-ARCHITECTURES = ("dense",)
+RESIDUAL_MODES = ("mhc", "hc", "plain")
+SCORE_FUNCS = ("sigmoid", "sqrt_softplus")
+
+
+@dataclass
+class ResidualConfig:
+    """How sublayers are joined: `mhc` (n streams, Sinkhorn-constrained H_res), `hc`
+    (unconstrained hyper-connections, for comparison) or `plain` (x + F(x))."""
+
+    mode: str = "mhc"
+    n_streams: int = 4
+    sinkhorn_iters: int = 20
+    alpha_init: float = 0.01
+    pre_init_logit: float = 4.0  # b_pre = (+c, -c, ...): stream 0 feeds the layer at init
+    res_init_logit: float = 4.0  # b_res = c I: H_res starts near the identity
+    tolerance: float = 0.05  # a step fails if an H_res row or column sum is off by more
+    stats_tokens: int = 256  # tokens whose composite mapping is tracked each step
+
+    def validate(self, prefix: str) -> None:
+        require_choice(f"{prefix}.mode", self.mode, RESIDUAL_MODES)
+        require(self.n_streams >= 1, f"{prefix}.n_streams", self.n_streams, "must be >= 1")
+        require(
+            self.sinkhorn_iters >= 1,
+            f"{prefix}.sinkhorn_iters",
+            self.sinkhorn_iters,
+            "must be >= 1",
+        )
+        require(self.alpha_init >= 0, f"{prefix}.alpha_init", self.alpha_init, "must be >= 0")
+        require(self.tolerance > 0, f"{prefix}.tolerance", self.tolerance, "must be > 0")
+        require(self.stats_tokens >= 1, f"{prefix}.stats_tokens", self.stats_tokens, "must be >= 1")
+
+
+@dataclass
+class MoEConfig:
+    """DeepSeekMoE feed-forward. `num_experts` routed experts (0: dense FFN in every layer),
+    `num_shared_experts` always-on experts, each expert a SwiGLU of `expert_ffn_hidden_size`."""
+
+    num_experts: int = 0
+    num_shared_experts: int = 1
+    top_k: int = 2
+    expert_ffn_hidden_size: int = 128
+    score_func: str = "sigmoid"
+    route_scale: float = 1.0
+    bias_update_rate: float = 1e-3  # gamma of aux-loss-free balancing
+    seq_aux_loss_coef: float = 0.0  # alpha of the sequence-wise balance loss (~1e-4 when on)
+    num_groups: int = 1  # group-limited routing: experts split into groups...
+    topk_groups: int = 1  # ...and only the best `topk_groups` groups may be chosen
+    first_k_dense: int = 1  # the first k layers keep a dense FFN
+
+    def validate(self, prefix: str, num_layers: int) -> None:
+        require(self.num_experts >= 0, f"{prefix}.num_experts", self.num_experts, "must be >= 0")
+        if self.num_experts == 0:
+            return
+        require(
+            1 <= self.top_k <= self.num_experts,
+            f"{prefix}.top_k",
+            self.top_k,
+            f"must be in [1, {prefix}.num_experts={self.num_experts}]",
+        )
+        require(
+            self.num_shared_experts >= 0,
+            f"{prefix}.num_shared_experts",
+            self.num_shared_experts,
+            "must be >= 0",
+        )
+        require(
+            self.expert_ffn_hidden_size > 0,
+            f"{prefix}.expert_ffn_hidden_size",
+            self.expert_ffn_hidden_size,
+            "must be a positive integer",
+        )
+        require_choice(f"{prefix}.score_func", self.score_func, SCORE_FUNCS)
+        require(self.route_scale > 0, f"{prefix}.route_scale", self.route_scale, "must be > 0")
+        require(
+            self.bias_update_rate >= 0,
+            f"{prefix}.bias_update_rate",
+            self.bias_update_rate,
+            "must be >= 0",
+        )
+        require(
+            self.seq_aux_loss_coef >= 0,
+            f"{prefix}.seq_aux_loss_coef",
+            self.seq_aux_loss_coef,
+            "must be >= 0",
+        )
+        require(
+            self.num_groups >= 1 and self.num_experts % self.num_groups == 0,
+            f"{prefix}.num_groups",
+            self.num_groups,
+            f"must be >= 1 and divide {prefix}.num_experts={self.num_experts}",
+        )
+        per_group = self.num_experts // self.num_groups
+        require(
+            1 <= self.topk_groups <= self.num_groups,
+            f"{prefix}.topk_groups",
+            self.topk_groups,
+            f"must be in [1, {prefix}.num_groups={self.num_groups}]",
+        )
+        require(
+            self.top_k <= self.topk_groups * per_group,
+            f"{prefix}.top_k",
+            self.top_k,
+            f"must be <= topk_groups x experts per group = {self.topk_groups * per_group}",
+        )
+        require(
+            0 <= self.first_k_dense <= num_layers,
+            f"{prefix}.first_k_dense",
+            self.first_k_dense,
+            f"must be in [0, model.num_layers={num_layers}]",
+        )
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.num_experts > 0 and layer >= self.first_k_dense
+
+
+@dataclass
+class EngramConfig:
+    """Engram memory in the blocks listed in `layers` (empty: none). Orders 2..max_ngram with
+    `heads_per_order` hash heads each; every head has a prime number of rows >= `table_size`,
+    each row `embed_dim` wide. Tables train with LR x `lr_multiplier` and no weight decay."""
+
+    layers: list[int] = field(default_factory=list)
+    max_ngram: int = 3
+    heads_per_order: int = 8
+    table_size: int = 1000
+    embed_dim: int = 16
+    conv_kernel: int = 4
+    lr_multiplier: float = 5.0
+    seed: int = 0
+
+    def validate(self, prefix: str, num_layers: int) -> None:
+        for index in self.layers:
+            require(
+                0 <= index < num_layers,
+                f"{prefix}.layers",
+                list(self.layers),
+                f"every layer index must be in [0, model.num_layers={num_layers})",
+            )
+        require(
+            len(set(self.layers)) == len(self.layers),
+            f"{prefix}.layers",
+            list(self.layers),
+            "must not repeat a layer",
+        )
+        require(self.max_ngram >= 2, f"{prefix}.max_ngram", self.max_ngram, "must be >= 2")
+        for name in ("heads_per_order", "embed_dim", "conv_kernel"):
+            value = getattr(self, name)
+            require(value >= 1, f"{prefix}.{name}", value, "must be a positive integer")
+        require(self.table_size >= 2, f"{prefix}.table_size", self.table_size, "must be >= 2")
+        require(
+            self.lr_multiplier > 0, f"{prefix}.lr_multiplier", self.lr_multiplier, "must be > 0"
+        )
 
 
 @dataclass
 class ModelConfig:
-    """Decoder shape. `dense` is a pre-norm GQA + RoPE + SwiGLU decoder."""
+    """Decoder: GQA + RoPE attention, SwiGLU or MoE FFNs, joined by (m)HC or plain residuals."""
 
-    architecture: str = "dense"
     vocab_size: int = 4096
     hidden_size: int = 192
     num_layers: int = 4
@@ -25,13 +175,15 @@ class ModelConfig:
     norm_eps: float = 1e-6
     init_std: float = 0.02
     tie_embeddings: bool = False
+    residual: ResidualConfig = field(default_factory=ResidualConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    engram: EngramConfig = field(default_factory=EngramConfig)
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
     def validate(self, prefix: str = "model") -> None:
-        require_choice(f"{prefix}.architecture", self.architecture, ARCHITECTURES)
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads"):
             value = getattr(self, name)
             require(value > 0, f"{prefix}.{name}", value, "must be a positive integer")
@@ -68,3 +220,6 @@ class ModelConfig:
         require(self.rope_theta > 0, f"{prefix}.rope_theta", self.rope_theta, "must be > 0")
         require(self.norm_eps > 0, f"{prefix}.norm_eps", self.norm_eps, "must be > 0")
         require(self.init_std > 0, f"{prefix}.init_std", self.init_std, "must be > 0")
+        self.residual.validate(f"{prefix}.residual")
+        self.moe.validate(f"{prefix}.moe", self.num_layers)
+        self.engram.validate(f"{prefix}.engram", self.num_layers)

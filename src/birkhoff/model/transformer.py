@@ -1,4 +1,4 @@
-"""Decoder-only transformer: embedding, pre-norm blocks, final norm, output head."""
+"""Decoder-only transformer: embedding, blocks joined by (m)HC or plain residuals, head."""
 
 from __future__ import annotations
 
@@ -10,30 +10,91 @@ from torch import nn
 
 from birkhoff.model.attention import Attention
 from birkhoff.model.config import ModelConfig
+from birkhoff.model.engram import Engram
+from birkhoff.model.mhc import StreamReadout, build_residual
 from birkhoff.model.mlp import SwiGLU
+from birkhoff.model.moe import GroupedExperts, MoE, Router
 from birkhoff.model.norm import RMSNorm
 from birkhoff.model.rope import rope_tables
 
+OUTPUT_PROJECTIONS = ("attention.wo", "ffn.w_down", "shared.w_down")
+
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, kernel_backend: str) -> None:
+    def __init__(
+        self, cfg: ModelConfig, layer: int, token_compression: torch.Tensor, kernel_backend: str
+    ) -> None:
         super().__init__()
+        streams = 1 if cfg.residual.mode == "plain" else cfg.residual.n_streams
+        self.engram = (
+            Engram(
+                cfg.hidden_size,
+                streams,
+                cfg.engram,
+                layer,
+                token_compression,
+                kernel_backend,
+                cfg.norm_eps,
+            )
+            if layer in cfg.engram.layers
+            else None
+        )
         self.attention_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, kernel_backend)
         self.attention = Attention(cfg, kernel_backend)
+        self.attention_residual = build_residual(cfg.hidden_size, cfg.residual, kernel_backend)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, kernel_backend)
-        self.ffn = SwiGLU(cfg.hidden_size, cfg.ffn_hidden_size)
+        self.ffn: nn.Module = (
+            MoE(cfg.hidden_size, cfg.moe, kernel_backend)
+            if cfg.moe.is_moe_layer(layer)
+            else SwiGLU(cfg.hidden_size, cfg.ffn_hidden_size)
+        )
+        self.ffn_residual = build_residual(cfg.hidden_size, cfg.residual, kernel_backend)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin)
-        return x + self.ffn(self.ffn_norm(x))
+    def forward(
+        self,
+        x: torch.Tensor,
+        tokens: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        aux_losses: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """x: (B, T, C) with plain residuals, (B, T, n, C) with n hyper-connection streams.
+        Engram (if any) runs first; MoE layers append their balance loss to `aux_losses`."""
+        if self.engram is not None:
+            x = self.engram(x, tokens)
+        x = self.attention_residual(x, lambda h: self.attention(self.attention_norm(h), cos, sin))
+        return self.ffn_residual(x, lambda h: self._ffn(self.ffn_norm(h), aux_losses))
+
+    def _ffn(self, h: torch.Tensor, aux_losses: list[torch.Tensor]) -> torch.Tensor:
+        if not isinstance(self.ffn, MoE):
+            return self.ffn(h)
+        out, balance_loss = self.ffn(h)
+        aux_losses.append(balance_loss)
+        return out
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, kernel_backend: str = "reference") -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        kernel_backend: str = "reference",
+        token_compression: torch.Tensor | None = None,
+    ) -> None:
+        """`token_compression` maps vocabulary ids to Engram's canonical ids (identity if None)."""
         super().__init__()
         self.cfg = cfg
+        if token_compression is None:
+            token_compression = torch.arange(cfg.vocab_size)
+        self.streams = 1 if cfg.residual.mode == "plain" else cfg.residual.n_streams
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.blocks = nn.ModuleList(Block(cfg, kernel_backend) for _ in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(
+            Block(cfg, i, token_compression, kernel_backend) for i in range(cfg.num_layers)
+        )
+        self.readout = (
+            None
+            if cfg.residual.mode == "plain"
+            else StreamReadout(cfg.hidden_size, cfg.residual, kernel_backend)
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, kernel_backend)
         self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -50,31 +111,43 @@ class Transformer(nn.Module):
         seq = tokens.shape[1]
         cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
         x = self.embedding(tokens)
+        if self.readout is not None:  # the embedding is copied into every stream (contiguous,
+            x = x.unsqueeze(-2).repeat(1, 1, self.streams, 1)  # or matmuls take a slow path)
+        aux_losses: list[torch.Tensor] = []
         for block in self.blocks:
-            x = block(x, cos, sin)
+            x = block(x, tokens, cos, sin, aux_losses)
+        if self.readout is not None:
+            x = self.readout(x)
         logits = self.head(self.norm(x))
         if targets is None:
             return logits
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return loss + sum(aux_losses) if aux_losses else loss
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Normal(0, std) for inputs; output projections scaled by 1/sqrt(2 * layers) (GPT-2)."""
+        """Normal(0, std) for matrices; output projections scaled by 1/sqrt(2 * layers) (GPT-2).
+        Norm gains, hyper-connection biases and Engram's zero convolution keep their
+        constructor values."""
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.num_layers)
-        for name, param in self.named_parameters():
-            if param.dim() < 2:
-                continue
-            is_output_projection = name.endswith(("attention.wo.weight", "ffn.w_down.weight"))
-            nn.init.normal_(param, mean=0.0, std=out_std if is_output_projection else std)
-        for module in self.modules():
-            if isinstance(module, RMSNorm):
-                module.weight.fill_(1.0)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                is_output = name.endswith(OUTPUT_PROJECTIONS)
+                nn.init.normal_(module.weight, mean=0.0, std=out_std if is_output else std)
+            elif isinstance(module, GroupedExperts):
+                module.reset_parameters(std, out_std)
+            elif isinstance(module, Router):
+                module.reset_parameters(std)
 
 
-def build_model(cfg: ModelConfig, kernel_backend: str = "reference") -> Transformer:
+def build_model(
+    cfg: ModelConfig,
+    kernel_backend: str = "reference",
+    token_compression: torch.Tensor | None = None,
+) -> Transformer:
     """Validate the config, construct the model and initialise its weights."""
     cfg.validate()
-    model = Transformer(cfg, kernel_backend)
+    model = Transformer(cfg, kernel_backend, token_compression)
     model.init_weights()
     return model

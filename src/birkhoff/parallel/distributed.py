@@ -29,14 +29,19 @@ class DistributedContext:
     def dp_rank(self) -> int:
         return 0 if self.mesh is None else self.mesh.get_local_rank("dp_replicate")
 
+    def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum over data-parallel ranks (a copy; unchanged in one process)."""
+        if self.mesh is None:
+            return value.clone()
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM, group=self.mesh.get_group("dp_replicate"))
+        return value
+
     def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
-        """Mean over data-parallel ranks (a no-op in one process)."""
+        """Mean over data-parallel ranks."""
         if self.mesh is None:
             return value
-        group = self.mesh.get_group("dp_replicate")
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
-        return value / dist.get_world_size(group)
+        return self.all_reduce_sum(value) / self.mesh.get_group("dp_replicate").size()
 
 
 def env_rank() -> tuple[int, int, int]:

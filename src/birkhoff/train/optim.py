@@ -5,32 +5,54 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from birkhoff.model.engram import Engram
 from birkhoff.train.config import OptimConfig
 from birkhoff.train.schedule import lr_multiplier
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices only: norms, biases and embeddings (and a head tied to them) are exempt."""
-    embedding_params = {
-        id(module.weight) for module in model.modules() if isinstance(module, nn.Embedding)
-    }
-    decay, no_decay = [], []
+def _exempt_from_decay(model: nn.Module) -> set[int]:
+    """Embeddings (and a head tied to them), plus what modules list in `no_weight_decay`
+    (e.g. the static mHC biases, which are matrices but not weights)."""
+    exempt = set()
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            exempt.add(id(module.weight))
+        for name in getattr(module, "no_weight_decay", ()):
+            exempt.add(id(getattr(module, name)))
+    return exempt
+
+
+def param_groups(model: nn.Module, weight_decay: float, lr: float) -> list[dict]:
+    """Decay matrices only: norms, biases, embeddings and declared exemptions are not decayed.
+    Engram tables form their own group: LR x their multiplier, no weight decay."""
+    exempt_ids = _exempt_from_decay(model)
+    engram_tables = {id(m.table.weight): m for m in model.modules() if isinstance(m, Engram)}
+    decay, no_decay, tables = [], [], []
     for param in model.parameters():
         if not param.requires_grad:
             continue
-        exempt = param.dim() < 2 or id(param) in embedding_params
+        if id(param) in engram_tables:
+            tables.append(param)
+            continue
+        exempt = param.dim() < 2 or id(param) in exempt_ids
         (no_decay if exempt else decay).append(param)
-    return [
+    groups = [
         {"params": decay, "weight_decay": weight_decay, "name": "decay"},
         {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
     ]
+    if tables:
+        multiplier = next(iter(engram_tables.values())).lr_multiplier
+        groups.append(
+            {"params": tables, "weight_decay": 0.0, "lr": lr * multiplier, "name": "engram_tables"}
+        )
+    return groups
 
 
 def build_optimizer(
     model: nn.Module, cfg: OptimConfig, total_steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     optimizer = torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay),
+        param_groups(model, cfg.weight_decay, cfg.lr),
         lr=cfg.lr,
         betas=(cfg.beta1, cfg.beta2),
         eps=cfg.eps,

@@ -14,11 +14,18 @@ import torch
 from torch import nn
 
 from birkhoff.data import BatchLoader, PreparedData, heldout_batches
+from birkhoff.data.compression import tokenizer_compression
 from birkhoff.model import build_model
+from birkhoff.model.mhc import residual_stats
 from birkhoff.parallel import DistributedContext, apply_data_parallel
+from birkhoff.train.expert_balance import balance_experts
 from birkhoff.train.metrics import MetricLogger
 from birkhoff.train.optim import build_optimizer
 from birkhoff.train.recipe import TrainRecipe
+
+
+class ResidualConstraintError(RuntimeError):
+    """The mHC residual mapping left the doubly stochastic manifold beyond tolerance."""
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -49,7 +56,8 @@ class Trainer:
         self.dp_size = recipe.parallel.resolved_dp(ctx.world_size)
         self.grad_accum = train_cfg.grad_accum_steps(self.dp_size)
         seed_everything(train_cfg.seed, train_cfg.deterministic)
-        self.model = build_model(recipe.model, recipe.backend.kernels).to(device)
+        compression = tokenizer_compression(data.tokenizer)
+        self.model = build_model(recipe.model, recipe.backend.kernels, compression).to(device)
         self.parallel_model = apply_data_parallel(self.model, ctx)
         self.optimizer, self.scheduler = build_optimizer(self.model, recipe.optim, train_cfg.steps)
         self.loader = BatchLoader(
@@ -62,6 +70,7 @@ class Trainer:
             train_cfg.seed,
         )
         self.tokens_per_step = train_cfg.global_batch_size * recipe.data.seq_len
+        self.routed_per_layer = self.tokens_per_step * recipe.model.moe.top_k
         self.step = 0
 
     def fit(self) -> dict[str, Any]:
@@ -101,6 +110,7 @@ class Trainer:
                 loss = self.parallel_model(inputs.to(self.device), targets.to(self.device))
             (loss / self.grad_accum).backward()
             loss_sum += loss.detach()
+        residual = self._check_residual_constraint()
         grad_norm = self._clip_gradients()
         if not math.isfinite(grad_norm):
             raise FloatingPointError(f"step {self.step + 1}: gradient norm is {grad_norm}")
@@ -108,6 +118,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        experts = balance_experts(self.model, self.ctx, self.routed_per_layer)
         loss = self.ctx.all_reduce_mean(loss_sum / self.grad_accum).item()
         self.step += 1
         step_time = time.perf_counter() - step_start
@@ -119,6 +130,8 @@ class Trainer:
             "tokens_per_s": self.tokens_per_step / step_time,
             "step_time_s": step_time,
             "tokens_seen": self.step * self.tokens_per_step,
+            **residual,
+            **experts,
         }
 
     @torch.no_grad()
@@ -140,6 +153,21 @@ class Trainer:
                 losses.append(self.model(inputs.to(self.device), targets.to(self.device)))
         mean = torch.stack(losses).mean()
         return self.ctx.all_reduce_mean(mean).item()
+
+    def _check_residual_constraint(self) -> dict[str, float]:
+        """mHC's H_res must stay (nearly) doubly stochastic: fail the step before its update."""
+        stats = residual_stats(self.model)
+        residual_cfg = self.recipe.model.residual
+        if residual_cfg.mode == "mhc":
+            worst = max(stats["mhc_row_dev"], stats["mhc_col_dev"])
+            if worst > residual_cfg.tolerance:
+                raise ResidualConstraintError(
+                    f"step {self.step + 1}: an mHC H_res row/column sum is off by {worst:.3g} "
+                    f"(rows {stats['mhc_row_dev']:.3g}, columns {stats['mhc_col_dev']:.3g}), "
+                    f"above model.residual.tolerance={residual_cfg.tolerance}; raise "
+                    "model.residual.sinkhorn_iters or lower the learning rate"
+                )
+        return stats
 
     def _clip_gradients(self) -> float:
         max_norm = self.recipe.optim.grad_clip or float("inf")

@@ -1,0 +1,112 @@
+"""Engram conditional memory (arXiv 2601.07372): hashed n-gram lookups gated by the hidden state.
+
+Each Engram layer hashes the last n canonical token ids (orders n = 2..N, K heads per order)
+into rows of one embedding table (per-head offsets, a distinct prime row count per head),
+concatenates the rows into e_t, gates a shared value W_V e_t per residual stream with
+alpha_m = sigmoid(signed_sqrt(<RMSNorm(h_m), RMSNorm(W_K^m e_t)> / sqrt(C))), refines it with a
+zero-initialised causal depthwise convolution and adds the result to every stream:
+    h_m <- h_m + alpha_m v + SiLU(Conv(RMSNorm(alpha_m v))).
+The hash depends on token ids only, so it can be computed before the forward (`hash_tokens`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from birkhoff import kernels
+from birkhoff.model.config import EngramConfig
+
+PAD_ID = 3  # the tokenizer's pad id; its canonical id pads the left edge of every sequence
+
+
+def distinct_primes(start: int, count: int) -> list[int]:
+    """The `count` smallest primes >= start."""
+    primes: list[int] = []
+    candidate = max(2, start)
+    while len(primes) < count:
+        if all(candidate % d for d in range(2, int(candidate**0.5) + 1)):
+            primes.append(candidate)
+        candidate += 1
+    return primes
+
+
+def hash_layout(cfg: EngramConfig, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(multipliers (N,), primes (N-1, K), row offsets (N-1, K)) of one layer; a pure function
+    of the config and the layer index, identical in every process."""
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + layer)
+    multipliers = torch.randint(1, 2**62, (cfg.max_ngram,), generator=generator) | 1
+    heads = (cfg.max_ngram - 1) * cfg.heads_per_order
+    primes = torch.tensor(distinct_primes(cfg.table_size, heads), dtype=torch.int64)
+    offsets = torch.cumsum(primes, 0) - primes
+    shape = (cfg.max_ngram - 1, cfg.heads_per_order)
+    return multipliers, primes.view(shape), offsets.view(shape)
+
+
+class Engram(nn.Module):
+    def __init__(
+        self,
+        hidden_size: int,
+        n_streams: int,
+        cfg: EngramConfig,
+        layer: int,
+        token_compression: torch.Tensor,
+        kernel_backend: str,
+        eps: float,
+    ) -> None:
+        super().__init__()
+        self.eps = eps
+        self.lr_multiplier = cfg.lr_multiplier
+        multipliers, primes, offsets = hash_layout(cfg, layer)
+        for name, value in (
+            ("multipliers", multipliers),
+            ("primes", primes),
+            ("offsets", offsets),
+            ("compression", token_compression),
+        ):
+            self.register_buffer(name, value, persistent=False)
+        self.pad_id = int(token_compression[PAD_ID])
+        memory_dim = primes.numel() * cfg.embed_dim
+        self.table = nn.Embedding(int(primes.sum()), cfg.embed_dim)
+        self.key = nn.Linear(memory_dim, n_streams * hidden_size, bias=False)
+        self.value = nn.Linear(memory_dim, hidden_size, bias=False)
+        self.conv_norm_weight = nn.Parameter(torch.ones(hidden_size))
+        self.conv = nn.Conv1d(
+            hidden_size,
+            hidden_size,
+            cfg.conv_kernel,
+            dilation=cfg.max_ngram,
+            groups=hidden_size,
+            bias=False,
+        )
+        nn.init.zeros_(self.conv.weight)  # the refinement starts as a no-op
+        self.conv_padding = (cfg.conv_kernel - 1) * cfg.max_ngram
+        self._hash = kernels.get("engram_hash", kernel_backend)
+        self._gather_gate = kernels.get("engram_gather_gate", kernel_backend)
+        self._rms_norm = kernels.get("rms_norm", kernel_backend)
+
+    def hash_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Table rows (B, T, heads) for token ids (B, T)."""
+        compressed = self.compression[tokens]
+        return self._hash(compressed, self.multipliers, self.primes, self.offsets, self.pad_id)
+
+    def forward(self, streams: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """streams (B, T, n, C) (or (B, T, C) for a plain residual) -> updated streams."""
+        single = streams.dim() == 3
+        x = streams.unsqueeze(-2) if single else streams
+        gated = self._gather_gate(
+            self.table.weight,
+            self.hash_tokens(tokens),
+            self.key.weight,
+            self.value.weight,
+            x,
+            self.eps,
+        )
+        batch, seq, n, hidden = gated.shape
+        normed = self._rms_norm(gated, self.conv_norm_weight, self.eps)
+        conv_in = normed.permute(0, 2, 3, 1).reshape(batch * n, hidden, seq)
+        conv_out = self.conv(F.pad(conv_in, (self.conv_padding, 0)))
+        refined = F.silu(conv_out).view(batch, n, hidden, seq).permute(0, 3, 1, 2)
+        out = x + gated + refined
+        return out.squeeze(-2) if single else out

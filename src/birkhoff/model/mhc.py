@@ -1,0 +1,141 @@
+"""Residual connections between sublayers: plain, hyper-connections (HC) and manifold-constrained
+hyper-connections (mHC, arXiv 2512.24880).
+
+With n streams x in R^{n x C} per token, a sublayer F is wrapped as
+    x_next = H_res x + H_post^T F(H_pre x),
+where the mappings come from x' = RMSNorm(vec(x)):
+    mhc: H_pre = sigmoid(a_pre x'phi_pre + b_pre), H_post = 2 sigmoid(a_post x'phi_post + b_post),
+         H_res = SinkhornKnopp(a_res mat(x'phi_res) + b_res)   (rows sum to 1, columns nearly)
+    hc:  H = b + a tanh(x'phi) for each mapping, unconstrained (arXiv 2409.19606).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from birkhoff import kernels
+from birkhoff.model.config import ResidualConfig
+
+Sublayer = Callable[[torch.Tensor], torch.Tensor]
+
+
+class PlainResidual(nn.Module):
+    """x + F(x): the single-stream baseline."""
+
+    def forward(self, x: torch.Tensor, sublayer: Sublayer) -> torch.Tensor:
+        return x + sublayer(x)
+
+
+def _initial_pre_bias(cfg: ResidualConfig) -> torch.Tensor:
+    """Stream 0 feeds the sublayer at init, so step 0 behaves like a pre-norm residual."""
+    if cfg.mode == "hc":
+        return F.one_hot(torch.tensor(0), cfg.n_streams).float()
+    bias = torch.full((cfg.n_streams,), -cfg.pre_init_logit)
+    bias[0] = cfg.pre_init_logit
+    return bias
+
+
+class HyperConnection(nn.Module):
+    """Mixes n residual streams around one sublayer; keeps its latest H_res for monitoring."""
+
+    no_weight_decay = ("alpha", "bias_pre", "bias_post", "bias_res")
+
+    def __init__(self, hidden_size: int, cfg: ResidualConfig, kernel_backend: str) -> None:
+        super().__init__()
+        n = cfg.n_streams
+        self.cfg = cfg
+        self.proj = nn.Linear(n * hidden_size, 2 * n + n * n, bias=False)  # phi_pre|post|res
+        self.alpha = nn.Parameter(torch.full((3,), cfg.alpha_init))
+        self.bias_pre = nn.Parameter(_initial_pre_bias(cfg))
+        post_init = 1.0 if cfg.mode == "hc" else 0.0  # H_post = 1 for both modes
+        self.bias_post = nn.Parameter(torch.full((n,), post_init))
+        res_init = 1.0 if cfg.mode == "hc" else cfg.res_init_logit  # H_res ~ identity
+        self.bias_res = nn.Parameter(torch.eye(n) * res_init)
+        self._sinkhorn = kernels.get("sinkhorn_knopp", kernel_backend)
+        self._pre = kernels.get("mhc_pre", kernel_backend)
+        self._post = kernels.get("mhc_post", kernel_backend)
+        self.last_h_res: torch.Tensor | None = None  # (tokens sampled, n, n), detached
+        self.last_deviation: torch.Tensor | None = None  # worst |row sum-1|, |col sum-1|
+
+    def mappings(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n = self.cfg.n_streams
+        flat = F.rms_norm(x.flatten(-2).float(), (x.shape[-1] * n,))
+        pre, post, res = (
+            self.proj(flat.to(self.proj.weight.dtype)).float().split([n, n, n * n], dim=-1)
+        )
+        res = res.unflatten(-1, (n, n))
+        a_pre, a_post, a_res = self.alpha
+        if self.cfg.mode == "hc":
+            return (
+                self.bias_pre + a_pre * torch.tanh(pre),
+                self.bias_post + a_post * torch.tanh(post),
+                self.bias_res + a_res * torch.tanh(res),
+            )
+        return (
+            torch.sigmoid(a_pre * pre + self.bias_pre),
+            2 * torch.sigmoid(a_post * post + self.bias_post),
+            self._sinkhorn(a_res * res + self.bias_res, self.cfg.sinkhorn_iters),
+        )
+
+    def forward(self, x: torch.Tensor, sublayer: Sublayer) -> torch.Tensor:
+        h_pre, h_post, h_res = self.mappings(x)
+        self._record(h_res.detach())
+        return self._post(x, sublayer(self._pre(x, h_pre)), h_res, h_post)
+
+    def _record(self, h_res: torch.Tensor) -> None:
+        self.last_h_res = h_res.flatten(0, -3)[: self.cfg.stats_tokens]
+        rows = (h_res.sum(-1) - 1).abs().amax()
+        cols = (h_res.sum(-2) - 1).abs().amax()
+        self.last_deviation = torch.stack((rows, cols))
+
+
+class StreamReadout(nn.Module):
+    """Collapses the n streams into one hidden state for the output head (its own H_pre)."""
+
+    def __init__(self, hidden_size: int, cfg: ResidualConfig, kernel_backend: str) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.proj = nn.Linear(cfg.n_streams * hidden_size, cfg.n_streams, bias=False)
+        self.alpha = nn.Parameter(torch.tensor(cfg.alpha_init))
+        self.bias = nn.Parameter(_initial_pre_bias(cfg))
+        self._pre = kernels.get("mhc_pre", kernel_backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.cfg.n_streams
+        flat = F.rms_norm(x.flatten(-2).float(), (x.shape[-1] * n,))
+        dynamic = self.proj(flat.to(self.proj.weight.dtype)).float()
+        if self.cfg.mode == "hc":
+            weights = self.bias + self.alpha * torch.tanh(dynamic)
+        else:
+            weights = torch.sigmoid(self.alpha * dynamic + self.bias)
+        return self._pre(x, weights)
+
+
+def build_residual(hidden_size: int, cfg: ResidualConfig, kernel_backend: str) -> nn.Module:
+    if cfg.mode == "plain":
+        return PlainResidual()
+    return HyperConnection(hidden_size, cfg, kernel_backend)
+
+
+@torch.no_grad()
+def residual_stats(model: nn.Module) -> dict[str, float]:
+    """Worst H_res row/column-sum deviation over the last forward (all tokens, all layers), and the
+    gains of the composite residual mapping prod_l H_res_l over the sampled tokens: max abs row
+    sum (forward gain) and max abs column sum (backward gain)."""
+    layers = [m for m in model.modules() if isinstance(m, HyperConnection)]
+    if not layers or layers[0].last_h_res is None:
+        return {}
+    deviation = torch.stack([layer.last_deviation for layer in layers]).amax(0)
+    composite = layers[0].last_h_res.double()
+    for layer in layers[1:]:
+        composite = layer.last_h_res.double() @ composite
+    return {
+        "mhc_row_dev": deviation[0].item(),
+        "mhc_col_dev": deviation[1].item(),
+        "mhc_gain_fwd": composite.abs().sum(-1).max().item(),
+        "mhc_gain_bwd": composite.abs().sum(-2).max().item(),
+    }

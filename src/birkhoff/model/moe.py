@@ -1,0 +1,123 @@
+"""DeepSeekMoE feed-forward: fine-grained routed experts plus shared experts (arXiv 2412.19437).
+
+Routing: scores s = sigmoid(u e_i) (or sqrt(softplus(.))); the top-k experts are chosen on
+s + b, where the bias b only steers selection; gate weights are the chosen s, normalised, times
+route_scale. b is balanced without an auxiliary loss: after each optimizer step,
+b_i += gamma * sign(mean load - load_i) with loads counted over the global batch (the trainer
+does this through `update_bias`). An optional sequence-wise balance loss is returned per call.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from birkhoff import kernels
+from birkhoff.model.config import MoEConfig
+from birkhoff.model.mlp import SwiGLU
+
+
+class Router(nn.Module):
+    def __init__(self, hidden_size: int, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, hidden_size))
+        self.register_buffer("bias", torch.zeros(cfg.num_experts))  # saved with the model
+
+    def reset_parameters(self, std: float) -> None:
+        nn.init.normal_(self.weight, std=std)
+        self.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (N, C) -> gate weights (N, k), expert ids (N, k), scores (N, E)."""
+        logits = F.linear(x.float(), self.weight.float())
+        if self.cfg.score_func == "sigmoid":
+            scores = torch.sigmoid(logits)
+        else:
+            scores = F.softplus(logits).sqrt()
+        biased = scores.detach() + self.bias
+        if self.cfg.num_groups > 1:
+            biased = self._limit_to_top_groups(biased)
+        expert_ids = biased.topk(self.cfg.top_k, dim=-1).indices
+        chosen = scores.gather(-1, expert_ids)
+        weights = chosen / chosen.sum(-1, keepdim=True) * self.cfg.route_scale
+        return weights, expert_ids, scores
+
+    def _limit_to_top_groups(self, biased: torch.Tensor) -> torch.Tensor:
+        """Group-limited routing: only experts of the `topk_groups` best groups may be chosen;
+        a group's score is the sum of its two best biased scores (DeepSeek-V3)."""
+        groups = biased.unflatten(-1, (self.cfg.num_groups, -1))
+        group_scores = groups.topk(min(2, groups.shape[-1]), dim=-1).values.sum(-1)
+        keep = group_scores.topk(self.cfg.topk_groups, dim=-1).indices
+        mask = torch.ones_like(group_scores, dtype=torch.bool).scatter(-1, keep, False)
+        return groups.masked_fill(mask.unsqueeze(-1), float("-inf")).flatten(-2)
+
+    @torch.no_grad()
+    def update_bias(self, load: torch.Tensor) -> None:
+        """One aux-loss-free balancing step from the global per-expert token counts."""
+        self.bias += self.cfg.bias_update_rate * torch.sign(load.float().mean() - load.float())
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts stored as stacked matrices and run as grouped GEMMs."""
+
+    def __init__(self, hidden_size: int, cfg: MoEConfig, kernel_backend: str) -> None:
+        super().__init__()
+        e, f = cfg.num_experts, cfg.expert_ffn_hidden_size
+        self.w_gate = nn.Parameter(torch.empty(e, hidden_size, f))
+        self.w_up = nn.Parameter(torch.empty(e, hidden_size, f))
+        self.w_down = nn.Parameter(torch.empty(e, f, hidden_size))
+        self._gemm = kernels.get("grouped_gemm", kernel_backend)
+
+    def reset_parameters(self, std: float, out_std: float) -> None:
+        nn.init.normal_(self.w_gate, std=std)
+        nn.init.normal_(self.w_up, std=std)
+        nn.init.normal_(self.w_down, std=out_std)
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x (M, C) sorted by expert, counts (E,) -> (M, C)."""
+        w_gate, w_up, w_down = (w.to(x.dtype) for w in (self.w_gate, self.w_up, self.w_down))
+        hidden = F.silu(self._gemm(x, w_gate, counts)) * self._gemm(x, w_up, counts)
+        return self._gemm(hidden, w_down, counts)
+
+
+class MoE(nn.Module):
+    def __init__(self, hidden_size: int, cfg: MoEConfig, kernel_backend: str) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.router = Router(hidden_size, cfg)
+        self.experts = GroupedExperts(hidden_size, cfg, kernel_backend)
+        shared_hidden = cfg.num_shared_experts * cfg.expert_ffn_hidden_size
+        self.shared = SwiGLU(hidden_size, shared_hidden) if cfg.num_shared_experts else None
+        self._permute = kernels.get("moe_permute", kernel_backend)
+        self._unpermute = kernels.get("moe_unpermute", kernel_backend)
+        # Tokens routed to each expert since the last bias update (summed over micro-batches).
+        self.register_buffer("tokens_per_expert", torch.zeros(cfg.num_experts), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, C) -> (output (B, T, C), sequence-wise balance loss (scalar))."""
+        flat = x.flatten(0, 1)
+        weights, expert_ids, scores = self.router(flat)
+        permuted, order, counts = self._permute(flat, expert_ids, self.cfg.num_experts)
+        if self.training:
+            self.tokens_per_expert += counts.to(self.tokens_per_expert.dtype)
+        expert_out = self.experts(permuted, counts)
+        out = self._unpermute(expert_out, order, weights, flat.shape[0])
+        if self.shared is not None:
+            out = out + self.shared(flat)
+        return out.view_as(x), self._sequence_balance_loss(scores, expert_ids, x.shape[:2])
+
+    def _sequence_balance_loss(
+        self, scores: torch.Tensor, expert_ids: torch.Tensor, batch_seq: torch.Size
+    ) -> torch.Tensor:
+        """alpha * sum_i f_i P_i per sequence, averaged over sequences (DeepSeek-V3 eq. 17-20)."""
+        if self.cfg.seq_aux_loss_coef == 0:
+            return scores.new_zeros(())
+        batch, seq = batch_seq
+        e, k = self.cfg.num_experts, self.cfg.top_k
+        chosen = torch.zeros_like(scores).scatter(-1, expert_ids, 1.0).view(batch, seq, e)
+        fraction = chosen.sum(1) * e / (k * seq)  # f_i per sequence
+        normalized = scores / scores.sum(-1, keepdim=True)
+        probability = normalized.view(batch, seq, e).mean(1)  # P_i per sequence
+        return self.cfg.seq_aux_loss_coef * (fraction * probability).sum(-1).mean()

@@ -1,0 +1,152 @@
+"""Engram: tokenizer compression, n-gram hashing, gating, table param group, validation."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from birkhoff.data.compression import compression_table
+from birkhoff.errors import RecipeError
+from birkhoff.model import ModelConfig, build_model
+from birkhoff.model.config import EngramConfig
+from birkhoff.model.engram import Engram, hash_layout
+from birkhoff.train.optim import param_groups
+
+CFG = EngramConfig(layers=[0], max_ngram=3, heads_per_order=4, table_size=1000, embed_dim=8)
+
+
+def make_engram(streams: int = 4, compression: torch.Tensor | None = None) -> Engram:
+    torch.manual_seed(0)
+    table = torch.arange(64) if compression is None else compression
+    return Engram(16, streams, CFG, 0, table, "reference", 1e-6)
+
+
+def test_compression_merges_case_accent_and_space_variants():
+    pieces = [
+        "<unk>",
+        "\u2581The",
+        "the",
+        "\u2581th\u00e9",
+        "THE",
+        "\u2581dog",
+        "\uff54\uff48\uff45",
+    ]
+    table = compression_table(pieces).tolist()
+    assert table[1] == table[2] == table[3] == table[4] == table[6]  # incl. full-width NFKC
+    assert len({table[0], table[1], table[5]}) == 3
+
+
+def test_hash_rows_stay_inside_each_heads_table():
+    engram = make_engram()
+    rows = engram.hash_tokens(torch.randint(0, 64, (4, 50)))
+    assert rows.shape == (4, 50, 8)
+    low = engram.offsets.flatten()
+    high = low + engram.primes.flatten()
+    assert ((rows >= low) & (rows < high)).all()
+    assert int(high.max()) == engram.table.num_embeddings
+    assert len(set(engram.primes.flatten().tolist())) == 8
+    assert all(p >= 1000 for p in engram.primes.flatten().tolist())
+
+
+def test_hash_changes_when_any_token_of_the_ngram_changes():
+    engram = make_engram()
+    tokens = torch.randint(0, 64, (1, 20), generator=torch.Generator().manual_seed(1))
+    base = engram.hash_tokens(tokens)
+    t = 10
+    for back in range(3):  # change token t - back
+        changed = tokens.clone()
+        changed[0, t - back] = (changed[0, t - back] + 1) % 64
+        rows = engram.hash_tokens(changed)
+        for order in (2, 3):
+            heads = slice((order - 2) * 4, (order - 1) * 4)
+            differs = (rows[0, t, heads] != base[0, t, heads]).all()
+            assert bool(differs) == (back < order), (back, order)
+    assert torch.equal(engram.hash_tokens(tokens), base), "deterministic"
+
+
+def test_compressed_variants_hash_alike():
+    compression = torch.arange(64)
+    compression[40] = compression[41]  # say 40 and 41 are case variants of one word
+    engram = make_engram(compression=compression)
+    a = torch.tensor([[5, 40, 7]])
+    b = torch.tensor([[5, 41, 7]])
+    assert torch.equal(engram.hash_tokens(a), engram.hash_tokens(b))
+
+
+def test_hash_layout_is_identical_across_processes():
+    code = (
+        "from birkhoff.model.config import EngramConfig; from birkhoff.model.engram import "
+        "hash_layout; m, p, o = hash_layout(EngramConfig(heads_per_order=4, table_size=1000), 2);"
+        "print(m.tolist(), p.tolist(), o.tolist())"
+    )
+    other = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    m, p, o = hash_layout(EngramConfig(heads_per_order=4, table_size=1000), 2)
+    assert other == f"{m.tolist()} {p.tolist()} {o.tolist()}"
+    assert all(int(x) % 2 == 1 for x in m)
+    assert not torch.equal(hash_layout(EngramConfig(), 3)[0], hash_layout(EngramConfig(), 2)[0])
+
+
+def test_gate_follows_the_formula_and_the_conv_starts_as_a_no_op():
+    engram = make_engram()
+    tokens = torch.randint(0, 64, (2, 6))
+    streams = torch.randn(2, 6, 4, 16)
+    out = engram(streams, tokens)
+    memory = engram.table(engram.hash_tokens(tokens)).flatten(-2)
+    keys = engram.key(memory).unflatten(-1, (4, 16))
+    value = engram.value(memory)
+    dot = (
+        torch.nn.functional.rms_norm(streams, (16,), eps=1e-6)
+        * torch.nn.functional.rms_norm(keys, (16,), eps=1e-6)
+    ).sum(-1) / 4.0
+    alpha = torch.sigmoid(torch.sign(dot) * dot.abs().sqrt())
+    torch.testing.assert_close(
+        out, streams + alpha.unsqueeze(-1) * value.unsqueeze(-2), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_tables_get_their_own_lr_and_no_weight_decay():
+    model = build_model(
+        ModelConfig(
+            vocab_size=64,
+            hidden_size=16,
+            num_layers=2,
+            num_heads=2,
+            num_kv_heads=1,
+            ffn_hidden_size=32,
+            max_seq_len=8,
+            engram=EngramConfig(layers=[1], lr_multiplier=5.0, table_size=50),
+        )
+    )
+    groups = {g["name"]: g for g in param_groups(model, 0.1, 2e-3)}
+    tables = groups["engram_tables"]
+    assert tables["params"] == [model.blocks[1].engram.table.weight]
+    assert tables["lr"] == pytest.approx(1e-2) and tables["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("changes", "key"),
+    [
+        ({"layers": [4]}, "model.engram.layers"),
+        ({"layers": [-1]}, "model.engram.layers"),
+        ({"layers": [1, 1]}, "model.engram.layers"),
+        ({"max_ngram": 1}, "model.engram.max_ngram"),
+        ({"table_size": 1}, "model.engram.table_size"),
+    ],
+)
+def test_bad_engram_configs_fail_naming_the_field(changes, key):
+    cfg = ModelConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_layers=4,
+        num_heads=2,
+        num_kv_heads=1,
+        ffn_hidden_size=32,
+        max_seq_len=8,
+        engram=EngramConfig(**changes),
+    )
+    with pytest.raises(RecipeError) as info:
+        build_model(cfg)
+    assert info.value.key == key
