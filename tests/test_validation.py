@@ -174,7 +174,7 @@ def test_multi_node_without_a_shared_run_dir_is_refused(tmp_path):
             "train",
             "launch.nnodes=2",
             "launch.node_rank=0",
-            "train.micro_batch_size=8",
+            "train.micro_batch_size=6",
             "launch.rdzv_endpoint=localhost:29999",
         ],
         capture_output=True,

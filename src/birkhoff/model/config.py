@@ -161,6 +161,19 @@ class EngramConfig:
 
 
 @dataclass
+class MTPConfig:
+    """Multi-token prediction: `depth` extra blocks, each predicting one token further ahead;
+    their mean loss enters the training loss with weight `loss_weight` (0 depth: off)."""
+
+    depth: int = 0
+    loss_weight: float = 0.3
+
+    def validate(self, prefix: str) -> None:
+        require(self.depth >= 0, f"{prefix}.depth", self.depth, "must be >= 0")
+        require(self.loss_weight >= 0, f"{prefix}.loss_weight", self.loss_weight, "must be >= 0")
+
+
+@dataclass
 class ModelConfig:
     """Decoder: GQA + RoPE attention, SwiGLU or MoE FFNs, joined by (m)HC or plain residuals."""
 
@@ -178,6 +191,11 @@ class ModelConfig:
     residual: ResidualConfig = field(default_factory=ResidualConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     engram: EngramConfig = field(default_factory=EngramConfig)
+    mtp: MTPConfig = field(default_factory=MTPConfig)
+    # With a budget, the expert count and Engram table size are derived (model/budget.py):
+    # `engram_fraction` of the sparse parameters go to Engram tables, the rest to experts.
+    sparse_budget: int | None = None
+    engram_fraction: float = 0.25
 
     @property
     def head_dim(self) -> int:
@@ -223,3 +241,16 @@ class ModelConfig:
         self.residual.validate(f"{prefix}.residual")
         self.moe.validate(f"{prefix}.moe", self.num_layers)
         self.engram.validate(f"{prefix}.engram", self.num_layers)
+        self.mtp.validate(f"{prefix}.mtp")
+        require(
+            0.0 <= self.engram_fraction <= 1.0,
+            f"{prefix}.engram_fraction",
+            self.engram_fraction,
+            "must be in [0, 1]",
+        )
+        require(
+            self.sparse_budget is None or self.sparse_budget > 0,
+            f"{prefix}.sparse_budget",
+            self.sparse_budget,
+            "must be null (sizes as given) or a positive integer",
+        )

@@ -35,10 +35,11 @@ def distinct_primes(start: int, count: int) -> list[int]:
 def hash_layout(cfg: EngramConfig, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(multipliers (N,), primes (N-1, K), row offsets (N-1, K)) of one layer; a pure function
     of the config and the layer index, identical in every process."""
+    # Explicit CPU tensors: the layout is also computed while a model is built on `meta`.
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + layer)
-    multipliers = torch.randint(1, 2**62, (cfg.max_ngram,), generator=generator) | 1
+    multipliers = torch.randint(1, 2**62, (cfg.max_ngram,), generator=generator, device="cpu") | 1
     heads = (cfg.max_ngram - 1) * cfg.heads_per_order
-    primes = torch.tensor(distinct_primes(cfg.table_size, heads), dtype=torch.int64)
+    primes = torch.tensor(distinct_primes(cfg.table_size, heads), dtype=torch.int64, device="cpu")
     offsets = torch.cumsum(primes, 0) - primes
     shape = (cfg.max_ngram - 1, cfg.heads_per_order)
     return multipliers, primes.view(shape), offsets.view(shape)
@@ -72,16 +73,10 @@ class Engram(nn.Module):
         self.key = nn.Linear(memory_dim, n_streams * hidden_size, bias=False)
         self.value = nn.Linear(memory_dim, hidden_size, bias=False)
         self.conv_norm_weight = nn.Parameter(torch.ones(hidden_size))
-        self.conv = nn.Conv1d(
-            hidden_size,
-            hidden_size,
-            cfg.conv_kernel,
-            dilation=cfg.max_ngram,
-            groups=hidden_size,
-            bias=False,
-        )
-        nn.init.zeros_(self.conv.weight)  # the refinement starts as a no-op
-        self.conv_padding = (cfg.conv_kernel - 1) * cfg.max_ngram
+        # Causal depthwise convolution over time, weight[i] applied at lag i * dilation; zero at
+        # init so the refinement starts as a no-op.
+        self.conv_weight = nn.Parameter(torch.zeros(cfg.conv_kernel, hidden_size))
+        self.dilation = cfg.max_ngram
         self._hash = kernels.get("engram_hash", kernel_backend)
         self._gather_gate = kernels.get("engram_gather_gate", kernel_backend)
         self._rms_norm = kernels.get("rms_norm", kernel_backend)
@@ -103,10 +98,18 @@ class Engram(nn.Module):
             x,
             self.eps,
         )
-        batch, seq, n, hidden = gated.shape
         normed = self._rms_norm(gated, self.conv_norm_weight, self.eps)
-        conv_in = normed.permute(0, 2, 3, 1).reshape(batch * n, hidden, seq)
-        conv_out = self.conv(F.pad(conv_in, (self.conv_padding, 0)))
-        refined = F.silu(conv_out).view(batch, n, hidden, seq).permute(0, 3, 1, 2)
-        out = x + gated + refined
+        out = x + gated + F.silu(self._causal_conv(normed))
         return out.squeeze(-2) if single else out
+
+    def _causal_conv(self, x: torch.Tensor) -> torch.Tensor:
+        """y_t = sum_i w_i * x_{t - i * dilation} along the time axis (dim 1) of (B, T, n, C).
+        Shifted multiply-adds: on CPU much cheaper than Conv1d after a (B*n, C, T) permute."""
+        out = x * self.conv_weight[0]
+        for lag in range(1, self.conv_weight.shape[0]):
+            shift = lag * self.dilation
+            if shift >= x.shape[1]:
+                break
+            shifted = F.pad(x[:, :-shift], (0, 0, 0, 0, shift, 0))
+            out = out + shifted * self.conv_weight[lag]
+        return out

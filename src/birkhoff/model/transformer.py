@@ -9,11 +9,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from birkhoff.model.attention import Attention
+from birkhoff.model.budget import apply_sparse_budget
 from birkhoff.model.config import ModelConfig
 from birkhoff.model.engram import Engram
 from birkhoff.model.mhc import StreamReadout, build_residual
 from birkhoff.model.mlp import SwiGLU
 from birkhoff.model.moe import GroupedExperts, MoE, Router
+from birkhoff.model.mtp import MTPDepth, mtp_block_config, mtp_loss
 from birkhoff.model.norm import RMSNorm
 from birkhoff.model.rope import rope_tables
 
@@ -84,7 +86,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         if token_compression is None:
-            token_compression = torch.arange(cfg.vocab_size)
+            token_compression = torch.arange(cfg.vocab_size, device="cpu")
         self.streams = 1 if cfg.residual.mode == "plain" else cfg.residual.n_streams
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.blocks = nn.ModuleList(
@@ -97,6 +99,15 @@ class Transformer(nn.Module):
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, kernel_backend)
         self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        mtp_cfg = mtp_block_config(cfg)
+        self.mtp = nn.ModuleList(
+            MTPDepth(
+                cfg,
+                Block(mtp_cfg, cfg.num_layers + k, token_compression, kernel_backend),
+                kernel_backend,
+            )
+            for k in range(cfg.mtp.depth)
+        )
         if cfg.tie_embeddings:
             self.head.weight = self.embedding.weight
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
@@ -118,11 +129,17 @@ class Transformer(nn.Module):
             x = block(x, tokens, cos, sin, aux_losses)
         if self.readout is not None:
             x = self.readout(x)
-        logits = self.head(self.norm(x))
+        logits = self._logits(x)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        if len(self.mtp) and self.cfg.mtp.loss_weight > 0:
+            extra = mtp_loss(self.mtp, x, targets, self.embedding, self._logits, (cos, sin))
+            loss = loss + self.cfg.mtp.loss_weight * extra
         return loss + sum(aux_losses) if aux_losses else loss
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(hidden))
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -146,8 +163,8 @@ def build_model(
     kernel_backend: str = "reference",
     token_compression: torch.Tensor | None = None,
 ) -> Transformer:
-    """Validate the config, construct the model and initialise its weights."""
+    """Validate the config, size it from its sparse budget, construct and initialise it."""
     cfg.validate()
-    model = Transformer(cfg, kernel_backend, token_compression)
+    model = Transformer(apply_sparse_budget(cfg), kernel_backend, token_compression)
     model.init_weights()
     return model

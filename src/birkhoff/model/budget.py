@@ -1,0 +1,139 @@
+"""Parameter accounting and the sparse-parameter budget split between Engram and MoE experts.
+
+Sparse parameters are those a token does not use: routed experts beyond its top-k, and Engram
+table rows beyond the one row per hash head it looks up. With `model.sparse_budget` set, the
+builder gives `engram_fraction` of the budget to Engram tables (sized first, as primes round
+them up) and the rest to routed experts, so the realised split is exact to within one expert.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from birkhoff.errors import RecipeError, require
+from birkhoff.model.config import ModelConfig
+from birkhoff.model.engram import distinct_primes
+
+
+@dataclass(frozen=True)
+class ParameterCount:
+    total: int
+    active: int
+    engram_tables: int
+    routed_experts: int
+
+    @property
+    def sparse(self) -> int:
+        return self.total - self.active
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "total": self.total,
+            "active": self.active,
+            "sparse": self.sparse,
+            "engram_tables": self.engram_tables,
+            "routed_experts": self.routed_experts,
+        }
+
+
+def moe_layer_count(cfg: ModelConfig) -> int:
+    return sum(cfg.moe.is_moe_layer(layer) for layer in range(cfg.num_layers))
+
+
+def expert_size(cfg: ModelConfig) -> int:
+    return 3 * cfg.hidden_size * cfg.moe.expert_ffn_hidden_size
+
+
+def engram_rows(cfg: ModelConfig) -> int:
+    """Table rows of one Engram layer: the sum of its heads' primes."""
+    heads = (cfg.engram.max_ngram - 1) * cfg.engram.heads_per_order
+    return sum(distinct_primes(cfg.engram.table_size, heads))
+
+
+def count_parameters(cfg: ModelConfig) -> ParameterCount:
+    """Exact parameter numbers of `build_model(cfg)`, computed from the config alone."""
+    c, n = cfg.hidden_size, 1 if cfg.residual.mode == "plain" else cfg.residual.n_streams
+    head_dim, moe = cfg.head_dim, cfg.moe
+    attention = c * head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + c
+    residual = 0 if n == 1 else n * c * (2 * n + n * n) + 3 + 2 * n + n * n
+    dense_ffn = 3 * c * cfg.ffn_hidden_size + c
+    routed = moe.num_experts * expert_size(cfg)
+    moe_ffn = (
+        moe.num_experts * c
+        + routed
+        + 3 * c * moe.num_shared_experts * (moe.expert_ffn_hidden_size)
+        + c
+    )
+    heads = (cfg.engram.max_ngram - 1) * cfg.engram.heads_per_order
+    rows = engram_rows(cfg) if cfg.engram.layers else 0
+    memory_dim = heads * cfg.engram.embed_dim
+    engram = rows * cfg.engram.embed_dim + memory_dim * (n + 1) * c + c + cfg.engram.conv_kernel * c
+    moe_layers, engram_layers = moe_layer_count(cfg), len(cfg.engram.layers)
+    blocks = cfg.num_layers * (attention + 2 * residual) + engram_layers * engram
+    blocks += moe_layers * moe_ffn + (cfg.num_layers - moe_layers) * dense_ffn
+    embeddings = cfg.vocab_size * c * (1 if cfg.tie_embeddings else 2)
+    readout = 0 if n == 1 else n * c * n + 1 + n
+    mtp_depth = 2 * c + 2 * c * c + attention + dense_ffn  # norms, projection, dense block
+    total = embeddings + blocks + readout + c + cfg.mtp.depth * mtp_depth
+    tables = engram_layers * rows * cfg.engram.embed_dim
+    inactive = (
+        moe_layers * (moe.num_experts - moe.top_k) * expert_size(cfg) if moe.num_experts else 0
+    ) + engram_layers * (rows - heads) * cfg.engram.embed_dim
+    return ParameterCount(total, total - inactive, tables, moe_layers * routed)
+
+
+def apply_sparse_budget(cfg: ModelConfig, prefix: str = "model") -> ModelConfig:
+    """`cfg` with expert count and table size set from the budget (unchanged without one)."""
+    if cfg.sparse_budget is None:
+        return cfg
+    budget, fraction = cfg.sparse_budget, cfg.engram_fraction
+    engram = cfg.engram if fraction > 0 else dataclasses.replace(cfg.engram, layers=[])
+    require(
+        fraction == 0 or bool(cfg.engram.layers),
+        f"{prefix}.engram_fraction",
+        fraction,
+        f"must be 0 while {prefix}.engram.layers is empty",
+    )
+    if engram.layers:
+        engram = _size_tables(cfg, engram, fraction * budget, prefix)
+    sized = dataclasses.replace(cfg, engram=engram)
+    engram_sparse = count_parameters(
+        dataclasses.replace(sized, moe=dataclasses.replace(cfg.moe, num_experts=0))
+    ).sparse
+    return dataclasses.replace(sized, moe=_size_experts(sized, budget - engram_sparse, prefix))
+
+
+def _size_tables(cfg: ModelConfig, engram, target: float, prefix: str):
+    heads = (engram.max_ngram - 1) * engram.heads_per_order
+    per_head = target / (len(engram.layers) * engram.embed_dim * heads) + 1
+    require(
+        per_head >= 2,
+        f"{prefix}.sparse_budget",
+        cfg.sparse_budget,
+        f"its Engram share ({target:.0f}) is too small for {heads} heads of 2 rows in "
+        f"{len(engram.layers)} layer(s)",
+    )
+    return dataclasses.replace(engram, table_size=int(per_head))
+
+
+def _size_experts(cfg: ModelConfig, target: float, prefix: str):
+    moe_layers = moe_layer_count(
+        dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, num_experts=cfg.moe.top_k))
+    )
+    require(
+        moe_layers > 0 or cfg.engram_fraction == 1,
+        f"{prefix}.moe.first_k_dense",
+        cfg.moe.first_k_dense,
+        "leaves no MoE layer for the experts' share of the budget",
+    )
+    per_expert = expert_size(cfg) * max(1, moe_layers)
+    extra = round(target / per_expert)
+    if cfg.engram_fraction < 1 and extra < 1:
+        raise RecipeError(
+            f"{prefix}.sparse_budget",
+            cfg.sparse_budget,
+            f"leaves {target:.0f} parameters for routed experts, less than one "
+            f"expert in every MoE layer ({per_expert}); raise it or the fraction",
+        )
+    return dataclasses.replace(cfg.moe, num_experts=cfg.moe.top_k + max(0, extra))

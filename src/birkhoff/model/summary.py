@@ -1,0 +1,28 @@
+"""Build a model on the meta device (no memory) and describe its parameter split."""
+
+from __future__ import annotations
+
+import torch
+
+from birkhoff.model.budget import ParameterCount, apply_sparse_budget, count_parameters
+from birkhoff.model.config import ModelConfig
+from birkhoff.model.transformer import Transformer
+
+
+def build_on_meta(cfg: ModelConfig) -> Transformer:
+    """The model of `cfg` with meta tensors: shapes and counts without allocating weights."""
+    cfg.validate()
+    with torch.device("meta"):
+        return Transformer(apply_sparse_budget(cfg))
+
+
+def describe_split(cfg: ModelConfig) -> str:
+    """One line: total / active / Engram / routed-expert parameters of the (budgeted) config."""
+    sized = apply_sparse_budget(cfg)
+    count: ParameterCount = count_parameters(sized)
+    return (
+        f"parameters: total {count.total:,} | active {count.active:,} | "
+        f"engram tables {count.engram_tables:,} | routed experts {count.routed_experts:,} "
+        f"({sized.moe.num_experts} experts, top-{sized.moe.top_k}; engram table_size "
+        f"{sized.engram.table_size} x {len(sized.engram.layers)} layer(s))"
+    )
