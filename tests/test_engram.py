@@ -150,3 +150,18 @@ def test_bad_engram_configs_fail_naming_the_field(changes, key):
     with pytest.raises(RecipeError) as info:
         build_model(cfg)
     assert info.value.key == key
+
+
+def test_causal_conv_equals_a_depthwise_conv1d_with_left_padding():
+    engram = make_engram()
+    with torch.no_grad():
+        engram.conv_weight.normal_()
+    x = torch.randn(2, 20, 4, 16)
+    kernel, dilation = engram.conv_weight.shape[0], engram.dilation
+    # Conv1d correlates: weight index K-1-i multiplies lag i.
+    weight = engram.conv_weight.T.unsqueeze(1).flip(-1)
+    channels_first = x.permute(0, 2, 3, 1).reshape(8, 16, 20)
+    padded = torch.nn.functional.pad(channels_first, ((kernel - 1) * dilation, 0))
+    expected = torch.nn.functional.conv1d(padded, weight, dilation=dilation, groups=16)
+    expected = expected.view(2, 4, 16, 20).permute(0, 3, 1, 2)
+    torch.testing.assert_close(engram._causal_conv(x), expected, atol=1e-5, rtol=1e-5)

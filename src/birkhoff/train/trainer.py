@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from birkhoff.data import BatchLoader, PreparedData, heldout_batches
@@ -65,7 +66,7 @@ class Trainer:
             recipe.data.seq_len,
             train_cfg.global_batch_size,
             train_cfg.micro_batch_size,
-            ctx.rank,
+            ctx.dp_rank,
             self.dp_size,
             train_cfg.seed,
         )
@@ -136,7 +137,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss over the same held-out windows every time, across all ranks."""
+        """Mean next-token cross-entropy over the same held-out windows every time, across all
+        ranks (without the MTP and balance terms that the training objective may add)."""
         cfg = self.recipe.train
         self.parallel_model.eval()
         batches = heldout_batches(
@@ -144,13 +146,16 @@ class Trainer:
             self.recipe.data.seq_len,
             cfg.global_batch_size,
             cfg.eval_batches,
-            self.ctx.rank,
+            self.ctx.dp_rank,
             self.dp_size,
         )
         losses = []
         for inputs, targets in batches:
             with self._autocast():
-                losses.append(self.model(inputs.to(self.device), targets.to(self.device)))
+                logits = self.model(inputs.to(self.device))
+            losses.append(
+                F.cross_entropy(logits.flatten(0, 1).float(), targets.to(self.device).flatten())
+            )
         mean = torch.stack(losses).mean()
         return self.ctx.all_reduce_mean(mean).item()
 
