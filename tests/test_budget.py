@@ -6,7 +6,7 @@ from birkhoff.errors import RecipeError
 from birkhoff.launch.recipe import load_recipe
 from birkhoff.model import ModelConfig, build_model
 from birkhoff.model.budget import apply_sparse_budget, count_parameters, expert_size
-from birkhoff.model.config import EngramConfig, MoEConfig, ResidualConfig
+from birkhoff.model.config import EngramConfig, MoEConfig, MTPConfig, ResidualConfig
 from birkhoff.model.engram import Engram
 from birkhoff.model.moe import GroupedExperts
 from birkhoff.model.summary import build_on_meta
@@ -111,3 +111,18 @@ def test_paper_shaped_recipes_are_counted_on_the_meta_device(recipe, total_range
     assert active_range[0] < count.active < active_range[1]
     if cfg.model.sparse_budget:
         assert abs(count.sparse - cfg.model.sparse_budget) <= expert_size(model.cfg) * 43
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"residual": ResidualConfig(mode="mhc", n_streams=1)},
+        {"residual": ResidualConfig(mode="hc", n_streams=3)},
+        {"tie_embeddings": True},
+        {"mtp": MTPConfig(depth=2), "sparse_budget": 3_000_000},
+    ],
+)
+def test_accounting_covers_every_variant(changes):
+    model = build_model(small_config(**changes))
+    count = count_parameters(model.cfg)
+    assert (count.total, count.engram_tables, count.routed_experts) == counted(model)

@@ -165,3 +165,34 @@ def test_causal_conv_equals_a_depthwise_conv1d_with_left_padding():
     expected = torch.nn.functional.conv1d(padded, weight, dilation=dilation, groups=16)
     expected = expected.view(2, 4, 16, 20).permute(0, 3, 1, 2)
     torch.testing.assert_close(engram._causal_conv(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_the_left_edge_is_padded_with_the_compressed_pad_id():
+    engram = make_engram()
+    tokens = torch.tensor([[11, 12, 13]])
+    padded = torch.tensor([[3, 3, 11, 12, 13]])  # PAD_ID = 3 before the sequence
+    torch.testing.assert_close(engram.hash_tokens(tokens), engram.hash_tokens(padded)[:, 2:])
+
+
+def test_forward_with_a_trained_conv_applies_norm_conv_and_silu():
+    engram = make_engram()
+    with torch.no_grad():
+        engram.conv_weight.normal_()
+        engram.conv_norm_weight.uniform_(0.5, 1.5)
+    tokens, streams = torch.randint(0, 64, (2, 9)), torch.randn(2, 9, 4, 16)
+    gated = engram._gather_gate(
+        engram.table.weight,
+        engram.hash_tokens(tokens),
+        engram.key.weight,
+        engram.value.weight,
+        streams,
+        1e-6,
+    )
+    normed = torch.nn.functional.rms_norm(gated, (16,), engram.conv_norm_weight, 1e-6)
+    expected = streams + gated + torch.nn.functional.silu(engram._causal_conv(normed))
+    torch.testing.assert_close(engram(streams, tokens), expected)
+
+
+def test_whitespace_runs_share_one_canonical_id():
+    table = compression_table(["\u2581", "\u2581\u2581", "\t", "\n", "a"]).tolist()
+    assert table[0] == table[1] == table[2] == table[3] != table[4]

@@ -148,3 +148,51 @@ def test_a_violated_constraint_fails_the_step(tmp_path):
                 "model.residual.tolerance=1e-6",
             ],
         )
+
+
+def test_dynamic_mappings_follow_the_formulas():
+    torch.manual_seed(0)
+    layer = HyperConnection(8, ResidualConfig(alpha_init=1.0), "reference")
+    x = torch.randn(2, 3, 4, 8)
+    h_pre, h_post, h_res = layer.mappings(x)
+    flat = torch.nn.functional.rms_norm(x.flatten(-2), (32,))
+    pre, post, res = (flat @ layer.proj.weight.T).split([4, 4, 16], dim=-1)
+    torch.testing.assert_close(h_pre, torch.sigmoid(pre + layer.bias_pre))
+    torch.testing.assert_close(h_post, 2 * torch.sigmoid(post + layer.bias_post))
+    torch.testing.assert_close(h_res, sinkhorn(res.unflatten(-1, (4, 4)) + layer.bias_res, 20))
+
+
+def test_sinkhorn_accepts_a_single_matrix():
+    single = sinkhorn(torch.randn(4, 4), 20)
+    assert single.shape == (4, 4) and deviations(single)[0] < 1e-6
+
+
+def test_residual_streams_stay_fp32_under_bf16_autocast():
+    torch.manual_seed(0)
+    model = tiny_deep_model("mhc", layers=4)
+    tokens = torch.randint(0, 64, (2, 16))
+    reference = model(tokens)
+    block_out = []
+    model.blocks[-1].register_forward_hook(lambda m, i, o: block_out.append(o))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(tokens)
+    assert block_out[0].dtype == torch.float32
+    assert (logits.float() - reference).abs().max() < 0.05 * reference.abs().max()
+
+
+def test_the_tolerance_check_sees_every_micro_batch():
+    torch.manual_seed(0)
+    model = tiny_deep_model("mhc", layers=2)
+    layer = model.blocks[0].attention_residual
+    model(torch.randint(0, 64, (2, 16)))
+    with torch.no_grad():  # a second micro-batch whose H_res is far off: 1 Sinkhorn iteration
+        layer.cfg.sinkhorn_iters = 1
+        layer.bias_res.normal_(std=5.0)
+    model(torch.randint(0, 64, (2, 16)))
+    layer.cfg.sinkhorn_iters = 20
+    with torch.no_grad():
+        layer.bias_res.copy_(torch.eye(4) * 4)
+    model(torch.randint(0, 64, (2, 16)))  # the last micro-batch alone would look fine
+    assert residual_stats(model)["mhc_col_dev"] > 0.05
+    model(torch.randint(0, 64, (2, 16)))
+    assert residual_stats(model)["mhc_col_dev"] < 0.05, "reading the stats starts a new step"

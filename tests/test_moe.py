@@ -161,3 +161,40 @@ def test_bad_moe_configs_fail_naming_the_field(changes, key):
     with pytest.raises(RecipeError) as info:
         build_model(cfg)
     assert info.value.key == key
+
+
+def test_gradients_match_the_per_token_loop():
+    moe = make_moe(num_shared_experts=0)
+    x = torch.randn(1, 9, 16)
+    out, _ = moe(x)
+    out.square().sum().backward()
+    got = [moe.router.weight.grad.clone(), moe.experts.w_gate.grad.clone()]
+    moe.zero_grad()
+    weights, ids, _ = moe.router(x.flatten(0, 1))
+    total = []
+    for t, token in enumerate(x.flatten(0, 1)):
+        acc = torch.zeros(16)
+        for slot in range(2):
+            e = int(ids[t, slot])
+            hidden = F.silu(token @ moe.experts.w_gate[e]) * (token @ moe.experts.w_up[e])
+            acc = acc + weights[t, slot] * (hidden @ moe.experts.w_down[e])
+        total.append(acc)
+    torch.stack(total).square().sum().backward()
+    torch.testing.assert_close(got[0], moe.router.weight.grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got[1], moe.experts.w_gate.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_group_limited_routing_keeps_the_groups_with_the_best_two_scores():
+    router = make_moe(num_groups=4, topk_groups=2, top_k=2).router
+    x = torch.randn(128, 16)
+    _, ids, scores = router(x)
+    best_groups = scores.view(128, 4, 2).topk(2, dim=-1).values.sum(-1).topk(2, -1).indices
+    for row, groups in zip(ids // 2, best_groups, strict=True):
+        assert set(row.tolist()) <= set(groups.tolist())
+
+
+def test_router_scores_stay_fp32_under_bf16_autocast():
+    router = make_moe().router
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        weights, _, scores = router(torch.randn(8, 16).bfloat16())
+    assert scores.dtype == weights.dtype == torch.float32

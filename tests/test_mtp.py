@@ -15,27 +15,36 @@ VOCAB = 7
 
 
 class EchoEmbedding(nn.Module):
-    """A stand-in depth whose hidden state is the embedding it was given."""
+    """A stand-in depth k: checks the length it is given and echoes the embedding."""
+
+    def __init__(self, k: int, seq: int) -> None:
+        super().__init__()
+        self.expected_length = seq - k
 
     def forward(self, hidden, next_embeddings, cos, sin, tokens):
+        assert hidden.shape[1] == next_embeddings.shape[1] == self.expected_length
+        assert cos.shape[0] == self.expected_length
         return next_embeddings
 
 
-def confident(tokens: torch.Tensor) -> torch.Tensor:
-    return 50.0 * F.one_hot(tokens, VOCAB).float()
+def predicts_successor(tokens: torch.Tensor) -> torch.Tensor:
+    """An 'embedding' whose logits confidently predict token + 1."""
+    return 50.0 * F.one_hot((tokens + 1) % VOCAB, VOCAB).float()
 
 
 @pytest.mark.parametrize("depth", [1, 2, 3])
 def test_depth_k_reads_token_i_plus_k_and_predicts_token_i_plus_k_plus_1(depth):
-    depths = nn.ModuleList(EchoEmbedding() for _ in range(depth))
-    rope = (torch.zeros(16, 2), torch.zeros(16, 2))
-    hidden = torch.zeros(1, 16, VOCAB)
-    constant = torch.full((1, 16), 3)
-    # Echoing Emb(t_{i+k}) predicts t_{i+k+1}: perfect on a constant sequence...
-    assert mtp_loss(depths, hidden, constant, confident, lambda h: h, rope) < 1e-6
-    # ...and wrong everywhere when consecutive tokens always differ.
-    alternating = (torch.arange(16) % 2).unsqueeze(0)
-    assert mtp_loss(depths, hidden, alternating, confident, lambda h: h, rope) > 10
+    seq = 6
+    depths = nn.ModuleList(EchoEmbedding(k, seq) for k in range(1, depth + 1))
+    rope = (torch.zeros(seq, 2), torch.zeros(seq, 2))
+    hidden = torch.zeros(1, seq, VOCAB)
+    counting = (torch.arange(seq) % VOCAB).unsqueeze(0)  # t_{j+1} = t_j + 1
+    # Depth k is fed Emb(t_{i+k}) and scored on t_{i+k+1}: perfect on a counting sequence...
+    assert mtp_loss(depths, hidden, counting, predicts_successor, lambda h: h, rope) < 1e-6
+    # ...and wrong whenever the next token is not the successor (any other offset fails).
+    for step in (2, 3):
+        skipping = (torch.arange(seq) * step % VOCAB).unsqueeze(0)
+        assert mtp_loss(depths, hidden, skipping, predicts_successor, lambda h: h, rope) > 10
 
 
 def config(depth: int, weight: float = 0.3) -> ModelConfig:
@@ -70,6 +79,8 @@ def test_mtp_parameters_are_counted_and_trained():
     assert model.mtp[1].proj.weight.grad.abs().sum() > 0
 
 
-def test_negative_depth_is_rejected():
+def test_negative_depth_and_zero_weight_are_rejected():
     with pytest.raises(RecipeError, match=r"model\.mtp\.depth"):
         build_model(config(depth=-1))
+    with pytest.raises(RecipeError, match=r"model\.mtp\.loss_weight"):
+        build_model(config(depth=1, weight=0.0))

@@ -18,7 +18,9 @@ def canonical_piece(piece: str) -> str:
     text = unicodedata.normalize("NFKC", piece.replace(SENTENCEPIECE_SPACE, " "))
     text = "".join(c for c in unicodedata.normalize("NFD", text) if not unicodedata.combining(c))
     collapsed = re.sub(r"\s+", " ", text.lower()).strip()
-    return collapsed or text  # a pure-whitespace piece keeps its own identity
+    if collapsed:
+        return collapsed
+    return " " if text.isspace() else text  # all whitespace runs are one canonical piece
 
 
 def compression_table(pieces: list[str]) -> torch.Tensor:

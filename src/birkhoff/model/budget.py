@@ -53,10 +53,12 @@ def engram_rows(cfg: ModelConfig) -> int:
 
 def count_parameters(cfg: ModelConfig) -> ParameterCount:
     """Exact parameter numbers of `build_model(cfg)`, computed from the config alone."""
-    c, n = cfg.hidden_size, 1 if cfg.residual.mode == "plain" else cfg.residual.n_streams
+    c, n = cfg.hidden_size, cfg.residual.n_streams
+    hyper = cfg.residual.mode != "plain"  # (m)HC modules exist even with a single stream
+    n = n if hyper else 1
     head_dim, moe = cfg.head_dim, cfg.moe
     attention = c * head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + c
-    residual = 0 if n == 1 else n * c * (2 * n + n * n) + 3 + 2 * n + n * n
+    residual = n * c * (2 * n + n * n) + 3 + 2 * n + n * n if hyper else 0
     dense_ffn = 3 * c * cfg.ffn_hidden_size + c
     routed = moe.num_experts * expert_size(cfg)
     moe_ffn = (
@@ -73,7 +75,7 @@ def count_parameters(cfg: ModelConfig) -> ParameterCount:
     blocks = cfg.num_layers * (attention + 2 * residual) + engram_layers * engram
     blocks += moe_layers * moe_ffn + (cfg.num_layers - moe_layers) * dense_ffn
     embeddings = cfg.vocab_size * c * (1 if cfg.tie_embeddings else 2)
-    readout = 0 if n == 1 else n * c * n + 1 + n
+    readout = n * c * n + 1 + n if hyper else 0
     mtp_depth = 2 * c + 2 * c * c + attention + dense_ffn  # norms, projection, dense block
     total = embeddings + blocks + readout + c + cfg.mtp.depth * mtp_depth
     tables = engram_layers * rows * cfg.engram.embed_dim

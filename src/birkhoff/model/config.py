@@ -170,7 +170,13 @@ class MTPConfig:
 
     def validate(self, prefix: str) -> None:
         require(self.depth >= 0, f"{prefix}.depth", self.depth, "must be >= 0")
-        require(self.loss_weight >= 0, f"{prefix}.loss_weight", self.loss_weight, "must be >= 0")
+        require(
+            self.depth == 0 or self.loss_weight > 0,
+            f"{prefix}.loss_weight",
+            self.loss_weight,
+            f"must be > 0 with {prefix}.depth={self.depth} (unused depths stall DDP); "
+            f"set {prefix}.depth=0 to turn MTP off",
+        )
 
 
 @dataclass

@@ -30,6 +30,14 @@ class PlainResidual(nn.Module):
         return x + sublayer(x)
 
 
+def stream_projection(x: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
+    """x' phi with x' = RMSNorm(vec(x)) over all n*C values, in fp32 even under autocast:
+    the mappings are small, and H_res feeds Sinkhorn, whose logits need the precision."""
+    with torch.autocast(x.device.type, enabled=False):
+        flat = F.rms_norm(x.flatten(-2).float(), (x.shape[-2] * x.shape[-1],))
+        return F.linear(flat, proj.weight.float())
+
+
 def _initial_pre_bias(cfg: ResidualConfig) -> torch.Tensor:
     """Stream 0 feeds the sublayer at init, so step 0 behaves like a pre-norm residual."""
     if cfg.mode == "hc":
@@ -63,10 +71,7 @@ class HyperConnection(nn.Module):
 
     def mappings(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = self.cfg.n_streams
-        flat = F.rms_norm(x.flatten(-2).float(), (x.shape[-1] * n,))
-        pre, post, res = (
-            self.proj(flat.to(self.proj.weight.dtype)).float().split([n, n, n * n], dim=-1)
-        )
+        pre, post, res = stream_projection(x, self.proj).split([n, n, n * n], dim=-1)
         res = res.unflatten(-1, (n, n))
         a_pre, a_post, a_res = self.alpha
         if self.cfg.mode == "hc":
@@ -87,10 +92,17 @@ class HyperConnection(nn.Module):
         return self._post(x, sublayer(self._pre(x, h_pre)), h_res, h_post)
 
     def _record(self, h_res: torch.Tensor) -> None:
+        """Keep the latest H_res sample and the worst deviation over every training forward
+        since the last `residual_stats` call (all micro-batches of a step)."""
+        if not self.training:
+            return
         self.last_h_res = h_res.flatten(0, -3)[: self.cfg.stats_tokens]
         rows = (h_res.sum(-1) - 1).abs().amax()
         cols = (h_res.sum(-2) - 1).abs().amax()
-        self.last_deviation = torch.stack((rows, cols))
+        deviation = torch.stack((rows, cols))
+        if self.last_deviation is not None:
+            deviation = torch.maximum(deviation, self.last_deviation)
+        self.last_deviation = deviation
 
 
 class StreamReadout(nn.Module):
@@ -105,9 +117,7 @@ class StreamReadout(nn.Module):
         self._pre = kernels.get("mhc_pre", kernel_backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = self.cfg.n_streams
-        flat = F.rms_norm(x.flatten(-2).float(), (x.shape[-1] * n,))
-        dynamic = self.proj(flat.to(self.proj.weight.dtype)).float()
+        dynamic = stream_projection(x, self.proj)
         if self.cfg.mode == "hc":
             weights = self.bias + self.alpha * torch.tanh(dynamic)
         else:
@@ -123,13 +133,16 @@ def build_residual(hidden_size: int, cfg: ResidualConfig, kernel_backend: str) -
 
 @torch.no_grad()
 def residual_stats(model: nn.Module) -> dict[str, float]:
-    """Worst H_res row/column-sum deviation over the last forward (all tokens, all layers), and the
+    """Worst H_res row/column-sum deviation since the last call (all training forwards, tokens and
+    layers; reading resets it), and the
     gains of the composite residual mapping prod_l H_res_l over the sampled tokens: max abs row
     sum (forward gain) and max abs column sum (backward gain)."""
     layers = [m for m in model.modules() if isinstance(m, HyperConnection)]
     if not layers or layers[0].last_h_res is None:
         return {}
     deviation = torch.stack([layer.last_deviation for layer in layers]).amax(0)
+    for layer in layers:
+        layer.last_deviation = None  # the next step's forwards start a new maximum
     composite = layers[0].last_h_res.double()
     for layer in layers[1:]:
         composite = layer.last_h_res.double() @ composite

@@ -31,11 +31,12 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (N, C) -> gate weights (N, k), expert ids (N, k), scores (N, E)."""
-        logits = F.linear(x.float(), self.weight.float())
-        if self.cfg.score_func == "sigmoid":
-            scores = torch.sigmoid(logits)
-        else:
-            scores = F.softplus(logits).sqrt()
+        with torch.autocast(x.device.type, enabled=False):  # gating in fp32, as in DeepSeek-V3
+            logits = F.linear(x.float(), self.weight.float())
+            if self.cfg.score_func == "sigmoid":
+                scores = torch.sigmoid(logits)
+            else:
+                scores = F.softplus(logits).sqrt()
         biased = scores.detach() + self.bias
         if self.cfg.num_groups > 1:
             biased = self._limit_to_top_groups(biased)
@@ -93,7 +94,9 @@ class MoE(nn.Module):
         self._permute = kernels.get("moe_permute", kernel_backend)
         self._unpermute = kernels.get("moe_unpermute", kernel_backend)
         # Tokens routed to each expert since the last bias update (summed over micro-batches).
-        self.register_buffer("tokens_per_expert", torch.zeros(cfg.num_experts), persistent=False)
+        self.register_buffer(
+            "tokens_per_expert", torch.zeros(cfg.num_experts, dtype=torch.int64), persistent=False
+        )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, C) -> (output (B, T, C), sequence-wise balance loss (scalar))."""
@@ -101,7 +104,7 @@ class MoE(nn.Module):
         weights, expert_ids, scores = self.router(flat)
         permuted, order, counts = self._permute(flat, expert_ids, self.cfg.num_experts)
         if self.training:
-            self.tokens_per_expert += counts.to(self.tokens_per_expert.dtype)
+            self.tokens_per_expert += counts
         expert_out = self.experts(permuted, counts)
         out = self._unpermute(expert_out, order, weights, flat.shape[0])
         if self.shared is not None:

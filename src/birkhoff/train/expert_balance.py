@@ -22,10 +22,11 @@ def balance_experts(
     layers = [module for module in model.modules() if isinstance(module, MoE)]
     if not layers:
         return {}
-    loads = ctx.all_reduce_sum(torch.stack([layer.tokens_per_expert for layer in layers]))
-    for layer, load in zip(layers, loads, strict=True):
+    counts = ctx.all_reduce_sum(torch.stack([layer.tokens_per_expert for layer in layers]))
+    for layer, load in zip(layers, counts, strict=True):
         layer.router.update_bias(load)
         layer.tokens_per_expert.zero_()
+    loads = counts.double()
     mean = loads.mean(-1)
     most, least = loads.max(-1).values, loads.min(-1).values
     return {
@@ -33,5 +34,5 @@ def balance_experts(
         "moe_load_min_over_mean": (least / mean).min().item(),
         # An expert with no tokens counts as 1 token, keeping the ratio finite for the logs.
         "moe_load_max_min_ratio": (most / least.clamp(min=1)).max().item(),
-        "moe_dropped_tokens": int(routed_per_layer * len(layers) - loads.sum().item()),
+        "moe_dropped_tokens": routed_per_layer * len(layers) - int(counts.sum().item()),
     }
