@@ -49,20 +49,25 @@ def test_group_limited_routing_picks_experts_from_the_best_groups_only():
     assert all(len(set(row.tolist())) <= 2 for row in groups_used)
 
 
+def per_token_loop(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """The MoE written the slow, obvious way: each token through its k experts (+ shared)."""
+    weights, ids, _ = moe.router(x.flatten(0, 1))
+    outputs = []
+    for t, token in enumerate(x.flatten(0, 1)):
+        total = moe.shared(token) if moe.shared is not None else torch.zeros_like(token)
+        for slot in range(moe.cfg.top_k):
+            e = int(ids[t, slot])
+            hidden = F.silu(token @ moe.experts.w_gate[e]) * (token @ moe.experts.w_up[e])
+            total = total + weights[t, slot] * (hidden @ moe.experts.w_down[e])
+        outputs.append(total)
+    return torch.stack(outputs)
+
+
 def test_moe_output_equals_a_per_token_loop():
     moe = make_moe(num_shared_experts=1)
     x = torch.randn(2, 7, 16)
     out, _ = moe(x)
-    weights, ids, _ = moe.router(x.flatten(0, 1))
-    expected = []
-    for t, token in enumerate(x.flatten(0, 1)):
-        total = moe.shared(token)
-        for slot in range(2):
-            e = int(ids[t, slot])
-            hidden = F.silu(token @ moe.experts.w_gate[e]) * (token @ moe.experts.w_up[e])
-            total = total + weights[t, slot] * (hidden @ moe.experts.w_down[e])
-        expected.append(total)
-    torch.testing.assert_close(out.flatten(0, 1), torch.stack(expected), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.flatten(0, 1), per_token_loop(moe, x), atol=1e-5, rtol=1e-5)
 
 
 def test_permute_and_unpermute_round_trip():
@@ -166,20 +171,10 @@ def test_bad_moe_configs_fail_naming_the_field(changes, key):
 def test_gradients_match_the_per_token_loop():
     moe = make_moe(num_shared_experts=0)
     x = torch.randn(1, 9, 16)
-    out, _ = moe(x)
-    out.square().sum().backward()
+    moe(x)[0].square().sum().backward()
     got = [moe.router.weight.grad.clone(), moe.experts.w_gate.grad.clone()]
     moe.zero_grad()
-    weights, ids, _ = moe.router(x.flatten(0, 1))
-    total = []
-    for t, token in enumerate(x.flatten(0, 1)):
-        acc = torch.zeros(16)
-        for slot in range(2):
-            e = int(ids[t, slot])
-            hidden = F.silu(token @ moe.experts.w_gate[e]) * (token @ moe.experts.w_up[e])
-            acc = acc + weights[t, slot] * (hidden @ moe.experts.w_down[e])
-        total.append(acc)
-    torch.stack(total).square().sum().backward()
+    per_token_loop(moe, x).square().sum().backward()
     torch.testing.assert_close(got[0], moe.router.weight.grad, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(got[1], moe.experts.w_gate.grad, atol=1e-5, rtol=1e-4)
 
