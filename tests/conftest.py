@@ -10,6 +10,8 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 
+from birkhoff.model import ModelConfig
+
 # A model small enough that a step takes milliseconds; the data is the real shipped corpus.
 SMALL_OVERRIDES = [
     "model.hidden_size=64",
@@ -42,6 +44,20 @@ def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         os.environ.pop("BIRKHOFF_CACHE_DIR", None)
     else:
         os.environ["BIRKHOFF_CACHE_DIR"] = previous
+
+
+def small_model(**changes) -> ModelConfig:
+    """A model config of a few thousand parameters for unit tests; `changes` override fields."""
+    base = {
+        "vocab_size": 50,
+        "hidden_size": 16,
+        "num_layers": 2,
+        "num_heads": 2,
+        "num_kv_heads": 1,
+        "ffn_hidden_size": 32,
+        "max_seq_len": 8,
+    }
+    return ModelConfig(**{**base, **changes})
 
 
 def compose_recipe(overrides: list[str] | None = None) -> DictConfig:

@@ -8,10 +8,11 @@ import torch
 
 from birkhoff.data.compression import compression_table
 from birkhoff.errors import RecipeError
-from birkhoff.model import ModelConfig, build_model
+from birkhoff.model import build_model
 from birkhoff.model.config import EngramConfig
 from birkhoff.model.engram import Engram, hash_layout
 from birkhoff.train.optim import param_groups
+from conftest import small_model
 
 CFG = EngramConfig(layers=[0], max_ngram=3, heads_per_order=4, table_size=1000, embed_dim=8)
 
@@ -109,14 +110,8 @@ def test_gate_follows_the_formula_and_the_conv_starts_as_a_no_op():
 
 def test_tables_get_their_own_lr_and_no_weight_decay():
     model = build_model(
-        ModelConfig(
+        small_model(
             vocab_size=64,
-            hidden_size=16,
-            num_layers=2,
-            num_heads=2,
-            num_kv_heads=1,
-            ffn_hidden_size=32,
-            max_seq_len=8,
             engram=EngramConfig(layers=[1], lr_multiplier=5.0, table_size=50),
         )
     )
@@ -137,14 +132,9 @@ def test_tables_get_their_own_lr_and_no_weight_decay():
     ],
 )
 def test_bad_engram_configs_fail_naming_the_field(changes, key):
-    cfg = ModelConfig(
+    cfg = small_model(
         vocab_size=64,
-        hidden_size=16,
         num_layers=4,
-        num_heads=2,
-        num_kv_heads=1,
-        ffn_hidden_size=32,
-        max_seq_len=8,
         engram=EngramConfig(**changes),
     )
     with pytest.raises(RecipeError) as info:

@@ -6,11 +6,12 @@ import torch.nn.functional as F
 
 from birkhoff import kernels
 from birkhoff.errors import RecipeError
-from birkhoff.model import ModelConfig, build_model
+from birkhoff.model import build_model
 from birkhoff.model.config import MoEConfig
 from birkhoff.model.moe import MoE
 from birkhoff.parallel.distributed import DistributedContext
 from birkhoff.train.expert_balance import balance_experts
+from conftest import small_model
 
 SINGLE_PROCESS = DistributedContext(rank=0, local_rank=0, world_size=1, mesh=None)
 
@@ -126,14 +127,8 @@ def test_balance_metrics_and_reset():
 
 
 def test_first_k_dense_layers_keep_a_dense_ffn():
-    cfg = ModelConfig(
-        vocab_size=50,
-        hidden_size=16,
+    cfg = small_model(
         num_layers=3,
-        num_heads=2,
-        num_kv_heads=1,
-        ffn_hidden_size=32,
-        max_seq_len=8,
         moe=MoEConfig(num_experts=4, top_k=2, expert_ffn_hidden_size=8, first_k_dense=2),
     )
     kinds = [type(block.ffn).__name__ for block in build_model(cfg).blocks]
@@ -153,14 +148,8 @@ def test_first_k_dense_layers_keep_a_dense_ffn():
 )
 def test_bad_moe_configs_fail_naming_the_field(changes, key):
     moe = MoEConfig(**{"num_experts": 8, "top_k": 2, **changes})
-    cfg = ModelConfig(
-        vocab_size=50,
-        hidden_size=16,
+    cfg = small_model(
         num_layers=3,
-        num_heads=2,
-        num_kv_heads=1,
-        ffn_hidden_size=32,
-        max_seq_len=8,
         moe=moe,
     )
     with pytest.raises(RecipeError) as info:

@@ -10,6 +10,7 @@ from birkhoff.model import ModelConfig, build_model
 from birkhoff.model.budget import count_parameters
 from birkhoff.model.config import MTPConfig
 from birkhoff.model.mtp import mtp_loss
+from conftest import small_model
 
 VOCAB = 7
 
@@ -48,13 +49,7 @@ def test_depth_k_reads_token_i_plus_k_and_predicts_token_i_plus_k_plus_1(depth):
 
 
 def config(depth: int, weight: float = 0.3) -> ModelConfig:
-    return ModelConfig(
-        vocab_size=50,
-        hidden_size=16,
-        num_layers=2,
-        num_heads=2,
-        num_kv_heads=1,
-        ffn_hidden_size=32,
+    return small_model(
         max_seq_len=12,
         mtp=MTPConfig(depth, weight),
     )

@@ -3,11 +3,12 @@ import itertools
 import pytest
 import torch
 
-from birkhoff.model import ModelConfig, build_model
+from birkhoff.model import build_model
 from birkhoff.model.config import ResidualConfig
 from birkhoff.train.config import OptimConfig
 from birkhoff.train.optim import build_optimizer, param_groups
 from birkhoff.train.schedule import lr_multiplier
+from conftest import small_model
 
 
 def test_warmup_then_cosine_to_the_floor_on_the_last_step():
@@ -37,14 +38,7 @@ def test_constant_schedule_and_no_warmup():
 
 def test_no_weight_decay_on_norms_biases_and_embeddings():
     model = build_model(
-        ModelConfig(
-            vocab_size=50,
-            hidden_size=16,
-            num_layers=2,
-            num_heads=2,
-            num_kv_heads=1,
-            ffn_hidden_size=32,
-            max_seq_len=8,
+        small_model(
             residual=ResidualConfig(mode="plain"),
         )
     )
@@ -73,14 +67,8 @@ def test_scheduler_drives_the_optimizer_lr():
 
 def test_mhc_static_biases_and_gains_are_not_decayed():
     model = build_model(
-        ModelConfig(
-            vocab_size=50,
-            hidden_size=16,
+        small_model(
             num_layers=1,
-            num_heads=2,
-            num_kv_heads=1,
-            ffn_hidden_size=32,
-            max_seq_len=8,
         )
     )
     decay, _ = param_groups(model, 0.1, 1e-3)

@@ -17,12 +17,12 @@ def build_on_meta(cfg: ModelConfig) -> Transformer:
 
 
 def describe_split(cfg: ModelConfig) -> str:
-    """One line: total / active / Engram / routed-expert parameters of the (budgeted) config."""
-    sized = apply_sparse_budget(cfg)
-    count: ParameterCount = count_parameters(sized)
+    """One line: total / active / Engram / routed-expert parameters of a sized config (the
+    `cfg` of a built model, after the sparse budget was applied)."""
+    count: ParameterCount = count_parameters(cfg)
     return (
         f"parameters: total {count.total:,} | active {count.active:,} | "
         f"engram tables {count.engram_tables:,} | routed experts {count.routed_experts:,} "
-        f"({sized.moe.num_experts} experts, top-{sized.moe.top_k}; engram table_size "
-        f"{sized.engram.table_size} x {len(sized.engram.layers)} layer(s))"
+        f"({cfg.moe.num_experts} experts, top-{cfg.moe.top_k}; engram table_size "
+        f"{cfg.engram.table_size} x {len(cfg.engram.layers)} layer(s))"
     )

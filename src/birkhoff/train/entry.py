@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from birkhoff.data import PreparedData, prepare_data
 from birkhoff.errors import require
-from birkhoff.model.budget import apply_sparse_budget, count_parameters
+from birkhoff.model.budget import count_parameters
 from birkhoff.model.summary import describe_split
 from birkhoff.parallel import distributed, resolve_device
 from birkhoff.parallel.distributed import env_rank
@@ -66,16 +66,18 @@ def run_rank(
         if ctx.is_main:
             refuse_used_run_dir(run_path)
             write_recipe(run_path, public_recipe)
-            print(f"birkhoff: {describe_split(train_recipe.model)}", flush=True)
         metrics = build_metric_logger(
             train_recipe.logging, run_path, train_recipe.train.steps, public_recipe, ctx.is_main
         )
         try:
-            summary = Trainer(train_recipe, data, ctx, device, metrics).fit()
+            trainer = Trainer(train_recipe, data, ctx, device, metrics)
+            if ctx.is_main:
+                print(f"birkhoff: {describe_split(trainer.model.cfg)}", flush=True)
+            summary = trainer.fit()
         finally:
             metrics.close()
     if ctx.is_main:
-        summary["parameters"] = count_parameters(apply_sparse_budget(train_recipe.model)).as_dict()
+        summary["parameters"] = count_parameters(trainer.model.cfg).as_dict()
         summary["tokenizer"] = {"path": str(data.tokenizer.path), "sha256": data.tokenizer.sha256()}
         write_summary(run_path, summary)
         print(
