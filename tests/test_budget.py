@@ -10,10 +10,11 @@ from birkhoff.model.config import EngramConfig, MoEConfig, MTPConfig, ResidualCo
 from birkhoff.model.engram import Engram
 from birkhoff.model.moe import GroupedExperts
 from birkhoff.model.summary import build_on_meta
-from conftest import compose_recipe
+from conftest import compose_recipe, small_model
 
 
 def small_config(**changes) -> ModelConfig:
+    """4 layers (3 MoE) with 2 Engram layers: every budget term is present."""
     base = {
         "vocab_size": 512,
         "hidden_size": 64,
@@ -25,7 +26,7 @@ def small_config(**changes) -> ModelConfig:
         "moe": MoEConfig(num_experts=4, top_k=2, expert_ffn_hidden_size=32),
         "engram": EngramConfig(layers=[1, 2], table_size=100, embed_dim=8),
     }
-    return ModelConfig(**{**base, **changes})
+    return small_model(**{**base, **changes})
 
 
 def counted(model) -> tuple[int, int, int]:
