@@ -46,6 +46,19 @@ def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         os.environ["BIRKHOFF_CACHE_DIR"] = previous
 
 
+@pytest.fixture(scope="session")
+def shakespeare_shards(shared_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The shipped plays as prepared shards, as a `data.sources` override. Their sample order
+    is the same for any number of ranks, which the multi-rank equivalence tests need."""
+    from birkhoff.data.commands import prepare_sources
+    from birkhoff.launch.recipe import load_recipe
+
+    output = tmp_path_factory.mktemp("shards")
+    recipe, _ = load_recipe(compose_recipe([f"data.prepare.output_dir={output}"]), env={})
+    (prepared,) = prepare_sources(recipe.data, show=False)
+    return f"data.sources=[{{path:{prepared}}}]"
+
+
 def small_model(**changes) -> ModelConfig:
     """A model config of a few thousand parameters for unit tests; `changes` override fields."""
     base = {

@@ -4,6 +4,7 @@ import torch
 from birkhoff.errors import RecipeError
 from birkhoff.model import ModelConfig, build_model
 from birkhoff.model.config import ResidualConfig
+from conftest import small_model
 
 CFG = ModelConfig(
     vocab_size=97,
@@ -65,3 +66,17 @@ def test_bad_shapes_fail_at_build_time_naming_the_field(change, key):
     with pytest.raises(RecipeError) as info:
         build_model(ModelConfig(**{**CFG.__dict__, **change}))
     assert info.value.key == key
+
+
+def test_document_mask_makes_a_packed_document_see_only_itself():
+    """With positions that restart at a document start, the second document of a packed
+    sequence gets the same logits as when it is run alone (attention and rotary positions)."""
+    torch.manual_seed(0)
+    model = build_model(small_model(max_seq_len=12, residual=ResidualConfig(mode="plain")))
+    first, second = torch.randint(0, 50, (1, 5)), torch.randint(0, 50, (1, 7))
+    packed = torch.cat((first, second), 1)
+    positions = torch.cat((torch.arange(5), torch.arange(7))).unsqueeze(0)
+    alone = model(second)
+    masked = model(packed, positions=positions)
+    torch.testing.assert_close(masked[:, 5:], alone, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(model(packed)[:, 5:], alone, atol=1e-3)  # unmasked: sees doc 1

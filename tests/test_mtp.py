@@ -9,6 +9,7 @@ from birkhoff.errors import RecipeError
 from birkhoff.model import ModelConfig, build_model
 from birkhoff.model.budget import count_parameters
 from birkhoff.model.config import MTPConfig
+from birkhoff.model.context import SequenceContext
 from birkhoff.model.mtp import mtp_loss
 from conftest import small_model
 
@@ -22,9 +23,9 @@ class EchoEmbedding(nn.Module):
         super().__init__()
         self.expected_length = seq - k
 
-    def forward(self, hidden, next_embeddings, cos, sin, tokens):
+    def forward(self, hidden, next_embeddings, ctx, tokens):
         assert hidden.shape[1] == next_embeddings.shape[1] == self.expected_length
-        assert cos.shape[0] == self.expected_length
+        assert ctx.cos.shape[0] == self.expected_length
         return next_embeddings
 
 
@@ -37,7 +38,7 @@ def predicts_successor(tokens: torch.Tensor) -> torch.Tensor:
 def test_depth_k_reads_token_i_plus_k_and_predicts_token_i_plus_k_plus_1(depth):
     seq = 6
     depths = nn.ModuleList(EchoEmbedding(k, seq) for k in range(1, depth + 1))
-    rope = (torch.zeros(seq, 2), torch.zeros(seq, 2))
+    rope = SequenceContext(torch.zeros(seq, 2), torch.zeros(seq, 2))
     hidden = torch.zeros(1, seq, VOCAB)
     counting = (torch.arange(seq) % VOCAB).unsqueeze(0)  # t_{j+1} = t_j + 1
     # Depth k is fed Emb(t_{i+k}) and scored on t_{i+k+1}: perfect on a counting sequence...

@@ -16,7 +16,17 @@ from birkhoff.train import run_rank
 from conftest import SMALL_OVERRIDES, compose_recipe
 
 DENSE = ["model=tiny_dense", "model.engram.layers=[]"]  # undo SMALL_OVERRIDES' Engram layer
-STEP_KEYS = {"step", "loss", "grad_norm", "lr", "tokens_per_s", "step_time_s", "tokens_seen"}
+STEP_KEYS = {
+    "data_wait_s",
+    "data_skipped_records",
+    "step",
+    "loss",
+    "grad_norm",
+    "lr",
+    "tokens_per_s",
+    "step_time_s",
+    "tokens_seen",
+}
 MHC_KEYS = {"mhc_row_dev", "mhc_col_dev", "mhc_gain_fwd", "mhc_gain_bwd"}
 MOE_KEYS = {
     "moe_load_max_over_mean",
@@ -123,7 +133,7 @@ def test_deterministic_mode_repeats_a_run_exactly(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_match_one_rank_with_the_same_global_batch(tmp_path):
+def test_two_gloo_ranks_match_one_rank_with_the_same_global_batch(tmp_path, shakespeare_shards):
     """Dense baseline: 1e-5 (float reduction order only). Full model (mHC + MoE + Engram): 2e-4,
     because a reordered float sum can flip a near-tied top-k routing choice and Adam turns
     noise-level gradients into full-size updates; measured max difference 3.5e-5 over 5 steps,
@@ -134,6 +144,7 @@ def test_two_gloo_ranks_match_one_rank_with_the_same_global_batch(tmp_path):
         result = run_cli(
             [
                 *DENSE,
+                shakespeare_shards,
                 "train.steps=5",
                 "train.eval_every=0",
                 f"launch.nproc_per_node={ranks}",
@@ -157,10 +168,12 @@ def test_two_gloo_ranks_match_one_rank_with_the_same_global_batch(tmp_path):
         "metrics.jsonl",
         "recipe.yaml",
         "summary.json",
+        "tokenizer.json",
     ]
     for name, ranks in (("full_one", 1), ("full_two", 2)):
         run_cli(
             [
+                shakespeare_shards,
                 "train.steps=5",
                 "train.eval_every=0",
                 f"launch.nproc_per_node={ranks}",
@@ -240,13 +253,14 @@ def compose_lr(run_dir: Path) -> float:
 
 
 @pytest.mark.slow
-def test_two_nodes_meet_at_a_rendezvous_and_match_one_node(tmp_path):
+def test_two_nodes_meet_at_a_rendezvous_and_match_one_node(tmp_path, shakespeare_shards):
     """Two launchers on this machine play two nodes (one rank each) sharing one run dir."""
     with socket.socket() as probe:
         probe.bind(("localhost", 0))
         port = probe.getsockname()[1]
     common = [
         *DENSE,
+        shakespeare_shards,
         "train.steps=4",
         "train.eval_every=0",
         "optim.warmup_steps=1",

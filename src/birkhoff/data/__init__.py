@@ -1,14 +1,22 @@
-"""Text corpora, the sentencepiece tokenizer, token streams and the sharded batch loader."""
+"""Sources, tokenizer, packing, prepared shards and the resumable per-rank loader."""
 
-from birkhoff.data.config import DataConfig, TokenizerConfig
-from birkhoff.data.loader import BatchLoader, heldout_batches
-from birkhoff.data.prepare import PreparedData, prepare_data
+from birkhoff.data.batch import Batch, BatchBuilder, EngramHasher
+from birkhoff.data.config import DataConfig, SourceConfig, TokenizerConfig
+from birkhoff.data.loader import Layout, TrainLoader, heldout_windows
+from birkhoff.data.plan import DataPlan, open_data
+from birkhoff.data.sources import DataError
 
 __all__ = [
-    "BatchLoader",
+    "Batch",
+    "BatchBuilder",
     "DataConfig",
-    "PreparedData",
+    "DataError",
+    "DataPlan",
+    "EngramHasher",
+    "Layout",
+    "SourceConfig",
     "TokenizerConfig",
-    "heldout_batches",
-    "prepare_data",
+    "TrainLoader",
+    "heldout_windows",
+    "open_data",
 ]

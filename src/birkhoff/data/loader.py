@@ -1,83 +1,300 @@
-"""Fixed-length training windows, dealt to data-parallel ranks in a seeded global order.
+"""The per-rank training loader: blended sources -> this rank's share of each global batch.
 
-Window i is tokens[i*T : i*T + T + 1] (inputs and shifted targets). Global sample g is window
-perm_e[g mod N] with e = g // N and perm_e a permutation seeded by (seed, e): the order is a pure
-function of the seed, so the loader's whole state is one cursor, and a global batch is the same
-set of samples for any number of ranks (rank r takes the r-th contiguous slice).
+Global sample g (g = step * global_batch + position) comes from source blend(g) (blend.py).
+Data-parallel rank r takes the contiguous positions [r * B / dp, (r + 1) * B / dp) of every
+global batch. What a sample holds depends on the source:
+  - prepared shards: the k-th sample ever taken from source s is window
+    permute(k mod N_s; seed, s, epoch = k div N_s) of its N_s windows. This is a pure function
+    of (seed, epoch, position), so the order is the same for any number of ranks or workers,
+    and a resume on another data-parallel degree continues exactly;
+  - streaming: the next window of this rank's own document stream (documents dealt k mod dp),
+    so a streaming state belongs to its data-parallel degree and a resume on another refuses.
+Loader workers tokenize (streaming) or read and featurize whole batches (prepared); neither
+changes what a batch holds.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-import torch
+import torch.utils.data
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+from birkhoff.data.batch import Batch, BatchBuilder
+from birkhoff.data.blend import BlendSchedule
+from birkhoff.data.documents import HELDOUT, TRAIN, SplitSpec
+from birkhoff.data.permutation import permute
+from birkhoff.data.plan import DataPlan
+from birkhoff.data.shards import PreparedSplit
+from birkhoff.data.sources import DataError, ResolvedSource
+from birkhoff.data.stream import WindowPacker, keep_as_is
+
+STATE_VERSION = 1
+Reader = PreparedSplit | WindowPacker
 
 
-class BatchLoader:
-    def __init__(
-        self,
-        tokens: np.ndarray,
-        seq_len: int,
-        global_batch_size: int,
-        micro_batch_size: int,
-        dp_rank: int,
-        dp_size: int,
-        seed: int,
-    ) -> None:
-        self.tokens = tokens
-        self.seq_len = seq_len
-        self.num_windows = (len(tokens) - 1) // seq_len
-        self.per_rank = global_batch_size // dp_size
-        self.global_batch_size = global_batch_size
-        self.micro_batch_size = micro_batch_size
-        self.dp_rank = dp_rank
-        self.seed = seed
-        self.cursor = 0  # global samples consumed so far
-        self._epoch_order: tuple[int, np.ndarray] | None = None
+@dataclass(frozen=True)
+class Layout:
+    """How the global batch is dealt: sizes and this rank's place."""
+
+    global_batch_size: int
+    micro_batch_size: int
+    dp_rank: int
+    dp_size: int
+    seed: int
+
+    @property
+    def per_rank(self) -> int:
+        return self.global_batch_size // self.dp_size
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One step of this rank: (source, k-th sample of that source) per row, and the blend
+    state after the whole global batch."""
+
+    rows: tuple[tuple[int, int], ...]
+    counts_after: tuple[int, ...]
+
+
+class PreparedWindows:
+    """Windows of prepared sources by (source, k): the seeded per-epoch permutation."""
+
+    def __init__(self, readers: list[PreparedSplit], seed: int, shuffle: bool) -> None:
+        self.readers, self.seed, self.shuffle = readers, seed, shuffle
+
+    def window(self, source: int, k: int) -> np.ndarray:
+        reader = self.readers[source]
+        epoch, index = divmod(k, reader.num_windows)
+        if self.shuffle:
+            index = int(
+                permute(np.array([index]), reader.num_windows, (self.seed, source, epoch))[0]
+            )
+        return reader.window(index)
+
+
+class PlanBatches(torch.utils.data.Dataset):
+    """Map-style view for DataLoader workers: a Plan -> (Plan, Batch), read and featurized in
+    the worker (Engram hashes included)."""
+
+    def __init__(self, windows: PreparedWindows, build: BatchBuilder) -> None:
+        self.windows, self.build = windows, build
+
+    def __getitem__(self, plan: Plan) -> tuple[Plan, Batch]:
+        rows = [self.windows.window(s, k) for s, k in plan.rows]
+        return plan, self.build(np.stack(rows))
+
+    def __len__(self) -> int:
+        raise TypeError("PlanBatches is indexed by plans, not by position")
+
+
+class TrainLoader:
+    def __init__(self, plan: DataPlan, layout: Layout, build: BatchBuilder) -> None:
+        cfg = plan.config
+        self.plan, self.layout, self.build, self.cfg = plan, layout, build, cfg
+        self.schedule = BlendSchedule([source.config.weight for source in plan.sources])
+        self.readers: list[Reader] = [
+            self._reader(index, source) for index, source in enumerate(plan.sources)
+        ]
+        self.streaming = any(isinstance(r, WindowPacker) for r in self.readers)
+        self.samples = 0  # global samples consumed
+        self.counts = np.zeros(len(self.readers), dtype=np.int64)  # ... per source
+        self._batches: Iterator[tuple[Plan, Batch]] | None = None
 
     def next_batch(self) -> list[Batch]:
         """This rank's share of the next global batch, as micro-batches."""
-        start = self.cursor + self.dp_rank * self.per_rank
-        windows = [self._window(g) for g in range(start, start + self.per_rank)]
-        self.cursor += self.global_batch_size
-        stacked = torch.from_numpy(np.stack(windows).astype(np.int64))
-        micro = stacked.split(self.micro_batch_size)
-        return [(chunk[:, :-1], chunk[:, 1:]) for chunk in micro]
+        if self._batches is None:
+            self._batches = self._start()
+        plan, batch = next(self._batches)
+        self.counts = np.asarray(plan.counts_after, dtype=np.int64)
+        self.samples += self.layout.global_batch_size
+        return batch.split(self.layout.micro_batch_size)
 
-    def state_dict(self) -> dict[str, int]:
-        return {"cursor": self.cursor, "seed": self.seed, "num_windows": self.num_windows}
+    @property
+    def skipped_records(self) -> int:
+        """Bad records and empty files skipped so far by this rank (data.on_bad_record=skip)."""
+        streams = sum(r.skipped for r in self.readers if isinstance(r, WindowPacker))
+        return self.plan.empty_files + streams
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        if state["seed"] != self.seed or state["num_windows"] != self.num_windows:
-            raise ValueError(
-                f"loader state is for seed={state['seed']} with {state['num_windows']} windows, "
-                f"this loader has seed={self.seed} with {self.num_windows}: different data"
-            )
-        self.cursor = state["cursor"]
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "samples": self.samples,
+            "counts": self.counts.tolist(),
+            "seed": self.layout.seed,
+            "seq_len": self.cfg.seq_len,
+            "dp_size": self.layout.dp_size,
+            "dp_rank": self.layout.dp_rank,
+            "tokenizer": self.plan.tokenizer.identity(),
+            "sources": self._source_identity(),
+            "streams": [
+                r.state_dict() if isinstance(r, WindowPacker) else None for r in self.readers
+            ],
+        }
 
-    def _window(self, global_index: int) -> np.ndarray:
-        epoch, position = divmod(global_index, self.num_windows)
-        if self._epoch_order is None or self._epoch_order[0] != epoch:
-            order = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
-            self._epoch_order = (epoch, order)
-        start = int(self._epoch_order[1][position]) * self.seq_len
-        return self.tokens[start : start + self.seq_len + 1]
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly where `state` stopped, or raise DataError saying what differs."""
+        self._check_compatible(state)
+        self.close()
+        self.samples = int(state["samples"])
+        self.counts = np.asarray(state["counts"], dtype=np.int64)
+        for reader, stream in zip(self.readers, state["streams"], strict=True):
+            if isinstance(reader, WindowPacker):
+                reader.load_state_dict(stream)
 
+    def close(self) -> None:
+        self._batches = None
+        for reader in self.readers:
+            if isinstance(reader, WindowPacker):
+                reader.close()
 
-def heldout_batches(
-    tokens: np.ndarray, seq_len: int, batch_size: int, num_batches: int, dp_rank: int, dp_size: int
-) -> Iterator[Batch]:
-    """The first windows of the held-out stream in order, split evenly across ranks."""
-    num_windows = (len(tokens) - 1) // seq_len
-    per_rank = batch_size // dp_size
-    usable = min(num_batches, num_windows // batch_size)
-    for b in range(usable):
-        first = b * batch_size + dp_rank * per_rank
-        rows = [
-            tokens[w * seq_len : w * seq_len + seq_len + 1] for w in range(first, first + per_rank)
+    def _reader(self, index: int, source: ResolvedSource) -> Reader:
+        cfg = self.cfg
+        if source.format == "prepared":
+            reader = PreparedSplit(source.files[0], TRAIN, cfg.seq_len)
+            if reader.num_windows == 0:
+                raise DataError(f"{source.config.path}: fewer than {cfg.seq_len + 1} tokens")
+            return reader
+        spec = SplitSpec(
+            TRAIN,
+            cfg.heldout_period,
+            cfg.split_seed,
+            self.layout.seed,
+            index,
+            cfg.shuffle,
+            self.layout.dp_rank,
+            self.layout.dp_size,
+        )
+        return WindowPacker(
+            source,
+            spec,
+            cfg.seq_len,
+            str(self.plan.tokenizer.path),
+            cfg.on_bad_record == "skip",
+            cfg.num_workers,
+            shuffle_buffer=cfg.shuffle_buffer if cfg.shuffle else 0,
+        )
+
+    def _plans(self) -> Iterator[Plan]:
+        counts = self.counts.copy()
+        lo = self.layout.dp_rank * self.layout.per_rank
+        while True:
+            before = counts.copy()
+            sources = self.schedule.assign(counts, self.layout.global_batch_size)
+            rows = []
+            for position in range(lo, lo + self.layout.per_rank):
+                source = int(sources[position])
+                rows.append((source, int(before[source] + np.sum(sources[:position] == source))))
+            yield Plan(tuple(rows), tuple(counts.tolist()))
+
+    def _start(self) -> Iterator[tuple[Plan, Batch]]:
+        if self.streaming or self.cfg.num_workers == 0:
+            return self._inline()
+        prepared = PreparedWindows(self.readers, self.layout.seed, self.cfg.shuffle)
+        loader = torch.utils.data.DataLoader(
+            PlanBatches(prepared, self.build),
+            batch_size=None,
+            sampler=self._plans(),
+            num_workers=self.cfg.num_workers,
+            collate_fn=keep_as_is,
+            prefetch_factor=self.cfg.prefetch_batches,
+        )
+        return iter(loader)
+
+    def _inline(self) -> Iterator[tuple[Plan, Batch]]:
+        prepared = PreparedWindows(self.readers, self.layout.seed, self.cfg.shuffle)
+        for plan in self._plans():
+            rows = []
+            for source, k in plan.rows:
+                reader = self.readers[source]
+                if isinstance(reader, WindowPacker):
+                    window = reader.next_window()
+                    assert window is not None  # training streams are endless
+                    rows.append(window)
+                else:
+                    rows.append(prepared.window(source, k))
+            yield plan, self.build(np.stack(rows))
+
+    def _source_identity(self) -> list[dict[str, Any]]:
+        return [
+            {"path": s.config.path, "weight": s.config.weight, "format": s.format}
+            for s in self.plan.sources
         ]
-        chunk = torch.from_numpy(np.stack(rows).astype(np.int64))
-        yield chunk[:, :-1], chunk[:, 1:]
+
+    def _check_compatible(self, state: dict[str, Any]) -> None:
+        mine = self.state_dict()
+        if state.get("version") != STATE_VERSION:
+            raise DataError(f"loader state version {state.get('version')} is not {STATE_VERSION}")
+        if state["tokenizer"]["sha256"] != mine["tokenizer"]["sha256"]:
+            raise DataError(
+                f"the run being resumed used tokenizer {state['tokenizer']['path']} (sha256 "
+                f"{state['tokenizer']['sha256'][:12]}); this one has {mine['tokenizer']['path']} "
+                f"(sha256 {mine['tokenizer']['sha256'][:12]}): resume with the same "
+                "data.tokenizer.path"
+            )
+        for key in ("sources", "seq_len", "seed"):
+            if state[key] != mine[key]:
+                raise DataError(
+                    f"the run being resumed had {key}={state[key]}, this one has {mine[key]}: "
+                    "the data order cannot continue exactly; resume with the same data recipe"
+                )
+        if self.streaming and state["dp_size"] != self.layout.dp_size:
+            raise DataError(
+                f"the run being resumed read streaming sources with {state['dp_size']} "
+                f"data-parallel ranks and this run has {self.layout.dp_size}: a streaming "
+                "position belongs to its rank, so it cannot be remapped without repeating or "
+                f"skipping data. Resume with {state['dp_size']} data-parallel ranks, or train "
+                "from prepared shards (`birkhoff data prepare`), which resume on any degree"
+            )
+        if self.streaming and state["dp_rank"] != self.layout.dp_rank:
+            raise DataError(
+                f"loader state of data-parallel rank {state['dp_rank']} given to rank "
+                f"{self.layout.dp_rank}"
+            )
+
+
+def heldout_windows(plan: DataPlan, num_windows: int) -> np.ndarray:
+    """The first `num_windows` held-out windows of the blend, in order (num_windows, T + 1).
+    The same on every rank; each takes its slice of every batch."""
+    cfg = plan.config
+    counts = np.zeros(len(plan.sources), dtype=np.int64)
+    sources = BlendSchedule([s.config.weight for s in plan.sources]).assign(counts, num_windows)
+    per_source = [_heldout_of(plan, index, int(n)) for index, n in enumerate(counts)]
+    taken = np.zeros(len(plan.sources), dtype=np.int64)
+    rows = []
+    for source in sources:
+        rows.append(per_source[source][taken[source]])
+        taken[source] += 1
+    return np.stack(rows) if rows else np.zeros((0, cfg.seq_len + 1), dtype=np.int64)
+
+
+def _heldout_of(plan: DataPlan, index: int, needed: int) -> list[np.ndarray]:
+    cfg, source = plan.config, plan.sources[index]
+    if needed == 0:
+        return []
+    if source.format == "prepared":
+        reader = PreparedSplit(source.files[0], HELDOUT, cfg.seq_len)
+        windows = [reader.window(i) for i in range(min(needed, reader.num_windows))]
+    else:
+        spec = SplitSpec(HELDOUT, cfg.heldout_period, cfg.split_seed, 0, index, shuffle=False)
+        packer = WindowPacker(
+            source,
+            spec,
+            cfg.seq_len,
+            str(plan.tokenizer.path),
+            cfg.on_bad_record == "skip",
+            workers=0,
+            epochs=1,
+        )
+        windows = []
+        while len(windows) < needed and (window := packer.next_window()) is not None:
+            windows.append(window.astype(np.int64))
+    if len(windows) < needed:
+        raise DataError(
+            f"data.sources.{index} ({source.config.path}): the held-out split has "
+            f"{len(windows)} windows of data.seq_len={cfg.seq_len}, evaluation needs {needed}: "
+            "lower train.eval_batches or train.global_batch_size, or add data"
+        )
+    return windows

@@ -1,4 +1,5 @@
-"""sentencepiece tokenizer: load one, or train one on the corpus once and cache it by content."""
+"""sentencepiece tokenizer: load one, or train one from text once (cached by its settings and
+the fingerprint of the text it was trained on)."""
 
 from __future__ import annotations
 
@@ -6,16 +7,16 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import sentencepiece as spm
 
 from birkhoff.data.config import TokenizerConfig
-from birkhoff.data.corpus import Document
 from birkhoff.errors import RecipeError
 
 NEWLINE = "\n"
-UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 
 
 class Tokenizer:
@@ -28,10 +29,21 @@ class Tokenizer:
         self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
         self.vocab_size = self._sp.get_piece_size()
         self.eos_id = self._sp.eos_id()
+        self.pad_id = self._sp.pad_id()
         self.newline_id = self._sp.piece_to_id(NEWLINE)
+        self._sha256: str | None = None
 
     def encode_lines(self, lines: list[str]) -> list[list[int]]:
         return self._sp.encode(lines)
+
+    def encode_document(self, text: str) -> np.ndarray:
+        """One document: each line's ids followed by the newline id, then EOS (int32)."""
+        ids: list[int] = []
+        for line_ids in self._sp.encode(text.splitlines()):
+            ids.extend(line_ids)
+            ids.append(self.newline_id)
+        ids.append(self.eos_id)
+        return np.asarray(ids, dtype=np.int32)
 
     def pieces(self) -> list[str]:
         return [self._sp.id_to_piece(i) for i in range(self.vocab_size)]
@@ -40,32 +52,34 @@ class Tokenizer:
         return self._sp.decode(ids)
 
     def sha256(self) -> str:
-        return hashlib.sha256(self.path.read_bytes()).hexdigest()
+        if self._sha256 is None:
+            self._sha256 = hashlib.sha256(self.path.read_bytes()).hexdigest()
+        return self._sha256
+
+    def identity(self) -> dict[str, str]:
+        """What a run dir records, and what a resume or a prepared shard must match."""
+        return {"path": str(self.path), "sha256": self.sha256()}
 
 
-def load_or_train_tokenizer(
-    cfg: TokenizerConfig, documents: list[Document], corpus_key: str, cache_dir: Path
-) -> Tokenizer:
-    """The configured tokenizer, or one trained on `documents` and cached under `cache_dir`."""
-    if cfg.path is not None:
-        return Tokenizer(Path(cfg.path).expanduser())
+def cached_model_path(cfg: TokenizerConfig, text_fingerprint: str, cache_dir: Path) -> Path:
+    """Where a tokenizer trained with these settings on this text is cached."""
     settings = {
-        "corpus": corpus_key,
+        "text": text_fingerprint,
         "vocab_size": cfg.vocab_size,
         "model_type": cfg.model_type,
         "character_coverage": cfg.character_coverage,
+        "special_ids": [cfg.unk_id, cfg.bos_id, cfg.eos_id, cfg.pad_id],
+        "train_chars": cfg.train_chars,
     }
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    model_path = cache_dir / "tokenizers" / f"{key}.model"
-    if not model_path.is_file():
-        _train(cfg, documents, model_path)
-    return Tokenizer(model_path)
+    return cache_dir / "tokenizers" / f"{key}.model"
 
 
-def _train(cfg: TokenizerConfig, documents: list[Document], model_path: Path) -> None:
-    """Train in a temporary directory and rename, so a concurrent reader never sees half a file."""
+def train_tokenizer(cfg: TokenizerConfig, texts: Iterable[str], model_path: Path) -> Tokenizer:
+    """Train on the non-empty lines of `texts` (at most `cfg.train_chars` characters) and write
+    the model to `model_path` through a temporary name, so no reader sees half a file."""
     model_path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [line for doc in documents for line in doc.text.splitlines() if line.strip()]
+    lines = _training_lines(texts, cfg.train_chars)
     with tempfile.TemporaryDirectory(dir=model_path.parent) as tmp:
         prefix = os.path.join(tmp, "spm")
         try:
@@ -75,10 +89,10 @@ def _train(cfg: TokenizerConfig, documents: list[Document], model_path: Path) ->
                 vocab_size=cfg.vocab_size,
                 model_type=cfg.model_type,
                 character_coverage=cfg.character_coverage,
-                unk_id=UNK_ID,
-                bos_id=BOS_ID,
-                eos_id=EOS_ID,
-                pad_id=PAD_ID,
+                unk_id=cfg.unk_id,
+                bos_id=cfg.bos_id,
+                eos_id=cfg.eos_id,
+                pad_id=cfg.pad_id,
                 user_defined_symbols=[NEWLINE],
                 byte_fallback=True,
                 split_digits=True,
@@ -92,4 +106,21 @@ def _train(cfg: TokenizerConfig, documents: list[Document], model_path: Path) ->
                 cfg.vocab_size,
                 f"sentencepiece cannot train it on this corpus: {reason}",
             ) from None
+        os.chmod(f"{prefix}.model", 0o644)
         os.replace(f"{prefix}.model", model_path)
+    return Tokenizer(model_path)
+
+
+def _training_lines(texts: Iterable[str], max_chars: int) -> list[str]:
+    lines: list[str] = []
+    total = 0
+    for text in texts:
+        for line in text.splitlines():
+            if line.strip():
+                lines.append(line)
+                total += len(line)
+        if total >= max_chars:
+            break
+    if not lines:
+        raise RecipeError("data.sources", "", "the training split holds no text to train on")
+    return lines

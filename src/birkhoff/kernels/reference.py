@@ -16,18 +16,24 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 @register("rope", REFERENCE)
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding on (B, T, H, D) with cos/sin of shape (T, D/2), rotating half-pairs."""
+    """Rotary embedding on (B, T, H, D) with cos/sin of shape (T, D/2), or (B, T, D/2) for
+    per-sequence positions, rotating half-pairs."""
     x1, x2 = x.float().chunk(2, dim=-1)
-    cos = cos[None, :, None, :]
-    sin = sin[None, :, None, :]
+    cos = cos.unsqueeze(-2) if cos.dim() == 3 else cos[None, :, None, :]
+    sin = sin.unsqueeze(-2) if sin.dim() == 3 else sin[None, :, None, :]
     out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return out.to(x.dtype)
 
 
 @register("attention", REFERENCE)
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal grouped-query attention on (B, H, T, D) tensors; k/v may have fewer heads."""
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Grouped-query attention on (B, H, T, D) tensors; k/v may have fewer heads. Causal when
+    `mask` is None, else `mask` (B, 1, T, T) bool says which keys each query sees."""
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
 @register("sinkhorn_knopp", REFERENCE)

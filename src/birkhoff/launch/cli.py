@@ -8,17 +8,19 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from birkhoff.data import prepare_data
-from birkhoff.data.corpus import CorpusError
+from birkhoff.data import DataConfig, DataError, open_data
+from birkhoff.data.commands import prepare_sources, write_tokenizer_model
+from birkhoff.data.shards import verify_checksums
 from birkhoff.errors import RecipeError, require
 from birkhoff.launch.recipe import load_recipe, recipe_to_dict
 from birkhoff.launch.spawn import launch_ranks
 from birkhoff.launch.topology import Topology
 from birkhoff.train import run_rank
-from birkhoff.train.entry import check_prepared_data
+from birkhoff.train.entry import check_data
 from birkhoff.train.run_files import refuse_used_run_dir
 
 USAGE = """usage: birkhoff <command> [args]
@@ -29,6 +31,13 @@ commands:
                          birkhoff train --multirun optim.lr=1e-3,3e-3
                          birkhoff train --cfg job        (print the composed recipe)
                          birkhoff train --help           (Hydra's help: groups and options)
+  data tokenizer [overrides...]
+                         train a sentencepiece model on the recipe's sources and write it
+                         to data.tokenizer.path (default: the cache)
+  data prepare [overrides...]
+                         tokenize every source once into shards under
+                         data.prepare.output_dir (resumes an interrupted run)
+  data verify DIR        check a prepared directory against its checksums
 """
 RECIPES = "pkg://birkhoff.recipes"
 
@@ -39,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = args[0], args[1:]
+    if command == "data":
+        return data_command(rest)
     if command == "train":
         sys.argv = ["birkhoff train", *rest]  # Hydra parses sys.argv
         hydra.main(version_base=None, config_path=RECIPES, config_name="config")(train_job)()
@@ -47,15 +58,46 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
+def data_command(args: list[str]) -> int:
+    """`birkhoff data tokenizer|prepare|verify`: errors are one line and exit code 2."""
+    try:
+        if args[:1] == ["verify"] and len(args) == 2:
+            count = verify_checksums(args[1])
+            print(f"birkhoff: {args[1]}: {count} files match their checksums")
+            return 0
+        if args[:1] == ["tokenizer"]:
+            print(f"birkhoff: tokenizer written to {write_tokenizer_model(_data_recipe(args[1:]))}")
+            return 0
+        if args[:1] == ["prepare"]:
+            prepare_sources(_data_recipe(args[1:]), show=sys.stdout.isatty())
+            return 0
+    except (RecipeError, DataError) as err:
+        print(f"birkhoff: {err}", file=sys.stderr)
+        return 2
+    print(
+        f"birkhoff: usage: birkhoff data tokenizer|prepare [overrides] | verify DIR\n\n{USAGE}",
+        file=sys.stderr,
+    )
+    return 2
+
+
+def _data_recipe(overrides: list[str]) -> DataConfig:
+    """The recipe's `data` section, composed and validated like `birkhoff train` does."""
+    with initialize_config_module(config_module="birkhoff.recipes", version_base=None):
+        cfg = compose(config_name="config", overrides=overrides)
+    recipe, _ = load_recipe(cfg, os.environ)
+    return recipe.data
+
+
 def train_job(cfg: DictConfig) -> None:
     """One Hydra job: validate, prepare the data once, then run or start the ranks."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         recipe, topology = load_recipe(cfg, os.environ)
         check_run_dir(run_dir, topology)
-        data = prepare_data(recipe.data)
-        check_prepared_data(data, recipe)
-    except (RecipeError, CorpusError) as err:
+        data = open_data(recipe.data)
+        check_data(data, recipe)
+    except (RecipeError, DataError) as err:
         _remove_if_empty(run_dir)
         print(f"birkhoff: {err}", file=sys.stderr)
         sys.exit(2)

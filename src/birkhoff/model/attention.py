@@ -7,6 +7,7 @@ from torch import nn
 
 from birkhoff import kernels
 from birkhoff.model.config import ModelConfig
+from birkhoff.model.context import SequenceContext
 
 
 class Attention(nn.Module):
@@ -22,11 +23,12 @@ class Attention(nn.Module):
         self._rope = kernels.get("rope", kernel_backend)
         self._attention = kernels.get("attention", kernel_backend)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
         batch, seq, _ = x.shape
         q = self.wq(x).view(batch, seq, self.num_heads, self.head_dim)
         k = self.wk(x).view(batch, seq, self.num_kv_heads, self.head_dim)
         v = self.wv(x).view(batch, seq, self.num_kv_heads, self.head_dim)
-        q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-        out = self._attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        q, k = self._rope(q, ctx.cos, ctx.sin), self._rope(k, ctx.cos, ctx.sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        out = self._attention(q, k, v, ctx.attention_mask)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))

@@ -55,6 +55,7 @@ class Engram(nn.Module):
         token_compression: torch.Tensor,
         kernel_backend: str,
         eps: float,
+        pad_id: int = PAD_ID,
     ) -> None:
         super().__init__()
         self.eps = eps
@@ -67,7 +68,7 @@ class Engram(nn.Module):
             ("compression", token_compression),
         ):
             self.register_buffer(name, value, persistent=False)
-        self.pad_id = int(token_compression[PAD_ID])
+        self.pad_id = int(token_compression[pad_id])
         memory_dim = primes.numel() * cfg.embed_dim
         self.table = nn.Embedding(int(primes.sum()), cfg.embed_dim)
         self.key = nn.Linear(memory_dim, n_streams * hidden_size, bias=False)
@@ -86,13 +87,16 @@ class Engram(nn.Module):
         compressed = self.compression[tokens]
         return self._hash(compressed, self.multipliers, self.primes, self.offsets, self.pad_id)
 
-    def forward(self, streams: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """streams (B, T, n, C) (or (B, T, C) for a plain residual) -> updated streams."""
+    def forward(
+        self, streams: torch.Tensor, tokens: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """streams (B, T, n, C) (or (B, T, C) for a plain residual) -> updated streams. `rows`
+        are this layer's hash_tokens(tokens), when the data loader already computed them."""
         single = streams.dim() == 3
         x = streams.unsqueeze(-2) if single else streams
         gated = self._gather_gate(
             self.table.weight,
-            self.hash_tokens(tokens),
+            self.hash_tokens(tokens) if rows is None else rows,
             self.key.weight,
             self.value.weight,
             x,

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from birkhoff.model.config import ModelConfig, ResidualConfig
+from birkhoff.model.context import SequenceContext
 from birkhoff.model.norm import RMSNorm
 
 
@@ -40,12 +41,11 @@ class MTPDepth(nn.Module):
         self,
         hidden: torch.Tensor,
         next_embeddings: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        ctx: SequenceContext,
         tokens: torch.Tensor,
     ) -> torch.Tensor:
         joined = torch.cat((self.hidden_norm(hidden), self.embed_norm(next_embeddings)), dim=-1)
-        return self.block(self.proj(joined), tokens, cos, sin, [])
+        return self.block(self.proj(joined), tokens, ctx, [])
 
 
 def mtp_loss(
@@ -54,18 +54,17 @@ def mtp_loss(
     targets: torch.Tensor,
     embed: Callable[[torch.Tensor], torch.Tensor],
     logits_of: Callable[[torch.Tensor], torch.Tensor],
-    rope: tuple[torch.Tensor, torch.Tensor],
+    ctx: SequenceContext,
 ) -> torch.Tensor:
     """Mean cross-entropy over the depths. hidden (B, T, C) is the main model's last hidden
     state; targets (B, T) are the next tokens, so t_{i+k} = targets[:, i+k-1]."""
-    cos, sin = rope
     losses = []
     for k, depth in enumerate(depths, start=1):
         length = targets.shape[1] - k
         if length <= 0:
             break
         inputs = targets[:, k - 1 : k - 1 + length]
-        hidden = depth(hidden[:, :length], embed(inputs), cos[:length], sin[:length], inputs)
+        hidden = depth(hidden[:, :length], embed(inputs), ctx.truncated(length), inputs)
         logits = logits_of(hidden)
         losses.append(F.cross_entropy(logits.flatten(0, 1).float(), targets[:, k:].flatten()))
     return torch.stack(losses).mean()

@@ -11,7 +11,8 @@ from torch import nn
 from birkhoff.model.attention import Attention
 from birkhoff.model.budget import apply_sparse_budget
 from birkhoff.model.config import ModelConfig
-from birkhoff.model.engram import Engram
+from birkhoff.model.context import SequenceContext, document_causal_mask
+from birkhoff.model.engram import PAD_ID, Engram
 from birkhoff.model.mhc import StreamReadout, build_residual
 from birkhoff.model.mlp import SwiGLU
 from birkhoff.model.moe import GroupedExperts, MoE, Router
@@ -24,9 +25,15 @@ OUTPUT_PROJECTIONS = ("attention.wo", "ffn.w_down", "shared.w_down")
 
 class Block(nn.Module):
     def __init__(
-        self, cfg: ModelConfig, layer: int, token_compression: torch.Tensor, kernel_backend: str
+        self,
+        cfg: ModelConfig,
+        layer: int,
+        token_compression: torch.Tensor,
+        kernel_backend: str,
+        pad_id: int = PAD_ID,
     ) -> None:
         super().__init__()
+        self.layer = layer
         streams = 1 if cfg.residual.mode == "plain" else cfg.residual.n_streams
         self.engram = (
             Engram(
@@ -37,6 +44,7 @@ class Block(nn.Module):
                 token_compression,
                 kernel_backend,
                 cfg.norm_eps,
+                pad_id,
             )
             if layer in cfg.engram.layers
             else None
@@ -56,15 +64,15 @@ class Block(nn.Module):
         self,
         x: torch.Tensor,
         tokens: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        ctx: SequenceContext,
         aux_losses: list[torch.Tensor],
     ) -> torch.Tensor:
         """x: (B, T, C) with plain residuals, (B, T, n, C) with n hyper-connection streams.
         Engram (if any) runs first; MoE layers append their balance loss to `aux_losses`."""
         if self.engram is not None:
-            x = self.engram(x, tokens)
-        x = self.attention_residual(x, lambda h: self.attention(self.attention_norm(h), cos, sin))
+            rows = (ctx.engram_rows or {}).get(self.layer)
+            x = self.engram(x, tokens, rows)
+        x = self.attention_residual(x, lambda h: self.attention(self.attention_norm(h), ctx))
         return self.ffn_residual(x, lambda h: self._ffn(self.ffn_norm(h), aux_losses))
 
     def _ffn(self, h: torch.Tensor, aux_losses: list[torch.Tensor]) -> torch.Tensor:
@@ -81,8 +89,10 @@ class Transformer(nn.Module):
         cfg: ModelConfig,
         kernel_backend: str = "reference",
         token_compression: torch.Tensor | None = None,
+        pad_id: int = PAD_ID,
     ) -> None:
-        """`token_compression` maps vocabulary ids to Engram's canonical ids (identity if None)."""
+        """`token_compression` maps vocabulary ids to Engram's canonical ids (identity if None);
+        `pad_id` is the tokenizer's pad id, whose canonical id left-pads Engram's n-grams."""
         super().__init__()
         self.cfg = cfg
         if token_compression is None:
@@ -90,7 +100,7 @@ class Transformer(nn.Module):
         self.streams = 1 if cfg.residual.mode == "plain" else cfg.residual.n_streams
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.blocks = nn.ModuleList(
-            Block(cfg, i, token_compression, kernel_backend) for i in range(cfg.num_layers)
+            Block(cfg, i, token_compression, kernel_backend, pad_id) for i in range(cfg.num_layers)
         )
         self.readout = (
             None
@@ -114,19 +124,27 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        engram_rows: dict[int, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids (B, T); with `targets`, the mean next-token loss.
 
-        The loss is computed inside forward so that data-parallel wrappers see one call.
+        `positions` (B, T) restart at 0 where a packed document starts: rotary embeddings use
+        them and attention stays inside each document. `engram_rows` are Engram's table rows
+        precomputed by the data loader. The loss is computed inside forward so that
+        data-parallel wrappers see one call.
         """
-        seq = tokens.shape[1]
-        cos, sin = self.rope_cos[:seq], self.rope_sin[:seq]
+        ctx = self._context(tokens.shape[1], positions, engram_rows)
         x = self.embedding(tokens)
         if self.readout is not None:  # the embedding is copied into every stream (contiguous,
             x = x.unsqueeze(-2).repeat(1, 1, self.streams, 1)  # or matmuls take a slow path)
         aux_losses: list[torch.Tensor] = []
         for block in self.blocks:
-            x = block(x, tokens, cos, sin, aux_losses)
+            x = block(x, tokens, ctx, aux_losses)
         if self.readout is not None:
             x = self.readout(x)
         logits = self._logits(x)
@@ -134,9 +152,22 @@ class Transformer(nn.Module):
             return logits
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         if len(self.mtp) and self.cfg.mtp.loss_weight > 0:
-            extra = mtp_loss(self.mtp, x, targets, self.embedding, self._logits, (cos, sin))
+            extra = mtp_loss(self.mtp, x, targets, self.embedding, self._logits, ctx)
             loss = loss + self.cfg.mtp.loss_weight * extra
         return loss + sum(aux_losses) if aux_losses else loss
+
+    def _context(
+        self,
+        seq: int,
+        positions: torch.Tensor | None,
+        engram_rows: dict[int, torch.Tensor] | None,
+    ) -> SequenceContext:
+        if positions is None:
+            return SequenceContext(self.rope_cos[:seq], self.rope_sin[:seq], None, engram_rows)
+        mask = document_causal_mask(positions)
+        return SequenceContext(
+            self.rope_cos[positions], self.rope_sin[positions], mask, engram_rows
+        )
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(self.norm(hidden))
@@ -162,9 +193,10 @@ def build_model(
     cfg: ModelConfig,
     kernel_backend: str = "reference",
     token_compression: torch.Tensor | None = None,
+    pad_id: int = PAD_ID,
 ) -> Transformer:
     """Validate the config, size it from its sparse budget, construct and initialise it."""
     cfg.validate()
-    model = Transformer(apply_sparse_budget(cfg), kernel_backend, token_compression)
+    model = Transformer(apply_sparse_budget(cfg), kernel_backend, token_compression, pad_id)
     model.init_weights()
     return model

@@ -7,7 +7,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from birkhoff.data import PreparedData, prepare_data
+from birkhoff.data import DataPlan, heldout_windows, open_data
 from birkhoff.errors import require
 from birkhoff.model.budget import count_parameters
 from birkhoff.model.summary import describe_split
@@ -15,7 +15,12 @@ from birkhoff.parallel import distributed, resolve_device
 from birkhoff.parallel.distributed import env_rank
 from birkhoff.train.metrics import build_metric_logger
 from birkhoff.train.recipe import TrainRecipe
-from birkhoff.train.run_files import refuse_used_run_dir, write_recipe, write_summary
+from birkhoff.train.run_files import (
+    refuse_used_run_dir,
+    write_recipe,
+    write_summary,
+    write_tokenizer,
+)
 from birkhoff.train.secrets import redact
 from birkhoff.train.trainer import Trainer
 
@@ -27,8 +32,9 @@ def train_recipe_from_dict(recipe: dict[str, Any]) -> TrainRecipe:
     return OmegaConf.to_object(merged)
 
 
-def check_prepared_data(data: PreparedData, recipe: TrainRecipe) -> None:
-    """The tokenizer fits the model and both splits hold at least one global batch."""
+def check_data(data: DataPlan, recipe: TrainRecipe) -> None:
+    """The tokenizer fits the model and the held-out split holds every evaluation batch (this
+    also reads the first documents of every source, so broken inputs show up before training)."""
     tokenizer = data.tokenizer
     require(
         tokenizer.vocab_size == recipe.model.vocab_size,
@@ -36,24 +42,14 @@ def check_prepared_data(data: PreparedData, recipe: TrainRecipe) -> None:
         recipe.model.vocab_size,
         f"must equal the tokenizer's vocabulary size {tokenizer.vocab_size} ({tokenizer.path})",
     )
-    seq_len, batch = recipe.data.seq_len, recipe.train.global_batch_size
-    for split, tokens in (("training", data.train_tokens), ("held-out", data.heldout_tokens)):
-        windows = (len(tokens) - 1) // seq_len
-        require(
-            windows >= batch,
-            "train.global_batch_size",
-            batch,
-            f"the {split} split has only {windows} sequences of data.seq_len={seq_len}: "
-            "lower the batch or seq_len, or use a larger corpus / data.heldout_fraction",
-        )
+    heldout_windows(data, recipe.train.eval_batches * recipe.train.global_batch_size)
 
 
-def run_rank(
-    recipe: dict[str, Any], run_dir: str, data: PreparedData | None = None
-) -> dict[str, Any]:
+def run_rank(recipe: dict[str, Any], run_dir: str, data: DataPlan | None = None) -> dict[str, Any]:
     """Entry point of every rank (torchrun's launcher calls it); returns the run summary.
 
-    `data` lets a single-process caller pass what it already prepared; ranks load the cache.
+    `data` lets a single-process caller pass what it already opened; ranks open it again (the
+    tokenizer is cached by then).
     """
     train_recipe = train_recipe_from_dict(recipe)
     public_recipe = redact(recipe)
@@ -61,11 +57,11 @@ def run_rank(
     _, local_rank, _ = env_rank()
     device = resolve_device(train_recipe.backend.device, local_rank)
     with distributed(device) as ctx:
-        data = data or prepare_data(train_recipe.data)
-        check_prepared_data(data, train_recipe)
+        data = data or open_data(train_recipe.data)
         if ctx.is_main:
             refuse_used_run_dir(run_path)
             write_recipe(run_path, public_recipe)
+            write_tokenizer(run_path, data.tokenizer.identity())
         metrics = build_metric_logger(
             train_recipe.logging, run_path, train_recipe.train.steps, public_recipe, ctx.is_main
         )
@@ -78,7 +74,7 @@ def run_rank(
             metrics.close()
     if ctx.is_main:
         summary["parameters"] = count_parameters(trainer.model.cfg).as_dict()
-        summary["tokenizer"] = {"path": str(data.tokenizer.path), "sha256": data.tokenizer.sha256()}
+        summary["tokenizer"] = data.tokenizer.identity()
         write_summary(run_path, summary)
         print(
             f"done: {summary['steps']} steps | first loss {summary['first_loss']:.4f} | "

@@ -14,6 +14,7 @@ from birkhoff.errors import RecipeError
 RECIPE_FILE = "recipe.yaml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+TOKENIZER_FILE = "tokenizer.json"
 
 
 def refuse_used_run_dir(run_dir: Path) -> None:
@@ -29,6 +30,11 @@ def refuse_used_run_dir(run_dir: Path) -> None:
 
 def write_recipe(run_dir: Path, recipe: dict[str, Any]) -> None:
     write_text_atomic(run_dir / RECIPE_FILE, OmegaConf.to_yaml(recipe))
+
+
+def write_tokenizer(run_dir: Path, identity: dict[str, str]) -> None:
+    """Which tokenizer (path and sha256) the run reads its data with."""
+    write_text_atomic(run_dir / TOKENIZER_FILE, json.dumps(identity, indent=2) + "\n")
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:

@@ -14,7 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from birkhoff.data import BatchLoader, PreparedData, heldout_batches
+from birkhoff.data import (
+    Batch,
+    BatchBuilder,
+    DataPlan,
+    EngramHasher,
+    Layout,
+    TrainLoader,
+    heldout_windows,
+)
 from birkhoff.data.compression import tokenizer_compression
 from birkhoff.model import build_model
 from birkhoff.model.mhc import residual_stats
@@ -43,7 +51,7 @@ class Trainer:
     def __init__(
         self,
         recipe: TrainRecipe,
-        data: PreparedData,
+        data: DataPlan,
         ctx: DistributedContext,
         device: torch.device,
         metrics: MetricLogger,
@@ -57,19 +65,23 @@ class Trainer:
         self.dp_size = recipe.parallel.resolved_dp(ctx.world_size)
         self.grad_accum = train_cfg.grad_accum_steps(self.dp_size)
         seed_everything(train_cfg.seed, train_cfg.deterministic)
-        compression = tokenizer_compression(data.tokenizer)
-        self.model = build_model(recipe.model, recipe.backend.kernels, compression).to(device)
+        tokenizer = data.tokenizer
+        compression = tokenizer_compression(tokenizer)
+        self.model = build_model(
+            recipe.model, recipe.backend.kernels, compression, tokenizer.pad_id
+        ).to(device)
         self.parallel_model = apply_data_parallel(self.model, ctx)
         self.optimizer, self.scheduler = build_optimizer(self.model, recipe.optim, train_cfg.steps)
-        self.loader = BatchLoader(
-            data.train_tokens,
-            recipe.data.seq_len,
+        self.layout = Layout(
             train_cfg.global_batch_size,
             train_cfg.micro_batch_size,
             ctx.dp_rank,
             self.dp_size,
             train_cfg.seed,
         )
+        self.build_batch = self._batch_builder(compression)
+        self.loader = TrainLoader(data, self.layout, self.build_batch)
+        self.heldout = heldout_windows(data, train_cfg.eval_batches * train_cfg.global_batch_size)
         self.tokens_per_step = train_cfg.global_batch_size * recipe.data.seq_len
         self.routed_per_layer = self.tokens_per_step * recipe.model.moe.top_k
         self.step = 0
@@ -104,11 +116,12 @@ class Trainer:
         step_start = time.perf_counter()
         self.parallel_model.train()
         micro_batches = self.loader.next_batch()
+        data_wait = time.perf_counter() - step_start
         loss_sum = torch.zeros((), device=self.device)
-        for index, (inputs, targets) in enumerate(micro_batches):
+        for index, batch in enumerate(micro_batches):
             is_last = index == len(micro_batches) - 1
             with self._gradient_sync(is_last), self._autocast():
-                loss = self.parallel_model(inputs.to(self.device), targets.to(self.device))
+                loss = self._forward(batch.to(self.device), with_targets=True)
             (loss / self.grad_accum).backward()
             loss_sum += loss.detach()
         residual = self._check_residual_constraint()
@@ -121,6 +134,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         experts = balance_experts(self.model, self.ctx, self.routed_per_layer)
         loss = self.ctx.all_reduce_mean(loss_sum / self.grad_accum).item()
+        skipped = self.ctx.all_reduce_sum(
+            torch.tensor(float(self.loader.skipped_records), device=self.device)
+        )
         self.step += 1
         step_time = time.perf_counter() - step_start
         return {
@@ -131,6 +147,8 @@ class Trainer:
             "tokens_per_s": self.tokens_per_step / step_time,
             "step_time_s": step_time,
             "tokens_seen": self.step * self.tokens_per_step,
+            "data_wait_s": data_wait,
+            "data_skipped_records": int(skipped.item()),
             **residual,
             **experts,
         }
@@ -139,25 +157,31 @@ class Trainer:
     def evaluate(self) -> float:
         """Mean next-token cross-entropy over the same held-out windows every time, across all
         ranks (without the MTP and balance terms that the training objective may add)."""
-        cfg = self.recipe.train
         self.parallel_model.eval()
-        batches = heldout_batches(
-            self.data.heldout_tokens,
-            self.recipe.data.seq_len,
-            cfg.global_batch_size,
-            cfg.eval_batches,
-            self.ctx.dp_rank,
-            self.dp_size,
-        )
+        batch_size, per_rank = self.layout.global_batch_size, self.layout.per_rank
         losses = []
-        for inputs, targets in batches:
+        for first in range(0, len(self.heldout), batch_size):
+            mine = first + self.ctx.dp_rank * per_rank
+            batch = self.build_batch(self.heldout[mine : mine + per_rank]).to(self.device)
             with self._autocast():
-                logits = self.model(inputs.to(self.device))
-            losses.append(
-                F.cross_entropy(logits.flatten(0, 1).float(), targets.to(self.device).flatten())
-            )
+                logits = self._forward(batch, with_targets=False)
+            losses.append(F.cross_entropy(logits.flatten(0, 1).float(), batch.targets.flatten()))
         mean = torch.stack(losses).mean()
         return self.ctx.all_reduce_mean(mean).item()
+
+    def _forward(self, batch: Batch, with_targets: bool) -> torch.Tensor:
+        """The loss (training: through the data-parallel wrapper) or the logits (evaluation)."""
+        if with_targets:
+            return self.parallel_model(batch.inputs, batch.targets, **batch.model_kwargs())
+        return self.model(batch.inputs, **batch.model_kwargs())
+
+    def _batch_builder(self, compression: torch.Tensor) -> BatchBuilder:
+        """Windows -> batches with positions (document masking) and Engram rows if asked for."""
+        data_cfg, tokenizer = self.recipe.data, self.data.tokenizer
+        hasher = None
+        if data_cfg.engram_in_loader and self.model.cfg.engram.layers:
+            hasher = EngramHasher(self.model.cfg, compression, tokenizer.pad_id)
+        return BatchBuilder(tokenizer.eos_id, data_cfg.document_mask, hasher)
 
     def _check_residual_constraint(self) -> dict[str, float]:
         """mHC's H_res must stay (nearly) doubly stochastic: fail the step before its update."""

@@ -1,0 +1,111 @@
+"""Before any rank starts: resolve every source and settle the tokenizer (`open_data`)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import fsspec
+
+from birkhoff.data.config import DataConfig
+from birkhoff.data.documents import TRAIN, SplitSpec, StreamPosition, rank_records
+from birkhoff.data.shards import read_manifest
+from birkhoff.data.sources import DataError, ResolvedSource, resolve_source
+from birkhoff.data.tokenizer import Tokenizer, cached_model_path, train_tokenizer
+from birkhoff.errors import RecipeError
+
+CACHE_ENV = "BIRKHOFF_CACHE_DIR"
+
+
+@dataclass
+class DataPlan:
+    """The resolved sources of a recipe and the tokenizer every one of them is read with."""
+
+    config: DataConfig
+    sources: list[ResolvedSource]
+    tokenizer: Tokenizer
+
+    @property
+    def empty_files(self) -> int:
+        return sum(len(source.empty_files) for source in self.sources)
+
+
+def cache_dir(cfg: DataConfig) -> Path:
+    """`data.cache_dir`, else $BIRKHOFF_CACHE_DIR, else ~/.cache/birkhoff."""
+    configured = cfg.cache_dir or os.environ.get(CACHE_ENV)
+    return Path(configured or "~/.cache/birkhoff").expanduser()
+
+
+def resolve_sources(cfg: DataConfig) -> list[ResolvedSource]:
+    skip_empty = cfg.on_bad_record == "skip"
+    return [resolve_source(source, skip_empty) for source in cfg.sources]
+
+
+def open_data(cfg: DataConfig) -> DataPlan:
+    """Resolve the sources and load (or train and cache) the tokenizer; DataError/RecipeError
+    name the bad source or key. Prepared sources must have been made with that tokenizer."""
+    sources = resolve_sources(cfg)
+    tokenizer = _tokenizer(cfg, sources)
+    for index, source in enumerate(sources):
+        if source.format == "prepared":
+            check_prepared_tokenizer(source, tokenizer, index)
+    return DataPlan(cfg, sources, tokenizer)
+
+
+def check_prepared_tokenizer(source: ResolvedSource, tokenizer: Tokenizer, index: int) -> None:
+    used = read_manifest(Path(source.files[0]))["tokenizer"]
+    if used["sha256"] != tokenizer.sha256():
+        raise DataError(
+            f"data.sources.{index}: {source.config.path} was prepared with tokenizer "
+            f"{used['path']} (sha256 {used['sha256'][:12]}), this run uses {tokenizer.path} "
+            f"(sha256 {tokenizer.sha256()[:12]}): prepare it again, or set data.tokenizer.path"
+        )
+
+
+def training_texts(cfg: DataConfig, sources: list[ResolvedSource]) -> Iterator[str]:
+    """The training split of every raw source in canonical order (what a tokenizer learns)."""
+    for index, source in enumerate(sources):
+        if source.format == "prepared":
+            continue
+        spec = SplitSpec(TRAIN, cfg.heldout_period, cfg.split_seed, 0, index, shuffle=False)
+        for item in rank_records(source, spec, StreamPosition(), epochs=1):
+            if item.record.text:
+                yield item.record.text
+
+
+def text_fingerprint(cfg: DataConfig, sources: list[ResolvedSource]) -> str:
+    """Identifies the training text without reading it: sources, files, sizes, mtimes, split."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps([cfg.heldout_period, cfg.split_seed]).encode())
+    for source in sources:
+        digest.update(json.dumps(asdict(source.config), sort_keys=True).encode())
+        for path in source.files:
+            fs, root = fsspec.core.url_to_fs(path)
+            info = fs.info(root)
+            stamp = [Path(root).name, info.get("size"), str(info.get("mtime", ""))]
+            digest.update(json.dumps(stamp).encode())
+    return digest.hexdigest()
+
+
+def _tokenizer(cfg: DataConfig, sources: list[ResolvedSource]) -> Tokenizer:
+    if cfg.tokenizer.path is not None:
+        path = Path(cfg.tokenizer.path).expanduser()
+        if not path.is_file():
+            raise RecipeError(
+                "data.tokenizer.path",
+                cfg.tokenizer.path,
+                "does not exist: train one with `birkhoff data tokenizer "
+                f"data.tokenizer.path={cfg.tokenizer.path}`, or set it to null to train on the fly",
+            )
+        return Tokenizer(path)
+    prepared = [s for s in sources if s.format == "prepared"]
+    if prepared:  # read everything with the tokenizer the shards were made with
+        return Tokenizer(read_manifest(Path(prepared[0].files[0]))["tokenizer"]["path"])
+    model_path = cached_model_path(cfg.tokenizer, text_fingerprint(cfg, sources), cache_dir(cfg))
+    if model_path.is_file():
+        return Tokenizer(model_path)
+    return train_tokenizer(cfg.tokenizer, training_texts(cfg, sources), model_path)
