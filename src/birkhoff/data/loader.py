@@ -179,14 +179,16 @@ class TrainLoader:
 
     def _plans(self) -> Iterator[Plan]:
         counts = self.counts.copy()
-        lo = self.layout.dp_rank * self.layout.per_rank
+        first = self.layout.dp_rank * self.layout.per_rank
+        last = first + self.layout.per_rank
         while True:
-            before = counts.copy()
+            taken = counts.copy()  # samples of each source before the current position
             sources = self.schedule.assign(counts, self.layout.global_batch_size)
             rows = []
-            for position in range(lo, lo + self.layout.per_rank):
-                source = int(sources[position])
-                rows.append((source, int(before[source] + np.sum(sources[:position] == source))))
+            for position, source in enumerate(sources[:last].tolist()):
+                if position >= first:
+                    rows.append((source, int(taken[source])))
+                taken[source] += 1
             yield Plan(tuple(rows), tuple(counts.tolist()))
 
     def _start(self) -> Iterator[tuple[Plan, Batch]]:
