@@ -86,9 +86,6 @@ class PlanBatches(torch.utils.data.Dataset):
         rows = [self.windows.window(s, k) for s, k in plan.rows]
         return plan, self.build(np.stack(rows))
 
-    def __len__(self) -> int:
-        raise TypeError("PlanBatches is indexed by plans, not by position")
-
 
 class TrainLoader:
     def __init__(self, plan: DataPlan, layout: Layout, build: BatchBuilder) -> None:
