@@ -261,7 +261,7 @@ def test_loader_engram_rows_equal_the_models_own_hash(corpus):
     loader = TrainLoader(plan, Layout(4, 4, 0, 1, 0), build)
     (batch,) = loader.next_batch()
     for layer, rows in batch.engram_rows.items():
-        torch.testing.assert_close(rows, model.blocks[layer].engram.hash_tokens(batch.inputs))
+        torch.testing.assert_close(rows, model.blocks[str(layer)].engram.hash_tokens(batch.inputs))
     torch.testing.assert_close(
         model(batch.inputs, engram_rows=batch.engram_rows), model(batch.inputs)
     )

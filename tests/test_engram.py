@@ -117,7 +117,7 @@ def test_tables_get_their_own_lr_and_no_weight_decay():
     )
     groups = {g["name"]: g for g in param_groups(model, 0.1, 2e-3)}
     tables = groups["engram_tables"]
-    assert tables["params"] == [model.blocks[1].engram.table.weight]
+    assert tables["params"] == [model.blocks["1"].engram.table.weight]
     assert tables["lr"] == pytest.approx(1e-2) and tables["weight_decay"] == 0.0
 
 

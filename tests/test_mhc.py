@@ -173,7 +173,9 @@ def test_residual_streams_stay_fp32_under_bf16_autocast():
     tokens = torch.randint(0, 64, (2, 16))
     reference = model(tokens)
     block_out = []
-    model.blocks[-1].register_forward_hook(lambda m, i, o: block_out.append(o))
+    model.blocks[str(len(model.blocks) - 1)].register_forward_hook(
+        lambda m, i, o: block_out.append(o)
+    )
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(tokens)
     assert block_out[0].dtype == torch.float32
@@ -183,7 +185,7 @@ def test_residual_streams_stay_fp32_under_bf16_autocast():
 def test_the_tolerance_check_sees_every_micro_batch():
     torch.manual_seed(0)
     model = tiny_deep_model("mhc", layers=2)
-    layer = model.blocks[0].attention_residual
+    layer = model.blocks["0"].attention_residual
     model(torch.randint(0, 64, (2, 16)))
     with torch.no_grad():  # a second micro-batch whose H_res is far off: 1 Sinkhorn iteration
         layer.cfg.sinkhorn_iters = 1

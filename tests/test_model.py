@@ -47,8 +47,8 @@ def test_output_projections_get_the_depth_scaled_init():
     model = build_model(
         ModelConfig(**{**CFG.__dict__, "num_layers": 8, "hidden_size": 256, "ffn_hidden_size": 512})
     )
-    assert abs(model.blocks[0].attention.wq.weight.std().item() - 0.02) < 0.002
-    assert abs(model.blocks[0].attention.wo.weight.std().item() - 0.02 / 4) < 0.001
+    assert abs(model.blocks["0"].attention.wq.weight.std().item() - 0.02) < 0.002
+    assert abs(model.blocks["0"].attention.wo.weight.std().item() - 0.02 / 4) < 0.001
 
 
 @pytest.mark.parametrize(

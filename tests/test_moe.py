@@ -106,7 +106,7 @@ def test_bias_updates_push_a_skewed_stream_toward_uniform_load():
             x = torch.randn(256, 16, generator=generator) + skew
             moe(x.unsqueeze(0))
             total += moe.tokens_per_expert
-            balance_experts(moe, SINGLE_PROCESS, routed_per_layer=256 * 2)
+            balance_experts([moe], SINGLE_PROCESS, routed_per_layer=256 * 2)
         return (total.max() / total.mean()).item()
 
     before = imbalance_over(1)
@@ -120,7 +120,7 @@ def test_balance_metrics_and_reset():
     moe = make_moe()
     moe.train()
     moe(torch.randn(1, 40, 16))
-    metrics = balance_experts(moe, SINGLE_PROCESS, routed_per_layer=80)
+    metrics = balance_experts([moe], SINGLE_PROCESS, routed_per_layer=80)
     assert metrics["moe_dropped_tokens"] == 0
     assert metrics["moe_load_max_over_mean"] >= 1 >= metrics["moe_load_min_over_mean"]
     assert moe.tokens_per_expert.sum() == 0 and moe.router.bias.abs().sum() > 0
@@ -131,7 +131,7 @@ def test_first_k_dense_layers_keep_a_dense_ffn():
         num_layers=3,
         moe=MoEConfig(num_experts=4, top_k=2, expert_ffn_hidden_size=8, first_k_dense=2),
     )
-    kinds = [type(block.ffn).__name__ for block in build_model(cfg).blocks]
+    kinds = [type(block.ffn).__name__ for block in build_model(cfg).blocks.values()]
     assert kinds == ["SwiGLU", "SwiGLU", "MoE"]
 
 

@@ -42,11 +42,15 @@ def test_depth_k_reads_token_i_plus_k_and_predicts_token_i_plus_k_plus_1(depth):
     hidden = torch.zeros(1, seq, VOCAB)
     counting = (torch.arange(seq) % VOCAB).unsqueeze(0)  # t_{j+1} = t_j + 1
     # Depth k is fed Emb(t_{i+k}) and scored on t_{i+k+1}: perfect on a counting sequence...
-    assert mtp_loss(depths, hidden, counting, predicts_successor, lambda h: h, rope) < 1e-6
+    assert (
+        mtp_loss(depths, hidden, counting, predicts_successor(counting), lambda h: h, rope) < 1e-6
+    )
     # ...and wrong whenever the next token is not the successor (any other offset fails).
     for step in (2, 3):
         skipping = (torch.arange(seq) * step % VOCAB).unsqueeze(0)
-        assert mtp_loss(depths, hidden, skipping, predicts_successor, lambda h: h, rope) > 10
+        assert (
+            mtp_loss(depths, hidden, skipping, predicts_successor(skipping), lambda h: h, rope) > 10
+        )
 
 
 def config(depth: int, weight: float = 0.3) -> ModelConfig:

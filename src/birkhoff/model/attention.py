@@ -24,10 +24,11 @@ class Attention(nn.Module):
         self._attention = kernels.get("attention", kernel_backend)
 
     def forward(self, x: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
+        # Heads are inferred (-1): under tensor parallelism a rank holds heads / tp of them.
         batch, seq, _ = x.shape
-        q = self.wq(x).view(batch, seq, self.num_heads, self.head_dim)
-        k = self.wk(x).view(batch, seq, self.num_kv_heads, self.head_dim)
-        v = self.wv(x).view(batch, seq, self.num_kv_heads, self.head_dim)
+        q = self.wq(x).view(batch, seq, -1, self.head_dim)
+        k = self.wk(x).view(batch, seq, -1, self.head_dim)
+        v = self.wv(x).view(batch, seq, -1, self.head_dim)
         q, k = self._rope(q, ctx.cos, ctx.sin), self._rope(k, ctx.cos, ctx.sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         out = self._attention(q, k, v, ctx.attention_mask)

@@ -19,6 +19,7 @@ from torch import nn
 
 from birkhoff import kernels
 from birkhoff.model.config import ResidualConfig
+from birkhoff.model.recompute import recomputing
 
 Sublayer = Callable[[torch.Tensor], torch.Tensor]
 
@@ -94,7 +95,7 @@ class HyperConnection(nn.Module):
     def _record(self, h_res: torch.Tensor) -> None:
         """Keep the latest H_res sample and the worst deviation over every training forward
         since the last `residual_stats` call (all micro-batches of a step)."""
-        if not self.training:
+        if not self.training or recomputing():
             return
         self.last_h_res = h_res.flatten(0, -3)[: self.cfg.stats_tokens]
         rows = (h_res.sum(-1) - 1).abs().amax()
@@ -112,7 +113,7 @@ class StreamReadout(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.proj = nn.Linear(cfg.n_streams * hidden_size, cfg.n_streams, bias=False)
-        self.alpha = nn.Parameter(torch.tensor(cfg.alpha_init))
+        self.alpha = nn.Parameter(torch.full((1,), cfg.alpha_init))  # 1-D: FSDP shards no scalars
         self.bias = nn.Parameter(_initial_pre_bias(cfg))
         self._pre = kernels.get("mhc_pre", kernel_backend)
 
@@ -137,15 +138,33 @@ def residual_stats(model: nn.Module) -> dict[str, float]:
     layers; reading resets it), and the
     gains of the composite residual mapping prod_l H_res_l over the sampled tokens: max abs row
     sum (forward gain) and max abs column sum (backward gain)."""
-    layers = [m for m in model.modules() if isinstance(m, HyperConnection)]
+    layers = hyper_connections(model)
     if not layers or layers[0].last_h_res is None:
         return {}
+    return stats_of(take_deviation(layers), composite_mapping(layers))
+
+
+def hyper_connections(model: nn.Module) -> list[HyperConnection]:
+    return [m for m in model.modules() if isinstance(m, HyperConnection)]
+
+
+def take_deviation(layers: list[HyperConnection]) -> torch.Tensor:
+    """(rows, columns) worst deviation of `layers` since the last call; resets it."""
     deviation = torch.stack([layer.last_deviation for layer in layers]).amax(0)
     for layer in layers:
         layer.last_deviation = None  # the next step's forwards start a new maximum
+    return deviation
+
+
+def composite_mapping(layers: list[HyperConnection]) -> torch.Tensor:
+    """prod_l H_res_l (last layer leftmost) over the sampled tokens, in float64."""
     composite = layers[0].last_h_res.double()
     for layer in layers[1:]:
         composite = layer.last_h_res.double() @ composite
+    return composite
+
+
+def stats_of(deviation: torch.Tensor, composite: torch.Tensor) -> dict[str, float]:
     return {
         "mhc_row_dev": deviation[0].item(),
         "mhc_col_dev": deviation[1].item(),

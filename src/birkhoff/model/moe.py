@@ -12,10 +12,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from birkhoff import kernels
 from birkhoff.model.config import MoEConfig
 from birkhoff.model.mlp import SwiGLU
+from birkhoff.model.recompute import recomputing
 
 
 class Router(nn.Module):
@@ -60,6 +62,12 @@ class Router(nn.Module):
         self.bias += self.cfg.bias_update_rate * torch.sign(load.float().mean() - load.float())
 
 
+def _local(weight: torch.Tensor) -> torch.Tensor:
+    """This rank's experts: expert parallelism (applied from outside) makes the stacked
+    weights DTensors sharded on the expert dim, and the inputs arrive already dispatched."""
+    return weight.to_local() if isinstance(weight, DTensor) else weight
+
+
 class GroupedExperts(nn.Module):
     """E SwiGLU experts stored as stacked matrices and run as grouped GEMMs."""
 
@@ -78,7 +86,9 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x (M, C) sorted by expert, counts (E,) -> (M, C)."""
-        w_gate, w_up, w_down = (w.to(x.dtype) for w in (self.w_gate, self.w_up, self.w_down))
+        w_gate, w_up, w_down = (
+            _local(w).to(x.dtype) for w in (self.w_gate, self.w_up, self.w_down)
+        )
         hidden = F.silu(self._gemm(x, w_gate, counts)) * self._gemm(x, w_up, counts)
         return self._gemm(hidden, w_down, counts)
 
@@ -103,7 +113,7 @@ class MoE(nn.Module):
         flat = x.flatten(0, 1)
         weights, expert_ids, scores = self.router(flat)
         permuted, order, counts = self._permute(flat, expert_ids, self.cfg.num_experts)
-        if self.training:
+        if self.training and not recomputing():
             self.tokens_per_expert += counts
         expert_out = self.experts(permuted, counts)
         out = self._unpermute(expert_out, order, weights, flat.shape[0])

@@ -52,19 +52,21 @@ def mtp_loss(
     depths: nn.ModuleList,
     hidden: torch.Tensor,
     targets: torch.Tensor,
-    embed: Callable[[torch.Tensor], torch.Tensor],
+    target_embeddings: torch.Tensor,
     logits_of: Callable[[torch.Tensor], torch.Tensor],
     ctx: SequenceContext,
 ) -> torch.Tensor:
     """Mean cross-entropy over the depths. hidden (B, T, C) is the main model's last hidden
-    state; targets (B, T) are the next tokens, so t_{i+k} = targets[:, i+k-1]."""
+    state; targets (B, T) are the next tokens, so t_{i+k} = targets[:, i+k-1], and
+    target_embeddings (B, T, C) are Emb(targets) (computed once, where the embedding lives)."""
     losses = []
     for k, depth in enumerate(depths, start=1):
         length = targets.shape[1] - k
         if length <= 0:
             break
         inputs = targets[:, k - 1 : k - 1 + length]
-        hidden = depth(hidden[:, :length], embed(inputs), ctx.truncated(length), inputs)
+        embedded = target_embeddings[:, k - 1 : k - 1 + length]
+        hidden = depth(hidden[:, :length], embedded, ctx.truncated(length), inputs)
         logits = logits_of(hidden)
         losses.append(F.cross_entropy(logits.flatten(0, 1).float(), targets[:, k:].flatten()))
     return torch.stack(losses).mean()

@@ -75,6 +75,20 @@ class Block(nn.Module):
         x = self.attention_residual(x, lambda h: self.attention(self.attention_norm(h), ctx))
         return self.ffn_residual(x, lambda h: self._ffn(self.ffn_norm(h), aux_losses))
 
+    def tensor_parallel_plan(self) -> dict[str, str]:
+        """Submodule -> "colwise" | "rowwise" for tensor parallelism (applied from outside):
+        attention heads and the hidden units of dense and shared-expert FFNs are split; a
+        colwise layer feeds a rowwise one, so each sublayer needs one all-reduce. Norms, mHC
+        mappings, Engram, router and routed experts stay whole (experts use ep instead)."""
+        plan = {f"attention.{name}": "colwise" for name in ("wq", "wk", "wv")}
+        plan["attention.wo"] = "rowwise"
+        ffn = self.ffn if isinstance(self.ffn, SwiGLU) else getattr(self.ffn, "shared", None)
+        if ffn is not None:
+            prefix = "ffn" if ffn is self.ffn else "ffn.shared"
+            plan.update({f"{prefix}.w_gate": "colwise", f"{prefix}.w_up": "colwise"})
+            plan[f"{prefix}.w_down"] = "rowwise"
+        return plan
+
     def _ffn(self, h: torch.Tensor, aux_losses: list[torch.Tensor]) -> torch.Tensor:
         if not isinstance(self.ffn, MoE):
             return self.ffn(h)
@@ -99,8 +113,12 @@ class Transformer(nn.Module):
             token_compression = torch.arange(cfg.vocab_size, device="cpu")
         self.streams = 1 if cfg.residual.mode == "plain" else cfg.residual.n_streams
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.blocks = nn.ModuleList(
-            Block(cfg, i, token_compression, kernel_backend, pad_id) for i in range(cfg.num_layers)
+        # Keyed by layer index: a pipeline stage keeps its layers under their original names.
+        self.blocks = nn.ModuleDict(
+            {
+                str(i): Block(cfg, i, token_compression, kernel_backend, pad_id)
+                for i in range(cfg.num_layers)
+            }
         )
         self.readout = (
             None
@@ -138,30 +156,61 @@ class Transformer(nn.Module):
         precomputed by the data loader. The loss is computed inside forward so that
         data-parallel wrappers see one call.
         """
-        ctx = self._context(tokens.shape[1], positions, engram_rows)
-        x = self.embedding(tokens)
-        if self.readout is not None:  # the embedding is copied into every stream (contiguous,
-            x = x.unsqueeze(-2).repeat(1, 1, self.streams, 1)  # or matmuls take a slow path)
+        ctx = self.context(tokens.shape[1], positions, engram_rows)
+        x = self.embed(tokens)
         aux_losses: list[torch.Tensor] = []
-        for block in self.blocks:
+        for block in self.blocks.values():
             x = block(x, tokens, ctx, aux_losses)
-        if self.readout is not None:
-            x = self.readout(x)
-        logits = self._logits(x)
         if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-        if len(self.mtp) and self.cfg.mtp.loss_weight > 0:
-            extra = mtp_loss(self.mtp, x, targets, self.embedding, self._logits, ctx)
-            loss = loss + self.cfg.mtp.loss_weight * extra
+            return self.logits(x)
+        target_embeddings = self.embedding(targets) if self.uses_mtp else None
+        loss = self.output_loss(x, targets, ctx, target_embeddings)
         return loss + sum(aux_losses) if aux_losses else loss
 
-    def _context(
+    @property
+    def uses_mtp(self) -> bool:
+        return len(self.mtp) > 0 and self.cfg.mtp.loss_weight > 0
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) -> the residual: (B, T, C), or (B, T, n, C) with n streams."""
+        x = self.embedding(tokens)
+        if self.has_streams:  # the embedding is copied into every stream (contiguous, or
+            x = x.unsqueeze(-2).repeat(1, 1, self.streams, 1)  # matmuls take a slow path)
+        return x
+
+    @property
+    def has_streams(self) -> bool:
+        """Whether the residual is n hyper-connection streams (B, T, n, C)."""
+        return self.cfg.residual.mode != "plain"
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The last blocks' residual -> logits (B, T, vocab)."""
+        return self._logits(x if self.readout is None else self.readout(x))
+
+    def output_loss(
+        self,
+        x: torch.Tensor,
+        targets: torch.Tensor,
+        ctx: SequenceContext,
+        target_embeddings: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Next-token cross-entropy of the last blocks' residual, plus the weighted MTP loss
+        while training (`target_embeddings` = Emb(targets), needed only then)."""
+        hidden = x if self.readout is None else self.readout(x)
+        logits = self._logits(hidden)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        if self.uses_mtp and target_embeddings is not None:
+            extra = mtp_loss(self.mtp, hidden, targets, target_embeddings, self._logits, ctx)
+            loss = loss + self.cfg.mtp.loss_weight * extra
+        return loss
+
+    def context(
         self,
         seq: int,
         positions: torch.Tensor | None,
         engram_rows: dict[int, torch.Tensor] | None,
     ) -> SequenceContext:
+        """RoPE tables, document mask and Engram rows shared by every block of one call."""
         if positions is None:
             return SequenceContext(self.rope_cos[:seq], self.rope_sin[:seq], None, engram_rows)
         mask = document_causal_mask(positions)

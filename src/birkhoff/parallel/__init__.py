@@ -1,14 +1,12 @@
 """Process groups, device selection and the parallel wrappers applied to a model from outside."""
 
 from birkhoff.parallel.config import ParallelConfig
-from birkhoff.parallel.data_parallel import apply_data_parallel
 from birkhoff.parallel.device import resolve_device
 from birkhoff.parallel.distributed import DistributedContext, distributed
 
 __all__ = [
     "DistributedContext",
     "ParallelConfig",
-    "apply_data_parallel",
     "distributed",
     "resolve_device",
 ]

@@ -1,17 +1,45 @@
-"""The process group of a rank, read from the environment torchrun's launcher sets."""
+"""The process group of a rank, read from the environment torchrun's launcher sets, and the one
+DeviceMesh every parallel dimension is cut from."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from birkhoff.parallel.device import COLLECTIVE_BACKENDS
+
+# Outer to inner: pipeline stages talk least, tensor-parallel ranks most (keep them adjacent).
+# Expert parallelism is the inner part of dp_shard.
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard_mod_ep", "ep", "tp")
+FLATTENED = {
+    "dp_shard": ("dp_shard_mod_ep", "ep"),
+    "dp": ("dp_replicate", "dp_shard_mod_ep", "ep"),
+    "edp": ("dp_replicate", "dp_shard_mod_ep"),
+}
+
+
+def build_mesh(degrees: dict[str, int], device_type: str) -> DeviceMesh:
+    """The world mesh with named dims MESH_DIMS plus the flattened dp_shard, dp (all
+    data-parallel ranks) and edp (the data-parallel ranks of one expert shard)."""
+    sizes = {
+        "pp": degrees["pp"],
+        "dp_replicate": degrees["dp_replicate"],
+        "dp_shard_mod_ep": degrees["dp_shard"] // degrees["ep"],
+        "ep": degrees["ep"],
+        "tp": degrees["tp"],
+    }
+    mesh = init_device_mesh(
+        device_type, tuple(sizes[d] for d in MESH_DIMS), mesh_dim_names=MESH_DIMS
+    )
+    for name, dims in FLATTENED.items():
+        mesh[dims]._flatten(name)
+    return mesh
 
 
 @dataclass(frozen=True)
@@ -20,28 +48,46 @@ class DistributedContext:
     local_rank: int
     world_size: int
     mesh: DeviceMesh | None  # None in a single process
+    degrees: dict[str, int] = field(default_factory=dict)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # collectives
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def size(self, dim: str) -> int:
+        return 1 if self.mesh is None else self.mesh[dim].size()
+
+    def local_rank_in(self, dim: str) -> int:
+        return 0 if self.mesh is None else self.mesh[dim].get_local_rank()
+
+    def group(self, dim: str) -> dist.ProcessGroup | None:
+        return None if self.mesh is None else self.mesh[dim].get_group()
+
     @property
     def dp_rank(self) -> int:
-        return 0 if self.mesh is None else self.mesh.get_local_rank("dp_replicate")
+        return self.local_rank_in("dp")
 
-    def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
-        """Sum over data-parallel ranks (a copy; unchanged in one process)."""
-        if self.mesh is None:
-            return value.clone()
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM, group=self.mesh.get_group("dp_replicate"))
+    @property
+    def dp_size(self) -> int:
+        return self.size("dp")
+
+    def all_reduce_sum(self, value: torch.Tensor, dim: str = "dp") -> torch.Tensor:
+        """Sum over the ranks of mesh dimension `dim` (a copy on this rank's device)."""
+        value = value.to(self.device, copy=True)
+        if self.mesh is not None and self.size(dim) > 1:
+            dist.all_reduce(value, op=dist.ReduceOp.SUM, group=self.group(dim))
         return value
 
-    def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
-        """Mean over data-parallel ranks."""
-        if self.mesh is None:
-            return value
-        return self.all_reduce_sum(value) / self.mesh.get_group("dp_replicate").size()
+    def all_reduce_mean(self, value: torch.Tensor, dim: str = "dp") -> torch.Tensor:
+        """Mean over the ranks of mesh dimension `dim`."""
+        return self.all_reduce_sum(value, dim) / self.size(dim)
+
+    def all_reduce_max(self, value: torch.Tensor, dim: str) -> torch.Tensor:
+        value = value.to(self.device, copy=True)
+        if self.mesh is not None and self.size(dim) > 1:
+            dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.group(dim))
+        return value
 
 
 def env_rank() -> tuple[int, int, int]:
@@ -54,15 +100,15 @@ def env_rank() -> tuple[int, int, int]:
 
 
 @contextmanager
-def distributed(device: torch.device) -> Iterator[DistributedContext]:
+def distributed(device: torch.device, degrees: dict[str, int]) -> Iterator[DistributedContext]:
     """Join the process group for the duration of a run and leave it cleanly afterwards."""
     rank, local_rank, world_size = env_rank()
     if world_size == 1:
-        yield DistributedContext(rank, local_rank, world_size, None)
+        yield DistributedContext(rank, local_rank, world_size, None, degrees, device)
         return
     dist.init_process_group(COLLECTIVE_BACKENDS[device.type])
     try:
-        mesh = init_device_mesh(device.type, (world_size,), mesh_dim_names=("dp_replicate",))
-        yield DistributedContext(rank, local_rank, world_size, mesh)
+        mesh = build_mesh(degrees, device.type)
+        yield DistributedContext(rank, local_rank, world_size, mesh, degrees, device)
     finally:
         dist.destroy_process_group()

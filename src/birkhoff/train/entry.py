@@ -56,7 +56,8 @@ def run_rank(recipe: dict[str, Any], run_dir: str, data: DataPlan | None = None)
     run_path = Path(run_dir)
     _, local_rank, _ = env_rank()
     device = resolve_device(train_recipe.backend.device, local_rank)
-    with distributed(device) as ctx:
+    degrees = train_recipe.parallel.degrees(env_rank()[2])
+    with distributed(device, degrees) as ctx:
         data = data or open_data(train_recipe.data)
         if ctx.is_main:
             refuse_used_run_dir(run_path)

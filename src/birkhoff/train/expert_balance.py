@@ -12,27 +12,48 @@ from birkhoff.parallel import DistributedContext
 
 @torch.no_grad()
 def balance_experts(
-    model: nn.Module, ctx: DistributedContext, routed_per_layer: int
+    parts: list[nn.Module], ctx: DistributedContext, routed_per_layer: int
 ) -> dict[str, float]:
     """Update router biases from the global loads; return the load summary for the metrics.
 
-    `routed_per_layer` is tokens x top_k of the global batch: what every MoE layer must have
-    routed, so any shortfall is a dropped token (there is no capacity limit, so it must be 0).
+    `parts` are this rank's model chunks (pipeline stages hold different layers, so the
+    summary is reduced over pp). `routed_per_layer` is tokens x top_k of the global batch:
+    what every MoE layer must have routed, so any shortfall is a dropped token (there is no
+    capacity limit, so it must be 0).
     """
-    layers = [module for module in model.modules() if isinstance(module, MoE)]
-    if not layers:
+    layers = [m for part in parts for m in part.modules() if isinstance(m, MoE)]
+    if not layers and ctx.size("pp") == 1:
         return {}
-    counts = ctx.all_reduce_sum(torch.stack([layer.tokens_per_expert for layer in layers]))
-    for layer, load in zip(layers, counts, strict=True):
-        layer.router.update_bias(load)
-        layer.tokens_per_expert.zero_()
-    loads = counts.double()
+    worst = torch.full((3,), float("-inf"), dtype=torch.float64)
+    dropped = torch.zeros((), dtype=torch.float64)
+    if layers:
+        counts = ctx.all_reduce_sum(torch.stack([layer.tokens_per_expert for layer in layers]))
+        for layer, load in zip(layers, counts, strict=True):
+            layer.router.update_bias(load)
+            layer.tokens_per_expert.zero_()
+        worst = _load_summary(counts.double().cpu())
+        dropped += routed_per_layer * len(layers) - counts.sum().item()
+    worst = ctx.all_reduce_max(worst, "pp")
+    if not torch.isfinite(worst[0]):
+        return {}
+    return {
+        "moe_load_max_over_mean": worst[0].item(),
+        "moe_load_min_over_mean": -worst[1].item(),
+        "moe_load_max_min_ratio": worst[2].item(),
+        "moe_dropped_tokens": int(ctx.all_reduce_sum(dropped, "pp").item()),
+    }
+
+
+def _load_summary(loads: torch.Tensor) -> torch.Tensor:
+    """(worst max/mean, -(worst min/mean), worst max/min) over layers: all maximised, so
+    pipeline stages combine them with one max-reduction."""
     mean = loads.mean(-1)
     most, least = loads.max(-1).values, loads.min(-1).values
-    return {
-        "moe_load_max_over_mean": (most / mean).max().item(),
-        "moe_load_min_over_mean": (least / mean).min().item(),
-        # An expert with no tokens counts as 1 token, keeping the ratio finite for the logs.
-        "moe_load_max_min_ratio": (most / least.clamp(min=1)).max().item(),
-        "moe_dropped_tokens": routed_per_layer * len(layers) - int(counts.sum().item()),
-    }
+    # An expert with no tokens counts as 1 token, keeping the ratio finite for the logs.
+    return torch.stack(
+        (
+            (most / mean).max(),
+            -(least / mean).min(),
+            (most / least.clamp(min=1)).max(),
+        )
+    )

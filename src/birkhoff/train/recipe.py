@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from birkhoff import kernels
 from birkhoff.data.config import DataConfig
 from birkhoff.errors import require
+from birkhoff.model.budget import apply_sparse_budget
 from birkhoff.model.config import ModelConfig
 from birkhoff.parallel.config import ParallelConfig
 from birkhoff.train.config import (
@@ -34,7 +35,11 @@ class TrainRecipe:
         self.data.validate()
         self.optim.validate()
         self.parallel.validate(world_size)
-        self.train.validate(self.parallel.resolved_dp(world_size))
+        dp_size = self.parallel.resolved_dp(world_size)
+        self.train.validate(dp_size)
+        self.parallel.validate_for_model(
+            apply_sparse_budget(self.model), self.train.grad_accum_steps(dp_size)
+        )
         self.backend.validate(kernels.available_backends())
         self.logging.validate()
         require(

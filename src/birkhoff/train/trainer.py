@@ -6,6 +6,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
 
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from birkhoff.data import (
     Batch,
@@ -25,12 +27,16 @@ from birkhoff.data import (
 )
 from birkhoff.data.compression import tokenizer_compression
 from birkhoff.model import build_model
-from birkhoff.model.mhc import residual_stats
-from birkhoff.parallel import DistributedContext, apply_data_parallel
+from birkhoff.model.transformer import Transformer
+from birkhoff.parallel import DistributedContext
+from birkhoff.parallel.grad_norm import clip_grad_norm
+from birkhoff.parallel.parallelize import parallelize_chunk, wrap_ddp
+from birkhoff.parallel.pipeline import Carry, PipelineRunner
 from birkhoff.train.expert_balance import balance_experts
 from birkhoff.train.metrics import MetricLogger
 from birkhoff.train.optim import build_optimizer
 from birkhoff.train.recipe import TrainRecipe
+from birkhoff.train.residual import residual_stats
 
 
 class ResidualConstraintError(RuntimeError):
@@ -62,16 +68,26 @@ class Trainer:
         self.device = device
         self.metrics = metrics
         train_cfg = recipe.train
-        self.dp_size = recipe.parallel.resolved_dp(ctx.world_size)
+        self.dp_size = ctx.dp_size
         self.grad_accum = train_cfg.grad_accum_steps(self.dp_size)
         seed_everything(train_cfg.seed, train_cfg.deterministic)
         tokenizer = data.tokenizer
         compression = tokenizer_compression(tokenizer)
-        self.model = build_model(
-            recipe.model, recipe.backend.kernels, compression, tokenizer.pad_id
-        ).to(device)
-        self.parallel_model = apply_data_parallel(self.model, ctx)
-        self.optimizer, self.scheduler = build_optimizer(self.model, recipe.optim, train_cfg.steps)
+        model = build_model(recipe.model, recipe.backend.kernels, compression, tokenizer.pad_id)
+        self.model_cfg = model.cfg
+        self.hasher = self._engram_hasher(compression)
+        self.pipeline = self._pipeline(model.to(device))
+        # This rank's share of the model: the whole model, or its pipeline chunks.
+        self.model_parts = self.pipeline.chunks if self.pipeline else [model]
+        for part in self.model_parts:
+            parallelize_chunk(part, ctx, recipe.parallel)
+        self.model = self.model_parts[0]
+        self.parallel_model = wrap_ddp(self.model, ctx, recipe.parallel)
+        # Called with the trainer once a step's gradients are complete (before clipping).
+        self.after_backward: list[Callable[[Trainer], None]] = []
+        self.optimizer, self.scheduler = build_optimizer(
+            nn.ModuleList(self.model_parts), recipe.optim, train_cfg.steps
+        )
         self.layout = Layout(
             train_cfg.global_batch_size,
             train_cfg.micro_batch_size,
@@ -79,7 +95,7 @@ class Trainer:
             self.dp_size,
             train_cfg.seed,
         )
-        self.build_batch = self._batch_builder(compression)
+        self.build_batch = BatchBuilder(tokenizer.eos_id, recipe.data.document_mask, self.hasher)
         self.loader = TrainLoader(data, self.layout, self.build_batch)
         self.heldout = heldout_windows(data, train_cfg.eval_batches * train_cfg.global_batch_size)
         self.tokens_per_step = train_cfg.global_batch_size * recipe.data.seq_len
@@ -117,13 +133,9 @@ class Trainer:
         self.parallel_model.train()
         micro_batches = self.loader.next_batch()
         data_wait = time.perf_counter() - step_start
-        loss_sum = torch.zeros((), device=self.device)
-        for index, batch in enumerate(micro_batches):
-            is_last = index == len(micro_batches) - 1
-            with self._gradient_sync(is_last), self._autocast():
-                loss = self._forward(batch.to(self.device), with_targets=True)
-            (loss / self.grad_accum).backward()
-            loss_sum += loss.detach()
+        loss_sum = self.forward_backward(micro_batches)
+        for hook in self.after_backward:
+            hook(self)
         residual = self._check_residual_constraint()
         grad_norm = self._clip_gradients()
         if not math.isfinite(grad_norm):
@@ -132,8 +144,8 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        experts = balance_experts(self.model, self.ctx, self.routed_per_layer)
-        loss = self.ctx.all_reduce_mean(loss_sum / self.grad_accum).item()
+        experts = balance_experts(self.model_parts, self.ctx, self.routed_per_layer)
+        loss = self.reduce_loss(loss_sum)
         skipped = self.ctx.all_reduce_sum(
             torch.tensor(float(self.loader.skipped_records), device=self.device)
         )
@@ -153,6 +165,23 @@ class Trainer:
             **experts,
         }
 
+    def forward_backward(self, micro_batches: list[Batch]) -> torch.Tensor:
+        """Accumulate the gradients of one step; returns the summed micro-batch losses."""
+        if self.pipeline is not None:
+            with self._autocast():
+                return self.pipeline.train_step(micro_batches, self.device)
+        loss_sum = torch.zeros((), device=self.device)
+        for index, batch in enumerate(micro_batches):
+            with self._gradient_sync(index == len(micro_batches) - 1), self._autocast():
+                loss = self._forward(batch.to(self.device), with_targets=True)
+            (loss / self.grad_accum).backward()
+            loss_sum += loss.detach()
+        return loss_sum
+
+    def reduce_loss(self, loss_sum: torch.Tensor) -> float:
+        """A step's mean loss over its micro-batches and the data-parallel ranks."""
+        return self.ctx.all_reduce_mean(loss_sum / self.grad_accum).item()
+
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean next-token cross-entropy over the same held-out windows every time, across all
@@ -164,6 +193,9 @@ class Trainer:
             mine = first + self.ctx.dp_rank * per_rank
             batch = self.build_batch(self.heldout[mine : mine + per_rank]).to(self.device)
             with self._autocast():
+                if self.pipeline is not None:
+                    losses.append(self.pipeline.evaluate(batch))
+                    continue
                 logits = self._forward(batch, with_targets=False)
             losses.append(F.cross_entropy(logits.flatten(0, 1).float(), batch.targets.flatten()))
         mean = torch.stack(losses).mean()
@@ -175,17 +207,25 @@ class Trainer:
             return self.parallel_model(batch.inputs, batch.targets, **batch.model_kwargs())
         return self.model(batch.inputs, **batch.model_kwargs())
 
-    def _batch_builder(self, compression: torch.Tensor) -> BatchBuilder:
-        """Windows -> batches with positions (document masking) and Engram rows if asked for."""
-        data_cfg, tokenizer = self.recipe.data, self.data.tokenizer
-        hasher = None
-        if data_cfg.engram_in_loader and self.model.cfg.engram.layers:
-            hasher = EngramHasher(self.model.cfg, compression, tokenizer.pad_id)
-        return BatchBuilder(tokenizer.eos_id, data_cfg.document_mask, hasher)
+    def _engram_hasher(self, compression: torch.Tensor) -> EngramHasher | None:
+        """Engram rows are computed by the data loader when asked for and Engram is on."""
+        if not (self.recipe.data.engram_in_loader and self.model_cfg.engram.layers):
+            return None
+        return EngramHasher(self.model_cfg, compression, self.data.tokenizer.pad_id)
+
+    def _pipeline(self, model: Transformer) -> PipelineRunner | None:
+        if self.ctx.size("pp") == 1:
+            return None
+        carry = Carry(
+            has_positions=self.recipe.data.document_mask,
+            row_layers=tuple(sorted(self.model_cfg.engram.layers)) if self.hasher else (),
+            mtp=model.uses_mtp,
+        )
+        return PipelineRunner(model, self.ctx, self.recipe.parallel, carry, self.grad_accum)
 
     def _check_residual_constraint(self) -> dict[str, float]:
         """mHC's H_res must stay (nearly) doubly stochastic: fail the step before its update."""
-        stats = residual_stats(self.model)
+        stats = residual_stats(self.model_parts, self.ctx)
         residual_cfg = self.recipe.model.residual
         if residual_cfg.mode == "mhc":
             worst = max(stats["mhc_row_dev"], stats["mhc_col_dev"])
@@ -200,10 +240,14 @@ class Trainer:
 
     def _clip_gradients(self) -> float:
         max_norm = self.recipe.optim.grad_clip or float("inf")
-        return nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
+        params = [p for part in self.model_parts for p in part.parameters()]
+        return clip_grad_norm(params, max_norm, self.ctx).item()
 
     def _gradient_sync(self, sync: bool):
-        """DDP all-reduces gradients only on the last micro-batch of a step."""
+        """Gradients are reduced over data-parallel ranks only on a step's last micro-batch."""
+        if isinstance(self.model, FSDPModule):
+            self.model.set_requires_gradient_sync(sync)
+            return nullcontext()
         if sync or not hasattr(self.parallel_model, "no_sync"):
             return nullcontext()
         return self.parallel_model.no_sync()

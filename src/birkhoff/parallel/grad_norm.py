@@ -1,0 +1,56 @@
+"""Gradient-norm clipping that is correct whatever the parameters are sharded over.
+
+Parameters live on different meshes (FSDP's dp ranks, dp x tp, the expert ranks, or none),
+so the norm is taken per mesh (DTensor reduces over that mesh only, never over replicas),
+the squares summed, and summed again over pipeline stages, which hold disjoint layers."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from birkhoff.parallel.distributed import DistributedContext
+
+
+def _mesh_key(grad: torch.Tensor) -> object:
+    return grad.device_mesh if isinstance(grad, DTensor) else None
+
+
+def total_grad_norm(params: Iterable[nn.Parameter], ctx: DistributedContext) -> torch.Tensor:
+    """The 2-norm of all gradients of the whole model (a float32 scalar on every rank)."""
+    groups: dict[object, list[torch.Tensor]] = defaultdict(list)
+    for param in params:
+        if param.grad is not None:
+            groups[_mesh_key(param.grad)].append(param.grad)
+    squares = torch.zeros((), dtype=torch.float32)
+    for grads in groups.values():
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        squares = squares.to(norm.device) + norm.float() ** 2
+    return ctx.all_reduce_sum(squares, "pp").sqrt()
+
+
+@torch.no_grad()
+def clip_grad_norm(
+    params: list[nn.Parameter], max_norm: float, ctx: DistributedContext
+) -> torch.Tensor:
+    """Scale gradients so their global norm is at most `max_norm`; returns the norm before."""
+    norm = total_grad_norm(params, ctx)
+    scale = min(1.0, max_norm / (norm.item() + 1e-6))
+    if scale < 1.0:
+        grads = [p.grad for p in params if p.grad is not None]
+        for group in _by_mesh(grads):
+            torch._foreach_mul_(group, scale)
+    return norm
+
+
+def _by_mesh(grads: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    groups: dict[object, list[torch.Tensor]] = defaultdict(list)
+    for grad in grads:
+        groups[_mesh_key(grad)].append(grad)
+    return list(groups.values())

@@ -1,0 +1,46 @@
+"""Apply the recipe's layout to a model from outside, in torchtitan's order: tensor parallel,
+expert parallel, activation checkpointing, then FSDP2 / HSDP (or DDP for pure replication)."""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from birkhoff.model.moe import MoE
+from birkhoff.parallel.activation_checkpoint import apply_activation_checkpointing
+from birkhoff.parallel.config import ParallelConfig
+from birkhoff.parallel.distributed import DistributedContext
+from birkhoff.parallel.expert_parallel import apply_expert_parallel
+from birkhoff.parallel.fsdp import apply_fsdp
+from birkhoff.parallel.tensor_parallel import apply_tensor_parallel
+
+
+def parallelize_chunk(model: nn.Module, ctx: DistributedContext, cfg: ParallelConfig) -> None:
+    """Shard one model (or one pipeline chunk) in place; a no-op in a single process except
+    activation checkpointing."""
+    if ctx.size("tp") > 1:
+        apply_tensor_parallel(model, ctx.mesh["tp"])
+    if ctx.size("ep") > 1:
+        for module in model.modules():
+            if isinstance(module, MoE):
+                apply_expert_parallel(module.experts, ctx.mesh["ep"])
+    apply_activation_checkpointing(block_slots(model), cfg.activation_checkpoint)
+    if ctx.mesh is not None and ctx.dp_size > 1 and not cfg.uses_ddp(ctx.world_size):
+        expert_mesh = ctx.mesh["dp_replicate", "dp_shard_mod_ep"] if ctx.size("ep") > 1 else None
+        blocks = [getattr(parent, name) for parent, name in block_slots(model)]
+        apply_fsdp(model, blocks, ctx.mesh, cfg, expert_mesh)
+
+
+def wrap_ddp(model: nn.Module, ctx: DistributedContext, cfg: ParallelConfig) -> nn.Module:
+    """DDP over the data-parallel ranks for pure replication; `model` itself otherwise."""
+    if ctx.mesh is None or not cfg.uses_ddp(ctx.world_size):
+        return model
+    return DistributedDataParallel(model, process_group=ctx.group("dp"))
+
+
+def block_slots(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(parent, attribute) of every transformer block: the main ones (those a pipeline chunk
+    holds) and each MTP depth's block."""
+    slots = [(model.blocks, name) for name in model.blocks] if model.blocks is not None else []
+    slots += [(depth, "block") for depth in (model.mtp or [])]
+    return slots

@@ -1,0 +1,58 @@
+"""One rank of a layout-equivalence run (started by torchrun from test_parallel.py).
+
+Trains `steps` steps and saves what this rank knows: every step's loss and the full
+(unsharded) gradients of the first and the last step, before clipping, of each parameter it
+holds, by its name in the unwrapped model. Usage: parallel_worker.py OUT_DIR STEPS OVERRIDES...
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from birkhoff.data import open_data
+from birkhoff.launch.recipe import load_recipe, recipe_to_dict
+from birkhoff.parallel import distributed, resolve_device
+from birkhoff.parallel.activation_checkpoint import WRAPPED_PREFIX
+from birkhoff.parallel.distributed import env_rank
+from birkhoff.train.entry import train_recipe_from_dict
+from birkhoff.train.metrics import MetricLogger
+from birkhoff.train.trainer import Trainer
+from conftest import SMALL_OVERRIDES, compose_recipe
+
+
+def full_gradients(trainer: Trainer) -> dict[str, torch.Tensor]:
+    grads = {}
+    for part in trainer.model_parts:
+        for name, param in part.named_parameters():
+            grad = param.grad
+            if grad is None:
+                continue
+            if isinstance(grad, DTensor):
+                grad = grad.full_tensor()
+            grads[name.replace(WRAPPED_PREFIX, "")] = grad.detach().float().cpu().clone()
+    return grads
+
+
+def main(out_dir: str, steps: int, overrides: list[str]) -> None:
+    import faulthandler
+
+    faulthandler.dump_traceback_later(40)
+    recipe, _ = load_recipe(compose_recipe(SMALL_OVERRIDES + overrides), env={})
+    train_recipe = train_recipe_from_dict(recipe_to_dict(recipe))
+    rank, local_rank, world = env_rank()
+    device = resolve_device("cpu", local_rank)
+    with distributed(device, train_recipe.parallel.degrees(world)) as ctx:
+        trainer = Trainer(train_recipe, open_data(train_recipe.data), ctx, device, MetricLogger([]))
+        grads = {}
+        trainer.after_backward.append(lambda t: grads.setdefault(t.step + 1, full_gradients(t)))
+        losses = [trainer.train_step()["loss"] for _ in range(steps)]
+    saved = {"losses": losses, "first_grads": grads[1], "grads": grads[steps]}
+    torch.save(saved, Path(out_dir) / f"rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3:])

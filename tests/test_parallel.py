@@ -1,0 +1,122 @@
+"""Parallel layouts against one process: loss and gradients of `tiny` (mHC + MoE + Engram,
+4 layers) after 3 steps on gloo ranks, each layout a torchrun of parallel_worker.py.
+
+Tolerances (gradient errors are global relative L2 errors over all parameters):
+- Step 1, same weights: only float32 summation order differs (split matmuls under tp,
+  sharded reductions). Measured: 0 for dp and fsdp, 1.7e-6 for tp. Allowed: 1e-5, so a
+  missing reduction or a wrong divide factor (errors of order 1) cannot pass.
+- Step 3: the ~1e-7 differences in the clipping norm and gradients reach the weights, and
+  Adam's first steps divide each element by its own magnitude, so elements whose gradient is
+  noise-level (rarely hit Engram rows, cancelling mHC biases) take lr-sized different steps.
+  Measured: 0 for DDP (identical reductions), 1.3e-4 for fsdp, 1e-2 for tp. Allowed: 5e-2,
+  and 1e-4 absolute on every step's loss (measured: <= 1e-6).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+TESTS = Path(__file__).parent
+STEPS = 3
+# 4 layers so that pp=2 x 2 chunks has a layer per stage, and an MTP depth (on the last
+# pipeline stage); global batch 8.
+MODEL = [
+    "model.num_layers=4",
+    "model.engram.layers=[1,2]",
+    "model.mtp.depth=1",
+    "train.eval_batches=1",
+]
+MICRO_4 = "train.micro_batch_size=4"  # 1 or 2 data-parallel ranks; 4 ranks take micro-batch 2
+
+
+def run_layout(out: Path, ranks: int, steps: int, overrides: list[str]) -> dict:
+    """Losses and full gradients of the first and last step (merged over ranks)."""
+    out.mkdir(parents=True)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
+        "--standalone", str(TESTS / "parallel_worker.py"), str(out), str(steps),
+        *MODEL, *overrides, f"launch.nproc_per_node={ranks}",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    merged = {"losses": None, "first_grads": {}, "grads": {}}
+    for path in sorted(out.glob("rank*.pt")):
+        saved = torch.load(path)
+        assert merged["losses"] in (None, saved["losses"]), "ranks disagree on the loss"
+        merged["losses"] = saved["losses"]
+        for key in ("first_grads", "grads"):
+            for name, grad in saved[key].items():
+                if name in merged[key]:  # replicas must agree on a gradient they both hold
+                    torch.testing.assert_close(grad, merged[key][name], rtol=0, atol=1e-6)
+                merged[key][name] = grad
+    return merged
+
+
+def relative_error(grads: dict, reference: dict) -> float:
+    assert sorted(grads) == sorted(reference), set(grads) ^ set(reference)
+    diff = sum((grads[k] - reference[k]).pow(2).sum() for k in reference)
+    return (diff / sum(g.pow(2).sum() for g in reference.values())).sqrt().item()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, shakespeare_shards):
+    out = tmp_path_factory.mktemp("layouts")
+    return out, shakespeare_shards, run_layout(out / "one", 1, STEPS, [shakespeare_shards, MICRO_4])
+
+
+LAYOUTS = {
+    "dp=2 (DDP)": (2, ["parallel=data_parallel", MICRO_4]),
+    "fsdp=2": (2, ["parallel.dp_shard=2", MICRO_4]),
+    "tp=2": (2, ["parallel.tp=2", MICRO_4]),
+    "ep=2": (2, ["parallel.dp_shard=2", "parallel.ep=2", MICRO_4]),
+    "fsdp=2 x ep=2": (4, ["parallel.dp_shard=4", "parallel.ep=2", "train.micro_batch_size=2"]),
+    "hsdp=2x2 + selective AC": (
+        4,
+        [
+            "parallel.dp_replicate=2",
+            "parallel.dp_shard=2",
+            "parallel.activation_checkpoint=selective",
+            "train.micro_batch_size=2",
+        ],
+    ),
+    "pp=2 (1F1B)": (2, ["parallel.pp=2", MICRO_4]),
+    "pp=2 x tp=2": (4, ["parallel.pp=2", "parallel.tp=2", MICRO_4]),
+    "pp=2 interleaved 1F1B x 2 chunks + full AC": (
+        2,
+        [
+            "parallel.pp=2",
+            "parallel.pp_schedule=interleaved_1f1b",
+            "parallel.pp_stages_per_rank=2",
+            "parallel.activation_checkpoint=full",
+            "train.micro_batch_size=2",
+        ],
+    ),
+    "pp=2 zero bubble x 2 chunks": (
+        2,
+        [
+            "parallel.pp=2",
+            "parallel.pp_schedule=zero_bubble",
+            "parallel.pp_stages_per_rank=2",
+            "train.micro_batch_size=2",
+        ],
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_matches_one_process(reference, layout):
+    out, shards, expected = reference
+    ranks, overrides = LAYOUTS[layout]
+    name = layout.replace(" ", "").replace("=", "").replace("+", "_")
+    got = run_layout(out / name, ranks, STEPS, [shards, *overrides])
+    assert got["losses"] == pytest.approx(expected["losses"], abs=1e-4)
+    assert relative_error(got["first_grads"], expected["first_grads"]) < 1e-5
+    assert relative_error(got["grads"], expected["grads"]) < 5e-2
