@@ -1,8 +1,9 @@
 """One rank of a layout-equivalence run (started by torchrun from test_parallel.py).
 
-Trains `steps` steps and saves what this rank knows: every step's loss and the full
-(unsharded) gradients of the first and the last step, before clipping, of each parameter it
-holds, by its name in the unwrapped model. Usage: parallel_worker.py OUT_DIR STEPS OVERRIDES...
+Trains `steps` steps and saves what this rank knows: every step's loss and gradient norm,
+the MoE router biases after the last step, and the full (unsharded) gradients of the first
+and the last step, before clipping, of each parameter it holds, by its name in the unwrapped
+model. Usage: parallel_worker.py OUT_DIR STEPS OVERRIDES...
 """
 
 from __future__ import annotations
@@ -49,8 +50,20 @@ def main(out_dir: str, steps: int, overrides: list[str]) -> None:
         trainer = Trainer(train_recipe, open_data(train_recipe.data), ctx, device, MetricLogger([]))
         grads = {}
         trainer.after_backward.append(lambda t: grads.setdefault(t.step + 1, full_gradients(t)))
-        losses = [trainer.train_step()["loss"] for _ in range(steps)]
-    saved = {"losses": losses, "first_grads": grads[1], "grads": grads[steps]}
+        records = [trainer.train_step() for _ in range(steps)]
+        biases = {
+            name.replace(WRAPPED_PREFIX, ""): buffer.clone()
+            for part in trainer.model_parts
+            for name, buffer in part.named_buffers()
+            if name.endswith("router.bias")
+        }
+    saved = {
+        "losses": [r["loss"] for r in records],
+        "grad_norms": [r["grad_norm"] for r in records],
+        "router_biases": biases,
+        "first_grads": grads[1],
+        "grads": grads[steps],
+    }
     torch.save(saved, Path(out_dir) / f"rank{rank}.pt")
 
 

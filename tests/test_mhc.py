@@ -174,7 +174,7 @@ def test_residual_streams_stay_fp32_under_bf16_autocast():
     reference = model(tokens)
     block_out = []
     model.blocks[str(len(model.blocks) - 1)].register_forward_hook(
-        lambda m, i, o: block_out.append(o)
+        lambda m, i, o: block_out.append(o[0])
     )
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(tokens)

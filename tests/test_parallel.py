@@ -24,12 +24,14 @@ import torch
 
 TESTS = Path(__file__).parent
 STEPS = 3
-# 4 layers so that pp=2 x 2 chunks has a layer per stage, and an MTP depth (on the last
-# pipeline stage); global batch 8.
+# 4 layers so that pp=2 x 2 chunks has a layer per stage, an MTP depth (on the last pipeline
+# stage) and the sequence-wise balance loss (added on the stage of its MoE layer); global
+# batch 8.
 MODEL = [
     "model.num_layers=4",
     "model.engram.layers=[1,2]",
     "model.mtp.depth=1",
+    "model.moe.seq_aux_loss_coef=0.01",
     "train.eval_batches=1",
 ]
 MICRO_4 = "train.micro_batch_size=4"  # 1 or 2 data-parallel ranks; 4 ranks take micro-batch 2
@@ -46,12 +48,14 @@ def run_layout(out: Path, ranks: int, steps: int, overrides: list[str]) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    merged = {"losses": None, "first_grads": {}, "grads": {}}
+    merged = {"losses": None, "grad_norms": None, "first_grads": {}, "grads": {}}
+    merged["router_biases"] = {}
     for path in sorted(out.glob("rank*.pt")):
         saved = torch.load(path)
-        assert merged["losses"] in (None, saved["losses"]), "ranks disagree on the loss"
-        merged["losses"] = saved["losses"]
-        for key in ("first_grads", "grads"):
+        for key in ("losses", "grad_norms"):
+            assert merged[key] in (None, saved[key]), f"ranks disagree on {key}"
+            merged[key] = saved[key]
+        for key in ("first_grads", "grads", "router_biases"):
             for name, grad in saved[key].items():
                 if name in merged[key]:  # replicas must agree on a gradient they both hold
                     torch.testing.assert_close(grad, merged[key][name], rtol=0, atol=1e-6)
@@ -76,13 +80,15 @@ LAYOUTS = {
     "fsdp=2": (2, ["parallel.dp_shard=2", MICRO_4]),
     "tp=2": (2, ["parallel.tp=2", MICRO_4]),
     "ep=2": (2, ["parallel.dp_shard=2", "parallel.ep=2", MICRO_4]),
+    "fsdp=2 + Engram rows sharded": (2, ["parallel.engram_row_shard=true", MICRO_4]),
     "fsdp=2 x ep=2": (4, ["parallel.dp_shard=4", "parallel.ep=2", "train.micro_batch_size=2"]),
-    "hsdp=2x2 + selective AC": (
+    "hsdp=2x2 + selective AC + Engram rows sharded": (
         4,
         [
             "parallel.dp_replicate=2",
             "parallel.dp_shard=2",
             "parallel.activation_checkpoint=selective",
+            "parallel.engram_row_shard=true",
             "train.micro_batch_size=2",
         ],
     ),
@@ -118,5 +124,11 @@ def test_layout_matches_one_process(reference, layout):
     name = layout.replace(" ", "").replace("=", "").replace("+", "_")
     got = run_layout(out / name, ranks, STEPS, [shards, *overrides])
     assert got["losses"] == pytest.approx(expected["losses"], abs=1e-4)
+    # Clipping sees the norm of the whole model, however it is sharded.
+    assert got["grad_norms"][0] == pytest.approx(expected["grad_norms"][0], rel=1e-5)
+    # The aux-loss-free bias update uses the global load: the same biases after 3 steps.
+    assert sorted(got["router_biases"]) == sorted(expected["router_biases"])
+    for name, bias in expected["router_biases"].items():
+        torch.testing.assert_close(got["router_biases"][name], bias, rtol=0, atol=1e-6)
     assert relative_error(got["first_grads"], expected["first_grads"]) < 1e-5
     assert relative_error(got["grads"], expected["grads"]) < 5e-2

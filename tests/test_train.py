@@ -19,6 +19,7 @@ DENSE = ["model=tiny_dense", "model.engram.layers=[]"]  # undo SMALL_OVERRIDES' 
 STEP_KEYS = {
     "data_wait_s",
     "data_skipped_records",
+    "mem_peak_mib",
     "step",
     "loss",
     "grad_norm",

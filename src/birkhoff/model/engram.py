@@ -94,9 +94,10 @@ class Engram(nn.Module):
         are this layer's hash_tokens(tokens), when the data loader already computed them."""
         single = streams.dim() == 3
         x = streams.unsqueeze(-2) if single else streams
+        table, rows = self._table_rows(self.hash_tokens(tokens) if rows is None else rows)
         gated = self._gather_gate(
-            self.table.weight,
-            self.hash_tokens(tokens) if rows is None else rows,
+            table,
+            rows,
             self.key.weight,
             self.value.weight,
             x,
@@ -105,6 +106,16 @@ class Engram(nn.Module):
         normed = self._rms_norm(gated, self.conv_norm_weight, self.eps)
         out = x + gated + F.silu(self._causal_conv(normed))
         return out.squeeze(-2) if single else out
+
+    def _table_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(table, row ids) for the gather-and-gate kernel. A table sharded from outside
+        (parallel.engram_row_shard) fetches its rows itself; the kernel then reads them back
+        in order."""
+        if isinstance(self.table, nn.Embedding):
+            return self.table.weight, rows
+        memory = self.table(rows)
+        order = torch.arange(rows.numel(), device=rows.device).view_as(rows)
+        return memory.flatten(0, -2), order
 
     def _causal_conv(self, x: torch.Tensor) -> torch.Tensor:
         """y_t = sum_i w_i * x_{t - i * dilation} along the time axis (dim 1) of (B, T, n, C).

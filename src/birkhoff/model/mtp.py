@@ -45,7 +45,7 @@ class MTPDepth(nn.Module):
         tokens: torch.Tensor,
     ) -> torch.Tensor:
         joined = torch.cat((self.hidden_norm(hidden), self.embed_norm(next_embeddings)), dim=-1)
-        return self.block(self.proj(joined), tokens, ctx, [])
+        return self.block(self.proj(joined), tokens, ctx)[0]
 
 
 def mtp_loss(

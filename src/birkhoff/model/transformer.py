@@ -65,15 +65,18 @@ class Block(nn.Module):
         x: torch.Tensor,
         tokens: torch.Tensor,
         ctx: SequenceContext,
-        aux_losses: list[torch.Tensor],
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x: (B, T, C) with plain residuals, (B, T, n, C) with n hyper-connection streams.
-        Engram (if any) runs first; MoE layers append their balance loss to `aux_losses`."""
+        Engram (if any) runs first. Returns the new residual and, for an MoE layer, its
+        sequence-wise balance loss (returned, not appended to an argument: FSDP and
+        checkpoint wrappers may copy containers passed in)."""
         if self.engram is not None:
             rows = (ctx.engram_rows or {}).get(self.layer)
             x = self.engram(x, tokens, rows)
         x = self.attention_residual(x, lambda h: self.attention(self.attention_norm(h), ctx))
-        return self.ffn_residual(x, lambda h: self._ffn(self.ffn_norm(h), aux_losses))
+        balance: list[torch.Tensor] = []
+        x = self.ffn_residual(x, lambda h: self._ffn(self.ffn_norm(h), balance))
+        return x, (balance[0] if balance else None)
 
     def tensor_parallel_plan(self) -> dict[str, str]:
         """Submodule -> "colwise" | "rowwise" for tensor parallelism (applied from outside):
@@ -160,7 +163,9 @@ class Transformer(nn.Module):
         x = self.embed(tokens)
         aux_losses: list[torch.Tensor] = []
         for block in self.blocks.values():
-            x = block(x, tokens, ctx, aux_losses)
+            x, balance_loss = block(x, tokens, ctx)
+            if balance_loss is not None:
+                aux_losses.append(balance_loss)
         if targets is None:
             return self.logits(x)
         target_embeddings = self.embedding(targets) if self.uses_mtp else None

@@ -231,13 +231,6 @@ class ParallelConfig:
             model.tie_embeddings,
             "must be false with pp > 1 (the embedding and the head live on different stages)",
         )
-        require(
-            model.moe.seq_aux_loss_coef == 0,
-            "model.moe.seq_aux_loss_coef",
-            model.moe.seq_aux_loss_coef,
-            "must be 0 with pp > 1 (the pipeline carries activations only; balance the "
-            "experts with the aux-loss-free bias)",
-        )
 
 
 def _divisors(number: int) -> list[int]:

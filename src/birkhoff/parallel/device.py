@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import resource
 
 import torch
 
@@ -31,3 +32,11 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
     device = torch.device(name, local_rank)
     torch.accelerator.set_device_index(local_rank)
     return device
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory of this process: the allocator's peak on an accelerator, else the resident
+    set (Linux reports it in KiB)."""
+    if device.type == "cpu":
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return torch.accelerator.max_memory_allocated(device) / 2**20

@@ -83,11 +83,24 @@ class DistributedContext:
         """Mean over the ranks of mesh dimension `dim`."""
         return self.all_reduce_sum(value, dim) / self.size(dim)
 
-    def all_reduce_max(self, value: torch.Tensor, dim: str) -> torch.Tensor:
+    def all_reduce_max(self, value: torch.Tensor, dim: str | None) -> torch.Tensor:
+        """Max over mesh dimension `dim`, or over every rank when `dim` is None."""
         value = value.to(self.device, copy=True)
-        if self.mesh is not None and self.size(dim) > 1:
-            dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.group(dim))
+        if self.mesh is not None and (dim is None or self.size(dim) > 1):
+            group = None if dim is None else self.group(dim)
+            dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
         return value
+
+
+def describe_layout(ctx: DistributedContext) -> str:
+    """One line: the degree of every mesh dimension and how data parallelism is done."""
+    if ctx.mesh is None:
+        return "1 rank"
+    degrees = " x ".join(f"{name}={ctx.degrees[name]}" for name in MESH_ORDER)
+    return f"{degrees} (ep={ctx.degrees['ep']} inside dp_shard) on {ctx.world_size} ranks"
+
+
+MESH_ORDER = ("pp", "dp_replicate", "dp_shard", "tp")
 
 
 def env_rank() -> tuple[int, int, int]:

@@ -31,12 +31,15 @@ def apply_fsdp(
     mesh: DeviceMesh,
     cfg: ParallelConfig,
     expert_mesh: DeviceMesh | None,
+    ignored: set[nn.Parameter],
 ) -> None:
-    """Shard `model` (a whole model or a pipeline chunk) whose blocks are `blocks`."""
+    """Shard `model` (a whole model or a pipeline chunk) whose blocks are `blocks`; `ignored`
+    parameters are sharded already (row-sharded Engram tables)."""
     dp_mesh = mesh["dp_replicate", "dp_shard"]
     settings = {
         "mp_policy": _mixed_precision(cfg),
         "reshard_after_forward": cfg.reshard_after_forward,
+        "ignored_params": ignored,
     }
     dp_size = dp_mesh.size()
     for block in blocks:
@@ -44,7 +47,7 @@ def apply_fsdp(
             _shard_experts(block, expert_mesh, dp_size, settings)
         fully_shard(block, mesh=dp_mesh, **settings)
     # The root keeps its parameters after forward: backward needs them first.
-    fully_shard(model, mesh=dp_mesh, mp_policy=settings["mp_policy"], reshard_after_forward=False)
+    fully_shard(model, mesh=dp_mesh, **{**settings, "reshard_after_forward": False})
 
 
 def _shard_experts(block: nn.Module, expert_mesh: DeviceMesh, dp_size: int, settings) -> None:

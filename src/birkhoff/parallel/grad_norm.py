@@ -26,13 +26,16 @@ def total_grad_norm(params: Iterable[nn.Parameter], ctx: DistributedContext) -> 
     for param in params:
         if param.grad is not None:
             groups[_mesh_key(param.grad)].append(param.grad)
-    squares = torch.zeros((), dtype=torch.float32)
+    squares = torch.zeros((), dtype=torch.float64, device=ctx.device)
     for grads in groups.values():
-        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        # float64 accumulation: a float32 norm of millions of elements drifts by ~1e-5, which
+        # would make the clipping depend on how the gradients are sharded.
+        norms = torch._foreach_norm(grads, 2, dtype=torch.float64)
+        norm = torch.linalg.vector_norm(torch.stack(norms))
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
-        squares = squares.to(norm.device) + norm.float() ** 2
-    return ctx.all_reduce_sum(squares, "pp").sqrt()
+        squares = squares + norm.to(squares.device) ** 2
+    return ctx.all_reduce_sum(squares, "pp").sqrt().float()
 
 
 @torch.no_grad()

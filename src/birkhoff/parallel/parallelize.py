@@ -1,5 +1,6 @@
 """Apply the recipe's layout to a model from outside, in torchtitan's order: tensor parallel,
-expert parallel, activation checkpointing, then FSDP2 / HSDP (or DDP for pure replication)."""
+expert parallel, activation checkpointing, row-sharded Engram tables, then FSDP2 / HSDP (or
+DDP for pure replication)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from birkhoff.model.moe import MoE
 from birkhoff.parallel.activation_checkpoint import apply_activation_checkpointing
 from birkhoff.parallel.config import ParallelConfig
 from birkhoff.parallel.distributed import DistributedContext
+from birkhoff.parallel.engram_shard import shard_engram_tables
 from birkhoff.parallel.expert_parallel import apply_expert_parallel
 from birkhoff.parallel.fsdp import apply_fsdp
 from birkhoff.parallel.tensor_parallel import apply_tensor_parallel
@@ -25,10 +27,13 @@ def parallelize_chunk(model: nn.Module, ctx: DistributedContext, cfg: ParallelCo
             if isinstance(module, MoE):
                 apply_expert_parallel(module.experts, ctx.mesh["ep"])
     apply_activation_checkpointing(block_slots(model), cfg.activation_checkpoint)
+    tables = set()
+    if ctx.mesh is not None and cfg.engram_row_shard:
+        tables = set(shard_engram_tables(model, ctx.mesh))
     if ctx.mesh is not None and ctx.dp_size > 1 and not cfg.uses_ddp(ctx.world_size):
         expert_mesh = ctx.mesh["dp_replicate", "dp_shard_mod_ep"] if ctx.size("ep") > 1 else None
         blocks = [getattr(parent, name) for parent, name in block_slots(model)]
-        apply_fsdp(model, blocks, ctx.mesh, cfg, expert_mesh)
+        apply_fsdp(model, blocks, ctx.mesh, cfg, expert_mesh, tables)
 
 
 def wrap_ddp(model: nn.Module, ctx: DistributedContext, cfg: ParallelConfig) -> nn.Module:

@@ -75,14 +75,38 @@ class PipelineChunk(Transformer):
             target_embeddings = rest.pop() if self.carry.mtp else None
         positions, rows = self.carry.unpack(tuple(rest))
         ctx = self.context(tokens.shape[1], positions, rows)
+        aux_losses: list[torch.Tensor] = []
         for block in self.blocks.values():
-            x = block(x, tokens, ctx, [])
+            x, balance_loss = block(x, tokens, ctx)
+            if balance_loss is not None:
+                aux_losses.append(balance_loss)
+        aux = sum(aux_losses) if aux_losses and self.training else None
+        if aux is not None:
+            self.aux_loss_sum += aux.detach()
         if self.is_last:
             if not self.training:
                 target_embeddings = None  # evaluation: next-token loss only
-            return self.output_loss(x, targets, ctx, target_embeddings)
+            loss = self.output_loss(x, targets, ctx, target_embeddings)
+            return loss if aux is None else loss + aux
+        if aux is not None:
+            x = _WithLoss.apply(x, aux)
         sent = (x.contiguous(), tokens, targets, *rest)
         return sent + ((target_embeddings.contiguous(),) if self.carry.mtp else ())
+
+
+class _WithLoss(torch.autograd.Function):
+    """Identity on the residual whose backward also differentiates `loss` (as if added to the
+    objective): a stage's MoE balance losses reach backward without travelling to the last
+    stage (DeepSeek-V3's AddAuxiliaryLoss)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        ctx.loss_shape, ctx.loss_dtype = loss.shape, loss.dtype
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return grad, torch.ones(ctx.loss_shape, dtype=ctx.loss_dtype, device=grad.device)
 
 
 def stage_ids(pp_rank: int, cfg: ParallelConfig) -> list[int]:
@@ -100,6 +124,8 @@ def cut_chunk(model: Transformer, stage: int, cfg: ParallelConfig, carry: Carry)
     )
     chunk.__class__ = PipelineChunk
     chunk.carry, chunk.is_first, chunk.is_last = carry, stage == 0, stage == cfg.num_stages - 1
+    # MoE balance losses of this stage's micro-batches, for the reported loss (detached).
+    chunk.aux_loss_sum = torch.zeros((), device=model.embedding.weight.device)
     if not chunk.is_first:
         chunk.embedding = None
     if not chunk.is_last:
@@ -201,6 +227,10 @@ class PipelineRunner:
         else:
             self.schedule.step(*args, return_outputs=False)
         loss_sum = torch.stack(losses).sum().detach() if losses else torch.zeros((), device=device)
+        for chunk in self.chunks:  # balance losses of the other stages, as one process reports
+            if not chunk.is_last:
+                loss_sum += chunk.aux_loss_sum
+            chunk.aux_loss_sum.zero_()
         return self.ctx.all_reduce_sum(loss_sum, "pp")
 
     @torch.no_grad()

@@ -12,7 +12,7 @@ from birkhoff.errors import require
 from birkhoff.model.budget import count_parameters
 from birkhoff.model.summary import describe_split
 from birkhoff.parallel import distributed, resolve_device
-from birkhoff.parallel.distributed import env_rank
+from birkhoff.parallel.distributed import describe_layout, env_rank
 from birkhoff.train.metrics import build_metric_logger
 from birkhoff.train.recipe import TrainRecipe
 from birkhoff.train.run_files import (
@@ -69,12 +69,14 @@ def run_rank(recipe: dict[str, Any], run_dir: str, data: DataPlan | None = None)
         try:
             trainer = Trainer(train_recipe, data, ctx, device, metrics)
             if ctx.is_main:
-                print(f"birkhoff: {describe_split(trainer.model.cfg)}", flush=True)
+                print(f"birkhoff: {describe_split(trainer.model_cfg)}", flush=True)
+                print(f"birkhoff: layout {describe_layout(ctx)}", flush=True)
             summary = trainer.fit()
         finally:
             metrics.close()
     if ctx.is_main:
-        summary["parameters"] = count_parameters(trainer.model.cfg).as_dict()
+        summary["parameters"] = count_parameters(trainer.model_cfg).as_dict()
+        summary["parallel"] = dict(ctx.degrees)
         summary["tokenizer"] = data.tokenizer.identity()
         write_summary(run_path, summary)
         print(

@@ -29,6 +29,7 @@ from birkhoff.data.compression import tokenizer_compression
 from birkhoff.model import build_model
 from birkhoff.model.transformer import Transformer
 from birkhoff.parallel import DistributedContext
+from birkhoff.parallel.device import peak_memory_mib
 from birkhoff.parallel.grad_norm import clip_grad_norm
 from birkhoff.parallel.parallelize import parallelize_chunk, wrap_ddp
 from birkhoff.parallel.pipeline import Carry, PipelineRunner
@@ -149,6 +150,7 @@ class Trainer:
         skipped = self.ctx.all_reduce_sum(
             torch.tensor(float(self.loader.skipped_records), device=self.device)
         )
+        memory = torch.tensor(peak_memory_mib(self.device), dtype=torch.float64)
         self.step += 1
         step_time = time.perf_counter() - step_start
         return {
@@ -161,6 +163,7 @@ class Trainer:
             "tokens_seen": self.step * self.tokens_per_step,
             "data_wait_s": data_wait,
             "data_skipped_records": int(skipped.item()),
+            "mem_peak_mib": self.ctx.all_reduce_max(memory, None).item(),
             **residual,
             **experts,
         }
