@@ -71,7 +71,9 @@ def test_loss_falls_on_the_shipped_corpus_and_metrics_are_written(tmp_path):
     summary = train_in_process(tmp_path, ["train.steps=60", "train.eval_every=30"])
     steps, evals = read_metrics(tmp_path)
     assert [r["step"] for r in steps] == list(range(1, 61))
-    assert all(set(r) == STEP_KEYS | MHC_KEYS | MOE_KEYS for r in steps)
+    assert all(set(r) == STEP_KEYS | MHC_KEYS | MOE_KEYS for r in steps[:-1])
+    # The last step also says how long its end-of-run checkpoint took.
+    assert set(steps[-1]) == STEP_KEYS | MHC_KEYS | MOE_KEYS | {"checkpoint_save_s"}
     assert all(r["moe_dropped_tokens"] == 0 for r in steps)
     assert max(r["mhc_col_dev"] for r in steps) < 0.01
     assert [r["step"] for r in evals] == [30, 60]
@@ -166,6 +168,7 @@ def test_two_gloo_ranks_match_one_rank_with_the_same_global_batch(tmp_path, shak
     assert summaries["two"]["world_size"] == 2
     # Only rank 0 writes: one summary, one metrics file, one recipe in the single run dir.
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
+        "checkpoints",  # one checkpoint, at the end (checkpoint.at_end)
         "metrics.jsonl",
         "recipe.yaml",
         "summary.json",
@@ -189,7 +192,7 @@ def test_two_gloo_ranks_match_one_rank_with_the_same_global_batch(tmp_path, shak
 
 def test_a_used_run_dir_is_refused_and_left_intact(tmp_path):
     run_cli(["train.steps=2", "optim.warmup_steps=1", f"hydra.run.dir={tmp_path}/run"], tmp_path)
-    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
     again = subprocess.run(
         [
             sys.executable,
@@ -207,7 +210,7 @@ def test_a_used_run_dir_is_refused_and_left_intact(tmp_path):
     assert again.returncode == 2 and "already holds a run (recipe.yaml, metrics.jsonl, " in (
         again.stderr
     )
-    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
 
 
 @pytest.mark.slow

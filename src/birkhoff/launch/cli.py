@@ -94,7 +94,7 @@ def train_job(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         recipe, topology = load_recipe(cfg, os.environ)
-        check_run_dir(run_dir, topology)
+        check_run_dir(run_dir, topology, resuming=bool(recipe.train.resume))
         data = open_data(recipe.data)
         check_data(data, recipe)
     except (RecipeError, DataError) as err:
@@ -114,14 +114,16 @@ def train_job(cfg: DictConfig) -> None:
         _remove_if_empty(run_dir)  # on a node without global rank 0 nothing was written
 
 
-def check_run_dir(run_dir: Path, topology: Topology) -> None:
-    """Nodes must share one run dir; a single node refuses a used one before starting ranks.
+def check_run_dir(run_dir: Path, topology: Topology, resuming: bool = False) -> None:
+    """Nodes must share one run dir; a single node refuses a used one before starting ranks
+    (unless the run resumes: it continues the run dir's files).
 
     Across nodes only global rank 0 checks, after the rendezvous: the rendezvous decides which
     node hosts it, and the other nodes may see its files appear at any time.
     """
     if topology.nnodes == 1:
-        refuse_used_run_dir(run_dir)
+        if not resuming:
+            refuse_used_run_dir(run_dir)
         return
     given = any(item.startswith("hydra.run.dir=") for item in HydraConfig.get().overrides.hydra)
     require(

@@ -72,6 +72,9 @@ class TrainConfig:
     eval_batches: int = 4
     mixed_precision: str = "none"
     deterministic: bool = False
+    # null: start fresh; auto: the newest complete checkpoint of this run dir (fresh if none);
+    # or the path of a checkpoint directory (step-N/).
+    resume: str | None = None
 
     def validate(self, dp_size: int, prefix: str = "train") -> None:
         for name in ("steps", "global_batch_size", "micro_batch_size", "eval_batches"):

@@ -16,6 +16,7 @@ from birkhoff.parallel.distributed import describe_layout, env_rank
 from birkhoff.train.metrics import build_metric_logger
 from birkhoff.train.recipe import TrainRecipe
 from birkhoff.train.run_files import (
+    RECIPE_FILE,
     refuse_used_run_dir,
     write_recipe,
     write_summary,
@@ -60,14 +61,16 @@ def run_rank(recipe: dict[str, Any], run_dir: str, data: DataPlan | None = None)
     with distributed(device, degrees) as ctx:
         data = data or open_data(train_recipe.data)
         if ctx.is_main:
-            refuse_used_run_dir(run_path)
-            write_recipe(run_path, public_recipe)
+            if not train_recipe.train.resume:  # resuming continues the run dir's files
+                refuse_used_run_dir(run_path)
+            if not (run_path / RECIPE_FILE).exists():
+                write_recipe(run_path, public_recipe)
             write_tokenizer(run_path, data.tokenizer.identity())
         metrics = build_metric_logger(
             train_recipe.logging, run_path, train_recipe.train.steps, public_recipe, ctx.is_main
         )
         try:
-            trainer = Trainer(train_recipe, data, ctx, device, metrics)
+            trainer = Trainer(train_recipe, data, ctx, device, metrics, run_path)
             if ctx.is_main:
                 print(f"birkhoff: {describe_split(trainer.model_cfg)}", flush=True)
                 print(f"birkhoff: layout {describe_layout(ctx)}", flush=True)

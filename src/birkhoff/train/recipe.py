@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from birkhoff import kernels
+from birkhoff.checkpoint.config import CheckpointConfig
 from birkhoff.data.config import DataConfig
 from birkhoff.errors import require
 from birkhoff.model.budget import apply_sparse_budget
@@ -28,6 +29,7 @@ class TrainRecipe:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def validate(self, world_size: int) -> None:
         """Every section's own checks, then the checks that span sections."""
@@ -42,6 +44,7 @@ class TrainRecipe:
         )
         self.backend.validate(kernels.available_backends())
         self.logging.validate()
+        self.checkpoint.validate()
         require(
             self.data.seq_len <= self.model.max_seq_len,
             "data.seq_len",

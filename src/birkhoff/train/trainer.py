@@ -5,17 +5,19 @@ from __future__ import annotations
 import math
 import os
 import random
+import signal
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
+from birkhoff.checkpoint.state import TrainingState
 from birkhoff.data import (
     Batch,
     BatchBuilder,
@@ -33,11 +35,13 @@ from birkhoff.parallel.device import peak_memory_mib
 from birkhoff.parallel.grad_norm import clip_grad_norm
 from birkhoff.parallel.parallelize import parallelize_chunk, wrap_ddp
 from birkhoff.parallel.pipeline import Carry, PipelineRunner
+from birkhoff.train.checkpointing import checkpoint_manager, resume, save
 from birkhoff.train.expert_balance import balance_experts
 from birkhoff.train.metrics import MetricLogger
 from birkhoff.train.optim import build_optimizer
 from birkhoff.train.recipe import TrainRecipe
 from birkhoff.train.residual import residual_stats
+from birkhoff.train.stop import StopSignal
 
 
 class ResidualConstraintError(RuntimeError):
@@ -62,7 +66,10 @@ class Trainer:
         ctx: DistributedContext,
         device: torch.device,
         metrics: MetricLogger,
+        run_dir: Path | None = None,
     ) -> None:
+        """`run_dir`: where checkpoints go (recipe `checkpoint.dir` overrides it); without
+        one the trainer neither saves nor resumes."""
         self.recipe = recipe
         self.data = data
         self.ctx = ctx
@@ -86,9 +93,12 @@ class Trainer:
         self.parallel_model = wrap_ddp(self.model, ctx, recipe.parallel)
         # Called with the trainer once a step's gradients are complete (before clipping).
         self.after_backward: list[Callable[[Trainer], None]] = []
-        self.optimizer, self.scheduler = build_optimizer(
-            nn.ModuleList(self.model_parts), recipe.optim, train_cfg.steps
-        )
+        # One optimizer per part, so optimizer state is keyed by the whole model's names.
+        built = [build_optimizer(p, recipe.optim, train_cfg.steps) for p in self.model_parts]
+        self.optimizers = [optimizer for optimizer, _ in built]
+        self.schedulers = [scheduler for _, scheduler in built]
+        self.state = TrainingState(self.model_parts, self.optimizers, self.schedulers)
+        self.checkpoints = checkpoint_manager(recipe, run_dir, ctx)
         self.layout = Layout(
             train_cfg.global_batch_size,
             train_cfg.micro_batch_size,
@@ -106,15 +116,26 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train for `train.steps` steps; returns the run summary (losses, throughput)."""
         cfg = self.recipe.train
+        if self.checkpoints is not None:
+            resume(self, self.checkpoints)
         first_loss = last_loss = float("nan")
-        start = time.perf_counter()
-        while self.step < cfg.steps:
-            record = self.train_step()
-            first_loss = record["loss"] if self.step == 1 else first_loss
-            last_loss = record["loss"]
-            self.metrics.log(record)
-            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
-                self.metrics.log({"step": self.step, "eval_loss": self.evaluate()})
+        start, first_step = time.perf_counter(), self.step
+        with StopSignal() as stop:
+            while self.step < cfg.steps:
+                record = self.train_step()
+                first_loss = record["loss"] if self.step == first_step + 1 else first_loss
+                last_loss = record["loss"]
+                stopping = stop.requested(self.ctx)
+                if self.checkpoints and (
+                    self.checkpoints.due(self.step, self.step == cfg.steps or stopping)
+                ):
+                    record["checkpoint_save_s"] = save(self, self.checkpoints)
+                self.metrics.log(record)
+                if stopping:
+                    self._announce_stop(stop.received)
+                    break
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                    self.metrics.log({"step": self.step, "eval_loss": self.evaluate()})
         heldout_loss = self.evaluate()
         self.metrics.log({"step": self.step, "eval_loss": heldout_loss})
         elapsed = time.perf_counter() - start
@@ -125,9 +146,15 @@ class Trainer:
             "heldout_loss": heldout_loss,
             "tokens": self.step * self.tokens_per_step,
             "seconds": elapsed,
-            "tokens_per_s": self.step * self.tokens_per_step / elapsed,
+            "tokens_per_s": (self.step - first_step) * self.tokens_per_step / elapsed,
             "world_size": self.ctx.world_size,
         }
+
+    def _announce_stop(self, signal_number: int | None) -> None:
+        if self.ctx.is_main:
+            name = signal.Signals(signal_number).name if signal_number else "a signal"
+            where = "a checkpoint was written" if self.checkpoints else "no checkpoint dir"
+            print(f"birkhoff: {name} on a rank: stopped after step {self.step}; {where}")
 
     def train_step(self) -> dict[str, Any]:
         step_start = time.perf_counter()
@@ -141,10 +168,11 @@ class Trainer:
         grad_norm = self._clip_gradients()
         if not math.isfinite(grad_norm):
             raise FloatingPointError(f"step {self.step + 1}: gradient norm is {grad_norm}")
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.schedulers[0].get_last_lr()[0]
+        for optimizer, scheduler in zip(self.optimizers, self.schedulers, strict=True):
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
         experts = balance_experts(self.model_parts, self.ctx, self.routed_per_layer)
         loss = self.reduce_loss(loss_sum)
         skipped = self.ctx.all_reduce_sum(

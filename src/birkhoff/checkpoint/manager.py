@@ -1,0 +1,137 @@
+"""Where checkpoints live and how a directory becomes one, atomically.
+
+    <dir>/step-00000050/      a complete checkpoint: DCP shards (*.distcp, .metadata),
+        meta.json             step, tokens, layout, recipe, tokenizer, model config
+        ranks/rank-00000.json data-loader and RNG state of each rank (JSON: nothing unpickled)
+        COMPLETE              written last, once every rank finished
+    <dir>/step-00000100.tmp/  being written (or left by a crash): never loaded, removed on save
+
+Every rank writes its shards into the .tmp directory; after a barrier rank 0 writes meta.json
+and COMPLETE, then renames the directory. A directory without COMPLETE is ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from birkhoff.atomic import write_text_atomic
+from birkhoff.checkpoint import codec
+from birkhoff.checkpoint.config import CheckpointConfig
+from birkhoff.checkpoint.state import TrainingState
+
+COMPLETE = "COMPLETE"
+META = "meta.json"
+RANKS = "ranks"
+PREFIX = "step-"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used; the message names the path and what is wrong."""
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"{PREFIX}{step:08d}"
+
+
+def is_complete(path: Path) -> bool:
+    return (path / COMPLETE).is_file() and (path / META).is_file()
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.name.startswith(PREFIX) and p.suffix != ".tmp"]
+    return sorted((p for p in found if is_complete(p)), key=lambda p: int(p.name[len(PREFIX) :]))
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    if not is_complete(path):
+        raise CheckpointError(
+            f"{path} is not a complete checkpoint (no {COMPLETE} marker: it was being written "
+            "when the run stopped); resume from an earlier one or use train.resume=auto"
+        )
+    return json.loads((path / META).read_text())
+
+
+class CheckpointManager:
+    def __init__(self, root: Path, cfg: CheckpointConfig, rank: int, distributed: bool) -> None:
+        self.root, self.cfg, self.rank, self.distributed = root, cfg, rank, distributed
+
+    def due(self, step: int, last: bool) -> bool:
+        periodic = self.cfg.every > 0 and step % self.cfg.every == 0
+        return (periodic or (last and self.cfg.at_end)) and not is_complete(
+            step_dir(self.root, step)
+        )
+
+    def save(
+        self, step: int, state: TrainingState, rank_state: dict, meta: dict[str, Any]
+    ) -> float:
+        """Write the checkpoint of `step` (collective: every rank calls it); returns seconds."""
+        start = time.perf_counter()
+        final = step_dir(self.root, step)
+        staging = final.with_name(final.name + ".tmp")
+        if self.rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)  # left by a crash: never complete
+            (staging / RANKS).mkdir(parents=True)
+        self._barrier()
+        dcp.save(state.tensors(), checkpoint_id=staging)
+        write_text_atomic(staging / RANKS / f"rank-{self.rank:05d}.json", codec.dumps(rank_state))
+        self._barrier()
+        if self.rank == 0:
+            meta = {**meta, "step": step}
+            write_text_atomic(staging / META, json.dumps(meta, indent=2) + "\n")
+            write_text_atomic(staging / COMPLETE, f"{time.time()}\n")
+            staging.rename(final)
+            self._apply_retention()
+        self._barrier()
+        return time.perf_counter() - start
+
+    def resolve(self, resume: str | None) -> Path | None:
+        """The checkpoint to resume from: None (start fresh), the newest complete one for
+        `auto` (None if there is none yet), or a given directory, which must be complete."""
+        if not resume:
+            return None
+        if resume == "auto":
+            found = complete_checkpoints(self.root)
+            return found[-1] if found else None
+        path = Path(resume)
+        if not path.is_dir():
+            raise CheckpointError(f"train.resume={resume}: no such checkpoint directory")
+        read_meta(path)
+        return path
+
+    def load(self, path: Path, state: TrainingState) -> dict[str, Any]:
+        """Load model and optimizer (resharded to this layout) and put the LR schedule at the
+        saved step; returns meta.json. Collective."""
+        meta = read_meta(path)
+        tensors = state.tensors()
+        dcp.load(tensors, checkpoint_id=path)
+        state.load_tensors(tensors)
+        state.restore_schedule(int(meta["step"]))
+        return meta
+
+    def rank_states(self, path: Path) -> list[dict[str, Any]]:
+        """Every rank's saved loader and RNG state, by saved global rank."""
+        files = sorted((path / RANKS).glob("rank-*.json"))
+        return [codec.loads(f.read_text()) for f in files]
+
+    def _apply_retention(self) -> None:
+        """Keep the newest keep_last complete checkpoints and every keep_every-th step."""
+        complete = complete_checkpoints(self.root)
+        for path in complete[: -self.cfg.keep_last]:
+            step = int(path.name[len(PREFIX) :])
+            if self.cfg.keep_every and step % self.cfg.keep_every == 0:
+                continue
+            shutil.rmtree(path)
+
+    def _barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()

@@ -1,0 +1,110 @@
+"""Saving and resuming a Trainer: what goes into a checkpoint besides the tensors, and how a
+resumed run continues (on the same or another layout)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from birkhoff.checkpoint import CheckpointError, CheckpointManager
+from birkhoff.checkpoint.manager import read_meta
+from birkhoff.checkpoint.state import rng_states, set_rng_states
+from birkhoff.parallel.distributed import DistributedContext
+from birkhoff.train.recipe import TrainRecipe
+
+if TYPE_CHECKING:
+    from birkhoff.train.trainer import Trainer
+
+
+def checkpoint_manager(
+    recipe: TrainRecipe, run_dir: Path | None, ctx: DistributedContext
+) -> CheckpointManager | None:
+    if run_dir is None and recipe.checkpoint.dir is None:
+        return None
+    root = Path(recipe.checkpoint.dir) if recipe.checkpoint.dir else run_dir / "checkpoints"
+    return CheckpointManager(root, recipe.checkpoint, ctx.rank, ctx.mesh is not None)
+
+
+def save(trainer: Trainer, manager: CheckpointManager) -> float:
+    """Checkpoint the trainer after its current step; returns the seconds the step waited."""
+    ctx = trainer.ctx
+    rank_state = {
+        "rank": ctx.rank,
+        "dp_rank": ctx.dp_rank,
+        "dp_size": ctx.dp_size,
+        "loader": trainer.loader.state_dict(),
+        "rng": rng_states(),
+    }
+    meta = {
+        "tokens_seen": trainer.step * trainer.tokens_per_step,
+        "world_size": ctx.world_size,
+        "degrees": dict(ctx.degrees) or {"world": 1},
+        "model": dataclasses.asdict(trainer.model_cfg),
+        "tokenizer": trainer.data.tokenizer.identity(),
+        "recipe": dataclasses.asdict(trainer.recipe),
+    }
+    return manager.save(trainer.step, trainer.state, rank_state, meta)
+
+
+def resume(trainer: Trainer, manager: CheckpointManager) -> None:
+    """Continue from `train.resume`, if set (auto without a checkpoint starts fresh)."""
+    path = manager.resolve(trainer.recipe.train.resume)
+    if path is None:
+        if trainer.recipe.train.resume and trainer.ctx.is_main:
+            print(f"birkhoff: no complete checkpoint in {manager.root}; starting at step 0")
+        return
+    meta = read_meta(path)
+    _check_model(meta["model"], dataclasses.asdict(trainer.model_cfg), path)
+    manager.load(path, trainer.state)
+    trainer.step = int(meta["step"])
+    _restore_rank_state(trainer, manager.rank_states(path), meta)
+    if trainer.ctx.is_main:
+        print(f"birkhoff: resumed from {path} at step {trainer.step}; {_changes(trainer, meta)}")
+
+
+def _check_model(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    differences = [
+        f"model.{key}: {saved.get(key)!r} in the checkpoint, {value!r} now"
+        for key, value in _flatten(current).items()
+        if _flatten(saved).get(key) != value
+    ]
+    if differences:
+        raise CheckpointError(
+            f"{path} holds another model ({'; '.join(differences)}); resume with the "
+            "checkpoint's model settings (its meta.json has them)"
+        )
+
+
+def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def _restore_rank_state(trainer: Trainer, saved: list[dict], meta: dict[str, Any]) -> None:
+    """The loader continues from the state of the same data-parallel rank (any rank's state
+    when the data-parallel degree changed: the loader remaps or refuses). RNG states return
+    only on the same layout, where each rank finds its own."""
+    ctx = trainer.ctx
+    same_dp = saved[0]["dp_size"] == ctx.dp_size
+    wanted = ctx.dp_rank if same_dp else 0
+    loader_state = next(s for s in saved if s["dp_rank"] == wanted)["loader"]
+    trainer.loader.load_state_dict(loader_state)
+    if meta["world_size"] == ctx.world_size and len(saved) > ctx.rank:
+        set_rng_states(saved[ctx.rank]["rng"])
+
+
+def _changes(trainer: Trainer, meta: dict[str, Any]) -> str:
+    now = dict(trainer.ctx.degrees) or {"world": 1}
+    if meta["world_size"] == trainer.ctx.world_size and meta["degrees"] == now:
+        return "same layout"
+    return (
+        f"saved with {meta['world_size']} rank(s) {meta['degrees']}, now "
+        f"{trainer.ctx.world_size} rank(s) {now}: model and optimizer resharded, data "
+        "loader remapped to the new data-parallel degree"
+    )
