@@ -53,7 +53,7 @@ def state_bytes(trainer) -> int:
     for part in trainer.model_parts:
         for param in part.parameters():
             total += 2 * local(param).numel() * param.element_size()  # weights and gradients
-    for state in trainer.optimizer.state.values():
+    for state in (s for optimizer in trainer.optimizers for s in optimizer.state.values()):
         for value in state.values():
             if torch.is_tensor(value) and value.dim() > 0:
                 total += local(value).numel() * value.element_size()
