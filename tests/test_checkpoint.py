@@ -16,6 +16,7 @@ from test_train import read_metrics, run_cli, train_in_process
 
 from birkhoff.checkpoint import CheckpointError
 from birkhoff.checkpoint.manager import COMPLETE, complete_checkpoints
+from birkhoff.launch.cli import main as cli_main
 from conftest import SMALL_OVERRIDES
 
 STEPS = ["train.steps=6", "train.eval_every=0", "optim.warmup_steps=1"]
@@ -71,9 +72,22 @@ def test_retention_keeps_the_last_k_and_every_mth(tmp_path):
     assert steps_of(tmp_path) == [4, 5, 6]
 
 
-def test_an_incompatible_model_is_refused_naming_what_differs(tmp_path):
+def test_inspect_reports_the_checkpoint_and_another_model_is_refused(tmp_path, capsys):
     train_in_process(tmp_path / "run", [*STEPS, "checkpoint.every=3"])
     step3 = tmp_path / "run" / "checkpoints" / "step-00000003"
+    capsys.readouterr()
+    assert cli_main(["ckpt", "inspect", str(step3), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["complete"] and info["step"] == 3 and info["world_size"] == 1
+    assert info["tensors"]["model.embedding.weight"] == {
+        "shape": [4096, 64], "dtype": "float32", "bytes": 4096 * 64 * 4,
+    }  # fmt: skip
+    moments = [name for name in info["tensors"] if name.endswith(".exp_avg_sq")]
+    assert "optim.state.embedding.weight.exp_avg_sq" in moments
+    assert info["recipe"]["checkpoint"]["every"] == 3
+    assert cli_main(["ckpt", "inspect", str(step3)]) == 0
+    assert "step 3 | tokens seen 1536" in capsys.readouterr().out
+    assert cli_main(["ckpt", "inspect", str(tmp_path / "missing")]) == 2
     with pytest.raises(CheckpointError, match=r"model.ffn_hidden_size: 128 in the checkpoint"):
         train_in_process(
             tmp_path / "other", [*STEPS, f"train.resume={step3}", "model.ffn_hidden_size=96"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -12,6 +13,8 @@ from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from birkhoff.checkpoint import CheckpointError
+from birkhoff.checkpoint.inspect import describe_checkpoint, format_description
 from birkhoff.data import DataConfig, DataError, open_data
 from birkhoff.data.commands import prepare_sources, write_tokenizer_model
 from birkhoff.data.shards import verify_checksums
@@ -38,6 +41,9 @@ commands:
                          tokenize every source once into shards under
                          data.prepare.output_dir (resumes an interrupted run)
   data verify DIR        check a prepared directory against its checksums
+  ckpt inspect PATH [--json]
+                         a checkpoint's step, tokens, layout, tokenizer, completeness and
+                         tensors (shapes, dtypes, sizes); the recipe with --json
 """
 RECIPES = "pkg://birkhoff.recipes"
 
@@ -50,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = args[0], args[1:]
     if command == "data":
         return data_command(rest)
+    if command == "ckpt":
+        return ckpt_command(rest)
     if command == "train":
         sys.argv = ["birkhoff train", *rest]  # Hydra parses sys.argv
         hydra.main(version_base=None, config_path=RECIPES, config_name="config")(train_job)()
@@ -79,6 +87,20 @@ def data_command(args: list[str]) -> int:
         file=sys.stderr,
     )
     return 2
+
+
+def ckpt_command(args: list[str]) -> int:
+    """`birkhoff ckpt inspect PATH [--json]`."""
+    if args[:1] != ["inspect"] or len(args) not in (2, 3) or args[2:] not in ([], ["--json"]):
+        print(f"birkhoff: usage: birkhoff ckpt inspect PATH [--json]\n\n{USAGE}", file=sys.stderr)
+        return 2
+    try:
+        info = describe_checkpoint(Path(args[1]))
+    except (CheckpointError, OSError) as err:
+        print(f"birkhoff: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(info, indent=2) if args[2:] else format_description(info))
+    return 0
 
 
 def _data_recipe(overrides: list[str]) -> DataConfig:
