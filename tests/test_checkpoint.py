@@ -147,3 +147,25 @@ def test_sigterm_finishes_the_step_checkpoints_and_auto_resume_continues(tmp_pat
 
 def read_lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
+
+
+def test_a_damaged_shard_is_named_and_auto_resume_falls_back(tmp_path, capsys):
+    run = tmp_path / "run"
+    train_in_process(run, [*STEPS, "checkpoint.every=2"])
+    assert steps_of(run) == [2, 4, 6]
+    newest, middle = (run / "checkpoints" / f"step-0000000{s}" for s in (6, 4))
+    shard = next(newest.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-100])  # truncated
+    flipped = next(middle.glob("*.distcp"))
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one byte changed
+    flipped.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=rf"{shard.name} is truncated: \d+ of \d+ bytes"):
+        train_in_process(tmp_path / "other", [*STEPS, f"train.resume={newest}"])
+    capsys.readouterr()
+    resumed = ["train.steps=7", "train.eval_every=0", "optim.warmup_steps=1", "train.resume=auto"]
+    train_in_process(run, resumed)
+    out = capsys.readouterr().out
+    assert f"{shard.name} is truncated" in out and f"{flipped.name} is corrupted" in out
+    assert "resumed from" in out and "step-00000002 at step 2" in out
+    assert [r["step"] for r in read_metrics(run)[0]][-5:] == [3, 4, 5, 6, 7]

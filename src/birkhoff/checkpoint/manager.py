@@ -3,6 +3,7 @@
     <dir>/step-00000050/      a complete checkpoint: DCP shards (*.distcp, .metadata),
         meta.json             step, tokens, layout, recipe, tokenizer, model config
         ranks/rank-00000.json data-loader and RNG state of each rank (JSON: nothing unpickled)
+        checksums.json        size and sha256 of every file above (each rank hashes a share)
         COMPLETE              written last, once every rank finished
     <dir>/step-00000100.tmp/  being written (or left by a crash): never loaded, removed on save
 
@@ -24,6 +25,14 @@ import torch.distributed.checkpoint as dcp
 from birkhoff.atomic import write_text_atomic
 from birkhoff.checkpoint import codec
 from birkhoff.checkpoint.config import CheckpointConfig
+from birkhoff.checkpoint.integrity import (
+    CHECKSUMS,
+    SUMS_PREFIX,
+    checkpoint_files,
+    digest,
+    my_share,
+    problems,
+)
 from birkhoff.checkpoint.state import TrainingState
 
 COMPLETE = "COMPLETE"
@@ -85,7 +94,12 @@ class CheckpointManager:
         dcp.save(state.tensors(), checkpoint_id=staging)
         write_text_atomic(staging / RANKS / f"rank-{self.rank:05d}.json", codec.dumps(rank_state))
         self._barrier()
+        mine = my_share(checkpoint_files(staging), self.rank, self._world())
+        sums = {name: digest(staging / name) for name in mine}
+        write_text_atomic(staging / RANKS / f"{SUMS_PREFIX}{self.rank:05d}.json", json.dumps(sums))
+        self._barrier()
         if self.rank == 0:
+            self._merge_checksums(staging)
             meta = {**meta, "step": step}
             write_text_atomic(staging / META, json.dumps(meta, indent=2) + "\n")
             write_text_atomic(staging / COMPLETE, f"{time.time()}\n")
@@ -95,18 +109,45 @@ class CheckpointManager:
         return time.perf_counter() - start
 
     def resolve(self, resume: str | None) -> Path | None:
-        """The checkpoint to resume from: None (start fresh), the newest complete one for
-        `auto` (None if there is none yet), or a given directory, which must be complete."""
+        """The checkpoint to resume from: None (start fresh), the newest complete and intact
+        one for `auto` (falling back past damaged ones, and saying so; None if there is none
+        yet), or a given directory, which must be complete and intact. Collective."""
         if not resume:
             return None
         if resume == "auto":
             found = complete_checkpoints(self.root)
-            return found[-1] if found else None
+            for path in reversed(found):
+                damage = self.verify(path)
+                if not damage:
+                    return path
+                if self.rank == 0:
+                    print(f"birkhoff: {damage[0]}; falling back to the previous checkpoint")
+            if found:
+                raise CheckpointError(
+                    f"every checkpoint in {self.root} is damaged; resume from a copy with "
+                    "train.resume=PATH, or start a new run"
+                )
+            return None
         path = Path(resume)
         if not path.is_dir():
             raise CheckpointError(f"train.resume={resume}: no such checkpoint directory")
         read_meta(path)
+        damage = self.verify(path)
+        if damage:
+            raise CheckpointError(f"train.resume={resume}: {'; '.join(damage)}")
         return path
+
+    def verify(self, path: Path) -> list[str]:
+        """Every damaged or missing file of a complete checkpoint (each rank checks its share
+        of the files; the answer is the same on every rank)."""
+        expected = json.loads((path / CHECKSUMS).read_text())
+        mine = my_share(sorted(expected), self.rank, self._world())
+        found = problems(path, expected, mine)
+        if not self.distributed:
+            return found
+        everyone: list[list[str]] = [[] for _ in range(self._world())]
+        dist.all_gather_object(everyone, found)
+        return [problem for rank_found in everyone for problem in rank_found]
 
     def load(self, path: Path, state: TrainingState) -> dict[str, Any]:
         """Load model and optimizer (resharded to this layout) and put the LR schedule at the
@@ -131,6 +172,16 @@ class CheckpointManager:
             if self.cfg.keep_every and step % self.cfg.keep_every == 0:
                 continue
             shutil.rmtree(path)
+
+    def _merge_checksums(self, staging: Path) -> None:
+        merged: dict[str, Any] = {}
+        for part in sorted((staging / RANKS).glob(f"{SUMS_PREFIX}*.json")):
+            merged.update(json.loads(part.read_text()))
+            part.unlink()
+        write_text_atomic(staging / CHECKSUMS, json.dumps(merged, indent=1, sort_keys=True))
+
+    def _world(self) -> int:
+        return dist.get_world_size() if self.distributed else 1
 
     def _barrier(self) -> None:
         if self.distributed:
