@@ -80,7 +80,11 @@ LAYOUTS = {
     "fsdp=2": (2, ["parallel.dp_shard=2", MICRO_4]),
     "tp=2": (2, ["parallel.tp=2", MICRO_4]),
     "ep=2": (2, ["parallel.dp_shard=2", "parallel.ep=2", MICRO_4]),
-    "fsdp=2 + Engram rows sharded": (2, ["parallel.engram_row_shard=true", MICRO_4]),
+    # micro-batches of 2: two accumulated per rank, which the sharded rows must average right
+    "fsdp=2 + Engram rows sharded": (
+        2,
+        ["parallel.engram_row_shard=true", "train.micro_batch_size=2"],
+    ),
     "fsdp=2 x ep=2": (4, ["parallel.dp_shard=4", "parallel.ep=2", "train.micro_batch_size=2"]),
     "hsdp=2x2 + selective AC + Engram rows sharded": (
         4,

@@ -17,6 +17,7 @@ from birkhoff.parallel.device import COLLECTIVE_BACKENDS
 # Outer to inner: pipeline stages talk least, tensor-parallel ranks most (keep them adjacent).
 # Expert parallelism is the inner part of dp_shard.
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard_mod_ep", "ep", "tp")
+MESH_ORDER = ("pp", "dp_replicate", "dp_shard", "tp")  # as printed: dp_shard includes ep
 FLATTENED = {
     "dp_shard": ("dp_shard_mod_ep", "ep"),
     "dp": ("dp_replicate", "dp_shard_mod_ep", "ep"),
@@ -98,9 +99,6 @@ def describe_layout(ctx: DistributedContext) -> str:
         return "1 rank"
     degrees = " x ".join(f"{name}={ctx.degrees[name]}" for name in MESH_ORDER)
     return f"{degrees} (ep={ctx.degrees['ep']} inside dp_shard) on {ctx.world_size} ranks"
-
-
-MESH_ORDER = ("pp", "dp_replicate", "dp_shard", "tp")
 
 
 def env_rank() -> tuple[int, int, int]:

@@ -4,9 +4,11 @@ all-to-all), the owners gather their rows and send them back (row all-to-all, wh
 the gradients home in backward). The table is a DTensor sharded on rows, so the optimizer,
 gradient clipping and checkpoints see one logical table.
 
-Gradients: an owner's rows collect the contributions of every rank's tokens (a sum), so a
-post-accumulate hook divides by the data-parallel size and, with HSDP replicas, averages
-over dp_replicate: the same mean FSDP takes for every other parameter.
+Gradients: an owner's rows collect the contributions of every rank's tokens (a sum), so the
+backward of the lookup divides each contribution by the data-parallel size and, with HSDP
+replicas, sums it over dp_replicate: the same mean FSDP takes for every other parameter.
+Doing it per contribution (not on the accumulated gradient) keeps gradient accumulation
+over micro-batches exact.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import Shard, distribute_tensor
 
 from birkhoff.model.engram import Engram
 
@@ -25,9 +27,11 @@ from birkhoff.model.engram import Engram
 class RowShardedEmbedding(nn.Module):
     """Stands in for an Engram layer's nn.Embedding: forward(rows) -> row vectors."""
 
-    def __init__(self, table: nn.Embedding, mesh: DeviceMesh) -> None:
+    def __init__(
+        self, table: nn.Embedding, mesh: DeviceMesh, dp_size: int, replicate: DeviceMesh | None
+    ) -> None:
         super().__init__()
-        self.mesh = mesh
+        self.mesh, self.dp_size, self.replicate = mesh, dp_size, replicate
         self.num_rows = table.num_embeddings
         self.rows_per_rank = -(-self.num_rows // mesh.size())  # torch.chunk's split
         self.weight = nn.Parameter(distribute_tensor(table.weight.detach(), mesh, [Shard(0)]))
@@ -44,7 +48,7 @@ class RowShardedEmbedding(nn.Module):
         sent, received = sent_counts.tolist(), received_counts.tolist()
         wanted = torch.empty(sum(received), dtype=flat.dtype, device=flat.device)
         dist.all_to_all_single(wanted, flat[order], received, sent, group=group)
-        local = self.weight.to_local()
+        local = _DataParallelMean.apply(self.weight.to_local(), self.dp_size, self.replicate)
         offset = self.mesh.get_local_rank() * self.rows_per_rank
         found = F.embedding(wanted - offset, local)
         returned = all_to_all_single_autograd(found, sent, received, group)
@@ -52,14 +56,21 @@ class RowShardedEmbedding(nn.Module):
         return vectors.view(*rows.shape, local.shape[-1])
 
 
-def _average_gradient(dp_size: int, replicate: DeviceMesh | None):
-    def hook(param: nn.Parameter) -> None:
-        grad = param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
-        grad.div_(dp_size)  # the owner summed every rank's tokens: make it the mean
-        if replicate is not None:  # each replica holds a share of the tokens: add them up
-            dist.all_reduce(grad, group=replicate.get_group())
+class _DataParallelMean(torch.autograd.Function):
+    """Identity forward; backward turns this rank's summed row gradients into its share of
+    the data-parallel mean (divide by dp, sum over HSDP replicas)."""
 
-    return hook
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, dp_size: int, replicate: DeviceMesh | None):
+        ctx.dp_size, ctx.replicate = dp_size, replicate
+        return local.view_as(local)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad / ctx.dp_size
+        if ctx.replicate is not None:
+            dist.all_reduce(grad, group=ctx.replicate.get_group())
+        return grad, None, None
 
 
 def shard_engram_tables(model: nn.Module, mesh: DeviceMesh) -> list[nn.Parameter]:
@@ -71,9 +82,6 @@ def shard_engram_tables(model: nn.Module, mesh: DeviceMesh) -> list[nn.Parameter
     tables = []
     for module in model.modules():
         if isinstance(module, Engram):
-            module.table = RowShardedEmbedding(module.table, shard_mesh)
-            module.table.weight.register_post_accumulate_grad_hook(
-                _average_gradient(dp_size, replicate)
-            )
+            module.table = RowShardedEmbedding(module.table, shard_mesh, dp_size, replicate)
             tables.append(module.table.weight)
     return tables

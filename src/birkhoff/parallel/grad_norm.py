@@ -16,18 +16,20 @@ from torch.distributed.tensor import DTensor
 from birkhoff.parallel.distributed import DistributedContext
 
 
-def _mesh_key(grad: torch.Tensor) -> object:
-    return grad.device_mesh if isinstance(grad, DTensor) else None
+def grads_by_mesh(params: Iterable[nn.Parameter]) -> list[list[torch.Tensor]]:
+    """The gradients, grouped by the mesh they are sharded over (None: plain tensors)."""
+    groups: dict[object, list[torch.Tensor]] = defaultdict(list)
+    for param in params:
+        if param.grad is not None:
+            grad = param.grad
+            groups[grad.device_mesh if isinstance(grad, DTensor) else None].append(grad)
+    return list(groups.values())
 
 
 def total_grad_norm(params: Iterable[nn.Parameter], ctx: DistributedContext) -> torch.Tensor:
     """The 2-norm of all gradients of the whole model (a float32 scalar on every rank)."""
-    groups: dict[object, list[torch.Tensor]] = defaultdict(list)
-    for param in params:
-        if param.grad is not None:
-            groups[_mesh_key(param.grad)].append(param.grad)
     squares = torch.zeros((), dtype=torch.float64, device=ctx.device)
-    for grads in groups.values():
+    for grads in grads_by_mesh(params):
         # float64 accumulation: a float32 norm of millions of elements drifts by ~1e-5, which
         # would make the clipping depend on how the gradients are sharded.
         norms = torch._foreach_norm(grads, 2, dtype=torch.float64)
@@ -46,14 +48,6 @@ def clip_grad_norm(
     norm = total_grad_norm(params, ctx)
     scale = min(1.0, max_norm / (norm.item() + 1e-6))
     if scale < 1.0:
-        grads = [p.grad for p in params if p.grad is not None]
-        for group in _by_mesh(grads):
-            torch._foreach_mul_(group, scale)
+        for grads in grads_by_mesh(params):
+            torch._foreach_mul_(grads, scale)
     return norm
-
-
-def _by_mesh(grads: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-    groups: dict[object, list[torch.Tensor]] = defaultdict(list)
-    for grad in grads:
-        groups[_mesh_key(grad)].append(grad)
-    return list(groups.values())
