@@ -1,24 +1,28 @@
-"""One rank of a layout-equivalence run (started by torchrun from test_parallel.py).
+"""One rank of layout-equivalence runs (started by torchrun from test_parallel.py).
 
-Trains `steps` steps and saves what this rank knows: every step's loss and gradient norm,
-the MoE router biases after the last step, and the full (unsharded) gradients of the first
-and the last step, before clipping, of each parameter it holds, by its name in the unwrapped
-model. Usage: parallel_worker.py OUT_DIR STEPS OVERRIDES...
+For each layout (one process group, a DeviceMesh per layout: a torchrun per layout would
+spend most of its time starting), trains `steps` steps and saves what this rank knows: every
+step's loss and gradient norm, the MoE router biases after the last step, and the full
+(unsharded) gradients of the first and the last step, before clipping, of each parameter it
+holds, by its name in the unwrapped model, to OUT_DIR/NAME/rankN.pt.
+Usage: parallel_worker.py OUT_DIR STEPS JSON  (JSON: {name: [overrides...]})
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from birkhoff.data import open_data
 from birkhoff.launch.recipe import load_recipe, recipe_to_dict
-from birkhoff.parallel import distributed, resolve_device
+from birkhoff.parallel import resolve_device
 from birkhoff.parallel.activation_checkpoint import WRAPPED_PREFIX
-from birkhoff.parallel.distributed import env_rank
+from birkhoff.parallel.distributed import DistributedContext, build_mesh, env_rank
 from birkhoff.train.entry import train_recipe_from_dict
 from birkhoff.train.metrics import MetricLogger
 from birkhoff.train.trainer import Trainer
@@ -38,25 +42,24 @@ def full_gradients(trainer: Trainer) -> dict[str, torch.Tensor]:
     return grads
 
 
-def main(out_dir: str, steps: int, overrides: list[str]) -> None:
-    import faulthandler
-
-    faulthandler.dump_traceback_later(40)
+def run_layout(out: Path, steps: int, overrides: list[str]) -> None:
     recipe, _ = load_recipe(compose_recipe(SMALL_OVERRIDES + overrides), env={})
     train_recipe = train_recipe_from_dict(recipe_to_dict(recipe))
     rank, local_rank, world = env_rank()
     device = resolve_device("cpu", local_rank)
-    with distributed(device, train_recipe.parallel.degrees(world)) as ctx:
-        trainer = Trainer(train_recipe, open_data(train_recipe.data), ctx, device, MetricLogger([]))
-        grads = {}
-        trainer.after_backward.append(lambda t: grads.setdefault(t.step + 1, full_gradients(t)))
-        records = [trainer.train_step() for _ in range(steps)]
-        biases = {
-            name.replace(WRAPPED_PREFIX, ""): buffer.clone()
-            for part in trainer.model_parts
-            for name, buffer in part.named_buffers()
-            if name.endswith("router.bias")
-        }
+    degrees = train_recipe.parallel.degrees(world)
+    mesh = build_mesh(degrees, device.type) if world > 1 else None
+    ctx = DistributedContext(rank, local_rank, world, mesh, degrees, device)
+    trainer = Trainer(train_recipe, open_data(train_recipe.data), ctx, device, MetricLogger([]))
+    grads = {}
+    trainer.after_backward.append(lambda t: grads.setdefault(t.step + 1, full_gradients(t)))
+    records = [trainer.train_step() for _ in range(steps)]
+    biases = {
+        name.replace(WRAPPED_PREFIX, ""): buffer.clone()
+        for part in trainer.model_parts
+        for name, buffer in part.named_buffers()
+        if name.endswith("router.bias")
+    }
     saved = {
         "losses": [r["loss"] for r in records],
         "grad_norms": [r["grad_norm"] for r in records],
@@ -64,8 +67,21 @@ def main(out_dir: str, steps: int, overrides: list[str]) -> None:
         "first_grads": grads[1],
         "grads": grads[steps],
     }
-    torch.save(saved, Path(out_dir) / f"rank{rank}.pt")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(saved, out / f"rank{rank}.pt")
+
+
+def main(out_dir: str, steps: int, layouts: dict[str, list[str]]) -> None:
+    world = env_rank()[2]
+    if world > 1:
+        dist.init_process_group("gloo")
+    try:
+        for name, overrides in layouts.items():
+            run_layout(Path(out_dir) / name, steps, overrides)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3:])
+    main(sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]))

@@ -4,6 +4,7 @@ and refusal of an incompatible model."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -12,12 +13,20 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from test_train import read_metrics, run_cli, train_in_process
 
 from birkhoff.checkpoint import CheckpointError
+from birkhoff.checkpoint.contents import read_tensors, tensor_metadata
+from birkhoff.checkpoint.export import load_exported
 from birkhoff.checkpoint.manager import COMPLETE, complete_checkpoints
+from birkhoff.data import open_data
 from birkhoff.launch.cli import main as cli_main
-from conftest import SMALL_OVERRIDES
+from birkhoff.launch.recipe import load_recipe
+from birkhoff.parallel import distributed
+from birkhoff.train.metrics import MetricLogger
+from birkhoff.train.trainer import Trainer
+from conftest import SMALL_OVERRIDES, compose_recipe
 
 STEPS = ["train.steps=6", "train.eval_every=0", "optim.warmup_steps=1"]
 
@@ -123,26 +132,82 @@ def test_resume_on_another_layout_continues_the_loss(tmp_path, shakespeare_shard
         )
 
 
-def test_sigterm_finishes_the_step_checkpoints_and_auto_resume_continues(tmp_path):
-    """The run keeps going until SIGTERM, stops after the step it was in, writes a complete
-    checkpoint, and `train.resume=auto` in the same run dir continues from there."""
-    run = tmp_path / "run"
-    command = [sys.executable, "-m", "birkhoff.launch.cli", "train", *SMALL_OVERRIDES,
-               "train.steps=100000", "train.eval_every=0", f"hydra.run.dir={run}"]  # fmt: skip
-    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, text=True)
+TWO_RANKS = ["launch.nproc_per_node=2", "train.micro_batch_size=4", "train.eval_every=0"]
+
+
+def start_cli(args: list[str], cwd: Path) -> subprocess.Popen:
+    """`birkhoff train` in a session of its own, so the whole run can be signalled at once."""
+    command = [sys.executable, "-m", "birkhoff.launch.cli", "train", *SMALL_OVERRIDES, *args]
+    return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)  # fmt: skip
+
+
+def wait_for(condition, process: subprocess.Popen, what: str) -> None:
     deadline = time.monotonic() + 180
-    while len(read_lines(run / "metrics.jsonl")) < 3:
-        assert process.poll() is None and time.monotonic() < deadline, "training did not start"
-        time.sleep(0.2)
+    while not condition():
+        assert process.poll() is None and time.monotonic() < deadline, f"no {what}"
+        time.sleep(0.01)
+
+
+def test_sigterm_in_one_process_finishes_the_step_and_checkpoints(tmp_path, monkeypatch):
+    """The signal arrives during step 2: the step finishes, a complete checkpoint is written,
+    the run returns normally and says so."""
+    train_step = Trainer.train_step
+
+    def signalled_during_step_2(trainer: Trainer) -> dict:
+        if trainer.step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return train_step(trainer)
+
+    monkeypatch.setattr(Trainer, "train_step", signalled_during_step_2)
+    summary = train_in_process(tmp_path, [*STEPS, "checkpoint.async_mode=thread"])
+    assert summary["steps"] == 2 and steps_of(tmp_path) == [2]
+
+
+@pytest.mark.slow
+def test_kill_9_and_sigterm_to_a_multi_rank_run_then_auto_resume_is_exact(
+    tmp_path, shakespeare_shards
+):
+    """2 ranks save every step in DCP's checkpoint process. SIGKILL to the whole run (launcher,
+    ranks, checkpoint processes) while a checkpoint is half-written: `train.resume=auto`
+    ignores it and continues from the newest complete one. SIGTERM to the launcher of that
+    resumed run: every rank finishes the same step and checkpoints, the exit status is
+    128 + 15. A second resume runs to the end. The losses after the kill repeat those of a run
+    that never stopped, bit for bit, and no half-written directory is left."""
+    steps = 14
+    common = [shakespeare_shards, *TWO_RANKS, f"train.steps={steps}", "optim.warmup_steps=1"]
+    run_cli([*common, "checkpoint.at_end=false", f"hydra.run.dir={tmp_path}/whole"], tmp_path)
+    run, root = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    process = start_cli([*common, "checkpoint.every=1", "checkpoint.async_mode=process",
+                         f"hydra.run.dir={run}"], tmp_path)  # fmt: skip
+
+    def half_written() -> list[Path]:
+        newest = max(steps_of(run), default=steps)
+        return [p for p in root.glob("step-*.tmp") if int(p.name[5:13]) > newest]
+
+    wait_for(lambda: len(steps_of(run)) >= 2 and half_written(), process, "checkpoints")
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert half_written(), "the kill landed between two checkpoints"
+    killed_at = steps_of(run)[-1]
+
+    logged = len(read_lines(run / "metrics.jsonl"))
+    process = start_cli([*common, "train.resume=auto", f"hydra.run.dir={run}"], tmp_path)
+    wait_for(lambda: len(read_lines(run / "metrics.jsonl")) > logged, process, "resumed step")
     process.send_signal(signal.SIGTERM)
-    stdout, _ = process.communicate(timeout=180)
-    assert process.returncode == 0
+    stdout, stderr = process.communicate(timeout=180)
+    assert f"resumed from {root / f'step-{killed_at:08d}'} at step {killed_at}" in stdout
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     stopped = [r["step"] for r in read_metrics(run)[0]][-1]
-    assert f"SIGTERM on a rank: stopped after step {stopped}" in stdout
-    assert steps_of(run) == [stopped]
-    run_cli(["train.eval_every=0", f"train.steps={stopped + 2}", "train.resume=auto",
-             f"hydra.run.dir={run}"], tmp_path)  # fmt: skip
-    assert [r["step"] for r in read_metrics(run)[0]][-3:] == [stopped, stopped + 1, stopped + 2]
+    assert stopped < steps and f"SIGTERM on a rank: stopped after step {stopped}" in stdout
+    assert "train.resume=auto" in stderr  # the launcher's closing line
+    assert steps_of(run)[-1] == stopped
+
+    run_cli([*common, "train.resume=auto", f"hydra.run.dir={run}"], tmp_path)
+    after, whole = losses(run), losses(tmp_path / "whole")
+    continued = range(killed_at + 1, steps + 1)
+    assert [after[s] for s in continued] == [whole[s] for s in continued]
+    assert not list(root.glob("*.tmp"))
 
 
 def read_lines(path: Path) -> list[str]:
@@ -169,3 +234,66 @@ def test_a_damaged_shard_is_named_and_auto_resume_falls_back(tmp_path, capsys):
     assert f"{shard.name} is truncated" in out and f"{flipped.name} is corrupted" in out
     assert "resumed from" in out and "step-00000002 at step 2" in out
     assert [r["step"] for r in read_metrics(run)[0]][-5:] == [3, 4, 5, 6, 7]
+
+
+def test_background_saves_write_what_a_synchronous_save_writes(tmp_path):
+    """thread and process modes copy the state before the next step changes it: their
+    checkpoints hold the same tensors and rank states as a synchronous save's, and the step
+    reports how long it was blocked."""
+    checkpoints = {}
+    for mode in ("off", "thread", "process"):
+        run = tmp_path / mode
+        train_in_process(run, ["train.steps=4", "train.eval_every=0", "checkpoint.every=2",
+                               f"checkpoint.async_mode={mode}"])  # fmt: skip
+        assert steps_of(run) == [2, 4]
+        checkpoints[mode] = run / "checkpoints"
+        records = read_metrics(run)[0]
+        assert all("checkpoint_blocked_s" in records[s - 1] for s in (2, 4))
+        written = [r for r in _records(run) if "checkpoint_write_s" in r]
+        assert len(written) == 2  # each save reports its whole duration once, when complete
+    for step in ("step-00000002", "step-00000004"):
+        names = sorted(tensor_metadata(checkpoints["off"] / step))
+        expected = read_tensors(checkpoints["off"] / step, names)
+        for mode in ("thread", "process"):
+            assert sorted(tensor_metadata(checkpoints[mode] / step)) == names
+            found = read_tensors(checkpoints[mode] / step, names)
+            assert all(torch.equal(found[n], expected[n]) for n in names), (mode, step)
+            rank_file = f"{step}/ranks/rank-00000.json"
+            assert (checkpoints[mode] / rank_file).read_text() == (
+                checkpoints["off"] / rank_file
+            ).read_text()
+
+
+def test_export_round_trip_gives_the_same_loss(tmp_path, capsys):
+    """Exported safetensors load into a fresh single-process model, by the model's own names,
+    and give the run's held-out loss; --dtype casts and --max-shard-gib splits with an index."""
+    overrides = ["train.steps=3", "train.eval_every=0", "checkpoint.every=3"]
+    summary = train_in_process(tmp_path / "run", overrides)
+    step3 = tmp_path / "run" / "checkpoints" / "step-00000003"
+    assert cli_main(["ckpt", "export", str(step3), "--to", "safetensors"]) == 0
+    weights, config = load_exported(step3.with_name("step-00000003-safetensors"))
+    assert config["step"] == 3 and config["model"]["hidden_size"] == 64
+    recipe, _ = load_recipe(compose_recipe(SMALL_OVERRIDES + overrides), env={})
+    data = open_data(recipe.data)
+    with distributed(torch.device("cpu"), {}) as ctx:
+        fresh = Trainer(recipe, data, ctx, torch.device("cpu"), MetricLogger([]))
+        fresh.model.load_state_dict(weights, strict=True)
+        assert fresh.evaluate() == summary["heldout_loss"]
+
+    small = tmp_path / "bf16"
+    args = ["--out", str(small), "--dtype", "bfloat16", "--max-shard-gib", "0.001"]
+    assert cli_main(["ckpt", "export", str(step3), "--to", "safetensors", *args]) == 0
+    halves, _ = load_exported(small)
+    assert len(list(small.glob("model-*-of-*.safetensors"))) > 1
+    assert set(halves) == set(weights)
+    assert all(halves[n].equal(w.to(torch.bfloat16)) for n, w in weights.items())
+    capsys.readouterr()
+    assert cli_main(["ckpt", "export", str(step3), "--to", "safetensors", *args]) == 2
+    assert "already exists" in capsys.readouterr().err
+    (step3 / "__0_0.distcp").write_bytes(b"truncated")
+    assert cli_main(["ckpt", "export", str(step3), "--to", "safetensors", "--out", "x"]) == 2
+    assert "__0_0.distcp is truncated" in capsys.readouterr().err
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in read_lines(run / "metrics.jsonl")]

@@ -1,5 +1,6 @@
 """Parallel layouts against one process: loss and gradients of `tiny` (mHC + MoE + Engram,
-4 layers) after 3 steps on gloo ranks, each layout a torchrun of parallel_worker.py.
+4 layers) after 3 steps on gloo ranks; the layouts of one world size share a torchrun of
+parallel_worker.py.
 
 Tolerances (gradient errors are global relative L2 errors over all parameters):
 - Step 1, same weights: only float32 summation order differs (split matmuls under tp,
@@ -14,6 +15,7 @@ Tolerances (gradient errors are global relative L2 errors over all parameters):
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -37,17 +39,21 @@ MODEL = [
 MICRO_4 = "train.micro_batch_size=4"  # 1 or 2 data-parallel ranks; 4 ranks take micro-batch 2
 
 
-def run_layout(out: Path, ranks: int, steps: int, overrides: list[str]) -> dict:
-    """Losses and full gradients of the first and last step (merged over ranks)."""
-    out.mkdir(parents=True)
+def run_layouts(out: Path, ranks: int, layouts: dict[str, list[str]]) -> dict[str, dict]:
+    """Per layout: losses and full gradients of the first and last step (merged over ranks)."""
+    layouts = {name: [*MODEL, *o, f"launch.nproc_per_node={ranks}"] for name, o in layouts.items()}
     command = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
-        "--standalone", str(TESTS / "parallel_worker.py"), str(out), str(steps),
-        *MODEL, *overrides, f"launch.nproc_per_node={ranks}",
+        "--standalone", str(TESTS / "parallel_worker.py"), str(out), str(STEPS),
+        json.dumps(layouts),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return {name: merge_ranks(out / name) for name in layouts}
+
+
+def merge_ranks(out: Path) -> dict:
     merged = {"losses": None, "grad_norms": None, "first_grads": {}, "grads": {}}
     merged["router_biases"] = {}
     for path in sorted(out.glob("rank*.pt")):
@@ -67,12 +73,6 @@ def relative_error(grads: dict, reference: dict) -> float:
     assert sorted(grads) == sorted(reference), set(grads) ^ set(reference)
     diff = sum((grads[k] - reference[k]).pow(2).sum() for k in reference)
     return (diff / sum(g.pow(2).sum() for g in reference.values())).sqrt().item()
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, shakespeare_shards):
-    out = tmp_path_factory.mktemp("layouts")
-    return out, shakespeare_shards, run_layout(out / "one", 1, STEPS, [shakespeare_shards, MICRO_4])
 
 
 LAYOUTS = {
@@ -120,13 +120,23 @@ LAYOUTS = {
 }
 
 
+@pytest.fixture(scope="module")
+def results(tmp_path_factory, shakespeare_shards) -> tuple[dict, dict[str, dict]]:
+    """The 1-process reference and every layout (one torchrun per world size)."""
+    out = tmp_path_factory.mktemp("layouts")
+    with_data = {name: [shakespeare_shards, *o] for name, (_, o) in LAYOUTS.items()}
+    reference = run_layouts(out, 1, {"one": [shakespeare_shards, MICRO_4]})["one"]
+    got = {}
+    for ranks in sorted({ranks for ranks, _ in LAYOUTS.values()}):
+        names = [name for name, (r, _) in LAYOUTS.items() if r == ranks]
+        got.update(run_layouts(out, ranks, {name: with_data[name] for name in names}))
+    return reference, got
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_layout_matches_one_process(reference, layout):
-    out, shards, expected = reference
-    ranks, overrides = LAYOUTS[layout]
-    name = layout.replace(" ", "").replace("=", "").replace("+", "_")
-    got = run_layout(out / name, ranks, STEPS, [shards, *overrides])
+def test_layout_matches_one_process(results, layout):
+    expected, got = results[0], results[1][layout]
     assert got["losses"] == pytest.approx(expected["losses"], abs=1e-4)
     # Clipping sees the norm of the whole model, however it is sharded.
     assert got["grad_norms"][0] == pytest.approx(expected["grad_norms"][0], rel=1e-5)

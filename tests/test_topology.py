@@ -66,3 +66,4 @@ def test_elastic_config_matches_torchrun_semantics():
     assert (multi.min_nodes, multi.max_nodes, multi.max_restarts) == (4, 4, 0)
     assert multi.rdzv_endpoint == "gpu007:29500" and multi.run_id == "4242"
     assert multi.rdzv_configs["is_host"] is False
+    assert multi.shutdown_timeout == 120  # launch.stop_timeout_s: time to checkpoint on SIGTERM

@@ -73,7 +73,8 @@ def test_loss_falls_on_the_shipped_corpus_and_metrics_are_written(tmp_path):
     assert [r["step"] for r in steps] == list(range(1, 61))
     assert all(set(r) == STEP_KEYS | MHC_KEYS | MOE_KEYS for r in steps[:-1])
     # The last step also says how long its end-of-run checkpoint took.
-    assert set(steps[-1]) == STEP_KEYS | MHC_KEYS | MOE_KEYS | {"checkpoint_save_s"}
+    checkpoint_keys = {"checkpoint_blocked_s", "checkpoint_write_s"}
+    assert set(steps[-1]) == STEP_KEYS | MHC_KEYS | MOE_KEYS | checkpoint_keys
     assert all(r["moe_dropped_tokens"] == 0 for r in steps)
     assert max(r["mhc_col_dev"] for r in steps) < 0.01
     assert [r["step"] for r in evals] == [30, 60]
@@ -137,10 +138,8 @@ def test_deterministic_mode_repeats_a_run_exactly(tmp_path):
 
 @pytest.mark.slow
 def test_two_gloo_ranks_match_one_rank_with_the_same_global_batch(tmp_path, shakespeare_shards):
-    """Dense baseline: 1e-5 (float reduction order only). Full model (mHC + MoE + Engram): 2e-4,
-    because a reordered float sum can flip a near-tied top-k routing choice and Adam turns
-    noise-level gradients into full-size updates; measured max difference 3.5e-5 over 5 steps,
-    the same as gradient accumulation in one process shows."""
+    """Through the CLI and torchrun's launcher, dense baseline: 1e-5 (float reduction order
+    only). The full model (mHC + MoE + Engram) is compared on 11 layouts in test_parallel.py."""
     # Global batch 8 in every run: 1 rank x 8; 2 ranks x 4; 2 ranks x 2 micro x 2 accumulated.
     layouts = {"one": (1, 8), "two": (2, 4), "two_accumulating": (2, 2)}
     for name, (ranks, micro) in layouts.items():
@@ -174,20 +173,6 @@ def test_two_gloo_ranks_match_one_rank_with_the_same_global_batch(tmp_path, shak
         "summary.json",
         "tokenizer.json",
     ]
-    for name, ranks in (("full_one", 1), ("full_two", 2)):
-        run_cli(
-            [
-                shakespeare_shards,
-                "train.steps=5",
-                "train.eval_every=0",
-                f"launch.nproc_per_node={ranks}",
-                "train.micro_batch_size=4",
-                f"hydra.run.dir={tmp_path}/{name}",
-            ],
-            tmp_path,
-        )
-    full = {n: [r["loss"] for r in read_metrics(tmp_path / n)[0]] for n in ("full_one", "full_two")}
-    assert full["full_two"] == pytest.approx(full["full_one"], abs=2e-4)
 
 
 def test_a_used_run_dir_is_refused_and_left_intact(tmp_path):

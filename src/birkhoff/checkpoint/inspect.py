@@ -6,9 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
+from birkhoff.checkpoint.contents import tensor_metadata
 from birkhoff.checkpoint.manager import COMPLETE, META, RANKS, CheckpointError, read_meta
 
 
@@ -20,11 +18,10 @@ def describe_checkpoint(path: Path) -> dict[str, Any]:
     complete = (path / COMPLETE).is_file()
     meta = read_meta(path) if complete else {}
     tensors = {}
-    for name, item in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata.items():
-        if isinstance(item, TensorStorageMetadata):
-            dtype = item.properties.dtype
-            tensors[name] = {"shape": list(item.size), "dtype": str(dtype).removeprefix("torch.")}
-            tensors[name]["bytes"] = math.prod(item.size) * dtype.itemsize
+    for name, item in tensor_metadata(path).items():
+        dtype = item.properties.dtype
+        tensors[name] = {"shape": list(item.size), "dtype": str(dtype).removeprefix("torch.")}
+        tensors[name]["bytes"] = math.prod(item.size) * dtype.itemsize
     return {
         "path": str(path),
         "complete": complete,

@@ -8,12 +8,15 @@
     <dir>/step-00000100.tmp/  being written (or left by a crash): never loaded, removed on save
 
 Every rank writes its shards into the .tmp directory; after a barrier rank 0 writes meta.json
-and COMPLETE, then renames the directory. A directory without COMPLETE is ignored.
+and COMPLETE, then renames the directory. A directory without COMPLETE is ignored. With
+checkpoint.async_mode=thread|process the writing and completing happen in the background
+(background.py).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -24,7 +27,9 @@ import torch.distributed.checkpoint as dcp
 
 from birkhoff.atomic import write_text_atomic
 from birkhoff.checkpoint import codec
+from birkhoff.checkpoint.background import BackgroundWriter
 from birkhoff.checkpoint.config import CheckpointConfig
+from birkhoff.checkpoint.errors import CheckpointError
 from birkhoff.checkpoint.integrity import (
     CHECKSUMS,
     SUMS_PREFIX,
@@ -39,10 +44,7 @@ COMPLETE = "COMPLETE"
 META = "meta.json"
 RANKS = "ranks"
 PREFIX = "step-"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used; the message names the path and what is wrong."""
+STEP_NAME = re.compile(r"step-(\d+)(\.tmp)?")  # a checkpoint, or one being written
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -57,8 +59,12 @@ def complete_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints under `root`, oldest first."""
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.name.startswith(PREFIX) and p.suffix != ".tmp"]
-    return sorted((p for p in found if is_complete(p)), key=lambda p: int(p.name[len(PREFIX) :]))
+    found = [p for p in root.iterdir() if STEP_NAME.fullmatch(p.name) and p.suffix != ".tmp"]
+    return sorted((p for p in found if is_complete(p)), key=_step_of)
+
+
+def _step_of(path: Path) -> int:
+    return int(STEP_NAME.fullmatch(path.name).group(1))
 
 
 def read_meta(path: Path) -> dict[str, Any]:
@@ -73,26 +79,72 @@ def read_meta(path: Path) -> dict[str, Any]:
 class CheckpointManager:
     def __init__(self, root: Path, cfg: CheckpointConfig, rank: int, distributed: bool) -> None:
         self.root, self.cfg, self.rank, self.distributed = root, cfg, rank, distributed
+        background = cfg.async_mode != "off"
+        self.writer = BackgroundWriter(cfg.async_mode, distributed) if background else None
+        self._group = self.writer.group if self.writer else None
+        self._finished_seconds: float | None = None  # a synchronous save's, until collected
 
     def due(self, step: int, last: bool) -> bool:
         periodic = self.cfg.every > 0 and step % self.cfg.every == 0
-        return (periodic or (last and self.cfg.at_end)) and not is_complete(
-            step_dir(self.root, step)
+        in_flight = self.writer and self.writer.in_flight and self.writer.in_flight.step == step
+        return (
+            (periodic or (last and self.cfg.at_end))
+            and not in_flight
+            and not is_complete(step_dir(self.root, step))
         )
 
     def save(
         self, step: int, state: TrainingState, rank_state: dict, meta: dict[str, Any]
     ) -> float:
-        """Write the checkpoint of `step` (collective: every rank calls it); returns seconds."""
+        """Checkpoint `step` (collective: every rank calls it); returns the seconds the caller
+        was blocked: the whole save, or with a background writer the wait for the previous
+        save plus the copy to host memory."""
         start = time.perf_counter()
+        if self.writer:
+            self._finished_seconds = self.writer.collect(block=True)
+        this_save = time.perf_counter()
         final = step_dir(self.root, step)
         staging = final.with_name(final.name + ".tmp")
         if self.rank == 0:
             shutil.rmtree(staging, ignore_errors=True)  # left by a crash: never complete
             (staging / RANKS).mkdir(parents=True)
         self._barrier()
-        dcp.save(state.tensors(), checkpoint_id=staging)
-        write_text_atomic(staging / RANKS / f"rank-{self.rank:05d}.json", codec.dumps(rank_state))
+
+        # Serialized now: the loader and RNG move on while a background save is written.
+        rank_text = codec.dumps(rank_state)
+        meta_text = json.dumps({**meta, "step": step}, indent=2) + "\n"
+
+        def complete() -> None:
+            self._complete(staging, final, rank_text, meta_text)
+
+        if self.writer:
+            self.writer.start(step, state.tensors(), staging, complete, this_save)
+        else:
+            dcp.save(state.tensors(), checkpoint_id=staging)
+            complete()
+            self._finished_seconds = time.perf_counter() - this_save
+        return time.perf_counter() - start
+
+    def completed(self, wait: bool = False) -> float | None:
+        """The seconds the last save took from start to COMPLETE, reported once, when it is
+        complete (`wait`: until the background save, if any, is). Raises if it failed."""
+        if self.writer and (wait or self.writer.in_flight):
+            background = self.writer.collect(block=wait)
+            if background is not None:
+                return background
+        seconds, self._finished_seconds = self._finished_seconds, None
+        return seconds
+
+    def close(self) -> None:
+        """Wait for a background save and release the writer (call once training ended)."""
+        if self.writer:
+            self.writer.collect(block=True)
+            self.writer.close()
+
+    def _complete(self, staging: Path, final: Path, rank_text: str, meta_text: str) -> None:
+        """Per-rank state and checksums, then (rank 0, once every rank is done) meta.json,
+        the COMPLETE marker, the rename and retention."""
+        write_text_atomic(staging / RANKS / f"rank-{self.rank:05d}.json", rank_text)
         self._barrier()
         mine = my_share(checkpoint_files(staging), self.rank, self._world())
         sums = {name: digest(staging / name) for name in mine}
@@ -100,13 +152,11 @@ class CheckpointManager:
         self._barrier()
         if self.rank == 0:
             self._merge_checksums(staging)
-            meta = {**meta, "step": step}
-            write_text_atomic(staging / META, json.dumps(meta, indent=2) + "\n")
+            write_text_atomic(staging / META, meta_text)
             write_text_atomic(staging / COMPLETE, f"{time.time()}\n")
             staging.rename(final)
             self._apply_retention()
         self._barrier()
-        return time.perf_counter() - start
 
     def resolve(self, resume: str | None) -> Path | None:
         """The checkpoint to resume from: None (start fresh), the newest complete and intact
@@ -165,13 +215,15 @@ class CheckpointManager:
         return [codec.loads(f.read_text()) for f in files]
 
     def _apply_retention(self) -> None:
-        """Keep the newest keep_last complete checkpoints and every keep_every-th step."""
+        """Keep the newest keep_last complete checkpoints and every keep_every-th step; remove
+        .tmp directories older than the newest complete one (left by a crash)."""
         complete = complete_checkpoints(self.root)
         for path in complete[: -self.cfg.keep_last]:
-            step = int(path.name[len(PREFIX) :])
-            if self.cfg.keep_every and step % self.cfg.keep_every == 0:
-                continue
-            shutil.rmtree(path)
+            if not (self.cfg.keep_every and _step_of(path) % self.cfg.keep_every == 0):
+                shutil.rmtree(path)
+        for path in self.root.glob(f"{PREFIX}*.tmp"):
+            if STEP_NAME.fullmatch(path.name) and _step_of(path) < _step_of(complete[-1]):
+                shutil.rmtree(path, ignore_errors=True)
 
     def _merge_checksums(self, staging: Path) -> None:
         merged: dict[str, Any] = {}
@@ -185,4 +237,4 @@ class CheckpointManager:
 
     def _barrier(self) -> None:
         if self.distributed:
-            dist.barrier()
+            dist.barrier(group=self._group)

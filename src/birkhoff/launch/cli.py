@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 from pathlib import Path
@@ -13,12 +12,11 @@ from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from birkhoff.checkpoint import CheckpointError
-from birkhoff.checkpoint.inspect import describe_checkpoint, format_description
 from birkhoff.data import DataConfig, DataError, open_data
 from birkhoff.data.commands import prepare_sources, write_tokenizer_model
 from birkhoff.data.shards import verify_checksums
 from birkhoff.errors import RecipeError, require
+from birkhoff.launch.ckpt_command import ckpt_command
 from birkhoff.launch.recipe import load_recipe, recipe_to_dict
 from birkhoff.launch.spawn import launch_ranks
 from birkhoff.launch.topology import Topology
@@ -44,6 +42,9 @@ commands:
   ckpt inspect PATH [--json]
                          a checkpoint's step, tokens, layout, tokenizer, completeness and
                          tensors (shapes, dtypes, sizes); the recipe with --json
+  ckpt export PATH --to safetensors [--out DIR] [--dtype bfloat16] [--max-shard-gib 5]
+                         the model weights, consolidated from every rank's shards, as
+                         safetensors files plus config.json (default DIR: PATH-safetensors)
 """
 RECIPES = "pkg://birkhoff.recipes"
 
@@ -89,20 +90,6 @@ def data_command(args: list[str]) -> int:
     return 2
 
 
-def ckpt_command(args: list[str]) -> int:
-    """`birkhoff ckpt inspect PATH [--json]`."""
-    if args[:1] != ["inspect"] or len(args) not in (2, 3) or args[2:] not in ([], ["--json"]):
-        print(f"birkhoff: usage: birkhoff ckpt inspect PATH [--json]\n\n{USAGE}", file=sys.stderr)
-        return 2
-    try:
-        info = describe_checkpoint(Path(args[1]))
-    except (CheckpointError, OSError) as err:
-        print(f"birkhoff: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(info, indent=2) if args[2:] else format_description(info))
-    return 0
-
-
 def _data_recipe(overrides: list[str]) -> DataConfig:
     """The recipe's `data` section, composed and validated like `birkhoff train` does."""
     with initialize_config_module(config_module="birkhoff.recipes", version_base=None):
@@ -131,7 +118,9 @@ def train_job(cfg: DictConfig) -> None:
         if topology.world_size == 1:
             run_rank(recipe_to_dict(recipe), str(run_dir), data)
         else:
-            launch_ranks(topology, recipe_to_dict(recipe), str(run_dir))
+            status = launch_ranks(topology, recipe_to_dict(recipe), str(run_dir))
+            if status:
+                sys.exit(status)
     finally:
         _remove_if_empty(run_dir)  # on a node without global rank 0 nothing was written
 

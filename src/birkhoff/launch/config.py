@@ -10,7 +10,9 @@ from birkhoff.errors import require
 @dataclass
 class LaunchConfig:
     """Left null, `nnodes`, `node_rank`, `rdzv_endpoint` and `rdzv_id` come from SLURM's
-    environment inside a SLURM job, else mean one node on this machine."""
+    environment inside a SLURM job, else mean one node on this machine. `stop_timeout_s`: on
+    SIGTERM/SIGINT the launcher passes the signal to its ranks and gives them this long to
+    finish their step and write the checkpoint before it kills them."""
 
     nproc_per_node: int = 1
     nnodes: int | None = None
@@ -18,6 +20,7 @@ class LaunchConfig:
     rdzv_endpoint: str | None = None
     rdzv_port: int = 29500
     rdzv_id: str | None = None
+    stop_timeout_s: int = 120
 
     def validate(self, prefix: str = "launch") -> None:
         require(
@@ -39,6 +42,12 @@ class LaunchConfig:
                 self.node_rank,
                 f"must be in [0, launch.nnodes={self.nnodes})",
             )
+        require(
+            self.stop_timeout_s > 0,
+            f"{prefix}.stop_timeout_s",
+            self.stop_timeout_s,
+            "must be a positive number of seconds (longer than a step plus a checkpoint save)",
+        )
         require(
             0 < self.rdzv_port < 65536,
             f"{prefix}.rdzv_port",

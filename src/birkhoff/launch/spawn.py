@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import signal
+import sys
 import uuid
 from typing import Any
 
+from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.launcher.api import LaunchConfig as ElasticConfig
 from torch.distributed.launcher.api import elastic_launch
 
@@ -29,9 +32,24 @@ def elastic_config(topology: Topology) -> ElasticConfig:
         max_restarts=0,
         monitor_interval=0.1,
         start_method="spawn",
+        shutdown_timeout=topology.stop_timeout_s,
     )
 
 
-def launch_ranks(topology: Topology, recipe: dict[str, Any], run_dir: str) -> None:
-    """Run every local rank of this node to completion (a failed rank raises ChildFailedError)."""
-    elastic_launch(elastic_config(topology), run_rank)(recipe, run_dir)
+def launch_ranks(topology: Topology, recipe: dict[str, Any], run_dir: str) -> int:
+    """Run every local rank of this node to completion (a failed rank raises ChildFailedError).
+    Returns the exit status: 0, or 128 + N after signal N, which the launcher passed to the
+    ranks (they finish their step and checkpoint, or are killed after stop_timeout_s)."""
+    try:
+        elastic_launch(elastic_config(topology), run_rank)(recipe, run_dir)
+    except SignalException as stop:
+        name = signal.Signals(stop.sigval).name
+        print(
+            f"birkhoff: {name}: passed to the ranks, which had {topology.stop_timeout_s} s "
+            "(launch.stop_timeout_s) to finish their step and checkpoint; resume with "
+            "train.resume=auto in the same run dir",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 128 + int(stop.sigval)
+    return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -88,4 +89,8 @@ def run_rank(recipe: dict[str, Any], run_dir: str, data: DataPlan | None = None)
             f"| {summary['tokens_per_s']:.0f} tokens/s | run dir {run_dir}",
             flush=True,
         )
+    if summary["stopped_by"] and ctx.world_size > 1:
+        # The launcher got the signal too and is shutting down: torchrun's worker wrapper
+        # would wait for it to collect this return value until it kills the rank.
+        raise SystemExit(128 + signal.Signals[summary["stopped_by"]])
     return summary

@@ -18,7 +18,8 @@ class StopSignal:
     """Records SIGTERM/SIGINT instead of dying; `requested` is agreed over all ranks."""
 
     def __init__(self) -> None:
-        self.received: int | None = None
+        self.received: int | None = None  # on this rank
+        self.agreed: int | None = None  # on any rank (the highest signal number)
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopSignal:
@@ -32,9 +33,11 @@ class StopSignal:
             signal.signal(number, handler)
 
     def requested(self, ctx: DistributedContext) -> bool:
-        """True on every rank once any rank got a signal (one scalar all-reduce)."""
-        flag = torch.tensor(0.0 if self.received is None else 1.0)
-        return bool(ctx.all_reduce_max(flag, None).item())
+        """True on every rank once any rank got a signal (one scalar all-reduce, which also
+        tells every rank the signal's number)."""
+        flag = torch.tensor(float(self.received or 0))
+        self.agreed = int(ctx.all_reduce_max(flag, None).item()) or None
+        return self.agreed is not None
 
     def _record(self, number: int, frame: FrameType | None) -> None:
         self.received = number

@@ -126,18 +126,16 @@ class Trainer:
                 first_loss = record["loss"] if self.step == first_step + 1 else first_loss
                 last_loss = record["loss"]
                 stopping = stop.requested(self.ctx)
-                if self.checkpoints and (
-                    self.checkpoints.due(self.step, self.step == cfg.steps or stopping)
-                ):
-                    record["checkpoint_save_s"] = save(self, self.checkpoints)
+                record.update(self._checkpoint(self.step == cfg.steps or stopping))
                 self.metrics.log(record)
                 if stopping:
-                    self._announce_stop(stop.received)
+                    self._announce_stop(stop.agreed)
                     break
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                     self.metrics.log({"step": self.step, "eval_loss": self.evaluate()})
-        heldout_loss = self.evaluate()
+        heldout_loss = self.evaluate()  # overlaps a background checkpoint write
         self.metrics.log({"step": self.step, "eval_loss": heldout_loss})
+        self._finish_checkpoints()
         elapsed = time.perf_counter() - start
         return {
             "steps": self.step,
@@ -148,7 +146,29 @@ class Trainer:
             "seconds": elapsed,
             "tokens_per_s": (self.step - first_step) * self.tokens_per_step / elapsed,
             "world_size": self.ctx.world_size,
+            "stopped_by": signal.Signals(stop.agreed).name if stop.agreed else None,
         }
+
+    def _checkpoint(self, last: bool) -> dict[str, float]:
+        """Save if one is due; the metrics: seconds the step was blocked, and the whole
+        save's seconds once a (background) save is complete."""
+        if self.checkpoints is None:
+            return {}
+        timings = {}
+        if self.checkpoints.due(self.step, last):
+            timings["checkpoint_blocked_s"] = save(self, self.checkpoints)
+        written = self.checkpoints.completed()
+        if written is not None:
+            timings["checkpoint_write_s"] = written
+        return timings
+
+    def _finish_checkpoints(self) -> None:
+        if self.checkpoints is None:
+            return
+        written = self.checkpoints.completed(wait=True)
+        if written is not None:
+            self.metrics.log({"step": self.step, "checkpoint_write_s": written})
+        self.checkpoints.close()
 
     def _announce_stop(self, signal_number: int | None) -> None:
         if self.ctx.is_main:

@@ -1,0 +1,24 @@
+"""Reading a checkpoint's tensors outside training: their metadata, or whole tensors in one
+process (DCP merges the shards every rank wrote)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+
+def tensor_metadata(path: Path) -> dict[str, TensorStorageMetadata]:
+    """Every tensor DCP saved in `path` (name -> size and dtype), read without loading."""
+    metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return {k: v for k, v in metadata.items() if isinstance(v, TensorStorageMetadata)}
+
+
+def read_tensors(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """The named tensors of a checkpoint, whole, in this process."""
+    metadata = tensor_metadata(path)
+    state = {n: torch.empty(metadata[n].size, dtype=metadata[n].properties.dtype) for n in names}
+    dcp.load(state, checkpoint_id=path, no_dist=True)
+    return state

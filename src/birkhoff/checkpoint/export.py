@@ -1,0 +1,138 @@
+"""`birkhoff ckpt export PATH --to safetensors`: a checkpoint's model weights, whole (DCP merges
+every rank's shards), as safetensors files plus a config.json for inference or conversion.
+
+    <out>/config.json                       model config, tokenizer identity, step, source
+    <out>/model.safetensors                 one file while the weights fit in --max-shard-gib,
+    <out>/model-00001-of-00003.safetensors  else numbered files and
+    <out>/model.safetensors.index.json      the Hugging Face index (weight name -> file)
+
+Names are the model's own parameter and buffer names (`model.load_state_dict` takes them).
+One file's tensors are read at a time, so memory stays near one file's size. The directory is
+written under a temporary name and renamed when complete; an existing one is never replaced.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from birkhoff.atomic import write_text_atomic
+from birkhoff.checkpoint.contents import read_tensors, tensor_metadata
+from birkhoff.checkpoint.errors import CheckpointError
+from birkhoff.checkpoint.integrity import CHECKSUMS, problems
+from birkhoff.checkpoint.manager import read_meta
+
+MODEL_PREFIX = "model."
+CONFIG = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def export_safetensors(
+    path: Path, out: Path | None = None, dtype: str | None = None, max_shard_gib: float = 5.0
+) -> Path:
+    """Write the model weights of checkpoint `path` to `out` (default: `<path>-safetensors`
+    beside it); floating-point tensors are cast to `dtype` if given. Returns `out`."""
+    meta = read_meta(path)
+    _refuse_damage(path)
+    out = out or path.with_name(f"{path.name}-safetensors")
+    if out.exists():
+        raise CheckpointError(f"{out} already exists; remove it or choose another with --out")
+    if dtype is not None and dtype not in DTYPES:
+        raise CheckpointError(f"--dtype {dtype}: must be one of {', '.join(DTYPES)}")
+    sizes = _model_tensor_bytes(path, dtype)
+    files = _pack(sizes, int(max_shard_gib * 2**30))
+    staging = out.with_name(out.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    weight_map = {}
+    for index, names in enumerate(files):
+        file_name = SINGLE_FILE if len(files) == 1 else _numbered(index, len(files))
+        tensors = read_tensors(path, [MODEL_PREFIX + n for n in names])
+        save_file(
+            {n: _cast(tensors[MODEL_PREFIX + n], dtype).contiguous() for n in names},
+            str(staging / file_name),
+            metadata={"format": "pt"},
+        )
+        weight_map.update(dict.fromkeys(names, file_name))
+    if len(files) > 1:
+        index_file = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+        write_text_atomic(staging / INDEX, json.dumps(index_file, indent=1, sort_keys=True))
+    write_text_atomic(staging / CONFIG, json.dumps(_config(path, meta, dtype), indent=2) + "\n")
+    staging.rename(out)
+    return out
+
+
+def load_exported(out: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The weights (by model parameter name) and config.json of an exported directory."""
+    config = json.loads((out / CONFIG).read_text())
+    if (out / INDEX).is_file():
+        weight_map = json.loads((out / INDEX).read_text())["weight_map"]
+        file_names = sorted(set(weight_map.values()))
+    else:
+        file_names = [SINGLE_FILE]
+    weights: dict[str, torch.Tensor] = {}
+    for file_name in file_names:
+        weights.update(load_file(str(out / file_name)))
+    return weights, config
+
+
+def _refuse_damage(path: Path) -> None:
+    expected = json.loads((path / CHECKSUMS).read_text())
+    damage = problems(path, expected, sorted(expected))
+    if damage:
+        raise CheckpointError(f"{'; '.join(damage)}: export an intact checkpoint instead")
+
+
+def _model_tensor_bytes(path: Path, dtype: str | None) -> dict[str, int]:
+    """Model tensor name (without the prefix) -> bytes once exported."""
+    sizes = {}
+    for name, item in tensor_metadata(path).items():
+        if name.startswith(MODEL_PREFIX):
+            saved = item.properties.dtype
+            cast = dtype is not None and saved.is_floating_point
+            itemsize = DTYPES[dtype].itemsize if cast else saved.itemsize
+            sizes[name.removeprefix(MODEL_PREFIX)] = math.prod(item.size) * itemsize
+    return sizes
+
+
+def _pack(sizes: dict[str, int], limit: int) -> list[list[str]]:
+    """Tensors in name order into files of at most `limit` bytes (a larger tensor alone)."""
+    files: list[list[str]] = [[]]
+    used = 0
+    for name in sorted(sizes):
+        if files[-1] and used + sizes[name] > limit:
+            files.append([])
+            used = 0
+        files[-1].append(name)
+        used += sizes[name]
+    return files
+
+
+def _numbered(index: int, total: int) -> str:
+    return f"model-{index + 1:05d}-of-{total:05d}.safetensors"
+
+
+def _cast(tensor: torch.Tensor, dtype: str | None) -> torch.Tensor:
+    if dtype is None or not tensor.is_floating_point():
+        return tensor
+    return tensor.to(DTYPES[dtype])
+
+
+def _config(path: Path, meta: dict[str, Any], dtype: str | None) -> dict[str, Any]:
+    return {
+        "format": "birkhoff",
+        "model": meta["model"],
+        "tokenizer": meta["tokenizer"],
+        "step": meta["step"],
+        "tokens_seen": meta["tokens_seen"],
+        "dtype": dtype or "as saved",
+        "source": str(path),
+    }
