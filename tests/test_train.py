@@ -176,7 +176,7 @@ def test_two_gloo_ranks_match_one_rank_with_the_same_global_batch(tmp_path, shak
 
 
 def test_a_used_run_dir_is_refused_and_left_intact(tmp_path):
-    run_cli(["train.steps=2", "optim.warmup_steps=1", f"hydra.run.dir={tmp_path}/run"], tmp_path)
+    train_in_process(tmp_path / "run", ["train.steps=2", "optim.warmup_steps=1"])
     before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
     again = subprocess.run(
         [

@@ -36,8 +36,9 @@ def quiet_mesh_warnings_in_children() -> None:
     """DCP's checkpoint process unpickles DTensor meshes without their process groups and
     warns once per tensor that torch.compile could not use them (it compiles nothing). The
     variable is read when torch is imported, so it reaches only processes started later."""
-    current = os.environ.get("TORCH_LOGS")
-    os.environ["TORCH_LOGS"] = ",".join(filter(None, [current, "-torch.distributed.device_mesh"]))
+    quiet, current = "-torch.distributed.device_mesh", os.environ.get("TORCH_LOGS", "")
+    if quiet not in current.split(","):
+        os.environ["TORCH_LOGS"] = ",".join(filter(None, [current, quiet]))
 
 
 @dataclass

@@ -256,7 +256,15 @@ class TrainLoader:
 
 def heldout_windows(plan: DataPlan, num_windows: int) -> np.ndarray:
     """The first `num_windows` held-out windows of the blend, in order (num_windows, T + 1).
-    The same on every rank; each takes its slice of every batch."""
+    The same on every rank; each takes its slice of every batch. Read once per plan."""
+    if num_windows not in plan.heldout:
+        windows = _read_heldout(plan, num_windows)
+        windows.flags.writeable = False
+        plan.heldout[num_windows] = windows
+    return plan.heldout[num_windows]
+
+
+def _read_heldout(plan: DataPlan, num_windows: int) -> np.ndarray:
     cfg = plan.config
     counts = np.zeros(len(plan.sources), dtype=np.int64)
     sources = BlendSchedule([s.config.weight for s in plan.sources]).assign(counts, num_windows)

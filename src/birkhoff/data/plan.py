@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import fsspec
@@ -28,6 +28,9 @@ class DataPlan:
     config: DataConfig
     sources: list[ResolvedSource]
     tokenizer: Tokenizer
+    # Held-out windows by count, read once: the launcher checks them, then a one-process
+    # run trains with the same plan (see loader.heldout_windows).
+    heldout: dict[int, object] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def empty_files(self) -> int:
