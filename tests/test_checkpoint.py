@@ -8,13 +8,12 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from test_train import read_metrics, run_cli, train_in_process
+from test_train import cli_command, read_metrics, run_cli, train_in_process
 
 from birkhoff.checkpoint import CheckpointError
 from birkhoff.checkpoint.contents import read_tensors, tensor_metadata
@@ -137,9 +136,8 @@ TWO_RANKS = ["launch.nproc_per_node=2", "train.micro_batch_size=4", "train.eval_
 
 def start_cli(args: list[str], cwd: Path) -> subprocess.Popen:
     """`birkhoff train` in a session of its own, so the whole run can be signalled at once."""
-    command = [sys.executable, "-m", "birkhoff.launch.cli", "train", *SMALL_OVERRIDES, *args]
-    return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)  # fmt: skip
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    return subprocess.Popen(cli_command(args), cwd=cwd, start_new_session=True, **pipes)
 
 
 def wait_for(condition, process: subprocess.Popen, what: str) -> None:

@@ -47,6 +47,11 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     return [r for r in records if "loss" in r], [r for r in records if "eval_loss" in r]
 
 
+def cli_command(args: list[str], flags: tuple[str, ...] = ()) -> list[str]:
+    """`birkhoff train FLAGS SMALL_OVERRIDES ARGS` (Hydra wants its flags before overrides)."""
+    return [sys.executable, "-m", "birkhoff.launch.cli", "train", *flags, *SMALL_OVERRIDES, *args]
+
+
 def run_cli(
     args: list[str],
     cwd: Path,
@@ -54,9 +59,9 @@ def run_cli(
     flags: tuple[str, ...] = (),
     inherit_env: bool = True,
 ) -> subprocess.CompletedProcess:
-    """`birkhoff train FLAGS SMALL_OVERRIDES ARGS` (Hydra wants its flags before overrides)."""
+    """`birkhoff train FLAGS SMALL_OVERRIDES ARGS`, which must succeed."""
     result = subprocess.run(
-        [sys.executable, "-m", "birkhoff.launch.cli", "train", *flags, *SMALL_OVERRIDES, *args],
+        cli_command(args, flags),
         cwd=cwd,
         capture_output=True,
         text=True,

@@ -3,6 +3,7 @@ process (DCP merges the shards every rank wrote)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -22,3 +23,10 @@ def read_tensors(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
     state = {n: torch.empty(metadata[n].size, dtype=metadata[n].properties.dtype) for n in names}
     dcp.load(state, checkpoint_id=path, no_dist=True)
     return state
+
+
+def stored_bytes(item: TensorStorageMetadata, dtype: torch.dtype | None = None) -> int:
+    """Bytes of a saved tensor, whole; as `dtype` if given (floating-point tensors only)."""
+    saved = item.properties.dtype
+    cast = dtype is not None and saved.is_floating_point
+    return math.prod(item.size) * (dtype.itemsize if cast else saved.itemsize)

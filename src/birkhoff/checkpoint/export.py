@@ -14,7 +14,6 @@ written under a temporary name and renamed when complete; an existing one is nev
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from birkhoff.atomic import write_text_atomic
-from birkhoff.checkpoint.contents import read_tensors, tensor_metadata
+from birkhoff.checkpoint.contents import read_tensors, stored_bytes, tensor_metadata
 from birkhoff.checkpoint.errors import CheckpointError
 from birkhoff.checkpoint.integrity import CHECKSUMS, problems
 from birkhoff.checkpoint.manager import read_meta
@@ -93,14 +92,12 @@ def _refuse_damage(path: Path) -> None:
 
 def _model_tensor_bytes(path: Path, dtype: str | None) -> dict[str, int]:
     """Model tensor name (without the prefix) -> bytes once exported."""
-    sizes = {}
-    for name, item in tensor_metadata(path).items():
-        if name.startswith(MODEL_PREFIX):
-            saved = item.properties.dtype
-            cast = dtype is not None and saved.is_floating_point
-            itemsize = DTYPES[dtype].itemsize if cast else saved.itemsize
-            sizes[name.removeprefix(MODEL_PREFIX)] = math.prod(item.size) * itemsize
-    return sizes
+    target = DTYPES[dtype] if dtype else None
+    return {
+        name.removeprefix(MODEL_PREFIX): stored_bytes(item, target)
+        for name, item in tensor_metadata(path).items()
+        if name.startswith(MODEL_PREFIX)
+    }
 
 
 def _pack(sizes: dict[str, int], limit: int) -> list[list[str]]:

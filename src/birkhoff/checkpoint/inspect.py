@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
-from birkhoff.checkpoint.contents import tensor_metadata
+from birkhoff.checkpoint.contents import stored_bytes, tensor_metadata
 from birkhoff.checkpoint.manager import COMPLETE, META, RANKS, CheckpointError, read_meta
 
 
@@ -21,7 +20,7 @@ def describe_checkpoint(path: Path) -> dict[str, Any]:
     for name, item in tensor_metadata(path).items():
         dtype = item.properties.dtype
         tensors[name] = {"shape": list(item.size), "dtype": str(dtype).removeprefix("torch.")}
-        tensors[name]["bytes"] = math.prod(item.size) * dtype.itemsize
+        tensors[name]["bytes"] = stored_bytes(item)
     return {
         "path": str(path),
         "complete": complete,

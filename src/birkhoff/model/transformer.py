@@ -160,17 +160,23 @@ class Transformer(nn.Module):
         data-parallel wrappers see one call.
         """
         ctx = self.context(tokens.shape[1], positions, engram_rows)
-        x = self.embed(tokens)
-        aux_losses: list[torch.Tensor] = []
-        for block in self.blocks.values():
-            x, balance_loss = block(x, tokens, ctx)
-            if balance_loss is not None:
-                aux_losses.append(balance_loss)
+        x, aux_losses = self.run_blocks(self.embed(tokens), tokens, ctx)
         if targets is None:
             return self.logits(x)
         target_embeddings = self.embedding(targets) if self.uses_mtp else None
         loss = self.output_loss(x, targets, ctx, target_embeddings)
         return loss + sum(aux_losses) if aux_losses else loss
+
+    def run_blocks(
+        self, x: torch.Tensor, tokens: torch.Tensor, ctx: SequenceContext
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The residual through every block held here, and the MoE balance losses they made."""
+        aux_losses: list[torch.Tensor] = []
+        for block in self.blocks.values():
+            x, balance_loss = block(x, tokens, ctx)
+            if balance_loss is not None:
+                aux_losses.append(balance_loss)
+        return x, aux_losses
 
     @property
     def uses_mtp(self) -> bool:

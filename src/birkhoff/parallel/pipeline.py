@@ -75,11 +75,7 @@ class PipelineChunk(Transformer):
             target_embeddings = rest.pop() if self.carry.mtp else None
         positions, rows = self.carry.unpack(tuple(rest))
         ctx = self.context(tokens.shape[1], positions, rows)
-        aux_losses: list[torch.Tensor] = []
-        for block in self.blocks.values():
-            x, balance_loss = block(x, tokens, ctx)
-            if balance_loss is not None:
-                aux_losses.append(balance_loss)
+        x, aux_losses = self.run_blocks(x, tokens, ctx)
         aux = sum(aux_losses) if aux_losses and self.training else None
         if aux is not None:
             self.aux_loss_sum += aux.detach()
