@@ -2,14 +2,17 @@
 
 Every layout trains the `tiny` recipe (mHC + MoE + Engram) on the shipped corpus through the
 real Trainer, started by torchrun on gloo (CPU) or nccl/hccl (accelerators). Per layout it
-reports tokens/s of the whole run (global batch / step time, median of the timed steps), the
-model state a rank holds (its shards of parameters, gradients and AdamW moments) and the peak
-memory of a rank (resident set on CPU, allocator peak on an accelerator). On 2 CPU cores
-these are correctness-scale numbers: ranks share the cores, so more ranks are slower, and the
-state column is the meaningful one there.
+reports tokens/s (global batch / step time of the fastest timed step: a shared machine's noise
+only ever adds time), the model state a rank holds (its shards of parameters, gradients and
+AdamW moments), the activations autograd keeps for backward per micro-batch (each distinct
+storage once, weights excluded: what sequence parallelism shrinks; not measured with
+activation checkpointing, whose blocks save through hooks of their own) and the peak memory
+of a rank (resident set on CPU, allocator peak on an accelerator). On 2 CPU cores these are
+correctness-scale numbers: ranks share the cores, so more ranks are slower, and the state and
+saved-activation columns are the ones that carry over to real devices.
 
     python benchmarks/parallel_layouts.py                 # all layouts, prints one JSON object
-    python benchmarks/parallel_layouts.py --layouts 1 fsdp=2 --steps 5
+    python benchmarks/parallel_layouts.py --layouts 1 fsdp=2 --steps 8
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,10 +34,12 @@ LAYOUTS = {
     "dp=2": (2, ["parallel=data_parallel"]),
     "fsdp=2": (2, ["parallel.dp_shard=2"]),
     "tp=2": (2, ["parallel.tp=2"]),
+    "tp=2+sp": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
     "ep=2": (2, ["parallel.dp_shard=2", "parallel.ep=2"]),
     "pp=2": (2, ["parallel.pp=2", "train.micro_batch_size=3"]),
     "fsdp=2+engram_rows": (2, ["parallel.dp_shard=2", "parallel.engram_row_shard=true"]),
     "fsdp=2+full_ac": (2, ["parallel.dp_shard=2", "parallel.activation_checkpoint=full"]),
+    "fsdp=2+selective_ac": (2, ["parallel.dp_shard=2", "parallel.activation_checkpoint=selective"]),
     "fsdp=2xep=2": (4, ["parallel.dp_shard=4", "parallel.ep=2", "train.micro_batch_size=3"]),
     "pp=2xtp=2": (4, ["parallel.pp=2", "parallel.tp=2", "train.micro_batch_size=3"]),
 }
@@ -58,6 +62,28 @@ def state_bytes(trainer) -> int:
             if torch.is_tensor(value) and value.dim() > 0:
                 total += local(value).numel() * value.element_size()
     return total
+
+
+def saved_for_backward_mib(trainer) -> float:
+    """MiB autograd saves for backward during one training step, per micro-batch of this rank
+    (distinct storages; weights, the leaves that require grad, excluded)."""
+    # Held until the step ends, so that no freed address is reused and counted once for two.
+    storages: dict[int, tuple[object, int]] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if not (tensor.is_leaf and tensor.requires_grad):  # weights (FSDP's gathered ones too)
+            with torch.no_grad():
+                local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+            try:
+                storage = local.untyped_storage()
+                storages[storage.data_ptr()] = (storage, storage.nbytes())
+            except RuntimeError:  # a collective's output wrapper, which has no storage of its own
+                storages[id(tensor)] = (tensor, local.numel() * local.element_size())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        trainer.train_step()
+    return sum(size for _, size in storages.values()) / 2**20 / trainer.grad_accum
 
 
 def worker(out_dir: str, steps: int, warmup: int, overrides: list[str]) -> None:
@@ -87,8 +113,12 @@ def worker(out_dir: str, steps: int, warmup: int, overrides: list[str]) -> None:
             if index >= warmup:
                 times.append(time.perf_counter() - start)
         result = {
-            "tokens_per_s": trainer.tokens_per_step / statistics.median(times),
+            "tokens_per_s": trainer.tokens_per_step / min(times),
             "state_mib": state_bytes(trainer) / 2**20,
+            # Checkpointed blocks save through their own hooks, which hide them from ours.
+            "saved_mib": None
+            if recipe.parallel.activation_checkpoint != "none"
+            else saved_for_backward_mib(trainer),
             "peak_mib": peak_memory_mib(device),
         }
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
@@ -112,6 +142,9 @@ def run_layout(name: str, steps: int, warmup: int, work: Path) -> dict:
         "ranks": ranks,
         "tokens_per_s": per_rank[0]["tokens_per_s"],
         "state_mib_per_rank": max(r["state_mib"] for r in per_rank),
+        "saved_for_backward_mib_per_rank": None
+        if per_rank[0]["saved_mib"] is None
+        else max(r["saved_mib"] for r in per_rank),
         "peak_mib_per_rank": max(r["peak_mib"] for r in per_rank),
     }
 
@@ -119,7 +152,7 @@ def run_layout(name: str, steps: int, warmup: int, work: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     args = parser.parse_args()
     names = ["1", *[n for n in args.layouts if n != "1"]]
@@ -130,6 +163,8 @@ def main() -> None:
         result["tokens_per_s_vs_1_rank"] = result["tokens_per_s"] / base["tokens_per_s"]
         result["state_vs_1_rank"] = result["state_mib_per_rank"] / base["state_mib_per_rank"]
         result["peak_vs_1_rank"] = result["peak_mib_per_rank"] / base["peak_mib_per_rank"]
+        saved = result["saved_for_backward_mib_per_rank"]
+        result["saved_vs_1_rank"] = saved and saved / base["saved_for_backward_mib_per_rank"]
     report = {
         "model": "tiny",
         "device": "cpu (gloo)" if not torch.cuda.is_available() else torch.cuda.get_device_name(),

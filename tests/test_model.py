@@ -80,3 +80,32 @@ def test_document_mask_makes_a_packed_document_see_only_itself():
     masked = model(packed, positions=positions)
     torch.testing.assert_close(masked[:, 5:], alone, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(model(packed)[:, 5:], alone, atol=1e-3)  # unmasked: sees doc 1
+
+
+def test_tensor_parallel_plan_with_sequence_parallelism():
+    """Between sublayers the residual holds a slice of the sequence: each sublayer gathers its
+    input and reduce-scatters its row-parallel output (the shared experts along flattened
+    tokens); Engram runs whole; without sequence parallelism inputs and outputs stay whole."""
+    from birkhoff.launch.recipe import load_recipe
+    from conftest import compose_recipe
+
+    recipe, _ = load_recipe(compose_recipe(["model=tiny"]), env={})
+    model = build_model(recipe.model)
+    dense, moe_with_engram = model.blocks["0"], model.blocks["1"]
+    assert dense.tensor_parallel_plan(True) == {
+        "attention": "gather_seq",
+        "attention.wq": "colwise",
+        "attention.wk": "colwise",
+        "attention.wv": "colwise",
+        "attention.wo": "rowwise_seq",
+        "ffn": "gather_seq",
+        "ffn.w_gate": "colwise",
+        "ffn.w_up": "colwise",
+        "ffn.w_down": "rowwise_seq",
+    }
+    plan = moe_with_engram.tensor_parallel_plan(True)
+    assert plan["ffn.shared"] == "gather_tokens" and plan["ffn.shared.w_down"] == "rowwise_tokens"
+    assert plan["engram"] == "whole_seq" and "ffn" not in plan
+    whole = moe_with_engram.tensor_parallel_plan()
+    assert set(whole.values()) == {"colwise", "rowwise"}
+    assert set(whole) == {name for name, role in plan.items() if role.startswith(("col", "row"))}

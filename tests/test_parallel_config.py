@@ -93,6 +93,18 @@ def layout_error(overrides: list[str]) -> RecipeError:
             "parallel.dp_replicate",
             "cannot both be -1",
         ),
+        (
+            ["parallel.sequence_parallel=true"],
+            "parallel.sequence_parallel",
+            "needs tp > 1",
+        ),
+        (
+            ["parallel.tp=2", "parallel.sequence_parallel=true", "launch.nproc_per_node=2",
+             "data.seq_len=127"],
+            "data.seq_len",
+            "must be a multiple of parallel.tp=2 with parallel.sequence_parallel=true (each tp "
+            "rank holds seq_len / tp positions); e.g. 126",
+        ),
     ],
 )  # fmt: skip
 def test_impossible_layouts_are_refused_before_any_group_exists(overrides, key, message):

@@ -105,7 +105,8 @@ class BatchBuilder:
     hasher: EngramHasher | None = None
 
     def __call__(self, windows: np.ndarray) -> Batch:
-        tokens = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.int64))
+        # A copy: held-out windows are shared read-only arrays, which torch.from_numpy warns of.
+        tokens = torch.from_numpy(np.array(windows, dtype=np.int64, order="C"))
         inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
         batch = Batch(inputs, targets)
         if self.document_mask:

@@ -9,6 +9,8 @@ does this through `update_bias`). An optional sequence-wise balance loss is retu
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -62,6 +64,10 @@ class Router(nn.Module):
         self.bias += self.cfg.bias_update_rate * torch.sign(load.float().mean() - load.float())
 
 
+def _whole_sequences(statistics: torch.Tensor) -> torch.Tensor:
+    return statistics
+
+
 def _local(weight: torch.Tensor) -> torch.Tensor:
     """This rank's experts: expert parallelism (applied from outside) makes the stacked
     weights DTensors sharded on the expert dim, and the inputs arrive already dispatched."""
@@ -107,6 +113,10 @@ class MoE(nn.Module):
         self.register_buffer(
             "tokens_per_expert", torch.zeros(cfg.num_experts, dtype=torch.int64), persistent=False
         )
+        # When each rank holds only a part of every sequence (sequence parallelism, set from
+        # outside), the sequence balance loss sums its per-sequence statistics over the parts.
+        self.sequence_sum: Callable[[torch.Tensor], torch.Tensor] = _whole_sequences
+        self.sequence_parts = 1
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, C) -> (output (B, T, C), sequence-wise balance loss (scalar))."""
@@ -130,7 +140,10 @@ class MoE(nn.Module):
         batch, seq = batch_seq
         e, k = self.cfg.num_experts, self.cfg.top_k
         chosen = torch.zeros_like(scores).scatter(-1, expert_ids, 1.0).view(batch, seq, e)
-        fraction = chosen.sum(1) * e / (k * seq)  # f_i per sequence
-        normalized = scores / scores.sum(-1, keepdim=True)
-        probability = normalized.view(batch, seq, e).mean(1)  # P_i per sequence
+        normalized = (scores / scores.sum(-1, keepdim=True)).view(batch, seq, e)
+        # Per sequence and expert: tokens routed to it, and its summed normalized score.
+        routed, score_sum = self.sequence_sum(torch.stack((chosen.sum(1), normalized.sum(1))))
+        length = seq * self.sequence_parts
+        fraction = routed * e / (k * length)  # f_i per sequence
+        probability = score_sum / length  # P_i per sequence
         return self.cfg.seq_aux_loss_coef * (fraction * probability).sum(-1).mean()

@@ -78,18 +78,35 @@ class Block(nn.Module):
         x = self.ffn_residual(x, lambda h: self._ffn(self.ffn_norm(h), balance))
         return x, (balance[0] if balance else None)
 
-    def tensor_parallel_plan(self) -> dict[str, str]:
-        """Submodule -> "colwise" | "rowwise" for tensor parallelism (applied from outside):
-        attention heads and the hidden units of dense and shared-expert FFNs are split; a
-        colwise layer feeds a rowwise one, so each sublayer needs one all-reduce. Norms, mHC
-        mappings, Engram, router and routed experts stay whole (experts use ep instead)."""
+    def tensor_parallel_plan(self, sequence_parallel: bool = False) -> dict[str, str]:
+        """Submodule -> role for tensor parallelism (applied from outside): attention heads and
+        the hidden units of dense and shared-expert FFNs are split; a "colwise" layer feeds a
+        "rowwise" one, so each sublayer needs one all-reduce. Norms, mHC mappings, Engram,
+        router and routed experts stay whole (experts use ep instead).
+
+        With `sequence_parallel` the residual between sublayers holds a slice of the sequence
+        (dim 1): row-parallel outputs are reduce-scattered to it ("rowwise_seq"; "rowwise_tokens"
+        along the flattened tokens the shared experts see), modules that mix positions gather
+        their input first ("gather_seq", "gather_tokens"), and Engram, whose convolution reads
+        earlier positions, runs on the whole sequence ("whole_seq"). Norms, mHC, router and
+        routed experts then run on the slice."""
         plan = {f"attention.{name}": "colwise" for name in ("wq", "wk", "wv")}
         plan["attention.wo"] = "rowwise"
+        outputs = {"attention": "attention.wo"}  # sublayer -> its row-parallel output layer
         ffn = self.ffn if isinstance(self.ffn, SwiGLU) else getattr(self.ffn, "shared", None)
         if ffn is not None:
             prefix = "ffn" if ffn is self.ffn else "ffn.shared"
             plan.update({f"{prefix}.w_gate": "colwise", f"{prefix}.w_up": "colwise"})
             plan[f"{prefix}.w_down"] = "rowwise"
+            outputs[prefix] = f"{prefix}.w_down"
+        if not sequence_parallel:
+            return plan
+        for sublayer, output in outputs.items():
+            split = "tokens" if sublayer == "ffn.shared" else "seq"  # shared: (B*T, C) inputs
+            plan[sublayer] = f"gather_{split}"
+            plan[output] = f"rowwise_{split}"
+        if self.engram is not None:
+            plan["engram"] = "whole_seq"
         return plan
 
     def _ffn(self, h: torch.Tensor, aux_losses: list[torch.Tensor]) -> torch.Tensor:

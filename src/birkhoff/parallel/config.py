@@ -36,6 +36,9 @@ class ParallelConfig:
     activation_checkpoint: str = "none"
     # Shard every Engram table by rows over the dp_shard group (index all-to-all, row gather).
     engram_row_shard: bool = False
+    # With tp > 1: split the residual along the sequence over the tp ranks between the
+    # tensor-parallel sublayers (norms, mHC, router and routed experts run on T / tp tokens).
+    sequence_parallel: bool = False
 
     def degrees(self, world_size: int) -> dict[str, int]:
         """The resolved degrees (the -1 filled in); call after validate()."""
@@ -79,6 +82,13 @@ class ParallelConfig:
         require_choice(f"{prefix}.pp_schedule", self.pp_schedule, PP_SCHEDULES)
         require_choice(
             f"{prefix}.activation_checkpoint", self.activation_checkpoint, CHECKPOINT_MODES
+        )
+        require(
+            self.tp > 1 or not self.sequence_parallel,
+            f"{prefix}.sequence_parallel",
+            self.sequence_parallel,
+            "needs tp > 1 (it splits the sequence over the tensor-parallel ranks); set "
+            f"{prefix}.tp or turn it off",
         )
         require_choice(f"{prefix}.param_dtype", self.param_dtype, DTYPES)
         require_choice(f"{prefix}.reduce_dtype", self.reduce_dtype, DTYPES)

@@ -4,6 +4,8 @@ DDP for pure replication)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -14,14 +16,24 @@ from birkhoff.parallel.distributed import DistributedContext
 from birkhoff.parallel.engram_shard import shard_engram_tables
 from birkhoff.parallel.expert_parallel import apply_expert_parallel
 from birkhoff.parallel.fsdp import apply_fsdp
+from birkhoff.parallel.sequence_parallel import (
+    SequenceParallelGradients,
+    mark_sequence_bounds,
+    split_sequences_in_moe,
+)
 from birkhoff.parallel.tensor_parallel import apply_tensor_parallel
 
 
-def parallelize_chunk(model: nn.Module, ctx: DistributedContext, cfg: ParallelConfig) -> None:
+def parallelize_chunk(
+    model: nn.Module, ctx: DistributedContext, cfg: ParallelConfig
+) -> list[Callable[..., None]]:
     """Shard one model (or one pipeline chunk) in place; a no-op in a single process except
-    activation checkpointing."""
+    activation checkpointing. Returns what must run once a step's gradients are complete."""
+    after_backward = []
     if ctx.size("tp") > 1:
-        apply_tensor_parallel(model, ctx.mesh["tp"])
+        apply_tensor_parallel(model, ctx.mesh["tp"], cfg.sequence_parallel)
+        if cfg.sequence_parallel:
+            after_backward.append(apply_sequence_parallel(model, ctx))
     if ctx.size("ep") > 1:
         for module in model.modules():
             if isinstance(module, MoE):
@@ -34,6 +46,17 @@ def parallelize_chunk(model: nn.Module, ctx: DistributedContext, cfg: ParallelCo
         expert_mesh = ctx.mesh["dp_replicate", "dp_shard_mod_ep"] if ctx.size("ep") > 1 else None
         blocks = [getattr(parent, name) for parent, name in block_slots(model)]
         apply_fsdp(model, blocks, ctx.mesh, cfg, expert_mesh, tables)
+    return after_backward
+
+
+def apply_sequence_parallel(model: nn.Module, ctx: DistributedContext) -> SequenceParallelGradients:
+    """Split the main blocks' residual along the sequence (after tensor parallelism); returns
+    the gradient sum over tp that the parameters left whole then need."""
+    blocks = list(model.blocks.values())
+    mark_sequence_bounds(blocks, ctx.mesh["tp"])
+    for block in blocks:
+        split_sequences_in_moe(block, ctx.mesh["tp"])
+    return SequenceParallelGradients(blocks, ctx)
 
 
 def wrap_ddp(model: nn.Module, ctx: DistributedContext, cfg: ParallelConfig) -> nn.Module:

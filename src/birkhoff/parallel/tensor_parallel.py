@@ -1,20 +1,45 @@
 """Tensor parallelism with DTensor: every block's plan (Block.tensor_parallel_plan) applied
-over the `tp` mesh dimension, Megatron style (column-parallel then row-parallel, inputs and
-outputs replicated). MTP depths are blocks too and get the same plan."""
+over the `tp` mesh dimension, Megatron style (column-parallel then row-parallel). Without
+sequence parallelism a sublayer's input and output are whole on every tp rank; with it, the
+main blocks' residual is split along the sequence (see sequence_parallel.py). MTP depths are
+blocks too and get the plain plan: they run on the whole sequence, after the head's gather."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.tensor import Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    RowwiseParallel,
+    parallelize_module,
+)
 
 from birkhoff.model.transformer import Block
+from birkhoff.parallel.sequence_parallel import SEQUENCE_DIM, SequenceLayout, WholeSequence
 
-STYLES = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+TOKEN_DIM = 0  # of the flattened (B * T, C) tokens the shared experts see
+
+STYLES: dict[str, Callable[[], ParallelStyle]] = {
+    "colwise": ColwiseParallel,
+    "rowwise": RowwiseParallel,
+    "rowwise_seq": lambda: RowwiseParallel(output_layouts=Shard(SEQUENCE_DIM)),
+    "rowwise_tokens": lambda: RowwiseParallel(output_layouts=Shard(TOKEN_DIM)),
+    "gather_seq": lambda: SequenceLayout("input", "whole", SEQUENCE_DIM, local=False),
+    "gather_tokens": lambda: SequenceLayout("input", "whole", TOKEN_DIM, local=False),
+    "whole_seq": WholeSequence,
+}
 
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
+def apply_tensor_parallel(
+    model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool = False
+) -> None:
+    """Split every block of `model` (a whole model or a pipeline chunk) over `tp_mesh`."""
+    main = list(model.blocks.values()) if model.blocks is not None else []
     for block in model.modules():
         if isinstance(block, Block):
-            plan = {name: STYLES[role]() for name, role in block.tensor_parallel_plan().items()}
-            parallelize_module(block, tp_mesh, plan)
+            roles = block.tensor_parallel_plan(sequence_parallel and block in main)
+            parallelize_module(block, tp_mesh, {name: STYLES[r]() for name, r in roles.items()})

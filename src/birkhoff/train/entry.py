@@ -74,7 +74,7 @@ def run_rank(recipe: dict[str, Any], run_dir: str, data: DataPlan | None = None)
             trainer = Trainer(train_recipe, data, ctx, device, metrics, run_path)
             if ctx.is_main:
                 print(f"birkhoff: {describe_split(trainer.model_cfg)}", flush=True)
-                print(f"birkhoff: layout {describe_layout(ctx)}", flush=True)
+                print(f"birkhoff: layout {describe_layout(ctx)}, device {device.type}", flush=True)
             summary = trainer.fit()
         finally:
             metrics.close()

@@ -1,5 +1,6 @@
 """Aux-loss-free expert balancing: after each optimizer step every MoE router moves its bias
-toward the loads of the whole global batch (summed over micro-batches and data-parallel ranks)."""
+toward the loads of the whole global batch (summed over micro-batches and data-parallel ranks,
+and over tp ranks when sequence parallelism gave each a slice of the sequence)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ def balance_experts(
     dropped = torch.zeros((), dtype=torch.float64)
     if layers:
         counts = ctx.all_reduce_sum(torch.stack([layer.tokens_per_expert for layer in layers]))
+        if layers[0].sequence_parts > 1:  # sequence parallelism: each tp rank routed a slice
+            counts = ctx.all_reduce_sum(counts, "tp")
         for layer, load in zip(layers, counts, strict=True):
             layer.router.update_bias(load)
             layer.tokens_per_expert.zero_()

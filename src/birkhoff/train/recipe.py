@@ -51,6 +51,15 @@ class TrainRecipe:
             self.data.seq_len,
             f"must be <= model.max_seq_len={self.model.max_seq_len}",
         )
+        tp = self.parallel.tp
+        require(
+            not self.parallel.sequence_parallel or self.data.seq_len % tp == 0,
+            "data.seq_len",
+            self.data.seq_len,
+            f"must be a multiple of parallel.tp={tp} with parallel.sequence_parallel=true "
+            f"(each tp rank holds seq_len / tp positions); e.g. "
+            f"{max(tp, self.data.seq_len // tp * tp)}",
+        )
         require(
             self.optim.warmup_steps < self.train.steps,
             "optim.warmup_steps",

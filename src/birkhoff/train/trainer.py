@@ -87,12 +87,12 @@ class Trainer:
         self.pipeline = self._pipeline(model.to(device))
         # This rank's share of the model: the whole model, or its pipeline chunks.
         self.model_parts = self.pipeline.chunks if self.pipeline else [model]
-        for part in self.model_parts:
-            parallelize_chunk(part, ctx, recipe.parallel)
-        self.model = self.model_parts[0]
-        self.parallel_model = wrap_ddp(self.model, ctx, recipe.parallel)
         # Called with the trainer once a step's gradients are complete (before clipping).
         self.after_backward: list[Callable[[Trainer], None]] = []
+        for part in self.model_parts:
+            self.after_backward += parallelize_chunk(part, ctx, recipe.parallel)
+        self.model = self.model_parts[0]
+        self.parallel_model = wrap_ddp(self.model, ctx, recipe.parallel)
         # One optimizer per part, so optimizer state is keyed by the whole model's names.
         built = [build_optimizer(p, recipe.optim, train_cfg.steps) for p in self.model_parts]
         self.optimizers = [optimizer for optimizer, _ in built]
