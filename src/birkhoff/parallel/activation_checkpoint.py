@@ -27,6 +27,7 @@ SAVED_OPS = {
     _aten._scaled_dot_product_flash_attention_for_cpu.default,
     torch.ops._c10d_functional.all_to_all_single.default,
     torch.ops._c10d_functional.all_reduce.default,
+    torch.ops._c10d_functional.reduce_scatter_tensor.default,  # sequence parallelism
 }
 if hasattr(_aten, "_grouped_mm"):
     SAVED_OPS.add(_aten._grouped_mm.default)
@@ -41,18 +42,19 @@ PROFILER_OPS = {
 }
 
 
-class _SavingMode(_CachingTorchDispatchMode):
+class _RunsProfilerRanges:
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func in PROFILER_OPS:
             return func(*args, **(kwargs or {}))
         return super().__torch_dispatch__(func, types, args, kwargs)
 
 
-class _RecomputingMode(_CachedTorchDispatchMode):
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in PROFILER_OPS:
-            return func(*args, **(kwargs or {}))
-        return super().__torch_dispatch__(func, types, args, kwargs)
+class _SavingMode(_RunsProfilerRanges, _CachingTorchDispatchMode):
+    pass
+
+
+class _RecomputingMode(_RunsProfilerRanges, _CachedTorchDispatchMode):
+    pass
 
 
 def _selective_contexts():

@@ -33,6 +33,9 @@ from birkhoff.model.moe import MoE
 from birkhoff.parallel.distributed import DistributedContext
 
 SEQUENCE_DIM = 1  # of (B, T, ...) activations
+# Gradients this big (16 KiB in float32) are all-reduced where they are; smaller ones (norms,
+# mHC biases) are packed into one buffer so that they cost one collective.
+IN_PLACE_NUMEL = 1 << 12
 
 
 def split_sequence(x: torch.Tensor, mesh: DeviceMesh, dim: int) -> torch.Tensor:
@@ -131,17 +134,24 @@ class SequenceParallelGradients:
 
     @torch.no_grad()
     def __call__(self, *_) -> None:
-        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        small: dict[torch.dtype, list[torch.Tensor]] = {}
+        pending = []
         for module, name in self.slots:
             grad = getattr(module, name).grad
-            if grad is not None:
-                grad = grad.to_local() if isinstance(grad, DTensor) else grad
-                by_dtype.setdefault(grad.dtype, []).append(grad)
-        for grads in by_dtype.values():  # one all-reduce per dtype, not one per parameter
+            if grad is None:
+                continue
+            grad = grad.to_local() if isinstance(grad, DTensor) else grad
+            if grad.numel() >= IN_PLACE_NUMEL:
+                pending.append(dist.all_reduce(grad, group=self.group, async_op=True))
+            else:
+                small.setdefault(grad.dtype, []).append(grad)
+        for grads in small.values():  # one all-reduce per dtype
             flat = torch.cat([grad.reshape(-1) for grad in grads])
             dist.all_reduce(flat, group=self.group)
             parts = flat.split([grad.numel() for grad in grads])
             torch._foreach_copy_(grads, [p.view_as(g) for p, g in zip(parts, grads, strict=True)])
+        for work in pending:
+            work.wait()
 
 
 def _sequence_local_slots(block: nn.Module) -> list[tuple[nn.Module, str]]:
