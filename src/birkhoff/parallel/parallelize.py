@@ -1,6 +1,6 @@
-"""Apply the recipe's layout to a model from outside, in torchtitan's order: tensor parallel,
-expert parallel, activation checkpointing, row-sharded Engram tables, then FSDP2 / HSDP (or
-DDP for pure replication)."""
+"""Apply the recipe's layout to a model from outside, in torchtitan's order: tensor parallel
+(and sequence parallel), expert parallel, activation checkpointing, row-sharded Engram tables,
+then FSDP2 / HSDP (or DDP for pure replication)."""
 
 from __future__ import annotations
 
