@@ -105,9 +105,9 @@ class BatchBuilder:
     hasher: EngramHasher | None = None
 
     def __call__(self, windows: np.ndarray) -> Batch:
-        # A copy: held-out windows are shared read-only arrays, which torch.from_numpy warns of.
-        tokens = torch.from_numpy(np.array(windows, dtype=np.int64, order="C"))
-        inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+        # torch.tensor copies (held-out windows are shared read-only arrays): one copy each.
+        inputs = torch.tensor(windows[:, :-1], dtype=torch.int64)
+        targets = torch.tensor(windows[:, 1:], dtype=torch.int64)
         batch = Batch(inputs, targets)
         if self.document_mask:
             batch.positions = torch.from_numpy(document_positions(inputs.numpy(), self.eos_id))
