@@ -44,7 +44,9 @@ def split_sequence(x: torch.Tensor, mesh: DeviceMesh, dim: int) -> torch.Tensor:
     return whole.redistribute(mesh, (Shard(dim),)).to_local()
 
 
-def gather_sequence(x: torch.Tensor, mesh: DeviceMesh, dim: int, local: bool = True):
+def gather_sequence(
+    x: torch.Tensor, mesh: DeviceMesh, dim: int, local: bool = True
+) -> torch.Tensor:
     """The whole of a tensor split along `dim` (backward: this rank's slice of the gradient,
     which is identical on every rank because what follows is computed identically). With
     `local=False`, a replicated DTensor for column-parallel layers to take as is."""
