@@ -57,7 +57,7 @@ def layout_error(overrides: list[str]) -> RecipeError:
             "summing to model.num_layers=4",
         ),
         (
-            ["parallel.pp=2", "launch.nproc_per_node=2"],
+            ["parallel.pp=2", "launch.nproc_per_node=2", "train.micro_batch_size=12"],
             "train.micro_batch_size",
             "1 micro-batches per step, fewer than pp=2",
         ),

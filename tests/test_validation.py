@@ -55,6 +55,19 @@ def recipe_error(overrides, env=None) -> RecipeError:
         (["launch.nnodes=2", "launch.node_rank=2"], "launch.node_rank", "[0, launch.nnodes=2)"),
         (["launch.nnodes=2"], "launch.rdzv_endpoint", "host:port of node 0"),
         (["optim.warmup_steps=300"], "optim.warmup_steps", "< train.steps=300"),
+        (["optim.lr=inf"], "optim.lr", "must be a finite number"),
+        (["optim.beta2=nan"], "optim.beta2", "must be a finite number"),
+        (["train.steps=100000000000000000000000"], "train.steps", "is too large"),
+        (["train.steps=10000000000000"], "train.steps", "a step count, not a token count"),
+        (["train.on_bad_step=retry"], "train.on_bad_step", "one of skip, fail"),
+        (["train.max_bad_steps=0"], "train.max_bad_steps", "positive integer"),
+        # the structural fault first: no batch size would help 3 ranks split 8 experts
+        (["launch.nproc_per_node=3", "parallel.ep=3"], "parallel.ep", "must divide"),
+        (
+            ["launch.nproc_per_node=5"],
+            "train.global_batch_size",
+            "divisible by the 5 data-parallel ranks",
+        ),
         (
             ["optim=adamw_wsd", "train.steps=100", "optim.warmup_steps=90"],
             "optim.warmup_steps",
@@ -189,3 +202,22 @@ def test_multi_node_without_a_shared_run_dir_is_refused(tmp_path):
     assert result.returncode == 2
     assert "recipe key 'hydra.run.dir'" in result.stderr and "shared by every node" in result.stderr
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").iterdir())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "micro_batch", "accumulation"),
+    [
+        ([], 12, 1),
+        (["launch.nproc_per_node=2", "parallel.ep=2"], 6, 1),
+        (["launch.nproc_per_node=4"], 3, 1),
+        (["launch.nproc_per_node=4", "parallel.pp=2", "model.num_layers=4"], 3, 2),
+        (["launch.nproc_per_node=2", "parallel.pp=2", "model.num_layers=4"], 6, 2),
+    ],
+)
+def test_an_unset_micro_batch_is_derived_from_the_layout(overrides, micro_batch, accumulation):
+    """The default recipe (global batch 12, micro-batch null) runs on 1, 2 or 4 ranks and
+    any layout: each rank's share in one micro-batch, or in pp micro-batches for a pipeline."""
+    recipe, topology = load_recipe(compose_recipe(overrides), env={})
+    dp = recipe.parallel.resolved_dp(topology.world_size)
+    assert recipe.train.micro_batch_size == micro_batch
+    assert recipe.train.grad_accum_steps(dp) == accumulation

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import _async_process_executor as dcp_process_executor
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 
 from birkhoff.checkpoint.errors import CheckpointError
@@ -97,7 +98,7 @@ class BackgroundWriter:
         in_flight, self.in_flight = self.in_flight, None
         try:
             return in_flight.seconds.result()
-        except Exception as err:
+        except (Exception, CheckpointException) as err:  # DCP's is a BaseException
             raise CheckpointError(
                 f"the background save of step {in_flight.step} failed ({err}); its .tmp "
                 "directory is never loaded"

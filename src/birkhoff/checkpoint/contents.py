@@ -7,13 +7,14 @@ import math
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from birkhoff.checkpoint.safe_metadata import load_checkpoint_tensors, load_metadata
 
 
 def tensor_metadata(path: Path) -> dict[str, TensorStorageMetadata]:
     """Every tensor DCP saved in `path` (name -> size and dtype), read without loading."""
-    metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    metadata = load_metadata(path).state_dict_metadata  # unpickled by an allow-list
     return {k: v for k, v in metadata.items() if isinstance(v, TensorStorageMetadata)}
 
 
@@ -21,7 +22,7 @@ def read_tensors(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
     """The named tensors of a checkpoint, whole, in this process."""
     metadata = tensor_metadata(path)
     state = {n: torch.empty(metadata[n].size, dtype=metadata[n].properties.dtype) for n in names}
-    dcp.load(state, checkpoint_id=path, no_dist=True)
+    load_checkpoint_tensors(state, path, no_dist=True)
     return state
 
 

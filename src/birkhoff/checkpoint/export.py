@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from birkhoff.atomic import write_text_atomic
 from birkhoff.checkpoint.contents import read_tensors, stored_bytes, tensor_metadata
 from birkhoff.checkpoint.errors import CheckpointError
-from birkhoff.checkpoint.integrity import CHECKSUMS, problems
+from birkhoff.checkpoint.integrity import problems, read_checksums, unlisted
 from birkhoff.checkpoint.manager import read_meta
 
 MODEL_PREFIX = "model."
@@ -84,8 +84,8 @@ def load_exported(out: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 
 def _refuse_damage(path: Path) -> None:
-    expected = json.loads((path / CHECKSUMS).read_text())
-    damage = problems(path, expected, sorted(expected))
+    expected = read_checksums(path)
+    damage = problems(path, expected, sorted(expected)) + unlisted(path, expected)
     if damage:
         raise CheckpointError(f"{'; '.join(damage)}: export an intact checkpoint instead")
 

@@ -7,23 +7,32 @@
         COMPLETE              written last, once every rank finished
     <dir>/step-00000100.tmp/  being written (or left by a crash): never loaded, removed on save
 
-Every rank writes its shards into the .tmp directory; after a barrier rank 0 writes meta.json
-and COMPLETE, then renames the directory. A directory without COMPLETE is ignored. With
+Every rank writes its shards and rank state into the .tmp directory, rank 0 meta.json too;
+after a barrier the ranks hash the files, then rank 0 writes checksums.json and COMPLETE and
+renames the directory. A directory without COMPLETE is ignored. Before a checkpoint is loaded
+every file is verified, and one its checksums do not list is refused: a checkpoint may come
+from someone else (DCP's .metadata is unpickled by an allow-list, safe_metadata.py). With
 checkpoint.async_mode=thread|process the writing and completing happen in the background
 (background.py).
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 import shutil
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from birkhoff.atomic import write_text_atomic
 from birkhoff.checkpoint import codec
@@ -32,15 +41,26 @@ from birkhoff.checkpoint.config import CheckpointConfig
 from birkhoff.checkpoint.errors import CheckpointError
 from birkhoff.checkpoint.integrity import (
     CHECKSUMS,
+    COMPLETE,
     SUMS_PREFIX,
     checkpoint_files,
     digest,
     my_share,
     problems,
+    read_checksums,
+    unlisted,
+)
+from birkhoff.checkpoint.safe_metadata import load_checkpoint_tensors
+from birkhoff.checkpoint.space import (
+    SaveFailed,
+    describe_failure,
+    disk_bytes,
+    local_bytes,
+    space_warning,
+    storage_error,
 )
 from birkhoff.checkpoint.state import TrainingState
 
-COMPLETE = "COMPLETE"
 META = "meta.json"
 RANKS = "ranks"
 PREFIX = "step-"
@@ -73,7 +93,10 @@ def read_meta(path: Path) -> dict[str, Any]:
             f"{path} is not a complete checkpoint (no {COMPLETE} marker: it was being written "
             "when the run stopped); resume from an earlier one or use train.resume=auto"
         )
-    return json.loads((path / META).read_text())
+    try:
+        return json.loads((path / META).read_text())
+    except ValueError as err:
+        raise CheckpointError(f"{path / META} is unreadable ({err})") from None
 
 
 class CheckpointManager:
@@ -81,8 +104,12 @@ class CheckpointManager:
         self.root, self.cfg, self.rank, self.distributed = root, cfg, rank, distributed
         background = cfg.async_mode != "off"
         self.writer = BackgroundWriter(cfg.async_mode, distributed) if background else None
-        self._group = self.writer.group if self.writer else None
+        # Saves agree over gloo whatever the training backend: their flags are CPU tensors.
+        gloo = dist.new_group(backend="gloo") if distributed and not background else None
+        self._group = self.writer.group if self.writer else gloo
         self._finished_seconds: float | None = None  # a synchronous save's, until collected
+        self._needed = 0  # bytes the save in progress is expected to take (rank 0)
+        self._failure: SaveFailed | None = None  # an earlier background save's, to report
 
     def due(self, step: int, last: bool) -> bool:
         periodic = self.cfg.every > 0 and step % self.cfg.every == 0
@@ -101,14 +128,20 @@ class CheckpointManager:
         save plus the copy to host memory."""
         start = time.perf_counter()
         if self.writer:
-            self._finished_seconds = self.writer.collect(block=True)
+            try:
+                self._finished_seconds = self._collect(block=True)
+            except SaveFailed as failed:  # reported by `completed`; this save goes ahead
+                self._failure = failed
         this_save = time.perf_counter()
         final = step_dir(self.root, step)
         staging = final.with_name(final.name + ".tmp")
+        tensors = state.tensors()
         if self.rank == 0:
-            shutil.rmtree(staging, ignore_errors=True)  # left by a crash: never complete
-            (staging / RANKS).mkdir(parents=True)
-        self._barrier()
+            self._needed = self._expected_bytes(tensors)
+            warning = space_warning(step, self.root, self._needed)
+            if warning:
+                print(f"birkhoff: warning: {warning}", file=sys.stderr, flush=True)
+        self._together(lambda: self._make_staging(staging))
 
         # Serialized now: the loader and RNG move on while a background save is written.
         rank_text = codec.dumps(rank_state)
@@ -118,18 +151,73 @@ class CheckpointManager:
             self._complete(staging, final, rank_text, meta_text)
 
         if self.writer:
-            self.writer.start(step, state.tensors(), staging, complete, this_save)
+            self.writer.start(step, tensors, staging, complete, this_save)
         else:
-            dcp.save(state.tensors(), checkpoint_id=staging)
-            complete()
+            try:
+                dcp.save(tensors, checkpoint_id=staging)  # a failure is raised on every rank
+                complete()
+            except (Exception, CheckpointException) as err:  # DCP's is a BaseException
+                self._failed(step, err)
             self._finished_seconds = time.perf_counter() - this_save
         return time.perf_counter() - start
 
+    def _make_staging(self, staging: Path) -> None:
+        if self.rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)  # left by a crash: never complete
+            (staging / RANKS).mkdir(parents=True)
+
+    def _expected_bytes(self, tensors: dict) -> int:
+        """What the next checkpoint will take: the newest one's size, or before the first
+        this rank's tensors times the ranks (replicated tensors make it an overestimate)."""
+        found = complete_checkpoints(self.root)
+        return disk_bytes(found[-1]) if found else local_bytes(tensors) * self._world()
+
+    def _failed(self, step: int, err: BaseException) -> None:
+        """A save that failed for lack of space or a storage error becomes SaveFailed, and
+        its partial directory is removed; any other failure is raised as it is."""
+        cause = storage_error(err)
+        if cause is None:
+            raise err
+        staging = step_dir(self.root, step).with_name(step_dir(self.root, step).name + ".tmp")
+        self._barrier()
+        if self.rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise SaveFailed(step, describe_failure(step, cause, staging, self._needed)) from err
+
+    def _collect(self, block: bool) -> float | None:
+        in_flight = self.writer.in_flight
+        try:
+            return self.writer.collect(block)
+        except CheckpointError as err:
+            self._failed(in_flight.step, err)
+            raise
+
+    def _together(self, write: Callable[[], None]) -> None:
+        """Run this rank's part of a save; if it fails on any rank, it fails on every rank
+        (with the first rank's errno), so that no rank waits in a collective for another."""
+        failure: OSError | None = None
+        try:
+            write()
+        except OSError as err:
+            failure = err
+        if self.distributed:
+            code = torch.tensor(float(failure.errno or errno.EIO) if failure else 0.0)
+            dist.all_reduce(code, op=dist.ReduceOp.MAX, group=self._group)
+            if code.item() and failure is None:
+                number = int(code.item())
+                failure = OSError(number, f"{os.strerror(number)} (on another rank)")
+        if failure is not None:
+            raise failure
+
     def completed(self, wait: bool = False) -> float | None:
         """The seconds the last save took from start to COMPLETE, reported once, when it is
-        complete (`wait`: until the background save, if any, is). Raises if it failed."""
+        complete (`wait`: until the background save, if any, is). Raises if it failed
+        (SaveFailed when storage was the reason)."""
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            raise failure
         if self.writer and (wait or self.writer.in_flight):
-            background = self.writer.collect(block=wait)
+            background = self._collect(block=wait)
             if background is not None:
                 return background
         seconds, self._finished_seconds = self._finished_seconds, None
@@ -138,25 +226,35 @@ class CheckpointManager:
     def close(self) -> None:
         """Wait for a background save and release the writer (call once training ended)."""
         if self.writer:
-            self.writer.collect(block=True)
-            self.writer.close()
+            try:
+                self._collect(block=True)
+            finally:
+                self.writer.close()
 
     def _complete(self, staging: Path, final: Path, rank_text: str, meta_text: str) -> None:
-        """Per-rank state and checksums, then (rank 0, once every rank is done) meta.json,
-        the COMPLETE marker, the rename and retention."""
-        write_text_atomic(staging / RANKS / f"rank-{self.rank:05d}.json", rank_text)
-        self._barrier()
-        mine = my_share(checkpoint_files(staging), self.rank, self._world())
-        sums = {name: digest(staging / name) for name in mine}
-        write_text_atomic(staging / RANKS / f"{SUMS_PREFIX}{self.rank:05d}.json", json.dumps(sums))
-        self._barrier()
-        if self.rank == 0:
-            self._merge_checksums(staging)
-            write_text_atomic(staging / META, meta_text)
-            write_text_atomic(staging / COMPLETE, f"{time.time()}\n")
-            staging.rename(final)
-            self._apply_retention()
-        self._barrier()
+        """Per-rank state (and meta.json, rank 0) and the checksums of every file, then (rank 0,
+        once every rank is done) checksums.json, the COMPLETE marker, the rename and
+        retention. Each stage ends together on every rank, also when it failed on one."""
+
+        def write_state() -> None:
+            write_text_atomic(staging / RANKS / f"rank-{self.rank:05d}.json", rank_text)
+            if self.rank == 0:  # before the hashing, so that an edited step or recipe is found
+                write_text_atomic(staging / META, meta_text)
+
+        def hash_share() -> None:
+            mine = my_share(checkpoint_files(staging), self.rank, self._world())
+            sums = json.dumps({name: digest(staging / name) for name in mine})
+            write_text_atomic(staging / RANKS / f"{SUMS_PREFIX}{self.rank:05d}.json", sums)
+
+        def finish() -> None:
+            if self.rank == 0:
+                self._merge_checksums(staging)
+                write_text_atomic(staging / COMPLETE, f"{time.time()}\n")
+                staging.rename(final)
+                self._apply_retention()
+
+        for stage in (write_state, hash_share, finish):
+            self._together(stage)
 
     def resolve(self, resume: str | None) -> Path | None:
         """The checkpoint to resume from: None (start fresh), the newest complete and intact
@@ -188,11 +286,18 @@ class CheckpointManager:
         return path
 
     def verify(self, path: Path) -> list[str]:
-        """Every damaged or missing file of a complete checkpoint (each rank checks its share
-        of the files; the answer is the same on every rank)."""
-        expected = json.loads((path / CHECKSUMS).read_text())
+        """Every damaged, missing or unlisted file of a complete checkpoint, or its missing
+        checksums (each rank checks its share of the files; rank 0 the rest; the answer is
+        the same on every rank)."""
+        everything_else = self.rank == 0
+        try:
+            expected = read_checksums(path)
+        except CheckpointError as err:
+            expected, found = {}, [str(err)] if everything_else else []
+        else:
+            found = unlisted(path, expected) if everything_else else []
         mine = my_share(sorted(expected), self.rank, self._world())
-        found = problems(path, expected, mine)
+        found = problems(path, expected, mine) + found
         if not self.distributed:
             return found
         everyone: list[list[str]] = [[] for _ in range(self._world())]
@@ -204,7 +309,7 @@ class CheckpointManager:
         saved step; returns meta.json. Collective."""
         meta = read_meta(path)
         tensors = state.tensors()
-        dcp.load(tensors, checkpoint_id=path)
+        load_checkpoint_tensors(tensors, path)
         state.load_tensors(tensors)
         state.restore_schedule(int(meta["step"]))
         return meta

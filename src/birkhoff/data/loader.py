@@ -30,6 +30,7 @@ from birkhoff.data.plan import DataPlan
 from birkhoff.data.shards import PreparedSplit
 from birkhoff.data.sources import DataError, ResolvedSource
 from birkhoff.data.stream import WindowPacker, keep_as_is
+from birkhoff.data.workers import ignore_stop_signals
 
 STATE_VERSION = 1
 Reader = PreparedSplit | WindowPacker
@@ -199,6 +200,7 @@ class TrainLoader:
             num_workers=self.cfg.num_workers,
             collate_fn=keep_as_is,
             prefetch_factor=self.cfg.prefetch_batches,
+            worker_init_fn=ignore_stop_signals,
         )
         return iter(loader)
 

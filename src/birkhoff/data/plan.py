@@ -34,7 +34,8 @@ class DataPlan:
 
     @property
     def empty_files(self) -> int:
-        return sum(len(source.empty_files) for source in self.sources)
+        """Files dropped before reading (data.on_bad_record=skip): empty ones, and not text."""
+        return sum(len(source.dropped_files) for source in self.sources)
 
 
 def cache_dir(cfg: DataConfig) -> Path:
@@ -44,8 +45,8 @@ def cache_dir(cfg: DataConfig) -> Path:
 
 
 def resolve_sources(cfg: DataConfig) -> list[ResolvedSource]:
-    skip_empty = cfg.on_bad_record == "skip"
-    return [resolve_source(source, skip_empty) for source in cfg.sources]
+    skip_bad = cfg.on_bad_record == "skip"
+    return [resolve_source(source, skip_bad) for source in cfg.sources]
 
 
 def open_data(cfg: DataConfig) -> DataPlan:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import reprlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -18,6 +19,14 @@ from pathlib import Path
 import fsspec
 
 from birkhoff.data.config import SourceConfig
+from birkhoff.data.errors import DataError
+from birkhoff.data.sniff import (
+    LINE_LIMIT,
+    MAX_LINE_BYTES,
+    check_regular_file,
+    list_local_tree,
+    sniff_file,
+)
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local and fsspec files only: never a hub
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -28,20 +37,18 @@ PREPARE_SETTINGS = "prepare.json"  # written first by `birkhoff data prepare`, M
 SUFFIX_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 REPLACEMENT = "\ufffd"  # what undecodable bytes decode to (encoding_errors="replace")
-
-
-class DataError(ValueError):
-    """Input data that cannot be used; the message names the file and, where known, the line."""
+SKIP_HINT = "data.on_bad_record=skip"
 
 
 @dataclass(frozen=True)
 class ResolvedSource:
-    """A source's files in canonical (sorted) order, its format, and files dropped as empty."""
+    """A source's files in canonical (sorted) order, its format, and the files dropped (under
+    data.on_bad_record=skip) as empty or not text."""
 
     config: SourceConfig
     format: str
     files: tuple[str, ...]
-    empty_files: tuple[str, ...] = ()
+    dropped_files: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -57,14 +64,16 @@ class Record:
     problem: str | None = None
 
 
-def resolve_source(config: SourceConfig, skip_empty: bool) -> ResolvedSource:
-    """Files of a source; a missing path, no matching file or (unless `skip_empty`) an empty
-    file is a DataError naming it."""
+def resolve_source(config: SourceConfig, skip_bad: bool) -> ResolvedSource:
+    """Files of a source, each sniffed (sniff.py). A missing path, no matching file or one that
+    is not a regular file is a DataError naming it; so is an empty file or a head that is not
+    usable text, unless `skip_bad`: then an empty or binary file is dropped, and a bad record
+    is skipped while streaming."""
     if config.path == SHAKESPEARE:
         return ResolvedSource(config, "text", tuple(_shakespeare_files()))
     fs, root = fsspec.core.url_to_fs(os.path.expanduser(config.path))
     if config.format in ("auto", "prepared") and fs.isfile(f"{root.rstrip('/')}/{MANIFEST}"):
-        return ResolvedSource(config, "prepared", (config.path,))
+        return ResolvedSource(config, "prepared", (config.path,))  # shards: never sniffed
     if config.format == "prepared" or fs.isfile(f"{root.rstrip('/')}/{PREPARE_SETTINGS}"):
         raise DataError(
             f"{config.path}: no {MANIFEST}: the preparation did not finish; run `birkhoff data "
@@ -74,14 +83,22 @@ def resolve_source(config: SourceConfig, skip_empty: bool) -> ResolvedSource:
     fmt = config.format if config.format != "auto" else _format_of(files[0])
     sizes = {path: fs.size(path) for path in files}
     empty = tuple(path for path in files if not sizes[path])
-    if empty and not skip_empty:
-        raise DataError(
-            f"{_url(fs, empty[0])}: file is empty (remove it, or set data.on_bad_record=skip)"
-        )
-    kept = tuple(_url(fs, path) for path in files if sizes[path])
+    if empty and not skip_bad:
+        raise DataError(f"{_url(fs, empty[0])}: file is empty (remove it, or set {SKIP_HINT})")
+    unusable = {}  # path -> why the whole file is not text
+    for path in files:
+        finding = sniff_file(fs, path, _url(fs, path), fmt, sizes[path]) if sizes[path] else None
+        if finding is not None and not skip_bad:
+            raise DataError(f"{finding.message}, or set {SKIP_HINT}")
+        if finding is not None and finding.whole_file:
+            unusable[path] = finding.message
+    dropped = {*empty, *unusable}
+    kept = tuple(_url(fs, path) for path in files if path not in dropped)
+    if not kept and unusable:
+        raise DataError(f"{next(iter(unusable.values()))} (no file of {config.path} is usable)")
     if not kept:
         raise DataError(f"{config.path}: every file is empty ({len(files)} files)")
-    return ResolvedSource(config, fmt, kept, tuple(_url(fs, path) for path in empty))
+    return ResolvedSource(config, fmt, kept, tuple(_url(fs, p) for p in files if p in dropped))
 
 
 def read_records(path: str, source: ResolvedSource, start: int = 0) -> Iterator[Record]:
@@ -122,15 +139,30 @@ def _stream(builder: str, path: str, **options):
             builder, data_files=[path], split="train", streaming=True, **options
         )
     except (FileNotFoundError, ValueError) as err:
-        raise DataError(f"{path}: cannot be read as {builder}: {err}") from None
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]  # one line
+        raise DataError(f"{path}: cannot be read as {builder}: {reason}") from None
 
 
 def _text_record(index: int, text: str, sample_by: str) -> Record:
-    if REPLACEMENT in text:
-        line = text.count("\n", 0, text.index(REPLACEMENT)) + 1
-        where = f" (line {line} of the document)" if sample_by != "line" else ""
-        return Record(index, None, f"undecodable bytes: not UTF-8{where}")
+    # The sniff (sniff.py) saw only each file's head; every record is checked here.
+    for char, problem in ((REPLACEMENT, "undecodable bytes: not UTF-8"), ("\0", "NUL byte")):
+        if char in text:
+            line = text.count("\n", 0, text.index(char)) + 1
+            where = f" (line {line} of the document)" if sample_by != "line" else ""
+            return Record(index, None, f"{problem}{where}")
+    long_line = _long_line(text)
+    if long_line:
+        where = f"line {long_line} of the document" if sample_by != "line" else "the line"
+        return Record(index, None, f"{where} is longer than {LINE_LIMIT}: split it into lines")
     return Record(index, text)
+
+
+def _long_line(text: str) -> int:
+    """The number of the first line longer than MAX_LINE_BYTES (in characters), else 0."""
+    if len(text) <= MAX_LINE_BYTES:
+        return 0  # the common case, without splitting the text
+    lengths = (len(line) for line in text.split("\n"))
+    return next((n for n, length in enumerate(lengths, 1) if length > MAX_LINE_BYTES), 0)
 
 
 def _jsonl_record(index: int, line: str, field: str) -> Record:
@@ -138,6 +170,8 @@ def _jsonl_record(index: int, line: str, field: str) -> Record:
         return Record(index, "")  # blank lines are not documents, and not errors
     if REPLACEMENT in line:
         return Record(index, None, "undecodable bytes: not UTF-8")
+    if len(line) > MAX_LINE_BYTES:
+        return Record(index, None, f"a record longer than {LINE_LIMIT}: split the document")
     try:
         value = json.loads(line)
     except json.JSONDecodeError as err:
@@ -152,22 +186,38 @@ def _jsonl_record(index: int, line: str, field: str) -> Record:
 def _parquet_record(index: int, row: dict, field: str) -> Record:
     value = row.get(field)
     if not isinstance(value, str):
-        return Record(index, None, f"column {field!r} is {value!r}, not text")
+        shown = reprlib.repr(value)  # a long binary cell would make a message of megabytes
+        return Record(index, None, f"column {field!r} is {shown}, not text")
     return Record(index, value)
 
 
 def _matching_files(fs, root: str, cfg: SourceConfig) -> list[str]:
+    local = _is_local(fs)
     if any(char in root for char in "*?["):
-        files = sorted(p for p in fs.glob(root) if fs.isfile(p))
+        files = sorted(p for p in fs.glob(root) if not fs.isdir(p))
     elif fs.isdir(root):
-        files = sorted(p for p in fs.find(root) if _is_data_file(p, cfg.format))
-    elif fs.isfile(root):
+        listed = list_local_tree(root) if local else fs.find(root)
+        files = sorted(p for p in _without_prepared(listed) if _is_data_file(p, cfg.format))
+    elif fs.exists(root) or (local and os.path.islink(root)):
         files = [root]
     else:
         raise DataError(f"{cfg.path}: no such file or directory (data.sources[].path)")
     if not files:
         raise DataError(f"{cfg.path}: no text, .jsonl or .parquet files in it")
+    if local:  # remote filesystems have no FIFOs or symlinks
+        named = files == [root]
+        fix = "data.sources[].path must name a file, a directory or a glob"
+        for path in files:
+            check_regular_file(path, fix if named else f"remove it from {cfg.path}")
     return files
+
+
+def _without_prepared(paths: list[str]) -> list[str]:
+    """Leave out directories made by `birkhoff data prepare` inside a raw source: their
+    manifest is not a JSONL document, and their shards are derived from the source itself."""
+    names = (MANIFEST, PREPARE_SETTINGS)
+    prepared = tuple(p.rsplit("/", 1)[0] + "/" for p in paths if p.rsplit("/", 1)[-1] in names)
+    return [p for p in paths if not p.startswith(prepared)] if prepared else paths
 
 
 def _is_data_file(path: str, fmt: str) -> bool:
@@ -183,10 +233,14 @@ def _format_of(path: str) -> str:
     return SUFFIX_FORMATS.get(Path(path).suffix.lower(), "text")
 
 
+def _is_local(fs) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("file", "local")
+
+
 def _url(fs, path: str) -> str:
     """A path `datasets` can open again: local paths stay plain, others keep their protocol."""
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return path if protocol in ("file", "local") else fs.unstrip_protocol(path)
+    return path if _is_local(fs) else fs.unstrip_protocol(path)
 
 
 def _shakespeare_files() -> list[str]:

@@ -18,6 +18,7 @@ import torch.utils.data
 from birkhoff.data.documents import SourceRecord, SplitSpec, StreamPosition, rank_records
 from birkhoff.data.sources import DataError, ResolvedSource, describe
 from birkhoff.data.tokenizer import Tokenizer
+from birkhoff.data.workers import ignore_stop_signals
 
 CHUNK_CHARS = 1 << 20  # a chunk ends after ~1 MB of text or CHUNK_DOCS documents
 CHUNK_DOCS = 512
@@ -182,5 +183,6 @@ class WindowPacker:
             num_workers=self.workers,
             collate_fn=keep_as_is,
             prefetch_factor=4 if self.workers else None,
+            worker_init_fn=ignore_stop_signals,
         )
         return (document for chunk in loader for document in chunk)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import hydra
 from hydra import compose, initialize_config_module
@@ -18,11 +20,15 @@ from birkhoff.data.shards import verify_checksums
 from birkhoff.errors import RecipeError, require
 from birkhoff.launch.ckpt_command import ckpt_command
 from birkhoff.launch.recipe import load_recipe, recipe_to_dict
+from birkhoff.launch.scrubbed_job import scrubbed_job
 from birkhoff.launch.spawn import launch_ranks
 from birkhoff.launch.topology import Topology
 from birkhoff.train import run_rank
 from birkhoff.train.entry import check_data
+from birkhoff.train.rank_errors import EXPECTED_ERRORS
 from birkhoff.train.run_files import refuse_used_run_dir
+from birkhoff.train.run_lock import RunDirLock
+from birkhoff.train.secrets import scrub_recipe, scrub_text
 
 USAGE = """usage: birkhoff <command> [args]
 
@@ -61,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         return ckpt_command(rest)
     if command == "train":
         sys.argv = ["birkhoff train", *rest]  # Hydra parses sys.argv
-        hydra.main(version_base=None, config_path=RECIPES, config_name="config")(train_job)()
+        job = scrubbed_job(train_job)
+        hydra.main(version_base=None, config_path=RECIPES, config_name="config")(job)()
         return 0
     print(f"birkhoff: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
@@ -69,19 +76,21 @@ def main(argv: list[str] | None = None) -> int:
 
 def data_command(args: list[str]) -> int:
     """`birkhoff data tokenizer|prepare|verify`: errors are one line and exit code 2."""
+    # Composed before the try so that errors can be scrubbed of what it reads via oc.env.
+    cfg = _compose(args[1:]) if args[:1] in (["tokenizer"], ["prepare"]) else None
     try:
         if args[:1] == ["verify"] and len(args) == 2:
             count = verify_checksums(args[1])
             print(f"birkhoff: {args[1]}: {count} files match their checksums")
             return 0
         if args[:1] == ["tokenizer"]:
-            print(f"birkhoff: tokenizer written to {write_tokenizer_model(_data_recipe(args[1:]))}")
+            print(f"birkhoff: tokenizer written to {write_tokenizer_model(_data_recipe(cfg))}")
             return 0
         if args[:1] == ["prepare"]:
-            prepare_sources(_data_recipe(args[1:]), show=sys.stdout.isatty())
+            prepare_sources(_data_recipe(cfg), show=sys.stdout.isatty())
             return 0
     except (RecipeError, DataError) as err:
-        print(f"birkhoff: {err}", file=sys.stderr)
+        print(f"birkhoff: {scrub_text(str(err), cfg)}", file=sys.stderr)
         return 2
     print(
         f"birkhoff: usage: birkhoff data tokenizer|prepare [overrides] | verify DIR\n\n{USAGE}",
@@ -90,39 +99,74 @@ def data_command(args: list[str]) -> int:
     return 2
 
 
-def _data_recipe(overrides: list[str]) -> DataConfig:
-    """The recipe's `data` section, composed and validated like `birkhoff train` does."""
+def _compose(overrides: list[str]) -> DictConfig:
     with initialize_config_module(config_module="birkhoff.recipes", version_base=None):
-        cfg = compose(config_name="config", overrides=overrides)
+        return compose(config_name="config", overrides=overrides)
+
+
+def _data_recipe(cfg: DictConfig) -> DataConfig:
+    """The recipe's `data` section, validated like `birkhoff train` does."""
     recipe, _ = load_recipe(cfg, os.environ)
     return recipe.data
 
 
 def train_job(cfg: DictConfig) -> None:
-    """One Hydra job: validate, prepare the data once, then run or start the ranks."""
+    """One Hydra job: validate, prepare the data once, then run or start the ranks.
+
+    Ranks train with the resolved recipe and write only its public copy (train/secrets.py).
+    """
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    lock = RunDirLock(run_dir)  # taken before anything is written; rank 0 takes it across nodes
     try:
-        recipe, topology = load_recipe(cfg, os.environ)
-        check_run_dir(run_dir, topology, resuming=bool(recipe.train.resume))
-        data = open_data(recipe.data)
-        check_data(data, recipe)
-    except (RecipeError, DataError) as err:
-        _remove_if_empty(run_dir)
-        print(f"birkhoff: {err}", file=sys.stderr)
-        sys.exit(2)
-    print(
-        f"birkhoff: {topology.world_size} rank(s) on {topology.nnodes} node(s), run dir {run_dir}",
-        flush=True,
-    )
-    try:
-        if topology.world_size == 1:
-            run_rank(recipe_to_dict(recipe), str(run_dir), data)
-        else:
-            status = launch_ranks(topology, recipe_to_dict(recipe), str(run_dir))
+        try:
+            recipe, topology = load_recipe(cfg, os.environ)
+            if topology.nnodes == 1:
+                lock.acquire()
+            check_run_dir(run_dir, topology, resuming=bool(recipe.train.resume))
+            data = open_data(recipe.data)
+            check_data(data, recipe)
+        except (RecipeError, DataError) as err:
+            _fail(err, cfg)
+        if cfg.train.get("micro_batch_size") is None:
+            print(
+                f"birkhoff: train.micro_batch_size derived: {recipe.train.micro_batch_size} "
+                f"({recipe.train.grad_accum_steps(recipe.parallel.resolved_dp(topology.world_size))}"
+                " micro-batch(es) per rank and step)",
+                flush=True,
+            )
+        private = recipe_to_dict(recipe)
+        public = scrub_recipe(private, cfg)
+        print(
+            f"birkhoff: {topology.world_size} rank(s) on {topology.nnodes} node(s), "
+            f"run dir {run_dir}",
+            flush=True,
+        )
+        if topology.world_size > 1:
+            status = launch_ranks(topology, private, str(run_dir), public)
             if status:
                 sys.exit(status)
+            return
+        try:
+            summary = run_rank(private, str(run_dir), data, public)
+        except EXPECTED_ERRORS as err:
+            _fail(err, cfg)
+        if summary["stopped_by"]:
+            print(
+                f"birkhoff: stopped by {summary['stopped_by']}; resume with "
+                "train.resume=auto in the same run dir",
+                file=sys.stderr,
+                flush=True,
+            )
+            sys.exit(128 + signal.Signals[summary["stopped_by"]])
     finally:
+        lock.release()
         _remove_if_empty(run_dir)  # on a node without global rank 0 nothing was written
+
+
+def _fail(err: Exception, cfg: DictConfig) -> NoReturn:
+    """A refusal (recipe, data, checkpoint, diverged training): one line, exit code 2."""
+    print(f"birkhoff: {scrub_text(str(err), cfg)}", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 def check_run_dir(run_dir: Path, topology: Topology, resuming: bool = False) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ def load_recipe(
 ) -> tuple[Recipe, Topology]:
     """Type-check `cfg` against the schema, then check every value; nothing runs before this."""
     recipe = _typed(cfg)
+    _check_numbers(recipe)
     recipe.launch.validate()
     topology = resolve_topology(recipe.launch, env)
     recipe.validate(topology.world_size)
@@ -49,6 +51,19 @@ def _typed(cfg: DictConfig | Mapping[str, Any]) -> Recipe:
     except OmegaConfBaseException as err:
         reason = str(err.msg).splitlines()[0] if err.msg else type(err).__name__
         raise RecipeError(err.full_key, err.value, reason) from None
+
+
+def _check_numbers(node: Any, prefix: str = "") -> None:
+    """No section's checks expect inf, nan or integers beyond float precision (1e23 given for
+    an integer key): refuse them everywhere, before the sections look at their values."""
+    for item in dataclasses.fields(node):
+        key, value = f"{prefix}{item.name}", getattr(node, item.name)
+        if dataclasses.is_dataclass(value):
+            _check_numbers(value, f"{key}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise RecipeError(key, value, "must be a finite number")
+        elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2**53:
+            raise RecipeError(key, value, f"is too large (the limit is 2**53 = {2**53})")
 
 
 def _allowed_keys(full_key: str) -> str:

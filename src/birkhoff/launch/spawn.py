@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
+import tempfile
 import uuid
 from typing import Any
 
 from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig as ElasticConfig
 from torch.distributed.launcher.api import elastic_launch
 
 from birkhoff.launch.topology import Topology
 from birkhoff.train import run_rank
+from birkhoff.train.rank_errors import rank_errors
 
 
 def elastic_config(topology: Topology) -> ElasticConfig:
     """The settings torchrun derives from its flags (a single node meets on localhost).
 
-    No restarts: a restarted rank would train again from step 0 until checkpoint resume exists.
-    """
+    No restarts: a restarted worker group hung in gloo's init_process_group in one of three
+    tries here; `launch.max_restarts` waits for that to be understood."""
     single_node = topology.nnodes == 1 and topology.rdzv_endpoint is None
     return ElasticConfig(
         min_nodes=topology.nnodes,
@@ -36,20 +40,45 @@ def elastic_config(topology: Topology) -> ElasticConfig:
     )
 
 
-def launch_ranks(topology: Topology, recipe: dict[str, Any], run_dir: str) -> int:
-    """Run every local rank of this node to completion (a failed rank raises ChildFailedError).
-    Returns the exit status: 0, or 128 + N after signal N, which the launcher passed to the
-    ranks (they finish their step and checkpoint, or are killed after stop_timeout_s)."""
-    try:
-        elastic_launch(elastic_config(topology), run_rank)(recipe, run_dir)
-    except SignalException as stop:
-        name = signal.Signals(stop.sigval).name
-        print(
-            f"birkhoff: {name}: passed to the ranks, which had {topology.stop_timeout_s} s "
-            "(launch.stop_timeout_s) to finish their step and checkpoint; resume with "
-            "train.resume=auto in the same run dir",
-            file=sys.stderr,
-            flush=True,
-        )
-        return 128 + int(stop.sigval)
+def launch_ranks(
+    topology: Topology, recipe: dict[str, Any], run_dir: str, public_recipe: dict[str, Any]
+) -> int:
+    """Run every local rank of this node to completion. Returns the exit status: 0; 2 when a
+    rank stopped on purpose (its one-line reason is printed once); 1 after another failure
+    (the tracebacks are printed); or 128 + N after signal N, which the launcher passed to the
+    ranks (they finish their step and checkpoint, or are killed after stop_timeout_s).
+    `public_recipe` is `recipe` scrubbed of secrets, the only one the ranks write."""
+    # The launcher reports failures and signals itself, once; torch's agent would log each
+    # rank's exit with a traceback of its own polling code, and each process it stops.
+    for name in ("torch.distributed.elastic", "torch.multiprocessing"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    with tempfile.TemporaryDirectory(prefix="birkhoff-rank-errors-") as error_dir:
+        try:
+            elastic_launch(elastic_config(topology), run_rank)(
+                recipe, run_dir, None, public_recipe, error_dir
+            )
+        except SignalException as stop:
+            name = signal.Signals(stop.sigval).name
+            _report_failure(error_dir, None)  # a rank that failed while stopping says why
+            print(
+                f"birkhoff: {name}: passed to the ranks, which had {topology.stop_timeout_s} s "
+                "(launch.stop_timeout_s) to finish their step and checkpoint; resume with "
+                "train.resume=auto in the same run dir",
+                file=sys.stderr,
+                flush=True,
+            )
+            return 128 + int(stop.sigval)
+        except ChildFailedError as failed:
+            return _report_failure(error_dir, failed)
     return 0
+
+
+def _report_failure(error_dir: str, failed: ChildFailedError | None) -> int:
+    reasons, tracebacks = rank_errors(error_dir)
+    for reason in reasons:  # what ranks that stopped on purpose said, each once
+        print(f"birkhoff: {reason}", file=sys.stderr, flush=True)
+    if reasons:
+        return 2
+    for text in tracebacks or ([failed.format_msg()] if failed else []):
+        print(text, file=sys.stderr, flush=True)
+    return 1

@@ -171,10 +171,11 @@ class ParallelConfig:
         return [num_layers // self.num_stages] * self.num_stages
 
     def validate_for_model(
-        self, model: ModelConfig, micro_batches: int, prefix: str = "parallel"
+        self, model: ModelConfig, micro_batches: int | None, prefix: str = "parallel"
     ) -> None:
         """What the model's shapes allow: tp divides heads and hidden sizes, ep the routed
-        experts, pp the layers; `micro_batches` per step feed the pipeline."""
+        experts, pp the layers; `micro_batches` per step feed the pipeline (None: checked
+        later, once the batch sizes are known)."""
         self._validate_tensor_parallel(model, prefix)
         if self.ep > 1:
             experts = model.moe.num_experts
@@ -208,7 +209,9 @@ class ParallelConfig:
                 f"must divide {name}={size}; use one of {valid}",
             )
 
-    def _validate_pipeline(self, model: ModelConfig, micro_batches: int, prefix: str) -> None:
+    def _validate_pipeline(
+        self, model: ModelConfig, micro_batches: int | None, prefix: str
+    ) -> None:
         stages, layers = self.num_stages, model.num_layers
         if self.pp_split is None:
             require(
@@ -229,7 +232,7 @@ class ParallelConfig:
                 f"model.num_layers={layers}; e.g. {_uneven_split(layers, stages)}",
             )
         require(
-            micro_batches >= self.pp,
+            micro_batches is None or micro_batches >= self.pp,
             "train.micro_batch_size",
             micro_batches,
             f"gives {micro_batches} micro-batches per step, fewer than pp={self.pp} pipeline "

@@ -12,6 +12,7 @@ from birkhoff.checkpoint.manager import read_meta
 from birkhoff.checkpoint.state import rng_states, set_rng_states
 from birkhoff.parallel.distributed import DistributedContext
 from birkhoff.train.recipe import TrainRecipe
+from birkhoff.train.secrets import scrub_recipe
 
 if TYPE_CHECKING:
     from birkhoff.train.trainer import Trainer
@@ -42,9 +43,17 @@ def save(trainer: Trainer, manager: CheckpointManager) -> float:
         "degrees": dict(ctx.degrees) or {"world": 1},
         "model": dataclasses.asdict(trainer.model_cfg),
         "tokenizer": trainer.data.tokenizer.identity(),
-        "recipe": dataclasses.asdict(trainer.recipe),
+        "recipe": _public_recipe(trainer),
     }
     return manager.save(trainer.step, trainer.state, rank_state, meta)
+
+
+def _public_recipe(trainer: Trainer) -> dict[str, Any]:
+    """The recipe as the launcher published it; a trainer built without one (tests, tools)
+    records its own, scrubbed of the environment's secrets."""
+    if trainer.public_recipe is not None:
+        return trainer.public_recipe
+    return scrub_recipe(dataclasses.asdict(trainer.recipe))
 
 
 def resume(trainer: Trainer, manager: CheckpointManager) -> None:

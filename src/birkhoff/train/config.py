@@ -10,6 +10,8 @@ SCHEDULES = ("cosine", "wsd", "constant")
 PRECISIONS = ("none", "bf16")
 CONSOLE_MODES = ("auto", "rich", "plain")
 WANDB_MODES = ("offline", "online")
+BAD_STEP_ACTIONS = ("skip", "fail")
+MAX_STEPS = 10**12
 
 
 @dataclass
@@ -62,11 +64,14 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     """`global_batch_size` sequences per optimizer step over all ranks; each rank runs them as
-    micro-batches of `micro_batch_size` (gradient accumulation makes up the rest)."""
+    micro-batches of `micro_batch_size` (gradient accumulation makes up the rest; null: the
+    rank's whole share in one micro-batch, or as many as the pipeline needs).
+    `on_bad_step`: a step whose loss or gradient norm is not finite is `skip`ped (nothing is
+    updated, its data is consumed; after `max_bad_steps` in a row the run fails) or `fail`s."""
 
     steps: int = 300
     global_batch_size: int = 16
-    micro_batch_size: int = 16
+    micro_batch_size: int | None = None
     seed: int = 1234
     eval_every: int = 100
     eval_batches: int = 4
@@ -75,11 +80,19 @@ class TrainConfig:
     # null: start fresh; auto: the newest complete checkpoint of this run dir (fresh if none);
     # or the path of a checkpoint directory (step-N/).
     resume: str | None = None
+    on_bad_step: str = "skip"
+    max_bad_steps: int = 10
 
-    def validate(self, dp_size: int, prefix: str = "train") -> None:
-        for name in ("steps", "global_batch_size", "micro_batch_size", "eval_batches"):
+    def validate(self, dp_size: int, pp: int = 1, prefix: str = "train") -> None:
+        for name in ("steps", "global_batch_size", "eval_batches", "max_bad_steps"):
             value = getattr(self, name)
             require(value > 0, f"{prefix}.{name}", value, "must be a positive integer")
+        require(
+            self.steps <= MAX_STEPS,
+            f"{prefix}.steps",
+            self.steps,
+            f"must be <= {MAX_STEPS:.0e} (a step count, not a token count)",
+        )
         require(
             self.eval_every >= 0,
             f"{prefix}.eval_every",
@@ -87,6 +100,21 @@ class TrainConfig:
             "must be >= 0 (0 evaluates only at the end)",
         )
         require_choice(f"{prefix}.mixed_precision", self.mixed_precision, PRECISIONS)
+        require_choice(f"{prefix}.on_bad_step", self.on_bad_step, BAD_STEP_ACTIONS)
+        require(
+            self.global_batch_size % dp_size == 0,
+            f"{prefix}.global_batch_size",
+            self.global_batch_size,
+            f"must be divisible by the {dp_size} data-parallel ranks",
+        )
+        if self.micro_batch_size is None:
+            self.micro_batch_size = derived_micro_batch(self.global_batch_size // dp_size, pp)
+        require(
+            self.micro_batch_size > 0,
+            f"{prefix}.micro_batch_size",
+            self.micro_batch_size,
+            "must be a positive integer, or null to derive it",
+        )
         per_step = self.micro_batch_size * dp_size
         require(
             self.global_batch_size % per_step == 0,
@@ -98,6 +126,13 @@ class TrainConfig:
 
     def grad_accum_steps(self, dp_size: int) -> int:
         return self.global_batch_size // (self.micro_batch_size * dp_size)
+
+
+def derived_micro_batch(per_rank: int, pp: int) -> int:
+    """The largest micro-batch that still gives the pipeline `pp` micro-batches per step (the
+    whole per-rank batch without pipelining)."""
+    fitting = [m for m in range(1, per_rank + 1) if per_rank % m == 0 and per_rank // m >= pp]
+    return max(fitting, default=1)
 
 
 @dataclass

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,12 @@ from birkhoff.model.summary import describe_split
 from birkhoff.parallel import distributed, resolve_device
 from birkhoff.parallel.distributed import describe_layout, env_rank
 from birkhoff.train.metrics import build_metric_logger
+from birkhoff.train.rank_errors import (
+    EXPECTED,
+    EXPECTED_ERRORS,
+    UNEXPECTED,
+    report_rank_error,
+)
 from birkhoff.train.recipe import TrainRecipe
 from birkhoff.train.run_files import (
     RECIPE_FILE,
@@ -23,7 +31,9 @@ from birkhoff.train.run_files import (
     write_summary,
     write_tokenizer,
 )
-from birkhoff.train.secrets import redact
+from birkhoff.train.run_lock import RunDirLock
+from birkhoff.train.secrets import scrub_recipe, scrub_text
+from birkhoff.train.stop import StopSignal
 from birkhoff.train.trainer import Trainer
 
 
@@ -47,21 +57,62 @@ def check_data(data: DataPlan, recipe: TrainRecipe) -> None:
     heldout_windows(data, recipe.train.eval_batches * recipe.train.global_batch_size)
 
 
-def run_rank(recipe: dict[str, Any], run_dir: str, data: DataPlan | None = None) -> dict[str, Any]:
+def run_rank(
+    recipe: dict[str, Any],
+    run_dir: str,
+    data: DataPlan | None = None,
+    public_recipe: dict[str, Any] | None = None,
+    error_dir: str | None = None,
+) -> dict[str, Any]:
     """Entry point of every rank (torchrun's launcher calls it); returns the run summary.
 
     `data` lets a single-process caller pass what it already opened; ranks open it again (the
-    tokenizer is cached by then).
+    tokenizer is cached by then). `public_recipe`: the launcher's scrubbed copy of `recipe`,
+    the only one written anywhere (default: `recipe` scrubbed of the environment's secrets).
+    `error_dir` (multi-rank): a failing rank leaves its one-line message (or traceback) there
+    for the launcher, which prints each distinct one once, and exits quietly; without it the
+    error propagates to the caller.
+
+    SIGTERM/SIGINT are recorded from the start to the end of the rank, so a signal to the
+    whole process group never kills it mid-way: it finishes its step and checkpoints.
     """
+    with StopSignal() as stop:
+        try:
+            return _train_rank(recipe, run_dir, data, public_recipe, stop)
+        except EXPECTED_ERRORS as err:
+            if error_dir is None:
+                raise
+            report_rank_error(error_dir, EXPECTED, scrub_text(str(err), public_recipe))
+            raise SystemExit(2) from None
+        except Exception:
+            if error_dir is None:
+                raise
+            report_rank_error(
+                error_dir, UNEXPECTED, scrub_text(traceback.format_exc(), public_recipe)
+            )
+            raise SystemExit(1) from None
+
+
+def _train_rank(
+    recipe: dict[str, Any],
+    run_dir: str,
+    data: DataPlan | None,
+    public_recipe: dict[str, Any] | None,
+    stop: StopSignal,
+) -> dict[str, Any]:
     train_recipe = train_recipe_from_dict(recipe)
-    public_recipe = redact(recipe)
+    if public_recipe is None:
+        public_recipe = scrub_recipe(recipe)
     run_path = Path(run_dir)
     _, local_rank, _ = env_rank()
     device = resolve_device(train_recipe.backend.device, local_rank)
     degrees = train_recipe.parallel.degrees(env_rank()[2])
-    with distributed(device, degrees) as ctx:
+    lock = RunDirLock(run_path)
+    with distributed(device, degrees) as ctx, contextlib.ExitStack() as cleanup:
         data = data or open_data(train_recipe.data)
         if ctx.is_main:
+            lock.acquire()  # a no-op where this node's launcher holds it
+            cleanup.callback(lock.release)
             if not train_recipe.train.resume:  # resuming continues the run dir's files
                 refuse_used_run_dir(run_path)
             if not (run_path / RECIPE_FILE).exists():
@@ -71,11 +122,13 @@ def run_rank(recipe: dict[str, Any], run_dir: str, data: DataPlan | None = None)
             train_recipe.logging, run_path, train_recipe.train.steps, public_recipe, ctx.is_main
         )
         try:
-            trainer = Trainer(train_recipe, data, ctx, device, metrics, run_path)
+            trainer = Trainer(
+                train_recipe, data, ctx, device, metrics, run_path, public_recipe=public_recipe
+            )
             if ctx.is_main:
                 print(f"birkhoff: {describe_split(trainer.model_cfg)}", flush=True)
                 print(f"birkhoff: layout {describe_layout(ctx)}, device {device.type}", flush=True)
-            summary = trainer.fit()
+            summary = trainer.fit(stop)
         finally:
             metrics.close()
     if ctx.is_main:

@@ -13,16 +13,21 @@ from birkhoff.parallel import DistributedContext
 
 @torch.no_grad()
 def balance_experts(
-    parts: list[nn.Module], ctx: DistributedContext, routed_per_layer: int
+    parts: list[nn.Module], ctx: DistributedContext, routed_per_layer: int, apply: bool = True
 ) -> dict[str, float]:
     """Update router biases from the global loads; return the load summary for the metrics.
 
     `parts` are this rank's model chunks (pipeline stages hold different layers, so the
     summary is reduced over pp). `routed_per_layer` is tokens x top_k of the global batch:
     what every MoE layer must have routed, so any shortfall is a dropped token (there is no
-    capacity limit, so it must be 0).
+    capacity limit, so it must be 0). `apply=False` (a skipped step) only clears the
+    loads.
     """
     layers = [m for part in parts for m in part.modules() if isinstance(m, MoE)]
+    if not apply:
+        for layer in layers:
+            layer.tokens_per_expert.zero_()
+        return {}
     if not layers and ctx.size("pp") == 1:
         return {}
     worst = torch.full((3,), float("-inf"), dtype=torch.float64)

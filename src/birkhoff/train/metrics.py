@@ -10,8 +10,9 @@ from typing import Any, Protocol
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from birkhoff.errors import require
 from birkhoff.train.config import LoggingConfig
-from birkhoff.train.run_files import METRICS_FILE
+from birkhoff.train.run_files import METRICS_FILE, finite_or_null
 
 Record = dict[str, Any]
 
@@ -83,7 +84,7 @@ class JsonlSink:
         self.file = path.open("a", encoding="utf-8")
 
     def log(self, record: Record) -> None:
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(json.dumps(finite_or_null(record), allow_nan=False) + "\n")
         self.file.flush()
 
     def close(self) -> None:
@@ -91,18 +92,37 @@ class JsonlSink:
 
 
 class WandbSink:
+    """A wandb run that records only the public recipe: names and tags come from it too, and
+    no command line, environment, code or git state is collected (they may hold secrets)."""
+
     def __init__(self, cfg: LoggingConfig, run_dir: Path, recipe: Record) -> None:
         import wandb
 
+        public = recipe["logging"]["wandb"]
+        for key in ("project", "entity"):  # where the run goes: the public value must be usable
+            require(
+                public[key] == getattr(cfg.wandb, key),
+                f"logging.wandb.{key}",
+                public[key],
+                "must be given as is: one read from the environment or holding a secret would "
+                "be recorded with the wandb run",
+            )
         self.run = wandb.init(
-            project=cfg.wandb.project,
-            entity=cfg.wandb.entity,
-            name=cfg.wandb.name,
+            project=public["project"],
+            entity=public["entity"],
+            name=public["name"],
             mode=cfg.wandb.mode,
-            tags=list(cfg.wandb.tags),
+            tags=list(public["tags"]),
             dir=str(run_dir),
             config=recipe,
-            settings=wandb.Settings(silent=True),
+            save_code=False,
+            settings=wandb.Settings(
+                silent=True,
+                x_disable_meta=True,  # the system metadata holds sys.argv
+                disable_code=True,
+                disable_git=True,
+                save_code=False,
+            ),
         )
 
     def log(self, record: Record) -> None:

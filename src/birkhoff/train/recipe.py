@@ -38,10 +38,12 @@ class TrainRecipe:
         self.optim.validate()
         self.parallel.validate(world_size)
         dp_size = self.parallel.resolved_dp(world_size)
-        self.train.validate(dp_size)
-        self.parallel.validate_for_model(
-            apply_sparse_budget(self.model), self.train.grad_accum_steps(dp_size)
-        )
+        model = apply_sparse_budget(self.model)
+        # What the layout cannot do with this model at all comes before the batch arithmetic,
+        # whose fix (another batch size) would not help.
+        self.parallel.validate_for_model(model, None)
+        self.train.validate(dp_size, self.parallel.pp)
+        self.parallel.validate_for_model(model, self.train.grad_accum_steps(dp_size))
         self.backend.validate(kernels.available_backends())
         self.logging.validate()
         self.checkpoint.validate()

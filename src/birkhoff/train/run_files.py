@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,19 @@ TOKENIZER_FILE = "tokenizer.json"
 
 
 def refuse_used_run_dir(run_dir: Path) -> None:
-    """A new run never appends to, or overwrites, the files of an earlier run in the same dir."""
-    used = [name for name in (RECIPE_FILE, METRICS_FILE, SUMMARY_FILE) if (run_dir / name).exists()]
+    """A new run never appends to, or overwrites, the files of an earlier run in the same dir.
+    A run that failed before its first step (a refused checkpoint, bad data) trained nothing:
+    its dir may be used again."""
+    metrics = run_dir / METRICS_FILE
+    used = [
+        name
+        for name, taken in (
+            (SUMMARY_FILE, (run_dir / SUMMARY_FILE).exists()),
+            (METRICS_FILE, metrics.is_file() and metrics.stat().st_size > 0),
+            ("checkpoints/", any((run_dir / "checkpoints").glob("step-*/COMPLETE"))),
+        )
+        if taken
+    ]
     if used:
         raise RecipeError(
             "hydra.run.dir",
@@ -38,4 +50,14 @@ def write_tokenizer(run_dir: Path, identity: dict[str, str]) -> None:
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
-    write_text_atomic(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+    text = json.dumps(finite_or_null(summary), indent=2, allow_nan=False)
+    write_text_atomic(run_dir / SUMMARY_FILE, text + "\n")
+
+
+def finite_or_null(value: Any) -> Any:
+    """inf and nan are not JSON (a run with no finite step has a nan loss): null instead."""
+    if isinstance(value, dict):
+        return {key: finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

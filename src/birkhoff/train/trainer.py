@@ -6,6 +6,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.fsdp import FSDPModule
 
+from birkhoff.checkpoint.space import SaveFailed
 from birkhoff.checkpoint.state import TrainingState
 from birkhoff.data import (
     Batch,
@@ -37,15 +39,12 @@ from birkhoff.parallel.parallelize import parallelize_chunk, wrap_ddp
 from birkhoff.parallel.pipeline import Carry, PipelineRunner
 from birkhoff.train.checkpointing import checkpoint_manager, resume, save
 from birkhoff.train.expert_balance import balance_experts
+from birkhoff.train.failures import ResidualConstraintError, TrainingError
 from birkhoff.train.metrics import MetricLogger
 from birkhoff.train.optim import build_optimizer
 from birkhoff.train.recipe import TrainRecipe
 from birkhoff.train.residual import residual_stats
 from birkhoff.train.stop import StopSignal
-
-
-class ResidualConstraintError(RuntimeError):
-    """The mHC residual mapping left the doubly stochastic manifold beyond tolerance."""
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -67,10 +66,13 @@ class Trainer:
         device: torch.device,
         metrics: MetricLogger,
         run_dir: Path | None = None,
+        public_recipe: dict[str, Any] | None = None,
     ) -> None:
         """`run_dir`: where checkpoints go (recipe `checkpoint.dir` overrides it); without
-        one the trainer neither saves nor resumes."""
+        one the trainer neither saves nor resumes. `public_recipe`: the recipe scrubbed of
+        secrets that checkpoints record (see train/secrets.py)."""
         self.recipe = recipe
+        self.public_recipe = public_recipe
         self.data = data
         self.ctx = ctx
         self.device = device
@@ -112,27 +114,37 @@ class Trainer:
         self.tokens_per_step = train_cfg.global_batch_size * recipe.data.seq_len
         self.routed_per_layer = self.tokens_per_step * recipe.model.moe.top_k
         self.step = 0
+        self.bad_steps = self.consecutive_bad_steps = 0
 
-    def fit(self) -> dict[str, Any]:
-        """Train for `train.steps` steps; returns the run summary (losses, throughput)."""
+    def fit(self, stop: StopSignal | None = None) -> dict[str, Any]:
+        """Train for `train.steps` steps; returns the run summary (losses, throughput).
+        `stop`: the caller's signal recorder (the rank's entry point installs one for the
+        whole process lifetime), else one for the duration of training."""
+        with nullcontext(stop) if stop else StopSignal() as stop:
+            return self._fit(stop)
+
+    def _fit(self, stop: StopSignal) -> dict[str, Any]:
         cfg = self.recipe.train
         if self.checkpoints is not None:
             resume(self, self.checkpoints)
         first_loss = last_loss = float("nan")
         start, first_step = time.perf_counter(), self.step
-        with StopSignal() as stop:
-            while self.step < cfg.steps:
-                record = self.train_step()
+        while self.step < cfg.steps:
+            record = self.train_step()
+            applied = not record.get("skipped")
+            if applied:
                 first_loss = record["loss"] if self.step == first_step + 1 else first_loss
                 last_loss = record["loss"]
-                stopping = stop.requested(self.ctx)
-                record.update(self._checkpoint(self.step == cfg.steps or stopping))
-                self.metrics.log(record)
-                if stopping:
-                    self._announce_stop(stop.agreed)
-                    break
-                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
-                    self.metrics.log({"step": self.step, "eval_loss": self.evaluate()})
+            stopping = stop.requested(self.ctx)
+            if stopping:  # said at once: a late signal or a slow save must not lose it
+                self._announce_stop(stop.agreed)
+            record.update(self._checkpoint(self.step == cfg.steps or stopping))
+            self.metrics.log(record)
+            if stopping:
+                break
+            evaluate = applied and cfg.eval_every and self.step % cfg.eval_every == 0
+            if evaluate and self.step < cfg.steps:
+                self.metrics.log({"step": self.step, "eval_loss": self.evaluate()})
         heldout_loss = self.evaluate()  # overlaps a background checkpoint write
         self.metrics.log({"step": self.step, "eval_loss": heldout_loss})
         self._finish_checkpoints()
@@ -147,6 +159,7 @@ class Trainer:
             "tokens_per_s": (self.step - first_step) * self.tokens_per_step / elapsed,
             "world_size": self.ctx.world_size,
             "stopped_by": signal.Signals(stop.agreed).name if stop.agreed else None,
+            "bad_steps": self.bad_steps,
         }
 
     def _checkpoint(self, last: bool) -> dict[str, float]:
@@ -154,27 +167,65 @@ class Trainer:
         save's seconds once a (background) save is complete."""
         if self.checkpoints is None:
             return {}
-        timings = {}
-        if self.checkpoints.due(self.step, last):
-            timings["checkpoint_blocked_s"] = save(self, self.checkpoints)
-        written = self.checkpoints.completed()
+        timings: dict[str, float] = {}
+        try:
+            if self.checkpoints.due(self.step, last):
+                self._refuse_non_finite_parameters()
+                timings["checkpoint_blocked_s"] = save(self, self.checkpoints)
+            written = self.checkpoints.completed()
+        except SaveFailed as failed:
+            self._periodic_save_failed(failed, last)
+            return {**timings, "checkpoint_failed": 1}
         if written is not None:
             timings["checkpoint_write_s"] = written
         return timings
 
+    def _refuse_non_finite_parameters(self) -> None:
+        """A checkpoint is never written from parameters holding inf or nan (resume=auto
+        would reload them); every rank checks its shards and all agree."""
+        bad = torch.zeros((), dtype=torch.float64)
+        for part in self.model_parts:
+            for param in part.parameters():
+                local = param.to_local() if hasattr(param, "to_local") else param
+                if not torch.isfinite(local).all():
+                    bad.fill_(1)
+                    break
+        if self.ctx.all_reduce_max(bad, None).item():
+            raise TrainingError(
+                f"after step {self.step} the parameters hold inf or nan, so no checkpoint was "
+                "written; resume from the last checkpoint with a lower optim.lr"
+            )
+
+    def _periodic_save_failed(self, failed: SaveFailed, last: bool) -> None:
+        """Say so and go on, unless the save was of the final step (its state would be lost:
+        the run stops with the reason)."""
+        if last and failed.step == self.step:
+            raise failed
+        if self.ctx.is_main:
+            print(f"birkhoff: {failed}; training goes on", file=sys.stderr, flush=True)
+
     def _finish_checkpoints(self) -> None:
         if self.checkpoints is None:
             return
-        written = self.checkpoints.completed(wait=True)
+        try:
+            written = self.checkpoints.completed(wait=True)
+        except SaveFailed as failed:
+            self._periodic_save_failed(failed, last=True)
+            self.metrics.log({"step": self.step, "checkpoint_failed": 1})
+            written = None
+        finally:
+            self.checkpoints.close()
         if written is not None:
             self.metrics.log({"step": self.step, "checkpoint_write_s": written})
-        self.checkpoints.close()
 
     def _announce_stop(self, signal_number: int | None) -> None:
         if self.ctx.is_main:
             name = signal.Signals(signal_number).name if signal_number else "a signal"
-            where = "a checkpoint was written" if self.checkpoints else "no checkpoint dir"
-            print(f"birkhoff: {name} on a rank: stopped after step {self.step}; {where}")
+            where = "writing a checkpoint" if self.checkpoints else "no checkpoint dir"
+            print(
+                f"birkhoff: {name} on a rank: stopped after step {self.step}; {where}",
+                flush=True,
+            )
 
     def train_step(self) -> dict[str, Any]:
         step_start = time.perf_counter()
@@ -186,15 +237,17 @@ class Trainer:
             hook(self)
         residual = self._check_residual_constraint()
         grad_norm = self._clip_gradients()
-        if not math.isfinite(grad_norm):
-            raise FloatingPointError(f"step {self.step + 1}: gradient norm is {grad_norm}")
+        loss = self.reduce_loss(loss_sum)  # both agreed over ranks: all take one decision
+        bad = not (math.isfinite(loss) and math.isfinite(grad_norm))
+        if bad:
+            return self._bad_step(loss, grad_norm, time.perf_counter() - step_start)
+        self.consecutive_bad_steps = 0
         lr = self.schedulers[0].get_last_lr()[0]
         for optimizer, scheduler in zip(self.optimizers, self.schedulers, strict=True):
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         experts = balance_experts(self.model_parts, self.ctx, self.routed_per_layer)
-        loss = self.reduce_loss(loss_sum)
         skipped = self.ctx.all_reduce_sum(
             torch.tensor(float(self.loader.skipped_records), device=self.device)
         )
@@ -214,6 +267,35 @@ class Trainer:
             "mem_peak_mib": self.ctx.all_reduce_max(memory, None).item(),
             **residual,
             **experts,
+        }
+
+    def _bad_step(self, loss: float, grad_norm: float, seconds: float) -> dict[str, Any]:
+        """A non-finite loss or gradient norm: nothing is updated (parameters, optimizer
+        moments, LR schedule, router biases), the batch stays consumed, the step is not
+        counted; the run fails with `on_bad_step=fail` or after `max_bad_steps` in a row."""
+        cfg = self.recipe.train
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        balance_experts(self.model_parts, self.ctx, self.routed_per_layer, apply=False)
+        self.bad_steps += 1
+        self.consecutive_bad_steps += 1
+        what = f"loss {loss}, gradient norm {grad_norm}"
+        if cfg.on_bad_step == "fail" or self.consecutive_bad_steps >= cfg.max_bad_steps:
+            times = "" if cfg.on_bad_step == "fail" else f"{self.consecutive_bad_steps} in a row, "
+            raise TrainingError(
+                f"the step after step {self.step} was not finite ({what}; {times}"
+                f"train.on_bad_step={cfg.on_bad_step}, train.max_bad_steps={cfg.max_bad_steps})"
+                "; lower optim.lr or check the data, and resume from the last checkpoint"
+            )
+        if self.ctx.is_main:
+            print(f"birkhoff: skipped a step after step {self.step}: {what}", flush=True)
+        return {
+            "step": self.step,
+            "skipped": 1,
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "bad_steps": self.bad_steps,
+            "step_time_s": seconds,
         }
 
     def forward_backward(self, micro_batches: list[Batch]) -> torch.Tensor:
