@@ -168,8 +168,9 @@ def test_kill_9_and_sigterm_to_a_multi_rank_run_then_auto_resume_is_exact(
 ):
     """2 ranks save every step in DCP's checkpoint process. SIGKILL to the whole run (launcher,
     ranks, checkpoint processes) while a checkpoint is half-written: `train.resume=auto`
-    ignores it and continues from the newest complete one. SIGTERM to the launcher of that
-    resumed run: every rank finishes the same step and checkpoints, the exit status is
+    ignores it and continues from the newest complete one. SIGTERM to the whole process group
+    of that resumed run (launcher, ranks, loader workers): every rank finishes the same step
+    and checkpoints, the exit status is
     128 + 15. A second resume runs to the end. The losses after the kill repeat those of a run
     that never stopped, bit for bit, and no half-written directory is left."""
     steps = 14
@@ -192,7 +193,7 @@ def test_kill_9_and_sigterm_to_a_multi_rank_run_then_auto_resume_is_exact(
     logged = len(read_lines(run / "metrics.jsonl"))
     process = start_cli([*common, "train.resume=auto", f"hydra.run.dir={run}"], tmp_path)
     wait_for(lambda: len(read_lines(run / "metrics.jsonl")) > logged, process, "resumed step")
-    process.send_signal(signal.SIGTERM)
+    os.killpg(process.pid, signal.SIGTERM)  # as SLURM does: the launcher, ranks, workers
     stdout, stderr = process.communicate(timeout=180)
     assert f"resumed from {root / f'step-{killed_at:08d}'} at step {killed_at}" in stdout
     assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]

@@ -12,10 +12,12 @@ def ignore_stop_signals(worker_id: int) -> None:
     pre-emption, systemd, `timeout`, Ctrl-C) reach the workers too, but the trainer owns
     shutdown: it finishes its step and checkpoints, and the workers must serve it until then.
 
-    SIGINT is ignored. SIGTERM is how the loader itself ends leftover workers (at exit it
-    terminates and then waits for them), so it cannot simply be ignored: it is blocked, and a
-    thread takes each one with its sender's pid, ending the worker only when the sender is
-    the process that started it."""
+    A worker leaves the trainer's process group (a signal to the group, from `timeout`, a
+    shell or Ctrl-C, no longer reaches it) and ignores SIGINT. SIGTERM is how the loader
+    itself ends leftover workers (at exit it terminates and then waits for them), so it is
+    blocked instead, and a thread takes each one with its sender's pid, ending the worker only
+    when the sender is the process that started it."""
+    os.setsid()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later too
     owner = os.getppid()
