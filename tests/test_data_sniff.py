@@ -13,12 +13,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from test_train import cli_command
 
 from birkhoff.data import DataConfig, DataError, SourceConfig, TokenizerConfig
 from birkhoff.data.commands import write_tokenizer_model
 from birkhoff.data.sniff import HEAD_BYTES, MAX_LINE_BYTES
 from birkhoff.data.sources import read_records, resolve_source
-from conftest import SMALL_OVERRIDES
 
 TEXT = b"The quality of mercy is not strained.\n" * 40  # 1520 bytes of plain text
 fifos = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
@@ -201,15 +201,7 @@ def test_data_tokenizer_names_the_binary_file(tmp_path):
 def test_train_refuses_a_binary_file_in_one_line_before_making_a_run_dir(tmp_path):
     program = write(tmp_path / "x.txt", Path(sys.executable).resolve().read_bytes())
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "birkhoff.launch.cli",
-            "train",
-            *SMALL_OVERRIDES,
-            f"data.sources=[{{path:{program}}}]",
-            f"hydra.run.dir={tmp_path}/run",
-        ],
+        cli_command([f"data.sources=[{{path:{program}}}]", f"hydra.run.dir={tmp_path}/run"]),
         capture_output=True,
         text=True,
         timeout=120,

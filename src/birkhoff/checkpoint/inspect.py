@@ -7,6 +7,7 @@ from typing import Any
 
 from birkhoff.checkpoint.contents import stored_bytes, tensor_metadata
 from birkhoff.checkpoint.manager import COMPLETE, META, RANKS, CheckpointError, read_meta
+from birkhoff.checkpoint.space import disk_bytes
 
 
 def describe_checkpoint(path: Path) -> dict[str, Any]:
@@ -32,7 +33,7 @@ def describe_checkpoint(path: Path) -> dict[str, Any]:
         "recipe": meta.get("recipe"),
         "ranks_with_state": len(list((path / RANKS).glob("rank-*.json"))),
         "tensor_bytes": sum(t["bytes"] for t in tensors.values()),
-        "disk_bytes": sum(f.stat().st_size for f in path.rglob("*") if f.is_file()),
+        "disk_bytes": disk_bytes(path),
         "tensors": tensors,
     }
 

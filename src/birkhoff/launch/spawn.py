@@ -22,8 +22,8 @@ from birkhoff.train.rank_errors import rank_errors
 def elastic_config(topology: Topology) -> ElasticConfig:
     """The settings torchrun derives from its flags (a single node meets on localhost).
 
-    No restarts: a restarted worker group hung in gloo's init_process_group in one of three
-    tries here; `launch.max_restarts` waits for that to be understood."""
+    No restarts: in a test run a restarted worker group hung in gloo's init_process_group;
+    `launch.max_restarts` waits for that to be understood."""
     single_node = topology.nnodes == 1 and topology.rdzv_endpoint is None
     return ElasticConfig(
         min_nodes=topology.nnodes,
