@@ -61,6 +61,14 @@ def recipe_error(overrides, env=None) -> RecipeError:
         (["train.steps=10000000000000"], "train.steps", "a step count, not a token count"),
         (["train.on_bad_step=retry"], "train.on_bad_step", "one of skip, fail"),
         (["train.max_bad_steps=0"], "train.max_bad_steps", "positive integer"),
+        (["train.hang_timeout_s=0"], "train.hang_timeout_s", "null (no watchdog)"),
+        (["launch.collective_timeout_s=-1"], "launch.collective_timeout_s", "null (torch's"),
+        # a collective that times out before the watchdog fires leaves no stacks
+        (
+            ["train.hang_timeout_s=600", "launch.collective_timeout_s=600"],
+            "train.hang_timeout_s",
+            "< launch.collective_timeout_s=600",
+        ),
         # the structural fault first: no batch size would help 3 ranks split 8 experts
         (["launch.nproc_per_node=3", "parallel.ep=3"], "parallel.ep", "must divide"),
         (

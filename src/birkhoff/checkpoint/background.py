@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -51,12 +52,12 @@ class InFlight:
 class BackgroundWriter:
     """Starts background saves and reports each one's completion once."""
 
-    def __init__(self, mode: str, distributed: bool) -> None:
+    def __init__(self, mode: str, distributed: bool, timeout: timedelta | None = None) -> None:
         self.mode = mode
         self.owns_default_group = False
         self.group: dist.ProcessGroup | None = None
-        if distributed:
-            self.group = dist.new_group(backend="gloo")  # collective: every rank builds it
+        if distributed:  # a collective: every rank builds it
+            self.group = dist.new_group(backend="gloo", timeout=timeout)
         elif mode == "process" and not dist.is_initialized():
             # DCP's checkpoint process finds its rendezvous through a process group.
             dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)

@@ -26,6 +26,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -100,12 +101,23 @@ def read_meta(path: Path) -> dict[str, Any]:
 
 
 class CheckpointManager:
-    def __init__(self, root: Path, cfg: CheckpointConfig, rank: int, distributed: bool) -> None:
+    def __init__(
+        self,
+        root: Path,
+        cfg: CheckpointConfig,
+        rank: int,
+        distributed: bool,
+        timeout: timedelta | None = None,
+    ) -> None:
+        """`timeout`: the run's collective timeout, for the group the saves agree over."""
         self.root, self.cfg, self.rank, self.distributed = root, cfg, rank, distributed
         background = cfg.async_mode != "off"
-        self.writer = BackgroundWriter(cfg.async_mode, distributed) if background else None
+        writer = BackgroundWriter(cfg.async_mode, distributed, timeout) if background else None
+        self.writer = writer
         # Saves agree over gloo whatever the training backend: their flags are CPU tensors.
-        gloo = dist.new_group(backend="gloo") if distributed and not background else None
+        gloo = None
+        if distributed and not background:
+            gloo = dist.new_group(backend="gloo", timeout=timeout)
         self._group = self.writer.group if self.writer else gloo
         self._finished_seconds: float | None = None  # a synchronous save's, until collected
         self._needed = 0  # bytes the save in progress is expected to take (rank 0)

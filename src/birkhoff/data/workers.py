@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
+
+# How often a worker checks that its rank is still alive.
+ORPHAN_POLL_S = 0.5
 
 
 def ignore_stop_signals(worker_id: int) -> None:
@@ -16,7 +20,12 @@ def ignore_stop_signals(worker_id: int) -> None:
     shell or Ctrl-C, no longer reaches it) and ignores SIGINT. SIGTERM is how the loader
     itself ends leftover workers (at exit it terminates and then waits for them), so it is
     blocked instead, and a thread takes each one with its sender's pid, ending the worker only
-    when the sender is the process that started it."""
+    when the sender is the process that started it.
+
+    A worker whose rank died without stopping it (kill -9, a hang watchdog's exit) ends
+    itself within ORPHAN_POLL_S: torch's own check leaves the worker waiting forever to flush
+    prefetched batches into a pipe nobody reads, holding the rank's stdout, stderr and sockets
+    open (so a launcher or an elastic restart waits on it)."""
     os.setsid()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later too
@@ -24,9 +33,18 @@ def ignore_stop_signals(worker_id: int) -> None:
     threading.Thread(
         target=_end_on_sigterm_from, args=(owner,), name="birkhoff-sigterm", daemon=True
     ).start()
+    threading.Thread(
+        target=_end_when_orphaned, args=(owner,), name="birkhoff-orphan-check", daemon=True
+    ).start()
 
 
 def _end_on_sigterm_from(owner: int) -> None:
     while True:
         if signal.sigwaitinfo({signal.SIGTERM}).si_pid == owner:
             os._exit(128 + signal.SIGTERM)  # what the default action would have done
+
+
+def _end_when_orphaned(owner: int) -> None:
+    while os.getppid() == owner:
+        time.sleep(ORPHAN_POLL_S)
+    os._exit(0)  # no exit handlers: they would wait on the unread pipe

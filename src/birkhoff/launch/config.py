@@ -10,9 +10,13 @@ from birkhoff.errors import require
 @dataclass
 class LaunchConfig:
     """Left null, `nnodes`, `node_rank`, `rdzv_endpoint` and `rdzv_id` come from SLURM's
-    environment inside a SLURM job, else mean one node on this machine. `stop_timeout_s`: on
-    SIGTERM/SIGINT the launcher passes the signal to its ranks and gives them this long to
-    finish their step and write the checkpoint before it kills them."""
+        environment inside a SLURM job, else mean one node on this machine. `stop_timeout_s`: on
+        SIGTERM/SIGINT the launcher passes the signal to its ranks and gives them this long to
+        finish their step and write the checkpoint before it kills them. `collective_timeout_s`: how
+    long any collective may wait for the other ranks before the run fails (null: torch's
+    defaults, 10 min on NCCL, 30 min on gloo). `max_restarts`: how often torchrun's elastic agent
+    restarts the ranks of this node after one failed (a crash, kill -9, a hang); a restarted
+    run resumes from its newest complete checkpoint."""
 
     nproc_per_node: int = 1
     nnodes: int | None = None
@@ -21,6 +25,8 @@ class LaunchConfig:
     rdzv_port: int = 29500
     rdzv_id: str | None = None
     stop_timeout_s: int = 120
+    collective_timeout_s: float | None = 1800
+    max_restarts: int = 0
 
     def validate(self, prefix: str = "launch") -> None:
         require(
@@ -47,6 +53,18 @@ class LaunchConfig:
             f"{prefix}.stop_timeout_s",
             self.stop_timeout_s,
             "must be a positive number of seconds (longer than a step plus a checkpoint save)",
+        )
+        require(
+            self.collective_timeout_s is None or self.collective_timeout_s > 0,
+            f"{prefix}.collective_timeout_s",
+            self.collective_timeout_s,
+            "must be null (torch's defaults) or a positive number of seconds",
+        )
+        require(
+            self.max_restarts >= 0,
+            f"{prefix}.max_restarts",
+            self.max_restarts,
+            "must be >= 0 (0: a failed rank ends the run)",
         )
         require(
             0 < self.rdzv_port < 65536,

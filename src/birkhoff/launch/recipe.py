@@ -12,7 +12,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
-from birkhoff.errors import RecipeError
+from birkhoff.errors import RecipeError, require
 from birkhoff.launch.config import LaunchConfig
 from birkhoff.launch.topology import Topology, resolve_topology
 from birkhoff.train.recipe import TrainRecipe
@@ -21,6 +21,18 @@ from birkhoff.train.recipe import TrainRecipe
 @dataclass
 class Recipe(TrainRecipe):
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+    def validate(self, world_size: int) -> None:
+        super().validate(world_size)
+        hang, collective = self.train.hang_timeout_s, self.launch.collective_timeout_s
+        # A collective that times out first fails the run with no stacks to show.
+        require(
+            hang is None or collective is None or hang < collective,
+            "train.hang_timeout_s",
+            hang,
+            f"must be < launch.collective_timeout_s={collective}, so the hang watchdog "
+            "dumps every rank's stacks before a collective times out",
+        )
 
 
 def load_recipe(

@@ -20,10 +20,7 @@ from birkhoff.train.rank_errors import rank_errors
 
 
 def elastic_config(topology: Topology) -> ElasticConfig:
-    """The settings torchrun derives from its flags (a single node meets on localhost).
-
-    No restarts: in a test run a restarted worker group hung in gloo's init_process_group;
-    `launch.max_restarts` waits for that to be understood."""
+    """The settings torchrun derives from its flags (a single node meets on localhost)."""
     single_node = topology.nnodes == 1 and topology.rdzv_endpoint is None
     return ElasticConfig(
         min_nodes=topology.nnodes,
@@ -33,7 +30,7 @@ def elastic_config(topology: Topology) -> ElasticConfig:
         rdzv_backend="c10d",
         rdzv_endpoint="localhost:0" if single_node else topology.rdzv_endpoint,
         rdzv_configs={"is_host": topology.node_rank == 0},
-        max_restarts=0,
+        max_restarts=topology.max_restarts,
         monitor_interval=0.1,
         start_method="spawn",
         shutdown_timeout=topology.stop_timeout_s,
@@ -74,7 +71,11 @@ def launch_ranks(
 
 
 def _report_failure(error_dir: str, failed: ChildFailedError | None) -> int:
-    reasons, tracebacks = rank_errors(error_dir)
+    hangs, reasons, tracebacks = rank_errors(error_dir)
+    for line in hangs:  # where each rank was when its hang watchdog fired
+        print(f"birkhoff: {line}", file=sys.stderr, flush=True)
+    if hangs:
+        return 1
     for reason in reasons:  # what ranks that stopped on purpose said, each once
         print(f"birkhoff: {reason}", file=sys.stderr, flush=True)
     if reasons:

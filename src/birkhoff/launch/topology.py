@@ -18,6 +18,7 @@ class Topology:
     rdzv_endpoint: str | None  # None: a single node meeting on localhost
     rdzv_id: str
     stop_timeout_s: int = 120  # what ranks get, after a signal, to stop cleanly
+    max_restarts: int = 0  # the elastic agent's restarts of this node's ranks
 
     @property
     def world_size(self) -> int:
@@ -44,7 +45,15 @@ def resolve_topology(cfg: LaunchConfig, env: Mapping[str, str]) -> Topology:
         0 <= node_rank < nnodes, "launch.node_rank", node_rank, f"must be in [0, nnodes={nnodes})"
     )
     rdzv_id = cfg.rdzv_id or (env["SLURM_JOB_ID"] if slurm else "birkhoff")
-    return Topology(nnodes, node_rank, cfg.nproc_per_node, endpoint, rdzv_id, cfg.stop_timeout_s)
+    return Topology(
+        nnodes,
+        node_rank,
+        cfg.nproc_per_node,
+        endpoint,
+        rdzv_id,
+        cfg.stop_timeout_s,
+        cfg.max_restarts,
+    )
 
 
 def first_host(nodelist: str) -> str:

@@ -8,6 +8,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -58,6 +59,8 @@ class DistributedContext:
     mesh: DeviceMesh | None  # None in a single process
     degrees: dict[str, int] = field(default_factory=dict)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # collectives
+    # How long a collective may wait for the other ranks; groups made later pass it on.
+    collective_timeout: timedelta | None = None
 
     @property
     def is_main(self) -> bool:
@@ -118,15 +121,54 @@ def env_rank() -> tuple[int, int, int]:
 
 
 @contextmanager
-def distributed(device: torch.device, degrees: dict[str, int]) -> Iterator[DistributedContext]:
-    """Join the process group for the duration of a run and leave it cleanly afterwards."""
+def distributed(
+    device: torch.device, degrees: dict[str, int], collective_timeout_s: float | None = None
+) -> Iterator[DistributedContext]:
+    """Join the process group for the duration of a run and leave it cleanly afterwards.
+    `collective_timeout_s` (launch.collective_timeout_s): how long any collective of any group
+    may wait before it fails; None keeps torch's defaults (NCCL 10 min, others 30 min)."""
     rank, local_rank, world_size = env_rank()
     if world_size == 1:
         yield DistributedContext(rank, local_rank, world_size, None, degrees, device)
         return
-    dist.init_process_group(COLLECTIVE_BACKENDS[device.type])
+    timeout = None if collective_timeout_s is None else timedelta(seconds=collective_timeout_s)
+    dist.init_process_group(
+        COLLECTIVE_BACKENDS[device.type],
+        store=_attempt_store(world_size),
+        rank=rank if _uses_agent_store() else -1,
+        world_size=world_size if _uses_agent_store() else -1,
+        timeout=timeout,
+    )
     try:
         mesh = build_mesh(degrees, device.type)
-        yield DistributedContext(rank, local_rank, world_size, mesh, degrees, device)
+        if timeout is not None:
+            _set_mesh_timeouts(mesh, timeout)
+        yield DistributedContext(rank, local_rank, world_size, mesh, degrees, device, timeout)
     finally:
         dist.destroy_process_group()
+
+
+def _uses_agent_store() -> bool:
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+
+
+def _attempt_store(world_size: int) -> dist.Store | None:
+    """The store a rank meets its peers through. Under torchrun's agent every attempt of an
+    elastic job uses the agent's one store without a per-attempt prefix, so a restarted rank
+    would read the addresses its dead predecessors published and fail to connect; the keys of
+    each attempt get a prefix of their own. None: torch's env:// rendezvous."""
+    if not _uses_agent_store():
+        return None
+    client = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"birkhoff/attempt-{attempt}", client)
+
+
+def _set_mesh_timeouts(mesh: DeviceMesh, timeout: timedelta) -> None:
+    """DeviceMesh builds its groups with torch's default timeout, not the world group's; set
+    it on each (torchtitan does the same, with the same private function)."""
+    groups = {mesh[name].get_group() for name in (*MESH_DIMS, *FLATTENED)}
+    for group in groups:
+        dist.distributed_c10d._set_pg_timeout(timeout, group)

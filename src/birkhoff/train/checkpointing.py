@@ -7,10 +7,13 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from birkhoff.checkpoint import CheckpointError, CheckpointManager
-from birkhoff.checkpoint.manager import read_meta
+from birkhoff.checkpoint.manager import complete_checkpoints, read_meta
 from birkhoff.checkpoint.state import rng_states, set_rng_states
 from birkhoff.parallel.distributed import DistributedContext
+from birkhoff.train.failures import TrainingError
 from birkhoff.train.recipe import TrainRecipe
 from birkhoff.train.secrets import scrub_recipe
 
@@ -18,13 +21,48 @@ if TYPE_CHECKING:
     from birkhoff.train.trainer import Trainer
 
 
+def checkpoint_root(recipe: TrainRecipe, run_dir: Path | None) -> Path | None:
+    """Where the run's checkpoints go: `checkpoint.dir`, else RUN_DIR/checkpoints."""
+    if recipe.checkpoint.dir:
+        return Path(recipe.checkpoint.dir)
+    return None if run_dir is None else run_dir / "checkpoints"
+
+
 def checkpoint_manager(
     recipe: TrainRecipe, run_dir: Path | None, ctx: DistributedContext
 ) -> CheckpointManager | None:
-    if run_dir is None and recipe.checkpoint.dir is None:
+    root = checkpoint_root(recipe, run_dir)
+    if root is None:
         return None
-    root = Path(recipe.checkpoint.dir) if recipe.checkpoint.dir else run_dir / "checkpoints"
-    return CheckpointManager(root, recipe.checkpoint, ctx.rank, ctx.mesh is not None)
+    return CheckpointManager(
+        root, recipe.checkpoint, ctx.rank, ctx.mesh is not None, ctx.collective_timeout
+    )
+
+
+def resume_after_restart(recipe: TrainRecipe, run_dir: Path) -> str | None:
+    """What a worker group restarted by the elastic agent resumes from: the run's newest
+    complete checkpoint, else what the recipe said (a given checkpoint, or a fresh start)."""
+    root = checkpoint_root(recipe, run_dir)
+    if root is not None and complete_checkpoints(root):
+        return "auto"
+    return recipe.train.resume
+
+
+def refuse_non_finite_parameters(trainer: Trainer) -> None:
+    """A checkpoint is never written from parameters holding inf or nan (resume=auto would
+    reload them); every rank checks its shards and all agree."""
+    bad = torch.zeros((), dtype=torch.float64)
+    for part in trainer.model_parts:
+        for param in part.parameters():
+            local = param.to_local() if hasattr(param, "to_local") else param
+            if not torch.isfinite(local).all():
+                bad.fill_(1)
+                break
+    if trainer.ctx.all_reduce_max(bad, None).item():
+        raise TrainingError(
+            f"after step {trainer.step} the parameters hold inf or nan, so no checkpoint was "
+            "written; resume from the last checkpoint with a lower optim.lr"
+        )
 
 
 def save(trainer: Trainer, manager: CheckpointManager) -> float:

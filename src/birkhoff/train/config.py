@@ -67,7 +67,9 @@ class TrainConfig:
     micro-batches of `micro_batch_size` (gradient accumulation makes up the rest; null: the
     rank's whole share in one micro-batch, or as many as the pipeline needs).
     `on_bad_step`: a step whose loss or gradient norm is not finite is `skip`ped (nothing is
-    updated, its data is consumed; after `max_bad_steps` in a row the run fails) or `fail`s."""
+    updated, its data is consumed; after `max_bad_steps` in a row the run fails) or `fail`s.
+    `hang_timeout_s`: when no step (or evaluation, or checkpoint) finishes for this long, every
+    rank dumps its stacks to RUN_DIR/hang/ and the run fails (null: no watchdog)."""
 
     steps: int = 300
     global_batch_size: int = 16
@@ -82,6 +84,7 @@ class TrainConfig:
     resume: str | None = None
     on_bad_step: str = "skip"
     max_bad_steps: int = 10
+    hang_timeout_s: float | None = 900
 
     def validate(self, dp_size: int, pp: int = 1, prefix: str = "train") -> None:
         for name in ("steps", "global_batch_size", "eval_batches", "max_bad_steps"):
@@ -98,6 +101,13 @@ class TrainConfig:
             f"{prefix}.eval_every",
             self.eval_every,
             "must be >= 0 (0 evaluates only at the end)",
+        )
+        require(
+            self.hang_timeout_s is None or self.hang_timeout_s > 0,
+            f"{prefix}.hang_timeout_s",
+            self.hang_timeout_s,
+            "must be null (no watchdog) or a positive number of seconds (longer than a step, "
+            "an evaluation and a checkpoint save)",
         )
         require_choice(f"{prefix}.mixed_precision", self.mixed_precision, PRECISIONS)
         require_choice(f"{prefix}.on_bad_step", self.on_bad_step, BAD_STEP_ACTIONS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import traceback
 from pathlib import Path
@@ -16,11 +17,13 @@ from birkhoff.model.budget import count_parameters
 from birkhoff.model.summary import describe_split
 from birkhoff.parallel import distributed, resolve_device
 from birkhoff.parallel.distributed import describe_layout, env_rank
+from birkhoff.train.checkpointing import resume_after_restart
 from birkhoff.train.metrics import build_metric_logger
 from birkhoff.train.rank_errors import (
     EXPECTED,
     EXPECTED_ERRORS,
     UNEXPECTED,
+    clear_rank_errors,
     report_rank_error,
 )
 from birkhoff.train.recipe import TrainRecipe
@@ -35,6 +38,7 @@ from birkhoff.train.run_lock import RunDirLock
 from birkhoff.train.secrets import scrub_recipe, scrub_text
 from birkhoff.train.stop import StopSignal
 from birkhoff.train.trainer import Trainer
+from birkhoff.train.watchdog import HangWatchdog, enable_nccl_flight_recorder
 
 
 def train_recipe_from_dict(recipe: dict[str, Any]) -> TrainRecipe:
@@ -76,9 +80,11 @@ def run_rank(
     SIGTERM/SIGINT are recorded from the start to the end of the rank, so a signal to the
     whole process group never kills it mid-way: it finishes its step and checkpoints.
     """
+    if error_dir is not None:
+        clear_rank_errors(error_dir)  # an earlier attempt's, before an elastic restart
     with StopSignal() as stop:
         try:
-            return _train_rank(recipe, run_dir, data, public_recipe, stop)
+            return _train_rank(recipe, run_dir, data, public_recipe, stop, error_dir)
         except EXPECTED_ERRORS as err:
             if error_dir is None:
                 raise
@@ -99,21 +105,37 @@ def _train_rank(
     data: DataPlan | None,
     public_recipe: dict[str, Any] | None,
     stop: StopSignal,
+    error_dir: str | None,
 ) -> dict[str, Any]:
     train_recipe = train_recipe_from_dict(recipe)
     if public_recipe is None:
         public_recipe = scrub_recipe(recipe)
     run_path = Path(run_dir)
-    _, local_rank, _ = env_rank()
+    rank, local_rank, world_size = env_rank()
     device = resolve_device(train_recipe.backend.device, local_rank)
-    degrees = train_recipe.parallel.degrees(env_rank()[2])
+    degrees = train_recipe.parallel.degrees(world_size)
     lock = RunDirLock(run_path)
-    with distributed(device, degrees) as ctx, contextlib.ExitStack() as cleanup:
+    nccl = device.type == "cuda" and world_size > 1
+    if nccl:
+        enable_nccl_flight_recorder(run_path)
+    launch = recipe.get("launch", {})
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restart:  # the elastic agent restarted this worker group after a failure
+        train_recipe.train.resume = resume_after_restart(train_recipe, run_path)
+    watchdog = HangWatchdog(train_recipe.train.hang_timeout_s, run_path, rank, error_dir, nccl)
+    timeout_s = launch.get("collective_timeout_s")
+    with distributed(device, degrees, timeout_s) as ctx, contextlib.ExitStack() as cleanup:
         data = data or open_data(train_recipe.data)
         if ctx.is_main:
             lock.acquire()  # a no-op where this node's launcher holds it
             cleanup.callback(lock.release)
-            if not train_recipe.train.resume:  # resuming continues the run dir's files
+            if restart:
+                print(
+                    f"birkhoff: restart {restart} of at most {launch.get('max_restarts')} "
+                    f"(launch.max_restarts); resume: {train_recipe.train.resume or 'step 0'}",
+                    flush=True,
+                )
+            elif not train_recipe.train.resume:  # resuming continues the run dir's files
                 refuse_used_run_dir(run_path)
             if not (run_path / RECIPE_FILE).exists():
                 write_recipe(run_path, public_recipe)
@@ -128,7 +150,8 @@ def _train_rank(
             if ctx.is_main:
                 print(f"birkhoff: {describe_split(trainer.model_cfg)}", flush=True)
                 print(f"birkhoff: layout {describe_layout(ctx)}, device {device.type}", flush=True)
-            summary = trainer.fit(stop)
+            with watchdog:
+                summary = trainer.fit(stop, watchdog, restart)
         finally:
             metrics.close()
     if ctx.is_main:

@@ -37,7 +37,12 @@ from birkhoff.parallel.device import peak_memory_mib
 from birkhoff.parallel.grad_norm import clip_grad_norm
 from birkhoff.parallel.parallelize import parallelize_chunk, wrap_ddp
 from birkhoff.parallel.pipeline import Carry, PipelineRunner
-from birkhoff.train.checkpointing import checkpoint_manager, resume, save
+from birkhoff.train.checkpointing import (
+    checkpoint_manager,
+    refuse_non_finite_parameters,
+    resume,
+    save,
+)
 from birkhoff.train.expert_balance import balance_experts
 from birkhoff.train.failures import ResidualConstraintError, TrainingError
 from birkhoff.train.metrics import MetricLogger
@@ -45,6 +50,7 @@ from birkhoff.train.optim import build_optimizer
 from birkhoff.train.recipe import TrainRecipe
 from birkhoff.train.residual import residual_stats
 from birkhoff.train.stop import StopSignal
+from birkhoff.train.watchdog import HangWatchdog
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -116,21 +122,32 @@ class Trainer:
         self.step = 0
         self.bad_steps = self.consecutive_bad_steps = 0
 
-    def fit(self, stop: StopSignal | None = None) -> dict[str, Any]:
+    def fit(
+        self,
+        stop: StopSignal | None = None,
+        watchdog: HangWatchdog | None = None,
+        restart: int = 0,
+    ) -> dict[str, Any]:
         """Train for `train.steps` steps; returns the run summary (losses, throughput).
         `stop`: the caller's signal recorder (the rank's entry point installs one for the
-        whole process lifetime), else one for the duration of training."""
+        whole process lifetime), else one for the duration of training. `watchdog`: told
+        after every step, evaluation and checkpoint that the run moves on. `restart`: the
+        elastic agent's restart count, logged as metric `restart` at the resumed step."""
         with nullcontext(stop) if stop else StopSignal() as stop:
-            return self._fit(stop)
+            return self._fit(stop, watchdog or HangWatchdog(None, None), restart)
 
-    def _fit(self, stop: StopSignal) -> dict[str, Any]:
+    def _fit(self, stop: StopSignal, watchdog: HangWatchdog, restart: int) -> dict[str, Any]:
         cfg = self.recipe.train
         if self.checkpoints is not None:
             resume(self, self.checkpoints)
+            watchdog.progress(self.step)
+        if restart:
+            self.metrics.log({"step": self.step, "restart": restart})
         first_loss = last_loss = float("nan")
         start, first_step = time.perf_counter(), self.step
         while self.step < cfg.steps:
             record = self.train_step()
+            watchdog.progress(self.step)
             applied = not record.get("skipped")
             if applied:
                 first_loss = record["loss"] if self.step == first_step + 1 else first_loss
@@ -139,13 +156,16 @@ class Trainer:
             if stopping:  # said at once: a late signal or a slow save must not lose it
                 self._announce_stop(stop.agreed)
             record.update(self._checkpoint(self.step == cfg.steps or stopping))
+            watchdog.progress(self.step)
             self.metrics.log(record)
             if stopping:
                 break
             evaluate = applied and cfg.eval_every and self.step % cfg.eval_every == 0
             if evaluate and self.step < cfg.steps:
                 self.metrics.log({"step": self.step, "eval_loss": self.evaluate()})
+                watchdog.progress(self.step)
         heldout_loss = self.evaluate()  # overlaps a background checkpoint write
+        watchdog.progress(self.step)
         self.metrics.log({"step": self.step, "eval_loss": heldout_loss})
         self._finish_checkpoints()
         elapsed = time.perf_counter() - start
@@ -170,7 +190,7 @@ class Trainer:
         timings: dict[str, float] = {}
         try:
             if self.checkpoints.due(self.step, last):
-                self._refuse_non_finite_parameters()
+                refuse_non_finite_parameters(self)
                 timings["checkpoint_blocked_s"] = save(self, self.checkpoints)
             written = self.checkpoints.completed()
         except SaveFailed as failed:
@@ -179,22 +199,6 @@ class Trainer:
         if written is not None:
             timings["checkpoint_write_s"] = written
         return timings
-
-    def _refuse_non_finite_parameters(self) -> None:
-        """A checkpoint is never written from parameters holding inf or nan (resume=auto
-        would reload them); every rank checks its shards and all agree."""
-        bad = torch.zeros((), dtype=torch.float64)
-        for part in self.model_parts:
-            for param in part.parameters():
-                local = param.to_local() if hasattr(param, "to_local") else param
-                if not torch.isfinite(local).all():
-                    bad.fill_(1)
-                    break
-        if self.ctx.all_reduce_max(bad, None).item():
-            raise TrainingError(
-                f"after step {self.step} the parameters hold inf or nan, so no checkpoint was "
-                "written; resume from the last checkpoint with a lower optim.lr"
-            )
 
     def _periodic_save_failed(self, failed: SaveFailed, last: bool) -> None:
         """Say so and go on, unless the save was of the final step (its state would be lost:
