@@ -63,7 +63,6 @@ def run_layout(out: Path, steps: int, overrides: list[str]) -> None:
     saved = {
         "losses": [r["loss"] for r in records],
         "grad_norms": [r["grad_norm"] for r in records],
-        "dropped_tokens": [r["moe_dropped_tokens"] for r in records],
         "router_biases": biases,
         "first_grads": grads[1],
         "grads": grads[steps],

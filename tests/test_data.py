@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from test_engram import rows_by_hand
 
 from birkhoff.data import (
     BatchBuilder,
@@ -35,6 +36,7 @@ from birkhoff.data.shards import verify_checksums
 from birkhoff.data.sources import resolve_source
 from birkhoff.model import build_model
 from birkhoff.model.config import EngramConfig
+from birkhoff.model.engram import hash_layout
 from conftest import small_model
 
 WORDS = [f"{a}{b}{c}" for a in "bcdfgklmnprst" for b in "aeiou" for c in "nrsxy"]
@@ -238,19 +240,22 @@ def test_windows_tile_the_token_stream_with_one_shared_token(corpus):
     assert flat[len(first_doc) - 1] == plan.tokenizer.eos_id
 
 
-def test_document_positions_and_cu_seqlens(corpus):
+def test_document_positions(corpus):
     eos = 2
     inputs = np.array([[5, 6, eos, 7, 8, eos, 9, 9], [4, 4, 4, eos, 1, 1, 1, 1]])
     positions = document_positions(inputs, eos)
     np.testing.assert_array_equal(positions, [[0, 1, 2, 0, 1, 2, 0, 1], [0, 1, 2, 3, 0, 1, 2, 3]])
     build = BatchBuilder(eos, document_mask=True)
     batch = build(np.concatenate((inputs, np.zeros((2, 1), dtype=np.int64)), 1))
-    assert batch.cu_seqlens.tolist() == [0, 3, 6, 8, 12, 16]
+    np.testing.assert_array_equal(batch.positions.numpy(), positions)
     halves = batch.split(1)
-    assert halves[1].cu_seqlens.tolist() == [0, 4, 8]
+    np.testing.assert_array_equal(halves[1].positions.numpy(), positions[1:])
 
 
-def test_loader_engram_rows_equal_the_models_own_hash(corpus):
+def test_loader_engram_rows_equal_the_papers_hash_and_the_models(corpus):
+    """The rows the loader computes off the training step are Engram's hash of the compressed
+    ids, checked against a per-token Python implementation, and the model gives the same
+    output with them as when it hashes itself."""
     plan = open_data(data_config(corpus))
     cfg = small_model(
         vocab_size=400, max_seq_len=32, engram=EngramConfig(layers=[0, 1], table_size=50)
@@ -260,8 +265,14 @@ def test_loader_engram_rows_equal_the_models_own_hash(corpus):
     build = BatchBuilder(plan.tokenizer.eos_id, False, EngramHasher(model.cfg, compression, 3))
     loader = TrainLoader(plan, Layout(4, 4, 0, 1, 0), build)
     (batch,) = loader.next_batch()
+    compressed = compression[batch.inputs].tolist()
+    pad = int(compression[3])
     for layer, rows in batch.engram_rows.items():
-        torch.testing.assert_close(rows, model.blocks[str(layer)].engram.hash_tokens(batch.inputs))
+        multipliers, primes, _ = hash_layout(model.cfg.engram, layer)
+        by_hand = [
+            rows_by_hand(row, pad, multipliers.tolist(), primes.tolist()) for row in compressed
+        ]
+        assert rows.tolist() == by_hand
     torch.testing.assert_close(
         model(batch.inputs, engram_rows=batch.engram_rows), model(batch.inputs)
     )

@@ -8,6 +8,7 @@ import torch
 
 from birkhoff.data.compression import compression_table
 from birkhoff.errors import RecipeError
+from birkhoff.kernels.reference import engram_hash
 from birkhoff.model import build_model
 from birkhoff.model.config import EngramConfig
 from birkhoff.model.engram import Engram, hash_layout
@@ -36,6 +37,51 @@ def test_compression_merges_case_accent_and_space_variants():
     table = compression_table(pieces).tolist()
     assert table[1] == table[2] == table[3] == table[4] == table[6]  # incl. full-width NFKC
     assert len({table[0], table[1], table[5]}) == 3
+
+
+# hash_layout(PINNED_CFG, layer=1), computed once: a change to how layouts are drawn would
+# silently send every trained table row somewhere else.
+PINNED_CFG = EngramConfig(layers=[1], max_ngram=3, heads_per_order=2, table_size=50, seed=7)
+PINNED_MULTIPLIERS = [3052478244805074963, 2107355621126328931, 3927947020917975239]
+PINNED_PRIMES = [[53, 59], [61, 67]]
+# rows_by_hand([5, 17, 17, 3, 250, 9, 0, 42], pad 11) with the pinned layout, computed once.
+PINNED_ROWS = [
+    [23, 76, 166, 222], [23, 58, 151, 220], [32, 85, 128, 206], [1, 102, 130, 178],
+    [8, 78, 161, 182], [40, 54, 127, 176], [42, 91, 150, 234], [15, 70, 129, 237],
+]  # fmt: skip
+
+
+def rows_by_hand(
+    ids: list[int], pad: int, multipliers: list[int], primes: list[list[int]]
+) -> list[list[int]]:
+    """The Engram paper's n-gram hash with Python integers, one position at a time: for order
+    n, the XOR of the last n compressed ids, each times its multiplier with int64
+    wrap-around (ids before the sequence are `pad`), then per head mod its prime plus the
+    head's first row (the primes of the heads before it, summed)."""
+    flat = [prime for order in primes for prime in order]
+    first_rows = [sum(flat[:head]) for head in range(len(flat))]
+    rows = []
+    for t in range(len(ids)):
+        context = [ids[t - j] if t >= j else pad for j in range(len(multipliers))]
+        heads: list[int] = []
+        for n in range(2, len(multipliers) + 1):
+            mix = 0
+            for j in range(n):
+                mix ^= (context[j] * multipliers[j] + 2**63) % 2**64 - 2**63
+            for prime in primes[n - 2]:
+                heads.append(mix % prime + first_rows[len(heads)])
+        rows.append(heads)
+    return rows
+
+
+def test_hash_equals_the_papers_hash_computed_by_hand():
+    multipliers, primes, offsets = hash_layout(PINNED_CFG, 1)
+    assert multipliers.tolist() == PINNED_MULTIPLIERS and primes.tolist() == PINNED_PRIMES
+    ids = [[5, 17, 17, 3, 250, 9, 0, 42], [2**40 + 3, 1, 1, 1, 7, 7, 7, 7]]
+    by_hand = [rows_by_hand(row, 11, PINNED_MULTIPLIERS, PINNED_PRIMES) for row in ids]
+    assert by_hand[0] == PINNED_ROWS
+    computed = engram_hash(torch.tensor(ids), multipliers, primes, offsets, 11)
+    assert computed.tolist() == by_hand
 
 
 def test_hash_rows_stay_inside_each_heads_table():

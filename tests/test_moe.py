@@ -8,7 +8,7 @@ from birkhoff import kernels
 from birkhoff.errors import RecipeError
 from birkhoff.model import build_model
 from birkhoff.model.config import MoEConfig
-from birkhoff.model.moe import MoE
+from birkhoff.model.moe import MoE, hash_routing_table
 from birkhoff.parallel.distributed import DistributedContext
 from birkhoff.train.expert_balance import balance_experts
 from conftest import small_model
@@ -121,9 +121,65 @@ def test_balance_metrics_and_reset():
     moe.train()
     moe(torch.randn(1, 40, 16))
     metrics = balance_experts([moe], SINGLE_PROCESS, routed_per_layer=80)
-    assert metrics["moe_dropped_tokens"] == 0
     assert metrics["moe_load_max_over_mean"] >= 1 >= metrics["moe_load_min_over_mean"]
     assert moe.tokens_per_expert.sum() == 0 and moe.router.bias.abs().sum() > 0
+
+
+def test_swiglu_limit_clamps_routed_and_shared_experts_as_v4_does():
+    """moe.swiglu_limit against V4's formula written out per token in float64: each expert is
+    W_down(silu(min(x W_gate, L)) * clip(x W_up, -L, L)). The weights are large enough that
+    all three bounds bind; the experts' weight gradients (zero through what was clipped)
+    match too."""
+    limit = 0.5
+    moe = make_moe(swiglu_limit=limit)
+    moe.experts.reset_parameters(1.0, 0.2)
+    torch.nn.init.normal_(moe.shared.w_gate.weight, std=1.0)
+    torch.nn.init.normal_(moe.shared.w_up.weight, std=1.0)
+    x = torch.randn(1, 24, 16)
+    out, _ = moe(x)
+    weights, expert_ids, _ = moe.router(x.flatten(0, 1))
+
+    def expert(v, w_gate, w_up, w_down):
+        gate, up = v @ w_gate, v @ w_up
+        bound = (gate > limit).any() and (up > limit).any() and (up < -limit).any()
+        return (F.silu(gate.clamp(max=limit)) * up.clamp(-limit, limit)) @ w_down, bound
+
+    x64 = x.double().flatten(0, 1)
+    params = [moe.experts.w_gate, moe.experts.w_up, moe.experts.w_down]
+    w = [p.detach().double().requires_grad_() for p in params]
+    shared_params = [moe.shared.w_gate.weight, moe.shared.w_up.weight, moe.shared.w_down.weight]
+    shared64 = [p.detach().double().requires_grad_() for p in shared_params]
+    shared = [p.T for p in shared64]
+    rows, binds = [], []
+    for t in range(x64.shape[0]):
+        row, bound = expert(x64[t], *shared)
+        binds.append(bound)
+        for k in range(expert_ids.shape[1]):
+            e = int(expert_ids[t, k])
+            routed, bound = expert(x64[t], w[0][e], w[1][e], w[2][e])
+            row = row + weights[t, k].double() * routed
+            binds.append(bound)
+        rows.append(row)
+    expected = torch.stack(rows)
+    assert any(binds), "no clamp was active: the test would not see a missing one"
+    torch.testing.assert_close(out.double().flatten(0, 1), expected, rtol=1e-5, atol=1e-6)
+    probe = torch.randn_like(expected)
+    (out.flatten(0, 1).double() * probe).sum().backward()
+    (expected * probe).sum().backward()
+    for param, param64 in zip(params + shared_params, w + shared64, strict=True):
+        torch.testing.assert_close(param.grad.double(), param64.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_a_layer_that_lost_a_token_fails_the_step():
+    """No capacity limit: each MoE layer routes exactly tokens x top_k slots per step (40 x
+    2 here). Where it does not, routing is broken: the step fails instead of a metric
+    that would always read 0."""
+    moe = make_moe()
+    moe.train()
+    moe(torch.randn(1, 40, 16))
+    moe.tokens_per_expert[3] -= 1
+    with pytest.raises(RuntimeError, match="routed 79 token slots in the step, not 80"):
+        balance_experts([moe], SINGLE_PROCESS, routed_per_layer=80)
 
 
 def test_first_k_dense_layers_keep_a_dense_ffn():
@@ -182,3 +238,59 @@ def test_router_scores_stay_fp32_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         weights, _, scores = router(torch.randn(8, 16).bfloat16())
     assert scores.dtype == weights.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("vocab", "experts", "top_k"), [(400, 8, 2), (1000, 3, 2), (50, 6, 6), (7, 5, 3), (97, 7, 3)]
+)
+def test_the_hash_table_is_balanced_distinct_and_seeded(vocab, experts, top_k):
+    """Every token id gets top_k distinct experts, every expert serves as many ids as any
+    other (+-1), and the table is a function of its seed."""
+    table = hash_routing_table(vocab, experts, top_k, seed=3)
+    assert table.shape == (vocab, top_k)
+    assert all(len(set(row)) == top_k for row in table.tolist())
+    served = torch.bincount(table.flatten(), minlength=experts)
+    assert served.max() - served.min() <= 1 and served.sum() == vocab * top_k
+    assert torch.equal(table, hash_routing_table(vocab, experts, top_k, seed=3))
+    if top_k < experts:
+        assert not torch.equal(table, hash_routing_table(vocab, experts, top_k, seed=4))
+
+
+def test_a_hash_layer_routes_by_token_id_with_the_routers_weights():
+    """V4's hash routing: the experts come from the table whatever the hidden state and the
+    bias; the gate weights are the router's scores of those experts, normalised, times
+    route_scale (written out here); balancing leaves the bias alone."""
+    table = hash_routing_table(50, 8, 2, seed=0)
+    torch.manual_seed(0)
+    moe = MoE(16, MoEConfig(num_experts=8, top_k=2, route_scale=1.5), "reference", table)
+    moe.router.reset_parameters(0.5)
+    moe.experts.reset_parameters(0.2, 0.2)
+    moe.router.bias[3] = 100.0  # would force expert 3 into every top-k of a learned router
+    tokens = torch.randint(0, 50, (2, 12))
+    x = torch.randn(2, 12, 16)
+    weights, expert_ids, _ = moe.router(x.flatten(0, 1), tokens.flatten())
+    assert torch.equal(expert_ids, table[tokens.flatten()])
+    chosen = torch.sigmoid(x.flatten(0, 1) @ moe.router.weight.T).gather(-1, expert_ids)
+    torch.testing.assert_close(weights, chosen / chosen.sum(-1, keepdim=True) * 1.5)
+    moe.train()
+    moe(x, tokens)
+    assert moe.tokens_per_expert.sum() == 2 * 12 * 2
+    balance_experts([moe], SINGLE_PROCESS, routed_per_layer=2 * 12 * 2)
+    assert moe.router.bias[3] == 100.0 and moe.router.bias.count_nonzero() == 1
+
+
+def test_hash_layers_follow_the_dense_ones_and_validate():
+    def hashed_model(hash_layers: int):
+        moe = MoEConfig(num_experts=8, first_k_dense=1, hash_layers=hash_layers)
+        return build_model(small_model(num_layers=4, moe=moe))
+
+    model = hashed_model(2)
+    tables = {
+        name: block.ffn.router.hash_table
+        for name, block in model.blocks.items()
+        if isinstance(block.ffn, MoE) and block.ffn.router.hash_table is not None
+    }
+    assert list(tables) == ["1", "2"]
+    assert not torch.equal(tables["1"], tables["2"])  # each layer draws its own
+    with pytest.raises(RecipeError, match=r"model\.moe\.hash_layers.*must be in \[0, 3\]"):
+        hashed_model(4)

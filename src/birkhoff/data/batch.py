@@ -1,5 +1,5 @@
-"""A training batch, and what the loader adds to packed windows: document positions,
-cu_seqlens and Engram's hashed table rows (token-only, so computed off the training step)."""
+"""A training batch, and what the loader adds to packed windows: document positions and
+Engram's hashed table rows (token-only, so computed off the training step)."""
 
 from __future__ import annotations
 
@@ -16,15 +16,13 @@ from birkhoff.model.engram import hash_layout
 
 @dataclass
 class Batch:
-    """inputs/targets (B, T) int64. `positions` (B, T) restart at 0 at each document start and
-    `cu_seqlens` (int32) are the documents' cumulative lengths over the flattened batch (the
-    varlen attention layout), both present when document masking is on. `engram_rows` maps an
-    Engram layer to its table rows (B, T, heads)."""
+    """inputs/targets (B, T) int64. `positions` (B, T) restart at 0 at each document start,
+    present when document masking is on (the attention mask and RoPE both follow from them).
+    `engram_rows` maps an Engram layer to its table rows (B, T, heads)."""
 
     inputs: torch.Tensor
     targets: torch.Tensor
     positions: torch.Tensor | None = None
-    cu_seqlens: torch.Tensor | None = None
     engram_rows: dict[int, torch.Tensor] | None = None
 
     def split(self, micro_batch_size: int) -> list[Batch]:
@@ -34,11 +32,10 @@ class Batch:
     def to(self, device: torch.device) -> Batch:
         rows = self.engram_rows
         return Batch(
-            self.inputs.to(device),
-            self.targets.to(device),
-            None if self.positions is None else self.positions.to(device),
-            None if self.cu_seqlens is None else self.cu_seqlens.to(device),
-            None if rows is None else {k: v.to(device) for k, v in rows.items()},
+            inputs=self.inputs.to(device),
+            targets=self.targets.to(device),
+            positions=None if self.positions is None else self.positions.to(device),
+            engram_rows=None if rows is None else {k: v.to(device) for k, v in rows.items()},
         )
 
     def model_kwargs(self) -> dict[str, Any]:
@@ -48,13 +45,11 @@ class Batch:
     def _rows(self, start: int, length: int) -> Batch:
         cut = slice(start, start + length)
         rows = self.engram_rows
-        positions = None if self.positions is None else self.positions[cut]
         return replace(
             self,
             inputs=self.inputs[cut],
             targets=self.targets[cut],
-            positions=positions,
-            cu_seqlens=None if positions is None else cu_seqlens(positions),
+            positions=None if self.positions is None else self.positions[cut],
             engram_rows=None if rows is None else {k: v[cut] for k, v in rows.items()},
         )
 
@@ -69,14 +64,6 @@ def document_positions(inputs: np.ndarray, eos_id: int) -> np.ndarray:
     index = np.broadcast_to(np.arange(seq), inputs.shape)
     last_start = np.maximum.accumulate(np.where(starts, index, 0), axis=1)
     return index - last_start
-
-
-def cu_seqlens(positions: torch.Tensor) -> torch.Tensor:
-    """Cumulative document lengths over the flattened (B * T) batch, int32, starting at 0."""
-    flat = positions.reshape(-1)
-    starts = torch.nonzero(flat == 0).flatten()
-    ends = torch.tensor([flat.numel()], dtype=starts.dtype)
-    return torch.cat((starts, ends)).to(torch.int32)
 
 
 class EngramHasher:
@@ -111,7 +98,6 @@ class BatchBuilder:
         batch = Batch(inputs, targets)
         if self.document_mask:
             batch.positions = torch.from_numpy(document_positions(inputs.numpy(), self.eos_id))
-            batch.cu_seqlens = cu_seqlens(batch.positions)
         if self.hasher is not None:
             batch.engram_rows = self.hasher(inputs)
         return batch

@@ -41,7 +41,11 @@ class ResidualConfig:
 @dataclass
 class MoEConfig:
     """DeepSeekMoE feed-forward. `num_experts` routed experts (0: dense FFN in every layer),
-    `num_shared_experts` always-on experts, each expert a SwiGLU of `expert_ffn_hidden_size`."""
+    `num_shared_experts` always-on experts, each expert a SwiGLU of `expert_ffn_hidden_size`.
+    `swiglu_limit`: V4's clamp of every expert's SwiGLU (gate <= limit, linear part in
+    [-limit, limit]); null: none. `hash_layers`: the first that many MoE layers (after
+    `first_k_dense` dense ones) route by token id through a fixed, seeded and balanced table
+    (V4's hash routing; its gate weights still come from the router's scores)."""
 
     num_experts: int = 0
     num_shared_experts: int = 1
@@ -54,6 +58,9 @@ class MoEConfig:
     num_groups: int = 1  # group-limited routing: experts split into groups...
     topk_groups: int = 1  # ...and only the best `topk_groups` groups may be chosen
     first_k_dense: int = 1  # the first k layers keep a dense FFN
+    swiglu_limit: float | None = None
+    hash_layers: int = 0
+    hash_seed: int = 0
 
     def validate(self, prefix: str, num_layers: int) -> None:
         require(self.num_experts >= 0, f"{prefix}.num_experts", self.num_experts, "must be >= 0")
@@ -111,14 +118,31 @@ class MoEConfig:
             f"must be <= topk_groups x experts per group = {self.topk_groups * per_group}",
         )
         require(
+            self.swiglu_limit is None or self.swiglu_limit > 0,
+            f"{prefix}.swiglu_limit",
+            self.swiglu_limit,
+            "must be null (no clamp) or > 0 (DeepSeek-V4 uses 10)",
+        )
+        require(
             0 <= self.first_k_dense <= num_layers,
             f"{prefix}.first_k_dense",
             self.first_k_dense,
             f"must be in [0, model.num_layers={num_layers}]",
         )
+        moe_layers = num_layers - self.first_k_dense
+        require(
+            0 <= self.hash_layers <= moe_layers,
+            f"{prefix}.hash_layers",
+            self.hash_layers,
+            f"must be in [0, {moe_layers}] (the MoE layers: model.num_layers={num_layers} "
+            f"minus {prefix}.first_k_dense={self.first_k_dense})",
+        )
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.num_experts > 0 and layer >= self.first_k_dense
+
+    def is_hash_layer(self, layer: int) -> bool:
+        return self.is_moe_layer(layer) and layer < self.first_k_dense + self.hash_layers
 
 
 @dataclass

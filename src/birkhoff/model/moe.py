@@ -5,6 +5,10 @@ s + b, where the bias b only steers selection; gate weights are the chosen s, no
 route_scale. b is balanced without an auxiliary loss: after each optimizer step,
 b_i += gamma * sign(mean load - load_i) with loads counted over the global batch (the trainer
 does this through `update_bias`). An optional sequence-wise balance loss is returned per call.
+
+Hash routing (DeepSeek-V4, its first MoE layers): the experts of a token are fixed by its id
+through a table, drawn once from a seed so that every expert serves the same number of
+vocabulary ids; the gate weights are still the router's normalised scores of those experts.
 """
 
 from __future__ import annotations
@@ -18,33 +22,60 @@ from torch.distributed.tensor import DTensor
 
 from birkhoff import kernels
 from birkhoff.model.config import MoEConfig
-from birkhoff.model.mlp import SwiGLU
+from birkhoff.model.mlp import SwiGLU, swiglu
 from birkhoff.model.recompute import recomputing
 
 
+def hash_routing_table(vocab_size: int, num_experts: int, top_k: int, seed: int) -> torch.Tensor:
+    """(vocab_size, top_k) int64: the experts of every token id, distinct within a row, each
+    expert in vocab_size * top_k / num_experts rows (+-1). Rows are read off a stream of
+    seeded permutations of the experts; a row that crosses from one permutation into the
+    next redraws the next until the row has no repeat. A pure function of its arguments."""
+    generator = torch.Generator().manual_seed(seed)
+    slots, filled, laps = vocab_size * top_k, 0, []
+    while filled < slots:
+        lap = torch.randperm(num_experts, generator=generator, device="cpu")
+        carried = filled % top_k  # experts of the previous lap in the row that crosses over
+        while laps and carried and torch.isin(lap[: top_k - carried], laps[-1][-carried:]).any():
+            lap = torch.randperm(num_experts, generator=generator, device="cpu")
+        laps.append(lap)
+        filled += num_experts
+    return torch.cat(laps)[:slots].view(vocab_size, top_k)
+
+
 class Router(nn.Module):
-    def __init__(self, hidden_size: int, cfg: MoEConfig) -> None:
+    def __init__(
+        self, hidden_size: int, cfg: MoEConfig, hash_table: torch.Tensor | None = None
+    ) -> None:
+        """`hash_table` (vocab, top_k): route by token id (a hash layer) instead of top-k."""
         super().__init__()
         self.cfg = cfg
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, hidden_size))
         self.register_buffer("bias", torch.zeros(cfg.num_experts))  # saved with the model
+        self.hash_table: torch.Tensor | None
+        self.register_buffer("hash_table", hash_table, persistent=False)  # from the seed
 
     def reset_parameters(self, std: float) -> None:
         nn.init.normal_(self.weight, std=std)
         self.bias.zero_()
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (N, C) -> gate weights (N, k), expert ids (N, k), scores (N, E)."""
+    def forward(
+        self, x: torch.Tensor, token_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (N, C), token ids (N,) -> gate weights (N, k), expert ids (N, k), scores (N, E)."""
         with torch.autocast(x.device.type, enabled=False):  # gating in fp32, as in DeepSeek-V3
             logits = F.linear(x.float(), self.weight.float())
             if self.cfg.score_func == "sigmoid":
                 scores = torch.sigmoid(logits)
             else:
                 scores = F.softplus(logits).sqrt()
-        biased = scores.detach() + self.bias
-        if self.cfg.num_groups > 1:
-            biased = self._limit_to_top_groups(biased)
-        expert_ids = biased.topk(self.cfg.top_k, dim=-1).indices
+        if self.hash_table is not None:
+            expert_ids = self.hash_table[token_ids]
+        else:
+            biased = scores.detach() + self.bias
+            if self.cfg.num_groups > 1:
+                biased = self._limit_to_top_groups(biased)
+            expert_ids = biased.topk(self.cfg.top_k, dim=-1).indices
         chosen = scores.gather(-1, expert_ids)
         weights = chosen / chosen.sum(-1, keepdim=True) * self.cfg.route_scale
         return weights, expert_ids, scores
@@ -60,7 +91,10 @@ class Router(nn.Module):
 
     @torch.no_grad()
     def update_bias(self, load: torch.Tensor) -> None:
-        """One aux-loss-free balancing step from the global per-expert token counts."""
+        """One aux-loss-free balancing step from the global per-expert token counts (none in
+        a hash layer: its bias would steer nothing)."""
+        if self.hash_table is not None:
+            return
         self.bias += self.cfg.bias_update_rate * torch.sign(load.float().mean() - load.float())
 
 
@@ -84,6 +118,7 @@ class GroupedExperts(nn.Module):
         self.w_up = nn.Parameter(torch.empty(e, hidden_size, f))
         self.w_down = nn.Parameter(torch.empty(e, f, hidden_size))
         self._gemm = kernels.get("grouped_gemm", kernel_backend)
+        self.limit = cfg.swiglu_limit
 
     def reset_parameters(self, std: float, out_std: float) -> None:
         nn.init.normal_(self.w_gate, std=std)
@@ -95,18 +130,27 @@ class GroupedExperts(nn.Module):
         w_gate, w_up, w_down = (
             _local(w).to(x.dtype) for w in (self.w_gate, self.w_up, self.w_down)
         )
-        hidden = F.silu(self._gemm(x, w_gate, counts)) * self._gemm(x, w_up, counts)
+        gate, up = self._gemm(x, w_gate, counts), self._gemm(x, w_up, counts)
+        hidden = swiglu(gate, up, self.limit)
         return self._gemm(hidden, w_down, counts)
 
 
 class MoE(nn.Module):
-    def __init__(self, hidden_size: int, cfg: MoEConfig, kernel_backend: str) -> None:
+    def __init__(
+        self,
+        hidden_size: int,
+        cfg: MoEConfig,
+        kernel_backend: str,
+        hash_table: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
         self.cfg = cfg
-        self.router = Router(hidden_size, cfg)
+        self.router = Router(hidden_size, cfg, hash_table)
         self.experts = GroupedExperts(hidden_size, cfg, kernel_backend)
         shared_hidden = cfg.num_shared_experts * cfg.expert_ffn_hidden_size
-        self.shared = SwiGLU(hidden_size, shared_hidden) if cfg.num_shared_experts else None
+        self.shared = None
+        if cfg.num_shared_experts:  # V4 clamps its shared expert like the routed ones
+            self.shared = SwiGLU(hidden_size, shared_hidden, cfg.swiglu_limit)
         self._permute = kernels.get("moe_permute", kernel_backend)
         self._unpermute = kernels.get("moe_unpermute", kernel_backend)
         # Tokens routed to each expert since the last bias update (summed over micro-batches).
@@ -117,11 +161,20 @@ class MoE(nn.Module):
         # outside), the sequence balance loss sums its per-sequence statistics over the parts.
         self.sequence_sum: Callable[[torch.Tensor], torch.Tensor] = _whole_sequences
         self.sequence_parts = 1
+        self.sequence_index = 0  # which part of every sequence this rank holds
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, T, C) -> (output (B, T, C), sequence-wise balance loss (scalar))."""
+    def forward(
+        self, x: torch.Tensor, token_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, C), token ids (B, T) (needed by a hash layer) -> (output (B, T, C),
+        sequence-wise balance loss (scalar)). Under sequence parallelism x holds this rank's
+        part of every sequence and `token_ids` the whole sequences."""
         flat = x.flatten(0, 1)
-        weights, expert_ids, scores = self.router(flat)
+        if self.router.hash_table is not None:
+            if token_ids.shape[1] != x.shape[1]:
+                token_ids = token_ids.chunk(self.sequence_parts, dim=1)[self.sequence_index]
+            token_ids = token_ids.flatten()
+        weights, expert_ids, scores = self.router(flat, token_ids)
         permuted, order, counts = self._permute(flat, expert_ids, self.cfg.num_experts)
         if self.training and not recomputing():
             self.tokens_per_expert += counts

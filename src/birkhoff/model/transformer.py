@@ -15,7 +15,7 @@ from birkhoff.model.context import SequenceContext, document_causal_mask
 from birkhoff.model.engram import PAD_ID, Engram
 from birkhoff.model.mhc import StreamReadout, build_residual
 from birkhoff.model.mlp import SwiGLU
-from birkhoff.model.moe import GroupedExperts, MoE, Router
+from birkhoff.model.moe import GroupedExperts, MoE, Router, hash_routing_table
 from birkhoff.model.mtp import MTPDepth, mtp_block_config, mtp_loss
 from birkhoff.model.norm import RMSNorm
 from birkhoff.model.rope import rope_tables
@@ -54,7 +54,7 @@ class Block(nn.Module):
         self.attention_residual = build_residual(cfg.hidden_size, cfg.residual, kernel_backend)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, kernel_backend)
         self.ffn: nn.Module = (
-            MoE(cfg.hidden_size, cfg.moe, kernel_backend)
+            MoE(cfg.hidden_size, cfg.moe, kernel_backend, _hash_table(cfg, layer))
             if cfg.moe.is_moe_layer(layer)
             else SwiGLU(cfg.hidden_size, cfg.ffn_hidden_size)
         )
@@ -75,7 +75,7 @@ class Block(nn.Module):
             x = self.engram(x, tokens, rows)
         x = self.attention_residual(x, lambda h: self.attention(self.attention_norm(h), ctx))
         balance: list[torch.Tensor] = []
-        x = self.ffn_residual(x, lambda h: self._ffn(self.ffn_norm(h), balance))
+        x = self.ffn_residual(x, lambda h: self._ffn(self.ffn_norm(h), tokens, balance))
         return x, (balance[0] if balance else None)
 
     def tensor_parallel_plan(self, sequence_parallel: bool = False) -> dict[str, str]:
@@ -109,12 +109,23 @@ class Block(nn.Module):
             plan["engram"] = "whole_seq"
         return plan
 
-    def _ffn(self, h: torch.Tensor, aux_losses: list[torch.Tensor]) -> torch.Tensor:
+    def _ffn(
+        self, h: torch.Tensor, tokens: torch.Tensor, aux_losses: list[torch.Tensor]
+    ) -> torch.Tensor:
         if not isinstance(self.ffn, MoE):
             return self.ffn(h)
-        out, balance_loss = self.ffn(h)
+        out, balance_loss = self.ffn(h, tokens)
         aux_losses.append(balance_loss)
         return out
+
+
+def _hash_table(cfg: ModelConfig, layer: int) -> torch.Tensor | None:
+    """A hash layer's token -> experts table, drawn from the seed and the layer index (on the
+    CPU: also while a model is built on `meta`)."""
+    if not cfg.moe.is_hash_layer(layer):
+        return None
+    seed = cfg.moe.hash_seed * 1_000_003 + layer
+    return hash_routing_table(cfg.vocab_size, cfg.moe.num_experts, cfg.moe.top_k, seed)
 
 
 class Transformer(nn.Module):

@@ -261,11 +261,12 @@ def concat(micro_batches: list[Batch]) -> Batch:
         return torch.cat([get(m) for m in micro_batches])
 
     return Batch(
-        cat(lambda m: m.inputs),
-        cat(lambda m: m.targets),
-        None if first.positions is None else cat(lambda m: m.positions),
-        None,
-        None if rows is None else {k: cat(lambda m, k=k: m.engram_rows[k]) for k in rows},
+        inputs=cat(lambda m: m.inputs),
+        targets=cat(lambda m: m.targets),
+        positions=None if first.positions is None else cat(lambda m: m.positions),
+        engram_rows=None
+        if rows is None
+        else {k: cat(lambda m, k=k: m.engram_rows[k]) for k in rows},
     )
 
 

@@ -109,12 +109,14 @@ class _SumOverParts(torch.autograd.Function):
 
 
 def split_sequences_in_moe(block: nn.Module, tp_mesh: DeviceMesh) -> None:
-    """MoE sequence balance losses sum their per-sequence statistics over the tp ranks."""
+    """MoE sequence balance losses sum their per-sequence statistics over the tp ranks; hash
+    layers route the tokens of this rank's part of the sequence."""
     group = tp_mesh.get_group()
     for module in block.modules():
         if isinstance(module, MoE):
             module.sequence_sum = lambda statistics: _SumOverParts.apply(statistics, group)
             module.sequence_parts = tp_mesh.size()
+            module.sequence_index = tp_mesh.get_local_rank()
 
 
 def mark_sequence_bounds(blocks: list[nn.Module], tp_mesh: DeviceMesh) -> None:

@@ -19,9 +19,9 @@ def balance_experts(
 
     `parts` are this rank's model chunks (pipeline stages hold different layers, so the
     summary is reduced over pp). `routed_per_layer` is tokens x top_k of the global batch:
-    what every MoE layer must have routed, so any shortfall is a dropped token (there is no
-    capacity limit, so it must be 0). `apply=False` (a skipped step) only clears the
-    loads.
+    what every MoE layer must have routed. There is no capacity limit, so no token can be
+    dropped: a layer that routed another number is a bug, and fails the step.
+    `apply=False` (a skipped step) only clears the loads.
     """
     layers = [m for part in parts for m in part.modules() if isinstance(m, MoE)]
     if not apply:
@@ -31,16 +31,15 @@ def balance_experts(
     if not layers and ctx.size("pp") == 1:
         return {}
     worst = torch.full((3,), float("-inf"), dtype=torch.float64)
-    dropped = torch.zeros((), dtype=torch.float64)
     if layers:
         counts = ctx.all_reduce_sum(torch.stack([layer.tokens_per_expert for layer in layers]))
         if layers[0].sequence_parts > 1:  # sequence parallelism: each tp rank routed a slice
             counts = ctx.all_reduce_sum(counts, "tp")
+        _check_every_token_routed(counts, routed_per_layer)
         for layer, load in zip(layers, counts, strict=True):
             layer.router.update_bias(load)
             layer.tokens_per_expert.zero_()
         worst = _load_summary(counts.double().cpu())
-        dropped += routed_per_layer * len(layers) - counts.sum().item()
     worst = ctx.all_reduce_max(worst, "pp")
     if not torch.isfinite(worst[0]):
         return {}
@@ -48,8 +47,19 @@ def balance_experts(
         "moe_load_max_over_mean": worst[0].item(),
         "moe_load_min_over_mean": -worst[1].item(),
         "moe_load_max_min_ratio": worst[2].item(),
-        "moe_dropped_tokens": int(ctx.all_reduce_sum(dropped, "pp").item()),
     }
+
+
+def _check_every_token_routed(counts: torch.Tensor, routed_per_layer: int) -> None:
+    routed = counts.sum(-1).tolist()
+    wrong = [(index, int(total)) for index, total in enumerate(routed) if total != routed_per_layer]
+    if wrong:
+        index, total = wrong[0]
+        raise RuntimeError(
+            f"MoE layer {index} of this rank routed {total} token slots in the step, not "
+            f"{routed_per_layer} (tokens x top_k of the global batch): routing lost or "
+            "duplicated tokens"
+        )
 
 
 def _load_summary(loads: torch.Tensor) -> torch.Tensor:
