@@ -26,7 +26,8 @@ def ignore_stop_signals(worker_id: int) -> None:
     itself within ORPHAN_POLL_S: torch's own check leaves the worker waiting forever to flush
     prefetched batches into a pipe nobody reads, holding the rank's stdout, stderr and sockets
     open (so a launcher or an elastic restart waits on it)."""
-    os.setsid()
+    if os.getsid(0) != os.getpid():  # a spawned worker left on import (birkhoff/rank_children.py)
+        os.setsid()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later too
     owner = os.getppid()

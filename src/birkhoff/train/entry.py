@@ -17,6 +17,7 @@ from birkhoff.model.budget import count_parameters
 from birkhoff.model.summary import describe_split
 from birkhoff.parallel import distributed, resolve_device
 from birkhoff.parallel.distributed import describe_layout, env_rank
+from birkhoff.rank_children import rank_process_marked
 from birkhoff.train.checkpointing import resume_after_restart
 from birkhoff.train.metrics import build_metric_logger
 from birkhoff.train.rank_errors import (
@@ -82,7 +83,7 @@ def run_rank(
     """
     if error_dir is not None:
         clear_rank_errors(error_dir)  # an earlier attempt's, before an elastic restart
-    with StopSignal() as stop:
+    with StopSignal() as stop, rank_process_marked():
         try:
             return _train_rank(recipe, run_dir, data, public_recipe, stop, error_dir)
         except EXPECTED_ERRORS as err:
