@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 
 # How often a worker checks that its rank is still alive.
 ORPHAN_POLL_S = 0.5
@@ -32,20 +31,14 @@ def ignore_stop_signals(worker_id: int) -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later too
     owner = os.getppid()
     threading.Thread(
-        target=_end_on_sigterm_from, args=(owner,), name="birkhoff-sigterm", daemon=True
-    ).start()
-    threading.Thread(
-        target=_end_when_orphaned, args=(owner,), name="birkhoff-orphan-check", daemon=True
+        target=_end_with_owner, args=(owner,), name="birkhoff-owner-watch", daemon=True
     ).start()
 
 
-def _end_on_sigterm_from(owner: int) -> None:
-    while True:
-        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == owner:
-            os._exit(128 + signal.SIGTERM)  # what the default action would have done
-
-
-def _end_when_orphaned(owner: int) -> None:
+def _end_with_owner(owner: int) -> None:
+    """Take each SIGTERM with its sender; between them, check the rank is still there."""
     while os.getppid() == owner:
-        time.sleep(ORPHAN_POLL_S)
-    os._exit(0)  # no exit handlers: they would wait on the unread pipe
+        received = signal.sigtimedwait({signal.SIGTERM}, ORPHAN_POLL_S)
+        if received is not None and received.si_pid == owner:
+            os._exit(128 + signal.SIGTERM)  # what the default action would have done
+    os._exit(0)  # orphaned; no exit handlers: they would wait on the unread pipe

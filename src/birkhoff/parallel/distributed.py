@@ -132,11 +132,12 @@ def distributed(
         yield DistributedContext(rank, local_rank, world_size, None, degrees, device)
         return
     timeout = None if collective_timeout_s is None else timedelta(seconds=collective_timeout_s)
+    store = _attempt_store(world_size)  # with a store, rank and size are given explicitly
     dist.init_process_group(
         COLLECTIVE_BACKENDS[device.type],
-        store=_attempt_store(world_size),
-        rank=rank if _uses_agent_store() else -1,
-        world_size=world_size if _uses_agent_store() else -1,
+        store=store,
+        rank=rank if store is not None else -1,
+        world_size=world_size if store is not None else -1,
         timeout=timeout,
     )
     try:
@@ -148,16 +149,12 @@ def distributed(
         dist.destroy_process_group()
 
 
-def _uses_agent_store() -> bool:
-    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-
-
 def _attempt_store(world_size: int) -> dist.Store | None:
     """The store a rank meets its peers through. Under torchrun's agent every attempt of an
     elastic job uses the agent's one store without a per-attempt prefix, so a restarted rank
     would read the addresses its dead predecessors published and fail to connect; the keys of
     each attempt get a prefix of their own. None: torch's env:// rendezvous."""
-    if not _uses_agent_store():
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
     client = dist.TCPStore(
         os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False
