@@ -55,6 +55,28 @@ trainer.Trainer.reduce_loss = stuck_on_rank_1
 """
 
 
+# Rank 1 does 2.5 s of extra CPU work in each of steps 1-4, then the same work as rank 0.
+SLOW_RANK_1 = """\
+import os
+import time
+
+from birkhoff.train import trainer
+
+_forward_backward = trainer.Trainer.forward_backward
+
+
+def slow_on_rank_1(self, micro_batches):
+    if os.environ.get("RANK") == "1" and self.step < 4:
+        until = time.process_time() + 2.5
+        while time.process_time() < until:
+            pass
+    return _forward_backward(self, micro_batches)
+
+
+trainer.Trainer.forward_backward = slow_on_rank_1
+"""
+
+
 def inject(tmp_path: Path, source: str) -> tuple[dict[str, str], Path]:
     """The environment that makes every process of a run import `source` at start-up."""
     site = tmp_path / "inject"
@@ -105,6 +127,29 @@ def test_a_rank_stuck_before_a_collective_is_named_and_the_job_ends(tmp_path):
     dump_0 = hang_dump_path(run, 0).read_text()
     assert "in all_reduce_mean" in dump_0 and "in reduce_loss" not in dump_0.split("\n")[0]
     assert elapsed < 150  # startup, 2 steps, the timeout, the rest of the lingering
+
+
+def test_the_rank_doing_more_work_is_named_and_only_while_it_does(tmp_path):
+    """Rank 1 works 2.5 s more per step in steps 1-4: the report over those steps names it
+    with a ratio above 1.5 and the console warns; over steps 5-8, when both ranks do the
+    same work, the ratio is near 1 and nothing is said (all ranks' step times are equal
+    throughout: the collectives make rank 0 wait). The first window includes both ranks'
+    loader start-up (~6 s of data wait on 2 busy cores)."""
+    env, _ = inject(tmp_path, SLOW_RANK_1)
+    run = tmp_path / "run"
+    args = [*TWO_RANKS, "train.steps=8", "logging.log_every=4", f"hydra.run.dir={run}"]
+    result = subprocess.run(
+        cli_command(args), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = [r for r in read_metrics(run)[0] if "slowest_rank" in r]
+    assert [r["step"] for r in reports] == [4, 8]
+    slow, even = reports
+    assert slow["slowest_rank"] == 1 and slow["slowest_over_median"] > 1.5, slow
+    assert even["slowest_over_median"] < 1.2, even
+    warnings = [line for line in result.stderr.splitlines() if "straggler" in line]
+    assert len(warnings) == 1, result.stderr[-3000:]
+    assert warnings[0].startswith("birkhoff: rank 1 is a straggler over steps 1-4: ")
 
 
 def _skip_one_collective(rank: int, port: int, out: str) -> None:

@@ -62,6 +62,7 @@ def recipe_error(overrides, env=None) -> RecipeError:
         (["train.on_bad_step=retry"], "train.on_bad_step", "one of skip, fail"),
         (["train.max_bad_steps=0"], "train.max_bad_steps", "positive integer"),
         (["train.hang_timeout_s=0"], "train.hang_timeout_s", "null (no watchdog)"),
+        (["train.straggler_warn_ratio=0.9"], "train.straggler_warn_ratio", "a ratio above 1"),
         (["model.moe.swiglu_limit=0"], "model.moe.swiglu_limit", "DeepSeek-V4 uses 10"),
         (["launch.collective_timeout_s=-1"], "launch.collective_timeout_s", "null (torch's"),
         # a collective that times out before the watchdog fires leaves no stacks

@@ -69,7 +69,9 @@ class TrainConfig:
     `on_bad_step`: a step whose loss or gradient norm is not finite is `skip`ped (nothing is
     updated, its data is consumed; after `max_bad_steps` in a row the run fails) or `fail`s.
     `hang_timeout_s`: when no step (or evaluation, or checkpoint) finishes for this long, every
-    rank dumps its stacks to RUN_DIR/hang/ and the run fails (null: no watchdog)."""
+    rank dumps its stacks to RUN_DIR/hang/ and the run fails (null: no watchdog).
+    `straggler_warn_ratio`: every `logging.log_every` steps, warn when the slowest rank spent
+    this many times the other ranks' median on its own work (null: metrics only)."""
 
     steps: int = 300
     global_batch_size: int = 16
@@ -85,6 +87,7 @@ class TrainConfig:
     on_bad_step: str = "skip"
     max_bad_steps: int = 10
     hang_timeout_s: float | None = 900
+    straggler_warn_ratio: float | None = 1.5
 
     def validate(self, dp_size: int, pp: int = 1, prefix: str = "train") -> None:
         for name in ("steps", "global_batch_size", "eval_batches", "max_bad_steps"):
@@ -108,6 +111,12 @@ class TrainConfig:
             self.hang_timeout_s,
             "must be null (no watchdog) or a positive number of seconds (longer than a step, "
             "an evaluation and a checkpoint save)",
+        )
+        require(
+            self.straggler_warn_ratio is None or self.straggler_warn_ratio > 1,
+            f"{prefix}.straggler_warn_ratio",
+            self.straggler_warn_ratio,
+            "must be null (no warning) or a ratio above 1 (e.g. 1.5)",
         )
         require_choice(f"{prefix}.mixed_precision", self.mixed_precision, PRECISIONS)
         require_choice(f"{prefix}.on_bad_step", self.on_bad_step, BAD_STEP_ACTIONS)

@@ -50,6 +50,7 @@ from birkhoff.train.optim import build_optimizer
 from birkhoff.train.recipe import TrainRecipe
 from birkhoff.train.residual import residual_stats
 from birkhoff.train.stop import StopSignal
+from birkhoff.train.stragglers import StragglerMonitor
 from birkhoff.train.watchdog import HangWatchdog
 
 
@@ -119,6 +120,9 @@ class Trainer:
         self.heldout = heldout_windows(data, train_cfg.eval_batches * train_cfg.global_batch_size)
         self.tokens_per_step = train_cfg.global_batch_size * recipe.data.seq_len
         self.routed_per_layer = self.tokens_per_step * recipe.model.moe.top_k
+        self.stragglers = StragglerMonitor(
+            ctx, device, recipe.logging.log_every, train_cfg.straggler_warn_ratio
+        )
         self.step = 0
         self.bad_steps = self.consecutive_bad_steps = 0
 
@@ -149,10 +153,12 @@ class Trainer:
             record = self.train_step()
             watchdog.progress(self.step)
             applied = not record.get("skipped")
+            stopping = stop.requested(self.ctx)
             if applied:
                 first_loss = record["loss"] if self.step == first_step + 1 else first_loss
                 last_loss = record["loss"]
-            stopping = stop.requested(self.ctx)
+                last = self.step == cfg.steps or stopping
+                record.update(self.stragglers.report(self.step, last))
             if stopping:  # said at once: a late signal or a slow save must not lose it
                 self._announce_stop(stop.agreed)
             record.update(self._checkpoint(self.step == cfg.steps or stopping))
@@ -235,7 +241,7 @@ class Trainer:
         step_start = time.perf_counter()
         self.parallel_model.train()
         micro_batches = self.loader.next_batch()
-        data_wait = time.perf_counter() - step_start
+        data_wait, cpu_start = time.perf_counter() - step_start, time.process_time()
         loss_sum = self.forward_backward(micro_batches)
         for hook in self.after_backward:
             hook(self)
@@ -257,6 +263,7 @@ class Trainer:
         )
         memory = torch.tensor(peak_memory_mib(self.device), dtype=torch.float64)
         self.step += 1
+        self.stragglers.add(time.process_time() - cpu_start, data_wait)
         step_time = time.perf_counter() - step_start
         return {
             "step": self.step,
