@@ -6,7 +6,13 @@ from birkhoff.errors import RecipeError
 from birkhoff.launch.recipe import load_recipe
 from birkhoff.model import ModelConfig, build_model
 from birkhoff.model.budget import apply_sparse_budget, count_parameters, expert_size
-from birkhoff.model.config import EngramConfig, MoEConfig, MTPConfig, ResidualConfig
+from birkhoff.model.config import (
+    AttentionConfig,
+    EngramConfig,
+    MoEConfig,
+    MTPConfig,
+    ResidualConfig,
+)
 from birkhoff.model.engram import Engram
 from birkhoff.model.moe import GroupedExperts
 from birkhoff.model.summary import build_on_meta
@@ -125,5 +131,27 @@ def test_paper_shaped_recipes_are_counted_on_the_meta_device(recipe, total_range
 )
 def test_accounting_covers_every_variant(changes):
     model = build_model(small_config(**changes))
+    count = count_parameters(model.cfg)
+    assert (count.total, count.engram_tables, count.routed_experts) == counted(model)
+
+
+def test_v4_attention_accounting_matches_counted_numel():
+    """Every V4 layer type (sliding, CSA with its indexer, HCA) and an MTP block (sliding)."""
+    attention = AttentionConfig(
+        kind="v4",
+        head_dim=16,
+        rope_head_dim=4,
+        q_lora_rank=24,
+        o_groups=2,
+        o_lora_rank=8,
+        sliding_window=4,
+        layer_types=["sliding", "csa", "hca", "csa"],
+        csa_ratio=2,
+        hca_ratio=4,
+        index_heads=2,
+        index_head_dim=8,
+        index_topk=2,
+    )
+    model = build_model(small_config(attention=attention, mtp=MTPConfig(depth=1)))
     count = count_parameters(model.cfg)
     assert (count.total, count.engram_tables, count.routed_experts) == counted(model)

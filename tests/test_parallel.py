@@ -151,10 +151,46 @@ def results(tmp_path_factory, shakespeare_shards) -> tuple[dict, dict[str, dict]
     return reference, got
 
 
+# DeepSeek-V4 attention in every layer type (layer 1 also routes by hash, layer 2 has Engram),
+# with windows and HCA blocks short enough that the 64-token sequences cross them, over packed
+# documents.
+V4 = [
+    "model.attention.kind=v4",
+    "model.attention.layer_types=[sliding,csa,hca,csa]",
+    "model.attention.sliding_window=16",
+    "model.attention.hca_ratio=16",
+    "model.attention.index_topk=4",
+    "data.document_mask=true",  # blocks align with document starts
+]
+V4_LAYOUTS = {
+    "dp=2 (DDP)": ["parallel=data_parallel", MICRO_4],
+    "fsdp=2 x ep=2": ["parallel.dp_shard=2", "parallel.ep=2", MICRO_4],
+    "pp=2 (1F1B)": ["parallel.pp=2", MICRO_4],
+}
+
+
+@pytest.fixture(scope="module")
+def v4_results(tmp_path_factory, shakespeare_shards) -> tuple[dict, dict[str, dict]]:
+    out = tmp_path_factory.mktemp("v4_layouts")
+    reference = run_layouts(out, 1, {"one": [shakespeare_shards, *V4, MICRO_4]})["one"]
+    layouts = {name: [shakespeare_shards, *V4, *o] for name, o in V4_LAYOUTS.items()}
+    return reference, run_layouts(out, 2, layouts)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_matches_one_process(results, layout):
-    expected, got = results[0], results[1][layout]
+    assert_matches(results[0], results[1][layout])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", list(V4_LAYOUTS))
+def test_v4_attention_layout_matches_one_process(v4_results, layout):
+    """The indexer's loss (a CSA layer's auxiliary loss) and its gradients included."""
+    assert_matches(v4_results[0], v4_results[1][layout])
+
+
+def assert_matches(expected: dict, got: dict) -> None:
     assert got["losses"] == pytest.approx(expected["losses"], abs=1e-4)
     # Clipping sees the norm of the whole model, however it is sharded.
     assert got["grad_norms"][0] == pytest.approx(expected["grad_norms"][0], rel=1e-5)

@@ -51,13 +51,32 @@ def engram_rows(cfg: ModelConfig) -> int:
     return sum(distinct_primes(cfg.engram.table_size, heads))
 
 
+def attention_size(cfg: ModelConfig, layer: int) -> int:
+    """Parameters of a block's attention and its input norm."""
+    c, a = cfg.hidden_size, cfg.attention
+    if a.kind == "gqa":
+        return c * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + c
+    heads = cfg.num_heads * a.head_dim
+    size = c * a.q_lora_rank + a.q_lora_rank + a.q_lora_rank * heads  # query path
+    size += c * a.head_dim + a.head_dim + cfg.num_heads  # KV entry, its norm, sinks
+    size += a.o_lora_rank * heads + a.o_groups * a.o_lora_rank * c  # grouped output
+    kind = a.layer_type(layer)
+    if kind == "hca":
+        size += 2 * c * a.head_dim + a.hca_ratio * a.head_dim + a.head_dim
+    if kind == "csa":
+        size += 4 * c * a.head_dim + 2 * a.csa_ratio * a.head_dim + a.head_dim
+        width = a.index_head_dim
+        size += 4 * c * width + 2 * a.csa_ratio * width + width  # the indexer's compressor
+        size += a.q_lora_rank * a.index_heads * width + c * a.index_heads
+    return size + c
+
+
 def count_parameters(cfg: ModelConfig) -> ParameterCount:
     """Exact parameter numbers of `build_model(cfg)`, computed from the config alone."""
     c, n = cfg.hidden_size, cfg.residual.n_streams
     hyper = cfg.residual.mode != "plain"  # (m)HC modules exist even with a single stream
     n = n if hyper else 1
-    head_dim, moe = cfg.head_dim, cfg.moe
-    attention = c * head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) + c
+    moe = cfg.moe
     residual = n * c * (2 * n + n * n) + 3 + 2 * n + n * n if hyper else 0
     dense_ffn = 3 * c * cfg.ffn_hidden_size + c
     routed = moe.num_experts * expert_size(cfg)
@@ -72,12 +91,14 @@ def count_parameters(cfg: ModelConfig) -> ParameterCount:
     memory_dim = heads * cfg.engram.embed_dim
     engram = rows * cfg.engram.embed_dim + memory_dim * (n + 1) * c + c + cfg.engram.conv_kernel * c
     moe_layers, engram_layers = moe_layer_count(cfg), len(cfg.engram.layers)
-    blocks = cfg.num_layers * (attention + 2 * residual) + engram_layers * engram
+    attention = sum(attention_size(cfg, layer) for layer in range(cfg.num_layers))
+    blocks = attention + cfg.num_layers * 2 * residual + engram_layers * engram
     blocks += moe_layers * moe_ffn + (cfg.num_layers - moe_layers) * dense_ffn
     embeddings = cfg.vocab_size * c * (1 if cfg.tie_embeddings else 2)
     readout = n * c * n + 1 + n if hyper else 0
-    mtp_depth = 2 * c + 2 * c * c + attention + dense_ffn  # norms, projection, dense block
-    total = embeddings + blocks + readout + c + cfg.mtp.depth * mtp_depth
+    mtp_depth = 2 * c + 2 * c * c + dense_ffn  # norms, projection, dense block
+    mtp = sum(mtp_depth + attention_size(cfg, cfg.num_layers + k) for k in range(cfg.mtp.depth))
+    total = embeddings + blocks + readout + c + mtp
     tables = engram_layers * rows * cfg.engram.embed_dim
     inactive = (
         moe_layers * (moe.num_experts - moe.top_k) * expert_size(cfg) if moe.num_experts else 0

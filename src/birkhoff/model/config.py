@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from birkhoff.errors import require, require_choice
 
 RESIDUAL_MODES = ("mhc", "hc", "plain")
+ATTENTION_KINDS = ("gqa", "v4")
+V4_LAYER_TYPES = ("sliding", "csa", "hca")
 SCORE_FUNCS = ("sigmoid", "sqrt_softplus")
 
 
@@ -36,6 +38,90 @@ class ResidualConfig:
         require(self.alpha_init >= 0, f"{prefix}.alpha_init", self.alpha_init, "must be >= 0")
         require(self.tolerance > 0, f"{prefix}.tolerance", self.tolerance, "must be > 0")
         require(self.stats_tokens >= 1, f"{prefix}.stats_tokens", self.stats_tokens, "must be >= 1")
+
+
+@dataclass
+class AttentionConfig:
+    """`gqa`: grouped-query attention, model.num_heads query and model.num_kv_heads KV heads of
+    hidden_size / num_heads channels. `v4`: DeepSeek-V4's attention (model/v4_attention.py):
+    model.num_heads query heads of `head_dim` channels, from a `q_lora_rank` latent, share one
+    KV entry per token; RoPE on the last `rope_head_dim` channels; every layer attends over a
+    `sliding_window`; `layer_types` (sliding | csa | hca per layer; empty: two sliding layers,
+    then csa and hca alternating, as V4-Flash) adds compressed entries: CSA every `csa_ratio`
+    tokens, overlapping, of which a lightning indexer (`index_heads` x `index_head_dim`) picks
+    `index_topk` per query; HCA every `hca_ratio` tokens, all of them. The output projection is
+    grouped (`o_groups` groups of heads, each to `o_lora_rank`). The indexer learns only from
+    its own loss (KL to the attention over its picks), weighted `index_loss_weight`."""
+
+    kind: str = "gqa"
+    head_dim: int = 64
+    rope_head_dim: int = 16
+    q_lora_rank: int = 96
+    o_groups: int = 2
+    o_lora_rank: int = 64
+    sliding_window: int = 32
+    layer_types: list[str] = field(default_factory=list)
+    csa_ratio: int = 4
+    hca_ratio: int = 32
+    compress_rope_theta: float = 160000.0
+    index_heads: int = 4
+    index_head_dim: int = 32
+    index_topk: int = 16
+    index_loss_weight: float = 1.0
+
+    def layer_type(self, layer: int) -> str:
+        """A layer's attention type; blocks past the schedule (MTP) use the sliding window."""
+        return self.layer_types[layer] if layer < len(self.layer_types) else "sliding"
+
+    def validate(self, prefix: str, num_layers: int, num_heads: int) -> None:
+        require_choice(f"{prefix}.kind", self.kind, ATTENTION_KINDS)
+        if self.kind != "v4":
+            return
+        for name in (
+            "head_dim", "rope_head_dim", "q_lora_rank", "o_groups", "o_lora_rank",
+            "sliding_window", "csa_ratio", "hca_ratio", "index_heads", "index_head_dim",
+            "index_topk",
+        ):  # fmt: skip
+            value = getattr(self, name)
+            require(value > 0, f"{prefix}.{name}", value, "must be a positive integer")
+        require(
+            self.rope_head_dim % 2 == 0
+            and self.rope_head_dim <= min(self.head_dim, self.index_head_dim),
+            f"{prefix}.rope_head_dim",
+            self.rope_head_dim,
+            f"must be even and <= {prefix}.head_dim={self.head_dim} and "
+            f"{prefix}.index_head_dim={self.index_head_dim}",
+        )
+        require(
+            num_heads % self.o_groups == 0,
+            f"{prefix}.o_groups",
+            self.o_groups,
+            f"must divide model.num_heads={num_heads} (each group is whole heads)",
+        )
+        require(
+            self.compress_rope_theta > 0,
+            f"{prefix}.compress_rope_theta",
+            self.compress_rope_theta,
+            "must be > 0",
+        )
+        require(
+            self.index_loss_weight > 0,
+            f"{prefix}.index_loss_weight",
+            self.index_loss_weight,
+            "must be > 0 (the indexer learns from nothing else)",
+        )
+        if not self.layer_types:
+            self.layer_types = [
+                "sliding" if i < 2 else ("csa" if i % 2 == 0 else "hca") for i in range(num_layers)
+            ]
+        require(
+            len(self.layer_types) == num_layers
+            and all(kind in V4_LAYER_TYPES for kind in self.layer_types),
+            f"{prefix}.layer_types",
+            list(self.layer_types),
+            f"must list one of {', '.join(V4_LAYER_TYPES)} for each of the "
+            f"model.num_layers={num_layers} layers (or be empty for V4-Flash's schedule)",
+        )
 
 
 @dataclass
@@ -205,7 +291,8 @@ class MTPConfig:
 
 @dataclass
 class ModelConfig:
-    """Decoder: GQA + RoPE attention, SwiGLU or MoE FFNs, joined by (m)HC or plain residuals."""
+    """Decoder: GQA or DeepSeek-V4 attention, SwiGLU or MoE FFNs, joined by (m)HC or plain
+    residuals."""
 
     vocab_size: int = 4096
     hidden_size: int = 192
@@ -219,6 +306,7 @@ class ModelConfig:
     init_std: float = 0.02
     tie_embeddings: bool = False
     residual: ResidualConfig = field(default_factory=ResidualConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     engram: EngramConfig = field(default_factory=EngramConfig)
     mtp: MTPConfig = field(default_factory=MTPConfig)
@@ -269,6 +357,7 @@ class ModelConfig:
         require(self.norm_eps > 0, f"{prefix}.norm_eps", self.norm_eps, "must be > 0")
         require(self.init_std > 0, f"{prefix}.init_std", self.init_std, "must be > 0")
         self.residual.validate(f"{prefix}.residual")
+        self.attention.validate(f"{prefix}.attention", self.num_layers, self.num_heads)
         self.moe.validate(f"{prefix}.moe", self.num_layers)
         self.engram.validate(f"{prefix}.engram", self.num_layers)
         self.mtp.validate(f"{prefix}.mtp")

@@ -9,22 +9,31 @@ import torch
 
 @dataclass
 class SequenceContext:
-    """cos/sin are (T, D/2), or (B, T, D/2) when positions restart at document boundaries;
-    `attention_mask` is None for plain causal attention, else (B, 1, T, T) bool (True = attend);
-    `engram_rows` maps an Engram layer to its table rows (B, T, heads) computed by the loader."""
+    """cos/sin are (T, D/2), or (B, T, D/2) when positions restart at document boundaries
+    (None for V4 attention, which rotates by its own tables); `attention_mask` is None for
+    plain causal attention, else (B, 1, T, T) bool (True = attend); `engram_rows` maps an
+    Engram layer to its table rows (B, T, heads) computed by the loader; `positions` (B, T)
+    restart at 0 where a packed document starts (None: 0..T-1 in every row)."""
 
-    cos: torch.Tensor
-    sin: torch.Tensor
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
     attention_mask: torch.Tensor | None = None
     engram_rows: dict[int, torch.Tensor] | None = None
+    positions: torch.Tensor | None = None
+
+    def positions_for(self, batch: int, seq: int, device: torch.device) -> torch.Tensor:
+        if self.positions is not None:
+            return self.positions
+        return torch.arange(seq, device=device).expand(batch, -1)
 
     def truncated(self, length: int) -> SequenceContext:
         """The context of the first `length` positions (multi-token prediction depths)."""
-        mask = self.attention_mask
+        mask, positions = self.attention_mask, self.positions
         return SequenceContext(
-            self.cos[..., :length, :],
-            self.sin[..., :length, :],
+            None if self.cos is None else self.cos[..., :length, :],
+            None if self.sin is None else self.sin[..., :length, :],
             None if mask is None else mask[..., :length, :length],
+            positions=None if positions is None else positions[:, :length],
         )
 
 

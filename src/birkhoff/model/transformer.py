@@ -19,8 +19,9 @@ from birkhoff.model.moe import GroupedExperts, MoE, Router, hash_routing_table
 from birkhoff.model.mtp import MTPDepth, mtp_block_config, mtp_loss
 from birkhoff.model.norm import RMSNorm
 from birkhoff.model.rope import rope_tables
+from birkhoff.model.v4_attention import V4Attention
 
-OUTPUT_PROJECTIONS = ("attention.wo", "ffn.w_down", "shared.w_down")
+OUTPUT_PROJECTIONS = ("attention.wo", "attention.w_o", "ffn.w_down", "shared.w_down")
 
 
 class Block(nn.Module):
@@ -50,7 +51,7 @@ class Block(nn.Module):
             else None
         )
         self.attention_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, kernel_backend)
-        self.attention = Attention(cfg, kernel_backend)
+        self.attention = _attention(cfg, layer, kernel_backend)
         self.attention_residual = build_residual(cfg.hidden_size, cfg.residual, kernel_backend)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, kernel_backend)
         self.ffn: nn.Module = (
@@ -67,16 +68,24 @@ class Block(nn.Module):
         ctx: SequenceContext,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x: (B, T, C) with plain residuals, (B, T, n, C) with n hyper-connection streams.
-        Engram (if any) runs first. Returns the new residual and, for an MoE layer, its
-        sequence-wise balance loss (returned, not appended to an argument: FSDP and
-        checkpoint wrappers may copy containers passed in)."""
+        Engram (if any) runs first. Returns the new residual and the block's auxiliary loss,
+        if any: an MoE layer's sequence-wise balance loss plus a CSA layer's indexer loss
+        (returned, not appended to an argument: FSDP and checkpoint wrappers may copy
+        containers passed in)."""
         if self.engram is not None:
             rows = (ctx.engram_rows or {}).get(self.layer)
             x = self.engram(x, tokens, rows)
-        x = self.attention_residual(x, lambda h: self.attention(self.attention_norm(h), ctx))
-        balance: list[torch.Tensor] = []
-        x = self.ffn_residual(x, lambda h: self._ffn(self.ffn_norm(h), tokens, balance))
-        return x, (balance[0] if balance else None)
+        aux: list[torch.Tensor] = []
+        x = self.attention_residual(x, lambda h: self._attend(self.attention_norm(h), ctx, aux))
+        x = self.ffn_residual(x, lambda h: self._ffn(self.ffn_norm(h), tokens, aux))
+        return x, (sum(aux[1:], aux[0]) if aux else None)
+
+    def _attend(
+        self, h: torch.Tensor, ctx: SequenceContext, aux_losses: list[torch.Tensor]
+    ) -> torch.Tensor:
+        if isinstance(self.attention, V4Attention):
+            return self.attention(h, ctx, aux_losses)
+        return self.attention(h, ctx)
 
     def tensor_parallel_plan(self, sequence_parallel: bool = False) -> dict[str, str]:
         """Submodule -> role for tensor parallelism (applied from outside): attention heads and
@@ -117,6 +126,21 @@ class Block(nn.Module):
         out, balance_loss = self.ffn(h, tokens)
         aux_losses.append(balance_loss)
         return out
+
+
+def _attention(cfg: ModelConfig, layer: int, kernel_backend: str) -> nn.Module:
+    if cfg.attention.kind == "gqa":
+        return Attention(cfg, kernel_backend)
+    layer_type = cfg.attention.layer_type(layer)
+    return V4Attention(
+        cfg.hidden_size,
+        cfg.num_heads,
+        cfg.attention,
+        layer_type,
+        cfg.norm_eps,
+        cfg.rope_theta,
+        kernel_backend,
+    )
 
 
 def _hash_table(cfg: ModelConfig, layer: int) -> torch.Tensor | None:
@@ -250,6 +274,8 @@ class Transformer(nn.Module):
         engram_rows: dict[int, torch.Tensor] | None,
     ) -> SequenceContext:
         """RoPE tables, document mask and Engram rows shared by every block of one call."""
+        if self.cfg.attention.kind == "v4":  # rotates by its own tables, masks by positions
+            return SequenceContext(engram_rows=engram_rows, positions=positions)
         if positions is None:
             return SequenceContext(self.rope_cos[:seq], self.rope_sin[:seq], None, engram_rows)
         mask = document_causal_mask(positions)

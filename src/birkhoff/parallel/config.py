@@ -190,6 +190,14 @@ class ParallelConfig:
             self._validate_pipeline(model, micro_batches, prefix)
 
     def _validate_tensor_parallel(self, model: ModelConfig, prefix: str) -> None:
+        require(
+            self.tp == 1 or model.attention.kind != "v4",
+            f"{prefix}.tp",
+            self.tp,
+            "must be 1 with model.attention.kind=v4 (its heads share one KV entry and its "
+            "indexer sums over heads; tensor parallelism of V4 attention is not built yet): "
+            "use fsdp, ep and pp",
+        )
         sizes = {
             "model.num_heads": model.num_heads,
             "model.num_kv_heads": model.num_kv_heads,

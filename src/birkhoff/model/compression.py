@@ -1,0 +1,172 @@
+"""DeepSeek-V4's compressed KV entries (report §2.3) and the lightning indexer.
+
+Every `ratio` tokens of a document become one KV entry: a softmax-gated, per-channel convex
+combination of their projected states plus a learned positional bias, RMS-normalised and
+rotated to the position of the block's first token. HCA (`overlap=False`) reads the block
+alone; CSA (`overlap=True`) also reads the previous block of the same document through a second
+projection (2 x ratio slots per entry), as V4's Ca/Cb series.
+
+Blocks align with document starts (positions restart at 0 in a packed window), so a packed
+document is compressed exactly as it would be on its own; a block that a document does not
+complete is no entry. A query sees an entry once the whole block lies at or before it, in its
+own document.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from birkhoff.model.norm import RMSNorm
+from birkhoff.model.rope import rotate_trailing
+
+
+@dataclass
+class BlockEntries:
+    """Where each compressed entry comes from: (B, E) tensors, E = T // ratio slots per row
+    (rows with fewer complete blocks have `exists` False in the remaining slots)."""
+
+    start: torch.Tensor  # index of the block's first token in the window
+    exists: torch.Tensor
+    has_previous: torch.Tensor  # the block before it is in the same document (CSA overlap)
+    position: torch.Tensor  # the first token's position in its document
+    ratio: int
+
+    def visible(self, positions: torch.Tensor) -> torch.Tensor:
+        """(B, T, E) bool: query t sees entry e (complete by t, same document)."""
+        t = torch.arange(positions.shape[1], device=positions.device)
+        query_doc = (t - positions)[:, :, None]
+        entry_doc = (self.start - self.position)[:, None, :]
+        complete = (self.start + self.ratio - 1)[:, None, :] <= t[None, :, None]
+        return self.exists[:, None, :] & complete & (entry_doc == query_doc)
+
+
+def block_entries(positions: torch.Tensor, ratio: int) -> BlockEntries:
+    """The complete `ratio`-token blocks of every document in (B, T) position ids."""
+    batch, seq = positions.shape
+    t = torch.arange(seq, device=positions.device).expand(batch, -1)
+    doc_start = t - positions
+    last = (t + ratio - 1).clamp(max=seq - 1)
+    complete = (t + ratio - 1 < seq) & (doc_start.gather(1, last) == doc_start)
+    is_start = complete & (positions % ratio == 0)
+    slots = seq // ratio  # disjoint blocks: never more starts than this
+    order = torch.argsort((~is_start).to(torch.int8), dim=1, stable=True)[:, :slots]
+    exists = is_start.gather(1, order)
+    start = torch.where(exists, order, torch.zeros_like(order))
+    position = positions.gather(1, start)
+    return BlockEntries(start, exists, exists & (position >= ratio), position, ratio)
+
+
+def gather_blocks(values: torch.Tensor, start: torch.Tensor, ratio: int) -> torch.Tensor:
+    """(B, T, D) -> (B, E, ratio, D): the tokens of the blocks starting at `start` (B, E)."""
+    index = (start[:, :, None] + torch.arange(ratio, device=start.device)).clamp(min=0)
+    rows = torch.arange(values.shape[0], device=values.device)[:, None, None]
+    return values[rows, index.clamp(max=values.shape[1] - 1)]
+
+
+class KVCompressor(nn.Module):
+    """Compressed entries of width `dim` from hidden states (B, T, C)."""
+
+    def __init__(
+        self, hidden: int, dim: int, ratio: int, overlap: bool, eps: float, backend: str
+    ) -> None:
+        super().__init__()
+        self.dim, self.ratio, self.overlap = dim, ratio, overlap
+        width = 2 * dim if overlap else dim  # CSA: [Ca (next entry) | Cb (this entry)]
+        self.w_kv = nn.Linear(hidden, width, bias=False)
+        self.w_gate = nn.Linear(hidden, width, bias=False)
+        self.position_bias = nn.Parameter(torch.zeros(ratio, width))
+        self.norm = RMSNorm(dim, eps, backend)
+
+    def forward(
+        self, x: torch.Tensor, entries: BlockEntries, inv_freq: torch.Tensor
+    ) -> torch.Tensor:
+        """(B, E, dim) entries, rotated on their trailing RoPE channels."""
+        kv_all, gate_all = self.w_kv(x), self.w_gate(x)
+        kv = gather_blocks(kv_all, entries.start, self.ratio)
+        gate = gather_blocks(gate_all, entries.start, self.ratio).float()
+        gate = gate + self.position_bias.float()
+        if self.overlap:
+            previous = entries.start - self.ratio
+            prev_kv = gather_blocks(kv_all, previous, self.ratio)[..., : self.dim]
+            prev_gate = gather_blocks(gate_all, previous, self.ratio).float()
+            prev_gate = (prev_gate + self.position_bias.float())[..., : self.dim]
+            # The first block of a document has no previous block: its slots weigh nothing.
+            prev_gate = prev_gate.masked_fill(~entries.has_previous[:, :, None, None], -torch.inf)
+            kv = torch.cat((prev_kv, kv[..., self.dim :]), dim=2)
+            gate = torch.cat((prev_gate, gate[..., self.dim :]), dim=2)
+        weights = torch.softmax(gate, dim=2).to(kv.dtype)
+        compressed = self.norm((kv * weights).sum(dim=2))
+        compressed = compressed * entries.exists[:, :, None]  # empty slots: zeros, not NaN
+        angles = entries.position[..., None].float() * inv_freq
+        return rotate_trailing(compressed, angles.cos(), angles.sin())
+
+
+class LightningIndexer(nn.Module):
+    """Scores I[t, s] = sum_h w[t, h] ReLU(q[t, h] . k[s]) of queries against CSA entries
+    (V4 §2.3.1, after DeepSeek-V3.2's DSA) and picks each query's top-k visible entries."""
+
+    def __init__(
+        self,
+        hidden: int,
+        q_rank: int,
+        heads: int,
+        head_dim: int,
+        ratio: int,
+        topk: int,
+        eps: float,
+        backend: str,
+    ) -> None:
+        super().__init__()
+        self.heads, self.head_dim, self.topk = heads, head_dim, topk
+        self.compressor = KVCompressor(hidden, head_dim, ratio, True, eps, backend)
+        self.w_q = nn.Linear(q_rank, heads * head_dim, bias=False)
+        self.w_weights = nn.Linear(hidden, heads, bias=False)
+
+    def scores(
+        self,
+        x: torch.Tensor,
+        q_latent: torch.Tensor,
+        entries: BlockEntries,
+        visible: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        inv_freq: torch.Tensor,
+    ) -> torch.Tensor:
+        """(B, T, E) float32 index scores, -inf where the query may not see the entry."""
+        batch, seq, _ = x.shape
+        keys = self.compressor(x, entries, inv_freq).float()
+        q = self.w_q(q_latent).view(batch, seq, self.heads, self.head_dim)
+        q = rotate_trailing(q, cos[:, :, None], sin[:, :, None]).float()
+        per_head = F.relu(torch.einsum("bthd,bed->bthe", q, keys)) * self.head_dim**-0.5
+        weights = self.w_weights(x).float() * self.heads**-0.5
+        index = torch.einsum("bth,bthe->bte", weights, per_head)
+        return index.masked_fill(~visible, -torch.inf)
+
+    def select(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each query's top-k entries (B, T, k) and whether each pick is visible."""
+        k = min(self.topk, index.shape[-1])
+        top = index.topk(k, dim=-1)
+        return top.indices, torch.isfinite(top.values)
+
+
+def indexer_kl(
+    attention_mass: torch.Tensor, index: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
+    """Mean over queries of KL(p || softmax(index)) on each query's selected entries, where p
+    is the main attention's probability of each entry summed over heads, renormalised
+    (detached: the indexer learns from the attention, not the reverse). Queries that selected
+    nothing visible do not count."""
+    target = attention_mass.detach().masked_fill(~valid, 0.0)
+    total = target.sum(-1, keepdim=True)
+    counted = (total.squeeze(-1) > 0) & valid.any(-1)
+    target = target / total.clamp_min(torch.finfo(target.dtype).tiny)
+    # A row with nothing selected would be all -inf: NaN in log_softmax and its gradient.
+    logits = torch.where(counted[..., None], index.masked_fill(~valid, -torch.inf), 0.0)
+    log_q = torch.log_softmax(logits, dim=-1)
+    terms = torch.where(target > 0, target * (target.log() - log_q), torch.zeros_like(target))
+    per_query = terms.sum(-1)
+    return (per_query * counted).sum() / counted.sum().clamp_min(1)

@@ -1,0 +1,220 @@
+"""DeepSeek-V4 attention against an independent implementation: transformers' DeepseekV4
+attention layer (sliding window, CSA with its lightning indexer, HCA), with the same weights.
+
+Documents packed into one window must come out as if each were run alone (transformers' layer
+on the document by itself), and the indexer's loss is checked against a per-query float64 loop.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from birkhoff.model.compression import block_entries, indexer_kl
+from birkhoff.model.config import AttentionConfig
+from birkhoff.model.context import SequenceContext
+from birkhoff.model.v4_attention import V4Attention
+
+hf_v4 = pytest.importorskip("transformers.models.deepseek_v4.modeling_deepseek_v4")
+DeepseekV4Config = pytest.importorskip("transformers").DeepseekV4Config
+
+HIDDEN, HEADS, EPS = 64, 4, 1e-6
+CFG = AttentionConfig(
+    kind="v4",
+    head_dim=32,
+    rope_head_dim=8,
+    q_lora_rank=48,
+    o_groups=2,
+    o_lora_rank=24,
+    sliding_window=8,
+    csa_ratio=4,
+    hca_ratio=8,
+    index_heads=2,
+    index_head_dim=16,
+    index_topk=3,
+    compress_rope_theta=160000.0,
+)
+HF_TYPES = {
+    "sliding": "sliding_attention",
+    "csa": "compressed_sparse_attention",
+    "hca": "heavily_compressed_attention",
+}
+# transformers' parameter names -> ours
+NAMES = {
+    "q_a_proj": "w_q_down",
+    "q_a_norm": "q_norm",
+    "q_b_proj": "w_q_up",
+    "kv_proj": "w_kv",
+    "kv_norm": "kv_norm",
+    "o_a_proj": "w_o_groups",
+    "o_b_proj": "w_o",
+    "sinks": "sinks",
+    "compressor.kv_proj": "compressor.w_kv",
+    "compressor.gate_proj": "compressor.w_gate",
+    "compressor.position_bias": "compressor.position_bias",
+    "compressor.kv_norm": "compressor.norm",
+    "compressor.indexer.kv_proj": "indexer.compressor.w_kv",
+    "compressor.indexer.gate_proj": "indexer.compressor.w_gate",
+    "compressor.indexer.position_bias": "indexer.compressor.position_bias",
+    "compressor.indexer.kv_norm": "indexer.compressor.norm",
+    "compressor.indexer.q_b_proj": "indexer.w_q",
+    "compressor.indexer.scorer.weights_proj": "indexer.w_weights",
+}
+
+
+def our_name(name: str) -> str:
+    """Our name of one of transformers' parameters."""
+    if name in NAMES:
+        return NAMES[name]
+    module, _, leaf = name.rpartition(".")
+    return f"{NAMES[module]}.{leaf}"
+
+
+def hf_config() -> DeepseekV4Config:
+    config = DeepseekV4Config(
+        vocab_size=128,
+        hidden_size=HIDDEN,
+        num_hidden_layers=3,
+        num_attention_heads=HEADS,
+        head_dim=CFG.head_dim,
+        partial_rotary_factor=CFG.rope_head_dim / CFG.head_dim,
+        q_lora_rank=CFG.q_lora_rank,
+        o_groups=CFG.o_groups,
+        o_lora_rank=CFG.o_lora_rank,
+        sliding_window=CFG.sliding_window,
+        compress_rates={
+            "compressed_sparse_attention": CFG.csa_ratio,
+            "heavily_compressed_attention": CFG.hca_ratio,
+        },
+        index_n_heads=CFG.index_heads,
+        index_head_dim=CFG.index_head_dim,
+        index_topk=CFG.index_topk,
+        compress_rope_theta=CFG.compress_rope_theta,
+        rope_theta=10000.0,
+        layer_types=list(HF_TYPES.values()),
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        rms_norm_eps=EPS,
+    )
+    config._attn_implementation = "eager"
+    return config
+
+
+def pair(layer_type: str, seed: int = 0) -> tuple[V4Attention, torch.nn.Module]:
+    """Ours and transformers' layer with the same random weights (sinks, positional biases and
+    norm gains random too, so that none of them is checked only at its initial value)."""
+    config = hf_config()
+    theirs = hf_v4.DeepseekV4Attention(config, list(HF_TYPES).index(layer_type)).float()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in theirs.named_parameters():
+            noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
+            param.copy_(1 + 0.1 * noise if "norm" in name else 0.2 * noise)
+    ours = V4Attention(HIDDEN, HEADS, CFG, layer_type, EPS, rope_theta=10000.0)
+    mine = dict(ours.named_parameters())
+    with torch.no_grad():
+        for name, param in theirs.named_parameters():
+            mine.pop(our_name(name)).copy_(param)
+    assert not mine, f"parameters transformers does not have: {sorted(mine)}"
+    return ours, theirs
+
+
+def run_theirs(theirs: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """transformers' layer on whole sequences with positions 0..T-1 and its sliding mask."""
+    seq = x.shape[1]
+    positions = torch.arange(seq)[None].expand(x.shape[0], -1)
+    rotary = hf_v4.DeepseekV4RotaryEmbedding(theirs.config)
+    embeddings = {kind: rotary(x, positions, layer_type=kind) for kind in ("main", "compress")}
+    behind = torch.arange(seq)[:, None] - torch.arange(seq)[None, :]
+    allowed = (behind >= 0) & (behind < theirs.config.sliding_window)
+    mask = torch.zeros(seq, seq).masked_fill(~allowed, -math.inf)[None, None]
+    out, _ = theirs(x, embeddings, positions, mask.expand(x.shape[0], 1, -1, -1))
+    return out
+
+
+@pytest.mark.parametrize("layer_type", ["sliding", "csa", "hca"])
+def test_v4_attention_equals_transformers_forward_and_backward(layer_type):
+    ours, theirs = pair(layer_type)
+    x = torch.randn(2, 37, HIDDEN, generator=torch.Generator().manual_seed(1))
+    x_ours, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = ours(x_ours, SequenceContext())
+    expected = run_theirs(theirs, x_theirs)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    out.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(x_ours.grad, x_theirs.grad, rtol=1e-4, atol=1e-5)
+    mine = dict(ours.named_parameters())
+    for name, param in theirs.named_parameters():
+        target = mine[our_name(name)]
+        if param.grad is None:  # the indexer: only its own loss trains it (in both)
+            assert target.grad is None, name
+            continue
+        torch.testing.assert_close(target.grad, param.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("layer_type", ["sliding", "csa", "hca"])
+def test_packed_documents_attend_as_if_alone(layer_type):
+    """Three documents in one window (positions restart at 0): each document's outputs equal
+    transformers' layer run on that document alone; compressed blocks align with document
+    starts, so the 13- and 7-token documents are compressed as they would be by themselves."""
+    ours, theirs = pair(layer_type, seed=3)
+    lengths = [13, 20, 7]
+    x = torch.randn(1, sum(lengths), HIDDEN, generator=torch.Generator().manual_seed(4))
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    with torch.no_grad():
+        packed = ours(x, SequenceContext(positions=positions))
+        for first, n in zip([0, 13, 33], lengths, strict=True):
+            alone = run_theirs(theirs, x[:, first : first + n])
+            torch.testing.assert_close(packed[:, first : first + n], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_entries_are_the_complete_blocks_of_each_document():
+    """Expected entries written out by hand for documents of 6, 9 and 3 tokens, ratio 4."""
+    positions = torch.cat([torch.arange(6), torch.arange(9), torch.arange(3)])[None]
+    entries = block_entries(positions, 4)
+    starts = entries.start[entries.exists].tolist()
+    assert starts == [0, 6, 10]  # doc 1: tokens 0-3; doc 2: tokens 6-9 and 10-13
+    assert entries.has_previous[entries.exists].tolist() == [False, False, True]
+    assert entries.position[entries.exists].tolist() == [0, 0, 4]
+    visible = entries.visible(positions)[0]
+    assert visible[:, 0].nonzero().flatten().tolist() == [3, 4, 5]  # doc 1 from its 4th token
+    assert visible[:, 1].nonzero().flatten().tolist() == list(range(9, 15))
+    assert visible[:, 2].nonzero().flatten().tolist() == [13, 14]
+
+
+def test_indexer_loss_equals_a_per_query_float64_loop():
+    generator = torch.Generator().manual_seed(5)
+    mass = torch.rand(2, 6, 3, generator=generator, dtype=torch.float64)
+    index = torch.randn(2, 6, 3, generator=generator, dtype=torch.float64)
+    valid = torch.rand(2, 6, 3, generator=generator) > 0.3
+    valid[0, 0] = False  # a query that selected nothing visible does not count
+    index = index.masked_fill(~valid, -math.inf)
+    total, counted = 0.0, 0
+    for b in range(2):
+        for t in range(6):
+            keep = [k for k in range(3) if valid[b, t, k]]
+            if not keep:
+                continue
+            p = [mass[b, t, k].item() for k in keep]
+            p = [v / sum(p) for v in p]
+            z = [index[b, t, k].item() for k in keep]
+            log_norm = math.log(sum(math.exp(v) for v in z))
+            total += sum(pi * (math.log(pi) - (zi - log_norm)) for pi, zi in zip(p, z, strict=True))
+            counted += 1
+    torch.testing.assert_close(indexer_kl(mass, index, valid).item(), total / counted)
+
+
+def test_the_indexer_loss_trains_the_indexer_and_nothing_else():
+    ours, _ = pair("csa", seed=6)
+    x = torch.randn(2, 32, HIDDEN, generator=torch.Generator().manual_seed(7))
+    losses: list[torch.Tensor] = []
+    ours(x, SequenceContext(), losses)
+    assert len(losses) == 1 and losses[0].item() > 0
+    losses[0].backward()
+    trained = {name for name, p in ours.named_parameters() if p.grad is not None}
+    assert trained and all(name.startswith("indexer.") for name in trained), trained
+    assert "indexer.w_q.weight" in trained and "indexer.w_weights.weight" in trained
