@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from test_checkpoint import losses, read_lines, start_cli, steps_of, wait_for
-from test_train import cli_command, read_metrics, run_cli
+from test_train import cli_command, read_metrics
 
 from birkhoff.parallel.distributed import distributed
 from birkhoff.train.watchdog import hang_dump_path
@@ -129,29 +129,6 @@ def test_a_rank_stuck_before_a_collective_is_named_and_the_job_ends(tmp_path):
     assert elapsed < 150  # startup, 2 steps, the timeout, the rest of the lingering
 
 
-def test_the_rank_doing_more_work_is_named_and_only_while_it_does(tmp_path):
-    """Rank 1 works 2.5 s more per step in steps 1-4: the report over those steps names it
-    with a ratio above 1.5 and the console warns; over steps 5-8, when both ranks do the
-    same work, the ratio is near 1 and nothing is said (all ranks' step times are equal
-    throughout: the collectives make rank 0 wait). The first window includes both ranks'
-    loader start-up (~6 s of data wait on 2 busy cores)."""
-    env, _ = inject(tmp_path, SLOW_RANK_1)
-    run = tmp_path / "run"
-    args = [*TWO_RANKS, "train.steps=8", "logging.log_every=4", f"hydra.run.dir={run}"]
-    result = subprocess.run(
-        cli_command(args), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    reports = [r for r in read_metrics(run)[0] if "slowest_rank" in r]
-    assert [r["step"] for r in reports] == [4, 8]
-    slow, even = reports
-    assert slow["slowest_rank"] == 1 and slow["slowest_over_median"] > 1.5, slow
-    assert even["slowest_over_median"] < 1.2, even
-    warnings = [line for line in result.stderr.splitlines() if "straggler" in line]
-    assert len(warnings) == 1, result.stderr[-3000:]
-    assert warnings[0].startswith("birkhoff: rank 1 is a straggler over steps 1-4: ")
-
-
 def _skip_one_collective(rank: int, port: int, out: str) -> None:
     """Of 4 ranks (dp_shard=2 x tp=2), rank 1 leaves out one all-reduce over its `tp` group
     (ranks 0 and 1; a dim that spans every rank would be the world group), then waits; rank
@@ -220,15 +197,57 @@ def rank_processes(launcher: int) -> list[int]:
     return [int(pid) for pid in found.stdout.split()]
 
 
+RESTART_STEPS = 12
+
+
+def restart_args(shakespeare_shards: str) -> list[str]:
+    return [shakespeare_shards, *TWO_RANKS, f"train.steps={RESTART_STEPS}", "checkpoint.every=3"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, shakespeare_shards) -> tuple[Path, str]:
+    """A 2-rank run that never fails (the restart test's reference), in which rank 1 does
+    2.5 s more CPU work per step in steps 1-4 (the straggler test's subject; it changes no
+    loss). Its run dir and stderr."""
+    tmp_path = tmp_path_factory.mktemp("uninterrupted")
+    env, _ = inject(tmp_path, SLOW_RANK_1)
+    run = tmp_path / "whole"
+    args = [*restart_args(shakespeare_shards), "logging.log_every=4", f"hydra.run.dir={run}"]
+    result = subprocess.run(
+        cli_command(args), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run, result.stderr
+
+
 @pytest.mark.slow
-def test_a_killed_rank_is_restarted_and_the_run_continues_exactly(tmp_path, shakespeare_shards):
+def test_the_rank_doing_more_work_is_named_and_only_while_it_does(uninterrupted):
+    """Rank 1 works 2.5 s more per step in steps 1-4: the report over those steps names it
+    with a ratio above 1.5 and the console warns; over steps 5-8 and 9-12, when both ranks do
+    the same work, the ratio is near 1 and nothing is said (all ranks' step times are equal
+    throughout: the collectives make rank 0 wait). The first window includes both ranks'
+    loader start-up (~6 s of data wait on 2 busy cores)."""
+    run, stderr = uninterrupted
+    reports = [r for r in read_metrics(run)[0] if "slowest_rank" in r]
+    assert [r["step"] for r in reports] == [4, 8, 12]
+    slow, *even = reports
+    assert slow["slowest_rank"] == 1 and slow["slowest_over_median"] > 1.5, slow
+    assert all(r["slowest_over_median"] < 1.2 for r in even), even
+    warnings = [line for line in stderr.splitlines() if "straggler" in line]
+    assert len(warnings) == 1, stderr[-3000:]
+    assert warnings[0].startswith("birkhoff: rank 1 is a straggler over steps 1-4: ")
+
+
+@pytest.mark.slow
+def test_a_killed_rank_is_restarted_and_the_run_continues_exactly(
+    tmp_path, shakespeare_shards, uninterrupted
+):
     """kill -9 to one rank of a 2-rank run with launch.max_restarts=1: the agent restarts both
     ranks, which resume from the newest complete checkpoint; the job finishes (exit 0), every
     loss after the restart equals that of a run that never failed, and the restart is in the
     console and in the metrics."""
-    steps = 12
-    common = [shakespeare_shards, *TWO_RANKS, f"train.steps={steps}", "checkpoint.every=3"]
-    run_cli([*common, f"hydra.run.dir={tmp_path}/whole"], tmp_path)
+    steps = RESTART_STEPS
+    common = restart_args(shakespeare_shards)
     run = tmp_path / "run"
     process = start_cli([*common, "launch.max_restarts=1", f"hydra.run.dir={run}"], tmp_path)
     wait_for(lambda: steps_of(run) and len(read_lines(run / "metrics.jsonl")) >= 5, process, "")
@@ -245,7 +264,7 @@ def test_a_killed_rank_is_restarted_and_the_run_continues_exactly(tmp_path, shak
     assert "restart 1 of at most 1 (launch.max_restarts); resume: auto" in stdout
     assert f"at step {resumed_at}" in stdout
     after = {r["step"]: r["loss"] for r in records[records.index(restarts[0]) :] if "loss" in r}
-    whole = losses(tmp_path / "whole")
+    whole = losses(uninterrupted[0])
     assert sorted(after) == list(range(resumed_at + 1, steps + 1))
     assert [after[s] for s in sorted(after)] == [whole[s] for s in sorted(after)]
 

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from birkhoff.model.compression import block_entries, indexer_kl
+from birkhoff.model.compression import block_entries, indexer_kl, topk_recall
 from birkhoff.model.config import AttentionConfig
 from birkhoff.model.context import SequenceContext
 from birkhoff.model.v4_attention import V4Attention
@@ -218,3 +218,34 @@ def test_the_indexer_loss_trains_the_indexer_and_nothing_else():
     trained = {name for name, p in ours.named_parameters() if p.grad is not None}
     assert trained and all(name.startswith("indexer.") for name in trained), trained
     assert "indexer.w_q.weight" in trained and "indexer.w_weights.weight" in trained
+
+
+def test_recall_counts_the_dense_top_k_entries_the_indexer_picked():
+    """Against a per-query loop: dense attention probabilities per head over the visible
+    entries, summed over heads; the top min(k, visible) of them; how many are valid picks."""
+    generator = torch.Generator().manual_seed(8)
+    queries, heads, dim, count, k = 6, 2, 4, 7, 3
+    q = torch.randn(queries, heads, dim, generator=generator)
+    values = torch.randn(count, dim, generator=generator)
+    visible = torch.rand(queries, count, generator=generator) > 0.3
+    visible[0] = False  # sees nothing: wants nothing
+    visible[1] = torch.arange(count) < 2  # sees fewer entries than k
+    picks = torch.stack([torch.randperm(count, generator=generator)[:k] for _ in range(queries)])
+    picked = torch.rand(queries, k, generator=generator) > 0.2
+    hits, wanted = topk_recall(q, values, visible, picks, picked, scale=0.5)
+    expected_hits = expected_wanted = 0
+    for s in range(queries):
+        seen = [e for e in range(count) if visible[s, e]]
+        mass = dict.fromkeys(seen, 0.0)
+        for h in range(heads):
+            logits = {e: 0.5 * float(q[s, h] @ values[e]) for e in seen}
+            total = sum(math.exp(v) for v in logits.values())
+            for e in seen:
+                mass[e] += math.exp(logits[e]) / total
+        want = min(k, len(seen))
+        best = sorted(seen, key=lambda e: -mass[e])[:want]
+        chosen = {int(picks[s, j]) for j in range(k) if picked[s, j]}
+        expected_hits += len(set(best) & chosen)
+        expected_wanted += want
+    assert (hits.item(), wanted.item()) == (expected_hits, expected_wanted)
+    assert 0 < expected_hits < expected_wanted  # neither all nor nothing: the count matters

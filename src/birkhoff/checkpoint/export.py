@@ -1,5 +1,7 @@
-"""`birkhoff ckpt export PATH --to safetensors`: a checkpoint's model weights, whole (DCP merges
-every rank's shards), as safetensors files plus a config.json for inference or conversion.
+"""`birkhoff ckpt export PATH --to safetensors|hf`: a checkpoint's model weights, whole (DCP
+merges every rank's shards), as safetensors files plus a config.json for inference or
+conversion: birkhoff's own names (`safetensors`), or transformers' DeepseekV4ForCausalLM
+(`hf`: its config.json and names, loadable with `from_pretrained`).
 
     <out>/config.json                       model config, tokenizer identity, step, source
     <out>/model.safetensors                 one file while the weights fit in --max-shard-gib,
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,12 @@ from safetensors.torch import load_file, save_file
 from birkhoff.atomic import write_text_atomic
 from birkhoff.checkpoint.contents import read_tensors, stored_bytes, tensor_metadata
 from birkhoff.checkpoint.errors import CheckpointError
+from birkhoff.checkpoint.hf_deepseek_v4 import (
+    hf_config_kwargs,
+    hf_incompatibilities,
+    hf_tensor_plan,
+    model_config_from_dict,
+)
 from birkhoff.checkpoint.integrity import problems, read_checksums, unlisted
 from birkhoff.checkpoint.manager import read_meta
 
@@ -40,13 +49,68 @@ def export_safetensors(
     """Write the model weights of checkpoint `path` to `out` (default: `<path>-safetensors`
     beside it); floating-point tensors are cast to `dtype` if given. Returns `out`."""
     meta = read_meta(path)
+    out = _check_target(path, out or path.with_name(f"{path.name}-safetensors"), dtype)
+    sizes = _model_tensor_bytes(path, dtype)
+
+    def tensors(names: list[str]) -> dict[str, torch.Tensor]:
+        found = read_tensors(path, [MODEL_PREFIX + n for n in names])
+        return {n: found[MODEL_PREFIX + n] for n in names}
+
+    return _write(out, sizes, tensors, _config(path, meta, dtype), dtype, max_shard_gib)
+
+
+def export_hf(
+    path: Path, out: Path | None = None, dtype: str | None = None, max_shard_gib: float = 5.0
+) -> Path:
+    """Write checkpoint `path` as transformers' DeepseekV4ForCausalLM to `out` (default:
+    `<path>-hf`): config.json and safetensors under transformers' names, each made from the
+    checkpoint's tensors of one file at a time. Returns `out`."""
+    cfg = model_config_from_dict(read_meta(path)["model"])
+    problems = hf_incompatibilities(cfg)
+    if problems:
+        raise CheckpointError(f"{path} cannot be a DeepseekV4ForCausalLM: {'; '.join(problems)}")
+    out = _check_target(path, out or path.with_name(f"{path.name}-hf"), dtype)
+    plan = hf_tensor_plan(cfg)
+    source_bytes = _model_tensor_bytes(path, dtype)
+    sizes = {name: sum(source_bytes[s] for s in item.sources) for name, item in plan.items()}
+
+    def tensors(names: list[str]) -> dict[str, torch.Tensor]:
+        needed = sorted({source for name in names for source in plan[name].sources})
+        found = read_tensors(path, [MODEL_PREFIX + source for source in needed])
+        return {
+            name: plan[name].combine(*(found[MODEL_PREFIX + s] for s in plan[name].sources))
+            for name in names
+        }
+
+    config = {
+        "architectures": ["DeepseekV4ForCausalLM"],
+        "model_type": "deepseek_v4",
+        "torch_dtype": dtype or "float32",
+        **hf_config_kwargs(cfg),
+    }
+    return _write(out, sizes, tensors, config, dtype, max_shard_gib)
+
+
+def _check_target(path: Path, out: Path, dtype: str | None) -> Path:
     _refuse_damage(path)
-    out = out or path.with_name(f"{path.name}-safetensors")
     if out.exists():
         raise CheckpointError(f"{out} already exists; remove it or choose another with --out")
     if dtype is not None and dtype not in DTYPES:
         raise CheckpointError(f"--dtype {dtype}: must be one of {', '.join(DTYPES)}")
-    sizes = _model_tensor_bytes(path, dtype)
+    return out
+
+
+def _write(
+    out: Path,
+    sizes: dict[str, int],
+    tensors: Callable[[list[str]], dict[str, torch.Tensor]],
+    config: dict[str, Any],
+    dtype: str | None,
+    max_shard_gib: float,
+) -> Path:
+    """Tensors named in `sizes` (bytes once written), made file by file by `tensors`, into
+    safetensors files of at most `max_shard_gib` (an index when more than one), config.json
+    beside them; under a temporary name renamed when complete."""
     files = _pack(sizes, int(max_shard_gib * 2**30))
     staging = out.with_name(out.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
@@ -54,9 +118,9 @@ def export_safetensors(
     weight_map = {}
     for index, names in enumerate(files):
         file_name = SINGLE_FILE if len(files) == 1 else _numbered(index, len(files))
-        tensors = read_tensors(path, [MODEL_PREFIX + n for n in names])
+        made = tensors(names)
         save_file(
-            {n: _cast(tensors[MODEL_PREFIX + n], dtype).contiguous() for n in names},
+            {n: _cast(made[n], dtype).contiguous() for n in names},
             str(staging / file_name),
             metadata={"format": "pt"},
         )
@@ -64,7 +128,7 @@ def export_safetensors(
     if len(files) > 1:
         index_file = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
         write_text_atomic(staging / INDEX, json.dumps(index_file, indent=1, sort_keys=True))
-    write_text_atomic(staging / CONFIG, json.dumps(_config(path, meta, dtype), indent=2) + "\n")
+    write_text_atomic(staging / CONFIG, json.dumps(config, indent=2) + "\n")
     staging.rename(out)
     return out
 

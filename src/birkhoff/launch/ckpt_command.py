@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from birkhoff.checkpoint import CheckpointError
-from birkhoff.checkpoint.export import DTYPES, export_safetensors
+from birkhoff.checkpoint.export import DTYPES, export_hf, export_safetensors
 from birkhoff.checkpoint.inspect import describe_checkpoint, format_description
 
 
@@ -20,8 +20,13 @@ def ckpt_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="everything, the recipe too")
     export = commands.add_parser("export", help="consolidated weights + config.json")
     export.add_argument("path", type=Path)
-    export.add_argument("--to", choices=["safetensors"], required=True)
-    export.add_argument("--out", type=Path, help="output directory (default: PATH-safetensors)")
+    export.add_argument(
+        "--to",
+        choices=["safetensors", "hf"],
+        required=True,
+        help="safetensors: birkhoff's names; hf: transformers' DeepseekV4ForCausalLM",
+    )
+    export.add_argument("--out", type=Path, help="output directory (default: PATH-<to>)")
     export.add_argument("--dtype", choices=sorted(DTYPES), help="cast floating-point weights")
     export.add_argument("--max-shard-gib", type=float, default=5.0, help="largest file (5)")
     return parser
@@ -39,7 +44,8 @@ def ckpt_command(args: list[str]) -> int:
             return 0
         if parsed.max_shard_gib <= 0:
             raise CheckpointError(f"--max-shard-gib {parsed.max_shard_gib}: must be > 0")
-        out = export_safetensors(parsed.path, parsed.out, parsed.dtype, parsed.max_shard_gib)
+        export = export_hf if parsed.to == "hf" else export_safetensors
+        out = export(parsed.path, parsed.out, parsed.dtype, parsed.max_shard_gib)
     except (CheckpointError, OSError) as err:
         print(f"birkhoff: {err}", file=sys.stderr)
         return 2

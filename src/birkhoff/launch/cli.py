@@ -48,7 +48,7 @@ commands:
   ckpt inspect PATH [--json]
                          a checkpoint's step, tokens, layout, tokenizer, completeness and
                          tensors (shapes, dtypes, sizes); the recipe with --json
-  ckpt export PATH --to safetensors [--out DIR] [--dtype bfloat16] [--max-shard-gib 5]
+  ckpt export PATH --to safetensors|hf [--out DIR] [--dtype bfloat16] [--max-shard-gib 5]
                          the model weights, consolidated from every rank's shards, as
                          safetensors files plus config.json (default DIR: PATH-safetensors)
 """

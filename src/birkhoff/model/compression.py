@@ -170,3 +170,29 @@ def indexer_kl(
     terms = torch.where(target > 0, target * (target.log() - log_q), torch.zeros_like(target))
     per_query = terms.sum(-1)
     return (per_query * counted).sum() / counted.sum().clamp_min(1)
+
+
+@torch.no_grad()
+def topk_recall(
+    q: torch.Tensor,
+    values: torch.Tensor,
+    visible: torch.Tensor,
+    picks: torch.Tensor,
+    picked: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """How many of the entries dense attention weighs most the indexer picked: for queries
+    q (S, H, D) against entries (E, D) they may see (S, E), the top-k entries by attention
+    probability summed over heads (k = picks per query, at most the visible count) against
+    the picks (S, k) that are valid. Returns (hits, wanted), summed over the queries."""
+    logits = torch.einsum("shd,ed->she", q.float(), values.float()) * scale
+    logits = logits.masked_fill(~visible[:, None, :], -torch.inf)
+    mass = torch.softmax(logits, dim=-1).nan_to_num(0.0).sum(1)  # (S, E); no entry: zeros
+    k = picks.shape[-1]
+    wanted = visible.sum(-1).clamp(max=k)
+    best = mass.topk(k, dim=-1).indices
+    in_best = torch.zeros_like(visible).scatter(
+        -1, best, torch.arange(k, device=q.device).expand_as(best) < wanted[:, None]
+    )
+    chosen = torch.zeros_like(visible).scatter(-1, picks, picked)
+    return (in_best & chosen).sum(), wanted.sum()

@@ -31,11 +31,12 @@ class PlainResidual(nn.Module):
         return x + sublayer(x)
 
 
-def stream_projection(x: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
-    """x' phi with x' = RMSNorm(vec(x)) over all n*C values, in fp32 even under autocast:
-    the mappings are small, and H_res feeds Sinkhorn, whose logits need the precision."""
+def stream_projection(x: torch.Tensor, proj: nn.Linear, eps: float) -> torch.Tensor:
+    """x' phi with x' = RMSNorm(vec(x)) over all n*C values (epsilon `eps`, the model's
+    norm_eps as in V4), in fp32 even under autocast: the mappings are small, and H_res feeds
+    Sinkhorn, whose logits need the precision."""
     with torch.autocast(x.device.type, enabled=False):
-        flat = F.rms_norm(x.flatten(-2).float(), (x.shape[-2] * x.shape[-1],))
+        flat = F.rms_norm(x.flatten(-2).float(), (x.shape[-2] * x.shape[-1],), eps=eps)
         return F.linear(flat, proj.weight.float())
 
 
@@ -53,10 +54,12 @@ class HyperConnection(nn.Module):
 
     no_weight_decay = ("alpha", "bias_pre", "bias_post", "bias_res")
 
-    def __init__(self, hidden_size: int, cfg: ResidualConfig, kernel_backend: str) -> None:
+    def __init__(
+        self, hidden_size: int, cfg: ResidualConfig, kernel_backend: str, eps: float = 1e-6
+    ) -> None:
         super().__init__()
         n = cfg.n_streams
-        self.cfg = cfg
+        self.cfg, self.eps = cfg, eps
         self.proj = nn.Linear(n * hidden_size, 2 * n + n * n, bias=False)  # phi_pre|post|res
         self.alpha = nn.Parameter(torch.full((3,), cfg.alpha_init))
         self.bias_pre = nn.Parameter(_initial_pre_bias(cfg))
@@ -72,7 +75,7 @@ class HyperConnection(nn.Module):
 
     def mappings(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         n = self.cfg.n_streams
-        pre, post, res = stream_projection(x, self.proj).split([n, n, n * n], dim=-1)
+        pre, post, res = stream_projection(x, self.proj, self.eps).split([n, n, n * n], dim=-1)
         res = res.unflatten(-1, (n, n))
         a_pre, a_post, a_res = self.alpha
         if self.cfg.mode == "hc":
@@ -109,16 +112,18 @@ class HyperConnection(nn.Module):
 class StreamReadout(nn.Module):
     """Collapses the n streams into one hidden state for the output head (its own H_pre)."""
 
-    def __init__(self, hidden_size: int, cfg: ResidualConfig, kernel_backend: str) -> None:
+    def __init__(
+        self, hidden_size: int, cfg: ResidualConfig, kernel_backend: str, eps: float = 1e-6
+    ) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.eps = cfg, eps
         self.proj = nn.Linear(cfg.n_streams * hidden_size, cfg.n_streams, bias=False)
         self.alpha = nn.Parameter(torch.full((1,), cfg.alpha_init))  # 1-D: FSDP shards no scalars
         self.bias = nn.Parameter(_initial_pre_bias(cfg))
         self._pre = kernels.get("mhc_pre", kernel_backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dynamic = stream_projection(x, self.proj)
+        dynamic = stream_projection(x, self.proj, self.eps)
         if self.cfg.mode == "hc":
             weights = self.bias + self.alpha * torch.tanh(dynamic)
         else:
@@ -126,10 +131,12 @@ class StreamReadout(nn.Module):
         return self._pre(x, weights)
 
 
-def build_residual(hidden_size: int, cfg: ResidualConfig, kernel_backend: str) -> nn.Module:
+def build_residual(
+    hidden_size: int, cfg: ResidualConfig, kernel_backend: str, eps: float = 1e-6
+) -> nn.Module:
     if cfg.mode == "plain":
         return PlainResidual()
-    return HyperConnection(hidden_size, cfg, kernel_backend)
+    return HyperConnection(hidden_size, cfg, kernel_backend, eps)
 
 
 @torch.no_grad()

@@ -52,14 +52,18 @@ class Block(nn.Module):
         )
         self.attention_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, kernel_backend)
         self.attention = _attention(cfg, layer, kernel_backend)
-        self.attention_residual = build_residual(cfg.hidden_size, cfg.residual, kernel_backend)
+        self.attention_residual = build_residual(
+            cfg.hidden_size, cfg.residual, kernel_backend, cfg.norm_eps
+        )
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, kernel_backend)
         self.ffn: nn.Module = (
-            MoE(cfg.hidden_size, cfg.moe, kernel_backend, _hash_table(cfg, layer))
+            MoE(cfg.hidden_size, cfg.moe, kernel_backend, hash_table_of(cfg, layer))
             if cfg.moe.is_moe_layer(layer)
             else SwiGLU(cfg.hidden_size, cfg.ffn_hidden_size)
         )
-        self.ffn_residual = build_residual(cfg.hidden_size, cfg.residual, kernel_backend)
+        self.ffn_residual = build_residual(
+            cfg.hidden_size, cfg.residual, kernel_backend, cfg.norm_eps
+        )
 
     def forward(
         self,
@@ -143,7 +147,7 @@ def _attention(cfg: ModelConfig, layer: int, kernel_backend: str) -> nn.Module:
     )
 
 
-def _hash_table(cfg: ModelConfig, layer: int) -> torch.Tensor | None:
+def hash_table_of(cfg: ModelConfig, layer: int) -> torch.Tensor | None:
     """A hash layer's token -> experts table, drawn from the seed and the layer index (on the
     CPU: also while a model is built on `meta`)."""
     if not cfg.moe.is_hash_layer(layer):
@@ -178,7 +182,7 @@ class Transformer(nn.Module):
         self.readout = (
             None
             if cfg.residual.mode == "plain"
-            else StreamReadout(cfg.hidden_size, cfg.residual, kernel_backend)
+            else StreamReadout(cfg.hidden_size, cfg.residual, kernel_backend, cfg.norm_eps)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, kernel_backend)
         self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)

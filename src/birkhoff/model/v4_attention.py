@@ -22,11 +22,15 @@ from birkhoff.model.compression import (
     LightningIndexer,
     block_entries,
     indexer_kl,
+    topk_recall,
 )
 from birkhoff.model.config import AttentionConfig
 from birkhoff.model.context import SequenceContext
 from birkhoff.model.norm import RMSNorm
+from birkhoff.model.recompute import recomputing
 from birkhoff.model.rope import rope_inv_freq, rotate_trailing
+
+RECALL_QUERIES = 256  # the last queries of a batch's first sequence: the most entries visible
 
 
 class V4Attention(nn.Module):
@@ -77,6 +81,8 @@ class V4Attention(nn.Module):
             if layer_type == "csa"
             else None
         )
+        # Per training forward of a CSA layer: (indexer KL, 1, recall hits, recall wanted).
+        self.recorded: list[torch.Tensor] = []
 
     def forward(
         self, x: torch.Tensor, ctx: SequenceContext, aux_losses: list[torch.Tensor] | None = None
@@ -93,7 +99,7 @@ class V4Attention(nn.Module):
         q = rotate_trailing(q, cos[:, :, None], sin[:, :, None])
         kv = rotate_trailing(self.kv_norm(self.w_kv(x)), cos, sin)
         window_logits, window_keys = self._window_logits(q, kv, positions)
-        entry_logits, entry_values, entry_probs_to_loss = self._entries(
+        entry_logits, entry_values, indexer_outputs = self._entries(
             x, q, q_latent, positions, cos, sin
         )
         sinks = self.sinks.float().view(1, 1, -1, 1).expand(batch, seq, -1, 1)
@@ -104,10 +110,13 @@ class V4Attention(nn.Module):
         p_entries = probs[..., width:-1].to(kv.dtype)
         out = self._window_sum(p_window, window_keys, seq)
         out = out + _entry_sum(p_entries, entry_values)
-        if entry_probs_to_loss is not None and aux_losses is not None:
-            index, picked = entry_probs_to_loss
+        if indexer_outputs is not None and aux_losses is not None:
+            index, picked, recall = indexer_outputs
             loss = indexer_kl(probs[..., width:-1].sum(-2), index, picked)
             aux_losses.append(self.cfg.index_loss_weight * loss)
+            if recall is not None:
+                one = torch.ones_like(recall[0])
+                self.recorded.append(torch.stack((loss.detach(), one, *recall)).double())
         out = rotate_trailing(out, cos[:, :, None], -sin[:, :, None])  # undo RoPE on values
         groups = out.reshape(batch, seq, self.cfg.o_groups, -1)
         weight = self.w_o_groups.weight.view(self.cfg.o_groups, self.cfg.o_lora_rank, -1)
@@ -153,10 +162,11 @@ class V4Attention(nn.Module):
         positions: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple | None]:
         """Logits (B, T, H, K) against the compressed entries each query may attend to, their
-        values ((B, E, D) for HCA, (B, T, K, D) for CSA), and for CSA the indexer's scores and
-        validity of the picks (for its loss)."""
+        values ((B, E, D) for HCA, (B, T, K, D) for CSA), and for CSA the indexer's scores at
+        its picks and their validity (for its loss) and, in a training forward, its recall
+        against dense attention on a sample of queries (None otherwise)."""
         batch, seq, heads, _ = q.shape
         if self.compressor is None:
             return q.new_zeros(batch, seq, heads, 0, dtype=torch.float32), None, None
@@ -176,7 +186,14 @@ class V4Attention(nn.Module):
         chosen = values[rows, picks]  # (B, T, k, D)
         logits = torch.einsum("bthd,btkd->bthk", q.float(), chosen.float()) * scale
         logits = logits.masked_fill(~picked[:, :, None, :], -torch.inf)
-        return logits, chosen, (index.gather(-1, picks), picked)
+        recall = None
+        if self.training and not recomputing():
+            sample = slice(max(0, seq - RECALL_QUERIES), seq)
+            recall = topk_recall(
+                q[0, sample], values[0], visible[0, sample], picks[0, sample],
+                picked[0, sample], scale,
+            )  # fmt: skip
+        return logits, chosen, (index.gather(-1, picks), picked, recall)
 
 
 def _entry_sum(p: torch.Tensor, values: torch.Tensor | None) -> torch.Tensor | int:
@@ -185,3 +202,14 @@ def _entry_sum(p: torch.Tensor, values: torch.Tensor | None) -> torch.Tensor | i
     if values.dim() == 3:  # HCA: (B, E, D) shared by all queries
         return torch.einsum("bthe,bed->bthd", p, values)
     return torch.einsum("bthk,btkd->bthd", p, values)
+
+
+def take_indexer_stats(model: nn.Module) -> torch.Tensor:
+    """(KL sum, forwards, recall hits, recall wanted) over the CSA layers of `model` since the
+    last call (float64; zeros without CSA layers); reading resets them."""
+    total = torch.zeros(4, dtype=torch.float64)
+    for module in model.modules():
+        if isinstance(module, V4Attention) and module.recorded:
+            total += torch.stack(module.recorded).sum(0).cpu()
+            module.recorded = []
+    return total

@@ -37,6 +37,7 @@ from birkhoff.parallel.device import peak_memory_mib
 from birkhoff.parallel.grad_norm import clip_grad_norm
 from birkhoff.parallel.parallelize import parallelize_chunk, wrap_ddp
 from birkhoff.parallel.pipeline import Carry, PipelineRunner
+from birkhoff.train.attention_stats import indexer_stats
 from birkhoff.train.checkpointing import (
     checkpoint_manager,
     refuse_non_finite_parameters,
@@ -92,6 +93,7 @@ class Trainer:
         compression = tokenizer_compression(tokenizer)
         model = build_model(recipe.model, recipe.backend.kernels, compression, tokenizer.pad_id)
         self.model_cfg = model.cfg
+        self.has_indexer = "csa" in model.cfg.attention.layer_types  # every rank: all CSA layers
         self.hasher = self._engram_hasher(compression)
         self.pipeline = self._pipeline(model.to(device))
         # This rank's share of the model: the whole model, or its pipeline chunks.
@@ -278,6 +280,7 @@ class Trainer:
             "mem_peak_mib": self.ctx.all_reduce_max(memory, None).item(),
             **residual,
             **experts,
+            **indexer_stats(self.model_parts, self.ctx, self.has_indexer),
         }
 
     def _bad_step(self, loss: float, grad_norm: float, seconds: float) -> dict[str, Any]:

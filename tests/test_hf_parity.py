@@ -1,0 +1,180 @@
+"""The whole model against transformers' DeepseekV4ForCausalLM, an independent implementation:
+the same random weights (mapped by checkpoint/hf_deepseek_v4.py) give the same logits and the
+same gradients. The model has every V4 layer type (sliding, CSA, HCA), a hash-routed MoE layer,
+two top-k MoE layers with a non-zero balancing bias, mHC with random mappings, and V4's SwiGLU
+clamp; transformers has no Engram, dense FFN layers or MTP in its forward, so neither has this
+model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_train import train_in_process
+from test_v4_attention import CFG
+
+from birkhoff.checkpoint.export import load_exported
+from birkhoff.checkpoint.hf_deepseek_v4 import (
+    hf_config_kwargs,
+    hf_incompatibilities,
+    model_config_from_dict,
+    to_hf_state_dict,
+)
+from birkhoff.launch.cli import main as cli_main
+from birkhoff.model import build_model
+from birkhoff.model.config import (
+    EngramConfig,
+    ModelConfig,
+    MoEConfig,
+    MTPConfig,
+    ResidualConfig,
+)
+from birkhoff.model.moe import Router
+
+transformers = pytest.importorskip("transformers")
+
+# The small test model as transformers' DeepseekV4 can hold it: V4 attention (CSA and HCA),
+# no Engram, MoE in every layer (the first hash-routed), V4's scoring and clamp; an MTP depth
+# that the export leaves out.
+HF_COMPATIBLE = [
+    "model.attention.kind=v4",
+    "model.attention.head_dim=32",
+    "model.attention.rope_head_dim=8",
+    "model.attention.q_lora_rank=32",
+    "model.attention.o_lora_rank=16",
+    "model.attention.sliding_window=16",
+    "model.attention.layer_types=[csa,hca]",
+    "model.attention.hca_ratio=16",
+    "model.attention.index_head_dim=16",
+    "model.attention.index_topk=4",
+    "model.engram.layers=[]",
+    "model.moe.first_k_dense=0",
+    "model.moe.hash_layers=1",
+    "model.moe.score_func=sqrt_softplus",
+    "model.moe.swiglu_limit=10",
+    "model.mtp.depth=1",
+]
+
+
+def v4_config() -> ModelConfig:
+    return ModelConfig(
+        vocab_size=128,
+        hidden_size=64,
+        num_layers=3,
+        num_heads=4,
+        num_kv_heads=1,
+        max_seq_len=64,
+        residual=ResidualConfig(mode="mhc"),
+        attention=dataclasses.replace(CFG, layer_types=["sliding", "csa", "hca"]),
+        moe=MoEConfig(
+            num_experts=4,
+            top_k=2,
+            expert_ffn_hidden_size=32,
+            score_func="sqrt_softplus",
+            route_scale=1.5,
+            first_k_dense=0,
+            hash_layers=1,
+            swiglu_limit=10.0,
+        ),
+        engram=EngramConfig(layers=[]),
+        mtp=MTPConfig(depth=0),
+    )
+
+
+def models() -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Ours with every parameter and routing bias moved off its initial value, and
+    transformers' model loaded (strictly) from its mapped state dict."""
+    torch.manual_seed(0)
+    ours = build_model(v4_config())
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in ours.parameters():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+        for router in (m for m in ours.modules() if isinstance(m, Router)):
+            router.bias.copy_(0.1 * torch.randn(router.bias.shape, generator=generator))
+    config = transformers.DeepseekV4Config(**hf_config_kwargs(ours.cfg))
+    config._attn_implementation = "eager"
+    theirs = transformers.DeepseekV4ForCausalLM(config).float()
+    theirs.load_state_dict(to_hf_state_dict(ours), strict=True)
+    return ours, theirs
+
+
+def test_logits_and_gradients_equal_transformers_deepseek_v4():
+    ours, theirs = models()
+    tokens = torch.randint(0, 128, (2, 38), generator=torch.Generator().manual_seed(2))
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    logits = ours(inputs)
+    expected = theirs(input_ids=inputs).logits
+    # Measured 6e-6 (logits up to 1.9); 1.9e-5 with another epsilon in the mHC RMS norm.
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
+    F.cross_entropy(logits.flatten(0, 1), targets.flatten()).backward()
+    F.cross_entropy(expected.flatten(0, 1), targets.flatten()).backward()
+    # Our gradients, mapped by the same function as the weights, against theirs.
+    with torch.no_grad():
+        for param in ours.parameters():
+            param.copy_(param.grad if param.grad is not None else torch.zeros_like(param))
+    mapped = to_hf_state_dict(ours)
+    compared = 0
+    for name, param in theirs.named_parameters():
+        if param.grad is None:  # the indexers: trained by their own loss only, in both
+            assert mapped[name].abs().max() == 0, name
+            continue
+        torch.testing.assert_close(mapped[name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
+        compared += 1
+    assert compared > 60
+
+
+def test_what_transformers_cannot_represent_is_named():
+    cfg = v4_config()
+    cfg.engram.layers = [1]
+    cfg.moe.first_k_dense = 1
+    cfg.residual.mode = "plain"
+    assert hf_incompatibilities(cfg) == [
+        "model.residual.mode=plain: transformers' DeepseekV4 needs mhc",
+        "model.engram.layers=[1]: transformers' DeepseekV4 needs []",
+        "model.moe.first_k_dense=1: transformers' DeepseekV4 needs 0",
+    ]
+
+
+def test_a_checkpoint_exported_to_hf_loads_in_transformers_with_the_same_logits(tmp_path, capsys):
+    """`ckpt export --to hf` of a trained checkpoint (router biases moved by balancing) gives a
+    directory that DeepseekV4ForCausalLM.from_pretrained loads, split over several files, and
+    its logits equal ours from the same checkpoint's own export."""
+    overrides = [*HF_COMPATIBLE, "train.steps=3", "train.eval_every=0", "checkpoint.every=3"]
+    train_in_process(tmp_path / "run", overrides)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    indexer = [r for r in records if "indexer_kl" in r]  # the CSA layer's indexer, every step
+    assert len(indexer) == 3 and all(r["indexer_kl"] >= 0 for r in indexer)
+    assert all(0 <= r["indexer_recall"] <= 1 for r in indexer)
+    step3 = tmp_path / "run" / "checkpoints" / "step-00000003"
+    assert cli_main(["ckpt", "export", str(step3), "--to", "safetensors"]) == 0
+    args = ["--to", "hf", "--max-shard-gib", "0.0005"]
+    assert cli_main(["ckpt", "export", str(step3), *args]) == 0
+    hf_dir = step3.with_name("step-00000003-hf")
+    assert len(list(hf_dir.glob("model-*-of-*.safetensors"))) > 1
+    weights, config = load_exported(step3.with_name("step-00000003-safetensors"))
+    ours = build_model(model_config_from_dict(config["model"]))
+    ours.load_state_dict(weights, strict=True)
+    theirs = transformers.DeepseekV4ForCausalLM.from_pretrained(
+        hf_dir, attn_implementation="eager", dtype=torch.float32
+    )
+    tokens = torch.randint(0, ours.cfg.vocab_size, (2, 40), generator=torch.Generator())
+    with torch.no_grad():
+        torch.testing.assert_close(
+            ours(tokens), theirs(input_ids=tokens).logits, rtol=1e-5, atol=2e-5
+        )
+
+    train_in_process(
+        tmp_path / "tiny", ["train.steps=2", "optim.warmup_steps=1", "train.eval_every=0"]
+    )
+    step1 = tmp_path / "tiny" / "checkpoints" / "step-00000002"
+    capsys.readouterr()
+    assert cli_main(["ckpt", "export", str(step1), "--to", "hf"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"birkhoff: {step1} cannot be a DeepseekV4ForCausalLM: model.attention.kind=gqa: "
+        "transformers' DeepseekV4 needs v4; model.engram.layers=[1]: transformers' "
+        "DeepseekV4 needs []; model.moe.first_k_dense=1: transformers' DeepseekV4 needs 0"
+    )
