@@ -121,6 +121,28 @@ def test_paper_shaped_recipes_are_counted_on_the_meta_device(recipe, total_range
 
 
 @pytest.mark.parametrize(
+    ("recipe", "published_total", "published_active"),
+    [("deepseek_v4_flash", 284e9, 13e9), ("deepseek_v4_pro", 1.6e12, 49e9)],
+)
+def test_released_v4_shapes_count_the_published_parameters(
+    recipe, published_total, published_active
+):
+    """DeepSeek-V4-Flash (284B, 13B active) and -Pro (1.6T, 49B active), counted from their
+    sizes alone and built on the meta device, give the published figures to their published
+    precision. The published counts leave out the MTP module (an MoE block in V4; ours is a
+    dense block) and count the head but not the embedding table among active parameters."""
+    cfg, _ = load_recipe(compose_recipe([f"model={recipe}", "model.mtp.depth=0"]), env={})
+    model = build_on_meta(cfg.model)
+    count = count_parameters(model.cfg)
+    assert sum(p.numel() for p in model.parameters()) == count.total
+    digits = 3 if recipe.endswith("flash") else 2  # 284B; 1.6T
+    scale = 10 ** (len(str(int(published_total))) - digits)
+    assert round(count.total / scale) * scale == published_total
+    active = count.active - model.cfg.vocab_size * model.cfg.hidden_size  # embedding table
+    assert round(active / 1e9) * 1e9 == published_active
+
+
+@pytest.mark.parametrize(
     "changes",
     [
         {"residual": ResidualConfig(mode="mhc", n_streams=1)},
