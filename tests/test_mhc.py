@@ -121,11 +121,12 @@ def train_and_measure_gain(mode: str, steps: int) -> tuple[dict, dict]:
 def test_24_layer_mhc_keeps_the_composite_gain_bounded_while_hc_grows():
     mhc_init, mhc_trained = train_and_measure_gain("mhc", 10)
     hc_init, hc_trained = train_and_measure_gain("hc", 10)
-    # mHC: 48 H_res maps composed; rows stay stochastic so the forward gain is 1, and the
-    # column deviations keep the backward gain near 1 (measured 1.001 after 10 steps, 1.005
-    # after 50). HC's composite gain is ~8e3 after 10 steps (7e4 after 50).
+    # mHC: 48 H_res maps composed; rows stay stochastic so the forward gain is 1 by
+    # construction (not reported), and the column deviations keep the backward gain near 1
+    # (measured 1.001 after 10 steps, 1.005 after 50). HC's composite gain is ~8e3 after 10
+    # steps (7e4 after 50).
     for stats in (mhc_init, mhc_trained):
-        assert stats["mhc_gain_fwd"] < 1.0 + 1e-4
+        assert "mhc_gain_fwd" not in stats and "mhc_row_dev" not in stats
         assert stats["mhc_gain_bwd"] < 2.0
     # HC is unconstrained: its composite gain drifts away from 1 and grows with training.
     assert hc_trained["mhc_gain_fwd"] > max(2.0, hc_init["mhc_gain_fwd"])

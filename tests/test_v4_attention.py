@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 
+from birkhoff.model import compression
 from birkhoff.model.compression import block_entries, indexer_kl, topk_recall
 from birkhoff.model.config import AttentionConfig
 from birkhoff.model.context import SequenceContext
@@ -154,6 +155,18 @@ def test_v4_attention_equals_transformers_forward_and_backward(layer_type):
             assert target.grad is None, name
             continue
         torch.testing.assert_close(target.grad, param.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_the_indexer_picks_the_same_entries_a_few_queries_at_a_time(monkeypatch):
+    """Selection runs over blocks of queries (memory T x k, not T x E): with blocks of 3
+    queries the layer still equals transformers' (which scores all queries at once)."""
+    monkeypatch.setattr(compression, "SCORES_PER_BLOCK", 3 * 9 * CFG.index_heads * 2)
+    ours, theirs = pair("csa", seed=9)
+    x = torch.randn(2, 37, HIDDEN, generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            ours(x, SequenceContext()), run_theirs(theirs, x), rtol=1e-5, atol=1e-5
+        )
 
 
 @pytest.mark.parametrize("layer_type", ["sliding", "csa", "hca"])

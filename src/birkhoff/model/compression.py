@@ -23,6 +23,8 @@ from torch import nn
 from birkhoff.model.norm import RMSNorm
 from birkhoff.model.rope import rotate_trailing
 
+SCORES_PER_BLOCK = 1 << 24  # index scores held at once while the indexer picks (64 MiB)
+
 
 @dataclass
 class BlockEntries:
@@ -35,10 +37,10 @@ class BlockEntries:
     position: torch.Tensor  # the first token's position in its document
     ratio: int
 
-    def visible(self, positions: torch.Tensor) -> torch.Tensor:
-        """(B, T, E) bool: query t sees entry e (complete by t, same document)."""
-        t = torch.arange(positions.shape[1], device=positions.device)
-        query_doc = (t - positions)[:, :, None]
+    def visible(self, positions: torch.Tensor, queries: slice = slice(None)) -> torch.Tensor:
+        """(B, Q, E) bool: query t (of `queries`) sees entry e (complete by t, same document)."""
+        t = torch.arange(positions.shape[1], device=positions.device)[queries]
+        query_doc = (t - positions[:, queries])[:, :, None]
         entry_doc = (self.start - self.position)[:, None, :]
         complete = (self.start + self.ratio - 1)[:, None, :] <= t[None, :, None]
         return self.exists[:, None, :] & complete & (entry_doc == query_doc)
@@ -126,31 +128,46 @@ class LightningIndexer(nn.Module):
         self.w_q = nn.Linear(q_rank, heads * head_dim, bias=False)
         self.w_weights = nn.Linear(hidden, heads, bias=False)
 
-    def scores(
+    def forward(
         self,
         x: torch.Tensor,
         q_latent: torch.Tensor,
         entries: BlockEntries,
-        visible: torch.Tensor,
+        positions: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
         inv_freq: torch.Tensor,
-    ) -> torch.Tensor:
-        """(B, T, E) float32 index scores, -inf where the query may not see the entry."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each query's top-k visible entries (B, T, k), whether each pick is visible, and the
+        index scores at the picks (float32, -inf where not visible; differentiable). The
+        selection scores all entries a block of queries at a time without gradients, so memory
+        grows with T x k, not T x E."""
         batch, seq, _ = x.shape
         keys = self.compressor(x, entries, inv_freq).float()
         q = self.w_q(q_latent).view(batch, seq, self.heads, self.head_dim)
         q = rotate_trailing(q, cos[:, :, None], sin[:, :, None]).float()
-        per_head = F.relu(torch.einsum("bthd,bed->bthe", q, keys)) * self.head_dim**-0.5
         weights = self.w_weights(x).float() * self.heads**-0.5
-        index = torch.einsum("bth,bthe->bte", weights, per_head)
-        return index.masked_fill(~visible, -torch.inf)
+        k = min(self.topk, keys.shape[1])
+        picks = torch.empty(batch, seq, k, dtype=torch.long, device=x.device)
+        picked = torch.empty(batch, seq, k, dtype=torch.bool, device=x.device)
+        block = max(1, SCORES_PER_BLOCK // max(1, keys.shape[1] * self.heads * batch))
+        with torch.no_grad():
+            for first in range(0, seq, block):
+                queries = slice(first, min(seq, first + block))
+                index = self._index(q[:, queries], keys, weights[:, queries])
+                index = index.masked_fill(~entries.visible(positions, queries), -torch.inf)
+                top = index.topk(k, dim=-1)
+                picks[:, queries], picked[:, queries] = top.indices, torch.isfinite(top.values)
+        rows = torch.arange(batch, device=x.device)[:, None, None]
+        at_picks = self._index(q, keys[rows, picks], weights)
+        return picks, picked, at_picks.masked_fill(~picked, -torch.inf)
 
-    def select(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each query's top-k entries (B, T, k) and whether each pick is visible."""
-        k = min(self.topk, index.shape[-1])
-        top = index.topk(k, dim=-1)
-        return top.indices, torch.isfinite(top.values)
+    def _index(self, q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """sum_h w[t, h] ReLU(q[t, h] . k) for queries (B, Q, H, D) against keys shared by all
+        queries (B, K, D) or each query's own (B, Q, K, D): (B, Q, K)."""
+        pattern = "bqhd,bkd->bqhk" if keys.dim() == 3 else "bqhd,bqkd->bqhk"
+        per_head = F.relu(torch.einsum(pattern, q, keys))
+        return torch.einsum("bqh,bqhk->bqk", weights, per_head * self.head_dim**-0.5)
 
 
 def indexer_kl(

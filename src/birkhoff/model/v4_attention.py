@@ -172,16 +172,15 @@ class V4Attention(nn.Module):
             return q.new_zeros(batch, seq, heads, 0, dtype=torch.float32), None, None
         entries: BlockEntries = block_entries(positions, self.compressor.ratio)
         values = self.compressor(x, entries, self.inv_freq)
-        visible = entries.visible(positions)
         scale = self.head_dim**-0.5
         if self.indexer is None:  # HCA: every visible entry
+            visible = entries.visible(positions)
             logits = torch.einsum("bthd,bed->bthe", q.float(), values.float()) * scale
             return logits.masked_fill(~visible[:, :, None, :], -torch.inf), values, None
         # The indexer learns only from its own loss: its inputs are cut from the model's graph.
-        index = self.indexer.scores(
-            x.detach(), q_latent.detach(), entries, visible, cos, sin, self.inv_freq
+        picks, picked, index = self.indexer(
+            x.detach(), q_latent.detach(), entries, positions, cos, sin, self.inv_freq
         )
-        picks, picked = self.indexer.select(index)
         rows = torch.arange(batch, device=x.device)[:, None, None]
         chosen = values[rows, picks]  # (B, T, k, D)
         logits = torch.einsum("bthd,btkd->bthk", q.float(), chosen.float()) * scale
@@ -190,10 +189,10 @@ class V4Attention(nn.Module):
         if self.training and not recomputing():
             sample = slice(max(0, seq - RECALL_QUERIES), seq)
             recall = topk_recall(
-                q[0, sample], values[0], visible[0, sample], picks[0, sample],
-                picked[0, sample], scale,
+                q[0, sample], values[0], entries.visible(positions, sample)[0],
+                picks[0, sample], picked[0, sample], scale,
             )  # fmt: skip
-        return logits, chosen, (index.gather(-1, picks), picked, recall)
+        return logits, chosen, (index, picked, recall)
 
 
 def _entry_sum(p: torch.Tensor, values: torch.Tensor | None) -> torch.Tensor | int:

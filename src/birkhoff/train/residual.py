@@ -26,7 +26,7 @@ def residual_stats(parts: list[nn.Module], ctx: DistributedContext) -> dict[str,
         return {}
     deviation = take_deviation([layer for layers in per_part for layer in layers])
     deviation = ctx.all_reduce_max(deviation, None)
-    return stats_of(deviation, _composite_over_stages(per_part, ctx))
+    return stats_of(deviation, _composite_over_stages(per_part, ctx), per_part[0][0].cfg.mode)
 
 
 def _composite_over_stages(
