@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 
+from birkhoff.checkpoint.hf_deepseek_v4 import ATTENTION
 from birkhoff.model import compression
 from birkhoff.model.compression import block_entries, indexer_kl, topk_recall
 from birkhoff.model.config import AttentionConfig
@@ -42,35 +43,8 @@ HF_TYPES = {
     "csa": "compressed_sparse_attention",
     "hca": "heavily_compressed_attention",
 }
-# transformers' parameter names -> ours
-NAMES = {
-    "q_a_proj": "w_q_down",
-    "q_a_norm": "q_norm",
-    "q_b_proj": "w_q_up",
-    "kv_proj": "w_kv",
-    "kv_norm": "kv_norm",
-    "o_a_proj": "w_o_groups",
-    "o_b_proj": "w_o",
-    "sinks": "sinks",
-    "compressor.kv_proj": "compressor.w_kv",
-    "compressor.gate_proj": "compressor.w_gate",
-    "compressor.position_bias": "compressor.position_bias",
-    "compressor.kv_norm": "compressor.norm",
-    "compressor.indexer.kv_proj": "indexer.compressor.w_kv",
-    "compressor.indexer.gate_proj": "indexer.compressor.w_gate",
-    "compressor.indexer.position_bias": "indexer.compressor.position_bias",
-    "compressor.indexer.kv_norm": "indexer.compressor.norm",
-    "compressor.indexer.q_b_proj": "indexer.w_q",
-    "compressor.indexer.scorer.weights_proj": "indexer.w_weights",
-}
-
-
-def our_name(name: str) -> str:
-    """Our name of one of transformers' parameters."""
-    if name in NAMES:
-        return NAMES[name]
-    module, _, leaf = name.rpartition(".")
-    return f"{NAMES[module]}.{leaf}"
+# transformers' parameter names -> ours (the exporter's map, read backwards)
+NAMES = {hf_name: name for name, hf_name in ATTENTION.items()}
 
 
 def hf_config() -> DeepseekV4Config:
@@ -118,7 +92,7 @@ def pair(layer_type: str, seed: int = 0) -> tuple[V4Attention, torch.nn.Module]:
     mine = dict(ours.named_parameters())
     with torch.no_grad():
         for name, param in theirs.named_parameters():
-            mine.pop(our_name(name)).copy_(param)
+            mine.pop(NAMES[name]).copy_(param)
     assert not mine, f"parameters transformers does not have: {sorted(mine)}"
     return ours, theirs
 
@@ -150,7 +124,7 @@ def test_v4_attention_equals_transformers_forward_and_backward(layer_type):
     torch.testing.assert_close(x_ours.grad, x_theirs.grad, rtol=1e-4, atol=1e-5)
     mine = dict(ours.named_parameters())
     for name, param in theirs.named_parameters():
-        target = mine[our_name(name)]
+        target = mine[NAMES[name]]
         if param.grad is None:  # the indexer: only its own loss trains it (in both)
             assert target.grad is None, name
             continue

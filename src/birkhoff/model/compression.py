@@ -93,9 +93,9 @@ class KVCompressor(nn.Module):
         gate = gate + self.position_bias.float()
         if self.overlap:
             previous = entries.start - self.ratio
-            prev_kv = gather_blocks(kv_all, previous, self.ratio)[..., : self.dim]
-            prev_gate = gather_blocks(gate_all, previous, self.ratio).float()
-            prev_gate = (prev_gate + self.position_bias.float())[..., : self.dim]
+            prev_kv = gather_blocks(kv_all[..., : self.dim], previous, self.ratio)
+            prev_gate = gather_blocks(gate_all[..., : self.dim], previous, self.ratio).float()
+            prev_gate = prev_gate + self.position_bias[:, : self.dim].float()
             # The first block of a document has no previous block: its slots weigh nothing.
             prev_gate = prev_gate.masked_fill(~entries.has_previous[:, :, None, None], -torch.inf)
             kv = torch.cat((prev_kv, kv[..., self.dim :]), dim=2)
