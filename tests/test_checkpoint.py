@@ -3,6 +3,8 @@ and refusal of an incompatible model."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -22,7 +24,9 @@ from birkhoff.checkpoint.manager import COMPLETE, complete_checkpoints
 from birkhoff.data import open_data
 from birkhoff.launch.cli import main as cli_main
 from birkhoff.launch.recipe import load_recipe
+from birkhoff.model.config import ModelConfig
 from birkhoff.parallel import distributed
+from birkhoff.train.checkpointing import check_model
 from birkhoff.train.metrics import MetricLogger
 from birkhoff.train.trainer import Trainer
 from conftest import SMALL_OVERRIDES, compose_recipe
@@ -100,6 +104,18 @@ def test_inspect_reports_the_checkpoint_and_another_model_is_refused(tmp_path, c
         train_in_process(
             tmp_path / "other", [*STEPS, f"train.resume={step3}", "model.ffn_hidden_size=96"]
         )
+
+
+def test_a_model_key_newer_than_the_checkpoint_reads_as_its_default():
+    current = dataclasses.asdict(ModelConfig())
+    saved = copy.deepcopy(current)
+    del saved["residual"]["form"]  # written before the key existed
+    check_model(saved, current, Path("ckpt"))
+    changed = copy.deepcopy(current)
+    changed["residual"]["form"], changed["residual"]["n_streams"] = "v4", 2
+    expected = r"residual.form: 'paper' in the checkpoint, 'v4' now; model.residual.n_streams: 4"
+    with pytest.raises(CheckpointError, match=expected):
+        check_model(saved, changed, Path("ckpt"))
 
 
 @pytest.mark.slow

@@ -42,6 +42,12 @@ def recipe_error(overrides, env=None) -> RecipeError:
         (["optim.schedule=linear"], "optim.schedule", "one of cosine, wsd, constant"),
         (["train.mixed_precision=fp8"], "train.mixed_precision", "one of none, bf16"),
         (["backend.device=tpu"], "backend.device", "one of auto, cpu, cuda, npu"),
+        (["model.residual.form=v3"], "model.residual.form", "one of paper, v4"),
+        (
+            ["model.residual.form=v4", "model.residual.mode=hc"],
+            "model.residual.form",
+            "needs mode=mhc",
+        ),
         (["logging.wandb.mode=cloud"], "logging.wandb.mode", "one of offline, online"),
         (
             ["parallel.dp_replicate=3", "launch.nproc_per_node=2"],

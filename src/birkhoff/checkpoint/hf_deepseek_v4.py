@@ -105,6 +105,8 @@ def hf_config_kwargs(cfg: ModelConfig) -> dict[str, Any]:
         ],
         "hc_mult": cfg.residual.n_streams,
         "hc_sinkhorn_iters": cfg.residual.sinkhorn_iters,
+        # V4's eps terms; the paper form has none, which transformers computes with hc_eps=0
+        "hc_eps": cfg.residual.eps if cfg.residual.form == "v4" else 0.0,
         "rms_norm_eps": cfg.norm_eps,
         "tie_word_embeddings": False,
         "num_nextn_predict_layers": cfg.mtp.depth,

@@ -56,6 +56,21 @@ def sinkhorn_knopp(logits: torch.Tensor, iters: int) -> torch.Tensor:
     return matrices.view(*batch_shape, *logits.shape[-2:]).to(logits.dtype)
 
 
+@register("sinkhorn_knopp_eps", REFERENCE)
+def sinkhorn_knopp_eps(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    """DeepSeek-V4's production Sinkhorn (inference/model.py) in our orientation (we apply
+    H_res x; V4's `comb` is its transpose): a softmax down each column plus `eps`, rows
+    normalised, then `iters - 1` times columns and rows, each sum taken as (sum + eps). In
+    linear space: the softmax bounds every entry. Row sums end at s / (s + eps), not exactly 1."""
+    compute_dtype = torch.promote_types(logits.dtype, torch.float32)
+    m = torch.softmax(logits.to(compute_dtype), dim=-2) + eps
+    m = m / (m.sum(-1, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        m = m / (m.sum(-2, keepdim=True) + eps)
+        m = m / (m.sum(-1, keepdim=True) + eps)
+    return m.to(logits.dtype)
+
+
 @register("mhc_pre", REFERENCE)
 def mhc_pre(streams: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
     """Layer input from n streams: sum_i h_pre[i] * x_i. (B, T, n, C), (B, T, n) -> (B, T, C)."""

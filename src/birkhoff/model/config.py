@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from birkhoff.errors import require, require_choice
 
 RESIDUAL_MODES = ("mhc", "hc", "plain")
+MHC_FORMS = ("paper", "v4")
 ATTENTION_KINDS = ("gqa", "v4")
 V4_LAYER_TYPES = ("sliding", "csa", "hca")
 SCORE_FUNCS = ("sigmoid", "sqrt_softplus")
@@ -15,9 +16,13 @@ SCORE_FUNCS = ("sigmoid", "sqrt_softplus")
 @dataclass
 class ResidualConfig:
     """How sublayers are joined: `mhc` (n streams, Sinkhorn-constrained H_res), `hc`
-    (unconstrained hyper-connections, for comparison) or `plain` (x + F(x))."""
+    (unconstrained hyper-connections, for comparison) or `plain` (x + F(x)). mHC's `form`:
+    `paper` (log-space Sinkhorn, exact row sums) or `v4` (DeepSeek-V4's code: `eps` added to
+    H_pre and to the softmax that starts Sinkhorn, and to every sum it divides by)."""
 
     mode: str = "mhc"
+    form: str = "paper"
+    eps: float = 1e-6  # V4's hc_eps; only form=v4 uses it
     n_streams: int = 4
     sinkhorn_iters: int = 20
     alpha_init: float = 0.01
@@ -28,6 +33,10 @@ class ResidualConfig:
 
     def validate(self, prefix: str) -> None:
         require_choice(f"{prefix}.mode", self.mode, RESIDUAL_MODES)
+        require_choice(f"{prefix}.form", self.form, MHC_FORMS)
+        if self.form == "v4":
+            require(self.mode == "mhc", f"{prefix}.form", self.form, "needs mode=mhc")
+            require(self.eps > 0, f"{prefix}.eps", self.eps, "must be > 0 with form=v4")
         require(self.n_streams >= 1, f"{prefix}.n_streams", self.n_streams, "must be >= 1")
         require(
             self.sinkhorn_iters >= 1,

@@ -7,6 +7,8 @@ where the mappings come from x' = RMSNorm(vec(x)):
     mhc: H_pre = sigmoid(a_pre x'phi_pre + b_pre), H_post = 2 sigmoid(a_post x'phi_post + b_post),
          H_res = SinkhornKnopp(a_res mat(x'phi_res) + b_res)   (rows sum to 1, columns nearly)
     hc:  H = b + a tanh(x'phi) for each mapping, unconstrained (arXiv 2409.19606).
+form=v4 is DeepSeek-V4's code: H_pre + eps, and Sinkhorn in linear space with eps added to the
+starting softmax and to every sum it divides by (kernels/reference.py: sinkhorn_knopp_eps).
 """
 
 from __future__ import annotations
@@ -40,6 +42,19 @@ def stream_projection(x: torch.Tensor, proj: nn.Linear, eps: float) -> torch.Ten
         return F.linear(flat, proj.weight.float())
 
 
+def pre_eps(cfg: ResidualConfig) -> float:
+    """What V4's code adds to H_pre (and to the readout's weights); the paper adds nothing."""
+    return cfg.eps if cfg.form == "v4" else 0.0
+
+
+def sinkhorn_of(cfg: ResidualConfig, kernel_backend: str) -> Callable[..., torch.Tensor]:
+    """H_res's projection for the configured form: (logits, iters) -> matrices."""
+    if cfg.form == "v4":
+        with_eps = kernels.get("sinkhorn_knopp_eps", kernel_backend)
+        return lambda logits, iters: with_eps(logits, iters, cfg.eps)
+    return kernels.get("sinkhorn_knopp", kernel_backend)
+
+
 def _initial_pre_bias(cfg: ResidualConfig) -> torch.Tensor:
     """Stream 0 feeds the sublayer at init, so step 0 behaves like a pre-norm residual."""
     if cfg.mode == "hc":
@@ -67,7 +82,7 @@ class HyperConnection(nn.Module):
         self.bias_post = nn.Parameter(torch.full((n,), post_init))
         res_init = 1.0 if cfg.mode == "hc" else cfg.res_init_logit  # H_res ~ identity
         self.bias_res = nn.Parameter(torch.eye(n) * res_init)
-        self._sinkhorn = kernels.get("sinkhorn_knopp", kernel_backend)
+        self._sinkhorn = sinkhorn_of(cfg, kernel_backend)
         self._pre = kernels.get("mhc_pre", kernel_backend)
         self._post = kernels.get("mhc_post", kernel_backend)
         self.last_h_res: torch.Tensor | None = None  # (tokens sampled, n, n), detached
@@ -85,7 +100,7 @@ class HyperConnection(nn.Module):
                 self.bias_res + a_res * torch.tanh(res),
             )
         return (
-            torch.sigmoid(a_pre * pre + self.bias_pre),
+            torch.sigmoid(a_pre * pre + self.bias_pre) + pre_eps(self.cfg),
             2 * torch.sigmoid(a_post * post + self.bias_post),
             self._sinkhorn(a_res * res + self.bias_res, self.cfg.sinkhorn_iters),
         )
@@ -127,7 +142,7 @@ class StreamReadout(nn.Module):
         if self.cfg.mode == "hc":
             weights = self.bias + self.alpha * torch.tanh(dynamic)
         else:
-            weights = torch.sigmoid(self.alpha * dynamic + self.bias)
+            weights = torch.sigmoid(self.alpha * dynamic + self.bias) + pre_eps(self.cfg)
         return self._pre(x, weights)
 
 

@@ -12,6 +12,7 @@ import torch
 from birkhoff.checkpoint import CheckpointError, CheckpointManager
 from birkhoff.checkpoint.manager import complete_checkpoints, read_meta
 from birkhoff.checkpoint.state import rng_states, set_rng_states
+from birkhoff.model.config import ModelConfig
 from birkhoff.parallel.distributed import DistributedContext
 from birkhoff.train.failures import TrainingError
 from birkhoff.train.recipe import TrainRecipe
@@ -102,7 +103,7 @@ def resume(trainer: Trainer, manager: CheckpointManager) -> None:
             print(f"birkhoff: no complete checkpoint in {manager.root}; starting at step 0")
         return
     meta = read_meta(path)
-    _check_model(meta["model"], dataclasses.asdict(trainer.model_cfg), path)
+    check_model(meta["model"], dataclasses.asdict(trainer.model_cfg), path)
     manager.load(path, trainer.state)
     trainer.step = int(meta["step"])
     _restore_rank_state(trainer, manager.rank_states(path), meta)
@@ -110,11 +111,14 @@ def resume(trainer: Trainer, manager: CheckpointManager) -> None:
         print(f"birkhoff: resumed from {path} at step {trainer.step}; {_changes(trainer, meta)}")
 
 
-def _check_model(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+def check_model(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    """Refuse a checkpoint of another model. A key the checkpoint lacks was added to birkhoff
+    after it was written, with a default that keeps the old behaviour: it matches that default."""
+    recorded = {**_flatten(dataclasses.asdict(ModelConfig())), **_flatten(saved)}
     differences = [
-        f"model.{key}: {saved.get(key)!r} in the checkpoint, {value!r} now"
+        f"model.{key}: {recorded.get(key)!r} in the checkpoint, {value!r} now"
         for key, value in _flatten(current).items()
-        if _flatten(saved).get(key) != value
+        if recorded.get(key) != value
     ]
     if differences:
         raise CheckpointError(
