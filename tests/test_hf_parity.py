@@ -13,6 +13,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from test_train import train_in_process
 from test_v4_attention import CFG
 
@@ -20,6 +21,7 @@ from birkhoff.checkpoint.export import load_exported
 from birkhoff.checkpoint.hf_deepseek_v4 import (
     hf_config_kwargs,
     hf_incompatibilities,
+    hf_tensor_plan,
     model_config_from_dict,
     to_hf_state_dict,
 )
@@ -35,6 +37,8 @@ from birkhoff.model.config import (
 from birkhoff.model.moe import Router
 
 transformers = pytest.importorskip("transformers")
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping  # noqa: E402
+from transformers.core_model_loading import WeightRenaming, apply_renamings  # noqa: E402
 
 # The small test model as transformers' DeepseekV4 can hold it: V4 attention (CSA and HCA),
 # no Engram, MoE in every layer (the first hash-routed), V4's scoring and clamp; an MTP depth
@@ -142,6 +146,71 @@ def test_what_transformers_cannot_represent_is_named():
     ]
 
 
+HC_NAMES = ("fn", "base", "scale")
+
+
+def check_mtp_under_upstream_names(ours: torch.nn.Module, exported: dict) -> None:
+    """transformers skips `mtp.*`, so the MTP depth is checked through transformers' own
+    renames of DeepSeek's released names (conversion_mapping.py): put at a layer index, every
+    exported MTP tensor becomes the tensor transformers would hold for a main layer with the
+    MTP block's weights (that mapping is the one the logits parity proves)."""
+    renames = [
+        rule
+        for rule in get_checkpoint_conversion_mapping("deepseek_v4")
+        if isinstance(rule, WeightRenaming)
+    ]
+    mtp = {name[len("mtp.0.") :]: tensor for name, tensor in exported.items() if "mtp." in name}
+    # Names in DeepSeek-V4-Flash's released index (its FP8 `.scale` tensors aside).
+    released = {"attn.attn_sink", "attn_norm.weight", "ffn_norm.weight", "ffn.gate.bias"}
+    released |= {f"attn.{name}.weight" for name in ("kv_norm", "q_norm", "wkv", "wo_a", "wo_b")}
+    released |= {f"hc_{part}_{name}" for part in ("attn", "ffn", "head") for name in HC_NAMES}
+    assert released <= set(mtp), released - set(mtp)
+    inputs_and_readout = {"e_proj.weight", "h_proj.weight", "enorm.weight", "hnorm.weight"}
+    inputs_and_readout |= {"norm.weight", "hc_head_fn", "hc_head_base", "hc_head_scale"}
+    assert inputs_and_readout <= set(mtp)
+    state = ours.state_dict()
+    for name in inputs_and_readout - {"hc_head_fn", "hc_head_base", "hc_head_scale"}:
+        assert mtp[name].shape == (ours.cfg.hidden_size,) * mtp[name].dim()
+    torch.testing.assert_close(mtp["e_proj.weight"], state["mtp.0.embed_proj.weight"])
+    torch.testing.assert_close(mtp["hc_head_fn"], state["mtp.0.readout.proj.weight"])
+    # The MTP block as main layer 0 of a model without hash layers (a sliding top-k MoE layer).
+    cfg = ours.cfg
+    as_layer = dataclasses.replace(
+        cfg,
+        moe=dataclasses.replace(cfg.moe, hash_layers=0),
+        attention=dataclasses.replace(
+            cfg.attention, layer_types=["sliding", *cfg.attention.layer_types[1:]]
+        ),
+    )
+    block = {
+        "blocks.0." + k[len("mtp.0.block.") :]: v
+        for k, v in state.items()
+        if k.startswith("mtp.0.block.")
+    }
+    expected = {
+        name: item.combine(*(block[source] for source in item.sources))
+        for name, item in hf_tensor_plan(as_layer).items()
+        if name.startswith("model.layers.0.")
+    }
+    renamed, experts = {}, {"w1": {}, "w2": {}, "w3": {}}
+    for name, tensor in mtp.items():
+        if name in inputs_and_readout:
+            continue
+        if ".experts." in name and ".shared_experts." not in name:  # merged as the converter
+            _, _, expert, weight, _ = name.split(".")  # does: stacked, w1 and w3 concatenated
+            experts[weight][int(expert)] = tensor
+            continue
+        renamed["model." + apply_renamings("layers.0." + name, renames)] = tensor
+    stacked = {w: torch.stack([e[i] for i in sorted(e)]) for w, e in experts.items()}
+    renamed["model.layers.0.mlp.experts.gate_up_proj"] = torch.cat(
+        (stacked["w1"], stacked["w3"]), dim=1
+    )
+    renamed["model.layers.0.mlp.experts.down_proj"] = stacked["w2"]
+    assert sorted(renamed) == sorted(expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(renamed[name], tensor, rtol=0, atol=0, msg=name)
+
+
 def test_a_checkpoint_exported_to_hf_loads_in_transformers_with_the_same_logits(tmp_path, capsys):
     """`ckpt export --to hf` of a trained checkpoint (router biases moved by balancing) gives a
     directory that DeepseekV4ForCausalLM.from_pretrained loads, split over several files, and
@@ -169,6 +238,10 @@ def test_a_checkpoint_exported_to_hf_loads_in_transformers_with_the_same_logits(
         torch.testing.assert_close(
             ours(tokens), theirs(input_ids=tokens).logits, rtol=1e-5, atol=2e-5
         )
+    exported = {}
+    for file in hf_dir.glob("model-*-of-*.safetensors"):
+        exported |= load_file(file)
+    check_mtp_under_upstream_names(ours, exported)
 
     train_in_process(
         tmp_path / "tiny", ["train.steps=2", "optim.warmup_steps=1", "train.eval_every=0"]

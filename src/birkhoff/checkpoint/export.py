@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from birkhoff.checkpoint.hf_deepseek_v4 import (
     hf_incompatibilities,
     hf_tensor_plan,
     model_config_from_dict,
+    mtp_tensor_plan,
 )
 from birkhoff.checkpoint.integrity import problems, read_checksums, unlisted
 from birkhoff.checkpoint.manager import read_meta
@@ -70,9 +72,12 @@ def export_hf(
     if problems:
         raise CheckpointError(f"{path} cannot be a DeepseekV4ForCausalLM: {'; '.join(problems)}")
     out = _check_target(path, out or path.with_name(f"{path.name}-hf"), dtype)
-    plan = hf_tensor_plan(cfg)
+    plan = hf_tensor_plan(cfg) | mtp_tensor_plan(cfg)
     source_bytes = _model_tensor_bytes(path, dtype)
-    sizes = {name: sum(source_bytes[s] for s in item.sources) for name, item in plan.items()}
+    users = Counter(source for item in plan.values() for source in item.sources)
+    sizes = {  # an MTP expert is a slice of its layer's tensor: each counts its share
+        name: sum(source_bytes[s] // users[s] for s in item.sources) for name, item in plan.items()
+    }
 
     def tensors(names: list[str]) -> dict[str, torch.Tensor]:
         needed = sorted({source for name in names for source in plan[name].sources})

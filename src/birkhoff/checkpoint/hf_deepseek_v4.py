@@ -5,8 +5,9 @@ projection, biases and gating factors, with the residual matrix transposed: tran
 streams as comb^T x, we as H_res x), MoE with one shared expert, hash-routed layers (their
 token -> experts table travels as `tid2eid`), embedding, readout, norm and head. What does not:
 Engram and dense FFN layers (transformers' V4 has neither), GQA attention, plain or HC
-residuals, group-limited routing; `hf_incompatibilities` names each. MTP depths are not
-exported (transformers does not build them).
+residuals, group-limited routing; `hf_incompatibilities` names each. transformers builds no
+MTP depth (it skips `mtp.*` on load): `mtp_tensor_plan` keeps them under DeepSeek's released
+names (inference/model.py's MTPBlock), which transformers' own renames map onto a layer's.
 """
 
 from __future__ import annotations
@@ -49,6 +50,32 @@ ATTENTION = {
     "indexer.w_q.weight": "compressor.indexer.q_b_proj.weight",
     "indexer.w_weights.weight": "compressor.indexer.scorer.weights_proj.weight",
 }
+
+
+# Ours -> DeepSeek's released names for an MTP depth (a sliding-window V4 block plus its inputs
+# and readout), under mtp.{k}.
+MTP_NAMES = {
+    "embed_proj.weight": "e_proj.weight",
+    "hidden_proj.weight": "h_proj.weight",
+    "embed_norm.weight": "enorm.weight",
+    "hidden_norm.weight": "hnorm.weight",
+    "norm.weight": "norm.weight",
+    "readout.proj.weight": "hc_head_fn",
+    "readout.bias": "hc_head_base",
+    "readout.alpha": "hc_head_scale",
+    "block.attention_norm.weight": "attn_norm.weight",
+    "block.ffn_norm.weight": "ffn_norm.weight",
+    "block.attention.w_q_down.weight": "attn.wq_a.weight",
+    "block.attention.q_norm.weight": "attn.q_norm.weight",
+    "block.attention.w_q_up.weight": "attn.wq_b.weight",
+    "block.attention.w_kv.weight": "attn.wkv.weight",
+    "block.attention.kv_norm.weight": "attn.kv_norm.weight",
+    "block.attention.w_o_groups.weight": "attn.wo_a.weight",
+    "block.attention.w_o.weight": "attn.wo_b.weight",
+    "block.attention.sinks": "attn.attn_sink",
+    "block.ffn.router.weight": "ffn.gate.weight",
+}
+UPSTREAM_SWIGLU = {"w_gate": "w1", "w_down": "w2", "w_up": "w3"}
 
 
 def hf_incompatibilities(cfg: ModelConfig) -> list[str]:
@@ -151,6 +178,28 @@ def hf_tensor_plan(cfg: ModelConfig) -> dict[str, HFTensor]:
         for sublayer, hf_sublayer in HYPER_CONNECTIONS:
             plan.update(_hyper_connection(f"{mine}{sublayer}.", f"{theirs}{hf_sublayer}.", n))
         plan.update(_moe(cfg, layer, mine + "ffn.", theirs + "mlp."))
+    return plan
+
+
+def mtp_tensor_plan(cfg: ModelConfig) -> dict[str, HFTensor]:
+    """The MTP depths' tensors under DeepSeek's released names (experts one by one)."""
+    plan, n = {}, cfg.residual.n_streams
+    for k in range(cfg.mtp.depth):
+        mine = theirs = f"mtp.{k}."
+        for name, upstream in MTP_NAMES.items():
+            plan[theirs + upstream] = HFTensor((mine + name,), _same)
+        for sublayer, upstream in (("attention_residual", "hc_attn_"), ("ffn_residual", "hc_ffn_")):
+            plan.update(_hyper_connection(f"{mine}block.{sublayer}.", theirs + upstream, n))
+        ffn = mine + "block.ffn."
+        plan[theirs + "ffn.gate.bias"] = HFTensor((ffn + "router.bias",), lambda b: b.float())
+        for ours, upstream in UPSTREAM_SWIGLU.items():
+            plan[f"{theirs}ffn.shared_experts.{upstream}.weight"] = HFTensor(
+                (f"{ffn}shared.{ours}.weight",), _same
+            )
+            for expert in range(cfg.moe.num_experts):
+                plan[f"{theirs}ffn.experts.{expert}.{upstream}.weight"] = HFTensor(
+                    (f"{ffn}experts.{ours}",), lambda w, e=expert: w[e].t().contiguous()
+                )
     return plan
 
 

@@ -37,8 +37,13 @@ class ParameterCount:
         }
 
 
+def block_count(cfg: ModelConfig) -> int:
+    """The main blocks and one full block per MTP depth (numbered after them)."""
+    return cfg.num_layers + cfg.mtp.depth
+
+
 def moe_layer_count(cfg: ModelConfig) -> int:
-    return sum(cfg.moe.is_moe_layer(layer) for layer in range(cfg.num_layers))
+    return sum(cfg.moe.is_moe_layer(layer) for layer in range(block_count(cfg)))
 
 
 def expert_size(cfg: ModelConfig) -> int:
@@ -91,13 +96,14 @@ def count_parameters(cfg: ModelConfig) -> ParameterCount:
     memory_dim = heads * cfg.engram.embed_dim
     engram = rows * cfg.engram.embed_dim + memory_dim * (n + 1) * c + c + cfg.engram.conv_kernel * c
     moe_layers, engram_layers = moe_layer_count(cfg), len(cfg.engram.layers)
-    attention = sum(attention_size(cfg, layer) for layer in range(cfg.num_layers))
-    blocks = attention + cfg.num_layers * 2 * residual + engram_layers * engram
-    blocks += moe_layers * moe_ffn + (cfg.num_layers - moe_layers) * dense_ffn
+    layers = block_count(cfg)
+    attention = sum(attention_size(cfg, layer) for layer in range(layers))
+    blocks = attention + layers * 2 * residual + engram_layers * engram
+    blocks += moe_layers * moe_ffn + (layers - moe_layers) * dense_ffn
     embeddings = cfg.vocab_size * c * (1 if cfg.tie_embeddings else 2)
     readout = n * c * n + 1 + n if hyper else 0
-    mtp_depth = 2 * c + 2 * c * c + dense_ffn  # norms, projection, dense block
-    mtp = sum(mtp_depth + attention_size(cfg, cfg.num_layers + k) for k in range(cfg.mtp.depth))
+    mtp_inputs = 2 * c + 2 * c * c  # norms and projections of the hidden state and embedding
+    mtp = cfg.mtp.depth * (mtp_inputs + readout + c)  # + its own readout and final norm
     total = embeddings + blocks + readout + c + mtp
     tables = engram_layers * rows * cfg.engram.embed_dim
     inactive = (

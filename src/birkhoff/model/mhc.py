@@ -163,11 +163,19 @@ def residual_stats(model: nn.Module) -> dict[str, float]:
     layers = hyper_connections(model)
     if not layers or layers[0].last_h_res is None:
         return {}
-    return stats_of(take_deviation(layers), composite_mapping(layers), layers[0].cfg.mode)
+    composite = composite_mapping(main_path_connections(model))
+    return stats_of(take_deviation(layers), composite, layers[0].cfg.mode)
 
 
 def hyper_connections(model: nn.Module) -> list[HyperConnection]:
     return [m for m in model.modules() if isinstance(m, HyperConnection)]
+
+
+def main_path_connections(model: nn.Module) -> list[HyperConnection]:
+    """The hyper-connections of the main blocks, in order: the composite mapping's factors
+    (an MTP depth branches off the main residual, on fewer positions)."""
+    blocks = getattr(model, "blocks", None)
+    return hyper_connections(model if blocks is None else blocks)
 
 
 def take_deviation(layers: list[HyperConnection]) -> torch.Tensor:

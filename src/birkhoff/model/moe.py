@@ -162,6 +162,7 @@ class MoE(nn.Module):
         self.sequence_sum: Callable[[torch.Tensor], torch.Tensor] = _whole_sequences
         self.sequence_parts = 1
         self.sequence_index = 0  # which part of every sequence this rank holds
+        self.skipped_positions = 0  # MTP depth k's layer sees the first T - k positions
 
     def forward(
         self, x: torch.Tensor, token_ids: torch.Tensor | None = None

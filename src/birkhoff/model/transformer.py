@@ -16,7 +16,7 @@ from birkhoff.model.engram import PAD_ID, Engram
 from birkhoff.model.mhc import StreamReadout, build_residual
 from birkhoff.model.mlp import SwiGLU
 from birkhoff.model.moe import GroupedExperts, MoE, Router, hash_routing_table
-from birkhoff.model.mtp import MTPDepth, mtp_block_config, mtp_loss
+from birkhoff.model.mtp import MTPDepth, mtp_loss
 from birkhoff.model.norm import RMSNorm
 from birkhoff.model.rope import rope_tables
 from birkhoff.model.v4_attention import V4Attention
@@ -64,6 +64,8 @@ class Block(nn.Module):
         self.ffn_residual = build_residual(
             cfg.hidden_size, cfg.residual, kernel_backend, cfg.norm_eps
         )
+        if isinstance(self.ffn, MoE):
+            self.ffn.skipped_positions = max(0, layer - cfg.num_layers + 1)
 
     def forward(
         self,
@@ -186,11 +188,10 @@ class Transformer(nn.Module):
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, kernel_backend)
         self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        mtp_cfg = mtp_block_config(cfg)
-        self.mtp = nn.ModuleList(
+        self.mtp = nn.ModuleList(  # full blocks, numbered after the main ones
             MTPDepth(
                 cfg,
-                Block(mtp_cfg, cfg.num_layers + k, token_compression, kernel_backend),
+                Block(cfg, cfg.num_layers + k, token_compression, kernel_backend, pad_id),
                 kernel_backend,
             )
             for k in range(cfg.mtp.depth)
@@ -262,13 +263,13 @@ class Transformer(nn.Module):
         target_embeddings: torch.Tensor | None,
     ) -> torch.Tensor:
         """Next-token cross-entropy of the last blocks' residual, plus the weighted MTP loss
-        while training (`target_embeddings` = Emb(targets), needed only then)."""
+        and the MTP blocks' auxiliary losses while training (`target_embeddings` =
+        Emb(targets), needed only then)."""
         hidden = x if self.readout is None else self.readout(x)
-        logits = self._logits(hidden)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        loss = F.cross_entropy(self._logits(hidden).flatten(0, 1).float(), targets.flatten())
         if self.uses_mtp and target_embeddings is not None:
-            extra = mtp_loss(self.mtp, hidden, targets, target_embeddings, self._logits, ctx)
-            loss = loss + self.cfg.mtp.loss_weight * extra
+            extra, aux = mtp_loss(self.mtp, x, targets, target_embeddings, self.head, ctx)
+            loss = loss + self.cfg.mtp.loss_weight * extra + sum(aux)
         return loss
 
     def context(

@@ -13,14 +13,19 @@ from birkhoff.parallel import DistributedContext
 
 @torch.no_grad()
 def balance_experts(
-    parts: list[nn.Module], ctx: DistributedContext, routed_per_layer: int, apply: bool = True
+    parts: list[nn.Module],
+    ctx: DistributedContext,
+    routed_per_layer: int,
+    apply: bool = True,
+    sequences_per_step: int = 0,
 ) -> dict[str, float]:
     """Update router biases from the global loads; return the load summary for the metrics.
 
     `parts` are this rank's model chunks (pipeline stages hold different layers, so the
     summary is reduced over pp). `routed_per_layer` is tokens x top_k of the global batch:
-    what every MoE layer must have routed. There is no capacity limit, so no token can be
-    dropped: a layer that routed another number is a bug, and fails the step.
+    what every main MoE layer must have routed; an MTP depth's layer sees `skipped_positions`
+    fewer positions of each of the `sequences_per_step` sequences. There is no capacity limit,
+    so no token can be dropped: a layer that routed another number is a bug, and fails the step.
     `apply=False` (a skipped step) only clears the loads.
     """
     layers = [m for part in parts for m in part.modules() if isinstance(m, MoE)]
@@ -33,9 +38,14 @@ def balance_experts(
     worst = torch.full((3,), float("-inf"), dtype=torch.float64)
     if layers:
         counts = ctx.all_reduce_sum(torch.stack([layer.tokens_per_expert for layer in layers]))
-        if layers[0].sequence_parts > 1:  # sequence parallelism: each tp rank routed a slice
-            counts = ctx.all_reduce_sum(counts, "tp")
-        _check_every_token_routed(counts, routed_per_layer)
+        split = torch.tensor([layer.sequence_parts > 1 for layer in layers])
+        if split.any():  # sequence parallelism: each tp rank routed a slice (MTP's: all of it)
+            counts = torch.where(split[:, None], ctx.all_reduce_sum(counts, "tp"), counts)
+        expected = [
+            routed_per_layer - sequences_per_step * layer.skipped_positions * layer.cfg.top_k
+            for layer in layers
+        ]
+        _check_every_token_routed(counts, expected)
         for layer, load in zip(layers, counts, strict=True):
             layer.router.update_bias(load)
             layer.tokens_per_expert.zero_()
@@ -50,16 +60,15 @@ def balance_experts(
     }
 
 
-def _check_every_token_routed(counts: torch.Tensor, routed_per_layer: int) -> None:
+def _check_every_token_routed(counts: torch.Tensor, expected: list[int]) -> None:
     routed = counts.sum(-1).tolist()
-    wrong = [(index, int(total)) for index, total in enumerate(routed) if total != routed_per_layer]
-    if wrong:
-        index, total = wrong[0]
-        raise RuntimeError(
-            f"MoE layer {index} of this rank routed {total} token slots in the step, not "
-            f"{routed_per_layer} (tokens x top_k of the global batch): routing lost or "
-            "duplicated tokens"
-        )
+    for index, (total, wanted) in enumerate(zip(routed, expected, strict=True)):
+        if total != wanted:
+            raise RuntimeError(
+                f"MoE layer {index} of this rank routed {int(total)} token slots in the step, "
+                f"not {wanted} (tokens x top_k of the global batch): routing lost or "
+                "duplicated tokens"
+            )
 
 
 def _load_summary(loads: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ from birkhoff.model.mhc import (
     HyperConnection,
     composite_mapping,
     hyper_connections,
+    main_path_connections,
     stats_of,
     take_deviation,
 )
@@ -26,7 +27,8 @@ def residual_stats(parts: list[nn.Module], ctx: DistributedContext) -> dict[str,
         return {}
     deviation = take_deviation([layer for layers in per_part for layer in layers])
     deviation = ctx.all_reduce_max(deviation, None)
-    return stats_of(deviation, _composite_over_stages(per_part, ctx), per_part[0][0].cfg.mode)
+    main_path = [main_path_connections(part) for part in parts]
+    return stats_of(deviation, _composite_over_stages(main_path, ctx), per_part[0][0].cfg.mode)
 
 
 def _composite_over_stages(

@@ -122,6 +122,7 @@ class Trainer:
         self.heldout = heldout_windows(data, train_cfg.eval_batches * train_cfg.global_batch_size)
         self.tokens_per_step = train_cfg.global_batch_size * recipe.data.seq_len
         self.routed_per_layer = self.tokens_per_step * recipe.model.moe.top_k
+        self.sequences = train_cfg.global_batch_size
         self.stragglers = StragglerMonitor(
             ctx, device, recipe.logging.log_every, train_cfg.straggler_warn_ratio
         )
@@ -259,7 +260,9 @@ class Trainer:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-        experts = balance_experts(self.model_parts, self.ctx, self.routed_per_layer)
+        experts = balance_experts(
+            self.model_parts, self.ctx, self.routed_per_layer, sequences_per_step=self.sequences
+        )
         skipped = self.ctx.all_reduce_sum(
             torch.tensor(float(self.loader.skipped_records), device=self.device)
         )
