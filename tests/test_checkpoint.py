@@ -25,6 +25,7 @@ from birkhoff.data import open_data
 from birkhoff.launch.cli import main as cli_main
 from birkhoff.launch.recipe import load_recipe
 from birkhoff.model.config import ModelConfig
+from birkhoff.model.moe import Router
 from birkhoff.parallel import distributed
 from birkhoff.train.checkpointing import check_model
 from birkhoff.train.metrics import MetricLogger
@@ -56,6 +57,29 @@ def test_resume_continues_the_loss_curve_bit_for_bit(tmp_path):
         resumed["heldout_loss"]
         == json.loads((tmp_path / "full" / "summary.json").read_text())["heldout_loss"]
     )
+
+
+def test_a_checkpoint_without_hash_tables_resumes_bit_for_bit(tmp_path, monkeypatch, capsys):
+    """Checkpoints written before hash tables were saved (made here by not saving them) resume
+    with the table drawn from the seed, as the run that wrote them drew it."""
+    hashed = [*STEPS, "model.moe.hash_layers=1"]
+    with monkeypatch.context() as patch:
+        register = torch.nn.Module.register_buffer
+        patch.setattr(
+            Router,
+            "register_buffer",
+            lambda self, name, tensor, persistent=True: register(
+                self, name, tensor, persistent and name != "hash_table"
+            ),
+        )
+        train_in_process(tmp_path / "full", [*hashed, "checkpoint.every=3"])
+    step3 = tmp_path / "full" / "checkpoints" / "step-00000003"
+    assert not [n for n in tensor_metadata(step3) if n.endswith("hash_table")]
+    capsys.readouterr()
+    train_in_process(tmp_path / "resumed", [*hashed, f"train.resume={step3}"])
+    assert "has no model.blocks.1.ffn.router.hash_table" in capsys.readouterr().out
+    full, after = losses(tmp_path / "full"), losses(tmp_path / "resumed")
+    assert [after[s] for s in (4, 5, 6)] == [full[s] for s in (4, 5, 6)]
 
 
 def test_auto_resume_ignores_a_half_written_directory_and_keeps_the_newest(tmp_path):

@@ -58,7 +58,7 @@ def export_safetensors(
         found = read_tensors(path, [MODEL_PREFIX + n for n in names])
         return {n: found[MODEL_PREFIX + n] for n in names}
 
-    return _write(out, sizes, tensors, _config(path, meta, dtype), dtype, max_shard_gib)
+    return write_weights(out, sizes, tensors, _config(path, meta, dtype), dtype, max_shard_gib)
 
 
 def export_hf(
@@ -93,7 +93,7 @@ def export_hf(
         "torch_dtype": dtype or "float32",
         **hf_config_kwargs(cfg),
     }
-    return _write(out, sizes, tensors, config, dtype, max_shard_gib)
+    return write_weights(out, sizes, tensors, config, dtype, max_shard_gib)
 
 
 def _check_target(path: Path, out: Path, dtype: str | None) -> Path:
@@ -105,7 +105,7 @@ def _check_target(path: Path, out: Path, dtype: str | None) -> Path:
     return out
 
 
-def _write(
+def write_weights(
     out: Path,
     sizes: dict[str, int],
     tensors: Callable[[list[str]], dict[str, torch.Tensor]],
@@ -130,6 +130,7 @@ def _write(
             metadata={"format": "pt"},
         )
         weight_map.update(dict.fromkeys(names, file_name))
+        del made  # before the next file's tensors are made: one file in memory at a time
     if len(files) > 1:
         index_file = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
         write_text_atomic(staging / INDEX, json.dumps(index_file, indent=1, sort_keys=True))

@@ -21,7 +21,6 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from birkhoff.model.config import ModelConfig
-from birkhoff.model.transformer import hash_table_of
 
 LAYER_TYPES = {
     "sliding": "sliding_attention",
@@ -140,21 +139,26 @@ def hf_config_kwargs(cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
-@dataclass(frozen=True)
-class HFTensor:
-    """One of transformers' tensors: made by `combine` from our tensors named `sources`."""
-
-    sources: tuple[str, ...]
-    combine: Callable[..., torch.Tensor]
-
-
 def _same(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def _one(tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return (tensor,)
+
+
+@dataclass(frozen=True)
+class HFTensor:
+    """One of transformers' tensors: made by `combine` from our tensors named `sources`, and
+    taken apart into them again by `split` (None: one of several that make one of ours)."""
+
+    sources: tuple[str, ...]
+    combine: Callable[..., torch.Tensor]
+    split: Callable[[torch.Tensor], tuple[torch.Tensor, ...]] | None = _one
+
+
 def hf_tensor_plan(cfg: ModelConfig) -> dict[str, HFTensor]:
-    """transformers' DeepseekV4ForCausalLM state dict, name by name, from ours (a hash layer's
-    token -> experts table from the seed, as the model draws it)."""
+    """transformers' DeepseekV4ForCausalLM state dict, name by name, from ours."""
     problems = hf_incompatibilities(cfg)
     if problems:
         raise ValueError("; ".join(problems))
@@ -198,7 +202,7 @@ def mtp_tensor_plan(cfg: ModelConfig) -> dict[str, HFTensor]:
             )
             for expert in range(cfg.moe.num_experts):
                 plan[f"{theirs}ffn.experts.{expert}.{upstream}.weight"] = HFTensor(
-                    (f"{ffn}experts.{ours}",), lambda w, e=expert: w[e].t().contiguous()
+                    (f"{ffn}experts.{ours}",), lambda w, e=expert: w[e].t().contiguous(), None
                 )
     return plan
 
@@ -225,10 +229,15 @@ def _hyper_connection(mine: str, theirs: str, n: int) -> dict[str, HFTensor]:
     """fn rows and base entries of the residual matrix in transformers' (transposed) order."""
     order = torch.cat((torch.arange(2 * n), 2 * n + torch.arange(n * n).view(n, n).t().flatten()))
     return {
-        theirs + "fn": HFTensor((mine + "proj.weight",), lambda proj: proj[order]),
+        theirs + "fn": HFTensor(
+            (mine + "proj.weight",),
+            lambda proj: proj[order],
+            lambda fn: (fn[torch.argsort(order)],),
+        ),
         theirs + "base": HFTensor(
             (mine + "bias_pre", mine + "bias_post", mine + "bias_res"),
             lambda pre, post, res: torch.cat((pre, post, res.t().flatten())),
+            lambda base: (base[:n], base[n : 2 * n], base[2 * n :].view(n, n).t().contiguous()),
         ),
         theirs + "scale": HFTensor((mine + "alpha",), _same),
     }
@@ -237,8 +246,7 @@ def _hyper_connection(mine: str, theirs: str, n: int) -> dict[str, HFTensor]:
 def _moe(cfg: ModelConfig, layer: int, mine: str, theirs: str) -> dict[str, HFTensor]:
     plan = {theirs + "gate.weight": HFTensor((mine + "router.weight",), _same)}
     if cfg.moe.is_hash_layer(layer):
-        table = hash_table_of(cfg, layer)
-        plan[theirs + "gate.tid2eid"] = HFTensor((), lambda: table.long())
+        plan[theirs + "gate.tid2eid"] = HFTensor((mine + "router.hash_table",), _same)
     else:
         plan[theirs + "gate.e_score_correction_bias"] = HFTensor(
             (mine + "router.bias",), lambda bias: bias.float()
@@ -246,9 +254,12 @@ def _moe(cfg: ModelConfig, layer: int, mine: str, theirs: str) -> dict[str, HFTe
     plan[theirs + "experts.gate_up_proj"] = HFTensor(
         (mine + "experts.w_gate", mine + "experts.w_up"),
         lambda gate, up: torch.cat((gate, up), dim=2).transpose(1, 2),
+        lambda gate_up: tuple(half.transpose(1, 2).contiguous() for half in gate_up.chunk(2, 1)),
     )
     plan[theirs + "experts.down_proj"] = HFTensor(
-        (mine + "experts.w_down",), lambda down: down.transpose(1, 2)
+        (mine + "experts.w_down",),
+        lambda down: down.transpose(1, 2),
+        lambda down: (down.transpose(1, 2).contiguous(),),
     )
     for name, hf_name in (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj")):
         plan[f"{theirs}shared_experts.{hf_name}.weight"] = HFTensor(

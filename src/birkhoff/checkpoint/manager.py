@@ -39,6 +39,7 @@ from birkhoff.atomic import write_text_atomic
 from birkhoff.checkpoint import codec
 from birkhoff.checkpoint.background import BackgroundWriter
 from birkhoff.checkpoint.config import CheckpointConfig
+from birkhoff.checkpoint.contents import tensor_metadata
 from birkhoff.checkpoint.errors import CheckpointError
 from birkhoff.checkpoint.integrity import (
     CHECKSUMS,
@@ -66,6 +67,8 @@ META = "meta.json"
 RANKS = "ranks"
 PREFIX = "step-"
 STEP_NAME = re.compile(r"step-(\d+)(\.tmp)?")  # a checkpoint, or one being written
+
+HASH_TABLE = ".router.hash_table"  # a hash-routed MoE layer's token -> experts table
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -321,6 +324,12 @@ class CheckpointManager:
         saved step; returns meta.json. Collective."""
         meta = read_meta(path)
         tensors = state.tensors()
+        saved = tensor_metadata(path)
+        for name in [n for n in tensors if n.endswith(HASH_TABLE) and n not in saved]:
+            # Written before hash tables were saved: the seed draws the same table again.
+            del tensors[name]
+            if self.rank == 0:
+                print(f"birkhoff: {path} has no {name}; drawn from model.moe.hash_seed")
         load_checkpoint_tensors(tensors, path)
         state.load_tensors(tensors)
         state.restore_schedule(int(meta["step"]))

@@ -14,13 +14,20 @@ from birkhoff.data.plan import (
 )
 from birkhoff.data.prepare import prepare_source
 from birkhoff.data.shards import verify_checksums
-from birkhoff.data.tokenizer import cached_model_path, train_tokenizer
+from birkhoff.data.tokenizer import SENTENCEPIECE, cached_model_path, train_tokenizer
 from birkhoff.errors import RecipeError, require
 
 
 def write_tokenizer_model(cfg: DataConfig) -> Path:
     """Train a tokenizer on the training split of the recipe's raw sources; it goes to
     `data.tokenizer.path` (never over an existing file), or to the cache when that is null."""
+    require(
+        cfg.tokenizer.kind == SENTENCEPIECE,
+        "data.tokenizer.kind",
+        cfg.tokenizer.kind,
+        "`birkhoff data tokenizer` trains sentencepiece models only: an hf tokenizer is the "
+        "tokenizer.json you already have, named by data.tokenizer.path",
+    )
     sources = resolve_sources(cfg)
     require(
         any(source.format != "prepared" for source in sources),

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from birkhoff.errors import require, require_choice
 
+TOKENIZER_KINDS = ("sentencepiece", "hf")
 TOKENIZER_TYPES = ("bpe", "unigram")
 SOURCE_FORMATS = ("auto", "text", "jsonl", "parquet", "prepared")
 SAMPLE_BY = ("document", "paragraph", "line")
@@ -16,10 +17,17 @@ SPECIAL_IDS = ("unk_id", "bos_id", "eos_id", "pad_id")
 
 @dataclass
 class TokenizerConfig:
-    """A sentencepiece model: `path` to use one, or null to train one on the sources at first use
-    (`birkhoff data tokenizer` trains one explicitly and writes it to `path`)."""
+    """`kind: sentencepiece`: a sentencepiece model; `path` to use one, or null to train one on the
+    sources at first use (`birkhoff data tokenizer` trains one explicitly and writes it to `path`).
+    `kind: hf`: a Hugging Face `tokenizer.json` (or a directory holding one) at `path`, never
+    trained here; its eos/pad tokens come from the `tokenizer_config.json` beside it, else from
+    `eos_token`/`pad_token`. The other keys are sentencepiece settings; `vocab_size` is also what
+    the model recipes take `model.vocab_size` from, so with hf set it to the file's size."""
 
+    kind: str = "sentencepiece"
     path: str | None = None
+    eos_token: str | None = None
+    pad_token: str | None = None
     vocab_size: int = 4096
     model_type: str = "bpe"
     character_coverage: float = 1.0
@@ -30,6 +38,27 @@ class TokenizerConfig:
     train_chars: int = 50_000_000
 
     def validate(self, prefix: str) -> None:
+        require_choice(f"{prefix}.kind", self.kind, TOKENIZER_KINDS)
+        if self.kind == "hf":
+            require(
+                self.path is not None,
+                f"{prefix}.path",
+                self.path,
+                f"is required with {prefix}.kind=hf: a tokenizer.json, or a directory holding "
+                "one (hf tokenizers are used as shipped, not trained here)",
+            )
+            return
+        for name in ("eos_token", "pad_token"):
+            require(
+                getattr(self, name) is None,
+                f"{prefix}.{name}",
+                getattr(self, name),
+                f"applies to {prefix}.kind=hf only: a sentencepiece model has "
+                f"{prefix}.{name.replace('token', 'id')}; set it to null",
+            )
+        self._validate_sentencepiece(prefix)
+
+    def _validate_sentencepiece(self, prefix: str) -> None:
         require(
             self.vocab_size >= MIN_VOCAB,
             f"{prefix}.vocab_size",

@@ -30,6 +30,7 @@ from birkhoff.data.plan import DataPlan
 from birkhoff.data.shards import PreparedSplit
 from birkhoff.data.sources import DataError, ResolvedSource
 from birkhoff.data.stream import WindowPacker, keep_as_is
+from birkhoff.data.tokenizer import describe_identity, same_tokenizer
 from birkhoff.data.workers import ignore_stop_signals
 
 STATE_VERSION = 1
@@ -169,7 +170,7 @@ class TrainLoader:
             source,
             spec,
             cfg.seq_len,
-            str(self.plan.tokenizer.path),
+            self.plan.tokenizer,
             cfg.on_bad_record == "skip",
             cfg.num_workers,
             shuffle_buffer=cfg.shuffle_buffer if cfg.shuffle else 0,
@@ -228,12 +229,11 @@ class TrainLoader:
         mine = self.state_dict()
         if state.get("version") != STATE_VERSION:
             raise DataError(f"loader state version {state.get('version')} is not {STATE_VERSION}")
-        if state["tokenizer"]["sha256"] != mine["tokenizer"]["sha256"]:
+        if not same_tokenizer(state["tokenizer"], mine["tokenizer"]):
             raise DataError(
-                f"the run being resumed used tokenizer {state['tokenizer']['path']} (sha256 "
-                f"{state['tokenizer']['sha256'][:12]}); this one has {mine['tokenizer']['path']} "
-                f"(sha256 {mine['tokenizer']['sha256'][:12]}): resume with the same "
-                "data.tokenizer.path"
+                f"the run being resumed used tokenizer {describe_identity(state['tokenizer'])}; "
+                f"this one has {describe_identity(mine['tokenizer'])}: resume with the same "
+                "data.tokenizer.kind and data.tokenizer.path"
             )
         for key in ("sources", "seq_len", "seed"):
             if state[key] != mine[key]:
@@ -292,7 +292,7 @@ def _heldout_of(plan: DataPlan, index: int, needed: int) -> list[np.ndarray]:
             source,
             spec,
             cfg.seq_len,
-            str(plan.tokenizer.path),
+            plan.tokenizer,
             cfg.on_bad_record == "skip",
             workers=0,
             epochs=1,

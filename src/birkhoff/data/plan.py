@@ -15,8 +15,18 @@ from birkhoff.data.config import DataConfig
 from birkhoff.data.documents import TRAIN, SplitSpec, StreamPosition, rank_records
 from birkhoff.data.shards import read_manifest
 from birkhoff.data.sources import DataError, ResolvedSource, resolve_source
-from birkhoff.data.tokenizer import Tokenizer, cached_model_path, train_tokenizer
-from birkhoff.errors import RecipeError
+from birkhoff.data.tokenizer import (
+    SENTENCEPIECE,
+    SentencePieceTokenizer,
+    Tokenizer,
+    cached_model_path,
+    describe_identity,
+    identity_kind,
+    load_tokenizer,
+    same_tokenizer,
+    train_tokenizer,
+)
+from birkhoff.errors import require
 
 CACHE_ENV = "BIRKHOFF_CACHE_DIR"
 
@@ -62,11 +72,12 @@ def open_data(cfg: DataConfig) -> DataPlan:
 
 def check_prepared_tokenizer(source: ResolvedSource, tokenizer: Tokenizer, index: int) -> None:
     used = read_manifest(Path(source.files[0]))["tokenizer"]
-    if used["sha256"] != tokenizer.sha256():
+    if not same_tokenizer(used, tokenizer.identity()):
         raise DataError(
             f"data.sources.{index}: {source.config.path} was prepared with tokenizer "
-            f"{used['path']} (sha256 {used['sha256'][:12]}), this run uses {tokenizer.path} "
-            f"(sha256 {tokenizer.sha256()[:12]}): prepare it again, or set data.tokenizer.path"
+            f"{describe_identity(used)}, this run uses {describe_identity(tokenizer.identity())}: "
+            "prepare it again, or set data.tokenizer.kind and data.tokenizer.path to the ones "
+            "it was prepared with"
         )
 
 
@@ -96,20 +107,20 @@ def text_fingerprint(cfg: DataConfig, sources: list[ResolvedSource]) -> str:
 
 
 def _tokenizer(cfg: DataConfig, sources: list[ResolvedSource]) -> Tokenizer:
-    if cfg.tokenizer.path is not None:
-        path = Path(cfg.tokenizer.path).expanduser()
-        if not path.is_file():
-            raise RecipeError(
-                "data.tokenizer.path",
-                cfg.tokenizer.path,
-                "does not exist: train one with `birkhoff data tokenizer "
-                f"data.tokenizer.path={cfg.tokenizer.path}`, or set it to null to train on the fly",
-            )
-        return Tokenizer(path)
+    if cfg.tokenizer.path is not None or cfg.tokenizer.kind != SENTENCEPIECE:
+        return load_tokenizer(cfg.tokenizer)  # hf: never trained, so a path is required
     prepared = [s for s in sources if s.format == "prepared"]
     if prepared:  # read everything with the tokenizer the shards were made with
-        return Tokenizer(read_manifest(Path(prepared[0].files[0]))["tokenizer"]["path"])
+        used = read_manifest(Path(prepared[0].files[0]))["tokenizer"]
+        require(
+            identity_kind(used) == SENTENCEPIECE,
+            "data.tokenizer.kind",
+            cfg.tokenizer.kind,
+            f"{prepared[0].config.path} was prepared with tokenizer {describe_identity(used)}: "
+            f"set data.tokenizer.kind={identity_kind(used)} data.tokenizer.path={used['path']}",
+        )
+        return SentencePieceTokenizer(used["path"])
     model_path = cached_model_path(cfg.tokenizer, text_fingerprint(cfg, sources), cache_dir(cfg))
     if model_path.is_file():
-        return Tokenizer(model_path)
+        return SentencePieceTokenizer(model_path)
     return train_tokenizer(cfg.tokenizer, training_texts(cfg, sources), model_path)

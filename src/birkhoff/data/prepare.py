@@ -35,7 +35,7 @@ from birkhoff.data.sources import (
     describe,
     read_records,
 )
-from birkhoff.data.tokenizer import Tokenizer
+from birkhoff.data.tokenizer import Tokenizer, identity_kind
 
 SPLITS = (TRAIN, HELDOUT)
 
@@ -47,7 +47,7 @@ def prepare_source(
     settings = _settings(source, tokenizer, cfg)
     _claim(output, settings)
     units = [f for f in range(len(source.files)) if not _done(output, f).is_file()]
-    jobs = [(source, tokenizer.path, cfg, output, f) for f in units]
+    jobs = [(source, tokenizer, cfg, output, f) for f in units]
     with _progress(show) as progress:
         task = progress.add_task(f"prepare {source.name}", total=len(source.files))
         progress.advance(task, len(source.files) - len(units))
@@ -77,6 +77,11 @@ def _claim(output: Path, settings: dict[str, Any]) -> None:
     path = output / PREPARE_SETTINGS
     if path.is_file():
         previous = json.loads(path.read_text())
+        # Preparations begun before tokenizers had kinds were sentencepiece: resume them.
+        previous["tokenizer"] = {
+            **previous["tokenizer"],
+            "kind": identity_kind(previous["tokenizer"]),
+        }
         if previous != settings:
             changed = sorted(k for k in settings if previous.get(k) != settings[k])
             raise DataError(
@@ -93,9 +98,8 @@ def _done(output: Path, f: int) -> Path:
     return output / f"shards/{f:05d}.done.json"
 
 
-def _prepare_unit(job: tuple[ResolvedSource, Path, DataConfig, Path, int]) -> int:
-    source, tokenizer_path, cfg, output, f = job
-    tokenizer = Tokenizer(tokenizer_path)
+def _prepare_unit(job: tuple[ResolvedSource, Tokenizer, DataConfig, Path, int]) -> int:
+    source, tokenizer, cfg, output, f = job
     spec = SplitSpec(HELDOUT, cfg.heldout_period, cfg.split_seed, 0, 0, False)
     streams: dict[str, list[np.ndarray]] = {split: [] for split in SPLITS}
     skipped = 0

@@ -33,28 +33,28 @@ class TokenizedDocument:
 
 
 class TokenizedDocuments(torch.utils.data.IterableDataset):
-    """Chunks (lists of TokenizedDocument) of one rank's records, from `start` on."""
+    """Chunks (lists of TokenizedDocument) of one rank's records, from `start` on. Worker
+    processes get `tokenizer` by fork, or pickled as what loads it again (never the loaded one)."""
 
     def __init__(
         self,
         source: ResolvedSource,
         spec: SplitSpec,
         start: StreamPosition,
-        tokenizer_path: str,
+        tokenizer: Tokenizer,
         skip_bad: bool,
         epochs: int | None = None,
     ) -> None:
         self.source, self.spec, self.start = source, spec, start
-        self.tokenizer_path, self.skip_bad, self.epochs = tokenizer_path, skip_bad, epochs
+        self.tokenizer, self.skip_bad, self.epochs = tokenizer, skip_bad, epochs
 
     def __iter__(self) -> Iterator[list[TokenizedDocument]]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        tokenizer = Tokenizer(self.tokenizer_path)  # loaded per worker: cheap, and not pickled
         records = rank_records(self.source, self.spec, self.start, self.epochs)
         for index, chunk in enumerate(_chunks(records)):
             if index % workers == worker:
-                yield [self._tokenize(tokenizer, item) for item in chunk]
+                yield [self._tokenize(self.tokenizer, item) for item in chunk]
 
     def _tokenize(self, tokenizer: Tokenizer, item: SourceRecord) -> TokenizedDocument:
         record = item.record
@@ -103,14 +103,14 @@ class WindowPacker:
         source: ResolvedSource,
         spec: SplitSpec,
         seq_len: int,
-        tokenizer_path: str,
+        tokenizer: Tokenizer,
         skip_bad: bool,
         workers: int,
         epochs: int | None = None,
         shuffle_buffer: int = 0,
     ) -> None:
         self.source, self.spec, self.seq_len = source, spec, seq_len
-        self.tokenizer_path, self.skip_bad = tokenizer_path, skip_bad
+        self.tokenizer, self.skip_bad = tokenizer, skip_bad
         self.workers, self.epochs, self.shuffle_buffer = workers, epochs, shuffle_buffer
         self.position = StreamPosition()
         self.carry = np.zeros(0, dtype=np.int32)
@@ -175,7 +175,7 @@ class WindowPacker:
 
     def _start(self) -> Iterator[TokenizedDocument]:
         dataset = TokenizedDocuments(
-            self.source, self.spec, self.position, self.tokenizer_path, self.skip_bad, self.epochs
+            self.source, self.spec, self.position, self.tokenizer, self.skip_bad, self.epochs
         )
         loader = torch.utils.data.DataLoader(
             dataset,

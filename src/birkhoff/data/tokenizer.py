@@ -1,5 +1,6 @@
-"""sentencepiece tokenizer: load one, or train one from text once (cached by its settings and
-the fingerprint of the text it was trained on)."""
+"""The tokenizer interface the data pipeline uses, `load_tokenizer` for every kind, and the
+sentencepiece kind: load a model, or train one from text once (cached by its settings and the
+fingerprint of the text it was trained on). The hf kind is in hf_tokenizer.py."""
 
 from __future__ import annotations
 
@@ -7,20 +8,99 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import sentencepiece as spm
 
-from birkhoff.data.config import TokenizerConfig
-from birkhoff.errors import RecipeError
+from birkhoff.data.config import TOKENIZER_KINDS, TokenizerConfig
+from birkhoff.data.hf_tokenizer import HF, HFTokenizer
+from birkhoff.errors import RecipeError, require_choice
 
 NEWLINE = "\n"
+SENTENCEPIECE = "sentencepiece"
 
 
-class Tokenizer:
+class Tokenizer(Protocol):
+    """What the data pipeline, Engram and the run records need of a tokenizer, of any kind."""
+
+    kind: str
+    path: Path
+    vocab_size: int
+    eos_id: int
+    pad_id: int
+    newline_id: int | None
+
+    def encode_lines(self, lines: list[str]) -> list[list[int]]: ...
+
+    def encode_document(self, text: str) -> np.ndarray: ...
+
+    def pieces(self) -> list[str]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+    def sha256(self) -> str: ...
+
+    def identity(self) -> dict[str, str]: ...
+
+
+def load_tokenizer(cfg: TokenizerConfig) -> Tokenizer:
+    """The tokenizer of `cfg.kind` at `cfg.path`; a null path or a missing file is a RecipeError
+    (a sentencepiece model without a path is trained instead, by plan.py; hf never is)."""
+    require_choice("data.tokenizer.kind", cfg.kind, TOKENIZER_KINDS)
+    if cfg.path is None:
+        raise RecipeError(
+            "data.tokenizer.path",
+            None,
+            f"is required with data.tokenizer.kind={cfg.kind}: "
+            + ("a tokenizer.json, or a directory holding one" if cfg.kind == HF else "a model"),
+        )
+    path = Path(cfg.path).expanduser()
+    if cfg.kind == HF:
+        if not path.exists():
+            raise RecipeError(
+                "data.tokenizer.path",
+                cfg.path,
+                "does not exist: with data.tokenizer.kind=hf it names a tokenizer.json (or a "
+                "directory holding one), which is used as shipped and never trained here",
+            )
+        return HFTokenizer(path, cfg.eos_token, cfg.pad_token)
+    if not path.is_file():
+        raise RecipeError(
+            "data.tokenizer.path",
+            cfg.path,
+            "does not exist: train one with `birkhoff data tokenizer "
+            f"data.tokenizer.path={cfg.path}`, or set it to null to train on the fly",
+        )
+    return SentencePieceTokenizer(path)
+
+
+def identity_kind(identity: Mapping[str, Any]) -> str:
+    """The kind an identity records; records written before kinds existed are sentencepiece."""
+    return identity.get("kind", SENTENCEPIECE)
+
+
+def same_tokenizer(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Whether two identities tokenize alike: same kind, file contents and special tokens (the
+    path may differ: a model copied elsewhere is the same tokenizer)."""
+
+    def essence(identity: Mapping[str, Any]) -> dict[str, Any]:
+        kept = {key: value for key, value in identity.items() if key != "path"}
+        return {**kept, "kind": identity_kind(identity)}
+
+    return essence(a) == essence(b)
+
+
+def describe_identity(identity: Mapping[str, Any]) -> str:
+    return f"{identity_kind(identity)} {identity['path']} (sha256 {identity['sha256'][:12]})"
+
+
+class SentencePieceTokenizer:
     """A loaded sentencepiece model with the ids the data pipeline needs."""
+
+    kind = SENTENCEPIECE
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -32,6 +112,10 @@ class Tokenizer:
         self.pad_id = self._sp.pad_id()
         self.newline_id = self._sp.piece_to_id(NEWLINE)
         self._sha256: str | None = None
+
+    def __reduce__(self) -> tuple[type, tuple[Path]]:
+        # Pickled as its path (worker processes reload it): the processor itself is not needed.
+        return (SentencePieceTokenizer, (self.path,))
 
     def encode_lines(self, lines: list[str]) -> list[list[int]]:
         return self._sp.encode(lines)
@@ -58,7 +142,7 @@ class Tokenizer:
 
     def identity(self) -> dict[str, str]:
         """What a run dir records, and what a resume or a prepared shard must match."""
-        return {"path": str(self.path), "sha256": self.sha256()}
+        return {"kind": self.kind, "path": str(self.path), "sha256": self.sha256()}
 
 
 def cached_model_path(cfg: TokenizerConfig, text_fingerprint: str, cache_dir: Path) -> Path:
@@ -75,7 +159,9 @@ def cached_model_path(cfg: TokenizerConfig, text_fingerprint: str, cache_dir: Pa
     return cache_dir / "tokenizers" / f"{key}.model"
 
 
-def train_tokenizer(cfg: TokenizerConfig, texts: Iterable[str], model_path: Path) -> Tokenizer:
+def train_tokenizer(
+    cfg: TokenizerConfig, texts: Iterable[str], model_path: Path
+) -> SentencePieceTokenizer:
     """Train on the non-empty lines of `texts` (at most `cfg.train_chars` characters) and write
     the model to `model_path` through a temporary name, so no reader sees half a file."""
     model_path.parent.mkdir(parents=True, exist_ok=True)
@@ -108,7 +194,7 @@ def train_tokenizer(cfg: TokenizerConfig, texts: Iterable[str], model_path: Path
             ) from None
         os.chmod(f"{prefix}.model", 0o644)
         os.replace(f"{prefix}.model", model_path)
-    return Tokenizer(model_path)
+    return SentencePieceTokenizer(model_path)
 
 
 def _training_lines(texts: Iterable[str], max_chars: int) -> list[str]:

@@ -1,4 +1,5 @@
-"""`birkhoff ckpt inspect|export`: look into a checkpoint, or export its weights."""
+"""`birkhoff ckpt inspect|export|import`: look into a checkpoint, export its weights, or import
+a transformers DeepseekV4 checkpoint."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 from birkhoff.checkpoint import CheckpointError
 from birkhoff.checkpoint.export import DTYPES, export_hf, export_safetensors
+from birkhoff.checkpoint.hf_import import import_hf
 from birkhoff.checkpoint.inspect import describe_checkpoint, format_description
 
 
@@ -29,6 +31,12 @@ def ckpt_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, help="output directory (default: PATH-<to>)")
     export.add_argument("--dtype", choices=sorted(DTYPES), help="cast floating-point weights")
     export.add_argument("--max-shard-gib", type=float, default=5.0, help="largest file (5)")
+    imported = commands.add_parser("import", help="a transformers DeepseekV4 checkpoint")
+    imported.add_argument("--from", dest="source_format", choices=["hf"], required=True)
+    imported.add_argument("path", type=Path, help="config.json + safetensors files")
+    imported.add_argument("--out", type=Path, help="output directory (default: PATH-birkhoff)")
+    imported.add_argument("--dtype", choices=sorted(DTYPES), help="cast floating-point weights")
+    imported.add_argument("--max-shard-gib", type=float, default=5.0, help="largest file (5)")
     return parser
 
 
@@ -44,6 +52,14 @@ def ckpt_command(args: list[str]) -> int:
             return 0
         if parsed.max_shard_gib <= 0:
             raise CheckpointError(f"--max-shard-gib {parsed.max_shard_gib}: must be > 0")
+        if parsed.command == "import":
+            out = import_hf(parsed.path, parsed.out, parsed.dtype, parsed.max_shard_gib)
+            print(f"birkhoff: imported {parsed.path} to {out}")
+            print(
+                f"birkhoff: train from it with: birkhoff train train.init_from={out} (and its "
+                "model settings: a run with others is refused, naming them)"
+            )
+            return 0
         export = export_hf if parsed.to == "hf" else export_safetensors
         out = export(parsed.path, parsed.out, parsed.dtype, parsed.max_shard_gib)
     except (CheckpointError, OSError) as err:

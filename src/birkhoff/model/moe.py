@@ -53,7 +53,8 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, hidden_size))
         self.register_buffer("bias", torch.zeros(cfg.num_experts))  # saved with the model
         self.hash_table: torch.Tensor | None
-        self.register_buffer("hash_table", hash_table, persistent=False)  # from the seed
+        # Drawn from the seed, and saved: an imported table (V4's tid2eid) is not the seed's.
+        self.register_buffer("hash_table", hash_table)
 
     def reset_parameters(self, std: float) -> None:
         nn.init.normal_(self.weight, std=std)

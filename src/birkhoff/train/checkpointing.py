@@ -114,10 +114,10 @@ def resume(trainer: Trainer, manager: CheckpointManager) -> None:
 def check_model(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
     """Refuse a checkpoint of another model. A key the checkpoint lacks was added to birkhoff
     after it was written, with a default that keeps the old behaviour: it matches that default."""
-    recorded = {**_flatten(dataclasses.asdict(ModelConfig())), **_flatten(saved)}
+    recorded = {**flatten_config(dataclasses.asdict(ModelConfig())), **flatten_config(saved)}
     differences = [
         f"model.{key}: {recorded.get(key)!r} in the checkpoint, {value!r} now"
-        for key, value in _flatten(current).items()
+        for key, value in flatten_config(current).items()
         if recorded.get(key) != value
     ]
     if differences:
@@ -127,11 +127,11 @@ def check_model(saved: dict[str, Any], current: dict[str, Any], path: Path) -> N
         )
 
 
-def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in config.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten_config(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
     return flat

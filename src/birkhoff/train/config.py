@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from birkhoff.errors import require, require_choice
 
@@ -84,12 +85,22 @@ class TrainConfig:
     # null: start fresh; auto: the newest complete checkpoint of this run dir (fresh if none);
     # or the path of a checkpoint directory (step-N/).
     resume: str | None = None
+    # null, or the weights a fresh run starts from (step 0, new optimizer): a checkpoint
+    # directory, or one `birkhoff ckpt export --to safetensors` / `ckpt import --from hf` wrote.
+    init_from: str | None = None
     on_bad_step: str = "skip"
     max_bad_steps: int = 10
     hang_timeout_s: float | None = 900
     straggler_warn_ratio: float | None = 1.5
 
     def validate(self, dp_size: int, pp: int = 1, prefix: str = "train") -> None:
+        if self.init_from is not None:
+            require(
+                Path(self.init_from).is_dir(),
+                f"{prefix}.init_from",
+                self.init_from,
+                "must be an existing directory (a checkpoint, or an exported or imported one)",
+            )
         for name in ("steps", "global_batch_size", "eval_batches", "max_bad_steps"):
             value = getattr(self, name)
             require(value > 0, f"{prefix}.{name}", value, "must be a positive integer")

@@ -46,6 +46,7 @@ from birkhoff.train.checkpointing import (
 )
 from birkhoff.train.expert_balance import balance_experts
 from birkhoff.train.failures import ResidualConstraintError, TrainingError
+from birkhoff.train.init_from import load_initial_weights
 from birkhoff.train.metrics import MetricLogger
 from birkhoff.train.optim import build_optimizer
 from birkhoff.train.recipe import TrainRecipe
@@ -92,6 +93,8 @@ class Trainer:
         tokenizer = data.tokenizer
         compression = tokenizer_compression(tokenizer)
         model = build_model(recipe.model, recipe.backend.kernels, compression, tokenizer.pad_id)
+        if train_cfg.init_from:  # before parallelising: every layout takes the whole weights
+            load_initial_weights(model, Path(train_cfg.init_from), announce=ctx.rank == 0)
         self.model_cfg = model.cfg
         self.has_indexer = "csa" in model.cfg.attention.layer_types  # every rank: all CSA layers
         self.hasher = self._engram_hasher(compression)
