@@ -164,6 +164,9 @@ V4 = [
 ]
 V4_LAYOUTS = {
     "dp=2 (DDP)": ["parallel=data_parallel", MICRO_4],
+    # heads, output groups and indexer heads split; KV entry and compressors whole
+    "tp=2": ["parallel.tp=2", MICRO_4],
+    "tp=2 + sequence parallel": [*TP_SP, MICRO_4],
     "fsdp=2 x ep=2": ["parallel.dp_shard=2", "parallel.ep=2", MICRO_4],
     "pp=2 (1F1B)": ["parallel.pp=2", MICRO_4],
 }

@@ -33,6 +33,12 @@ def layout_error(overrides: list[str]) -> RecipeError:
             "parallel.tp",
             "must divide model.num_heads=6; use one of [1, 2]",
         ),
+        (  # V4 attention splits its output groups (and query and indexer heads) too
+            ["model.attention.kind=v4", "model.attention.o_groups=3", "parallel.tp=2",
+             "launch.nproc_per_node=2"],
+            "parallel.tp",
+            "must divide model.attention.o_groups=3; use one of [1]",
+        ),
         (
             ["parallel.dp_shard=3", "parallel.ep=3", "launch.nproc_per_node=3",
              "train.global_batch_size=24", "train.micro_batch_size=8"],

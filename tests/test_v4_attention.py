@@ -7,11 +7,14 @@ on the document by itself), and the indexer's loss is checked against a per-quer
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
+from test_train import train_in_process
 
+from birkhoff.checkpoint.contents import read_tensors, tensor_metadata
 from birkhoff.checkpoint.hf_deepseek_v4 import ATTENTION
 from birkhoff.model import compression
 from birkhoff.model.compression import block_entries, indexer_kl, topk_recall
@@ -236,3 +239,52 @@ def test_recall_counts_the_dense_top_k_entries_the_indexer_picked():
         expected_wanted += want
     assert (hits.item(), wanted.item()) == (expected_hits, expected_wanted)
     assert 0 < expected_hits < expected_wanted  # neither all nor nothing: the count matters
+
+
+def test_the_dense_warm_up_equals_top_k_when_k_covers_every_entry():
+    """With index_topk at least the number of entries the sparse layer keeps every visible one:
+    the dense warm-up must give the same output, indexer loss and gradients (its scores over
+    all entries against the scores at all picks)."""
+    x = torch.randn(2, 40, HIDDEN, generator=torch.Generator().manual_seed(11))
+    results = []
+    for dense in (False, True):
+        ours, _ = pair("csa", seed=12)
+        ours.cfg = dataclasses.replace(CFG, index_topk=64)  # > 40 / csa_ratio entries
+        ours.indexer.topk = 64
+        ours.dense_indexing = dense
+        losses: list[torch.Tensor] = []
+        out = ours(x, SequenceContext(), losses)
+        (out.square().mean() + losses[0]).backward()
+        grads = {n: p.grad.clone() for n, p in ours.named_parameters() if p.grad is not None}
+        results.append((out.detach(), losses[0].detach(), grads))
+    (sparse_out, sparse_loss, sparse_grads), (dense_out, dense_loss, dense_grads) = results
+    torch.testing.assert_close(dense_out, sparse_out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dense_loss, sparse_loss, rtol=1e-5, atol=1e-7)
+    assert sorted(dense_grads) == sorted(sparse_grads)
+    for name, grad in sparse_grads.items():
+        torch.testing.assert_close(dense_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_warm_up_steps_train_the_indexers_and_nothing_else(tmp_path):
+    """Steps 1-2 of a run with train.indexer_warmup_steps=2 change the indexers' weights and
+    nothing else (MoE balancing biases included); step 3 trains everything."""
+    overrides = [
+        "model.attention.kind=v4",
+        "model.attention.layer_types=[csa,hca]",
+        "model.attention.sliding_window=16",
+        "model.attention.hca_ratio=16",
+        "train.steps=3",
+        "train.indexer_warmup_steps=2",
+        "train.eval_every=0",
+        "optim.warmup_steps=0",
+        "checkpoint.every=1",
+    ]
+    train_in_process(tmp_path / "run", overrides)
+    steps = [tmp_path / "run" / "checkpoints" / f"step-{s:08d}" for s in (1, 2, 3)]
+    names = [n for n in tensor_metadata(steps[0]) if n.startswith("model.")]
+    first, second, third = (read_tensors(path, names) for path in steps)
+    changed = {n for n in names if not torch.equal(first[n], second[n])}
+    indexer = {n for n in names if ".attention.indexer." in n}
+    assert changed == indexer, changed ^ indexer
+    after = {n for n in names if not torch.equal(second[n], third[n])}
+    assert any(".router.bias" in n for n in after) and len(after) > len(indexer)

@@ -17,9 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from birkhoff.model.group_sums import shared_over, summed_over
 from birkhoff.model.norm import RMSNorm
 from birkhoff.model.rope import rotate_trailing
 
@@ -127,6 +129,7 @@ class LightningIndexer(nn.Module):
         self.compressor = KVCompressor(hidden, head_dim, ratio, True, eps, backend)
         self.w_q = nn.Linear(q_rank, heads * head_dim, bias=False)
         self.w_weights = nn.Linear(hidden, heads, bias=False)
+        self.head_group: dist.ProcessGroup | None = None  # see V4Attention.head_group
 
     def forward(
         self,
@@ -143,10 +146,7 @@ class LightningIndexer(nn.Module):
         selection scores all entries a block of queries at a time without gradients, so memory
         grows with T x k, not T x E."""
         batch, seq, _ = x.shape
-        keys = self.compressor(x, entries, inv_freq).float()
-        q = self.w_q(q_latent).view(batch, seq, self.heads, self.head_dim)
-        q = rotate_trailing(q, cos[:, :, None], sin[:, :, None]).float()
-        weights = self.w_weights(x).float() * self.heads**-0.5
+        keys, q, weights = self._inputs(x, q_latent, entries, cos, sin, inv_freq)
         k = min(self.topk, keys.shape[1])
         picks = torch.empty(batch, seq, k, dtype=torch.long, device=x.device)
         picked = torch.empty(batch, seq, k, dtype=torch.bool, device=x.device)
@@ -155,12 +155,45 @@ class LightningIndexer(nn.Module):
             for first in range(0, seq, block):
                 queries = slice(first, min(seq, first + block))
                 index = self._index(q[:, queries], keys, weights[:, queries])
+                index = summed_over(index, self.head_group)
                 index = index.masked_fill(~entries.visible(positions, queries), -torch.inf)
                 top = index.topk(k, dim=-1)
                 picks[:, queries], picked[:, queries] = top.indices, torch.isfinite(top.values)
         rows = torch.arange(batch, device=x.device)[:, None, None]
-        at_picks = self._index(q, keys[rows, picks], weights)
+        at_picks = summed_over(self._index(q, keys[rows, picks], weights), self.head_group)
         return picks, picked, at_picks.masked_fill(~picked, -torch.inf)
+
+    def score_all(
+        self,
+        x: torch.Tensor,
+        q_latent: torch.Tensor,
+        entries: BlockEntries,
+        positions: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        inv_freq: torch.Tensor,
+    ) -> torch.Tensor:
+        """Index scores (B, T, E) of every query against every entry, -inf where the entry is
+        not visible; differentiable (the dense warm-up's loss covers all entries)."""
+        keys, q, weights = self._inputs(x, q_latent, entries, cos, sin, inv_freq)
+        index = summed_over(self._index(q, keys, weights), self.head_group)
+        return index.masked_fill(~entries.visible(positions), -torch.inf)
+
+    def _inputs(
+        self,
+        x: torch.Tensor,
+        q_latent: torch.Tensor,
+        entries: BlockEntries,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        inv_freq: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Compressed keys (B, E, D), rotated queries (B, T, heads here, D), head weights."""
+        batch, seq, _ = x.shape
+        keys = shared_over(self.compressor(x, entries, inv_freq).float(), self.head_group)
+        q = self.w_q(q_latent).view(batch, seq, -1, self.head_dim)  # this process's heads
+        q = rotate_trailing(q, cos[:, :, None], sin[:, :, None]).float()
+        return keys, q, self.w_weights(x).float() * self.heads**-0.5
 
     def _index(self, q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """sum_h w[t, h] ReLU(q[t, h] . k) for queries (B, Q, H, D) against keys shared by all
@@ -197,6 +230,7 @@ def topk_recall(
     picks: torch.Tensor,
     picked: torch.Tensor,
     scale: float,
+    head_group: dist.ProcessGroup | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """How many of the entries dense attention weighs most the indexer picked: for queries
     q (S, H, D) against entries (E, D) they may see (S, E), the top-k entries by attention
@@ -205,6 +239,7 @@ def topk_recall(
     logits = torch.einsum("shd,ed->she", q.float(), values.float()) * scale
     logits = logits.masked_fill(~visible[:, None, :], -torch.inf)
     mass = torch.softmax(logits, dim=-1).nan_to_num(0.0).sum(1)  # (S, E); no entry: zeros
+    mass = summed_over(mass, head_group)
     k = picks.shape[-1]
     wanted = visible.sum(-1).clamp(max=k)
     best = mass.topk(k, dim=-1).indices

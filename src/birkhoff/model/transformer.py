@@ -105,9 +105,16 @@ class Block(nn.Module):
         their input first ("gather_seq", "gather_tokens"), and Engram, whose convolution reads
         earlier positions, runs on the whole sequence ("whole_seq"). Norms, mHC, router and
         routed experts then run on the slice."""
-        plan = {f"attention.{name}": "colwise" for name in ("wq", "wk", "wv")}
-        plan["attention.wo"] = "rowwise"
-        outputs = {"attention": "attention.wo"}  # sublayer -> its row-parallel output layer
+        if isinstance(self.attention, V4Attention):  # queries, output groups, indexer heads
+            plan = {"attention.w_q_up": "colwise", "attention.w_o_groups": "colwise"}
+            if self.attention.indexer is not None:
+                plan["attention.indexer.w_q"] = plan["attention.indexer.w_weights"] = "colwise"
+            output = "attention.w_o"
+        else:
+            plan = {f"attention.{name}": "colwise" for name in ("wq", "wk", "wv")}
+            output = "attention.wo"
+        plan[output] = "rowwise"
+        outputs = {"attention": output}  # sublayer -> its row-parallel output layer
         ffn = self.ffn if isinstance(self.ffn, SwiGLU) else getattr(self.ffn, "shared", None)
         if ffn is not None:
             prefix = "ffn" if ffn is self.ffn else "ffn.shared"
@@ -120,6 +127,8 @@ class Block(nn.Module):
             split = "tokens" if sublayer == "ffn.shared" else "seq"  # shared: (B*T, C) inputs
             plan[sublayer] = f"gather_{split}"
             plan[output] = f"rowwise_{split}"
+        if isinstance(self.attention, V4Attention):  # its whole-sequence layers are not split
+            plan["attention"] = "gather_seq_local"
         if self.engram is not None:
             plan["engram"] = "whole_seq"
         return plan

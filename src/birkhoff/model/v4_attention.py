@@ -13,8 +13,10 @@ in blocks of `sliding_window` queries against two blocks of keys.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from birkhoff.model.compression import (
     BlockEntries,
@@ -26,6 +28,7 @@ from birkhoff.model.compression import (
 )
 from birkhoff.model.config import AttentionConfig
 from birkhoff.model.context import SequenceContext
+from birkhoff.model.group_sums import shared_over, summed_over
 from birkhoff.model.norm import RMSNorm
 from birkhoff.model.recompute import recomputing
 from birkhoff.model.rope import rope_inv_freq, rotate_trailing
@@ -83,6 +86,12 @@ class V4Attention(nn.Module):
         )
         # Per training forward of a CSA layer: (indexer KL, 1, recall hits, recall wanted).
         self.recorded: list[torch.Tensor] = []
+        # Set when tensor parallelism splits the heads (sinks, output groups, indexer heads)
+        # over a process group; the KV entry and the compressors stay whole on every process.
+        self.head_group: dist.ProcessGroup | None = None
+        # The indexer's dense warm-up (train.indexer_warmup_steps): a CSA layer attends to every
+        # visible entry and its indexer learns the attention over all of them.
+        self.dense_indexing = False
 
     def forward(
         self, x: torch.Tensor, ctx: SequenceContext, aux_losses: list[torch.Tensor] | None = None
@@ -94,15 +103,16 @@ class V4Attention(nn.Module):
         angles = positions[..., None].float() * self.inv_freq
         cos, sin = angles.cos(), angles.sin()
         q_latent = self.q_norm(self.w_q_down(x))
-        q = self.w_q_up(q_latent).view(batch, seq, self.num_heads, self.head_dim)
+        q = self.w_q_up(q_latent).view(batch, seq, -1, self.head_dim)  # this process's heads
         q = F.rms_norm(q.float(), (self.head_dim,), eps=self.eps).to(q.dtype)
         q = rotate_trailing(q, cos[:, :, None], sin[:, :, None])
         kv = rotate_trailing(self.kv_norm(self.w_kv(x)), cos, sin)
+        kv = shared_over(kv, self.head_group)
         window_logits, window_keys = self._window_logits(q, kv, positions)
         entry_logits, entry_values, indexer_outputs = self._entries(
             x, q, q_latent, positions, cos, sin
         )
-        sinks = self.sinks.float().view(1, 1, -1, 1).expand(batch, seq, -1, 1)
+        sinks = _local(self.sinks).float().view(1, 1, -1, 1).expand(batch, seq, -1, 1)
         logits = torch.cat((window_logits, entry_logits, sinks), dim=-1)
         probs = torch.softmax(logits, dim=-1)
         width = window_logits.shape[-1]
@@ -112,14 +122,16 @@ class V4Attention(nn.Module):
         out = out + _entry_sum(p_entries, entry_values)
         if indexer_outputs is not None and aux_losses is not None:
             index, picked, recall = indexer_outputs
-            loss = indexer_kl(probs[..., width:-1].sum(-2), index, picked)
+            mass = summed_over(probs[..., width:-1].detach().sum(-2), self.head_group)
+            loss = indexer_kl(mass, index, picked)
             aux_losses.append(self.cfg.index_loss_weight * loss)
             if recall is not None:
                 one = torch.ones_like(recall[0])
                 self.recorded.append(torch.stack((loss.detach(), one, *recall)).double())
         out = rotate_trailing(out, cos[:, :, None], -sin[:, :, None])  # undo RoPE on values
-        groups = out.reshape(batch, seq, self.cfg.o_groups, -1)
-        weight = self.w_o_groups.weight.view(self.cfg.o_groups, self.cfg.o_lora_rank, -1)
+        weight = _local(self.w_o_groups.weight)  # this process's groups of heads
+        weight = weight.view(-1, self.cfg.o_lora_rank, weight.shape[-1])
+        groups = out.reshape(batch, seq, weight.shape[0], -1)
         mixed = torch.einsum("btgi,gri->btgr", groups, weight).flatten(2)
         return self.w_o(mixed)
 
@@ -171,12 +183,18 @@ class V4Attention(nn.Module):
         if self.compressor is None:
             return q.new_zeros(batch, seq, heads, 0, dtype=torch.float32), None, None
         entries: BlockEntries = block_entries(positions, self.compressor.ratio)
-        values = self.compressor(x, entries, self.inv_freq)
+        values = shared_over(self.compressor(x, entries, self.inv_freq), self.head_group)
         scale = self.head_dim**-0.5
-        if self.indexer is None:  # HCA: every visible entry
+        if self.indexer is None or self.dense_indexing:  # HCA, or CSA's warm-up: every entry
             visible = entries.visible(positions)
             logits = torch.einsum("bthd,bed->bthe", q.float(), values.float()) * scale
-            return logits.masked_fill(~visible[:, :, None, :], -torch.inf), values, None
+            logits = logits.masked_fill(~visible[:, :, None, :], -torch.inf)
+            if self.indexer is None:
+                return logits, values, None
+            index = self.indexer.score_all(  # inputs cut from the graph, as below
+                x.detach(), q_latent.detach(), entries, positions, cos, sin, self.inv_freq
+            )
+            return logits, values, (index, visible, None)
         # The indexer learns only from its own loss: its inputs are cut from the model's graph.
         picks, picked, index = self.indexer(
             x.detach(), q_latent.detach(), entries, positions, cos, sin, self.inv_freq
@@ -190,9 +208,14 @@ class V4Attention(nn.Module):
             sample = slice(max(0, seq - RECALL_QUERIES), seq)
             recall = topk_recall(
                 q[0, sample], values[0], entries.visible(positions, sample)[0],
-                picks[0, sample], picked[0, sample], scale,
+                picks[0, sample], picked[0, sample], scale, self.head_group,
             )  # fmt: skip
         return logits, chosen, (index, picked, recall)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's part of a parameter tensor parallelism split (the whole one otherwise)."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def _entry_sum(p: torch.Tensor, values: torch.Tensor | None) -> torch.Tensor | int:

@@ -190,25 +190,20 @@ class ParallelConfig:
             self._validate_pipeline(model, micro_batches, prefix)
 
     def _validate_tensor_parallel(self, model: ModelConfig, prefix: str) -> None:
-        require(
-            self.tp == 1 or model.attention.kind != "v4",
-            f"{prefix}.tp",
-            self.tp,
-            "must be 1 with model.attention.kind=v4 (its heads share one KV entry and its "
-            "indexer sums over heads; tensor parallelism of V4 attention is not built yet): "
-            "use fsdp, ep and pp",
-        )
-        sizes = {
-            "model.num_heads": model.num_heads,
-            "model.num_kv_heads": model.num_kv_heads,
-            "model.hidden_size": model.hidden_size,
-            "model.ffn_hidden_size": model.ffn_hidden_size,
-        }
+        sizes = {"model.num_heads": model.num_heads, "model.ffn_hidden_size": model.ffn_hidden_size}
+        attention = model.attention
+        if attention.kind == "v4":  # heads, output groups and indexer heads split; KV whole
+            sizes["model.attention.o_groups"] = attention.o_groups
+            sizes["model.attention.index_heads"] = attention.index_heads
+        else:
+            sizes["model.num_kv_heads"] = model.num_kv_heads
+            sizes["model.hidden_size"] = model.hidden_size
         if model.moe.num_experts and model.moe.num_shared_experts:
             shared = model.moe.num_shared_experts * model.moe.expert_ffn_hidden_size
             sizes["shared-expert hidden size"] = shared
-        kv_divisors = _divisors(model.num_kv_heads)
-        valid = [d for d in kv_divisors if all(s % d == 0 for s in sizes.values())]
+        valid = [
+            d for d in _divisors(min(sizes.values())) if all(s % d == 0 for s in sizes.values())
+        ]
         for name, size in sizes.items():
             require(
                 size % self.tp == 0,

@@ -11,7 +11,8 @@ keeps its slice (backward: all-gather), its last block gathers the slices again 
 keeps the slice of the identical gradients). Pipeline stages therefore pass whole sequences,
 and the readout, head, loss and MTP depths run on the whole sequence as under plain tensor
 parallelism. Engram's causal convolution reads up to (kernel - 1) x max_ngram earlier
-positions, so Engram gathers the sequence and runs whole, like the head.
+positions, so Engram gathers the sequence and runs whole, like the head. So does V4 attention
+(its KV entry and compressors are shared by every query head; its heads are split by tp).
 
 The parameters that stay whole across tp (norms, mHC, router, routed experts) see only this
 rank's positions, so their gradients are partial: `SequenceParallelGradients` sums them over
@@ -29,7 +30,9 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import ParallelStyle
 
 from birkhoff.model.engram import Engram
+from birkhoff.model.group_sums import summed_over
 from birkhoff.model.moe import MoE
+from birkhoff.model.v4_attention import V4Attention
 from birkhoff.parallel.distributed import DistributedContext
 
 SEQUENCE_DIM = 1  # of (B, T, ...) activations
@@ -93,28 +96,13 @@ class WholeSequence(ParallelStyle):
         return SequenceLayout("output", "slice")._apply(module, mesh)
 
 
-class _SumOverParts(torch.autograd.Function):
-    """Sum over the tp ranks; backward passes the gradient through unchanged, because what
-    consumes the sum is computed identically on every rank."""
-
-    @staticmethod
-    def forward(ctx, statistics: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-        total = statistics.clone()
-        dist.all_reduce(total, group=group)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad, None
-
-
 def split_sequences_in_moe(block: nn.Module, tp_mesh: DeviceMesh) -> None:
     """MoE sequence balance losses sum their per-sequence statistics over the tp ranks; hash
     layers route the tokens of this rank's part of the sequence."""
     group = tp_mesh.get_group()
     for module in block.modules():
         if isinstance(module, MoE):
-            module.sequence_sum = lambda statistics: _SumOverParts.apply(statistics, group)
+            module.sequence_sum = lambda statistics: summed_over(statistics, group)
             module.sequence_parts = tp_mesh.size()
             module.sequence_index = tp_mesh.get_local_rank()
 
@@ -127,8 +115,9 @@ def mark_sequence_bounds(blocks: list[nn.Module], tp_mesh: DeviceMesh) -> None:
 
 class SequenceParallelGradients:
     """Sums over tp the gradients of the parameters that ran on a slice of the sequence:
-    everything in the given blocks that tensor parallelism left whole, except Engram (which
-    runs on the whole sequence). Call once a step's backward is complete (before clipping)."""
+    everything in the given blocks that tensor parallelism left whole, except Engram and V4
+    attention (which run on the whole sequence). Call once a step's backward is complete
+    (before clipping)."""
 
     def __init__(self, blocks: list[nn.Module], ctx: DistributedContext) -> None:
         self.group = ctx.group("tp")
@@ -159,13 +148,16 @@ class SequenceParallelGradients:
 
 
 def _sequence_local_slots(block: nn.Module) -> list[tuple[nn.Module, str]]:
-    """(module, parameter name) of what `block` holds whole over tp, Engram excepted (call
-    after tensor parallelism, before anything else turns parameters into DTensors)."""
-    engram = {id(m) for e in block.modules() if isinstance(e, Engram) for m in e.modules()}
+    """(module, parameter name) of what `block` holds whole over tp, except what runs on the
+    whole sequence: Engram, and V4 attention (its KV path and compressors; their gradients are
+    complete on every rank) (call after tensor parallelism, before anything else turns
+    parameters into DTensors)."""
+    whole = (Engram, V4Attention)
+    on_whole = {id(m) for w in block.modules() if isinstance(w, whole) for m in w.modules()}
     return [
         (module, name)
         for module in block.modules()
-        if id(module) not in engram
+        if id(module) not in on_whole
         for name, param in module.named_parameters(recurse=False)
         if not isinstance(param, DTensor)
     ]

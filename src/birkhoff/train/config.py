@@ -88,12 +88,21 @@ class TrainConfig:
     # null, or the weights a fresh run starts from (step 0, new optimizer): a checkpoint
     # directory, or one `birkhoff ckpt export --to safetensors` / `ckpt import --from hf` wrote.
     init_from: str | None = None
+    # The lightning indexer's dense warm-up: for the first N steps every CSA layer attends to
+    # all its compressed entries and only the indexers learn (train/indexer_warmup.py).
+    indexer_warmup_steps: int = 0
     on_bad_step: str = "skip"
     max_bad_steps: int = 10
     hang_timeout_s: float | None = 900
     straggler_warn_ratio: float | None = 1.5
 
     def validate(self, dp_size: int, pp: int = 1, prefix: str = "train") -> None:
+        require(
+            self.indexer_warmup_steps >= 0,
+            f"{prefix}.indexer_warmup_steps",
+            self.indexer_warmup_steps,
+            "must be >= 0",
+        )
         if self.init_from is not None:
             require(
                 Path(self.init_from).is_dir(),

@@ -62,6 +62,20 @@ class TrainRecipe:
             f"(each tp rank holds seq_len / tp positions); e.g. "
             f"{max(tp, self.data.seq_len // tp * tp)}",
         )
+        if self.train.indexer_warmup_steps:
+            warmup, attention = self.train.indexer_warmup_steps, self.model.attention
+            require(
+                warmup < self.train.steps,
+                "train.indexer_warmup_steps",
+                warmup,
+                f"must be < train.steps={self.train.steps}",
+            )
+            require(
+                attention.kind == "v4" and "csa" in attention.layer_types,
+                "train.indexer_warmup_steps",
+                warmup,
+                "needs a CSA layer (model.attention.kind=v4 with csa in its layer_types)",
+            )
         require(
             self.optim.warmup_steps < self.train.steps,
             "optim.warmup_steps",

@@ -46,6 +46,7 @@ from birkhoff.train.checkpointing import (
 )
 from birkhoff.train.expert_balance import balance_experts
 from birkhoff.train.failures import ResidualConstraintError, TrainingError
+from birkhoff.train.indexer_warmup import keep_only_indexer_gradients, set_dense_indexing
 from birkhoff.train.init_from import load_initial_weights
 from birkhoff.train.metrics import MetricLogger
 from birkhoff.train.optim import build_optimizer
@@ -248,9 +249,14 @@ class Trainer:
         self.parallel_model.train()
         micro_batches = self.loader.next_batch()
         data_wait, cpu_start = time.perf_counter() - step_start, time.process_time()
+        warming = self.step < self.recipe.train.indexer_warmup_steps
+        set_dense_indexing(self.model_parts, warming)
         loss_sum = self.forward_backward(micro_batches)
+        set_dense_indexing(self.model_parts, False)  # evaluation: the sparse model
         for hook in self.after_backward:
             hook(self)
+        if warming:
+            keep_only_indexer_gradients(self.model_parts)
         residual = self._check_residual_constraint()
         grad_norm = self._clip_gradients()
         loss = self.reduce_loss(loss_sum)  # both agreed over ranks: all take one decision
@@ -264,7 +270,7 @@ class Trainer:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         experts = balance_experts(
-            self.model_parts, self.ctx, self.routed_per_layer, sequences_per_step=self.sequences
+            self.model_parts, self.ctx, self.routed_per_layer, not warming, self.sequences
         )
         skipped = self.ctx.all_reduce_sum(
             torch.tensor(float(self.loader.skipped_records), device=self.device)
