@@ -26,6 +26,7 @@ from birkhoff.data import (
     TrainLoader,
     heldout_windows,
     open_data,
+    stream,
 )
 from birkhoff.data.batch import document_positions
 from birkhoff.data.blend import BlendSchedule
@@ -141,7 +142,9 @@ def test_prepared_resume_continues_exactly(corpus, prepared, ranks, workers):
     np.testing.assert_array_equal(resumed_batches(cfg, ranks, 4, 5, None), straight)
 
 
-def test_loader_workers_do_not_change_the_stream(corpus):
+def test_loader_workers_do_not_change_the_stream(corpus, monkeypatch):
+    # Chunks of 16 documents: the second worker has chunks to serve in the first batches.
+    monkeypatch.setattr(stream, "CHUNK_DOCS", 16)
     batches = [global_batches(data_config(corpus, num_workers=w), 1, 6) for w in (0, 1, 2)]
     np.testing.assert_array_equal(batches[0], batches[1])
     np.testing.assert_array_equal(batches[0], batches[2])

@@ -64,6 +64,9 @@ class Record:
     problem: str | None = None
 
 
+ROWS_PER_READ = 256
+
+
 def resolve_source(config: SourceConfig, skip_bad: bool) -> ResolvedSource:
     """Files of a source, each sniffed (sniff.py). A missing path, no matching file or one that
     is not a regular file is a DataError naming it; so is an empty file or a head that is not
@@ -106,17 +109,28 @@ def read_records(path: str, source: ResolvedSource, start: int = 0) -> Iterator[
     text file read as one document). Skipped records are not parsed."""
     cfg = source.config
     if source.format == "parquet":
-        rows = _stream("parquet", path, columns=[cfg.text_field])
+        rows = _rows(_stream("parquet", path, columns=[cfg.text_field]))
         for index, row in islice(enumerate(rows), start, None):
             yield _parquet_record(index, row, cfg.text_field)
     elif source.format == "jsonl":
-        lines = _stream("text", path, sample_by="line", encoding_errors="replace")
+        lines = _rows(_stream("text", path, sample_by="line", encoding_errors="replace"))
         for index, row in islice(enumerate(lines), start, None):
             yield _jsonl_record(index, row["text"], cfg.text_field)
     else:
-        texts = _stream("text", path, sample_by=cfg.sample_by, encoding_errors="replace")
+        texts = _rows(_stream("text", path, sample_by=cfg.sample_by, encoding_errors="replace"))
         for index, row in islice(enumerate(texts), start, None):
             yield _text_record(index, row["text"], cfg.sample_by)
+
+
+def _rows(dataset) -> Iterator[dict]:
+    """Every row of a streamed file, in whatever process reads it. Iterated directly inside a
+    DataLoader worker, a `datasets` stream keeps only that worker's share of its files (none
+    for worker 1 of a one-file stream); our workers split the documents themselves
+    (stream.py), so rows are taken in batches, which `datasets` does not split."""
+    for batch in dataset.iter(batch_size=ROWS_PER_READ):
+        columns = list(batch)
+        for values in zip(*(batch[column] for column in columns), strict=True):
+            yield dict(zip(columns, values, strict=True))
 
 
 def describe(path: str, record: Record, source: ResolvedSource) -> str:

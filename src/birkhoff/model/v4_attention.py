@@ -125,9 +125,10 @@ class V4Attention(nn.Module):
             mass = summed_over(probs[..., width:-1].detach().sum(-2), self.head_group)
             loss = indexer_kl(mass, index, picked)
             aux_losses.append(self.cfg.index_loss_weight * loss)
-            if recall is not None:
-                one = torch.ones_like(recall[0])
-                self.recorded.append(torch.stack((loss.detach(), one, *recall)).double())
+            if self.training and not recomputing():  # recall: none in the dense warm-up
+                one, zero = torch.ones_like(loss), torch.zeros_like(loss)
+                hits, wanted = recall if recall is not None else (zero, zero)
+                self.recorded.append(torch.stack((loss.detach(), one, hits, wanted)).double())
         out = rotate_trailing(out, cos[:, :, None], -sin[:, :, None])  # undo RoPE on values
         weight = _local(self.w_o_groups.weight)  # this process's groups of heads
         weight = weight.view(-1, self.cfg.o_lora_rank, weight.shape[-1])
