@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
@@ -77,3 +79,24 @@ def compose_recipe(overrides: list[str] | None = None) -> DictConfig:
     """The recipe `birkhoff train <overrides>` would compose."""
     with initialize_config_module(config_module="birkhoff.recipes", version_base=None):
         return compose(config_name="config", overrides=list(overrides or []))
+
+
+WORDS = [f"{a}{b}{c}" for a in "bcdfgklmnprst" for b in "aeiou" for c in "nrsxy"]
+
+
+def write_jsonl(path: Path, docs: int, seed: int, field: str = "text") -> Path:
+    rng = np.random.default_rng(seed)
+    with path.open("w") as file:
+        for _ in range(docs):
+            words = rng.choice(WORDS, size=int(rng.integers(20, 120)))
+            file.write(json.dumps({field: " ".join(words) + ".\nEnd."}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """Three JSONL files of generated documents (test_data.py, test_tokenizer_hf.py)."""
+    root = tmp_path_factory.mktemp("corpus")
+    for i in range(3):
+        write_jsonl(root / f"part-{i}.jsonl", 120, seed=i)
+    return root

@@ -38,27 +38,7 @@ from birkhoff.data.sources import resolve_source
 from birkhoff.model import build_model
 from birkhoff.model.config import EngramConfig
 from birkhoff.model.engram import hash_layout
-from conftest import small_model
-
-WORDS = [f"{a}{b}{c}" for a in "bcdfgklmnprst" for b in "aeiou" for c in "nrsxy"]
-
-
-def write_jsonl(path: Path, docs: int, seed: int, field: str = "text") -> Path:
-    rng = np.random.default_rng(seed)
-    with path.open("w") as file:
-        for _ in range(docs):
-            words = rng.choice(WORDS, size=int(rng.integers(20, 120)))
-            file.write(json.dumps({field: " ".join(words) + ".\nEnd."}) + "\n")
-    return path
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """Three JSONL files of generated documents, and a small tokenizer trained on them."""
-    root = tmp_path_factory.mktemp("corpus")
-    for i in range(3):
-        write_jsonl(root / f"part-{i}.jsonl", 120, seed=i)
-    return root
+from conftest import small_model, write_jsonl
 
 
 def data_config(path: Path | str, **changes) -> DataConfig:

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tokenizers
-from test_data import write_jsonl
 from test_train import train_in_process
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
 
@@ -77,15 +76,6 @@ def documents(root: Path) -> list[list[str]]:
         [json.loads(line)["text"] for line in path.read_text().splitlines()]
         for path in sorted(root.glob("*.jsonl"))
     ]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """The generated corpus of test_data.py (its fixture, rebuilt in this module)."""
-    root = tmp_path_factory.mktemp("corpus")
-    for i in range(3):
-        write_jsonl(root / f"part-{i}.jsonl", 120, seed=i)
-    return root
 
 
 @pytest.fixture(scope="module")

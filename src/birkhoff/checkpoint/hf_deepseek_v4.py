@@ -139,7 +139,7 @@ def hf_config_kwargs(cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
-def _same(tensor: torch.Tensor) -> torch.Tensor:
+def unchanged(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
@@ -163,22 +163,26 @@ def hf_tensor_plan(cfg: ModelConfig) -> dict[str, HFTensor]:
     if problems:
         raise ValueError("; ".join(problems))
     plan = {
-        "model.embed_tokens.weight": HFTensor(("embedding.weight",), _same),
-        "model.norm.weight": HFTensor(("norm.weight",), _same),
-        "lm_head.weight": HFTensor(("head.weight",), _same),
-        "model.hc_head.hc_fn": HFTensor(("readout.proj.weight",), _same),
-        "model.hc_head.hc_base": HFTensor(("readout.bias",), _same),
-        "model.hc_head.hc_scale": HFTensor(("readout.alpha",), _same),
+        "model.embed_tokens.weight": HFTensor(("embedding.weight",), unchanged),
+        "model.norm.weight": HFTensor(("norm.weight",), unchanged),
+        "lm_head.weight": HFTensor(("head.weight",), unchanged),
+        "model.hc_head.hc_fn": HFTensor(("readout.proj.weight",), unchanged),
+        "model.hc_head.hc_base": HFTensor(("readout.bias",), unchanged),
+        "model.hc_head.hc_scale": HFTensor(("readout.alpha",), unchanged),
     }
     n = cfg.residual.n_streams
     for layer in range(cfg.num_layers):
         mine, theirs = f"blocks.{layer}.", f"model.layers.{layer}."
-        plan[theirs + "input_layernorm.weight"] = HFTensor((mine + "attention_norm.weight",), _same)
+        plan[theirs + "input_layernorm.weight"] = HFTensor(
+            (mine + "attention_norm.weight",), unchanged
+        )
         plan[theirs + "post_attention_layernorm.weight"] = HFTensor(
-            (mine + "ffn_norm.weight",), _same
+            (mine + "ffn_norm.weight",), unchanged
         )
         for name, hf_name in _attention_names(cfg.attention.layer_type(layer)).items():
-            plan[theirs + "self_attn." + hf_name] = HFTensor((mine + "attention." + name,), _same)
+            plan[theirs + "self_attn." + hf_name] = HFTensor(
+                (mine + "attention." + name,), unchanged
+            )
         for sublayer, hf_sublayer in HYPER_CONNECTIONS:
             plan.update(_hyper_connection(f"{mine}{sublayer}.", f"{theirs}{hf_sublayer}.", n))
         plan.update(_moe(cfg, layer, mine + "ffn.", theirs + "mlp."))
@@ -191,14 +195,14 @@ def mtp_tensor_plan(cfg: ModelConfig) -> dict[str, HFTensor]:
     for k in range(cfg.mtp.depth):
         mine = theirs = f"mtp.{k}."
         for name, upstream in MTP_NAMES.items():
-            plan[theirs + upstream] = HFTensor((mine + name,), _same)
+            plan[theirs + upstream] = HFTensor((mine + name,), unchanged)
         for sublayer, upstream in (("attention_residual", "hc_attn_"), ("ffn_residual", "hc_ffn_")):
             plan.update(_hyper_connection(f"{mine}block.{sublayer}.", theirs + upstream, n))
         ffn = mine + "block.ffn."
         plan[theirs + "ffn.gate.bias"] = HFTensor((ffn + "router.bias",), lambda b: b.float())
         for ours, upstream in UPSTREAM_SWIGLU.items():
             plan[f"{theirs}ffn.shared_experts.{upstream}.weight"] = HFTensor(
-                (f"{ffn}shared.{ours}.weight",), _same
+                (f"{ffn}shared.{ours}.weight",), unchanged
             )
             for expert in range(cfg.moe.num_experts):
                 plan[f"{theirs}ffn.experts.{expert}.{upstream}.weight"] = HFTensor(
@@ -239,14 +243,14 @@ def _hyper_connection(mine: str, theirs: str, n: int) -> dict[str, HFTensor]:
             lambda pre, post, res: torch.cat((pre, post, res.t().flatten())),
             lambda base: (base[:n], base[n : 2 * n], base[2 * n :].view(n, n).t().contiguous()),
         ),
-        theirs + "scale": HFTensor((mine + "alpha",), _same),
+        theirs + "scale": HFTensor((mine + "alpha",), unchanged),
     }
 
 
 def _moe(cfg: ModelConfig, layer: int, mine: str, theirs: str) -> dict[str, HFTensor]:
-    plan = {theirs + "gate.weight": HFTensor((mine + "router.weight",), _same)}
+    plan = {theirs + "gate.weight": HFTensor((mine + "router.weight",), unchanged)}
     if cfg.moe.is_hash_layer(layer):
-        plan[theirs + "gate.tid2eid"] = HFTensor((mine + "router.hash_table",), _same)
+        plan[theirs + "gate.tid2eid"] = HFTensor((mine + "router.hash_table",), unchanged)
     else:
         plan[theirs + "gate.e_score_correction_bias"] = HFTensor(
             (mine + "router.bias",), lambda bias: bias.float()
@@ -263,7 +267,7 @@ def _moe(cfg: ModelConfig, layer: int, mine: str, theirs: str) -> dict[str, HFTe
     )
     for name, hf_name in (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj")):
         plan[f"{theirs}shared_experts.{hf_name}.weight"] = HFTensor(
-            (f"{mine}shared.{name}.weight",), _same
+            (f"{mine}shared.{name}.weight",), unchanged
         )
     return plan
 

@@ -25,7 +25,12 @@ from safetensors import safe_open
 
 from birkhoff.checkpoint.errors import CheckpointError
 from birkhoff.checkpoint.export import CONFIG, DTYPES, write_weights
-from birkhoff.checkpoint.hf_deepseek_v4 import LAYER_TYPES, hf_tensor_plan, mtp_tensor_plan
+from birkhoff.checkpoint.hf_deepseek_v4 import (
+    LAYER_TYPES,
+    hf_tensor_plan,
+    mtp_tensor_plan,
+    unchanged,
+)
 from birkhoff.model.config import (
     AttentionConfig,
     EngramConfig,
@@ -42,12 +47,15 @@ EXPERT = re.compile(r"(?P<layer>.+)\.experts\.(?P<index>\d+)\.(?P<weight>w[123])
 
 @dataclass(frozen=True)
 class Lazy:
-    """A tensor made on demand by `make` from the source tensors named `keys`; `parts`, when
-    given, make the pieces the plan's `split` would take apart, straight from the sources."""
+    """A tensor made on demand by `make` from the source tensors named `keys`."""
 
     keys: tuple[str, ...]
     make: Callable[..., torch.Tensor] | None  # None: the experts' weights `keys`, stacked
-    parts: tuple[Lazy, ...] = ()
+
+
+# A transformers tensor from a source file, or (DeepSeek's experts one by one) the pieces the
+# plan's `split` would take it apart into, made straight from the experts' tensors.
+Source = Lazy | tuple[Lazy, ...]
 
 
 def model_config_from_hf(values: dict[str, Any]) -> ModelConfig:
@@ -206,7 +214,7 @@ class _Reader:
             return handle.get_tensor(key)
 
 
-def _transformers_names(keys: list[str]) -> dict[str, Lazy]:
+def _transformers_names(keys: list[str]) -> dict[str, Source]:
     """Source keys -> transformers' names (MTP keys stay DeepSeek's): renamed by transformers'
     own table, experts stacked (and w1|w3 concatenated) as its converter does."""
     try:
@@ -218,11 +226,11 @@ def _transformers_names(keys: list[str]) -> dict[str, Lazy]:
         ) from None
     rules = get_checkpoint_conversion_mapping("deepseek_v4") or []
     renames = [rule for rule in rules if isinstance(rule, WeightRenaming)]
-    names: dict[str, Lazy] = {}
+    names: dict[str, Source] = {}
     experts: dict[str, dict[str, dict[int, str]]] = {}
     for key in keys:
         if key.startswith("mtp."):
-            names[key] = Lazy((key,), _keep)
+            names[key] = Lazy((key,), unchanged)
             continue
         renamed = apply_renamings(key.removeprefix("model."), renames)
         renamed = renamed if renamed == "lm_head.weight" else "model." + renamed
@@ -231,21 +239,16 @@ def _transformers_names(keys: list[str]) -> dict[str, Lazy]:
             per_weight = experts.setdefault(expert["layer"], {"w1": {}, "w2": {}, "w3": {}})
             per_weight[expert["weight"]][int(expert["index"])] = key
         else:
-            names[renamed] = Lazy((key,), _keep)
+            names[renamed] = Lazy((key,), unchanged)
     for layer, per_weight in experts.items():
         w1, w2, w3 = (tuple(found[e] for e in sorted(found)) for found in per_weight.values())
-        count = len(w1)
         # Our (E, C, F) tensors come straight from the experts' (F, C) ones: no fused copy.
-        names[f"{layer}.experts.gate_up_proj"] = Lazy(
-            w1 + w3,
-            lambda *t, n=count: torch.cat((torch.stack(t[:n]), torch.stack(t[n:])), 1),
-            (Lazy(w1, None), Lazy(w3, None)),
-        )
-        names[f"{layer}.experts.down_proj"] = Lazy(w2, lambda *t: torch.stack(t), (Lazy(w2, None),))
+        names[f"{layer}.experts.gate_up_proj"] = (Lazy(w1, None), Lazy(w3, None))
+        names[f"{layer}.experts.down_proj"] = (Lazy(w2, None),)
     return names
 
 
-def _our_tensors(cfg: ModelConfig, names: dict[str, Lazy]) -> dict[str, Lazy]:
+def _our_tensors(cfg: ModelConfig, names: dict[str, Source]) -> dict[str, Lazy]:
     """Our state dict, tensor by tensor, from transformers' (and DeepSeek's MTP) names."""
     made: dict[str, Lazy] = {}
     missing: list[str] = []
@@ -260,21 +263,17 @@ def _our_tensors(cfg: ModelConfig, names: dict[str, Lazy]) -> dict[str, Lazy]:
         source = names[name]
         for index, ours in enumerate(item.sources):
             made[ours] = (
-                source.parts[index]
-                if source.parts
+                source[index]
+                if isinstance(source, tuple)
                 else Lazy(source.keys, lambda *t, s=source, i=index, f=item.split: f(s.make(*t))[i])
             )
     if missing:
         raise CheckpointError(f"no tensor {missing[0]} (and {len(missing) - 1} more)")
     for ours, experts in per_expert.items():
-        keys = tuple(key for name in experts for key in names[name].keys)
+        keys = tuple(names[name].keys[0] for name in experts)
         made[ours] = Lazy(keys, None)
     for layer in range(cfg.num_layers):  # a hash layer's router bias: unused, zero
         if cfg.moe.is_hash_layer(layer):
             bias = f"blocks.{layer}.ffn.router.bias"
             made[bias] = Lazy((), lambda n=cfg.moe.num_experts: torch.zeros(n))
     return made
-
-
-def _keep(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor

@@ -4,7 +4,6 @@ that names them, else from `data.tokenizer.eos_token` / `data.tokenizer.pad_toke
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from typing import Any
 import numpy as np
 import tokenizers
 
+from birkhoff.data.shards import sha256_file
 from birkhoff.errors import RecipeError
 
 HF = "hf"
@@ -82,7 +82,7 @@ class HFTokenizer:
 
     def sha256(self) -> str:
         if self._sha256 is None:
-            self._sha256 = hashlib.sha256(self.path.read_bytes()).hexdigest()
+            self._sha256 = sha256_file(self.path)
         return self._sha256
 
     def identity(self) -> dict[str, str]:

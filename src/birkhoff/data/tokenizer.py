@@ -17,6 +17,7 @@ import sentencepiece as spm
 
 from birkhoff.data.config import TOKENIZER_KINDS, TokenizerConfig
 from birkhoff.data.hf_tokenizer import HF, HFTokenizer
+from birkhoff.data.shards import sha256_file
 from birkhoff.errors import RecipeError, require_choice
 
 NEWLINE = "\n"
@@ -137,7 +138,7 @@ class SentencePieceTokenizer:
 
     def sha256(self) -> str:
         if self._sha256 is None:
-            self._sha256 = hashlib.sha256(self.path.read_bytes()).hexdigest()
+            self._sha256 = sha256_file(self.path)
         return self._sha256
 
     def identity(self) -> dict[str, str]:

@@ -42,9 +42,10 @@ def stream_projection(x: torch.Tensor, proj: nn.Linear, eps: float) -> torch.Ten
         return F.linear(flat, proj.weight.float())
 
 
-def pre_eps(cfg: ResidualConfig) -> float:
-    """What V4's code adds to H_pre (and to the readout's weights); the paper adds nothing."""
-    return cfg.eps if cfg.form == "v4" else 0.0
+def with_pre_eps(weights: torch.Tensor, cfg: ResidualConfig) -> torch.Tensor:
+    """H_pre (or the readout's weights) plus what V4's code adds to them; the paper adds
+    nothing (and no op runs)."""
+    return weights + cfg.eps if cfg.form == "v4" else weights
 
 
 def sinkhorn_of(cfg: ResidualConfig, kernel_backend: str) -> Callable[..., torch.Tensor]:
@@ -100,7 +101,7 @@ class HyperConnection(nn.Module):
                 self.bias_res + a_res * torch.tanh(res),
             )
         return (
-            torch.sigmoid(a_pre * pre + self.bias_pre) + pre_eps(self.cfg),
+            with_pre_eps(torch.sigmoid(a_pre * pre + self.bias_pre), self.cfg),
             2 * torch.sigmoid(a_post * post + self.bias_post),
             self._sinkhorn(a_res * res + self.bias_res, self.cfg.sinkhorn_iters),
         )
@@ -142,7 +143,7 @@ class StreamReadout(nn.Module):
         if self.cfg.mode == "hc":
             weights = self.bias + self.alpha * torch.tanh(dynamic)
         else:
-            weights = torch.sigmoid(self.alpha * dynamic + self.bias) + pre_eps(self.cfg)
+            weights = with_pre_eps(torch.sigmoid(self.alpha * dynamic + self.bias), self.cfg)
         return self._pre(x, weights)
 
 

@@ -8,14 +8,30 @@ does."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from torch import nn
 
 from birkhoff.model.compression import LightningIndexer
 from birkhoff.model.v4_attention import V4Attention
 
 
-def set_dense_indexing(parts: list[nn.Module], dense: bool) -> None:
-    """Switch every CSA layer of `parts` to dense attention (warm-up) or back to top-k."""
+@contextmanager
+def dense_indexing(parts: list[nn.Module], warming: bool) -> Iterator[None]:
+    """CSA layers attend densely inside the block while `warming` (and are switched back for
+    evaluation after it); otherwise nothing is touched."""
+    if not warming:
+        yield
+        return
+    _set_dense(parts, True)
+    try:
+        yield
+    finally:
+        _set_dense(parts, False)
+
+
+def _set_dense(parts: list[nn.Module], dense: bool) -> None:
     for part in parts:
         for module in part.modules():
             if isinstance(module, V4Attention) and module.indexer is not None:

@@ -46,7 +46,7 @@ from birkhoff.train.checkpointing import (
 )
 from birkhoff.train.expert_balance import balance_experts
 from birkhoff.train.failures import ResidualConstraintError, TrainingError
-from birkhoff.train.indexer_warmup import keep_only_indexer_gradients, set_dense_indexing
+from birkhoff.train.indexer_warmup import dense_indexing, keep_only_indexer_gradients
 from birkhoff.train.init_from import load_initial_weights
 from birkhoff.train.metrics import MetricLogger
 from birkhoff.train.optim import build_optimizer
@@ -250,9 +250,8 @@ class Trainer:
         micro_batches = self.loader.next_batch()
         data_wait, cpu_start = time.perf_counter() - step_start, time.process_time()
         warming = self.step < self.recipe.train.indexer_warmup_steps
-        set_dense_indexing(self.model_parts, warming)
-        loss_sum = self.forward_backward(micro_batches)
-        set_dense_indexing(self.model_parts, False)  # evaluation: the sparse model
+        with dense_indexing(self.model_parts, warming):
+            loss_sum = self.forward_backward(micro_batches)
         for hook in self.after_backward:
             hook(self)
         if warming:
