@@ -22,6 +22,7 @@ from birkhoff.checkpoint.hf_deepseek_v4 import (
     mtp_tensor_plan,
     to_hf_state_dict,
 )
+from birkhoff.checkpoint.hf_import import model_config_from_hf
 from birkhoff.launch.cli import main as cli_main
 from birkhoff.launch.recipe import load_recipe
 from birkhoff.model import build_model
@@ -118,8 +119,66 @@ def test_our_export_imports_back_bit_for_bit(tmp_path):
     )
     weights, config = load_exported(tmp_path / "o")
     imported = model_config_from_dict(config["model"])  # transformers has no dense FFN width
-    unused = {"ffn_hidden_size": ours.cfg.ffn_hidden_size, "max_seq_len": ours.cfg.max_seq_len}
+    unused = {"ffn_hidden_size": ours.cfg.ffn_hidden_size}
     assert dataclasses.replace(imported, **unused) == ours.cfg
     assert sorted(weights) == sorted(state)
     for name, tensor in state.items():
         assert torch.equal(weights[name], tensor), name
+
+
+# DeepSeek's released config.json for V4-Flash, its shape scaled down: per-layer compression
+# ratios (0: sliding only; the last entry is the MTP layer's), `rope_scaling` for YaRN, hash
+# layers counted, the RoPE width as `qk_rope_head_dim`.
+RELEASED = {
+    "architectures": ["DeepseekV4ForCausalLM"],
+    "model_type": "deepseek_v4",
+    "vocab_size": 128,
+    "hidden_size": 64,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "head_dim": 32,
+    "qk_rope_head_dim": 8,
+    "q_lora_rank": 32,
+    "o_groups": 2,
+    "o_lora_rank": 16,
+    "sliding_window": 16,
+    "compress_ratios": [0, 0, 4, 128, 0],
+    "compress_rope_theta": 160000,
+    "rope_theta": 10000,
+    "rope_scaling": {
+        "type": "yarn",
+        "factor": 16,
+        "original_max_position_embeddings": 65536,
+        "beta_fast": 32,
+        "beta_slow": 1,
+    },
+    "max_position_embeddings": 1048576,
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 32,
+    "num_hash_layers": 2,
+    "num_nextn_predict_layers": 1,
+    "index_n_heads": 2,
+    "index_head_dim": 16,
+    "index_topk": 4,
+    "scoring_func": "sqrtsoftplus",
+    "routed_scaling_factor": 1.5,
+    "swiglu_limit": 10.0,
+    "hc_mult": 4,
+    "hc_sinkhorn_iters": 20,
+    "hc_eps": 1e-6,
+}
+
+
+def test_deepseeks_released_config_reads_as_the_model_it_describes():
+    cfg = model_config_from_hf(RELEASED)
+    a = cfg.attention
+    assert a.layer_types == ["sliding", "sliding", "csa", "hca"]
+    assert (a.csa_ratio, a.hca_ratio, a.rope_head_dim) == (4, 128, 8)
+    yarn = (a.yarn_factor, a.yarn_original_seq_len, a.yarn_beta_fast, a.yarn_beta_slow)
+    assert yarn == (16.0, 65536, 32.0, 1.0)
+    assert (cfg.moe.hash_layers, cfg.moe.first_k_dense, cfg.moe.swiglu_limit) == (2, 0, 10.0)
+    assert (cfg.mtp.depth, cfg.max_seq_len, cfg.residual.form) == (1, 1048576, "v4")
+    scaled = {**RELEASED, "rope_scaling": {**RELEASED["rope_scaling"], "attention_factor": 1.3}}
+    with pytest.raises(CheckpointError, match="attention_factor"):
+        model_config_from_hf(scaled)

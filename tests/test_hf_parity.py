@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from test_train import train_in_process
-from test_v4_attention import CFG
+from test_v4_attention import CFG, YARN
 
 from birkhoff.checkpoint.export import load_exported
 from birkhoff.checkpoint.hf_deepseek_v4 import (
@@ -40,7 +40,7 @@ transformers = pytest.importorskip("transformers")
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping  # noqa: E402
 from transformers.core_model_loading import WeightRenaming, apply_renamings  # noqa: E402
 
-# The small test model as transformers' DeepseekV4 can hold it: V4 attention (CSA and HCA),
+# The small test model as transformers' DeepseekV4 can hold it: V4 attention (CSA and HCA, YaRN),
 # no Engram, MoE in every layer (the first hash-routed), V4's scoring and clamp; an MTP depth
 # that the export leaves out.
 HF_COMPATIBLE = [
@@ -54,6 +54,7 @@ HF_COMPATIBLE = [
     "model.attention.hca_ratio=16",
     "model.attention.index_head_dim=16",
     "model.attention.index_topk=4",
+    *(f"model.attention.{key}={value}" for key, value in YARN.items()),
     "model.engram.layers=[]",
     "model.moe.first_k_dense=0",
     "model.moe.hash_layers=1",
@@ -72,7 +73,7 @@ def v4_config(mhc_form: str = "v4") -> ModelConfig:
         num_kv_heads=1,
         max_seq_len=64,
         residual=ResidualConfig(mode="mhc", form=mhc_form, eps=0.01),
-        attention=dataclasses.replace(CFG, layer_types=["sliding", "csa", "hca"]),
+        attention=dataclasses.replace(CFG, layer_types=["sliding", "csa", "hca"], **YARN),
         moe=MoEConfig(
             num_experts=4,
             top_k=2,

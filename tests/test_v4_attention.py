@@ -50,8 +50,16 @@ HF_TYPES = {
 NAMES = {hf_name: name for name, hf_name in ATTENTION.items()}
 
 
-def hf_config() -> DeepseekV4Config:
+# YaRN on the compressed layers, with a context short enough that the ramp falls inside the 4
+# channel pairs: pair 0 keeps its frequency, pair 1 is on the ramp (its ends rounded outwards,
+# so halfway), pairs 2-3 are slowed 4x.
+YARN = {"yarn_factor": 4.0, "yarn_original_seq_len": 256}
+
+
+def hf_config(yarn: bool = False) -> DeepseekV4Config:
+    rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256}
     config = DeepseekV4Config(
+        rope_parameters=rope if yarn else None,
         vocab_size=128,
         hidden_size=HIDDEN,
         num_hidden_layers=3,
@@ -81,17 +89,18 @@ def hf_config() -> DeepseekV4Config:
     return config
 
 
-def pair(layer_type: str, seed: int = 0) -> tuple[V4Attention, torch.nn.Module]:
+def pair(layer_type: str, seed: int = 0, yarn: bool = False) -> tuple[V4Attention, torch.nn.Module]:
     """Ours and transformers' layer with the same random weights (sinks, positional biases and
     norm gains random too, so that none of them is checked only at its initial value)."""
-    config = hf_config()
+    config = hf_config(yarn)
     theirs = hf_v4.DeepseekV4Attention(config, list(HF_TYPES).index(layer_type)).float()
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in theirs.named_parameters():
             noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
             param.copy_(1 + 0.1 * noise if "norm" in name else 0.2 * noise)
-    ours = V4Attention(HIDDEN, HEADS, CFG, layer_type, EPS, rope_theta=10000.0)
+    cfg = dataclasses.replace(CFG, **YARN) if yarn else CFG
+    ours = V4Attention(HIDDEN, HEADS, cfg, layer_type, EPS, rope_theta=10000.0)
     mine = dict(ours.named_parameters())
     with torch.no_grad():
         for name, param in theirs.named_parameters():
@@ -113,9 +122,14 @@ def run_theirs(theirs: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("layer_type", ["sliding", "csa", "hca"])
-def test_v4_attention_equals_transformers_forward_and_backward(layer_type):
-    ours, theirs = pair(layer_type)
+@pytest.mark.parametrize(
+    "layer_type, yarn",
+    [("sliding", False), ("csa", False), ("hca", False), ("csa", True), ("hca", True)],
+)
+def test_v4_attention_equals_transformers_forward_and_backward(layer_type, yarn):
+    """yarn: transformers' YaRN with factor 4 on the compressed layers (the sliding layer has
+    none), which moves their output by up to 0.8 (hca) and 1.6 (csa) against plain RoPE."""
+    ours, theirs = pair(layer_type, yarn=yarn)
     x = torch.randn(2, 37, HIDDEN, generator=torch.Generator().manual_seed(1))
     x_ours, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
     out = ours(x_ours, SequenceContext())

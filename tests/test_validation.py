@@ -70,6 +70,16 @@ def recipe_error(overrides, env=None) -> RecipeError:
         (["train.hang_timeout_s=0"], "train.hang_timeout_s", "null (no watchdog)"),
         (["train.straggler_warn_ratio=0.9"], "train.straggler_warn_ratio", "a ratio above 1"),
         (["model.moe.swiglu_limit=0"], "model.moe.swiglu_limit", "DeepSeek-V4 uses 10"),
+        (
+            ["model.attention.kind=v4", "model.attention.yarn_factor=0.5"],
+            "model.attention.yarn_factor",
+            "must be >= 1 (1: no YaRN",
+        ),
+        (
+            ["model.attention.kind=v4", "model.attention.yarn_factor=16"],
+            "model.attention.yarn_original_seq_len",
+            "(the context length the frequencies were trained for; V4: 65536)",
+        ),
         (["launch.collective_timeout_s=-1"], "launch.collective_timeout_s", "null (torch's"),
         # a collective that times out before the watchdog fires leaves no stacks
         (

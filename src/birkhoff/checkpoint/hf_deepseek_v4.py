@@ -104,6 +104,7 @@ def hf_config_kwargs(cfg: ModelConfig) -> dict[str, Any]:
         "hidden_size": cfg.hidden_size,
         "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_heads,
+        "max_position_embeddings": cfg.max_seq_len,
         "head_dim": a.head_dim,
         "partial_rotary_factor": a.rope_head_dim / a.head_dim,
         "q_lora_rank": a.q_lora_rank,
@@ -117,6 +118,16 @@ def hf_config_kwargs(cfg: ModelConfig) -> dict[str, Any]:
         },
         "compress_rope_theta": a.compress_rope_theta,
         "rope_theta": cfg.rope_theta,
+        # transformers applies these to the compressed layers only, with attention_factor 1
+        "rope_parameters": {
+            "rope_type": "yarn",
+            "factor": a.yarn_factor,
+            "original_max_position_embeddings": a.yarn_original_seq_len,
+            "beta_fast": a.yarn_beta_fast,
+            "beta_slow": a.yarn_beta_slow,
+        }
+        if a.yarn_factor > 1
+        else None,
         "index_n_heads": a.index_heads,
         "index_head_dim": a.index_head_dim,
         "index_topk": a.index_topk,

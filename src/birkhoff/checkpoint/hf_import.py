@@ -41,6 +41,7 @@ from birkhoff.model.config import (
 )
 from birkhoff.model.summary import build_on_meta
 
+NEEDS_TRANSFORMERS = "--from hf needs transformers ({}): install birkhoff[hf]"
 # DeepSeek's released names hold experts one by one: layers.{i}.ffn.experts.{e}.w{1,2,3}.weight
 EXPERT = re.compile(r"(?P<layer>.+)\.experts\.(?P<index>\d+)\.(?P<weight>w[123])\.weight")
 
@@ -58,14 +59,35 @@ class Lazy:
 Source = Lazy | tuple[Lazy, ...]
 
 
-def model_config_from_hf(values: dict[str, Any]) -> ModelConfig:
-    """Our model config for transformers' DeepseekV4Config values (config.json)."""
-    for branch, rope in (values.get("rope_parameters") or {}).items():
-        if rope.get("rope_type", "default") != "default":
-            raise CheckpointError(
-                f"config.json rope_parameters.{branch}.rope_type={rope['rope_type']}: birkhoff "
-                "implements the default RoPE only (YaRN is not built yet)"
-            )
+def model_config_from_hf(raw: dict[str, Any]) -> ModelConfig:
+    """Our model config for a DeepseekV4 config.json: transformers' own (what save_pretrained
+    writes) or DeepSeek's released one (`compress_ratios`, `rope_scaling`, `num_hash_layers`),
+    read through transformers' DeepseekV4Config, which turns the second into the first."""
+    try:
+        from transformers import DeepseekV4Config
+    except ImportError as err:
+        raise CheckpointError(NEEDS_TRANSFORMERS.format(err)) from None
+    values = DeepseekV4Config.from_dict(raw).to_dict()
+    rope = values["rope_parameters"]
+    if rope["main"]["rope_type"] != "default":
+        raise CheckpointError(
+            f"config.json rope_parameters.main.rope_type={rope['main']['rope_type']}: V4 scales "
+            "only the compressed layers' RoPE; birkhoff implements that (YaRN) alone"
+        )
+    yarn = rope["compress"]
+    if yarn["rope_type"] not in ("default", "yarn") or yarn.get("attention_factor", 1.0) != 1:
+        raise CheckpointError(
+            f"config.json rope_parameters.compress={yarn}: birkhoff implements plain RoPE and "
+            "V4's YaRN (no attention_factor) for the compressed layers"
+        )
+    yarn_keys = {}
+    if yarn["rope_type"] == "yarn":
+        yarn_keys = {
+            "yarn_factor": float(yarn["factor"]),
+            "yarn_original_seq_len": int(yarn["original_max_position_embeddings"]),
+            "yarn_beta_fast": float(yarn.get("beta_fast") or 32),
+            "yarn_beta_slow": float(yarn.get("beta_slow") or 1),
+        }
     if values.get("n_shared_experts", 1) != 1:
         raise CheckpointError(f"config.json n_shared_experts={values['n_shared_experts']}: 1")
     kinds = {hf: ours for ours, hf in LAYER_TYPES.items()}
@@ -110,6 +132,7 @@ def model_config_from_hf(values: dict[str, Any]) -> ModelConfig:
             index_heads=values["index_n_heads"],
             index_head_dim=values["index_head_dim"],
             index_topk=values["index_topk"],
+            **yarn_keys,
         ),
         moe=MoEConfig(
             num_experts=values["n_routed_experts"],
@@ -221,9 +244,7 @@ def _transformers_names(keys: list[str]) -> dict[str, Source]:
         from transformers.conversion_mapping import get_checkpoint_conversion_mapping
         from transformers.core_model_loading import WeightRenaming, apply_renamings
     except ImportError as err:
-        raise CheckpointError(
-            f"--from hf needs transformers ({err}): install birkhoff[hf]"
-        ) from None
+        raise CheckpointError(NEEDS_TRANSFORMERS.format(err)) from None
     rules = get_checkpoint_conversion_mapping("deepseek_v4") or []
     renames = [rule for rule in rules if isinstance(rule, WeightRenaming)]
     names: dict[str, Source] = {}

@@ -58,7 +58,8 @@ class AttentionConfig:
     `sliding_window`; `layer_types` (sliding | csa | hca per layer; empty: two sliding layers,
     then csa and hca alternating, as V4-Flash) adds compressed entries: CSA every `csa_ratio`
     tokens, overlapping, of which a lightning indexer (`index_heads` x `index_head_dim`) picks
-    `index_topk` per query; HCA every `hca_ratio` tokens, all of them. The output projection is
+    `index_topk` per query; HCA every `hca_ratio` tokens, all of them. CSA and HCA layers rotate
+    with `compress_rope_theta`, YaRN-scaled when `yarn_factor` > 1. The output projection is
     grouped (`o_groups` groups of heads, each to `o_lora_rank`). The indexer learns only from
     its own loss (KL to the attention over its picks), weighted `index_loss_weight`."""
 
@@ -73,6 +74,10 @@ class AttentionConfig:
     csa_ratio: int = 4
     hca_ratio: int = 32
     compress_rope_theta: float = 160000.0
+    yarn_factor: float = 1.0
+    yarn_original_seq_len: int = 0
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
     index_heads: int = 4
     index_head_dim: int = 32
     index_topk: int = 16
@@ -113,6 +118,26 @@ class AttentionConfig:
             self.compress_rope_theta,
             "must be > 0",
         )
+        require(
+            self.yarn_factor >= 1,
+            f"{prefix}.yarn_factor",
+            self.yarn_factor,
+            "must be >= 1 (1: no YaRN; V4: 16)",
+        )
+        if self.yarn_factor > 1:
+            require(
+                self.yarn_original_seq_len > 0,
+                f"{prefix}.yarn_original_seq_len",
+                self.yarn_original_seq_len,
+                f"must be > 0 with {prefix}.yarn_factor={self.yarn_factor} (the context length "
+                "the frequencies were trained for; V4: 65536)",
+            )
+            require(
+                self.yarn_beta_fast > self.yarn_beta_slow > 0,
+                f"{prefix}.yarn_beta_fast",
+                self.yarn_beta_fast,
+                f"must be > {prefix}.yarn_beta_slow={self.yarn_beta_slow} > 0 (V4: 32 and 1)",
+            )
         require(
             self.index_loss_weight > 0,
             f"{prefix}.index_loss_weight",

@@ -31,7 +31,7 @@ from birkhoff.model.context import SequenceContext
 from birkhoff.model.group_sums import shared_over, summed_over
 from birkhoff.model.norm import RMSNorm
 from birkhoff.model.recompute import recomputing
-from birkhoff.model.rope import rope_inv_freq, rotate_trailing
+from birkhoff.model.rope import rope_inv_freq, rotate_trailing, yarn_inv_freq
 
 RECALL_QUERIES = 256  # the last queries of a batch's first sequence: the most entries visible
 
@@ -62,8 +62,21 @@ class V4Attention(nn.Module):
         self.w_o_groups = nn.Linear(group_width, cfg.o_groups * cfg.o_lora_rank, bias=False)
         self.w_o = nn.Linear(cfg.o_groups * cfg.o_lora_rank, hidden, bias=False)
         compressed = layer_type != "sliding"
-        theta = cfg.compress_rope_theta if compressed else rope_theta
-        self.register_buffer("inv_freq", rope_inv_freq(cfg.rope_head_dim, theta), persistent=False)
+        # V4: compressed layers (all their branches) rotate slower, and only they take YaRN
+        if not compressed:
+            inv_freq = rope_inv_freq(cfg.rope_head_dim, rope_theta)
+        elif cfg.yarn_factor > 1:
+            inv_freq = yarn_inv_freq(
+                cfg.rope_head_dim,
+                cfg.compress_rope_theta,
+                cfg.yarn_factor,
+                cfg.yarn_original_seq_len,
+                cfg.yarn_beta_fast,
+                cfg.yarn_beta_slow,
+            )
+        else:
+            inv_freq = rope_inv_freq(cfg.rope_head_dim, cfg.compress_rope_theta)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
         ratio = cfg.csa_ratio if layer_type == "csa" else cfg.hca_ratio
         self.compressor = (
             KVCompressor(hidden, cfg.head_dim, ratio, layer_type == "csa", eps, backend)
