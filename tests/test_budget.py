@@ -103,7 +103,7 @@ def test_bad_budgets_fail_naming_the_field(changes, key):
 @pytest.mark.parametrize(
     ("recipe", "total_range", "active_range"),
     [
-        ("v4_flash", (2.5e11, 3.0e11), (1.0e10, 1.5e10)),
+        ("v4_flash_engram", (2.5e11, 3.0e11), (1.0e10, 1.5e10)),
         ("engram_27b", (2.6e10, 2.8e10), (3.5e9, 4.5e9)),
         ("small", (0.9e8, 1.2e8), (4e7, 7e7)),
     ],

@@ -89,7 +89,7 @@ def test_tensor_parallel_plan_with_sequence_parallelism():
     from birkhoff.launch.recipe import load_recipe
     from conftest import compose_recipe
 
-    recipe, _ = load_recipe(compose_recipe(["model=tiny"]), env={})
+    recipe, _ = load_recipe(compose_recipe(["model=tiny_gqa"]), env={})
     model = build_model(recipe.model)
     dense, moe_with_engram = model.blocks["0"], model.blocks["1"]
     assert dense.tensor_parallel_plan(True) == {

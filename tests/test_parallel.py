@@ -1,18 +1,20 @@
-"""Parallel layouts against one process: loss and gradients of `tiny` (mHC + MoE + Engram,
-4 layers) after 3 steps on gloo ranks; the layouts of one world size share a torchrun of
-parallel_worker.py.
+"""Parallel layouts against one process: loss and gradients of `tiny` (V4 attention in every
+layer type, mHC, hash-routed and top-k MoE, Engram, MTP; 4 layers) after 3 steps on gloo
+ranks, and of `tiny_gqa` (grouped-query attention) in the layouts that split its heads; the
+layouts of one world size share a torchrun of parallel_worker.py.
 
 Tolerances (gradient errors are global relative L2 errors over all parameters):
 - Step 1, same weights: only float32 summation order differs (split matmuls under tp,
-  sharded reductions). Measured: 0 for dp and fsdp, 1.7e-6 for tp, 5e-7 for tp with
-  sequence parallelism. Allowed: 1e-5, so a missing reduction or a wrong divide factor
-  (errors of order 1) cannot pass.
+  sharded reductions). Measured on the V4 tiny: 0 for dp, fsdp and pp, 1.2e-7 with Engram
+  rows sharded, 7.7e-7 for every layout with tp; on tiny_gqa 2.3e-7 with tp. Allowed: 1e-5,
+  so a missing reduction or a wrong divide factor (errors of order 1) cannot pass.
 - Step 3: the ~1e-7 differences in the clipping norm and gradients reach the weights, and
   Adam's first steps divide each element by its own magnitude, so elements whose gradient is
-  noise-level (rarely hit Engram rows, cancelling mHC biases) take lr-sized different steps.
-  Measured: 0 for DDP (identical reductions), 1.3e-4 for fsdp, 1e-2 for tp, 3e-4 for tp with
-  sequence parallelism. Allowed: 5e-2, and 1e-4 absolute on every step's loss (measured:
-  <= 1e-6).
+  noise-level (rarely hit Engram rows, cancelling mHC biases) take lr-sized different steps,
+  and a token whose top-k experts were nearly tied may switch. Measured: 0 for DDP, fsdp and
+  pp (1F1B), 2.5e-4 for most sharded layouts, up to 1.3e-3 with tp. Allowed: 5e-2. Losses
+  (about 10.7: language model, MTP and indexer losses) within 5e-4 absolute on every step
+  (measured: <= 2e-6 without tp, up to 1.1e-4 with tp on the V4 tiny).
 """
 
 from __future__ import annotations
@@ -31,15 +33,23 @@ STEPS = 3
 # 4 layers so that pp=2 x 2 chunks has a layer per stage, an MTP depth (on the last pipeline
 # stage), the sequence-wise balance loss (added on the stage of its MoE layer) and a hash-routed
 # MoE layer (layer 1; under sequence parallelism it routes its part of the token ids); global
-# batch 8.
+# batch 8. V4 attention in every layer type (layer 1 also routes by hash, layer 2 has Engram),
+# with windows and HCA blocks short enough that the 64-token sequences cross them, over packed
+# documents (compressed blocks align with document starts).
 MODEL = [
     "model.num_layers=4",
     "model.moe.hash_layers=1",
     "model.engram.layers=[1,2]",
     "model.mtp.depth=1",
     "model.moe.seq_aux_loss_coef=0.01",
+    "model.attention.layer_types=[sliding,csa,hca,csa]",
+    "model.attention.sliding_window=16",
+    "model.attention.hca_ratio=16",
+    "model.attention.index_topk=4",
+    "data.document_mask=true",
     "train.eval_batches=1",
 ]
+GQA = "model=tiny_gqa"
 TP_SP = ["parallel.tp=2", "parallel.sequence_parallel=true"]
 MICRO_4 = "train.micro_batch_size=4"  # 1 or 2 data-parallel ranks; 4 ranks take micro-batch 2
 
@@ -138,63 +148,46 @@ LAYOUTS = {
 }
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory, shakespeare_shards) -> tuple[dict, dict[str, dict]]:
-    """The 1-process reference and every layout (one torchrun per world size)."""
-    out = tmp_path_factory.mktemp("layouts")
-    with_data = {name: [shakespeare_shards, *o] for name, (_, o) in LAYOUTS.items()}
-    reference = run_layouts(out, 1, {"one": [shakespeare_shards, MICRO_4]})["one"]
-    got = {}
-    for ranks in sorted({ranks for ranks, _ in LAYOUTS.values()}):
-        names = [name for name, (r, _) in LAYOUTS.items() if r == ranks]
-        got.update(run_layouts(out, ranks, {name: with_data[name] for name in names}))
-    return reference, got
-
-
-# DeepSeek-V4 attention in every layer type (layer 1 also routes by hash, layer 2 has Engram),
-# with windows and HCA blocks short enough that the 64-token sequences cross them, over packed
-# documents.
-V4 = [
-    "model.attention.kind=v4",
-    "model.attention.layer_types=[sliding,csa,hca,csa]",
-    "model.attention.sliding_window=16",
-    "model.attention.hca_ratio=16",
-    "model.attention.index_topk=4",
-    "data.document_mask=true",  # blocks align with document starts
-]
-V4_LAYOUTS = {
-    "dp=2 (DDP)": ["parallel=data_parallel", MICRO_4],
-    # heads, output groups and indexer heads split; KV entry and compressors whole
-    "tp=2": ["parallel.tp=2", MICRO_4],
-    "tp=2 + sequence parallel": [*TP_SP, MICRO_4],
-    "fsdp=2 x ep=2": ["parallel.dp_shard=2", "parallel.ep=2", MICRO_4],
-    "pp=2 (1F1B)": ["parallel.pp=2", MICRO_4],
+# grouped-query attention: its KV heads split under tp (the V4 KV entry stays whole); the
+# other layouts do not depend on the attention kind
+GQA_LAYOUTS = {
+    "gqa: tp=2 + sequence parallel": (2, [GQA, *TP_SP, MICRO_4]),
 }
 
 
 @pytest.fixture(scope="module")
-def v4_results(tmp_path_factory, shakespeare_shards) -> tuple[dict, dict[str, dict]]:
-    out = tmp_path_factory.mktemp("v4_layouts")
-    reference = run_layouts(out, 1, {"one": [shakespeare_shards, *V4, MICRO_4]})["one"]
-    layouts = {name: [shakespeare_shards, *V4, *o] for name, o in V4_LAYOUTS.items()}
-    return reference, run_layouts(out, 2, layouts)
+def results(tmp_path_factory, shakespeare_shards) -> tuple[dict[str, dict], dict[str, dict]]:
+    """The 1-process references (V4 and GQA) and every layout (one torchrun per world size)."""
+    out = tmp_path_factory.mktemp("layouts")
+    every = {**LAYOUTS, **GQA_LAYOUTS}
+    with_data = {name: [shakespeare_shards, *o] for name, (_, o) in every.items()}
+    references = {
+        "one": [shakespeare_shards, MICRO_4],
+        "one gqa": [shakespeare_shards, GQA, MICRO_4],
+    }
+    reference = run_layouts(out, 1, references)
+    got = {}
+    for ranks in sorted({ranks for ranks, _ in every.values()}):
+        names = [name for name, (r, _) in every.items() if r == ranks]
+        got.update(run_layouts(out, ranks, {name: with_data[name] for name in names}))
+    return reference, got
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_matches_one_process(results, layout):
-    assert_matches(results[0], results[1][layout])
+    """V4 attention: the indexer's loss (a CSA layer's auxiliary loss) and its gradients too."""
+    assert_matches(results[0]["one"], results[1][layout])
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", list(V4_LAYOUTS))
-def test_v4_attention_layout_matches_one_process(v4_results, layout):
-    """The indexer's loss (a CSA layer's auxiliary loss) and its gradients included."""
-    assert_matches(v4_results[0], v4_results[1][layout])
+@pytest.mark.parametrize("layout", list(GQA_LAYOUTS))
+def test_gqa_layout_matches_one_process(results, layout):
+    assert_matches(results[0]["one gqa"], results[1][layout])
 
 
 def assert_matches(expected: dict, got: dict) -> None:
-    assert got["losses"] == pytest.approx(expected["losses"], abs=1e-4)
+    assert got["losses"] == pytest.approx(expected["losses"], abs=5e-4)
     # Clipping sees the norm of the whole model, however it is sharded.
     assert got["grad_norms"][0] == pytest.approx(expected["grad_norms"][0], rel=1e-5)
     # The aux-loss-free bias update uses the global load: the same biases after 3 steps, and

@@ -140,35 +140,51 @@ def test_deterministic_mode_repeats_a_run_exactly(tmp_path):
     assert first["heldout_loss"] == second["heldout_loss"]
 
 
+# The dense baseline's 4 steps on global batches of 8, through the CLI, shared by the tests
+# that compare other launches with one rank.
+DENSE_STEPS = [*DENSE, "train.steps=4", "train.eval_every=0", "optim.warmup_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory, shakespeare_shards) -> Path:
+    run = tmp_path_factory.mktemp("one_rank") / "run"
+    result = run_cli(
+        [*DENSE_STEPS, shakespeare_shards, "train.micro_batch_size=8", f"hydra.run.dir={run}"],
+        run.parent,
+    )
+    assert "1 rank(s) on 1 node(s)" in result.stdout
+    return run
+
+
 @pytest.mark.slow
-def test_two_gloo_ranks_match_one_rank_with_the_same_global_batch(tmp_path, shakespeare_shards):
+def test_two_gloo_ranks_match_one_rank_with_the_same_global_batch(
+    tmp_path, shakespeare_shards, one_rank
+):
     """Through the CLI and torchrun's launcher, dense baseline: 1e-5 (float reduction order
-    only). The full model (mHC + MoE + Engram) is compared on 11 layouts in test_parallel.py."""
+    only). The full model is compared on every layout in test_parallel.py."""
     # Global batch 8 in every run: 1 rank x 8; 2 ranks x 4; 2 ranks x 2 micro x 2 accumulated.
-    layouts = {"one": (1, 8), "two": (2, 4), "two_accumulating": (2, 2)}
-    for name, (ranks, micro) in layouts.items():
+    layouts = {"two": 4, "two_accumulating": 2}
+    for name, micro in layouts.items():
         result = run_cli(
             [
-                *DENSE,
+                *DENSE_STEPS,
                 shakespeare_shards,
-                "train.steps=5",
-                "train.eval_every=0",
-                f"launch.nproc_per_node={ranks}",
+                "launch.nproc_per_node=2",
                 f"train.micro_batch_size={micro}",
                 f"hydra.run.dir={tmp_path}/{name}",
             ],
             tmp_path,
         )
-        assert f"{ranks} rank(s) on 1 node(s)" in result.stdout
+        assert "2 rank(s) on 1 node(s)" in result.stdout
     losses = {name: [r["loss"] for r in read_metrics(tmp_path / name)[0]] for name in layouts}
-    assert len(losses["one"]) == 5
-    assert losses["two"] == pytest.approx(losses["one"], abs=1e-5)
-    assert losses["two_accumulating"] == pytest.approx(losses["one"], abs=1e-5)
-    summaries = {n: json.loads((tmp_path / n / "summary.json").read_text()) for n in layouts}
-    assert summaries["two"]["heldout_loss"] == pytest.approx(
-        summaries["one"]["heldout_loss"], abs=1e-5
-    )
-    assert summaries["two"]["world_size"] == 2
+    one = [r["loss"] for r in read_metrics(one_rank)[0]]
+    assert len(one) == 4
+    assert losses["two"] == pytest.approx(one, abs=1e-5)
+    assert losses["two_accumulating"] == pytest.approx(one, abs=1e-5)
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    expected = json.loads((one_rank / "summary.json").read_text())["heldout_loss"]
+    assert summary["heldout_loss"] == pytest.approx(expected, abs=1e-5)
+    assert summary["world_size"] == 2
     # Only rank 0 writes: one summary, one metrics file, one recipe in the single run dir.
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
         "checkpoints",  # one checkpoint, at the end (checkpoint.at_end)
@@ -229,21 +245,15 @@ def compose_lr(run_dir: Path) -> float:
 
 
 @pytest.mark.slow
-def test_two_nodes_meet_at_a_rendezvous_and_match_one_node(tmp_path, shakespeare_shards):
+def test_two_nodes_meet_at_a_rendezvous_and_match_one_node(tmp_path, shakespeare_shards, one_rank):
     """Two launchers on this machine play two nodes (one rank each) sharing one run dir."""
     with socket.socket() as probe:
         probe.bind(("localhost", 0))
         port = probe.getsockname()[1]
-    common = [
-        *DENSE,
-        shakespeare_shards,
-        "train.steps=4",
-        "train.eval_every=0",
-        "optim.warmup_steps=1",
-        "train.micro_batch_size=4",
-    ]
     multi_node = [
-        *common,
+        *DENSE_STEPS,
+        shakespeare_shards,
+        "train.micro_batch_size=4",
         "launch.nnodes=2",
         f"launch.rdzv_endpoint=localhost:{port}",
         "launch.rdzv_id=test",
@@ -264,7 +274,6 @@ def test_two_nodes_meet_at_a_rendezvous_and_match_one_node(tmp_path, shakespeare
     assert [node.returncode for node in nodes] == [0, 0], outputs
     assert all("2 rank(s) on 2 node(s)" in out for out in outputs)
     assert sum("done: 4 steps" in out for out in outputs) == 1, "only global rank 0 reports"
-    run_cli([*common, "train.micro_batch_size=8", f"hydra.run.dir={tmp_path}/one"], tmp_path)
     node_losses = [r["loss"] for r in read_metrics(tmp_path / "nodes")[0]]
-    one_losses = [r["loss"] for r in read_metrics(tmp_path / "one")[0]]
+    one_losses = [r["loss"] for r in read_metrics(one_rank)[0]]
     assert node_losses == pytest.approx(one_losses, abs=1e-5)

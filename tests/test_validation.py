@@ -181,6 +181,11 @@ def test_cli_reports_one_clear_line_and_exits_2(tmp_path):
             ],
             "the held-out split has",
         ),
+        (  # more rows than the tokenizer has ids is padding; fewer is refused
+            ["data.tokenizer.vocab_size=512", "model.vocab_size=500"],
+            "recipe key 'model.vocab_size' = 500: must be at least the tokenizer's vocabulary "
+            "size 512",
+        ),
     ],
 )
 def test_data_that_cannot_serve_the_recipe_is_refused_before_training(tmp_path, overrides, message):

@@ -61,14 +61,18 @@ def sinkhorn_knopp_eps(logits: torch.Tensor, iters: int, eps: float) -> torch.Te
     """DeepSeek-V4's production Sinkhorn (inference/model.py) in our orientation (we apply
     H_res x; V4's `comb` is its transpose): a softmax down each column plus `eps`, rows
     normalised, then `iters - 1` times columns and rows, each sum taken as (sum + eps). In
-    linear space: the softmax bounds every entry. Row sums end at s / (s + eps), not exactly 1."""
+    linear space: the softmax bounds every entry. Row sums end at s / (s + eps), not exactly 1.
+    Laid out (n, n, batch) as `sinkhorn_knopp` is, for the same reason."""
+    batch_shape, n = logits.shape[:-2], logits.shape[-1]
     compute_dtype = torch.promote_types(logits.dtype, torch.float32)
-    m = torch.softmax(logits.to(compute_dtype), dim=-2) + eps
-    m = m / (m.sum(-1, keepdim=True) + eps)
+    m = logits.to(compute_dtype).reshape(-1, n, n).permute(1, 2, 0).contiguous()
+    m = torch.softmax(m, dim=0) + eps
+    m = m / (m.sum(1, keepdim=True) + eps)
     for _ in range(iters - 1):
-        m = m / (m.sum(-2, keepdim=True) + eps)
-        m = m / (m.sum(-1, keepdim=True) + eps)
-    return m.to(logits.dtype)
+        m = m / (m.sum(0, keepdim=True) + eps)
+        m = m / (m.sum(1, keepdim=True) + eps)
+    matrices = m.permute(2, 0, 1).contiguous()
+    return matrices.view(*batch_shape, *logits.shape[-2:]).to(logits.dtype)
 
 
 @register("mhc_pre", REFERENCE)

@@ -218,7 +218,9 @@ class V4Attention(nn.Module):
         logits = torch.einsum("bthd,btkd->bthk", q.float(), chosen.float()) * scale
         logits = logits.masked_fill(~picked[:, :, None, :], -torch.inf)
         recall = None
-        if self.training and not recomputing():
+        # Also while a checkpointed block recomputes (only the first forward records it):
+        # selective checkpointing hands recompute its saved matmul outputs in forward's order.
+        if self.training:
             sample = slice(max(0, seq - RECALL_QUERIES), seq)
             recall = topk_recall(
                 q[0, sample], values[0], entries.visible(positions, sample)[0],
