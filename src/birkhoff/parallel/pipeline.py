@@ -109,28 +109,45 @@ def stage_ids(pp_rank: int, cfg: ParallelConfig) -> list[int]:
     return [pp_rank + chunk * cfg.pp for chunk in range(cfg.pp_stages_per_rank)]
 
 
+# The Transformer's children; a chunk takes those of its stage from the built model itself.
+PARTS = ("embedding", "blocks", "readout", "norm", "head", "mtp")
+
+
 def cut_chunk(model: Transformer, stage: int, cfg: ParallelConfig, carry: Carry) -> PipelineChunk:
-    """A copy of `model` with only stage `stage`'s layers (and the embedding on the first
-    stage, the readout, norm, head and MTP on the last)."""
+    """Stage `stage` of `model`: its layers, and the embedding on the first stage, the readout,
+    norm, head and MTP on the last. The modules are the model's own, moved, not copied: once
+    this rank's chunks are cut and the model dropped, the other stages' layers are freed (a
+    copy would hold the whole model twice while cutting)."""
     layers = cfg.stage_layers(model.cfg.num_layers)
     start = sum(layers[:stage])
-    chunk = copy.deepcopy(model)
-    chunk.blocks = nn.ModuleDict(
-        {str(i): chunk.blocks[str(i)] for i in range(start, start + layers[stage])}
-    )
+    parts = {name: model._modules[name] for name in PARTS}
+    model._modules.update(dict.fromkeys(PARTS))
+    try:
+        chunk = copy.deepcopy(model)  # the shell: settings and RoPE tables, fresh hook dicts
+    finally:
+        model._modules.update(parts)
     chunk.__class__ = PipelineChunk
     chunk.carry, chunk.is_first, chunk.is_last = carry, stage == 0, stage == cfg.num_stages - 1
+    chunk.blocks = nn.ModuleDict(
+        {str(i): model.blocks[str(i)] for i in range(start, start + layers[stage])}
+    )
+    if chunk.is_first:
+        chunk.embedding = model.embedding
+    if chunk.is_last:
+        chunk.readout, chunk.norm, chunk.head, chunk.mtp = (
+            model.readout,
+            model.norm,
+            model.head,
+            model.mtp,
+        )
     # MoE balance losses of this stage's micro-batches, for the reported loss (detached).
     chunk.aux_loss_sum = torch.zeros((), device=model.embedding.weight.device)
-    if not chunk.is_first:
-        chunk.embedding = None
-    if not chunk.is_last:
-        chunk.readout = chunk.norm = chunk.head = chunk.mtp = None
     return chunk
 
 
 def passed_args(carry: Carry, micro: Batch, model: Transformer) -> tuple[torch.Tensor, ...]:
-    """Templates of what a stage passes to the next for a micro-batch like `micro`."""
+    """Templates of what a stage passes to the next for a micro-batch like `micro` (`model`:
+    any chunk; only its settings are read)."""
     tokens, targets, *extras = carry.stage_inputs(micro)
     batch, seq = tokens.shape
     hidden, device = model.cfg.hidden_size, tokens.device
@@ -143,10 +160,10 @@ def passed_args(carry: Carry, micro: Batch, model: Transformer) -> tuple[torch.T
 
 
 def example_args(
-    chunk: PipelineChunk, micro: Batch, model: Transformer
+    chunk: PipelineChunk, micro: Batch
 ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
     """(input_args, output_args) of a stage for one micro-batch, for shape inference."""
-    passed = passed_args(chunk.carry, micro, model)
+    passed = passed_args(chunk.carry, micro, chunk)
     stage_in = chunk.carry.stage_inputs(micro) if chunk.is_first else passed
     stage_out = (torch.empty((), device=micro.inputs.device),) if chunk.is_last else passed
     return stage_in, stage_out
@@ -157,7 +174,6 @@ def build_schedule(
     stages: list[int],
     cfg: ParallelConfig,
     micro: Batch,
-    model: Transformer,
     micro_batches: int,
     group,
 ):
@@ -165,7 +181,7 @@ def build_schedule(
     device = micro.inputs.device
     pipeline_stages = []
     for chunk, stage in zip(chunks, stages, strict=True):
-        stage_in, stage_out = example_args(chunk, micro, model)
+        stage_in, stage_out = example_args(chunk, micro)
         pipeline_stages.append(
             PipelineStage(
                 chunk,
@@ -200,7 +216,8 @@ class PipelineRunner:
         carry: Carry,
         micro_batches: int,
     ) -> None:
-        self.ctx, self.cfg, self.carry, self.model = ctx, cfg, carry, model
+        """Keeps only this rank's chunks: the caller's `model` may be dropped after this."""
+        self.ctx, self.cfg, self.carry = ctx, cfg, carry
         self.pp_rank, self.pp = ctx.local_rank_in("pp"), ctx.size("pp")
         self.stages = stage_ids(self.pp_rank, cfg)
         self.chunks = [cut_chunk(model, stage, cfg, carry) for stage in self.stages]
@@ -214,7 +231,7 @@ class PipelineRunner:
             micro = micro_batches[0].to(device)
             group = self.ctx.group("pp")
             self.schedule = build_schedule(
-                self.chunks, self.stages, self.cfg, micro, self.model, self.micro_batches, group
+                self.chunks, self.stages, self.cfg, micro, self.micro_batches, group
             )
         args = self.carry.stage_inputs(batch) if self.pp_rank == 0 else ()
         losses: list[torch.Tensor] = []
@@ -241,7 +258,7 @@ class PipelineRunner:
                 chunk = self.chunks[self.stages.index(stage)]
                 chunk.eval()
                 if stage > 0:
-                    templates = passed_args(self.carry, batch, self.model)
+                    templates = passed_args(self.carry, batch, chunk)
                     carried = _receive(templates, (owner - 1) % self.pp, group)
                 out = chunk(*carried)
                 chunk.train()
