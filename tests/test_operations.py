@@ -217,4 +217,5 @@ def test_a_refusal_on_two_ranks_is_one_line_and_exit_2(tmp_path, shakespeare_sha
         f"birkhoff: train.resume={checkpoint}: {shard} is truncated: "
         f"{shard.stat().st_size} of {shard.stat().st_size + 10} bytes"
     ]
-    run_cli([*args, *STEPS[1:], "train.steps=2", f"hydra.run.dir={run}"], tmp_path)
+    # the refused run dir takes a run (one rank: the refusal left nothing behind either way)
+    run_cli([shakespeare_shards, *STEPS[1:], "train.steps=2", f"hydra.run.dir={run}"], tmp_path)

@@ -9,9 +9,10 @@ import weakref
 import pytest
 
 from birkhoff.model import build_model
-from birkhoff.model.config import EngramConfig, ModelConfig, MoEConfig, MTPConfig
+from birkhoff.model.config import EngramConfig, MoEConfig, MTPConfig
 from birkhoff.parallel.config import ParallelConfig
 from birkhoff.parallel.pipeline import Carry, PipelineRunner
+from conftest import small_model
 
 
 class PipelineCoordinates:
@@ -29,14 +30,8 @@ class PipelineCoordinates:
         return self.pp
 
 
-CONFIG = ModelConfig(
-    vocab_size=256,
-    hidden_size=32,
+CONFIG = small_model(
     num_layers=4,
-    num_heads=4,
-    num_kv_heads=2,
-    ffn_hidden_size=64,
-    max_seq_len=64,
     moe=MoEConfig(num_experts=4, top_k=2, expert_ffn_hidden_size=16),
     engram=EngramConfig(layers=[1], table_size=101, embed_dim=8),
     mtp=MTPConfig(depth=1),

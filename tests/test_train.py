@@ -161,9 +161,9 @@ def test_two_gloo_ranks_match_one_rank_with_the_same_global_batch(
     tmp_path, shakespeare_shards, one_rank
 ):
     """Through the CLI and torchrun's launcher, dense baseline: 1e-5 (float reduction order
-    only). The full model is compared on every layout in test_parallel.py."""
-    # Global batch 8 in every run: 1 rank x 8; 2 ranks x 4; 2 ranks x 2 micro x 2 accumulated.
-    layouts = {"two": 4, "two_accumulating": 2}
+    only). The full model is compared on every layout in test_parallel.py, accumulating
+    micro-batches on several ranks included."""
+    layouts = {"two": 4}  # global batch 8 in both runs: 1 rank x 8; 2 ranks x 4
     for name, micro in layouts.items():
         result = run_cli(
             [
@@ -180,7 +180,6 @@ def test_two_gloo_ranks_match_one_rank_with_the_same_global_batch(
     one = [r["loss"] for r in read_metrics(one_rank)[0]]
     assert len(one) == 4
     assert losses["two"] == pytest.approx(one, abs=1e-5)
-    assert losses["two_accumulating"] == pytest.approx(one, abs=1e-5)
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     expected = json.loads((one_rank / "summary.json").read_text())["heldout_loss"]
     assert summary["heldout_loss"] == pytest.approx(expected, abs=1e-5)
