@@ -24,8 +24,10 @@ def yarn_inv_freq(
     channel pairs that turn more than `beta_fast` times within `original_seq_len` keep their
     frequency, those turning fewer than `beta_slow` times are slowed by `factor`, and a linear
     ramp over the pair index (its ends rounded outwards) blends between. No attention scale:
-    V4 multiplies neither cos/sin nor the softmax by YaRN's mscale."""
+    V4 multiplies neither cos/sin nor the softmax by YaRN's mscale. Factor 1: plain RoPE."""
     inv_freq = rope_inv_freq(rope_dim, theta)
+    if factor == 1:
+        return inv_freq
 
     def pair_index(turns: float) -> float:  # the channel d whose wavelength fits `turns` times
         return rope_dim * math.log(original_seq_len / (turns * 2 * math.pi)) / (2 * math.log(theta))

@@ -63,10 +63,8 @@ class V4Attention(nn.Module):
         self.w_o = nn.Linear(cfg.o_groups * cfg.o_lora_rank, hidden, bias=False)
         compressed = layer_type != "sliding"
         # V4: compressed layers (all their branches) rotate slower, and only they take YaRN
-        if not compressed:
-            inv_freq = rope_inv_freq(cfg.rope_head_dim, rope_theta)
-        elif cfg.yarn_factor > 1:
-            inv_freq = yarn_inv_freq(
+        inv_freq = (
+            yarn_inv_freq(
                 cfg.rope_head_dim,
                 cfg.compress_rope_theta,
                 cfg.yarn_factor,
@@ -74,8 +72,9 @@ class V4Attention(nn.Module):
                 cfg.yarn_beta_fast,
                 cfg.yarn_beta_slow,
             )
-        else:
-            inv_freq = rope_inv_freq(cfg.rope_head_dim, cfg.compress_rope_theta)
+            if compressed
+            else rope_inv_freq(cfg.rope_head_dim, rope_theta)
+        )
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         ratio = cfg.csa_ratio if layer_type == "csa" else cfg.hca_ratio
         self.compressor = (
