@@ -3,10 +3,11 @@
 Every layout trains the `tiny` recipe (mHC + MoE + Engram) on the shipped corpus through the
 real Trainer, started by torchrun on gloo (CPU) or nccl/hccl (accelerators). Per layout it
 reports tokens/s (global batch / step time of the fastest timed step: a shared machine's noise
-only ever adds time), the model state a rank holds (its shards of parameters, gradients and
-AdamW moments), the activations autograd keeps for backward per micro-batch (each distinct
-storage once, weights excluded: what sequence parallelism shrinks; not measured with
-activation checkpointing, whose blocks save through hooks of their own) and the peak memory
+only ever adds time), every tensor a rank holds (its shards of parameters, gradients and
+AdamW moments, and its buffers; each storage once), the activations autograd keeps for
+backward per micro-batch (each distinct storage once, weights excluded: what sequence
+parallelism shrinks; not measured with activation checkpointing, whose blocks save through
+hooks of their own) and the peak memory
 of a rank (resident set on CPU, allocator peak on an accelerator). On 2 CPU cores these are
 correctness-scale numbers: ranks share the cores, so more ranks are slower, and the state and
 saved-activation columns are the ones that carry over to real devices.
@@ -47,21 +48,13 @@ LAYOUTS = {
 BASE = ["model=tiny", "train.micro_batch_size=6", "backend=cpu", "logging.console=plain"]
 
 
-def state_bytes(trainer) -> int:
-    """Bytes of this rank's shards of parameters, gradients and optimizer state."""
+def held_mib(trainer) -> dict[str, float]:
+    """MiB of every tensor this rank holds, by kind: its shards of parameters, gradients and
+    AdamW state, and its buffers (each storage once)."""
+    from birkhoff.parallel.memory import held_bytes
 
-    def local(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-    total = 0
-    for part in trainer.model_parts:
-        for param in part.parameters():
-            total += 2 * local(param).numel() * param.element_size()  # weights and gradients
-    for state in (s for optimizer in trainer.optimizers for s in optimizer.state.values()):
-        for value in state.values():
-            if torch.is_tensor(value) and value.dim() > 0:
-                total += local(value).numel() * value.element_size()
-    return total
+    held = held_bytes(trainer.model_parts, trainer.optimizers)
+    return {kind: size / 2**20 for kind, size in held.items()}
 
 
 def saved_for_backward_mib(trainer) -> float:
@@ -114,7 +107,7 @@ def worker(out_dir: str, steps: int, warmup: int, overrides: list[str]) -> None:
                 times.append(time.perf_counter() - start)
         result = {
             "tokens_per_s": trainer.tokens_per_step / min(times),
-            "state_mib": state_bytes(trainer) / 2**20,
+            "held_mib": held_mib(trainer),
             # Checkpointed blocks save through their own hooks, which hide them from ours.
             "saved_mib": None
             if recipe.parallel.activation_checkpoint != "none"
@@ -141,7 +134,9 @@ def run_layout(name: str, steps: int, warmup: int, work: Path) -> dict:
     return {
         "ranks": ranks,
         "tokens_per_s": per_rank[0]["tokens_per_s"],
-        "state_mib_per_rank": max(r["state_mib"] for r in per_rank),
+        # the rank holding the most; its split by kind
+        "held_mib_per_rank": max(sum(r["held_mib"].values()) for r in per_rank),
+        "held_split_mib": max(per_rank, key=lambda r: sum(r["held_mib"].values()))["held_mib"],
         "saved_for_backward_mib_per_rank": None
         if per_rank[0]["saved_mib"] is None
         else max(r["saved_mib"] for r in per_rank),
@@ -161,7 +156,7 @@ def main() -> None:
     base = results["1"]
     for result in results.values():
         result["tokens_per_s_vs_1_rank"] = result["tokens_per_s"] / base["tokens_per_s"]
-        result["state_vs_1_rank"] = result["state_mib_per_rank"] / base["state_mib_per_rank"]
+        result["held_vs_1_rank"] = result["held_mib_per_rank"] / base["held_mib_per_rank"]
         result["peak_vs_1_rank"] = result["peak_mib_per_rank"] / base["peak_mib_per_rank"]
         saved = result["saved_for_backward_mib_per_rank"]
         result["saved_vs_1_rank"] = saved and saved / base["saved_for_backward_mib_per_rank"]

@@ -5,16 +5,19 @@ layouts of one world size share a torchrun of parallel_worker.py.
 
 Tolerances (gradient errors are global relative L2 errors over all parameters):
 - Step 1, same weights: only float32 summation order differs (split matmuls under tp,
-  sharded reductions). Measured on the V4 tiny: 0 for dp, fsdp and pp, 1.2e-7 with Engram
-  rows sharded, 7.7e-7 for every layout with tp; on tiny_gqa 2.3e-7 with tp. Allowed: 1e-5,
-  so a missing reduction or a wrong divide factor (errors of order 1) cannot pass.
+  sharded reductions). Measured on the V4 tiny: 0 for dp, fsdp and pp, 3e-9 with ep, 1.2e-7
+  with Engram rows sharded. With tp it depends on the draw: 1.1e-5, 9.5e-6 and 4.2e-6 for
+  train.seed 0, 1 and 2 (the previous init gave 4.8e-7 and 7.6e-6 for seeds 0 and 1; with
+  index_topk above the number of entries, so no indexer selection, 2.8e-5: not a top-k tie).
+  Allowed: 1e-5 without tp, 1e-4 with tp, so a missing reduction or a wrong divide factor
+  (errors of order 1) cannot pass.
 - Step 3: the ~1e-7 differences in the clipping norm and gradients reach the weights, and
   Adam's first steps divide each element by its own magnitude, so elements whose gradient is
   noise-level (rarely hit Engram rows, cancelling mHC biases) take lr-sized different steps,
   and a token whose top-k experts were nearly tied may switch. Measured: 0 for DDP, fsdp and
-  pp (1F1B), 2.5e-4 for most sharded layouts, up to 1.3e-3 with tp. Allowed: 5e-2. Losses
-  (about 10.7: language model, MTP and indexer losses) within 5e-4 absolute on every step
-  (measured: <= 2e-6 without tp, up to 1.1e-4 with tp on the V4 tiny).
+  pp (1F1B), 1e-3 for most sharded layouts, up to 7.5e-3 with tp. Allowed: 5e-2. Losses
+  (about 10.8: language model, MTP and indexer losses) within 2e-3 absolute on every step
+  (measured: <= 2e-6 without tp, up to 3.4e-4 with tp on the V4 tiny).
 """
 
 from __future__ import annotations
@@ -177,17 +180,17 @@ def results(tmp_path_factory, shakespeare_shards) -> tuple[dict[str, dict], dict
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_matches_one_process(results, layout):
     """V4 attention: the indexer's loss (a CSA layer's auxiliary loss) and its gradients too."""
-    assert_matches(results[0]["one"], results[1][layout])
+    assert_matches(results[0]["one"], results[1][layout], with_tp="tp=2" in layout)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", list(GQA_LAYOUTS))
 def test_gqa_layout_matches_one_process(results, layout):
-    assert_matches(results[0]["one gqa"], results[1][layout])
+    assert_matches(results[0]["one gqa"], results[1][layout], with_tp="tp=2" in layout)
 
 
-def assert_matches(expected: dict, got: dict) -> None:
-    assert got["losses"] == pytest.approx(expected["losses"], abs=5e-4)
+def assert_matches(expected: dict, got: dict, with_tp: bool) -> None:
+    assert got["losses"] == pytest.approx(expected["losses"], abs=2e-3)
     # Clipping sees the norm of the whole model, however it is sharded.
     assert got["grad_norms"][0] == pytest.approx(expected["grad_norms"][0], rel=1e-5)
     # The aux-loss-free bias update uses the global load: the same biases after 3 steps, and
@@ -195,5 +198,6 @@ def assert_matches(expected: dict, got: dict) -> None:
     assert sorted(got["router_biases"]) == sorted(expected["router_biases"])
     for name, bias in expected["router_biases"].items():
         torch.testing.assert_close(got["router_biases"][name], bias, rtol=0, atol=1e-6)
-    assert relative_error(got["first_grads"], expected["first_grads"]) < 1e-5
+    first_step_tolerance = 1e-4 if with_tp else 1e-5
+    assert relative_error(got["first_grads"], expected["first_grads"]) < first_step_tolerance
     assert relative_error(got["grads"], expected["grads"]) < 5e-2

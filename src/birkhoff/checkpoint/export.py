@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from birkhoff.atomic import write_text_atomic
@@ -142,15 +143,18 @@ def write_weights(
 def load_exported(out: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The weights (by model parameter name) and config.json of an exported directory."""
     config = json.loads((out / CONFIG).read_text())
-    if (out / INDEX).is_file():
-        weight_map = json.loads((out / INDEX).read_text())["weight_map"]
-        file_names = sorted(set(weight_map.values()))
-    else:
-        file_names = [SINGLE_FILE]
     weights: dict[str, torch.Tensor] = {}
-    for file_name in file_names:
+    for file_name in sorted(set(exported_files(out).values())):
         weights.update(load_file(str(out / file_name)))
     return weights, config
+
+
+def exported_files(out: Path) -> dict[str, str]:
+    """Which file of an exported directory holds each tensor (by model parameter name)."""
+    if (out / INDEX).is_file():
+        return json.loads((out / INDEX).read_text())["weight_map"]
+    with safe_open(str(out / SINGLE_FILE), "pt") as file:
+        return dict.fromkeys(file.keys(), SINGLE_FILE)
 
 
 def _refuse_damage(path: Path) -> None:

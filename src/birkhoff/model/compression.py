@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from birkhoff.model.group_sums import shared_over, summed_over
+from birkhoff.model.init import constant
 from birkhoff.model.norm import RMSNorm
 from birkhoff.model.rope import rotate_trailing
 
@@ -82,7 +83,7 @@ class KVCompressor(nn.Module):
         width = 2 * dim if overlap else dim  # CSA: [Ca (next entry) | Cb (this entry)]
         self.w_kv = nn.Linear(hidden, width, bias=False)
         self.w_gate = nn.Linear(hidden, width, bias=False)
-        self.position_bias = nn.Parameter(torch.zeros(ratio, width))
+        constant(self, "position_bias", lambda: torch.zeros(ratio, width))
         self.norm = RMSNorm(dim, eps, backend)
 
     def forward(

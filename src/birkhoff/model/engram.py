@@ -17,6 +17,7 @@ from torch import nn
 
 from birkhoff import kernels
 from birkhoff.model.config import EngramConfig
+from birkhoff.model.init import constant
 
 PAD_ID = 3  # the tokenizer's pad id; its canonical id pads the left edge of every sequence
 
@@ -67,16 +68,16 @@ class Engram(nn.Module):
             ("offsets", offsets),
             ("compression", token_compression),
         ):
-            self.register_buffer(name, value, persistent=False)
+            constant(self, name, lambda value=value: value, buffer=True, persistent=False)
         self.pad_id = int(token_compression[pad_id])
         memory_dim = primes.numel() * cfg.embed_dim
         self.table = nn.Embedding(int(primes.sum()), cfg.embed_dim)
         self.key = nn.Linear(memory_dim, n_streams * hidden_size, bias=False)
         self.value = nn.Linear(memory_dim, hidden_size, bias=False)
-        self.conv_norm_weight = nn.Parameter(torch.ones(hidden_size))
+        constant(self, "conv_norm_weight", lambda: torch.ones(hidden_size))
         # Causal depthwise convolution over time, weight[i] applied at lag i * dilation; zero at
         # init so the refinement starts as a no-op.
-        self.conv_weight = nn.Parameter(torch.zeros(cfg.conv_kernel, hidden_size))
+        constant(self, "conv_weight", lambda: torch.zeros(cfg.conv_kernel, hidden_size))
         self.dilation = cfg.max_ngram
         self._hash = kernels.get("engram_hash", kernel_backend)
         self._gather_gate = kernels.get("engram_gather_gate", kernel_backend)

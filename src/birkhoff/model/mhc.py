@@ -21,6 +21,7 @@ from torch import nn
 
 from birkhoff import kernels
 from birkhoff.model.config import ResidualConfig
+from birkhoff.model.init import constant
 from birkhoff.model.recompute import recomputing
 
 Sublayer = Callable[[torch.Tensor], torch.Tensor]
@@ -77,12 +78,12 @@ class HyperConnection(nn.Module):
         n = cfg.n_streams
         self.cfg, self.eps = cfg, eps
         self.proj = nn.Linear(n * hidden_size, 2 * n + n * n, bias=False)  # phi_pre|post|res
-        self.alpha = nn.Parameter(torch.full((3,), cfg.alpha_init))
-        self.bias_pre = nn.Parameter(_initial_pre_bias(cfg))
+        constant(self, "alpha", lambda: torch.full((3,), cfg.alpha_init))
+        constant(self, "bias_pre", lambda: _initial_pre_bias(cfg))
         post_init = 1.0 if cfg.mode == "hc" else 0.0  # H_post = 1 for both modes
-        self.bias_post = nn.Parameter(torch.full((n,), post_init))
+        constant(self, "bias_post", lambda: torch.full((n,), post_init))
         res_init = 1.0 if cfg.mode == "hc" else cfg.res_init_logit  # H_res ~ identity
-        self.bias_res = nn.Parameter(torch.eye(n) * res_init)
+        constant(self, "bias_res", lambda: torch.eye(n) * res_init)
         self._sinkhorn = sinkhorn_of(cfg, kernel_backend)
         self._pre = kernels.get("mhc_pre", kernel_backend)
         self._post = kernels.get("mhc_post", kernel_backend)
@@ -134,8 +135,9 @@ class StreamReadout(nn.Module):
         super().__init__()
         self.cfg, self.eps = cfg, eps
         self.proj = nn.Linear(cfg.n_streams * hidden_size, cfg.n_streams, bias=False)
-        self.alpha = nn.Parameter(torch.full((1,), cfg.alpha_init))  # 1-D: FSDP shards no scalars
-        self.bias = nn.Parameter(_initial_pre_bias(cfg))
+        # 1-D: FSDP shards no scalars
+        constant(self, "alpha", lambda: torch.full((1,), cfg.alpha_init))
+        constant(self, "bias", lambda: _initial_pre_bias(cfg))
         self._pre = kernels.get("mhc_pre", kernel_backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ from torch.distributed.tensor import DTensor
 
 from birkhoff import kernels
 from birkhoff.model.config import MoEConfig
+from birkhoff.model.init import constant
 from birkhoff.model.mlp import SwiGLU, swiglu
 from birkhoff.model.recompute import recomputing
 
@@ -51,12 +52,18 @@ class Router(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, hidden_size))
-        self.register_buffer("bias", torch.zeros(cfg.num_experts))  # saved with the model
+        # saved with the model
+        constant(self, "bias", lambda: torch.zeros(cfg.num_experts), buffer=True)
         self.hash_table: torch.Tensor | None
         # Drawn from the seed, and saved: an imported table (V4's tid2eid) is not the seed's.
-        self.register_buffer("hash_table", hash_table)
+        if hash_table is None:
+            self.register_buffer("hash_table", None)
+        else:
+            constant(self, "hash_table", lambda: hash_table, buffer=True)
 
     def reset_parameters(self, std: float) -> None:
+        """Normal(0, std) weights and a zero bias, for a router used on its own (a model
+        initialises through model/init.py)."""
         nn.init.normal_(self.weight, std=std)
         self.bias.zero_()
 
@@ -122,6 +129,8 @@ class GroupedExperts(nn.Module):
         self.limit = cfg.swiglu_limit
 
     def reset_parameters(self, std: float, out_std: float) -> None:
+        """Normal(0, std) gate and up, Normal(0, out_std) down projections, for experts used on
+        their own (a model initialises through model/init.py)."""
         nn.init.normal_(self.w_gate, std=std)
         nn.init.normal_(self.w_up, std=std)
         nn.init.normal_(self.w_down, std=out_std)
@@ -155,9 +164,8 @@ class MoE(nn.Module):
         self._permute = kernels.get("moe_permute", kernel_backend)
         self._unpermute = kernels.get("moe_unpermute", kernel_backend)
         # Tokens routed to each expert since the last bias update (summed over micro-batches).
-        self.register_buffer(
-            "tokens_per_expert", torch.zeros(cfg.num_experts, dtype=torch.int64), persistent=False
-        )
+        zeros = lambda: torch.zeros(cfg.num_experts, dtype=torch.int64)  # noqa: E731
+        constant(self, "tokens_per_expert", zeros, buffer=True, persistent=False)
         # When each rank holds only a part of every sequence (sequence parallelism, set from
         # outside), the sequence balance loss sums its per-sequence statistics over the parts.
         self.sequence_sum: Callable[[torch.Tensor], torch.Tensor] = _whole_sequences

@@ -6,13 +6,14 @@ import torch
 from torch import nn
 
 from birkhoff import kernels
+from birkhoff.model.init import constant
 
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, kernel_backend: str = "reference") -> None:
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        constant(self, "weight", lambda: torch.ones(dim))
         self._rms_norm = kernels.get("rms_norm", kernel_backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -13,9 +13,10 @@ from birkhoff.model.budget import apply_sparse_budget
 from birkhoff.model.config import ModelConfig
 from birkhoff.model.context import SequenceContext, document_causal_mask
 from birkhoff.model.engram import PAD_ID, Engram
+from birkhoff.model.init import constant, initialise
 from birkhoff.model.mhc import StreamReadout, build_residual
 from birkhoff.model.mlp import SwiGLU
-from birkhoff.model.moe import GroupedExperts, MoE, Router, hash_routing_table
+from birkhoff.model.moe import MoE, hash_routing_table
 from birkhoff.model.mtp import MTPDepth, mtp_loss
 from birkhoff.model.norm import RMSNorm
 from birkhoff.model.rope import rope_tables
@@ -207,9 +208,9 @@ class Transformer(nn.Module):
         )
         if cfg.tie_embeddings:
             self.head.weight = self.embedding.weight
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        tables = lambda: rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)  # noqa: E731
+        constant(self, "rope_cos", lambda: tables()[0], buffer=True, persistent=False)
+        constant(self, "rope_sin", lambda: tables()[1], buffer=True, persistent=False)
 
     def forward(
         self,
@@ -300,21 +301,20 @@ class Transformer(nn.Module):
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(self.norm(hidden))
 
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        """Normal(0, std) for matrices; output projections scaled by 1/sqrt(2 * layers) (GPT-2).
-        Norm gains, hyper-connection biases and Engram's zero convolution keep their
-        constructor values."""
+    def init_weights(self, seed: int) -> None:
+        """Give every tensor held here its initial value, the same for any layout (see
+        model/init.py): Normal(0, init_std) for matrices, output projections (and the experts'
+        down projections) scaled by 1/sqrt(2 * layers) (GPT-2); norm gains, biases, tables
+        and Engram's zero convolution their constructor values."""
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.num_layers)
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear | nn.Embedding):
-                is_output = name.endswith(OUTPUT_PROJECTIONS)
-                nn.init.normal_(module.weight, mean=0.0, std=out_std if is_output else std)
-            elif isinstance(module, GroupedExperts):
-                module.reset_parameters(std, out_std)
-            elif isinstance(module, Router):
-                module.reset_parameters(std)
+
+        def std_of(name: str) -> float:
+            module = name.rsplit(".", 1)[0]
+            is_output = module.endswith(OUTPUT_PROJECTIONS) or name.endswith("experts.w_down")
+            return out_std if is_output else std
+
+        initialise(self, seed, std_of)
 
 
 def build_model(
@@ -322,9 +322,13 @@ def build_model(
     kernel_backend: str = "reference",
     token_compression: torch.Tensor | None = None,
     pad_id: int = PAD_ID,
+    seed: int | None = None,
 ) -> Transformer:
-    """Validate the config, size it from its sparse budget, construct and initialise it."""
+    """Validate the config, size it from its sparse budget, construct it and, unless it is
+    built on the meta device (to be sharded, then materialised by the caller), initialise it
+    with `seed` (default: drawn from torch's global generator)."""
     cfg.validate()
     model = Transformer(apply_sparse_budget(cfg), kernel_backend, token_compression, pad_id)
-    model.init_weights()
+    if model.embedding.weight.device.type != "meta":
+        model.init_weights(int(torch.randint(2**62, ())) if seed is None else seed)
     return model

@@ -29,6 +29,7 @@ from birkhoff.model.compression import (
 from birkhoff.model.config import AttentionConfig
 from birkhoff.model.context import SequenceContext
 from birkhoff.model.group_sums import shared_over, summed_over
+from birkhoff.model.init import constant
 from birkhoff.model.norm import RMSNorm
 from birkhoff.model.recompute import recomputing
 from birkhoff.model.rope import rope_inv_freq, rotate_trailing, yarn_inv_freq
@@ -55,7 +56,7 @@ class V4Attention(nn.Module):
         self.w_q_up = nn.Linear(cfg.q_lora_rank, num_heads * cfg.head_dim, bias=False)
         self.w_kv = nn.Linear(hidden, cfg.head_dim, bias=False)
         self.kv_norm = RMSNorm(cfg.head_dim, eps, backend)
-        self.sinks = nn.Parameter(torch.zeros(num_heads))
+        constant(self, "sinks", lambda: torch.zeros(num_heads))
         group_width = num_heads * cfg.head_dim // cfg.o_groups
         # (groups x rank, group width): one block of the block-diagonal first output matrix
         # per group of heads, as transformers' DeepseekV4 lays it out.
@@ -63,7 +64,7 @@ class V4Attention(nn.Module):
         self.w_o = nn.Linear(cfg.o_groups * cfg.o_lora_rank, hidden, bias=False)
         compressed = layer_type != "sliding"
         # V4: compressed layers (all their branches) rotate slower, and only they take YaRN
-        inv_freq = (
+        inv_freq = lambda: (  # noqa: E731
             yarn_inv_freq(
                 cfg.rope_head_dim,
                 cfg.compress_rope_theta,
@@ -75,7 +76,7 @@ class V4Attention(nn.Module):
             if compressed
             else rope_inv_freq(cfg.rope_head_dim, rope_theta)
         )
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        constant(self, "inv_freq", inv_freq, buffer=True, persistent=False)
         ratio = cfg.csa_ratio if layer_type == "csa" else cfg.hca_ratio
         self.compressor = (
             KVCompressor(hidden, cfg.head_dim, ratio, layer_type == "csa", eps, backend)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import resource
+from pathlib import Path
 
 import torch
+
+from birkhoff.parallel.memory import resident_mib
 
 DEVICES = ("auto", "cpu", "cuda", "npu")
 COLLECTIVE_BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
@@ -35,8 +38,11 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
 
 
 def peak_memory_mib(device: torch.device) -> float:
-    """Peak memory of this process: the allocator's peak on an accelerator, else the resident
-    set (Linux reports it in KiB)."""
+    """Peak memory of this process since it started or since `memory.reset_peak_memory`: the
+    allocator's peak on an accelerator, else the resident set's high-water mark (Linux's
+    VmHWM; elsewhere the rusage maximum, which cannot be reset)."""
     if device.type == "cpu":
+        if Path("/proc/self/status").is_file():
+            return resident_mib(peak=True)
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return torch.accelerator.max_memory_allocated(device) / 2**20

@@ -27,6 +27,7 @@ from torch.distributed.pipelining import (
 )
 
 from birkhoff.data.batch import Batch
+from birkhoff.model.init import constant
 from birkhoff.model.transformer import Transformer
 from birkhoff.parallel.config import ParallelConfig
 
@@ -120,8 +121,9 @@ def cut_chunk(model: Transformer, stage: int, cfg: ParallelConfig, carry: Carry)
     copy would hold the whole model twice while cutting)."""
     layers = cfg.stage_layers(model.cfg.num_layers)
     start = sum(layers[:stage])
-    parts = {name: model._modules[name] for name in PARTS}
-    model._modules.update(dict.fromkeys(PARTS))
+    # (a plain residual has no readout: an attribute set to None, not a module)
+    parts = {name: model._modules[name] for name in PARTS if name in model._modules}
+    model._modules.update(dict.fromkeys(parts))
     try:
         chunk = copy.deepcopy(model)  # the shell: settings and RoPE tables, fresh hook dicts
     finally:
@@ -141,7 +143,7 @@ def cut_chunk(model: Transformer, stage: int, cfg: ParallelConfig, carry: Carry)
             model.mtp,
         )
     # MoE balance losses of this stage's micro-batches, for the reported loss (detached).
-    chunk.aux_loss_sum = torch.zeros((), device=model.embedding.weight.device)
+    constant(chunk, "aux_loss_sum", lambda: torch.zeros(()), buffer=True, persistent=False)
     return chunk
 
 

@@ -30,13 +30,10 @@ from birkhoff.data import (
     heldout_windows,
 )
 from birkhoff.data.compression import tokenizer_compression
-from birkhoff.model import build_model
-from birkhoff.model.transformer import Transformer
 from birkhoff.parallel import DistributedContext
 from birkhoff.parallel.device import peak_memory_mib
 from birkhoff.parallel.grad_norm import clip_grad_norm
-from birkhoff.parallel.parallelize import parallelize_chunk, wrap_ddp
-from birkhoff.parallel.pipeline import Carry, PipelineRunner
+from birkhoff.parallel.parallelize import wrap_ddp
 from birkhoff.train.attention_stats import indexer_stats
 from birkhoff.train.checkpointing import (
     checkpoint_manager,
@@ -47,8 +44,8 @@ from birkhoff.train.checkpointing import (
 from birkhoff.train.expert_balance import balance_experts
 from birkhoff.train.failures import ResidualConstraintError, TrainingError
 from birkhoff.train.indexer_warmup import dense_indexing, keep_only_indexer_gradients
-from birkhoff.train.init_from import load_initial_weights
 from birkhoff.train.metrics import MetricLogger
+from birkhoff.train.model_share import build_share
 from birkhoff.train.optim import build_optimizer
 from birkhoff.train.recipe import TrainRecipe
 from birkhoff.train.residual import residual_stats
@@ -93,19 +90,14 @@ class Trainer:
         seed_everything(train_cfg.seed, train_cfg.deterministic)
         tokenizer = data.tokenizer
         compression = tokenizer_compression(tokenizer)
-        model = build_model(recipe.model, recipe.backend.kernels, compression, tokenizer.pad_id)
-        if train_cfg.init_from:  # before parallelising: every layout takes the whole weights
-            load_initial_weights(model, Path(train_cfg.init_from), announce=ctx.rank == 0)
-        self.model_cfg = model.cfg
-        self.has_indexer = "csa" in model.cfg.attention.layer_types  # every rank: all CSA layers
+        share = build_share(recipe, ctx, device, compression, tokenizer.pad_id, self.grad_accum)
+        self.model_cfg = share.cfg
+        self.has_indexer = "csa" in share.cfg.attention.layer_types  # every rank: all CSA layers
         self.hasher = self._engram_hasher(compression)
-        self.pipeline = self._pipeline(model.to(device))
-        # This rank's share of the model: the whole model, or its pipeline chunks.
-        self.model_parts = self.pipeline.chunks if self.pipeline else [model]
+        self.pipeline = share.pipeline
+        self.model_parts = share.parts
         # Called with the trainer once a step's gradients are complete (before clipping).
-        self.after_backward: list[Callable[[Trainer], None]] = []
-        for part in self.model_parts:
-            self.after_backward += parallelize_chunk(part, ctx, recipe.parallel)
+        self.after_backward: list[Callable[[Trainer], None]] = share.after_backward
         self.model = self.model_parts[0]
         self.parallel_model = wrap_ddp(self.model, ctx, recipe.parallel)
         # One optimizer per part, so optimizer state is keyed by the whole model's names.
@@ -370,16 +362,6 @@ class Trainer:
         if not (self.recipe.data.engram_in_loader and self.model_cfg.engram.layers):
             return None
         return EngramHasher(self.model_cfg, compression, self.data.tokenizer.pad_id)
-
-    def _pipeline(self, model: Transformer) -> PipelineRunner | None:
-        if self.ctx.size("pp") == 1:
-            return None
-        carry = Carry(
-            has_positions=self.recipe.data.document_mask,
-            row_layers=tuple(sorted(self.model_cfg.engram.layers)) if self.hasher else (),
-            mtp=model.uses_mtp,
-        )
-        return PipelineRunner(model, self.ctx, self.recipe.parallel, carry, self.grad_accum)
 
     def _check_residual_constraint(self) -> dict[str, float]:
         """mHC's H_res must stay (nearly) doubly stochastic: fail the step before its update."""

@@ -1,0 +1,64 @@
+"""This rank's share of the model. The model is built on the meta device, cut into this rank's
+pipeline stages and sharded there (tensor/sequence, expert, Engram rows, FSDP); only then do
+the shards get storage, with the initial values every layout shares (model/init.py), or the
+weights of `train.init_from` read straight into them. No rank holds more than its share at
+any moment, so a model larger than one device can be built."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from birkhoff.model import build_model
+from birkhoff.model.config import ModelConfig
+from birkhoff.model.transformer import Transformer
+from birkhoff.parallel import DistributedContext
+from birkhoff.parallel.parallelize import parallelize_chunk
+from birkhoff.parallel.pipeline import Carry, PipelineRunner
+from birkhoff.train.init_from import load_initial_weights
+from birkhoff.train.recipe import TrainRecipe
+
+
+@dataclass
+class ModelShare:
+    cfg: ModelConfig  # the whole model's, sized by its sparse budget
+    parts: list[Transformer]  # the whole model, or this rank's pipeline chunks
+    pipeline: PipelineRunner | None
+    # What must run once a step's gradients are complete (before clipping).
+    after_backward: list[Callable[..., None]]
+
+
+def build_share(
+    recipe: TrainRecipe,
+    ctx: DistributedContext,
+    device: torch.device,
+    compression: torch.Tensor,
+    pad_id: int,
+    micro_batches: int,
+) -> ModelShare:
+    """Build, cut, shard and materialise this rank's share (see the module docstring)."""
+    with torch.device("meta"):
+        model = build_model(recipe.model, recipe.backend.kernels, compression, pad_id)
+    cfg = model.cfg
+    pipeline = None
+    if ctx.size("pp") > 1:
+        engram_rows = recipe.data.engram_in_loader and cfg.engram.layers
+        carry = Carry(
+            has_positions=recipe.data.document_mask,
+            row_layers=tuple(sorted(cfg.engram.layers)) if engram_rows else (),
+            mtp=model.uses_mtp,
+        )
+        pipeline = PipelineRunner(model, ctx, recipe.parallel, carry, micro_batches)
+    parts = pipeline.chunks if pipeline else [model]
+    del model  # a pipeline rank keeps only its chunks
+    after_backward = []
+    for part in parts:
+        after_backward += parallelize_chunk(part, ctx, recipe.parallel)
+        part.to_empty(device=device)
+        part.init_weights(recipe.train.seed)
+    if recipe.train.init_from:
+        load_initial_weights(parts, Path(recipe.train.init_from), announce=ctx.rank == 0)
+    return ModelShare(cfg, parts, pipeline, after_backward)
