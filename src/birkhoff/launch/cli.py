@@ -19,6 +19,7 @@ from birkhoff.data.commands import prepare_sources, write_tokenizer_model
 from birkhoff.data.shards import verify_checksums
 from birkhoff.errors import RecipeError, require
 from birkhoff.launch.ckpt_command import ckpt_command
+from birkhoff.launch.plan_command import plan_command
 from birkhoff.launch.recipe import load_recipe, recipe_to_dict
 from birkhoff.launch.scrubbed_job import scrubbed_job
 from birkhoff.launch.spawn import launch_ranks
@@ -45,6 +46,13 @@ commands:
                          tokenize every source once into shards under
                          data.prepare.output_dir (resumes an interrupted run)
   data verify DIR        check a prepared directory against its checksums
+  plan [overrides...] [--json] [--top N] [--fused-attention]
+                         the layouts of a recipe on a cluster (cluster.preset=h100
+                         cluster.devices=256, or the figures), fastest first, with memory
+                         per device, bytes per collective, step time and MFU; with
+                         parallel.* overrides, that one layout: does it fit, what dominates
+  plan --published deepseek_v3
+                         the model held against DeepSeek-V3's published run
   ckpt inspect PATH [--json]
                          a checkpoint's step, tokens, layout, tokenizer, completeness and
                          tensors (shapes, dtypes, sizes); the recipe with --json
@@ -65,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         return data_command(rest)
     if command == "ckpt":
         return ckpt_command(rest)
+    if command == "plan":
+        return plan_command(rest)
     if command == "train":
         sys.argv = ["birkhoff train", *rest]  # Hydra parses sys.argv
         job = scrubbed_job(train_job)

@@ -8,6 +8,21 @@ from birkhoff.errors import require
 
 
 @dataclass
+class ClusterConfig:
+    """The cluster `birkhoff plan` plans for; training ignores it. `preset` (h100, h200, h800,
+    b200, ascend_910b, ascend_910c) fills the figures, any key given overrides it; `devices`
+    defaults to launch.nnodes x launch.nproc_per_node."""
+
+    preset: str | None = None
+    devices: int | None = None
+    device_memory_gib: float | None = None
+    peak_tflops: float | None = None  # dense bf16 per device
+    intra_node_gbps: float | None = None  # GB/s per device inside a node, one direction
+    inter_node_gbps: float | None = None  # GB/s per device across nodes
+    node_size: int | None = None
+
+
+@dataclass
 class LaunchConfig:
     """Left null, `nnodes`, `node_rank`, `rdzv_endpoint` and `rdzv_id` come from SLURM's
         environment inside a SLURM job, else mean one node on this machine. `stop_timeout_s`: on

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
 from birkhoff.errors import RecipeError, require
-from birkhoff.launch.config import LaunchConfig
+from birkhoff.launch.config import ClusterConfig, LaunchConfig
 from birkhoff.launch.topology import Topology, resolve_topology
 from birkhoff.train.recipe import TrainRecipe
 
@@ -21,6 +21,7 @@ from birkhoff.train.recipe import TrainRecipe
 @dataclass
 class Recipe(TrainRecipe):
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def validate(self, world_size: int) -> None:
         super().validate(world_size)
@@ -39,7 +40,7 @@ def load_recipe(
     cfg: DictConfig | Mapping[str, Any], env: Mapping[str, str]
 ) -> tuple[Recipe, Topology]:
     """Type-check `cfg` against the schema, then check every value; nothing runs before this."""
-    recipe = _typed(cfg)
+    recipe = typed_recipe(cfg)
     _check_numbers(recipe)
     recipe.launch.validate()
     topology = resolve_topology(recipe.launch, env)
@@ -51,7 +52,8 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.structured(recipe), resolve=True)
 
 
-def _typed(cfg: DictConfig | Mapping[str, Any]) -> Recipe:
+def typed_recipe(cfg: DictConfig | Mapping[str, Any]) -> Recipe:
+    """`cfg` checked against the schema (unknown keys, types); values are checked later."""
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Recipe), cfg)
         return OmegaConf.to_object(merged)

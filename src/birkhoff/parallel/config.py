@@ -31,6 +31,10 @@ class ParallelConfig:
     pp_split: list[int] | None = None
     # FSDP2: free the gathered parameters after forward (ZeRO-3) or keep them for backward.
     reshard_after_forward: bool = True
+    # With gradient accumulation: reduce-scatter after every micro-batch (gradients stay
+    # sharded) rather than only after the last (fewer collectives, but every rank holds its
+    # unsharded gradients through the step: the whole model's for a large one).
+    fsdp_reduce_every_micro_batch: bool = False
     param_dtype: str = "float32"
     reduce_dtype: str = "float32"
     activation_checkpoint: str = "none"

@@ -383,9 +383,11 @@ class Trainer:
         return clip_grad_norm(params, max_norm, self.ctx).item()
 
     def _gradient_sync(self, sync: bool):
-        """Gradients are reduced over data-parallel ranks only on a step's last micro-batch."""
+        """Gradients are reduced over data-parallel ranks only on a step's last micro-batch
+        (under FSDP after every one with parallel.fsdp_reduce_every_micro_batch)."""
         if isinstance(self.model, FSDPModule):
-            self.model.set_requires_gradient_sync(sync)
+            every = self.recipe.parallel.fsdp_reduce_every_micro_batch
+            self.model.set_requires_gradient_sync(sync or every)
             return nullcontext()
         if sync or not hasattr(self.parallel_model, "no_sync"):
             return nullcontext()

@@ -1,0 +1,183 @@
+"""`birkhoff plan [overrides] [--json] [--top N]`: the layouts of a
+recipe on a cluster that need not exist here (parallel/planning/), fastest first, with
+per-device memory, bytes per collective, step time and MFU. With `parallel.*` overrides it
+checks that one layout instead: whether it fits, and what dominates its step."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, replace
+from typing import Any
+
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from birkhoff.errors import RecipeError, require
+from birkhoff.launch.recipe import typed_recipe
+from birkhoff.parallel.planning.cluster import Cluster, cluster_from
+from birkhoff.parallel.planning.estimate import (
+    Estimate,
+    Workload,
+    estimate,
+    layout_of,
+    model_flops_per_token,
+)
+from birkhoff.parallel.planning.inventory import build_inventory
+from birkhoff.parallel.planning.published import (
+    deepseek_v3_model,
+    deepseek_v3_run,
+    derived_mfu,
+)
+from birkhoff.parallel.planning.search import plan, runnable
+
+GIB_COLUMNS = ("params", "grads", "optimizer", "activations", "buffers", "total")
+
+
+def plan_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="birkhoff plan", description=__doc__.splitlines()[0])
+    parser.add_argument("overrides", nargs="*", help="recipe overrides, cluster.* included")
+    parser.add_argument("--json", action="store_true", help="every estimate as JSON")
+    parser.add_argument("--top", type=int, default=10, help="layouts shown (10)")
+    parser.add_argument(
+        "--fused-attention",
+        action="store_true",
+        help="plan for attention kernels that keep no score matrix (the reference ones do)",
+    )
+    parser.add_argument(
+        "--published",
+        choices=["deepseek_v3"],
+        help="hold the model against a published run instead of a recipe",
+    )
+    return parser
+
+
+def plan_command(args: list[str]) -> int:
+    """Errors are one line naming the key, exit code 2, before any estimate runs."""
+    options = plan_parser().parse_args(args)
+    try:
+        if options.published:
+            return _published(options.json)
+        overrides = options.overrides
+        with initialize_config_module(config_module="birkhoff.recipes", version_base=None):
+            cfg = compose(config_name="config", overrides=overrides)
+        recipe = typed_recipe(cfg)
+        cluster = cluster_from(_cluster_values(recipe))
+        recipe.model.validate()
+        work = Workload(
+            global_batch=recipe.train.global_batch_size,
+            seq_len=recipe.data.seq_len,
+            mixed_precision=recipe.train.mixed_precision == "bf16",
+            param_dtype=recipe.parallel.param_dtype,
+            reduce_dtype=recipe.parallel.reduce_dtype,
+            fused_attention=options.fused_attention,
+        )
+        inv = build_inventory(recipe.model)
+        chosen = [o for o in overrides if o.split("=")[0].startswith(("parallel.", "parallel="))]
+        if chosen:
+            layout = layout_of(recipe.parallel, recipe.train.micro_batch_size, cluster.devices)
+            require(
+                runnable(inv, layout, work),
+                "parallel",
+                " ".join(chosen),
+                f"is not a layout the trainer runs for this model on {cluster.devices} "
+                "devices; `birkhoff plan` without parallel.* lists those that are",
+            )
+            estimates = [estimate(inv, layout, work, cluster)]
+        else:
+            estimates = plan(inv, work, cluster)
+    except RecipeError as err:
+        print(f"birkhoff: {err}", file=sys.stderr)
+        return 2
+    report = _report(inv.total, inv.active, work, cluster, estimates)
+    if options.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(_table(report, options.top))
+    return 0
+
+
+def _cluster_values(recipe) -> dict[str, Any]:
+    """The recipe's `cluster` section; devices default to the launch's processes."""
+    values = asdict(recipe.cluster)
+    if values["devices"] is None:
+        values["devices"] = (recipe.launch.nnodes or 1) * recipe.launch.nproc_per_node
+    return values
+
+
+def _report(total, active, work: Workload, cluster: Cluster, estimates: list[Estimate]) -> dict:
+    return {
+        "parameters": total,
+        "active_parameters": active,
+        "workload": OmegaConf.to_container(OmegaConf.structured(work)),
+        "cluster": OmegaConf.to_container(OmegaConf.structured(cluster)),
+        "assumptions": ASSUMPTIONS,
+        "layouts": [
+            {
+                **e.as_dict(),
+                "tokens_per_s": work.global_batch * work.seq_len / e.step_s,
+                "overrides": e.layout.overrides(),
+            }
+            for e in estimates
+        ],
+    }
+
+
+ASSUMPTIONS = (
+    "matmuls at 60% of the bf16 peak; tp and ep collectives not overlapped with compute, "
+    "FSDP/HSDP ones overlapped (only their excess exposed); ring collectives at the node's "
+    "links inside a node, the NICs across nodes; 1F1B bubble (pp-1)/(micro-batches+pp-1); "
+    "activations of the reference kernels unless --fused-attention"
+)
+
+
+def _table(report: dict, top: int) -> str:
+    layouts = report["layouts"]
+    fitting = sum(item["fits"] for item in layouts)
+    cl = report["cluster"]
+    lines = [
+        f"{report['parameters'] / 1e9:.1f}B parameters "
+        f"({report['active_parameters'] / 1e9:.1f}B active) on {cl['devices']} x {cl['name']} "
+        f"({cl['device_memory_gib']:g} GiB): {fitting} of {len(layouts)} layouts fit",
+        f"assumptions: {report['assumptions']}",
+        "",
+        "| pp | dp_rep | dp_shard | tp | ep | micro | AC | GiB/device (par/grad/opt/act/buf) "
+        "| step s | MFU | tokens/s | dominant | fits |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for item in layouts[:top]:
+        lay, mem = item["layout"], item["memory_gib"]
+        split = "/".join(f"{mem[k]:.1f}" for k in GIB_COLUMNS[:-1])
+        degrees = " | ".join(str(lay[k]) for k in ("pp", "dp_replicate", "dp_shard", "tp", "ep"))
+        lines.append(
+            f"| {degrees} | {lay['micro_batch']} | {lay['activation_checkpoint']} "
+            f"| {mem['total']:.1f} ({split}) | {item['step_s']:.2f} | {item['mfu']:.1%} "
+            f"| {item['tokens_per_s']:,.0f} | {item['dominant']} "
+            f"| {'yes' if item['fits'] else 'no'} |"
+        )
+    if layouts:
+        lines += ["", "run the first with: " + " ".join(layouts[0]["overrides"])]
+    return "\n".join(lines)
+
+
+def _published(as_json: bool) -> int:
+    inv = build_inventory(deepseek_v3_model())
+    layout, work, cluster = deepseek_v3_run()
+    rows = []
+    for checkpoint in ("selective", "full"):
+        result = estimate(inv, replace(layout, activation_checkpoint=checkpoint), work, cluster)
+        rows.append(result)
+    derived = derived_mfu(model_flops_per_token(inv, work), cluster.peak_tflops)
+    report = _report(inv.total, inv.active, work, cluster, rows)
+    report["derived_mfu"] = derived
+    report["left_out"] = "DualPipe's overlap of all-to-all with compute; FP8 matmuls; ZeRO-1"
+    if as_json:
+        print(json.dumps(report, indent=1))
+        return 0
+    print(_table(report, len(rows)))
+    print(
+        f"\nDeepSeek-V3 as reported: {derived:.1%} MFU (180K H800 GPU-hours per trillion tokens,"
+        f" the plan's FLOPs per token); the plan leaves out {report['left_out']}"
+    )
+    return 0

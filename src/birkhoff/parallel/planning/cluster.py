@@ -1,0 +1,77 @@
+"""The cluster a plan is for: how many devices, their memory and bf16 peak, and the bandwidth
+within and between nodes. Presets carry public vendor figures (dense bf16, no sparsity; one
+direction per device); a recipe's `cluster.*` keys override any of them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from birkhoff.errors import RecipeError, require
+
+
+@dataclass(frozen=True)
+class Cluster:
+    name: str
+    devices: int
+    device_memory_gib: float
+    peak_tflops: float  # dense bf16 per device
+    intra_node_gbps: float  # GB/s per device to the other devices of its node, one direction
+    inter_node_gbps: float  # GB/s per device to other nodes (its share of the node's NICs)
+    node_size: int  # devices per node (the fast domain)
+
+    def validate(self) -> None:
+        for key in ("devices", "node_size"):
+            value = getattr(self, key)
+            require(value >= 1, f"cluster.{key}", value, "must be >= 1")
+        for key in ("device_memory_gib", "peak_tflops", "intra_node_gbps", "inter_node_gbps"):
+            value = getattr(self, key)
+            require(value > 0, f"cluster.{key}", value, "must be > 0")
+        require(
+            self.devices % self.node_size == 0 or self.devices < self.node_size,
+            "cluster.devices",
+            self.devices,
+            f"must be a multiple of cluster.node_size={self.node_size} (whole nodes)",
+        )
+
+
+# NVLink figures are per GPU, one direction (H100/H200 NVLink 4: 450 GB/s; H800: 200 GB/s;
+# B200 NVLink 5: 900 GB/s); one 400 Gb/s NIC per GPU gives 50 GB/s. Ascend 910B: HCCS, 7
+# links x 28 GB/s per direction inside a node, 200 Gb/s RoCE per NPU; 910C: CloudMatrix's
+# unified bus, 392 GB/s per NPU inside a supernode, counted here as nodes of 8.
+PRESETS: dict[str, dict[str, Any]] = {
+    "h100": dict(device_memory_gib=80, peak_tflops=989, intra_node_gbps=450, inter_node_gbps=50),
+    "h200": dict(device_memory_gib=141, peak_tflops=989, intra_node_gbps=450, inter_node_gbps=50),
+    "h800": dict(device_memory_gib=80, peak_tflops=989, intra_node_gbps=200, inter_node_gbps=50),
+    "b200": dict(device_memory_gib=180, peak_tflops=2250, intra_node_gbps=900, inter_node_gbps=50),
+    "ascend_910b": dict(
+        device_memory_gib=64, peak_tflops=313, intra_node_gbps=196, inter_node_gbps=25
+    ),
+    "ascend_910c": dict(
+        device_memory_gib=128, peak_tflops=752, intra_node_gbps=392, inter_node_gbps=50
+    ),
+}
+
+
+def cluster_from(values: dict[str, Any]) -> Cluster:
+    """A Cluster from the recipe's `cluster` section: `preset` and any overrides."""
+    values = {k: v for k, v in values.items() if v is not None}
+    preset = values.pop("preset", None)
+    if preset is not None and preset not in PRESETS:
+        raise RecipeError("cluster.preset", preset, f"must be one of {', '.join(PRESETS)}")
+    base = {"name": preset or "custom", "node_size": 8, **PRESETS.get(preset or "", {})}
+    given = values
+    unknown = sorted(set(given) - set(Cluster.__dataclass_fields__))
+    if unknown:
+        raise RecipeError(f"cluster.{unknown[0]}", given[unknown[0]], "is not a cluster key")
+    merged = {**base, **given}
+    missing = sorted(set(Cluster.__dataclass_fields__) - set(merged))
+    if missing:
+        raise RecipeError(
+            f"cluster.{missing[0]}",
+            None,
+            f"must be set (or pick cluster.preset: {', '.join(PRESETS)})",
+        )
+    cluster = Cluster(**merged)
+    cluster.validate()
+    return replace(cluster)

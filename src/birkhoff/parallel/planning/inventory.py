@@ -1,0 +1,127 @@
+"""What a model holds, tensor by tensor, read off the model itself built on the meta device:
+where each parameter lives (first stage, a layer, last stage), whether tensor parallelism
+splits it (the blocks' own tensor-parallel plan), whether it is a routed expert or an Engram
+table, and the matmul FLOPs a token spends on it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+from birkhoff.model.budget import apply_sparse_budget
+from birkhoff.model.config import ModelConfig
+from birkhoff.model.transformer import Block, Transformer
+from birkhoff.model.v4_attention import V4Attention
+
+FIRST, LAST = -1, 1 << 30  # the stage keys of the embedding and of the head, norm and MTP
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    numel: int
+    layer: int  # FIRST, a main layer index, or LAST
+    tp_split: bool
+    expert: bool
+    engram_table: bool
+    active_fraction: float  # of its elements a token multiplies by (routed: top_k / E)
+    matmul: bool  # a weight a token multiplies by (not an embedding row, a bias or a gain)
+
+
+@dataclass(frozen=True)
+class Group:
+    """Parameters that shard alike, summed: one layer's (or MTP depth's) block, or the root."""
+
+    layer: int
+    block: bool  # in an FSDP block unit (main or MTP block); else the root unit
+    tp_split: bool
+    expert: bool
+    engram_table: bool
+    numel: int
+
+
+@dataclass(frozen=True)
+class Inventory:
+    cfg: ModelConfig
+    params: tuple[TensorInfo, ...]
+    buffer_bytes: dict[int, int]  # by layer key
+
+    @cached_property
+    def groups(self) -> tuple[Group, ...]:
+        sums: dict[tuple, int] = {}
+        for t in self.params:
+            block = t.layer not in (FIRST, LAST) or ".block." in t.name
+            key = (t.layer, block, t.tp_split, t.expert, t.engram_table)
+            sums[key] = sums.get(key, 0) + t.numel
+        return tuple(Group(*key, numel) for key, numel in sums.items())
+
+    @property
+    def total(self) -> int:
+        return sum(t.numel for t in self.params)
+
+    @property
+    def active(self) -> float:
+        """Parameters a token uses (routed experts: its top_k of them)."""
+        return sum(t.numel * t.active_fraction for t in self.params)
+
+    def matmul_flops_per_token(self) -> float:
+        """Forward FLOPs per token in weight matmuls (2 per multiply-add)."""
+        return 2 * sum(t.numel * t.active_fraction for t in self.params if t.matmul)
+
+
+def build_inventory(cfg: ModelConfig) -> Inventory:
+    """The inventory of `cfg` (sized by its sparse budget), read from a meta-device model."""
+    cfg.validate()
+    sized = apply_sparse_budget(cfg)
+    with torch.device("meta"):
+        model = Transformer(sized)
+    split = _tp_split_names(model)
+    moe = sized.moe
+    params = []
+    for name, param in model.named_parameters():
+        expert = ".experts.w_" in name
+        engram_table = name.endswith("engram.table.weight")
+        matmul = param.dim() >= 2 and not (name.startswith("embedding") or engram_table)
+        matmul = matmul and "bias_res" not in name and "position_bias" not in name
+        params.append(
+            TensorInfo(
+                name=name,
+                numel=param.numel(),
+                layer=_layer_of(name),
+                tp_split=name in split,
+                expert=expert,
+                engram_table=engram_table,
+                active_fraction=moe.top_k / moe.num_experts if expert else 1.0,
+                matmul=matmul,
+            )
+        )
+    buffers: dict[int, int] = {}
+    for name, buffer in model.named_buffers():
+        layer = _layer_of(name)
+        buffers[layer] = buffers.get(layer, 0) + buffer.numel() * buffer.element_size()
+    return Inventory(sized, tuple(params), buffers)
+
+
+def _layer_of(name: str) -> int:
+    if name.startswith("blocks."):
+        return int(name.split(".")[1])
+    return FIRST if name.startswith("embedding") else LAST
+
+
+def _tp_split_names(model: Transformer) -> set[str]:
+    """Parameters tensor parallelism splits: those of the colwise / rowwise layers of every
+    block's plan, and V4 attention's per-head sinks."""
+    split = set()
+    for prefix, block in model.named_modules():
+        if not isinstance(block, Block):
+            continue
+        roles = block.tensor_parallel_plan(sequence_parallel=False)
+        for name, _ in block.named_parameters():
+            module = name.rsplit(".", 1)[0]
+            if roles.get(module) in ("colwise", "rowwise"):
+                split.add(f"{prefix}.{name}")
+        if isinstance(block.attention, V4Attention):
+            split.add(f"{prefix}.attention.sinks")
+    return split

@@ -1,0 +1,86 @@
+"""The layouts of a cluster the trainer can run for a model, estimated and sorted: tp inside a
+node, pp over whole layer splits, ep inside dp_shard, HSDP replicas, micro-batches that feed
+the pipeline, each activation-checkpointing mode; sequence parallelism with every tp > 1 and
+Engram tables row-sharded under FSDP (both only save memory and traffic)."""
+
+from __future__ import annotations
+
+from itertools import product
+
+from birkhoff.errors import RecipeError
+from birkhoff.parallel.config import ParallelConfig
+from birkhoff.parallel.planning.cluster import Cluster
+from birkhoff.parallel.planning.estimate import Estimate, Layout, Workload, estimate
+from birkhoff.parallel.planning.inventory import Inventory
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def runnable(inv: Inventory, layout: Layout, work: Workload) -> bool:
+    """Whether the trainer accepts `layout` for this model and batch (its own validation)."""
+    cfg = inv.cfg
+    if work.global_batch % (layout.micro_batch * layout.dp):
+        return False
+    parallel = ParallelConfig(
+        dp_replicate=layout.dp_replicate,
+        dp_shard=layout.dp_shard,
+        tp=layout.tp,
+        pp=layout.pp,
+        ep=layout.ep,
+        activation_checkpoint=layout.activation_checkpoint,
+        sequence_parallel=layout.sequence_parallel,
+        engram_row_shard=layout.engram_row_shard,
+    )
+    try:
+        parallel.validate(layout.devices)
+        micro_batches = work.global_batch // (layout.micro_batch * layout.dp)
+        parallel.validate_for_model(cfg, micro_batches)
+    except RecipeError:
+        return False
+    return True
+
+
+def candidate_layouts(inv: Inventory, work: Workload, cluster: Cluster) -> list[Layout]:
+    cfg = inv.cfg
+    engram = bool(cfg.engram.layers)
+    layouts = []
+    for tp in [d for d in _divisors(cluster.node_size) if d <= cluster.devices]:
+        for pp in [p for p in _divisors(cfg.num_layers) if p <= 64]:
+            if cluster.devices % (tp * pp):
+                continue
+            dp = cluster.devices // (tp * pp)
+            for replicate in [r for r in _divisors(dp) if r <= 8]:
+                shard = dp // replicate
+                experts = cfg.moe.num_experts or 1
+                for ep in [e for e in _divisors(shard) if experts % e == 0]:
+                    per_rank = work.global_batch // dp if work.global_batch % dp == 0 else 0
+                    for micro in [m for m in _divisors(per_rank) if m <= 16]:
+                        reduce_modes = (False, True) if shard > 1 and per_rank > micro else (False,)
+                        for checkpoint, every in product(
+                            ("none", "selective", "full"), reduce_modes
+                        ):
+                            layout = Layout(
+                                pp=pp,
+                                dp_replicate=replicate,
+                                dp_shard=shard,
+                                tp=tp,
+                                ep=ep,
+                                micro_batch=micro,
+                                activation_checkpoint=checkpoint,
+                                sequence_parallel=tp > 1,
+                                engram_row_shard=engram and shard > 1,
+                                fsdp_reduce_every_micro_batch=every,
+                            )
+                            if runnable(inv, layout, work):
+                                layouts.append(layout)
+    return layouts
+
+
+def plan(inv: Inventory, work: Workload, cluster: Cluster) -> list[Estimate]:
+    """Every runnable layout, estimated; those that fit first, fastest first."""
+    estimates = [
+        estimate(inv, layout, work, cluster) for layout in candidate_layouts(inv, work, cluster)
+    ]
+    return sorted(estimates, key=lambda e: (not e.fits, e.step_s))
