@@ -4,7 +4,8 @@ For each layout (one process group, a DeviceMesh per layout: a torchrun per layo
 spend most of its time starting), trains `steps` steps and saves what this rank knows: every
 step's loss and gradient norm, the MoE router biases after the last step, and the full
 (unsharded) gradients of the first and the last step, before clipping, of each parameter it
-holds, by its name in the unwrapped model, to OUT_DIR/NAME/rankN.pt.
+holds, by its name in the unwrapped model, and what the second step cost the rank (collective
+bytes, tensors held, resident growth: layout_probe.py), to OUT_DIR/NAME/rankN.pt.
 Usage: parallel_worker.py OUT_DIR STEPS JSON  (JSON: {name: [overrides...]})
 """
 
@@ -27,6 +28,7 @@ from birkhoff.train.entry import train_recipe_from_dict
 from birkhoff.train.metrics import MetricLogger
 from birkhoff.train.trainer import Trainer
 from conftest import SMALL_OVERRIDES, compose_recipe
+from layout_probe import probe_step
 
 
 def full_gradients(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -52,8 +54,19 @@ def run_layout(out: Path, steps: int, overrides: list[str]) -> None:
     ctx = DistributedContext(rank, local_rank, world, mesh, degrees, device)
     trainer = Trainer(train_recipe, open_data(train_recipe.data), ctx, device, MetricLogger([]))
     grads = {}
-    trainer.after_backward.append(lambda t: grads.setdefault(t.step + 1, full_gradients(t)))
-    records = [trainer.train_step() for _ in range(steps)]
+
+    def keep_gradients(t: Trainer) -> None:  # of the first and the last step only
+        if t.step + 1 in (1, steps):
+            grads[t.step + 1] = full_gradients(t)
+
+    trainer.after_backward.append(keep_gradients)
+    records, probe = [trainer.train_step()], {}
+    for _ in range(steps - 1):  # the second step measured for `birkhoff plan` (layout_probe.py)
+        if not probe:
+            probe = probe_step(trainer)
+            records.append(probe.pop("record"))
+        else:
+            records.append(trainer.train_step())
     biases = {
         name.replace(WRAPPED_PREFIX, ""): buffer.clone()
         for part in trainer.model_parts
@@ -66,6 +79,7 @@ def run_layout(out: Path, steps: int, overrides: list[str]) -> None:
         "router_biases": biases,
         "first_grads": grads[1],
         "grads": grads[steps],
+        "probe": probe,
     }
     out.mkdir(parents=True, exist_ok=True)
     torch.save(saved, out / f"rank{rank}.pt")

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from share_worker import build_and_measure, digest
 from test_train import train_in_process
 
 from birkhoff.checkpoint.contents import read_tensors
 from birkhoff.checkpoint.export import export_safetensors
 from birkhoff.train.init_from import MODEL_PREFIX
 from conftest import SMALL_OVERRIDES
+from share_worker import build_and_measure, digest
 
 TESTS = Path(__file__).parent
 # 94M parameters (377 MB in float32), so that the model, not the interpreter, is what grows.
@@ -127,3 +127,19 @@ def test_initial_values_follow_the_stated_distribution():
     n, logit = cfg.residual.n_streams, cfg.residual.res_init_logit
     expected = torch.full((n, n), 0.0) + torch.eye(n) * logit
     torch.testing.assert_close(params["blocks.0.ffn_residual.bias_res"].detach(), expected)
+
+
+def test_tied_embeddings_stay_tied_after_the_meta_build():
+    """`to_empty` gives each module its own tensor: the head must be re-tied to the embedding
+    (FSDP keeps the tie itself; one process, DDP and tp do not)."""
+    from birkhoff.launch.recipe import load_recipe, recipe_to_dict
+    from birkhoff.parallel.distributed import DistributedContext
+    from birkhoff.train.entry import train_recipe_from_dict
+    from birkhoff.train.model_share import build_share
+    from conftest import compose_recipe
+
+    overrides = [*SMALL_OVERRIDES, "model.tie_embeddings=true"]
+    recipe = train_recipe_from_dict(recipe_to_dict(load_recipe(compose_recipe(overrides), {})[0]))
+    ctx = DistributedContext(0, 0, 1, None, recipe.parallel.degrees(1), torch.device("cpu"))
+    (model,) = build_share(recipe, ctx, torch.device("cpu"), None, 0, 1).parts
+    assert model.head.weight is model.embedding.weight

@@ -156,7 +156,7 @@ def _table(report: dict, top: int) -> str:
             f"| {item['tokens_per_s']:,.0f} | {item['dominant']} "
             f"| {'yes' if item['fits'] else 'no'} |"
         )
-    if layouts:
+    if layouts and layouts[0]["fits"]:
         lines += ["", "run the first with: " + " ".join(layouts[0]["overrides"])]
     return "\n".join(lines)
 

@@ -206,8 +206,7 @@ class Transformer(nn.Module):
             )
             for k in range(cfg.mtp.depth)
         )
-        if cfg.tie_embeddings:
-            self.head.weight = self.embedding.weight
+        self.tie_weights()
         tables = lambda: rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)  # noqa: E731
         constant(self, "rope_cos", lambda: tables()[0], buffer=True, persistent=False)
         constant(self, "rope_sin", lambda: tables()[1], buffer=True, persistent=False)
@@ -300,6 +299,13 @@ class Transformer(nn.Module):
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(self.norm(hidden))
+
+    def tie_weights(self) -> None:
+        """With tie_embeddings, the head multiplies by the embedding itself (again after
+        `to_empty`, which gives each module its own new tensor; FSDP keeps the tie itself)."""
+        both = self.embedding is not None and self.head is not None
+        if self.cfg.tie_embeddings and both and self.head.weight is not self.embedding.weight:
+            self.head.weight = self.embedding.weight
 
     def init_weights(self, seed: int) -> None:
         """Give every tensor held here its initial value, the same for any layout (see

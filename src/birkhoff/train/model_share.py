@@ -58,6 +58,7 @@ def build_share(
     for part in parts:
         after_backward += parallelize_chunk(part, ctx, recipe.parallel)
         part.to_empty(device=device)
+        part.tie_weights()
         part.init_weights(recipe.train.seed)
     if recipe.train.init_from:
         load_initial_weights(parts, Path(recipe.train.init_from), announce=ctx.rank == 0)

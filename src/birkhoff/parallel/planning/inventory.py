@@ -98,7 +98,8 @@ def build_inventory(cfg: ModelConfig) -> Inventory:
             )
         )
     buffers: dict[int, int] = {}
-    for name, buffer in model.named_buffers():
+    # every module's own (a materialised model does not share them: to_empty gives each its own)
+    for name, buffer in model.named_buffers(remove_duplicate=False):
         layer = _layer_of(name)
         buffers[layer] = buffers.get(layer, 0) + buffer.numel() * buffer.element_size()
     return Inventory(sized, tuple(params), buffers)

@@ -1,0 +1,38 @@
+"""What one training step of a layout costs a rank, measured for `birkhoff plan`'s validation
+(parallel_worker.py runs it on every layout): the bytes of each collective by kind and mesh
+dimension, the tensors the rank holds by kind once backward is complete, and how far its
+resident set grows over the step."""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+
+import torch
+
+from birkhoff.parallel.comm_counter import CollectiveBytes, mesh_dims
+from birkhoff.parallel.memory import held_bytes, reset_peak_memory, resident_mib
+
+
+def probe_step(trainer) -> dict:
+    """Train one step of `trainer` while measuring it (see the module docstring)."""
+    during: dict[str, int] = {}
+    hook = lambda t: during.update(held_bytes(t.model_parts, t.optimizers))  # noqa: E731
+    trainer.after_backward.append(hook)
+    mesh = trainer.ctx.mesh
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    reset_peak_memory(torch.device("cpu"))
+    before = resident_mib(peak=False)
+    with CollectiveBytes(mesh_dims(mesh) if mesh is not None else {}) as counted:
+        record = trainer.train_step()
+    growth = resident_mib(peak=True) - before
+    trainer.after_backward.remove(hook)
+    return {
+        "record": record,
+        "comm": {f"{kind}@{dim}": size for (kind, dim), size in counted.bytes.items()},
+        "calls": {f"{kind}@{dim}": n for (kind, dim), n in counted.calls.items()},
+        "held_after_backward": during,
+        "held_at_rest": held_bytes(trainer.model_parts, trainer.optimizers),
+        "peak_growth_mib": growth,
+    }
