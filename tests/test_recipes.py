@@ -5,7 +5,7 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from birkhoff.launch.recipe import Recipe, load_recipe
+from birkhoff.launch.recipe import Recipe, load_recipe, typed_recipe
 from conftest import compose_recipe
 
 
@@ -64,8 +64,18 @@ def test_every_group_option_composes_and_validates():
 
     for group in ("model", "data", "optim", "train", "parallel", "backend", "logging"):
         for entry in (files("birkhoff.recipes") / group).iterdir():
-            if entry.name.endswith(".yaml"):
-                load_recipe(compose_recipe([f"{group}={entry.name[:-5]}"]), env={})
+            name = entry.name.removesuffix(".yaml")
+            if name in LAYOUT_RECIPES:  # a whole cluster's layout, for its model
+                recipe = typed_recipe(
+                    compose_recipe([f"model={LAYOUT_RECIPES[name]}", f"{group}={name}"])
+                )
+                recipe.validate(recipe.launch.nnodes * recipe.launch.nproc_per_node)
+            elif entry.name.endswith(".yaml"):
+                load_recipe(compose_recipe([f"{group}={name}"]), env={})
+
+
+# parallel= layout recipes (they set launch, batch and cluster too) -> the model they are for
+LAYOUT_RECIPES = {"v4_flash_256xh100": "deepseek_v4_flash", "engram_27b_32xh100": "engram_27b"}
 
 
 def run_cli(*args, cwd):

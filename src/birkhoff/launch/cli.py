@@ -19,8 +19,9 @@ from birkhoff.data.commands import prepare_sources, write_tokenizer_model
 from birkhoff.data.shards import verify_checksums
 from birkhoff.errors import RecipeError, require
 from birkhoff.launch.ckpt_command import ckpt_command
+from birkhoff.launch.dry_run import dry_run
 from birkhoff.launch.plan_command import plan_command
-from birkhoff.launch.recipe import load_recipe, recipe_to_dict
+from birkhoff.launch.recipe import load_recipe, recipe_to_dict, typed_recipe
 from birkhoff.launch.scrubbed_job import scrubbed_job
 from birkhoff.launch.spawn import launch_ranks
 from birkhoff.launch.topology import Topology
@@ -39,6 +40,9 @@ commands:
                          birkhoff train --multirun optim.lr=1e-3,3e-3
                          birkhoff train --cfg job        (print the composed recipe)
                          birkhoff train --help           (Hydra's help: groups and options)
+                         birkhoff train ... --dry-run [--rank N]  (build rank N's share of
+                         the layout on the meta device with a fake process group, print its
+                         parameter shapes and memory, exit)
   data tokenizer [overrides...]
                          train a sentencepiece model on the recipe's sources and write it
                          to data.tokenizer.path (default: the cache)
@@ -75,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         return ckpt_command(rest)
     if command == "plan":
         return plan_command(rest)
+    if command == "train" and "--dry-run" in rest:
+        return dry_run_command(rest)
     if command == "train":
         sys.argv = ["birkhoff train", *rest]  # Hydra parses sys.argv
         job = scrubbed_job(train_job)
@@ -82,6 +88,27 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"birkhoff: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
+
+
+def dry_run_command(args: list[str]) -> int:
+    """`birkhoff train [overrides] --dry-run [--rank N]`: errors are one line, exit code 2."""
+    args = [a for a in args if a != "--dry-run"]
+    rank = 0
+    if "--rank" in args:
+        at = args.index("--rank")
+        try:
+            rank = int(args[at + 1])
+        except (IndexError, ValueError):
+            print("birkhoff: --rank needs a rank number, e.g. --rank 8", file=sys.stderr)
+            return 2
+        del args[at : at + 2]
+    cfg = _compose(args)
+    try:
+        print(dry_run(typed_recipe(cfg), rank))
+    except RecipeError as err:
+        print(f"birkhoff: {scrub_text(str(err), cfg)}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def data_command(args: list[str]) -> int:

@@ -31,7 +31,11 @@ from birkhoff.parallel.planning.published import (
     derived_mfu,
 )
 from birkhoff.parallel.planning.search import plan, runnable
+from birkhoff.train.config import derived_micro_batch
 
+# What picks one layout to check rather than a search (other parallel.* keys are settings).
+DEGREES = ("dp_replicate", "dp_shard", "tp", "pp", "ep")
+LAYOUT_KEYS = {"parallel", *(f"parallel.{key}" for key in DEGREES)}
 GIB_COLUMNS = ("params", "grads", "optimizer", "activations", "buffers", "total")
 
 
@@ -74,9 +78,15 @@ def plan_command(args: list[str]) -> int:
             fused_attention=options.fused_attention,
         )
         inv = build_inventory(recipe.model)
-        chosen = [o for o in overrides if o.split("=")[0].startswith(("parallel.", "parallel="))]
+        chosen = [o for o in overrides if o.split("=")[0] in LAYOUT_KEYS]
         if chosen:
-            layout = layout_of(recipe.parallel, recipe.train.micro_batch_size, cluster.devices)
+            parallel, train = recipe.parallel, recipe.train
+            parallel.validate(cluster.devices)
+            dp = parallel.resolved_dp(cluster.devices)
+            micro = train.micro_batch_size or derived_micro_batch(
+                train.global_batch_size // dp, parallel.pp
+            )
+            layout = layout_of(parallel, micro, cluster.devices)
             require(
                 runnable(inv, layout, work),
                 "parallel",

@@ -34,12 +34,13 @@ class ModelShare:
 def build_share(
     recipe: TrainRecipe,
     ctx: DistributedContext,
-    device: torch.device,
-    compression: torch.Tensor,
+    device: torch.device | None,
+    compression: torch.Tensor | None,
     pad_id: int,
     micro_batches: int,
 ) -> ModelShare:
-    """Build, cut, shard and materialise this rank's share (see the module docstring)."""
+    """Build, cut, shard and materialise this rank's share (see the module docstring);
+    `device` None leaves it on the meta device, without values (a dry run)."""
     with torch.device("meta"):
         model = build_model(recipe.model, recipe.backend.kernels, compression, pad_id)
     cfg = model.cfg
@@ -57,9 +58,10 @@ def build_share(
     after_backward = []
     for part in parts:
         after_backward += parallelize_chunk(part, ctx, recipe.parallel)
-        part.to_empty(device=device)
-        part.tie_weights()
-        part.init_weights(recipe.train.seed)
-    if recipe.train.init_from:
+        if device is not None:
+            part.to_empty(device=device)
+            part.tie_weights()
+            part.init_weights(recipe.train.seed)
+    if recipe.train.init_from and device is not None:
         load_initial_weights(parts, Path(recipe.train.init_from), announce=ctx.rank == 0)
     return ModelShare(cfg, parts, pipeline, after_backward)

@@ -1,0 +1,98 @@
+"""`birkhoff train [overrides] --dry-run [--rank N]`: one rank of a layout, in this process.
+
+The recipe is validated for its world size (launch.nnodes x launch.nproc_per_node), a fake
+process group stands in for the others, and the rank's share is built exactly as training
+builds it (train/model_share.py: meta device, pipeline cut, tp / ep / Engram rows / FSDP)
+without storage. It prints the rank's parameter shapes and what they and their training
+state take, beside `birkhoff plan`'s estimate for the layout, and exits: a 1T-parameter
+layout can be checked on a laptop. The data is not read (Engram's token compression is the
+identity here; it does not change any shape)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from birkhoff.errors import require
+from birkhoff.launch.recipe import Recipe
+from birkhoff.model.init import clean_name
+from birkhoff.parallel.distributed import DistributedContext, build_mesh
+from birkhoff.parallel.planning.cluster import Cluster, cluster_from
+from birkhoff.parallel.planning.estimate import GIB, Workload, estimate, layout_of
+from birkhoff.parallel.planning.inventory import build_inventory
+from birkhoff.train.model_share import build_share
+
+
+def dry_run(recipe: Recipe, rank: int) -> str:
+    """The report of rank `rank`'s share of the layout (see the module docstring)."""
+    world = (recipe.launch.nnodes or 1) * recipe.launch.nproc_per_node
+    require(0 <= rank < world, "--rank", rank, f"must be in [0, {world}) for this layout")
+    recipe.validate(world)
+    degrees = recipe.parallel.degrees(world)
+    with _fake_group(rank, world):
+        mesh = build_mesh(degrees, "cpu") if world > 1 else None
+        local_rank = rank % recipe.launch.nproc_per_node
+        ctx = DistributedContext(rank, local_rank, world, mesh, degrees, torch.device("cpu"))
+        micro_batches = recipe.train.grad_accum_steps(ctx.dp_size)
+        share = build_share(recipe, ctx, None, None, 0, micro_batches)
+        coordinates = {dim: ctx.local_rank_in(dim) for dim in ("pp", "dp_shard", "tp", "ep")}
+        lines = [
+            f"rank {rank} of {world}: " + ", ".join(f"{k} {v}" for k, v in coordinates.items())
+        ]
+        held = 0
+        for part in share.parts:
+            for name, param in part.named_parameters():
+                local = param.to_local() if isinstance(param, DTensor) else param
+                held += local.numel()
+                whole = "" if local.shape == param.shape else f" of {tuple(param.shape)}"
+                lines.append(f"  {clean_name(name)}: {tuple(local.shape)}{whole}")
+    lines += _memory(recipe, world, held)
+    return "\n".join(lines)
+
+
+def _memory(recipe: Recipe, world: int, held: int) -> list[str]:
+    """What the rank's parameters take with their training state, beside the plan."""
+    state = {"params": 4 * held, "grads": 4 * held, "optimizer": 8 * held}
+    lines = ["", f"this rank holds {held:,} parameters:"]
+    lines += [f"  {kind}: {size / GIB:.2f} GiB" for kind, size in state.items()]
+    values = {k: v for k, v in vars(recipe.cluster).items() if v is not None}
+    if "device_memory_gib" not in values and "preset" not in values:
+        return [*lines, "(set cluster.preset or the cluster.* figures for the whole plan)"]
+    cluster: Cluster = cluster_from({**values, "devices": world})
+    layout = layout_of(recipe.parallel, recipe.train.micro_batch_size, world)
+    work = Workload(
+        global_batch=recipe.train.global_batch_size,
+        seq_len=recipe.data.seq_len,
+        mixed_precision=recipe.train.mixed_precision == "bf16",
+        param_dtype=recipe.parallel.param_dtype,
+        reduce_dtype=recipe.parallel.reduce_dtype,
+    )
+    planned = estimate(build_inventory(recipe.model), layout, work, cluster)
+    memory = ", ".join(f"{k} {v:.2f}" for k, v in planned.memory_gib.items())
+    verdict = "fits" if planned.fits else "does NOT fit"
+    return [
+        *lines,
+        f"plan for the fullest stage (GiB): {memory}; {verdict} in "
+        f"{cluster.device_memory_gib:g} GiB ({cluster.name})",
+    ]
+
+
+@contextmanager
+def _fake_group(rank: int, world: int) -> Iterator[None]:
+    """A process group of `world` ranks whose collectives do nothing (torch's fake backend)."""
+    if world == 1:
+        yield
+        return
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    os.environ.setdefault("MASTER_ADDR", "localhost")
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
