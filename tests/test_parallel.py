@@ -31,11 +31,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from birkhoff.launch.plan_command import workload_of
 from birkhoff.launch.recipe import typed_recipe
 from birkhoff.parallel.planning.cluster import Cluster
 from birkhoff.parallel.planning.estimate import (
     GIB,
-    Workload,
     communication,
     estimate,
     layout_of,
@@ -246,17 +246,8 @@ KIND = {
 def planned(overrides: list[str], ranks: int):
     recipe = typed_recipe(compose_recipe([*SMALL_OVERRIDES, *MODEL, *overrides]))
     recipe.model.validate()
-    train, data = recipe.train, recipe.data
-    work = Workload(
-        train.global_batch_size,
-        data.seq_len,
-        mixed_precision=train.mixed_precision == "bf16",
-        param_dtype=recipe.parallel.param_dtype,
-        reduce_dtype=recipe.parallel.reduce_dtype,
-        positions=data.document_mask,
-        loader_rows=data.engram_in_loader,
-    )
-    layout = layout_of(recipe.parallel, train.micro_batch_size, ranks)
+    work = workload_of(recipe)
+    layout = layout_of(recipe.parallel, recipe.train.micro_batch_size, ranks)
     return build_inventory(recipe.model), layout, work
 
 

@@ -19,11 +19,12 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from birkhoff.errors import require
+from birkhoff.launch.plan_command import workload_of
 from birkhoff.launch.recipe import Recipe
 from birkhoff.model.init import clean_name
 from birkhoff.parallel.distributed import DistributedContext, build_mesh
 from birkhoff.parallel.planning.cluster import Cluster, cluster_from
-from birkhoff.parallel.planning.estimate import GIB, Workload, estimate, layout_of
+from birkhoff.parallel.planning.estimate import GIB, estimate, layout_of
 from birkhoff.parallel.planning.inventory import build_inventory
 from birkhoff.train.model_share import build_share
 
@@ -65,14 +66,7 @@ def _memory(recipe: Recipe, world: int, held: int) -> list[str]:
         return [*lines, "(set cluster.preset or the cluster.* figures for the whole plan)"]
     cluster: Cluster = cluster_from({**values, "devices": world})
     layout = layout_of(recipe.parallel, recipe.train.micro_batch_size, world)
-    work = Workload(
-        global_batch=recipe.train.global_batch_size,
-        seq_len=recipe.data.seq_len,
-        mixed_precision=recipe.train.mixed_precision == "bf16",
-        param_dtype=recipe.parallel.param_dtype,
-        reduce_dtype=recipe.parallel.reduce_dtype,
-    )
-    planned = estimate(build_inventory(recipe.model), layout, work, cluster)
+    planned = estimate(build_inventory(recipe.model), layout, workload_of(recipe), cluster)
     memory = ", ".join(f"{k} {v:.2f}" for k, v in planned.memory_gib.items())
     verdict = "fits" if planned.fits else "does NOT fit"
     return [

@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from birkhoff.errors import RecipeError, require
-from birkhoff.launch.recipe import typed_recipe
+from birkhoff.launch.recipe import Recipe, typed_recipe
 from birkhoff.parallel.planning.cluster import Cluster, cluster_from
 from birkhoff.parallel.planning.estimate import (
     Estimate,
@@ -69,14 +69,7 @@ def plan_command(args: list[str]) -> int:
         recipe = typed_recipe(cfg)
         cluster = cluster_from(_cluster_values(recipe))
         recipe.model.validate()
-        work = Workload(
-            global_batch=recipe.train.global_batch_size,
-            seq_len=recipe.data.seq_len,
-            mixed_precision=recipe.train.mixed_precision == "bf16",
-            param_dtype=recipe.parallel.param_dtype,
-            reduce_dtype=recipe.parallel.reduce_dtype,
-            fused_attention=options.fused_attention,
-        )
+        work = workload_of(recipe, options.fused_attention)
         inv = build_inventory(recipe.model)
         chosen = [o for o in overrides if o.split("=")[0] in LAYOUT_KEYS]
         if chosen:
@@ -106,6 +99,21 @@ def plan_command(args: list[str]) -> int:
     else:
         print(_table(report, options.top))
     return 0
+
+
+def workload_of(recipe: Recipe, fused_attention: bool = False) -> Workload:
+    """What a step of `recipe` computes and moves, as the planner takes it."""
+    train, data, parallel = recipe.train, recipe.data, recipe.parallel
+    return Workload(
+        global_batch=train.global_batch_size,
+        seq_len=data.seq_len,
+        mixed_precision=train.mixed_precision == "bf16",
+        param_dtype=parallel.param_dtype,
+        reduce_dtype=parallel.reduce_dtype,
+        fused_attention=fused_attention,
+        positions=data.document_mask,
+        loader_rows=data.engram_in_loader,
+    )
 
 
 def _cluster_values(recipe) -> dict[str, Any]:
