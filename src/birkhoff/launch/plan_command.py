@@ -14,7 +14,7 @@ from typing import Any
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from birkhoff.errors import RecipeError, require
+from birkhoff.errors import RecipeError
 from birkhoff.launch.recipe import Recipe, typed_recipe
 from birkhoff.parallel.planning.cluster import Cluster, cluster_from
 from birkhoff.parallel.planning.estimate import (
@@ -30,7 +30,7 @@ from birkhoff.parallel.planning.published import (
     deepseek_v3_run,
     derived_mfu,
 )
-from birkhoff.parallel.planning.search import plan, runnable
+from birkhoff.parallel.planning.search import check_runnable, plan
 from birkhoff.train.config import derived_micro_batch
 
 # What picks one layout to check rather than a search (other parallel.* keys are settings).
@@ -80,13 +80,7 @@ def plan_command(args: list[str]) -> int:
                 train.global_batch_size // dp, parallel.pp
             )
             layout = layout_of(parallel, micro, cluster.devices)
-            require(
-                runnable(inv, layout, work),
-                "parallel",
-                " ".join(chosen),
-                f"is not a layout the trainer runs for this model on {cluster.devices} "
-                "devices; `birkhoff plan` without parallel.* lists those that are",
-            )
+            check_runnable(inv, layout, work)
             estimates = [estimate(inv, layout, work, cluster)]
         else:
             estimates = plan(inv, work, cluster)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from itertools import product
 
-from birkhoff.errors import RecipeError
+from birkhoff.errors import RecipeError, require
 from birkhoff.parallel.config import ParallelConfig
 from birkhoff.parallel.planning.cluster import Cluster
 from birkhoff.parallel.planning.estimate import Estimate, Layout, Workload, estimate
@@ -18,11 +18,17 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def runnable(inv: Inventory, layout: Layout, work: Workload) -> bool:
-    """Whether the trainer accepts `layout` for this model and batch (its own validation)."""
-    cfg = inv.cfg
-    if work.global_batch % (layout.micro_batch * layout.dp):
-        return False
+def check_runnable(inv: Inventory, layout: Layout, work: Workload) -> None:
+    """Raise the trainer's own RecipeError if it would refuse `layout` for this model and
+    batch."""
+    micro_batches, left = divmod(work.global_batch, layout.micro_batch * layout.dp)
+    require(
+        left == 0,
+        "train.global_batch_size",
+        work.global_batch,
+        f"must be divisible by train.micro_batch_size ({layout.micro_batch}) x "
+        f"data-parallel ranks ({layout.dp})",
+    )
     parallel = ParallelConfig(
         dp_replicate=layout.dp_replicate,
         dp_shard=layout.dp_shard,
@@ -33,10 +39,14 @@ def runnable(inv: Inventory, layout: Layout, work: Workload) -> bool:
         sequence_parallel=layout.sequence_parallel,
         engram_row_shard=layout.engram_row_shard,
     )
+    parallel.validate(layout.devices)
+    parallel.validate_for_model(inv.cfg, micro_batches)
+
+
+def runnable(inv: Inventory, layout: Layout, work: Workload) -> bool:
+    """Whether the trainer accepts `layout` for this model and batch (its own validation)."""
     try:
-        parallel.validate(layout.devices)
-        micro_batches = work.global_batch // (layout.micro_batch * layout.dp)
-        parallel.validate_for_model(cfg, micro_batches)
+        check_runnable(inv, layout, work)
     except RecipeError:
         return False
     return True
