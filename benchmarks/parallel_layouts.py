@@ -49,11 +49,15 @@ BASE = ["model=tiny", "train.micro_batch_size=6", "backend=cpu", "logging.consol
 
 
 def held_mib(trainer) -> dict[str, float]:
-    """MiB of every tensor this rank holds, by kind: its shards of parameters, gradients and
-    AdamW state, and its buffers (each storage once)."""
+    """MiB of every tensor this rank holds once a step's backward is complete, by kind: its
+    shards of parameters, gradients and AdamW state, and its buffers (each storage once)."""
     from birkhoff.parallel.memory import held_bytes
 
-    held = held_bytes(trainer.model_parts, trainer.optimizers)
+    held: dict[str, int] = {}
+    hook = lambda t: held.update(held_bytes(t.model_parts, t.optimizers))  # noqa: E731
+    trainer.after_backward.append(hook)
+    trainer.train_step()
+    trainer.after_backward.remove(hook)
     return {kind: size / 2**20 for kind, size in held.items()}
 
 

@@ -40,7 +40,12 @@ GIB_COLUMNS = ("params", "grads", "optimizer", "activations", "buffers", "total"
 
 
 def plan_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="birkhoff plan", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="birkhoff plan",
+        description="Memory per device, bytes per collective, step time and MFU of a recipe's "
+        "layouts on a cluster (cluster.preset=h100 cluster.devices=256, or the figures); with "
+        "parallel.* degrees or parallel=NAME, that one layout.",
+    )
     parser.add_argument("overrides", nargs="*", help="recipe overrides, cluster.* included")
     parser.add_argument("--json", action="store_true", help="every estimate as JSON")
     parser.add_argument("--top", type=int, default=10, help="layouts shown (10)")
