@@ -34,13 +34,10 @@ import torch
 from birkhoff.launch.plan_command import workload_of
 from birkhoff.launch.recipe import typed_recipe
 from birkhoff.parallel.planning.cluster import Cluster
-from birkhoff.parallel.planning.estimate import (
-    GIB,
-    communication,
-    estimate,
-    layout_of,
-)
+from birkhoff.parallel.planning.communication import communication
+from birkhoff.parallel.planning.estimate import GIB, estimate
 from birkhoff.parallel.planning.inventory import build_inventory
+from birkhoff.parallel.planning.layout import layout_of
 from conftest import SMALL_OVERRIDES, compose_recipe
 
 TESTS = Path(__file__).parent

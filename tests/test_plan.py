@@ -14,15 +14,9 @@ import pytest
 from birkhoff.model.config import ModelConfig, MoEConfig, ResidualConfig
 from birkhoff.parallel.planning.activations import window_keys
 from birkhoff.parallel.planning.cluster import PRESETS, Cluster
-from birkhoff.parallel.planning.estimate import (
-    GIB,
-    Layout,
-    Workload,
-    estimate,
-    model_flops_per_token,
-    stage_layers,
-)
+from birkhoff.parallel.planning.estimate import GIB, estimate, model_flops_per_token
 from birkhoff.parallel.planning.inventory import build_inventory
+from birkhoff.parallel.planning.layout import Layout, Workload, stage_layers
 from birkhoff.parallel.planning.published import deepseek_v3_model, deepseek_v3_run, derived_mfu
 from birkhoff.parallel.planning.search import plan
 

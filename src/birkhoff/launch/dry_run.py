@@ -24,8 +24,9 @@ from birkhoff.launch.recipe import Recipe
 from birkhoff.model.init import clean_name
 from birkhoff.parallel.distributed import DistributedContext, build_mesh
 from birkhoff.parallel.planning.cluster import Cluster, cluster_from
-from birkhoff.parallel.planning.estimate import GIB, estimate, layout_of
+from birkhoff.parallel.planning.estimate import GIB, estimate
 from birkhoff.parallel.planning.inventory import build_inventory
+from birkhoff.parallel.planning.layout import layout_of
 from birkhoff.train.model_share import build_share
 
 

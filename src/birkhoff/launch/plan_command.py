@@ -17,14 +17,9 @@ from omegaconf import OmegaConf
 from birkhoff.errors import RecipeError
 from birkhoff.launch.recipe import Recipe, typed_recipe
 from birkhoff.parallel.planning.cluster import Cluster, cluster_from
-from birkhoff.parallel.planning.estimate import (
-    Estimate,
-    Workload,
-    estimate,
-    layout_of,
-    model_flops_per_token,
-)
+from birkhoff.parallel.planning.estimate import Estimate, estimate, model_flops_per_token
 from birkhoff.parallel.planning.inventory import build_inventory
+from birkhoff.parallel.planning.layout import Workload, layout_of
 from birkhoff.parallel.planning.published import (
     deepseek_v3_model,
     deepseek_v3_run,

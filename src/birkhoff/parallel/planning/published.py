@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from birkhoff.model.config import AttentionConfig, ModelConfig, MoEConfig, MTPConfig, ResidualConfig
 from birkhoff.parallel.planning.cluster import PRESETS, Cluster
-from birkhoff.parallel.planning.estimate import Layout, Workload
+from birkhoff.parallel.planning.layout import Layout, Workload
 
 V3_GPU_HOURS_PER_TRILLION_TOKENS = 180_000
 SEQ_LEN = 4096

@@ -10,8 +10,9 @@ from itertools import product
 from birkhoff.errors import RecipeError, require
 from birkhoff.parallel.config import ParallelConfig
 from birkhoff.parallel.planning.cluster import Cluster
-from birkhoff.parallel.planning.estimate import Estimate, Layout, Workload, estimate
+from birkhoff.parallel.planning.estimate import Estimate, estimate
 from birkhoff.parallel.planning.inventory import Inventory
+from birkhoff.parallel.planning.layout import Layout, Workload
 
 
 def _divisors(n: int) -> list[int]:

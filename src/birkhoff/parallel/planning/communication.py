@@ -1,0 +1,129 @@
+"""Bytes per step of every collective a rank of a layout runs, and the time they take (see
+estimate.py's docstring for what each counts)."""
+
+from __future__ import annotations
+
+from birkhoff.parallel.planning.cluster import Cluster
+from birkhoff.parallel.planning.inventory import Inventory
+from birkhoff.parallel.planning.layout import (
+    DTYPE_BYTES,
+    Layout,
+    Workload,
+    gathered,
+    row_sharded,
+    stage_keys,
+    stage_layers,
+    tp_local,
+)
+
+COLLECTIVES = (
+    "fsdp_all_gather",
+    "fsdp_reduce_scatter",
+    "hsdp_all_reduce",
+    "ddp_all_reduce",
+    "ddp_broadcast",
+    "ep_all_to_all",
+    "engram_all_to_all",
+    "tp",
+    "pp_send_recv",
+)
+
+
+def communication(inv: Inventory, layout: Layout, work: Workload, stage: int = 0) -> dict:
+    """Bytes per step a rank of pipeline stage `stage` moves, by collective (module
+    docstring); routed tokens assume a balanced load (the mean over the ep ranks)."""
+    cfg = inv.cfg
+    layers = stage_layers(cfg.num_layers, layout.pp)[stage]
+    last = stage == layout.pp - 1
+    micro_batches = work.global_batch // (layout.micro_batch * layout.dp)
+    act = 2 if work.mixed_precision else 4
+    tokens = layout.micro_batch * work.seq_len
+    held = [g for g in inv.groups if g.layer in stage_keys(stage, layers, layout.pp)]
+    comm = dict.fromkeys(COLLECTIVES, 0.0)
+    gathered_total = sum(gathered(g, layout) for g in held)
+    if layout.dp_shard > 1:
+        blocks = sum(gathered(g, layout) for g in held if g.block)
+        per_micro = (2 * blocks + (gathered_total - blocks)) * DTYPE_BYTES[work.param_dtype]
+        comm["fsdp_all_gather"] = micro_batches * per_micro
+        reductions = micro_batches if layout.fsdp_reduce_every_micro_batch else 1
+        comm["fsdp_reduce_scatter"] = reductions * gathered_total * DTYPE_BYTES[work.reduce_dtype]
+        if layout.dp_replicate > 1:  # FSDP's shards once; row-sharded tables every micro-batch
+            tables = sum(tp_local(g, layout) for g in held if row_sharded(g, layout))
+            rest = sum(tp_local(g, layout) for g in held) - tables
+            comm["hsdp_all_reduce"] = (rest + micro_batches * tables) / layout.dp_shard * 4
+    elif layout.dp_replicate > 1:  # every gradient; every buffer from rank 0 each forward
+        comm["ddp_all_reduce"] = sum(tp_local(g, layout) for g in held) * 4
+        buffers = stage_keys(stage, layers, layout.pp)
+        comm["ddp_broadcast"] = micro_batches * sum(inv.buffer_bytes.get(k, 0) for k in buffers)
+    # (layer, positions it runs on per sequence): MTP depth k predicts k tokens further
+    depths = range(cfg.mtp.depth) if last else range(0)
+    runs = [(layer, work.seq_len) for layer in layers]
+    runs += [(cfg.num_layers + d, work.seq_len - d - 1) for d in depths]
+    sp = layout.tp if layout.sequence_parallel else 1
+    if layout.ep > 1:
+        routed = sum(layout.micro_batch * n for layer, n in runs if cfg.moe.is_moe_layer(layer))
+        routed *= cfg.moe.top_k / sp
+        comm["ep_all_to_all"] = micro_batches * 4 * routed * cfg.hidden_size * act
+    if layout.engram_row_shard and layout.dp_shard > 1:
+        lookups = _engram_lookup_bytes(cfg, layout, layers, tokens)
+        comm["engram_all_to_all"] = micro_batches * lookups
+    if layout.tp > 1:
+        comm["tp"] = micro_batches * len(layers) * 2 * 2 * tokens * cfg.hidden_size * act
+    if layout.pp > 1:
+        comm["pp_send_recv"] = micro_batches * _pipeline_bytes(cfg, work, layout, stage, tokens)
+    return comm
+
+
+def _engram_lookup_bytes(cfg, layout: Layout, layers: list[int], tokens: int) -> float:
+    """Per micro-batch, row-sharded Engram lookups: the row ids out (int64), the rows back
+    and their gradients (float32); a recomputed block asks for its ids again (selective
+    checkpointing keeps the rows the collective returned; full recomputes them too)."""
+    e = cfg.engram
+    heads = e.heads_per_order * (e.max_ngram - 1)
+    rows = tokens * heads * len([layer for layer in layers if layer in e.layers])
+    recomputed = {"none": 0, "selective": 8, "full": 8 + e.embed_dim * 4}
+    return rows * (8 + 2 * e.embed_dim * 4 + recomputed[layout.activation_checkpoint])
+
+
+def _pipeline_bytes(cfg, work: Workload, layout: Layout, stage: int, tokens: int) -> float:
+    """What crosses the boundaries of `stage` per micro-batch (one for the first and the last
+    stage, two between), forward and backward: the residual (float32 streams) and its
+    gradient, the token ids, targets and document positions, every loader-computed Engram
+    row (they travel to the end), and Emb(targets) with its gradient for MTP."""
+    streams = 1 if cfg.residual.mode == "plain" else cfg.residual.n_streams
+    ids = 2 + int(work.positions)
+    e = cfg.engram
+    rows = len(e.layers) * e.heads_per_order * (e.max_ngram - 1) if work.loader_rows else 0
+    per_token = 2 * streams * cfg.hidden_size * 4 + ids * 8 + rows * 8
+    per_token += 2 * cfg.hidden_size * 4 if cfg.mtp.depth else 0
+    boundaries = 1 if stage in (0, layout.pp - 1) else 2
+    return boundaries * tokens * per_token
+
+
+def comm_seconds(comm: dict[str, float], layout: Layout, cluster: Cluster) -> dict[str, float]:
+    """Ring collectives: (g - 1) / g of the payload crosses each device's link (all-reduce
+    twice); a group inside one node uses the node's links, else the NICs."""
+
+    def bandwidth(span: int) -> float:
+        return (
+            cluster.intra_node_gbps if span <= cluster.node_size else cluster.inter_node_gbps
+        ) * 1e9
+
+    tp_span = layout.tp
+    groups = {
+        "fsdp_all_gather": (layout.dp_shard, tp_span * layout.dp_shard, 1),
+        "fsdp_reduce_scatter": (layout.dp_shard, tp_span * layout.dp_shard, 1),
+        "hsdp_all_reduce": (layout.dp_replicate, layout.devices // layout.pp, 2),
+        "ddp_all_reduce": (layout.dp_replicate, layout.devices // layout.pp, 2),
+        "ddp_broadcast": (layout.dp_replicate, layout.devices // layout.pp, 1),
+        "ep_all_to_all": (layout.ep, tp_span * layout.ep, 1),
+        "engram_all_to_all": (layout.dp_shard, tp_span * layout.dp_shard, 1),
+        "tp": (layout.tp, tp_span, 2),
+        "pp_send_recv": (2, layout.devices, 1),
+    }
+    seconds = {}
+    for name, payload in comm.items():
+        size, span, factor = groups[name]
+        share = (size - 1) / size if name != "pp_send_recv" else 1.0
+        seconds[name] = factor * payload * share / bandwidth(span) if size > 1 else 0.0
+    return seconds

@@ -1,0 +1,120 @@
+"""A layout as the planner sees it, the workload of a step, and how a layout shares a model's
+parameter groups out: which stage holds what, what tp and FSDP leave a rank, what FSDP gathers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from birkhoff.parallel.config import ParallelConfig
+from birkhoff.parallel.planning.inventory import FIRST, LAST
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+
+
+@dataclass(frozen=True)
+class Layout:
+    pp: int = 1
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    tp: int = 1
+    ep: int = 1
+    micro_batch: int = 1
+    activation_checkpoint: str = "none"
+    sequence_parallel: bool = False
+    engram_row_shard: bool = False
+    fsdp_reduce_every_micro_batch: bool = False
+
+    @property
+    def devices(self) -> int:
+        return self.pp * self.dp_replicate * self.dp_shard * self.tp
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    def overrides(self) -> list[str]:
+        """The recipe overrides that run this layout."""
+        values = {
+            "parallel.pp": self.pp,
+            "parallel.dp_replicate": self.dp_replicate,
+            "parallel.dp_shard": self.dp_shard,
+            "parallel.tp": self.tp,
+            "parallel.ep": self.ep,
+            "parallel.activation_checkpoint": self.activation_checkpoint,
+            "parallel.sequence_parallel": str(self.sequence_parallel).lower(),
+            "parallel.engram_row_shard": str(self.engram_row_shard).lower(),
+            "parallel.fsdp_reduce_every_micro_batch": str(
+                self.fsdp_reduce_every_micro_batch
+            ).lower(),
+            "train.micro_batch_size": self.micro_batch,
+        }
+        return [f"{key}={value}" for key, value in values.items()]
+
+
+def layout_of(parallel: ParallelConfig, micro_batch: int, devices: int) -> Layout:
+    """The Layout a recipe's `parallel` section gives on `devices` (validated)."""
+    parallel.validate(devices)
+    degrees = parallel.degrees(devices)
+    return Layout(
+        pp=degrees["pp"],
+        dp_replicate=degrees["dp_replicate"],
+        dp_shard=degrees["dp_shard"],
+        tp=degrees["tp"],
+        ep=degrees["ep"],
+        micro_batch=micro_batch,
+        activation_checkpoint=parallel.activation_checkpoint,
+        sequence_parallel=parallel.sequence_parallel,
+        engram_row_shard=parallel.engram_row_shard,
+        fsdp_reduce_every_micro_batch=parallel.fsdp_reduce_every_micro_batch,
+    )
+
+
+@dataclass(frozen=True)
+class Workload:
+    global_batch: int  # sequences per step
+    seq_len: int
+    mixed_precision: bool = True  # bf16 autocast (activations in bf16)
+    # Attention that keeps no score matrix for backward (FlashAttention-style kernels); the
+    # reference kernels keep the logits and probabilities.
+    fused_attention: bool = False
+    positions: bool = True  # document positions travel between pipeline stages
+    loader_rows: bool = True  # Engram rows computed by the loader travel with them
+    param_dtype: str = "bfloat16"  # FSDP's gathered parameters
+    reduce_dtype: str = "float32"
+
+
+def stage_layers(num_layers: int, pp: int) -> list[list[int]]:
+    """The trainer's even split; layers that do not divide go one each to the first stages
+    (a published run with an uneven split)."""
+    per, extra = divmod(num_layers, pp)
+    sizes = [per + (s < extra) for s in range(pp)]
+    starts = [sum(sizes[:s]) for s in range(pp)]
+    return [list(range(start, start + size)) for start, size in zip(starts, sizes, strict=True)]
+
+
+def stage_keys(stage: int, layers: list[int], pp: int) -> set[int]:
+    return set(layers) | ({FIRST} if stage == 0 else set()) | ({LAST} if stage == pp - 1 else set())
+
+
+def tp_local(g, layout: Layout) -> float:
+    return g.numel / (layout.tp if g.tp_split else 1)
+
+
+def unit(g, layout: Layout) -> float:
+    """Elements of a group in its FSDP unit before sharding: its tp shard (experts: their ep
+    shard)."""
+    return tp_local(g, layout) / (layout.ep if g.expert else 1)
+
+
+def row_sharded(g, layout: Layout) -> bool:
+    return g.engram_table and layout.engram_row_shard
+
+
+def gathered(g, layout: Layout) -> float:
+    """Elements FSDP gathers of a group on a rank: none of a row-sharded Engram table, none of
+    the experts when ep takes all of dp_shard (their unit's shard group is one rank)."""
+    if row_sharded(g, layout):
+        return 0.0
+    if g.expert and layout.dp_shard == layout.ep:
+        return 0.0
+    return unit(g, layout)
