@@ -14,16 +14,24 @@ from birkhoff.parallel.comm_counter import CollectiveBytes, mesh_dims
 from birkhoff.parallel.memory import held_bytes, reset_peak_memory, resident_mib
 
 
+def start_peak_measurement() -> float:
+    """Reset the resident-set peak where the kernel allows it (test_model_share skips where
+    it does not) and return the resident MiB now. Freed heap goes back to the system first:
+    memory an earlier measurement freed would otherwise be reused without the resident set
+    growing."""
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    reset_peak_memory(torch.device("cpu"))
+    return resident_mib(peak=False)
+
+
 def probe_step(trainer) -> dict:
     """Train one step of `trainer` while measuring it (see the module docstring)."""
     during: dict[str, int] = {}
     hook = lambda t: during.update(held_bytes(t.model_parts, t.optimizers))  # noqa: E731
     trainer.after_backward.append(hook)
     mesh = trainer.ctx.mesh
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    reset_peak_memory(torch.device("cpu"))
-    before = resident_mib(peak=False)
+    before = start_peak_measurement()
     with CollectiveBytes(mesh_dims(mesh) if mesh is not None else {}) as counted:
         record = trainer.train_step()
     growth = resident_mib(peak=True) - before

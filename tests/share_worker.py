@@ -8,7 +8,6 @@ Usage: share_worker.py OUT JSON  (JSON: {name: [overrides...]})
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import hashlib
 import json
@@ -22,10 +21,11 @@ from torch.distributed.tensor import DTensor
 from birkhoff.launch.recipe import load_recipe, recipe_to_dict
 from birkhoff.model.init import clean_name
 from birkhoff.parallel.distributed import DistributedContext, build_mesh, env_rank
-from birkhoff.parallel.memory import held_bytes, reset_peak_memory, resident_mib
+from birkhoff.parallel.memory import held_bytes, resident_mib
 from birkhoff.train.entry import train_recipe_from_dict
 from birkhoff.train.model_share import build_share
 from conftest import compose_recipe
+from layout_probe import start_peak_measurement
 
 
 def digest(tensor: torch.Tensor) -> str:
@@ -40,14 +40,9 @@ def build_and_measure(overrides: list[str]) -> dict:
     degrees = recipe.parallel.degrees(world)
     mesh = build_mesh(degrees, "cpu") if world > 1 else None
     ctx = DistributedContext(rank, local_rank, world, mesh, degrees, device)
-    gc.collect()
-    # Return freed heap to the system: memory an earlier job freed would otherwise be reused
-    # without the resident set growing, and hide part of this build.
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
     if world > 1:
         dist.barrier()
-    assert reset_peak_memory(device)
-    before = resident_mib(peak=False)
+    before = start_peak_measurement()
     share = build_share(recipe, ctx, device, None, 0, micro_batches=2)
     growth = resident_mib(peak=True) - before
     held = held_bytes(share.parts)

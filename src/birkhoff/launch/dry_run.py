@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from birkhoff.errors import require
-from birkhoff.launch.plan_command import workload_of
+from birkhoff.launch.plan_command import cluster_values, workload_of
 from birkhoff.launch.recipe import Recipe
 from birkhoff.model.init import clean_name
 from birkhoff.parallel.distributed import DistributedContext, build_mesh
@@ -62,8 +62,8 @@ def _memory(recipe: Recipe, world: int, held: int) -> list[str]:
     state = {"params": 4 * held, "grads": 4 * held, "optimizer": 8 * held}
     lines = ["", f"this rank holds {held:,} parameters:"]
     lines += [f"  {kind}: {size / GIB:.2f} GiB" for kind, size in state.items()]
-    values = {k: v for k, v in vars(recipe.cluster).items() if v is not None}
-    if "device_memory_gib" not in values and "preset" not in values:
+    values = cluster_values(recipe)
+    if values["device_memory_gib"] is None and values["preset"] is None:
         return [*lines, "(set cluster.preset or the cluster.* figures for the whole plan)"]
     cluster: Cluster = cluster_from({**values, "devices": world})
     layout = layout_of(recipe.parallel, recipe.train.micro_batch_size, world)

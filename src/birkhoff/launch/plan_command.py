@@ -67,7 +67,7 @@ def plan_command(args: list[str]) -> int:
         with initialize_config_module(config_module="birkhoff.recipes", version_base=None):
             cfg = compose(config_name="config", overrides=overrides)
         recipe = typed_recipe(cfg)
-        cluster = cluster_from(_cluster_values(recipe))
+        cluster = cluster_from(cluster_values(recipe))
         recipe.model.validate()
         work = workload_of(recipe, options.fused_attention)
         inv = build_inventory(recipe.model)
@@ -110,7 +110,7 @@ def workload_of(recipe: Recipe, fused_attention: bool = False) -> Workload:
     )
 
 
-def _cluster_values(recipe) -> dict[str, Any]:
+def cluster_values(recipe: Recipe) -> dict[str, Any]:
     """The recipe's `cluster` section; devices default to the launch's processes."""
     values = asdict(recipe.cluster)
     if values["devices"] is None:
