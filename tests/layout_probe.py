@@ -1,17 +1,20 @@
 """What one training step of a layout costs a rank, measured for `birkhoff plan`'s validation
 (parallel_worker.py runs it on every layout): the bytes of each collective by kind and mesh
 dimension, the tensors the rank holds by kind once backward is complete, and how far its
-resident set grows over the step."""
+resident set grows over the step; and on a step of its own (the profiler that reads the CPU
+allocator's events holds memory of its own), the most the allocator's bytes rise above what
+the rank holds when the step starts."""
 
 from __future__ import annotations
 
 import ctypes
 import gc
+from collections.abc import Callable
 
 import torch
 
 from birkhoff.parallel.comm_counter import CollectiveBytes, mesh_dims
-from birkhoff.parallel.memory import held_bytes, reset_peak_memory, resident_mib
+from birkhoff.parallel.memory import AllocatedPeak, held_bytes, reset_peak_memory, resident_mib
 
 
 def start_peak_measurement() -> float:
@@ -44,3 +47,16 @@ def probe_step(trainer) -> dict:
         "held_at_rest": held_bytes(trainer.model_parts, trainer.optimizers),
         "peak_growth_mib": growth,
     }
+
+
+def measuring_allocated_peak(trainer, warm_step: Callable[[], None]) -> dict:
+    """Run `warm_step` (a step: what it frees of earlier work becomes known to the profiler)
+    and then one more step of `trainer`, measuring the allocator's peak over that one (see
+    the module docstring)."""
+    gc.collect()
+    with AllocatedPeak(trainer.device) as allocated:
+        warm_step()
+        at_start = held_bytes(trainer.model_parts, trainer.optimizers)
+        allocated.start()
+        trainer.train_step()
+    return {"held_at_start": at_start, "allocated_peak_growth": allocated.peak_bytes}

@@ -5,7 +5,8 @@ spend most of its time starting), trains `steps` steps and saves what this rank 
 step's loss and gradient norm, the MoE router biases after the last step, and the full
 (unsharded) gradients of the first and the last step, before clipping, of each parameter it
 holds, by its name in the unwrapped model, and what the second step cost the rank (collective
-bytes, tensors held, resident growth: layout_probe.py), to OUT_DIR/NAME/rankN.pt.
+bytes, tensors held, resident growth) and one more step its allocator (layout_probe.py), to
+OUT_DIR/NAME/rankN.pt.
 Usage: parallel_worker.py OUT_DIR STEPS JSON  (JSON: {name: [overrides...]})
 """
 
@@ -28,7 +29,7 @@ from birkhoff.train.entry import train_recipe_from_dict
 from birkhoff.train.metrics import MetricLogger
 from birkhoff.train.trainer import Trainer
 from conftest import SMALL_OVERRIDES, compose_recipe
-from layout_probe import probe_step
+from layout_probe import measuring_allocated_peak, probe_step
 
 
 def full_gradients(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -60,19 +61,20 @@ def run_layout(out: Path, steps: int, overrides: list[str]) -> None:
             grads[t.step + 1] = full_gradients(t)
 
     trainer.after_backward.append(keep_gradients)
-    records, probe = [trainer.train_step()], {}
-    for _ in range(steps - 1):  # the second step measured for `birkhoff plan` (layout_probe.py)
-        if not probe:
-            probe = probe_step(trainer)
-            records.append(probe.pop("record"))
-        else:
-            records.append(trainer.train_step())
-    biases = {
-        name.replace(WRAPPED_PREFIX, ""): buffer.clone()
-        for part in trainer.model_parts
-        for name, buffer in part.named_buffers()
-        if name.endswith("router.bias")
-    }
+    records = [trainer.train_step()]
+    probe = probe_step(trainer)  # the second step measured for `birkhoff plan` (layout_probe.py)
+    records.append(probe.pop("record"))
+    biases = {}
+
+    def last_steps() -> None:  # the rest, then what the routers learnt
+        records.extend(trainer.train_step() for _ in range(steps - 2))
+        for part in trainer.model_parts:
+            for name, buffer in part.named_buffers():
+                if name.endswith("router.bias"):
+                    biases[name.replace(WRAPPED_PREFIX, "")] = buffer.clone()
+
+    # and one step beyond those compared, its allocator's peak
+    probe.update(measuring_allocated_peak(trainer, last_steps))
     saved = {
         "losses": [r["loss"] for r in records],
         "grad_norms": [r["grad_norm"] for r in records],

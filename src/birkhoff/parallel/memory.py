@@ -70,3 +70,81 @@ def resident_mib(peak: bool) -> float:
     if found is None:
         raise RuntimeError(f"{_STATUS} has no {field} line")
     return int(found.group(1)) / 1024
+
+
+class AllocatedPeak:
+    """How far the bytes held by the allocator rise above their level at `start()` (or at
+    entry), at most, until the `with` block ends: what an accelerator's allocator reports as
+    its peak. On CPU, which keeps no such statistic, it is read from the profiler's
+    allocation events, each carrying the running total of what was allocated while it
+    profiled; memory allocated before it started and freed afterwards is not seen as freed,
+    so run a step before `start()` (memory left from earlier work is then freed, and seen).
+    `peak_bytes` is set on exit."""
+
+    _MARK = "birkhoff.allocated_peak.start"
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak_bytes = 0
+        self._profiler: torch.profiler.profile | None = None
+        self._start = 0
+
+    def __enter__(self) -> AllocatedPeak:
+        if self.device.type == "cpu":
+            self._profiler = torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+            )
+            self._profiler.__enter__()
+        else:
+            self.start()
+        return self
+
+    def start(self) -> None:
+        """Measure from here on."""
+        if self._profiler is not None:
+            with torch.profiler.record_function(self._MARK):
+                pass
+            return
+        torch.accelerator.synchronize(self.device)
+        torch.accelerator.reset_peak_memory_stats(self.device)
+        self._start = torch.accelerator.memory_allocated(self.device)
+
+    def __exit__(self, *exc) -> None:
+        if self._profiler is None:
+            torch.accelerator.synchronize(self.device)
+            self.peak_bytes = torch.accelerator.max_memory_allocated(self.device) - self._start
+            return
+        self._profiler.__exit__(*exc)
+        tree = self._profiler.profiler.kineto_results.experimental_event_tree()
+        marks = [n.start_time_ns for n in _nodes(tree) if n.name == self._MARK]
+        since = max(marks, default=0)
+        events = sorted(_allocations(tree), key=lambda e: e.start_time_ns)
+        before = [e for e in events if e.start_time_ns < since]
+        after = [e for e in events if e.start_time_ns >= since]
+        if not after:
+            return
+        if before:
+            level = before[-1].extra_fields.total_allocated
+        else:
+            level = after[0].extra_fields.total_allocated - after[0].extra_fields.alloc_size
+        self.peak_bytes = max(e.extra_fields.total_allocated for e in after) - level
+
+
+def _nodes(roots: list) -> list:
+    found, stack = [], list(roots)
+    while stack:
+        node = stack.pop()
+        found.append(node)
+        stack.extend(node.children)
+    return found
+
+
+def _allocations(roots: list) -> list:
+    """The profiler's CPU allocation events anywhere in its event tree."""
+    from torch._C._profiler import _EventType
+
+    return [
+        n
+        for n in _nodes(roots)
+        if n.tag == _EventType.Allocation and n.extra_fields.device.type == "cpu"
+    ]

@@ -1,8 +1,10 @@
-"""Activation memory per token of one block: what autograd keeps for backward, term by term,
-from the tensors the model code saves. Each term is tagged by how tensor parallelism divides
-it ("heads": split over tp ranks; "stream": the residual side, split only with sequence
-parallelism; "whole": never split) and whether it is a matmul output (selective activation
-checkpointing keeps those and recomputes the rest)."""
+"""Activation memory per token: what autograd keeps for backward, term by term, as the
+reference kernels save it (counted tensor by tensor on the V4-style test model, one term per
+saved tensor or group of them; a fused kernel that recomputes instead keeps less). Each term
+is tagged by how tensor parallelism divides it ("heads": split over tp ranks; "stream": the
+residual side, split only with sequence parallelism; "whole": never split) and whether it is
+a matmul output (selective activation checkpointing keeps those and recomputes the rest).
+Integer tensors count 8 bytes, masks 1."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from dataclasses import dataclass
 
 from birkhoff.model.config import ModelConfig
 
-FP32 = 4
+FP32, INDEX, MASK = 4, 8, 1
 
 
 @dataclass(frozen=True)
@@ -25,26 +27,37 @@ def block_terms(
     cfg: ModelConfig, layer: int, seq: int, act_bytes: int, fused_attention: bool = False
 ) -> list[Term]:
     """The saved tensors of block `layer` per token, for sequences of `seq` tokens; with
-    `fused_attention`, V4 attention keeps a log-sum-exp per head instead of its scores."""
-    c, n = cfg.hidden_size, cfg.residual.n_streams
+    `fused_attention`, attention keeps a log-sum-exp per head instead of its probabilities."""
+    c = cfg.hidden_size
     terms: list[Term] = []
-    for _ in range(2):  # attention and FFN sublayers: residual joins and their norms
-        if cfg.residual.mode == "plain":
-            terms.append(Term(c, FP32, "stream", False))
-        else:
-            iters = cfg.residual.sinkhorn_iters if cfg.residual.mode == "mhc" else 1
-            terms.append(Term(2 * n * c + c + n * n * iters, FP32, "stream", False))
-            terms.append(Term(2 * n + n * n, act_bytes, "stream", True))
-        terms.append(Term(c, FP32, "stream", False))  # the norm's input
+    for _ in range(2):  # attention and FFN sublayers: the residual join and the sublayer's norm
+        terms += _join_terms(cfg, act_bytes)
+        terms.append(Term(2 * c + 1, FP32, "stream", False))  # norm input, normed, 1 / rms
     terms += _attention_terms(cfg, layer, seq, act_bytes, fused_attention)
     terms += _ffn_terms(cfg, layer, act_bytes)
     if layer in cfg.engram.layers:
-        e = cfg.engram
-        rows = e.heads_per_order * (e.max_ngram - 1) * e.embed_dim
-        terms.append(Term(rows, FP32, "whole", False))
-        terms.append(Term(n * c + c, act_bytes, "whole", True))
-        terms.append(Term(2 * n * c + 2 * c, FP32, "whole", False))
+        terms += _engram_terms(cfg, act_bytes)
     return terms
+
+
+def _join_terms(cfg: ModelConfig, act: int) -> list[Term]:
+    """One residual join. mHC keeps the n streams and their normalised flattening, the
+    mapping projection (in float32), the sublayer output H_post scales, and per Sinkhorn
+    iteration the matrix and its row or column sums; HC keeps tanh outputs instead."""
+    c, n = cfg.hidden_size, cfg.residual.n_streams
+    if cfg.residual.mode == "plain":
+        return []
+    mapping = 2 * n + n * n
+    if cfg.residual.mode == "mhc":
+        small = cfg.residual.sinkhorn_iters * (2 * n * n + 2 * n) + n * n + 3 * n
+    else:
+        small = mapping
+    return [
+        Term(2 * n * c, FP32, "stream", False),
+        Term(mapping, FP32, "stream", True),
+        Term(c, act, "stream", False),
+        Term(small, FP32, "stream", False),
+    ]
 
 
 def _attention_terms(cfg: ModelConfig, layer: int, seq: int, act: int, fused: bool) -> list[Term]:
@@ -54,78 +67,117 @@ def _attention_terms(cfg: ModelConfig, layer: int, seq: int, act: int, fused: bo
         d = c // heads
         qkv = heads * d + 2 * cfg.num_kv_heads * d
         return [
+            Term(c, act, "whole", False),  # the projections' input
             Term(qkv, act, "heads", True),
             Term(qkv, act, "heads", False),  # rotated copies
             Term(heads * d, act, "heads", True),  # attention output (flash: no score matrix)
             Term(heads, FP32, "heads", False),  # log-sum-exp
-            Term(c, act, "stream", True),
         ]
     kind = a.layer_type(layer)
-    window = window_keys(a.sliding_window, seq)
-    visible_entries = seq / 2 / (a.csa_ratio if kind == "csa" else a.hca_ratio)
-    entries = {"sliding": 0.0, "csa": min(a.index_topk, visible_entries), "hca": visible_entries}
-    keys = window + entries[kind] + 1  # window, compressed entries, the sink
-    hd = heads * a.head_dim
+    window, d, hd = a.sliding_window, a.head_dim, heads * a.head_dim
+    # Queries attend in blocks of `window` against two key blocks, whatever the sequence.
+    entries = {"sliding": 0.0, "csa": a.index_topk, "hca": seq / a.hca_ratio}[kind]
+    keys = 2 * window + entries + 1  # window blocks, compressed entries, the sink
     terms = [
-        Term(2 * a.q_lora_rank, act, "whole", True),
-        Term(hd, act, "heads", True),
-        Term(2 * hd, FP32, "heads", False),  # normalised and rotated queries
-        Term(3 * a.head_dim, act, "whole", True),
-        # logits and probabilities (a fused kernel: the log-sum-exp)
-        Term(heads if fused else 2 * heads * keys, FP32, "heads", True),
-        Term(hd, act, "heads", True),
-        Term(a.o_groups * a.o_lora_rank, act, "heads", True),
-        Term(c, act, "stream", True),
+        Term(c, act, "whole", False),  # the projections' input
+        Term(a.q_lora_rank, act, "whole", True),  # query latent, then normalised
+        Term(2 * a.q_lora_rank, FP32, "whole", False),
+        Term(hd, act, "heads", True),  # queries, normalised, rotated, blocked
+        Term(3 * hd, FP32, "heads", False),
+        Term(heads if fused else heads * keys, FP32, "heads", False),  # probabilities
+        Term(heads, FP32, "heads", False),
+        Term(2 * window, MASK, "whole", False),
+        Term(d, act, "whole", True),  # the KV entry, normalised, and the RoPE angles
+        Term(d + 3 * a.rope_head_dim / 2, FP32, "whole", False),
+        Term(a.o_groups * a.o_lora_rank, act, "heads", True),  # grouped output projection
     ]
-    if kind != "sliding":
-        width = 2 * a.head_dim if kind == "csa" else a.head_dim
-        terms.append(Term(2 * width, act, "whole", True))
-        terms.append(Term(2 * width, FP32, "whole", False))
     if kind == "csa":
-        index_heads = a.index_heads
-        terms.append(Term(index_heads * a.index_head_dim + index_heads, act, "heads", True))
-        terms.append(Term(2 * index_heads * visible_entries, FP32, "heads", True))
+        topk = a.index_topk
+        terms.append(Term(2 * topk * d, FP32, "whole", False))  # the picked entries
+        terms.append(Term(2 * topk, FP32, "whole", False))
+        terms.append(Term(3 * topk + 1, MASK, "whole", False))
+        terms += _compressor_terms(2, a.csa_ratio, d)
+        ih = a.index_heads
+        terms.append(Term(2 * ih * a.index_head_dim, FP32, "heads", False))
+        terms.append(Term(2 * ih * topk + ih, FP32, "heads", False))
+        terms += _compressor_terms(2, a.csa_ratio, a.index_head_dim)
+    elif kind == "hca":
+        terms.append(Term(hd, FP32, "heads", False))  # queries against every entry
+        terms.append(Term(entries, MASK, "whole", False))
+        terms += _compressor_terms(1, a.hca_ratio, d)
     return terms
 
 
-def window_keys(window: int, seq: int) -> float:
-    """Keys a query of a causal sliding window sees, averaged over the `seq` positions."""
-    if window >= seq:
-        return (seq + 1) / 2
-    return window - window * (window - 1) / (2 * seq)
+def _compressor_terms(width: int, ratio: int, dim: int) -> list[Term]:
+    """A compressor over windows of `width` x `ratio` tokens per entry of `dim` values."""
+    return [
+        Term(2 * width * dim + 2 * width + 2 * dim / ratio, FP32, "whole", False),
+        Term(4, INDEX, "whole", False),
+    ]
 
 
 def _ffn_terms(cfg: ModelConfig, layer: int, act: int) -> list[Term]:
     c, moe = cfg.hidden_size, cfg.moe
     if not moe.is_moe_layer(layer):
         f = cfg.ffn_hidden_size
-        return [Term(3 * f, act, "heads", True), Term(c, act, "stream", True)]
+        # the input, gate and up (matmuls), silu(gate) and the product
+        return [Term(c, act, "whole", False), *_swiglu_terms(f, act, False, "heads")]
     k, f = moe.top_k, moe.expert_ffn_hidden_size
+    clamped = moe.swiglu_limit is not None and moe.swiglu_limit > 0
     terms = [
-        Term(2 * moe.num_experts, FP32, "stream", True),  # router logits and scores
-        Term(k * c, act, "stream", False),  # tokens sorted by expert
-        Term(3 * k * f, act, "stream", True),
-        Term(k * c + c, act, "stream", True),
+        Term(c + 2 * moe.num_experts + k + 1, FP32, "stream", False),  # router in, logits
+        Term(3 * k, INDEX, "stream", False),  # picks and the sort by expert
+        Term(k, FP32, "stream", False),
+        Term(2 * k * c, act, "stream", False),  # tokens sorted by expert
+        *_swiglu_terms(k * f, act, clamped, "stream"),
+        Term(k * c, act, "stream", True),  # expert outputs before their gate weights
     ]
     if moe.num_shared_experts:
-        shared = moe.num_shared_experts * f
-        terms += [Term(3 * shared, act, "heads", True), Term(c, act, "stream", True)]
+        terms += _swiglu_terms(moe.num_shared_experts * f, act, clamped, "heads")
     return terms
+
+
+def _swiglu_terms(width: float, act: int, clamped: bool, split: str) -> list[Term]:
+    """gate and up (matmul outputs), their clamped copies (V4's limit), silu and product."""
+    others = (4 if clamped else 2) * width
+    return [Term(2 * width, act, split, True), Term(others, act, split, False)]
+
+
+def _engram_terms(cfg: ModelConfig, act: int) -> list[Term]:
+    """The gathered memory, its row ids, the key and value projections and the gate, norm
+    and causal convolution the reference kernel runs per stream."""
+    c, n, e = cfg.hidden_size, _streams(cfg), cfg.engram
+    heads = e.heads_per_order * (e.max_ngram - 1)
+    return [
+        Term(heads * e.embed_dim, FP32, "whole", False),
+        Term(heads, INDEX, "whole", False),
+        Term(n * c + c, act, "whole", True),
+        Term(10 * n * c + 8 * n, FP32, "whole", False),
+    ]
+
+
+def _streams(cfg: ModelConfig) -> int:
+    return 1 if cfg.residual.mode == "plain" else cfg.residual.n_streams
 
 
 def head_terms(cfg: ModelConfig, act: int) -> list[Term]:
-    """The last stage's output: the final norm, the logits and their float32 log-softmax, and
-    each MTP depth's projections and logits (its block is counted as a block)."""
-    v, c = cfg.vocab_size, cfg.hidden_size
-    terms = [
-        Term(c, FP32, "whole", False),
-        Term(v, act, "whole", True),
-        Term(v, FP32, "whole", False),
-    ]
+    """The last stage's outputs: the readout of the streams, the final norm, the head's input
+    and the float32 log-softmax of the logits; each MTP depth adds its norms, projections,
+    readout and log-softmax (its block is counted as a block)."""
+    v, c, n = cfg.vocab_size, cfg.hidden_size, _streams(cfg)
+    readout = 2 * n * c + 13 if cfg.residual.mode != "plain" else 0
+    terms = [Term(readout + 4 * c + 1, FP32, "whole", False), Term(v, FP32, "whole", False)]
     for _ in range(cfg.mtp.depth):
-        terms += [Term(4 * c, act, "whole", True), Term(v, act, "whole", True)]
+        terms += [Term(readout + 5 * c + 2 * n * c, FP32, "whole", False)]
         terms.append(Term(v, FP32, "whole", False))
     return terms
+
+
+def loss_transient_bytes(cfg: ModelConfig, act: int) -> float:
+    """Per token, what the loss's backward holds beyond the saved tensors at its peak: the
+    gradient of the log-probabilities and of the logits (float32), and under mixed precision
+    the logits' gradient in the activation dtype."""
+    return cfg.vocab_size * (2 * FP32 + (act if act != FP32 else 0))
 
 
 def bytes_per_token(terms: list[Term], tp: int, sequence_parallel: bool, keep: str) -> float:
@@ -140,3 +192,11 @@ def bytes_per_token(terms: list[Term], tp: int, sequence_parallel: bool, keep: s
         )
         total += term.elements * term.bytes_each / divide
     return total
+
+
+def window_keys(window: int, seq: int) -> float:
+    """Keys a query of a causal sliding window sees, averaged over the `seq` positions (the
+    useful work; the blocked kernel computes 2 x window)."""
+    if window >= seq:
+        return (seq + 1) / 2
+    return window - window * (window - 1) / (2 * seq)

@@ -6,7 +6,11 @@ remaining dp_shard / ep, so over dp_shard in all; with gradient accumulation und
 gradients stay unsharded until the step's last micro-batch, as the trainer runs it), buffers
 (the model's own, and FSDP's gathered units: two blocks in flight plus the root, and one
 block's unsharded gradients), and activations (activations.py) for the micro-batches a stage
-holds (1F1B: stage s holds pp - s).
+holds (1F1B: stage s holds pp - s), plus the larger of one block's recomputation and, on the
+last stage, the loss's backward (the gradients of the log-probabilities and logits). The
+total is the peak: during backward (with the gradients only once a step accumulates them
+over micro-batches) or in the optimizer step, whichever is larger; the parts are the most
+each kind takes. Measured on CPU against the allocator's peak: tests/test_parallel.py.
 
 Communication, bytes per step per device, by collective, with the payload as the trainer's
 calls pass it: FSDP all-gather (the unsharded unit, in param_dtype, per micro-batch: blocks
@@ -32,6 +36,7 @@ from birkhoff.parallel.planning.activations import (
     block_terms,
     bytes_per_token,
     head_terms,
+    loss_transient_bytes,
     window_keys,
 )
 from birkhoff.parallel.planning.cluster import Cluster
@@ -139,7 +144,11 @@ def _stage_memory(inv, layout, work, stage, layers, micro_batches) -> dict[str, 
         "activations": _activations(cfg, layout, work, stage, layers, micro_batches),
         "buffers": float(buffers),
     }
-    memory["total"] = sum(memory.values())
+    state = memory["params"] + memory["optimizer"] + memory["buffers"]
+    # The backward peak (the loss's backward, or a pipeline stage's last forward) holds the
+    # gradients only where an earlier micro-batch of the step made them.
+    backward = state + memory["activations"] + (memory["grads"] if micro_batches > 1 else 0.0)
+    memory["total"] = max(backward, state + memory["grads"])  # or the optimizer step
     return memory
 
 
@@ -160,10 +169,12 @@ def _activations(cfg, layout: Layout, work: Workload, stage, layers, micro_batch
             saved = streams * cfg.hidden_size * 4 / (layout.tp if sp else 1)
         per_micro += saved * tokens
         recompute = max(recompute, (full - saved) * tokens)  # one block recomputed at a time
+    transient = 0.0
     if last:
         per_micro += bytes_per_token(head_terms(cfg, act_bytes), 1, False, "all") * tokens
+        transient = loss_transient_bytes(cfg, act_bytes) * tokens
     in_flight = min(layout.pp - stage, micro_batches) if layout.pp > 1 else 1
-    return per_micro * in_flight + recompute
+    return per_micro * in_flight + max(recompute, transient)
 
 
 def _attention_flops_per_token(inv: Inventory, seq: int) -> float:
