@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_parallel import MODEL
 
 from birkhoff.launch.recipe import typed_recipe
 from birkhoff.model import build_model
 from birkhoff.model.budget import apply_sparse_budget
 from birkhoff.parallel.planning.activations import block_terms, bytes_per_token, head_terms
 from conftest import SMALL_OVERRIDES, compose_recipe
-from test_parallel import MODEL
 
 BATCH = 4
 SHAPES = {

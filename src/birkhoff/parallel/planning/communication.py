@@ -24,9 +24,12 @@ COLLECTIVES = (
     "ddp_broadcast",
     "ep_all_to_all",
     "engram_all_to_all",
-    "tp",
+    "tp_all_reduce",
+    "tp_all_gather",
+    "tp_reduce_scatter",
     "pp_send_recv",
 )
+TP_COLLECTIVES = ("tp_all_reduce", "tp_all_gather", "tp_reduce_scatter")
 
 
 def communication(inv: Inventory, layout: Layout, work: Workload, stage: int = 0) -> dict:
@@ -60,18 +63,97 @@ def communication(inv: Inventory, layout: Layout, work: Workload, stage: int = 0
     runs = [(layer, work.seq_len) for layer in layers]
     runs += [(cfg.num_layers + d, work.seq_len - d - 1) for d in depths]
     sp = layout.tp if layout.sequence_parallel else 1
-    if layout.ep > 1:
-        routed = sum(layout.micro_batch * n for layer, n in runs if cfg.moe.is_moe_layer(layer))
-        routed *= cfg.moe.top_k / sp
+    if layout.ep > 1:  # the main blocks route their slice of the sequence, MTP all of it
+        routed = sum(
+            layout.micro_batch * n / (sp if layer < cfg.num_layers else 1)
+            for layer, n in runs
+            if cfg.moe.is_moe_layer(layer)
+        )
+        routed *= cfg.moe.top_k
         comm["ep_all_to_all"] = micro_batches * 4 * routed * cfg.hidden_size * act
     if layout.engram_row_shard and layout.dp_shard > 1:
         lookups = _engram_lookup_bytes(cfg, layout, layers, tokens)
         comm["engram_all_to_all"] = micro_batches * lookups
     if layout.tp > 1:
-        comm["tp"] = micro_batches * len(layers) * 2 * 2 * tokens * cfg.hidden_size * act
+        per_micro = _tensor_parallel_bytes(cfg, layout, runs, act, work.seq_len)
+        for name, size in per_micro.items():
+            comm[name] = micro_batches * size
+        # sequence parallelism: what the main blocks run on their slice, summed once a step
+        if layout.sequence_parallel:
+            local = sum(tp_local(g, layout) for g in held if g.sequence_local)
+            comm["tp_all_reduce"] += local / layout.dp_shard * 4
     if layout.pp > 1:
         comm["pp_send_recv"] = micro_batches * _pipeline_bytes(cfg, work, layout, stage, tokens)
     return comm
+
+
+def _tensor_parallel_bytes(cfg, layout: Layout, runs, act: int, seq: int) -> dict:
+    """Per micro-batch, tp's collectives in the blocks of `runs` ((layer, positions)), as
+    the blocks' plans run them. A sublayer's output: all-reduced, or with sequence
+    parallelism reduce-scattered (forward) and all-gathered (backward), its input gathered
+    (forward) and reduce-scattered (backward) where the gradient is partial. Each
+    column-parallel layer's input gradient is all-reduced (its own, without sequence
+    parallelism); V4 attention also shares its query latent and KV entry (their gradients
+    summed), the compressed entries and the indexer's keys, and sums the indexer's scores
+    over heads. Engram and the stage's output gather the streams under sequence
+    parallelism. A checkpointed block repeats its forward's collectives when it recomputes:
+    all of them (full), or those selective checkpointing does not keep (the gathers and
+    the c10d sums; it keeps functional all-reduces and reduce-scatters)."""
+    c, a, moe = cfg.hidden_size, cfg.attention, cfg.moe
+    streams = 1 if cfg.residual.mode == "plain" else cfg.residual.n_streams
+    forward, recomputed, backward = (dict.fromkeys(TP_COLLECTIVES, 0.0) for _ in range(3))
+    batch = layout.micro_batch
+    for layer, positions in runs:
+        tokens = batch * positions
+        sp = layout.sequence_parallel and layer < cfg.num_layers  # MTP runs whole
+        sublayers = 1 if moe.is_moe_layer(layer) and not moe.num_shared_experts else 2
+        # column-parallel inputs: the FFN's gate and up (dense or shared experts), GQA's q, k, v
+        inputs = {"ffn": 2, "attention": 3 if a.kind != "v4" else 0}
+        for sublayer in ("attention", "ffn")[:sublayers]:
+            if sp:
+                forward["tp_reduce_scatter"] += tokens * c * act  # the output
+                forward["tp_all_gather"] += tokens * c * act  # the input
+                recomputed["tp_all_gather"] += tokens * c * act
+                backward["tp_all_gather"] += tokens * c * act  # the output's gradient
+                # V4 attention's input gradient is complete on every rank (a local slice)
+                if not (sublayer == "attention" and a.kind == "v4"):
+                    backward["tp_reduce_scatter"] += tokens * c * act
+            else:
+                forward["tp_all_reduce"] += tokens * c * act
+                backward["tp_all_reduce"] += inputs[sublayer] * tokens * c * act
+        if a.kind == "v4":
+            backward["tp_all_reduce"] += tokens * (a.q_lora_rank + a.head_dim) * act
+            shared, summed = _v4_entry_bytes(cfg, layer % cfg.num_layers, positions, batch, act)
+            backward["tp_all_reduce"] += shared
+            forward["tp_all_reduce"] += summed
+            recomputed["tp_all_reduce"] += summed
+        if sp and layer in cfg.engram.layers:
+            gathered = tokens * streams * c * act
+            forward["tp_all_gather"] += gathered
+            recomputed["tp_all_gather"] += gathered
+            backward["tp_all_gather"] += gathered
+    repeat = {"none": None, "selective": recomputed, "full": forward}[layout.activation_checkpoint]
+    sums = {k: forward[k] + backward[k] + (repeat[k] if repeat else 0.0) for k in forward}
+    if layout.sequence_parallel:  # the stage's output, gathered for the head or the next stage
+        sums["tp_all_gather"] += 2 * batch * seq * streams * c * act
+    return sums
+
+
+def _v4_entry_bytes(cfg, layer: int, positions: int, batch: int, act: int) -> tuple:
+    """A compressed layer's tp sums per micro-batch: (backward: the entries' and the indexer
+    keys' gradients; forward, CSA: the indexer's scores over every entry and at its picks,
+    the attention mass at the picks and the indexer's target, in float32)."""
+    a = cfg.attention
+    kind = a.layer_type(layer)
+    if kind == "sliding":
+        return 0.0, 0.0
+    entries = positions / (a.csa_ratio if kind == "csa" else a.hca_ratio)
+    shared = batch * entries * a.head_dim * act
+    if kind == "hca":
+        return shared, 0.0
+    shared += batch * entries * a.index_head_dim * 4
+    summed = (batch * positions * (entries + 2 * a.index_topk) + positions * entries) * 4
+    return shared, summed
 
 
 def _engram_lookup_bytes(cfg, layout: Layout, layers: list[int], tokens: int) -> float:
@@ -118,7 +200,9 @@ def comm_seconds(comm: dict[str, float], layout: Layout, cluster: Cluster) -> di
         "ddp_broadcast": (layout.dp_replicate, layout.devices // layout.pp, 1),
         "ep_all_to_all": (layout.ep, tp_span * layout.ep, 1),
         "engram_all_to_all": (layout.dp_shard, tp_span * layout.dp_shard, 1),
-        "tp": (layout.tp, tp_span, 2),
+        "tp_all_reduce": (layout.tp, tp_span, 2),
+        "tp_all_gather": (layout.tp, tp_span, 1),
+        "tp_reduce_scatter": (layout.tp, tp_span, 1),
         "pp_send_recv": (2, layout.devices, 1),
     }
     seconds = {}

@@ -17,9 +17,9 @@ calls pass it: FSDP all-gather (the unsharded unit, in param_dtype, per micro-ba
 in forward and again in backward, the root once) and reduce-scatter (the unsharded unit's
 float32 gradients, once per step); HSDP all-reduce of the shards over dp_replicate; DDP's
 all-reduce of every gradient; expert all-to-all (each routed token's hidden state, out and
-back, forward and backward); tensor-parallel all-reduce (or all-gather plus reduce-scatter
-with sequence parallelism) of every sublayer's output, forward and backward; pipeline
-send/recv of the residual (and its gradient) per micro-batch.
+back, forward and backward); tensor parallelism's all-reduces, all-gathers and
+reduce-scatters as the blocks' plans run them (communication.py); pipeline send/recv of the
+residual (and its gradient) per micro-batch.
 
 Step time: matmul and attention FLOPs at `matmul_efficiency` of the peak; tp and ep
 collectives on the critical path (no overlap: DualPipe-style overlap is not modelled);
@@ -40,7 +40,11 @@ from birkhoff.parallel.planning.activations import (
     window_keys,
 )
 from birkhoff.parallel.planning.cluster import Cluster
-from birkhoff.parallel.planning.communication import comm_seconds, communication
+from birkhoff.parallel.planning.communication import (
+    TP_COLLECTIVES,
+    comm_seconds,
+    communication,
+)
 from birkhoff.parallel.planning.inventory import Inventory
 from birkhoff.parallel.planning.layout import (
     DTYPE_BYTES,
@@ -89,7 +93,7 @@ def estimate(inv: Inventory, layout: Layout, work: Workload, cluster: Cluster) -
     comm = communication(inv, layout, work)
     compute_s = _compute_seconds(inv, layout, work, cluster)
     times = comm_seconds(comm, layout, cluster)
-    on_path = ("tp", "ep_all_to_all", "engram_all_to_all", "pp_send_recv")
+    on_path = (*TP_COLLECTIVES, "ep_all_to_all", "engram_all_to_all", "pp_send_recv")
     critical = sum(times[k] for k in on_path)
     overlapped = sum(t for k, t in times.items() if k not in on_path)
     exposed = critical + max(0.0, overlapped - compute_s)

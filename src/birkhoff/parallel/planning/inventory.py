@@ -12,6 +12,7 @@ import torch
 
 from birkhoff.model.budget import apply_sparse_budget
 from birkhoff.model.config import ModelConfig
+from birkhoff.model.engram import Engram
 from birkhoff.model.transformer import Block, Transformer
 from birkhoff.model.v4_attention import V4Attention
 
@@ -26,6 +27,9 @@ class TensorInfo:
     tp_split: bool
     expert: bool
     engram_table: bool
+    # held whole over tp by a main block and run on its slice of the sequence under sequence
+    # parallelism (mHC, norms, router, routed experts): gradients summed over tp after backward
+    sequence_local: bool
     active_fraction: float  # of its elements a token multiplies by (routed: top_k / E)
     matmul: bool  # a weight a token multiplies by (not an embedding row, a bias or a gain)
 
@@ -39,6 +43,7 @@ class Group:
     tp_split: bool
     expert: bool
     engram_table: bool
+    sequence_local: bool
     numel: int
 
 
@@ -53,7 +58,7 @@ class Inventory:
         sums: dict[tuple, int] = {}
         for t in self.params:
             block = t.layer not in (FIRST, LAST) or ".block." in t.name
-            key = (t.layer, block, t.tp_split, t.expert, t.engram_table)
+            key = (t.layer, block, t.tp_split, t.expert, t.engram_table, t.sequence_local)
             sums[key] = sums.get(key, 0) + t.numel
         return tuple(Group(*key, numel) for key, numel in sums.items())
 
@@ -78,6 +83,7 @@ def build_inventory(cfg: ModelConfig) -> Inventory:
     with torch.device("meta"):
         model = Transformer(sized)
     split = _tp_split_names(model)
+    local = _sequence_local_names(model, split)
     moe = sized.moe
     params = []
     for name, param in model.named_parameters():
@@ -93,6 +99,7 @@ def build_inventory(cfg: ModelConfig) -> Inventory:
                 tp_split=name in split,
                 expert=expert,
                 engram_table=engram_table,
+                sequence_local=name in local,
                 active_fraction=moe.top_k / moe.num_experts if expert else 1.0,
                 matmul=matmul,
             )
@@ -126,3 +133,17 @@ def _tp_split_names(model: Transformer) -> set[str]:
         if isinstance(block.attention, V4Attention):
             split.add(f"{prefix}.attention.sinks")
     return split
+
+
+def _sequence_local_names(model: Transformer, split: set[str]) -> set[str]:
+    """The main blocks' parameters sequence parallelism leaves on a slice of the sequence:
+    those tp keeps whole, outside Engram and V4 attention (which run on the whole sequence)."""
+    names = set()
+    for index, block in (model.blocks or {}).items():
+        whole = (Engram, V4Attention)
+        on_whole = [f"{n}." for n, m in block.named_modules() if isinstance(m, whole)]
+        for name, _ in block.named_parameters():
+            full = f"blocks.{index}.{name}"
+            if full not in split and not any(name.startswith(w) for w in on_whole):
+                names.add(full)
+    return names
