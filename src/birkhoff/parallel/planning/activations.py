@@ -42,16 +42,13 @@ def block_terms(
 
 def _join_terms(cfg: ModelConfig, act: int) -> list[Term]:
     """One residual join. mHC keeps the n streams and their normalised flattening, the
-    mapping projection (in float32), the sublayer output H_post scales, and per Sinkhorn
-    iteration the matrix and its row or column sums; HC keeps tanh outputs instead."""
+    mapping projection (in float32), the sublayer output H_post scales, Sinkhorn's logits
+    (its backward recomputes the iterations) and H_res; HC keeps tanh outputs instead."""
     c, n = cfg.hidden_size, cfg.residual.n_streams
     if cfg.residual.mode == "plain":
         return []
     mapping = 2 * n + n * n
-    if cfg.residual.mode == "mhc":
-        small = cfg.residual.sinkhorn_iters * (2 * n * n + 2 * n) + n * n + 3 * n
-    else:
-        small = mapping
+    small = 2 * n * n + 4 * n + 1 if cfg.residual.mode == "mhc" else mapping
     return [
         Term(2 * n * c, FP32, "stream", False),
         Term(mapping, FP32, "stream", True),
