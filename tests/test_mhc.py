@@ -205,7 +205,8 @@ def test_the_tolerance_check_sees_every_micro_batch():
 @pytest.mark.parametrize("form", ["paper", "v4"])
 def test_sinkhorn_recomputes_in_backward_what_unrolled_autograd_computes(form):
     """The registered op keeps only its logits for backward (per matrix n^2 values, not two
-    per iteration) and its gradient is that of autograd through the unrolled iterations."""
+    per iteration), its backward's recomputation reaches no outer saved-tensor hook, and its
+    gradient is that of autograd through the unrolled iterations."""
     from birkhoff.kernels.reference import _sinkhorn_eps, _sinkhorn_log
 
     op = kernels.get("sinkhorn_knopp" if form == "paper" else "sinkhorn_knopp_eps")
@@ -214,10 +215,15 @@ def test_sinkhorn_recomputes_in_backward_what_unrolled_autograd_computes(form):
     logits = torch.randn(3, 5, 4, 4, dtype=torch.float64, requires_grad=True)
     weights = torch.randn(3, 5, 4, 4, dtype=torch.float64)
     saved: list[torch.Tensor] = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+    hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t)
+    with hooks:
         out = op(logits, 20, *extra)
     assert [t.shape for t in saved] == [logits.shape]
-    (got,) = torch.autograd.grad((out * weights).sum(), logits)
+    loss = (out * weights).sum()
+    saved.clear()
+    with hooks:  # an outer hook while backward recomputes
+        (got,) = torch.autograd.grad(loss, logits)
+    assert saved == []
     (expected,) = torch.autograd.grad((unrolled(logits, 20, *extra) * weights).sum(), logits)
     torch.testing.assert_close(out, unrolled(logits, 20, *extra), rtol=0, atol=0)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

@@ -73,6 +73,10 @@ def _sinkhorn_eps(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     return matrices.view(*batch_shape, *logits.shape[-2:]).to(logits.dtype)
 
 
+def _same(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
 class _RecomputedInBackward(torch.autograd.Function):
     """`fn(logits, *args)` with autograd keeping only `logits`: forward runs the iterations
     unrecorded, backward runs them again recorded and differentiates that (the mHC paper's
@@ -88,7 +92,9 @@ class _RecomputedInBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (logits,) = ctx.saved_tensors
-        with torch.enable_grad():
+        # The recomputed graph lives only inside this backward: no outer saved-tensor hook
+        # (offloading, counting) is handed its tensors.
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_same, _same):
             again = logits.detach().requires_grad_()
             (logits_grad,) = torch.autograd.grad(ctx.fn(again, *ctx.args), again, grad)
         return (logits_grad, None, *(None for _ in ctx.args))
