@@ -176,22 +176,22 @@ LAYOUTS = {
 GQA_LAYOUTS = {
     "gqa: tp=2 + sequence parallel": (2, [GQA, *TP_SP, MICRO_4]),
 }
+EVERY_LAYOUT = {**LAYOUTS, **GQA_LAYOUTS}
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory, shakespeare_shards) -> tuple[dict[str, dict], dict[str, dict]]:
     """The 1-process references (V4 and GQA) and every layout (one torchrun per world size)."""
     out = tmp_path_factory.mktemp("layouts")
-    every = {**LAYOUTS, **GQA_LAYOUTS}
-    with_data = {name: [shakespeare_shards, *o] for name, (_, o) in every.items()}
+    with_data = {name: [shakespeare_shards, *o] for name, (_, o) in EVERY_LAYOUT.items()}
     references = {
         "one": [shakespeare_shards, MICRO_4],
         "one gqa": [shakespeare_shards, GQA, MICRO_4],
     }
     reference = run_layouts(out, 1, references)
     got = {}
-    for ranks in sorted({ranks for ranks, _ in every.values()}):
-        names = [name for name, (r, _) in every.items() if r == ranks]
+    for ranks in sorted({ranks for ranks, _ in EVERY_LAYOUT.values()}):
+        names = [name for name, (r, _) in EVERY_LAYOUT.items() if r == ranks]
         got.update(run_layouts(out, ranks, {name: with_data[name] for name in names}))
     return reference, got
 
@@ -258,7 +258,7 @@ def test_plan_predicts_what_a_rank_holds_and_sends(results, layout, shakespeare_
     accumulation keeps them unsharded mid-step), and per pipeline stage the mean bytes of
     its ranks per collective kind within 5% (a kind the plan does not expect: under 1% of
     all bytes: losses, norms, token counts)."""
-    ranks, overrides = {**LAYOUTS, **GQA_LAYOUTS}[layout]
+    ranks, overrides = EVERY_LAYOUT[layout]
     recipe = [shakespeare_shards, *overrides, f"launch.nproc_per_node={ranks}"]
     inv, plan_layout, work = planned(recipe, ranks)
     probes = results[1][layout]["probes"]
@@ -312,7 +312,7 @@ def test_plan_predicts_the_peak_memory_of_a_rank(results, layout, shakespeare_sh
     """The plan's total per device within 15% of the fullest rank's measured peak: the bytes
     it held at the start of its second step plus the most the allocator's bytes rose above
     that during the step (tests/layout_probe.py)."""
-    ranks, overrides = (1, [MICRO_4]) if layout == "one" else {**LAYOUTS, **GQA_LAYOUTS}[layout]
+    ranks, overrides = (1, [MICRO_4]) if layout == "one" else EVERY_LAYOUT[layout]
     recipe = [shakespeare_shards, *overrides, f"launch.nproc_per_node={ranks}"]
     inv, plan_layout, work = planned(recipe, ranks)
     cluster = Cluster("gloo", ranks, 1000, 1, 1, 1, ranks)

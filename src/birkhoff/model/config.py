@@ -31,6 +31,11 @@ class ResidualConfig:
     tolerance: float = 0.05  # a step fails if an H_res row or column sum is off by more
     stats_tokens: int = 256  # tokens whose composite mapping is tracked each step
 
+    @property
+    def streams(self) -> int:
+        """Residual streams a token carries: n, or 1 with a plain residual."""
+        return 1 if self.mode == "plain" else self.n_streams
+
     def validate(self, prefix: str) -> None:
         require_choice(f"{prefix}.mode", self.mode, RESIDUAL_MODES)
         require_choice(f"{prefix}.form", self.form, MHC_FORMS)

@@ -36,7 +36,7 @@ class Block(nn.Module):
     ) -> None:
         super().__init__()
         self.layer = layer
-        streams = 1 if cfg.residual.mode == "plain" else cfg.residual.n_streams
+        streams = cfg.residual.streams
         self.engram = (
             Engram(
                 cfg.hidden_size,
@@ -182,7 +182,7 @@ class Transformer(nn.Module):
         self.cfg = cfg
         if token_compression is None:
             token_compression = torch.arange(cfg.vocab_size, device="cpu")
-        self.streams = 1 if cfg.residual.mode == "plain" else cfg.residual.n_streams
+        self.streams = cfg.residual.streams
         self.embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         # Keyed by layer index: a pipeline stage keeps its layers under their original names.
         self.blocks = nn.ModuleDict(

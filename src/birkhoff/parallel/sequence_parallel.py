@@ -123,7 +123,7 @@ class SequenceParallelGradients:
         self.group = ctx.group("tp")
         # (module, name) rather than the parameters: FSDP and expert parallelism, applied
         # later, replace them with sharded ones.
-        self.slots = [slot for block in blocks for slot in _sequence_local_slots(block)]
+        self.slots = [slot for block in blocks for slot in sequence_local_slots(block)]
 
     @torch.no_grad()
     def __call__(self, *_) -> None:
@@ -147,7 +147,7 @@ class SequenceParallelGradients:
             work.wait()
 
 
-def _sequence_local_slots(block: nn.Module) -> list[tuple[nn.Module, str]]:
+def sequence_local_slots(block: nn.Module) -> list[tuple[nn.Module, str]]:
     """(module, parameter name) of what `block` holds whole over tp, except what runs on the
     whole sequence: Engram, and V4 attention (its KV path and compressors; their gradients are
     complete on every rank) (call after tensor parallelism, before anything else turns

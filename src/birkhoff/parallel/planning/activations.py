@@ -143,7 +143,7 @@ def _swiglu_terms(width: float, act: int, clamped: bool, split: str) -> list[Ter
 def _engram_terms(cfg: ModelConfig, act: int) -> list[Term]:
     """The gathered memory, its row ids, the key and value projections and the gate, norm
     and causal convolution the reference kernel runs per stream."""
-    c, n, e = cfg.hidden_size, _streams(cfg), cfg.engram
+    c, n, e = cfg.hidden_size, cfg.residual.streams, cfg.engram
     heads = e.heads_per_order * (e.max_ngram - 1)
     return [
         Term(heads * e.embed_dim, FP32, "whole", False),
@@ -153,15 +153,11 @@ def _engram_terms(cfg: ModelConfig, act: int) -> list[Term]:
     ]
 
 
-def _streams(cfg: ModelConfig) -> int:
-    return 1 if cfg.residual.mode == "plain" else cfg.residual.n_streams
-
-
 def head_terms(cfg: ModelConfig, act: int) -> list[Term]:
     """The last stage's outputs: the readout of the streams, the final norm, the head's input
     and the float32 log-softmax of the logits; each MTP depth adds its norms, projections,
     readout and log-softmax (its block is counted as a block)."""
-    v, c, n = cfg.vocab_size, cfg.hidden_size, _streams(cfg)
+    v, c, n = cfg.vocab_size, cfg.hidden_size, cfg.residual.streams
     readout = 2 * n * c + 13 if cfg.residual.mode != "plain" else 0
     terms = [Term(readout + 4 * c + 1, FP32, "whole", False), Term(v, FP32, "whole", False)]
     for _ in range(cfg.mtp.depth):

@@ -100,7 +100,7 @@ def _tensor_parallel_bytes(cfg, layout: Layout, runs, act: int, seq: int) -> dic
     all of them (full), or those selective checkpointing does not keep (the gathers and
     the c10d sums; it keeps functional all-reduces and reduce-scatters)."""
     c, a, moe = cfg.hidden_size, cfg.attention, cfg.moe
-    streams = 1 if cfg.residual.mode == "plain" else cfg.residual.n_streams
+    streams = cfg.residual.streams
     forward, recomputed, backward = (dict.fromkeys(TP_COLLECTIVES, 0.0) for _ in range(3))
     batch = layout.micro_batch
     for layer, positions in runs:
@@ -172,7 +172,7 @@ def _pipeline_bytes(cfg, work: Workload, layout: Layout, stage: int, tokens: int
     stage, two between), forward and backward: the residual (float32 streams) and its
     gradient, the token ids, targets and document positions, every loader-computed Engram
     row (they travel to the end), and Emb(targets) with its gradient for MTP."""
-    streams = 1 if cfg.residual.mode == "plain" else cfg.residual.n_streams
+    streams = cfg.residual.streams
     ids = 2 + int(work.positions)
     e = cfg.engram
     rows = len(e.layers) * e.heads_per_order * (e.max_ngram - 1) if work.loader_rows else 0

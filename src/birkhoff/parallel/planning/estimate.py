@@ -169,8 +169,7 @@ def _activations(cfg, layout: Layout, work: Workload, stage, layers, micro_batch
         full = bytes_per_token(terms, layout.tp, sp, "all")
         saved = bytes_per_token(terms, layout.tp, sp, keep)
         if layout.activation_checkpoint == "full":  # the block's input is what it keeps
-            streams = 1 if cfg.residual.mode == "plain" else cfg.residual.n_streams
-            saved = streams * cfg.hidden_size * 4 / (layout.tp if sp else 1)
+            saved = cfg.residual.streams * cfg.hidden_size * 4 / (layout.tp if sp else 1)
         per_micro += saved * tokens
         recompute = max(recompute, (full - saved) * tokens)  # one block recomputed at a time
     transient = 0.0

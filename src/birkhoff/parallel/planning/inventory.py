@@ -12,9 +12,9 @@ import torch
 
 from birkhoff.model.budget import apply_sparse_budget
 from birkhoff.model.config import ModelConfig
-from birkhoff.model.engram import Engram
 from birkhoff.model.transformer import Block, Transformer
 from birkhoff.model.v4_attention import V4Attention
+from birkhoff.parallel.sequence_parallel import sequence_local_slots
 
 FIRST, LAST = -1, 1 << 30  # the stage keys of the embedding and of the head, norm and MTP
 
@@ -136,14 +136,14 @@ def _tp_split_names(model: Transformer) -> set[str]:
 
 
 def _sequence_local_names(model: Transformer, split: set[str]) -> set[str]:
-    """The main blocks' parameters sequence parallelism leaves on a slice of the sequence:
-    those tp keeps whole, outside Engram and V4 attention (which run on the whole sequence)."""
+    """The main blocks' parameters whose gradients sequence parallelism sums over tp after
+    backward: the trainer's own selection (sequence_local_slots), less what tp splits (on
+    the meta model no parameter is a DTensor yet)."""
     names = set()
     for index, block in (model.blocks or {}).items():
-        whole = (Engram, V4Attention)
-        on_whole = [f"{n}." for n, m in block.named_modules() if isinstance(m, whole)]
-        for name, _ in block.named_parameters():
-            full = f"blocks.{index}.{name}"
-            if full not in split and not any(name.startswith(w) for w in on_whole):
+        prefix = {id(module): name for name, module in block.named_modules()}
+        for module, name in sequence_local_slots(block):
+            full = ".".join(p for p in ("blocks", str(index), prefix[id(module)], name) if p)
+            if full not in split:
                 names.add(full)
     return names
