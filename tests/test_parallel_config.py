@@ -72,6 +72,12 @@ def layout_error(overrides: list[str]) -> RecipeError:
             "parallel.pp_stages_per_rank",
             "must be >= 2 for pp_schedule=interleaved_1f1b",
         ),
+        (  # 5 micro-batches in 2 rounds: torch's schedule would refuse it at the first step
+            ["parallel.pp=2", "parallel.pp_schedule=zero_bubble", "parallel.pp_stages_per_rank=2",
+             "launch.nproc_per_node=2", "train.global_batch_size=10", "train.micro_batch_size=2"],
+            "train.micro_batch_size",
+            "gives 5 micro-batches per step; pp_schedule=zero_bubble runs them in 2 rounds",
+        ),
         (
             ["parallel.pp_schedule=zero_bubble", "parallel.pp_stages_per_rank=2"],
             "parallel.pp_schedule",

@@ -139,7 +139,8 @@ def _report(total, active, work: Workload, cluster: Cluster, estimates: list[Est
 ASSUMPTIONS = (
     "matmuls at 60% of the bf16 peak; tp and ep collectives not overlapped with compute, "
     "FSDP/HSDP ones overlapped (only their excess exposed); ring collectives at the node's "
-    "links inside a node, the NICs across nodes; 1F1B bubble (pp-1)/(micro-batches+pp-1); "
+    "links inside a node, the NICs across nodes; the pipeline bubble of the schedule's own order "
+    "(forward 1, backward 2 per layer, sends taking no time); "
     "activations of the reference kernels unless --fused-attention"
 )
 
@@ -161,7 +162,8 @@ def _table(report: dict, top: int) -> str:
     for item in layouts[:top]:
         lay, mem = item["layout"], item["memory_gib"]
         split = "/".join(f"{mem[k]:.1f}" for k in GIB_COLUMNS[:-1])
-        degrees = " | ".join(str(lay[k]) for k in ("pp", "dp_replicate", "dp_shard", "tp", "ep"))
+        degrees = " | ".join(str(lay[k]) for k in ("dp_replicate", "dp_shard", "tp", "ep"))
+        degrees = f"{_pipeline(lay)} | {degrees}"
         lines.append(
             f"| {degrees} | {lay['micro_batch']} | {lay['activation_checkpoint']} "
             f"| {mem['total']:.1f} ({split}) | {item['step_s']:.2f} | {item['mfu']:.1%} "
@@ -171,6 +173,14 @@ def _table(report: dict, top: int) -> str:
     if layouts and layouts[0]["fits"]:
         lines += ["", "run the first with: " + " ".join(layouts[0]["overrides"])]
     return "\n".join(lines)
+
+
+def _pipeline(layout: dict) -> str:
+    """pp, with its schedule when there is a pipeline (and the chunks per rank)."""
+    if layout["pp"] == 1:
+        return "1"
+    chunks = layout["pp_stages_per_rank"]
+    return f"{layout['pp']} {layout['pp_schedule']}" + (f" x{chunks}" if chunks > 1 else "")
 
 
 def _published(as_json: bool) -> int:

@@ -245,6 +245,18 @@ class ParallelConfig:
             f"gives {micro_batches} micro-batches per step, fewer than pp={self.pp} pipeline "
             "ranks; lower train.micro_batch_size so each rank's batch splits into >= pp",
         )
+        # torch's multi-chunk schedules run the micro-batches in rounds of about pp each
+        rounds = max(1, (micro_batches or 0) // self.pp)
+        require(
+            self.pp_schedule not in MULTI_STAGE_SCHEDULES
+            or micro_batches is None
+            or micro_batches % rounds == 0,
+            "train.micro_batch_size",
+            micro_batches,
+            f"gives {micro_batches} micro-batches per step; pp_schedule={self.pp_schedule} runs "
+            f"them in {rounds} rounds and needs a multiple of {rounds}; choose "
+            f"train.micro_batch_size so the micro-batches per step are a multiple of pp={self.pp}",
+        )
         require(
             not model.tie_embeddings,
             "model.tie_embeddings",

@@ -32,16 +32,26 @@ COLLECTIVES = (
 TP_COLLECTIVES = ("tp_all_reduce", "tp_all_gather", "tp_reduce_scatter")
 
 
-def communication(inv: Inventory, layout: Layout, work: Workload, stage: int = 0) -> dict:
-    """Bytes per step a rank of pipeline stage `stage` moves, by collective (module
-    docstring); routed tokens assume a balanced load (the mean over the ep ranks)."""
+def communication(inv: Inventory, layout: Layout, work: Workload, pp_rank: int = 0) -> dict:
+    """Bytes per step a rank of pipeline rank `pp_rank` moves, by collective (module
+    docstring), over the stages it runs; routed tokens assume a balanced load (the mean over
+    the ep ranks)."""
+    comm = dict.fromkeys(COLLECTIVES, 0.0)
+    for stage in layout.rank_stages(pp_rank):
+        for name, size in _stage_communication(inv, layout, work, stage).items():
+            comm[name] += size
+    return comm
+
+
+def _stage_communication(inv: Inventory, layout: Layout, work: Workload, stage: int) -> dict:
     cfg = inv.cfg
-    layers = stage_layers(cfg.num_layers, layout.pp)[stage]
-    last = stage == layout.pp - 1
+    layers = stage_layers(cfg.num_layers, layout.num_stages)[stage]
+    keys = stage_keys(stage, layers, layout.num_stages)
+    last = stage == layout.num_stages - 1
     micro_batches = work.global_batch // (layout.micro_batch * layout.dp)
     act = 2 if work.mixed_precision else 4
     tokens = layout.micro_batch * work.seq_len
-    held = [g for g in inv.groups if g.layer in stage_keys(stage, layers, layout.pp)]
+    held = [g for g in inv.groups if g.layer in keys]
     comm = dict.fromkeys(COLLECTIVES, 0.0)
     gathered_total = sum(gathered(g, layout) for g in held)
     if layout.dp_shard > 1:
@@ -56,8 +66,7 @@ def communication(inv: Inventory, layout: Layout, work: Workload, stage: int = 0
             comm["hsdp_all_reduce"] = (rest + micro_batches * tables) / layout.dp_shard * 4
     elif layout.dp_replicate > 1:  # every gradient; every buffer from rank 0 each forward
         comm["ddp_all_reduce"] = sum(tp_local(g, layout) for g in held) * 4
-        buffers = stage_keys(stage, layers, layout.pp)
-        comm["ddp_broadcast"] = micro_batches * sum(inv.buffer_bytes.get(k, 0) for k in buffers)
+        comm["ddp_broadcast"] = micro_batches * sum(inv.buffer_bytes.get(k, 0) for k in keys)
     # (layer, positions it runs on per sequence): MTP depth k predicts k tokens further
     depths = range(cfg.mtp.depth) if last else range(0)
     runs = [(layer, work.seq_len) for layer in layers]
@@ -178,7 +187,7 @@ def _pipeline_bytes(cfg, work: Workload, layout: Layout, stage: int, tokens: int
     rows = len(e.layers) * e.heads_per_order * (e.max_ngram - 1) if work.loader_rows else 0
     per_token = 2 * streams * cfg.hidden_size * 4 + ids * 8 + rows * 8
     per_token += 2 * cfg.hidden_size * 4 if cfg.mtp.depth else 0
-    boundaries = 1 if stage in (0, layout.pp - 1) else 2
+    boundaries = 1 if stage in (0, layout.num_stages - 1) else 2
     return boundaries * tokens * per_token
 
 

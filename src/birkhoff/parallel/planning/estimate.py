@@ -1,12 +1,13 @@
 """Memory, communication and step time of one layout, from a model's inventory.
 
-Memory per device (the stage that needs most): parameters, gradients and AdamW state in
-float32 at the share FSDP, tp and pp leave a rank (routed experts: split over ep and the
+Memory per device (the pipeline rank that needs most): parameters, gradients and AdamW state
+in float32 at the share FSDP, tp and pp leave a rank (routed experts: split over ep and the
 remaining dp_shard / ep, so over dp_shard in all; with gradient accumulation under FSDP the
 gradients stay unsharded until the step's last micro-batch, as the trainer runs it), buffers
 (the model's own, and FSDP's gathered units: two blocks in flight plus the root, and one
-block's unsharded gradients), and activations (activations.py) for the micro-batches a stage
-holds (1F1B: stage s holds pp - s), plus the larger of one block's recomputation and, on the
+block's unsharded gradients), and activations (activations.py) at their peak over the rank's
+pipeline schedule (pipeline_schedule.py: its stages' micro-batches in flight, as the
+schedule's own order keeps them), plus the larger of one block's recomputation and, on the
 last stage, the loss's backward (the gradients of the log-probabilities and logits). The
 total is the peak: during backward (with the gradients only once a step accumulates them
 over micro-batches) or in the optimizer step, whichever is larger; the parts are the most
@@ -23,9 +24,9 @@ residual (and its gradient) per micro-batch.
 
 Step time: matmul and attention FLOPs at `matmul_efficiency` of the peak; tp and ep
 collectives on the critical path (no overlap: DualPipe-style overlap is not modelled);
-FSDP and HSDP collectives overlapped with compute, only their excess exposed; the 1F1B
-bubble (pp - 1) / (micro-batches + pp - 1) on top. MFU: model FLOPs (no recomputation)
-over step time x devices x peak.
+FSDP and HSDP collectives overlapped with compute, only their excess exposed; the pipeline
+bubble of the schedule's order on top (pipeline_schedule.py). MFU: model FLOPs (no
+recomputation) over step time x devices x peak.
 """
 
 from __future__ import annotations
@@ -57,6 +58,12 @@ from birkhoff.parallel.planning.layout import (
     tp_local,
     unit,
 )
+from birkhoff.parallel.planning.pipeline_schedule import (
+    Action,
+    activation_peak,
+    bubble,
+    rank_orders,
+)
 
 GIB = 2**30
 MATMUL_EFFICIENCY = 0.6  # share of the bf16 peak large training matmuls reach (assumed)
@@ -82,33 +89,41 @@ class Estimate:
 def estimate(inv: Inventory, layout: Layout, work: Workload, cluster: Cluster) -> Estimate:
     cfg = inv.cfg
     micro_batches = work.global_batch // (layout.micro_batch * layout.dp)
-    stages = stage_layers(cfg.num_layers, layout.pp)
+    stages = stage_layers(cfg.num_layers, layout.num_stages)
+    orders = (
+        rank_orders(layout.pp_schedule, layout.pp, layout.pp_stages_per_rank, micro_batches)
+        if layout.pp > 1
+        else ((Action("F", 0, 0), Action("B", 0, 0)),)  # micro-batches one after another
+    )
     memory = max(
         (
-            _stage_memory(inv, layout, work, s, layers, micro_batches)
-            for s, layers in enumerate(stages)
+            _rank_memory(inv, layout, work, rank, stages, orders[rank], micro_batches)
+            for rank in range(layout.pp)
         ),
         key=lambda m: m["total"],
     )
-    comm = communication(inv, layout, work)
+    comm = max(
+        (communication(inv, layout, work, rank) for rank in range(layout.pp)),
+        key=lambda c: sum(c.values()),
+    )
     compute_s = _compute_seconds(inv, layout, work, cluster)
     times = comm_seconds(comm, layout, cluster)
     on_path = (*TP_COLLECTIVES, "ep_all_to_all", "engram_all_to_all", "pp_send_recv")
     critical = sum(times[k] for k in on_path)
     overlapped = sum(t for k, t in times.items() if k not in on_path)
     exposed = critical + max(0.0, overlapped - compute_s)
-    bubble = (layout.pp - 1) / (micro_batches + layout.pp - 1) if layout.pp > 1 else 0.0
-    step_s = (compute_s + exposed) / (1 - bubble)
+    idle = bubble(orders, tuple(float(len(layers)) for layers in stages))
+    step_s = (compute_s + exposed) / (1 - idle)
     model_flops = model_flops_per_token(inv, work) * work.global_batch * work.seq_len
     mfu = model_flops / (step_s * layout.devices * cluster.peak_tflops * 1e12)
-    parts = {"compute": compute_s, **times, "pipeline bubble": step_s * bubble}
+    parts = {"compute": compute_s, **times, "pipeline bubble": step_s * idle}
     return Estimate(
         layout=layout,
         memory_gib={k: v / GIB for k, v in memory.items()},
         comm_gib={k: v / GIB for k, v in comm.items()},
         compute_s=compute_s,
         exposed_comm_s=exposed,
-        bubble=bubble,
+        bubble=idle,
         step_s=step_s,
         mfu=mfu,
         fits=memory["total"] / GIB <= cluster.device_memory_gib,
@@ -116,9 +131,10 @@ def estimate(inv: Inventory, layout: Layout, work: Workload, cluster: Cluster) -
     )
 
 
-def _stage_memory(inv, layout, work, stage, layers, micro_batches) -> dict[str, float]:
+def _rank_memory(inv, layout, work, pp_rank, stages, order, micro_batches) -> dict[str, float]:
     cfg = inv.cfg
-    keys = stage_keys(stage, layers, layout.pp)
+    mine = layout.rank_stages(pp_rank)
+    keys = set().union(*(stage_keys(s, stages[s], layout.num_stages) for s in mine))
     held = [g for g in inv.groups if g.layer in keys]
     sharded = sum(tp_local(g, layout) for g in held) / layout.dp_shard
     fsdp = layout.dp_shard > 1
@@ -145,7 +161,7 @@ def _stage_memory(inv, layout, work, stage, layers, micro_batches) -> dict[str, 
         "params": 4 * sharded,
         "grads": 4 * grads,
         "optimizer": 8 * sharded,
-        "activations": _activations(cfg, layout, work, stage, layers, micro_batches),
+        "activations": _activations(cfg, layout, work, {s: stages[s] for s in mine}, order),
         "buffers": float(buffers),
     }
     state = memory["params"] + memory["optimizer"] + memory["buffers"]
@@ -156,28 +172,36 @@ def _stage_memory(inv, layout, work, stage, layers, micro_batches) -> dict[str, 
     return memory
 
 
-def _activations(cfg, layout: Layout, work: Workload, stage, layers, micro_batches) -> float:
+def _activations(cfg, layout: Layout, work: Workload, stages: dict, order: list) -> float:
+    """The peak of a rank's live activations over its schedule (pipeline_schedule.py), from
+    what each of its stages saves per micro-batch, what a zero-bubble input backward leaves
+    for the weight backward (the gradients of the matmul outputs: the weight gradients'
+    inputs), and a backward's transient: one block's recomputation, or the loss's gradients."""
     act_bytes = 2 if work.mixed_precision else 4
     tokens = layout.micro_batch * work.seq_len
     keep = {"none": "all", "selective": "matmul", "full": "none"}[layout.activation_checkpoint]
     sp = layout.sequence_parallel
-    per_micro = recompute = 0.0
-    last = stage == layout.pp - 1
-    mtp = range(cfg.num_layers, cfg.num_layers + cfg.mtp.depth) if last else range(0)
-    for layer in [*layers, *mtp]:
-        terms = block_terms(cfg, layer, work.seq_len, act_bytes, work.fused_attention)
-        full = bytes_per_token(terms, layout.tp, sp, "all")
-        saved = bytes_per_token(terms, layout.tp, sp, keep)
-        if layout.activation_checkpoint == "full":  # the block's input is what it keeps
-            saved = cfg.residual.streams * cfg.hidden_size * 4 / (layout.tp if sp else 1)
-        per_micro += saved * tokens
-        recompute = max(recompute, (full - saved) * tokens)  # one block recomputed at a time
-    transient = 0.0
-    if last:
-        per_micro += bytes_per_token(head_terms(cfg, act_bytes), 1, False, "all") * tokens
-        transient = loss_transient_bytes(cfg, act_bytes) * tokens
-    in_flight = min(layout.pp - stage, micro_batches) if layout.pp > 1 else 1
-    return per_micro * in_flight + max(recompute, transient)
+    saved, pending, transient = {}, {}, {}
+    for stage, layers in stages.items():
+        per_micro = weight_inputs = recompute = 0.0
+        last = stage == layout.num_stages - 1
+        mtp = range(cfg.num_layers, cfg.num_layers + cfg.mtp.depth) if last else range(0)
+        for layer in [*layers, *mtp]:
+            terms = block_terms(cfg, layer, work.seq_len, act_bytes, work.fused_attention)
+            full = bytes_per_token(terms, layout.tp, sp, "all")
+            kept = bytes_per_token(terms, layout.tp, sp, keep)
+            if layout.activation_checkpoint == "full":  # the block's input is what it keeps
+                kept = cfg.residual.streams * cfg.hidden_size * 4 / (layout.tp if sp else 1)
+            per_micro += kept * tokens
+            weight_inputs += bytes_per_token(terms, layout.tp, sp, "matmul") * tokens
+            recompute = max(recompute, (full - kept) * tokens)  # one block at a time
+        loss = 0.0
+        if last:
+            per_micro += bytes_per_token(head_terms(cfg, act_bytes), 1, False, "all") * tokens
+            loss = loss_transient_bytes(cfg, act_bytes) * tokens
+        saved[stage], pending[stage] = per_micro, weight_inputs
+        transient[stage] = max(recompute, loss)
+    return activation_peak(order, saved, pending, transient)
 
 
 def _attention_flops_per_token(inv: Inventory, seq: int) -> float:

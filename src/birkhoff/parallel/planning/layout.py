@@ -23,6 +23,16 @@ class Layout:
     sequence_parallel: bool = False
     engram_row_shard: bool = False
     fsdp_reduce_every_micro_batch: bool = False
+    pp_schedule: str = "1f1b"
+    pp_stages_per_rank: int = 1
+
+    @property
+    def num_stages(self) -> int:
+        return self.pp * self.pp_stages_per_rank
+
+    def rank_stages(self, pp_rank: int) -> list[int]:
+        """The pipeline stages a rank of the pp dimension runs (the trainer's assignment)."""
+        return [pp_rank + chunk * self.pp for chunk in range(self.pp_stages_per_rank)]
 
     @property
     def devices(self) -> int:
@@ -46,6 +56,8 @@ class Layout:
             "parallel.fsdp_reduce_every_micro_batch": str(
                 self.fsdp_reduce_every_micro_batch
             ).lower(),
+            "parallel.pp_schedule": self.pp_schedule,
+            "parallel.pp_stages_per_rank": self.pp_stages_per_rank,
             "train.micro_batch_size": self.micro_batch,
         }
         return [f"{key}={value}" for key, value in values.items()]
@@ -66,6 +78,8 @@ def layout_of(parallel: ParallelConfig, micro_batch: int, devices: int) -> Layou
         sequence_parallel=parallel.sequence_parallel,
         engram_row_shard=parallel.engram_row_shard,
         fsdp_reduce_every_micro_batch=parallel.fsdp_reduce_every_micro_batch,
+        pp_schedule=parallel.pp_schedule,
+        pp_stages_per_rank=parallel.pp_stages_per_rank,
     )
 
 
@@ -83,17 +97,18 @@ class Workload:
     reduce_dtype: str = "float32"
 
 
-def stage_layers(num_layers: int, pp: int) -> list[list[int]]:
+def stage_layers(num_layers: int, num_stages: int) -> list[list[int]]:
     """The trainer's even split; layers that do not divide go one each to the first stages
     (a published run with an uneven split)."""
-    per, extra = divmod(num_layers, pp)
-    sizes = [per + (s < extra) for s in range(pp)]
-    starts = [sum(sizes[:s]) for s in range(pp)]
+    per, extra = divmod(num_layers, num_stages)
+    sizes = [per + (s < extra) for s in range(num_stages)]
+    starts = [sum(sizes[:s]) for s in range(num_stages)]
     return [list(range(start, start + size)) for start, size in zip(starts, sizes, strict=True)]
 
 
-def stage_keys(stage: int, layers: list[int], pp: int) -> set[int]:
-    return set(layers) | ({FIRST} if stage == 0 else set()) | ({LAST} if stage == pp - 1 else set())
+def stage_keys(stage: int, layers: list[int], num_stages: int) -> set[int]:
+    first = {FIRST} if stage == 0 else set()
+    return set(layers) | first | ({LAST} if stage == num_stages - 1 else set())
 
 
 def tp_local(g, layout: Layout) -> float:

@@ -1,6 +1,7 @@
 """The layouts of a cluster the trainer can run for a model, estimated and sorted: tp inside a
-node, pp over whole layer splits, ep inside dp_shard, HSDP replicas, micro-batches that feed
-the pipeline, each activation-checkpointing mode; sequence parallelism with every tp > 1 and
+node, pp over whole layer splits (1F1B, or interleaved 1F1B and zero bubble with 2 chunks per
+rank), ep inside dp_shard, HSDP replicas, micro-batches that feed the pipeline, each
+activation-checkpointing mode; sequence parallelism with every tp > 1 and
 Engram tables row-sharded under FSDP (both only save memory and traffic)."""
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ from birkhoff.parallel.planning.cluster import Cluster
 from birkhoff.parallel.planning.estimate import Estimate, estimate
 from birkhoff.parallel.planning.inventory import Inventory
 from birkhoff.parallel.planning.layout import Layout, Workload
+
+# with pp > 1: 1F1B, and the two schedules that run 2 chunks per rank
+PIPELINE_SCHEDULES = (("1f1b", 1), ("interleaved_1f1b", 2), ("zero_bubble", 2))
 
 
 def _divisors(n: int) -> list[int]:
@@ -39,6 +43,8 @@ def check_runnable(inv: Inventory, layout: Layout, work: Workload) -> None:
         activation_checkpoint=layout.activation_checkpoint,
         sequence_parallel=layout.sequence_parallel,
         engram_row_shard=layout.engram_row_shard,
+        pp_schedule=layout.pp_schedule,
+        pp_stages_per_rank=layout.pp_stages_per_rank,
     )
     parallel.validate(layout.devices)
     parallel.validate_for_model(inv.cfg, micro_batches)
@@ -69,8 +75,9 @@ def candidate_layouts(inv: Inventory, work: Workload, cluster: Cluster) -> list[
                     per_rank = work.global_batch // dp if work.global_batch % dp == 0 else 0
                     for micro in [m for m in _divisors(per_rank) if m <= 16]:
                         reduce_modes = (False, True) if shard > 1 and per_rank > micro else (False,)
-                        for checkpoint, every in product(
-                            ("none", "selective", "full"), reduce_modes
+                        schedules = PIPELINE_SCHEDULES if pp > 1 else (("1f1b", 1),)
+                        for checkpoint, every, (schedule, chunks) in product(
+                            ("none", "selective", "full"), reduce_modes, schedules
                         ):
                             layout = Layout(
                                 pp=pp,
@@ -83,6 +90,8 @@ def candidate_layouts(inv: Inventory, work: Workload, cluster: Cluster) -> list[
                                 sequence_parallel=tp > 1,
                                 engram_row_shard=engram and shard > 1,
                                 fsdp_reduce_every_micro_batch=every,
+                                pp_schedule=schedule,
+                                pp_stages_per_rank=chunks,
                             )
                             if runnable(inv, layout, work):
                                 layouts.append(layout)
