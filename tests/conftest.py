@@ -9,10 +9,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 
 from birkhoff.model import ModelConfig
+
+# Triton kernels run under Triton's interpreter where no GPU is visible (read when a kernel
+# module is imported, so set before any test imports one).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # A model small enough that a step takes milliseconds; the data is the real shipped corpus.
 SMALL_OVERRIDES = [

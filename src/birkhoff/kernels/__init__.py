@@ -1,5 +1,27 @@
 """Named hot ops with per-backend implementations; `reference` (plain torch) always exists."""
 
-from birkhoff.kernels.registry import available_backends, get, register
+from birkhoff.kernels.registry import (
+    BACKENDS,
+    KERNEL_CHOICES,
+    available_backends,
+    backend_for,
+    describe,
+    fallbacks,
+    get,
+    implementations,
+    ops,
+    register,
+)
 
-__all__ = ["available_backends", "get", "register"]
+__all__ = [
+    "BACKENDS",
+    "KERNEL_CHOICES",
+    "available_backends",
+    "backend_for",
+    "describe",
+    "fallbacks",
+    "get",
+    "implementations",
+    "ops",
+    "register",
+]

@@ -1,15 +1,26 @@
-"""Op registry: `get(op, backend)` returns the backend's implementation or the reference one.
+"""Op registry: every hot op has a `reference` implementation (plain torch, runs anywhere);
+a backend (`triton` on CUDA, `npu` through torch_npu) registers the ops it accelerates.
 
-The table is filled once at import by the backend modules and never changes afterwards, so it is
-not run-time mutable state: which backend a model uses is an argument, not a global switch.
+Which implementation runs is never hidden: `implementations(backend)` says it op by op, an op
+a backend lacks runs the reference and is listed as a fallback (`describe` gives the line the
+trainer prints at start, the run's summary and `birkhoff doctor` keep the table). The table
+is filled once at import by the backend modules and never changes afterwards, so it is not
+run-time mutable state: which backend a model uses is an argument, not a global switch.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from collections.abc import Callable
 from typing import Any
 
+from birkhoff.errors import require
+
 REFERENCE = "reference"
+BACKENDS = (REFERENCE, "triton", "npu")
+KERNEL_CHOICES = ("auto", *BACKENDS)
+KEY = "backend.kernels"
 _OPS: dict[tuple[str, str], Callable[..., Any]] = {}
 
 
@@ -27,14 +38,46 @@ def register(op: str, backend: str) -> Callable[[Callable[..., Any]], Callable[.
 
 
 def get(op: str, backend: str = REFERENCE) -> Callable[..., Any]:
-    """The implementation of `op` for `backend`, falling back to the reference implementation."""
+    """The implementation of `op` that `backend` runs: its own, or the reference one where it
+    has none (a fallback, listed by `implementations` and `describe`)."""
     _load_backends()
     if (op, backend) in _OPS:
         return _OPS[(op, backend)]
     if (op, REFERENCE) in _OPS:
         return _OPS[(op, REFERENCE)]
-    known = sorted({name for name, _ in _OPS})
-    raise KeyError(f"unknown kernel {op!r}; known kernels: {', '.join(known)}")
+    raise KeyError(f"unknown kernel {op!r}; known kernels: {', '.join(ops())}")
+
+
+def ops() -> list[str]:
+    """Every op with a reference implementation."""
+    _load_backends()
+    return sorted(name for name, backend in _OPS if backend == REFERENCE)
+
+
+def implementations(backend: str) -> dict[str, str]:
+    """Per op, the backend whose implementation runs when `backend` is asked for."""
+    _load_backends()
+    return {op: backend if (op, backend) in _OPS else REFERENCE for op in ops()}
+
+
+def fallbacks(backend: str) -> list[str]:
+    """The ops `backend` runs with the reference implementation."""
+    if backend == REFERENCE:
+        return []
+    return [op for op, impl in implementations(backend).items() if impl == REFERENCE]
+
+
+def describe(backend: str) -> str:
+    """One line: the backend, the ops it runs itself, and the reference fallbacks."""
+    table = implementations(backend)
+    if backend == REFERENCE:
+        return f"kernels: reference (plain torch) for all {len(table)} ops"
+    own = [op for op, impl in table.items() if impl == backend]
+    missing = fallbacks(backend)
+    return (
+        f"kernels: {backend} for {len(own)} of {len(table)} ops ({', '.join(own) or 'none'}); "
+        f"{len(missing)} fall back to reference: {', '.join(missing) or 'none'}"
+    )
 
 
 def available_backends() -> list[str]:
@@ -43,7 +86,52 @@ def available_backends() -> list[str]:
     return sorted({backend for _, backend in _OPS} | {REFERENCE})
 
 
+def triton_runs_on(device_type: str) -> bool:
+    """Triton compiles for CUDA; on the CPU only its interpreter runs it (TRITON_INTERPRET=1,
+    the tests' mode)."""
+    return device_type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def backend_for(requested: str, device_type: str | None) -> str:
+    """The backend a rank on `device_type` runs for `backend.kernels=requested`: `auto` takes
+    the device's own (triton on CUDA where it imports, npu on Ascend), else the reference;
+    an explicit backend that cannot run here is a RecipeError naming the fix (with
+    `device_type` None, before the device is known, only whether its package imports)."""
+    available = available_backends()
+    if requested == "auto":
+        if device_type == "cuda" and "triton" in available:
+            return "triton"
+        return "npu" if device_type == "npu" and "npu" in available else REFERENCE
+    package = {"triton": "birkhoff[cuda] (triton)", "npu": "birkhoff[npu] (torch_npu, CANN)"}
+    require(
+        requested in available,
+        KEY,
+        requested,
+        f"its package does not import here; install {package.get(requested, requested)}, "
+        "or use auto",
+    )
+    if device_type is None:
+        return requested
+    require(
+        requested != "triton" or triton_runs_on(device_type),
+        KEY,
+        requested,
+        f"needs a CUDA device (this rank runs on {device_type}); use auto, or set "
+        "TRITON_INTERPRET=1 to interpret the kernels on the CPU",
+    )
+    require(
+        requested != "npu" or device_type == "npu",
+        KEY,
+        requested,
+        f"needs an Ascend device (this rank runs on {device_type}); use auto",
+    )
+    return requested
+
+
 def _load_backends() -> None:
-    # Importing a backend module registers its ops; importing twice is a no-op. Accelerator
-    # backends (Triton, torch_npu) will be imported here only where their packages import.
+    # Importing a backend module registers its ops; importing twice is a no-op. The
+    # accelerator backends import only where their packages do.
     from birkhoff.kernels import reference  # noqa: F401
+
+    if importlib.util.find_spec("triton") is not None:
+        from birkhoff.kernels import triton_mhc  # noqa: F401

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from birkhoff import kernels
 from birkhoff.errors import require, require_choice
 
 SCHEDULES = ("cosine", "wsd", "constant")
@@ -176,14 +177,18 @@ def derived_micro_batch(per_rank: int, pp: int) -> int:
 
 @dataclass
 class BackendConfig:
-    """`device`: auto | cpu | cuda | npu. `kernels`: which kernel backend runs the hot ops."""
+    """`device`: auto | cpu | cuda | npu. `kernels`: which kernel backend runs the hot ops:
+    auto (the device's own: triton on CUDA, npu on Ascend, else reference), reference,
+    triton or npu (kernels/registry.py)."""
 
     device: str = "auto"
-    kernels: str = "reference"
+    kernels: str = "auto"
 
-    def validate(self, available_kernels: list[str], prefix: str = "backend") -> None:
+    def validate(self, prefix: str = "backend") -> None:
         require_choice(f"{prefix}.device", self.device, ("auto", "cpu", "cuda", "npu"))
-        require_choice(f"{prefix}.kernels", self.kernels, available_kernels)
+        require_choice(f"{prefix}.kernels", self.kernels, kernels.KERNEL_CHOICES)
+        # an explicit backend: its package imports here, and a chosen device can run it
+        kernels.backend_for(self.kernels, None if self.device == "auto" else self.device)
 
 
 @dataclass

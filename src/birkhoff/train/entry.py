@@ -11,6 +11,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from birkhoff import kernels
 from birkhoff.data import DataPlan, heldout_windows, open_data
 from birkhoff.errors import require
 from birkhoff.model.budget import count_parameters
@@ -115,6 +116,8 @@ def _train_rank(
     run_path = Path(run_dir)
     rank, local_rank, world_size = env_rank()
     device = resolve_device(train_recipe.backend.device, local_rank)
+    # `auto` becomes this device's backend before the model is built with it
+    train_recipe.backend.kernels = kernels.backend_for(train_recipe.backend.kernels, device.type)
     degrees = train_recipe.parallel.degrees(world_size)
     lock = RunDirLock(run_path)
     nccl = device.type == "cuda" and world_size > 1
@@ -152,6 +155,7 @@ def _train_rank(
             if ctx.is_main:
                 print(f"birkhoff: {describe_split(trainer.model_cfg)}", flush=True)
                 print(f"birkhoff: layout {describe_layout(ctx)}, device {device.type}", flush=True)
+                print(f"birkhoff: {kernels.describe(train_recipe.backend.kernels)}", flush=True)
             with watchdog:
                 summary = trainer.fit(stop, watchdog, restart)
         finally:
@@ -160,6 +164,7 @@ def _train_rank(
         summary["parameters"] = count_parameters(trainer.model_cfg).as_dict()
         summary["parallel"] = dict(ctx.degrees)
         summary["tokenizer"] = data.tokenizer.identity()
+        summary["kernels"] = kernels.implementations(train_recipe.backend.kernels)
         write_summary(run_path, summary)
         print(
             f"done: {summary['steps']} steps | first loss {summary['first_loss']:.4f} | "

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from birkhoff import kernels
 from birkhoff.model import build_model
 from birkhoff.model.config import ModelConfig
 from birkhoff.model.transformer import Transformer
@@ -41,8 +42,10 @@ def build_share(
 ) -> ModelShare:
     """Build, cut, shard and materialise this rank's share (see the module docstring);
     `device` None leaves it on the meta device, without values (a dry run)."""
+    # `auto` resolved for this device (a dry run, without one: the reference kernels)
+    backend = kernels.backend_for(recipe.backend.kernels, device.type if device else None)
     with torch.device("meta"):
-        model = build_model(recipe.model, recipe.backend.kernels, compression, pad_id)
+        model = build_model(recipe.model, backend, compression, pad_id)
     cfg = model.cfg
     pipeline = None
     if ctx.size("pp") > 1:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from birkhoff import kernels
 from birkhoff.checkpoint.config import CheckpointConfig
 from birkhoff.data.config import DataConfig
 from birkhoff.errors import require
@@ -44,7 +43,7 @@ class TrainRecipe:
         self.parallel.validate_for_model(model, None)
         self.train.validate(dp_size, self.parallel.pp)
         self.parallel.validate_for_model(model, self.train.grad_accum_steps(dp_size))
-        self.backend.validate(kernels.available_backends())
+        self.backend.validate()
         self.logging.validate()
         self.checkpoint.validate()
         require(
