@@ -25,6 +25,7 @@ STEP_KEYS = {
     "grad_norm",
     "lr",
     "tokens_per_s",
+    "mfu",
     "step_time_s",
     "tokens_seen",
 }

@@ -183,9 +183,18 @@ class BackendConfig:
 
     device: str = "auto"
     kernels: str = "auto"
+    # Dense bf16 TFLOP/s of one device, for the `mfu` metric; None: the device's preset, or
+    # on the CPU its matmul rate measured once (train/mfu.py).
+    peak_tflops: float | None = None
 
     def validate(self, prefix: str = "backend") -> None:
         require_choice(f"{prefix}.device", self.device, ("auto", "cpu", "cuda", "npu"))
+        require(
+            self.peak_tflops is None or self.peak_tflops > 0,
+            f"{prefix}.peak_tflops",
+            self.peak_tflops,
+            "must be > 0 (TFLOP/s of one device), or null for the device's own",
+        )
         require_choice(f"{prefix}.kernels", self.kernels, kernels.KERNEL_CHOICES)
         # an explicit backend: its package imports here, and a chosen device can run it
         kernels.backend_for(self.kernels, None if self.device == "auto" else self.device)

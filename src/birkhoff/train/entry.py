@@ -156,6 +156,12 @@ def _train_rank(
                 print(f"birkhoff: {describe_split(trainer.model_cfg)}", flush=True)
                 print(f"birkhoff: layout {describe_layout(ctx)}, device {device.type}", flush=True)
                 print(f"birkhoff: {kernels.describe(train_recipe.backend.kernels)}", flush=True)
+                meter = trainer.mfu
+                print(
+                    f"birkhoff: mfu = model FLOPs ({meter.flops_per_token / 1e6:,.1f}M per token) "
+                    f"over {meter.devices} x {meter.peak.tflops:.3g} TFLOP/s ({meter.peak.source})",
+                    flush=True,
+                )
             with watchdog:
                 summary = trainer.fit(stop, watchdog, restart)
         finally:

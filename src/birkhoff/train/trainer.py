@@ -30,6 +30,7 @@ from birkhoff.data import (
     heldout_windows,
 )
 from birkhoff.data.compression import tokenizer_compression
+from birkhoff.data.plan import cache_dir
 from birkhoff.parallel import DistributedContext
 from birkhoff.parallel.device import peak_memory_mib
 from birkhoff.parallel.grad_norm import clip_grad_norm
@@ -45,6 +46,7 @@ from birkhoff.train.expert_balance import balance_experts
 from birkhoff.train.failures import ResidualConstraintError, TrainingError
 from birkhoff.train.indexer_warmup import dense_indexing, keep_only_indexer_gradients
 from birkhoff.train.metrics import MetricLogger
+from birkhoff.train.mfu import mfu_meter
 from birkhoff.train.model_share import build_share
 from birkhoff.train.optim import build_optimizer
 from birkhoff.train.recipe import TrainRecipe
@@ -117,6 +119,7 @@ class Trainer:
         self.loader = TrainLoader(data, self.layout, self.build_batch)
         self.heldout = heldout_windows(data, train_cfg.eval_batches * train_cfg.global_batch_size)
         self.tokens_per_step = train_cfg.global_batch_size * recipe.data.seq_len
+        self.mfu = mfu_meter(recipe, device, ctx.world_size, cache_dir(recipe.data))
         self.routed_per_layer = self.tokens_per_step * recipe.model.moe.top_k
         self.sequences = train_cfg.global_batch_size
         self.stragglers = StragglerMonitor(
@@ -182,6 +185,7 @@ class Trainer:
             "tokens": self.step * self.tokens_per_step,
             "seconds": elapsed,
             "tokens_per_s": (self.step - first_step) * self.tokens_per_step / elapsed,
+            "mfu": self.mfu.mfu((self.step - first_step) * self.tokens_per_step / elapsed),
             "world_size": self.ctx.world_size,
             "stopped_by": signal.Signals(stop.agreed).name if stop.agreed else None,
             "bad_steps": self.bad_steps,
@@ -276,6 +280,7 @@ class Trainer:
             "grad_norm": grad_norm,
             "lr": lr,
             "tokens_per_s": self.tokens_per_step / step_time,
+            "mfu": self.mfu.mfu(self.tokens_per_step / step_time),
             "step_time_s": step_time,
             "tokens_seen": self.step * self.tokens_per_step,
             "data_wait_s": data_wait,

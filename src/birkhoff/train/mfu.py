@@ -1,0 +1,124 @@
+"""Model FLOPs utilisation, reported every step: the model FLOPs the step's tokens need (the
+planner's count: 6 x active matmul parameters plus the attention of each layer type,
+compressed and sparse attention included, no recomputation) over what the run's devices
+could do at their peak in the time the step took.
+
+The peak per device: `backend.peak_tflops` if set; an accelerator's dense bf16 figure from
+the cluster presets (matched on the device's name); on the CPU, the matmul rate measured
+once on this machine in the dtype the run multiplies in, and cached (keyed by the CPU, the
+thread count, torch's version and the dtype) so later runs do not pay the measurement.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from birkhoff.errors import RecipeError
+from birkhoff.model.config import ModelConfig
+from birkhoff.parallel.planning.cluster import PRESETS
+from birkhoff.parallel.planning.estimate import model_flops_per_token
+from birkhoff.parallel.planning.inventory import build_inventory
+from birkhoff.parallel.planning.layout import Workload
+
+# Device names (as torch reports them) to presets; the first match wins.
+DEVICE_PRESETS = (
+    ("H200", "h200"),
+    ("H800", "h800"),
+    ("H100", "h100"),
+    ("B200", "b200"),
+    ("910B", "ascend_910b"),
+    ("910C", "ascend_910c"),
+)
+CPU_PEAK_FILE = "cpu_matmul_peak.json"
+
+
+@dataclass(frozen=True)
+class Peak:
+    tflops: float  # per device
+    source: str  # how it was found: recipe, a preset's name, or measured
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token of `cfg` at `seq_len` (the planner's count)."""
+    return model_flops_per_token(build_inventory(cfg), Workload(global_batch=1, seq_len=seq_len))
+
+
+def device_peak(
+    device: torch.device, override: float | None, dtype: torch.dtype, cache: Path
+) -> Peak:
+    """The peak TFLOP/s of one device (module docstring)."""
+    if override is not None:
+        return Peak(override, "backend.peak_tflops")
+    if device.type == "cpu":
+        return Peak(cpu_matmul_peak(dtype, cache), f"measured on this CPU ({dtype})")
+    name = _device_name(device)
+    for marker, preset in DEVICE_PRESETS:
+        if marker in name:
+            return Peak(PRESETS[preset]["peak_tflops"], f"{preset} preset")
+    raise RecipeError(
+        "backend.peak_tflops",
+        override,
+        f"no bf16 peak is known for device {name!r}; set it "
+        "to the device's dense bf16 TFLOP/s (it only scales the mfu metric)",
+    )
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "npu":  # torch_npu registers torch.npu
+        return torch.npu.get_device_name(device)  # type: ignore[attr-defined]
+    return device.type
+
+
+def cpu_matmul_peak(dtype: torch.dtype, cache: Path) -> float:
+    """The best of several timed 1024 x 1024 matmuls on this CPU, in TFLOP/s, cached."""
+    key = f"{platform.processor() or platform.machine()}|{torch.get_num_threads()}|"
+    key += f"{torch.__version__}|{dtype}"
+    path = cache / CPU_PEAK_FILE
+    known = json.loads(path.read_text()) if path.is_file() else {}
+    if key in known:
+        return float(known[key])
+    size = 1024
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    torch.mm(a, b)  # warm
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(4):
+            torch.mm(a, b)
+        best = min(best, (time.perf_counter() - start) / 4)
+    tflops = 2 * size**3 / best / 1e12
+    cache.mkdir(parents=True, exist_ok=True)
+    staged = path.with_name(f".{path.name}.{os.getpid()}")
+    staged.write_text(json.dumps({**known, key: tflops}, indent=1))
+    staged.replace(path)  # concurrent ranks each write a whole file
+    return tflops
+
+
+def mfu_meter(recipe, device: torch.device, devices: int, cache: Path) -> MFUMeter:
+    """The meter of a run of `recipe` on `devices` devices like `device`."""
+    dtype = torch.bfloat16 if recipe.train.mixed_precision == "bf16" else torch.float32
+    return MFUMeter(
+        flops_per_token(recipe.model, recipe.data.seq_len),
+        device_peak(device, recipe.backend.peak_tflops, dtype, cache),
+        devices,
+    )
+
+
+@dataclass(frozen=True)
+class MFUMeter:
+    flops_per_token: float
+    peak: Peak
+    devices: int
+
+    def mfu(self, tokens_per_s: float) -> float:
+        """The share of the devices' peak the model's FLOPs at this rate take."""
+        return tokens_per_s * self.flops_per_token / (self.devices * self.peak.tflops * 1e12)
