@@ -19,6 +19,7 @@ from birkhoff.data.commands import prepare_sources, write_tokenizer_model
 from birkhoff.data.shards import verify_checksums
 from birkhoff.errors import RecipeError, require
 from birkhoff.launch.ckpt_command import ckpt_command
+from birkhoff.launch.doctor import doctor_command
 from birkhoff.launch.dry_run import dry_run
 from birkhoff.launch.plan_command import plan_command
 from birkhoff.launch.recipe import load_recipe, recipe_to_dict, typed_recipe
@@ -57,6 +58,11 @@ commands:
                          parallel.* overrides, that one layout: does it fit, what dominates
   plan --published deepseek_v3
                          the model held against DeepSeek-V3's published run
+  doctor [--json] [--backend auto|reference|triton|npu] [--ranks N] [--run-dir DIR]
+                         what this machine can run: versions, device and memory, the kernel
+                         backend's ops against the reference (error, speed), the local ranks'
+                         collectives (values, bandwidth), the run dir's filesystem; exit 1
+                         and one line per problem with its fix
   ckpt inspect PATH [--json]
                          a checkpoint's step, tokens, layout, tokenizer, completeness and
                          tensors (shapes, dtypes, sizes); the recipe with --json
@@ -79,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         return ckpt_command(rest)
     if command == "plan":
         return plan_command(rest)
+    if command == "doctor":
+        return doctor_command(rest)
     if command == "train" and "--dry-run" in rest:
         return dry_run_command(rest)
     if command == "train":

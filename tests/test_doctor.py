@@ -1,0 +1,79 @@
+"""`birkhoff doctor`: the report on this machine (versions against the imported packages,
+collectives among 2 gloo ranks with their values checked, the run dir), the Triton backend's
+ops against the reference under the interpreter, a wrong kernel and an unwritable run dir
+caught as problems (exit code 1, one line each with its fix), bad flags refused (exit 2)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from birkhoff.kernels import reference
+from birkhoff.launch import doctor_kernels
+
+
+def doctor(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "birkhoff.launch.cli", "doctor", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def test_doctor_reports_this_machine(tmp_path):
+    result = doctor("--json", "--ranks", "2", "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert report["versions"]["torch"] == torch.__version__
+    assert report["device"]["type"] == "cpu"
+    assert report["kernels"]["backend"] == "reference" and report["kernels"]["ops"] == {}
+    names = {"all_reduce", "all_to_all_single", "reduce_scatter", "broadcast"}
+    assert set(report["collectives"]) == names
+    assert all(r["ok"] and r["max_error"] == 0 and r["bus_gbps"] > 0 for r in
+               report["collectives"].values())  # fmt: skip
+    assert report["filesystem"]["writable"] and report["filesystem"]["checked"] == str(tmp_path)
+    assert report["problems"] == []
+
+
+def test_doctor_checks_the_triton_ops_against_the_reference(tmp_path):
+    result = doctor("--json", "--backend", "triton", "--ranks", "1", "--run-dir", str(tmp_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    ops = json.loads(result.stdout)["kernels"]["ops"]
+    assert set(ops) == {"mhc_pre", "mhc_post"}
+    for r in ops.values():
+        assert r["implementation"] == "triton" and r["ok"]
+        assert r["forward_error"] < 1e-6 and r["backward_error"] < 1e-6
+
+
+def test_a_wrong_kernel_is_a_problem(monkeypatch):
+    real_get = doctor_kernels.kernels.get
+
+    def off_by_one_percent(op, backend="reference"):
+        if backend == "triton":
+            return lambda *args: 1.01 * reference.mhc_pre(*args)
+        return real_get(op, backend)
+
+    monkeypatch.setattr(doctor_kernels.kernels, "get", off_by_one_percent)
+    result = doctor_kernels._check("mhc_pre", "triton", torch.device("cpu"))
+    assert not result["ok"] and result["problem"].startswith("relative error 1.0e-02 above")
+
+
+def test_an_unwritable_run_dir_is_a_problem():
+    result = doctor("--ranks", "1", "--run-dir", "/proc/self")
+    assert result.returncode == 1
+    problems = [line for line in result.stdout.splitlines() if line.startswith("problem: ")]
+    assert any("not writable" in p and "hydra.run.dir=" in p for p in problems), result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--backend", "cuda"], "--backend cuda: must be one of auto, reference, triton, npu"),
+        (["--ranks", "zero"], "--ranks zero: must be a positive number"),
+        (["--verbose"], "unknown or incomplete flag '--verbose'"),
+    ],
+)
+def test_bad_flags_are_refused(args, message):
+    result = doctor(*args)
+    assert result.returncode == 2 and message in result.stderr
