@@ -15,8 +15,7 @@ from birkhoff.kernels import (
     reference,
     triton_mhc,  # triton is a dev dependency: no skip
 )
-from birkhoff.model import build_model
-from conftest import small_model
+from conftest import assert_backend_trains_as_reference
 
 # float32 kernels against the float64 reference: sums over n streams and C channels
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
@@ -91,18 +90,4 @@ def test_kernel_backend_resolves_per_device(monkeypatch):
 
 
 def test_a_model_with_triton_kernels_trains_as_the_reference_one():
-    """Loss and every parameter gradient of a 2-layer mHC model, same weights and batch."""
-    cfg = small_model(max_seq_len=16)
-    tokens = torch.randint(0, cfg.vocab_size, (2, 16))
-    results = []
-    for backend in ("reference", "triton"):
-        model = build_model(cfg, backend, seed=7)
-        loss = model(tokens[:, :-1], tokens[:, 1:])
-        loss.backward()
-        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-        results.append((loss.detach(), grads))
-    (loss_ref, grads_ref), (loss_tri, grads_tri) = results
-    torch.testing.assert_close(loss_tri, loss_ref, rtol=1e-5, atol=1e-6)
-    assert grads_tri.keys() == grads_ref.keys()
-    for name, grad in grads_ref.items():
-        torch.testing.assert_close(grads_tri[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert_backend_trains_as_reference("triton")

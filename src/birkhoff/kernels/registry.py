@@ -21,6 +21,7 @@ REFERENCE = "reference"
 BACKENDS = (REFERENCE, "triton", "npu")
 KERNEL_CHOICES = ("auto", *BACKENDS)
 KEY = "backend.kernels"
+PACKAGES = {"triton": "triton", "npu": "torch_npu"}  # what each backend needs to import
 _OPS: dict[tuple[str, str], Callable[..., Any]] = {}
 
 
@@ -81,9 +82,15 @@ def describe(backend: str) -> str:
 
 
 def available_backends() -> list[str]:
-    """Backends whose modules import on this machine (reference always)."""
-    _load_backends()
-    return sorted({backend for _, backend in _OPS} | {REFERENCE})
+    """Backends whose package imports on this machine (reference always)."""
+    return sorted([REFERENCE, *(b for b, package in PACKAGES.items() if _importable(package))])
+
+
+def _importable(package: str) -> bool:
+    try:
+        return importlib.util.find_spec(package) is not None
+    except ValueError:  # in sys.modules without a spec (a stand-in module)
+        return True
 
 
 def triton_runs_on(device_type: str) -> bool:
@@ -129,9 +136,9 @@ def backend_for(requested: str, device_type: str | None) -> str:
 
 
 def _load_backends() -> None:
-    # Importing a backend module registers its ops; importing twice is a no-op. The
-    # accelerator backends import only where their packages do.
-    from birkhoff.kernels import reference  # noqa: F401
+    # Importing a backend module registers its ops; importing twice is a no-op. A backend
+    # whose package does not import is registered (its table can be shown) but not available.
+    from birkhoff.kernels import npu_ops, reference  # noqa: F401  (npu_ops: torch_npu lazily)
 
-    if importlib.util.find_spec("triton") is not None:
+    if _importable("triton"):  # the kernels compile at import
         from birkhoff.kernels import triton_mhc  # noqa: F401

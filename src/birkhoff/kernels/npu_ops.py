@@ -1,0 +1,86 @@
+"""The `npu` backend: hot ops as torch_npu's fused Ascend operators, with the reference's
+semantics (kernels/reference.py).
+
+torch_npu is imported when an op runs, not when this module is imported: the ops register
+everywhere (the registry lists what the backend would run), and the backend is available only
+where torch_npu imports (it needs CANN). Every call's arguments are checked against the
+signatures documented in the torch_npu wheel that pairs with torch 2.13
+(tests/test_npu_backend.py reads torch_npu/_op_plugin_docs.py from the wheel), and the ops run
+here against a stand-in torch_npu that computes what those docs specify.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import torch
+
+from birkhoff.kernels.registry import register
+
+NPU = "npu"
+
+
+def _torch_npu():
+    return importlib.import_module("torch_npu")
+
+
+@register("rms_norm", NPU)
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """npu_rms_norm: (y, 1 / rms); gamma in the input's dtype, as the op requires."""
+    y, _ = _torch_npu().npu_rms_norm(x, weight.to(x.dtype), epsilon=eps)
+    return y
+
+
+@register("rope", NPU)
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """npu_rotary_mul in `half` mode on (B, T, H, D) (layout BSND): r1 * x + r2 * cat(-x2, x1),
+    so r1 = cat(cos, cos) and r2 = cat(sin, sin) broadcast over heads (1S1D, or BS1D for
+    per-sequence positions)."""
+    r1, r2 = (torch.cat((t, t), dim=-1).to(x.dtype) for t in (cos, sin))
+    if r1.dim() == 2:  # (T, D): one table for every sequence
+        r1, r2 = r1[None, :, None, :], r2[None, :, None, :]
+    else:  # (B, T, D)
+        r1, r2 = r1[:, :, None, :], r2[:, :, None, :]
+    return _torch_npu().npu_rotary_mul(x, r1, r2, rotary_mode="half")
+
+
+@register("attention", NPU)
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """npu_fusion_attention on (B, H, T, D) (layout BNSD; k and v may have fewer heads). Its
+    atten_mask is True where a key is hidden, the reverse of ours: causal is the upper
+    triangle (SS), a document mask (B, 1, T, T) is inverted (B1SS)."""
+    seq = q.shape[2]
+    if mask is None:
+        hidden = torch.ones(seq, seq, dtype=torch.bool, device=q.device).triu(1)
+    else:
+        hidden = ~mask
+    out = _torch_npu().npu_fusion_attention(
+        q,
+        k,
+        v,
+        q.shape[1],
+        "BNSD",
+        atten_mask=hidden,
+        scale=1.0 / math.sqrt(q.shape[-1]),
+        keep_prob=1.0,
+        sparse_mode=0,
+    )
+    return out[0]
+
+
+@register("grouped_gemm", NPU)
+def grouped_gemm(x: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """npu_grouped_matmul grouping x's rows (m axis, group_type 0) by the cumulative counts
+    (group_list_type 0) against one (E, K, N) weight tensor, one output tensor (split_item 3)."""
+    (out,) = _torch_npu().npu_grouped_matmul(
+        [x],
+        [weights],
+        group_list=counts.cumsum(0),
+        split_item=3,
+        group_type=0,
+        group_list_type=0,
+    )
+    return out
