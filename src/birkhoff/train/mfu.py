@@ -5,8 +5,9 @@ could do at their peak in the time the step took.
 
 The peak per device: `backend.peak_tflops` if set; an accelerator's dense bf16 figure from
 the cluster presets (matched on the device's name); on the CPU, the matmul rate measured
-once on this machine in the dtype the run multiplies in, and cached (keyed by the CPU, the
-thread count, torch's version and the dtype) so later runs do not pay the measurement.
+once on this machine in the dtype the run multiplies in, and cached in the machine's cache
+dir (keyed by the CPU, the thread count, torch's version and the dtype) so later runs do not
+pay the measurement.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from birkhoff.data.plan import CACHE_ENV
 from birkhoff.errors import RecipeError
 from birkhoff.model.config import ModelConfig
 from birkhoff.parallel.planning.cluster import PRESETS
@@ -103,8 +105,15 @@ def cpu_matmul_peak(dtype: torch.dtype, cache: Path) -> float:
     return tflops
 
 
-def mfu_meter(recipe, device: torch.device, devices: int, cache: Path) -> MFUMeter:
+def machine_cache() -> Path:
+    """Where a property of this machine is kept: $BIRKHOFF_CACHE_DIR, else ~/.cache/birkhoff
+    (not `data.cache_dir`: the CPU's rate does not depend on the data)."""
+    return Path(os.environ.get(CACHE_ENV) or "~/.cache/birkhoff").expanduser()
+
+
+def mfu_meter(recipe, device: torch.device, devices: int, cache: Path | None = None) -> MFUMeter:
     """The meter of a run of `recipe` on `devices` devices like `device`."""
+    cache = cache or machine_cache()
     dtype = torch.bfloat16 if recipe.train.mixed_precision == "bf16" else torch.float32
     return MFUMeter(
         flops_per_token(recipe.model, recipe.data.seq_len),

@@ -30,7 +30,6 @@ from birkhoff.data import (
     heldout_windows,
 )
 from birkhoff.data.compression import tokenizer_compression
-from birkhoff.data.plan import cache_dir
 from birkhoff.parallel import DistributedContext
 from birkhoff.parallel.device import peak_memory_mib
 from birkhoff.parallel.grad_norm import clip_grad_norm
@@ -119,7 +118,7 @@ class Trainer:
         self.loader = TrainLoader(data, self.layout, self.build_batch)
         self.heldout = heldout_windows(data, train_cfg.eval_batches * train_cfg.global_batch_size)
         self.tokens_per_step = train_cfg.global_batch_size * recipe.data.seq_len
-        self.mfu = mfu_meter(recipe, device, ctx.world_size, cache_dir(recipe.data))
+        self.mfu = mfu_meter(recipe, device, ctx.world_size)
         self.routed_per_layer = self.tokens_per_step * recipe.model.moe.top_k
         self.sequences = train_cfg.global_batch_size
         self.stragglers = StragglerMonitor(
