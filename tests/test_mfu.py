@@ -50,8 +50,11 @@ def test_cpu_peak_is_measured_once_and_cached(monkeypatch, tmp_path):
     assert 0.25 < measured / independent < 4
     cached = json.loads((tmp_path / mfu.CPU_PEAK_FILE).read_text())
     assert list(cached.values()) == [measured]
+    path = tmp_path / mfu.CPU_PEAK_FILE
+    path.write_text(json.dumps({key: 1e6 for key in cached}))  # a rate no CPU reaches
+    assert mfu.cpu_matmul_peak(torch.float32, tmp_path, refresh=True) == 1e6  # the best kept
     monkeypatch.setattr(torch, "mm", lambda *args: pytest.fail("measured again"))
-    assert mfu.cpu_matmul_peak(torch.float32, tmp_path) == measured
+    assert mfu.cpu_matmul_peak(torch.float32, tmp_path) == 1e6
 
 
 def test_the_logged_mfu_is_tokens_per_second_times_flops_over_the_peak(tmp_path):

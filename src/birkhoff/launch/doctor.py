@@ -24,6 +24,7 @@ from birkhoff.errors import RecipeError
 from birkhoff.launch.doctor_collectives import local_collectives
 from birkhoff.launch.doctor_kernels import check_kernels
 from birkhoff.parallel.device import resolve_device
+from birkhoff.train.mfu import cpu_matmul_peak, machine_cache
 
 MIN_FREE_GIB = 10.0  # a checkpoint of a small run, and the token caches
 
@@ -104,7 +105,15 @@ def _device(device: torch.device) -> dict:
             kib = meminfo.read_text().split("MemTotal:")[1].split()[0]
             total = int(kib) / 2**20
         name = platform.processor() or platform.machine()
-        return {"type": "cpu", "name": name, "count": os.cpu_count(), "memory_gib": total}
+        # measured again each time (the cache keeps the best seen: the mfu metric's peak)
+        peak = cpu_matmul_peak(torch.float32, machine_cache(), refresh=True)
+        return {
+            "type": "cpu",
+            "name": name,
+            "count": os.cpu_count(),
+            "memory_gib": total,
+            "matmul_tflops_float32": peak,
+        }
     count = torch.accelerator.device_count()
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -197,7 +206,9 @@ def _text(report: Report) -> str:
     lines = ["versions: " + ", ".join(f"{k} {v}" for k, v in report.versions.items() if v)]
     d = report.device
     memory = f", {d['memory_gib']:.0f} GiB" if d.get("memory_gib") else ""
-    lines.append(f"device: {d['count']} x {d['type']} {d['name']}{memory}")
+    peak = d.get("matmul_tflops_float32")
+    rate = f", float32 matmul {peak:.3g} TFLOP/s (best seen: the mfu peak)" if peak else ""
+    lines.append(f"device: {d['count']} x {d['type']} {d['name']}{memory}{rate}")
     if report.kernels:
         lines.append(report.kernels["summary"])
         for op, r in report.kernels["ops"].items():
