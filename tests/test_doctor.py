@@ -1,18 +1,20 @@
 """`birkhoff doctor`: the report on this machine (versions against the imported packages,
 collectives among 2 gloo ranks with their values checked, the run dir), the Triton backend's
 ops against the reference under the interpreter, a wrong kernel and an unwritable run dir
-caught as problems (exit code 1, one line each with its fix), bad flags refused (exit 2)."""
+caught as problems (one line each with its fix; exit code 1), bad flags refused (exit 2)."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from birkhoff.kernels import reference
+from birkhoff.launch import doctor as doctor_module
 from birkhoff.launch import doctor_kernels
 
 
@@ -36,12 +38,10 @@ def test_doctor_reports_this_machine(tmp_path):
     assert report["problems"] == []
 
 
-def test_doctor_checks_the_triton_ops_against_the_reference(tmp_path):
-    result = doctor("--json", "--backend", "triton", "--ranks", "1", "--run-dir", str(tmp_path))
-    assert result.returncode == 0, result.stdout + result.stderr
-    ops = json.loads(result.stdout)["kernels"]["ops"]
-    assert set(ops) == {"mhc_pre", "mhc_post"}
-    for r in ops.values():
+def test_doctor_checks_the_triton_ops_against_the_reference():
+    report = doctor_kernels.check_kernels("triton", torch.device("cpu"))
+    assert set(report["ops"]) == {"mhc_pre", "mhc_post"}
+    for r in report["ops"].values():
         assert r["implementation"] == "triton" and r["ok"]
         assert r["forward_error"] < 1e-6 and r["backward_error"] < 1e-6
 
@@ -60,10 +60,10 @@ def test_a_wrong_kernel_is_a_problem(monkeypatch):
 
 
 def test_an_unwritable_run_dir_is_a_problem():
-    result = doctor("--ranks", "1", "--run-dir", "/proc/self")
-    assert result.returncode == 1
-    problems = [line for line in result.stdout.splitlines() if line.startswith("problem: ")]
-    assert any("not writable" in p and "hydra.run.dir=" in p for p in problems), result.stdout
+    problems: list[str] = []
+    result = doctor_module._filesystem(Path("/proc/self"), problems)
+    assert not result["writable"]
+    assert any("not writable" in p and "hydra.run.dir=" in p for p in problems), problems
 
 
 @pytest.mark.parametrize(
@@ -74,6 +74,6 @@ def test_an_unwritable_run_dir_is_a_problem():
         (["--verbose"], "unknown or incomplete flag '--verbose'"),
     ],
 )
-def test_bad_flags_are_refused(args, message):
-    result = doctor(*args)
-    assert result.returncode == 2 and message in result.stderr
+def test_bad_flags_are_refused(args, message, capsys):
+    assert doctor_module.doctor_command(args) == 2
+    assert message in capsys.readouterr().err
