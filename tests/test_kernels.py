@@ -72,6 +72,8 @@ def test_every_backend_says_which_implementation_runs():
     assert {op for op, impl in table.items() if impl == "triton"} == {"mhc_pre", "mhc_post"}
     assert kernels.fallbacks("triton") == sorted(set(table) - {"mhc_pre", "mhc_post"})
     assert kernels.fallbacks("reference") == []
+    with pytest.raises(ValueError, match="'auto': not one of reference, triton, npu"):
+        kernels.get("rms_norm", "auto")  # resolved per device before any model is built
     line = kernels.describe("triton")
     assert f"triton for 2 of {len(table)} ops (mhc_post, mhc_pre)" in line
     assert f"{len(table) - 2} fall back to reference: attention" in line

@@ -42,6 +42,8 @@ def get(op: str, backend: str = REFERENCE) -> Callable[..., Any]:
     """The implementation of `op` that `backend` runs: its own, or the reference one where it
     has none (a fallback, listed by `implementations` and `describe`)."""
     _load_backends()
+    if backend not in BACKENDS:  # `auto` is resolved per device first (backend_for)
+        raise ValueError(f"kernel backend {backend!r}: not one of {', '.join(BACKENDS)}")
     if (op, backend) in _OPS:
         return _OPS[(op, backend)]
     if (op, REFERENCE) in _OPS:
