@@ -102,16 +102,13 @@ def estimate(inv: Inventory, layout: Layout, work: Workload, cluster: Cluster) -
         ),
         key=lambda m: m["total"],
     )
-    comm = max(
-        (communication(inv, layout, work, rank) for rank in range(layout.pp)),
-        key=lambda c: sum(c.values()),
-    )
     compute_s = _compute_seconds(inv, layout, work, cluster)
-    times = comm_seconds(comm, layout, cluster)
-    on_path = (*TP_COLLECTIVES, "ep_all_to_all", "engram_all_to_all", "pp_send_recv")
-    critical = sum(times[k] for k in on_path)
-    overlapped = sum(t for k, t in times.items() if k not in on_path)
-    exposed = critical + max(0.0, overlapped - compute_s)
+    # the pipeline rank whose collectives expose the most time sets the pace
+    comm, times, exposed = max(
+        (_exposed(communication(inv, layout, work, rank), layout, cluster, compute_s)
+         for rank in range(layout.pp)),
+        key=lambda found: found[2],
+    )  # fmt: skip
     idle = bubble(orders, tuple(float(len(layers)) for layers in stages))
     step_s = (compute_s + exposed) / (1 - idle)
     model_flops = model_flops_per_token(inv, work) * work.global_batch * work.seq_len
@@ -129,6 +126,16 @@ def estimate(inv: Inventory, layout: Layout, work: Workload, cluster: Cluster) -
         fits=memory["total"] / GIB <= cluster.device_memory_gib,
         dominant=max(parts, key=parts.get),
     )
+
+
+def _exposed(comm: dict, layout: Layout, cluster: Cluster, compute_s: float) -> tuple:
+    """(bytes, seconds per collective, seconds exposed): tp, ep and pp collectives on the
+    critical path, FSDP/HSDP/DDP ones overlapped with compute (only their excess shows)."""
+    times = comm_seconds(comm, layout, cluster)
+    on_path = (*TP_COLLECTIVES, "ep_all_to_all", "engram_all_to_all", "pp_send_recv")
+    critical = sum(times[k] for k in on_path)
+    overlapped = sum(t for k, t in times.items() if k not in on_path)
+    return comm, times, critical + max(0.0, overlapped - compute_s)
 
 
 def _rank_memory(inv, layout, work, pp_rank, stages, order, micro_batches) -> dict[str, float]:
