@@ -49,9 +49,13 @@ class DataPlan:
 
 
 def cache_dir(cfg: DataConfig) -> Path:
-    """`data.cache_dir`, else $BIRKHOFF_CACHE_DIR, else ~/.cache/birkhoff."""
-    configured = cfg.cache_dir or os.environ.get(CACHE_ENV)
-    return Path(configured or "~/.cache/birkhoff").expanduser()
+    """`data.cache_dir`, else the machine's cache (`machine_cache_dir`)."""
+    return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else machine_cache_dir()
+
+
+def machine_cache_dir() -> Path:
+    """$BIRKHOFF_CACHE_DIR, else ~/.cache/birkhoff."""
+    return Path(os.environ.get(CACHE_ENV) or "~/.cache/birkhoff").expanduser()
 
 
 def resolve_sources(cfg: DataConfig) -> list[ResolvedSource]:

@@ -12,7 +12,6 @@ import importlib.metadata
 import json
 import os
 import platform
-import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,11 +19,13 @@ from pathlib import Path
 import torch
 
 from birkhoff import kernels
+from birkhoff.checkpoint.space import free_bytes
+from birkhoff.data.plan import machine_cache_dir
 from birkhoff.errors import RecipeError
 from birkhoff.launch.doctor_collectives import local_collectives
 from birkhoff.launch.doctor_kernels import check_kernels
 from birkhoff.parallel.device import resolve_device
-from birkhoff.train.mfu import cpu_matmul_peak, machine_cache
+from birkhoff.train.mfu import cpu_matmul_peak
 
 MIN_FREE_GIB = 10.0  # a checkpoint of a small run, and the token caches
 
@@ -106,7 +107,7 @@ def _device(device: torch.device) -> dict:
             total = int(kib) / 2**20
         name = platform.processor() or platform.machine()
         # measured again each time (the cache keeps the best seen: the mfu metric's peak)
-        peak = cpu_matmul_peak(torch.float32, machine_cache(), refresh=True)
+        peak = cpu_matmul_peak(torch.float32, machine_cache_dir(), refresh=True)
         return {
             "type": "cpu",
             "name": name,
@@ -142,7 +143,7 @@ def _filesystem(run_dir: Path, problems: list[str]) -> dict:
             f"run dir {probe_dir}: not writable ({err.strerror}); choose another with "
             "hydra.run.dir=..."
         )
-    free = shutil.disk_usage(probe_dir).free / 2**30
+    free = free_bytes(probe_dir) / 2**30
     result["free_gib"] = free
     if free < MIN_FREE_GIB:
         problems.append(

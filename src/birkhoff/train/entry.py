@@ -116,8 +116,6 @@ def _train_rank(
     run_path = Path(run_dir)
     rank, local_rank, world_size = env_rank()
     device = resolve_device(train_recipe.backend.device, local_rank)
-    # `auto` becomes this device's backend before the model is built with it
-    train_recipe.backend.kernels = kernels.backend_for(train_recipe.backend.kernels, device.type)
     degrees = train_recipe.parallel.degrees(world_size)
     lock = RunDirLock(run_path)
     nccl = device.type == "cuda" and world_size > 1
@@ -155,7 +153,7 @@ def _train_rank(
             if ctx.is_main:
                 print(f"birkhoff: {describe_split(trainer.model_cfg)}", flush=True)
                 print(f"birkhoff: layout {describe_layout(ctx)}, device {device.type}", flush=True)
-                print(f"birkhoff: {kernels.describe(train_recipe.backend.kernels)}", flush=True)
+                print(f"birkhoff: {kernels.describe(trainer.kernel_backend)}", flush=True)
                 meter = trainer.mfu
                 print(
                     f"birkhoff: mfu = model FLOPs ({meter.flops_per_token / 1e6:,.1f}M per token) "
@@ -170,7 +168,7 @@ def _train_rank(
         summary["parameters"] = count_parameters(trainer.model_cfg).as_dict()
         summary["parallel"] = dict(ctx.degrees)
         summary["tokenizer"] = data.tokenizer.identity()
-        summary["kernels"] = kernels.implementations(train_recipe.backend.kernels)
+        summary["kernels"] = kernels.implementations(trainer.kernel_backend)
         write_summary(run_path, summary)
         print(
             f"done: {summary['steps']} steps | first loss {summary['first_loss']:.4f} | "

@@ -13,7 +13,6 @@ pay the measurement.
 from __future__ import annotations
 
 import json
-import os
 import platform
 import time
 from dataclasses import dataclass
@@ -21,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from birkhoff.data.plan import CACHE_ENV
+from birkhoff.atomic import write_text_atomic
+from birkhoff.data.plan import machine_cache_dir
 from birkhoff.errors import RecipeError
 from birkhoff.model.config import ModelConfig
 from birkhoff.parallel.planning.cluster import PRESETS
@@ -101,22 +101,13 @@ def cpu_matmul_peak(dtype: torch.dtype, cache: Path, refresh: bool = False) -> f
             torch.mm(a, b)
         best = min(best, (time.perf_counter() - start) / 4)
     tflops = max(2 * size**3 / best / 1e12, float(known.get(key, 0.0)))
-    cache.mkdir(parents=True, exist_ok=True)
-    staged = path.with_name(f".{path.name}.{os.getpid()}")
-    staged.write_text(json.dumps({**known, key: tflops}, indent=1))
-    staged.replace(path)  # concurrent ranks each write a whole file
+    write_text_atomic(path, json.dumps({**known, key: tflops}, indent=1))  # ranks race: whole files
     return tflops
-
-
-def machine_cache() -> Path:
-    """Where a property of this machine is kept: $BIRKHOFF_CACHE_DIR, else ~/.cache/birkhoff
-    (not `data.cache_dir`: the CPU's rate does not depend on the data)."""
-    return Path(os.environ.get(CACHE_ENV) or "~/.cache/birkhoff").expanduser()
 
 
 def mfu_meter(recipe, device: torch.device, devices: int, cache: Path | None = None) -> MFUMeter:
     """The meter of a run of `recipe` on `devices` devices like `device`."""
-    cache = cache or machine_cache()
+    cache = cache or machine_cache_dir()  # not data.cache_dir: a property of the machine
     dtype = torch.bfloat16 if recipe.train.mixed_precision == "bf16" else torch.float32
     return MFUMeter(
         flops_per_token(recipe.model, recipe.data.seq_len),

@@ -28,6 +28,7 @@ class ModelShare:
     cfg: ModelConfig  # the whole model's, sized by its sparse budget
     parts: list[Transformer]  # the whole model, or this rank's pipeline chunks
     pipeline: PipelineRunner | None
+    kernels: str  # the kernel backend the model runs (backend.kernels resolved for the device)
     # What must run once a step's gradients are complete (before clipping).
     after_backward: list[Callable[..., None]]
 
@@ -67,4 +68,4 @@ def build_share(
             part.init_weights(recipe.train.seed)
     if recipe.train.init_from and device is not None:
         load_initial_weights(parts, Path(recipe.train.init_from), announce=ctx.rank == 0)
-    return ModelShare(cfg, parts, pipeline, after_backward)
+    return ModelShare(cfg, parts, pipeline, backend, after_backward)

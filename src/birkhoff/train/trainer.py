@@ -93,6 +93,7 @@ class Trainer:
         compression = tokenizer_compression(tokenizer)
         share = build_share(recipe, ctx, device, compression, tokenizer.pad_id, self.grad_accum)
         self.model_cfg = share.cfg
+        self.kernel_backend = share.kernels
         self.has_indexer = "csa" in share.cfg.attention.layer_types  # every rank: all CSA layers
         self.hasher = self._engram_hasher(compression)
         self.pipeline = share.pipeline
