@@ -41,6 +41,8 @@ def full_gradients(trainer: Trainer) -> dict[str, torch.Tensor]:
                 continue
             if isinstance(grad, DTensor):
                 grad = grad.full_tensor()
+            if grad.is_sparse:  # an Engram table under optim.engram_update=sparse
+                grad = grad.to_dense()
             grads[name.replace(WRAPPED_PREFIX, "")] = grad.detach().float().cpu().clone()
     return grads
 

@@ -1,4 +1,5 @@
-"""Engram: tokenizer compression, n-gram hashing, gating, table param group, validation."""
+"""Engram: tokenizer compression, n-gram hashing, gating, table param group, validation, row-sparse
+table gradients."""
 
 import subprocess
 import sys
@@ -11,7 +12,10 @@ from birkhoff.errors import RecipeError
 from birkhoff.kernels.reference import engram_hash
 from birkhoff.model import build_model
 from birkhoff.model.config import EngramConfig
-from birkhoff.model.engram import Engram, hash_layout
+from birkhoff.model.engram import Engram, hash_layout, sparse_table_gradients
+from birkhoff.parallel.distributed import DistributedContext
+from birkhoff.parallel.grad_norm import clip_grad_norm
+from birkhoff.parallel.sparse_rows import materialise
 from birkhoff.train.optim import param_groups
 from conftest import small_model
 
@@ -232,3 +236,45 @@ def test_forward_with_a_trained_conv_applies_norm_conv_and_silu():
 def test_whitespace_runs_share_one_canonical_id():
     table = compression_table(["\u2581", "\u2581\u2581", "\t", "\n", "a"]).tolist()
     assert table[0] == table[1] == table[2] == table[3] != table[4]
+
+
+def test_sparse_table_gradients_are_the_dense_ones_and_clip_alike():
+    """optim.engram_update=sparse changes how the table's gradient is held, not its value:
+    the same model's dense gradient (F.embedding's backward into the whole table), and the
+    same clipping norm and clipped gradients."""
+    cfg = small_model(vocab_size=64, engram=EngramConfig(layers=[1], table_size=50))
+    tokens = torch.randint(0, 64, (3, 9), generator=torch.Generator().manual_seed(1))
+    results = []
+    for sparse in (False, True):
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        if sparse:
+            assert sparse_table_gradients(model) == [model.blocks["1"].engram.table.weight]
+        model(tokens[:, :-1], tokens[:, 1:]).backward()
+        params = list(model.parameters())
+        norm = clip_grad_norm(params, 0.01, DistributedContext(0, 0, 1, None))
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results.append((norm, grads))
+    (dense_norm, dense), (sparse_norm, sparse) = results
+    table = "blocks.1.engram.table.weight"
+    assert sparse[table].is_sparse and not dense[table].is_sparse
+    assert sparse[table].coalesce().indices().numel() < dense[table].shape[0]  # rows looked up
+    assert sparse_norm.item() == pytest.approx(dense_norm.item(), rel=1e-6)
+    assert sparse.keys() == dense.keys()
+    for name, grad in dense.items():
+        got = sparse[name].to_dense() if sparse[name].is_sparse else sparse[name]
+        torch.testing.assert_close(got, grad, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("host", [False, True])
+def test_host_tables_are_materialised_on_the_host_only(host):
+    """parallel.engram_host: the tables get host storage, the rest the device's (the meta
+    device stands in for an accelerator here); without it everything goes to the device."""
+    cfg = small_model(vocab_size=64, engram=EngramConfig(layers=[0, 1], table_size=50))
+    with torch.device("meta"):
+        model = build_model(cfg)
+    materialise(model, torch.device("meta"), host)
+    tables = {f"blocks.{i}.engram.table.weight" for i in (0, 1)}
+    for name, param in model.named_parameters():
+        expected = "cpu" if host and name in tables else "meta"
+        assert param.device.type == expected, name

@@ -6,7 +6,7 @@ import torch
 from birkhoff.model import build_model
 from birkhoff.model.config import ResidualConfig
 from birkhoff.train.config import OptimConfig
-from birkhoff.train.optim import build_optimizer, param_groups
+from birkhoff.train.optim import AdamW, build_optimizer, param_groups
 from birkhoff.train.schedule import lr_multiplier
 from conftest import small_model
 
@@ -76,3 +76,76 @@ def test_mhc_static_biases_and_gains_are_not_decayed():
     assert "blocks.0.attention_residual.bias_res" not in decayed
     assert "blocks.0.attention_residual.alpha" not in decayed
     assert "blocks.0.attention_residual.proj.weight" in decayed
+
+
+# Row-sparse Engram table updates (optim.engram_update=sparse): the lazy AdamW row update.
+def _sparse_steps(optimizer, param, draws) -> None:
+    for rows, target in draws:
+        out = torch.nn.functional.embedding(rows, param, sparse=True)
+        ((out - target) ** 2).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def _draws(rows: int, width: int, lookups: int, steps: int, every_row: bool = False):
+    generator = torch.Generator().manual_seed(0)
+    draws = []
+    for _ in range(steps):
+        looked_up = torch.randint(0, rows, (lookups,), generator=generator)
+        if every_row:  # every row at least once, some twice (duplicates sum)
+            looked_up = torch.cat([torch.randperm(rows, generator=generator), looked_up])
+        target = torch.randn(looked_up.numel(), width, generator=generator, dtype=torch.float64)
+        draws.append((looked_up, target))
+    return draws
+
+
+def test_sparse_rows_step_as_torchs_sparse_adam():
+    """torch.optim.SparseAdam is lazy Adam too; with eps -> 0 its (sqrt(v) + eps) and AdamW's
+    (sqrt(v / bc2) + eps) denominators agree, so both must give the same rows."""
+    start = torch.randn(40, 3, dtype=torch.float64)
+    ours, theirs = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    draws = _draws(40, 3, lookups=25, steps=6)
+    _sparse_steps(
+        AdamW([ours], lr=0.05, betas=(0.9, 0.95), eps=1e-30, weight_decay=0.0), ours, draws
+    )
+    reference = torch.optim.SparseAdam([theirs], lr=0.05, betas=(0.9, 0.95), eps=1e-30)
+    _sparse_steps(reference, theirs, draws)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    assert (ours - start).abs().max() > 0.1  # the rows did move
+
+
+def test_rows_looked_up_every_step_move_exactly_as_dense_adamw():
+    start = torch.randn(30, 4, dtype=torch.float64)
+    sparse, dense = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    draws = _draws(30, 4, lookups=20, steps=5, every_row=True)
+    settings = {"lr": 0.02, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
+    ours = AdamW([sparse], **settings)
+    _sparse_steps(ours, sparse, draws)
+    reference = torch.optim.AdamW([dense], **settings)
+    for rows, target in draws:
+        out = torch.nn.functional.embedding(rows, dense)
+        ((out - target) ** 2).sum().backward()
+        reference.step()
+        reference.zero_grad()
+    torch.testing.assert_close(sparse, dense, rtol=1e-12, atol=1e-12)
+    for key in ("step", "exp_avg", "exp_avg_sq"):  # AdamW's own state: checkpoints agree
+        torch.testing.assert_close(ours.state[sparse][key], reference.state[dense][key])
+
+
+def test_rows_not_looked_up_keep_their_values_and_moments():
+    start = torch.randn(20, 2, dtype=torch.float64)
+    param = torch.nn.Parameter(start.clone())
+    optimizer = AdamW([param], lr=0.05, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    first, second = torch.tensor([0, 1, 2, 3]), torch.tensor([2, 3, 4])
+    draws = [(first, torch.randn(4, 2, dtype=torch.float64))]
+    _sparse_steps(optimizer, param, draws)
+    moments = {k: optimizer.state[param][k].clone() for k in ("exp_avg", "exp_avg_sq")}
+    after_first = param.detach().clone()
+    _sparse_steps(optimizer, param, [(second, torch.randn(3, 2, dtype=torch.float64))])
+    untouched = torch.tensor([0, 1, *range(5, 20)])
+    assert torch.equal(param[untouched], after_first[untouched])
+    assert torch.equal(param[5:], start[5:])
+    for key, before in moments.items():
+        assert torch.equal(optimizer.state[param][key][untouched], before[untouched])
+    assert not torch.equal(param[second], after_first[second])
+    assert optimizer.state[param]["step"].item() == 2

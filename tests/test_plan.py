@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import pytest
 
-from birkhoff.model.config import ModelConfig, MoEConfig, ResidualConfig
+from birkhoff.model.config import EngramConfig, ModelConfig, MoEConfig, ResidualConfig
 from birkhoff.parallel.planning.activations import window_keys
 from birkhoff.parallel.planning.cluster import PRESETS, Cluster
 from birkhoff.parallel.planning.estimate import GIB, estimate, model_flops_per_token
@@ -75,6 +75,52 @@ def test_memory_split_follows_its_formulas():
     reduced = estimate(inv, layout, work, CLUSTER)
     assert reduced.memory_gib["grads"] * GIB == pytest.approx(4 * p / 8)
     assert reduced.comm_gib["fsdp_reduce_scatter"] * GIB == pytest.approx(4 * 4 * p)
+
+
+def test_whole_and_host_resident_engram_tables_follow_their_formulas():
+    """optim.engram_update=sparse on fsdp=8, 2 micro-batches per rank: each table whole on every
+    rank with AdamW's state, its gradient at most the step's lookups (ids and values), gathered
+    over the 8 ranks once a step; with parallel.engram_host all of that moves to host memory
+    and every lookup copies its id, row and row gradient over PCIe."""
+    e = EngramConfig(layers=[1, 2], table_size=500, embed_dim=8, heads_per_order=4)
+    cfg = replace(DENSE, engram=e)
+    inv = build_inventory(cfg)
+    rows = sum(sum(_primes_at_least(e.table_size, 8)) for _ in e.layers)  # 2 orders x 4 heads
+    work = Workload(global_batch=32, seq_len=64)
+    heads = 8
+    dense = estimate(inv, Layout(dp_shard=8, micro_batch=2), work, CLUSTER)
+    whole = estimate(inv, Layout(dp_shard=8, micro_batch=2, engram_sparse=True), work, CLUSTER)
+    rest = inv.total - rows * e.embed_dim  # what FSDP still shards
+    assert whole.memory_gib["params"] * GIB == pytest.approx(4 * rest / 8 + 4 * rows * e.embed_dim)
+    assert whole.memory_gib["optimizer"] * GIB == pytest.approx(8 * (rest / 8 + rows * e.embed_dim))
+    global_lookups = 32 * 64 * heads  # more than a table has rows: the table bounds it
+    per_table = min(rows / 2, global_lookups)
+    grads = 4 * rest + 2 * per_table * (4 * e.embed_dim + 8)  # accumulated: FSDP's unsharded
+    assert whole.memory_gib["grads"] * GIB == pytest.approx(grads)
+    local = min(rows / 2, 2 * 2 * 64 * heads)  # 2 micro-batches of 2 sequences on a rank
+    gather = 8 * 2 * (8 + local * (8 + 4 * e.embed_dim))
+    assert whole.comm_gib["engram_sparse_all_gather"] * GIB == pytest.approx(gather)
+    assert whole.comm_gib["fsdp_reduce_scatter"] < dense.comm_gib["fsdp_reduce_scatter"]
+    layout = Layout(dp_shard=8, micro_batch=2, engram_sparse=True, engram_host=True)
+    host = estimate(inv, layout, work, CLUSTER)
+    assert host.memory_gib["params"] * GIB == pytest.approx(4 * rest / 8)
+    assert host.memory_gib["optimizer"] * GIB == pytest.approx(8 * rest / 8)
+    assert host.memory_gib["grads"] * GIB == pytest.approx(4 * rest)
+    host_bytes = 12 * rows * e.embed_dim + 2 * per_table * (4 * e.embed_dim + 8)
+    assert host.memory_gib["host"] * GIB == pytest.approx(host_bytes)
+    copies = 2 * (2 * 64 * heads * 2) * (8 + 2 * 4 * e.embed_dim)  # micro-batches x lookups
+    assert host.comm_gib["engram_host_copy"] * GIB == pytest.approx(copies)
+    assert host.step_s > whole.step_s  # the copies wait on the PCIe link (no prefetch)
+    assert whole.memory_gib["host"] == 0
+
+
+def _primes_at_least(start: int, count: int) -> list[int]:
+    primes, candidate = [], start
+    while len(primes) < count:
+        if all(candidate % d for d in range(2, int(candidate**0.5) + 1)):
+            primes.append(candidate)
+        candidate += 1
+    return primes
 
 
 def test_window_average_against_a_loop():

@@ -99,6 +99,17 @@ def recipe_error(overrides, env=None) -> RecipeError:
             "optim.warmup_steps",
             "decay window (20 steps",
         ),
+        (["optim.engram_update=lazy"], "optim.engram_update", "dense, sparse"),
+        (["parallel.engram_host=true"], "parallel.engram_host", "needs optim.engram_update=sparse"),
+        (
+            [
+                "launch.nproc_per_node=2",
+                "parallel.engram_row_shard=true",
+                "optim.engram_update=sparse",
+            ],
+            "optim.engram_update",
+            "cannot combine with parallel.engram_row_shard=true",
+        ),
     ],
 )
 def test_impossible_values(overrides, key, allowed):

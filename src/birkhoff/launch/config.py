@@ -20,6 +20,7 @@ class ClusterConfig:
     intra_node_gbps: float | None = None  # GB/s per device inside a node, one direction
     inter_node_gbps: float | None = None  # GB/s per device across nodes
     node_size: int | None = None
+    host_gbps: float | None = None  # GB/s between a device and host memory (PCIe), one direction
 
 
 @dataclass

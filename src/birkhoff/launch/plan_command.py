@@ -79,11 +79,11 @@ def plan_command(args: list[str]) -> int:
             micro = train.micro_batch_size or derived_micro_batch(
                 train.global_batch_size // dp, parallel.pp
             )
-            layout = layout_of(parallel, micro, cluster.devices)
+            layout = layout_of(parallel, micro, cluster.devices, recipe.optim.engram_update)
             check_runnable(inv, layout, work)
             estimates = [estimate(inv, layout, work, cluster)]
         else:
-            estimates = plan(inv, work, cluster)
+            estimates = plan(inv, work, cluster, recipe.optim.engram_update == "sparse")
     except RecipeError as err:
         print(f"birkhoff: {err}", file=sys.stderr)
         return 2

@@ -79,6 +79,9 @@ class Engram(nn.Module):
         # init so the refinement starts as a no-op.
         constant(self, "conv_weight", lambda: torch.zeros(cfg.conv_kernel, hidden_size))
         self.dilation = cfg.max_ngram
+        # Set from outside (optim.engram_update=sparse): the table's gradient is then a sparse
+        # tensor over the rows this step looked up (see sparse_table_gradients).
+        self.sparse_table_gradient = False
         self._hash = kernels.get("engram_hash", kernel_backend)
         self._gather_gate = kernels.get("engram_gather_gate", kernel_backend)
         self._rms_norm = kernels.get("rms_norm", kernel_backend)
@@ -111,10 +114,15 @@ class Engram(nn.Module):
     def _table_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(table, row ids) for the gather-and-gate kernel. A table sharded from outside
         (parallel.engram_row_shard) fetches its rows itself; the kernel then reads them back
-        in order."""
-        if isinstance(self.table, nn.Embedding):
+        in order. So does a table whose gradient is sparse."""
+        if isinstance(self.table, nn.Embedding) and not self.sparse_table_gradient:
             return self.table.weight, rows
-        memory = self.table(rows)
+        if isinstance(self.table, nn.Embedding):  # on the device, or on the host
+            weight = self.table.weight
+            memory = F.embedding(rows.to(weight.device), weight, sparse=True)
+            memory = memory.to(rows.device, non_blocking=True)
+        else:
+            memory = self.table(rows)
         order = torch.arange(rows.numel(), device=rows.device).view_as(rows)
         return memory.flatten(0, -2), order
 
@@ -129,3 +137,13 @@ class Engram(nn.Module):
             shifted = F.pad(x[:, :-shift], (0, 0, 0, 0, shift, 0))
             out = out + shifted * self.conv_weight[lag]
         return out
+
+
+def sparse_table_gradients(model: nn.Module) -> list[nn.Parameter]:
+    """Make every Engram table of `model` take row-sparse gradients; returns the tables."""
+    tables = []
+    for module in model.modules():
+        if isinstance(module, Engram):
+            module.sparse_table_gradient = True
+            tables.append(module.table.weight)
+    return tables

@@ -40,6 +40,10 @@ class ParallelConfig:
     activation_checkpoint: str = "none"
     # Shard every Engram table by rows over the dp_shard group (index all-to-all, row gather).
     engram_row_shard: bool = False
+    # Keep every Engram table (and its AdamW state) in host memory: lookups gather rows on
+    # the host and copy them to the device, gradients come back as rows (needs
+    # optim.engram_update=sparse).
+    engram_host: bool = False
     # With tp > 1: split the residual along the sequence over the tp ranks between the
     # tensor-parallel sublayers (norms, mHC, router and routed experts run on T / tp tokens).
     sequence_parallel: bool = False
@@ -263,6 +267,25 @@ class ParallelConfig:
             model.tie_embeddings,
             "must be false with pp > 1 (the embedding and the head live on different stages)",
         )
+
+
+def require_engram_placement(row_shard: bool, host: bool, engram_update: str) -> None:
+    """Sparse Engram updates keep each table whole (on the device or the host); row sharding
+    splits it: one or the other. A host table is updated sparsely: a dense update would copy
+    the whole table's gradient over PCIe and run AdamW over every row on the host."""
+    require(
+        engram_update == "sparse" or not host,
+        "parallel.engram_host",
+        host,
+        "needs optim.engram_update=sparse (only the looked-up rows cross to the host)",
+    )
+    require(
+        engram_update == "dense" or not row_shard,
+        "optim.engram_update",
+        engram_update,
+        "keeps every Engram table whole on each data-parallel rank: it cannot combine "
+        "with parallel.engram_row_shard=true; set one of them off",
+    )
 
 
 def _divisors(number: int) -> list[int]:

@@ -28,6 +28,10 @@ def held_bytes(
         if tensor is None or not torch.is_tensor(tensor) or tensor.is_meta:
             return
         local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+        if local.is_sparse:  # a row-sparse gradient: its row ids and values
+            for part in (local._indices(), local._values()):
+                add(category, part)
+            return
         storage = local.untyped_storage()
         key = (str(local.device), storage.data_ptr())
         if storage.nbytes() and key not in seen:

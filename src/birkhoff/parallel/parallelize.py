@@ -1,6 +1,7 @@
 """Apply the recipe's layout to a model from outside, in torchtitan's order: tensor parallel
-(and sequence parallel), expert parallel, activation checkpointing, row-sharded Engram tables,
-then FSDP2 / HSDP (or DDP for pure replication)."""
+(and sequence parallel), expert parallel, activation checkpointing, row-sharded Engram tables
+(or tables with row-sparse gradients, kept whole outside FSDP), then FSDP2 / HSDP (or DDP for
+pure replication)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Callable
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from birkhoff.model.engram import Engram, sparse_table_gradients
 from birkhoff.model.moe import MoE
 from birkhoff.parallel.activation_checkpoint import apply_activation_checkpointing
 from birkhoff.parallel.config import ParallelConfig
@@ -21,14 +23,16 @@ from birkhoff.parallel.sequence_parallel import (
     mark_sequence_bounds,
     split_sequences_in_moe,
 )
+from birkhoff.parallel.sparse_rows import SparseGradientMean
 from birkhoff.parallel.tensor_parallel import apply_tensor_parallel
 
 
 def parallelize_chunk(
-    model: nn.Module, ctx: DistributedContext, cfg: ParallelConfig
+    model: nn.Module, ctx: DistributedContext, cfg: ParallelConfig, sparse_tables: bool = False
 ) -> list[Callable[..., None]]:
     """Shard one model (or one pipeline chunk) in place; a no-op in a single process except
-    activation checkpointing. Returns what must run once a step's gradients are complete."""
+    activation checkpointing. `sparse_tables`: Engram tables take row-sparse gradients
+    (optim.engram_update=sparse). Returns what must run once a step's gradients are complete."""
     after_backward = []
     if ctx.size("tp") > 1:
         apply_tensor_parallel(model, ctx.mesh["tp"], cfg.sequence_parallel)
@@ -40,7 +44,12 @@ def parallelize_chunk(
                 apply_expert_parallel(module.experts, ctx.mesh["ep"])
     apply_activation_checkpointing(block_slots(model), cfg.activation_checkpoint)
     tables = set()
-    if ctx.mesh is not None and cfg.engram_row_shard:
+    if sparse_tables:
+        tables = set(sparse_table_gradients(model))
+        if ctx.dp_size > 1:
+            engrams = [m for m in model.modules() if isinstance(m, Engram)]
+            after_backward.append(SparseGradientMean(engrams, ctx))
+    elif ctx.mesh is not None and cfg.engram_row_shard:
         tables = set(shard_engram_tables(model, ctx.mesh))
     if ctx.mesh is not None and ctx.dp_size > 1 and not cfg.uses_ddp(ctx.world_size):
         expert_mesh = ctx.mesh["dp_replicate", "dp_shard_mod_ep"] if ctx.size("ep") > 1 else None
@@ -63,6 +72,12 @@ def wrap_ddp(model: nn.Module, ctx: DistributedContext, cfg: ParallelConfig) -> 
     """DDP over the data-parallel ranks for pure replication; `model` itself otherwise."""
     if ctx.mesh is None or not cfg.uses_ddp(ctx.world_size):
         return model
+    sparse = [
+        f"{name}.table.weight"
+        for name, module in model.named_modules()
+        if isinstance(module, Engram) and module.sparse_table_gradient
+    ]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sparse)
     return DistributedDataParallel(model, process_group=ctx.group("dp"))
 
 

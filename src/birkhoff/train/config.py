@@ -13,13 +13,16 @@ PRECISIONS = ("none", "bf16")
 CONSOLE_MODES = ("auto", "rich", "plain")
 WANDB_MODES = ("offline", "online")
 BAD_STEP_ACTIONS = ("skip", "fail")
+ENGRAM_UPDATES = ("dense", "sparse")
 MAX_STEPS = 10**12
 
 
 @dataclass
 class OptimConfig:
     """AdamW. `schedule`: cosine (warmup, cosine to min), wsd (warmup, stable, linear decay over
-    the last `decay_fraction` of steps) or constant (after warmup)."""
+    the last `decay_fraction` of steps) or constant (after warmup). `engram_update`: sparse
+    gives Engram tables row-sparse gradients and the lazy AdamW row update (train/optim.py),
+    so a step costs what its looked-up rows cost, whatever the table's size."""
 
     name: str = "adamw"
     lr: float = 3e-3
@@ -32,6 +35,7 @@ class OptimConfig:
     schedule: str = "cosine"
     warmup_steps: int = 20
     decay_fraction: float = 0.2
+    engram_update: str = "dense"
 
     def validate(self, prefix: str = "optim") -> None:
         require_choice(f"{prefix}.name", self.name, ("adamw",))
@@ -54,6 +58,7 @@ class OptimConfig:
             "must be >= 0 (0 disables clipping)",
         )
         require_choice(f"{prefix}.schedule", self.schedule, SCHEDULES)
+        require_choice(f"{prefix}.engram_update", self.engram_update, ENGRAM_UPDATES)
         require(self.warmup_steps >= 0, f"{prefix}.warmup_steps", self.warmup_steps, "must be >= 0")
         require(
             0 < self.decay_fraction <= 1,

@@ -19,6 +19,7 @@ from birkhoff.model.transformer import Transformer
 from birkhoff.parallel import DistributedContext
 from birkhoff.parallel.parallelize import parallelize_chunk
 from birkhoff.parallel.pipeline import Carry, PipelineRunner
+from birkhoff.parallel.sparse_rows import materialise
 from birkhoff.train.init_from import load_initial_weights
 from birkhoff.train.recipe import TrainRecipe
 
@@ -61,9 +62,10 @@ def build_share(
     del model  # a pipeline rank keeps only its chunks
     after_backward = []
     for part in parts:
-        after_backward += parallelize_chunk(part, ctx, recipe.parallel)
+        sparse_tables = recipe.optim.engram_update == "sparse"
+        after_backward += parallelize_chunk(part, ctx, recipe.parallel, sparse_tables)
         if device is not None:
-            part.to_empty(device=device)
+            materialise(part, device, recipe.parallel.engram_host)
             part.tie_weights()
             part.init_weights(recipe.train.seed)
     if recipe.train.init_from and device is not None:

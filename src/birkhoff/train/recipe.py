@@ -9,7 +9,7 @@ from birkhoff.data.config import DataConfig
 from birkhoff.errors import require
 from birkhoff.model.budget import apply_sparse_budget
 from birkhoff.model.config import ModelConfig
-from birkhoff.parallel.config import ParallelConfig
+from birkhoff.parallel.config import ParallelConfig, require_engram_placement
 from birkhoff.train.config import (
     BackendConfig,
     LoggingConfig,
@@ -75,6 +75,10 @@ class TrainRecipe:
                 warmup,
                 "needs a CSA layer (model.attention.kind=v4 with csa in its layer_types)",
             )
+        parallel = self.parallel
+        require_engram_placement(
+            parallel.engram_row_shard, parallel.engram_host, self.optim.engram_update
+        )
         require(
             self.optim.warmup_steps < self.train.steps,
             "optim.warmup_steps",

@@ -19,12 +19,14 @@ class Cluster:
     intra_node_gbps: float  # GB/s per device to the other devices of its node, one direction
     inter_node_gbps: float  # GB/s per device to other nodes (its share of the node's NICs)
     node_size: int  # devices per node (the fast domain)
+    host_gbps: float = 64.0  # GB/s between a device and host memory, one direction (PCIe)
 
     def validate(self) -> None:
         for key in ("devices", "node_size"):
             value = getattr(self, key)
             require(value >= 1, f"cluster.{key}", value, "must be >= 1")
-        for key in ("device_memory_gib", "peak_tflops", "intra_node_gbps", "inter_node_gbps"):
+        speeds = ("intra_node_gbps", "inter_node_gbps", "host_gbps")
+        for key in ("device_memory_gib", "peak_tflops", *speeds):
             value = getattr(self, key)
             require(value > 0, f"cluster.{key}", value, "must be > 0")
         require(
@@ -38,19 +40,36 @@ class Cluster:
 # NVLink figures are per GPU, one direction (H100/H200 NVLink 4: 450 GB/s; H800: 200 GB/s;
 # B200 NVLink 5: 900 GB/s); one 400 Gb/s NIC per GPU gives 50 GB/s. Ascend 910B: HCCS, 7
 # links x 28 GB/s per direction inside a node, 200 Gb/s RoCE per NPU; 910C: CloudMatrix's
-# unified bus, 392 GB/s per NPU inside a supernode, counted here as nodes of 8.
+# unified bus, 392 GB/s per NPU inside a supernode, counted here as nodes of 8. Host links:
+# PCIe 5.0 x16, 64 GB/s per direction (H100, H200, H800, B200); 910B PCIe 4.0 x16, 32 GB/s;
+# 910C assumed as 910B.
+PCIE5, PCIE4 = 64, 32
 PRESETS: dict[str, dict[str, Any]] = {
-    "h100": dict(device_memory_gib=80, peak_tflops=989, intra_node_gbps=450, inter_node_gbps=50),
-    "h200": dict(device_memory_gib=141, peak_tflops=989, intra_node_gbps=450, inter_node_gbps=50),
-    "h800": dict(device_memory_gib=80, peak_tflops=989, intra_node_gbps=200, inter_node_gbps=50),
-    "b200": dict(device_memory_gib=180, peak_tflops=2250, intra_node_gbps=900, inter_node_gbps=50),
+    "h100": dict(
+        device_memory_gib=80, peak_tflops=989, intra_node_gbps=450, inter_node_gbps=50,
+        host_gbps=PCIE5,
+    ),
+    "h200": dict(
+        device_memory_gib=141, peak_tflops=989, intra_node_gbps=450, inter_node_gbps=50,
+        host_gbps=PCIE5,
+    ),
+    "h800": dict(
+        device_memory_gib=80, peak_tflops=989, intra_node_gbps=200, inter_node_gbps=50,
+        host_gbps=PCIE5,
+    ),
+    "b200": dict(
+        device_memory_gib=180, peak_tflops=2250, intra_node_gbps=900, inter_node_gbps=50,
+        host_gbps=PCIE5,
+    ),
     "ascend_910b": dict(
-        device_memory_gib=64, peak_tflops=313, intra_node_gbps=196, inter_node_gbps=25
+        device_memory_gib=64, peak_tflops=313, intra_node_gbps=196, inter_node_gbps=25,
+        host_gbps=PCIE4,
     ),
     "ascend_910c": dict(
-        device_memory_gib=128, peak_tflops=752, intra_node_gbps=392, inter_node_gbps=50
+        device_memory_gib=128, peak_tflops=752, intra_node_gbps=392, inter_node_gbps=50,
+        host_gbps=PCIE4,
     ),
-}
+}  # fmt: skip
 
 
 def cluster_from(values: dict[str, Any]) -> Cluster:

@@ -11,9 +11,11 @@ from birkhoff.parallel.planning.layout import (
     Workload,
     gathered,
     row_sharded,
+    sparse_rows,
     stage_keys,
     stage_layers,
     tp_local,
+    whole_table,
 )
 
 COLLECTIVES = (
@@ -24,6 +26,8 @@ COLLECTIVES = (
     "ddp_broadcast",
     "ep_all_to_all",
     "engram_all_to_all",
+    "engram_sparse_all_gather",
+    "engram_host_copy",
     "tp_all_reduce",
     "tp_all_gather",
     "tp_reduce_scatter",
@@ -53,6 +57,13 @@ def _stage_communication(inv: Inventory, layout: Layout, work: Workload, stage: 
     tokens = layout.micro_batch * work.seq_len
     held = [g for g in inv.groups if g.layer in keys]
     comm = dict.fromkeys(COLLECTIVES, 0.0)
+    whole = [g for g in held if whole_table(g, layout)]
+    if whole and layout.dp > 1:
+        lookups = micro_batches * tokens
+        comm["engram_sparse_all_gather"] = _sparse_gather_bytes(cfg, layout, whole, lookups)
+    if whole and layout.engram_host:
+        comm["engram_host_copy"] = micro_batches * _host_copy_bytes(cfg, layout, whole, tokens)
+    held = [g for g in held if g not in whole]  # the tables' gradients are reduced there
     gathered_total = sum(gathered(g, layout) for g in held)
     if layout.dp_shard > 1:
         blocks = sum(gathered(g, layout) for g in held if g.block)
@@ -165,6 +176,24 @@ def _v4_entry_bytes(cfg, layer: int, positions: int, batch: int, act: int) -> tu
     return shared, summed
 
 
+def _sparse_gather_bytes(cfg, layout: Layout, tables: list, lookups: int) -> float:
+    """Per step, the gather of whole tables' sparse gradients over dp: per table the row
+    counts (int64), then every rank's rows padded to the longest (int64 ids and float32
+    values); a rank's rows are at most its `lookups` token positions' (an upper bound)."""
+    row_bytes = 8 + 4 * cfg.engram.embed_dim
+    return layout.dp * sum(8 + sparse_rows(g, cfg, lookups) * row_bytes for g in tables)
+
+
+def _host_copy_bytes(cfg, layout: Layout, tables: list, tokens: int) -> float:
+    """Per micro-batch, host-resident tables: the row ids to the host (int64), the rows to
+    the device and their gradients back (float32), for every lookup; a fully recomputed
+    block looks its rows up again."""
+    e = cfg.engram
+    lookups = tokens * e.heads_per_order * (e.max_ngram - 1) * len(tables)
+    again = 8 + 4 * e.embed_dim if layout.activation_checkpoint == "full" else 0
+    return lookups * (8 + 4 * e.embed_dim + 4 * e.embed_dim + again)
+
+
 def _engram_lookup_bytes(cfg, layout: Layout, layers: list[int], tokens: int) -> float:
     """Per micro-batch, row-sharded Engram lookups: the row ids out (int64), the rows back
     and their gradients (float32); a recomputed block asks for its ids again (selective
@@ -209,6 +238,8 @@ def comm_seconds(comm: dict[str, float], layout: Layout, cluster: Cluster) -> di
         "ddp_broadcast": (layout.dp_replicate, layout.devices // layout.pp, 1),
         "ep_all_to_all": (layout.ep, tp_span * layout.ep, 1),
         "engram_all_to_all": (layout.dp_shard, tp_span * layout.dp_shard, 1),
+        "engram_sparse_all_gather": (layout.dp, layout.devices // layout.pp, 1),
+        "engram_host_copy": (1, 0, 1),  # the device's own PCIe link
         "tp_all_reduce": (layout.tp, tp_span, 2),
         "tp_all_gather": (layout.tp, tp_span, 1),
         "tp_reduce_scatter": (layout.tp, tp_span, 1),
@@ -216,6 +247,9 @@ def comm_seconds(comm: dict[str, float], layout: Layout, cluster: Cluster) -> di
     }
     seconds = {}
     for name, payload in comm.items():
+        if name == "engram_host_copy":
+            seconds[name] = payload / (cluster.host_gbps * 1e9)
+            continue
         size, span, factor = groups[name]
         share = (size - 1) / size if name != "pp_send_recv" else 1.0
         seconds[name] = factor * payload * share / bandwidth(span) if size > 1 else 0.0

@@ -53,10 +53,12 @@ from birkhoff.parallel.planning.layout import (
     Workload,
     gathered,
     row_sharded,
+    sparse_rows,
     stage_keys,
     stage_layers,
     tp_local,
     unit,
+    whole_table,
 )
 from birkhoff.parallel.planning.pipeline_schedule import (
     Action,
@@ -133,6 +135,8 @@ def _exposed(comm: dict, layout: Layout, cluster: Cluster, compute_s: float) -> 
     critical path, FSDP/HSDP/DDP ones overlapped with compute (only their excess shows)."""
     times = comm_seconds(comm, layout, cluster)
     on_path = (*TP_COLLECTIVES, "ep_all_to_all", "engram_all_to_all", "pp_send_recv")
+    # between backward and the optimizer step; host copies when the forward asks (no prefetch)
+    on_path += ("engram_sparse_all_gather", "engram_host_copy")
     critical = sum(times[k] for k in on_path)
     overlapped = sum(t for k, t in times.items() if k not in on_path)
     return comm, times, critical + max(0.0, overlapped - compute_s)
@@ -143,6 +147,8 @@ def _rank_memory(inv, layout, work, pp_rank, stages, order, micro_batches) -> di
     mine = layout.rank_stages(pp_rank)
     keys = set().union(*(stage_keys(s, stages[s], layout.num_stages) for s in mine))
     held = [g for g in inv.groups if g.layer in keys]
+    whole = [g for g in held if whole_table(g, layout)]
+    held = [g for g in held if g not in whole]
     sharded = sum(tp_local(g, layout) for g in held) / layout.dp_shard
     fsdp = layout.dp_shard > 1
     # Under FSDP with accumulation, gradients stay unsharded (as FSDP gathers the unit: a
@@ -164,10 +170,17 @@ def _rank_memory(inv, layout, work, pp_rank, stages, order, micro_batches) -> di
         block = max(units.values(), default=0.0)
         param_bytes = DTYPE_BYTES[work.param_dtype]
         buffers += (2 * block + root) * param_bytes + block * DTYPE_BYTES[work.reduce_dtype]
+    # Whole tables: every row with AdamW's state; gradients of the rows a step looked up (an
+    # upper bound), the data-parallel ranks' together once gathered.
+    tables = sum(tp_local(g, layout) for g in whole)
+    lookups = work.global_batch * work.seq_len
+    row_bytes = 4 * cfg.engram.embed_dim + 8  # values and the int64 row id
+    table_grads = sum(sparse_rows(g, cfg, lookups) for g in whole) * row_bytes
+    on_device = 0.0 if layout.engram_host else 1.0
     memory = {
-        "params": 4 * sharded,
-        "grads": 4 * grads,
-        "optimizer": 8 * sharded,
+        "params": 4 * (sharded + on_device * tables),
+        "grads": 4 * grads + on_device * table_grads,
+        "optimizer": 8 * (sharded + on_device * tables),
         "activations": _activations(cfg, layout, work, {s: stages[s] for s in mine}, order),
         "buffers": float(buffers),
     }
@@ -176,6 +189,8 @@ def _rank_memory(inv, layout, work, pp_rank, stages, order, micro_batches) -> di
     # gradients only where an earlier micro-batch of the step made them.
     backward = state + memory["activations"] + (memory["grads"] if micro_batches > 1 else 0.0)
     memory["total"] = max(backward, state + memory["grads"])  # or the optimizer step
+    # host-resident tables, their AdamW state and gradients: host memory, not the device's
+    memory["host"] = (1.0 - on_device) * (12 * tables + table_grads)
     return memory
 
 

@@ -22,6 +22,10 @@ class Layout:
     activation_checkpoint: str = "none"
     sequence_parallel: bool = False
     engram_row_shard: bool = False
+    # optim.engram_update=sparse: tables whole on every rank, outside FSDP, their row-sparse
+    # gradients gathered over dp once a step
+    engram_sparse: bool = False
+    engram_host: bool = False  # those whole tables (and their AdamW state) in host memory
     fsdp_reduce_every_micro_batch: bool = False
     pp_schedule: str = "1f1b"
     pp_stages_per_rank: int = 1
@@ -53,18 +57,23 @@ class Layout:
             "parallel.activation_checkpoint": self.activation_checkpoint,
             "parallel.sequence_parallel": str(self.sequence_parallel).lower(),
             "parallel.engram_row_shard": str(self.engram_row_shard).lower(),
+            "parallel.engram_host": str(self.engram_host).lower(),
             "parallel.fsdp_reduce_every_micro_batch": str(
                 self.fsdp_reduce_every_micro_batch
             ).lower(),
             "parallel.pp_schedule": self.pp_schedule,
             "parallel.pp_stages_per_rank": self.pp_stages_per_rank,
             "train.micro_batch_size": self.micro_batch,
+            "optim.engram_update": "sparse" if self.engram_sparse else "dense",
         }
         return [f"{key}={value}" for key, value in values.items()]
 
 
-def layout_of(parallel: ParallelConfig, micro_batch: int, devices: int) -> Layout:
-    """The Layout a recipe's `parallel` section gives on `devices` (validated)."""
+def layout_of(
+    parallel: ParallelConfig, micro_batch: int, devices: int, engram_update: str = "dense"
+) -> Layout:
+    """The Layout a recipe's `parallel` section (and `optim.engram_update`) give on
+    `devices` (validated)."""
     parallel.validate(devices)
     degrees = parallel.degrees(devices)
     return Layout(
@@ -77,6 +86,8 @@ def layout_of(parallel: ParallelConfig, micro_batch: int, devices: int) -> Layou
         activation_checkpoint=parallel.activation_checkpoint,
         sequence_parallel=parallel.sequence_parallel,
         engram_row_shard=parallel.engram_row_shard,
+        engram_sparse=engram_update == "sparse",
+        engram_host=parallel.engram_host,
         fsdp_reduce_every_micro_batch=parallel.fsdp_reduce_every_micro_batch,
         pp_schedule=parallel.pp_schedule,
         pp_stages_per_rank=parallel.pp_stages_per_rank,
@@ -125,10 +136,24 @@ def row_sharded(g, layout: Layout) -> bool:
     return g.engram_table and layout.engram_row_shard
 
 
+def whole_table(g, layout: Layout) -> bool:
+    """An Engram table kept whole on every rank, its gradients row-sparse."""
+    return g.engram_table and layout.engram_sparse
+
+
+def sparse_rows(g, cfg, lookups: float) -> float:
+    """At most how many rows of the whole table `g` a sparse gradient over `lookups` token
+    positions holds: every head's lookup a distinct row (an upper bound: repeated n-grams
+    share rows)."""
+    e = cfg.engram
+    return min(g.numel / e.embed_dim, lookups * e.heads_per_order * (e.max_ngram - 1))
+
+
 def gathered(g, layout: Layout) -> float:
-    """Elements FSDP gathers of a group on a rank: none of a row-sharded Engram table, none of
-    the experts when ep takes all of dp_shard (their unit's shard group is one rank)."""
-    if row_sharded(g, layout):
+    """Elements FSDP gathers of a group on a rank: none of an Engram table it does not manage
+    (row-sharded or whole), none of the experts when ep takes all of dp_shard (their unit's
+    shard group is one rank)."""
+    if row_sharded(g, layout) or whole_table(g, layout):
         return 0.0
     if g.expert and layout.dp_shard == layout.ep:
         return 0.0

@@ -2,14 +2,15 @@
 node, pp over whole layer splits (1F1B, or interleaved 1F1B and zero bubble with 2 chunks per
 rank), ep inside dp_shard, HSDP replicas, micro-batches that feed the pipeline, each
 activation-checkpointing mode; sequence parallelism with every tp > 1 and
-Engram tables row-sharded under FSDP (both only save memory and traffic)."""
+Engram tables row-sharded under FSDP (both only save memory and traffic), or whole on every
+rank when the recipe updates them sparsely (optim.engram_update=sparse)."""
 
 from __future__ import annotations
 
 from itertools import product
 
 from birkhoff.errors import RecipeError, require
-from birkhoff.parallel.config import ParallelConfig
+from birkhoff.parallel.config import ParallelConfig, require_engram_placement
 from birkhoff.parallel.planning.cluster import Cluster
 from birkhoff.parallel.planning.estimate import Estimate, estimate
 from birkhoff.parallel.planning.inventory import Inventory
@@ -48,6 +49,8 @@ def check_runnable(inv: Inventory, layout: Layout, work: Workload) -> None:
     )
     parallel.validate(layout.devices)
     parallel.validate_for_model(inv.cfg, micro_batches)
+    update = "sparse" if layout.engram_sparse else "dense"
+    require_engram_placement(layout.engram_row_shard, layout.engram_host, update)
 
 
 def runnable(inv: Inventory, layout: Layout, work: Workload) -> bool:
@@ -59,7 +62,9 @@ def runnable(inv: Inventory, layout: Layout, work: Workload) -> bool:
     return True
 
 
-def candidate_layouts(inv: Inventory, work: Workload, cluster: Cluster) -> list[Layout]:
+def candidate_layouts(
+    inv: Inventory, work: Workload, cluster: Cluster, engram_sparse: bool = False
+) -> list[Layout]:
     cfg = inv.cfg
     engram = bool(cfg.engram.layers)
     layouts = []
@@ -88,7 +93,8 @@ def candidate_layouts(inv: Inventory, work: Workload, cluster: Cluster) -> list[
                                 micro_batch=micro,
                                 activation_checkpoint=checkpoint,
                                 sequence_parallel=tp > 1,
-                                engram_row_shard=engram and shard > 1,
+                                engram_row_shard=engram and shard > 1 and not engram_sparse,
+                                engram_sparse=engram and engram_sparse,
                                 fsdp_reduce_every_micro_batch=every,
                                 pp_schedule=schedule,
                                 pp_stages_per_rank=chunks,
@@ -98,9 +104,11 @@ def candidate_layouts(inv: Inventory, work: Workload, cluster: Cluster) -> list[
     return layouts
 
 
-def plan(inv: Inventory, work: Workload, cluster: Cluster) -> list[Estimate]:
-    """Every runnable layout, estimated; those that fit first, fastest first."""
-    estimates = [
-        estimate(inv, layout, work, cluster) for layout in candidate_layouts(inv, work, cluster)
-    ]
+def plan(
+    inv: Inventory, work: Workload, cluster: Cluster, engram_sparse: bool = False
+) -> list[Estimate]:
+    """Every runnable layout, estimated; those that fit first, fastest first.
+    `engram_sparse`: the recipe's optim.engram_update is sparse."""
+    candidates = candidate_layouts(inv, work, cluster, engram_sparse)
+    estimates = [estimate(inv, layout, work, cluster) for layout in candidates]
     return sorted(estimates, key=lambda e: (not e.fits, e.step_s))
