@@ -171,6 +171,21 @@ def test_resume_on_another_layout_continues_the_loss(tmp_path, shakespeare_shard
         )
 
 
+@pytest.mark.slow
+def test_muon_state_resumes_on_another_layout(tmp_path, shakespeare_shards):
+    """optim=muon_v4, saved by one process at step 3 (Muon's momentum with AdamW's moments for
+    the rest), resumed by 2 ranks with FSDP and experts over ep (the momentum resharded as
+    DTensors): the losses continue those of the run that never stopped."""
+    common = [shakespeare_shards, *STEPS, "optim=muon_v4", "train.micro_batch_size=4"]
+    train_in_process(tmp_path / "one", [*common, "checkpoint.every=3"])
+    step3 = tmp_path / "one" / "checkpoints" / "step-00000003"
+    layout = ["launch.nproc_per_node=2", "parallel.ep=2", f"train.resume={step3}"]
+    run_cli([*common, *layout, f"hydra.run.dir={tmp_path}/ep2"], tmp_path)
+    full, after = losses(tmp_path / "one"), losses(tmp_path / "ep2")
+    assert sorted(after) == [4, 5, 6]
+    assert [after[s] for s in (4, 5, 6)] == pytest.approx([full[s] for s in (4, 5, 6)], abs=1e-4)
+
+
 TWO_RANKS = ["launch.nproc_per_node=2", "train.micro_batch_size=4", "train.eval_every=0"]
 
 

@@ -5,8 +5,9 @@ import torch
 
 from birkhoff.model import build_model
 from birkhoff.model.config import ResidualConfig
+from birkhoff.train.adamw import AdamW
 from birkhoff.train.config import OptimConfig
-from birkhoff.train.optim import AdamW, build_optimizer, param_groups
+from birkhoff.train.optim import build_optimizer, param_groups
 from birkhoff.train.schedule import lr_multiplier
 from conftest import small_model
 

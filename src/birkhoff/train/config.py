@@ -14,15 +14,17 @@ CONSOLE_MODES = ("auto", "rich", "plain")
 WANDB_MODES = ("offline", "online")
 BAD_STEP_ACTIONS = ("skip", "fail")
 ENGRAM_UPDATES = ("dense", "sparse")
+OPTIMIZERS = ("adamw", "muon_v4")
 MAX_STEPS = 10**12
 
 
 @dataclass
 class OptimConfig:
-    """AdamW. `schedule`: cosine (warmup, cosine to min), wsd (warmup, stable, linear decay over
-    the last `decay_fraction` of steps) or constant (after warmup). `engram_update`: sparse
-    gives Engram tables row-sparse gradients and the lazy AdamW row update (train/optim.py),
-    so a step costs what its looked-up rows cost, whatever the table's size."""
+    """`name`: adamw, or muon_v4 (Muon for the matrices, AdamW for the rest: train/muon.py).
+    `schedule`: cosine (warmup, cosine to min), wsd (warmup, stable, linear decay over the
+    last `decay_fraction` of steps) or constant (after warmup). `engram_update`: sparse gives
+    Engram tables row-sparse gradients and the lazy AdamW row update (train/adamw.py), so a
+    step costs what its looked-up rows cost, whatever the table's size."""
 
     name: str = "adamw"
     lr: float = 3e-3
@@ -36,9 +38,15 @@ class OptimConfig:
     warmup_steps: int = 20
     decay_fraction: float = 0.2
     engram_update: str = "dense"
+    # muon_v4: Muon's momentum and the RMS its updates are scaled to (V4: 0.95, 0.18)
+    muon_momentum: float = 0.95
+    muon_update_rms: float = 0.18
 
     def validate(self, prefix: str = "optim") -> None:
-        require_choice(f"{prefix}.name", self.name, ("adamw",))
+        require_choice(f"{prefix}.name", self.name, OPTIMIZERS)
+        momentum, rms = self.muon_momentum, self.muon_update_rms
+        require(0 <= momentum < 1, f"{prefix}.muon_momentum", momentum, "must be in [0, 1)")
+        require(rms > 0, f"{prefix}.muon_update_rms", rms, "must be > 0")
         require(self.lr > 0, f"{prefix}.lr", self.lr, "must be > 0")
         require(
             0 <= self.min_lr_ratio <= 1,

@@ -1,0 +1,91 @@
+"""AdamW against Muon (optim=muon_v4) on one model: held-out loss at each optimizer's best of
+several learning rates, over seeds, and tokens/s.
+
+Every (optimizer, learning rate, seed) is one `birkhoff train` run in OUT/<name>/ (one at a
+time, each using the machine's cores); a finished run (its summary.json) is not run again,
+so an interrupted comparison continues. Prints one JSON object and a Markdown table: per
+optimizer and learning rate the held-out loss (mean and spread over seeds) and tokens/s; the
+best learning rate of each optimizer marked.
+
+    python benchmarks/optimizer_comparison.py --out /tmp/optimizers --steps 300 \\
+        --lrs 1e-3 3e-3 1e-2 --seeds 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+OPTIMIZERS = {"adamw": "adamw_cosine", "muon_v4": "muon_v4"}
+
+
+def run(out: Path, optim: str, lr: float, seed: int, args: argparse.Namespace) -> dict:
+    run_dir = out / f"{optim}-lr{lr:g}-seed{seed}"
+    summary = run_dir / "summary.json"
+    if not summary.exists():
+        overrides = [
+            f"model={args.model}",
+            f"optim={OPTIMIZERS[optim]}",
+            f"optim.lr={lr}",
+            f"train.seed={seed}",
+            f"train.steps={args.steps}",
+            f"train.eval_every={args.steps}",
+            f"hydra.run.dir={run_dir}",
+        ]
+        command = [sys.executable, "-m", "birkhoff.launch.cli", "train", *overrides]
+        subprocess.run(command, check=True, capture_output=True, text=True)
+    return json.loads(summary.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--lrs", nargs="+", type=float, default=[1e-3, 3e-3, 1e-2])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2])
+    args = parser.parse_args()
+    rows = []
+    for optim in OPTIMIZERS:
+        for lr in args.lrs:
+            runs = [run(args.out, optim, lr, seed, args) for seed in args.seeds]
+            losses = [r["heldout_loss"] for r in runs]
+            rows.append(
+                {
+                    "optimizer": optim,
+                    "lr": lr,
+                    "heldout_loss": statistics.mean(losses),
+                    "spread": max(losses) - min(losses),
+                    "losses": losses,
+                    "tokens_per_s": statistics.mean(r["tokens_per_s"] for r in runs),
+                }
+            )
+    best = {
+        optim: min((r for r in rows if r["optimizer"] == optim), key=lambda r: r["heldout_loss"])
+        for optim in OPTIMIZERS
+    }
+    report = {
+        "benchmark": "optimizer_comparison",
+        "model": args.model,
+        "steps": args.steps,
+        "seeds": args.seeds,
+        "runs": rows,
+        "best": {o: {"lr": r["lr"], "heldout_loss": r["heldout_loss"]} for o, r in best.items()},
+    }
+    print(json.dumps(report, indent=2))
+    print("\n| optimizer | lr | held-out loss (mean over seeds) | spread | tokens/s |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        mark = " (best)" if r is best[r["optimizer"]] else ""
+        print(
+            f"| {r['optimizer']} | {r['lr']:g}{mark} | {r['heldout_loss']:.4f} | "
+            f"{r['spread']:.4f} | {r['tokens_per_s']:.0f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

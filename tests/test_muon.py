@@ -1,0 +1,129 @@
+"""optim=muon_v4 (train/muon.py): the hybrid Newton-Schulz against the SVD's polar factor, the
+optimizer against V4's update written out and against torch.optim.Muon where they agree, and
+which parameters Muon trains. Layouts against one process: tests/test_parallel.py."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from birkhoff.model import build_model
+from birkhoff.train.config import OptimConfig
+from birkhoff.train.muon import QUINTIC, MuonV4, hybrid_newton_schulz
+from birkhoff.train.optim import build_optimizer
+from conftest import compose_recipe
+
+
+def polar(matrix: torch.Tensor) -> torch.Tensor:
+    """U V^T of the SVD, in float64: the orthogonal matrix nearest to `matrix`."""
+    u, _, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+    return u @ vh
+
+
+@pytest.mark.parametrize("shape", [(64, 32), (32, 96), (3, 24, 40)])
+def test_hybrid_newton_schulz_reaches_the_polar_factor(shape):
+    """8 quintic iterations leave the singular values spread around 1; V4's 2 cubic ones pull
+    them in: every singular value within 5% of 1, the matrix within 5% of U V^T (the quintic
+    alone: up to ~30% off)."""
+    torch.manual_seed(0)
+    matrix = torch.randn(shape)
+    got = hybrid_newton_schulz(matrix)
+    assert got.shape == matrix.shape and got.dtype == torch.float32
+    singular = torch.linalg.svdvals(got.double())
+    assert (singular - 1).abs().max() < 0.05
+    expected = polar(matrix)
+    error = torch.linalg.matrix_norm(got.double() - expected) / torch.linalg.matrix_norm(expected)
+    assert error.max() < 0.05
+    quintic_only = hybrid_newton_schulz(matrix, ((QUINTIC, 10),))
+    assert (torch.linalg.svdvals(quintic_only.double()) - 1).abs().max() > 0.1
+
+
+def run(optimizer: torch.optim.Optimizer, param: torch.Tensor, grads: list[torch.Tensor]):
+    for grad in grads:
+        param.grad = grad.clone()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def test_update_is_v4s_formula():
+    """Three steps against M_t = mu M + G, O = NS(mu M_t + G) sqrt(max(n, m)) gamma,
+    W <- W (1 - lr wd) - lr O, written out here; a batch of expert matrices each as its own."""
+    torch.manual_seed(0)
+    start = torch.randn(4, 12, 20)
+    grads = [torch.randn(4, 12, 20) for _ in range(3)]
+    lr, wd, mu, gamma = 0.02, 0.1, 0.95, 0.18
+    param = torch.nn.Parameter(start.clone())
+    group = {"params": [param], "muon": True, "momentum": mu, "update_rms": gamma}
+    run(MuonV4([group], lr=lr, weight_decay=wd), param, grads)
+    for expert in range(4):
+        weight, momentum = start[expert].clone(), torch.zeros(12, 20)
+        for grad in grads:
+            momentum = mu * momentum + grad[expert]
+            update = hybrid_newton_schulz(mu * momentum + grad[expert]) * math.sqrt(20) * gamma
+            weight = weight * (1 - lr * wd) - lr * update
+        torch.testing.assert_close(param[expert], weight, rtol=1e-5, atol=1e-6)
+    rms = (param.detach() - start * (1 - lr * wd) ** 3).pow(2).mean().sqrt() / lr
+    assert 0.3 < rms < 3 * gamma  # three updates of RMS ~0.18 each
+
+
+def test_agrees_with_torchs_muon_where_their_definitions_meet():
+    """torch.optim.Muon (EMA momentum, one coefficient set, bfloat16 iterations) against
+    MuonV4 run with that coefficient set for all 10 iterations and torch's 0.2 RMS: the
+    momentum's (1 - mu) factor vanishes in the normalisation; bfloat16 leaves ~1% apart."""
+    torch.manual_seed(1)
+    start = torch.randn(48, 32)
+    grads = [torch.randn(48, 32) for _ in range(4)]
+    ours, theirs = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    group = {"params": [ours], "muon": True, "momentum": 0.95, "update_rms": 0.2}
+    run(MuonV4([group], schedule=((QUINTIC, 10),), lr=0.01, weight_decay=0.1), ours, grads)
+    reference = torch.optim.Muon(
+        [theirs], lr=0.01, weight_decay=0.1, ns_steps=10, adjust_lr_fn="match_rms_adamw"
+    )
+    run(reference, theirs, grads)
+    moved_ours, moved_theirs = (ours - start).detach(), (theirs - start).detach()
+    error = torch.linalg.matrix_norm(moved_ours - moved_theirs) / torch.linalg.matrix_norm(
+        moved_theirs
+    )
+    assert error < 0.03
+
+
+def test_muon_trains_the_matrices_and_adamw_the_rest():
+    recipe = compose_recipe(["optim=muon_v4", "model.mtp.depth=1"])
+    from birkhoff.launch.recipe import load_recipe
+
+    typed, _ = load_recipe(recipe, env={})
+    model = build_model(typed.model)
+    optimizer, _ = build_optimizer(model, typed.optim, 100)
+    assert isinstance(optimizer, MuonV4)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = {g["name"]: {names[id(p)] for p in g["params"]} for g in optimizer.param_groups}
+    muon = groups["muon"]
+    assert "blocks.0.attention.w_q_down.weight" in muon
+    assert "blocks.0.ffn.experts.w_gate" in muon and "blocks.0.ffn.router.weight" in muon
+    assert "blocks.1.engram.key.weight" in muon and "mtp.0.hidden_proj.weight" in muon
+    assert "blocks.0.attention_residual.proj.weight" in muon  # mHC's dynamic projection
+    adamw = set().union(*(v for k, v in groups.items() if k != "muon"))
+    for name in (
+        "embedding.weight",
+        "head.weight",
+        "norm.weight",
+        "blocks.0.attention_residual.bias_res",
+        "blocks.0.attention_residual.alpha",
+        "blocks.1.engram.table.weight",
+        "blocks.1.engram.conv_weight",
+        "blocks.0.attention.sinks",
+    ):
+        assert name in adamw, name
+    assert not muon & adamw
+    assert muon | adamw == set(names.values())
+    assert all(model.get_parameter(n).dim() >= 2 for n in muon)
+
+
+def test_bad_muon_settings_fail_naming_the_key():
+    from birkhoff.errors import RecipeError
+
+    for key, value in (("muon_momentum", 1.0), ("muon_update_rms", 0.0), ("name", "sgd")):
+        with pytest.raises(RecipeError, match=f"optim.{key}"):
+            OptimConfig(**{key: value}).validate()
