@@ -260,8 +260,7 @@ def assert_matches(expected: dict, got: dict, with_tp: bool) -> None:
 
 # `birkhoff plan` against what the layouts measured (tests/layout_probe.py): the state a rank
 # holds, the bytes of each collective per step (tp's apart from the others), and the peak.
-# The plan counts AdamW's state and no Muon gathers: Muon's layouts are not planned yet.
-PLANNED = [name for name, (_, overrides) in LAYOUTS.items() if MUON not in overrides]
+PLANNED = list(LAYOUTS)
 KIND = {
     "fsdp_all_gather": "all_gather",
     "fsdp_reduce_scatter": "reduce_scatter",
@@ -271,6 +270,8 @@ KIND = {
     "ep_all_to_all": "all_to_all",
     "engram_all_to_all": "all_to_all",
     "engram_sparse_all_gather": "all_gather",
+    "muon_all_gather": "all_gather",
+    "muon_tp_all_gather": "all_gather@tp",
     "pp_send_recv": "send_recv",
     "tp_all_reduce": "all_reduce@tp",
     "tp_all_gather": "all_gather@tp",
@@ -282,8 +283,8 @@ def planned(overrides: list[str], ranks: int):
     recipe = typed_recipe(compose_recipe([*SMALL_OVERRIDES, *MODEL, *overrides]))
     recipe.model.validate()
     work = workload_of(recipe)
-    micro = recipe.train.micro_batch_size
-    layout = layout_of(recipe.parallel, micro, ranks, recipe.optim.engram_update)
+    micro, optim = recipe.train.micro_batch_size, recipe.optim
+    layout = layout_of(recipe.parallel, micro, ranks, optim.engram_update, optim.name)
     return build_inventory(recipe.model), layout, work
 
 

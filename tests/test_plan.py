@@ -14,7 +14,12 @@ import pytest
 from birkhoff.model.config import EngramConfig, ModelConfig, MoEConfig, ResidualConfig
 from birkhoff.parallel.planning.activations import window_keys
 from birkhoff.parallel.planning.cluster import PRESETS, Cluster
-from birkhoff.parallel.planning.estimate import GIB, estimate, model_flops_per_token
+from birkhoff.parallel.planning.estimate import (
+    GIB,
+    MATMUL_EFFICIENCY,
+    estimate,
+    model_flops_per_token,
+)
 from birkhoff.parallel.planning.inventory import build_inventory
 from birkhoff.parallel.planning.layout import Layout, Workload, stage_layers
 from birkhoff.parallel.planning.published import deepseek_v3_model, deepseek_v3_run, derived_mfu
@@ -112,6 +117,29 @@ def test_whole_and_host_resident_engram_tables_follow_their_formulas():
     assert host.comm_gib["engram_host_copy"] * GIB == pytest.approx(copies)
     assert host.step_s > whole.step_s  # the copies wait on the PCIe link (no prefetch)
     assert whole.memory_gib["host"] == 0
+
+
+def test_muon_state_gathers_and_newton_schulz_follow_their_formulas():
+    """optim=muon_v4 on fsdp=8: the weight matrices (per block q, k, v, o and the SwiGLU's
+    three) keep one float32 buffer, the rest AdamW's two; every matrix is gathered whole once a
+    step (float32); each rank runs 10 Newton-Schulz iterations on each, 10 (4 n^2 m + 2 n^3)
+    FLOPs with n <= m, at the matmul efficiency of the peak."""
+    inv = build_inventory(DENSE)
+    work = Workload(global_batch=32, seq_len=64)
+    kv = KV * (C // H)
+    shapes = [(C, C), (kv, C), (kv, C), (C, C), (F, C), (F, C), (C, F)]
+    matrices = L * sum(r * c for r, c in shapes)
+    p = dense_parameters()
+    adamw = estimate(inv, Layout(dp_shard=8, micro_batch=1), work, CLUSTER)
+    muon = estimate(inv, Layout(dp_shard=8, micro_batch=1, muon=True), work, CLUSTER)
+    assert muon.memory_gib["optimizer"] * GIB == pytest.approx(
+        8 * (p - matrices) / 8 + 4 * matrices / 8
+    )
+    assert muon.comm_gib["muon_all_gather"] * GIB == pytest.approx(4 * matrices)
+    flops = L * sum(10 * (4 * min(r, c) ** 2 * max(r, c) + 2 * min(r, c) ** 3) for r, c in shapes)
+    extra = flops / (CLUSTER.peak_tflops * 1e12 * MATMUL_EFFICIENCY)
+    assert muon.compute_s - adamw.compute_s == pytest.approx(extra)
+    assert adamw.comm_gib["muon_all_gather"] == 0
 
 
 def _primes_at_least(start: int, count: int) -> list[int]:

@@ -67,7 +67,11 @@ def _memory(recipe: Recipe, world: int, held: int) -> list[str]:
         return [*lines, "(set cluster.preset or the cluster.* figures for the whole plan)"]
     cluster: Cluster = cluster_from({**values, "devices": world})
     layout = layout_of(
-        recipe.parallel, recipe.train.micro_batch_size, world, recipe.optim.engram_update
+        recipe.parallel,
+        recipe.train.micro_batch_size,
+        world,
+        recipe.optim.engram_update,
+        recipe.optim.name,
     )
     planned = estimate(build_inventory(recipe.model), layout, workload_of(recipe), cluster)
     memory = ", ".join(f"{k} {v:.2f}" for k, v in planned.memory_gib.items())

@@ -79,11 +79,14 @@ def plan_command(args: list[str]) -> int:
             micro = train.micro_batch_size or derived_micro_batch(
                 train.global_batch_size // dp, parallel.pp
             )
-            layout = layout_of(parallel, micro, cluster.devices, recipe.optim.engram_update)
+            optim = recipe.optim
+            layout = layout_of(parallel, micro, cluster.devices, optim.engram_update, optim.name)
             check_runnable(inv, layout, work)
             estimates = [estimate(inv, layout, work, cluster)]
         else:
-            estimates = plan(inv, work, cluster, recipe.optim.engram_update == "sparse")
+            optim = recipe.optim
+            sparse, muon = optim.engram_update == "sparse", optim.name == "muon_v4"
+            estimates = plan(inv, work, cluster, sparse, muon)
     except RecipeError as err:
         print(f"birkhoff: {err}", file=sys.stderr)
         return 2

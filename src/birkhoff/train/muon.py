@@ -24,10 +24,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from birkhoff.model.moe import GroupedExperts, Router
 from birkhoff.train.adamw import AdamW, hidden_gradients
 
 QUINTIC = (3.4445, -4.7750, 2.0315)
@@ -52,21 +50,6 @@ def hybrid_newton_schulz(
     return x.mT if tall else x
 
 
-def muon_matrices(model: nn.Module) -> list[nn.Parameter]:
-    """What Muon trains: every linear layer's weight but the head's (and the embedding's,
-    which is no linear layer), the routers, and the routed experts' stacked matrices (one
-    matrix per expert). AdamW keeps the rest: embeddings, head, norms, mHC static biases and
-    gating factors, Engram tables and convolutions, sinks, positional biases."""
-    chosen = []
-    for name, module in model.named_modules():
-        linear = isinstance(module, nn.Linear) and name.split(".")[-1] != "head"
-        if linear or isinstance(module, Router):
-            chosen.append(module.weight)
-        elif isinstance(module, GroupedExperts):
-            chosen += [module.w_gate, module.w_up, module.w_down]
-    return chosen
-
-
 class MuonV4(AdamW):
     """Muon for the parameter groups marked `muon` (lr, weight_decay, momentum, update_rms),
     AdamW (with its sparse-row update) for the others; one optimizer, one state dict."""
@@ -85,9 +68,10 @@ class MuonV4(AdamW):
         return loss
 
     def _muon_group(self, group: dict) -> None:
-        """Momentum per parameter; then one batched Newton-Schulz per matrix shape (on CPU
-        and for small matrices the per-call cost dominates), each matrix still on its own."""
-        pending = []  # (param, nesterov input, the whole matrices)
+        """One matrix (or one expert stack) at a time: a sharded one is whole on the rank only
+        while its own update is computed, so the transient memory is the largest matrix's,
+        not the model's."""
+        lr = float(group["lr"])
         for param in group["params"]:
             if param.grad is None:
                 continue
@@ -100,21 +84,12 @@ class MuonV4(AdamW):
             buffer.mul_(momentum).add_(param.grad)  # M_t = mu M_{t-1} + G_t
             nesterov = param.grad.add(buffer, alpha=momentum)  # mu M_t + G_t
             whole = nesterov.full_tensor() if isinstance(nesterov, DTensor) else nesterov
-            pending.append((param, nesterov, whole))
-        by_shape: dict[tuple[int, int], list[int]] = {}
-        for index, (_, _, whole) in enumerate(pending):
-            by_shape.setdefault(tuple(whole.shape[-2:]), []).append(index)
-        lr = float(group["lr"])
-        for (rows, cols), indices in by_shape.items():
-            stacked = torch.cat([pending[i][2].reshape(-1, rows, cols) for i in indices])
-            updates = hybrid_newton_schulz(stacked, self.schedule)
-            updates = updates.mul_(math.sqrt(max(rows, cols)) * group["update_rms"])
-            counts = [pending[i][2].numel() // (rows * cols) for i in indices]
-            for i, update in zip(indices, updates.split(counts), strict=True):
-                param, nesterov, whole = pending[i]
-                update = update.reshape(whole.shape).to(param.dtype)
-                if isinstance(nesterov, DTensor):  # this rank's slice of the whole update
-                    mesh, placements = nesterov.device_mesh, nesterov.placements
-                    update = distribute_tensor(update, mesh, placements, src_data_rank=None)
-                param.mul_(1 - lr * group["weight_decay"])
-                param.add_(update, alpha=-lr)
+            rows, cols = whole.shape[-2:]
+            update = hybrid_newton_schulz(whole, self.schedule)  # experts: each on its own
+            update = update.mul_(math.sqrt(max(rows, cols)) * group["update_rms"])
+            update = update.to(param.dtype)
+            if isinstance(nesterov, DTensor):  # this rank's slice of the whole update
+                mesh, placements = nesterov.device_mesh, nesterov.placements
+                update = distribute_tensor(update, mesh, placements, src_data_rank=None)
+            param.mul_(1 - lr * group["weight_decay"])
+            param.add_(update, alpha=-lr)

@@ -7,9 +7,10 @@ import torch
 from torch import nn
 
 from birkhoff.model.engram import Engram
+from birkhoff.model.matrices import weight_matrices
 from birkhoff.train.adamw import AdamW
 from birkhoff.train.config import OptimConfig
-from birkhoff.train.muon import MuonV4, muon_matrices
+from birkhoff.train.muon import MuonV4
 from birkhoff.train.schedule import lr_multiplier
 
 
@@ -55,7 +56,7 @@ def muon_param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     """AdamW's groups with the matrices Muon trains taken out into a `muon` group (they all
     come from `decay`: Muon's weight decay is decoupled the same way)."""
     groups = param_groups(model, cfg.weight_decay, cfg.lr)
-    matrices = {id(p) for p in muon_matrices(model)}
+    matrices = {id(p) for p in weight_matrices(model)}
     decay = groups[0]
     muon = [p for p in decay["params"] if id(p) in matrices]
     decay["params"] = [p for p in decay["params"] if id(p) not in matrices]

@@ -28,6 +28,8 @@ COLLECTIVES = (
     "engram_all_to_all",
     "engram_sparse_all_gather",
     "engram_host_copy",
+    "muon_all_gather",
+    "muon_tp_all_gather",
     "tp_all_reduce",
     "tp_all_gather",
     "tp_reduce_scatter",
@@ -104,7 +106,30 @@ def _stage_communication(inv: Inventory, layout: Layout, work: Workload, stage: 
             comm["tp_all_reduce"] += local / layout.dp_shard * 4
     if layout.pp > 1:
         comm["pp_send_recv"] = micro_batches * _pipeline_bytes(cfg, work, layout, stage, tokens)
+    if layout.muon:
+        comm["muon_all_gather"], comm["muon_tp_all_gather"] = _muon_gather_bytes(layout, held)
     return comm
+
+
+def _muon_gather_bytes(layout: Layout, held: list) -> tuple[float, float]:
+    """Per step, Muon's gathers of its sharded matrices (float32 Nesterov inputs), outside
+    tp and inside it: each gather's output, the outer mesh dimension first (FSDP's dp_shard,
+    then tp; experts over dp_shard / ep, then ep)."""
+    outside = inside = 0.0
+    for g in held:
+        if not g.muon:
+            continue
+        if g.expert:
+            if layout.dp_shard // layout.ep > 1:
+                outside += 4 * g.numel / layout.ep
+            if layout.ep > 1:
+                outside += 4 * g.numel
+            continue
+        if layout.dp_shard > 1:
+            outside += 4 * tp_local(g, layout)
+        if g.tp_split and layout.tp > 1:
+            inside += 4 * g.numel
+    return outside, inside
 
 
 def _tensor_parallel_bytes(cfg, layout: Layout, runs, act: int, seq: int) -> dict:
@@ -240,6 +265,8 @@ def comm_seconds(comm: dict[str, float], layout: Layout, cluster: Cluster) -> di
         "engram_all_to_all": (layout.dp_shard, tp_span * layout.dp_shard, 1),
         "engram_sparse_all_gather": (layout.dp, layout.devices // layout.pp, 1),
         "engram_host_copy": (1, 0, 1),  # the device's own PCIe link
+        "muon_all_gather": (layout.dp_shard, tp_span * layout.dp_shard, 1),
+        "muon_tp_all_gather": (layout.tp, tp_span, 1),
         "tp_all_reduce": (layout.tp, tp_span, 2),
         "tp_all_gather": (layout.tp, tp_span, 1),
         "tp_reduce_scatter": (layout.tp, tp_span, 1),

@@ -105,6 +105,12 @@ def estimate(inv: Inventory, layout: Layout, work: Workload, cluster: Cluster) -
         key=lambda m: m["total"],
     )
     compute_s = _compute_seconds(inv, layout, work, cluster)
+    # Muon: every rank orthogonalises every whole matrix of its stages (no owner ranks yet)
+    muon_flops = max(
+        newton_schulz_flops(_muon_matrices(inv, layout, _rank_keys(layout, stages, rank)))
+        for rank in range(layout.pp)
+    )
+    compute_s += muon_flops / (cluster.peak_tflops * 1e12 * MATMUL_EFFICIENCY)
     # the pipeline rank whose collectives expose the most time sets the pace
     comm, times, exposed = max(
         (_exposed(communication(inv, layout, work, rank), layout, cluster, compute_s)
@@ -136,7 +142,8 @@ def _exposed(comm: dict, layout: Layout, cluster: Cluster, compute_s: float) -> 
     times = comm_seconds(comm, layout, cluster)
     on_path = (*TP_COLLECTIVES, "ep_all_to_all", "engram_all_to_all", "pp_send_recv")
     # between backward and the optimizer step; host copies when the forward asks (no prefetch)
-    on_path += ("engram_sparse_all_gather", "engram_host_copy")
+    on_path += ("engram_sparse_all_gather", "engram_host_copy", "muon_all_gather")
+    on_path += ("muon_tp_all_gather",)
     critical = sum(times[k] for k in on_path)
     overlapped = sum(t for k, t in times.items() if k not in on_path)
     return comm, times, critical + max(0.0, overlapped - compute_s)
@@ -145,7 +152,7 @@ def _exposed(comm: dict, layout: Layout, cluster: Cluster, compute_s: float) -> 
 def _rank_memory(inv, layout, work, pp_rank, stages, order, micro_batches) -> dict[str, float]:
     cfg = inv.cfg
     mine = layout.rank_stages(pp_rank)
-    keys = set().union(*(stage_keys(s, stages[s], layout.num_stages) for s in mine))
+    keys = _rank_keys(layout, stages, pp_rank)
     held = [g for g in inv.groups if g.layer in keys]
     whole = [g for g in held if whole_table(g, layout)]
     held = [g for g in held if g not in whole]
@@ -177,10 +184,12 @@ def _rank_memory(inv, layout, work, pp_rank, stages, order, micro_batches) -> di
     row_bytes = 4 * cfg.engram.embed_dim + 8  # values and the int64 row id
     table_grads = sum(sparse_rows(g, cfg, lookups) for g in whole) * row_bytes
     on_device = 0.0 if layout.engram_host else 1.0
+    # Muon keeps one momentum buffer per matrix element, AdamW two moments
+    muon = sum(tp_local(g, layout) for g in held if g.muon) / layout.dp_shard if layout.muon else 0
     memory = {
         "params": 4 * (sharded + on_device * tables),
         "grads": 4 * grads + on_device * table_grads,
-        "optimizer": 8 * (sharded + on_device * tables),
+        "optimizer": 8 * (sharded - muon + on_device * tables) + 4 * muon,
         "activations": _activations(cfg, layout, work, {s: stages[s] for s in mine}, order),
         "buffers": float(buffers),
     }
@@ -188,10 +197,19 @@ def _rank_memory(inv, layout, work, pp_rank, stages, order, micro_batches) -> di
     # The backward peak (the loss's backward, or a pipeline stage's last forward) holds the
     # gradients only where an earlier micro-batch of the step made them.
     backward = state + memory["activations"] + (memory["grads"] if micro_batches > 1 else 0.0)
-    memory["total"] = max(backward, state + memory["grads"])  # or the optimizer step
+    # Muon's step holds one matrix (an expert stack) whole at a time: the Nesterov input, the
+    # iterate, its Gram matrices and the update, float32
+    largest = max((n * r * c for n, r, c in _muon_matrices(inv, layout, keys)), default=0)
+    memory["total"] = max(backward, state + memory["grads"] + 4 * 4 * largest)
     # host-resident tables, their AdamW state and gradients: host memory, not the device's
     memory["host"] = (1.0 - on_device) * (12 * tables + table_grads)
     return memory
+
+
+def _rank_keys(layout: Layout, stages: list[list[int]], pp_rank: int) -> set[int]:
+    """The layer keys of every stage a pipeline rank runs."""
+    mine = layout.rank_stages(pp_rank)
+    return set().union(*(stage_keys(s, stages[s], layout.num_stages) for s in mine))
 
 
 def _activations(cfg, layout: Layout, work: Workload, stages: dict, order: list) -> float:
@@ -247,6 +265,24 @@ def _attention_flops_per_token(inv: Inventory, seq: int) -> float:
 def model_flops_per_token(inv: Inventory, work: Workload) -> float:
     """Training FLOPs per token: 3 x forward (matmuls with active parameters, attention)."""
     return 3 * (inv.matmul_flops_per_token() + _attention_flops_per_token(inv, work.seq_len))
+
+
+def _muon_matrices(inv: Inventory, layout: Layout, keys: set[int]) -> list[tuple[int, int, int]]:
+    """(matrices, rows, columns) of what Muon orthogonalises on a rank holding `keys`."""
+    if not layout.muon:
+        return []
+    return [t.matrices for t in inv.params if t.matrices and t.layer in keys]
+
+
+def newton_schulz_flops(shapes: list[tuple[int, int, int]]) -> float:
+    """FLOPs of V4's 10 Newton-Schulz iterations on these matrices: per iteration, with n
+    the shorter side and m the longer, the Gram matrix (2 n^2 m), its square (2 n^3) and the
+    product with the iterate (2 n^2 m)."""
+    total = 0.0
+    for count, rows, cols in shapes:
+        n, m = min(rows, cols), max(rows, cols)
+        total += count * 10 * (4 * n * n * m + 2 * n**3)
+    return total
 
 
 def _compute_seconds(inv: Inventory, layout: Layout, work: Workload, cluster: Cluster) -> float:

@@ -12,6 +12,7 @@ import torch
 
 from birkhoff.model.budget import apply_sparse_budget
 from birkhoff.model.config import ModelConfig
+from birkhoff.model.matrices import weight_matrices
 from birkhoff.model.transformer import Block, Transformer
 from birkhoff.model.v4_attention import V4Attention
 from birkhoff.parallel.sequence_parallel import sequence_local_slots
@@ -32,6 +33,9 @@ class TensorInfo:
     sequence_local: bool
     active_fraction: float  # of its elements a token multiplies by (routed: top_k / E)
     matmul: bool  # a weight a token multiplies by (not an embedding row, a bias or a gain)
+    # what optim=muon_v4 orthogonalises (model/matrices.py): (matrices, rows, columns), the
+    # routed experts' stack one matrix per expert; None for what AdamW trains
+    matrices: tuple[int, int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,7 @@ class Group:
     expert: bool
     engram_table: bool
     sequence_local: bool
+    muon: bool  # weight matrices (Muon trains them under optim=muon_v4)
     numel: int
 
 
@@ -59,6 +64,7 @@ class Inventory:
         for t in self.params:
             block = t.layer not in (FIRST, LAST) or ".block." in t.name
             key = (t.layer, block, t.tp_split, t.expert, t.engram_table, t.sequence_local)
+            key += (t.matrices is not None,)
             sums[key] = sums.get(key, 0) + t.numel
         return tuple(Group(*key, numel) for key, numel in sums.items())
 
@@ -85,6 +91,7 @@ def build_inventory(cfg: ModelConfig) -> Inventory:
     split = _tp_split_names(model)
     local = _sequence_local_names(model, split)
     moe = sized.moe
+    matrices = {id(p) for p in weight_matrices(model)}
     params = []
     for name, param in model.named_parameters():
         expert = ".experts.w_" in name
@@ -102,6 +109,9 @@ def build_inventory(cfg: ModelConfig) -> Inventory:
                 sequence_local=name in local,
                 active_fraction=moe.top_k / moe.num_experts if expert else 1.0,
                 matmul=matmul,
+                matrices=(param.numel() // param.shape[-1] // param.shape[-2], *param.shape[-2:])
+                if id(param) in matrices
+                else None,
             )
         )
     buffers: dict[int, int] = {}

@@ -26,6 +26,7 @@ class Layout:
     # gradients gathered over dp once a step
     engram_sparse: bool = False
     engram_host: bool = False  # those whole tables (and their AdamW state) in host memory
+    muon: bool = False  # optim=muon_v4: weight matrices by Muon (one buffer), the rest AdamW
     fsdp_reduce_every_micro_batch: bool = False
     pp_schedule: str = "1f1b"
     pp_stages_per_rank: int = 1
@@ -66,14 +67,20 @@ class Layout:
             "train.micro_batch_size": self.micro_batch,
             "optim.engram_update": "sparse" if self.engram_sparse else "dense",
         }
+        if self.muon:
+            values["optim.name"] = "muon_v4"
         return [f"{key}={value}" for key, value in values.items()]
 
 
 def layout_of(
-    parallel: ParallelConfig, micro_batch: int, devices: int, engram_update: str = "dense"
+    parallel: ParallelConfig,
+    micro_batch: int,
+    devices: int,
+    engram_update: str = "dense",
+    optimizer: str = "adamw",
 ) -> Layout:
-    """The Layout a recipe's `parallel` section (and `optim.engram_update`) give on
-    `devices` (validated)."""
+    """The Layout a recipe's `parallel` section (and `optim.engram_update`, `optim.name`)
+    give on `devices` (validated)."""
     parallel.validate(devices)
     degrees = parallel.degrees(devices)
     return Layout(
@@ -88,6 +95,7 @@ def layout_of(
         engram_row_shard=parallel.engram_row_shard,
         engram_sparse=engram_update == "sparse",
         engram_host=parallel.engram_host,
+        muon=optimizer == "muon_v4",
         fsdp_reduce_every_micro_batch=parallel.fsdp_reduce_every_micro_batch,
         pp_schedule=parallel.pp_schedule,
         pp_stages_per_rank=parallel.pp_stages_per_rank,

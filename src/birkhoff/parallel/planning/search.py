@@ -63,7 +63,11 @@ def runnable(inv: Inventory, layout: Layout, work: Workload) -> bool:
 
 
 def candidate_layouts(
-    inv: Inventory, work: Workload, cluster: Cluster, engram_sparse: bool = False
+    inv: Inventory,
+    work: Workload,
+    cluster: Cluster,
+    engram_sparse: bool = False,
+    muon: bool = False,
 ) -> list[Layout]:
     cfg = inv.cfg
     engram = bool(cfg.engram.layers)
@@ -95,6 +99,7 @@ def candidate_layouts(
                                 sequence_parallel=tp > 1,
                                 engram_row_shard=engram and shard > 1 and not engram_sparse,
                                 engram_sparse=engram and engram_sparse,
+                                muon=muon,
                                 fsdp_reduce_every_micro_batch=every,
                                 pp_schedule=schedule,
                                 pp_stages_per_rank=chunks,
@@ -105,10 +110,15 @@ def candidate_layouts(
 
 
 def plan(
-    inv: Inventory, work: Workload, cluster: Cluster, engram_sparse: bool = False
+    inv: Inventory,
+    work: Workload,
+    cluster: Cluster,
+    engram_sparse: bool = False,
+    muon: bool = False,
 ) -> list[Estimate]:
     """Every runnable layout, estimated; those that fit first, fastest first.
-    `engram_sparse`: the recipe's optim.engram_update is sparse."""
-    candidates = candidate_layouts(inv, work, cluster, engram_sparse)
+    `engram_sparse`: the recipe's optim.engram_update is sparse; `muon`: optim.name is
+    muon_v4."""
+    candidates = candidate_layouts(inv, work, cluster, engram_sparse, muon)
     estimates = [estimate(inv, layout, work, cluster) for layout in candidates]
     return sorted(estimates, key=lambda e: (not e.fits, e.step_s))
