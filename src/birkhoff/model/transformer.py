@@ -206,6 +206,8 @@ class Transformer(nn.Module):
             )
             for k in range(cfg.mtp.depth)
         )
+        # the MTP loss's weight now (train/phase_schedules.py lowers it when the LR decays)
+        self.mtp_loss_weight = cfg.mtp.loss_weight
         self.tie_weights()
         tables = lambda: rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)  # noqa: E731
         constant(self, "rope_cos", lambda: tables()[0], buffer=True, persistent=False)
@@ -278,7 +280,7 @@ class Transformer(nn.Module):
         loss = F.cross_entropy(self._logits(hidden).flatten(0, 1).float(), targets.flatten())
         if self.uses_mtp and target_embeddings is not None:
             extra, aux = mtp_loss(self.mtp, x, targets, target_embeddings, self.head, ctx)
-            loss = loss + self.cfg.mtp.loss_weight * extra + sum(aux)
+            loss = loss + self.mtp_loss_weight * extra + sum(aux)
         return loss
 
     def context(

@@ -90,6 +90,10 @@ class TrainConfig:
 
     steps: int = 300
     global_batch_size: int = 16
+    # DeepSeek-V3/V4: the MTP loss weight from the start of LR decay (null: model.mtp's
+    # throughout), and the last fraction of steps in which router biases no longer move
+    mtp_loss_weight_at_decay: float | None = 0.1
+    router_bias_freeze_fraction: float = 0.0
     micro_batch_size: int | None = None
     seed: int = 1234
     eval_every: int = 100
@@ -111,6 +115,12 @@ class TrainConfig:
     straggler_warn_ratio: float | None = 1.5
 
     def validate(self, dp_size: int, pp: int = 1, prefix: str = "train") -> None:
+        weight, freeze = self.mtp_loss_weight_at_decay, self.router_bias_freeze_fraction
+        require(weight is None or weight >= 0, f"{prefix}.mtp_loss_weight_at_decay", weight,
+                "must be >= 0, or null to keep model.mtp.loss_weight")  # fmt: skip
+        require(
+            0 <= freeze < 1, f"{prefix}.router_bias_freeze_fraction", freeze, "must be in [0, 1)"
+        )
         require(
             self.indexer_warmup_steps >= 0,
             f"{prefix}.indexer_warmup_steps",

@@ -18,6 +18,7 @@ def balance_experts(
     routed_per_layer: int,
     apply: bool = True,
     sequences_per_step: int = 0,
+    move_biases: bool = True,
 ) -> dict[str, float]:
     """Update router biases from the global loads; return the load summary for the metrics.
 
@@ -26,7 +27,8 @@ def balance_experts(
     what every main MoE layer must have routed; an MTP depth's layer sees `skipped_positions`
     fewer positions of each of the `sequences_per_step` sequences. There is no capacity limit,
     so no token can be dropped: a layer that routed another number is a bug, and fails the step.
-    `apply=False` (a skipped step) only clears the loads.
+    `apply=False` (a skipped step) only clears the loads; `move_biases=False` (the biases'
+    frozen last phase) reports the loads without moving the biases.
     """
     layers = [m for part in parts for m in part.modules() if isinstance(m, MoE)]
     if not apply:
@@ -47,7 +49,8 @@ def balance_experts(
         ]
         _check_every_token_routed(counts, expected)
         for layer, load in zip(layers, counts, strict=True):
-            layer.router.update_bias(load)
+            if move_biases:
+                layer.router.update_bias(load)
             layer.tokens_per_expert.zero_()
         worst = _load_summary(counts.double().cpu())
     worst = ctx.all_reduce_max(worst, "pp")

@@ -12,6 +12,16 @@ def wsd_decay_steps(cfg: OptimConfig, total_steps: int) -> int:
     return max(1, round(cfg.decay_fraction * total_steps))
 
 
+def decay_start(cfg: OptimConfig, total_steps: int) -> int | None:
+    """The first step whose LR is below the peak after warmup: cosine decays from the end of
+    warmup, wsd from its last `decay_fraction` of steps; a constant LR never decays."""
+    if cfg.schedule == "cosine":
+        return cfg.warmup_steps
+    if cfg.schedule == "wsd":
+        return total_steps - wsd_decay_steps(cfg, total_steps)
+    return None
+
+
 def lr_multiplier(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:
     """step -> factor on cfg.lr for steps 0..total_steps-1: a linear warmup reaching 1 at step
     warmup-1, then the schedule's shape, which ends exactly at min_lr_ratio on the last step."""

@@ -48,6 +48,7 @@ from birkhoff.train.metrics import MetricLogger
 from birkhoff.train.mfu import mfu_meter
 from birkhoff.train.model_share import build_share
 from birkhoff.train.optim import build_optimizer
+from birkhoff.train.phase_schedules import PhaseSchedules
 from birkhoff.train.recipe import TrainRecipe
 from birkhoff.train.residual import residual_stats
 from birkhoff.train.stop import StopSignal
@@ -125,6 +126,8 @@ class Trainer:
         self.stragglers = StragglerMonitor(
             ctx, device, recipe.logging.log_every, train_cfg.straggler_warn_ratio
         )
+        mtp = share.cfg.mtp
+        self.phases = PhaseSchedules(train_cfg, recipe.optim, mtp.loss_weight, mtp.depth > 0)
         self.step = 0
         self.bad_steps = self.consecutive_bad_steps = 0
 
@@ -246,6 +249,7 @@ class Trainer:
         micro_batches = self.loader.next_batch()
         data_wait, cpu_start = time.perf_counter() - step_start, time.process_time()
         warming = self.step < self.recipe.train.indexer_warmup_steps
+        self.phases.apply(self.model_parts, self.step)
         with dense_indexing(self.model_parts, warming):
             loss_sum = self.forward_backward(micro_batches)
         for hook in self.after_backward:
@@ -265,8 +269,9 @@ class Trainer:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         experts = balance_experts(
-            self.model_parts, self.ctx, self.routed_per_layer, not warming, self.sequences
-        )
+            self.model_parts, self.ctx, self.routed_per_layer, not warming, self.sequences,
+            move_biases=self.phases.updates_router_biases(self.step),
+        )  # fmt: skip
         skipped = self.ctx.all_reduce_sum(
             torch.tensor(float(self.loader.skipped_records), device=self.device)
         )
@@ -289,6 +294,7 @@ class Trainer:
             **residual,
             **experts,
             **indexer_stats(self.model_parts, self.ctx, self.has_indexer),
+            **self.phases.metrics(self.step - 1),
         }
 
     def _bad_step(self, loss: float, grad_norm: float, seconds: float) -> dict[str, Any]:
