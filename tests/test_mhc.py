@@ -136,7 +136,7 @@ def test_24_layer_mhc_keeps_the_composite_gain_bounded_while_hc_grows():
 def test_a_violated_constraint_fails_the_step(tmp_path):
     from test_train import train_in_process
 
-    from birkhoff.train.trainer import ResidualConstraintError
+    from birkhoff.train.failures import ResidualConstraintError
 
     # 1 Sinkhorn iteration leaves columns off by far more than this tolerance.
     with pytest.raises(ResidualConstraintError, match=r"model\.residual\.tolerance=1e-06"):

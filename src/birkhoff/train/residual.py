@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from birkhoff.model.config import ResidualConfig
 from birkhoff.model.mhc import (
     HyperConnection,
     composite_mapping,
@@ -18,6 +19,7 @@ from birkhoff.model.mhc import (
     take_deviation,
 )
 from birkhoff.parallel.distributed import DistributedContext
+from birkhoff.train.failures import ResidualConstraintError
 
 
 def residual_stats(parts: list[nn.Module], ctx: DistributedContext) -> dict[str, float]:
@@ -45,3 +47,16 @@ def _composite_over_stages(
         for stage in stages:
             composite = stage if composite is None else stage @ composite
     return composite
+
+
+def check_residual_constraint(stats: dict[str, float], cfg: ResidualConfig, step: int) -> None:
+    """mHC's H_res must stay (nearly) doubly stochastic: fail step `step` before its update."""
+    if cfg.mode != "mhc":
+        return
+    worst = stats["mhc_col_dev"]  # rows are exact: Sinkhorn's last step normalises them
+    if worst > cfg.tolerance:
+        raise ResidualConstraintError(
+            f"step {step}: an mHC H_res column sum is off by {worst:.3g}, above "
+            f"model.residual.tolerance={cfg.tolerance}; raise model.residual.sinkhorn_iters "
+            "or lower the learning rate"
+        )

@@ -42,7 +42,7 @@ from birkhoff.train.checkpointing import (
     save,
 )
 from birkhoff.train.expert_balance import balance_experts
-from birkhoff.train.failures import ResidualConstraintError, TrainingError
+from birkhoff.train.failures import TrainingError
 from birkhoff.train.indexer_warmup import dense_indexing, keep_only_indexer_gradients
 from birkhoff.train.metrics import MetricLogger
 from birkhoff.train.mfu import mfu_meter
@@ -50,7 +50,7 @@ from birkhoff.train.model_share import build_share
 from birkhoff.train.optim import build_optimizer
 from birkhoff.train.phase_schedules import PhaseSchedules
 from birkhoff.train.recipe import TrainRecipe
-from birkhoff.train.residual import residual_stats
+from birkhoff.train.residual import check_residual_constraint, residual_stats
 from birkhoff.train.stop import StopSignal
 from birkhoff.train.stragglers import StragglerMonitor
 from birkhoff.train.watchdog import HangWatchdog
@@ -375,17 +375,8 @@ class Trainer:
         return EngramHasher(self.model_cfg, compression, self.data.tokenizer.pad_id)
 
     def _check_residual_constraint(self) -> dict[str, float]:
-        """mHC's H_res must stay (nearly) doubly stochastic: fail the step before its update."""
         stats = residual_stats(self.model_parts, self.ctx)
-        residual_cfg = self.recipe.model.residual
-        if residual_cfg.mode == "mhc":
-            worst = stats["mhc_col_dev"]  # rows are exact: Sinkhorn's last step normalises them
-            if worst > residual_cfg.tolerance:
-                raise ResidualConstraintError(
-                    f"step {self.step + 1}: an mHC H_res column sum is off by {worst:.3g}, "
-                    f"above model.residual.tolerance={residual_cfg.tolerance}; raise "
-                    "model.residual.sinkhorn_iters or lower the learning rate"
-                )
+        check_residual_constraint(stats, self.recipe.model.residual, self.step + 1)
         return stats
 
     def _clip_gradients(self) -> float:
