@@ -3,9 +3,11 @@ several learning rates, over seeds, and tokens/s.
 
 Every (optimizer, learning rate, seed) is one `birkhoff train` run in OUT/<name>/ (one at a
 time, each using the machine's cores); a finished run (its summary.json) is not run again,
-so an interrupted comparison continues. Prints one JSON object and a Markdown table: per
-optimizer and learning rate the held-out loss (mean and spread over seeds) and tokens/s; the
-best learning rate of each optimizer marked.
+so an interrupted comparison continues. A run that fails (a learning rate that breaks mHC's
+constraint, a non-finite loss) counts as an infinite held-out loss, its last line kept.
+Prints one JSON object and a Markdown table: per optimizer and learning rate the held-out
+loss (mean and spread over seeds) and tokens/s; the best learning rate of each optimizer
+marked.
 
     python benchmarks/optimizer_comparison.py --out /tmp/optimizers --steps 300 \\
         --lrs 1e-3 3e-3 1e-2 --seeds 1 2
@@ -25,8 +27,8 @@ OPTIMIZERS = {"adamw": "adamw_cosine", "muon_v4": "muon_v4"}
 
 def run(out: Path, optim: str, lr: float, seed: int, args: argparse.Namespace) -> dict:
     run_dir = out / f"{optim}-lr{lr:g}-seed{seed}"
-    summary = run_dir / "summary.json"
-    if not summary.exists():
+    summary, failed = run_dir / "summary.json", run_dir / "failed.txt"
+    if not summary.exists() and not failed.exists():
         overrides = [
             f"model={args.model}",
             f"optim={OPTIMIZERS[optim]}",
@@ -37,7 +39,13 @@ def run(out: Path, optim: str, lr: float, seed: int, args: argparse.Namespace) -
             f"hydra.run.dir={run_dir}",
         ]
         command = [sys.executable, "-m", "birkhoff.launch.cli", "train", *overrides]
-        subprocess.run(command, check=True, capture_output=True, text=True)
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:  # e.g. a learning rate that breaks mHC's constraint
+            failure = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            failed.write_text(failure + "\n")
+    if failed.exists():
+        failure = failed.read_text().strip()
+        return {"heldout_loss": float("inf"), "tokens_per_s": 0.0, "failed": failure}
     return json.loads(summary.read_text())
 
 
@@ -62,6 +70,7 @@ def main() -> None:
                     "spread": max(losses) - min(losses),
                     "losses": losses,
                     "tokens_per_s": statistics.mean(r["tokens_per_s"] for r in runs),
+                    "failed": [r["failed"] for r in runs if "failed" in r],
                 }
             )
     best = {
