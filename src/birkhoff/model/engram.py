@@ -114,15 +114,15 @@ class Engram(nn.Module):
     def _table_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(table, row ids) for the gather-and-gate kernel. A table sharded from outside
         (parallel.engram_row_shard) fetches its rows itself; the kernel then reads them back
-        in order. So does a table whose gradient is sparse."""
-        if isinstance(self.table, nn.Embedding) and not self.sparse_table_gradient:
+        in order. So does a table whose gradient is sparse (on the device or on the host)."""
+        if not isinstance(self.table, nn.Embedding):
+            memory = self.table(rows)
+        elif not self.sparse_table_gradient:
             return self.table.weight, rows
-        if isinstance(self.table, nn.Embedding):  # on the device, or on the host
+        else:
             weight = self.table.weight
             memory = F.embedding(rows.to(weight.device), weight, sparse=True)
             memory = memory.to(rows.device, non_blocking=True)
-        else:
-            memory = self.table(rows)
         order = torch.arange(rows.numel(), device=rows.device).view_as(rows)
         return memory.flatten(0, -2), order
 

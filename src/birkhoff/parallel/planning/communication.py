@@ -264,7 +264,6 @@ def comm_seconds(comm: dict[str, float], layout: Layout, cluster: Cluster) -> di
         "ep_all_to_all": (layout.ep, tp_span * layout.ep, 1),
         "engram_all_to_all": (layout.dp_shard, tp_span * layout.dp_shard, 1),
         "engram_sparse_all_gather": (layout.dp, layout.devices // layout.pp, 1),
-        "engram_host_copy": (1, 0, 1),  # the device's own PCIe link
         "muon_all_gather": (layout.dp_shard, tp_span * layout.dp_shard, 1),
         "muon_tp_all_gather": (layout.tp, tp_span, 1),
         "tp_all_reduce": (layout.tp, tp_span, 2),
@@ -274,7 +273,7 @@ def comm_seconds(comm: dict[str, float], layout: Layout, cluster: Cluster) -> di
     }
     seconds = {}
     for name, payload in comm.items():
-        if name == "engram_host_copy":
+        if name == "engram_host_copy":  # the device's own PCIe link, no ring
             seconds[name] = payload / (cluster.host_gbps * 1e9)
             continue
         size, span, factor = groups[name]
