@@ -335,6 +335,21 @@ class CheckpointManager:
         state.restore_schedule(int(meta["step"]))
         return meta
 
+    def set_aside_after(self, step: int) -> list[Path]:
+        """After a rollback to `step`: wait for a save in flight, then rename every complete
+        checkpoint of a later step to NAME.rolled-back (kept for inspection, invisible to
+        resume and retention), so the retrained steps are saved and `auto` resumes from
+        them. Collective; returns the renamed directories."""
+        self.completed(wait=True)
+        later = [p for p in complete_checkpoints(self.root) if _step_of(p) > step]
+        if self.rank == 0:
+            for path in later:
+                aside = path.with_name(f"{path.name}.rolled-back")
+                shutil.rmtree(aside, ignore_errors=True)  # an earlier rollback's
+                path.rename(aside)
+        self._barrier()
+        return later
+
     def rank_states(self, path: Path) -> list[dict[str, Any]]:
         """Every rank's saved loader and RNG state, by saved global rank."""
         files = sorted((path / RANKS).glob("rank-*.json"))

@@ -68,9 +68,14 @@ class Router(nn.Module):
         self.bias.zero_()
 
     def forward(
-        self, x: torch.Tensor, token_ids: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        token_ids: torch.Tensor | None = None,
+        planned: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (N, C), token ids (N,) -> gate weights (N, k), expert ids (N, k), scores (N, E)."""
+        """x (N, C), token ids (N,) -> gate weights (N, k), expert ids (N, k), scores (N, E).
+        `planned` (N, k): the experts to use instead of this call's own choice (Anticipatory
+        Routing); the gate weights are still this call's scores of those experts."""
         with torch.autocast(x.device.type, enabled=False):  # gating in fp32, as in DeepSeek-V3
             logits = F.linear(x.float(), self.weight.float())
             if self.cfg.score_func == "sigmoid":
@@ -79,6 +84,8 @@ class Router(nn.Module):
                 scores = F.softplus(logits).sqrt()
         if self.hash_table is not None:
             expert_ids = self.hash_table[token_ids]
+        elif planned is not None:
+            expert_ids = planned.long()
         else:
             biased = scores.detach() + self.bias
             if self.cfg.num_groups > 1:
@@ -172,6 +179,10 @@ class MoE(nn.Module):
         self.sequence_parts = 1
         self.sequence_index = 0  # which part of every sequence this rank holds
         self.skipped_positions = 0  # MTP depth k's layer sees the first T - k positions
+        # Anticipatory Routing (set from outside, train/anticipatory.py): a list that every
+        # forward appends its chosen experts to, and the experts the next forward must use.
+        self.route_record: list[torch.Tensor] | None = None
+        self.planned_routes: torch.Tensor | None = None
 
     def forward(
         self, x: torch.Tensor, token_ids: torch.Tensor | None = None
@@ -184,7 +195,10 @@ class MoE(nn.Module):
             if token_ids.shape[1] != x.shape[1]:
                 token_ids = token_ids.chunk(self.sequence_parts, dim=1)[self.sequence_index]
             token_ids = token_ids.flatten()
-        weights, expert_ids, scores = self.router(flat, token_ids)
+        weights, expert_ids, scores = self.router(flat, token_ids, self.planned_routes)
+        if self.route_record is not None:
+            self.route_record.append(expert_ids.detach().to(torch.int16 if
+                                     self.cfg.num_experts <= 2**15 else torch.int32))  # fmt: skip
         permuted, order, counts = self._permute(flat, expert_ids, self.cfg.num_experts)
         if self.training and not recomputing():
             self.tokens_per_expert += counts

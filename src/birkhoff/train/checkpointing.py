@@ -73,8 +73,9 @@ def save(trainer: Trainer, manager: CheckpointManager) -> float:
         "rank": ctx.rank,
         "dp_rank": ctx.dp_rank,
         "dp_size": ctx.dp_size,
-        "loader": trainer.loader.state_dict(),
+        "loader": trainer.routing.loader_state(trainer.loader),
         "rng": rng_states(),
+        "anticipatory": trainer.routing.state_dict(),
     }
     meta = {
         "tokens_seen": trainer.step * trainer.tokens_per_step,
@@ -146,8 +147,13 @@ def _restore_rank_state(trainer: Trainer, saved: list[dict], meta: dict[str, Any
     wanted = ctx.dp_rank if same_dp else 0
     loader_state = next(s for s in saved if s["dp_rank"] == wanted)["loader"]
     trainer.loader.load_state_dict(loader_state)
-    if meta["world_size"] == ctx.world_size and len(saved) > ctx.rank:
+    same_layout = meta["world_size"] == ctx.world_size and len(saved) > ctx.rank
+    if same_layout:
         set_rng_states(saved[ctx.rank]["rng"])
+    # Recorded experts are per rank's tokens: usable only on the very same layout.
+    same_layout = same_layout and meta["degrees"] == (dict(ctx.degrees) or {"world": 1})
+    mine = saved[ctx.rank] if same_layout else saved[0]
+    trainer.routing.load_state_dict(mine.get("anticipatory"), same_layout, trainer.device)
 
 
 def _changes(trainer: Trainer, meta: dict[str, Any]) -> str:

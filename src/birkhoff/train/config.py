@@ -7,6 +7,7 @@ from pathlib import Path
 
 from birkhoff import kernels
 from birkhoff.errors import require, require_choice
+from birkhoff.train.stability_config import AnticipatoryConfig, FaultConfig, SpikeConfig
 
 SCHEDULES = ("cosine", "wsd", "constant")
 PRECISIONS = ("none", "bf16")
@@ -113,8 +114,19 @@ class TrainConfig:
     max_bad_steps: int = 10
     hang_timeout_s: float | None = 900
     straggler_warn_ratio: float | None = 1.5
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
+    anticipatory: AnticipatoryConfig = field(default_factory=AnticipatoryConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
 
     def validate(self, dp_size: int, pp: int = 1, prefix: str = "train") -> None:
+        self.spike.validate(f"{prefix}.spike")
+        self.anticipatory.validate(f"{prefix}.anticipatory")
+        self.fault.validate(f"{prefix}.fault")
+        mode, key = self.anticipatory.mode, f"{prefix}.anticipatory.mode"
+        needs = f"needs {prefix}.spike.enabled=true (spikes switch it on), or use always"
+        require(mode != "spike" or self.spike.enabled, key, mode, needs)
+        require(mode == "off" or pp == 1, key, mode, "needs parallel.pp=1 (the look-ahead "
+                "forward does not run through the pipeline schedule)")  # fmt: skip
         weight, freeze = self.mtp_loss_weight_at_decay, self.router_bias_freeze_fraction
         require(weight is None or weight >= 0, f"{prefix}.mtp_loss_weight_at_decay", weight,
                 "must be >= 0, or null to keep model.mtp.loss_weight")  # fmt: skip

@@ -75,6 +75,12 @@ class TrainRecipe:
                 warmup,
                 "needs a CSA layer (model.attention.kind=v4 with csa in its layer_types)",
             )
+        moe = self.model.moe
+        learned = (self.model.num_layers - moe.first_k_dense - moe.hash_layers) * moe.num_experts
+        mode = self.train.anticipatory.mode
+        require(mode == "off" or learned > 0, "train.anticipatory.mode", mode,
+                "needs MoE layers with learned routing (model.moe.first_k_dense and "
+                "hash_layers leave none)")  # fmt: skip
         parallel = self.parallel
         require_engram_placement(
             parallel.engram_row_shard, parallel.engram_host, self.optim.engram_update

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import signal
@@ -34,6 +33,7 @@ from birkhoff.parallel import DistributedContext
 from birkhoff.parallel.device import peak_memory_mib
 from birkhoff.parallel.grad_norm import clip_grad_norm
 from birkhoff.parallel.parallelize import wrap_ddp
+from birkhoff.train.anticipatory import AnticipatoryRouting
 from birkhoff.train.attention_stats import indexer_stats
 from birkhoff.train.checkpointing import (
     checkpoint_manager,
@@ -42,7 +42,6 @@ from birkhoff.train.checkpointing import (
     save,
 )
 from birkhoff.train.expert_balance import balance_experts
-from birkhoff.train.failures import TrainingError
 from birkhoff.train.indexer_warmup import dense_indexing, keep_only_indexer_gradients
 from birkhoff.train.metrics import MetricLogger
 from birkhoff.train.mfu import mfu_meter
@@ -51,6 +50,7 @@ from birkhoff.train.optim import build_optimizer
 from birkhoff.train.phase_schedules import PhaseSchedules
 from birkhoff.train.recipe import TrainRecipe
 from birkhoff.train.residual import check_residual_constraint, residual_stats
+from birkhoff.train.spikes import StepGuard
 from birkhoff.train.stop import StopSignal
 from birkhoff.train.stragglers import StragglerMonitor
 from birkhoff.train.watchdog import HangWatchdog
@@ -129,7 +129,9 @@ class Trainer:
         mtp = share.cfg.mtp
         self.phases = PhaseSchedules(train_cfg, recipe.optim, mtp.loss_weight, mtp.depth > 0)
         self.step = 0
-        self.bad_steps = self.consecutive_bad_steps = 0
+        self.guard = StepGuard(train_cfg.spike, train_cfg.fault, train_cfg.on_bad_step,
+                               train_cfg.max_bad_steps)  # fmt: skip
+        self.routing = AnticipatoryRouting.of(train_cfg.anticipatory, self.model_parts)
 
     def fit(
         self,
@@ -150,6 +152,7 @@ class Trainer:
         if self.checkpoints is not None:
             resume(self, self.checkpoints)
             watchdog.progress(self.step)
+        self.guard.take(self)  # a spike in the first steps can roll back to the start
         if restart:
             self.metrics.log({"step": self.step, "restart": restart})
         first_loss = last_loss = float("nan")
@@ -191,7 +194,9 @@ class Trainer:
             "mfu": self.mfu.mfu((self.step - first_step) * self.tokens_per_step / elapsed),
             "world_size": self.ctx.world_size,
             "stopped_by": signal.Signals(stop.agreed).name if stop.agreed else None,
-            "bad_steps": self.bad_steps,
+            "bad_steps": self.guard.bad_steps,
+            "spikes": self.guard.spikes,
+            "rollbacks": self.guard.rollbacks,
         }
 
     def _checkpoint(self, last: bool) -> dict[str, float]:
@@ -246,8 +251,9 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         step_start = time.perf_counter()
         self.parallel_model.train()
-        micro_batches = self.loader.next_batch()
-        data_wait, cpu_start = time.perf_counter() - step_start, time.process_time()
+        micro_batches = self.routing.next_batch(self)
+        data_wait = time.perf_counter() - step_start - self.routing.seconds
+        cpu_start = time.process_time()
         warming = self.step < self.recipe.train.indexer_warmup_steps
         self.phases.apply(self.model_parts, self.step)
         with dense_indexing(self.model_parts, warming):
@@ -256,16 +262,20 @@ class Trainer:
             hook(self)
         if warming:
             keep_only_indexer_gradients(self.model_parts)
+        self.guard.scale_gradients(self)
         residual = self._check_residual_constraint()
         grad_norm = self._clip_gradients()
         loss = self.reduce_loss(loss_sum)  # both agreed over ranks: all take one decision
-        bad = not (math.isfinite(loss) and math.isfinite(grad_norm))
-        if bad:
-            return self._bad_step(loss, grad_norm, time.perf_counter() - step_start)
-        self.consecutive_bad_steps = 0
+        self.routing.clear()
+        why = self.guard.verdict(loss, grad_norm)
+        if why is not None:
+            record = self.guard.skip(self, why, loss, grad_norm)
+            return {**record, "step_time_s": time.perf_counter() - step_start}
         lr = self.schedulers[0].get_last_lr()[0]
+        with self.guard.scaled_update(self):
+            for optimizer in self.optimizers:
+                optimizer.step()
         for optimizer, scheduler in zip(self.optimizers, self.schedulers, strict=True):
-            optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         experts = balance_experts(
@@ -295,45 +305,19 @@ class Trainer:
             **experts,
             **indexer_stats(self.model_parts, self.ctx, self.has_indexer),
             **self.phases.metrics(self.step - 1),
-        }
-
-    def _bad_step(self, loss: float, grad_norm: float, seconds: float) -> dict[str, Any]:
-        """A non-finite loss or gradient norm: nothing is updated (parameters, optimizer
-        moments, LR schedule, router biases), the batch stays consumed, the step is not
-        counted; the run fails with `on_bad_step=fail` or after `max_bad_steps` in a row."""
-        cfg = self.recipe.train
-        for optimizer in self.optimizers:
-            optimizer.zero_grad(set_to_none=True)
-        balance_experts(self.model_parts, self.ctx, self.routed_per_layer, apply=False)
-        self.bad_steps += 1
-        self.consecutive_bad_steps += 1
-        what = f"loss {loss}, gradient norm {grad_norm}"
-        if cfg.on_bad_step == "fail" or self.consecutive_bad_steps >= cfg.max_bad_steps:
-            times = "" if cfg.on_bad_step == "fail" else f"{self.consecutive_bad_steps} in a row, "
-            raise TrainingError(
-                f"the step after step {self.step} was not finite ({what}; {times}"
-                f"train.on_bad_step={cfg.on_bad_step}, train.max_bad_steps={cfg.max_bad_steps})"
-                "; lower optim.lr or check the data, and resume from the last checkpoint"
-            )
-        if self.ctx.is_main:
-            print(f"birkhoff: skipped a step after step {self.step}: {what}", flush=True)
-        return {
-            "step": self.step,
-            "skipped": 1,
-            "loss": loss,
-            "grad_norm": grad_norm,
-            "bad_steps": self.bad_steps,
-            "step_time_s": seconds,
+            **self.guard.applied(self, loss, grad_norm),
+            **self.routing.metrics(),
         }
 
     def forward_backward(self, micro_batches: list[Batch]) -> torch.Tensor:
         """Accumulate the gradients of one step; returns the summed micro-batch losses."""
         if self.pipeline is not None:
-            with self._autocast():
+            with self.autocast():
                 return self.pipeline.train_step(micro_batches, self.device)
         loss_sum = torch.zeros((), device=self.device)
         for index, batch in enumerate(micro_batches):
-            with self._gradient_sync(index == len(micro_batches) - 1), self._autocast():
+            self.routing.plan(index)
+            with self._gradient_sync(index == len(micro_batches) - 1), self.autocast():
                 loss = self._forward(batch.to(self.device), with_targets=True)
             (loss / self.grad_accum).backward()
             loss_sum += loss.detach()
@@ -353,7 +337,7 @@ class Trainer:
         for first in range(0, len(self.heldout), batch_size):
             mine = first + self.ctx.dp_rank * per_rank
             batch = self.build_batch(self.heldout[mine : mine + per_rank]).to(self.device)
-            with self._autocast():
+            with self.autocast():
                 if self.pipeline is not None:
                     losses.append(self.pipeline.evaluate(batch))
                     continue
@@ -395,6 +379,6 @@ class Trainer:
             return nullcontext()
         return self.parallel_model.no_sync()
 
-    def _autocast(self):
+    def autocast(self):
         enabled = self.recipe.train.mixed_precision == "bf16"
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)

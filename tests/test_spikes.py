@@ -1,0 +1,132 @@
+"""Loss-spike handling: host snapshots, the spike rule, rollback that skips the spike's data,
+checkpoints of the abandoned steps set aside, and fault injection."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_train import read_metrics, train_in_process
+
+from birkhoff.checkpoint.contents import read_tensors
+from birkhoff.data import open_data
+from birkhoff.launch.recipe import load_recipe
+from birkhoff.parallel import distributed
+from birkhoff.train.metrics import MetricLogger
+from birkhoff.train.snapshot import restore_snapshot, take_snapshot
+from birkhoff.train.spikes import exceeds
+from birkhoff.train.trainer import Trainer
+from conftest import SMALL_OVERRIDES, compose_recipe
+
+SPIKE = [
+    "train.eval_every=0",
+    "train.spike.enabled=true",
+    "train.spike.window=6",
+    "train.spike.loss_sigmas=3",
+    "train.spike.snapshot_every=5",
+    "train.fault.step=12",
+    "train.fault.update_scale=30",
+]
+
+
+def trainer_of(overrides: list[str], ctx) -> Trainer:
+    recipe, _ = load_recipe(compose_recipe(SMALL_OVERRIDES + overrides), env={})
+    return Trainer(recipe, open_data(recipe.data), ctx, torch.device("cpu"), MetricLogger([]))
+
+
+def test_the_spike_rule_is_mean_plus_k_population_std_of_a_full_window():
+    from collections import deque
+
+    losses = [3.0, 2.0, 4.0, 3.5]
+    history = deque(losses, maxlen=4)
+    threshold = np.mean(losses) + 2 * np.std(losses)  # numpy's std is the population's
+    assert not exceeds(history, threshold - 1e-9, 2.0)
+    assert exceeds(history, threshold + 1e-9, 2.0)
+    assert not exceeds(deque(losses[:3], maxlen=4), 1e9, 2.0)  # the window is not full yet
+    assert not exceeds(history, 1e9, None)  # this quantity is not tested
+
+
+def test_a_snapshot_puts_back_parameters_buffers_and_optimizer_state_exactly():
+    with distributed(torch.device("cpu"), {}) as ctx:
+        trainer = trainer_of(["train.steps=6"], ctx)
+        for _ in range(2):
+            trainer.train_step()
+        model_before = copy.deepcopy(trainer.model.state_dict())
+        optim_before = copy.deepcopy(trainer.optimizers[0].state_dict())
+        snapshot = take_snapshot(2, trainer.model_parts, trainer.optimizers)
+        for _ in range(2):
+            trainer.train_step()
+        moved = trainer.model.state_dict()
+        biases = [n for n in moved if n.endswith("router.bias")]
+        assert biases and any(not moved[n].equal(model_before[n]) for n in biases)
+        restore_snapshot(snapshot, trainer.model_parts, trainer.optimizers)
+        after = trainer.model.state_dict()
+        assert all(after[n].equal(t) for n, t in model_before.items())
+        state = trainer.optimizers[0].state_dict()["state"]
+        for index, entries in optim_before["state"].items():
+            for key, value in entries.items():
+                assert torch.equal(state[index][key], value), (index, key)
+        assert snapshot.nbytes > sum(t.numel() * t.element_size() for t in after.values())
+
+
+@pytest.fixture(scope="module")
+def spiked(tmp_path_factory) -> tuple[Path, list[dict]]:
+    """20 steps; the update of step 12 is 30 times too large; snapshots every 5 steps."""
+    run = tmp_path_factory.mktemp("spiked")
+    train_in_process(run, ["train.steps=20", "checkpoint.every=11", *SPIKE])
+    records, _ = read_metrics(run)
+    return run, records
+
+
+def test_repeated_spikes_roll_back_to_the_snapshot_before_them(spiked):
+    """Steps 11 and 12 applied (12 with the fault), then 3 attempts at step 13 spike: the
+    run goes back to the snapshot of step 10, having consumed 2 + 3 batches since it."""
+    _, records = spiked
+    skipped = [r for r in records if r.get("skipped")]
+    assert [r["step"] for r in skipped] == [12, 12, 12]
+    normal = [r["loss"] for r in records if r["step"] <= 12 and not r.get("skipped")]
+    assert all(r["loss"] > max(normal[-6:]) + 0.5 for r in skipped)
+    rollback = skipped[-1]
+    assert rollback["rolled_back_to"] == 10 and rollback["rollbacks"] == 1
+    assert rollback["rollback_skipped_batches"] == 5
+    steps = [r["step"] for r in records if not r.get("skipped")]
+    assert steps == list(range(1, 13)) + list(range(11, 21))
+
+
+def test_the_rolled_back_run_equals_one_that_skipped_the_spikes_data(spiked, tmp_path):
+    """Independent route: a run without the fault or spike handling that trains 10 steps,
+    drops the next 5 batches and trains 10 more ends with the same parameters, bit for bit."""
+    run, _ = spiked
+    with distributed(torch.device("cpu"), {}) as ctx:
+        trainer = trainer_of(["train.steps=20", "train.eval_every=0"], ctx)
+        for _ in range(10):
+            trainer.train_step()
+        for _ in range(5):
+            trainer.loader.next_batch()
+        while trainer.step < 20:
+            trainer.train_step()
+        expected = trainer.model.state_dict()
+    step = run / "checkpoints" / "step-00000020"
+    saved = read_tensors(step, [f"model.{n}" for n in expected])
+    assert all(saved[f"model.{n}"].equal(t) for n, t in expected.items())
+
+
+def test_checkpoints_of_abandoned_steps_are_set_aside(spiked):
+    run, _ = spiked
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["step-00000011", "step-00000011.rolled-back", "step-00000020"]
+
+
+def test_a_gradient_norm_spike_is_skipped_and_the_fault_is_not_repeated(tmp_path):
+    overrides = [
+        "train.steps=14", "train.eval_every=0", "train.spike.enabled=true",
+        "train.spike.window=6", "train.spike.loss_sigmas=null", "train.spike.grad_norm_sigmas=20",
+        "train.fault.step=12", "train.fault.gradient_scale=1000",
+    ]  # fmt: skip
+    summary = train_in_process(tmp_path, overrides)
+    records, _ = read_metrics(tmp_path)
+    assert [r["step"] for r in records if r.get("skipped")] == [11]
+    assert summary["spikes"] == 1 and summary["rollbacks"] == 0 and summary["steps"] == 14
