@@ -16,6 +16,8 @@ from contextlib import contextmanager
 
 import torch
 
+from birkhoff.train.sinkhorn_update import sinkhorn_step
+
 
 @contextmanager
 def hidden_gradients(params: list[torch.Tensor]) -> Iterator[None]:
@@ -34,7 +36,8 @@ def hidden_gradients(params: list[torch.Tensor]) -> Iterator[None]:
 class AdamW(torch.optim.AdamW):
     """torch's AdamW for dense gradients; the lazy row update for sparse (COO) ones. The
     state of either kind is AdamW's own (step, exp_avg, exp_avg_sq), so checkpoints do not
-    depend on which ran."""
+    depend on which ran. Groups marked `sinkhorn` (lr, momentum, update_rms) take V4.1's
+    Sinkhorn-balanced update instead (train/sinkhorn_update.py)."""
 
     @torch.no_grad()
     def step(self, closure=None):  # torch's signature
@@ -42,12 +45,18 @@ class AdamW(torch.optim.AdamW):
             (group, p)
             for group in self.param_groups
             for p in group["params"]
-            if p.grad is not None and p.grad.is_sparse
+            if p.grad is not None and p.grad.is_sparse and not group.get("sinkhorn")
         ]
-        with hidden_gradients([p for _, p in sparse]):  # torch's AdamW refuses sparse ones
+        balanced = [g for g in self.param_groups if g.get("sinkhorn")]
+        hidden = [p for _, p in sparse] + [p for g in balanced for p in g["params"]]
+        with hidden_gradients(hidden):  # torch's AdamW refuses sparse ones
             loss = super().step(closure)
         for group, p in sparse:
             self._row_update(group, p, p.grad.coalesce())
+        for group in balanced:
+            for p in group["params"]:
+                if p.grad is not None:
+                    sinkhorn_step(p, self.state[p], group)
         return loss
 
     def _row_update(self, group: dict, param: torch.Tensor, grad: torch.Tensor) -> None:

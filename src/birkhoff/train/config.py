@@ -16,6 +16,7 @@ WANDB_MODES = ("offline", "online")
 BAD_STEP_ACTIONS = ("skip", "fail")
 ENGRAM_UPDATES = ("dense", "sparse")
 OPTIMIZERS = ("adamw", "muon_v4")
+EMBEDDING_UPDATES = ("adamw", "sinkhorn")
 MAX_STEPS = 10**12
 
 
@@ -42,6 +43,11 @@ class OptimConfig:
     # muon_v4: Muon's momentum and the RMS its updates are scaled to (V4: 0.95, 0.18)
     muon_momentum: float = 0.95
     muon_update_rms: float = 0.18
+    # adamw, or sinkhorn: V4.1's Sinkhorn-balanced update for the embedding, the head and the
+    # Engram tables (train/sinkhorn_update.py), with its EMA momentum and update RMS
+    embedding_update: str = "adamw"
+    sinkhorn_momentum: float = 0.95
+    sinkhorn_update_rms: float = 0.18
 
     def validate(self, prefix: str = "optim") -> None:
         require_choice(f"{prefix}.name", self.name, OPTIMIZERS)
@@ -68,6 +74,14 @@ class OptimConfig:
         )
         require_choice(f"{prefix}.schedule", self.schedule, SCHEDULES)
         require_choice(f"{prefix}.engram_update", self.engram_update, ENGRAM_UPDATES)
+        update, key = self.embedding_update, f"{prefix}.embedding_update"
+        require_choice(key, update, EMBEDDING_UPDATES)
+        require(update != "sinkhorn" or self.engram_update == "dense", key, update,
+                f"needs {prefix}.engram_update=dense (its column norms span every row of a "
+                "table)")  # fmt: skip
+        momentum, rms = self.sinkhorn_momentum, self.sinkhorn_update_rms
+        require(0 <= momentum < 1, f"{prefix}.sinkhorn_momentum", momentum, "must be in [0, 1)")
+        require(rms > 0, f"{prefix}.sinkhorn_update_rms", rms, "must be > 0")
         require(self.warmup_steps >= 0, f"{prefix}.warmup_steps", self.warmup_steps, "must be >= 0")
         require(
             0 < self.decay_fraction <= 1,

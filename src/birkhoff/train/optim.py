@@ -65,6 +65,37 @@ def muon_param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     return [{**group, "name": "muon"}, *groups]
 
 
+def balanced_tables(model: nn.Module) -> list[nn.Parameter]:
+    """What the Sinkhorn-balanced update trains: the token embedding, the head (once, if
+    tied to it) and the Engram tables."""
+    chosen = {}
+    for name, module in model.named_modules():
+        head = isinstance(module, nn.Linear) and name.split(".")[-1] == "head"
+        if head or isinstance(module, nn.Embedding):
+            chosen[id(module.weight)] = module.weight
+        elif isinstance(module, Engram):
+            chosen[id(module.table.weight)] = module.table.weight
+    return list(chosen.values())
+
+
+def with_balanced_tables(groups: list[dict], model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """optim.embedding_update=sinkhorn: the tables move from their groups into `sinkhorn`
+    groups of the same learning rate (Engram's multiplier kept), without weight decay."""
+    if cfg.embedding_update != "sinkhorn":
+        return groups
+    tables = {id(p) for p in balanced_tables(model)}
+    settings = {"momentum": cfg.sinkhorn_momentum, "update_rms": cfg.sinkhorn_update_rms}
+    balanced = []
+    for group in groups:
+        moved = [p for p in group["params"] if id(p) in tables]
+        group["params"] = [p for p in group["params"] if id(p) not in tables]
+        if moved:
+            name, lr = f"sinkhorn_{group['name']}", group.get("lr", cfg.lr)
+            balanced.append({"params": moved, "weight_decay": 0.0, "lr": lr, "name": name,
+                             "sinkhorn": True, **settings})  # fmt: skip
+    return [g for g in groups if g["params"]] + balanced
+
+
 def build_optimizer(
     model: nn.Module, cfg: OptimConfig, total_steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
@@ -72,8 +103,10 @@ def build_optimizer(
     rest, one learning rate and schedule for both)."""
     settings = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps}
     if cfg.name == "muon_v4":
-        optimizer = MuonV4(muon_param_groups(model, cfg), **settings)
+        groups = muon_param_groups(model, cfg)
     else:
-        optimizer = AdamW(param_groups(model, cfg.weight_decay, cfg.lr), **settings)
+        groups = param_groups(model, cfg.weight_decay, cfg.lr)
+    groups = with_balanced_tables(groups, model, cfg)
+    optimizer = (MuonV4 if cfg.name == "muon_v4" else AdamW)(groups, **settings)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg, total_steps))
     return optimizer, scheduler
