@@ -127,3 +127,53 @@ def test_bad_muon_settings_fail_naming_the_key():
     for key, value in (("muon_momentum", 1.0), ("muon_update_rms", 0.0), ("name", "sgd")):
         with pytest.raises(RecipeError, match=f"optim.{key}"):
             OptimConfig(**{key: value}).validate()
+
+
+def _owner_rank(rank: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    mesh = init_device_mesh("cpu", (2,))
+    torch.manual_seed(5)  # the same full tensors on both ranks
+    shapes = [(12, 8), (20, 6), (4, 6, 10)]  # two matrices and a stack of 4 experts
+    weights = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(2)]
+    results = {}
+    for sharded in (False, True):
+        place = (lambda t: distribute_tensor(t, mesh, [Shard(0)])) if sharded else (lambda t: t)
+        params = [torch.nn.Parameter(place(w.clone())) for w in weights]
+        group = {"params": params, "muon": True, "momentum": 0.95, "update_rms": 0.18,
+                 "weight_decay": 0.1}  # fmt: skip
+        optimizer = MuonV4([group], lr=0.02)
+        for step_grads in grads:
+            for param, grad in zip(params, step_grads, strict=True):
+                param.grad = place(grad)
+            optimizer.step()
+        results[sharded] = [p.to_local() if sharded else p for p in params]
+        results[f"work {sharded}"] = optimizer.orthogonalised
+    torch.save(results, f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_owner_ranks_share_the_work_and_give_one_process_update(tmp_path):
+    """Two ranks: each gathered matrix is orthogonalised by one owner (the larger by rank 0,
+    the other by rank 1) and each rank's 2 of the 4 experts where they lie; every rank's
+    shards equal the rows of the update one process computes."""
+    import torch.multiprocessing as mp
+    from test_resilience import free_port
+
+    mp.spawn(_owner_rank, args=(free_port(), str(tmp_path)), nprocs=2)
+    saved = [torch.load(tmp_path / f"{rank}.pt") for rank in (0, 1)]
+    whole = saved[0][False]
+    for index, expected in enumerate(whole):
+        got = torch.cat([s[True][index] for s in saved])
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    # per step: one process 1 + 1 + 4 matrices; rank 0 the 20x6 (larger) + 2 experts,
+    # rank 1 the 12x8 + 2 experts
+    assert [s["work False"] for s in saved] == [12, 12]
+    assert [s["work True"] for s in saved] == [6, 6]

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_resilience import free_port
 from test_spikes import trainer_of
 
 from birkhoff.errors import RecipeError
@@ -71,12 +71,6 @@ def test_two_steps_are_the_update_written_out():
     assert state["step"].item() == 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _sharded_rank(rank: int, port: int, out: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -100,7 +94,7 @@ def _sharded_rank(rank: int, port: int, out: str) -> None:
 def test_a_row_sharded_table_gets_its_slice_of_the_one_process_update(tmp_path: Path):
     """Column norms span every row: two ranks holding 5 and 4 rows apply exactly the rows
     of the update one process computes on the whole table."""
-    mp.spawn(_sharded_rank, args=(_free_port(), str(tmp_path)), nprocs=2)
+    mp.spawn(_sharded_rank, args=(free_port(), str(tmp_path)), nprocs=2)
     saved = [torch.load(tmp_path / f"{rank}.pt") for rank in (0, 1)]
     whole = saved[0]["whole"]
     assert torch.equal(torch.cat([s["mine"] for s in saved]), whole)

@@ -15,8 +15,12 @@ Nesterov input G.lerp(buf, mu)): (1 - mu) times V4's, which the Frobenius normal
 removes; it runs one coefficient set for all iterations (no hybrid), 2-D matrices only, and
 scales by 0.2 sqrt(max(n, m)) with adjust_lr_fn="match_rms_adamw" (V4: 0.18).
 
-Sharded matrices (FSDP, tp, ep: DTensors) are orthogonalised whole: the update a rank applies
-is the slice of the one computed on the full matrix, the same as one process's.
+Sharded matrices (FSDP, tp: DTensors) are orthogonalised whole: the update a rank applies is
+the slice of the one computed on the full matrix, the same as one process's. Each gathered
+matrix has an owner rank (round-robin by size, as V4's hybrid ZeRO) that alone runs
+Newton-Schulz and scatters the result, so the work is spread over the ranks; on meshes of
+several dimensions (HSDP, fsdp x tp) every rank computes it. Expert stacks sharded only by
+expert (ep, FSDP) are orthogonalised where they are, with no gather.
 """
 
 from __future__ import annotations
@@ -57,6 +61,8 @@ class MuonV4(AdamW):
     def __init__(self, params, schedule=V4_SCHEDULE, **adamw) -> None:  # torch's signature
         super().__init__(params, **adamw)
         self.schedule = schedule
+        self.orthogonalised = 0  # matrices this rank ran Newton-Schulz on (a work counter)
+        self._owner_cache: dict[int, dict] = {}
 
     @torch.no_grad()
     def step(self, closure=None):  # torch's signature
@@ -72,6 +78,7 @@ class MuonV4(AdamW):
         while its own update is computed, so the transient memory is the largest matrix's,
         not the model's."""
         lr = float(group["lr"])
+        owners = self._owners(group)
         for param in group["params"]:
             if param.grad is None:
                 continue
@@ -83,13 +90,53 @@ class MuonV4(AdamW):
             momentum, buffer = group["momentum"], state["momentum_buffer"]
             buffer.mul_(momentum).add_(param.grad)  # M_t = mu M_{t-1} + G_t
             nesterov = param.grad.add(buffer, alpha=momentum)  # mu M_t + G_t
-            whole = nesterov.full_tensor() if isinstance(nesterov, DTensor) else nesterov
-            rows, cols = whole.shape[-2:]
-            update = hybrid_newton_schulz(whole, self.schedule)  # experts: each on its own
-            update = update.mul_(math.sqrt(max(rows, cols)) * group["update_rms"])
-            update = update.to(param.dtype)
-            if isinstance(nesterov, DTensor):  # this rank's slice of the whole update
-                mesh, placements = nesterov.device_mesh, nesterov.placements
-                update = distribute_tensor(update, mesh, placements, src_data_rank=None)
+            update = self._update(nesterov, owners.get(id(param)), group["update_rms"])
             param.mul_(1 - lr * group["weight_decay"])
-            param.add_(update, alpha=-lr)
+            param.add_(update.to(param.dtype), alpha=-lr)
+
+    def _update(self, nesterov: torch.Tensor, owner: int | None, rms: float) -> torch.Tensor:
+        """O for this rank's part of the matrix: computed locally for whole matrices and for
+        expert stacks sharded only by expert; else the matrix is gathered, orthogonalised by
+        its owner (1-D meshes; on others by every rank) and scattered back."""
+        if not isinstance(nesterov, DTensor):
+            return self._orthogonalised(nesterov, rms)
+        mesh, placements = nesterov.device_mesh, nesterov.placements
+        if _whole_experts(nesterov):  # each expert on its own: nothing to gather
+            local = self._orthogonalised(nesterov.to_local(), rms)
+            return DTensor.from_local(local, mesh, placements, run_check=False,
+                                      shape=nesterov.shape, stride=nesterov.stride())  # fmt: skip
+        whole = nesterov.full_tensor()
+        if (
+            owner is None or mesh.get_local_rank() == owner
+        ):  # a mesh of several dimensions: every rank computes it
+            update = self._orthogonalised(whole, rms)
+        else:
+            update = torch.empty_like(whole, dtype=torch.float32)  # the owner's arrives
+        return distribute_tensor(update, mesh, placements, src_data_rank=owner)
+
+    def _orthogonalised(self, matrices: torch.Tensor, rms: float) -> torch.Tensor:
+        self.orthogonalised += matrices[..., 0, 0].numel()  # matrices this rank worked on
+        rows, cols = matrices.shape[-2:]
+        update = hybrid_newton_schulz(matrices, self.schedule)  # experts: each on its own
+        return update.mul_(math.sqrt(max(rows, cols)) * rms)
+
+    def _owners(self, group: dict) -> dict[int, int]:
+        """The rank (in its 1-D mesh) that orthogonalises each gathered matrix: round-robin
+        in order of size, largest first (V4's hybrid ZeRO for Muon), the same on every rank."""
+        if "owners" not in self._owner_cache.get(id(group), {}):
+            gathered = [
+                p for p in group["params"]
+                if isinstance(p, DTensor) and p.device_mesh.ndim == 1 and not _whole_experts(p)
+            ]  # fmt: skip
+            gathered.sort(key=lambda p: -p.numel())
+            owners = {id(p): i % p.device_mesh.size() for i, p in enumerate(gathered)}
+            self._owner_cache[id(group)] = {"owners": owners}
+        return self._owner_cache[id(group)]["owners"]
+
+
+def _whole_experts(tensor: DTensor) -> bool:
+    """An expert stack (E, rows, cols) sharded only along experts: each rank holds whole
+    experts, which Muon orthogonalises one by one."""
+    return tensor.dim() == 3 and all(
+        p.is_replicate() or (p.is_shard() and p.dim == 0) for p in tensor.placements
+    )
