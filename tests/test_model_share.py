@@ -57,7 +57,8 @@ def measured(tmp_path_factory, shakespeare_shards) -> tuple[dict, dict, dict[str
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
         str(TESTS / "share_worker.py"), str(work), json.dumps(jobs),
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
+    path = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     ranks = {

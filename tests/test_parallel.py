@@ -81,7 +81,8 @@ def run_layouts(out: Path, ranks: int, layouts: dict[str, list[str]]) -> dict[st
         "--standalone", str(TESTS / "parallel_worker.py"), str(out), str(STEPS),
         json.dumps(layouts),
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
+    path = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return {name: merge_ranks(out / name) for name in layouts}
@@ -272,6 +273,8 @@ KIND = {
     "engram_sparse_all_gather": "all_gather",
     "muon_all_gather": "all_gather",
     "muon_tp_all_gather": "all_gather@tp",
+    "muon_scatter": "scatter",
+    "muon_tp_scatter": "scatter@tp",
     "pp_send_recv": "send_recv",
     "tp_all_reduce": "all_reduce@tp",
     "tp_all_gather": "all_gather@tp",

@@ -3,7 +3,8 @@ that sees every c10d and functional collective below DTensor, FSDP2, DDP and aut
 measurement `birkhoff plan` is checked against).
 
 Payload per call: the gathered tensor of an all-gather, the input of a reduce-scatter or an
-all-to-all, the tensor of an all-reduce, a broadcast, a send or a receive."""
+all-to-all, the tensor of an all-reduce, a broadcast, a send or a receive, the shard a scatter
+delivers."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ _OPS = {
     _C10D.allreduce_coalesced_: ("all_reduce", 0, 1),
     _C10D.alltoall_base_: ("all_to_all", 1, 2),
     _C10D.broadcast_: ("broadcast", 0, 1),
+    _C10D.scatter_: ("scatter", 0, 2),
     _C10D.send: ("send_recv", 0, 1),
     _C10D.recv_: ("send_recv", 0, 1),
     _FUNCTIONAL.all_reduce: ("all_reduce", 0, 2),

@@ -124,14 +124,22 @@ class MuonV4(AdamW):
         """The rank (in its 1-D mesh) that orthogonalises each gathered matrix: round-robin
         in order of size, largest first (V4's hybrid ZeRO for Muon), the same on every rank."""
         if "owners" not in self._owner_cache.get(id(group), {}):
-            gathered = [
-                p for p in group["params"]
-                if isinstance(p, DTensor) and p.device_mesh.ndim == 1 and not _whole_experts(p)
-            ]  # fmt: skip
+            gathered = [p for p in group["params"] if _owned(p)]
             gathered.sort(key=lambda p: -p.numel())
             owners = {id(p): i % p.device_mesh.size() for i, p in enumerate(gathered)}
             self._owner_cache[id(group)] = {"owners": owners}
         return self._owner_cache[id(group)]["owners"]
+
+
+def _owned(param: torch.Tensor) -> bool:
+    """Gathered from shards of a 1-D mesh: one owner computes it (a replicated matrix is
+    computed by every rank, which costs no communication)."""
+    return (
+        isinstance(param, DTensor)
+        and param.device_mesh.ndim == 1
+        and any(p.is_shard() for p in param.placements)
+        and not _whole_experts(param)
+    )
 
 
 def _whole_experts(tensor: DTensor) -> bool:

@@ -30,6 +30,8 @@ COLLECTIVES = (
     "engram_host_copy",
     "muon_all_gather",
     "muon_tp_all_gather",
+    "muon_scatter",
+    "muon_tp_scatter",
     "tp_all_reduce",
     "tp_all_gather",
     "tp_reduce_scatter",
@@ -107,29 +109,40 @@ def _stage_communication(inv: Inventory, layout: Layout, work: Workload, stage: 
     if layout.pp > 1:
         comm["pp_send_recv"] = micro_batches * _pipeline_bytes(cfg, work, layout, stage, tokens)
     if layout.muon:
-        comm["muon_all_gather"], comm["muon_tp_all_gather"] = _muon_gather_bytes(layout, held)
+        comm.update(_muon_bytes(layout, held))
     return comm
 
 
-def _muon_gather_bytes(layout: Layout, held: list) -> tuple[float, float]:
-    """Per step, Muon's gathers of its sharded matrices (float32 Nesterov inputs), outside
-    tp and inside it: each gather's output, the outer mesh dimension first (FSDP's dp_shard,
-    then tp; experts over dp_shard / ep, then ep)."""
-    outside = inside = 0.0
+def muon_owner_group(layout: Layout, tp_split: bool) -> int:
+    """The ranks among which one owner orthogonalises a (non-expert) matrix and scatters it:
+    those of its 1-D mesh when it is sharded on one (FSDP's dp_shard alone, or tp alone for a
+    tp-split matrix); 1 where every rank computes it (meshes of several dimensions, HSDP,
+    replicated matrices). Routed experts are sharded by expert only: never gathered."""
+    if layout.dp_replicate > 1:
+        return 1
+    if layout.dp_shard > 1:
+        return layout.dp_shard if layout.tp == 1 else 1
+    return layout.tp if tp_split and layout.tp > 1 else 1
+
+
+def _muon_bytes(layout: Layout, held: list) -> dict[str, float]:
+    """Per step, Muon's gathers of its sharded matrices (float32 Nesterov inputs; each
+    gather's output, FSDP's dp_shard dimension first, then tp) and the owners' scatters back
+    (each rank's shard)."""
+    comm = dict.fromkeys(("muon_all_gather", "muon_tp_all_gather", "muon_scatter",
+                          "muon_tp_scatter"), 0.0)  # fmt: skip
     for g in held:
-        if not g.muon:
-            continue
-        if g.expert:
-            if layout.dp_shard // layout.ep > 1:
-                outside += 4 * g.numel / layout.ep
-            if layout.ep > 1:
-                outside += 4 * g.numel
+        if not g.muon or g.expert:
             continue
         if layout.dp_shard > 1:
-            outside += 4 * tp_local(g, layout)
+            comm["muon_all_gather"] += 4 * tp_local(g, layout)
         if g.tp_split and layout.tp > 1:
-            inside += 4 * g.numel
-    return outside, inside
+            comm["muon_tp_all_gather"] += 4 * g.numel
+        owners = muon_owner_group(layout, g.tp_split)
+        name = "muon_scatter" if layout.dp_shard > 1 else "muon_tp_scatter"
+        if owners > 1:
+            comm[name] += 4 * g.numel / owners
+    return comm
 
 
 def _tensor_parallel_bytes(cfg, layout: Layout, runs, act: int, seq: int) -> dict:
@@ -266,6 +279,8 @@ def comm_seconds(comm: dict[str, float], layout: Layout, cluster: Cluster) -> di
         "engram_sparse_all_gather": (layout.dp, layout.devices // layout.pp, 1),
         "muon_all_gather": (layout.dp_shard, tp_span * layout.dp_shard, 1),
         "muon_tp_all_gather": (layout.tp, tp_span, 1),
+        "muon_scatter": (layout.dp_shard, tp_span * layout.dp_shard, 1),
+        "muon_tp_scatter": (layout.tp, tp_span, 1),
         "tp_all_reduce": (layout.tp, tp_span, 2),
         "tp_all_gather": (layout.tp, tp_span, 1),
         "tp_reduce_scatter": (layout.tp, tp_span, 1),

@@ -45,6 +45,7 @@ from birkhoff.parallel.planning.communication import (
     TP_COLLECTIVES,
     comm_seconds,
     communication,
+    muon_owner_group,
 )
 from birkhoff.parallel.planning.inventory import Inventory
 from birkhoff.parallel.planning.layout import (
@@ -105,7 +106,7 @@ def estimate(inv: Inventory, layout: Layout, work: Workload, cluster: Cluster) -
         key=lambda m: m["total"],
     )
     compute_s = _compute_seconds(inv, layout, work, cluster)
-    # Muon: every rank orthogonalises every whole matrix of its stages (no owner ranks yet)
+    # Muon: each rank orthogonalises its own experts and its share of the owned matrices
     muon_flops = max(
         newton_schulz_flops(_muon_matrices(inv, layout, _rank_keys(layout, stages, rank)))
         for rank in range(layout.pp)
@@ -143,7 +144,7 @@ def _exposed(comm: dict, layout: Layout, cluster: Cluster, compute_s: float) -> 
     on_path = (*TP_COLLECTIVES, "ep_all_to_all", "engram_all_to_all", "pp_send_recv")
     # between backward and the optimizer step; host copies when the forward asks (no prefetch)
     on_path += ("engram_sparse_all_gather", "engram_host_copy", "muon_all_gather")
-    on_path += ("muon_tp_all_gather",)
+    on_path += ("muon_tp_all_gather", "muon_scatter", "muon_tp_scatter")
     critical = sum(times[k] for k in on_path)
     overlapped = sum(t for k, t in times.items() if k not in on_path)
     return comm, times, critical + max(0.0, overlapped - compute_s)
@@ -197,9 +198,9 @@ def _rank_memory(inv, layout, work, pp_rank, stages, order, micro_batches) -> di
     # The backward peak (the loss's backward, or a pipeline stage's last forward) holds the
     # gradients only where an earlier micro-batch of the step made them.
     backward = state + memory["activations"] + (memory["grads"] if micro_batches > 1 else 0.0)
-    # Muon's step holds one matrix (an expert stack) whole at a time: the Nesterov input, the
-    # iterate, its Gram matrices and the update, float32
-    largest = max((n * r * c for n, r, c in _muon_matrices(inv, layout, keys)), default=0)
+    # Muon's step holds one matrix (its own experts' stack) whole at a time: the Nesterov
+    # input, the iterate, its Gram matrices and the update, float32
+    largest = max((max(n, 1) * r * c for n, r, c in _muon_matrices(inv, layout, keys)), default=0)
     memory["total"] = max(backward, state + memory["grads"] + 4 * 4 * largest)
     # host-resident tables, their AdamW state and gradients: host memory, not the device's
     memory["host"] = (1.0 - on_device) * (12 * tables + table_grads)
@@ -267,11 +268,19 @@ def model_flops_per_token(inv: Inventory, work: Workload) -> float:
     return 3 * (inv.matmul_flops_per_token() + _attention_flops_per_token(inv, work.seq_len))
 
 
-def _muon_matrices(inv: Inventory, layout: Layout, keys: set[int]) -> list[tuple[int, int, int]]:
-    """(matrices, rows, columns) of what Muon orthogonalises on a rank holding `keys`."""
+def _muon_matrices(inv: Inventory, layout: Layout, keys: set[int]) -> list[tuple[float, int, int]]:
+    """(matrices, rows, columns) of what Muon orthogonalises on a rank holding `keys`: the
+    rank's own experts, and of the other matrices its owner's share (train/muon.py)."""
     if not layout.muon:
         return []
-    return [t.matrices for t in inv.params if t.matrices and t.layer in keys]
+    shapes = []
+    for t in inv.params:
+        if not t.matrices or t.layer not in keys:
+            continue
+        count, rows, cols = t.matrices
+        ranks = layout.dp_shard if t.expert else muon_owner_group(layout, t.tp_split)
+        shapes.append((count / ranks, rows, cols))
+    return shapes
 
 
 def newton_schulz_flops(shapes: list[tuple[int, int, int]]) -> float:
