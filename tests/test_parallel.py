@@ -118,7 +118,6 @@ LAYOUTS = {
     "fsdp=2": (2, ["parallel.dp_shard=2", MICRO_4]),
     "tp=2": (2, ["parallel.tp=2", MICRO_4]),
     "tp=2 + sequence parallel": (2, [*TP_SP, MICRO_4]),
-    "ep=2": (2, ["parallel.dp_shard=2", "parallel.ep=2", MICRO_4]),
     # micro-batches of 2: two accumulated per rank, which the sharded rows must average right
     "fsdp=2 + Engram rows sharded": (
         2,
@@ -182,6 +181,7 @@ LAYOUTS = {
         4,
         ["parallel.dp_replicate=2", "parallel.dp_shard=2", SPARSE, "train.micro_batch_size=2"],
     ),
+    # ep on 2 ranks (its forward and backward as with AdamW; 4 ranks: fsdp x ep above)
     "ep=2 + Muon": (2, ["parallel.dp_shard=2", "parallel.ep=2", MUON, MICRO_4]),
     "tp=2 + sequence parallel + Muon": (2, [*TP_SP, MUON, MICRO_4]),
 }

@@ -122,11 +122,11 @@ def test_checkpoints_of_abandoned_steps_are_set_aside(spiked):
 
 def test_a_gradient_norm_spike_is_skipped_and_the_fault_is_not_repeated(tmp_path):
     overrides = [
-        "train.steps=14", "train.eval_every=0", "train.spike.enabled=true",
-        "train.spike.window=6", "train.spike.loss_sigmas=null", "train.spike.grad_norm_sigmas=20",
-        "train.fault.step=12", "train.fault.gradient_scale=1000",
+        "train.steps=11", "train.eval_every=0", "train.spike.enabled=true",
+        "train.spike.window=5", "train.spike.loss_sigmas=null", "train.spike.grad_norm_sigmas=20",
+        "train.fault.step=10", "train.fault.gradient_scale=1000",
     ]  # fmt: skip
     summary = train_in_process(tmp_path, overrides)
     records, _ = read_metrics(tmp_path)
-    assert [r["step"] for r in records if r.get("skipped")] == [11]
-    assert summary["spikes"] == 1 and summary["rollbacks"] == 0 and summary["steps"] == 14
+    assert [r["step"] for r in records if r.get("skipped")] == [9]
+    assert summary["spikes"] == 1 and summary["rollbacks"] == 0 and summary["steps"] == 11
