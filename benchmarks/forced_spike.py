@@ -80,7 +80,7 @@ def main() -> None:
     records = {name: train(args.out, name, extra, args) for name, extra in runs(args).items()}
     summaries = {n: json.loads((args.out / n / "summary.json").read_text()) for n in records}
     recovered = records["recovered"]
-    rollback = next((r for r in recovered if "rolled_back_to" in r), {})
+    rollbacks = [r for r in recovered if "rolled_back_to" in r]
     routing = step_seconds(records["routing"])
     report = {
         "model": args.model,
@@ -88,8 +88,10 @@ def main() -> None:
         "fault": {"step": args.fault_step, "update_scale": args.update_scale},
         "heldout_loss": {n: s["heldout_loss"] for n, s in summaries.items()},
         "spikes": summaries["recovered"]["spikes"],
-        "rolled_back_to": rollback.get("rolled_back_to"),
-        "rollback_skipped_batches": rollback.get("rollback_skipped_batches"),
+        "rollbacks": [
+            {k: r[k] for k in ("step", "rolled_back_to", "rollback_skipped_batches")}
+            for r in rollbacks
+        ],
         "loss_after_fault": {
             n: [round(r["loss"], 4) for r in records[n] if r["step"] > args.fault_step][:5]
             for n in ("clean", "fault")
