@@ -129,23 +129,27 @@ def test_bad_muon_settings_fail_naming_the_key():
             OptimConfig(**{key: value}).validate()
 
 
-def _owner_rank(rank: int, port: int, out: str) -> None:
+def _owner_rank(rank: int, port: int, out: str, fsdp_like: bool) -> None:
     import os
 
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    mesh = init_device_mesh("cpu", (2,))
+    if fsdp_like:  # FSDP2's mesh: dp_replicate (here 1 rank) x dp_shard
+        mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("dp_replicate", "dp_shard"))
+        placements = [Replicate(), Shard(0)]
+    else:
+        mesh, placements = init_device_mesh("cpu", (2,)), [Shard(0)]
     torch.manual_seed(5)  # the same full tensors on both ranks
     shapes = [(12, 8), (20, 6), (4, 6, 10)]  # two matrices and a stack of 4 experts
     weights = [torch.randn(s) for s in shapes]
     grads = [[torch.randn(s) for s in shapes] for _ in range(2)]
     results = {}
     for sharded in (False, True):
-        place = (lambda t: distribute_tensor(t, mesh, [Shard(0)])) if sharded else (lambda t: t)
+        place = (lambda t: distribute_tensor(t, mesh, placements)) if sharded else (lambda t: t)
         params = [torch.nn.Parameter(place(w.clone())) for w in weights]
         group = {"params": params, "muon": True, "momentum": 0.95, "update_rms": 0.18,
                  "weight_decay": 0.1}  # fmt: skip
@@ -160,14 +164,15 @@ def _owner_rank(rank: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def test_owner_ranks_share_the_work_and_give_one_process_update(tmp_path):
+@pytest.mark.parametrize("fsdp_like", [False, True], ids=["1-D mesh", "FSDP's 1 x 2 mesh"])
+def test_owner_ranks_share_the_work_and_give_one_process_update(tmp_path, fsdp_like):
     """Two ranks: each gathered matrix is orthogonalised by one owner (the larger by rank 0,
     the other by rank 1) and each rank's 2 of the 4 experts where they lie; every rank's
     shards equal the rows of the update one process computes."""
     import torch.multiprocessing as mp
     from test_resilience import free_port
 
-    mp.spawn(_owner_rank, args=(free_port(), str(tmp_path)), nprocs=2)
+    mp.spawn(_owner_rank, args=(free_port(), str(tmp_path), fsdp_like), nprocs=2)
     saved = [torch.load(tmp_path / f"{rank}.pt") for rank in (0, 1)]
     whole = saved[0][False]
     for index, expected in enumerate(whole):

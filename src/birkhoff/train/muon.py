@@ -18,8 +18,9 @@ scales by 0.2 sqrt(max(n, m)) with adjust_lr_fn="match_rms_adamw" (V4: 0.18).
 Sharded matrices (FSDP, tp: DTensors) are orthogonalised whole: the update a rank applies is
 the slice of the one computed on the full matrix, the same as one process's. Each gathered
 matrix has an owner rank (round-robin by size, as V4's hybrid ZeRO) that alone runs
-Newton-Schulz and scatters the result, so the work is spread over the ranks; on meshes of
-several dimensions (HSDP, fsdp x tp) every rank computes it. Expert stacks sharded only by
+Newton-Schulz and scatters the result, so the work is spread over the ranks: when the matrix
+is sharded along a single mesh dimension of more than one rank (FSDP, or tp alone); across
+several (HSDP, fsdp x tp) every rank computes it. Expert stacks sharded only by
 expert (ep, FSDP) are orthogonalised where they are, with no gather.
 """
 
@@ -106,13 +107,18 @@ class MuonV4(AdamW):
             return DTensor.from_local(local, mesh, placements, run_check=False,
                                       shape=nesterov.shape, stride=nesterov.stride())  # fmt: skip
         whole = nesterov.full_tensor()
-        if (
-            owner is None or mesh.get_local_rank() == owner
-        ):  # a mesh of several dimensions: every rank computes it
+        if owner is None:  # every rank computes it and keeps its slice
+            update = self._orthogonalised(whole, rms)
+            return distribute_tensor(update, mesh, placements, src_data_rank=None)
+        dim = _owner_dim(nesterov)  # the one dimension of more than one rank
+        if mesh.get_local_rank(dim) == owner:
             update = self._orthogonalised(whole, rms)
         else:
             update = torch.empty_like(whole, dtype=torch.float32)  # the owner's arrives
-        return distribute_tensor(update, mesh, placements, src_data_rank=owner)
+        line = mesh[mesh.mesh_dim_names[dim]] if mesh.ndim > 1 else mesh
+        mine = distribute_tensor(update, line, [placements[dim]], src_data_rank=owner)
+        return DTensor.from_local(mine.to_local(), mesh, placements, run_check=False,
+                                  shape=nesterov.shape, stride=nesterov.stride())  # fmt: skip
 
     def _orthogonalised(self, matrices: torch.Tensor, rms: float) -> torch.Tensor:
         self.orthogonalised += matrices[..., 0, 0].numel()  # matrices this rank worked on
@@ -126,25 +132,34 @@ class MuonV4(AdamW):
         if "owners" not in self._owner_cache.get(id(group), {}):
             gathered = [p for p in group["params"] if _owned(p)]
             gathered.sort(key=lambda p: -p.numel())
-            owners = {id(p): i % p.device_mesh.size() for i, p in enumerate(gathered)}
+            owners = {id(p): i % p.device_mesh.size(_owner_dim(p)) for i, p in enumerate(gathered)}
             self._owner_cache[id(group)] = {"owners": owners}
         return self._owner_cache[id(group)]["owners"]
 
 
+def _owner_dim(param: DTensor) -> int | None:
+    """The mesh dimension an owner is chosen along: the only one of more than one rank (FSDP's
+    dp_shard with dp_replicate 1, or tp alone), if the matrix is sharded over it."""
+    mesh = param.device_mesh
+    dims = [d for d, size in enumerate(mesh.shape) if size > 1]
+    named = mesh.ndim == 1 or mesh.mesh_dim_names is not None
+    if len(dims) == 1 and named and param.placements[dims[0]].is_shard():
+        return dims[0]
+    return None
+
+
 def _owned(param: torch.Tensor) -> bool:
-    """Gathered from shards of a 1-D mesh: one owner computes it (a replicated matrix is
-    computed by every rank, which costs no communication)."""
-    return (
-        isinstance(param, DTensor)
-        and param.device_mesh.ndim == 1
-        and any(p.is_shard() for p in param.placements)
-        and not _whole_experts(param)
-    )
+    """Gathered from shards along one mesh dimension: one owner computes it (a replicated
+    matrix, or one sharded over several dimensions, is computed by every rank)."""
+    if not isinstance(param, DTensor) or _whole_experts(param):
+        return False
+    return _owner_dim(param) is not None
 
 
 def _whole_experts(tensor: DTensor) -> bool:
     """An expert stack (E, rows, cols) sharded only along experts: each rank holds whole
-    experts, which Muon orthogonalises one by one."""
+    experts, which Muon orthogonalises one by one. ep inside FSDP gives a strided shard of
+    dim 0 (`_StridedShard`, which is no `Shard`): whole experts too."""
     return tensor.dim() == 3 and all(
-        p.is_replicate() or (p.is_shard() and p.dim == 0) for p in tensor.placements
+        p.is_replicate() or getattr(p, "dim", None) == 0 for p in tensor.placements
     )
