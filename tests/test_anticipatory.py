@@ -47,7 +47,8 @@ def test_the_experts_of_step_t_are_those_of_the_parameters_of_step_t_minus_dt():
         parameters, experts, batches = {}, {}, {}
         for step in range(1, 8):
             parameters[step] = copy.deepcopy(trainer.model.state_dict())  # those of step t
-            used.clear(), trained_on.clear()
+            used.clear()
+            trained_on.clear()
             trainer.train_step()
             experts[step], batches[step] = list(used), trained_on[0]
 

@@ -147,11 +147,11 @@ def _restore_rank_state(trainer: Trainer, saved: list[dict], meta: dict[str, Any
     wanted = ctx.dp_rank if same_dp else 0
     loader_state = next(s for s in saved if s["dp_rank"] == wanted)["loader"]
     trainer.loader.load_state_dict(loader_state)
-    same_layout = meta["world_size"] == ctx.world_size and len(saved) > ctx.rank
-    if same_layout:
+    same_world = meta["world_size"] == ctx.world_size and len(saved) > ctx.rank
+    if same_world:
         set_rng_states(saved[ctx.rank]["rng"])
     # Recorded experts are per rank's tokens: usable only on the very same layout.
-    same_layout = same_layout and meta["degrees"] == (dict(ctx.degrees) or {"world": 1})
+    same_layout = same_world and meta["degrees"] == (dict(ctx.degrees) or {"world": 1})
     mine = saved[ctx.rank] if same_layout else saved[0]
     trainer.routing.load_state_dict(mine.get("anticipatory"), same_layout, trainer.device)
 

@@ -63,7 +63,7 @@ class MuonV4(AdamW):
         super().__init__(params, **adamw)
         self.schedule = schedule
         self.orthogonalised = 0  # matrices this rank ran Newton-Schulz on (a work counter)
-        self._owner_cache: dict[int, dict] = {}
+        self._owners_of_group: dict[int, dict[int, int]] = {}  # group -> param -> owner
 
     @torch.no_grad()
     def step(self, closure=None):  # torch's signature
@@ -129,12 +129,12 @@ class MuonV4(AdamW):
     def _owners(self, group: dict) -> dict[int, int]:
         """The rank (in its 1-D mesh) that orthogonalises each gathered matrix: round-robin
         in order of size, largest first (V4's hybrid ZeRO for Muon), the same on every rank."""
-        if "owners" not in self._owner_cache.get(id(group), {}):
-            gathered = [p for p in group["params"] if _owned(p)]
-            gathered.sort(key=lambda p: -p.numel())
-            owners = {id(p): i % p.device_mesh.size(_owner_dim(p)) for i, p in enumerate(gathered)}
-            self._owner_cache[id(group)] = {"owners": owners}
-        return self._owner_cache[id(group)]["owners"]
+        if id(group) not in self._owners_of_group:
+            gathered = sorted((p for p in group["params"] if _owned(p)), key=lambda p: -p.numel())
+            self._owners_of_group[id(group)] = {
+                id(p): i % p.device_mesh.size(_owner_dim(p)) for i, p in enumerate(gathered)
+            }
+        return self._owners_of_group[id(group)]
 
 
 def _owner_dim(param: DTensor) -> int | None:

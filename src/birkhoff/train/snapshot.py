@@ -18,12 +18,13 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+def local_part(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor, or the tensor itself."""
+    return tensor.tolocal_part() if isinstance(tensor, DTensor) else tensor
 
 
 def _to_host(tensor: torch.Tensor) -> torch.Tensor:
-    local = _local(tensor).detach()
+    local = local_part(tensor).detach()
     if local.device.type == "cpu":
         return local.clone()
     host = torch.empty(local.shape, dtype=local.dtype, layout=local.layout, pin_memory=True)
@@ -31,7 +32,7 @@ def _to_host(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _copy_back(target: torch.Tensor, saved: torch.Tensor) -> None:
-    local = _local(target)
+    local = local_part(target)
     if local.is_sparse or saved.is_sparse:  # never state, but say so rather than corrupt it
         raise TypeError("a snapshot holds dense tensors only")
     local.copy_(saved, non_blocking=True)

@@ -13,12 +13,11 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from birkhoff.checkpoint.manager import complete_checkpoints, read_meta
 from birkhoff.train.expert_balance import balance_experts
 from birkhoff.train.failures import TrainingError
-from birkhoff.train.snapshot import HostSnapshot, restore_snapshot, take_snapshot
+from birkhoff.train.snapshot import HostSnapshot, local_part, restore_snapshot, take_snapshot
 from birkhoff.train.stability_config import FaultConfig, SpikeConfig
 
 if TYPE_CHECKING:
@@ -27,10 +26,6 @@ if TYPE_CHECKING:
 
 def _parameters(trainer: Trainer) -> list[torch.Tensor]:
     return [p for part in trainer.model_parts for p in part.parameters()]
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def exceeds(history: deque[float], value: float, sigmas: float | None) -> bool:
@@ -55,7 +50,7 @@ class StepGuard:
         self.attempts = 0  # steps tried, skipped ones included
         self.bad_steps = self.consecutive_bad = self.spikes = self.rollbacks = 0
         self.last_restored: int | None = None  # the step of the last rollback's snapshot
-        self.attempts_at: dict[int, int] = {}  # a snapshot's step -> the attempts before it
+        self.samples_at: dict[int, int] = {}  # a snapshot's step -> the loader's position
         self.fault_attempt: int | None = None  # the attempt train.fault hits
 
     @property
@@ -92,8 +87,8 @@ class StepGuard:
             snapshot = take_snapshot(trainer.step, trainer.model_parts, trainer.optimizers)
             self.snapshots.append(snapshot)
             kept = {s.step for s in self.snapshots}
-            self.attempts_at = {k: v for k, v in self.attempts_at.items() if k in kept}
-            self.attempts_at[trainer.step] = self.attempts
+            self.samples_at = {k: v for k, v in self.samples_at.items() if k in kept}
+            self.samples_at[trainer.step] = _samples_drawn(trainer)
 
     def scale_gradients(self, trainer: Trainer) -> None:
         """train.fault.gradient_scale: the raw gradients of step `step`, before clipping.
@@ -119,12 +114,13 @@ class StepGuard:
             yield
             return
         scale = self.fault.update_scale
-        before = [_local(p).detach().clone() for p in _parameters(trainer)] if scale != 1 else []
+        params = _parameters(trainer) if scale != 1 else []
+        before = [local_part(p).detach().clone() for p in params]
         yield
         if before:
             with torch.no_grad():
-                for param, old in zip(_parameters(trainer), before, strict=True):
-                    local = _local(param)
+                for param, old in zip(params, before, strict=True):
+                    local = local_part(param)
                     local.copy_(old + scale * (local - old))
             self._say(trainer, f"the update of step {trainer.step + 1} scaled by {scale}")
 
@@ -181,8 +177,11 @@ class StepGuard:
             snapshot = self.snapshots[-1]
             restore_snapshot(snapshot, trainer.model_parts, trainer.optimizers)
             target, source = snapshot.step, "a host snapshot"
+            drawn_then = self.samples_at[target]
         else:
-            target, source = self._checkpoint_rollback(trainer), "a checkpoint"
+            target, drawn_then = self._checkpoint_rollback(trainer)
+            source = "a checkpoint"
+        batches = (_samples_drawn(trainer) - drawn_then) // trainer.layout.global_batch_size
         trainer.step = target
         trainer.state.restore_schedule(target)
         if trainer.checkpoints is not None:
@@ -190,7 +189,6 @@ class StepGuard:
         self.last_restored, self.rollbacks = target, self.rollbacks + 1
         self.recent_spikes.clear()
         self.consecutive_bad = 0
-        batches = self.attempts - self.attempts_at.get(target, self.attempts - from_step + target)
         if trainer.ctx.is_main:
             print(f"birkhoff: {self.cfg.max_skips} spikes within {self.cfg.window} steps: "
                   f"rolled back from step {from_step} to {source} of step {target}; the "
@@ -199,10 +197,12 @@ class StepGuard:
         return {"rollbacks": self.rollbacks, "rolled_back_to": target,
                 "rollback_skipped_batches": batches}  # fmt: skip
 
-    def _checkpoint_rollback(self, trainer: Trainer) -> int:
+    def _checkpoint_rollback(self, trainer: Trainer) -> tuple[int, int]:
+        """Load the newest checkpoint but the one the last rollback went to; its step and
+        the loader's position it was saved at."""
         manager = trainer.checkpoints
-        older = [p for p in complete_checkpoints(manager.root)] if manager else []
-        older = [p for p in older if int(read_meta(p)["step"]) != self.last_restored]
+        found = complete_checkpoints(manager.root) if manager else []
+        older = [p for p in found if int(read_meta(p)["step"]) != self.last_restored]
         if not older:
             raise TrainingError(
                 f"{self.cfg.max_skips} spikes within {self.cfg.window} steps after step "
@@ -211,4 +211,9 @@ class StepGuard:
             )
         manager.completed(wait=True)
         meta = manager.load(older[-1], trainer.state)
-        return int(meta["step"])
+        return int(meta["step"]), int(manager.rank_states(older[-1])[0]["loader"]["samples"])
+
+
+def _samples_drawn(trainer: Trainer) -> int:
+    """Global samples the loader has handed to training (look-ahead batches not counted)."""
+    return int(trainer.routing.loader_state(trainer.loader)["samples"])
