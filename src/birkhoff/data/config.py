@@ -7,11 +7,15 @@ from dataclasses import dataclass, field
 from birkhoff.errors import require, require_choice
 
 TOKENIZER_KINDS = ("sentencepiece", "hf")
-TOKENIZER_TYPES = ("bpe", "unigram")
+TOKENIZER_TYPES = ("bpe", "unigram", "char")
+# nmt_nfkc: sentencepiece's default (NFKC, whitespace runs collapsed, a "▁" before each line);
+# none: the text as is (double spaces kept, no piece added per line), for char-level baselines
+NORMALIZATIONS = ("nmt_nfkc", "none")
 SOURCE_FORMATS = ("auto", "text", "jsonl", "parquet", "prepared")
 SAMPLE_BY = ("document", "paragraph", "line")
 BAD_RECORD_POLICIES = ("error", "skip")
 MIN_VOCAB = 320
+MIN_CHAR_VOCAB = 16
 SPECIAL_IDS = ("unk_id", "bos_id", "eos_id", "pad_id")
 
 
@@ -29,7 +33,8 @@ class TokenizerConfig:
     eos_token: str | None = None
     pad_token: str | None = None
     vocab_size: int = 4096
-    model_type: str = "bpe"
+    model_type: str = "bpe"  # bpe | unigram | char (vocab_size is then an upper bound)
+    normalization: str = "nmt_nfkc"
     character_coverage: float = 1.0
     unk_id: int = 0
     bos_id: int = 1
@@ -59,14 +64,21 @@ class TokenizerConfig:
         self._validate_sentencepiece(prefix)
 
     def _validate_sentencepiece(self, prefix: str) -> None:
+        require_choice(f"{prefix}.normalization", self.normalization, NORMALIZATIONS)
         require(
-            self.vocab_size >= MIN_VOCAB,
+            self.vocab_size >= MIN_VOCAB or self.model_type == "char",
             f"{prefix}.vocab_size",
             self.vocab_size,
             f"must be at least {MIN_VOCAB}: 256 byte-fallback pieces, 5 special pieces, and room "
             "for the corpus' characters",
         )
         require_choice(f"{prefix}.model_type", self.model_type, TOKENIZER_TYPES)
+        require(
+            self.vocab_size >= MIN_CHAR_VOCAB,
+            f"{prefix}.vocab_size",
+            self.vocab_size,
+            f"must be at least {MIN_CHAR_VOCAB} (5 special pieces and the corpus' characters)",
+        )
         require(
             0.9 <= self.character_coverage <= 1.0,
             f"{prefix}.character_coverage",
@@ -130,11 +142,13 @@ class PrepareConfig:
 @dataclass
 class DataConfig:
     """Sources are mixed by weight (each training sequence comes from one source); every
-    `heldout_period`-th document of each source is held out for evaluation."""
+    `heldout_period`-th document of each source is held out for evaluation, unless
+    `heldout_sources` name the evaluation data: then the sources are trained on whole."""
 
     sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
     seq_len: int = 256
     heldout_period: int = 20
+    heldout_sources: list[SourceConfig] = field(default_factory=list)
     split_seed: int = 0
     shuffle: bool = True
     shuffle_buffer: int = 1024
@@ -151,6 +165,14 @@ class DataConfig:
         require(bool(self.sources), f"{prefix}.sources", self.sources, "must list >= 1 source")
         for index, source in enumerate(self.sources):
             source.validate(f"{prefix}.sources.{index}")
+        for index, source in enumerate(self.heldout_sources):
+            source.validate(f"{prefix}.heldout_sources.{index}")
+            require(
+                source.format != "prepared",
+                f"{prefix}.heldout_sources.{index}.format",
+                source.format,
+                "must be a raw format (text, jsonl, parquet): held-out sources are read whole",
+            )
         require(self.seq_len > 0, f"{prefix}.seq_len", self.seq_len, "must be a positive integer")
         require(
             self.heldout_period >= 2,
@@ -174,3 +196,8 @@ class DataConfig:
         require_choice(f"{prefix}.on_bad_record", self.on_bad_record, BAD_RECORD_POLICIES)
         self.tokenizer.validate(f"{prefix}.tokenizer")
         self.prepare.validate(f"{prefix}.prepare")
+
+    @property
+    def train_split_period(self) -> int:
+        """The held-out period of the training sources' split; 0: every document trains."""
+        return 0 if self.heldout_sources else self.heldout_period

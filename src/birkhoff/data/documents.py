@@ -47,8 +47,10 @@ class SplitSpec:
     ranks: int = 1
 
     def is_member(self, file_index: int, record_index: int) -> bool:
-        period = self.heldout_period
-        heldout = (file_index + record_index + self.split_seed) % period == period - 1
+        period = self.heldout_period  # 0: no document is held out (data.heldout_sources)
+        heldout = (
+            period > 0 and (file_index + record_index + self.split_seed) % period == period - 1
+        )
         return heldout == (self.split == HELDOUT)
 
     def file_order(self, num_files: int, epoch: int) -> np.ndarray:

@@ -158,7 +158,7 @@ class TrainLoader:
             return reader
         spec = SplitSpec(
             TRAIN,
-            cfg.heldout_period,
+            cfg.train_split_period,
             cfg.split_seed,
             self.layout.seed,
             index,
@@ -267,11 +267,15 @@ def heldout_windows(plan: DataPlan, num_windows: int) -> np.ndarray:
 
 
 def _read_heldout(plan: DataPlan, num_windows: int) -> np.ndarray:
+    """Blended by weight from data.heldout_sources (read whole) when given, else from every
+    source's held-out documents."""
     cfg = plan.config
-    counts = np.zeros(len(plan.sources), dtype=np.int64)
-    sources = BlendSchedule([s.config.weight for s in plan.sources]).assign(counts, num_windows)
-    per_source = [_heldout_of(plan, index, int(n)) for index, n in enumerate(counts)]
-    taken = np.zeros(len(plan.sources), dtype=np.int64)
+    named = bool(plan.heldout_sources)
+    resolved = plan.heldout_sources if named else plan.sources
+    counts = np.zeros(len(resolved), dtype=np.int64)
+    sources = BlendSchedule([s.config.weight for s in resolved]).assign(counts, num_windows)
+    per_source = [_heldout_of(plan, i, int(n), named) for i, n in enumerate(counts)]
+    taken = np.zeros(len(resolved), dtype=np.int64)
     rows = []
     for source in sources:
         rows.append(per_source[source][taken[source]])
@@ -279,15 +283,18 @@ def _read_heldout(plan: DataPlan, num_windows: int) -> np.ndarray:
     return np.stack(rows) if rows else np.zeros((0, cfg.seq_len + 1), dtype=np.int64)
 
 
-def _heldout_of(plan: DataPlan, index: int, needed: int) -> list[np.ndarray]:
-    cfg, source = plan.config, plan.sources[index]
+def _heldout_of(plan: DataPlan, index: int, needed: int, named: bool) -> list[np.ndarray]:
+    cfg = plan.config
+    source = plan.heldout_sources[index] if named else plan.sources[index]
     if needed == 0:
         return []
     if source.format == "prepared":
         reader = PreparedSplit(source.files[0], HELDOUT, cfg.seq_len)
         windows = [reader.window(i) for i in range(min(needed, reader.num_windows))]
     else:
-        spec = SplitSpec(HELDOUT, cfg.heldout_period, cfg.split_seed, 0, index, shuffle=False)
+        # A named held-out source is read whole: every document is in its "train" split.
+        split, period = (TRAIN, 0) if named else (HELDOUT, cfg.heldout_period)
+        spec = SplitSpec(split, period, cfg.split_seed, 0, index, shuffle=False)
         packer = WindowPacker(
             source,
             spec,
@@ -302,7 +309,8 @@ def _heldout_of(plan: DataPlan, index: int, needed: int) -> list[np.ndarray]:
             windows.append(window.astype(np.int64))
     if len(windows) < needed:
         raise DataError(
-            f"data.sources.{index} ({source.config.path}): the held-out split has "
+            f"data.{'heldout_sources' if named else 'sources'}.{index} ({source.config.path}): "
+            f"the held-out split has "
             f"{len(windows)} windows of data.seq_len={cfg.seq_len}, evaluation needs {needed}: "
             "lower train.eval_batches or train.global_batch_size, or add data"
         )

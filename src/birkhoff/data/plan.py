@@ -41,6 +41,7 @@ class DataPlan:
     # Held-out windows by count, read once: the launcher checks them, then a one-process
     # run trains with the same plan (see loader.heldout_windows).
     heldout: dict[int, object] = field(default_factory=dict, repr=False, compare=False)
+    heldout_sources: list[ResolvedSource] = field(default_factory=list)
 
     @property
     def empty_files(self) -> int:
@@ -71,7 +72,21 @@ def open_data(cfg: DataConfig) -> DataPlan:
     for index, source in enumerate(sources):
         if source.format == "prepared":
             check_prepared_tokenizer(source, tokenizer, index)
-    return DataPlan(cfg, sources, tokenizer)
+    heldout_sources = [resolve_source(s, cfg.on_bad_record == "skip") for s in cfg.heldout_sources]
+    check_no_overlap(sources, heldout_sources)
+    return DataPlan(cfg, sources, tokenizer, heldout_sources=heldout_sources)
+
+
+def check_no_overlap(sources: list[ResolvedSource], heldout: list[ResolvedSource]) -> None:
+    """No file is both trained on and held out (compared as resolved, absolute paths)."""
+    trained = {path: index for index, source in enumerate(sources) for path in source.files}
+    for index, source in enumerate(heldout):
+        for path in source.files:
+            if path in trained:
+                raise DataError(
+                    f"data.heldout_sources.{index}: {path} is also in data.sources."
+                    f"{trained[path]}: held-out data must not be trained on; remove it from one"
+                )
 
 
 def check_prepared_tokenizer(source: ResolvedSource, tokenizer: Tokenizer, index: int) -> None:
@@ -90,7 +105,7 @@ def training_texts(cfg: DataConfig, sources: list[ResolvedSource]) -> Iterator[s
     for index, source in enumerate(sources):
         if source.format == "prepared":
             continue
-        spec = SplitSpec(TRAIN, cfg.heldout_period, cfg.split_seed, 0, index, shuffle=False)
+        spec = SplitSpec(TRAIN, cfg.train_split_period, cfg.split_seed, 0, index, shuffle=False)
         for item in rank_records(source, spec, StreamPosition(), epochs=1):
             if item.record.text:
                 yield item.record.text
@@ -100,6 +115,8 @@ def text_fingerprint(cfg: DataConfig, sources: list[ResolvedSource]) -> str:
     """Identifies the training text without reading it: sources, files, sizes, mtimes, split."""
     digest = hashlib.sha256()
     digest.update(json.dumps([cfg.heldout_period, cfg.split_seed]).encode())
+    if cfg.heldout_sources:  # the sources are then trained on whole: other text
+        digest.update(b"whole sources")
     for source in sources:
         digest.update(json.dumps(asdict(source.config), sort_keys=True).encode())
         for path in source.files:

@@ -156,6 +156,8 @@ def cached_model_path(cfg: TokenizerConfig, text_fingerprint: str, cache_dir: Pa
         "special_ids": [cfg.unk_id, cfg.bos_id, cfg.eos_id, cfg.pad_id],
         "train_chars": cfg.train_chars,
     }
+    if cfg.normalization != "nmt_nfkc":  # only then: earlier cache keys stay valid
+        settings["normalization"] = cfg.normalization
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     return cache_dir / "tokenizers" / f"{key}.model"
 
@@ -181,10 +183,9 @@ def train_tokenizer(
                 eos_id=cfg.eos_id,
                 pad_id=cfg.pad_id,
                 user_defined_symbols=[NEWLINE],
-                byte_fallback=True,
-                split_digits=True,
                 num_threads=os.cpu_count() or 1,
                 minloglevel=2,
+                **_trainer_options(cfg),
             )
         except RuntimeError as err:  # sentencepiece reports bad settings as RuntimeError
             reason = str(err).split("] ", 1)[-1]
@@ -196,6 +197,23 @@ def train_tokenizer(
         os.chmod(f"{prefix}.model", 0o644)
         os.replace(f"{prefix}.model", model_path)
     return SentencePieceTokenizer(model_path)
+
+
+def _trainer_options(cfg: TokenizerConfig) -> dict[str, object]:
+    char = cfg.model_type == "char"
+    options: dict[str, object] = {
+        # A character vocabulary needs no byte pieces; vocab_size is then at most the pieces.
+        "byte_fallback": not char,
+        "hard_vocab_limit": not char,
+        "split_digits": not char,
+    }
+    if cfg.normalization == "none":
+        options.update(
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+        )
+    return options
 
 
 def _training_lines(texts: Iterable[str], max_chars: int) -> list[str]:

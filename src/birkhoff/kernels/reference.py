@@ -217,11 +217,18 @@ def engram_gather_gate(
     alpha_m * W_V e of shape (B, T, n, C).
     """
     memory = F.embedding(indices, table).flatten(-2)
+    value = F.linear(memory, value_weight)
+    alpha = engram_gate(memory, key_weight, streams, eps)
+    return alpha.unsqueeze(-1).to(value.dtype) * value.unsqueeze(-2)
+
+
+def engram_gate(
+    memory: torch.Tensor, key_weight: torch.Tensor, streams: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """alpha (B, T, n) of the concatenated rows `memory` (B, T, H*d) for streams (B, T, n, C)."""
     n, hidden = streams.shape[-2], streams.shape[-1]
     keys = F.linear(memory, key_weight).unflatten(-1, (n, hidden))
-    value = F.linear(memory, value_weight)
     normed_streams = F.rms_norm(streams.float(), (hidden,), eps=eps)
     normed_keys = F.rms_norm(keys.float(), (hidden,), eps=eps)
     similarity = (normed_streams * normed_keys).sum(-1) / hidden**0.5
-    alpha = torch.sigmoid(_signed_sqrt(similarity))
-    return alpha.unsqueeze(-1).to(value.dtype) * value.unsqueeze(-2)
+    return torch.sigmoid(_signed_sqrt(similarity))

@@ -25,11 +25,13 @@ from birkhoff.launch.plan_command import plan_command
 from birkhoff.launch.recipe import load_recipe, recipe_to_dict, typed_recipe
 from birkhoff.launch.scrubbed_job import scrubbed_job
 from birkhoff.launch.spawn import launch_ranks
+from birkhoff.launch.sweep_report import report_command
+from birkhoff.launch.sweep_run import sweep_command
 from birkhoff.launch.topology import Topology
 from birkhoff.train import run_rank
 from birkhoff.train.entry import check_data
 from birkhoff.train.rank_errors import EXPECTED_ERRORS
-from birkhoff.train.run_files import refuse_used_run_dir
+from birkhoff.train.run_files import finished_summary, refuse_used_run_dir
 from birkhoff.train.run_lock import RunDirLock
 from birkhoff.train.secrets import scrub_recipe, scrub_text
 
@@ -63,6 +65,15 @@ commands:
                          backend's ops against the reference (error, speed), the local ranks'
                          collectives (values, bandwidth), the run dir's filesystem; exit 1
                          and one line per problem with its fix
+  sweep NAME [overrides...]
+                         every job of recipes/sweep/NAME.yaml (engram_split, engram_memory,
+                         residual): the swept key's values x seeds, N at a time here or on
+                         SLURM (sweep.launcher=slurm); rerun to skip finished jobs and resume
+                         interrupted ones (same hydra.sweep.dir); e.g.
+                         birkhoff sweep engram_split sweep.values=[0,0.2,0.4] sweep.seeds=2
+  sweep report DIR [--no-plots]
+                         the sweep's table (Markdown and CSV: per job and per value, mean and
+                         spread over seeds) and plots (PNG), also of a sweep still running
   ckpt inspect PATH [--json]
                          a checkpoint's step, tokens, layout, tokenizer, completeness and
                          tensors (shapes, dtypes, sizes); the recipe with --json
@@ -87,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         return plan_command(rest)
     if command == "doctor":
         return doctor_command(rest)
+    if command == "sweep" and rest[:1] == ["report"]:
+        return report_command(rest[1:])
+    if command == "sweep":
+        return sweep_command(rest)
     if command == "train" and "--dry-run" in rest:
         return dry_run_command(rest)
     if command == "train":
@@ -167,6 +182,9 @@ def train_job(cfg: DictConfig) -> None:
             recipe, topology = load_recipe(cfg, os.environ)
             if topology.nnodes == 1:
                 lock.acquire()
+            if recipe.train.resume == "auto" and finished_summary(run_dir, recipe.train.steps):
+                print(f"birkhoff: {run_dir} already finished its {recipe.train.steps} steps")
+                return
             check_run_dir(run_dir, topology, resuming=bool(recipe.train.resume))
             data = open_data(recipe.data)
             check_data(data, recipe)

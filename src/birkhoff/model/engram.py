@@ -16,9 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from birkhoff import kernels
+from birkhoff.kernels.reference import engram_gate
 from birkhoff.model.config import EngramConfig
 from birkhoff.model.init import constant
 
+STATS_TOKENS = 256  # tokens of a forward whose gates the statistics sample
 PAD_ID = 3  # the tokenizer's pad id; its canonical id pads the left edge of every sequence
 
 
@@ -60,6 +62,7 @@ class Engram(nn.Module):
     ) -> None:
         super().__init__()
         self.eps = eps
+        self.layer = layer
         self.lr_multiplier = cfg.lr_multiplier
         multipliers, primes, offsets = hash_layout(cfg, layer)
         for name, value in (
@@ -85,6 +88,11 @@ class Engram(nn.Module):
         self._hash = kernels.get("engram_hash", kernel_backend)
         self._gather_gate = kernels.get("engram_gather_gate", kernel_backend)
         self._rms_norm = kernels.get("rms_norm", kernel_backend)
+        # Statistics of training forwards (train/engram_stats.py), not state: the gate sum and
+        # count since they were last taken, and which table rows were looked up so far.
+        self.gate_sum: torch.Tensor | None = None
+        self.gate_count = 0
+        self.rows_touched: torch.Tensor | None = None
 
     def hash_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Table rows (B, T, heads) for token ids (B, T)."""
@@ -98,7 +106,10 @@ class Engram(nn.Module):
         are this layer's hash_tokens(tokens), when the data loader already computed them."""
         single = streams.dim() == 3
         x = streams.unsqueeze(-2) if single else streams
-        table, rows = self._table_rows(self.hash_tokens(tokens) if rows is None else rows)
+        global_rows = self.hash_tokens(tokens) if rows is None else rows
+        table, rows = self._table_rows(global_rows)
+        if self.training:
+            self._record_stats(global_rows, table, rows, x)
         gated = self._gather_gate(
             table,
             rows,
@@ -110,6 +121,30 @@ class Engram(nn.Module):
         normed = self._rms_norm(gated, self.conv_norm_weight, self.eps)
         out = x + gated + F.silu(self._causal_conv(normed))
         return out.squeeze(-2) if single else out
+
+    @torch.no_grad()
+    def _record_stats(
+        self, global_rows: torch.Tensor, table: torch.Tensor, rows: torch.Tensor, x: torch.Tensor
+    ) -> None:
+        """Mark the rows looked up; add the gates of the first sequence's first tokens."""
+        if self.rows_touched is None:
+            size = int(self.primes.sum())
+            self.rows_touched = torch.zeros(size, dtype=torch.bool, device=global_rows.device)
+            self.gate_sum = torch.zeros((), dtype=torch.float64, device=x.device)
+        self.rows_touched[global_rows.flatten()] = True
+        sample = rows[:1, :STATS_TOKENS]
+        memory = F.embedding(sample.to(table.device), table).flatten(-2)
+        alpha = engram_gate(memory.to(x.device), self.key.weight, x[:1, :STATS_TOKENS], self.eps)
+        self.gate_sum += alpha.sum()
+        self.gate_count += alpha.numel()
+
+    def take_stats(self) -> tuple[float, int, torch.Tensor | None]:
+        """(gate sum, gate count) since the last call, and the rows looked up so far."""
+        total = 0.0 if self.gate_sum is None else self.gate_sum.item()
+        count, self.gate_count = self.gate_count, 0
+        if self.gate_sum is not None:
+            self.gate_sum.zero_()
+        return total, count, self.rows_touched
 
     def _table_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(table, row ids) for the gather-and-gate kernel. A table sharded from outside

@@ -259,6 +259,7 @@ class WandbConfig:
     name: str | None = None
     mode: str = "offline"
     tags: list[str] = field(default_factory=list)
+    group: str | None = None  # runs of one sweep share a group (`birkhoff sweep` sets it)
 
     def validate(self, prefix: str) -> None:
         require_choice(f"{prefix}.mode", self.mode, WANDB_MODES)

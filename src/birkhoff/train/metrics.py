@@ -113,6 +113,7 @@ class WandbSink:
             name=public["name"],
             mode=cfg.wandb.mode,
             tags=list(public["tags"]),
+            group=public["group"],
             dir=str(run_dir),
             config=recipe,
             save_code=False,

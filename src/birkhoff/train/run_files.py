@@ -61,3 +61,18 @@ def finite_or_null(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def finished_summary(run_dir: Path, steps: int) -> dict[str, Any] | None:
+    """The summary of a run dir whose run trained all `steps` steps and was not stopped early
+    (a stopped run writes one too, to be resumed); None otherwise."""
+    path = run_dir / SUMMARY_FILE
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if summary.get("stopped_by") is None and summary.get("steps") == steps:
+        return summary
+    return None

@@ -41,6 +41,7 @@ from birkhoff.train.checkpointing import (
     resume,
     save,
 )
+from birkhoff.train.engram_stats import engram_stats
 from birkhoff.train.expert_balance import balance_experts
 from birkhoff.train.indexer_warmup import dense_indexing, keep_only_indexer_gradients
 from birkhoff.train.metrics import MetricLogger
@@ -176,11 +177,12 @@ class Trainer:
                 break
             evaluate = applied and cfg.eval_every and self.step % cfg.eval_every == 0
             if evaluate and self.step < cfg.steps:
-                self.metrics.log({"step": self.step, "eval_loss": self.evaluate()})
+                self.metrics.log(self._eval_record())
                 watchdog.progress(self.step)
-        heldout_loss = self.evaluate()  # overlaps a background checkpoint write
+        final = self._eval_record()  # overlaps a background checkpoint write
+        heldout_loss = final["eval_loss"]
         watchdog.progress(self.step)
-        self.metrics.log({"step": self.step, "eval_loss": heldout_loss})
+        self.metrics.log(final)
         self._finish_checkpoints()
         elapsed = time.perf_counter() - start
         return {
@@ -328,6 +330,10 @@ class Trainer:
         return self.ctx.all_reduce_mean(loss_sum / self.grad_accum).item()
 
     @torch.no_grad()
+    def _eval_record(self) -> dict[str, float]:
+        record = {"step": self.step, "eval_loss": self.evaluate()}
+        return record | engram_stats(self.model_parts, self.ctx, self.model_cfg)
+
     def evaluate(self) -> float:
         """Mean next-token cross-entropy over the same held-out windows every time, across all
         ranks (without the MTP and balance terms that the training objective may add)."""

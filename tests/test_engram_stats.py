@@ -1,0 +1,55 @@
+"""Engram statistics (train/engram_stats.py) against a per-token loop and a set of rows."""
+
+import dataclasses
+import math
+
+import torch
+from test_engram import CFG, make_engram
+
+from birkhoff.model.config import ModelConfig
+from birkhoff.parallel.distributed import DistributedContext
+from birkhoff.train.engram_stats import engram_stats
+
+
+def gate_by_hand(engram, tokens, streams) -> list[float]:
+    """alpha_m(t) = sigmoid(signed_sqrt(<h/rms(h), k/rms(k)> / sqrt(C))), one token at a time."""
+    rows = engram.hash_tokens(tokens)[0].tolist()
+    table = engram.table.weight.double()
+    key = engram.key.weight.double()
+    n, c = streams.shape[-2], streams.shape[-1]
+    gates = []
+    for t, token_rows in enumerate(rows):
+        memory = torch.cat([table[r] for r in token_rows])
+        for m in range(n):
+            k = key[m * c : (m + 1) * c] @ memory
+            h = streams[0, t, m].double()
+            k = k / math.sqrt((k * k).mean().item() + 1e-6)
+            h = h / math.sqrt((h * h).mean().item() + 1e-6)
+            s = (h * k).sum().item() / math.sqrt(c)
+            gates.append(1 / (1 + math.exp(-math.copysign(math.sqrt(abs(s)), s))))
+    return gates
+
+
+def test_gate_mean_and_rows_touched_against_a_loop_and_a_set():
+    engram = make_engram()
+    model = torch.nn.ModuleDict({"engram": engram})
+    cfg = dataclasses.replace(ModelConfig(), engram=CFG)
+    ctx = DistributedContext(0, 0, 1, None)
+    first, second = torch.randint(0, 64, (2, 6)), torch.randint(0, 64, (3, 5))
+    streams = [torch.randn(2, 6, 4, 16), torch.randn(3, 5, 4, 16)]
+    engram.train()
+    engram(streams[0], first)
+    engram(streams[1], second)
+    engram.eval()
+    engram(torch.randn(2, 6, 4, 16), torch.randint(0, 64, (2, 6)))  # not counted: evaluation
+    stats = engram_stats([model], ctx, cfg)
+    gates = gate_by_hand(engram, first, streams[0]) + gate_by_hand(engram, second, streams[1])
+    assert math.isclose(stats["engram_gate_mean.0"], sum(gates) / len(gates), rel_tol=1e-5)
+    seen = {r for batch in (first, second) for r in engram.hash_tokens(batch).flatten().tolist()}
+    rows = int(engram.primes.sum())
+    assert math.isclose(stats["engram_rows_touched.0"], len(seen) / rows, rel_tol=1e-9)
+    assert stats["engram_rows_touched"] == stats["engram_rows_touched.0"]
+    # The gates are taken (counted once); the rows stay counted.
+    again = engram_stats([model], ctx, cfg)
+    assert "engram_gate_mean.0" not in again
+    assert again["engram_rows_touched.0"] == stats["engram_rows_touched.0"]
