@@ -35,6 +35,7 @@ SMALL_OVERRIDES = [
     "train.global_batch_size=8",
     "train.micro_batch_size=8",
     "train.eval_batches=2",
+    "optim=adamw_cosine",  # tests of other parts pin AdamW; Muon has its own (test_muon.py)
     "optim.warmup_steps=2",
     "backend=cpu",
     "logging.console=plain",

@@ -48,6 +48,8 @@ def test_default_recipe_composes_validates_and_matches_the_schema():
         (["optim.lr=3e-4"], lambda r: r.optim.lr == 3e-4),
         (["train.steps=100"], lambda r: r.train.steps == 100),
         (["optim=adamw_wsd"], lambda r: r.optim.schedule == "wsd" and r.optim.lr == 3e-3),
+        ([], lambda r: r.optim.name == "muon_v4" and r.optim.lr == 3e-3),  # V4's by default
+        (["optim=adamw_cosine"], lambda r: r.optim.name == "adamw"),
         (["logging=wandb"], lambda r: r.logging.wandb.enabled and r.logging.jsonl),
         (["logging.wandb.enabled=true"], lambda r: r.logging.wandb.enabled),
         (["backend=cpu"], lambda r: r.backend.device == "cpu"),

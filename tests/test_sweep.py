@@ -19,15 +19,22 @@ from birkhoff.launch.sweep_run import plan_sweep, sweep_command
 
 pytestmark = pytest.mark.timeout(600)
 
-SMALL = [
-    "sweep.values=[0.0,0.3]",
-    "sweep.seeds=2",
-    "sweep.steps=8",
-    "sweep.jobs_at_once=1",
+# Every job's own overrides: a model small enough that starting a job costs more than its steps.
+JOB = [
+    "model.hidden_size=64",
+    "model.num_layers=2",
+    "model.num_heads=4",
+    "model.ffn_hidden_size=128",
+    "model.moe.expert_ffn_hidden_size=32",
+    "model.engram.layers=[1]",
+    "model.engram.embed_dim=8",
+    "model.sparse_budget=200000",
+    "data.seq_len=64",
     "optim.warmup_steps=1",
     "train.eval_every=4",
     "train.eval_batches=2",
 ]
+SMALL = ["sweep.values=[0.0,0.3]", "sweep.seeds=2", "sweep.steps=8", "sweep.jobs_at_once=1", *JOB]
 NAMES = [
     f"model.engram_fraction={value},train.seed={seed}"
     for value in ("0.0", "0.3")
@@ -100,8 +107,8 @@ def test_sweep_stops_resumes_skips_and_reports(tmp_path):
     rerun = birkhoff("sweep", *args)
     assert "4 jobs, 4 finished, 0 to run" in rerun.stdout and "started" not in rerun.stdout
     direct = birkhoff(  # what a SLURM job of a finished run does: nothing
-        "train", "model=sweep_cpu", "model.engram_fraction=0.0", "train=sweep_cpu",
-        "train.steps=8", "optim.warmup_steps=1", "train.resume=auto",
+        "train", "model=sweep_cpu", "train=sweep_cpu", "optim=adamw_cosine", *JOB,
+        "model.engram_fraction=0.0", "train.steps=8", "train.resume=auto",
         f"hydra.run.dir='{first}'",
     )  # fmt: skip
     assert direct.returncode == 0 and "already finished its 8 steps" in direct.stdout

@@ -120,24 +120,30 @@ def value_text(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def write_sweep_file(sweep_dir: Path, config: SweepConfig, jobs: list[SweepJob]) -> list[SweepJob]:
-    """Record the sweep (kept across reruns): a rerun may add values or seeds, never change
-    the key. Returns every job of the sweep dir, earlier ones included."""
+def earlier_jobs(sweep_dir: Path, config: SweepConfig) -> list[SweepJob]:
+    """The jobs a sweep dir already records; a rerun may add values or seeds, never change the
+    key (checked before any work)."""
     path = sweep_dir / SWEEP_FILE
-    known: list[SweepJob] = []
-    if path.is_file():
-        earlier = json.loads(path.read_text())
-        require(
-            earlier["key"] == config.key,
-            "sweep.key",
-            config.key,
-            f"{sweep_dir} holds a sweep over {earlier['key']}; choose another hydra.sweep.dir",
-        )
-        known = [SweepJob(**job) for job in earlier["jobs"]]
+    if not path.is_file():
+        return []
+    earlier = json.loads(path.read_text())
+    require(
+        earlier["key"] == config.key,
+        "sweep.key",
+        config.key,
+        f"{sweep_dir} holds a sweep over {earlier['key']}; choose another hydra.sweep.dir",
+    )
+    return [SweepJob(**job) for job in earlier["jobs"]]
+
+
+def write_sweep_file(
+    sweep_dir: Path, config: SweepConfig, known: list[SweepJob], jobs: list[SweepJob]
+) -> list[SweepJob]:
+    """Record the sweep: the `known` jobs and the new ones of `jobs`; returns them all."""
     names = {job.name for job in known}
     every = known + [job for job in jobs if job.name not in names]
     record = {**asdict(config), "jobs": [asdict(job) for job in every]}
-    write_text_atomic(path, json.dumps(record, indent=2) + "\n")
+    write_text_atomic(sweep_dir / SWEEP_FILE, json.dumps(record, indent=2) + "\n")
     return every
 
 

@@ -28,6 +28,7 @@ from birkhoff.launch.recipe import load_recipe
 from birkhoff.launch.sweep_config import (
     SweepConfig,
     SweepJob,
+    earlier_jobs,
     expand,
     sweep_config,
     value_text,
@@ -96,10 +97,11 @@ def sweep_command(args: list[str]) -> int:
         return 2
     try:
         planned = plan_sweep(name, rest)
+        known = earlier_jobs(planned.sweep_dir, planned.config)
         # The tokenizer and data are built once here, not by the first jobs at the same time.
         recipe, _ = load_recipe(_compose(planned.job_overrides), os.environ)
         check_data(open_data(recipe.data), recipe)
-        jobs = write_sweep_file(planned.sweep_dir, planned.config, planned.jobs)
+        jobs = write_sweep_file(planned.sweep_dir, planned.config, known, planned.jobs)
     except (RecipeError, DataError) as err:
         print(f"birkhoff: {err}", file=sys.stderr)
         return 2
