@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 
+from birkhoff.launch.recipe import compose_recipe as recipe_composed
 from birkhoff.model import ModelConfig
 
 # Triton kernels run under Triton's interpreter where no GPU is visible (read when a kernel
@@ -84,8 +84,7 @@ def small_model(**changes) -> ModelConfig:
 
 def compose_recipe(overrides: list[str] | None = None) -> DictConfig:
     """The recipe `birkhoff train <overrides>` would compose."""
-    with initialize_config_module(config_module="birkhoff.recipes", version_base=None):
-        return compose(config_name="config", overrides=list(overrides or []))
+    return recipe_composed(list(overrides or []))
 
 
 WORDS = [f"{a}{b}{c}" for a in "bcdfgklmnprst" for b in "aeiou" for c in "nrsxy"]

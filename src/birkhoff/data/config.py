@@ -65,19 +65,15 @@ class TokenizerConfig:
 
     def _validate_sentencepiece(self, prefix: str) -> None:
         require_choice(f"{prefix}.normalization", self.normalization, NORMALIZATIONS)
-        require(
-            self.vocab_size >= MIN_VOCAB or self.model_type == "char",
-            f"{prefix}.vocab_size",
-            self.vocab_size,
-            f"must be at least {MIN_VOCAB}: 256 byte-fallback pieces, 5 special pieces, and room "
-            "for the corpus' characters",
-        )
         require_choice(f"{prefix}.model_type", self.model_type, TOKENIZER_TYPES)
+        char = self.model_type == "char"  # no byte-fallback pieces
         require(
-            self.vocab_size >= MIN_CHAR_VOCAB,
+            self.vocab_size >= (MIN_CHAR_VOCAB if char else MIN_VOCAB),
             f"{prefix}.vocab_size",
             self.vocab_size,
-            f"must be at least {MIN_CHAR_VOCAB} (5 special pieces and the corpus' characters)",
+            f"must be at least {MIN_CHAR_VOCAB if char else MIN_VOCAB}: "
+            + ("" if char else "256 byte-fallback pieces, ")
+            + "5 special pieces, and room for the corpus' characters",
         )
         require(
             0.9 <= self.character_coverage <= 1.0,

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import NoReturn
 
 import hydra
-from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
@@ -22,7 +21,7 @@ from birkhoff.launch.ckpt_command import ckpt_command
 from birkhoff.launch.doctor import doctor_command
 from birkhoff.launch.dry_run import dry_run
 from birkhoff.launch.plan_command import plan_command
-from birkhoff.launch.recipe import load_recipe, recipe_to_dict, typed_recipe
+from birkhoff.launch.recipe import compose_recipe, load_recipe, recipe_to_dict, typed_recipe
 from birkhoff.launch.scrubbed_job import scrubbed_job
 from birkhoff.launch.spawn import launch_ranks
 from birkhoff.launch.sweep_report import report_command
@@ -125,7 +124,7 @@ def dry_run_command(args: list[str]) -> int:
             print("birkhoff: --rank needs a rank number, e.g. --rank 8", file=sys.stderr)
             return 2
         del args[at : at + 2]
-    cfg = _compose(args)
+    cfg = compose_recipe(args)
     try:
         print(dry_run(typed_recipe(cfg), rank))
     except RecipeError as err:
@@ -137,7 +136,7 @@ def dry_run_command(args: list[str]) -> int:
 def data_command(args: list[str]) -> int:
     """`birkhoff data tokenizer|prepare|verify`: errors are one line and exit code 2."""
     # Composed before the try so that errors can be scrubbed of what it reads via oc.env.
-    cfg = _compose(args[1:]) if args[:1] in (["tokenizer"], ["prepare"]) else None
+    cfg = compose_recipe(args[1:]) if args[:1] in (["tokenizer"], ["prepare"]) else None
     try:
         if args[:1] == ["verify"] and len(args) == 2:
             count = verify_checksums(args[1])
@@ -157,11 +156,6 @@ def data_command(args: list[str]) -> int:
         file=sys.stderr,
     )
     return 2
-
-
-def _compose(overrides: list[str]) -> DictConfig:
-    with initialize_config_module(config_module="birkhoff.recipes", version_base=None):
-        return compose(config_name="config", overrides=overrides)
 
 
 def _data_recipe(cfg: DictConfig) -> DataConfig:

@@ -11,11 +11,10 @@ import sys
 from dataclasses import asdict, replace
 from typing import Any
 
-from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from birkhoff.errors import RecipeError
-from birkhoff.launch.recipe import Recipe, typed_recipe
+from birkhoff.launch.recipe import Recipe, compose_recipe, typed_recipe
 from birkhoff.parallel.planning.cluster import Cluster, cluster_from
 from birkhoff.parallel.planning.estimate import Estimate, estimate, model_flops_per_token
 from birkhoff.parallel.planning.inventory import build_inventory
@@ -64,9 +63,7 @@ def plan_command(args: list[str]) -> int:
         if options.published:
             return _published(options.json)
         overrides = options.overrides
-        with initialize_config_module(config_module="birkhoff.recipes", version_base=None):
-            cfg = compose(config_name="config", overrides=overrides)
-        recipe = typed_recipe(cfg)
+        recipe = typed_recipe(compose_recipe(overrides))
         cluster = cluster_from(cluster_values(recipe))
         recipe.model.validate()
         work = workload_of(recipe, options.fused_attention)

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from hydra import compose, initialize_config_module
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
@@ -34,6 +35,13 @@ class Recipe(TrainRecipe):
             f"must be < launch.collective_timeout_s={collective}, so the hang watchdog "
             "dumps every rank's stacks before a collective times out",
         )
+
+
+def compose_recipe(overrides: list[str], with_hydra: bool = False) -> DictConfig:
+    """The packaged recipes composed with `overrides`, as `birkhoff train` would (Hydra's own
+    section too, with `with_hydra`)."""
+    with initialize_config_module(config_module="birkhoff.recipes", version_base=None):
+        return compose(config_name="config", overrides=overrides, return_hydra_config=with_hydra)
 
 
 def load_recipe(

@@ -18,13 +18,12 @@ from dataclasses import dataclass
 from importlib import resources, util
 from pathlib import Path
 
-from hydra import compose, initialize_config_module
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 from birkhoff.data import DataError, open_data
 from birkhoff.errors import RecipeError
-from birkhoff.launch.recipe import load_recipe
+from birkhoff.launch.recipe import compose_recipe, load_recipe
 from birkhoff.launch.sweep_config import (
     SweepConfig,
     SweepJob,
@@ -235,8 +234,7 @@ def run_hydra_launcher(planned: PlannedSweep, todo: list[SweepJob]) -> int:
 
 def _compose(overrides: list[str], hydra: bool = False) -> DictConfig:
     try:
-        with initialize_config_module(config_module="birkhoff.recipes", version_base=None):
-            cfg = compose(config_name="config", overrides=overrides, return_hydra_config=hydra)
+        cfg = compose_recipe(overrides, with_hydra=hydra)
     except HydraException as err:
         reason = str(err).splitlines()[0]
         if reason.startswith("Could not override 'sweep."):
