@@ -10,15 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+# Triton kernels run under Triton's interpreter where no GPU is visible. Triton reads this when
+# triton.language is first imported (birkhoff's imports pull it in through torch), so it is set
+# before anything from birkhoff is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from omegaconf import DictConfig
 
 from birkhoff.launch.recipe import compose_recipe as recipe_composed
 from birkhoff.model import ModelConfig
-
-# Triton kernels run under Triton's interpreter where no GPU is visible (read when a kernel
-# module is imported, so set before any test imports one).
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # A model small enough that a step takes milliseconds; the data is the real shipped corpus.
 SMALL_OVERRIDES = [
