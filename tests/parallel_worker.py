@@ -5,9 +5,10 @@ spend most of its time starting), trains `steps` steps and saves what this rank 
 step's loss and gradient norm, the MoE router biases after the last step, and the full
 (unsharded) gradients of the first and the last step, before clipping, of each parameter it
 holds, by its name in the unwrapped model, and what the second step cost the rank (collective
-bytes, tensors held, resident growth) and one more step its allocator (layout_probe.py), to
-OUT_DIR/NAME/rankN.pt.
-Usage: parallel_worker.py OUT_DIR STEPS JSON  (JSON: {name: [overrides...]})
+bytes, tensors held, resident growth) and, for the layouts in PEAK, one more step its
+allocator (layout_probe.py), to OUT_DIR/NAME/rankN.pt.
+Usage: parallel_worker.py OUT_DIR STEPS JSON PEAK  (JSON: {name: [overrides...]}; PEAK: a JSON
+list of names)
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def full_gradients(trainer: Trainer) -> dict[str, torch.Tensor]:
     return grads
 
 
-def run_layout(out: Path, steps: int, overrides: list[str]) -> None:
+def run_layout(out: Path, steps: int, overrides: list[str], measure_peak: bool) -> None:
     recipe, _ = load_recipe(compose_recipe(SMALL_OVERRIDES + overrides), env={})
     train_recipe = train_recipe_from_dict(recipe_to_dict(recipe))
     rank, local_rank, world = env_rank()
@@ -75,8 +76,10 @@ def run_layout(out: Path, steps: int, overrides: list[str]) -> None:
                 if name.endswith("router.bias"):
                     biases[name.replace(WRAPPED_PREFIX, "")] = buffer.clone()
 
-    # and one step beyond those compared, its allocator's peak
-    probe.update(measuring_allocated_peak(trainer, last_steps))
+    if measure_peak:  # and one step beyond those compared, its allocator's peak
+        probe.update(measuring_allocated_peak(trainer, last_steps))
+    else:
+        last_steps()
     saved = {
         "losses": [r["loss"] for r in records],
         "grad_norms": [r["grad_norm"] for r in records],
@@ -89,17 +92,17 @@ def run_layout(out: Path, steps: int, overrides: list[str]) -> None:
     torch.save(saved, out / f"rank{rank}.pt")
 
 
-def main(out_dir: str, steps: int, layouts: dict[str, list[str]]) -> None:
+def main(out_dir: str, steps: int, layouts: dict[str, list[str]], peak: list[str]) -> None:
     world = env_rank()[2]
     if world > 1:
         dist.init_process_group("gloo")
     try:
         for name, overrides in layouts.items():
-            run_layout(Path(out_dir) / name, steps, overrides)
+            run_layout(Path(out_dir) / name, steps, overrides, name in peak)
     finally:
         if world > 1:
             dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]))
+    main(sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), json.loads(sys.argv[4]))

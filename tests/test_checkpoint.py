@@ -144,11 +144,13 @@ def test_a_model_key_newer_than_the_checkpoint_reads_as_its_default():
 
 @pytest.mark.slow
 def test_resume_on_another_layout_continues_the_loss(tmp_path, shakespeare_shards):
-    """Saved by 2 ranks with FSDP (fsdp=2); resumed by 1 process, and by 2 ranks with expert
-    and with pipeline parallelism: model and AdamW state are resharded by DCP, the
-    prepared-shard loader remaps to the new data-parallel degree. Tolerance 1e-4 on the
-    continued losses: layouts agree to ~1e-6 on this model (test_parallel.py)."""
-    common = [shakespeare_shards, *STEPS, "train.micro_batch_size=4"]
+    """optim=muon_v4, saved by 2 ranks with FSDP (fsdp=2); resumed by 1 process, and by 2
+    ranks with expert and with pipeline parallelism: the model, Muon's momentum (of FSDP
+    shards, then whole, of expert shards over ep, of a stage's matrices) and AdamW's moments
+    (embeddings, head, norms, biases) are resharded by DCP, and the prepared-shard loader
+    remaps to the new data-parallel degree. Tolerance 1e-4 on the continued losses: layouts
+    agree to ~1e-6 on this model (test_parallel.py)."""
+    common = [shakespeare_shards, *STEPS, "optim=muon_v4", "train.micro_batch_size=4"]
     run_cli([*common, "checkpoint.every=3", "launch.nproc_per_node=2",
              f"hydra.run.dir={tmp_path}/fsdp2"], tmp_path)  # fmt: skip
     step3 = tmp_path / "fsdp2" / "checkpoints" / "step-00000003"
@@ -169,21 +171,6 @@ def test_resume_on_another_layout_continues_the_loss(tmp_path, shakespeare_shard
         assert [after[s] for s in (4, 5, 6)] == pytest.approx(
             [full[s] for s in (4, 5, 6)], abs=1e-4
         )
-
-
-@pytest.mark.slow
-def test_muon_state_resumes_on_another_layout(tmp_path, shakespeare_shards):
-    """optim=muon_v4, saved by one process at step 3 (Muon's momentum with AdamW's moments for
-    the rest), resumed by 2 ranks with FSDP and experts over ep (the momentum resharded as
-    DTensors): the losses continue those of the run that never stopped."""
-    common = [shakespeare_shards, *STEPS, "optim=muon_v4", "train.micro_batch_size=4"]
-    train_in_process(tmp_path / "one", [*common, "checkpoint.every=3"])
-    step3 = tmp_path / "one" / "checkpoints" / "step-00000003"
-    layout = ["launch.nproc_per_node=2", "parallel.ep=2", f"train.resume={step3}"]
-    run_cli([*common, *layout, f"hydra.run.dir={tmp_path}/ep2"], tmp_path)
-    full, after = losses(tmp_path / "one"), losses(tmp_path / "ep2")
-    assert sorted(after) == [4, 5, 6]
-    assert [after[s] for s in (4, 5, 6)] == pytest.approx([full[s] for s in (4, 5, 6)], abs=1e-4)
 
 
 TWO_RANKS = ["launch.nproc_per_node=2", "train.micro_batch_size=4", "train.eval_every=0"]
@@ -224,10 +211,11 @@ def test_kill_9_and_sigterm_to_a_multi_rank_run_then_auto_resume_is_exact(
     """2 ranks save every step in DCP's checkpoint process. SIGKILL to the whole run (launcher,
     ranks, checkpoint processes) while a checkpoint is half-written: `train.resume=auto`
     ignores it and continues from the newest complete one. SIGTERM to the whole process group
-    of that resumed run (launcher, ranks, loader workers): every rank finishes the same step
-    and checkpoints, the exit status is
-    128 + 15. A second resume runs to the end. The losses after the kill repeat those of a run
-    that never stopped, bit for bit, and no half-written directory is left."""
+    of that resumed run (what SLURM's scancel, systemd and `timeout` do: launcher, ranks,
+    loader workers; DCP's checkpoint process too: test_operations.py): every rank finishes
+    the same step and checkpoints, no traceback, the exit status is 128 + 15. A second resume
+    runs to the end. The losses after the kill repeat those of a run that never stopped, bit
+    for bit, and no half-written directory is left."""
     steps = 14
     common = [shakespeare_shards, *TWO_RANKS, f"train.steps={steps}", "optim.warmup_steps=1"]
     run_cli([*common, "checkpoint.at_end=false", f"hydra.run.dir={tmp_path}/whole"], tmp_path)
@@ -252,6 +240,7 @@ def test_kill_9_and_sigterm_to_a_multi_rank_run_then_auto_resume_is_exact(
     stdout, stderr = process.communicate(timeout=180)
     assert f"resumed from {root / f'step-{killed_at:08d}'} at step {killed_at}" in stdout
     assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "Traceback" not in stderr and "killed by signal" not in stderr, stderr[-3000:]
     stopped = [r["step"] for r in read_metrics(run)[0]][-1]
     announced = f"SIGTERM on a rank: stopped after step {stopped}" in stdout
     assert stopped < steps and announced, stderr[-5000:]

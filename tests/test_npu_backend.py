@@ -21,10 +21,17 @@ import torch
 
 from birkhoff import kernels
 from birkhoff.kernels import npu_ops
+from birkhoff.launch import doctor_kernels
 from conftest import assert_backend_trains_as_reference
 
 WHEELS = Path("~/.cache/birkhoff-test-wheels").expanduser()
-USED = {"npu_rms_norm", "npu_rotary_mul", "npu_fusion_attention", "npu_grouped_matmul"}
+USED = {
+    "npu_rms_norm",
+    "npu_rotary_mul",
+    "npu_fusion_attention",
+    "npu_grouped_matmul",
+    "npu_swiglu",
+}
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +98,8 @@ def test_every_torch_npu_call_matches_its_documented_signature(op_docs):
 
 
 class StandIn(types.ModuleType):
-    """torch_npu as its docs specify the four ops, in plain torch; records every call."""
+    """torch_npu as its docs specify the ops birkhoff calls, in plain torch; records every
+    call."""
 
     def __init__(self) -> None:
         super().__init__("torch_npu")
@@ -128,6 +136,11 @@ class StandIn(types.ModuleType):
         bounds = pairwise([0, *group_list.tolist()])
         rows = [x[0][a:b] @ weight[0][e] for e, (a, b) in enumerate(bounds)]
         return [torch.cat(rows)]
+
+    def npu_swiglu(self, x, dim=-1):
+        self.calls.append("npu_swiglu")
+        a, b = x.chunk(2, dim=dim)  # "A and B: x split in two along dim"
+        return a * torch.sigmoid(a) * b
 
 
 @pytest.fixture
@@ -177,12 +190,26 @@ def test_npu_ops_match_the_reference_through_the_stand_in(stand_in):
     same("attention", [q, kv, kv.flip(-1), documents.expand(2, 1, 6, 6)], stand_in)
     counts = torch.tensor([3, 0, 5, 2])
     same("grouped_gemm", [torch.randn(10, 16), torch.randn(4, 16, 8), counts], stand_in)
+    gate, up = 8 * torch.randn(10, 16), 8 * torch.randn(10, 16)  # beyond V4's clamp of 10
+    same("swiglu", [gate, up, None], stand_in)
+    same("swiglu", [gate, up, 10.0], stand_in)
     assert set(stand_in.calls) == USED
+
+
+def test_doctor_checks_every_npu_op_against_the_reference(stand_in):
+    """`birkhoff doctor --backend npu` has inputs for every op the backend runs, and through
+    the stand-in each matches the float64 reference."""
+    report = doctor_kernels.check_kernels("npu", torch.device("cpu"))
+    assert set(report["ops"]) == {op for op, impl in kernels.implementations("npu").items()
+                                  if impl == "npu"}  # fmt: skip
+    for op, result in report["ops"].items():
+        assert result["ok"], (op, result["problem"])
+        assert result["forward_error"] < 1e-5 and result["backward_error"] < 1e-5, op
 
 
 def test_a_model_on_the_npu_backend_trains_as_the_reference_one(stand_in):
     assert_backend_trains_as_reference("npu", seed=3)
-    assert {"npu_rms_norm", "npu_rotary_mul", "npu_fusion_attention"} <= set(stand_in.calls)
+    assert USED - {"npu_grouped_matmul"} <= set(stand_in.calls)  # (a dense model: no experts)
 
 
 def test_the_npu_backend_is_available_only_where_torch_npu_imports(stand_in, monkeypatch):

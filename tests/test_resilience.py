@@ -292,20 +292,3 @@ def alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return "\nState:\tZ" not in status  # a zombie has ended; only its parent has not reaped it
-
-
-def test_sigterm_to_the_group_spares_dcps_checkpoint_process(tmp_path):
-    """checkpoint.async_mode=process: DCP's checkpoint process is spawned by the rank, and a
-    SIGTERM to the whole process group used to kill it, failing the stop's save with no
-    checkpoint left. It now leaves the group: the run exits 143 with a complete checkpoint
-    of the step it stopped after."""
-    run = tmp_path / "run"
-    args = ["checkpoint.async_mode=process", "checkpoint.every=2", "train.eval_every=0"]
-    process = start_cli([*args, "train.steps=2000", f"hydra.run.dir={run}"], tmp_path)
-    wait_for(lambda: steps_of(run), process, "a background checkpoint")
-    os.killpg(process.pid, signal.SIGTERM)
-    stdout, stderr = process.communicate(timeout=180)
-    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
-    stopped = read_metrics(run)[0][-1]["step"]
-    assert f"SIGTERM on a rank: stopped after step {stopped}" in stdout
-    assert steps_of(run)[-1] == stopped, stderr[-3000:]

@@ -84,3 +84,13 @@ def grouped_gemm(x: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor) -
         group_list_type=0,
     )
     return out
+
+
+@register("swiglu", NPU)
+def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float | None = None) -> torch.Tensor:
+    """npu_swiglu on [gate | up] along the last dimension (its A and B halves); V4's clamp,
+    which the op lacks, is applied to the halves first, as the reference does."""
+    if limit is not None:
+        gate = gate.clamp(max=limit)
+        up = up.clamp(-limit, limit)
+    return _torch_npu().npu_swiglu(torch.cat((gate, up), dim=-1), dim=-1)

@@ -135,6 +135,17 @@ def mhc_post(
         return mixed + update
 
 
+@register("swiglu", REFERENCE)
+def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float | None = None) -> torch.Tensor:
+    """silu(gate) * up. With `limit` (V4's SwiGLU clamp, 10 in its configs) the gate is capped
+    at `limit` from above and the linear part clipped to [-limit, limit] first, which bounds
+    what one expert can add to the residual stream."""
+    if limit is not None:
+        gate = gate.clamp(max=limit)
+        up = up.clamp(-limit, limit)
+    return F.silu(gate) * up
+
+
 @register("moe_permute", REFERENCE)
 def moe_permute(
     tokens: torch.Tensor, expert_ids: torch.Tensor, num_experts: int

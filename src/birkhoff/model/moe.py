@@ -23,7 +23,7 @@ from torch.distributed.tensor import DTensor
 from birkhoff import kernels
 from birkhoff.model.config import MoEConfig
 from birkhoff.model.init import constant
-from birkhoff.model.mlp import SwiGLU, swiglu
+from birkhoff.model.mlp import SwiGLU
 from birkhoff.model.recompute import recomputing
 
 
@@ -133,6 +133,7 @@ class GroupedExperts(nn.Module):
         self.w_up = nn.Parameter(torch.empty(e, hidden_size, f))
         self.w_down = nn.Parameter(torch.empty(e, f, hidden_size))
         self._gemm = kernels.get("grouped_gemm", kernel_backend)
+        self._swiglu = kernels.get("swiglu", kernel_backend)
         self.limit = cfg.swiglu_limit
 
     def reset_parameters(self, std: float, out_std: float) -> None:
@@ -148,7 +149,7 @@ class GroupedExperts(nn.Module):
             _local(w).to(x.dtype) for w in (self.w_gate, self.w_up, self.w_down)
         )
         gate, up = self._gemm(x, w_gate, counts), self._gemm(x, w_up, counts)
-        hidden = swiglu(gate, up, self.limit)
+        hidden = self._swiglu(gate, up, self.limit)
         return self._gemm(hidden, w_down, counts)
 
 
@@ -167,7 +168,7 @@ class MoE(nn.Module):
         shared_hidden = cfg.num_shared_experts * cfg.expert_ffn_hidden_size
         self.shared = None
         if cfg.num_shared_experts:  # V4 clamps its shared expert like the routed ones
-            self.shared = SwiGLU(hidden_size, shared_hidden, cfg.swiglu_limit)
+            self.shared = SwiGLU(hidden_size, shared_hidden, cfg.swiglu_limit, kernel_backend)
         self._permute = kernels.get("moe_permute", kernel_backend)
         self._unpermute = kernels.get("moe_unpermute", kernel_backend)
         # Tokens routed to each expert since the last bias update (summed over micro-batches).

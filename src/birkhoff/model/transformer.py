@@ -60,7 +60,7 @@ class Block(nn.Module):
         self.ffn: nn.Module = (
             MoE(cfg.hidden_size, cfg.moe, kernel_backend, hash_table_of(cfg, layer))
             if cfg.moe.is_moe_layer(layer)
-            else SwiGLU(cfg.hidden_size, cfg.ffn_hidden_size)
+            else SwiGLU(cfg.hidden_size, cfg.ffn_hidden_size, kernel_backend=kernel_backend)
         )
         self.ffn_residual = build_residual(
             cfg.hidden_size, cfg.residual, kernel_backend, cfg.norm_eps

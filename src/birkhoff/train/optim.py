@@ -107,6 +107,9 @@ def build_optimizer(
     else:
         groups = param_groups(model, cfg.weight_decay, cfg.lr)
     groups = with_balanced_tables(groups, model, cfg)
+    # A pipeline stage may hold none of a group's parameters (the first stage's matrices all
+    # go to Muon, its head being on the last stage); DCP cannot load an empty group's state.
+    groups = [group for group in groups if group["params"]]
     optimizer = (MuonV4 if cfg.name == "muon_v4" else AdamW)(groups, **settings)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg, total_steps))
     return optimizer, scheduler

@@ -145,8 +145,15 @@ class Trainer:
         whole process lifetime), else one for the duration of training. `watchdog`: told
         after every step, evaluation and checkpoint that the run moves on. `restart`: the
         elastic agent's restart count, logged as metric `restart` at the resumed step."""
-        with nullcontext(stop) if stop else StopSignal() as stop:
-            return self._fit(stop, watchdog or HangWatchdog(None, None), restart)
+        try:
+            with nullcontext(stop) if stop else StopSignal() as stop:
+                return self._fit(stop, watchdog or HangWatchdog(None, None), restart)
+        finally:
+            # The loader's workers end now. Left to the garbage collector (a trainer sits in
+            # reference cycles), DataLoader's shutdown waits out its join timeout per worker:
+            # the collector closes the index queues' feeders before the iterator's __del__
+            # sends the workers their stop.
+            self.loader.close()
 
     def _fit(self, stop: StopSignal, watchdog: HangWatchdog, restart: int) -> dict[str, Any]:
         cfg = self.recipe.train
