@@ -34,7 +34,7 @@ def test_sigterm_to_the_process_group_checkpoints_and_resumes_exactly(tmp_path):
     it, failing the stop's save) included. The run finishes its step, checkpoints, exits
     128 + 15; a resume continues the loss curve of a run that never stopped, bit for bit.
     (Two ranks: test_checkpoint.py's kill -9 and SIGTERM test.)"""
-    steps = 30
+    steps = 16
     common = [f"train.steps={steps}", "train.eval_every=0", "optim.warmup_steps=1"]
     assert "data.num_workers=0" not in common  # the worker must be there to be signalled
     run_cli([*common, "checkpoint.at_end=false", f"hydra.run.dir={tmp_path}/whole"], tmp_path)
