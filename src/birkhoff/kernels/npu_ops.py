@@ -16,6 +16,7 @@ import math
 
 import torch
 
+from birkhoff.kernels.reference import swiglu_clamp
 from birkhoff.kernels.registry import register
 
 NPU = "npu"
@@ -89,8 +90,6 @@ def grouped_gemm(x: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor) -
 @register("swiglu", NPU)
 def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float | None = None) -> torch.Tensor:
     """npu_swiglu on [gate | up] along the last dimension (its A and B halves); V4's clamp,
-    which the op lacks, is applied to the halves first, as the reference does."""
-    if limit is not None:
-        gate = gate.clamp(max=limit)
-        up = up.clamp(-limit, limit)
+    which the op lacks, is applied to the halves first."""
+    gate, up = swiglu_clamp(gate, up, limit)
     return _torch_npu().npu_swiglu(torch.cat((gate, up), dim=-1), dim=-1)

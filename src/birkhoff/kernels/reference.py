@@ -135,14 +135,21 @@ def mhc_post(
         return mixed + update
 
 
+def swiglu_clamp(
+    gate: torch.Tensor, up: torch.Tensor, limit: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """V4's SwiGLU clamp (`limit` 10 in its configs; None: none): the gate capped at `limit`
+    from above and the linear part clipped to [-limit, limit], which bounds what one expert
+    can add to the residual stream. Every backend's `swiglu` applies it first."""
+    if limit is None:
+        return gate, up
+    return gate.clamp(max=limit), up.clamp(-limit, limit)
+
+
 @register("swiglu", REFERENCE)
 def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float | None = None) -> torch.Tensor:
-    """silu(gate) * up. With `limit` (V4's SwiGLU clamp, 10 in its configs) the gate is capped
-    at `limit` from above and the linear part clipped to [-limit, limit] first, which bounds
-    what one expert can add to the residual stream."""
-    if limit is not None:
-        gate = gate.clamp(max=limit)
-        up = up.clamp(-limit, limit)
+    """silu(gate) * up, after V4's clamp (swiglu_clamp)."""
+    gate, up = swiglu_clamp(gate, up, limit)
     return F.silu(gate) * up
 
 

@@ -93,7 +93,7 @@ def with_balanced_tables(groups: list[dict], model: nn.Module, cfg: OptimConfig)
             name, lr = f"sinkhorn_{group['name']}", group.get("lr", cfg.lr)
             balanced.append({"params": moved, "weight_decay": 0.0, "lr": lr, "name": name,
                              "sinkhorn": True, **settings})  # fmt: skip
-    return [g for g in groups if g["params"]] + balanced
+    return groups + balanced  # groups left empty are dropped by build_optimizer
 
 
 def build_optimizer(
@@ -107,8 +107,9 @@ def build_optimizer(
     else:
         groups = param_groups(model, cfg.weight_decay, cfg.lr)
     groups = with_balanced_tables(groups, model, cfg)
-    # A pipeline stage may hold none of a group's parameters (the first stage's matrices all
-    # go to Muon, its head being on the last stage); DCP cannot load an empty group's state.
+    # No empty groups: the tables may have emptied theirs (with_balanced_tables), and a
+    # pipeline stage may hold none of a group's parameters (the first stage's matrices all go
+    # to Muon, the head being on the last stage); DCP cannot load an empty group's state.
     groups = [group for group in groups if group["params"]]
     optimizer = (MuonV4 if cfg.name == "muon_v4" else AdamW)(groups, **settings)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg, total_steps))
