@@ -45,6 +45,11 @@ def recipe_error(overrides, env=None) -> RecipeError:
             "needs MoE layers with learned routing",
         ),
         (["train.fault.step=0"], "train.fault.step", "a step >= 1"),
+        (
+            ["train.compile=true", "parallel.activation_checkpoint=selective"],
+            "train.compile",
+            "use full or none",
+        ),
         (["train.fault.update_scale=inf"], "train.fault.update_scale", "finite"),
         (["optim.lr=0"], "optim.lr", "must be > 0"),
         (["data.seq_len=0"], "data.seq_len", "positive integer"),
@@ -64,6 +69,7 @@ def recipe_error(overrides, env=None) -> RecipeError:
         (["model.num_kv_heads=4"], "model.num_kv_heads", "must divide model.num_heads=6"),
         (["optim.schedule=linear"], "optim.schedule", "one of cosine, wsd, constant"),
         (["train.mixed_precision=fp8"], "train.mixed_precision", "one of none, bf16"),
+        (["train.compile_backend=eager"], "train.compile_backend", "one of inductor, aot_eager"),
         (["backend.device=tpu"], "backend.device", "one of auto, cpu, cuda, npu"),
         (["model.residual.form=v3"], "model.residual.form", "one of paper, v4"),
         (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from birkhoff.kernels.opaque_grouped_mm import opaque_grouped_mm
 from birkhoff.kernels.registry import REFERENCE, register
 
 
@@ -100,20 +101,29 @@ class _RecomputedInBackward(torch.autograd.Function):
         return (logits_grad, None, *(None for _ in ctx.args))
 
 
+def _recomputed_in_backward(logits: torch.Tensor, fn, *args) -> torch.Tensor:
+    """Compiled code runs `fn` as it is: AOTAutograd's partitioner then chooses what backward
+    recomputes (cheap elementwise chains like these iterations are what it recomputes), where
+    eager autograd would keep every iteration."""
+    if torch.compiler.is_compiling():
+        return fn(logits, *args)
+    return _RecomputedInBackward.apply(logits, fn, *args)
+
+
 @register("sinkhorn_knopp", REFERENCE)
 def sinkhorn_knopp(logits: torch.Tensor, iters: int) -> torch.Tensor:
     """exp(logits) projected toward the doubly stochastic matrices over the last two dims:
     each iteration normalises columns, then rows, in log space (no overflow for any logits);
     the rows are therefore exact after the last iteration and the columns approximate.
     Backward recomputes the iterations instead of keeping them."""
-    return _RecomputedInBackward.apply(logits, _sinkhorn_log, iters)
+    return _recomputed_in_backward(logits, _sinkhorn_log, iters)
 
 
 @register("sinkhorn_knopp_eps", REFERENCE)
 def sinkhorn_knopp_eps(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     """DeepSeek-V4's production Sinkhorn (see _sinkhorn_eps); backward recomputes the
     iterations instead of keeping them."""
-    return _RecomputedInBackward.apply(logits, _sinkhorn_eps, iters, eps)
+    return _recomputed_in_backward(logits, _sinkhorn_eps, iters, eps)
 
 
 @register("mhc_pre", REFERENCE)
@@ -164,7 +174,8 @@ def moe_permute(
     """
     flat_ids = expert_ids.flatten()
     order = flat_ids.argsort(stable=True)
-    counts = torch.bincount(flat_ids, minlength=num_experts)
+    # Not bincount: its output length depends on the values, which compiled code cannot trace.
+    counts = flat_ids.new_zeros(num_experts).scatter_add_(0, flat_ids, torch.ones_like(flat_ids))
     return tokens[order // expert_ids.shape[1]], order, counts
 
 
@@ -183,6 +194,8 @@ def moe_unpermute(
 def grouped_gemm(x: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Rows of x grouped by expert times that expert's matrix: (M, K), (E, K, N), (E,) -> (M, N)."""
     offsets = counts.cumsum(0).to(torch.int32)
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
+        return opaque_grouped_mm(x, weights, offsets)  # the traced shape function is bf16-only
     return F.grouped_mm(x, weights, offs=offsets)
 
 

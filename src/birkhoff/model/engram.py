@@ -89,9 +89,10 @@ class Engram(nn.Module):
         self._gather_gate = kernels.get("engram_gather_gate", kernel_backend)
         self._rms_norm = kernels.get("rms_norm", kernel_backend)
         # Statistics of training forwards (train/engram_stats.py), not state: the gate sum and
-        # count since they were last taken, and which table rows were looked up so far.
-        self.gate_sum: torch.Tensor | None = None
-        self.gate_count = 0
+        # count since they were last taken, and which table rows were looked up so far. Tensors
+        # only, so that a compiled block (train.compile) updates them without recompiling.
+        self.table_rows = int(primes.sum())
+        self.gate_stats: torch.Tensor | None = None  # (sum, count), float64
         self.rows_touched: torch.Tensor | None = None
 
     def hash_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -122,29 +123,33 @@ class Engram(nn.Module):
         out = x + gated + F.silu(self._causal_conv(normed))
         return out.squeeze(-2) if single else out
 
+    def prepare_stats(self, device: torch.device) -> None:
+        """Create the statistics on `device` before the first forward (train/model_share.py
+        does): a compiled block would otherwise see them appear and compile again."""
+        self.rows_touched = torch.zeros(self.table_rows, dtype=torch.bool, device=device)
+        self.gate_stats = torch.zeros(2, dtype=torch.float64, device=device)
+
     @torch.no_grad()
     def _record_stats(
         self, global_rows: torch.Tensor, table: torch.Tensor, rows: torch.Tensor, x: torch.Tensor
     ) -> None:
         """Mark the rows looked up; add the gates of the first sequence's first tokens."""
         if self.rows_touched is None:
-            size = int(self.primes.sum())
-            self.rows_touched = torch.zeros(size, dtype=torch.bool, device=global_rows.device)
-            self.gate_sum = torch.zeros((), dtype=torch.float64, device=x.device)
+            self.prepare_stats(x.device)
         self.rows_touched[global_rows.flatten()] = True
         sample = rows[:1, :STATS_TOKENS]
         memory = F.embedding(sample.to(table.device), table).flatten(-2)
         alpha = engram_gate(memory.to(x.device), self.key.weight, x[:1, :STATS_TOKENS], self.eps)
-        self.gate_sum += alpha.sum()
-        self.gate_count += alpha.numel()
+        self.gate_stats[0] += alpha.sum()
+        self.gate_stats[1] += alpha.numel()
 
     def take_stats(self) -> tuple[float, int, torch.Tensor | None]:
         """(gate sum, gate count) since the last call, and the rows looked up so far."""
-        total = 0.0 if self.gate_sum is None else self.gate_sum.item()
-        count, self.gate_count = self.gate_count, 0
-        if self.gate_sum is not None:
-            self.gate_sum.zero_()
-        return total, count, self.rows_touched
+        if self.gate_stats is None:
+            return 0.0, 0, None
+        total, count = self.gate_stats.tolist()
+        self.gate_stats.zero_()
+        return total, int(count), self.rows_touched
 
     def _table_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(table, row ids) for the gather-and-gate kernel. A table sharded from outside

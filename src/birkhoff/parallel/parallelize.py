@@ -1,5 +1,6 @@
 """Apply the recipe's layout to a model from outside, in torchtitan's order: tensor parallel
-(and sequence parallel), expert parallel, activation checkpointing, row-sharded Engram tables
+(and sequence parallel), expert parallel, activation checkpointing, torch.compile per block
+(train.compile), row-sharded Engram tables
 (or tables with row-sparse gradients, kept whole outside FSDP), then FSDP2 / HSDP (or DDP for
 pure replication)."""
 
@@ -13,6 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 from birkhoff.model.engram import Engram, sparse_table_gradients
 from birkhoff.model.moe import MoE
 from birkhoff.parallel.activation_checkpoint import apply_activation_checkpointing
+from birkhoff.parallel.compile import compile_blocks
 from birkhoff.parallel.config import ParallelConfig
 from birkhoff.parallel.distributed import DistributedContext
 from birkhoff.parallel.engram_shard import shard_engram_tables
@@ -28,11 +30,17 @@ from birkhoff.parallel.tensor_parallel import apply_tensor_parallel
 
 
 def parallelize_chunk(
-    model: nn.Module, ctx: DistributedContext, cfg: ParallelConfig, sparse_tables: bool = False
+    model: nn.Module,
+    ctx: DistributedContext,
+    cfg: ParallelConfig,
+    sparse_tables: bool = False,
+    compile_backend: str | None = None,
 ) -> list[Callable[..., None]]:
     """Shard one model (or one pipeline chunk) in place; a no-op in a single process except
-    activation checkpointing. `sparse_tables`: Engram tables take row-sparse gradients
-    (optim.engram_update=sparse). Returns what must run once a step's gradients are complete."""
+    activation checkpointing (and compilation). `sparse_tables`: Engram tables take row-sparse
+    gradients (optim.engram_update=sparse). `compile_backend`: torch.compile per block with
+    that dynamo backend (train.compile), before FSDP. Returns what must run once a step's
+    gradients are complete."""
     after_backward = []
     if ctx.size("tp") > 1:
         apply_tensor_parallel(model, ctx.mesh["tp"], cfg.sequence_parallel)
@@ -43,6 +51,8 @@ def parallelize_chunk(
             if isinstance(module, MoE):
                 apply_expert_parallel(module.experts, ctx.mesh["ep"])
     apply_activation_checkpointing(block_slots(model), cfg.activation_checkpoint)
+    if compile_backend is not None:
+        compile_blocks(compiled_block_slots(model, ctx.size("tp")), compile_backend)
     tables = set()
     if sparse_tables:
         tables = set(sparse_table_gradients(model))
@@ -87,3 +97,12 @@ def block_slots(model: nn.Module) -> list[tuple[nn.Module, str]]:
     slots = [(model.blocks, name) for name in model.blocks] if model.blocks is not None else []
     slots += [(depth, "block") for depth in (model.mtp or [])]
     return slots
+
+
+def compiled_block_slots(model: nn.Module, tp: int) -> list[tuple[nn.Module, str]]:
+    """The blocks train.compile compiles: all of them, but under tensor parallelism only the
+    main ones. torch 2.13 fails to trace an MTP depth's backward under tp (unbounded recursion
+    in make_fx's proxies at the attention output's view, with or without sequence
+    parallelism), so MTP depths run eagerly there; the count of compiled blocks is printed."""
+    slots = block_slots(model)
+    return slots if tp == 1 else [slot for slot in slots if slot[0] is model.blocks]

@@ -13,6 +13,7 @@ SCHEDULES = ("cosine", "wsd", "constant")
 PRECISIONS = ("none", "bf16")
 CONSOLE_MODES = ("auto", "rich", "plain")
 WANDB_MODES = ("offline", "online")
+COMPILE_BACKENDS = ("inductor", "aot_eager")
 BAD_STEP_ACTIONS = ("skip", "fail")
 ENGRAM_UPDATES = ("dense", "sparse")
 OPTIMIZERS = ("adamw", "muon_v4")
@@ -124,6 +125,11 @@ class TrainConfig:
     # The lightning indexer's dense warm-up: for the first N steps every CSA layer attends to
     # all its compressed entries and only the indexers learn (train/indexer_warmup.py).
     indexer_warmup_steps: int = 0
+    # torch.compile per transformer block (parallel/compile.py); the first step compiles.
+    # compile_backend: dynamo's backend, inductor (generated kernels) or aot_eager (the same
+    # tracing and autograd graphs run by eager kernels: finds tracing problems in seconds).
+    compile: bool = False
+    compile_backend: str = "inductor"
     on_bad_step: str = "skip"
     max_bad_steps: int = 10
     hang_timeout_s: float | None = 900
@@ -190,6 +196,7 @@ class TrainConfig:
         )
         require_choice(f"{prefix}.mixed_precision", self.mixed_precision, PRECISIONS)
         require_choice(f"{prefix}.on_bad_step", self.on_bad_step, BAD_STEP_ACTIONS)
+        require_choice(f"{prefix}.compile_backend", self.compile_backend, COMPILE_BACKENDS)
         require(
             self.global_batch_size % dp_size == 0,
             f"{prefix}.global_batch_size",

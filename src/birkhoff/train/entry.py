@@ -17,6 +17,7 @@ from birkhoff.errors import require
 from birkhoff.model.budget import count_parameters
 from birkhoff.model.summary import describe_split
 from birkhoff.parallel import distributed, resolve_device
+from birkhoff.parallel.compile import CompileStats, describe_compile
 from birkhoff.parallel.distributed import describe_layout, env_rank
 from birkhoff.rank_children import rank_process_marked
 from birkhoff.train.checkpointing import resume_after_restart
@@ -154,6 +155,9 @@ def _train_rank(
                 print(f"birkhoff: {describe_split(trainer.model_cfg)}", flush=True)
                 print(f"birkhoff: layout {describe_layout(ctx)}, device {device.type}", flush=True)
                 print(f"birkhoff: {kernels.describe(trainer.kernel_backend)}", flush=True)
+                if train_recipe.train.compile:
+                    print(f"birkhoff: compile: torch.compile on {trainer.compiled_blocks} "
+                          "blocks; the first step compiles them", flush=True)  # fmt: skip
                 meter = trainer.mfu
                 print(
                     f"birkhoff: mfu = model FLOPs ({meter.flops_per_token / 1e6:,.1f}M per token) "
@@ -169,6 +173,13 @@ def _train_rank(
         summary["parallel"] = dict(ctx.degrees)
         summary["tokenizer"] = data.tokenizer.identity()
         summary["kernels"] = kernels.implementations(trainer.kernel_backend)
+        if train_recipe.train.compile:
+            summary["compile"] = {
+                "blocks": trainer.compiled_blocks,
+                "backend": train_recipe.train.compile_backend,
+                **vars(CompileStats.now()),
+            }
+            print(f"birkhoff: compile: {describe_compile(summary)}", flush=True)
         write_summary(run_path, summary)
         print(
             f"done: {summary['steps']} steps | first loss {summary['first_loss']:.4f} | "

@@ -15,9 +15,10 @@ import torch
 from birkhoff import kernels
 from birkhoff.model import build_model
 from birkhoff.model.config import ModelConfig
+from birkhoff.model.engram import Engram
 from birkhoff.model.transformer import Transformer
 from birkhoff.parallel import DistributedContext
-from birkhoff.parallel.parallelize import parallelize_chunk
+from birkhoff.parallel.parallelize import compiled_block_slots, parallelize_chunk
 from birkhoff.parallel.pipeline import Carry, PipelineRunner
 from birkhoff.parallel.sparse_rows import materialise
 from birkhoff.train.init_from import load_initial_weights
@@ -30,6 +31,7 @@ class ModelShare:
     parts: list[Transformer]  # the whole model, or this rank's pipeline chunks
     pipeline: PipelineRunner | None
     kernels: str  # the kernel backend the model runs (backend.kernels resolved for the device)
+    compiled_blocks: int  # blocks whose forward torch.compile runs (train.compile)
     # What must run once a step's gradients are complete (before clipping).
     after_backward: list[Callable[..., None]]
 
@@ -60,14 +62,21 @@ def build_share(
         pipeline = PipelineRunner(model, ctx, recipe.parallel, carry, micro_batches)
     parts = pipeline.chunks if pipeline else [model]
     del model  # a pipeline rank keeps only its chunks
-    after_backward = []
+    after_backward, compiled_blocks = [], 0
     for part in parts:
         sparse_tables = recipe.optim.engram_update == "sparse"
-        after_backward += parallelize_chunk(part, ctx, recipe.parallel, sparse_tables)
+        compile_backend = recipe.train.compile_backend if recipe.train.compile else None
+        after_backward += parallelize_chunk(
+            part, ctx, recipe.parallel, sparse_tables, compile_backend=compile_backend
+        )
+        if recipe.train.compile:
+            compiled_blocks += len(compiled_block_slots(part, ctx.size("tp")))
         if device is not None:
             materialise(part, device, recipe.parallel.engram_host)
             part.tie_weights()
             part.init_weights(recipe.train.seed)
+            for engram in (m for m in part.modules() if isinstance(m, Engram)):
+                engram.prepare_stats(device)
     if recipe.train.init_from and device is not None:
         load_initial_weights(parts, Path(recipe.train.init_from), announce=ctx.rank == 0)
-    return ModelShare(cfg, parts, pipeline, backend, after_backward)
+    return ModelShare(cfg, parts, pipeline, backend, compiled_blocks, after_backward)

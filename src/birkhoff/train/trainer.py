@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -96,6 +97,7 @@ class Trainer:
         share = build_share(recipe, ctx, device, compression, tokenizer.pad_id, self.grad_accum)
         self.model_cfg = share.cfg
         self.kernel_backend = share.kernels
+        self.compiled_blocks = share.compiled_blocks
         self.has_indexer = "csa" in share.cfg.attention.layer_types  # every rank: all CSA layers
         self.hasher = self._engram_hasher(compression)
         self.pipeline = share.pipeline
@@ -165,8 +167,10 @@ class Trainer:
             self.metrics.log({"step": self.step, "restart": restart})
         first_loss = last_loss = float("nan")
         start, first_step = time.perf_counter(), self.step
+        step_times = []  # of this process's steps: the first one compiles under train.compile
         while self.step < cfg.steps:
             record = self.train_step()
+            step_times.append(record["step_time_s"])
             watchdog.progress(self.step)
             applied = not record.get("skipped")
             stopping = stop.requested(self.ctx)
@@ -202,6 +206,8 @@ class Trainer:
             "tokens_per_s": (self.step - first_step) * self.tokens_per_step / elapsed,
             "mfu": self.mfu.mfu((self.step - first_step) * self.tokens_per_step / elapsed),
             "world_size": self.ctx.world_size,
+            "first_step_s": step_times[0] if step_times else None,
+            "median_step_s": statistics.median(step_times[1:]) if step_times[1:] else None,
             "stopped_by": signal.Signals(stop.agreed).name if stop.agreed else None,
             "bad_steps": self.guard.bad_steps,
             "spikes": self.guard.spikes,

@@ -1,0 +1,120 @@
+"""train.compile: torch.compile per transformer block (parallel/compile.py), against the same
+run in eager mode, one process against several, and the ops it needed against loops."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from test_parallel import MICRO_4, TP_SP, assert_matches, run_layouts
+from test_parallel import MODEL as PARALLEL_MODEL
+from test_train import read_metrics, train_in_process
+from torch.distributed.checkpoint import FileSystemReader
+
+from birkhoff import kernels
+
+STEPS = ["train.steps=3", "train.eval_every=3", "optim.warmup_steps=1"]
+FULL_AC = "parallel.activation_checkpoint=full"
+# aot_eager traces the same graphs as inductor (dynamo, AOTAutograd: graph breaks, the
+# checkpointed region, the statistics' side effects) and runs them with eager kernels, in
+# seconds instead of inductor's minutes of C++ compilation on this CPU.
+AOT_EAGER = ["train.compile=true", "train.compile_backend=aot_eager"]
+# test_parallel's model cut to two layers and its MTP depth (3 blocks): CSA (its indexer) with
+# a hash-routed MoE, then HCA with Engram; windows and compressed blocks that the 64-token
+# sequences cross, packed documents.
+TWO_LAYERS = [
+    "model.num_layers=2",
+    "model.attention.layer_types=[csa,hca]",
+    "model.engram.layers=[1]",
+]
+MODEL = [*PARALLEL_MODEL, *TWO_LAYERS]
+# What blocks record: MoE loads, mHC deviations, the indexer's KL and recall (and at the
+# evaluations, Engram's gates and rows).
+STATS = ("moe_load_max_over_mean", "mhc_col_dev", "indexer_kl", "indexer_recall")
+
+
+def saved_names(run_dir: Path) -> set[str]:
+    step = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+    return set(FileSystemReader(step).read_metadata().state_dict_metadata)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_grouped_gemm_compiles_in_float32_and_matches_a_loop(backend):
+    """F.grouped_mm's traced shape function takes bfloat16 only; compiled float32 MoE blocks
+    go through kernels/opaque_grouped_mm.py. Forward and both gradients against a float64
+    per-expert loop, with an empty expert, without a graph break (fullgraph), and with
+    inductor's generated code around the operator (the default train.compile_backend)."""
+    torch.manual_seed(0)
+    counts = torch.tensor([3, 0, 5, 4])
+    x = torch.randn(int(counts.sum()), 8, requires_grad=True)
+    w = torch.randn(4, 8, 12, requires_grad=True)
+    gemm = torch.compile(kernels.get("grouped_gemm"), backend=backend, fullgraph=True)
+    out = gemm(x, w, counts)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ends = counts.cumsum(0).tolist()
+    rows = zip([0, *ends[:-1]], ends, strict=True)
+    expected = torch.cat([x64[start:end] @ w64[i] for i, (start, end) in enumerate(rows)])
+    expected.backward(grad.double())
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_moe_permute_counts_compile_without_a_break():
+    """Tokens per expert as compiled code computes them (not bincount, whose output length
+    depends on the values), against a Counter; an expert nobody picked counts 0."""
+    ids = torch.tensor([[0, 2], [2, 3], [0, 2], [3, 0]])
+    permute = torch.compile(kernels.get("moe_permute"), backend="aot_eager", fullgraph=True)
+    _, order, counts = permute(torch.randn(4, 8), ids, 5)
+    seen = Counter(ids.flatten().tolist())
+    assert counts.tolist() == [seen[e] for e in range(5)]
+    assert ids.flatten()[order].tolist() == sorted(ids.flatten().tolist())
+
+
+@pytest.mark.slow
+def test_a_compiled_run_trains_as_the_eager_one(tmp_path, capsys):
+    """Every block compiled whole (no graph break), inside full activation checkpointing
+    (dynamo traces the checkpointed region; its recompute is in the backward graph): the
+    eager run's losses, held-out loss and statistics (a compiled block that skipped them as
+    a recompute would lose them); the checkpoint holds the same names."""
+    train_in_process(tmp_path / "eager", [*MODEL, *STEPS, FULL_AC])
+    compiled = train_in_process(tmp_path / "compiled", [*MODEL, *STEPS, FULL_AC, *AOT_EAGER])
+    out = capsys.readouterr().out
+    assert "compile: torch.compile on 3 blocks; the first step compiles them" in out
+    assert compiled["compile"]["blocks"] == 3 and compiled["compile"]["graphs"] >= 3
+    assert compiled["compile"]["graph_breaks"] == 0
+    assert "3 blocks (aot_eager)" in out and "0 graph breaks" in out
+    got, _ = read_metrics(tmp_path / "compiled")
+    expected, _ = read_metrics(tmp_path / "eager")
+    for key in ("loss", *STATS):
+        assert [r[key] for r in got] == pytest.approx([r[key] for r in expected], abs=1e-5), key
+    _, got_eval = read_metrics(tmp_path / "compiled")
+    _, expected_eval = read_metrics(tmp_path / "eager")
+    for key in ("eval_loss", "engram_gate_mean", "engram_rows_touched"):
+        assert got_eval[-1][key] == pytest.approx(expected_eval[-1][key], abs=1e-5), key
+    assert saved_names(tmp_path / "compiled") == saved_names(tmp_path / "eager")
+
+
+COMPILED_LAYOUTS = {
+    "compiled: fsdp=2 + full AC": [*TWO_LAYERS, "parallel.dp_shard=2", FULL_AC, *AOT_EAGER],
+    "compiled: tp=2 + sequence parallel": [*TWO_LAYERS, *TP_SP, *AOT_EAGER],
+    "compiled: pp=2 (1F1B)": [*TWO_LAYERS, "parallel.pp=2", *AOT_EAGER],
+}
+
+
+@pytest.mark.slow
+def test_compiled_layouts_match_one_eager_process(tmp_path, shakespeare_shards):
+    """Compiled blocks under FSDP2 (its hooks outside the compiled forward), tensor and
+    sequence parallelism (DTensor inside it; the MTP depth eager, see
+    parallel/parallelize.compiled_block_slots) and pipeline stages: one eager process's
+    losses, router biases and gradients, as test_parallel checks every layout."""
+    one = [shakespeare_shards, *TWO_LAYERS, MICRO_4]
+    reference = run_layouts(tmp_path, 1, {"one": one})["one"]
+    layouts = {name: [shakespeare_shards, *o, MICRO_4] for name, o in COMPILED_LAYOUTS.items()}
+    for name, got in run_layouts(tmp_path, 2, layouts).items():
+        assert_matches(reference, got, with_tp="tp=2" in name)
