@@ -76,6 +76,7 @@ def save(trainer: Trainer, manager: CheckpointManager) -> float:
         "loader": trainer.routing.loader_state(trainer.loader),
         "rng": rng_states(),
         "anticipatory": trainer.routing.state_dict(),
+        "spike_guard": trainer.guard.state_dict(),
     }
     meta = {
         "tokens_seen": trainer.step * trainer.tokens_per_step,
@@ -154,6 +155,8 @@ def _restore_rank_state(trainer: Trainer, saved: list[dict], meta: dict[str, Any
     same_layout = same_world and meta["degrees"] == (dict(ctx.degrees) or {"world": 1})
     mine = saved[ctx.rank] if same_layout else saved[0]
     trainer.routing.load_state_dict(mine.get("anticipatory"), same_layout, trainer.device)
+    # Every rank saved the same guard state, so any rank's serves any layout.
+    trainer.guard.load_state_dict(saved[0].get("spike_guard"))
 
 
 def _changes(trainer: Trainer, meta: dict[str, Any]) -> str:

@@ -57,6 +57,27 @@ class StepGuard:
     def enabled(self) -> bool:
         return self.cfg.enabled
 
+    # What a resumed run needs to judge its next steps as the run that went on would: the
+    # windows, the spikes in them, the counters. Snapshots live in host memory and are not
+    # saved: a resumed run takes its first at the step it resumes from.
+    COUNTERS = ("attempts", "bad_steps", "consecutive_bad", "spikes", "rollbacks", "last_restored")
+
+    def state_dict(self) -> dict[str, Any]:
+        """The same on every rank (decisions come from agreed values)."""
+        windows = {"losses": list(self.losses), "grad_norms": list(self.grad_norms),
+                   "recent_spikes": list(self.recent_spikes)}  # fmt: skip
+        return {**windows, **{name: getattr(self, name) for name in self.COUNTERS}}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        """A checkpoint written before the guard was saved (None) starts with empty windows."""
+        if state is None:
+            return
+        self.losses.extend(state["losses"])  # maxlen: a smaller window keeps the newest
+        self.grad_norms.extend(state["grad_norms"])
+        self.recent_spikes.extend(state["recent_spikes"])
+        for name in self.COUNTERS:
+            setattr(self, name, state[name])
+
     def verdict(self, loss: float, grad_norm: float) -> str | None:
         """Why this step must not be applied, or None."""
         self.attempts += 1
