@@ -17,6 +17,7 @@ from birkhoff import kernels
 
 STEPS = ["train.steps=3", "train.eval_every=3", "optim.warmup_steps=1"]
 FULL_AC = "parallel.activation_checkpoint=full"
+SELECTIVE_AC = "parallel.activation_checkpoint=selective"
 # aot_eager traces the same graphs as inductor (dynamo, AOTAutograd: graph breaks, the
 # checkpointed region, the statistics' side effects) and runs them with eager kernels, in
 # seconds instead of inductor's minutes of C++ compilation on this CPU.
@@ -78,12 +79,13 @@ def test_moe_permute_counts_compile_without_a_break():
 
 @pytest.mark.slow
 def test_a_compiled_run_trains_as_the_eager_one(tmp_path, capsys):
-    """Every block compiled whole (no graph break), inside full activation checkpointing
-    (dynamo traces the checkpointed region; its recompute is in the backward graph): the
-    eager run's losses, held-out loss and statistics (a compiled block that skipped them as
-    a recompute would lose them); the checkpoint holds the same names."""
-    train_in_process(tmp_path / "eager", [*MODEL, *STEPS, FULL_AC])
-    compiled = train_in_process(tmp_path / "compiled", [*MODEL, *STEPS, FULL_AC, *AOT_EAGER])
+    """Every block compiled whole (no graph break), inside selective activation
+    checkpointing (dynamo traces the checkpointed region, AOTAutograd tags the ops our policy
+    saves; the recompute is in the backward graph; full checkpointing: the fsdp layout
+    below): the eager run's losses, held-out loss and statistics (a compiled block that
+    skipped them as a recompute would lose them); the checkpoint holds the same names."""
+    train_in_process(tmp_path / "eager", [*MODEL, *STEPS, SELECTIVE_AC])
+    compiled = train_in_process(tmp_path / "compiled", [*MODEL, *STEPS, SELECTIVE_AC, *AOT_EAGER])
     out = capsys.readouterr().out
     assert "compile: torch.compile on 3 blocks; the first step compiles them" in out
     assert compiled["compile"]["blocks"] == 3 and compiled["compile"]["graphs"] >= 3

@@ -45,11 +45,6 @@ def recipe_error(overrides, env=None) -> RecipeError:
             "needs MoE layers with learned routing",
         ),
         (["train.fault.step=0"], "train.fault.step", "a step >= 1"),
-        (
-            ["train.compile=true", "parallel.activation_checkpoint=selective"],
-            "train.compile",
-            "use full or none",
-        ),
         (["train.fault.update_scale=inf"], "train.fault.update_scale", "finite"),
         (["optim.lr=0"], "optim.lr", "must be > 0"),
         (["data.seq_len=0"], "data.seq_len", "positive integer"),

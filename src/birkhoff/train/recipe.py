@@ -75,13 +75,6 @@ class TrainRecipe:
                 warmup,
                 "needs a CSA layer (model.attention.kind=v4 with csa in its layer_types)",
             )
-        require(
-            not self.train.compile or self.parallel.activation_checkpoint != "selective",
-            "train.compile",
-            self.train.compile,
-            "cannot run with parallel.activation_checkpoint=selective (its dispatch modes pick "
-            "saved ops one by one, which compiled code does not run); use full or none",
-        )
         moe = self.model.moe
         learned = (self.model.num_layers - moe.first_k_dense - moe.hash_layers) * moe.num_experts
         mode = self.train.anticipatory.mode
