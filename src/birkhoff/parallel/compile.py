@@ -4,9 +4,8 @@ tensor and expert parallelism and activation checkpointing and before FSDP: each
 change), and the hooks FSDP2 puts on the block (all-gather, reduce-scatter) and the pipeline
 schedule stay outside the compiled code. Blocks of one structure share their graphs.
 
-What dynamo could not compile runs eagerly between graphs (a graph break: the `.tolist()` of
-expert parallelism's all-to-all sizes, the Engram statistics); the count is reported, never
-hidden."""
+What dynamo could not compile runs eagerly between graphs (a graph break: today only the
+`.tolist()` of expert parallelism's all-to-all sizes); the count is reported, never hidden."""
 
 from __future__ import annotations
 
