@@ -42,11 +42,13 @@ def saved_names(run_dir: Path) -> set[str]:
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_grouped_gemm_compiles_in_float32_and_matches_a_loop(backend):
+def test_grouped_gemm_compiles_in_float32_and_matches_a_loop(backend, tmp_path, monkeypatch):
     """F.grouped_mm's traced shape function takes bfloat16 only; compiled float32 MoE blocks
     go through kernels/opaque_grouped_mm.py. Forward and both gradients against a float64
     per-expert loop, with an empty expert, without a graph break (fullgraph), and with
-    inductor's generated code around the operator (the default train.compile_backend)."""
+    inductor's generated code around the operator (the default train.compile_backend). With
+    an empty inductor cache: a cached graph would keep an older version of the operator."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     torch.manual_seed(0)
     counts = torch.tensor([3, 0, 5, 4])
     x = torch.randn(int(counts.sum()), 8, requires_grad=True)
@@ -67,8 +69,9 @@ def test_grouped_gemm_compiles_in_float32_and_matches_a_loop(backend):
 
 
 def test_moe_permute_counts_compile_without_a_break():
-    """Tokens per expert as compiled code computes them (not bincount, whose output length
-    depends on the values), against a Counter; an expert nobody picked counts 0."""
+    """Tokens per expert by scatter-add (bincount's value-dependent length breaks the block's
+    graph once it feeds the grouped GEMM: the whole-run test below catches that), compiled,
+    against a Counter; an expert nobody picked counts 0."""
     ids = torch.tensor([[0, 2], [2, 3], [0, 2], [3, 0]])
     permute = torch.compile(kernels.get("moe_permute"), backend="aot_eager", fullgraph=True)
     _, order, counts = permute(torch.randn(4, 8), ids, 5)
