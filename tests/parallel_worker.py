@@ -90,6 +90,9 @@ def run_layout(out: Path, steps: int, overrides: list[str], measure_peak: bool) 
     }
     out.mkdir(parents=True, exist_ok=True)
     torch.save(saved, out / f"rank{rank}.pt")
+    # As Trainer.fit does: left to the garbage collector, the loader's workers would cost
+    # their 5 s join timeout each (trainer.py, fit).
+    trainer.loader.close()
 
 
 def main(out_dir: str, steps: int, layouts: dict[str, list[str]], peak: list[str]) -> None:

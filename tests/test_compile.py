@@ -1,5 +1,6 @@
 """train.compile: torch.compile per transformer block (parallel/compile.py), against the same
-run in eager mode, one process against several, and the ops it needed against loops."""
+run in eager mode and the ops it needed against loops (compiled multi-rank layouts:
+test_parallel.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_parallel import MICRO_4, TP_SP, assert_matches, run_layouts
+from test_parallel import AOT_EAGER, TWO_LAYERS
 from test_parallel import MODEL as PARALLEL_MODEL
 from test_train import read_metrics, train_in_process
 from torch.distributed.checkpoint import FileSystemReader
@@ -16,20 +17,9 @@ from torch.distributed.checkpoint import FileSystemReader
 from birkhoff import kernels
 
 STEPS = ["train.steps=3", "train.eval_every=3", "optim.warmup_steps=1"]
-FULL_AC = "parallel.activation_checkpoint=full"
 SELECTIVE_AC = "parallel.activation_checkpoint=selective"
-# aot_eager traces the same graphs as inductor (dynamo, AOTAutograd: graph breaks, the
-# checkpointed region, the statistics' side effects) and runs them with eager kernels, in
-# seconds instead of inductor's minutes of C++ compilation on this CPU.
-AOT_EAGER = ["train.compile=true", "train.compile_backend=aot_eager"]
-# test_parallel's model cut to two layers and its MTP depth (3 blocks): CSA (its indexer) with
-# a hash-routed MoE, then HCA with Engram; windows and compressed blocks that the 64-token
-# sequences cross, packed documents.
-TWO_LAYERS = [
-    "model.num_layers=2",
-    "model.attention.layer_types=[csa,hca]",
-    "model.engram.layers=[1]",
-]
+# test_parallel's model cut to two layers and its MTP depth (3 blocks), as its compiled
+# layouts; aot_eager: see there.
 MODEL = [*PARALLEL_MODEL, *TWO_LAYERS]
 # What blocks record: MoE loads, mHC deviations, the indexer's KL and recall (and at the
 # evaluations, Engram's gates and rows).
@@ -103,23 +93,3 @@ def test_a_compiled_run_trains_as_the_eager_one(tmp_path, capsys):
     for key in ("eval_loss", "engram_gate_mean", "engram_rows_touched"):
         assert got_eval[-1][key] == pytest.approx(expected_eval[-1][key], abs=1e-5), key
     assert saved_names(tmp_path / "compiled") == saved_names(tmp_path / "eager")
-
-
-COMPILED_LAYOUTS = {
-    "compiled: fsdp=2 + full AC": [*TWO_LAYERS, "parallel.dp_shard=2", FULL_AC, *AOT_EAGER],
-    "compiled: tp=2 + sequence parallel": [*TWO_LAYERS, *TP_SP, *AOT_EAGER],
-    "compiled: pp=2 (1F1B)": [*TWO_LAYERS, "parallel.pp=2", *AOT_EAGER],
-}
-
-
-@pytest.mark.slow
-def test_compiled_layouts_match_one_eager_process(tmp_path, shakespeare_shards):
-    """Compiled blocks under FSDP2 (its hooks outside the compiled forward), tensor and
-    sequence parallelism (DTensor inside it; the MTP depth eager, see
-    parallel/parallelize.compiled_block_slots) and pipeline stages: one eager process's
-    losses, router biases and gradients, as test_parallel checks every layout."""
-    one = [shakespeare_shards, *TWO_LAYERS, MICRO_4]
-    reference = run_layouts(tmp_path, 1, {"one": one})["one"]
-    layouts = {name: [shakespeare_shards, *o, MICRO_4] for name, o in COMPILED_LAYOUTS.items()}
-    for name, got in run_layouts(tmp_path, 2, layouts).items():
-        assert_matches(reference, got, with_tp="tp=2" in name)

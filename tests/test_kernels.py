@@ -69,14 +69,15 @@ def test_triton_mhc_keeps_the_dtypes_under_autocast():
 def test_every_backend_says_which_implementation_runs():
     table = kernels.implementations("triton")
     assert set(table) == set(kernels.ops())
-    assert {op for op, impl in table.items() if impl == "triton"} == {"mhc_pre", "mhc_post"}
-    assert kernels.fallbacks("triton") == sorted(set(table) - {"mhc_pre", "mhc_post"})
+    own = {"mhc_pre", "mhc_post", "v4_attention"}
+    assert {op for op, impl in table.items() if impl == "triton"} == own
+    assert kernels.fallbacks("triton") == sorted(set(table) - own)
     assert kernels.fallbacks("reference") == []
     with pytest.raises(ValueError, match="'auto': not one of reference, triton, npu"):
         kernels.get("rms_norm", "auto")  # resolved per device before any model is built
     line = kernels.describe("triton")
-    assert f"triton for 2 of {len(table)} ops (mhc_post, mhc_pre)" in line
-    assert f"{len(table) - 2} fall back to reference: attention" in line
+    assert f"triton for 3 of {len(table)} ops (mhc_post, mhc_pre, v4_attention)" in line
+    assert f"{len(table) - 3} fall back to reference: attention" in line
 
 
 def test_kernel_backend_resolves_per_device(monkeypatch):

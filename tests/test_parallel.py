@@ -198,23 +198,52 @@ GQA_LAYOUTS = {
     "gqa: tp=2 + sequence parallel": (2, [GQA, *TP_SP, MICRO_4]),
 }
 EVERY_LAYOUT = {**LAYOUTS, **GQA_LAYOUTS}
+# train.compile (test_compile.py has its one-process tests): blocks compiled under FSDP2 (its
+# hooks outside the compiled forward), tensor and sequence parallelism (DTensor inside it; the
+# MTP depth eager, see parallel/parallelize.compiled_block_slots) and pipeline stages, on the
+# model cut to two layers and its MTP depth (3 blocks; CSA with a hash-routed MoE, then HCA
+# with Engram), against one eager process of that model. aot_eager traces the graphs inductor
+# would (dynamo, AOTAutograd, the checkpointed region) and runs eager kernels, in seconds
+# instead of inductor's minutes of C++ compilation on this CPU.
+TWO_LAYERS = [
+    "model.num_layers=2",
+    "model.attention.layer_types=[csa,hca]",
+    "model.engram.layers=[1]",
+]
+AOT_EAGER = ["train.compile=true", "train.compile_backend=aot_eager"]
+COMPILED_LAYOUTS = {
+    "compiled: fsdp=2 + full AC": (
+        2,
+        [
+            *TWO_LAYERS,
+            "parallel.dp_shard=2",
+            "parallel.activation_checkpoint=full",
+            *AOT_EAGER,
+            MICRO_4,
+        ],
+    ),
+    "compiled: tp=2 + sequence parallel": (2, [*TWO_LAYERS, *TP_SP, *AOT_EAGER, MICRO_4]),
+    "compiled: pp=2 (1F1B)": (2, [*TWO_LAYERS, "parallel.pp=2", *AOT_EAGER, MICRO_4]),
+}
+RUNS = {**EVERY_LAYOUT, **COMPILED_LAYOUTS}  # one torchrun per world size runs them all
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory, shakespeare_shards) -> tuple[dict[str, dict], dict[str, dict]]:
     """The 1-process references (V4 and GQA) and every layout (one torchrun per world size)."""
     out = tmp_path_factory.mktemp("layouts")
-    with_data = {name: [shakespeare_shards, *o] for name, (_, o) in EVERY_LAYOUT.items()}
+    with_data = {name: [shakespeare_shards, *o] for name, (_, o) in RUNS.items()}
     references = {
         "one": [shakespeare_shards, MICRO_4],
+        "one, two layers": [shakespeare_shards, *TWO_LAYERS, MICRO_4],
         "one gqa": [shakespeare_shards, GQA, MICRO_4],
         "one sparse": [shakespeare_shards, SPARSE, MICRO_4],
         "one muon": [shakespeare_shards, MUON, MICRO_4],
     }
     reference = run_layouts(out, 1, references)
     got = {}
-    for ranks in sorted({ranks for ranks, _ in EVERY_LAYOUT.values()}):
-        names = [name for name, (r, _) in EVERY_LAYOUT.items() if r == ranks]
+    for ranks in sorted({ranks for ranks, _ in RUNS.values()}):
+        names = [name for name, (r, _) in RUNS.items() if r == ranks]
         got.update(run_layouts(out, ranks, {name: with_data[name] for name in names}))
     return reference, got
 
@@ -237,6 +266,14 @@ def test_sparse_engram_gradients_equal_the_dense_ones(results):
     assert relative_error(sparse["first_grads"], dense["first_grads"]) < 1e-7
     assert sparse["losses"][:2] == pytest.approx(dense["losses"][:2], abs=1e-6)
     assert sparse["losses"][2] != pytest.approx(dense["losses"][2], abs=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", list(COMPILED_LAYOUTS))
+def test_compiled_layout_matches_one_eager_process(results, layout):
+    """Losses, router biases and gradients, as for every layout above."""
+    reference = results[0]["one, two layers"]
+    assert_matches(reference, results[1][layout], with_tp="tp=2" in layout)
 
 
 @pytest.mark.slow

@@ -136,9 +136,10 @@ def test_a_resumed_run_judges_spikes_as_the_run_that_went_on(tmp_path):
     """The guard's windows and counters travel in the checkpoint: resumed at step 7 with a
     window of 5, the gradient-norm spike of the 10th step is skipped as in the run that went
     on (with empty windows it would be applied: only 2 norms by then), and the losses are
-    the same bit for bit."""
+    the same bit for bit. The Engram rows looked up travel too: the share touched at the final
+    evaluation counts the steps before the resume."""
     overrides = [
-        "train.steps=11", "train.eval_every=0", "train.spike.enabled=true",
+        "train.steps=11", "train.eval_every=11", "train.spike.enabled=true",
         "train.spike.window=5", "train.spike.loss_sigmas=null", "train.spike.grad_norm_sigmas=20",
         "train.fault.step=10", "train.fault.gradient_scale=1000", "checkpoint.every=7",
     ]  # fmt: skip
@@ -146,7 +147,10 @@ def test_a_resumed_run_judges_spikes_as_the_run_that_went_on(tmp_path):
     step7 = tmp_path / "whole" / "checkpoints" / "step-00000007"
     resumed = train_in_process(tmp_path / "resumed", [*overrides, f"train.resume={step7}"])
     records, _ = read_metrics(tmp_path / "resumed")
+    runs = ("whole", "resumed")
     assert [r["step"] for r in records if r.get("skipped")] == [9]
     assert resumed["spikes"] == whole["spikes"] == 1
     expected = [r["loss"] for r in read_metrics(tmp_path / "whole")[0] if r["step"] > 7]
     assert [r["loss"] for r in records if r["step"] > 7] == expected
+    touched = [read_metrics(tmp_path / run)[1][-1]["engram_rows_touched"] for run in runs]
+    assert touched[0] == touched[1] < 1

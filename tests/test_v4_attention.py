@@ -89,7 +89,9 @@ def hf_config(yarn: bool = False) -> DeepseekV4Config:
     return config
 
 
-def pair(layer_type: str, seed: int = 0, yarn: bool = False) -> tuple[V4Attention, torch.nn.Module]:
+def pair(
+    layer_type: str, seed: int = 0, yarn: bool = False, backend: str = "reference"
+) -> tuple[V4Attention, torch.nn.Module]:
     """Ours and transformers' layer with the same random weights (sinks, positional biases and
     norm gains random too, so that none of them is checked only at its initial value)."""
     config = hf_config(yarn)
@@ -100,7 +102,7 @@ def pair(layer_type: str, seed: int = 0, yarn: bool = False) -> tuple[V4Attentio
             noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
             param.copy_(1 + 0.1 * noise if "norm" in name else 0.2 * noise)
     cfg = dataclasses.replace(CFG, **YARN) if yarn else CFG
-    ours = V4Attention(HIDDEN, HEADS, cfg, layer_type, EPS, rope_theta=10000.0)
+    ours = V4Attention(HIDDEN, HEADS, cfg, layer_type, EPS, rope_theta=10000.0, backend=backend)
     mine = dict(ours.named_parameters())
     with torch.no_grad():
         for name, param in theirs.named_parameters():
@@ -131,6 +133,11 @@ def test_v4_attention_equals_transformers_forward_and_backward(layer_type, yarn)
     none), which moves their output by up to 0.8 (hca) and 1.6 (csa) against plain RoPE."""
     ours, theirs = pair(layer_type, yarn=yarn)
     x = torch.randn(2, 37, HIDDEN, generator=torch.Generator().manual_seed(1))
+    assert_equals_transformers(ours, theirs, x)
+
+
+def assert_equals_transformers(ours: V4Attention, theirs: torch.nn.Module, x: torch.Tensor):
+    """Output, input gradient and every parameter gradient of the two layers on `x`."""
     x_ours, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
     out = ours(x_ours, SequenceContext())
     expected = run_theirs(theirs, x_theirs)

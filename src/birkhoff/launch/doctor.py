@@ -214,6 +214,8 @@ def _text(report: Report) -> str:
         lines.append(report.kernels["summary"])
         for op, r in report.kernels["ops"].items():
             errors = f"forward {r['forward_error']:.1e}, backward {r['backward_error']:.1e}"
+            if "note" in r:
+                errors = f"forward {r['forward_error']:.1e} ({r['note']})"
             lines.append(
                 f"  {op}: {r['implementation']}, {errors}, reference / op time "
                 f"{r['speed_ratio']:.3g}{'' if r['ok'] else '  FAILED'}"

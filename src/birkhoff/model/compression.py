@@ -14,39 +14,18 @@ own document.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from birkhoff.kernels.v4_attention import BlockEntries
 from birkhoff.model.group_sums import shared_over, summed_over
 from birkhoff.model.init import constant
 from birkhoff.model.norm import RMSNorm
 from birkhoff.model.rope import rotate_trailing
 
 SCORES_PER_BLOCK = 1 << 24  # index scores held at once while the indexer picks (64 MiB)
-
-
-@dataclass
-class BlockEntries:
-    """Where each compressed entry comes from: (B, E) tensors, E = T // ratio slots per row
-    (rows with fewer complete blocks have `exists` False in the remaining slots)."""
-
-    start: torch.Tensor  # index of the block's first token in the window
-    exists: torch.Tensor
-    has_previous: torch.Tensor  # the block before it is in the same document (CSA overlap)
-    position: torch.Tensor  # the first token's position in its document
-    ratio: int
-
-    def visible(self, positions: torch.Tensor, queries: slice = slice(None)) -> torch.Tensor:
-        """(B, Q, E) bool: query t (of `queries`) sees entry e (complete by t, same document)."""
-        t = torch.arange(positions.shape[1], device=positions.device)[queries]
-        query_doc = (t - positions[:, queries])[:, :, None]
-        entry_doc = (self.start - self.position)[:, None, :]
-        complete = (self.start + self.ratio - 1)[:, None, :] <= t[None, :, None]
-        return self.exists[:, None, :] & complete & (entry_doc == query_doc)
 
 
 def block_entries(positions: torch.Tensor, ratio: int) -> BlockEntries:

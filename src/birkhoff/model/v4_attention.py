@@ -6,8 +6,8 @@ entry per token that serves as key and value (RMSNorm), interleaved RoPE on the 
 `rope_head_dim` channels and the same rotation undone (position -i) on the output. Every query
 sees the `sliding_window` tokens up to itself; an HCA layer adds every compressed entry complete
 before it, a CSA layer the top-k entries its lightning indexer picks. One softmax covers the
-window, the entries and a learned sink logit per head. Nothing is T x T: the window is computed
-in blocks of `sliding_window` queries against two blocks of keys.
+window, the entries and a learned sink logit per head: the `v4_attention` kernel op
+(kernels/v4_attention.py; never T x T), whose normaliser also gives the CSA indexer its target.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from birkhoff import kernels
+from birkhoff.kernels.v4_attention import EntryKV, entry_mass
 from birkhoff.model.compression import (
-    BlockEntries,
     KVCompressor,
     LightningIndexer,
     block_entries,
@@ -102,6 +103,7 @@ class V4Attention(nn.Module):
         # Set when tensor parallelism splits the heads (sinks, output groups, indexer heads)
         # over a process group; the KV entry and the compressors stay whole on every process.
         self.head_group: dist.ProcessGroup | None = None
+        self._attend = kernels.get("v4_attention", backend)
         # The indexer's dense warm-up (train.indexer_warmup_steps): a CSA layer attends to every
         # visible entry and its indexer learns the attention over all of them.
         self.dense_indexing = False
@@ -121,21 +123,12 @@ class V4Attention(nn.Module):
         q = rotate_trailing(q, cos[:, :, None], sin[:, :, None])
         kv = rotate_trailing(self.kv_norm(self.w_kv(x)), cos, sin)
         kv = shared_over(kv, self.head_group)
-        window_logits, window_keys = self._window_logits(q, kv, positions)
-        entry_logits, entry_values, indexer_outputs = self._entries(
-            x, q, q_latent, positions, cos, sin
-        )
-        sinks = _local(self.sinks).float().view(1, 1, -1, 1).expand(batch, seq, -1, 1)
-        logits = torch.cat((window_logits, entry_logits, sinks), dim=-1)
-        probs = torch.softmax(logits, dim=-1)
-        width = window_logits.shape[-1]
-        p_window = probs[..., :width].to(kv.dtype)
-        p_entries = probs[..., width:-1].to(kv.dtype)
-        out = self._window_sum(p_window, window_keys, seq)
-        out = out + _entry_sum(p_entries, entry_values)
+        entries, indexer_outputs = self._entries(x, q, q_latent, positions, cos, sin)
+        window = self.cfg.sliding_window
+        out, lse = self._attend(q, kv, positions, _local(self.sinks), window, entries)
         if indexer_outputs is not None and aux_losses is not None:
             index, picked, recall = indexer_outputs
-            mass = summed_over(probs[..., width:-1].detach().sum(-2), self.head_group)
+            mass = summed_over(entry_mass(q, positions, entries, lse.detach()), self.head_group)
             loss = indexer_kl(mass, index, picked)
             aux_losses.append(self.cfg.index_loss_weight * loss)
             if self.training and not recomputing():  # recall: none in the dense warm-up
@@ -149,37 +142,6 @@ class V4Attention(nn.Module):
         mixed = torch.einsum("btgi,gri->btgr", groups, weight).flatten(2)
         return self.w_o(mixed)
 
-    def _window_logits(
-        self, q: torch.Tensor, kv: torch.Tensor, positions: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits (B, T, H, 2W) of each query against the two key blocks around it (-inf
-        outside its window and its document) and those keys (B, T/W blocks, 2W, D)."""
-        batch, seq = positions.shape
-        window = self.cfg.sliding_window
-        blocks = -(-seq // window)
-        padded = blocks * window
-        q_blocks = F.pad(q, (0, 0, 0, 0, 0, padded - seq))
-        q_blocks = q_blocks.view(batch, blocks, window, -1, q.shape[-1])
-        kv_padded = F.pad(kv, (0, 0, window, padded - seq)).view(batch, blocks + 1, window, -1)
-        keys = torch.cat((kv_padded[:, :-1], kv_padded[:, 1:]), dim=2)  # (B, nb, 2W, D)
-        logits = torch.einsum("bnqhd,bnkd->bnqhk", q_blocks.float(), keys.float())
-        logits = logits * self.head_dim**-0.5
-        query = torch.arange(padded, device=q.device).view(blocks, window, 1)
-        key = (torch.arange(blocks, device=q.device) * window - window).view(blocks, 1, 1)
-        key = key + torch.arange(2 * window, device=q.device)
-        behind = query - key  # (nb, W, 2W): how far each key lies behind the query
-        in_document = F.pad(positions, (0, padded - seq)).view(batch, blocks, window, 1)
-        allowed = (behind >= 0) & (behind < window) & (behind <= in_document)
-        logits = logits.masked_fill(~allowed[:, :, :, None, :], -torch.inf)
-        return logits.flatten(1, 2)[:, :seq], keys
-
-    def _window_sum(self, p: torch.Tensor, keys: torch.Tensor, seq: int) -> torch.Tensor:
-        batch, blocks = keys.shape[:2]
-        padded = blocks * self.cfg.sliding_window
-        p = F.pad(p, (0, 0, 0, 0, 0, padded - seq)).view(batch, blocks, -1, *p.shape[2:])
-        out = torch.einsum("bnqhk,bnkd->bnqhd", p, keys)
-        return out.flatten(1, 2)[:, :seq]
-
     def _entries(
         self,
         x: torch.Tensor,
@@ -188,58 +150,41 @@ class V4Attention(nn.Module):
         positions: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple | None]:
-        """Logits (B, T, H, K) against the compressed entries each query may attend to, their
-        values ((B, E, D) for HCA, (B, T, K, D) for CSA), and for CSA the indexer's scores at
-        its picks and their validity (for its loss) and, in a training forward, its recall
-        against dense attention on a sample of queries (None otherwise)."""
-        batch, seq, heads, _ = q.shape
+    ) -> tuple[EntryKV | None, tuple | None]:
+        """The compressed entries the queries attend to (none in a sliding layer) and, for
+        CSA, the indexer's scores at its picks, their validity (for its loss) and, in a
+        training forward, its recall against dense attention on a sample of queries."""
         if self.compressor is None:
-            return q.new_zeros(batch, seq, heads, 0, dtype=torch.float32), None, None
-        entries: BlockEntries = block_entries(positions, self.compressor.ratio)
-        values = shared_over(self.compressor(x, entries, self.inv_freq), self.head_group)
-        scale = self.head_dim**-0.5
-        if self.indexer is None or self.dense_indexing:  # HCA, or CSA's warm-up: every entry
-            visible = entries.visible(positions)
-            logits = torch.einsum("bthd,bed->bthe", q.float(), values.float()) * scale
-            logits = logits.masked_fill(~visible[:, :, None, :], -torch.inf)
-            if self.indexer is None:
-                return logits, values, None
+            return None, None
+        layout = block_entries(positions, self.compressor.ratio)
+        values = shared_over(self.compressor(x, layout, self.inv_freq), self.head_group)
+        if self.indexer is None:  # HCA: every visible entry
+            return EntryKV(values, layout), None
+        if self.dense_indexing:  # CSA's warm-up: every visible entry, the indexer scores all
             index = self.indexer.score_all(  # inputs cut from the graph, as below
-                x.detach(), q_latent.detach(), entries, positions, cos, sin, self.inv_freq
+                x.detach(), q_latent.detach(), layout, positions, cos, sin, self.inv_freq
             )
-            return logits, values, (index, visible, None)
+            return EntryKV(values, layout), (index, layout.visible(positions), None)
         # The indexer learns only from its own loss: its inputs are cut from the model's graph.
         picks, picked, index = self.indexer(
-            x.detach(), q_latent.detach(), entries, positions, cos, sin, self.inv_freq
+            x.detach(), q_latent.detach(), layout, positions, cos, sin, self.inv_freq
         )
-        rows = torch.arange(batch, device=x.device)[:, None, None]
-        chosen = values[rows, picks]  # (B, T, k, D)
-        logits = torch.einsum("bthd,btkd->bthk", q.float(), chosen.float()) * scale
-        logits = logits.masked_fill(~picked[:, :, None, :], -torch.inf)
         recall = None
         # Also while a checkpointed block recomputes (only the first forward records it):
         # selective checkpointing hands recompute its saved matmul outputs in forward's order.
         if self.training:
+            seq = x.shape[1]
             sample = slice(max(0, seq - RECALL_QUERIES), seq)
             recall = topk_recall(
-                q[0, sample], values[0], entries.visible(positions, sample)[0],
-                picks[0, sample], picked[0, sample], scale, self.head_group,
+                q[0, sample], values[0], layout.visible(positions, sample)[0],
+                picks[0, sample], picked[0, sample], self.head_dim**-0.5, self.head_group,
             )  # fmt: skip
-        return logits, chosen, (index, picked, recall)
+        return EntryKV(values, layout, picks, picked), (index, picked, recall)
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
     """This process's part of a parameter tensor parallelism split (the whole one otherwise)."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-
-def _entry_sum(p: torch.Tensor, values: torch.Tensor | None) -> torch.Tensor | int:
-    if values is None:
-        return 0
-    if values.dim() == 3:  # HCA: (B, E, D) shared by all queries
-        return torch.einsum("bthe,bed->bthd", p, values)
-    return torch.einsum("bthk,btkd->bthd", p, values)
 
 
 def take_indexer_stats(model: nn.Module) -> torch.Tensor:

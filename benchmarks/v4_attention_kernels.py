@@ -1,0 +1,148 @@
+"""DeepSeek-V4's attention core (the `v4_attention` op) on the `triton` backend (FlexAttention,
+compiled) against the `reference` one, measured in the same run on a CUDA device: forward +
+backward seconds (median), peak device memory above the inputs, and the largest difference
+of the output and of every input gradient relative to the reference's largest value. V4-Flash
+shapes by default (64 heads of 512, window 128, CSA ratio 4 with top-512, HCA ratio 128),
+bfloat16. A case the reference cannot hold is reported as out of memory. Prints one JSON
+object.
+
+    python benchmarks/v4_attention_kernels.py --lengths 4096 16384
+
+`--smoke` runs tiny shapes on the CPU to check this script: torch runs FlexAttention unfused
+there and refuses its backward, so smoke mode lifts that guard (numbers are not a
+measurement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from birkhoff import kernels
+from birkhoff.kernels.v4_attention import EntryKV
+from birkhoff.model.compression import block_entries
+
+
+def inputs(kind: str, seq: int, args: argparse.Namespace, device: torch.device) -> tuple:
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator).to(device, dtype)
+
+    positions = torch.arange(seq, device=device)[None]
+    q, kv, sinks = randn(1, seq, args.heads, args.dim), randn(1, seq, args.dim), randn(args.heads)
+    entries = None
+    if kind != "sliding":
+        layout = block_entries(positions, args.csa_ratio if kind == "csa" else args.hca_ratio)
+        values = randn(1, layout.start.shape[1], args.dim)
+        entries = EntryKV(values, layout)
+        if kind == "csa":  # random scores: picks spread over every visible entry
+            score = torch.rand(1, seq, values.shape[1], generator=generator).to(device)
+            top = score.masked_fill(~layout.visible(positions), -1).topk(args.topk, dim=-1)
+            entries = EntryKV(values, layout, top.indices, top.values >= 0)
+    return q, kv, positions, sinks, args.window, entries
+
+
+def run(backend: str, case: tuple, device: torch.device, repeats: int) -> dict:
+    """One backend on one case: its output and gradients (on the CPU), seconds and memory."""
+    op = kernels.get("v4_attention", backend)
+    q, kv, positions, sinks, window, entries = case
+    tensors = [q, kv, sinks] + ([] if entries is None else [entries.values])
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    given = None
+    if entries is not None:
+        given = EntryKV(leaves[3], entries.layout, entries.picks, entries.picked)
+    times = []
+    try:
+        for _ in range(repeats + 1):  # the first compiles (triton) and is not timed
+            _synchronize(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            base = _allocated(device)
+            start = time.perf_counter()
+            out, lse = op(leaves[0], leaves[1], positions, leaves[2], window, given)
+            grads = torch.autograd.grad((out.float().sum(), lse.sum()), leaves)
+            _synchronize(device)
+            times.append(time.perf_counter() - start)
+            peak = _peak(device) - base
+    except torch.OutOfMemoryError:
+        return {"out_of_memory": True}
+    result = {"seconds": statistics.median(times[1:])}
+    if device.type == "cuda":
+        result["peak_mib"] = peak / 2**20
+    result["values"] = [out.detach().float().cpu()] + [g.float().cpu() for g in grads]
+    return result
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _allocated(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def _peak(device: torch.device) -> int:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+
+
+def relative(got: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
+    return max(
+        ((g - e).abs().max() / e.abs().max().clamp_min(1e-30)).item()
+        for g, e in zip(got, expected, strict=True)
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384])
+    parser.add_argument("--kinds", nargs="+", default=["sliding", "hca", "csa"])
+    parser.add_argument("--heads", type=int, default=64)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--window", type=int, default=128)
+    parser.add_argument("--csa-ratio", type=int, default=4)
+    parser.add_argument("--hca-ratio", type=int, default=128)
+    parser.add_argument("--topk", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
+    args = parser.parse_args()
+    if args.smoke:
+        from torch.nn.attention import flex_attention
+
+        flex_attention._validate_device = lambda *tensors: None  # unfused CPU backward
+        args.lengths, args.heads, args.dim, args.topk, args.repeats = [300], 4, 16, 8, 1
+        args.window, args.hca_ratio = 32, 16
+        device = torch.device("cpu")
+    elif not torch.cuda.is_available():
+        raise SystemExit("v4_attention_kernels: needs a CUDA device (or --smoke on the CPU)")
+    else:
+        device = torch.device("cuda")
+    rows = []
+    for seq in args.lengths:
+        for kind in args.kinds:
+            case = inputs(kind, seq, args, device)
+            row = {"kind": kind, "seq": seq}
+            for backend in ("reference", "triton"):
+                row[backend] = run(backend, case, device, args.repeats)
+            ref, flex = row["reference"], row["triton"]
+            if "values" in ref and "values" in flex:
+                row["relative_error"] = relative(flex["values"], ref["values"])
+                row["speedup"] = ref["seconds"] / flex["seconds"]
+                if "peak_mib" in ref:
+                    row["memory_ratio"] = ref["peak_mib"] / max(flex["peak_mib"], 1e-9)
+            for result in (ref, flex):
+                result.pop("values", None)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke)"
+    print(json.dumps({"device": name, "torch": torch.__version__, "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()

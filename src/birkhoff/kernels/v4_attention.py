@@ -1,0 +1,153 @@
+"""DeepSeek-V4's attention core (report §2.3) as a kernel op: each query's one softmax over the
+`window` tokens up to itself (in its document), the compressed KV entries it may see and a
+learned sink logit per head. The model computes the queries, the shared key-value entry of
+every token and the compressed entries; this op attends.
+
+`reference` (here): blocks of `window` queries against two blocks of keys, plain torch, never
+T x T. The `triton` backend runs it as FlexAttention (kernels/flex_v4_attention.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from birkhoff.kernels.registry import REFERENCE, register
+
+MASS_QUERIES = 1 << 22  # logits held at once while `entry_mass` sums attention (16 MiB)
+
+
+@dataclass
+class BlockEntries:
+    """Where each compressed entry comes from: (B, E) tensors, E = T // ratio slots per row
+    (rows with fewer complete blocks have `exists` False in the remaining slots)."""
+
+    start: torch.Tensor  # index of the block's first token in the window
+    exists: torch.Tensor
+    has_previous: torch.Tensor  # the block before it is in the same document (CSA overlap)
+    position: torch.Tensor  # the first token's position in its document
+    ratio: int
+
+    def visible(self, positions: torch.Tensor, queries: slice = slice(None)) -> torch.Tensor:
+        """(B, Q, E) bool: query t (of `queries`) sees entry e (complete by t, same document)."""
+        t = torch.arange(positions.shape[1], device=positions.device)[queries]
+        query_doc = (t - positions[:, queries])[:, :, None]
+        entry_doc = (self.start - self.position)[:, None, :]
+        complete = (self.start + self.ratio - 1)[:, None, :] <= t[None, :, None]
+        return self.exists[:, None, :] & complete & (entry_doc == query_doc)
+
+
+@dataclass
+class EntryKV:
+    """The compressed entries a layer attends to besides its window: every visible one (HCA,
+    CSA's dense warm-up) or, with `picks`, each query's own selection (CSA)."""
+
+    values: torch.Tensor  # (B, E, D), key and value at once
+    layout: BlockEntries
+    picks: torch.Tensor | None = None  # (B, T, k) entry indices per query
+    picked: torch.Tensor | None = None  # (B, T, k) whether each pick is a visible entry
+
+
+@register("v4_attention", REFERENCE)
+def v4_attention(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    positions: torch.Tensor,
+    sinks: torch.Tensor,
+    window: int,
+    entries: EntryKV | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries (B, T, H, D), key-value entries (B, T, D) shared by the heads, positions in
+    documents (B, T), sink logits (H,): the attention output (B, T, H, D, kv's dtype) and
+    the log of each softmax's normaliser, sink included (B, T, H, float32)."""
+    batch, seq, _, dim = q.shape
+    scale = dim**-0.5
+    window_logits, keys = _window_logits(q, kv, positions, window, scale)
+    entry_logits, entry_values = _entry_logits(q, positions, entries, scale)
+    sink = sinks.float().view(1, 1, -1, 1).expand(batch, seq, -1, 1)
+    logits = torch.cat((window_logits, entry_logits, sink), dim=-1)
+    lse = torch.logsumexp(logits, dim=-1)
+    probs = torch.exp(logits - lse[..., None])
+    width = window_logits.shape[-1]
+    out = _window_sum(probs[..., :width].to(kv.dtype), keys, seq, window)
+    if entry_values is not None:
+        p_entries = probs[..., width:-1].to(kv.dtype)
+        pattern = "bthe,bed->bthd" if entry_values.dim() == 3 else "bthk,btkd->bthd"
+        out = out + torch.einsum(pattern, p_entries, entry_values)
+    return out, lse
+
+
+@torch.no_grad()
+def entry_mass(
+    q: torch.Tensor, positions: torch.Tensor, entries: EntryKV, lse: torch.Tensor
+) -> torch.Tensor:
+    """Attention probability of each query's entries summed over its heads: (B, T, k) at the
+    picks, or (B, T, E) over all entries (0 where not visible), float32. `lse` is the
+    attention's normaliser (B, T, H); a few queries at a time, so memory stays T x k."""
+    batch, seq, heads, dim = q.shape
+    width = entries.picks.shape[-1] if entries.picks is not None else entries.values.shape[1]
+    mass = q.new_zeros(batch, seq, width, dtype=torch.float32)
+    block = max(1, MASS_QUERIES // max(1, batch * heads * width * dim))
+    rows = torch.arange(batch, device=q.device)[:, None, None]
+    for first in range(0, seq, block):
+        part = slice(first, min(seq, first + block))
+        if entries.picks is None:
+            logits = torch.einsum("bthd,bed->bthe", q[:, part].float(), entries.values.float())
+            valid = entries.layout.visible(positions, part)
+        else:
+            chosen = entries.values[rows, entries.picks[:, part]].float()
+            logits = torch.einsum("bthd,btkd->bthk", q[:, part].float(), chosen)
+            valid = entries.picked[:, part]
+        p = torch.exp(logits * dim**-0.5 - lse[:, part, :, None])
+        mass[:, part] = p.sum(-2).masked_fill(~valid, 0.0)
+    return mass
+
+
+def _window_logits(
+    q: torch.Tensor, kv: torch.Tensor, positions: torch.Tensor, window: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (B, T, H, 2W) of each query against the two key blocks around it (-inf
+    outside its window and its document) and those keys (B, T/W blocks, 2W, D)."""
+    batch, seq = positions.shape
+    blocks = -(-seq // window)
+    padded = blocks * window
+    q_blocks = F.pad(q, (0, 0, 0, 0, 0, padded - seq))
+    q_blocks = q_blocks.view(batch, blocks, window, -1, q.shape[-1])
+    kv_padded = F.pad(kv, (0, 0, window, padded - seq)).view(batch, blocks + 1, window, -1)
+    keys = torch.cat((kv_padded[:, :-1], kv_padded[:, 1:]), dim=2)  # (B, nb, 2W, D)
+    logits = torch.einsum("bnqhd,bnkd->bnqhk", q_blocks.float(), keys.float()) * scale
+    query = torch.arange(padded, device=q.device).view(blocks, window, 1)
+    key = (torch.arange(blocks, device=q.device) * window - window).view(blocks, 1, 1)
+    key = key + torch.arange(2 * window, device=q.device)
+    behind = query - key  # (nb, W, 2W): how far each key lies behind the query
+    in_document = F.pad(positions, (0, padded - seq)).view(batch, blocks, window, 1)
+    allowed = (behind >= 0) & (behind < window) & (behind <= in_document)
+    logits = logits.masked_fill(~allowed[:, :, :, None, :], -torch.inf)
+    return logits.flatten(1, 2)[:, :seq], keys
+
+
+def _window_sum(p: torch.Tensor, keys: torch.Tensor, seq: int, window: int) -> torch.Tensor:
+    batch, blocks = keys.shape[:2]
+    p = F.pad(p, (0, 0, 0, 0, 0, blocks * window - seq)).view(batch, blocks, -1, *p.shape[2:])
+    out = torch.einsum("bnqhk,bnkd->bnqhd", p, keys)
+    return out.flatten(1, 2)[:, :seq]
+
+
+def _entry_logits(
+    q: torch.Tensor, positions: torch.Tensor, entries: EntryKV | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Logits (B, T, H, K) against the entries each query may attend to (-inf where not
+    visible) and their values: (B, E, D) shared by all queries, or (B, T, k, D) picked."""
+    batch, seq, heads, _ = q.shape
+    if entries is None:
+        return q.new_zeros(batch, seq, heads, 0, dtype=torch.float32), None
+    if entries.picks is None:
+        visible = entries.layout.visible(positions)
+        logits = torch.einsum("bthd,bed->bthe", q.float(), entries.values.float()) * scale
+        return logits.masked_fill(~visible[:, :, None, :], -torch.inf), entries.values
+    rows = torch.arange(batch, device=q.device)[:, None, None]
+    chosen = entries.values[rows, entries.picks]  # (B, T, k, D)
+    logits = torch.einsum("bthd,btkd->bthk", q.float(), chosen.float()) * scale
+    return logits.masked_fill(~entries.picked[:, :, None, :], -torch.inf), chosen

@@ -1,0 +1,155 @@
+"""The triton backend's V4 attention (FlexAttention, kernels/flex_v4_attention.py) against
+independent implementations: transformers' DeepseekV4 attention layer and birkhoff's
+reference op (itself checked against transformers in test_v4_attention.py).
+
+torch refuses FlexAttention's backward on a CPU (its inductor template is forward-only) but
+its unfused implementation of the same operator, mask function and block mask runs here; the
+tests lift that guard to compare gradients. The block lists, which the unfused path does not
+read, are checked pair by pair against the masking rules, and once through inductor's compiled
+CPU kernel (forward; it has no log-sum-exp output on a CPU, so without sinks there).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_v4_attention import HIDDEN, assert_equals_transformers, pair
+from torch.nn.attention import flex_attention as flex_module
+
+from birkhoff.kernels import flex_v4_attention as flex
+from birkhoff.kernels import v4_attention as reference
+from birkhoff.model.compression import block_entries
+from birkhoff.model.context import SequenceContext
+
+KINDS = ["sliding", "hca", "csa"]
+
+
+@pytest.fixture(autouse=True)
+def unfused_flex_with_gradients(monkeypatch):
+    monkeypatch.setattr(flex_module, "_validate_device", lambda *tensors: None)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        yield
+
+
+def backward_grads(layer, x, grad, aux):
+    x = x.clone().requires_grad_()
+    out = layer(x, SequenceContext(positions=aux.get("positions")), aux.setdefault("losses", []))
+    total = (out * grad).sum() + sum(aux["losses"], torch.zeros(()))
+    total.backward()
+    grads = {name: p.grad for name, p in layer.named_parameters() if p.grad is not None}
+    return out.detach(), x.grad, grads
+
+
+@pytest.mark.parametrize("layer_type", KINDS)
+def test_flex_layer_equals_transformers_forward_and_backward(layer_type):
+    """150 tokens: two blocks of queries, so the block lists matter."""
+    ours, theirs = pair(layer_type, seed=21, backend="triton")
+    x = torch.randn(2, 150, HIDDEN, generator=torch.Generator().manual_seed(22))
+    assert_equals_transformers(ours, theirs, x)
+
+
+@pytest.mark.parametrize("layer_type", [*KINDS, "csa warm-up"])
+def test_flex_layer_equals_the_reference_on_packed_documents(layer_type):
+    """Documents of 130, 150 and 20 tokens packed in 300 (boundaries inside query blocks),
+    in training mode: output, input and every parameter gradient, indexer loss included."""
+    kind = layer_type.split()[0]
+    layers = [pair(kind, seed=24, backend=backend)[0] for backend in ("reference", "triton")]
+    lengths = [130, 150, 20]
+    x = torch.randn(1, sum(lengths), HIDDEN, generator=torch.Generator().manual_seed(25))
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(26))
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    results = []
+    for layer in layers:
+        layer.dense_indexing = layer_type.endswith("warm-up")
+        results.append(backward_grads(layer.train(), x, grad, {"positions": positions}))
+    (out_ref, dx_ref, grads_ref), (out, dx, grads) = results
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-4, atol=1e-5)
+    assert grads.keys() == grads_ref.keys()
+    for name, expected in grads_ref.items():
+        torch.testing.assert_close(grads[name], expected, rtol=1e-4, atol=1e-5, msg=name)
+    if kind == "csa":  # the indexer learned from the loss on this backend's normaliser
+        assert any(name.startswith("indexer.") for name in grads)
+
+
+def entries_for(kind: str, positions: torch.Tensor, dim: int, k: int = 5):
+    if kind == "sliding":
+        return None
+    layout = block_entries(positions, 4)
+    batch, count = layout.start.shape
+    values = torch.randn(batch, count, dim, generator=torch.Generator().manual_seed(27))
+    if kind == "hca":
+        return reference.EntryKV(values, layout)
+    score = torch.randn(batch, positions.shape[1], count, generator=torch.Generator())
+    top = score.masked_fill(~layout.visible(positions), -torch.inf).topk(k, dim=-1)
+    return reference.EntryKV(values, layout, top.indices, torch.isfinite(top.values))
+
+
+def allowed_pairs(kind, positions, window, entries, entries_from, keys):
+    """(B, T, keys) bool from the masking rules, written out with dense tensors."""
+    batch, seq = positions.shape
+    q = torch.arange(seq)[:, None]
+    k = torch.arange(keys)[None, :]
+    behind = (q - k)[None]
+    allowed = (k < seq) & (behind >= 0) & (behind < window) & (behind <= positions[:, :, None])
+    if entries is not None:
+        count = entries.values.shape[1]
+        if entries.picks is None:
+            seen = entries.layout.visible(positions)
+        else:
+            seen = torch.zeros(batch, seq, count, dtype=torch.bool)
+            for b, t, i in torch.nonzero(entries.picked).tolist():
+                seen[b, t, entries.picks[b, t, i]] = True
+        allowed[:, :, entries_from : entries_from + count] |= seen
+    return allowed
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_block_lists_cover_every_pair_the_mask_allows_and_skip_the_rest(kind):
+    """700 tokens (6 query blocks), window 128, documents of 300, 290 and 110 tokens."""
+    positions = torch.cat([torch.arange(n) for n in (300, 290, 110)])[None].expand(2, -1)
+    seq, window = positions.shape[1], 128
+    entries = entries_for(kind, positions, 8)
+    entries_from = -(-seq // flex.BLOCK) * flex.BLOCK
+    keys = entries_from + (0 if entries is None else entries.values.shape[1])
+    block_mask = flex._block_mask(positions, window, entries, entries_from, keys)
+    listed = block_mask.to_dense()[:, 0].bool()  # (B, query blocks, key blocks)
+    allowed = allowed_pairs(kind, positions, window, entries, entries_from, keys)
+    b, q, k = torch.nonzero(allowed, as_tuple=True)
+    assert listed[b, q // flex.BLOCK, k // flex.BLOCK].all()
+    token_blocks = listed[:, :, : entries_from // flex.BLOCK]
+    assert token_blocks.sum(-1).max() == 2  # a window of 128 spans at most two key blocks
+    if kind == "csa":  # picks: exactly the entry blocks some query of the block picked from
+        needed = torch.zeros_like(listed)
+        needed[b, q // flex.BLOCK, k // flex.BLOCK] = True
+        entry_blocks = slice(entries_from // flex.BLOCK, None)
+        assert (listed[:, :, entry_blocks] == needed[:, :, entry_blocks]).all()
+    if kind == "hca":  # the entries complete before a block's last query, in whole blocks
+        assert (listed[:, 0, entries_from // flex.BLOCK :].sum(-1) == 1).all()  # of 2 blocks
+
+
+def test_compiled_flex_kernel_reads_the_block_lists_as_the_reference_masks():
+    """Inductor's CPU FlexAttention kernel (compiled, forward) with our block mask and mask
+    function on CSA (window and picks, 300 tokens in 3 documents), no sinks (the CPU kernel
+    has no log-sum-exp output): equals the reference op with sinks at -inf."""
+    positions = torch.cat([torch.arange(n) for n in (130, 150, 20)])[None].expand(2, -1)
+    seq, heads, dim, window = positions.shape[1], 4, 16, 40
+    generator = torch.Generator().manual_seed(28)
+    q = torch.randn(2, seq, heads, dim, generator=generator)
+    kv = torch.randn(2, seq, dim, generator=generator)
+    entries = entries_for("csa", positions, dim)
+    entries_from = -(-seq // flex.BLOCK) * flex.BLOCK
+    keys = torch.cat((F.pad(kv, (0, 0, 0, entries_from - seq)), entries.values), dim=1)
+    block_mask = flex._block_mask(positions, window, entries, entries_from, keys.shape[1])
+    compiled = torch.compile(flex_module.flex_attention, dynamic=False)
+    with torch.no_grad():
+        out = compiled(
+            q.transpose(1, 2), keys[:, None], keys[:, None], block_mask=block_mask, enable_gqa=True
+        ).transpose(1, 2)
+        no_sinks = torch.full((heads,), -torch.inf)
+        expected, _ = reference.v4_attention(q, kv, positions, no_sinks, window, entries)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
