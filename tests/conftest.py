@@ -17,6 +17,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# pytest-xdist runs two workers (pyproject's addopts) on CI's two cores: with torch's default
+# of a thread per core in each, their OpenMP threads oversubscribe the cores and small ops
+# slow down tenfold. One thread per worker, and per process a test starts.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 from omegaconf import DictConfig
 
 from birkhoff.launch.recipe import compose_recipe as recipe_composed

@@ -19,6 +19,7 @@ On a CPU (the tests' interpreted mode of this backend) torch runs FlexAttention 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -29,7 +30,13 @@ from birkhoff.kernels.registry import register
 from birkhoff.kernels.v4_attention import EntryKV
 
 BLOCK = 128  # FlexAttention's default block of queries and of keys
-_fused_flex = torch.compile(flex_attention, dynamic=False)  # compiles at its first call
+
+
+@functools.cache
+def _fused_flex() -> Callable:
+    """FlexAttention compiled (at its first call). Made on first use: torch.compile imports
+    dynamo and inductor (~200 MB resident), which a run without this op should not pay."""
+    return torch.compile(flex_attention, dynamic=False)
 
 
 @register("v4_attention", "triton")
@@ -48,7 +55,7 @@ def v4_attention(
     if entries is not None:
         keys = torch.cat((keys, entries.values.to(kv.dtype)), dim=1)
     block_mask = _block_mask(positions, window, entries, entries_from, keys.shape[1])
-    attend = _fused_flex if q.is_cuda else flex_attention
+    attend = _fused_flex() if q.is_cuda else flex_attention
     out, aux = attend(
         q.to(kv.dtype).transpose(1, 2),
         keys[:, None],
@@ -61,7 +68,7 @@ def v4_attention(
     lse = aux.lse.transpose(1, 2).float()  # (B, T, H), over the keys only
     sink = sinks.float().expand_as(lse)
     out = out.transpose(1, 2).float() * torch.sigmoid(lse - sink)[..., None]
-    return out.to(kv.dtype), torch.logaddexp(lse, sink)
+    return out.to(kv.dtype), torch.logaddexp(lse, sink).detach()
 
 
 def _block_mask(

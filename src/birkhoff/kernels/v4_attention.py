@@ -61,15 +61,16 @@ def v4_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Queries (B, T, H, D), key-value entries (B, T, D) shared by the heads, positions in
     documents (B, T), sink logits (H,): the attention output (B, T, H, D, kv's dtype) and
-    the log of each softmax's normaliser, sink included (B, T, H, float32)."""
+    the log of each softmax's normaliser, sink included (B, T, H, float32; detached: it
+    serves the CSA indexer's target, which learns nothing back)."""
     batch, seq, _, dim = q.shape
     scale = dim**-0.5
     window_logits, keys = _window_logits(q, kv, positions, window, scale)
     entry_logits, entry_values = _entry_logits(q, positions, entries, scale)
     sink = sinks.float().view(1, 1, -1, 1).expand(batch, seq, -1, 1)
     logits = torch.cat((window_logits, entry_logits, sink), dim=-1)
-    lse = torch.logsumexp(logits, dim=-1)
-    probs = torch.exp(logits - lse[..., None])
+    probs = torch.softmax(logits, dim=-1)
+    lse = torch.logsumexp(logits.detach(), dim=-1)
     width = window_logits.shape[-1]
     out = _window_sum(probs[..., :width].to(kv.dtype), keys, seq, window)
     if entry_values is not None:

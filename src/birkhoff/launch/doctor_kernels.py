@@ -110,11 +110,14 @@ def _check(op: str, backend: str, device: torch.device) -> dict:
     given, given_leaves = _leaves(inputs, None, backward)
     expected, got = _outputs(reference(*exact)), _outputs(fused(*given))
     result["forward_error"] = max(map(_relative, got, expected))
-    if backward:
-        grads = [torch.randn_like(out) for out in expected]
-        expected_grads = torch.autograd.grad(expected, exact_leaves, grads)
+    if backward:  # through the outputs that carry gradients
+        pairs = [(o, e) for o, e in zip(got, expected, strict=True) if e.requires_grad]
+        grads = [torch.randn_like(e) for _, e in pairs]
+        expected_grads = torch.autograd.grad([e for _, e in pairs], exact_leaves, grads)
         got_grads = torch.autograd.grad(
-            got, given_leaves, [g.to(o.dtype) for g, o in zip(grads, got, strict=True)]
+            [o for o, _ in pairs],
+            given_leaves,
+            [g.to(o.dtype) for g, (o, _) in zip(grads, pairs, strict=True)],
         )
         result["backward_error"] = max(map(_relative, got_grads, expected_grads))
     else:
@@ -164,6 +167,7 @@ def _seconds(op: Callable, inputs: list, device: torch.device, backward: bool = 
         with torch.set_grad_enabled(backward):
             outs = _outputs(op(*args))
         if backward:  # ones, not sum(): F.grouped_mm refuses expanded gradients
+            outs = [out for out in outs if out.requires_grad]
             torch.autograd.backward(outs, [torch.ones_like(out) for out in outs])
         if device.type != "cpu":
             torch.accelerator.synchronize()
