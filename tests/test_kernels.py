@@ -14,6 +14,7 @@ from birkhoff.errors import RecipeError
 from birkhoff.kernels import (
     reference,
     triton_mhc,  # triton is a dev dependency: no skip
+    triton_sinkhorn,
 )
 from conftest import assert_backend_trains_as_reference
 
@@ -52,6 +53,20 @@ def test_triton_mhc_post_matches_the_reference(n, c):
     compare(reference.mhc_post, triton_mhc.mhc_post, [streams, layer_out, h_res, h_post])
 
 
+@pytest.mark.parametrize(("n", "tokens", "iters"), [(4, 37, 20), (3, 5, 20), (4, 3, 1)])
+def test_triton_sinkhorn_matches_the_reference(n, tokens, iters):
+    """Log-space Sinkhorn-Knopp, forward and the recomputing backward; 37 matrices fill a
+    block of 32 and part of the next, n = 3 pads to 4."""
+    torch.manual_seed(n * tokens)
+    logits = 2 * torch.randn(tokens, n, n)  # far from doubly stochastic at the start
+
+    def with_iters(op):
+        return lambda x: op(x, iters)
+
+    compare(with_iters(reference.sinkhorn_knopp), with_iters(triton_sinkhorn.sinkhorn_knopp),
+            [logits])  # fmt: skip
+
+
 def test_triton_mhc_keeps_the_dtypes_under_autocast():
     """A bf16 sublayer output merges into float32 streams (the reference disables autocast
     there); the stream read returns autocast's dtype, as the reference's matmul does."""
@@ -69,15 +84,18 @@ def test_triton_mhc_keeps_the_dtypes_under_autocast():
 def test_every_backend_says_which_implementation_runs():
     table = kernels.implementations("triton")
     assert set(table) == set(kernels.ops())
-    own = {"mhc_pre", "mhc_post", "v4_attention"}
+    own = {"mhc_pre", "mhc_post", "sinkhorn_knopp", "v4_attention"}
     assert {op for op, impl in table.items() if impl == "triton"} == own
     assert kernels.fallbacks("triton") == sorted(set(table) - own)
     assert kernels.fallbacks("reference") == []
     with pytest.raises(ValueError, match="'auto': not one of reference, triton, npu"):
         kernels.get("rms_norm", "auto")  # resolved per device before any model is built
     line = kernels.describe("triton")
-    assert f"triton for 3 of {len(table)} ops (mhc_post, mhc_pre, v4_attention)" in line
-    assert f"{len(table) - 3} fall back to reference: attention" in line
+    assert (
+        f"triton for 4 of {len(table)} ops (mhc_post, mhc_pre, sinkhorn_knopp, v4_attention)"
+        in line
+    )
+    assert f"{len(table) - 4} fall back to reference: attention" in line
 
 
 def test_kernel_backend_resolves_per_device(monkeypatch):

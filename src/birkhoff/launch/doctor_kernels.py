@@ -60,6 +60,10 @@ def _swiglu(tokens: int) -> list:
     return [4 * torch.randn(tokens, 1024), 4 * torch.randn(tokens, 1024), 10.0]  # V4's clamp
 
 
+def _sinkhorn_knopp(tokens: int) -> list:
+    return [2 * torch.randn(tokens, 4, 4), 20]  # mHC's H_res logits, 20 iterations
+
+
 def _v4_attention(tokens: int) -> list:
     heads, dim = 8, 64  # a sliding-window layer; two documents packed in the window
     split = tokens // 3
@@ -78,6 +82,7 @@ EXAMPLES: dict[str, Callable[[int], list]] = {
     "attention": _attention,
     "grouped_gemm": _grouped_gemm,
     "swiglu": _swiglu,
+    "sinkhorn_knopp": _sinkhorn_knopp,
     "v4_attention": _v4_attention,
 }
 # The reference runs in float64 but for ops whose torch kernel has none (F.grouped_mm).

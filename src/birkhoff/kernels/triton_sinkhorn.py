@@ -1,0 +1,120 @@
+"""mHC's Sinkhorn-Knopp projection (the `sinkhorn_knopp` op, log space) as Triton kernels:
+one launch for the forward and one for the backward of all of a step's n x n matrices, where
+the reference launches two log-sum-exps per iteration (40 per join and direction at 20
+iterations). The backward recomputes the iterations (the mHC paper's §4.3) instead of
+keeping them: it runs the forward again, writing each half-step's normaliser (n floats)
+to a scratch buffer, then walks back. A half-step L' = L - lse_k(L) has the gradient
+dL = dL' - exp(L') * sum_k dL' and its input is L' + lse_k(L), so walking back needs only
+the normalisers. Everything is in float32; the semantics are the reference's
+(kernels/reference.py), which the tests compare against under TRITON_INTERPRET=1.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from birkhoff.kernels.registry import register
+
+BLOCK_T = 32  # matrices per program
+
+
+@triton.jit
+def _tile(T, N: tl.constexpr, NP: tl.constexpr, BLOCK: tl.constexpr):
+    """Offsets of this program's (BLOCK, NP, NP) tile of (T, N, N) matrices, and its mask."""
+    t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    i = tl.arange(0, NP)
+    j = tl.arange(0, NP)
+    offs = t[:, None, None] * N * N + i[None, :, None] * N + j[None, None, :]
+    valid = (t[:, None, None] < T) & (i[None, :, None] < N) & (j[None, None, :] < N)
+    return t, i, j, offs, valid
+
+
+@triton.jit
+def _lse(x, axis: tl.constexpr):
+    """log-sum-exp over `axis`, kept as a size-1 dimension; -inf where everything is -inf
+    (padding)."""
+    top = tl.max(x, axis=axis, keep_dims=True)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    return top + tl.log(tl.sum(tl.exp(x - top), axis=axis, keep_dims=True))
+
+
+@triton.jit
+def _forward(x_ptr, out_ptr, T, ITERS: tl.constexpr, N: tl.constexpr, NP: tl.constexpr,
+             BLOCK: tl.constexpr):  # fmt: skip
+    _, _, _, offs, valid = _tile(T, N, NP, BLOCK)
+    log_m = tl.load(x_ptr + offs, mask=valid, other=float("-inf")).to(tl.float32)
+    for _ in range(ITERS):  # columns (over i), then rows (over j), as the reference
+        log_m = tl.where(valid, log_m - _lse(log_m, 1), float("-inf"))
+        log_m = tl.where(valid, log_m - _lse(log_m, 2), float("-inf"))
+    tl.store(out_ptr + offs, tl.exp(log_m), mask=valid)
+
+
+@triton.jit
+def _backward(x_ptr, g_ptr, dx_ptr, norm_ptr, T, ITERS: tl.constexpr, N: tl.constexpr,
+              NP: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    t, i, j, offs, valid = _tile(T, N, NP, BLOCK)
+    # normalisers of half-step s of matrix t: norm_ptr[t, s, :] (columns: by j; rows: by i)
+    by_j = t[:, None, None] * 2 * ITERS * NP + j[None, None, :]
+    by_i = t[:, None, None] * 2 * ITERS * NP + i[None, :, None]
+    rows_in = t[:, None, None] < T
+    log_m = tl.load(x_ptr + offs, mask=valid, other=float("-inf")).to(tl.float32)
+    for k in range(ITERS):
+        norm = _lse(log_m, 1)
+        tl.store(norm_ptr + by_j + 2 * k * NP, norm, mask=rows_in)
+        log_m = tl.where(valid, log_m - norm, float("-inf"))
+        norm = _lse(log_m, 2)
+        tl.store(norm_ptr + by_i + (2 * k + 1) * NP, norm, mask=rows_in)
+        log_m = tl.where(valid, log_m - norm, float("-inf"))
+    grad = tl.load(g_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    d_log = grad * tl.exp(log_m)
+    for back in range(ITERS):
+        k = ITERS - 1 - back
+        d_log = d_log - tl.exp(log_m) * tl.sum(d_log, axis=2, keep_dims=True)
+        norm = tl.load(norm_ptr + by_i + (2 * k + 1) * NP, mask=rows_in, other=0.0)
+        log_m = tl.where(valid, log_m + norm, float("-inf"))
+        d_log = d_log - tl.exp(log_m) * tl.sum(d_log, axis=1, keep_dims=True)
+        norm = tl.load(norm_ptr + by_j + 2 * k * NP, mask=rows_in, other=0.0)
+        log_m = tl.where(valid, log_m + norm, float("-inf"))
+    tl.store(dx_ptr + offs, d_log, mask=valid)
+
+
+def _launch(logits: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
+    """(matrices, n) flattened to float32 (T, n, n), the count, n and its power-of-two pad."""
+    n = logits.shape[-1]
+    flat = logits.reshape(-1, n, n).float().contiguous()
+    return flat, flat.shape[0], n, triton.next_power_of_2(n)
+
+
+class _Sinkhorn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, iters: int) -> torch.Tensor:
+        flat, count, n, padded = _launch(logits)
+        out = torch.empty_like(flat)
+        grid = (triton.cdiv(count, BLOCK_T),)
+        _forward[grid](flat, out, count, ITERS=iters, N=n, NP=padded, BLOCK=BLOCK_T)
+        ctx.iters = iters
+        ctx.save_for_backward(logits)
+        return out.view(logits.shape).to(logits.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (logits,) = ctx.saved_tensors
+        flat, count, n, padded = _launch(logits)
+        grad_flat = grad.reshape(-1, n, n).float().contiguous()
+        d_logits = torch.empty_like(flat)
+        norms = torch.empty(count, 2 * ctx.iters, padded, device=flat.device)
+        grid = (triton.cdiv(count, BLOCK_T),)
+        _backward[grid](
+            flat, grad_flat, d_logits, norms, count,
+            ITERS=ctx.iters, N=n, NP=padded, BLOCK=BLOCK_T,
+        )  # fmt: skip
+        return d_logits.view(logits.shape).to(logits.dtype), None
+
+
+@register("sinkhorn_knopp", "triton")
+def sinkhorn_knopp(logits: torch.Tensor, iters: int) -> torch.Tensor:
+    """exp(logits) projected toward the doubly stochastic matrices over the last two dims
+    (columns, then rows, `iters` times, in log space): (..., n, n) -> (..., n, n)."""
+    return _Sinkhorn.apply(logits, iters)
