@@ -41,7 +41,8 @@ def test_doctor_reports_this_machine(tmp_path):
 
 def test_doctor_checks_the_triton_ops_against_the_reference():
     report = doctor_kernels.check_kernels("triton", torch.device("cpu"))
-    assert set(report["ops"]) == {"mhc_pre", "mhc_post", "sinkhorn_knopp", "v4_attention"}
+    own = {"mhc_pre", "mhc_post", "sinkhorn_knopp", "sinkhorn_knopp_eps", "v4_attention"}
+    assert set(report["ops"]) == own
     for op, r in report["ops"].items():
         assert r["implementation"] == "triton" and r["ok"]
         assert r["forward_error"] < 1e-6

@@ -53,18 +53,21 @@ def test_triton_mhc_post_matches_the_reference(n, c):
     compare(reference.mhc_post, triton_mhc.mhc_post, [streams, layer_out, h_res, h_post])
 
 
+@pytest.mark.parametrize("form", ["sinkhorn_knopp", "sinkhorn_knopp_eps"])
 @pytest.mark.parametrize(("n", "tokens", "iters"), [(4, 37, 20), (3, 5, 20), (4, 3, 1)])
-def test_triton_sinkhorn_matches_the_reference(n, tokens, iters):
-    """Log-space Sinkhorn-Knopp, forward and the recomputing backward; 37 matrices fill a
-    block of 32 and part of the next, n = 3 pads to 4."""
+def test_triton_sinkhorn_matches_the_reference(form, n, tokens, iters):
+    """Sinkhorn-Knopp in log space and in V4's linear form with eps, forward and the
+    recomputing backward; 37 matrices fill a block of 32 and part of the next, n = 3 pads
+    to 4 (a padded row's divisor is eps: a leak there grows 1e6 a step)."""
     torch.manual_seed(n * tokens)
     logits = 2 * torch.randn(tokens, n, n)  # far from doubly stochastic at the start
+    extra = (iters,) if form == "sinkhorn_knopp" else (iters, 1e-6)
 
-    def with_iters(op):
-        return lambda x: op(x, iters)
+    def with_args(op):
+        return lambda x: op(x, *extra)
 
-    compare(with_iters(reference.sinkhorn_knopp), with_iters(triton_sinkhorn.sinkhorn_knopp),
-            [logits])  # fmt: skip
+    ops = getattr(reference, form), getattr(triton_sinkhorn, form)
+    compare(*map(with_args, ops), [logits])
 
 
 def test_triton_mhc_keeps_the_dtypes_under_autocast():
@@ -84,18 +87,15 @@ def test_triton_mhc_keeps_the_dtypes_under_autocast():
 def test_every_backend_says_which_implementation_runs():
     table = kernels.implementations("triton")
     assert set(table) == set(kernels.ops())
-    own = {"mhc_pre", "mhc_post", "sinkhorn_knopp", "v4_attention"}
+    own = {"mhc_pre", "mhc_post", "sinkhorn_knopp", "sinkhorn_knopp_eps", "v4_attention"}
     assert {op for op, impl in table.items() if impl == "triton"} == own
     assert kernels.fallbacks("triton") == sorted(set(table) - own)
     assert kernels.fallbacks("reference") == []
     with pytest.raises(ValueError, match="'auto': not one of reference, triton, npu"):
         kernels.get("rms_norm", "auto")  # resolved per device before any model is built
     line = kernels.describe("triton")
-    assert (
-        f"triton for 4 of {len(table)} ops (mhc_post, mhc_pre, sinkhorn_knopp, v4_attention)"
-        in line
-    )
-    assert f"{len(table) - 4} fall back to reference: attention" in line
+    assert f"triton for 5 of {len(table)} ops (mhc_post, mhc_pre, sinkhorn_knopp," in line
+    assert f"{len(table) - 5} fall back to reference: attention" in line
 
 
 def test_kernel_backend_resolves_per_device(monkeypatch):

@@ -1,4 +1,5 @@
-"""mHC's Sinkhorn-Knopp projection (the `sinkhorn_knopp` op, log space) as Triton kernels:
+"""mHC's Sinkhorn-Knopp projection (`sinkhorn_knopp`, log space; `sinkhorn_knopp_eps`, V4's
+linear-space form) as Triton kernels:
 one launch for the forward and one for the backward of all of a step's n x n matrices, where
 the reference launches two log-sum-exps per iteration (40 per join and direction at 20
 iterations). The backward recomputes the iterations (the mHC paper's §4.3) instead of
@@ -80,6 +81,67 @@ def _backward(x_ptr, g_ptr, dx_ptr, norm_ptr, T, ITERS: tl.constexpr, N: tl.cons
     tl.store(dx_ptr + offs, d_log, mask=valid)
 
 
+@triton.jit
+def _softmax_plus_eps(x_ptr, offs, valid, eps):
+    """V4's start: a softmax down each column (over i) plus eps; (its softmax, the matrix)."""
+    logits = tl.load(x_ptr + offs, mask=valid, other=float("-inf")).to(tl.float32)
+    top = tl.max(logits, axis=1, keep_dims=True)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    e = tl.exp(logits - top)
+    p = e / tl.maximum(tl.sum(e, axis=1, keep_dims=True), 1e-30)
+    return p, tl.where(valid, p + eps, 0.0)
+
+
+@triton.jit
+def _forward_eps(x_ptr, out_ptr, T, eps, ITERS: tl.constexpr, N: tl.constexpr,
+                 NP: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    _, _, _, offs, valid = _tile(T, N, NP, BLOCK)
+    _, m = _softmax_plus_eps(x_ptr, offs, valid, eps)
+    m = m / (tl.sum(m, axis=2, keep_dims=True) + eps)
+    for _ in range(ITERS - 1):
+        m = m / (tl.sum(m, axis=1, keep_dims=True) + eps)
+        m = m / (tl.sum(m, axis=2, keep_dims=True) + eps)
+    tl.store(out_ptr + offs, m, mask=valid)
+
+
+@triton.jit
+def _backward_eps(x_ptr, g_ptr, dx_ptr, norm_ptr, T, eps, ITERS: tl.constexpr,
+                  N: tl.constexpr, NP: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """m' = m / D with D = sum_k m + eps has the gradient dm = (dm' - sum_k dm' m') / D and
+    its input is m' D: walking back needs each half-step's divisors D (slot 0: the first row
+    step; slots 2k - 1, 2k: iteration k's columns and rows)."""
+    t, i, j, offs, valid = _tile(T, N, NP, BLOCK)
+    by_j = t[:, None, None] * 2 * ITERS * NP + j[None, None, :]
+    by_i = t[:, None, None] * 2 * ITERS * NP + i[None, :, None]
+    rows_in = t[:, None, None] < T
+    p, m = _softmax_plus_eps(x_ptr, offs, valid, eps)
+    divisor = tl.sum(m, axis=2, keep_dims=True) + eps
+    tl.store(norm_ptr + by_i, divisor, mask=rows_in)
+    m = m / divisor
+    for k in range(1, ITERS):
+        divisor = tl.sum(m, axis=1, keep_dims=True) + eps
+        tl.store(norm_ptr + by_j + (2 * k - 1) * NP, divisor, mask=rows_in)
+        m = m / divisor
+        divisor = tl.sum(m, axis=2, keep_dims=True) + eps
+        tl.store(norm_ptr + by_i + 2 * k * NP, divisor, mask=rows_in)
+        m = m / divisor
+    d_m = tl.load(g_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    for back in range(ITERS - 1):
+        k = ITERS - 1 - back
+        divisor = tl.load(norm_ptr + by_i + 2 * k * NP, mask=rows_in, other=1.0)
+        # padding keeps a zero gradient (its divisors are eps: anything else would grow 1/eps
+        # a step)
+        d_m = tl.where(valid, (d_m - tl.sum(d_m * m, axis=2, keep_dims=True)) / divisor, 0.0)
+        m = m * divisor
+        divisor = tl.load(norm_ptr + by_j + (2 * k - 1) * NP, mask=rows_in, other=1.0)
+        d_m = tl.where(valid, (d_m - tl.sum(d_m * m, axis=1, keep_dims=True)) / divisor, 0.0)
+        m = m * divisor
+    divisor = tl.load(norm_ptr + by_i, mask=rows_in, other=1.0)
+    d_m = tl.where(valid, (d_m - tl.sum(d_m * m, axis=2, keep_dims=True)) / divisor, 0.0)
+    d_x = p * (d_m - tl.sum(d_m * p, axis=1, keep_dims=True))  # the softmax's
+    tl.store(dx_ptr + offs, tl.where(valid, d_x, 0.0), mask=valid)
+
+
 def _launch(logits: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
     """(matrices, n) flattened to float32 (T, n, n), the count, n and its power-of-two pad."""
     n = logits.shape[-1]
@@ -113,8 +175,42 @@ class _Sinkhorn(torch.autograd.Function):
         return d_logits.view(logits.shape).to(logits.dtype), None
 
 
+class _SinkhornEps(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+        flat, count, n, padded = _launch(logits)
+        out = torch.empty_like(flat)
+        grid = (triton.cdiv(count, BLOCK_T),)
+        _forward_eps[grid](flat, out, count, eps, ITERS=iters, N=n, NP=padded, BLOCK=BLOCK_T)
+        ctx.iters, ctx.eps = iters, eps
+        ctx.save_for_backward(logits)
+        return out.view(logits.shape).to(logits.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (logits,) = ctx.saved_tensors
+        flat, count, n, padded = _launch(logits)
+        grad_flat = grad.reshape(-1, n, n).float().contiguous()
+        d_logits = torch.empty_like(flat)
+        norms = torch.empty(count, 2 * ctx.iters, padded, device=flat.device)
+        grid = (triton.cdiv(count, BLOCK_T),)
+        _backward_eps[grid](
+            flat, grad_flat, d_logits, norms, count, ctx.eps,
+            ITERS=ctx.iters, N=n, NP=padded, BLOCK=BLOCK_T,
+        )  # fmt: skip
+        return d_logits.view(logits.shape).to(logits.dtype), None, None
+
+
 @register("sinkhorn_knopp", "triton")
 def sinkhorn_knopp(logits: torch.Tensor, iters: int) -> torch.Tensor:
     """exp(logits) projected toward the doubly stochastic matrices over the last two dims
     (columns, then rows, `iters` times, in log space): (..., n, n) -> (..., n, n)."""
     return _Sinkhorn.apply(logits, iters)
+
+
+@register("sinkhorn_knopp_eps", "triton")
+def sinkhorn_knopp_eps(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    """DeepSeek-V4's production Sinkhorn (kernels/reference.py, _sinkhorn_eps): a softmax
+    down each column plus eps, rows normalised, then iters - 1 times columns and rows, each
+    sum taken as (sum + eps); linear space. (..., n, n) -> (..., n, n)."""
+    return _SinkhornEps.apply(logits, iters, eps)

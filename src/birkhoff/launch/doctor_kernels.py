@@ -64,6 +64,10 @@ def _sinkhorn_knopp(tokens: int) -> list:
     return [2 * torch.randn(tokens, 4, 4), 20]  # mHC's H_res logits, 20 iterations
 
 
+def _sinkhorn_knopp_eps(tokens: int) -> list:
+    return [2 * torch.randn(tokens, 4, 4), 20, 1e-6]  # V4's form, its hc_eps
+
+
 def _v4_attention(tokens: int) -> list:
     heads, dim = 8, 64  # a sliding-window layer; two documents packed in the window
     split = tokens // 3
@@ -83,6 +87,7 @@ EXAMPLES: dict[str, Callable[[int], list]] = {
     "grouped_gemm": _grouped_gemm,
     "swiglu": _swiglu,
     "sinkhorn_knopp": _sinkhorn_knopp,
+    "sinkhorn_knopp_eps": _sinkhorn_knopp_eps,
     "v4_attention": _v4_attention,
 }
 # The reference runs in float64 but for ops whose torch kernel has none (F.grouped_mm).
