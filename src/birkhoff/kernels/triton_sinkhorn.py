@@ -150,38 +150,15 @@ def _launch(logits: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
 
 
 class _Sinkhorn(torch.autograd.Function):
+    """Either form: `eps` None is the log-space one, a float V4's."""
+
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, iters: int) -> torch.Tensor:
+    def forward(ctx, logits: torch.Tensor, iters: int, eps: float | None) -> torch.Tensor:
         flat, count, n, padded = _launch(logits)
         out = torch.empty_like(flat)
+        kernel, scalars = (_forward, ()) if eps is None else (_forward_eps, (eps,))
         grid = (triton.cdiv(count, BLOCK_T),)
-        _forward[grid](flat, out, count, ITERS=iters, N=n, NP=padded, BLOCK=BLOCK_T)
-        ctx.iters = iters
-        ctx.save_for_backward(logits)
-        return out.view(logits.shape).to(logits.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (logits,) = ctx.saved_tensors
-        flat, count, n, padded = _launch(logits)
-        grad_flat = grad.reshape(-1, n, n).float().contiguous()
-        d_logits = torch.empty_like(flat)
-        norms = torch.empty(count, 2 * ctx.iters, padded, device=flat.device)
-        grid = (triton.cdiv(count, BLOCK_T),)
-        _backward[grid](
-            flat, grad_flat, d_logits, norms, count,
-            ITERS=ctx.iters, N=n, NP=padded, BLOCK=BLOCK_T,
-        )  # fmt: skip
-        return d_logits.view(logits.shape).to(logits.dtype), None
-
-
-class _SinkhornEps(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
-        flat, count, n, padded = _launch(logits)
-        out = torch.empty_like(flat)
-        grid = (triton.cdiv(count, BLOCK_T),)
-        _forward_eps[grid](flat, out, count, eps, ITERS=iters, N=n, NP=padded, BLOCK=BLOCK_T)
+        kernel[grid](flat, out, count, *scalars, ITERS=iters, N=n, NP=padded, BLOCK=BLOCK_T)
         ctx.iters, ctx.eps = iters, eps
         ctx.save_for_backward(logits)
         return out.view(logits.shape).to(logits.dtype)
@@ -193,9 +170,10 @@ class _SinkhornEps(torch.autograd.Function):
         grad_flat = grad.reshape(-1, n, n).float().contiguous()
         d_logits = torch.empty_like(flat)
         norms = torch.empty(count, 2 * ctx.iters, padded, device=flat.device)
+        kernel, scalars = (_backward, ()) if ctx.eps is None else (_backward_eps, (ctx.eps,))
         grid = (triton.cdiv(count, BLOCK_T),)
-        _backward_eps[grid](
-            flat, grad_flat, d_logits, norms, count, ctx.eps,
+        kernel[grid](
+            flat, grad_flat, d_logits, norms, count, *scalars,
             ITERS=ctx.iters, N=n, NP=padded, BLOCK=BLOCK_T,
         )  # fmt: skip
         return d_logits.view(logits.shape).to(logits.dtype), None, None
@@ -205,7 +183,7 @@ class _SinkhornEps(torch.autograd.Function):
 def sinkhorn_knopp(logits: torch.Tensor, iters: int) -> torch.Tensor:
     """exp(logits) projected toward the doubly stochastic matrices over the last two dims
     (columns, then rows, `iters` times, in log space): (..., n, n) -> (..., n, n)."""
-    return _Sinkhorn.apply(logits, iters)
+    return _Sinkhorn.apply(logits, iters, None)
 
 
 @register("sinkhorn_knopp_eps", "triton")
@@ -213,4 +191,4 @@ def sinkhorn_knopp_eps(logits: torch.Tensor, iters: int, eps: float) -> torch.Te
     """DeepSeek-V4's production Sinkhorn (kernels/reference.py, _sinkhorn_eps): a softmax
     down each column plus eps, rows normalised, then iters - 1 times columns and rows, each
     sum taken as (sum + eps); linear space. (..., n, n) -> (..., n, n)."""
-    return _SinkhornEps.apply(logits, iters, eps)
+    return _Sinkhorn.apply(logits, iters, eps)
