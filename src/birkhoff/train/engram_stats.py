@@ -26,16 +26,16 @@ def engram_stats(
     layers = list(cfg.engram.layers)
     if not layers:
         return {}
-    rows = int(hash_layout(cfg.engram, layers[0])[1].sum())  # the same primes in every layer
     mine = _engram_layers(parts)
     sums = torch.zeros(len(layers), 2, dtype=torch.float64, device=ctx.device)
     for i, layer in enumerate(layers):
         if layer in mine:
-            gate_sum, count, _ = mine[layer].take_stats()
+            gate_sum, count = mine[layer].take_stats()
             sums[i, 0], sums[i, 1] = gate_sum, count
     if ctx.world_size > 1:
         dist.all_reduce(sums)
     touched = rows_touched(parts, ctx, cfg)
+    rows = touched.shape[1]
     counts = touched.sum(1, dtype=torch.float64)
     stats: dict[str, float] = {}
     for i, layer in enumerate(layers):
@@ -52,7 +52,7 @@ def rows_touched(parts: list[nn.Module], ctx: DistributedContext, cfg: ModelConf
     """(Engram layers, table rows) uint8: 1 where any rank looked the row up (every rank
     calls it: one all-reduce)."""
     layers = list(cfg.engram.layers)
-    rows = int(hash_layout(cfg.engram, layers[0])[1].sum())
+    rows = int(hash_layout(cfg.engram, layers[0])[1].sum())  # the same primes in every layer
     mine = _engram_layers(parts)
     touched = torch.zeros(len(layers), rows, dtype=torch.uint8, device=ctx.device)
     for i, layer in enumerate(layers):
