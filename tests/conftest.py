@@ -117,12 +117,15 @@ def corpus(tmp_path_factory) -> Path:
     return root
 
 
-def assert_backend_trains_as_reference(backend: str, seed: int = 7) -> None:
-    """Loss and every parameter gradient of a 2-layer mHC model built with `backend`'s
-    kernels against the same model (same weights, same batch) with the reference ones."""
+def assert_backend_trains_as_reference(
+    backend: str, seed: int = 7, cfg: ModelConfig | None = None
+) -> None:
+    """Loss and every parameter gradient of a model (by default a 2-layer mHC one) built with
+    `backend`'s kernels against the same model (same weights, same batch) with the reference
+    ones."""
     from birkhoff.model import build_model
 
-    cfg = small_model(max_seq_len=16)
+    cfg = cfg or small_model(max_seq_len=16)
     tokens = torch.randint(0, cfg.vocab_size, (2, 16))
     results = []
     for name in ("reference", backend):

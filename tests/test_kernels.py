@@ -13,10 +13,13 @@ from birkhoff import kernels
 from birkhoff.errors import RecipeError
 from birkhoff.kernels import (
     reference,
+    triton_engram,
     triton_mhc,  # triton is a dev dependency: no skip
+    triton_moe,
     triton_sinkhorn,
 )
-from conftest import assert_backend_trains_as_reference
+from birkhoff.model.config import EngramConfig, MoEConfig
+from conftest import assert_backend_trains_as_reference, small_model
 
 # float32 kernels against the float64 reference: sums over n streams and C channels
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
@@ -70,6 +73,70 @@ def test_triton_sinkhorn_matches_the_reference(form, n, tokens, iters):
     compare(*map(with_args, ops), [logits])
 
 
+@pytest.mark.parametrize(("tokens", "top_k", "c"), [(13, 3, 200), (6, 2, 16), (4, 1, 5)])
+def test_triton_moe_permutation_matches_the_reference(tokens, top_k, c):
+    """Permute and unpermute (with the gate weights), forward and backward; k = 3 pads to 4,
+    C = 200 spans two blocks. The expert order and counts are the reference's exactly."""
+    torch.manual_seed(tokens * top_k)
+    experts = 5
+    ids = torch.stack([torch.randperm(experts)[:top_k] for _ in range(tokens)])
+    x, rows = torch.randn(tokens, c), torch.randn(tokens * top_k, c)
+    weights = torch.rand(tokens, top_k)
+
+    def permuted(op):
+        return lambda t: op(t, ids, experts)[0]
+
+    compare(permuted(reference.moe_permute), permuted(triton_moe.moe_permute), [x])
+    _, order, counts = reference.moe_permute(x, ids, experts)
+    _, got_order, got_counts = triton_moe.moe_permute(x, ids, experts)
+    assert torch.equal(got_order, order) and torch.equal(got_counts, counts)
+
+    def merged(op):
+        return lambda out, w: op(out, order, w, tokens)
+
+    compare(merged(reference.moe_unpermute), merged(triton_moe.moe_unpermute), [rows, weights])
+
+
+@pytest.mark.parametrize(("n", "c"), SHAPES)
+def test_triton_engram_gate_matches_the_reference(n, c):
+    """The gather, projections and the fused gate against the reference, every input's
+    gradient (table, both projections, streams); n = 3 pads to 4, C = 200 spans two blocks."""
+    torch.manual_seed(n * c + 2)
+    heads, dim, rows = 4, 8, 50
+    indices = torch.randint(0, rows, (2, 5, heads))
+    table, streams = torch.randn(rows, dim), torch.randn(2, 5, n, c)
+    key_weight = torch.randn(n * c, heads * dim) / (heads * dim) ** 0.5
+    value_weight = torch.randn(c, heads * dim) / (heads * dim) ** 0.5
+
+    def gated(op):
+        return lambda tab, wk, wv, h: op(tab, indices, wk, wv, h, 1e-6)
+
+    inputs = [table, key_weight, value_weight, streams]
+    compare(gated(reference.engram_gather_gate), gated(triton_engram.engram_gather_gate), inputs)
+
+
+def test_triton_moe_and_engram_keep_the_dtypes_under_autocast():
+    """bf16 expert outputs merge with float32 gate weights into bf16 tokens, and the Engram
+    gate of float32 streams with bf16 keys and value gives bf16, as the reference does."""
+    torch.manual_seed(3)
+    ids, rows, weights = torch.tensor([[0, 2], [1, 2], [2, 0]]), torch.randn(6, 8), torch.rand(3, 2)
+    _, order, _ = reference.moe_permute(torch.randn(3, 8), ids, 3)
+    rows = rows.bfloat16()
+    expected = reference.moe_unpermute(rows, order, weights, 3)
+    got = triton_moe.moe_unpermute(rows, order, weights, 3)
+    assert got.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)  # bf16 sums vs float32 ones
+    table, indices = torch.randn(20, 4), torch.randint(0, 20, (1, 3, 2))
+    wk, wv, streams = torch.randn(64, 8) / 3, torch.randn(16, 8) / 3, torch.randn(1, 3, 4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = reference.engram_gather_gate(table, indices, wk, wv, streams, 1e-6)
+        got = triton_engram.engram_gather_gate(table, indices, wk, wv, streams, 1e-6)
+    assert got.dtype == expected.dtype == torch.bfloat16
+    # alpha and the product each rounded to bf16; Triton's interpreter truncates where a GPU
+    # rounds to nearest, so up to two bf16 ulps apart here
+    torch.testing.assert_close(got, expected, rtol=2**-6, atol=1e-3)
+
+
 def test_triton_mhc_keeps_the_dtypes_under_autocast():
     """A bf16 sublayer output merges into float32 streams (the reference disables autocast
     there); the stream read returns autocast's dtype, as the reference's matmul does."""
@@ -87,15 +154,16 @@ def test_triton_mhc_keeps_the_dtypes_under_autocast():
 def test_every_backend_says_which_implementation_runs():
     table = kernels.implementations("triton")
     assert set(table) == set(kernels.ops())
-    own = {"mhc_pre", "mhc_post", "sinkhorn_knopp", "sinkhorn_knopp_eps", "v4_attention"}
+    own = {"engram_gather_gate", "mhc_pre", "mhc_post", "moe_permute", "moe_unpermute"}
+    own |= {"sinkhorn_knopp", "sinkhorn_knopp_eps", "v4_attention"}
     assert {op for op, impl in table.items() if impl == "triton"} == own
     assert kernels.fallbacks("triton") == sorted(set(table) - own)
     assert kernels.fallbacks("reference") == []
     with pytest.raises(ValueError, match="'auto': not one of reference, triton, npu"):
         kernels.get("rms_norm", "auto")  # resolved per device before any model is built
     line = kernels.describe("triton")
-    assert f"triton for 5 of {len(table)} ops (mhc_post, mhc_pre, sinkhorn_knopp," in line
-    assert f"{len(table) - 5} fall back to reference: attention" in line
+    assert f"triton for 8 of {len(table)} ops (engram_gather_gate, mhc_post, mhc_pre," in line
+    assert f"{len(table) - 8} fall back to reference: attention" in line
 
 
 def test_kernel_backend_resolves_per_device(monkeypatch):
@@ -112,3 +180,13 @@ def test_kernel_backend_resolves_per_device(monkeypatch):
 
 def test_a_model_with_triton_kernels_trains_as_the_reference_one():
     assert_backend_trains_as_reference("triton")
+
+
+def test_a_model_with_moe_and_engram_trains_on_triton_as_on_the_reference():
+    cfg = small_model(
+        max_seq_len=16,
+        vocab_size=64,
+        moe=MoEConfig(num_experts=4, top_k=2, expert_ffn_hidden_size=8, first_k_dense=1),
+        engram=EngramConfig(layers=[1], table_size=50),
+    )
+    assert_backend_trains_as_reference("triton", cfg=cfg)

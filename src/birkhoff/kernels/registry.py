@@ -143,4 +143,10 @@ def _load_backends() -> None:
     from birkhoff.kernels import npu_ops, reference  # noqa: F401  (npu_ops: torch_npu lazily)
 
     if _importable("triton"):  # the kernels compile at import
-        from birkhoff.kernels import flex_v4_attention, triton_mhc, triton_sinkhorn  # noqa: F401
+        from birkhoff.kernels import (  # noqa: F401
+            flex_v4_attention,
+            triton_engram,
+            triton_mhc,
+            triton_moe,
+            triton_sinkhorn,
+        )

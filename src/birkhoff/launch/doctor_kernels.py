@@ -76,6 +76,31 @@ def _v4_attention(tokens: int) -> list:
     return [q, kv, positions, torch.randn(heads), min(128, tokens // 2)]
 
 
+def _expert_ids(tokens: int, experts: int = 8, top_k: int = 4) -> torch.Tensor:
+    return torch.rand(tokens, experts).topk(top_k, dim=-1).indices  # k distinct per token
+
+
+def _moe_permute(tokens: int) -> list:
+    return [torch.randn(tokens, 1024), _expert_ids(tokens), 8]
+
+
+def _moe_unpermute(tokens: int) -> list:
+    order = _expert_ids(tokens).flatten().argsort(stable=True)  # as moe_permute gives it
+    return [torch.randn(tokens * 4, 1024), order, torch.rand(tokens, 4), tokens]
+
+
+def _engram_gather_gate(tokens: int) -> list:
+    heads, dim, streams, hidden, rows = 8, 32, 4, 512, 4096  # tiny's shape, a 4096-row table
+    return [
+        torch.randn(rows, dim),
+        torch.randint(0, rows, (1, tokens, heads)),
+        torch.randn(streams * hidden, heads * dim) / 16,
+        torch.randn(hidden, heads * dim) / 16,
+        torch.randn(1, tokens, streams, hidden),
+        1e-6,
+    ]
+
+
 # Inputs of each op a backend accelerates (float32; tensors moved to the device; floating
 # tensors are differentiated, other arguments passed as they are).
 EXAMPLES: dict[str, Callable[[int], list]] = {
@@ -89,6 +114,9 @@ EXAMPLES: dict[str, Callable[[int], list]] = {
     "sinkhorn_knopp": _sinkhorn_knopp,
     "sinkhorn_knopp_eps": _sinkhorn_knopp_eps,
     "v4_attention": _v4_attention,
+    "moe_permute": _moe_permute,
+    "moe_unpermute": _moe_unpermute,
+    "engram_gather_gate": _engram_gather_gate,
 }
 # The reference runs in float64 but for ops whose torch kernel has none (F.grouped_mm).
 REFERENCE_DTYPE = {"grouped_gemm": torch.float32}
