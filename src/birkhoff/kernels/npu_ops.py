@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from birkhoff.kernels.reference import swiglu_clamp
+from birkhoff.kernels.reference import swiglu_clamp, tokens_per_expert
 from birkhoff.kernels.registry import register
 
 NPU = "npu"
@@ -93,3 +93,29 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float | None = None) -> 
     which the op lacks, is applied to the halves first."""
     gate, up = swiglu_clamp(gate, up, limit)
     return _torch_npu().npu_swiglu(torch.cat((gate, up), dim=-1), dim=-1)
+
+
+@register("moe_permute", NPU, dtypes=(torch.bfloat16,))
+def moe_permute(
+    tokens: torch.Tensor, expert_ids: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """npu_moe_token_permute: each token copied to its k experts' rows, sorted by expert (a
+    stable sort, as the reference), and the sorted flat slots (int32); bfloat16 tokens only,
+    as the op documents. Keeping every row: num_out_tokens = N k."""
+    permuted, order = _torch_npu().npu_moe_token_permute(
+        tokens, expert_ids, num_out_tokens=expert_ids.numel()
+    )
+    return permuted, order, tokens_per_expert(expert_ids.flatten(), num_experts)
+
+
+@register("moe_unpermute", NPU, dtypes=(torch.bfloat16,))
+def moe_unpermute(
+    expert_out: torch.Tensor, order: torch.Tensor, gate_weights: torch.Tensor, num_tokens: int
+) -> torch.Tensor:
+    """npu_moe_token_unpermute: each token's k rows (found through the sorted slots) times
+    its probs, summed; the gate weights in the rows' dtype (bfloat16), as the reference
+    multiplies them."""
+    if gate_weights.shape[0] != num_tokens:
+        raise ValueError(f"gate_weights has {gate_weights.shape[0]} rows for {num_tokens} tokens")
+    probs = gate_weights.to(expert_out.dtype)
+    return _torch_npu().npu_moe_token_unpermute(expert_out, order, probs=probs)

@@ -174,9 +174,13 @@ def moe_permute(
     """
     flat_ids = expert_ids.flatten()
     order = flat_ids.argsort(stable=True)
-    # Not bincount: its output length depends on the values, which compiled code cannot trace.
-    counts = flat_ids.new_zeros(num_experts).scatter_add_(0, flat_ids, torch.ones_like(flat_ids))
-    return tokens[order // expert_ids.shape[1]], order, counts
+    return tokens[order // expert_ids.shape[1]], order, tokens_per_expert(flat_ids, num_experts)
+
+
+def tokens_per_expert(flat_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(E,) rows routed to each expert. Not bincount: its output length depends on the
+    values, which compiled code cannot trace."""
+    return flat_ids.new_zeros(num_experts).scatter_add_(0, flat_ids, torch.ones_like(flat_ids))
 
 
 @register("moe_unpermute", REFERENCE)

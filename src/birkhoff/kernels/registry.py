@@ -3,7 +3,9 @@ a backend (`triton` on CUDA, `npu` through torch_npu) registers the ops it accel
 
 Which implementation runs is never hidden: `implementations(backend)` says it op by op, an op
 a backend lacks runs the reference and is listed as a fallback (`describe` gives the line the
-trainer prints at start, the run's summary and `birkhoff doctor` keep the table). The table
+trainer prints at start, the run's summary and `birkhoff doctor` keep the table). An op a
+backend implements only for some input dtypes (torch_npu's MoE token permutation: bfloat16)
+runs the reference for the others; given the run's compute dtype, the table says which. The table
 is filled once at import by the backend modules and never changes afterwards, so it is not
 run-time mutable state: which backend a model uses is an argument, not a global switch.
 """
@@ -15,6 +17,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from birkhoff.errors import require
 
 REFERENCE = "reference"
@@ -23,19 +27,40 @@ KERNEL_CHOICES = ("auto", *BACKENDS)
 KEY = "backend.kernels"
 PACKAGES = {"triton": "triton", "npu": "torch_npu"}  # what each backend needs to import
 _OPS: dict[tuple[str, str], Callable[..., Any]] = {}
+_DTYPES: dict[tuple[str, str], tuple[torch.dtype, ...]] = {}  # implementations limited to these
 
 
-def register(op: str, backend: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator adding `fn` as the `backend` implementation of `op`."""
+def register(
+    op: str, backend: str, dtypes: tuple[torch.dtype, ...] | None = None
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator adding `fn` as the `backend` implementation of `op`; with `dtypes`, only for
+    calls whose first tensor argument has one of them (the reference runs the others)."""
 
     def add(fn: Callable[..., Any]) -> Callable[..., Any]:
         key = (op, backend)
         if key in _OPS:
             raise ValueError(f"kernel {op!r} is already registered for backend {backend!r}")
-        _OPS[key] = fn
+        _OPS[key] = fn if dtypes is None else _for_dtypes(op, fn, dtypes)
+        if dtypes is not None:
+            _DTYPES[key] = dtypes
         return fn
 
     return add
+
+
+def _for_dtypes(op: str, fn: Callable[..., Any], dtypes: tuple[torch.dtype, ...]):
+    def dispatch(*args: Any, **kwargs: Any) -> Any:
+        first = next(a for a in args if isinstance(a, torch.Tensor))
+        return (fn if first.dtype in dtypes else _OPS[(op, REFERENCE)])(*args, **kwargs)
+
+    dispatch.__doc__ = fn.__doc__
+    return dispatch
+
+
+def dtypes_of(op: str, backend: str) -> tuple[torch.dtype, ...] | None:
+    """The input dtypes `backend`'s own `op` is limited to (None: every dtype)."""
+    _load_backends()
+    return _DTYPES.get((op, backend))
 
 
 def get(op: str, backend: str = REFERENCE) -> Callable[..., Any]:
@@ -57,26 +82,40 @@ def ops() -> list[str]:
     return sorted(name for name, backend in _OPS if backend == REFERENCE)
 
 
-def implementations(backend: str) -> dict[str, str]:
-    """Per op, the backend whose implementation runs when `backend` is asked for."""
+def implementations(backend: str, dtype: torch.dtype | None = None) -> dict[str, str]:
+    """Per op, the backend whose implementation runs when `backend` is asked for, for inputs
+    of `dtype` (the run's compute dtype; None: any dtype an op's implementation accepts)."""
     _load_backends()
-    return {op: backend if (op, backend) in _OPS else REFERENCE for op in ops()}
+
+    def runs(op: str) -> bool:
+        limited = _DTYPES.get((op, backend))
+        return (op, backend) in _OPS and (limited is None or dtype is None or dtype in limited)
+
+    return {op: backend if runs(op) else REFERENCE for op in ops()}
 
 
-def fallbacks(backend: str) -> list[str]:
-    """The ops `backend` runs with the reference implementation."""
+def fallbacks(backend: str, dtype: torch.dtype | None = None) -> list[str]:
+    """The ops `backend` runs with the reference implementation (for inputs of `dtype`)."""
     if backend == REFERENCE:
         return []
-    return [op for op, impl in implementations(backend).items() if impl == REFERENCE]
+    return [op for op, impl in implementations(backend, dtype).items() if impl == REFERENCE]
 
 
-def describe(backend: str) -> str:
-    """One line: the backend, the ops it runs itself, and the reference fallbacks."""
-    table = implementations(backend)
+def describe(backend: str, dtype: torch.dtype | None = None) -> str:
+    """One line: the backend, the ops it runs itself, and the reference fallbacks (for
+    inputs of `dtype`); an op limited to some dtypes says which."""
+    table = implementations(backend, dtype)
     if backend == REFERENCE:
         return f"kernels: reference (plain torch) for all {len(table)} ops"
-    own = [op for op, impl in table.items() if impl == backend]
-    missing = fallbacks(backend)
+
+    def named(op: str) -> str:
+        limited = _DTYPES.get((op, backend))
+        if limited is None:
+            return op
+        return f"{op} ({' or '.join(str(d).removeprefix('torch.') for d in limited)} only)"
+
+    own = [named(op) for op, impl in table.items() if impl == backend]
+    missing = [named(op) for op in fallbacks(backend, dtype)]
     return (
         f"kernels: {backend} for {len(own)} of {len(table)} ops ({', '.join(own) or 'none'}); "
         f"{len(missing)} fall back to reference: {', '.join(missing) or 'none'}"

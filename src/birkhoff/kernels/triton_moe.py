@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from birkhoff.kernels.reference import tokens_per_expert
 from birkhoff.kernels.registry import register
 
 BLOCK_C = 128
@@ -154,7 +155,7 @@ def moe_permute(
     (the flat slot each row came from), tokens per expert (E,)."""
     flat_ids = expert_ids.flatten()
     order = flat_ids.argsort(stable=True)
-    counts = flat_ids.new_zeros(num_experts).scatter_add_(0, flat_ids, torch.ones_like(flat_ids))
+    counts = tokens_per_expert(flat_ids, num_experts)
     return _Permute.apply(tokens, order, expert_ids.shape[1]), order, counts
 
 

@@ -154,7 +154,8 @@ def _train_rank(
             if ctx.is_main:
                 print(f"birkhoff: {describe_split(trainer.model_cfg)}", flush=True)
                 print(f"birkhoff: layout {describe_layout(ctx)}, device {device.type}", flush=True)
-                print(f"birkhoff: {kernels.describe(trainer.kernel_backend)}", flush=True)
+                kernel_line = kernels.describe(trainer.kernel_backend, trainer.compute_dtype)
+                print(f"birkhoff: {kernel_line}", flush=True)
                 if train_recipe.train.compile:
                     print(f"birkhoff: compile: torch.compile on {trainer.compiled_blocks} "
                           "blocks; the first step compiles them", flush=True)  # fmt: skip
@@ -172,7 +173,7 @@ def _train_rank(
         summary["parameters"] = count_parameters(trainer.model_cfg).as_dict()
         summary["parallel"] = dict(ctx.degrees)
         summary["tokenizer"] = data.tokenizer.identity()
-        summary["kernels"] = kernels.implementations(trainer.kernel_backend)
+        summary["kernels"] = kernels.implementations(trainer.kernel_backend, trainer.compute_dtype)
         if train_recipe.train.compile:
             summary["compile"] = {
                 "blocks": trainer.compiled_blocks,

@@ -401,3 +401,8 @@ class Trainer:
     def autocast(self):
         enabled = self.recipe.train.mixed_precision == "bf16"
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the hot ops see (bf16 under autocast): which kernels run depends on it."""
+        return torch.bfloat16 if self.recipe.train.mixed_precision == "bf16" else torch.float32
