@@ -1,5 +1,6 @@
 """Engram statistics (train/engram_stats.py) against a per-token loop and a set of rows."""
 
+import copy
 import dataclasses
 import math
 
@@ -8,7 +9,7 @@ from test_engram import CFG, make_engram
 
 from birkhoff.model.config import ModelConfig
 from birkhoff.parallel.distributed import DistributedContext
-from birkhoff.train.engram_stats import engram_stats
+from birkhoff.train.engram_stats import EngramStats
 
 
 def gate_by_hand(engram, tokens, streams) -> list[float]:
@@ -42,7 +43,7 @@ def test_gate_mean_and_rows_touched_against_a_loop_and_a_set():
     engram(streams[1], second)
     engram.eval()
     engram(torch.randn(2, 6, 4, 16), torch.randint(0, 64, (2, 6)))  # not counted: evaluation
-    stats = engram_stats([model], ctx, cfg)
+    stats = EngramStats().take([model], ctx, cfg)
     gates = gate_by_hand(engram, first, streams[0]) + gate_by_hand(engram, second, streams[1])
     assert math.isclose(stats["engram_gate_mean.0"], sum(gates) / len(gates), rel_tol=1e-5)
     seen = {r for batch in (first, second) for r in engram.hash_tokens(batch).flatten().tolist()}
@@ -50,6 +51,38 @@ def test_gate_mean_and_rows_touched_against_a_loop_and_a_set():
     assert math.isclose(stats["engram_rows_touched.0"], len(seen) / rows, rel_tol=1e-9)
     assert stats["engram_rows_touched"] == stats["engram_rows_touched.0"]
     # The gates are taken (counted once); the rows stay counted.
-    again = engram_stats([model], ctx, cfg)
+    again = EngramStats().take([model], ctx, cfg)
     assert "engram_gate_mean.0" not in again
     assert again["engram_rows_touched.0"] == stats["engram_rows_touched.0"]
+
+
+def test_a_resumed_run_carries_the_gate_sums_since_the_last_evaluation():
+    """A checkpoint between two evaluations keeps the gate sums gathered so far: a fresh
+    model and EngramStats loaded from it report at the next evaluation what the run that
+    went on reports (the gates of both batches, not only those after the resume)."""
+    engram = make_engram()
+    model = torch.nn.ModuleDict({"engram": engram})
+    cfg = dataclasses.replace(ModelConfig(), engram=CFG)
+    ctx = DistributedContext(0, 0, 1, None)
+    first, second = torch.randint(0, 64, (2, 6)), torch.randint(0, 64, (3, 5))
+    streams = [torch.randn(2, 6, 4, 16), torch.randn(3, 5, 4, 16)]
+    engram.train()
+    engram(streams[0], first)
+    went_on = EngramStats()
+    state = went_on.state([model], ctx, cfg)  # the checkpoint: nothing taken
+    resumed_model = copy.deepcopy(model)
+    resumed_model["engram"].gate_stats = resumed_model["engram"].rows_touched = None
+    engram(streams[1], second)
+    expected = went_on.take([model], ctx, cfg)
+    resumed = EngramStats()
+    resumed.load([resumed_model], ctx, state)
+    resumed_model["engram"](streams[1], second)
+    got = resumed.take([resumed_model], ctx, cfg)
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert math.isclose(got[key], value, rel_tol=1e-12), key
+    gates = gate_by_hand(engram, first, streams[0]) + gate_by_hand(engram, second, streams[1])
+    assert math.isclose(got["engram_gate_mean"], sum(gates) / len(gates), rel_tol=1e-5)
+    assert resumed.carried is None and "engram_gate_mean" not in resumed.take(
+        [resumed_model], ctx, cfg
+    )

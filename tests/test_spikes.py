@@ -4,6 +4,7 @@ checkpoints of the abandoned steps set aside, and fault injection."""
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import numpy as np
@@ -136,8 +137,8 @@ def test_a_resumed_run_judges_spikes_as_the_run_that_went_on(tmp_path):
     """The guard's windows and counters travel in the checkpoint: resumed at step 7 with a
     window of 5, the gradient-norm spike of the 10th step is skipped as in the run that went
     on (with empty windows it would be applied: only 2 norms by then), and the losses are
-    the same bit for bit. The Engram rows looked up travel too: the share touched at the final
-    evaluation counts the steps before the resume."""
+    the same bit for bit. The Engram statistics travel too: the share of rows touched and
+    the mean gates at the final evaluation count the steps before the resume."""
     overrides = [
         "train.steps=11", "train.eval_every=11", "train.spike.enabled=true",
         "train.spike.window=5", "train.spike.loss_sigmas=null", "train.spike.grad_norm_sigmas=20",
@@ -152,5 +153,8 @@ def test_a_resumed_run_judges_spikes_as_the_run_that_went_on(tmp_path):
     assert resumed["spikes"] == whole["spikes"] == 1
     expected = [r["loss"] for r in read_metrics(tmp_path / "whole")[0] if r["step"] > 7]
     assert [r["loss"] for r in records if r["step"] > 7] == expected
-    touched = [read_metrics(tmp_path / run)[1][-1]["engram_rows_touched"] for run in runs]
-    assert touched[0] == touched[1] < 1
+    final = [read_metrics(tmp_path / run)[1][-1] for run in runs]
+    assert final[0]["engram_rows_touched"] == final[1]["engram_rows_touched"] < 1
+    # and the gate sums since the last evaluation: the mean of steps 1-11, not 8-11
+    for key in ("engram_gate_mean", *(k for k in final[0] if k.startswith("engram_gate_mean."))):
+        assert math.isclose(final[1][key], final[0][key], rel_tol=1e-12), key

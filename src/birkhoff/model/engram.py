@@ -143,13 +143,14 @@ class Engram(nn.Module):
         self.gate_stats[0] += alpha.sum()
         self.gate_stats[1] += alpha.numel()
 
-    def take_stats(self) -> tuple[float, int]:
-        """(gate sum, gate count) since the last call (the rows looked up so far stay in
-        `rows_touched`)."""
+    def take_stats(self, reset: bool = True) -> tuple[float, int]:
+        """(gate sum, gate count) since they were last reset (the rows looked up so far stay
+        in `rows_touched`)."""
         if self.gate_stats is None:
             return 0.0, 0
         total, count = self.gate_stats.tolist()
-        self.gate_stats.zero_()
+        if reset:
+            self.gate_stats.zero_()
         return total, int(count)
 
     def _table_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,6 @@ from birkhoff.checkpoint.manager import complete_checkpoints, read_meta
 from birkhoff.checkpoint.state import rng_states, set_rng_states
 from birkhoff.model.config import ModelConfig
 from birkhoff.parallel.distributed import DistributedContext
-from birkhoff.train.engram_stats import load_rows_touched, rows_touched_state
 from birkhoff.train.failures import TrainingError
 from birkhoff.train.recipe import TrainRecipe
 from birkhoff.train.secrets import scrub_recipe
@@ -70,7 +69,7 @@ def refuse_non_finite_parameters(trainer: Trainer) -> None:
 def save(trainer: Trainer, manager: CheckpointManager) -> float:
     """Checkpoint the trainer after its current step; returns the seconds the step waited."""
     ctx = trainer.ctx
-    touched = rows_touched_state(trainer.model_parts, ctx, trainer.model_cfg)  # collective
+    engram = trainer.engram_stats.state(trainer.model_parts, ctx, trainer.model_cfg)  # collective
     rank_state = {
         "rank": ctx.rank,
         "dp_rank": ctx.dp_rank,
@@ -79,8 +78,8 @@ def save(trainer: Trainer, manager: CheckpointManager) -> float:
         "rng": rng_states(),
         "anticipatory": trainer.routing.state_dict(),
         "spike_guard": trainer.guard.state_dict(),
-        # the union over ranks, the same on every rank: rank 0 keeps it
-        "engram_rows_touched": touched if ctx.rank == 0 else None,
+        # sums and the union over ranks, the same on every rank: rank 0 keeps them
+        "engram_stats": engram if ctx.rank == 0 else None,
     }
     meta = {
         "tokens_seen": trainer.step * trainer.tokens_per_step,
@@ -161,7 +160,8 @@ def _restore_rank_state(trainer: Trainer, saved: list[dict], meta: dict[str, Any
     trainer.routing.load_state_dict(mine.get("anticipatory"), same_layout, trainer.device)
     # Every rank saved the same guard state, so any rank's serves any layout.
     trainer.guard.load_state_dict(saved[0].get("spike_guard"))
-    load_rows_touched(trainer.model_parts, saved[0].get("engram_rows_touched"))
+    engram = saved[0].get("engram_stats", saved[0].get("engram_rows_touched"))  # (older name)
+    trainer.engram_stats.load(trainer.model_parts, ctx, engram)
 
 
 def _changes(trainer: Trainer, meta: dict[str, Any]) -> str:

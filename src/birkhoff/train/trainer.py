@@ -42,7 +42,7 @@ from birkhoff.train.checkpointing import (
     resume,
     save,
 )
-from birkhoff.train.engram_stats import engram_stats
+from birkhoff.train.engram_stats import EngramStats
 from birkhoff.train.expert_balance import balance_experts
 from birkhoff.train.indexer_warmup import dense_indexing, keep_only_indexer_gradients
 from birkhoff.train.metrics import MetricLogger
@@ -135,6 +135,7 @@ class Trainer:
         self.guard = StepGuard(train_cfg.spike, train_cfg.fault, train_cfg.on_bad_step,
                                train_cfg.max_bad_steps)  # fmt: skip
         self.routing = AnticipatoryRouting.of(train_cfg.anticipatory, self.model_parts)
+        self.engram_stats = EngramStats()
 
     def fit(
         self,
@@ -345,7 +346,7 @@ class Trainer:
     @torch.no_grad()
     def _eval_record(self) -> dict[str, float]:
         record = {"step": self.step, "eval_loss": self.evaluate()}
-        return record | engram_stats(self.model_parts, self.ctx, self.model_cfg)
+        return record | self.engram_stats.take(self.model_parts, self.ctx, self.model_cfg)
 
     def evaluate(self) -> float:
         """Mean next-token cross-entropy over the same held-out windows every time, across all
