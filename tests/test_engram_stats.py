@@ -31,14 +31,17 @@ def gate_by_hand(engram, tokens, streams) -> list[float]:
     return gates
 
 
-def test_gate_mean_and_rows_touched_against_a_loop_and_a_set():
-    engram = make_engram()
-    model = torch.nn.ModuleDict({"engram": engram})
+def one_engram_model():
+    """(Engram layer 0 in training mode, a model holding it, its config, one process)."""
+    engram = make_engram().train()
     cfg = dataclasses.replace(ModelConfig(), engram=CFG)
-    ctx = DistributedContext(0, 0, 1, None)
+    return engram, torch.nn.ModuleDict({"engram": engram}), cfg, DistributedContext(0, 0, 1, None)
+
+
+def test_gate_mean_and_rows_touched_against_a_loop_and_a_set():
+    engram, model, cfg, ctx = one_engram_model()
     first, second = torch.randint(0, 64, (2, 6)), torch.randint(0, 64, (3, 5))
     streams = [torch.randn(2, 6, 4, 16), torch.randn(3, 5, 4, 16)]
-    engram.train()
     engram(streams[0], first)
     engram(streams[1], second)
     engram.eval()
@@ -60,13 +63,9 @@ def test_a_resumed_run_carries_the_gate_sums_since_the_last_evaluation():
     """A checkpoint between two evaluations keeps the gate sums gathered so far: a fresh
     model and EngramStats loaded from it report at the next evaluation what the run that
     went on reports (the gates of both batches, not only those after the resume)."""
-    engram = make_engram()
-    model = torch.nn.ModuleDict({"engram": engram})
-    cfg = dataclasses.replace(ModelConfig(), engram=CFG)
-    ctx = DistributedContext(0, 0, 1, None)
+    engram, model, cfg, ctx = one_engram_model()
     first, second = torch.randint(0, 64, (2, 6)), torch.randint(0, 64, (3, 5))
     streams = [torch.randn(2, 6, 4, 16), torch.randn(3, 5, 4, 16)]
-    engram.train()
     engram(streams[0], first)
     went_on = EngramStats()
     state = went_on.state([model], ctx, cfg)  # the checkpoint: nothing taken
