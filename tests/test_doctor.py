@@ -42,7 +42,7 @@ def test_doctor_reports_this_machine(tmp_path):
 def test_doctor_checks_the_triton_ops_against_the_reference():
     report = doctor_kernels.check_kernels("triton", torch.device("cpu"))
     own = {"mhc_pre", "mhc_post", "sinkhorn_knopp", "sinkhorn_knopp_eps", "v4_attention"}
-    own |= {"moe_permute", "moe_unpermute", "engram_gather_gate"}
+    own |= {"moe_permute", "moe_unpermute", "engram_gather_gate", "mhc_mapping"}
     assert set(report["ops"]) == own
     for op, r in report["ops"].items():
         assert r["implementation"] == "triton" and r["ok"]

@@ -15,6 +15,7 @@ from birkhoff.kernels import (
     reference,
     triton_engram,
     triton_mhc,  # triton is a dev dependency: no skip
+    triton_mhc_mapping,
     triton_moe,
     triton_sinkhorn,
 )
@@ -71,6 +72,28 @@ def test_triton_sinkhorn_matches_the_reference(form, n, tokens, iters):
 
     ops = getattr(reference, form), getattr(triton_sinkhorn, form)
     compare(*map(with_args, ops), [logits])
+
+
+@pytest.mark.parametrize(("n", "c", "form_eps"), [(4, 64, None), (3, 40, 1e-3), (4, 200, 1e-6)])
+def test_triton_mhc_mapping_matches_the_reference(n, c, form_eps):
+    """RMS, projection, scales, biases, sigmoids and Sinkhorn (both forms) in one op: all
+    three mappings and the gradients of the streams, the projection, the scales and the
+    biases. 10 tokens: a block of 16 partly filled; n = 3 pads 15 values to 16; n C = 800
+    spans 13 steps of 64; V4's form with eps 1e-3, large enough to see if it were dropped."""
+    torch.manual_seed(n * c)
+    values = 2 * n + n * n
+    streams, weight = torch.randn(2, 5, n, c), torch.randn(values, n * c) / (n * c) ** 0.5
+    alpha, biases = torch.rand(3) + 0.5, [torch.randn(n), torch.randn(n), torch.randn(n, n)]
+
+    def all_three(op):
+        def run(x, w, a, pre, post, res):
+            mappings = op(x, w, a, pre, post, res, 1e-6, 20, form_eps)
+            return torch.cat([h.flatten() for h in mappings])
+
+        return run
+
+    inputs = [streams, weight, alpha, *biases]
+    compare(all_three(reference.mhc_mapping), all_three(triton_mhc_mapping.mhc_mapping), inputs)
 
 
 @pytest.mark.parametrize(("tokens", "top_k", "c"), [(13, 3, 200), (6, 2, 16), (4, 1, 5)])
@@ -154,7 +177,8 @@ def test_triton_mhc_keeps_the_dtypes_under_autocast():
 def test_every_backend_says_which_implementation_runs():
     table = kernels.implementations("triton")
     assert set(table) == set(kernels.ops())
-    own = {"engram_gather_gate", "mhc_pre", "mhc_post", "moe_permute", "moe_unpermute"}
+    own = {"engram_gather_gate", "mhc_mapping", "mhc_pre", "mhc_post", "moe_permute"}
+    own |= {"moe_unpermute"}
     own |= {"sinkhorn_knopp", "sinkhorn_knopp_eps", "v4_attention"}
     assert {op for op, impl in table.items() if impl == "triton"} == own
     assert kernels.fallbacks("triton") == sorted(set(table) - own)
@@ -162,8 +186,8 @@ def test_every_backend_says_which_implementation_runs():
     with pytest.raises(ValueError, match="'auto': not one of reference, triton, npu"):
         kernels.get("rms_norm", "auto")  # resolved per device before any model is built
     line = kernels.describe("triton")
-    assert f"triton for 8 of {len(table)} ops (engram_gather_gate, mhc_post, mhc_pre," in line
-    assert f"{len(table) - 8} fall back to reference: attention" in line
+    assert f"triton for 9 of {len(table)} ops (engram_gather_gate, mhc_mapping, mhc_post," in line
+    assert f"{len(table) - 9} fall back to reference: attention" in line
 
 
 def test_kernel_backend_resolves_per_device(monkeypatch):

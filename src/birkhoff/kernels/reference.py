@@ -145,6 +145,41 @@ def mhc_post(
         return mixed + update
 
 
+@register("mhc_mapping", REFERENCE)
+def mhc_mapping(
+    streams: torch.Tensor,
+    weight: torch.Tensor,
+    alpha: torch.Tensor,
+    bias_pre: torch.Tensor,
+    bias_post: torch.Tensor,
+    bias_res: torch.Tensor,
+    norm_eps: float,
+    iters: int,
+    form_eps: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """mHC's three mappings of the n streams (B, T, n, C): x' = RMSNorm(vec(x)) (eps
+    `norm_eps`), its projection x' phi (weight (2n + n^2, n C)) in float32 even under autocast
+    (H_res feeds Sinkhorn, whose logits need the precision), then with alpha (3,) and biases
+    (pre (n,), post (n,), res (n, n)):
+        H_pre = sigmoid(a_pre x'phi_pre + b_pre)        (+ form_eps: V4's form)
+        H_post = 2 sigmoid(a_post x'phi_post + b_post)
+        H_res = Sinkhorn(a_res mat(x'phi_res) + b_res)  (V4's form: sinkhorn_knopp_eps).
+    Returns (H_pre (B, T, n), H_post (B, T, n), H_res (B, T, n, n)), float32."""
+    n, hidden = streams.shape[-2:]
+    with torch.autocast(streams.device.type, enabled=False):
+        flat = F.rms_norm(streams.flatten(-2).float(), (n * hidden,), eps=norm_eps)
+        projected = F.linear(flat, weight.float())
+    pre, post, res = projected.split([n, n, n * n], dim=-1)
+    a_pre, a_post, a_res = alpha
+    h_pre = torch.sigmoid(a_pre * pre + bias_pre)
+    logits = a_res * res.unflatten(-1, (n, n)) + bias_res
+    if form_eps is None:
+        h_res = sinkhorn_knopp(logits, iters)
+    else:
+        h_pre, h_res = h_pre + form_eps, sinkhorn_knopp_eps(logits, iters, form_eps)
+    return h_pre, 2 * torch.sigmoid(a_post * post + bias_post), h_res
+
+
 def swiglu_clamp(
     gate: torch.Tensor, up: torch.Tensor, limit: float | None
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -186,6 +186,7 @@ def _load_backends() -> None:
             flex_v4_attention,
             triton_engram,
             triton_mhc,
+            triton_mhc_mapping,
             triton_moe,
             triton_sinkhorn,
         )

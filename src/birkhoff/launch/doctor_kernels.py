@@ -36,6 +36,13 @@ def _mhc_post(tokens: int) -> list:
     return [streams, layer_out, torch.rand(tokens, 4, 4), 2 * torch.rand(tokens, 4)]
 
 
+def _mhc_mapping(tokens: int) -> list:
+    n, hidden = 4, 512  # V4 tiny's shape, V4's form: 24 values per token, 20 iterations
+    weight = torch.randn(2 * n + n * n, n * hidden) / (n * hidden) ** 0.5
+    biases = [torch.randn(n), torch.randn(n), 4 * torch.eye(n)]
+    return [torch.randn(tokens, n, hidden), weight, torch.rand(3), *biases, 1e-6, 20, 1e-6]
+
+
 def _rms_norm(tokens: int) -> list:
     return [torch.randn(tokens, 1024), torch.rand(1024) + 0.5, 1e-6]
 
@@ -107,6 +114,7 @@ def _engram_gather_gate(tokens: int) -> list:
 EXAMPLES: dict[str, Callable[[int], list]] = {
     "mhc_pre": _mhc_pre,
     "mhc_post": _mhc_post,
+    "mhc_mapping": _mhc_mapping,
     "rms_norm": _rms_norm,
     "rope": _rope,
     "attention": _attention,

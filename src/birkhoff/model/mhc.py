@@ -49,14 +49,6 @@ def with_pre_eps(weights: torch.Tensor, cfg: ResidualConfig) -> torch.Tensor:
     return weights + cfg.eps if cfg.form == "v4" else weights
 
 
-def sinkhorn_of(cfg: ResidualConfig, kernel_backend: str) -> Callable[..., torch.Tensor]:
-    """H_res's projection for the configured form: (logits, iters) -> matrices."""
-    if cfg.form == "v4":
-        with_eps = kernels.get("sinkhorn_knopp_eps", kernel_backend)
-        return lambda logits, iters: with_eps(logits, iters, cfg.eps)
-    return kernels.get("sinkhorn_knopp", kernel_backend)
-
-
 def _initial_pre_bias(cfg: ResidualConfig) -> torch.Tensor:
     """Stream 0 feeds the sublayer at init, so step 0 behaves like a pre-norm residual."""
     if cfg.mode == "hc":
@@ -84,27 +76,26 @@ class HyperConnection(nn.Module):
         constant(self, "bias_post", lambda: torch.full((n,), post_init))
         res_init = 1.0 if cfg.mode == "hc" else cfg.res_init_logit  # H_res ~ identity
         constant(self, "bias_res", lambda: torch.eye(n) * res_init)
-        self._sinkhorn = sinkhorn_of(cfg, kernel_backend)
+        self._mapping = kernels.get("mhc_mapping", kernel_backend)
         self._pre = kernels.get("mhc_pre", kernel_backend)
         self._post = kernels.get("mhc_post", kernel_backend)
         self.last_h_res: torch.Tensor | None = None  # (tokens sampled, n, n), detached
         self.last_deviation: torch.Tensor | None = None  # worst |row sum-1|, |col sum-1|
 
     def mappings(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(H_pre, H_post, H_res) of the streams x (B, T, n, C)."""
+        if self.cfg.mode == "mhc":  # one op: RMS, projection, scales, biases, Sinkhorn
+            biases = (self.bias_pre, self.bias_post, self.bias_res)
+            form_eps = self.cfg.eps if self.cfg.form == "v4" else None
+            return self._mapping(x, self.proj.weight, self.alpha, *biases, self.eps,
+                                 self.cfg.sinkhorn_iters, form_eps)  # fmt: skip
         n = self.cfg.n_streams
         pre, post, res = stream_projection(x, self.proj, self.eps).split([n, n, n * n], dim=-1)
-        res = res.unflatten(-1, (n, n))
         a_pre, a_post, a_res = self.alpha
-        if self.cfg.mode == "hc":
-            return (
-                self.bias_pre + a_pre * torch.tanh(pre),
-                self.bias_post + a_post * torch.tanh(post),
-                self.bias_res + a_res * torch.tanh(res),
-            )
         return (
-            with_pre_eps(torch.sigmoid(a_pre * pre + self.bias_pre), self.cfg),
-            2 * torch.sigmoid(a_post * post + self.bias_post),
-            self._sinkhorn(a_res * res + self.bias_res, self.cfg.sinkhorn_iters),
+            self.bias_pre + a_pre * torch.tanh(pre),
+            self.bias_post + a_post * torch.tanh(post),
+            self.bias_res + a_res * torch.tanh(res.unflatten(-1, (n, n))),
         )
 
     def forward(self, x: torch.Tensor, sublayer: Sublayer) -> torch.Tensor:
