@@ -129,7 +129,14 @@ def test_bad_muon_settings_fail_naming_the_key():
             OptimConfig(**{key: value}).validate()
 
 
-def _owner_rank(rank: int, port: int, out: str, fsdp_like: bool) -> None:
+MESHES = {  # layout: (mesh shape, dim names, placements of the sharded tensors)
+    "1-D mesh": ((2,), None, ("Shard",)),
+    "FSDP's 1 x 2 mesh": ((1, 2), ("dp_replicate", "dp_shard"), ("Replicate", "Shard")),
+    "HSDP's 2 x 2 mesh": ((2, 2), ("dp_replicate", "dp_shard"), ("Replicate", "Shard")),
+}
+
+
+def _owner_rank(rank: int, world: int, port: int, out: str, layout: str) -> None:
     import os
 
     import torch.distributed as dist
@@ -137,13 +144,11 @@ def _owner_rank(rank: int, port: int, out: str, fsdp_like: bool) -> None:
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    if fsdp_like:  # FSDP2's mesh: dp_replicate (here 1 rank) x dp_shard
-        mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("dp_replicate", "dp_shard"))
-        placements = [Replicate(), Shard(0)]
-    else:
-        mesh, placements = init_device_mesh("cpu", (2,)), [Shard(0)]
-    torch.manual_seed(5)  # the same full tensors on both ranks
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    shape, names, kinds = MESHES[layout]
+    mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
+    placements = [Shard(0) if kind == "Shard" else Replicate() for kind in kinds]
+    torch.manual_seed(5)  # the same full tensors on every rank
     shapes = [(12, 8), (20, 6), (4, 6, 10)]  # two matrices and a stack of 4 experts
     weights = [torch.randn(s) for s in shapes]
     grads = [[torch.randn(s) for s in shapes] for _ in range(2)]
@@ -164,21 +169,25 @@ def _owner_rank(rank: int, port: int, out: str, fsdp_like: bool) -> None:
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("fsdp_like", [False, True], ids=["1-D mesh", "FSDP's 1 x 2 mesh"])
-def test_owner_ranks_share_the_work_and_give_one_process_update(tmp_path, fsdp_like):
-    """Two ranks: each gathered matrix is orthogonalised by one owner (the larger by rank 0,
-    the other by rank 1) and each rank's 2 of the 4 experts where they lie; every rank's
-    shards equal the rows of the update one process computes."""
+@pytest.mark.parametrize("layout", list(MESHES))
+def test_owner_ranks_share_the_work_and_give_one_process_update(tmp_path, layout):
+    """Each gathered matrix is orthogonalised by one owner along dp_shard (the larger by
+    shard rank 0, the other by shard rank 1; under HSDP one such owner per replica) and
+    each rank's 2 of the 4 experts where they lie; every rank's shards equal the rows of
+    the update one process computes."""
     import torch.multiprocessing as mp
     from test_resilience import free_port
 
-    mp.spawn(_owner_rank, args=(free_port(), str(tmp_path), fsdp_like), nprocs=2)
-    saved = [torch.load(tmp_path / f"{rank}.pt") for rank in (0, 1)]
+    world = math.prod(MESHES[layout][0])
+    mp.spawn(_owner_rank, args=(world, free_port(), str(tmp_path), layout), nprocs=world)
+    saved = [torch.load(tmp_path / f"{rank}.pt") for rank in range(world)]
     whole = saved[0][False]
-    for index, expected in enumerate(whole):
-        got = torch.cat([s[True][index] for s in saved])
-        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
-    # per step: one process 1 + 1 + 4 matrices; rank 0 the 20x6 (larger) + 2 experts,
-    # rank 1 the 12x8 + 2 experts
-    assert [s["work False"] for s in saved] == [12, 12]
-    assert [s["work True"] for s in saved] == [6, 6]
+    for replica in range(world // 2):  # ranks 2r and 2r + 1 hold the two halves
+        pair = saved[2 * replica : 2 * replica + 2]
+        for index, expected in enumerate(whole):
+            got = torch.cat([s[True][index] for s in pair])
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    # per step: one process 1 + 1 + 4 matrices; shard rank 0 the 20x6 (larger) + 2 experts,
+    # shard rank 1 the 12x8 + 2 experts
+    assert [s["work False"] for s in saved] == [12] * world
+    assert [s["work True"] for s in saved] == [6] * world

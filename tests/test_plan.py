@@ -143,6 +143,12 @@ def test_muon_state_gathers_and_newton_schulz_follow_their_formulas():
     extra = flops / (CLUSTER.peak_tflops * 1e12 * MATMUL_EFFICIENCY)
     assert muon.compute_s - adamw.compute_s == pytest.approx(extra)
     assert adamw.comm_gib["muon_all_gather"] == 0
+    # HSDP 2 x 4: each replica's owners along dp_shard, a quarter of the work per rank
+    hsdp = estimate(inv, Layout(dp_replicate=2, dp_shard=4, micro_batch=1, muon=True), work,
+                    CLUSTER)  # fmt: skip
+    hsdp_adamw = estimate(inv, Layout(dp_replicate=2, dp_shard=4, micro_batch=1), work, CLUSTER)
+    assert hsdp.comm_gib["muon_scatter"] * GIB == pytest.approx(4 * matrices / 4)
+    assert hsdp.compute_s - hsdp_adamw.compute_s == pytest.approx(2 * extra)
 
 
 def _primes_at_least(start: int, count: int) -> list[int]:

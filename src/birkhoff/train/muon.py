@@ -19,8 +19,9 @@ Sharded matrices (FSDP, tp: DTensors) are orthogonalised whole: the update a ran
 the slice of the one computed on the full matrix, the same as one process's. Each gathered
 matrix has an owner rank (round-robin by size, as V4's hybrid ZeRO) that alone runs
 Newton-Schulz and scatters the result, so the work is spread over the ranks: when the matrix
-is sharded along a single mesh dimension of more than one rank (FSDP, or tp alone); across
-several (HSDP, fsdp x tp) every rank computes it. Expert stacks sharded only by
+is sharded along a single mesh dimension of more than one rank (FSDP, or tp alone; under
+HSDP the replicas each have their owner, so the work is spread over dp_shard, not the whole
+world); sharded across several (fsdp x tp) every rank computes it. Expert stacks sharded only by
 expert (ep, FSDP) are orthogonalised where they are, with no gather.
 """
 
@@ -98,7 +99,7 @@ class MuonV4(AdamW):
     def _update(self, nesterov: torch.Tensor, owner: int | None, rms: float) -> torch.Tensor:
         """O for this rank's part of the matrix: computed locally for whole matrices and for
         expert stacks sharded only by expert; else the matrix is gathered, orthogonalised by
-        its owner (1-D meshes; on others by every rank) and scattered back."""
+        its owner (sharded along one mesh dimension; else by every rank) and scattered back."""
         if not isinstance(nesterov, DTensor):
             return self._orthogonalised(nesterov, rms)
         mesh, placements = nesterov.device_mesh, nesterov.placements
@@ -138,13 +139,16 @@ class MuonV4(AdamW):
 
 
 def _owner_dim(param: DTensor) -> int | None:
-    """The mesh dimension an owner is chosen along: the only one of more than one rank (FSDP's
-    dp_shard with dp_replicate 1, or tp alone), if the matrix is sharded over it."""
+    """The mesh dimension an owner is chosen along: the only one of more than one rank that
+    shards the matrix (FSDP's dp_shard, or tp alone), the others of more than one rank
+    replicating it (HSDP's dp_replicate: each replica's owner computes the same update)."""
     mesh = param.device_mesh
     dims = [d for d, size in enumerate(mesh.shape) if size > 1]
+    sharded = [d for d in dims if param.placements[d].is_shard()]
+    replicated = all(param.placements[d].is_replicate() for d in dims if d not in sharded)
     named = mesh.ndim == 1 or mesh.mesh_dim_names is not None
-    if len(dims) == 1 and named and param.placements[dims[0]].is_shard():
-        return dims[0]
+    if len(sharded) == 1 and replicated and named:
+        return sharded[0]
     return None
 
 

@@ -115,14 +115,14 @@ def _stage_communication(inv: Inventory, layout: Layout, work: Workload, stage: 
 
 def muon_owner_group(layout: Layout, tp_split: bool) -> int:
     """The ranks among which one owner orthogonalises a (non-expert) matrix and scatters it:
-    those of its 1-D mesh when it is sharded on one (FSDP's dp_shard alone, or tp alone for a
-    tp-split matrix); 1 where every rank computes it (meshes of several dimensions, HSDP,
-    replicated matrices). Routed experts are sharded by expert only: never gathered."""
-    if layout.dp_replicate > 1:
-        return 1
+    those of the one mesh dimension that shards it (FSDP's dp_shard, HSDP's too: each replica
+    has its owner; tp for a tp-split matrix without FSDP); 1 where every rank computes it
+    (sharded by both dp_shard and tp, or replicated). Routed experts are sharded by expert
+    only: never gathered (train/muon.py)."""
+    split_by_tp = tp_split and layout.tp > 1
     if layout.dp_shard > 1:
-        return layout.dp_shard if layout.tp == 1 else 1
-    return layout.tp if tp_split and layout.tp > 1 else 1
+        return 1 if split_by_tp else layout.dp_shard
+    return layout.tp if split_by_tp else 1
 
 
 def _muon_bytes(layout: Layout, held: list) -> dict[str, float]:
