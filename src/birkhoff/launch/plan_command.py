@@ -77,13 +77,15 @@ def plan_command(args: list[str]) -> int:
                 train.global_batch_size // dp, parallel.pp
             )
             optim = recipe.optim
-            layout = layout_of(parallel, micro, cluster.devices, optim.engram_update, optim.name)
+            layout = layout_of(parallel, micro, cluster.devices, optim.engram_update, optim.name,
+                               optim.embedding_update, host_snapshots(recipe))  # fmt: skip
             check_runnable(inv, layout, work)
             estimates = [estimate(inv, layout, work, cluster)]
         else:
             optim = recipe.optim
             sparse, muon = optim.engram_update == "sparse", optim.name == "muon_v4"
-            estimates = plan(inv, work, cluster, sparse, muon)
+            balanced = optim.embedding_update == "sinkhorn"
+            estimates = plan(inv, work, cluster, sparse, muon, balanced, host_snapshots(recipe))
     except RecipeError as err:
         print(f"birkhoff: {err}", file=sys.stderr)
         return 2
@@ -93,6 +95,12 @@ def plan_command(args: list[str]) -> int:
     else:
         print(_table(report, options.top))
     return 0
+
+
+def host_snapshots(recipe: Recipe) -> int:
+    """The host snapshots the recipe's spike guard keeps (0 without snapshots)."""
+    spike = recipe.train.spike
+    return spike.snapshots_kept if spike.enabled and spike.snapshot_every > 0 else 0
 
 
 def workload_of(recipe: Recipe, fused_attention: bool = False) -> Workload:
@@ -170,6 +178,10 @@ def _table(report: dict, top: int) -> str:
             f"| {item['tokens_per_s']:,.0f} | {item['dominant']} "
             f"| {'yes' if item['fits'] else 'no'} |"
         )
+    host = layouts[0]["memory_gib"].get("host", 0.0) if layouts else 0.0
+    if host:
+        lines += ["", f"host memory per rank (the first): {host:.3g} GiB (spike snapshots, "
+                  "host-resident Engram tables)"]  # fmt: skip
     if layouts and layouts[0]["fits"]:
         lines += ["", "run the first with: " + " ".join(layouts[0]["overrides"])]
     return "\n".join(lines)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from birkhoff.model.engram import Engram
-from birkhoff.model.matrices import weight_matrices
+from birkhoff.model.matrices import balanced_tables, weight_matrices
 from birkhoff.train.adamw import AdamW
 from birkhoff.train.config import OptimConfig
 from birkhoff.train.muon import MuonV4
@@ -63,19 +63,6 @@ def muon_param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     settings = {"momentum": cfg.muon_momentum, "update_rms": cfg.muon_update_rms}
     group = {"params": muon, "weight_decay": cfg.weight_decay, "muon": True, **settings}
     return [{**group, "name": "muon"}, *groups]
-
-
-def balanced_tables(model: nn.Module) -> list[nn.Parameter]:
-    """What the Sinkhorn-balanced update trains: the token embedding, the head (once, if
-    tied to it) and the Engram tables."""
-    chosen = {}
-    for name, module in model.named_modules():
-        head = isinstance(module, nn.Linear) and name.split(".")[-1] == "head"
-        if head or isinstance(module, nn.Embedding):
-            chosen[id(module.weight)] = module.weight
-        elif isinstance(module, Engram):
-            chosen[id(module.table.weight)] = module.table.weight
-    return list(chosen.values())
 
 
 def with_balanced_tables(groups: list[dict], model: nn.Module, cfg: OptimConfig) -> list[dict]:

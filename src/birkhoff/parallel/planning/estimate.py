@@ -185,12 +185,17 @@ def _rank_memory(inv, layout, work, pp_rank, stages, order, micro_batches) -> di
     row_bytes = 4 * cfg.engram.embed_dim + 8  # values and the int64 row id
     table_grads = sum(sparse_rows(g, cfg, lookups) for g in whole) * row_bytes
     on_device = 0.0 if layout.engram_host else 1.0
-    # Muon keeps one momentum buffer per matrix element, AdamW two moments
+    # Muon and V4.1's Sinkhorn-balanced update keep one momentum buffer per element, AdamW
+    # two moments
     muon = sum(tp_local(g, layout) for g in held if g.muon) / layout.dp_shard if layout.muon else 0
+    balanced = 0.0
+    if layout.balanced_tables:
+        balanced = sum(tp_local(g, layout) for g in held if g.balanced) / layout.dp_shard
+    one_buffer = muon + balanced
     memory = {
         "params": 4 * (sharded + on_device * tables),
         "grads": 4 * grads + on_device * table_grads,
-        "optimizer": 8 * (sharded - muon + on_device * tables) + 4 * muon,
+        "optimizer": 8 * (sharded - one_buffer + on_device * tables) + 4 * one_buffer,
         "activations": _activations(cfg, layout, work, {s: stages[s] for s in mine}, order),
         "buffers": float(buffers),
     }
@@ -204,6 +209,11 @@ def _rank_memory(inv, layout, work, pp_rank, stages, order, micro_batches) -> di
     memory["total"] = max(backward, state + memory["grads"] + 4 * 4 * largest)
     # host-resident tables, their AdamW state and gradients: host memory, not the device's
     memory["host"] = (1.0 - on_device) * (12 * tables + table_grads)
+    # the spike guard's snapshots: the rank's parameters, module buffers and optimizer state
+    # (train/snapshot.py), wherever they live
+    own_buffers = sum(inv.buffer_bytes.get(k, 0) for k in keys)
+    optimizer = 8 * (sharded - one_buffer + tables) + 4 * one_buffer
+    memory["host"] += layout.host_snapshots * (4 * (sharded + tables) + own_buffers + optimizer)
     return memory
 
 

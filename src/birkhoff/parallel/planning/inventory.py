@@ -12,7 +12,7 @@ import torch
 
 from birkhoff.model.budget import apply_sparse_budget
 from birkhoff.model.config import ModelConfig
-from birkhoff.model.matrices import weight_matrices
+from birkhoff.model.matrices import balanced_tables, weight_matrices
 from birkhoff.model.transformer import Block, Transformer
 from birkhoff.model.v4_attention import V4Attention
 from birkhoff.parallel.sequence_parallel import sequence_local_slots
@@ -36,6 +36,8 @@ class TensorInfo:
     # what optim=muon_v4 orthogonalises (model/matrices.py): (matrices, rows, columns), the
     # routed experts' stack one matrix per expert; None for what AdamW trains
     matrices: tuple[int, int, int] | None = None
+    # a table V4.1's Sinkhorn-balanced update trains (embedding, head, Engram tables)
+    balanced: bool = False
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class Group:
     engram_table: bool
     sequence_local: bool
     muon: bool  # weight matrices (Muon trains them under optim=muon_v4)
+    balanced: bool  # tables (the Sinkhorn-balanced update trains them under embedding_update)
     numel: int
 
 
@@ -64,7 +67,7 @@ class Inventory:
         for t in self.params:
             block = t.layer not in (FIRST, LAST) or ".block." in t.name
             key = (t.layer, block, t.tp_split, t.expert, t.engram_table, t.sequence_local)
-            key += (t.matrices is not None,)
+            key += (t.matrices is not None, t.balanced)
             sums[key] = sums.get(key, 0) + t.numel
         return tuple(Group(*key, numel) for key, numel in sums.items())
 
@@ -92,6 +95,7 @@ def build_inventory(cfg: ModelConfig) -> Inventory:
     local = _sequence_local_names(model, split)
     moe = sized.moe
     matrices = {id(p) for p in weight_matrices(model)}
+    tables = {id(p) for p in balanced_tables(model)}
     params = []
     for name, param in model.named_parameters():
         expert = ".experts.w_" in name
@@ -112,6 +116,7 @@ def build_inventory(cfg: ModelConfig) -> Inventory:
                 matrices=(param.numel() // param.shape[-1] // param.shape[-2], *param.shape[-2:])
                 if id(param) in matrices
                 else None,
+                balanced=id(param) in tables,
             )
         )
     buffers: dict[int, int] = {}

@@ -27,6 +27,11 @@ class Layout:
     engram_sparse: bool = False
     engram_host: bool = False  # those whole tables (and their AdamW state) in host memory
     muon: bool = False  # optim=muon_v4: weight matrices by Muon (one buffer), the rest AdamW
+    # optim.embedding_update=sinkhorn: embedding, head and Engram tables by V4.1's update (one
+    # buffer)
+    balanced_tables: bool = False
+    # train.spike with snapshot_every > 0: host snapshots of the rank's state kept
+    host_snapshots: int = 0
     fsdp_reduce_every_micro_batch: bool = False
     pp_schedule: str = "1f1b"
     pp_stages_per_rank: int = 1
@@ -69,6 +74,11 @@ class Layout:
         }
         if self.muon:
             values["optim.name"] = "muon_v4"
+        if self.balanced_tables:
+            values["optim.embedding_update"] = "sinkhorn"
+        if self.host_snapshots:
+            values["train.spike.enabled"] = "true"
+            values["train.spike.snapshots_kept"] = self.host_snapshots
         return [f"{key}={value}" for key, value in values.items()]
 
 
@@ -78,9 +88,12 @@ def layout_of(
     devices: int,
     engram_update: str = "dense",
     optimizer: str = "adamw",
+    embedding_update: str = "adamw",
+    host_snapshots: int = 0,
 ) -> Layout:
-    """The Layout a recipe's `parallel` section (and `optim.engram_update`, `optim.name`)
-    give on `devices` (validated)."""
+    """The Layout a recipe's `parallel` section (and `optim.engram_update`, `optim.name`,
+    `optim.embedding_update`, the host snapshots its spike guard keeps) give on `devices`
+    (validated)."""
     parallel.validate(devices)
     degrees = parallel.degrees(devices)
     return Layout(
@@ -96,6 +109,8 @@ def layout_of(
         engram_sparse=engram_update == "sparse",
         engram_host=parallel.engram_host,
         muon=optimizer == "muon_v4",
+        balanced_tables=embedding_update == "sinkhorn",
+        host_snapshots=host_snapshots,
         fsdp_reduce_every_micro_batch=parallel.fsdp_reduce_every_micro_batch,
         pp_schedule=parallel.pp_schedule,
         pp_stages_per_rank=parallel.pp_stages_per_rank,

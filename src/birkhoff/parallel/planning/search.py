@@ -51,6 +51,9 @@ def check_runnable(inv: Inventory, layout: Layout, work: Workload) -> None:
     parallel.validate_for_model(inv.cfg, micro_batches)
     update = "sparse" if layout.engram_sparse else "dense"
     require_engram_placement(layout.engram_row_shard, layout.engram_host, update)
+    balanced = "sinkhorn" if layout.balanced_tables else "adamw"
+    require(not (layout.balanced_tables and layout.engram_sparse), "optim.embedding_update",
+            balanced, "needs optim.engram_update=dense (train/config.py)")  # fmt: skip
 
 
 def runnable(inv: Inventory, layout: Layout, work: Workload) -> bool:
@@ -68,6 +71,8 @@ def candidate_layouts(
     cluster: Cluster,
     engram_sparse: bool = False,
     muon: bool = False,
+    balanced_tables: bool = False,
+    host_snapshots: int = 0,
 ) -> list[Layout]:
     cfg = inv.cfg
     engram = bool(cfg.engram.layers)
@@ -100,6 +105,8 @@ def candidate_layouts(
                                 engram_row_shard=engram and shard > 1 and not engram_sparse,
                                 engram_sparse=engram and engram_sparse,
                                 muon=muon,
+                                balanced_tables=balanced_tables,
+                                host_snapshots=host_snapshots,
                                 fsdp_reduce_every_micro_batch=every,
                                 pp_schedule=schedule,
                                 pp_stages_per_rank=chunks,
@@ -115,10 +122,15 @@ def plan(
     cluster: Cluster,
     engram_sparse: bool = False,
     muon: bool = False,
+    balanced_tables: bool = False,
+    host_snapshots: int = 0,
 ) -> list[Estimate]:
     """Every runnable layout, estimated; those that fit first, fastest first.
     `engram_sparse`: the recipe's optim.engram_update is sparse; `muon`: optim.name is
-    muon_v4."""
-    candidates = candidate_layouts(inv, work, cluster, engram_sparse, muon)
+    muon_v4; `balanced_tables`: optim.embedding_update is sinkhorn; `host_snapshots`: the
+    spike guard's snapshots kept on the host."""
+    candidates = candidate_layouts(
+        inv, work, cluster, engram_sparse, muon, balanced_tables, host_snapshots
+    )
     estimates = [estimate(inv, layout, work, cluster) for layout in candidates]
     return sorted(estimates, key=lambda e: (not e.fits, e.step_s))
