@@ -2,7 +2,8 @@
 
 For each layout (one process group, a DeviceMesh per layout: a torchrun per layout would
 spend most of its time starting), trains `steps` steps and saves what this rank knows: every
-step's loss and gradient norm, the MoE router biases after the last step, and the full
+step's loss and gradient norm, the MoE router biases after the last step (and, in one
+process or with Anticipatory Routing, the experts every router chose), and the full
 (unsharded) gradients of the first and the last step, before clipping, of each parameter it
 holds, by its name in the unwrapped model, and what the second step cost the rank (collective
 bytes, tensors held, resident growth) and, for the layouts in PEAK, one more step its
@@ -23,6 +24,8 @@ from torch.distributed.tensor import DTensor
 
 from birkhoff.data import open_data
 from birkhoff.launch.recipe import load_recipe, recipe_to_dict
+from birkhoff.model.moe import Router
+from birkhoff.model.recompute import recomputing
 from birkhoff.parallel import resolve_device
 from birkhoff.parallel.activation_checkpoint import WRAPPED_PREFIX
 from birkhoff.parallel.distributed import DistributedContext, build_mesh, env_rank
@@ -31,6 +34,8 @@ from birkhoff.train.metrics import MetricLogger
 from birkhoff.train.trainer import Trainer
 from conftest import SMALL_OVERRIDES, compose_recipe
 from layout_probe import measuring_allocated_peak, probe_step
+
+ROUTING = "train.anticipatory.mode=always"
 
 
 def full_gradients(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -46,6 +51,25 @@ def full_gradients(trainer: Trainer) -> dict[str, torch.Tensor]:
                 grad = grad.to_dense()
             grads[name.replace(WRAPPED_PREFIX, "")] = grad.detach().float().cpu().clone()
     return grads
+
+
+def routes_chosen(trainer: Trainer) -> dict[str, list[torch.Tensor]]:
+    """Filled as it trains: per router (by name), the experts it chose in each training
+    forward (not the recomputations of activation checkpointing), in order."""
+    routes: dict[str, list[torch.Tensor]] = {}
+
+    def keep(name: str):
+        def hook(module, args, out) -> None:
+            if module.training and not recomputing():
+                routes.setdefault(name, []).append(out[1].detach().clone())
+
+        return hook
+
+    for part in trainer.model_parts:
+        for name, module in part.named_modules():
+            if isinstance(module, Router):
+                module.register_forward_hook(keep(name.replace(WRAPPED_PREFIX, "")))
+    return routes
 
 
 def run_layout(out: Path, steps: int, overrides: list[str], measure_peak: bool) -> None:
@@ -64,6 +88,8 @@ def run_layout(out: Path, steps: int, overrides: list[str], measure_peak: bool) 
             grads[t.step + 1] = full_gradients(t)
 
     trainer.after_backward.append(keep_gradients)
+    # one process, and Anticipatory Routing's pipeline run (each router on one rank)
+    routes = routes_chosen(trainer) if world == 1 or ROUTING in overrides else {}
     records = [trainer.train_step()]
     probe = probe_step(trainer)  # the second step measured for `birkhoff plan` (layout_probe.py)
     records.append(probe.pop("record"))
@@ -87,6 +113,7 @@ def run_layout(out: Path, steps: int, overrides: list[str], measure_peak: bool) 
         "first_grads": grads[1],
         "grads": grads[steps],
         "probe": probe,
+        "routes": routes,
     }
     out.mkdir(parents=True, exist_ok=True)
     torch.save(saved, out / f"rank{rank}.pt")

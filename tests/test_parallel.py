@@ -70,6 +70,7 @@ SPARSE = "optim.engram_update=sparse"
 # whole, so every rank applies its slice of one process's update.
 MUON = "optim=muon_v4"
 TP_SP = ["parallel.tp=2", "parallel.sequence_parallel=true"]
+ROUTING = "train.anticipatory.mode=always"
 MICRO_4 = "train.micro_batch_size=4"  # 1 or 2 data-parallel ranks; 4 ranks take micro-batch 2
 
 
@@ -92,6 +93,7 @@ def merge_ranks(out: Path) -> dict:
     merged = {"losses": None, "grad_norms": None}
     merged |= {"first_grads": {}, "grads": {}}
     merged["router_biases"] = {}
+    merged["routes"] = {}  # where recorded: per router, the experts of each forward
     merged["probes"] = []  # per rank, in rank order: what its second step cost
     for path in sorted(out.glob("rank*.pt")):
         saved = torch.load(path)
@@ -99,6 +101,8 @@ def merge_ranks(out: Path) -> dict:
         for key in ("losses", "grad_norms"):
             assert merged[key] in (None, saved[key]), f"ranks disagree on {key}"
             merged[key] = saved[key]
+        assert not merged["routes"].keys() & saved["routes"].keys(), "a router on two ranks"
+        merged["routes"] |= saved["routes"]
         for key in ("first_grads", "grads", "router_biases"):
             for name, grad in saved[key].items():
                 if name in merged[key]:  # replicas must agree on a gradient they both hold
@@ -181,6 +185,12 @@ LAYOUTS = {
         4,
         ["parallel.dp_replicate=2", "parallel.dp_shard=2", SPARSE, "train.micro_batch_size=2"],
     ),
+    # Anticipatory Routing's look-ahead forward stage by stage, its plans taken by the
+    # schedule's forwards in order (full AC: the recomputed blocks take the same experts)
+    "pp=2 (1F1B) + Anticipatory Routing + full AC": (
+        2,
+        ["parallel.pp=2", "parallel.activation_checkpoint=full", ROUTING, MICRO_4],
+    ),
     # ep on 2 ranks (its forward and backward as with AdamW; 4 ranks: fsdp x ep above)
     "ep=2 + Muon": (2, ["parallel.dp_shard=2", "parallel.ep=2", MUON, MICRO_4]),
     "tp=2 + sequence parallel + Muon": (2, [*TP_SP, MUON, MICRO_4]),
@@ -189,6 +199,8 @@ LAYOUTS = {
 
 def reference_of(overrides: list[str]) -> str:
     """The one-process run a layout is compared with: the same optimizer settings."""
+    if ROUTING in overrides:
+        return "one routing"
     return "one muon" if MUON in overrides else "one sparse" if SPARSE in overrides else "one"
 
 
@@ -239,6 +251,7 @@ def results(tmp_path_factory, shakespeare_shards) -> tuple[dict[str, dict], dict
         "one gqa": [shakespeare_shards, GQA, MICRO_4],
         "one sparse": [shakespeare_shards, SPARSE, MICRO_4],
         "one muon": [shakespeare_shards, MUON, MICRO_4],
+        "one routing": [shakespeare_shards, ROUTING, MICRO_4],
     }
     reference = run_layouts(out, 1, references)
     got = {}
@@ -254,6 +267,28 @@ def test_layout_matches_one_process(results, layout):
     """V4 attention: the indexer's loss (a CSA layer's auxiliary loss) and its gradients too."""
     reference = reference_of(LAYOUTS[layout][1])
     assert_matches(results[0][reference], results[1][layout], with_tp="tp=2" in layout)
+
+
+@pytest.mark.slow
+def test_anticipatory_routing_through_the_pipeline_routes_as_one_process(results):
+    """Every router of the pp=2 run (each on its stage) chose, forward by forward, exactly the
+    experts one process with Anticipatory Routing chose: from step 2 the plans recorded a
+    step earlier, which for some tokens differ from what one process without it chose at
+    step 2 (both runs had the same parameters then)."""
+    one, plain = results[0]["one routing"], results[0]["one"]
+    got = results[1]["pp=2 (1F1B) + Anticipatory Routing + full AC"]["routes"]
+    assert got.keys() == one["routes"].keys() and got
+    micro_batches = len(one["routes"]["blocks.1.ffn.router"]) // STEPS
+    for name, expected in one["routes"].items():
+        assert len(got[name]) == len(expected) == STEPS * micro_batches, name
+        assert all(torch.equal(a, b) for a, b in zip(got[name], expected, strict=True)), name
+    step_2 = slice(micro_batches, 2 * micro_batches)
+    changed = sum(
+        int((a != b).any(-1).sum())
+        for name in one["routes"]
+        for a, b in zip(one["routes"][name][step_2], plain["routes"][name][step_2], strict=True)
+    )
+    assert changed > 0
 
 
 @pytest.mark.slow

@@ -35,11 +35,6 @@ def recipe_error(overrides, env=None) -> RecipeError:
             "must be >= 1",
         ),
         (
-            ["train.anticipatory.mode=always", "parallel.pp=2", "launch.nproc_per_node=2"],
-            "train.anticipatory.mode",
-            "needs parallel.pp=1",
-        ),
-        (
             ["train.anticipatory.mode=always", "model=tiny_dense"],
             "train.anticipatory.mode",
             "needs MoE layers with learned routing",

@@ -1,4 +1,5 @@
-"""What every block of one forward shares: rotary tables, the attention mask and Engram rows."""
+"""What every block of one forward shares: rotary tables, the attention mask, Engram rows
+and Anticipatory Routing's planned experts."""
 
 from __future__ import annotations
 
@@ -13,13 +14,16 @@ class SequenceContext:
     (None for V4 attention, which rotates by its own tables); `attention_mask` is None for
     plain causal attention, else (B, 1, T, T) bool (True = attend); `engram_rows` maps an
     Engram layer to its table rows (B, T, heads) computed by the loader; `positions` (B, T)
-    restart at 0 where a packed document starts (None: 0..T-1 in every row)."""
+    restart at 0 where a packed document starts (None: 0..T-1 in every row); `planned_routes`
+    maps a MoE layer to the experts Anticipatory Routing chose for it, (B, T', k) (held here,
+    not by the layer, so that a checkpointed block recomputes with the same ones)."""
 
     cos: torch.Tensor | None = None
     sin: torch.Tensor | None = None
     attention_mask: torch.Tensor | None = None
     engram_rows: dict[int, torch.Tensor] | None = None
     positions: torch.Tensor | None = None
+    planned_routes: dict[int, torch.Tensor] | None = None
 
     def positions_for(self, batch: int, seq: int, device: torch.device) -> torch.Tensor:
         if self.positions is not None:
@@ -34,6 +38,7 @@ class SequenceContext:
             None if self.sin is None else self.sin[..., :length, :],
             None if mask is None else mask[..., :length, :length],
             positions=None if positions is None else positions[:, :length],
+            planned_routes=self.planned_routes,  # MTP layers' own, of their T - k positions
         )
 
 

@@ -181,22 +181,26 @@ class MoE(nn.Module):
         self.sequence_index = 0  # which part of every sequence this rank holds
         self.skipped_positions = 0  # MTP depth k's layer sees the first T - k positions
         # Anticipatory Routing (set from outside, train/anticipatory.py): a list that every
-        # forward appends its chosen experts to, and the experts the next forward must use.
+        # forward appends its chosen experts to.
         self.route_record: list[torch.Tensor] | None = None
-        self.planned_routes: torch.Tensor | None = None
 
     def forward(
-        self, x: torch.Tensor, token_ids: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        token_ids: torch.Tensor | None = None,
+        planned: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, C), token ids (B, T) (needed by a hash layer) -> (output (B, T, C),
         sequence-wise balance loss (scalar)). Under sequence parallelism x holds this rank's
-        part of every sequence and `token_ids` the whole sequences."""
+        part of every sequence and `token_ids` the whole sequences. `planned` (B, T, k): the
+        experts Anticipatory Routing chose for these tokens."""
         flat = x.flatten(0, 1)
         if self.router.hash_table is not None:
             if token_ids.shape[1] != x.shape[1]:
                 token_ids = token_ids.chunk(self.sequence_parts, dim=1)[self.sequence_index]
             token_ids = token_ids.flatten()
-        weights, expert_ids, scores = self.router(flat, token_ids, self.planned_routes)
+        planned = None if planned is None else planned.flatten(0, -2)
+        weights, expert_ids, scores = self.router(flat, token_ids, planned)
         if self.route_record is not None:
             self.route_record.append(expert_ids.detach().to(torch.int16 if
                                      self.cfg.num_experts <= 2**15 else torch.int32))  # fmt: skip

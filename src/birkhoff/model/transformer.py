@@ -84,7 +84,7 @@ class Block(nn.Module):
             x = self.engram(x, tokens, rows)
         aux: list[torch.Tensor] = []
         x = self.attention_residual(x, lambda h: self._attend(self.attention_norm(h), ctx, aux))
-        x = self.ffn_residual(x, lambda h: self._ffn(self.ffn_norm(h), tokens, aux))
+        x = self.ffn_residual(x, lambda h: self._ffn(self.ffn_norm(h), tokens, ctx, aux))
         return x, (sum(aux[1:], aux[0]) if aux else None)
 
     def _attend(
@@ -135,11 +135,15 @@ class Block(nn.Module):
         return plan
 
     def _ffn(
-        self, h: torch.Tensor, tokens: torch.Tensor, aux_losses: list[torch.Tensor]
+        self,
+        h: torch.Tensor,
+        tokens: torch.Tensor,
+        ctx: SequenceContext,
+        aux_losses: list[torch.Tensor],
     ) -> torch.Tensor:
         if not isinstance(self.ffn, MoE):
             return self.ffn(h)
-        out, balance_loss = self.ffn(h, tokens)
+        out, balance_loss = self.ffn(h, tokens, (ctx.planned_routes or {}).get(self.layer))
         aux_losses.append(balance_loss)
         return out
 
@@ -208,6 +212,11 @@ class Transformer(nn.Module):
         )
         # the MTP loss's weight now (train/phase_schedules.py lowers it when the LR decays)
         self.mtp_loss_weight = cfg.mtp.loss_weight
+        # Anticipatory Routing (set from outside, train/anticipatory.py): per micro-batch of
+        # the step, in order, the experts of each MoE layer; training forwards take them in
+        # turn (a pipeline stage runs its micro-batches' forwards in order too).
+        self.planned_routes: list[dict[int, torch.Tensor]] | None = None
+        self.planned_forwards = 0
         self.tie_weights()
         tables = lambda: rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)  # noqa: E731
         constant(self, "rope_cos", lambda: tables()[0], buffer=True, persistent=False)
@@ -289,15 +298,31 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None,
         engram_rows: dict[int, torch.Tensor] | None,
     ) -> SequenceContext:
-        """RoPE tables, document mask and Engram rows shared by every block of one call."""
+        """RoPE tables, document mask, Engram rows and the planned experts shared by every
+        block of one call."""
         if self.cfg.attention.kind == "v4":  # rotates by its own tables, masks by positions
-            return SequenceContext(engram_rows=engram_rows, positions=positions)
-        if positions is None:
-            return SequenceContext(self.rope_cos[:seq], self.rope_sin[:seq], None, engram_rows)
-        mask = document_causal_mask(positions)
-        return SequenceContext(
-            self.rope_cos[positions], self.rope_sin[positions], mask, engram_rows
-        )
+            ctx = SequenceContext(engram_rows=engram_rows, positions=positions)
+        elif positions is None:
+            ctx = SequenceContext(self.rope_cos[:seq], self.rope_sin[:seq], None, engram_rows)
+        else:
+            mask = document_causal_mask(positions)
+            ctx = SequenceContext(
+                self.rope_cos[positions], self.rope_sin[positions], mask, engram_rows
+            )
+        ctx.planned_routes = self._take_planned_routes()
+        return ctx
+
+    def _take_planned_routes(self) -> dict[int, torch.Tensor] | None:
+        """A training forward's planned experts: the next micro-batch's (None without)."""
+        if not self.training or self.planned_routes is None:
+            return None
+        if self.planned_forwards >= len(self.planned_routes):
+            raise RuntimeError(
+                f"{self.planned_forwards + 1} training forwards in a step that planned the "
+                f"experts of {len(self.planned_routes)} micro-batches"
+            )
+        self.planned_forwards += 1
+        return self.planned_routes[self.planned_forwards - 1]
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(self.norm(hidden))

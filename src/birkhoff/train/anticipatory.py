@@ -12,6 +12,11 @@ taking the gates from the stale parameters would give the router no gradient for
 The first dt steps after switching on have no recorded experts yet and route as usual. A
 checkpoint holds the loader position before the look-ahead batches and their recorded experts
 (per rank), so resuming mid-window gives the same steps.
+
+With pipeline parallelism the look-ahead forward runs stage by stage (each rank records the
+MoE layers it holds, the MTP depths included), and each stage's training forwards take the
+plans of the step's micro-batches in order, as the schedule runs them; the plans travel in
+each forward's context, so a checkpointed block recomputes with the same experts.
 """
 
 from __future__ import annotations
@@ -27,12 +32,14 @@ import torch
 
 from birkhoff.data import Batch, TrainLoader
 from birkhoff.model.moe import MoE
+from birkhoff.model.transformer import Block, Transformer
 from birkhoff.train.stability_config import AnticipatoryConfig
 
 if TYPE_CHECKING:
     from birkhoff.train.trainer import Trainer
 
-Routes = list[list[torch.Tensor]]  # per micro-batch, per MoE layer: (tokens, k) expert ids
+# per micro-batch, per MoE layer (by its index): (B, T', k) expert ids
+Routes = list[dict[int, torch.Tensor]]
 
 
 @dataclass
@@ -47,7 +54,8 @@ class LookAhead:
 @dataclass
 class AnticipatoryRouting:
     cfg: AnticipatoryConfig
-    layers: list[MoE]
+    layers: dict[int, MoE]  # this rank's MoE layers by index (MTP depths after the main ones)
+    parts: list[Transformer]
     queue: deque[LookAhead] = field(default_factory=deque)
     remaining: int | None = None  # steps left with look-ahead on (None: indefinitely)
     active: bool = False
@@ -56,9 +64,10 @@ class AnticipatoryRouting:
     planned: Routes | None = None  # the current step's recorded experts
 
     @classmethod
-    def of(cls, cfg: AnticipatoryConfig, parts: list[torch.nn.Module]) -> AnticipatoryRouting:
-        layers = [m for part in parts for m in part.modules() if isinstance(m, MoE)]
-        return cls(cfg, layers, active=cfg.mode == "always")
+    def of(cls, cfg: AnticipatoryConfig, parts: list[Transformer]) -> AnticipatoryRouting:
+        blocks = [m for part in parts for m in part.modules() if isinstance(m, Block)]
+        layers = {b.layer: b.ffn for b in blocks if isinstance(b.ffn, MoE)}
+        return cls(cfg, layers, list(parts), active=cfg.mode == "always")
 
     def spike_rollback(self, step: int) -> None:
         """mode=spike: look ahead for the next `steps` steps. The experts already recorded
@@ -86,6 +95,8 @@ class AnticipatoryRouting:
             return loader.next_batch()
         head = self.queue.popleft()
         self.planned = head.routes
+        for part in self.parts:  # its training forwards take them in turn
+            part.planned_routes, part.planned_forwards = self.planned, 0
         if self.remaining is not None:
             self.remaining -= 1
             if self.remaining <= 0:  # the queued batches drain with their plans
@@ -98,21 +109,28 @@ class AnticipatoryRouting:
 
     @torch.no_grad()
     def _record(self, trainer: Trainer, micro_batches: list[Batch]) -> Routes:
-        model = trainer.model
-        model.eval()  # no balancing counts, no statistics; routing is the same
+        """Every micro-batch's experts, by a forward in eval mode (no balancing counts, no
+        statistics; routing is the same), the MTP depths included."""
         routes: Routes = []
         try:
             for batch in micro_batches:
-                for layer in self.layers:
+                for layer in self.layers.values():
                     layer.route_record = []
                 with trainer.autocast():
                     batch = batch.to(trainer.device)
-                    model(batch.inputs, batch.targets, **batch.model_kwargs())
-                routes.append([self._one_route(layer) for layer in self.layers])
+                    if trainer.pipeline is not None:  # stage by stage
+                        trainer.pipeline.evaluate(batch, with_mtp=True)
+                    else:
+                        trainer.model.eval()
+                        trainer.model(batch.inputs, batch.targets, **batch.model_kwargs())
+                rows = batch.inputs.shape[0]
+                routes.append({index: self._one_route(layer).view(rows, -1, layer.cfg.top_k)
+                               for index, layer in self.layers.items()})  # fmt: skip
         finally:
-            for layer in self.layers:
+            for layer in self.layers.values():
                 layer.route_record = None
-            model.train()
+            if trainer.pipeline is None:  # (the pipeline puts its stages back itself)
+                trainer.model.train()
         return routes
 
     @staticmethod
@@ -121,15 +139,10 @@ class AnticipatoryRouting:
             raise RuntimeError(f"a MoE layer routed {len(layer.route_record)} times in a forward")
         return layer.route_record[0]
 
-    def plan(self, micro_batch: int) -> None:
-        """Before micro-batch `micro_batch`'s forward: its recorded experts, if any."""
-        routes = self.planned[micro_batch] if self.planned else None
-        for index, layer in enumerate(self.layers):
-            layer.planned_routes = routes[index] if routes else None
-
     def clear(self) -> None:
-        for layer in self.layers:
-            layer.planned_routes = None
+        """After the step: no plan until the next one sets it."""
+        for part in self.parts:
+            part.planned_routes = None
 
     def metrics(self) -> dict[str, float]:
         if self.cfg.mode == "off":
@@ -143,7 +156,9 @@ class AnticipatoryRouting:
 
     def state_dict(self) -> dict[str, Any]:
         routes = [
-            None if item.routes is None else [[r.cpu().numpy() for r in mb] for mb in item.routes]
+            None
+            if item.routes is None
+            else [{index: r.cpu().numpy() for index, r in mb.items()} for mb in item.routes]
             for item in self.queue
         ]
         return {"active": self.active, "remaining": self.remaining, "routes": routes}
@@ -162,7 +177,14 @@ class AnticipatoryRouting:
                   "next look-ahead steps route as usual", file=sys.stderr, flush=True)  # fmt: skip
             return
         self.saved_routes = [
-            None if r is None else [[torch.from_numpy(np.asarray(x)).to(device) for x in mb]
-                                    for mb in r]
+            None if r is None else [self._routes_of(mb, device) for mb in r]
             for r in state["routes"]
-        ]  # fmt: skip
+        ]
+
+    def _routes_of(self, saved: dict | list, device: torch.device) -> dict[int, torch.Tensor]:
+        """A micro-batch's saved experts, by layer index (JSON made the keys strings; a
+        checkpoint before pipeline support listed them in layer order, each (tokens, k): the
+        same as (1, tokens, k) to the layers)."""
+        if isinstance(saved, list):
+            saved = dict(zip(sorted(self.layers), saved, strict=True))
+        return {int(i): torch.from_numpy(np.asarray(x)).to(device) for i, x in saved.items()}

@@ -145,8 +145,6 @@ class TrainConfig:
         mode, key = self.anticipatory.mode, f"{prefix}.anticipatory.mode"
         needs = f"needs {prefix}.spike.enabled=true (spikes switch it on), or use always"
         require(mode != "spike" or self.spike.enabled, key, mode, needs)
-        require(mode == "off" or pp == 1, key, mode, "needs parallel.pp=1 (the look-ahead "
-                "forward does not run through the pipeline schedule)")  # fmt: skip
         weight, freeze = self.mtp_loss_weight_at_decay, self.router_bias_freeze_fraction
         require(weight is None or weight >= 0, f"{prefix}.mtp_loss_weight_at_decay", weight,
                 "must be >= 0, or null to keep model.mtp.loss_weight")  # fmt: skip

@@ -332,7 +332,6 @@ class Trainer:
                 return self.pipeline.train_step(micro_batches, self.device)
         loss_sum = torch.zeros((), device=self.device)
         for index, batch in enumerate(micro_batches):
-            self.routing.plan(index)
             with self._gradient_sync(index == len(micro_batches) - 1), self.autocast():
                 loss = self._forward(batch.to(self.device), with_targets=True)
             (loss / self.grad_accum).backward()
