@@ -130,6 +130,11 @@ def test_block_lists_cover_every_pair_the_mask_allows_and_skip_the_rest(kind):
         assert (listed[:, :, entry_blocks] == needed[:, :, entry_blocks]).all()
     if kind == "hca":  # the entries complete before a block's last query, in whole blocks
         assert (listed[:, 0, entries_from // flex.BLOCK :].sum(-1) == 1).all()  # of 2 blocks
+    # and the mask function, pair by pair (CSA: its picks read from one bit per entry)
+    batch = torch.arange(positions.shape[0])[:, None, None]
+    query, key = torch.arange(seq)[None, :, None], torch.arange(keys)[None, None, :]
+    pairs = block_mask.mask_mod(batch, torch.zeros((), dtype=torch.long), query, key)
+    assert torch.equal(pairs.expand_as(allowed), allowed)
 
 
 def test_compiled_flex_kernel_reads_the_block_lists_as_the_reference_masks():
