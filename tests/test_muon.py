@@ -129,11 +129,22 @@ def test_bad_muon_settings_fail_naming_the_key():
             OptimConfig(**{key: value}).validate()
 
 
-MESHES = {  # layout: (mesh shape, dim names, placements of the sharded tensors)
-    "1-D mesh": ((2,), None, ("Shard",)),
-    "FSDP's 1 x 2 mesh": ((1, 2), ("dp_replicate", "dp_shard"), ("Replicate", "Shard")),
-    "HSDP's 2 x 2 mesh": ((2, 2), ("dp_replicate", "dp_shard"), ("Replicate", "Shard")),
-}
+# layout: (mesh shape, dim names, placements, matrices each rank orthogonalises in 2 steps).
+# One process: 1 + 1 + 4 (two matrices, a stack of 4 experts) per step, 12 in all.
+MESHES = {
+    # the larger matrix by shard rank 0, the other by shard rank 1, 2 experts each where
+    # they lie: 3 a step each
+    "1-D mesh": ((2,), None, ("Shard(0)",), [6, 6]),
+    "FSDP's 1 x 2 mesh": ((1, 2), ("dp_replicate", "dp_shard"), ("Replicate", "Shard(0)"),
+                          [6, 6]),
+    "HSDP's 2 x 2 mesh": ((2, 2), ("dp_replicate", "dp_shard"), ("Replicate", "Shard(0)"),
+                          [6] * 4),
+    # tp splits the columns: the expert stack is gathered too; owners along dp_shard by size
+    # (the stack of 240 elements, the 20 x 6, the 12 x 8: dp ranks 0, 1, 0), each with its tp
+    # peer: 4 + 1 and 1 a step
+    "fsdp x tp 2 x 2 mesh": ((2, 2), ("dp_shard", "tp"), ("Shard(0)", "Shard(1)"),
+                             [10, 10, 2, 2]),
+}  # fmt: skip
 
 
 def _owner_rank(rank: int, world: int, port: int, out: str, layout: str) -> None:
@@ -145,9 +156,9 @@ def _owner_rank(rank: int, world: int, port: int, out: str, layout: str) -> None
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    shape, names, kinds = MESHES[layout]
+    shape, names, kinds, _ = MESHES[layout]
     mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
-    placements = [Shard(0) if kind == "Shard" else Replicate() for kind in kinds]
+    placements = [Replicate() if kind == "Replicate" else Shard(int(kind[6])) for kind in kinds]
     torch.manual_seed(5)  # the same full tensors on every rank
     shapes = [(12, 8), (20, 6), (4, 6, 10)]  # two matrices and a stack of 4 experts
     weights = [torch.randn(s) for s in shapes]
@@ -165,29 +176,28 @@ def _owner_rank(rank: int, world: int, port: int, out: str, layout: str) -> None
             optimizer.step()
         results[sharded] = [p.to_local() if sharded else p for p in params]
         results[f"work {sharded}"] = optimizer.orthogonalised
+    # this rank's slices of the one-process result, cut by DTensor itself (no communication)
+    results["expected"] = [
+        distribute_tensor(p.detach(), mesh, placements, src_data_rank=None).to_local()
+        for p in results[False]
+    ]
     torch.save(results, f"{out}/{rank}.pt")
     dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("layout", list(MESHES))
 def test_owner_ranks_share_the_work_and_give_one_process_update(tmp_path, layout):
-    """Each gathered matrix is orthogonalised by one owner along dp_shard (the larger by
-    shard rank 0, the other by shard rank 1; under HSDP one such owner per replica) and
-    each rank's 2 of the 4 experts where they lie; every rank's shards equal the rows of
-    the update one process computes."""
+    """Each gathered matrix is orthogonalised by one owner (and the peers that hold the same
+    rows: HSDP's replicas, fsdp x tp's tp ranks) and the experts where they lie; every
+    rank's shards equal its slices of the update one process computes."""
     import torch.multiprocessing as mp
     from test_resilience import free_port
 
     world = math.prod(MESHES[layout][0])
     mp.spawn(_owner_rank, args=(world, free_port(), str(tmp_path), layout), nprocs=world)
     saved = [torch.load(tmp_path / f"{rank}.pt") for rank in range(world)]
-    whole = saved[0][False]
-    for replica in range(world // 2):  # ranks 2r and 2r + 1 hold the two halves
-        pair = saved[2 * replica : 2 * replica + 2]
-        for index, expected in enumerate(whole):
-            got = torch.cat([s[True][index] for s in pair])
+    for s in saved:
+        for got, expected in zip(s[True], s["expected"], strict=True):
             torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
-    # per step: one process 1 + 1 + 4 matrices; shard rank 0 the 20x6 (larger) + 2 experts,
-    # shard rank 1 the 12x8 + 2 experts
     assert [s["work False"] for s in saved] == [12] * world
-    assert [s["work True"] for s in saved] == [6] * world
+    assert [s["work True"] for s in saved] == MESHES[layout][3]

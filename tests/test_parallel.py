@@ -194,6 +194,12 @@ LAYOUTS = {
     # ep on 2 ranks (its forward and backward as with AdamW; 4 ranks: fsdp x ep above)
     "ep=2 + Muon": (2, ["parallel.dp_shard=2", "parallel.ep=2", MUON, MICRO_4]),
     "tp=2 + sequence parallel + Muon": (2, [*TP_SP, MUON, MICRO_4]),
+    # fsdp x tp: row-parallel matrices owned along dp_shard (their owner's tp peer computing
+    # too), column-parallel ones (FSDP's strided shard) computed by every rank
+    "fsdp=2 x tp=2 + sequence parallel + Muon": (
+        4,
+        ["parallel.dp_shard=2", *TP_SP, MUON, "train.micro_batch_size=2"],
+    ),
 }
 
 
@@ -359,7 +365,9 @@ def planned(overrides: list[str], ranks: int):
     recipe.model.validate()
     work = workload_of(recipe)
     micro, optim = recipe.train.micro_batch_size, recipe.optim
-    layout = layout_of(recipe.parallel, micro, ranks, optim.engram_update, optim.name)
+    routing = recipe.train.anticipatory.mode == "always"
+    layout = layout_of(recipe.parallel, micro, ranks, optim.engram_update, optim.name,
+                       anticipatory=routing)  # fmt: skip
     return build_inventory(recipe.model), layout, work
 
 

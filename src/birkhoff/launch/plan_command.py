@@ -78,14 +78,17 @@ def plan_command(args: list[str]) -> int:
             )
             optim = recipe.optim
             layout = layout_of(parallel, micro, cluster.devices, optim.engram_update, optim.name,
-                               optim.embedding_update, host_snapshots(recipe))  # fmt: skip
+                               optim.embedding_update, host_snapshots(recipe),
+                               recipe.train.anticipatory.mode == "always")  # fmt: skip
             check_runnable(inv, layout, work)
             estimates = [estimate(inv, layout, work, cluster)]
         else:
             optim = recipe.optim
             sparse, muon = optim.engram_update == "sparse", optim.name == "muon_v4"
             balanced = optim.embedding_update == "sinkhorn"
-            estimates = plan(inv, work, cluster, sparse, muon, balanced, host_snapshots(recipe))
+            routing = recipe.train.anticipatory.mode == "always"
+            estimates = plan(inv, work, cluster, sparse, muon, balanced, host_snapshots(recipe),
+                             routing)  # fmt: skip
     except RecipeError as err:
         print(f"birkhoff: {err}", file=sys.stderr)
         return 2

@@ -19,10 +19,12 @@ Sharded matrices (FSDP, tp: DTensors) are orthogonalised whole: the update a ran
 the slice of the one computed on the full matrix, the same as one process's. Each gathered
 matrix has an owner rank (round-robin by size, as V4's hybrid ZeRO) that alone runs
 Newton-Schulz and scatters the result, so the work is spread over the ranks: when the matrix
-is sharded along a single mesh dimension of more than one rank (FSDP, or tp alone; under
-HSDP the replicas each have their owner, so the work is spread over dp_shard, not the whole
-world); sharded across several (fsdp x tp) every rank computes it. Expert stacks sharded only by
-expert (ep, FSDP) are orthogonalised where they are, with no gather.
+is sharded along a mesh dimension of more than one rank (FSDP, or tp alone; under HSDP the
+replicas each have their owner, so the work is spread over dp_shard; under fsdp x tp the owner
+along dp_shard and its tp peers compute it, each keeping its tp slice); a matrix FSDP shards
+with a strided placement (a tp-colwise one under fsdp x tp) is computed by every rank.
+Expert stacks sharded only by expert (ep, FSDP) are orthogonalised where they are, with no
+gather.
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ class MuonV4(AdamW):
     def _update(self, nesterov: torch.Tensor, owner: int | None, rms: float) -> torch.Tensor:
         """O for this rank's part of the matrix: computed locally for whole matrices and for
         expert stacks sharded only by expert; else the matrix is gathered, orthogonalised by
-        its owner (sharded along one mesh dimension; else by every rank) and scattered back."""
+        its owner (and its peers along the other sharding dimensions) and scattered back."""
         if not isinstance(nesterov, DTensor):
             return self._orthogonalised(nesterov, rms)
         mesh, placements = nesterov.device_mesh, nesterov.placements
@@ -111,14 +113,19 @@ class MuonV4(AdamW):
         if owner is None:  # every rank computes it and keeps its slice
             update = self._orthogonalised(whole, rms)
             return distribute_tensor(update, mesh, placements, src_data_rank=None)
-        dim = _owner_dim(nesterov)  # the one dimension of more than one rank
+        dim = _owner_dim(nesterov)
         if mesh.get_local_rank(dim) == owner:
             update = self._orthogonalised(whole, rms)
         else:
             update = torch.empty_like(whole, dtype=torch.float32)  # the owner's arrives
-        line = mesh[mesh.mesh_dim_names[dim]] if mesh.ndim > 1 else mesh
-        mine = distribute_tensor(update, line, [placements[dim]], src_data_rank=owner)
-        return DTensor.from_local(mine.to_local(), mesh, placements, run_check=False,
+        mine = distribute_tensor(update, _line(mesh, dim), [placements[dim]], src_data_rank=owner)
+        mine = mine.to_local()
+        for other, size in enumerate(mesh.shape):  # whole along these: the rank's slice here
+            if other != dim and size > 1 and placements[other].is_shard():
+                sliced = distribute_tensor(mine, _line(mesh, other), [placements[other]],
+                                           src_data_rank=None)  # fmt: skip
+                mine = sliced.to_local()
+        return DTensor.from_local(mine, mesh, placements, run_check=False,
                                   shape=nesterov.shape, stride=nesterov.stride())  # fmt: skip
 
     def _orthogonalised(self, matrices: torch.Tensor, rms: float) -> torch.Tensor:
@@ -139,17 +146,23 @@ class MuonV4(AdamW):
 
 
 def _owner_dim(param: DTensor) -> int | None:
-    """The mesh dimension an owner is chosen along: the only one of more than one rank that
-    shards the matrix (FSDP's dp_shard, or tp alone), the others of more than one rank
-    replicating it (HSDP's dp_replicate: each replica's owner computes the same update)."""
+    """The mesh dimension an owner is chosen along: the first of more than one rank that
+    shards the matrix (FSDP's dp_shard, or tp alone). Along the others the owner's peers
+    compute the same update: HSDP's replicas, and under fsdp x tp the tp ranks (each then
+    takes its tp slice locally). None where a placement is neither a plain shard nor a
+    replica (FSDP's strided shard of a tp-colwise matrix): every rank computes it."""
     mesh = param.device_mesh
     dims = [d for d, size in enumerate(mesh.shape) if size > 1]
+    plain = all(param.placements[d].is_shard() or param.placements[d].is_replicate()
+                for d in dims)  # fmt: skip
     sharded = [d for d in dims if param.placements[d].is_shard()]
-    replicated = all(param.placements[d].is_replicate() for d in dims if d not in sharded)
     named = mesh.ndim == 1 or mesh.mesh_dim_names is not None
-    if len(sharded) == 1 and replicated and named:
-        return sharded[0]
-    return None
+    return sharded[0] if sharded and plain and named else None
+
+
+def _line(mesh, dim: int):
+    """The 1-D mesh of this rank's peers along `dim`."""
+    return mesh[mesh.mesh_dim_names[dim]] if mesh.ndim > 1 else mesh
 
 
 def _owned(param: torch.Tensor) -> bool:

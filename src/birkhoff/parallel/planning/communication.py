@@ -73,6 +73,10 @@ def _stage_communication(inv: Inventory, layout: Layout, work: Workload, stage: 
         blocks = sum(gathered(g, layout) for g in held if g.block)
         per_micro = (2 * blocks + (gathered_total - blocks)) * DTYPE_BYTES[work.param_dtype]
         comm["fsdp_all_gather"] = micro_batches * per_micro
+        if layout.anticipatory:  # the look-ahead forward gathers every unit once more
+            comm["fsdp_all_gather"] += (
+                micro_batches * gathered_total * DTYPE_BYTES[work.param_dtype]
+            )
         reductions = micro_batches if layout.fsdp_reduce_every_micro_batch else 1
         comm["fsdp_reduce_scatter"] = reductions * gathered_total * DTYPE_BYTES[work.reduce_dtype]
         if layout.dp_replicate > 1:  # FSDP's shards once; row-sharded tables every micro-batch
@@ -94,7 +98,8 @@ def _stage_communication(inv: Inventory, layout: Layout, work: Workload, stage: 
             if cfg.moe.is_moe_layer(layer)
         )
         routed *= cfg.moe.top_k
-        comm["ep_all_to_all"] = micro_batches * 4 * routed * cfg.hidden_size * act
+        exchanges = 4 + (2 if layout.anticipatory else 0)  # forward 2, backward 2, look-ahead 2
+        comm["ep_all_to_all"] = micro_batches * exchanges * routed * cfg.hidden_size * act
     if layout.engram_row_shard and layout.dp_shard > 1:
         lookups = _engram_lookup_bytes(cfg, layout, layers, tokens)
         comm["engram_all_to_all"] = micro_batches * lookups
@@ -113,15 +118,16 @@ def _stage_communication(inv: Inventory, layout: Layout, work: Workload, stage: 
     return comm
 
 
-def muon_owner_group(layout: Layout, tp_split: bool) -> int:
-    """The ranks among which one owner orthogonalises a (non-expert) matrix and scatters it:
-    those of the one mesh dimension that shards it (FSDP's dp_shard, HSDP's too: each replica
-    has its owner; tp for a tp-split matrix without FSDP); 1 where every rank computes it
-    (sharded by both dp_shard and tp, or replicated). Routed experts are sharded by expert
-    only: never gathered (train/muon.py)."""
+def muon_owner_group(layout: Layout, tp_split: bool, tp_rowwise: bool = False) -> int:
+    """The ranks among which one owner orthogonalises a (non-expert) matrix and scatters it
+    (train/muon.py): those of dp_shard under FSDP (HSDP's replicas each have their owner; a
+    row-parallel matrix under fsdp x tp too, its owner's tp peers computing it alongside), tp
+    for a tp-split matrix without FSDP; 1 where every rank computes it (a column-parallel
+    matrix under fsdp x tp, which FSDP shards with a strided placement, or a replicated
+    one). Routed experts are sharded by expert only: never gathered."""
     split_by_tp = tp_split and layout.tp > 1
     if layout.dp_shard > 1:
-        return 1 if split_by_tp else layout.dp_shard
+        return 1 if split_by_tp and not tp_rowwise else layout.dp_shard
     return layout.tp if split_by_tp else 1
 
 
@@ -138,7 +144,7 @@ def _muon_bytes(layout: Layout, held: list) -> dict[str, float]:
             comm["muon_all_gather"] += 4 * tp_local(g, layout)
         if g.tp_split and layout.tp > 1:
             comm["muon_tp_all_gather"] += 4 * g.numel
-        owners = muon_owner_group(layout, g.tp_split)
+        owners = muon_owner_group(layout, g.tp_split, g.tp_rowwise)
         name = "muon_scatter" if layout.dp_shard > 1 else "muon_tp_scatter"
         if owners > 1:
             comm[name] += 4 * g.numel / owners
@@ -191,9 +197,11 @@ def _tensor_parallel_bytes(cfg, layout: Layout, runs, act: int, seq: int) -> dic
             recomputed["tp_all_gather"] += gathered
             backward["tp_all_gather"] += gathered
     repeat = {"none": None, "selective": recomputed, "full": forward}[layout.activation_checkpoint]
-    sums = {k: forward[k] + backward[k] + (repeat[k] if repeat else 0.0) for k in forward}
+    # Anticipatory Routing's look-ahead forward runs the forward's collectives once more
+    again = 2 if layout.anticipatory else 1
+    sums = {k: again * forward[k] + backward[k] + (repeat[k] if repeat else 0.0) for k in forward}
     if layout.sequence_parallel:  # the stage's output, gathered for the head or the next stage
-        sums["tp_all_gather"] += 2 * batch * seq * streams * c * act
+        sums["tp_all_gather"] += (1 + again) * batch * seq * streams * c * act
     return sums
 
 
@@ -235,25 +243,29 @@ def _host_copy_bytes(cfg, layout: Layout, tables: list, tokens: int) -> float:
 def _engram_lookup_bytes(cfg, layout: Layout, layers: list[int], tokens: int) -> float:
     """Per micro-batch, row-sharded Engram lookups: the row ids out (int64), the rows back
     and their gradients (float32); a recomputed block asks for its ids again (selective
-    checkpointing keeps the rows the collective returned; full recomputes them too)."""
+    checkpointing keeps the rows the collective returned; full recomputes them too), and so
+    does Anticipatory Routing's look-ahead forward (ids and rows)."""
     e = cfg.engram
     heads = e.heads_per_order * (e.max_ngram - 1)
     rows = tokens * heads * len([layer for layer in layers if layer in e.layers])
     recomputed = {"none": 0, "selective": 8, "full": 8 + e.embed_dim * 4}
-    return rows * (8 + 2 * e.embed_dim * 4 + recomputed[layout.activation_checkpoint])
+    lookahead = 8 + e.embed_dim * 4 if layout.anticipatory else 0
+    return rows * (8 + 2 * e.embed_dim * 4 + recomputed[layout.activation_checkpoint] + lookahead)
 
 
 def _pipeline_bytes(cfg, work: Workload, layout: Layout, stage: int, tokens: int) -> float:
     """What crosses the boundaries of `stage` per micro-batch (one for the first and the last
     stage, two between), forward and backward: the residual (float32 streams) and its
     gradient, the token ids, targets and document positions, every loader-computed Engram
-    row (they travel to the end), and Emb(targets) with its gradient for MTP."""
+    row (they travel to the end), and Emb(targets) with its gradient for MTP; and with
+    Anticipatory Routing the look-ahead forward's (the forward's again)."""
     streams = cfg.residual.streams
     ids = 2 + int(work.positions)
     e = cfg.engram
     rows = len(e.layers) * e.heads_per_order * (e.max_ngram - 1) if work.loader_rows else 0
-    per_token = 2 * streams * cfg.hidden_size * 4 + ids * 8 + rows * 8
-    per_token += 2 * cfg.hidden_size * 4 if cfg.mtp.depth else 0
+    gradients = streams * cfg.hidden_size * 4 + (cfg.hidden_size * 4 if cfg.mtp.depth else 0)
+    forward = gradients + ids * 8 + rows * 8  # the residual (and Emb(targets)), ids, rows
+    per_token = forward * (2 if layout.anticipatory else 1) + gradients
     boundaries = 1 if stage in (0, layout.num_stages - 1) else 2
     return boundaries * tokens * per_token
 

@@ -288,7 +288,8 @@ def _muon_matrices(inv: Inventory, layout: Layout, keys: set[int]) -> list[tuple
         if not t.matrices or t.layer not in keys:
             continue
         count, rows, cols = t.matrices
-        ranks = layout.dp_shard if t.expert else muon_owner_group(layout, t.tp_split)
+        ranks = layout.dp_shard if t.expert else muon_owner_group(layout, t.tp_split,
+                                                                  t.tp_rowwise)  # fmt: skip
         shapes.append((count / ranks, rows, cols))
     return shapes
 
@@ -307,6 +308,7 @@ def newton_schulz_flops(shapes: list[tuple[int, int, int]]) -> float:
 def _compute_seconds(inv: Inventory, layout: Layout, work: Workload, cluster: Cluster) -> float:
     flops = model_flops_per_token(inv, work)
     recompute = {"none": 0.0, "selective": 0.1, "full": 1 / 3}[layout.activation_checkpoint]
+    recompute += 1 / 3 if layout.anticipatory else 0.0  # the look-ahead forward
     tokens_per_device = work.global_batch * work.seq_len / (layout.dp * layout.tp * layout.pp)
     achieved = cluster.peak_tflops * 1e12 * MATMUL_EFFICIENCY
     return flops * (1 + recompute) * tokens_per_device / achieved

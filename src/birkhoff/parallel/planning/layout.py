@@ -32,6 +32,8 @@ class Layout:
     balanced_tables: bool = False
     # train.spike with snapshot_every > 0: host snapshots of the rank's state kept
     host_snapshots: int = 0
+    # train.anticipatory.mode=always: a look-ahead forward of every micro-batch each step
+    anticipatory: bool = False
     fsdp_reduce_every_micro_batch: bool = False
     pp_schedule: str = "1f1b"
     pp_stages_per_rank: int = 1
@@ -79,6 +81,8 @@ class Layout:
         if self.host_snapshots:
             values["train.spike.enabled"] = "true"
             values["train.spike.snapshots_kept"] = self.host_snapshots
+        if self.anticipatory:
+            values["train.anticipatory.mode"] = "always"
         return [f"{key}={value}" for key, value in values.items()]
 
 
@@ -90,10 +94,11 @@ def layout_of(
     optimizer: str = "adamw",
     embedding_update: str = "adamw",
     host_snapshots: int = 0,
+    anticipatory: bool = False,
 ) -> Layout:
     """The Layout a recipe's `parallel` section (and `optim.engram_update`, `optim.name`,
-    `optim.embedding_update`, the host snapshots its spike guard keeps) give on `devices`
-    (validated)."""
+    `optim.embedding_update`, the host snapshots its spike guard keeps, Anticipatory Routing
+    at every step) give on `devices` (validated)."""
     parallel.validate(devices)
     degrees = parallel.degrees(devices)
     return Layout(
@@ -111,6 +116,7 @@ def layout_of(
         muon=optimizer == "muon_v4",
         balanced_tables=embedding_update == "sinkhorn",
         host_snapshots=host_snapshots,
+        anticipatory=anticipatory,
         fsdp_reduce_every_micro_batch=parallel.fsdp_reduce_every_micro_batch,
         pp_schedule=parallel.pp_schedule,
         pp_stages_per_rank=parallel.pp_stages_per_rank,

@@ -73,6 +73,7 @@ def candidate_layouts(
     muon: bool = False,
     balanced_tables: bool = False,
     host_snapshots: int = 0,
+    anticipatory: bool = False,
 ) -> list[Layout]:
     cfg = inv.cfg
     engram = bool(cfg.engram.layers)
@@ -107,6 +108,7 @@ def candidate_layouts(
                                 muon=muon,
                                 balanced_tables=balanced_tables,
                                 host_snapshots=host_snapshots,
+                                anticipatory=anticipatory,
                                 fsdp_reduce_every_micro_batch=every,
                                 pp_schedule=schedule,
                                 pp_stages_per_rank=chunks,
@@ -124,13 +126,15 @@ def plan(
     muon: bool = False,
     balanced_tables: bool = False,
     host_snapshots: int = 0,
+    anticipatory: bool = False,
 ) -> list[Estimate]:
     """Every runnable layout, estimated; those that fit first, fastest first.
     `engram_sparse`: the recipe's optim.engram_update is sparse; `muon`: optim.name is
     muon_v4; `balanced_tables`: optim.embedding_update is sinkhorn; `host_snapshots`: the
-    spike guard's snapshots kept on the host."""
+    spike guard's snapshots kept on the host; `anticipatory`: Anticipatory Routing at every
+    step."""
     candidates = candidate_layouts(
-        inv, work, cluster, engram_sparse, muon, balanced_tables, host_snapshots
+        inv, work, cluster, engram_sparse, muon, balanced_tables, host_snapshots, anticipatory
     )
     estimates = [estimate(inv, layout, work, cluster) for layout in candidates]
     return sorted(estimates, key=lambda e: (not e.fits, e.step_s))
