@@ -286,10 +286,17 @@ def engram_gather_gate(
     alpha_m = sigmoid(signed_sqrt(<RMSNorm(h_m), RMSNorm(W_K^m e)> / sqrt(C))); returns
     alpha_m * W_V e of shape (B, T, n, C).
     """
-    memory = F.embedding(indices, table).flatten(-2)
-    value = F.linear(memory, value_weight)
+    memory, value = engram_memory(table, indices, value_weight)
     alpha = engram_gate(memory, key_weight, streams, eps)
     return alpha.unsqueeze(-1).to(value.dtype) * value.unsqueeze(-2)
+
+
+def engram_memory(
+    table: torch.Tensor, indices: torch.Tensor, value_weight: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The concatenated rows e (B, T, H*d) and the shared value W_V e (B, T, C)."""
+    memory = F.embedding(indices, table).flatten(-2)
+    return memory, F.linear(memory, value_weight)
 
 
 def engram_gate(

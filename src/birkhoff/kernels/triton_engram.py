@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from birkhoff.kernels.reference import engram_memory
 from birkhoff.kernels.registry import register
 
 BLOCK_C = 128
@@ -153,7 +154,6 @@ def engram_gather_gate(
 ) -> torch.Tensor:
     """table (rows, d), indices (B, T, H), key_weight (n C, H d), value_weight (C, H d),
     streams (B, T, n, C) -> alpha_m W_V e, (B, T, n, C) in the value's dtype."""
-    memory = F.embedding(indices, table).flatten(-2)
-    value = F.linear(memory, value_weight)
+    memory, value = engram_memory(table, indices, value_weight)
     keys = F.linear(memory, key_weight).unflatten(-1, streams.shape[-2:])
     return _Gate.apply(streams, keys, value, eps)

@@ -146,7 +146,8 @@ def mhc_mapping(
     float32, as the reference's mhc_mapping (V4's form with `form_eps`)."""
     n = streams.shape[-2]
     batch = streams.shape[:-2]
-    scale = alpha.repeat_interleave(torch.tensor([n, n, n * n], device=alpha.device))
+    # per projected value its alpha (no host-built repeat counts: no copy to the device)
+    scale = torch.cat((alpha[0:1].expand(n), alpha[1:2].expand(n), alpha[2:3].expand(n * n)))
     bias = torch.cat((bias_pre, bias_post, bias_res.flatten()))
     out = _Project.apply(
         streams.flatten(-2).reshape(-1, streams.shape[-2] * streams.shape[-1]),
