@@ -43,14 +43,18 @@ def test_doctor_checks_the_triton_ops_against_the_reference():
     report = doctor_kernels.check_kernels("triton", torch.device("cpu"))
     own = {"mhc_pre", "mhc_post", "sinkhorn_knopp", "sinkhorn_knopp_eps", "v4_attention"}
     own |= {"moe_permute", "moe_unpermute", "engram_gather_gate", "mhc_mapping"}
+    own |= {"linear_cross_entropy"}  # liger-kernel's
     assert set(report["ops"]) == own
     for op, r in report["ops"].items():
         assert r["implementation"] == "triton" and r["ok"]
         assert r["forward_error"] < 1e-6
         if op == "v4_attention":  # FlexAttention: torch has no CPU backward
             assert math.isnan(r["backward_error"]) and r["note"].startswith("forward only")
-        else:  # the Engram gate's gradients sum over 512 channels of 256-term products
-            assert r["backward_error"] < (1e-5 if op == "engram_gather_gate" else 1e-6)
+        else:  # the Engram gate's gradients sum over 512 channels of 256-term products,
+            # liger's cross-entropy gradient over 4096 logits (3e-6; the reference's in float32
+            # 7e-7)
+            loose = op in ("engram_gather_gate", "linear_cross_entropy")
+            assert r["backward_error"] < (1e-5 if loose else 1e-6)
 
 
 def test_a_wrong_kernel_is_a_problem(monkeypatch):

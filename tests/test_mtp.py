@@ -34,6 +34,11 @@ class EchoEmbedding(nn.Module):
         return residual
 
 
+def identity_head_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """A head that passes its input through as the logits, and their cross-entropy."""
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
 def predicts_successor(tokens: torch.Tensor) -> torch.Tensor:
     """An 'embedding' whose logits confidently predict token + 1."""
     return 50.0 * F.one_hot((tokens + 1) % VOCAB, VOCAB).float()
@@ -47,13 +52,15 @@ def test_depth_k_reads_token_i_plus_k_and_predicts_token_i_plus_k_plus_1(depth):
     hidden = torch.zeros(1, seq, VOCAB)
     counting = (torch.arange(seq) % VOCAB).unsqueeze(0)  # t_{j+1} = t_j + 1
     # Depth k is fed Emb(t_{i+k}) and scored on t_{i+k+1}: perfect on a counting sequence...
-    loss, _ = mtp_loss(depths, hidden, counting, predicts_successor(counting), lambda h: h, rope)
+    loss, _ = mtp_loss(
+        depths, hidden, counting, predicts_successor(counting), identity_head_loss, rope
+    )
     assert loss < 1e-6
     # ...and wrong whenever the next token is not the successor (any other offset fails).
     for step in (2, 3):
         skipping = (torch.arange(seq) * step % VOCAB).unsqueeze(0)
         embedded = predicts_successor(skipping)
-        assert mtp_loss(depths, hidden, skipping, embedded, lambda h: h, rope)[0] > 10
+        assert mtp_loss(depths, hidden, skipping, embedded, identity_head_loss, rope)[0] > 10
 
 
 def config(depth: int, weight: float = 0.3) -> ModelConfig:

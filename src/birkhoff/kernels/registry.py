@@ -179,7 +179,11 @@ def backend_for(requested: str, device_type: str | None) -> str:
 def _load_backends() -> None:
     # Importing a backend module registers its ops; importing twice is a no-op. A backend
     # whose package does not import is registered (its table can be shown) but not available.
-    from birkhoff.kernels import npu_ops, reference  # noqa: F401  (npu_ops: torch_npu lazily)
+    from birkhoff.kernels import (  # noqa: F401  (npu_ops: torch_npu lazily)
+        linear_cross_entropy,
+        npu_ops,
+        reference,
+    )
 
     if _importable("triton"):  # the kernels compile at import
         from birkhoff.kernels import (  # noqa: F401
@@ -190,3 +194,6 @@ def _load_backends() -> None:
             triton_moe,
             triton_sinkhorn,
         )
+
+        if _importable("liger_kernel"):  # imported on first use (its import takes seconds)
+            from birkhoff.kernels import liger_ops  # noqa: F401

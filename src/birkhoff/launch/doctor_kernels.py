@@ -109,6 +109,15 @@ def _engram_gather_gate(tokens: int) -> list:
     ]
 
 
+def _linear_cross_entropy(tokens: int) -> list:
+    hidden, vocab = 512, 4096  # tiny's vocabulary; the loss's gradient is 1/tokens per token
+    return [torch.randn(tokens, hidden), torch.randn(vocab, hidden) / 16, _targets(tokens, vocab)]
+
+
+def _targets(tokens: int, vocab: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (tokens,))
+
+
 # Inputs of each op a backend accelerates (float32; tensors moved to the device; floating
 # tensors are differentiated, other arguments passed as they are).
 EXAMPLES: dict[str, Callable[[int], list]] = {
@@ -126,6 +135,7 @@ EXAMPLES: dict[str, Callable[[int], list]] = {
     "moe_permute": _moe_permute,
     "moe_unpermute": _moe_unpermute,
     "engram_gather_gate": _engram_gather_gate,
+    "linear_cross_entropy": _linear_cross_entropy,
 }
 # The reference runs in float64 but for ops whose torch kernel has none (F.grouped_mm).
 REFERENCE_DTYPE = {"grouped_gemm": torch.float32}

@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from birkhoff.model.config import ModelConfig
@@ -64,13 +63,14 @@ def mtp_loss(
     residual: torch.Tensor,
     targets: torch.Tensor,
     target_embeddings: torch.Tensor,
-    head: Callable[[torch.Tensor], torch.Tensor],
+    head_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     ctx: SequenceContext,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Mean cross-entropy over the depths, and their blocks' auxiliary losses. `residual` is
     the main model's last residual; targets (B, T) are the next tokens, so t_{i+k} =
     targets[:, i+k-1], and target_embeddings (B, T, C) are Emb(targets) (computed once, where
-    the embedding lives)."""
+    the embedding lives); `head_loss` (normed hidden, targets) is the shared head's
+    cross-entropy."""
     losses, aux_losses = [], []
     for k, depth in enumerate(depths, start=1):
         length = targets.shape[1] - k
@@ -81,6 +81,5 @@ def mtp_loss(
         residual, aux = depth(residual[:, :length], embedded, ctx.truncated(length), inputs)
         if aux is not None:
             aux_losses.append(aux)
-        logits = head(depth.hidden(residual))
-        losses.append(F.cross_entropy(logits.flatten(0, 1).float(), targets[:, k:].flatten()))
+        losses.append(head_loss(depth.hidden(residual), targets[:, k:]))
     return torch.stack(losses).mean(), aux_losses

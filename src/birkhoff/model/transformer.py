@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from birkhoff import kernels
 from birkhoff.model.attention import Attention
 from birkhoff.model.budget import apply_sparse_budget
 from birkhoff.model.config import ModelConfig
@@ -202,6 +202,7 @@ class Transformer(nn.Module):
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, kernel_backend)
         self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self._linear_loss = kernels.get("linear_cross_entropy", kernel_backend)
         self.mtp = nn.ModuleList(  # full blocks, numbered after the main ones
             MTPDepth(
                 cfg,
@@ -228,8 +229,11 @@ class Transformer(nn.Module):
         targets: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         engram_rows: dict[int, torch.Tensor] | None = None,
+        next_token_only: bool = False,
     ) -> torch.Tensor:
-        """Logits (B, T, vocab) for token ids (B, T); with `targets`, the mean next-token loss.
+        """Logits (B, T, vocab) for token ids (B, T); with `targets`, the training objective
+        (the mean next-token loss, plus the MTP and balance terms where enabled), or with
+        `next_token_only` the next-token loss alone (evaluation: no logits kept whole).
 
         `positions` (B, T) restart at 0 where a packed document starts: rotary embeddings use
         them and attention stays inside each document. `engram_rows` are Engram's table rows
@@ -240,6 +244,8 @@ class Transformer(nn.Module):
         x, aux_losses = self.run_blocks(self.embed(tokens), tokens, ctx)
         if targets is None:
             return self.logits(x)
+        if next_token_only:
+            return self.output_loss(x, targets, ctx, None)
         target_embeddings = self.embedding(targets) if self.uses_mtp else None
         loss = self.output_loss(x, targets, ctx, target_embeddings)
         return loss + sum(aux_losses) if aux_losses else loss
@@ -286,9 +292,9 @@ class Transformer(nn.Module):
         and the MTP blocks' auxiliary losses while training (`target_embeddings` =
         Emb(targets), needed only then)."""
         hidden = x if self.readout is None else self.readout(x)
-        loss = F.cross_entropy(self._logits(hidden).flatten(0, 1).float(), targets.flatten())
+        loss = self.head_loss(self.norm(hidden), targets)
         if self.uses_mtp and target_embeddings is not None:
-            extra, aux = mtp_loss(self.mtp, x, targets, target_embeddings, self.head, ctx)
+            extra, aux = mtp_loss(self.mtp, x, targets, target_embeddings, self.head_loss, ctx)
             loss = loss + self.mtp_loss_weight * extra + sum(aux)
         return loss
 
@@ -326,6 +332,11 @@ class Transformer(nn.Module):
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(self.norm(hidden))
+
+    def head_loss(self, normed: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the head's logits for `normed` (B, T, C) against `targets`
+        (B, T), through the linear_cross_entropy op: the logits are never whole."""
+        return self._linear_loss(normed.flatten(0, 1), self.head.weight, targets.flatten())
 
     def tie_weights(self) -> None:
         """With tie_embeddings, the head multiplies by the embedding itself (again after

@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.distributed.fsdp import FSDPModule
 
 from birkhoff.checkpoint.space import SaveFailed
@@ -333,7 +332,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         for index, batch in enumerate(micro_batches):
             with self._gradient_sync(index == len(micro_batches) - 1), self.autocast():
-                loss = self._forward(batch.to(self.device), with_targets=True)
+                loss = self._forward(batch.to(self.device))
             (loss / self.grad_accum).backward()
             loss_sum += loss.detach()
         return loss_sum
@@ -360,16 +359,17 @@ class Trainer:
                 if self.pipeline is not None:
                     losses.append(self.pipeline.evaluate(batch))
                     continue
-                logits = self._forward(batch, with_targets=False)
-            losses.append(F.cross_entropy(logits.flatten(0, 1).float(), batch.targets.flatten()))
+                losses.append(self._forward(batch, evaluation=True))
         mean = torch.stack(losses).mean()
         return self.ctx.all_reduce_mean(mean).item()
 
-    def _forward(self, batch: Batch, with_targets: bool) -> torch.Tensor:
-        """The loss (training: through the data-parallel wrapper) or the logits (evaluation)."""
-        if with_targets:
-            return self.parallel_model(batch.inputs, batch.targets, **batch.model_kwargs())
-        return self.model(batch.inputs, **batch.model_kwargs())
+    def _forward(self, batch: Batch, evaluation: bool = False) -> torch.Tensor:
+        """The training objective (through the data-parallel wrapper), or in evaluation the
+        next-token loss alone."""
+        if evaluation:
+            kwargs = batch.model_kwargs() | {"next_token_only": True}
+            return self.model(batch.inputs, batch.targets, **kwargs)
+        return self.parallel_model(batch.inputs, batch.targets, **batch.model_kwargs())
 
     def _engram_hasher(self, compression: torch.Tensor) -> EngramHasher | None:
         """Engram rows are computed by the data loader when asked for and Engram is on."""

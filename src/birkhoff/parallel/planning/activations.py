@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from birkhoff.kernels.linear_cross_entropy import chunk_tokens
 from birkhoff.model.config import ModelConfig
 
 FP32, INDEX, MASK = 4, 8, 1
@@ -154,23 +155,33 @@ def _engram_terms(cfg: ModelConfig, act: int) -> list[Term]:
 
 
 def head_terms(cfg: ModelConfig, act: int) -> list[Term]:
-    """The last stage's outputs: the readout of the streams, the final norm, the head's input
-    and the float32 log-softmax of the logits; each MTP depth adds its norms, projections,
-    readout and log-softmax (its block is counted as a block)."""
-    v, c, n = cfg.vocab_size, cfg.hidden_size, cfg.residual.streams
+    """The last stage's outputs: the readout of the streams, the final norm and the gradient
+    of the head's input that the linear_cross_entropy op keeps in its place (float32, like the
+    input); each MTP depth adds its norms, projections and readout (its block is counted as a
+    block). The logits are never kept (kernels/linear_cross_entropy.py)."""
+    c, n = cfg.hidden_size, cfg.residual.streams
     readout = 2 * n * c + 13 if cfg.residual.mode != "plain" else 0
-    terms = [Term(readout + 4 * c + 1, FP32, "whole", False), Term(v, FP32, "whole", False)]
+    terms = [Term(readout + 4 * c + 1, FP32, "whole", False)]
     for _ in range(cfg.mtp.depth):
         terms += [Term(readout + 5 * c + 2 * n * c, FP32, "whole", False)]
-        terms.append(Term(v, FP32, "whole", False))
     return terms
 
 
-def loss_transient_bytes(cfg: ModelConfig, act: int) -> float:
-    """Per token, what the loss's backward holds beyond the saved tensors at its peak: the
-    gradient of the log-probabilities and of the logits (float32), and under mixed precision
-    the logits' gradient in the activation dtype."""
-    return cfg.vocab_size * (2 * FP32 + (act if act != FP32 else 0))
+def head_weight_gradient_bytes(cfg: ModelConfig, weight_bytes: int) -> float:
+    """Per micro-batch on the last stage: the head's weight gradient that each loss (the main
+    one and every MTP depth's) computes in its forward and keeps until its backward, in the
+    weight's dtype (`weight_bytes`: FSDP's gathered parameters', else float32)."""
+    return (1 + cfg.mtp.depth) * cfg.vocab_size * cfg.hidden_size * weight_bytes
+
+
+def loss_transient_bytes(cfg: ModelConfig, act: int, tokens: int, weight_bytes: int) -> float:
+    """What one loss's forward holds beyond the saved tensors at its peak: a chunk's logits
+    (float32, reused for their gradient; under mixed precision also the logits and their
+    gradient in the activation dtype) and, for a weight kept in another dtype than float32,
+    the float32 sum of its gradient. The backward scales the kept gradients in place."""
+    chunk = min(tokens, chunk_tokens(cfg.vocab_size))
+    logits = chunk * cfg.vocab_size * (FP32 + (2 * act if act != FP32 else 0))
+    return logits + (FP32 * cfg.vocab_size * cfg.hidden_size if weight_bytes != FP32 else 0)
 
 
 def bytes_per_token(terms: list[Term], tp: int, sequence_parallel: bool, keep: str) -> float:

@@ -8,7 +8,8 @@ gradients stay unsharded until the step's last micro-batch, as the trainer runs 
 block's unsharded gradients), and activations (activations.py) at their peak over the rank's
 pipeline schedule (pipeline_schedule.py: its stages' micro-batches in flight, as the
 schedule's own order keeps them), plus the larger of one block's recomputation and, on the
-last stage, the loss's backward (the gradients of the log-probabilities and logits). The
+last stage, the loss's chunk of logits (kernels/linear_cross_entropy.py: it computes the
+head's gradients in its forward and keeps them, never the whole logits). The
 total is the peak: during backward (with the gradients only once a step accumulates them
 over micro-batches) or in the optimizer step, whichever is larger; the parts are the most
 each kind takes. Measured on CPU against the allocator's peak: tests/test_parallel.py.
@@ -37,6 +38,7 @@ from birkhoff.parallel.planning.activations import (
     block_terms,
     bytes_per_token,
     head_terms,
+    head_weight_gradient_bytes,
     loss_transient_bytes,
     window_keys,
 )
@@ -227,7 +229,7 @@ def _activations(cfg, layout: Layout, work: Workload, stages: dict, order: list)
     """The peak of a rank's live activations over its schedule (pipeline_schedule.py), from
     what each of its stages saves per micro-batch, what a zero-bubble input backward leaves
     for the weight backward (the gradients of the matmul outputs: the weight gradients'
-    inputs), and a backward's transient: one block's recomputation, or the loss's gradients."""
+    inputs), and a transient: one block's recomputation, or the loss's chunk of logits."""
     act_bytes = 2 if work.mixed_precision else 4
     tokens = layout.micro_batch * work.seq_len
     keep = {"none": "all", "selective": "matmul", "full": "none"}[layout.activation_checkpoint]
@@ -248,8 +250,10 @@ def _activations(cfg, layout: Layout, work: Workload, stages: dict, order: list)
             recompute = max(recompute, (full - kept) * tokens)  # one block at a time
         loss = 0.0
         if last:
+            weight = DTYPE_BYTES[work.param_dtype] if layout.dp_shard > 1 else 4  # FSDP's
             per_micro += bytes_per_token(head_terms(cfg, act_bytes), 1, False, "all") * tokens
-            loss = loss_transient_bytes(cfg, act_bytes) * tokens
+            per_micro += head_weight_gradient_bytes(cfg, weight)
+            loss = loss_transient_bytes(cfg, act_bytes, tokens, weight)
         saved[stage], pending[stage] = per_micro, weight_inputs
         transient[stage] = max(recompute, loss)
     return activation_peak(order, saved, pending, transient)

@@ -1,0 +1,97 @@
+"""The output head's matmul and the next-token cross-entropy as one op, chunked over tokens, so
+the (tokens, vocab) logits never exist whole: at V4's 129,280-token vocabulary a 4096-token
+micro-batch's float32 logits alone are 2 GiB, and autograd would keep them, their log-softmax
+and, in backward, their gradient.
+
+Each chunk's logits are computed, turned into the chunk's loss and, while they are at hand,
+into the gradients of the hidden states and of the weight (softmax minus one-hot, over the
+token count); the forward keeps only those gradients and the backward scales them by the
+loss's gradient, so no matmul is recomputed. The matmuls run in whatever dtype they would
+outside the op (autocast casts them as it casts `head(x)`), the softmax in float32, the
+weight's gradient summed over chunks in float32 (float64 inputs: float64 throughout).
+Outside autograd (evaluation, look-ahead forwards) no gradient is computed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from birkhoff.kernels.registry import REFERENCE, register
+
+LOGITS_CHUNK_BYTES = 1 << 28  # float32 logits of one chunk: 256 MiB (519 tokens at V=129280)
+
+
+def chunk_tokens(vocab_size: int) -> int:
+    """Tokens per chunk: as many as keep a chunk's float32 logits within LOGITS_CHUNK_BYTES."""
+    return max(1, LOGITS_CHUNK_BYTES // (4 * vocab_size))
+
+
+@register("linear_cross_entropy", REFERENCE)
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int | None = None
+) -> torch.Tensor:
+    """Mean over tokens of cross_entropy(hidden @ weight.T, targets) in float32: hidden (N, C),
+    weight (V, C), targets (N,) -> a scalar (float64 for float64 inputs); `chunk` tokens at a
+    time (default: chunk_tokens)."""
+    return _ChunkedLinearCrossEntropy.apply(
+        hidden, weight, targets, chunk or chunk_tokens(weight.shape[0])
+    )
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk):
+        count = hidden.shape[0]
+        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        wide = torch.promote_types(hidden.dtype, torch.float32)  # float64 stays float64
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        grad_weight = torch.zeros_like(weight, dtype=wide) if want_weight else None
+        total = hidden.new_zeros((), dtype=wide)
+        for start in range(0, count, chunk):
+            rows = slice(start, start + chunk)
+            into = None if grad_hidden is None else grad_hidden[rows]
+            total += _chunk(hidden[rows], weight, targets[rows], count, wide, into, grad_weight)
+        if want_weight:
+            grad_weight = grad_weight.to(weight.dtype)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        # Scaled in place: the kept gradients are this graph's, and its backward runs once
+        # (no retain_graph), so no second (tokens, C) and (V, C) copy is made.
+        grads = tuple(
+            None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in ctx.saved_tensors
+        )
+        return *grads, None, None
+
+
+def _chunk(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    count: int,
+    wide: torch.dtype,
+    grad_hidden: torch.Tensor | None,
+    grad_weight: torch.Tensor | None,
+) -> torch.Tensor:
+    """One chunk's summed loss; its gradients written into `grad_hidden` (its rows) and
+    added to `grad_weight`. Its logits are freed on return, before the next chunk's exist."""
+    logits = hidden @ weight.T  # in autocast's dtype under autocast, as head(x) would be
+    logits_wide = logits.to(wide)
+    picked = logits_wide.gather(1, targets[:, None]).squeeze(1)
+    # log-sum-exp in place (torch's logsumexp would make a second chunk-sized temporary)
+    largest = logits_wide.amax(dim=-1, keepdim=True)
+    exps = logits_wide.sub_(largest).exp_()
+    sums = exps.sum(dim=-1, keepdim=True)
+    loss = (largest + sums.log()).squeeze(1).sub(picked).sum()
+    if grad_hidden is None and grad_weight is None:
+        return loss
+    grad_logits = exps.div_(sums)  # softmax, then minus one-hot
+    grad_logits[torch.arange(len(targets), device=targets.device), targets] -= 1.0
+    grad_logits = grad_logits.div_(count).to(logits.dtype)
+    if grad_hidden is not None:
+        grad_hidden.copy_(grad_logits @ weight)
+    if grad_weight is not None:
+        grad_weight += grad_logits.T @ hidden
+    return loss
