@@ -89,7 +89,8 @@ def run_layout(out: Path, steps: int, overrides: list[str], measure_peak: bool) 
 
     trainer.after_backward.append(keep_gradients)
     # one process, and Anticipatory Routing's pipeline run (each router on one rank)
-    routes = routes_chosen(trainer) if world == 1 or ROUTING in overrides else {}
+    pipelined = ROUTING in overrides and "parallel.pp=2" in overrides
+    routes = routes_chosen(trainer) if world == 1 or pipelined else {}
     records = [trainer.train_step()]
     probe = probe_step(trainer)  # the second step measured for `birkhoff plan` (layout_probe.py)
     records.append(probe.pop("record"))

@@ -144,7 +144,18 @@ MESHES = {
     # peer: 4 + 1 and 1 a step
     "fsdp x tp 2 x 2 mesh": ((2, 2), ("dp_shard", "tp"), ("Shard(0)", "Shard(1)"),
                              [10, 10, 2, 2]),
+    # column-parallel under fsdp x tp: FSDP's strided shard of tp's rows; the experts lie
+    # whole (dim 0), one per rank; the 20 x 6 owned by dp rank 0, the 12 x 8 by dp rank 1
+    "fsdp x tp 2 x 2 mesh, column-parallel": ((2, 2), ("dp_shard", "tp"),
+                                              ("StridedShard(0)", "Shard(0)"), [4, 4, 4, 4]),
+    # 9 and 11 rows do not split evenly in 4 (DTensor scatters no uneven strided shard):
+    # every rank computes both matrices, 3 a step with its expert
+    "fsdp x tp 2 x 2 mesh, column-parallel, uneven": ((2, 2), ("dp_shard", "tp"),
+                                                      ("StridedShard(0)", "Shard(0)"),
+                                                      [6, 6, 6, 6]),
 }  # fmt: skip
+SHAPES = [(12, 8), (20, 6), (4, 6, 10)]  # two matrices and a stack of 4 experts
+UNEVEN = [(9, 8), (11, 6), (4, 6, 10)]
 
 
 def _owner_rank(rank: int, world: int, port: int, out: str, layout: str) -> None:
@@ -153,19 +164,31 @@ def _owner_rank(rank: int, world: int, port: int, out: str, layout: str) -> None
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.placement_types import _StridedShard
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     shape, names, kinds, _ = MESHES[layout]
     mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
-    placements = [Replicate() if kind == "Replicate" else Shard(int(kind[6])) for kind in kinds]
+    placements = [
+        Replicate() if kind == "Replicate"
+        else _StridedShard(int(kind[-2]), split_factor=shape[-1]) if kind.startswith("Strided")
+        else Shard(int(kind[6]))
+        for kind in kinds
+    ]  # fmt: skip
     torch.manual_seed(5)  # the same full tensors on every rank
-    shapes = [(12, 8), (20, 6), (4, 6, 10)]  # two matrices and a stack of 4 experts
+    shapes = UNEVEN if layout.endswith("uneven") else SHAPES
     weights = [torch.randn(s) for s in shapes]
     grads = [[torch.randn(s) for s in shapes] for _ in range(2)]
     results = {}
     for sharded in (False, True):
-        place = (lambda t: distribute_tensor(t, mesh, placements)) if sharded else (lambda t: t)
+        # every rank has the full tensors: each cuts its own shard (DTensor cannot scatter an
+        # uneven strided one)
+        place = (
+            (lambda t: distribute_tensor(t, mesh, placements, src_data_rank=None))
+            if sharded
+            else (lambda t: t)
+        )
         params = [torch.nn.Parameter(place(w.clone())) for w in weights]
         group = {"params": params, "muon": True, "momentum": 0.95, "update_rms": 0.18,
                  "weight_decay": 0.1}  # fmt: skip

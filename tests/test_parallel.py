@@ -69,6 +69,10 @@ SPARSE = "optim.engram_update=sparse"
 # Muon (optim=muon_v4) on matrices sharded by FSDP and ep, and by tp: each orthogonalised
 # whole, so every rank applies its slice of one process's update.
 MUON = "optim=muon_v4"
+# V4's AdamW eps (1e-20) makes the first update of an element lr x sign(gradient) however small
+# the gradient: mHC's stream biases start with gradients at rounding level (the streams start
+# equal), so layouts that differ by rounding would step them by +-lr apart. eps 1e-8 does not.
+ROUNDING_EPS = "optim.eps=1e-8"
 TP_SP = ["parallel.tp=2", "parallel.sequence_parallel=true"]
 ROUTING = "train.anticipatory.mode=always"
 MICRO_4 = "train.micro_batch_size=4"  # 1 or 2 data-parallel ranks; 4 ranks take micro-batch 2
@@ -191,14 +195,22 @@ LAYOUTS = {
         2,
         ["parallel.pp=2", "parallel.activation_checkpoint=full", ROUTING, MICRO_4],
     ),
+    # Anticipatory Routing's look-ahead forward under tp (its collectives, sequence
+    # parallelism's gathers) and under FSDP with ep (gathers, expert all-to-alls): against
+    # one process with it, and its collectives against the plan's look-ahead terms
+    "tp=2 + sequence parallel + Anticipatory Routing": (2, [*TP_SP, ROUTING, MICRO_4]),
+    "fsdp=4 x ep=2 + Anticipatory Routing": (
+        4,
+        ["parallel.dp_shard=4", "parallel.ep=2", ROUTING, "train.micro_batch_size=2"],
+    ),
     # ep on 2 ranks (its forward and backward as with AdamW; 4 ranks: fsdp x ep above)
-    "ep=2 + Muon": (2, ["parallel.dp_shard=2", "parallel.ep=2", MUON, MICRO_4]),
-    "tp=2 + sequence parallel + Muon": (2, [*TP_SP, MUON, MICRO_4]),
-    # fsdp x tp: row-parallel matrices owned along dp_shard (their owner's tp peer computing
-    # too), column-parallel ones (FSDP's strided shard) computed by every rank
+    "ep=2 + Muon": (2, ["parallel.dp_shard=2", "parallel.ep=2", MUON, ROUNDING_EPS, MICRO_4]),
+    "tp=2 + sequence parallel + Muon": (2, [*TP_SP, MUON, ROUNDING_EPS, MICRO_4]),
+    # fsdp x tp: every matrix owned along dp_shard (its owner's tp peer computing too), the
+    # column-parallel ones (FSDP's strided shard) as the row-parallel ones
     "fsdp=2 x tp=2 + sequence parallel + Muon": (
         4,
-        ["parallel.dp_shard=2", *TP_SP, MUON, "train.micro_batch_size=2"],
+        ["parallel.dp_shard=2", *TP_SP, MUON, ROUNDING_EPS, "train.micro_batch_size=2"],
     ),
 }
 
@@ -256,7 +268,7 @@ def results(tmp_path_factory, shakespeare_shards) -> tuple[dict[str, dict], dict
         "one, two layers": [shakespeare_shards, *TWO_LAYERS, MICRO_4],
         "one gqa": [shakespeare_shards, GQA, MICRO_4],
         "one sparse": [shakespeare_shards, SPARSE, MICRO_4],
-        "one muon": [shakespeare_shards, MUON, MICRO_4],
+        "one muon": [shakespeare_shards, MUON, ROUNDING_EPS, MICRO_4],
         "one routing": [shakespeare_shards, ROUTING, MICRO_4],
     }
     reference = run_layouts(out, 1, references)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_plan import CLUSTER, DENSE, C, F, L, V, dense_parameters
+from test_plan import CLUSTER, DENSE, KV, C, F, H, L, V, dense_parameters
 
 from birkhoff.model import build_model
 from birkhoff.model.config import EngramConfig, MoEConfig
@@ -52,14 +52,15 @@ def test_balanced_tables_with_sparse_engram_updates_are_refused():
         check_runnable(inv, layout, WORK)
 
 
-def test_muon_under_fsdp_x_tp_scatters_the_row_parallel_matrices():
-    """fsdp=2 x tp=2: FSDP shards a row-parallel matrix (wo, w_down) plainly, so its owner
-    along dp_shard scatters it (each rank receives half, whole along tp, and slices its tp
-    part); a column-parallel one it shards strided, and every rank computes it."""
+def test_muon_under_fsdp_x_tp_scatters_every_matrix_along_dp_shard():
+    """fsdp=2 x tp=2: each matrix's owner along dp_shard scatters it, each rank receiving
+    half, of every tp slice, and keeping its own tp slice's: row-parallel matrices (wo,
+    w_down, which FSDP shards plainly) and column-parallel ones (strided) alike."""
     inv = build_inventory(DENSE)
     muon = estimate(inv, Layout(dp_shard=2, tp=2, muon=True), WORK, CLUSTER)
-    rowwise = L * (C * C + C * F)  # per block wo (C x C) and w_down (C x F)
-    assert muon.comm_gib["muon_scatter"] * GIB == pytest.approx(4 * rowwise / 2)
+    d = C // H
+    matrices = L * (2 * C * C + 2 * KV * d * C + 3 * C * F)  # q, k, v, o; gate, up, down
+    assert muon.comm_gib["muon_scatter"] * GIB == pytest.approx(4 * matrices / 2)
 
 
 @pytest.mark.parametrize(

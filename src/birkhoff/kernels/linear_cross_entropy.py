@@ -5,7 +5,7 @@ and, in backward, their gradient.
 
 Each chunk's logits are computed, turned into the chunk's loss and, while they are at hand,
 into the gradients of the hidden states and of the weight (softmax minus one-hot, over the
-token count); the forward keeps only those gradients and the backward scales them by the
+token count); the forward keeps only those gradients and the backward returns them times the
 loss's gradient, so no matmul is recomputed. The matmuls run in whatever dtype they would
 outside the op (autocast casts them as it casts `head(x)`), the softmax in float32, the
 weight's gradient summed over chunks in float32 (float64 inputs: float64 throughout).
@@ -58,12 +58,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        # Scaled in place: the kept gradients are this graph's, and its backward runs once
-        # (no retain_graph), so no second (tokens, C) and (V, C) copy is made.
-        grads = tuple(
-            None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in ctx.saved_tensors
-        )
-        return *grads, None, None
+        # Scaled copies, not in place: a pipeline's zero-bubble schedule runs this backward
+        # twice (the input gradients, then the weights'), and the kept ones must not change.
+        scaled = [None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors]
+        return *scaled, None, None
 
 
 def _chunk(

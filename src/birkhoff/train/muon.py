@@ -21,8 +21,11 @@ matrix has an owner rank (round-robin by size, as V4's hybrid ZeRO) that alone r
 Newton-Schulz and scatters the result, so the work is spread over the ranks: when the matrix
 is sharded along a mesh dimension of more than one rank (FSDP, or tp alone; under HSDP the
 replicas each have their owner, so the work is spread over dp_shard; under fsdp x tp the owner
-along dp_shard and its tp peers compute it, each keeping its tp slice); a matrix FSDP shards
-with a strided placement (a tp-colwise one under fsdp x tp) is computed by every rank.
+along dp_shard and its tp peers compute it, each keeping its tp slice). A column-parallel
+matrix under fsdp x tp, which FSDP shards with a strided placement (its tp rows split again
+over dp_shard), goes the same way: the owner's scatter along dp_shard with that placement gives
+each dp rank its rows of every tp slice, of which it keeps its own tp slice's (DTensor scatters
+a strided shard only when it splits evenly: an uneven one is computed by every rank).
 Expert stacks sharded only by expert (ep, FSDP) are orthogonalised where they are, with no
 gather.
 """
@@ -33,6 +36,7 @@ import math
 
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor.placement_types import _StridedShard
 
 from birkhoff.train.adamw import AdamW, hidden_gradients
 
@@ -149,15 +153,32 @@ def _owner_dim(param: DTensor) -> int | None:
     """The mesh dimension an owner is chosen along: the first of more than one rank that
     shards the matrix (FSDP's dp_shard, or tp alone). Along the others the owner's peers
     compute the same update: HSDP's replicas, and under fsdp x tp the tp ranks (each then
-    takes its tp slice locally). None where a placement is neither a plain shard nor a
-    replica (FSDP's strided shard of a tp-colwise matrix): every rank computes it."""
+    takes its tp slice locally); FSDP's strided shard of a tp-colwise matrix counts as a
+    shard where it splits evenly. None where a placement is none of those (a partial one) or
+    a strided shard is uneven: every rank computes it."""
     mesh = param.device_mesh
     dims = [d for d, size in enumerate(mesh.shape) if size > 1]
-    plain = all(param.placements[d].is_shard() or param.placements[d].is_replicate()
+    sharded = [d for d in dims if _sharded(param.placements[d])]
+    plain = all(_sharded(param.placements[d]) or param.placements[d].is_replicate()
                 for d in dims)  # fmt: skip
-    sharded = [d for d in dims if param.placements[d].is_shard()]
     named = mesh.ndim == 1 or mesh.mesh_dim_names is not None
-    return sharded[0] if sharded and plain and named else None
+    return sharded[0] if sharded and plain and named and _scatterable(param) else None
+
+
+def _scatterable(param: DTensor) -> bool:
+    """DTensor scatters a strided shard only when it splits evenly (uneven ones it splits
+    locally alone): an uneven one is computed by every rank."""
+    mesh = param.device_mesh
+    return all(
+        param.shape[p.dim] % (p.split_factor * mesh.size(d)) == 0
+        for d, p in enumerate(param.placements)
+        if isinstance(p, _StridedShard)
+    )
+
+
+def _sharded(placement) -> bool:
+    """A plain shard, or FSDP's strided one (`_StridedShard`, which is no `Shard`)."""
+    return placement.is_shard() or isinstance(placement, _StridedShard)
 
 
 def _line(mesh, dim: int):

@@ -175,13 +175,16 @@ def head_weight_gradient_bytes(cfg: ModelConfig, weight_bytes: int) -> float:
 
 
 def loss_transient_bytes(cfg: ModelConfig, act: int, tokens: int, weight_bytes: int) -> float:
-    """What one loss's forward holds beyond the saved tensors at its peak: a chunk's logits
-    (float32, reused for their gradient; under mixed precision also the logits and their
-    gradient in the activation dtype) and, for a weight kept in another dtype than float32,
-    the float32 sum of its gradient. The backward scales the kept gradients in place."""
-    chunk = min(tokens, chunk_tokens(cfg.vocab_size))
-    logits = chunk * cfg.vocab_size * (FP32 + (2 * act if act != FP32 else 0))
-    return logits + (FP32 * cfg.vocab_size * cfg.hidden_size if weight_bytes != FP32 else 0)
+    """What one loss holds beyond the saved tensors at its peak: in its forward a chunk's
+    logits (float32, reused for their gradient; under mixed precision also the logits and
+    their gradient in the activation dtype) and, for a weight kept in another dtype than
+    float32, the float32 sum of its gradient; in its backward the kept gradients times the
+    loss's gradient (new tensors: the head's weight's and the hidden states')."""
+    v, c = cfg.vocab_size, cfg.hidden_size
+    chunk = min(tokens, chunk_tokens(v))
+    forward = chunk * v * (FP32 + (2 * act if act != FP32 else 0))
+    forward += FP32 * v * c if weight_bytes != FP32 else 0
+    return max(forward, v * c * weight_bytes + tokens * c * FP32)
 
 
 def bytes_per_token(terms: list[Term], tp: int, sequence_parallel: bool, keep: str) -> float:

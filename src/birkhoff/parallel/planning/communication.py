@@ -118,17 +118,17 @@ def _stage_communication(inv: Inventory, layout: Layout, work: Workload, stage: 
     return comm
 
 
-def muon_owner_group(layout: Layout, tp_split: bool, tp_rowwise: bool = False) -> int:
+def muon_owner_group(layout: Layout, tp_split: bool) -> int:
     """The ranks among which one owner orthogonalises a (non-expert) matrix and scatters it
-    (train/muon.py): those of dp_shard under FSDP (HSDP's replicas each have their owner; a
-    row-parallel matrix under fsdp x tp too, its owner's tp peers computing it alongside), tp
-    for a tp-split matrix without FSDP; 1 where every rank computes it (a column-parallel
-    matrix under fsdp x tp, which FSDP shards with a strided placement, or a replicated
-    one). Routed experts are sharded by expert only: never gathered."""
-    split_by_tp = tp_split and layout.tp > 1
+    (train/muon.py): those of dp_shard under FSDP (HSDP's replicas each have their owner; under
+    fsdp x tp the owner's tp peers compute it alongside, row- and column-parallel alike), tp
+    for a tp-split matrix without FSDP; 1 where every rank computes it (a replicated one).
+    Not modelled: a column-parallel matrix whose rows do not split evenly over tp x dp_shard,
+    which every rank computes (DTensor cannot scatter it). Routed experts are sharded by
+    expert only: never gathered."""
     if layout.dp_shard > 1:
-        return 1 if split_by_tp and not tp_rowwise else layout.dp_shard
-    return layout.tp if split_by_tp else 1
+        return layout.dp_shard
+    return layout.tp if tp_split and layout.tp > 1 else 1
 
 
 def _muon_bytes(layout: Layout, held: list) -> dict[str, float]:
@@ -144,7 +144,7 @@ def _muon_bytes(layout: Layout, held: list) -> dict[str, float]:
             comm["muon_all_gather"] += 4 * tp_local(g, layout)
         if g.tp_split and layout.tp > 1:
             comm["muon_tp_all_gather"] += 4 * g.numel
-        owners = muon_owner_group(layout, g.tp_split, g.tp_rowwise)
+        owners = muon_owner_group(layout, g.tp_split)
         name = "muon_scatter" if layout.dp_shard > 1 else "muon_tp_scatter"
         if owners > 1:
             comm[name] += 4 * g.numel / owners

@@ -38,9 +38,6 @@ class TensorInfo:
     matrices: tuple[int, int, int] | None = None
     # a table V4.1's Sinkhorn-balanced update trains (embedding, head, Engram tables)
     balanced: bool = False
-    # split by tp along its input dimension (a row-parallel layer): FSDP then shards it
-    # along another dimension (a plain shard, where a column-parallel one gets a strided one)
-    tp_rowwise: bool = False
 
 
 @dataclass(frozen=True)
@@ -55,7 +52,6 @@ class Group:
     sequence_local: bool
     muon: bool  # weight matrices (Muon trains them under optim=muon_v4)
     balanced: bool  # tables (the Sinkhorn-balanced update trains them under embedding_update)
-    tp_rowwise: bool
     numel: int
 
 
@@ -71,7 +67,7 @@ class Inventory:
         for t in self.params:
             block = t.layer not in (FIRST, LAST) or ".block." in t.name
             key = (t.layer, block, t.tp_split, t.expert, t.engram_table, t.sequence_local)
-            key += (t.matrices is not None, t.balanced, t.tp_rowwise)
+            key += (t.matrices is not None, t.balanced)
             sums[key] = sums.get(key, 0) + t.numel
         return tuple(Group(*key, numel) for key, numel in sums.items())
 
@@ -95,7 +91,7 @@ def build_inventory(cfg: ModelConfig) -> Inventory:
     sized = apply_sparse_budget(cfg)
     with torch.device("meta"):
         model = Transformer(sized)
-    split, rowwise = _tp_split_names(model)
+    split = _tp_split_names(model)
     local = _sequence_local_names(model, split)
     moe = sized.moe
     matrices = {id(p) for p in weight_matrices(model)}
@@ -121,7 +117,6 @@ def build_inventory(cfg: ModelConfig) -> Inventory:
                 if id(param) in matrices
                 else None,
                 balanced=id(param) in tables,
-                tp_rowwise=name in rowwise,
             )
         )
     buffers: dict[int, int] = {}
@@ -138,10 +133,10 @@ def _layer_of(name: str) -> int:
     return FIRST if name.startswith("embedding") else LAST
 
 
-def _tp_split_names(model: Transformer) -> tuple[set[str], set[str]]:
+def _tp_split_names(model: Transformer) -> set[str]:
     """Parameters tensor parallelism splits: those of the colwise / rowwise layers of every
-    block's plan, and V4 attention's per-head sinks; and of those the row-parallel ones."""
-    split, rowwise = set(), set()
+    block's plan, and V4 attention's per-head sinks."""
+    split = set()
     for prefix, block in model.named_modules():
         if not isinstance(block, Block):
             continue
@@ -150,11 +145,9 @@ def _tp_split_names(model: Transformer) -> tuple[set[str], set[str]]:
             module = name.rsplit(".", 1)[0]
             if roles.get(module) in ("colwise", "rowwise"):
                 split.add(f"{prefix}.{name}")
-            if roles.get(module) == "rowwise":
-                rowwise.add(f"{prefix}.{name}")
         if isinstance(block.attention, V4Attention):
             split.add(f"{prefix}.attention.sinks")
-    return split, rowwise
+    return split
 
 
 def _sequence_local_names(model: Transformer, split: set[str]) -> set[str]:
