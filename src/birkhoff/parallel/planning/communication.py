@@ -73,10 +73,10 @@ def _stage_communication(inv: Inventory, layout: Layout, work: Workload, stage: 
         blocks = sum(gathered(g, layout) for g in held if g.block)
         per_micro = (2 * blocks + (gathered_total - blocks)) * DTYPE_BYTES[work.param_dtype]
         comm["fsdp_all_gather"] = micro_batches * per_micro
-        if layout.anticipatory:  # the look-ahead forward gathers every unit once more
-            comm["fsdp_all_gather"] += (
-                micro_batches * gathered_total * DTYPE_BYTES[work.param_dtype]
-            )
+        if layout.anticipatory:  # the look-ahead forward gathers every block once more; the
+            # root, kept gathered after a forward, is gathered once by it and then not again
+            # by the step's first forward (measured: fsdp=4 x ep=2, tests/test_parallel.py)
+            comm["fsdp_all_gather"] += micro_batches * blocks * DTYPE_BYTES[work.param_dtype]
         reductions = micro_batches if layout.fsdp_reduce_every_micro_batch else 1
         comm["fsdp_reduce_scatter"] = reductions * gathered_total * DTYPE_BYTES[work.reduce_dtype]
         if layout.dp_replicate > 1:  # FSDP's shards once; row-sharded tables every micro-batch
