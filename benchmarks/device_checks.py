@@ -7,6 +7,8 @@ code, seconds and output (parsed JSON where the step prints it). Steps:
                 forward and backward error, speed ratio; collectives; versions
   v4_attention  benchmarks/v4_attention_kernels.py: FlexAttention against the reference at
                 V4-Flash shapes (time, peak memory, error)
+  linear_ce     benchmarks/linear_cross_entropy.py: the head's loss at V4's vocabulary, the
+                whole logits against the chunked reference and liger-kernel's fused op
   train_tiny    `birkhoff train model=tiny` for 30 steps with backend.kernels=triton and
                 reference, bf16: tokens/s, MFU and loss of each (summary.json)
 
@@ -78,6 +80,10 @@ def main() -> None:
     results["doctor"] = step([*doctor, "--backend", "reference" if args.smoke else "triton"], 300)
     attention = [sys.executable, str(BENCHMARKS / "v4_attention_kernels.py")]
     results["v4_attention"] = step([*attention, *(["--smoke"] if args.smoke else [])], 400)
+    loss = [sys.executable, str(BENCHMARKS / "linear_cross_entropy.py")]
+    shape = ["--tokens", "64", "--hidden", "32", "--vocab", "1000"] if args.smoke else []
+    for backend in ("reference",) if args.smoke else ("reference", "triton"):
+        results[f"linear_ce_{backend}"] = step([*loss, *shape, "--backend", backend], 200)
     with tempfile.TemporaryDirectory() as scratch:
         for kernels in ("reference", "triton"):
             if args.smoke and kernels == "triton":
