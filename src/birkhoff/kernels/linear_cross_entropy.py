@@ -33,28 +33,25 @@ def linear_cross_entropy(
     """Mean over tokens of cross_entropy(hidden @ weight.T, targets) in float32: hidden (N, C),
     weight (V, C), targets (N,) -> a scalar (float64 for float64 inputs); `chunk` tokens at a
     time (default: chunk_tokens)."""
-    return _ChunkedLinearCrossEntropy.apply(
-        hidden, weight, targets, chunk or chunk_tokens(weight.shape[0])
-    )
+    chunk = chunk or chunk_tokens(weight.shape[0])
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk)
+    # no autograd (evaluation, look-ahead forwards under no_grad): the loss alone, where the
+    # Function would still see its inputs require gradients and compute them
+    return _mean_loss(hidden, weight, targets, chunk, None, None)
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk):
-        count = hidden.shape[0]
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        wide = torch.promote_types(hidden.dtype, torch.float32)  # float64 stays float64
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
-        grad_weight = torch.zeros_like(weight, dtype=wide) if want_weight else None
-        total = hidden.new_zeros((), dtype=wide)
-        for start in range(0, count, chunk):
-            rows = slice(start, start + chunk)
-            into = None if grad_hidden is None else grad_hidden[rows]
-            total += _chunk(hidden[rows], weight, targets[rows], count, wide, into, grad_weight)
+        grad_weight = torch.zeros_like(weight, dtype=_wide(hidden)) if want_weight else None
+        loss = _mean_loss(hidden, weight, targets, chunk, grad_hidden, grad_weight)
         if want_weight:
             grad_weight = grad_weight.to(weight.dtype)
         ctx.save_for_backward(grad_hidden, grad_weight)
-        return total / count
+        return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -62,6 +59,28 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         # twice (the input gradients, then the weights'), and the kept ones must not change.
         scaled = [None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors]
         return *scaled, None, None
+
+
+def _wide(hidden: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(hidden.dtype, torch.float32)  # float64 stays float64
+
+
+def _mean_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk: int,
+    grad_hidden: torch.Tensor | None,
+    grad_weight: torch.Tensor | None,
+) -> torch.Tensor:
+    """The mean loss, chunk by chunk; the gradients go into the given buffers (if any)."""
+    count, wide = hidden.shape[0], _wide(hidden)
+    total = hidden.new_zeros((), dtype=wide)
+    for start in range(0, count, chunk):
+        rows = slice(start, start + chunk)
+        into = None if grad_hidden is None else grad_hidden[rows]
+        total += _chunk(hidden[rows], weight, targets[rows], count, wide, into, grad_weight)
+    return total / count
 
 
 def _chunk(

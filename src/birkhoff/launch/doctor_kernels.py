@@ -111,11 +111,8 @@ def _engram_gather_gate(tokens: int) -> list:
 
 def _linear_cross_entropy(tokens: int) -> list:
     hidden, vocab = 512, 4096  # tiny's vocabulary; the loss's gradient is 1/tokens per token
-    return [torch.randn(tokens, hidden), torch.randn(vocab, hidden) / 16, _targets(tokens, vocab)]
-
-
-def _targets(tokens: int, vocab: int) -> torch.Tensor:
-    return torch.randint(0, vocab, (tokens,))
+    targets = torch.randint(0, vocab, (tokens,))
+    return [torch.randn(tokens, hidden), torch.randn(vocab, hidden) / 16, targets]
 
 
 # Inputs of each op a backend accelerates (float32; tensors moved to the device; floating
