@@ -2,8 +2,10 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from birkhoff import kernels
+from birkhoff.kernels.reference import _NormalisedProjection, normalised_projection
 from birkhoff.model import ModelConfig, build_model
 from birkhoff.model.config import ResidualConfig
 from birkhoff.model.mhc import HyperConnection, residual_stats
@@ -78,6 +80,35 @@ def test_stream_mixing_matches_the_formula():
         dim=-2,
     )
     torch.testing.assert_close(post(x, f_out, h_res, h_post), expected_post)
+
+
+def test_normalised_projection_is_rms_norm_then_the_projection():
+    """RMSNorm(vec(x)) W^T computed as (vec(x) W^T) / rms(vec(x)) (the normalised vector never
+    formed): forward and both gradients against F.rms_norm then F.linear in float64, under
+    bf16 autocast too (the mappings stay float32), and the Function against finite differences."""
+    g = torch.Generator().manual_seed(0)
+    streams = 0.1 * torch.randn(2, 5, 4, 8, generator=g)  # mean square ~ eps: eps counts
+    weight = torch.randn(24, 32, generator=g) / 6
+    grad = torch.randn(2, 5, 24, generator=g, dtype=torch.float64)
+
+    def oracle(x, w):
+        return F.linear(F.rms_norm(x.flatten(-2), (32,), eps=1e-2), w)
+
+    exact = [t.double().requires_grad_() for t in (streams, weight)]
+    expected = oracle(*exact)
+    expected_grads = torch.autograd.grad(expected, exact, grad)
+    for autocast in (False, True):
+        given = [t.clone().requires_grad_() for t in (streams, weight)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            got = normalised_projection(*given, 1e-2)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+        got_grads = torch.autograd.grad(got, given, grad.float())
+        for got_grad, want in zip(got_grads, expected_grads, strict=True):
+            torch.testing.assert_close(got_grad.double(), want, rtol=1e-5, atol=1e-5)
+    rows = torch.randn(6, 12, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda r, w: _NormalisedProjection.apply(r, w, 1e-3), (rows, w))
 
 
 def test_initial_mappings_behave_like_a_pre_norm_residual():

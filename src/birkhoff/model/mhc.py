@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from birkhoff import kernels
+from birkhoff.kernels.reference import normalised_projection
 from birkhoff.model.config import ResidualConfig
 from birkhoff.model.init import constant
 from birkhoff.model.recompute import recomputing
@@ -38,9 +39,7 @@ def stream_projection(x: torch.Tensor, proj: nn.Linear, eps: float) -> torch.Ten
     """x' phi with x' = RMSNorm(vec(x)) over all n*C values (epsilon `eps`, the model's
     norm_eps as in V4), in fp32 even under autocast: the mappings are small, and H_res feeds
     Sinkhorn, whose logits need the precision."""
-    with torch.autocast(x.device.type, enabled=False):
-        flat = F.rms_norm(x.flatten(-2).float(), (x.shape[-2] * x.shape[-1],), eps=eps)
-        return F.linear(flat, proj.weight.float())
+    return normalised_projection(x, proj.weight, eps)
 
 
 def with_pre_eps(weights: torch.Tensor, cfg: ResidualConfig) -> torch.Tensor:

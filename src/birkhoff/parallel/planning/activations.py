@@ -22,6 +22,7 @@ class Term:
     bytes_each: int
     split: str  # heads | stream | whole
     matmul: bool
+    selective_only: bool = False  # kept only by selective checkpointing's matmul policy
 
 
 def block_terms(
@@ -42,16 +43,17 @@ def block_terms(
 
 
 def _join_terms(cfg: ModelConfig, act: int) -> list[Term]:
-    """One residual join. mHC keeps the n streams and their normalised flattening, the
-    mapping projection (in float32), the sublayer output H_post scales, Sinkhorn's logits
-    (its backward recomputes the iterations) and H_res; HC keeps tanh outputs instead."""
+    """One residual join. mHC keeps the n streams (their normalised flattening is never formed:
+    kernels/reference.py's normalised_projection), the mapping projection (in float32), the
+    sublayer output H_post scales, Sinkhorn's logits (its backward recomputes the iterations)
+    and H_res; HC keeps tanh outputs instead."""
     c, n = cfg.hidden_size, cfg.residual.n_streams
     if cfg.residual.mode == "plain":
         return []
     mapping = 2 * n + n * n
     small = 2 * n * n + 4 * n + 1 if cfg.residual.mode == "mhc" else mapping
     return [
-        Term(2 * n * c, FP32, "stream", False),
+        Term(n * c, FP32, "stream", False),
         Term(mapping, FP32, "stream", True),
         Term(c, act, "stream", False),
         Term(small, FP32, "stream", False),
@@ -63,11 +65,14 @@ def _attention_terms(cfg: ModelConfig, layer: int, seq: int, act: int, fused: bo
     a = cfg.attention
     if a.kind != "v4":
         d = c // heads
-        qkv = heads * d + 2 * cfg.num_kv_heads * d
+        qk = heads * d + cfg.num_kv_heads * d
         return [
             Term(c, act, "whole", False),  # the projections' input
-            Term(qkv, act, "heads", True),
-            Term(qkv, act, "heads", False),  # rotated copies
+            Term(cfg.num_kv_heads * d, act, "heads", True),  # values
+            Term(qk, act, "heads", False),  # queries and keys rotated
+            # RoPE keeps nothing of its input: q and k as projected are kept only where
+            # selective checkpointing saves every matmul output
+            Term(qk, act, "heads", True, selective_only=True),
             Term(heads * d, act, "heads", True),  # attention output (flash: no score matrix)
             Term(heads, FP32, "heads", False),  # log-sum-exp
         ]
@@ -193,6 +198,8 @@ def bytes_per_token(terms: list[Term], tp: int, sequence_parallel: bool, keep: s
     total = 0.0
     for term in terms:
         if keep == "none" or (keep == "matmul" and not term.matmul):
+            continue
+        if term.selective_only and keep != "matmul":
             continue
         divide = (
             tp if term.split == "heads" or (term.split == "stream" and sequence_parallel) else 1
