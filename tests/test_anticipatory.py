@@ -7,12 +7,16 @@ import copy
 
 import pytest
 import torch
+from test_parallel import MODEL
 from test_spikes import SPIKE, trainer_of
 from test_train import read_metrics, train_in_process
 
 from birkhoff.checkpoint.contents import read_tensors, tensor_metadata
+from birkhoff.launch.recipe import typed_recipe
+from birkhoff.model import build_model
 from birkhoff.model.moe import Router
 from birkhoff.parallel import distributed
+from conftest import SMALL_OVERRIDES, compose_recipe
 
 LOOKAHEAD = 2
 
@@ -70,6 +74,28 @@ def test_the_experts_of_step_t_are_those_of_the_parameters_of_step_t_minus_dt():
             own = independent_choice(step, step)
             changed += sum(int((a != b).any(-1).sum()) for a, b in zip(own, expected, strict=True))
     assert changed > 0  # the stale parameters chose other experts for some tokens
+
+
+def test_the_look_ahead_forward_routes_every_moe_layer_without_the_head():
+    """`routes_only` (the look-ahead's forward): the experts of every MoE layer, the MTP
+    depth's included, are those of a full forward, and the head's loss never runs."""
+    recipe = typed_recipe(compose_recipe([*SMALL_OVERRIDES, *MODEL]))
+    assert recipe.model.mtp.depth == 1
+    model = build_model(recipe.model, seed=0).eval()
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, recipe.data.seq_len + 1))
+    chosen, _ = routed_experts(model, only_training=False)
+    head_calls = []
+    linear_loss = model._linear_loss
+    model._linear_loss = lambda *args: head_calls.append(1) or linear_loss(*args)
+    with torch.no_grad():
+        model(tokens[:, :-1], tokens[:, 1:])
+        full, chosen[:] = list(chosen), []
+        assert len(head_calls) == 2  # the main head and the MTP depth's
+        out = model(tokens[:, :-1], tokens[:, 1:], routes_only=True)
+    assert len(head_calls) == 2 and out.item() == 0.0
+    layers = sum(isinstance(m, Router) for m in model.modules())
+    assert len(chosen) == len(full) == layers
+    assert all(torch.equal(a, b) for a, b in zip(full, chosen, strict=True))
 
 
 @pytest.fixture(scope="module")

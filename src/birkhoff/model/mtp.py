@@ -11,7 +11,7 @@ loss_weight / D * sum_k CE_k to the main loss.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -58,6 +58,27 @@ class MTPDepth(nn.Module):
         return self.norm(residual if self.readout is None else self.readout(residual))
 
 
+def mtp_depths(
+    depths: nn.ModuleList,
+    residual: torch.Tensor,
+    targets: torch.Tensor,
+    target_embeddings: torch.Tensor,
+    ctx: SequenceContext,
+) -> Iterator[tuple[int, MTPDepth, torch.Tensor, torch.Tensor | None]]:
+    """Each depth k run in turn on the residual before it: (k, depth, its residual, its
+    block's auxiliary loss). `residual` is the main model's last residual; targets (B, T)
+    are the next tokens, so t_{i+k} = targets[:, i+k-1], and target_embeddings (B, T, C)
+    are Emb(targets) (computed once, where the embedding lives)."""
+    for k, depth in enumerate(depths, start=1):
+        length = targets.shape[1] - k
+        if length <= 0:
+            break
+        inputs = targets[:, k - 1 : k - 1 + length]
+        embedded = target_embeddings[:, k - 1 : k - 1 + length]
+        residual, aux = depth(residual[:, :length], embedded, ctx.truncated(length), inputs)
+        yield k, depth, residual, aux
+
+
 def mtp_loss(
     depths: nn.ModuleList,
     residual: torch.Tensor,
@@ -66,20 +87,11 @@ def mtp_loss(
     head_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     ctx: SequenceContext,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Mean cross-entropy over the depths, and their blocks' auxiliary losses. `residual` is
-    the main model's last residual; targets (B, T) are the next tokens, so t_{i+k} =
-    targets[:, i+k-1], and target_embeddings (B, T, C) are Emb(targets) (computed once, where
-    the embedding lives); `head_loss` (normed hidden, targets) is the shared head's
-    cross-entropy."""
+    """Mean cross-entropy over the depths (`mtp_depths`), and their blocks' auxiliary losses;
+    `head_loss` (normed hidden, targets) is the shared head's cross-entropy."""
     losses, aux_losses = [], []
-    for k, depth in enumerate(depths, start=1):
-        length = targets.shape[1] - k
-        if length <= 0:
-            break
-        inputs = targets[:, k - 1 : k - 1 + length]
-        embedded = target_embeddings[:, k - 1 : k - 1 + length]
-        residual, aux = depth(residual[:, :length], embedded, ctx.truncated(length), inputs)
+    for k, depth, hidden, aux in mtp_depths(depths, residual, targets, target_embeddings, ctx):
         if aux is not None:
             aux_losses.append(aux)
-        losses.append(head_loss(depth.hidden(residual), targets[:, k:]))
+        losses.append(head_loss(depth.hidden(hidden), targets[:, k:]))
     return torch.stack(losses).mean(), aux_losses

@@ -17,7 +17,7 @@ from birkhoff.model.init import constant, initialise
 from birkhoff.model.mhc import StreamReadout, build_residual
 from birkhoff.model.mlp import SwiGLU
 from birkhoff.model.moe import MoE, hash_routing_table
-from birkhoff.model.mtp import MTPDepth, mtp_loss
+from birkhoff.model.mtp import MTPDepth, mtp_depths, mtp_loss
 from birkhoff.model.norm import RMSNorm
 from birkhoff.model.rope import rope_tables
 from birkhoff.model.v4_attention import V4Attention
@@ -230,10 +230,13 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         engram_rows: dict[int, torch.Tensor] | None = None,
         next_token_only: bool = False,
+        routes_only: bool = False,
     ) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids (B, T); with `targets`, the training objective
         (the mean next-token loss, plus the MTP and balance terms where enabled), or with
-        `next_token_only` the next-token loss alone (evaluation: no logits kept whole).
+        `next_token_only` the next-token loss alone (evaluation: no logits kept whole), or
+        with `routes_only` zero after running every MoE layer, the MTP depths' included, and
+        no head (Anticipatory Routing's look-ahead only records the experts).
 
         `positions` (B, T) restart at 0 where a packed document starts: rotary embeddings use
         them and attention stays inside each document. `engram_rows` are Engram's table rows
@@ -247,6 +250,8 @@ class Transformer(nn.Module):
         if next_token_only:
             return self.output_loss(x, targets, ctx, None)
         target_embeddings = self.embedding(targets) if self.uses_mtp else None
+        if routes_only:
+            return self.route_mtp_depths(x, targets, ctx, target_embeddings)
         loss = self.output_loss(x, targets, ctx, target_embeddings)
         return loss + sum(aux_losses) if aux_losses else loss
 
@@ -276,6 +281,20 @@ class Transformer(nn.Module):
     def has_streams(self) -> bool:
         """Whether the residual is n hyper-connection streams (B, T, n, C)."""
         return self.cfg.residual.mode != "plain"
+
+    def route_mtp_depths(
+        self,
+        x: torch.Tensor,
+        targets: torch.Tensor,
+        ctx: SequenceContext,
+        target_embeddings: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Zero, after the MTP depths' blocks ran on the last blocks' residual `x` (their MoE
+        layers route) without the shared head."""
+        if self.uses_mtp:
+            for _ in mtp_depths(self.mtp, x, targets, target_embeddings, ctx):
+                pass
+        return x.new_zeros((), dtype=torch.float32)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The last blocks' residual -> logits (B, T, vocab)."""

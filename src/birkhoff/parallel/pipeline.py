@@ -65,7 +65,7 @@ class PipelineChunk(Transformer):
     carry: Carry
     is_first: bool
     is_last: bool
-    mtp_in_eval: bool = False  # an eval forward runs the MTP depths too (look-ahead routing)
+    routes_only: bool = False  # Anticipatory Routing's look-ahead: every MoE layer, no head
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         if self.is_first:
@@ -82,7 +82,9 @@ class PipelineChunk(Transformer):
         if aux is not None:
             self.aux_loss_sum += aux.detach()
         if self.is_last:
-            if not (self.training or self.mtp_in_eval):
+            if self.routes_only:
+                return self.route_mtp_depths(x, targets, ctx, target_embeddings)
+            if not self.training:
                 target_embeddings = None  # evaluation: next-token loss only
             loss = self.output_loss(x, targets, ctx, target_embeddings)
             return loss if aux is None else loss + aux
@@ -250,9 +252,10 @@ class PipelineRunner:
         return self.ctx.all_reduce_sum(loss_sum, "pp")
 
     @torch.no_grad()
-    def evaluate(self, batch: Batch, with_mtp: bool = False) -> torch.Tensor:
+    def evaluate(self, batch: Batch, routes_only: bool = False) -> torch.Tensor:
         """The next-token loss of `batch`, passing activations stage by stage (every rank);
-        `with_mtp`: the MTP depths run too (Anticipatory Routing records their experts)."""
+        `routes_only`: zero after every MoE layer ran, the MTP depths' too, and no head
+        (Anticipatory Routing records their experts)."""
         group = self.ctx.group("pp")
         carried: tuple[torch.Tensor, ...] = self.carry.stage_inputs(batch)
         loss = torch.zeros((), device=batch.inputs.device)
@@ -261,13 +264,13 @@ class PipelineRunner:
             if owner == self.pp_rank:
                 chunk = self.chunks[self.stages.index(stage)]
                 chunk.eval()
-                chunk.mtp_in_eval = with_mtp
+                chunk.routes_only = routes_only
                 if stage > 0:
                     templates = passed_args(self.carry, batch, chunk)
                     carried = _receive(templates, (owner - 1) % self.pp, group)
                 out = chunk(*carried)
                 chunk.train()
-                chunk.mtp_in_eval = False
+                chunk.routes_only = False
                 if chunk.is_last:
                     loss = out.float()
                 else:

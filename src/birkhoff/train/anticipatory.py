@@ -3,9 +3,10 @@ parameters of step t - dt.
 
 At step t, before its own forward, the trainer fetches the batch of step t + dt (the loader
 is deterministic, so looking ahead changes no data) and runs a no-grad forward over it in eval
-mode (no balancing counts or statistics), recording every MoE layer's chosen experts per
-micro-batch. dt steps later that batch is trained on, and every MoE layer uses the recorded
-experts instead of its own top-k. The gate values are the current parameters' scores of those
+mode (no balancing counts or statistics) through every block, the MTP depths' included, but
+not the head (`routes_only`), recording every MoE layer's chosen experts per micro-batch. dt
+steps later that batch is trained on, and every MoE layer uses the recorded experts instead
+of its own top-k. The gate values are the current parameters' scores of those
 experts, so the router still learns from every step; the report fixes only the indices, and
 taking the gates from the stale parameters would give the router no gradient for the step.
 
@@ -110,7 +111,7 @@ class AnticipatoryRouting:
     @torch.no_grad()
     def _record(self, trainer: Trainer, micro_batches: list[Batch]) -> Routes:
         """Every micro-batch's experts, by a forward in eval mode (no balancing counts, no
-        statistics; routing is the same), the MTP depths included."""
+        statistics; routing is the same), the MTP depths included, without the head."""
         routes: Routes = []
         try:
             for batch in micro_batches:
@@ -119,10 +120,11 @@ class AnticipatoryRouting:
                 with trainer.autocast():
                     batch = batch.to(trainer.device)
                     if trainer.pipeline is not None:  # stage by stage
-                        trainer.pipeline.evaluate(batch, with_mtp=True)
+                        trainer.pipeline.evaluate(batch, routes_only=True)
                     else:
                         trainer.model.eval()
-                        trainer.model(batch.inputs, batch.targets, **batch.model_kwargs())
+                        kwargs = batch.model_kwargs()
+                        trainer.model(batch.inputs, batch.targets, **kwargs, routes_only=True)
                 rows = batch.inputs.shape[0]
                 routes.append({index: self._one_route(layer).view(rows, -1, layer.cfg.top_k)
                                for index, layer in self.layers.items()})  # fmt: skip

@@ -308,10 +308,19 @@ def newton_schulz_flops(shapes: list[tuple[int, int, int]]) -> float:
     return total
 
 
+def look_ahead_share(inv: Inventory, work: Workload) -> float:
+    """Anticipatory Routing's look-ahead forward against a training step, in FLOPs: a
+    forward without the output head, which it does not run (Transformer.forward's
+    `routes_only`)."""
+    training = model_flops_per_token(inv, work)
+    head = sum(2 * t.numel for t in inv.params if t.matmul and t.name == "head.weight")
+    return (training / 3 - head) / training
+
+
 def _compute_seconds(inv: Inventory, layout: Layout, work: Workload, cluster: Cluster) -> float:
     flops = model_flops_per_token(inv, work)
     recompute = {"none": 0.0, "selective": 0.1, "full": 1 / 3}[layout.activation_checkpoint]
-    recompute += 1 / 3 if layout.anticipatory else 0.0  # the look-ahead forward
+    recompute += look_ahead_share(inv, work) if layout.anticipatory else 0.0
     tokens_per_device = work.global_batch * work.seq_len / (layout.dp * layout.tp * layout.pp)
     achieved = cluster.peak_tflops * 1e12 * MATMUL_EFFICIENCY
     return flops * (1 + recompute) * tokens_per_device / achieved
