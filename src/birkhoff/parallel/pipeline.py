@@ -263,14 +263,16 @@ class PipelineRunner:
             owner = stage % self.pp
             if owner == self.pp_rank:
                 chunk = self.chunks[self.stages.index(stage)]
-                chunk.eval()
-                chunk.routes_only = routes_only
                 if stage > 0:
                     templates = passed_args(self.carry, batch, chunk)
                     carried = _receive(templates, (owner - 1) % self.pp, group)
-                out = chunk(*carried)
-                chunk.train()
-                chunk.routes_only = False
+                chunk.eval()
+                chunk.routes_only = routes_only
+                try:
+                    out = chunk(*carried)
+                finally:  # a failed forward leaves the chunk training, as it found it
+                    chunk.train()
+                    chunk.routes_only = False
                 if chunk.is_last:
                     loss = out.float()
                 else:
