@@ -93,6 +93,8 @@ def test_the_look_ahead_forward_routes_every_moe_layer_without_the_head():
         assert len(head_calls) == 2  # the main head and the MTP depth's
         out = model(tokens[:, :-1], tokens[:, 1:], routes_only=True)
     assert len(head_calls) == 2 and out.item() == 0.0
+    with pytest.raises(ValueError, match="routes_only"):  # no targets: nothing to route MTP on
+        model(tokens[:, :-1], routes_only=True)
     layers = sum(isinstance(m, Router) for m in model.modules())
     assert len(chosen) == len(full) == layers
     assert all(torch.equal(a, b) for a, b in zip(full, chosen, strict=True))

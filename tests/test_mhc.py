@@ -85,7 +85,8 @@ def test_stream_mixing_matches_the_formula():
 def test_normalised_projection_is_rms_norm_then_the_projection():
     """RMSNorm(vec(x)) W^T computed as (vec(x) W^T) / rms(vec(x)) (the normalised vector never
     formed): forward and both gradients against F.rms_norm then F.linear in float64, under
-    bf16 autocast too (the mappings stay float32), and the Function against finite differences."""
+    bf16 autocast too, backward included (the mappings stay float32), no tokens, and the
+    Function against finite differences."""
     g = torch.Generator().manual_seed(0)
     streams = 0.1 * torch.randn(2, 5, 4, 8, generator=g)  # mean square ~ eps: eps counts
     weight = torch.randn(24, 32, generator=g) / 6
@@ -101,11 +102,12 @@ def test_normalised_projection_is_rms_norm_then_the_projection():
         given = [t.clone().requires_grad_() for t in (streams, weight)]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             got = normalised_projection(*given, 1e-2)
+            got_grads = torch.autograd.grad(got, given, grad.float())  # backward in it too
         assert got.dtype == torch.float32
         torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
-        got_grads = torch.autograd.grad(got, given, grad.float())
         for got_grad, want in zip(got_grads, expected_grads, strict=True):
             torch.testing.assert_close(got_grad.double(), want, rtol=1e-5, atol=1e-5)
+    assert normalised_projection(streams[:0], weight, 1e-2).shape == (0, 5, 24)  # no tokens
     rows = torch.randn(6, 12, dtype=torch.float64, requires_grad=True)
     w = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda r, w: _NormalisedProjection.apply(r, w, 1e-3), (rows, w))

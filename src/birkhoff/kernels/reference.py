@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from birkhoff.kernels.opaque_grouped_mm import opaque_grouped_mm
 from birkhoff.kernels.registry import REFERENCE, register
@@ -163,15 +164,20 @@ class _NormalisedProjection(torch.autograd.Function):
         return projected * scale
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         flat, weight, projected, scale = ctx.saved_tensors
-        grad_projected = grad * scale
-        d_flat = d_weight = None
-        if ctx.needs_input_grad[0]:  # through v W^T, and through r: dr/dv = -r^3 v / D
-            through_scale = (grad * projected).sum(-1, keepdim=True) * scale.pow(3)
-            d_flat = torch.addmm(flat * (-through_scale / flat.shape[-1]), grad_projected, weight)
-        if ctx.needs_input_grad[1]:
-            d_weight = grad_projected.T @ flat
+        # float32 like the forward, even where backward runs inside an autocast region
+        with torch.autocast(grad.device.type, enabled=False):
+            grad_projected = grad * scale
+            d_flat = d_weight = None
+            if ctx.needs_input_grad[0]:  # through v W^T, and through r: dr/dv = -r^3 v / D
+                through_scale = (grad * projected).sum(-1, keepdim=True) * scale.pow(3)
+                d_flat = torch.addmm(
+                    flat * (-through_scale / flat.shape[-1]), grad_projected, weight
+                )
+            if ctx.needs_input_grad[1]:
+                d_weight = grad_projected.T @ flat
         return d_flat, d_weight, None
 
 
@@ -183,7 +189,8 @@ def normalised_projection(streams: torch.Tensor, weight: torch.Tensor, eps: floa
         if torch.compiler.is_compiling():  # the same order, for inductor to fuse
             return (flat @ weight.T) * torch.rsqrt(flat.square().mean(-1, keepdim=True) + eps)
         rows = flat.reshape(-1, flat.shape[-1])
-        return _NormalisedProjection.apply(rows, weight, eps).view(*flat.shape[:-1], -1)
+        projected = _NormalisedProjection.apply(rows, weight, eps)
+        return projected.view(*flat.shape[:-1], weight.shape[0])
 
 
 @register("mhc_mapping", REFERENCE)

@@ -243,6 +243,8 @@ class Transformer(nn.Module):
         precomputed by the data loader. The loss is computed inside forward so that
         data-parallel wrappers see one call.
         """
+        if routes_only and (targets is None or next_token_only):
+            raise ValueError("routes_only runs the MTP depths on `targets`: pass them, alone")
         ctx = self.context(tokens.shape[1], positions, engram_rows)
         x, aux_losses = self.run_blocks(self.embed(tokens), tokens, ctx)
         if targets is None:

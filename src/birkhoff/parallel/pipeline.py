@@ -270,7 +270,7 @@ class PipelineRunner:
                 chunk.routes_only = routes_only
                 try:
                     out = chunk(*carried)
-                finally:  # a failed forward leaves the chunk training, as it found it
+                finally:  # back to training and full forwards, even after a failed one
                     chunk.train()
                     chunk.routes_only = False
                 if chunk.is_last:

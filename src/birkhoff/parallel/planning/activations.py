@@ -165,7 +165,8 @@ def head_terms(cfg: ModelConfig, act: int) -> list[Term]:
     input); each MTP depth adds its norms, projections and readout (its block is counted as a
     block). The logits are never kept (kernels/linear_cross_entropy.py)."""
     c, n = cfg.hidden_size, cfg.residual.streams
-    readout = 2 * n * c + 13 if cfg.residual.mode != "plain" else 0
+    # the streams (n C) and the mapping's few floats: its RMSNorm is folded behind the projection
+    readout = n * c + 13 if cfg.residual.mode != "plain" else 0
     terms = [Term(readout + 4 * c + 1, FP32, "whole", False)]
     for _ in range(cfg.mtp.depth):
         terms += [Term(readout + 5 * c + 2 * n * c, FP32, "whole", False)]
