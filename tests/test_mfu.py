@@ -4,6 +4,7 @@ matmul rate, cached), and the metric a run logs against tokens/s x FLOPs / peak.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -18,13 +19,16 @@ from birkhoff.train import mfu
 from conftest import SMALL_OVERRIDES, compose_recipe
 
 
-def test_flops_per_token_of_a_dense_model_written_out():
+@pytest.mark.parametrize("tied", [False, True])
+def test_flops_per_token_of_a_dense_model_written_out(tied):
     """6 x (every weight matmul: q, k, v, o, the SwiGLU, the head) plus 3 x the attention's
-    score and value products (2 x 2 x C per visible key, T / 2 keys on average)."""
+    score and value products (2 x 2 x C per visible key, T / 2 keys on average). A head tied
+    to the embedding multiplies all the same."""
     seq, d = 64, C // H
     matmul = L * (2 * C * C + 2 * KV * d * C + 3 * C * F) + C * V
     expected = 6 * matmul + 3 * L * 4 * C * seq / 2
-    assert mfu.flops_per_token(DENSE, seq) == pytest.approx(expected)
+    cfg = dataclasses.replace(DENSE, tie_embeddings=tied)
+    assert mfu.flops_per_token(cfg, seq) == pytest.approx(expected)
 
 
 def test_peak_per_device(monkeypatch, tmp_path):

@@ -49,7 +49,7 @@ from birkhoff.parallel.planning.communication import (
     communication,
     muon_owner_group,
 )
-from birkhoff.parallel.planning.inventory import Inventory
+from birkhoff.parallel.planning.inventory import Inventory, head_weight_name
 from birkhoff.parallel.planning.layout import (
     DTYPE_BYTES,
     Layout,
@@ -313,7 +313,7 @@ def look_ahead_share(inv: Inventory, work: Workload) -> float:
     forward without the output head, which it does not run (Transformer.forward's
     `routes_only`)."""
     training = model_flops_per_token(inv, work)
-    head = sum(2 * t.numel for t in inv.params if t.matmul and t.name == "head.weight")
+    head = sum(2 * t.numel for t in inv.params if t.name == head_weight_name(inv.cfg))
     return (training / 3 - head) / training
 
 

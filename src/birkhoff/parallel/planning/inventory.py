@@ -102,6 +102,7 @@ def build_inventory(cfg: ModelConfig) -> Inventory:
         engram_table = name.endswith("engram.table.weight")
         matmul = param.dim() >= 2 and not (name.startswith("embedding") or engram_table)
         matmul = matmul and "bias_res" not in name and "position_bias" not in name
+        matmul = matmul or name == head_weight_name(sized)  # tied: the head multiplies by it
         params.append(
             TensorInfo(
                 name=name,
@@ -125,6 +126,12 @@ def build_inventory(cfg: ModelConfig) -> Inventory:
         layer = _layer_of(name)
         buffers[layer] = buffers.get(layer, 0) + buffer.numel() * buffer.element_size()
     return Inventory(sized, tuple(params), buffers)
+
+
+def head_weight_name(cfg: ModelConfig) -> str:
+    """The parameter the output head multiplies by: the embedding's when tied (the model then
+    holds it once, under that name)."""
+    return "embedding.weight" if cfg.tie_embeddings else "head.weight"
 
 
 def _layer_of(name: str) -> int:
