@@ -18,7 +18,6 @@ from model_throughput import SHAPES, VARIANTS, build, step
 
 
 def seconds(fn, rounds: int) -> float:
-    fn()  # warm-up
     start = time.perf_counter()
     for _ in range(rounds):
         fn()
@@ -39,6 +38,7 @@ def measure(model: str, rounds: int) -> dict[str, float]:
         net.train()
 
     times = {"routes_only": 0.0, "with_loss": 0.0}
+    look_ahead(True), look_ahead(False), step(net, optimizer, tokens)  # warm-up
     for _ in range(rounds):  # interleaved: machine noise hits both alike
         times["routes_only"] += seconds(lambda: look_ahead(True), 1)
         times["with_loss"] += seconds(lambda: look_ahead(False), 1)
