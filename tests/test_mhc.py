@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from birkhoff import kernels
-from birkhoff.kernels.reference import _NormalisedProjection, normalised_projection
+from birkhoff.kernels.mhc_reference import _NormalisedProjection, normalised_projection
 from birkhoff.model import ModelConfig, build_model
 from birkhoff.model.config import ResidualConfig
 from birkhoff.model.mhc import HyperConnection, residual_stats
@@ -60,26 +60,89 @@ def test_sinkhorn_gradients_match_finite_differences():
     assert torch.autograd.gradcheck(lambda x: sinkhorn(x, 20), (logits,))
 
 
-def test_stream_mixing_matches_the_formula():
+def _read_formula(x, h_pre):
+    return sum(h_pre[..., i, None] * x[..., i, :] for i in range(x.shape[-2]))
+
+
+def _merge_formula(x, f_out, h_res, h_post):
+    n = x.shape[-2]
+    rows = [
+        sum(h_res[..., i, j, None] * x[..., j, :] for j in range(n)) + h_post[..., i, None] * f_out
+        for i in range(n)
+    ]
+    return torch.stack(rows, dim=-2)
+
+
+@pytest.mark.parametrize("n", [4, 3])
+def test_stream_mixing_matches_the_formula(n):
+    """The stream read and merge (eager: autograd Functions with written-out backward) against
+    the per-stream sums written out, forward and every input's gradient, in float64; the
+    output gradient arrives non-contiguous, as a transposed consumer would hand it."""
     pre, post = kernels.get("mhc_pre"), kernels.get("mhc_post")
-    x = torch.randn(2, 3, 4, 8, dtype=torch.float64)
-    h_pre, h_post = (
-        torch.rand(2, 3, 4, dtype=torch.float64),
-        torch.rand(2, 3, 4, dtype=torch.float64),
-    )
-    h_res = torch.rand(2, 3, 4, 4, dtype=torch.float64)
-    f_out = torch.randn(2, 3, 8, dtype=torch.float64)
-    expected_pre = sum(h_pre[..., i, None] * x[..., i, :] for i in range(4))
-    torch.testing.assert_close(pre(x, h_pre), expected_pre)
-    expected_post = torch.stack(
-        [
-            sum(h_res[..., i, j, None] * x[..., j, :] for j in range(4))
-            + h_post[..., i, None] * f_out
-            for i in range(4)
-        ],
-        dim=-2,
-    )
-    torch.testing.assert_close(post(x, f_out, h_res, h_post), expected_post)
+    g = torch.Generator().manual_seed(n)
+
+    def rand(*shape):
+        return torch.randn(*shape, dtype=torch.float64, generator=g).requires_grad_()
+
+    x, h_pre, h_post = rand(2, 3, n, 8), rand(2, 3, n), rand(2, 3, n)
+    h_res, f_out = rand(2, 3, n, n), rand(2, 3, 8)
+    for op, formula, inputs, out_shape in (
+        (pre, _read_formula, (x, h_pre), (2, 3, 8)),
+        (post, _merge_formula, (x, f_out, h_res, h_post), (2, 3, n, 8)),
+    ):
+        got, expected = op(*inputs), formula(*inputs)
+        torch.testing.assert_close(got, expected)
+        grad = torch.randn(*reversed(out_shape), dtype=torch.float64, generator=g)
+        grad = grad.permute(*reversed(range(grad.dim())))  # non-contiguous
+        got_grads = torch.autograd.grad(got, inputs, grad)
+        expected_grads = torch.autograd.grad(expected, inputs, grad)
+        for i, (a, b) in enumerate(zip(got_grads, expected_grads, strict=True)):
+            torch.testing.assert_close(a, b, msg=lambda m, i=i, op=op: f"{op.__name__} {i}: {m}")
+        # one input without gradient: the others still right
+        frozen = [t.detach() if i == 0 else t for i, t in enumerate(inputs)]
+        partial = torch.autograd.grad(op(*frozen), frozen[1:], grad)
+        for a, b in zip(partial, expected_grads[1:], strict=True):
+            torch.testing.assert_close(a, b)
+
+
+def test_stream_read_and_merge_dtypes_under_autocast():
+    """Under bf16 autocast the read runs in bf16 (as a matmul would) and the merge keeps the
+    float32 streams; both against the formula on the inputs as each runs them."""
+    pre, post = kernels.get("mhc_pre"), kernels.get("mhc_post")
+    x, h = torch.randn(2, 3, 4, 16), torch.rand(2, 3, 4)
+    h_res, f_out = torch.rand(2, 3, 4, 4), torch.randn(2, 3, 16).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        read, merged = pre(x, h), post(x, f_out, h_res, h)
+    assert read.dtype == torch.bfloat16 and merged.dtype == torch.float32
+    expected_read = _read_formula(x.bfloat16().double(), h.bfloat16().double())
+    torch.testing.assert_close(read.double(), expected_read, rtol=2**-7, atol=1e-2)
+    expected = _merge_formula(x.double(), f_out.double(), h_res.double(), h.double())
+    torch.testing.assert_close(merged.double(), expected, rtol=1e-6, atol=1e-6)
+
+
+def _sinkhorn_oracle(logits: torch.Tensor, iters: int) -> torch.Tensor:
+    """One matrix at a time in float64: columns, then rows, normalised in log space."""
+    out = []
+    for matrix in logits.double().reshape(-1, *logits.shape[-2:]):
+        for _ in range(iters):
+            matrix = matrix - torch.logsumexp(matrix, dim=0, keepdim=True)
+            matrix = matrix - torch.logsumexp(matrix, dim=1, keepdim=True)
+        out.append(matrix.exp())
+    return torch.stack(out).view(logits.shape)
+
+
+@pytest.mark.parametrize("scale", [1.0, 30.0])
+def test_sinkhorn_matches_a_per_matrix_loop(scale):
+    """The batched op (laid out (n, n, batch), log_softmax per step, backward recomputing)
+    against a per-matrix loop of logsumexp normalisations: values and gradients."""
+    g = torch.Generator().manual_seed(int(scale))
+    logits = (scale * torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=g)).requires_grad_()
+    weights = torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=g)
+    got, expected = sinkhorn(logits, 20), _sinkhorn_oracle(logits, 20)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    (got_grad,) = torch.autograd.grad((got * weights).sum(), logits)
+    (expected_grad,) = torch.autograd.grad((expected * weights).sum(), logits)
+    torch.testing.assert_close(got_grad, expected_grad, rtol=1e-10, atol=1e-10)
 
 
 def test_normalised_projection_is_rms_norm_then_the_projection():
@@ -240,7 +303,7 @@ def test_sinkhorn_recomputes_in_backward_what_unrolled_autograd_computes(form):
     """The registered op keeps only its logits for backward (per matrix n^2 values, not two
     per iteration), its backward's recomputation reaches no outer saved-tensor hook, and its
     gradient is that of autograd through the unrolled iterations."""
-    from birkhoff.kernels.reference import _sinkhorn_eps, _sinkhorn_log
+    from birkhoff.kernels.mhc_reference import _sinkhorn_eps, _sinkhorn_log
 
     op = kernels.get("sinkhorn_knopp" if form == "paper" else "sinkhorn_knopp_eps")
     unrolled = _sinkhorn_log if form == "paper" else _sinkhorn_eps

@@ -8,7 +8,7 @@ broadcast product and a sum (and autograd keeps their inputs: the same ones, so 
 tensors do not change). The backward kernels give every gradient of a token in one pass
 too: the streams' and the sublayer output's per channel, the n x n and n mixing weights' as
 sums over the channels. Everything is accumulated in float32 and stored in each tensor's
-own dtype. The semantics are the reference's (kernels/reference.py), which the tests
+own dtype. The semantics are the reference's (kernels/mhc_reference.py), which the tests
 compare against under TRITON_INTERPRET=1.
 """
 

@@ -12,7 +12,7 @@ activations' gradients on the (tokens, 2n + n^2) values in torch; the weight's g
 one GEMM over the tokens; the streams' gradient in one kernel pass,
     dx = r (dl W) - x r^2 <dl, l> / (n C),   r = 1 / rms(x),
 where dl is the gradient of l = r x W^T. Semantics and tolerance: the reference's
-(kernels/reference.py), compared under TRITON_INTERPRET=1 in the tests.
+(kernels/mhc_reference.py), compared under TRITON_INTERPRET=1 in the tests.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ keeping them: it runs the forward again, writing each half-step's normaliser (n 
 to a scratch buffer, then walks back. A half-step L' = L - lse_k(L) has the gradient
 dL = dL' - exp(L') * sum_k dL' and its input is L' + lse_k(L), so walking back needs only
 the normalisers. Everything is in float32; the semantics are the reference's
-(kernels/reference.py), which the tests compare against under TRITON_INTERPRET=1.
+(kernels/mhc_reference.py), which the tests compare against under TRITON_INTERPRET=1.
 """
 
 from __future__ import annotations
@@ -188,7 +188,7 @@ def sinkhorn_knopp(logits: torch.Tensor, iters: int) -> torch.Tensor:
 
 @register("sinkhorn_knopp_eps", "triton")
 def sinkhorn_knopp_eps(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
-    """DeepSeek-V4's production Sinkhorn (kernels/reference.py, _sinkhorn_eps): a softmax
+    """DeepSeek-V4's production Sinkhorn (kernels/mhc_reference.py, _sinkhorn_eps): a softmax
     down each column plus eps, rows normalised, then iters - 1 times columns and rows, each
     sum taken as (sum + eps); linear space. (..., n, n) -> (..., n, n)."""
     return _Sinkhorn.apply(logits, iters, eps)

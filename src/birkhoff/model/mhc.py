@@ -8,7 +8,7 @@ where the mappings come from x' = RMSNorm(vec(x)):
          H_res = SinkhornKnopp(a_res mat(x'phi_res) + b_res)   (rows sum to 1, columns nearly)
     hc:  H = b + a tanh(x'phi) for each mapping, unconstrained (arXiv 2409.19606).
 form=v4 is DeepSeek-V4's code: H_pre + eps, and Sinkhorn in linear space with eps added to the
-starting softmax and to every sum it divides by (kernels/reference.py: sinkhorn_knopp_eps).
+starting softmax and to every sum it divides by (kernels/mhc_reference.py: sinkhorn_knopp_eps).
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ def block_terms(
 
 def _join_terms(cfg: ModelConfig, act: int) -> list[Term]:
     """One residual join. mHC keeps the n streams (their normalised flattening is never formed:
-    kernels/reference.py's normalised_projection), the mapping projection (in float32), the
+    kernels/mhc_reference.py's normalised_projection), the mapping projection (in float32), the
     sublayer output H_post scales, Sinkhorn's logits (its backward recomputes the iterations)
     and H_res; HC keeps tanh outputs instead."""
     c, n = cfg.hidden_size, cfg.residual.n_streams
