@@ -42,6 +42,10 @@ from conftest import SMALL_OVERRIDES, compose_recipe
 
 TESTS = Path(__file__).parent
 STEPS = 3
+# The first test to use `results` runs every layout in its setup: three torchruns (1, 2 and 4
+# ranks, each bounded by its own 900 s), 10-11 minutes alone on 2 cores and more beside other
+# test workers; the suite's 600 s per test would cut it off.
+pytestmark = pytest.mark.timeout(2700)
 # 4 layers so that pp=2 x 2 chunks has a layer per stage, an MTP depth (on the last pipeline
 # stage), the sequence-wise balance loss (added on the stage of its MoE layer) and a hash-routed
 # MoE layer (layer 1; under sequence parallelism it routes its part of the token ids); global
