@@ -88,3 +88,54 @@ def test_the_snapshot_the_plan_predicts_is_the_one_taken(name, embedding_update)
     inv = build_inventory(cfg)
     predicted = estimate(inv, layout, WORK, CLUSTER).memory_gib["host"] * GIB
     assert predicted == pytest.approx(measured, rel=0.01)
+
+
+def test_the_plan_gathers_to_one_owner_the_muon_matrices_the_trainer_does():
+    """fsdp=4 x tp=2 on 8 ranks, rank 0's share built by the trainer's own code on the meta
+    device behind a fake process group (as `--dry-run` builds it): for every matrix Muon
+    trains, the plan's owner group is the one train/muon.py derives from the DTensor
+    placements. The FFN's 36 rows split over tp but not over tp x dp_shard = 8: FSDP's
+    strided shard of its column-parallel matrices cannot be scattered, so every rank
+    computes them (group 1) and the plan moves no scatter bytes for them."""
+    from birkhoff.launch.dry_run import _fake_group
+    from birkhoff.launch.recipe import typed_recipe
+    from birkhoff.model.init import clean_name
+    from birkhoff.parallel.distributed import DistributedContext, build_mesh
+    from birkhoff.parallel.planning.communication import communication, muon_owner_group
+    from birkhoff.parallel.planning.layout import layout_of
+    from birkhoff.train.model_share import build_share
+    from birkhoff.train.muon import _owned, _owner_dim
+    from conftest import SMALL_OVERRIDES, compose_recipe
+
+    overrides = [*SMALL_OVERRIDES, "model=tiny_gqa", "model.ffn_hidden_size=36",
+                 "model.moe.num_experts=0", "parallel.tp=2", "launch.nproc_per_node=8",
+                 "optim=muon_v4", "train.micro_batch_size=2"]  # fmt: skip
+    recipe = typed_recipe(compose_recipe(overrides))
+    world = 8
+    recipe.validate(world)
+    degrees = recipe.parallel.degrees(world)
+    groups = {}
+    with _fake_group(0, world):
+        ctx = DistributedContext(0, 0, world, build_mesh(degrees, "cpu"), degrees,
+                                 torch.device("cpu"))  # fmt: skip
+        share = build_share(recipe, ctx, None, None, 0, 1)
+        for part in share.parts:
+            for name, param in part.named_parameters():
+                owned = _owned(param)
+                groups[clean_name(name)] = param.device_mesh.size(_owner_dim(param)) if owned else 1
+    inv = build_inventory(recipe.model)
+    layout = layout_of(recipe.parallel, recipe.train.micro_batch_size, world,
+                       recipe.optim.engram_update, recipe.optim.name)  # fmt: skip
+    assert (layout.dp_shard, layout.tp, layout.muon) == (4, 2, True)
+    checked = {}
+    for t in inv.params:
+        if t.matrices and not t.expert:
+            checked[t.name] = muon_owner_group(layout, t)
+            assert checked[t.name] == groups[t.name], t.name
+    uneven = sorted(name for name, group in checked.items() if group == 1)
+    assert uneven and all(".ffn.w_gate" in n or ".ffn.w_up" in n for n in uneven), uneven
+    assert any(group == 4 for group in checked.values())
+    # the scatter leaves them out: dp_shard's share of every other matrix
+    scattered = sum(t.numel for t in inv.params if checked.get(t.name, 1) > 1)
+    comm = communication(inv, layout, Workload(global_batch=8, seq_len=64))
+    assert comm["muon_scatter"] == pytest.approx(4 * scattered / 4)

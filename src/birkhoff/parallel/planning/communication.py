@@ -4,7 +4,7 @@ estimate.py's docstring for what each counts)."""
 from __future__ import annotations
 
 from birkhoff.parallel.planning.cluster import Cluster
-from birkhoff.parallel.planning.inventory import Inventory
+from birkhoff.parallel.planning.inventory import Inventory, TensorInfo
 from birkhoff.parallel.planning.layout import (
     DTYPE_BYTES,
     Layout,
@@ -114,40 +114,42 @@ def _stage_communication(inv: Inventory, layout: Layout, work: Workload, stage: 
     if layout.pp > 1:
         comm["pp_send_recv"] = micro_batches * _pipeline_bytes(cfg, work, layout, stage, tokens)
     if layout.muon:
-        comm.update(_muon_bytes(layout, held))
+        comm.update(_muon_bytes(inv, layout, keys))
     return comm
 
 
-def muon_owner_group(layout: Layout, tp_split: bool) -> int:
+def muon_owner_group(layout: Layout, t: TensorInfo) -> int:
     """The ranks among which one owner orthogonalises a (non-expert) matrix and scatters it
     (train/muon.py): those of dp_shard under FSDP (HSDP's replicas each have their owner; under
     fsdp x tp the owner's tp peers compute it alongside, row- and column-parallel alike), tp
-    for a tp-split matrix without FSDP; 1 where every rank computes it (a replicated one).
-    Not modelled: a column-parallel matrix whose rows do not split evenly over tp x dp_shard,
-    which every rank computes (DTensor cannot scatter it). Routed experts are sharded by
-    expert only: never gathered."""
+    for a tp-split matrix without FSDP; 1 where every rank computes it: a replicated matrix,
+    and a column-parallel one under fsdp x tp whose rows do not split evenly over
+    tp x dp_shard (FSDP's strided shard of it, which DTensor cannot scatter). Routed experts
+    are sharded by expert only: never gathered."""
     if layout.dp_shard > 1:
+        if t.tp_rows and layout.tp > 1 and t.matrices[1] % (layout.tp * layout.dp_shard):
+            return 1
         return layout.dp_shard
-    return layout.tp if tp_split and layout.tp > 1 else 1
+    return layout.tp if t.tp_split and layout.tp > 1 else 1
 
 
-def _muon_bytes(layout: Layout, held: list) -> dict[str, float]:
-    """Per step, Muon's gathers of its sharded matrices (float32 Nesterov inputs; each
-    gather's output, FSDP's dp_shard dimension first, then tp) and the owners' scatters back
-    (each rank's shard)."""
+def _muon_bytes(inv: Inventory, layout: Layout, keys: set[int]) -> dict[str, float]:
+    """Per step, Muon's gathers of the sharded matrices of the stage keys `keys` (float32
+    Nesterov inputs; each gather's output, FSDP's dp_shard dimension first, then tp) and the
+    owners' scatters back (each rank's shard; none where every rank computes the matrix)."""
     comm = dict.fromkeys(("muon_all_gather", "muon_tp_all_gather", "muon_scatter",
                           "muon_tp_scatter"), 0.0)  # fmt: skip
-    for g in held:
-        if not g.muon or g.expert:
+    for t in inv.params:
+        if not t.matrices or t.expert or t.layer not in keys:
             continue
         if layout.dp_shard > 1:
-            comm["muon_all_gather"] += 4 * tp_local(g, layout)
-        if g.tp_split and layout.tp > 1:
-            comm["muon_tp_all_gather"] += 4 * g.numel
-        owners = muon_owner_group(layout, g.tp_split)
+            comm["muon_all_gather"] += 4 * tp_local(t, layout)
+        if t.tp_split and layout.tp > 1:
+            comm["muon_tp_all_gather"] += 4 * t.numel
+        owners = muon_owner_group(layout, t)
         name = "muon_scatter" if layout.dp_shard > 1 else "muon_tp_scatter"
         if owners > 1:
-            comm[name] += 4 * g.numel / owners
+            comm[name] += 4 * t.numel / owners
     return comm
 
 

@@ -292,7 +292,7 @@ def _muon_matrices(inv: Inventory, layout: Layout, keys: set[int]) -> list[tuple
         if not t.matrices or t.layer not in keys:
             continue
         count, rows, cols = t.matrices
-        ranks = layout.dp_shard if t.expert else muon_owner_group(layout, t.tp_split)
+        ranks = layout.dp_shard if t.expert else muon_owner_group(layout, t)
         shapes.append((count / ranks, rows, cols))
     return shapes
 

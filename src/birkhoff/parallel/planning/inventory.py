@@ -38,6 +38,8 @@ class TensorInfo:
     matrices: tuple[int, int, int] | None = None
     # a table V4.1's Sinkhorn-balanced update trains (embedding, head, Engram tables)
     balanced: bool = False
+    # tp splits its rows (a colwise layer's weight): FSDP then shards the same dim, strided
+    tp_rows: bool = False
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,8 @@ def build_inventory(cfg: ModelConfig) -> Inventory:
     sized = apply_sparse_budget(cfg)
     with torch.device("meta"):
         model = Transformer(sized)
-    split = _tp_split_names(model)
+    roles = _tp_roles(model)
+    split = set(roles)
     local = _sequence_local_names(model, split)
     moe = sized.moe
     matrices = {id(p) for p in weight_matrices(model)}
@@ -118,6 +121,7 @@ def build_inventory(cfg: ModelConfig) -> Inventory:
                 if id(param) in matrices
                 else None,
                 balanced=id(param) in tables,
+                tp_rows=roles.get(name) == "colwise",
             )
         )
     buffers: dict[int, int] = {}
@@ -140,20 +144,20 @@ def _layer_of(name: str) -> int:
     return FIRST if name.startswith("embedding") else LAST
 
 
-def _tp_split_names(model: Transformer) -> set[str]:
-    """Parameters tensor parallelism splits: those of the colwise / rowwise layers of every
-    block's plan, and V4 attention's per-head sinks."""
-    split = set()
+def _tp_roles(model: Transformer) -> dict[str, str]:
+    """Parameters tensor parallelism splits, by role: those of the colwise / rowwise layers of
+    every block's plan, and V4 attention's per-head sinks (split along their only dim)."""
+    split = {}
     for prefix, block in model.named_modules():
         if not isinstance(block, Block):
             continue
         roles = block.tensor_parallel_plan(sequence_parallel=False)
         for name, _ in block.named_parameters():
-            module = name.rsplit(".", 1)[0]
-            if roles.get(module) in ("colwise", "rowwise"):
-                split.add(f"{prefix}.{name}")
+            role = roles.get(name.rsplit(".", 1)[0])
+            if role in ("colwise", "rowwise"):
+                split[f"{prefix}.{name}"] = role
         if isinstance(block.attention, V4Attention):
-            split.add(f"{prefix}.attention.sinks")
+            split[f"{prefix}.attention.sinks"] = "colwise"
     return split
 
 
