@@ -8,16 +8,21 @@ import pytest
 import torch
 from test_plan import CLUSTER, DENSE, KV, C, F, H, L, V, dense_parameters
 
+from birkhoff.launch.dry_run import rank_share
+from birkhoff.launch.recipe import typed_recipe
 from birkhoff.model import build_model
 from birkhoff.model.config import EngramConfig, MoEConfig
+from birkhoff.model.init import clean_name
+from birkhoff.parallel.planning.communication import communication, muon_owner_group
 from birkhoff.parallel.planning.estimate import GIB, estimate
 from birkhoff.parallel.planning.inventory import build_inventory
-from birkhoff.parallel.planning.layout import Layout, Workload
+from birkhoff.parallel.planning.layout import Layout, Workload, layout_of
 from birkhoff.parallel.planning.search import check_runnable
 from birkhoff.train.config import OptimConfig
+from birkhoff.train.muon import _owned, _owner_dim
 from birkhoff.train.optim import build_optimizer
 from birkhoff.train.snapshot import take_snapshot
-from conftest import small_model
+from conftest import SMALL_OVERRIDES, compose_recipe, small_model
 
 WORK = Workload(global_batch=8, seq_len=32)
 
@@ -97,34 +102,18 @@ def test_the_plan_gathers_to_one_owner_the_muon_matrices_the_trainer_does():
     placements. The FFN's 36 rows split over tp but not over tp x dp_shard = 8: FSDP's
     strided shard of its column-parallel matrices cannot be scattered, so every rank
     computes them (group 1) and the plan moves no scatter bytes for them."""
-    from birkhoff.launch.dry_run import _fake_group
-    from birkhoff.launch.recipe import typed_recipe
-    from birkhoff.model.init import clean_name
-    from birkhoff.parallel.distributed import DistributedContext, build_mesh
-    from birkhoff.parallel.planning.communication import communication, muon_owner_group
-    from birkhoff.parallel.planning.layout import layout_of
-    from birkhoff.train.model_share import build_share
-    from birkhoff.train.muon import _owned, _owner_dim
-    from conftest import SMALL_OVERRIDES, compose_recipe
-
     overrides = [*SMALL_OVERRIDES, "model=tiny_gqa", "model.ffn_hidden_size=36",
                  "model.moe.num_experts=0", "parallel.tp=2", "launch.nproc_per_node=8",
                  "optim=muon_v4", "train.micro_batch_size=2"]  # fmt: skip
     recipe = typed_recipe(compose_recipe(overrides))
-    world = 8
-    recipe.validate(world)
-    degrees = recipe.parallel.degrees(world)
     groups = {}
-    with _fake_group(0, world):
-        ctx = DistributedContext(0, 0, world, build_mesh(degrees, "cpu"), degrees,
-                                 torch.device("cpu"))  # fmt: skip
-        share = build_share(recipe, ctx, None, None, 0, 1)
+    with rank_share(recipe, 0) as (share, _):
         for part in share.parts:
             for name, param in part.named_parameters():
                 owned = _owned(param)
                 groups[clean_name(name)] = param.device_mesh.size(_owner_dim(param)) if owned else 1
     inv = build_inventory(recipe.model)
-    layout = layout_of(recipe.parallel, recipe.train.micro_batch_size, world,
+    layout = layout_of(recipe.parallel, recipe.train.micro_batch_size, 8,
                        recipe.optim.engram_update, recipe.optim.name)  # fmt: skip
     assert (layout.dp_shard, layout.tp, layout.muon) == (4, 2, True)
     checked = {}

@@ -27,21 +27,13 @@ from birkhoff.parallel.planning.cluster import Cluster, cluster_from
 from birkhoff.parallel.planning.estimate import GIB, estimate
 from birkhoff.parallel.planning.inventory import build_inventory
 from birkhoff.parallel.planning.layout import layout_of
-from birkhoff.train.model_share import build_share
+from birkhoff.train.model_share import ModelShare, build_share
 
 
 def dry_run(recipe: Recipe, rank: int) -> str:
     """The report of rank `rank`'s share of the layout (see the module docstring)."""
-    world = (recipe.launch.nnodes or 1) * recipe.launch.nproc_per_node
-    require(0 <= rank < world, "--rank", rank, f"must be in [0, {world}) for this layout")
-    recipe.validate(world)
-    degrees = recipe.parallel.degrees(world)
-    with _fake_group(rank, world):
-        mesh = build_mesh(degrees, "cpu") if world > 1 else None
-        local_rank = rank % recipe.launch.nproc_per_node
-        ctx = DistributedContext(rank, local_rank, world, mesh, degrees, torch.device("cpu"))
-        micro_batches = recipe.train.grad_accum_steps(ctx.dp_size)
-        share = build_share(recipe, ctx, None, None, 0, micro_batches)
+    with rank_share(recipe, rank) as (share, ctx):
+        world = ctx.world_size
         coordinates = {dim: ctx.local_rank_in(dim) for dim in ("pp", "dp_shard", "tp", "ep")}
         lines = [
             f"rank {rank} of {world}: " + ", ".join(f"{k} {v}" for k, v in coordinates.items())
@@ -55,6 +47,22 @@ def dry_run(recipe: Recipe, rank: int) -> str:
                 lines.append(f"  {clean_name(name)}: {tuple(local.shape)}{whole}")
     lines += _memory(recipe, world, held)
     return "\n".join(lines)
+
+
+@contextmanager
+def rank_share(recipe: Recipe, rank: int) -> Iterator[tuple[ModelShare, DistributedContext]]:
+    """Rank `rank`'s share of the recipe's layout, built on the meta device as training builds
+    it, with its context; the fake process group lives until the block ends."""
+    world = (recipe.launch.nnodes or 1) * recipe.launch.nproc_per_node
+    require(0 <= rank < world, "--rank", rank, f"must be in [0, {world}) for this layout")
+    recipe.validate(world)
+    degrees = recipe.parallel.degrees(world)
+    with _fake_group(rank, world):
+        mesh = build_mesh(degrees, "cpu") if world > 1 else None
+        local_rank = rank % recipe.launch.nproc_per_node
+        ctx = DistributedContext(rank, local_rank, world, mesh, degrees, torch.device("cpu"))
+        micro_batches = recipe.train.grad_accum_steps(ctx.dp_size)
+        yield build_share(recipe, ctx, None, None, 0, micro_batches), ctx
 
 
 def _memory(recipe: Recipe, world: int, held: int) -> list[str]:
