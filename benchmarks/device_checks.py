@@ -1,18 +1,24 @@
 """Every check and benchmark a lent GPU should run, in one command, each step in its own
-process with its own time limit; writes one JSON file (and prints it) with each step's exit
-code, seconds and output (parsed JSON where the step prints it). Steps:
+process with its own time limit, most important first, within one overall budget (a step
+starts only with time left for it; its limit is cut to what is left). The JSON file is
+rewritten after every step, so a run stopped from outside still leaves what it finished.
+Each step records its exit code, seconds and output (parsed JSON where it prints it). Steps:
 
-  doctor        `birkhoff doctor --backend triton --json`: every Triton op (mHC read and merge,
-                both Sinkhorn forms, V4 attention on FlexAttention) against the reference,
-                forward and backward error, speed ratio; collectives; versions
-  v4_attention  benchmarks/v4_attention_kernels.py: FlexAttention against the reference at
-                V4-Flash shapes (time, peak memory, error)
-  linear_ce     benchmarks/linear_cross_entropy.py: the head's loss at V4's vocabulary, the
-                whole logits against the chunked reference and liger-kernel's fused op
-  train_tiny    `birkhoff train model=tiny` for 30 steps with backend.kernels=triton and
-                reference, bf16: tokens/s, MFU and loss of each (summary.json)
+  doctor              `birkhoff doctor --backend triton --json`: every Triton op against the
+                      reference (forward and backward error, speed ratio); collectives; versions
+  throughput_tiny     benchmarks/model_throughput.py on the device, bf16: tiny with mHC and with
+                      the plain residual, reference and triton kernels, one process: tokens/s,
+                      MFU, mHC overhead, kernel launches per step
+  throughput_small    the same at `small`, 8 x 1024 tokens per step
+  train_tiny_*        `birkhoff train model=tiny`, 30 steps, bf16, kernels triton and reference:
+                      the trainer end to end (summary.json: tokens/s, MFU, loss)
+  throughput_16b_class       the 16B-class shape below (one variant, triton kernels): MFU
+  v4_attention        benchmarks/v4_attention_kernels.py at V4-Flash shapes (4096 tokens)
+  linear_ce_*         benchmarks/linear_cross_entropy.py at V4's vocabulary, reference and
+                      triton (liger-kernel's fused op)
+  throughput_small_compiled  `small` with train.compile's per-block inductor compilation
 
-    python benchmarks/device_checks.py --out device_checks.json
+    python benchmarks/device_checks.py --out device_checks.json --budget-s 450
     python benchmarks/device_checks.py --smoke   # on a CPU: the script itself, tiny steps
 """
 
@@ -27,18 +33,32 @@ import time
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).parent
+CLI = [sys.executable, "-m", "birkhoff.launch.cli"]
+# DeepSeek-V2-Lite's widths (hidden 2048, 64 routed experts of 1408, top-6, 2 shared, a
+# dense first layer of 10944) at 8 layers: 5.2B parameters (0.79B active), whose fp32
+# weights, gradients and AdamW state fit one 141 GB GPU; 27 layers (15.7B) would not.
+SHAPE_16B_CLASS = [
+    "model.hidden_size=2048", "model.num_layers=8", "model.num_heads=16",
+    "model.num_kv_heads=4", "model.ffn_hidden_size=10944", "model.moe.num_experts=64",
+    "model.moe.top_k=6", "model.moe.num_shared_experts=2",
+    "model.moe.expert_ffn_hidden_size=1408", "model.engram.table_size=100000",
+    "model.engram.embed_dim=128",
+]  # fmt: skip
 
 
-def step(command: list[str], limit: int, summary: Path | None = None) -> dict:
+def step(command: list[str], limit: float, summary: Path | None = None) -> dict:
     start = time.perf_counter()
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=limit)
-        result = {"returncode": done.returncode, "output_tail": done.stdout[-4000:]}
+        result = {"returncode": done.returncode, "output_tail": done.stdout[-3000:]}
         if done.returncode != 0:
-            result["error_tail"] = done.stderr[-4000:]
+            result["error_tail"] = done.stderr[-3000:]
         result |= _parsed(done.stdout.strip())
-    except subprocess.TimeoutExpired:
-        result = {"returncode": None, "timed_out_after_s": limit}
+        if "json" in result:
+            del result["output_tail"]  # the same, parsed
+    except subprocess.TimeoutExpired as stopped:
+        result = {"returncode": None, "timed_out_after_s": round(limit)}
+        result["error_tail"] = (stopped.stderr or b"")[-2000:].decode(errors="replace")
     result["seconds"] = round(time.perf_counter() - start, 1)
     if summary is not None and summary.exists():
         keep = ("tokens_per_s", "mfu", "final_loss", "kernels", "compile", "median_step_s")
@@ -48,7 +68,7 @@ def step(command: list[str], limit: int, summary: Path | None = None) -> dict:
 
 
 def _parsed(text: str) -> dict:
-    """The step's JSON: its whole output (doctor) or its last line (the benchmarks)."""
+    """The step's JSON: its whole output (doctor, model_throughput) or its last line."""
     for candidate in (text, text.splitlines()[-1] if text else ""):
         try:
             return {"json": json.loads(candidate)}
@@ -59,38 +79,75 @@ def _parsed(text: str) -> dict:
 
 def train(run_dir: Path, kernels: str, args: argparse.Namespace) -> list[str]:
     return [
-        sys.executable, "-m", "birkhoff.launch.cli", "train", f"hydra.run.dir={run_dir}",
-        "model=tiny", f"train.steps={args.steps}", "train.eval_every=0", "checkpoint.every=0",
-        f"backend.kernels={kernels}", "logging.console=plain", "optim.warmup_steps=1",
+        *CLI, "train", f"hydra.run.dir={run_dir}", "model=tiny", f"train.steps={args.steps}",
+        "train.eval_every=0", "checkpoint.every=0", f"backend.kernels={kernels}",
+        "logging.console=plain", "optim.warmup_steps=1",
         *(["backend=cpu", "train.micro_batch_size=2", "train.global_batch_size=2"]
           if args.smoke else ["train.mixed_precision=bf16"]),
     ]  # fmt: skip
+
+
+def throughput(models: str, shape: tuple[int, int], extra: list[str], smoke: bool) -> list[str]:
+    device = ["--shape", "2", "32"] if smoke else ["--device", "cuda", "--bf16"]
+    return [
+        sys.executable, str(BENCHMARKS / "model_throughput.py"), "--models", models,
+        *(device if smoke else [*device, "--shape", *map(str, shape)]),
+        "--rounds", "1" if smoke else "3", "--steps", "1" if smoke else "3", *extra,
+    ]  # fmt: skip
+
+
+def plan(args: argparse.Namespace, scratch: Path) -> list[tuple[str, list[str], int, Path | None]]:
+    """(name, command, limit in seconds, summary file) per step, most important first."""
+    kernels = ["--kernels", "reference"] if args.smoke else ["--kernels", "reference", "triton"]
+    mhc = ["--variants", "default", "plain", "--launches", *kernels]
+    steps = [("doctor", [*CLI, "doctor", "--json", "--backend", args.kernels], 150, None)]
+    steps.append(("throughput_tiny", throughput("tiny", (32, 256), mhc, args.smoke), 150, None))
+    steps.append(("throughput_small", throughput("small", (8, 1024), mhc, args.smoke), 180, None))
+    for kernels in ("reference",) if args.smoke else ("triton", "reference"):
+        run_dir = scratch / kernels  # Triton runs interpreted on a CPU: minutes for one step
+        command = train(run_dir, kernels, args)
+        steps.append((f"train_tiny_{kernels}", command, 150, run_dir / "summary.json"))
+    big = ["--variants", "default", "--kernels", args.kernels, "--set", *SHAPE_16B_CLASS]
+    if args.smoke:  # the same command with the widths cut to what a CPU runs in seconds
+        big = [*big[: -len(SHAPE_16B_CLASS)], "model.num_layers=8"]
+    big_class = throughput("small", (8, 1024), big, args.smoke)
+    steps.append(("throughput_16b_class", big_class, 240, None))
+    attention = [sys.executable, str(BENCHMARKS / "v4_attention_kernels.py")]
+    attention += ["--smoke"] if args.smoke else ["--lengths", "4096"]
+    steps.append(("v4_attention", attention, 150, None))
+    loss = [sys.executable, str(BENCHMARKS / "linear_cross_entropy.py")]
+    shape = ["--tokens", "64", "--hidden", "32", "--vocab", "1000"] if args.smoke else []
+    for backend in ("reference",) if args.smoke else ("reference", "triton"):
+        steps.append((f"linear_ce_{backend}", [*loss, *shape, "--backend", backend], 90, None))
+    if not args.smoke:  # cold compiles: minutes on a 2-core CPU, > 4 on an H200
+        compiled = ["--variants", "default", "plain", "--compile", "--kernels", "reference"]
+        small_compiled = throughput("small", (8, 1024), compiled, args.smoke)
+        steps.append(("throughput_small_compiled", small_compiled, 240, None))
+    return steps
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("device_checks.json"))
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--budget-s", type=float, default=3600, help="all steps together")
+    parser.add_argument("--only", nargs="*", help="run only these steps (names as above)")
     parser.add_argument("--smoke", action="store_true", help="tiny steps on a CPU")
     args = parser.parse_args()
+    args.kernels = "reference" if args.smoke else "triton"
     if args.smoke:
         args.steps = 2
-    results = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "smoke": args.smoke}
-    doctor = [sys.executable, "-m", "birkhoff.launch.cli", "doctor", "--json"]
-    results["doctor"] = step([*doctor, "--backend", "reference" if args.smoke else "triton"], 300)
-    attention = [sys.executable, str(BENCHMARKS / "v4_attention_kernels.py")]
-    results["v4_attention"] = step([*attention, *(["--smoke"] if args.smoke else [])], 400)
-    loss = [sys.executable, str(BENCHMARKS / "linear_cross_entropy.py")]
-    shape = ["--tokens", "64", "--hidden", "32", "--vocab", "1000"] if args.smoke else []
-    for backend in ("reference",) if args.smoke else ("reference", "triton"):
-        results[f"linear_ce_{backend}"] = step([*loss, *shape, "--backend", backend], 200)
+    deadline = time.perf_counter() + args.budget_s
+    results = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "smoke": args.smoke, "skipped": []}
     with tempfile.TemporaryDirectory() as scratch:
-        for kernels in ("reference", "triton"):
-            if args.smoke and kernels == "triton":
-                continue  # Triton runs interpreted on a CPU: minutes for one step
-            run_dir = Path(scratch) / kernels
-            command = train(run_dir, kernels, args)
-            results[f"train_tiny_{kernels}"] = step(command, 600, run_dir / "summary.json")
+        for name, command, limit, summary in plan(args, Path(scratch)):
+            left = deadline - time.perf_counter()
+            if (args.only and name not in args.only) or left < min(limit, 60):
+                results["skipped"].append(name)
+                continue
+            print(f"[device_checks] {name} (limit {min(limit, left):.0f} s)", file=sys.stderr)
+            results[name] = step(command, min(limit, left), summary)
+            args.out.write_text(json.dumps(results, indent=1))
     args.out.write_text(json.dumps(results, indent=1))
     print(json.dumps(results))
 

@@ -9,15 +9,27 @@ V4 attention cost = time(V4 attention)/time(GQA) - 1, and with --profile the top
 default. `--compile` compiles every variant's blocks with inductor (train.compile's per-block
 compilation) and warms them up before timing; `--variants` picks some.
 
+On an accelerator (`--device cuda`) the same run takes the kernel backends to compare
+(`--kernels reference triton`: every variant built once per backend, ratios per backend),
+bf16 autocast (`--bf16`), a step shape (`--shape SEQUENCES TOKENS`) and recipe overrides for
+every variant (`--set model.hidden_size=2048 ...`); it reports MFU against the device's bf16
+peak (train/mfu.py), peak memory, and with `--launches` the device kernels one step launches
+(profiler events on the device; on a CPU the aten calls instead).
+
     python benchmarks/model_throughput.py --models tiny small --rounds 3
     python benchmarks/model_throughput.py --models small --variants default plain --compile
+    python benchmarks/model_throughput.py --device cuda --bf16 --kernels reference triton \
+        --models small --shape 8 1024 --variants default plain --launches
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_module
@@ -25,8 +37,11 @@ from hydra import compose, initialize_config_module
 from birkhoff.launch.recipe import load_recipe
 from birkhoff.model import build_model
 from birkhoff.model.budget import count_parameters
+from birkhoff.model.engram import Engram
 from birkhoff.parallel.compile import compile_blocks
 from birkhoff.parallel.parallelize import block_slots
+from birkhoff.parallel.sparse_rows import materialise
+from birkhoff.train.mfu import device_peak, flops_per_token
 
 VARIANTS = {
     "default": [],
@@ -44,58 +59,122 @@ SHAPES = {"tiny": (12, 128), "small": (2, 256)}  # (sequences, tokens per sequen
 
 
 def build(
-    model: str, overrides: list[str], compiled: bool
+    model: str, overrides: list[str], compiled: bool, kernels: str, device: torch.device
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """Built on the meta device and materialised on `device` as the trainer does."""
     with initialize_config_module(config_module="birkhoff.recipes", version_base=None):
         cfg = compose(config_name="config", overrides=[f"model={model}", *overrides])
     recipe, _ = load_recipe(cfg, env={})
-    torch.manual_seed(0)
-    net = build_model(recipe.model)
+    with torch.device("meta"):
+        net = build_model(recipe.model, kernels)
+    materialise(net, device, host_tables=False)
+    net.tie_weights()
+    net.init_weights(0)
+    for engram in (m for m in net.modules() if isinstance(m, Engram)):
+        engram.prepare_stats(device)
     if compiled:
         compile_blocks(block_slots(net), "inductor")
     return net, torch.optim.AdamW(net.parameters(), lr=1e-4)
 
 
-def step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, tokens: torch.Tensor) -> None:
-    net(tokens[:, :-1], tokens[:, 1:]).backward()
+def step(
+    net: torch.nn.Module, optimizer: torch.optim.Optimizer, tokens: torch.Tensor, bf16: bool
+) -> None:
+    autocast = torch.autocast(tokens.device.type, torch.bfloat16) if bf16 else None
+    with autocast or contextlib.nullcontext():
+        loss = net(tokens[:, :-1], tokens[:, 1:])
+    loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
 
-def measure(
-    model: str, rounds: int, steps: int, profile: bool, variants: list[str], compiled: bool
-) -> dict:
-    batch, seq = SHAPES[model]
-    built = {name: build(model, VARIANTS[name], compiled) for name in variants}
-    vocab = next(iter(built.values()))[0].cfg.vocab_size
+def synchronize(device: torch.device) -> None:
+    if device.type != "cpu":
+        torch.accelerator.synchronize()
+
+
+def measure(model: str, args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    batch, seq = args.shape or SHAPES[model]
+    names = {  # result name: (variant, kernel backend)
+        (f"{variant}/{kernels}" if len(args.kernels) > 1 else variant): (variant, kernels)
+        for kernels in args.kernels
+        for variant in args.variants
+    }
+    built = {
+        name: build(model, [*VARIANTS[v], *args.set], args.compile, kernels, device)
+        for name, (v, kernels) in names.items()
+    }
+    first = next(iter(built.values()))[0]
+    vocab = first.cfg.vocab_size
     tokens = torch.randint(0, vocab, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
+    tokens = tokens.to(device)
     seconds = dict.fromkeys(built, 0.0)
     for net, optimizer in built.values():  # warm-up (compiled: the compiles, then one more)
-        for _ in range(2 if compiled else 1):
-            step(net, optimizer, tokens)
-    for _ in range(rounds):
+        for _ in range(2 if args.compile else 1):
+            step(net, optimizer, tokens, args.bf16)
+    for _ in range(args.rounds):
         for name, (net, optimizer) in built.items():
+            synchronize(device)
             start = time.perf_counter()
-            for _ in range(steps):
-                step(net, optimizer, tokens)
+            for _ in range(args.steps):
+                step(net, optimizer, tokens, args.bf16)
+            synchronize(device)
             seconds[name] += time.perf_counter() - start
-    per_step = {name: total / (rounds * steps) for name, total in seconds.items()}
+    per_step = {name: total / (args.rounds * args.steps) for name, total in seconds.items()}
     result = {
         "tokens_per_step": batch * seq,
         "parameters": {n: count_parameters(net.cfg).as_dict() for n, (net, _) in built.items()},
         "tokens_per_s": {n: batch * seq / t for n, t in per_step.items()},
     }
     for metric, (over, base) in RATIOS.items():
-        if over in per_step and base in per_step:
-            result[metric] = per_step[over] / per_step[base] - 1
-    if profile:
-        result["top_ops_default"] = top_ops(*built["default"], tokens)
+        for kernels in args.kernels:
+            suffix = f"/{kernels}" if len(args.kernels) > 1 else ""
+            if over + suffix in per_step and base + suffix in per_step:
+                key = metric + (f"_{kernels}" if suffix else "")
+                result[key] = per_step[over + suffix] / per_step[base + suffix] - 1
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    peak = device_peak(device, args.peak_tflops, dtype, Path(tempfile.gettempdir()))
+    result["peak_tflops"] = {"value": peak.tflops, "source": peak.source}
+    result["mfu"] = {
+        n: flops_per_token(net.cfg, seq) * batch * seq / per_step[n] / (peak.tflops * 1e12)
+        for n, (net, _) in built.items()
+    }
+    if device.type != "cpu":
+        result["peak_memory_gib_all_variants"] = torch.accelerator.max_memory_allocated() / 2**30
+    if args.launches:
+        key = "kernel_launches_per_step" if device.type != "cpu" else "aten_calls_per_step"
+        result[key] = {
+            n: launches(net, optimizer, tokens, args.bf16) for n, (net, optimizer) in built.items()
+        }
+    if args.profile:
+        default = "default" + (f"/{args.kernels[0]}" if len(args.kernels) > 1 else "")
+        result["top_ops_default"] = top_ops(*built[default], tokens, args.bf16)
     return result
 
 
-def top_ops(net: torch.nn.Module, optimizer: torch.optim.Optimizer, tokens: torch.Tensor) -> list:
+def launches(
+    net: torch.nn.Module, optimizer: torch.optim.Optimizer, tokens: torch.Tensor, bf16: bool
+) -> int:
+    """Device kernels (accelerator) or aten calls (CPU) of one whole step."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    on_device = tokens.device.type != "cpu"
+    if on_device:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        step(net, optimizer, tokens, bf16)
+        synchronize(tokens.device)
+    if on_device:
+        cpu = torch.autograd.DeviceType.CPU
+        return sum(1 for e in prof.events() if e.device_type != cpu)
+    return sum(1 for e in prof.events() if e.name.startswith("aten::"))
+
+
+def top_ops(
+    net: torch.nn.Module, optimizer: torch.optim.Optimizer, tokens: torch.Tensor, bf16: bool
+) -> list:
     with torch.profiler.profile() as prof:
-        step(net, optimizer, tokens)
+        step(net, optimizer, tokens, bf16)
     events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:8]
     total = sum(e.self_cpu_time_total for e in prof.key_averages())
     return [
@@ -112,6 +191,13 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--compile", action="store_true", help="inductor, per block")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    parser.add_argument("--kernels", nargs="+", default=["reference"], help="kernel backends")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (the trainer's)")
+    parser.add_argument("--shape", nargs=2, type=int, metavar=("SEQUENCES", "TOKENS"))
+    parser.add_argument("--set", nargs="*", default=[], help="recipe overrides, every variant")
+    parser.add_argument("--launches", action="store_true", help="kernels launched per step")
+    parser.add_argument("--peak-tflops", type=float, help="the device's peak (default: preset)")
     args = parser.parse_args()
     if args.profile and "default" not in args.variants:
         parser.error("--profile profiles the default variant: include it in --variants")
@@ -120,12 +206,19 @@ def main() -> None:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "compiled": args.compile,
-        "models": {
-            m: measure(m, args.rounds, args.steps, args.profile, args.variants, args.compile)
-            for m in args.models
-        },
+        "device": _device_name(args.device),
+        "bf16": args.bf16,
+        "shape_override": args.shape,
+        "set": args.set,
+        "models": {m: measure(m, args) for m in args.models},
     }
     print(json.dumps(report, indent=2))
+
+
+def _device_name(device: str) -> str:
+    if device == "cpu":
+        return "cpu"
+    return torch.cuda.get_device_name() if device.startswith("cuda") else device
 
 
 if __name__ == "__main__":

@@ -30,6 +30,14 @@ from birkhoff.kernels.registry import register
 from birkhoff.kernels.v4_attention import EntryKV
 
 BLOCK = 128  # FlexAttention's default block of queries and of keys
+# Inductor's default tiles for a 512-wide head (V4's) ask 256 KiB of shared memory for the
+# forward (queries 128 x 512 and keys and values 64 x 512 in bf16; an H200 has 227 KiB): wide
+# heads take smaller tiles, a single stage, and backward tiles to match (each divides BLOCK).
+WIDE_HEAD = 256
+WIDE_HEAD_TILES = {
+    "BLOCK_M": 64, "BLOCK_N": 32, "num_stages": 1,
+    "BLOCK_M1": 16, "BLOCK_N1": 32, "BLOCK_M2": 32, "BLOCK_N2": 16,
+}  # fmt: skip
 
 
 @functools.cache
@@ -56,6 +64,7 @@ def v4_attention(
         keys = torch.cat((keys, entries.values.to(kv.dtype)), dim=1)
     block_mask = _block_mask(positions, window, entries, entries_from, keys.shape[1])
     attend = _fused_flex() if q.is_cuda else flex_attention
+    tiles = WIDE_HEAD_TILES if q.is_cuda and dim > WIDE_HEAD else None
     out, aux = attend(
         q.to(kv.dtype).transpose(1, 2),
         keys[:, None],
@@ -64,6 +73,7 @@ def v4_attention(
         scale=dim**-0.5,
         enable_gqa=True,
         return_aux=AuxRequest(lse=True),
+        kernel_options=tiles,
     )
     lse = aux.lse.transpose(1, 2).float()  # (B, T, H), over the keys only
     sink = sinks.float().expand_as(lse)

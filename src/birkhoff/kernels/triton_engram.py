@@ -27,7 +27,8 @@ from birkhoff.kernels.reference import engram_memory
 from birkhoff.kernels.registry import register
 
 BLOCK_C = 128
-SQRT_FLOOR = 1e-6  # the reference's signed sqrt clamps |s| here (a finite gradient at 0)
+# the reference's signed sqrt clamps |s| here (a finite gradient at 0)
+SQRT_FLOOR = tl.constexpr(1e-6)
 
 
 @triton.jit

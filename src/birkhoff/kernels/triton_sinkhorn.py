@@ -115,29 +115,31 @@ def _backward_eps(x_ptr, g_ptr, dx_ptr, norm_ptr, T, eps, ITERS: tl.constexpr,
     by_i = t[:, None, None] * 2 * ITERS * NP + i[None, :, None]
     rows_in = t[:, None, None] < T
     p, m = _softmax_plus_eps(x_ptr, offs, valid, eps)
-    divisor = tl.sum(m, axis=2, keep_dims=True) + eps
-    tl.store(norm_ptr + by_i, divisor, mask=rows_in)
-    m = m / divisor
+    # row divisors are (B, NP, 1), column divisors (B, 1, NP): one name each, since a loop
+    # variable must keep its shape (Triton's compiler refuses it; the interpreter does not)
+    row_divisor = tl.sum(m, axis=2, keep_dims=True) + eps
+    tl.store(norm_ptr + by_i, row_divisor, mask=rows_in)
+    m = m / row_divisor
     for k in range(1, ITERS):
-        divisor = tl.sum(m, axis=1, keep_dims=True) + eps
-        tl.store(norm_ptr + by_j + (2 * k - 1) * NP, divisor, mask=rows_in)
-        m = m / divisor
-        divisor = tl.sum(m, axis=2, keep_dims=True) + eps
-        tl.store(norm_ptr + by_i + 2 * k * NP, divisor, mask=rows_in)
-        m = m / divisor
+        col_divisor = tl.sum(m, axis=1, keep_dims=True) + eps
+        tl.store(norm_ptr + by_j + (2 * k - 1) * NP, col_divisor, mask=rows_in)
+        m = m / col_divisor
+        row_divisor = tl.sum(m, axis=2, keep_dims=True) + eps
+        tl.store(norm_ptr + by_i + 2 * k * NP, row_divisor, mask=rows_in)
+        m = m / row_divisor
     d_m = tl.load(g_ptr + offs, mask=valid, other=0.0).to(tl.float32)
     for back in range(ITERS - 1):
         k = ITERS - 1 - back
-        divisor = tl.load(norm_ptr + by_i + 2 * k * NP, mask=rows_in, other=1.0)
+        row_divisor = tl.load(norm_ptr + by_i + 2 * k * NP, mask=rows_in, other=1.0)
         # padding keeps a zero gradient (its divisors are eps: anything else would grow 1/eps
         # a step)
-        d_m = tl.where(valid, (d_m - tl.sum(d_m * m, axis=2, keep_dims=True)) / divisor, 0.0)
-        m = m * divisor
-        divisor = tl.load(norm_ptr + by_j + (2 * k - 1) * NP, mask=rows_in, other=1.0)
-        d_m = tl.where(valid, (d_m - tl.sum(d_m * m, axis=1, keep_dims=True)) / divisor, 0.0)
-        m = m * divisor
-    divisor = tl.load(norm_ptr + by_i, mask=rows_in, other=1.0)
-    d_m = tl.where(valid, (d_m - tl.sum(d_m * m, axis=2, keep_dims=True)) / divisor, 0.0)
+        d_m = tl.where(valid, (d_m - tl.sum(d_m * m, axis=2, keep_dims=True)) / row_divisor, 0.0)
+        m = m * row_divisor
+        col_divisor = tl.load(norm_ptr + by_j + (2 * k - 1) * NP, mask=rows_in, other=1.0)
+        d_m = tl.where(valid, (d_m - tl.sum(d_m * m, axis=1, keep_dims=True)) / col_divisor, 0.0)
+        m = m * col_divisor
+    row_divisor = tl.load(norm_ptr + by_i, mask=rows_in, other=1.0)
+    d_m = tl.where(valid, (d_m - tl.sum(d_m * m, axis=2, keep_dims=True)) / row_divisor, 0.0)
     d_x = p * (d_m - tl.sum(d_m * p, axis=1, keep_dims=True))  # the softmax's
     tl.store(dx_ptr + offs, tl.where(valid, d_x, 0.0), mask=valid)
 

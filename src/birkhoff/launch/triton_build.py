@@ -1,0 +1,149 @@
+"""Compile every Triton kernel the `triton` backend launches, for a GPU that is not here.
+
+Triton's interpreter (TRITON_INTERPRET=1, how the kernel tests run on a CPU) executes a
+kernel's Python but enforces none of the compiler's rules: a module-level float read inside
+a kernel runs interpreted and fails to compile on a GPU. Triton's compiler itself needs no
+GPU (AST -> TTIR -> TTGIR -> LLVM -> PTX -> cubin, ptxas ships in the triton wheel), so this
+runs each triton op of the backend forward and backward on the doctor's example inputs with
+the launches recorded instead of run, then compiles each distinct launch (kernel, argument
+types, constexpr values) for the requested architectures. It must run without
+TRITON_INTERPRET (then `@triton.jit` makes interpreted functions instead of compilable ones).
+
+    python -m birkhoff.launch.triton_build --arch 90 80     # exit code 1 on any failure
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import sys
+from typing import Any
+
+import torch
+
+TRITON_TYPES = {
+    torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
+    torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8",
+    torch.uint8: "u8", torch.bool: "i1",
+}  # fmt: skip
+
+
+def argument_type(value: Any) -> str:
+    """The type Triton's signature gives a launch argument."""
+    if isinstance(value, torch.Tensor):
+        return "*" + TRITON_TYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -(2**31) <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"no Triton type for a launch argument of type {type(value).__name__}")
+
+
+def recorded_launches(ops: list[str]) -> dict[tuple, tuple]:
+    """Run `ops` of the triton backend forward and backward on the doctor's examples with
+    every kernel launch recorded, not run: {(kernel, signature, constexprs): (fn, signature,
+    constexprs, the ops that launch it)}."""
+    from triton.runtime.jit import JITFunction
+
+    from birkhoff import kernels
+    from birkhoff.launch.doctor_kernels import (
+        EXAMPLES,
+        NO_CPU_BACKWARD,
+        _cast,
+        _leaves,
+        _outputs,
+    )
+
+    launches: dict[tuple, tuple] = {}
+    current: list[str] = []
+
+    def record(self, *args, grid, warmup, **kwargs):  # JITFunction.run's signature
+        bound = dict(zip(self.arg_names, args, strict=False)) | kwargs
+        signature, constexprs = {}, {}
+        for param in self.params:
+            value = bound.get(param.name, param.default)
+            if param.is_constexpr or value is None:  # None: Triton makes it a constexpr
+                signature[param.name] = "constexpr"
+                constexprs[param.name] = value
+            else:
+                signature[param.name] = argument_type(value)
+        key = (self.fn.__qualname__, self.fn.__module__, tuple(signature.items()))
+        key += (tuple(sorted(constexprs.items())),)
+        launches.setdefault(key, (self, signature, constexprs, set()))[3].add(current[0])
+
+    original, JITFunction.run = JITFunction.run, record
+    try:
+        for op in ops:
+            current[:] = [op]
+            torch.manual_seed(0)
+            inputs = EXAMPLES[op](16)
+            limited = kernels.dtypes_of(op, "triton")
+            if limited:
+                inputs = [_cast(a, limited[0]) for a in inputs]
+            backward = op not in NO_CPU_BACKWARD  # FlexAttention: compiled by inductor instead
+            args, leaves = _leaves(inputs, None, backward)
+            outs = [o for o in _outputs(kernels.get(op, "triton")(*args)) if o.requires_grad]
+            if backward:
+                grads = [torch.ones_like(o) for o in outs]
+                torch.autograd.grad(outs, leaves, grads, allow_unused=True)
+    finally:
+        JITFunction.run = original
+    return launches
+
+
+def build(archs: list[int]) -> dict:
+    """Compile every launch of every op the triton backend implements itself."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from birkhoff import kernels
+
+    ops = [op for op, impl in kernels.implementations("triton").items() if impl == "triton"]
+    launches = recorded_launches(ops)
+    results = []
+    for (name, module, _, _), (fn, signature, constexprs, by) in launches.items():
+        entry = {"ops": sorted(by), "kernel": f"{module}.{name}", "signature": signature}
+        entry["constexprs"] = {k: repr(v) for k, v in constexprs.items()}
+        for arch in archs:
+            source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+            try:
+                compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32))
+                entry[f"sm_{arch}"] = {"ok": True, "shared_bytes": compiled.metadata.shared}
+            except Exception as err:  # every failure reported, not only the first
+                entry[f"sm_{arch}"] = {"ok": False, "error": _root_cause(err)}
+        results.append(entry)
+    launched = {op for entry in results for op in entry["ops"]}
+    return {
+        "triton": triton.__version__,
+        "ops": ops,
+        "ops_without_launches": sorted(set(ops) - launched),  # pure torch inside: nothing to build
+        "kernels": results,
+        "failures": sum(not e[f"sm_{a}"]["ok"] for e in results for a in archs),
+    }
+
+
+def _root_cause(err: BaseException) -> str:
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return f"{type(err).__name__}: {err}"[-1200:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=inspect.cleandoc(__doc__).splitlines()[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[90], help="e.g. 90 (H100/H200)")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("triton_build: unset TRITON_INTERPRET (it makes kernels uncompilable)")
+        return 2
+    report = build(args.arch)
+    print(json.dumps(report, indent=1))
+    return 1 if report["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
