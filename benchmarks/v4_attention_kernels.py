@@ -1,7 +1,8 @@
 """DeepSeek-V4's attention core (the `v4_attention` op) on the `triton` backend (FlexAttention,
 compiled) against the `reference` one, measured in the same run on a CUDA device: forward +
-backward seconds (median), peak device memory above the inputs, and the largest difference
-of the output and of every input gradient relative to the reference's largest value. V4-Flash
+backward seconds (median), peak device memory above the inputs, and each backend's largest
+difference of the output and of every input gradient from the reference run in float32 on
+the same (bf16-rounded) inputs, relative to that oracle's largest value. V4-Flash
 shapes by default (64 heads of 512, window 128, CSA ratio 4 with top-512, HCA ratio 128),
 bfloat16. A case the reference cannot hold is reported as out of memory. Prints one JSON
 object.
@@ -46,6 +47,14 @@ def inputs(kind: str, seq: int, args: argparse.Namespace, device: torch.device) 
             top = score.masked_fill(~layout.visible(positions), -1).topk(args.topk, dim=-1)
             entries = EntryKV(values, layout, top.indices, top.values >= 0)
     return q, kv, positions, sinks, args.window, entries
+
+
+def widened(case: tuple) -> tuple:
+    """The same case in float32 (the oracle both backends are measured against)."""
+    q, kv, positions, sinks, window, entries = case
+    if entries is not None:
+        entries = EntryKV(entries.values.float(), entries.layout, entries.picks, entries.picked)
+    return q.float(), kv.float(), positions, sinks.float(), window, entries
 
 
 def run(backend: str, case: tuple, device: torch.device, repeats: int) -> dict:
@@ -131,8 +140,10 @@ def main() -> None:
             for backend in ("reference", "triton"):
                 row[backend] = run(backend, case, device, args.repeats)
             ref, flex = row["reference"], row["triton"]
-            if "values" in ref and "values" in flex:
-                row["relative_error"] = relative(flex["values"], ref["values"])
+            oracle = run("reference", widened(case), device, 1)
+            if "values" in ref and "values" in flex and "values" in oracle:
+                row["relative_error"] = relative(flex["values"], oracle["values"])
+                row["reference_error"] = relative(ref["values"], oracle["values"])
                 row["speedup"] = ref["seconds"] / flex["seconds"]
                 if "peak_mib" in ref:
                     row["memory_ratio"] = ref["peak_mib"] / max(flex["peak_mib"], 1e-9)

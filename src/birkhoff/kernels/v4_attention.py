@@ -149,6 +149,11 @@ def _entry_logits(
         logits = torch.einsum("bthd,bed->bthe", q.float(), entries.values.float()) * scale
         return logits.masked_fill(~visible[:, :, None, :], -torch.inf), entries.values
     rows = torch.arange(batch, device=q.device)[:, None, None]
-    chosen = entries.values[rows, entries.picks]  # (B, T, k, D)
+    # Gathered from float32: the gather's backward adds every picking query's gradient into
+    # its entry, which in bf16 rounds each of thousands of additions (relative error 0.2 at
+    # 1024 tokens, 2.4 at 4096 with 64 heads, against 4e-3 in float32).
+    wide = torch.promote_types(entries.values.dtype, torch.float32)
+    chosen = entries.values.to(wide)[rows, entries.picks]  # (B, T, k, D)
     logits = torch.einsum("bthd,btkd->bthk", q.float(), chosen.float()) * scale
-    return logits.masked_fill(~entries.picked[:, :, None, :], -torch.inf), chosen
+    hidden = ~entries.picked[:, :, None, :]
+    return logits.masked_fill(hidden, -torch.inf), chosen.to(entries.values.dtype)

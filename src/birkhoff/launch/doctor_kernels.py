@@ -18,6 +18,9 @@ from birkhoff import kernels
 
 TOLERANCE = 1e-4  # relative, float32 against float64
 LIMITED_TOLERANCE = 1e-2  # an op limited to bfloat16: its outputs rounded to 8 bits
+# An op may miss float64 by this many times the reference's own error in the op's precision
+# (Engram's gate on an H200: 2.4e-3 where the float32 reference misses by 6e-4).
+CONDITIONING_FACTOR = 10
 RUNS = 5
 
 
@@ -165,30 +168,49 @@ def _check(op: str, backend: str, device: torch.device) -> dict:
     reference, fused = kernels.get(op, "reference"), kernels.get(op, backend)
     backward = not (device.type == "cpu" and op in NO_CPU_BACKWARD)
     exact, exact_leaves = _leaves(inputs, REFERENCE_DTYPE.get(op, torch.float64), backward)
-    given, given_leaves = _leaves(inputs, None, backward)
-    expected, got = _outputs(reference(*exact)), _outputs(fused(*given))
-    result["forward_error"] = max(map(_relative, got, expected))
-    if backward:  # through the outputs that carry gradients
-        pairs = [(o, e) for o, e in zip(got, expected, strict=True) if e.requires_grad]
-        grads = [torch.randn_like(e) for _, e in pairs]
-        expected_grads = torch.autograd.grad([e for _, e in pairs], exact_leaves, grads)
-        got_grads = torch.autograd.grad(
-            [o for o, _ in pairs],
-            given_leaves,
-            [g.to(o.dtype) for g, (o, _) in zip(grads, pairs, strict=True)],
-        )
-        result["backward_error"] = max(map(_relative, got_grads, expected_grads))
-    else:
+    expected = _outputs(reference(*exact))
+    grads = [torch.randn_like(e) for e in expected if e.requires_grad] if backward else []
+    expected_grads = (
+        torch.autograd.grad([e for e in expected if e.requires_grad], exact_leaves, grads)
+        if backward
+        else ()
+    )
+    errors = _errors(fused, inputs, expected, grads, expected_grads)
+    result["forward_error"], result["backward_error"] = errors
+    if not limited and REFERENCE_DTYPE.get(op, torch.float64) == torch.float64:
+        # The reference in the op's own precision: an ill-conditioned op (a gradient through
+        # sqrt|s| near 0, say) misses float64 by as much, and the op is held to that.
+        own = _errors(reference, inputs, expected, grads, expected_grads)
+        result["reference_own_precision_error"] = max(own)
+        tolerance = max(tolerance, CONDITIONING_FACTOR * max(own))
+    if not backward:
+        result["backward_error"] = float("nan")
         result["note"] = f"forward only: {NO_CPU_BACKWARD[op]}"
     timed = _seconds(reference, inputs, device, backward), _seconds(fused, inputs, device, backward)
     result["speed_ratio"] = timed[0] / timed[1]
-    worst = max(result["forward_error"], result["backward_error"] if backward else 0.0)
+    worst = max(errors)
     result["ok"] = worst <= tolerance
     if limited:
         result["note"] = f"runs for {' or '.join(map(str, limited))} inputs only; checked in it"
     if not result["ok"]:
         result["problem"] = f"relative error {worst:.1e} above {tolerance:g}"
     return result
+
+
+def _errors(
+    op: Callable, inputs: list, expected: tuple, grads: list, expected_grads: tuple
+) -> tuple[float, float]:
+    """`op`'s relative forward and backward error on `inputs` (in their own dtype) against
+    the expected outputs and input gradients (backward: 0 where `grads` is empty)."""
+    args, leaves = _leaves(inputs, None, bool(grads))
+    got = _outputs(op(*args))
+    forward = max(map(_relative, got, expected))
+    if not grads:
+        return forward, 0.0
+    pairs = [(o, e) for o, e in zip(got, expected, strict=True) if e.requires_grad]
+    cast = [g.to(o.dtype) for g, (o, _) in zip(grads, pairs, strict=True)]
+    got_grads = torch.autograd.grad([o for o, _ in pairs], leaves, cast)
+    return forward, max(map(_relative, got_grads, expected_grads))
 
 
 def _outputs(result: torch.Tensor | tuple) -> tuple[torch.Tensor, ...]:
