@@ -99,7 +99,7 @@ def throughput(models: str, shape: tuple[int, int], extra: list[str], smoke: boo
 def plan(args: argparse.Namespace, scratch: Path) -> list[tuple[str, list[str], int, Path | None]]:
     """(name, command, limit in seconds, summary file) per step, most important first."""
     kernels = ["--kernels", "reference"] if args.smoke else ["--kernels", "reference", "triton"]
-    mhc = ["--variants", "default", "plain", "--launches", *kernels]
+    mhc = ["--variants", "default", "plain", "--launches", "--profile", *kernels]
     steps = [("doctor", [*CLI, "doctor", "--json", "--backend", args.kernels], 150, None)]
     steps.append(("throughput_tiny", throughput("tiny", (32, 256), mhc, args.smoke), 150, None))
     steps.append(("throughput_small", throughput("small", (8, 1024), mhc, args.smoke), 180, None))
@@ -107,7 +107,8 @@ def plan(args: argparse.Namespace, scratch: Path) -> list[tuple[str, list[str], 
         run_dir = scratch / kernels  # Triton runs interpreted on a CPU: minutes for one step
         command = train(run_dir, kernels, args)
         steps.append((f"train_tiny_{kernels}", command, 150, run_dir / "summary.json"))
-    big = ["--variants", "default", "--kernels", args.kernels, "--set", *SHAPE_16B_CLASS]
+    big = ["--variants", "default", "--kernels", args.kernels, "--profile"]
+    big += ["--set", *SHAPE_16B_CLASS]
     if args.smoke:  # the same command with the widths cut to what a CPU runs in seconds
         big = [*big[: -len(SHAPE_16B_CLASS)], "model.num_layers=8"]
     big_class = throughput("small", (8, 1024), big, args.smoke)
