@@ -96,7 +96,6 @@ def build_inventory(cfg: ModelConfig) -> Inventory:
     roles = _tp_roles(model)
     split = set(roles)
     local = _sequence_local_names(model, split)
-    moe = sized.moe
     matrices = {id(p) for p in weight_matrices(model)}
     tables = {id(p) for p in balanced_tables(model)}
     params = []
@@ -115,7 +114,7 @@ def build_inventory(cfg: ModelConfig) -> Inventory:
                 expert=expert,
                 engram_table=engram_table,
                 sequence_local=name in local,
-                active_fraction=moe.top_k / moe.num_experts if expert else 1.0,
+                active_fraction=_active_fraction(name, param, sized),
                 matmul=matmul,
                 matrices=(param.numel() // param.shape[-1] // param.shape[-2], *param.shape[-2:])
                 if id(param) in matrices
@@ -130,6 +129,16 @@ def build_inventory(cfg: ModelConfig) -> Inventory:
         layer = _layer_of(name)
         buffers[layer] = buffers.get(layer, 0) + buffer.numel() * buffer.element_size()
     return Inventory(sized, tuple(params), buffers)
+
+
+def _active_fraction(name: str, param: torch.Tensor, cfg: ModelConfig) -> float:
+    """The share of a tensor's elements one token uses: top_k / E of the routed experts, of
+    an Engram table the row each hash head reads (as model/budget.py counts them)."""
+    if ".experts.w_" in name:
+        return cfg.moe.top_k / cfg.moe.num_experts
+    if name.endswith("engram.table.weight"):
+        return (cfg.engram.max_ngram - 1) * cfg.engram.heads_per_order / param.shape[0]
+    return 1.0
 
 
 def head_weight_name(cfg: ModelConfig) -> str:
