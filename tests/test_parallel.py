@@ -398,7 +398,7 @@ def test_plan_predicts_what_a_rank_holds_and_sends(results, layout, shakespeare_
     recipe = [shakespeare_shards, *overrides, f"launch.nproc_per_node={ranks}"]
     inv, plan_layout, work = planned(recipe, ranks)
     probes = results[1][layout]["probes"]
-    cluster = Cluster("gloo", ranks, 1000, 1, 1, 1, ranks)
+    cluster = Cluster("gloo", ranks, 1000, 1, 1, 1, ranks, foreach_optimizer=False)  # a CPU
     memory = estimate(inv, plan_layout, work, cluster).memory_gib
     fullest = max((p["held_after_backward"] for p in probes), key=lambda h: sum(h.values()))
     accumulated = work.global_batch > plan_layout.micro_batch * plan_layout.dp
@@ -476,7 +476,7 @@ def test_plan_predicts_the_peak_memory_of_a_rank(results, layout, shakespeare_sh
     ranks, overrides = (1, [MICRO_4]) if layout == "one" else EVERY_LAYOUT[layout]
     recipe = [shakespeare_shards, *overrides, f"launch.nproc_per_node={ranks}"]
     inv, plan_layout, work = planned(recipe, ranks)
-    cluster = Cluster("gloo", ranks, 1000, 1, 1, 1, ranks)
+    cluster = Cluster("gloo", ranks, 1000, 1, 1, 1, ranks, foreach_optimizer=False)  # a CPU
     planned_bytes = estimate(inv, plan_layout, work, cluster).memory_gib["total"] * GIB
     probes = (results[0] if layout == "one" else results[1])[layout]["probes"]
     peaks = [sum(p["held_at_start"].values()) + p["allocated_peak_growth"] for p in probes]

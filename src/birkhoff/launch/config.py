@@ -21,6 +21,7 @@ class ClusterConfig:
     inter_node_gbps: float | None = None  # GB/s per device across nodes
     node_size: int | None = None
     host_gbps: float | None = None  # GB/s between a device and host memory (PCIe), one direction
+    foreach_optimizer: bool | None = None  # AdamW steps with foreach kernels; None: true
 
 
 @dataclass

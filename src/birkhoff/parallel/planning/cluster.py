@@ -20,6 +20,9 @@ class Cluster:
     inter_node_gbps: float  # GB/s per device to other nodes (its share of the node's NICs)
     node_size: int  # devices per node (the fast domain)
     host_gbps: float = 64.0  # GB/s between a device and host memory, one direction (PCIe)
+    # AdamW steps with foreach kernels (torch's default on accelerators), which hold one more
+    # float32 copy of what it updates; false: tensor by tensor (a CPU)
+    foreach_optimizer: bool = True
 
     def validate(self) -> None:
         for key in ("devices", "node_size"):
@@ -29,6 +32,8 @@ class Cluster:
         for key in ("device_memory_gib", "peak_tflops", *speeds):
             value = getattr(self, key)
             require(value > 0, f"cluster.{key}", value, "must be > 0")
+        flag = self.foreach_optimizer
+        require(isinstance(flag, bool), "cluster.foreach_optimizer", flag, "must be true or false")
         require(
             self.devices % self.node_size == 0 or self.devices < self.node_size,
             "cluster.devices",
@@ -78,7 +83,8 @@ def cluster_from(values: dict[str, Any]) -> Cluster:
     preset = values.pop("preset", None)
     if preset is not None and preset not in PRESETS:
         raise RecipeError("cluster.preset", preset, f"must be one of {', '.join(PRESETS)}")
-    base = {"name": preset or "custom", "node_size": 8, **PRESETS.get(preset or "", {})}
+    base = {"name": preset or "custom", "node_size": 8, "foreach_optimizer": True}
+    base |= PRESETS.get(preset or "", {})
     given = values
     unknown = sorted(set(given) - set(Cluster.__dataclass_fields__))
     if unknown:

@@ -102,7 +102,7 @@ def estimate(inv: Inventory, layout: Layout, work: Workload, cluster: Cluster) -
     )
     memory = max(
         (
-            _rank_memory(inv, layout, work, rank, stages, orders[rank], micro_batches)
+            _rank_memory(inv, layout, work, rank, stages, orders[rank], micro_batches, cluster)
             for rank in range(layout.pp)
         ),
         key=lambda m: m["total"],
@@ -152,7 +152,9 @@ def _exposed(comm: dict, layout: Layout, cluster: Cluster, compute_s: float) -> 
     return comm, times, critical + max(0.0, overlapped - compute_s)
 
 
-def _rank_memory(inv, layout, work, pp_rank, stages, order, micro_batches) -> dict[str, float]:
+def _rank_memory(
+    inv, layout, work, pp_rank, stages, order, micro_batches, cluster
+) -> dict[str, float]:
     cfg = inv.cfg
     mine = layout.rank_stages(pp_rank)
     keys = _rank_keys(layout, stages, pp_rank)
@@ -208,7 +210,12 @@ def _rank_memory(inv, layout, work, pp_rank, stages, order, micro_batches) -> di
     # Muon's step holds one matrix (its own experts' stack) whole at a time: the Nesterov
     # input, the iterate, its Gram matrices and the update, float32
     largest = max((max(n, 1) * r * c for n, r, c in _muon_matrices(inv, layout, keys)), default=0)
-    memory["total"] = max(backward, state + memory["grads"] + 4 * 4 * largest)
+    # torch's AdamW on an accelerator steps with foreach kernels: the square root of the
+    # second moments is one float32 temporary the size of every element it updates (on a
+    # CPU it steps tensor by tensor: one tensor's temporary)
+    foreach = 4 * (sharded - one_buffer) if cluster.foreach_optimizer else 0.0
+    step = state + memory["grads"] + max(4 * 4 * largest, foreach)
+    memory["total"] = max(backward, step)
     # host-resident tables, their AdamW state and gradients: host memory, not the device's
     memory["host"] = (1.0 - on_device) * (12 * tables + table_grads)
     # the spike guard's snapshots: the rank's parameters, module buffers and optimizer state
