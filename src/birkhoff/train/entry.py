@@ -185,7 +185,7 @@ def _train_rank(
         print(
             f"done: {summary['steps']} steps | first loss {summary['first_loss']:.4f} | "
             f"last loss {summary['last_loss']:.4f} | held-out loss {summary['heldout_loss']:.4f} "
-            f"| {summary['tokens_per_s']:.0f} tokens/s | run dir {run_dir}",
+            f"| {summary['tokens_per_s']:.0f} tokens/s{_steady(summary)} | run dir {run_dir}",
             flush=True,
         )
     if summary["stopped_by"] and ctx.world_size > 1:
@@ -193,3 +193,13 @@ def _train_rank(
         # would wait for it to collect this return value until it kills the rank.
         raise SystemExit(128 + signal.Signals[summary["stopped_by"]])
     return summary
+
+
+def _steady(summary: dict) -> str:
+    """The median step's rate beside the wall's, when a first step (compiles) or the
+    evaluations and saves make them differ."""
+    steady = summary.get("steady_tokens_per_s")
+    if not steady or steady < 1.2 * summary["tokens_per_s"]:
+        return ""
+    first = summary["first_step_s"]
+    return f" ({steady:.0f} at the median step, after a first step of {first:.1f} s)"

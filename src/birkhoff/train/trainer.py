@@ -196,6 +196,10 @@ class Trainer:
         self.metrics.log(final)
         self._finish_checkpoints()
         elapsed = time.perf_counter() - start
+        median = statistics.median(step_times[1:]) if step_times[1:] else None
+        # the steps alone at their median, without the first (compiles, JIT) and without
+        # evaluations and saves: what a longer run approaches; tokens_per_s is the wall's
+        steady = self.tokens_per_step / median if median else None
         return {
             "steps": self.step,
             "first_loss": first_loss,
@@ -205,9 +209,11 @@ class Trainer:
             "seconds": elapsed,
             "tokens_per_s": (self.step - first_step) * self.tokens_per_step / elapsed,
             "mfu": self.mfu.mfu((self.step - first_step) * self.tokens_per_step / elapsed),
+            "steady_tokens_per_s": steady,
+            "steady_mfu": self.mfu.mfu(steady) if steady else None,
             "world_size": self.ctx.world_size,
             "first_step_s": step_times[0] if step_times else None,
-            "median_step_s": statistics.median(step_times[1:]) if step_times[1:] else None,
+            "median_step_s": median,
             "stopped_by": signal.Signals(stop.agreed).name if stop.agreed else None,
             "bad_steps": self.guard.bad_steps,
             "spikes": self.guard.spikes,
