@@ -96,6 +96,35 @@ def test_an_op_is_held_to_the_reference_s_own_error_in_its_precision(monkeypatch
     assert not result["ok"] and result["problem"].startswith("relative error 1.0e-02 above")
 
 
+def test_a_triton_kernel_that_does_not_compile_is_a_problem(monkeypatch):
+    """On a CPU the doctor also compiles the triton kernels (launch/triton_build.py in its
+    own process); a kernel the compiler refuses is one problem line naming it."""
+    report = {
+        "triton": "3.9.0",
+        "kernels": [
+            {"kernel": "birkhoff.kernels.triton_mhc._pre_forward", "sm_90": {"ok": True}},
+            {"kernel": "birkhoff.kernels.triton_engram._forward",
+             "sm_90": {"ok": False, "error": "CompilationError: at 7:24:\nNameError('SQRT')"}},
+        ],
+    }  # fmt: skip
+    seen = {}
+
+    def run(command, **kwargs):
+        seen["command"], seen["env"] = command, kwargs["env"]
+        return subprocess.CompletedProcess(command, 1, json.dumps(report), "")
+
+    monkeypatch.setattr(doctor_module.subprocess, "run", run)
+    problems: list[str] = []
+    build = doctor_module._triton_build(problems)
+    assert "TRITON_INTERPRET" not in seen["env"]
+    assert "birkhoff.launch.triton_build" in seen["command"]
+    assert build["kernels"] == 2 and build["failed"] == ["birkhoff.kernels.triton_engram._forward"]
+    assert problems == [
+        "triton kernel birkhoff.kernels.triton_engram._forward does not compile for sm_90: "
+        "NameError('SQRT')"
+    ]
+
+
 def test_an_unwritable_run_dir_is_a_problem():
     problems: list[str] = []
     result = doctor_module._filesystem(Path("/proc/self"), problems)

@@ -12,6 +12,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ class Report:
     versions: dict[str, str | None]
     device: dict
     kernels: dict = field(default_factory=dict)
+    triton_build: dict = field(default_factory=dict)
     collectives: dict = field(default_factory=dict)
     filesystem: dict = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
@@ -56,6 +58,8 @@ def doctor(backend: str, ranks: int | None, run_dir: Path) -> Report:
                     f"kernel {op} ({result['implementation']}): {result['problem']}; run "
                     f"with backend.kernels=reference until it is fixed"
                 )
+    if resolved == "triton" and device.type == "cpu":  # interpreted here: compile them too
+        report.triton_build = _triton_build(report.problems)
     count = ranks or (torch.accelerator.device_count() if device.type != "cpu" else 2)
     if count >= 2:
         report.collectives = local_collectives(device.type, count)
@@ -69,6 +73,26 @@ def doctor(backend: str, ranks: int | None, run_dir: Path) -> Report:
                 )
     report.filesystem = _filesystem(run_dir, report.problems)
     return report
+
+
+def _triton_build(problems: list[str]) -> dict:
+    """Triton's interpreter enforces none of its compiler's rules: on a CPU the doctor also
+    compiles every kernel the backend launches for Hopper (launch/triton_build.py, in a
+    process without TRITON_INTERPRET)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    command = [sys.executable, "-m", "birkhoff.launch.triton_build", "--arch", "90"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    try:
+        report = json.loads(done.stdout)
+    except ValueError:
+        problems.append(f"triton build: did not run ({done.stderr.strip()[-300:]})")
+        return {"ok": False}
+    failed = [e for e in report["kernels"] if not e["sm_90"]["ok"]]
+    for entry in failed:
+        error = entry["sm_90"]["error"].splitlines()[-1][:300]
+        problems.append(f"triton kernel {entry['kernel']} does not compile for sm_90: {error}")
+    return {"ok": not failed, "arch": "sm_90", "kernels": len(report["kernels"]),
+            "failed": [e["kernel"] for e in failed], "triton": report["triton"]}  # fmt: skip
 
 
 def _versions() -> dict[str, str | None]:
@@ -220,6 +244,12 @@ def _text(report: Report) -> str:
                 f"  {op}: {r['implementation']}, {errors}, reference / op time "
                 f"{r['speed_ratio']:.3g}{'' if r['ok'] else '  FAILED'}"
             )
+    build = report.triton_build
+    if build.get("kernels"):
+        lines.append(
+            f"triton kernels compiled for {build['arch']} (Triton {build['triton']}): "
+            f"{build['kernels'] - len(build['failed'])} of {build['kernels']}"
+        )
     for name, r in report.collectives.items():
         lines.append(
             f"collective {name}: {'ok' if r['ok'] else 'WRONG'}, "
