@@ -34,6 +34,10 @@ def test_every_triton_kernel_compiles_for_sm90_and_sm80() -> None:
     kernels = {entry["kernel"].rsplit(".", 2)[-2] for entry in report["kernels"]}
     expected = {"triton_engram", "triton_mhc", "triton_mhc_mapping", "triton_moe"}
     assert expected | {"triton_sinkhorn"} <= kernels
+    # 32-bit offsets wrap silently past 2^31 elements (128K tokens of 4 x 7168 streams): every
+    # kernel widens its program ids to 64 bits (read off the compiled TTIR)
+    narrow = [e["kernel"] for e in report["kernels"] if not e["int64_program_ids"]]
+    assert not narrow, narrow
     # a kernel asking more shared memory than Hopper's 227 KiB would fail at launch
     assert max(e["sm_90"]["shared_bytes"] for e in report["kernels"]) <= 227 * 1024
 

@@ -62,7 +62,7 @@ def _forward(
     h_ptr, k_ptr, v_ptr, out_ptr, alpha_ptr, C, eps,
     N: tl.constexpr, NP: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    token = tl.program_id(0)
+    token = tl.program_id(0).to(tl.int64)  # 64-bit offsets: tokens x n x C passes 2^31
     m = tl.arange(0, NP)
     alpha, _, _, _, _ = _gate(h_ptr, k_ptr, token, C, eps, N, NP, BLOCK)
     tl.store(alpha_ptr + token * N + m, alpha, mask=m < N)
@@ -83,7 +83,7 @@ def _backward(
     h_ptr, k_ptr, v_ptr, g_ptr, dh_ptr, dk_ptr, dv_ptr, C, eps,
     N: tl.constexpr, NP: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    token = tl.program_id(0)
+    token = tl.program_id(0).to(tl.int64)  # 64-bit offsets: tokens x n x C passes 2^31
     m = tl.arange(0, NP)
     on = m < N
     alpha, s, r_h, r_k, dot = _gate(h_ptr, k_ptr, token, C, eps, N, NP, BLOCK)

@@ -36,7 +36,7 @@ def _tile(token, start, C, N: tl.constexpr, NP: tl.constexpr, BLOCK: tl.constexp
 
 @triton.jit
 def _pre_forward(x_ptr, h_ptr, out_ptr, C, N: tl.constexpr, NP: tl.constexpr, BLOCK: tl.constexpr):
-    token = tl.program_id(0)
+    token = tl.program_id(0).to(tl.int64)  # 64-bit offsets: tokens x n x C passes 2^31
     streams = tl.arange(0, NP)
     on = streams < N
     h = tl.load(h_ptr + token * N + streams, mask=on, other=0.0).to(tl.float32)
@@ -51,7 +51,7 @@ def _pre_forward(x_ptr, h_ptr, out_ptr, C, N: tl.constexpr, NP: tl.constexpr, BL
 def _pre_backward(
     x_ptr, h_ptr, g_ptr, dx_ptr, dh_ptr, C, N: tl.constexpr, NP: tl.constexpr, BLOCK: tl.constexpr
 ):
-    token = tl.program_id(0)
+    token = tl.program_id(0).to(tl.int64)  # 64-bit offsets: tokens x n x C passes 2^31
     streams = tl.arange(0, NP)
     on = streams < N
     h = tl.load(h_ptr + token * N + streams, mask=on, other=0.0).to(tl.float32)
@@ -81,7 +81,7 @@ def _post_forward(
     x_ptr, y_ptr, hres_ptr, hpost_ptr, out_ptr, C,
     N: tl.constexpr, NP: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    token = tl.program_id(0)
+    token = tl.program_id(0).to(tl.int64)  # 64-bit offsets: tokens x n x C passes 2^31
     h_res, h_post = _mixing(hres_ptr, hpost_ptr, token, N, NP)
     for start in range(0, C, BLOCK):
         cols, inside, where, both = _tile(token, start, C, N, NP, BLOCK)
@@ -97,7 +97,7 @@ def _post_backward(
     x_ptr, y_ptr, hres_ptr, hpost_ptr, g_ptr, dx_ptr, dy_ptr, dhres_ptr, dhpost_ptr, C,
     N: tl.constexpr, NP: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    token = tl.program_id(0)
+    token = tl.program_id(0).to(tl.int64)  # 64-bit offsets: tokens x n x C passes 2^31
     h_res, h_post = _mixing(hres_ptr, hpost_ptr, token, N, NP)
     dh_res = tl.zeros((NP, NP), dtype=tl.float32)
     dh_post = tl.zeros((NP,), dtype=tl.float32)

@@ -33,7 +33,7 @@ def _forward(
     x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, l_ptr, r_ptr, T, K, norm_eps, pre_eps,
     N: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
-    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    t = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)  # 64-bit offsets
     m = tl.arange(0, MP)
     acc = tl.zeros((BT, MP), dtype=tl.float32)
     squares = tl.zeros((BT,), dtype=tl.float32)
@@ -63,7 +63,7 @@ def _streams_backward(
     x_ptr, w_ptr, dl_ptr, r_ptr, coeff_ptr, dx_ptr, T, K,
     M: tl.constexpr, MP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
-    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    t = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)  # 64-bit offsets
     m = tl.arange(0, MP)
     on = t < T
     dl = tl.load(dl_ptr + t[:, None] * M + m[None, :], mask=on[:, None] & (m < M)[None, :],

@@ -37,7 +37,7 @@ def _slots(inverse_ptr, token, K: tl.constexpr, KP: tl.constexpr):
 @triton.jit
 def _gather_rows(src_ptr, order_ptr, out_ptr, C, K: tl.constexpr, BLOCK: tl.constexpr):
     """permuted[r] = tokens[order[r] // k]."""
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # 64-bit offsets: rows x C passes 2^31
     token = tl.load(order_ptr + row) // K
     for start in range(0, C, BLOCK):
         cols = start + tl.arange(0, BLOCK)
@@ -53,7 +53,7 @@ def _weighted_sum(
 ):  # fmt: skip
     """out[n] = sum_j w[n, j] rows[inverse[n k + j]] (w = 1 when not WEIGHTED): the
     unpermute's forward, and the permute's backward."""
-    token = tl.program_id(0)
+    token = tl.program_id(0).to(tl.int64)  # 64-bit offsets: tokens x top-k x C passes 2^31
     slots, on = _slots(inverse_ptr, token, K, KP)
     if WEIGHTED:
         w = tl.load(w_ptr + token * K + tl.arange(0, KP), mask=on, other=0.0).to(tl.float32)
@@ -74,7 +74,7 @@ def _unpermute_backward(
     K: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """d rows[inverse[n k + j]] = w[n, j] g[n]; d w[n, j] = <g[n], rows[inverse[n k + j]]>."""
-    token = tl.program_id(0)
+    token = tl.program_id(0).to(tl.int64)  # 64-bit offsets: tokens x top-k x C passes 2^31
     slots, on = _slots(inverse_ptr, token, K, KP)
     w = tl.load(w_ptr + token * K + tl.arange(0, KP), mask=on, other=0.0).to(tl.float32)
     dw = tl.zeros((KP,), dtype=tl.float32)

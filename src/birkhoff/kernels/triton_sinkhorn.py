@@ -24,7 +24,7 @@ BLOCK_T = 32  # matrices per program
 @triton.jit
 def _tile(T, N: tl.constexpr, NP: tl.constexpr, BLOCK: tl.constexpr):
     """Offsets of this program's (BLOCK, NP, NP) tile of (T, N, N) matrices, and its mask."""
-    t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    t = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # 64-bit offsets
     i = tl.arange(0, NP)
     j = tl.arange(0, NP)
     offs = t[:, None, None] * N * N + i[None, :, None] * N + j[None, None, :]

@@ -18,6 +18,7 @@ import argparse
 import inspect
 import json
 import os
+import re
 import sys
 from typing import Any
 
@@ -114,6 +115,7 @@ def build(archs: list[int]) -> dict:
             try:
                 compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32))
                 entry[f"sm_{arch}"] = {"ok": True, "shared_bytes": compiled.metadata.shared}
+                entry["int64_program_ids"] = widened_program_ids(compiled.asm["ttir"])
             except Exception as err:  # every failure reported, not only the first
                 entry[f"sm_{arch}"] = {"ok": False, "error": _root_cause(err)}
         results.append(entry)
@@ -125,6 +127,14 @@ def build(archs: list[int]) -> dict:
         "kernels": results,
         "failures": sum(not e[f"sm_{a}"]["ok"] for e in results for a in archs),
     }
+
+
+def widened_program_ids(ttir: str) -> bool:
+    """Whether every program id the kernel reads is widened to 64 bits before use (TTIR:
+    `%x = tt.get_program_id` then `arith.extsi %x`): 32-bit offsets of tokens x n x C wrap
+    past 2^31 elements (128K tokens of 4 x 7168 streams) without an error."""
+    ids = re.findall(r"(%[\w.]+) = tt\.get_program_id", ttir)
+    return bool(ids) and all(re.search(rf"arith\.extsi {re.escape(i)}\b", ttir) for i in ids)
 
 
 def _root_cause(err: BaseException) -> str:
