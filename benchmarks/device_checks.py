@@ -88,12 +88,12 @@ def train(run_dir: Path, kernels: str, args: argparse.Namespace) -> list[str]:
 
 
 def throughput(models: str, shape: tuple[int, int], extra: list[str], smoke: bool) -> list[str]:
-    device = ["--shape", "2", "32"] if smoke else ["--device", "cuda", "--bf16"]
-    return [
-        sys.executable, str(BENCHMARKS / "model_throughput.py"), "--models", models,
-        *(device if smoke else [*device, "--shape", *map(str, shape)]),
-        "--rounds", "1" if smoke else "3", "--steps", "1" if smoke else "3", *extra,
-    ]  # fmt: skip
+    """model_throughput.py on the GPU in bf16 at `shape`; on a CPU (smoke) 2 x 32 tokens."""
+    where = ["--shape", "2", "32"] if smoke else ["--device", "cuda", "--bf16", "--shape"]
+    where += [] if smoke else [str(n) for n in shape]
+    repeats = "1" if smoke else "3"
+    script = [sys.executable, str(BENCHMARKS / "model_throughput.py"), "--models", models]
+    return [*script, *where, "--rounds", repeats, "--steps", repeats, *extra]
 
 
 def plan(args: argparse.Namespace, scratch: Path) -> list[tuple[str, list[str], int, Path | None]]:
@@ -107,10 +107,9 @@ def plan(args: argparse.Namespace, scratch: Path) -> list[tuple[str, list[str], 
         run_dir = scratch / kernels  # Triton runs interpreted on a CPU: minutes for one step
         command = train(run_dir, kernels, args)
         steps.append((f"train_tiny_{kernels}", command, 150, run_dir / "summary.json"))
-    big = ["--variants", "default", "--kernels", args.kernels, "--profile"]
-    big += ["--set", *SHAPE_16B_CLASS]
-    if args.smoke:  # the same command with the widths cut to what a CPU runs in seconds
-        big = [*big[: -len(SHAPE_16B_CLASS)], "model.num_layers=8"]
+    # on a CPU the same command with small's own widths (seconds, not minutes)
+    widths = ["model.num_layers=8"] if args.smoke else SHAPE_16B_CLASS
+    big = ["--variants", "default", "--kernels", args.kernels, "--profile", "--set", *widths]
     big_class = throughput("small", (8, 1024), big, args.smoke)
     steps.append(("throughput_16b_class", big_class, 240, None))
     attention = [sys.executable, str(BENCHMARKS / "v4_attention_kernels.py")]

@@ -37,11 +37,10 @@ from hydra import compose, initialize_config_module
 from birkhoff.launch.recipe import load_recipe
 from birkhoff.model import build_model
 from birkhoff.model.budget import count_parameters
-from birkhoff.model.engram import Engram
 from birkhoff.parallel.compile import compile_blocks
 from birkhoff.parallel.parallelize import block_slots
-from birkhoff.parallel.sparse_rows import materialise
 from birkhoff.train.mfu import device_peak, flops_per_token
+from birkhoff.train.model_share import initialise
 
 VARIANTS = {
     "default": [],
@@ -67,11 +66,7 @@ def build(
     recipe, _ = load_recipe(cfg, env={})
     with torch.device("meta"):
         net = build_model(recipe.model, kernels)
-    materialise(net, device, host_tables=False)
-    net.tie_weights()
-    net.init_weights(0)
-    for engram in (m for m in net.modules() if isinstance(m, Engram)):
-        engram.prepare_stats(device)
+    initialise(net, device, engram_host=False, seed=0)
     if compiled:
         compile_blocks(block_slots(net), "inductor")
     return net, torch.optim.AdamW(net.parameters(), lr=1e-4)

@@ -167,17 +167,15 @@ def _check(op: str, backend: str, device: torch.device) -> dict:
     tolerance = TOLERANCE if not limited else LIMITED_TOLERANCE
     reference, fused = kernels.get(op, "reference"), kernels.get(op, backend)
     backward = not (device.type == "cpu" and op in NO_CPU_BACKWARD)
-    exact, exact_leaves = _leaves(inputs, REFERENCE_DTYPE.get(op, torch.float64), backward)
+    exact_dtype = REFERENCE_DTYPE.get(op, torch.float64)
+    exact, exact_leaves = _leaves(inputs, exact_dtype, backward)
     expected = _outputs(reference(*exact))
-    grads = [torch.randn_like(e) for e in expected if e.requires_grad] if backward else []
-    expected_grads = (
-        torch.autograd.grad([e for e in expected if e.requires_grad], exact_leaves, grads)
-        if backward
-        else ()
-    )
+    targets = [e for e in expected if e.requires_grad] if backward else []
+    grads = [torch.randn_like(e) for e in targets]
+    expected_grads = torch.autograd.grad(targets, exact_leaves, grads) if backward else ()
     errors = _errors(fused, inputs, expected, grads, expected_grads)
     result["forward_error"], result["backward_error"] = errors
-    if not limited and REFERENCE_DTYPE.get(op, torch.float64) == torch.float64:
+    if not limited and exact_dtype == torch.float64:
         # The reference in the op's own precision: an ill-conditioned op (a gradient through
         # sqrt|s| near 0, say) misses float64 by as much, and the op is held to that.
         own = _errors(reference, inputs, expected, grads, expected_grads)

@@ -52,8 +52,7 @@ def expert_size(cfg: ModelConfig) -> int:
 
 def engram_rows(cfg: ModelConfig) -> int:
     """Table rows of one Engram layer: the sum of its heads' primes."""
-    heads = (cfg.engram.max_ngram - 1) * cfg.engram.heads_per_order
-    return sum(distinct_primes(cfg.engram.table_size, heads))
+    return sum(distinct_primes(cfg.engram.table_size, cfg.engram.hash_heads))
 
 
 def attention_size(cfg: ModelConfig, layer: int) -> int:
@@ -91,7 +90,7 @@ def count_parameters(cfg: ModelConfig) -> ParameterCount:
         + 3 * c * moe.num_shared_experts * (moe.expert_ffn_hidden_size)
         + c
     )
-    heads = (cfg.engram.max_ngram - 1) * cfg.engram.heads_per_order
+    heads = cfg.engram.hash_heads
     rows = engram_rows(cfg) if cfg.engram.layers else 0
     memory_dim = heads * cfg.engram.embed_dim
     engram = rows * cfg.engram.embed_dim + memory_dim * (n + 1) * c + c + cfg.engram.conv_kernel * c
@@ -134,7 +133,7 @@ def apply_sparse_budget(cfg: ModelConfig, prefix: str = "model") -> ModelConfig:
 
 
 def _size_tables(cfg: ModelConfig, engram, target: float, prefix: str):
-    heads = (engram.max_ngram - 1) * engram.heads_per_order
+    heads = engram.hash_heads
     per_head = target / (len(engram.layers) * engram.embed_dim * heads) + 1
     require(
         per_head >= 2,

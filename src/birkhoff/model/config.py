@@ -285,6 +285,11 @@ class EngramConfig:
     lr_multiplier: float = 5.0
     seed: int = 0
 
+    @property
+    def hash_heads(self) -> int:
+        """Hash heads of one Engram layer: the rows a token reads from its table."""
+        return (self.max_ngram - 1) * self.heads_per_order
+
     def validate(self, prefix: str, num_layers: int) -> None:
         for index in self.layers:
             require(

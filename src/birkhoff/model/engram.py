@@ -41,7 +41,7 @@ def hash_layout(cfg: EngramConfig, layer: int) -> tuple[torch.Tensor, torch.Tens
     # Explicit CPU tensors: the layout is also computed while a model is built on `meta`.
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + layer)
     multipliers = torch.randint(1, 2**62, (cfg.max_ngram,), generator=generator, device="cpu") | 1
-    heads = (cfg.max_ngram - 1) * cfg.heads_per_order
+    heads = cfg.hash_heads
     primes = torch.tensor(distinct_primes(cfg.table_size, heads), dtype=torch.int64, device="cpu")
     offsets = torch.cumsum(primes, 0) - primes
     shape = (cfg.max_ngram - 1, cfg.heads_per_order)

@@ -36,6 +36,17 @@ class ModelShare:
     after_backward: list[Callable[..., None]]
 
 
+def initialise(part: torch.nn.Module, device: torch.device, engram_host: bool, seed: int) -> None:
+    """Give a part built on the meta device (and sharded there) its storage on `device` and
+    its initial values, the same for any layout; Engram's statistics made before the first
+    forward."""
+    materialise(part, device, engram_host)
+    part.tie_weights()
+    part.init_weights(seed)
+    for engram in (m for m in part.modules() if isinstance(m, Engram)):
+        engram.prepare_stats(device)
+
+
 def build_share(
     recipe: TrainRecipe,
     ctx: DistributedContext,
@@ -72,11 +83,7 @@ def build_share(
         if recipe.train.compile:
             compiled_blocks += len(compiled_block_slots(part, ctx.size("tp")))
         if device is not None:
-            materialise(part, device, recipe.parallel.engram_host)
-            part.tie_weights()
-            part.init_weights(recipe.train.seed)
-            for engram in (m for m in part.modules() if isinstance(m, Engram)):
-                engram.prepare_stats(device)
+            initialise(part, device, recipe.parallel.engram_host, recipe.train.seed)
     if recipe.train.init_from and device is not None:
         load_initial_weights(parts, Path(recipe.train.init_from), announce=ctx.rank == 0)
     return ModelShare(cfg, parts, pipeline, backend, compiled_blocks, after_backward)

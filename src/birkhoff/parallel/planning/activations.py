@@ -150,7 +150,7 @@ def _engram_terms(cfg: ModelConfig, act: int) -> list[Term]:
     """The gathered memory, its row ids, the key and value projections and the gate, norm
     and causal convolution the reference kernel runs per stream."""
     c, n, e = cfg.hidden_size, cfg.residual.streams, cfg.engram
-    heads = e.heads_per_order * (e.max_ngram - 1)
+    heads = e.hash_heads
     return [
         Term(heads * e.embed_dim, FP32, "whole", False),
         Term(heads, INDEX, "whole", False),

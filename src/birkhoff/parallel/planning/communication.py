@@ -237,7 +237,7 @@ def _host_copy_bytes(cfg, layout: Layout, tables: list, tokens: int) -> float:
     the device and their gradients back (float32), for every lookup; a fully recomputed
     block looks its rows up again."""
     e = cfg.engram
-    lookups = tokens * e.heads_per_order * (e.max_ngram - 1) * len(tables)
+    lookups = tokens * e.hash_heads * len(tables)
     again = 8 + 4 * e.embed_dim if layout.activation_checkpoint == "full" else 0
     return lookups * (8 + 4 * e.embed_dim + 4 * e.embed_dim + again)
 
@@ -248,7 +248,7 @@ def _engram_lookup_bytes(cfg, layout: Layout, layers: list[int], tokens: int) ->
     checkpointing keeps the rows the collective returned; full recomputes them too), and so
     does Anticipatory Routing's look-ahead forward (ids and rows)."""
     e = cfg.engram
-    heads = e.heads_per_order * (e.max_ngram - 1)
+    heads = e.hash_heads
     rows = tokens * heads * len([layer for layer in layers if layer in e.layers])
     recomputed = {"none": 0, "selective": 8, "full": 8 + e.embed_dim * 4}
     lookahead = 8 + e.embed_dim * 4 if layout.anticipatory else 0
@@ -264,7 +264,7 @@ def _pipeline_bytes(cfg, work: Workload, layout: Layout, stage: int, tokens: int
     streams = cfg.residual.streams
     ids = 2 + int(work.positions)
     e = cfg.engram
-    rows = len(e.layers) * e.heads_per_order * (e.max_ngram - 1) if work.loader_rows else 0
+    rows = len(e.layers) * e.hash_heads if work.loader_rows else 0
     gradients = streams * cfg.hidden_size * 4 + (cfg.hidden_size * 4 if cfg.mtp.depth else 0)
     forward = gradients + ids * 8 + rows * 8  # the residual (and Emb(targets)), ids, rows
     per_token = forward * (2 if layout.anticipatory else 1) + gradients

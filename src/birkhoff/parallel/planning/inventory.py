@@ -114,7 +114,7 @@ def build_inventory(cfg: ModelConfig) -> Inventory:
                 expert=expert,
                 engram_table=engram_table,
                 sequence_local=name in local,
-                active_fraction=_active_fraction(name, param, sized),
+                active_fraction=_active_fraction(param, sized, expert, engram_table),
                 matmul=matmul,
                 matrices=(param.numel() // param.shape[-1] // param.shape[-2], *param.shape[-2:])
                 if id(param) in matrices
@@ -131,13 +131,15 @@ def build_inventory(cfg: ModelConfig) -> Inventory:
     return Inventory(sized, tuple(params), buffers)
 
 
-def _active_fraction(name: str, param: torch.Tensor, cfg: ModelConfig) -> float:
+def _active_fraction(
+    param: torch.Tensor, cfg: ModelConfig, expert: bool, engram_table: bool
+) -> float:
     """The share of a tensor's elements one token uses: top_k / E of the routed experts, of
     an Engram table the row each hash head reads (as model/budget.py counts them)."""
-    if ".experts.w_" in name:
+    if expert:
         return cfg.moe.top_k / cfg.moe.num_experts
-    if name.endswith("engram.table.weight"):
-        return (cfg.engram.max_ngram - 1) * cfg.engram.heads_per_order / param.shape[0]
+    if engram_table:
+        return cfg.engram.hash_heads / param.shape[0]
     return 1.0
 
 

@@ -175,7 +175,7 @@ def sparse_rows(g, cfg, lookups: float) -> float:
     positions holds: every head's lookup a distinct row (an upper bound: repeated n-grams
     share rows)."""
     e = cfg.engram
-    return min(g.numel / e.embed_dim, lookups * e.heads_per_order * (e.max_ngram - 1))
+    return min(g.numel / e.embed_dim, lookups * e.hash_heads)
 
 
 def gathered(g, layout: Layout) -> float:
