@@ -43,7 +43,7 @@ def test_doctor_checks_the_triton_ops_against_the_reference():
     report = doctor_kernels.check_kernels("triton", torch.device("cpu"))
     own = {"mhc_pre", "mhc_post", "sinkhorn_knopp", "sinkhorn_knopp_eps", "v4_attention"}
     own |= {"moe_permute", "moe_unpermute", "engram_gather_gate", "mhc_mapping"}
-    own |= {"linear_cross_entropy"}  # liger-kernel's
+    own |= {"linear_cross_entropy", "rms_norm", "rope", "swiglu"}  # liger-kernel's
     assert set(report["ops"]) == own
     for op, r in report["ops"].items():
         assert r["implementation"] == "triton" and r["ok"]

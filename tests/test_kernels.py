@@ -178,16 +178,16 @@ def test_every_backend_says_which_implementation_runs():
     table = kernels.implementations("triton")
     assert set(table) == set(kernels.ops())
     own = {"engram_gather_gate", "mhc_mapping", "mhc_pre", "mhc_post", "moe_permute"}
-    own |= {"moe_unpermute", "linear_cross_entropy"}  # the last from liger-kernel
-    own |= {"sinkhorn_knopp", "sinkhorn_knopp_eps", "v4_attention"}
+    own |= {"moe_unpermute", "sinkhorn_knopp", "sinkhorn_knopp_eps", "v4_attention"}
+    own |= {"linear_cross_entropy", "rms_norm", "rope", "swiglu"}  # from liger-kernel
     assert {op for op, impl in table.items() if impl == "triton"} == own
     assert kernels.fallbacks("triton") == sorted(set(table) - own)
     assert kernels.fallbacks("reference") == []
     with pytest.raises(ValueError, match="'auto': not one of reference, triton, npu"):
         kernels.get("rms_norm", "auto")  # resolved per device before any model is built
     line = kernels.describe("triton")
-    assert f"triton for 10 of {len(table)} ops (engram_gather_gate, linear_cross_entropy," in line
-    assert f"{len(table) - 10} fall back to reference: attention" in line
+    assert f"triton for 13 of {len(table)} ops (engram_gather_gate, linear_cross_entropy," in line
+    assert f"{len(table) - 13} fall back to reference: attention" in line
 
 
 def test_kernel_backend_resolves_per_device(monkeypatch):

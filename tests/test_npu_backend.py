@@ -192,9 +192,11 @@ def same(op: str, inputs: list, stand_in: StandIn | None) -> None:
     got = kernels.get(op, "npu")(*npu_args)
     assert stand_in is None or stand_in.calls, f"{op} did not call torch_npu"
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    grad = torch.randn_like(expected)
-    expected_grads = torch.autograd.grad(expected, ref_leaves, grad)
-    got_grads = torch.autograd.grad(got, npu_leaves, grad)
+    expected = expected if isinstance(expected, tuple) else (expected,)  # rope: (q, k)
+    got = got if isinstance(got, tuple) else (got,)
+    grads = [torch.randn_like(e) for e in expected]
+    expected_grads = torch.autograd.grad(expected, ref_leaves, grads)
+    got_grads = torch.autograd.grad(got, npu_leaves, grads)
     for e, g in zip(expected_grads, got_grads, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
 
@@ -204,9 +206,10 @@ def test_npu_ops_match_the_reference_through_the_stand_in(stand_in):
     x = torch.randn(2, 6, 4, 16)
     same("rms_norm", [x, torch.rand(16) + 0.5, 1e-6], stand_in)
     angles = torch.rand(6, 8) * 6
-    same("rope", [x, angles.cos(), angles.sin()], stand_in)
+    keys = torch.randn(2, 6, 2, 16)  # grouped: fewer heads
+    same("rope", [x, keys, angles.cos(), angles.sin()], stand_in)
     per_sequence = torch.rand(2, 6, 8) * 6  # packed documents: positions per sequence
-    same("rope", [x, per_sequence.cos(), per_sequence.sin()], stand_in)
+    same("rope", [x, keys, per_sequence.cos(), per_sequence.sin()], stand_in)
     q, kv = torch.randn(2, 4, 6, 8), torch.randn(2, 2, 6, 8)
     same("attention", [q, kv, kv.flip(-1)], stand_in)
     documents = torch.tril(torch.ones(6, 6, dtype=torch.bool))

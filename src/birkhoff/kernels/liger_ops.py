@@ -1,19 +1,39 @@
-"""The `triton` backend's ops taken from liger-kernel (a maintained library, not written
-again here): the fused linear + cross-entropy, which computes each chunk's logits, loss and
-gradients with its Triton kernel.
+"""The `triton` backend's generic ops taken from liger-kernel (a maintained library, not
+written again here): the fused linear + cross-entropy, RMSNorm, SwiGLU and RoPE.
 
-liger-kernel is imported on the first call (importing it costs ~4 s), and only registered
-where it is installed (`birkhoff[cuda]`); without it the op is a listed reference fallback.
-Its RMSNorm and SwiGLU kernels are not taken: Triton's CPU interpreter cannot run them (it
-passes float arguments as Python floats, which they cast with `.to`), so no test here could
-check them against the reference.
+liger-kernel is imported on the first call (importing it costs ~4 s), and these ops are only
+registered where it is installed (`birkhoff[cuda]`); without it they are listed reference
+fallbacks. Under Triton's CPU interpreter (the tests) liger's modules are adapted first
+(kernels/triton_interpreter.py); compiled Triton runs them as they are.
+
+Each op computes what the reference computes, in the same precision:
+- RMSNorm in liger's "gemma" casting mode: input and weight in float32, the output cast back
+  (the reference's F.rms_norm on float32 copies). `in_place=False`: liger's default writes the
+  input gradient over the output gradient, which autograd may hand to another branch as well
+  (a residual add gives both of its inputs the same gradient tensor).
+- SwiGLU: silu in float32 rounded to the input dtype, times `up` in it (as F.silu then `*`),
+  after V4's clamp (kernels/reference.swiglu_clamp). liger's backward writes the gradients
+  over the saved `gate` and `up`: the callers' own temporaries (a projection's output), which
+  nothing else keeps.
+- RoPE on queries and keys in one launch (liger's kernel takes both), rotating half-pairs in
+  float32 with the reference's (T, D/2) or (B, T, D/2) tables. liger rotates in place; this op
+  rotates copies, so its inputs and gradients are never written.
 """
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
+
 import torch
 
+from birkhoff.kernels.reference import swiglu_clamp
 from birkhoff.kernels.registry import register
+from birkhoff.kernels.triton_interpreter import adapt_for_liger
+
+
+def _liger(name: str) -> ModuleType:
+    return adapt_for_liger(importlib.import_module(f"liger_kernel.ops.{name}"))
 
 
 @register("linear_cross_entropy", "triton")
@@ -22,9 +42,52 @@ def linear_cross_entropy(
 ) -> torch.Tensor:
     """liger-kernel's fused linear cross-entropy (mean over tokens, float32); it picks its own
     chunk size, so `chunk` is the reference's alone."""
-    from liger_kernel.ops.fused_linear_cross_entropy import (
-        LigerFusedLinearCrossEntropyFunction,
-    )
+    function = _liger("fused_linear_cross_entropy").LigerFusedLinearCrossEntropyFunction
+    return function.apply(hidden, weight, targets)[0].float()
 
-    loss = LigerFusedLinearCrossEntropyFunction.apply(hidden, weight, targets)[0]
-    return loss.float()
+
+@register("rms_norm", "triton")
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """liger's RMSNorm over the last dimension, computed in float32 ("gemma" mode)."""
+    function = _liger("rms_norm").LigerRMSNormFunction
+    return function.apply(x, weight, eps, 0.0, "gemma", False)
+
+
+@register("swiglu", "triton")
+def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float | None = None) -> torch.Tensor:
+    """liger's silu(gate) * up, after V4's clamp."""
+    gate, up = swiglu_clamp(gate, up, limit)
+    return _liger("swiglu").LigerSiLUMulFunction.apply(gate.contiguous(), up.contiguous())
+
+
+@register("rope", "triton")
+def rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """liger's rotary embedding of queries and keys (B, T, H, D) in one launch."""
+    return _RotateQueriesAndKeys.apply(q, k, cos.contiguous(), sin.contiguous())
+
+
+def _rotated(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # liger takes (B, H, T, D) and turns it back to a contiguous (B, T, H, D), which it
+    # rotates in place: these fresh copies. `rotary_dim` = D: the tables hold D/2 angles.
+    module = _liger("rope")
+    run = module.rope_backward if backward else module.rope_forward
+    q, k = (t.clone(memory_format=torch.contiguous_format).transpose(1, 2) for t in (q, k))
+    rotated = run(q, k, cos, sin, rotary_dim=q.shape[-1])
+    return rotated[0].transpose(1, 2), rotated[1].transpose(1, 2)
+
+
+class _RotateQueriesAndKeys(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotated(q, k, cos, sin, backward=False)
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k):
+        cos, sin = ctx.saved_tensors
+        dq, dk = _rotated(grad_q, grad_k, cos, sin, backward=True)
+        return dq, dk, None, None

@@ -33,8 +33,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return y
 
 
-@register("rope", NPU)
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def _rotary_mul(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """npu_rotary_mul in `half` mode on (B, T, H, D) (layout BSND): r1 * x + r2 * cat(-x2, x1),
     so r1 = cat(cos, cos) and r2 = cat(sin, sin) broadcast over heads (1S1D, or BS1D for
     per-sequence positions)."""
@@ -44,6 +43,14 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     else:  # (B, T, D)
         r1, r2 = r1[:, :, None, :], r2[:, :, None, :]
     return _torch_npu().npu_rotary_mul(x, r1, r2, rotary_mode="half")
+
+
+@register("rope", NPU)
+def rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries and keys, one npu_rotary_mul each."""
+    return _rotary_mul(q, cos, sin), _rotary_mul(k, cos, sin)
 
 
 @register("attention", NPU)

@@ -23,15 +23,23 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
 
 
-@register("rope", REFERENCE)
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding on (B, T, H, D) with cos/sin of shape (T, D/2), or (B, T, D/2) for
-    per-sequence positions, rotating half-pairs."""
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of one (B, T, H, D) tensor with cos/sin of shape (T, D/2), or
+    (B, T, D/2) for per-sequence positions, rotating half-pairs in float32."""
     x1, x2 = x.float().chunk(2, dim=-1)
     cos = cos.unsqueeze(-2) if cos.dim() == 3 else cos[None, :, None, :]
     sin = sin.unsqueeze(-2) if sin.dim() == 3 else sin[None, :, None, :]
     out = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return out.to(x.dtype)
+
+
+@register("rope", REFERENCE)
+def rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries and keys (B, T, H, D), each rotated by `rotate` (a fused backend rotates both in
+    one launch)."""
+    return rotate(q, cos, sin), rotate(k, cos, sin)
 
 
 @register("attention", REFERENCE)

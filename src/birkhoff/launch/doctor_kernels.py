@@ -51,8 +51,13 @@ def _rms_norm(tokens: int) -> list:
 
 
 def _rope(tokens: int) -> list:
-    angles = torch.rand(tokens, 32) * 6  # (T, D/2)
-    return [torch.randn(1, tokens, 8, 64), angles.cos(), angles.sin()]
+    angles = torch.rand(tokens, 32) * 6  # (T, D/2); queries (B, T, H, D), grouped keys
+    return [
+        torch.randn(1, tokens, 8, 64),
+        torch.randn(1, tokens, 2, 64),
+        angles.cos(),
+        angles.sin(),
+    ]
 
 
 def _attention(tokens: int) -> list:
@@ -137,6 +142,8 @@ EXAMPLES: dict[str, Callable[[int], list]] = {
     "engram_gather_gate": _engram_gather_gate,
     "linear_cross_entropy": _linear_cross_entropy,
 }
+# Floating inputs that are no op's to differentiate (by position): the model's buffers.
+CONSTANT_ARGS = {"rope": (2, 3)}  # the rotation tables
 # The reference runs in float64 but for ops whose torch kernel has none (F.grouped_mm).
 REFERENCE_DTYPE = {"grouped_gemm": torch.float32}
 # Ops whose implementation has no backward on the CPU (the triton backend's interpreted mode):
@@ -168,23 +175,24 @@ def _check(op: str, backend: str, device: torch.device) -> dict:
     reference, fused = kernels.get(op, "reference"), kernels.get(op, backend)
     backward = not (device.type == "cpu" and op in NO_CPU_BACKWARD)
     exact_dtype = REFERENCE_DTYPE.get(op, torch.float64)
-    exact, exact_leaves = _leaves(inputs, exact_dtype, backward)
+    exact, exact_leaves = _leaves(inputs, exact_dtype, backward, CONSTANT_ARGS.get(op, ()))
     expected = _outputs(reference(*exact))
     targets = [e for e in expected if e.requires_grad] if backward else []
     grads = [torch.randn_like(e) for e in targets]
     expected_grads = torch.autograd.grad(targets, exact_leaves, grads) if backward else ()
-    errors = _errors(fused, inputs, expected, grads, expected_grads)
+    constants = CONSTANT_ARGS.get(op, ())
+    errors = _errors(fused, inputs, expected, grads, expected_grads, constants)
     result["forward_error"], result["backward_error"] = errors
     if not limited and exact_dtype == torch.float64:
         # The reference in the op's own precision: an ill-conditioned op (a gradient through
         # sqrt|s| near 0, say) misses float64 by as much, and the op is held to that.
-        own = _errors(reference, inputs, expected, grads, expected_grads)
+        own = _errors(reference, inputs, expected, grads, expected_grads, constants)
         result["reference_own_precision_error"] = max(own)
         tolerance = max(tolerance, CONDITIONING_FACTOR * max(own))
     if not backward:
         result["backward_error"] = float("nan")
         result["note"] = f"forward only: {NO_CPU_BACKWARD[op]}"
-    timed = _seconds(reference, inputs, device, backward), _seconds(fused, inputs, device, backward)
+    timed = [_seconds(op_, inputs, device, backward, constants) for op_ in (reference, fused)]
     result["speed_ratio"] = timed[0] / timed[1]
     worst = max(errors)
     result["ok"] = worst <= tolerance
@@ -196,11 +204,16 @@ def _check(op: str, backend: str, device: torch.device) -> dict:
 
 
 def _errors(
-    op: Callable, inputs: list, expected: tuple, grads: list, expected_grads: tuple
+    op: Callable,
+    inputs: list,
+    expected: tuple,
+    grads: list,
+    expected_grads: tuple,
+    constants: tuple[int, ...] = (),
 ) -> tuple[float, float]:
     """`op`'s relative forward and backward error on `inputs` (in their own dtype) against
     the expected outputs and input gradients (backward: 0 where `grads` is empty)."""
-    args, leaves = _leaves(inputs, None, bool(grads))
+    args, leaves = _leaves(inputs, None, bool(grads), constants)
     got = _outputs(op(*args))
     forward = max(map(_relative, got, expected))
     if not grads:
@@ -230,22 +243,33 @@ def _cast(arg: Any, dtype: torch.dtype) -> Any:
 
 
 def _leaves(
-    inputs: list, dtype: torch.dtype | None, grad: bool = True
+    inputs: list, dtype: torch.dtype | None, grad: bool = True, constants: tuple[int, ...] = ()
 ) -> tuple[list, list[torch.Tensor]]:
     """Fresh copies of `inputs` whose floating tensors (in `dtype`, if given) take gradients
-    (with `grad`); and those tensors."""
+    (with `grad`, but for the positions in `constants`); and those tensors."""
     args = [
-        (t.detach().to(dtype or t.dtype).requires_grad_(grad) if t.is_floating_point() else t)
+        (t.detach().to(dtype or t.dtype) if t.is_floating_point() else t)
         if isinstance(t, torch.Tensor)
         else t
         for t in inputs
     ]
-    return args, [a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
+    leaves = [
+        a.requires_grad_(grad)
+        for i, a in enumerate(args)
+        if isinstance(a, torch.Tensor) and a.is_floating_point() and i not in constants
+    ]
+    return args, leaves
 
 
-def _seconds(op: Callable, inputs: list, device: torch.device, backward: bool = True) -> float:
+def _seconds(
+    op: Callable,
+    inputs: list,
+    device: torch.device,
+    backward: bool = True,
+    constants: tuple[int, ...] = (),
+) -> float:
     """Median seconds of a forward (and backward) of `op` on `inputs`."""
-    args, _ = _leaves(inputs, None, backward)
+    args, _ = _leaves(inputs, None, backward, constants)
     times = []
     for _ in range(RUNS + 1):
         start = time.perf_counter()

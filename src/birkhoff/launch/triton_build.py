@@ -52,6 +52,7 @@ def recorded_launches(ops: list[str]) -> dict[tuple, tuple]:
 
     from birkhoff import kernels
     from birkhoff.launch.doctor_kernels import (
+        CONSTANT_ARGS,
         EXAMPLES,
         NO_CPU_BACKWARD,
         _cast,
@@ -86,7 +87,7 @@ def recorded_launches(ops: list[str]) -> dict[tuple, tuple]:
             if limited:
                 inputs = [_cast(a, limited[0]) for a in inputs]
             backward = op not in NO_CPU_BACKWARD  # FlexAttention: compiled by inductor instead
-            args, leaves = _leaves(inputs, None, backward)
+            args, leaves = _leaves(inputs, None, backward, CONSTANT_ARGS.get(op, ()))
             outs = [o for o in _outputs(kernels.get(op, "triton")(*args)) if o.requires_grad]
             if backward:
                 grads = [torch.ones_like(o) for o in outs]

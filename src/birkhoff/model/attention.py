@@ -29,7 +29,7 @@ class Attention(nn.Module):
         q = self.wq(x).view(batch, seq, -1, self.head_dim)
         k = self.wk(x).view(batch, seq, -1, self.head_dim)
         v = self.wv(x).view(batch, seq, -1, self.head_dim)
-        q, k = self._rope(q, ctx.cos, ctx.sin), self._rope(k, ctx.cos, ctx.sin)
+        q, k = self._rope(q, k, ctx.cos, ctx.sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         out = self._attention(q, k, v, ctx.attention_mask)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
