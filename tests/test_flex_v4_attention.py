@@ -16,7 +16,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from test_v4_attention import HIDDEN, assert_equals_transformers, pair
+from test_v4_attention import HIDDEN, assert_equals_transformers, assert_gradient_close, pair
 from torch.nn.attention import flex_attention as flex_module
 
 from birkhoff.kernels import flex_v4_attention as flex
@@ -71,7 +71,7 @@ def test_flex_layer_equals_the_reference_on_packed_documents(layer_type):
     torch.testing.assert_close(dx, dx_ref, rtol=1e-4, atol=1e-5)
     assert grads.keys() == grads_ref.keys()
     for name, expected in grads_ref.items():
-        torch.testing.assert_close(grads[name], expected, rtol=1e-4, atol=1e-5, msg=name)
+        assert_gradient_close(grads[name], expected, name)
     if kind == "csa":  # the indexer learned from the loss on this backend's normaliser
         assert any(name.startswith("indexer.") for name in grads)
 

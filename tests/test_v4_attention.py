@@ -152,7 +152,15 @@ def assert_equals_transformers(ours: V4Attention, theirs: torch.nn.Module, x: to
         if param.grad is None:  # the indexer: only its own loss trains it (in both)
             assert target.grad is None, name
             continue
-        torch.testing.assert_close(target.grad, param.grad, rtol=1e-4, atol=1e-5, msg=name)
+        assert_gradient_close(target.grad, param.grad, name)
+
+
+def assert_gradient_close(got: torch.Tensor, expected: torch.Tensor, name: str) -> None:
+    """A float32 weight gradient sums many tokens' products: its rounding grows with its
+    largest entries (3e-5 on entries up to 80 where two float32 RMSNorm backwards sum in
+    different orders), so the absolute tolerance is relative to that scale."""
+    atol = max(1e-5, 1e-6 * expected.abs().max().item())
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=atol, msg=name)
 
 
 def test_the_indexer_picks_the_same_entries_a_few_queries_at_a_time(monkeypatch):
