@@ -323,3 +323,17 @@ def test_sinkhorn_recomputes_in_backward_what_unrolled_autograd_computes(form):
     (expected,) = torch.autograd.grad((unrolled(logits, 20, *extra) * weights).sum(), logits)
     torch.testing.assert_close(out, unrolled(logits, 20, *extra), rtol=0, atol=0)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_the_constraint_check_takes_the_worst_row_and_column_of_every_matrix():
+    """The recorded deviation against a loop over the matrices of two micro-batches: the
+    largest |row sum - 1| and |column sum - 1| of any of them."""
+    torch.manual_seed(5)
+    layer = HyperConnection(8, ResidualConfig(), "reference").train()
+    batches = [torch.rand(2, 3, 4, 4) * 0.5, torch.rand(1, 5, 4, 4) * 0.4]
+    for h_res in batches:
+        layer._record(h_res)
+    matrices = [m for h in batches for m in h.reshape(-1, 4, 4)]
+    rows = max(abs(m[i, :].sum().item() - 1) for m in matrices for i in range(4))
+    cols = max(abs(m[:, j].sum().item() - 1) for m in matrices for j in range(4))
+    assert layer.last_deviation.tolist() == pytest.approx([rows, cols], rel=1e-6)

@@ -7,12 +7,14 @@ squares and the projection together (a float32 dot product, IEEE precision: H_re
 feed Sinkhorn) and writes H_pre, H_post and H_res's logits, (2n + n^2) floats per token;
 the reference runs an RMSNorm (writing a normalised float32 copy of the streams), a GEMM,
 and a dozen small elementwise kernels. Kept for the backward: the normalised projection l
-and 1 / rms per token, no copy of the streams. Backward: the scales', biases' and
-activations' gradients on the (tokens, 2n + n^2) values in torch; the weight's gradient as
-one GEMM over the tokens; the streams' gradient in one kernel pass,
+and 1 / rms per token, no copy of the streams. Backward: one kernel pass computes per token
+the activations' gradient dz on the 2n + n^2 values, dl = dz x scale (and r dl, which the
+weight's gradient takes as one GEMM over the tokens) and the streams' gradient,
     dx = r (dl W) - x r^2 <dl, l> / (n C),   r = 1 / rms(x),
-where dl is the gradient of l = r x W^T. Semantics and tolerance: the reference's
-(kernels/mhc_reference.py), compared under TRITON_INTERPRET=1 in the tests.
+where dl is the gradient of l = r x W^T. The three scales alpha are read by the kernels
+(no per-value copy), and their gradient is summed per token by the kernel and over the
+tokens in torch, as the biases' (no atomics: deterministic). Semantics and tolerance: the
+reference's (kernels/mhc_reference.py), compared under TRITON_INTERPRET=1 in the tests.
 """
 
 from __future__ import annotations
@@ -29,8 +31,38 @@ BLOCK_K = 64  # stream values per step
 
 
 @triton.jit
+def _scales(alpha_ptr, m, N: tl.constexpr):
+    """Each projected value's scale (1, MP): alpha's pre, post or res entry by its column."""
+    column = m[None, :]
+    pre, post, res = tl.load(alpha_ptr), tl.load(alpha_ptr + 1), tl.load(alpha_ptr + 2)
+    return tl.where(column < N, pre, tl.where(column < 2 * N, post, res))
+
+
+@triton.jit
+def _store_mappings(pre_ptr, post_ptr, res_ptr, t, column, on, values, N: tl.constexpr):
+    """A block's (BT, MP) values into H_pre (T, n), H_post (T, n) and H_res's logits (T, n^2),
+    three contiguous outputs (no copies of column slices for the ops that take them)."""
+    row = t[:, None]
+    tl.store(pre_ptr + row * N + column, values, mask=on & (column < N))
+    tl.store(post_ptr + row * N + column - N, values, mask=on & (column >= N) & (column < 2 * N))
+    tl.store(res_ptr + row * N * N + column - 2 * N, values, mask=on & (column >= 2 * N))
+
+
+@triton.jit
+def _load_mappings(pre_ptr, post_ptr, res_ptr, t, column, on, N: tl.constexpr):
+    """The (BT, MP) block back from the three (the gradients of the three outputs)."""
+    row = t[:, None]
+    pre = tl.load(pre_ptr + row * N + column, mask=on & (column < N), other=0.0)
+    in_post = on & (column >= N) & (column < 2 * N)
+    post = tl.load(post_ptr + row * N + column - N, mask=in_post, other=0.0)
+    res = tl.load(res_ptr + row * N * N + column - 2 * N, mask=on & (column >= 2 * N), other=0.0)
+    return pre + post + res
+
+
+@triton.jit
 def _forward(
-    x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr, l_ptr, r_ptr, T, K, norm_eps, pre_eps,
+    x_ptr, w_ptr, alpha_ptr, bias_ptr, pre_ptr, post_ptr, res_ptr, l_ptr, r_ptr, T, K,
+    norm_eps, pre_eps,
     N: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)  # 64-bit offsets
@@ -47,29 +79,47 @@ def _forward(
         squares += tl.sum(x * x, axis=1)
     r = 1.0 / tl.sqrt(squares / K + norm_eps)
     projected = acc * r[:, None]
-    z = tl.load(scale_ptr + m, mask=m < M, other=0.0)[None, :] * projected
+    z = _scales(alpha_ptr, m, N) * projected
     z += tl.load(bias_ptr + m, mask=m < M, other=0.0)[None, :]
     gate = 1.0 / (1.0 + tl.exp(-z))
     column = m[None, :]
     out = tl.where(column < N, gate + pre_eps, tl.where(column < 2 * N, 2.0 * gate, z))
     both = (t < T)[:, None] & (m < M)[None, :]
-    tl.store(out_ptr + t[:, None] * M + column, out, mask=both)
+    _store_mappings(pre_ptr, post_ptr, res_ptr, t, column, both, out, N)
     tl.store(l_ptr + t[:, None] * M + column, projected, mask=both)
     tl.store(r_ptr + t, r, mask=t < T)
 
 
 @triton.jit
 def _streams_backward(
-    x_ptr, w_ptr, dl_ptr, r_ptr, coeff_ptr, dx_ptr, T, K,
-    M: tl.constexpr, MP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    x_ptr, w_ptr, gpre_ptr, gpost_ptr, gres_ptr, l_ptr, alpha_ptr, bias_ptr, r_ptr, dz_ptr,
+    da_ptr, dlr_ptr, dx_ptr, T, K,
+    N: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)  # 64-bit offsets
     m = tl.arange(0, MP)
     on = t < T
-    dl = tl.load(dl_ptr + t[:, None] * M + m[None, :], mask=on[:, None] & (m < M)[None, :],
-                 other=0.0)  # fmt: skip
+    values = on[:, None] & (m < M)[None, :]
+    at = t[:, None] * M + m[None, :]
+    column = m[None, :]  # H_pre = sigmoid (+ eps), H_post = 2 sigmoid, H_res's logits = z
+    g = _load_mappings(gpre_ptr, gpost_ptr, gres_ptr, t, column, values, N)
+    projected = tl.load(l_ptr + at, mask=values, other=0.0)
+    scale = _scales(alpha_ptr, m, N)
+    z = scale * projected + tl.load(bias_ptr + m, mask=m < M, other=0.0)[None, :]
+    gate = 1.0 / (1.0 + tl.exp(-z))
+    slope = tl.where(column < N, gate * (1.0 - gate),
+                     tl.where(column < 2 * N, 2.0 * gate * (1.0 - gate), 1.0))  # fmt: skip
+    dz = g * slope
+    dl = dz * scale  # the gradient of l
     r = tl.load(r_ptr + t, mask=on, other=0.0)
-    coeff = tl.load(coeff_ptr + t, mask=on, other=0.0)  # r^2 <dl, l> / K
+    tl.store(dz_ptr + at, dz, mask=values)
+    dzl = dz * projected  # alpha's gradient: per token, summed over each mapping's columns
+    tl.store(da_ptr + t * 3, tl.sum(tl.where(column < N, dzl, 0.0), axis=1), mask=on)
+    in_post = (column >= N) & (column < 2 * N)
+    tl.store(da_ptr + t * 3 + 1, tl.sum(tl.where(in_post, dzl, 0.0), axis=1), mask=on)
+    tl.store(da_ptr + t * 3 + 2, tl.sum(tl.where(column >= 2 * N, dzl, 0.0), axis=1), mask=on)
+    tl.store(dlr_ptr + at, dl * r[:, None], mask=values)  # the weight's GEMM takes r dl
+    coeff = r * r * tl.sum(dl * projected, axis=1) / K
     for start in range(0, K, BK):
         k = start + tl.arange(0, BK)
         both = on[:, None] & (k < K)[None, :]
@@ -87,46 +137,45 @@ def _sizes(n: int) -> tuple[int, int]:
 
 
 class _Project(torch.autograd.Function):
-    """(tokens, n C) streams -> (tokens, 2n + n^2): H_pre, H_post and H_res's logits."""
+    """(tokens, n C) streams -> H_pre (tokens, n), H_post (tokens, n), H_res's logits
+    (tokens, n^2)."""
 
     @staticmethod
-    def forward(ctx, flat, weight, scale, bias, n: int, norm_eps: float, pre_eps: float):
+    def forward(ctx, flat, weight, alpha, bias, n: int, norm_eps: float, pre_eps: float):
         flat, weight = flat.contiguous(), weight.contiguous()
         tokens, width = flat.shape
         m, padded = _sizes(n)
-        out = torch.empty(tokens, m, device=flat.device)
-        projected, r = torch.empty_like(out), torch.empty(tokens, device=flat.device)
+        pre, post = (torch.empty(tokens, n, device=flat.device) for _ in range(2))
+        logits = torch.empty(tokens, n * n, device=flat.device)
+        projected = torch.empty(tokens, m, device=flat.device)
+        r = torch.empty(tokens, device=flat.device)
         _forward[(triton.cdiv(tokens, BLOCK_T),)](
-            flat, weight, scale.float().contiguous(), bias.float().contiguous(), out,
-            projected, r, tokens, width, norm_eps, pre_eps,
+            flat, weight, alpha.float().contiguous(), bias.float().contiguous(), pre, post,
+            logits, projected, r, tokens, width, norm_eps, pre_eps,
             N=n, M=m, MP=padded, BT=BLOCK_T, BK=BLOCK_K,
         )  # fmt: skip
         ctx.n = n
-        ctx.save_for_backward(flat, weight, scale, bias, projected, r)
-        return out
+        ctx.save_for_backward(flat, weight, alpha, bias, projected, r)
+        return pre, post, logits
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        flat, weight, scale, bias, projected, r = ctx.saved_tensors
+    def backward(ctx, grad_pre: torch.Tensor, grad_post: torch.Tensor, grad_res: torch.Tensor):
+        flat, weight, alpha, bias, projected, r = ctx.saved_tensors
         n, (tokens, width) = ctx.n, flat.shape
         m, padded = _sizes(n)
-        z = scale.float() * projected + bias.float()
-        gate = torch.sigmoid(z)
-        slope = gate * (1 - gate)
-        slope[:, n : 2 * n] *= 2  # H_post = 2 sigmoid
-        slope[:, 2 * n :] = 1  # H_res's logits are z itself
-        d_z = grad * slope
-        d_scale, d_bias = (d_z * projected).sum(0), d_z.sum(0)
-        d_projected = (d_z * scale.float()).contiguous()
-        with torch.autocast(flat.device.type, enabled=False):  # float32, as the forward's
-            d_weight = (d_projected * r[:, None]).T @ flat.float()
-        coeff = (r * r * (d_projected * projected).sum(1) / width).contiguous()
+        d_z, d_l_r = torch.empty_like(projected), torch.empty_like(projected)
+        d_alpha = torch.empty(tokens, 3, device=flat.device)
         d_flat = torch.empty_like(flat)
         _streams_backward[(triton.cdiv(tokens, BLOCK_T),)](
-            flat, weight, d_projected, r, coeff, d_flat, tokens, width,
-            M=m, MP=padded, BT=BLOCK_T, BK=BLOCK_K,
+            flat, weight, grad_pre.contiguous(), grad_post.contiguous(), grad_res.contiguous(),
+            projected, alpha.float().contiguous(),
+            bias.float().contiguous(), r, d_z, d_alpha, d_l_r, d_flat, tokens, width,
+            N=n, M=m, MP=padded, BT=BLOCK_T, BK=BLOCK_K,
         )  # fmt: skip
-        return (d_flat, d_weight.to(weight.dtype), d_scale.to(scale.dtype),
+        d_alpha, d_bias = d_alpha.sum(0), d_z.sum(0)
+        with torch.autocast(flat.device.type, enabled=False):  # float32, as the forward's
+            d_weight = d_l_r.T @ flat.float()
+        return (d_flat, d_weight.to(weight.dtype), d_alpha.to(alpha.dtype),
                 d_bias.to(bias.dtype), None, None, None)  # fmt: skip
 
 
@@ -146,14 +195,11 @@ def mhc_mapping(
     float32, as the reference's mhc_mapping (V4's form with `form_eps`)."""
     n = streams.shape[-2]
     batch = streams.shape[:-2]
-    # per projected value its alpha (no host-built repeat counts: no copy to the device)
-    scale = torch.cat((alpha[0:1].expand(n), alpha[1:2].expand(n), alpha[2:3].expand(n * n)))
     bias = torch.cat((bias_pre, bias_post, bias_res.flatten()))
-    out = _Project.apply(
+    h_pre, h_post, logits = _Project.apply(
         streams.flatten(-2).reshape(-1, streams.shape[-2] * streams.shape[-1]),
-        weight, scale, bias, n, norm_eps, 0.0 if form_eps is None else form_eps,
+        weight, alpha, bias, n, norm_eps, 0.0 if form_eps is None else form_eps,
     )  # fmt: skip
-    h_pre, h_post, logits = out.split([n, n, n * n], dim=-1)
     logits = logits.reshape(*batch, n, n)
     if form_eps is None:
         h_res = sinkhorn_knopp(logits, iters)

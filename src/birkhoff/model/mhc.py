@@ -108,9 +108,8 @@ class HyperConnection(nn.Module):
         if not self.training or recomputing():
             return
         self.last_h_res = h_res.flatten(0, -3)[: self.cfg.stats_tokens]
-        rows = (h_res.sum(-1) - 1).abs().amax()
-        cols = (h_res.sum(-2) - 1).abs().amax()
-        deviation = torch.stack((rows, cols))
+        sums = torch.stack((h_res.sum(-1), h_res.sum(-2)))  # rows', columns' (2, ..., n)
+        deviation = (sums - 1).abs().flatten(1).amax(1)  # 6 kernels for both, not 9
         if self.last_deviation is not None:
             deviation = torch.maximum(deviation, self.last_deviation)
         self.last_deviation = deviation
