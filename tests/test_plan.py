@@ -16,7 +16,6 @@ from birkhoff.parallel.planning.activations import window_keys
 from birkhoff.parallel.planning.cluster import PRESETS, Cluster
 from birkhoff.parallel.planning.estimate import (
     GIB,
-    MATMUL_EFFICIENCY,
     estimate,
     model_flops_per_token,
 )
@@ -24,6 +23,7 @@ from birkhoff.parallel.planning.inventory import build_inventory
 from birkhoff.parallel.planning.layout import Layout, Workload, stage_layers
 from birkhoff.parallel.planning.published import deepseek_v3_model, deepseek_v3_run, derived_mfu
 from birkhoff.parallel.planning.search import plan
+from birkhoff.train.mfu import flops_per_token
 
 V, C, L, H, KV, F = 512, 64, 4, 4, 2, 256
 DENSE = ModelConfig(
@@ -114,6 +114,19 @@ def test_the_optimizer_step_holds_foreach_adamw_s_temporary():
     assert cpu["total"] * GIB == pytest.approx(4 * p + 4 * p + 8 * p + cpu["buffers"] * GIB)
 
 
+def test_the_step_time_takes_the_cluster_s_matmul_efficiency():
+    """One device, no collectives, no recomputation: the step is the model's FLOPs (as the
+    trainer's MFU counts them, train/mfu.py, written out in tests/test_mfu.py) at
+    `cluster.matmul_efficiency` of the peak, and MFU is that share."""
+    inv = build_inventory(DENSE)
+    work = Workload(global_batch=2, seq_len=8)
+    flops = flops_per_token(DENSE, 8) * 2 * 8
+    for efficiency in (0.6, 0.118):  # the default; an H200's eager 16B-class step (README)
+        got = estimate(inv, Layout(), work, replace(CLUSTER, matmul_efficiency=efficiency))
+        assert got.step_s == pytest.approx(flops / (CLUSTER.peak_tflops * 1e12 * efficiency))
+        assert got.mfu == pytest.approx(efficiency)
+
+
 def test_whole_and_host_resident_engram_tables_follow_their_formulas():
     """optim.engram_update=sparse on fsdp=8, 2 micro-batches per rank: each table whole on every
     rank with AdamW's state, its gradient at most the step's lookups (ids and values), gathered
@@ -172,7 +185,7 @@ def test_muon_state_gathers_and_newton_schulz_follow_their_formulas():
     assert muon.comm_gib["muon_scatter"] * GIB == pytest.approx(4 * matrices / 8)
     owned = sum(10 * (4 * min(r, c) ** 2 * max(r, c) + 2 * min(r, c) ** 3) for r, c in shapes)
     flops = L * owned / 8
-    extra = flops / (CLUSTER.peak_tflops * 1e12 * MATMUL_EFFICIENCY)
+    extra = flops / (CLUSTER.peak_tflops * 1e12 * CLUSTER.matmul_efficiency)
     assert muon.compute_s - adamw.compute_s == pytest.approx(extra)
     assert adamw.comm_gib["muon_all_gather"] == 0
     # HSDP 2 x 4: each replica's owners along dp_shard, a quarter of the work per rank
@@ -251,6 +264,10 @@ def test_plan_command_lists_layouts_and_checks_one():
         (["cluster.preset=h1000"], "recipe key 'cluster.preset' = 'h1000': must be one of h100"),
         (["cluster.devices=8"], "'cluster.device_memory_gib' = None: must be set"),
         (["cluster.preset=h100", "cluster.devices=256", "parallel.tp=3"], "parallel.tp"),
+        (
+            ["cluster.preset=h100", "cluster.devices=256", "cluster.matmul_efficiency=60"],
+            "'cluster.matmul_efficiency' = 60.0: must be in (0, 1]",
+        ),
     ],
 )
 def test_plan_command_refuses_bad_input_in_one_line(args, message):

@@ -135,7 +135,7 @@ def _report(total, active, work: Workload, cluster: Cluster, estimates: list[Est
         "active_parameters": active,
         "workload": OmegaConf.to_container(OmegaConf.structured(work)),
         "cluster": OmegaConf.to_container(OmegaConf.structured(cluster)),
-        "assumptions": ASSUMPTIONS,
+        "assumptions": assumptions(cluster),
         "layouts": [
             {
                 **e.as_dict(),
@@ -147,13 +147,15 @@ def _report(total, active, work: Workload, cluster: Cluster, estimates: list[Est
     }
 
 
-ASSUMPTIONS = (
-    "matmuls at 60% of the bf16 peak; tp and ep collectives not overlapped with compute, "
-    "FSDP/HSDP ones overlapped (only their excess exposed); ring collectives at the node's "
-    "links inside a node, the NICs across nodes; the pipeline bubble of the schedule's own order "
-    "(forward 1, backward 2 per layer, sends taking no time); "
-    "activations of the reference kernels unless --fused-attention"
-)
+def assumptions(cluster: Cluster) -> str:
+    return (
+        f"matmuls at {cluster.matmul_efficiency:g} of the bf16 peak "
+        "(cluster.matmul_efficiency); tp and ep collectives not overlapped with compute, "
+        "FSDP/HSDP ones overlapped (only their excess exposed); ring collectives at the node's "
+        "links inside a node, the NICs across nodes; the pipeline bubble of the schedule's own "
+        "order (forward 1, backward 2 per layer, sends taking no time); "
+        "activations of the reference kernels unless --fused-attention"
+    )
 
 
 def _table(report: dict, top: int) -> str:

@@ -23,7 +23,7 @@ back, forward and backward); tensor parallelism's all-reduces, all-gathers and
 reduce-scatters as the blocks' plans run them (communication.py); pipeline send/recv of the
 residual (and its gradient) per micro-batch.
 
-Step time: matmul and attention FLOPs at `matmul_efficiency` of the peak; tp and ep
+Step time: matmul and attention FLOPs at `cluster.matmul_efficiency` of the peak; tp and ep
 collectives on the critical path (no overlap: DualPipe-style overlap is not modelled);
 FSDP and HSDP collectives overlapped with compute, only their excess exposed; the pipeline
 bubble of the schedule's order on top (pipeline_schedule.py). MFU: model FLOPs (no
@@ -71,7 +71,6 @@ from birkhoff.parallel.planning.pipeline_schedule import (
 )
 
 GIB = 2**30
-MATMUL_EFFICIENCY = 0.6  # share of the bf16 peak large training matmuls reach (assumed)
 
 
 @dataclass
@@ -113,7 +112,7 @@ def estimate(inv: Inventory, layout: Layout, work: Workload, cluster: Cluster) -
         newton_schulz_flops(_muon_matrices(inv, layout, _rank_keys(layout, stages, rank)))
         for rank in range(layout.pp)
     )
-    compute_s += muon_flops / (cluster.peak_tflops * 1e12 * MATMUL_EFFICIENCY)
+    compute_s += muon_flops / (cluster.peak_tflops * 1e12 * cluster.matmul_efficiency)
     # the pipeline rank whose collectives expose the most time sets the pace
     comm, times, exposed = max(
         (_exposed(communication(inv, layout, work, rank), layout, cluster, compute_s)
@@ -329,5 +328,5 @@ def _compute_seconds(inv: Inventory, layout: Layout, work: Workload, cluster: Cl
     recompute = {"none": 0.0, "selective": 0.1, "full": 1 / 3}[layout.activation_checkpoint]
     recompute += look_ahead_share(inv, work) if layout.anticipatory else 0.0
     tokens_per_device = work.global_batch * work.seq_len / (layout.dp * layout.tp * layout.pp)
-    achieved = cluster.peak_tflops * 1e12 * MATMUL_EFFICIENCY
+    achieved = cluster.peak_tflops * 1e12 * cluster.matmul_efficiency
     return flops * (1 + recompute) * tokens_per_device / achieved
