@@ -14,7 +14,9 @@ kernels reach none: they take no float they call methods on, and compute in floa
 
 `adapt_for_liger(module)` mends all three for one liger module when the interpreter is on, and
 is a no-op otherwise: compiled Triton (a GPU, and `launch/triton_build`'s compile check) always
-runs liger's code unchanged.
+runs liger's code unchanged. The float and bf16 mends hold for the rest of the process, so our
+kernels then also see fp32 scalars and rounded bf16, as compiled they do (tests/test_kernels.py
+passes with and without them).
 """
 
 from __future__ import annotations
