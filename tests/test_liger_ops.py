@@ -97,3 +97,21 @@ def test_liger_rope_takes_the_model_s_layouts():
         torch.testing.assert_close(g, e)
     torch.testing.assert_close(got_grad, expected_grad)
     assert all(torch.equal(a, b) for a, b in zip(kept, grads, strict=True))
+
+
+def test_liger_rms_norm_takes_bf16_inputs_with_a_float32_weight():
+    """Under autocast the model's norms see bf16 activations and a float32 weight: bf16 out and
+    input gradient, a float32 weight gradient, each as the float64 reference within rounding."""
+    torch.manual_seed(4)
+    x = (3 * torch.randn(4, 5, 96)).bfloat16().requires_grad_()
+    weight = (torch.rand(96) + 0.5).requires_grad_()
+    out = liger_ops.rms_norm(x, weight, 1e-6)
+    grad = torch.randn_like(out)
+    dx, dw = torch.autograd.grad(out, (x, weight), grad)
+    exact = [t.detach().double().requires_grad_() for t in (x, weight)]
+    expected = reference.rms_norm(*exact, 1e-6)
+    dx_exact, dw_exact = torch.autograd.grad(expected, exact, grad.double())
+    assert (out.dtype, dx.dtype, dw.dtype) == (torch.bfloat16, torch.bfloat16, torch.float32)
+    torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(dx.double(), dx_exact, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(dw.double(), dw_exact, rtol=1e-5, atol=1e-5)
