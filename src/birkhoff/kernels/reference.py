@@ -105,7 +105,7 @@ def moe_unpermute(
 @register("grouped_gemm", REFERENCE)
 def grouped_gemm(x: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Rows of x grouped by expert times that expert's matrix: (M, K), (E, K, N), (E,) -> (M, N)."""
-    offsets = counts.cumsum(0).to(torch.int32)
+    offsets = counts.cumsum(0, dtype=torch.int32)  # one kernel: summed in int32
     if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
         return opaque_grouped_mm(x, weights, offsets)  # the traced shape function is bf16-only
     return F.grouped_mm(x, weights, offs=offsets)
