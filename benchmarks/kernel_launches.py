@@ -123,7 +123,8 @@ def main() -> None:
             row["launches"][name] = sum(counts.values())
             row["top"][name] = dict(counts.most_common(8))
         for name, total in row["launches"].items():
-            row["reference_over"][name] = round(row["launches"]["reference"] / total, 2)
+            if name != "reference":
+                row["reference_over"][name] = round(row["launches"]["reference"] / total, 2)
         result["models"][model] = row
     print(json.dumps(result, indent=1))
 

@@ -22,6 +22,7 @@ Each op computes what the reference computes, in the same precision:
 
 from __future__ import annotations
 
+import functools
 import importlib
 from types import ModuleType
 
@@ -32,6 +33,7 @@ from birkhoff.kernels.registry import register
 from birkhoff.kernels.triton_interpreter import adapt_for_liger
 
 
+@functools.cache  # looked up on every call of an op: once per process is enough
 def _liger(name: str) -> ModuleType:
     return adapt_for_liger(importlib.import_module(f"liger_kernel.ops.{name}"))
 
@@ -57,7 +59,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float | None = None) -> torch.Tensor:
     """liger's silu(gate) * up, after V4's clamp."""
     gate, up = swiglu_clamp(gate, up, limit)
-    return _liger("swiglu").LigerSiLUMulFunction.apply(gate.contiguous(), up.contiguous())
+    return _liger("swiglu").LigerSiLUMulFunction.apply(gate, up)  # it makes them contiguous
 
 
 @register("rope", "triton")

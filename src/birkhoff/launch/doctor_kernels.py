@@ -175,12 +175,12 @@ def _check(op: str, backend: str, device: torch.device) -> dict:
     reference, fused = kernels.get(op, "reference"), kernels.get(op, backend)
     backward = not (device.type == "cpu" and op in NO_CPU_BACKWARD)
     exact_dtype = REFERENCE_DTYPE.get(op, torch.float64)
-    exact, exact_leaves = _leaves(inputs, exact_dtype, backward, CONSTANT_ARGS.get(op, ()))
+    constants = CONSTANT_ARGS.get(op, ())
+    exact, exact_leaves = _leaves(inputs, exact_dtype, backward, constants)
     expected = _outputs(reference(*exact))
     targets = [e for e in expected if e.requires_grad] if backward else []
     grads = [torch.randn_like(e) for e in targets]
     expected_grads = torch.autograd.grad(targets, exact_leaves, grads) if backward else ()
-    constants = CONSTANT_ARGS.get(op, ())
     errors = _errors(fused, inputs, expected, grads, expected_grads, constants)
     result["forward_error"], result["backward_error"] = errors
     if not limited and exact_dtype == torch.float64:
