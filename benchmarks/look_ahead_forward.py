@@ -25,7 +25,7 @@ def seconds(fn, rounds: int) -> float:
 
 
 def measure(model: str, rounds: int) -> dict[str, float]:
-    net, optimizer = build(model, VARIANTS["default"], compiled=False)
+    net, optimizer = build(model, VARIANTS["default"], False, "reference", torch.device("cpu"))
     batch, seq = SHAPES[model]
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, net.cfg.vocab_size, (batch, seq + 1), generator=generator)
@@ -38,12 +38,12 @@ def measure(model: str, rounds: int) -> dict[str, float]:
         net.train()
 
     times = {"routes_only": 0.0, "with_loss": 0.0}
-    look_ahead(True), look_ahead(False), step(net, optimizer, tokens)  # warm-up
+    look_ahead(True), look_ahead(False), step(net, optimizer, tokens, False)  # warm-up
     for _ in range(rounds):  # interleaved: machine noise hits both alike
         times["routes_only"] += seconds(lambda: look_ahead(True), 1)
         times["with_loss"] += seconds(lambda: look_ahead(False), 1)
     per = {name: total / rounds for name, total in times.items()}
-    train_step = seconds(lambda: step(net, optimizer, tokens), max(1, rounds // 2))
+    train_step = seconds(lambda: step(net, optimizer, tokens, False), max(1, rounds // 2))
     return {
         "look_ahead_s": per,
         "ratio": per["routes_only"] / per["with_loss"],

@@ -55,7 +55,7 @@ def op_ms(
 
 
 def step_seconds(model: str, rounds: int) -> dict[str, float]:
-    net, optimizer = build(model, VARIANTS["default"], compiled=False)
+    net, optimizer = build(model, VARIANTS["default"], False, "reference", torch.device("cpu"))
     batch, seq = SHAPES[model]
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, net.cfg.vocab_size, (batch, seq + 1), generator=generator)
@@ -65,7 +65,7 @@ def step_seconds(model: str, rounds: int) -> dict[str, float]:
             use(name)
             start = time.perf_counter()
             for _ in range(2):
-                step(net, optimizer, tokens)
+                step(net, optimizer, tokens, False)
             seconds[name] += (time.perf_counter() - start) if r else 0.0
     use("reordered")
     return {name: s / (2 * rounds) for name, s in seconds.items()}
@@ -79,7 +79,7 @@ def main() -> None:
     args = parser.parse_args()
     result = {"benchmark": "mhc_projection", "torch": torch.__version__, "models": {}}
     for model in args.models:
-        net, _ = build(model, VARIANTS["default"], compiled=False)
+        net, _ = build(model, VARIANTS["default"], False, "reference", torch.device("cpu"))
         batch, seq = SHAPES[model]
         cfg = net.cfg
         n, c = cfg.residual.n_streams, cfg.hidden_size

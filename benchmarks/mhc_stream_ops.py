@@ -1,13 +1,16 @@
-"""mHC's stream read, stream merge and log-space Sinkhorn as the reference runs them in eager
+"""mHC's stream read, stream merge and both Sinkhorn forms as the reference runs them in eager
 mode (kernels/mhc_reference.py: autograd Functions with the backward written out, and one
-log_softmax per normalisation) against the plain-autograd forms they replaced (a matmul and
-a broadcast product differentiated by autograd; logsumexp and a subtraction), in one
+log_softmax per log-space normalisation) against the plain-autograd forms they replaced (a
+matmul and a broadcast product differentiated by autograd; logsumexp and a subtraction; V4's
+linear-space iterations differentiated by autograd as backward recomputes them), in one
 process: one residual join's ops forward and backward at the model's shape, and whole
 training steps (forward, backward, AdamW) of the model with either form, alternating round
 by round with the plain-residual model, so each form's mHC overhead has its baseline from
-the same rounds. Prints one JSON object.
+the same rounds. `--former` names the ops that take their former form (default: all).
+Prints one JSON object.
 
     python benchmarks/mhc_stream_ops.py --models tiny small --rounds 3
+    python benchmarks/mhc_stream_ops.py --models tiny --former sinkhorn_eps
 """
 
 from __future__ import annotations
@@ -47,15 +50,31 @@ def former_sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
     return mhc_reference._recomputed_in_backward(logits, _former_log_iterations, iters)
 
 
-FORMS = {
-    "current": (mhc_reference.mhc_pre, mhc_reference.mhc_post, mhc_reference.sinkhorn_knopp),
-    "former": (former_pre, former_post, former_sinkhorn),
+def former_sinkhorn_eps(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    return mhc_reference._recomputed_in_backward(logits, mhc_reference._sinkhorn_eps, iters, eps)
+
+
+CURRENT = {
+    "pre": mhc_reference.mhc_pre,
+    "post": mhc_reference.mhc_post,
+    "sinkhorn": mhc_reference.sinkhorn_knopp,
+    "sinkhorn_eps": mhc_reference.sinkhorn_knopp_eps,
 }
+FORMER = {
+    "pre": former_pre,
+    "post": former_post,
+    "sinkhorn": former_sinkhorn,
+    "sinkhorn_eps": former_sinkhorn_eps,
+}
+FORMS = {"current": CURRENT, "former": dict(CURRENT)}  # "former": filled in by --former
 
 
 def use(net: torch.nn.Module, form: str) -> None:
-    pre, post, sinkhorn = FORMS[form]
-    mhc_reference.sinkhorn_knopp = sinkhorn  # mhc_mapping looks it up at call time
+    ops = FORMS[form]
+    pre, post = ops["pre"], ops["post"]
+    # mhc_mapping looks both Sinkhorn forms up at call time
+    mhc_reference.sinkhorn_knopp = ops["sinkhorn"]
+    mhc_reference.sinkhorn_knopp_eps = ops["sinkhorn_eps"]
     for module in net.modules():
         if isinstance(module, HyperConnection):
             module._pre, module._post = pre, post
@@ -84,11 +103,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["tiny", "small"], choices=list(SHAPES))
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--former", nargs="+", default=list(FORMER), choices=list(FORMER))
     args = parser.parse_args()
-    result = {"benchmark": "mhc_stream_ops", "torch": torch.__version__, "models": {}}
+    FORMS["former"] |= {op: FORMER[op] for op in args.former}
+    result = {"benchmark": "mhc_stream_ops", "torch": torch.__version__, "former": args.former}
+    result["models"] = {}
+    cpu = torch.device("cpu")
     for model in args.models:
-        net, optimizer = build(model, VARIANTS["default"], compiled=False)
-        plain, plain_optimizer = build(model, VARIANTS["plain"], compiled=False)
+        net, optimizer = build(model, VARIANTS["default"], False, "reference", cpu)
+        plain, plain_optimizer = build(model, VARIANTS["plain"], False, "reference", cpu)
         batch, seq = SHAPES[model]
         joins = join_ms(net, (batch, seq), args.rounds)
         tokens = torch.randint(
@@ -102,7 +125,7 @@ def main() -> None:
                 target, opt = (plain, plain_optimizer) if name == "plain" else (net, optimizer)
                 start = time.perf_counter()
                 for _ in range(2):
-                    step(target, opt, tokens)
+                    step(target, opt, tokens, False)
                 seconds[name] += (time.perf_counter() - start) if r else 0.0
         use(net, "current")
         steps = {name: s / (2 * args.rounds) for name, s in seconds.items()}

@@ -6,7 +6,9 @@ For each model recipe it times forward + backward + AdamW on synthetic tokens fo
 round by round so machine noise hits all alike. Prints one JSON object: tokens/s per variant,
 mHC overhead = time(mHC)/time(plain) - 1, Engram overhead = time(Engram)/time(no Engram) - 1,
 V4 attention cost = time(V4 attention)/time(GQA) - 1, and with --profile the top ops of the
-default. `--compile` compiles every variant's blocks with inductor (train.compile's per-block
+default. `--variants default dense` (tiny only) times the model's dense baseline recipe of
+equal active size (`tiny_dense`) in the same rounds: time per token over the dense one's - 1.
+`--compile` compiles every variant's blocks with inductor (train.compile's per-block
 compilation) and warms them up before timing; `--variants` picks some.
 
 On an accelerator (`--device cuda`) the same run takes the kernel backends to compare
@@ -48,11 +50,14 @@ VARIANTS = {
     "no_engram": ["model.engram.layers=[]"],
     "v4_attention": ["model.attention.kind=v4"],
     "gqa_attention": ["model.attention.kind=gqa"],
+    "dense": [],  # another recipe: DENSE_BASELINES
 }
+DENSE_BASELINES = {"tiny": "tiny_dense"}  # dense decoders of the model's active size
 RATIOS = {  # metric: (variant, its baseline)
     "mhc_overhead": ("default", "plain"),
     "engram_overhead": ("default", "no_engram"),
     "v4_attention_cost": ("v4_attention", "gqa_attention"),
+    "over_dense_per_token": ("default", "dense"),
 }
 SHAPES = {"tiny": (12, 128), "small": (2, 256)}  # (sequences, tokens per sequence) per step
 
@@ -97,7 +102,13 @@ def measure(model: str, args: argparse.Namespace) -> dict:
         for variant in args.variants
     }
     built = {
-        name: build(model, [*VARIANTS[v], *args.set], args.compile, kernels, device)
+        name: build(
+            DENSE_BASELINES[model] if v == "dense" else model,
+            [*VARIANTS[v], *args.set],
+            args.compile,
+            kernels,
+            device,
+        )
         for name, (v, kernels) in names.items()
     }
     first = next(iter(built.values()))[0]
@@ -194,7 +205,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=2, help="timed steps per variant per round")
     parser.add_argument("--profile", action="store_true")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument(
+        "--variants", nargs="+", default=[v for v in VARIANTS if v != "dense"], choices=VARIANTS
+    )
     parser.add_argument("--compile", action="store_true", help="inductor, per block")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ...")
     parser.add_argument("--kernels", nargs="+", default=["reference"], help="kernel backends")
@@ -204,6 +217,8 @@ def main() -> None:
     parser.add_argument("--launches", action="store_true", help="kernels launched per step")
     parser.add_argument("--peak-tflops", type=float, help="the device's peak (default: preset)")
     args = parser.parse_args()
+    if "dense" in args.variants and set(args.models) - set(DENSE_BASELINES):
+        parser.error(f"--variants dense: only {', '.join(DENSE_BASELINES)} has a dense recipe")
     if args.profile and "default" not in args.variants:
         parser.error("--profile profiles the default variant: include it in --variants")
     report = {

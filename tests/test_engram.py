@@ -192,19 +192,37 @@ def test_bad_engram_configs_fail_naming_the_field(changes, key):
     assert info.value.key == key
 
 
-def test_causal_conv_equals_a_depthwise_conv1d_with_left_padding():
-    engram = make_engram()
+@pytest.mark.parametrize("length", [20, 5, 1])  # 5, 1: lags that reach before the start
+@pytest.mark.parametrize("compiled_form", [False, True])
+def test_causal_conv_equals_a_depthwise_conv1d_with_left_padding(
+    length, compiled_form, monkeypatch
+):
+    """The convolution (eager: an autograd Function with its backward written out; compiled:
+    the plain shifted products) against Conv1d over left-padded channels in float64: output
+    and the gradients of input and weight."""
+    engram = make_engram().double()
     with torch.no_grad():
         engram.conv_weight.normal_()
-    x = torch.randn(2, 20, 4, 16)
+    if compiled_form:
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    x = torch.randn(2, length, 4, 16, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2, length, 4, 16, dtype=torch.float64)
     kernel, dilation = engram.conv_weight.shape[0], engram.dilation
-    # Conv1d correlates: weight index K-1-i multiplies lag i.
-    weight = engram.conv_weight.T.unsqueeze(1).flip(-1)
-    channels_first = x.permute(0, 2, 3, 1).reshape(8, 16, 20)
-    padded = torch.nn.functional.pad(channels_first, ((kernel - 1) * dilation, 0))
-    expected = torch.nn.functional.conv1d(padded, weight, dilation=dilation, groups=16)
-    expected = expected.view(2, 4, 16, 20).permute(0, 3, 1, 2)
-    torch.testing.assert_close(engram._causal_conv(x), expected, atol=1e-5, rtol=1e-5)
+
+    def conv1d(x, conv_weight):
+        # Conv1d correlates: weight index K-1-i multiplies lag i.
+        weight = conv_weight.T.unsqueeze(1).flip(-1)
+        channels_first = x.permute(0, 2, 3, 1).reshape(8, 16, length)
+        padded = torch.nn.functional.pad(channels_first, ((kernel - 1) * dilation, 0))
+        out = torch.nn.functional.conv1d(padded, weight, dilation=dilation, groups=16)
+        return out.view(2, 4, 16, length).permute(0, 3, 1, 2)
+
+    inputs = (x, engram.conv_weight)
+    got, expected = engram._causal_conv(x), conv1d(*inputs)
+    torch.testing.assert_close(got, expected)
+    got_grads = torch.autograd.grad(got, inputs, grad)
+    for got_grad, want in zip(got_grads, torch.autograd.grad(expected, inputs, grad), strict=True):
+        torch.testing.assert_close(got_grad, want)
 
 
 def test_the_left_edge_is_padded_with_the_compressed_pad_id():

@@ -46,9 +46,13 @@ def block_entries(positions: torch.Tensor, ratio: int) -> BlockEntries:
 
 def gather_blocks(values: torch.Tensor, start: torch.Tensor, ratio: int) -> torch.Tensor:
     """(B, T, D) -> (B, E, ratio, D): the tokens of the blocks starting at `start` (B, E)."""
-    index = (start[:, :, None] + torch.arange(ratio, device=start.device)).clamp(min=0)
-    rows = torch.arange(values.shape[0], device=values.device)[:, None, None]
-    return values[rows, index.clamp(max=values.shape[1] - 1)]
+    batch, seq = values.shape[:2]
+    index = (start[:, :, None] + torch.arange(ratio, device=start.device)).clamp(0, seq - 1)
+    # rows of the flattened (B * T, D): index_select's backward is an index_add, where
+    # values[rows, index]'s is an accumulating index_put that sorts the rows first
+    index = index + seq * torch.arange(batch, device=values.device)[:, None, None]
+    picked = values.flatten(0, 1).index_select(0, index.flatten())
+    return picked.view(*index.shape, *values.shape[2:])
 
 
 class KVCompressor(nn.Module):

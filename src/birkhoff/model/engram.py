@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from birkhoff import kernels
+from birkhoff.kernels.causal_conv import causal_conv
 from birkhoff.kernels.reference import engram_gate
 from birkhoff.model.config import EngramConfig
 from birkhoff.model.init import constant
@@ -171,14 +172,7 @@ class Engram(nn.Module):
     def _causal_conv(self, x: torch.Tensor) -> torch.Tensor:
         """y_t = sum_i w_i * x_{t - i * dilation} along the time axis (dim 1) of (B, T, n, C).
         Shifted multiply-adds: on CPU much cheaper than Conv1d after a (B*n, C, T) permute."""
-        out = x * self.conv_weight[0]
-        for lag in range(1, self.conv_weight.shape[0]):
-            shift = lag * self.dilation
-            if shift >= x.shape[1]:
-                break
-            shifted = F.pad(x[:, :-shift], (0, 0, 0, 0, shift, 0))
-            out = out + shifted * self.conv_weight[lag]
-        return out
+        return causal_conv(x, self.conv_weight, self.dilation)
 
 
 def sparse_table_gradients(model: nn.Module) -> list[nn.Parameter]:
