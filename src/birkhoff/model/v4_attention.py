@@ -98,8 +98,11 @@ class V4Attention(nn.Module):
             if layer_type == "csa"
             else None
         )
-        # Per training forward of a CSA layer: (indexer KL, 1, recall hits, recall wanted).
-        self.recorded: list[torch.Tensor] = []
+        # Summed over the training forwards of a CSA layer since they were last taken:
+        # (indexer KL, forwards, recall hits, recall wanted), float64. One tensor updated in
+        # place (made before the first forward, `prepare_stats`): a list growing by one per
+        # micro-batch made a compiled block recompile for every micro-batch of a step.
+        self.indexer_stats: torch.Tensor | None = None
         # Set when tensor parallelism splits the heads (sinks, output groups, indexer heads)
         # over a process group; the KV entry and the compressors stay whole on every process.
         self.head_group: dist.ProcessGroup | None = None
@@ -107,6 +110,11 @@ class V4Attention(nn.Module):
         # The indexer's dense warm-up (train.indexer_warmup_steps): a CSA layer attends to every
         # visible entry and its indexer learns the attention over all of them.
         self.dense_indexing = False
+
+    def prepare_stats(self, device: torch.device) -> None:
+        """Create the indexer statistics on `device` before the first forward (as
+        train/model_share.py does): a compiled block would otherwise see them appear."""
+        self.indexer_stats = torch.zeros(4, dtype=torch.float64, device=device)
 
     def forward(
         self, x: torch.Tensor, ctx: SequenceContext, aux_losses: list[torch.Tensor] | None = None
@@ -134,7 +142,9 @@ class V4Attention(nn.Module):
             if self.training and not recomputing():  # recall: none in the dense warm-up
                 one, zero = torch.ones_like(loss), torch.zeros_like(loss)
                 hits, wanted = recall if recall is not None else (zero, zero)
-                self.recorded.append(torch.stack((loss.detach(), one, hits, wanted)).double())
+                if self.indexer_stats is None:
+                    self.prepare_stats(loss.device)
+                self.indexer_stats += torch.stack((loss.detach(), one, hits, wanted)).double()
         out = rotate_trailing(out, cos[:, :, None], -sin[:, :, None])  # undo RoPE on values
         weight = _local(self.w_o_groups.weight)  # this process's groups of heads
         weight = weight.view(-1, self.cfg.o_lora_rank, weight.shape[-1])
@@ -192,7 +202,7 @@ def take_indexer_stats(model: nn.Module) -> torch.Tensor:
     last call (float64; zeros without CSA layers); reading resets them."""
     total = torch.zeros(4, dtype=torch.float64)
     for module in model.modules():
-        if isinstance(module, V4Attention) and module.recorded:
-            total += torch.stack(module.recorded).sum(0).cpu()
-            module.recorded = []
+        if isinstance(module, V4Attention) and module.indexer_stats is not None:
+            total += module.indexer_stats.cpu()
+            module.indexer_stats.zero_()
     return total

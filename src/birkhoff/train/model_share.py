@@ -17,6 +17,7 @@ from birkhoff.model import build_model
 from birkhoff.model.config import ModelConfig
 from birkhoff.model.engram import Engram
 from birkhoff.model.transformer import Transformer
+from birkhoff.model.v4_attention import V4Attention
 from birkhoff.parallel import DistributedContext
 from birkhoff.parallel.parallelize import compiled_block_slots, parallelize_chunk
 from birkhoff.parallel.pipeline import Carry, PipelineRunner
@@ -38,13 +39,14 @@ class ModelShare:
 
 def initialise(part: torch.nn.Module, device: torch.device, engram_host: bool, seed: int) -> None:
     """Give a part built on the meta device (and sharded there) its storage on `device` and
-    its initial values, the same for any layout; Engram's statistics made before the first
-    forward."""
+    its initial values, the same for any layout; Engram's and the indexers' statistics made
+    before the first forward."""
     materialise(part, device, engram_host)
     part.tie_weights()
     part.init_weights(seed)
-    for engram in (m for m in part.modules() if isinstance(m, Engram)):
-        engram.prepare_stats(device)
+    for module in part.modules():
+        if isinstance(module, (Engram, V4Attention)):
+            module.prepare_stats(device)
 
 
 def build_share(
