@@ -63,7 +63,10 @@ def _sinkhorn_eps(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     normalised, then `iters - 1` times columns and rows, each sum taken as (sum + eps). In
     linear space: the softmax bounds every entry. Row sums end at s / (s + eps), not exactly 1.
     Laid out (n, n, batch) as `sinkhorn_knopp` is, for the same reason."""
-    *_, (_, m, _) = _eps_steps(_eps_layout(logits), iters, eps)
+    steps = _eps_steps(_eps_layout(logits), iters, eps)
+    m = next(steps)  # the softmax; there is always a step after it
+    for step in steps:  # only the latest kept
+        m = step[1]
     matrices = m.permute(2, 0, 1).contiguous()
     return matrices.view(logits.shape).to(logits.dtype)
 

@@ -100,7 +100,8 @@ def moe_unpermute(
 ) -> torch.Tensor:
     """Weighted sum of each token's k expert outputs back in token order: (N*k, C) -> (N, C)."""
     top_k = gate_weights.shape[1]
-    weighted = expert_out * gate_weights.flatten()[order].unsqueeze(-1).to(expert_out.dtype)
+    gates = gate_weights.flatten().index_select(0, order)  # as moe_permute: an index_add back
+    weighted = expert_out * gates.unsqueeze(-1).to(expert_out.dtype)
     combined = expert_out.new_zeros(num_tokens, expert_out.shape[-1])
     return combined.index_add(0, order // top_k, weighted)
 

@@ -148,14 +148,15 @@ def _swiglu_terms(width: float, act: int, clamped: bool, split: str) -> list[Ter
 
 def _engram_terms(cfg: ModelConfig, act: int) -> list[Term]:
     """The gathered memory, its row ids, the key and value projections and the gate, norm
-    and causal convolution the reference kernel runs per stream."""
+    and causal convolution the reference kernel runs per stream (the convolution keeps only
+    its input: kernels/causal_conv.py)."""
     c, n, e = cfg.hidden_size, cfg.residual.streams, cfg.engram
     heads = e.hash_heads
     return [
         Term(heads * e.embed_dim, FP32, "whole", False),
         Term(heads, INDEX, "whole", False),
         Term(n * c + c, act, "whole", True),
-        Term(10 * n * c + 8 * n, FP32, "whole", False),
+        Term(7 * n * c + 8 * n, FP32, "whole", False),
     ]
 
 
