@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 
-def _lags(weight: torch.Tensor, dilation: int, length: int) -> range:
-    """The lags i >= 1 whose shift i * dilation stays inside the sequence."""
-    return range(1, min(weight.shape[0], (length - 1) // dilation + 1))
+def _shifts(weight: torch.Tensor, dilation: int, length: int) -> list[tuple[int, int]]:
+    """(lag i, its shift i * dilation) for the lags i >= 1 that stay inside the sequence."""
+    lags = range(1, min(weight.shape[0], (length - 1) // dilation + 1))
+    return [(lag, lag * dilation) for lag in lags]
 
 
 class _CausalConv(torch.autograd.Function):
@@ -27,8 +28,7 @@ class _CausalConv(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         ctx.dilation = dilation
         out = x * weight[0]
-        for lag in _lags(weight, dilation, x.shape[1]):
-            shift = lag * dilation
+        for lag, shift in _shifts(weight, dilation, x.shape[1]):
             out[:, shift:].addcmul_(x[:, :-shift], weight[lag])
         return out
 
@@ -36,21 +36,19 @@ class _CausalConv(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
-        dilation, need = ctx.dilation, ctx.needs_input_grad
-        lags = _lags(weight, dilation, x.shape[1])
+        need = ctx.needs_input_grad
+        shifts = _shifts(weight, ctx.dilation, x.shape[1])
         d_x = d_weight = None
         if need[0]:  # y_t reads x_{t - shift}: x_s gets grad_{s + shift} * w
             d_x = grad * weight[0]
-            for lag in lags:
-                shift = lag * dilation
+            for lag, shift in shifts:
                 d_x[:, :-shift].addcmul_(grad[:, shift:], weight[lag])
             d_x = d_x.to(x.dtype)
         if need[1]:
             d_weight = torch.zeros_like(weight)
             dims = tuple(range(x.dim() - 1))
             d_weight[0] = (grad * x).sum(dims)
-            for lag in lags:
-                shift = lag * dilation
+            for lag, shift in shifts:
                 d_weight[lag] = (grad[:, shift:] * x[:, :-shift]).sum(dims)
         return d_x, d_weight, None
 
@@ -61,8 +59,7 @@ def causal_conv(x: torch.Tensor, weight: torch.Tensor, dilation: int) -> torch.T
     if not torch.compiler.is_compiling():
         return _CausalConv.apply(x, weight, dilation)
     out = x * weight[0]
-    for lag in _lags(weight, dilation, x.shape[1]):
-        shift = lag * dilation
+    for lag, shift in _shifts(weight, dilation, x.shape[1]):
         pad = (0, 0) * (x.dim() - 2) + (shift, 0)
         out = out + F.pad(x[:, :-shift], pad) * weight[lag]
     return out

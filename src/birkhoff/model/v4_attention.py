@@ -200,9 +200,14 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 def take_indexer_stats(model: nn.Module) -> torch.Tensor:
     """(KL sum, forwards, recall hits, recall wanted) over the CSA layers of `model` since the
     last call (float64; zeros without CSA layers); reading resets them."""
-    total = torch.zeros(4, dtype=torch.float64)
-    for module in model.modules():
-        if isinstance(module, V4Attention) and module.indexer_stats is not None:
-            total += module.indexer_stats.cpu()
-            module.indexer_stats.zero_()
+    stats = [
+        m.indexer_stats
+        for m in model.modules()
+        if isinstance(m, V4Attention) and m.indexer_stats is not None
+    ]
+    if not stats:
+        return torch.zeros(4, dtype=torch.float64)
+    total = torch.stack(stats).sum(0).cpu()  # one copy to the host per step, not one per layer
+    for found in stats:
+        found.zero_()
     return total
