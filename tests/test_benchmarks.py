@@ -1,0 +1,93 @@
+"""The benchmark scripts still fit the code they call.
+
+Nothing runs them in the suite (each takes minutes), and three of them once failed at start for
+a month after `model_throughput.build` and `step` changed their signatures. This test imports
+every script and binds each call it makes to a function of birkhoff or of another benchmark
+against that function's current signature: a renamed, removed or re-parameterised function
+fails here, in seconds, instead of when someone next needs the numbers."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+SCRIPTS = sorted(p.stem for p in BENCHMARKS.glob("*.py"))
+
+
+@pytest.fixture(scope="module")
+def benchmark_path():
+    sys.path.insert(0, str(BENCHMARKS))
+    yield
+    sys.path.remove(str(BENCHMARKS))
+
+
+def _ours(target: object) -> bool:
+    module = getattr(target, "__module__", "") or ""
+    return module.startswith("birkhoff") or module in SCRIPTS
+
+
+def _resolve(node: ast.expr, namespace: dict) -> object | None:
+    """What a call's function names in the script's globals (`f`, `module.f`, `Class.f`)."""
+    if isinstance(node, ast.Name):
+        return namespace.get(node.id)
+    if isinstance(node, ast.Attribute):
+        owner = _resolve(node.value, namespace)
+        if inspect.ismodule(owner) or inspect.isclass(owner):
+            return getattr(owner, node.attr, None)
+    return None
+
+
+def _local_names(tree: ast.Module) -> set[str]:
+    """Names bound inside functions (arguments, assignments): a call through one of them is
+    not a call of the global of that name."""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.arg):
+            names.add(node.arg)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+    return names
+
+
+def unbindable_calls(script: str) -> tuple[int, list[str]]:
+    """(calls checked, one line per call that does not bind to its target's signature)."""
+    module = importlib.import_module(script)
+    tree = ast.parse((BENCHMARKS / f"{script}.py").read_text())
+    shadowed = _local_names(tree)
+    checked, problems = 0, []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        if isinstance(node.func, ast.Name) and node.func.id in shadowed:
+            continue
+        target = _resolve(node.func, vars(module))
+        if not (inspect.isfunction(target) or inspect.isclass(target)) or not _ours(target):
+            continue
+        if any(isinstance(a, ast.Starred) for a in node.args):
+            continue  # a spread list: its length is not in the source
+        if any(k.arg is None for k in node.keywords):
+            continue  # **kwargs
+        try:
+            signature = inspect.signature(target)
+        except (TypeError, ValueError):
+            continue
+        checked += 1
+        try:
+            signature.bind(*node.args, **{k.arg: k.value for k in node.keywords})
+        except TypeError as error:
+            name = ast.unparse(node.func)
+            problems.append(f"{script}.py:{node.lineno}: {name}{signature}: {error}")
+    return checked, problems
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_benchmark_calls_bind(benchmark_path, script):
+    checked, problems = unbindable_calls(script)
+    assert not problems, "\n".join(problems)
+    assert checked, f"{script}.py calls nothing of birkhoff's that this test can see"
