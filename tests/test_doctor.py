@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -71,7 +72,7 @@ def test_a_wrong_kernel_is_a_problem(monkeypatch):
 
 
 def test_an_op_is_held_to_the_reference_s_own_error_in_its_precision(monkeypatch):
-    """At the doctor's GPU batch (4096 tokens) Engram's gate misses float64 by ~5e-4 in
+    """At the doctor's GPU batch (4096 tokens) Engram's gate misses float64 by ~7e-4 in
     float32 (its gradient runs through 1/sqrt|s| near s = 0), so the reference itself would
     fail the flat 1e-4; an op is allowed 10x the reference's own error, which still flags an
     op 1% off."""
@@ -93,7 +94,8 @@ def test_an_op_is_held_to_the_reference_s_own_error_in_its_precision(monkeypatch
     assert result["ok"] and result["backward_error"] == pytest.approx(own, rel=1e-6)
     scale["value"] = 1.01
     result = doctor_kernels._check("engram_gather_gate", "triton", torch.device("cpu"))
-    assert not result["ok"] and result["problem"].startswith("relative error 1.0e-02 above")
+    # 1% off, plus the float32 op's own error against the float64 reference
+    assert not result["ok"] and re.match(r"relative error 1\.[01]e-02 above", result["problem"])
 
 
 def test_a_triton_kernel_that_does_not_compile_is_a_problem(monkeypatch):

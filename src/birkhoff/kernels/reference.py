@@ -15,12 +15,15 @@ from birkhoff.kernels.mhc_reference import (  # noqa: F401  (registered there, r
 )
 from birkhoff.kernels.opaque_grouped_mm import opaque_grouped_mm
 from birkhoff.kernels.registry import REFERENCE, register
+from birkhoff.kernels.row_functions import gated_value, normalised_similarity, rms_norm_rows
 
 
 @register("rms_norm", REFERENCE)
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dimension, computed in float32 and cast back to the input dtype."""
-    return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)
+    """RMSNorm over the last dimension, computed in float32 (at least) and cast back to the
+    input dtype; eager backward written out (kernels/row_functions.py)."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    return rms_norm_rows(x.to(compute), weight.to(compute), eps).to(x.dtype)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -165,7 +168,7 @@ def engram_gather_gate(
     """
     memory, value = engram_memory(table, indices, value_weight)
     alpha = engram_gate(memory, key_weight, streams, eps)
-    return alpha.unsqueeze(-1).to(value.dtype) * value.unsqueeze(-2)
+    return gated_value(alpha, value)
 
 
 def engram_memory(
@@ -182,7 +185,6 @@ def engram_gate(
     """alpha (B, T, n) of the concatenated rows `memory` (B, T, H*d) for streams (B, T, n, C)."""
     n, hidden = streams.shape[-2], streams.shape[-1]
     keys = F.linear(memory, key_weight).unflatten(-1, (n, hidden))
-    normed_streams = F.rms_norm(streams.float(), (hidden,), eps=eps)
-    normed_keys = F.rms_norm(keys.float(), (hidden,), eps=eps)
-    similarity = (normed_streams * normed_keys).sum(-1) / hidden**0.5
+    compute = torch.promote_types(streams.dtype, torch.float32)
+    similarity = normalised_similarity(streams.to(compute), keys.to(compute), eps)
     return torch.sigmoid(_signed_sqrt(similarity))

@@ -34,7 +34,7 @@ def block_terms(
     terms: list[Term] = []
     for _ in range(2):  # attention and FFN sublayers: the residual join and the sublayer's norm
         terms += _join_terms(cfg, act_bytes)
-        terms.append(Term(2 * c + 1, FP32, "stream", False))  # norm input, normed, 1 / rms
+        terms.append(Term(c + 1, FP32, "stream", False))  # norm input, 1 / rms
     terms += _attention_terms(cfg, layer, seq, act_bytes, fused_attention)
     terms += _ffn_terms(cfg, layer, act_bytes)
     if layer in cfg.engram.layers:
@@ -84,14 +84,14 @@ def _attention_terms(cfg: ModelConfig, layer: int, seq: int, act: int, fused: bo
     terms = [
         Term(c, act, "whole", False),  # the projections' input
         Term(a.q_lora_rank, act, "whole", True),  # query latent, then normalised
-        Term(2 * a.q_lora_rank, FP32, "whole", False),
+        Term(a.q_lora_rank, FP32, "whole", False),
         Term(hd, act, "heads", True),  # queries, normalised, rotated, blocked
         Term(3 * hd, FP32, "heads", False),
         Term(heads if fused else heads * keys, FP32, "heads", False),  # probabilities
         Term(heads, FP32, "heads", False),
         Term(2 * window, MASK, "whole", False),
         Term(d, act, "whole", True),  # the KV entry, normalised, and the RoPE angles
-        Term(d + 3 * a.rope_head_dim / 2, FP32, "whole", False),
+        Term(3 * a.rope_head_dim / 2, FP32, "whole", False),
         Term(a.o_groups * a.o_lora_rank, act, "heads", True),  # grouped output projection
     ]
     if kind == "csa":
@@ -114,7 +114,7 @@ def _attention_terms(cfg: ModelConfig, layer: int, seq: int, act: int, fused: bo
 def _compressor_terms(width: int, ratio: int, dim: int) -> list[Term]:
     """A compressor over windows of `width` x `ratio` tokens per entry of `dim` values."""
     return [
-        Term(2 * width * dim + 2 * width + 2 * dim / ratio, FP32, "whole", False),
+        Term(2 * width * dim + 2 * width + dim / ratio, FP32, "whole", False),
         Term(4, INDEX, "whole", False),
     ]
 
@@ -156,7 +156,7 @@ def _engram_terms(cfg: ModelConfig, act: int) -> list[Term]:
         Term(heads * e.embed_dim, FP32, "whole", False),
         Term(heads, INDEX, "whole", False),
         Term(n * c + c, act, "whole", True),
-        Term(7 * n * c + 8 * n, FP32, "whole", False),
+        Term(4 * n * c + 9 * n, FP32, "whole", False),
     ]
 
 
@@ -168,9 +168,9 @@ def head_terms(cfg: ModelConfig, act: int) -> list[Term]:
     c, n = cfg.hidden_size, cfg.residual.streams
     # the streams (n C) and the mapping's few floats: its RMSNorm is folded behind the projection
     readout = n * c + 13 if cfg.residual.mode != "plain" else 0
-    terms = [Term(readout + 4 * c + 1, FP32, "whole", False)]
+    terms = [Term(readout + 3 * c + 1, FP32, "whole", False)]
     for _ in range(cfg.mtp.depth):
-        terms += [Term(readout + 5 * c + 2 * n * c, FP32, "whole", False)]
+        terms += [Term(readout + 3 * c + n * c, FP32, "whole", False)]
     return terms
 
 
