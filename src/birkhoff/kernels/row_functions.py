@@ -18,8 +18,8 @@ from torch.autograd.function import once_differentiable
 
 
 def inverse_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """(mean(x^2) + eps)^(-1/2) over the last dimension, kept: one reduction pass over x (a
-    vector norm), where square-then-mean writes a squared copy first."""
+    """(mean(x^2) + eps)^(-1/2) over the last dimension (kept as a size-1 dimension): one
+    reduction pass over x (a vector norm), where square-then-mean writes a squared copy first."""
     mean_square = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() / x.shape[-1]
     return torch.rsqrt(mean_square + eps)  # one float per row: out of place (differentiable)
 
