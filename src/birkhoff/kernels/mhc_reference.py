@@ -15,6 +15,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from birkhoff.kernels.registry import REFERENCE, register
+from birkhoff.kernels.row_functions import inverse_rms
 
 
 def _batch_last(matrices: torch.Tensor) -> torch.Tensor:
@@ -253,8 +254,7 @@ class _NormalisedProjection(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, flat: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        norm = torch.linalg.vector_norm(flat, dim=-1, keepdim=True)
-        scale = torch.rsqrt(norm.square() / flat.shape[-1] + eps)
+        scale = inverse_rms(flat, eps)
         projected = flat @ weight.T
         ctx.save_for_backward(flat, weight, projected, scale)
         return projected * scale
