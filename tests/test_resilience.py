@@ -55,7 +55,7 @@ trainer.Trainer.reduce_loss = stuck_on_rank_1
 """
 
 
-# Rank 1 does 2.5 s of extra CPU work in each of steps 1-4, then the same work as rank 0.
+# Rank 1 does 2.5 s of extra CPU work in each of steps 5-8, otherwise the same work as rank 0.
 SLOW_RANK_1 = """\
 import os
 import time
@@ -66,7 +66,7 @@ _forward_backward = trainer.Trainer.forward_backward
 
 
 def slow_on_rank_1(self, micro_batches):
-    if os.environ.get("RANK") == "1" and self.step < 4:
+    if os.environ.get("RANK") == "1" and 4 <= self.step < 8:
         until = time.process_time() + 2.5
         while time.process_time() < until:
             pass
@@ -209,7 +209,7 @@ def restart_args(shakespeare_shards: str) -> list[str]:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, shakespeare_shards) -> tuple[Path, str]:
     """A 2-rank run that never fails (the restart test's reference), in which rank 1 does
-    2.5 s more CPU work per step in steps 1-4 (the straggler test's subject; it changes no
+    2.5 s more CPU work per step in steps 5-8 (the straggler test's subject; it changes no
     loss). Its run dir and stderr."""
     tmp_path = tmp_path_factory.mktemp("uninterrupted")
     env, _ = inject(tmp_path, SLOW_RANK_1)
@@ -224,20 +224,23 @@ def uninterrupted(tmp_path_factory, shakespeare_shards) -> tuple[Path, str]:
 
 @pytest.mark.slow
 def test_the_rank_doing_more_work_is_named_and_only_while_it_does(uninterrupted):
-    """Rank 1 works 2.5 s more per step in steps 1-4: the report over those steps names it
-    with a ratio above 1.5 and the console warns; over steps 5-8 and 9-12, when both ranks do
-    the same work, the ratio is near 1 and nothing is said (all ranks' step times are equal
-    throughout: the collectives make rank 0 wait). The first window includes both ranks'
-    loader start-up (~6 s of data wait on 2 busy cores)."""
+    """Rank 1 works 2.5 s more per step in steps 5-8: the report over those steps names it
+    with a ratio above 1.5 and the console warns; over steps 9-12, when both ranks do the same
+    work, the ratio stays under the warning's 1.5 and nothing is said (all ranks' step times are
+    equal throughout: the collectives make rank 0 wait). Steps 1-4 hold each rank's loader
+    start-up (~6 s of data wait on 2 busy cores, more or less on either rank), so that window is
+    not judged. Even windows are 4 steps of ~0.2 s CPU: with another test worker on the same 2
+    cores a rank's CPU time there jitters by ~20%, which is why the line is the warning's."""
     run, stderr = uninterrupted
     reports = [r for r in read_metrics(run)[0] if "slowest_rank" in r]
     assert [r["step"] for r in reports] == [4, 8, 12]
-    slow, *even = reports
-    assert slow["slowest_rank"] == 1 and slow["slowest_over_median"] > 1.5, slow
-    assert all(r["slowest_over_median"] < 1.2 for r in even), even
-    warnings = [line for line in stderr.splitlines() if "straggler" in line]
-    assert len(warnings) == 1, stderr[-3000:]
-    assert warnings[0].startswith("birkhoff: rank 1 is a straggler over steps 1-4: ")
+    _, slow, even = reports
+    assert slow["slowest_rank"] == 1 and slow["slowest_over_median"] > 2.5, slow
+    assert even["slowest_over_median"] < 1.5, even
+    warnings = [line for line in stderr.splitlines() if "straggler over steps" in line]
+    judged = [line for line in warnings if "steps 1-4" not in line]
+    assert len(judged) == 1, stderr[-3000:]
+    assert judged[0].startswith("birkhoff: rank 1 is a straggler over steps 5-8: "), judged
 
 
 @pytest.mark.slow
