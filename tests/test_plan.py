@@ -12,7 +12,12 @@ from dataclasses import replace
 import pytest
 
 from birkhoff.model.config import EngramConfig, ModelConfig, MoEConfig, ResidualConfig
-from birkhoff.parallel.planning.activations import window_keys
+from birkhoff.parallel.planning.activations import (
+    block_terms,
+    bytes_per_token,
+    head_terms,
+    window_keys,
+)
 from birkhoff.parallel.planning.cluster import PRESETS, Cluster
 from birkhoff.parallel.planning.estimate import (
     GIB,
@@ -23,6 +28,7 @@ from birkhoff.parallel.planning.inventory import build_inventory
 from birkhoff.parallel.planning.layout import Layout, Workload, stage_layers
 from birkhoff.parallel.planning.published import deepseek_v3_model, deepseek_v3_run, derived_mfu
 from birkhoff.parallel.planning.search import plan
+from birkhoff.parallel.planning.traffic import ACTIVATION_TRAFFIC
 from birkhoff.train.mfu import flops_per_token
 
 V, C, L, H, KV, F = 512, 64, 4, 4, 2, 256
@@ -114,17 +120,32 @@ def test_the_optimizer_step_holds_foreach_adamw_s_temporary():
     assert cpu["total"] * GIB == pytest.approx(4 * p + 4 * p + 8 * p + cpu["buffers"] * GIB)
 
 
-def test_the_step_time_takes_the_cluster_s_matmul_efficiency():
-    """One device, no collectives, no recomputation: the step is the model's FLOPs (as the
-    trainer's MFU counts them, train/mfu.py, written out in tests/test_mfu.py) at
-    `cluster.matmul_efficiency` of the peak, and MFU is that share."""
+def test_the_step_time_is_matmuls_then_memory_traffic_each_at_its_efficiency():
+    """One device, no collectives, no recomputation, two micro-batches: the model's FLOPs (as
+    the trainer's MFU counts them, train/mfu.py, written out in tests/test_mfu.py) at
+    `cluster.matmul_efficiency` of the peak, then the elementwise kernels' bytes at
+    `cluster.memory_efficiency` of `memory_gbps`: AdamW 84 per parameter, clipping 12, the
+    second micro-batch's gradient accumulation 12, bf16 casts 12 per weight-matrix element
+    (the head's too) and micro-batch, and ACTIVATION_TRAFFIC times what the activation terms
+    save (tests/test_plan_traffic.py counts each against torch)."""
     inv = build_inventory(DENSE)
     work = Workload(global_batch=2, seq_len=8)
     flops = flops_per_token(DENSE, 8) * 2 * 8
-    for efficiency in (0.6, 0.118):  # the default; an H200's eager 16B-class step (README)
-        got = estimate(inv, Layout(), work, replace(CLUSTER, matmul_efficiency=efficiency))
-        assert got.step_s == pytest.approx(flops / (CLUSTER.peak_tflops * 1e12 * efficiency))
-        assert got.mfu == pytest.approx(efficiency)
+    p, d = dense_parameters(), C // H
+    weights = L * (2 * C * C + 2 * KV * d * C + 3 * C * F) + C * V
+    saved = sum(bytes_per_token(block_terms(DENSE, i, 8, 2), 1, False, "all") for i in range(L))
+    saved = (saved + bytes_per_token(head_terms(DENSE, 2), 1, False, "all")) * 2 * 8
+    traffic = (84 + 12 + 12) * p + 12 * weights * 2 + ACTIVATION_TRAFFIC * saved
+    for efficiency, memory_efficiency in ((0.6, 0.8), (0.118, 0.5)):
+        cluster = replace(CLUSTER, matmul_efficiency=efficiency,
+                          memory_efficiency=memory_efficiency)  # fmt: skip
+        got = estimate(inv, Layout(), work, cluster)
+        matmuls = flops / (CLUSTER.peak_tflops * 1e12 * efficiency)
+        memory = traffic / (CLUSTER.memory_gbps * 1e9 * memory_efficiency)
+        assert got.compute_s == pytest.approx(matmuls)
+        assert got.memory_bound_s == pytest.approx(memory)
+        assert got.step_s == pytest.approx(matmuls + memory)
+        assert got.mfu == pytest.approx(efficiency * matmuls / (matmuls + memory))
 
 
 def test_whole_and_host_resident_engram_tables_follow_their_formulas():

@@ -23,6 +23,8 @@ class ClusterConfig:
     host_gbps: float | None = None  # GB/s between a device and host memory (PCIe), one direction
     foreach_optimizer: bool | None = None  # AdamW steps with foreach kernels; None: true
     matmul_efficiency: float | None = None  # share of the bf16 peak the matmuls reach; None: 0.6
+    memory_gbps: float | None = None  # device memory (HBM) bandwidth, GB/s
+    memory_efficiency: float | None = None  # share of it elementwise kernels reach; None: 0.8
 
 
 @dataclass

@@ -150,7 +150,11 @@ def _report(total, active, work: Workload, cluster: Cluster, estimates: list[Est
 def assumptions(cluster: Cluster) -> str:
     return (
         f"matmuls at {cluster.matmul_efficiency:g} of the bf16 peak "
-        "(cluster.matmul_efficiency); tp and ep collectives not overlapped with compute, "
+        f"(cluster.matmul_efficiency); elementwise kernels' memory traffic at "
+        f"{cluster.memory_efficiency:g} of {cluster.memory_gbps:g} GB/s "
+        "(cluster.memory_efficiency, memory_gbps), after the matmuls, not beside them; "
+        "kernel launch and host overhead not modelled; tp and ep collectives not overlapped "
+        "with compute, "
         "FSDP/HSDP ones overlapped (only their excess exposed); ring collectives at the node's "
         "links inside a node, the NICs across nodes; the pipeline bubble of the schedule's own "
         "order (forward 1, backward 2 per layer, sends taking no time); "

@@ -26,18 +26,24 @@ class Cluster:
     # share of the bf16 peak the step's matmuls reach: large fused training kernels ~0.6; an
     # H200 running this project's eager kernels on a 16B-class shape reached 0.118 (README)
     matmul_efficiency: float = 0.6
+    memory_gbps: float = 3350.0  # device memory (HBM) bandwidth, GB/s
+    # share of it that streaming elementwise kernels reach (traffic.py)
+    memory_efficiency: float = 0.8
 
     def validate(self) -> None:
         for key in ("devices", "node_size"):
             value = getattr(self, key)
             require(value >= 1, f"cluster.{key}", value, "must be >= 1")
-        speeds = ("intra_node_gbps", "inter_node_gbps", "host_gbps")
+        speeds = ("intra_node_gbps", "inter_node_gbps", "host_gbps", "memory_gbps")
         for key in ("device_memory_gib", "peak_tflops", *speeds):
             value = getattr(self, key)
             require(value > 0, f"cluster.{key}", value, "must be > 0")
         efficiency = self.matmul_efficiency
         require(0 < efficiency <= 1, "cluster.matmul_efficiency", efficiency,
                 "must be in (0, 1]: the share of peak_tflops the matmuls reach")  # fmt: skip
+        efficiency = self.memory_efficiency
+        require(0 < efficiency <= 1, "cluster.memory_efficiency", efficiency,
+                "must be in (0, 1]: the share of memory_gbps kernels reach")  # fmt: skip
         flag = self.foreach_optimizer
         require(isinstance(flag, bool), "cluster.foreach_optimizer", flag, "must be true or false")
         require(
@@ -53,32 +59,33 @@ class Cluster:
 # links x 28 GB/s per direction inside a node, 200 Gb/s RoCE per NPU; 910C: CloudMatrix's
 # unified bus, 392 GB/s per NPU inside a supernode, counted here as nodes of 8. Host links:
 # PCIe 5.0 x16, 64 GB/s per direction (H100, H200, H800, B200); 910B PCIe 4.0 x16, 32 GB/s;
-# 910C assumed as 910B.
+# 910C assumed as 910B. Device memory: H100, H800 SXM 3.35 TB/s; H200 4.8 TB/s; B200 8 TB/s;
+# 910B 1.6 TB/s (HBM2e); 910C two 910B dies, 3.2 TB/s.
 PCIE5, PCIE4 = 64, 32
 PRESETS: dict[str, dict[str, Any]] = {
     "h100": dict(
         device_memory_gib=80, peak_tflops=989, intra_node_gbps=450, inter_node_gbps=50,
-        host_gbps=PCIE5,
+        host_gbps=PCIE5, memory_gbps=3350,
     ),
     "h200": dict(
         device_memory_gib=141, peak_tflops=989, intra_node_gbps=450, inter_node_gbps=50,
-        host_gbps=PCIE5,
+        host_gbps=PCIE5, memory_gbps=4800,
     ),
     "h800": dict(
         device_memory_gib=80, peak_tflops=989, intra_node_gbps=200, inter_node_gbps=50,
-        host_gbps=PCIE5,
+        host_gbps=PCIE5, memory_gbps=3350,
     ),
     "b200": dict(
         device_memory_gib=180, peak_tflops=2250, intra_node_gbps=900, inter_node_gbps=50,
-        host_gbps=PCIE5,
+        host_gbps=PCIE5, memory_gbps=8000,
     ),
     "ascend_910b": dict(
         device_memory_gib=64, peak_tflops=313, intra_node_gbps=196, inter_node_gbps=25,
-        host_gbps=PCIE4,
+        host_gbps=PCIE4, memory_gbps=1600,
     ),
     "ascend_910c": dict(
         device_memory_gib=128, peak_tflops=752, intra_node_gbps=392, inter_node_gbps=50,
-        host_gbps=PCIE4,
+        host_gbps=PCIE4, memory_gbps=3200,
     ),
 }  # fmt: skip
 
@@ -91,6 +98,7 @@ def cluster_from(values: dict[str, Any]) -> Cluster:
         raise RecipeError("cluster.preset", preset, f"must be one of {', '.join(PRESETS)}")
     base = {"name": preset or "custom", "node_size": 8, "foreach_optimizer": True}
     base["matmul_efficiency"] = Cluster.matmul_efficiency
+    base["memory_efficiency"] = Cluster.memory_efficiency
     base |= PRESETS.get(preset or "", {})
     given = values
     unknown = sorted(set(given) - set(Cluster.__dataclass_fields__))

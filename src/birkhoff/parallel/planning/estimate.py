@@ -69,6 +69,7 @@ from birkhoff.parallel.planning.pipeline_schedule import (
     bubble,
     rank_orders,
 )
+from birkhoff.parallel.planning.traffic import rank_traffic
 
 GIB = 2**30
 
@@ -78,7 +79,9 @@ class Estimate:
     layout: Layout
     memory_gib: dict[str, float]  # per device, the fullest stage
     comm_gib: dict[str, float]  # bytes per step per device, by collective
-    compute_s: float
+    traffic_gib: dict[str, float]  # device-memory bytes of elementwise kernels, by kind
+    compute_s: float  # matmuls at cluster.matmul_efficiency
+    memory_bound_s: float  # traffic_gib at cluster.memory_efficiency of memory_gbps
     exposed_comm_s: float
     bubble: float
     step_s: float
@@ -106,29 +109,40 @@ def estimate(inv: Inventory, layout: Layout, work: Workload, cluster: Cluster) -
         ),
         key=lambda m: m["total"],
     )
-    compute_s = _compute_seconds(inv, layout, work, cluster)
+    recompute = _recompute_share(inv, layout, work)
+    compute_s = _compute_seconds(inv, layout, work, cluster, recompute)
     # Muon: each rank orthogonalises its own experts and its share of the owned matrices
     muon_flops = max(
         newton_schulz_flops(_muon_matrices(inv, layout, _rank_keys(layout, stages, rank)))
         for rank in range(layout.pp)
     )
     compute_s += muon_flops / (cluster.peak_tflops * 1e12 * cluster.matmul_efficiency)
+    traffic = max(
+        (rank_traffic(inv, layout, work, layout.rank_stages(rank), stages, micro_batches,
+                      recompute, _muon_matrices(inv, layout, _rank_keys(layout, stages, rank)))
+         for rank in range(layout.pp)),
+        key=lambda kinds: sum(kinds.values()),
+    )  # fmt: skip
+    memory_s = sum(traffic.values()) / (cluster.memory_gbps * 1e9 * cluster.memory_efficiency)
     # the pipeline rank whose collectives expose the most time sets the pace
     comm, times, exposed = max(
-        (_exposed(communication(inv, layout, work, rank), layout, cluster, compute_s)
+        (_exposed(communication(inv, layout, work, rank), layout, cluster, compute_s + memory_s)
          for rank in range(layout.pp)),
         key=lambda found: found[2],
     )  # fmt: skip
     idle = bubble(orders, tuple(float(len(layers)) for layers in stages))
-    step_s = (compute_s + exposed) / (1 - idle)
+    step_s = (compute_s + memory_s + exposed) / (1 - idle)
     model_flops = model_flops_per_token(inv, work) * work.global_batch * work.seq_len
     mfu = model_flops / (step_s * layout.devices * cluster.peak_tflops * 1e12)
-    parts = {"compute": compute_s, **times, "pipeline bubble": step_s * idle}
+    parts = {"compute": compute_s, "memory traffic": memory_s, **times}
+    parts["pipeline bubble"] = step_s * idle
     return Estimate(
         layout=layout,
         memory_gib={k: v / GIB for k, v in memory.items()},
         comm_gib={k: v / GIB for k, v in comm.items()},
+        traffic_gib={k: v / GIB for k, v in traffic.items()},
         compute_s=compute_s,
+        memory_bound_s=memory_s,
         exposed_comm_s=exposed,
         bubble=idle,
         step_s=step_s,
@@ -323,10 +337,16 @@ def look_ahead_share(inv: Inventory, work: Workload) -> float:
     return (training / 3 - head) / training
 
 
-def _compute_seconds(inv: Inventory, layout: Layout, work: Workload, cluster: Cluster) -> float:
-    flops = model_flops_per_token(inv, work)
+def _recompute_share(inv: Inventory, layout: Layout, work: Workload) -> float:
+    """The share of a step's work run again: checkpointed forwards, the look-ahead forward."""
     recompute = {"none": 0.0, "selective": 0.1, "full": 1 / 3}[layout.activation_checkpoint]
-    recompute += look_ahead_share(inv, work) if layout.anticipatory else 0.0
+    return recompute + (look_ahead_share(inv, work) if layout.anticipatory else 0.0)
+
+
+def _compute_seconds(
+    inv: Inventory, layout: Layout, work: Workload, cluster: Cluster, recompute: float
+) -> float:
+    flops = model_flops_per_token(inv, work)
     tokens_per_device = work.global_batch * work.seq_len / (layout.dp * layout.tp * layout.pp)
     achieved = cluster.peak_tflops * 1e12 * cluster.matmul_efficiency
     return flops * (1 + recompute) * tokens_per_device / achieved

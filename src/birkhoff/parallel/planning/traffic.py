@@ -1,0 +1,110 @@
+"""Device-memory traffic of a step: what the elementwise kernels move, which runs at the memory
+bandwidth, not the matmul peak. Bytes per step on one device, by kind:
+
+- optimizer: torch's AdamW moves 84 bytes per float32 element it updates (decoupled decay
+  p *= 1 - lr wd: read and write p, 8; m = lerp(m, g): read m and g, write m, 12; v *= beta2,
+  8; v += (1 - beta2) g g: read v, g, g, write v, 16; sqrt(v), 8; / bias correction, 8; + eps,
+  8; p -= lr m / denominator: read p, m and it, write p, 16), 76 without weight decay (Engram
+  tables). Muon (train/muon.py) moves 72 bytes per element around Newton-Schulz (momentum
+  m = mu m + g, 20; Nesterov g + mu m, 12; the Frobenius norm and division, 12; the RMS
+  scale, 8; decay, 8; p -= lr O, 12) and, per iteration on a matrix with n <= m sides, 20 n m
+  (a X, and the sum with (b G + c G G) X) plus 28 n^2 (b G, c (G G), their sum) bytes beside
+  its matmuls, whose FLOPs the compute time counts;
+- gradients: the norm reads every gradient and, when it clips, scales it (12 bytes per
+  element); each micro-batch after the first adds its gradients to the accumulated ones (12);
+- mixed precision: every micro-batch casts the float32 weights it computes with to bf16 (read
+  4, write 2) and their bf16 gradients back to float32 (6): 12 bytes per element; under FSDP
+  with bf16 parameters the forward's cast is of the rank's shard, before the gather;
+- activations: the forward and backward elementwise kernels (norms, mHC's maps, activations,
+  softmax, routing, casts) read and write ACTIVATION_TRAFFIC times the bytes autograd saves
+  (activations.py), and recomputation runs its forward again. The factor was counted on the
+  reference kernels (every non-matmul aten op's inputs and outputs, per token, in float32;
+  tests/test_plan_traffic.py): 11.0 to 12.5 at `small`'s widths (mHC or plain residual) and
+  at a 16B-class shape's (hidden 1024, 8 experts of 704, top 6), 15.3 at `tiny`'s, where
+  fixed-width terms weigh more; fused kernels move less (a fused mHC join reads its streams
+  once).
+
+The step's memory-bound time is the sum at `cluster.memory_efficiency` of
+`cluster.memory_gbps`, on the same stream as the matmuls (no overlap). Kernel launch and host
+overhead are not modelled: eager PyTorch on a small per-device batch is bound by them.
+"""
+
+from __future__ import annotations
+
+from birkhoff.parallel.planning.activations import block_terms, bytes_per_token, head_terms
+from birkhoff.parallel.planning.inventory import LAST
+from birkhoff.parallel.planning.layout import (
+    DTYPE_BYTES,
+    sparse_rows,
+    stage_keys,
+    tp_local,
+    unit,
+    whole_table,
+)
+
+ADAMW_BYTES, ADAMW_NO_DECAY_BYTES = 84, 76
+MUON_BYTES = 72
+CLIP_BYTES = ACCUMULATE_BYTES = CAST_BYTES = 12
+ACTIVATION_TRAFFIC = 11.5
+
+
+def muon_iteration_bytes(rows: int, cols: int) -> float:
+    """Bytes one Newton-Schulz iteration moves outside its matmuls, on one matrix."""
+    n, m = min(rows, cols), max(rows, cols)
+    return 20 * n * m + 28 * n * n
+
+
+def rank_traffic(
+    inv, layout, work, mine: list[int], stages: list[list[int]], micro_batches: int,
+    recompute: float, muon_shapes: list[tuple[float, int, int]],
+) -> dict[str, float]:  # fmt: skip
+    """Bytes per step by kind on a device of the pipeline rank running stages `mine`, over
+    all its micro-batches (`recompute`: the share of the forward run again; `muon_shapes`:
+    the (matrices, rows, columns) this rank orthogonalises)."""
+    cfg = inv.cfg
+    keys = set().union(*(stage_keys(s, stages[s], layout.num_stages) for s in mine))
+    held = [g for g in inv.groups if g.layer in keys]
+    whole = [g for g in held if whole_table(g, layout)]
+    sharded = [g for g in held if g not in whole]
+    local = sum(tp_local(g, layout) for g in sharded) / layout.dp_shard
+    tables = sum(tp_local(g, layout) for g in sharded if g.engram_table) / layout.dp_shard
+    muon = sum(tp_local(g, layout) for g in sharded if g.muon) / layout.dp_shard
+    muon = muon if layout.muon else 0.0
+    lookups = layout.micro_batch * micro_batches * work.seq_len
+    touched = sum(sparse_rows(g, cfg, lookups) for g in whole) * cfg.engram.embed_dim
+    optimizer = ADAMW_BYTES * (local - tables - muon) + ADAMW_NO_DECAY_BYTES * (tables + touched)
+    optimizer += MUON_BYTES * muon
+    for count, rows, cols in muon_shapes:
+        optimizer += count * 10 * muon_iteration_bytes(rows, cols)
+    accumulated = micro_batches > 1 and layout.dp_shard > 1
+    accumulated = accumulated and not layout.fsdp_reduce_every_micro_batch
+    grads = sum(unit(g, layout) for g in sharded) if accumulated else local
+    gradients = CLIP_BYTES * (grads + touched) + ACCUMULATE_BYTES * grads * (micro_batches - 1)
+    weights = sum(unit(g, layout) for g in held if g.muon or _head(g))
+    if layout.dp_shard > 1 and DTYPE_BYTES[work.param_dtype] == 2:
+        # FSDP casts its shard before the gather and the gathered bf16 gradients after
+        weights = (weights + weights / layout.dp_shard) / 2
+    casts = CAST_BYTES * weights * micro_batches if work.mixed_precision else 0.0
+    saved = _saved_per_token(cfg, layout, work, mine, stages) * layout.micro_batch * work.seq_len
+    activations = ACTIVATION_TRAFFIC * saved * micro_batches * (1 + recompute)
+    return {"optimizer": optimizer, "gradients": gradients, "casts": casts,
+            "activations": activations}  # fmt: skip
+
+
+def _head(g) -> bool:
+    return g.balanced and not g.engram_table and g.layer == LAST
+
+
+def _saved_per_token(cfg, layout, work, mine: list[int], stages: list[list[int]]) -> float:
+    """What autograd saves per token on this rank without checkpointing (activations.py)."""
+    act_bytes = 2 if work.mixed_precision else 4
+    total = 0.0
+    for stage in mine:
+        last = stage == layout.num_stages - 1
+        mtp = range(cfg.num_layers, cfg.num_layers + cfg.mtp.depth) if last else range(0)
+        for layer in [*stages[stage], *mtp]:
+            terms = block_terms(cfg, layer, work.seq_len, act_bytes, work.fused_attention)
+            total += bytes_per_token(terms, layout.tp, layout.sequence_parallel, "all")
+        if last:
+            total += bytes_per_token(head_terms(cfg, act_bytes), 1, False, "all")
+    return total
