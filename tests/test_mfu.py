@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 
 import pytest
 import torch
@@ -59,6 +60,25 @@ def test_cpu_peak_is_measured_once_and_cached(monkeypatch, tmp_path):
     assert mfu.cpu_matmul_peak(torch.float32, tmp_path, refresh=True) == 1e6  # the best kept
     monkeypatch.setattr(torch, "mm", lambda *args: pytest.fail("measured again"))
     assert mfu.cpu_matmul_peak(torch.float32, tmp_path) == 1e6
+
+
+def test_a_slow_dtype_is_measured_on_narrower_matrices_in_about_a_second(tmp_path):
+    """bfloat16 without the CPU's native instructions took 3.1 s per 1024-wide product (66 s
+    to measure, before every bf16 run on a new machine). The measurement narrows the matrices
+    to keep each product near PEAK_MATMUL_S; its rate stays within a factor of 4 of an
+    independent timing at the width it chose (here: of the same product as timed alone)."""
+    probe = torch.randn(256, 256, dtype=torch.bfloat16)
+    timer = benchmark.Timer("torch.mm(a, a)", globals={"a": probe, "torch": torch})
+    once = timer.blocked_autorange(min_run_time=0.2).median
+    start = time.perf_counter()
+    measured = mfu.cpu_matmul_peak(torch.bfloat16, tmp_path)
+    seconds = time.perf_counter() - start
+    width = min(1024, max(128, int(256 * (mfu.PEAK_MATMUL_S / once) ** (1 / 3)) // 64 * 64))
+    assert seconds < 10  # 20 products of about PEAK_MATMUL_S each, and the probes
+    a = torch.randn(width, width, dtype=torch.bfloat16)
+    timer = benchmark.Timer("torch.mm(a, a)", globals={"a": a, "torch": torch})
+    independent = 2 * width**3 / timer.blocked_autorange(min_run_time=0.2).median / 1e12
+    assert 0.25 < measured / independent < 4
 
 
 def test_the_logged_mfu_is_tokens_per_second_times_flops_over_the_peak(tmp_path):

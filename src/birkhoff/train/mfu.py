@@ -80,18 +80,28 @@ def _device_name(device: torch.device) -> str:
     return device.type
 
 
+PEAK_SIZE, PEAK_MATMUL_S = 1024, 0.05
+
+
 def cpu_matmul_peak(dtype: torch.dtype, cache: Path, refresh: bool = False) -> float:
-    """The best rate of timed 1024 x 1024 matmuls on this CPU, in TFLOP/s: from the cache, or
+    """The best rate of timed square matmuls on this CPU, in TFLOP/s: from the cache, or
     measured (always with `refresh`, as `birkhoff doctor` does) and cached as the best this
     machine has shown, so a measurement taken while other work loaded the cores does not
-    stay the peak."""
+    stay the peak. The matrices are 1024 wide, or narrower where one product would take
+    over PEAK_MATMUL_S (a dtype without native kernels, e.g. bfloat16 on a CPU without its
+    instructions, took 3.1 s per product and 66 s to measure at 1024)."""
     key = f"{platform.processor() or platform.machine()}|{torch.get_num_threads()}|"
     key += f"{torch.__version__}|{dtype}"
     path = cache / CPU_PEAK_FILE
     known = json.loads(path.read_text()) if path.is_file() else {}
     if key in known and not refresh:
         return float(known[key])
-    size = 1024
+    probe = torch.randn(PEAK_SIZE // 4, PEAK_SIZE // 4, dtype=dtype)
+    torch.mm(probe, probe)
+    start = time.perf_counter()
+    torch.mm(probe, probe)  # a quarter of the width: 1/64 of the time
+    wide = PEAK_SIZE // 4 * (PEAK_MATMUL_S / (time.perf_counter() - start)) ** (1 / 3)
+    size = min(PEAK_SIZE, max(128, int(wide) // 64 * 64))
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     torch.mm(a, b)  # warm
     best = float("inf")
