@@ -23,11 +23,13 @@ back, forward and backward); tensor parallelism's all-reduces, all-gathers and
 reduce-scatters as the blocks' plans run them (communication.py); pipeline send/recv of the
 residual (and its gradient) per micro-batch.
 
-Step time: matmul and attention FLOPs at `cluster.matmul_efficiency` of the peak; tp and ep
-collectives on the critical path (no overlap: DualPipe-style overlap is not modelled);
-FSDP and HSDP collectives overlapped with compute, only their excess exposed; the pipeline
-bubble of the schedule's order on top (pipeline_schedule.py). MFU: model FLOPs (no
-recomputation) over step time x devices x peak.
+Step time: matmul and attention FLOPs at `cluster.matmul_efficiency` of the peak, then the
+elementwise kernels' device-memory traffic (traffic.py) at `cluster.memory_efficiency` of
+`cluster.memory_gbps`; tp and ep collectives on the critical path (no overlap:
+DualPipe-style overlap is not modelled); FSDP and HSDP collectives overlapped with both, only
+their excess exposed; the pipeline bubble of the schedule's order on top
+(pipeline_schedule.py). Kernel launches and host overhead are not modelled. MFU: model FLOPs
+(no recomputation) over step time x devices x peak.
 """
 
 from __future__ import annotations
