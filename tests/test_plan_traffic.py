@@ -6,12 +6,10 @@ gradient clipping and the model's forward and backward run."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from test_plan import CLUSTER, DENSE
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -23,11 +21,7 @@ from birkhoff.model.budget import apply_sparse_budget
 from birkhoff.parallel.distributed import DistributedContext
 from birkhoff.parallel.grad_norm import clip_grad_norm
 from birkhoff.parallel.planning.activations import block_terms, bytes_per_token, head_terms
-from birkhoff.parallel.planning.cluster import Cluster, cluster_from
-from birkhoff.parallel.planning.estimate import estimate
-from birkhoff.parallel.planning.inventory import build_inventory
-from birkhoff.parallel.planning.launches import count_launches
-from birkhoff.parallel.planning.layout import Layout, Workload
+from birkhoff.parallel.planning.cluster import cluster_from
 from birkhoff.parallel.planning.traffic import (
     ACTIVATION_TRAFFIC,
     ADAMW_BYTES,
@@ -182,65 +176,3 @@ def test_the_memory_keys_are_checked_before_planning():
         RecipeError, match=r"'cluster.memory_efficiency' = 1.5: must be in \(0, 1\]"
     ):
         cluster_from({"preset": "h200", "devices": 8, "memory_efficiency": 1.5})
-
-
-def test_a_narrowed_model_launches_what_the_model_does():
-    """Op counts do not depend on widths: the narrowed copy that `plan --launches` counts
-    runs as many kernels as the model at its own widths (tiny; small, mHC and plain)."""
-    for overrides in (["model=tiny"], ["model=small"], ["model=small", *PLAIN]):
-        recipe = typed_recipe(compose_recipe(overrides))
-        cfg, seq = recipe.model, 64
-        assert count_launches(cfg, seq) == count_launches(cfg, seq, narrow=False), overrides
-
-
-PLAIN = ["model.residual.mode=plain", "model.residual.form=paper"]
-H200_EAGER = {  # model_throughput.py's variants on the H200, eager reference kernels
-    ("tiny", "default"): ("throughput_tiny", ["data.seq_len=256", "train.global_batch_size=32"]),
-    ("tiny", "plain"): ("throughput_tiny", ["data.seq_len=256", "train.global_batch_size=32"]),
-    ("small", "default"): ("throughput_small", ["data.seq_len=1024", "train.global_batch_size=8"]),
-    ("small", "plain"): ("throughput_small", ["data.seq_len=1024", "train.global_batch_size=8"]),
-}
-
-
-def test_host_bound_h200_steps_are_the_launches_at_launch_us(capsys):
-    """On small per-device work the eager step is the host's: cluster.launch_us is tiny's
-    measured step over its counted launches (the one calibration), and the other three
-    eager steps of the same run, not fitted, come out at 0.5 to 1 of their measured time
-    (under it: the count is of aten ops, and a CUDA op may launch more than one kernel)."""
-    results = Path(__file__).parents[1] / "benchmarks/results/h200_2026-12-04_run2.json"
-    runs = json.loads(results.read_text())
-    ratios = {}
-    for (model, variant), (key, shape) in H200_EAGER.items():
-        run = runs[key]["json"]
-        measured = 8192 / run["models"][model]["tokens_per_s"][f"{variant}/reference"]
-        overrides = [f"model={model}", *(PLAIN if variant == "plain" else []), *shape,
-                     f"train.micro_batch_size={shape[1].split('=')[1]}", "optim=adamw_cosine",
-                     "cluster.preset=h200", "cluster.devices=1", "train.mixed_precision=bf16",
-                     "parallel.activation_checkpoint=none", "parallel.tp=1"]  # fmt: skip
-        assert plan_command([*overrides, "--launches", "--json"]) == 0
-        report = json.loads(capsys.readouterr().out)
-        (layout,) = report["layouts"]
-        assert layout["dominant"] == "host (kernel launches)"
-        if (model, variant) == ("tiny", "default"):
-            launches = report["workload"]["launches_per_micro_batch"]
-            assert Cluster.launch_us == pytest.approx(measured / launches * 1e6, rel=0.01)
-        ratios[model, variant] = layout["step_s"] / measured
-    assert all(0.5 < ratio <= 1.01 for ratio in ratios.values()), ratios
-
-
-def test_the_busiest_pipeline_rank_s_launches_set_a_host_bound_step():
-    """Each micro-batch a rank runs costs the launches of its layers' share; with pp=2 on a
-    4-layer model the busier rank holds 2 of 4. The step is the host's when it is longer
-    than the device's (compute, traffic and collectives); without launches counted, the
-    device's."""
-    inv = build_inventory(DENSE)
-    work = Workload(global_batch=8, seq_len=8, launches_per_micro_batch=10_000)
-    layout = Layout(pp=2, micro_batch=1)
-    got = estimate(inv, layout, work, CLUSTER)
-    host = 10_000 * 8 * (2 / 4) * CLUSTER.launch_us * 1e-6
-    assert got.host_s == pytest.approx(host)
-    device = got.compute_s + got.memory_bound_s + got.exposed_comm_s
-    assert device < host and got.step_s == pytest.approx(host / (1 - got.bubble))
-    assert got.dominant == "host (kernel launches)"
-    quiet = estimate(inv, layout, replace(work, launches_per_micro_batch=0), CLUSTER)
-    assert quiet.step_s == pytest.approx(device / (1 - got.bubble))

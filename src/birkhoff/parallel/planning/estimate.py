@@ -28,10 +28,8 @@ elementwise kernels' device-memory traffic (traffic.py) at `cluster.memory_effic
 `cluster.memory_gbps`; tp and ep collectives on the critical path (no overlap:
 DualPipe-style overlap is not modelled); FSDP and HSDP collectives overlapped with both, only
 their excess exposed; the pipeline bubble of the schedule's order on top
-(pipeline_schedule.py). With the eager kernel launches counted (`birkhoff plan --launches`,
-launches.py), the host's time at `cluster.launch_us` each, when longer, sets the step
-instead (the host runs ahead of the device). MFU: model FLOPs (no recomputation) over step
-time x devices x peak.
+(pipeline_schedule.py). Kernel launches and host overhead are not modelled. MFU: model FLOPs
+(no recomputation) over step time x devices x peak.
 """
 
 from __future__ import annotations
@@ -86,7 +84,6 @@ class Estimate:
     traffic_gib: dict[str, float]  # device-memory bytes of elementwise kernels, by kind
     compute_s: float  # matmuls at cluster.matmul_efficiency
     memory_bound_s: float  # traffic_gib at cluster.memory_efficiency of memory_gbps
-    host_s: float  # eager kernel launches at cluster.launch_us (0 when not counted)
     exposed_comm_s: float
     bubble: float
     step_s: float
@@ -136,15 +133,10 @@ def estimate(inv: Inventory, layout: Layout, work: Workload, cluster: Cluster) -
         key=lambda found: found[2],
     )  # fmt: skip
     idle = bubble(orders, tuple(float(len(layers)) for layers in stages))
-    # eager launches run ahead of the device: the slower of the two sets the pace
-    busiest = max(sum(len(stages[s]) for s in layout.rank_stages(r)) for r in range(layout.pp))
-    launches = work.launches_per_micro_batch * micro_batches * busiest / cfg.num_layers
-    host_s = launches * cluster.launch_us * 1e-6
-    step_s = max(compute_s + memory_s + exposed, host_s) / (1 - idle)
+    step_s = (compute_s + memory_s + exposed) / (1 - idle)
     model_flops = model_flops_per_token(inv, work) * work.global_batch * work.seq_len
     mfu = model_flops / (step_s * layout.devices * cluster.peak_tflops * 1e12)
     parts = {"compute": compute_s, "memory traffic": memory_s, **times}
-    parts["host (kernel launches)"] = host_s
     parts["pipeline bubble"] = step_s * idle
     return Estimate(
         layout=layout,
@@ -153,7 +145,6 @@ def estimate(inv: Inventory, layout: Layout, work: Workload, cluster: Cluster) -
         traffic_gib={k: v / GIB for k, v in traffic.items()},
         compute_s=compute_s,
         memory_bound_s=memory_s,
-        host_s=host_s,
         exposed_comm_s=exposed,
         bubble=idle,
         step_s=step_s,

@@ -135,9 +135,6 @@ class Workload:
     loader_rows: bool = True  # Engram rows computed by the loader travel with them
     param_dtype: str = "bfloat16"  # FSDP's gathered parameters
     reduce_dtype: str = "float32"
-    # eager kernel launches of one micro-batch's forward and backward (launches.py); 0: the
-    # host's time is not modelled
-    launches_per_micro_batch: int = 0
 
 
 def stage_layers(num_layers: int, num_stages: int) -> list[list[int]]:
