@@ -182,6 +182,9 @@ def test_whole_and_host_resident_engram_tables_follow_their_formulas():
     copies = 2 * (2 * 64 * heads * 2) * (8 + 2 * 4 * e.embed_dim)  # micro-batches x lookups
     assert host.comm_gib["engram_host_copy"] * GIB == pytest.approx(copies)
     assert host.step_s > whole.step_s  # the copies wait on the PCIe link (no prefetch)
+    # the lazy row update of the touched rows (76 bytes an element) leaves the device
+    moved = (whole.traffic_gib["optimizer"] - host.traffic_gib["optimizer"]) * GIB
+    assert moved == pytest.approx(76 * 2 * local * e.embed_dim)
     assert whole.memory_gib["host"] == 0
 
 

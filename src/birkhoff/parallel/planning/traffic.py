@@ -5,11 +5,13 @@ bandwidth, not the matmul peak. Bytes per step on one device, by kind:
   p *= 1 - lr wd: read and write p, 8; m = lerp(m, g): read m and g, write m, 12; v *= beta2,
   8; v += (1 - beta2) g g: read v, g, g, write v, 16; sqrt(v), 8; / bias correction, 8; + eps,
   8; p -= lr m / denominator: read p, m and it, write p, 16), 76 without weight decay (Engram
-  tables). Muon (train/muon.py) moves 72 bytes per element around Newton-Schulz (momentum
-  m = mu m + g, 20; Nesterov g + mu m, 12; the Frobenius norm and division, 12; the RMS
-  scale, 8; decay, 8; p -= lr O, 12) and, per iteration on a matrix with n <= m sides, 20 n m
-  (a X, and the sum with (b G + c G G) X) plus 28 n^2 (b G, c (G G), their sum) bytes beside
-  its matmuls, whose FLOPs the compute time counts;
+  tables; a whole table with sparse updates only its touched rows, none of a host-resident
+  one; V4.1's Sinkhorn-balanced update is counted as AdamW). Muon (train/muon.py) moves 72
+  bytes per element around Newton-Schulz (momentum m = mu m + g, 20; Nesterov g + mu m, 12;
+  the Frobenius norm and division, 12; the RMS scale, 8; decay, 8; p -= lr O, 12) and, per
+  iteration on a matrix with n <= m sides, 20 n m (a X, and the sum with (b G + c G G) X)
+  plus 28 n^2 (b G, c (G G), their sum) bytes beside its matmuls, whose FLOPs the compute
+  time counts;
 - gradients: the norm reads every gradient and, when it clips, scales it (12 bytes per
   element); each micro-batch after the first adds its gradients to the accumulated ones (12);
 - mixed precision: every micro-batch casts the float32 weights it computes with to bf16 (read
@@ -72,6 +74,7 @@ def rank_traffic(
     muon = muon if layout.muon else 0.0
     lookups = layout.micro_batch * micro_batches * work.seq_len
     touched = sum(sparse_rows(g, cfg, lookups) for g in whole) * cfg.engram.embed_dim
+    touched *= 0.0 if layout.engram_host else 1.0  # host-resident tables step on the host
     optimizer = ADAMW_BYTES * (local - tables - muon) + ADAMW_NO_DECAY_BYTES * (tables + touched)
     optimizer += MUON_BYTES * muon
     for count, rows, cols in muon_shapes:
