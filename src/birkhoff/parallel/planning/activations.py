@@ -42,6 +42,13 @@ def block_terms(
     return terms
 
 
+def stage_blocks(cfg: ModelConfig, layers: list[int], last: bool) -> list[int]:
+    """The blocks a pipeline stage runs: its layers, and on the last stage every MTP depth's
+    block (counted after the main layers)."""
+    mtp = range(cfg.num_layers, cfg.num_layers + cfg.mtp.depth) if last else range(0)
+    return [*layers, *mtp]
+
+
 def _join_terms(cfg: ModelConfig, act: int) -> list[Term]:
     """One residual join. mHC keeps the n streams (their normalised flattening is never formed:
     kernels/mhc_reference.py's normalised_projection), the mapping projection (in float32), the

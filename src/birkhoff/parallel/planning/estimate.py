@@ -42,6 +42,7 @@ from birkhoff.parallel.planning.activations import (
     head_terms,
     head_weight_gradient_bytes,
     loss_transient_bytes,
+    stage_blocks,
     window_keys,
 )
 from birkhoff.parallel.planning.cluster import Cluster
@@ -113,15 +114,14 @@ def estimate(inv: Inventory, layout: Layout, work: Workload, cluster: Cluster) -
     )
     recompute = _recompute_share(inv, layout, work)
     compute_s = _compute_seconds(inv, layout, work, cluster, recompute)
+    keys = [_rank_keys(layout, stages, rank) for rank in range(layout.pp)]
     # Muon: each rank orthogonalises its own experts and its share of the owned matrices
-    muon_flops = max(
-        newton_schulz_flops(_muon_matrices(inv, layout, _rank_keys(layout, stages, rank)))
-        for rank in range(layout.pp)
-    )
+    muon_shapes = [_muon_matrices(inv, layout, keys[rank]) for rank in range(layout.pp)]
+    muon_flops = max(newton_schulz_flops(shapes) for shapes in muon_shapes)
     compute_s += muon_flops / (cluster.peak_tflops * 1e12 * cluster.matmul_efficiency)
     traffic = max(
-        (rank_traffic(inv, layout, work, layout.rank_stages(rank), stages, micro_batches,
-                      recompute, _muon_matrices(inv, layout, _rank_keys(layout, stages, rank)))
+        (rank_traffic(inv, layout, work, layout.rank_stages(rank), keys[rank], stages,
+                      micro_batches, recompute, muon_shapes[rank])
          for rank in range(layout.pp)),
         key=lambda kinds: sum(kinds.values()),
     )  # fmt: skip
@@ -260,8 +260,7 @@ def _activations(cfg, layout: Layout, work: Workload, stages: dict, order: list)
     for stage, layers in stages.items():
         per_micro = weight_inputs = recompute = 0.0
         last = stage == layout.num_stages - 1
-        mtp = range(cfg.num_layers, cfg.num_layers + cfg.mtp.depth) if last else range(0)
-        for layer in [*layers, *mtp]:
+        for layer in stage_blocks(cfg, layers, last):
             terms = block_terms(cfg, layer, work.seq_len, act_bytes, work.fused_attention)
             full = bytes_per_token(terms, layout.tp, sp, "all")
             kept = bytes_per_token(terms, layout.tp, sp, keep)

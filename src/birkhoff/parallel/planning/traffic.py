@@ -33,12 +33,16 @@ overhead are not modelled: eager PyTorch on a small per-device batch is bound by
 
 from __future__ import annotations
 
-from birkhoff.parallel.planning.activations import block_terms, bytes_per_token, head_terms
+from birkhoff.parallel.planning.activations import (
+    block_terms,
+    bytes_per_token,
+    head_terms,
+    stage_blocks,
+)
 from birkhoff.parallel.planning.inventory import LAST
 from birkhoff.parallel.planning.layout import (
     DTYPE_BYTES,
     sparse_rows,
-    stage_keys,
     tp_local,
     unit,
     whole_table,
@@ -57,14 +61,13 @@ def muon_iteration_bytes(rows: int, cols: int) -> float:
 
 
 def rank_traffic(
-    inv, layout, work, mine: list[int], stages: list[list[int]], micro_batches: int,
-    recompute: float, muon_shapes: list[tuple[float, int, int]],
+    inv, layout, work, mine: list[int], keys: set[int], stages: list[list[int]],
+    micro_batches: int, recompute: float, muon_shapes: list[tuple[float, int, int]],
 ) -> dict[str, float]:  # fmt: skip
-    """Bytes per step by kind on a device of the pipeline rank running stages `mine`, over
-    all its micro-batches (`recompute`: the share of the forward run again; `muon_shapes`:
-    the (matrices, rows, columns) this rank orthogonalises)."""
+    """Bytes per step by kind on a device of the pipeline rank running stages `mine` (layer
+    keys `keys`), over all its micro-batches (`recompute`: the share of the forward run
+    again; `muon_shapes`: the (matrices, rows, columns) this rank orthogonalises)."""
     cfg = inv.cfg
-    keys = set().union(*(stage_keys(s, stages[s], layout.num_stages) for s in mine))
     held = [g for g in inv.groups if g.layer in keys]
     whole = [g for g in held if whole_table(g, layout)]
     sharded = [g for g in held if g not in whole]
@@ -104,8 +107,7 @@ def _saved_per_token(cfg, layout, work, mine: list[int], stages: list[list[int]]
     total = 0.0
     for stage in mine:
         last = stage == layout.num_stages - 1
-        mtp = range(cfg.num_layers, cfg.num_layers + cfg.mtp.depth) if last else range(0)
-        for layer in [*stages[stage], *mtp]:
+        for layer in stage_blocks(cfg, stages[stage], last):
             terms = block_terms(cfg, layer, work.seq_len, act_bytes, work.fused_attention)
             total += bytes_per_token(terms, layout.tp, layout.sequence_parallel, "all")
         if last:
