@@ -16,7 +16,15 @@ import torch.nn.functional as F
 
 from birkhoff.kernels.registry import REFERENCE, register
 
-MASS_QUERIES = 1 << 22  # logits held at once while `entry_mass` sums attention (16 MiB)
+MASS_QUERIES = 1 << 22  # floats held at once while `entry_mass` sums attention (16 MiB)
+
+
+def mass_queries_per_block(batch: int, heads: int, width: int, dim: int, picked: bool) -> int:
+    """Queries `entry_mass` takes at once: as many as keep within MASS_QUERIES floats their
+    logits and probabilities (heads x width each) and, at picks, the entries they gather
+    (width x dim, shared by the heads)."""
+    per_query = batch * width * (2 * heads + (dim if picked else 0))
+    return max(1, MASS_QUERIES // max(1, per_query))
 
 
 @dataclass
@@ -90,7 +98,7 @@ def entry_mass(
     batch, seq, heads, dim = q.shape
     width = entries.picks.shape[-1] if entries.picks is not None else entries.values.shape[1]
     mass = q.new_zeros(batch, seq, width, dtype=torch.float32)
-    block = max(1, MASS_QUERIES // max(1, batch * heads * width * dim))
+    block = mass_queries_per_block(batch, heads, width, dim, entries.picks is not None)
     rows = torch.arange(batch, device=q.device)[:, None, None]
     for first in range(0, seq, block):
         part = slice(first, min(seq, first + block))

@@ -13,11 +13,12 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from birkhoff.errors import RecipeError
+from birkhoff.errors import RecipeError, require
 from birkhoff.launch.recipe import Recipe, compose_recipe, typed_recipe
 from birkhoff.parallel.planning.cluster import Cluster, cluster_from
 from birkhoff.parallel.planning.estimate import Estimate, estimate, model_flops_per_token
 from birkhoff.parallel.planning.inventory import build_inventory
+from birkhoff.parallel.planning.launches import count_launches
 from birkhoff.parallel.planning.layout import Workload, layout_of
 from birkhoff.parallel.planning.published import (
     deepseek_v3_model,
@@ -49,6 +50,13 @@ def plan_parser() -> argparse.ArgumentParser:
         help="plan for attention kernels that keep no score matrix (the reference ones do)",
     )
     parser.add_argument(
+        "--launches",
+        action="store_true",
+        help="count the model's eager kernel launches (a narrowed copy, two short sequences, "
+        "on this CPU: seconds for tiny, two minutes and 8 GB for V4-Flash) and take the "
+        "host's time for them into the step",
+    )
+    parser.add_argument(
         "--published",
         choices=["deepseek_v3"],
         help="hold the model against a published run instead of a recipe",
@@ -67,8 +75,15 @@ def plan_command(args: list[str]) -> int:
         cluster = cluster_from(cluster_values(recipe))
         recipe.model.validate()
         work = workload_of(recipe, options.fused_attention)
+        if options.launches:
+            require(
+                not recipe.train.compile, "train.compile", True,
+                "--launches counts eager launches (compiled blocks launch far fewer): "
+                "plan without --launches, or with train.compile=false",
+            )  # fmt: skip
         inv = build_inventory(recipe.model)
         chosen = [o for o in overrides if o.split("=")[0] in LAYOUT_KEYS]
+        layout = None
         if chosen:
             parallel, train = recipe.parallel, recipe.train
             parallel.validate(cluster.devices)
@@ -81,6 +96,9 @@ def plan_command(args: list[str]) -> int:
                                optim.embedding_update, host_snapshots(recipe),
                                recipe.train.anticipatory.mode == "always")  # fmt: skip
             check_runnable(inv, layout, work)
+        if options.launches:  # after every check: the count takes seconds to minutes
+            work = replace(work, launches=count_launches(recipe.model, recipe.data.seq_len))
+        if layout is not None:
             estimates = [estimate(inv, layout, work, cluster)]
         else:
             optim = recipe.optim
@@ -135,7 +153,7 @@ def _report(total, active, work: Workload, cluster: Cluster, estimates: list[Est
         "active_parameters": active,
         "workload": OmegaConf.to_container(OmegaConf.structured(work)),
         "cluster": OmegaConf.to_container(OmegaConf.structured(cluster)),
-        "assumptions": assumptions(cluster),
+        "assumptions": assumptions(cluster, work),
         "layouts": [
             {
                 **e.as_dict(),
@@ -147,15 +165,23 @@ def _report(total, active, work: Workload, cluster: Cluster, estimates: list[Est
     }
 
 
-def assumptions(cluster: Cluster) -> str:
+def assumptions(cluster: Cluster, work: Workload) -> str:
     return (
         f"matmuls at {cluster.matmul_efficiency:g} of the bf16 peak "
         f"(cluster.matmul_efficiency); elementwise kernels' memory traffic at "
         f"{cluster.memory_efficiency:g} of {cluster.memory_gbps:g} GB/s "
         "(cluster.memory_efficiency, memory_gbps), after the matmuls, not beside them; "
-        "kernel launch and host overhead not modelled; tp and ep collectives not overlapped "
-        "with compute, "
-        "FSDP/HSDP ones overlapped (only their excess exposed); ring collectives at the node's "
+        + (
+            f"eager launches of the reference kernels counted ({work.launches.once:,} for a "
+            "micro-batch with every budgeted loop once, plus each loop's iterations at the "
+            f"layout's micro-batch and heads) at {cluster.launch_us:g} us of host time each "
+            "(cluster.launch_us), "
+            "the step the slower of host and device; "
+            if work.launches is not None
+            else "kernel launches and host time not modelled (--launches counts them); "
+        )
+        + "tp and ep collectives not overlapped with compute, FSDP/HSDP ones overlapped "
+        "(only their excess exposed); ring collectives at the node's "
         "links inside a node, the NICs across nodes; the pipeline bubble of the schedule's own "
         "order (forward 1, backward 2 per layer, sends taking no time); "
         "activations of the reference kernels unless --fused-attention"

@@ -28,6 +28,12 @@ from birkhoff.model.rope import rotate_trailing
 SCORES_PER_BLOCK = 1 << 24  # index scores held at once while the indexer picks (64 MiB)
 
 
+def queries_per_block(entries: int, heads: int, batch: int) -> int:
+    """Queries the indexer scores at once: as many as keep their scores against `entries`
+    compressed entries within SCORES_PER_BLOCK."""
+    return max(1, SCORES_PER_BLOCK // max(1, entries * heads * batch))
+
+
 def block_entries(positions: torch.Tensor, ratio: int) -> BlockEntries:
     """The complete `ratio`-token blocks of every document in (B, T) position ids."""
     batch, seq = positions.shape
@@ -134,7 +140,7 @@ class LightningIndexer(nn.Module):
         k = min(self.topk, keys.shape[1])
         picks = torch.empty(batch, seq, k, dtype=torch.long, device=x.device)
         picked = torch.empty(batch, seq, k, dtype=torch.bool, device=x.device)
-        block = max(1, SCORES_PER_BLOCK // max(1, keys.shape[1] * self.heads * batch))
+        block = queries_per_block(keys.shape[1], self.heads, batch)
         with torch.no_grad():
             for first in range(0, seq, block):
                 queries = slice(first, min(seq, first + block))

@@ -29,12 +29,15 @@ class Cluster:
     memory_gbps: float = 3350.0  # device memory (HBM) bandwidth, GB/s
     # share of it that streaming elementwise kernels reach (traffic.py)
     memory_efficiency: float = 0.8
+    # host time per kernel launch of eager PyTorch (dispatch, autograd, launch): 27.7 us on
+    # the H200 machine of the README (tiny's eager step, 167 ms, over its 6,018 launches)
+    launch_us: float = 27.7
 
     def validate(self) -> None:
         for key in ("devices", "node_size"):
             value = getattr(self, key)
             require(value >= 1, f"cluster.{key}", value, "must be >= 1")
-        speeds = ("intra_node_gbps", "inter_node_gbps", "host_gbps", "memory_gbps")
+        speeds = ("intra_node_gbps", "inter_node_gbps", "host_gbps", "memory_gbps", "launch_us")
         for key in ("device_memory_gib", "peak_tflops", *speeds):
             value = getattr(self, key)
             require(value > 0, f"cluster.{key}", value, "must be > 0")
@@ -99,6 +102,7 @@ def cluster_from(values: dict[str, Any]) -> Cluster:
     base = {"name": preset or "custom", "node_size": 8, "foreach_optimizer": True}
     base["matmul_efficiency"] = Cluster.matmul_efficiency
     base["memory_efficiency"] = Cluster.memory_efficiency
+    base["launch_us"] = Cluster.launch_us
     base |= PRESETS.get(preset or "", {})
     given = values
     unknown = sorted(set(given) - set(Cluster.__dataclass_fields__))

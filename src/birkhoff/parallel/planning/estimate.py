@@ -28,8 +28,10 @@ elementwise kernels' device-memory traffic (traffic.py) at `cluster.memory_effic
 `cluster.memory_gbps`; tp and ep collectives on the critical path (no overlap:
 DualPipe-style overlap is not modelled); FSDP and HSDP collectives overlapped with both, only
 their excess exposed; the pipeline bubble of the schedule's order on top
-(pipeline_schedule.py). Kernel launches and host overhead are not modelled. MFU: model FLOPs
-(no recomputation) over step time x devices x peak.
+(pipeline_schedule.py). With the eager kernel launches counted (`birkhoff plan --launches`,
+launches.py), the host's time at `cluster.launch_us` each, when longer, sets the step
+instead (the host runs ahead of the device). MFU: model FLOPs (no recomputation) over step
+time x devices x peak.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from birkhoff.parallel.planning.communication import (
     muon_owner_group,
 )
 from birkhoff.parallel.planning.inventory import Inventory, head_weight_name
+from birkhoff.parallel.planning.launches import launches_per_micro_batch
 from birkhoff.parallel.planning.layout import (
     DTYPE_BYTES,
     Layout,
@@ -85,6 +88,8 @@ class Estimate:
     traffic_gib: dict[str, float]  # device-memory bytes of elementwise kernels, by kind
     compute_s: float  # matmuls at cluster.matmul_efficiency
     memory_bound_s: float  # traffic_gib at cluster.memory_efficiency of memory_gbps
+    launches: int  # eager kernel launches per step on the busiest rank (0: not counted)
+    host_s: float  # those at cluster.launch_us
     exposed_comm_s: float
     bubble: float
     step_s: float
@@ -133,10 +138,22 @@ def estimate(inv: Inventory, layout: Layout, work: Workload, cluster: Cluster) -
         key=lambda found: found[2],
     )  # fmt: skip
     idle = bubble(orders, tuple(float(len(layers)) for layers in stages))
-    step_s = (compute_s + memory_s + exposed) / (1 - idle)
+    # eager launches run ahead of the device: the slower of the two sets the pace
+    busiest = max(sum(len(stages[s]) for s in layout.rank_stages(r)) for r in range(layout.pp))
+    launches = 0
+    if work.launches is not None:
+        per_micro_batch = launches_per_micro_batch(
+            work.launches, cfg, layout.micro_batch, work.seq_len, layout.tp
+        )
+        # recomputed forwards (and the look-ahead's) launch their share again
+        share = busiest / cfg.num_layers * (1 + recompute)
+        launches = round(per_micro_batch * micro_batches * share)
+    host_s = launches * cluster.launch_us * 1e-6
+    step_s = max(compute_s + memory_s + exposed, host_s) / (1 - idle)
     model_flops = model_flops_per_token(inv, work) * work.global_batch * work.seq_len
     mfu = model_flops / (step_s * layout.devices * cluster.peak_tflops * 1e12)
     parts = {"compute": compute_s, "memory traffic": memory_s, **times}
+    parts["host (kernel launches)"] = host_s
     parts["pipeline bubble"] = step_s * idle
     return Estimate(
         layout=layout,
@@ -145,6 +162,8 @@ def estimate(inv: Inventory, layout: Layout, work: Workload, cluster: Cluster) -
         traffic_gib={k: v / GIB for k, v in traffic.items()},
         compute_s=compute_s,
         memory_bound_s=memory_s,
+        launches=launches,
+        host_s=host_s,
         exposed_comm_s=exposed,
         bubble=idle,
         step_s=step_s,

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from birkhoff.parallel.config import ParallelConfig
 from birkhoff.parallel.planning.inventory import FIRST, LAST
+from birkhoff.parallel.planning.launches import LaunchCount
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 
@@ -135,6 +136,9 @@ class Workload:
     loader_rows: bool = True  # Engram rows computed by the loader travel with them
     param_dtype: str = "bfloat16"  # FSDP's gathered parameters
     reduce_dtype: str = "float32"
+    # eager kernel launches of a sequence's forward and backward (launches.py); None: the
+    # host's time is not modelled
+    launches: LaunchCount | None = None
 
 
 def stage_layers(num_layers: int, num_stages: int) -> list[list[int]]:

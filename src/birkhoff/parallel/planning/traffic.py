@@ -27,8 +27,8 @@ bandwidth, not the matmul peak. Bytes per step on one device, by kind:
   once).
 
 The step's memory-bound time is the sum at `cluster.memory_efficiency` of
-`cluster.memory_gbps`, on the same stream as the matmuls (no overlap). Kernel launch and host
-overhead are not modelled: eager PyTorch on a small per-device batch is bound by them.
+`cluster.memory_gbps`, on the same stream as the matmuls (no overlap). The host's time for
+the launches is launches.py's.
 """
 
 from __future__ import annotations

@@ -1,0 +1,156 @@
+"""Kernel launches of one micro-batch's forward and backward in eager mode, counted.
+
+Every aten op that runs a kernel is one launch on an accelerator (views and allocations are
+none); in eager PyTorch the host spends about the same time on each (dispatch, autograd, the
+launch itself), so a step whose device work is small is bound by the host.
+
+How many ops a model runs does not depend on its widths, except through three loops that
+bound their memory: the CSA indexer scores a block of queries at a time
+(`compression.queries_per_block`), `entry_mass` sums the attention at a block of queries at a
+time (`v4_attention.mass_queries_per_block`), and the loss takes its vocabulary logits a chunk
+of tokens at a time (`linear_cross_entropy.chunk_tokens`); their block sizes depend on heads,
+widths, entries, the vocabulary and the micro-batch. So the count is taken on a copy of the
+recipe's model with every width narrowed (the same layers, layer kinds, experts, streams,
+Engram orders and heads), two short sequences on this CPU with the reference kernels: once
+with every loop run once, then once per loop with that loop taking two queries (or tokens)
+at a time (the functions that size the blocks are replaced while counting); the difference
+is what one more iteration launches. `launches_per_micro_batch` adds each loop's iterations
+at the real shape. tests/test_plan_launches.py checks the total against a count of the model
+itself at full width, with loops of many blocks (within 0.1%: einsum's path, and so its op
+count, varies a little with the block's shape). Collectives and the optimizer step are not
+counted.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import ExitStack
+from dataclasses import dataclass, field, replace
+from unittest import mock
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from birkhoff.kernels import linear_cross_entropy as loss_kernel
+from birkhoff.kernels import v4_attention as attention_kernel
+from birkhoff.model import build_model, compression
+from birkhoff.model.budget import apply_sparse_budget
+from birkhoff.model.config import ModelConfig
+from birkhoff.model.mhc import residual_stats
+
+NO_KERNEL = {"empty", "empty_strided", "empty_like", "lift_fresh", "_local_scalar_dense"}
+UNBOUNDED = 1 << 62
+# loop: (module, the function that sizes its blocks from its memory budget)
+LOOPS = {
+    "indexer": (compression, "queries_per_block"),
+    "entry_mass": (attention_kernel, "mass_queries_per_block"),
+    "loss": (loss_kernel, "chunk_tokens"),
+}
+FORCED_BLOCK = 2  # not 1: einsum takes a shorter path for a block of one query
+
+
+class LaunchCounter(TorchDispatchMode):
+    """Counts the aten ops that run a kernel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.launches = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func.overloadpacket.__name__ not in NO_KERNEL:
+            self.launches += 1
+        return func(*args, **(kwargs or {}))
+
+
+@dataclass
+class LaunchCount:
+    """A micro-batch's launches with every budgeted loop run once, and what one more
+    iteration of each loop launches, summed over the model's layers."""
+
+    once: int = 0
+    per_iteration: dict[str, int] = field(default_factory=dict)
+
+
+def narrowed(cfg: ModelConfig) -> ModelConfig:
+    """`cfg` with its sparse budget resolved and every width small: 8 channels a head."""
+    cfg = apply_sparse_budget(cfg)
+    a, moe, engram = cfg.attention, cfg.moe, cfg.engram
+    return replace(
+        cfg,
+        vocab_size=256,
+        hidden_size=8 * cfg.num_heads,
+        ffn_hidden_size=32,
+        sparse_budget=None,
+        attention=replace(
+            a, head_dim=16, rope_head_dim=8, q_lora_rank=16, o_lora_rank=16, index_head_dim=16
+        ),
+        moe=replace(moe, expert_ffn_hidden_size=16),
+        engram=replace(engram, table_size=min(engram.table_size, 97), embed_dim=8),
+    )
+
+
+def counted_length(cfg: ModelConfig, seq_len: int) -> int:
+    """The sequence the count runs: long enough for every window, CSA and HCA entry path."""
+    a = cfg.attention
+    shortest = 2 * max(a.sliding_window, a.hca_ratio, a.csa_ratio) if a.kind == "v4" else 64
+    return min(seq_len, shortest)
+
+
+def count_launches(cfg: ModelConfig, seq_len: int, narrow: bool = True) -> LaunchCount:
+    """Launches of a micro-batch's forward, loss and backward (reference kernels), every
+    budgeted loop once, and one more iteration of each (see the module docstring)."""
+    model_cfg = narrowed(cfg) if narrow else cfg
+    model = build_model(model_cfg, seed=0)
+    seq = counted_length(model_cfg, seq_len)
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, model_cfg.vocab_size, (2, seq), generator=generator)
+
+    def launches(per_query: str | None) -> int:
+        with ExitStack() as patches, LaunchCounter() as counter:
+            for loop, (module, sizing) in LOOPS.items():
+                block = FORCED_BLOCK if loop == per_query else UNBOUNDED
+                patches.enter_context(mock.patch.object(module, sizing, lambda *_, b=block: b))
+            model(tokens, tokens.roll(-1, dims=1)).backward()
+        # each count a step's first micro-batch: no gradient to add to, no H_res maximum
+        model.zero_grad(set_to_none=True)
+        residual_stats(model)
+        return counter.launches
+
+    once = launches(None)
+    # iterations with a forced block: of queries (of every sequence at once), of tokens
+    forced = {
+        "indexer": math.ceil(seq / FORCED_BLOCK),
+        "entry_mass": math.ceil(seq / FORCED_BLOCK),
+        "loss": math.ceil(tokens.numel() / FORCED_BLOCK),
+    }
+    per_iteration = {loop: (launches(loop) - once) / (n - 1) for loop, n in forced.items()}
+    return LaunchCount(once, {loop: round(ops) for loop, ops in per_iteration.items()})
+
+
+def loop_iterations(cfg: ModelConfig, micro_batch: int, seq_len: int, tp: int) -> dict[str, int]:
+    """Iterations of each budgeted loop per call at the real shape (this process's heads
+    under tensor parallelism)."""
+    cfg = apply_sparse_budget(cfg)
+    a = cfg.attention
+    entries = seq_len // a.csa_ratio if a.kind == "v4" else 0
+    index_block = compression.queries_per_block(entries, max(1, a.index_heads // tp), micro_batch)
+    picks = min(a.index_topk, entries)
+    heads = max(1, cfg.num_heads // tp)
+    mass_block = attention_kernel.mass_queries_per_block(
+        micro_batch, heads, picks, a.head_dim, picked=True
+    )
+    chunk = loss_kernel.chunk_tokens(cfg.vocab_size)
+    return {
+        "indexer": math.ceil(seq_len / index_block),
+        "entry_mass": math.ceil(seq_len / mass_block),
+        "loss": math.ceil(micro_batch * seq_len / chunk),
+    }
+
+
+def launches_per_micro_batch(
+    count: LaunchCount, cfg: ModelConfig, micro_batch: int, seq_len: int, tp: int
+) -> int:
+    """The whole model's launches for one micro-batch of `micro_batch` x `seq_len` tokens."""
+    iterations = loop_iterations(cfg, micro_batch, seq_len, tp)
+    extra = sum(count.per_iteration.get(loop, 0) * (n - 1) for loop, n in iterations.items())
+    return count.once + extra

@@ -1,0 +1,144 @@
+"""`birkhoff plan --launches` (parallel/planning/launches.py): the eager kernel launches of a
+micro-batch counted on a narrowed copy of the model and extrapolated over the budgeted loops,
+against counts of the model itself; the host-bound step against eager H200 measurements."""
+
+from __future__ import annotations
+
+import json
+from contextlib import ExitStack
+from dataclasses import replace
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+from test_plan import CLUSTER, DENSE
+
+from birkhoff.kernels import linear_cross_entropy as loss_kernel
+from birkhoff.kernels import v4_attention as attention_kernel
+from birkhoff.launch.plan_command import plan_command
+from birkhoff.launch.recipe import compose_recipe, typed_recipe
+from birkhoff.model import build_model, compression
+from birkhoff.parallel.planning.cluster import Cluster
+from birkhoff.parallel.planning.estimate import estimate
+from birkhoff.parallel.planning.inventory import build_inventory
+from birkhoff.parallel.planning.launches import (
+    LaunchCount,
+    LaunchCounter,
+    count_launches,
+    launches_per_micro_batch,
+    loop_iterations,
+)
+from birkhoff.parallel.planning.layout import Layout, Workload
+
+
+def test_a_narrowed_model_launches_what_the_model_does():
+    """Op counts do not depend on widths: the narrowed copy that `plan --launches` counts
+    runs as many kernels as the model at its own widths (tiny; small, mHC and plain), loop
+    iterations included."""
+    for overrides in (["model=tiny"], ["model=small"], ["model=small", *PLAIN]):
+        recipe = typed_recipe(compose_recipe(overrides))
+        cfg, seq = recipe.model, 64
+        assert count_launches(cfg, seq) == count_launches(cfg, seq, narrow=False), overrides
+
+
+# budgets small enough that tiny's loops iterate at 2 x 256 tokens: the indexer 8 queries
+# at a time (32 blocks), entry_mass 13 (20 blocks), the loss 100 tokens (6 chunks)
+SMALL_BUDGETS = {
+    (compression, "SCORES_PER_BLOCK"): 1 << 12,
+    (attention_kernel, "MASS_QUERIES"): 1 << 15,
+    (loss_kernel, "LOGITS_CHUNK_BYTES"): 100 * 4 * 4096,
+}
+
+
+def test_budgeted_loops_add_their_iterations_at_the_real_shape():
+    """The count at 2 x 64 tokens of the narrowed model, each loop's iterations then added at
+    the real shape, matches the launches counted while the model itself trains on 2 x 256
+    tokens with the loops taking many blocks (within 0.1%: einsum's path, and so its op
+    count, varies a little with the block's shape; 4 of 7,080 when written). The loops are
+    15% of that step's launches."""
+    cfg = typed_recipe(compose_recipe(["model=tiny"])).model
+    with ExitStack() as patches:
+        for (module, name), value in SMALL_BUDGETS.items():
+            patches.enter_context(mock.patch.object(module, name, value))
+        iterations = loop_iterations(cfg, 2, 256, tp=1)
+        assert iterations == {"indexer": 32, "entry_mass": 20, "loss": 6}
+        predicted = launches_per_micro_batch(count_launches(cfg, 256), cfg, 2, 256, tp=1)
+        model = build_model(cfg, seed=0)
+        tokens = torch.randint(
+            0, cfg.vocab_size, (2, 256), generator=torch.Generator().manual_seed(1)
+        )
+        with LaunchCounter() as counter:
+            model(tokens, tokens.roll(-1, dims=1)).backward()
+    assert predicted == pytest.approx(counter.launches, rel=1e-3)
+    assert counter.launches > 1.15 * count_launches(cfg, 256).once
+
+
+PLAIN = ["model.residual.mode=plain", "model.residual.form=paper"]
+H200_EAGER = {  # model_throughput.py's variants on the H200, eager reference kernels
+    ("tiny", "default"): ("throughput_tiny", ["data.seq_len=256", "train.global_batch_size=32"]),
+    ("tiny", "plain"): ("throughput_tiny", ["data.seq_len=256", "train.global_batch_size=32"]),
+    ("small", "default"): ("throughput_small", ["data.seq_len=1024", "train.global_batch_size=8"]),
+    ("small", "plain"): ("throughput_small", ["data.seq_len=1024", "train.global_batch_size=8"]),
+}
+
+
+def test_host_bound_h200_steps_are_the_launches_at_launch_us(capsys):
+    """On small per-device work the eager step is the host's: cluster.launch_us is tiny's
+    measured step over its counted launches (the one calibration), and the other three
+    eager steps of the same run, not fitted, come out at 0.5 to 1 of their measured time
+    (under it: the count is of aten ops, and a CUDA op may launch more than one kernel)."""
+    results = Path(__file__).parents[1] / "benchmarks/results/h200_2026-12-04_run2.json"
+    runs = json.loads(results.read_text())
+    ratios = {}
+    for (model, variant), (key, shape) in H200_EAGER.items():
+        run = runs[key]["json"]
+        measured = 8192 / run["models"][model]["tokens_per_s"][f"{variant}/reference"]
+        overrides = [f"model={model}", *(PLAIN if variant == "plain" else []), *shape,
+                     f"train.micro_batch_size={shape[1].split('=')[1]}", "optim=adamw_cosine",
+                     "cluster.preset=h200", "cluster.devices=1", "train.mixed_precision=bf16",
+                     "parallel.activation_checkpoint=none", "parallel.tp=1"]  # fmt: skip
+        assert plan_command([*overrides, "--launches", "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        (layout,) = report["layouts"]
+        assert layout["dominant"] == "host (kernel launches)"
+        if (model, variant) == ("tiny", "default"):
+            launches = layout["launches"]  # one micro-batch
+            assert Cluster.launch_us == pytest.approx(measured / launches * 1e6, rel=0.01)
+        ratios[model, variant] = layout["step_s"] / measured
+    assert all(0.5 < ratio <= 1.01 for ratio in ratios.values()), ratios
+
+
+def test_the_busiest_pipeline_rank_s_launches_set_a_host_bound_step():
+    """Each micro-batch a rank runs costs the launches of its layers' share; with pp=2 on a
+    4-layer model the busier rank holds 2 of 4. The step is the host's when it is longer
+    than the device's (compute, traffic and collectives); without launches counted, the
+    device's."""
+    inv = build_inventory(DENSE)
+    work = Workload(global_batch=8, seq_len=8, launches=LaunchCount(once=10_000))
+    layout = Layout(pp=2, micro_batch=1)
+    got = estimate(inv, layout, work, CLUSTER)
+    host = 10_000 * 8 * (2 / 4) * CLUSTER.launch_us * 1e-6
+    assert got.host_s == pytest.approx(host)
+    device = got.compute_s + got.memory_bound_s + got.exposed_comm_s
+    assert device < host and got.step_s == pytest.approx(host / (1 - got.bubble))
+    assert got.dominant == "host (kernel launches)"
+    quiet = estimate(inv, layout, replace(work, launches=None), CLUSTER)
+    assert quiet.step_s == pytest.approx(device / (1 - got.bubble))
+
+
+def test_launches_are_counted_only_after_every_check(capsys, monkeypatch):
+    """A compiled recipe is refused (its launches are not eager ones), and a layout that
+    cannot run is refused before the count's seconds to minutes are spent."""
+
+    def no_count(*_):
+        raise AssertionError("counted before the checks")
+
+    monkeypatch.setattr("birkhoff.launch.plan_command.count_launches", no_count)
+    base = ["model=tiny", "cluster.preset=h100", "cluster.devices=8"]
+    assert plan_command([*base, "train.compile=true", "--launches"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("birkhoff: recipe key 'train.compile' = True: --launches counts eager")
+    assert "\n" not in err
+    assert plan_command([*base, "parallel.tp=5", "--launches"]) == 2
+    assert "parallel.tp" in capsys.readouterr().err
