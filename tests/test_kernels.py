@@ -177,7 +177,8 @@ def test_triton_mhc_keeps_the_dtypes_under_autocast():
 def test_every_backend_says_which_implementation_runs():
     table = kernels.implementations("triton")
     assert set(table) == set(kernels.ops())
-    own = {"engram_gather_gate", "mhc_mapping", "mhc_pre", "mhc_post", "moe_permute"}
+    own = {"engram_gather_gate", "entry_mass", "mhc_mapping", "mhc_pre", "mhc_post"}
+    own |= {"moe_permute"}
     own |= {"moe_unpermute", "sinkhorn_knopp", "sinkhorn_knopp_eps", "v4_attention"}
     own |= {"linear_cross_entropy", "rms_norm", "rope", "swiglu"}  # from liger-kernel
     assert {op for op, impl in table.items() if impl == "triton"} == own
@@ -186,8 +187,8 @@ def test_every_backend_says_which_implementation_runs():
     with pytest.raises(ValueError, match="'auto': not one of reference, triton, npu"):
         kernels.get("rms_norm", "auto")  # resolved per device before any model is built
     line = kernels.describe("triton")
-    assert f"triton for 13 of {len(table)} ops (engram_gather_gate, linear_cross_entropy," in line
-    assert f"{len(table) - 13} fall back to reference: attention" in line
+    assert f"triton for 14 of {len(table)} ops (engram_gather_gate, entry_mass," in line
+    assert f"{len(table) - 14} fall back to reference: attention" in line
 
 
 def test_kernel_backend_resolves_per_device(monkeypatch):

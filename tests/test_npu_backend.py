@@ -260,10 +260,11 @@ def test_npu_moe_permutation_runs_for_bfloat16_and_falls_back_otherwise(stand_in
     fp32 = kernels.implementations("npu", torch.float32)
     assert fp32["moe_permute"] == fp32["moe_unpermute"] == "reference"
     line = kernels.describe("npu", torch.float32)
-    fallen = "fall back to reference: engram_gather_gate, engram_hash, linear_cross_entropy,"
+    fallen = "fall back to reference: engram_gather_gate, engram_hash, entry_mass, "
+    fallen += "linear_cross_entropy,"
     assert fallen + " mhc_mapping, mhc_post," in line
     assert "moe_permute (bfloat16 only), moe_unpermute (bfloat16 only)" in line
-    assert "npu for 7 of 16 ops (attention, grouped_gemm, moe_permute (bfloat16 only)," in (
+    assert "npu for 7 of 17 ops (attention, grouped_gemm, moe_permute (bfloat16 only)," in (
         kernels.describe("npu", torch.bfloat16)
     )
 

@@ -189,6 +189,7 @@ def _load_backends() -> None:
         from birkhoff.kernels import (  # noqa: F401
             flex_v4_attention,
             triton_engram,
+            triton_entry_mass,
             triton_mhc,
             triton_mhc_mapping,
             triton_moe,

@@ -88,29 +88,49 @@ def v4_attention(
     return out, lse
 
 
+@register("entry_mass", REFERENCE)
 @torch.no_grad()
 def entry_mass(
-    q: torch.Tensor, positions: torch.Tensor, entries: EntryKV, lse: torch.Tensor
+    q: torch.Tensor,
+    values: torch.Tensor,
+    picks: torch.Tensor,
+    picked: torch.Tensor,
+    lse: torch.Tensor,
 ) -> torch.Tensor:
-    """Attention probability of each query's entries summed over its heads: (B, T, k) at the
-    picks, or (B, T, E) over all entries (0 where not visible), float32. `lse` is the
-    attention's normaliser (B, T, H); a few queries at a time, so memory stays T x k."""
+    """The CSA indexer's target: the attention probability at each query's picks summed over
+    its heads, (B, T, k) float32, 0 where a pick is not visible. Queries (B, T, H, D), entries
+    (B, E, D), picks (B, T, k) indices into them, picked (B, T, k) bool, `lse` the attention's
+    normaliser (B, T, H). A block of queries at a time (mass_queries_per_block), so memory
+    stays within MASS_QUERIES floats; no gradient."""
     batch, seq, heads, dim = q.shape
-    width = entries.picks.shape[-1] if entries.picks is not None else entries.values.shape[1]
+    width = picks.shape[-1]
     mass = q.new_zeros(batch, seq, width, dtype=torch.float32)
-    block = mass_queries_per_block(batch, heads, width, dim, entries.picks is not None)
+    block = mass_queries_per_block(batch, heads, width, dim, picked=True)
     rows = torch.arange(batch, device=q.device)[:, None, None]
     for first in range(0, seq, block):
         part = slice(first, min(seq, first + block))
-        if entries.picks is None:
-            logits = torch.einsum("bthd,bed->bthe", q[:, part].float(), entries.values.float())
-            valid = entries.layout.visible(positions, part)
-        else:
-            chosen = entries.values[rows, entries.picks[:, part]].float()
-            logits = torch.einsum("bthd,btkd->bthk", q[:, part].float(), chosen)
-            valid = entries.picked[:, part]
+        chosen = values[rows, picks[:, part]].float()
+        logits = torch.einsum("bthd,btkd->bthk", q[:, part].float(), chosen)
         p = torch.exp(logits * dim**-0.5 - lse[:, part, :, None])
-        mass[:, part] = p.sum(-2).masked_fill(~valid, 0.0)
+        mass[:, part] = p.sum(-2).masked_fill(~picked[:, part], 0.0)
+    return mass
+
+
+@torch.no_grad()
+def dense_entry_mass(
+    q: torch.Tensor, positions: torch.Tensor, entries: EntryKV, lse: torch.Tensor
+) -> torch.Tensor:
+    """`entry_mass` over every entry (B, T, E), 0 where not visible: the indexer's target
+    in its dense warm-up (train.indexer_warmup_steps), whose memory grows as T x E anyway."""
+    batch, seq, heads, dim = q.shape
+    width = entries.values.shape[1]
+    mass = q.new_zeros(batch, seq, width, dtype=torch.float32)
+    block = mass_queries_per_block(batch, heads, width, dim, picked=False)
+    for first in range(0, seq, block):
+        part = slice(first, min(seq, first + block))
+        logits = torch.einsum("bthd,bed->bthe", q[:, part].float(), entries.values.float())
+        p = torch.exp(logits * dim**-0.5 - lse[:, part, :, None])
+        mass[:, part] = p.sum(-2).masked_fill(~entries.layout.visible(positions, part), 0.0)
     return mass
 
 

@@ -92,6 +92,18 @@ def _v4_attention(tokens: int) -> list:
     return [q, kv, positions, torch.randn(heads), min(128, tokens // 2)]
 
 
+def _entry_mass(tokens: int) -> list:
+    heads, dim, entries, picks = 8, 64, max(2, tokens // 4), 32  # a CSA layer's target
+    index = torch.rand(1, tokens, entries).topk(min(picks, entries), dim=-1).indices
+    return [
+        torch.randn(1, tokens, heads, dim),
+        torch.randn(1, entries, dim),
+        index,
+        torch.rand(index.shape) > 0.2,  # picks a query cannot see are not picked
+        torch.randn(1, tokens, heads) + 3,
+    ]
+
+
 def _expert_ids(tokens: int, experts: int = 8, top_k: int = 4) -> torch.Tensor:
     return torch.rand(tokens, experts).topk(top_k, dim=-1).indices  # k distinct per token
 
@@ -137,6 +149,7 @@ EXAMPLES: dict[str, Callable[[int], list]] = {
     "sinkhorn_knopp": _sinkhorn_knopp,
     "sinkhorn_knopp_eps": _sinkhorn_knopp_eps,
     "v4_attention": _v4_attention,
+    "entry_mass": _entry_mass,
     "moe_permute": _moe_permute,
     "moe_unpermute": _moe_unpermute,
     "engram_gather_gate": _engram_gather_gate,
@@ -149,6 +162,8 @@ REFERENCE_DTYPE = {"grouped_gemm": torch.float32}
 # Ops whose implementation has no backward on the CPU (the triton backend's interpreted mode):
 # there only the forward is checked, and the result says why.
 NO_CPU_BACKWARD = {"v4_attention": "FlexAttention has no backward on the CPU in torch"}
+# Ops that have no gradient at all: only the forward is checked, on every device.
+NO_BACKWARD = {"entry_mass": "no gradient (the CSA indexer's target learns nothing back)"}
 
 
 def check_kernels(backend: str, device: torch.device) -> dict:
@@ -173,7 +188,7 @@ def _check(op: str, backend: str, device: torch.device) -> dict:
         inputs = [_cast(a, limited[0]) for a in inputs]
     tolerance = TOLERANCE if not limited else LIMITED_TOLERANCE
     reference, fused = kernels.get(op, "reference"), kernels.get(op, backend)
-    backward = not (device.type == "cpu" and op in NO_CPU_BACKWARD)
+    backward = not (device.type == "cpu" and op in NO_CPU_BACKWARD) and op not in NO_BACKWARD
     exact_dtype = REFERENCE_DTYPE.get(op, torch.float64)
     constants = CONSTANT_ARGS.get(op, ())
     exact, exact_leaves = _leaves(inputs, exact_dtype, backward, constants)
@@ -191,7 +206,7 @@ def _check(op: str, backend: str, device: torch.device) -> dict:
         tolerance = max(tolerance, CONDITIONING_FACTOR * max(own))
     if not backward:
         result["backward_error"] = float("nan")
-        result["note"] = f"forward only: {NO_CPU_BACKWARD[op]}"
+        result["note"] = f"forward only: {NO_BACKWARD.get(op) or NO_CPU_BACKWARD[op]}"
     timed = [_seconds(op_, inputs, device, backward, constants) for op_ in (reference, fused)]
     result["speed_ratio"] = timed[0] / timed[1]
     worst = max(errors)

@@ -54,6 +54,7 @@ def recorded_launches(ops: list[str]) -> dict[tuple, tuple]:
     from birkhoff.launch.doctor_kernels import (
         CONSTANT_ARGS,
         EXAMPLES,
+        NO_BACKWARD,
         NO_CPU_BACKWARD,
         _cast,
         _leaves,
@@ -86,7 +87,8 @@ def recorded_launches(ops: list[str]) -> dict[tuple, tuple]:
             limited = kernels.dtypes_of(op, "triton")
             if limited:
                 inputs = [_cast(a, limited[0]) for a in inputs]
-            backward = op not in NO_CPU_BACKWARD  # FlexAttention: compiled by inductor instead
+            # FlexAttention: compiled by inductor instead; entry_mass has no backward
+            backward = op not in NO_CPU_BACKWARD and op not in NO_BACKWARD
             args, leaves = _leaves(inputs, None, backward, CONSTANT_ARGS.get(op, ()))
             outs = [o for o in _outputs(kernels.get(op, "triton")(*args)) if o.requires_grad]
             if backward:

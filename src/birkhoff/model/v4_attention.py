@@ -19,7 +19,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from birkhoff import kernels
-from birkhoff.kernels.v4_attention import EntryKV, entry_mass
+from birkhoff.kernels.v4_attention import EntryKV, dense_entry_mass
 from birkhoff.model.compression import (
     KVCompressor,
     LightningIndexer,
@@ -107,6 +107,7 @@ class V4Attention(nn.Module):
         # over a process group; the KV entry and the compressors stay whole on every process.
         self.head_group: dist.ProcessGroup | None = None
         self._attend = kernels.get("v4_attention", backend)
+        self._entry_mass = kernels.get("entry_mass", backend)
         # The indexer's dense warm-up (train.indexer_warmup_steps): a CSA layer attends to every
         # visible entry and its indexer learns the attention over all of them.
         self.dense_indexing = False
@@ -136,7 +137,12 @@ class V4Attention(nn.Module):
         out, lse = self._attend(q, kv, positions, _local(self.sinks), window, entries)
         if indexer_outputs is not None and aux_losses is not None:
             index, picked, recall = indexer_outputs
-            mass = summed_over(entry_mass(q, positions, entries, lse.detach()), self.head_group)
+            if entries.picks is None:  # the dense warm-up: every visible entry
+                mass = dense_entry_mass(q, positions, entries, lse.detach())
+            else:
+                args = (entries.values, entries.picks, entries.picked, lse.detach())
+                mass = self._entry_mass(q, *args)
+            mass = summed_over(mass, self.head_group)
             loss = indexer_kl(mass, index, picked)
             aux_losses.append(self.cfg.index_loss_weight * loss)
             if self.training and not recomputing():  # recall: none in the dense warm-up

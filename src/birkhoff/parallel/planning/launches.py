@@ -109,7 +109,9 @@ def count_launches(cfg: ModelConfig, seq_len: int, narrow: bool = True) -> Launc
         with ExitStack() as patches, LaunchCounter() as counter:
             for loop, (module, sizing) in LOOPS.items():
                 block = FORCED_BLOCK if loop == per_query else UNBOUNDED
-                patches.enter_context(mock.patch.object(module, sizing, lambda *_, b=block: b))
+                patches.enter_context(
+                    mock.patch.object(module, sizing, lambda *_, b=block, **__: b)
+                )
             model(tokens, tokens.roll(-1, dims=1)).backward()
         # each count a step's first micro-batch: no gradient to add to, no H_res maximum
         model.zero_grad(set_to_none=True)
@@ -117,14 +119,16 @@ def count_launches(cfg: ModelConfig, seq_len: int, narrow: bool = True) -> Launc
         return counter.launches
 
     once = launches(None)
-    # iterations with a forced block: of queries (of every sequence at once), of tokens
-    forced = {
-        "indexer": math.ceil(seq / FORCED_BLOCK),
-        "entry_mass": math.ceil(seq / FORCED_BLOCK),
-        "loss": math.ceil(tokens.numel() / FORCED_BLOCK),
-    }
-    per_iteration = {loop: (launches(loop) - once) / (n - 1) for loop, n in forced.items()}
-    return LaunchCount(once, {loop: round(ops) for loop, ops in per_iteration.items()})
+    # iterations with a forced block: of queries (of every sequence at once), of tokens;
+    # without V4 attention only the loss loops
+    forced = {"loss": math.ceil(tokens.numel() / FORCED_BLOCK)}
+    if model_cfg.attention.kind == "v4":
+        forced |= dict.fromkeys(("indexer", "entry_mass"), math.ceil(seq / FORCED_BLOCK))
+    per_iteration = dict.fromkeys(LOOPS, 0)
+    for loop, blocks in forced.items():
+        if blocks > 1:
+            per_iteration[loop] = round((launches(loop) - once) / (blocks - 1))
+    return LaunchCount(once, per_iteration)
 
 
 def loop_iterations(cfg: ModelConfig, micro_batch: int, seq_len: int, tp: int) -> dict[str, int]:
