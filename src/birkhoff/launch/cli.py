@@ -52,11 +52,12 @@ commands:
                          tokenize every source once into shards under
                          data.prepare.output_dir (resumes an interrupted run)
   data verify DIR        check a prepared directory against its checksums
-  plan [overrides...] [--json] [--top N] [--fused-attention]
+  plan [overrides...] [--json] [--top N] [--fused-attention] [--launches]
                          the layouts of a recipe on a cluster (cluster.preset=h100
                          cluster.devices=256, or the figures), fastest first, with memory
                          per device, bytes per collective, step time and MFU; with
-                         parallel.* overrides, that one layout: does it fit, what dominates
+                         parallel.* overrides, that one layout: does it fit, what dominates;
+                         --launches also counts the eager kernel launches (host time)
   plan --published deepseek_v3
                          the model held against DeepSeek-V3's published run
   doctor [--json] [--backend auto|reference|triton|npu] [--ranks N] [--run-dir DIR]

@@ -78,7 +78,7 @@ def narrowed(cfg: ModelConfig) -> ModelConfig:
     return replace(
         cfg,
         vocab_size=256,
-        hidden_size=8 * cfg.num_heads,
+        hidden_size=(2 if cfg.attention.kind == "v4" else 8) * cfg.num_heads,
         ffn_hidden_size=32,
         sparse_budget=None,
         attention=replace(
