@@ -4,20 +4,24 @@ backward seconds (median), peak device memory above the inputs, and each backend
 difference of the output and of every input gradient from the reference run in float32 on
 the same (bf16-rounded) inputs, relative to that oracle's largest value. V4-Flash
 shapes by default (64 heads of 512, window 128, CSA ratio 4 with top-512, HCA ratio 128),
-bfloat16. A case the reference cannot hold is reported as out of memory. Prints one JSON
-object.
+bfloat16. A case the reference cannot hold is reported as out of memory. For CSA it also
+times the indexer's target (`entry_mass`: the attention's mass at each query's picks, summed
+over heads, no gradient) on both backends (the triton one is a single kernel; the reference
+takes blocks of queries within its memory budget), with the triton one's largest difference
+from the reference relative to its largest value. Prints one JSON object.
 
     python benchmarks/v4_attention_kernels.py --lengths 4096 16384
 
 `--smoke` runs tiny shapes on the CPU to check this script: torch runs FlexAttention unfused
 there and refuses its backward, so smoke mode lifts that guard (numbers are not a
-measurement).
+measurement); with TRITON_INTERPRET=1 it runs the entry_mass kernel interpreted too.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -88,6 +92,34 @@ def run(backend: str, case: tuple, device: torch.device, repeats: int) -> dict:
     return result
 
 
+def entry_mass_row(case: tuple, device: torch.device, repeats: int) -> dict:
+    """Both backends' `entry_mass` on a CSA case: median seconds and the triton one's error."""
+    q, _, _, _, _, entries = case
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return {"skipped": "the triton kernel needs CUDA or TRITON_INTERPRET=1"}
+    # a normaliser of the size a softmax over ~640 keys of unit logits has
+    lse = torch.full(q.shape[:3], 7.0, device=device) + 0.1 * torch.rand(q.shape[:3], device=device)
+    args = (q, entries.values, entries.picks, entries.picked, lse)
+    row, outputs = {}, {}
+    for backend in ("reference", "triton"):
+        op, times = kernels.get("entry_mass", backend), []
+        try:
+            for _ in range(repeats + 1):  # the first compiles (triton) and is not timed
+                _synchronize(device)
+                start = time.perf_counter()
+                outputs[backend] = op(*args)
+                _synchronize(device)
+                times.append(time.perf_counter() - start)
+        except torch.OutOfMemoryError:
+            row[backend] = {"out_of_memory": True}
+            continue
+        row[backend] = {"seconds": statistics.median(times[1:])}
+    if len(outputs) == 2:
+        row["relative_error"] = relative([outputs["triton"]], [outputs["reference"]])
+        row["speedup"] = row["reference"]["seconds"] / row["triton"]["seconds"]
+    return row
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -149,6 +181,8 @@ def main() -> None:
                     row["memory_ratio"] = ref["peak_mib"] / max(flex["peak_mib"], 1e-9)
             for result in (ref, flex):
                 result.pop("values", None)
+            if kind == "csa":
+                row["entry_mass"] = entry_mass_row(case, device, args.repeats)
             rows.append(row)
             print(json.dumps(row), flush=True)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke)"
