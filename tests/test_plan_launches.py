@@ -16,10 +16,10 @@ from test_plan import CLUSTER, DENSE
 
 from birkhoff.kernels import linear_cross_entropy as loss_kernel
 from birkhoff.kernels import v4_attention as attention_kernel
-from birkhoff.launch.plan_command import plan_command
+from birkhoff.launch.plan_command import plan_command, trainer_optimizer
 from birkhoff.launch.recipe import compose_recipe, typed_recipe
 from birkhoff.model import build_model, compression
-from birkhoff.parallel.planning.cluster import Cluster
+from birkhoff.parallel.planning.cluster import Cluster, cluster_from
 from birkhoff.parallel.planning.estimate import estimate
 from birkhoff.parallel.planning.inventory import build_inventory
 from birkhoff.parallel.planning.launches import (
@@ -35,11 +35,19 @@ from birkhoff.parallel.planning.layout import Layout, Workload
 def test_a_narrowed_model_launches_what_the_model_does():
     """Op counts do not depend on widths: the narrowed copy that `plan --launches` counts
     runs as many kernels as the model at its own widths (tiny; small, mHC and plain), loop
-    iterations included."""
-    for overrides in (["model=tiny"], ["model=small"], ["model=small", *PLAIN]):
+    iterations included, and so does the optimizer's step (Muon with foreach AdamW beside it,
+    6,599 at tiny; AdamW per tensor, 1,181)."""
+    # (overrides, AdamW's foreach or None: no optimizer; full-width Muon is slow here)
+    cases = [(["model=tiny"], True), (["model=tiny", "optim=adamw_cosine"], False)]
+    cases += [(["model=small"], None), (["model=small", *PLAIN], None)]
+    for overrides, foreach in cases:
         recipe = typed_recipe(compose_recipe(overrides))
+        cluster = cluster_from({"preset": "h200", "devices": 1, "foreach_optimizer": bool(foreach)})
+        optimizer = None if foreach is None else trainer_optimizer(recipe, cluster)
         cfg, seq = recipe.model, 64
-        assert count_launches(cfg, seq) == count_launches(cfg, seq, narrow=False), overrides
+        narrowed = count_launches(cfg, seq, optimizer=optimizer)
+        assert narrowed == count_launches(cfg, seq, narrow=False, optimizer=optimizer), overrides
+        assert (narrowed.optimizer > 0) == (foreach is not None)
 
 
 # budgets small enough that tiny's loops iterate at 2 x 256 tokens: the indexer 8 queries
@@ -110,15 +118,16 @@ def test_host_bound_h200_steps_are_the_launches_at_launch_us(capsys):
 
 
 def test_the_busiest_pipeline_rank_s_launches_set_a_host_bound_step():
-    """Each micro-batch a rank runs costs the launches of its layers' share; with pp=2 on a
-    4-layer model the busier rank holds 2 of 4. The step is the host's when it is longer
-    than the device's (compute, traffic and collectives); without launches counted, the
-    device's."""
+    """Each micro-batch a rank runs costs the launches of its layers' share, and so does the
+    optimizer's step; with pp=2 on a 4-layer model the busier rank holds 2 of 4. The step is
+    the host's when it is longer than the device's (compute, traffic and collectives);
+    without launches counted, the device's."""
     inv = build_inventory(DENSE)
-    work = Workload(global_batch=8, seq_len=8, launches=LaunchCount(once=10_000))
+    launches = LaunchCount(once=10_000, optimizer=4_000)
+    work = Workload(global_batch=8, seq_len=8, launches=launches)
     layout = Layout(pp=2, micro_batch=1)
     got = estimate(inv, layout, work, CLUSTER)
-    host = 10_000 * 8 * (2 / 4) * CLUSTER.launch_us * 1e-6
+    host = (10_000 * 8 + 4_000) * (2 / 4) * CLUSTER.launch_us * 1e-6
     assert got.host_s == pytest.approx(host)
     device = got.compute_s + got.memory_bound_s + got.exposed_comm_s
     assert device < host and got.step_s == pytest.approx(host / (1 - got.bubble))

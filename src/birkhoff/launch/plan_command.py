@@ -11,6 +11,7 @@ import sys
 from dataclasses import asdict, replace
 from typing import Any
 
+import torch
 from omegaconf import OmegaConf
 
 from birkhoff.errors import RecipeError, require
@@ -27,6 +28,7 @@ from birkhoff.parallel.planning.published import (
 )
 from birkhoff.parallel.planning.search import check_runnable, plan
 from birkhoff.train.config import derived_micro_batch
+from birkhoff.train.optim import build_optimizer
 
 # What picks one layout to check rather than a search (other parallel.* keys are settings).
 DEGREES = ("dp_replicate", "dp_shard", "tp", "pp", "ep")
@@ -97,7 +99,9 @@ def plan_command(args: list[str]) -> int:
                                recipe.train.anticipatory.mode == "always")  # fmt: skip
             check_runnable(inv, layout, work)
         if options.launches:  # after every check: the count takes seconds to minutes
-            work = replace(work, launches=count_launches(recipe.model, recipe.data.seq_len))
+            counted = count_launches(recipe.model, recipe.data.seq_len,
+                                     optimizer=trainer_optimizer(recipe, cluster))  # fmt: skip
+            work = replace(work, launches=counted)
         if layout is not None:
             estimates = [estimate(inv, layout, work, cluster)]
         else:
@@ -116,6 +120,20 @@ def plan_command(args: list[str]) -> int:
     else:
         print(_table(report, options.top))
     return 0
+
+
+def trainer_optimizer(recipe: Recipe, cluster: Cluster):
+    """How the trainer builds its optimizer for a model, AdamW's foreach as on the cluster
+    (`cluster.foreach_optimizer`: torch's default on accelerators)."""
+
+    def build(model: torch.nn.Module) -> torch.optim.Optimizer:
+        optimizer, _ = build_optimizer(model, recipe.optim, recipe.train.steps)
+        for group in optimizer.param_groups:
+            if "foreach" in group:
+                group["foreach"] = cluster.foreach_optimizer
+        return optimizer
+
+    return build
 
 
 def host_snapshots(recipe: Recipe) -> int:
@@ -174,7 +192,8 @@ def assumptions(cluster: Cluster, work: Workload) -> str:
         + (
             f"eager launches of the reference kernels counted ({work.launches.once:,} for a "
             "micro-batch with every budgeted loop once, plus each loop's iterations at the "
-            f"layout's micro-batch and heads) at {cluster.launch_us:g} us of host time each "
+            f"layout's micro-batch and heads, and {work.launches.optimizer:,} for an optimizer "
+            f"step) at {cluster.launch_us:g} us of host time each "
             "(cluster.launch_us), "
             "the step the slower of host and device; "
             if work.launches is not None

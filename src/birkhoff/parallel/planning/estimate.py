@@ -145,9 +145,12 @@ def estimate(inv: Inventory, layout: Layout, work: Workload, cluster: Cluster) -
         per_micro_batch = launches_per_micro_batch(
             work.launches, cfg, layout.micro_batch, work.seq_len, layout.tp
         )
-        # recomputed forwards (and the look-ahead's) launch their share again
-        share = busiest / cfg.num_layers * (1 + recompute)
-        launches = round(per_micro_batch * micro_batches * share)
+        # recomputed forwards (and the look-ahead's) launch their share again; the optimizer
+        # steps the rank's share of the layers (distributed Muon's spread of the matrices
+        # over their owner ranks is not modelled: an upper bound there)
+        share = busiest / cfg.num_layers
+        launches = per_micro_batch * micro_batches * share * (1 + recompute)
+        launches = round(launches + work.launches.optimizer * share)
     host_s = launches * cluster.launch_us * 1e-6
     step_s = max(compute_s + memory_s + exposed, host_s) / (1 - idle)
     model_flops = model_flops_per_token(inv, work) * work.global_batch * work.seq_len

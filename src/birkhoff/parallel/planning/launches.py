@@ -17,18 +17,22 @@ at a time (the functions that size the blocks are replaced while counting); the 
 is what one more iteration launches. `launches_per_micro_batch` adds each loop's iterations
 at the real shape. tests/test_plan_launches.py checks the total against a count of the model
 itself at full width, with loops of many blocks (within 0.1%: einsum's path, and so its op
-count, varies a little with the block's shape). Collectives and the optimizer step are not
-counted.
+count, varies a little with the block's shape). The optimizer's step is counted once on the
+same narrowed copy when the caller hands over how the trainer builds it (`birkhoff plan`
+does; planning does not import the trainer): Muon launches per matrix, several thousand at
+`tiny`, more than a micro-batch's forward and backward. Collectives are not counted.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from unittest import mock
 
 import torch
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from birkhoff.kernels import linear_cross_entropy as loss_kernel
@@ -69,6 +73,7 @@ class LaunchCount:
 
     once: int = 0
     per_iteration: dict[str, int] = field(default_factory=dict)
+    optimizer: int = 0  # one optimizer step of the whole model (0: not counted)
 
 
 def narrowed(cfg: ModelConfig) -> ModelConfig:
@@ -96,9 +101,16 @@ def counted_length(cfg: ModelConfig, seq_len: int) -> int:
     return min(seq_len, shortest)
 
 
-def count_launches(cfg: ModelConfig, seq_len: int, narrow: bool = True) -> LaunchCount:
+def count_launches(
+    cfg: ModelConfig,
+    seq_len: int,
+    narrow: bool = True,
+    optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None = None,
+) -> LaunchCount:
     """Launches of a micro-batch's forward, loss and backward (reference kernels), every
-    budgeted loop once, and one more iteration of each (see the module docstring)."""
+    budgeted loop once, and one more iteration of each (see the module docstring); with
+    `optimizer` (the trainer's, built for a model), one optimizer step after its first (which
+    creates the state)."""
     model_cfg = narrowed(cfg) if narrow else cfg
     model = build_model(model_cfg, seed=0)
     seq = counted_length(model_cfg, seq_len)
@@ -128,7 +140,15 @@ def count_launches(cfg: ModelConfig, seq_len: int, narrow: bool = True) -> Launc
     for loop, blocks in forced.items():
         if blocks > 1:
             per_iteration[loop] = round((launches(loop) - once) / (blocks - 1))
-    return LaunchCount(once, per_iteration)
+    steps = 0
+    if optimizer is not None:
+        model(tokens, tokens.roll(-1, dims=1)).backward()
+        built = optimizer(model)
+        built.step()  # the first step creates the state: not a step's cost
+        with LaunchCounter() as counter:
+            built.step()
+        steps = counter.launches
+    return LaunchCount(once, per_iteration, steps)
 
 
 def loop_iterations(cfg: ModelConfig, micro_batch: int, seq_len: int, tp: int) -> dict[str, int]:
