@@ -10,9 +10,9 @@ picks of 512 channels, 2 x 4,096 tokens) 683 blocks of 11 ops in every CSA layer
 micro-batch's kernel launches (`birkhoff plan --launches`). Here one launch per layer: a
 program per query and block of picks reads the picked entries once per block of heads from
 where they lie, accumulates the logits over blocks of channels in float32 (full precision,
-no TF32), and sums the
-probabilities over the heads; nothing is gathered into memory. No gradient (the target
-learns nothing back). The tests compare it with the reference under TRITON_INTERPRET=1.
+no TF32), and sums the probabilities over the heads; nothing is gathered into memory. No
+gradient (the target learns nothing back). The tests compare it with the reference under
+TRITON_INTERPRET=1.
 """
 
 from __future__ import annotations

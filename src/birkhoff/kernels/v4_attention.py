@@ -111,8 +111,7 @@ def entry_mass(
         part = slice(first, min(seq, first + block))
         chosen = values[rows, picks[:, part]].float()
         logits = torch.einsum("bthd,btkd->bthk", q[:, part].float(), chosen)
-        p = torch.exp(logits * dim**-0.5 - lse[:, part, :, None])
-        mass[:, part] = p.sum(-2).masked_fill(~picked[:, part], 0.0)
+        mass[:, part] = _summed_over_heads(logits, lse[:, part], picked[:, part], dim**-0.5)
     return mass
 
 
@@ -129,9 +128,17 @@ def dense_entry_mass(
     for first in range(0, seq, block):
         part = slice(first, min(seq, first + block))
         logits = torch.einsum("bthd,bed->bthe", q[:, part].float(), entries.values.float())
-        p = torch.exp(logits * dim**-0.5 - lse[:, part, :, None])
-        mass[:, part] = p.sum(-2).masked_fill(~entries.layout.visible(positions, part), 0.0)
+        visible = entries.layout.visible(positions, part)
+        mass[:, part] = _summed_over_heads(logits, lse[:, part], visible, dim**-0.5)
     return mass
+
+
+def _summed_over_heads(
+    logits: torch.Tensor, lse: torch.Tensor, valid: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """exp(scale logits - lse) summed over heads, 0 where not `valid`: (B, Q, H, W) logits,
+    (B, Q, H) normalisers, (B, Q, W) -> (B, Q, W)."""
+    return torch.exp(logits * scale - lse[..., None]).sum(-2).masked_fill(~valid, 0.0)
 
 
 def _window_logits(

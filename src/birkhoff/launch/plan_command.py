@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from typing import Any
 
@@ -122,7 +123,9 @@ def plan_command(args: list[str]) -> int:
     return 0
 
 
-def trainer_optimizer(recipe: Recipe, cluster: Cluster):
+def trainer_optimizer(
+    recipe: Recipe, cluster: Cluster
+) -> Callable[[torch.nn.Module], torch.optim.Optimizer]:
     """How the trainer builds its optimizer for a model, AdamW's foreach as on the cluster
     (`cluster.foreach_optimizer`: torch's default on accelerators)."""
 

@@ -77,7 +77,8 @@ class LaunchCount:
 
 
 def narrowed(cfg: ModelConfig) -> ModelConfig:
-    """`cfg` with its sparse budget resolved and every width small: 8 channels a head."""
+    """`cfg` with its sparse budget resolved and every width small: a hidden size of 2
+    channels a head with V4 attention (its heads have their own width), 8 with GQA."""
     cfg = apply_sparse_budget(cfg)
     a, moe, engram = cfg.attention, cfg.moe, cfg.engram
     return replace(

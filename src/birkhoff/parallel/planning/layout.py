@@ -136,8 +136,8 @@ class Workload:
     loader_rows: bool = True  # Engram rows computed by the loader travel with them
     param_dtype: str = "bfloat16"  # FSDP's gathered parameters
     reduce_dtype: str = "float32"
-    # eager kernel launches of a sequence's forward and backward (launches.py); None: the
-    # host's time is not modelled
+    # eager kernel launches of a micro-batch's forward and backward and of an optimizer
+    # step (launches.py); None: the host's time is not modelled
     launches: LaunchCount | None = None
 
 
