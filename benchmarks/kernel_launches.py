@@ -32,49 +32,15 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model_throughput import build
 
 from birkhoff import kernels
+from birkhoff.kernels.launch_counter import LaunchCounter
 from birkhoff.model.v4_attention import V4Attention
 
-NO_KERNEL = {"empty", "empty_strided", "empty_like", "lift_fresh", "_local_scalar_dense"}
 LIGER_SWAPPED = {"_rms_norm": "rms_norm", "_rope": "rope", "_swiglu": "swiglu"}
-
-
-class LaunchCounter(TorchDispatchMode):
-    """Counts the aten ops that run a kernel, by name, while `paused` is False."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.counts: collections.Counter[str] = collections.Counter()
-        self.paused = False
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if not self.paused and not func.is_view and name not in NO_KERNEL:
-            self.counts[f"aten.{name}"] += 1
-        return func(*args, **(kwargs or {}))
-
-
-def count_triton_launches(counter: LaunchCounter):
-    """Patches the interpreter's launch to count it (and pause the op count inside it)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    original = InterpretedFunction.run
-
-    def run(self, *args, **kwargs):
-        counter.counts[f"triton.{self.fn.__name__}"] += 1
-        counter.paused = True
-        try:
-            return original(self, *args, **kwargs)
-        finally:
-            counter.paused = False
-
-    InterpretedFunction.run = run
-    return lambda: setattr(InterpretedFunction, "run", original)
 
 
 def prepared(model: str, backend: str, swap_liger: bool) -> torch.nn.Module:
@@ -91,13 +57,9 @@ def prepared(model: str, backend: str, swap_liger: bool) -> torch.nn.Module:
 
 def launches(net: torch.nn.Module, tokens: torch.Tensor) -> collections.Counter[str]:
     counter = LaunchCounter()
-    restore = count_triton_launches(counter)
-    try:
-        with counter:
-            net(tokens[:, :-1], tokens[:, 1:]).backward()
-    finally:
-        restore()
-    return counter.counts
+    with counter, counter.triton():
+        net(tokens[:, :-1], tokens[:, 1:]).backward()
+    return counter.by_name
 
 
 def main() -> None:

@@ -13,21 +13,28 @@ from unittest import mock
 import pytest
 import torch
 from test_plan import CLUSTER, DENSE
+from torch import nn
 
+from birkhoff import kernels
 from birkhoff.kernels import linear_cross_entropy as loss_kernel
 from birkhoff.kernels import v4_attention as attention_kernel
-from birkhoff.launch.plan_command import plan_command, trainer_optimizer
+from birkhoff.kernels.launch_counter import LaunchCounter
+from birkhoff.launch.plan_command import counted_kernels, plan_command, trainer_optimizer
 from birkhoff.launch.recipe import compose_recipe, typed_recipe
 from birkhoff.model import build_model, compression
 from birkhoff.parallel.planning.cluster import Cluster, cluster_from
+from birkhoff.parallel.planning.counted_ops import LEFT_ON_REFERENCE, CountedOps, charged
 from birkhoff.parallel.planning.estimate import estimate
 from birkhoff.parallel.planning.inventory import build_inventory
 from birkhoff.parallel.planning.launches import (
+    LOOPS,
+    UNBOUNDED,
     LaunchCount,
-    LaunchCounter,
     count_launches,
+    counted_length,
     launches_per_micro_batch,
     loop_iterations,
+    narrowed,
 )
 from birkhoff.parallel.planning.layout import Layout, Workload
 
@@ -105,7 +112,8 @@ def test_host_bound_h200_steps_are_the_launches_at_launch_us(capsys):
         overrides = [f"model={model}", *(PLAIN if variant == "plain" else []), *shape,
                      f"train.micro_batch_size={shape[1].split('=')[1]}", "optim=adamw_cosine",
                      "cluster.preset=h200", "cluster.devices=1", "train.mixed_precision=bf16",
-                     "parallel.activation_checkpoint=none", "parallel.tp=1"]  # fmt: skip
+                     "parallel.activation_checkpoint=none", "parallel.tp=1",
+                     "backend.kernels=reference"]  # fmt: skip
         assert plan_command([*overrides, "--launches", "--json"]) == 0
         report = json.loads(capsys.readouterr().out)
         (layout,) = report["layouts"]
@@ -140,7 +148,7 @@ def test_launches_are_counted_only_after_every_check(capsys, monkeypatch):
     """A compiled recipe is refused (its launches are not eager ones), and a layout that
     cannot run is refused before the count's seconds to minutes are spent."""
 
-    def no_count(*_):
+    def no_count(*_, **__):
         raise AssertionError("counted before the checks")
 
     monkeypatch.setattr("birkhoff.launch.plan_command.count_launches", no_count)
@@ -151,3 +159,87 @@ def test_launches_are_counted_only_after_every_check(capsys, monkeypatch):
     assert "\n" not in err
     assert plan_command([*base, "parallel.tp=5", "--launches"]) == 2
     assert "parallel.tp" in capsys.readouterr().err
+
+
+def test_a_backend_s_ops_counted_per_call_add_up_to_the_backend_running_itself():
+    """With the triton backend the count runs the reference kernels and charges each call of
+    an op triton implements what that op launched on its first call's arguments (a child
+    process, Triton's interpreter, Triton launches one each): the total equals the launches
+    of the model run with the triton kernels themselves (under the interpreter: about 40 s
+    of the test's 50), V4 attention's core and the loss on the reference in both
+    (LEFT_ON_REFERENCE). The triton backend launches under a third of the reference's."""
+    cfg, seq = typed_recipe(compose_recipe(["model=tiny"])).model, 32
+    counted = count_launches(cfg, seq, kernels="triton")
+    model_cfg = narrowed(cfg)
+    model = build_model(model_cfg, "triton", seed=0)
+    own = {kernels.get(op, "triton"): kernels.get(op, "reference") for op in LEFT_ON_REFERENCE}
+    for module in model.modules():
+        for attr, value in list(vars(module).items()):
+            if callable(value) and value in own:
+                setattr(module, attr, own[value])
+    length = counted_length(model_cfg, seq)
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, model_cfg.vocab_size, (2, length), generator=generator)
+    counter = LaunchCounter()
+    with ExitStack() as patches, counter, counter.triton():
+        for module, sizing in LOOPS.values():
+            patches.enter_context(mock.patch.object(module, sizing, lambda *_, **__: UNBOUNDED))
+        model(tokens, tokens.roll(-1, dims=1)).backward()
+    assert counted.kernels == "triton"
+    assert counted.once == counter.launches
+    assert counted.per_iteration["entry_mass"] == 0  # one kernel, whatever the queries
+    assert counted.once < count_launches(cfg, seq).once / 3
+
+
+def test_the_kernels_counted_are_the_ones_the_cluster_runs(capsys, monkeypatch):
+    """`backend.kernels=auto` counts triton's launches on an NVIDIA preset and the
+    reference's on Ascend (npu's ops need CANN; the plan says the reference was counted);
+    triton without its package here is refused in one line."""
+    for overrides, expected in [
+        (["cluster.preset=h100"], "triton"),
+        (["cluster.preset=ascend_910b"], "reference"),
+        (["cluster.preset=h100", "backend.kernels=reference"], "reference"),
+    ]:
+        recipe = typed_recipe(compose_recipe(["model=tiny", *overrides]))
+        cluster = cluster_from({"preset": overrides[0].split("=")[1], "devices": 8})
+        assert counted_kernels(recipe, cluster) == expected, overrides
+    monkeypatch.setattr(kernels, "available_backends", lambda: ["reference"])
+    base = ["model=tiny", "cluster.preset=h100", "cluster.devices=8"]
+    assert plan_command([*base, "--launches"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("birkhoff: recipe key 'backend.kernels' = 'auto': counting the triton")
+    assert "\n" not in err
+
+
+class _TwoNorms(nn.Module):
+    """RMSNorm of a strided view and of a contiguous copy: liger's op copies the first."""
+
+    def __init__(self, backend: str) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(8) + 0.5)
+        self._rms_norm = kernels.get("rms_norm", backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        strided = self._rms_norm(x[:, :8], self.weight, 1e-6)
+        dense = self._rms_norm(x[:, 8:].contiguous(), self.weight, 1e-6)
+        return (strided * dense).sum()
+
+
+def test_an_op_is_charged_per_layout_of_its_arguments_and_as_one_node():
+    """Two calls of liger's RMSNorm, one on a strided view (which it copies first), and the
+    reference's graph that hands its input two partial gradients (which autograd adds
+    outside the op, where a fused op hands one): charged per call and layout, the total
+    equals the module run with the triton op itself."""
+    x = torch.randn(4, 16)
+    counted = _TwoNorms("reference")
+    ops = CountedOps(counted, "triton")
+    with ops.counter:
+        counted(x.clone().requires_grad_()).backward()
+    total = ops.counter.launches + charged(ops.take(), ops.launches_per_call())
+    direct = _TwoNorms("triton")
+    direct.load_state_dict(counted.state_dict())
+    counter = LaunchCounter()
+    with counter, counter.triton():
+        direct(x.clone().requires_grad_()).backward()
+    assert total == counter.launches
+    assert len(ops.first_calls) == 2  # one op, two layouts

@@ -15,9 +15,11 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from birkhoff import kernels
 from birkhoff.errors import RecipeError, require
 from birkhoff.launch.recipe import Recipe, compose_recipe, typed_recipe
-from birkhoff.parallel.planning.cluster import Cluster, cluster_from
+from birkhoff.parallel.planning.cluster import PRESET_KERNELS, Cluster, cluster_from
+from birkhoff.parallel.planning.counted_ops import LEFT_ON_REFERENCE
 from birkhoff.parallel.planning.estimate import Estimate, estimate, model_flops_per_token
 from birkhoff.parallel.planning.inventory import build_inventory
 from birkhoff.parallel.planning.launches import count_launches
@@ -55,9 +57,10 @@ def plan_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--launches",
         action="store_true",
-        help="count the model's eager kernel launches (a narrowed copy, two short sequences, "
-        "on this CPU: seconds for tiny, two minutes and 8 GB for V4-Flash) and take the "
-        "host's time for them into the step",
+        help="count the model's eager kernel launches with the kernels backend.kernels runs "
+        "(auto: triton on NVIDIA presets, else the reference; a narrowed copy, two short "
+        "sequences, on this CPU: seconds for tiny, minutes and 8 GB for V4-Flash) and take "
+        "the host's time for them into the step",
     )
     parser.add_argument(
         "--published",
@@ -84,6 +87,7 @@ def plan_command(args: list[str]) -> int:
                 "--launches counts eager launches (compiled blocks launch far fewer): "
                 "plan without --launches, or with train.compile=false",
             )  # fmt: skip
+            launch_kernels = counted_kernels(recipe, cluster)
         inv = build_inventory(recipe.model)
         chosen = [o for o in overrides if o.split("=")[0] in LAYOUT_KEYS]
         layout = None
@@ -101,7 +105,8 @@ def plan_command(args: list[str]) -> int:
             check_runnable(inv, layout, work)
         if options.launches:  # after every check: the count takes seconds to minutes
             counted = count_launches(recipe.model, recipe.data.seq_len,
-                                     optimizer=trainer_optimizer(recipe, cluster))  # fmt: skip
+                                     optimizer=trainer_optimizer(recipe, cluster),
+                                     kernels=launch_kernels)  # fmt: skip
             work = replace(work, launches=counted)
         if layout is not None:
             estimates = [estimate(inv, layout, work, cluster)]
@@ -137,6 +142,22 @@ def trainer_optimizer(
         return optimizer
 
     return build
+
+
+def counted_kernels(recipe: Recipe, cluster: Cluster) -> str:
+    """The kernel backend whose launches `--launches` counts: `backend.kernels`, `auto` as
+    the cluster's devices resolve it (triton on NVIDIA presets; a custom cluster: the
+    reference). npu's ops need CANN to run: the reference's are counted for them (the line
+    of assumptions says so)."""
+    requested = recipe.backend.kernels
+    chosen = PRESET_KERNELS.get(cluster.name, "reference") if requested == "auto" else requested
+    if chosen == "triton":
+        require(
+            "triton" in kernels.available_backends(), "backend.kernels", requested,
+            "counting the triton backend's launches needs the triton package here "
+            "(pip install birkhoff[cuda]), or plan with backend.kernels=reference",
+        )  # fmt: skip
+    return "reference" if chosen == "npu" else chosen
 
 
 def host_snapshots(recipe: Recipe) -> int:
@@ -193,7 +214,14 @@ def assumptions(cluster: Cluster, work: Workload) -> str:
         f"{cluster.memory_efficiency:g} of {cluster.memory_gbps:g} GB/s "
         "(cluster.memory_efficiency, memory_gbps), after the matmuls, not beside them; "
         + (
-            f"eager launches of the reference kernels counted ({work.launches.once:,} for a "
+            f"eager launches of the {work.launches.kernels} kernels counted"
+            + (
+                " (V4 attention's core and the loss as the reference's: "
+                f"{', '.join(LEFT_ON_REFERENCE.values())})"
+                if work.launches.kernels != "reference"
+                else ""
+            )
+            + f" ({work.launches.once:,} for a "
             "micro-batch with every budgeted loop once, plus each loop's iterations at the "
             f"layout's micro-batch and heads, and {work.launches.optimizer:,} for an optimizer "
             f"step) at {cluster.launch_us:g} us of host time each "

@@ -91,6 +91,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         host_gbps=PCIE4, memory_gbps=3200,
     ),
 }  # fmt: skip
+# the kernel backend `backend.kernels=auto` runs on each preset's devices
+PRESET_KERNELS = {"h100": "triton", "h200": "triton", "h800": "triton", "b200": "triton"}
+PRESET_KERNELS |= {"ascend_910b": "npu", "ascend_910c": "npu"}
 
 
 def cluster_from(values: dict[str, Any]) -> Cluster:

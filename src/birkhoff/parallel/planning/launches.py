@@ -21,11 +21,16 @@ count, varies a little with the block's shape). The optimizer's step is counted 
 same narrowed copy when the caller hands over how the trainer builds it (`birkhoff plan`
 does; planning does not import the trainer): Muon launches per matrix, several thousand at
 `tiny`, more than a micro-batch's forward and backward. Collectives are not counted.
+
+The kernels counted are a backend's: the reference runs here; for `triton` the model still
+runs the reference, and each op triton implements is charged per call what triton's op
+launches (counted_ops.py), but V4 attention's core and the loss (LEFT_ON_REFERENCE there).
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
@@ -33,16 +38,16 @@ from unittest import mock
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from birkhoff.kernels import linear_cross_entropy as loss_kernel
 from birkhoff.kernels import v4_attention as attention_kernel
+from birkhoff.kernels.launch_counter import LaunchCounter
 from birkhoff.model import build_model, compression
 from birkhoff.model.budget import apply_sparse_budget
 from birkhoff.model.config import ModelConfig
 from birkhoff.model.mhc import residual_stats
+from birkhoff.parallel.planning.counted_ops import CountedOps, charged
 
-NO_KERNEL = {"empty", "empty_strided", "empty_like", "lift_fresh", "_local_scalar_dense"}
 UNBOUNDED = 1 << 62
 # loop: (module, the function that sizes its blocks from its memory budget)
 LOOPS = {
@@ -53,19 +58,6 @@ LOOPS = {
 FORCED_BLOCK = 2  # not 1: einsum takes a shorter path for a block of one query
 
 
-class LaunchCounter(TorchDispatchMode):
-    """Counts the aten ops that run a kernel."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.launches = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view and func.overloadpacket.__name__ not in NO_KERNEL:
-            self.launches += 1
-        return func(*args, **(kwargs or {}))
-
-
 @dataclass
 class LaunchCount:
     """A micro-batch's launches with every budgeted loop run once, and what one more
@@ -74,6 +66,7 @@ class LaunchCount:
     once: int = 0
     per_iteration: dict[str, int] = field(default_factory=dict)
     optimizer: int = 0  # one optimizer step of the whole model (0: not counted)
+    kernels: str = "reference"  # the backend whose launches these are
 
 
 def narrowed(cfg: ModelConfig) -> ModelConfig:
@@ -107,19 +100,23 @@ def count_launches(
     seq_len: int,
     narrow: bool = True,
     optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None = None,
+    kernels: str = "reference",
 ) -> LaunchCount:
-    """Launches of a micro-batch's forward, loss and backward (reference kernels), every
+    """Launches of a micro-batch's forward, loss and backward with `kernels` (a backend:
+    the reference runs here; another's own ops are counted per call, counted_ops.py), every
     budgeted loop once, and one more iteration of each (see the module docstring); with
     `optimizer` (the trainer's, built for a model), one optimizer step after its first (which
     creates the state)."""
     model_cfg = narrowed(cfg) if narrow else cfg
     model = build_model(model_cfg, seed=0)
+    counted_ops = CountedOps(model, kernels)
     seq = counted_length(model_cfg, seq_len)
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, model_cfg.vocab_size, (2, seq), generator=generator)
 
-    def launches(per_query: str | None) -> int:
-        with ExitStack() as patches, LaunchCounter() as counter:
+    def launches(per_query: str | None) -> tuple[int, Counter[tuple[str, str]]]:
+        counter = counted_ops.counter = LaunchCounter()
+        with ExitStack() as patches, counter:
             for loop, (module, sizing) in LOOPS.items():
                 block = FORCED_BLOCK if loop == per_query else UNBOUNDED
                 patches.enter_context(
@@ -129,18 +126,22 @@ def count_launches(
         # each count a step's first micro-batch: no gradient to add to, no H_res maximum
         model.zero_grad(set_to_none=True)
         residual_stats(model)
-        return counter.launches
+        return counter.launches, counted_ops.take()
 
-    once = launches(None)
+    runs = {None: launches(None)}
     # iterations with a forced block: of queries (of every sequence at once), of tokens;
     # without V4 attention only the loss loops
     forced = {"loss": math.ceil(tokens.numel() / FORCED_BLOCK)}
     if model_cfg.attention.kind == "v4":
         forced |= dict.fromkeys(("indexer", "entry_mass"), math.ceil(seq / FORCED_BLOCK))
+    runs |= {loop: launches(loop) for loop, blocks in forced.items() if blocks > 1}
+    per_call = counted_ops.launches_per_call()
+    total = {run: aten + charged(tally, per_call) for run, (aten, tally) in runs.items()}
+    once = total[None]
     per_iteration = dict.fromkeys(LOOPS, 0)
     for loop, blocks in forced.items():
         if blocks > 1:
-            per_iteration[loop] = round((launches(loop) - once) / (blocks - 1))
+            per_iteration[loop] = round((total[loop] - once) / (blocks - 1))
     steps = 0
     if optimizer is not None:
         model(tokens, tokens.roll(-1, dims=1)).backward()
@@ -149,7 +150,7 @@ def count_launches(
         with LaunchCounter() as counter:
             built.step()
         steps = counter.launches
-    return LaunchCount(once, per_iteration, steps)
+    return LaunchCount(once, per_iteration, steps, kernels)
 
 
 def loop_iterations(cfg: ModelConfig, micro_batch: int, seq_len: int, tp: int) -> dict[str, int]:

@@ -1,0 +1,191 @@
+"""A backend's own ops, counted per call in a model that runs the reference kernels.
+
+The launch count (launches.py) runs a narrowed model on this CPU. For a backend whose
+kernels cannot run here at speed (`triton`: only Triton's interpreter, far too slow for a
+whole V4 model), the model runs the reference kernels, and each op the backend implements
+itself is a stand-in: one autograd node, as a fused op is, that runs the reference with the
+count paused, forward and backward, and tallies its calls. Its first call's arguments are
+kept, one per layout of its tensors (liger's ops copy a strided input first), with which
+outputs got a gradient; a child process with Triton's interpreter on
+(`kernels/launch_counter.py`) counts what the backend's op launches on them, forward and
+backward, and each call is charged that (an op's launches do not depend on its shapes).
+tests/test_plan_launches.py checks the total against the model run with the backend itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from birkhoff import kernels
+from birkhoff.errors import RecipeError
+from birkhoff.kernels.launch_counter import LaunchCounter, tensors_in
+
+# Ops a backend implements that the count leaves on the reference, and why
+LEFT_ON_REFERENCE = {
+    "v4_attention": "FlexAttention has no backward on the CPU",
+    "linear_cross_entropy": "liger's chunks depend on the vocabulary and width the narrowed "
+    "model changes",
+}
+
+
+class CountedOps:
+    """Replaces `model`'s references to the ops `backend` implements (but those in
+    LEFT_ON_REFERENCE) by stand-ins that pause `counter` (the caller sets it per count) and
+    tally their calls."""
+
+    def __init__(self, model: nn.Module, backend: str) -> None:
+        self.backend = backend
+        self.counter = LaunchCounter()
+        self.tally: Counter[tuple[str, str]] = Counter()
+        # by op and the layout of its tensors: (op, args, kwargs) of the first such call
+        self.first_calls: dict[str, tuple[str, tuple, dict]] = {}
+        self.grad_outputs: dict[str, list[bool]] = {}  # which outputs got a gradient
+        self.returned_tensor = False  # the last op called returned a tensor, not a tuple
+        own = kernels.implementations(backend)
+        ops = {
+            kernels.get(op, "reference"): op
+            for op, impl in own.items()
+            if impl == backend and backend != "reference" and op not in LEFT_ON_REFERENCE
+        }
+        for module in model.modules():
+            for attr, value in list(vars(module).items()):
+                if callable(value) and value in ops:
+                    setattr(module, attr, self._stand_in(ops[value], value))
+
+    def take(self) -> Counter[tuple[str, str]]:
+        """The calls tallied since the last take: (op and layout, "forward" or "backward")
+        -> calls."""
+        tally, self.tally = self.tally, Counter()
+        return tally
+
+    def _stand_in(self, op: str, reference):
+        def run(*args, **kwargs):
+            tensors = tensors_in((args, kwargs))
+            # an op may launch more for other layouts (liger copies a strided input first)
+            key = op + "/" + "".join("c" if t.is_contiguous() else "s" for t in tensors)
+            self.tally[key, "forward"] += 1
+            with self.counter.pause():
+                if key not in self.first_calls:
+                    self.first_calls[key] = (op, _detached(args), _detached(kwargs))
+                leaves = [t for t in tensors if t.requires_grad]
+                if not leaves or not torch.is_grad_enabled():
+                    return reference(*args, **kwargs)
+                outputs = _OneNode.apply(self, key, reference, args, kwargs, *leaves)
+            return outputs[0] if self.returned_tensor else outputs
+
+        return run
+
+    def launches_per_call(self) -> dict[str, tuple[int, int]]:
+        """(forward, backward) launches of one call of each op (and layout) the backend ran,
+        counted in a child process (Triton's interpreter must be on before its kernels are
+        imported)."""
+        if not self.first_calls:
+            return {}
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "calls.pt"
+            calls = {
+                key: (op, args, kwargs, self.grad_outputs.get(key))
+                for key, (op, args, kwargs) in self.first_calls.items()
+            }
+            torch.save(calls, path)
+            command = [sys.executable, "-m", "birkhoff.kernels.launch_counter"]
+            done = subprocess.run(
+                [*command, self.backend, str(path)],
+                env=os.environ | {"TRITON_INTERPRET": "1"},
+                capture_output=True,
+                text=True,
+            )
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RecipeError(
+                "--launches", self.backend, f"counting the backend's ops failed: {last}"
+            )
+        counts = json.loads(done.stdout.strip().splitlines()[-1])
+        return {key: (forward, backward) for key, (forward, backward) in counts.items()}
+
+
+class _OneNode(torch.autograd.Function):
+    """The reference op as one autograd node, as a fused kernel is: its backward runs the
+    reference's own backward inside (paused) and hands one gradient to each input, so the
+    count outside sees no sums of partial gradients the reference's graph would make."""
+
+    @staticmethod
+    def forward(ctx, ops: CountedOps, key: str, reference, args, kwargs, *leaves):
+        inner = {id(leaf): leaf.detach().requires_grad_() for leaf in leaves}
+        with torch.enable_grad():
+            out = reference(*_replaced(args, inner), **_replaced(kwargs, inner))
+        single = isinstance(out, torch.Tensor)
+        outs = (out,) if single else tuple(out)
+        if not all(isinstance(o, torch.Tensor) for o in outs):
+            raise TypeError(f"{key} returns {type(out).__name__}: counted ops return tensors")
+        ctx.ops, ctx.key, ctx.inner, ctx.outs = ops, key, list(inner.values()), outs
+        ctx.set_materialize_grads(False)
+        ops.returned_tensor = single
+        results = tuple(o.detach() for o in outs)
+        constant = (r for r, o in zip(results, outs, strict=True) if not o.requires_grad)
+        ctx.mark_non_differentiable(*constant)
+        return results
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ops = ctx.ops
+        ops.tally[ctx.key, "backward"] += 1
+        ops.grad_outputs.setdefault(ctx.key, [g is not None for g in grads])
+        pairs = [
+            (o, g)
+            for o, g in zip(ctx.outs, grads, strict=True)
+            if g is not None and o.requires_grad
+        ]
+        with ops.counter.pause():
+            found = torch.autograd.grad(
+                [o for o, _ in pairs], ctx.inner, [g for _, g in pairs], allow_unused=True
+            )
+        return (None,) * 5 + tuple(found)
+
+
+def charged(tally: Counter[tuple[str, str]], per_call: dict[str, tuple[int, int]]) -> int:
+    """The launches of the tallied calls."""
+    return sum(n * per_call[key][direction == "backward"] for (key, direction), n in tally.items())
+
+
+def _replaced(value, tensors: dict[int, torch.Tensor]):
+    """`value` with the tensors in `tensors` (by id) replaced (where tensors_in finds them)."""
+    if isinstance(value, torch.Tensor):
+        return tensors.get(id(value), value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {
+            f.name: _replaced(getattr(value, f.name), tensors) for f in dataclasses.fields(value)
+        }
+        return dataclasses.replace(value, **fields)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_replaced(item, tensors) for item in value)
+    if isinstance(value, dict):
+        return {key: _replaced(item, tensors) for key, item in value.items()}
+    return value
+
+
+def _detached(value):
+    """`value` with every tensor copied, layout and all (strides and offset: an op's
+    launches may depend on them, liger's RoPE copies a non-contiguous table first); floating
+    ones keep requires_grad."""
+    if isinstance(value, torch.Tensor):
+        storage = value.detach().untyped_storage().clone()
+        copy = torch.empty(0, dtype=value.dtype).set_(
+            storage, value.storage_offset(), value.shape, value.stride()
+        )
+        return copy.requires_grad_(value.requires_grad and copy.is_floating_point())
+    if isinstance(value, (tuple, list)):
+        return type(value)(_detached(item) for item in value)
+    if isinstance(value, dict):
+        return {key: _detached(item) for key, item in value.items()}
+    return value
