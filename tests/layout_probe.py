@@ -1,9 +1,9 @@
 """What one training step of a layout costs a rank, measured for `birkhoff plan`'s validation
 (parallel_worker.py runs it on every layout): the bytes of each collective by kind and mesh
-dimension, the tensors the rank holds by kind once backward is complete, and how far its
-resident set grows over the step; and on a step of its own (the profiler that reads the CPU
-allocator's events holds memory of its own), the most the allocator's bytes rise above what
-the rank holds when the step starts."""
+dimension, the tensors the rank holds by kind once backward is complete, Muon's Newton-Schulz
+runs, and how far its resident set grows over the step; and on a step of its own (the
+profiler that reads the CPU allocator's events holds memory of its own), the most the
+allocator's bytes rise above what the rank holds when the step starts."""
 
 from __future__ import annotations
 
@@ -35,8 +35,14 @@ def probe_step(trainer) -> dict:
     trainer.after_backward.append(hook)
     mesh = trainer.ctx.mesh
     before = start_peak_measurement()
+    runs = {"matrix": 0, "stack": 0}  # Muon's Newton-Schulz runs on this rank
+    for optimizer in trainer.optimizers:
+        if hasattr(optimizer, "orthogonalise"):
+            optimizer.orthogonalise = _counting(optimizer.orthogonalise, runs)
     with CollectiveBytes(mesh_dims(mesh) if mesh is not None else {}) as counted:
         record = trainer.train_step()
+    for optimizer in trainer.optimizers:
+        vars(optimizer).pop("orthogonalise", None)
     growth = resident_mib(peak=True) - before
     trainer.after_backward.remove(hook)
     return {
@@ -46,7 +52,16 @@ def probe_step(trainer) -> dict:
         "held_after_backward": during,
         "held_at_rest": held_bytes(trainer.model_parts, trainer.optimizers),
         "peak_growth_mib": growth,
+        "newton_schulz_runs": runs,
     }
+
+
+def _counting(orthogonalise: Callable, runs: dict[str, int]) -> Callable:
+    def counted(matrices: torch.Tensor, rms: float) -> torch.Tensor:
+        runs["stack" if matrices.dim() > 2 else "matrix"] += 1
+        return orthogonalise(matrices, rms)
+
+    return counted
 
 
 def measuring_allocated_peak(trainer, warm_step: Callable[[], None]) -> dict:

@@ -35,7 +35,7 @@ from birkhoff.launch.plan_command import workload_of
 from birkhoff.launch.recipe import typed_recipe
 from birkhoff.parallel.planning.cluster import Cluster
 from birkhoff.parallel.planning.communication import communication
-from birkhoff.parallel.planning.estimate import GIB, estimate
+from birkhoff.parallel.planning.estimate import GIB, estimate, newton_schulz_runs
 from birkhoff.parallel.planning.inventory import build_inventory
 from birkhoff.parallel.planning.layout import layout_of
 from conftest import SMALL_OVERRIDES, compose_recipe
@@ -433,6 +433,32 @@ def test_plan_predicts_what_a_rank_holds_and_sends(results, layout, shakespeare_
                 assert size == pytest.approx(expected[kind], rel=0.05), (stage, kind)
             else:
                 assert size < 0.01 * total, (stage, kind, size)
+
+
+MUON_RUNS = {
+    "one": (1, [MUON, ROUNDING_EPS, MICRO_4]),
+    **{name: run for name, run in EVERY_LAYOUT.items() if MUON in run[1]},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", list(MUON_RUNS))
+def test_plan_spreads_muon_s_newton_schulz_runs_as_the_ranks_run_them(
+    results, layout, shakespeare_shards
+):
+    """Muon's Newton-Schulz runs in a step, of single matrices and of routed experts' stacks,
+    the mean over the ranks: exactly the plan's runs per rank, which its launch count charges
+    (each matrix run by one owner of its group, or by its owner's tp peers too; each rank
+    runs its own experts)."""
+    ranks, overrides = MUON_RUNS[layout]
+    run = results[0]["one muon"] if layout == "one" else results[1][layout]
+    recipe = [shakespeare_shards, *overrides, f"launch.nproc_per_node={ranks}"]
+    inv, plan_layout, _ = planned(recipe, ranks)
+    kinds = ("matrix", "stack")
+    runs = [probe["newton_schulz_runs"] for probe in run["probes"]]
+    measured = {kind: sum(r[kind] for r in runs) / ranks for kind in kinds}
+    assert measured == pytest.approx(newton_schulz_runs(inv, plan_layout), rel=1e-9)
+    assert all(measured[kind] > 0 for kind in kinds)
 
 
 def mean_bytes(probes: list[dict]) -> dict[str, float]:

@@ -24,7 +24,7 @@ from birkhoff.launch.recipe import compose_recipe, typed_recipe
 from birkhoff.model import build_model, compression
 from birkhoff.parallel.planning.cluster import Cluster, cluster_from
 from birkhoff.parallel.planning.counted_ops import LEFT_ON_REFERENCE, CountedOps, charged
-from birkhoff.parallel.planning.estimate import estimate
+from birkhoff.parallel.planning.estimate import estimate, optimizer_launches
 from birkhoff.parallel.planning.inventory import build_inventory
 from birkhoff.parallel.planning.launches import (
     LOOPS,
@@ -243,3 +243,19 @@ def test_an_op_is_charged_per_layout_of_its_arguments_and_as_one_node():
         direct(x.clone().requires_grad_()).backward()
     assert total == counter.launches
     assert len(ops.first_calls) == 2  # one op, two layouts
+
+
+def test_a_rank_s_muon_step_runs_newton_schulz_only_on_what_it_owns():
+    """The counted Muon step of tiny (one process: 57 matrices of 84 launches a run, 12
+    stacks of routed experts of 114) holds the runs the model's inventory lists, so one
+    device's plan charges the step as counted; with fsdp=4 a rank runs a quarter of the
+    matrices (their owners spread round-robin) and all of its experts' stacks."""
+    recipe = typed_recipe(compose_recipe(["model=tiny"]))
+    cluster = cluster_from({"preset": "h200", "devices": 1})
+    count = count_launches(recipe.model, 64, optimizer=trainer_optimizer(recipe, cluster))
+    assert count.orthogonalised == {"matrix": [57, 57 * 84], "stack": [12, 12 * 114]}
+    inv = build_inventory(recipe.model)
+    assert optimizer_launches(inv, Layout(muon=True), count) == count.optimizer
+    rest = count.optimizer - 57 * 84 - 12 * 114
+    fsdp = optimizer_launches(inv, Layout(dp_shard=4, muon=True), count)
+    assert fsdp == pytest.approx(rest + 57 / 4 * 84 + 12 * 114)

@@ -107,19 +107,19 @@ class MuonV4(AdamW):
         expert stacks sharded only by expert; else the matrix is gathered, orthogonalised by
         its owner (and its peers along the other sharding dimensions) and scattered back."""
         if not isinstance(nesterov, DTensor):
-            return self._orthogonalised(nesterov, rms)
+            return self.orthogonalise(nesterov, rms)
         mesh, placements = nesterov.device_mesh, nesterov.placements
         if _whole_experts(nesterov):  # each expert on its own: nothing to gather
-            local = self._orthogonalised(nesterov.to_local(), rms)
+            local = self.orthogonalise(nesterov.to_local(), rms)
             return DTensor.from_local(local, mesh, placements, run_check=False,
                                       shape=nesterov.shape, stride=nesterov.stride())  # fmt: skip
         whole = nesterov.full_tensor()
         if owner is None:  # every rank computes it and keeps its slice
-            update = self._orthogonalised(whole, rms)
+            update = self.orthogonalise(whole, rms)
             return distribute_tensor(update, mesh, placements, src_data_rank=None)
         dim = _owner_dim(nesterov)
         if mesh.get_local_rank(dim) == owner:
-            update = self._orthogonalised(whole, rms)
+            update = self.orthogonalise(whole, rms)
         else:
             update = torch.empty_like(whole, dtype=torch.float32)  # the owner's arrives
         mine = distribute_tensor(update, _line(mesh, dim), [placements[dim]], src_data_rank=owner)
@@ -132,7 +132,10 @@ class MuonV4(AdamW):
         return DTensor.from_local(mine, mesh, placements, run_check=False,
                                   shape=nesterov.shape, stride=nesterov.stride())  # fmt: skip
 
-    def _orthogonalised(self, matrices: torch.Tensor, rms: float) -> torch.Tensor:
+    def orthogonalise(self, matrices: torch.Tensor, rms: float) -> torch.Tensor:
+        """O for a matrix, or for each matrix of a stack (the last two dimensions): hybrid
+        Newton-Schulz scaled to RMS `rms`. `birkhoff plan --launches` counts its launches
+        per call (parallel/planning/launches.py) to spread them over the owner ranks."""
         self.orthogonalised += matrices[..., 0, 0].numel()  # matrices this rank worked on
         rows, cols = matrices.shape[-2:]
         update = hybrid_newton_schulz(matrices, self.schedule)  # experts: each on its own

@@ -29,8 +29,9 @@ elementwise kernels' device-memory traffic (traffic.py) at `cluster.memory_effic
 DualPipe-style overlap is not modelled); FSDP and HSDP collectives overlapped with both, only
 their excess exposed; the pipeline bubble of the schedule's order on top
 (pipeline_schedule.py). With the eager kernel launches counted (`birkhoff plan --launches`,
-launches.py), the host's time at `cluster.launch_us` each, when longer, sets the step
-instead (the host runs ahead of the device). MFU: model FLOPs (no recomputation) over step
+launches.py; Muon's Newton-Schulz runs charged to the ranks that make them), the host's
+time at `cluster.launch_us` each, when longer, sets the step instead (the host runs ahead of
+the device). MFU: model FLOPs (no recomputation) over step
 time x devices x peak.
 """
 
@@ -55,7 +56,7 @@ from birkhoff.parallel.planning.communication import (
     muon_owner_group,
 )
 from birkhoff.parallel.planning.inventory import Inventory, head_weight_name
-from birkhoff.parallel.planning.launches import launches_per_micro_batch
+from birkhoff.parallel.planning.launches import LaunchCount, launches_per_micro_batch
 from birkhoff.parallel.planning.layout import (
     DTYPE_BYTES,
     Layout,
@@ -146,11 +147,10 @@ def estimate(inv: Inventory, layout: Layout, work: Workload, cluster: Cluster) -
             work.launches, cfg, layout.micro_batch, work.seq_len, layout.tp
         )
         # recomputed forwards (and the look-ahead's) launch their share again; the optimizer
-        # steps the rank's share of the layers (distributed Muon's spread of the matrices
-        # over their owner ranks is not modelled: an upper bound there)
+        # steps the rank's share of the layers, Muon's Newton-Schulz only what the rank owns
         share = busiest / cfg.num_layers
         launches = per_micro_batch * micro_batches * share * (1 + recompute)
-        launches = round(launches + work.launches.optimizer * share)
+        launches = round(launches + optimizer_launches(inv, layout, work.launches) * share)
     host_s = launches * cluster.launch_us * 1e-6
     step_s = max(compute_s + memory_s + exposed, host_s) / (1 - idle)
     model_flops = model_flops_per_token(inv, work) * work.global_batch * work.seq_len
@@ -338,6 +338,33 @@ def _muon_matrices(inv: Inventory, layout: Layout, keys: set[int]) -> list[tuple
         ranks = layout.dp_shard if t.expert else muon_owner_group(layout, t)
         shapes.append((count / ranks, rows, cols))
     return shapes
+
+
+def newton_schulz_runs(inv: Inventory, layout: Layout) -> dict[str, float]:
+    """A rank's Newton-Schulz runs (Muon) in one optimizer step of the whole model's layers,
+    of single matrices and of stacks (routed experts), as train/muon.py spreads them: a
+    matrix is run by the owner of its group (the group's mean: owners round-robin by size),
+    every rank runs its own stack of experts."""
+    runs = {"matrix": 0.0, "stack": 0.0}
+    for t in inv.params:
+        if t.matrices:
+            kind = "stack" if t.matrices[0] > 1 else "matrix"
+            runs[kind] += 1 if t.expert else 1 / muon_owner_group(layout, t)
+    return runs
+
+
+def optimizer_launches(inv: Inventory, layout: Layout, count: LaunchCount) -> float:
+    """A rank's launches of one optimizer step of the whole model's layers: the counted
+    one-process step with its Newton-Schulz runs replaced by the rank's."""
+    counted = count.orthogonalised
+    if not layout.muon or not counted:
+        return float(count.optimizer)
+    launches = count.optimizer - sum(total for _, total in counted.values())
+    for kind, runs in newton_schulz_runs(inv, layout).items():
+        if runs:
+            calls, total = counted[kind]
+            launches += runs * total / calls
+    return launches
 
 
 def newton_schulz_flops(shapes: list[tuple[int, int, int]]) -> float:

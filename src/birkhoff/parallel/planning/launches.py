@@ -20,7 +20,9 @@ itself at full width, with loops of many blocks (within 0.1%: einsum's path, and
 count, varies a little with the block's shape). The optimizer's step is counted once on the
 same narrowed copy when the caller hands over how the trainer builds it (`birkhoff plan`
 does; planning does not import the trainer): Muon launches per matrix, several thousand at
-`tiny`, more than a micro-batch's forward and backward. Collectives are not counted.
+`tiny`, more than a micro-batch's forward and backward. Its Newton-Schulz runs
+(`orthogonalise`) are counted apart, so that a rank is charged only the runs it makes
+(estimate.optimizer_launches). Collectives are not counted.
 
 The kernels counted are a backend's: the reference runs here; for `triton` the model still
 runs the reference, and each op triton implements is charged per call what triton's op
@@ -67,6 +69,9 @@ class LaunchCount:
     per_iteration: dict[str, int] = field(default_factory=dict)
     optimizer: int = 0  # one optimizer step of the whole model (0: not counted)
     kernels: str = "reference"  # the backend whose launches these are
+    # Muon's Newton-Schulz runs in that step, counted in it: "matrix" or "stack" (routed
+    # experts) -> [runs, launches]; a rank runs only the matrices it owns (estimate.py)
+    orthogonalised: dict[str, list[int]] = field(default_factory=dict)
 
 
 def narrowed(cfg: ModelConfig) -> ModelConfig:
@@ -142,15 +147,36 @@ def count_launches(
     for loop, blocks in forced.items():
         if blocks > 1:
             per_iteration[loop] = round((total[loop] - once) / (blocks - 1))
-    steps = 0
+    steps, orthogonalised = 0, {}
     if optimizer is not None:
         model(tokens, tokens.roll(-1, dims=1)).backward()
         built = optimizer(model)
         built.step()  # the first step creates the state: not a step's cost
-        with LaunchCounter() as counter:
+        counter = LaunchCounter()
+        if hasattr(built, "orthogonalise"):  # Muon: its Newton-Schulz runs, apart
+            orthogonalised = _count_orthogonalise(built, counter)
+        with counter:
             built.step()
-        steps = counter.launches
-    return LaunchCount(once, per_iteration, steps, kernels)
+        steps = counter.launches + sum(launches for _, launches in orthogonalised.values())
+    return LaunchCount(once, per_iteration, steps, kernels, orthogonalised)
+
+
+def _count_orthogonalise(optimizer, outer: LaunchCounter) -> dict[str, list[int]]:
+    """Has `optimizer.orthogonalise` (one Newton-Schulz run) counted apart from `outer`:
+    calls and launches of single matrices and of stacks (batched: more launches a run)."""
+    runs = {"matrix": [0, 0], "stack": [0, 0]}
+    orthogonalise = optimizer.orthogonalise
+
+    def counted(matrices: torch.Tensor, rms: float) -> torch.Tensor:
+        tally = runs["stack" if matrices.dim() > 2 else "matrix"]
+        with outer.pause(), LaunchCounter() as inner:
+            update = orthogonalise(matrices, rms)
+        tally[0] += 1
+        tally[1] += inner.launches
+        return update
+
+    optimizer.orthogonalise = counted
+    return runs
 
 
 def loop_iterations(cfg: ModelConfig, micro_batch: int, seq_len: int, tp: int) -> dict[str, int]:
