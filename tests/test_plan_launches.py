@@ -192,17 +192,22 @@ def test_a_backend_s_ops_counted_per_call_add_up_to_the_backend_running_itself()
 
 
 def test_the_kernels_counted_are_the_ones_the_cluster_runs(capsys, monkeypatch):
-    """`backend.kernels=auto` counts triton's launches on an NVIDIA preset and the
-    reference's on Ascend (npu's ops need CANN; the plan says the reference was counted);
-    triton without its package here is refused in one line."""
+    """`backend.kernels=auto` counts triton's launches on an NVIDIA preset and npu's on
+    Ascend (as the reference's: npu's ops need CANN; the plan's line says so); triton
+    without its package here is refused in one line."""
     for overrides, expected in [
         (["cluster.preset=h100"], "triton"),
-        (["cluster.preset=ascend_910b"], "reference"),
+        (["cluster.preset=ascend_910b"], "npu"),
         (["cluster.preset=h100", "backend.kernels=reference"], "reference"),
     ]:
         recipe = typed_recipe(compose_recipe(["model=tiny", *overrides]))
         cluster = cluster_from({"preset": overrides[0].split("=")[1], "devices": 8})
         assert counted_kernels(recipe, cluster) == expected, overrides
+    ascend = ["model=tiny", "cluster.preset=ascend_910b", "cluster.devices=8", "--top", "1"]
+    assert plan_command([*ascend, "--launches", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["workload"]["launches"]["kernels"] == "npu"
+    assert "launches of the npu kernels counted (as the reference's" in report["assumptions"]
     monkeypatch.setattr(kernels, "available_backends", lambda: ["reference"])
     base = ["model=tiny", "cluster.preset=h100", "cluster.devices=8"]
     assert plan_command([*base, "--launches"]) == 2

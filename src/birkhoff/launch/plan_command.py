@@ -148,7 +148,7 @@ def counted_kernels(recipe: Recipe, cluster: Cluster) -> str:
     """The kernel backend whose launches `--launches` counts: `backend.kernels`, `auto` as
     the cluster's devices resolve it (triton on NVIDIA presets; a custom cluster: the
     reference). npu's ops need CANN to run: the reference's are counted for them (the line
-    of assumptions says so)."""
+    of assumptions says so, launches.py)."""
     requested = recipe.backend.kernels
     chosen = PRESET_KERNELS.get(cluster.name, "reference") if requested == "auto" else requested
     if chosen == "triton":
@@ -157,7 +157,7 @@ def counted_kernels(recipe: Recipe, cluster: Cluster) -> str:
             "counting the triton backend's launches needs the triton package here "
             "(pip install birkhoff[cuda]), or plan with backend.kernels=reference",
         )  # fmt: skip
-    return "reference" if chosen == "npu" else chosen
+    return chosen
 
 
 def host_snapshots(recipe: Recipe) -> int:
@@ -215,12 +215,12 @@ def assumptions(cluster: Cluster, work: Workload) -> str:
         "(cluster.memory_efficiency, memory_gbps), after the matmuls, not beside them; "
         + (
             f"eager launches of the {work.launches.kernels} kernels counted"
-            + (
-                " (V4 attention's core and the loss as the reference's: "
-                f"{', '.join(LEFT_ON_REFERENCE.values())})"
-                if work.launches.kernels != "reference"
-                else ""
-            )
+            + {
+                "reference": "",
+                "triton": " (V4 attention's core and the loss as the reference's: "
+                f"{', '.join(LEFT_ON_REFERENCE.values())})",
+                "npu": " (as the reference's: torch_npu runs only where CANN is installed)",
+            }[work.launches.kernels]
             + f" ({work.launches.once:,} for a "
             "micro-batch with every budgeted loop once, plus each loop's iterations at the "
             f"layout's micro-batch and heads, and {work.launches.optimizer:,} for an optimizer "

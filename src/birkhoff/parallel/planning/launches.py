@@ -26,7 +26,8 @@ does; planning does not import the trainer): Muon launches per matrix, several t
 
 The kernels counted are a backend's: the reference runs here; for `triton` the model still
 runs the reference, and each op triton implements is charged per call what triton's op
-launches (counted_ops.py), but V4 attention's core and the loss (LEFT_ON_REFERENCE there).
+launches (counted_ops.py), but V4 attention's core and the loss (LEFT_ON_REFERENCE there);
+for `npu` (torch_npu runs only where CANN is installed) the reference's are counted.
 """
 
 from __future__ import annotations
@@ -108,13 +109,15 @@ def count_launches(
     kernels: str = "reference",
 ) -> LaunchCount:
     """Launches of a micro-batch's forward, loss and backward with `kernels` (a backend:
-    the reference runs here; another's own ops are counted per call, counted_ops.py), every
+    the reference runs here; triton's own ops are counted per call, counted_ops.py; npu's
+    as the reference's), every
     budgeted loop once, and one more iteration of each (see the module docstring); with
     `optimizer` (the trainer's, built for a model), one optimizer step after its first (which
     creates the state)."""
     model_cfg = narrowed(cfg) if narrow else cfg
     model = build_model(model_cfg, seed=0)
-    counted_ops = CountedOps(model, kernels)
+    # npu's ops run only where CANN is installed: the reference's are counted for them
+    counted_ops = CountedOps(model, "reference" if kernels == "npu" else kernels)
     seq = counted_length(model_cfg, seq_len)
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, model_cfg.vocab_size, (2, seq), generator=generator)
