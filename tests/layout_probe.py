@@ -15,6 +15,7 @@ import torch
 
 from birkhoff.parallel.comm_counter import CollectiveBytes, mesh_dims
 from birkhoff.parallel.memory import AllocatedPeak, held_bytes, reset_peak_memory, resident_mib
+from birkhoff.parallel.planning.launches import run_kind
 
 
 def start_peak_measurement() -> float:
@@ -58,7 +59,7 @@ def probe_step(trainer) -> dict:
 
 def _counting(orthogonalise: Callable, runs: dict[str, int]) -> Callable:
     def counted(matrices: torch.Tensor, rms: float) -> torch.Tensor:
-        runs["stack" if matrices.dim() > 2 else "matrix"] += 1
+        runs[run_kind(matrices[..., 0, 0].numel())] += 1
         return orthogonalise(matrices, rms)
 
     return counted

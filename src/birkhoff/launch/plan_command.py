@@ -217,14 +217,16 @@ def assumptions(cluster: Cluster, work: Workload) -> str:
             f"eager launches of the {work.launches.kernels} kernels counted"
             + {
                 "reference": "",
-                "triton": " (V4 attention's core and the loss as the reference's: "
+                "triton": " (V4 attention's core, where the model has it, and the loss as "
+                "the reference's: "
                 f"{', '.join(LEFT_ON_REFERENCE.values())})",
                 "npu": " (as the reference's: torch_npu runs only where CANN is installed)",
             }[work.launches.kernels]
             + f" ({work.launches.once:,} for a "
             "micro-batch with every budgeted loop once, plus each loop's iterations at the "
-            f"layout's micro-batch and heads, and {work.launches.optimizer:,} for an optimizer "
-            f"step) at {cluster.launch_us:g} us of host time each "
+            f"layout's micro-batch and heads, and {work.launches.optimizer:,} for a "
+            "one-process optimizer step, a rank charged only Muon's Newton-Schulz runs it "
+            f"owns) at {cluster.launch_us:g} us of host time each "
             "(cluster.launch_us), "
             "the step the slower of host and device; "
             if work.launches is not None

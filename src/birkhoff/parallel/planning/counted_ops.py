@@ -77,7 +77,7 @@ class CountedOps:
             with self.counter.pause():
                 if key not in self.first_calls:
                     self.first_calls[key] = (op, _detached(args), _detached(kwargs))
-                leaves = [t for t in tensors if t.requires_grad]
+                leaves = list({id(t): t for t in tensors if t.requires_grad}.values())
                 if not leaves or not torch.is_grad_enabled():
                     return reference(*args, **kwargs)
                 outputs = _OneNode.apply(self, key, reference, args, kwargs, *leaves)
@@ -105,12 +105,17 @@ class CountedOps:
                 capture_output=True,
                 text=True,
             )
-        if done.returncode != 0:
+        lines = done.stdout.strip().splitlines()
+        try:
+            counts = json.loads(lines[-1]) if done.returncode == 0 and lines else None
+        except json.JSONDecodeError:
+            counts = None
+        if counts is None:
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]
             raise RecipeError(
-                "--launches", self.backend, f"counting the backend's ops failed: {last}"
-            )
-        counts = json.loads(done.stdout.strip().splitlines()[-1])
+                "backend.kernels", self.backend,
+                f"--launches could not count this backend's ops: {last}",
+            )  # fmt: skip
         return {key: (forward, backward) for key, (forward, backward) in counts.items()}
 
 
@@ -140,12 +145,15 @@ class _OneNode(torch.autograd.Function):
     def backward(ctx, *grads):
         ops = ctx.ops
         ops.tally[ctx.key, "backward"] += 1
+        # the first backward of the key's calls (the model's gradients reach every call alike)
         ops.grad_outputs.setdefault(ctx.key, [g is not None for g in grads])
         pairs = [
             (o, g)
             for o, g in zip(ctx.outs, grads, strict=True)
             if g is not None and o.requires_grad
         ]
+        if not pairs:
+            return (None,) * (5 + len(ctx.inner))
         with ops.counter.pause():
             found = torch.autograd.grad(
                 [o for o, _ in pairs], ctx.inner, [g for _, g in pairs], allow_unused=True
@@ -176,8 +184,9 @@ def _replaced(value, tensors: dict[int, torch.Tensor]):
 
 def _detached(value):
     """`value` with every tensor copied, layout and all (strides and offset: an op's
-    launches may depend on them, liger's RoPE copies a non-contiguous table first); floating
-    ones keep requires_grad."""
+    launches may depend on them: liger's RMSNorm, SwiGLU and RoPE copy strided inputs
+    first); floating ones keep requires_grad. Tensors in dataclasses are not copied (no
+    counted op takes one: V4 attention's core is LEFT_ON_REFERENCE)."""
     if isinstance(value, torch.Tensor):
         storage = value.detach().untyped_storage().clone()
         copy = torch.empty(0, dtype=value.dtype).set_(

@@ -56,7 +56,7 @@ from birkhoff.parallel.planning.communication import (
     muon_owner_group,
 )
 from birkhoff.parallel.planning.inventory import Inventory, head_weight_name
-from birkhoff.parallel.planning.launches import LaunchCount, launches_per_micro_batch
+from birkhoff.parallel.planning.launches import LaunchCount, launches_per_micro_batch, run_kind
 from birkhoff.parallel.planning.layout import (
     DTYPE_BYTES,
     Layout,
@@ -348,8 +348,7 @@ def newton_schulz_runs(inv: Inventory, layout: Layout) -> dict[str, float]:
     runs = {"matrix": 0.0, "stack": 0.0}
     for t in inv.params:
         if t.matrices:
-            kind = "stack" if t.matrices[0] > 1 else "matrix"
-            runs[kind] += 1 if t.expert else 1 / muon_owner_group(layout, t)
+            runs[run_kind(t.matrices[0])] += 1 if t.expert else 1 / muon_owner_group(layout, t)
     return runs
 
 
@@ -361,9 +360,10 @@ def optimizer_launches(inv: Inventory, layout: Layout, count: LaunchCount) -> fl
         return float(count.optimizer)
     launches = count.optimizer - sum(total for _, total in counted.values())
     for kind, runs in newton_schulz_runs(inv, layout).items():
-        if runs:
-            calls, total = counted[kind]
-            launches += runs * total / calls
+        calls, total = counted[kind]
+        if runs and not calls:
+            raise ValueError(f"the model has Muon {kind} runs that its counted step did not make")
+        launches += runs * total / calls if runs else 0.0
     return launches
 
 

@@ -69,7 +69,7 @@ class LaunchCount:
     once: int = 0
     per_iteration: dict[str, int] = field(default_factory=dict)
     optimizer: int = 0  # one optimizer step of the whole model (0: not counted)
-    kernels: str = "reference"  # the backend whose launches these are
+    kernels: str = "reference"  # the backend asked for (npu's counted as the reference's)
     # Muon's Newton-Schulz runs in that step, counted in it: "matrix" or "stack" (routed
     # experts) -> [runs, launches]; a rank runs only the matrices it owns (estimate.py)
     orthogonalised: dict[str, list[int]] = field(default_factory=dict)
@@ -160,8 +160,14 @@ def count_launches(
             orthogonalised = _count_orthogonalise(built, counter)
         with counter:
             built.step()
-        steps = counter.launches + sum(launches for _, launches in orthogonalised.values())
+        steps = counter.launches + sum(total for _, total in orthogonalised.values())
     return LaunchCount(once, per_iteration, steps, kernels, orthogonalised)
+
+
+def run_kind(matrices: int) -> str:
+    """A Newton-Schulz run's kind by how many matrices it takes: a stack (routed experts,
+    batched: more launches a run) or a single matrix."""
+    return "stack" if matrices > 1 else "matrix"
 
 
 def _count_orthogonalise(optimizer, outer: LaunchCounter) -> dict[str, list[int]]:
@@ -171,7 +177,7 @@ def _count_orthogonalise(optimizer, outer: LaunchCounter) -> dict[str, list[int]
     orthogonalise = optimizer.orthogonalise
 
     def counted(matrices: torch.Tensor, rms: float) -> torch.Tensor:
-        tally = runs["stack" if matrices.dim() > 2 else "matrix"]
+        tally = runs[run_kind(matrices[..., 0, 0].numel())]
         with outer.pause(), LaunchCounter() as inner:
             update = orthogonalise(matrices, rms)
         tally[0] += 1
