@@ -23,7 +23,12 @@ from birkhoff.launch.plan_command import counted_kernels, plan_command, trainer_
 from birkhoff.launch.recipe import compose_recipe, typed_recipe
 from birkhoff.model import build_model, compression
 from birkhoff.parallel.planning.cluster import Cluster, cluster_from
-from birkhoff.parallel.planning.counted_ops import LEFT_ON_REFERENCE, CountedOps, charged
+from birkhoff.parallel.planning.counted_ops import (
+    LEFT_ON_REFERENCE,
+    CountedOps,
+    charged,
+    swap_ops,
+)
 from birkhoff.parallel.planning.estimate import estimate, optimizer_launches
 from birkhoff.parallel.planning.inventory import build_inventory
 from birkhoff.parallel.planning.launches import (
@@ -172,11 +177,8 @@ def test_a_backend_s_ops_counted_per_call_add_up_to_the_backend_running_itself()
     counted = count_launches(cfg, seq, kernels="triton")
     model_cfg = narrowed(cfg)
     model = build_model(model_cfg, "triton", seed=0)
-    own = {kernels.get(op, "triton"): kernels.get(op, "reference") for op in LEFT_ON_REFERENCE}
-    for module in model.modules():
-        for attr, value in list(vars(module).items()):
-            if callable(value) and value in own:
-                setattr(module, attr, own[value])
+    swap_ops(model, {kernels.get(op, "triton"): kernels.get(op, "reference")
+                     for op in LEFT_ON_REFERENCE})  # fmt: skip
     length = counted_length(model_cfg, seq)
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, model_cfg.vocab_size, (2, length), generator=generator)

@@ -15,6 +15,7 @@ prints {key: [forward, backward]}.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -26,6 +27,7 @@ from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 NO_KERNEL = {"empty", "empty_strided", "empty_like", "lift_fresh", "_local_scalar_dense"}
 
@@ -77,16 +79,12 @@ class LaunchCounter(TorchDispatchMode):
 
 
 def tensors_in(value: Any) -> list[torch.Tensor]:
-    """The tensors in an op's arguments: in tuples, lists, dicts and dataclasses."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [t for item in value for t in tensors_in(item)]
-    if isinstance(value, dict):
-        return [t for item in value.values() for t in tensors_in(item)]
-    if hasattr(value, "__dataclass_fields__"):
-        return [t for name in value.__dataclass_fields__ for t in tensors_in(getattr(value, name))]
-    return []
+    """The tensors in an op's arguments or outputs (in tuples, lists and dicts: pytree's
+    containers); a dataclass there is refused, its tensors would be missed."""
+    leaves = tree_leaves(value)
+    if any(dataclasses.is_dataclass(leaf) for leaf in leaves):
+        raise TypeError("counted ops take tensors in tuples, lists and dicts, not dataclasses")
+    return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
 
 
 def launches_per_call(

@@ -14,17 +14,18 @@ tests/test_plan_launches.py checks the total against the model run with the back
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
 import sys
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map_only
 
 from birkhoff import kernels
 from birkhoff.errors import RecipeError
@@ -57,10 +58,7 @@ class CountedOps:
             for op, impl in own.items()
             if impl == backend and backend != "reference" and op not in LEFT_ON_REFERENCE
         }
-        for module in model.modules():
-            for attr, value in list(vars(module).items()):
-                if callable(value) and value in ops:
-                    setattr(module, attr, self._stand_in(ops[value], value))
+        swap_ops(model, {fn: self._stand_in(op, fn) for fn, op in ops.items()})
 
     def take(self) -> Counter[tuple[str, str]]:
         """The calls tallied since the last take: (op and layout, "forward" or "backward")
@@ -161,40 +159,34 @@ class _OneNode(torch.autograd.Function):
         return (None,) * 5 + tuple(found)
 
 
+def swap_ops(model: nn.Module, replacements: dict[Callable, Callable]) -> None:
+    """Replaces the op implementations `model`'s modules hold (looked up from the registry
+    at construction) by those `replacements` maps them to."""
+    for module in model.modules():
+        for attr, value in list(vars(module).items()):
+            if callable(value) and value in replacements:
+                setattr(module, attr, replacements[value])
+
+
 def charged(tally: Counter[tuple[str, str]], per_call: dict[str, tuple[int, int]]) -> int:
     """The launches of the tallied calls."""
     return sum(n * per_call[key][direction == "backward"] for (key, direction), n in tally.items())
 
 
 def _replaced(value, tensors: dict[int, torch.Tensor]):
-    """`value` with the tensors in `tensors` (by id) replaced (where tensors_in finds them)."""
-    if isinstance(value, torch.Tensor):
-        return tensors.get(id(value), value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        fields = {
-            f.name: _replaced(getattr(value, f.name), tensors) for f in dataclasses.fields(value)
-        }
-        return dataclasses.replace(value, **fields)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_replaced(item, tensors) for item in value)
-    if isinstance(value, dict):
-        return {key: _replaced(item, tensors) for key, item in value.items()}
-    return value
+    """`value` with the tensors in `tensors` (by id) replaced."""
+    return tree_map_only(torch.Tensor, lambda t: tensors.get(id(t), t), value)
 
 
 def _detached(value):
     """`value` with every tensor copied, layout and all (strides and offset: an op's
-    launches may depend on them: liger's RMSNorm, SwiGLU and RoPE copy strided inputs
-    first); floating ones keep requires_grad. Tensors in dataclasses are not copied (no
-    counted op takes one: V4 attention's core is LEFT_ON_REFERENCE)."""
-    if isinstance(value, torch.Tensor):
-        storage = value.detach().untyped_storage().clone()
-        copy = torch.empty(0, dtype=value.dtype).set_(
-            storage, value.storage_offset(), value.shape, value.stride()
-        )
-        return copy.requires_grad_(value.requires_grad and copy.is_floating_point())
-    if isinstance(value, (tuple, list)):
-        return type(value)(_detached(item) for item in value)
-    if isinstance(value, dict):
-        return {key: _detached(item) for key, item in value.items()}
-    return value
+    launches may depend on them, liger's ops copy strided inputs first); floating ones keep
+    requires_grad."""
+    return tree_map_only(torch.Tensor, _copied, value)
+
+
+def _copied(tensor: torch.Tensor) -> torch.Tensor:
+    storage = tensor.detach().untyped_storage().clone()
+    copy = torch.empty(0, dtype=tensor.dtype)
+    copy.set_(storage, tensor.storage_offset(), tensor.shape, tensor.stride())
+    return copy.requires_grad_(tensor.requires_grad and copy.is_floating_point())
