@@ -43,6 +43,9 @@ LAYOUTS = {
     "fsdp=2+selective_ac": (2, ["parallel.dp_shard=2", "parallel.activation_checkpoint=selective"]),
     "fsdp=2xep=2": (4, ["parallel.dp_shard=4", "parallel.ep=2", "train.micro_batch_size=3"]),
     "pp=2xtp=2": (4, ["parallel.pp=2", "parallel.tp=2", "train.micro_batch_size=3"]),
+    # the recipe's default optimizer is Muon (optim=muon_v4): AdamW's step beside it
+    "1+adamw": (1, ["optim=adamw_cosine"]),
+    "fsdp=2+adamw": (2, ["parallel.dp_shard=2", "optim=adamw_cosine"]),
 }
 # The tiny recipe with its global batch of 12 in micro-batches of 6 (2 per data-parallel rank).
 BASE = ["model=tiny", "train.micro_batch_size=6", "backend=cpu", "logging.console=plain"]
@@ -103,14 +106,24 @@ def worker(out_dir: str, steps: int, warmup: int, overrides: list[str]) -> None:
     device = resolve_device(recipe.backend.device, local_rank)
     with distributed(device, recipe.parallel.degrees(world)) as ctx:
         trainer = Trainer(recipe, open_data(recipe.data), ctx, device, MetricLogger([]))
-        times = []
+        times, optimizer_times = [], []
+        steps_before = [optimizer.step for optimizer in trainer.optimizers]  # the LR scheduler's
+        for optimizer in trainer.optimizers:
+            optimizer.step = _timed(optimizer.step, optimizer_times)
         for index in range(warmup + steps):
+            optimizer_times.append(0.0)
             start = time.perf_counter()
             trainer.train_step()
             if index >= warmup:
                 times.append(time.perf_counter() - start)
+        for optimizer, step in zip(trainer.optimizers, steps_before, strict=True):
+            optimizer.step = step
         result = {
             "tokens_per_s": trainer.tokens_per_step / min(times),
+            "step_s": min(times),
+            # the optimizers' steps (Muon's gathers, owners' Newton-Schulz and scatters
+            # included) in the fastest step's terms: the least over the timed steps
+            "optimizer_step_s": min(optimizer_times[warmup:]),
             "held_mib": held_mib(trainer),
             # Checkpointed blocks save through their own hooks, which hide them from ours.
             "saved_mib": None
@@ -119,6 +132,18 @@ def worker(out_dir: str, steps: int, warmup: int, overrides: list[str]) -> None:
             "peak_mib": peak_memory_mib(device),
         }
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
+
+
+def _timed(step, times: list[float]):
+    """`step`, adding its time to the last entry of `times`."""
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        out = step(*args, **kwargs)
+        times[-1] += time.perf_counter() - start
+        return out
+
+    return timed
 
 
 def run_layout(name: str, steps: int, warmup: int, work: Path) -> dict:
@@ -138,6 +163,9 @@ def run_layout(name: str, steps: int, warmup: int, work: Path) -> dict:
     return {
         "ranks": ranks,
         "tokens_per_s": per_rank[0]["tokens_per_s"],
+        # the slowest rank's (its peers wait for it at the next collective)
+        "optimizer_step_s": max(r["optimizer_step_s"] for r in per_rank),
+        "optimizer_share_of_step": max(r["optimizer_step_s"] / r["step_s"] for r in per_rank),
         # the rank holding the most; its split by kind
         "held_mib_per_rank": max(sum(r["held_mib"].values()) for r in per_rank),
         "held_split_mib": max(per_rank, key=lambda r: sum(r["held_mib"].values()))["held_mib"],

@@ -150,3 +150,45 @@ def test_rows_not_looked_up_keep_their_values_and_moments():
         assert torch.equal(optimizer.state[param][key][untouched], before[untouched])
     assert not torch.equal(param[second], after_first[second])
     assert optimizer.state[param]["step"].item() == 2
+
+
+EXEMPT = {"embedding.weight"}  # AdamW's decay on matrices only leaves these (and 1-D ones)
+MHC_BIASES = ("bias_pre", "bias_post", "bias_res")
+
+
+@pytest.mark.parametrize("decay_all", [False, True])
+def test_v4_decays_what_adamw_trains_but_the_engram_tables(decay_all):
+    """optim.decay_all_adamw (muon_v4.yaml: V4's AdamW with wd 0.1 for the embedding, head,
+    norms, mHC biases and gains): on a zero gradient AdamW moves nothing, so one step leaves
+    each parameter it trains at p x (1 - lr x wd) where it decays (lr: its group's, in warm-up)
+    and at p where it does not; the Engram tables never decay."""
+    from birkhoff.model.config import EngramConfig
+    from birkhoff.model.engram import Engram
+    from birkhoff.model.matrices import weight_matrices
+
+    model = build_model(small_model(engram=EngramConfig(layers=[1], table_size=50)))
+    cfg = OptimConfig(name="muon_v4", lr=0.01, weight_decay=0.1, decay_all_adamw=decay_all)
+    optimizer, _ = build_optimizer(model, cfg, 10)
+    matrices = {id(p) for p in weight_matrices(model)}
+    tables = {id(m.table.weight) for m in model.modules() if isinstance(m, Engram)}
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    lr = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    for param in model.parameters():  # Muon's matrices left out: no gradient, no step
+        param.grad = None if id(param) in matrices else torch.zeros_like(param)
+    optimizer.step()
+    names = {id(p): name for name, p in model.named_parameters()}
+    checked = {"table": 0, "decayed": 0, "kept": 0}
+    for param in model.parameters():
+        name = names[id(param)]
+        if id(param) in matrices:
+            continue
+        if id(param) in tables:
+            expected, kind = before[name], "table"
+        elif decay_all or not (param.dim() < 2 or name in EXEMPT or name.endswith(MHC_BIASES)):
+            expected, kind = before[name] * (1 - lr[id(param)] * 0.1), "decayed"
+        else:
+            expected, kind = before[name], "kept"
+        torch.testing.assert_close(param.detach(), expected, rtol=1e-6, atol=0, msg=name)
+        checked[kind] += 1
+    assert checked["table"] == 1 and checked["decayed"] > 0
+    assert (checked["kept"] == 0) == decay_all

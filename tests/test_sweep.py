@@ -127,6 +127,12 @@ def test_sweep_stops_resumes_skips_and_reports(tmp_path):
         means.append(statistics.mean(heldout))
         assert float(point["heldout_mean"]) == pytest.approx(means[-1], rel=1e-9)
         assert float(point["heldout_std"]) == pytest.approx(statistics.stdev(heldout), rel=1e-6)
+        # the report reads metrics.jsonl; the trainer's own summary holds its last loss
+        finals = [
+            json.loads((sweep_dir / n / "summary.json").read_text())["last_loss"] for n in names
+        ]
+        assert float(point["final_mean"]) == pytest.approx(statistics.mean(finals), rel=1e-6)
+        assert float(point["final_std"]) == pytest.approx(statistics.stdev(finals), rel=1e-6)
         experts, rows = built_model(sweep_dir / names[0])
         assert (int(point["experts"]), int(point["engram_rows"])) == (experts, rows)
         assert point["finished"] == "2"

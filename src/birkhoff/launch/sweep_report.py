@@ -57,8 +57,12 @@ class PointResult:
     seeds: int
     heldout_mean: float | None
     heldout_std: float | None
+    final_mean: float | None
+    final_std: float | None
     smoothed_mean: float | None
+    smoothed_std: float | None
     tokens_per_s_mean: float | None
+    tokens_per_s_std: float | None
     experts: int | None
     engram_rows: int | None
     total_params: int | None
@@ -146,16 +150,23 @@ def points(jobs: list[JobResult], values: list[Any]) -> list[PointResult]:
         mine = [job for job in jobs if job.value == value]
         done = [job for job in mine if job.status == "finished"]
         built = next((job for job in mine if job.experts is not None), None)
-        heldout = [job.heldout_loss for job in done if job.heldout_loss is not None]
+        heldout_mean, heldout_std = _mean_std([job.heldout_loss for job in done])
+        final_mean, final_std = _mean_std([job.final_loss for job in done])
+        smoothed_mean, smoothed_std = _mean_std([job.smoothed_loss for job in done])
+        speed_mean, speed_std = _mean_std([job.tokens_per_s for job in done])
         rows.append(
             PointResult(
                 value=value,
                 finished=len(done),
                 seeds=len(mine),
-                heldout_mean=statistics.fmean(heldout) if heldout else None,
-                heldout_std=statistics.stdev(heldout) if len(heldout) > 1 else None,
-                smoothed_mean=_mean([job.smoothed_loss for job in done]),
-                tokens_per_s_mean=_mean([job.tokens_per_s for job in done]),
+                heldout_mean=heldout_mean,
+                heldout_std=heldout_std,
+                final_mean=final_mean,
+                final_std=final_std,
+                smoothed_mean=smoothed_mean,
+                smoothed_std=smoothed_std,
+                tokens_per_s_mean=speed_mean,
+                tokens_per_s_std=speed_std,
                 experts=built and built.experts,
                 engram_rows=built and built.engram_rows,
                 total_params=built and built.total_params,
@@ -169,9 +180,11 @@ def points(jobs: list[JobResult], values: list[Any]) -> list[PointResult]:
     return rows
 
 
-def _mean(values: list[float | None]) -> float | None:
+def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation of the values present (the std from two on)."""
     present = [v for v in values if v is not None]
-    return statistics.fmean(present) if present else None
+    mean = statistics.fmean(present) if present else None
+    return mean, statistics.stdev(present) if len(present) > 1 else None
 
 
 POINT_COLUMNS = [
@@ -180,8 +193,12 @@ POINT_COLUMNS = [
     ("seeds", "{}"),
     ("heldout_mean", "{:.4f}"),
     ("heldout_std", "{:.4f}"),
+    ("final_mean", "{:.4f}"),
+    ("final_std", "{:.4f}"),
     ("smoothed_mean", "{:.4f}"),
+    ("smoothed_std", "{:.4f}"),
     ("tokens_per_s_mean", "{:.0f}"),
+    ("tokens_per_s_std", "{:.0f}"),
     ("experts", "{}"),
     ("engram_rows", "{}"),
     ("engram_share", "{:.3f}"),

@@ -44,6 +44,10 @@ class OptimConfig:
     # muon_v4: Muon's momentum and the RMS its updates are scaled to (V4: 0.95, 0.18)
     muon_momentum: float = 0.95
     muon_update_rms: float = 0.18
+    # weight decay on the embeddings, norms, mHC biases and gains too, not only on matrices
+    # (V4 §2.4: AdamW with wd 0.1 for all it trains; muon_v4.yaml sets it); Engram tables
+    # never (the Engram paper's setting), nor the Sinkhorn-balanced update's tables
+    decay_all_adamw: bool = False
     # adamw, or sinkhorn: V4.1's Sinkhorn-balanced update for the embedding, the head and the
     # Engram tables (train/sinkhorn_update.py), with its EMA momentum and update RMS
     embedding_update: str = "adamw"

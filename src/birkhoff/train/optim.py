@@ -83,21 +83,30 @@ def with_balanced_tables(groups: list[dict], model: nn.Module, cfg: OptimConfig)
     return groups + balanced  # groups left empty are dropped by build_optimizer
 
 
+def optimizer_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """The parameter groups build_optimizer gives its optimizer: `muon` ones (optim=muon_v4)
+    and `sinkhorn` ones (optim.embedding_update=sinkhorn) keep one buffer per element, the
+    rest AdamW's two."""
+    if cfg.name == "muon_v4":
+        groups = muon_param_groups(model, cfg)
+    else:
+        groups = param_groups(model, cfg.weight_decay, cfg.lr)
+    if cfg.decay_all_adamw:  # V4: AdamW's embeddings, norms, biases and gains decay too
+        next(g for g in groups if g["name"] == "no_decay")["weight_decay"] = cfg.weight_decay
+    groups = with_balanced_tables(groups, model, cfg)
+    # No empty groups: the tables may have emptied theirs (with_balanced_tables), and a
+    # pipeline stage may hold none of a group's parameters (the first stage's matrices all go
+    # to Muon, the head being on the last stage); DCP cannot load an empty group's state.
+    return [group for group in groups if group["params"]]
+
+
 def build_optimizer(
     model: nn.Module, cfg: OptimConfig, total_steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """optim.name: adamw (every parameter), or muon_v4 (Muon for the matrices, AdamW for the
     rest, one learning rate and schedule for both)."""
     settings = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps}
-    if cfg.name == "muon_v4":
-        groups = muon_param_groups(model, cfg)
-    else:
-        groups = param_groups(model, cfg.weight_decay, cfg.lr)
-    groups = with_balanced_tables(groups, model, cfg)
-    # No empty groups: the tables may have emptied theirs (with_balanced_tables), and a
-    # pipeline stage may hold none of a group's parameters (the first stage's matrices all go
-    # to Muon, the head being on the last stage); DCP cannot load an empty group's state.
-    groups = [group for group in groups if group["params"]]
+    groups = optimizer_groups(model, cfg)
     optimizer = (MuonV4 if cfg.name == "muon_v4" else AdamW)(groups, **settings)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg, total_steps))
     return optimizer, scheduler
