@@ -1,8 +1,9 @@
 """One rank of test_model_share.py (started by torchrun): per job, builds this rank's share of
 the model as the trainer does (meta, cut, shard, materialise, optionally `train.init_from`)
 and writes what it measured to OUT/NAME/rankN.json: the growth of the resident set's peak
-while building, the bytes of tensors held (parameters, buffers), and a digest of every
-parameter whole (gathered from the shards) by name.
+while building, the allocator's peak while building it again, the bytes of tensors held
+(parameters, buffers), and a digest of every parameter whole (gathered from the shards) by
+name.
 Usage: share_worker.py OUT JSON  (JSON: {name: [overrides...]})
 """
 
@@ -21,7 +22,7 @@ from torch.distributed.tensor import DTensor
 from birkhoff.launch.recipe import load_recipe, recipe_to_dict
 from birkhoff.model.init import clean_name
 from birkhoff.parallel.distributed import DistributedContext, build_mesh, env_rank
-from birkhoff.parallel.memory import held_bytes, resident_mib
+from birkhoff.parallel.memory import AllocatedPeak, held_bytes, resident_mib
 from birkhoff.train.entry import train_recipe_from_dict
 from birkhoff.train.model_share import build_share
 from conftest import compose_recipe
@@ -51,7 +52,19 @@ def build_and_measure(overrides: list[str]) -> dict:
         for name, param in part.named_parameters():
             whole = param.full_tensor() if isinstance(param, DTensor) else param
             digests[clean_name(name)] = digest(whole)
-    return {"peak_growth_mib": growth, "held": held, "digests": digests}
+    del share
+    gc.collect()
+    # built again under the allocator's measurement (the profiler that reads it on a CPU holds
+    # memory of its own, which the resident set above would count)
+    with AllocatedPeak(device) as allocated:
+        allocated.start()
+        build_share(recipe, ctx, device, None, 0, micro_batches=2)
+    return {
+        "peak_growth_mib": growth,
+        "allocated_peak_mib": allocated.peak_bytes / 2**20,
+        "held": held,
+        "digests": digests,
+    }
 
 
 def main(out_dir: str, jobs: dict[str, list[str]]) -> None:

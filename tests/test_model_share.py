@@ -82,14 +82,17 @@ def test_a_rank_builds_and_holds_about_half(measured, layout):
     """Measured: one process grows its resident set by 369 MiB while building and holds
     360 MiB of parameters; rank 0 grows by 201 MiB with fsdp=2 and by 194 MiB with pp=2 (the
     embedding and 4 of the 8 layers), holding 180 MiB. Built on the CPU instead of meta (as
-    before), both layouts grow by the whole model and fail here."""
+    before), both layouts grow by the whole model and fail here. The allocator's peak while
+    building (mem_peak_mib's other instrument) halves too."""
     one, ranks, _ = measured
     rank0 = ranks[layout][0]
     params_ratio = rank0["held"]["params"] / one["held"]["params"]
     growth_ratio = rank0["peak_growth_mib"] / one["peak_growth_mib"]
+    allocated_ratio = rank0["allocated_peak_mib"] / one["allocated_peak_mib"]
 
     assert 0.45 < params_ratio < 0.55, params_ratio
     assert 0.4 < growth_ratio < 0.6, (growth_ratio, rank0["peak_growth_mib"], one)
+    assert 0.4 < allocated_ratio < 0.6, (allocated_ratio, rank0["allocated_peak_mib"])
 
 
 @pytest.mark.parametrize("layout", list(SHARDED))

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -35,9 +37,9 @@ from birkhoff.launch.plan_command import workload_of
 from birkhoff.launch.recipe import typed_recipe
 from birkhoff.parallel.planning.cluster import Cluster
 from birkhoff.parallel.planning.communication import communication
-from birkhoff.parallel.planning.estimate import GIB, estimate, newton_schulz_runs
+from birkhoff.parallel.planning.estimate import GIB, estimate, newton_schulz_runs, rank_keys
 from birkhoff.parallel.planning.inventory import build_inventory
-from birkhoff.parallel.planning.layout import layout_of
+from birkhoff.parallel.planning.layout import layout_of, stage_layers
 from conftest import SMALL_OVERRIDES, compose_recipe
 
 TESTS = Path(__file__).parent
@@ -83,18 +85,45 @@ MICRO_4 = "train.micro_batch_size=4"  # 1 or 2 data-parallel ranks; 4 ranks take
 
 
 def run_layouts(out: Path, ranks: int, layouts: dict[str, list[str]]) -> dict[str, dict]:
-    """Per layout: losses and full gradients of the first and last step (merged over ranks)."""
+    """Per layout: losses and full gradients of the first and last step (merged over ranks).
+
+    A rank killed by a signal (a native crash: once in CI, 2026-12-05, glibc's "malloc():
+    unaligned tcache chunk detected" in the CPU profiler's step, never seen again in 20
+    runs here) reruns the layouts without results once, with a warning holding the
+    rank's Python stack; a second crash, or any failure of the code, fails."""
     layouts = {name: [*MODEL, *o, f"launch.nproc_per_node={ranks}"] for name, o in layouts.items()}
+    result = _torchrun(out, ranks, layouts)
+    left = {n: o for n, o in layouts.items() if len(list((out / n).glob("rank*.pt"))) < ranks}
+    if result.returncode != 0 and left and _crashed(result.stderr + result.stdout):
+        warnings.warn(
+            f"a rank of {ranks} crashed (rerunning {len(left)} of {len(layouts)} layouts): "
+            + result.stderr[-3000:],
+            stacklevel=1,
+        )
+        result = _torchrun(out, ranks, left)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return {name: merge_ranks(out / name) for name in layouts}
+
+
+def _torchrun(out: Path, ranks: int, layouts: dict[str, list[str]]):
     command = [
         sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
         "--standalone", str(TESTS / "parallel_worker.py"), str(out), str(STEPS),
         json.dumps(layouts), json.dumps(PEAK_PLANNED),
     ]  # fmt: skip
     path = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    return {name: merge_ranks(out / name) for name in layouts}
+    # a rank that crashes prints its Python stack (faulthandler)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, "PYTHONFAULTHANDLER": "1"}
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+
+
+def _crashed(output: str) -> bool:
+    """Whether torchrun reports a rank ended by SIGSEGV, SIGBUS or SIGABRT (a native crash;
+    a Python error exits with 1)."""
+    return any(f"exitcode  : -{int(s)} " in output for s in CRASHES)
+
+
+CRASHES = (signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT)
 
 
 def merge_ranks(out: Path) -> dict:
@@ -210,6 +239,13 @@ LAYOUTS = {
     # ep on 2 ranks (its forward and backward as with AdamW; 4 ranks: fsdp x ep above)
     "ep=2 + Muon": (2, ["parallel.dp_shard=2", "parallel.ep=2", MUON, ROUNDING_EPS, MICRO_4]),
     "tp=2 + sequence parallel + Muon": (2, [*TP_SP, MUON, ROUNDING_EPS, MICRO_4]),
+    # each stage's matrices orthogonalised by its own ranks
+    "pp=2 (1F1B) + Muon": (2, ["parallel.pp=2", MUON, ROUNDING_EPS, MICRO_4]),
+    # experts sharded over ep and by FSDP within it (each stack gathered whole by its owner)
+    "fsdp=4 x ep=2 + Muon": (
+        4,
+        ["parallel.dp_shard=4", "parallel.ep=2", MUON, ROUNDING_EPS, "train.micro_batch_size=2"],
+    ),
     # fsdp x tp: every matrix owned along dp_shard (its owner's tp peer computing too), the
     # column-parallel ones (FSDP's strided shard) as the row-parallel ones
     "fsdp=2 x tp=2 + sequence parallel + Muon": (
@@ -231,7 +267,26 @@ def reference_of(overrides: list[str]) -> str:
 GQA_LAYOUTS = {
     "gqa: tp=2 + sequence parallel": (2, [GQA, *TP_SP, MICRO_4]),
 }
-EVERY_LAYOUT = {**LAYOUTS, **GQA_LAYOUTS}
+# `small`'s width (768, 12 heads, its experts and Engram tables) on 2 of its layers: the plan
+# against measurement at a second scale; the sharded layouts against its one process
+SMALL_WIDTH = [
+    "model=small",
+    "model.hidden_size=768",
+    "model.num_layers=2",
+    "model.num_heads=12",
+    "model.num_kv_heads=4",
+    "model.ffn_hidden_size=2048",
+    "model.moe.expert_ffn_hidden_size=256",
+    "model.engram.layers=[1]",
+    "model.engram.table_size=8000",
+    "model.engram.embed_dim=32",
+]
+SMALL_LAYOUTS = {
+    "small: one": (1, [*SMALL_WIDTH, MICRO_4]),
+    "small: fsdp=2": (2, [*SMALL_WIDTH, "parallel.dp_shard=2", MICRO_4]),
+    "small: tp=2 + sequence parallel": (2, [*SMALL_WIDTH, *TP_SP, MICRO_4]),
+}
+EVERY_LAYOUT = {**LAYOUTS, **GQA_LAYOUTS, **SMALL_LAYOUTS}
 # train.compile (test_compile.py has its one-process tests): blocks compiled under FSDP2 (its
 # hooks outside the compiled forward), tensor and sequence parallelism (DTensor inside it; the
 # MTP depth eager, see parallel/parallelize.compiled_block_slots) and pipeline stages, on the
@@ -318,11 +373,13 @@ def test_sparse_engram_gradients_equal_the_dense_ones(results):
     """How the tables' gradients are held does not change them: the first step's gradients
     and the first two losses (the second step moves only rows the first looked up, which
     dense AdamW moves alike) equal the dense run's; the third loss differs (the dense run
-    also moves rows along their old momentum)."""
+    also moves rows along their old momentum). The lazy row update and dense AdamW round
+    differently: the second losses differ by a float32 step or two at 11 (1.9e-6 on
+    2026-12-05, under 1e-6 before), the third by 3.2e-4."""
     dense, sparse = results[0]["one"], results[0]["one sparse"]
     assert relative_error(sparse["first_grads"], dense["first_grads"]) < 1e-7
-    assert sparse["losses"][:2] == pytest.approx(dense["losses"][:2], abs=1e-6)
-    assert sparse["losses"][2] != pytest.approx(dense["losses"][2], abs=1e-6)
+    assert sparse["losses"][:2] == pytest.approx(dense["losses"][:2], abs=1e-5)
+    assert sparse["losses"][2] != pytest.approx(dense["losses"][2], abs=1e-5)
 
 
 @pytest.mark.slow
@@ -337,6 +394,12 @@ def test_compiled_layout_matches_one_eager_process(results, layout):
 @pytest.mark.parametrize("layout", list(GQA_LAYOUTS))
 def test_gqa_layout_matches_one_process(results, layout):
     assert_matches(results[0]["one gqa"], results[1][layout], with_tp="tp=2" in layout)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [name for name in SMALL_LAYOUTS if name != "small: one"])
+def test_small_layout_matches_one_process(results, layout):
+    assert_matches(results[1]["small: one"], results[1][layout], with_tp="tp=2" in layout)
 
 
 def assert_matches(expected: dict, got: dict, with_tp: bool) -> None:
@@ -388,7 +451,7 @@ def planned(overrides: list[str], ranks: int):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [*PLANNED, *GQA_LAYOUTS])
+@pytest.mark.parametrize("layout", [*PLANNED, *GQA_LAYOUTS, *SMALL_LAYOUTS])
 def test_plan_predicts_what_a_rank_holds_and_sends(results, layout, shakespeare_shards):
     """Parameters and AdamW state of the fullest rank within 2% (gradients too where no
     accumulation keeps them unsharded mid-step), and per pipeline rank the mean bytes of
@@ -447,18 +510,24 @@ def test_plan_spreads_muon_s_newton_schulz_runs_as_the_ranks_run_them(
     results, layout, shakespeare_shards
 ):
     """Muon's Newton-Schulz runs in a step, of single matrices and of routed experts' stacks,
-    the mean over the ranks: exactly the plan's runs per rank, which its launch count charges
-    (each matrix run by one owner of its group, or by its owner's tp peers too; each rank
-    runs its own experts)."""
+    the mean over the ranks of each pipeline rank: exactly the plan's runs for that rank's
+    stages, which its launch count charges (each matrix run by one owner of its group, or by
+    its owner's tp peers too; each rank runs its own experts)."""
     ranks, overrides = MUON_RUNS[layout]
     run = results[0]["one muon"] if layout == "one" else results[1][layout]
     recipe = [shakespeare_shards, *overrides, f"launch.nproc_per_node={ranks}"]
     inv, plan_layout, _ = planned(recipe, ranks)
     kinds = ("matrix", "stack")
-    runs = [probe["newton_schulz_runs"] for probe in run["probes"]]
-    measured = {kind: sum(r[kind] for r in runs) / ranks for kind in kinds}
-    assert measured == pytest.approx(newton_schulz_runs(inv, plan_layout), rel=1e-9)
-    assert all(measured[kind] > 0 for kind in kinds)
+    per_rank = ranks // plan_layout.pp
+    stages = stage_layers(inv.cfg.num_layers, plan_layout.num_stages)
+    for stage in range(plan_layout.pp):  # a pipeline rank: the ranks of its stages
+        probes = run["probes"][stage * per_rank : (stage + 1) * per_rank]
+        runs = [probe["newton_schulz_runs"] for probe in probes]
+        measured = {kind: sum(r[kind] for r in runs) / per_rank for kind in kinds}
+        keys = rank_keys(plan_layout, stages, stage)
+        expected = newton_schulz_runs(inv, plan_layout, keys)
+        assert measured == pytest.approx(expected, rel=1e-9), stage
+        assert all(measured[kind] > 0 for kind in kinds)
 
 
 def mean_bytes(probes: list[dict]) -> dict[str, float]:
@@ -475,9 +544,10 @@ def mean_bytes(probes: list[dict]) -> dict[str, float]:
 
 # The peak. Before the activation terms were counted tensor by tensor (2026-12-02) the plan
 # was 0.80-0.83 of this peak for one process, tp, tp + sp and pp, and before it walked the
-# schedule's order, 0.60 for zero bubble's last rank: this test fails either. Measured on 11
-# layouts, one of each kind (the profiler that reads the CPU allocator costs seconds per rank
-# and layout); the layouts left out combine kinds measured here.
+# schedule's order, 0.60 for zero bubble's last rank: this test fails either. Measured on 14
+# layouts, one of each kind at tiny's scale and three at small's width (the profiler that
+# reads the CPU allocator costs seconds per rank and layout); the layouts left out combine
+# kinds measured here.
 PEAK_PLANNED = [
     "one",
     "fsdp=2",
@@ -490,6 +560,7 @@ PEAK_PLANNED = [
     "hsdp=2x2 + selective AC + Engram rows sharded",
     "ep=2 + Muon",
     *GQA_LAYOUTS,
+    *SMALL_LAYOUTS,
 ]
 
 

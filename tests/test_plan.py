@@ -241,6 +241,47 @@ def test_stages_split_as_evenly_as_layers_allow():
     assert {len(stage) for stage in stages} == {3, 4}
 
 
+def test_the_search_places_sparse_engram_tables_on_the_device_or_the_host():
+    """With sparse Engram updates every layout comes whole on the device and whole in host
+    memory, the host taking from the device's parameters, gradients and optimizer state
+    exactly what it holds (table, AdamW state, row gradients); where the whole tables do not
+    fit a device, only host layouts fit."""
+    e = EngramConfig(layers=[1, 2], table_size=20_000, embed_dim=64, heads_per_order=4)
+    inv = build_inventory(replace(DENSE, engram=e))
+    work = Workload(global_batch=32, seq_len=64)
+    results = plan(inv, work, CLUSTER, engram_sparse=True)
+    by_place = {}
+    for r in results:
+        key = replace(r.layout, engram_host=False)
+        by_place.setdefault(key, {})[r.layout.engram_host] = r
+    assert by_place and all(set(pair) == {False, True} for pair in by_place.values())
+    state = ("params", "grads", "optimizer")
+    for pair in by_place.values():
+        saved = sum(pair[False].memory_gib[k] - pair[True].memory_gib[k] for k in state)
+        assert saved == pytest.approx(pair[True].memory_gib["host"])
+        assert pair[False].memory_gib["host"] == 0
+    whole_least = min(p[False].memory_gib["total"] for p in by_place.values())
+    host_least = min(p[True].memory_gib["total"] for p in by_place.values())
+    assert host_least < whole_least
+    small = replace(CLUSTER, device_memory_gib=(host_least + whole_least) / 2)
+    fitting = [r for r in plan(inv, work, small, engram_sparse=True) if r.fits]
+    assert fitting and all(r.layout.engram_host for r in fitting)
+
+
+def test_plan_published_prints_deepseek_v3_beside_its_reported_mfu():
+    result = birkhoff("--published", "deepseek_v3")
+    assert result.returncode == 0, result.stderr
+    derived = derived_mfu(
+        model_flops_per_token(build_inventory(deepseek_v3_model()), deepseek_v3_run()[1]),
+        deepseek_v3_run()[2].peak_tflops,
+    )
+    assert f"DeepSeek-V3 as reported: {derived:.1%} MFU" in result.stdout
+    assert "leaves out DualPipe" in result.stdout and "FP8" in result.stdout
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| 16 ")]
+    assert [row.split(" | ")[6] for row in rows] == ["selective", "full"]
+    assert all(row.split(" | ")[7] == "-" for row in rows)  # no Engram in V3
+
+
 def test_deepseek_v3_published_layout():
     """Its layout fits 80 GB with birkhoff's full checkpointing; its reported cost is ~40% MFU
     by the plan's own FLOP count (the issue's ~39% from 6 x 37B + attention)."""
@@ -315,7 +356,9 @@ DRY_RUN_LAYOUTS = {
 def test_dry_run_builds_one_rank_of_a_256_device_layout_as_planned(layout):
     """V4-Flash (291B) on 256 devices: rank 0's share, built by the trainer's own code on the
     meta device behind a fake process group, holds the parameters the plan counts (within
-    1%: the plan divides evenly, FSDP gives rank 0 the rounded-up chunk)."""
+    1%: the plan divides evenly, FSDP gives rank 0 the rounded-up chunk), and the optimizer
+    state of the trainer's own groups (Muon's one buffer for the matrices, AdamW's two for
+    the rest) is the plan's."""
     overrides = [
         "model=deepseek_v4_flash",
         "launch.nproc_per_node=8",
@@ -333,17 +376,33 @@ def test_dry_run_builds_one_rank_of_a_256_device_layout_as_planned(layout):
     held = int(result.stdout.split("this rank holds ")[1].split(" ")[0].replace(",", ""))
     planned = float(result.stdout.split("params ")[1].split(",")[0]) * GIB / 4
     assert held == pytest.approx(planned, rel=0.01)
+    state = float(result.stdout.split("  optimizer: ")[1].split(" ")[0])
+    assert state == pytest.approx(float(result.stdout.split("optimizer ")[1].split(",")[0]), 0.01)
     assert "rank 0 of 256" in result.stdout
+
+
+PIPELINED_HSDP = [
+    "parallel.pp=2",
+    "parallel.dp_replicate=2",
+    "parallel.dp_shard=8",
+    "parallel.fsdp_reduce_every_micro_batch=false",
+    "train.micro_batch_size=1",
+]
 
 
 @pytest.mark.parametrize(
     ("model", "layout"),
-    [("deepseek_v4_flash", "v4_flash_256xh100"), ("engram_27b", "engram_27b_32xh100")],
+    [
+        ("deepseek_v4_flash", "v4_flash_256xh100"),
+        ("deepseek_v4_pro", "v4_pro_512xh200"),
+        ("engram_27b", "engram_27b_32xh100"),
+    ],
 )
 def test_layout_recipes_fit_their_cluster_and_build(model, layout):
     """A layout recipe sets the degrees, batch, launch and cluster: the plan takes it as the
-    one layout to check and finds it fits; the dry run builds the last rank's share (the
-    last pipeline stage, an HSDP replica, Engram rows sharded)."""
+    one layout to check and finds it fits; the dry run builds the last rank's share of it
+    with two pipeline stages and HSDP 2 x 8 (the last stage, an HSDP replica, Engram rows
+    sharded), which fits too."""
     planned = birkhoff(f"model={model}", f"parallel={layout}", "--json")
     assert planned.returncode == 0, planned.stderr
     (only,) = json.loads(planned.stdout)["layouts"]
@@ -352,7 +411,7 @@ def test_layout_recipes_fit_their_cluster_and_build(model, layout):
         return
     devices = json.loads(planned.stdout)["cluster"]["devices"]
     command = [sys.executable, "-m", "birkhoff.launch.cli", "train", f"model={model}"]
-    command += [f"parallel={layout}", "--dry-run", "--rank", str(devices - 1)]
+    command += [f"parallel={layout}", *PIPELINED_HSDP, "--dry-run", "--rank", str(devices - 1)]
     built = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stderr[-2000:]
     assert f"rank {devices - 1} of {devices}" in built.stdout and "; fits in 80 GiB" in built.stdout

@@ -77,7 +77,11 @@ def test_every_group_option_composes_and_validates():
 
 
 # parallel= layout recipes (they set launch, batch and cluster too) -> the model they are for
-LAYOUT_RECIPES = {"v4_flash_256xh100": "deepseek_v4_flash", "engram_27b_32xh100": "engram_27b"}
+LAYOUT_RECIPES = {
+    "v4_flash_256xh100": "deepseek_v4_flash",
+    "v4_pro_512xh200": "deepseek_v4_pro",
+    "engram_27b_32xh100": "engram_27b",
+}
 
 
 def run_cli(*args, cwd):
@@ -103,3 +107,36 @@ def test_cli_without_arguments_prints_usage():
         [sys.executable, "-m", "birkhoff.launch.cli"], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0 and "birkhoff train" in result.stdout
+
+
+def _field_paths(cls, prefix: str = "") -> set[str]:
+    """Every field of a config dataclass, nested ones as dotted paths."""
+    paths = set()
+    for field in dataclasses.fields(cls):
+        kind = field.type if isinstance(field.type, type) else None
+        default = field.default_factory() if callable(field.default_factory) else None
+        if dataclasses.is_dataclass(default):
+            paths |= _field_paths(type(default), f"{prefix}{field.name}.")
+        elif kind is not None and dataclasses.is_dataclass(kind):
+            paths |= _field_paths(kind, f"{prefix}{field.name}.")
+        else:
+            paths.add(prefix + field.name)
+    return paths
+
+
+ABSENT = object()
+
+
+def test_every_model_recipe_takes_every_model_key():
+    """A `model.X=...` override works whatever the model recipe (Hydra refuses a key the
+    composed recipe lacks): every model recipe holds every field of ModelConfig."""
+    from importlib.resources import files
+
+    from birkhoff.model.config import ModelConfig
+
+    wanted = _field_paths(ModelConfig)
+    for entry in (files("birkhoff.recipes") / "model").iterdir():
+        name = entry.name.removesuffix(".yaml")
+        model = compose_recipe([f"model={name}"]).model
+        held = {p for p in wanted if OmegaConf.select(model, p, default=ABSENT) is not ABSENT}
+        assert held == wanted, (name, sorted(wanted - held))

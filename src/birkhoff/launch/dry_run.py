@@ -16,18 +16,20 @@ from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.distributed.tensor import DTensor
 
 from birkhoff.errors import require
-from birkhoff.launch.plan_command import cluster_values, workload_of
+from birkhoff.launch.plan_command import cluster_values, recipe_layout, workload_of
 from birkhoff.launch.recipe import Recipe
+from birkhoff.model.engram import Engram
 from birkhoff.model.init import clean_name
 from birkhoff.parallel.distributed import DistributedContext, build_mesh
 from birkhoff.parallel.planning.cluster import Cluster, cluster_from
 from birkhoff.parallel.planning.estimate import GIB, estimate
 from birkhoff.parallel.planning.inventory import build_inventory
-from birkhoff.parallel.planning.layout import layout_of
 from birkhoff.train.model_share import ModelShare, build_share
+from birkhoff.train.optim import optimizer_groups
 
 
 def dry_run(recipe: Recipe, rank: int) -> str:
@@ -41,12 +43,51 @@ def dry_run(recipe: Recipe, rank: int) -> str:
         held = 0
         for part in share.parts:
             for name, param in part.named_parameters():
-                local = param.to_local() if isinstance(param, DTensor) else param
+                local = _local(param)
                 held += local.numel()
                 whole = "" if local.shape == param.shape else f" of {tuple(param.shape)}"
                 lines.append(f"  {clean_name(name)}: {tuple(local.shape)}{whole}")
-    lines += _memory(recipe, world, held)
+        state = state_bytes(recipe, share.parts)
+    lines += ["", f"this rank holds {held:,} parameters:"]
+    lines += [f"  {kind}: {size / GIB:.2f} GiB" for kind, size in state.items()]
+    if recipe.optim.engram_update == "sparse":
+        lines.append("  (the Engram tables' row-sparse gradients: at most the step's lookups)")
+    lines += _planned(recipe, world)
     return "\n".join(lines)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def state_bytes(recipe: Recipe, parts: list[nn.Module]) -> dict[str, int]:
+    """What a rank's parameters, gradients, optimizer state and module buffers take, by the
+    optimizer's own groups (train/optim.py: Muon's and the Sinkhorn-balanced update's one
+    buffer per element, AdamW's two, float32), Engram tables whole in host memory under
+    parallel.engram_host counted as the host's."""
+    state = dict.fromkeys(("params", "grads", "optimizer", "buffers", "host"), 0)
+    for part in parts:
+        tables = {id(m.table.weight) for m in part.modules() if isinstance(m, Engram)}
+        host = tables if recipe.parallel.engram_host else set()
+        sparse = tables if recipe.optim.engram_update == "sparse" else set()
+        grouped = set()
+        for group in optimizer_groups(part, recipe.optim):
+            per_element = 4 if group.get("muon") or group.get("sinkhorn") else 8
+            for param in group["params"]:
+                grouped.add(id(param))
+                local = _local(param)
+                size = local.numel() * local.element_size()
+                grads = 0 if id(param) in sparse else size
+                state["host" if id(param) in host else "params"] += size
+                state["host" if id(param) in host else "optimizer"] += local.numel() * per_element
+                state["grads"] += grads
+        for param in part.parameters():  # frozen ones: no gradient, no state
+            if id(param) not in grouped:
+                state["params"] += _local(param).numel() * param.element_size()
+        state["buffers"] += sum(_local(b).numel() * b.element_size() for b in part.buffers())
+    if not recipe.parallel.engram_host:
+        del state["host"]
+    return state
 
 
 @contextmanager
@@ -65,27 +106,17 @@ def rank_share(recipe: Recipe, rank: int) -> Iterator[tuple[ModelShare, Distribu
         yield build_share(recipe, ctx, None, None, 0, micro_batches), ctx
 
 
-def _memory(recipe: Recipe, world: int, held: int) -> list[str]:
-    """What the rank's parameters take with their training state, beside the plan."""
-    state = {"params": 4 * held, "grads": 4 * held, "optimizer": 8 * held}
-    lines = ["", f"this rank holds {held:,} parameters:"]
-    lines += [f"  {kind}: {size / GIB:.2f} GiB" for kind, size in state.items()]
+def _planned(recipe: Recipe, world: int) -> list[str]:
+    """`birkhoff plan`'s estimate for the layout, where the recipe names a cluster."""
     values = cluster_values(recipe)
     if values["device_memory_gib"] is None and values["preset"] is None:
-        return [*lines, "(set cluster.preset or the cluster.* figures for the whole plan)"]
+        return ["(set cluster.preset or the cluster.* figures for the whole plan)"]
     cluster: Cluster = cluster_from({**values, "devices": world})
-    layout = layout_of(
-        recipe.parallel,
-        recipe.train.micro_batch_size,
-        world,
-        recipe.optim.engram_update,
-        recipe.optim.name,
-    )
+    layout = recipe_layout(recipe, world)
     planned = estimate(build_inventory(recipe.model), layout, workload_of(recipe), cluster)
     memory = ", ".join(f"{k} {v:.2f}" for k, v in planned.memory_gib.items())
     verdict = "fits" if planned.fits else "does NOT fit"
     return [
-        *lines,
         f"plan for the fullest stage (GiB): {memory}; {verdict} in "
         f"{cluster.device_memory_gib:g} GiB ({cluster.name})",
     ]

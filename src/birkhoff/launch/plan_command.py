@@ -21,9 +21,9 @@ from birkhoff.launch.recipe import Recipe, compose_recipe, typed_recipe
 from birkhoff.parallel.planning.cluster import PRESET_KERNELS, Cluster, cluster_from
 from birkhoff.parallel.planning.counted_ops import LEFT_ON_REFERENCE
 from birkhoff.parallel.planning.estimate import Estimate, estimate, model_flops_per_token
-from birkhoff.parallel.planning.inventory import build_inventory
+from birkhoff.parallel.planning.inventory import Inventory, build_inventory
 from birkhoff.parallel.planning.launches import count_launches
-from birkhoff.parallel.planning.layout import Workload, layout_of
+from birkhoff.parallel.planning.layout import Layout, Workload, layout_of
 from birkhoff.parallel.planning.published import (
     deepseek_v3_model,
     deepseek_v3_run,
@@ -92,16 +92,7 @@ def plan_command(args: list[str]) -> int:
         chosen = [o for o in overrides if o.split("=")[0] in LAYOUT_KEYS]
         layout = None
         if chosen:
-            parallel, train = recipe.parallel, recipe.train
-            parallel.validate(cluster.devices)
-            dp = parallel.resolved_dp(cluster.devices)
-            micro = train.micro_batch_size or derived_micro_batch(
-                train.global_batch_size // dp, parallel.pp
-            )
-            optim = recipe.optim
-            layout = layout_of(parallel, micro, cluster.devices, optim.engram_update, optim.name,
-                               optim.embedding_update, host_snapshots(recipe),
-                               recipe.train.anticipatory.mode == "always")  # fmt: skip
+            layout = recipe_layout(recipe, cluster.devices)
             check_runnable(inv, layout, work)
         if options.launches:  # after every check: the count takes seconds to minutes
             counted = count_launches(recipe.model, recipe.data.seq_len,
@@ -120,7 +111,7 @@ def plan_command(args: list[str]) -> int:
     except RecipeError as err:
         print(f"birkhoff: {err}", file=sys.stderr)
         return 2
-    report = _report(inv.total, inv.active, work, cluster, estimates)
+    report = _report(inv, work, cluster, estimates)
     if options.json:
         print(json.dumps(report, indent=1))
     else:
@@ -160,6 +151,19 @@ def counted_kernels(recipe: Recipe, cluster: Cluster) -> str:
     return chosen
 
 
+def recipe_layout(recipe: Recipe, devices: int) -> Layout:
+    """The layout the recipe's parallel, optim and train sections run on `devices`."""
+    parallel, train, optim = recipe.parallel, recipe.train, recipe.optim
+    parallel.validate(devices)
+    dp = parallel.resolved_dp(devices)
+    micro = train.micro_batch_size or derived_micro_batch(
+        train.global_batch_size // dp, parallel.pp
+    )
+    return layout_of(parallel, micro, devices, optim.engram_update, optim.name,
+                     optim.embedding_update, host_snapshots(recipe),
+                     recipe.train.anticipatory.mode == "always")  # fmt: skip
+
+
 def host_snapshots(recipe: Recipe) -> int:
     """The host snapshots the recipe's spike guard keeps (0 without snapshots)."""
     spike = recipe.train.spike
@@ -189,10 +193,11 @@ def cluster_values(recipe: Recipe) -> dict[str, Any]:
     return values
 
 
-def _report(total, active, work: Workload, cluster: Cluster, estimates: list[Estimate]) -> dict:
+def _report(inv: Inventory, work: Workload, cluster: Cluster, estimates: list[Estimate]) -> dict:
     return {
-        "parameters": total,
-        "active_parameters": active,
+        "parameters": inv.total,
+        "active_parameters": inv.active,
+        "engram": bool(inv.cfg.engram.layers),
         "workload": OmegaConf.to_container(OmegaConf.structured(work)),
         "cluster": OmegaConf.to_container(OmegaConf.structured(cluster)),
         "assumptions": assumptions(cluster, work),
@@ -250,9 +255,9 @@ def _table(report: dict, top: int) -> str:
         f"({cl['device_memory_gib']:g} GiB): {fitting} of {len(layouts)} layouts fit",
         f"assumptions: {report['assumptions']}",
         "",
-        "| pp | dp_rep | dp_shard | tp | ep | micro | AC | GiB/device (par/grad/opt/act/buf) "
-        "| step s | MFU | tokens/s | dominant | fits |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| pp | dp_rep | dp_shard | tp | ep | micro | AC | Engram | GiB/device "
+        "(par/grad/opt/act/buf) | step s | MFU | tokens/s | dominant | fits |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for item in layouts[:top]:
         lay, mem = item["layout"], item["memory_gib"]
@@ -261,7 +266,8 @@ def _table(report: dict, top: int) -> str:
         degrees = f"{_pipeline(lay)} | {degrees}"
         lines.append(
             f"| {degrees} | {lay['micro_batch']} | {lay['activation_checkpoint']} "
-            f"| {mem['total']:.1f} ({split}) | {item['step_s']:.2f} | {item['mfu']:.1%} "
+            f"| {_engram(lay, report['engram'])} | {mem['total']:.1f} ({split}) "
+            f"| {item['step_s']:.2f} | {item['mfu']:.1%} "
             f"| {item['tokens_per_s']:,.0f} | {item['dominant']} "
             f"| {'yes' if item['fits'] else 'no'} |"
         )
@@ -272,6 +278,16 @@ def _table(report: dict, top: int) -> str:
     if layouts and layouts[0]["fits"]:
         lines += ["", "run the first with: " + " ".join(layouts[0]["overrides"])]
     return "\n".join(lines)
+
+
+def _engram(layout: dict, has_engram: bool) -> str:
+    """Where the layout keeps the Engram tables: rows sharded over dp_shard, whole on every
+    rank (sparse updates), whole in host memory, or whole because nothing shards them."""
+    if not has_engram:
+        return "-"
+    if layout["engram_host"]:
+        return "host"
+    return "rows/dp_shard" if layout["engram_row_shard"] else "whole"
 
 
 def _pipeline(layout: dict) -> str:
@@ -290,7 +306,7 @@ def _published(as_json: bool) -> int:
         result = estimate(inv, replace(layout, activation_checkpoint=checkpoint), work, cluster)
         rows.append(result)
     derived = derived_mfu(model_flops_per_token(inv, work), cluster.peak_tflops)
-    report = _report(inv.total, inv.active, work, cluster, rows)
+    report = _report(inv, work, cluster, rows)
     report["derived_mfu"] = derived
     report["left_out"] = "DualPipe's overlap of all-to-all with compute; FP8 matmuls; ZeRO-1"
     if as_json:

@@ -1,6 +1,7 @@
 """`train.init_from`: start a run at step 0, with a fresh optimizer, from the model weights of a
 birkhoff checkpoint (step-N/) or of a directory `ckpt export --to safetensors` or `ckpt import
---from hf` wrote. The weights load into the whole model before it is parallelised, so any
+--from hf` wrote. The weights load into the rank's shards once they are built and
+materialised (train/model_share.py), each rank reading only the elements it holds, so any
 layout takes them. A run that resumes its own checkpoint resumes that instead."""
 
 from __future__ import annotations

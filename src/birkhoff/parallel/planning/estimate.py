@@ -120,7 +120,7 @@ def estimate(inv: Inventory, layout: Layout, work: Workload, cluster: Cluster) -
     )
     recompute = _recompute_share(inv, layout, work)
     compute_s = _compute_seconds(inv, layout, work, cluster, recompute)
-    keys = [_rank_keys(layout, stages, rank) for rank in range(layout.pp)]
+    keys = [rank_keys(layout, stages, rank) for rank in range(layout.pp)]
     # Muon: each rank orthogonalises its own experts and its share of the owned matrices
     muon_shapes = [_muon_matrices(inv, layout, keys[rank]) for rank in range(layout.pp)]
     muon_flops = max(newton_schulz_flops(shapes) for shapes in muon_shapes)
@@ -140,7 +140,6 @@ def estimate(inv: Inventory, layout: Layout, work: Workload, cluster: Cluster) -
     )  # fmt: skip
     idle = bubble(orders, tuple(float(len(layers)) for layers in stages))
     # eager launches run ahead of the device: the slower of the two sets the pace
-    busiest = max(sum(len(stages[s]) for s in layout.rank_stages(r)) for r in range(layout.pp))
     launches = 0
     if work.launches is not None:
         per_micro_batch = launches_per_micro_batch(
@@ -148,9 +147,11 @@ def estimate(inv: Inventory, layout: Layout, work: Workload, cluster: Cluster) -
         )
         # recomputed forwards (and the look-ahead's) launch their share again; the optimizer
         # steps the rank's share of the layers, Muon's Newton-Schulz only what the rank owns
-        share = busiest / cfg.num_layers
-        launches = per_micro_batch * micro_batches * share * (1 + recompute)
-        launches = round(launches + optimizer_launches(inv, layout, work.launches) * share)
+        for rank in range(layout.pp):
+            share = sum(len(stages[s]) for s in layout.rank_stages(rank)) / cfg.num_layers
+            mine = per_micro_batch * micro_batches * share * (1 + recompute)
+            mine += optimizer_launches(inv, layout, work.launches, keys[rank], share)
+            launches = max(launches, round(mine))
     host_s = launches * cluster.launch_us * 1e-6
     step_s = max(compute_s + memory_s + exposed, host_s) / (1 - idle)
     model_flops = model_flops_per_token(inv, work) * work.global_batch * work.seq_len
@@ -194,7 +195,7 @@ def _rank_memory(
 ) -> dict[str, float]:
     cfg = inv.cfg
     mine = layout.rank_stages(pp_rank)
-    keys = _rank_keys(layout, stages, pp_rank)
+    keys = rank_keys(layout, stages, pp_rank)
     held = [g for g in inv.groups if g.layer in keys]
     whole = [g for g in held if whole_table(g, layout)]
     held = [g for g in held if g not in whole]
@@ -263,7 +264,7 @@ def _rank_memory(
     return memory
 
 
-def _rank_keys(layout: Layout, stages: list[list[int]], pp_rank: int) -> set[int]:
+def rank_keys(layout: Layout, stages: list[list[int]], pp_rank: int) -> set[int]:
     """The layer keys of every stage a pipeline rank runs."""
     mine = layout.rank_stages(pp_rank)
     return set().union(*(stage_keys(s, stages[s], layout.num_stages) for s in mine))
@@ -340,26 +341,35 @@ def _muon_matrices(inv: Inventory, layout: Layout, keys: set[int]) -> list[tuple
     return shapes
 
 
-def newton_schulz_runs(inv: Inventory, layout: Layout) -> dict[str, float]:
-    """A rank's Newton-Schulz runs (Muon) in one optimizer step of the whole model's layers,
-    of single matrices and of stacks (routed experts), as train/muon.py spreads them: a
-    matrix is run by the owner of its group (the group's mean: owners round-robin by size),
-    every rank runs its own stack of experts."""
+def newton_schulz_runs(
+    inv: Inventory, layout: Layout, keys: set[int] | None = None
+) -> dict[str, float]:
+    """A rank's Newton-Schulz runs (Muon) in one optimizer step, of single matrices and of
+    stacks (routed experts), as train/muon.py spreads them: a matrix is run by the owner of
+    its group (the group's mean: owners round-robin by size), every rank runs its own stack
+    of experts. `keys`: the layers of the rank's pipeline stages (default: every layer)."""
     runs = {"matrix": 0.0, "stack": 0.0}
     for t in inv.params:
-        if t.matrices:
+        if t.matrices and (keys is None or t.layer in keys):
             runs[run_kind(t.matrices[0])] += 1 if t.expert else 1 / muon_owner_group(layout, t)
     return runs
 
 
-def optimizer_launches(inv: Inventory, layout: Layout, count: LaunchCount) -> float:
-    """A rank's launches of one optimizer step of the whole model's layers: the counted
-    one-process step with its Newton-Schulz runs replaced by the rank's."""
+def optimizer_launches(
+    inv: Inventory,
+    layout: Layout,
+    count: LaunchCount,
+    keys: set[int] | None = None,
+    share: float = 1.0,
+) -> float:
+    """A rank's launches of one optimizer step: the counted one-process step's, the
+    elementwise part for `share` of the layers (the rank's pipeline stages), its
+    Newton-Schulz runs replaced by those the rank makes on its stages' layers (`keys`)."""
     counted = count.orthogonalised
     if not layout.muon or not counted:
-        return float(count.optimizer)
-    launches = count.optimizer - sum(total for _, total in counted.values())
-    for kind, runs in newton_schulz_runs(inv, layout).items():
+        return count.optimizer * share
+    launches = (count.optimizer - sum(total for _, total in counted.values())) * share
+    for kind, runs in newton_schulz_runs(inv, layout, keys).items():
         calls, total = counted[kind]
         if runs and not calls:
             raise ValueError(f"the model has Muon {kind} runs that its counted step did not make")

@@ -1,9 +1,11 @@
 """The layouts of a cluster the trainer can run for a model, estimated and sorted: tp inside a
 node, pp over whole layer splits (1F1B, or interleaved 1F1B and zero bubble with 2 chunks per
 rank), ep inside dp_shard, HSDP replicas, micro-batches that feed the pipeline, each
-activation-checkpointing mode; sequence parallelism with every tp > 1 and
-Engram tables row-sharded under FSDP (both only save memory and traffic), or whole on every
-rank when the recipe updates them sparsely (optim.engram_update=sparse)."""
+activation-checkpointing mode; sequence parallelism with every tp > 1 and Engram tables
+row-sharded under FSDP (both only save memory and traffic). Where the recipe updates Engram
+tables sparsely (optim.engram_update=sparse), each table is whole on every rank, in device
+memory or in host memory (parallel.engram_host): both are searched, the host saving the
+device the table and its AdamW state for a copy of the rows looked up each micro-batch."""
 
 from __future__ import annotations
 
@@ -77,6 +79,7 @@ def candidate_layouts(
 ) -> list[Layout]:
     cfg = inv.cfg
     engram = bool(cfg.engram.layers)
+    placements = (False, True) if engram and engram_sparse else (False,)  # host-resident?
     layouts = []
     for tp in [d for d in _divisors(cluster.node_size) if d <= cluster.devices]:
         for pp in [p for p in _divisors(cfg.num_layers) if p <= 64]:
@@ -91,8 +94,8 @@ def candidate_layouts(
                     for micro in [m for m in _divisors(per_rank) if m <= 16]:
                         reduce_modes = (False, True) if shard > 1 and per_rank > micro else (False,)
                         schedules = PIPELINE_SCHEDULES if pp > 1 else (("1f1b", 1),)
-                        for checkpoint, every, (schedule, chunks) in product(
-                            ("none", "selective", "full"), reduce_modes, schedules
+                        for checkpoint, every, (schedule, chunks), host in product(
+                            ("none", "selective", "full"), reduce_modes, schedules, placements
                         ):
                             layout = Layout(
                                 pp=pp,
@@ -105,6 +108,7 @@ def candidate_layouts(
                                 sequence_parallel=tp > 1,
                                 engram_row_shard=engram and shard > 1 and not engram_sparse,
                                 engram_sparse=engram and engram_sparse,
+                                engram_host=host,
                                 muon=muon,
                                 balanced_tables=balanced_tables,
                                 host_snapshots=host_snapshots,
