@@ -135,6 +135,11 @@ MESHES = {
     # the larger matrix by shard rank 0, the other by shard rank 1, 2 experts each where
     # they lie: 3 a step each
     "1-D mesh": ((2,), None, ("Shard(0)",), [6, 6]),
+    # 9 and 11 rows in 2: shards of 5 and 4, 6 and 5 rows (the owner's gather pads them)
+    "1-D mesh, uneven": ((2,), None, ("Shard(0)",), [6, 6]),
+    # tp alone, columns split: the expert stack is gathered too (along its dim 1); owners by
+    # size (the stack, the 20 x 6, the 12 x 8: ranks 0, 1, 0): 4 + 1 and 1 a step
+    "1-D mesh, columns": ((2,), None, ("Shard(1)",), [10, 2]),
     "FSDP's 1 x 2 mesh": ((1, 2), ("dp_replicate", "dp_shard"), ("Replicate", "Shard(0)"),
                           [6, 6]),
     "HSDP's 2 x 2 mesh": ((2, 2), ("dp_replicate", "dp_shard"), ("Replicate", "Shard(0)"),

@@ -428,6 +428,8 @@ KIND = {
     "ep_all_to_all": "all_to_all",
     "engram_all_to_all": "all_to_all",
     "engram_sparse_all_gather": "all_gather",
+    "muon_gather": "gather",
+    "muon_tp_gather": "gather@tp",
     "muon_all_gather": "all_gather",
     "muon_tp_all_gather": "all_gather@tp",
     "muon_scatter": "scatter",

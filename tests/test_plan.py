@@ -190,8 +190,9 @@ def test_whole_and_host_resident_engram_tables_follow_their_formulas():
 
 def test_muon_state_gathers_and_newton_schulz_follow_their_formulas():
     """optim=muon_v4 on fsdp=8: the weight matrices (per block q, k, v, o and the SwiGLU's
-    three) keep one float32 buffer, the rest AdamW's two; every matrix is gathered whole once a
-    step (float32) and its owner's result scattered back (each rank receives its eighth); the
+    three) keep one float32 buffer, the rest AdamW's two; every matrix is gathered whole on its
+    owner once a step (float32: each rank sends its eighth) and the owner's result scattered
+    back (each rank receives its eighth); the
     owners share the 10 Newton-Schulz iterations of each matrix, 10 (4 n^2 m + 2 n^3) FLOPs
     with n <= m: an eighth of them per rank, at the matmul efficiency of the peak."""
     inv = build_inventory(DENSE)
@@ -205,17 +206,19 @@ def test_muon_state_gathers_and_newton_schulz_follow_their_formulas():
     assert muon.memory_gib["optimizer"] * GIB == pytest.approx(
         8 * (p - matrices) / 8 + 4 * matrices / 8
     )
-    assert muon.comm_gib["muon_all_gather"] * GIB == pytest.approx(4 * matrices)
+    assert muon.comm_gib["muon_gather"] * GIB == pytest.approx(4 * matrices / 8)
+    assert muon.comm_gib["muon_all_gather"] == 0
     assert muon.comm_gib["muon_scatter"] * GIB == pytest.approx(4 * matrices / 8)
     owned = sum(10 * (4 * min(r, c) ** 2 * max(r, c) + 2 * min(r, c) ** 3) for r, c in shapes)
     flops = L * owned / 8
     extra = flops / (CLUSTER.peak_tflops * 1e12 * CLUSTER.matmul_efficiency)
     assert muon.compute_s - adamw.compute_s == pytest.approx(extra)
-    assert adamw.comm_gib["muon_all_gather"] == 0
+    assert adamw.comm_gib["muon_gather"] == 0
     # HSDP 2 x 4: each replica's owners along dp_shard, a quarter of the work per rank
     hsdp = estimate(inv, Layout(dp_replicate=2, dp_shard=4, micro_batch=1, muon=True), work,
                     CLUSTER)  # fmt: skip
     hsdp_adamw = estimate(inv, Layout(dp_replicate=2, dp_shard=4, micro_batch=1), work, CLUSTER)
+    assert hsdp.comm_gib["muon_gather"] * GIB == pytest.approx(4 * matrices / 4)
     assert hsdp.comm_gib["muon_scatter"] * GIB == pytest.approx(4 * matrices / 4)
     assert hsdp.compute_s - hsdp_adamw.compute_s == pytest.approx(2 * extra)
 

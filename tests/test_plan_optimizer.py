@@ -66,6 +66,10 @@ def test_muon_under_fsdp_x_tp_scatters_every_matrix_along_dp_shard():
     d = C // H
     matrices = L * (2 * C * C + 2 * KV * d * C + 3 * C * F)  # q, k, v, o; gate, up, down
     assert muon.comm_gib["muon_scatter"] * GIB == pytest.approx(4 * matrices / 2)
+    # all gathered whole on every rank (the owner's tp peers compute it too), dp_shard first
+    assert muon.comm_gib["muon_all_gather"] * GIB == pytest.approx(4 * matrices / 2)
+    assert muon.comm_gib["muon_tp_all_gather"] * GIB == pytest.approx(4 * matrices)
+    assert muon.comm_gib["muon_gather"] == 0
 
 
 @pytest.mark.parametrize(

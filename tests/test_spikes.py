@@ -97,10 +97,9 @@ def test_repeated_spikes_roll_back_to_the_snapshot_before_them(spiked):
     assert steps == list(range(1, 13)) + list(range(11, 21))
 
 
-def test_the_rolled_back_run_equals_one_that_skipped_the_spikes_data(spiked, tmp_path):
+def skipping_the_spikes_data() -> dict[str, torch.Tensor]:
     """Independent route: a run without the fault or spike handling that trains 10 steps,
-    drops the next 5 batches and trains 10 more ends with the same parameters, bit for bit."""
-    run, _ = spiked
+    drops the next 5 batches and trains 10 more; its final parameters."""
     with distributed(torch.device("cpu"), {}) as ctx:
         trainer = trainer_of(["train.steps=20", "train.eval_every=0"], ctx)
         for _ in range(10):
@@ -109,9 +108,31 @@ def test_the_rolled_back_run_equals_one_that_skipped_the_spikes_data(spiked, tmp
             trainer.loader.next_batch()
         while trainer.step < 20:
             trainer.train_step()
-        expected = trainer.model.state_dict()
+        return trainer.model.state_dict()
+
+
+def test_the_rolled_back_run_equals_one_that_skipped_the_spikes_data(spiked, tmp_path):
+    """The run ends with the independent route's parameters, bit for bit."""
+    run, _ = spiked
+    expected = skipping_the_spikes_data()
     step = run / "checkpoints" / "step-00000020"
     saved = read_tensors(step, [f"model.{n}" for n in expected])
+    assert all(saved[f"model.{n}"].equal(t) for n, t in expected.items())
+
+
+def test_without_snapshots_spikes_roll_back_to_the_newest_checkpoint(tmp_path):
+    """train.spike.snapshot_every=0: the same spikes roll the run back to its checkpoint of
+    step 10, read from disk (the loader's position with it), and the run ends with the
+    independent route's parameters, bit for bit."""
+    run = tmp_path / "run"
+    overrides = ["train.steps=20", "checkpoint.every=10", *SPIKE, "train.spike.snapshot_every=0"]
+    train_in_process(run, overrides)
+    records, _ = read_metrics(run)
+    (rollback,) = [r for r in records if "rolled_back_to" in r]
+    assert [r["step"] for r in records if r.get("skipped")] == [12, 12, 12]
+    assert rollback["rolled_back_to"] == 10 and rollback["rollback_skipped_batches"] == 5
+    expected = skipping_the_spikes_data()
+    saved = read_tensors(run / "checkpoints" / "step-00000020", [f"model.{n}" for n in expected])
     assert all(saved[f"model.{n}"].equal(t) for n, t in expected.items())
 
 

@@ -65,7 +65,7 @@ def built_model(run_dir: Path) -> tuple[int, int]:
     return experts, rows
 
 
-def test_sweep_stops_resumes_skips_and_reports(tmp_path):
+def test_sweep_stops_resumes_skips_and_reports(tmp_path, monkeypatch):
     sweep_dir = tmp_path / "sweep"
     args = ["engram_split", *SMALL, f"hydra.sweep.dir={sweep_dir}"]
     first = sweep_dir / NAMES[0]
@@ -141,6 +141,44 @@ def test_sweep_stops_resumes_skips_and_reports(tmp_path):
     for name in ("heldout_loss", "loss_curves", "engram_gate_mean", "engram_rows_touched"):
         png = (sweep_dir / f"{name}.png").read_bytes()
         assert png.startswith(b"\x89PNG") and len(png) > 10_000, name
+    assert_plots_draw_the_jobs(sweep_dir, monkeypatch, means)
+
+
+def assert_plots_draw_the_jobs(sweep_dir: Path, monkeypatch, means: list[float]) -> None:
+    """What the plots draw, read off their figures (the report made again in this process):
+    the held-out means with their error bars at the swept values and the best starred, and
+    each job's loss curve ending at the running mean of its last 20 logged losses (read here
+    from metrics.jsonl)."""
+    from birkhoff.launch import sweep_plots
+    from birkhoff.launch.sweep_report import write_report
+
+    figures = {}
+
+    def keep(fig, _, name: str) -> str:
+        figures[name] = fig
+        return name
+
+    monkeypatch.setattr(sweep_plots, "_save", keep)
+    write_report(sweep_dir)
+    heldout = figures["heldout_loss.png"].axes[0]
+    (bars,) = heldout.containers
+    assert list(bars.lines[0].get_xdata()) == [0.0, 0.3]
+    assert list(bars.lines[0].get_ydata()) == pytest.approx(means, rel=1e-12)
+    stars = [c for c in heldout.collections if hasattr(c, "get_sizes")]
+    (best,) = [c for c in stars if c.get_sizes().tolist() == [220]]
+    assert best.get_offsets().tolist() == [[[0.0, 0.3][means.index(min(means))], min(means)]]
+    curves = [line for line in figures["loss_curves.png"].axes[0].lines if line.get_marker() != "o"]
+    ends = sorted(line.get_ydata()[-1] for line in curves)
+    expected = []
+    for name in NAMES:
+        losses = {}
+        for line in (sweep_dir / name / "metrics.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            if "loss" in record:
+                losses[record["step"]] = record["loss"]  # a resumed step: its last value
+        ordered = [losses[step] for step in sorted(losses)]
+        expected.append(statistics.fmean(ordered[-20:]))
+    assert ends == pytest.approx(sorted(expected), rel=1e-9)
 
 
 @pytest.mark.parametrize(

@@ -20,8 +20,10 @@ the slice of the one computed on the full matrix, the same as one process's. Eac
 matrix has an owner rank (round-robin by size, as V4's hybrid ZeRO) that alone runs
 Newton-Schulz and scatters the result, so the work is spread over the ranks: when the matrix
 is sharded along a mesh dimension of more than one rank (FSDP, or tp alone; under HSDP the
-replicas each have their owner, so the work is spread over dp_shard; under fsdp x tp the owner
-along dp_shard and its tp peers compute it, each keeping its tp slice). A column-parallel
+replicas each have their owner, so the work is spread over dp_shard) it is assembled on the
+owner alone (one gather of the shards: a rank receives only the matrices it owns); under
+fsdp x tp it is gathered whole on every rank, and the owner along dp_shard and its tp peers
+compute it, each keeping its tp slice. A column-parallel
 matrix under fsdp x tp, which FSDP shards with a strided placement (its tp rows split again
 over dp_shard), goes the same way: the owner's scatter along dp_shard with that placement gives
 each dp rank its rows of every tp slice, of which it keeps its own tp slice's (DTensor scatters
@@ -35,6 +37,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.distributed.tensor.placement_types import _StridedShard
 
@@ -113,15 +116,19 @@ class MuonV4(AdamW):
             local = self.orthogonalise(nesterov.to_local(), rms)
             return DTensor.from_local(local, mesh, placements, run_check=False,
                                       shape=nesterov.shape, stride=nesterov.stride())  # fmt: skip
-        whole = nesterov.full_tensor()
         if owner is None:  # every rank computes it and keeps its slice
-            update = self.orthogonalise(whole, rms)
+            update = self.orthogonalise(nesterov.full_tensor(), rms)
             return distribute_tensor(update, mesh, placements, src_data_rank=None)
         dim = _owner_dim(nesterov)
+        sharded = [d for d, size in enumerate(mesh.shape) if size > 1 and _sharded(placements[d])]
+        # sharded along `dim` alone: assembled on its owner alone; under fsdp x tp whole on
+        # every rank (the owner's tp peers compute it alongside)
+        alone = sharded == [dim]
+        whole = _gathered_on(nesterov, dim, owner) if alone else nesterov.full_tensor()
         if mesh.get_local_rank(dim) == owner:
             update = self.orthogonalise(whole, rms)
-        else:
-            update = torch.empty_like(whole, dtype=torch.float32)  # the owner's arrives
+        else:  # the owner's arrives
+            update = torch.empty(nesterov.shape, dtype=torch.float32, device=nesterov.device)
         mine = distribute_tensor(update, _line(mesh, dim), [placements[dim]], src_data_rank=owner)
         mine = mine.to_local()
         for other, size in enumerate(mesh.shape):  # whole along these: the rank's slice here
@@ -182,6 +189,34 @@ def _scatterable(param: DTensor) -> bool:
 def _sharded(placement) -> bool:
     """A plain shard, or FSDP's strided one (`_StridedShard`, which is no `Shard`)."""
     return placement.is_shard() or isinstance(placement, _StridedShard)
+
+
+def _gathered_on(tensor: DTensor, dim: int, owner: int) -> torch.Tensor | None:
+    """The whole of `tensor`, sharded along mesh dimension `dim` only, on that dimension's
+    rank `owner` (None on the others): one gather of the local shards, padded to the longest,
+    each put back at the rows DTensor's own split gives that rank (a plain or a strided
+    shard alike)."""
+    line = _line(tensor.device_mesh, dim)
+    placement, size = tensor.placements[dim], line.size()
+    local = tensor.to_local()
+    shape = [1] * tensor.dim()
+    shape[placement.dim] = tensor.shape[placement.dim]
+    index = torch.arange(tensor.shape[placement.dim], device=local.device).reshape(shape)
+    pieces, _ = placement._split_tensor(index, size, with_padding=False, contiguous=True)
+    rows = [piece.reshape(-1) for piece in pieces]  # of the sharded dimension, rank by rank
+    longest = max(r.numel() for r in rows)
+    padded = local.new_zeros(*[longest if d == placement.dim else n
+                               for d, n in enumerate(local.shape)])  # fmt: skip
+    padded.narrow(placement.dim, 0, local.shape[placement.dim]).copy_(local)
+    mine = line.get_local_rank() == owner
+    received = [torch.empty_like(padded) for _ in range(size)] if mine else None
+    dist.gather(padded, received, group=line.get_group(), group_dst=owner)
+    if not mine:
+        return None
+    whole = local.new_empty(tensor.shape)
+    for at, piece in zip(rows, received, strict=True):
+        whole.index_copy_(placement.dim, at, piece.narrow(placement.dim, 0, at.numel()))
+    return whole
 
 
 def _line(mesh, dim: int):

@@ -28,6 +28,8 @@ COLLECTIVES = (
     "engram_all_to_all",
     "engram_sparse_all_gather",
     "engram_host_copy",
+    "muon_gather",
+    "muon_tp_gather",
     "muon_all_gather",
     "muon_tp_all_gather",
     "muon_scatter",
@@ -134,19 +136,27 @@ def muon_owner_group(layout: Layout, t: TensorInfo) -> int:
 
 
 def _muon_bytes(inv: Inventory, layout: Layout, keys: set[int]) -> dict[str, float]:
-    """Per step, Muon's gathers of the sharded matrices of the stage keys `keys` (float32
-    Nesterov inputs; each gather's output, FSDP's dp_shard dimension first, then tp) and the
-    owners' scatters back (each rank's shard; none where every rank computes the matrix)."""
-    comm = dict.fromkeys(("muon_all_gather", "muon_tp_all_gather", "muon_scatter",
-                          "muon_tp_scatter"), 0.0)  # fmt: skip
+    """Per step, Muon's assembly of the sharded matrices of the stage keys `keys` (float32
+    Nesterov inputs) and the owners' scatters back (each rank's shard; none where every rank
+    computes the matrix). A matrix sharded along one dimension (FSDP's dp_shard, or tp alone)
+    is gathered on its owner: each rank sends its shard. Under fsdp x tp it is all-gathered
+    on every rank (each gather's output, dp_shard first, then tp)."""
+    comm = dict.fromkeys(("muon_gather", "muon_tp_gather", "muon_all_gather",
+                          "muon_tp_all_gather", "muon_scatter", "muon_tp_scatter"),
+                         0.0)  # fmt: skip
     for t in inv.params:
         if not t.matrices or t.expert or t.layer not in keys:
             continue
-        if layout.dp_shard > 1:
-            comm["muon_all_gather"] += 4 * tp_local(t, layout)
-        if t.tp_split and layout.tp > 1:
-            comm["muon_tp_all_gather"] += 4 * t.numel
         owners = muon_owner_group(layout, t)
+        tp_split = t.tp_split and layout.tp > 1
+        if owners > 1 and (layout.dp_shard > 1) != tp_split:  # one sharded dimension
+            gather = "muon_gather" if layout.dp_shard > 1 else "muon_tp_gather"
+            comm[gather] += 4 * t.numel / owners
+        else:
+            if layout.dp_shard > 1:
+                comm["muon_all_gather"] += 4 * tp_local(t, layout)
+            if tp_split:
+                comm["muon_tp_all_gather"] += 4 * t.numel
         name = "muon_scatter" if layout.dp_shard > 1 else "muon_tp_scatter"
         if owners > 1:
             comm[name] += 4 * t.numel / owners
@@ -291,6 +301,9 @@ def comm_seconds(comm: dict[str, float], layout: Layout, cluster: Cluster) -> di
         "ep_all_to_all": (layout.ep, tp_span * layout.ep, 1),
         "engram_all_to_all": (layout.dp_shard, tp_span * layout.dp_shard, 1),
         "engram_sparse_all_gather": (layout.dp, layout.devices // layout.pp, 1),
+        # each rank sends its shard; an owner receives the others' of what it owns
+        "muon_gather": (layout.dp_shard, tp_span * layout.dp_shard, 1),
+        "muon_tp_gather": (layout.tp, tp_span, 1),
         "muon_all_gather": (layout.dp_shard, tp_span * layout.dp_shard, 1),
         "muon_tp_all_gather": (layout.tp, tp_span, 1),
         "muon_scatter": (layout.dp_shard, tp_span * layout.dp_shard, 1),
