@@ -9,7 +9,6 @@ import pytest
 from test_data import data_config, make_loader, take
 
 from birkhoff.data import DataError, SourceConfig, heldout_windows, open_data
-from birkhoff.errors import RecipeError
 from conftest import write_jsonl
 
 
@@ -76,8 +75,41 @@ def test_a_heldout_source_too_small_for_evaluation_is_refused(split_corpus, tmp_
         heldout_windows(plan, 500)
 
 
-def test_a_prepared_heldout_source_is_refused(split_corpus):
+def test_a_prepared_heldout_source_is_read_whole(split_corpus, tmp_path):
+    """The held-out file prepared (with the run's tokenizer, every 5th record of it in the
+    shards' held-out split): its windows are those of its training split's documents, then
+    of its held-out split's, each encoded with its EOS, one after another (the split rule
+    written out: record i is held out when (i + split_seed) % 5 == 4)."""
+    from birkhoff.data.commands import prepare_sources
+
     train, heldout = split_corpus
-    cfg = data_config(train, heldout_sources=[SourceConfig(path=str(heldout), format="prepared")])
-    with pytest.raises(RecipeError, match=r"data.heldout_sources.0.format' = 'prepared'"):
-        cfg.validate()
+    # the run's tokenizer (trained on the training file read whole, as with named sources)
+    raw = SourceConfig(path=str(heldout))
+    run = open_data(data_config(train, heldout_sources=[raw], shuffle=False))
+    prepare = data_config(heldout, heldout_period=5)
+    prepare.tokenizer.path = str(run.tokenizer.path)
+    prepare.prepare.output_dir = str(tmp_path / "prepared")
+    (prepared,) = prepare_sources(prepare, show=False)
+    source = SourceConfig(path=str(prepared), format="prepared")
+    cfg = data_config(train, heldout_sources=[source], shuffle=False)
+    plan = open_data(cfg)
+    t, texts = cfg.seq_len, documents(heldout)
+    parts = []
+    for held_out in (False, True):
+        mine = [d for i, d in enumerate(texts) if ((i + cfg.split_seed) % 5 == 4) == held_out]
+        flat = token_stream(plan.tokenizer, mine)
+        parts += [flat[k * t : k * t + t + 1] for k in range((len(flat) - 1) // t)]
+    assert len(parts) > 8
+    np.testing.assert_array_equal(heldout_windows(plan, len(parts)), np.stack(parts))
+
+
+def test_a_prepared_heldout_source_of_another_tokenizer_is_refused(split_corpus, tmp_path):
+    from birkhoff.data.commands import prepare_sources
+
+    train, heldout = split_corpus
+    prepare = data_config(heldout, heldout_period=5)
+    prepare.prepare.output_dir = str(tmp_path / "prepared")
+    (prepared,) = prepare_sources(prepare, show=False)  # its own tokenizer, trained on it
+    source = SourceConfig(path=str(prepared), format="prepared")
+    with pytest.raises(DataError, match=r"data.heldout_sources.0: .* was prepared with tokenizer"):
+        open_data(data_config(train, heldout_sources=[source]))

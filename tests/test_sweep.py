@@ -220,3 +220,30 @@ def test_a_sweep_dir_of_another_key_is_refused(tmp_path, capsys):
 def test_every_shipped_sweep_recipe_validates(name, key, jobs):
     planned = plan_sweep(name, [])
     assert planned.config.key == key and len(planned.jobs) == jobs
+
+
+def test_a_sweep_s_jobs_log_to_wandb_as_one_group(tmp_path, monkeypatch):
+    """Every job's recipe names the sweep dir as its wandb group, and the wandb run each job
+    starts gets it (wandb.init recorded here, not called)."""
+    from types import SimpleNamespace
+
+    import wandb
+
+    from birkhoff.launch.recipe import load_recipe, recipe_to_dict
+    from birkhoff.train.entry import train_recipe_from_dict
+    from birkhoff.train.metrics import build_metric_logger
+    from conftest import compose_recipe
+
+    sweep_dir = tmp_path / "split-lr3e-3"
+    args = [f"hydra.sweep.dir={sweep_dir}", "logging.wandb.enabled=true"]
+    planned = plan_sweep("engram_split", args)
+    started = []
+    run = SimpleNamespace(log=lambda *a, **k: None, finish=lambda *a, **k: None)
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: started.append(kwargs) or run)
+    for job in planned.jobs[:3]:
+        overrides = [*planned.job_overrides, *job.overrides(planned.config.key)]
+        recipe, _ = load_recipe(compose_recipe(overrides), env={})
+        public = recipe_to_dict(recipe)
+        typed = train_recipe_from_dict(public)
+        build_metric_logger(typed.logging, tmp_path / job.name, 1, public, True).close()
+    assert [kwargs["group"] for kwargs in started] == ["split-lr3e-3"] * 3

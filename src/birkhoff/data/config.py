@@ -163,12 +163,6 @@ class DataConfig:
             source.validate(f"{prefix}.sources.{index}")
         for index, source in enumerate(self.heldout_sources):
             source.validate(f"{prefix}.heldout_sources.{index}")
-            require(
-                source.format != "prepared",
-                f"{prefix}.heldout_sources.{index}.format",
-                source.format,
-                "must be a raw format (text, jsonl, parquet): held-out sources are read whole",
-            )
         require(self.seq_len > 0, f"{prefix}.seq_len", self.seq_len, "must be a positive integer")
         require(
             self.heldout_period >= 2,

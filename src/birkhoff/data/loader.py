@@ -289,8 +289,12 @@ def _heldout_of(plan: DataPlan, index: int, needed: int, named: bool) -> list[np
     if needed == 0:
         return []
     if source.format == "prepared":
-        reader = PreparedSplit(source.files[0], HELDOUT, cfg.seq_len)
-        windows = [reader.window(i) for i in range(min(needed, reader.num_windows))]
+        windows = []
+        # a named held-out source is read whole: its training split, then its held-out one
+        for split in (TRAIN, HELDOUT) if named else (HELDOUT,):
+            reader = PreparedSplit(source.files[0], split, cfg.seq_len)
+            count = min(needed - len(windows), reader.num_windows)
+            windows += [reader.window(i) for i in range(count)]
     else:
         # A named held-out source is read whole: every document is in its "train" split.
         split, period = (TRAIN, 0) if named else (HELDOUT, cfg.heldout_period)

@@ -73,6 +73,9 @@ def open_data(cfg: DataConfig) -> DataPlan:
         if source.format == "prepared":
             check_prepared_tokenizer(source, tokenizer, index)
     heldout_sources = [resolve_source(s, cfg.on_bad_record == "skip") for s in cfg.heldout_sources]
+    for index, source in enumerate(heldout_sources):
+        if source.format == "prepared":
+            check_prepared_tokenizer(source, tokenizer, index, "data.heldout_sources")
     check_no_overlap(sources, heldout_sources)
     return DataPlan(cfg, sources, tokenizer, heldout_sources=heldout_sources)
 
@@ -89,11 +92,13 @@ def check_no_overlap(sources: list[ResolvedSource], heldout: list[ResolvedSource
                 )
 
 
-def check_prepared_tokenizer(source: ResolvedSource, tokenizer: Tokenizer, index: int) -> None:
+def check_prepared_tokenizer(
+    source: ResolvedSource, tokenizer: Tokenizer, index: int, key: str = "data.sources"
+) -> None:
     used = read_manifest(Path(source.files[0]))["tokenizer"]
     if not same_tokenizer(used, tokenizer.identity()):
         raise DataError(
-            f"data.sources.{index}: {source.config.path} was prepared with tokenizer "
+            f"{key}.{index}: {source.config.path} was prepared with tokenizer "
             f"{describe_identity(used)}, this run uses {describe_identity(tokenizer.identity())}: "
             "prepare it again, or set data.tokenizer.kind and data.tokenizer.path to the ones "
             "it was prepared with"
