@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor
 
 def local_part(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a DTensor, or the tensor itself."""
-    return tensor.tolocal_part() if isinstance(tensor, DTensor) else tensor
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def _to_host(tensor: torch.Tensor) -> torch.Tensor:
