@@ -113,3 +113,17 @@ def test_a_prepared_heldout_source_of_another_tokenizer_is_refused(split_corpus,
     source = SourceConfig(path=str(prepared), format="prepared")
     with pytest.raises(DataError, match=r"data.heldout_sources.0: .* was prepared with tokenizer"):
         open_data(data_config(train, heldout_sources=[source]))
+
+
+def test_a_heldout_source_prepared_from_a_training_file_is_refused(split_corpus, tmp_path):
+    """The overlap check sees through preparation: the training file prepared is the same
+    data, held out or trained on."""
+    from birkhoff.data.commands import prepare_sources
+
+    train, _ = split_corpus
+    prepare = data_config(train)
+    prepare.prepare.output_dir = str(tmp_path / "prepared")
+    (prepared,) = prepare_sources(prepare, show=False)
+    source = SourceConfig(path=str(prepared), format="prepared")
+    with pytest.raises(DataError, match=r"data.heldout_sources.0: .*train.jsonl is also in"):
+        open_data(data_config(train, heldout_sources=[source]))

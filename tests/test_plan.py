@@ -19,6 +19,7 @@ from birkhoff.parallel.planning.activations import (
     window_keys,
 )
 from birkhoff.parallel.planning.cluster import PRESETS, Cluster
+from birkhoff.parallel.planning.communication import comm_seconds
 from birkhoff.parallel.planning.estimate import (
     GIB,
     estimate,
@@ -209,6 +210,11 @@ def test_muon_state_gathers_and_newton_schulz_follow_their_formulas():
     assert muon.comm_gib["muon_gather"] * GIB == pytest.approx(4 * matrices / 8)
     assert muon.comm_gib["muon_all_gather"] == 0
     assert muon.comm_gib["muon_scatter"] * GIB == pytest.approx(4 * matrices / 8)
+    # one matrix after another, each through its owner's link: 7 of its 8 shards
+    link = CLUSTER.intra_node_gbps * 1e9
+    sent = {name: muon.comm_gib[name] * GIB for name in ("muon_gather", "muon_scatter")}
+    seconds = comm_seconds(sent, muon.layout, CLUSTER)
+    assert seconds == pytest.approx(dict.fromkeys(sent, 7 * 4 * matrices / 8 / link))
     owned = sum(10 * (4 * min(r, c) ** 2 * max(r, c) + 2 * min(r, c) ** 3) for r, c in shapes)
     flops = L * owned / 8
     extra = flops / (CLUSTER.peak_tflops * 1e12 * CLUSTER.matmul_efficiency)
@@ -403,9 +409,9 @@ PIPELINED_HSDP = [
 )
 def test_layout_recipes_fit_their_cluster_and_build(model, layout):
     """A layout recipe sets the degrees, batch, launch and cluster: the plan takes it as the
-    one layout to check and finds it fits; the dry run builds the last rank's share of it
-    with two pipeline stages and HSDP 2 x 8 (the last stage, an HSDP replica, Engram rows
-    sharded), which fits too."""
+    one layout to check and finds it fits; for engram_27b the dry run builds the last rank's
+    share of the recipe's layout and of the same with two pipeline stages and HSDP 2 x 8
+    (the last stage, an HSDP replica, Engram rows sharded), and both fit."""
     planned = birkhoff(f"model={model}", f"parallel={layout}", "--json")
     assert planned.returncode == 0, planned.stderr
     (only,) = json.loads(planned.stdout)["layouts"]
@@ -414,10 +420,14 @@ def test_layout_recipes_fit_their_cluster_and_build(model, layout):
         return
     devices = json.loads(planned.stdout)["cluster"]["devices"]
     command = [sys.executable, "-m", "birkhoff.launch.cli", "train", f"model={model}"]
-    command += [f"parallel={layout}", *PIPELINED_HSDP, "--dry-run", "--rank", str(devices - 1)]
-    built = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert built.returncode == 0, built.stderr[-2000:]
-    assert f"rank {devices - 1} of {devices}" in built.stdout and "; fits in 80 GiB" in built.stdout
+    command.append(f"parallel={layout}")
+    flags = ["--dry-run", "--rank", str(devices - 1)]
+    for extra in ([], PIPELINED_HSDP):
+        run = [*command, *extra, *flags]
+        built = subprocess.run(run, capture_output=True, text=True, timeout=300)
+        assert built.returncode == 0, built.stderr[-2000:]
+        assert f"rank {devices - 1} of {devices}" in built.stdout
+        assert "; fits in 80 GiB" in built.stdout
 
 
 def test_dry_run_refuses_a_rank_outside_the_layout():

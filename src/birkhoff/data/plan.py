@@ -73,18 +73,27 @@ def open_data(cfg: DataConfig) -> DataPlan:
         if source.format == "prepared":
             check_prepared_tokenizer(source, tokenizer, index)
     heldout_sources = [resolve_source(s, cfg.on_bad_record == "skip") for s in cfg.heldout_sources]
+    check_no_overlap(sources, heldout_sources)
     for index, source in enumerate(heldout_sources):
         if source.format == "prepared":
             check_prepared_tokenizer(source, tokenizer, index, "data.heldout_sources")
-    check_no_overlap(sources, heldout_sources)
     return DataPlan(cfg, sources, tokenizer, heldout_sources=heldout_sources)
 
 
+def _read_files(source: ResolvedSource) -> list[str]:
+    """The files a source's tokens come from: a prepared source's directory and the raw files
+    it was prepared from (its manifest's list)."""
+    if source.format != "prepared":
+        return list(source.files)
+    return [*source.files, *read_manifest(Path(source.files[0]))["files"]]
+
+
 def check_no_overlap(sources: list[ResolvedSource], heldout: list[ResolvedSource]) -> None:
-    """No file is both trained on and held out (compared as resolved, absolute paths)."""
-    trained = {path: index for index, source in enumerate(sources) for path in source.files}
+    """No file is both trained on and held out (compared as resolved, absolute paths; a
+    prepared source by its directory and the files it was prepared from)."""
+    trained = {path: i for i, source in enumerate(sources) for path in _read_files(source)}
     for index, source in enumerate(heldout):
-        for path in source.files:
+        for path in _read_files(source):
             if path in trained:
                 raise DataError(
                     f"data.heldout_sources.{index}: {path} is also in data.sources."

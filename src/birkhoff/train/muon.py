@@ -21,13 +21,14 @@ matrix has an owner rank (round-robin by size, as V4's hybrid ZeRO) that alone r
 Newton-Schulz and scatters the result, so the work is spread over the ranks: when the matrix
 is sharded along a mesh dimension of more than one rank (FSDP, or tp alone; under HSDP the
 replicas each have their owner, so the work is spread over dp_shard) it is assembled on the
-owner alone (one gather of the shards: a rank receives only the matrices it owns); under
-fsdp x tp it is gathered whole on every rank, and the owner along dp_shard and its tp peers
-compute it, each keeping its tp slice. A column-parallel
-matrix under fsdp x tp, which FSDP shards with a strided placement (its tp rows split again
-over dp_shard), goes the same way: the owner's scatter along dp_shard with that placement gives
-each dp rank its rows of every tp slice, of which it keeps its own tp slice's (DTensor scatters
-a strided shard only when it splits evenly: an uneven one is computed by every rank).
+owner alone (one gather of the shards: a rank receives only the matrices it owns); sharded
+along both dp_shard and tp (fsdp x tp, a matrix tp splits) it is gathered whole on every rank,
+and the owner along dp_shard and its tp peers compute it, each keeping its tp slice. A
+column-parallel matrix under fsdp x tp, which FSDP shards with a strided placement (its tp
+rows split again over dp_shard), goes the same way: the owner's scatter along dp_shard with
+that placement gives each dp rank its rows of every tp slice, of which it keeps its own tp
+slice's (DTensor scatters a strided shard only when it splits evenly: an uneven one is
+computed by every rank).
 Expert stacks sharded only by expert (ep, FSDP) are orthogonalised where they are, with no
 gather.
 """
@@ -121,8 +122,8 @@ class MuonV4(AdamW):
             return distribute_tensor(update, mesh, placements, src_data_rank=None)
         dim = _owner_dim(nesterov)
         sharded = [d for d, size in enumerate(mesh.shape) if size > 1 and _sharded(placements[d])]
-        # sharded along `dim` alone: assembled on its owner alone; under fsdp x tp whole on
-        # every rank (the owner's tp peers compute it alongside)
+        # sharded along `dim` alone: assembled on its owner alone; along dp_shard and tp both,
+        # whole on every rank (the owner's tp peers compute it alongside)
         alone = sharded == [dim]
         whole = _gathered_on(nesterov, dim, owner) if alone else nesterov.full_tensor()
         if mesh.get_local_rank(dim) == owner:

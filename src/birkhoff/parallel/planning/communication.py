@@ -139,8 +139,9 @@ def _muon_bytes(inv: Inventory, layout: Layout, keys: set[int]) -> dict[str, flo
     """Per step, Muon's assembly of the sharded matrices of the stage keys `keys` (float32
     Nesterov inputs) and the owners' scatters back (each rank's shard; none where every rank
     computes the matrix). A matrix sharded along one dimension (FSDP's dp_shard, or tp alone)
-    is gathered on its owner: each rank sends its shard. Under fsdp x tp it is all-gathered
-    on every rank (each gather's output, dp_shard first, then tp)."""
+    is gathered on its owner: each rank sends its shard. Sharded along dp_shard and tp both
+    (fsdp x tp, a matrix tp splits) it is all-gathered on every rank (each gather's output,
+    dp_shard first, then tp)."""
     comm = dict.fromkeys(("muon_gather", "muon_tp_gather", "muon_all_gather",
                           "muon_tp_all_gather", "muon_scatter", "muon_tp_scatter"),
                          0.0)  # fmt: skip
@@ -284,7 +285,10 @@ def _pipeline_bytes(cfg, work: Workload, layout: Layout, stage: int, tokens: int
 
 def comm_seconds(comm: dict[str, float], layout: Layout, cluster: Cluster) -> dict[str, float]:
     """Ring collectives: (g - 1) / g of the payload crosses each device's link (all-reduce
-    twice); a group inside one node uses the node's links, else the NICs."""
+    twice); a group inside one node uses the node's links, else the NICs. Muon's gathers to
+    an owner and scatters back (payload: each rank's shards) run one matrix after another,
+    each through its owner's link, which carries the other g - 1 shards: g times the ring's
+    time for the same payload."""
 
     def bandwidth(span: int) -> float:
         return (
@@ -301,13 +305,13 @@ def comm_seconds(comm: dict[str, float], layout: Layout, cluster: Cluster) -> di
         "ep_all_to_all": (layout.ep, tp_span * layout.ep, 1),
         "engram_all_to_all": (layout.dp_shard, tp_span * layout.dp_shard, 1),
         "engram_sparse_all_gather": (layout.dp, layout.devices // layout.pp, 1),
-        # each rank sends its shard; an owner receives the others' of what it owns
-        "muon_gather": (layout.dp_shard, tp_span * layout.dp_shard, 1),
-        "muon_tp_gather": (layout.tp, tp_span, 1),
+        # one matrix at a time through its owner's link: g - 1 shards each (see above)
+        "muon_gather": (layout.dp_shard, tp_span * layout.dp_shard, layout.dp_shard),
+        "muon_tp_gather": (layout.tp, tp_span, layout.tp),
         "muon_all_gather": (layout.dp_shard, tp_span * layout.dp_shard, 1),
         "muon_tp_all_gather": (layout.tp, tp_span, 1),
-        "muon_scatter": (layout.dp_shard, tp_span * layout.dp_shard, 1),
-        "muon_tp_scatter": (layout.tp, tp_span, 1),
+        "muon_scatter": (layout.dp_shard, tp_span * layout.dp_shard, layout.dp_shard),
+        "muon_tp_scatter": (layout.tp, tp_span, layout.tp),
         "tp_all_reduce": (layout.tp, tp_span, 2),
         "tp_all_gather": (layout.tp, tp_span, 1),
         "tp_reduce_scatter": (layout.tp, tp_span, 1),
