@@ -52,6 +52,10 @@ def dry_run(recipe: Recipe, rank: int) -> str:
     lines += [f"  {kind}: {size / GIB:.2f} GiB" for kind, size in state.items()]
     if recipe.optim.engram_update == "sparse":
         lines.append("  (the Engram tables' row-sparse gradients: at most the step's lookups)")
+    if not recipe.parallel.fsdp_reduce_every_micro_batch:
+        lines.append("  (grads: the rank's shards once reduce-scattered; accumulating over "
+                     "micro-batches, FSDP holds them unsharded until the last, as the plan "
+                     "counts)")  # fmt: skip
     lines += _planned(recipe, world)
     return "\n".join(lines)
 
