@@ -140,6 +140,9 @@ MESHES = {
     # tp alone, columns split: the expert stack is gathered too (along its dim 1); owners by
     # size (the stack, the 20 x 6, the 12 x 8: ranks 0, 1, 0): 4 + 1 and 1 a step
     "1-D mesh, columns": ((2,), None, ("Shard(1)",), [10, 2]),
+    # a strided shard alone (rows in 2 x 2 interleaved pieces): gathered on its owner, each
+    # shard put back at the rows DTensor's strided split gives its rank; experts lie whole
+    "1-D mesh, strided": ((2,), None, ("StridedShard(0)",), [6, 6]),
     "FSDP's 1 x 2 mesh": ((1, 2), ("dp_replicate", "dp_shard"), ("Replicate", "Shard(0)"),
                           [6, 6]),
     "HSDP's 2 x 2 mesh": ((2, 2), ("dp_replicate", "dp_shard"), ("Replicate", "Shard(0)"),
