@@ -17,7 +17,6 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from birkhoff.errors import require
 from birkhoff.launch.plan_command import cluster_values, recipe_layout, workload_of
@@ -30,6 +29,7 @@ from birkhoff.parallel.planning.estimate import GIB, estimate
 from birkhoff.parallel.planning.inventory import build_inventory
 from birkhoff.train.model_share import ModelShare, build_share
 from birkhoff.train.optim import optimizer_groups
+from birkhoff.train.snapshot import local_part
 
 
 def dry_run(recipe: Recipe, rank: int) -> str:
@@ -43,7 +43,7 @@ def dry_run(recipe: Recipe, rank: int) -> str:
         held = 0
         for part in share.parts:
             for name, param in part.named_parameters():
-                local = _local(param)
+                local = local_part(param)
                 held += local.numel()
                 whole = "" if local.shape == param.shape else f" of {tuple(param.shape)}"
                 lines.append(f"  {clean_name(name)}: {tuple(local.shape)}{whole}")
@@ -58,10 +58,6 @@ def dry_run(recipe: Recipe, rank: int) -> str:
                      "counts)")  # fmt: skip
     lines += _planned(recipe, world)
     return "\n".join(lines)
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def state_bytes(recipe: Recipe, parts: list[nn.Module]) -> dict[str, int]:
@@ -79,16 +75,16 @@ def state_bytes(recipe: Recipe, parts: list[nn.Module]) -> dict[str, int]:
             per_element = 4 if group.get("muon") or group.get("sinkhorn") else 8
             for param in group["params"]:
                 grouped.add(id(param))
-                local = _local(param)
+                local = local_part(param)
                 size = local.numel() * local.element_size()
-                grads = 0 if id(param) in sparse else size
-                state["host" if id(param) in host else "params"] += size
-                state["host" if id(param) in host else "optimizer"] += local.numel() * per_element
-                state["grads"] += grads
+                on_host = id(param) in host
+                state["host" if on_host else "params"] += size
+                state["host" if on_host else "optimizer"] += local.numel() * per_element
+                state["grads"] += 0 if id(param) in sparse else size
         for param in part.parameters():  # frozen ones: no gradient, no state
             if id(param) not in grouped:
-                state["params"] += _local(param).numel() * param.element_size()
-        state["buffers"] += sum(_local(b).numel() * b.element_size() for b in part.buffers())
+                state["params"] += local_part(param).numel() * param.element_size()
+        state["buffers"] += sum(local_part(b).numel() * b.element_size() for b in part.buffers())
     if not recipe.parallel.engram_host:
         del state["host"]
     return state
