@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from birkhoff.model import build_model
+from birkhoff.parallel.comm_counter import CollectiveBytes
 from birkhoff.train.config import OptimConfig
 from birkhoff.train.muon import QUINTIC, MuonV4, hybrid_newton_schulz
 from birkhoff.train.optim import build_optimizer
@@ -130,37 +131,38 @@ def test_bad_muon_settings_fail_naming_the_key():
 
 
 # layout: (mesh shape, dim names, placements, matrices each rank orthogonalises in 2 steps).
-# One process: 1 + 1 + 4 (two matrices, a stack of 4 experts) per step, 12 in all.
+# One process: 1 + 1 + 4 (two matrices, a stack of 4 experts) per step, 12 in all. Owners
+# round-robin by size over the ranks that shard a matrix (parallel/muon_exchange.py).
 MESHES = {
     # the larger matrix by shard rank 0, the other by shard rank 1, 2 experts each where
     # they lie: 3 a step each
     "1-D mesh": ((2,), None, ("Shard(0)",), [6, 6]),
-    # 9 and 11 rows in 2: shards of 5 and 4, 6 and 5 rows (the owner's gather pads them)
+    # 9 and 11 rows in 2: shards of 5 and 4, 6 and 5 rows
     "1-D mesh, uneven": ((2,), None, ("Shard(0)",), [6, 6]),
-    # tp alone, columns split: the expert stack is gathered too (along its dim 1); owners by
+    # tp alone, columns split: the expert stack is assembled too (along its dim 1); owners by
     # size (the stack, the 20 x 6, the 12 x 8: ranks 0, 1, 0): 4 + 1 and 1 a step
     "1-D mesh, columns": ((2,), None, ("Shard(1)",), [10, 2]),
-    # a strided shard alone (rows in 2 x 2 interleaved pieces): gathered on its owner, each
-    # shard put back at the rows DTensor's strided split gives its rank; experts lie whole
+    # a strided shard alone (rows in 2 x 2 interleaved pieces): each shard put back at the
+    # rows DTensor's strided split gives its rank; experts lie whole
     "1-D mesh, strided": ((2,), None, ("StridedShard(0)",), [6, 6]),
     "FSDP's 1 x 2 mesh": ((1, 2), ("dp_replicate", "dp_shard"), ("Replicate", "Shard(0)"),
                           [6, 6]),
+    # each replica has its owners: the same work on both
     "HSDP's 2 x 2 mesh": ((2, 2), ("dp_replicate", "dp_shard"), ("Replicate", "Shard(0)"),
                           [6] * 4),
-    # tp splits the columns: the expert stack is gathered too; owners along dp_shard by size
-    # (the stack of 240 elements, the 20 x 6, the 12 x 8: dp ranks 0, 1, 0), each with its tp
-    # peer: 4 + 1 and 1 a step
+    # rows over dp_shard, columns over tp: owners among all 4 ranks by size (the stack of 240
+    # elements, the 20 x 6, the 12 x 8: ranks 0, 1, 2), rank 3 owns none
     "fsdp x tp 2 x 2 mesh": ((2, 2), ("dp_shard", "tp"), ("Shard(0)", "Shard(1)"),
-                             [10, 10, 2, 2]),
+                             [8, 2, 2, 0]),
     # column-parallel under fsdp x tp: FSDP's strided shard of tp's rows; the experts lie
-    # whole (dim 0), one per rank; the 20 x 6 owned by dp rank 0, the 12 x 8 by dp rank 1
+    # whole (dim 0), one per rank; the 20 x 6 owned by rank 0, the 12 x 8 by rank 1
     "fsdp x tp 2 x 2 mesh, column-parallel": ((2, 2), ("dp_shard", "tp"),
-                                              ("StridedShard(0)", "Shard(0)"), [4, 4, 4, 4]),
-    # 9 and 11 rows do not split evenly in 4 (DTensor scatters no uneven strided shard):
-    # every rank computes both matrices, 3 a step with its expert
+                                              ("StridedShard(0)", "Shard(0)"), [4, 4, 2, 2]),
+    # 9 and 11 rows split unevenly in 4 (pieces of 3, 2, 2, 2 and 3, 3, 3, 2 rows): owned
+    # the same
     "fsdp x tp 2 x 2 mesh, column-parallel, uneven": ((2, 2), ("dp_shard", "tp"),
                                                       ("StridedShard(0)", "Shard(0)"),
-                                                      [6, 6, 6, 6]),
+                                                      [4, 4, 2, 2]),
 }  # fmt: skip
 SHAPES = [(12, 8), (20, 6), (4, 6, 10)]  # two matrices and a stack of 4 experts
 UNEVEN = [(9, 8), (11, 6), (4, 6, 10)]
@@ -189,9 +191,9 @@ def _owner_rank(rank: int, world: int, port: int, out: str, layout: str) -> None
     weights = [torch.randn(s) for s in shapes]
     grads = [[torch.randn(s) for s in shapes] for _ in range(2)]
     results = {}
-    for sharded in (False, True):
-        # every rank has the full tensors: each cuts its own shard (DTensor cannot scatter an
-        # uneven strided one)
+    # one process; sharded, one bucket per step; sharded, a bucket per matrix
+    for sharded, bucket_bytes in ((False, None), (True, 2**20), (True, 1)):
+        # every rank has the full tensors: each cuts its own shard
         place = (
             (lambda t: distribute_tensor(t, mesh, placements, src_data_rank=None))
             if sharded
@@ -200,17 +202,22 @@ def _owner_rank(rank: int, world: int, port: int, out: str, layout: str) -> None
         params = [torch.nn.Parameter(place(w.clone())) for w in weights]
         group = {"params": params, "muon": True, "momentum": 0.95, "update_rms": 0.18,
                  "weight_decay": 0.1}  # fmt: skip
-        optimizer = MuonV4([group], lr=0.02)
-        for step_grads in grads:
-            for param, grad in zip(params, step_grads, strict=True):
-                param.grad = place(grad)
-            optimizer.step()
-        results[sharded] = [p.to_local() if sharded else p for p in params]
-        results[f"work {sharded}"] = optimizer.orthogonalised
+        optimizer = MuonV4([group], lr=0.02, bucket_bytes=bucket_bytes or 1)
+        with CollectiveBytes({}) as counted:
+            for step_grads in grads:
+                for param, grad in zip(params, step_grads, strict=True):
+                    param.grad = place(grad)
+                optimizer.step()
+        key = (sharded, bucket_bytes)
+        results[key] = [p.to_local() if sharded else p for p in params]
+        results[f"work {key}"] = optimizer.orthogonalised
+        calls = counted.calls.items()
+        results[f"all-to-alls {key}"] = sum(n for k, n in calls if k[0] == "all_to_all")
+        results[f"other collectives {key}"] = sum(n for k, n in calls if k[0] != "all_to_all")
     # this rank's slices of the one-process result, cut by DTensor itself (no communication)
     results["expected"] = [
         distribute_tensor(p.detach(), mesh, placements, src_data_rank=None).to_local()
-        for p in results[False]
+        for p in results[(False, None)]
     ]
     torch.save(results, f"{out}/{rank}.pt")
     dist.destroy_process_group()
@@ -218,9 +225,10 @@ def _owner_rank(rank: int, world: int, port: int, out: str, layout: str) -> None
 
 @pytest.mark.parametrize("layout", list(MESHES))
 def test_owner_ranks_share_the_work_and_give_one_process_update(tmp_path, layout):
-    """Each gathered matrix is orthogonalised by one owner (and the peers that hold the same
-    rows: HSDP's replicas, fsdp x tp's tp ranks) and the experts where they lie; every
-    rank's shards equal its slices of the update one process computes."""
+    """Each sharded matrix is orthogonalised by one owner among the ranks that shard it
+    (HSDP's replicas each have theirs) and the experts where they lie; every rank's shards
+    equal its slices of the update one process computes, with the owners' matrices sent in
+    one bucket a step (2 all-to-alls) or a bucket per matrix, and no other collective."""
     import torch.multiprocessing as mp
     from test_resilience import free_port
 
@@ -228,7 +236,15 @@ def test_owner_ranks_share_the_work_and_give_one_process_update(tmp_path, layout
     mp.spawn(_owner_rank, args=(world, free_port(), str(tmp_path), layout), nprocs=world)
     saved = [torch.load(tmp_path / f"{rank}.pt") for rank in range(world)]
     for s in saved:
-        for got, expected in zip(s[True], s["expected"], strict=True):
-            torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
-    assert [s["work False"] for s in saved] == [12] * world
-    assert [s["work True"] for s in saved] == MESHES[layout][3]
+        for bucketed in ((True, 2**20), (True, 1)):
+            for got, expected in zip(s[bucketed], s["expected"], strict=True):
+                torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert [s["work (False, None)"] for s in saved] == [12] * world
+    assert [s["work (True, 1048576)"] for s in saved] == MESHES[layout][3]
+    assert [s["work (True, 1)"] for s in saved] == MESHES[layout][3]
+    # the expert stack is assembled where tp splits its columns: 3 matrices owned, else 2
+    owned = 3 if layout in ("1-D mesh, columns", "fsdp x tp 2 x 2 mesh") else 2
+    steps = 2
+    assert [s["all-to-alls (True, 1048576)"] for s in saved] == [2 * steps] * world
+    assert [s["all-to-alls (True, 1)"] for s in saved] == [2 * steps * owned] * world
+    assert all(s[f"other collectives {k}"] == 0 for s in saved for k in ((True, 2**20), (True, 1)))

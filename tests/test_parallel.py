@@ -246,7 +246,7 @@ LAYOUTS = {
         4,
         ["parallel.dp_shard=4", "parallel.ep=2", MUON, ROUNDING_EPS, "train.micro_batch_size=2"],
     ),
-    # fsdp x tp: every matrix owned along dp_shard (its owner's tp peer computing too), the
+    # fsdp x tp: every matrix tp splits owned among the 4 ranks (dp_shard x tp), the
     # column-parallel ones (FSDP's strided shard) as the row-parallel ones
     "fsdp=2 x tp=2 + sequence parallel + Muon": (
         4,
@@ -428,12 +428,9 @@ KIND = {
     "ep_all_to_all": "all_to_all",
     "engram_all_to_all": "all_to_all",
     "engram_sparse_all_gather": "all_gather",
-    "muon_gather": "gather",
-    "muon_tp_gather": "gather@tp",
-    "muon_all_gather": "all_gather",
-    "muon_tp_all_gather": "all_gather@tp",
-    "muon_scatter": "scatter",
-    "muon_tp_scatter": "scatter@tp",
+    "muon_all_to_all": "all_to_all",
+    "muon_dp_tp_all_to_all": "all_to_all",
+    "muon_tp_all_to_all": "all_to_all@tp",
     "pp_send_recv": "send_recv",
     "tp_all_reduce": "all_reduce@tp",
     "tp_all_gather": "all_gather@tp",

@@ -207,25 +207,23 @@ def test_muon_state_gathers_and_newton_schulz_follow_their_formulas():
     assert muon.memory_gib["optimizer"] * GIB == pytest.approx(
         8 * (p - matrices) / 8 + 4 * matrices / 8
     )
-    assert muon.comm_gib["muon_gather"] * GIB == pytest.approx(4 * matrices / 8)
-    assert muon.comm_gib["muon_all_gather"] == 0
-    assert muon.comm_gib["muon_scatter"] * GIB == pytest.approx(4 * matrices / 8)
-    # one matrix after another, each through its owner's link: 7 of its 8 shards
+    assert muon.comm_gib["muon_all_to_all"] * GIB == pytest.approx(2 * 4 * matrices / 8)
+    assert muon.comm_gib["muon_dp_tp_all_to_all"] == muon.comm_gib["muon_tp_all_to_all"] == 0
+    # 7 of the 8 parts of each input leave the rank
     link = CLUSTER.intra_node_gbps * 1e9
-    sent = {name: muon.comm_gib[name] * GIB for name in ("muon_gather", "muon_scatter")}
+    sent = {"muon_all_to_all": muon.comm_gib["muon_all_to_all"] * GIB}
     seconds = comm_seconds(sent, muon.layout, CLUSTER)
-    assert seconds == pytest.approx(dict.fromkeys(sent, 7 * 4 * matrices / 8 / link))
+    assert seconds["muon_all_to_all"] == pytest.approx(7 / 8 * 2 * 4 * matrices / 8 / link)
     owned = sum(10 * (4 * min(r, c) ** 2 * max(r, c) + 2 * min(r, c) ** 3) for r, c in shapes)
     flops = L * owned / 8
     extra = flops / (CLUSTER.peak_tflops * 1e12 * CLUSTER.matmul_efficiency)
     assert muon.compute_s - adamw.compute_s == pytest.approx(extra)
-    assert adamw.comm_gib["muon_gather"] == 0
+    assert adamw.comm_gib["muon_all_to_all"] == 0
     # HSDP 2 x 4: each replica's owners along dp_shard, a quarter of the work per rank
     hsdp = estimate(inv, Layout(dp_replicate=2, dp_shard=4, micro_batch=1, muon=True), work,
                     CLUSTER)  # fmt: skip
     hsdp_adamw = estimate(inv, Layout(dp_replicate=2, dp_shard=4, micro_batch=1), work, CLUSTER)
-    assert hsdp.comm_gib["muon_gather"] * GIB == pytest.approx(4 * matrices / 4)
-    assert hsdp.comm_gib["muon_scatter"] * GIB == pytest.approx(4 * matrices / 4)
+    assert hsdp.comm_gib["muon_all_to_all"] * GIB == pytest.approx(2 * 4 * matrices / 4)
     assert hsdp.compute_s - hsdp_adamw.compute_s == pytest.approx(2 * extra)
 
 

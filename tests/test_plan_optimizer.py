@@ -13,13 +13,14 @@ from birkhoff.launch.recipe import typed_recipe
 from birkhoff.model import build_model
 from birkhoff.model.config import EngramConfig, MoEConfig
 from birkhoff.model.init import clean_name
+from birkhoff.parallel.muon_exchange import owner_group_size
 from birkhoff.parallel.planning.communication import communication, muon_owner_group
 from birkhoff.parallel.planning.estimate import GIB, estimate
 from birkhoff.parallel.planning.inventory import build_inventory
 from birkhoff.parallel.planning.layout import Layout, Workload, layout_of
 from birkhoff.parallel.planning.search import check_runnable
 from birkhoff.train.config import OptimConfig
-from birkhoff.train.muon import _owned, _owner_dim
+from birkhoff.train.muon import _owned
 from birkhoff.train.optim import build_optimizer
 from birkhoff.train.snapshot import take_snapshot
 from conftest import SMALL_OVERRIDES, compose_recipe, small_model
@@ -57,19 +58,19 @@ def test_balanced_tables_with_sparse_engram_updates_are_refused():
         check_runnable(inv, layout, WORK)
 
 
-def test_muon_under_fsdp_x_tp_scatters_every_matrix_along_dp_shard():
-    """fsdp=2 x tp=2: each matrix's owner along dp_shard scatters it, each rank receiving
-    half, of every tp slice, and keeping its own tp slice's: row-parallel matrices (wo,
-    w_down, which FSDP shards plainly) and column-parallel ones (strided) alike."""
+def test_muon_under_fsdp_x_tp_owns_every_matrix_among_all_four_ranks():
+    """fsdp=2 x tp=2: each matrix tp splits has its owner among the 4 ranks of dp_shard x tp:
+    row-parallel matrices (wo, w_down, which FSDP shards plainly) and column-parallel ones
+    (strided) alike; each rank sends a quarter of each and receives a quarter back (the mean
+    over owners), and runs a quarter of their Newton-Schulz iterations."""
     inv = build_inventory(DENSE)
     muon = estimate(inv, Layout(dp_shard=2, tp=2, muon=True), WORK, CLUSTER)
     d = C // H
     matrices = L * (2 * C * C + 2 * KV * d * C + 3 * C * F)  # q, k, v, o; gate, up, down
-    assert muon.comm_gib["muon_scatter"] * GIB == pytest.approx(4 * matrices / 2)
-    # all gathered whole on every rank (the owner's tp peers compute it too), dp_shard first
-    assert muon.comm_gib["muon_all_gather"] * GIB == pytest.approx(4 * matrices / 2)
-    assert muon.comm_gib["muon_tp_all_gather"] * GIB == pytest.approx(4 * matrices)
-    assert muon.comm_gib["muon_gather"] == 0
+    assert muon.comm_gib["muon_dp_tp_all_to_all"] * GIB == pytest.approx(2 * 4 * matrices / 4)
+    assert muon.comm_gib["muon_all_to_all"] == muon.comm_gib["muon_tp_all_to_all"] == 0
+    tp_alone = estimate(inv, Layout(tp=2, muon=True), WORK, CLUSTER)
+    assert tp_alone.comm_gib["muon_tp_all_to_all"] * GIB == pytest.approx(2 * 4 * matrices / 2)
 
 
 @pytest.mark.parametrize(
@@ -99,13 +100,14 @@ def test_the_snapshot_the_plan_predicts_is_the_one_taken(name, embedding_update)
     assert predicted == pytest.approx(measured, rel=0.01)
 
 
-def test_the_plan_gathers_to_one_owner_the_muon_matrices_the_trainer_does():
+def test_the_plan_gives_each_muon_matrix_the_owner_group_the_trainer_does():
     """fsdp=4 x tp=2 on 8 ranks, rank 0's share built by the trainer's own code on the meta
     device behind a fake process group (as `--dry-run` builds it): for every matrix Muon
-    trains, the plan's owner group is the one train/muon.py derives from the DTensor
-    placements. The FFN's 36 rows split over tp but not over tp x dp_shard = 8: FSDP's
-    strided shard of its column-parallel matrices cannot be scattered, so every rank
-    computes them (group 1) and the plan moves no scatter bytes for them."""
+    trains, the plan's owner group is the one parallel/muon_exchange.py derives from the
+    DTensor placements: the 8 ranks of dp_shard x tp for a matrix tp splits, the FFN's
+    column-parallel ones too, whose 36 rows split unevenly over 8 (FSDP's strided shard of
+    them), dp_shard's 4 for one it does not; and the plan's all-to-alls carry 2 x 4 bytes
+    per element over the group."""
     overrides = [*SMALL_OVERRIDES, "model=tiny_gqa", "model.ffn_hidden_size=36",
                  "model.moe.num_experts=0", "parallel.tp=2", "launch.nproc_per_node=8",
                  "optim=muon_v4", "train.micro_batch_size=2"]  # fmt: skip
@@ -114,8 +116,7 @@ def test_the_plan_gathers_to_one_owner_the_muon_matrices_the_trainer_does():
     with rank_share(recipe, 0) as (share, _):
         for part in share.parts:
             for name, param in part.named_parameters():
-                owned = _owned(param)
-                groups[clean_name(name)] = param.device_mesh.size(_owner_dim(param)) if owned else 1
+                groups[clean_name(name)] = owner_group_size(param) if _owned(param) else 1
     inv = build_inventory(recipe.model)
     layout = layout_of(recipe.parallel, recipe.train.micro_batch_size, 8,
                        recipe.optim.engram_update, recipe.optim.name)  # fmt: skip
@@ -125,10 +126,10 @@ def test_the_plan_gathers_to_one_owner_the_muon_matrices_the_trainer_does():
         if t.matrices and not t.expert:
             checked[t.name] = muon_owner_group(layout, t)
             assert checked[t.name] == groups[t.name], t.name
-    uneven = sorted(name for name, group in checked.items() if group == 1)
-    assert uneven and all(".ffn.w_gate" in n or ".ffn.w_up" in n for n in uneven), uneven
-    assert any(group == 4 for group in checked.values())
-    # the scatter leaves them out: dp_shard's share of every other matrix
-    scattered = sum(t.numel for t in inv.params if checked.get(t.name, 1) > 1)
+    ffn = [n for n in checked if ".ffn.w_gate" in n or ".ffn.w_up" in n]
+    assert ffn and all(checked[n] == 8 for n in ffn)
+    assert {4, 8} <= set(checked.values())
     comm = communication(inv, layout, Workload(global_batch=8, seq_len=64))
-    assert comm["muon_scatter"] == pytest.approx(4 * scattered / 4)
+    for name, group in (("muon_dp_tp_all_to_all", 8), ("muon_all_to_all", 4)):
+        numel = sum(t.numel for t in inv.params if checked.get(t.name) == group)
+        assert comm[name] == pytest.approx(2 * 4 * numel / group), name

@@ -82,9 +82,9 @@ def _ranks(group) -> tuple[int, ...]:
 
 def mesh_dims(mesh) -> dict[tuple[int, ...], str]:
     """This rank's groups of `mesh` by their global ranks -> the dimension name (the first
-    of equal ones in the mesh's order, then the flattened dp_shard, dp, edp)."""
+    of equal ones in the mesh's order, then the flattened dp_shard, dp, edp, dp_shard_tp)."""
     dims: dict[tuple[int, ...], str] = {}
-    names = [*(mesh.mesh_dim_names or ()), "dp_shard", "dp", "edp"]
+    names = [*(mesh.mesh_dim_names or ()), "dp_shard", "dp", "edp", "dp_shard_tp"]
     for name in names:
         try:
             group = mesh[name].get_group()

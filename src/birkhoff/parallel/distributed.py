@@ -24,6 +24,9 @@ FLATTENED = {
     "dp_shard": ("dp_shard_mod_ep", "ep"),
     "dp": ("dp_replicate", "dp_shard_mod_ep", "ep"),
     "edp": ("dp_replicate", "dp_shard_mod_ep"),
+    # Muon's owner group of a matrix FSDP and tp both shard (parallel/muon_exchange.py): made
+    # here, where every rank takes part, not when a pipeline stage's optimizer first needs it
+    "dp_shard_tp": ("dp_shard_mod_ep", "ep", "tp"),
 }
 
 
@@ -35,7 +38,7 @@ warnings.filterwarnings("ignore", message="Slicing a flattened dim from root mes
 
 def build_mesh(degrees: dict[str, int], device_type: str) -> DeviceMesh:
     """The world mesh with named dims MESH_DIMS plus the flattened dp_shard, dp (all
-    data-parallel ranks) and edp (the data-parallel ranks of one expert shard)."""
+    data-parallel ranks), edp (the data-parallel ranks of one expert shard) and dp_shard_tp."""
     sizes = {
         "pp": degrees["pp"],
         "dp_replicate": degrees["dp_replicate"],

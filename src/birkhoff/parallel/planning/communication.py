@@ -28,12 +28,9 @@ COLLECTIVES = (
     "engram_all_to_all",
     "engram_sparse_all_gather",
     "engram_host_copy",
-    "muon_gather",
-    "muon_tp_gather",
-    "muon_all_gather",
-    "muon_tp_all_gather",
-    "muon_scatter",
-    "muon_tp_scatter",
+    "muon_all_to_all",
+    "muon_dp_tp_all_to_all",
+    "muon_tp_all_to_all",
     "tp_all_reduce",
     "tp_all_gather",
     "tp_reduce_scatter",
@@ -121,46 +118,37 @@ def _stage_communication(inv: Inventory, layout: Layout, work: Workload, stage: 
 
 
 def muon_owner_group(layout: Layout, t: TensorInfo) -> int:
-    """The ranks among which one owner orthogonalises a (non-expert) matrix and scatters it
-    (train/muon.py): those of dp_shard under FSDP (HSDP's replicas each have their owner; under
-    fsdp x tp the owner's tp peers compute it alongside, row- and column-parallel alike), tp
-    for a tp-split matrix without FSDP; 1 where every rank computes it: a replicated matrix,
-    and a column-parallel one under fsdp x tp whose rows do not split evenly over
-    tp x dp_shard (FSDP's strided shard of it, which DTensor cannot scatter). Routed experts
-    are sharded by expert only: never gathered."""
+    """The ranks among which one owner orthogonalises a (non-expert) matrix
+    (parallel/muon_exchange.py): those that shard it, dp_shard under FSDP times tp where tp
+    splits it (HSDP's replicas each have their owner); 1 where every rank computes it (a
+    replicated matrix). Routed experts are sharded by expert only: never assembled."""
+    dp = layout.dp_shard if layout.dp_shard > 1 else 1
+    return dp * (layout.tp if t.tp_split and layout.tp > 1 else 1)
+
+
+def muon_exchange_name(layout: Layout, t: TensorInfo) -> str | None:
+    """The collective that carries a matrix's shards to its owner and back: an all-to-all
+    over dp_shard, over dp_shard x tp, or over tp; None where it has no owner."""
+    if muon_owner_group(layout, t) == 1:
+        return None
+    tp_split = t.tp_split and layout.tp > 1
     if layout.dp_shard > 1:
-        if t.tp_rows and layout.tp > 1 and t.matrices[1] % (layout.tp * layout.dp_shard):
-            return 1
-        return layout.dp_shard
-    return layout.tp if t.tp_split and layout.tp > 1 else 1
+        return "muon_dp_tp_all_to_all" if tp_split else "muon_all_to_all"
+    return "muon_tp_all_to_all"
 
 
 def _muon_bytes(inv: Inventory, layout: Layout, keys: set[int]) -> dict[str, float]:
-    """Per step, Muon's assembly of the sharded matrices of the stage keys `keys` (float32
-    Nesterov inputs) and the owners' scatters back (each rank's shard; none where every rank
-    computes the matrix). A matrix sharded along one dimension (FSDP's dp_shard, or tp alone)
-    is gathered on its owner: each rank sends its shard. Sharded along dp_shard and tp both
-    (fsdp x tp, a matrix tp splits) it is all-gathered on every rank (each gather's output,
-    dp_shard first, then tp)."""
-    comm = dict.fromkeys(("muon_gather", "muon_tp_gather", "muon_all_gather",
-                          "muon_tp_all_gather", "muon_scatter", "muon_tp_scatter"),
-                         0.0)  # fmt: skip
+    """Per step, Muon's two all-to-alls of the sharded matrices of the stage keys `keys`
+    (float32 Nesterov inputs to the owners, updates back): each rank sends its shard of every
+    matrix, and an owner the shards of the matrices it owns (the mean over the owners:
+    numel / g), each time counting the input (the part a rank keeps included)."""
+    comm = dict.fromkeys(("muon_all_to_all", "muon_dp_tp_all_to_all", "muon_tp_all_to_all"), 0.0)
     for t in inv.params:
         if not t.matrices or t.expert or t.layer not in keys:
             continue
-        owners = muon_owner_group(layout, t)
-        tp_split = t.tp_split and layout.tp > 1
-        if owners > 1 and (layout.dp_shard > 1) != tp_split:  # one sharded dimension
-            gather = "muon_gather" if layout.dp_shard > 1 else "muon_tp_gather"
-            comm[gather] += 4 * t.numel / owners
-        else:
-            if layout.dp_shard > 1:
-                comm["muon_all_gather"] += 4 * tp_local(t, layout)
-            if tp_split:
-                comm["muon_tp_all_gather"] += 4 * t.numel
-        name = "muon_scatter" if layout.dp_shard > 1 else "muon_tp_scatter"
-        if owners > 1:
-            comm[name] += 4 * t.numel / owners
+        name = muon_exchange_name(layout, t)
+        if name is not None:
+            comm[name] += 2 * 4 * t.numel / muon_owner_group(layout, t)
     return comm
 
 
@@ -285,10 +273,8 @@ def _pipeline_bytes(cfg, work: Workload, layout: Layout, stage: int, tokens: int
 
 def comm_seconds(comm: dict[str, float], layout: Layout, cluster: Cluster) -> dict[str, float]:
     """Ring collectives: (g - 1) / g of the payload crosses each device's link (all-reduce
-    twice); a group inside one node uses the node's links, else the NICs. Muon's gathers to
-    an owner and scatters back (payload: each rank's shards) run one matrix after another,
-    each through its owner's link, which carries the other g - 1 shards: g times the ring's
-    time for the same payload."""
+    twice); a group inside one node uses the node's links, else the NICs. Muon's all-to-alls
+    (owners round-robin by size: each rank sends and receives about the same) as a ring's."""
 
     def bandwidth(span: int) -> float:
         return (
@@ -305,13 +291,9 @@ def comm_seconds(comm: dict[str, float], layout: Layout, cluster: Cluster) -> di
         "ep_all_to_all": (layout.ep, tp_span * layout.ep, 1),
         "engram_all_to_all": (layout.dp_shard, tp_span * layout.dp_shard, 1),
         "engram_sparse_all_gather": (layout.dp, layout.devices // layout.pp, 1),
-        # one matrix at a time through its owner's link: g - 1 shards each (see above)
-        "muon_gather": (layout.dp_shard, tp_span * layout.dp_shard, layout.dp_shard),
-        "muon_tp_gather": (layout.tp, tp_span, layout.tp),
-        "muon_all_gather": (layout.dp_shard, tp_span * layout.dp_shard, 1),
-        "muon_tp_all_gather": (layout.tp, tp_span, 1),
-        "muon_scatter": (layout.dp_shard, tp_span * layout.dp_shard, layout.dp_shard),
-        "muon_tp_scatter": (layout.tp, tp_span, layout.tp),
+        "muon_all_to_all": (layout.dp_shard, tp_span * layout.dp_shard, 1),
+        "muon_dp_tp_all_to_all": (layout.dp_shard * layout.tp, tp_span * layout.dp_shard, 1),
+        "muon_tp_all_to_all": (layout.tp, tp_span, 1),
         "tp_all_reduce": (layout.tp, tp_span, 2),
         "tp_all_gather": (layout.tp, tp_span, 1),
         "tp_reduce_scatter": (layout.tp, tp_span, 1),

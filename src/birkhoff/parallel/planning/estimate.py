@@ -39,6 +39,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from birkhoff.parallel.muon_exchange import BUCKET_BYTES
 from birkhoff.parallel.planning.activations import (
     block_terms,
     bytes_per_token,
@@ -183,8 +184,8 @@ def _exposed(comm: dict, layout: Layout, cluster: Cluster, compute_s: float) -> 
     times = comm_seconds(comm, layout, cluster)
     on_path = (*TP_COLLECTIVES, "ep_all_to_all", "engram_all_to_all", "pp_send_recv")
     # between backward and the optimizer step; host copies when the forward asks (no prefetch)
-    on_path += ("engram_sparse_all_gather", "engram_host_copy", "muon_gather", "muon_tp_gather")
-    on_path += ("muon_all_gather", "muon_tp_all_gather", "muon_scatter", "muon_tp_scatter")
+    on_path += ("engram_sparse_all_gather", "engram_host_copy", "muon_all_to_all")
+    on_path += ("muon_dp_tp_all_to_all", "muon_tp_all_to_all")
     critical = sum(times[k] for k in on_path)
     overlapped = sum(t for k, t in times.items() if k not in on_path)
     return comm, times, critical + max(0.0, overlapped - compute_s)
@@ -245,14 +246,16 @@ def _rank_memory(
     # The backward peak (the loss's backward, or a pipeline stage's last forward) holds the
     # gradients only where an earlier micro-batch of the step made them.
     backward = state + memory["activations"] + (memory["grads"] if micro_batches > 1 else 0.0)
-    # Muon's step holds one matrix (its own experts' stack) whole at a time: the Nesterov
-    # input, the iterate, its Gram matrices and the update, float32
+    # Muon's step: a matrix computed where it lies (an expert stack) is whole one at a time:
+    # the Nesterov input, the iterate, its Gram matrices and the update, float32; an owner
+    # holds up to 4 times a bucket of its matrices (parallel/muon_exchange.py)
     largest = max((max(n, 1) * r * c for n, r, c in _muon_matrices(inv, layout, keys)), default=0)
+    muon_step = max(4 * 4 * largest, 4 * _muon_bucket_bytes(inv, layout, keys))
     # torch's AdamW on an accelerator steps with foreach kernels: the square root of the
     # second moments is one float32 temporary the size of every element it updates (on a
     # CPU it steps tensor by tensor: one tensor's temporary)
     foreach = 4 * (sharded - one_buffer) if cluster.foreach_optimizer else 0.0
-    step = state + memory["grads"] + max(4 * 4 * largest, foreach)
+    step = state + memory["grads"] + max(muon_step, foreach)
     memory["total"] = max(backward, step)
     # host-resident tables, their AdamW state and gradients: host memory, not the device's
     memory["host"] = (1.0 - on_device) * (12 * tables + table_grads)
@@ -324,6 +327,20 @@ def _attention_flops_per_token(inv: Inventory, seq: int) -> float:
 def model_flops_per_token(inv: Inventory, work: Workload) -> float:
     """Training FLOPs per token: 3 x forward (matmuls with active parameters, attention)."""
     return 3 * (inv.matmul_flops_per_token() + _attention_flops_per_token(inv, work.seq_len))
+
+
+def _muon_bucket_bytes(inv: Inventory, layout: Layout, keys: set[int]) -> float:
+    """The float32 bytes of its matrices an owner assembles per bucket: its share of the
+    matrices with owners (numel / g each), at most BUCKET_BYTES, or one larger matrix."""
+    if not layout.muon:
+        return 0.0
+    owned, largest = 0.0, 0.0
+    for t in inv.params:
+        keep = t.matrices and not t.expert and t.layer in keys
+        if keep and (group := muon_owner_group(layout, t)) > 1:
+            owned += 4 * t.numel / group
+            largest = max(largest, 4.0 * t.numel)
+    return min(owned, max(BUCKET_BYTES, largest))
 
 
 def _muon_matrices(inv: Inventory, layout: Layout, keys: set[int]) -> list[tuple[float, int, int]]:
