@@ -133,3 +133,24 @@ def test_the_plan_gives_each_muon_matrix_the_owner_group_the_trainer_does():
     for name, group in (("muon_dp_tp_all_to_all", 8), ("muon_all_to_all", 4)):
         numel = sum(t.numel for t in inv.params if checked.get(t.name) == group)
         assert comm[name] == pytest.approx(2 * 4 * numel / group), name
+
+
+def test_an_owner_assembles_a_bucket_of_its_muon_matrices_at_most(monkeypatch):
+    """fsdp=8: an owner's share of the matrices (an eighth of them, float32) while it fits a
+    bucket; then the bucket; a matrix larger than the bucket alone (parallel/muon_exchange.py's
+    buckets: whole matrices, at least one per bucket)."""
+    from birkhoff.parallel.planning import estimate as estimate_module
+
+    inv = build_inventory(DENSE)
+    layout = Layout(dp_shard=8, muon=True)
+    d = C // H
+    shapes = [(C, C), (KV * d, C), (KV * d, C), (C, C), (F, C), (F, C), (C, F)]
+    share = 4 * L * sum(r * c for r, c in shapes) / 8
+    largest = 4 * max(r * c for r, c in shapes)
+    keys = set(range(-1, L + 2))  # every layer key
+    assert largest < 1.5 * largest < share
+    cases = ((10 * share, share), (1.5 * largest, 1.5 * largest), (1.0, largest))
+    for bucket, expected in cases:
+        monkeypatch.setattr(estimate_module, "BUCKET_BYTES", bucket)
+        assert estimate_module._muon_bucket_bytes(inv, layout, keys) == pytest.approx(expected)
+    assert estimate_module._muon_bucket_bytes(inv, Layout(dp_shard=8), keys) == 0
