@@ -69,6 +69,38 @@ def test_update_is_v4s_formula():
     assert 0.3 < rms < 3 * gamma  # three updates of RMS ~0.18 each
 
 
+def test_matrices_of_one_shape_share_a_run_and_each_gets_its_own_update():
+    """Three steps of 6 parameters in 3 shapes up to a transpose (a 12 x 20, its 20 x 12
+    transpose and a stack of 2 experts of 12 x 20; two 8 x 8; a 5 x 9): 3 Newton-Schulz runs
+    a step, and every matrix's update that of hybrid_newton_schulz on it alone (V4's formula
+    written out per matrix)."""
+    torch.manual_seed(1)
+    shapes = [(12, 20), (8, 8), (20, 12), (2, 12, 20), (5, 9), (8, 8)]
+    starts = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(3)]
+    lr, wd, mu, gamma = 0.02, 0.1, 0.95, 0.18
+    params = [torch.nn.Parameter(s.clone()) for s in starts]
+    group = {"params": params, "muon": True, "momentum": mu, "update_rms": gamma}
+    optimizer = MuonV4([group], lr=lr, weight_decay=wd)
+    runs = []
+    orthogonalise = optimizer.orthogonalise
+    optimizer.orthogonalise = lambda m, rms: runs.append(m.shape) or orthogonalise(m, rms)
+    for step_grads in grads:
+        for param, grad in zip(params, step_grads, strict=True):
+            param.grad = grad.clone()
+        optimizer.step()
+    # one run per shape: the 12 x 20 ones (4 matrices, wide), the two 8 x 8, the 5 x 9
+    assert sorted(runs[:3]) == sorted([(4, 12, 20), (2, 8, 8), (5, 9)]) and len(runs) == 9
+    for start, param, shape, i in zip(starts, params, shapes, range(6), strict=True):
+        weight, momentum = start.clone(), torch.zeros(shape)
+        for step_grads in grads:
+            momentum = mu * momentum + step_grads[i]
+            nesterov = mu * momentum + step_grads[i]
+            update = hybrid_newton_schulz(nesterov) * math.sqrt(max(shape[-2:])) * gamma
+            weight = weight * (1 - lr * wd) - lr * update
+        torch.testing.assert_close(param.detach(), weight, rtol=1e-5, atol=1e-6)
+
+
 def test_agrees_with_torchs_muon_where_their_definitions_meet():
     """torch.optim.Muon (EMA momentum, one coefficient set, bfloat16 iterations) against
     MuonV4 run with that coefficient set for all 10 iterations and torch's 0.2 RMS: the

@@ -37,9 +37,10 @@ from birkhoff.launch.plan_command import workload_of
 from birkhoff.launch.recipe import typed_recipe
 from birkhoff.parallel.planning.cluster import Cluster
 from birkhoff.parallel.planning.communication import communication
-from birkhoff.parallel.planning.estimate import GIB, estimate, newton_schulz_runs, rank_keys
+from birkhoff.parallel.planning.estimate import GIB, estimate, rank_keys
 from birkhoff.parallel.planning.inventory import build_inventory
 from birkhoff.parallel.planning.layout import layout_of, stage_layers
+from birkhoff.parallel.planning.muon import newton_schulz_runs
 from conftest import SMALL_OVERRIDES, compose_recipe
 
 TESTS = Path(__file__).parent
@@ -508,10 +509,10 @@ MUON_RUNS = {
 def test_plan_spreads_muon_s_newton_schulz_runs_as_the_ranks_run_them(
     results, layout, shakespeare_shards
 ):
-    """Muon's Newton-Schulz runs in a step, of single matrices and of routed experts' stacks,
-    the mean over the ranks of each pipeline rank: exactly the plan's runs for that rank's
-    stages, which its launch count charges (each matrix run by one owner of its group, or by
-    its owner's tp peers too; each rank runs its own experts)."""
+    """Muon's Newton-Schulz runs in a step, of one matrix and of several batched (matrices
+    of one shape, expert stacks), the mean over the ranks of each pipeline rank: exactly the
+    plan's runs for that rank's stages, which its launch count charges (each owner its
+    matrices by shape per bucket; each rank its own experts with what else it computes)."""
     ranks, overrides = MUON_RUNS[layout]
     run = results[0]["one muon"] if layout == "one" else results[1][layout]
     recipe = [shakespeare_shards, *overrides, f"launch.nproc_per_node={ranks}"]
@@ -526,7 +527,7 @@ def test_plan_spreads_muon_s_newton_schulz_runs_as_the_ranks_run_them(
         keys = rank_keys(plan_layout, stages, stage)
         expected = newton_schulz_runs(inv, plan_layout, keys)
         assert measured == pytest.approx(expected, rel=1e-9), stage
-        assert all(measured[kind] > 0 for kind in kinds)
+        assert measured["stack"] > 0  # batched runs (one process may have no single one)
 
 
 def mean_bytes(probes: list[dict]) -> dict[str, float]:

@@ -29,7 +29,7 @@ from birkhoff.parallel.planning.counted_ops import (
     charged,
     swap_ops,
 )
-from birkhoff.parallel.planning.estimate import estimate, optimizer_launches
+from birkhoff.parallel.planning.estimate import estimate
 from birkhoff.parallel.planning.inventory import build_inventory
 from birkhoff.parallel.planning.launches import (
     LOOPS,
@@ -42,13 +42,14 @@ from birkhoff.parallel.planning.launches import (
     narrowed,
 )
 from birkhoff.parallel.planning.layout import Layout, Workload
+from birkhoff.parallel.planning.muon import newton_schulz_runs, optimizer_launches
 
 
 def test_a_narrowed_model_launches_what_the_model_does():
     """Op counts do not depend on widths: the narrowed copy that `plan --launches` counts
     runs as many kernels as the model at its own widths (tiny; small, mHC and plain), loop
     iterations included, and so does the optimizer's step (Muon with foreach AdamW beside it,
-    6,599 at tiny; AdamW per tensor, 1,181)."""
+    1,614 at tiny; AdamW per tensor, 1,181)."""
     # (overrides, AdamW's foreach or None: no optimizer; full-width Muon is slow here)
     cases = [(["model=tiny"], True), (["model=tiny", "optim=adamw_cosine"], False)]
     cases += [(["model=small"], None), (["model=small", *PLAIN], None)]
@@ -253,16 +254,29 @@ def test_an_op_is_charged_per_layout_of_its_arguments_and_as_one_node():
 
 
 def test_a_rank_s_muon_step_runs_newton_schulz_only_on_what_it_owns():
-    """The counted Muon step of tiny (one process: 57 matrices of 84 launches a run, 12
-    stacks of routed experts of 114) holds the runs the model's inventory lists, so one
-    device's plan charges the step as counted; with fsdp=4 a rank runs a quarter of the
-    matrices (their owners spread round-robin) and all of its experts' stacks."""
+    """The counted Muon step of tiny (one process) makes one Newton-Schulz run per shape up
+    to a transpose of its matrices and expert stacks (a single matrix: 84 launches; several
+    batched: 114), so one device's plan charges the step as counted; with fsdp=4 a rank is
+    charged the runs the plan gives it (its owned matrices by shape, its experts' stacks;
+    checked against real ranks in tests/test_parallel.py) at those launches a run."""
     recipe = typed_recipe(compose_recipe(["model=tiny"]))
     cluster = cluster_from({"preset": "h200", "devices": 1})
     count = count_launches(recipe.model, 64, optimizer=trainer_optimizer(recipe, cluster))
-    assert count.orthogonalised == {"matrix": [57, 57 * 84], "stack": [12, 12 * 114]}
     inv = build_inventory(recipe.model)
+    shapes: dict[tuple[int, int], int] = {}
+    for t in inv.params:
+        if t.matrices:
+            count_, rows, cols = t.matrices
+            wide = (min(rows, cols), max(rows, cols))
+            shapes[wide] = shapes.get(wide, 0) + count_
+    singles = sum(1 for matrices in shapes.values() if matrices == 1)
+    assert (singles, len(shapes)) == (3, 11)  # 69 matrices and stacks in 11 shapes
+    stacks = len(shapes) - singles
+    assert count.orthogonalised == {"matrix": [singles, singles * 84],
+                                    "stack": [stacks, stacks * 114]}  # fmt: skip
     assert optimizer_launches(inv, Layout(muon=True), count) == count.optimizer
-    rest = count.optimizer - 57 * 84 - 12 * 114
-    fsdp = optimizer_launches(inv, Layout(dp_shard=4, muon=True), count)
-    assert fsdp == pytest.approx(rest + 57 / 4 * 84 + 12 * 114)
+    rest = count.optimizer - singles * 84 - stacks * 114
+    layout = Layout(dp_shard=4, muon=True)
+    runs = newton_schulz_runs(inv, layout)
+    fsdp = optimizer_launches(inv, layout, count)
+    assert fsdp == pytest.approx(rest + runs["matrix"] * 84 + runs["stack"] * 114)

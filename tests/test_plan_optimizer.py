@@ -135,22 +135,24 @@ def test_the_plan_gives_each_muon_matrix_the_owner_group_the_trainer_does():
         assert comm[name] == pytest.approx(2 * 4 * numel / group), name
 
 
-def test_an_owner_assembles_a_bucket_of_its_muon_matrices_at_most(monkeypatch):
+def test_muon_s_step_holds_four_buckets_of_what_a_rank_orthogonalises(monkeypatch):
     """fsdp=8: an owner's share of the matrices (an eighth of them, float32) while it fits a
-    bucket; then the bucket; a matrix larger than the bucket alone (parallel/muon_exchange.py's
-    buckets: whole matrices, at least one per bucket)."""
-    from birkhoff.parallel.planning import estimate as estimate_module
+    bucket, then the bucket, or a matrix larger than the bucket alone
+    (parallel/muon_exchange.py's buckets: whole matrices, at least one per bucket); one
+    process: all of them, the same way; four times that (the Nesterov inputs, the batch, the
+    iterate, the updates)."""
+    from birkhoff.parallel.planning import muon as muon_plan
 
     inv = build_inventory(DENSE)
-    layout = Layout(dp_shard=8, muon=True)
     d = C // H
     shapes = [(C, C), (KV * d, C), (KV * d, C), (C, C), (F, C), (F, C), (C, F)]
-    share = 4 * L * sum(r * c for r, c in shapes) / 8
+    every = 4 * L * sum(r * c for r, c in shapes)
     largest = 4 * max(r * c for r, c in shapes)
     keys = set(range(-1, L + 2))  # every layer key
-    assert largest < 1.5 * largest < share
-    cases = ((10 * share, share), (1.5 * largest, 1.5 * largest), (1.0, largest))
-    for bucket, expected in cases:
-        monkeypatch.setattr(estimate_module, "BUCKET_BYTES", bucket)
-        assert estimate_module._muon_bucket_bytes(inv, layout, keys) == pytest.approx(expected)
-    assert estimate_module._muon_bucket_bytes(inv, Layout(dp_shard=8), keys) == 0
+    for layout, held in ((Layout(dp_shard=8, muon=True), every / 8), (Layout(muon=True), every)):
+        assert largest < 1.5 * largest < held
+        cases = ((10 * held, held), (1.5 * largest, 1.5 * largest), (1.0, largest))
+        for bucket, expected in cases:
+            monkeypatch.setattr(muon_plan, "BUCKET_BYTES", bucket)
+            assert muon_plan.muon_step_bytes(inv, layout, keys) == pytest.approx(4 * expected)
+    assert muon_plan.muon_step_bytes(inv, Layout(dp_shard=8), keys) == 0

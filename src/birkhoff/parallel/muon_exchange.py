@@ -158,30 +158,46 @@ class Owned:
     owner: int
 
 
+def bucket_spans(sizes: list[float], owners: list[int], bucket_bytes: float) -> list[range]:
+    """Consecutive items (in owner order) while no owner holds more than `bucket_bytes`;
+    an item larger than that is a bucket of its own. The trainer's buckets and the plan's."""
+    spans, start, load = [], 0, {}
+    for i, (size, owner) in enumerate(zip(sizes, owners, strict=True)):
+        if i > start and load.get(owner, 0.0) + size > bucket_bytes:
+            spans.append(range(start, i))
+            start, load = i, {}
+        load[owner] = load.get(owner, 0.0) + size
+    if start < len(sizes):
+        spans.append(range(start, len(sizes)))
+    return spans
+
+
+def shape_batches(shapes: list[tuple[int, int]]) -> list[list[int]]:
+    """Indices of matrices orthogonalised in one Newton-Schulz run: those of one shape up to
+    a transpose ((rows, cols) of each, or of each matrix of a stack), in order of first
+    appearance. The trainer's batches and the plan's."""
+    batches: dict[tuple[int, int], list[int]] = {}
+    for i, (rows, cols) in enumerate(shapes):
+        batches.setdefault((min(rows, cols), max(rows, cols)), []).append(i)
+    return list(batches.values())
+
+
 def buckets(matrices: list[Owned], bucket_bytes: float) -> Iterator[list[Owned]]:
     """Consecutive matrices (in owner order) while no owner assembles more than
     `bucket_bytes` of float32; a matrix larger than that is a bucket of its own."""
-    bucket: list[Owned] = []
-    load: dict[int, float] = {}
-    for matrix in matrices:
-        size = 4 * matrix.param.numel()
-        if bucket and load.get(matrix.owner, 0.0) + size > bucket_bytes:
-            yield bucket
-            bucket, load = [], {}
-        bucket.append(matrix)
-        load[matrix.owner] = load.get(matrix.owner, 0.0) + size
-    if bucket:
-        yield bucket
+    sizes = [4.0 * m.param.numel() for m in matrices]
+    for span in bucket_spans(sizes, [m.owner for m in matrices], bucket_bytes):
+        yield [matrices[i] for i in span]
 
 
 def exchange(
     bucket: list[Owned],
     inputs: list[DTensor],
-    orthogonalise: Callable[[torch.Tensor], torch.Tensor],
+    orthogonalise: Callable[[list[torch.Tensor]], list[torch.Tensor]],
 ) -> list[DTensor]:
     """Each matrix's update as this rank's DTensor shard: its shards (of `inputs`, one per
     matrix of the bucket) all-to-all'd to the owners, each owner's whole matrices
-    orthogonalised, the slices all-to-all'd back."""
+    orthogonalised (all in one call), the slices all-to-all'd back."""
     grid = bucket[0].grid
     group, ranks, me = grid.group, grid.size, grid.rank
     by_owner = [[i for i, m in enumerate(bucket) if m.owner == r] for r in range(ranks)]
@@ -194,8 +210,7 @@ def exchange(
     received = _all_to_all(sent, sent_splits, got_splits, group, device)
     wholes = _assembled([bucket[i] for i in mine], received, got_splits, device)
     del received
-    for k in range(len(wholes)):  # each whole matrix gives way to its update
-        wholes[k] = orthogonalise(wholes[k])
+    wholes = orthogonalise(wholes)  # the whole matrices give way to their updates
     back = [bucket[i].grid.take(wholes[k], r) for r in range(ranks) for k, i in enumerate(mine)]
     del wholes
     returned = _all_to_all(back, got_splits, sent_splits, group, device)

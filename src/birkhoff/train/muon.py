@@ -32,7 +32,16 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from birkhoff.parallel.muon_exchange import Owned, buckets, exchange, owner_dims, shard_grid
+from birkhoff.parallel.muon_exchange import (
+    BUCKET_BYTES,
+    Owned,
+    bucket_spans,
+    buckets,
+    exchange,
+    owner_dims,
+    shape_batches,
+    shard_grid,
+)
 from birkhoff.train.adamw import AdamW, hidden_gradients
 
 QUINTIC = (3.4445, -4.7750, 2.0315)
@@ -60,9 +69,10 @@ def hybrid_newton_schulz(
 class MuonV4(AdamW):
     """Muon for the parameter groups marked `muon` (lr, weight_decay, momentum, update_rms),
     AdamW (with its sparse-row update) for the others; one optimizer, one state dict.
-    `bucket_bytes`: the most float32 bytes an owner assembles per exchange."""
+    `bucket_bytes`: the most float32 bytes an owner assembles per exchange, or a rank
+    orthogonalises at once of the matrices it computes itself."""
 
-    def __init__(self, params, schedule=V4_SCHEDULE, bucket_bytes: float = 256 * 2**20,
+    def __init__(self, params, schedule=V4_SCHEDULE, bucket_bytes: float = BUCKET_BYTES,
                  **adamw) -> None:  # fmt: skip
         super().__init__(params, **adamw)
         self.schedule = schedule
@@ -81,18 +91,24 @@ class MuonV4(AdamW):
         return loss
 
     def _muon_group(self, group: dict) -> None:
-        """Matrices computed where they lie one at a time, sharded ones a bucket at a time:
-        the transient memory is a bucket's, not the model's."""
+        """The matrices computed where they lie, then the sharded ones, a bucket at a time
+        (parallel/muon_exchange.py): the transient memory is a bucket's, not the model's;
+        in a bucket, matrices of one shape (up to a transpose) take one Newton-Schulz run."""
         rms = group["update_rms"]
         local, owned = self._placement(group)
-        for param in local:
-            if param.grad is not None:
-                self._apply(param, self._local_update(self._nesterov(param, group), rms), group)
+        local = [p for p in local if p.grad is not None]
+        sizes = [4.0 * local_numel(p) for p in local]
+        for span in bucket_spans(sizes, [0] * len(local), self.bucket_bytes):
+            params = [local[i] for i in span]
+            inputs = [self._nesterov(p, group) for p in params]
+            wholes = self.orthogonalise_all([_whole(n) for n in inputs], rms)
+            for param, given, update in zip(params, inputs, wholes, strict=True):
+                self._apply(param, _placed_like(update, given), group)
         for matrices in owned.values():  # the same order on every rank of the owner group
             ready = [m for m in matrices if m.param.grad is not None]
             for bucket in buckets(ready, self.bucket_bytes):
                 inputs = [self._nesterov(m.param, group) for m in bucket]
-                updates = exchange(bucket, inputs, lambda whole: self.orthogonalise(whole, rms))
+                updates = exchange(bucket, inputs, lambda w: self.orthogonalise_all(w, rms))
                 for matrix, update in zip(bucket, updates, strict=True):
                     self._apply(matrix.param, update, group)
 
@@ -113,19 +129,6 @@ class MuonV4(AdamW):
         param.mul_(1 - lr * group["weight_decay"])
         param.add_(update.to(param.dtype), alpha=-lr)
 
-    def _local_update(self, nesterov: torch.Tensor, rms: float) -> torch.Tensor:
-        """O for a matrix no owner assembles: a whole one, an expert stack sharded only by
-        expert (each expert on its own), or a replicated one (every rank computes it)."""
-        if not isinstance(nesterov, DTensor):
-            return self.orthogonalise(nesterov, rms)
-        mesh, placements = nesterov.device_mesh, nesterov.placements
-        if _whole_experts(nesterov):
-            local = self.orthogonalise(nesterov.to_local(), rms)
-            return DTensor.from_local(local, mesh, placements, run_check=False,
-                                      shape=nesterov.shape, stride=nesterov.stride())  # fmt: skip
-        update = self.orthogonalise(nesterov.full_tensor(), rms)
-        return distribute_tensor(update, mesh, placements, src_data_rank=None)
-
     def orthogonalise(self, matrices: torch.Tensor, rms: float) -> torch.Tensor:
         """O for a matrix, or for each matrix of a stack (the last two dimensions): hybrid
         Newton-Schulz scaled to RMS `rms`. `birkhoff plan --launches` counts its launches
@@ -134,6 +137,25 @@ class MuonV4(AdamW):
         rows, cols = matrices.shape[-2:]
         update = hybrid_newton_schulz(matrices, self.schedule)  # experts: each on its own
         return update.mul_(math.sqrt(max(rows, cols)) * rms)
+
+    def orthogonalise_all(self, matrices: list[torch.Tensor], rms: float) -> list[torch.Tensor]:
+        """O for each of `matrices` (matrices or stacks of them), those of one shape up to a
+        transpose in one batched run (the wide orientation, as the run iterates): on an
+        accelerator one run's launches instead of one per matrix."""
+        updates: list[torch.Tensor | None] = [None] * len(matrices)
+        for batch in shape_batches([tuple(m.shape[-2:]) for m in matrices]):
+            if len(batch) == 1:
+                updates[batch[0]] = self.orthogonalise(matrices[batch[0]], rms)
+                continue
+            wide = [_wide(matrices[i]) for i in batch]
+            stacked = torch.cat([w.reshape(-1, *w.shape[-2:]) for w in wide])
+            counts = [w[..., 0, 0].numel() for w in wide]
+            for i, update in zip(batch, self.orthogonalise(stacked, rms).split(counts),
+                                 strict=True):  # fmt: skip
+                given = matrices[i]
+                tall = given.shape[-2] > given.shape[-1]
+                updates[i] = (update.mT if tall else update).reshape(given.shape)
+        return updates  # type: ignore[return-value]
 
     def _placement(self, group: dict) -> tuple[list, dict[tuple[int, ...], list[Owned]]]:
         """The group's matrices computed where they lie, and per owner group (by its global
@@ -151,6 +173,39 @@ class MuonV4(AdamW):
                 matrices.append(Owned(param, grid, len(matrices) % grid.size))
             self._placed[id(group)] = (local, shared)
         return self._placed[id(group)]
+
+
+def local_numel(param: torch.Tensor) -> int:
+    """Elements of the matrix a rank orthogonalises itself for `param`: its own experts'
+    stack, or the whole matrix."""
+    if isinstance(param, DTensor) and _whole_experts(param):
+        return param.to_local().numel()
+    return param.numel()
+
+
+def _whole(nesterov: torch.Tensor) -> torch.Tensor:
+    """What a rank orthogonalises for a matrix no owner assembles: a whole one, its own
+    experts (an expert stack sharded only by expert), or a replicated one in full."""
+    if not isinstance(nesterov, DTensor):
+        return nesterov
+    return nesterov.to_local() if _whole_experts(nesterov) else nesterov.full_tensor()
+
+
+def _placed_like(update: torch.Tensor, given: torch.Tensor) -> torch.Tensor:
+    """The update as `given` is held: a plain tensor, a DTensor of its own experts, or this
+    rank's slice of a replicated one."""
+    if not isinstance(given, DTensor):
+        return update
+    mesh, placements = given.device_mesh, given.placements
+    if _whole_experts(given):
+        return DTensor.from_local(update, mesh, placements, run_check=False,
+                                  shape=given.shape, stride=given.stride())  # fmt: skip
+    return distribute_tensor(update, mesh, placements, src_data_rank=None)
+
+
+def _wide(matrices: torch.Tensor) -> torch.Tensor:
+    """A matrix (or stack) with no more rows than columns: transposed if tall (a view)."""
+    return matrices.mT if matrices.shape[-2] > matrices.shape[-1] else matrices
 
 
 def _owned(param: torch.Tensor) -> bool:

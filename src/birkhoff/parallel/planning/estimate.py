@@ -39,7 +39,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from birkhoff.parallel.muon_exchange import BUCKET_BYTES
 from birkhoff.parallel.planning.activations import (
     block_terms,
     bytes_per_token,
@@ -54,10 +53,9 @@ from birkhoff.parallel.planning.communication import (
     TP_COLLECTIVES,
     comm_seconds,
     communication,
-    muon_owner_group,
 )
 from birkhoff.parallel.planning.inventory import Inventory, head_weight_name
-from birkhoff.parallel.planning.launches import LaunchCount, launches_per_micro_batch, run_kind
+from birkhoff.parallel.planning.launches import launches_per_micro_batch
 from birkhoff.parallel.planning.layout import (
     DTYPE_BYTES,
     Layout,
@@ -70,6 +68,12 @@ from birkhoff.parallel.planning.layout import (
     tp_local,
     unit,
     whole_table,
+)
+from birkhoff.parallel.planning.muon import (
+    muon_matrices,
+    muon_step_bytes,
+    newton_schulz_flops,
+    optimizer_launches,
 )
 from birkhoff.parallel.planning.pipeline_schedule import (
     Action,
@@ -123,7 +127,7 @@ def estimate(inv: Inventory, layout: Layout, work: Workload, cluster: Cluster) -
     compute_s = _compute_seconds(inv, layout, work, cluster, recompute)
     keys = [rank_keys(layout, stages, rank) for rank in range(layout.pp)]
     # Muon: each rank orthogonalises its own experts and its share of the owned matrices
-    muon_shapes = [_muon_matrices(inv, layout, keys[rank]) for rank in range(layout.pp)]
+    muon_shapes = [muon_matrices(inv, layout, keys[rank]) for rank in range(layout.pp)]
     muon_flops = max(newton_schulz_flops(shapes) for shapes in muon_shapes)
     compute_s += muon_flops / (cluster.peak_tflops * 1e12 * cluster.matmul_efficiency)
     traffic = max(
@@ -246,11 +250,7 @@ def _rank_memory(
     # The backward peak (the loss's backward, or a pipeline stage's last forward) holds the
     # gradients only where an earlier micro-batch of the step made them.
     backward = state + memory["activations"] + (memory["grads"] if micro_batches > 1 else 0.0)
-    # Muon's step: a matrix computed where it lies (an expert stack) is whole one at a time:
-    # the Nesterov input, the iterate, its Gram matrices and the update, float32; an owner
-    # holds up to 4 times a bucket of its matrices (parallel/muon_exchange.py)
-    largest = max((max(n, 1) * r * c for n, r, c in _muon_matrices(inv, layout, keys)), default=0)
-    muon_step = max(4 * 4 * largest, 4 * _muon_bucket_bytes(inv, layout, keys))
+    muon_step = muon_step_bytes(inv, layout, keys)  # Muon's transient: a bucket's
     # torch's AdamW on an accelerator steps with foreach kernels: the square root of the
     # second moments is one float32 temporary the size of every element it updates (on a
     # CPU it steps tensor by tensor: one tensor's temporary)
@@ -327,82 +327,6 @@ def _attention_flops_per_token(inv: Inventory, seq: int) -> float:
 def model_flops_per_token(inv: Inventory, work: Workload) -> float:
     """Training FLOPs per token: 3 x forward (matmuls with active parameters, attention)."""
     return 3 * (inv.matmul_flops_per_token() + _attention_flops_per_token(inv, work.seq_len))
-
-
-def _muon_bucket_bytes(inv: Inventory, layout: Layout, keys: set[int]) -> float:
-    """The float32 bytes of its matrices an owner assembles per bucket: its share of the
-    matrices with owners (numel / g each), at most BUCKET_BYTES, or one larger matrix."""
-    if not layout.muon:
-        return 0.0
-    owned, largest = 0.0, 0.0
-    for t in inv.params:
-        keep = t.matrices and not t.expert and t.layer in keys
-        if keep and (group := muon_owner_group(layout, t)) > 1:
-            owned += 4 * t.numel / group
-            largest = max(largest, 4.0 * t.numel)
-    return min(owned, max(BUCKET_BYTES, largest))
-
-
-def _muon_matrices(inv: Inventory, layout: Layout, keys: set[int]) -> list[tuple[float, int, int]]:
-    """(matrices, rows, columns) of what Muon orthogonalises on a rank holding `keys`: the
-    rank's own experts, and of the other matrices its owner's share (train/muon.py)."""
-    if not layout.muon:
-        return []
-    shapes = []
-    for t in inv.params:
-        if not t.matrices or t.layer not in keys:
-            continue
-        count, rows, cols = t.matrices
-        ranks = layout.dp_shard if t.expert else muon_owner_group(layout, t)
-        shapes.append((count / ranks, rows, cols))
-    return shapes
-
-
-def newton_schulz_runs(
-    inv: Inventory, layout: Layout, keys: set[int] | None = None
-) -> dict[str, float]:
-    """A rank's Newton-Schulz runs (Muon) in one optimizer step, of single matrices and of
-    stacks (routed experts), as train/muon.py spreads them: a matrix is run by the owner of
-    its group (the group's mean: owners round-robin by size), every rank runs its own stack
-    of experts. `keys`: the layers of the rank's pipeline stages (default: every layer)."""
-    runs = {"matrix": 0.0, "stack": 0.0}
-    for t in inv.params:
-        if t.matrices and (keys is None or t.layer in keys):
-            runs[run_kind(t.matrices[0])] += 1 if t.expert else 1 / muon_owner_group(layout, t)
-    return runs
-
-
-def optimizer_launches(
-    inv: Inventory,
-    layout: Layout,
-    count: LaunchCount,
-    keys: set[int] | None = None,
-    share: float = 1.0,
-) -> float:
-    """A rank's launches of one optimizer step: the counted one-process step's, the
-    elementwise part for `share` of the layers (the rank's pipeline stages), its
-    Newton-Schulz runs replaced by those the rank makes on its stages' layers (`keys`)."""
-    counted = count.orthogonalised
-    if not layout.muon or not counted:
-        return count.optimizer * share
-    launches = (count.optimizer - sum(total for _, total in counted.values())) * share
-    for kind, runs in newton_schulz_runs(inv, layout, keys).items():
-        calls, total = counted[kind]
-        if runs and not calls:
-            raise ValueError(f"the model has Muon {kind} runs that its counted step did not make")
-        launches += runs * total / calls if runs else 0.0
-    return launches
-
-
-def newton_schulz_flops(shapes: list[tuple[int, int, int]]) -> float:
-    """FLOPs of V4's 10 Newton-Schulz iterations on these matrices: per iteration, with n
-    the shorter side and m the longer, the Gram matrix (2 n^2 m), its square (2 n^3) and the
-    product with the iterate (2 n^2 m)."""
-    total = 0.0
-    for count, rows, cols in shapes:
-        n, m = min(rows, cols), max(rows, cols)
-        total += count * 10 * (4 * n * n * m + 2 * n**3)
-    return total
 
 
 def look_ahead_share(inv: Inventory, work: Workload) -> float:

@@ -19,10 +19,10 @@ at the real shape. tests/test_plan_launches.py checks the total against a count 
 itself at full width, with loops of many blocks (within 0.1%: einsum's path, and so its op
 count, varies a little with the block's shape). The optimizer's step is counted once on the
 same narrowed copy when the caller hands over how the trainer builds it (`birkhoff plan`
-does; planning does not import the trainer): Muon launches per matrix, several thousand at
-`tiny`, more than a micro-batch's forward and backward. Its Newton-Schulz runs
-(`orthogonalise`) are counted apart, so that a rank is charged only the runs it makes
-(estimate.optimizer_launches). Collectives are not counted.
+does; planning does not import the trainer): Muon's, 1,614 at `tiny`, are mostly its
+Newton-Schulz runs (`orthogonalise`, one per shape of matrix), which are counted apart, so
+that a rank is charged only the runs it makes (muon.optimizer_launches). Collectives are not
+counted.
 
 The kernels counted are a backend's: the reference runs here; for `triton` the model still
 runs the reference, and each op triton implements is charged per call what triton's op
