@@ -274,6 +274,7 @@ def test_a_rank_s_muon_step_runs_newton_schulz_only_on_what_it_owns():
     stacks = len(shapes) - singles
     assert count.orthogonalised == {"matrix": [singles, singles * 84],
                                     "stack": [stacks, stacks * 114]}  # fmt: skip
+    assert count.launches_per_run == {"matrix": 84, "stack": 114}  # a probe's, any shape
     assert optimizer_launches(inv, Layout(muon=True), count) == count.optimizer
     rest = count.optimizer - singles * 84 - stacks * 114
     layout = Layout(dp_shard=4, muon=True)

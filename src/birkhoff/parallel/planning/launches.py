@@ -70,9 +70,12 @@ class LaunchCount:
     per_iteration: dict[str, int] = field(default_factory=dict)
     optimizer: int = 0  # one optimizer step of the whole model (0: not counted)
     kernels: str = "reference"  # the backend asked for (npu's counted as the reference's)
-    # Muon's Newton-Schulz runs in that step, counted in it: "matrix" or "stack" (routed
-    # experts) -> [runs, launches]; a rank runs only the matrices it owns (estimate.py)
+    # Muon's Newton-Schulz runs in that step, counted in it: "matrix" or "stack" (several
+    # batched) -> [runs, launches]; a rank runs only the matrices it owns (muon.py)
     orthogonalised: dict[str, list[int]] = field(default_factory=dict)
+    # launches of one run of each kind, whatever its shape (the narrowed model batches
+    # shapes that the model's own widths keep apart: its step may lack a kind)
+    launches_per_run: dict[str, int] = field(default_factory=dict)
 
 
 def narrowed(cfg: ModelConfig) -> ModelConfig:
@@ -150,24 +153,39 @@ def count_launches(
     for loop, blocks in forced.items():
         if blocks > 1:
             per_iteration[loop] = round((total[loop] - once) / (blocks - 1))
-    steps, orthogonalised = 0, {}
+    steps, orthogonalised, per_run = 0, {}, {}
     if optimizer is not None:
         model(tokens, tokens.roll(-1, dims=1)).backward()
         built = optimizer(model)
         built.step()  # the first step creates the state: not a step's cost
         counter = LaunchCounter()
         if hasattr(built, "orthogonalise"):  # Muon: its Newton-Schulz runs, apart
+            per_run = _launches_per_run(built)
             orthogonalised = _count_orthogonalise(built, counter)
         with counter:
             built.step()
         steps = counter.launches + sum(total for _, total in orthogonalised.values())
-    return LaunchCount(once, per_iteration, steps, kernels, orthogonalised)
+    return LaunchCount(once, per_iteration, steps, kernels, orthogonalised, per_run)
 
 
 def run_kind(matrices: int) -> str:
     """A Newton-Schulz run's kind by how many matrices it takes: a stack (routed experts,
     batched: more launches a run) or a single matrix."""
     return "stack" if matrices > 1 else "matrix"
+
+
+def _launches_per_run(optimizer) -> dict[str, int]:
+    """Launches of one Newton-Schulz run of one matrix and of a batch of two (the counts do
+    not depend on the sizes), with the optimizer's work counter left as it was."""
+    done = optimizer.orthogonalised
+    per_run = {}
+    for kind, shape in (("matrix", (3, 5)), ("stack", (2, 3, 5))):
+        probe = torch.ones(shape)
+        with LaunchCounter() as counter:
+            optimizer.orthogonalise(probe, 1.0)
+        per_run[kind] = counter.launches
+    optimizer.orthogonalised = done
+    return per_run
 
 
 def _count_orthogonalise(optimizer, outer: LaunchCounter) -> dict[str, list[int]]:

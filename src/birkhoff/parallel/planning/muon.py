@@ -86,16 +86,14 @@ def optimizer_launches(
     """A rank's launches of one optimizer step: the counted one-process step's, the
     elementwise part for `share` of the layers (the rank's pipeline stages), its
     Newton-Schulz runs replaced by those the rank makes on its stages' layers (`keys`), at
-    the counted launches per run of their kind."""
+    the launches of a run of their kind (counted on a probe: the counted step's own runs are
+    of the narrowed model's shapes, which may batch what the model's keep apart)."""
     counted = count.orthogonalised
     if not layout.muon or not counted:
         return count.optimizer * share
     launches = (count.optimizer - sum(total for _, total in counted.values())) * share
     for kind, runs in newton_schulz_runs(inv, layout, keys).items():
-        calls, total = counted[kind]
-        if runs and not calls:
-            raise ValueError(f"the model has Muon {kind} runs that its counted step did not make")
-        launches += runs * total / calls if runs else 0.0
+        launches += runs * count.launches_per_run[kind]
     return launches
 
 
