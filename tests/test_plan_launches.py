@@ -281,3 +281,17 @@ def test_a_rank_s_muon_step_runs_newton_schulz_only_on_what_it_owns():
     runs = newton_schulz_runs(inv, layout)
     fsdp = optimizer_launches(inv, layout, count)
     assert fsdp == pytest.approx(rest + runs["matrix"] * 84 + runs["stack"] * 114)
+
+
+def test_a_run_kind_the_counted_step_lacks_is_charged_a_probe_s_launches():
+    """V4-Flash's narrowed copy batches every matrix with another of its (narrowed) shape, so
+    its counted step has no single-matrix run, while at the model's widths a rank has some:
+    they are charged the launches of a probe run of that kind, not refused."""
+    inv = build_inventory(typed_recipe(compose_recipe(["model=tiny"])).model)
+    layout = Layout(dp_shard=4, muon=True)
+    runs = newton_schulz_runs(inv, layout)
+    assert runs["matrix"] > 0
+    count = LaunchCount(optimizer=1000, orthogonalised={"matrix": [0, 0], "stack": [3, 342]},
+                        launches_per_run={"matrix": 84, "stack": 114})  # fmt: skip
+    expected = 1000 - 342 + runs["matrix"] * 84 + runs["stack"] * 114
+    assert optimizer_launches(inv, layout, count) == pytest.approx(expected)
