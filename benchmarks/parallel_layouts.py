@@ -121,7 +121,7 @@ def worker(out_dir: str, steps: int, warmup: int, overrides: list[str]) -> None:
         result = {
             "tokens_per_s": trainer.tokens_per_step / min(times),
             "step_s": min(times),
-            # the optimizers' steps (Muon's gathers, owners' Newton-Schulz and scatters
+            # the optimizers' steps (Muon's all-to-alls and owners' Newton-Schulz runs
             # included) in the fastest step's terms: the least over the timed steps
             "optimizer_step_s": min(optimizer_times[warmup:]),
             "held_mib": held_mib(trainer),

@@ -242,7 +242,8 @@ LAYOUTS = {
     "tp=2 + sequence parallel + Muon": (2, [*TP_SP, MUON, ROUNDING_EPS, MICRO_4]),
     # each stage's matrices orthogonalised by its own ranks
     "pp=2 (1F1B) + Muon": (2, ["parallel.pp=2", MUON, ROUNDING_EPS, MICRO_4]),
-    # experts sharded over ep and by FSDP within it (each stack gathered whole by its owner)
+    # experts sharded over ep and by FSDP within it (each rank's stack orthogonalised where
+    # it lies)
     "fsdp=4 x ep=2 + Muon": (
         4,
         ["parallel.dp_shard=4", "parallel.ep=2", MUON, ROUNDING_EPS, "train.micro_batch_size=2"],

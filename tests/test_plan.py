@@ -189,11 +189,11 @@ def test_whole_and_host_resident_engram_tables_follow_their_formulas():
     assert whole.memory_gib["host"] == 0
 
 
-def test_muon_state_gathers_and_newton_schulz_follow_their_formulas():
+def test_muon_state_exchange_and_newton_schulz_follow_their_formulas():
     """optim=muon_v4 on fsdp=8: the weight matrices (per block q, k, v, o and the SwiGLU's
-    three) keep one float32 buffer, the rest AdamW's two; every matrix is gathered whole on its
-    owner once a step (float32: each rank sends its eighth) and the owner's result scattered
-    back (each rank receives its eighth); the
+    three) keep one float32 buffer, the rest AdamW's two; every matrix is assembled whole on
+    its owner once a step and its update sent back, by two all-to-alls (float32: each rank
+    sends its eighth of every matrix, and on the mean an eighth back), timed as a ring's; the
     owners share the 10 Newton-Schulz iterations of each matrix, 10 (4 n^2 m + 2 n^3) FLOPs
     with n <= m: an eighth of them per rank, at the matmul efficiency of the peak."""
     inv = build_inventory(DENSE)

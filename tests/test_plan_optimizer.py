@@ -104,10 +104,11 @@ def test_the_plan_gives_each_muon_matrix_the_owner_group_the_trainer_does():
     """fsdp=4 x tp=2 on 8 ranks, rank 0's share built by the trainer's own code on the meta
     device behind a fake process group (as `--dry-run` builds it): for every matrix Muon
     trains, the plan's owner group is the one parallel/muon_exchange.py derives from the
-    DTensor placements: the 8 ranks of dp_shard x tp for a matrix tp splits, the FFN's
-    column-parallel ones too, whose 36 rows split unevenly over 8 (FSDP's strided shard of
-    them), dp_shard's 4 for one it does not; and the plan's all-to-alls carry 2 x 4 bytes
-    per element over the group."""
+    DTensor placements: the 8 ranks of dp_shard x tp for a matrix tp splits, dp_shard's 4
+    for one it does not, and none (every rank computes them) for the FFN's column-parallel
+    ones, whose 36 rows split unevenly over 8 (FSDP's strided shard of them, which FSDP2 and
+    DTensor cut differently); and the plan's all-to-alls carry 2 x 4 bytes per element over
+    the group."""
     overrides = [*SMALL_OVERRIDES, "model=tiny_gqa", "model.ffn_hidden_size=36",
                  "model.moe.num_experts=0", "parallel.tp=2", "launch.nproc_per_node=8",
                  "optim=muon_v4", "train.micro_batch_size=2"]  # fmt: skip
@@ -127,7 +128,7 @@ def test_the_plan_gives_each_muon_matrix_the_owner_group_the_trainer_does():
             checked[t.name] = muon_owner_group(layout, t)
             assert checked[t.name] == groups[t.name], t.name
     ffn = [n for n in checked if ".ffn.w_gate" in n or ".ffn.w_up" in n]
-    assert ffn and all(checked[n] == 8 for n in ffn)
+    assert ffn and all(checked[n] == 1 for n in ffn)
     assert {4, 8} <= set(checked.values())
     comm = communication(inv, layout, Workload(global_batch=8, seq_len=64))
     for name, group in (("muon_dp_tp_all_to_all", 8), ("muon_all_to_all", 4)):

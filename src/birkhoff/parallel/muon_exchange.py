@@ -13,7 +13,8 @@ updates, the slices going back), beside the Nesterov inputs.
 
 Where a rank's shard lies is DTensor's own definition (distribute_tensor's): each mesh
 dimension's placement splits the tensor left by the earlier ones, plain or strided
-(`_StridedShard._split_tensor`), uneven shards included. A shard is a grid: per tensor
+(`_StridedShard._split_tensor`); uneven plain shards included, strided ones only where they
+split evenly (owner_dims). A shard is a grid: per tensor
 dimension, the global indices it holds, which depend only on the rank's coordinates along
 the mesh dimensions that split that tensor dimension; kept per matrix, they take as many
 indices as the matrix has rows and columns.
@@ -41,14 +42,21 @@ def sharded(placement) -> bool:
 
 def owner_dims(param: DTensor) -> list[int]:
     """The mesh dimensions of more than one rank that shard `param`: its owner group is
-    their ranks. Empty where none does, where another dimension holds a partial value, or
-    where a multi-dimensional mesh has no names to flatten them by: every rank computes it."""
+    their ranks. Empty where none does, where another dimension holds a partial value,
+    where a multi-dimensional mesh has no names, or where a strided shard (FSDP's of a
+    column-parallel matrix) does not split evenly: FSDP2 cuts those rows per tp rank, where
+    DTensor's split (which shard_grid follows) cuts them otherwise. Every rank computes it."""
     mesh = param.device_mesh
     wide = [d for d in range(mesh.ndim) if mesh.size(d) > 1]
     dims = [d for d in wide if sharded(param.placements[d])]
     plain = all(sharded(param.placements[d]) or param.placements[d].is_replicate() for d in wide)
-    named = len(dims) <= 1 or mesh.mesh_dim_names is not None
-    return dims if plain and named else []
+    named = mesh.ndim == 1 or mesh.mesh_dim_names is not None
+    even = all(
+        param.shape[p.dim] % (p.split_factor * mesh.size(d)) == 0
+        for d, p in enumerate(param.placements)
+        if isinstance(p, _StridedShard)
+    )
+    return dims if plain and named and even else []
 
 
 def owner_group_size(param: DTensor) -> int:

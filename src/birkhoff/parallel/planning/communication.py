@@ -120,8 +120,13 @@ def _stage_communication(inv: Inventory, layout: Layout, work: Workload, stage: 
 def muon_owner_group(layout: Layout, t: TensorInfo) -> int:
     """The ranks among which one owner orthogonalises a (non-expert) matrix
     (parallel/muon_exchange.py): those that shard it, dp_shard under FSDP times tp where tp
-    splits it (HSDP's replicas each have their owner); 1 where every rank computes it (a
-    replicated matrix). Routed experts are sharded by expert only: never assembled."""
+    splits it (HSDP's replicas each have their owner); 1 where every rank computes it: a
+    replicated matrix, and a column-parallel one under fsdp x tp whose rows do not split
+    evenly over tp x dp_shard (FSDP's strided shard of it, which FSDP2 and DTensor cut
+    differently). Routed experts are sharded by expert only: never assembled."""
+    strided = layout.dp_shard > 1 and layout.tp > 1 and t.tp_rows
+    if strided and t.matrices[1] % (layout.tp * layout.dp_shard):
+        return 1
     dp = layout.dp_shard if layout.dp_shard > 1 else 1
     return dp * (layout.tp if t.tp_split and layout.tp > 1 else 1)
 
