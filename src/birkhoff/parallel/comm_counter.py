@@ -29,7 +29,6 @@ _OPS = {
     _C10D.alltoall_base_: ("all_to_all", 1, 2),
     _C10D.broadcast_: ("broadcast", 0, 1),
     _C10D.scatter_: ("scatter", 0, 2),
-    _C10D.gather_: ("gather", 1, 2),  # what each rank sends (its input)
     _C10D.send: ("send_recv", 0, 1),
     _C10D.recv_: ("send_recv", 0, 1),
     _FUNCTIONAL.all_reduce: ("all_reduce", 0, 2),

@@ -71,32 +71,20 @@ class ShardGrid:
     group: dist.ProcessGroup
     size: int  # ranks in the group
     rank: int  # this rank's index in it
-    sizes: list[int]  # of the group's mesh dimensions, in mesh order
-    # per tensor dimension: the group's mesh dimensions (positions in `sizes`) that split it,
-    # and per combination of their coordinates (row-major) the global indices held there
-    splits: list[tuple[list[int], list[torch.Tensor]]]
-
-    def indices(self, rank: int) -> list[torch.Tensor]:
-        """Per tensor dimension, the global indices rank `rank` of the group holds."""
-        coords = _unravel(rank, self.sizes)
-        held = []
-        for positions, pieces in self.splits:
-            held.append(pieces[_ravel([coords[p] for p in positions],
-                                      [self.sizes[p] for p in positions])])  # fmt: skip
-        return held
+    # per rank of the group, per tensor dimension: the global indices it holds
+    held: list[list[torch.Tensor]]
 
     def numel(self, rank: int) -> int:
-        return math.prod(len(i) for i in self.indices(rank))
+        return math.prod(len(i) for i in self.held[rank])
 
     def _grid(self, rank: int) -> tuple[torch.Tensor, ...]:
-        held = self.indices(rank)
+        held = self.held[rank]
         return tuple(i.view([-1 if d == t else 1 for d in range(len(held))])
                      for t, i in enumerate(held))  # fmt: skip
 
     def put(self, whole: torch.Tensor, rank: int, flat: torch.Tensor) -> None:
         """Write rank `rank`'s shard (flattened) into the whole matrix."""
-        grid = self._grid(rank)
-        whole[grid] = flat.view([len(i) for i in self.indices(rank)])
+        whole[self._grid(rank)] = flat.view([len(i) for i in self.held[rank]])
 
     def take(self, whole: torch.Tensor, rank: int) -> torch.Tensor:
         """Rank `rank`'s shard of the whole matrix, flattened."""
@@ -112,6 +100,8 @@ def shard_grid(param: DTensor) -> ShardGrid:
     rank = line.get_local_rank()
     if rank != _ravel([coordinate[d] for d in dims], sizes):  # the flattening's rank order
         raise RuntimeError(f"Muon: the flattened mesh {line} does not order ranks row-major")
+    # per tensor dimension: the group's mesh dimensions (positions in `sizes`) that split it,
+    # and per combination of their coordinates (row-major) the global indices held there
     splits = []
     for t, length in enumerate(param.shape):
         positions = [i for i, d in enumerate(dims) if placements[d].dim == t]
@@ -127,7 +117,12 @@ def shard_grid(param: DTensor) -> ShardGrid:
                 split += [part.reshape(-1) for part in parts]
             pieces = split
         splits.append((positions, pieces))
-    return ShardGrid(line.get_group(), line.size(), rank, sizes, splits)
+    held = []
+    for r in range(line.size()):
+        coords = _unravel(r, sizes)
+        held.append([pieces[_ravel([coords[p] for p in positions], [sizes[p] for p in positions])]
+                     for positions, pieces in splits])  # fmt: skip
+    return ShardGrid(line.get_group(), line.size(), rank, held)
 
 
 def _flattened(mesh: DeviceMesh, dims: list[int]) -> DeviceMesh:
@@ -208,7 +203,9 @@ def exchange(
     orthogonalised (all in one call), the slices all-to-all'd back."""
     grid = bucket[0].grid
     group, ranks, me = grid.group, grid.size, grid.rank
-    by_owner = [[i for i, m in enumerate(bucket) if m.owner == r] for r in range(ranks)]
+    by_owner: list[list[int]] = [[] for _ in range(ranks)]
+    for i, matrix in enumerate(bucket):
+        by_owner[matrix.owner].append(i)
     mine = by_owner[me]
     device = inputs[0].device
     # to each owner, in order: this rank's shard of every matrix it owns

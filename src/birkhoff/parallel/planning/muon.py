@@ -70,8 +70,10 @@ def newton_schulz_runs(
         owners = [i % size for i in range(len(matrices))]
         spans = bucket_spans([4.0 * t.numel for t in matrices], owners, BUCKET_BYTES)
         for span in spans:
-            for owner in range(size):
-                mine = [matrices[i].matrices for i in span if owners[i] == owner]
+            by_owner: dict[int, list] = {}
+            for i in span:
+                by_owner.setdefault(owners[i], []).append(matrices[i].matrices)
+            for mine in by_owner.values():
                 _runs_of(mine, runs, 1 / size)
     return runs
 
