@@ -59,18 +59,23 @@ class LargestTemporary(TorchDispatchMode):
         return out
 
 
+@pytest.mark.parametrize("form", ["gathered", "mask"])
 @pytest.mark.parametrize("budget", [None, 300])
-def test_the_reference_is_the_formula_in_one_block_and_in_many(budget):
+def test_the_reference_is_the_formula_in_one_block_and_in_many(budget, form):
     """With its memory budget cut to 300 floats the reference takes 2 queries at a time
-    (2 x 5 picks x (2 x 3 heads + 8 channels) = 140 floats a query; 4 blocks), and no
-    temporary it makes but the result (2 x 7 x 5 = 70) holds more than the budget."""
+    (gathered: 2 x 5 picks x (2 x 3 heads + 8 channels) = 140 floats a query; as a mask: 2
+    x 9 entries x 2 x 3 heads = 108; 4 blocks), and no temporary it makes but the result
+    (2 x 7 x 5 = 70) holds more than the budget. Both of CSA's forms (picks_as_mask)."""
     inputs = _inputs(batch=2, seq=7, heads=3, dim=8, entries=9, k=5)
     patch = mock.patch.object(v4_attention, "MASS_QUERIES", budget or v4_attention.MASS_QUERIES)
-    with patch, LargestTemporary() as largest:
-        blocks = math.ceil(7 / v4_attention.mass_queries_per_block(2, 3, 5, 8, picked=True))
+    form_patch = mock.patch.object(v4_attention, "picks_as_mask", lambda *_: form == "mask")
+    width = 9 if form == "mask" else 5
+    with patch, form_patch, LargestTemporary() as largest:
+        per_block = v4_attention.mass_queries_per_block(2, 3, width, 8, form == "gathered")
         got = entry_mass(*inputs)
-    assert blocks == (4 if budget else 1)
-    assert largest.floats <= (budget or 2 * 7 * 5 * 8)  # one block: every query's entries
+    assert math.ceil(7 / per_block) == (4 if budget else 1)
+    one_block = 2 * 7 * (9 * 3 if form == "mask" else 5 * 8)  # every query's logits or entries
+    assert largest.floats <= (budget or one_block)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), _per_query(*inputs), rtol=1e-5, atol=1e-7)
 

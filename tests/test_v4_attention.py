@@ -16,6 +16,7 @@ from test_train import train_in_process
 
 from birkhoff.checkpoint.contents import read_tensors, tensor_metadata
 from birkhoff.checkpoint.hf_deepseek_v4 import ATTENTION
+from birkhoff.kernels import v4_attention
 from birkhoff.model import compression
 from birkhoff.model.compression import block_entries, indexer_kl, topk_recall
 from birkhoff.model.config import AttentionConfig
@@ -124,13 +125,30 @@ def run_theirs(theirs: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def force_csa_form(monkeypatch, form: str) -> None:
+    """CSA's attention and indexer take their picks `gathered` or as a `mask` over every
+    entry, whatever `picks_as_mask` would decide for the shape."""
+    for module in (v4_attention, compression):
+        monkeypatch.setattr(module, "picks_as_mask", lambda *_: form == "mask")
+
+
 @pytest.mark.parametrize(
-    "layer_type, yarn",
-    [("sliding", False), ("csa", False), ("hca", False), ("csa", True), ("hca", True)],
+    "layer_type, yarn, form",
+    [
+        ("sliding", False, None),
+        ("csa", False, "gathered"),
+        ("csa", False, "mask"),
+        ("hca", False, None),
+        ("csa", True, None),
+        ("hca", True, None),
+    ],
 )
-def test_v4_attention_equals_transformers_forward_and_backward(layer_type, yarn):
+def test_v4_attention_equals_transformers_forward_and_backward(layer_type, yarn, form, monkeypatch):
     """yarn: transformers' YaRN with factor 4 on the compressed layers (the sliding layer has
-    none), which moves their output by up to 0.8 (hca) and 1.6 (csa) against plain RoPE."""
+    none), which moves their output by up to 0.8 (hca) and 1.6 (csa) against plain RoPE.
+    CSA in both its forms (the rule's own choice here is the mask)."""
+    if form is not None:
+        force_csa_form(monkeypatch, form)
     ours, theirs = pair(layer_type, yarn=yarn)
     x = torch.randn(2, 37, HIDDEN, generator=torch.Generator().manual_seed(1))
     assert_equals_transformers(ours, theirs, x)
@@ -164,8 +182,10 @@ def assert_gradient_close(got: torch.Tensor, expected: torch.Tensor, name: str) 
 
 
 def test_the_indexer_picks_the_same_entries_a_few_queries_at_a_time(monkeypatch):
-    """Selection runs over blocks of queries (memory T x k, not T x E): with blocks of 3
-    queries the layer still equals transformers' (which scores all queries at once)."""
+    """Gathering its picks, selection runs over blocks of queries (memory T x k, not T x E):
+    with blocks of 3 queries the layer still equals transformers' (which scores all queries
+    at once)."""
+    force_csa_form(monkeypatch, "gathered")
     monkeypatch.setattr(compression, "SCORES_PER_BLOCK", 3 * 9 * CFG.index_heads * 2)
     ours, theirs = pair("csa", seed=9)
     x = torch.randn(2, 37, HIDDEN, generator=torch.Generator().manual_seed(10))
@@ -345,3 +365,40 @@ def test_csa_entry_gradients_keep_their_precision_in_bf16():
 
     exact, bf16 = entry_gradient(torch.float64), entry_gradient(torch.bfloat16)
     assert ((bf16 - exact).abs().max() / exact.abs().max()).item() < 1e-2
+
+
+def _saved_bytes(layer: V4Attention, x: torch.Tensor) -> int:
+    """Bytes autograd keeps for backward after one forward of `layer`, each storage once."""
+    kept: dict[int, int] = {}
+    own = {t.untyped_storage().data_ptr() for t in (*layer.parameters(), *layer.buffers())}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        kept.setdefault(storage.data_ptr(), storage.nbytes())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        layer(x, SequenceContext(), [])
+    return sum(size for address, size in kept.items() if address not in own)
+
+
+@pytest.mark.parametrize(("seq", "topk"), [(40, 3), (40, 8), (200, 3)])
+def test_csa_takes_its_picks_in_the_form_that_keeps_less(seq, topk, monkeypatch):
+    """picks_as_mask's choice, per query 2 x heads x entries floats against picks x
+    channels + 2 x heads x picks, against what a CSA layer really keeps for backward in
+    each form. 10 entries of 4 heads x 32 channels: the mask for 3 and 8 picks (the
+    attention's rule: 80 <= 120 and 320; the indexer's, 2 heads x 16 channels: 40 <= 60);
+    50 entries, 3 picks: the gather (400 > 120)."""
+    cfg = dataclasses.replace(CFG, index_topk=topk)
+    x = torch.randn(2, seq, HIDDEN, generator=torch.Generator().manual_seed(4))
+    entries = seq // CFG.csa_ratio
+    chosen = v4_attention.picks_as_mask(HEADS, entries, topk, CFG.head_dim)
+    index_chosen = v4_attention.picks_as_mask(CFG.index_heads, entries, topk, CFG.index_head_dim)
+    assert chosen == index_chosen  # one form for both here, so one measurement decides
+    kept = {}
+    for form in ("gathered", "mask"):
+        force_csa_form(monkeypatch, form)
+        torch.manual_seed(0)
+        layer = V4Attention(HIDDEN, HEADS, cfg, "csa", EPS, rope_theta=10000.0)
+        kept[form] = _saved_bytes(layer, x)
+    assert (kept["mask"] < kept["gathered"]) == chosen, kept

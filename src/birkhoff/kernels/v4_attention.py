@@ -4,7 +4,10 @@ learned sink logit per head. The model computes the queries, the shared key-valu
 every token and the compressed entries; this op attends.
 
 `reference` (here): blocks of `window` queries against two blocks of keys, plain torch, never
-T x T. The `triton` backend runs it as FlexAttention (kernels/flex_v4_attention.py).
+T x T. CSA's picks are attended in whichever of two forms materialises less per query
+(`picks_as_mask`): the picked entries gathered (k x D values, logits over k) or every entry
+with the unpicked masked out (logits over E). The `triton` backend runs it as FlexAttention
+(kernels/flex_v4_attention.py).
 """
 
 from __future__ import annotations
@@ -25,6 +28,25 @@ def mass_queries_per_block(batch: int, heads: int, width: int, dim: int, picked:
     (width x dim, shared by the heads)."""
     per_query = batch * width * (2 * heads + (dim if picked else 0))
     return max(1, MASS_QUERIES // max(1, per_query))
+
+
+def picks_as_mask(heads: int, entries: int, picks: int, dim: int) -> bool:
+    """Whether a query's `picks` of `entries` compressed entries are attended as a mask over
+    all of them: its logits and probabilities over every entry (2 x heads x entries floats)
+    against the gathered entries and the logits and probabilities at the picks (picks x dim
+    + 2 x heads x picks). At `tiny` (6 heads, 32 entries, 16 picks of 64) the mask, 4x less;
+    at V4-Flash's 4K-token training (64 heads, 1,024 entries, 512 picks of 512) the mask,
+    2.5x less; at 64K tokens (16,384 entries) the gather, 6x less. Either gives the same
+    softmax (an unpicked entry weighs exp(-inf) = 0); the mask needs no gather, whose
+    backward accumulates rows one at a time."""
+    return 2 * heads * entries <= picks * dim + 2 * heads * picks
+
+
+def picked_mask(picks: torch.Tensor, picked: torch.Tensor, entries: int) -> torch.Tensor:
+    """(B, T, entries) bool from picks (B, T, k): set where a query picked a visible entry
+    (a query's picks are distinct, so no two write one place)."""
+    mask = picked.new_zeros(*picks.shape[:-1], entries)
+    return mask.scatter_(-1, picks, picked)
 
 
 @dataclass
@@ -103,12 +125,19 @@ def entry_mass(
     normaliser (B, T, H). A block of queries at a time (mass_queries_per_block), so memory
     stays within MASS_QUERIES floats; no gradient."""
     batch, seq, heads, dim = q.shape
-    width = picks.shape[-1]
+    width, count = picks.shape[-1], values.shape[1]
     mass = q.new_zeros(batch, seq, width, dtype=torch.float32)
-    block = mass_queries_per_block(batch, heads, width, dim, picked=True)
+    as_mask = picks_as_mask(heads, count, width, dim)  # as the attention took them
+    block = mass_queries_per_block(batch, heads, count if as_mask else width, dim, not as_mask)
     rows = torch.arange(batch, device=q.device)[:, None, None]
     for first in range(0, seq, block):
         part = slice(first, min(seq, first + block))
+        if as_mask:  # the mass at every entry, then at the picks
+            logits = torch.einsum("bthd,bed->bthe", q[:, part].float(), values.float())
+            every = _summed_over_heads(logits, lse[:, part], None, dim**-0.5)
+            at_picks = every.gather(-1, picks[:, part])
+            mass[:, part] = at_picks.masked_fill_(~picked[:, part], 0.0)
+            continue
         chosen = values[rows, picks[:, part]].float()
         logits = torch.einsum("bthd,btkd->bthk", q[:, part].float(), chosen)
         mass[:, part] = _summed_over_heads(logits, lse[:, part], picked[:, part], dim**-0.5)
@@ -134,11 +163,12 @@ def dense_entry_mass(
 
 
 def _summed_over_heads(
-    logits: torch.Tensor, lse: torch.Tensor, valid: torch.Tensor, scale: float
+    logits: torch.Tensor, lse: torch.Tensor, valid: torch.Tensor | None, scale: float
 ) -> torch.Tensor:
-    """exp(scale logits - lse) summed over heads, 0 where not `valid`: (B, Q, H, W) logits,
-    (B, Q, H) normalisers, (B, Q, W) -> (B, Q, W)."""
-    return torch.exp(logits * scale - lse[..., None]).sum(-2).masked_fill(~valid, 0.0)
+    """exp(scale logits - lse) summed over heads, 0 where not `valid` (if given): (B, Q, H,
+    W) logits, (B, Q, H) normalisers, (B, Q, W) -> (B, Q, W)."""
+    mass = torch.exp(logits * scale - lse[..., None]).sum(-2)
+    return mass if valid is None else mass.masked_fill(~valid, 0.0)
 
 
 def _window_logits(
@@ -176,13 +206,17 @@ def _entry_logits(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Logits (B, T, H, K) against the entries each query may attend to (-inf where not
     visible) and their values: (B, E, D) shared by all queries, or (B, T, k, D) picked."""
-    batch, seq, heads, _ = q.shape
+    batch, seq, heads, dim = q.shape
     if entries is None:
         return q.new_zeros(batch, seq, heads, 0, dtype=torch.float32), None
-    if entries.picks is None:
-        visible = entries.layout.visible(positions)
+    count, picks = entries.values.shape[1], entries.picks
+    if picks is None or picks_as_mask(heads, count, picks.shape[-1], dim):
+        if picks is None:
+            seen = entries.layout.visible(positions)
+        else:
+            seen = picked_mask(picks, entries.picked, count)
         logits = torch.einsum("bthd,bed->bthe", q.float(), entries.values.float()) * scale
-        return logits.masked_fill(~visible[:, :, None, :], -torch.inf), entries.values
+        return logits.masked_fill(~seen[:, :, None, :], -torch.inf), entries.values
     rows = torch.arange(batch, device=q.device)[:, None, None]
     # Gathered from float32: the gather's backward adds every picking query's gradient into
     # its entry, which in bf16 rounds each of thousands of additions (relative error 0.2 at

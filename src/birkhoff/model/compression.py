@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from birkhoff.kernels.v4_attention import BlockEntries
+from birkhoff.kernels.v4_attention import BlockEntries, picks_as_mask
 from birkhoff.model.group_sums import shared_over, summed_over
 from birkhoff.model.init import constant
 from birkhoff.model.norm import RMSNorm
@@ -132,12 +132,23 @@ class LightningIndexer(nn.Module):
         inv_freq: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Each query's top-k visible entries (B, T, k), whether each pick is visible, and the
-        index scores at the picks (float32, -inf where not visible; differentiable). The
-        selection scores all entries a block of queries at a time without gradients, so memory
-        grows with T x k, not T x E."""
+        index scores at the picks (float32, -inf where not visible; differentiable). Where
+        the scores of every entry take no more memory than the picked keys would
+        (`picks_as_mask`, as the attention decides), they are computed once with their
+        gradient and read at the picks. Otherwise selection scores all entries a block of
+        queries at a time without gradients and the picked keys are gathered, so memory grows
+        with T x k, not T x E."""
         batch, seq, _ = x.shape
         keys, q, weights = self._inputs(x, q_latent, entries, cos, sin, inv_freq)
         k = min(self.topk, keys.shape[1])
+        if picks_as_mask(q.shape[2], keys.shape[1], k, self.head_dim):
+            # every entry's score, differentiable, read at the picks: no gather (and the
+            # scores are computed once, where selection in blocks scores again at the picks)
+            index = summed_over(self._index(q, keys, weights), self.head_group)
+            visible = entries.visible(positions)
+            top = index.detach().masked_fill(~visible, -torch.inf).topk(k, dim=-1)
+            picks, picked = top.indices, torch.isfinite(top.values)
+            return picks, picked, index.gather(-1, picks).masked_fill(~picked, -torch.inf)
         picks = torch.empty(batch, seq, k, dtype=torch.long, device=x.device)
         picked = torch.empty(batch, seq, k, dtype=torch.bool, device=x.device)
         block = queries_per_block(keys.shape[1], self.heads, batch)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from birkhoff.kernels.linear_cross_entropy import chunk_tokens
+from birkhoff.kernels.v4_attention import picks_as_mask
 from birkhoff.model.config import ModelConfig
 
 FP32, INDEX, MASK = 4, 8, 1
@@ -86,7 +87,11 @@ def _attention_terms(cfg: ModelConfig, layer: int, seq: int, act: int, fused: bo
     kind = a.layer_type(layer)
     window, d, hd = a.sliding_window, a.head_dim, heads * a.head_dim
     # Queries attend in blocks of `window` against two key blocks, whatever the sequence.
-    entries = {"sliding": 0.0, "csa": a.index_topk, "hca": seq / a.hca_ratio}[kind]
+    count = seq / (a.csa_ratio if kind == "csa" else a.hca_ratio)
+    # CSA attends to its picks as a mask over every entry where that keeps less than
+    # gathering them (the kernel's rule, taken with all heads: see picks_as_mask)
+    masked = kind == "csa" and picks_as_mask(heads, count, a.index_topk, d)
+    entries = {"sliding": 0.0, "csa": count if masked else a.index_topk, "hca": count}[kind]
     keys = 2 * window + entries + 1  # window blocks, compressed entries, the sink
     terms = [
         Term(c, act, "whole", False),  # the projections' input
@@ -102,15 +107,27 @@ def _attention_terms(cfg: ModelConfig, layer: int, seq: int, act: int, fused: bo
         Term(a.o_groups * a.o_lora_rank, act, "heads", True),  # grouped output projection
     ]
     if kind == "csa":
-        topk = a.index_topk
-        terms.append(Term(2 * topk * d, FP32, "whole", False))  # the picked entries
-        terms.append(Term(2 * topk, FP32, "whole", False))
-        terms.append(Term(3 * topk + 1, MASK, "whole", False))
+        topk, ih, id_ = a.index_topk, a.index_heads, a.index_head_dim
+        if masked:  # every entry (and transposed) and which entries each query picked
+            terms.append(Term(2 * d / a.csa_ratio, FP32, "whole", False))
+            terms.append(Term(count, MASK, "whole", False))
+        else:  # the picked entries in float32 (and as the values' dtype), their masks
+            terms.append(Term(topk * d, FP32, "whole", False))
+            if act != FP32:
+                terms.append(Term(topk * d, act, "whole", False))
+            terms.append(Term(2 * topk, FP32, "whole", False))
+            terms.append(Term(3 * topk + 1, MASK, "whole", False))
         terms += _compressor_terms(2, a.csa_ratio, d)
-        ih = a.index_heads
-        terms.append(Term(2 * ih * a.index_head_dim, FP32, "heads", False))
-        terms.append(Term(2 * ih * topk + ih, FP32, "heads", False))
-        terms += _compressor_terms(2, a.csa_ratio, a.index_head_dim)
+        terms.append(Term(2 * ih * id_, FP32, "heads", False))
+        # the indexer's scores per head (ReLU's output and scaled) and their head weights,
+        # at its picks with the picked keys, or at every entry (the same rule)
+        if picks_as_mask(ih, count, topk, id_):
+            terms.append(Term(2 * ih * count + ih, FP32, "heads", False))
+            terms.append(Term(count + id_ / a.csa_ratio, FP32, "whole", False))
+        else:
+            terms.append(Term(2 * ih * topk + ih, FP32, "heads", False))
+            terms.append(Term(topk * id_, FP32, "whole", False))
+        terms += _compressor_terms(2, a.csa_ratio, id_)
     elif kind == "hca":
         terms.append(Term(hd, FP32, "heads", False))  # queries against every entry
         terms.append(Term(entries, MASK, "whole", False))

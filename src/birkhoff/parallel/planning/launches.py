@@ -4,8 +4,10 @@ Every aten op that runs a kernel is one launch on an accelerator (views and allo
 none); in eager PyTorch the host spends about the same time on each (dispatch, autograd, the
 launch itself), so a step whose device work is small is bound by the host.
 
-How many ops a model runs does not depend on its widths, except through three loops that
-bound their memory: the CSA indexer scores a block of queries at a time
+How many ops a model runs does not depend on its widths, except through CSA's forms (its
+picks gathered or taken as a mask over every entry, `v4_attention.picks_as_mask`: the count
+runs the real shape's, `csa_forms`) and three loops that bound their memory: the CSA
+indexer, where it gathers, scores a block of queries at a time
 (`compression.queries_per_block`), `entry_mass` sums the attention at a block of queries at a
 time (`v4_attention.mass_queries_per_block`), and the loss takes its vocabulary logits a chunk
 of tokens at a time (`linear_cross_entropy.chunk_tokens`); their block sizes depend on heads,
@@ -125,9 +127,14 @@ def count_launches(
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, model_cfg.vocab_size, (2, seq), generator=generator)
 
+    forms = csa_forms(cfg, seq_len)
+
     def launches(per_query: str | None) -> tuple[int, Counter[tuple[str, str]]]:
         counter = counted_ops.counter = LaunchCounter()
         with ExitStack() as patches, counter:
+            for module, masked in zip((attention_kernel, compression), forms, strict=True):
+                choice = lambda *_, masked=masked: masked  # noqa: E731
+                patches.enter_context(mock.patch.object(module, "picks_as_mask", choice))
             for loop, (module, sizing) in LOOPS.items():
                 block = FORCED_BLOCK if loop == per_query else UNBOUNDED
                 patches.enter_context(
@@ -145,6 +152,8 @@ def count_launches(
     forced = {"loss": math.ceil(tokens.numel() / FORCED_BLOCK)}
     if model_cfg.attention.kind == "v4":
         forced |= dict.fromkeys(("indexer", "entry_mass"), math.ceil(seq / FORCED_BLOCK))
+        if forms[1]:  # the indexer takes every entry at once: no loop
+            del forced["indexer"]
     runs |= {loop: launches(loop) for loop, blocks in forced.items() if blocks > 1}
     per_call = counted_ops.launches_per_call()
     total = {run: aten + charged(tally, per_call) for run, (aten, tally) in runs.items()}
@@ -206,21 +215,40 @@ def _count_orthogonalise(optimizer, outer: LaunchCounter) -> dict[str, list[int]
     return runs
 
 
+def csa_forms(cfg: ModelConfig, seq_len: int) -> tuple[bool, bool]:
+    """Whether CSA's attention and its indexer take their picks as a mask over every entry
+    (`v4_attention.picks_as_mask`) at the real shape, with all heads: a narrowed copy could
+    decide otherwise. (Tensor parallelism's fewer heads per process can turn a gather into a
+    mask, never the reverse; the count keeps the forms of one process.)"""
+    cfg = apply_sparse_budget(cfg)
+    a = cfg.attention
+    entries = seq_len // a.csa_ratio if a.kind == "v4" else 0
+    picks = min(a.index_topk, entries)
+    return (
+        attention_kernel.picks_as_mask(cfg.num_heads, entries, picks, a.head_dim),
+        attention_kernel.picks_as_mask(a.index_heads, entries, picks, a.index_head_dim),
+    )
+
+
 def loop_iterations(cfg: ModelConfig, micro_batch: int, seq_len: int, tp: int) -> dict[str, int]:
     """Iterations of each budgeted loop per call at the real shape (this process's heads
-    under tensor parallelism)."""
+    under tensor parallelism), in the forms `csa_forms` gives: the indexer's selection
+    loops only where it gathers, and `entry_mass` takes every entry where the attention
+    does."""
+    attention_masked, index_masked = csa_forms(cfg, seq_len)
     cfg = apply_sparse_budget(cfg)
     a = cfg.attention
     entries = seq_len // a.csa_ratio if a.kind == "v4" else 0
     index_block = compression.queries_per_block(entries, max(1, a.index_heads // tp), micro_batch)
     picks = min(a.index_topk, entries)
     heads = max(1, cfg.num_heads // tp)
+    width = entries if attention_masked else picks
     mass_block = attention_kernel.mass_queries_per_block(
-        micro_batch, heads, picks, a.head_dim, picked=True
+        micro_batch, heads, width, a.head_dim, picked=not attention_masked
     )
     chunk = loss_kernel.chunk_tokens(cfg.vocab_size)
     return {
-        "indexer": math.ceil(seq_len / index_block),
+        "indexer": 1 if index_masked else math.ceil(seq_len / index_block),
         "entry_mass": math.ceil(seq_len / mass_block),
         "loss": math.ceil(micro_batch * seq_len / chunk),
     }
