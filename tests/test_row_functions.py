@@ -37,6 +37,10 @@ def test_rms_norm_rows_against_the_formula(shape):
     ours, d_ours = _grads(lambda a, w: rms_norm_rows(a, w, EPS), (x, weight), grad)
     theirs, d_theirs = _grads(lambda a, w: _rms_formula(a, w, EPS), (x, weight), grad)
     _close((ours, *d_ours), (theirs, *d_theirs))
+    # without a weight (V4's per-head query norm): the formula's weight is 1
+    ours, d_ours = _grads(lambda a: rms_norm_rows(a, None, EPS), (x,), grad)
+    theirs, d_theirs = _grads(lambda a: _rms_formula(a, 1.0, EPS), (x,), grad)
+    _close((ours, *d_ours), (theirs, *d_theirs))
     # the registered op: float32 compute, the input's dtype out
     half = rms_norm(x.to(torch.bfloat16), weight.float(), EPS)
     assert half.dtype == torch.bfloat16

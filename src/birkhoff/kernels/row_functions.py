@@ -26,13 +26,15 @@ def inverse_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 class _RMSNorm(torch.autograd.Function):
     """y = x r w with r = inverse_rms(x). With u = g w: dx = r u - x r^3 <u, x> / C and
-    dw = sum over rows of g x r. It keeps x and r (autograd kept x r as well)."""
+    dw = sum over rows of g x r. It keeps x and r (autograd kept x r as well). Without a
+    weight, w = 1 (u = g)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
         scale = inverse_rms(x, eps)
         ctx.save_for_backward(x, weight, scale)
-        return (x * scale).mul_(weight)
+        out = x * scale
+        return out if weight is None else out.mul_(weight)
 
     @staticmethod
     @once_differentiable
@@ -40,7 +42,7 @@ class _RMSNorm(torch.autograd.Function):
         x, weight, scale = ctx.saved_tensors
         d_x = d_weight = None
         if ctx.needs_input_grad[0]:
-            weighted = grad * weight
+            weighted = grad if weight is None else grad * weight
             dot = (weighted * x).sum(-1, keepdim=True)
             d_x = x * (dot * scale.pow(3) / -x.shape[-1])
             d_x.addcmul_(weighted, scale)
@@ -49,10 +51,12 @@ class _RMSNorm(torch.autograd.Function):
         return d_x, d_weight, None
 
 
-def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dimension with weight (C,), in x's dtype (see _RMSNorm)."""
+def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension with weight (C,) or none, in x's dtype (see
+    _RMSNorm)."""
     if torch.compiler.is_compiling():
-        return x * inverse_rms(x, eps) * weight
+        normed = x * inverse_rms(x, eps)
+        return normed if weight is None else normed * weight
     return _RMSNorm.apply(x, weight, eps)
 
 

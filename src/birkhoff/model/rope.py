@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.autograd.function import once_differentiable
 
 
 def rope_inv_freq(rope_dim: int, theta: float) -> torch.Tensor:
@@ -39,14 +40,54 @@ def yarn_inv_freq(
     return inv_freq / factor * slowed + inv_freq * (1 - slowed)
 
 
+def _wide(x: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x with adjacent channel pairs of its last 2 * cos.shape[-1] channels turned by the
+    angles whose cosines and sines are given (in float32 at least, written back in x's
+    dtype)."""
+    width = 2 * cos.shape[-1]
+    pairs = x[..., -width:].to(_wide(x)).unflatten(-1, (-1, 2))
+    even, odd = pairs[..., 0], pairs[..., 1]
+    out = x.clone()
+    turned = out[..., -width:].unflatten(-1, (-1, 2))
+    turned[..., 0] = even * cos - odd * sin
+    turned[..., 1] = even * sin + odd * cos
+    return out
+
+
+class _Rotation(torch.autograd.Function):
+    """A rotation's gradient is the gradient turned back (the angles negated): backward is
+    the forward again, keeping only the tables. Autograd through the expression kept the
+    rotated channels' float32 copy and ran a slice, a stack and a concatenation backward, each
+    a zero-filled copy of x."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin)
+        return _rotated(x, cos, sin)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        return _rotated(grad, cos, -sin), None, None
+
+
 def rotate_trailing(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """V4's interleaved RoPE: rotates adjacent channel pairs of the last 2 * cos.shape[-1]
-    channels of x (cos/sin broadcast over x's other dims); the leading channels pass."""
-    width = 2 * cos.shape[-1]
-    rotated = x[..., -width:].float()
-    even, odd = rotated[..., 0::2], rotated[..., 1::2]
-    pairs = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
-    return torch.cat((x[..., :-width], pairs.flatten(-2).to(x.dtype)), dim=-1)
+    channels of x (cos/sin broadcast over x's other dims); the leading channels pass.
+    Compiled code, and tables that carry a gradient (none of this model's do), take the
+    expression as it is."""
+    if torch.compiler.is_compiling() or cos.requires_grad or sin.requires_grad:
+        width = 2 * cos.shape[-1]
+        rotated = x[..., -width:].to(_wide(x))
+        even, odd = rotated[..., 0::2], rotated[..., 1::2]
+        pairs = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+        return torch.cat((x[..., :-width], pairs.flatten(-2).to(x.dtype)), dim=-1)
+    return _Rotation.apply(x, cos, sin)
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
 from birkhoff import kernels
+from birkhoff.kernels.row_functions import rms_norm_rows
 from birkhoff.kernels.v4_attention import EntryKV, dense_entry_mass
 from birkhoff.model.compression import (
     KVCompressor,
@@ -128,7 +128,7 @@ class V4Attention(nn.Module):
         cos, sin = angles.cos(), angles.sin()
         q_latent = self.q_norm(self.w_q_down(x))
         q = self.w_q_up(q_latent).view(batch, seq, -1, self.head_dim)  # this process's heads
-        q = F.rms_norm(q.float(), (self.head_dim,), eps=self.eps).to(q.dtype)
+        q = rms_norm_rows(q.float(), None, self.eps).to(q.dtype)  # per head, no weight
         q = rotate_trailing(q, cos[:, :, None], sin[:, :, None])
         kv = rotate_trailing(self.kv_norm(self.w_kv(x)), cos, sin)
         kv = shared_over(kv, self.head_group)
