@@ -34,7 +34,7 @@ def picks_as_mask(heads: int, entries: int, picks: int, dim: int) -> bool:
     """Whether a query's `picks` of `entries` compressed entries are attended as a mask over
     all of them: its logits and probabilities over every entry (2 x heads x entries floats)
     against the gathered entries and the logits and probabilities at the picks (picks x dim
-    + 2 x heads x picks). At `tiny` (6 heads, 32 entries, 16 picks of 64) the mask, 4x less;
+    + 2 x heads x picks). At `tiny` (6 heads, 32 entries, 16 picks of 64) the mask, 3x less;
     at V4-Flash's 4K-token training (64 heads, 1,024 entries, 512 picks of 512) the mask,
     2.5x less; at 64K tokens (16,384 entries) the gather, 6x less. Either gives the same
     softmax (an unpicked entry weighs exp(-inf) = 0); the mask needs no gather, whose
