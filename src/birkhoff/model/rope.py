@@ -51,7 +51,7 @@ def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
     width = 2 * cos.shape[-1]
     pairs = x[..., -width:].to(_wide(x)).unflatten(-1, (-1, 2))
     even, odd = pairs[..., 0], pairs[..., 1]
-    out = x.clone()
+    out = x.clone(memory_format=torch.contiguous_format)  # as the concatenation was
     turned = out[..., -width:].unflatten(-1, (-1, 2))
     turned[..., 0] = even * cos - odd * sin
     turned[..., 1] = even * sin + odd * cos
