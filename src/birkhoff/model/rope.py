@@ -79,14 +79,10 @@ class _Rotation(torch.autograd.Function):
 def rotate_trailing(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """V4's interleaved RoPE: rotates adjacent channel pairs of the last 2 * cos.shape[-1]
     channels of x (cos/sin broadcast over x's other dims); the leading channels pass.
-    Compiled code, and tables that carry a gradient (none of this model's do), take the
-    expression as it is."""
+    Compiled code, and tables that carry a gradient (none of this model's do), let autograd
+    differentiate the rotation as written."""
     if torch.compiler.is_compiling() or cos.requires_grad or sin.requires_grad:
-        width = 2 * cos.shape[-1]
-        rotated = x[..., -width:].to(_wide(x))
-        even, odd = rotated[..., 0::2], rotated[..., 1::2]
-        pairs = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
-        return torch.cat((x[..., :-width], pairs.flatten(-2).to(x.dtype)), dim=-1)
+        return _rotated(x, cos, sin)  # differentiated as written
     return _Rotation.apply(x, cos, sin)
 
 
