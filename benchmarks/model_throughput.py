@@ -18,6 +18,10 @@ every variant (`--set model.hidden_size=2048 ...`); it reports MFU against the d
 peak (train/mfu.py), peak memory, and with `--launches` the device kernels one step launches
 (profiler events on the device; on a CPU the aten calls instead).
 
+The host's allocator is set as the trainer sets it (`--host-malloc`, backend.host_malloc,
+train/host_malloc.py: `reuse` by default) and each variant's page faults per timed step are
+reported; benchmarks/host_malloc.py compares the two settings process by process.
+
     python benchmarks/model_throughput.py --models tiny small --rounds 3
     python benchmarks/model_throughput.py --models small --variants default plain --compile
     python benchmarks/model_throughput.py --device cuda --bf16 --kernels reference triton \
@@ -29,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -41,6 +46,8 @@ from birkhoff.model import build_model
 from birkhoff.model.budget import count_parameters
 from birkhoff.parallel.compile import compile_blocks
 from birkhoff.parallel.parallelize import block_slots
+from birkhoff.train.host_malloc import CHOICES as HOST_MALLOC
+from birkhoff.train.host_malloc import apply_host_malloc
 from birkhoff.train.mfu import device_peak, flops_per_token
 from birkhoff.train.model_share import initialise
 
@@ -115,23 +122,27 @@ def measure(model: str, args: argparse.Namespace) -> dict:
     vocab = first.cfg.vocab_size
     tokens = torch.randint(0, vocab, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
     tokens = tokens.to(device)
-    seconds = dict.fromkeys(built, 0.0)
-    for net, optimizer in built.values():  # warm-up (compiled: the compiles, then one more)
-        for _ in range(2 if args.compile else 1):
+    seconds, faults = dict.fromkeys(built, 0.0), dict.fromkeys(built, 0)
+    # warm-up: the optimizer's state made, blocks compiled, and the host allocator's heap grown
+    # to what a step needs (its page faults stop by the third step on a CPU)
+    for net, optimizer in built.values():
+        for _ in range(args.warmup):
             step(net, optimizer, tokens, args.bf16)
     for _ in range(args.rounds):
         for name, (net, optimizer) in built.items():
             synchronize(device)
-            start = time.perf_counter()
+            start, faulted = time.perf_counter(), _page_faults()
             for _ in range(args.steps):
                 step(net, optimizer, tokens, args.bf16)
             synchronize(device)
             seconds[name] += time.perf_counter() - start
+            faults[name] += _page_faults() - faulted
     per_step = {name: total / (args.rounds * args.steps) for name, total in seconds.items()}
     result = {
         "tokens_per_step": batch * seq,
         "parameters": {n: count_parameters(net.cfg).as_dict() for n, (net, _) in built.items()},
         "tokens_per_s": {n: batch * seq / t for n, t in per_step.items()},
+        "page_faults_per_step": {n: f / (args.rounds * args.steps) for n, f in faults.items()},
     }
     for metric, (over, base) in RATIOS.items():
         for kernels in args.kernels:
@@ -157,6 +168,11 @@ def measure(model: str, args: argparse.Namespace) -> dict:
         default = "default" + (f"/{args.kernels[0]}" if len(args.kernels) > 1 else "")
         result["top_ops_default"] = top_ops(*built[default], tokens, args.bf16)
     return result
+
+
+def _page_faults() -> int:
+    """This process's page faults so far (minor: a page mapped and zeroed on first touch)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def profiled_step(
@@ -204,6 +220,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["tiny", "small"], choices=list(SHAPES))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=2, help="timed steps per variant per round")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument(
         "--variants", nargs="+", default=[v for v in VARIANTS if v != "dense"], choices=VARIANTS
@@ -216,7 +233,11 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], help="recipe overrides, every variant")
     parser.add_argument("--launches", action="store_true", help="kernels launched per step")
     parser.add_argument("--peak-tflops", type=float, help="the device's peak (default: preset)")
+    parser.add_argument(
+        "--host-malloc", choices=HOST_MALLOC, default="reuse", help="backend.host_malloc"
+    )
     args = parser.parse_args()
+    malloc_line = apply_host_malloc(args.host_malloc)
     if "dense" in args.variants and set(args.models) - set(DENSE_BASELINES):
         parser.error(f"--variants dense: only {', '.join(DENSE_BASELINES)} has a dense recipe")
     if args.profile and "default" not in args.variants:
@@ -225,6 +246,7 @@ def main() -> None:
         "benchmark": "model_throughput",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "host_malloc": malloc_line,
         "compiled": args.compile,
         "device": _device_name(args.device),
         "bf16": args.bf16,

@@ -159,6 +159,7 @@ def one_rank(tmp_path_factory, shakespeare_shards) -> Path:
         run.parent,
     )
     assert "1 rank(s) on 1 node(s)" in result.stdout
+    assert "birkhoff: host malloc: " in result.stdout  # what the allocator was set to, or why not
     return run
 
 

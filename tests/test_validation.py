@@ -61,6 +61,7 @@ def recipe_error(overrides, env=None) -> RecipeError:
         (["train.mixed_precision=fp8"], "train.mixed_precision", "one of none, bf16"),
         (["train.compile_backend=eager"], "train.compile_backend", "one of inductor, aot_eager"),
         (["backend.device=tpu"], "backend.device", "one of auto, cpu, cuda, npu"),
+        (["backend.host_malloc=always"], "backend.host_malloc", "one of reuse, system"),
         (["model.residual.form=v3"], "model.residual.form", "one of paper, v4"),
         (
             ["model.residual.form=v4", "model.residual.mode=hc"],

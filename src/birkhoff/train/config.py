@@ -7,6 +7,7 @@ from pathlib import Path
 
 from birkhoff import kernels
 from birkhoff.errors import require, require_choice
+from birkhoff.train import host_malloc
 from birkhoff.train.stability_config import AnticipatoryConfig, FaultConfig, SpikeConfig
 
 SCHEDULES = ("cosine", "wsd", "constant")
@@ -244,6 +245,9 @@ class BackendConfig:
     # Dense bf16 TFLOP/s of one device, for the `mfu` metric; None: the device's preset, or
     # on the CPU its matmul rate measured once (train/mfu.py).
     peak_tflops: float | None = None
+    # The host's C allocator: reuse (freed memory kept for the next step) | system
+    # (train/host_malloc.py).
+    host_malloc: str = "reuse"
 
     def validate(self, prefix: str = "backend") -> None:
         require_choice(f"{prefix}.device", self.device, ("auto", "cpu", "cuda", "npu"))
@@ -254,6 +258,7 @@ class BackendConfig:
             "must be > 0 (TFLOP/s of one device), or null for the device's own",
         )
         require_choice(f"{prefix}.kernels", self.kernels, kernels.KERNEL_CHOICES)
+        require_choice(f"{prefix}.host_malloc", self.host_malloc, host_malloc.CHOICES)
         # an explicit backend: its package imports here, and a chosen device can run it
         kernels.backend_for(self.kernels, None if self.device == "auto" else self.device)
 

@@ -21,6 +21,7 @@ from birkhoff.parallel.compile import CompileStats, describe_compile
 from birkhoff.parallel.distributed import describe_layout, env_rank
 from birkhoff.rank_children import rank_process_marked
 from birkhoff.train.checkpointing import resume_after_restart
+from birkhoff.train.host_malloc import apply_host_malloc
 from birkhoff.train.metrics import build_metric_logger
 from birkhoff.train.rank_errors import (
     EXPECTED,
@@ -112,6 +113,7 @@ def _train_rank(
     error_dir: str | None,
 ) -> dict[str, Any]:
     train_recipe = train_recipe_from_dict(recipe)
+    malloc_line = apply_host_malloc(train_recipe.backend.host_malloc)  # before anything big
     if public_recipe is None:
         public_recipe = scrub_recipe(recipe)
     run_path = Path(run_dir)
@@ -156,6 +158,7 @@ def _train_rank(
                 print(f"birkhoff: layout {describe_layout(ctx)}, device {device.type}", flush=True)
                 kernel_line = kernels.describe(trainer.kernel_backend, trainer.compute_dtype)
                 print(f"birkhoff: {kernel_line}", flush=True)
+                print(f"birkhoff: {malloc_line}", flush=True)
                 if train_recipe.train.compile:
                     print(f"birkhoff: compile: torch.compile on {trainer.compiled_blocks} "
                           "blocks; the first step compiles them", flush=True)  # fmt: skip
