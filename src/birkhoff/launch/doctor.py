@@ -26,6 +26,7 @@ from birkhoff.errors import RecipeError
 from birkhoff.launch.doctor_collectives import local_collectives
 from birkhoff.launch.doctor_kernels import check_kernels
 from birkhoff.parallel.device import resolve_device
+from birkhoff.train.host_malloc import glibc_version
 from birkhoff.train.mfu import cpu_matmul_peak
 
 MIN_FREE_GIB = 10.0  # a checkpoint of a small run, and the token caches
@@ -104,6 +105,7 @@ def _versions() -> dict[str, str | None]:
             versions[package] = None
     versions["cuda"] = torch.version.cuda
     versions["cann"] = _cann_version()
+    versions["libc"] = glibc_version()  # glibc: backend.host_malloc=reuse can apply
     return versions
 
 
