@@ -6,20 +6,26 @@ layout tests' model) are told apart in another."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from test_parallel import MODEL
 
+from birkhoff.kernels import v4_attention
 from birkhoff.launch.recipe import typed_recipe
-from birkhoff.model import build_model
+from birkhoff.model import build_model, compression
 from birkhoff.model.budget import apply_sparse_budget
+from birkhoff.model.config import AttentionConfig, ModelConfig
+from birkhoff.model.v4_attention import V4Attention
+from birkhoff.parallel.planning import activations
 from birkhoff.parallel.planning.activations import (
     block_terms,
     bytes_per_token,
     head_terms,
     head_weight_gradient_bytes,
 )
-from conftest import SMALL_OVERRIDES, compose_recipe
+from conftest import SMALL_OVERRIDES, attention_saved_bytes, compose_recipe
 
 BATCH = 4
 SHAPES = {
@@ -79,3 +85,40 @@ def test_activation_terms_are_what_autograd_saves(shape):
     per_token += bytes_per_token(head_terms(sized, 4), 1, False, "all")
     predicted = per_token * BATCH * seq + head_weight_gradient_bytes(sized, 4)
     assert predicted == pytest.approx(saved_bytes(model, tokens), rel=0.03)
+
+
+def test_a_tensor_parallel_rank_takes_csa_in_the_form_its_heads_decide(monkeypatch):
+    """CSA gathers its picks or masks every entry, whichever keeps less per query, and the kernel
+    decides with the heads it holds. A layer of 4 query heads and 2 indexer heads (64 entries, 8
+    picks) gathers; one rank of tp=2 holds half of them (and half the output groups) and masks.
+    That half layer run as the kernel decides keeps exactly what it keeps forced into the mask,
+    not the gather; the plan at tp=2 is the plan forced into the mask (with the layer's 4 heads
+    it would gather)."""
+    seq, hidden = 256, 64
+    whole = AttentionConfig(
+        kind="v4", head_dim=32, rope_head_dim=8, q_lora_rank=48, o_groups=2, o_lora_rank=24,
+        sliding_window=8, csa_ratio=4, hca_ratio=8, index_heads=2, index_head_dim=16,
+        index_topk=8, layer_types=["csa"],
+    )  # fmt: skip
+    rank = dataclasses.replace(whole, index_heads=1, o_groups=1)
+    x = torch.randn(2, seq, hidden, generator=torch.Generator().manual_seed(0))
+    cfg = ModelConfig(hidden_size=hidden, num_heads=4, num_layers=1, attention=whole)
+
+    def kept(form: bool | None) -> int:
+        with monkeypatch.context() as patches:
+            if form is not None:
+                for module in (v4_attention, compression):
+                    patches.setattr(module, "picks_as_mask", lambda *_: form)
+            torch.manual_seed(0)
+            return attention_saved_bytes(V4Attention(hidden, 2, rank, "csa", 1e-6, 10000.0), x)
+
+    def planned(form: bool | None) -> float:
+        with monkeypatch.context() as patches:
+            if form is not None:
+                patches.setattr(activations, "picks_as_mask", lambda *_: form)
+            return bytes_per_token(block_terms(cfg, 0, seq, 4, tp=2), 2, False, "all")
+
+    gathered, masked = kept(False), kept(True)
+    assert gathered != masked
+    assert kept(None) == masked
+    assert planned(None) == planned(True) != planned(False)

@@ -22,6 +22,7 @@ from birkhoff.model.compression import block_entries, indexer_kl, topk_recall
 from birkhoff.model.config import AttentionConfig
 from birkhoff.model.context import SequenceContext
 from birkhoff.model.v4_attention import V4Attention
+from conftest import attention_saved_bytes
 
 hf_v4 = pytest.importorskip("transformers.models.deepseek_v4.modeling_deepseek_v4")
 DeepseekV4Config = pytest.importorskip("transformers").DeepseekV4Config
@@ -367,21 +368,6 @@ def test_csa_entry_gradients_keep_their_precision_in_bf16():
     assert ((bf16 - exact).abs().max() / exact.abs().max()).item() < 1e-2
 
 
-def _saved_bytes(layer: V4Attention, x: torch.Tensor) -> int:
-    """Bytes autograd keeps for backward after one forward of `layer`, each storage once."""
-    kept: dict[int, int] = {}
-    own = {t.untyped_storage().data_ptr() for t in (*layer.parameters(), *layer.buffers())}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        kept.setdefault(storage.data_ptr(), storage.nbytes())
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        layer(x, SequenceContext(), [])
-    return sum(size for address, size in kept.items() if address not in own)
-
-
 @pytest.mark.parametrize(("seq", "topk"), [(40, 3), (40, 8), (200, 3)])
 def test_csa_takes_its_picks_in_the_form_that_keeps_less(seq, topk, monkeypatch):
     """picks_as_mask's choice, per query 2 x heads x entries floats against picks x
@@ -400,5 +386,5 @@ def test_csa_takes_its_picks_in_the_form_that_keeps_less(seq, topk, monkeypatch)
         force_csa_form(monkeypatch, form)
         torch.manual_seed(0)
         layer = V4Attention(HIDDEN, HEADS, cfg, "csa", EPS, rope_theta=10000.0)
-        kept[form] = _saved_bytes(layer, x)
+        kept[form] = attention_saved_bytes(layer, x)
     assert (kept["mask"] < kept["gathered"]) == chosen, kept

@@ -27,16 +27,22 @@ class Term:
 
 
 def block_terms(
-    cfg: ModelConfig, layer: int, seq: int, act_bytes: int, fused_attention: bool = False
+    cfg: ModelConfig,
+    layer: int,
+    seq: int,
+    act_bytes: int,
+    fused_attention: bool = False,
+    tp: int = 1,
 ) -> list[Term]:
     """The saved tensors of block `layer` per token, for sequences of `seq` tokens; with
-    `fused_attention`, attention keeps a log-sum-exp per head instead of its probabilities."""
+    `fused_attention`, attention keeps a log-sum-exp per head instead of its probabilities.
+    `tp`: the tensor-parallel degree, whose share of the heads decides CSA's form."""
     c = cfg.hidden_size
     terms: list[Term] = []
     for _ in range(2):  # attention and FFN sublayers: the residual join and the sublayer's norm
         terms += _join_terms(cfg, act_bytes)
         terms.append(Term(c + 1, FP32, "stream", False))  # norm input, 1 / rms
-    terms += _attention_terms(cfg, layer, seq, act_bytes, fused_attention)
+    terms += _attention_terms(cfg, layer, seq, act_bytes, fused_attention, tp)
     terms += _ffn_terms(cfg, layer, act_bytes)
     if layer in cfg.engram.layers:
         terms += _engram_terms(cfg, act_bytes)
@@ -68,7 +74,9 @@ def _join_terms(cfg: ModelConfig, act: int) -> list[Term]:
     ]
 
 
-def _attention_terms(cfg: ModelConfig, layer: int, seq: int, act: int, fused: bool) -> list[Term]:
+def _attention_terms(
+    cfg: ModelConfig, layer: int, seq: int, act: int, fused: bool, tp: int
+) -> list[Term]:
     c, heads = cfg.hidden_size, cfg.num_heads
     a = cfg.attention
     if a.kind != "v4":
@@ -89,8 +97,9 @@ def _attention_terms(cfg: ModelConfig, layer: int, seq: int, act: int, fused: bo
     # Queries attend in blocks of `window` against two key blocks, whatever the sequence.
     count = seq / (a.csa_ratio if kind == "csa" else a.hca_ratio)
     # CSA attends to its picks as a mask over every entry where that keeps less than
-    # gathering them (the kernel's rule, taken with all heads: see picks_as_mask)
-    masked = kind == "csa" and picks_as_mask(heads, count, a.index_topk, d)
+    # gathering them: the kernel's rule (picks_as_mask) with the heads of one tp rank, fewer
+    # of which can turn a gather into a mask
+    masked = kind == "csa" and picks_as_mask(max(1, heads // tp), count, a.index_topk, d)
     entries = {"sliding": 0.0, "csa": count if masked else a.index_topk, "hca": count}[kind]
     keys = 2 * window + entries + 1  # window blocks, compressed entries, the sink
     terms = [
@@ -121,7 +130,7 @@ def _attention_terms(cfg: ModelConfig, layer: int, seq: int, act: int, fused: bo
         terms.append(Term(2 * ih * id_, FP32, "heads", False))
         # the indexer's scores per head (ReLU's output and scaled) and their head weights,
         # at its picks with the picked keys, or at every entry (the same rule)
-        if picks_as_mask(ih, count, topk, id_):
+        if picks_as_mask(max(1, ih // tp), count, topk, id_):
             terms.append(Term(2 * ih * count + ih, FP32, "heads", False))
             terms.append(Term(count + id_ / a.csa_ratio, FP32, "whole", False))
         else:

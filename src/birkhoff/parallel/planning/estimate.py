@@ -287,7 +287,9 @@ def _activations(cfg, layout: Layout, work: Workload, stages: dict, order: list)
         per_micro = weight_inputs = recompute = 0.0
         last = stage == layout.num_stages - 1
         for layer in stage_blocks(cfg, layers, last):
-            terms = block_terms(cfg, layer, work.seq_len, act_bytes, work.fused_attention)
+            terms = block_terms(
+                cfg, layer, work.seq_len, act_bytes, work.fused_attention, layout.tp
+            )
             full = bytes_per_token(terms, layout.tp, sp, "all")
             kept = bytes_per_token(terms, layout.tp, sp, keep)
             if layout.activation_checkpoint == "full":  # the block's input is what it keeps

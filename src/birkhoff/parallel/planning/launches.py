@@ -219,7 +219,8 @@ def csa_forms(cfg: ModelConfig, seq_len: int) -> tuple[bool, bool]:
     """Whether CSA's attention and its indexer take their picks as a mask over every entry
     (`v4_attention.picks_as_mask`) at the real shape, with all heads: a narrowed copy could
     decide otherwise. (Tensor parallelism's fewer heads per process can turn a gather into a
-    mask, never the reverse; the count keeps the forms of one process.)"""
+    mask, never the reverse: the activation terms take a rank's heads, activations.py; the
+    count keeps the forms of all heads.)"""
     cfg = apply_sparse_budget(cfg)
     a = cfg.attention
     entries = seq_len // a.csa_ratio if a.kind == "v4" else 0

@@ -108,7 +108,9 @@ def _saved_per_token(cfg, layout, work, mine: list[int], stages: list[list[int]]
     for stage in mine:
         last = stage == layout.num_stages - 1
         for layer in stage_blocks(cfg, stages[stage], last):
-            terms = block_terms(cfg, layer, work.seq_len, act_bytes, work.fused_attention)
+            terms = block_terms(
+                cfg, layer, work.seq_len, act_bytes, work.fused_attention, layout.tp
+            )
             total += bytes_per_token(terms, layout.tp, layout.sequence_parallel, "all")
         if last:
             total += bytes_per_token(head_terms(cfg, act_bytes), 1, False, "all")
