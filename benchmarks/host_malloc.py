@@ -36,20 +36,21 @@ def compare(model: str, args) -> dict:
     for _ in range(args.repeats):
         for setting in SETTINGS:
             runs[setting].append(run_throughput(model, args.variants, setting, args))
+
+    def median(read) -> dict[str, float]:  # per setting, over its processes
+        return {setting: statistics.median(map(read, results)) for setting, results in runs.items()}
+
     out: dict = {}
     for variant in args.variants:
-        tokens = {s: statistics.median(r["tokens_per_s"][variant] for r in runs[s]) for s in runs}
-        faults = {
-            s: statistics.median(r["page_faults_per_step"][variant] for r in runs[s]) for s in runs
-        }
+        tokens = median(lambda r, v=variant: r["tokens_per_s"][v])
         out[variant] = {
             "tokens_per_s": tokens,
-            "page_faults_per_step": faults,
+            "page_faults_per_step": median(lambda r, v=variant: r["page_faults_per_step"][v]),
             "speedup_reuse_over_system": tokens["reuse"] / tokens["system"],
         }
     for metric in ("mhc_overhead", "over_dense_per_token"):
         if metric in runs["reuse"][0]:
-            out[metric] = {s: statistics.median(r[metric] for r in runs[s]) for s in runs}
+            out[metric] = median(lambda r, m=metric: r[m])
     return out
 
 

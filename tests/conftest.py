@@ -28,7 +28,6 @@ from omegaconf import DictConfig
 
 from birkhoff.launch.recipe import compose_recipe as recipe_composed
 from birkhoff.model import ModelConfig
-from birkhoff.model.context import SequenceContext
 
 # A model small enough that a step takes milliseconds; the data is the real shipped corpus.
 SMALL_OVERRIDES = [
@@ -142,17 +141,17 @@ def assert_backend_trains_as_reference(
         torch.testing.assert_close(grads_got[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def attention_saved_bytes(layer: torch.nn.Module, x: torch.Tensor) -> int:
-    """Bytes autograd keeps for backward after one forward of a V4 attention `layer`, each
-    storage once, its parameters and buffers left out."""
-    kept: dict[int, int] = {}
-    own = {t.untyped_storage().data_ptr() for t in (*layer.parameters(), *layer.buffers())}
+def saved_bytes(module: torch.nn.Module, *inputs: object) -> int:
+    """Bytes autograd keeps for backward after one forward `module(*inputs)`, each storage
+    once, the module's parameters and buffers left out."""
+    kept: dict[int, torch.UntypedStorage] = {}  # holding them keeps addresses unique
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
-        kept.setdefault(storage.data_ptr(), storage.nbytes())
+        kept.setdefault(storage.data_ptr(), storage)
         return tensor
 
+    own = {t.untyped_storage().data_ptr() for t in (*module.parameters(), *module.buffers())}
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        layer(x, SequenceContext(), [])
-    return sum(size for address, size in kept.items() if address not in own)
+        module(*inputs)
+    return sum(s.nbytes() for address, s in kept.items() if address not in own)

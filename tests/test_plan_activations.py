@@ -17,6 +17,7 @@ from birkhoff.launch.recipe import typed_recipe
 from birkhoff.model import build_model, compression
 from birkhoff.model.budget import apply_sparse_budget
 from birkhoff.model.config import AttentionConfig, ModelConfig
+from birkhoff.model.context import SequenceContext
 from birkhoff.model.v4_attention import V4Attention
 from birkhoff.parallel.planning import activations
 from birkhoff.parallel.planning.activations import (
@@ -25,7 +26,7 @@ from birkhoff.parallel.planning.activations import (
     head_terms,
     head_weight_gradient_bytes,
 )
-from conftest import SMALL_OVERRIDES, attention_saved_bytes, compose_recipe
+from conftest import SMALL_OVERRIDES, compose_recipe, saved_bytes
 
 BATCH = 4
 SHAPES = {
@@ -54,22 +55,6 @@ SHAPES = {
 }
 
 
-def saved_bytes(model: torch.nn.Module, tokens: torch.Tensor) -> int:
-    """Bytes autograd keeps for backward after one forward and loss, each storage once."""
-    kept: dict[int, torch.UntypedStorage] = {}  # holding them keeps addresses unique
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        kept.setdefault(storage.data_ptr(), storage)
-        return tensor
-
-    state = [*model.parameters(), *model.buffers()]
-    own = {t.untyped_storage().data_ptr() for t in state}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        model(tokens, tokens.roll(-1, dims=1))
-    return sum(s.nbytes() for address, s in kept.items() if address not in own)
-
-
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_activation_terms_are_what_autograd_saves(shape):
     recipe = typed_recipe(compose_recipe([*SMALL_OVERRIDES, *MODEL, *SHAPES[shape]]))
@@ -84,7 +69,7 @@ def test_activation_terms_are_what_autograd_saves(shape):
     )
     per_token += bytes_per_token(head_terms(sized, 4), 1, False, "all")
     predicted = per_token * BATCH * seq + head_weight_gradient_bytes(sized, 4)
-    assert predicted == pytest.approx(saved_bytes(model, tokens), rel=0.03)
+    assert predicted == pytest.approx(saved_bytes(model, tokens, tokens.roll(-1, dims=1)), rel=0.03)
 
 
 def test_a_tensor_parallel_rank_takes_csa_in_the_form_its_heads_decide(monkeypatch):
@@ -110,7 +95,8 @@ def test_a_tensor_parallel_rank_takes_csa_in_the_form_its_heads_decide(monkeypat
                 for module in (v4_attention, compression):
                     patches.setattr(module, "picks_as_mask", lambda *_: form)
             torch.manual_seed(0)
-            return attention_saved_bytes(V4Attention(hidden, 2, rank, "csa", 1e-6, 10000.0), x)
+            layer = V4Attention(hidden, 2, rank, "csa", 1e-6, 10000.0)
+            return saved_bytes(layer, x, SequenceContext(), [])
 
     def planned(form: bool | None) -> float:
         with monkeypatch.context() as patches:

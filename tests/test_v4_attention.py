@@ -22,7 +22,7 @@ from birkhoff.model.compression import block_entries, indexer_kl, topk_recall
 from birkhoff.model.config import AttentionConfig
 from birkhoff.model.context import SequenceContext
 from birkhoff.model.v4_attention import V4Attention
-from conftest import attention_saved_bytes
+from conftest import saved_bytes
 
 hf_v4 = pytest.importorskip("transformers.models.deepseek_v4.modeling_deepseek_v4")
 DeepseekV4Config = pytest.importorskip("transformers").DeepseekV4Config
@@ -386,5 +386,5 @@ def test_csa_takes_its_picks_in_the_form_that_keeps_less(seq, topk, monkeypatch)
         force_csa_form(monkeypatch, form)
         torch.manual_seed(0)
         layer = V4Attention(HIDDEN, HEADS, cfg, "csa", EPS, rope_theta=10000.0)
-        kept[form] = attention_saved_bytes(layer, x)
+        kept[form] = saved_bytes(layer, x, SequenceContext(), [])
     assert (kept["mask"] < kept["gathered"]) == chosen, kept
