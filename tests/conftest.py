@@ -47,6 +47,7 @@ SMALL_OVERRIDES = [
     "optim=adamw_cosine",  # tests of other parts pin AdamW; Muon has its own (test_muon.py)
     "optim.warmup_steps=2",
     "backend=cpu",
+    "backend.kernels=reference",  # the baseline; test_cpu_kernels.py holds the C kernels to it
     "logging.console=plain",
 ]
 
@@ -115,6 +116,40 @@ def corpus(tmp_path_factory) -> Path:
     for i in range(3):
         write_jsonl(root / f"part-{i}.jsonl", 120, seed=i)
     return root
+
+
+# float32 kernels against the float64 reference: sums over n streams and C channels
+KERNEL_TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
+
+
+def compare(op_ref, op_new, inputs: list[torch.Tensor]) -> None:
+    """Forward and every input gradient of op_new (float32) against op_ref in float64."""
+    exact = [t.detach().double().requires_grad_() for t in inputs]
+    given = [t.detach().clone().requires_grad_() for t in inputs]
+    expected, got = op_ref(*exact), op_new(*given)
+    assert got.dtype == inputs[0].dtype
+    torch.testing.assert_close(got.double(), expected, **KERNEL_TOLERANCE)
+    grad = torch.randn(expected.shape, dtype=torch.float64)
+    expected_grads = torch.autograd.grad(expected, exact, grad)
+    got_grads = torch.autograd.grad(got, given, grad.to(got.dtype))
+    for i, (tensor, e, g) in enumerate(zip(given, expected_grads, got_grads, strict=True)):
+        assert g.dtype == tensor.dtype, i
+        torch.testing.assert_close(
+            g.double(), e, **KERNEL_TOLERANCE, msg=lambda m, i=i: f"input {i}: {m}"
+        )
+
+
+def moe_engram_model() -> ModelConfig:
+    """A 2-layer mHC model with MoE (4 experts, top-2) and an Engram layer, for the backends'
+    model tests."""
+    from birkhoff.model.config import EngramConfig, MoEConfig
+
+    return small_model(
+        max_seq_len=16,
+        vocab_size=64,
+        moe=MoEConfig(num_experts=4, top_k=2, expert_ffn_hidden_size=8, first_k_dense=1),
+        engram=EngramConfig(layers=[1], table_size=50),
+    )
 
 
 def assert_backend_trains_as_reference(

@@ -35,7 +35,11 @@ def test_doctor_reports_this_machine(tmp_path):
     library, version = platform.libc_ver()
     assert report["versions"]["libc"] == (f"glibc {version}" if library == "glibc" else None)
     assert report["device"]["type"] == "cpu"
-    assert report["kernels"]["backend"] == "reference" and report["kernels"]["ops"] == {}
+    # auto on a CPU: the cpu backend's C kernels, each checked against the reference
+    cpu_ops = {"mhc_mapping", "mhc_post", "mhc_pre", "sinkhorn_knopp", "sinkhorn_knopp_eps"}
+    assert report["kernels"]["backend"] == "cpu" and set(report["kernels"]["ops"]) == cpu_ops
+    for r in report["kernels"]["ops"].values():
+        assert r["implementation"] == "cpu" and r["ok"] and r["backward_error"] < 1e-6
     names = {"all_reduce", "all_to_all_single", "reduce_scatter", "broadcast"}
     assert set(report["collectives"]) == names
     assert all(r["ok"] and r["max_error"] == 0 and r["bus_gbps"] > 0 for r in
@@ -141,7 +145,7 @@ def test_an_unwritable_run_dir_is_a_problem():
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--backend", "cuda"], "--backend cuda: must be one of auto, reference, triton, npu"),
+        (["--backend", "cuda"], "--backend cuda: must be one of auto, reference, cpu, triton, npu"),
         (["--ranks", "zero"], "--ranks zero: must be a positive number"),
         (["--verbose"], "unknown or incomplete flag '--verbose'"),
     ],

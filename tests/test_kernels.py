@@ -19,27 +19,9 @@ from birkhoff.kernels import (
     triton_moe,
     triton_sinkhorn,
 )
-from birkhoff.model.config import EngramConfig, MoEConfig
-from conftest import assert_backend_trains_as_reference, small_model
+from conftest import assert_backend_trains_as_reference, compare, moe_engram_model
 
-# float32 kernels against the float64 reference: sums over n streams and C channels
-TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
 SHAPES = [(4, 64), (3, 200), (1, 17)]  # (streams, channels): n not a power of 2, C > block
-
-
-def compare(op_ref, op_new, inputs: list[torch.Tensor]) -> None:
-    """Forward and every input gradient of op_new (float32) against op_ref in float64."""
-    exact = [t.detach().double().requires_grad_() for t in inputs]
-    given = [t.detach().clone().requires_grad_() for t in inputs]
-    expected, got = op_ref(*exact), op_new(*given)
-    assert got.dtype == inputs[0].dtype
-    torch.testing.assert_close(got.double(), expected, **TOLERANCE)
-    grad = torch.randn(expected.shape, dtype=torch.float64)
-    expected_grads = torch.autograd.grad(expected, exact, grad)
-    got_grads = torch.autograd.grad(got, given, grad.to(got.dtype))
-    for i, (tensor, e, g) in enumerate(zip(given, expected_grads, got_grads, strict=True)):
-        assert g.dtype == tensor.dtype, i
-        torch.testing.assert_close(g.double(), e, **TOLERANCE, msg=lambda m, i=i: f"input {i}: {m}")
 
 
 @pytest.mark.parametrize(("n", "c"), SHAPES)
@@ -184,7 +166,7 @@ def test_every_backend_says_which_implementation_runs():
     assert {op for op, impl in table.items() if impl == "triton"} == own
     assert kernels.fallbacks("triton") == sorted(set(table) - own)
     assert kernels.fallbacks("reference") == []
-    with pytest.raises(ValueError, match="'auto': not one of reference, triton, npu"):
+    with pytest.raises(ValueError, match="'auto': not one of reference, cpu, triton, npu"):
         kernels.get("rms_norm", "auto")  # resolved per device before any model is built
     line = kernels.describe("triton")
     assert f"triton for 14 of {len(table)} ops (engram_gather_gate, entry_mass," in line
@@ -192,7 +174,7 @@ def test_every_backend_says_which_implementation_runs():
 
 
 def test_kernel_backend_resolves_per_device(monkeypatch):
-    assert kernels.backend_for("auto", "cpu") == "reference"
+    assert kernels.backend_for("auto", "cpu") == "cpu"  # its C kernels build here
     assert kernels.backend_for("auto", "cuda") == "triton"
     assert kernels.backend_for("auto", None) == "reference"  # a dry run builds no kernels
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
@@ -208,10 +190,4 @@ def test_a_model_with_triton_kernels_trains_as_the_reference_one():
 
 
 def test_a_model_with_moe_and_engram_trains_on_triton_as_on_the_reference():
-    cfg = small_model(
-        max_seq_len=16,
-        vocab_size=64,
-        moe=MoEConfig(num_experts=4, top_k=2, expert_ffn_hidden_size=8, first_k_dense=1),
-        engram=EngramConfig(layers=[1], table_size=50),
-    )
-    assert_backend_trains_as_reference("triton", cfg=cfg)
+    assert_backend_trains_as_reference("triton", cfg=moe_engram_model())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,8 +26,7 @@ from birkhoff.data.tokenizer import (
     train_tokenizer,
 )
 from birkhoff.errors import require
-
-CACHE_ENV = "BIRKHOFF_CACHE_DIR"
+from birkhoff.machine_cache import machine_cache_dir
 
 
 @dataclass
@@ -52,11 +50,6 @@ class DataPlan:
 def cache_dir(cfg: DataConfig) -> Path:
     """`data.cache_dir`, else the machine's cache (`machine_cache_dir`)."""
     return Path(cfg.cache_dir).expanduser() if cfg.cache_dir else machine_cache_dir()
-
-
-def machine_cache_dir() -> Path:
-    """$BIRKHOFF_CACHE_DIR, else ~/.cache/birkhoff."""
-    return Path(os.environ.get(CACHE_ENV) or "~/.cache/birkhoff").expanduser()
 
 
 def resolve_sources(cfg: DataConfig) -> list[ResolvedSource]:

@@ -3,6 +3,7 @@
 from birkhoff.kernels.registry import (
     BACKENDS,
     KERNEL_CHOICES,
+    auto_note,
     available_backends,
     backend_for,
     describe,
@@ -17,6 +18,7 @@ from birkhoff.kernels.registry import (
 __all__ = [
     "BACKENDS",
     "KERNEL_CHOICES",
+    "auto_note",
     "available_backends",
     "backend_for",
     "describe",

@@ -1,5 +1,6 @@
 """Op registry: every hot op has a `reference` implementation (plain torch, runs anywhere);
-a backend (`triton` on CUDA, `npu` through torch_npu) registers the ops it accelerates.
+a backend (`cpu`: C kernels built with the system's compiler, `triton` on CUDA, `npu` through
+torch_npu) registers the ops it accelerates.
 
 Which implementation runs is never hidden: `implementations(backend)` says it op by op, an op
 a backend lacks runs the reference and is listed as a fallback (`describe` gives the line the
@@ -20,9 +21,11 @@ from typing import Any
 import torch
 
 from birkhoff.errors import require
+from birkhoff.kernels import cpu_build
 
 REFERENCE = "reference"
-BACKENDS = (REFERENCE, "triton", "npu")
+CPU = "cpu"
+BACKENDS = (REFERENCE, CPU, "triton", "npu")
 KERNEL_CHOICES = ("auto", *BACKENDS)
 KEY = "backend.kernels"
 PACKAGES = {"triton": "triton", "npu": "torch_npu"}  # what each backend needs to import
@@ -123,8 +126,10 @@ def describe(backend: str, dtype: torch.dtype | None = None) -> str:
 
 
 def available_backends() -> list[str]:
-    """Backends whose package imports on this machine (reference always)."""
-    return sorted([REFERENCE, *(b for b, package in PACKAGES.items() if _importable(package))])
+    """Backends whose package imports on this machine (reference always; cpu where a C
+    compiler is found: whether its kernels build is known once `backend_for` has built them)."""
+    importable = [b for b, package in PACKAGES.items() if _importable(package)]
+    return sorted([REFERENCE, *importable, *([CPU] if cpu_build.compiler() else [])])
 
 
 def _importable(package: str) -> bool:
@@ -142,14 +147,27 @@ def triton_runs_on(device_type: str) -> bool:
 
 def backend_for(requested: str, device_type: str | None) -> str:
     """The backend a rank on `device_type` runs for `backend.kernels=requested`: `auto` takes
-    the device's own (triton on CUDA where it imports, npu on Ascend), else the reference;
+    the device's own (cpu on a CPU where its kernels build, triton on CUDA where it imports,
+    npu on Ascend), else the reference (`auto_note` says why, on a CPU);
     an explicit backend that cannot run here is a RecipeError naming the fix (with
     `device_type` None, before the device is known, only whether its package imports)."""
     available = available_backends()
     if requested == "auto":
         if device_type == "cuda" and "triton" in available:
             return "triton"
+        if device_type == "cpu" and cpu_build.build_problem() is None:
+            return CPU
         return "npu" if device_type == "npu" and "npu" in available else REFERENCE
+    if requested == CPU:
+        problem = cpu_build.build_problem()
+        require(problem is None, KEY, requested, f"{problem}; use auto or reference")
+        require(
+            device_type in (None, "cpu"),
+            KEY,
+            requested,
+            f"runs on the CPU (this rank runs on {device_type}); use auto",
+        )
+        return requested
     package = {"triton": "birkhoff[cuda] (triton)", "npu": "birkhoff[npu] (torch_npu, CANN)"}
     require(
         requested in available,
@@ -176,10 +194,19 @@ def backend_for(requested: str, device_type: str | None) -> str:
     return requested
 
 
+def auto_note(requested: str, device_type: str) -> str | None:
+    """Why `auto` runs the reference on a CPU (its C kernels did not build), else None."""
+    if requested != "auto" or device_type != "cpu":
+        return None
+    problem = cpu_build.build_problem()
+    return None if problem is None else f"the cpu kernels did not build ({problem})"
+
+
 def _load_backends() -> None:
     # Importing a backend module registers its ops; importing twice is a no-op. A backend
     # whose package does not import is registered (its table can be shown) but not available.
-    from birkhoff.kernels import (  # noqa: F401  (npu_ops: torch_npu lazily)
+    from birkhoff.kernels import (  # noqa: F401  (npu_ops: torch_npu lazily; cpu_mhc: built lazily)
+        cpu_mhc,
         linear_cross_entropy,
         npu_ops,
         reference,

@@ -60,7 +60,7 @@ commands:
                          --launches also counts the eager kernel launches (host time)
   plan --published deepseek_v3
                          the model held against DeepSeek-V3's published run
-  doctor [--json] [--backend auto|reference|triton|npu] [--ranks N] [--run-dir DIR]
+  doctor [--json] [--backend auto|reference|cpu|triton|npu] [--ranks N] [--run-dir DIR]
                          what this machine can run: versions, device and memory, the kernel
                          backend's ops against the reference (error, speed), the local ranks'
                          collectives (values, bandwidth), the run dir's filesystem; exit 1

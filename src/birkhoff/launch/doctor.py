@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import subprocess
@@ -203,7 +204,7 @@ def doctor_command(args: list[str]) -> int:
         if flag not in options or not rest:
             print(
                 f"birkhoff: doctor: unknown or incomplete flag {flag!r}; usage: birkhoff "
-                "doctor [--json] [--backend auto|reference|triton|npu] [--ranks N] "
+                "doctor [--json] [--backend auto|reference|cpu|triton|npu] [--ranks N] "
                 "[--run-dir DIR]",
                 file=sys.stderr,
             )
@@ -239,9 +240,11 @@ def _text(report: Report) -> str:
     if report.kernels:
         lines.append(report.kernels["summary"])
         for op, r in report.kernels["ops"].items():
-            errors = f"forward {r['forward_error']:.1e}, backward {r['backward_error']:.1e}"
+            errors = f"forward {r['forward_error']:.1e}"
+            if not math.isnan(r["backward_error"]):  # nan: forward only, the note says why
+                errors += f", backward {r['backward_error']:.1e}"
             if "note" in r:
-                errors = f"forward {r['forward_error']:.1e} ({r['note']})"
+                errors += f" ({r['note']})"
             lines.append(
                 f"  {op}: {r['implementation']}, {errors}, reference / op time "
                 f"{r['speed_ratio']:.3g}{'' if r['ok'] else '  FAILED'}"

@@ -157,6 +157,8 @@ def _train_rank(
                 print(f"birkhoff: {describe_split(trainer.model_cfg)}", flush=True)
                 print(f"birkhoff: layout {describe_layout(ctx)}, device {device.type}", flush=True)
                 kernel_line = kernels.describe(trainer.kernel_backend, trainer.compute_dtype)
+                note = kernels.auto_note(train_recipe.backend.kernels, device.type)
+                kernel_line += f" ({note})" if note else ""
                 print(f"birkhoff: {kernel_line}", flush=True)
                 print(f"birkhoff: {malloc_line}", flush=True)
                 if train_recipe.train.compile:

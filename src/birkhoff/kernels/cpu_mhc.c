@@ -1,0 +1,454 @@
+/* mHC's per-token work on a CPU, fused: the stream read (mhc_pre), the merge (mhc_post), and the
+ * mappings' tail after the projection (scales, biases, sigmoids, Sinkhorn-Knopp in both forms),
+ * each forward and backward. float32, contiguous, one OpenMP loop over tokens: a token's
+ * n x C streams are read once into cache and every product over them is taken there, where the
+ * reference's batched products and broadcasts each pass over all tokens' streams again.
+ * Semantics: kernels/mhc_reference.py. Built by kernels/cpu_build.py, bound by kernels/cpu_mhc.py.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* out[t, c] = sum_i h[t, i] x[t, i, c] */
+void mhc_pre_forward(const float *x, const float *h, float *out, int64_t tokens, int64_t n,
+                     int64_t width, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t < tokens; t++) {
+        const float *xt = x + t * n * width, *ht = h + t * n;
+        float *ot = out + t * width;
+        for (int64_t c = 0; c < width; c++) ot[c] = ht[0] * xt[c];
+        for (int64_t i = 1; i < n; i++) {
+            const float hi = ht[i], *xi = xt + i * width;
+#pragma omp simd
+            for (int64_t c = 0; c < width; c++) ot[c] += hi * xi[c];
+        }
+    }
+}
+
+/* dx[t, i, c] = h[t, i] g[t, c];  dh[t, i] = sum_c g[t, c] x[t, i, c]  (either may be NULL) */
+void mhc_pre_backward(const float *g, const float *x, const float *h, float *dx, float *dh,
+                      int64_t tokens, int64_t n, int64_t width, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t < tokens; t++) {
+        const float *gt = g + t * width, *xt = x + t * n * width, *ht = h + t * n;
+        for (int64_t i = 0; i < n; i++) {
+            if (dx) {
+                const float hi = ht[i];
+                float *di = dx + (t * n + i) * width;
+#pragma omp simd
+                for (int64_t c = 0; c < width; c++) di[c] = hi * gt[c];
+            }
+            if (dh) {
+                const float *xi = xt + i * width;
+                float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+                for (int64_t c = 0; c < width; c++) acc += gt[c] * xi[c];
+                dh[t * n + i] = acc;
+            }
+        }
+    }
+}
+
+/* out[t, i, c] = sum_j r[t, i, j] x[t, j, c] + p[t, i] y[t, c]  (r: H_res, p: H_post) */
+void mhc_post_forward(const float *x, const float *y, const float *r, const float *p, float *out,
+                      int64_t tokens, int64_t n, int64_t width, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t < tokens; t++) {
+        const float *xt = x + t * n * width, *yt = y + t * width, *rt = r + t * n * n;
+        for (int64_t i = 0; i < n; i++) {
+            float *oi = out + (t * n + i) * width;
+            const float pi = p[t * n + i];
+#pragma omp simd
+            for (int64_t c = 0; c < width; c++) oi[c] = pi * yt[c];
+            for (int64_t j = 0; j < n; j++) {
+                const float rij = rt[i * n + j], *xj = xt + j * width;
+#pragma omp simd
+                for (int64_t c = 0; c < width; c++) oi[c] += rij * xj[c];
+            }
+        }
+    }
+}
+
+/* dx[t, j, c] = sum_i r[t, i, j] g[t, i, c];  dy[t, c] = sum_i p[t, i] g[t, i, c];
+ * dr[t, i, j] = sum_c g[t, i, c] x[t, j, c];  dp[t, i] = sum_c g[t, i, c] y[t, c]
+ * (any output may be NULL) */
+void mhc_post_backward(const float *g, const float *x, const float *y, const float *r,
+                       const float *p, float *dx, float *dy, float *dr, float *dp, int64_t tokens,
+                       int64_t n, int64_t width, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t < tokens; t++) {
+        const float *gt = g + t * n * width, *xt = x + t * n * width, *yt = y + t * width;
+        const float *rt = r + t * n * n, *pt = p + t * n;
+        if (dx) {
+            for (int64_t j = 0; j < n; j++) {
+                float *dj = dx + (t * n + j) * width;
+                for (int64_t c = 0; c < width; c++) dj[c] = 0.0f;
+                for (int64_t i = 0; i < n; i++) {
+                    const float rij = rt[i * n + j], *gi = gt + i * width;
+#pragma omp simd
+                    for (int64_t c = 0; c < width; c++) dj[c] += rij * gi[c];
+                }
+            }
+        }
+        if (dy) {
+            float *dyt = dy + t * width;
+            for (int64_t c = 0; c < width; c++) dyt[c] = 0.0f;
+            for (int64_t i = 0; i < n; i++) {
+                const float pi = pt[i], *gi = gt + i * width;
+#pragma omp simd
+                for (int64_t c = 0; c < width; c++) dyt[c] += pi * gi[c];
+            }
+        }
+        for (int64_t i = 0; i < n; i++) {
+            const float *gi = gt + i * width;
+            if (dr) {
+                for (int64_t j = 0; j < n; j++) {
+                    const float *xj = xt + j * width;
+                    float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+                    for (int64_t c = 0; c < width; c++) acc += gi[c] * xj[c];
+                    dr[(t * n + i) * n + j] = acc;
+                }
+            }
+            if (dp) {
+                float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+                for (int64_t c = 0; c < width; c++) acc += gi[c] * yt[c];
+                dp[t * n + i] = acc;
+            }
+        }
+    }
+}
+
+/* Sinkhorn-Knopp runs on blocks of LANES tokens, each value of the n x n matrices laid out
+ * across the block's tokens (value e of token l at [e * LANES + l]): every loop below then runs
+ * over the lanes and vectorises, where per-token loops would stay scalar over n = 4 values. */
+#define LANES 16
+/* a loop over the lanes, vectorised whatever aliasing the compiler cannot rule out */
+#define FOR_LANES _Pragma("omp simd") for (int l = 0; l < LANES; l++)
+
+/* exp and log as polynomials (Cephes' single-precision ones, within ~2 ulp of libm here) so that
+ * the lane loops vectorise: libm's expf and logf are calls the compiler cannot widen, and a
+ * select on a float (x < c ? ...) stops gcc's vectoriser too, so the edge cases are masks.
+ * exp_nonpositive takes x <= 0 (every use: a value minus its line's maximum, a log-probability)
+ * and gives 0 below the float range; log_lane takes the normal positive sums of exps only. */
+static inline float exp_nonpositive(float x) {
+    const float keep = (float)(x >= -87.3f); /* 0: below the float range */
+    const float clamped = keep * x - (1.0f - keep) * 87.3f;
+    const float k = (float)(int32_t)(clamped * 1.44269504088896341f - 0.5f); /* rounded */
+    const float r = clamped - k * 0.693359375f + k * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t bits = ((int32_t)k + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return keep * (p * scale);
+}
+
+static inline float log_lane(float x) {
+    int32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    float e = (float)(((bits >> 23) & 0xff) - 126);
+    bits = (bits & 0x807fffff) | 0x3f000000; /* the mantissa in [0.5, 1) */
+    float mantissa;
+    memcpy(&mantissa, &bits, sizeof mantissa);
+    const float below = (float)(mantissa < 0.707106781186547524f);
+    e -= below;
+    const float m = mantissa + below * mantissa - 1.0f, z = m * m;
+    float y = 7.0376836292e-2f;
+    y = y * m - 1.1514610310e-1f;
+    y = y * m + 1.1676998740e-1f;
+    y = y * m - 1.2420140846e-1f;
+    y = y * m + 1.4249322787e-1f;
+    y = y * m - 1.6668057665e-1f;
+    y = y * m + 2.0000714765e-1f;
+    y = y * m - 2.4999993993e-1f;
+    y = y * m + 3.3333331174e-1f;
+    y = y * m * z - 2.12194440e-4f * e - 0.5f * z;
+    return m + y + 0.693359375f * e;
+}
+
+static inline float lane_max(float a, float b) { return a > b ? a : b; }
+
+/* The index of the b-th value along `dim` of line a: dim 0 runs down column a (a sum over
+ * rows i), dim 1 along row a. */
+static inline int64_t at(int dim, int64_t n, int64_t a, int64_t b) {
+    return dim == 0 ? b * n + a : a * n + b;
+}
+
+/* Floats of scratch per block: 2 iters + 1 matrices and as many n-vectors of divisors. */
+static int64_t block_floats(int64_t n, int iters) {
+    return (2 * (int64_t)iters + 1) * (n * n + n) * LANES;
+}
+
+/* Runs the iterations on a block: logits (n n x LANES) -> states (and divisors); returns the
+ * result (inside states). form_eps < 0: the paper's log-space form (kernels/mhc_reference.py:
+ * _sinkhorn_log): iters times log_softmax over dim 0 then dim 1, result exp of the last, states
+ * the logits and every iterate. Else V4's form (_sinkhorn_eps): p = softmax over dim 0, m = p +
+ * eps, then 2 iters - 1 normalisations m / (sum + eps) over dims 1, 0, ..., 1; states p and each
+ * normalised m, divisors each sum + eps. */
+static const float *block_forward(const float *logits, float *states, float *divisors,
+                                  float *result, int64_t n, int iters, float form_eps) {
+    const int64_t nn = n * n;
+    float top[LANES], total[LANES];
+    if (form_eps < 0) {
+        memcpy(states, logits, nn * LANES * sizeof(float));
+        for (int k = 0; k < 2 * iters; k++) {
+            const int dim = k % 2;
+            const float *in = states + k * nn * LANES;
+            float *out = states + (k + 1) * nn * LANES;
+            for (int64_t a = 0; a < n; a++) {
+                FOR_LANES top[l] = in[at(dim, n, a, 0) * LANES + l];
+                for (int64_t b = 1; b < n; b++)
+                    FOR_LANES
+                        top[l] = lane_max(top[l], in[at(dim, n, a, b) * LANES + l]);
+                FOR_LANES total[l] = 0.0f;
+                for (int64_t b = 0; b < n; b++)
+                    FOR_LANES
+                        total[l] += exp_nonpositive(in[at(dim, n, a, b) * LANES + l] - top[l]);
+                FOR_LANES total[l] = top[l] + log_lane(total[l]);
+                for (int64_t b = 0; b < n; b++) {
+                    const int64_t e = at(dim, n, a, b) * LANES;
+                    FOR_LANES out[e + l] = in[e + l] - total[l];
+                }
+            }
+        }
+        const float *last = states + 2 * (int64_t)iters * nn * LANES;
+        for (int64_t e = 0; e < nn * LANES; e++) result[e] = exp_nonpositive(last[e]);
+        return result;
+    }
+    for (int64_t j = 0; j < n; j++) { /* softmax down each column */
+        FOR_LANES top[l] = logits[j * LANES + l];
+        for (int64_t i = 1; i < n; i++)
+            FOR_LANES top[l] = lane_max(top[l], logits[(i * n + j) * LANES + l]);
+        FOR_LANES total[l] = 0.0f;
+        for (int64_t i = 0; i < n; i++) {
+            const int64_t e = (i * n + j) * LANES;
+            FOR_LANES total[l] += (states[e + l] = exp_nonpositive(logits[e + l] - top[l]));
+        }
+        for (int64_t i = 0; i < n; i++)
+            FOR_LANES states[(i * n + j) * LANES + l] /= total[l];
+    }
+    for (int k = 0; k < 2 * iters - 1; k++) {
+        const int dim = (k + 1) % 2;
+        const float *in = states + k * nn * LANES;
+        float *out = states + (k + 1) * nn * LANES, *dv = divisors + k * n * LANES;
+        const float shift = k == 0 ? form_eps : 0.0f; /* m = p + eps before the first */
+        for (int64_t a = 0; a < n; a++) {
+            FOR_LANES total[l] = form_eps;
+            for (int64_t b = 0; b < n; b++)
+                FOR_LANES total[l] += in[at(dim, n, a, b) * LANES + l] + shift;
+            FOR_LANES dv[a * LANES + l] = total[l];
+            for (int64_t b = 0; b < n; b++) {
+                const int64_t e = at(dim, n, a, b) * LANES;
+                FOR_LANES out[e + l] = (in[e + l] + shift) / total[l];
+            }
+        }
+    }
+    return states + (2 * (int64_t)iters - 1) * nn * LANES;
+}
+
+/* d (n n x LANES) from the result's gradient to the logits', with block_forward's states:
+ * log form: y = log_softmax(x) gives dx = dy - e^y sum dy; V4's: m' = m / D gives
+ * dm = (dm' - sum dm' m') / D, and p = softmax(x) gives dx = p (dp - sum dp p). */
+static void block_backward(const float *states, const float *divisors, const float *result,
+                           float *d, int64_t n, int iters, float form_eps) {
+    const int64_t nn = n * n;
+    float total[LANES];
+    if (form_eps < 0) {
+        for (int64_t e = 0; e < nn * LANES; e++) d[e] *= result[e]; /* through exp */
+        for (int k = 2 * iters - 1; k >= 0; k--) {
+            const int dim = k % 2;
+            const float *y = states + (k + 1) * nn * LANES;
+            for (int64_t a = 0; a < n; a++) {
+                FOR_LANES total[l] = 0.0f;
+                for (int64_t b = 0; b < n; b++)
+                    FOR_LANES total[l] += d[at(dim, n, a, b) * LANES + l];
+                for (int64_t b = 0; b < n; b++) {
+                    const int64_t e = at(dim, n, a, b) * LANES;
+                    FOR_LANES d[e + l] -= exp_nonpositive(y[e + l]) * total[l];
+                }
+            }
+        }
+        return;
+    }
+    for (int k = 2 * iters - 2; k >= 0; k--) {
+        const int dim = (k + 1) % 2;
+        const float *m = states + (k + 1) * nn * LANES, *dv = divisors + k * n * LANES;
+        for (int64_t a = 0; a < n; a++) {
+            FOR_LANES total[l] = 0.0f;
+            for (int64_t b = 0; b < n; b++) {
+                const int64_t e = at(dim, n, a, b) * LANES;
+                FOR_LANES total[l] += d[e + l] * m[e + l];
+            }
+            for (int64_t b = 0; b < n; b++) {
+                const int64_t e = at(dim, n, a, b) * LANES;
+                FOR_LANES d[e + l] = (d[e + l] - total[l]) / dv[a * LANES + l];
+            }
+        }
+    }
+    for (int64_t j = 0; j < n; j++) {
+        FOR_LANES total[l] = 0.0f;
+        for (int64_t i = 0; i < n; i++) {
+            const int64_t e = (i * n + j) * LANES;
+            FOR_LANES total[l] += d[e + l] * states[e + l];
+        }
+        for (int64_t i = 0; i < n; i++) {
+            const int64_t e = (i * n + j) * LANES;
+            FOR_LANES d[e + l] = states[e + l] * (d[e + l] - total[l]);
+        }
+    }
+}
+
+/* Per-thread scratch of a block: states and divisors, the logits, the result, a gradient. */
+typedef struct {
+    float *states, *divisors, *logits, *result, *grad;
+} Block;
+
+static Block block_alloc(int64_t n, int iters) {
+    const int64_t nn = n * n;
+    Block s;
+    s.states = malloc((block_floats(n, iters) + 3 * nn * LANES) * sizeof(float));
+    s.divisors = s.states + (2 * (int64_t)iters + 1) * nn * LANES;
+    s.logits = s.states + block_floats(n, iters);
+    s.result = s.logits + nn * LANES;
+    s.grad = s.result + nn * LANES;
+    return s;
+}
+
+/* Token t0 + l's n x n values (rows of `stride` floats from `offset`) into lane l of `block`;
+ * lanes past the last token get zeros. */
+static void gather(float *block, const float *src, int64_t t0, int64_t count, int64_t stride,
+                   int64_t offset, int64_t nn) {
+    for (int l = 0; l < LANES; l++)
+        for (int64_t e = 0; e < nn; e++)
+            block[e * LANES + l] = l < count ? src[(t0 + l) * stride + offset + e] : 0.0f;
+}
+
+static void scatter(const float *block, float *dst, int64_t t0, int64_t count, int64_t stride,
+                    int64_t offset, int64_t nn) {
+    for (int l = 0; l < count; l++)
+        for (int64_t e = 0; e < nn; e++) dst[(t0 + l) * stride + offset + e] = block[e * LANES + l];
+}
+
+/* Tokens in the block from t0: LANES but in the last */
+static inline int64_t lanes_used(int64_t tokens, int64_t t0) {
+    return tokens - t0 < LANES ? tokens - t0 : LANES;
+}
+
+static inline float sigmoidf(float z) { return 1.0f / (1.0f + expf(-z)); }
+
+/* Sinkhorn of each token's n x n logits (form_eps < 0: the log-space form) */
+void sinkhorn_forward(const float *logits, float *out, int64_t tokens, int64_t n, int iters,
+                      float form_eps, int threads) {
+    const int64_t nn = n * n, blocks = (tokens + LANES - 1) / LANES;
+#pragma omp parallel num_threads(threads)
+    {
+        Block s = block_alloc(n, iters);
+#pragma omp for schedule(static)
+        for (int64_t blk = 0; blk < blocks; blk++) {
+            const int64_t t0 = blk * LANES, count = lanes_used(tokens, t0);
+            gather(s.logits, logits, t0, count, nn, 0, nn);
+            const float *res = block_forward(s.logits, s.states, s.divisors, s.result, n, iters, form_eps);
+            scatter(res, out, t0, count, nn, 0, nn);
+        }
+        free(s.states);
+    }
+}
+
+/* d logits from d out, the iterations recomputed per block from the logits */
+void sinkhorn_backward(const float *logits, const float *grad, float *dlogits, int64_t tokens,
+                       int64_t n, int iters, float form_eps, int threads) {
+    const int64_t nn = n * n, blocks = (tokens + LANES - 1) / LANES;
+#pragma omp parallel num_threads(threads)
+    {
+        Block s = block_alloc(n, iters);
+#pragma omp for schedule(static)
+        for (int64_t blk = 0; blk < blocks; blk++) {
+            const int64_t t0 = blk * LANES, count = lanes_used(tokens, t0);
+            gather(s.logits, logits, t0, count, nn, 0, nn);
+            gather(s.grad, grad, t0, count, nn, 0, nn);
+            const float *res = block_forward(s.logits, s.states, s.divisors, s.result, n, iters, form_eps);
+            block_backward(s.states, s.divisors, res, s.grad, n, iters, form_eps);
+            scatter(s.grad, dlogits, t0, count, nn, 0, nn);
+        }
+        free(s.states);
+    }
+}
+
+/* z_res = a q_res + b of tokens t0 .. t0 + count into a block (q's rows: 2n + n^2 values) */
+static void res_logits(float *block, const float *q, const float *a, const float *b, int64_t t0,
+                       int64_t count, int64_t n) {
+    const int64_t nn = n * n;
+    gather(block, q, t0, count, 2 * n + nn, 2 * n, nn);
+    for (int64_t e = 0; e < nn; e++)
+        FOR_LANES block[e * LANES + l] = a[2 * n + e] * block[e * LANES + l] + b[2 * n + e];
+}
+
+/* The mappings from the projection q (tokens, K = 2n + n^2: pre | post | res) with the
+ * per-value scale and bias (a, b: K values each, laid out as q):
+ *   z = a q + b;  H_pre = sigmoid(z_pre) + pre_eps;  H_post = 2 sigmoid(z_post);
+ *   H_res = Sinkhorn(z_res)  (form_eps < 0: log space, else V4's form with that eps). */
+void mhc_tail_forward(const float *q, const float *a, const float *b, float *h_pre,
+                      float *h_post, float *h_res, int64_t tokens, int64_t n, int iters,
+                      float pre_eps, float form_eps, int threads) {
+    const int64_t nn = n * n, k = 2 * n + nn, blocks = (tokens + LANES - 1) / LANES;
+#pragma omp parallel num_threads(threads)
+    {
+        Block s = block_alloc(n, iters);
+#pragma omp for schedule(static)
+        for (int64_t blk = 0; blk < blocks; blk++) {
+            const int64_t t0 = blk * LANES, count = lanes_used(tokens, t0);
+            for (int64_t t = t0; t < t0 + count; t++)
+                for (int64_t i = 0; i < n; i++) {
+                    h_pre[t * n + i] = sigmoidf(a[i] * q[t * k + i] + b[i]) + pre_eps;
+                    h_post[t * n + i] = 2.0f * sigmoidf(a[n + i] * q[t * k + n + i] + b[n + i]);
+                }
+            res_logits(s.logits, q, a, b, t0, count, n);
+            const float *res = block_forward(s.logits, s.states, s.divisors, s.result, n, iters, form_eps);
+            scatter(res, h_res, t0, count, nn, 0, nn);
+        }
+        free(s.states);
+    }
+}
+
+/* dz (tokens, K): the gradient at z = a q + b from those of H_pre, H_post, H_res (any NULL:
+ * zero); the caller reduces it to the gradients of q (a dz), a (sum dz q) and b (sum dz). */
+void mhc_tail_backward(const float *q, const float *a, const float *b, const float *d_pre,
+                       const float *d_post, const float *d_res, float *dz, int64_t tokens,
+                       int64_t n, int iters, float form_eps, int threads) {
+    const int64_t nn = n * n, k = 2 * n + nn, blocks = (tokens + LANES - 1) / LANES;
+#pragma omp parallel num_threads(threads)
+    {
+        Block s = block_alloc(n, iters);
+#pragma omp for schedule(static)
+        for (int64_t blk = 0; blk < blocks; blk++) {
+            const int64_t t0 = blk * LANES, count = lanes_used(tokens, t0);
+            for (int64_t t = t0; t < t0 + count; t++)
+                for (int64_t i = 0; i < n; i++) {
+                    const float s_pre = sigmoidf(a[i] * q[t * k + i] + b[i]);
+                    const float s_post = sigmoidf(a[n + i] * q[t * k + n + i] + b[n + i]);
+                    dz[t * k + i] = d_pre ? d_pre[t * n + i] * s_pre * (1.0f - s_pre) : 0.0f;
+                    dz[t * k + n + i] =
+                        d_post ? d_post[t * n + i] * 2.0f * s_post * (1.0f - s_post) : 0.0f;
+                }
+            if (!d_res) {
+                for (int64_t t = t0; t < t0 + count; t++)
+                    for (int64_t e = 0; e < nn; e++) dz[t * k + 2 * n + e] = 0.0f;
+                continue;
+            }
+            res_logits(s.logits, q, a, b, t0, count, n);
+            gather(s.grad, d_res, t0, count, nn, 0, nn);
+            const float *res = block_forward(s.logits, s.states, s.divisors, s.result, n, iters, form_eps);
+            block_backward(s.states, s.divisors, res, s.grad, n, iters, form_eps);
+            scatter(s.grad, dz, t0, count, k, 2 * n, nn);
+        }
+        free(s.states);
+    }
+}

@@ -1,0 +1,173 @@
+"""The `cpu` backend (kernels/cpu_mhc.c through kernels/cpu_mhc.py): every op against the
+reference run in float64, forward and every input gradient, at token counts that fill a block
+of 16 lanes and part of the next; Sinkhorn at logits far from doubly stochastic and against
+its own definition; a model built with it against the same model with the reference ops; how
+the backend resolves, what happens where its kernels cannot be built, and the build cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_train import read_metrics, train_in_process
+
+from birkhoff import kernels
+from birkhoff.errors import RecipeError
+from birkhoff.kernels import cpu_build, cpu_mhc, reference
+from conftest import assert_backend_trains_as_reference, compare, moe_engram_model
+
+SHAPES = [(4, 64, 37), (3, 200, 5), (1, 17, 16)]  # (streams, channels, tokens)
+
+
+@pytest.mark.parametrize(("n", "c", "tokens"), SHAPES)
+def test_cpu_mhc_pre_matches_the_reference(n, c, tokens):
+    torch.manual_seed(n * c)
+    compare(reference.mhc_pre, cpu_mhc.mhc_pre, [torch.randn(tokens, n, c), torch.rand(tokens, n)])
+
+
+@pytest.mark.parametrize(("n", "c", "tokens"), SHAPES)
+def test_cpu_mhc_post_matches_the_reference(n, c, tokens):
+    torch.manual_seed(n * c + 1)
+    streams, layer_out = torch.randn(2, tokens, n, c), torch.randn(2, tokens, c)
+    h_res, h_post = torch.rand(2, tokens, n, n), 2 * torch.rand(2, tokens, n)
+    compare(reference.mhc_post, cpu_mhc.mhc_post, [streams, layer_out, h_res, h_post])
+
+
+@pytest.mark.parametrize("form", ["sinkhorn_knopp", "sinkhorn_knopp_eps"])
+@pytest.mark.parametrize(
+    ("n", "tokens", "iters", "scale"), [(4, 37, 20, 2), (3, 5, 20, 100), (4, 3, 1, 2)]
+)
+def test_cpu_sinkhorn_matches_the_reference(form, n, tokens, iters, scale):
+    """Both forms forward and through the recomputing backward. Logits of scale 100 put
+    entries e^-200 apart: the log-space form's exp and log run on polynomials, and entries
+    below float32's range (e^-87) must come out 0, not garbage."""
+    torch.manual_seed(n * tokens)
+    logits = scale * torch.randn(tokens, n, n)
+    extra = (iters,) if form == "sinkhorn_knopp" else (iters, 1e-6)
+    ops = getattr(reference, form), getattr(cpu_mhc, form)
+    compare(*(lambda x, op=op: op(x, *extra) for op in ops), [logits])
+
+
+def test_cpu_sinkhorn_is_the_iteration_written_out():
+    """Against the definition as a plain loop per matrix in float64 (not the reference's
+    code): columns then rows normalised, 20 times."""
+    torch.manual_seed(3)
+    logits = 3 * torch.randn(21, 4, 4)
+    expected = logits.double().exp()
+    for _ in range(20):
+        expected = expected / expected.sum(-2, keepdim=True)  # each column sums to 1
+        expected = expected / expected.sum(-1, keepdim=True)  # then each row
+    got = cpu_mhc.sinkhorn_knopp(logits, 20)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.sum(-1), torch.ones(21, 4))
+
+
+@pytest.mark.parametrize(("n", "c", "form_eps"), [(4, 64, None), (3, 40, 1e-3), (4, 200, 1e-6)])
+def test_cpu_mhc_mapping_matches_the_reference(n, c, form_eps):
+    """All three mappings and the gradients of the streams, the projection, the scales and
+    the biases; 10 tokens, a block of 16 lanes partly filled; V4's form with eps 1e-3, large
+    enough to see if it were dropped."""
+    torch.manual_seed(n * c)
+    streams, weight = torch.randn(2, 5, n, c), torch.randn(2 * n + n * n, n * c) / (n * c) ** 0.5
+    alpha, biases = torch.rand(3) + 0.5, [torch.randn(n), torch.randn(n), torch.randn(n, n)]
+
+    def all_three(op):
+        def run(x, w, a, pre, post, res):
+            return torch.cat([h.flatten() for h in op(x, w, a, pre, post, res, 1e-6, 20, form_eps)])
+
+        return run
+
+    inputs = [streams, weight, alpha, *biases]
+    compare(all_three(reference.mhc_mapping), all_three(cpu_mhc.mhc_mapping), inputs)
+
+
+def test_cpu_mhc_keeps_the_dtypes_under_autocast():
+    """A bf16 sublayer output merges into float32 streams; the stream read returns autocast's
+    dtype as the reference's matmul does (the cpu kernel accumulates in float32)."""
+    streams, layer_out = torch.randn(2, 3, 4, 32), torch.randn(2, 3, 32).bfloat16()
+    h_res, h_post = torch.rand(2, 3, 4, 4), torch.rand(2, 3, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        merged = cpu_mhc.mhc_post(streams, layer_out, h_res, h_post)
+        expected = reference.mhc_post(streams, layer_out, h_res, h_post)
+        read = cpu_mhc.mhc_pre(streams, h_post)
+        expected_read = reference.mhc_pre(streams, h_post)
+    assert merged.dtype == torch.float32 and read.dtype == expected_read.dtype == torch.bfloat16
+    torch.testing.assert_close(merged, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(read, expected_read, rtol=2**-7, atol=1e-2)
+
+
+def test_the_cpu_backend_runs_the_reference_for_other_dtypes_and_says_so():
+    streams, h_pre = (
+        torch.randn(3, 4, 8, dtype=torch.float64),
+        torch.rand(3, 4, dtype=torch.float64),
+    )
+    got = kernels.get("mhc_pre", "cpu")(streams, h_pre)
+    assert got.dtype == torch.float64
+    assert torch.equal(got, reference.mhc_pre(streams, h_pre))
+    own = {"mhc_mapping", "mhc_post", "mhc_pre", "sinkhorn_knopp", "sinkhorn_knopp_eps"}
+    assert {op for op, impl in kernels.implementations("cpu").items() if impl == "cpu"} == own
+    assert kernels.implementations("cpu", torch.float64)["mhc_pre"] == "reference"
+    assert "cpu for 5 of" in kernels.describe("cpu")
+    assert "mhc_post (float32 only)" in kernels.describe("cpu")
+
+
+def test_a_model_with_cpu_kernels_trains_as_the_reference_one():
+    assert_backend_trains_as_reference("cpu")
+
+
+def test_a_model_with_moe_and_engram_trains_on_the_cpu_kernels_as_on_the_reference():
+    assert_backend_trains_as_reference("cpu", cfg=moe_engram_model())
+
+
+@pytest.fixture
+def rebuild(monkeypatch, tmp_path):
+    """The build attempted afresh in an empty cache (the process keeps its first outcome),
+    and the outcome of this session's build restored afterwards."""
+    monkeypatch.setenv("BIRKHOFF_CACHE_DIR", str(tmp_path))
+    cpu_build._build.cache_clear()
+    yield tmp_path
+    cpu_build._build.cache_clear()
+
+
+def test_the_cpu_backend_resolves_per_device(rebuild):
+    assert kernels.backend_for("auto", "cpu") == "cpu"
+    assert kernels.backend_for("cpu", "cpu") == "cpu"
+    assert kernels.auto_note("auto", "cpu") is None
+    built = list((rebuild / "kernels").iterdir())
+    assert len(built) == 1 and built[0].name.startswith("cpu_kernels_"), built  # no partial
+    with pytest.raises(RecipeError, match=r"runs on the CPU \(this rank runs on cuda\)"):
+        kernels.backend_for("cpu", "cuda")
+
+
+def test_without_a_compiler_auto_runs_the_reference_and_says_why(rebuild, monkeypatch):
+    monkeypatch.setenv("CC", "no-such-compiler")
+    assert kernels.backend_for("auto", "cpu") == "reference"
+    note = kernels.auto_note("auto", "cpu")
+    assert note == "the cpu kernels did not build (no C compiler found (set CC, or install gcc))"
+    with pytest.raises(RecipeError, match=r"backend.kernels.*no C compiler found.*use auto"):
+        kernels.backend_for("cpu", "cpu")
+    assert "cpu" not in kernels.available_backends()
+
+
+def test_a_failed_build_names_the_error_and_leaves_nothing(rebuild, monkeypatch, tmp_path):
+    source = tmp_path / "broken.c"
+    source.write_text("void f(void) { this is not C; }\n")
+    monkeypatch.setattr(cpu_build, "SOURCES", (str(source),))
+    problem = cpu_build.build_problem()
+    assert problem is not None and "failed on" in problem and "error" in problem, problem
+    assert list((rebuild / "kernels").iterdir()) == []  # the partial file removed
+
+
+def test_a_run_on_the_cpu_kernels_follows_the_reference_run(tmp_path):
+    """The trainer with backend.kernels=cpu (mHC, MoE and Engram at the tests' sizes, 3 steps
+    of AdamW) against the same run on the reference kernels, step by step."""
+    losses, summaries = {}, {}
+    for backend in ("reference", "cpu"):
+        run = tmp_path / backend
+        summaries[backend] = train_in_process(
+            run, ["train.steps=3", "train.eval_every=0", f"backend.kernels={backend}"]
+        )
+        losses[backend] = [r["loss"] for r in read_metrics(run)[0]]
+    assert summaries["cpu"]["kernels"]["mhc_post"] == "cpu"
+    assert summaries["reference"]["kernels"]["mhc_post"] == "reference"
+    assert len(losses["cpu"]) == 3
+    torch.testing.assert_close(losses["cpu"], losses["reference"], rtol=1e-5, atol=0)
