@@ -171,3 +171,23 @@ def test_a_run_on_the_cpu_kernels_follows_the_reference_run(tmp_path):
     assert summaries["reference"]["kernels"]["mhc_post"] == "reference"
     assert len(losses["cpu"]) == 3
     torch.testing.assert_close(losses["cpu"], losses["reference"], rtol=1e-5, atol=0)
+
+
+def test_the_cpu_kernels_are_well_formed_custom_ops():
+    """torch.library's own checks of each op: its schema, its fake (shape-only) version
+    against the real one, its autograd registration, and tracing through AOTAutograd."""
+    torch.manual_seed(0)
+    q, a, b = torch.randn(19, 24), torch.rand(24) + 0.5, torch.randn(24)
+    cases = [
+        (cpu_mhc.stream_read, (torch.randn(19, 4, 8), torch.rand(19, 4))),
+        (
+            cpu_mhc.stream_merge,
+            (torch.randn(19, 4, 8), torch.randn(19, 8), torch.rand(19, 4, 4), torch.rand(19, 4)),
+        ),
+        (cpu_mhc.sinkhorn, (torch.randn(19, 4, 4), 20, -1.0)),
+        (cpu_mhc.sinkhorn, (torch.randn(19, 4, 4), 20, 1e-6)),
+        (cpu_mhc.mhc_tail, (q, a, b, 4, 20, 1e-6, 1e-6)),
+    ]
+    for op, args in cases:
+        grads = [t.requires_grad_() if isinstance(t, torch.Tensor) else t for t in args]
+        torch.library.opcheck(op, grads)

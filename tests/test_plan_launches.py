@@ -214,7 +214,7 @@ def test_a_backend_s_ops_counted_per_call_add_up_to_the_backend_running_itself()
 def test_the_kernels_counted_are_the_ones_the_cluster_runs(capsys, monkeypatch):
     """`backend.kernels=auto` counts triton's launches on an NVIDIA preset and npu's on
     Ascend (as the reference's: npu's ops need CANN; the plan's line says so); triton
-    without its package here is refused in one line."""
+    without its package here, and the cpu backend (not a cluster's), are refused in one line."""
     for overrides, expected in [
         (["cluster.preset=h100"], "triton"),
         (["cluster.preset=ascend_910b"], "npu"),
@@ -233,6 +233,9 @@ def test_the_kernels_counted_are_the_ones_the_cluster_runs(capsys, monkeypatch):
     assert plan_command([*base, "--launches"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("birkhoff: recipe key 'backend.kernels' = 'auto': counting the triton")
+    assert plan_command([*base, "backend.kernels=cpu", "--launches"]) == 2  # a CPU's kernels
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("birkhoff: recipe key 'backend.kernels' = 'cpu': the cpu backend runs")
     assert "\n" not in err
 
 

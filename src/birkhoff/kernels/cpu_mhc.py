@@ -3,11 +3,14 @@ kernels/cpu_build.py): the stream read, the residual merge, Sinkhorn-Knopp in bo
 mappings' per-token tail (scales, biases, sigmoids, Sinkhorn) after the normalised projection,
 which stays one GEMM and one norm (kernels/mhc_reference.py's `normalised_projection`).
 
-Each op is an autograd Function over float32 inputs (the registry runs the reference for other
-dtypes and says so): one pass over a token's streams forward and one backward, where the
-reference's batched products and broadcasts each pass over all tokens again; Sinkhorn's
-backward recomputes the iterations per token, keeping only the logits (as the reference). Under
-torch.compile the reference's plain expressions are traced instead, which inductor fuses.
+Each kernel is a torch custom op over float32 inputs (the registry runs the reference for other
+dtypes and says so) with its backward registered as another: one pass over a token's streams
+forward and one backward, where the reference's batched products and broadcasts each pass over
+all tokens again; Sinkhorn's backward recomputes the iterations per block of tokens, keeping
+only the logits (as the reference). Under torch.compile the registered ops trace the
+reference's plain expressions, which inductor fuses: with the custom ops called from compiled
+blocks instead, a compiled `small` step took as long (mHC's overhead +25.6% against +25.3%,
+2026-12-06, this 2-core CPU), so the compiled path stays the reference's.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import ctypes
 import functools
 
 import torch
-from torch.autograd.function import once_differentiable
+from torch import Tensor
+from torch.library import custom_op
 
 from birkhoff.kernels import mhc_reference as reference
 from birkhoff.kernels.cpu_build import library
@@ -55,119 +59,164 @@ def _floats(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to(torch.float32).contiguous()
 
 
-def _empty_if(needed: bool, *shape: int) -> torch.Tensor | None:
-    return torch.empty(shape) if needed else None
-
-
-class _StreamRead(torch.autograd.Function):
+# Each C kernel is a torch custom op: torch.compile calls it as it is (an opaque node that
+# inductor fuses around), where a ctypes call would break the graph; autograd is registered
+# on the forward op and its backward is another op.
+@custom_op("birkhoff::cpu_stream_read", mutates_args=())
+def stream_read(streams: Tensor, h_pre: Tensor) -> Tensor:
     """sum_i h[i] x_i per token: x (M, n, C), h (M, n) -> (M, C)."""
-
-    @staticmethod
-    def forward(ctx, streams: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(streams, h_pre)
-        tokens, n, width = streams.shape
-        out = torch.empty(tokens, width)
-        _call("mhc_pre_forward", streams, h_pre, out, tokens, n, width)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        streams, h_pre = ctx.saved_tensors
-        tokens, n, width = streams.shape
-        d_streams = _empty_if(ctx.needs_input_grad[0], tokens, n, width)
-        d_h = _empty_if(ctx.needs_input_grad[1], tokens, n)
-        grad = _floats(grad)
-        _call("mhc_pre_backward", grad, streams, h_pre, d_streams, d_h, tokens, n, width)
-        return d_streams, d_h
+    out = streams.new_empty(streams.shape[0], streams.shape[2])
+    _call("mhc_pre_forward", streams, h_pre, out, *streams.shape)
+    return out
 
 
-class _StreamMerge(torch.autograd.Function):
+@stream_read.register_fake
+def _(streams: Tensor, h_pre: Tensor) -> Tensor:
+    return streams.new_empty(streams.shape[0], streams.shape[2])
+
+
+@custom_op("birkhoff::cpu_stream_read_backward", mutates_args=())
+def stream_read_backward(grad: Tensor, streams: Tensor, h_pre: Tensor) -> tuple[Tensor, Tensor]:
+    d_streams, d_h = torch.empty_like(streams), torch.empty_like(h_pre)
+    _call("mhc_pre_backward", grad, streams, h_pre, d_streams, d_h, *streams.shape)
+    return d_streams, d_h
+
+
+@stream_read_backward.register_fake
+def _(grad: Tensor, streams: Tensor, h_pre: Tensor) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(streams), torch.empty_like(h_pre)
+
+
+@custom_op("birkhoff::cpu_stream_merge", mutates_args=())
+def stream_merge(streams: Tensor, layer_out: Tensor, h_res: Tensor, h_post: Tensor) -> Tensor:
     """H_res x + h_post^T y per token: x (M, n, C), y (M, C), H_res (M, n, n), h_post (M, n)."""
-
-    @staticmethod
-    def forward(ctx, streams, layer_out, h_res, h_post) -> torch.Tensor:
-        ctx.save_for_backward(streams, layer_out, h_res, h_post)
-        out = torch.empty_like(streams)
-        _call("mhc_post_forward", streams, layer_out, h_res, h_post, out, *streams.shape)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        streams, layer_out, h_res, h_post = ctx.saved_tensors
-        tokens, n, width = streams.shape
-        need = ctx.needs_input_grad
-        grads = (
-            _empty_if(need[0], tokens, n, width),
-            _empty_if(need[1], tokens, width),
-            _empty_if(need[2], tokens, n, n),
-            _empty_if(need[3], tokens, n),
-        )
-        _call(
-            "mhc_post_backward", _floats(grad), streams, layer_out, h_res, h_post, *grads,
-            tokens, n, width,
-        )  # fmt: skip
-        return grads
+    out = torch.empty_like(streams)
+    _call("mhc_post_forward", streams, layer_out, h_res, h_post, out, *streams.shape)
+    return out
 
 
-class _Sinkhorn(torch.autograd.Function):
-    """Sinkhorn-Knopp of (M, n, n) logits; backward recomputes the iterations per token."""
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, iters: int, form_eps: float) -> torch.Tensor:
-        ctx.iters, ctx.form_eps = iters, form_eps
-        ctx.save_for_backward(logits)
-        out = torch.empty_like(logits)
-        _call("sinkhorn_forward", logits, out, logits.shape[0], logits.shape[1], iters, form_eps)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        (logits,) = ctx.saved_tensors
-        d_logits = torch.empty_like(logits)
-        tokens, n = logits.shape[:2]
-        _call(
-            "sinkhorn_backward", logits, _floats(grad), d_logits, tokens, n, ctx.iters,
-            ctx.form_eps,
-        )  # fmt: skip
-        return d_logits, None, None
+@stream_merge.register_fake
+def _(streams: Tensor, layer_out: Tensor, h_res: Tensor, h_post: Tensor) -> Tensor:
+    return torch.empty_like(streams)
 
 
-class _MappingTail(torch.autograd.Function):
-    """(H_pre, H_post, H_res) from the projection q (M, K = 2n + n^2), the per-value scale a (K,)
-    and bias b (K,): z = a q + b; sigmoid(z) + pre_eps, 2 sigmoid(z), Sinkhorn(z) per token."""
+@custom_op("birkhoff::cpu_stream_merge_backward", mutates_args=())
+def stream_merge_backward(
+    grad: Tensor, streams: Tensor, layer_out: Tensor, h_res: Tensor, h_post: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    grads = tuple(map(torch.empty_like, (streams, layer_out, h_res, h_post)))
+    _call("mhc_post_backward", grad, streams, layer_out, h_res, h_post, *grads, *streams.shape)
+    return grads
 
-    @staticmethod
-    def forward(ctx, q, a, b, n: int, iters: int, pre_eps: float, form_eps: float):
-        ctx.n, ctx.iters, ctx.form_eps = n, iters, form_eps
-        ctx.save_for_backward(q, a, b)
-        tokens = q.shape[0]
-        h_pre, h_post, h_res = (
-            torch.empty(tokens, n),
-            torch.empty(tokens, n),
-            torch.empty(tokens, n, n),
-        )
-        _call(
-            "mhc_tail_forward", q, a, b, h_pre, h_post, h_res, tokens, n, iters, pre_eps,
-            form_eps,
-        )  # fmt: skip
-        return h_pre, h_post, h_res
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, d_pre, d_post, d_res):
-        q, a, b = ctx.saved_tensors
-        d_z = torch.empty_like(q)
-        grads = [None if g is None else _floats(g) for g in (d_pre, d_post, d_res)]
-        _call(
-            "mhc_tail_backward", q, a, b, *grads, d_z, q.shape[0], ctx.n, ctx.iters,
-            ctx.form_eps,
-        )  # fmt: skip
-        d_q = d_z * a if ctx.needs_input_grad[0] else None
-        d_a = (d_z * q).sum(0) if ctx.needs_input_grad[1] else None
-        return d_q, d_a, d_z.sum(0), None, None, None, None
+@stream_merge_backward.register_fake
+def _(grad, streams, layer_out, h_res, h_post) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return tuple(map(torch.empty_like, (streams, layer_out, h_res, h_post)))
+
+
+@custom_op("birkhoff::cpu_sinkhorn", mutates_args=())
+def sinkhorn(logits: Tensor, iters: int, form_eps: float) -> Tensor:
+    """Sinkhorn-Knopp of (M, n, n) logits (form_eps < 0: the log-space form)."""
+    out = torch.empty_like(logits)
+    _call("sinkhorn_forward", logits, out, *logits.shape[:2], iters, form_eps)
+    return out
+
+
+@sinkhorn.register_fake
+def _(logits: Tensor, iters: int, form_eps: float) -> Tensor:
+    return torch.empty_like(logits)
+
+
+@custom_op("birkhoff::cpu_sinkhorn_backward", mutates_args=())
+def sinkhorn_backward(logits: Tensor, grad: Tensor, iters: int, form_eps: float) -> Tensor:
+    """d logits, the iterations recomputed per token from the logits."""
+    d_logits = torch.empty_like(logits)
+    _call("sinkhorn_backward", logits, grad, d_logits, *logits.shape[:2], iters, form_eps)
+    return d_logits
+
+
+@sinkhorn_backward.register_fake
+def _(logits: Tensor, grad: Tensor, iters: int, form_eps: float) -> Tensor:
+    return torch.empty_like(logits)
+
+
+@custom_op("birkhoff::cpu_mhc_tail", mutates_args=())
+def mhc_tail(
+    q: Tensor, a: Tensor, b: Tensor, n: int, iters: int, pre_eps: float, form_eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(H_pre, H_post, H_res) from the projection q (M, K = 2n + n^2), the per-value scale a
+    (K,) and bias b (K,): z = a q + b; sigmoid(z) + pre_eps, 2 sigmoid(z), Sinkhorn(z)."""
+    h_pre, h_post, h_res = _tail_outputs(q, n)
+    _call(
+        "mhc_tail_forward", q, a, b, h_pre, h_post, h_res, q.shape[0], n, iters, pre_eps,
+        form_eps,
+    )  # fmt: skip
+    return h_pre, h_post, h_res
+
+
+def _tail_outputs(q: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
+    tokens = q.shape[0]
+    return q.new_empty(tokens, n), q.new_empty(tokens, n), q.new_empty(tokens, n, n)
+
+
+@mhc_tail.register_fake
+def _(q, a, b, n: int, iters: int, pre_eps: float, form_eps: float):
+    return _tail_outputs(q, n)
+
+
+@custom_op("birkhoff::cpu_mhc_tail_backward", mutates_args=())
+def mhc_tail_backward(
+    q: Tensor,
+    a: Tensor,
+    b: Tensor,
+    d_pre: Tensor | None,
+    d_post: Tensor | None,
+    d_res: Tensor | None,
+    n: int,
+    iters: int,
+    form_eps: float,
+) -> Tensor:
+    """The gradient at z = a q + b (M, K) from those of H_pre, H_post, H_res (None: zero)."""
+    d_z = torch.empty_like(q)
+    _call("mhc_tail_backward", q, a, b, d_pre, d_post, d_res, d_z, q.shape[0], n, iters, form_eps)
+    return d_z
+
+
+@mhc_tail_backward.register_fake
+def _(q, a, b, d_pre, d_post, d_res, n: int, iters: int, form_eps: float) -> Tensor:
+    return torch.empty_like(q)
+
+
+def _save_inputs(ctx, inputs: tuple, output) -> None:
+    ctx.save_for_backward(*(t for t in inputs if isinstance(t, Tensor)))
+    ctx.options = tuple(v for v in inputs if not isinstance(v, Tensor))
+
+
+def _read_grads(ctx, grad: Tensor):
+    return stream_read_backward(grad.contiguous(), *ctx.saved_tensors)
+
+
+def _merge_grads(ctx, grad: Tensor):
+    return stream_merge_backward(grad.contiguous(), *ctx.saved_tensors)
+
+
+def _sinkhorn_grads(ctx, grad: Tensor):
+    (logits,) = ctx.saved_tensors
+    return sinkhorn_backward(logits, grad.contiguous(), *ctx.options), None, None
+
+
+def _tail_grads(ctx, d_pre, d_post, d_res):
+    q, a, b = ctx.saved_tensors
+    n, iters, _, form_eps = ctx.options
+    grads = [None if g is None else g.contiguous() for g in (d_pre, d_post, d_res)]
+    d_z = mhc_tail_backward(q, a, b, *grads, n, iters, form_eps)
+    return d_z * a, (d_z * q).sum(0), d_z.sum(0), None, None, None, None
+
+
+stream_read.register_autograd(_read_grads, setup_context=_save_inputs)
+stream_merge.register_autograd(_merge_grads, setup_context=_save_inputs)
+sinkhorn.register_autograd(_sinkhorn_grads, setup_context=_save_inputs)
+mhc_tail.register_autograd(_tail_grads, setup_context=_save_inputs)
 
 
 def _on_cpu(*tensors: torch.Tensor) -> None:
@@ -185,9 +234,7 @@ def mhc_pre(streams: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
     _on_cpu(streams, h_pre)
     dtype, (*batch, n, width) = reference._matmul_dtype(streams), streams.shape
     with torch.autocast("cpu", enabled=False):
-        out = _StreamRead.apply(
-            _floats(streams.reshape(-1, n, width)), _floats(h_pre.reshape(-1, n))
-        )
+        out = stream_read(_floats(streams.reshape(-1, n, width)), _floats(h_pre.reshape(-1, n)))
     return out.view(*batch, width).to(dtype)
 
 
@@ -201,7 +248,7 @@ def mhc_post(
     _on_cpu(streams, layer_out, h_res, h_post)
     *batch, n, width = streams.shape
     with torch.autocast("cpu", enabled=False):
-        merged = _StreamMerge.apply(
+        merged = stream_merge(
             _floats(streams.reshape(-1, n, width)),
             _floats(layer_out.reshape(-1, width)),
             _floats(h_res.reshape(-1, n, n)),
@@ -214,7 +261,7 @@ def _sinkhorn(logits: torch.Tensor, iters: int, form_eps: float) -> torch.Tensor
     _on_cpu(logits)
     n = logits.shape[-1]
     with torch.autocast("cpu", enabled=False):
-        out = _Sinkhorn.apply(_floats(logits.reshape(-1, n, n)), iters, form_eps)
+        out = sinkhorn(_floats(logits.reshape(-1, n, n)), iters, form_eps)
     return out.view(logits.shape)
 
 
@@ -260,7 +307,7 @@ def mhc_mapping(
         alpha = alpha.float()
         scale = torch.cat([alpha[0].expand(n), alpha[1].expand(n), alpha[2].expand(n * n)])
         bias = torch.cat([bias_pre.float(), bias_post.float(), bias_res.float().flatten()])
-        h_pre, h_post, h_res = _MappingTail.apply(
+        h_pre, h_post, h_res = mhc_tail(
             projected.reshape(-1, projected.shape[-1]).contiguous(),
             scale,
             bias,

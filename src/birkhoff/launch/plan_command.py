@@ -142,6 +142,11 @@ def counted_kernels(recipe: Recipe, cluster: Cluster) -> str:
     of assumptions says so, launches.py)."""
     requested = recipe.backend.kernels
     chosen = PRESET_KERNELS.get(cluster.name, "reference") if requested == "auto" else requested
+    require(
+        chosen != "cpu", "backend.kernels", requested,
+        "the cpu backend runs on CPUs, not on a cluster's accelerators; plan with auto or "
+        "reference",
+    )  # fmt: skip
     if chosen == "triton":
         require(
             "triton" in kernels.available_backends(), "backend.kernels", requested,
