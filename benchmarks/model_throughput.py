@@ -24,6 +24,8 @@ reported; benchmarks/host_malloc.py compares the two settings process by process
 
     python benchmarks/model_throughput.py --models tiny small --rounds 3
     python benchmarks/model_throughput.py --models small --variants default plain --compile
+    python benchmarks/model_throughput.py --models small --variants default plain \
+        --kernels reference cpu
     python benchmarks/model_throughput.py --device cuda --bf16 --kernels reference triton \
         --models small --shape 8 1024 --variants default plain --launches
 """
