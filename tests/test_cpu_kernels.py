@@ -95,7 +95,9 @@ def test_cpu_mhc_keeps_the_dtypes_under_autocast():
     torch.testing.assert_close(read, expected_read, rtol=2**-7, atol=1e-2)
 
 
-def test_the_cpu_backend_runs_the_reference_for_other_dtypes_and_says_so():
+def test_the_cpu_backend_runs_the_reference_for_float64_and_says_so():
+    """float64 keeps the reference's precision; under autocast (bf16 compute) the residual is
+    still float32 and the C kernels run, which the table says."""
     streams, h_pre = (
         torch.randn(3, 4, 8, dtype=torch.float64),
         torch.rand(3, 4, dtype=torch.float64),
@@ -104,10 +106,27 @@ def test_the_cpu_backend_runs_the_reference_for_other_dtypes_and_says_so():
     assert got.dtype == torch.float64
     assert torch.equal(got, reference.mhc_pre(streams, h_pre))
     own = {"mhc_mapping", "mhc_post", "mhc_pre", "sinkhorn_knopp", "sinkhorn_knopp_eps"}
-    assert {op for op, impl in kernels.implementations("cpu").items() if impl == "cpu"} == own
+    for dtype in (None, torch.float32, torch.bfloat16):
+        table = kernels.implementations("cpu", dtype)
+        assert {op for op, impl in table.items() if impl == "cpu"} == own, dtype
     assert kernels.implementations("cpu", torch.float64)["mhc_pre"] == "reference"
-    assert "cpu for 5 of" in kernels.describe("cpu")
-    assert "mhc_post (float32 only)" in kernels.describe("cpu")
+    assert "cpu for 5 of" in kernels.describe("cpu", torch.bfloat16)
+    assert "mhc_post (float32 or bfloat16 or float16 only)" in kernels.describe("cpu")
+
+
+def test_bf16_streams_come_back_in_bf16():
+    """Streams held in bf16 (FSDP's param_dtype): computed in float32, returned rounded."""
+    torch.manual_seed(5)
+    streams, layer_out = torch.randn(2, 3, 4, 32).bfloat16(), torch.randn(2, 3, 32).bfloat16()
+    h_res, h_post, logits = torch.rand(2, 3, 4, 4), torch.rand(2, 3, 4), torch.randn(2, 3, 4, 4)
+    merged = kernels.get("mhc_post", "cpu")(streams, layer_out, h_res, h_post)
+    exact = reference.mhc_post(*(t.double() for t in (streams, layer_out, h_res, h_post)))
+    assert merged.dtype == torch.bfloat16
+    torch.testing.assert_close(merged.double(), exact, rtol=2**-7, atol=1e-2)
+    balanced = kernels.get("sinkhorn_knopp", "cpu")(logits.bfloat16(), 20)
+    assert balanced.dtype == torch.bfloat16
+    expected = reference.sinkhorn_knopp(logits.bfloat16().double(), 20)
+    torch.testing.assert_close(balanced.double(), expected, rtol=2**-7, atol=1e-2)
 
 
 def test_a_model_with_cpu_kernels_trains_as_the_reference_one():

@@ -3,14 +3,15 @@ kernels/cpu_build.py): the stream read, the residual merge, Sinkhorn-Knopp in bo
 mappings' per-token tail (scales, biases, sigmoids, Sinkhorn) after the normalised projection,
 which stays one GEMM and one norm (kernels/mhc_reference.py's `normalised_projection`).
 
-Each kernel is a torch custom op over float32 inputs (the registry runs the reference for other
-dtypes and says so) with its backward registered as another: one pass over a token's streams
-forward and one backward, where the reference's batched products and broadcasts each pass over
-all tokens again; Sinkhorn's backward recomputes the iterations per block of tokens, keeping
-only the logits (as the reference). Under torch.compile the registered ops trace the
-reference's plain expressions, which inductor fuses: with the custom ops called from compiled
-blocks instead, a compiled `small` step took as long (mHC's overhead +25.6% against +25.3%,
-2026-12-06, this 2-core CPU), so the compiled path stays the reference's.
+Each kernel is a torch custom op computing in float32 (float32, bf16 and fp16 inputs; the
+registry runs the reference for float64 and says so) with its backward registered as another:
+one pass over a token's streams forward and one backward, where the reference's batched
+products and broadcasts each pass over all tokens again; Sinkhorn's backward recomputes the
+iterations per block of tokens, keeping only the logits (as the reference). Under
+torch.compile the registered ops trace the reference's plain expressions, which inductor
+fuses: with the custom ops called from compiled blocks instead, a compiled `small` step took
+as long (mHC's overhead +25.6% against +25.3%, 2026-12-06, this 2-core CPU), so the compiled
+path stays the reference's.
 """
 
 from __future__ import annotations
@@ -219,13 +220,19 @@ sinkhorn.register_autograd(_sinkhorn_grads, setup_context=_save_inputs)
 mhc_tail.register_autograd(_tail_grads, setup_context=_save_inputs)
 
 
+# The kernels compute in float32 and return each op's dtype: float32 streams (autocast keeps the
+# residual in float32) and bf16/fp16 ones (FSDP's param_dtype) alike; float64 runs the
+# reference, which keeps its precision.
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def _on_cpu(*tensors: torch.Tensor) -> None:
     for tensor in tensors:
         if tensor.device.type != "cpu":
             raise ValueError(f"the cpu kernels got a tensor on {tensor.device}")
 
 
-@register("mhc_pre", CPU, dtypes=(torch.float32,))
+@register("mhc_pre", CPU, dtypes=DTYPES)
 def mhc_pre(streams: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
     """The reference's `mhc_pre`, accumulated in float32 and returned in the dtype a matmul of
     the streams runs in (autocast's under autocast)."""
@@ -238,11 +245,11 @@ def mhc_pre(streams: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
     return out.view(*batch, width).to(dtype)
 
 
-@register("mhc_post", CPU, dtypes=(torch.float32,))
+@register("mhc_post", CPU, dtypes=DTYPES)
 def mhc_post(
     streams: torch.Tensor, layer_out: torch.Tensor, h_res: torch.Tensor, h_post: torch.Tensor
 ) -> torch.Tensor:
-    """The reference's `mhc_post` (next streams in the streams' float32) in one pass."""
+    """The reference's `mhc_post` in one pass: the next streams in the streams' dtype."""
     if torch.compiler.is_compiling():
         return reference.mhc_post(streams, layer_out, h_res, h_post)
     _on_cpu(streams, layer_out, h_res, h_post)
@@ -254,7 +261,7 @@ def mhc_post(
             _floats(h_res.reshape(-1, n, n)),
             _floats(h_post.reshape(-1, n)),
         )
-    return merged.view(*batch, n, width)
+    return merged.view(*batch, n, width).to(streams.dtype)
 
 
 def _sinkhorn(logits: torch.Tensor, iters: int, form_eps: float) -> torch.Tensor:
@@ -262,10 +269,10 @@ def _sinkhorn(logits: torch.Tensor, iters: int, form_eps: float) -> torch.Tensor
     n = logits.shape[-1]
     with torch.autocast("cpu", enabled=False):
         out = sinkhorn(_floats(logits.reshape(-1, n, n)), iters, form_eps)
-    return out.view(logits.shape)
+    return out.view(logits.shape).to(logits.dtype)
 
 
-@register("sinkhorn_knopp", CPU, dtypes=(torch.float32,))
+@register("sinkhorn_knopp", CPU, dtypes=DTYPES)
 def sinkhorn_knopp(logits: torch.Tensor, iters: int) -> torch.Tensor:
     """The reference's log-space Sinkhorn-Knopp, per token in one kernel each way."""
     if torch.compiler.is_compiling():
@@ -273,7 +280,7 @@ def sinkhorn_knopp(logits: torch.Tensor, iters: int) -> torch.Tensor:
     return _sinkhorn(logits, iters, LOG_SPACE)
 
 
-@register("sinkhorn_knopp_eps", CPU, dtypes=(torch.float32,))
+@register("sinkhorn_knopp_eps", CPU, dtypes=DTYPES)
 def sinkhorn_knopp_eps(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     """V4's linear-space Sinkhorn-Knopp, per token in one kernel each way."""
     if torch.compiler.is_compiling():
@@ -283,7 +290,7 @@ def sinkhorn_knopp_eps(logits: torch.Tensor, iters: int, eps: float) -> torch.Te
     return _sinkhorn(logits, iters, eps)
 
 
-@register("mhc_mapping", CPU, dtypes=(torch.float32,))
+@register("mhc_mapping", CPU, dtypes=DTYPES)
 def mhc_mapping(
     streams: torch.Tensor,
     weight: torch.Tensor,
