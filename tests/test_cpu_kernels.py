@@ -61,13 +61,18 @@ def test_cpu_sinkhorn_is_the_iteration_written_out():
     torch.testing.assert_close(got.sum(-1), torch.ones(21, 4))
 
 
-@pytest.mark.parametrize(("n", "c", "form_eps"), [(4, 64, None), (3, 40, 1e-3), (4, 200, 1e-6)])
-def test_cpu_mhc_mapping_matches_the_reference(n, c, form_eps):
+@pytest.mark.parametrize(
+    ("n", "c", "form_eps", "tokens"), [(4, 64, None, 5), (3, 40, 1e-3, 5), (4, 200, 1e-6, 16)]
+)
+def test_cpu_mhc_mapping_matches_the_reference(n, c, form_eps, tokens):
     """All three mappings and the gradients of the streams, the projection, the scales and
-    the biases; 10 tokens, a block of 16 lanes partly filled; V4's form with eps 1e-3, large
-    enough to see if it were dropped."""
+    the biases; 10 tokens (a block of 16 lanes partly filled) and 32 (two whole blocks); V4's
+    form with eps 1e-3, large enough to see if it were dropped."""
     torch.manual_seed(n * c)
-    streams, weight = torch.randn(2, 5, n, c), torch.randn(2 * n + n * n, n * c) / (n * c) ** 0.5
+    streams, weight = (
+        torch.randn(2, tokens, n, c),
+        torch.randn(2 * n + n * n, n * c) / (n * c) ** 0.5,
+    )
     alpha, biases = torch.rand(3) + 0.5, [torch.randn(n), torch.randn(n), torch.randn(n, n)]
 
     def all_three(op):
@@ -142,9 +147,9 @@ def rebuild(monkeypatch, tmp_path):
     """The build attempted afresh in an empty cache (the process keeps its first outcome),
     and the outcome of this session's build restored afterwards."""
     monkeypatch.setenv("BIRKHOFF_CACHE_DIR", str(tmp_path))
-    cpu_build._build.cache_clear()
+    cpu_build._build_or_reason.cache_clear()
     yield tmp_path
-    cpu_build._build.cache_clear()
+    cpu_build._build_or_reason.cache_clear()
 
 
 def test_the_cpu_backend_resolves_per_device(rebuild):
@@ -161,7 +166,10 @@ def test_without_a_compiler_auto_runs_the_reference_and_says_why(rebuild, monkey
     monkeypatch.setenv("CC", "no-such-compiler")
     assert kernels.backend_for("auto", "cpu") == "reference"
     note = kernels.auto_note("auto", "cpu")
-    assert note == "the cpu kernels did not build (no C compiler found (set CC, or install gcc))"
+    assert note == (
+        "the cpu kernels did not build (no C compiler found (CC='no-such-compiler' is not on the "
+        "PATH; set CC, or install gcc))"
+    )
     with pytest.raises(RecipeError, match=r"backend.kernels.*no C compiler found.*use auto"):
         kernels.backend_for("cpu", "cpu")
     assert "cpu" not in kernels.available_backends()
@@ -210,3 +218,54 @@ def test_the_cpu_kernels_are_well_formed_custom_ops():
     for op, args in cases:
         grads = [t.requires_grad_() if isinstance(t, torch.Tensor) else t for t in args]
         torch.library.opcheck(op, grads)
+
+
+@pytest.mark.parametrize("form", ["sinkhorn_knopp", "sinkhorn_knopp_eps"])
+def test_cpu_sinkhorn_takes_minus_infinity_and_keeps_nan_as_the_reference(form):
+    """A -inf logit is an entry of 0 in log space (V4's form adds eps after the softmax, as
+    the reference does); a NaN logit makes its matrix NaN, never a finite value that hides
+    it."""
+    logits = torch.randn(4, 4, 4)
+    logits[0, 1, 2] = -float("inf")
+    logits[2, 0, 0] = float("nan")
+    logits[3, 1, 1] = -torch.tensor(float("nan"))  # its sign bit set: the largest pattern
+    extra = (20,) if form == "sinkhorn_knopp" else (20, 1e-6)
+    got = getattr(cpu_mhc, form)(logits, *extra)
+    expected = getattr(reference, form)(logits, *extra)
+    torch.testing.assert_close(got[:2], expected[:2], rtol=1e-5, atol=1e-6)
+    assert form == "sinkhorn_knopp_eps" or got[0, 1, 2] == 0
+    assert got[2:].isnan().any(-1).any(-1).all() and expected[2:].isnan().any(-1).any(-1).all()
+
+
+def test_the_cpu_ops_refuse_what_their_kernels_cannot_index():
+    """The custom ops are public (torch.ops.birkhoff.cpu_*): a tensor of another dtype, a
+    non-contiguous one, mismatched shapes or no Sinkhorn iteration is refused, not read."""
+    streams, h = torch.randn(5, 4, 8), torch.rand(5, 4)
+    bad = [
+        (cpu_mhc.stream_read, (streams.bfloat16(), h.bfloat16())),
+        (cpu_mhc.stream_read, (streams.transpose(0, 1), h)),
+        (cpu_mhc.stream_read, (streams, torch.rand(5, 3))),
+        (cpu_mhc.stream_merge, (streams, torch.randn(5, 7), torch.rand(5, 4, 4), h)),
+        (cpu_mhc.sinkhorn, (torch.randn(5, 4, 4), 0, 1e-6)),
+        (cpu_mhc.sinkhorn, (torch.randn(5, 4, 3), 20, -1.0)),
+        (cpu_mhc.mhc_tail, (torch.randn(5, 23), torch.rand(24), torch.rand(24), 4, 20, 0.0, -1.0)),
+    ]
+    for op, args in bad:
+        with pytest.raises(RuntimeError, match=r"cpu kernel|Sinkhorn"):
+            op(*args)
+
+
+def test_a_link_failure_names_its_cause():
+    stderr = (
+        "/usr/bin/ld: cannot find -lgomp: No such file or directory\n"
+        "collect2: error: ld returned 1 exit status\n"
+    )
+    cause = cpu_build._cause(stderr)
+    assert cause.startswith("/usr/bin/ld: cannot find -lgomp") and "collect2: error" in cause
+
+
+def test_a_compiler_named_with_arguments_is_found(monkeypatch):
+    monkeypatch.setenv("CC", "env cc")  # as `ccache gcc` would be
+    assert cpu_build.compiler()[1:] == ["cc"]
+    monkeypatch.setenv("CC", "no-such-compiler -O1")
+    assert cpu_build.compiler() is None

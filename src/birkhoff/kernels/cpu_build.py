@@ -15,6 +15,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -26,35 +27,52 @@ SOURCES = ("cpu_mhc.c",)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 
 
+def _cause(stderr: str) -> str:
+    """The compiler's first error, with the linker's reason where it gave one (`cannot find
+    -lgomp` comes before `collect2: error: ld returned 1 exit status`)."""
+    lines = [line.strip() for line in stderr.splitlines()]
+    reasons = [line for line in lines if "cannot find" in line or "undefined reference" in line]
+    errors = [line for line in lines if "error" in line]
+    return "; ".join((reasons[:1] + errors[:1]) or lines[-1:] or ["no output"])
+
+
 class BuildError(RuntimeError):
     """The C kernels cannot be built here; the message names the cause and the fix."""
 
 
-def compiler() -> str | None:
-    """$CC, else cc or gcc on the PATH."""
-    if os.environ.get("CC"):
-        return shutil.which(os.environ["CC"])
-    return shutil.which("cc") or shutil.which("gcc")
+def compiler() -> list[str] | None:
+    """The compiler's command: $CC (which may carry arguments: `ccache gcc`), else cc or gcc on
+    the PATH; None where none is found."""
+    words = shlex.split(os.environ.get("CC", ""))
+    if words:
+        found = shutil.which(words[0])
+        return [found, *words[1:]] if found else None
+    found = shutil.which("cc") or shutil.which("gcc")
+    return [found] if found else None
 
 
 def _cpu_features() -> str:
-    """What -march=native compiles for: the CPU's flags line (Linux), else the processor name."""
+    """What -march=native compiles for: the CPU's instruction-set lines (Linux: `flags` on x86,
+    `Features` and the part numbers on ARM), else the processor's name."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        lines = []
+    keys = ("flags", "Features", "CPU implementer", "CPU part")
+    features = sorted({line for line in lines if line.startswith(keys)})
+    return "\n".join(features) or platform.processor() or platform.machine()
 
 
 def _run(command: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(command, capture_output=True, text=True, check=False)
+    try:
+        return subprocess.run(command, capture_output=True, text=True, check=False, timeout=300)
+    except subprocess.TimeoutExpired as err:
+        raise BuildError(f"{' '.join(command[:1])} took over 300 s") from err
 
 
 def library() -> ctypes.CDLL:
     """The built kernels, loaded (built first where the cache lacks them). Raises BuildError."""
-    built = _build()
+    built = _build_or_reason()
     if isinstance(built, str):
         raise BuildError(built)
     return built
@@ -62,12 +80,12 @@ def library() -> ctypes.CDLL:
 
 def build_problem() -> str | None:
     """Why the kernels cannot be built and loaded here, or None where they can."""
-    built = _build()
+    built = _build_or_reason()
     return built if isinstance(built, str) else None
 
 
 @functools.cache  # once per process, a failure included: every rank's op calls ask
-def _build() -> ctypes.CDLL | str:
+def _build_or_reason() -> ctypes.CDLL | str:
     try:
         return _load()
     except (BuildError, OSError) as err:
@@ -77,8 +95,9 @@ def _build() -> ctypes.CDLL | str:
 def _load() -> ctypes.CDLL:
     cc = compiler()
     if cc is None:
-        raise BuildError("no C compiler found (set CC, or install gcc)")
-    version = _run([cc, "--version"]).stdout
+        named = f"CC={os.environ['CC']!r} is not on the PATH" if os.environ.get("CC") else "none"
+        raise BuildError(f"no C compiler found ({named}; set CC, or install gcc)")
+    version = _run([*cc, "--version"]).stdout
     sources = [Path(__file__).parent / name for name in SOURCES]
     key = hashlib.sha256()
     for part in (version, " ".join(FLAGS), _cpu_features(), *(s.read_text() for s in sources)):
@@ -89,15 +108,14 @@ def _load() -> ctypes.CDLL:
     return ctypes.CDLL(str(target))
 
 
-def _compile(cc: str, sources: list[Path], target: Path) -> None:
+def _compile(cc: list[str], sources: list[Path], target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, partial = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(handle)
     try:
-        built = _run([cc, *FLAGS, *map(str, sources), "-o", partial, "-lm"])
+        built = _run([*cc, *FLAGS, *map(str, sources), "-o", partial, "-lm"])
         if built.returncode != 0:
-            errors = [line for line in built.stderr.splitlines() if "error" in line]
-            raise BuildError(f"{cc} failed on {', '.join(SOURCES)}: {(errors or ['?'])[0]}")
+            raise BuildError(f"{cc[0]} failed on {', '.join(SOURCES)}: {_cause(built.stderr)}")
         os.chmod(partial, 0o755)  # mkstemp makes 0600; the machine's cache is shared
         os.replace(partial, target)
     finally:

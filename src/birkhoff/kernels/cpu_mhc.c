@@ -1,4 +1,4 @@
-/* mHC's per-token work on a CPU, fused: the stream read (mhc_pre), the merge (mhc_post), and the
+/* mHC's per-token work on a CPU, fused: the stream read (op mhc_pre), the merge (mhc_post), and the
  * mappings' tail after the projection (scales, biases, sigmoids, Sinkhorn-Knopp in both forms),
  * each forward and backward. float32, contiguous, one OpenMP loop over tokens: a token's
  * n x C streams are read once into cache and every product over them is taken there, where the
@@ -11,7 +11,7 @@
 #include <string.h>
 
 /* out[t, c] = sum_i h[t, i] x[t, i, c] */
-void mhc_pre_forward(const float *x, const float *h, float *out, int64_t tokens, int64_t n,
+void stream_read_forward(const float *x, const float *h, float *out, int64_t tokens, int64_t n,
                      int64_t width, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t t = 0; t < tokens; t++) {
@@ -27,7 +27,7 @@ void mhc_pre_forward(const float *x, const float *h, float *out, int64_t tokens,
 }
 
 /* dx[t, i, c] = h[t, i] g[t, c];  dh[t, i] = sum_c g[t, c] x[t, i, c]  (either may be NULL) */
-void mhc_pre_backward(const float *g, const float *x, const float *h, float *dx, float *dh,
+void stream_read_backward(const float *g, const float *x, const float *h, float *dx, float *dh,
                       int64_t tokens, int64_t n, int64_t width, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t t = 0; t < tokens; t++) {
@@ -51,7 +51,7 @@ void mhc_pre_backward(const float *g, const float *x, const float *h, float *dx,
 }
 
 /* out[t, i, c] = sum_j r[t, i, j] x[t, j, c] + p[t, i] y[t, c]  (r: H_res, p: H_post) */
-void mhc_post_forward(const float *x, const float *y, const float *r, const float *p, float *out,
+void stream_merge_forward(const float *x, const float *y, const float *r, const float *p, float *out,
                       int64_t tokens, int64_t n, int64_t width, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t t = 0; t < tokens; t++) {
@@ -73,7 +73,7 @@ void mhc_post_forward(const float *x, const float *y, const float *r, const floa
 /* dx[t, j, c] = sum_i r[t, i, j] g[t, i, c];  dy[t, c] = sum_i p[t, i] g[t, i, c];
  * dr[t, i, j] = sum_c g[t, i, c] x[t, j, c];  dp[t, i] = sum_c g[t, i, c] y[t, c]
  * (any output may be NULL) */
-void mhc_post_backward(const float *g, const float *x, const float *y, const float *r,
+void stream_merge_backward(const float *g, const float *x, const float *y, const float *r,
                        const float *p, float *dx, float *dy, float *dr, float *dp, int64_t tokens,
                        int64_t n, int64_t width, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -130,12 +130,27 @@ void mhc_post_backward(const float *g, const float *x, const float *y, const flo
 
 /* exp and log as polynomials (Cephes' single-precision ones, within ~2 ulp of libm here) so that
  * the lane loops vectorise: libm's expf and logf are calls the compiler cannot widen, and a
- * select on a float (x < c ? ...) stops gcc's vectoriser too, so the edge cases are masks.
- * exp_nonpositive takes x <= 0 (every use: a value minus its line's maximum, a log-probability)
- * and gives 0 below the float range; log_lane takes the normal positive sums of exps only. */
+ * select on a float (x < c ? ...) stops gcc's vectoriser too, so the edge cases go through the
+ * bits. exp_nonpositive takes x <= 0 (every use: a value minus its line's maximum, a
+ * log-probability) and gives 0 below the float range and for -inf; log_lane takes the normal
+ * positive sums of exps. A NaN stays NaN through both. */
+static inline float with_nan_of(float x, float value) {
+    int32_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    bits |= -(int32_t)(x != x) & 0x7fc00000; /* all ones where x is NaN: a quiet NaN */
+    memcpy(&value, &bits, sizeof value);
+    return value;
+}
+
 static inline float exp_nonpositive(float x) {
-    const float keep = (float)(x >= -87.3f); /* 0: below the float range */
-    const float clamped = keep * x - (1.0f - keep) * 87.3f;
+    const float keep = (float)(x >= -87.3f); /* 0 below the float range, -inf and NaN */
+    /* x clamped at -87.3 through its bits: for x <= 0 a larger magnitude is a larger unsigned
+     * pattern, -inf (0xff800000) the largest; an unsigned min vectorises */
+    uint32_t pattern;
+    memcpy(&pattern, &x, sizeof pattern);
+    pattern = pattern < 0xc2ae999aU ? pattern : 0xc2ae999aU; /* -87.3f */
+    float clamped;
+    memcpy(&clamped, &pattern, sizeof clamped);
     const float k = (float)(int32_t)(clamped * 1.44269504088896341f - 0.5f); /* rounded */
     const float r = clamped - k * 0.693359375f + k * 2.12194440e-4f;
     float p = 1.9875691500e-4f;
@@ -148,7 +163,7 @@ static inline float exp_nonpositive(float x) {
     const int32_t bits = ((int32_t)k + 127) << 23;
     float scale;
     memcpy(&scale, &bits, sizeof scale);
-    return keep * (p * scale);
+    return with_nan_of(x, keep * (p * scale));
 }
 
 static inline float log_lane(float x) {
@@ -171,14 +186,14 @@ static inline float log_lane(float x) {
     y = y * m - 2.4999993993e-1f;
     y = y * m + 3.3333331174e-1f;
     y = y * m * z - 2.12194440e-4f * e - 0.5f * z;
-    return m + y + 0.693359375f * e;
+    return with_nan_of(x, m + y + 0.693359375f * e);
 }
 
 static inline float lane_max(float a, float b) { return a > b ? a : b; }
 
 /* The index of the b-th value along `dim` of line a: dim 0 runs down column a (a sum over
  * rows i), dim 1 along row a. */
-static inline int64_t at(int dim, int64_t n, int64_t a, int64_t b) {
+static inline int64_t line_index(int dim, int64_t n, int64_t a, int64_t b) {
     return dim == 0 ? b * n + a : a * n + b;
 }
 
@@ -204,17 +219,17 @@ static const float *block_forward(const float *logits, float *states, float *div
             const float *in = states + k * nn * LANES;
             float *out = states + (k + 1) * nn * LANES;
             for (int64_t a = 0; a < n; a++) {
-                FOR_LANES top[l] = in[at(dim, n, a, 0) * LANES + l];
+                FOR_LANES top[l] = in[line_index(dim, n, a, 0) * LANES + l];
                 for (int64_t b = 1; b < n; b++)
                     FOR_LANES
-                        top[l] = lane_max(top[l], in[at(dim, n, a, b) * LANES + l]);
+                        top[l] = lane_max(top[l], in[line_index(dim, n, a, b) * LANES + l]);
                 FOR_LANES total[l] = 0.0f;
                 for (int64_t b = 0; b < n; b++)
                     FOR_LANES
-                        total[l] += exp_nonpositive(in[at(dim, n, a, b) * LANES + l] - top[l]);
+                        total[l] += exp_nonpositive(in[line_index(dim, n, a, b) * LANES + l] - top[l]);
                 FOR_LANES total[l] = top[l] + log_lane(total[l]);
                 for (int64_t b = 0; b < n; b++) {
-                    const int64_t e = at(dim, n, a, b) * LANES;
+                    const int64_t e = line_index(dim, n, a, b) * LANES;
                     FOR_LANES out[e + l] = in[e + l] - total[l];
                 }
             }
@@ -243,10 +258,10 @@ static const float *block_forward(const float *logits, float *states, float *div
         for (int64_t a = 0; a < n; a++) {
             FOR_LANES total[l] = form_eps;
             for (int64_t b = 0; b < n; b++)
-                FOR_LANES total[l] += in[at(dim, n, a, b) * LANES + l] + shift;
+                FOR_LANES total[l] += in[line_index(dim, n, a, b) * LANES + l] + shift;
             FOR_LANES dv[a * LANES + l] = total[l];
             for (int64_t b = 0; b < n; b++) {
-                const int64_t e = at(dim, n, a, b) * LANES;
+                const int64_t e = line_index(dim, n, a, b) * LANES;
                 FOR_LANES out[e + l] = (in[e + l] + shift) / total[l];
             }
         }
@@ -269,9 +284,9 @@ static void block_backward(const float *states, const float *divisors, const flo
             for (int64_t a = 0; a < n; a++) {
                 FOR_LANES total[l] = 0.0f;
                 for (int64_t b = 0; b < n; b++)
-                    FOR_LANES total[l] += d[at(dim, n, a, b) * LANES + l];
+                    FOR_LANES total[l] += d[line_index(dim, n, a, b) * LANES + l];
                 for (int64_t b = 0; b < n; b++) {
-                    const int64_t e = at(dim, n, a, b) * LANES;
+                    const int64_t e = line_index(dim, n, a, b) * LANES;
                     FOR_LANES d[e + l] -= exp_nonpositive(y[e + l]) * total[l];
                 }
             }
@@ -284,11 +299,11 @@ static void block_backward(const float *states, const float *divisors, const flo
         for (int64_t a = 0; a < n; a++) {
             FOR_LANES total[l] = 0.0f;
             for (int64_t b = 0; b < n; b++) {
-                const int64_t e = at(dim, n, a, b) * LANES;
+                const int64_t e = line_index(dim, n, a, b) * LANES;
                 FOR_LANES total[l] += d[e + l] * m[e + l];
             }
             for (int64_t b = 0; b < n; b++) {
-                const int64_t e = at(dim, n, a, b) * LANES;
+                const int64_t e = line_index(dim, n, a, b) * LANES;
                 FOR_LANES d[e + l] = (d[e + l] - total[l]) / dv[a * LANES + l];
             }
         }
@@ -309,11 +324,11 @@ static void block_backward(const float *states, const float *divisors, const flo
 /* Per-thread scratch of a block: states and divisors, the logits, the result, a gradient. */
 typedef struct {
     float *states, *divisors, *logits, *result, *grad;
-} Block;
+} Scratch;
 
-static Block block_alloc(int64_t n, int iters) {
+static Scratch scratch_alloc(int64_t n, int iters) {
     const int64_t nn = n * n;
-    Block s;
+    Scratch s;
     s.states = malloc((block_floats(n, iters) + 3 * nn * LANES) * sizeof(float));
     s.divisors = s.states + (2 * (int64_t)iters + 1) * nn * LANES;
     s.logits = s.states + block_floats(n, iters);
@@ -337,118 +352,145 @@ static void scatter(const float *block, float *dst, int64_t t0, int64_t count, i
         for (int64_t e = 0; e < nn; e++) dst[(t0 + l) * stride + offset + e] = block[e * LANES + l];
 }
 
-/* Tokens in the block from t0: LANES but in the last */
-static inline int64_t lanes_used(int64_t tokens, int64_t t0) {
-    return tokens - t0 < LANES ? tokens - t0 : LANES;
-}
-
 static inline float sigmoidf(float z) { return 1.0f / (1.0f + expf(-z)); }
 
-/* Sinkhorn of each token's n x n logits (form_eps < 0: the log-space form) */
-void sinkhorn_forward(const float *logits, float *out, int64_t tokens, int64_t n, int iters,
-                      float form_eps, int threads) {
-    const int64_t nn = n * n, blocks = (tokens + LANES - 1) / LANES;
+/* What the block kernels below take; each uses the fields it needs. */
+typedef struct {
+    const float *logits, *grad, *q, *a, *b, *d_pre, *d_post, *d_res;
+    float *out, *h_pre, *h_post, *h_res, *dz;
+    int64_t n;
+    int iters;
+    float pre_eps, form_eps;
+} BlockArgs;
+
+typedef void (*BlockWork)(Scratch *scratch, const BlockArgs *args, int64_t t0, int64_t count);
+
+/* `work` on every block of LANES tokens, in parallel, each thread with its scratch. Returns 0,
+ * or -1 where a thread could not allocate its scratch (the caller raises MemoryError). */
+static int for_each_block(int64_t tokens, const BlockArgs *args, int threads, BlockWork work) {
+    const int64_t blocks = (tokens + LANES - 1) / LANES;
+    int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
-        Block s = block_alloc(n, iters);
+        Scratch scratch = scratch_alloc(args->n, args->iters);
 #pragma omp for schedule(static)
         for (int64_t blk = 0; blk < blocks; blk++) {
-            const int64_t t0 = blk * LANES, count = lanes_used(tokens, t0);
-            gather(s.logits, logits, t0, count, nn, 0, nn);
-            const float *res = block_forward(s.logits, s.states, s.divisors, s.result, n, iters, form_eps);
-            scatter(res, out, t0, count, nn, 0, nn);
+            if (!scratch.states) {
+#pragma omp atomic write
+                failed = 1;
+                continue;
+            }
+            const int64_t t0 = blk * LANES;
+            work(&scratch, args, t0, tokens - t0 < LANES ? tokens - t0 : LANES);
         }
-        free(s.states);
+        free(scratch.states);
     }
+    return failed ? -1 : 0;
+}
+
+static void sinkhorn_forward_block(Scratch *s, const BlockArgs *x, int64_t t0, int64_t count) {
+    const int64_t nn = x->n * x->n;
+    gather(s->logits, x->logits, t0, count, nn, 0, nn);
+    const float *res =
+        block_forward(s->logits, s->states, s->divisors, s->result, x->n, x->iters, x->form_eps);
+    scatter(res, x->out, t0, count, nn, 0, nn);
+}
+
+static void sinkhorn_backward_block(Scratch *s, const BlockArgs *x, int64_t t0, int64_t count) {
+    const int64_t nn = x->n * x->n;
+    gather(s->logits, x->logits, t0, count, nn, 0, nn);
+    gather(s->grad, x->grad, t0, count, nn, 0, nn);
+    const float *res =
+        block_forward(s->logits, s->states, s->divisors, s->result, x->n, x->iters, x->form_eps);
+    block_backward(s->states, s->divisors, res, s->grad, x->n, x->iters, x->form_eps);
+    scatter(s->grad, x->out, t0, count, nn, 0, nn);
+}
+
+/* Sinkhorn of each token's n x n logits (form_eps < 0: the log-space form); iters >= 1. */
+int sinkhorn_forward(const float *logits, float *out, int64_t tokens, int64_t n, int iters,
+                     float form_eps, int threads) {
+    const BlockArgs args = {.logits = logits, .out = out, .n = n, .iters = iters,
+                            .form_eps = form_eps};
+    return for_each_block(tokens, &args, threads, sinkhorn_forward_block);
 }
 
 /* d logits from d out, the iterations recomputed per block from the logits */
-void sinkhorn_backward(const float *logits, const float *grad, float *dlogits, int64_t tokens,
-                       int64_t n, int iters, float form_eps, int threads) {
-    const int64_t nn = n * n, blocks = (tokens + LANES - 1) / LANES;
-#pragma omp parallel num_threads(threads)
-    {
-        Block s = block_alloc(n, iters);
-#pragma omp for schedule(static)
-        for (int64_t blk = 0; blk < blocks; blk++) {
-            const int64_t t0 = blk * LANES, count = lanes_used(tokens, t0);
-            gather(s.logits, logits, t0, count, nn, 0, nn);
-            gather(s.grad, grad, t0, count, nn, 0, nn);
-            const float *res = block_forward(s.logits, s.states, s.divisors, s.result, n, iters, form_eps);
-            block_backward(s.states, s.divisors, res, s.grad, n, iters, form_eps);
-            scatter(s.grad, dlogits, t0, count, nn, 0, nn);
-        }
-        free(s.states);
-    }
+int sinkhorn_backward(const float *logits, const float *grad, float *dlogits, int64_t tokens,
+                      int64_t n, int iters, float form_eps, int threads) {
+    const BlockArgs args = {.logits = logits, .grad = grad, .out = dlogits, .n = n,
+                            .iters = iters, .form_eps = form_eps};
+    return for_each_block(tokens, &args, threads, sinkhorn_backward_block);
 }
 
 /* z_res = a q_res + b of tokens t0 .. t0 + count into a block (q's rows: 2n + n^2 values) */
-static void res_logits(float *block, const float *q, const float *a, const float *b, int64_t t0,
-                       int64_t count, int64_t n) {
-    const int64_t nn = n * n;
-    gather(block, q, t0, count, 2 * n + nn, 2 * n, nn);
+static void res_logits(float *block, const BlockArgs *x, int64_t t0, int64_t count) {
+    const int64_t n = x->n, nn = n * n;
+    gather(block, x->q, t0, count, 2 * n + nn, 2 * n, nn);
     for (int64_t e = 0; e < nn; e++)
-        FOR_LANES block[e * LANES + l] = a[2 * n + e] * block[e * LANES + l] + b[2 * n + e];
+        FOR_LANES block[e * LANES + l] = x->a[2 * n + e] * block[e * LANES + l] + x->b[2 * n + e];
+}
+
+/* sigmoid(z) of token t's H_pre (i < n) or H_post (n <= i < 2n) value */
+static inline float gate(const BlockArgs *x, int64_t t, int64_t i) {
+    const int64_t k = 2 * x->n + x->n * x->n;
+    return sigmoidf(x->a[i] * x->q[t * k + i] + x->b[i]);
+}
+
+static void tail_forward_block(Scratch *s, const BlockArgs *x, int64_t t0, int64_t count) {
+    const int64_t n = x->n, nn = n * n;
+    for (int64_t t = t0; t < t0 + count; t++)
+        for (int64_t i = 0; i < n; i++) {
+            x->h_pre[t * n + i] = gate(x, t, i) + x->pre_eps;
+            x->h_post[t * n + i] = 2.0f * gate(x, t, n + i);
+        }
+    res_logits(s->logits, x, t0, count);
+    const float *res =
+        block_forward(s->logits, s->states, s->divisors, s->result, n, x->iters, x->form_eps);
+    scatter(res, x->h_res, t0, count, nn, 0, nn);
+}
+
+static void tail_backward_block(Scratch *s, const BlockArgs *x, int64_t t0, int64_t count) {
+    const int64_t n = x->n, nn = n * n, k = 2 * n + nn;
+    for (int64_t t = t0; t < t0 + count; t++)
+        for (int64_t i = 0; i < n; i++) {
+            const float s_pre = gate(x, t, i), s_post = gate(x, t, n + i);
+            x->dz[t * k + i] = x->d_pre ? x->d_pre[t * n + i] * s_pre * (1.0f - s_pre) : 0.0f;
+            x->dz[t * k + n + i] =
+                x->d_post ? x->d_post[t * n + i] * 2.0f * s_post * (1.0f - s_post) : 0.0f;
+        }
+    if (!x->d_res) {
+        for (int64_t t = t0; t < t0 + count; t++)
+            for (int64_t e = 0; e < nn; e++) x->dz[t * k + 2 * n + e] = 0.0f;
+        return;
+    }
+    res_logits(s->logits, x, t0, count);
+    gather(s->grad, x->d_res, t0, count, nn, 0, nn);
+    const float *res =
+        block_forward(s->logits, s->states, s->divisors, s->result, n, x->iters, x->form_eps);
+    block_backward(s->states, s->divisors, res, s->grad, n, x->iters, x->form_eps);
+    scatter(s->grad, x->dz, t0, count, k, 2 * n, nn);
 }
 
 /* The mappings from the projection q (tokens, K = 2n + n^2: pre | post | res) with the
  * per-value scale and bias (a, b: K values each, laid out as q):
  *   z = a q + b;  H_pre = sigmoid(z_pre) + pre_eps;  H_post = 2 sigmoid(z_post);
  *   H_res = Sinkhorn(z_res)  (form_eps < 0: log space, else V4's form with that eps). */
-void mhc_tail_forward(const float *q, const float *a, const float *b, float *h_pre,
-                      float *h_post, float *h_res, int64_t tokens, int64_t n, int iters,
-                      float pre_eps, float form_eps, int threads) {
-    const int64_t nn = n * n, k = 2 * n + nn, blocks = (tokens + LANES - 1) / LANES;
-#pragma omp parallel num_threads(threads)
-    {
-        Block s = block_alloc(n, iters);
-#pragma omp for schedule(static)
-        for (int64_t blk = 0; blk < blocks; blk++) {
-            const int64_t t0 = blk * LANES, count = lanes_used(tokens, t0);
-            for (int64_t t = t0; t < t0 + count; t++)
-                for (int64_t i = 0; i < n; i++) {
-                    h_pre[t * n + i] = sigmoidf(a[i] * q[t * k + i] + b[i]) + pre_eps;
-                    h_post[t * n + i] = 2.0f * sigmoidf(a[n + i] * q[t * k + n + i] + b[n + i]);
-                }
-            res_logits(s.logits, q, a, b, t0, count, n);
-            const float *res = block_forward(s.logits, s.states, s.divisors, s.result, n, iters, form_eps);
-            scatter(res, h_res, t0, count, nn, 0, nn);
-        }
-        free(s.states);
-    }
+int mhc_tail_forward(const float *q, const float *a, const float *b, float *h_pre, float *h_post,
+                     float *h_res, int64_t tokens, int64_t n, int iters, float pre_eps,
+                     float form_eps, int threads) {
+    const BlockArgs args = {.q = q, .a = a, .b = b, .h_pre = h_pre, .h_post = h_post,
+                            .h_res = h_res, .n = n, .iters = iters, .pre_eps = pre_eps,
+                            .form_eps = form_eps};
+    return for_each_block(tokens, &args, threads, tail_forward_block);
 }
 
 /* dz (tokens, K): the gradient at z = a q + b from those of H_pre, H_post, H_res (any NULL:
  * zero); the caller reduces it to the gradients of q (a dz), a (sum dz q) and b (sum dz). */
-void mhc_tail_backward(const float *q, const float *a, const float *b, const float *d_pre,
-                       const float *d_post, const float *d_res, float *dz, int64_t tokens,
-                       int64_t n, int iters, float form_eps, int threads) {
-    const int64_t nn = n * n, k = 2 * n + nn, blocks = (tokens + LANES - 1) / LANES;
-#pragma omp parallel num_threads(threads)
-    {
-        Block s = block_alloc(n, iters);
-#pragma omp for schedule(static)
-        for (int64_t blk = 0; blk < blocks; blk++) {
-            const int64_t t0 = blk * LANES, count = lanes_used(tokens, t0);
-            for (int64_t t = t0; t < t0 + count; t++)
-                for (int64_t i = 0; i < n; i++) {
-                    const float s_pre = sigmoidf(a[i] * q[t * k + i] + b[i]);
-                    const float s_post = sigmoidf(a[n + i] * q[t * k + n + i] + b[n + i]);
-                    dz[t * k + i] = d_pre ? d_pre[t * n + i] * s_pre * (1.0f - s_pre) : 0.0f;
-                    dz[t * k + n + i] =
-                        d_post ? d_post[t * n + i] * 2.0f * s_post * (1.0f - s_post) : 0.0f;
-                }
-            if (!d_res) {
-                for (int64_t t = t0; t < t0 + count; t++)
-                    for (int64_t e = 0; e < nn; e++) dz[t * k + 2 * n + e] = 0.0f;
-                continue;
-            }
-            res_logits(s.logits, q, a, b, t0, count, n);
-            gather(s.grad, d_res, t0, count, nn, 0, nn);
-            const float *res = block_forward(s.logits, s.states, s.divisors, s.result, n, iters, form_eps);
-            block_backward(s.states, s.divisors, res, s.grad, n, iters, form_eps);
-            scatter(s.grad, dz, t0, count, k, 2 * n, nn);
-        }
-        free(s.states);
-    }
+int mhc_tail_backward(const float *q, const float *a, const float *b, const float *d_pre,
+                      const float *d_post, const float *d_res, float *dz, int64_t tokens,
+                      int64_t n, int iters, float form_eps, int threads) {
+    const BlockArgs args = {.q = q, .a = a, .b = b, .d_pre = d_pre, .d_post = d_post,
+                            .d_res = d_res, .dz = dz, .n = n, .iters = iters,
+                            .form_eps = form_eps};
+    return for_each_block(tokens, &args, threads, tail_backward_block);
 }

@@ -28,15 +28,17 @@ from birkhoff.kernels.cpu_build import library
 from birkhoff.kernels.registry import CPU, register
 
 _INT64, _INT, _FLOAT, _PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
-_SIGNATURES = {  # the C functions' arguments after their pointers: sizes, then options
-    "mhc_pre_forward": (3, (_INT64, _INT64, _INT64, _INT)),
-    "mhc_pre_backward": (5, (_INT64, _INT64, _INT64, _INT)),
-    "mhc_post_forward": (5, (_INT64, _INT64, _INT64, _INT)),
-    "mhc_post_backward": (9, (_INT64, _INT64, _INT64, _INT)),
-    "sinkhorn_forward": (2, (_INT64, _INT64, _INT, _FLOAT, _INT)),
-    "sinkhorn_backward": (3, (_INT64, _INT64, _INT, _FLOAT, _INT)),
-    "mhc_tail_forward": (6, (_INT64, _INT64, _INT, _FLOAT, _FLOAT, _INT)),
-    "mhc_tail_backward": (7, (_INT64, _INT64, _INT, _FLOAT, _INT)),
+# The C functions: pointers, then sizes and options; the Sinkhorn kernels return a status
+# (-1: a thread's scratch could not be allocated)
+_SIGNATURES = {
+    "stream_read_forward": (3, (_INT64, _INT64, _INT64, _INT), None),
+    "stream_read_backward": (5, (_INT64, _INT64, _INT64, _INT), None),
+    "stream_merge_forward": (5, (_INT64, _INT64, _INT64, _INT), None),
+    "stream_merge_backward": (9, (_INT64, _INT64, _INT64, _INT), None),
+    "sinkhorn_forward": (2, (_INT64, _INT64, _INT, _FLOAT, _INT), _INT),
+    "sinkhorn_backward": (3, (_INT64, _INT64, _INT, _FLOAT, _INT), _INT),
+    "mhc_tail_forward": (6, (_INT64, _INT64, _INT, _FLOAT, _FLOAT, _INT), _INT),
+    "mhc_tail_backward": (7, (_INT64, _INT64, _INT, _FLOAT, _INT), _INT),
 }
 LOG_SPACE = -1.0  # form_eps for the paper's log-space Sinkhorn
 
@@ -44,30 +46,61 @@ LOG_SPACE = -1.0  # form_eps for the paper's log-space Sinkhorn
 @functools.cache
 def _kernels() -> ctypes.CDLL:
     lib = library()
-    for name, (pointers, rest) in _SIGNATURES.items():
+    for name, (pointers, rest, returns) in _SIGNATURES.items():
         getattr(lib, name).argtypes = [_PTR] * pointers + list(rest)
-        getattr(lib, name).restype = None
+        getattr(lib, name).restype = returns
     return lib
 
 
 def _call(name: str, *args) -> None:
     """`name` with tensors as pointers (None: NULL) and the thread count last."""
-    pointers = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]
-    getattr(_kernels(), name)(*pointers, torch.get_num_threads())
+    pointers = [a.data_ptr() if isinstance(a, Tensor) else a for a in args]
+    if getattr(_kernels(), name)(*pointers, torch.get_num_threads()) == -1:
+        raise MemoryError(f"the cpu kernel {name} could not allocate its scratch")
 
 
-def _floats(tensor: torch.Tensor) -> torch.Tensor:
+def _float32_contiguous(tensor: Tensor) -> Tensor:
     return tensor.to(torch.float32).contiguous()
 
 
-# Each C kernel is a torch custom op: torch.compile calls it as it is (an opaque node that
-# inductor fuses around), where a ctypes call would break the graph; autograd is registered
-# on the forward op and its backward is another op.
+def _check_inputs(*tensors: Tensor | None) -> None:
+    """What the C kernels assume of every tensor they are handed (the ops are public:
+    torch.ops.birkhoff.cpu_*): float32, contiguous, in CPU memory."""
+    for tensor in tensors:
+        if tensor is not None:
+            torch._check(
+                tensor.dtype == torch.float32 and tensor.is_contiguous() and not tensor.is_cuda
+                and tensor.device.type == "cpu",
+                lambda t=tensor: f"the cpu kernels take contiguous float32 CPU tensors, got "
+                f"{t.dtype} on {t.device}, contiguous={t.is_contiguous()}",
+            )  # fmt: skip
+
+
+def _check_shapes(*pairs: tuple[Tensor | None, tuple[int, ...]]) -> None:
+    """Each tensor (None: absent) of the shape the kernel indexes it by."""
+    for tensor, shape in pairs:
+        if tensor is not None:
+            torch._check(
+                tuple(tensor.shape) == tuple(shape),
+                lambda t=tensor, shape=shape: (
+                    f"the cpu kernel expected shape {tuple(shape)}, got {tuple(t.shape)}"
+                ),
+            )
+
+
+def _check_iters(iters: int) -> None:
+    torch._check(iters >= 1, lambda: f"Sinkhorn needs at least 1 iteration, got {iters}")
+
+
+# Each C kernel is a torch custom op: autograd is registered on the forward op, its backward
+# is another op, and a fake (shape-only) version lets the ops be traced.
 @custom_op("birkhoff::cpu_stream_read", mutates_args=())
 def stream_read(streams: Tensor, h_pre: Tensor) -> Tensor:
     """sum_i h[i] x_i per token: x (M, n, C), h (M, n) -> (M, C)."""
+    _check_inputs(streams, h_pre)
+    _check_shapes((h_pre, streams.shape[:2]))
     out = streams.new_empty(streams.shape[0], streams.shape[2])
-    _call("mhc_pre_forward", streams, h_pre, out, *streams.shape)
+    _call("stream_read_forward", streams, h_pre, out, *streams.shape)
     return out
 
 
@@ -78,8 +111,10 @@ def _(streams: Tensor, h_pre: Tensor) -> Tensor:
 
 @custom_op("birkhoff::cpu_stream_read_backward", mutates_args=())
 def stream_read_backward(grad: Tensor, streams: Tensor, h_pre: Tensor) -> tuple[Tensor, Tensor]:
+    _check_inputs(grad, streams, h_pre)
+    _check_shapes((h_pre, streams.shape[:2]), (grad, (streams.shape[0], streams.shape[2])))
     d_streams, d_h = torch.empty_like(streams), torch.empty_like(h_pre)
-    _call("mhc_pre_backward", grad, streams, h_pre, d_streams, d_h, *streams.shape)
+    _call("stream_read_backward", grad, streams, h_pre, d_streams, d_h, *streams.shape)
     return d_streams, d_h
 
 
@@ -88,11 +123,18 @@ def _(grad: Tensor, streams: Tensor, h_pre: Tensor) -> tuple[Tensor, Tensor]:
     return torch.empty_like(streams), torch.empty_like(h_pre)
 
 
+def _check_merge(streams: Tensor, layer_out: Tensor, h_res: Tensor, h_post: Tensor) -> None:
+    _check_inputs(streams, layer_out, h_res, h_post)
+    tokens, n, width = streams.shape
+    _check_shapes((layer_out, (tokens, width)), (h_res, (tokens, n, n)), (h_post, (tokens, n)))
+
+
 @custom_op("birkhoff::cpu_stream_merge", mutates_args=())
 def stream_merge(streams: Tensor, layer_out: Tensor, h_res: Tensor, h_post: Tensor) -> Tensor:
     """H_res x + h_post^T y per token: x (M, n, C), y (M, C), H_res (M, n, n), h_post (M, n)."""
+    _check_merge(streams, layer_out, h_res, h_post)
     out = torch.empty_like(streams)
-    _call("mhc_post_forward", streams, layer_out, h_res, h_post, out, *streams.shape)
+    _call("stream_merge_forward", streams, layer_out, h_res, h_post, out, *streams.shape)
     return out
 
 
@@ -105,8 +147,11 @@ def _(streams: Tensor, layer_out: Tensor, h_res: Tensor, h_post: Tensor) -> Tens
 def stream_merge_backward(
     grad: Tensor, streams: Tensor, layer_out: Tensor, h_res: Tensor, h_post: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    _check_merge(streams, layer_out, h_res, h_post)
+    _check_inputs(grad)
+    _check_shapes((grad, streams.shape))
     grads = tuple(map(torch.empty_like, (streams, layer_out, h_res, h_post)))
-    _call("mhc_post_backward", grad, streams, layer_out, h_res, h_post, *grads, *streams.shape)
+    _call("stream_merge_backward", grad, streams, layer_out, h_res, h_post, *grads, *streams.shape)
     return grads
 
 
@@ -115,9 +160,17 @@ def _(grad, streams, layer_out, h_res, h_post) -> tuple[Tensor, Tensor, Tensor, 
     return tuple(map(torch.empty_like, (streams, layer_out, h_res, h_post)))
 
 
+def _check_sinkhorn(logits: Tensor, iters: int) -> None:
+    _check_inputs(logits)
+    _check_iters(iters)
+    torch._check(logits.dim() == 3, lambda: f"Sinkhorn takes (M, n, n), got {logits.shape}")
+    _check_shapes((logits, (logits.shape[0], logits.shape[1], logits.shape[1])))
+
+
 @custom_op("birkhoff::cpu_sinkhorn", mutates_args=())
 def sinkhorn(logits: Tensor, iters: int, form_eps: float) -> Tensor:
     """Sinkhorn-Knopp of (M, n, n) logits (form_eps < 0: the log-space form)."""
+    _check_sinkhorn(logits, iters)
     out = torch.empty_like(logits)
     _call("sinkhorn_forward", logits, out, *logits.shape[:2], iters, form_eps)
     return out
@@ -130,7 +183,10 @@ def _(logits: Tensor, iters: int, form_eps: float) -> Tensor:
 
 @custom_op("birkhoff::cpu_sinkhorn_backward", mutates_args=())
 def sinkhorn_backward(logits: Tensor, grad: Tensor, iters: int, form_eps: float) -> Tensor:
-    """d logits, the iterations recomputed per token from the logits."""
+    """d logits, the iterations recomputed per block of tokens from the logits."""
+    _check_sinkhorn(logits, iters)
+    _check_inputs(grad)
+    _check_shapes((grad, logits.shape))
     d_logits = torch.empty_like(logits)
     _call("sinkhorn_backward", logits, grad, d_logits, *logits.shape[:2], iters, form_eps)
     return d_logits
@@ -147,12 +203,20 @@ def mhc_tail(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(H_pre, H_post, H_res) from the projection q (M, K = 2n + n^2), the per-value scale a
     (K,) and bias b (K,): z = a q + b; sigmoid(z) + pre_eps, 2 sigmoid(z), Sinkhorn(z)."""
+    _check_tail(q, a, b, n, iters)
     h_pre, h_post, h_res = _tail_outputs(q, n)
     _call(
         "mhc_tail_forward", q, a, b, h_pre, h_post, h_res, q.shape[0], n, iters, pre_eps,
         form_eps,
     )  # fmt: skip
     return h_pre, h_post, h_res
+
+
+def _check_tail(q: Tensor, a: Tensor, b: Tensor, n: int, iters: int) -> None:
+    _check_inputs(q, a, b)
+    _check_iters(iters)
+    values = 2 * n + n * n
+    _check_shapes((q, (q.shape[0], values)), (a, (values,)), (b, (values,)))
 
 
 def _tail_outputs(q: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -178,6 +242,10 @@ def mhc_tail_backward(
     form_eps: float,
 ) -> Tensor:
     """The gradient at z = a q + b (M, K) from those of H_pre, H_post, H_res (None: zero)."""
+    _check_tail(q, a, b, n, iters)
+    _check_inputs(d_pre, d_post, d_res)
+    tokens = q.shape[0]
+    _check_shapes((d_pre, (tokens, n)), (d_post, (tokens, n)), (d_res, (tokens, n, n)))
     d_z = torch.empty_like(q)
     _call("mhc_tail_backward", q, a, b, d_pre, d_post, d_res, d_z, q.shape[0], n, iters, form_eps)
     return d_z
@@ -189,6 +257,7 @@ def _(q, a, b, d_pre, d_post, d_res, n: int, iters: int, form_eps: float) -> Ten
 
 
 def _save_inputs(ctx, inputs: tuple, output) -> None:
+    ctx.set_materialize_grads(False)  # an unused output's gradient stays None (NULL in C)
     ctx.save_for_backward(*(t for t in inputs if isinstance(t, Tensor)))
     ctx.options = tuple(v for v in inputs if not isinstance(v, Tensor))
 
@@ -241,7 +310,8 @@ def mhc_pre(streams: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
     _on_cpu(streams, h_pre)
     dtype, (*batch, n, width) = reference._matmul_dtype(streams), streams.shape
     with torch.autocast("cpu", enabled=False):
-        out = stream_read(_floats(streams.reshape(-1, n, width)), _floats(h_pre.reshape(-1, n)))
+        rows = _float32_contiguous(streams.reshape(-1, n, width))
+        out = stream_read(rows, _float32_contiguous(h_pre.reshape(-1, n)))
     return out.view(*batch, width).to(dtype)
 
 
@@ -256,10 +326,10 @@ def mhc_post(
     *batch, n, width = streams.shape
     with torch.autocast("cpu", enabled=False):
         merged = stream_merge(
-            _floats(streams.reshape(-1, n, width)),
-            _floats(layer_out.reshape(-1, width)),
-            _floats(h_res.reshape(-1, n, n)),
-            _floats(h_post.reshape(-1, n)),
+            _float32_contiguous(streams.reshape(-1, n, width)),
+            _float32_contiguous(layer_out.reshape(-1, width)),
+            _float32_contiguous(h_res.reshape(-1, n, n)),
+            _float32_contiguous(h_post.reshape(-1, n)),
         )
     return merged.view(*batch, n, width).to(streams.dtype)
 
@@ -268,7 +338,7 @@ def _sinkhorn(logits: torch.Tensor, iters: int, form_eps: float) -> torch.Tensor
     _on_cpu(logits)
     n = logits.shape[-1]
     with torch.autocast("cpu", enabled=False):
-        out = sinkhorn(_floats(logits.reshape(-1, n, n)), iters, form_eps)
+        out = sinkhorn(_float32_contiguous(logits.reshape(-1, n, n)), iters, form_eps)
     return out.view(logits.shape).to(logits.dtype)
 
 

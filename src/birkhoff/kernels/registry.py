@@ -159,14 +159,14 @@ def backend_for(requested: str, device_type: str | None) -> str:
             return CPU
         return "npu" if device_type == "npu" and "npu" in available else REFERENCE
     if requested == CPU:
-        problem = cpu_build.build_problem()
-        require(problem is None, KEY, requested, f"{problem}; use auto or reference")
         require(
             device_type in (None, "cpu"),
             KEY,
             requested,
             f"runs on the CPU (this rank runs on {device_type}); use auto",
         )
+        problem = cpu_build.build_problem()
+        require(problem is None, KEY, requested, f"{problem}; use auto or reference")
         return requested
     package = {"triton": "birkhoff[cuda] (triton)", "npu": "birkhoff[npu] (torch_npu, CANN)"}
     require(

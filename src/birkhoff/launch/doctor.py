@@ -22,10 +22,10 @@ import torch
 
 from birkhoff import kernels
 from birkhoff.checkpoint.space import free_bytes
-from birkhoff.data.plan import machine_cache_dir
 from birkhoff.errors import RecipeError
 from birkhoff.launch.doctor_collectives import local_collectives
 from birkhoff.launch.doctor_kernels import check_kernels
+from birkhoff.machine_cache import machine_cache_dir
 from birkhoff.parallel.device import resolve_device
 from birkhoff.train.host_malloc import glibc_version
 from birkhoff.train.mfu import cpu_matmul_peak

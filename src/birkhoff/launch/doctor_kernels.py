@@ -18,7 +18,7 @@ from birkhoff import kernels
 
 TOLERANCE = 1e-4  # relative, float32 against float64
 LIMITED_TOLERANCE = 1e-2  # an op limited to bfloat16: its outputs rounded to 8 bits
-# (an op limited to float32, as the cpu backend's, is held to TOLERANCE)
+# (an op limited to float32 and wider types is held to TOLERANCE)
 # An op may miss float64 by this many times the reference's own error in the op's precision
 # (Engram's gate on an H200: 2.4e-3 where the float32 reference misses by 6e-4).
 CONDITIONING_FACTOR = 10

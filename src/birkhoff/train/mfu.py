@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from birkhoff.atomic import write_text_atomic
-from birkhoff.data.plan import machine_cache_dir
 from birkhoff.errors import RecipeError
+from birkhoff.machine_cache import machine_cache_dir
 from birkhoff.model.config import ModelConfig
 from birkhoff.parallel.planning.cluster import PRESETS
 from birkhoff.parallel.planning.estimate import model_flops_per_token
