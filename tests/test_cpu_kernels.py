@@ -173,6 +173,10 @@ def test_without_a_compiler_auto_runs_the_reference_and_says_why(rebuild, monkey
     with pytest.raises(RecipeError, match=r"backend.kernels.*no C compiler found.*use auto"):
         kernels.backend_for("cpu", "cpu")
     assert "cpu" not in kernels.available_backends()
+    monkeypatch.delenv("CC")
+    monkeypatch.setenv("PATH", str(rebuild))  # no cc, no gcc
+    cpu_build._build_or_reason.cache_clear()
+    assert "neither cc nor gcc is on the PATH" in kernels.auto_note("auto", "cpu")
 
 
 def test_a_failed_build_names_the_error_and_leaves_nothing(rebuild, monkeypatch, tmp_path):

@@ -95,7 +95,11 @@ def _build_or_reason() -> ctypes.CDLL | str:
 def _load() -> ctypes.CDLL:
     cc = compiler()
     if cc is None:
-        named = f"CC={os.environ['CC']!r} is not on the PATH" if os.environ.get("CC") else "none"
+        named = (
+            f"CC={os.environ['CC']!r} is not on the PATH"
+            if os.environ.get("CC")
+            else "neither cc nor gcc is on the PATH"
+        )
         raise BuildError(f"no C compiler found ({named}; set CC, or install gcc)")
     version = _run([*cc, "--version"]).stdout
     sources = [Path(__file__).parent / name for name in SOURCES]
