@@ -1,8 +1,9 @@
 /* mHC's per-token work on a CPU, fused: the stream read (op mhc_pre), the merge (mhc_post), and the
  * mappings' tail after the projection (scales, biases, sigmoids, Sinkhorn-Knopp in both forms),
- * each forward and backward. float32, contiguous, one OpenMP loop over tokens: a token's
- * n x C streams are read once into cache and every product over them is taken there, where the
- * reference's batched products and broadcasts each pass over all tokens' streams again.
+ * each forward and backward. float32, contiguous; the read and the merge are one OpenMP loop
+ * over tokens (a token's n x C streams read once into cache and every product over them taken
+ * there, where the reference's batched products and broadcasts each pass over all tokens'
+ * streams again), Sinkhorn and the tail one over blocks of LANES tokens.
  * Semantics: kernels/mhc_reference.py. Built by kernels/cpu_build.py, bound by kernels/cpu_mhc.py.
  */
 #include <math.h>
