@@ -1,8 +1,9 @@
-"""The `cpu` backend (kernels/cpu_mhc.c through kernels/cpu_mhc.py): every op against the
-reference run in float64, forward and every input gradient, at token counts that fill a block
-of 16 lanes and part of the next; Sinkhorn at logits far from doubly stochastic and against
-its own definition; a model built with it against the same model with the reference ops; how
-the backend resolves, what happens where its kernels cannot be built, and the build cache."""
+"""The `cpu` backend (kernels/cpu_*.c through kernels/cpu_mhc.py and cpu_mhc_read.py): every
+op against the reference run in float64, forward and every input gradient, at token counts
+that fill a block of 16 lanes and part of the next; Sinkhorn at logits far from doubly
+stochastic and against its own definition; a model built with it against the same model with
+the reference ops; how the backend resolves, what happens where its kernels cannot be built,
+and the build cache."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from test_train import read_metrics, train_in_process
 
 from birkhoff import kernels
 from birkhoff.errors import RecipeError
-from birkhoff.kernels import cpu_build, cpu_mhc, reference
+from birkhoff.kernels import cpu_build, cpu_mhc, cpu_mhc_read, reference
 from conftest import assert_backend_trains_as_reference, compare, moe_engram_model
 
 SHAPES = [(4, 64, 37), (3, 200, 5), (1, 17, 16)]  # (streams, channels, tokens)
@@ -85,6 +86,53 @@ def test_cpu_mhc_mapping_matches_the_reference(n, c, form_eps, tokens):
     compare(all_three(reference.mhc_mapping), all_three(cpu_mhc.mhc_mapping), inputs)
 
 
+def _read_inputs(n: int, c: int, tokens: int) -> list[torch.Tensor]:
+    """Streams (2, tokens, n, c), the projection's weight, alpha and the three biases."""
+    weight = torch.randn(2 * n + n * n, n * c) / (n * c) ** 0.5
+    biases = [torch.randn(n), torch.randn(n), torch.randn(n, n)]
+    return [torch.randn(2, tokens, n, c), weight, torch.rand(3) + 0.5, *biases]
+
+
+@pytest.mark.parametrize(
+    ("n", "c", "form_eps", "norm_eps", "tokens"),
+    [(4, 64, None, 1e-6, 37), (3, 40, 1e-3, 0.3, 5), (4, 200, 1e-6, 1e-6, 16)],
+)
+def test_cpu_mhc_read_matches_the_reference(n, c, form_eps, norm_eps, tokens):
+    """The fused mappings and read (H_pre x, H_post, H_res) and the gradients of the streams,
+    the projection, the scales and the biases against the reference's mapping then read; a
+    norm eps of 0.3, against mean squares near 1, would show if it were dropped."""
+    torch.manual_seed(n * c + 2)
+
+    def all_three(op):
+        def run(*inputs):
+            return torch.cat([h.flatten() for h in op(*inputs, norm_eps, 20, form_eps)])
+
+        return run
+
+    inputs = _read_inputs(n, c, tokens)
+    compare(all_three(reference.mhc_read), all_three(cpu_mhc_read.mhc_read), inputs)
+
+
+@pytest.mark.parametrize("used", [0, 1, 2])
+def test_cpu_mhc_read_takes_outputs_with_no_gradient(used):
+    """Only one of the three outputs feeds the loss: the others' gradients are None in the
+    backward (NULL in C, or zeros for the read), and every input's gradient still matches the
+    reference's (zero for a bias the output does not depend on)."""
+    torch.manual_seed(used)
+    inputs = _read_inputs(4, 24, 19)
+    exact = [t.double().requires_grad_() for t in inputs]
+    given = [t.clone().requires_grad_() for t in inputs]
+    expected = reference.mhc_read(*exact, 1e-6, 20, 1e-6)[used]
+    got = cpu_mhc_read.mhc_read(*given, 1e-6, 20, 1e-6)[used]
+    grad = torch.randn(expected.shape, dtype=torch.float64)
+    expected_grads = torch.autograd.grad(expected, exact, grad, allow_unused=True)
+    got_grads = torch.autograd.grad(got, given, grad.float())
+    for tensor, e, g in zip(exact, expected_grads, got_grads, strict=True):
+        e = torch.zeros_like(tensor) if e is None else e
+        scale = e.abs().max().item() or 1.0  # float32 against float64, relative to the largest
+        torch.testing.assert_close(g.double(), e, rtol=0, atol=1e-5 * scale)
+
+
 def test_cpu_mhc_keeps_the_dtypes_under_autocast():
     """A bf16 sublayer output merges into float32 streams; the stream read returns autocast's
     dtype as the reference's matmul does (the cpu kernel accumulates in float32)."""
@@ -110,12 +158,12 @@ def test_the_cpu_backend_runs_the_reference_for_float64_and_says_so():
     got = kernels.get("mhc_pre", "cpu")(streams, h_pre)
     assert got.dtype == torch.float64
     assert torch.equal(got, reference.mhc_pre(streams, h_pre))
-    own = {"mhc_mapping", "mhc_post", "mhc_pre", "sinkhorn_knopp", "sinkhorn_knopp_eps"}
+    own = {"mhc_mapping", "mhc_post", "mhc_pre", "mhc_read", "sinkhorn_knopp", "sinkhorn_knopp_eps"}
     for dtype in (None, torch.float32, torch.bfloat16):
         table = kernels.implementations("cpu", dtype)
         assert {op for op, impl in table.items() if impl == "cpu"} == own, dtype
     assert kernels.implementations("cpu", torch.float64)["mhc_pre"] == "reference"
-    assert "cpu for 5 of" in kernels.describe("cpu", torch.bfloat16)
+    assert "cpu for 6 of" in kernels.describe("cpu", torch.bfloat16)
     assert "mhc_post (float32 or bfloat16 or float16 only)" in kernels.describe("cpu")
 
 
@@ -132,6 +180,13 @@ def test_bf16_streams_come_back_in_bf16():
     assert balanced.dtype == torch.bfloat16
     expected = reference.sinkhorn_knopp(logits.bfloat16().double(), 20)
     torch.testing.assert_close(balanced.double(), expected, rtol=2**-7, atol=1e-2)
+    inputs = _read_inputs(4, 32, 3)
+    inputs[0] = streams
+    layer_in, h_post, h_res = kernels.get("mhc_read", "cpu")(*inputs, 1e-6, 20, 1e-6)
+    assert (layer_in.dtype, h_post.dtype, h_res.dtype) == (torch.bfloat16, *[torch.float32] * 2)
+    exact = reference.mhc_read(*(t.double() for t in inputs), 1e-6, 20, 1e-6)
+    torch.testing.assert_close(layer_in.double(), exact[0], rtol=2**-7, atol=1e-2)
+    torch.testing.assert_close(h_res.double(), exact[2], rtol=1e-5, atol=1e-5)
 
 
 def test_a_model_with_cpu_kernels_trains_as_the_reference_one():
@@ -218,6 +273,14 @@ def test_the_cpu_kernels_are_well_formed_custom_ops():
         (cpu_mhc.sinkhorn, (torch.randn(19, 4, 4), 20, -1.0)),
         (cpu_mhc.sinkhorn, (torch.randn(19, 4, 4), 20, 1e-6)),
         (cpu_mhc.mhc_tail, (q, a, b, 4, 20, 1e-6, 1e-6)),
+        (
+            cpu_mhc_read.mhc_read_op,
+            (torch.randn(19, 4, 8), torch.randn(24, 32), a, b, 1e-6, 20, 0.0, -1.0),
+        ),
+        (
+            cpu_mhc_read.mhc_read_op,
+            (torch.randn(19, 4, 8), torch.randn(24, 32), a, b, 1e-6, 20, 1e-6, 1e-6),
+        ),
     ]
     for op, args in cases:
         grads = [t.requires_grad_() if isinstance(t, torch.Tensor) else t for t in args]
@@ -253,6 +316,14 @@ def test_the_cpu_ops_refuse_what_their_kernels_cannot_index():
         (cpu_mhc.sinkhorn, (torch.randn(5, 4, 4), 0, 1e-6)),
         (cpu_mhc.sinkhorn, (torch.randn(5, 4, 3), 20, -1.0)),
         (cpu_mhc.mhc_tail, (torch.randn(5, 23), torch.rand(24), torch.rand(24), 4, 20, 0.0, -1.0)),
+        (
+            cpu_mhc_read.mhc_read_op,
+            (streams, torch.randn(24, 31), *torch.rand(2, 24), 1e-6, 20, 0.0, -1.0),
+        ),
+        (
+            cpu_mhc_read.mhc_read_op,
+            (streams, torch.randn(24, 32), *torch.rand(2, 24), 1e-6, 0, 0.0, -1.0),
+        ),
     ]
     for op, args in bad:
         with pytest.raises(RuntimeError, match=r"cpu kernel|Sinkhorn"):

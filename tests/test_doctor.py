@@ -36,7 +36,8 @@ def test_doctor_reports_this_machine(tmp_path):
     assert report["versions"]["libc"] == (f"glibc {version}" if library == "glibc" else None)
     assert report["device"]["type"] == "cpu"
     # auto on a CPU: the cpu backend's C kernels, each checked against the reference
-    cpu_ops = {"mhc_mapping", "mhc_post", "mhc_pre", "sinkhorn_knopp", "sinkhorn_knopp_eps"}
+    cpu_ops = {"mhc_mapping", "mhc_post", "mhc_pre", "mhc_read", "sinkhorn_knopp"}
+    cpu_ops |= {"sinkhorn_knopp_eps"}
     assert report["kernels"]["backend"] == "cpu" and set(report["kernels"]["ops"]) == cpu_ops
     for r in report["kernels"]["ops"].values():
         assert r["implementation"] == "cpu" and r["ok"] and r["backward_error"] < 1e-6
@@ -52,6 +53,7 @@ def test_doctor_checks_the_triton_ops_against_the_reference():
     report = doctor_kernels.check_kernels("triton", torch.device("cpu"))
     own = {"mhc_pre", "mhc_post", "sinkhorn_knopp", "sinkhorn_knopp_eps", "v4_attention"}
     own |= {"moe_permute", "moe_unpermute", "engram_gather_gate", "mhc_mapping", "entry_mass"}
+    own |= {"mhc_read"}  # triton's mapping, then its read
     own |= {"linear_cross_entropy", "rms_norm", "rope", "swiglu"}  # liger-kernel's
     assert set(report["ops"]) == own
     for op, r in report["ops"].items():

@@ -78,6 +78,21 @@ def test_triton_mhc_mapping_matches_the_reference(n, c, form_eps):
     compare(all_three(reference.mhc_mapping), all_three(triton_mhc_mapping.mhc_mapping), inputs)
 
 
+def test_triton_mhc_read_is_its_mapping_then_its_read():
+    """triton's mhc_read (its mapping kernels, then its stream read) against the reference's
+    in float64: the sublayer's input, H_post, H_res and every input's gradient."""
+    torch.manual_seed(11)
+    n, c = 4, 32
+    streams, weight = torch.randn(1, 5, n, c), torch.randn(24, n * c) / (n * c) ** 0.5
+    inputs = [streams, weight, torch.rand(3) + 0.5, torch.randn(n), torch.randn(n), torch.eye(n)]
+
+    def all_three(op):
+        return lambda *x: torch.cat([h.flatten() for h in op(*x, 1e-6, 20, 1e-6)])
+
+    read = kernels.get("mhc_read", "triton")
+    compare(all_three(reference.mhc_read), all_three(read), inputs)
+
+
 @pytest.mark.parametrize(("tokens", "top_k", "c"), [(13, 3, 200), (6, 2, 16), (4, 1, 5)])
 def test_triton_moe_permutation_matches_the_reference(tokens, top_k, c):
     """Permute and unpermute (with the gate weights), forward and backward; k = 3 pads to 4,
@@ -159,7 +174,7 @@ def test_triton_mhc_keeps_the_dtypes_under_autocast():
 def test_every_backend_says_which_implementation_runs():
     table = kernels.implementations("triton")
     assert set(table) == set(kernels.ops())
-    own = {"engram_gather_gate", "entry_mass", "mhc_mapping", "mhc_pre", "mhc_post"}
+    own = {"engram_gather_gate", "entry_mass", "mhc_mapping", "mhc_pre", "mhc_post", "mhc_read"}
     own |= {"moe_permute"}
     own |= {"moe_unpermute", "sinkhorn_knopp", "sinkhorn_knopp_eps", "v4_attention"}
     own |= {"linear_cross_entropy", "rms_norm", "rope", "swiglu"}  # from liger-kernel
@@ -169,8 +184,8 @@ def test_every_backend_says_which_implementation_runs():
     with pytest.raises(ValueError, match="'auto': not one of reference, cpu, triton, npu"):
         kernels.get("rms_norm", "auto")  # resolved per device before any model is built
     line = kernels.describe("triton")
-    assert f"triton for 14 of {len(table)} ops (engram_gather_gate, entry_mass," in line
-    assert f"{len(table) - 14} fall back to reference: attention" in line
+    assert f"triton for 15 of {len(table)} ops (engram_gather_gate, entry_mass," in line
+    assert f"{len(table) - 15} fall back to reference: attention" in line
 
 
 def test_kernel_backend_resolves_per_device(monkeypatch):

@@ -262,9 +262,9 @@ def test_npu_moe_permutation_runs_for_bfloat16_and_falls_back_otherwise(stand_in
     line = kernels.describe("npu", torch.float32)
     fallen = "fall back to reference: engram_gather_gate, engram_hash, entry_mass, "
     fallen += "linear_cross_entropy,"
-    assert fallen + " mhc_mapping, mhc_post," in line
+    assert fallen + " mhc_mapping, mhc_post, mhc_pre, mhc_read," in line
     assert "moe_permute (bfloat16 only), moe_unpermute (bfloat16 only)" in line
-    assert "npu for 7 of 17 ops (attention, grouped_gemm, moe_permute (bfloat16 only)," in (
+    assert "npu for 7 of 18 ops (attention, grouped_gemm, moe_permute (bfloat16 only)," in (
         kernels.describe("npu", torch.bfloat16)
     )
 

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from birkhoff.machine_cache import machine_cache_dir
 
-SOURCES = ("cpu_mhc.c",)
+SOURCES = ("cpu_streams.c", "cpu_sinkhorn.c", "cpu_mhc_read.c")
+HEADERS = ("cpu_blocks.h",)  # in the cache key with the sources
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 
 
@@ -102,9 +103,11 @@ def _load() -> ctypes.CDLL:
         )
         raise BuildError(f"no C compiler found ({named}; set CC, or install gcc)")
     version = _run([*cc, "--version"]).stdout
-    sources = [Path(__file__).parent / name for name in SOURCES]
+    here = Path(__file__).parent
+    sources = [here / name for name in SOURCES]
+    texts = [path.read_text() for path in (*sources, *(here / name for name in HEADERS))]
     key = hashlib.sha256()
-    for part in (version, " ".join(FLAGS), _cpu_features(), *(s.read_text() for s in sources)):
+    for part in (version, " ".join(FLAGS), _cpu_features(), *texts):
         key.update(part.encode())
     target = machine_cache_dir() / "kernels" / f"cpu_kernels_{key.hexdigest()[:16]}.so"
     if not target.exists():

@@ -1,4 +1,4 @@
-"""mHC's ops as fused C kernels on a CPU (the `cpu` backend; kernels/cpu_mhc.c, built by
+"""mHC's ops as fused C kernels on a CPU (the `cpu` backend; kernels/cpu_*.c, built by
 kernels/cpu_build.py): the stream read, the residual merge, Sinkhorn-Knopp in both forms, and the
 mappings' per-token tail (scales, biases, sigmoids, Sinkhorn) after the normalised projection,
 which stays one GEMM and one norm (kernels/mhc_reference.py's `normalised_projection`).
@@ -39,6 +39,9 @@ _SIGNATURES = {
     "sinkhorn_backward": (3, (_INT64, _INT64, _INT, _FLOAT, _INT), _INT),
     "mhc_tail_forward": (6, (_INT64, _INT64, _INT, _FLOAT, _FLOAT, _INT), _INT),
     "mhc_tail_backward": (7, (_INT64, _INT64, _INT, _FLOAT, _INT), _INT),
+    "mhc_read_forward": (9, (_INT64, _INT64, _INT64, _FLOAT, _INT, _FLOAT, _FLOAT, _INT), _INT),
+    "mhc_read_backward": (13, (_INT64, _INT64, _INT64, _INT, _FLOAT, _FLOAT, _INT), _INT),
+    "mhc_read_backward_streams": (5, (_INT64, _INT64, _INT64, _INT), None),
 }
 LOG_SPACE = -1.0  # form_eps for the paper's log-space Sinkhorn
 
@@ -371,16 +374,27 @@ def mhc_mapping(
     n, batch = streams.shape[-2], streams.shape[:-2]
     projected = reference.normalised_projection(streams, weight, norm_eps)
     with torch.autocast("cpu", enabled=False):
-        alpha = alpha.float()
-        scale = torch.cat([alpha[0].expand(n), alpha[1].expand(n), alpha[2].expand(n * n)])
-        bias = torch.cat([bias_pre.float(), bias_post.float(), bias_res.float().flatten()])
         h_pre, h_post, h_res = mhc_tail(
             projected.reshape(-1, projected.shape[-1]).contiguous(),
-            scale,
-            bias,
-            n,
-            iters,
-            0.0 if form_eps is None else form_eps,
-            LOG_SPACE if form_eps is None else form_eps,
+            *tail_parameters(alpha, bias_pre, bias_post, bias_res, iters, form_eps),
         )
     return h_pre.view(*batch, n), h_post.view(*batch, n), h_res.view(*batch, n, n)
+
+
+def tail_parameters(
+    alpha: Tensor,
+    bias_pre: Tensor,
+    bias_post: Tensor,
+    bias_res: Tensor,
+    iters: int,
+    form_eps: float | None,
+) -> tuple[Tensor, Tensor, int, int, float, float]:
+    """The tail's arguments after the projection: the per-value scale and bias (K,) in float32,
+    n, iters, H_pre's eps and Sinkhorn's form (LOG_SPACE for the paper's)."""
+    n = bias_pre.shape[0]
+    alpha = alpha.float()
+    scale = torch.cat([alpha[0].expand(n), alpha[1].expand(n), alpha[2].expand(n * n)])
+    bias = torch.cat([bias_pre.float(), bias_post.float(), bias_res.float().flatten()])
+    if form_eps is None:
+        return scale, bias, n, iters, 0.0, LOG_SPACE
+    return scale, bias, n, iters, form_eps, form_eps

@@ -321,3 +321,31 @@ def mhc_mapping(
     else:
         h_pre, h_res = h_pre + form_eps, sinkhorn_knopp_eps(logits, iters, form_eps)
     return h_pre, 2 * torch.sigmoid(a_post * post + bias_post), h_res
+
+
+def composed_read(mapping, pre):
+    """The `mhc_read` op of a backend with its own `mhc_mapping` and `mhc_pre`: the one then
+    the other (a backend that fuses them, `cpu`, registers its own)."""
+
+    def mhc_read(
+        streams: torch.Tensor,
+        weight: torch.Tensor,
+        alpha: torch.Tensor,
+        bias_pre: torch.Tensor,
+        bias_post: torch.Tensor,
+        bias_res: torch.Tensor,
+        norm_eps: float,
+        iters: int,
+        form_eps: float | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """mHC's read of the streams for a sublayer: (H_pre x (B, T, C), H_post, H_res) with
+        the mappings of `mhc_mapping` (same arguments) and H_pre x as `mhc_pre`'s."""
+        h_pre, h_post, h_res = mapping(
+            streams, weight, alpha, bias_pre, bias_post, bias_res, norm_eps, iters, form_eps
+        )
+        return pre(streams, h_pre), h_post, h_res
+
+    return mhc_read
+
+
+mhc_read = register("mhc_read", REFERENCE)(composed_read(mhc_mapping, mhc_pre))

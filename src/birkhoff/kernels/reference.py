@@ -9,6 +9,7 @@ from birkhoff.kernels.mhc_reference import (  # noqa: F401  (registered there, r
     mhc_mapping,
     mhc_post,
     mhc_pre,
+    mhc_read,
     normalised_projection,
     sinkhorn_knopp,
     sinkhorn_knopp_eps,

@@ -205,8 +205,9 @@ def auto_note(requested: str, device_type: str) -> str | None:
 def _load_backends() -> None:
     # Importing a backend module registers its ops; importing twice is a no-op. A backend
     # whose package does not import is registered (its table can be shown) but not available.
-    from birkhoff.kernels import (  # noqa: F401  (npu_ops: torch_npu lazily; cpu_mhc: built lazily)
+    from birkhoff.kernels import (  # noqa: F401  (npu_ops: torch_npu lazily; cpu_*: built lazily)
         cpu_mhc,
+        cpu_mhc_read,
         linear_cross_entropy,
         npu_ops,
         reference,

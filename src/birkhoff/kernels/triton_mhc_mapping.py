@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from birkhoff.kernels import triton_mhc
+from birkhoff.kernels.mhc_reference import composed_read
 from birkhoff.kernels.registry import register
 from birkhoff.kernels.triton_sinkhorn import sinkhorn_knopp, sinkhorn_knopp_eps
 
@@ -206,3 +208,7 @@ def mhc_mapping(
     else:
         h_res = sinkhorn_knopp_eps(logits, iters, form_eps)
     return h_pre.reshape(*batch, n), h_post.reshape(*batch, n), h_res
+
+
+# mHC's read: these mappings, then triton_mhc's stream read
+register("mhc_read", "triton")(composed_read(mhc_mapping, triton_mhc.mhc_pre))

@@ -76,18 +76,22 @@ class HyperConnection(nn.Module):
         res_init = 1.0 if cfg.mode == "hc" else cfg.res_init_logit  # H_res ~ identity
         constant(self, "bias_res", lambda: torch.eye(n) * res_init)
         self._mapping = kernels.get("mhc_mapping", kernel_backend)
+        self._read = kernels.get("mhc_read", kernel_backend)
         self._pre = kernels.get("mhc_pre", kernel_backend)
         self._post = kernels.get("mhc_post", kernel_backend)
         self.last_h_res: torch.Tensor | None = None  # (tokens sampled, n, n), detached
         self.last_deviation: torch.Tensor | None = None  # worst |row sum-1|, |col sum-1|
 
+    def _mhc_arguments(self) -> tuple:
+        """What mhc_mapping and mhc_read take after the streams."""
+        form_eps = self.cfg.eps if self.cfg.form == "v4" else None
+        biases = (self.bias_pre, self.bias_post, self.bias_res)
+        return (self.proj.weight, self.alpha, *biases, self.eps, self.cfg.sinkhorn_iters, form_eps)
+
     def mappings(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(H_pre, H_post, H_res) of the streams x (B, T, n, C)."""
         if self.cfg.mode == "mhc":  # one op: RMS, projection, scales, biases, Sinkhorn
-            biases = (self.bias_pre, self.bias_post, self.bias_res)
-            form_eps = self.cfg.eps if self.cfg.form == "v4" else None
-            return self._mapping(x, self.proj.weight, self.alpha, *biases, self.eps,
-                                 self.cfg.sinkhorn_iters, form_eps)  # fmt: skip
+            return self._mapping(x, *self._mhc_arguments())
         n = self.cfg.n_streams
         pre, post, res = stream_projection(x, self.proj, self.eps).split([n, n, n * n], dim=-1)
         a_pre, a_post, a_res = self.alpha
@@ -98,9 +102,13 @@ class HyperConnection(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, sublayer: Sublayer) -> torch.Tensor:
-        h_pre, h_post, h_res = self.mappings(x)
+        if self.cfg.mode == "mhc":  # the mappings and the read in one op (fused on cpu)
+            layer_in, h_post, h_res = self._read(x, *self._mhc_arguments())
+        else:
+            h_pre, h_post, h_res = self.mappings(x)
+            layer_in = self._pre(x, h_pre)
         self._record(h_res.detach())
-        return self._post(x, sublayer(self._pre(x, h_pre)), h_res, h_post)
+        return self._post(x, sublayer(layer_in), h_res, h_post)
 
     def _record(self, h_res: torch.Tensor) -> None:
         """Keep the latest H_res sample and the worst deviation over every training forward

@@ -1,133 +1,12 @@
-/* mHC's per-token work on a CPU, fused: the stream read (op mhc_pre), the merge (mhc_post), and the
- * mappings' tail after the projection (scales, biases, sigmoids, Sinkhorn-Knopp in both forms),
- * each forward and backward. float32, contiguous; the read and the merge are one OpenMP loop
- * over tokens (a token's n x C streams read once into cache and every product over them taken
- * there, where the reference's batched products and broadcasts each pass over all tokens'
- * streams again), Sinkhorn and the tail one over blocks of LANES tokens.
- * Semantics: kernels/mhc_reference.py. Built by kernels/cpu_build.py, bound by kernels/cpu_mhc.py.
+/* Sinkhorn-Knopp in both forms and the mappings' tail after the projection (scales, biases,
+ * sigmoids, Sinkhorn), forward and backward, on blocks of LANES tokens (cpu_blocks.h).
+ * float32, contiguous. Semantics: kernels/mhc_reference.py. Built by kernels/cpu_build.py,
+ * bound by kernels/cpu_mhc.py.
  */
-#include <math.h>
-#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-/* out[t, c] = sum_i h[t, i] x[t, i, c] */
-void stream_read_forward(const float *x, const float *h, float *out, int64_t tokens, int64_t n,
-                     int64_t width, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t t = 0; t < tokens; t++) {
-        const float *xt = x + t * n * width, *ht = h + t * n;
-        float *ot = out + t * width;
-        for (int64_t c = 0; c < width; c++) ot[c] = ht[0] * xt[c];
-        for (int64_t i = 1; i < n; i++) {
-            const float hi = ht[i], *xi = xt + i * width;
-#pragma omp simd
-            for (int64_t c = 0; c < width; c++) ot[c] += hi * xi[c];
-        }
-    }
-}
-
-/* dx[t, i, c] = h[t, i] g[t, c];  dh[t, i] = sum_c g[t, c] x[t, i, c]  (either may be NULL) */
-void stream_read_backward(const float *g, const float *x, const float *h, float *dx, float *dh,
-                      int64_t tokens, int64_t n, int64_t width, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t t = 0; t < tokens; t++) {
-        const float *gt = g + t * width, *xt = x + t * n * width, *ht = h + t * n;
-        for (int64_t i = 0; i < n; i++) {
-            if (dx) {
-                const float hi = ht[i];
-                float *di = dx + (t * n + i) * width;
-#pragma omp simd
-                for (int64_t c = 0; c < width; c++) di[c] = hi * gt[c];
-            }
-            if (dh) {
-                const float *xi = xt + i * width;
-                float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-                for (int64_t c = 0; c < width; c++) acc += gt[c] * xi[c];
-                dh[t * n + i] = acc;
-            }
-        }
-    }
-}
-
-/* out[t, i, c] = sum_j r[t, i, j] x[t, j, c] + p[t, i] y[t, c]  (r: H_res, p: H_post) */
-void stream_merge_forward(const float *x, const float *y, const float *r, const float *p, float *out,
-                      int64_t tokens, int64_t n, int64_t width, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t t = 0; t < tokens; t++) {
-        const float *xt = x + t * n * width, *yt = y + t * width, *rt = r + t * n * n;
-        for (int64_t i = 0; i < n; i++) {
-            float *oi = out + (t * n + i) * width;
-            const float pi = p[t * n + i];
-#pragma omp simd
-            for (int64_t c = 0; c < width; c++) oi[c] = pi * yt[c];
-            for (int64_t j = 0; j < n; j++) {
-                const float rij = rt[i * n + j], *xj = xt + j * width;
-#pragma omp simd
-                for (int64_t c = 0; c < width; c++) oi[c] += rij * xj[c];
-            }
-        }
-    }
-}
-
-/* dx[t, j, c] = sum_i r[t, i, j] g[t, i, c];  dy[t, c] = sum_i p[t, i] g[t, i, c];
- * dr[t, i, j] = sum_c g[t, i, c] x[t, j, c];  dp[t, i] = sum_c g[t, i, c] y[t, c]
- * (any output may be NULL) */
-void stream_merge_backward(const float *g, const float *x, const float *y, const float *r,
-                       const float *p, float *dx, float *dy, float *dr, float *dp, int64_t tokens,
-                       int64_t n, int64_t width, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t t = 0; t < tokens; t++) {
-        const float *gt = g + t * n * width, *xt = x + t * n * width, *yt = y + t * width;
-        const float *rt = r + t * n * n, *pt = p + t * n;
-        if (dx) {
-            for (int64_t j = 0; j < n; j++) {
-                float *dj = dx + (t * n + j) * width;
-                for (int64_t c = 0; c < width; c++) dj[c] = 0.0f;
-                for (int64_t i = 0; i < n; i++) {
-                    const float rij = rt[i * n + j], *gi = gt + i * width;
-#pragma omp simd
-                    for (int64_t c = 0; c < width; c++) dj[c] += rij * gi[c];
-                }
-            }
-        }
-        if (dy) {
-            float *dyt = dy + t * width;
-            for (int64_t c = 0; c < width; c++) dyt[c] = 0.0f;
-            for (int64_t i = 0; i < n; i++) {
-                const float pi = pt[i], *gi = gt + i * width;
-#pragma omp simd
-                for (int64_t c = 0; c < width; c++) dyt[c] += pi * gi[c];
-            }
-        }
-        for (int64_t i = 0; i < n; i++) {
-            const float *gi = gt + i * width;
-            if (dr) {
-                for (int64_t j = 0; j < n; j++) {
-                    const float *xj = xt + j * width;
-                    float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-                    for (int64_t c = 0; c < width; c++) acc += gi[c] * xj[c];
-                    dr[(t * n + i) * n + j] = acc;
-                }
-            }
-            if (dp) {
-                float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-                for (int64_t c = 0; c < width; c++) acc += gi[c] * yt[c];
-                dp[t * n + i] = acc;
-            }
-        }
-    }
-}
-
-/* Sinkhorn-Knopp runs on blocks of LANES tokens, each value of the n x n matrices laid out
- * across the block's tokens (value e of token l at [e * LANES + l]): every loop below then runs
- * over the lanes and vectorises, where per-token loops would stay scalar over n = 4 values. */
-#define LANES 16
-/* a loop over the lanes, vectorised whatever aliasing the compiler cannot rule out */
-#define FOR_LANES _Pragma("omp simd") for (int l = 0; l < LANES; l++)
+#include "cpu_blocks.h"
 
 /* exp and log as polynomials (Cephes' single-precision ones, within ~2 ulp of libm here) so that
  * the lane loops vectorise: libm's expf and logf are calls the compiler cannot widen, and a
@@ -322,11 +201,6 @@ static void block_backward(const float *states, const float *divisors, const flo
     }
 }
 
-/* Per-thread scratch of a block: states and divisors, the logits, the result, a gradient. */
-typedef struct {
-    float *states, *divisors, *logits, *result, *grad;
-} Scratch;
-
 static Scratch scratch_alloc(int64_t n, int iters) {
     const int64_t nn = n * n;
     Scratch s;
@@ -353,22 +227,7 @@ static void scatter(const float *block, float *dst, int64_t t0, int64_t count, i
         for (int64_t e = 0; e < nn; e++) dst[(t0 + l) * stride + offset + e] = block[e * LANES + l];
 }
 
-static inline float sigmoidf(float z) { return 1.0f / (1.0f + expf(-z)); }
-
-/* What the block kernels below take; each uses the fields it needs. */
-typedef struct {
-    const float *logits, *grad, *q, *a, *b, *d_pre, *d_post, *d_res;
-    float *out, *h_pre, *h_post, *h_res, *dz;
-    int64_t n;
-    int iters;
-    float pre_eps, form_eps;
-} BlockArgs;
-
-typedef void (*BlockWork)(Scratch *scratch, const BlockArgs *args, int64_t t0, int64_t count);
-
-/* `work` on every block of LANES tokens, in parallel, each thread with its scratch. Returns 0,
- * or -1 where a thread could not allocate its scratch (the caller raises MemoryError). */
-static int for_each_block(int64_t tokens, const BlockArgs *args, int threads, BlockWork work) {
+int for_each_block(int64_t tokens, const BlockArgs *args, int threads, BlockWork work) {
     const int64_t blocks = (tokens + LANES - 1) / LANES;
     int failed = 0;
 #pragma omp parallel num_threads(threads)
@@ -431,13 +290,7 @@ static void res_logits(float *block, const BlockArgs *x, int64_t t0, int64_t cou
         FOR_LANES block[e * LANES + l] = x->a[2 * n + e] * block[e * LANES + l] + x->b[2 * n + e];
 }
 
-/* sigmoid(z) of token t's H_pre (i < n) or H_post (n <= i < 2n) value */
-static inline float gate(const BlockArgs *x, int64_t t, int64_t i) {
-    const int64_t k = 2 * x->n + x->n * x->n;
-    return sigmoidf(x->a[i] * x->q[t * k + i] + x->b[i]);
-}
-
-static void tail_forward_block(Scratch *s, const BlockArgs *x, int64_t t0, int64_t count) {
+void tail_forward_block(Scratch *s, const BlockArgs *x, int64_t t0, int64_t count) {
     const int64_t n = x->n, nn = n * n;
     for (int64_t t = t0; t < t0 + count; t++)
         for (int64_t i = 0; i < n; i++) {
@@ -450,7 +303,7 @@ static void tail_forward_block(Scratch *s, const BlockArgs *x, int64_t t0, int64
     scatter(res, x->h_res, t0, count, nn, 0, nn);
 }
 
-static void tail_backward_block(Scratch *s, const BlockArgs *x, int64_t t0, int64_t count) {
+void tail_backward_block(Scratch *s, const BlockArgs *x, int64_t t0, int64_t count) {
     const int64_t n = x->n, nn = n * n, k = 2 * n + nn;
     for (int64_t t = t0; t < t0 + count; t++)
         for (int64_t i = 0; i < n; i++) {

@@ -1,0 +1,50 @@
+/* What the cpu backend's block kernels share (cpu_sinkhorn.c, cpu_mhc_read.c): the block
+ * layout, the per-thread scratch, the arguments and the driver over blocks. */
+#ifndef BIRKHOFF_CPU_BLOCKS_H
+#define BIRKHOFF_CPU_BLOCKS_H
+
+#include <math.h>
+#include <stdint.h>
+
+/* Sinkhorn-Knopp runs on blocks of LANES tokens, each value of the n x n matrices laid out
+ * across the block's tokens (value e of token l at [e * LANES + l]): every loop then runs
+ * over the lanes and vectorises, where per-token loops would stay scalar over n = 4 values. */
+#define LANES 16
+/* a loop over the lanes, vectorised whatever aliasing the compiler cannot rule out */
+#define FOR_LANES _Pragma("omp simd") for (int l = 0; l < LANES; l++)
+
+/* Per-thread scratch of a block: states and divisors, the logits, the result, a gradient. */
+typedef struct {
+    float *states, *divisors, *logits, *result, *grad;
+} Scratch;
+
+/* What the block kernels take; each uses the fields it needs, `extra` a kernel's own. */
+typedef struct {
+    const float *logits, *grad, *q, *a, *b, *d_pre, *d_post, *d_res;
+    float *out, *h_pre, *h_post, *h_res, *dz;
+    int64_t n;
+    int iters;
+    float pre_eps, form_eps;
+    const void *extra;
+} BlockArgs;
+
+typedef void (*BlockWork)(Scratch *scratch, const BlockArgs *args, int64_t t0, int64_t count);
+
+/* `work` on every block of LANES tokens, in parallel, each thread with its scratch. Returns 0,
+ * or -1 where a thread could not allocate its scratch (the caller raises MemoryError). */
+int for_each_block(int64_t tokens, const BlockArgs *args, int threads, BlockWork work);
+
+/* The mappings' tail on tokens t0 .. t0 + count (cpu_sinkhorn.c: mhc_tail_forward and
+ * mhc_tail_backward say what they compute). */
+void tail_forward_block(Scratch *s, const BlockArgs *x, int64_t t0, int64_t count);
+void tail_backward_block(Scratch *s, const BlockArgs *x, int64_t t0, int64_t count);
+
+static inline float sigmoidf(float z) { return 1.0f / (1.0f + expf(-z)); }
+
+/* sigmoid(z) of token t's H_pre (i < n) or H_post (n <= i < 2n) value */
+static inline float gate(const BlockArgs *x, int64_t t, int64_t i) {
+    const int64_t k = 2 * x->n + x->n * x->n;
+    return sigmoidf(x->a[i] * x->q[t * k + i] + x->b[i]);
+}
+
+#endif

@@ -1,0 +1,175 @@
+"""mHC's mappings and stream read as one op on a CPU (the `cpu` backend's `mhc_read`;
+kernels/cpu_mhc_read.c): the projection of the streams is one GEMM, and everything else a
+hyper-connection computes before its sublayer (1/rms, the scales, biases, sigmoids, Sinkhorn
+and the read H_pre x) one C pass over blocks of 16 tokens while their streams are in cache.
+The backward is a C pass, the two GEMMs of the projection's gradient, and a second C pass
+adding the norm's and the read's gradients into the GEMM's d_streams in place: the separate
+ops pass over the streams for the norm, the read, each of their gradients and autograd's sum
+of the three.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.library import custom_op
+
+from birkhoff.kernels import mhc_reference as reference
+from birkhoff.kernels.cpu_mhc import (
+    DTYPES,
+    _call,
+    _check_inputs,
+    _check_iters,
+    _check_shapes,
+    _float32_contiguous,
+    tail_parameters,
+)
+from birkhoff.kernels.registry import CPU, register
+
+
+def _check_read(streams: Tensor, weight: Tensor, a: Tensor, b: Tensor, iters: int) -> None:
+    _check_inputs(streams, weight, a, b)
+    _check_iters(iters)
+    torch._check(streams.dim() == 3, lambda: f"the read takes (M, n, C), got {streams.shape}")
+    n, width = streams.shape[1:]
+    values = 2 * n + n * n
+    _check_shapes((weight, (values, n * width)), (a, (values,)), (b, (values,)))
+
+
+def _read_outputs(streams: Tensor) -> tuple[Tensor, ...]:
+    tokens, n, width = streams.shape
+    new = streams.new_empty
+    return new(tokens, width), new(tokens, n), new(tokens, n, n), new(tokens, 2 * n + n * n)
+
+
+@custom_op("birkhoff::cpu_mhc_read", mutates_args=())
+def mhc_read_op(
+    streams: Tensor,
+    weight: Tensor,
+    a: Tensor,
+    b: Tensor,
+    norm_eps: float,
+    iters: int,
+    pre_eps: float,
+    form_eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(H_pre x (M, C), H_post (M, n), H_res (M, n, n), q (M, K), 1/rms (M,)) of streams x
+    (M, n, C) with the projection weight (K = 2n + n^2, n C) and the tail's per-value scale
+    and bias (K,): q = vec(x) W^T / rms(vec(x)), the mappings of z = a q + b as `cpu_mhc_tail`.
+    q and 1/rms are what the backward keeps (no gradient flows through them)."""
+    _check_read(streams, weight, a, b, iters)
+    tokens, n, width = streams.shape
+    projection = torch.mm(streams.view(tokens, n * width), weight.t())  # q once the pass ran
+    layer_in, h_post, h_res, _ = _read_outputs(streams)
+    h_pre, rinv = streams.new_empty(tokens, n), streams.new_empty(tokens)
+    _call(
+        "mhc_read_forward", streams, projection, a, b, rinv, layer_in, h_pre, h_post, h_res,
+        tokens, n, width, norm_eps, iters, pre_eps, form_eps,
+    )  # fmt: skip
+    return layer_in, h_post, h_res, projection, rinv
+
+
+@mhc_read_op.register_fake
+def _(streams, weight, a, b, norm_eps: float, iters: int, pre_eps: float, form_eps: float):
+    return (*_read_outputs(streams), streams.new_empty(streams.shape[0]))
+
+
+@custom_op("birkhoff::cpu_mhc_read_backward", mutates_args=())
+def mhc_read_backward(
+    streams: Tensor,
+    weight: Tensor,
+    q: Tensor,
+    rinv: Tensor,
+    a: Tensor,
+    b: Tensor,
+    d_layer_in: Tensor,
+    d_post: Tensor | None,
+    d_res: Tensor | None,
+    iters: int,
+    pre_eps: float,
+    form_eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The gradients of streams, weight, a and b from those of H_pre x, H_post and H_res
+    (None: zero)."""
+    _check_read(streams, weight, a, b, iters)
+    _check_inputs(q, rinv, d_layer_in, d_post, d_res)
+    tokens, n, width = streams.shape
+    _check_shapes(
+        (q, (tokens, 2 * n + n * n)), (rinv, (tokens,)), (d_layer_in, (tokens, width)),
+        (d_post, (tokens, n)), (d_res, (tokens, n, n)),
+    )  # fmt: skip
+    d_pre, h_pre, c = (
+        streams.new_empty(tokens, n),
+        streams.new_empty(tokens, n),
+        rinv.new_empty(tokens),
+    )
+    d_z, g = torch.empty_like(q), torch.empty_like(q)
+    _call(
+        "mhc_read_backward", streams, q, rinv, a, b, d_layer_in, d_post, d_res, d_pre, d_z, g, c,
+        h_pre, tokens, n, width, iters, pre_eps, form_eps,
+    )  # fmt: skip
+    d_streams = torch.mm(g, weight).view(tokens, n, width)
+    _call("mhc_read_backward_streams", streams, c, h_pre, d_layer_in, d_streams, tokens, n, width)
+    d_weight = torch.mm(g.t(), streams.view(tokens, n * width))
+    return d_streams, d_weight, (d_z * q).sum(0), d_z.sum(0)
+
+
+@mhc_read_backward.register_fake
+def _(streams, weight, q, rinv, a, b, d_layer_in, d_post, d_res, iters, pre_eps, form_eps):
+    return tuple(map(torch.empty_like, (streams, weight, a, b)))
+
+
+def _save(ctx, inputs: tuple, output: tuple) -> None:
+    ctx.set_materialize_grads(False)  # an unused mapping's gradient stays None (NULL in C)
+    streams, weight, a, b, _, iters, pre_eps, form_eps = inputs
+    ctx.mark_non_differentiable(output[3], output[4])
+    ctx.save_for_backward(streams, weight, output[3], output[4], a, b)
+    ctx.options = (iters, pre_eps, form_eps)
+
+
+def _grads(ctx, d_layer_in, d_post, d_res, _d_q, _d_rinv):
+    streams, weight, q, rinv, a, b = ctx.saved_tensors
+    if d_layer_in is None:  # the sublayer's input unused: only the mappings' gradients flow
+        d_layer_in = streams.new_zeros(streams.shape[0], streams.shape[2])
+    grads = [None if g is None else g.contiguous() for g in (d_layer_in, d_post, d_res)]
+    d_streams, d_weight, d_a, d_b = mhc_read_backward(
+        streams, weight, q, rinv, a, b, *grads, *ctx.options
+    )
+    return d_streams, d_weight, d_a, d_b, None, None, None, None
+
+
+mhc_read_op.register_autograd(_grads, setup_context=_save)
+
+
+@register("mhc_read", CPU, dtypes=DTYPES)
+def mhc_read(
+    streams: torch.Tensor,
+    weight: torch.Tensor,
+    alpha: torch.Tensor,
+    bias_pre: torch.Tensor,
+    bias_post: torch.Tensor,
+    bias_res: torch.Tensor,
+    norm_eps: float,
+    iters: int,
+    form_eps: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The reference's `mhc_read` (its `mhc_mapping`, then `mhc_pre`) in one op each way: the
+    sublayer's input in the dtype a matmul of the streams runs in, H_post and H_res in
+    float32."""
+    args = (streams, weight, alpha, bias_pre, bias_post, bias_res, norm_eps, iters, form_eps)
+    if torch.compiler.is_compiling():
+        return reference.mhc_read(*args)
+    dtype, (*batch, n, width) = reference._matmul_dtype(streams), streams.shape
+    with torch.autocast("cpu", enabled=False):
+        scale, bias, _, iters, pre_eps, form = tail_parameters(*args[2:6], iters, form_eps)
+        layer_in, h_post, h_res, _, _ = mhc_read_op(
+            _float32_contiguous(streams.reshape(-1, n, width)),
+            _float32_contiguous(weight),
+            scale,
+            bias,
+            norm_eps,
+            iters,
+            pre_eps,
+            form,
+        )
+    return layer_in.view(*batch, width).to(dtype), h_post.view(*batch, n), h_res.view(*batch, n, n)
