@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 SCRIPTS = sorted(p.stem for p in BENCHMARKS.glob("*.py"))
@@ -91,3 +92,26 @@ def test_benchmark_calls_bind(benchmark_path, script):
     checked, problems = unbindable_calls(script)
     assert not problems, "\n".join(problems)
     assert checked, f"{script}.py calls nothing of birkhoff's that this test can see"
+
+
+def test_the_mhc_floor_runs_no_mhc_op(benchmark_path, monkeypatch):
+    """mhc_floor's stand-ins replace every mHC op a hyper-connection calls (the floor once
+    kept running the real mappings and read after the model moved to `mhc_read`): with the
+    reference's projection, stream read and merge made to fail, a floored model still runs
+    forward and backward."""
+    import mhc_floor
+
+    from birkhoff.kernels import mhc_reference
+    from birkhoff.model import build_model
+    from conftest import small_model
+
+    net = mhc_floor.with_floor_ops(build_model(small_model(max_seq_len=16), "reference"))
+
+    def fail(*args, **kwargs):
+        raise AssertionError("an mHC op ran in the floored model")
+
+    monkeypatch.setattr(mhc_reference, "normalised_projection", fail)
+    monkeypatch.setattr(mhc_reference._StreamRead, "apply", fail)
+    monkeypatch.setattr(mhc_reference._StreamMerge, "apply", fail)
+    tokens = torch.randint(0, 50, (2, 17))
+    net(tokens[:, :-1], tokens[:, 1:]).backward()
