@@ -13,7 +13,7 @@ from test_train import read_metrics, train_in_process
 
 from birkhoff import kernels
 from birkhoff.errors import RecipeError
-from birkhoff.kernels import cpu_build, cpu_mhc, cpu_mhc_read, reference
+from birkhoff.kernels import cpu_build, cpu_mhc, cpu_mhc_read, cpu_rows, reference
 from conftest import assert_backend_trains_as_reference, compare, moe_engram_model
 
 SHAPES = [(4, 64, 37), (3, 200, 5), (1, 17, 16)]  # (streams, channels, tokens)
@@ -84,6 +84,19 @@ def test_cpu_mhc_mapping_matches_the_reference(n, c, form_eps, tokens):
 
     inputs = [streams, weight, alpha, *biases]
     compare(all_three(reference.mhc_mapping), all_three(cpu_mhc.mhc_mapping), inputs)
+
+
+@pytest.mark.parametrize(
+    ("shape", "eps"), [((37, 64), 1e-6), ((2, 5, 4, 200), 0.3), ((3, 24), 1e-6)]
+)
+def test_cpu_rms_norm_matches_the_reference(shape, eps):
+    """Rows of every length the vector loops split (64, 200: a remainder, 24), in 2 and 4
+    dimensions; the weight's gradient summed per thread; an eps of 0.3, against mean squares
+    near 1, would show if it were dropped."""
+    torch.manual_seed(len(shape) + shape[-1])
+    inputs = [torch.randn(*shape), torch.rand(shape[-1]) + 0.5]
+    ops = (reference.rms_norm, cpu_rows.rms_norm)
+    compare(*(lambda x, w, op=op: op(x, w, eps) for op in ops), inputs)
 
 
 def _read_inputs(n: int, c: int, tokens: int) -> list[torch.Tensor]:
@@ -159,11 +172,12 @@ def test_the_cpu_backend_runs_the_reference_for_float64_and_says_so():
     assert got.dtype == torch.float64
     assert torch.equal(got, reference.mhc_pre(streams, h_pre))
     own = {"mhc_mapping", "mhc_post", "mhc_pre", "mhc_read", "sinkhorn_knopp", "sinkhorn_knopp_eps"}
+    own |= {"rms_norm"}
     for dtype in (None, torch.float32, torch.bfloat16):
         table = kernels.implementations("cpu", dtype)
         assert {op for op, impl in table.items() if impl == "cpu"} == own, dtype
     assert kernels.implementations("cpu", torch.float64)["mhc_pre"] == "reference"
-    assert "cpu for 6 of" in kernels.describe("cpu", torch.bfloat16)
+    assert "cpu for 7 of" in kernels.describe("cpu", torch.bfloat16)
     assert "mhc_post (float32 or bfloat16 or float16 only)" in kernels.describe("cpu")
 
 
@@ -281,6 +295,7 @@ def test_the_cpu_kernels_are_well_formed_custom_ops():
             cpu_mhc_read.mhc_read_op,
             (torch.randn(19, 4, 8), torch.randn(24, 32), a, b, 1e-6, 20, 1e-6, 1e-6),
         ),
+        (cpu_rows.rms_norm_op, (torch.randn(19, 40), torch.rand(40), 1e-6)),
     ]
     for op, args in cases:
         grads = [t.requires_grad_() if isinstance(t, torch.Tensor) else t for t in args]
@@ -324,9 +339,12 @@ def test_the_cpu_ops_refuse_what_their_kernels_cannot_index():
             cpu_mhc_read.mhc_read_op,
             (streams, torch.randn(24, 32), *torch.rand(2, 24), 1e-6, 0, 0.0, -1.0),
         ),
+        (cpu_rows.rms_norm_op, (torch.randn(5, 8), torch.rand(7), 1e-6)),
+        (cpu_rows.rms_norm_op, (torch.randn(5, 8).t(), torch.rand(5), 1e-6)),
+        (cpu_rows.rms_norm_op, (torch.randn(5, 8, 2), torch.rand(2), 1e-6)),
     ]
     for op, args in bad:
-        with pytest.raises(RuntimeError, match=r"cpu kernel|Sinkhorn"):
+        with pytest.raises(RuntimeError, match=r"cpu kernel|cpu rms_norm|Sinkhorn"):
             op(*args)
 
 

@@ -37,7 +37,7 @@ def test_doctor_reports_this_machine(tmp_path):
     assert report["device"]["type"] == "cpu"
     # auto on a CPU: the cpu backend's C kernels, each checked against the reference
     cpu_ops = {"mhc_mapping", "mhc_post", "mhc_pre", "mhc_read", "sinkhorn_knopp"}
-    cpu_ops |= {"sinkhorn_knopp_eps"}
+    cpu_ops |= {"rms_norm", "sinkhorn_knopp_eps"}
     assert report["kernels"]["backend"] == "cpu" and set(report["kernels"]["ops"]) == cpu_ops
     for r in report["kernels"]["ops"].values():
         assert r["implementation"] == "cpu" and r["ok"] and r["backward_error"] < 1e-6
@@ -96,7 +96,7 @@ def test_an_op_is_held_to_the_reference_s_own_error_in_its_precision(monkeypatch
             )
         return real_get(op, backend)
 
-    monkeypatch.setattr(doctor_kernels, "_tokens", lambda device: 4096)
+    monkeypatch.setattr(doctor_kernels, "_tokens", lambda device, backend: 4096)
     monkeypatch.setattr(doctor_kernels.kernels, "get", scaled_reference)
     result = doctor_kernels._check("engram_gather_gate", "triton", torch.device("cpu"))
     own = result["reference_own_precision_error"]

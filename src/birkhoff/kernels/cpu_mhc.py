@@ -42,6 +42,8 @@ _SIGNATURES = {
     "mhc_read_forward": (9, (_INT64, _INT64, _INT64, _FLOAT, _INT, _FLOAT, _FLOAT, _INT), _INT),
     "mhc_read_backward": (13, (_INT64, _INT64, _INT64, _INT, _FLOAT, _FLOAT, _INT), _INT),
     "mhc_read_backward_streams": (5, (_INT64, _INT64, _INT64, _INT), None),
+    "rms_norm_forward": (4, (_INT64, _INT64, _FLOAT, _INT), None),
+    "rms_norm_backward": (6, (_INT64, _INT64, _INT), _INT),
 }
 LOG_SPACE = -1.0  # form_eps for the paper's log-space Sinkhorn
 

@@ -208,6 +208,7 @@ def _load_backends() -> None:
     from birkhoff.kernels import (  # noqa: F401  (npu_ops: torch_npu lazily; cpu_*: built lazily)
         cpu_mhc,
         cpu_mhc_read,
+        cpu_rows,
         linear_cross_entropy,
         npu_ops,
         reference,

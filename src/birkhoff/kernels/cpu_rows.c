@@ -1,0 +1,74 @@
+/* RMSNorm (op rms_norm) forward and backward, one pass over each row each way: the reference's
+ * autograd Function (kernels/row_functions.py: _RMSNorm) still makes a pass over the rows for
+ * the norm, the scaling, the weight, and about five more backward. float32, contiguous rows.
+ * Built by kernels/cpu_build.py, bound by kernels/cpu_rows.py.
+ */
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* out[r] = x[r] inv[r] w with inv[r] = (mean(x[r]^2) + eps)^(-1/2), for rows of `width` */
+void rms_norm_forward(const float *x, const float *w, float *out, float *inv, int64_t rows,
+                      int64_t width, float eps, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * width;
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t c = 0; c < width; c++) sum += xr[c] * xr[c];
+        const float s = 1.0f / sqrtf(sum / (float)width + eps);
+        inv[r] = s;
+        float *o = out + r * width;
+#pragma omp simd
+        for (int64_t c = 0; c < width; c++) o[c] = xr[c] * s * w[c];
+    }
+}
+
+/* With u = g w: dx[r] = inv u - x inv^3 <u, x> / width;  dw = sum over rows of g x inv (each
+ * thread's rows summed apart, then the threads in order: deterministic for a thread count).
+ * dx or dw may be NULL. Returns 0, or -1 where a thread's sum could not be allocated. */
+int rms_norm_backward(const float *g, const float *x, const float *w, const float *inv,
+                      float *dx, float *dw, int64_t rows, int64_t width, int threads) {
+    float **partials = calloc((size_t)threads, sizeof(float *));
+    if (!partials) return -1;
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        float *sum = dw ? calloc((size_t)width, sizeof(float)) : NULL;
+        partials[omp_get_thread_num()] = sum;
+        if (dw && !sum) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            const float *gr = g + r * width, *xr = x + r * width, s = inv[r];
+            if (dx) {
+                float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+                for (int64_t c = 0; c < width; c++) dot += gr[c] * w[c] * xr[c];
+                const float k = dot * s * s * s / (float)width;
+                float *d = dx + r * width;
+#pragma omp simd
+                for (int64_t c = 0; c < width; c++) d[c] = s * gr[c] * w[c] - k * xr[c];
+            }
+            if (sum) {
+#pragma omp simd
+                for (int64_t c = 0; c < width; c++) sum[c] += gr[c] * xr[c] * s;
+            }
+        }
+    }
+    if (dw) {
+        memset(dw, 0, (size_t)width * sizeof(float));
+        for (int i = 0; i < threads; i++) {
+            if (!partials[i]) continue;
+#pragma omp simd
+            for (int64_t c = 0; c < width; c++) dw[c] += partials[i][c];
+            free(partials[i]);
+        }
+    }
+    free(partials);
+    return failed ? -1 : 0;
+}
