@@ -78,6 +78,7 @@ def use(net: torch.nn.Module, form: str) -> None:
     for module in net.modules():
         if isinstance(module, HyperConnection):
             module._pre, module._post = pre, post
+            module._read = mhc_reference.composed_read(mhc_reference.mhc_mapping, pre)
         elif isinstance(module, StreamReadout):
             module._pre = pre
 

@@ -115,3 +115,29 @@ def test_the_mhc_floor_runs_no_mhc_op(benchmark_path, monkeypatch):
     monkeypatch.setattr(mhc_reference._StreamMerge, "apply", fail)
     tokens = torch.randint(0, 50, (2, 17))
     net(tokens[:, :-1], tokens[:, 1:]).backward()
+
+
+def test_mhc_stream_ops_swaps_the_read_every_join_calls(benchmark_path, monkeypatch):
+    """mhc_stream_ops times the former stream read in every join: hyper-connections call
+    `mhc_read`, so `use` must rebuild it around the read it swaps in."""
+    import mhc_stream_ops
+
+    from birkhoff.kernels import mhc_reference
+    from birkhoff.model import build_model
+    from conftest import small_model
+
+    calls = []
+
+    def counted_pre(streams, h_pre):
+        calls.append(streams.shape)
+        return mhc_reference.mhc_pre(streams, h_pre)
+
+    monkeypatch.setitem(
+        mhc_stream_ops.FORMS, "former", {**mhc_stream_ops.CURRENT, "pre": counted_pre}
+    )
+    net = build_model(small_model(max_seq_len=16), "reference")
+    mhc_stream_ops.use(net, "former")
+    tokens = torch.randint(0, 50, (2, 17))
+    net(tokens[:, :-1], tokens[:, 1:])
+    joins = sum(isinstance(m, mhc_stream_ops.HyperConnection) for m in net.modules())
+    assert len(calls) == joins + 1  # every join's read and the readout's

@@ -1,4 +1,4 @@
-"""The `cpu` backend (kernels/cpu_*.c through kernels/cpu_mhc.py and cpu_mhc_read.py): every
+"""The `cpu` backend (kernels/cpu_*.c through cpu_mhc.py, cpu_mhc_read.py, cpu_rows.py): every
 op against the reference run in float64, forward and every input gradient, at token counts
 that fill a block of 16 lanes and part of the next; Sinkhorn at logits far from doubly
 stochastic and against its own definition; a model built with it against the same model with
@@ -146,6 +146,84 @@ def test_cpu_mhc_read_takes_outputs_with_no_gradient(used):
         torch.testing.assert_close(g.double(), e, rtol=0, atol=1e-5 * scale)
 
 
+@pytest.mark.parametrize("frozen", [0, 1])
+def test_cpu_mhc_read_skips_the_gradient_of_a_frozen_input(frozen, monkeypatch):
+    """A frozen projection weight (or streams that need no gradient) costs no GEMM for it, and
+    the other inputs' gradients still match the reference's."""
+    torch.manual_seed(8)
+    inputs = _read_inputs(4, 16, 9)
+    products = []
+    real_mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *a, **k: products.append(1) or real_mm(*a, **k))
+    results = []
+    for op in (reference.mhc_read, cpu_mhc_read.mhc_read):
+        leaves = [t.clone().requires_grad_(i != frozen) for i, t in enumerate(inputs)]
+        out = op(*leaves, 1e-6, 20, 1e-6)
+        products.clear()
+        loss = sum((o.float() * torch.linspace(-1, 1, o.numel()).view(o.shape)).sum() for o in out)
+        results.append(torch.autograd.grad(loss, [t for t in leaves if t.requires_grad]))
+    assert len(products) == 1  # the cpu backward's one GEMM: the unfrozen input's
+    for got, expected in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_cpu_mhc_read_runs_forward_and_backward_under_autocast():
+    """Under bf16 autocast (the pipeline's step runs its backward inside it) the op's own
+    GEMMs stay float32: the C passes write float32 into their outputs. The read comes back in
+    autocast's dtype, the mappings and every gradient match the float64 reference."""
+    torch.manual_seed(4)
+    inputs = _read_inputs(4, 32, 19)
+    exact = [t.double().requires_grad_() for t in inputs]
+    given = [t.clone().requires_grad_() for t in inputs]
+    expected = reference.mhc_read(*exact, 1e-6, 20, 1e-6)
+    grads = [torch.randn(e.shape, dtype=torch.float64) for e in expected]
+    expected_grads = torch.autograd.grad(expected, exact, grads)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = cpu_mhc_read.mhc_read(*given, 1e-6, 20, 1e-6)
+        got_grads = torch.autograd.grad(
+            got, given, [g.to(o.dtype) for g, o in zip(grads, got, strict=True)]
+        )
+    assert [o.dtype for o in got] == [torch.bfloat16, torch.float32, torch.float32]
+    torch.testing.assert_close(got[0].double(), expected[0], rtol=2**-7, atol=1e-2)
+    for o, e in zip(got[1:], expected[1:], strict=True):
+        torch.testing.assert_close(o.double(), e, rtol=1e-5, atol=1e-5)
+    for g, e in zip(got_grads, expected_grads, strict=True):  # the read's gradient arrived in bf16
+        torch.testing.assert_close(g.double(), e, rtol=1e-2, atol=1e-2 * e.abs().max().item())
+
+
+@pytest.mark.parametrize("needed", ["x", "weight"])
+def test_cpu_rms_norm_computes_only_the_gradient_asked_for(needed):
+    """A frozen weight (or input): the other gradient alone, against the reference's."""
+    torch.manual_seed(6)
+    x, weight = torch.randn(33, 48), torch.rand(48) + 0.5
+    results = []
+    for op in (reference.rms_norm, cpu_rows.rms_norm):
+        leaves = [
+            x.clone().requires_grad_(needed == "x"),
+            weight.clone().requires_grad_(needed == "weight"),
+        ]
+        out = op(*leaves, 1e-6)
+        results.append(torch.autograd.grad(out, [t for t in leaves if t.requires_grad], out.cos()))
+    torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_rms_norm_sums_the_weight_gradient_over_many_rows_accurately():
+    """65,536 rows: the weight's gradient is a sum over them, kept in double per thread (a
+    float32 running sum missed float64 by 9e-6 relative here; the reference's blocked sum
+    by 1.4e-7)."""
+    torch.manual_seed(7)
+    x, weight = torch.randn(65536, 64), torch.rand(64) + 0.5
+    grad = torch.randn(65536, 64)
+    w64 = weight.double().requires_grad_()
+    (expected,) = torch.autograd.grad(
+        reference.rms_norm(x.double(), w64, 1e-6), [w64], grad.double()
+    )
+    w32 = weight.clone().requires_grad_()
+    (got,) = torch.autograd.grad(cpu_rows.rms_norm(x, w32, 1e-6), [w32], grad)
+    error = ((got.double() - expected).abs().max() / expected.abs().max()).item()
+    assert error < 1e-6, error
+
+
 def test_cpu_mhc_keeps_the_dtypes_under_autocast():
     """A bf16 sublayer output merges into float32 streams; the stream read returns autocast's
     dtype as the reference's matmul does (the cpu kernel accumulates in float32)."""
@@ -267,7 +345,9 @@ def test_a_run_on_the_cpu_kernels_follows_the_reference_run(tmp_path):
             run, ["train.steps=3", "train.eval_every=0", f"backend.kernels={backend}"]
         )
         losses[backend] = [r["loss"] for r in read_metrics(run)[0]]
-    assert summaries["cpu"]["kernels"]["mhc_post"] == "cpu"
+    assert all(
+        summaries["cpu"]["kernels"][op] == "cpu" for op in ("mhc_post", "mhc_read", "rms_norm")
+    )
     assert summaries["reference"]["kernels"]["mhc_post"] == "reference"
     assert len(losses["cpu"]) == 3
     torch.testing.assert_close(losses["cpu"], losses["reference"], rtol=1e-5, atol=0)

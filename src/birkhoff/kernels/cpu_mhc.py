@@ -28,8 +28,8 @@ from birkhoff.kernels.cpu_build import library
 from birkhoff.kernels.registry import CPU, register
 
 _INT64, _INT, _FLOAT, _PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
-# The C functions: pointers, then sizes and options; the Sinkhorn kernels return a status
-# (-1: a thread's scratch could not be allocated)
+# The C functions: pointers, then sizes and options; those returning int return a status
+# (-1: a thread's scratch or sum could not be allocated)
 _SIGNATURES = {
     "stream_read_forward": (3, (_INT64, _INT64, _INT64, _INT), None),
     "stream_read_backward": (5, (_INT64, _INT64, _INT64, _INT), None),

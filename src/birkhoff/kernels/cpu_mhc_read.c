@@ -6,6 +6,7 @@
  * d_x = g W and d_W = g^T vec(x): the reference passes over the streams once for the norm, once
  * for the read and once for each of their gradients, and sums the three.
  * float32, contiguous. Semantics: kernels/mhc_reference.py (mhc_mapping, then mhc_pre).
+ * Built by kernels/cpu_build.py, bound by kernels/cpu_mhc_read.py.
  */
 #include "cpu_blocks.h"
 

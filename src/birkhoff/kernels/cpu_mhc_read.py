@@ -59,8 +59,9 @@ def mhc_read_op(
     q and 1/rms are what the backward keeps (no gradient flows through them)."""
     _check_read(streams, weight, a, b, iters)
     tokens, n, width = streams.shape
-    projection = torch.mm(streams.view(tokens, n * width), weight.t())  # q once the pass ran
-    layer_in, h_post, h_res, _ = _read_outputs(streams)
+    layer_in, h_post, h_res, projection = _read_outputs(streams)  # projection: q after the pass
+    with torch.autocast("cpu", enabled=False):  # float32 whatever the caller's autocast
+        torch.mm(streams.view(tokens, n * width), weight.t(), out=projection)
     h_pre, rinv = streams.new_empty(tokens, n), streams.new_empty(tokens)
     _call(
         "mhc_read_forward", streams, projection, a, b, rinv, layer_in, h_pre, h_post, h_res,
@@ -88,9 +89,12 @@ def mhc_read_backward(
     iters: int,
     pre_eps: float,
     form_eps: float,
+    need_streams: bool = True,
+    need_weight: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The gradients of streams, weight, a and b from those of H_pre x, H_post and H_res
-    (None: zero)."""
+    (None: zero); the streams' or the weight's empty where not needed (a frozen projection
+    costs no GEMM)."""
     _check_read(streams, weight, a, b, iters)
     _check_inputs(q, rinv, d_layer_in, d_post, d_res)
     tokens, n, width = streams.shape
@@ -108,15 +112,27 @@ def mhc_read_backward(
         "mhc_read_backward", streams, q, rinv, a, b, d_layer_in, d_post, d_res, d_pre, d_z, g, c,
         h_pre, tokens, n, width, iters, pre_eps, form_eps,
     )  # fmt: skip
-    d_streams = torch.mm(g, weight).view(tokens, n, width)
-    _call("mhc_read_backward_streams", streams, c, h_pre, d_layer_in, d_streams, tokens, n, width)
-    d_weight = torch.mm(g.t(), streams.view(tokens, n * width))
+    d_streams, d_weight = streams.new_empty(0), weight.new_empty(0)
+    with torch.autocast("cpu", enabled=False):  # the C pass adds float32 into d_streams
+        if need_streams:
+            d_streams = torch.empty_like(streams)
+            torch.mm(g, weight, out=d_streams.view(tokens, n * width))
+            _call(
+                "mhc_read_backward_streams", streams, c, h_pre, d_layer_in, d_streams, tokens,
+                n, width,
+            )  # fmt: skip
+        if need_weight:
+            d_weight = torch.empty_like(weight)
+            torch.mm(g.t(), streams.view(tokens, n * width), out=d_weight)
     return d_streams, d_weight, (d_z * q).sum(0), d_z.sum(0)
 
 
 @mhc_read_backward.register_fake
-def _(streams, weight, q, rinv, a, b, d_layer_in, d_post, d_res, iters, pre_eps, form_eps):
-    return tuple(map(torch.empty_like, (streams, weight, a, b)))
+def _(streams, weight, q, rinv, a, b, d_layer_in, d_post, d_res, iters, pre_eps, form_eps,
+      need_streams=True, need_weight=True):  # fmt: skip
+    d_streams = torch.empty_like(streams) if need_streams else streams.new_empty(0)
+    d_weight = torch.empty_like(weight) if need_weight else weight.new_empty(0)
+    return d_streams, d_weight, torch.empty_like(a), torch.empty_like(b)
 
 
 def _save(ctx, inputs: tuple, output: tuple) -> None:
@@ -132,9 +148,11 @@ def _grads(ctx, d_layer_in, d_post, d_res, _d_q, _d_rinv):
     if d_layer_in is None:  # the sublayer's input unused: only the mappings' gradients flow
         d_layer_in = streams.new_zeros(streams.shape[0], streams.shape[2])
     grads = [None if g is None else g.contiguous() for g in (d_layer_in, d_post, d_res)]
+    need_streams, need_weight = ctx.needs_input_grad[:2]
     d_streams, d_weight, d_a, d_b = mhc_read_backward(
-        streams, weight, q, rinv, a, b, *grads, *ctx.options
+        streams, weight, q, rinv, a, b, *grads, *ctx.options, need_streams, need_weight
     )
+    d_streams, d_weight = (d_streams if need_streams else None), (d_weight if need_weight else None)
     return d_streams, d_weight, d_a, d_b, None, None, None, None
 
 
