@@ -16,85 +16,22 @@ removed by hand), a compiled `small` step took as long (mHC's overhead +25.6% ag
 
 from __future__ import annotations
 
-import ctypes
-import functools
-
 import torch
 from torch import Tensor
 from torch.library import custom_op
 
 from birkhoff.kernels import mhc_reference as reference
-from birkhoff.kernels.cpu_build import library
+from birkhoff.kernels.cpu_library import (
+    DTYPES,
+    call,
+    check_inputs,
+    check_iters,
+    check_shapes,
+    float32_contiguous,
+)
 from birkhoff.kernels.registry import CPU, register
 
-_INT64, _INT, _FLOAT, _PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
-# The C functions: pointers, then sizes and options; those returning int return a status
-# (-1: a thread's scratch or sum could not be allocated)
-_SIGNATURES = {
-    "stream_read_forward": (3, (_INT64, _INT64, _INT64, _INT), None),
-    "stream_read_backward": (5, (_INT64, _INT64, _INT64, _INT), None),
-    "stream_merge_forward": (5, (_INT64, _INT64, _INT64, _INT), None),
-    "stream_merge_backward": (9, (_INT64, _INT64, _INT64, _INT), None),
-    "sinkhorn_forward": (2, (_INT64, _INT64, _INT, _FLOAT, _INT), _INT),
-    "sinkhorn_backward": (3, (_INT64, _INT64, _INT, _FLOAT, _INT), _INT),
-    "mhc_tail_forward": (6, (_INT64, _INT64, _INT, _FLOAT, _FLOAT, _INT), _INT),
-    "mhc_tail_backward": (7, (_INT64, _INT64, _INT, _FLOAT, _INT), _INT),
-    "mhc_read_forward": (9, (_INT64, _INT64, _INT64, _FLOAT, _INT, _FLOAT, _FLOAT, _INT), _INT),
-    "mhc_read_backward": (13, (_INT64, _INT64, _INT64, _INT, _FLOAT, _FLOAT, _INT), _INT),
-    "mhc_read_backward_streams": (5, (_INT64, _INT64, _INT64, _INT), None),
-    "rms_norm_forward": (4, (_INT64, _INT64, _FLOAT, _INT), None),
-    "rms_norm_backward": (6, (_INT64, _INT64, _INT), _INT),
-}
 LOG_SPACE = -1.0  # form_eps for the paper's log-space Sinkhorn
-
-
-@functools.cache
-def _kernels() -> ctypes.CDLL:
-    lib = library()
-    for name, (pointers, rest, returns) in _SIGNATURES.items():
-        getattr(lib, name).argtypes = [_PTR] * pointers + list(rest)
-        getattr(lib, name).restype = returns
-    return lib
-
-
-def _call(name: str, *args) -> None:
-    """`name` with tensors as pointers (None: NULL) and the thread count last."""
-    pointers = [a.data_ptr() if isinstance(a, Tensor) else a for a in args]
-    if getattr(_kernels(), name)(*pointers, torch.get_num_threads()) == -1:
-        raise MemoryError(f"the cpu kernel {name} could not allocate its scratch")
-
-
-def _float32_contiguous(tensor: Tensor) -> Tensor:
-    return tensor.to(torch.float32).contiguous()
-
-
-def _check_inputs(*tensors: Tensor | None) -> None:
-    """What the C kernels assume of every tensor they are handed (the ops are public:
-    torch.ops.birkhoff.cpu_*): float32, contiguous, in CPU memory."""
-    for tensor in tensors:
-        if tensor is not None:
-            torch._check(
-                tensor.dtype == torch.float32 and tensor.is_contiguous()
-                and tensor.device.type == "cpu",
-                lambda t=tensor: f"the cpu kernels take contiguous float32 CPU tensors, got "
-                f"{t.dtype} on {t.device}, contiguous={t.is_contiguous()}",
-            )  # fmt: skip
-
-
-def _check_shapes(*pairs: tuple[Tensor | None, tuple[int, ...]]) -> None:
-    """Each tensor (None: absent) of the shape the kernel indexes it by."""
-    for tensor, shape in pairs:
-        if tensor is not None:
-            torch._check(
-                tuple(tensor.shape) == tuple(shape),
-                lambda t=tensor, shape=shape: (
-                    f"the cpu kernel expected shape {tuple(shape)}, got {tuple(t.shape)}"
-                ),
-            )
-
-
-def _check_iters(iters: int) -> None:
-    torch._check(iters >= 1, lambda: f"Sinkhorn needs at least 1 iteration, got {iters}")
 
 
 # Each C kernel is a torch custom op: autograd is registered on the forward op, its backward
@@ -102,10 +39,10 @@ def _check_iters(iters: int) -> None:
 @custom_op("birkhoff::cpu_stream_read", mutates_args=())
 def stream_read(streams: Tensor, h_pre: Tensor) -> Tensor:
     """sum_i h[i] x_i per token: x (M, n, C), h (M, n) -> (M, C)."""
-    _check_inputs(streams, h_pre)
-    _check_shapes((h_pre, streams.shape[:2]))
+    check_inputs(streams, h_pre)
+    check_shapes((h_pre, streams.shape[:2]))
     out = streams.new_empty(streams.shape[0], streams.shape[2])
-    _call("stream_read_forward", streams, h_pre, out, *streams.shape)
+    call("stream_read_forward", streams, h_pre, out, *streams.shape)
     return out
 
 
@@ -116,10 +53,10 @@ def _(streams: Tensor, h_pre: Tensor) -> Tensor:
 
 @custom_op("birkhoff::cpu_stream_read_backward", mutates_args=())
 def stream_read_backward(grad: Tensor, streams: Tensor, h_pre: Tensor) -> tuple[Tensor, Tensor]:
-    _check_inputs(grad, streams, h_pre)
-    _check_shapes((h_pre, streams.shape[:2]), (grad, (streams.shape[0], streams.shape[2])))
+    check_inputs(grad, streams, h_pre)
+    check_shapes((h_pre, streams.shape[:2]), (grad, (streams.shape[0], streams.shape[2])))
     d_streams, d_h = torch.empty_like(streams), torch.empty_like(h_pre)
-    _call("stream_read_backward", grad, streams, h_pre, d_streams, d_h, *streams.shape)
+    call("stream_read_backward", grad, streams, h_pre, d_streams, d_h, *streams.shape)
     return d_streams, d_h
 
 
@@ -129,9 +66,9 @@ def _(grad: Tensor, streams: Tensor, h_pre: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _check_merge(streams: Tensor, layer_out: Tensor, h_res: Tensor, h_post: Tensor) -> None:
-    _check_inputs(streams, layer_out, h_res, h_post)
+    check_inputs(streams, layer_out, h_res, h_post)
     tokens, n, width = streams.shape
-    _check_shapes((layer_out, (tokens, width)), (h_res, (tokens, n, n)), (h_post, (tokens, n)))
+    check_shapes((layer_out, (tokens, width)), (h_res, (tokens, n, n)), (h_post, (tokens, n)))
 
 
 @custom_op("birkhoff::cpu_stream_merge", mutates_args=())
@@ -139,7 +76,7 @@ def stream_merge(streams: Tensor, layer_out: Tensor, h_res: Tensor, h_post: Tens
     """H_res x + h_post^T y per token: x (M, n, C), y (M, C), H_res (M, n, n), h_post (M, n)."""
     _check_merge(streams, layer_out, h_res, h_post)
     out = torch.empty_like(streams)
-    _call("stream_merge_forward", streams, layer_out, h_res, h_post, out, *streams.shape)
+    call("stream_merge_forward", streams, layer_out, h_res, h_post, out, *streams.shape)
     return out
 
 
@@ -153,10 +90,10 @@ def stream_merge_backward(
     grad: Tensor, streams: Tensor, layer_out: Tensor, h_res: Tensor, h_post: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     _check_merge(streams, layer_out, h_res, h_post)
-    _check_inputs(grad)
-    _check_shapes((grad, streams.shape))
+    check_inputs(grad)
+    check_shapes((grad, streams.shape))
     grads = tuple(map(torch.empty_like, (streams, layer_out, h_res, h_post)))
-    _call("stream_merge_backward", grad, streams, layer_out, h_res, h_post, *grads, *streams.shape)
+    call("stream_merge_backward", grad, streams, layer_out, h_res, h_post, *grads, *streams.shape)
     return grads
 
 
@@ -166,10 +103,10 @@ def _(grad, streams, layer_out, h_res, h_post) -> tuple[Tensor, Tensor, Tensor, 
 
 
 def _check_sinkhorn(logits: Tensor, iters: int) -> None:
-    _check_inputs(logits)
-    _check_iters(iters)
+    check_inputs(logits)
+    check_iters(iters)
     torch._check(logits.dim() == 3, lambda: f"Sinkhorn takes (M, n, n), got {logits.shape}")
-    _check_shapes((logits, (logits.shape[0], logits.shape[1], logits.shape[1])))
+    check_shapes((logits, (logits.shape[0], logits.shape[1], logits.shape[1])))
 
 
 @custom_op("birkhoff::cpu_sinkhorn", mutates_args=())
@@ -177,7 +114,7 @@ def sinkhorn(logits: Tensor, iters: int, form_eps: float) -> Tensor:
     """Sinkhorn-Knopp of (M, n, n) logits (form_eps < 0: the log-space form)."""
     _check_sinkhorn(logits, iters)
     out = torch.empty_like(logits)
-    _call("sinkhorn_forward", logits, out, *logits.shape[:2], iters, form_eps)
+    call("sinkhorn_forward", logits, out, *logits.shape[:2], iters, form_eps)
     return out
 
 
@@ -190,10 +127,10 @@ def _(logits: Tensor, iters: int, form_eps: float) -> Tensor:
 def sinkhorn_backward(logits: Tensor, grad: Tensor, iters: int, form_eps: float) -> Tensor:
     """d logits, the iterations recomputed per block of tokens from the logits."""
     _check_sinkhorn(logits, iters)
-    _check_inputs(grad)
-    _check_shapes((grad, logits.shape))
+    check_inputs(grad)
+    check_shapes((grad, logits.shape))
     d_logits = torch.empty_like(logits)
-    _call("sinkhorn_backward", logits, grad, d_logits, *logits.shape[:2], iters, form_eps)
+    call("sinkhorn_backward", logits, grad, d_logits, *logits.shape[:2], iters, form_eps)
     return d_logits
 
 
@@ -210,7 +147,7 @@ def mhc_tail(
     (K,) and bias b (K,): z = a q + b; sigmoid(z) + pre_eps, 2 sigmoid(z), Sinkhorn(z)."""
     _check_tail(q, a, b, n, iters)
     h_pre, h_post, h_res = _tail_outputs(q, n)
-    _call(
+    call(
         "mhc_tail_forward", q, a, b, h_pre, h_post, h_res, q.shape[0], n, iters, pre_eps,
         form_eps,
     )  # fmt: skip
@@ -218,10 +155,10 @@ def mhc_tail(
 
 
 def _check_tail(q: Tensor, a: Tensor, b: Tensor, n: int, iters: int) -> None:
-    _check_inputs(q, a, b)
-    _check_iters(iters)
+    check_inputs(q, a, b)
+    check_iters(iters)
     values = 2 * n + n * n
-    _check_shapes((q, (q.shape[0], values)), (a, (values,)), (b, (values,)))
+    check_shapes((q, (q.shape[0], values)), (a, (values,)), (b, (values,)))
 
 
 def _tail_outputs(q: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -248,11 +185,11 @@ def mhc_tail_backward(
 ) -> Tensor:
     """The gradient at z = a q + b (M, K) from those of H_pre, H_post, H_res (None: zero)."""
     _check_tail(q, a, b, n, iters)
-    _check_inputs(d_pre, d_post, d_res)
+    check_inputs(d_pre, d_post, d_res)
     tokens = q.shape[0]
-    _check_shapes((d_pre, (tokens, n)), (d_post, (tokens, n)), (d_res, (tokens, n, n)))
+    check_shapes((d_pre, (tokens, n)), (d_post, (tokens, n)), (d_res, (tokens, n, n)))
     d_z = torch.empty_like(q)
-    _call("mhc_tail_backward", q, a, b, d_pre, d_post, d_res, d_z, q.shape[0], n, iters, form_eps)
+    call("mhc_tail_backward", q, a, b, d_pre, d_post, d_res, d_z, q.shape[0], n, iters, form_eps)
     return d_z
 
 
@@ -294,12 +231,6 @@ sinkhorn.register_autograd(_sinkhorn_grads, setup_context=_save_inputs)
 mhc_tail.register_autograd(_tail_grads, setup_context=_save_inputs)
 
 
-# The kernels compute in float32 and return each op's dtype: float32 streams (autocast keeps the
-# residual in float32) and bf16/fp16 ones (FSDP's param_dtype) alike; float64 runs the
-# reference, which keeps its precision.
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
 @register("mhc_pre", CPU, dtypes=DTYPES)
 def mhc_pre(streams: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
     """The reference's `mhc_pre`, accumulated in float32 and returned in the dtype a matmul of
@@ -308,8 +239,8 @@ def mhc_pre(streams: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
         return reference.mhc_pre(streams, h_pre)
     dtype, (*batch, n, width) = reference._matmul_dtype(streams), streams.shape
     with torch.autocast("cpu", enabled=False):
-        rows = _float32_contiguous(streams.reshape(-1, n, width))
-        out = stream_read(rows, _float32_contiguous(h_pre.reshape(-1, n)))
+        rows = float32_contiguous(streams.reshape(-1, n, width))
+        out = stream_read(rows, float32_contiguous(h_pre.reshape(-1, n)))
     return out.view(*batch, width).to(dtype)
 
 
@@ -323,10 +254,10 @@ def mhc_post(
     *batch, n, width = streams.shape
     with torch.autocast("cpu", enabled=False):
         merged = stream_merge(
-            _float32_contiguous(streams.reshape(-1, n, width)),
-            _float32_contiguous(layer_out.reshape(-1, width)),
-            _float32_contiguous(h_res.reshape(-1, n, n)),
-            _float32_contiguous(h_post.reshape(-1, n)),
+            float32_contiguous(streams.reshape(-1, n, width)),
+            float32_contiguous(layer_out.reshape(-1, width)),
+            float32_contiguous(h_res.reshape(-1, n, n)),
+            float32_contiguous(h_post.reshape(-1, n)),
         )
     return merged.view(*batch, n, width).to(streams.dtype)
 
@@ -334,7 +265,7 @@ def mhc_post(
 def _sinkhorn(logits: torch.Tensor, iters: int, form_eps: float) -> torch.Tensor:
     n = logits.shape[-1]
     with torch.autocast("cpu", enabled=False):
-        out = sinkhorn(_float32_contiguous(logits.reshape(-1, n, n)), iters, form_eps)
+        out = sinkhorn(float32_contiguous(logits.reshape(-1, n, n)), iters, form_eps)
     return out.view(logits.shape).to(logits.dtype)
 
 

@@ -15,25 +15,25 @@ from torch import Tensor
 from torch.library import custom_op
 
 from birkhoff.kernels import mhc_reference as reference
-from birkhoff.kernels.cpu_mhc import (
+from birkhoff.kernels.cpu_library import (
     DTYPES,
-    _call,
-    _check_inputs,
-    _check_iters,
-    _check_shapes,
-    _float32_contiguous,
-    tail_parameters,
+    call,
+    check_inputs,
+    check_iters,
+    check_shapes,
+    float32_contiguous,
 )
+from birkhoff.kernels.cpu_mhc import tail_parameters
 from birkhoff.kernels.registry import CPU, register
 
 
 def _check_read(streams: Tensor, weight: Tensor, a: Tensor, b: Tensor, iters: int) -> None:
-    _check_inputs(streams, weight, a, b)
-    _check_iters(iters)
+    check_inputs(streams, weight, a, b)
+    check_iters(iters)
     torch._check(streams.dim() == 3, lambda: f"the read takes (M, n, C), got {streams.shape}")
     n, width = streams.shape[1:]
     values = 2 * n + n * n
-    _check_shapes((weight, (values, n * width)), (a, (values,)), (b, (values,)))
+    check_shapes((weight, (values, n * width)), (a, (values,)), (b, (values,)))
 
 
 def _read_outputs(streams: Tensor) -> tuple[Tensor, ...]:
@@ -63,7 +63,7 @@ def mhc_read_op(
     with torch.autocast("cpu", enabled=False):  # float32 whatever the caller's autocast
         torch.mm(streams.view(tokens, n * width), weight.t(), out=projection)
     h_pre, rinv = streams.new_empty(tokens, n), streams.new_empty(tokens)
-    _call(
+    call(
         "mhc_read_forward", streams, projection, a, b, rinv, layer_in, h_pre, h_post, h_res,
         tokens, n, width, norm_eps, iters, pre_eps, form_eps,
     )  # fmt: skip
@@ -96,9 +96,9 @@ def mhc_read_backward(
     (None: zero); the streams' or the weight's empty where not needed (a frozen projection
     costs no GEMM)."""
     _check_read(streams, weight, a, b, iters)
-    _check_inputs(q, rinv, d_layer_in, d_post, d_res)
+    check_inputs(q, rinv, d_layer_in, d_post, d_res)
     tokens, n, width = streams.shape
-    _check_shapes(
+    check_shapes(
         (q, (tokens, 2 * n + n * n)), (rinv, (tokens,)), (d_layer_in, (tokens, width)),
         (d_post, (tokens, n)), (d_res, (tokens, n, n)),
     )  # fmt: skip
@@ -108,7 +108,7 @@ def mhc_read_backward(
         rinv.new_empty(tokens),
     )
     d_z, g = torch.empty_like(q), torch.empty_like(q)
-    _call(
+    call(
         "mhc_read_backward", streams, q, rinv, a, b, d_layer_in, d_post, d_res, d_pre, d_z, g, c,
         h_pre, tokens, n, width, iters, pre_eps, form_eps,
     )  # fmt: skip
@@ -117,7 +117,7 @@ def mhc_read_backward(
         if need_streams:
             d_streams = torch.empty_like(streams)
             torch.mm(g, weight, out=d_streams.view(tokens, n * width))
-            _call(
+            call(
                 "mhc_read_backward_streams", streams, c, h_pre, d_layer_in, d_streams, tokens,
                 n, width,
             )  # fmt: skip
@@ -181,8 +181,8 @@ def mhc_read(
     with torch.autocast("cpu", enabled=False):
         scale, bias, _, iters, pre_eps, form = tail_parameters(*args[2:6], iters, form_eps)
         layer_in, h_post, h_res, _, _ = mhc_read_op(
-            _float32_contiguous(streams.reshape(-1, n, width)),
-            _float32_contiguous(weight),
+            float32_contiguous(streams.reshape(-1, n, width)),
+            float32_contiguous(weight),
             scale,
             bias,
             norm_eps,

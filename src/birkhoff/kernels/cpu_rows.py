@@ -11,20 +11,20 @@ from torch import Tensor
 from torch.library import custom_op
 
 from birkhoff.kernels import reference
-from birkhoff.kernels.cpu_mhc import (
+from birkhoff.kernels.cpu_library import (
     DTYPES,
-    _call,
-    _check_inputs,
-    _check_shapes,
-    _float32_contiguous,
+    call,
+    check_inputs,
+    check_shapes,
+    float32_contiguous,
 )
 from birkhoff.kernels.registry import CPU, register
 
 
 def _check_rows(x: Tensor, weight: Tensor) -> None:
-    _check_inputs(x, weight)
+    check_inputs(x, weight)
     torch._check(x.dim() == 2, lambda: f"the cpu rms_norm takes rows (M, C), got {x.shape}")
-    _check_shapes((weight, x.shape[1:]))
+    check_shapes((weight, x.shape[1:]))
 
 
 @custom_op("birkhoff::cpu_rms_norm", mutates_args=())
@@ -33,7 +33,7 @@ def rms_norm_op(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     r is what the backward keeps (no gradient flows through it)."""
     _check_rows(x, weight)
     out, inv = torch.empty_like(x), x.new_empty(x.shape[0])
-    _call("rms_norm_forward", x, weight, out, inv, *x.shape, eps)
+    call("rms_norm_forward", x, weight, out, inv, *x.shape, eps)
     return out, inv
 
 
@@ -48,11 +48,11 @@ def rms_norm_backward(
 ) -> tuple[Tensor, Tensor]:
     """The gradients of x and the weight (each empty where not needed)."""
     _check_rows(x, weight)
-    _check_inputs(grad, inv)
-    _check_shapes((grad, x.shape), (inv, x.shape[:1]))
+    check_inputs(grad, inv)
+    check_shapes((grad, x.shape), (inv, x.shape[:1]))
     d_x = torch.empty_like(x) if need_x else x.new_empty(0)
     d_weight = torch.empty_like(weight) if need_weight else weight.new_empty(0)
-    _call(
+    call(
         "rms_norm_backward", grad, x, weight, inv, d_x if need_x else None,
         d_weight if need_weight else None, *x.shape,
     )  # fmt: skip
@@ -89,6 +89,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return reference.rms_norm(x, weight, eps)
     with torch.autocast("cpu", enabled=False):
-        rows = _float32_contiguous(x.reshape(-1, x.shape[-1]))
-        out, _ = rms_norm_op(rows, _float32_contiguous(weight), eps)
+        rows = float32_contiguous(x.reshape(-1, x.shape[-1]))
+        out, _ = rms_norm_op(rows, float32_contiguous(weight), eps)
     return out.view(x.shape).to(x.dtype)
