@@ -139,6 +139,12 @@ def compare(op_ref, op_new, inputs: list[torch.Tensor]) -> None:
         )
 
 
+def concatenated(op, *options):
+    """`op` with `options` after its tensor inputs, its outputs flattened into one tensor (for
+    `compare` on ops with several outputs)."""
+    return lambda *inputs: torch.cat([out.flatten() for out in op(*inputs, *options)])
+
+
 def moe_engram_model() -> ModelConfig:
     """A 2-layer mHC model with MoE (4 experts, top-2) and an Engram layer, for the backends'
     model tests."""

@@ -14,7 +14,12 @@ from test_train import read_metrics, train_in_process
 from birkhoff import kernels
 from birkhoff.errors import RecipeError
 from birkhoff.kernels import cpu_build, cpu_mhc, cpu_mhc_read, cpu_rows, reference
-from conftest import assert_backend_trains_as_reference, compare, moe_engram_model
+from conftest import (
+    assert_backend_trains_as_reference,
+    compare,
+    concatenated,
+    moe_engram_model,
+)
 
 SHAPES = [(4, 64, 37), (3, 200, 5), (1, 17, 16)]  # (streams, channels, tokens)
 
@@ -76,14 +81,10 @@ def test_cpu_mhc_mapping_matches_the_reference(n, c, form_eps, tokens):
     )
     alpha, biases = torch.rand(3) + 0.5, [torch.randn(n), torch.randn(n), torch.randn(n, n)]
 
-    def all_three(op):
-        def run(x, w, a, pre, post, res):
-            return torch.cat([h.flatten() for h in op(x, w, a, pre, post, res, 1e-6, 20, form_eps)])
-
-        return run
-
-    inputs = [streams, weight, alpha, *biases]
-    compare(all_three(reference.mhc_mapping), all_three(cpu_mhc.mhc_mapping), inputs)
+    ops = (reference.mhc_mapping, cpu_mhc.mhc_mapping)
+    compare(
+        *(concatenated(op, 1e-6, 20, form_eps) for op in ops), [streams, weight, alpha, *biases]
+    )
 
 
 @pytest.mark.parametrize(
@@ -116,20 +117,14 @@ def test_cpu_mhc_read_matches_the_reference(n, c, form_eps, norm_eps, tokens):
     norm eps of 0.3, against mean squares near 1, would show if it were dropped."""
     torch.manual_seed(n * c + 2)
 
-    def all_three(op):
-        def run(*inputs):
-            return torch.cat([h.flatten() for h in op(*inputs, norm_eps, 20, form_eps)])
-
-        return run
-
-    inputs = _read_inputs(n, c, tokens)
-    compare(all_three(reference.mhc_read), all_three(cpu_mhc_read.mhc_read), inputs)
+    ops = (reference.mhc_read, cpu_mhc_read.mhc_read)
+    compare(*(concatenated(op, norm_eps, 20, form_eps) for op in ops), _read_inputs(n, c, tokens))
 
 
 @pytest.mark.parametrize("used", [0, 1, 2])
 def test_cpu_mhc_read_takes_outputs_with_no_gradient(used):
-    """Only one of the three outputs feeds the loss: the others' gradients are None in the
-    backward (NULL in C, or zeros for the read), and every input's gradient still matches the
+    """Only one of the three outputs feeds the loss (the others' gradients reach the backward
+    as None: NULL in C, or zeros for the read): every input's gradient still matches the
     reference's (zero for a bias the output does not depend on)."""
     torch.manual_seed(used)
     inputs = _read_inputs(4, 24, 19)

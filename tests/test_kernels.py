@@ -19,7 +19,12 @@ from birkhoff.kernels import (
     triton_moe,
     triton_sinkhorn,
 )
-from conftest import assert_backend_trains_as_reference, compare, moe_engram_model
+from conftest import (
+    assert_backend_trains_as_reference,
+    compare,
+    concatenated,
+    moe_engram_model,
+)
 
 SHAPES = [(4, 64), (3, 200), (1, 17)]  # (streams, channels): n not a power of 2, C > block
 
@@ -67,15 +72,10 @@ def test_triton_mhc_mapping_matches_the_reference(n, c, form_eps):
     streams, weight = torch.randn(2, 5, n, c), torch.randn(values, n * c) / (n * c) ** 0.5
     alpha, biases = torch.rand(3) + 0.5, [torch.randn(n), torch.randn(n), torch.randn(n, n)]
 
-    def all_three(op):
-        def run(x, w, a, pre, post, res):
-            mappings = op(x, w, a, pre, post, res, 1e-6, 20, form_eps)
-            return torch.cat([h.flatten() for h in mappings])
-
-        return run
-
-    inputs = [streams, weight, alpha, *biases]
-    compare(all_three(reference.mhc_mapping), all_three(triton_mhc_mapping.mhc_mapping), inputs)
+    ops = (reference.mhc_mapping, triton_mhc_mapping.mhc_mapping)
+    compare(
+        *(concatenated(op, 1e-6, 20, form_eps) for op in ops), [streams, weight, alpha, *biases]
+    )
 
 
 def test_triton_mhc_read_is_its_mapping_then_its_read():
@@ -86,11 +86,8 @@ def test_triton_mhc_read_is_its_mapping_then_its_read():
     streams, weight = torch.randn(1, 5, n, c), torch.randn(24, n * c) / (n * c) ** 0.5
     inputs = [streams, weight, torch.rand(3) + 0.5, torch.randn(n), torch.randn(n), torch.eye(n)]
 
-    def all_three(op):
-        return lambda *x: torch.cat([h.flatten() for h in op(*x, 1e-6, 20, 1e-6)])
-
-    read = kernels.get("mhc_read", "triton")
-    compare(all_three(reference.mhc_read), all_three(read), inputs)
+    ops = (reference.mhc_read, kernels.get("mhc_read", "triton"))
+    compare(*(concatenated(op, 1e-6, 20, 1e-6) for op in ops), inputs)
 
 
 @pytest.mark.parametrize(("tokens", "top_k", "c"), [(13, 3, 200), (6, 2, 16), (4, 1, 5)])

@@ -1,5 +1,6 @@
-/* What the cpu backend's block kernels share (cpu_sinkhorn.c, cpu_mhc_read.c): the block
- * layout, the per-thread scratch, the arguments and the driver over blocks. */
+/* What the cpu backend's C files share: the block layout, the per-thread scratch, the
+ * arguments and the driver over blocks (cpu_sinkhorn.c, cpu_mhc_read.c), and two row
+ * helpers (the stream read, 1/rms; cpu_streams.c, cpu_rows.c, cpu_mhc_read.c). */
 #ifndef BIRKHOFF_CPU_BLOCKS_H
 #define BIRKHOFF_CPU_BLOCKS_H
 
@@ -38,6 +39,26 @@ int for_each_block(int64_t tokens, const BlockArgs *args, int threads, BlockWork
  * mhc_tail_backward say what they compute). */
 void tail_forward_block(Scratch *s, const BlockArgs *x, int64_t t0, int64_t count);
 void tail_backward_block(Scratch *s, const BlockArgs *x, int64_t t0, int64_t count);
+
+/* out = sum_i h[i] x_i over one token's n streams of `width` values */
+static inline void read_streams(const float *x, const float *h, float *out, int64_t n,
+                                int64_t width) {
+#pragma omp simd
+    for (int64_t c = 0; c < width; c++) out[c] = h[0] * x[c];
+    for (int64_t i = 1; i < n; i++) {
+        const float hi = h[i], *xi = x + i * width;
+#pragma omp simd
+        for (int64_t c = 0; c < width; c++) out[c] += hi * xi[c];
+    }
+}
+
+/* (mean(x^2) + eps)^(-1/2) over `len` values */
+static inline float inverse_rms(const float *x, int64_t len, float eps) {
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t c = 0; c < len; c++) sum += x[c] * x[c];
+    return 1.0f / sqrtf(sum / (float)len + eps);
+}
 
 static inline float sigmoidf(float z) { return 1.0f / (1.0f + expf(-z)); }
 

@@ -22,26 +22,13 @@ static void read_forward_block(Scratch *s, const BlockArgs *a, int64_t t0, int64
     const ReadArgs *r = a->extra;
     const int64_t n = a->n, k = 2 * n + n * n, width = r->width, d = n * width;
     for (int64_t t = t0; t < t0 + count; t++) {
-        const float *xt = r->x + t * d;
-        float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t c = 0; c < d; c++) sum += xt[c] * xt[c];
-        const float rinv = 1.0f / sqrtf(sum / (float)d + r->norm_eps);
+        const float rinv = inverse_rms(r->x + t * d, d, r->norm_eps);
         r->rinv_out[t] = rinv;
         for (int64_t j = 0; j < k; j++) a->out[t * k + j] *= rinv; /* P becomes q (a->q) */
     }
     tail_forward_block(s, a, t0, count);
-    for (int64_t t = t0; t < t0 + count; t++) {
-        const float *xt = r->x + t * d, *h = a->h_pre + t * n;
-        float *yt = r->y + t * width;
-#pragma omp simd
-        for (int64_t c = 0; c < width; c++) yt[c] = h[0] * xt[c];
-        for (int64_t i = 1; i < n; i++) {
-            const float hi = h[i], *xi = xt + i * width;
-#pragma omp simd
-            for (int64_t c = 0; c < width; c++) yt[c] += hi * xi[c];
-        }
-    }
+    for (int64_t t = t0; t < t0 + count; t++)
+        read_streams(r->x + t * d, a->h_pre + t * n, r->y + t * width, n, width);
 }
 
 /* y, H_post, H_res and (for the backward) q and 1/rms; `projection` holds P on entry and q on

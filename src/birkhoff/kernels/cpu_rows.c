@@ -3,21 +3,17 @@
  * the norm, the scaling, the weight, and about five more backward. float32, contiguous rows.
  * Built by kernels/cpu_build.py, bound by kernels/cpu_rows.py.
  */
-#include <math.h>
 #include <omp.h>
-#include <stdint.h>
 #include <stdlib.h>
+
+#include "cpu_blocks.h"
 
 /* out[r] = x[r] inv[r] w with inv[r] = (mean(x[r]^2) + eps)^(-1/2), for rows of `width` */
 void rms_norm_forward(const float *x, const float *w, float *out, float *inv, int64_t rows,
                       int64_t width, float eps, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
-        const float *xr = x + r * width;
-        float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t c = 0; c < width; c++) sum += xr[c] * xr[c];
-        const float s = 1.0f / sqrtf(sum / (float)width + eps);
+        const float *xr = x + r * width, s = inverse_rms(xr, width, eps);
         inv[r] = s;
         float *o = out + r * width;
 #pragma omp simd

@@ -4,21 +4,14 @@
  * pass over all tokens' streams again. float32, contiguous. Semantics:
  * kernels/mhc_reference.py. Built by kernels/cpu_build.py, bound by kernels/cpu_mhc.py.
  */
-#include <stdint.h>
+#include "cpu_blocks.h"
 
 /* out[t, c] = sum_i h[t, i] x[t, i, c] */
 void stream_read_forward(const float *x, const float *h, float *out, int64_t tokens, int64_t n,
                      int64_t width, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t t = 0; t < tokens; t++) {
-        const float *xt = x + t * n * width, *ht = h + t * n;
-        float *ot = out + t * width;
-        for (int64_t c = 0; c < width; c++) ot[c] = ht[0] * xt[c];
-        for (int64_t i = 1; i < n; i++) {
-            const float hi = ht[i], *xi = xt + i * width;
-#pragma omp simd
-            for (int64_t c = 0; c < width; c++) ot[c] += hi * xi[c];
-        }
+        read_streams(x + t * n * width, h + t * n, out + t * width, n, width);
     }
 }
 
