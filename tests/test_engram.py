@@ -9,7 +9,8 @@ import torch
 
 from birkhoff.data.compression import compression_table
 from birkhoff.errors import RecipeError
-from birkhoff.kernels.reference import engram_hash
+from birkhoff.kernels.causal_conv import causal_conv
+from birkhoff.kernels.reference import engram_gather_gate, engram_hash
 from birkhoff.model import build_model
 from birkhoff.model.config import EngramConfig
 from birkhoff.model.engram import Engram, hash_layout, sparse_table_gradients
@@ -218,7 +219,7 @@ def test_causal_conv_equals_a_depthwise_conv1d_with_left_padding(
         return out.view(2, 4, 16, length).permute(0, 3, 1, 2)
 
     inputs = (x, engram.conv_weight)
-    got, expected = engram._causal_conv(x), conv1d(*inputs)
+    got, expected = causal_conv(x, engram.conv_weight, dilation), conv1d(*inputs)
     torch.testing.assert_close(got, expected)
     got_grads = torch.autograd.grad(got, inputs, grad)
     for got_grad, want in zip(got_grads, torch.autograd.grad(expected, inputs, grad), strict=True):
@@ -238,7 +239,7 @@ def test_forward_with_a_trained_conv_applies_norm_conv_and_silu():
         engram.conv_weight.normal_()
         engram.conv_norm_weight.uniform_(0.5, 1.5)
     tokens, streams = torch.randint(0, 64, (2, 9)), torch.randn(2, 9, 4, 16)
-    gated = engram._gather_gate(
+    gated = engram_gather_gate(
         engram.table.weight,
         engram.hash_tokens(tokens),
         engram.key.weight,
@@ -247,7 +248,8 @@ def test_forward_with_a_trained_conv_applies_norm_conv_and_silu():
         1e-6,
     )
     normed = torch.nn.functional.rms_norm(gated, (16,), engram.conv_norm_weight, 1e-6)
-    expected = streams + gated + torch.nn.functional.silu(engram._causal_conv(normed))
+    conv = causal_conv(normed, engram.conv_weight, engram.dilation)
+    expected = streams + gated + torch.nn.functional.silu(conv)
     torch.testing.assert_close(engram(streams, tokens), expected)
 
 

@@ -264,7 +264,7 @@ def test_npu_moe_permutation_runs_for_bfloat16_and_falls_back_otherwise(stand_in
     fallen += "linear_cross_entropy,"
     assert fallen + " mhc_mapping, mhc_post, mhc_pre, mhc_read," in line
     assert "moe_permute (bfloat16 only), moe_unpermute (bfloat16 only)" in line
-    assert "npu for 7 of 18 ops (attention, grouped_gemm, moe_permute (bfloat16 only)," in (
+    assert "npu for 8 of 19 ops (attention, engram_merge, grouped_gemm, moe_permute (bfloat16" in (
         kernels.describe("npu", torch.bfloat16)
     )
 
@@ -278,7 +278,10 @@ def test_doctor_checks_every_npu_op_against_the_reference(stand_in):
     for op, result in report["ops"].items():
         assert result["ok"], (op, result["problem"])
         bound = 1e-2 if kernels.dtypes_of(op, "npu") else 1e-5  # bf16-only ops: checked in bf16
-        assert result["forward_error"] < bound and result["backward_error"] < bound, op
+        assert result["forward_error"] < bound, op
+        if op == "engram_merge":  # the reference's gate in float32: its own error (sqrt|s|)
+            bound = 1.01 * result["reference_own_precision_error"]
+        assert result["backward_error"] < bound, op
     assert report["ops"]["moe_permute"]["note"].startswith("runs for torch.bfloat16 inputs only")
 
 

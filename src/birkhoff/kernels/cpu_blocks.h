@@ -1,11 +1,13 @@
 /* What the cpu backend's C files share: the block layout, the per-thread scratch, the
- * arguments and the driver over blocks (cpu_sinkhorn.c, cpu_mhc_read.c), and two row
- * helpers (the stream read, 1/rms; cpu_streams.c, cpu_rows.c, cpu_mhc_read.c). */
+ * arguments and the driver over blocks (cpu_sinkhorn.c, cpu_mhc_read.c), two row helpers (the
+ * stream read, 1/rms; cpu_streams.c, cpu_rows.c, cpu_mhc_read.c, cpu_engram.c) and exp and
+ * sigmoid written to vectorise (cpu_sinkhorn.c, cpu_engram.c). */
 #ifndef BIRKHOFF_CPU_BLOCKS_H
 #define BIRKHOFF_CPU_BLOCKS_H
 
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 /* Sinkhorn-Knopp runs on blocks of LANES tokens, each value of the n x n matrices laid out
  * across the block's tokens (value e of token l at [e * LANES + l]): every loop then runs
@@ -58,6 +60,50 @@ static inline float inverse_rms(const float *x, int64_t len, float eps) {
 #pragma omp simd reduction(+ : sum)
     for (int64_t c = 0; c < len; c++) sum += x[c] * x[c];
     return 1.0f / sqrtf(sum / (float)len + eps);
+}
+
+/* exp as a polynomial (Cephes' single-precision one, within ~2 ulp of libm here) so that lane
+ * loops vectorise: libm's expf is a call the compiler cannot widen, and a select on a float
+ * (x < c ? ...) stops gcc's vectoriser too, so the edge cases go through the bits.
+ * exp_nonpositive takes x <= 0 (a value minus its line's maximum, a log-probability, -|z|) and
+ * gives 0 below the float range and for -inf; a NaN stays NaN. */
+static inline float with_nan_of(float x, float value) {
+    int32_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    bits |= -(int32_t)(x != x) & 0x7fc00000; /* all ones where x is NaN: a quiet NaN */
+    memcpy(&value, &bits, sizeof value);
+    return value;
+}
+
+static inline float exp_nonpositive(float x) {
+    const float keep = (float)(x >= -87.3f); /* 0 below the float range, -inf and NaN */
+    /* x clamped at -87.3 through its bits: for x <= 0 a larger magnitude is a larger unsigned
+     * pattern, -inf (0xff800000) the largest; an unsigned min vectorises */
+    uint32_t pattern;
+    memcpy(&pattern, &x, sizeof pattern);
+    pattern = pattern < 0xc2ae999aU ? pattern : 0xc2ae999aU; /* -87.3f */
+    float clamped;
+    memcpy(&clamped, &pattern, sizeof clamped);
+    const float k = (float)(int32_t)(clamped * 1.44269504088896341f - 0.5f); /* rounded */
+    const float r = clamped - k * 0.693359375f + k * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t bits = ((int32_t)k + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return with_nan_of(x, keep * (p * scale));
+}
+
+/* sigmoid(z) for lane loops: e = exp(-|z|), then 1 / (1 + e) for z >= 0 and e / (1 + e) below,
+ * chosen by arithmetic (no select) */
+static inline float sigmoid_lane(float z) {
+    const float e = exp_nonpositive(-fabsf(z)), positive = (float)(z >= 0.0f);
+    return (positive + (1.0f - positive) * e) / (1.0f + e);
 }
 
 static inline float sigmoidf(float z) { return 1.0f / (1.0f + expf(-z)); }

@@ -35,6 +35,8 @@ _SIGNATURES = {
     "mhc_read_backward_streams": (5, (_INT64, _INT64, _INT64, _INT), None),
     "rms_norm_forward": (4, (_INT64, _INT64, _FLOAT, _INT), None),
     "rms_norm_backward": (6, (_INT64, _INT64, _INT), _INT),
+    "engram_merge_forward": (7, (_INT64,) * 6 + (_FLOAT, _INT), None),
+    "engram_merge_backward": (13, (_INT64,) * 6 + (_INT,), _INT),
 }
 
 

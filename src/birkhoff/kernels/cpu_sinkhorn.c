@@ -8,44 +8,9 @@
 
 #include "cpu_blocks.h"
 
-/* exp and log as polynomials (Cephes' single-precision ones, within ~2 ulp of libm here) so that
- * the lane loops vectorise: libm's expf and logf are calls the compiler cannot widen, and a
- * select on a float (x < c ? ...) stops gcc's vectoriser too, so the edge cases go through the
- * bits. exp_nonpositive takes x <= 0 (every use: a value minus its line's maximum, a
- * log-probability) and gives 0 below the float range and for -inf; log_lane takes the normal
- * positive sums of exps. A NaN stays NaN through both. */
-static inline float with_nan_of(float x, float value) {
-    int32_t bits;
-    memcpy(&bits, &value, sizeof bits);
-    bits |= -(int32_t)(x != x) & 0x7fc00000; /* all ones where x is NaN: a quiet NaN */
-    memcpy(&value, &bits, sizeof value);
-    return value;
-}
-
-static inline float exp_nonpositive(float x) {
-    const float keep = (float)(x >= -87.3f); /* 0 below the float range, -inf and NaN */
-    /* x clamped at -87.3 through its bits: for x <= 0 a larger magnitude is a larger unsigned
-     * pattern, -inf (0xff800000) the largest; an unsigned min vectorises */
-    uint32_t pattern;
-    memcpy(&pattern, &x, sizeof pattern);
-    pattern = pattern < 0xc2ae999aU ? pattern : 0xc2ae999aU; /* -87.3f */
-    float clamped;
-    memcpy(&clamped, &pattern, sizeof clamped);
-    const float k = (float)(int32_t)(clamped * 1.44269504088896341f - 0.5f); /* rounded */
-    const float r = clamped - k * 0.693359375f + k * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    const int32_t bits = ((int32_t)k + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return with_nan_of(x, keep * (p * scale));
-}
-
+/* log as a polynomial (Cephes' single-precision one, within ~2 ulp of libm here), for the
+ * lane loops to vectorise as exp_nonpositive (cpu_blocks.h) does; it takes the normal positive
+ * sums of exps, and a NaN stays NaN. */
 static inline float log_lane(float x) {
     int32_t bits;
     memcpy(&bits, &x, sizeof bits);

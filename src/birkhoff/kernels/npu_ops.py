@@ -16,7 +16,12 @@ import math
 
 import torch
 
-from birkhoff.kernels.reference import swiglu_clamp, tokens_per_expert
+from birkhoff.kernels.reference import (
+    composed_merge,
+    engram_gather_gate,
+    swiglu_clamp,
+    tokens_per_expert,
+)
 from birkhoff.kernels.registry import register
 
 NPU = "npu"
@@ -31,6 +36,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """npu_rms_norm: (y, 1 / rms); gamma in the input's dtype, as the op requires."""
     y, _ = _torch_npu().npu_rms_norm(x, weight.to(x.dtype), epsilon=eps)
     return y
+
+
+# Engram's merge with npu_rms_norm for its RMSNorm (the gate and the convolution: the reference's)
+register("engram_merge", NPU)(composed_merge(engram_gather_gate, rms_norm))
 
 
 def _rotary_mul(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from birkhoff.kernels.causal_conv import causal_conv
 from birkhoff.kernels.mhc_reference import (  # noqa: F401  (registered there, re-exported)
     mhc_mapping,
     mhc_post,
@@ -189,3 +190,33 @@ def engram_gate(
     compute = torch.promote_types(streams.dtype, torch.float32)
     similarity = normalised_similarity(streams.to(compute), keys.to(compute), eps)
     return torch.sigmoid(_signed_sqrt(similarity))
+
+
+def composed_merge(gather_gate, norm):
+    """The `engram_merge` op of a backend with its own `engram_gather_gate` and `rms_norm`: the
+    one, the other, the convolution and the sum (a backend that fuses them, `cpu`, registers
+    its own)."""
+
+    def engram_merge(
+        table: torch.Tensor,
+        indices: torch.Tensor,
+        key_weight: torch.Tensor,
+        value_weight: torch.Tensor,
+        streams: torch.Tensor,
+        norm_weight: torch.Tensor,
+        conv_weight: torch.Tensor,
+        dilation: int,
+        eps: float,
+    ) -> torch.Tensor:
+        """An Engram layer's output streams (B, T, n, C): with g = engram_gather_gate(table,
+        indices, key_weight, value_weight, streams, eps), streams + g + SiLU(Conv(RMSNorm(g)))
+        where RMSNorm has weight norm_weight (C,) and Conv is causal and depthwise over time,
+        conv_weight (lags, C), lag i reading i * dilation tokens back."""
+        gated = gather_gate(table, indices, key_weight, value_weight, streams, eps)
+        normed = norm(gated, norm_weight, eps)
+        return streams + gated + F.silu(causal_conv(normed, conv_weight, dilation))
+
+    return engram_merge
+
+
+engram_merge = register("engram_merge", REFERENCE)(composed_merge(engram_gather_gate, rms_norm))

@@ -133,6 +133,12 @@ def _engram_gather_gate(tokens: int) -> list:
     ]
 
 
+def _engram_merge(tokens: int) -> list:
+    *gate, eps = _engram_gather_gate(tokens)
+    hidden, lags = gate[3].shape[0], 4  # tiny's convolution: 4 lags, 3 tokens apart
+    return [*gate, torch.rand(hidden) + 0.5, torch.randn(lags, hidden) / 2, 3, eps]
+
+
 def _linear_cross_entropy(tokens: int) -> list:
     hidden, vocab = 512, 4096  # tiny's vocabulary; the loss's gradient is 1/tokens per token
     targets = torch.randint(0, vocab, (tokens,))
@@ -158,6 +164,7 @@ EXAMPLES: dict[str, Callable[[int], list]] = {
     "moe_permute": _moe_permute,
     "moe_unpermute": _moe_unpermute,
     "engram_gather_gate": _engram_gather_gate,
+    "engram_merge": _engram_merge,
     "linear_cross_entropy": _linear_cross_entropy,
 }
 # Floating inputs that are no op's to differentiate (by position): the model's buffers.

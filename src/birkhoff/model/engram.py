@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from birkhoff import kernels
-from birkhoff.kernels.causal_conv import causal_conv
 from birkhoff.kernels.reference import engram_gate
 from birkhoff.model.config import EngramConfig
 from birkhoff.model.init import constant
@@ -87,8 +86,7 @@ class Engram(nn.Module):
         # tensor over the rows this step looked up (see sparse_table_gradients).
         self.sparse_table_gradient = False
         self._hash = kernels.get("engram_hash", kernel_backend)
-        self._gather_gate = kernels.get("engram_gather_gate", kernel_backend)
-        self._rms_norm = kernels.get("rms_norm", kernel_backend)
+        self._merge = kernels.get("engram_merge", kernel_backend)
         # Statistics of training forwards (train/engram_stats.py), not state: the gate sum and
         # count since they were last taken, and which table rows were looked up so far. Tensors
         # only, so that a compiled block (train.compile) updates them without recompiling.
@@ -112,16 +110,17 @@ class Engram(nn.Module):
         table, rows = self._table_rows(global_rows)
         if self.training:
             self._record_stats(global_rows, table, rows, x)
-        gated = self._gather_gate(
+        out = self._merge(
             table,
             rows,
             self.key.weight,
             self.value.weight,
             x,
+            self.conv_norm_weight,
+            self.conv_weight,
+            self.dilation,
             self.eps,
         )
-        normed = self._rms_norm(gated, self.conv_norm_weight, self.eps)
-        out = x + gated + F.silu(self._causal_conv(normed))
         return out.squeeze(-2) if single else out
 
     def prepare_stats(self, device: torch.device) -> None:
@@ -168,11 +167,6 @@ class Engram(nn.Module):
             memory = memory.to(rows.device, non_blocking=True)
         order = torch.arange(rows.numel(), device=rows.device).view_as(rows)
         return memory.flatten(0, -2), order
-
-    def _causal_conv(self, x: torch.Tensor) -> torch.Tensor:
-        """y_t = sum_i w_i * x_{t - i * dilation} along the time axis (dim 1) of (B, T, n, C).
-        Shifted multiply-adds: on CPU much cheaper than Conv1d after a (B*n, C, T) permute."""
-        return causal_conv(x, self.conv_weight, self.dilation)
 
 
 def sparse_table_gradients(model: nn.Module) -> list[nn.Parameter]:

@@ -1,0 +1,166 @@
+"""Engram's gate and merge on a CPU (the `cpu` backend's `engram_merge`; kernels/cpu_engram.c):
+the rows are gathered and projected to the keys and the value by torch (an embedding lookup and
+two GEMMs, differentiated by autograd), and everything after them, the gate, the gated value,
+its RMSNorm, the causal convolution, the SiLU and the sum with the streams, is one C pass over
+the tokens forward and two backward. The reference's composition passes over stream-sized
+tensors a dozen times each way (the gated value, its norm, each lag of the convolution, the
+SiLU, two sums, and each of their gradients); the gated and normalised values are a scalar
+times the value per token and stream, so the C passes never form them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.library import custom_op
+
+from birkhoff.kernels import reference
+from birkhoff.kernels.cpu_library import (
+    DTYPES,
+    call,
+    check_inputs,
+    check_shapes,
+    float32_contiguous,
+)
+from birkhoff.kernels.registry import CPU, register
+
+STATS = 5  # per token and stream: alpha, 1/rms of the gated value, of h, of k, <h', k'>
+
+
+def _check_merge(
+    streams: Tensor, keys: Tensor, value: Tensor, norm_weight: Tensor, conv_weight: Tensor,
+    dilation: int,
+) -> None:  # fmt: skip
+    check_inputs(streams, keys, value, norm_weight, conv_weight)
+    torch._check(
+        streams.dim() == 4, lambda: f"the merge takes streams (B, T, n, C), got {streams.shape}"
+    )
+    seqs, length, _, width = streams.shape
+    torch._check(
+        conv_weight.dim() == 2 and conv_weight.shape[0] >= 1 and dilation >= 1,
+        lambda: (
+            f"the convolution takes (lags >= 1, C) and dilation >= 1, got "
+            f"{tuple(conv_weight.shape)} and {dilation}"
+        ),
+    )
+    check_shapes(
+        (keys, streams.shape),
+        (value, (seqs, length, width)),
+        (norm_weight, (width,)),
+        (conv_weight, (conv_weight.shape[0], width)),
+    )
+
+
+def _sizes(streams: Tensor, conv_weight: Tensor, dilation: int) -> tuple[int, ...]:
+    return (*streams.shape, conv_weight.shape[0], dilation)
+
+
+@custom_op("birkhoff::cpu_engram_merge", mutates_args=())
+def engram_merge_op(
+    streams: Tensor,
+    keys: Tensor,
+    value: Tensor,
+    norm_weight: Tensor,
+    conv_weight: Tensor,
+    dilation: int,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """(out, stats) for streams and keys (B, T, n, C), value (B, T, C), the norm's weight (C,)
+    and the convolution's (lags, C): out = streams + g + SiLU(Conv(RMSNorm(g))) with g the
+    value gated per stream (the reference's engram_merge after its projections); stats (B, T,
+    n, 5) is what the backward keeps (no gradient flows through it)."""
+    _check_merge(streams, keys, value, norm_weight, conv_weight, dilation)
+    out, stats = torch.empty_like(streams), streams.new_empty(*streams.shape[:-1], STATS)
+    call(
+        "engram_merge_forward", streams, keys, value, norm_weight, conv_weight, out, stats,
+        *_sizes(streams, conv_weight, dilation), eps,
+    )  # fmt: skip
+    return out, stats
+
+
+@engram_merge_op.register_fake
+def _(streams, keys, value, norm_weight, conv_weight, dilation: int, eps: float):
+    return torch.empty_like(streams), streams.new_empty(*streams.shape[:-1], STATS)
+
+
+@custom_op("birkhoff::cpu_engram_merge_backward", mutates_args=())
+def engram_merge_backward(
+    grad: Tensor,
+    streams: Tensor,
+    keys: Tensor,
+    value: Tensor,
+    norm_weight: Tensor,
+    conv_weight: Tensor,
+    stats: Tensor,
+    dilation: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The gradients of streams, keys, value, the norm's weight and the convolution's. All
+    five come from the same two passes, so all are computed."""
+    _check_merge(streams, keys, value, norm_weight, conv_weight, dilation)
+    check_inputs(grad, stats)
+    check_shapes((grad, streams.shape), (stats, (*streams.shape[:-1], STATS)))
+    grads = tuple(map(torch.empty_like, (streams, keys, value, norm_weight, conv_weight)))
+    scratch = torch.empty_like(streams)  # dz: dout SiLU'(z), read back at earlier tokens
+    call(
+        "engram_merge_backward", grad, streams, keys, value, norm_weight, conv_weight, stats,
+        scratch, *grads, *_sizes(streams, conv_weight, dilation),
+    )  # fmt: skip
+    return grads
+
+
+@engram_merge_backward.register_fake
+def _(grad, streams, keys, value, norm_weight, conv_weight, stats, dilation: int):
+    return tuple(map(torch.empty_like, (streams, keys, value, norm_weight, conv_weight)))
+
+
+def _save(ctx, inputs: tuple, output: tuple) -> None:
+    *tensors, dilation, _ = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(*tensors, output[1])
+    ctx.dilation = dilation
+
+
+def _grads(ctx, grad: Tensor, _d_stats):
+    *tensors, stats = ctx.saved_tensors
+    grads = engram_merge_backward(grad.contiguous(), *tensors, stats, ctx.dilation)
+    needed = ctx.needs_input_grad[: len(grads)]
+    return *(g if need else None for g, need in zip(grads, needed, strict=True)), None, None
+
+
+engram_merge_op.register_autograd(_grads, setup_context=_save)
+
+
+@register("engram_merge", CPU, dtypes=DTYPES)
+def engram_merge(
+    table: torch.Tensor,
+    indices: torch.Tensor,
+    key_weight: torch.Tensor,
+    value_weight: torch.Tensor,
+    streams: torch.Tensor,
+    norm_weight: torch.Tensor,
+    conv_weight: torch.Tensor,
+    dilation: int,
+    eps: float,
+) -> torch.Tensor:
+    """The reference's `engram_merge` (same arguments), computed in float32 after the
+    projections, returned in the streams' dtype."""
+    if torch.compiler.is_compiling():
+        return reference.engram_merge(
+            table, indices, key_weight, value_weight, streams, norm_weight, conv_weight,
+            dilation, eps,
+        )  # fmt: skip
+    memory, value = reference.engram_memory(table, indices, value_weight)
+    keys = F.linear(memory, key_weight)
+    *_, length, n, width = streams.shape
+    with torch.autocast("cpu", enabled=False):
+        out, _ = engram_merge_op(
+            float32_contiguous(streams.reshape(-1, length, n, width)),
+            float32_contiguous(keys.reshape(-1, length, n, width)),
+            float32_contiguous(value.reshape(-1, length, width)),
+            float32_contiguous(norm_weight),
+            float32_contiguous(conv_weight),
+            dilation,
+            eps,
+        )
+    return out.view(streams.shape).to(streams.dtype)

@@ -1,0 +1,124 @@
+"""The `cpu` backend's `engram_merge` (kernels/cpu_engram.c through cpu_engram.py) against the
+reference composition (the gather-and-gate, RMSNorm, the causal convolution, SiLU and the sum,
+kernels/reference.py) run in float64: the output and every input's gradient, with lags that
+reach before a sequence's start, one stream (a plain residual), channels past one chunk of 64,
+a large norm eps; in bf16 and under autocast; torch.library's checks and the refusals.
+
+The gate's gradient runs through sqrt|s| (s the normalised similarity), which is steep where
+s is near 0: float32 misses float64 there by far more than elsewhere, whoever computes it. So
+the op is held to the reference's own float32 error (a small factor of it), not to a fixed
+tolerance."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from birkhoff import kernels
+from birkhoff.kernels import cpu_engram, reference
+
+ERROR_FACTOR = 4  # how far past the float32 reference's own error the op may land
+FLOOR = 1e-6  # relative to the largest value: below it an error is float32 rounding anyway
+
+
+def merge_inputs(
+    seqs: int, length: int, n: int, width: int, lags: int, heads: int = 4, dim: int = 8
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(indices, [table, key weight, value weight, streams, norm weight, conv weight])"""
+    rows = 40
+    indices = torch.randint(0, rows, (seqs, length, heads))
+    tensors = [
+        torch.randn(rows, dim),
+        torch.randn(n * width, heads * dim) / 4,
+        torch.randn(width, heads * dim) / 4,
+        torch.randn(seqs, length, n, width),
+        torch.rand(width) + 0.5,
+        torch.randn(lags, width) / 2,  # trained: the model's starts at 0 (a no-op)
+    ]
+    return indices, tensors
+
+
+def run(op, indices, tensors, dtype, grad, dilation, eps):
+    """op's output and the gradients of every tensor input, computed in `dtype`."""
+    leaves = [t.detach().to(dtype).requires_grad_() for t in tensors]
+    table, key, value, streams, norm, conv = leaves
+    out = op(table, indices, key, value, streams, norm, conv, dilation, eps)
+    return (out, *torch.autograd.grad(out, leaves, grad.to(out.dtype)))
+
+
+def relative_error(got: torch.Tensor, exact: torch.Tensor) -> float:
+    return ((got.double() - exact).abs().max() / exact.abs().max().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize(
+    ("seqs", "length", "n", "width", "lags", "dilation", "eps"),
+    [
+        (2, 13, 4, 48, 4, 3, 1e-6),  # tiny's convolution; lags reach before the start
+        (1, 7, 1, 80, 3, 2, 0.3),  # one stream; a second, partial chunk of channels
+        (3, 40, 2, 64, 4, 3, 1e-6),
+        (2, 1, 4, 16, 4, 3, 1e-6),  # one token: only lag 0
+    ],
+)
+def test_cpu_engram_merge_matches_the_reference(seqs, length, n, width, lags, dilation, eps):
+    torch.manual_seed(seqs * length + width)
+    indices, tensors = merge_inputs(seqs, length, n, width, lags)
+    tensors[3][0, 0, 0] = 0  # similarity 0: the sqrt's clamp (no gradient through it)
+    grad = torch.randn(seqs, length, n, width, dtype=torch.float64)
+    options = (grad, dilation, eps)
+    exact = run(reference.engram_merge, indices, tensors, torch.float64, *options)
+    own = run(reference.engram_merge, indices, tensors, torch.float32, *options)
+    got = run(cpu_engram.engram_merge, indices, tensors, torch.float32, *options)
+    names = ["output", "table", "key", "value", "streams", "norm weight", "conv weight"]
+    for name, g, o, e in zip(names, got, own, exact, strict=True):
+        assert g.dtype == torch.float32, name
+        bound = ERROR_FACTOR * relative_error(o, e) + FLOOR
+        assert relative_error(g, e) <= bound, (name, relative_error(g, e), relative_error(o, e))
+
+
+def test_bf16_streams_come_back_in_bf16_and_autocast_runs_in_float32():
+    """Streams held in bf16 (FSDP's param_dtype): computed in float32, returned rounded. Under
+    bf16 autocast the projections come in bf16 and the residual stays float32; the op computes
+    from them in float32 where the reference rounds the gated value to bf16 as well."""
+    torch.manual_seed(3)
+    indices, tensors = merge_inputs(2, 9, 4, 32, 4)
+    grad = torch.randn(2, 9, 4, 32, dtype=torch.float64)
+    exact = run(reference.engram_merge, indices, tensors, torch.float64, grad, 3, 1e-6)
+    tensors[3] = tensors[3].bfloat16()
+    got = run(kernels.get("engram_merge", "cpu"), indices, tensors, torch.bfloat16, grad, 3, 1e-6)
+    assert all(t.dtype == torch.bfloat16 for t in got)
+    assert relative_error(got[0], exact[0]) < 2e-2
+    tensors[3] = tensors[3].float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = run(cpu_engram.engram_merge, indices, tensors, torch.float32, grad, 3, 1e-6)
+        rounded = run(reference.engram_merge, indices, tensors, torch.float32, grad, 3, 1e-6)
+    assert got[0].dtype == rounded[0].dtype == torch.float32
+    for g, r, e in zip(got, rounded, exact, strict=True):
+        assert g.dtype == r.dtype
+        assert relative_error(g, e) < 5e-2 and relative_error(r, e) < 5e-2
+
+
+def test_the_cpu_engram_merge_is_a_well_formed_custom_op():
+    """torch.library's checks: schema, fake version, autograd registration, AOTAutograd."""
+    torch.manual_seed(0)
+    streams, keys = torch.randn(2, 7, 4, 8), torch.randn(2, 7, 4, 8)
+    args = (streams, keys, torch.randn(2, 7, 8), torch.rand(8) + 0.5, torch.randn(4, 8), 3, 1e-6)
+    grads = [t.requires_grad_() if isinstance(t, torch.Tensor) else t for t in args]
+    torch.library.opcheck(cpu_engram.engram_merge_op, grads)
+
+
+def test_the_cpu_engram_merge_refuses_what_its_kernel_cannot_index():
+    streams, keys, value = torch.randn(2, 7, 4, 8), torch.randn(2, 7, 4, 8), torch.randn(2, 7, 8)
+    norm, conv = torch.rand(8), torch.randn(4, 8)
+    bad = [
+        (streams.flatten(0, 1), keys.flatten(0, 1), value, norm, conv, 3),  # 3-D streams
+        (streams, keys[:, :6], value, norm, conv, 3),
+        (streams, keys, value[..., :7], norm, conv, 3),
+        (streams, keys, value, torch.rand(7), conv, 3),
+        (streams, keys, value, norm, torch.randn(4, 7), 3),
+        (streams, keys, value, norm, conv, 0),  # no dilation
+        (streams, keys.transpose(1, 2), value, norm, conv, 3),
+        (streams.bfloat16(), keys, value, norm, conv, 3),
+    ]
+    for args in bad:
+        with pytest.raises(RuntimeError, match=r"merge takes|convolution takes|cpu kernel"):
+            cpu_engram.engram_merge_op(*args, 1e-6)
