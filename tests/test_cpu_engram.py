@@ -57,6 +57,7 @@ def relative_error(got: torch.Tensor, exact: torch.Tensor) -> float:
         (1, 7, 1, 80, 3, 2, 0.3),  # one stream; a second, partial chunk of channels
         (3, 40, 2, 64, 4, 3, 1e-6),
         (2, 1, 4, 16, 4, 3, 1e-6),  # one token: only lag 0
+        (1, 9, 2, 200, 2, 1, 1e-6),  # dilation 1; four chunks of channels, the last of 8
     ],
 )
 def test_cpu_engram_merge_matches_the_reference(seqs, length, n, width, lags, dilation, eps):
@@ -75,26 +76,40 @@ def test_cpu_engram_merge_matches_the_reference(seqs, length, n, width, lags, di
         assert relative_error(g, e) <= bound, (name, relative_error(g, e), relative_error(o, e))
 
 
-def test_bf16_streams_come_back_in_bf16_and_autocast_runs_in_float32():
-    """Streams held in bf16 (FSDP's param_dtype): computed in float32, returned rounded. Under
+def test_in_bf16_and_under_autocast_as_accurate_as_the_reference():
+    """Every tensor in bf16 (FSDP's param_dtype): computed in float32, returned rounded. Under
     bf16 autocast the projections come in bf16 and the residual stays float32; the op computes
-    from them in float32 where the reference rounds the gated value to bf16 as well."""
+    from them in float32 where the reference rounds the gated value to bf16 as well. Either
+    way every output and gradient lands as near float64 as the reference's own (measured over
+    four seeds: at most 1.7x its error)."""
     torch.manual_seed(3)
     indices, tensors = merge_inputs(2, 9, 4, 32, 4)
     grad = torch.randn(2, 9, 4, 32, dtype=torch.float64)
-    exact = run(reference.engram_merge, indices, tensors, torch.float64, grad, 3, 1e-6)
-    tensors[3] = tensors[3].bfloat16()
-    got = run(kernels.get("engram_merge", "cpu"), indices, tensors, torch.bfloat16, grad, 3, 1e-6)
+    options = (grad, 3, 1e-6)
+    exact = run(reference.engram_merge, indices, tensors, torch.float64, *options)
+    got = run(kernels.get("engram_merge", "cpu"), indices, tensors, torch.bfloat16, *options)
+    own = run(reference.engram_merge, indices, tensors, torch.bfloat16, *options)
     assert all(t.dtype == torch.bfloat16 for t in got)
-    assert relative_error(got[0], exact[0]) < 2e-2
-    tensors[3] = tensors[3].float()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = run(cpu_engram.engram_merge, indices, tensors, torch.float32, grad, 3, 1e-6)
-        rounded = run(reference.engram_merge, indices, tensors, torch.float32, grad, 3, 1e-6)
-    assert got[0].dtype == rounded[0].dtype == torch.float32
-    for g, r, e in zip(got, rounded, exact, strict=True):
-        assert g.dtype == r.dtype
-        assert relative_error(g, e) < 5e-2 and relative_error(r, e) < 5e-2
+        got_autocast = run(cpu_engram.engram_merge, indices, tensors, torch.float32, *options)
+        own_autocast = run(reference.engram_merge, indices, tensors, torch.float32, *options)
+    assert got_autocast[0].dtype == own_autocast[0].dtype == torch.float32
+    pairs = [*zip(got, own, exact, strict=True)]
+    pairs += zip(got_autocast, own_autocast, exact, strict=True)
+    for g, o, e in pairs:
+        assert g.dtype == o.dtype
+        assert relative_error(g, e) <= 2 * relative_error(o, e) + 2e-3
+
+
+def test_no_token_gives_no_token():
+    """An empty batch or sequence comes back empty (the kernel is not called), as the
+    reference's does."""
+    for seqs, length in ((2, 0), (0, 5)):
+        indices, tensors = merge_inputs(seqs, length, 2, 16, 4)
+        table, key, value, streams, norm, conv = tensors
+        args = (table, indices, key, value, streams, norm, conv, 3, 1e-6)
+        got = kernels.get("engram_merge", "cpu")(*args)
+        assert got.shape == reference.engram_merge(*args).shape == (seqs, length, 2, 16)
 
 
 def test_the_cpu_engram_merge_is_a_well_formed_custom_op():

@@ -19,7 +19,8 @@
 
 #define STATS 5
 #define CHUNK 64       /* channels of a token's convolution held in registers at a time */
-#define SQRT_FLOOR 1e-6f /* the reference's signed sqrt clamps |s| here */
+#define SQRT_FLOOR 1e-6f /* the reference's signed sqrt clamps |s| here (clamp_min: its
+                          * gradient passes at the floor itself) */
 
 typedef struct {
     int64_t seqs, len, n, width, lags, dilation;
@@ -192,7 +193,7 @@ static void token_backward(const float *g, const float *x, const float *k, const
         /* the gate: through the sigmoid, the signed sqrt (0 where clamped) and <h', k'> */
         const float sim = dot / root_c, mag = fabsf(sim);
         const float d_sim = d_alpha * alpha * (1.0f - alpha) *
-                            (mag > SQRT_FLOOR ? 0.5f / sqrtf(mag) : 0.0f);
+                            (mag >= SQRT_FLOOR ? 0.5f / sqrtf(mag) : 0.0f);
         const float d_dot = d_sim / root_c, share = dot / width;
         const float a_h = d_dot * r_h, a_k = d_dot * r_k;
         const float *h = x + row, *kr = k + row;

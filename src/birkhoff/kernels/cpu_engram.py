@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 from torch.library import custom_op
 
 from birkhoff.kernels import reference
@@ -96,7 +97,8 @@ def engram_merge_backward(
     dilation: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The gradients of streams, keys, value, the norm's weight and the convolution's. All
-    five come from the same two passes, so all are computed."""
+    five come from the same two passes, so all are computed. It has no gradient itself (no
+    double backward)."""
     _check_merge(streams, keys, value, norm_weight, conv_weight, dilation)
     check_inputs(grad, stats)
     check_shapes((grad, streams.shape), (stats, (*streams.shape[:-1], STATS)))
@@ -131,6 +133,27 @@ def _grads(ctx, grad: Tensor, _d_stats):
 engram_merge_op.register_autograd(_grads, setup_context=_save)
 
 
+class _Rows(torch.autograd.Function):
+    """The table's rows at indices (..., H), concatenated: (..., H d). The backward adds each
+    row's gradient into a zero table with index_add_, in index order (deterministic): on a CPU
+    4.5x faster than F.embedding's backward, which sorts the indices first (2.3 against 0.5 ms
+    at `tiny`'s 24,576 lookups into 32,000 rows)."""
+
+    @staticmethod
+    def forward(ctx, table: Tensor, indices: Tensor) -> Tensor:
+        ctx.save_for_backward(indices)
+        ctx.rows = table.shape[0]
+        return table.index_select(0, indices.flatten()).view(*indices.shape[:-1], -1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        (indices,) = ctx.saved_tensors
+        width = grad.shape[-1] // indices.shape[-1]
+        rows = grad.reshape(-1, width)
+        return rows.new_zeros(ctx.rows, width).index_add_(0, indices.flatten(), rows), None
+
+
 @register("engram_merge", CPU, dtypes=DTYPES)
 def engram_merge(
     table: torch.Tensor,
@@ -143,24 +166,23 @@ def engram_merge(
     dilation: int,
     eps: float,
 ) -> torch.Tensor:
-    """The reference's `engram_merge` (same arguments), computed in float32 after the
-    projections, returned in the streams' dtype."""
-    if torch.compiler.is_compiling():
+    """The reference's `engram_merge` (same arguments; streams (B, T, n, C)), computed in
+    float32 after the projections, returned in the streams' dtype."""
+    if torch.compiler.is_compiling() or streams.numel() == 0:  # no token: nothing to fuse
         return reference.engram_merge(
             table, indices, key_weight, value_weight, streams, norm_weight, conv_weight,
             dilation, eps,
         )  # fmt: skip
-    memory, value = reference.engram_memory(table, indices, value_weight)
-    keys = F.linear(memory, key_weight)
-    *_, length, n, width = streams.shape
+    memory = _Rows.apply(table, indices)
+    keys, value = F.linear(memory, key_weight), F.linear(memory, value_weight)
     with torch.autocast("cpu", enabled=False):
         out, _ = engram_merge_op(
-            float32_contiguous(streams.reshape(-1, length, n, width)),
-            float32_contiguous(keys.reshape(-1, length, n, width)),
-            float32_contiguous(value.reshape(-1, length, width)),
+            float32_contiguous(streams),
+            float32_contiguous(keys.view(streams.shape)),
+            float32_contiguous(value),
             float32_contiguous(norm_weight),
             float32_contiguous(conv_weight),
             dilation,
             eps,
         )
-    return out.view(streams.shape).to(streams.dtype)
+    return out.to(streams.dtype)

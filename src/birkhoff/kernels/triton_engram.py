@@ -10,7 +10,7 @@ forward reads h, k and v once per token (one pass for the three sums, one to wri
 backward recomputes the norms from h and k (nothing but the inputs is saved) and writes the
 gradients of h, k and v in one more pass:
     dv = sum_m alpha_m g_m,   d alpha_m = <g_m, v>,   ds_m = d alpha_m alpha_m (1 - alpha_m)
-    / (2 sqrt|s_m|) (0 where |s_m| <= 1e-6, the clamp),   with h' = RMS(h), k' = RMS(k),
+    / (2 sqrt|s_m|) (0 where |s_m| < 1e-6, the clamp),   with h' = RMS(h), k' = RMS(k),
     dh = ds r_h (k' - h' <h', k'> / C) / sqrt(C),   dk = ds r_k (h' - k' <h', k'> / C) / sqrt(C),
 r = 1 / sqrt(mean(x^2) + eps). Float32 inside, each tensor stored in its own dtype; the tests
 compare with the reference (kernels/reference.py) under TRITON_INTERPRET=1.
@@ -97,7 +97,7 @@ def _backward(
         g = tl.load(g_ptr + where, mask=on[:, None] & inside[None, :], other=0.0)
         d_alpha += tl.sum(g.to(tl.float32) * v[None, :], axis=1)
     root = tl.sqrt(tl.maximum(tl.abs(s), SQRT_FLOOR))  # unused where clamped (padding: 0)
-    d_s = d_alpha * alpha * (1.0 - alpha) * tl.where(tl.abs(s) > SQRT_FLOOR, 0.5 / root, 0.0)
+    d_s = d_alpha * alpha * (1.0 - alpha) * tl.where(tl.abs(s) >= SQRT_FLOOR, 0.5 / root, 0.0)
     d_dot = d_s / tl.sqrt(C * 1.0)  # gradient of <h', k'>
     alpha_v = alpha.to(v_ptr.dtype.element_ty).to(tl.float32)
     for start in range(0, C, BLOCK):

@@ -154,9 +154,9 @@ class Engram(nn.Module):
         return total, int(count)
 
     def _table_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(table, row ids) for the gather-and-gate kernel. A table sharded from outside
-        (parallel.engram_row_shard) fetches its rows itself; the kernel then reads them back
-        in order. So does a table whose gradient is sparse (on the device or on the host)."""
+        """(table, row ids) for the merge op, which gathers the rows. A table sharded from
+        outside (parallel.engram_row_shard) fetches its rows itself; the op then reads them
+        back in order. So does a table whose gradient is sparse (on the device or the host)."""
         if not isinstance(self.table, nn.Embedding):
             memory = self.table(rows)
         elif not self.sparse_table_gradient:
