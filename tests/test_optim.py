@@ -5,6 +5,7 @@ import torch
 
 from birkhoff.model import build_model
 from birkhoff.model.config import ResidualConfig
+from birkhoff.train import optim
 from birkhoff.train.adamw import AdamW
 from birkhoff.train.config import OptimConfig
 from birkhoff.train.optim import build_optimizer, param_groups
@@ -192,3 +193,31 @@ def test_v4_decays_what_adamw_trains_but_the_engram_tables(decay_all):
         checked[kind] += 1
     assert checked["table"] == 1 and checked["decayed"] > 0
     assert (checked["kept"] == 0) == decay_all
+
+
+@pytest.mark.parametrize("name", ["adamw", "muon_v4"])
+def test_on_a_cpu_adamw_steps_fused_and_moves_as_the_loop_per_tensor(name, monkeypatch):
+    """build_optimizer takes AdamW's fused step where every parameter is on a CPU or CUDA
+    device; six steps with the same gradients move the parameters as torch's loop over the
+    tensors does (a second implementation) to float32 rounding. On `meta` (the planner's
+    models) it keeps torch's default. (Trained on their own gradients the two drift apart
+    from the second step: AdamW's first updates are +-lr whatever a gradient's size.)"""
+    cfg = OptimConfig(name=name, lr=1e-2, weight_decay=0.1, warmup_steps=0)
+    fused_here = optim.fused_step
+    with torch.device("meta"):
+        assert build_optimizer(build_model(small_model()), cfg, 10)[0].defaults["fused"] is None
+    trained = {}
+    for fused in (True, None):
+        monkeypatch.setattr(optim, "fused_step", lambda model, fused=fused: fused)
+        torch.manual_seed(0)
+        model = build_model(small_model(vocab_size=64))
+        optimizer, _ = build_optimizer(model, cfg, 10)
+        assert optimizer.defaults["fused"] is fused
+        generator = torch.Generator().manual_seed(1)
+        for _ in range(6):
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=generator)
+            optimizer.step()
+        trained[fused] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert fused_here(model) is True
+    torch.testing.assert_close(trained[True], trained[None], rtol=1e-6, atol=1e-7)
