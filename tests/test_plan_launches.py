@@ -121,6 +121,12 @@ H200_EAGER = {  # model_throughput.py's variants on the H200, eager reference ke
 }
 
 
+# tiny's launches per micro-batch when the H200 run measured it (2026-12-04); fewer since
+# (5,897 after 2026-12-06's RoPE as one complex product and the softmax's normaliser read off
+# its probabilities), so the calibration keeps that run's count
+TINY_LAUNCHES = 6_067
+
+
 def test_host_bound_h200_steps_are_the_launches_at_launch_us(capsys):
     """On small per-device work the eager step is the host's: cluster.launch_us is tiny's
     measured step over its counted launches (the one calibration), and the other three
@@ -141,9 +147,9 @@ def test_host_bound_h200_steps_are_the_launches_at_launch_us(capsys):
         report = json.loads(capsys.readouterr().out)
         (layout,) = report["layouts"]
         assert layout["dominant"] == "host (kernel launches)"
-        if (model, variant) == ("tiny", "default"):
-            launches = layout["launches"]  # one micro-batch
-            assert Cluster.launch_us == pytest.approx(measured / launches * 1e6, rel=0.01)
+        if (model, variant) == ("tiny", "default"):  # the calibration, on that run's count
+            assert Cluster.launch_us == pytest.approx(measured / TINY_LAUNCHES * 1e6, rel=0.01)
+            assert 0.95 * TINY_LAUNCHES <= layout["launches"] <= TINY_LAUNCHES
         ratios[model, variant] = layout["step_s"] / measured
     assert all(0.5 < ratio <= 1.01 for ratio in ratios.values()), ratios
 

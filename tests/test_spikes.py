@@ -29,7 +29,7 @@ SPIKE = [
     "train.spike.loss_sigmas=3",
     "train.spike.snapshot_every=5",
     "train.fault.step=12",
-    "train.fault.update_scale=100",  # 30 spiked or not depending on rounding noise
+    "train.fault.update_scale=300",  # 30 and 100 spiked or not depending on rounding noise
 ]
 
 

@@ -222,6 +222,8 @@ class StepGuard:
         """Load the newest checkpoint but the one the last rollback went to; its step and
         the loader's position it was saved at."""
         manager = trainer.checkpoints
+        if manager:  # a checkpoint still being written (async) is the newest one once done
+            manager.completed(wait=True)
         found = complete_checkpoints(manager.root) if manager else []
         older = [p for p in found if int(read_meta(p)["step"]) != self.last_restored]
         if not older:
@@ -230,7 +232,6 @@ class StepGuard:
                 f"{trainer.step} and nothing to roll back to (no host snapshot, no checkpoint "
                 "but the one already tried); set train.spike.snapshot_every or checkpoint.every"
             )
-        manager.completed(wait=True)
         meta = manager.load(older[-1], trainer.state)
         return int(meta["step"]), int(manager.rank_states(older[-1])[0]["loader"]["samples"])
 
