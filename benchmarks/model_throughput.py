@@ -52,7 +52,7 @@ from birkhoff.train.host_malloc import CHOICES as HOST_MALLOC
 from birkhoff.train.host_malloc import apply_host_malloc
 from birkhoff.train.mfu import device_peak, flops_per_token
 from birkhoff.train.model_share import initialise
-from birkhoff.train.optim import fused_step
+from birkhoff.train.optim import adamw_step_kind
 
 VARIANTS = {
     "default": [],
@@ -84,7 +84,7 @@ def build(
     initialise(net, device, engram_host=False, seed=0)
     if compiled:
         compile_blocks(block_slots(net), "inductor")
-    return net, torch.optim.AdamW(net.parameters(), lr=1e-4, fused=fused_step(net))  # as trained
+    return net, torch.optim.AdamW(net.parameters(), lr=1e-4, **adamw_step_kind(net))  # as trained
 
 
 def step(

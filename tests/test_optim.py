@@ -203,12 +203,13 @@ def test_on_a_cpu_adamw_steps_fused_and_moves_as_the_loop_per_tensor(name, monke
     models) it keeps torch's default. (Trained on their own gradients the two drift apart
     from the second step: AdamW's first updates are +-lr whatever a gradient's size.)"""
     cfg = OptimConfig(name=name, lr=1e-2, weight_decay=0.1, warmup_steps=0)
-    fused_here = optim.fused_step
+    kind_here = optim.adamw_step_kind
     with torch.device("meta"):
         assert build_optimizer(build_model(small_model()), cfg, 10)[0].defaults["fused"] is None
     trained = {}
     for fused in (True, None):
-        monkeypatch.setattr(optim, "fused_step", lambda model, fused=fused: fused)
+        kind = {"fused": True} if fused else {}
+        monkeypatch.setattr(optim, "adamw_step_kind", lambda model, kind=kind: kind)
         torch.manual_seed(0)
         model = build_model(small_model(vocab_size=64))
         optimizer, _ = build_optimizer(model, cfg, 10)
@@ -219,5 +220,29 @@ def test_on_a_cpu_adamw_steps_fused_and_moves_as_the_loop_per_tensor(name, monke
                 p.grad = torch.randn(p.shape, generator=generator)
             optimizer.step()
         trained[fused] = torch.cat([p.detach().flatten() for p in model.parameters()])
-    assert fused_here(model) is True
+    assert kind_here(model) == {"fused": True}
     torch.testing.assert_close(trained[True], trained[None], rtol=1e-6, atol=1e-7)
+
+
+def test_dtensors_mixed_with_plain_parameters_step_with_the_loop_per_tensor():
+    """Tensor parallelism leaves some parameters plain tensors: AdamW then loops per tensor
+    (fused and foreach refuse a mix of DTensors and tensors) and its step runs."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    dist = torch.distributed
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        model = torch.nn.Linear(4, 4)
+        weight = distribute_tensor(model.weight.detach(), mesh, [Replicate()])
+        model.weight = torch.nn.Parameter(weight)
+        assert optim.adamw_step_kind(model) == {"foreach": False}
+        optimizer, _ = build_optimizer(model, OptimConfig(lr=1e-2), 10)
+        model.weight.grad = distribute_tensor(torch.randn(4, 4), mesh, [Replicate()])
+        model.bias.grad = torch.randn(4)
+        before = model.bias.detach().clone()
+        optimizer.step()
+        assert not torch.equal(model.bias.detach(), before)
+    finally:
+        dist.destroy_process_group()

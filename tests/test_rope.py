@@ -56,3 +56,19 @@ def test_a_broadcast_gradient_and_bf16_inputs():
     ones = torch.ones(x.shape, dtype=torch.float64, requires_grad=True)
     turned_back = torch.autograd.grad(_complex_formula(ones, angles), ones, torch.ones_like(ones))
     torch.testing.assert_close(leaf.grad.double(), turned_back[0], rtol=1e-2, atol=2e-2)
+
+
+def test_views_at_an_odd_offset_turn_as_the_formula():
+    """Inputs and gradients that are views starting at an odd element (a complex view needs
+    its pairs at an even offset): the rotation and its gradient as the formula gives them."""
+    x, angles, grad = (t[..., -2 * PAIRS :].contiguous() for t in _inputs())  # all turned
+    odd = torch.randn(1 + x.numel(), dtype=torch.float64)[1:].view(x.shape).copy_(x)
+    odd_grad = torch.randn(1 + grad.numel(), dtype=torch.float64)[1:].view(grad.shape)
+    odd_grad.copy_(grad)
+    leaf = odd.requires_grad_()
+    out = rotate_trailing(leaf, angles.cos(), angles.sin())
+    torch.testing.assert_close(out, _complex_formula(x, angles), rtol=1e-12, atol=1e-12)
+    out.backward(odd_grad)
+    exact = x.clone().requires_grad_()
+    _complex_formula(exact, angles).backward(grad)
+    torch.testing.assert_close(leaf.grad, exact.grad, rtol=1e-12, atol=1e-12)

@@ -123,12 +123,16 @@ def trainer_optimizer(
     recipe: Recipe, cluster: Cluster
 ) -> Callable[[torch.nn.Module], torch.optim.Optimizer]:
     """How the trainer builds its optimizer for a model, AdamW's foreach as on the cluster
-    (`cluster.foreach_optimizer`: torch's default on accelerators)."""
+    (`cluster.foreach_optimizer`: torch's default on accelerators). The copy it is counted on
+    lies on a CPU, where the trainer would take the fused step: the plan keeps foreach, as on
+    NPU clusters; on CUDA the trainer steps fused, which holds no foreach temporary and
+    launches less, so the plan is conservative there."""
 
     def build(model: torch.nn.Module) -> torch.optim.Optimizer:
         optimizer, _ = build_optimizer(model, recipe.optim, recipe.train.steps)
         for group in optimizer.param_groups:
             if "foreach" in group:
+                group["fused"] = None
                 group["foreach"] = cluster.foreach_optimizer
         return optimizer
 

@@ -61,14 +61,21 @@ def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Ten
 def _rotated_as_complex(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """`_rotated` with each channel pair as one complex number times cos + i sin: one
     vectorised product, where the pairs' strided products and sums were six small kernels
-    (0.4 against 0.2 ms for `tiny`'s queries on a CPU; the same values). Eager only: inductor
-    traces `_rotated`'s real arithmetic instead."""
+    (0.4 against 0.2 ms for `tiny`'s queries on a CPU; the same values). Eager on a CPU only,
+    where it was measured: inductor traces `_rotated`'s real arithmetic, and accelerators run
+    `_rotated` as before."""
     width = 2 * cos.shape[-1]
     pairs = x[..., -width:].to(_wide(x)).unflatten(-1, (-1, 2)).contiguous()
-    turned = torch.view_as_complex(pairs) * torch.complex(cos, sin)
+    if pairs.storage_offset() % 2:  # a view at an odd offset: complex needs pairs aligned
+        pairs = pairs.clone()
+    turned = torch.view_as_complex(pairs) * torch.complex(cos.to(_wide(cos)), sin.to(_wide(sin)))
     out = x.clone(memory_format=torch.contiguous_format)
     out[..., -width:] = torch.view_as_real(turned).flatten(-2)
     return out
+
+
+def _turn(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return (_rotated_as_complex if x.device.type == "cpu" else _rotated)(x, cos, sin)
 
 
 class _Rotation(torch.autograd.Function):
@@ -80,13 +87,13 @@ class _Rotation(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(cos, sin)
-        return _rotated_as_complex(x, cos, sin)
+        return _turn(x, cos, sin)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         cos, sin = ctx.saved_tensors
-        return _rotated_as_complex(grad, cos, -sin), None, None
+        return _turn(grad, cos, -sin), None, None
 
 
 def rotate_trailing(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

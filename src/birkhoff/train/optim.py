@@ -104,16 +104,19 @@ def optimizer_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
 FUSED_DEVICES = ("cpu", "cuda")  # where torch ships AdamW's fused kernel
 
 
-def fused_step(model: nn.Module) -> bool | None:
-    """AdamW's fused step (one kernel over every tensor of a device and dtype) where every
-    parameter lies on a device torch ships it for and all of them or none are DTensors (the
-    kernel takes one kind: tensor parallelism leaves some parameters whole); else None:
-    torch's default (foreach on accelerators, a loop per tensor on a CPU). On a CPU the loop
-    took 3.3x the fused step's time (200M parameters: 404-556 against 125-129 ms)."""
+def adamw_step_kind(model: nn.Module) -> dict[str, bool]:
+    """How AdamW steps `model`'s parameters: fused (one kernel over every tensor of a device
+    and dtype) where they all lie on a device torch ships it for and all or none are
+    DTensors; the loop per tensor where DTensors and plain tensors mix (tensor parallelism
+    leaves some parameters whole: the fused and foreach kernels refuse the mix, and foreach
+    is torch's default on accelerators); else torch's default ({}). On a CPU the loop took
+    3.3x the fused step's time (200M parameters: 404-556 against 125-129 ms)."""
     params = list(model.parameters())
-    devices = {p.device.type for p in params}
     kinds = {isinstance(p, DTensor) for p in params}
-    return True if devices and devices <= set(FUSED_DEVICES) and len(kinds) == 1 else None
+    if len(kinds) > 1:
+        return {"foreach": False}
+    devices = {p.device.type for p in params}
+    return {"fused": True} if devices and devices <= set(FUSED_DEVICES) else {}
 
 
 def build_optimizer(
@@ -122,7 +125,7 @@ def build_optimizer(
     """optim.name: adamw (every parameter), or muon_v4 (Muon for the matrices, AdamW for the
     rest, one learning rate and schedule for both)."""
     settings = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps}
-    settings["fused"] = fused_step(model)
+    settings.update(adamw_step_kind(model))
     groups = optimizer_groups(model, cfg)
     optimizer = (MuonV4 if cfg.name == "muon_v4" else AdamW)(groups, **settings)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg, total_steps))
