@@ -122,8 +122,8 @@ H200_EAGER = {  # model_throughput.py's variants on the H200, eager reference ke
 
 
 # tiny's launches per micro-batch when the H200 run measured it (2026-12-04); fewer since
-# (5,897 after 2026-12-06's RoPE as one complex product and the softmax's normaliser read off
-# its probabilities), so the calibration keeps that run's count
+# (5,980 after 2026-12-06's softmax normaliser read off its probabilities), so the
+# calibration keeps that run's count
 TINY_LAUNCHES = 6_067
 
 

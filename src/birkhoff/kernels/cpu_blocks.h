@@ -1,7 +1,8 @@
 /* What the cpu backend's C files share: the block layout, the per-thread scratch, the
  * arguments and the driver over blocks (cpu_sinkhorn.c, cpu_mhc_read.c), two row helpers (the
- * stream read, 1/rms; cpu_streams.c, cpu_rows.c, cpu_mhc_read.c, cpu_engram.c) and exp and
- * sigmoid written to vectorise (cpu_sinkhorn.c, cpu_engram.c). */
+ * stream read, 1/rms; cpu_streams.c, cpu_rows.c, cpu_mhc_read.c, cpu_engram.c), exp and
+ * sigmoid written to vectorise (cpu_sinkhorn.c, cpu_engram.c) and the ordered sum of the
+ * threads' weight gradients (cpu_rows.c, cpu_engram.c). */
 #ifndef BIRKHOFF_CPU_BLOCKS_H
 #define BIRKHOFF_CPU_BLOCKS_H
 
@@ -104,6 +105,17 @@ static inline float exp_nonpositive(float x) {
 static inline float sigmoid_lane(float z) {
     const float e = exp_nonpositive(-fabsf(z)), positive = (float)(z >= 0.0f);
     return (positive + (1.0f - positive) * e) / (1.0f + e);
+}
+
+/* out[e] = the threads' double sums partials[i][offset + e], added in thread order (a thread
+ * that did not run has none): the same float for the same thread count */
+static inline void add_thread_sums(double *const *partials, int threads, int64_t offset,
+                                   int64_t count, float *out) {
+    for (int64_t e = 0; e < count; e++) {
+        double total = 0.0;
+        for (int i = 0; i < threads; i++) total += partials[i] ? partials[i][offset + e] : 0.0;
+        out[e] = (float)total;
+    }
 }
 
 static inline float sigmoidf(float z) { return 1.0f / (1.0f + expf(-z)); }

@@ -37,6 +37,11 @@ static int64_t lags_after(const Shape *s, int64_t p) {
     return reach < s->lags ? reach : s->lags;
 }
 
+/* channels c0 .. c0 + chunk_width of a row of `width` */
+static int64_t chunk_width(int64_t width, int64_t c0) {
+    return width - c0 < CHUNK ? width - c0 : CHUNK;
+}
+
 /* The gate's statistics of token t (forward pass A). */
 static void gate_stats(const float *x, const float *k, const float *v, float *stats, int64_t t,
                        const Shape *s, float eps) {
@@ -102,7 +107,7 @@ void engram_merge_forward(const float *x, const float *k, const float *v, const 
                 const float *xr = x + (t * n + m) * width;
                 float *o = out + (t * n + m) * width;
                 for (int64_t c0 = 0; c0 < width; c0 += CHUNK) {
-                    const int64_t cw = width - c0 < CHUNK ? width - c0 : CHUNK;
+                    const int64_t cw = chunk_width(width, c0);
                     conv_chunk(v, w, stats, t, t % len, m, c0, cw, &s, z);
 #pragma omp simd
                     for (int64_t c = 0; c < cw; c++) {
@@ -126,7 +131,7 @@ static void conv_backward(const float *g, const float *v, const float *gamma, co
         const float *gr = g + (t * n + m) * width;
         float *d = dz + (t * n + m) * width;
         for (int64_t c0 = 0; c0 < width; c0 += CHUNK) {
-            const int64_t cw = width - c0 < CHUNK ? width - c0 : CHUNK;
+            const int64_t cw = chunk_width(width, c0);
             conv_chunk(v, w, stats, t, p, m, c0, cw, s, z);
 #pragma omp simd
             for (int64_t c = 0; c < cw; c++) {
@@ -245,14 +250,8 @@ int engram_merge_backward(const float *g, const float *x, const float *k, const 
         free(dn);
     }
     if (!failed) {
-        for (int64_t e = 0; e < row_sums; e++) {
-            double total = 0.0;
-            for (int i = 0; i < threads; i++) total += partials[i] ? partials[i][e] : 0.0;
-            if (e < lags * width)
-                d_w[e] = (float)total;
-            else
-                d_gamma[e - lags * width] = (float)total;
-        }
+        add_thread_sums(partials, threads, 0, lags * width, d_w);
+        add_thread_sums(partials, threads, lags * width, width, d_gamma);
     }
     for (int i = 0; i < threads; i++) free(partials[i]);
     free(partials);

@@ -58,11 +58,7 @@ int rms_norm_backward(const float *g, const float *x, const float *w, const floa
         }
     }
     if (dw) {
-        for (int64_t c = 0; c < width; c++) {
-            double total = 0.0;
-            for (int i = 0; i < threads; i++) total += partials[i] ? partials[i][c] : 0.0;
-            dw[c] = (float)total;
-        }
+        add_thread_sums(partials, threads, 0, width, dw);
         for (int i = 0; i < threads; i++) free(partials[i]);
     }
     free(partials);
