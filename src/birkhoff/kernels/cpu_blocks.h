@@ -1,8 +1,9 @@
 /* What the cpu backend's C files share: the block layout, the per-thread scratch, the
  * arguments and the driver over blocks (cpu_sinkhorn.c, cpu_mhc_read.c), two row helpers (the
  * stream read, 1/rms; cpu_streams.c, cpu_rows.c, cpu_mhc_read.c, cpu_engram.c), exp and
- * sigmoid written to vectorise (cpu_sinkhorn.c, cpu_engram.c) and the ordered sum of the
- * threads' weight gradients (cpu_rows.c, cpu_engram.c). */
+ * sigmoid written to vectorise (cpu_sinkhorn.c, cpu_engram.c), the ordered sum of the
+ * threads' weight gradients (cpu_rows.c, cpu_engram.c) and the vectors of register tiles
+ * (cpu_mhc_read.c, cpu_streams.c). */
 #ifndef BIRKHOFF_CPU_BLOCKS_H
 #define BIRKHOFF_CPU_BLOCKS_H
 
@@ -16,6 +17,25 @@
 #define LANES 16
 /* a loop over the lanes, vectorised whatever aliasing the compiler cannot rule out */
 #define FOR_LANES _Pragma("omp simd") for (int l = 0; l < LANES; l++)
+
+/* Register tiles (cpu_mhc_read.c, cpu_streams.c): vectors of VW floats, the widest the target has
+ * (GCC/clang vector extensions, split into narrower registers where the target has none so
+ * wide), loaded and stored unaligned; a tile holds ROWS tokens x SPAN vectors of sums in
+ * registers (16 of AVX-512's 32). */
+#if defined(__AVX512F__)
+#define VW 16
+#else
+#define VW 8
+#endif
+#define ROWS 4
+#define SPAN 4
+typedef float vfloat __attribute__((vector_size(VW * sizeof(float))));
+static inline vfloat vload(const float *p) {
+    vfloat v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+static inline void vstore(float *p, vfloat v) { memcpy(p, &v, sizeof v); }
 
 /* Per-thread scratch of a block: states and divisors, the logits, the result, a gradient. */
 typedef struct {

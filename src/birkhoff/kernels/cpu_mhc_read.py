@@ -1,11 +1,13 @@
 """mHC's mappings and stream read as one op on a CPU (the `cpu` backend's `mhc_read`;
-kernels/cpu_mhc_read.c): the projection of the streams is one GEMM, and everything else a
-hyper-connection computes before its sublayer (1/rms, the scales, biases, sigmoids, Sinkhorn
-and the read H_pre x) one C pass over blocks of 16 tokens while their streams are in cache.
-The backward is a C pass, the two GEMMs of the projection's gradient, and a second C pass
-adding the norm's and the read's gradients into the GEMM's d_streams in place: the separate
-ops pass over the streams for the norm, the read, each of their gradients and autograd's sum
-of the three.
+kernels/cpu_mhc_read.c): everything a hyper-connection computes before its sublayer (the
+projection of the streams, 1/rms, the scales, biases, sigmoids, Sinkhorn and the read H_pre x)
+is one C pass over blocks of 16 tokens while their streams are in cache, and the backward one
+more (the tail's gradient, then the streams' and the projection weight's gradients on register
+tiles). The op also hands back the streams for the merge, through an autograd Function, so
+that the merge's gradient of them reaches this backward and is added in the pass that writes
+the streams' gradient: otherwise autograd sums the two in a pass of its own. The separate ops
+pass over the streams for the projection, the norm, the read, each of their gradients and
+the sums.
 """
 
 from __future__ import annotations
@@ -59,15 +61,13 @@ def mhc_read_op(
     q and 1/rms are what the backward keeps (no gradient flows through them)."""
     _check_read(streams, weight, a, b, iters)
     tokens, n, width = streams.shape
-    layer_in, h_post, h_res, projection = _read_outputs(streams)  # projection: q after the pass
-    with torch.autocast("cpu", enabled=False):  # float32 whatever the caller's autocast
-        torch.mm(streams.view(tokens, n * width), weight.t(), out=projection)
+    layer_in, h_post, h_res, q = _read_outputs(streams)
     h_pre, rinv = streams.new_empty(tokens, n), streams.new_empty(tokens)
     call(
-        "mhc_read_forward", streams, projection, a, b, rinv, layer_in, h_pre, h_post, h_res,
+        "mhc_read_forward", streams, weight, a, b, q, rinv, layer_in, h_pre, h_post, h_res,
         tokens, n, width, norm_eps, iters, pre_eps, form_eps,
     )  # fmt: skip
-    return layer_in, h_post, h_res, projection, rinv
+    return layer_in, h_post, h_res, q, rinv
 
 
 @mhc_read_op.register_fake
@@ -91,16 +91,18 @@ def mhc_read_backward(
     form_eps: float,
     need_streams: bool = True,
     need_weight: bool = True,
+    d_merge: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The gradients of streams, weight, a and b from those of H_pre x, H_post and H_res
     (None: zero); the streams' or the weight's empty where not needed (a frozen projection
-    costs no GEMM)."""
+    costs no GEMM). d_merge, a gradient of the streams from elsewhere (the merge's), is added
+    into theirs."""
     _check_read(streams, weight, a, b, iters)
-    check_inputs(q, rinv, d_layer_in, d_post, d_res)
+    check_inputs(q, rinv, d_layer_in, d_post, d_res, d_merge)
     tokens, n, width = streams.shape
     check_shapes(
         (q, (tokens, 2 * n + n * n)), (rinv, (tokens,)), (d_layer_in, (tokens, width)),
-        (d_post, (tokens, n)), (d_res, (tokens, n, n)),
+        (d_post, (tokens, n)), (d_res, (tokens, n, n)), (d_merge, streams.shape),
     )  # fmt: skip
     d_pre, h_pre, c = (
         streams.new_empty(tokens, n),
@@ -108,28 +110,21 @@ def mhc_read_backward(
         rinv.new_empty(tokens),
     )
     d_z, g = torch.empty_like(q), torch.empty_like(q)
+    d_streams = torch.empty_like(streams) if need_streams else streams.new_empty(0)
+    threads = torch.get_num_threads()  # the C call's: one sum of d_W per thread
+    partials = weight.new_zeros(threads, *weight.shape) if need_weight else None
     call(
-        "mhc_read_backward", streams, q, rinv, a, b, d_layer_in, d_post, d_res, d_pre, d_z, g, c,
-        h_pre, tokens, n, width, iters, pre_eps, form_eps,
+        "mhc_read_backward", streams, q, rinv, a, b, d_layer_in, d_post, d_res, weight, d_merge,
+        d_pre, d_z, g, c, h_pre, d_streams if need_streams else None, partials, tokens, n,
+        width, iters, pre_eps, form_eps,
     )  # fmt: skip
-    d_streams, d_weight = streams.new_empty(0), weight.new_empty(0)
-    with torch.autocast("cpu", enabled=False):  # the C pass adds float32 into d_streams
-        if need_streams:
-            d_streams = torch.empty_like(streams)
-            torch.mm(g, weight, out=d_streams.view(tokens, n * width))
-            call(
-                "mhc_read_backward_streams", streams, c, h_pre, d_layer_in, d_streams, tokens,
-                n, width,
-            )  # fmt: skip
-        if need_weight:
-            d_weight = torch.empty_like(weight)
-            torch.mm(g.t(), streams.view(tokens, n * width), out=d_weight)
+    d_weight = partials.sum(0) if need_weight else weight.new_empty(0)
     return d_streams, d_weight, (d_z * q).sum(0), d_z.sum(0)
 
 
 @mhc_read_backward.register_fake
 def _(streams, weight, q, rinv, a, b, d_layer_in, d_post, d_res, iters, pre_eps, form_eps,
-      need_streams=True, need_weight=True):  # fmt: skip
+      need_streams=True, need_weight=True, d_merge=None):  # fmt: skip
     d_streams = torch.empty_like(streams) if need_streams else streams.new_empty(0)
     d_weight = torch.empty_like(weight) if need_weight else weight.new_empty(0)
     return d_streams, d_weight, torch.empty_like(a), torch.empty_like(b)
@@ -138,25 +133,51 @@ def _(streams, weight, q, rinv, a, b, d_layer_in, d_post, d_res, iters, pre_eps,
 def _save(ctx, inputs: tuple, output: tuple) -> None:
     ctx.set_materialize_grads(False)  # an unused mapping's gradient stays None (NULL in C)
     streams, weight, a, b, _, iters, pre_eps, form_eps = inputs
-    ctx.mark_non_differentiable(output[3], output[4])
     ctx.save_for_backward(streams, weight, output[3], output[4], a, b)
     ctx.options = (iters, pre_eps, form_eps)
 
 
-def _grads(ctx, d_layer_in, d_post, d_res, _d_q, _d_rinv):
+def _grads(ctx, d_layer_in, d_post, d_res, d_merge=None) -> tuple:
     streams, weight, q, rinv, a, b = ctx.saved_tensors
     if d_layer_in is None:  # the sublayer's input unused: only the mappings' gradients flow
         d_layer_in = streams.new_zeros(streams.shape[0], streams.shape[2])
-    grads = [None if g is None else g.contiguous() for g in (d_layer_in, d_post, d_res)]
+    grads = [None if g is None else float32_contiguous(g) for g in (d_layer_in, d_post, d_res)]
     need_streams, need_weight = ctx.needs_input_grad[:2]
+    if d_merge is not None and need_streams:
+        d_merge = float32_contiguous(d_merge)
     d_streams, d_weight, d_a, d_b = mhc_read_backward(
-        streams, weight, q, rinv, a, b, *grads, *ctx.options, need_streams, need_weight
+        streams, weight, q, rinv, a, b, *grads, *ctx.options, need_streams, need_weight, d_merge
     )
     d_streams, d_weight = (d_streams if need_streams else None), (d_weight if need_weight else None)
     return d_streams, d_weight, d_a, d_b, None, None, None, None
 
 
-mhc_read_op.register_autograd(_grads, setup_context=_save)
+def _save_op(ctx, inputs: tuple, output: tuple) -> None:
+    ctx.mark_non_differentiable(output[3], output[4])
+    _save(ctx, inputs, output)
+
+
+mhc_read_op.register_autograd(
+    lambda ctx, d_layer_in, d_post, d_res, _d_q, _d_rinv: _grads(ctx, d_layer_in, d_post, d_res),
+    setup_context=_save_op,
+)
+
+
+class _ReadPassingStreams(torch.autograd.Function):
+    """`mhc_read_op` that also returns its streams, for the merge to take: the merge's gradient
+    of them then reaches this backward, whose one pass writing d_streams adds it (where both
+    ops take the streams, autograd sums their two gradients in a pass of its own)."""
+
+    @staticmethod
+    def forward(ctx, streams, weight, a, b, norm_eps, iters, pre_eps, form_eps):
+        inputs = (streams, weight, a, b, norm_eps, iters, pre_eps, form_eps)
+        outputs = mhc_read_op(*inputs)
+        _save(ctx, inputs, outputs)
+        return *outputs[:3], streams  # returned as it is: autograd makes it a view
+
+    @staticmethod
+    def backward(ctx, d_layer_in, d_post, d_res, d_merge):
+        return _grads(ctx, d_layer_in, d_post, d_res, d_merge)
 
 
 @register("mhc_read", CPU, dtypes=DTYPES)
@@ -170,17 +191,17 @@ def mhc_read(
     norm_eps: float,
     iters: int,
     form_eps: float | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The reference's `mhc_read` (its `mhc_mapping`, then `mhc_pre`) in one op each way: the
     sublayer's input in the dtype a matmul of the streams runs in, H_post and H_res in
-    float32."""
+    float32, and the streams for the merge (their gradient joins the read's in its backward)."""
     args = (streams, weight, alpha, bias_pre, bias_post, bias_res, norm_eps, iters, form_eps)
     if torch.compiler.is_compiling():
         return reference.mhc_read(*args)
     dtype, (*batch, n, width) = reference._matmul_dtype(streams), streams.shape
     with torch.autocast("cpu", enabled=False):
         scale, bias, _, iters, pre_eps, form = tail_parameters(*args[2:6], iters, form_eps)
-        layer_in, h_post, h_res, _, _ = mhc_read_op(
+        layer_in, h_post, h_res, passed = _ReadPassingStreams.apply(
             float32_contiguous(streams.reshape(-1, n, width)),
             float32_contiguous(weight),
             scale,
@@ -190,4 +211,9 @@ def mhc_read(
             pre_eps,
             form,
         )
-    return layer_in.view(*batch, width).to(dtype), h_post.view(*batch, n), h_res.view(*batch, n, n)
+    return (
+        layer_in.view(*batch, width).to(dtype),
+        h_post.view(*batch, n),
+        h_res.view(*batch, n, n),
+        passed.view(streams.shape).to(streams.dtype),
+    )

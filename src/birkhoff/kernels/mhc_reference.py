@@ -337,13 +337,15 @@ def composed_read(mapping, pre):
         norm_eps: float,
         iters: int,
         form_eps: float | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """mHC's read of the streams for a sublayer: (H_pre x (B, T, C), H_post, H_res) with
-        the mappings of `mhc_mapping` (same arguments) and H_pre x as `mhc_pre`'s."""
+        the mappings of `mhc_mapping` (same arguments) and H_pre x as `mhc_pre`'s, then the
+        streams the merge (`mhc_post`) is to take: here the streams themselves; a backend may
+        pass them through its read so that its backward adds the merge's gradient of them."""
         h_pre, h_post, h_res = mapping(
             streams, weight, alpha, bias_pre, bias_post, bias_res, norm_eps, iters, form_eps
         )
-        return pre(streams, h_pre), h_post, h_res
+        return pre(streams, h_pre), h_post, h_res, streams
 
     return mhc_read
 

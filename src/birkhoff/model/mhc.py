@@ -103,7 +103,9 @@ class HyperConnection(nn.Module):
 
     def forward(self, x: torch.Tensor, sublayer: Sublayer) -> torch.Tensor:
         if self.cfg.mode == "mhc":  # the mappings and the read in one op (fused on cpu)
-            layer_in, h_post, h_res = self._read(x, *self._mhc_arguments())
+            # x comes back as the merge is to take it (on cpu through the read, whose backward
+            # then adds the merge's gradient of x in the pass that writes its own)
+            layer_in, h_post, h_res, x = self._read(x, *self._mhc_arguments())
         else:
             h_pre, h_post, h_res = self.mappings(x)
             layer_in = self._pre(x, h_pre)
