@@ -1,0 +1,136 @@
+"""A hyper-connection (read, a sublayer, merge) on the cpu backend's ops against the reference's
+in float64, every gradient: the cpu `mhc_read` hands back the streams the merge takes, so that
+the merge's gradient of them is added in the read's backward pass (kernels/cpu_mhc_read.py);
+also with the streams and the mappings used elsewhere too, a second merge, a merge output with
+no gradient, and a backward run twice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from birkhoff.kernels import cpu_mhc, cpu_mhc_read, reference
+
+OPS = {
+    "reference": (reference.mhc_read, reference.mhc_post),
+    "cpu": (cpu_mhc_read.mhc_read, cpu_mhc.mhc_post),
+}
+
+
+def inputs(n: int, c: int, tokens: int) -> list[torch.Tensor]:
+    """Streams (2, tokens, n, c), the projection weight, alpha, three biases, a sublayer weight."""
+    return [
+        torch.randn(2, tokens, n, c),
+        torch.randn(2 * n + n * n, n * c) / (n * c) ** 0.5,
+        torch.rand(3) + 0.5,
+        torch.randn(n),
+        torch.randn(n),
+        torch.randn(n, n),
+        torch.randn(c, c) / c**0.5,
+    ]
+
+
+def connection(backend: str, leaves: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """x' = merge(read(x), tanh(read(x) W)): (x', the read's outputs)."""
+    read, post = OPS[backend]
+    *mapping, sublayer = leaves
+    layer_in, h_post, h_res, passed = read(*mapping, 1e-6, 20, 1e-6)
+    merged = post(passed, torch.tanh(layer_in @ sublayer), h_res, h_post)
+    return merged, layer_in, h_post, h_res, passed
+
+
+def gradients(backend: str, tensors, dtype, loss_of) -> tuple[torch.Tensor, ...]:
+    leaves = [t.to(dtype).requires_grad_() for t in tensors]
+    outputs = connection(backend, leaves)
+    return torch.autograd.grad(loss_of(*outputs), leaves, allow_unused=True)
+
+
+def weighted(t: torch.Tensor, seed: int) -> torch.Tensor:
+    """sum(t * r) with r fixed by the seed, in t's dtype."""
+    r = torch.randn(t.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return (t * r.to(t.dtype)).sum()
+
+
+def assert_matches_reference(tensors, loss_of) -> None:
+    """The cpu ops' gradients against float64, within twice the float32 reference's own
+    error (at least 1e-5), element by element."""
+    exact = gradients("reference", tensors, torch.float64, loss_of)
+    own = gradients("reference", tensors, torch.float32, loss_of)
+    got = gradients("cpu", tensors, torch.float32, loss_of)
+    for i, (e, o, g) in enumerate(zip(exact, own, got, strict=True)):
+        if e is None:
+            assert g is None or not g.any(), i
+            continue
+        bound = max(1e-5, 2 * (o.double() - e).abs().max().item())
+        torch.testing.assert_close(
+            g.double(), e, rtol=1e-5, atol=bound, msg=lambda m, i=i: f"{i}: {m}"
+        )
+
+
+@pytest.mark.parametrize(("n", "c", "tokens"), [(4, 64, 37), (3, 40, 5), (1, 24, 16)])
+def test_a_hyper_connection_on_the_cpu_ops_matches_the_reference(n, c, tokens):
+    """The merge takes the streams through the read's node (so its gradient of them reaches
+    the read's backward) and every gradient (the streams, the projection, alpha, the biases,
+    the sublayer) is the reference's."""
+    torch.manual_seed(n + c)
+    tensors = inputs(n, c, tokens)
+    passed = connection("cpu", [t.clone().requires_grad_() for t in tensors])[-1]
+    assert type(passed.grad_fn).__name__ == "ViewBackward0"  # a view of the read's output
+    assert "ReadPassingStreams" in type(passed.grad_fn.next_functions[0][0]).__name__
+    assert_matches_reference(tensors, lambda merged, *_: weighted(merged, 1))
+
+
+def test_streams_and_h_res_used_elsewhere_too_add_their_gradients():
+    """The passed streams and the mappings also feed the loss directly: their gradients from
+    there join the merge's in the read's backward."""
+    torch.manual_seed(3)
+
+    def loss(merged, layer_in, h_post, h_res, passed):
+        return weighted(merged, 1) + weighted(passed, 2) + weighted(h_res, 3) + weighted(h_post, 4)
+
+    assert_matches_reference(inputs(4, 96, 19), loss)
+
+
+def test_a_merge_output_without_gradient_leaves_the_read_its_own():
+    """Only the read's outputs feed the loss: the merge's backward never runs, and the read's
+    backward gets no gradient of the streams to add."""
+    torch.manual_seed(4)
+    assert_matches_reference(
+        inputs(4, 32, 19), lambda merged, layer_in, h_post, h_res, _: weighted(layer_in, 5)
+    )
+
+
+def test_two_merges_of_the_same_streams_add_both_gradients():
+    """Two merges of the passed streams (one with a copy of H_res): the read's backward gets
+    their gradients of the streams summed, and every gradient is the reference's."""
+    torch.manual_seed(5)
+
+    tensors = inputs(4, 32, 19)
+
+    def twice(backend: str, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        leaves = [t.to(dtype).requires_grad_() for t in tensors]
+        read, post = OPS[backend]
+        *mapping, sublayer = leaves
+        layer_in, h_post, h_res, passed = read(*mapping, 1e-6, 20, 1e-6)
+        out = torch.tanh(layer_in @ sublayer)
+        merges = [post(passed, out, h_res, h_post), post(passed, out, h_res * 1.0, h_post)]
+        return torch.autograd.grad(sum(weighted(m, s) for s, m in enumerate(merges)), leaves)
+
+    runs = [twice("reference", torch.float64), twice("reference", torch.float32)]
+    runs.append(twice("cpu", torch.float32))
+    for e, o, g in zip(*runs, strict=True):
+        bound = max(1e-5, 2 * (o.double() - e).abs().max().item())
+        torch.testing.assert_close(g.double(), e, rtol=1e-5, atol=bound)
+
+
+def test_a_backward_run_twice_accumulates_twice():
+    """retain_graph and a second backward: the accumulated gradients are twice one
+    backward's."""
+    torch.manual_seed(6)
+    leaves = [t.requires_grad_() for t in inputs(4, 32, 19)]
+    loss = weighted(connection("cpu", leaves)[0], 1)
+    loss.backward(retain_graph=True)
+    once = [t.grad.clone() for t in leaves]
+    loss.backward()
+    for t, g in zip(leaves, once, strict=True):
+        torch.testing.assert_close(t.grad, 2 * g)
