@@ -49,7 +49,7 @@ def test_a_narrowed_model_launches_what_the_model_does():
     """Op counts do not depend on widths: the narrowed copy that `plan --launches` counts
     runs as many kernels as the model at its own widths (tiny; small, mHC and plain), loop
     iterations included, and so does the optimizer's step (Muon with foreach AdamW beside it,
-    1,614 at tiny; AdamW per tensor, 1,181)."""
+    1,616 at tiny; AdamW's fused step, 8)."""
     # (overrides, AdamW's foreach or None: no optimizer; full-width Muon is slow here)
     cases = [(["model=tiny"], True), (["model=tiny", "optim=adamw_cosine"], False)]
     cases += [(["model=small"], None), (["model=small", *PLAIN], None)]
@@ -61,6 +61,60 @@ def test_a_narrowed_model_launches_what_the_model_does():
         narrowed = count_launches(cfg, seq, optimizer=optimizer)
         assert narrowed == count_launches(cfg, seq, narrow=False, optimizer=optimizer), overrides
         assert (narrowed.optimizer > 0) == (foreach is not None)
+
+
+@pytest.mark.parametrize(
+    ("preset", "foreach", "launches"), [("h200", False, 8), ("ascend_910b", True, 27)]
+)
+def test_the_plan_steps_adamw_as_the_trainer_does_on_the_presets_devices(preset, foreach, launches):
+    """NVIDIA presets: AdamW's fused step, as the trainer takes it on CUDA (no foreach
+    temporary in the memory estimate; 8 launches at tiny where foreach takes 27); Ascend:
+    foreach, torch's default there, its float32 temporary counted. The temporary is the
+    estimate's difference between the two settings, 4 bytes per sharded parameter."""
+    recipe = typed_recipe(compose_recipe(["model=tiny", "optim=adamw_cosine"]))
+    cluster = cluster_from({"preset": preset, "devices": 1})
+    assert cluster.foreach_optimizer is foreach
+    optimizer = trainer_optimizer(recipe, cluster)
+    groups = optimizer(nn.Linear(4, 4)).param_groups
+    assert {(g["fused"], g["foreach"]) for g in groups} == {
+        (None, True) if foreach else (True, None)
+    }
+    assert count_launches(recipe.model, 64, optimizer=optimizer).optimizer == launches
+    inventory = build_inventory(recipe.model)
+    work = Workload(global_batch=1, seq_len=8)  # the step's peak, not the activations'
+    memory = {
+        flag: estimate(inventory, Layout(), work, replace(cluster, foreach_optimizer=flag))
+        for flag in (False, True)
+    }
+    own = estimate(inventory, Layout(), work, cluster)
+    assert own.memory_gib["total"] == memory[foreach].memory_gib["total"]
+    temporary = memory[True].memory_gib["total"] - memory[False].memory_gib["total"]
+    # one float32 per parameter the rank updates: as large as the float32 parameters
+    assert temporary == pytest.approx(memory[True].memory_gib["params"], rel=1e-6)
+
+
+def test_a_foreach_cluster_keeps_the_loop_where_dtensors_mix_with_plain_tensors():
+    """The trainer steps a model whose DTensors mix with plain tensors (tensor parallelism
+    without FSDP) tensor by tensor on any device: the plan's foreach setting leaves such a
+    group alone (foreach would refuse the mix) and its step runs."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    recipe = typed_recipe(compose_recipe(["model=tiny", "optim=adamw_cosine"]))
+    cluster = cluster_from({"preset": "ascend_910b", "devices": 1})
+    dist = torch.distributed
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        model = nn.Linear(4, 4)
+        model.weight = nn.Parameter(distribute_tensor(model.weight.detach(), mesh, [Replicate()]))
+        optimizer = trainer_optimizer(recipe, cluster)(model)
+        assert {g["foreach"] for g in optimizer.param_groups} == {False}
+        model.weight.grad = distribute_tensor(torch.randn(4, 4), mesh, [Replicate()])
+        model.bias.grad = torch.randn(4)
+        optimizer.step()
+    finally:
+        dist.destroy_process_group()
 
 
 # budgets small enough that tiny's loops iterate at 2 x 256 tokens: the indexer 8 queries

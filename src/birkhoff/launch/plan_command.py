@@ -122,18 +122,17 @@ def plan_command(args: list[str]) -> int:
 def trainer_optimizer(
     recipe: Recipe, cluster: Cluster
 ) -> Callable[[torch.nn.Module], torch.optim.Optimizer]:
-    """How the trainer builds its optimizer for a model, AdamW's foreach as on the cluster
-    (`cluster.foreach_optimizer`: torch's default on accelerators). The copy it is counted on
-    lies on a CPU, where the trainer would take the fused step: the plan keeps foreach, as on
-    NPU clusters; on CUDA the trainer steps fused, which holds no foreach temporary and
-    launches less, so the plan is conservative there."""
+    """How the trainer builds its optimizer for a model on the cluster's devices. The copy it
+    is counted on lies on a CPU, where the trainer takes AdamW's fused step as on CUDA (or
+    the loop per tensor where DTensors and plain tensors mix, as everywhere); where the
+    cluster's AdamW steps with foreach kernels instead (`cluster.foreach_optimizer`: Ascend,
+    torch's default there), the fused groups step with foreach."""
 
     def build(model: torch.nn.Module) -> torch.optim.Optimizer:
         optimizer, _ = build_optimizer(model, recipe.optim, recipe.train.steps)
         for group in optimizer.param_groups:
-            if "foreach" in group:
-                group["fused"] = None
-                group["foreach"] = cluster.foreach_optimizer
+            if cluster.foreach_optimizer and group.get("fused"):
+                group["fused"], group["foreach"] = None, True
         return optimizer
 
     return build

@@ -20,8 +20,9 @@ class Cluster:
     inter_node_gbps: float  # GB/s per device to other nodes (its share of the node's NICs)
     node_size: int  # devices per node (the fast domain)
     host_gbps: float = 64.0  # GB/s between a device and host memory, one direction (PCIe)
-    # AdamW steps with foreach kernels (torch's default on accelerators), which hold one more
-    # float32 copy of what it updates; false: tensor by tensor (a CPU)
+    # AdamW steps with foreach kernels, which hold one more float32 copy of what it updates
+    # (torch's default on accelerators the trainer takes no fused step on: Ascend); false:
+    # fused (CUDA, a CPU) or tensor by tensor (DTensors mixed with plain tensors), no copy
     foreach_optimizer: bool = True
     # share of the bf16 peak the step's matmuls reach: large fused training kernels ~0.6; an
     # H200 running this project's eager kernels on a 16B-class shape reached 0.118 (README)
@@ -94,6 +95,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 # the kernel backend `backend.kernels=auto` runs on each preset's devices
 PRESET_KERNELS = {"h100": "triton", "h200": "triton", "h800": "triton", "b200": "triton"}
 PRESET_KERNELS |= {"ascend_910b": "npu", "ascend_910c": "npu"}
+# presets whose devices take AdamW's fused step (CUDA: train/optim.py, adamw_step_kind); the
+# others' default, foreach, holds the temporary `foreach_optimizer` counts
+FUSED_ADAMW_PRESETS = {"h100", "h200", "h800", "b200"}
 
 
 def cluster_from(values: dict[str, Any]) -> Cluster:
@@ -102,7 +106,8 @@ def cluster_from(values: dict[str, Any]) -> Cluster:
     preset = values.pop("preset", None)
     if preset is not None and preset not in PRESETS:
         raise RecipeError("cluster.preset", preset, f"must be one of {', '.join(PRESETS)}")
-    base = {"name": preset or "custom", "node_size": 8, "foreach_optimizer": True}
+    foreach = preset not in FUSED_ADAMW_PRESETS  # a custom cluster: the larger estimate
+    base = {"name": preset or "custom", "node_size": 8, "foreach_optimizer": foreach}
     base["matmul_efficiency"] = Cluster.matmul_efficiency
     base["memory_efficiency"] = Cluster.memory_efficiency
     base["launch_us"] = Cluster.launch_us
