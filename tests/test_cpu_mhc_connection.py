@@ -67,7 +67,11 @@ def assert_matches_reference(tensors, loss_of) -> None:
         )
 
 
-@pytest.mark.parametrize(("n", "c", "tokens"), [(4, 64, 37), (3, 40, 5), (1, 24, 16)])
+# n = 4 (tiles and a tail of columns), 3 and 1 (tails only), 2 (K = 8), 6 (the merge's loops
+# for more than 4 streams, K = 48)
+@pytest.mark.parametrize(
+    ("n", "c", "tokens"), [(4, 96, 37), (3, 40, 5), (1, 24, 16), (2, 80, 9), (6, 72, 7)]
+)
 def test_a_hyper_connection_on_the_cpu_ops_matches_the_reference(n, c, tokens):
     """The merge takes the streams through the read's node (so its gradient of them reaches
     the read's backward) and every gradient (the streams, the projection, alpha, the biases,

@@ -20,8 +20,8 @@
 
 /* Register tiles (cpu_mhc_read.c, cpu_streams.c): vectors of VW floats, the widest the target has
  * (GCC/clang vector extensions, split into narrower registers where the target has none so
- * wide), loaded and stored unaligned; a tile holds ROWS tokens x SPAN vectors of sums in
- * registers (16 of AVX-512's 32). */
+ * wide), loaded and stored unaligned; a tile holds ROWS rows (tokens, or rows of a weight's
+ * gradient) x SPAN vectors of sums in registers (16 of AVX-512's 32). */
 #if defined(__AVX512F__)
 #define VW 16
 #else

@@ -13,6 +13,7 @@
  * Built by kernels/cpu_build.py, bound by kernels/cpu_mhc_read.py.
  */
 #include <omp.h>
+#include <stdlib.h>
 
 #include "cpu_blocks.h"
 
@@ -20,7 +21,10 @@
 typedef struct {
     const float *x, *dy, *rinv, *w, *d_merge; /* d_merge: added into dx (may be NULL) */
     float *rinv_out, *y, *d_pre, *g, *c, *dx; /* rinv_out: the forward's 1/rms */
-    float *dw; /* (threads, K, n C): each thread's sum of d_W over its blocks (may be NULL) */
+    /* each thread's double sum of d_W (K, n C) over its blocks, allocated by the thread on its
+     * first block (dw_sums: one pointer per thread; NULL: no d_W); a failed one sets *failed */
+    double **dw_sums;
+    int *failed;
     int64_t width;
     float norm_eps;
 } ReadArgs;
@@ -151,7 +155,7 @@ static void streams_gradient_tile(const ReadArgs *r, const float *h_pre, int64_t
     }
     float *out[ROWS];
 #pragma GCC unroll 16
-    for (int u = 0; u < ROWS; u++) out[u] = r->dx + (t0 + u) * d + col;
+    for (int u = 0; u < ROWS; u++) out[u] = r->dx + (t0 + (u < rows ? u : rows - 1)) * d + col;
     tile_store(acc, out, rows);
 }
 
@@ -190,8 +194,10 @@ static void streams_gradient_block(const ReadArgs *r, const float *h_pre, int64_
 
 /* This thread's d_W[j0 .. j0 + values, e0 .. e0 + SPAN VW) += sum_t g[t, j] vec(x_t) over the
  * block's tokens: SPAN vectors of ROWS rows of d_W at once (missing rows repeat the last one
- * and are not stored). */
-static void weight_gradient_tile(const ReadArgs *r, float *dw, int64_t t0, int64_t count,
+ * and are not stored), summed over the block in float and added to the thread's double sum
+ * (a float running sum over all of a thread's tokens drifts: 14x the float32 GEMM's error at
+ * 65,536 tokens). */
+static void weight_gradient_tile(const ReadArgs *r, double *dw, int64_t t0, int64_t count,
                                  int64_t j0, int64_t values, int64_t e0, int64_t d, int64_t k) {
     vfloat acc[ROWS][SPAN];
     int64_t j[ROWS];
@@ -199,7 +205,7 @@ static void weight_gradient_tile(const ReadArgs *r, float *dw, int64_t t0, int64
     for (int u = 0; u < ROWS; u++) {
         j[u] = j0 + (u < values ? u : values - 1);
 #pragma GCC unroll 16
-        for (int v = 0; v < SPAN; v++) acc[u][v] = vload(dw + j[u] * d + e0 + v * VW);
+        for (int v = 0; v < SPAN; v++) acc[u][v] = (vfloat){0};
     }
     for (int64_t t = t0; t < t0 + count; t++) {
         float gt[ROWS];
@@ -207,17 +213,25 @@ static void weight_gradient_tile(const ReadArgs *r, float *dw, int64_t t0, int64
         for (int u = 0; u < ROWS; u++) gt[u] = r->g[t * k + j[u]];
         tile_update(acc, gt, r->x + t * d + e0);
     }
-    float *out[ROWS];
-#pragma GCC unroll 16
-    for (int u = 0; u < ROWS; u++) out[u] = dw + j[u] * d + e0;
-    tile_store(acc, out, values);
+    for (int u = 0; u < values; u++)
+        for (int v = 0; v < SPAN; v++) {
+            double *sum = dw + j[u] * d + e0 + v * VW;
+#pragma omp simd
+            for (int l = 0; l < VW; l++) sum[l] += acc[u][v][l];
+        }
 }
 
 /* The block's share of d_W in this thread's sum (columns past the last whole tile one by one) */
 static void weight_gradient_block(const ReadArgs *r, int64_t t0, int64_t count, int64_t n,
                                   int64_t k) {
     const int64_t d = n * r->width, whole = d - d % (SPAN * VW);
-    float *dw = r->dw + (int64_t)omp_get_thread_num() * k * d;
+    double **mine = r->dw_sums + omp_get_thread_num();
+    if (!*mine && !(*mine = calloc((size_t)(k * d), sizeof(double)))) {
+#pragma omp atomic write
+        *r->failed = 1;
+        return;
+    }
+    double *dw = *mine;
     for (int64_t j = 0; j < k; j += ROWS)
         for (int64_t e = 0; e < whole; e += SPAN * VW)
             weight_gradient_tile(r, dw, t0, count, j, k - j < ROWS ? k - j : ROWS, e, d, k);
@@ -225,7 +239,7 @@ static void weight_gradient_block(const ReadArgs *r, int64_t t0, int64_t count, 
         for (int64_t t = t0; t < t0 + count; t++) {
             const float gt = r->g[t * k + j], *xt = r->x + t * d;
 #pragma omp simd
-            for (int64_t e = whole; e < d; e++) dw[j * d + e] += gt * xt[e];
+            for (int64_t e = whole; e < d; e++) dw[j * d + e] += (double)(gt * xt[e]);
         }
 }
 
@@ -259,24 +273,40 @@ static void read_backward_block(Scratch *s, const BlockArgs *a, int64_t t0, int6
         r->c[t] = -dot * rinv * rinv / (float)d;
     }
     if (r->dx) streams_gradient_block(r, a->h_pre, t0, count, n, k);
-    if (r->dw) weight_gradient_block(r, t0, count, n, k);
+    if (r->dw_sums) weight_gradient_block(r, t0, count, n, k);
 }
 
 /* dz (tokens, K; the caller reduces it to a's and b's gradients); where dx is not NULL, the
  * streams' gradient dx (tokens, n, C) from the projection's weight w (K, n C), with d_merge
  * (the streams' gradient from elsewhere: the merge's) added where not NULL; where dw is not
- * NULL, each thread's sum of d_W over its tokens (dw: (threads, K, n C), zero on entry; the
- * caller adds them in thread order). d_pre, g, c (tokens) and h_pre (tokens, n) are scratch.
- * d_post and d_res may be NULL. */
+ * NULL, d_W (K, n C): each thread's double sum over its tokens, then the threads' in order
+ * (the same float for the same thread count). d_pre, c (tokens), g (tokens, K) and h_pre
+ * (tokens, n) are scratch. d_post and d_res may be NULL. Returns 0, or -1 where a thread's
+ * scratch or sum could not be allocated. */
 int mhc_read_backward(const float *x, const float *q, const float *rinv, const float *a,
                       const float *b, const float *dy, const float *d_post, const float *d_res,
-                      const float *w, const float *d_merge, float *d_pre, float *dz, float *g, float *c, float *h_pre,
-                      float *dx, float *dw, int64_t tokens, int64_t n, int64_t width, int iters,
-                      float pre_eps, float form_eps, int threads) {
+                      const float *w, const float *d_merge, float *d_pre, float *dz, float *g,
+                      float *c, float *h_pre, float *dx, float *dw, int64_t tokens, int64_t n,
+                      int64_t width, int iters, float pre_eps, float form_eps, int threads) {
+    double **sums = dw ? calloc((size_t)threads, sizeof(double *)) : NULL;
+    if (dw && !sums) return -1;
+    int failed = 0;
     const ReadArgs read = {.x = x, .dy = dy, .rinv = rinv, .w = w, .d_merge = d_merge,
-                           .d_pre = d_pre, .g = g, .c = c, .dx = dx, .dw = dw, .width = width};
+                           .d_pre = d_pre, .g = g, .c = c, .dx = dx, .dw_sums = sums,
+                           .failed = &failed, .width = width};
     const BlockArgs args = {.q = q, .a = a, .b = b, .d_pre = d_pre, .d_post = d_post,
                             .d_res = d_res, .dz = dz, .h_pre = h_pre, .n = n, .iters = iters,
                             .pre_eps = pre_eps, .form_eps = form_eps, .extra = &read};
-    return for_each_block(tokens, &args, threads, read_backward_block);
+    if (for_each_block(tokens, &args, threads, read_backward_block) == -1) failed = 1;
+    if (sums) {
+        const int64_t k = 2 * n + n * n;
+        const int64_t size = k * n * width, chunk = 4096;
+        if (!failed) /* each element's sums in thread order, the elements split over threads */
+#pragma omp parallel for num_threads(threads) schedule(static)
+            for (int64_t e = 0; e < size; e += chunk)
+                add_thread_sums(sums, threads, e, size - e < chunk ? size - e : chunk, dw + e);
+        for (int i = 0; i < threads; i++) free(sums[i]);
+        free(sums);
+    }
+    return failed ? -1 : 0;
 }

@@ -94,9 +94,9 @@ def mhc_read_backward(
     d_merge: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The gradients of streams, weight, a and b from those of H_pre x, H_post and H_res
-    (None: zero); the streams' or the weight's empty where not needed (a frozen projection
-    costs no GEMM). d_merge, a gradient of the streams from elsewhere (the merge's), is added
-    into theirs."""
+    (None: zero); the streams' or the weight's empty where not needed (a frozen input's tiles do
+    not run). d_merge, a gradient of the streams from elsewhere (the merge's), is added into
+    theirs."""
     _check_read(streams, weight, a, b, iters)
     check_inputs(q, rinv, d_layer_in, d_post, d_res, d_merge)
     tokens, n, width = streams.shape
@@ -111,14 +111,12 @@ def mhc_read_backward(
     )
     d_z, g = torch.empty_like(q), torch.empty_like(q)
     d_streams = torch.empty_like(streams) if need_streams else streams.new_empty(0)
-    threads = torch.get_num_threads()  # the C call's: one sum of d_W per thread
-    partials = weight.new_zeros(threads, *weight.shape) if need_weight else None
+    d_weight = torch.empty_like(weight) if need_weight else weight.new_empty(0)
     call(
         "mhc_read_backward", streams, q, rinv, a, b, d_layer_in, d_post, d_res, weight, d_merge,
-        d_pre, d_z, g, c, h_pre, d_streams if need_streams else None, partials, tokens, n,
-        width, iters, pre_eps, form_eps,
+        d_pre, d_z, g, c, h_pre, d_streams if need_streams else None,
+        d_weight if need_weight else None, tokens, n, width, iters, pre_eps, form_eps,
     )  # fmt: skip
-    d_weight = partials.sum(0) if need_weight else weight.new_empty(0)
     return d_streams, d_weight, (d_z * q).sum(0), d_z.sum(0)
 
 
@@ -143,8 +141,8 @@ def _grads(ctx, d_layer_in, d_post, d_res, d_merge=None) -> tuple:
         d_layer_in = streams.new_zeros(streams.shape[0], streams.shape[2])
     grads = [None if g is None else float32_contiguous(g) for g in (d_layer_in, d_post, d_res)]
     need_streams, need_weight = ctx.needs_input_grad[:2]
-    if d_merge is not None and need_streams:
-        d_merge = float32_contiguous(d_merge)
+    # (the streams frozen, the weight not: the merge's gradient of them is not needed)
+    d_merge = float32_contiguous(d_merge) if d_merge is not None and need_streams else None
     d_streams, d_weight, d_a, d_b = mhc_read_backward(
         streams, weight, q, rinv, a, b, *grads, *ctx.options, need_streams, need_weight, d_merge
     )
@@ -194,15 +192,18 @@ def mhc_read(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The reference's `mhc_read` (its `mhc_mapping`, then `mhc_pre`) in one op each way: the
     sublayer's input in the dtype a matmul of the streams runs in, H_post and H_res in
-    float32, and the streams for the merge (their gradient joins the read's in its backward)."""
+    float32, and the streams for the merge: float32 and contiguous, through the read's node
+    (the merge's gradient of them joins the read's in its backward pass); else the streams
+    themselves (the read ran on a float32 copy: passing that would add a cast each way)."""
     args = (streams, weight, alpha, bias_pre, bias_post, bias_res, norm_eps, iters, form_eps)
     if torch.compiler.is_compiling():
         return reference.mhc_read(*args)
     dtype, (*batch, n, width) = reference._matmul_dtype(streams), streams.shape
+    rows = float32_contiguous(streams.reshape(-1, n, width))
     with torch.autocast("cpu", enabled=False):
         scale, bias, _, iters, pre_eps, form = tail_parameters(*args[2:6], iters, form_eps)
         layer_in, h_post, h_res, passed = _ReadPassingStreams.apply(
-            float32_contiguous(streams.reshape(-1, n, width)),
+            rows,
             float32_contiguous(weight),
             scale,
             bias,
@@ -215,5 +216,5 @@ def mhc_read(
         layer_in.view(*batch, width).to(dtype),
         h_post.view(*batch, n),
         h_res.view(*batch, n, n),
-        passed.view(streams.shape).to(streams.dtype),
+        passed.view(streams.shape) if rows.data_ptr() == streams.data_ptr() else streams,
     )

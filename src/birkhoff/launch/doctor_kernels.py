@@ -151,7 +151,7 @@ EXAMPLES: dict[str, Callable[[int], list]] = {
     "mhc_pre": _mhc_pre,
     "mhc_post": _mhc_post,
     "mhc_mapping": _mhc_mapping,
-    "mhc_read": _mhc_mapping,  # the mapping's arguments; out: H_pre x, H_post, H_res
+    "mhc_read": _mhc_mapping,  # the mapping's arguments; out: H_pre x, H_post, H_res, x
     "rms_norm": _rms_norm,
     "rope": _rope,
     "attention": _attention,
