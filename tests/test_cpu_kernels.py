@@ -500,6 +500,18 @@ def test_a_link_failure_names_its_cause():
     assert cause.startswith("/usr/bin/ld: cannot find -lgomp") and "collect2: error" in cause
 
 
+def test_a_compiler_given_other_arguments_builds_its_own_library(rebuild, monkeypatch):
+    """CC's arguments are part of the cache key: `env cc` and `env cc -g` (the same compiler,
+    another flag) each build a library of their own, where the second would have loaded the
+    first's."""
+    for cc in ("env cc", "env cc -g"):
+        monkeypatch.setenv("CC", cc)
+        cpu_build._build_or_reason.cache_clear()
+        assert cpu_build.build_problem() is None
+    built = sorted(path.name for path in (rebuild / "kernels").iterdir())
+    assert len(built) == 2 and all(name.startswith("cpu_kernels_") for name in built), built
+
+
 def test_a_compiler_named_with_arguments_is_found(monkeypatch):
     monkeypatch.setenv("CC", "env cc")  # as `ccache gcc` would be
     assert cpu_build.compiler()[1:] == ["cc"]

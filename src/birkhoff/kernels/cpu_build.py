@@ -3,9 +3,10 @@ compiler and CPU, and loads it with ctypes: the same route inductor's CPU code t
 system's C compiler, OpenMP), with no torch headers, so a build takes about a second.
 
 The library is cached in the machine's cache (`kernels/` under $BIRKHOFF_CACHE_DIR, default
-~/.cache/birkhoff), named by a hash of the source, the compiler's version, the flags and the
-CPU's instruction sets (-march=native), and written under a temporary name and renamed: ranks
-that build at once each finish with a whole file.
+~/.cache/birkhoff), named by a hash of the source, the compiler's command (with CC's
+arguments) and version, the flags and the CPU's instruction sets (-march=native), and
+written under a temporary name and renamed: ranks that build at once each finish with a
+whole file.
 """
 
 from __future__ import annotations
@@ -107,7 +108,8 @@ def _load() -> ctypes.CDLL:
     sources = [here / name for name in SOURCES]
     texts = [path.read_text() for path in (*sources, *(here / name for name in HEADERS))]
     key = hashlib.sha256()
-    for part in (version, " ".join(FLAGS), _cpu_features(), *texts):
+    # the command with its arguments (CC="gcc -fsanitize=address" builds another library)
+    for part in (" ".join(cc), version, " ".join(FLAGS), _cpu_features(), *texts):
         key.update(part.encode())
     target = machine_cache_dir() / "kernels" / f"cpu_kernels_{key.hexdigest()[:16]}.so"
     if not target.exists():
