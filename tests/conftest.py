@@ -139,6 +139,18 @@ def compare(op_ref, op_new, inputs: list[torch.Tensor]) -> None:
         )
 
 
+def assert_within_own_error(
+    got: torch.Tensor, own: torch.Tensor, exact: torch.Tensor, what=""
+) -> None:
+    """got (float32) against exact (float64), element by element, within twice the float32
+    reference's own largest error there (`own`: the reference run in float32), at least 1e-5:
+    for sums whose float32 error a summation order moves."""
+    bound = max(1e-5, 2 * (own.double() - exact).abs().max().item())
+    torch.testing.assert_close(
+        got.double(), exact, rtol=1e-5, atol=bound, msg=lambda m: f"{what}: {m}"
+    )
+
+
 def concatenated(op, *options):
     """`op` with `options` after its tensor inputs, its outputs flattened into one tensor (for
     `compare` on ops with several outputs)."""

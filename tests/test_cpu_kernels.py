@@ -16,6 +16,7 @@ from birkhoff.errors import RecipeError
 from birkhoff.kernels import cpu_build, cpu_mhc, cpu_mhc_read, cpu_rows, reference
 from conftest import (
     assert_backend_trains_as_reference,
+    assert_within_own_error,
     compare,
     concatenated,
     moe_engram_model,
@@ -100,7 +101,7 @@ def test_cpu_rms_norm_matches_the_reference(shape, eps):
     compare(*(lambda x, w, op=op: op(x, w, eps) for op in ops), inputs)
 
 
-def _read_inputs(n: int, c: int, tokens: int) -> list[torch.Tensor]:
+def read_inputs(n: int, c: int, tokens: int) -> list[torch.Tensor]:
     """Streams (2, tokens, n, c), the projection's weight, alpha and the three biases."""
     weight = torch.randn(2 * n + n * n, n * c) / (n * c) ** 0.5
     biases = [torch.randn(n), torch.randn(n), torch.randn(n, n)]
@@ -120,7 +121,7 @@ def test_cpu_mhc_read_matches_the_reference(n, c, form_eps, norm_eps, tokens):
     of the Sinkhorn gradient, carries float32's error at 1e-5 of its largest values. A norm
     eps of 0.3, against mean squares near 1, would show if it were dropped."""
     torch.manual_seed(n * c + 2)
-    inputs = _read_inputs(n, c, tokens)
+    inputs = read_inputs(n, c, tokens)
     runs = {}
     for name, op, dtype in [
         ("exact", reference.mhc_read, torch.float64),
@@ -132,11 +133,7 @@ def test_cpu_mhc_read_matches_the_reference(n, c, form_eps, norm_eps, tokens):
         grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(0)).to(dtype)
         runs[name] = (out, *torch.autograd.grad(out, leaves, grad))
     for i, (exact, own, got) in enumerate(zip(*runs.values(), strict=True)):
-        own_error = (own.double() - exact).abs().max().item()
-        bound = max(1e-5, 2 * own_error)
-        torch.testing.assert_close(
-            got.double(), exact, rtol=1e-5, atol=bound, msg=lambda m, i=i: f"{i}: {m}"
-        )
+        assert_within_own_error(got, own, exact, f"output or gradient {i}")
 
 
 def test_cpu_mhc_read_sums_the_weight_gradient_over_many_tokens_as_a_gemm_does():
@@ -145,7 +142,7 @@ def test_cpu_mhc_read_sums_the_weight_gradient_over_many_tokens_as_a_gemm_does()
     GEMM's error here, 14x at 65,536 tokens), so the op stays within twice the float32
     reference's own error of the float64 one."""
     torch.manual_seed(11)
-    inputs = _read_inputs(4, 64, 4096)
+    inputs = read_inputs(4, 64, 4096)
     grad = torch.randn(2, 4096, 64, dtype=torch.float64)
     errors = {}
     exact = None
@@ -168,7 +165,7 @@ def test_cpu_mhc_read_with_frozen_streams_takes_any_gradient_of_the_passed_strea
     merge still take a gradient (a broadcast one here, not contiguous), which the backward
     leaves alone, and the weight's gradient is the reference's."""
     torch.manual_seed(12)
-    inputs = _read_inputs(4, 24, 19)
+    inputs = read_inputs(4, 24, 19)
     results = []
     for op in (reference.mhc_read, cpu_mhc_read.mhc_read):
         leaves = [t.clone().requires_grad_(i == 1) for i, t in enumerate(inputs)]
@@ -185,7 +182,7 @@ def test_cpu_mhc_read_takes_outputs_with_no_gradient(used):
     exactly their gradient): every input's gradient still matches the reference's (zero for
     a bias the output does not depend on)."""
     torch.manual_seed(used)
-    inputs = _read_inputs(4, 24, 19)
+    inputs = read_inputs(4, 24, 19)
     exact = [t.double().requires_grad_() for t in inputs]
     given = [t.clone().requires_grad_() for t in inputs]
     expected = reference.mhc_read(*exact, 1e-6, 20, 1e-6)[used]
@@ -205,7 +202,7 @@ def test_cpu_mhc_read_skips_the_gradient_of_a_frozen_input(frozen, monkeypatch):
     no output for its gradient (NULL: the tiles for it do not run), and the other inputs'
     gradients still match the reference's. No GEMM runs: the C pass computes both."""
     torch.manual_seed(8)
-    inputs = _read_inputs(4, 16, 9)
+    inputs = read_inputs(4, 16, 9)
     products, outputs = [], []
     real_mm, real_call = torch.mm, cpu_mhc_read.call
     monkeypatch.setattr(torch, "mm", lambda *a, **k: products.append(1) or real_mm(*a, **k))
@@ -234,7 +231,7 @@ def test_cpu_mhc_read_runs_forward_and_backward_under_autocast():
     GEMMs stay float32: the C passes write float32 into their outputs. The read comes back in
     autocast's dtype, the mappings and every gradient match the float64 reference."""
     torch.manual_seed(4)
-    inputs = _read_inputs(4, 32, 19)
+    inputs = read_inputs(4, 32, 19)
     exact = [t.double().requires_grad_() for t in inputs]
     given = [t.clone().requires_grad_() for t in inputs]
     expected = reference.mhc_read(*exact, 1e-6, 20, 1e-6)
@@ -334,7 +331,7 @@ def test_bf16_streams_come_back_in_bf16():
     assert balanced.dtype == torch.bfloat16
     expected = reference.sinkhorn_knopp(logits.bfloat16().double(), 20)
     torch.testing.assert_close(balanced.double(), expected, rtol=2**-7, atol=1e-2)
-    inputs = _read_inputs(4, 32, 3)
+    inputs = read_inputs(4, 32, 3)
     inputs[0] = streams
     layer_in, h_post, h_res, passed = kernels.get("mhc_read", "cpu")(*inputs, 1e-6, 20, 1e-6)
     assert (layer_in.dtype, h_post.dtype, h_res.dtype) == (torch.bfloat16, *[torch.float32] * 2)

@@ -36,6 +36,12 @@ static inline vfloat vload(const float *p) {
     return v;
 }
 static inline void vstore(float *p, vfloat v) { memcpy(p, &v, sizeof v); }
+/* the sum of a vector's lanes (a dot product's lane-wise partial sums, at the end) */
+static inline float lane_sum(vfloat v) {
+    float total = 0.0f;
+    for (int l = 0; l < VW; l++) total += v[l];
+    return total;
+}
 
 /* Per-thread scratch of a block: states and divisors, the logits, the result, a gradient. */
 typedef struct {

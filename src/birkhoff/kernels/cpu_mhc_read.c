@@ -29,12 +29,6 @@ typedef struct {
     float norm_eps;
 } ReadArgs;
 
-static inline float lane_sum(vfloat v) {
-    float total = 0.0f;
-    for (int l = 0; l < VW; l++) total += v[l];
-    return total;
-}
-
 /* P[t, j] = vec(x_t) . W[j] for tokens t0 .. t0 + rows (rows <= ROWS) and values j0 .. j0 +
  * values (values <= SPAN), the products of ROWS tokens and SPAN rows of W at once, summed
  * lane-wise over the vectors of vec(x) and then across the lanes. Missing tokens and values
@@ -115,20 +109,9 @@ static inline __attribute__((always_inline)) void tile_update(vfloat acc[ROWS][S
         for (int v = 0; v < SPAN; v++) acc[u][v] += s[u] * vec[v];
 }
 
-/* The tile's first `rows` rows to out[u] (the rest repeat the last row and are dropped) */
-static inline __attribute__((always_inline)) void tile_store(vfloat acc[ROWS][SPAN],
-                                                             float *const out[ROWS],
-                                                             int64_t rows) {
-#pragma GCC unroll 16
-    for (int u = 0; u < ROWS; u++)
-        if (u < rows)
-#pragma GCC unroll 16
-            for (int v = 0; v < SPAN; v++) vstore(out[u] + v * VW, acc[u][v]);
-}
-
 /* dx of tokens t0 .. t0 + rows (rows <= ROWS) at columns c0 .. c0 + SPAN VW of stream i:
- * d_merge + c_t x + h_pre[t, i] dy + sum_j g[t, j] W[j, .], ROWS tokens at once so that each vector of W
- * loaded feeds ROWS products (a token at a time, W's K rows would stream from cache per
+ * d_merge + c_t x + h_pre[t, i] dy + sum_j g[t, j] W[j, .], ROWS tokens at once so that each
+ * vector of W loaded feeds ROWS products (a token at a time, W's K rows would stream from cache per
  * token). Missing rows repeat the last one and are not stored. */
 static void streams_gradient_tile(const ReadArgs *r, const float *h_pre, int64_t t0,
                                   int64_t rows, int64_t n, int64_t k, int64_t i, int64_t c0) {
@@ -153,10 +136,8 @@ static void streams_gradient_tile(const ReadArgs *r, const float *h_pre, int64_t
         for (int u = 0; u < ROWS; u++) gj[u] = g[u][j];
         tile_update(acc, gj, r->w + j * d + col);
     }
-    float *out[ROWS];
-#pragma GCC unroll 16
-    for (int u = 0; u < ROWS; u++) out[u] = r->dx + (t0 + (u < rows ? u : rows - 1)) * d + col;
-    tile_store(acc, out, rows);
+    for (int u = 0; u < rows; u++)
+        for (int v = 0; v < SPAN; v++) vstore(r->dx + (t0 + u) * d + col + v * VW, acc[u][v]);
 }
 
 /* The same for one token at columns c0 .. width of stream i (a width that is not a multiple

@@ -134,11 +134,8 @@ static inline __attribute__((always_inline)) void merge_backward_token(
         }
     }
     for (int i = 0; i < N; i++) {
-        float sum_p = 0.0f, sum_r[NMAX] = {0};
-        for (int l = 0; l < VW; l++) {
-            sum_p += acc_p[i][l];
-            for (int j = 0; j < N; j++) sum_r[j] += acc_r[i][j][l];
-        }
+        float sum_p = lane_sum(acc_p[i]), sum_r[NMAX];
+        for (int j = 0; j < N; j++) sum_r[j] = lane_sum(acc_r[i][j]);
         for (int64_t c = whole; c < width; c++) {
             sum_p += g[i * width + c] * y[c];
             for (int j = 0; j < N; j++) sum_r[j] += g[i * width + c] * x[j * width + c];
@@ -171,12 +168,7 @@ static void merge_backward_token_any(const float *g, const float *x, const float
             for (int64_t c = 0; c < width; c++) dj[c] += rij * gi[c];
         }
     }
-    for (int64_t c = 0; c < width; c++) dy[c] = 0.0f;
-    for (int64_t i = 0; i < n; i++) {
-        const float pi = p[i], *gi = g + i * width;
-#pragma omp simd
-        for (int64_t c = 0; c < width; c++) dy[c] += pi * gi[c];
-    }
+    read_streams(g, p, dy, n, width); /* dy = sum_i p_i g_i */
     for (int64_t i = 0; i < n; i++) {
         const float *gi = g + i * width;
         for (int64_t j = 0; j < n; j++) {

@@ -95,9 +95,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 # the kernel backend `backend.kernels=auto` runs on each preset's devices
 PRESET_KERNELS = {"h100": "triton", "h200": "triton", "h800": "triton", "b200": "triton"}
 PRESET_KERNELS |= {"ascend_910b": "npu", "ascend_910c": "npu"}
-# presets whose devices take AdamW's fused step (CUDA: train/optim.py, adamw_step_kind); the
-# others' default, foreach, holds the temporary `foreach_optimizer` counts
-FUSED_ADAMW_PRESETS = {"h100", "h200", "h800", "b200"}
+# presets whose devices take AdamW's fused step (CUDA, the triton backend's devices:
+# train/optim.py, adamw_step_kind); the others' default, foreach, holds the temporary
+# `foreach_optimizer` counts
+FUSED_ADAMW_PRESETS = {preset for preset, kernels in PRESET_KERNELS.items() if kernels == "triton"}
 
 
 def cluster_from(values: dict[str, Any]) -> Cluster:
