@@ -30,6 +30,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 NO_KERNEL = {"empty", "empty_strided", "empty_like", "lift_fresh", "_local_scalar_dense"}
+# the profiler's bookkeeping (the optimizer's step is wrapped in one record, two where a
+# profiler hook was ever registered in the process): no kernel either
+NO_KERNEL |= {"_record_function_enter", "_record_function_enter_new", "_record_function_exit"}
 
 
 class LaunchCounter(TorchDispatchMode):
