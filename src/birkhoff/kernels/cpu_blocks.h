@@ -144,6 +144,50 @@ static inline void add_thread_sums(double *const *partials, int threads, int64_t
     }
 }
 
+/* LANES floats as one GCC vector, split into the target's registers (one with AVX-512, two with
+ * AVX2). The Sinkhorn blocks are written on these rather than as loops over the lanes: gcc 12
+ * with -march=native on an Emerald Rapids Xeon interchanged those loops and ran their exp and
+ * log one float at a time (the log-space iterations 3x slower than vectorised). Comparisons
+ * give lanes_int masks of all ones or zeros. */
+typedef float lanes __attribute__((vector_size(LANES * sizeof(float))));
+typedef int32_t lanes_int __attribute__((vector_size(LANES * sizeof(int32_t))));
+typedef uint32_t lanes_uint __attribute__((vector_size(LANES * sizeof(uint32_t))));
+static inline lanes lanes_load(const float *p) {
+    lanes v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+static inline void lanes_store(float *p, lanes v) { memcpy(p, &v, sizeof v); }
+/* a where the mask is set, else b */
+static inline lanes lanes_select(lanes_int mask, lanes a, lanes b) {
+    return (lanes)(((lanes_int)a & mask) | ((lanes_int)b & ~mask));
+}
+/* a > b ? a : b, as lane_max in cpu_sinkhorn.c (a NaN on either side gives b) */
+static inline lanes lanes_max(lanes a, lanes b) { return lanes_select(a > b, a, b); }
+/* 1.0 where the mask is set, else 0.0 */
+static inline lanes lanes_ones(lanes_int mask) { return __builtin_convertvector(-mask, lanes); }
+static inline lanes lanes_with_nan_of(lanes x, lanes value) {
+    return (lanes)((lanes_int)value | ((x != x) & 0x7fc00000));
+}
+
+/* exp_nonpositive on every lane, step for step */
+static inline lanes lanes_exp_nonpositive(lanes x) {
+    const lanes keep = lanes_ones(x >= -87.3f);
+    const lanes_uint pattern = (lanes_uint)x, low = pattern < 0xc2ae999aU;
+    const lanes clamped = (lanes)((pattern & low) | (0xc2ae999aU & ~low));
+    const lanes k = __builtin_convertvector(
+        __builtin_convertvector(clamped * 1.44269504088896341f - 0.5f, lanes_int), lanes);
+    const lanes r = clamped - k * 0.693359375f + k * 2.12194440e-4f;
+    lanes p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const lanes scale = (lanes)((__builtin_convertvector(k, lanes_int) + 127) << 23);
+    return lanes_with_nan_of(x, keep * (p * scale));
+}
+
 static inline float sigmoidf(float z) { return 1.0f / (1.0f + expf(-z)); }
 
 /* sigmoid(z) of token t's H_pre (i < n) or H_post (n <= i < 2n) value */

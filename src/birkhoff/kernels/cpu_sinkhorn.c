@@ -8,21 +8,17 @@
 
 #include "cpu_blocks.h"
 
-/* log as a polynomial (Cephes' single-precision one, within ~2 ulp of libm here), for the
- * lane loops to vectorise as exp_nonpositive (cpu_blocks.h) does; it takes the normal positive
- * sums of exps, and a NaN stays NaN. */
-static inline float log_lane(float x) {
-    int32_t bits;
-    memcpy(&bits, &x, sizeof bits);
-    float e = (float)(((bits >> 23) & 0xff) - 126);
-    bits = (bits & 0x807fffff) | 0x3f000000; /* the mantissa in [0.5, 1) */
-    float mantissa;
-    memcpy(&mantissa, &bits, sizeof mantissa);
-    const float below = (float)(mantissa < 0.707106781186547524f);
+/* log as a polynomial on every lane (Cephes' single-precision one, within ~2 ulp of libm here),
+ * written on lane vectors as lanes_exp_nonpositive (cpu_blocks.h) is; it takes the normal
+ * positive sums of exps, and a NaN stays NaN. */
+static inline lanes lanes_log(lanes x) {
+    lanes_int bits = (lanes_int)x;
+    lanes e = __builtin_convertvector(((bits >> 23) & 0xff) - 126, lanes);
+    bits = (bits & (int32_t)0x807fffff) | 0x3f000000; /* the mantissa in [0.5, 1) */
+    const lanes mantissa = (lanes)bits, below = lanes_ones(mantissa < 0.707106781186547524f);
     e -= below;
-    const float m = mantissa + below * mantissa - 1.0f, z = m * m;
-    float y = 7.0376836292e-2f;
-    y = y * m - 1.1514610310e-1f;
+    const lanes m = mantissa + below * mantissa - 1.0f, z = m * m;
+    lanes y = m * 7.0376836292e-2f - 1.1514610310e-1f;
     y = y * m + 1.1676998740e-1f;
     y = y * m - 1.2420140846e-1f;
     y = y * m + 1.4249322787e-1f;
@@ -30,17 +26,14 @@ static inline float log_lane(float x) {
     y = y * m + 2.0000714765e-1f;
     y = y * m - 2.4999993993e-1f;
     y = y * m + 3.3333331174e-1f;
-    y = y * m * z - 2.12194440e-4f * e - 0.5f * z;
-    return with_nan_of(x, m + y + 0.693359375f * e);
+    y = y * m * z - e * 2.12194440e-4f - z * 0.5f;
+    return lanes_with_nan_of(x, m + y + e * 0.693359375f);
 }
 
-static inline float lane_max(float a, float b) { return a > b ? a : b; }
-
-/* The index of the b-th value along `dim` of line a: dim 0 runs down column a (a sum over
- * rows i), dim 1 along row a. */
-static inline int64_t line_index(int dim, int64_t n, int64_t a, int64_t b) {
-    return dim == 0 ? b * n + a : a * n + b;
-}
+/* Line a along `dim` of an n x n block: its b-th value is lanes (first + b step) of the block.
+ * dim 0 runs down column a (a sum over rows i), dim 1 along row a. */
+static inline int64_t line_first(int dim, int64_t n, int64_t a) { return dim == 0 ? a : a * n; }
+static inline int64_t line_step(int dim, int64_t n) { return dim == 0 ? n : 1; }
 
 /* Floats of scratch per block: 2 iters + 1 matrices and as many n-vectors of divisors. */
 static int64_t block_floats(int64_t n, int iters) {
@@ -56,59 +49,57 @@ static int64_t block_floats(int64_t n, int iters) {
 static const float *block_forward(const float *logits, float *states, float *divisors,
                                   float *result, int64_t n, int iters, float form_eps) {
     const int64_t nn = n * n;
-    float top[LANES], total[LANES];
     if (form_eps < 0) {
         memcpy(states, logits, nn * LANES * sizeof(float));
         for (int k = 0; k < 2 * iters; k++) {
             const int dim = k % 2;
-            const float *in = states + k * nn * LANES;
-            float *out = states + (k + 1) * nn * LANES;
+            const int64_t step = line_step(dim, n) * LANES;
             for (int64_t a = 0; a < n; a++) {
-                FOR_LANES top[l] = in[line_index(dim, n, a, 0) * LANES + l];
-                for (int64_t b = 1; b < n; b++)
-                    FOR_LANES
-                        top[l] = lane_max(top[l], in[line_index(dim, n, a, b) * LANES + l]);
-                FOR_LANES total[l] = 0.0f;
+                const int64_t first = line_first(dim, n, a) * LANES;
+                const float *in = states + k * nn * LANES + first;
+                float *out = states + (k + 1) * nn * LANES + first;
+                lanes top = lanes_load(in), total = {0};
+                for (int64_t b = 1; b < n; b++) top = lanes_max(top, lanes_load(in + b * step));
                 for (int64_t b = 0; b < n; b++)
-                    FOR_LANES
-                        total[l] += exp_nonpositive(in[line_index(dim, n, a, b) * LANES + l] - top[l]);
-                FOR_LANES total[l] = top[l] + log_lane(total[l]);
-                for (int64_t b = 0; b < n; b++) {
-                    const int64_t e = line_index(dim, n, a, b) * LANES;
-                    FOR_LANES out[e + l] = in[e + l] - total[l];
-                }
+                    total += lanes_exp_nonpositive(lanes_load(in + b * step) - top);
+                total = top + lanes_log(total);
+                for (int64_t b = 0; b < n; b++)
+                    lanes_store(out + b * step, lanes_load(in + b * step) - total);
             }
         }
         const float *last = states + 2 * (int64_t)iters * nn * LANES;
-        for (int64_t e = 0; e < nn * LANES; e++) result[e] = exp_nonpositive(last[e]);
+        for (int64_t e = 0; e < nn * LANES; e += LANES)
+            lanes_store(result + e, lanes_exp_nonpositive(lanes_load(last + e)));
         return result;
     }
     for (int64_t j = 0; j < n; j++) { /* softmax down each column */
-        FOR_LANES top[l] = logits[j * LANES + l];
+        lanes top = lanes_load(logits + j * LANES), total = {0};
         for (int64_t i = 1; i < n; i++)
-            FOR_LANES top[l] = lane_max(top[l], logits[(i * n + j) * LANES + l]);
-        FOR_LANES total[l] = 0.0f;
+            top = lanes_max(top, lanes_load(logits + (i * n + j) * LANES));
         for (int64_t i = 0; i < n; i++) {
             const int64_t e = (i * n + j) * LANES;
-            FOR_LANES total[l] += (states[e + l] = exp_nonpositive(logits[e + l] - top[l]));
+            const lanes p = lanes_exp_nonpositive(lanes_load(logits + e) - top);
+            lanes_store(states + e, p);
+            total += p;
         }
-        for (int64_t i = 0; i < n; i++)
-            FOR_LANES states[(i * n + j) * LANES + l] /= total[l];
+        for (int64_t i = 0; i < n; i++) {
+            const int64_t e = (i * n + j) * LANES;
+            lanes_store(states + e, lanes_load(states + e) / total);
+        }
     }
     for (int k = 0; k < 2 * iters - 1; k++) {
         const int dim = (k + 1) % 2;
-        const float *in = states + k * nn * LANES;
-        float *out = states + (k + 1) * nn * LANES, *dv = divisors + k * n * LANES;
+        const int64_t step = line_step(dim, n) * LANES;
         const float shift = k == 0 ? form_eps : 0.0f; /* m = p + eps before the first */
         for (int64_t a = 0; a < n; a++) {
-            FOR_LANES total[l] = form_eps;
+            const int64_t first = line_first(dim, n, a) * LANES;
+            const float *in = states + k * nn * LANES + first;
+            float *out = states + (k + 1) * nn * LANES + first;
+            lanes total = (lanes){0} + form_eps;
+            for (int64_t b = 0; b < n; b++) total += lanes_load(in + b * step) + shift;
+            lanes_store(divisors + (k * n + a) * LANES, total);
             for (int64_t b = 0; b < n; b++)
-                FOR_LANES total[l] += in[line_index(dim, n, a, b) * LANES + l] + shift;
-            FOR_LANES dv[a * LANES + l] = total[l];
-            for (int64_t b = 0; b < n; b++) {
-                const int64_t e = line_index(dim, n, a, b) * LANES;
-                FOR_LANES out[e + l] = (in[e + l] + shift) / total[l];
-            }
+                lanes_store(out + b * step, (lanes_load(in + b * step) + shift) / total);
         }
     }
     return states + (2 * (int64_t)iters - 1) * nn * LANES;
@@ -120,19 +111,21 @@ static const float *block_forward(const float *logits, float *states, float *div
 static void block_backward(const float *states, const float *divisors, const float *result,
                            float *d, int64_t n, int iters, float form_eps) {
     const int64_t nn = n * n;
-    float total[LANES];
     if (form_eps < 0) {
-        for (int64_t e = 0; e < nn * LANES; e++) d[e] *= result[e]; /* through exp */
+        for (int64_t e = 0; e < nn * LANES; e += LANES) /* through exp */
+            lanes_store(d + e, lanes_load(d + e) * lanes_load(result + e));
         for (int k = 2 * iters - 1; k >= 0; k--) {
             const int dim = k % 2;
-            const float *y = states + (k + 1) * nn * LANES;
+            const int64_t step = line_step(dim, n) * LANES;
             for (int64_t a = 0; a < n; a++) {
-                FOR_LANES total[l] = 0.0f;
-                for (int64_t b = 0; b < n; b++)
-                    FOR_LANES total[l] += d[line_index(dim, n, a, b) * LANES + l];
+                const int64_t first = line_first(dim, n, a) * LANES;
+                const float *y = states + (k + 1) * nn * LANES + first;
+                float *dl = d + first;
+                lanes total = {0};
+                for (int64_t b = 0; b < n; b++) total += lanes_load(dl + b * step);
                 for (int64_t b = 0; b < n; b++) {
-                    const int64_t e = line_index(dim, n, a, b) * LANES;
-                    FOR_LANES d[e + l] -= exp_nonpositive(y[e + l]) * total[l];
+                    const lanes through = lanes_exp_nonpositive(lanes_load(y + b * step));
+                    lanes_store(dl + b * step, lanes_load(dl + b * step) - through * total);
                 }
             }
         }
@@ -140,28 +133,29 @@ static void block_backward(const float *states, const float *divisors, const flo
     }
     for (int k = 2 * iters - 2; k >= 0; k--) {
         const int dim = (k + 1) % 2;
-        const float *m = states + (k + 1) * nn * LANES, *dv = divisors + k * n * LANES;
+        const int64_t step = line_step(dim, n) * LANES;
         for (int64_t a = 0; a < n; a++) {
-            FOR_LANES total[l] = 0.0f;
-            for (int64_t b = 0; b < n; b++) {
-                const int64_t e = line_index(dim, n, a, b) * LANES;
-                FOR_LANES total[l] += d[e + l] * m[e + l];
-            }
-            for (int64_t b = 0; b < n; b++) {
-                const int64_t e = line_index(dim, n, a, b) * LANES;
-                FOR_LANES d[e + l] = (d[e + l] - total[l]) / dv[a * LANES + l];
-            }
+            const int64_t first = line_first(dim, n, a) * LANES;
+            const float *m = states + (k + 1) * nn * LANES + first;
+            const lanes divisor = lanes_load(divisors + (k * n + a) * LANES);
+            float *dl = d + first;
+            lanes total = {0};
+            for (int64_t b = 0; b < n; b++)
+                total += lanes_load(dl + b * step) * lanes_load(m + b * step);
+            for (int64_t b = 0; b < n; b++)
+                lanes_store(dl + b * step, (lanes_load(dl + b * step) - total) / divisor);
         }
     }
     for (int64_t j = 0; j < n; j++) {
-        FOR_LANES total[l] = 0.0f;
+        lanes total = {0};
         for (int64_t i = 0; i < n; i++) {
             const int64_t e = (i * n + j) * LANES;
-            FOR_LANES total[l] += d[e + l] * states[e + l];
+            total += lanes_load(d + e) * lanes_load(states + e);
         }
         for (int64_t i = 0; i < n; i++) {
             const int64_t e = (i * n + j) * LANES;
-            FOR_LANES d[e + l] = states[e + l] * (d[e + l] - total[l]);
+            const lanes p = lanes_load(states + e);
+            lanes_store(d + e, p * (lanes_load(d + e) - total));
         }
     }
 }
