@@ -18,7 +18,7 @@ import time
 import torch
 from model_throughput import SHAPES, VARIANTS, build, step
 
-from birkhoff.kernels.mhc_reference import composed_read
+from birkhoff.kernels.mhc_reference import composed_merge_read, composed_read
 from birkhoff.model.mhc import HyperConnection, StreamReadout
 from birkhoff.train.host_malloc import apply_host_malloc
 
@@ -46,6 +46,7 @@ def with_floor_ops(net: torch.nn.Module) -> torch.nn.Module:
         if isinstance(module, HyperConnection):
             module._mapping, module._pre, module._post = floor_mapping, floor_read, floor_merge
             module._read = composed_read(floor_mapping, floor_read)  # what mhc mode calls
+            module._merge_read = composed_merge_read(floor_merge, module._read)
         elif isinstance(module, StreamReadout):
             module._pre = floor_read
     return net

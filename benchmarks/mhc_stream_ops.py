@@ -79,6 +79,7 @@ def use(net: torch.nn.Module, form: str) -> None:
         if isinstance(module, HyperConnection):
             module._pre, module._post = pre, post
             module._read = mhc_reference.composed_read(mhc_reference.mhc_mapping, pre)
+            module._merge_read = mhc_reference.composed_merge_read(post, module._read)
         elif isinstance(module, StreamReadout):
             module._pre = pre
 

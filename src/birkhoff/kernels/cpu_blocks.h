@@ -69,6 +69,15 @@ int for_each_block(int64_t tokens, const BlockArgs *args, int threads, BlockWork
 void tail_forward_block(Scratch *s, const BlockArgs *x, int64_t t0, int64_t count);
 void tail_backward_block(Scratch *s, const BlockArgs *x, int64_t t0, int64_t count);
 
+/* One token's merge out_i = sum_j r[i, j] x_j + p[i] y over its n streams, and its gradients
+ * from g (the next streams'): dx_j = sum_i r[i, j] g_i, dy = sum_i p[i] g_i,
+ * dr[i, j] = g_i . x_j, dp[i] = g_i . y (cpu_streams.c) */
+void merge_one(const float *x, const float *y, const float *r, const float *p, float *out,
+               int64_t n, int64_t width);
+void merge_backward_one(const float *g, const float *x, const float *y, const float *r,
+                        const float *p, float *dx, float *dy, float *dr, float *dp, int64_t n,
+                        int64_t width);
+
 /* out = sum_i h[i] x_i over one token's n streams of `width` values */
 static inline void read_streams(const float *x, const float *h, float *out, int64_t n,
                                 int64_t width) {

@@ -21,6 +21,8 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _INT64, _INT, _FLOAT, _PTR = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
 # The C functions: pointers, then sizes and options; those returning int return a status
 # (-1: a thread's scratch or sum could not be allocated)
+# the reads' (tokens, n, width, norm_eps, iters, pre_eps, form_eps, threads)
+_READ_FORWARD_SIZES = (_INT64, _INT64, _INT64, _FLOAT, _INT, _FLOAT, _FLOAT, _INT)
 _SIGNATURES = {
     "stream_read_forward": (3, (_INT64, _INT64, _INT64, _INT), None),
     "stream_read_backward": (5, (_INT64, _INT64, _INT64, _INT), None),
@@ -30,8 +32,10 @@ _SIGNATURES = {
     "sinkhorn_backward": (3, (_INT64, _INT64, _INT, _FLOAT, _INT), _INT),
     "mhc_tail_forward": (6, (_INT64, _INT64, _INT, _FLOAT, _FLOAT, _INT), _INT),
     "mhc_tail_backward": (7, (_INT64, _INT64, _INT, _FLOAT, _INT), _INT),
-    "mhc_read_forward": (10, (_INT64, _INT64, _INT64, _FLOAT, _INT, _FLOAT, _FLOAT, _INT), _INT),
+    "mhc_read_forward": (10, _READ_FORWARD_SIZES, _INT),
     "mhc_read_backward": (17, (_INT64, _INT64, _INT64, _INT, _FLOAT, _FLOAT, _INT), _INT),
+    "mhc_merge_read_forward": (14, _READ_FORWARD_SIZES, _INT),
+    "mhc_merge_read_backward": (24, (_INT64, _INT64, _INT64, _INT, _FLOAT, _FLOAT, _INT), _INT),
     "rms_norm_forward": (4, (_INT64, _INT64, _FLOAT, _INT), None),
     "rms_norm_backward": (6, (_INT64, _INT64, _INT), _INT),
     "engram_merge_forward": (7, (_INT64,) * 6 + (_FLOAT, _INT), None),

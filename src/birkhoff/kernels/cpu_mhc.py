@@ -65,7 +65,7 @@ def _(grad: Tensor, streams: Tensor, h_pre: Tensor) -> tuple[Tensor, Tensor]:
     return torch.empty_like(streams), torch.empty_like(h_pre)
 
 
-def _check_merge(streams: Tensor, layer_out: Tensor, h_res: Tensor, h_post: Tensor) -> None:
+def check_merge(streams: Tensor, layer_out: Tensor, h_res: Tensor, h_post: Tensor) -> None:
     check_inputs(streams, layer_out, h_res, h_post)
     tokens, n, width = streams.shape
     check_shapes((layer_out, (tokens, width)), (h_res, (tokens, n, n)), (h_post, (tokens, n)))
@@ -74,7 +74,7 @@ def _check_merge(streams: Tensor, layer_out: Tensor, h_res: Tensor, h_post: Tens
 @custom_op("birkhoff::cpu_stream_merge", mutates_args=())
 def stream_merge(streams: Tensor, layer_out: Tensor, h_res: Tensor, h_post: Tensor) -> Tensor:
     """H_res x + h_post^T y per token: x (M, n, C), y (M, C), H_res (M, n, n), h_post (M, n)."""
-    _check_merge(streams, layer_out, h_res, h_post)
+    check_merge(streams, layer_out, h_res, h_post)
     out = torch.empty_like(streams)
     call("stream_merge_forward", streams, layer_out, h_res, h_post, out, *streams.shape)
     return out
@@ -89,7 +89,7 @@ def _(streams: Tensor, layer_out: Tensor, h_res: Tensor, h_post: Tensor) -> Tens
 def stream_merge_backward(
     grad: Tensor, streams: Tensor, layer_out: Tensor, h_res: Tensor, h_post: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    _check_merge(streams, layer_out, h_res, h_post)
+    check_merge(streams, layer_out, h_res, h_post)
     check_inputs(grad)
     check_shapes((grad, streams.shape))
     grads = tuple(map(torch.empty_like, (streams, layer_out, h_res, h_post)))

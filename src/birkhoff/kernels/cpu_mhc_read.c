@@ -8,7 +8,7 @@
  * each way, where a GEMM of the projection (or of either gradient) would read them again,
  * and the reference passes over them for the norm, the read and each of their gradients.
  * The products run on register tiles (cpu_blocks.h: ROWS x SPAN vectors), so each vector
- * loaded feeds several of them.
+ * loaded feeds several of them. mhc_merge_read (at the end) puts a merge before the read.
  * float32, contiguous. Semantics: kernels/mhc_reference.py (mhc_mapping, then mhc_pre).
  * Built by kernels/cpu_build.py, bound by kernels/cpu_mhc_read.py.
  */
@@ -17,10 +17,21 @@
 
 #include "cpu_blocks.h"
 
+/* The merge before a read (mhc_merge_read): its inputs, the streams it writes (the read's x),
+ * and backward its gradients and each thread's scratch for a block's dx (allocated by the
+ * thread on its first block; the caller frees them). */
+typedef struct {
+    const float *x, *y, *r, *p;
+    float *merged, *dx, *dy, *dr, *dp;
+    float **dx_blocks;
+} MergeArgs;
+
 /* The read's own arguments (BlockArgs.extra); the tail's are in BlockArgs. */
 typedef struct {
     const float *x, *dy, *rinv, *w, *d_merge; /* d_merge: added into dx (may be NULL) */
     float *rinv_out, *y, *d_pre, *g, *c, *dx; /* rinv_out: the forward's 1/rms */
+    int64_t dx_first; /* the token of dx's first row: 0, or a block's first (merge scratch) */
+    const MergeArgs *merge; /* NULL: the read alone (mhc_read) */
     /* each thread's double sum of d_W (K, n C) over its blocks, allocated by the thread on its
      * first block (dw_sums: one pointer per thread; NULL: no d_W); a failed one sets *failed */
     double **dw_sums;
@@ -137,7 +148,8 @@ static void streams_gradient_tile(const ReadArgs *r, const float *h_pre, int64_t
         tile_update(acc, gj, r->w + j * d + col);
     }
     for (int u = 0; u < rows; u++)
-        for (int v = 0; v < SPAN; v++) vstore(r->dx + (t0 + u) * d + col + v * VW, acc[u][v]);
+        for (int v = 0; v < SPAN; v++)
+            vstore(r->dx + (t0 + u - r->dx_first) * d + col + v * VW, acc[u][v]);
 }
 
 /* The same for one token at columns c0 .. width of stream i (a width that is not a multiple
@@ -148,7 +160,7 @@ static void streams_gradient_rest(const ReadArgs *r, const float *h_pre, int64_t
     const float ct = r->c[t], ht = h_pre[t * n + i], *g = r->g + t * k;
     const float *xt = r->x + t * d + col, *dyt = r->dy + t * width;
     const float *dm = r->d_merge ? r->d_merge + t * d + col : NULL;
-    float *dxt = r->dx + t * d + col;
+    float *dxt = r->dx + (t - r->dx_first) * d + col;
 #pragma omp simd
     for (int64_t q = c0; q < width; q++) {
         float acc = ct * xt[q] + ht * dyt[q] + (dm ? dm[q] : 0.0f);
@@ -257,6 +269,15 @@ static void read_backward_block(Scratch *s, const BlockArgs *a, int64_t t0, int6
     if (r->dw_sums) weight_gradient_block(r, t0, count, n, k);
 }
 
+/* d_W (k, d) from the threads' double sums: each element's in thread order, the elements
+ * split over the threads */
+static void sum_weight_gradient(double **sums, int threads, int64_t k, int64_t d, float *dw) {
+    const int64_t size = k * d, chunk = 4096;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t e = 0; e < size; e += chunk)
+        add_thread_sums(sums, threads, e, size - e < chunk ? size - e : chunk, dw + e);
+}
+
 /* dz (tokens, K; the caller reduces it to a's and b's gradients); where dx is not NULL, the
  * streams' gradient dx (tokens, n, C) from the projection's weight w (K, n C), with d_merge
  * (the streams' gradient from elsewhere: the merge's) added where not NULL; where dw is not
@@ -280,14 +301,98 @@ int mhc_read_backward(const float *x, const float *q, const float *rinv, const f
                             .pre_eps = pre_eps, .form_eps = form_eps, .extra = &read};
     if (for_each_block(tokens, &args, threads, read_backward_block) == -1) failed = 1;
     if (sums) {
-        const int64_t k = 2 * n + n * n;
-        const int64_t size = k * n * width, chunk = 4096;
-        if (!failed) /* each element's sums in thread order, the elements split over threads */
-#pragma omp parallel for num_threads(threads) schedule(static)
-            for (int64_t e = 0; e < size; e += chunk)
-                add_thread_sums(sums, threads, e, size - e < chunk ? size - e : chunk, dw + e);
+        if (!failed) sum_weight_gradient(sums, threads, 2 * n + n * n, n * width, dw);
         for (int i = 0; i < threads; i++) free(sums[i]);
         free(sums);
     }
+    return failed ? -1 : 0;
+}
+
+/* mhc_merge_read: the previous sublayer's merge (cpu_streams.c's) written block by block, and
+ * the read taken on the merged streams while they are in cache, where the merge and the read
+ * as two ops write the streams and read them back from memory. */
+static void merge_read_forward_block(Scratch *s, const BlockArgs *a, int64_t t0, int64_t count) {
+    const MergeArgs *m = ((const ReadArgs *)a->extra)->merge;
+    const int64_t n = a->n, width = ((const ReadArgs *)a->extra)->width, d = n * width;
+    for (int64_t t = t0; t < t0 + count; t++)
+        merge_one(m->x + t * d, m->y + t * width, m->r + t * n * n, m->p + t * n,
+                  m->merged + t * d, n, width);
+    read_forward_block(s, a, t0, count);
+}
+
+/* The merge's inputs x, y, r (its H_res), p (its H_post); then mhc_read_forward's arguments
+ * from the projection's weight on, the merged streams written to `merged`. */
+int mhc_merge_read_forward(const float *x, const float *y, const float *r, const float *p,
+                           const float *w, const float *a, const float *b, float *merged,
+                           float *q, float *rinv, float *layer_in, float *h_pre, float *h_post,
+                           float *h_res, int64_t tokens, int64_t n, int64_t width,
+                           float norm_eps, int iters, float pre_eps, float form_eps,
+                           int threads) {
+    const MergeArgs merge = {.x = x, .y = y, .r = r, .p = p, .merged = merged};
+    const ReadArgs read = {.x = merged, .w = w, .rinv_out = rinv, .y = layer_in, .width = width,
+                           .norm_eps = norm_eps, .merge = &merge};
+    const BlockArgs args = {.q = q, .out = q, .a = a, .b = b, .h_pre = h_pre, .h_post = h_post,
+                            .h_res = h_res, .n = n, .iters = iters, .pre_eps = pre_eps,
+                            .form_eps = form_eps, .extra = &read};
+    return for_each_block(tokens, &args, threads, merge_read_forward_block);
+}
+
+/* The read's backward on a block, its dx (the merged streams' whole gradient) into this
+ * thread's scratch, then the merge's backward from it: dx never goes to memory. */
+static void merge_read_backward_block(Scratch *s, const BlockArgs *a, int64_t t0, int64_t count) {
+    const ReadArgs *r = a->extra;
+    const MergeArgs *m = r->merge;
+    const int64_t n = a->n, width = r->width, d = n * width;
+    float **mine = m->dx_blocks + omp_get_thread_num();
+    if (!*mine && !(*mine = malloc((size_t)(LANES * d) * sizeof(float)))) {
+#pragma omp atomic write
+        *r->failed = 1;
+        return;
+    }
+    ReadArgs block_read = *r;
+    block_read.dx = *mine;
+    block_read.dx_first = t0;
+    BlockArgs block = *a;
+    block.extra = &block_read;
+    read_backward_block(s, &block, t0, count);
+    for (int64_t t = t0; t < t0 + count; t++)
+        merge_backward_one(*mine + (t - t0) * d, m->x + t * d, m->y + t * width,
+                           m->r + t * n * n, m->p + t * n, m->dx + t * d, m->dy + t * width,
+                           m->dr + t * n * n, m->dp + t * n, n, width);
+}
+
+/* The merge's inputs and their gradients (dx, dy, dr, dp), then mhc_read_backward's arguments
+ * with the merged streams as its x; d_merge: the merged streams' gradient from elsewhere (the
+ * next merge's; may be NULL). Returns 0, or -1 where a thread's scratch or sum could not be
+ * allocated. */
+int mhc_merge_read_backward(const float *x, const float *y, const float *r, const float *p,
+                            float *dx, float *dy, float *dr, float *dp, const float *merged,
+                            const float *q, const float *rinv, const float *a, const float *b,
+                            const float *d_layer_in, const float *d_post, const float *d_res,
+                            const float *w, const float *d_merge, float *d_pre, float *dz,
+                            float *g, float *c, float *h_pre, float *dw, int64_t tokens,
+                            int64_t n, int64_t width, int iters, float pre_eps, float form_eps,
+                            int threads) {
+    float **blocks = calloc((size_t)threads, sizeof(float *));
+    double **sums = dw ? calloc((size_t)threads, sizeof(double *)) : NULL;
+    int failed = !blocks || (dw && !sums);
+    if (!failed) {
+        const MergeArgs merge = {.x = x, .y = y, .r = r, .p = p, .dx = dx, .dy = dy, .dr = dr,
+                                 .dp = dp, .dx_blocks = blocks};
+        const ReadArgs read = {.x = merged, .dy = d_layer_in, .rinv = rinv, .w = w,
+                               .d_merge = d_merge, .d_pre = d_pre, .g = g, .c = c,
+                               .dx = NULL /* each block's scratch */, .dw_sums = sums,
+                               .failed = &failed, .width = width, .merge = &merge};
+        const BlockArgs args = {.q = q, .a = a, .b = b, .d_pre = d_pre, .d_post = d_post,
+                                .d_res = d_res, .dz = dz, .h_pre = h_pre, .n = n,
+                                .iters = iters, .pre_eps = pre_eps, .form_eps = form_eps,
+                                .extra = &read};
+        if (for_each_block(tokens, &args, threads, merge_read_backward_block) == -1) failed = 1;
+        if (sums && !failed) sum_weight_gradient(sums, threads, 2 * n + n * n, n * width, dw);
+    }
+    for (int i = 0; blocks && i < threads; i++) free(blocks[i]);
+    for (int i = 0; sums && i < threads; i++) free(sums[i]);
+    free(blocks);
+    free(sums);
     return failed ? -1 : 0;
 }

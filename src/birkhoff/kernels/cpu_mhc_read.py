@@ -29,7 +29,7 @@ from birkhoff.kernels.cpu_mhc import tail_parameters
 from birkhoff.kernels.registry import CPU, register
 
 
-def _check_read(streams: Tensor, weight: Tensor, a: Tensor, b: Tensor, iters: int) -> None:
+def check_read(streams: Tensor, weight: Tensor, a: Tensor, b: Tensor, iters: int) -> None:
     check_inputs(streams, weight, a, b)
     check_iters(iters)
     torch._check(streams.dim() == 3, lambda: f"the read takes (M, n, C), got {streams.shape}")
@@ -38,7 +38,7 @@ def _check_read(streams: Tensor, weight: Tensor, a: Tensor, b: Tensor, iters: in
     check_shapes((weight, (values, n * width)), (a, (values,)), (b, (values,)))
 
 
-def _read_outputs(streams: Tensor) -> tuple[Tensor, ...]:
+def read_outputs(streams: Tensor) -> tuple[Tensor, ...]:
     tokens, n, width = streams.shape
     new = streams.new_empty
     return new(tokens, width), new(tokens, n), new(tokens, n, n), new(tokens, 2 * n + n * n)
@@ -59,9 +59,9 @@ def mhc_read_op(
     (M, n, C) with the projection weight (K = 2n + n^2, n C) and the tail's per-value scale
     and bias (K,): q = vec(x) W^T / rms(vec(x)), the mappings of z = a q + b as `cpu_mhc_tail`.
     q and 1/rms are what the backward keeps (no gradient flows through them)."""
-    _check_read(streams, weight, a, b, iters)
+    check_read(streams, weight, a, b, iters)
     tokens, n, width = streams.shape
-    layer_in, h_post, h_res, q = _read_outputs(streams)
+    layer_in, h_post, h_res, q = read_outputs(streams)
     h_pre, rinv = streams.new_empty(tokens, n), streams.new_empty(tokens)
     call(
         "mhc_read_forward", streams, weight, a, b, q, rinv, layer_in, h_pre, h_post, h_res,
@@ -72,7 +72,7 @@ def mhc_read_op(
 
 @mhc_read_op.register_fake
 def _(streams, weight, a, b, norm_eps: float, iters: int, pre_eps: float, form_eps: float):
-    return (*_read_outputs(streams), streams.new_empty(streams.shape[0]))
+    return (*read_outputs(streams), streams.new_empty(streams.shape[0]))
 
 
 @custom_op("birkhoff::cpu_mhc_read_backward", mutates_args=())
@@ -97,7 +97,7 @@ def mhc_read_backward(
     (None: zero); the streams' or the weight's empty where not needed (a frozen input's tiles do
     not run). d_merge, a gradient of the streams from elsewhere (the merge's), is added into
     theirs."""
-    _check_read(streams, weight, a, b, iters)
+    check_read(streams, weight, a, b, iters)
     check_inputs(q, rinv, d_layer_in, d_post, d_res, d_merge)
     tokens, n, width = streams.shape
     check_shapes(

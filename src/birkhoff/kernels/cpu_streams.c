@@ -86,21 +86,24 @@ static void merge_token_any(const float *x, const float *y, const float *r, cons
     }
 }
 
+/* One token's merge, N a constant for up to NMAX streams (the loops over streams unroll) */
+void merge_one(const float *x, const float *y, const float *r, const float *p, float *out,
+               int64_t n, int64_t width) {
+    switch (n) {
+    case 1: merge_token(x, y, r, p, out, width, 1); break;
+    case 2: merge_token(x, y, r, p, out, width, 2); break;
+    case 3: merge_token(x, y, r, p, out, width, 3); break;
+    case 4: merge_token(x, y, r, p, out, width, 4); break;
+    default: merge_token_any(x, y, r, p, out, n, width);
+    }
+}
+
 void stream_merge_forward(const float *x, const float *y, const float *r, const float *p,
                           float *out, int64_t tokens, int64_t n, int64_t width, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t t = 0; t < tokens; t++) {
-        const float *xt = x + t * n * width, *yt = y + t * width, *rt = r + t * n * n;
-        const float *pt = p + t * n;
-        float *ot = out + t * n * width;
-        switch (n) { /* N a constant in each case: the loops over streams unroll */
-        case 1: merge_token(xt, yt, rt, pt, ot, width, 1); break;
-        case 2: merge_token(xt, yt, rt, pt, ot, width, 2); break;
-        case 3: merge_token(xt, yt, rt, pt, ot, width, 3); break;
-        case 4: merge_token(xt, yt, rt, pt, ot, width, 4); break;
-        default: merge_token_any(xt, yt, rt, pt, ot, n, width);
-        }
-    }
+    for (int64_t t = 0; t < tokens; t++)
+        merge_one(x + t * n * width, y + t * width, r + t * n * n, p + t * n,
+                  out + t * n * width, n, width);
 }
 
 /* The merge's gradients of one token over N <= NMAX streams (N a constant where inlined): per
@@ -185,6 +188,19 @@ static void merge_backward_token_any(const float *g, const float *x, const float
     }
 }
 
+/* One token's merge gradients, N a constant for up to NMAX streams */
+void merge_backward_one(const float *g, const float *x, const float *y, const float *r,
+                        const float *p, float *dx, float *dy, float *dr, float *dp, int64_t n,
+                        int64_t width) {
+    switch (n) {
+    case 1: merge_backward_token(g, x, y, r, p, dx, dy, dr, dp, width, 1); break;
+    case 2: merge_backward_token(g, x, y, r, p, dx, dy, dr, dp, width, 2); break;
+    case 3: merge_backward_token(g, x, y, r, p, dx, dy, dr, dp, width, 3); break;
+    case 4: merge_backward_token(g, x, y, r, p, dx, dy, dr, dp, width, 4); break;
+    default: merge_backward_token_any(g, x, y, r, p, dx, dy, dr, dp, n, width);
+    }
+}
+
 /* dx[t, j, c] = sum_i r[t, i, j] g[t, i, c];  dy[t, c] = sum_i p[t, i] g[t, i, c];
  * dr[t, i, j] = sum_c g[t, i, c] x[t, j, c];  dp[t, i] = sum_c g[t, i, c] y[t, c] */
 void stream_merge_backward(const float *g, const float *x, const float *y, const float *r,
@@ -193,15 +209,7 @@ void stream_merge_backward(const float *g, const float *x, const float *y, const
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t t = 0; t < tokens; t++) {
         const int64_t s = t * n * width;
-        const float *gt = g + s, *xt = x + s, *yt = y + t * width, *rt = r + t * n * n;
-        const float *pt = p + t * n;
-        float *dxt = dx + s, *dyt = dy + t * width, *drt = dr + t * n * n, *dpt = dp + t * n;
-        switch (n) { /* N a constant in each case: the loops over streams unroll */
-        case 1: merge_backward_token(gt, xt, yt, rt, pt, dxt, dyt, drt, dpt, width, 1); break;
-        case 2: merge_backward_token(gt, xt, yt, rt, pt, dxt, dyt, drt, dpt, width, 2); break;
-        case 3: merge_backward_token(gt, xt, yt, rt, pt, dxt, dyt, drt, dpt, width, 3); break;
-        case 4: merge_backward_token(gt, xt, yt, rt, pt, dxt, dyt, drt, dpt, width, 4); break;
-        default: merge_backward_token_any(gt, xt, yt, rt, pt, dxt, dyt, drt, dpt, n, width);
-        }
+        merge_backward_one(g + s, x + s, y + t * width, r + t * n * n, p + t * n, dx + s,
+                           dy + t * width, dr + t * n * n, dp + t * n, n, width);
     }
 }

@@ -351,3 +351,33 @@ def composed_read(mapping, pre):
 
 
 mhc_read = register("mhc_read", REFERENCE)(composed_read(mhc_mapping, mhc_pre))
+
+
+def composed_merge_read(post, read):
+    """The `mhc_merge_read` op of a backend with its own `mhc_post` and `mhc_read`: the one then
+    the other (a backend that fuses them, `cpu`, registers its own)."""
+
+    def mhc_merge_read(
+        streams: torch.Tensor,
+        layer_out: torch.Tensor,
+        h_res: torch.Tensor,
+        h_post: torch.Tensor,
+        weight: torch.Tensor,
+        alpha: torch.Tensor,
+        bias_pre: torch.Tensor,
+        bias_post: torch.Tensor,
+        bias_res: torch.Tensor,
+        norm_eps: float,
+        iters: int,
+        form_eps: float | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One sublayer's merge and the next one's read: `mhc_post` of (streams, layer_out,
+        h_res, h_post), then `mhc_read` of the merged streams with the next hyper-connection's
+        arguments (weight on); returns what `mhc_read` does, the merged streams last."""
+        merged = post(streams, layer_out, h_res, h_post)
+        return read(merged, weight, alpha, bias_pre, bias_post, bias_res, norm_eps, iters, form_eps)
+
+    return mhc_merge_read
+
+
+mhc_merge_read = register("mhc_merge_read", REFERENCE)(composed_merge_read(mhc_post, mhc_read))

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from birkhoff.kernels.causal_conv import causal_conv
 from birkhoff.kernels.mhc_reference import (  # noqa: F401  (registered there, re-exported)
     mhc_mapping,
+    mhc_merge_read,
     mhc_post,
     mhc_pre,
     mhc_read,

@@ -208,6 +208,7 @@ def _load_backends() -> None:
     from birkhoff.kernels import (  # noqa: F401  (npu_ops: torch_npu lazily; cpu_*: built lazily)
         cpu_engram,
         cpu_mhc,
+        cpu_mhc_merge_read,
         cpu_mhc_read,
         cpu_rows,
         linear_cross_entropy,

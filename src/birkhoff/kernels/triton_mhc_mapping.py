@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from birkhoff.kernels import triton_mhc
-from birkhoff.kernels.mhc_reference import composed_read
+from birkhoff.kernels.mhc_reference import composed_merge_read, composed_read
 from birkhoff.kernels.registry import register
 from birkhoff.kernels.triton_sinkhorn import sinkhorn_knopp, sinkhorn_knopp_eps
 
@@ -210,5 +210,7 @@ def mhc_mapping(
     return h_pre.reshape(*batch, n), h_post.reshape(*batch, n), h_res
 
 
-# mHC's read: these mappings, then triton_mhc's stream read
-register("mhc_read", "triton")(composed_read(mhc_mapping, triton_mhc.mhc_pre))
+# mHC's read: these mappings, then triton_mhc's stream read; a merge and the next read: its
+# merge, then that read
+triton_read = register("mhc_read", "triton")(composed_read(mhc_mapping, triton_mhc.mhc_pre))
+register("mhc_merge_read", "triton")(composed_merge_read(triton_mhc.mhc_post, triton_read))

@@ -50,6 +50,12 @@ def _mhc_mapping(tokens: int) -> list:
     return [torch.randn(tokens, n, hidden), weight, torch.rand(3), *biases, 1e-6, 20, 1e-6]
 
 
+def _mhc_merge_read(tokens: int) -> list:
+    merge = _mhc_post(tokens)  # H_res's rows near a distribution, as Sinkhorn's are
+    merge[2] = torch.softmax(merge[2], -1)
+    return [*merge, *_mhc_mapping(tokens)[1:]]  # the next read's arguments after the streams
+
+
 def _rms_norm(tokens: int) -> list:
     return [torch.randn(tokens, 1024), torch.rand(1024) + 0.5, 1e-6]
 
@@ -152,6 +158,7 @@ EXAMPLES: dict[str, Callable[[int], list]] = {
     "mhc_post": _mhc_post,
     "mhc_mapping": _mhc_mapping,
     "mhc_read": _mhc_mapping,  # the mapping's arguments; out: H_pre x, H_post, H_res, x
+    "mhc_merge_read": _mhc_merge_read,  # a merge's, then the read's; out: mhc_read's
     "rms_norm": _rms_norm,
     "rope": _rope,
     "attention": _attention,

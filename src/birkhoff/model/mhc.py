@@ -13,7 +13,8 @@ starting softmax and to every sum it divides by (kernels/mhc_reference.py: sinkh
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,16 @@ from birkhoff.model.init import constant
 from birkhoff.model.recompute import recomputing
 
 Sublayer = Callable[[torch.Tensor], torch.Tensor]
+
+
+class PendingMerge(NamedTuple):
+    """A sublayer's output not yet merged into the streams it read: the next hyper-connection
+    takes the merge with its own read (`mhc_merge_read`)."""
+
+    streams: torch.Tensor
+    layer_out: torch.Tensor
+    h_res: torch.Tensor
+    h_post: torch.Tensor
 
 
 class PlainResidual(nn.Module):
@@ -79,6 +90,7 @@ class HyperConnection(nn.Module):
         self._read = kernels.get("mhc_read", kernel_backend)
         self._pre = kernels.get("mhc_pre", kernel_backend)
         self._post = kernels.get("mhc_post", kernel_backend)
+        self._merge_read = kernels.get("mhc_merge_read", kernel_backend)
         self.last_h_res: torch.Tensor | None = None  # (tokens sampled, n, n), detached
         self.last_deviation: torch.Tensor | None = None  # worst |row sum-1|, |col sum-1|
 
@@ -102,15 +114,28 @@ class HyperConnection(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, sublayer: Sublayer) -> torch.Tensor:
+        return self.merge(self.open(x, sublayer))
+
+    def open(self, x: torch.Tensor | PendingMerge, sublayer: Sublayer) -> PendingMerge:
+        """Reads the streams x, or a previous connection's pending merge taken with the read,
+        and runs the sublayer; the merge is left pending (`merge`, or the next `open`)."""
         if self.cfg.mode == "mhc":  # the mappings and the read in one op (fused on cpu)
-            # x comes back as the merge is to take it (on cpu through the read, whose backward
-            # then adds the merge's gradient of x in the pass that writes its own)
-            layer_in, h_post, h_res, x = self._read(x, *self._mhc_arguments())
+            # the streams come back as the merge is to take them (on cpu through the read,
+            # whose backward then adds the merge's gradient of them in its own pass)
+            arguments = self._mhc_arguments()
+            if isinstance(x, PendingMerge):
+                layer_in, h_post, h_res, x = self._merge_read(*x, *arguments)
+            else:
+                layer_in, h_post, h_res, x = self._read(x, *arguments)
         else:
+            x = self.merge(x) if isinstance(x, PendingMerge) else x
             h_pre, h_post, h_res = self.mappings(x)
             layer_in = self._pre(x, h_pre)
         self._record(h_res.detach())
-        return self._post(x, sublayer(layer_in), h_res, h_post)
+        return PendingMerge(x, sublayer(layer_in), h_res, h_post)
+
+    def merge(self, pending: PendingMerge) -> torch.Tensor:
+        return self._post(*pending)
 
     def _record(self, h_res: torch.Tensor) -> None:
         """Keep the latest H_res sample and the worst deviation over every training forward
@@ -146,6 +171,20 @@ class StreamReadout(nn.Module):
         else:
             weights = with_pre_eps(torch.sigmoid(self.alpha * dynamic + self.bias), self.cfg)
         return self._pre(x, weights)
+
+
+def residual_chain(x: torch.Tensor, steps: Sequence[tuple[nn.Module, Sublayer]]) -> torch.Tensor:
+    """x through each (residual, sublayer) in turn. Between hyper-connections each merge is
+    left pending and taken with the next read (`mhc_merge_read`: one op each way on the cpu
+    backend, where a merge's output and its gradient are otherwise written and read back)."""
+    if not all(isinstance(residual, HyperConnection) for residual, _ in steps):
+        for residual, sublayer in steps:
+            x = residual(x, sublayer)
+        return x
+    state: torch.Tensor | PendingMerge = x
+    for residual, sublayer in steps:
+        state = residual.open(state, sublayer)
+    return steps[-1][0].merge(state)
 
 
 def build_residual(

@@ -14,7 +14,7 @@ from birkhoff.model.config import ModelConfig
 from birkhoff.model.context import SequenceContext, document_causal_mask
 from birkhoff.model.engram import PAD_ID, Engram
 from birkhoff.model.init import constant, initialise
-from birkhoff.model.mhc import StreamReadout, build_residual
+from birkhoff.model.mhc import StreamReadout, build_residual, residual_chain
 from birkhoff.model.mlp import SwiGLU
 from birkhoff.model.moe import MoE, hash_routing_table
 from birkhoff.model.mtp import MTPDepth, mtp_depths, mtp_loss
@@ -83,8 +83,13 @@ class Block(nn.Module):
             rows = ctx.engram_rows.get(self.layer) if ctx.engram_rows else None
             x = self.engram(x, tokens, rows)
         aux: list[torch.Tensor] = []
-        x = self.attention_residual(x, lambda h: self._attend(self.attention_norm(h), ctx, aux))
-        x = self.ffn_residual(x, lambda h: self._ffn(self.ffn_norm(h), tokens, ctx, aux))
+        x = residual_chain(
+            x,
+            [
+                (self.attention_residual, lambda h: self._attend(self.attention_norm(h), ctx, aux)),
+                (self.ffn_residual, lambda h: self._ffn(self.ffn_norm(h), tokens, ctx, aux)),
+            ],
+        )
         return x, (sum(aux[1:], aux[0]) if aux else None)
 
     def _attend(
