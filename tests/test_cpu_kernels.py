@@ -13,7 +13,14 @@ from test_train import read_metrics, train_in_process
 
 from birkhoff import kernels
 from birkhoff.errors import RecipeError
-from birkhoff.kernels import cpu_build, cpu_mhc, cpu_mhc_read, cpu_rows, reference
+from birkhoff.kernels import (
+    cpu_build,
+    cpu_mhc,
+    cpu_mhc_merge_read,
+    cpu_mhc_read,
+    cpu_rows,
+    reference,
+)
 from conftest import (
     assert_backend_trains_as_reference,
     assert_within_own_error,
@@ -436,6 +443,13 @@ def test_the_cpu_kernels_are_well_formed_custom_ops():
             (torch.randn(19, 4, 8), torch.randn(24, 32), a, b, 1e-6, 20, 1e-6, 1e-6),
         ),
         (cpu_rows.rms_norm_op, (torch.randn(19, 40), torch.rand(40), 1e-6)),
+        (
+            cpu_mhc_merge_read.merge_read_op,
+            (
+                *(torch.randn(19, 4, 8), torch.randn(19, 8), torch.rand(19, 4, 4)),
+                *(torch.rand(19, 4), torch.randn(24, 32), a, b, 1e-6, 20, 0.0, -1.0),
+            ),
+        ),
     ]
     for op, args in cases:
         grads = [t.requires_grad_() if isinstance(t, torch.Tensor) else t for t in args]

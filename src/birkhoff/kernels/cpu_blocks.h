@@ -2,8 +2,9 @@
  * arguments and the driver over blocks (cpu_sinkhorn.c, cpu_mhc_read.c), two row helpers (the
  * stream read, 1/rms; cpu_streams.c, cpu_rows.c, cpu_mhc_read.c, cpu_engram.c), exp and
  * sigmoid written to vectorise (cpu_sinkhorn.c, cpu_engram.c), the ordered sum of the
- * threads' weight gradients (cpu_rows.c, cpu_engram.c) and the vectors of register tiles
- * (cpu_mhc_read.c, cpu_streams.c). */
+ * threads' weight gradients (cpu_rows.c, cpu_engram.c, cpu_mhc_read.c), the vectors of
+ * register tiles (cpu_mhc_read.c, cpu_streams.c), the lane vectors Sinkhorn runs on with their
+ * exp (cpu_sinkhorn.c) and one token's merge (cpu_streams.c, cpu_mhc_read.c). */
 #ifndef BIRKHOFF_CPU_BLOCKS_H
 #define BIRKHOFF_CPU_BLOCKS_H
 
@@ -171,7 +172,7 @@ static inline void lanes_store(float *p, lanes v) { memcpy(p, &v, sizeof v); }
 static inline lanes lanes_select(lanes_int mask, lanes a, lanes b) {
     return (lanes)(((lanes_int)a & mask) | ((lanes_int)b & ~mask));
 }
-/* a > b ? a : b, as lane_max in cpu_sinkhorn.c (a NaN on either side gives b) */
+/* a > b ? a : b per lane (a NaN on either side gives b) */
 static inline lanes lanes_max(lanes a, lanes b) { return lanes_select(a > b, a, b); }
 /* 1.0 where the mask is set, else 0.0 */
 static inline lanes lanes_ones(lanes_int mask) { return __builtin_convertvector(-mask, lanes); }

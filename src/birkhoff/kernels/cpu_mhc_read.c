@@ -10,7 +10,7 @@
  * The products run on register tiles (cpu_blocks.h: ROWS x SPAN vectors), so each vector
  * loaded feeds several of them. mhc_merge_read (at the end) puts a merge before the read.
  * float32, contiguous. Semantics: kernels/mhc_reference.py (mhc_mapping, then mhc_pre).
- * Built by kernels/cpu_build.py, bound by kernels/cpu_mhc_read.py.
+ * Built by kernels/cpu_build.py, bound by kernels/cpu_mhc_read.py and cpu_mhc_merge_read.py.
  */
 #include <omp.h>
 #include <stdlib.h>

@@ -175,8 +175,9 @@ class StreamReadout(nn.Module):
 
 def residual_chain(x: torch.Tensor, steps: Sequence[tuple[nn.Module, Sublayer]]) -> torch.Tensor:
     """x through each (residual, sublayer) in turn. Between hyper-connections each merge is
-    left pending and taken with the next read (`mhc_merge_read`: one op each way on the cpu
-    backend, where a merge's output and its gradient are otherwise written and read back)."""
+    left pending and taken with the next read: in mhc mode one op (`mhc_merge_read`: one pass
+    each way on the cpu backend, where a merge's output and its gradient are otherwise
+    written and read back), in hc mode the merge and then the read."""
     if not all(isinstance(residual, HyperConnection) for residual, _ in steps):
         for residual, sublayer in steps:
             x = residual(x, sublayer)
