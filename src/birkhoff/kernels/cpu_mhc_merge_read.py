@@ -20,8 +20,15 @@ from torch.library import custom_op
 from birkhoff.kernels import mhc_reference as reference
 from birkhoff.kernels.cpu_library import DTYPES, call, check_inputs, check_shapes
 from birkhoff.kernels.cpu_library import float32_contiguous as f32
-from birkhoff.kernels.cpu_mhc import check_merge, mhc_post, tail_parameters
-from birkhoff.kernels.cpu_mhc_read import check_read, mhc_read, read_outputs
+from birkhoff.kernels.cpu_mhc import check_merge, mhc_post
+from birkhoff.kernels.cpu_mhc_read import (
+    backward_scratch,
+    check_read,
+    mhc_read,
+    read_arguments,
+    read_outputs,
+    read_results,
+)
 from birkhoff.kernels.registry import CPU, register
 
 _composed = reference.composed_merge_read(mhc_post, mhc_read)
@@ -102,17 +109,13 @@ def merge_read_backward(
     )  # fmt: skip
     grads = tuple(map(torch.empty_like, (streams, layer_out, h_res, h_post)))
     d_weight = torch.empty_like(weight) if need_weight else weight.new_empty(0)
-    d_pre, h_pre, c = (
-        streams.new_empty(tokens, n),
-        streams.new_empty(tokens, n),
-        rinv.new_empty(tokens),
-    )
-    d_z, g = torch.empty_like(q), torch.empty_like(q)
+    scratch = backward_scratch(streams, q)
     call(
         "mhc_merge_read_backward", streams, layer_out, h_res, h_post, *grads, merged, q, rinv,
-        a, b, d_layer_in, d_post, d_res, weight, d_merged, d_pre, d_z, g, c, h_pre,
+        a, b, d_layer_in, d_post, d_res, weight, d_merged, *scratch,
         d_weight if need_weight else None, tokens, n, width, iters, pre_eps, form_eps,
     )  # fmt: skip
+    d_z = scratch[1]  # the gradient at z = a q + b: a's and b's
     return *grads, d_weight, (d_z * q).sum(0), d_z.sum(0)
 
 
@@ -171,27 +174,13 @@ def mhc_merge_read(
         return reference.mhc_merge_read(*args, norm_eps, iters, form_eps)
     if streams.dtype != torch.float32:
         return _composed(*args, norm_eps, iters, form_eps)
-    dtype, (*batch, n, width) = reference._matmul_dtype(streams), streams.shape
+    n, width = streams.shape[-2:]
     with torch.autocast("cpu", enabled=False):
-        scale, bias, _, iters, pre_eps, form = tail_parameters(
-            alpha, bias_pre, bias_post, bias_res, iters, form_eps
-        )
-        layer_in, h_post_next, h_res_next, _, _, merged = merge_read_op(
+        *outputs, _, _, merged = merge_read_op(
             f32(streams.reshape(-1, n, width)),
             f32(layer_out.reshape(-1, width)),
             f32(h_res.reshape(-1, n, n)),
             f32(h_post.reshape(-1, n)),
-            f32(weight),
-            scale,
-            bias,
-            norm_eps,
-            iters,
-            pre_eps,
-            form,
+            *read_arguments(*args[4:], norm_eps, iters, form_eps),
         )
-    return (
-        layer_in.view(*batch, width).to(dtype),
-        h_post_next.view(*batch, n),
-        h_res_next.view(*batch, n, n),
-        merged.view(streams.shape),
-    )
+    return *read_results(*outputs, streams), merged.view(streams.shape)

@@ -38,6 +38,42 @@ def check_read(streams: Tensor, weight: Tensor, a: Tensor, b: Tensor, iters: int
     check_shapes((weight, (values, n * width)), (a, (values,)), (b, (values,)))
 
 
+def read_arguments(
+    weight: Tensor,
+    alpha: Tensor,
+    bias_pre: Tensor,
+    bias_post: Tensor,
+    bias_res: Tensor,
+    norm_eps: float,
+    iters: int,
+    form_eps: float | None,
+) -> tuple:
+    """What the C read takes after the streams, from the registry op's arguments: the weight in
+    float32, the tail's scale and bias, the norm's eps, iters, H_pre's eps and the form."""
+    scale, bias, _, iters, pre_eps, form = tail_parameters(
+        alpha, bias_pre, bias_post, bias_res, iters, form_eps
+    )
+    return float32_contiguous(weight), scale, bias, norm_eps, iters, pre_eps, form
+
+
+def read_results(
+    layer_in: Tensor, h_post: Tensor, h_res: Tensor, streams: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The C read's outputs (rows of tokens) in the streams' batch shape, the sublayer's input
+    in the dtype a matmul of the streams runs in."""
+    *batch, n, width = streams.shape
+    dtype = reference._matmul_dtype(streams)
+    return layer_in.view(*batch, width).to(dtype), h_post.view(*batch, n), h_res.view(*batch, n, n)
+
+
+def backward_scratch(streams: Tensor, q: Tensor) -> tuple[Tensor, ...]:
+    """The C backward's per-token scratch, in its order: d_pre (M, n), dz and g (M, K), c (M,)
+    and h_pre (M, n)."""
+    tokens, n = streams.shape[:2]
+    new = streams.new_empty
+    return new(tokens, n), torch.empty_like(q), torch.empty_like(q), new(tokens), new(tokens, n)
+
+
 def read_outputs(streams: Tensor) -> tuple[Tensor, ...]:
     tokens, n, width = streams.shape
     new = streams.new_empty
@@ -104,19 +140,15 @@ def mhc_read_backward(
         (q, (tokens, 2 * n + n * n)), (rinv, (tokens,)), (d_layer_in, (tokens, width)),
         (d_post, (tokens, n)), (d_res, (tokens, n, n)), (d_merge, streams.shape),
     )  # fmt: skip
-    d_pre, h_pre, c = (
-        streams.new_empty(tokens, n),
-        streams.new_empty(tokens, n),
-        rinv.new_empty(tokens),
-    )
-    d_z, g = torch.empty_like(q), torch.empty_like(q)
     d_streams = torch.empty_like(streams) if need_streams else streams.new_empty(0)
     d_weight = torch.empty_like(weight) if need_weight else weight.new_empty(0)
+    scratch = backward_scratch(streams, q)
     call(
         "mhc_read_backward", streams, q, rinv, a, b, d_layer_in, d_post, d_res, weight, d_merge,
-        d_pre, d_z, g, c, h_pre, d_streams if need_streams else None,
+        *scratch, d_streams if need_streams else None,
         d_weight if need_weight else None, tokens, n, width, iters, pre_eps, form_eps,
     )  # fmt: skip
+    d_z = scratch[1]  # the gradient at z = a q + b: a's and b's
     return d_streams, d_weight, (d_z * q).sum(0), d_z.sum(0)
 
 
@@ -198,23 +230,8 @@ def mhc_read(
     args = (streams, weight, alpha, bias_pre, bias_post, bias_res, norm_eps, iters, form_eps)
     if torch.compiler.is_compiling():
         return reference.mhc_read(*args)
-    dtype, (*batch, n, width) = reference._matmul_dtype(streams), streams.shape
-    rows = float32_contiguous(streams.reshape(-1, n, width))
+    rows = float32_contiguous(streams.reshape(-1, *streams.shape[-2:]))
     with torch.autocast("cpu", enabled=False):
-        scale, bias, _, iters, pre_eps, form = tail_parameters(*args[2:6], iters, form_eps)
-        layer_in, h_post, h_res, passed = _ReadPassingStreams.apply(
-            rows,
-            float32_contiguous(weight),
-            scale,
-            bias,
-            norm_eps,
-            iters,
-            pre_eps,
-            form,
-        )
-    return (
-        layer_in.view(*batch, width).to(dtype),
-        h_post.view(*batch, n),
-        h_res.view(*batch, n, n),
-        passed.view(streams.shape) if rows.data_ptr() == streams.data_ptr() else streams,
-    )
+        outputs = _ReadPassingStreams.apply(rows, *read_arguments(*args[1:]))
+    passed = outputs[3].view(streams.shape) if rows.data_ptr() == streams.data_ptr() else streams
+    return *read_results(*outputs[:3], streams), passed
