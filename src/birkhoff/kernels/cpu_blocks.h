@@ -1,10 +1,11 @@
 /* What the cpu backend's C files share: the block layout, the per-thread scratch, the
  * arguments and the driver over blocks (cpu_sinkhorn.c, cpu_mhc_read.c), two row helpers (the
  * stream read, 1/rms; cpu_streams.c, cpu_rows.c, cpu_mhc_read.c, cpu_engram.c), exp and
- * sigmoid written to vectorise (cpu_sinkhorn.c, cpu_engram.c), the ordered sum of the
- * threads' weight gradients (cpu_rows.c, cpu_engram.c, cpu_mhc_read.c), the vectors of
- * register tiles (cpu_mhc_read.c, cpu_streams.c), the lane vectors Sinkhorn runs on with their
- * exp (cpu_sinkhorn.c) and one token's merge (cpu_streams.c, cpu_mhc_read.c). */
+ * sigmoid written to vectorise (cpu_sinkhorn.c, cpu_engram.c, cpu_v4_attention.c), the
+ * ordered sum of the threads' weight gradients (cpu_rows.c, cpu_engram.c, cpu_mhc_read.c),
+ * the vectors of register tiles (cpu_mhc_read.c, cpu_streams.c), the lane vectors with their
+ * exp (Sinkhorn, cpu_sinkhorn.c; V4 attention's logits, cpu_v4_attention.c) and one token's
+ * merge (cpu_streams.c, cpu_mhc_read.c). */
 #ifndef BIRKHOFF_CPU_BLOCKS_H
 #define BIRKHOFF_CPU_BLOCKS_H
 

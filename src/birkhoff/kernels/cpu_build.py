@@ -24,7 +24,14 @@ from pathlib import Path
 
 from birkhoff.machine_cache import machine_cache_dir
 
-SOURCES = ("cpu_streams.c", "cpu_sinkhorn.c", "cpu_mhc_read.c", "cpu_rows.c", "cpu_engram.c")
+SOURCES = (
+    "cpu_streams.c",
+    "cpu_sinkhorn.c",
+    "cpu_mhc_read.c",
+    "cpu_rows.c",
+    "cpu_engram.c",
+    "cpu_v4_attention.c",
+)
 HEADERS = ("cpu_blocks.h",)  # in the cache key with the sources
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 

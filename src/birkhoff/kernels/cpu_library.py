@@ -40,6 +40,9 @@ _SIGNATURES = {
     "rms_norm_backward": (6, (_INT64, _INT64, _INT), _INT),
     "engram_merge_forward": (7, (_INT64,) * 6 + (_FLOAT, _INT), None),
     "engram_merge_backward": (13, (_INT64,) * 6 + (_INT,), _INT),
+    # (batch, seq, heads, dim, entries, picks, window, threads)
+    "v4_attention_forward": (8, (_INT64,) * 7 + (_INT,), _INT),
+    "v4_attention_backward": (13, (_INT64,) * 7 + (_INT,), _INT),
 }
 
 

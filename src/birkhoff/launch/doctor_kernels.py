@@ -178,8 +178,8 @@ EXAMPLES: dict[str, Callable[[int], list]] = {
 CONSTANT_ARGS = {"rope": (2, 3)}  # the rotation tables
 # The reference runs in float64 but for ops whose torch kernel has none (F.grouped_mm).
 REFERENCE_DTYPE = {"grouped_gemm": torch.float32}
-# Ops whose implementation has no backward on the CPU (the triton backend's interpreted mode):
-# there only the forward is checked, and the result says why.
+# Ops whose triton implementation has no backward on the CPU (interpreted mode): there only
+# the forward is checked, and the result says why (the cpu backend's have one).
 NO_CPU_BACKWARD = {"v4_attention": "FlexAttention has no backward on the CPU in torch"}
 # Ops that have no gradient at all: only the forward is checked, on every device.
 NO_BACKWARD = {"entry_mass": "no gradient (the CSA indexer's target learns nothing back)"}
@@ -208,7 +208,8 @@ def _check(op: str, backend: str, device: torch.device) -> dict:
     rounded = bool(limited) and limited[0].itemsize < 4  # below float32: outputs in 8 bits
     tolerance = LIMITED_TOLERANCE if rounded else TOLERANCE
     reference, fused = kernels.get(op, "reference"), kernels.get(op, backend)
-    backward = not (device.type == "cpu" and op in NO_CPU_BACKWARD) and op not in NO_BACKWARD
+    interpreted = device.type == "cpu" and backend == "triton"
+    backward = not (interpreted and op in NO_CPU_BACKWARD) and op not in NO_BACKWARD
     exact_dtype = REFERENCE_DTYPE.get(op, torch.float64)
     constants = CONSTANT_ARGS.get(op, ())
     exact, exact_leaves = _leaves(inputs, exact_dtype, backward, constants)
