@@ -38,6 +38,8 @@ _SIGNATURES = {
     "mhc_merge_read_backward": (24, (_INT64, _INT64, _INT64, _INT, _FLOAT, _FLOAT, _INT), _INT),
     "rms_norm_forward": (4, (_INT64, _INT64, _FLOAT, _INT), None),
     "rms_norm_backward": (6, (_INT64, _INT64, _INT), _INT),
+    "swiglu_forward": (3, (_INT64, _FLOAT, _INT, _INT), None),
+    "swiglu_backward": (5, (_INT64, _FLOAT, _INT, _INT), None),
     "engram_merge_forward": (7, (_INT64,) * 6 + (_FLOAT, _INT), None),
     "engram_merge_backward": (13, (_INT64,) * 6 + (_INT,), _INT),
     # (batch, seq, heads, dim, entries, picks, window, threads)

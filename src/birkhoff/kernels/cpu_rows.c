@@ -1,6 +1,7 @@
 /* RMSNorm (op rms_norm) forward and backward, one pass over each row each way: the reference's
  * autograd Function (kernels/row_functions.py: _RMSNorm) still makes a pass over the rows for
- * the norm, the scaling, the weight, and about five more backward. float32, contiguous rows.
+ * the norm, the scaling, the weight, and about five more backward. V4's clamped SwiGLU (op
+ * swiglu), one pass each way. float32, contiguous.
  * Built by kernels/cpu_build.py, bound by kernels/cpu_rows.py.
  */
 #include <omp.h>
@@ -63,4 +64,32 @@ int rms_norm_backward(const float *g, const float *x, const float *w, const floa
     }
     free(partials);
     return failed ? -1 : 0;
+}
+
+/* V4's clamped SwiGLU (op swiglu), elementwise over n values: with limit L (clamped != 0),
+ * out = silu(min(g, L)) clamp(u, -L, L); the reference clamps, then silu, then multiplies,
+ * and its backward passes over the values once per product, mask and sum. The masks follow
+ * torch's clamp: the gradient passes where g <= L and -L <= u <= L (NaN: not). */
+void swiglu_forward(const float *g, const float *u, float *out, int64_t n, float limit,
+                    int clamped, int threads) {
+#pragma omp parallel for simd num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        const float gc = clamped ? (g[i] > limit ? limit : g[i]) : g[i];
+        const float uc = clamped ? (u[i] < -limit ? -limit : (u[i] > limit ? limit : u[i])) : u[i];
+        out[i] = gc * sigmoid_lane(gc) * uc;
+    }
+}
+
+void swiglu_backward(const float *grad, const float *g, const float *u, float *dg, float *du,
+                     int64_t n, float limit, int clamped, int threads) {
+#pragma omp parallel for simd num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        const float gc = clamped ? (g[i] > limit ? limit : g[i]) : g[i];
+        const float uc = clamped ? (u[i] < -limit ? -limit : (u[i] > limit ? limit : u[i])) : u[i];
+        const float s = sigmoid_lane(gc), silu = gc * s;
+        const int pass_g = !clamped || g[i] <= limit;
+        const int pass_u = !clamped || (u[i] >= -limit && u[i] <= limit);
+        dg[i] = pass_g ? grad[i] * uc * s * (1.0f + gc * (1.0f - s)) : 0.0f;
+        du[i] = pass_u ? grad[i] * silu : 0.0f;
+    }
 }

@@ -1,7 +1,9 @@
-"""RMSNorm as a C kernel on a CPU (the `cpu` backend's `rms_norm`; kernels/cpu_rows.c): one
-pass over each row forward (the norm, the scale and the weight together) and one backward
-(the rows' gradient, and the weight's summed per thread), where the reference's written-out
-backward (kernels/row_functions.py) still passes over the rows once per product and sum.
+"""RMSNorm and V4's clamped SwiGLU as C kernels on a CPU (the `cpu` backend's `rms_norm` and
+`swiglu`; kernels/cpu_rows.c): one pass over each row forward (the norm, the scale and the
+weight together) and one backward (the rows' gradient, and the weight's summed per thread),
+where the reference's written-out backward (kernels/row_functions.py) still passes over the
+rows once per product and sum; SwiGLU one pass each way, where the reference's clamp, SiLU and
+product pass once each and their gradients' masks and products again.
 """
 
 from __future__ import annotations
@@ -92,3 +94,64 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         rows = float32_contiguous(x.reshape(-1, x.shape[-1]))
         out, _ = rms_norm_op(rows, float32_contiguous(weight), eps)
     return out.view(x.shape).to(x.dtype)
+
+
+def _limit_args(limit: float | None) -> tuple[float, int]:
+    return (0.0, 0) if limit is None else (float(limit), 1)
+
+
+@custom_op("birkhoff::cpu_swiglu", mutates_args=())
+def swiglu_op(gate: Tensor, up: Tensor, limit: float | None) -> Tensor:
+    """silu(min(gate, limit)) clamp(up, -limit, limit) (no clamp where limit is None)."""
+    check_inputs(gate, up)
+    check_shapes((up, gate.shape))
+    out = torch.empty_like(gate)
+    call("swiglu_forward", gate, up, out, gate.numel(), *_limit_args(limit))
+    return out
+
+
+@swiglu_op.register_fake
+def _(gate: Tensor, up: Tensor, limit: float | None) -> Tensor:
+    return torch.empty_like(gate)
+
+
+@custom_op("birkhoff::cpu_swiglu_backward", mutates_args=())
+def swiglu_backward(
+    grad: Tensor, gate: Tensor, up: Tensor, limit: float | None
+) -> tuple[Tensor, Tensor]:
+    """The gradients of gate and up (the clamp's: none past the limit, as torch's clamp)."""
+    check_inputs(grad, gate, up)
+    check_shapes((up, gate.shape), (grad, gate.shape))
+    d_gate, d_up = torch.empty_like(gate), torch.empty_like(up)
+    call("swiglu_backward", grad, gate, up, d_gate, d_up, gate.numel(), *_limit_args(limit))
+    return d_gate, d_up
+
+
+@swiglu_backward.register_fake
+def _(grad: Tensor, gate: Tensor, up: Tensor, limit: float | None) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(gate), torch.empty_like(up)
+
+
+def _save_swiglu(ctx, inputs: tuple, output: Tensor) -> None:
+    gate, up, ctx.limit = inputs
+    ctx.save_for_backward(gate, up)
+
+
+def _swiglu_grads(ctx, grad: Tensor):
+    gate, up = ctx.saved_tensors
+    d_gate, d_up = swiglu_backward(grad.contiguous(), gate, up, ctx.limit)
+    return d_gate, d_up, None
+
+
+swiglu_op.register_autograd(_swiglu_grads, setup_context=_save_swiglu)
+
+
+@register("swiglu", CPU, dtypes=DTYPES)
+def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float | None = None) -> torch.Tensor:
+    """The reference's `swiglu` (V4's clamp first): computed in float32, returned in gate's
+    dtype."""
+    if torch.compiler.is_compiling():
+        return reference.swiglu(gate, up, limit)
+    with torch.autocast("cpu", enabled=False):
+        out = swiglu_op(float32_contiguous(gate), float32_contiguous(up), limit)
+    return out.to(gate.dtype)

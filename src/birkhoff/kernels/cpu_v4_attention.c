@@ -78,12 +78,14 @@ static void dots(const float *x, int64_t heads, int64_t dim, const float *kt, in
 }
 
 /* row[d] += sum_h a[h] x[h * dim + d] + b[h] y[h * dim + d], d < dim: a key's gradient from
- * one query's heads (as key and as value) */
-static void add_key_gradient(float *row, const float *a, const float *x, const float *b,
+ * one query's heads (as key and as value), summed in float32 and added to the key's sum in
+ * double (a float32 running sum over a 128-token window's queries lost 2x the reference's
+ * precision) */
+static void add_key_gradient(double *row, const float *a, const float *x, const float *b,
                              const float *y, int64_t heads, int64_t dim) {
     int64_t d = 0;
     for (; d + 2 * LANES <= dim; d += 2 * LANES) {
-        lanes a0 = lanes_load(row + d), a1 = lanes_load(row + d + LANES), b0 = {0}, b1 = {0};
+        lanes a0 = {0}, a1 = {0}, b0 = {0}, b1 = {0};
         for (int64_t h = 0; h < heads; h++) {
             const float *xh = x + h * dim + d, *yh = y + h * dim + d;
             a0 += a[h] * lanes_load(xh);
@@ -91,13 +93,16 @@ static void add_key_gradient(float *row, const float *a, const float *x, const f
             b0 += b[h] * lanes_load(yh);
             b1 += b[h] * lanes_load(yh + LANES);
         }
-        lanes_store(row + d, a0 + b0);
-        lanes_store(row + d + LANES, a1 + b1);
+        const lanes first = a0 + b0, second = a1 + b1;
+        for (int l = 0; l < LANES; l++) {
+            row[d + l] += (double)first[l];
+            row[d + LANES + l] += (double)second[l];
+        }
     }
     for (; d < dim; d++) {
-        float total = row[d];
+        float total = 0.0f;
         for (int64_t h = 0; h < heads; h++) total += a[h] * x[h * dim + d] + b[h] * y[h * dim + d];
-        row[d] = total;
+        row[d] += (double)total;
     }
 }
 
@@ -288,8 +293,8 @@ int v4_attention_forward(const float *q, const float *kv, const float *entries,
 /* Query bt's gradients: dq directly, its keys' and entries' into the thread's sums (dkv_t,
  * dent_t) and the sinks' into dsink_t. */
 static void query_backward(const Attention *a, const float *grad, const float *out,
-                           const float *lse, int64_t bt, Query *w, float *dq, float *dkv_t,
-                           float *dent_t, double *dsink_t) {
+                           const float *lse, int64_t bt, Query *w, float *dq, double *dkv_t,
+                           double *dent_t, double *dsink_t) {
     const int64_t seq = a->seq, heads = a->heads, dim = a->dim, span = a->span;
     const int64_t b = bt / seq, t = bt % seq, s0 = window_start(a, b, t);
     const int64_t nw = t - s0 + 1, ne = gather_entries(a, b, t, w), n = nw + ne;
@@ -319,15 +324,16 @@ static void query_backward(const Attention *a, const float *grad, const float *o
             coef[0][h] = a->scale * w->second[h * span + j];
             coef[1][h] = w->logits[h * span + j];
         }
-        float *row = j < nw ? dkv_t + (b * seq + s0 + j) * dim
+        double *row = j < nw ? dkv_t + (b * seq + s0 + j) * dim
                             : dent_t + (b * a->count + w->chosen[j - nw]) * dim;
         add_key_gradient(row, coef[0], qt, coef[1], gt, heads, dim);
     }
 }
 
 /* dq, dkv, dentries and dsinks (each overwritten) from the gradient of out. Returns 0, or -1
- * where a thread's scratch could not be allocated. The keys' and entries' gradients are
- * summed per thread and then in thread order: deterministic for a thread count. */
+ * where a thread's scratch could not be allocated. The keys', entries' and sinks' gradients
+ * are summed per thread in double and then in thread order: deterministic for a thread
+ * count. */
 int v4_attention_backward(const float *grad, const float *q, const float *kv,
                           const float *entries, const int64_t *index, const int64_t *positions,
                           const float *sinks, const float *out, const float *lse, float *dq,
@@ -340,7 +346,7 @@ int v4_attention_backward(const float *grad, const float *q, const float *kv,
         return -1;
     const int64_t kv_size = batch * seq * dim, entry_size = batch * count * dim;
     const int64_t per_thread = kv_size + entry_size;
-    float *sums = calloc((size_t)(threads * per_thread), sizeof(float));
+    double *sums = calloc((size_t)(threads * per_thread), sizeof(double));
     double *sink_sums = calloc((size_t)(threads * heads), sizeof(double));
     if (!sums || !sink_sums) {
         free(a.keys_t);
@@ -353,7 +359,7 @@ int v4_attention_backward(const float *grad, const float *q, const float *kv,
     {
         Query w;
         const int ok = begin_queries(&a, &w, &failed);
-        float *mine = sums + omp_get_thread_num() * per_thread;
+        double *mine = sums + omp_get_thread_num() * per_thread;
         double *dsink_t = sink_sums + omp_get_thread_num() * heads;
 #pragma omp for schedule(static)
         for (int64_t bt = 0; bt < batch * seq; bt++)
@@ -363,12 +369,12 @@ int v4_attention_backward(const float *grad, const float *q, const float *kv,
 #pragma omp barrier
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < kv_size + entry_size; i++) {
-            float total = 0.0f;
+            double total = 0.0;
             for (int k = 0; k < threads; k++) total += sums[k * per_thread + i];
             if (i < kv_size)
-                dkv[i] = total;
+                dkv[i] = (float)total;
             else
-                dentries[i - kv_size] = total;
+                dentries[i - kv_size] = (float)total;
         }
     }
     for (int64_t h = 0; h < heads; h++) {
