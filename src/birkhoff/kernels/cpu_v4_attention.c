@@ -77,6 +77,16 @@ static void dots(const float *x, int64_t heads, int64_t dim, const float *kt, in
     }
 }
 
+typedef double lanes_double __attribute__((vector_size(LANES * sizeof(double))));
+
+/* sum[0 .. LANES) += v, in double */
+static inline void add_lanes(double *sum, lanes v) {
+    lanes_double total;
+    memcpy(&total, sum, sizeof total);
+    total += __builtin_convertvector(v, lanes_double);
+    memcpy(sum, &total, sizeof total);
+}
+
 /* row[d] += sum_h a[h] x[h * dim + d] + b[h] y[h * dim + d], d < dim: a key's gradient from
  * one query's heads (as key and as value), summed in float32 and added to the key's sum in
  * double (a float32 running sum over a 128-token window's queries lost 2x the reference's
@@ -93,11 +103,8 @@ static void add_key_gradient(double *row, const float *a, const float *x, const 
             b0 += b[h] * lanes_load(yh);
             b1 += b[h] * lanes_load(yh + LANES);
         }
-        const lanes first = a0 + b0, second = a1 + b1;
-        for (int l = 0; l < LANES; l++) {
-            row[d + l] += (double)first[l];
-            row[d + LANES + l] += (double)second[l];
-        }
+        add_lanes(row + d, a0 + b0);
+        add_lanes(row + d + LANES, a1 + b1);
     }
     for (; d < dim; d++) {
         float total = 0.0f;
