@@ -85,3 +85,9 @@ def test_the_cpu_swiglu_op_is_a_well_formed_custom_op(limit):
 def test_the_reference_swiglu_is_the_one_the_cpu_backend_replaces():
     assert kernels.get("swiglu", "reference") is reference.swiglu
     assert kernels.implementations("cpu", torch.float32)["swiglu"] == "cpu"
+
+
+def test_cpu_swiglu_promotes_mixed_dtypes_as_the_reference():
+    gate, up, _ = inputs((8, 16), 10.0, seed=4)
+    got = kernels.get("swiglu", "cpu")(gate.bfloat16(), up, 10.0)
+    assert got.dtype == reference.swiglu(gate.bfloat16(), up, 10.0).dtype == torch.float32

@@ -160,3 +160,39 @@ def test_the_cpu_attention_op_is_a_well_formed_custom_op():
     torch.library.opcheck(
         cpu_v4_attention.v4_attention_op, (*args, index, positions, sinks.requires_grad_(), window)
     )
+
+
+def test_cpu_attention_takes_what_the_reference_takes_at_the_edges():
+    """int32 positions; a negative position (no window: its picks and the sink alone, as
+    the reference allows); float32 inputs under autocast come back in autocast's dtype."""
+    q, kv, positions, sinks, window, entries = case("csa", 2, 16, 4, [12, 12])
+    positions = positions.clone()
+    positions[0, 5] = -3
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(5))
+    args = (q, kv, positions.int(), sinks, window, entries)
+    exact = run(
+        reference.v4_attention,
+        (q, kv, positions, sinks, window, entries),
+        torch.float64,
+        grad.double(),
+    )
+    got = run(kernels.get("v4_attention", "cpu"), args, torch.float32, grad)
+    for value, expected in zip(
+        (got[0], got[1], *got[2]), (exact[0], exact[1], *exact[2]), strict=True
+    ):
+        assert relative(value, expected) < 1e-5
+    sliding = (q, kv, positions.int(), sinks, window)
+    run(kernels.get("v4_attention", "cpu"), sliding, torch.float32, grad)  # no entries
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = kernels.get("v4_attention", "cpu")(q, kv, positions, sinks, window, entries)
+        expected, _ = reference.v4_attention(q, kv, positions, sinks, window, entries)
+    assert out.dtype == expected.dtype == torch.bfloat16
+
+
+def test_the_cpu_attention_op_refuses_entries_it_has_not_got():
+    q, kv, positions, sinks, window, entries = case("csa", 2, 16, 4, [20])
+    values, index = cpu_v4_attention.entry_lists(q, positions, entries)
+    index = index.clone()
+    index[0, 7, 0] = values.shape[1]
+    with pytest.raises(RuntimeError, match="index: entries -1"):
+        cpu_v4_attention.v4_attention_op(q, kv, values, index, positions, sinks, window)

@@ -148,10 +148,10 @@ swiglu_op.register_autograd(_swiglu_grads, setup_context=_save_swiglu)
 
 @register("swiglu", CPU, dtypes=DTYPES)
 def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float | None = None) -> torch.Tensor:
-    """The reference's `swiglu` (V4's clamp first): computed in float32, returned in gate's
-    dtype."""
+    """The reference's `swiglu` (V4's clamp first): computed in float32, returned in the
+    inputs' promoted dtype (as the reference's product)."""
     if torch.compiler.is_compiling():
         return reference.swiglu(gate, up, limit)
     with torch.autocast("cpu", enabled=False):
         out = swiglu_op(float32_contiguous(gate), float32_contiguous(up), limit)
-    return out.to(gate.dtype)
+    return out.to(torch.promote_types(gate.dtype, up.dtype))

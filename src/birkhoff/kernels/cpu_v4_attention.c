@@ -176,11 +176,13 @@ static float softmax_with_sink(float *l, int64_t n, float sink) {
     return m + logf(total);
 }
 
-/* The first key of query t's window, and its entries gathered (rows and transposed). */
+/* The first key of query t's window (t + 1: none, for a negative position, as the reference
+ * allows none), and its entries gathered (rows and transposed). */
 static int64_t window_start(const Attention *a, int64_t b, int64_t t) {
     int64_t s0 = t - a->window + 1;
     const int64_t doc = t - a->positions[b * a->seq + t];
     s0 = doc > s0 ? doc : s0;
+    s0 = s0 < t + 1 ? s0 : t + 1;
     return s0 > 0 ? s0 : 0;
 }
 

@@ -45,6 +45,11 @@ def _check(
             tensor.dtype == torch.int64 and tensor.is_contiguous(),
             lambda t=tensor, n=name: f"{n}: contiguous int64, got {t.dtype}",
         )
+    if index.numel():  # the kernel reads rows 0 .. E - 1 of the entries; -1: none
+        torch._check(
+            bool(((index >= -1) & (index < entries.shape[1])).all()),
+            lambda: f"index: entries -1 .. {entries.shape[1] - 1}, got others",
+        )
     check_shapes(
         (kv, (batch, seq, dim)),
         (entries, (batch, entries.shape[1], dim)),
@@ -132,7 +137,7 @@ def entry_lists(q: Tensor, positions: Tensor, entries: EntryKV | None) -> tuple[
     none: every visible entry (HCA, CSA's dense warm-up) or the visible picks (CSA)."""
     batch, seq, _, dim = q.shape
     if entries is None:
-        return q.new_empty(batch, 0, dim), positions.new_empty(batch, seq, 0)
+        return q.new_empty(batch, 0, dim), positions.new_empty(batch, seq, 0, dtype=torch.long)
     values = entries.values
     if entries.picks is None:
         seen = entries.layout.visible(positions)
@@ -150,14 +155,17 @@ def v4_attention(
     window: int,
     entries: EntryKV | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """The reference's `v4_attention`: computed in float32, out in kv's dtype, lse float32."""
+    """The reference's `v4_attention`: computed in float32, out in kv's dtype (autocast's,
+    as the reference's products give, where it is on), lse float32."""
     if torch.compiler.is_compiling():
         return reference.v4_attention(q, kv, positions, sinks, window, entries)
     values, index = entry_lists(q, positions, entries)
+    autocast = torch.is_autocast_enabled("cpu")
+    dtype = torch.get_autocast_dtype("cpu") if autocast else kv.dtype
     with torch.autocast("cpu", enabled=False):
         out, lse = v4_attention_op(
             float32_contiguous(q), float32_contiguous(kv), float32_contiguous(values),
             index.contiguous(), positions.to(torch.int64).contiguous(),
             float32_contiguous(sinks), window,
         )  # fmt: skip
-    return out.to(kv.dtype), lse
+    return out.to(dtype), lse
