@@ -116,6 +116,7 @@ static void add_key_gradient(double *row, const float *a, const float *x, const 
 /* out[d] (add: +=) scale sum_j w[j] rows[j * stride + d], d < dim */
 static void weighted_rows(float *out, const float *w, const float *rows, int64_t stride,
                           int64_t n, int64_t dim, float scale, int add) {
+    if (add && n == 0) return; /* a query with no entries: nothing to add */
     int64_t d = 0;
     for (; d + 4 * LANES <= dim; d += 4 * LANES) {
         lanes a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
