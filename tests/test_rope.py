@@ -1,5 +1,6 @@
-"""V4's interleaved RoPE on the trailing channels (model/rope.py: an autograd Function whose
-backward turns the gradient back) against the rotation written as complex multiplication
+"""V4's interleaved RoPE on the trailing channels, op `rope_trailing`: the reference
+(kernels/rotation.py, an autograd Function whose backward turns the gradient back) and the cpu
+backend's C pass (kernels/cpu_rows.c) against the rotation written as complex multiplication
 in float64, forward and backward, eager and compiled."""
 
 from __future__ import annotations
@@ -7,7 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from birkhoff.model.rope import rotate_trailing
+from birkhoff import kernels
+from birkhoff.kernels import cpu_rows
+from birkhoff.kernels.rotation import rotate_trailing
 
 PAIRS, WIDTH = 4, 11  # 8 rotated channels of 11: 3 pass
 
@@ -72,3 +75,71 @@ def test_views_at_an_odd_offset_turn_as_the_formula():
     exact = x.clone().requires_grad_()
     _complex_formula(exact, angles).backward(grad)
     torch.testing.assert_close(leaf.grad, exact.grad, rtol=1e-12, atol=1e-12)
+
+
+# x's shape, the angles' shape: the model's (a token's angles for all its heads, or for its one
+# KV entry), and broadcasts the C pass serves by expanding the tables (over the batch in front)
+TABLE_SHAPES = [
+    ((3, 5, 2, WIDTH), (3, 5, 1, PAIRS)),
+    ((3, 5, WIDTH), (3, 5, PAIRS)),
+    ((3, 5, WIDTH), (5, PAIRS)),
+    ((3, 5, 2, WIDTH), (1, 5, 2, PAIRS)),
+    ((4, 2 * PAIRS), (4, PAIRS)),  # every channel turned
+]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("inverse", [False, True])
+@pytest.mark.parametrize(("shape", "table"), TABLE_SHAPES)
+def test_the_rope_op_turns_as_the_formula_on_every_backend(backend, inverse, shape, table):
+    """float32 in and out, against the float64 formula; `inverse` turns by minus the angles."""
+    g = torch.Generator().manual_seed(1)
+    x, grad = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    angles = torch.randn(table, generator=g, dtype=torch.float64) * 3
+    leaf = x.clone().requires_grad_()
+    rope = kernels.get("rope_trailing", backend)
+    out = rope(leaf, angles.cos().float(), angles.sin().float(), inverse=inverse)
+    out.backward(grad)
+    exact_x = x.double().requires_grad_()
+    exact = _complex_formula(exact_x, -angles if inverse else angles)
+    exact.backward(grad.double())
+    assert out.dtype == leaf.grad.dtype == torch.float32
+    torch.testing.assert_close(out.double(), exact, rtol=0, atol=2e-6)
+    torch.testing.assert_close(leaf.grad.double(), exact_x.grad, rtol=0, atol=2e-6)
+
+
+def test_the_cpu_rope_in_bf16_rounds_once():
+    x, angles, grad = _inputs()
+    leaf = x.bfloat16().requires_grad_()
+    cos, sin = angles.cos().float(), angles.sin().float()
+    out = kernels.get("rope_trailing", "cpu")(leaf, cos, sin)
+    out.backward(grad.bfloat16())
+    exact = _complex_formula(x.bfloat16().double(), angles)
+    assert out.dtype == leaf.grad.dtype == torch.bfloat16
+    assert torch.equal(out, exact.bfloat16())  # the float32 turn rounds to the float64 one's
+    torch.testing.assert_close(out, rotate_trailing(x.bfloat16(), cos, sin), rtol=0, atol=0)
+    ones = torch.ones(x.shape, dtype=torch.float64, requires_grad=True)
+    back = torch.autograd.grad(_complex_formula(ones, angles), ones, grad.bfloat16().double())
+    torch.testing.assert_close(leaf.grad.double(), back[0], rtol=2**-8, atol=1e-6)
+
+
+def test_the_cpu_rope_refuses_tables_with_a_gradient():
+    x, angles, _ = _inputs(torch.float32)
+    cos = angles.cos().float().requires_grad_()
+    with pytest.raises(RuntimeError, match="gives no gradient to cos/sin"):
+        kernels.get("rope_trailing", "cpu")(x, cos, angles.sin().float())
+
+
+def test_the_cpu_rope_takes_no_rows():
+    x = torch.empty(0, 4, WIDTH)
+    table = torch.empty(0, 4, PAIRS)
+    assert kernels.get("rope_trailing", "cpu")(x, table, table).shape == x.shape
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_the_cpu_rope_op_is_a_well_formed_custom_op(inverse):
+    x, angles, _ = _inputs(torch.float32)
+    rows = x.reshape(-1, WIDTH).requires_grad_()
+    tables = angles.reshape(-1, PAIRS).float()
+    args = (rows, tables.cos(), tables.sin(), 2, inverse)
+    torch.library.opcheck(cpu_rows.rope_trailing_op, args)

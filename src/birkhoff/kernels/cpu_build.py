@@ -31,6 +31,7 @@ SOURCES = (
     "cpu_rows.c",
     "cpu_engram.c",
     "cpu_v4_attention.c",
+    "cpu_kv_compress.c",
 )
 HEADERS = ("cpu_blocks.h",)  # in the cache key with the sources
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")

@@ -40,8 +40,13 @@ _SIGNATURES = {
     "rms_norm_backward": (6, (_INT64, _INT64, _INT), _INT),
     "swiglu_forward": (3, (_INT64, _FLOAT, _INT, _INT), None),
     "swiglu_backward": (5, (_INT64, _FLOAT, _INT, _INT), None),
+    # (rows, groups, width, pairs, inverse, threads)
+    "rope_trailing": (4, (_INT64,) * 4 + (_INT, _INT), None),
     "engram_merge_forward": (7, (_INT64,) * 6 + (_FLOAT, _INT), None),
     "engram_merge_backward": (13, (_INT64,) * 6 + (_INT,), _INT),
+    # (batch, seq, entries, width, dim, ratio, threads)
+    "kv_compress_forward": (7, (_INT64,) * 6 + (_INT,), _INT),
+    "kv_compress_backward": (11, (_INT64,) * 6 + (_INT,), _INT),
     # (batch, seq, heads, dim, entries, picks, window, threads)
     "v4_attention_forward": (8, (_INT64,) * 7 + (_INT,), _INT),
     "v4_attention_backward": (13, (_INT64,) * 7 + (_INT,), _INT),

@@ -1,7 +1,8 @@
 /* RMSNorm (op rms_norm) forward and backward, one pass over each row each way: the reference's
  * autograd Function (kernels/row_functions.py: _RMSNorm) still makes a pass over the rows for
  * the norm, the scaling, the weight, and about five more backward. V4's clamped SwiGLU (op
- * swiglu), one pass each way. float32, contiguous.
+ * swiglu), one pass each way. V4's interleaved RoPE on the trailing channels (op rope_trailing),
+ * one pass (its gradient is the same pass turning back). float32, contiguous.
  * Built by kernels/cpu_build.py, bound by kernels/cpu_rows.py.
  */
 #include <omp.h>
@@ -91,5 +92,35 @@ void swiglu_backward(const float *grad, const float *g, const float *u, float *d
         const int pass_u = !clamped || (u[i] >= -limit && u[i] <= limit);
         dg[i] = pass_g ? grad[i] * uc * s * (1.0f + gc * (1.0f - s)) : 0.0f;
         du[i] = pass_u ? grad[i] * silu : 0.0f;
+    }
+}
+
+/* V4's interleaved RoPE (op rope_trailing): in each row of `width` channels, the last 2 pairs
+ * are turned pair by pair, (x_2i, x_2i+1) by the angle whose cosine and sine are cos[i] and
+ * sin[i] (-sin[i] where `inverse`: the turn undone, which is also the gradient); the leading
+ * channels are copied. Each of the `rows` rows of the tables serves `groups` consecutive rows
+ * of x (the heads of a token). One pass where the reference's complex product, its copies and
+ * the clone of x made four. */
+void rope_trailing(const float *x, const float *cos, const float *sin, float *out, int64_t rows,
+                   int64_t groups, int64_t width, int64_t pairs, int inverse, int threads) {
+    const int64_t lead = width - 2 * pairs;
+    const float sign = inverse ? -1.0f : 1.0f;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *c = cos + r * pairs, *s = sin + r * pairs;
+        for (int64_t g = 0; g < groups; g++) {
+            const float *xr = x + (r * groups + g) * width;
+            float *o = out + (r * groups + g) * width;
+#pragma omp simd
+            for (int64_t e = 0; e < lead; e++) o[e] = xr[e];
+            const float *pair = xr + lead;
+            float *turned = o + lead;
+#pragma omp simd
+            for (int64_t i = 0; i < pairs; i++) {
+                const float even = pair[2 * i], odd = pair[2 * i + 1], si = sign * s[i];
+                turned[2 * i] = even * c[i] - odd * si;
+                turned[2 * i + 1] = even * si + odd * c[i];
+            }
+        }
     }
 }

@@ -155,3 +155,80 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float | None = None) -> 
     with torch.autocast("cpu", enabled=False):
         out = swiglu_op(float32_contiguous(gate), float32_contiguous(up), limit)
     return out.to(torch.promote_types(gate.dtype, up.dtype))
+
+
+@custom_op("birkhoff::cpu_rope_trailing", mutates_args=())
+def rope_trailing_op(x: Tensor, cos: Tensor, sin: Tensor, groups: int, inverse: bool) -> Tensor:
+    """Rows x (M, width) with their last 2P channels turned pair by pair by the angles of
+    cos/sin (M / groups, P): table row r turns x's rows r groups .. (r + 1) groups - 1;
+    `inverse` turns back."""
+    check_inputs(x, cos, sin)
+    torch._check(x.dim() == 2 and cos.dim() == 2, lambda: "the cpu rope takes rows and tables")
+    rows, pairs = cos.shape
+    check_shapes((sin, cos.shape), (x, (rows * groups, x.shape[1])))
+    torch._check(2 * pairs <= x.shape[1], lambda: f"{pairs} pairs in rows of {x.shape[1]}")
+    out = torch.empty_like(x)
+    call("rope_trailing", x, cos, sin, out, rows, groups, x.shape[1], pairs, int(inverse))
+    return out
+
+
+@rope_trailing_op.register_fake
+def _(x: Tensor, cos: Tensor, sin: Tensor, groups: int, inverse: bool) -> Tensor:
+    return torch.empty_like(x)
+
+
+def _save_rope(ctx, inputs: tuple, output: Tensor) -> None:
+    _, cos, sin, ctx.groups, ctx.inverse = inputs
+    ctx.save_for_backward(cos, sin)
+
+
+def _rope_grads(ctx, grad: Tensor):
+    cos, sin = ctx.saved_tensors  # a turn's gradient is the gradient turned back
+    return (
+        rope_trailing_op(grad.contiguous(), cos, sin, ctx.groups, not ctx.inverse),
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+rope_trailing_op.register_autograd(_rope_grads, setup_context=_save_rope)
+
+
+def _table_rows(x: Tensor, table: Tensor) -> tuple[Tensor, int]:
+    """The table as (rows, pairs) with the number of x's rows each of its rows serves: its
+    leading dims are x's first ones and then ones (a token's angles for all its heads); any
+    other broadcast is expanded to one table row per row of x."""
+    lead = x.shape[:-1]
+    dims = (1,) * (len(lead) - table.dim() + 1) + tuple(table.shape[:-1])
+    kept = len(lead)
+    while kept and dims[kept - 1] == 1:
+        kept -= 1
+    if tuple(dims[:kept]) != tuple(lead[:kept]):
+        table, kept = table.expand(*lead, table.shape[-1]), len(lead)
+    rows = table.reshape(-1, table.shape[-1])
+    served = x.numel() // (x.shape[-1] * rows.shape[0]) if rows.numel() else 1
+    return float32_contiguous(rows), served
+
+
+@register("rope_trailing", CPU, dtypes=DTYPES)
+def rope_trailing(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Tensor:
+    """The reference's `rope_trailing`: turned in float32, returned in x's dtype. Tables
+    that carry a gradient are refused (this kernel turns x only)."""
+    if torch.compiler.is_compiling():
+        return reference.rope_trailing(x, cos, sin, inverse)
+    torch._check(
+        not (cos.requires_grad or sin.requires_grad),
+        lambda: (
+            "the cpu backend's rope_trailing gives no gradient to cos/sin; "
+            "backend.kernels=reference differentiates them"
+        ),
+    )
+    torch._check(cos.shape == sin.shape, lambda: f"cos {cos.shape} and sin {sin.shape} differ")
+    cos_rows, groups = _table_rows(x, cos)
+    sin_rows, _ = _table_rows(x, sin)
+    with torch.autocast("cpu", enabled=False):
+        rows = float32_contiguous(x.reshape(-1, x.shape[-1]))
+        out = rope_trailing_op(rows, cos_rows, sin_rows, groups, inverse)
+    return out.view(x.shape).to(x.dtype)

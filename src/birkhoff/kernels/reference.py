@@ -18,6 +18,7 @@ from birkhoff.kernels.mhc_reference import (  # noqa: F401  (registered there, r
 )
 from birkhoff.kernels.opaque_grouped_mm import opaque_grouped_mm
 from birkhoff.kernels.registry import REFERENCE, register
+from birkhoff.kernels.rotation import rotate_trailing
 from birkhoff.kernels.row_functions import gated_value, normalised_similarity, rms_norm_rows
 
 
@@ -46,6 +47,16 @@ def rope(
     """Queries and keys (B, T, H, D), each rotated by `rotate` (a fused backend rotates both in
     one launch)."""
     return rotate(q, cos, sin), rotate(k, cos, sin)
+
+
+@register("rope_trailing", REFERENCE)
+def rope_trailing(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False
+) -> torch.Tensor:
+    """V4's interleaved RoPE (kernels/rotation.py): the adjacent channel pairs of x's last
+    2 * cos.shape[-1] channels turned by the angles of cos/sin (broadcast over x's other
+    dims), undone where `inverse`; the leading channels pass."""
+    return rotate_trailing(x, cos, -sin if inverse else sin)
 
 
 @register("attention", REFERENCE)

@@ -207,6 +207,7 @@ def _load_backends() -> None:
     # whose package does not import is registered (its table can be shown) but not available.
     from birkhoff.kernels import (  # noqa: F401  (npu_ops: torch_npu lazily; cpu_*: built lazily)
         cpu_engram,
+        cpu_kv_compress,
         cpu_mhc,
         cpu_mhc_merge_read,
         cpu_mhc_read,

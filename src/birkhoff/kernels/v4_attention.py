@@ -69,6 +69,48 @@ class BlockEntries:
         return self.exists[:, None, :] & complete & (entry_doc == query_doc)
 
 
+def gather_blocks(values: torch.Tensor, start: torch.Tensor, ratio: int) -> torch.Tensor:
+    """(B, T, D) -> (B, E, ratio, D): the tokens of the blocks starting at `start` (B, E)."""
+    batch, seq = values.shape[:2]
+    index = (start[:, :, None] + torch.arange(ratio, device=start.device)).clamp(0, seq - 1)
+    # rows of the flattened (B * T, D): index_select's backward is an index_add, where
+    # values[rows, index]'s is an accumulating index_put that sorts the rows first
+    index = index + seq * torch.arange(batch, device=values.device)[:, None, None]
+    picked = values.flatten(0, 1).index_select(0, index.flatten())
+    return picked.view(*index.shape, *values.shape[2:])
+
+
+@register("kv_compress", REFERENCE)
+def kv_compress(
+    kv: torch.Tensor,
+    gate: torch.Tensor,
+    position_bias: torch.Tensor,
+    entries: BlockEntries,
+    overlap: bool,
+) -> torch.Tensor:
+    """V4's compressed entries before their norm (report §2.3): from the projected states kv
+    and gate (B, T, width) and the learned bias (ratio, width), each entry's channel is the
+    softmax over its block's tokens of gate + bias, times their kv, summed; (B, E, dim), zero
+    where no entry exists. HCA (not `overlap`): width = dim. CSA (`overlap`): width = 2 dim,
+    the block's tokens give channels dim .. 2 dim and the previous block of the same document
+    (if any) its tokens' channels 0 .. dim, as V4's Ca/Cb series."""
+    ratio = entries.ratio
+    dim = kv.shape[-1] // 2 if overlap else kv.shape[-1]
+    block_kv = gather_blocks(kv, entries.start, ratio)
+    logits = gather_blocks(gate, entries.start, ratio).float() + position_bias.float()
+    if overlap:
+        previous = entries.start - ratio
+        prev_kv = gather_blocks(kv[..., :dim], previous, ratio)
+        prev_logits = gather_blocks(gate[..., :dim], previous, ratio).float()
+        prev_logits = prev_logits + position_bias[:, :dim].float()
+        # The first block of a document has no previous block: its slots weigh nothing.
+        prev_logits = prev_logits.masked_fill(~entries.has_previous[:, :, None, None], -torch.inf)
+        block_kv = torch.cat((prev_kv, block_kv[..., dim:]), dim=2)
+        logits = torch.cat((prev_logits, logits[..., dim:]), dim=2)
+    weights = torch.softmax(logits, dim=2).to(block_kv.dtype)
+    return (block_kv * weights).sum(dim=2) * entries.exists[:, :, None]  # no NaN from a slot
+
+
 @dataclass
 class EntryKV:
     """The compressed entries a layer attends to besides its window: every visible one (HCA,

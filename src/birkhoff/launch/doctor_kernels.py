@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from birkhoff import kernels
+from birkhoff.model.compression import block_entries
 
 TOLERANCE = 1e-4  # relative, float32 against float64
 LIMITED_TOLERANCE = 1e-2  # an op limited to bfloat16: its outputs rounded to 8 bits
@@ -68,6 +69,18 @@ def _rope(tokens: int) -> list:
         angles.cos(),
         angles.sin(),
     ]
+
+
+def _rope_trailing(tokens: int) -> list:
+    angles = torch.rand(1, tokens, 1, 32) * 6  # a token's angles for all its heads' last 64
+    return [torch.randn(1, tokens, 8, 128), angles.cos(), angles.sin()]
+
+
+def _kv_compress(tokens: int) -> list:
+    split = tokens // 3  # two documents: blocks restart at the second, which has no previous
+    positions = torch.cat((torch.arange(split), torch.arange(tokens - split)))[None]
+    kv, gate = torch.randn(1, tokens, 256), 2 * torch.randn(1, tokens, 256)  # CSA's 2 x 128
+    return [kv, gate, torch.randn(4, 256), block_entries(positions, 4), True]
 
 
 def _attention(tokens: int) -> list:
@@ -161,6 +174,8 @@ EXAMPLES: dict[str, Callable[[int], list]] = {
     "mhc_merge_read": _mhc_merge_read,  # a merge's, then the read's; out: mhc_read's
     "rms_norm": _rms_norm,
     "rope": _rope,
+    "rope_trailing": _rope_trailing,
+    "kv_compress": _kv_compress,
     "attention": _attention,
     "grouped_gemm": _grouped_gemm,
     "swiglu": _swiglu,
@@ -175,7 +190,7 @@ EXAMPLES: dict[str, Callable[[int], list]] = {
     "linear_cross_entropy": _linear_cross_entropy,
 }
 # Floating inputs that are no op's to differentiate (by position): the model's buffers.
-CONSTANT_ARGS = {"rope": (2, 3)}  # the rotation tables
+CONSTANT_ARGS = {"rope": (2, 3), "rope_trailing": (1, 2)}  # the rotation tables
 # The reference runs in float64 but for ops whose torch kernel has none (F.grouped_mm).
 REFERENCE_DTYPE = {"grouped_gemm": torch.float32}
 # Ops whose triton implementation has no backward on the CPU (interpreted mode): there only

@@ -19,11 +19,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from birkhoff import kernels
 from birkhoff.kernels.v4_attention import BlockEntries, picks_as_mask
 from birkhoff.model.group_sums import shared_over, summed_over
 from birkhoff.model.init import constant
 from birkhoff.model.norm import RMSNorm
-from birkhoff.model.rope import rotate_trailing
 
 SCORES_PER_BLOCK = 1 << 24  # index scores held at once while the indexer picks (64 MiB)
 
@@ -50,17 +50,6 @@ def block_entries(positions: torch.Tensor, ratio: int) -> BlockEntries:
     return BlockEntries(start, exists, exists & (position >= ratio), position, ratio)
 
 
-def gather_blocks(values: torch.Tensor, start: torch.Tensor, ratio: int) -> torch.Tensor:
-    """(B, T, D) -> (B, E, ratio, D): the tokens of the blocks starting at `start` (B, E)."""
-    batch, seq = values.shape[:2]
-    index = (start[:, :, None] + torch.arange(ratio, device=start.device)).clamp(0, seq - 1)
-    # rows of the flattened (B * T, D): index_select's backward is an index_add, where
-    # values[rows, index]'s is an accumulating index_put that sorts the rows first
-    index = index + seq * torch.arange(batch, device=values.device)[:, None, None]
-    picked = values.flatten(0, 1).index_select(0, index.flatten())
-    return picked.view(*index.shape, *values.shape[2:])
-
-
 class KVCompressor(nn.Module):
     """Compressed entries of width `dim` from hidden states (B, T, C)."""
 
@@ -74,29 +63,19 @@ class KVCompressor(nn.Module):
         self.w_gate = nn.Linear(hidden, width, bias=False)
         constant(self, "position_bias", lambda: torch.zeros(ratio, width))
         self.norm = RMSNorm(dim, eps, backend)
+        self._compress = kernels.get("kv_compress", backend)
+        self._rope = kernels.get("rope_trailing", backend)
 
     def forward(
         self, x: torch.Tensor, entries: BlockEntries, inv_freq: torch.Tensor
     ) -> torch.Tensor:
         """(B, E, dim) entries, rotated on their trailing RoPE channels."""
-        kv_all, gate_all = self.w_kv(x), self.w_gate(x)
-        kv = gather_blocks(kv_all, entries.start, self.ratio)
-        gate = gather_blocks(gate_all, entries.start, self.ratio).float()
-        gate = gate + self.position_bias.float()
-        if self.overlap:
-            previous = entries.start - self.ratio
-            prev_kv = gather_blocks(kv_all[..., : self.dim], previous, self.ratio)
-            prev_gate = gather_blocks(gate_all[..., : self.dim], previous, self.ratio).float()
-            prev_gate = prev_gate + self.position_bias[:, : self.dim].float()
-            # The first block of a document has no previous block: its slots weigh nothing.
-            prev_gate = prev_gate.masked_fill(~entries.has_previous[:, :, None, None], -torch.inf)
-            kv = torch.cat((prev_kv, kv[..., self.dim :]), dim=2)
-            gate = torch.cat((prev_gate, gate[..., self.dim :]), dim=2)
-        weights = torch.softmax(gate, dim=2).to(kv.dtype)
-        compressed = self.norm((kv * weights).sum(dim=2))
-        compressed = compressed * entries.exists[:, :, None]  # empty slots: zeros, not NaN
+        gated = self._compress(
+            self.w_kv(x), self.w_gate(x), self.position_bias, entries, self.overlap
+        )
+        compressed = self.norm(gated)  # empty slots: zeros (the op's), not NaN
         angles = entries.position[..., None].float() * inv_freq
-        return rotate_trailing(compressed, angles.cos(), angles.sin())
+        return self._rope(compressed, angles.cos(), angles.sin())
 
 
 class LightningIndexer(nn.Module):
@@ -119,6 +98,7 @@ class LightningIndexer(nn.Module):
         self.compressor = KVCompressor(hidden, head_dim, ratio, True, eps, backend)
         self.w_q = nn.Linear(q_rank, heads * head_dim, bias=False)
         self.w_weights = nn.Linear(hidden, heads, bias=False)
+        self._rope = kernels.get("rope_trailing", backend)
         self.head_group: dist.ProcessGroup | None = None  # see V4Attention.head_group
 
     def forward(
@@ -193,7 +173,7 @@ class LightningIndexer(nn.Module):
         batch, seq, _ = x.shape
         keys = shared_over(self.compressor(x, entries, inv_freq).float(), self.head_group)
         q = self.w_q(q_latent).view(batch, seq, -1, self.head_dim)  # this process's heads
-        q = rotate_trailing(q, cos[:, :, None], sin[:, :, None]).float()
+        q = self._rope(q, cos[:, :, None], sin[:, :, None]).float()
         return keys, q, self.w_weights(x).float() * self.heads**-0.5
 
     def _index(self, q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
