@@ -245,9 +245,13 @@ def _text(report: Report) -> str:
                 errors += f", backward {r['backward_error']:.1e}"
             if "note" in r:
                 errors += f" ({r['note']})"
+            speed = (
+                ""
+                if math.isnan(r["speed_ratio"])
+                else f", reference / op time {r['speed_ratio']:.3g}"
+            )
             lines.append(
-                f"  {op}: {r['implementation']}, {errors}, reference / op time "
-                f"{r['speed_ratio']:.3g}{'' if r['ok'] else '  FAILED'}"
+                f"  {op}: {r['implementation']}, {errors}{speed}{'' if r['ok'] else '  FAILED'}"
             )
     build = report.triton_build
     if build.get("kernels"):

@@ -240,15 +240,21 @@ def _check(op: str, backend: str, device: torch.device) -> dict:
         own = _errors(reference, inputs, expected, grads, expected_grads, constants)
         result["reference_own_precision_error"] = max(own)
         tolerance = max(tolerance, CONDITIONING_FACTOR * max(own))
+    notes = []
     if not backward:
         result["backward_error"] = float("nan")
-        result["note"] = f"forward only: {NO_BACKWARD.get(op) or NO_CPU_BACKWARD[op]}"
-    timed = [_seconds(op_, inputs, device, backward, constants) for op_ in (reference, fused)]
-    result["speed_ratio"] = timed[0] / timed[1]
+        notes.append(f"forward only: {NO_BACKWARD.get(op) or NO_CPU_BACKWARD[op]}")
+    if interpreted:  # Triton's interpreter runs the kernel in Python: its time says nothing
+        notes.append("not timed: Triton's interpreter")
+    else:
+        timed = [_seconds(op_, inputs, device, backward, constants) for op_ in (reference, fused)]
+        result["speed_ratio"] = timed[0] / timed[1]
     worst = max(errors)
     result["ok"] = worst <= tolerance
     if limited:
-        result["note"] = f"runs for {' or '.join(map(str, limited))} inputs only; checked in it"
+        notes.append(f"runs for {' or '.join(map(str, limited))} inputs only; checked in it")
+    if notes:
+        result["note"] = "; ".join(notes)
     if not result["ok"]:
         result["problem"] = f"relative error {worst:.1e} above {tolerance:g}"
     return result
