@@ -9,7 +9,7 @@ median of the paired ratios (cpu step / the reference step next to it), and per 
 median forward and backward times under each implementation.
 
     python benchmarks/cpu_op_swap.py --model tiny --ops kv_compress:_compress \
-        rope_trailing:_rope --rounds 20
+        rope_trailing:_rotate --rounds 20
 """
 
 from __future__ import annotations

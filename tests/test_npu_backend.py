@@ -117,9 +117,15 @@ class StandIn(types.ModuleType):
 
     def npu_rotary_mul(self, x, r1, r2, rotary_mode="half", rotate=None):
         self.calls.append("npu_rotary_mul")
-        assert x.dim() == r1.dim() == r2.dim() == 4 and rotary_mode == "half"
-        x1, x2 = x.chunk(2, dim=-1)
-        return r1 * x + r2 * torch.cat((-x2, x1), dim=-1)
+        assert x.dim() == r1.dim() == r2.dim() == 4 and rotary_mode in ("half", "interleave")
+        if rotary_mode == "half":
+            x1, x2 = x.chunk(2, dim=-1)
+            return r1 * x + r2 * torch.cat((-x2, x1), dim=-1)
+        # interleave, BSND: tables 1S1D only, B * N < 1000, D even and below 896
+        assert r1.shape == r2.shape == (1, x.shape[1], 1, x.shape[3])
+        assert x.shape[0] * x.shape[2] < 1000 and x.shape[3] % 2 == 0 and x.shape[3] < 896
+        turned = torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+        return r1 * x + r2 * turned
 
     def npu_fusion_attention(self, query, key, value, head_num, input_layout, *, atten_mask,
                              scale, keep_prob, sparse_mode):  # fmt: skip
@@ -210,6 +216,15 @@ def test_npu_ops_match_the_reference_through_the_stand_in(stand_in):
     same("rope", [x, keys, angles.cos(), angles.sin()], stand_in)
     per_sequence = torch.rand(2, 6, 8) * 6  # packed documents: positions per sequence
     same("rope", [x, keys, per_sequence.cos(), per_sequence.sin()], stand_in)
+    # V4's RoPE on the last 8 of 16 channels: per-sequence angles (a call per sequence), one
+    # table for every sequence (one call), a 3-d x (the KV entry), turned back
+    per_token = per_sequence[..., :4, None].transpose(-1, -2)  # (2, 6, 1, 4)
+    same("rope_trailing", [x, per_token.cos(), per_token.sin()], stand_in)
+    shared = angles[None, :, None, :4]
+    same("rope_trailing", [x, shared.cos(), shared.sin(), True], stand_in)
+    entry = torch.randn(2, 6, 16)
+    same("rope_trailing", [entry, per_sequence[..., :4].cos(), per_sequence[..., :4].sin()],
+         stand_in)  # fmt: skip
     q, kv = torch.randn(2, 4, 6, 8), torch.randn(2, 2, 6, 8)
     same("attention", [q, kv, kv.flip(-1)], stand_in)
     documents = torch.tril(torch.ones(6, 6, dtype=torch.bool))
@@ -264,7 +279,7 @@ def test_npu_moe_permutation_runs_for_bfloat16_and_falls_back_otherwise(stand_in
     fallen += "kv_compress, linear_cross_entropy,"
     assert fallen + " mhc_mapping, mhc_merge_read, mhc_post, mhc_pre, mhc_read," in line
     assert "moe_permute (bfloat16 only), moe_unpermute (bfloat16 only)" in line
-    assert "npu for 8 of 22 ops (attention, engram_merge, grouped_gemm, moe_permute (bfloat16" in (
+    assert "npu for 9 of 22 ops (attention, engram_merge, grouped_gemm, moe_permute (bfloat16" in (
         kernels.describe("npu", torch.bfloat16)
     )
 

@@ -1,6 +1,7 @@
 """V4's interleaved RoPE on the trailing channels, op `rope_trailing`: the reference
-(kernels/rotation.py, an autograd Function whose backward turns the gradient back) and the cpu
-backend's C pass (kernels/cpu_rows.c) against the rotation written as complex multiplication
+(kernels/rotation.py, an autograd Function whose backward turns the gradient back), the cpu
+backend's C pass (kernels/cpu_rows.c) and the triton backend's kernel (kernels/triton_rope.py,
+interpreted here) against the rotation written as complex multiplication
 in float64, forward and backward, eager and compiled."""
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ TABLE_SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])  # triton: interpreted
 @pytest.mark.parametrize("inverse", [False, True])
 @pytest.mark.parametrize(("shape", "table"), TABLE_SHAPES)
 def test_the_rope_op_turns_as_the_formula_on_every_backend(backend, inverse, shape, table):
@@ -108,32 +109,39 @@ def test_the_rope_op_turns_as_the_formula_on_every_backend(backend, inverse, sha
     torch.testing.assert_close(leaf.grad.double(), exact_x.grad, rtol=0, atol=2e-6)
 
 
-def test_the_cpu_rope_in_bf16_rounds_once():
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_the_fused_rope_in_bf16_rounds_once(backend):
     x, angles, grad = _inputs()
     leaf = x.bfloat16().requires_grad_()
     cos, sin = angles.cos().float(), angles.sin().float()
-    out = kernels.get("rope_trailing", "cpu")(leaf, cos, sin)
+    out = kernels.get("rope_trailing", backend)(leaf, cos, sin)
     out.backward(grad.bfloat16())
     exact = _complex_formula(x.bfloat16().double(), angles)
     assert out.dtype == leaf.grad.dtype == torch.bfloat16
-    assert torch.equal(out, exact.bfloat16())  # the float32 turn rounds to the float64 one's
-    torch.testing.assert_close(out, rotate_trailing(x.bfloat16(), cos, sin), rtol=0, atol=0)
+    if backend == "cpu":  # the float32 turn rounds to the float64 one's
+        assert torch.equal(out, exact.bfloat16())
+        torch.testing.assert_close(out, rotate_trailing(x.bfloat16(), cos, sin), rtol=0, atol=0)
+    else:  # Triton's interpreter casts float32 to bf16 by truncating: within one bf16 step
+        assert ((out.double() - exact).abs() <= 2**-7 * exact.abs() + 1e-30).all()
     ones = torch.ones(x.shape, dtype=torch.float64, requires_grad=True)
     back = torch.autograd.grad(_complex_formula(ones, angles), ones, grad.bfloat16().double())
-    torch.testing.assert_close(leaf.grad.double(), back[0], rtol=2**-8, atol=1e-6)
+    step = 2**-8 if backend == "cpu" else 2**-7  # rounded, or truncated (interpreter)
+    torch.testing.assert_close(leaf.grad.double(), back[0], rtol=step, atol=1e-6)
 
 
-def test_the_cpu_rope_refuses_tables_with_a_gradient():
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_the_fused_rope_refuses_tables_with_a_gradient(backend):
     x, angles, _ = _inputs(torch.float32)
     cos = angles.cos().float().requires_grad_()
     with pytest.raises(RuntimeError, match="gives no gradient to cos/sin"):
-        kernels.get("rope_trailing", "cpu")(x, cos, angles.sin().float())
+        kernels.get("rope_trailing", backend)(x, cos, angles.sin().float())
 
 
-def test_the_cpu_rope_takes_no_rows():
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_the_fused_rope_takes_no_rows(backend):
     x = torch.empty(0, 4, WIDTH)
     table = torch.empty(0, 4, PAIRS)
-    assert kernels.get("rope_trailing", "cpu")(x, table, table).shape == x.shape
+    assert kernels.get("rope_trailing", backend)(x, table, table).shape == x.shape
 
 
 @pytest.mark.parametrize("inverse", [False, True])
@@ -143,3 +151,19 @@ def test_the_cpu_rope_op_is_a_well_formed_custom_op(inverse):
     tables = angles.reshape(-1, PAIRS).float()
     args = (rows, tables.cos(), tables.sin(), 2, inverse)
     torch.library.opcheck(cpu_rows.rope_trailing_op, args)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_the_fused_rope_turns_a_strided_input_and_gradient(backend):
+    """A transposed x and a transposed gradient (a compressor's backward hands one): read
+    where they lie, turned as the formula."""
+    x, angles, grad = _inputs(torch.float32)
+    strided = x.transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
+    out = kernels.get("rope_trailing", backend)(strided, angles.cos().float(), angles.sin().float())
+    out.backward(grad.transpose(0, 1).contiguous().transpose(0, 1))
+    exact_x = x.double().requires_grad_()
+    _complex_formula(exact_x, angles).backward(grad.double())
+    torch.testing.assert_close(
+        out.double(), _complex_formula(x.double(), angles), rtol=0, atol=2e-6
+    )
+    torch.testing.assert_close(strided.grad.double(), exact_x.grad, rtol=0, atol=2e-6)

@@ -21,6 +21,7 @@ from birkhoff.kernels.cpu_library import (
     float32_contiguous,
 )
 from birkhoff.kernels.registry import CPU, register
+from birkhoff.kernels.rotation import fused_tables
 
 
 def _check_rows(x: Tensor, weight: Tensor) -> None:
@@ -196,38 +197,13 @@ def _rope_grads(ctx, grad: Tensor):
 rope_trailing_op.register_autograd(_rope_grads, setup_context=_save_rope)
 
 
-def _table_rows(x: Tensor, table: Tensor) -> tuple[Tensor, int]:
-    """The table as (rows, pairs) with the number of x's rows each of its rows serves: its
-    leading dims are x's first ones and then ones (a token's angles for all its heads); any
-    other broadcast is expanded to one table row per row of x."""
-    lead = x.shape[:-1]
-    dims = (1,) * (len(lead) - table.dim() + 1) + tuple(table.shape[:-1])
-    kept = len(lead)
-    while kept and dims[kept - 1] == 1:
-        kept -= 1
-    if tuple(dims[:kept]) != tuple(lead[:kept]):
-        table, kept = table.expand(*lead, table.shape[-1]), len(lead)
-    rows = table.reshape(-1, table.shape[-1])
-    served = x.numel() // (x.shape[-1] * rows.shape[0]) if rows.numel() else 1
-    return float32_contiguous(rows), served
-
-
 @register("rope_trailing", CPU, dtypes=DTYPES)
 def rope_trailing(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Tensor:
     """The reference's `rope_trailing`: turned in float32, returned in x's dtype. Tables
     that carry a gradient are refused (this kernel turns x only)."""
     if torch.compiler.is_compiling():
         return reference.rope_trailing(x, cos, sin, inverse)
-    torch._check(
-        not (cos.requires_grad or sin.requires_grad),
-        lambda: (
-            "the cpu backend's rope_trailing gives no gradient to cos/sin; "
-            "backend.kernels=reference differentiates them"
-        ),
-    )
-    torch._check(cos.shape == sin.shape, lambda: f"cos {cos.shape} and sin {sin.shape} differ")
-    cos_rows, groups = _table_rows(x, cos)
-    sin_rows, _ = _table_rows(x, sin)
+    cos_rows, sin_rows, groups = fused_tables(x, cos, sin, "cpu")
     with torch.autocast("cpu", enabled=False):
         rows = float32_contiguous(x.reshape(-1, x.shape[-1]))
         out = rope_trailing_op(rows, cos_rows, sin_rows, groups, inverse)

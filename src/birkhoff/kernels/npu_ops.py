@@ -62,6 +62,38 @@ def rope(
     return _rotary_mul(q, cos, sin), _rotary_mul(k, cos, sin)
 
 
+@register("rope_trailing", NPU)
+def rope_trailing(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False
+) -> torch.Tensor:
+    """npu_rotary_mul in `interleave` mode on x's last 2P channels (layout BSND; a 3-d x as
+    one head): r1 * x + r2 * (-x_odd, x_even) pair by pair, so r1 and r2 are cos and sin with
+    each value repeated for its pair. Its tables must be 1S1D there: one sequence's angles for
+    every head, so packed rows (positions restarting per document) take a call each."""
+    torch._check(
+        cos.dim() == x.dim() and (x.dim() == 3 or cos.shape[2] == 1),
+        lambda: (
+            f"the npu rope_trailing takes a token's angles for all its heads: cos "
+            f"{tuple(cos.shape)} for x {tuple(x.shape)}"
+        ),
+    )
+    width = 2 * cos.shape[-1]
+    heads = x[..., -width:] if x.dim() == 4 else x[..., -width:].unsqueeze(2)
+    tables = [t if x.dim() == 4 else t.unsqueeze(2) for t in (cos, -sin if inverse else sin)]
+    r1, r2 = (t.repeat_interleave(2, dim=-1).to(x.dtype) for t in tables)
+    rows = [slice(None)] if r1.shape[0] == 1 else [slice(b, b + 1) for b in range(x.shape[0])]
+    turned = torch.cat(
+        [
+            _torch_npu().npu_rotary_mul(
+                heads[row].contiguous(), r1[row], r2[row], rotary_mode="interleave"
+            )
+            for row in rows
+        ]
+    )
+    turned = turned if x.dim() == 4 else turned.squeeze(2)
+    return torch.cat((x[..., :-width], turned), dim=-1)
+
+
 @register("attention", NPU)
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None

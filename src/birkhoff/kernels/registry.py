@@ -226,6 +226,7 @@ def _load_backends() -> None:
             triton_mhc,
             triton_mhc_mapping,
             triton_moe,
+            triton_rope,
             triton_sinkhorn,
         )
 

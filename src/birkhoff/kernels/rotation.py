@@ -72,3 +72,38 @@ def rotate_trailing(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
     if torch.compiler.is_compiling() or cos.requires_grad or sin.requires_grad:
         return _rotated(x, cos, sin)  # differentiated as written
     return _Rotation.apply(x, cos, sin)
+
+
+def table_rows(x: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """For a fused rotation: the table (cos or sin, broadcast against x's channel pairs) as
+    float32 (rows, pairs), contiguous, with the number of x's consecutive rows each of its rows
+    serves. Its leading dims are x's first ones, then ones (a token's angles for all its
+    heads); any other broadcast is expanded to one table row per row of x."""
+    lead = x.shape[:-1]
+    dims = (1,) * (len(lead) - table.dim() + 1) + tuple(table.shape[:-1])
+    kept = len(lead)
+    while kept and dims[kept - 1] == 1:
+        kept -= 1
+    if tuple(dims[:kept]) != tuple(lead[:kept]):
+        table, kept = table.expand(*lead, table.shape[-1]), len(lead)
+    rows = table.reshape(-1, table.shape[-1]).float().contiguous()
+    served = x.numel() // (x.shape[-1] * rows.shape[0]) if rows.numel() else 1
+    return rows, served
+
+
+def fused_tables(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """What a backend's fused rotation takes: cos and sin as `table_rows` gives them, with the
+    rows of x each serves. Tables that carry a gradient are refused: the fused kernels turn x
+    only (none of the model's tables does; the reference differentiates them)."""
+    torch._check(
+        not (cos.requires_grad or sin.requires_grad),
+        lambda: (
+            f"the {backend} backend's rope_trailing gives no gradient to cos/sin; "
+            "backend.kernels=reference differentiates them"
+        ),
+    )
+    torch._check(cos.shape == sin.shape, lambda: f"cos {cos.shape} and sin {sin.shape} differ")
+    cos_rows, groups = table_rows(x, cos)
+    return cos_rows, table_rows(x, sin)[0], groups

@@ -64,7 +64,7 @@ class KVCompressor(nn.Module):
         constant(self, "position_bias", lambda: torch.zeros(ratio, width))
         self.norm = RMSNorm(dim, eps, backend)
         self._compress = kernels.get("kv_compress", backend)
-        self._rope = kernels.get("rope_trailing", backend)
+        self._rotate = kernels.get("rope_trailing", backend)
 
     def forward(
         self, x: torch.Tensor, entries: BlockEntries, inv_freq: torch.Tensor
@@ -75,7 +75,7 @@ class KVCompressor(nn.Module):
         )
         compressed = self.norm(gated)  # empty slots: zeros (the op's), not NaN
         angles = entries.position[..., None].float() * inv_freq
-        return self._rope(compressed, angles.cos(), angles.sin())
+        return self._rotate(compressed, angles.cos(), angles.sin())
 
 
 class LightningIndexer(nn.Module):
@@ -98,7 +98,7 @@ class LightningIndexer(nn.Module):
         self.compressor = KVCompressor(hidden, head_dim, ratio, True, eps, backend)
         self.w_q = nn.Linear(q_rank, heads * head_dim, bias=False)
         self.w_weights = nn.Linear(hidden, heads, bias=False)
-        self._rope = kernels.get("rope_trailing", backend)
+        self._rotate = kernels.get("rope_trailing", backend)
         self.head_group: dist.ProcessGroup | None = None  # see V4Attention.head_group
 
     def forward(
@@ -173,7 +173,7 @@ class LightningIndexer(nn.Module):
         batch, seq, _ = x.shape
         keys = shared_over(self.compressor(x, entries, inv_freq).float(), self.head_group)
         q = self.w_q(q_latent).view(batch, seq, -1, self.head_dim)  # this process's heads
-        q = self._rope(q, cos[:, :, None], sin[:, :, None]).float()
+        q = self._rotate(q, cos[:, :, None], sin[:, :, None]).float()
         return keys, q, self.w_weights(x).float() * self.heads**-0.5
 
     def _index(self, q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

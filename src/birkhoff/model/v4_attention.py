@@ -107,7 +107,7 @@ class V4Attention(nn.Module):
         # over a process group; the KV entry and the compressors stay whole on every process.
         self.head_group: dist.ProcessGroup | None = None
         self._attend = kernels.get("v4_attention", backend)
-        self._rope = kernels.get("rope_trailing", backend)
+        self._rotate = kernels.get("rope_trailing", backend)
         self._entry_mass = kernels.get("entry_mass", backend)
         # The indexer's dense warm-up (train.indexer_warmup_steps): a CSA layer attends to every
         # visible entry and its indexer learns the attention over all of them.
@@ -130,8 +130,8 @@ class V4Attention(nn.Module):
         q_latent = self.q_norm(self.w_q_down(x))
         q = self.w_q_up(q_latent).view(batch, seq, -1, self.head_dim)  # this process's heads
         q = rms_norm_rows(q.float(), None, self.eps).to(q.dtype)  # per head, no weight
-        q = self._rope(q, cos[:, :, None], sin[:, :, None])
-        kv = self._rope(self.kv_norm(self.w_kv(x)), cos, sin)
+        q = self._rotate(q, cos[:, :, None], sin[:, :, None])
+        kv = self._rotate(self.kv_norm(self.w_kv(x)), cos, sin)
         kv = shared_over(kv, self.head_group)
         entries, indexer_outputs = self._entries(x, q, q_latent, positions, cos, sin)
         window = self.cfg.sliding_window
@@ -152,7 +152,7 @@ class V4Attention(nn.Module):
                 if self.indexer_stats is None:
                     self.prepare_stats(loss.device)
                 self.indexer_stats += torch.stack((loss.detach(), one, hits, wanted)).double()
-        out = self._rope(out, cos[:, :, None], sin[:, :, None], inverse=True)  # off the values
+        out = self._rotate(out, cos[:, :, None], sin[:, :, None], inverse=True)  # off the values
         weight = _local(self.w_o_groups.weight)  # this process's groups of heads
         weight = weight.view(-1, self.cfg.o_lora_rank, weight.shape[-1])
         groups = out.reshape(batch, seq, weight.shape[0], -1)
