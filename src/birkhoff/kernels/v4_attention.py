@@ -108,7 +108,8 @@ def kv_compress(
         block_kv = torch.cat((prev_kv, block_kv[..., dim:]), dim=2)
         logits = torch.cat((prev_logits, logits[..., dim:]), dim=2)
     weights = torch.softmax(logits, dim=2).to(block_kv.dtype)
-    return (block_kv * weights).sum(dim=2) * entries.exists[:, :, None]  # no NaN from a slot
+    # an entry that does not exist gathered its row's first tokens: 0 instead
+    return (block_kv * weights).sum(dim=2) * entries.exists[:, :, None]
 
 
 @dataclass

@@ -73,7 +73,7 @@ class KVCompressor(nn.Module):
         gated = self._compress(
             self.w_kv(x), self.w_gate(x), self.position_bias, entries, self.overlap
         )
-        compressed = self.norm(gated)  # empty slots: zeros (the op's), not NaN
+        compressed = self.norm(gated)  # entries that do not exist: 0, and 0 normed
         angles = entries.position[..., None].float() * inv_freq
         return self._rotate(compressed, angles.cos(), angles.sin())
 
