@@ -19,7 +19,7 @@ from birkhoff.kernels.cpu_library import (
     float32_contiguous,
 )
 from birkhoff.kernels.registry import CPU, register
-from birkhoff.kernels.v4_attention import BlockEntries
+from birkhoff.kernels.v4_attention import entry_kinds
 
 
 def _check(kv: Tensor, gate: Tensor, bias: Tensor, start: Tensor, kind: Tensor, dim: int):
@@ -107,18 +107,16 @@ kv_compress_op.register_autograd(_grads, setup_context=_save)
 
 @register("kv_compress", CPU, dtypes=DTYPES)
 def kv_compress(
-    kv: Tensor, gate: Tensor, position_bias: Tensor, entries: BlockEntries, overlap: bool
-) -> Tensor:
+    kv: Tensor, gate: Tensor, position_bias: Tensor, start: Tensor, exists: Tensor,
+    has_previous: Tensor, overlap: bool,
+) -> Tensor:  # fmt: skip
     """The reference's `kv_compress`: computed in float32, returned in kv's dtype."""
     if torch.compiler.is_compiling():
-        return reference.kv_compress(kv, gate, position_bias, entries, overlap)
+        return reference.kv_compress(kv, gate, position_bias, start, exists, has_previous, overlap)
     dim = kv.shape[-1] // 2 if overlap else kv.shape[-1]
-    kind = entries.exists.to(torch.uint8)
-    if overlap:
-        kind = kind + (entries.exists & entries.has_previous).to(torch.uint8)
     with torch.autocast("cpu", enabled=False):
         out, _ = kv_compress_op(
             float32_contiguous(kv), float32_contiguous(gate), float32_contiguous(position_bias),
-            entries.start.to(torch.int64), kind, dim,
+            start.to(torch.int64), entry_kinds(exists, has_previous), dim,
         )  # fmt: skip
     return out.to(kv.dtype)

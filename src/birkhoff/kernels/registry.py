@@ -223,6 +223,7 @@ def _load_backends() -> None:
             flex_v4_attention,
             triton_engram,
             triton_entry_mass,
+            triton_kv_compress,
             triton_mhc,
             triton_mhc_mapping,
             triton_moe,

@@ -80,36 +80,47 @@ def gather_blocks(values: torch.Tensor, start: torch.Tensor, ratio: int) -> torc
     return picked.view(*index.shape, *values.shape[2:])
 
 
+def entry_kinds(exists: torch.Tensor, has_previous: torch.Tensor) -> torch.Tensor:
+    """For a fused `kv_compress`: (B, E) uint8, 0 no entry, 1 its block, 2 its block and a
+    previous one (which the kernels read only where the blocks overlap: CSA). The same ops for
+    CSA and HCA: `birkhoff plan --launches` charges every call what the first one launched."""
+    return exists.to(torch.uint8) + (exists & has_previous).to(torch.uint8)
+
+
 @register("kv_compress", REFERENCE)
 def kv_compress(
     kv: torch.Tensor,
     gate: torch.Tensor,
     position_bias: torch.Tensor,
-    entries: BlockEntries,
+    start: torch.Tensor,
+    exists: torch.Tensor,
+    has_previous: torch.Tensor,
     overlap: bool,
 ) -> torch.Tensor:
     """V4's compressed entries before their norm (report §2.3): from the projected states kv
     and gate (B, T, width) and the learned bias (ratio, width), each entry's channel is the
     softmax over its block's tokens of gate + bias, times their kv, summed; (B, E, dim), zero
-    where no entry exists. HCA (not `overlap`): width = dim. CSA (`overlap`): width = 2 dim,
-    the block's tokens give channels dim .. 2 dim and the previous block of the same document
-    (if any) its tokens' channels 0 .. dim, as V4's Ca/Cb series."""
-    ratio = entries.ratio
+    where no entry exists. The entries are `BlockEntries`' (B, E) tensors: each block's first
+    token, whether it exists and whether the block before it is in the same document. HCA (not
+    `overlap`): width = dim. CSA (`overlap`): width = 2 dim, the block's tokens give channels
+    dim .. 2 dim and the previous block of the same document (if any) its tokens' channels
+    0 .. dim, as V4's Ca/Cb series."""
+    ratio = position_bias.shape[0]
     dim = kv.shape[-1] // 2 if overlap else kv.shape[-1]
-    block_kv = gather_blocks(kv, entries.start, ratio)
-    logits = gather_blocks(gate, entries.start, ratio).float() + position_bias.float()
+    block_kv = gather_blocks(kv, start, ratio)
+    logits = gather_blocks(gate, start, ratio).float() + position_bias.float()
     if overlap:
-        previous = entries.start - ratio
+        previous = start - ratio
         prev_kv = gather_blocks(kv[..., :dim], previous, ratio)
         prev_logits = gather_blocks(gate[..., :dim], previous, ratio).float()
         prev_logits = prev_logits + position_bias[:, :dim].float()
         # The first block of a document has no previous block: its slots weigh nothing.
-        prev_logits = prev_logits.masked_fill(~entries.has_previous[:, :, None, None], -torch.inf)
+        prev_logits = prev_logits.masked_fill(~has_previous[:, :, None, None], -torch.inf)
         block_kv = torch.cat((prev_kv, block_kv[..., dim:]), dim=2)
         logits = torch.cat((prev_logits, logits[..., dim:]), dim=2)
     weights = torch.softmax(logits, dim=2).to(block_kv.dtype)
     # an entry that does not exist gathered its row's first tokens: 0 instead
-    return (block_kv * weights).sum(dim=2) * entries.exists[:, :, None]
+    return (block_kv * weights).sum(dim=2) * exists[:, :, None]
 
 
 @dataclass

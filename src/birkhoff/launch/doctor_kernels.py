@@ -80,7 +80,9 @@ def _kv_compress(tokens: int) -> list:
     split = tokens // 3  # two documents: blocks restart at the second, which has no previous
     positions = torch.cat((torch.arange(split), torch.arange(tokens - split)))[None]
     kv, gate = torch.randn(1, tokens, 256), 2 * torch.randn(1, tokens, 256)  # CSA's 2 x 128
-    return [kv, gate, torch.randn(4, 256), block_entries(positions, 4), True]
+    entries = block_entries(positions, 4)
+    layout = [entries.start, entries.exists, entries.has_previous]
+    return [kv, gate, torch.randn(4, 256), *layout, True]
 
 
 def _attention(tokens: int) -> list:

@@ -71,8 +71,9 @@ class KVCompressor(nn.Module):
     ) -> torch.Tensor:
         """(B, E, dim) entries, rotated on their trailing RoPE channels."""
         gated = self._compress(
-            self.w_kv(x), self.w_gate(x), self.position_bias, entries, self.overlap
-        )
+            self.w_kv(x), self.w_gate(x), self.position_bias, entries.start, entries.exists,
+            entries.has_previous, self.overlap,
+        )  # fmt: skip
         compressed = self.norm(gated)  # entries that do not exist: 0, and 0 normed
         angles = entries.position[..., None].float() * inv_freq
         return self._rotate(compressed, angles.cos(), angles.sin())
