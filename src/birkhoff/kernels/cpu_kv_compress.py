@@ -19,7 +19,7 @@ from birkhoff.kernels.cpu_library import (
     float32_contiguous,
 )
 from birkhoff.kernels.registry import CPU, register
-from birkhoff.kernels.v4_attention import entry_kinds
+from birkhoff.kernels.v4_attention import fused_entries
 
 
 def _check(kv: Tensor, gate: Tensor, bias: Tensor, start: Tensor, kind: Tensor, dim: int):
@@ -113,10 +113,10 @@ def kv_compress(
     """The reference's `kv_compress`: computed in float32, returned in kv's dtype."""
     if torch.compiler.is_compiling():
         return reference.kv_compress(kv, gate, position_bias, start, exists, has_previous, overlap)
-    dim = kv.shape[-1] // 2 if overlap else kv.shape[-1]
+    layout = fused_entries(kv, start, exists, has_previous, overlap)
     with torch.autocast("cpu", enabled=False):
         out, _ = kv_compress_op(
             float32_contiguous(kv), float32_contiguous(gate), float32_contiguous(position_bias),
-            start.to(torch.int64), entry_kinds(exists, has_previous), dim,
+            *layout,
         )  # fmt: skip
     return out.to(kv.dtype)

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from birkhoff.kernels import v4_attention as reference
 from birkhoff.kernels.registry import register
-from birkhoff.kernels.v4_attention import entry_kinds
+from birkhoff.kernels.v4_attention import fused_entries
 
 BLOCK_C = 64
 
@@ -162,6 +162,5 @@ def kv_compress(
     gradient): computed in float32, returned in kv's dtype."""
     if torch.compiler.is_compiling():  # inductor fuses the reference's expression
         return reference.kv_compress(kv, gate, position_bias, start, exists, has_previous, overlap)
-    dim = kv.shape[-1] // 2 if overlap else kv.shape[-1]
-    kinds = entry_kinds(exists, has_previous)
-    return _Compress.apply(kv, gate, position_bias, start.to(torch.int64).contiguous(), kinds, dim)
+    layout = fused_entries(kv, start, exists, has_previous, overlap)
+    return _Compress.apply(kv, gate, position_bias, *layout)

@@ -80,11 +80,21 @@ def gather_blocks(values: torch.Tensor, start: torch.Tensor, ratio: int) -> torc
     return picked.view(*index.shape, *values.shape[2:])
 
 
-def entry_kinds(exists: torch.Tensor, has_previous: torch.Tensor) -> torch.Tensor:
-    """For a fused `kv_compress`: (B, E) uint8, 0 no entry, 1 its block, 2 its block and a
-    previous one (which the kernels read only where the blocks overlap: CSA). The same ops for
-    CSA and HCA: `birkhoff plan --launches` charges every call what the first one launched."""
-    return exists.to(torch.uint8) + (exists & has_previous).to(torch.uint8)
+def fused_entries(
+    kv: torch.Tensor,
+    start: torch.Tensor,
+    exists: torch.Tensor,
+    has_previous: torch.Tensor,
+    overlap: bool,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """What a fused `kv_compress` takes besides kv, gate and bias: each entry's first token
+    (int64, contiguous), its kind ((B, E) uint8: 0 no entry, 1 its block, 2 its block and a
+    previous one, which the kernels read only where the blocks overlap: CSA) and the entries'
+    width. The same ops for CSA and HCA: `birkhoff plan --launches` charges every call what
+    the first one launched."""
+    kinds = exists.to(torch.uint8) + (exists & has_previous).to(torch.uint8)
+    dim = kv.shape[-1] // 2 if overlap else kv.shape[-1]
+    return start.to(torch.int64).contiguous(), kinds, dim
 
 
 @register("kv_compress", REFERENCE)
