@@ -10,18 +10,22 @@ times the value per token and stream, so the C passes never form them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.library import custom_op
 
 from birkhoff.kernels import reference
 from birkhoff.kernels.cpu_library import (
     DTYPES,
     call,
+    check,
     check_inputs,
     check_shapes,
+    eager_function,
     float32_contiguous,
+    kernel_op,
 )
 from birkhoff.kernels.registry import CPU, register
 
@@ -33,11 +37,9 @@ def _check_merge(
     dilation: int,
 ) -> None:  # fmt: skip
     check_inputs(streams, keys, value, norm_weight, conv_weight)
-    torch._check(
-        streams.dim() == 4, lambda: f"the merge takes streams (B, T, n, C), got {streams.shape}"
-    )
+    check(streams.dim() == 4, lambda: f"the merge takes streams (B, T, n, C), got {streams.shape}")
     seqs, length, _, width = streams.shape
-    torch._check(
+    check(
         conv_weight.dim() == 2 and conv_weight.shape[0] >= 1 and dilation >= 1,
         lambda: (
             f"the convolution takes (lags >= 1, C) and dilation >= 1, got "
@@ -56,7 +58,7 @@ def _sizes(streams: Tensor, conv_weight: Tensor, dilation: int) -> tuple[int, ..
     return (*streams.shape, conv_weight.shape[0], dilation)
 
 
-@custom_op("birkhoff::cpu_engram_merge", mutates_args=())
+@kernel_op("cpu_engram_merge")
 def engram_merge_op(
     streams: Tensor,
     keys: Tensor,
@@ -84,7 +86,7 @@ def _(streams, keys, value, norm_weight, conv_weight, dilation: int, eps: float)
     return torch.empty_like(streams), streams.new_empty(*streams.shape[:-1], STATS)
 
 
-@custom_op("birkhoff::cpu_engram_merge_backward", mutates_args=())
+@kernel_op("cpu_engram_merge_backward")
 def engram_merge_backward(
     grad: Tensor,
     streams: Tensor,
@@ -122,14 +124,22 @@ def _save(ctx, inputs: tuple, output: tuple) -> None:
     ctx.dilation = dilation
 
 
-def _grads(ctx, grad: Tensor, _d_stats):
-    *tensors, stats = ctx.saved_tensors
-    grads = engram_merge_backward(grad.contiguous(), *tensors, stats, ctx.dilation)
-    needed = ctx.needs_input_grad[: len(grads)]
-    return *(g if need else None for g, need in zip(grads, needed, strict=True)), None, None
+def _grads(backward: Callable) -> Callable:
+    """The op's backward through `backward`: the backward op (registered) or its body (eager)."""
+
+    def grads(ctx, grad: Tensor, _d_stats):
+        *tensors, stats = ctx.saved_tensors
+        grads = backward(grad.contiguous(), *tensors, stats, ctx.dilation)
+        needed = ctx.needs_input_grad[: len(grads)]
+        return *(g if need else None for g, need in zip(grads, needed, strict=True)), None, None
+
+    return grads
 
 
-engram_merge_op.register_autograd(_grads, setup_context=_save)
+engram_merge_op.register_autograd(_grads(engram_merge_backward), setup_context=_save)
+_engram_merge = eager_function(
+    "EngramMerge", engram_merge_op, _save, _grads(engram_merge_backward.body)
+)
 
 
 @register("engram_merge", CPU, dtypes=DTYPES)
@@ -156,7 +166,7 @@ def engram_merge(
     memory = table.index_select(0, indices.flatten()).view(*indices.shape[:-1], -1)
     keys, value = F.linear(memory, key_weight), F.linear(memory, value_weight)
     with torch.autocast("cpu", enabled=False):
-        out, _ = engram_merge_op(
+        out, _ = _engram_merge(
             float32_contiguous(streams),
             float32_contiguous(keys.view(streams.shape)),
             float32_contiguous(value),

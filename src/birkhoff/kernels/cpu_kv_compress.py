@@ -6,17 +6,21 @@ its own backward (about 60 ops per compressor and step at `tiny`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
-from torch.library import custom_op
 
 from birkhoff.kernels import v4_attention as reference
 from birkhoff.kernels.cpu_library import (
     DTYPES,
     call,
+    check,
     check_inputs,
     check_shapes,
+    eager_function,
     float32_contiguous,
+    kernel_op,
 )
 from birkhoff.kernels.registry import CPU, register
 from birkhoff.kernels.v4_attention import fused_entries
@@ -26,23 +30,23 @@ def _check(kv: Tensor, gate: Tensor, bias: Tensor, start: Tensor, kind: Tensor, 
     check_inputs(kv, gate, bias)
     batch, seq, width = kv.shape
     ratio = bias.shape[0]
-    torch._check(width in (dim, 2 * dim), lambda: f"kv of width {width} for entries of {dim}")
+    check(width in (dim, 2 * dim), lambda: f"kv of width {width} for entries of {dim}")
     check_shapes((gate, kv.shape), (bias, (ratio, width)), (kind, start.shape))
-    torch._check(
+    check(
         start.dtype == torch.int64 and kind.dtype == torch.uint8 and start.shape[0] == batch,
         lambda: "start (B, E) int64 and kind (B, E) uint8",
     )
     used = kind > 0
     # every entry's block (and its previous one, where read) within the row: C trusts them
     inside = (start >= 0) & (start + ratio <= seq) & ((kind < 2) | (start >= ratio))
-    torch._check(bool((inside | ~used).all()), lambda: "an entry's block lies outside its row")
+    check(bool((inside | ~used).all()), lambda: "an entry's block lies outside its row")
 
 
 def _sizes(kv: Tensor, start: Tensor, dim: int, ratio: int) -> tuple[int, ...]:
     return (*kv.shape[:2], start.shape[1], kv.shape[2], dim, ratio)
 
 
-@custom_op("birkhoff::cpu_kv_compress", mutates_args=())
+@kernel_op("cpu_kv_compress")
 def kv_compress_op(
     kv: Tensor, gate: Tensor, bias: Tensor, start: Tensor, kind: Tensor, dim: int
 ) -> tuple[Tensor, Tensor]:
@@ -66,7 +70,7 @@ def _(kv, gate, bias, start, kind, dim: int) -> tuple[Tensor, Tensor]:
     return out, torch.empty_like(out)
 
 
-@custom_op("birkhoff::cpu_kv_compress_backward", mutates_args=())
+@kernel_op("cpu_kv_compress_backward")
 def kv_compress_backward(
     grad: Tensor, kv: Tensor, gate: Tensor, bias: Tensor, start: Tensor, kind: Tensor,
     out: Tensor, lse: Tensor, dim: int,
@@ -94,15 +98,23 @@ def _save(ctx, inputs: tuple, output: tuple) -> None:
     ctx.save_for_backward(kv, gate, bias, start, kind, *output)
 
 
-def _grads(ctx, grad: Tensor, _d_lse):
-    kv, gate, bias, start, kind, out, lse = ctx.saved_tensors
-    d_kv, d_gate, d_bias = kv_compress_backward(
-        grad.contiguous(), kv, gate, bias, start, kind, out, lse, ctx.dim
-    )
-    return d_kv, d_gate, d_bias, None, None, None
+def _grads(backward: Callable) -> Callable:
+    """The op's backward through `backward`: the backward op (registered) or its body (eager)."""
+
+    def grads(ctx, grad: Tensor, _d_lse):
+        kv, gate, bias, start, kind, out, lse = ctx.saved_tensors
+        d_kv, d_gate, d_bias = backward(
+            grad.contiguous(), kv, gate, bias, start, kind, out, lse, ctx.dim
+        )
+        return d_kv, d_gate, d_bias, None, None, None
+
+    return grads
 
 
-kv_compress_op.register_autograd(_grads, setup_context=_save)
+kv_compress_op.register_autograd(_grads(kv_compress_backward), setup_context=_save)
+_kv_compress = eager_function(
+    "KVCompress", kv_compress_op, _save, _grads(kv_compress_backward.body)
+)
 
 
 @register("kv_compress", CPU, dtypes=DTYPES)
@@ -115,7 +127,7 @@ def kv_compress(
         return reference.kv_compress(kv, gate, position_bias, start, exists, has_previous, overlap)
     layout = fused_entries(kv, start, exists, has_previous, overlap)
     with torch.autocast("cpu", enabled=False):
-        out, _ = kv_compress_op(
+        out, _ = _kv_compress(
             float32_contiguous(kv), float32_contiguous(gate), float32_contiguous(position_bias),
             *layout,
         )  # fmt: skip

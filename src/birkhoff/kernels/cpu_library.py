@@ -1,15 +1,26 @@
 """The `cpu` backend's C library as Python sees it: each C function's signature (kernels/cpu_*.c,
-built by kernels/cpu_build.py), the call that hands it tensors as pointers, and the checks of
+built by kernels/cpu_build.py), the call that hands it tensors as pointers, the checks of
 what every kernel assumes of its tensors (the ops built on them are public as
-torch.ops.birkhoff.cpu_*, so they check before they call)."""
+torch.ops.birkhoff.cpu_*, so they check before they call), and the two ways each op runs:
+as a torch custom op (torch.ops, opcheck, tracing) and, in eager code, as an autograd
+Function calling the same Python bodies.
+
+Why two: at small shapes a kernel takes a few µs, and torch.library's dispatch of a custom op
+with autograd and of its backward op about 110 µs a forward and backward pair on this
+project's 2-core CPU (the Function's own machinery about 45 µs); a `tiny` step runs 66 such
+pairs. The bodies are the same functions either way, so the two paths compute alike.
+"""
 
 from __future__ import annotations
 
 import ctypes
 import functools
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
+from torch.library import CustomOpDef, custom_op
 
 from birkhoff.kernels.cpu_build import library
 
@@ -73,30 +84,69 @@ def float32_contiguous(tensor: Tensor) -> Tensor:
     return tensor.to(torch.float32).contiguous()
 
 
+def check(condition: bool, message: Callable[[], str]) -> None:
+    """A RuntimeError with the message where the condition fails. Plain Python, not
+    torch._check (several µs a call): the bodies run on real tensors only (fake tensors take
+    the registered fakes), whose shapes are plain ints."""
+    if not condition:
+        raise RuntimeError(message())
+
+
 def check_inputs(*tensors: Tensor | None) -> None:
     """What the C kernels assume of every tensor they are handed (the ops are public:
     torch.ops.birkhoff.cpu_*): float32, contiguous, in CPU memory."""
-    for tensor in tensors:
-        if tensor is not None:
-            torch._check(
-                tensor.dtype == torch.float32 and tensor.is_contiguous()
-                and tensor.device.type == "cpu",
-                lambda t=tensor: f"the cpu kernels take contiguous float32 CPU tensors, got "
-                f"{t.dtype} on {t.device}, contiguous={t.is_contiguous()}",
-            )  # fmt: skip
+    for t in tensors:
+        if t is not None and not (t.dtype == torch.float32 and t.is_contiguous() and t.is_cpu):
+            raise RuntimeError(
+                f"the cpu kernels take contiguous float32 CPU tensors, got {t.dtype} on "
+                f"{t.device}, contiguous={t.is_contiguous()}"
+            )
 
 
 def check_shapes(*pairs: tuple[Tensor | None, tuple[int, ...]]) -> None:
     """Each tensor (None: absent) of the shape the kernel indexes it by."""
     for tensor, shape in pairs:
-        if tensor is not None:
-            torch._check(
-                tuple(tensor.shape) == tuple(shape),
-                lambda t=tensor, shape=shape: (
-                    f"the cpu kernel expected shape {tuple(shape)}, got {tuple(t.shape)}"
-                ),
+        if tensor is not None and tensor.shape != tuple(shape):
+            raise RuntimeError(
+                f"the cpu kernel expected shape {tuple(shape)}, got {tuple(tensor.shape)}"
             )
 
 
 def check_iters(iters: int) -> None:
-    torch._check(iters >= 1, lambda: f"Sinkhorn needs at least 1 iteration, got {iters}")
+    check(iters >= 1, lambda: f"Sinkhorn needs at least 1 iteration, got {iters}")
+
+
+def kernel_op(name: str) -> Callable[[Callable[..., object]], CustomOpDef]:
+    """Registers the decorated body as the custom op `birkhoff::{name}` and keeps the body as
+    the op's `body`, for eager code to call without torch.library's dispatch."""
+
+    def register_body(body: Callable[..., object]) -> CustomOpDef:
+        op = custom_op(f"birkhoff::{name}", body, mutates_args=())
+        op.body = body
+        return op
+
+    return register_body
+
+
+def eager_function(
+    name: str, op: CustomOpDef, setup_context: Callable, backward: Callable
+) -> Callable[..., object]:
+    """`op`'s body with the autograd the op registers (its `setup_context`, and its backward
+    built on the backward op's body) as an autograd Function; returns its `apply`. The
+    backward is once differentiable, as the custom op's (its backward op has no autograd).
+    setup_context is called from the forward, not given to the Function as its own method:
+    with one, every `apply` binds its arguments to the forward's signature through
+    `inspect` (tens of µs a call)."""
+    body = op.body
+
+    def forward(ctx, *inputs):
+        output = body(*inputs)
+        setup_context(ctx, inputs, output)
+        return output
+
+    function = type(
+        name,
+        (torch.autograd.Function,),
+        {"forward": staticmethod(forward), "backward": staticmethod(once_differentiable(backward))},
+    )
+    return function.apply

@@ -16,18 +16,22 @@ removed by hand), a compiled `small` step took as long (mHC's overhead +25.6% ag
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
-from torch.library import custom_op
 
 from birkhoff.kernels import mhc_reference as reference
 from birkhoff.kernels.cpu_library import (
     DTYPES,
     call,
+    check,
     check_inputs,
     check_iters,
     check_shapes,
+    eager_function,
     float32_contiguous,
+    kernel_op,
 )
 from birkhoff.kernels.registry import CPU, register
 
@@ -36,7 +40,7 @@ LOG_SPACE = -1.0  # form_eps for the paper's log-space Sinkhorn
 
 # Each C kernel is a torch custom op: autograd is registered on the forward op, its backward
 # is another op, and a fake (shape-only) version lets the ops be traced.
-@custom_op("birkhoff::cpu_stream_read", mutates_args=())
+@kernel_op("cpu_stream_read")
 def stream_read(streams: Tensor, h_pre: Tensor) -> Tensor:
     """sum_i h[i] x_i per token: x (M, n, C), h (M, n) -> (M, C)."""
     check_inputs(streams, h_pre)
@@ -51,7 +55,7 @@ def _(streams: Tensor, h_pre: Tensor) -> Tensor:
     return streams.new_empty(streams.shape[0], streams.shape[2])
 
 
-@custom_op("birkhoff::cpu_stream_read_backward", mutates_args=())
+@kernel_op("cpu_stream_read_backward")
 def stream_read_backward(grad: Tensor, streams: Tensor, h_pre: Tensor) -> tuple[Tensor, Tensor]:
     check_inputs(grad, streams, h_pre)
     check_shapes((h_pre, streams.shape[:2]), (grad, (streams.shape[0], streams.shape[2])))
@@ -71,7 +75,7 @@ def check_merge(streams: Tensor, layer_out: Tensor, h_res: Tensor, h_post: Tenso
     check_shapes((layer_out, (tokens, width)), (h_res, (tokens, n, n)), (h_post, (tokens, n)))
 
 
-@custom_op("birkhoff::cpu_stream_merge", mutates_args=())
+@kernel_op("cpu_stream_merge")
 def stream_merge(streams: Tensor, layer_out: Tensor, h_res: Tensor, h_post: Tensor) -> Tensor:
     """H_res x + h_post^T y per token: x (M, n, C), y (M, C), H_res (M, n, n), h_post (M, n)."""
     check_merge(streams, layer_out, h_res, h_post)
@@ -85,7 +89,7 @@ def _(streams: Tensor, layer_out: Tensor, h_res: Tensor, h_post: Tensor) -> Tens
     return torch.empty_like(streams)
 
 
-@custom_op("birkhoff::cpu_stream_merge_backward", mutates_args=())
+@kernel_op("cpu_stream_merge_backward")
 def stream_merge_backward(
     grad: Tensor, streams: Tensor, layer_out: Tensor, h_res: Tensor, h_post: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -105,11 +109,11 @@ def _(grad, streams, layer_out, h_res, h_post) -> tuple[Tensor, Tensor, Tensor, 
 def _check_sinkhorn(logits: Tensor, iters: int) -> None:
     check_inputs(logits)
     check_iters(iters)
-    torch._check(logits.dim() == 3, lambda: f"Sinkhorn takes (M, n, n), got {logits.shape}")
+    check(logits.dim() == 3, lambda: f"Sinkhorn takes (M, n, n), got {logits.shape}")
     check_shapes((logits, (logits.shape[0], logits.shape[1], logits.shape[1])))
 
 
-@custom_op("birkhoff::cpu_sinkhorn", mutates_args=())
+@kernel_op("cpu_sinkhorn")
 def sinkhorn(logits: Tensor, iters: int, form_eps: float) -> Tensor:
     """Sinkhorn-Knopp of (M, n, n) logits (form_eps < 0: the log-space form)."""
     _check_sinkhorn(logits, iters)
@@ -123,7 +127,7 @@ def _(logits: Tensor, iters: int, form_eps: float) -> Tensor:
     return torch.empty_like(logits)
 
 
-@custom_op("birkhoff::cpu_sinkhorn_backward", mutates_args=())
+@kernel_op("cpu_sinkhorn_backward")
 def sinkhorn_backward(logits: Tensor, grad: Tensor, iters: int, form_eps: float) -> Tensor:
     """d logits, the iterations recomputed per block of tokens from the logits."""
     _check_sinkhorn(logits, iters)
@@ -139,7 +143,7 @@ def _(logits: Tensor, grad: Tensor, iters: int, form_eps: float) -> Tensor:
     return torch.empty_like(logits)
 
 
-@custom_op("birkhoff::cpu_mhc_tail", mutates_args=())
+@kernel_op("cpu_mhc_tail")
 def mhc_tail(
     q: Tensor, a: Tensor, b: Tensor, n: int, iters: int, pre_eps: float, form_eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -171,7 +175,7 @@ def _(q, a, b, n: int, iters: int, pre_eps: float, form_eps: float):
     return _tail_outputs(q, n)
 
 
-@custom_op("birkhoff::cpu_mhc_tail_backward", mutates_args=())
+@kernel_op("cpu_mhc_tail_backward")
 def mhc_tail_backward(
     q: Tensor,
     a: Tensor,
@@ -204,31 +208,48 @@ def _save_inputs(ctx, inputs: tuple, output) -> None:
     ctx.options = tuple(v for v in inputs if not isinstance(v, Tensor))
 
 
-def _read_grads(ctx, grad: Tensor):
-    return stream_read_backward(grad.contiguous(), *ctx.saved_tensors)
+# Each op's backward through `backward`: the backward op (registered) or its body (eager).
+def _read_grads(backward: Callable) -> Callable:
+    return lambda ctx, grad: backward(grad.contiguous(), *ctx.saved_tensors)
 
 
-def _merge_grads(ctx, grad: Tensor):
-    return stream_merge_backward(grad.contiguous(), *ctx.saved_tensors)
+def _merge_grads(backward: Callable) -> Callable:
+    return lambda ctx, grad: backward(grad.contiguous(), *ctx.saved_tensors)
 
 
-def _sinkhorn_grads(ctx, grad: Tensor):
-    (logits,) = ctx.saved_tensors
-    return sinkhorn_backward(logits, grad.contiguous(), *ctx.options), None, None
+def _sinkhorn_grads(backward: Callable) -> Callable:
+    def grads(ctx, grad: Tensor):
+        (logits,) = ctx.saved_tensors
+        return backward(logits, grad.contiguous(), *ctx.options), None, None
+
+    return grads
 
 
-def _tail_grads(ctx, d_pre, d_post, d_res):
-    q, a, b = ctx.saved_tensors
-    n, iters, _, form_eps = ctx.options
-    grads = [None if g is None else g.contiguous() for g in (d_pre, d_post, d_res)]
-    d_z = mhc_tail_backward(q, a, b, *grads, n, iters, form_eps)
-    return d_z * a, (d_z * q).sum(0), d_z.sum(0), None, None, None, None
+def _tail_grads(backward: Callable) -> Callable:
+    def grads(ctx, d_pre, d_post, d_res):
+        q, a, b = ctx.saved_tensors
+        n, iters, _, form_eps = ctx.options
+        grads = [None if g is None else g.contiguous() for g in (d_pre, d_post, d_res)]
+        d_z = backward(q, a, b, *grads, n, iters, form_eps)
+        return d_z * a, (d_z * q).sum(0), d_z.sum(0), None, None, None, None
+
+    return grads
 
 
-stream_read.register_autograd(_read_grads, setup_context=_save_inputs)
-stream_merge.register_autograd(_merge_grads, setup_context=_save_inputs)
-sinkhorn.register_autograd(_sinkhorn_grads, setup_context=_save_inputs)
-mhc_tail.register_autograd(_tail_grads, setup_context=_save_inputs)
+stream_read.register_autograd(_read_grads(stream_read_backward), setup_context=_save_inputs)
+stream_merge.register_autograd(_merge_grads(stream_merge_backward), setup_context=_save_inputs)
+sinkhorn.register_autograd(_sinkhorn_grads(sinkhorn_backward), setup_context=_save_inputs)
+mhc_tail.register_autograd(_tail_grads(mhc_tail_backward), setup_context=_save_inputs)
+_stream_read = eager_function(
+    "StreamRead", stream_read, _save_inputs, _read_grads(stream_read_backward.body)
+)
+_stream_merge = eager_function(
+    "StreamMerge", stream_merge, _save_inputs, _merge_grads(stream_merge_backward.body)
+)
+_sinkhorn_op = eager_function(
+    "Sinkhorn", sinkhorn, _save_inputs, _sinkhorn_grads(sinkhorn_backward.body)
+)
+_mhc_tail = eager_function("MHCTail", mhc_tail, _save_inputs, _tail_grads(mhc_tail_backward.body))
 
 
 @register("mhc_pre", CPU, dtypes=DTYPES)
@@ -240,7 +261,7 @@ def mhc_pre(streams: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
     dtype, (*batch, n, width) = reference._matmul_dtype(streams), streams.shape
     with torch.autocast("cpu", enabled=False):
         rows = float32_contiguous(streams.reshape(-1, n, width))
-        out = stream_read(rows, float32_contiguous(h_pre.reshape(-1, n)))
+        out = _stream_read(rows, float32_contiguous(h_pre.reshape(-1, n)))
     return out.view(*batch, width).to(dtype)
 
 
@@ -253,7 +274,7 @@ def mhc_post(
         return reference.mhc_post(streams, layer_out, h_res, h_post)
     *batch, n, width = streams.shape
     with torch.autocast("cpu", enabled=False):
-        merged = stream_merge(
+        merged = _stream_merge(
             float32_contiguous(streams.reshape(-1, n, width)),
             float32_contiguous(layer_out.reshape(-1, width)),
             float32_contiguous(h_res.reshape(-1, n, n)),
@@ -265,7 +286,7 @@ def mhc_post(
 def _sinkhorn(logits: torch.Tensor, iters: int, form_eps: float) -> torch.Tensor:
     n = logits.shape[-1]
     with torch.autocast("cpu", enabled=False):
-        out = sinkhorn(float32_contiguous(logits.reshape(-1, n, n)), iters, form_eps)
+        out = _sinkhorn_op(float32_contiguous(logits.reshape(-1, n, n)), iters, form_eps)
     return out.view(logits.shape).to(logits.dtype)
 
 
@@ -307,7 +328,7 @@ def mhc_mapping(
     n, batch = streams.shape[-2], streams.shape[:-2]
     projected = reference.normalised_projection(streams, weight, norm_eps)
     with torch.autocast("cpu", enabled=False):
-        h_pre, h_post, h_res = mhc_tail(
+        h_pre, h_post, h_res = _mhc_tail(
             projected.reshape(-1, projected.shape[-1]).contiguous(),
             *tail_parameters(alpha, bias_pre, bias_post, bias_res, iters, form_eps),
         )

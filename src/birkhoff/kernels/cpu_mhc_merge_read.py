@@ -13,12 +13,20 @@ which read the merged streams as the reference does, rounded to the streams' dty
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
-from torch.library import custom_op
 
 from birkhoff.kernels import mhc_reference as reference
-from birkhoff.kernels.cpu_library import DTYPES, call, check_inputs, check_shapes
+from birkhoff.kernels.cpu_library import (
+    DTYPES,
+    call,
+    check_inputs,
+    check_shapes,
+    eager_function,
+    kernel_op,
+)
 from birkhoff.kernels.cpu_library import float32_contiguous as f32
 from birkhoff.kernels.cpu_mhc import check_merge, mhc_post
 from birkhoff.kernels.cpu_mhc_read import (
@@ -34,7 +42,7 @@ from birkhoff.kernels.registry import CPU, register
 _composed = reference.composed_merge_read(mhc_post, mhc_read)
 
 
-@custom_op("birkhoff::cpu_mhc_merge_read", mutates_args=())
+@kernel_op("cpu_mhc_merge_read")
 def merge_read_op(
     streams: Tensor,
     layer_out: Tensor,
@@ -74,7 +82,7 @@ def _(streams, layer_out, h_res, h_post, weight, a, b, norm_eps, iters, pre_eps,
     return (*read_outputs(streams), streams.new_empty(tokens), torch.empty_like(streams))
 
 
-@custom_op("birkhoff::cpu_mhc_merge_read_backward", mutates_args=())
+@kernel_op("cpu_mhc_merge_read_backward")
 def merge_read_backward(
     streams: Tensor,
     layer_out: Tensor,
@@ -136,19 +144,23 @@ def _save(ctx, inputs: tuple, output: tuple) -> None:
     ctx.options = (iters, pre_eps, form_eps)
 
 
-def _grads(ctx, d_layer_in, d_post, d_res, _d_q, _d_rinv, d_merged) -> tuple:
-    saved = ctx.saved_tensors
-    if d_layer_in is None:  # the sublayer's input unused: only the mappings' gradients flow
-        d_layer_in = saved[1].new_zeros(saved[1].shape)  # as the merge's sublayer output
-    grads = [None if g is None else f32(g) for g in (d_layer_in, d_post, d_res, d_merged)]
-    need_weight = ctx.needs_input_grad[4]
-    *merge_grads, d_weight, d_a, d_b = merge_read_backward(
-        *saved, *grads, *ctx.options, need_weight
-    )
-    return *merge_grads, d_weight if need_weight else None, d_a, d_b, None, None, None, None
+def _grads(backward: Callable) -> Callable:
+    """The op's backward through `backward`: the backward op (registered) or its body (eager)."""
+
+    def grads(ctx, d_layer_in, d_post, d_res, _d_q, _d_rinv, d_merged) -> tuple:
+        saved = ctx.saved_tensors
+        if d_layer_in is None:  # the sublayer's input unused: only the mappings' gradients flow
+            d_layer_in = saved[1].new_zeros(saved[1].shape)  # as the merge's sublayer output
+        grads = [None if g is None else f32(g) for g in (d_layer_in, d_post, d_res, d_merged)]
+        need_weight = ctx.needs_input_grad[4]
+        *merge_grads, d_weight, d_a, d_b = backward(*saved, *grads, *ctx.options, need_weight)
+        return *merge_grads, d_weight if need_weight else None, d_a, d_b, None, None, None, None
+
+    return grads
 
 
-merge_read_op.register_autograd(_grads, setup_context=_save)
+merge_read_op.register_autograd(_grads(merge_read_backward), setup_context=_save)
+_merge_read = eager_function("MergeRead", merge_read_op, _save, _grads(merge_read_backward.body))
 
 
 @register("mhc_merge_read", CPU, dtypes=DTYPES)
@@ -176,7 +188,7 @@ def mhc_merge_read(
         return _composed(*args, norm_eps, iters, form_eps)
     n, width = streams.shape[-2:]
     with torch.autocast("cpu", enabled=False):
-        *outputs, _, _, merged = merge_read_op(
+        *outputs, _, _, merged = _merge_read(
             f32(streams.reshape(-1, n, width)),
             f32(layer_out.reshape(-1, width)),
             f32(h_res.reshape(-1, n, n)),

@@ -12,18 +12,22 @@ the sums.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
-from torch.library import custom_op
+from torch.autograd.function import once_differentiable
 
 from birkhoff.kernels import mhc_reference as reference
 from birkhoff.kernels.cpu_library import (
     DTYPES,
     call,
+    check,
     check_inputs,
     check_iters,
     check_shapes,
     float32_contiguous,
+    kernel_op,
 )
 from birkhoff.kernels.cpu_mhc import tail_parameters
 from birkhoff.kernels.registry import CPU, register
@@ -32,7 +36,7 @@ from birkhoff.kernels.registry import CPU, register
 def check_read(streams: Tensor, weight: Tensor, a: Tensor, b: Tensor, iters: int) -> None:
     check_inputs(streams, weight, a, b)
     check_iters(iters)
-    torch._check(streams.dim() == 3, lambda: f"the read takes (M, n, C), got {streams.shape}")
+    check(streams.dim() == 3, lambda: f"the read takes (M, n, C), got {streams.shape}")
     n, width = streams.shape[1:]
     values = 2 * n + n * n
     check_shapes((weight, (values, n * width)), (a, (values,)), (b, (values,)))
@@ -80,7 +84,7 @@ def read_outputs(streams: Tensor) -> tuple[Tensor, ...]:
     return new(tokens, width), new(tokens, n), new(tokens, n, n), new(tokens, 2 * n + n * n)
 
 
-@custom_op("birkhoff::cpu_mhc_read", mutates_args=())
+@kernel_op("cpu_mhc_read")
 def mhc_read_op(
     streams: Tensor,
     weight: Tensor,
@@ -111,7 +115,7 @@ def _(streams, weight, a, b, norm_eps: float, iters: int, pre_eps: float, form_e
     return (*read_outputs(streams), streams.new_empty(streams.shape[0]))
 
 
-@custom_op("birkhoff::cpu_mhc_read_backward", mutates_args=())
+@kernel_op("cpu_mhc_read_backward")
 def mhc_read_backward(
     streams: Tensor,
     weight: Tensor,
@@ -167,7 +171,8 @@ def _save(ctx, inputs: tuple, output: tuple) -> None:
     ctx.options = (iters, pre_eps, form_eps)
 
 
-def _grads(ctx, d_layer_in, d_post, d_res, d_merge=None) -> tuple:
+def _grads(ctx, backward: Callable, d_layer_in, d_post, d_res, d_merge=None) -> tuple:
+    """The op's backward through `backward`: the backward op (registered) or its body (eager)."""
     streams, weight, q, rinv, a, b = ctx.saved_tensors
     if d_layer_in is None:  # the sublayer's input unused: only the mappings' gradients flow
         d_layer_in = streams.new_zeros(streams.shape[0], streams.shape[2])
@@ -175,7 +180,7 @@ def _grads(ctx, d_layer_in, d_post, d_res, d_merge=None) -> tuple:
     need_streams, need_weight = ctx.needs_input_grad[:2]
     # (the streams frozen, the weight not: the merge's gradient of them is not needed)
     d_merge = float32_contiguous(d_merge) if d_merge is not None and need_streams else None
-    d_streams, d_weight, d_a, d_b = mhc_read_backward(
+    d_streams, d_weight, d_a, d_b = backward(
         streams, weight, q, rinv, a, b, *grads, *ctx.options, need_streams, need_weight, d_merge
     )
     d_streams, d_weight = (d_streams if need_streams else None), (d_weight if need_weight else None)
@@ -187,27 +192,30 @@ def _save_op(ctx, inputs: tuple, output: tuple) -> None:
     _save(ctx, inputs, output)
 
 
-mhc_read_op.register_autograd(
-    lambda ctx, d_layer_in, d_post, d_res, _d_q, _d_rinv: _grads(ctx, d_layer_in, d_post, d_res),
-    setup_context=_save_op,
-)
+def _op_grads(ctx, d_layer_in, d_post, d_res, _d_q, _d_rinv) -> tuple:
+    return _grads(ctx, mhc_read_backward, d_layer_in, d_post, d_res)
+
+
+mhc_read_op.register_autograd(_op_grads, setup_context=_save_op)
 
 
 class _ReadPassingStreams(torch.autograd.Function):
-    """`mhc_read_op` that also returns its streams, for the merge to take: the merge's gradient
-    of them then reaches this backward, whose one pass writing d_streams adds it (where both
-    ops take the streams, autograd sums their two gradients in a pass of its own)."""
+    """`mhc_read_op`'s body that also returns its streams, for the merge to take: the merge's
+    gradient of them then reaches this backward, whose one pass writing d_streams adds it
+    (where both ops take the streams, autograd sums their two gradients in a pass of its own).
+    The bodies, not the ops: see kernels/cpu_library.py."""
 
     @staticmethod
     def forward(ctx, streams, weight, a, b, norm_eps, iters, pre_eps, form_eps):
         inputs = (streams, weight, a, b, norm_eps, iters, pre_eps, form_eps)
-        outputs = mhc_read_op(*inputs)
+        outputs = mhc_read_op.body(*inputs)
         _save(ctx, inputs, outputs)
         return *outputs[:3], streams  # returned as it is: autograd makes it a view
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, d_layer_in, d_post, d_res, d_merge):
-        return _grads(ctx, d_layer_in, d_post, d_res, d_merge)
+        return _grads(ctx, mhc_read_backward.body, d_layer_in, d_post, d_res, d_merge)
 
 
 @register("mhc_read", CPU, dtypes=DTYPES)

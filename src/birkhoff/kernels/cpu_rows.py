@@ -8,17 +8,21 @@ product pass once each and their gradients' masks and products again.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
-from torch.library import custom_op
 
 from birkhoff.kernels import reference
 from birkhoff.kernels.cpu_library import (
     DTYPES,
     call,
+    check,
     check_inputs,
     check_shapes,
+    eager_function,
     float32_contiguous,
+    kernel_op,
 )
 from birkhoff.kernels.registry import CPU, register
 from birkhoff.kernels.rotation import fused_tables
@@ -26,11 +30,11 @@ from birkhoff.kernels.rotation import fused_tables
 
 def _check_rows(x: Tensor, weight: Tensor) -> None:
     check_inputs(x, weight)
-    torch._check(x.dim() == 2, lambda: f"the cpu rms_norm takes rows (M, C), got {x.shape}")
+    check(x.dim() == 2, lambda: f"the cpu rms_norm takes rows (M, C), got {x.shape}")
     check_shapes((weight, x.shape[1:]))
 
 
-@custom_op("birkhoff::cpu_rms_norm", mutates_args=())
+@kernel_op("cpu_rms_norm")
 def rms_norm_op(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """(x r w, r) for rows x (M, C), weight (C,), r = (mean(x^2) + eps)^(-1/2) per row (M,);
     r is what the backward keeps (no gradient flows through it)."""
@@ -45,7 +49,7 @@ def _(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     return torch.empty_like(x), x.new_empty(x.shape[0])
 
 
-@custom_op("birkhoff::cpu_rms_norm_backward", mutates_args=())
+@kernel_op("cpu_rms_norm_backward")
 def rms_norm_backward(
     grad: Tensor, x: Tensor, weight: Tensor, inv: Tensor, need_x: bool, need_weight: bool
 ) -> tuple[Tensor, Tensor]:
@@ -76,14 +80,21 @@ def _save(ctx, inputs: tuple, output: tuple) -> None:
     ctx.save_for_backward(x, weight, output[1])
 
 
-def _grads(ctx, grad: Tensor, _d_inv):
-    x, weight, inv = ctx.saved_tensors
-    need_x, need_weight = ctx.needs_input_grad[:2]
-    d_x, d_weight = rms_norm_backward(grad.contiguous(), x, weight, inv, need_x, need_weight)
-    return (d_x if need_x else None), (d_weight if need_weight else None), None
+def _grads(backward: Callable) -> Callable:
+    """The op's backward through `backward`: the backward op (registered) or its body (eager);
+    so for every op below."""
+
+    def grads(ctx, grad: Tensor, _d_inv):
+        x, weight, inv = ctx.saved_tensors
+        need_x, need_weight = ctx.needs_input_grad[:2]
+        d_x, d_weight = backward(grad.contiguous(), x, weight, inv, need_x, need_weight)
+        return (d_x if need_x else None), (d_weight if need_weight else None), None
+
+    return grads
 
 
-rms_norm_op.register_autograd(_grads, setup_context=_save)
+rms_norm_op.register_autograd(_grads(rms_norm_backward), setup_context=_save)
+_rms_norm = eager_function("RMSNorm", rms_norm_op, _save, _grads(rms_norm_backward.body))
 
 
 @register("rms_norm", CPU, dtypes=DTYPES)
@@ -93,7 +104,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return reference.rms_norm(x, weight, eps)
     with torch.autocast("cpu", enabled=False):
         rows = float32_contiguous(x.reshape(-1, x.shape[-1]))
-        out, _ = rms_norm_op(rows, float32_contiguous(weight), eps)
+        out, _ = _rms_norm(rows, float32_contiguous(weight), eps)
     return out.view(x.shape).to(x.dtype)
 
 
@@ -101,7 +112,7 @@ def _limit_args(limit: float | None) -> tuple[float, int]:
     return (0.0, 0) if limit is None else (float(limit), 1)
 
 
-@custom_op("birkhoff::cpu_swiglu", mutates_args=())
+@kernel_op("cpu_swiglu")
 def swiglu_op(gate: Tensor, up: Tensor, limit: float | None) -> Tensor:
     """silu(min(gate, limit)) clamp(up, -limit, limit) (no clamp where limit is None)."""
     check_inputs(gate, up)
@@ -116,7 +127,7 @@ def _(gate: Tensor, up: Tensor, limit: float | None) -> Tensor:
     return torch.empty_like(gate)
 
 
-@custom_op("birkhoff::cpu_swiglu_backward", mutates_args=())
+@kernel_op("cpu_swiglu_backward")
 def swiglu_backward(
     grad: Tensor, gate: Tensor, up: Tensor, limit: float | None
 ) -> tuple[Tensor, Tensor]:
@@ -138,13 +149,17 @@ def _save_swiglu(ctx, inputs: tuple, output: Tensor) -> None:
     ctx.save_for_backward(gate, up)
 
 
-def _swiglu_grads(ctx, grad: Tensor):
-    gate, up = ctx.saved_tensors
-    d_gate, d_up = swiglu_backward(grad.contiguous(), gate, up, ctx.limit)
-    return d_gate, d_up, None
+def _swiglu_grads(backward: Callable) -> Callable:
+    def grads(ctx, grad: Tensor):
+        gate, up = ctx.saved_tensors
+        d_gate, d_up = backward(grad.contiguous(), gate, up, ctx.limit)
+        return d_gate, d_up, None
+
+    return grads
 
 
-swiglu_op.register_autograd(_swiglu_grads, setup_context=_save_swiglu)
+swiglu_op.register_autograd(_swiglu_grads(swiglu_backward), setup_context=_save_swiglu)
+_swiglu = eager_function("SwiGLU", swiglu_op, _save_swiglu, _swiglu_grads(swiglu_backward.body))
 
 
 @register("swiglu", CPU, dtypes=DTYPES)
@@ -154,20 +169,20 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float | None = None) -> 
     if torch.compiler.is_compiling():
         return reference.swiglu(gate, up, limit)
     with torch.autocast("cpu", enabled=False):
-        out = swiglu_op(float32_contiguous(gate), float32_contiguous(up), limit)
+        out = _swiglu(float32_contiguous(gate), float32_contiguous(up), limit)
     return out.to(torch.promote_types(gate.dtype, up.dtype))
 
 
-@custom_op("birkhoff::cpu_rope_trailing", mutates_args=())
+@kernel_op("cpu_rope_trailing")
 def rope_trailing_op(x: Tensor, cos: Tensor, sin: Tensor, groups: int, inverse: bool) -> Tensor:
     """Rows x (M, width) with their last 2P channels turned pair by pair by the angles of
     cos/sin (M / groups, P): table row r turns x's rows r groups .. (r + 1) groups - 1;
     `inverse` turns back."""
     check_inputs(x, cos, sin)
-    torch._check(x.dim() == 2 and cos.dim() == 2, lambda: "the cpu rope takes rows and tables")
+    check(x.dim() == 2 and cos.dim() == 2, lambda: "the cpu rope takes rows and tables")
     rows, pairs = cos.shape
     check_shapes((sin, cos.shape), (x, (rows * groups, x.shape[1])))
-    torch._check(2 * pairs <= x.shape[1], lambda: f"{pairs} pairs in rows of {x.shape[1]}")
+    check(2 * pairs <= x.shape[1], lambda: f"{pairs} pairs in rows of {x.shape[1]}")
     out = torch.empty_like(x)
     call("rope_trailing", x, cos, sin, out, rows, groups, x.shape[1], pairs, int(inverse))
     return out
@@ -183,18 +198,19 @@ def _save_rope(ctx, inputs: tuple, output: Tensor) -> None:
     ctx.save_for_backward(cos, sin)
 
 
-def _rope_grads(ctx, grad: Tensor):
-    cos, sin = ctx.saved_tensors  # a turn's gradient is the gradient turned back
-    return (
-        rope_trailing_op(grad.contiguous(), cos, sin, ctx.groups, not ctx.inverse),
-        None,
-        None,
-        None,
-        None,
-    )
+def _rope_grads(turn: Callable) -> Callable:
+    def grads(ctx, grad: Tensor):
+        cos, sin = ctx.saved_tensors  # a turn's gradient is the gradient turned back
+        d_x = turn(grad.contiguous(), cos, sin, ctx.groups, not ctx.inverse)
+        return d_x, None, None, None, None
+
+    return grads
 
 
-rope_trailing_op.register_autograd(_rope_grads, setup_context=_save_rope)
+rope_trailing_op.register_autograd(_rope_grads(rope_trailing_op), setup_context=_save_rope)
+_rope_trailing = eager_function(
+    "RopeTrailing", rope_trailing_op, _save_rope, _rope_grads(rope_trailing_op.body)
+)
 
 
 @register("rope_trailing", CPU, dtypes=DTYPES)
@@ -206,5 +222,5 @@ def rope_trailing(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) ->
     cos_rows, sin_rows, groups = fused_tables(x, cos, sin, "cpu")
     with torch.autocast("cpu", enabled=False):
         rows = float32_contiguous(x.reshape(-1, x.shape[-1]))
-        out = rope_trailing_op(rows, cos_rows, sin_rows, groups, inverse)
+        out = _rope_trailing(rows, cos_rows, sin_rows, groups, inverse)
     return out.view(x.shape).to(x.dtype)

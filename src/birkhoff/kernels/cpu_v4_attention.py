@@ -12,17 +12,21 @@ none: HCA's (and CSA's dense warm-up) every visible entry, CSA's its visible pic
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
-from torch.library import custom_op
 
 from birkhoff.kernels import v4_attention as reference
 from birkhoff.kernels.cpu_library import (
     DTYPES,
     call,
+    check,
     check_inputs,
     check_shapes,
+    eager_function,
     float32_contiguous,
+    kernel_op,
 )
 from birkhoff.kernels.registry import CPU, register
 from birkhoff.kernels.v4_attention import EntryKV
@@ -33,20 +37,20 @@ def _check(
     window: int,
 ) -> None:  # fmt: skip
     check_inputs(q, kv, entries, sinks)
-    torch._check(q.dim() == 4, lambda: f"the cpu v4_attention takes q (B, T, H, D), got {q.shape}")
+    check(q.dim() == 4, lambda: f"the cpu v4_attention takes q (B, T, H, D), got {q.shape}")
     batch, seq, heads, dim = q.shape
-    torch._check(window >= 1, lambda: f"the window must be at least 1 token, got {window}")
-    torch._check(
+    check(window >= 1, lambda: f"the window must be at least 1 token, got {window}")
+    check(
         entries.dim() == 3 and index.dim() == 3,
         lambda: f"entries (B, E, D) and index (B, T, K), got {entries.shape}, {index.shape}",
     )
     for name, tensor in (("index", index), ("positions", positions)):
-        torch._check(
+        check(
             tensor.dtype == torch.int64 and tensor.is_contiguous(),
             lambda t=tensor, n=name: f"{n}: contiguous int64, got {t.dtype}",
         )
     if index.numel():  # the kernel reads rows 0 .. E - 1 of the entries; -1: none
-        torch._check(
+        check(
             bool(((index >= -1) & (index < entries.shape[1])).all()),
             lambda: f"index: entries -1 .. {entries.shape[1] - 1}, got others",
         )
@@ -63,7 +67,7 @@ def _sizes(q: Tensor, entries: Tensor, index: Tensor, window: int) -> tuple[int,
     return (*q.shape, entries.shape[1], index.shape[2], window)
 
 
-@custom_op("birkhoff::cpu_v4_attention", mutates_args=())
+@kernel_op("cpu_v4_attention")
 def v4_attention_op(
     q: Tensor, kv: Tensor, entries: Tensor, index: Tensor, positions: Tensor, sinks: Tensor,
     window: int,
@@ -85,7 +89,7 @@ def _(q, kv, entries, index, positions, sinks, window: int) -> tuple[Tensor, Ten
     return torch.empty_like(q), q.new_empty(q.shape[:3])
 
 
-@custom_op("birkhoff::cpu_v4_attention_backward", mutates_args=())
+@kernel_op("cpu_v4_attention_backward")
 def v4_attention_backward(
     grad: Tensor, q: Tensor, kv: Tensor, entries: Tensor, index: Tensor, positions: Tensor,
     sinks: Tensor, out: Tensor, lse: Tensor, window: int,
@@ -120,16 +124,23 @@ def _save(ctx, inputs: tuple, output: tuple) -> None:
     ctx.save_for_backward(q, kv, entries, index, positions, sinks, *output)
 
 
-def _grads(ctx, grad: Tensor, _d_lse):
-    q, kv, entries, index, positions, sinks, out, lse = ctx.saved_tensors
-    grads = v4_attention_backward(
-        grad.contiguous(), q, kv, entries, index, positions, sinks, out, lse, ctx.window
-    )
-    d_q, d_kv, d_entries, d_sinks = grads
-    return d_q, d_kv, d_entries, None, None, d_sinks, None
+def _grads(backward: Callable) -> Callable:
+    """The op's backward through `backward`: the backward op (registered) or its body (eager)."""
+
+    def grads(ctx, grad: Tensor, _d_lse):
+        q, kv, entries, index, positions, sinks, out, lse = ctx.saved_tensors
+        d_q, d_kv, d_entries, d_sinks = backward(
+            grad.contiguous(), q, kv, entries, index, positions, sinks, out, lse, ctx.window
+        )
+        return d_q, d_kv, d_entries, None, None, d_sinks, None
+
+    return grads
 
 
-v4_attention_op.register_autograd(_grads, setup_context=_save)
+v4_attention_op.register_autograd(_grads(v4_attention_backward), setup_context=_save)
+_v4_attention = eager_function(
+    "V4Attention", v4_attention_op, _save, _grads(v4_attention_backward.body)
+)
 
 
 def entry_lists(q: Tensor, positions: Tensor, entries: EntryKV | None) -> tuple[Tensor, Tensor]:
@@ -163,7 +174,7 @@ def v4_attention(
     autocast = torch.is_autocast_enabled("cpu")
     dtype = torch.get_autocast_dtype("cpu") if autocast else kv.dtype
     with torch.autocast("cpu", enabled=False):
-        out, lse = v4_attention_op(
+        out, lse = _v4_attention(
             float32_contiguous(q), float32_contiguous(kv), float32_contiguous(values),
             index.contiguous(), positions.to(torch.int64).contiguous(),
             float32_contiguous(sinks), window,
