@@ -15,6 +15,7 @@ from birkhoff.kernels import (
     cpu_mhc,
     cpu_mhc_merge_read,
     cpu_mhc_read,
+    cpu_moe,
     cpu_rows,
     cpu_v4_attention,
 )
@@ -34,6 +35,8 @@ PATHS = [  # module, its eager Function's apply, the custom op registered from t
     (cpu_engram, "_engram_merge", cpu_engram.engram_merge_op),
     (cpu_kv_compress, "_kv_compress", cpu_kv_compress.kv_compress_op),
     (cpu_v4_attention, "_v4_attention", cpu_v4_attention.v4_attention_op),
+    (cpu_moe, "_permute", cpu_moe.permute_op),
+    (cpu_moe, "_unpermute", cpu_moe.unpermute_op),
 ]
 
 

@@ -38,7 +38,8 @@ def test_doctor_reports_this_machine(tmp_path):
     # auto on a CPU: the cpu backend's C kernels, each checked against the reference
     cpu_ops = {"mhc_mapping", "mhc_post", "mhc_pre", "mhc_read", "sinkhorn_knopp"}
     cpu_ops |= {"engram_merge", "rms_norm", "sinkhorn_knopp_eps", "mhc_merge_read"}
-    cpu_ops |= {"v4_attention", "swiglu", "rope_trailing", "kv_compress"}  # forward, backward
+    cpu_ops |= {"v4_attention", "swiglu", "rope_trailing", "kv_compress"}
+    cpu_ops |= {"moe_permute", "moe_unpermute"}  # forward, backward
     assert report["kernels"]["backend"] == "cpu" and set(report["kernels"]["ops"]) == cpu_ops
     for op, r in report["kernels"]["ops"].items():
         assert r["implementation"] == "cpu" and r["ok"]

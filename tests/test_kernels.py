@@ -12,6 +12,7 @@ import torch
 from birkhoff import kernels
 from birkhoff.errors import RecipeError
 from birkhoff.kernels import (
+    cpu_moe,
     reference,
     triton_engram,
     triton_mhc,  # triton is a dev dependency: no skip
@@ -90,10 +91,12 @@ def test_triton_mhc_read_is_its_mapping_then_its_read():
     compare(*(concatenated(op, 1e-6, 20, 1e-6) for op in ops), inputs)
 
 
+@pytest.mark.parametrize("backend", [triton_moe, cpu_moe], ids=["triton", "cpu"])
 @pytest.mark.parametrize(("tokens", "top_k", "c"), [(13, 3, 200), (6, 2, 16), (4, 1, 5)])
-def test_triton_moe_permutation_matches_the_reference(tokens, top_k, c):
-    """Permute and unpermute (with the gate weights), forward and backward; k = 3 pads to 4,
-    C = 200 spans two blocks. The expert order and counts are the reference's exactly."""
+def test_moe_permutation_matches_the_reference(backend, tokens, top_k, c):
+    """Permute and unpermute (with the gate weights), forward and backward, on the triton
+    backend (k = 3 pads to 4, C = 200 spans two blocks) and the cpu one. The expert order and
+    counts are the reference's exactly."""
     torch.manual_seed(tokens * top_k)
     experts = 5
     ids = torch.stack([torch.randperm(experts)[:top_k] for _ in range(tokens)])
@@ -103,15 +106,15 @@ def test_triton_moe_permutation_matches_the_reference(tokens, top_k, c):
     def permuted(op):
         return lambda t: op(t, ids, experts)[0]
 
-    compare(permuted(reference.moe_permute), permuted(triton_moe.moe_permute), [x])
+    compare(permuted(reference.moe_permute), permuted(backend.moe_permute), [x])
     _, order, counts = reference.moe_permute(x, ids, experts)
-    _, got_order, got_counts = triton_moe.moe_permute(x, ids, experts)
+    _, got_order, got_counts = backend.moe_permute(x, ids, experts)
     assert torch.equal(got_order, order) and torch.equal(got_counts, counts)
 
     def merged(op):
         return lambda out, w: op(out, order, w, tokens)
 
-    compare(merged(reference.moe_unpermute), merged(triton_moe.moe_unpermute), [rows, weights])
+    compare(merged(reference.moe_unpermute), merged(backend.moe_unpermute), [rows, weights])
 
 
 @pytest.mark.parametrize(("n", "c"), SHAPES)
@@ -133,16 +136,18 @@ def test_triton_engram_gate_matches_the_reference(n, c):
 
 
 def test_triton_moe_and_engram_keep_the_dtypes_under_autocast():
-    """bf16 expert outputs merge with float32 gate weights into bf16 tokens, and the Engram
-    gate of float32 streams with bf16 keys and value gives bf16, as the reference does."""
+    """bf16 expert outputs merge with float32 gate weights into bf16 tokens (triton and cpu),
+    and the Engram gate of float32 streams with bf16 keys and value gives bf16, as the
+    reference does."""
     torch.manual_seed(3)
     ids, rows, weights = torch.tensor([[0, 2], [1, 2], [2, 0]]), torch.randn(6, 8), torch.rand(3, 2)
     _, order, _ = reference.moe_permute(torch.randn(3, 8), ids, 3)
     rows = rows.bfloat16()
     expected = reference.moe_unpermute(rows, order, weights, 3)
-    got = triton_moe.moe_unpermute(rows, order, weights, 3)
-    assert got.dtype == expected.dtype == torch.bfloat16
-    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)  # bf16 sums vs float32 ones
+    for backend in (triton_moe, cpu_moe):
+        got = backend.moe_unpermute(rows, order, weights, 3)
+        assert got.dtype == expected.dtype == torch.bfloat16
+        torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)  # float32 sums, rounded
     table, indices = torch.randn(20, 4), torch.randint(0, 20, (1, 3, 2))
     wk, wv, streams = torch.randn(64, 8) / 3, torch.randn(16, 8) / 3, torch.randn(1, 3, 4, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -294,3 +294,23 @@ def test_hash_layers_follow_the_dense_ones_and_validate():
     assert not torch.equal(tables["1"], tables["2"])  # each layer draws its own
     with pytest.raises(RecipeError, match=r"model\.moe\.hash_layers.*must be in \[0, 3\]"):
         hashed_model(4)
+
+
+def test_the_cpu_moe_ops_refuse_orders_that_are_not_permutations():
+    """The C kernels index rows by the order and its inverse: an order out of range or with a
+    repeated slot is refused before any kernel reads by it (torch.ops.birkhoff.cpu_* are
+    public). The custom ops pass opcheck (schema, fake tensors, autograd registration)."""
+    from birkhoff.kernels import cpu_moe
+
+    tokens, rows, weights = torch.randn(3, 8), torch.randn(6, 8), torch.rand(3, 2)
+    with pytest.raises(RuntimeError, match="outside"):
+        cpu_moe.permute_op(tokens, torch.tensor([0, 1, 2, 3, 4, 6]), 2)
+    with pytest.raises(RuntimeError, match="not a permutation"):
+        cpu_moe.unpermute_op(rows, torch.tensor([0, 1, 2, 3, 4, 4]), weights)
+    with pytest.raises(RuntimeError, match="int64 order"):
+        cpu_moe.permute_op(tokens, torch.arange(6, dtype=torch.int32), 2)
+    order = torch.randperm(6)
+    torch.library.opcheck(cpu_moe.permute_op, (tokens.requires_grad_(), order, 2))
+    torch.library.opcheck(
+        cpu_moe.unpermute_op, (rows.requires_grad_(), order, weights.requires_grad_())
+    )

@@ -211,6 +211,7 @@ def _load_backends() -> None:
         cpu_mhc,
         cpu_mhc_merge_read,
         cpu_mhc_read,
+        cpu_moe,
         cpu_rows,
         cpu_v4_attention,
         linear_cross_entropy,
