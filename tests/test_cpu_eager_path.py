@@ -27,6 +27,7 @@ PATHS = [  # module, its eager Function's apply, the custom op registered from t
     (cpu_rows, "_rms_norm", cpu_rows.rms_norm_op),
     (cpu_rows, "_swiglu", cpu_rows.swiglu_op),
     (cpu_rows, "_rope_trailing", cpu_rows.rope_trailing_op),
+    (cpu_rows, "_rope_normed", cpu_rows.rope_normed_op),
     (cpu_mhc, "_stream_read", cpu_mhc.stream_read),
     (cpu_mhc, "_stream_merge", cpu_mhc.stream_merge),
     (cpu_mhc, "_sinkhorn_op", cpu_mhc.sinkhorn),

@@ -222,6 +222,7 @@ def test_npu_ops_match_the_reference_through_the_stand_in(stand_in):
     same("rope_trailing", [x, per_token.cos(), per_token.sin()], stand_in)
     shared = angles[None, :, None, :4]
     same("rope_trailing", [x, shared.cos(), shared.sin(), True], stand_in)
+    same("rope_trailing", [x, per_token.cos(), per_token.sin(), False, 0.5], stand_in)  # normed
     entry = torch.randn(2, 6, 16)
     same("rope_trailing", [entry, per_sequence[..., :4].cos(), per_sequence[..., :4].sin()],
          stand_in)  # fmt: skip

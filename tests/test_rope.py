@@ -109,6 +109,37 @@ def test_the_rope_op_turns_as_the_formula_on_every_backend(backend, inverse, sha
     torch.testing.assert_close(leaf.grad.double(), exact_x.grad, rtol=0, atol=2e-6)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])  # triton: interpreted
+@pytest.mark.parametrize("inverse", [False, True])
+@pytest.mark.parametrize(("shape", "table"), [TABLE_SHAPES[0], TABLE_SHAPES[1], TABLE_SHAPES[4]])
+def test_the_rope_op_with_norm_eps_normalises_each_row_first(backend, inverse, shape, table):
+    """`norm_eps` (V4's per-head query norm, no weight): each row x / sqrt(mean(x^2) + eps),
+    then turned, against both written out in float64 (eps 0.5, large enough to see if it were
+    dropped), forward and backward."""
+    g = torch.Generator().manual_seed(2)
+    x, grad = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    angles = torch.randn(table, generator=g, dtype=torch.float64) * 3
+    leaf = x.clone().requires_grad_()
+    rope = kernels.get("rope_trailing", backend)
+    out = rope(leaf, angles.cos().float(), angles.sin().float(), inverse=inverse, norm_eps=0.5)
+    out.backward(grad)
+    exact_x = x.double().requires_grad_()
+    normed = exact_x / (exact_x.square().mean(-1, keepdim=True) + 0.5).sqrt()
+    exact = _complex_formula(normed, -angles if inverse else angles)
+    exact.backward(grad.double())
+    assert out.dtype == leaf.grad.dtype == torch.float32
+    torch.testing.assert_close(out.double(), exact, rtol=0, atol=2e-6)
+    torch.testing.assert_close(leaf.grad.double(), exact_x.grad, rtol=0, atol=2e-6)
+
+
+def test_the_cpu_normed_rope_op_is_a_well_formed_custom_op():
+    x, angles, _ = _inputs(torch.float32)
+    rows = x.reshape(-1, WIDTH).requires_grad_()
+    tables = angles.reshape(-1, PAIRS).float()
+    args = (rows, tables.cos(), tables.sin(), 2, False, 1e-6)
+    torch.library.opcheck(cpu_rows.rope_normed_op, args)
+
+
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_the_fused_rope_in_bf16_rounds_once(backend):
     x, angles, grad = _inputs()

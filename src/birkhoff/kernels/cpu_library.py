@@ -53,6 +53,9 @@ _SIGNATURES = {
     "swiglu_backward": (5, (_INT64, _FLOAT, _INT, _INT), None),
     # (rows, groups, width, pairs, inverse, threads)
     "rope_trailing": (4, (_INT64,) * 4 + (_INT, _INT), None),
+    # (rows, groups, width, pairs, inverse, eps, threads); backward without eps
+    "rope_trailing_normed_forward": (5, (_INT64,) * 4 + (_INT, _FLOAT, _INT), None),
+    "rope_trailing_normed_backward": (6, (_INT64,) * 4 + (_INT, _INT), None),
     "engram_merge_forward": (7, (_INT64,) * 6 + (_FLOAT, _INT), None),
     "engram_merge_backward": (13, (_INT64,) * 6 + (_INT,), _INT),
     # (batch, seq, entries, width, dim, ratio, threads)

@@ -124,3 +124,66 @@ void rope_trailing(const float *x, const float *cos, const float *sin, float *ou
         }
     }
 }
+
+/* One row's pairs turned (sign -1: back) into out, scaled by `scale` on the way. */
+static inline void turn_row(const float *xr, const float *c, const float *s, float *o,
+                            int64_t width, int64_t pairs, float sign, float scale) {
+    const int64_t lead = width - 2 * pairs;
+#pragma omp simd
+    for (int64_t e = 0; e < lead; e++) o[e] = xr[e] * scale;
+    const float *pair = xr + lead;
+    float *turned = o + lead;
+#pragma omp simd
+    for (int64_t i = 0; i < pairs; i++) {
+        const float even = pair[2 * i] * scale, odd = pair[2 * i + 1] * scale,
+                    si = sign * s[i];
+        turned[2 * i] = even * c[i] - odd * si;
+        turned[2 * i + 1] = even * si + odd * c[i];
+    }
+}
+
+/* rope_trailing of each row normalised first (V4's per-head query norm, no weight): out[r] =
+ * turn(x[r] inv[r]) with inv[r] = (mean(x[r]^2) + eps)^(-1/2), kept for the backward. A turn
+ * keeps a row's length, so one pass reads x for its sum and a second (in cache) writes out,
+ * where the norm and the turn each passed over the rows forward and the norm's backward
+ * about five times. */
+void rope_trailing_normed_forward(const float *x, const float *cos, const float *sin,
+                                  float *out, float *inv, int64_t rows, int64_t groups,
+                                  int64_t width, int64_t pairs, int inverse, float eps,
+                                  int threads) {
+    const float sign = inverse ? -1.0f : 1.0f;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *c = cos + r * pairs, *s = sin + r * pairs;
+        for (int64_t g = 0; g < groups; g++) {
+            const int64_t row = r * groups + g;
+            const float *xr = x + row * width, scale = inverse_rms(xr, width, eps);
+            inv[row] = scale;
+            turn_row(xr, c, s, out + row * width, width, pairs, sign, scale);
+        }
+    }
+}
+
+/* Its backward from out's gradient g: u = g turned back, then the norm's dx = inv u -
+ * x inv^3 <u, x> / width (as rms_norm_backward with w = 1). */
+void rope_trailing_normed_backward(const float *g, const float *x, const float *cos,
+                                   const float *sin, const float *inv, float *dx, int64_t rows,
+                                   int64_t groups, int64_t width, int64_t pairs, int inverse,
+                                   int threads) {
+    const float sign = inverse ? 1.0f : -1.0f; /* the turn undone */
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *c = cos + r * pairs, *s = sin + r * pairs;
+        for (int64_t gr = 0; gr < groups; gr++) {
+            const int64_t row = r * groups + gr;
+            const float *xr = x + row * width, scale = inv[row];
+            float *d = dx + row * width, dot = 0.0f;
+            turn_row(g + row * width, c, s, d, width, pairs, sign, 1.0f);
+#pragma omp simd reduction(+ : dot)
+            for (int64_t e = 0; e < width; e++) dot += d[e] * xr[e];
+            const float k = scale * scale * scale * dot / (float)width;
+#pragma omp simd
+            for (int64_t e = 0; e < width; e++) d[e] = scale * d[e] - xr[e] * k;
+        }
+    }
+}

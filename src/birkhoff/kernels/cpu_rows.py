@@ -173,16 +173,21 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float | None = None) -> 
     return out.to(torch.promote_types(gate.dtype, up.dtype))
 
 
-@kernel_op("cpu_rope_trailing")
-def rope_trailing_op(x: Tensor, cos: Tensor, sin: Tensor, groups: int, inverse: bool) -> Tensor:
-    """Rows x (M, width) with their last 2P channels turned pair by pair by the angles of
-    cos/sin (M / groups, P): table row r turns x's rows r groups .. (r + 1) groups - 1;
-    `inverse` turns back."""
+def _check_rope(x: Tensor, cos: Tensor, sin: Tensor, groups: int) -> None:
     check_inputs(x, cos, sin)
     check(x.dim() == 2 and cos.dim() == 2, lambda: "the cpu rope takes rows and tables")
     rows, pairs = cos.shape
     check_shapes((sin, cos.shape), (x, (rows * groups, x.shape[1])))
     check(2 * pairs <= x.shape[1], lambda: f"{pairs} pairs in rows of {x.shape[1]}")
+
+
+@kernel_op("cpu_rope_trailing")
+def rope_trailing_op(x: Tensor, cos: Tensor, sin: Tensor, groups: int, inverse: bool) -> Tensor:
+    """Rows x (M, width) with their last 2P channels turned pair by pair by the angles of
+    cos/sin (M / groups, P): table row r turns x's rows r groups .. (r + 1) groups - 1;
+    `inverse` turns back."""
+    _check_rope(x, cos, sin, groups)
+    rows, pairs = cos.shape
     out = torch.empty_like(x)
     call("rope_trailing", x, cos, sin, out, rows, groups, x.shape[1], pairs, int(inverse))
     return out
@@ -213,14 +218,87 @@ _rope_trailing = eager_function(
 )
 
 
+@kernel_op("cpu_rope_trailing_normed")
+def rope_normed_op(
+    x: Tensor, cos: Tensor, sin: Tensor, groups: int, inverse: bool, eps: float
+) -> tuple[Tensor, Tensor]:
+    """`cpu_rope_trailing` of the rows normalised first (RMSNorm without a weight): (out,
+    1/rms per row (M,), what the backward keeps)."""
+    _check_rope(x, cos, sin, groups)
+    out, inv = torch.empty_like(x), x.new_empty(x.shape[0])
+    call(
+        "rope_trailing_normed_forward", x, cos, sin, out, inv, *cos.shape[:1], groups,
+        x.shape[1], cos.shape[1], int(inverse), eps,
+    )  # fmt: skip
+    return out, inv
+
+
+@rope_normed_op.register_fake
+def _(x: Tensor, cos: Tensor, sin: Tensor, groups: int, inverse: bool, eps: float):
+    return torch.empty_like(x), x.new_empty(x.shape[0])
+
+
+@kernel_op("cpu_rope_trailing_normed_backward")
+def rope_normed_backward(
+    grad: Tensor, x: Tensor, cos: Tensor, sin: Tensor, inv: Tensor, groups: int, inverse: bool
+) -> Tensor:
+    """x's gradient: grad turned back, then through the norm."""
+    _check_rope(x, cos, sin, groups)
+    check_inputs(grad, inv)
+    check_shapes((grad, x.shape), (inv, x.shape[:1]))
+    d_x = torch.empty_like(x)
+    call(
+        "rope_trailing_normed_backward", grad, x, cos, sin, inv, d_x, cos.shape[0], groups,
+        x.shape[1], cos.shape[1], int(inverse),
+    )  # fmt: skip
+    return d_x
+
+
+@rope_normed_backward.register_fake
+def _(grad, x, cos, sin, inv, groups: int, inverse: bool) -> Tensor:
+    return torch.empty_like(x)
+
+
+def _save_rope_normed(ctx, inputs: tuple, output: tuple) -> None:
+    x, cos, sin, ctx.groups, ctx.inverse, _ = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x, cos, sin, output[1])
+
+
+def _rope_normed_grads(backward: Callable) -> Callable:
+    def grads(ctx, grad: Tensor, _d_inv):
+        x, cos, sin, inv = ctx.saved_tensors
+        d_x = backward(grad.contiguous(), x, cos, sin, inv, ctx.groups, ctx.inverse)
+        return d_x, None, None, None, None, None
+
+    return grads
+
+
+rope_normed_op.register_autograd(
+    _rope_normed_grads(rope_normed_backward), setup_context=_save_rope_normed
+)
+_rope_normed = eager_function(
+    "RopeTrailingNormed",
+    rope_normed_op,
+    _save_rope_normed,
+    _rope_normed_grads(rope_normed_backward.body),
+)
+
+
 @register("rope_trailing", CPU, dtypes=DTYPES)
-def rope_trailing(x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Tensor:
-    """The reference's `rope_trailing`: turned in float32, returned in x's dtype. Tables
-    that carry a gradient are refused (this kernel turns x only)."""
+def rope_trailing(
+    x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False, norm_eps: float | None = None
+) -> Tensor:
+    """The reference's `rope_trailing`: turned (normalised first, with `norm_eps`) in
+    float32, returned in x's dtype. Tables that carry a gradient are refused (this kernel
+    turns x only)."""
     if torch.compiler.is_compiling():
-        return reference.rope_trailing(x, cos, sin, inverse)
+        return reference.rope_trailing(x, cos, sin, inverse, norm_eps)
     cos_rows, sin_rows, groups = fused_tables(x, cos, sin, "cpu")
     with torch.autocast("cpu", enabled=False):
         rows = float32_contiguous(x.reshape(-1, x.shape[-1]))
-        out = _rope_trailing(rows, cos_rows, sin_rows, groups, inverse)
+        if norm_eps is None:
+            out = _rope_trailing(rows, cos_rows, sin_rows, groups, inverse)
+        else:
+            out, _ = _rope_normed(rows, cos_rows, sin_rows, groups, inverse, norm_eps)
     return out.view(x.shape).to(x.dtype)

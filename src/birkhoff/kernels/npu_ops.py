@@ -23,6 +23,7 @@ from birkhoff.kernels.reference import (
     tokens_per_expert,
 )
 from birkhoff.kernels.registry import register
+from birkhoff.kernels.row_functions import rms_norm_rows
 
 NPU = "npu"
 
@@ -64,12 +65,18 @@ def rope(
 
 @register("rope_trailing", NPU)
 def rope_trailing(
-    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    inverse: bool = False,
+    norm_eps: float | None = None,
 ) -> torch.Tensor:
     """npu_rotary_mul in `interleave` mode on x's last 2P channels (layout BSND; a 3-d x as
     one head): r1 * x + r2 * (-x_odd, x_even) pair by pair, so r1 and r2 are cos and sin with
     each value repeated for its pair. Its tables must be 1S1D there: one sequence's angles for
     every head, so packed rows (positions restarting per document) take a call each."""
+    if norm_eps is not None:  # the per-head query norm: the reference's, then the turn
+        x = rms_norm_rows(x.float(), None, norm_eps).to(x.dtype)
     torch._check(
         cos.dim() == x.dim() and (x.dim() == 3 or cos.shape[2] == 1),
         lambda: (

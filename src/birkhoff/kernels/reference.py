@@ -51,11 +51,19 @@ def rope(
 
 @register("rope_trailing", REFERENCE)
 def rope_trailing(
-    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    inverse: bool = False,
+    norm_eps: float | None = None,
 ) -> torch.Tensor:
     """V4's interleaved RoPE (kernels/rotation.py): the adjacent channel pairs of x's last
     2 * cos.shape[-1] channels turned by the angles of cos/sin (broadcast over x's other
-    dims), undone where `inverse`; the leading channels pass."""
+    dims), undone where `inverse`; the leading channels pass. With `norm_eps`, each row of x
+    (its last dim) is first RMS-normalised without a weight, in float32 and back to x's
+    dtype (V4's per-head query norm: fused backends do both in one pass)."""
+    if norm_eps is not None:
+        x = rms_norm_rows(x.float(), None, norm_eps).to(x.dtype)
     return rotate_trailing(x, cos, -sin if inverse else sin)
 
 

@@ -80,11 +80,18 @@ class _Rope(torch.autograd.Function):
 
 @register("rope_trailing", "triton")
 def rope_trailing(
-    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    inverse: bool = False,
+    norm_eps: float | None = None,
 ) -> torch.Tensor:
     """The reference's `rope_trailing` in one launch each way: turned in float32, returned in
-    x's dtype. Tables that carry a gradient are refused (this kernel turns x only)."""
+    x's dtype; with `norm_eps` the rows are normalised by the reference's RMSNorm first (not
+    fused here). Tables that carry a gradient are refused (this kernel turns x only)."""
     if torch.compiler.is_compiling():  # inductor fuses the reference's expression
-        return reference.rope_trailing(x, cos, sin, inverse)
+        return reference.rope_trailing(x, cos, sin, inverse, norm_eps)
+    if norm_eps is not None:
+        x = reference.rms_norm_rows(x.float(), None, norm_eps).to(x.dtype)
     cos_rows, sin_rows, groups = fused_tables(x, cos, sin, "triton")
     return _Rope.apply(x, cos_rows, sin_rows, groups, -1.0 if inverse else 1.0)

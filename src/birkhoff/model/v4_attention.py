@@ -18,7 +18,6 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from birkhoff import kernels
-from birkhoff.kernels.row_functions import rms_norm_rows
 from birkhoff.kernels.v4_attention import EntryKV, dense_entry_mass
 from birkhoff.model.compression import (
     KVCompressor,
@@ -129,8 +128,8 @@ class V4Attention(nn.Module):
         cos, sin = angles.cos(), angles.sin()
         q_latent = self.q_norm(self.w_q_down(x))
         q = self.w_q_up(q_latent).view(batch, seq, -1, self.head_dim)  # this process's heads
-        q = rms_norm_rows(q.float(), None, self.eps).to(q.dtype)  # per head, no weight
-        q = self._rotate(q, cos[:, :, None], sin[:, :, None])
+        # per head, normalised without a weight (in float32), then turned: one op
+        q = self._rotate(q, cos[:, :, None], sin[:, :, None], norm_eps=self.eps)
         kv = self._rotate(self.kv_norm(self.w_kv(x)), cos, sin)
         kv = shared_over(kv, self.head_group)
         entries, indexer_outputs = self._entries(x, q, q_latent, positions, cos, sin)

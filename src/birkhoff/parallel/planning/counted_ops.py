@@ -39,6 +39,11 @@ LEFT_ON_REFERENCE = {
 }
 
 
+def _given(value: object) -> bool:
+    """A keyword option that is set: not a tensor (those count in the layout), None or False."""
+    return not isinstance(value, torch.Tensor) and value is not None and value is not False
+
+
 class CountedOps:
     """Replaces `model`'s references to the ops `backend` implements (but those in
     LEFT_ON_REFERENCE) by stand-ins that pause `counter` (the caller sets it per count) and
@@ -70,7 +75,9 @@ class CountedOps:
         def run(*args, **kwargs):
             tensors = tensors_in((args, kwargs))
             # an op may launch more for other layouts (liger copies a strided input first)
+            # and for the options it is given (rope_trailing's norm_eps adds a norm)
             key = op + "/" + "".join("c" if t.is_contiguous() else "s" for t in tensors)
+            key += "".join(f"+{name}" for name, value in sorted(kwargs.items()) if _given(value))
             self.tally[key, "forward"] += 1
             with self.counter.pause():
                 if key not in self.first_calls:
