@@ -11,6 +11,7 @@ from torch import Tensor
 
 from birkhoff.kernels import (
     cpu_engram,
+    cpu_gather,
     cpu_kv_compress,
     cpu_mhc,
     cpu_mhc_merge_read,
@@ -34,6 +35,7 @@ PATHS = [  # module, its eager Function's apply, the custom op registered from t
     (cpu_mhc, "_mhc_tail", cpu_mhc.mhc_tail),
     (cpu_mhc_merge_read, "_merge_read", cpu_mhc_merge_read.merge_read_op),
     (cpu_engram, "_engram_merge", cpu_engram.engram_merge_op),
+    (cpu_engram, "gather_rows", cpu_gather.gather_op),
     (cpu_kv_compress, "_kv_compress", cpu_kv_compress.kv_compress_op),
     (cpu_v4_attention, "_v4_attention", cpu_v4_attention.v4_attention_op),
     (cpu_moe, "_permute", cpu_moe.permute_op),

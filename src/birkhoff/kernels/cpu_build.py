@@ -33,6 +33,7 @@ SOURCES = (
     "cpu_v4_attention.c",
     "cpu_kv_compress.c",
     "cpu_moe.c",
+    "cpu_gather.c",
 )
 HEADERS = ("cpu_blocks.h",)  # in the cache key with the sources
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from birkhoff.kernels import reference
+from birkhoff.kernels.cpu_gather import gather_rows
 from birkhoff.kernels.cpu_library import (
     DTYPES,
     call,
@@ -161,9 +162,15 @@ def engram_merge(
             table, indices, key_weight, value_weight, streams, norm_weight, conv_weight,
             dilation, eps,
         )  # fmt: skip
-    # the rows by index_select, whose backward is an index_add in index order: on a CPU 3x
-    # faster than F.embedding's, which sorts the indices first (as gather_blocks does it)
-    memory = table.index_select(0, indices.flatten()).view(*indices.shape[:-1], -1)
+    # the rows by the C gather, whose backward adds them back in index order as index_add
+    # does (kernels/cpu_gather.py); a table in another dtype (FSDP's bf16) by index_select,
+    # whose backward is that index_add (F.embedding's sorts the indices first: 3x slower)
+    flat = indices.flatten().to(torch.int64)
+    if table.dtype == torch.float32 and table.is_contiguous():
+        rows = gather_rows(table, flat.contiguous())
+    else:
+        rows = table.index_select(0, flat)
+    memory = rows.view(*indices.shape[:-1], -1)
     keys, value = F.linear(memory, key_weight), F.linear(memory, value_weight)
     with torch.autocast("cpu", enabled=False):
         out, _ = _engram_merge(

@@ -64,8 +64,10 @@ _SIGNATURES = {
     # (batch, seq, heads, dim, entries, picks, window, threads)
     "v4_attention_forward": (8, (_INT64,) * 7 + (_INT,), _INT),
     "v4_attention_backward": (13, (_INT64,) * 7 + (_INT,), _INT),
-    # (count or tokens, k, width, threads)
-    "moe_gather_rows": (3, (_INT64,) * 3 + (_INT,), None),
+    # (count, divisor, width, threads); (count, rows, width, threads)
+    "gather_rows": (3, (_INT64,) * 3 + (_INT,), None),
+    "scatter_add_rows": (3, (_INT64,) * 3 + (_INT,), None),
+    # (tokens, k, width, threads)
     "moe_weighted_sum": (4, (_INT64,) * 3 + (_INT,), None),
     "moe_unpermute_backward": (6, (_INT64,) * 3 + (_INT,), None),
 }

@@ -7,18 +7,11 @@
  *
  * float32, contiguous: tokens, d_tokens (N, C); rows, d_rows (N k, C); weights, d_weights
  * (N, k); order, inverse (N k) int64, each a permutation of 0 .. N k - 1 (the caller checks
- * their range). Built by kernels/cpu_build.py, bound by kernels/cpu_moe.py. */
+ * their range). The permute's forward is cpu_gather.c's gather_rows (divisor k). Built by
+ * kernels/cpu_build.py, bound by kernels/cpu_moe.py. */
 #include <omp.h>
 #include <stdint.h>
 #include <string.h>
-
-/* rows[r] = tokens[order[r] / k]: the permute's forward */
-void moe_gather_rows(const float *tokens, const int64_t *order, float *rows, int64_t count,
-                     int64_t k, int64_t width, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < count; r++)
-        memcpy(rows + r * width, tokens + order[r] / k * width, (size_t)width * sizeof(float));
-}
 
 /* out[t] = sum_j w[t k + j] rows[inverse[t k + j]] in slot order (weights NULL: 1), t < N: the
  * unpermute's forward and the permute's backward */

@@ -57,7 +57,7 @@ def permute_op(tokens: Tensor, order: Tensor, top_k: int) -> Tensor:
     check_inputs(tokens)
     _check_permutation(order, tokens.shape[0] * top_k)
     rows = tokens.new_empty(order.numel(), tokens.shape[1])
-    call("moe_gather_rows", tokens, order, rows, order.numel(), top_k, tokens.shape[1])
+    call("gather_rows", tokens, order, rows, order.numel(), top_k, tokens.shape[1])
     return rows
 
 
