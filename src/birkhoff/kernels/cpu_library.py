@@ -7,7 +7,7 @@ Function calling the same Python bodies.
 
 Why two: at small shapes a kernel takes a few µs, and torch.library's dispatch of a custom op
 with autograd and of its backward op about 110 µs a forward and backward pair on this
-project's 2-core CPU (the Function's own machinery about 45 µs); a `tiny` step runs 66 such
+project's 2-core CPU (the Function's own machinery about 45 µs); a `tiny` step runs 76 such
 pairs. The bodies are the same functions either way, so the two paths compute alike.
 """
 

@@ -227,7 +227,7 @@ def rope_normed_op(
     _check_rope(x, cos, sin, groups)
     out, inv = torch.empty_like(x), x.new_empty(x.shape[0])
     call(
-        "rope_trailing_normed_forward", x, cos, sin, out, inv, *cos.shape[:1], groups,
+        "rope_trailing_normed_forward", x, cos, sin, out, inv, cos.shape[0], groups,
         x.shape[1], cos.shape[1], int(inverse), eps,
     )  # fmt: skip
     return out, inv
