@@ -9,38 +9,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from birkhoff.kernels import (
-    cpu_engram,
-    cpu_gather,
-    cpu_kv_compress,
-    cpu_mhc,
-    cpu_mhc_merge_read,
-    cpu_mhc_read,
-    cpu_moe,
-    cpu_rows,
-    cpu_v4_attention,
-)
+from birkhoff.kernels import cpu_mhc, cpu_mhc_read
+from birkhoff.kernels.cpu_paths import EAGER_PATHS as PATHS
 from birkhoff.launch.recipe import load_recipe
 from birkhoff.model.transformer import build_model
 from conftest import compose_recipe
-
-PATHS = [  # module, its eager Function's apply, the custom op registered from the same body
-    (cpu_rows, "_rms_norm", cpu_rows.rms_norm_op),
-    (cpu_rows, "_swiglu", cpu_rows.swiglu_op),
-    (cpu_rows, "_rope_trailing", cpu_rows.rope_trailing_op),
-    (cpu_rows, "_rope_normed", cpu_rows.rope_normed_op),
-    (cpu_mhc, "_stream_read", cpu_mhc.stream_read),
-    (cpu_mhc, "_stream_merge", cpu_mhc.stream_merge),
-    (cpu_mhc, "_sinkhorn_op", cpu_mhc.sinkhorn),
-    (cpu_mhc, "_mhc_tail", cpu_mhc.mhc_tail),
-    (cpu_mhc_merge_read, "_merge_read", cpu_mhc_merge_read.merge_read_op),
-    (cpu_engram, "_engram_merge", cpu_engram.engram_merge_op),
-    (cpu_engram, "gather_rows", cpu_gather.gather_op),
-    (cpu_kv_compress, "_kv_compress", cpu_kv_compress.kv_compress_op),
-    (cpu_v4_attention, "_v4_attention", cpu_v4_attention.v4_attention_op),
-    (cpu_moe, "_permute", cpu_moe.permute_op),
-    (cpu_moe, "_unpermute", cpu_moe.unpermute_op),
-]
 
 
 def _record(calls: dict, op, run):

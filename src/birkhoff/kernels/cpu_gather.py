@@ -1,9 +1,9 @@
 """Rows of a table gathered by index on a CPU, and their gradient added back into a zeroed
 table (kernels/cpu_gather.c), for the `cpu` backend's `engram_merge` (Engram's table rows).
-torch's index_select and its backward's index_add took 0.89 ms together at `tiny`'s shape
-(24,576 rows of 16 floats from a table of 32,974; per-row work is their cost at 64 bytes a
-row), these 0.56. The backward adds each table row's gradients in the order of the indices,
-as index_add does, whatever the thread count.
+torch's index_select and its backward's index_add do per-row work that is their cost at
+Engram's 64-byte rows (`tiny`: 24,576 rows from a table of 32,974). The backward adds each
+table row's gradients in the order of the indices, as index_add does, whatever the thread
+count.
 """
 
 from __future__ import annotations
