@@ -23,7 +23,7 @@ from birkhoff.kernels.reference import (
     tokens_per_expert,
 )
 from birkhoff.kernels.registry import register
-from birkhoff.kernels.row_functions import rms_norm_rows
+from birkhoff.kernels.row_functions import rms_normalised
 
 NPU = "npu"
 
@@ -76,7 +76,7 @@ def rope_trailing(
     each value repeated for its pair. Its tables must be 1S1D there: one sequence's angles for
     every head, so packed rows (positions restarting per document) take a call each."""
     if norm_eps is not None:  # the per-head query norm: the reference's, then the turn
-        x = rms_norm_rows(x.float(), None, norm_eps).to(x.dtype)
+        x = rms_normalised(x, norm_eps)
     torch._check(
         cos.dim() == x.dim() and (x.dim() == 3 or cos.shape[2] == 1),
         lambda: (

@@ -19,7 +19,12 @@ from birkhoff.kernels.mhc_reference import (  # noqa: F401  (registered there, r
 from birkhoff.kernels.opaque_grouped_mm import opaque_grouped_mm
 from birkhoff.kernels.registry import REFERENCE, register
 from birkhoff.kernels.rotation import rotate_trailing
-from birkhoff.kernels.row_functions import gated_value, normalised_similarity, rms_norm_rows
+from birkhoff.kernels.row_functions import (
+    gated_value,
+    normalised_similarity,
+    rms_norm_rows,
+    rms_normalised,
+)
 
 
 @register("rms_norm", REFERENCE)
@@ -63,7 +68,7 @@ def rope_trailing(
     (its last dim) is first RMS-normalised without a weight, in float32 and back to x's
     dtype (V4's per-head query norm: fused backends do both in one pass)."""
     if norm_eps is not None:
-        x = rms_norm_rows(x.float(), None, norm_eps).to(x.dtype)
+        x = rms_normalised(x, norm_eps)
     return rotate_trailing(x, cos, -sin if inverse else sin)
 
 

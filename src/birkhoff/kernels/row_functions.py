@@ -60,6 +60,12 @@ def rms_norm_rows(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> t
     return _RMSNorm.apply(x, weight, eps)
 
 
+def rms_normalised(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Each row of x RMS-normalised without a weight, in float32, returned in x's dtype: V4's
+    per-head query norm (`rope_trailing`'s norm_eps, where a backend does not fuse it)."""
+    return rms_norm_rows(x.float(), None, eps).to(x.dtype)
+
+
 class _NormalisedSimilarity(torch.autograd.Function):
     """s = <RMSNorm(h), RMSNorm(k)> / sqrt(C) per row, as <h, k> r_h r_k / sqrt(C) (no
     normalised copy is formed). With a = ds r_h r_k / sqrt(C):

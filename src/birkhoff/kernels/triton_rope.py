@@ -15,6 +15,7 @@ import triton.language as tl
 from birkhoff.kernels import reference
 from birkhoff.kernels.registry import register
 from birkhoff.kernels.rotation import fused_tables
+from birkhoff.kernels.row_functions import rms_normalised
 
 BLOCK_LEAD = 128
 
@@ -92,6 +93,6 @@ def rope_trailing(
     if torch.compiler.is_compiling():  # inductor fuses the reference's expression
         return reference.rope_trailing(x, cos, sin, inverse, norm_eps)
     if norm_eps is not None:
-        x = reference.rms_norm_rows(x.float(), None, norm_eps).to(x.dtype)
+        x = rms_normalised(x, norm_eps)
     cos_rows, sin_rows, groups = fused_tables(x, cos, sin, "triton")
     return _Rope.apply(x, cos_rows, sin_rows, groups, -1.0 if inverse else 1.0)
