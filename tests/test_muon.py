@@ -41,6 +41,25 @@ def test_hybrid_newton_schulz_reaches_the_polar_factor(shape):
     assert (torch.linalg.svdvals(quintic_only.double()) - 1).abs().max() > 0.1
 
 
+@pytest.mark.parametrize("shape", [(5, 40, 24), (3, 24, 40), (2, 2, 16, 48)])
+def test_batched_run_is_the_iteration_written_out(shape):
+    """The batched run (three products an iteration, the polynomial regrouped) against V4's
+    iteration as it reads, X <- a X + (b A + c A^2) X with A = X X^T, each matrix on its own
+    in float64: the same polynomial, so equal to float32 rounding."""
+    torch.manual_seed(0)
+    stack = torch.randn(shape)
+    got = hybrid_newton_schulz(stack)
+    flat = stack.double().reshape(-1, *shape[-2:])
+    for index, matrix in enumerate(flat):
+        x = matrix.T if matrix.shape[0] > matrix.shape[1] else matrix
+        x = x / torch.linalg.matrix_norm(x)
+        for a, b, c in [QUINTIC] * 8 + [(2.0, -1.5, 0.5)] * 2:
+            gram = x @ x.T
+            x = a * x + (b * gram + c * gram @ gram) @ x
+        expected = x.T if matrix.shape[0] > matrix.shape[1] else x
+        assert torch.allclose(got.reshape(flat.shape)[index].double(), expected, atol=2e-6)
+
+
 def run(optimizer: torch.optim.Optimizer, param: torch.Tensor, grads: list[torch.Tensor]):
     for grad in grads:
         param.grad = grad.clone()

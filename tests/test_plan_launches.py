@@ -346,9 +346,9 @@ def test_an_op_is_charged_per_layout_of_its_arguments_and_as_one_node():
 
 def test_a_rank_s_muon_step_runs_newton_schulz_only_on_what_it_owns():
     """The counted Muon step of tiny (one process) makes one Newton-Schulz run per shape up
-    to a transpose of its matrices and expert stacks (a single matrix: 84 launches; several
-    batched: 114), so one device's plan charges the step as counted. (The runs a rank of a
-    layout makes are checked against real ranks in tests/test_parallel.py.)"""
+    to a transpose of its matrices and expert stacks (49 launches, a single matrix or several
+    batched: four per iteration), so one device's plan charges the step as counted. (The runs a
+    rank of a layout makes are checked against real ranks in tests/test_parallel.py.)"""
     recipe = typed_recipe(compose_recipe(["model=tiny"]))
     cluster = cluster_from({"preset": "h200", "devices": 1})
     count = count_launches(recipe.model, 64, optimizer=trainer_optimizer(recipe, cluster))
@@ -362,9 +362,9 @@ def test_a_rank_s_muon_step_runs_newton_schulz_only_on_what_it_owns():
     singles = sum(1 for matrices in shapes.values() if matrices == 1)
     assert (singles, len(shapes)) == (3, 11)  # 69 matrices and stacks in 11 shapes
     stacks = len(shapes) - singles
-    assert count.orthogonalised == {"matrix": [singles, singles * 84],
-                                    "stack": [stacks, stacks * 114]}  # fmt: skip
-    assert count.launches_per_run == {"matrix": 84, "stack": 114}  # a probe's, any shape
+    assert count.orthogonalised == {"matrix": [singles, singles * 49],
+                                    "stack": [stacks, stacks * 49]}  # fmt: skip
+    assert count.launches_per_run == {"matrix": 49, "stack": 49}  # a probe's, any shape
     assert optimizer_launches(inv, Layout(muon=True), count) == count.optimizer
 
 

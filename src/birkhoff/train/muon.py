@@ -53,16 +53,23 @@ def hybrid_newton_schulz(
     matrices: torch.Tensor, schedule=V4_SCHEDULE, eps: float = 1e-7
 ) -> torch.Tensor:
     """(..., n, m) -> the same shape: each matrix's orthogonal polar factor, approximately
-    (see the module docstring), in float32."""
+    (see the module docstring), in float32, all matrices of a stack in one batched run."""
     x = matrices.float()
     tall = x.shape[-2] > x.shape[-1]
     if tall:  # iterate on the wide orientation: the Gram matrix is the smaller one
         x = x.mT
-    x = x / torch.linalg.matrix_norm(x, keepdim=True).clamp_min(eps)
+    stack = x.reshape(-1, *x.shape[-2:])
+    stack = stack / torch.linalg.matrix_norm(stack, keepdim=True).clamp_min(eps)
+    eye = torch.eye(stack.shape[-2], dtype=stack.dtype, device=stack.device)
     for (a, b, c), iterations in schedule:
+        # a X + (b A + c A^2) X as (a I + A (b I + c A)) X: three batched products and one
+        # pass over the n x n A; written as it reads, five more passes, over X's n x m too
+        a_eye, b_eye = a * eye, b * eye
         for _ in range(iterations):
-            gram = x @ x.mT
-            x = a * x + (b * gram + c * gram @ gram) @ x
+            gram = torch.bmm(stack, stack.mT)
+            poly = torch.baddbmm(a_eye, gram, torch.add(b_eye, gram, alpha=c))
+            stack = torch.bmm(poly, stack)
+    x = stack.view(x.shape)
     return x.mT if tall else x
 
 
