@@ -318,11 +318,12 @@ def test_the_cpu_backend_runs_the_reference_for_float64_and_says_so():
     own = {"mhc_mapping", "mhc_post", "mhc_pre", "mhc_read", "sinkhorn_knopp", "sinkhorn_knopp_eps"}
     own |= {"engram_merge", "rms_norm", "mhc_merge_read", "v4_attention", "swiglu"}
     own |= {"rope_trailing", "kv_compress", "moe_permute", "moe_unpermute"}
+    own |= {"linear_cross_entropy"}
     for dtype in (None, torch.float32, torch.bfloat16):
         table = kernels.implementations("cpu", dtype)
         assert {op for op, impl in table.items() if impl == "cpu"} == own, dtype
     assert kernels.implementations("cpu", torch.float64)["mhc_pre"] == "reference"
-    assert "cpu for 15 of" in kernels.describe("cpu", torch.bfloat16)
+    assert "cpu for 16 of" in kernels.describe("cpu", torch.bfloat16)
     assert "mhc_post (float32 or bfloat16 or float16 only)" in kernels.describe("cpu")
 
 

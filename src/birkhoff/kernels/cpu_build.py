@@ -34,6 +34,7 @@ SOURCES = (
     "cpu_kv_compress.c",
     "cpu_moe.c",
     "cpu_gather.c",
+    "cpu_cross_entropy.c",
 )
 HEADERS = ("cpu_blocks.h",)  # in the cache key with the sources
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")

@@ -70,6 +70,8 @@ _SIGNATURES = {
     # (tokens, k, width, threads)
     "moe_weighted_sum": (4, (_INT64,) * 3 + (_INT,), None),
     "moe_unpermute_backward": (6, (_INT64,) * 3 + (_INT,), None),
+    # (rows, vocab, count, want_grad, threads)
+    "cross_entropy_rows": (3, (_INT64,) * 3 + (_INT, _INT), None),
 }
 
 
@@ -125,12 +127,15 @@ def check_iters(iters: int) -> None:
     check(iters >= 1, lambda: f"Sinkhorn needs at least 1 iteration, got {iters}")
 
 
-def kernel_op(name: str) -> Callable[[Callable[..., object]], CustomOpDef]:
-    """Registers the decorated body as the custom op `birkhoff::{name}` and keeps the body as
-    the op's `body`, for eager code to call without torch.library's dispatch."""
+def kernel_op(
+    name: str, mutates_args: tuple[str, ...] = ()
+) -> Callable[[Callable[..., object]], CustomOpDef]:
+    """Registers the decorated body as the custom op `birkhoff::{name}` (writing the inputs
+    named in `mutates_args`) and keeps the body as the op's `body`, for eager code to call
+    without torch.library's dispatch."""
 
     def register_body(body: Callable[..., object]) -> CustomOpDef:
-        op = custom_op(f"birkhoff::{name}", body, mutates_args=())
+        op = custom_op(f"birkhoff::{name}", body, mutates_args=mutates_args)
         op.body = body
         return op
 

@@ -2,7 +2,9 @@
 `eager_function`): each module's attribute holding an op's eager Function and the custom op
 registered from the same body. tests/test_cpu_eager_path.py replays a step's calls through the
 custom ops; benchmarks/cpu_eager_path.py times a step through either. (mhc_read hands its
-streams on through its own Function, `cpu_mhc_read._ReadPassingStreams`, not listed here.)"""
+streams on through its own Function, `cpu_mhc_read._ReadPassingStreams`, not listed here; the
+cross-entropy's row op has no autograd of its own: it runs inside linear_cross_entropy's
+forward; tests/test_cpu_cross_entropy.py checks its custom op with opcheck.)"""
 
 from __future__ import annotations
 

@@ -14,6 +14,8 @@ Outside autograd (evaluation, look-ahead forwards) no gradient is computed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from birkhoff.kernels.registry import REFERENCE, register
@@ -26,28 +28,65 @@ def chunk_tokens(vocab_size: int) -> int:
     return max(1, LOGITS_CHUNK_BYTES // (4 * vocab_size))
 
 
-@register("linear_cross_entropy", REFERENCE)
-def linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int | None = None
-) -> torch.Tensor:
-    """Mean over tokens of cross_entropy(hidden @ weight.T, targets) in float32: hidden (N, C),
-    weight (V, C), targets (N,) -> a scalar (float64 for float64 inputs); `chunk` tokens at a
-    time (default: chunk_tokens)."""
-    chunk = chunk or chunk_tokens(weight.shape[0])
-    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk)
-    # no autograd (evaluation, look-ahead forwards under no_grad): the loss alone, where the
-    # Function would still see its inputs require gradients and compute them
-    return _mean_loss(hidden, weight, targets, chunk, None, None)
+def softmax_cross_entropy_rows(
+    logits: torch.Tensor, targets: torch.Tensor, count: int, want_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The summed cross-entropy of rows of logits (float32 or float64; overwritten) at
+    `targets`, and with `want_grad` their gradient (softmax - one-hot) / count, in place of
+    the logits. A backend may compute it otherwise (kernels/cpu_cross_entropy.py)."""
+    picked = logits.gather(1, targets[:, None]).squeeze(1)
+    # log-sum-exp in place (torch's logsumexp would make a second chunk-sized temporary)
+    largest = logits.amax(dim=-1, keepdim=True)
+    exps = logits.sub_(largest).exp_()
+    sums = exps.sum(dim=-1, keepdim=True)
+    loss = (largest + sums.log()).squeeze(1).sub(picked).sum()
+    if not want_grad:
+        return loss, None
+    grad_logits = exps.div_(sums)  # softmax, then minus one-hot
+    grad_logits[torch.arange(len(targets), device=targets.device), targets] -= 1.0
+    return loss, grad_logits.div_(count)
+
+
+RowsStep = Callable[
+    [torch.Tensor, torch.Tensor, int, bool], tuple[torch.Tensor, torch.Tensor | None]
+]
+
+
+def chunked_linear_cross_entropy(rows_step: RowsStep) -> Callable[..., torch.Tensor]:
+    """The op, with each chunk's softmax and loss computed by `rows_step` (the reference's
+    softmax_cross_entropy_rows, or a backend's)."""
+
+    def linear_cross_entropy(
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        chunk: int | None = None,
+    ) -> torch.Tensor:
+        """Mean over tokens of cross_entropy(hidden @ weight.T, targets) in float32: hidden
+        (N, C), weight (V, C), targets (N,) -> a scalar (float64 for float64 inputs); `chunk`
+        tokens at a time (default: chunk_tokens)."""
+        chunk = chunk or chunk_tokens(weight.shape[0])
+        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+            return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk, rows_step)
+        # no autograd (evaluation, look-ahead forwards under no_grad): the loss alone, where
+        # the Function would still see its inputs require gradients and compute them
+        return _mean_loss(hidden, weight, targets, chunk, None, None, rows_step)
+
+    return linear_cross_entropy
+
+
+linear_cross_entropy = register("linear_cross_entropy", REFERENCE)(
+    chunked_linear_cross_entropy(softmax_cross_entropy_rows)
+)
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk):
+    def forward(ctx, hidden, weight, targets, chunk, rows_step):
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=_wide(hidden)) if want_weight else None
-        loss = _mean_loss(hidden, weight, targets, chunk, grad_hidden, grad_weight)
+        loss = _mean_loss(hidden, weight, targets, chunk, grad_hidden, grad_weight, rows_step)
         if want_weight:
             grad_weight = grad_weight.to(weight.dtype)
         ctx.save_for_backward(grad_hidden, grad_weight)
@@ -58,7 +97,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         # Scaled copies, not in place: a pipeline's zero-bubble schedule runs this backward
         # twice (the input gradients, then the weights'), and the kept ones must not change.
         scaled = [None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors]
-        return *scaled, None, None
+        return *scaled, None, None, None
 
 
 def _wide(hidden: torch.Tensor) -> torch.dtype:
@@ -72,6 +111,7 @@ def _mean_loss(
     chunk: int,
     grad_hidden: torch.Tensor | None,
     grad_weight: torch.Tensor | None,
+    rows_step: RowsStep,
 ) -> torch.Tensor:
     """The mean loss, chunk by chunk; the gradients go into the given buffers (if any)."""
     count, wide = hidden.shape[0], _wide(hidden)
@@ -79,7 +119,9 @@ def _mean_loss(
     for start in range(0, count, chunk):
         rows = slice(start, start + chunk)
         into = None if grad_hidden is None else grad_hidden[rows]
-        total += _chunk(hidden[rows], weight, targets[rows], count, wide, into, grad_weight)
+        total += _chunk(
+            hidden[rows], weight, targets[rows], count, wide, into, grad_weight, rows_step
+        )
     return total / count
 
 
@@ -91,22 +133,16 @@ def _chunk(
     wide: torch.dtype,
     grad_hidden: torch.Tensor | None,
     grad_weight: torch.Tensor | None,
+    rows_step: RowsStep,
 ) -> torch.Tensor:
     """One chunk's summed loss; its gradients written into `grad_hidden` (its rows) and
     added to `grad_weight`. Its logits are freed on return, before the next chunk's exist."""
     logits = hidden @ weight.T  # in autocast's dtype under autocast, as head(x) would be
-    logits_wide = logits.to(wide)
-    picked = logits_wide.gather(1, targets[:, None]).squeeze(1)
-    # log-sum-exp in place (torch's logsumexp would make a second chunk-sized temporary)
-    largest = logits_wide.amax(dim=-1, keepdim=True)
-    exps = logits_wide.sub_(largest).exp_()
-    sums = exps.sum(dim=-1, keepdim=True)
-    loss = (largest + sums.log()).squeeze(1).sub(picked).sum()
-    if grad_hidden is None and grad_weight is None:
+    want_grad = grad_hidden is not None or grad_weight is not None
+    loss, grad_logits = rows_step(logits.to(wide), targets, count, want_grad)
+    if grad_logits is None:
         return loss
-    grad_logits = exps.div_(sums)  # softmax, then minus one-hot
-    grad_logits[torch.arange(len(targets), device=targets.device), targets] -= 1.0
-    grad_logits = grad_logits.div_(count).to(logits.dtype)
+    grad_logits = grad_logits.to(logits.dtype)
     if grad_hidden is not None:
         grad_hidden.copy_(grad_logits @ weight)
     if grad_weight is not None:

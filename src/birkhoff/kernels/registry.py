@@ -206,6 +206,7 @@ def _load_backends() -> None:
     # Importing a backend module registers its ops; importing twice is a no-op. A backend
     # whose package does not import is registered (its table can be shown) but not available.
     from birkhoff.kernels import (  # noqa: F401  (npu_ops: torch_npu lazily; cpu_*: built lazily)
+        cpu_cross_entropy,
         cpu_engram,
         cpu_kv_compress,
         cpu_mhc,
