@@ -29,6 +29,7 @@ from birkhoff.parallel.planning.traffic import (
     CLIP_BYTES,
     MUON_BYTES,
     muon_iteration_bytes,
+    muon_run_bytes,
 )
 from birkhoff.train.muon import MuonV4
 from conftest import compose_recipe
@@ -85,8 +86,9 @@ def test_adamw_moves_what_the_plan_counts_per_element(decay):
 
 
 def test_muon_moves_what_the_plan_counts_beside_its_matmuls():
-    """Momentum, Nesterov input, norm, scale, decay and update per element, and per
-    Newton-Schulz iteration 20 n m + 28 n^2 bytes; a tall, a wide and a square matrix."""
+    """Momentum, Nesterov input, norm, scale, decay and update per element, per Newton-Schulz
+    iteration 12 n^2 bytes and per run 36 n^2; a tall, a wide and a square matrix, a run
+    each."""
     shapes = [(96, 32), (24, 80), (40, 40)]
     params = _params(shapes)
     group = {"params": params, "muon": True, "lr": 1e-3, "weight_decay": 0.1,
@@ -95,7 +97,10 @@ def test_muon_moves_what_the_plan_counts_beside_its_matmuls():
     optimizer.step()
     with MovedBytes() as moved:
         optimizer.step()
-    expected = sum(MUON_BYTES * r * c + 10 * muon_iteration_bytes(r, c) for r, c in shapes)
+    expected = sum(
+        MUON_BYTES * r * c + 10 * muon_iteration_bytes(r, c) + muon_run_bytes(r, c)
+        for r, c in shapes
+    )
     assert moved.total == pytest.approx(expected, rel=1e-3)
 
 

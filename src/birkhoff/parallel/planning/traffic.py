@@ -8,10 +8,11 @@ bandwidth, not the matmul peak. Bytes per step on one device, by kind:
   tables; a whole table with sparse updates only its touched rows, none of a host-resident
   one; V4.1's Sinkhorn-balanced update is counted as AdamW). Muon (train/muon.py) moves 72
   bytes per element around Newton-Schulz (momentum m = mu m + g, 20; Nesterov g + mu m, 12;
-  the Frobenius norm and division, 12; the RMS scale, 8; decay, 8; p -= lr O, 12) and, per
-  iteration on a matrix with n <= m sides, 20 n m (a X, and the sum with (b G + c G G) X)
-  plus 28 n^2 (b G, c (G G), their sum) bytes beside its matmuls, whose FLOPs the compute
-  time counts;
+  the Frobenius norm and division, 12; the RMS scale, 8; decay, 8; p -= lr O, 12), per
+  iteration on a matrix with n <= m sides 12 n^2 beside its matmuls, whose FLOPs the compute
+  time counts (b I + c A: read A and b I, write; a I and the products' sums are the batched
+  products' own), and per run (a shape's batch) 36 n^2 (the identity, and a I and b I for
+  each of the two coefficient sets);
 - gradients: the norm reads every gradient and, when it clips, scales it (12 bytes per
   element); each micro-batch after the first adds its gradients to the accumulated ones (12);
 - mixed precision: every micro-batch casts the float32 weights it computes with to bf16 (read
@@ -56,8 +57,14 @@ ACTIVATION_TRAFFIC = 11.5
 
 def muon_iteration_bytes(rows: int, cols: int) -> float:
     """Bytes one Newton-Schulz iteration moves outside its matmuls, on one matrix."""
-    n, m = min(rows, cols), max(rows, cols)
-    return 20 * n * m + 28 * n * n
+    n = min(rows, cols)
+    return 12 * n * n
+
+
+def muon_run_bytes(rows: int, cols: int) -> float:
+    """Bytes a Newton-Schulz run (the batch of one shape) moves once, whatever its count."""
+    n = min(rows, cols)
+    return 36 * n * n
 
 
 def rank_traffic(
@@ -81,7 +88,7 @@ def rank_traffic(
     optimizer = ADAMW_BYTES * (local - tables - muon) + ADAMW_NO_DECAY_BYTES * (tables + touched)
     optimizer += MUON_BYTES * muon
     for count, rows, cols in muon_shapes:
-        optimizer += count * 10 * muon_iteration_bytes(rows, cols)
+        optimizer += count * 10 * muon_iteration_bytes(rows, cols) + muon_run_bytes(rows, cols)
     accumulated = micro_batches > 1 and layout.dp_shard > 1
     accumulated = accumulated and not layout.fsdp_reduce_every_micro_batch
     grads = sum(unit(g, layout) for g in sharded) if accumulated else local
