@@ -73,7 +73,7 @@ def time_modules(model, ops, tokens, rounds) -> dict:
     result = {}
     for name, module in modules.items():
         args, kwargs = captured[name]
-        if not args[0].is_floating_point():  # the model itself (its head's loss): the step's
+        if not args or not args[0].is_floating_point():  # the model itself (its head's
             result[name] = "not timed alone: it takes token ids (the step's times hold it)"
             continue
         times = {backend: [] for backend in NAMES}

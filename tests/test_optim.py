@@ -101,7 +101,7 @@ def _draws(rows: int, width: int, lookups: int, steps: int, every_row: bool = Fa
     return draws
 
 
-def test_sparse_rows_step_as_torchs_sparse_adam():
+def test_sparse_row_loss_and_grad_as_torchs_sparse_adam():
     """torch.optim.SparseAdam is lazy Adam too; with eps -> 0 its (sqrt(v) + eps) and AdamW's
     (sqrt(v / bc2) + eps) denominators agree, so both must give the same rows."""
     start = torch.randn(40, 3, dtype=torch.float64)

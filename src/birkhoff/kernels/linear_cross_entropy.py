@@ -47,13 +47,13 @@ def softmax_cross_entropy_rows(
     return loss, grad_logits.div_(count)
 
 
-RowsStep = Callable[
+RowLossAndGrad = Callable[
     [torch.Tensor, torch.Tensor, int, bool], tuple[torch.Tensor, torch.Tensor | None]
 ]
 
 
-def chunked_linear_cross_entropy(rows_step: RowsStep) -> Callable[..., torch.Tensor]:
-    """The op, with each chunk's softmax and loss computed by `rows_step` (the reference's
+def chunked_linear_cross_entropy(row_loss_and_grad: RowLossAndGrad) -> Callable[..., torch.Tensor]:
+    """The op, with each chunk's softmax and loss computed by `row_loss_and_grad` (the reference's
     softmax_cross_entropy_rows, or a backend's)."""
 
     def linear_cross_entropy(
@@ -67,10 +67,12 @@ def chunked_linear_cross_entropy(rows_step: RowsStep) -> Callable[..., torch.Ten
         tokens at a time (default: chunk_tokens)."""
         chunk = chunk or chunk_tokens(weight.shape[0])
         if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-            return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk, rows_step)
+            return _ChunkedLinearCrossEntropy.apply(
+                hidden, weight, targets, chunk, row_loss_and_grad
+            )
         # no autograd (evaluation, look-ahead forwards under no_grad): the loss alone, where
         # the Function would still see its inputs require gradients and compute them
-        return _mean_loss(hidden, weight, targets, chunk, None, None, rows_step)
+        return _mean_loss(hidden, weight, targets, chunk, None, None, row_loss_and_grad)
 
     return linear_cross_entropy
 
@@ -82,11 +84,13 @@ linear_cross_entropy = register("linear_cross_entropy", REFERENCE)(
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk, rows_step):
+    def forward(ctx, hidden, weight, targets, chunk, row_loss_and_grad):
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=_wide(hidden)) if want_weight else None
-        loss = _mean_loss(hidden, weight, targets, chunk, grad_hidden, grad_weight, rows_step)
+        loss = _mean_loss(
+            hidden, weight, targets, chunk, grad_hidden, grad_weight, row_loss_and_grad
+        )
         if want_weight:
             grad_weight = grad_weight.to(weight.dtype)
         ctx.save_for_backward(grad_hidden, grad_weight)
@@ -111,7 +115,7 @@ def _mean_loss(
     chunk: int,
     grad_hidden: torch.Tensor | None,
     grad_weight: torch.Tensor | None,
-    rows_step: RowsStep,
+    row_loss_and_grad: RowLossAndGrad,
 ) -> torch.Tensor:
     """The mean loss, chunk by chunk; the gradients go into the given buffers (if any)."""
     count, wide = hidden.shape[0], _wide(hidden)
@@ -120,7 +124,7 @@ def _mean_loss(
         rows = slice(start, start + chunk)
         into = None if grad_hidden is None else grad_hidden[rows]
         total += _chunk(
-            hidden[rows], weight, targets[rows], count, wide, into, grad_weight, rows_step
+            hidden[rows], weight, targets[rows], count, wide, into, grad_weight, row_loss_and_grad
         )
     return total / count
 
@@ -133,13 +137,13 @@ def _chunk(
     wide: torch.dtype,
     grad_hidden: torch.Tensor | None,
     grad_weight: torch.Tensor | None,
-    rows_step: RowsStep,
+    row_loss_and_grad: RowLossAndGrad,
 ) -> torch.Tensor:
     """One chunk's summed loss; its gradients written into `grad_hidden` (its rows) and
     added to `grad_weight`. Its logits are freed on return, before the next chunk's exist."""
     logits = hidden @ weight.T  # in autocast's dtype under autocast, as head(x) would be
     want_grad = grad_hidden is not None or grad_weight is not None
-    loss, grad_logits = rows_step(logits.to(wide), targets, count, want_grad)
+    loss, grad_logits = row_loss_and_grad(logits.to(wide), targets, count, want_grad)
     if grad_logits is None:
         return loss
     grad_logits = grad_logits.to(logits.dtype)

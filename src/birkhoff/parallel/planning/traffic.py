@@ -10,9 +10,10 @@ bandwidth, not the matmul peak. Bytes per step on one device, by kind:
   bytes per element around Newton-Schulz (momentum m = mu m + g, 20; Nesterov g + mu m, 12;
   the Frobenius norm and division, 12; the RMS scale, 8; decay, 8; p -= lr O, 12), per
   iteration on a matrix with n <= m sides 12 n^2 beside its matmuls, whose FLOPs the compute
-  time counts (b I + c A: read A and b I, write; a I and the products' sums are the batched
-  products' own), and per run (a shape's batch) 36 n^2 (the identity, and a I and b I for
-  each of the two coefficient sets);
+  time counts (b I + c A: read A and b I, write; the batched product that adds a I copies it
+  into its output first, n^2 written and read, counted as the product's), and per run (a
+  shape's batch) 36 n^2 (the identity, and a I and b I for each of V4's two coefficient sets;
+  its 10 iterations as everywhere in the plan);
 - gradients: the norm reads every gradient and, when it clips, scales it (12 bytes per
   element); each micro-batch after the first adds its gradients to the accumulated ones (12);
 - mixed precision: every micro-batch casts the float32 weights it computes with to bf16 (read
