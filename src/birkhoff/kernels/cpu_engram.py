@@ -20,11 +20,11 @@ from birkhoff.kernels import reference
 from birkhoff.kernels.cpu_gather import gather_rows
 from birkhoff.kernels.cpu_library import (
     DTYPES,
+    autograd_paths,
     call,
     check,
     check_inputs,
     check_shapes,
-    eager_function,
     float32_contiguous,
     kernel_op,
 )
@@ -137,10 +137,7 @@ def _grads(backward: Callable) -> Callable:
     return grads
 
 
-engram_merge_op.register_autograd(_grads(engram_merge_backward), setup_context=_save)
-_engram_merge = eager_function(
-    "EngramMerge", engram_merge_op, _save, _grads(engram_merge_backward.body)
-)
+_engram_merge = autograd_paths("EngramMerge", engram_merge_op, _save, _grads, engram_merge_backward)
 
 
 @register("engram_merge", CPU, dtypes=DTYPES)

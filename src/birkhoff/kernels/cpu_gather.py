@@ -14,10 +14,10 @@ import torch
 from torch import Tensor
 
 from birkhoff.kernels.cpu_library import (
+    autograd_paths,
     call,
     check,
     check_inputs,
-    eager_function,
     kernel_op,
 )
 
@@ -84,5 +84,4 @@ def _grads(backward: Callable) -> Callable:
     return grads
 
 
-gather_op.register_autograd(_grads(gather_backward), setup_context=_save)
-gather_rows = eager_function("GatherRows", gather_op, _save, _grads(gather_backward.body))
+gather_rows = autograd_paths("GatherRows", gather_op, _save, _grads, gather_backward)

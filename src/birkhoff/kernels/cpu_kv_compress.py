@@ -14,11 +14,11 @@ from torch import Tensor
 from birkhoff.kernels import v4_attention as reference
 from birkhoff.kernels.cpu_library import (
     DTYPES,
+    autograd_paths,
     call,
     check,
     check_inputs,
     check_shapes,
-    eager_function,
     float32_contiguous,
     kernel_op,
 )
@@ -111,10 +111,7 @@ def _grads(backward: Callable) -> Callable:
     return grads
 
 
-kv_compress_op.register_autograd(_grads(kv_compress_backward), setup_context=_save)
-_kv_compress = eager_function(
-    "KVCompress", kv_compress_op, _save, _grads(kv_compress_backward.body)
-)
+_kv_compress = autograd_paths("KVCompress", kv_compress_op, _save, _grads, kv_compress_backward)
 
 
 @register("kv_compress", CPU, dtypes=DTYPES)

@@ -142,16 +142,22 @@ def kernel_op(
     return register_body
 
 
-def eager_function(
-    name: str, op: CustomOpDef, setup_context: Callable, backward: Callable
+def autograd_paths(
+    name: str,
+    op: CustomOpDef,
+    setup_context: Callable,
+    grads: Callable[[Callable], Callable],
+    backward_op: CustomOpDef,
 ) -> Callable[..., object]:
-    """`op`'s body with the autograd the op registers (its `setup_context`, and its backward
-    built on the backward op's body) as an autograd Function; returns its `apply`. The
+    """Gives `op` its autograd both ways: registered on the custom op (`grads(backward_op)`,
+    `setup_context`), and as an autograd Function named `name` running `op`'s body with
+    `grads(backward_op.body)`; returns the Function's `apply`, which eager code calls. The
     backward is once differentiable, as the custom op's (its backward op has no autograd).
     setup_context is called from the forward, not given to the Function as its own method:
     with one, every `apply` binds its arguments to the forward's signature through
     `inspect` (tens of µs a call)."""
-    body = op.body
+    op.register_autograd(grads(backward_op), setup_context=setup_context)
+    body, backward = op.body, grads(backward_op.body)
 
     def forward(ctx, *inputs):
         output = body(*inputs)

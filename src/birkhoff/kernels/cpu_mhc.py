@@ -24,12 +24,12 @@ from torch import Tensor
 from birkhoff.kernels import mhc_reference as reference
 from birkhoff.kernels.cpu_library import (
     DTYPES,
+    autograd_paths,
     call,
     check,
     check_inputs,
     check_iters,
     check_shapes,
-    eager_function,
     float32_contiguous,
     kernel_op,
 )
@@ -236,20 +236,16 @@ def _tail_grads(backward: Callable) -> Callable:
     return grads
 
 
-stream_read.register_autograd(_read_grads(stream_read_backward), setup_context=_save_inputs)
-stream_merge.register_autograd(_merge_grads(stream_merge_backward), setup_context=_save_inputs)
-sinkhorn.register_autograd(_sinkhorn_grads(sinkhorn_backward), setup_context=_save_inputs)
-mhc_tail.register_autograd(_tail_grads(mhc_tail_backward), setup_context=_save_inputs)
-_stream_read = eager_function(
-    "StreamRead", stream_read, _save_inputs, _read_grads(stream_read_backward.body)
+_stream_read = autograd_paths(
+    "StreamRead", stream_read, _save_inputs, _read_grads, stream_read_backward
 )
-_stream_merge = eager_function(
-    "StreamMerge", stream_merge, _save_inputs, _merge_grads(stream_merge_backward.body)
+_stream_merge = autograd_paths(
+    "StreamMerge", stream_merge, _save_inputs, _merge_grads, stream_merge_backward
 )
-_sinkhorn_op = eager_function(
-    "Sinkhorn", sinkhorn, _save_inputs, _sinkhorn_grads(sinkhorn_backward.body)
+_sinkhorn_op = autograd_paths(
+    "Sinkhorn", sinkhorn, _save_inputs, _sinkhorn_grads, sinkhorn_backward
 )
-_mhc_tail = eager_function("MHCTail", mhc_tail, _save_inputs, _tail_grads(mhc_tail_backward.body))
+_mhc_tail = autograd_paths("MHCTail", mhc_tail, _save_inputs, _tail_grads, mhc_tail_backward)
 
 
 @register("mhc_pre", CPU, dtypes=DTYPES)

@@ -21,10 +21,10 @@ from torch import Tensor
 from birkhoff.kernels import mhc_reference as reference
 from birkhoff.kernels.cpu_library import (
     DTYPES,
+    autograd_paths,
     call,
     check_inputs,
     check_shapes,
-    eager_function,
     kernel_op,
 )
 from birkhoff.kernels.cpu_library import float32_contiguous as f32
@@ -159,8 +159,7 @@ def _grads(backward: Callable) -> Callable:
     return grads
 
 
-merge_read_op.register_autograd(_grads(merge_read_backward), setup_context=_save)
-_merge_read = eager_function("MergeRead", merge_read_op, _save, _grads(merge_read_backward.body))
+_merge_read = autograd_paths("MergeRead", merge_read_op, _save, _grads, merge_read_backward)
 
 
 @register("mhc_merge_read", CPU, dtypes=DTYPES)

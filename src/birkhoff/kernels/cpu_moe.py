@@ -18,11 +18,11 @@ from torch import Tensor
 from birkhoff.kernels import reference
 from birkhoff.kernels.cpu_library import (
     DTYPES,
+    autograd_paths,
     call,
     check,
     check_inputs,
     check_shapes,
-    eager_function,
     float32_contiguous,
     kernel_op,
 )
@@ -156,13 +156,9 @@ def _unpermute_grads(backward: Callable) -> Callable:
     return grads
 
 
-permute_op.register_autograd(_permute_grads(permute_backward), setup_context=_save_permute)
-unpermute_op.register_autograd(_unpermute_grads(unpermute_backward), setup_context=_save_unpermute)
-_permute = eager_function(
-    "MoEPermute", permute_op, _save_permute, _permute_grads(permute_backward.body)
-)
-_unpermute = eager_function(
-    "MoEUnpermute", unpermute_op, _save_unpermute, _unpermute_grads(unpermute_backward.body)
+_permute = autograd_paths("MoEPermute", permute_op, _save_permute, _permute_grads, permute_backward)
+_unpermute = autograd_paths(
+    "MoEUnpermute", unpermute_op, _save_unpermute, _unpermute_grads, unpermute_backward
 )
 
 

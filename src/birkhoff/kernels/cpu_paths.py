@@ -1,5 +1,5 @@
 """Where the cpu backend's eager code calls its ops (kernels/cpu_library.py's
-`eager_function`): each module's attribute holding an op's eager Function and the custom op
+`autograd_paths`): each module's attribute holding an op's eager Function and the custom op
 registered from the same body. tests/test_cpu_eager_path.py replays a step's calls through the
 custom ops; benchmarks/cpu_eager_path.py times a step through either. (mhc_read hands its
 streams on through its own Function, `cpu_mhc_read._ReadPassingStreams`, not listed here; the

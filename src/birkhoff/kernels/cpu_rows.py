@@ -16,11 +16,11 @@ from torch import Tensor
 from birkhoff.kernels import reference
 from birkhoff.kernels.cpu_library import (
     DTYPES,
+    autograd_paths,
     call,
     check,
     check_inputs,
     check_shapes,
-    eager_function,
     float32_contiguous,
     kernel_op,
 )
@@ -93,8 +93,7 @@ def _grads(backward: Callable) -> Callable:
     return grads
 
 
-rms_norm_op.register_autograd(_grads(rms_norm_backward), setup_context=_save)
-_rms_norm = eager_function("RMSNorm", rms_norm_op, _save, _grads(rms_norm_backward.body))
+_rms_norm = autograd_paths("RMSNorm", rms_norm_op, _save, _grads, rms_norm_backward)
 
 
 @register("rms_norm", CPU, dtypes=DTYPES)
@@ -158,8 +157,7 @@ def _swiglu_grads(backward: Callable) -> Callable:
     return grads
 
 
-swiglu_op.register_autograd(_swiglu_grads(swiglu_backward), setup_context=_save_swiglu)
-_swiglu = eager_function("SwiGLU", swiglu_op, _save_swiglu, _swiglu_grads(swiglu_backward.body))
+_swiglu = autograd_paths("SwiGLU", swiglu_op, _save_swiglu, _swiglu_grads, swiglu_backward)
 
 
 @register("swiglu", CPU, dtypes=DTYPES)
@@ -212,9 +210,9 @@ def _rope_grads(turn: Callable) -> Callable:
     return grads
 
 
-rope_trailing_op.register_autograd(_rope_grads(rope_trailing_op), setup_context=_save_rope)
-_rope_trailing = eager_function(
-    "RopeTrailing", rope_trailing_op, _save_rope, _rope_grads(rope_trailing_op.body)
+# the backward turns the gradient back: the op itself
+_rope_trailing = autograd_paths(
+    "RopeTrailing", rope_trailing_op, _save_rope, _rope_grads, rope_trailing_op
 )
 
 
@@ -274,15 +272,10 @@ def _rope_normed_grads(backward: Callable) -> Callable:
     return grads
 
 
-rope_normed_op.register_autograd(
-    _rope_normed_grads(rope_normed_backward), setup_context=_save_rope_normed
-)
-_rope_normed = eager_function(
-    "RopeTrailingNormed",
-    rope_normed_op,
-    _save_rope_normed,
-    _rope_normed_grads(rope_normed_backward.body),
-)
+_rope_normed = autograd_paths(
+    "RopeTrailingNormed", rope_normed_op, _save_rope_normed, _rope_normed_grads,
+    rope_normed_backward,
+)  # fmt: skip
 
 
 @register("rope_trailing", CPU, dtypes=DTYPES)

@@ -20,11 +20,11 @@ from torch import Tensor
 from birkhoff.kernels import v4_attention as reference
 from birkhoff.kernels.cpu_library import (
     DTYPES,
+    autograd_paths,
     call,
     check,
     check_inputs,
     check_shapes,
-    eager_function,
     float32_contiguous,
     kernel_op,
 )
@@ -137,10 +137,7 @@ def _grads(backward: Callable) -> Callable:
     return grads
 
 
-v4_attention_op.register_autograd(_grads(v4_attention_backward), setup_context=_save)
-_v4_attention = eager_function(
-    "V4Attention", v4_attention_op, _save, _grads(v4_attention_backward.body)
-)
+_v4_attention = autograd_paths("V4Attention", v4_attention_op, _save, _grads, v4_attention_backward)
 
 
 def entry_lists(q: Tensor, positions: Tensor, entries: EntryKV | None) -> tuple[Tensor, Tensor]:
