@@ -22,18 +22,19 @@ from birkhoff.kernels.cpu_library import (
 )
 
 
-def _check_index(index: Tensor, rows: int) -> None:
-    """`index` 1-d int64, contiguous, every value a row of a table of `rows`."""
+def check_index(index: Tensor, rows: int, name: str = "index") -> None:
+    """`index` 1-d int64, contiguous, every value a row of a table of `rows` (the C kernels
+    index rows by it: the gathers here and MoE's permutation, whose errors call it `name`)."""
     check(
         index.dtype == torch.int64 and index.dim() == 1 and index.is_contiguous(),
         lambda: (
-            f"the cpu gather takes a contiguous 1-d int64 index, got {index.dtype} "
+            f"the cpu kernels take a contiguous 1-d int64 {name}, got {index.dtype} "
             f"{tuple(index.shape)}"
         ),
     )
     if index.numel():
         low, high = index.aminmax()
-        check(low >= 0 and high < rows, lambda: f"indices outside the table's {rows} rows")
+        check(low >= 0 and high < rows, lambda: f"{name} values outside the table's {rows} rows")
 
 
 @kernel_op("cpu_gather_rows")
@@ -41,7 +42,7 @@ def gather_op(table: Tensor, index: Tensor) -> Tensor:
     """table[index]: (R, C), (M,) -> (M, C)."""
     check_inputs(table)
     check(table.dim() == 2, lambda: f"the cpu gather takes a table (R, C), got {table.shape}")
-    _check_index(index, table.shape[0])
+    check_index(index, table.shape[0])
     out = table.new_empty(index.numel(), table.shape[1])
     call("gather_rows", table, index, out, index.numel(), 1, table.shape[1])
     return out
@@ -57,7 +58,7 @@ def gather_backward(grad: Tensor, index: Tensor, rows: int) -> Tensor:
     """The table's gradient (rows, C): zeros with grad[i] added at index[i]."""
     check_inputs(grad)
     check(grad.dim() == 2 and grad.shape[0] == index.numel(), lambda: "a gradient row per index")
-    _check_index(index, rows)
+    check_index(index, rows)
     d_table = grad.new_empty(rows, grad.shape[1])
     call("scatter_add_rows", grad, index, d_table, index.numel(), rows, grad.shape[1])
     return d_table

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from birkhoff.kernels import reference
+from birkhoff.kernels.cpu_gather import check_index
 from birkhoff.kernels.cpu_library import (
     DTYPES,
     autograd_paths,
@@ -31,15 +32,8 @@ from birkhoff.kernels.registry import CPU, register
 
 def _check_permutation(order: Tensor, count: int) -> None:
     """`order` (count,) int64 with every value in [0, count): the kernels index rows by it."""
-    check(
-        order.dtype == torch.int64 and order.is_contiguous() and order.shape == (count,),
-        lambda: (
-            f"the cpu MoE kernels take a contiguous int64 order of {count} rows, got "
-            f"{order.dtype} {tuple(order.shape)}"
-        ),
-    )
-    low, high = order.aminmax() if count else (0, 0)
-    check(low >= 0 and high < count, lambda: f"order values outside [0, {count})")
+    check(order.numel() == count, lambda: f"an order of {count} rows, got {order.numel()}")
+    check_index(order, count, "order")
 
 
 def inverse_of(order: Tensor) -> Tensor:
