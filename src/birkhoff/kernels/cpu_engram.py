@@ -154,7 +154,7 @@ def engram_merge(
 ) -> torch.Tensor:
     """The reference's `engram_merge` (same arguments; streams (B, T, n, C)), computed in
     float32 after the projections, returned in the streams' dtype."""
-    if torch.compiler.is_compiling() or streams.numel() == 0:  # no token: nothing to fuse
+    if streams.numel() == 0:  # no token: nothing to fuse
         return reference.engram_merge(
             table, indices, key_weight, value_weight, streams, norm_weight, conv_weight,
             dilation, eps,

@@ -11,7 +11,6 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from birkhoff.kernels import v4_attention as reference
 from birkhoff.kernels.cpu_library import (
     DTYPES,
     autograd_paths,
@@ -120,8 +119,6 @@ def kv_compress(
     has_previous: Tensor, overlap: bool,
 ) -> Tensor:  # fmt: skip
     """The reference's `kv_compress`: computed in float32, returned in kv's dtype."""
-    if torch.compiler.is_compiling():
-        return reference.kv_compress(kv, gate, position_bias, start, exists, has_previous, overlap)
     layout = fused_entries(kv, start, exists, has_previous, overlap)
     with torch.autocast("cpu", enabled=False):
         out, _ = _kv_compress(

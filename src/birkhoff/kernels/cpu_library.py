@@ -2,8 +2,9 @@
 built by kernels/cpu_build.py), the call that hands it tensors as pointers, the checks of
 what every kernel assumes of its tensors (the ops built on them are public as
 torch.ops.birkhoff.cpu_*, so they check before they call), and the two ways each op runs:
-as a torch custom op (torch.ops, opcheck, tracing) and, in eager code, as an autograd
-Function calling the same Python bodies.
+as a torch custom op (torch.ops, opcheck, and compiled code: dynamo traces the call and its
+registered fake, inductor's code calls the op and its backward op) and, in eager code, as an
+autograd Function calling the same Python bodies.
 
 Why two: at small shapes a kernel takes a few µs, and torch.library's dispatch of a custom op
 with autograd and of its backward op about 110 µs a forward and backward pair on this
@@ -151,8 +152,10 @@ def autograd_paths(
 ) -> Callable[..., object]:
     """Gives `op` its autograd both ways: registered on the custom op (`grads(backward_op)`,
     `setup_context`), and as an autograd Function named `name` running `op`'s body with
-    `grads(backward_op.body)`; returns the Function's `apply`, which eager code calls. The
-    backward is once differentiable, as the custom op's (its backward op has no autograd).
+    `grads(backward_op.body)`; returns what the backend's ops call: the custom op while
+    torch.compile traces (dynamo cannot trace a ctypes call), the Function's `apply`
+    otherwise. The backward is once differentiable, as the custom op's (its backward op has
+    no autograd).
     setup_context is called from the forward, not given to the Function as its own method:
     with one, every `apply` binds its arguments to the forward's signature through
     `inspect` (tens of µs a call)."""
@@ -169,4 +172,9 @@ def autograd_paths(
         (torch.autograd.Function,),
         {"forward": staticmethod(forward), "backward": staticmethod(once_differentiable(backward))},
     )
-    return function.apply
+    eager = function.apply
+
+    def run(*inputs):
+        return op(*inputs) if torch.compiler.is_compiling() else eager(*inputs)
+
+    return run

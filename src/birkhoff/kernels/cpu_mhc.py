@@ -252,8 +252,6 @@ _mhc_tail = autograd_paths("MHCTail", mhc_tail, _save_inputs, _tail_grads, mhc_t
 def mhc_pre(streams: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
     """The reference's `mhc_pre`, accumulated in float32 and returned in the dtype a matmul of
     the streams runs in (autocast's under autocast)."""
-    if torch.compiler.is_compiling():
-        return reference.mhc_pre(streams, h_pre)
     dtype, (*batch, n, width) = reference._matmul_dtype(streams), streams.shape
     with torch.autocast("cpu", enabled=False):
         rows = float32_contiguous(streams.reshape(-1, n, width))
@@ -266,8 +264,6 @@ def mhc_post(
     streams: torch.Tensor, layer_out: torch.Tensor, h_res: torch.Tensor, h_post: torch.Tensor
 ) -> torch.Tensor:
     """The reference's `mhc_post` in one pass: the next streams in the streams' dtype."""
-    if torch.compiler.is_compiling():
-        return reference.mhc_post(streams, layer_out, h_res, h_post)
     *batch, n, width = streams.shape
     with torch.autocast("cpu", enabled=False):
         merged = _stream_merge(
@@ -289,16 +285,12 @@ def _sinkhorn(logits: torch.Tensor, iters: int, form_eps: float) -> torch.Tensor
 @register("sinkhorn_knopp", CPU, dtypes=DTYPES)
 def sinkhorn_knopp(logits: torch.Tensor, iters: int) -> torch.Tensor:
     """The reference's log-space Sinkhorn-Knopp, per token in one kernel each way."""
-    if torch.compiler.is_compiling():
-        return reference.sinkhorn_knopp(logits, iters)
     return _sinkhorn(logits, iters, LOG_SPACE)
 
 
 @register("sinkhorn_knopp_eps", CPU, dtypes=DTYPES)
 def sinkhorn_knopp_eps(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     """V4's linear-space Sinkhorn-Knopp, per token in one kernel each way."""
-    if torch.compiler.is_compiling():
-        return reference.sinkhorn_knopp_eps(logits, iters, eps)
     if eps < 0:
         raise ValueError(f"V4's Sinkhorn eps must be >= 0, got {eps}")
     return _sinkhorn(logits, iters, eps)
@@ -318,9 +310,6 @@ def mhc_mapping(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The reference's `mhc_mapping`: its normalised projection (one GEMM, one norm), then the
     scales, biases, sigmoids and Sinkhorn of every token in one kernel each way."""
-    args = (streams, weight, alpha, bias_pre, bias_post, bias_res, norm_eps, iters, form_eps)
-    if torch.compiler.is_compiling():
-        return reference.mhc_mapping(*args)
     n, batch = streams.shape[-2], streams.shape[:-2]
     projected = reference.normalised_projection(streams, weight, norm_eps)
     with torch.autocast("cpu", enabled=False):

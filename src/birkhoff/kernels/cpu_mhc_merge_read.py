@@ -181,8 +181,6 @@ def mhc_merge_read(
     sublayer's input in the dtype a matmul of the streams runs in, its H_post and H_res, and
     the merged streams (for the next merge, whose gradient of them joins this backward)."""
     args = (streams, layer_out, h_res, h_post, weight, alpha, bias_pre, bias_post, bias_res)
-    if torch.compiler.is_compiling():
-        return reference.mhc_merge_read(*args, norm_eps, iters, form_eps)
     if streams.dtype != torch.float32:
         return _composed(*args, norm_eps, iters, form_eps)
     n, width = streams.shape[-2:]

@@ -236,9 +236,11 @@ def mhc_read(
     (the merge's gradient of them joins the read's in its backward pass); else the streams
     themselves (the read ran on a float32 copy: passing that would add a cast each way)."""
     args = (streams, weight, alpha, bias_pre, bias_post, bias_res, norm_eps, iters, form_eps)
-    if torch.compiler.is_compiling():
-        return reference.mhc_read(*args)
     rows = float32_contiguous(streams.reshape(-1, *streams.shape[-2:]))
+    if torch.compiler.is_compiling():  # the custom op; autograd sums the streams' gradients
+        with torch.autocast("cpu", enabled=False):
+            outputs = mhc_read_op(rows, *read_arguments(*args[1:]))
+        return *read_results(*outputs[:3], streams), streams
     with torch.autocast("cpu", enabled=False):
         outputs = _ReadPassingStreams.apply(rows, *read_arguments(*args[1:]))
     passed = outputs[3].view(streams.shape) if rows.data_ptr() == streams.data_ptr() else streams

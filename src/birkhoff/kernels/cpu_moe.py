@@ -162,8 +162,6 @@ def moe_permute(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The reference's `moe_permute`: tokens (N, C), expert_ids (N, k) -> permuted (N k, C) in
     the tokens' dtype, order (N k,), tokens per expert (E,)."""
-    if torch.compiler.is_compiling():
-        return reference.moe_permute(tokens, expert_ids, num_experts)
     flat_ids = expert_ids.flatten()
     order = flat_ids.argsort(stable=True)
     with torch.autocast("cpu", enabled=False):
@@ -177,8 +175,6 @@ def moe_unpermute(
 ) -> Tensor:
     """The reference's `moe_unpermute`: (N k, C), (N k,), (N, k) -> (N, C) in the expert
     outputs' dtype."""
-    if torch.compiler.is_compiling():
-        return reference.moe_unpermute(expert_out, order, gate_weights, num_tokens)
     if gate_weights.shape[0] != num_tokens:
         raise ValueError(f"gate_weights has {gate_weights.shape[0]} rows for {num_tokens} tokens")
     with torch.autocast("cpu", enabled=False):

@@ -1,6 +1,7 @@
 """Where the cpu backend's eager code calls its ops (kernels/cpu_library.py's
-`autograd_paths`): each module's attribute holding an op's eager Function and the custom op
-registered from the same body. tests/test_cpu_eager_path.py replays a step's calls through the
+`autograd_paths`): each module's attribute holding what its ops call (the eager Function's
+apply, or while torch.compile traces the custom op) and the custom op registered from the
+same body. tests/test_cpu_eager_path.py replays a step's calls through the
 custom ops; benchmarks/cpu_eager_path.py times a step through either. (mhc_read hands its
 streams on through its own Function, `cpu_mhc_read._ReadPassingStreams`, not listed here; the
 cross-entropy's row op has no autograd of its own: it runs inside linear_cross_entropy's
@@ -19,7 +20,7 @@ from birkhoff.kernels import (
     cpu_v4_attention,
 )
 
-EAGER_PATHS = [  # module, its attribute holding the eager Function's apply, the custom op
+EAGER_PATHS = [  # module, its attribute calling the eager Function, the custom op
     (cpu_rows, "_rms_norm", cpu_rows.rms_norm_op),
     (cpu_rows, "_swiglu", cpu_rows.swiglu_op),
     (cpu_rows, "_rope_trailing", cpu_rows.rope_trailing_op),

@@ -17,7 +17,6 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from birkhoff.kernels import v4_attention as reference
 from birkhoff.kernels.cpu_library import (
     DTYPES,
     autograd_paths,
@@ -165,8 +164,6 @@ def v4_attention(
 ) -> tuple[Tensor, Tensor]:
     """The reference's `v4_attention`: computed in float32, out in kv's dtype (autocast's,
     as the reference's products give, where it is on), lse float32."""
-    if torch.compiler.is_compiling():
-        return reference.v4_attention(q, kv, positions, sinks, window, entries)
     values, index = entry_lists(q, positions, entries)
     autocast = torch.is_autocast_enabled("cpu")
     dtype = torch.get_autocast_dtype("cpu") if autocast else kv.dtype

@@ -97,13 +97,13 @@ def fused_tables(
     """What a backend's fused rotation takes: cos and sin as `table_rows` gives them, with the
     rows of x each serves. Tables that carry a gradient are refused: the fused kernels turn x
     only (none of the model's tables does; the reference differentiates them)."""
-    torch._check(
-        not (cos.requires_grad or sin.requires_grad),
-        lambda: (
+    # plain checks, not torch._check: dynamo cannot trace its message closures (a graph break)
+    if cos.requires_grad or sin.requires_grad:
+        raise RuntimeError(
             f"the {backend} backend's rope_trailing gives no gradient to cos/sin; "
             "backend.kernels=reference differentiates them"
-        ),
-    )
-    torch._check(cos.shape == sin.shape, lambda: f"cos {cos.shape} and sin {sin.shape} differ")
+        )
+    if cos.shape != sin.shape:
+        raise RuntimeError(f"cos {cos.shape} and sin {sin.shape} differ")
     cos_rows, groups = table_rows(x, cos)
     return cos_rows, table_rows(x, sin)[0], groups

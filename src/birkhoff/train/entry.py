@@ -164,10 +164,6 @@ def _train_rank(
                 if train_recipe.train.compile:
                     print(f"birkhoff: compile: torch.compile on {trainer.compiled_blocks} "
                           "blocks; the first step compiles them", flush=True)  # fmt: skip
-                    if trainer.kernel_backend == "cpu":  # each cpu op's compiled branch
-                        print("birkhoff: compile: the compiled blocks run the reference's "
-                              "expressions, not the cpu kernels: eager runs faster on a CPU "
-                              "(README, torch.compile)", flush=True)  # fmt: skip
                 meter = trainer.mfu
                 print(
                     f"birkhoff: mfu = model FLOPs ({meter.flops_per_token / 1e6:,.1f}M per token) "
