@@ -259,8 +259,8 @@ def test_a_backend_s_ops_counted_per_call_add_up_to_the_backend_running_itself()
     """With the triton backend the count runs the reference kernels and charges each call of
     an op triton implements what that op launched on its first call's arguments (a child
     process, Triton's interpreter, Triton launches one each): the total equals the launches
-    of the model run with the triton kernels themselves (under the interpreter: about 40 s
-    of the test's 50), V4 attention's core and the loss on the reference in both
+    of the model run with the triton kernels themselves (under the interpreter: most of the
+    test's time), V4 attention's core and the loss on the reference in both
     (LEFT_ON_REFERENCE). The triton backend launches under a third of the reference's."""
     cfg, seq = typed_recipe(compose_recipe(["model=tiny"])).model, 32
     counted = count_launches(cfg, seq, kernels="triton")

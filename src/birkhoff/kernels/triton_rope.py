@@ -1,9 +1,10 @@
 """V4's interleaved RoPE on the trailing channels (`rope_trailing`) as one Triton kernel per
-direction (the `triton` backend): a program per row copies its leading channels and turns its
-trailing pairs by its token's angles, in float32, stored in x's dtype; the gradient is the same
-kernel turning back. The reference's rotation (kernels/rotation.py) launches a copy of the
-pairs, their products and sums, a clone of the row and a write back, each direction. The
-tests compare with the rotation written as complex multiplication under TRITON_INTERPRET=1.
+direction (the `triton` backend): a program per 16 rows copies their leading channels and
+turns their trailing pairs by each token's angles, in float32, stored in x's dtype; the
+gradient is the same kernel turning back. The reference's rotation (kernels/rotation.py)
+launches a copy of the pairs, their products and sums, a clone of the row and a write back,
+each direction. The tests compare with the rotation written as complex multiplication
+under TRITON_INTERPRET=1.
 """
 
 from __future__ import annotations
@@ -18,32 +19,37 @@ from birkhoff.kernels.rotation import fused_tables
 from birkhoff.kernels.row_functions import rms_normalised
 
 BLOCK_LEAD = 128
+# Rows a program turns: a row's pairs are few (V4: 32), too little work for a program of
+# its own; and Triton's interpreter (the tests on a CPU) runs each program in Python.
+ROWS = 16
 
 
 @triton.jit
 def _turn(
     x_ptr, cos_ptr, sin_ptr, out_ptr, s0, s1, s2, n1, n2, cs, width, pairs, groups, sign,
-    BLOCK: tl.constexpr, PAIRS: tl.constexpr,
+    total_rows, ROWS: tl.constexpr, BLOCK: tl.constexpr, PAIRS: tl.constexpr,
 ):  # fmt: skip
-    """Row `row` of x, read through its strides (leading dims (n0, n1, n2): s0, s1, s2;
+    """ROWS rows of x, read through their strides (leading dims (n0, n1, n2): s0, s1, s2;
     channels: cs), into the contiguous out."""
-    row = tl.program_id(0).to(tl.int64)  # 64-bit offsets: rows x width passes 2^31
+    # 64-bit offsets: rows x width passes 2^31
+    row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    live = row < total_rows
     base = (row // (n1 * n2)) * s0 + ((row // n2) % n1) * s1 + (row % n2) * s2
     lead = width - 2 * pairs
     for start in range(0, lead, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        inside = cols < lead
-        kept = tl.load(x_ptr + base + cols * cs, mask=inside)
-        tl.store(out_ptr + row * width + cols, kept, mask=inside)
+        inside = live[:, None] & (cols < lead)[None, :]
+        kept = tl.load(x_ptr + base[:, None] + cols[None, :] * cs, mask=inside)
+        tl.store(out_ptr + row[:, None] * width + cols[None, :], kept, mask=inside)
     i = tl.arange(0, PAIRS)
-    on = i < pairs
-    table = (row // groups) * pairs + i
+    on = live[:, None] & (i < pairs)[None, :]
+    table = (row // groups)[:, None] * pairs + i[None, :]
     c = tl.load(cos_ptr + table, mask=on, other=0.0)
     s = sign * tl.load(sin_ptr + table, mask=on, other=0.0)
-    even_at = base + (lead + 2 * i) * cs
+    even_at = base[:, None] + (lead + 2 * i[None, :]) * cs
     even = tl.load(x_ptr + even_at, mask=on, other=0.0).to(tl.float32)
     odd = tl.load(x_ptr + even_at + cs, mask=on, other=0.0).to(tl.float32)
-    at = row * width + lead + 2 * i
+    at = row[:, None] * width + lead + 2 * i[None, :]
     kind = out_ptr.dtype.element_ty
     tl.store(out_ptr + at, (even * c - odd * s).to(kind), mask=on)
     tl.store(out_ptr + at + 1, (even * s + odd * c).to(kind), mask=on)
@@ -59,9 +65,10 @@ def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, groups: int, 
     pad = 4 - rows.dim()
     sizes, strides = (1,) * pad + rows.shape[:-1], (0,) * pad + rows.stride()[:-1]
     pairs, width = cos.shape[-1], rows.shape[-1]
-    _turn[(out.numel() // width,)](
+    total = out.numel() // width
+    _turn[(triton.cdiv(total, ROWS),)](
         rows, cos, sin, out, *strides, sizes[1], sizes[2], rows.stride(-1), width, pairs,
-        groups, sign, BLOCK=BLOCK_LEAD, PAIRS=triton.next_power_of_2(pairs),
+        groups, sign, total, ROWS=ROWS, BLOCK=BLOCK_LEAD, PAIRS=triton.next_power_of_2(pairs),
     )  # fmt: skip
     return out
 
