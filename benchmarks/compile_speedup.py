@@ -5,6 +5,13 @@ temporary directory; on a CPU its C++ builds dominate), the step-time ratio eage
 and the largest loss difference. Prints one JSON object.
 
     python benchmarks/compile_speedup.py --model tiny --steps 12 --activation-checkpoint none
+
+Two processes one after the other differ by 20-40% on a shared machine. `--alternate` builds
+both models in this process instead (as model_throughput.py builds them, AdamW) and takes
+their steps in turns, each round in the other order; it reports the medians and their ratio,
+and the compiled model's first step (its compile, on inductor's cache as it is):
+
+    python benchmarks/compile_speedup.py --model tiny --alternate --steps 20
 """
 
 from __future__ import annotations
@@ -12,10 +19,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+
+import torch
+from model_throughput import SHAPES, build, step
+
+from birkhoff.parallel.activation_checkpoint import apply_activation_checkpointing
+from birkhoff.parallel.compile import compile_blocks
+from birkhoff.parallel.parallelize import block_slots
 
 
 def run(run_dir: Path, args: argparse.Namespace, compiled: bool) -> dict:
@@ -34,13 +50,55 @@ def run(run_dir: Path, args: argparse.Namespace, compiled: bool) -> dict:
     return summary
 
 
+def alternate(args: argparse.Namespace) -> dict:
+    """Eager and compiled models of the same weights, their steps taken in turns."""
+    models = {}
+    for compiled in (False, True):
+        net, optimizer = build(args.model, [], False, "cpu", torch.device("cpu"))
+        apply_activation_checkpointing(block_slots(net), args.activation_checkpoint)
+        if compiled:
+            compile_blocks(block_slots(net), args.backend)
+        models["compiled" if compiled else "eager"] = (net, optimizer)
+    batch, seq = SHAPES[args.model]
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(
+        0, models["eager"][0].cfg.vocab_size, (batch, seq + 1), generator=generator
+    )
+    first = {}
+    for name, (net, optimizer) in models.items():  # the compiled one compiles here
+        start = time.perf_counter()
+        step(net, optimizer, tokens, bf16=False)
+        first[name] = time.perf_counter() - start
+        step(net, optimizer, tokens, bf16=False)
+    seconds = {name: [] for name in models}
+    for i in range(args.steps):
+        for name in sorted(models, reverse=bool(i % 2)):
+            start = time.perf_counter()
+            step(*models[name], tokens, bf16=False)
+            seconds[name].append(time.perf_counter() - start)
+    median = {name: statistics.median(times) for name, times in seconds.items()}
+    return {
+        "model": args.model, "steps": args.steps, "backend": args.backend, "alternate": True,
+        "activation_checkpoint": args.activation_checkpoint,
+        "eager_median_step_s": median["eager"], "compiled_median_step_s": median["compiled"],
+        "speedup": median["eager"] / median["compiled"],
+        "compiled_first_step_s": first["compiled"],
+    }  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--activation-checkpoint", default="none", choices=("none", "full"))
     parser.add_argument("--backend", default="inductor", choices=("inductor", "aot_eager"))
+    parser.add_argument("--alternate", action="store_true", help="both in this process, in turns")
     args = parser.parse_args()
+    if args.alternate:
+        if args.model not in SHAPES:
+            parser.error(f"--alternate takes --model {' or '.join(SHAPES)}, got {args.model}")
+        print(json.dumps(alternate(args)))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         eager = run(Path(tmp) / "eager", args, compiled=False)
         compiled = run(Path(tmp) / "compiled", args, compiled=True)
