@@ -234,7 +234,8 @@ def mhc_read(
     sublayer's input in the dtype a matmul of the streams runs in, H_post and H_res in
     float32, and the streams for the merge: float32 and contiguous, through the read's node
     (the merge's gradient of them joins the read's in its backward pass); else the streams
-    themselves (the read ran on a float32 copy: passing that would add a cast each way)."""
+    themselves (the read ran on a float32 copy: passing that would add a cast each way), as
+    compiled code always returns them (inductor's code sums the two gradients)."""
     args = (streams, weight, alpha, bias_pre, bias_post, bias_res, norm_eps, iters, form_eps)
     rows = float32_contiguous(streams.reshape(-1, *streams.shape[-2:]))
     if torch.compiler.is_compiling():  # the custom op; autograd sums the streams' gradients
