@@ -49,6 +49,26 @@ def block_terms(
     return terms
 
 
+def block_bytes(
+    inv,
+    layer: int,
+    seq: int,
+    act_bytes: int,
+    fused_attention: bool,
+    tp: int,
+    sequence_parallel: bool,
+    keep: str,
+) -> float:
+    """`bytes_per_token` of block `layer`'s terms, computed once per inventory (`inv`, whose
+    model the terms describe) and remembered in it."""
+    key = (layer, seq, act_bytes, fused_attention, tp, sequence_parallel, keep)
+    cache = inv.block_bytes_cache
+    if key not in cache:
+        terms = block_terms(inv.cfg, layer, seq, act_bytes, fused_attention, tp)
+        cache[key] = bytes_per_token(terms, tp, sequence_parallel, keep)
+    return cache[key]
+
+
 def stage_blocks(cfg: ModelConfig, layers: list[int], last: bool) -> list[int]:
     """The blocks a pipeline stage runs: its layers, and on the last stage every MTP depth's
     block (counted after the main layers)."""

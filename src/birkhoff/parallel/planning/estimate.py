@@ -40,7 +40,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from birkhoff.parallel.planning.activations import (
-    block_terms,
+    block_bytes,
     bytes_per_token,
     head_terms,
     head_weight_gradient_bytes,
@@ -243,7 +243,7 @@ def _rank_memory(
         "params": 4 * (sharded + on_device * tables),
         "grads": 4 * grads + on_device * table_grads,
         "optimizer": 8 * (sharded - one_buffer + on_device * tables) + 4 * one_buffer,
-        "activations": _activations(cfg, layout, work, {s: stages[s] for s in mine}, order),
+        "activations": _activations(inv, layout, work, {s: stages[s] for s in mine}, order),
         "buffers": float(buffers),
     }
     state = memory["params"] + memory["optimizer"] + memory["buffers"]
@@ -273,11 +273,12 @@ def rank_keys(layout: Layout, stages: list[list[int]], pp_rank: int) -> set[int]
     return set().union(*(stage_keys(s, stages[s], layout.num_stages) for s in mine))
 
 
-def _activations(cfg, layout: Layout, work: Workload, stages: dict, order: list) -> float:
+def _activations(inv, layout: Layout, work: Workload, stages: dict, order: list) -> float:
     """The peak of a rank's live activations over its schedule (pipeline_schedule.py), from
     what each of its stages saves per micro-batch, what a zero-bubble input backward leaves
     for the weight backward (the gradients of the matmul outputs: the weight gradients'
     inputs), and a transient: one block's recomputation, or the loss's chunk of logits."""
+    cfg = inv.cfg
     act_bytes = 2 if work.mixed_precision else 4
     tokens = layout.micro_batch * work.seq_len
     keep = {"none": "all", "selective": "matmul", "full": "none"}[layout.activation_checkpoint]
@@ -287,15 +288,12 @@ def _activations(cfg, layout: Layout, work: Workload, stages: dict, order: list)
         per_micro = weight_inputs = recompute = 0.0
         last = stage == layout.num_stages - 1
         for layer in stage_blocks(cfg, layers, last):
-            terms = block_terms(
-                cfg, layer, work.seq_len, act_bytes, work.fused_attention, layout.tp
-            )
-            full = bytes_per_token(terms, layout.tp, sp, "all")
-            kept = bytes_per_token(terms, layout.tp, sp, keep)
+            block = (inv, layer, work.seq_len, act_bytes, work.fused_attention, layout.tp, sp)
+            full, kept = block_bytes(*block, "all"), block_bytes(*block, keep)
             if layout.activation_checkpoint == "full":  # the block's input is what it keeps
                 kept = cfg.residual.streams * cfg.hidden_size * 4 / (layout.tp if sp else 1)
             per_micro += kept * tokens
-            weight_inputs += bytes_per_token(terms, layout.tp, sp, "matmul") * tokens
+            weight_inputs += block_bytes(*block, "matmul") * tokens
             recompute = max(recompute, (full - kept) * tokens)  # one block at a time
         loss = 0.0
         if last:

@@ -73,6 +73,13 @@ class Inventory:
             sums[key] = sums.get(key, 0) + t.numel
         return tuple(Group(*key, numel) for key, numel in sums.items())
 
+    @cached_property
+    def block_bytes_cache(self) -> dict[tuple, float]:
+        """activations.block_bytes' results: a plan estimates every layout of this model, and
+        the layouts share their blocks' saved bytes (by tp, sequence parallelism and what is
+        kept)."""
+        return {}
+
     @property
     def total(self) -> int:
         return sum(t.numel for t in self.params)

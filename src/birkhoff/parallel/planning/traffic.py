@@ -36,7 +36,7 @@ the launches is launches.py's.
 from __future__ import annotations
 
 from birkhoff.parallel.planning.activations import (
-    block_terms,
+    block_bytes,
     bytes_per_token,
     head_terms,
     stage_blocks,
@@ -99,7 +99,7 @@ def rank_traffic(
         # FSDP casts its shard before the gather and the gathered bf16 gradients after
         weights = (weights + weights / layout.dp_shard) / 2
     casts = CAST_BYTES * weights * micro_batches if work.mixed_precision else 0.0
-    saved = _saved_per_token(cfg, layout, work, mine, stages) * layout.micro_batch * work.seq_len
+    saved = _saved_per_token(inv, layout, work, mine, stages) * layout.micro_batch * work.seq_len
     activations = ACTIVATION_TRAFFIC * saved * micro_batches * (1 + recompute)
     return {"optimizer": optimizer, "gradients": gradients, "casts": casts,
             "activations": activations}  # fmt: skip
@@ -109,17 +109,18 @@ def _head(g) -> bool:
     return g.balanced and not g.engram_table and g.layer == LAST
 
 
-def _saved_per_token(cfg, layout, work, mine: list[int], stages: list[list[int]]) -> float:
+def _saved_per_token(inv, layout, work, mine: list[int], stages: list[list[int]]) -> float:
     """What autograd saves per token on this rank without checkpointing (activations.py)."""
+    cfg = inv.cfg
     act_bytes = 2 if work.mixed_precision else 4
     total = 0.0
     for stage in mine:
         last = stage == layout.num_stages - 1
         for layer in stage_blocks(cfg, stages[stage], last):
-            terms = block_terms(
-                cfg, layer, work.seq_len, act_bytes, work.fused_attention, layout.tp
-            )
-            total += bytes_per_token(terms, layout.tp, layout.sequence_parallel, "all")
+            total += block_bytes(
+                inv, layer, work.seq_len, act_bytes, work.fused_attention, layout.tp,
+                layout.sequence_parallel, "all",
+            )  # fmt: skip
         if last:
             total += bytes_per_token(head_terms(cfg, act_bytes), 1, False, "all")
     return total
