@@ -437,21 +437,24 @@ def test_dry_run_refuses_a_rank_outside_the_layout():
 
 
 def test_layouts_estimated_with_one_inventory_as_each_alone():
-    """Layouts estimated with one inventory share their blocks' saved bytes through it
-    (activations.block_bytes, as a plan does); each estimated with an inventory of its own
-    gives the same estimate, across tp, sequence parallelism and activation checkpointing."""
+    """Layouts estimated with one inventory share what depends on a few degrees through it
+    (Inventory.remembered: blocks' saved bytes, Muon's matrices and exchanges, as a plan
+    does); each estimated with an inventory of its own gives the same estimate, across tp,
+    sequence parallelism, activation checkpointing, dp_shard and Muon."""
     work = Workload(global_batch=32, seq_len=64)
     shared = build_inventory(DENSE)
-    planned = [r.layout for r in plan(shared, work, CLUSTER)]
+    planned = [r.layout for muon in (False, True) for r in plan(shared, work, CLUSTER, muon=muon)]
     layouts = planned + [replace(x, sequence_parallel=False) for x in planned if x.tp > 1]
     assert {(x.tp > 1, x.sequence_parallel) for x in layouts} == {
         (False, False), (True, False), (True, True),
     }  # fmt: skip
     assert {x.activation_checkpoint for x in layouts} == {"none", "selective", "full"}
+    assert {(x.muon, x.dp_shard > 1) for x in layouts} == {(m, d) for m in (0, 1) for d in (0, 1)}
     together = [estimate(shared, layout, work, CLUSTER) for layout in layouts]
     checked = {}  # two of each kind, each estimated with a fresh inventory
     for layout, result in zip(layouts, together, strict=True):
-        kind = (layout.tp, layout.sequence_parallel, layout.activation_checkpoint)
+        kind = (layout.tp, layout.sequence_parallel, layout.activation_checkpoint, layout.muon)
+        kind += (layout.dp_shard,)
         if len(checked.setdefault(kind, [])) < 2:
             checked[kind].append(layout)
             assert estimate(build_inventory(DENSE), layout, work, CLUSTER) == result, layout

@@ -61,12 +61,14 @@ def block_bytes(
 ) -> float:
     """`bytes_per_token` of block `layer`'s terms, computed once per inventory (`inv`, whose
     model the terms describe) and remembered in it."""
-    key = (layer, seq, act_bytes, fused_attention, tp, sequence_parallel, keep)
-    cache = inv.block_bytes_cache
-    if key not in cache:
-        terms = block_terms(inv.cfg, layer, seq, act_bytes, fused_attention, tp)
-        cache[key] = bytes_per_token(terms, tp, sequence_parallel, keep)
-    return cache[key]
+    key = ("block_bytes", layer, seq, act_bytes, fused_attention, tp, sequence_parallel, keep)
+    return inv.remembered(
+        key,
+        lambda: bytes_per_token(
+            block_terms(inv.cfg, layer, seq, act_bytes, fused_attention, tp),
+            tp, sequence_parallel, keep,
+        ),
+    )  # fmt: skip
 
 
 def stage_blocks(cfg: ModelConfig, layers: list[int], last: bool) -> list[int]:

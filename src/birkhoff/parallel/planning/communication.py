@@ -131,6 +131,13 @@ def muon_owner_group(layout: Layout, t: TensorInfo) -> int:
     return dp * (layout.tp if t.tp_split and layout.tp > 1 else 1)
 
 
+def muon_key(name: str, layout: Layout, keys: set[int]) -> tuple:
+    """What Muon's plan of a rank depends on (Inventory.remembered's key): the degrees its
+    owner groups and expert shares read (muon_owner_group, muon.py's _local_count) and the
+    rank's layers."""
+    return (name, layout.dp_shard, layout.tp, frozenset(keys))
+
+
 def muon_exchange_name(layout: Layout, t: TensorInfo) -> str | None:
     """The collective that carries a matrix's shards to its owner and back: an all-to-all
     over dp_shard, over dp_shard x tp, or over tp; None where it has no owner."""
@@ -147,6 +154,11 @@ def _muon_bytes(inv: Inventory, layout: Layout, keys: set[int]) -> dict[str, flo
     (float32 Nesterov inputs to the owners, updates back): each rank sends its shard of every
     matrix, and an owner the shards of the matrices it owns (the mean over the owners:
     numel / g), each time counting the input (the part a rank keeps included)."""
+    key = muon_key("muon_bytes", layout, keys)
+    return dict(inv.remembered(key, lambda: _muon_exchange_bytes(inv, layout, keys)))
+
+
+def _muon_exchange_bytes(inv: Inventory, layout: Layout, keys: set[int]) -> dict[str, float]:
     comm = dict.fromkeys(("muon_all_to_all", "muon_dp_tp_all_to_all", "muon_tp_all_to_all"), 0.0)
     for t in inv.params:
         if not t.matrices or t.expert or t.layer not in keys:

@@ -5,8 +5,10 @@ table, and the matmul FLOPs a token spends on it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any, TypeVar
 
 import torch
 
@@ -16,6 +18,8 @@ from birkhoff.model.matrices import balanced_tables, weight_matrices
 from birkhoff.model.transformer import Block, Transformer
 from birkhoff.model.v4_attention import V4Attention
 from birkhoff.parallel.sequence_parallel import sequence_local_slots
+
+T = TypeVar("T")
 
 FIRST, LAST = -1, 1 << 30  # the stage keys of the embedding and of the head, norm and MTP
 
@@ -74,11 +78,16 @@ class Inventory:
         return tuple(Group(*key, numel) for key, numel in sums.items())
 
     @cached_property
-    def block_bytes_cache(self) -> dict[tuple, float]:
-        """activations.block_bytes' results: a plan estimates every layout of this model, and
-        the layouts share their blocks' saved bytes (by tp, sequence parallelism and what is
-        kept)."""
+    def _derived(self) -> dict[tuple, Any]:
         return {}
+
+    def remembered(self, key: tuple, compute: Callable[[], T]) -> T:
+        """`compute()`, once per `key` for this inventory: a plan estimates every layout of
+        this model, and layouts share what depends on a few of their degrees (a block's saved
+        bytes, Muon's matrices per rank); the key names those degrees."""
+        if key not in self._derived:
+            self._derived[key] = compute()
+        return self._derived[key]
 
     @property
     def total(self) -> int:

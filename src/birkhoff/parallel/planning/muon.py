@@ -9,7 +9,11 @@ take one batched run."""
 from __future__ import annotations
 
 from birkhoff.parallel.muon_exchange import BUCKET_BYTES, bucket_spans, shape_batches
-from birkhoff.parallel.planning.communication import muon_exchange_name, muon_owner_group
+from birkhoff.parallel.planning.communication import (
+    muon_exchange_name,
+    muon_key,
+    muon_owner_group,
+)
 from birkhoff.parallel.planning.inventory import Inventory, TensorInfo
 from birkhoff.parallel.planning.launches import LaunchCount, run_kind
 from birkhoff.parallel.planning.layout import Layout
@@ -20,6 +24,11 @@ def muon_matrices(inv: Inventory, layout: Layout, keys: set[int]) -> list[tuple[
     rank's own experts, and of the other matrices its owner's share."""
     if not layout.muon:
         return []
+    key = muon_key("muon_matrices", layout, keys)
+    return list(inv.remembered(key, lambda: tuple(_muon_matrices(inv, layout, keys))))
+
+
+def _muon_matrices(inv: Inventory, layout: Layout, keys: set[int]) -> list:
     shapes = []
     for t in inv.params:
         if not t.matrices or t.layer not in keys:
@@ -117,6 +126,11 @@ def muon_step_bytes(inv: Inventory, layout: Layout, keys: set[int]) -> float:
     matrix."""
     if not layout.muon:
         return 0.0
+    key = (*muon_key("muon_step_bytes", layout, keys), BUCKET_BYTES)  # the bucket's size too
+    return inv.remembered(key, lambda: _muon_step_bytes(inv, layout, keys))
+
+
+def _muon_step_bytes(inv: Inventory, layout: Layout, keys: set[int]) -> float:
     local = owned = largest = 0.0
     for t in inv.params:
         if not t.matrices or t.layer not in keys:
