@@ -9,10 +9,14 @@ Integer tensors count 8 bytes, masks 1."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from birkhoff.kernels.linear_cross_entropy import chunk_tokens
 from birkhoff.kernels.v4_attention import picks_as_mask
 from birkhoff.model.config import ModelConfig
+
+if TYPE_CHECKING:  # inventory.py builds the model; this module only reads its config
+    from birkhoff.parallel.planning.inventory import Inventory
 
 FP32, INDEX, MASK = 4, 8, 1
 
@@ -50,7 +54,7 @@ def block_terms(
 
 
 def block_bytes(
-    inv,
+    inv: Inventory,
     layer: int,
     seq: int,
     act_bytes: int,
