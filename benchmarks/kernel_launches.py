@@ -4,7 +4,8 @@ A GPU runs one kernel (at least) per aten op that computes something and one per
 launch. Here every op that reaches a kernel (below autograd: forward and backward) is counted
 through a TorchDispatchMode, leaving out views and allocations (no kernel), and every Triton
 launch is counted where the interpreter runs it (the interpreter's own tensor copies are not
-counted). The optimizer step is left out: it is the same for every backend. Variants, counted
+counted). The optimizer step is left out: it is the same for every backend; so is Engram's
+hashing, which the data loader does on the host (as a training step gets it). Variants, counted
 in one run on the same model and batch:
   reference           every op in plain torch
   triton              the triton backend as it is (liger-kernel's RMSNorm, SwiGLU, RoPE and
@@ -56,9 +57,14 @@ def prepared(model: str, backend: str, swap_liger: bool) -> torch.nn.Module:
 
 
 def launches(net: torch.nn.Module, tokens: torch.Tensor) -> collections.Counter[str]:
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    # Engram's table rows come with the batch, hashed on the host by the loader's workers
+    # (data.engram_in_loader, the default): not launched in a step
+    rows = {block.layer: block.engram.hash_tokens(inputs) for block in net.blocks.values()
+            if block.engram is not None}  # fmt: skip
     counter = LaunchCounter()
     with counter, counter.triton():
-        net(tokens[:, :-1], tokens[:, 1:]).backward()
+        net(inputs, targets, engram_rows=rows).backward()
     return counter.by_name
 
 

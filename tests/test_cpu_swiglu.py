@@ -1,13 +1,23 @@
-"""The cpu backend's clamped SwiGLU (kernels/cpu_rows.c) against its formula and derivatives
+"""The cpu backend's clamped SwiGLU (kernels/cpu_rows.c) and the triton backend's (liger's,
+kernels/triton_swiglu.py with a clamp; interpreted) against its formula and derivatives
 written out in float64, and against the reference at the clamp's edges."""
 
 from __future__ import annotations
+
+import importlib.util
 
 import pytest
 import torch
 
 from birkhoff import kernels
 from birkhoff.kernels import cpu_rows, reference
+
+# triton: liger's kernel without a limit, ours with one (interpreted), where liger is installed
+BACKENDS = (
+    ("reference", "cpu", "triton")
+    if importlib.util.find_spec("liger_kernel")
+    else ("reference", "cpu")
+)
 
 
 def written_out(gate, up, grad, limit):
@@ -40,7 +50,7 @@ def inputs(shape, limit, seed=0):
 def test_cpu_swiglu_equals_its_formula(limit, shape):
     gate, up, grad = inputs(shape, limit)
     exact = written_out(gate, up, grad, limit)
-    for backend in ("reference", "cpu"):
+    for backend in BACKENDS:
         g, u = gate.clone().requires_grad_(), up.clone().requires_grad_()
         out = kernels.get("swiglu", backend)(g, u, limit)
         out.backward(grad)
@@ -54,21 +64,23 @@ def test_cpu_swiglu_passes_nan_as_the_reference():
     gate, up, grad = inputs((40,), 1.5, seed=1)
     gate[10], up[20] = float("nan"), float("nan")
     results = []
-    for backend in ("reference", "cpu"):
+    for backend in BACKENDS:
         g, u = gate.clone().requires_grad_(), up.clone().requires_grad_()
         out = kernels.get("swiglu", backend)(g, u, 1.5)
         out.backward(grad)
         results.append((out, g.grad, u.grad))
-    for got, expected in zip(*results, strict=True):
-        torch.testing.assert_close(got, expected, equal_nan=True, rtol=1e-6, atol=1e-7)
+    for result in results[1:]:
+        for got, expected in zip(result, results[0], strict=True):
+            torch.testing.assert_close(got, expected, equal_nan=True, rtol=1e-6, atol=1e-7)
 
 
-def test_cpu_swiglu_in_bf16_rounds_once():
+@pytest.mark.parametrize("backend", BACKENDS[1:])
+def test_cpu_swiglu_in_bf16_rounds_once(backend):
     """bf16 inputs (autocast's grouped GEMMs): computed in float32, rounded once."""
     gate, up, grad = inputs((64, 48), 10.0, seed=2)
     gate, up = gate.bfloat16(), up.bfloat16()
     g, u = gate.clone().requires_grad_(), up.clone().requires_grad_()
-    out = kernels.get("swiglu", "cpu")(g, u, 10.0)
+    out = kernels.get("swiglu", backend)(g, u, 10.0)
     out.backward(grad.bfloat16())
     exact = written_out(gate, up, grad.bfloat16(), 10.0)
     for got, expected in zip((out, g.grad, u.grad), exact, strict=True):
@@ -87,7 +99,8 @@ def test_the_reference_swiglu_is_the_one_the_cpu_backend_replaces():
     assert kernels.implementations("cpu", torch.float32)["swiglu"] == "cpu"
 
 
-def test_cpu_swiglu_promotes_mixed_dtypes_as_the_reference():
+@pytest.mark.parametrize("backend", BACKENDS[1:])
+def test_cpu_swiglu_promotes_mixed_dtypes_as_the_reference(backend):
     gate, up, _ = inputs((8, 16), 10.0, seed=4)
-    got = kernels.get("swiglu", "cpu")(gate.bfloat16(), up, 10.0)
+    got = kernels.get("swiglu", backend)(gate.bfloat16(), up, 10.0)
     assert got.dtype == reference.swiglu(gate.bfloat16(), up, 10.0).dtype == torch.float32

@@ -154,6 +154,33 @@ def test_liger_kernel_matches_the_reference_under_autocast():
         torch.testing.assert_close(got, expected, rtol=2**-7, atol=2e-3)
 
 
+@pytest.mark.parametrize(("chunk", "chunks"), [(16, 4), (32, 2), (64, 1), (None, 1), ("16", 4)])
+def test_liger_kernel_takes_the_reference_s_chunks(chunk, chunks, monkeypatch):
+    """liger's op chunks its 64 tokens as the reference would, `chunk` tokens at a time (its
+    cross-entropy kernel launched once a chunk), and by default within the reference's logits
+    budget (also patched to 16 tokens' logits); liger's own default is ceil(vocab / hidden) =
+    8 chunks whatever the tokens. The loss and gradients against the whole logits in float64."""
+    pytest.importorskip("liger_kernel")
+    from birkhoff.kernels.launch_counter import LaunchCounter
+
+    if chunk == "16":
+        monkeypatch.setattr(chunked, "LOGITS_CHUNK_BYTES", 16 * 4 * 256)
+        chunk = None
+    torch.manual_seed(0)
+    hidden = torch.randn(64, 32, requires_grad=True)
+    weight = torch.randn(256, 32, requires_grad=True)
+    targets = torch.randint(0, 256, (64,))
+    counter = LaunchCounter()
+    with counter, counter.triton():
+        loss = kernels.get("linear_cross_entropy", "triton")(hidden, weight, targets, chunk)
+    assert counter.by_name["triton.liger_cross_entropy_kernel"] == chunks
+    expected = whole_logits_loss(hidden.double(), weight.double(), targets)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-6, atol=0)
+    got = torch.autograd.grad(loss, (hidden, weight))
+    for g, e in zip(got, torch.autograd.grad(expected, (hidden, weight)), strict=True):
+        torch.testing.assert_close(g, e.float(), rtol=1e-5, atol=1e-6)
+
+
 def test_its_backward_can_run_twice():
     """A pipeline's zero-bubble schedule differentiates the inputs, then the weights, through
     the same graph: both passes give the gradients one pass gives."""

@@ -325,15 +325,20 @@ def test_sinkhorn_recomputes_in_backward_what_unrolled_autograd_computes(form):
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
-def test_the_constraint_check_takes_the_worst_row_and_column_of_every_matrix():
+@pytest.mark.parametrize("mode", ["mhc", "hc"])
+def test_the_constraint_check_takes_the_worst_row_and_column_of_every_matrix(mode):
     """The recorded deviation against a loop over the matrices of two micro-batches: the
-    largest |row sum - 1| and |column sum - 1| of any of them."""
+    largest |column sum - 1| of any of them, and in hc mode the largest |row sum - 1| (mhc's
+    rows sum to 1 by construction)."""
     torch.manual_seed(5)
-    layer = HyperConnection(8, ResidualConfig(), "reference").train()
+    layer = HyperConnection(8, ResidualConfig(mode=mode), "reference").train()
     batches = [torch.rand(2, 3, 4, 4) * 0.5, torch.rand(1, 5, 4, 4) * 0.4]
+    batches[1][0, 2, 1, 3] = 1.2  # sums above 1 in a column and a row...
+    batches[0][1, 1, :, 2] = batches[0][1, 1, 3, :] = 0.0  # ...the worst below 1
     for h_res in batches:
         layer._record(h_res)
     matrices = [m for h in batches for m in h.reshape(-1, 4, 4)]
     rows = max(abs(m[i, :].sum().item() - 1) for m in matrices for i in range(4))
     cols = max(abs(m[:, j].sum().item() - 1) for m in matrices for j in range(4))
-    assert layer.last_deviation.tolist() == pytest.approx([rows, cols], rel=1e-6)
+    expected = [cols] if mode == "mhc" else [rows, cols]
+    assert layer.last_deviation.tolist() == pytest.approx(expected, rel=1e-6)

@@ -1,8 +1,7 @@
 """Triton's CPU interpreter (TRITON_INTERPRET=1: the tests, and a triton run on the CPU) made
-to run liger-kernel's kernels as compiled Triton runs them.
+to compute as compiled Triton does, for liger-kernel's kernels and ours.
 
-The interpreter departs from the compiler in three places that liger's kernels reach (our own
-kernels reach none: they take no float they call methods on, and compute in float32):
+The interpreter departs from the compiler in four places:
 - a float argument reaches the kernel as a Python float, where the compiler passes an fp32
   scalar; liger's kernels call `.to(tl.float32)` on theirs (RMSNorm's eps, SwiGLU's gate
   multiplier), which a Python float lacks;
@@ -10,13 +9,15 @@ kernels reach none: they take no float they call methods on, and compute in floa
   interpreter swaps in its own versions of `tl.math` only, and only for the kernel's call;
 - bfloat16 values are held as their raw 16 bits, and arithmetic on two of them runs on those
   bits as integers (liger's SwiGLU multiplies two bf16 rows: 1e38 where 0.07 is right). Here
-  it runs in float32 and is rounded back to bf16, as the GPU's bf16 arithmetic does.
+  it runs in float32 and is rounded back to bf16, as the GPU's bf16 arithmetic does;
+- a float32 value cast to bfloat16 (explicitly, or stored through a bf16 pointer) loses its
+  low 16 bits, where the compiler rounds to the nearest even: every bf16 output of every
+  kernel was up to one unit in the last place low. Here it is rounded.
 
-`adapt_for_liger(module)` mends all three for one liger module when the interpreter is on, and
-is a no-op otherwise: compiled Triton (a GPU, and `launch/triton_build`'s compile check) always
-runs liger's code unchanged. The float and bf16 mends hold for the rest of the process, so our
-kernels then also see fp32 scalars and rounded bf16, as compiled they do (tests/test_kernels.py
-passes with and without them).
+`adapt_interpreter()` makes the three process-wide mends (the registry calls it when it
+loads the triton backend); `adapt_for_liger(module)` makes them and the rsqrt one for a liger
+module. Both are no-ops without the interpreter: compiled Triton (a GPU, and
+`launch/triton_build`'s compile check) runs every kernel unchanged.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import os
 from types import ModuleType
 
 import numpy as np
+import torch
 import triton
 import triton.language as tl
 
@@ -41,10 +43,11 @@ def _rsqrt(x):
     return tl.math.rsqrt(x)
 
 
-def adapt_for_liger(module: ModuleType) -> ModuleType:
-    """`module` (a liger_kernel.ops module), runnable by the interpreter when it is on."""
-    if not interpreting() or getattr(module, _ADAPTED, False):
-        return module
+def adapt_interpreter() -> None:
+    """The process-wide mends (fp32 scalars, bf16 arithmetic and rounding) when the
+    interpreter is on; a no-op otherwise and when already made."""
+    if not interpreting():
+        return
     from triton.runtime import interpreter
 
     if not getattr(interpreter._implicit_cvt, _ADAPTED, False):
@@ -61,10 +64,35 @@ def adapt_for_liger(module: ModuleType) -> ModuleType:
     builder = type(interpreter.interpreter_builder)
     if not getattr(builder.binary_op, _ADAPTED, False):
         _bf16_arithmetic_in_float32(builder)
+    if not getattr(builder.cast_impl, _ADAPTED, False):
+        _bf16_rounded_to_nearest(builder, interpreter.TensorHandle)
+
+
+def adapt_for_liger(module: ModuleType) -> ModuleType:
+    """`module` (a liger_kernel.ops module), runnable by the interpreter when it is on."""
+    if not interpreting() or getattr(module, _ADAPTED, False):
+        return module
+    adapt_interpreter()
     if hasattr(module, "rsqrt"):
         module.rsqrt = _rsqrt
     setattr(module, _ADAPTED, True)
     return module
+
+
+def _bf16_rounded_to_nearest(builder: type, handle: type) -> None:
+    """float32 -> bfloat16 rounded to the nearest even, as the compiler's conversion does (the
+    interpreter drops the low 16 bits: up to a unit in the last place low, always towards 0)."""
+    cast = builder.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar != tl.float32 or dst_type.scalar != tl.bfloat16:
+            return cast(self, src, dst_type)
+        wide = torch.from_numpy(np.array(src.data, dtype=np.float32))
+        bits = wide.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        return handle(bits, tl.bfloat16)
+
+    setattr(cast_impl, _ADAPTED, True)
+    builder.cast_impl = cast_impl
 
 
 _COMPARISONS = (np.less, np.greater, np.less_equal, np.greater_equal, np.equal, np.not_equal)

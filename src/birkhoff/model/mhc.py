@@ -92,7 +92,9 @@ class HyperConnection(nn.Module):
         self._post = kernels.get("mhc_post", kernel_backend)
         self._merge_read = kernels.get("mhc_merge_read", kernel_backend)
         self.last_h_res: torch.Tensor | None = None  # (tokens sampled, n, n), detached
-        self.last_deviation: torch.Tensor | None = None  # worst |row sum-1|, |col sum-1|
+        # worst (|row sum - 1|, |col sum - 1|) in hc mode; (|col sum - 1|,) in mhc (its rows
+        # sum to 1 by construction: see stats_of)
+        self.last_deviation: torch.Tensor | None = None
 
     def _mhc_arguments(self) -> tuple:
         """What mhc_mapping and mhc_read take after the streams."""
@@ -143,8 +145,11 @@ class HyperConnection(nn.Module):
         if not self.training or recomputing():
             return
         self.last_h_res = h_res.flatten(0, -3)[: self.cfg.stats_tokens]
-        sums = torch.stack((h_res.sum(-1), h_res.sum(-2)))  # rows', columns' (2, ..., n)
-        deviation = (sums - 1).abs().flatten(1).amax(1)  # 6 kernels for both, not 9
+        if self.cfg.mode == "mhc":  # the columns': 3 kernels
+            sums = h_res.sum(-2).flatten()[None]
+        else:  # the rows' and columns': 5 kernels
+            sums = torch.stack((h_res.sum(-1), h_res.sum(-2))).flatten(1)
+        deviation = torch.linalg.vector_norm(sums - 1, ord=float("inf"), dim=1)  # max |.|
         if self.last_deviation is not None:
             deviation = torch.maximum(deviation, self.last_deviation)
         self.last_deviation = deviation
@@ -221,7 +226,8 @@ def main_path_connections(model: nn.Module) -> list[HyperConnection]:
 
 
 def take_deviation(layers: list[HyperConnection]) -> torch.Tensor:
-    """(rows, columns) worst deviation of `layers` since the last call; resets it."""
+    """The worst deviation of `layers` since the last call, (rows, columns) or, in mhc mode,
+    (columns,); resets it."""
     deviation = torch.stack([layer.last_deviation for layer in layers]).amax(0)
     for layer in layers:
         layer.last_deviation = None  # the next step's forwards start a new maximum
@@ -241,12 +247,9 @@ def stats_of(deviation: torch.Tensor, composite: torch.Tensor, mode: str) -> dic
     so is every row sum of a product of such matrices. The row deviation and the forward gain
     cannot move there, so only the columns and the backward gain are reported (and checked);
     unconstrained `hc` reports all four."""
-    stats = {
-        "mhc_row_dev": deviation[0].item(),
-        "mhc_col_dev": deviation[1].item(),
-        "mhc_gain_fwd": composite.abs().sum(-1).max().item(),
-        "mhc_gain_bwd": composite.abs().sum(-2).max().item(),
-    }
-    if mode == "mhc":
-        del stats["mhc_row_dev"], stats["mhc_gain_fwd"]
+    stats = {"mhc_col_dev": deviation[-1].item()}  # (rows, columns) or (columns,)
+    stats["mhc_gain_bwd"] = composite.abs().sum(-2).max().item()
+    if mode != "mhc":
+        stats["mhc_row_dev"] = deviation[0].item()
+        stats["mhc_gain_fwd"] = composite.abs().sum(-1).max().item()
     return stats
