@@ -76,6 +76,26 @@ def test_flex_layer_equals_the_reference_on_packed_documents(layer_type):
         assert any(name.startswith("indexer.") for name in grads)
 
 
+@pytest.mark.parametrize("layer_type", ["hca", "csa", "csa warm-up"])
+def test_flex_layer_equals_the_reference_without_a_complete_block(layer_type):
+    """3 tokens, fewer than a block of either ratio (4 and 8): no compressed entry exists,
+    and the layer attends to its window alone, as the reference's does."""
+    kind = layer_type.split()[0]
+    layers = [pair(kind, seed=28, backend=backend)[0] for backend in ("reference", "triton")]
+    x = torch.randn(2, 3, HIDDEN, generator=torch.Generator().manual_seed(29))
+    grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(30))
+    results = []
+    for layer in layers:
+        layer.dense_indexing = layer_type.endswith("warm-up")
+        results.append(backward_grads(layer.train(), x, grad, {}))
+    (out_ref, dx_ref, grads_ref), (out, dx, grads) = results
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-4, atol=1e-5)
+    assert grads.keys() == grads_ref.keys()
+    for name, expected in grads_ref.items():
+        assert_gradient_close(grads[name], expected, name)
+
+
 def entries_for(kind: str, positions: torch.Tensor, dim: int, k: int = 5):
     if kind == "sliding":
         return None

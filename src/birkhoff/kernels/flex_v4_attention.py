@@ -61,7 +61,9 @@ def v4_attention(
     entries_from = -(-seq // BLOCK) * BLOCK  # the first entry's key index
     keys = F.pad(kv, (0, 0, 0, entries_from - seq))
     if entries is not None:
-        keys = torch.cat((keys, entries.values.to(kv.dtype)), dim=1)
+        keys = torch.cat((keys, entries.values.to(kv.dtype)), dim=1)  # in the graph if empty
+        if not entries.values.shape[1]:  # no complete block yet: the window alone (the mask
+            entries = None  # function would index the empty entries)
     block_mask = _block_mask(positions, window, entries, entries_from, keys.shape[1])
     attend = _fused_flex() if q.is_cuda else flex_attention
     tiles = WIDE_HEAD_TILES if q.is_cuda and dim > WIDE_HEAD else None
