@@ -3,7 +3,9 @@
 For each model recipe it times forward + backward + AdamW on synthetic tokens for:
   default (mHC + MoE + Engram as in the recipe), plain (residual.mode=plain), no_engram
 (engram.layers=[]), v4_attention and gqa_attention (attention.kind); variants are interleaved
-round by round so machine noise hits all alike. Prints one JSON object: tokens/s per variant,
+round by round so machine noise hits all alike. Engram's table rows are hashed before the
+timing, as the trainer's loader hashes them on the host (data.engram_in_loader, the default).
+Prints one JSON object: tokens/s per variant,
 mHC overhead = time(mHC)/time(plain) - 1, Engram overhead = time(Engram)/time(no Engram) - 1,
 V4 attention cost = time(V4 attention)/time(GQA) - 1, and with --profile the top ops of the
 default. `--variants default dense` (tiny only) times the model's dense baseline recipe of
@@ -87,12 +89,26 @@ def build(
     return net, torch.optim.AdamW(net.parameters(), lr=1e-4, **adamw_step_kind(net))  # as trained
 
 
+def loader_rows(net: torch.nn.Module, tokens: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Engram's table rows of the inputs `tokens[:, :-1]`, which the trainer's loader hashes
+    on the host (data.engram_in_loader, the default) and hands over with the batch."""
+    inputs = tokens[:, :-1]
+    blocks = getattr(net, "blocks", {})
+    return {b.layer: b.engram.hash_tokens(inputs) for b in blocks.values() if b.engram is not None}
+
+
 def step(
-    net: torch.nn.Module, optimizer: torch.optim.Optimizer, tokens: torch.Tensor, bf16: bool
+    net: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    tokens: torch.Tensor,
+    bf16: bool,
+    rows: dict[int, torch.Tensor] | None = None,
 ) -> None:
+    """One training step on `tokens` (B, T + 1); with `rows` (loader_rows) Engram reads them
+    instead of hashing the tokens in the step."""
     autocast = torch.autocast(tokens.device.type, torch.bfloat16) if bf16 else None
     with autocast or contextlib.nullcontext():
-        loss = net(tokens[:, :-1], tokens[:, 1:])
+        loss = net(tokens[:, :-1], tokens[:, 1:], engram_rows=rows)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -126,17 +142,18 @@ def measure(model: str, args: argparse.Namespace) -> dict:
     tokens = torch.randint(0, vocab, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
     tokens = tokens.to(device)
     seconds, faults = dict.fromkeys(built, 0.0), dict.fromkeys(built, 0)
+    rows = {name: loader_rows(net, tokens) for name, (net, _) in built.items()}  # as trained
     # warm-up: the optimizer's state made, blocks compiled, and the host allocator's heap grown
     # to what a step needs (its page faults stop by the third step on a CPU)
-    for net, optimizer in built.values():
+    for name, (net, optimizer) in built.items():
         for _ in range(args.warmup):
-            step(net, optimizer, tokens, args.bf16)
+            step(net, optimizer, tokens, args.bf16, rows[name])
     for _ in range(args.rounds):
         for name, (net, optimizer) in built.items():
             synchronize(device)
             start, faulted = time.perf_counter(), _page_faults()
             for _ in range(args.steps):
-                step(net, optimizer, tokens, args.bf16)
+                step(net, optimizer, tokens, args.bf16, rows[name])
             synchronize(device)
             seconds[name] += time.perf_counter() - start
             faults[name] += _page_faults() - faulted
@@ -184,8 +201,9 @@ def profiled_step(
     activities = [torch.profiler.ProfilerActivity.CPU]
     if tokens.device.type != "cpu":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
+    rows = loader_rows(net, tokens)
     with torch.profiler.profile(activities=activities) as prof:
-        step(net, optimizer, tokens, bf16)
+        step(net, optimizer, tokens, bf16, rows)
         synchronize(tokens.device)
     return prof
 
