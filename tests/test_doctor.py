@@ -70,7 +70,7 @@ def test_doctor_checks_the_triton_ops_against_the_reference():
     own |= {"mhc_read", "mhc_merge_read"}  # triton's mapping, then its read; merge, then read
     own |= {"engram_merge"}  # triton's gate, then liger's RMSNorm
     own |= {"linear_cross_entropy", "rms_norm", "rope", "swiglu"}  # liger-kernel's
-    own |= {"rope_trailing", "kv_compress"}
+    own |= {"rope_trailing", "kv_compress", "moe_route"}
     assert set(report["ops"]) == own
     for op, r in report["ops"].items():
         assert r["implementation"] == "triton" and r["ok"]

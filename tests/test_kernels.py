@@ -202,7 +202,7 @@ def test_every_backend_says_which_implementation_runs():
     own = {"engram_gather_gate", "entry_mass", "mhc_mapping", "mhc_pre", "mhc_post", "mhc_read"}
     own |= {"engram_merge", "moe_permute", "mhc_merge_read"}
     own |= {"moe_unpermute", "sinkhorn_knopp", "sinkhorn_knopp_eps", "v4_attention"}
-    own |= {"rope_trailing", "kv_compress"}
+    own |= {"rope_trailing", "kv_compress", "moe_route"}
     own |= {"linear_cross_entropy", "rms_norm", "rope", "swiglu"}  # from liger-kernel
     assert {op for op, impl in table.items() if impl == "triton"} == own
     assert kernels.fallbacks("triton") == sorted(set(table) - own)
@@ -211,8 +211,8 @@ def test_every_backend_says_which_implementation_runs():
         kernels.get("rms_norm", "auto")  # resolved per device before any model is built
     line = kernels.describe("triton")
     own_ops = "(engram_gather_gate, engram_merge, entry_mass,"
-    assert f"triton for 19 of {len(table)} ops {own_ops}" in line
-    assert f"{len(table) - 19} fall back to reference: attention" in line
+    assert f"triton for 20 of {len(table)} ops {own_ops}" in line
+    assert f"{len(table) - 20} fall back to reference: attention" in line
 
 
 def test_kernel_backend_resolves_per_device(monkeypatch):

@@ -279,8 +279,8 @@ def test_npu_moe_permutation_runs_for_bfloat16_and_falls_back_otherwise(stand_in
     fallen = "fall back to reference: engram_gather_gate, engram_hash, entry_mass, "
     fallen += "kv_compress, linear_cross_entropy,"
     assert fallen + " mhc_mapping, mhc_merge_read, mhc_post, mhc_pre, mhc_read," in line
-    assert "moe_permute (bfloat16 only), moe_unpermute (bfloat16 only)" in line
-    assert "npu for 9 of 22 ops (attention, engram_merge, grouped_gemm, moe_permute (bfloat16" in (
+    assert "moe_permute (bfloat16 only), moe_route, moe_unpermute (bfloat16 only)" in line
+    assert "npu for 9 of 23 ops (attention, engram_merge, grouped_gemm, moe_permute (bfloat16" in (
         kernels.describe("npu", torch.bfloat16)
     )
 

@@ -216,6 +216,7 @@ def _load_backends() -> None:
         cpu_rows,
         cpu_v4_attention,
         linear_cross_entropy,
+        moe_route,
         npu_ops,
         reference,
     )
@@ -229,6 +230,7 @@ def _load_backends() -> None:
             triton_mhc,
             triton_mhc_mapping,
             triton_moe,
+            triton_moe_route,
             triton_rope,
             triton_sinkhorn,
             triton_swiglu,

@@ -137,6 +137,14 @@ def _moe_permute(tokens: int) -> list:
     return [torch.randn(tokens, 1024), _expert_ids(tokens), 8]
 
 
+def _moe_route(tokens: int) -> list:
+    """V4's router: 256 experts, top 8, sqrt(softplus) scores; each token's logits spread
+    apart so that float32 and float64 pick the same experts."""
+    spread = torch.argsort(torch.rand(tokens, 256), -1).float() / 256 * 8 - 4
+    return [spread + 0.01 * torch.randn(tokens, 256), 0.01 * torch.randn(256), 8,
+            "sqrt_softplus", 2.5]  # fmt: skip
+
+
 def _moe_unpermute(tokens: int) -> list:
     order = _expert_ids(tokens).flatten().argsort(stable=True)  # as moe_permute gives it
     return [torch.randn(tokens * 4, 1024), order, torch.rand(tokens, 4), tokens]
@@ -186,13 +194,15 @@ EXAMPLES: dict[str, Callable[[int], list]] = {
     "v4_attention": _v4_attention,
     "entry_mass": _entry_mass,
     "moe_permute": _moe_permute,
+    "moe_route": _moe_route,
     "moe_unpermute": _moe_unpermute,
     "engram_gather_gate": _engram_gather_gate,
     "engram_merge": _engram_merge,
     "linear_cross_entropy": _linear_cross_entropy,
 }
 # Floating inputs that are no op's to differentiate (by position): the model's buffers.
-CONSTANT_ARGS = {"rope": (2, 3), "rope_trailing": (1, 2)}  # the rotation tables
+# the rotation tables; the router's bias (balancing's, steering the choice only)
+CONSTANT_ARGS = {"rope": (2, 3), "rope_trailing": (1, 2), "moe_route": (1,)}
 # The reference runs in float64 but for ops whose torch kernel has none (F.grouped_mm).
 REFERENCE_DTYPE = {"grouped_gemm": torch.float32}
 # Ops whose triton implementation has no backward on the CPU (interpreted mode): there only

@@ -21,6 +21,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from birkhoff import kernels
+from birkhoff.kernels.moe_route import expert_scores
 from birkhoff.model.config import MoEConfig
 from birkhoff.model.init import constant
 from birkhoff.model.mlp import SwiGLU
@@ -46,11 +47,16 @@ def hash_routing_table(vocab_size: int, num_experts: int, top_k: int, seed: int)
 
 class Router(nn.Module):
     def __init__(
-        self, hidden_size: int, cfg: MoEConfig, hash_table: torch.Tensor | None = None
+        self,
+        hidden_size: int,
+        cfg: MoEConfig,
+        hash_table: torch.Tensor | None = None,
+        kernel_backend: str = "reference",
     ) -> None:
         """`hash_table` (vocab, top_k): route by token id (a hash layer) instead of top-k."""
         super().__init__()
         self.cfg = cfg
+        self._route = kernels.get("moe_route", kernel_backend)
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, hidden_size))
         # saved with the model
         constant(self, "bias", lambda: torch.zeros(cfg.num_experts), buffer=True)
@@ -76,24 +82,20 @@ class Router(nn.Module):
         """x (N, C), token ids (N,) -> gate weights (N, k), expert ids (N, k), scores (N, E).
         `planned` (N, k): the experts to use instead of this call's own choice (Anticipatory
         Routing); the gate weights are still this call's scores of those experts."""
+        cfg = self.cfg
         with torch.autocast(x.device.type, enabled=False):  # gating in fp32, as in DeepSeek-V3
             logits = F.linear(x.float(), self.weight.float())
-            if self.cfg.score_func == "sigmoid":
-                scores = torch.sigmoid(logits)
-            else:
-                scores = F.softplus(logits).sqrt()
+        expert_ids = None
         if self.hash_table is not None:
             expert_ids = self.hash_table[token_ids]
         elif planned is not None:
             expert_ids = planned.long()
-        else:
-            biased = scores.detach() + self.bias
-            if self.cfg.num_groups > 1:
-                biased = self._limit_to_top_groups(biased)
-            expert_ids = biased.topk(self.cfg.top_k, dim=-1).indices
-        chosen = scores.gather(-1, expert_ids)
-        weights = chosen / chosen.sum(-1, keepdim=True) * self.cfg.route_scale
-        return weights, expert_ids, scores
+        elif cfg.num_groups > 1:  # the groups' limit, then the top-k, in torch
+            biased = expert_scores(logits.detach(), cfg.score_func) + self.bias
+            expert_ids = self._limit_to_top_groups(biased).topk(cfg.top_k, dim=-1).indices
+        # the scores, the choice (unless made above) and the gate weights: one op
+        return self._route(logits, self.bias, cfg.top_k, cfg.score_func, cfg.route_scale,
+                           expert_ids)  # fmt: skip
 
     def _limit_to_top_groups(self, biased: torch.Tensor) -> torch.Tensor:
         """Group-limited routing: only experts of the `topk_groups` best groups may be chosen;
@@ -163,7 +165,7 @@ class MoE(nn.Module):
     ) -> None:
         super().__init__()
         self.cfg = cfg
-        self.router = Router(hidden_size, cfg, hash_table)
+        self.router = Router(hidden_size, cfg, hash_table, kernel_backend)
         self.experts = GroupedExperts(hidden_size, cfg, kernel_backend)
         shared_hidden = cfg.num_shared_experts * cfg.expert_ffn_hidden_size
         self.shared = None
