@@ -231,8 +231,8 @@ def test_npu_ops_match_the_reference_through_the_stand_in(stand_in):
     documents = torch.tril(torch.ones(6, 6, dtype=torch.bool))
     documents[3:, :3] = False  # two documents of 3 tokens
     same("attention", [q, kv, kv.flip(-1), documents.expand(2, 1, 6, 6)], stand_in)
-    counts = torch.tensor([3, 0, 5, 2])
-    same("grouped_gemm", [torch.randn(10, 16), torch.randn(4, 16, 8), counts], stand_in)
+    ends = torch.tensor([3, 0, 5, 2]).cumsum(0, dtype=torch.int32)  # an empty expert too
+    same("grouped_gemm", [torch.randn(10, 16), torch.randn(4, 16, 8), ends], stand_in)
     gate, up = 8 * torch.randn(10, 16), 8 * torch.randn(10, 16)  # beyond V4's clamp of 10
     same("swiglu", [gate, up, None], stand_in)
     same("swiglu", [gate, up, 10.0], stand_in)

@@ -128,13 +128,14 @@ def attention(
 
 
 @register("grouped_gemm", NPU)
-def grouped_gemm(x: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def grouped_gemm(x: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """npu_grouped_matmul grouping x's rows (m axis, group_type 0) by the cumulative counts
-    (group_list_type 0) against one (E, K, N) weight tensor, one output tensor (split_item 3)."""
+    (group_list_type 0; int64, which its docs require: a cast of the int32 `offsets`) against
+    one (E, K, N) weight tensor, one output tensor (split_item 3)."""
     (out,) = _torch_npu().npu_grouped_matmul(
         [x],
         [weights],
-        group_list=counts.cumsum(0),
+        group_list=offsets.long(),
         split_item=3,
         group_type=0,
         group_list_type=0,

@@ -136,10 +136,16 @@ def moe_unpermute(
     return combined.index_add(0, order // top_k, weighted)
 
 
+def group_ends(counts: torch.Tensor) -> torch.Tensor:
+    """The rows per expert summed, in int32 (grouped_gemm's `offsets`): made once a layer for
+    its three GEMMs, where each made them."""
+    return counts.cumsum(0, dtype=torch.int32)
+
+
 @register("grouped_gemm", REFERENCE)
-def grouped_gemm(x: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Rows of x grouped by expert times that expert's matrix: (M, K), (E, K, N), (E,) -> (M, N)."""
-    offsets = counts.cumsum(0, dtype=torch.int32)  # one kernel: summed in int32
+def grouped_gemm(x: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Rows of x grouped by expert times that expert's matrix: (M, K), (E, K, N) -> (M, N), the
+    groups ending at `offsets` (E,) int32, the rows per expert summed (`group_ends`)."""
     if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
         return opaque_grouped_mm(x, weights, offsets)  # the traced shape function is bf16-only
     return F.grouped_mm(x, weights, offs=offsets)

@@ -13,7 +13,8 @@ weight's gradient takes as one GEMM over the tokens) and the streams' gradient,
     dx = r (dl W) - x r^2 <dl, l> / (n C),   r = 1 / rms(x),
 where dl is the gradient of l = r x W^T. The three scales alpha are read by the kernels
 (no per-value copy), and their gradient is summed per token by the kernel and over the
-tokens in torch, as the biases' (no atomics: deterministic). Semantics and tolerance: the
+tokens in torch with the biases' (one sum of a row per token: no atomics, deterministic);
+the biases are read from their three tensors. Semantics and tolerance: the
 reference's (kernels/mhc_reference.py), compared under TRITON_INTERPRET=1 in the tests.
 """
 
@@ -41,6 +42,16 @@ def _scales(alpha_ptr, m, N: tl.constexpr):
 
 
 @triton.jit
+def _biases(pre_ptr, post_ptr, res_ptr, m, N: tl.constexpr, M: tl.constexpr):
+    """Each projected value's bias (MP,), read from the three bias tensors where they lie (no
+    concatenated copy: a launch each way)."""
+    pre = tl.load(pre_ptr + m, mask=m < N, other=0.0)
+    post = tl.load(post_ptr + m - N, mask=(m >= N) & (m < 2 * N), other=0.0)
+    res = tl.load(res_ptr + m - 2 * N, mask=(m >= 2 * N) & (m < M), other=0.0)
+    return (pre + post + res).to(tl.float32)
+
+
+@triton.jit
 def _store_mappings(pre_ptr, post_ptr, res_ptr, t, column, on, values, N: tl.constexpr):
     """A block's (BT, MP) values into H_pre (T, n), H_post (T, n) and H_res's logits (T, n^2),
     three contiguous outputs (no copies of column slices for the ops that take them)."""
@@ -63,8 +74,8 @@ def _load_mappings(pre_ptr, post_ptr, res_ptr, t, column, on, N: tl.constexpr):
 
 @triton.jit
 def _forward(
-    x_ptr, w_ptr, alpha_ptr, bias_ptr, pre_ptr, post_ptr, res_ptr, l_ptr, r_ptr, T, K,
-    norm_eps, pre_eps,
+    x_ptr, w_ptr, alpha_ptr, bpre_ptr, bpost_ptr, bres_ptr, pre_ptr, post_ptr, res_ptr, l_ptr,
+    r_ptr, T, K, norm_eps, pre_eps,
     N: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)  # 64-bit offsets
@@ -82,7 +93,7 @@ def _forward(
     r = 1.0 / tl.sqrt(squares / K + norm_eps)
     projected = acc * r[:, None]
     z = _scales(alpha_ptr, m, N) * projected
-    z += tl.load(bias_ptr + m, mask=m < M, other=0.0)[None, :]
+    z += _biases(bpre_ptr, bpost_ptr, bres_ptr, m, N, M)[None, :]
     gate = 1.0 / (1.0 + tl.exp(-z))
     column = m[None, :]
     out = tl.where(column < N, gate + pre_eps, tl.where(column < 2 * N, 2.0 * gate, z))
@@ -94,8 +105,8 @@ def _forward(
 
 @triton.jit
 def _streams_backward(
-    x_ptr, w_ptr, gpre_ptr, gpost_ptr, gres_ptr, l_ptr, alpha_ptr, bias_ptr, r_ptr, dz_ptr,
-    da_ptr, dlr_ptr, dx_ptr, T, K,
+    x_ptr, w_ptr, gpre_ptr, gpost_ptr, gres_ptr, l_ptr, alpha_ptr, bpre_ptr, bpost_ptr,
+    bres_ptr, r_ptr, sums_ptr, dlr_ptr, dx_ptr, T, K,
     N: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)  # 64-bit offsets
@@ -107,19 +118,22 @@ def _streams_backward(
     g = _load_mappings(gpre_ptr, gpost_ptr, gres_ptr, t, column, values, N)
     projected = tl.load(l_ptr + at, mask=values, other=0.0)
     scale = _scales(alpha_ptr, m, N)
-    z = scale * projected + tl.load(bias_ptr + m, mask=m < M, other=0.0)[None, :]
+    z = scale * projected + _biases(bpre_ptr, bpost_ptr, bres_ptr, m, N, M)[None, :]
     gate = 1.0 / (1.0 + tl.exp(-z))
     slope = tl.where(column < N, gate * (1.0 - gate),
                      tl.where(column < 2 * N, 2.0 * gate * (1.0 - gate), 1.0))  # fmt: skip
     dz = g * slope
     dl = dz * scale  # the gradient of l
     r = tl.load(r_ptr + t, mask=on, other=0.0)
-    tl.store(dz_ptr + at, dz, mask=values)
-    dzl = dz * projected  # alpha's gradient: per token, summed over each mapping's columns
-    tl.store(da_ptr + t * 3, tl.sum(tl.where(column < N, dzl, 0.0), axis=1), mask=on)
+    # per token, in one row of M + 3 (one sum over the tokens gives both): the biases'
+    # gradient dz, then alpha's, dz l summed over each mapping's columns
+    row = sums_ptr + t * (M + 3)
+    tl.store(row[:, None] + m[None, :], dz, mask=values)
+    dzl = dz * projected
+    tl.store(row + M, tl.sum(tl.where(column < N, dzl, 0.0), axis=1), mask=on)
     in_post = (column >= N) & (column < 2 * N)
-    tl.store(da_ptr + t * 3 + 1, tl.sum(tl.where(in_post, dzl, 0.0), axis=1), mask=on)
-    tl.store(da_ptr + t * 3 + 2, tl.sum(tl.where(column >= 2 * N, dzl, 0.0), axis=1), mask=on)
+    tl.store(row + M + 1, tl.sum(tl.where(in_post, dzl, 0.0), axis=1), mask=on)
+    tl.store(row + M + 2, tl.sum(tl.where(column >= 2 * N, dzl, 0.0), axis=1), mask=on)
     tl.store(dlr_ptr + at, dl * r[:, None], mask=values)  # the weight's GEMM takes r dl
     coeff = r * r * tl.sum(dl * projected, axis=1) / K
     for start in range(0, K, BK):
@@ -143,8 +157,9 @@ class _Project(torch.autograd.Function):
     (tokens, n^2)."""
 
     @staticmethod
-    def forward(ctx, flat, weight, alpha, bias, n: int, norm_eps: float, pre_eps: float):
+    def forward(ctx, flat, weight, alpha, bias_pre, bias_post, bias_res, n, norm_eps, pre_eps):
         flat, weight = flat.contiguous(), weight.contiguous()
+        biases = [b.contiguous() for b in (bias_pre, bias_post, bias_res)]
         tokens, width = flat.shape
         m, padded = _sizes(n)
         pre, post = (torch.empty(tokens, n, device=flat.device) for _ in range(2))
@@ -152,33 +167,32 @@ class _Project(torch.autograd.Function):
         projected = torch.empty(tokens, m, device=flat.device)
         r = torch.empty(tokens, device=flat.device)
         _forward[(triton.cdiv(tokens, BLOCK_T),)](
-            flat, weight, alpha.float().contiguous(), bias.float().contiguous(), pre, post,
-            logits, projected, r, tokens, width, norm_eps, pre_eps,
-            N=n, M=m, MP=padded, BT=BLOCK_T, BK=BLOCK_K,
+            flat, weight, alpha.contiguous(), *biases, pre, post, logits, projected, r, tokens,
+            width, norm_eps, pre_eps, N=n, M=m, MP=padded, BT=BLOCK_T, BK=BLOCK_K,
         )  # fmt: skip
         ctx.n = n
-        ctx.save_for_backward(flat, weight, alpha, bias, projected, r)
+        ctx.save_for_backward(flat, weight, alpha, *biases, projected, r)
         return pre, post, logits
 
     @staticmethod
     def backward(ctx, grad_pre: torch.Tensor, grad_post: torch.Tensor, grad_res: torch.Tensor):
-        flat, weight, alpha, bias, projected, r = ctx.saved_tensors
+        flat, weight, alpha, *biases, projected, r = ctx.saved_tensors
         n, (tokens, width) = ctx.n, flat.shape
         m, padded = _sizes(n)
-        d_z, d_l_r = torch.empty_like(projected), torch.empty_like(projected)
-        d_alpha = torch.empty(tokens, 3, device=flat.device)
-        d_flat = torch.empty_like(flat)
+        per_token = torch.empty(tokens, m + 3, device=flat.device)  # dz, then alpha's three
+        d_l_r, d_flat = torch.empty_like(projected), torch.empty_like(flat)
         _streams_backward[(triton.cdiv(tokens, BLOCK_T),)](
             flat, weight, grad_pre.contiguous(), grad_post.contiguous(), grad_res.contiguous(),
-            projected, alpha.float().contiguous(),
-            bias.float().contiguous(), r, d_z, d_alpha, d_l_r, d_flat, tokens, width,
+            projected, alpha.contiguous(), *biases, r, per_token, d_l_r, d_flat, tokens, width,
             N=n, M=m, MP=padded, BT=BLOCK_T, BK=BLOCK_K,
         )  # fmt: skip
-        d_alpha, d_bias = d_alpha.sum(0), d_z.sum(0)
+        sums = per_token.sum(0)
+        d_biases = sums[:n], sums[n : 2 * n], sums[2 * n : m].view(n, n)
         with torch.autocast(flat.device.type, enabled=False):  # float32, as the forward's
             d_weight = d_l_r.T @ flat.float()
-        return (d_flat, d_weight.to(weight.dtype), d_alpha.to(alpha.dtype),
-                d_bias.to(bias.dtype), None, None, None)  # fmt: skip
+        return (d_flat, d_weight.to(weight.dtype), sums[m:].to(alpha.dtype),
+                *(d.to(b.dtype) for d, b in zip(d_biases, biases, strict=True)),
+                None, None, None)  # fmt: skip
 
 
 @register("mhc_mapping", "triton")
@@ -197,10 +211,10 @@ def mhc_mapping(
     float32, as the reference's mhc_mapping (V4's form with `form_eps`)."""
     n = streams.shape[-2]
     batch = streams.shape[:-2]
-    bias = torch.cat((bias_pre, bias_post, bias_res.flatten()))
     h_pre, h_post, logits = _Project.apply(
         streams.flatten(-2).reshape(-1, streams.shape[-2] * streams.shape[-1]),
-        weight, alpha, bias, n, norm_eps, 0.0 if form_eps is None else form_eps,
+        weight, alpha, bias_pre, bias_post, bias_res, n, norm_eps,
+        0.0 if form_eps is None else form_eps,
     )  # fmt: skip
     logits = logits.reshape(*batch, n, n)
     if form_eps is None:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from birkhoff import kernels
+from birkhoff.kernels.reference import group_ends
 from birkhoff.model.compression import block_entries
 
 TOLERANCE = 1e-4  # relative, float32 against float64
@@ -94,7 +95,7 @@ def _grouped_gemm(tokens: int) -> list:
     experts = 8
     counts = torch.full((experts,), tokens // experts)
     counts[-1] += tokens - counts.sum()  # every row in a group
-    return [torch.randn(tokens, 256), torch.randn(experts, 256, 128) / 16, counts]
+    return [torch.randn(tokens, 256), torch.randn(experts, 256, 128) / 16, group_ends(counts)]
 
 
 def _swiglu(tokens: int) -> list:

@@ -22,6 +22,7 @@ from torch.distributed.tensor import DTensor
 
 from birkhoff import kernels
 from birkhoff.kernels.moe_route import expert_scores
+from birkhoff.kernels.reference import group_ends
 from birkhoff.model.config import MoEConfig
 from birkhoff.model.init import constant
 from birkhoff.model.mlp import SwiGLU
@@ -150,9 +151,10 @@ class GroupedExperts(nn.Module):
         w_gate, w_up, w_down = (
             _local(w).to(x.dtype) for w in (self.w_gate, self.w_up, self.w_down)
         )
-        gate, up = self._gemm(x, w_gate, counts), self._gemm(x, w_up, counts)
+        offsets = group_ends(counts)  # once for the three GEMMs
+        gate, up = self._gemm(x, w_gate, offsets), self._gemm(x, w_up, offsets)
         hidden = self._swiglu(gate, up, self.limit)
-        return self._gemm(hidden, w_down, counts)
+        return self._gemm(hidden, w_down, offsets)
 
 
 class MoE(nn.Module):
