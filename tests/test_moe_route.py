@@ -57,6 +57,18 @@ def test_moe_route_matches_the_float64_reference(score_func, given, tokens, expe
         torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-5, atol=1e-6)
 
 
+def test_the_logits_gradient_from_the_weights_alone():
+    """The scores unused (no sequence balance loss): the weights' gradient alone, as the
+    reference gives it, with no zeros made for the scores' gradient."""
+    logits, bias = inputs(21, 12, seed=5)
+    grads = []
+    for backend in ("reference", "triton"):
+        x = logits.clone().float().requires_grad_()
+        weights, _, _ = kernels.get("moe_route", backend)(x, bias.float(), 2, "sigmoid", 1.0)
+        grads.append(torch.autograd.grad((weights * torch.arange(2.0)).sum(), x)[0])
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+
+
 def test_the_triton_scores_hold_float32_accuracy_over_the_logits_range():
     """sqrt(softplus(x)) from x = -30 to 30 (where log(1 + exp(x)) loses digits) and sigmoid,
     each within a few float32 roundings of float64 (of the same float32 logits)."""

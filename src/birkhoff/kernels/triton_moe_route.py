@@ -91,7 +91,7 @@ def _forward(
 def _backward(
     logits_ptr, ids_ptr, weights_ptr, d_weights_ptr, d_scores_ptr, d_logits_ptr, rows, E, scale,
     K: tl.constexpr, KP: tl.constexpr, EP: tl.constexpr, ROWS: tl.constexpr,
-    SQRT_SOFTPLUS: tl.constexpr,
+    SQRT_SOFTPLUS: tl.constexpr, HAS_D_SCORES: tl.constexpr,
 ):  # fmt: skip
     """With w_j = scale c_j / S (c the chosen scores, S their sum): dc_j = (scale dw_j -
     sum_l dw_l w_l) / S, added to the scores' own gradient at expert ids[j]; then through the
@@ -108,7 +108,10 @@ def _backward(
         c_j, _ = _picked(s, ids, col, slot, j)
         total += c_j
     dc = (scale * dw - tl.sum(dw * w, axis=1)[:, None]) / total[:, None]
-    ds = tl.load(d_scores_ptr + at, mask=on, other=0.0).to(tl.float32)
+    if HAS_D_SCORES:
+        ds = tl.load(d_scores_ptr + at, mask=on, other=0.0).to(tl.float32)
+    else:  # the scores unused (no sequence balance loss): not a tensor of zeros read
+        ds = tl.zeros((ROWS, EP), tl.float32)
     for j in tl.static_range(K):
         dc_j = tl.sum(tl.where(slot[None, :] == j, dc, 0.0), axis=1)
         id_j = tl.sum(tl.where(slot[None, :] == j, ids, 0), axis=1)
@@ -139,6 +142,7 @@ class _Route(torch.autograd.Function):
                 float(scale), CHOOSE=choose, SQRT_SOFTPLUS=sqrt_softplus, **_sizes(logits, top_k),
             )  # fmt: skip
         ctx.mark_non_differentiable(ids)
+        ctx.set_materialize_grads(False)  # an unused output's gradient: None, not zeros made
         ctx.save_for_backward(logits, ids, weights)
         ctx.scale, ctx.sqrt_softplus = scale, sqrt_softplus
         return weights, ids, scores
@@ -148,10 +152,14 @@ class _Route(torch.autograd.Function):
         logits, ids, weights = ctx.saved_tensors
         rows, experts = logits.shape
         d_logits = torch.empty_like(logits)
+        if d_weights is None:
+            d_weights = torch.zeros_like(weights)
+        has_d_scores = d_scores is not None
         if rows:
             _backward[(triton.cdiv(rows, ROWS),)](
-                logits, ids.contiguous(), weights, d_weights.contiguous(), d_scores.contiguous(),
-                d_logits, rows, experts, float(ctx.scale), SQRT_SOFTPLUS=ctx.sqrt_softplus,
+                logits, ids.contiguous(), weights, d_weights.contiguous(),
+                d_scores.contiguous() if has_d_scores else d_logits, d_logits, rows, experts,
+                float(ctx.scale), SQRT_SOFTPLUS=ctx.sqrt_softplus, HAS_D_SCORES=has_d_scores,
                 **_sizes(logits, ids.shape[1]),
             )  # fmt: skip
         return d_logits, None, None, None, None, None
