@@ -119,9 +119,12 @@ def moe_permute(
 
 
 def tokens_per_expert(flat_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """(E,) rows routed to each expert. Not bincount: its output length depends on the
-    values, which compiled code cannot trace."""
-    return flat_ids.new_zeros(num_experts).scatter_add_(0, flat_ids, torch.ones_like(flat_ids))
+    """(E,) rows routed to each expert: one bincount (the ids are below E, so its length is
+    E), but in compiled code, which cannot trace a length that depends on the values."""
+    if torch.compiler.is_compiling():
+        ones = torch.ones_like(flat_ids)
+        return flat_ids.new_zeros(num_experts).scatter_add_(0, flat_ids, ones)
+    return torch.bincount(flat_ids, minlength=num_experts)
 
 
 @register("moe_unpermute", REFERENCE)
