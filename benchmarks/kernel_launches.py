@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model_throughput import build
+from model_throughput import build, loader_rows
 
 from birkhoff import kernels
 from birkhoff.kernels.launch_counter import LaunchCounter
@@ -57,14 +57,10 @@ def prepared(model: str, backend: str, swap_liger: bool) -> torch.nn.Module:
 
 
 def launches(net: torch.nn.Module, tokens: torch.Tensor) -> collections.Counter[str]:
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    # Engram's table rows come with the batch, hashed on the host by the loader's workers
-    # (data.engram_in_loader, the default): not launched in a step
-    rows = {block.layer: block.engram.hash_tokens(inputs) for block in net.blocks.values()
-            if block.engram is not None}  # fmt: skip
+    rows = loader_rows(net, tokens)  # hashed on the host by the loader: not a step's launches
     counter = LaunchCounter()
     with counter, counter.triton():
-        net(inputs, targets, engram_rows=rows).backward()
+        net(tokens[:, :-1], tokens[:, 1:], engram_rows=rows).backward()
     return counter.by_name
 
 

@@ -44,6 +44,23 @@ def backward_grads(layer, x, grad, aux):
     return out.detach(), x.grad, grads
 
 
+def assert_trains_as_the_reference(layers, layer_type: str, x, grad, aux: dict) -> dict:
+    """The reference layer and the triton one (`layers`), in training mode (a "warm-up"
+    layer type: the indexer's dense warm-up): output, input gradient and every parameter
+    gradient alike. Returns the triton layer's parameter gradients."""
+    results = []
+    for layer in layers:
+        layer.dense_indexing = layer_type.endswith("warm-up")
+        results.append(backward_grads(layer.train(), x, grad, dict(aux)))
+    (out_ref, dx_ref, grads_ref), (out, dx, grads) = results
+    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-4, atol=1e-5)
+    assert grads.keys() == grads_ref.keys()
+    for name, expected in grads_ref.items():
+        assert_gradient_close(grads[name], expected, name)
+    return grads
+
+
 @pytest.mark.parametrize("layer_type", KINDS)
 def test_flex_layer_equals_transformers_forward_and_backward(layer_type):
     """150 tokens: two blocks of queries, so the block lists matter."""
@@ -62,16 +79,7 @@ def test_flex_layer_equals_the_reference_on_packed_documents(layer_type):
     x = torch.randn(1, sum(lengths), HIDDEN, generator=torch.Generator().manual_seed(25))
     grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(26))
     positions = torch.cat([torch.arange(n) for n in lengths])[None]
-    results = []
-    for layer in layers:
-        layer.dense_indexing = layer_type.endswith("warm-up")
-        results.append(backward_grads(layer.train(), x, grad, {"positions": positions}))
-    (out_ref, dx_ref, grads_ref), (out, dx, grads) = results
-    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(dx, dx_ref, rtol=1e-4, atol=1e-5)
-    assert grads.keys() == grads_ref.keys()
-    for name, expected in grads_ref.items():
-        assert_gradient_close(grads[name], expected, name)
+    grads = assert_trains_as_the_reference(layers, layer_type, x, grad, {"positions": positions})
     if kind == "csa":  # the indexer learned from the loss on this backend's normaliser
         assert any(name.startswith("indexer.") for name in grads)
 
@@ -84,16 +92,7 @@ def test_flex_layer_equals_the_reference_without_a_complete_block(layer_type):
     layers = [pair(kind, seed=28, backend=backend)[0] for backend in ("reference", "triton")]
     x = torch.randn(2, 3, HIDDEN, generator=torch.Generator().manual_seed(29))
     grad = torch.randn(x.shape, generator=torch.Generator().manual_seed(30))
-    results = []
-    for layer in layers:
-        layer.dense_indexing = layer_type.endswith("warm-up")
-        results.append(backward_grads(layer.train(), x, grad, {}))
-    (out_ref, dx_ref, grads_ref), (out, dx, grads) = results
-    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(dx, dx_ref, rtol=1e-4, atol=1e-5)
-    assert grads.keys() == grads_ref.keys()
-    for name, expected in grads_ref.items():
-        assert_gradient_close(grads[name], expected, name)
+    assert_trains_as_the_reference(layers, layer_type, x, grad, {})
 
 
 def entries_for(kind: str, positions: torch.Tensor, dim: int, k: int = 5):

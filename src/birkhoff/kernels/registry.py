@@ -235,9 +235,6 @@ def _load_backends() -> None:
             triton_sinkhorn,
             triton_swiglu,
         )
-        from birkhoff.kernels.triton_interpreter import adapt_interpreter
-
-        adapt_interpreter()  # as compiled Triton computes, where the interpreter runs them
 
         if _importable("liger_kernel"):  # imported on first use (its import takes seconds)
             from birkhoff.kernels import liger_ops  # noqa: F401

@@ -15,8 +15,8 @@ The interpreter departs from the compiler in four places:
   kernel was up to one unit in the last place low. Here it is rounded.
 
 `adapt_interpreter()` makes the three process-wide mends (importing birkhoff.kernels under
-the interpreter calls it, before any kernel module runs; the registry again when it loads
-the triton backend); `adapt_for_liger(module)` makes them and the rsqrt one for a liger
+the interpreter calls it, before any kernel module runs: Triton decides at import whether
+it interprets); `adapt_for_liger(module)` makes them and the rsqrt one for a liger
 module. Both are no-ops without the interpreter: compiled Triton (a GPU, and
 `launch/triton_build`'s compile check) runs every kernel unchanged.
 """

@@ -51,10 +51,15 @@ def _tile(logits_ptr, rows, E, ROWS: tl.constexpr, EP: tl.constexpr, SQRT_SOFTPL
 
 
 @triton.jit
+def _slot(values, slot, j):
+    """Column j of (tokens, KP) `values` (ids or gradients), per token."""
+    return tl.sum(tl.where(slot[None, :] == j, values, 0), axis=1)
+
+
+@triton.jit
 def _picked(values, ids, col, slot, j):
-    """values[t, ids[t, j]] per token t, and the id."""
-    id_j = tl.sum(tl.where(slot[None, :] == j, ids, 0), axis=1)
-    return tl.sum(tl.where(col[None, :] == id_j[:, None], values, 0.0), axis=1), id_j
+    """values[t, ids[t, j]] per token t."""
+    return tl.sum(tl.where(col[None, :] == _slot(ids, slot, j)[:, None], values, 0.0), axis=1)
 
 
 @triton.jit
@@ -81,8 +86,7 @@ def _forward(
         ids = tl.load(ids_ptr + k_at, mask=k_on, other=0).to(tl.int32)
     chosen = tl.zeros((ROWS, KP), tl.float32)
     for j in tl.static_range(K):
-        c_j, _ = _picked(s, ids, col, slot, j)
-        chosen = tl.where(slot[None, :] == j, c_j[:, None], chosen)
+        chosen = tl.where(slot[None, :] == j, _picked(s, ids, col, slot, j)[:, None], chosen)
     weights = chosen / tl.sum(chosen, axis=1)[:, None] * scale
     tl.store(weights_ptr + k_at, weights, mask=k_on)
 
@@ -105,17 +109,15 @@ def _backward(
     dw = tl.load(d_weights_ptr + k_at, mask=k_on, other=0.0).to(tl.float32)
     total = tl.zeros((ROWS,), tl.float32)
     for j in tl.static_range(K):
-        c_j, _ = _picked(s, ids, col, slot, j)
-        total += c_j
+        total += _picked(s, ids, col, slot, j)
     dc = (scale * dw - tl.sum(dw * w, axis=1)[:, None]) / total[:, None]
     if HAS_D_SCORES:
         ds = tl.load(d_scores_ptr + at, mask=on, other=0.0).to(tl.float32)
     else:  # the scores unused (no sequence balance loss): not a tensor of zeros read
         ds = tl.zeros((ROWS, EP), tl.float32)
     for j in tl.static_range(K):
-        dc_j = tl.sum(tl.where(slot[None, :] == j, dc, 0.0), axis=1)
-        id_j = tl.sum(tl.where(slot[None, :] == j, ids, 0), axis=1)
-        ds += tl.where(col[None, :] == id_j[:, None], dc_j[:, None], 0.0)
+        at_id = col[None, :] == _slot(ids, slot, j)[:, None]
+        ds += tl.where(at_id, _slot(dc, slot, j)[:, None], 0.0)
     # d sqrt(softplus(x)) = sigmoid(x) / (2 s); d sigmoid(x) = s (1 - s)
     dx = ds * tl.sigmoid(x) / (2.0 * s) if SQRT_SOFTPLUS else ds * s * (1.0 - s)
     tl.store(d_logits_ptr + at, dx.to(d_logits_ptr.dtype.element_ty), mask=on)
