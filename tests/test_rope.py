@@ -142,6 +142,8 @@ def test_the_cpu_normed_rope_op_is_a_well_formed_custom_op():
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_the_fused_rope_in_bf16_rounds_once(backend):
+    """The float32 turn rounds to the float64 one's (the interpreter rounds as the compiled
+    kernel does: triton_interpreter's mend)."""
     x, angles, grad = _inputs()
     leaf = x.bfloat16().requires_grad_()
     cos, sin = angles.cos().float(), angles.sin().float()
@@ -149,15 +151,28 @@ def test_the_fused_rope_in_bf16_rounds_once(backend):
     out.backward(grad.bfloat16())
     exact = _complex_formula(x.bfloat16().double(), angles)
     assert out.dtype == leaf.grad.dtype == torch.bfloat16
-    if backend == "cpu":  # the float32 turn rounds to the float64 one's
-        assert torch.equal(out, exact.bfloat16())
-        torch.testing.assert_close(out, rotate_trailing(x.bfloat16(), cos, sin), rtol=0, atol=0)
-    else:  # Triton's interpreter casts float32 to bf16 by truncating: within one bf16 step
-        assert ((out.double() - exact).abs() <= 2**-7 * exact.abs() + 1e-30).all()
+    assert torch.equal(out, exact.bfloat16())
+    torch.testing.assert_close(out, rotate_trailing(x.bfloat16(), cos, sin), rtol=0, atol=0)
     ones = torch.ones(x.shape, dtype=torch.float64, requires_grad=True)
     back = torch.autograd.grad(_complex_formula(ones, angles), ones, grad.bfloat16().double())
-    step = 2**-8 if backend == "cpu" else 2**-7  # rounded, or truncated (interpreter)
-    torch.testing.assert_close(leaf.grad.double(), back[0], rtol=step, atol=1e-6)
+    torch.testing.assert_close(leaf.grad.double(), back[0], rtol=2**-8, atol=1e-6)
+
+
+def test_the_triton_normed_rope_in_bf16_rounds_as_the_reference():
+    """The normalised rows rounded to bf16 before the turn and the turned-back gradient
+    before the norm's backward, as the reference's two ops hand them on: the same bits, both
+    ways (the cpu kernel keeps both in float32: within a bf16 step of them)."""
+    x, angles, grad = _inputs()
+    cos, sin = angles.cos().float(), angles.sin().float()
+    results = []
+    for backend in ("reference", "triton"):
+        leaf = x.bfloat16().requires_grad_()
+        out = kernels.get("rope_trailing", backend)(leaf, cos, sin, norm_eps=0.5)
+        out.backward(grad.bfloat16())
+        results.append((out, leaf.grad))
+    (out, d_x), (fused_out, fused_d_x) = results
+    assert fused_out.dtype == fused_d_x.dtype == torch.bfloat16
+    assert torch.equal(fused_out, out) and torch.equal(fused_d_x, d_x)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
@@ -184,17 +199,21 @@ def test_the_cpu_rope_op_is_a_well_formed_custom_op(inverse):
     torch.library.opcheck(cpu_rows.rope_trailing_op, args)
 
 
+@pytest.mark.parametrize("norm_eps", [None, 0.5])
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
-def test_the_fused_rope_turns_a_strided_input_and_gradient(backend):
+def test_the_fused_rope_turns_a_strided_input_and_gradient(backend, norm_eps):
     """A transposed x and a transposed gradient (a compressor's backward hands one): read
-    where they lie, turned as the formula."""
+    where they lie, turned (normalised first with `norm_eps`) as the formula."""
     x, angles, grad = _inputs(torch.float32)
     strided = x.transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
-    out = kernels.get("rope_trailing", backend)(strided, angles.cos().float(), angles.sin().float())
+    rope = kernels.get("rope_trailing", backend)
+    out = rope(strided, angles.cos().float(), angles.sin().float(), norm_eps=norm_eps)
     out.backward(grad.transpose(0, 1).contiguous().transpose(0, 1))
     exact_x = x.double().requires_grad_()
-    _complex_formula(exact_x, angles).backward(grad.double())
-    torch.testing.assert_close(
-        out.double(), _complex_formula(x.double(), angles), rtol=0, atol=2e-6
-    )
+    normed = exact_x
+    if norm_eps is not None:
+        normed = exact_x / (exact_x.square().mean(-1, keepdim=True) + norm_eps).sqrt()
+    exact = _complex_formula(normed, angles)
+    exact.backward(grad.double())
+    torch.testing.assert_close(out.double(), exact.detach(), rtol=0, atol=2e-6)
     torch.testing.assert_close(strided.grad.double(), exact_x.grad, rtol=0, atol=2e-6)

@@ -204,6 +204,9 @@ EXAMPLES: dict[str, Callable[[int], list]] = {
 # Floating inputs that are no op's to differentiate (by position): the model's buffers.
 # the rotation tables; the router's bias (balancing's, steering the choice only)
 CONSTANT_ARGS = {"rope": (2, 3), "rope_trailing": (1, 2), "moe_route": (1,)}
+# Further calls checked (and built by launch/triton_build) after the example's own: its
+# arguments followed by these. rope_trailing: V4's query norm (inverse False, norm_eps).
+MORE_CALLS = {"rope_trailing": [(False, 1e-6)]}
 # The reference runs in float64 but for ops whose torch kernel has none (F.grouped_mm).
 REFERENCE_DTYPE = {"grouped_gemm": torch.float32}
 # Ops whose triton implementation has no backward on the CPU (interpreted mode): there only
@@ -240,19 +243,23 @@ def _check(op: str, backend: str, device: torch.device) -> dict:
     backward = not (interpreted and op in NO_CPU_BACKWARD) and op not in NO_BACKWARD
     exact_dtype = REFERENCE_DTYPE.get(op, torch.float64)
     constants = CONSTANT_ARGS.get(op, ())
-    exact, exact_leaves = _leaves(inputs, exact_dtype, backward, constants)
-    expected = _outputs(reference(*exact))
-    targets = [e for e in expected if e.requires_grad] if backward else []
-    grads = [torch.randn_like(e) for e in targets]
-    expected_grads = torch.autograd.grad(targets, exact_leaves, grads) if backward else ()
-    errors = _errors(fused, inputs, expected, grads, expected_grads, constants)
+    calls = [inputs] + [inputs + list(extra) for extra in MORE_CALLS.get(op, ())]
+    errors, own = (0.0, 0.0), 0.0
+    for args in calls:
+        exact, exact_leaves = _leaves(args, exact_dtype, backward, constants)
+        expected = _outputs(reference(*exact))
+        targets = [e for e in expected if e.requires_grad] if backward else []
+        grads = [torch.randn_like(e) for e in targets]
+        expected_grads = torch.autograd.grad(targets, exact_leaves, grads) if backward else ()
+        call_errors = _errors(fused, args, expected, grads, expected_grads, constants)
+        errors = tuple(map(max, errors, call_errors))
+        if not rounded and exact_dtype == torch.float64:
+            # The reference in the op's own precision: an ill-conditioned op (a gradient
+            # through sqrt|s| near 0, say) misses float64 by as much, and the op is held to it.
+            own = max(own, *_errors(reference, args, expected, grads, expected_grads, constants))
+            result["reference_own_precision_error"] = own
+            tolerance = max(tolerance, CONDITIONING_FACTOR * own)
     result["forward_error"], result["backward_error"] = errors
-    if not rounded and exact_dtype == torch.float64:
-        # The reference in the op's own precision: an ill-conditioned op (a gradient through
-        # sqrt|s| near 0, say) misses float64 by as much, and the op is held to that.
-        own = _errors(reference, inputs, expected, grads, expected_grads, constants)
-        result["reference_own_precision_error"] = max(own)
-        tolerance = max(tolerance, CONDITIONING_FACTOR * max(own))
     notes = []
     if not backward:
         result["backward_error"] = float("nan")
