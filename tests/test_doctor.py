@@ -68,7 +68,7 @@ def test_doctor_checks_the_triton_ops_against_the_reference():
     own = {"mhc_pre", "mhc_post", "sinkhorn_knopp", "sinkhorn_knopp_eps", "v4_attention"}
     own |= {"moe_permute", "moe_unpermute", "engram_gather_gate", "mhc_mapping", "entry_mass"}
     own |= {"mhc_read", "mhc_merge_read"}  # triton's mapping, then its read; merge, then read
-    own |= {"engram_merge"}  # triton's gate, then liger's RMSNorm
+    own |= {"engram_merge"}  # gate, norm, convolution and sum: triton_engram_merge.py
     own |= {"linear_cross_entropy", "rms_norm", "rope", "swiglu"}  # liger-kernel's
     own |= {"rope_trailing", "kv_compress", "moe_route"}
     assert set(report["ops"]) == own

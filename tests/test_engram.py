@@ -23,10 +23,12 @@ from conftest import small_model
 CFG = EngramConfig(layers=[0], max_ngram=3, heads_per_order=4, table_size=1000, embed_dim=8)
 
 
-def make_engram(streams: int = 4, compression: torch.Tensor | None = None) -> Engram:
+def make_engram(
+    streams: int = 4, compression: torch.Tensor | None = None, backend: str = "reference"
+) -> Engram:
     torch.manual_seed(0)
     table = torch.arange(64) if compression is None else compression
-    return Engram(16, streams, CFG, 0, table, "reference", 1e-6)
+    return Engram(16, streams, CFG, 0, table, backend, 1e-6)
 
 
 def test_compression_merges_case_accent_and_space_variants():

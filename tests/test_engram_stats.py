@@ -4,6 +4,7 @@ import copy
 import dataclasses
 import math
 
+import pytest
 import torch
 from test_engram import CFG, make_engram
 
@@ -31,15 +32,17 @@ def gate_by_hand(engram, tokens, streams) -> list[float]:
     return gates
 
 
-def one_engram_model():
+def one_engram_model(backend: str = "reference"):
     """(Engram layer 0 in training mode, a model holding it, its config, one process)."""
-    engram = make_engram().train()
+    engram = make_engram(backend=backend).train()
     cfg = dataclasses.replace(ModelConfig(), engram=CFG)
     return engram, torch.nn.ModuleDict({"engram": engram}), cfg, DistributedContext(0, 0, 1, None)
 
 
-def test_gate_mean_and_rows_touched_against_a_loop_and_a_set():
-    engram, model, cfg, ctx = one_engram_model()
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])  # triton: interpreted
+def test_gate_mean_and_rows_touched_against_a_loop_and_a_set(backend):
+    """The gates each backend's merge returns, summed over the first sequence."""
+    engram, model, cfg, ctx = one_engram_model(backend)
     first, second = torch.randint(0, 64, (2, 6)), torch.randint(0, 64, (3, 5))
     streams = [torch.randn(2, 6, 4, 16), torch.randn(3, 5, 4, 16)]
     engram(streams[0], first)

@@ -151,9 +151,9 @@ def engram_merge(
     conv_weight: torch.Tensor,
     dilation: int,
     eps: float,
-) -> torch.Tensor:
-    """The reference's `engram_merge` (same arguments; streams (B, T, n, C)), computed in
-    float32 after the projections, returned in the streams' dtype."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's `engram_merge` (same arguments and results; streams (B, T, n, C)),
+    computed in float32 after the projections, out returned in the streams' dtype."""
     if streams.numel() == 0:  # no token: nothing to fuse
         return reference.engram_merge(
             table, indices, key_weight, value_weight, streams, norm_weight, conv_weight,
@@ -170,7 +170,7 @@ def engram_merge(
     memory = rows.view(*indices.shape[:-1], -1)
     keys, value = F.linear(memory, key_weight), F.linear(memory, value_weight)
     with torch.autocast("cpu", enabled=False):
-        out, _ = _engram_merge(
+        out, stats = _engram_merge(
             float32_contiguous(streams),
             float32_contiguous(keys.view(streams.shape)),
             float32_contiguous(value),
@@ -179,4 +179,4 @@ def engram_merge(
             dilation,
             eps,
         )
-    return out.to(streams.dtype)
+    return out.to(streams.dtype), stats[..., 0]  # the stats' first float: alpha

@@ -18,7 +18,6 @@ import torch
 
 from birkhoff.kernels.reference import (
     composed_merge,
-    engram_gather_gate,
     swiglu_clamp,
     tokens_per_expert,
 )
@@ -40,7 +39,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 # Engram's merge with npu_rms_norm for its RMSNorm (the gate and the convolution: the reference's)
-register("engram_merge", NPU)(composed_merge(engram_gather_gate, rms_norm))
+register("engram_merge", NPU)(composed_merge(rms_norm))
 
 
 def _rotary_mul(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -226,10 +226,9 @@ def engram_gate(
     return torch.sigmoid(_signed_sqrt(similarity))
 
 
-def composed_merge(gather_gate, norm):
-    """The `engram_merge` op of a backend with its own `engram_gather_gate` and `rms_norm`: the
-    one, the other, the convolution and the sum (a backend that fuses them, `cpu`, registers
-    its own)."""
+def composed_merge(norm):
+    """The `engram_merge` op of a backend with its own `rms_norm`: the reference's gate, the
+    norm, the convolution and the sum (a backend that fuses them registers its own)."""
 
     def engram_merge(
         table: torch.Tensor,
@@ -241,16 +240,20 @@ def composed_merge(gather_gate, norm):
         conv_weight: torch.Tensor,
         dilation: int,
         eps: float,
-    ) -> torch.Tensor:
-        """An Engram layer's output streams (B, T, n, C): with g = engram_gather_gate(table,
-        indices, key_weight, value_weight, streams, eps), streams + g + SiLU(Conv(RMSNorm(g)))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """An Engram layer's output streams (B, T, n, C) and its gates alpha (B, T, n) (in
+        float32 at least, no gradient: what the training statistics read). With g the value
+        gated as engram_gather_gate gates it, the output is streams + g + SiLU(Conv(RMSNorm(g)))
         where RMSNorm has weight norm_weight (C,) and Conv is causal and depthwise over time,
         conv_weight (lags, C), lag i reading i * dilation tokens back."""
-        gated = gather_gate(table, indices, key_weight, value_weight, streams, eps)
+        memory, value = engram_memory(table, indices, value_weight)
+        alpha = engram_gate(memory, key_weight, streams, eps)
+        gated = gated_value(alpha, value)
         normed = norm(gated, norm_weight, eps)
-        return streams + gated + F.silu(causal_conv(normed, conv_weight, dilation))
+        out = streams + gated + F.silu(causal_conv(normed, conv_weight, dilation))
+        return out, alpha.detach()
 
     return engram_merge
 
 
-engram_merge = register("engram_merge", REFERENCE)(composed_merge(engram_gather_gate, rms_norm))
+engram_merge = register("engram_merge", REFERENCE)(composed_merge(rms_norm))

@@ -225,6 +225,7 @@ def _load_backends() -> None:
         from birkhoff.kernels import (  # noqa: F401
             flex_v4_attention,
             triton_engram,
+            triton_engram_merge,
             triton_entry_mass,
             triton_kv_compress,
             triton_mhc,

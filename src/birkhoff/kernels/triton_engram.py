@@ -23,8 +23,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from birkhoff.kernels import registry
-from birkhoff.kernels.reference import composed_merge, engram_memory
+from birkhoff.kernels.reference import engram_memory
 from birkhoff.kernels.registry import register
 
 BLOCK_C = 128
@@ -159,12 +158,3 @@ def engram_gather_gate(
     memory, value = engram_memory(table, indices, value_weight)
     keys = F.linear(memory, key_weight).unflatten(-1, streams.shape[-2:])
     return _Gate.apply(streams, keys, value, eps)
-
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """The triton backend's rms_norm (liger's where liger-kernel is installed, registered after
-    this module: looked up per call)."""
-    return registry.get("rms_norm", "triton")(x, weight, eps)
-
-
-register("engram_merge", "triton")(composed_merge(engram_gather_gate, _rms_norm))

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from birkhoff import kernels
-from birkhoff.kernels.reference import engram_gate
 from birkhoff.model.config import EngramConfig
 from birkhoff.model.init import constant
 
@@ -108,9 +107,7 @@ class Engram(nn.Module):
         x = streams.unsqueeze(-2) if single else streams
         global_rows = self.hash_tokens(tokens) if rows is None else rows
         table, rows = self._table_rows(global_rows)
-        if self.training:
-            self._record_stats(global_rows, table, rows, x)
-        out = self._merge(
+        out, alpha = self._merge(
             table,
             rows,
             self.key.weight,
@@ -121,6 +118,8 @@ class Engram(nn.Module):
             self.dilation,
             self.eps,
         )
+        if self.training:
+            self._record_stats(global_rows, alpha)
         return out.squeeze(-2) if single else out
 
     def prepare_stats(self, device: torch.device) -> None:
@@ -130,18 +129,15 @@ class Engram(nn.Module):
         self.gate_stats = torch.zeros(2, dtype=torch.float64, device=device)
 
     @torch.no_grad()
-    def _record_stats(
-        self, global_rows: torch.Tensor, table: torch.Tensor, rows: torch.Tensor, x: torch.Tensor
-    ) -> None:
-        """Mark the rows looked up; add the gates of the first sequence's first tokens."""
+    def _record_stats(self, global_rows: torch.Tensor, alpha: torch.Tensor) -> None:
+        """Mark the rows looked up; add the gates (the merge's own, B x T x n) of the first
+        sequence's first tokens."""
         if self.rows_touched is None:
-            self.prepare_stats(x.device)
+            self.prepare_stats(alpha.device)
         self.rows_touched[global_rows.flatten()] = True
-        sample = rows[:1, :STATS_TOKENS]
-        memory = F.embedding(sample.to(table.device), table).flatten(-2)
-        alpha = engram_gate(memory.to(x.device), self.key.weight, x[:1, :STATS_TOKENS], self.eps)
-        self.gate_stats[0] += alpha.sum()
-        self.gate_stats[1] += alpha.numel()
+        sample = alpha[:1, :STATS_TOKENS]
+        self.gate_stats[0] += sample.sum()
+        self.gate_stats[1] += sample.numel()
 
     def take_stats(self, reset: bool = True) -> tuple[float, int]:
         """(gate sum, gate count) since they were last reset (the rows looked up so far stay

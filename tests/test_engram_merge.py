@@ -1,4 +1,5 @@
-"""The `cpu` backend's `engram_merge` (kernels/cpu_engram.c through cpu_engram.py) against the
+"""The fused `engram_merge` of the `cpu` backend (kernels/cpu_engram.c through cpu_engram.py)
+and of the `triton` backend (kernels/triton_engram_merge.py, interpreted here) against the
 reference composition (the gather-and-gate, RMSNorm, the causal convolution, SiLU and the sum,
 kernels/reference.py) run in float64: the output and every input's gradient, with lags that
 reach before a sequence's start, one stream (a plain residual), channels past one chunk of 64,
@@ -38,12 +39,18 @@ def merge_inputs(
     return indices, tensors
 
 
-def run(op, indices, tensors, dtype, grad, dilation, eps):
-    """op's output and the gradients of every tensor input, computed in `dtype`."""
+FUSED = ["cpu", "triton"]
+
+
+def run(op, indices, tensors, dtype, grad, dilation, eps, with_alpha=False):
+    """op's output and the gradients of every tensor input, computed in `dtype` (and the
+    gates, `with_alpha`)."""
     leaves = [t.detach().to(dtype).requires_grad_() for t in tensors]
     table, key, value, streams, norm, conv = leaves
-    out = op(table, indices, key, value, streams, norm, conv, dilation, eps)
-    return (out, *torch.autograd.grad(out, leaves, grad.to(out.dtype)))
+    out, alpha = op(table, indices, key, value, streams, norm, conv, dilation, eps)
+    assert not alpha.requires_grad and alpha.shape == streams.shape[:-1]
+    grads = torch.autograd.grad(out, leaves, grad.to(out.dtype))
+    return (out, *grads, alpha) if with_alpha else (out, *grads)
 
 
 def relative_error(got: torch.Tensor, exact: torch.Tensor) -> float:
@@ -60,23 +67,29 @@ def relative_error(got: torch.Tensor, exact: torch.Tensor) -> float:
         (1, 9, 2, 200, 2, 1, 1e-6),  # dilation 1; four chunks of channels, the last of 8
     ],
 )
-def test_cpu_engram_merge_matches_the_reference(seqs, length, n, width, lags, dilation, eps):
+@pytest.mark.parametrize("backend", FUSED)
+def test_the_fused_engram_merge_matches_the_reference(
+    backend, seqs, length, n, width, lags, dilation, eps
+):
+    """The output, every gradient and the gates (alpha, what the statistics read)."""
     torch.manual_seed(seqs * length + width)
     indices, tensors = merge_inputs(seqs, length, n, width, lags)
     tensors[3][0, 0, 0] = 0  # similarity 0: the sqrt's clamp (no gradient through it)
     grad = torch.randn(seqs, length, n, width, dtype=torch.float64)
-    options = (grad, dilation, eps)
+    options = (grad, dilation, eps, True)
     exact = run(reference.engram_merge, indices, tensors, torch.float64, *options)
     own = run(reference.engram_merge, indices, tensors, torch.float32, *options)
-    got = run(cpu_engram.engram_merge, indices, tensors, torch.float32, *options)
+    got = run(kernels.get("engram_merge", backend), indices, tensors, torch.float32, *options)
     names = ["output", "table", "key", "value", "streams", "norm weight", "conv weight"]
+    names += ["gates"]
     for name, g, o, e in zip(names, got, own, exact, strict=True):
         assert g.dtype == torch.float32, name
         bound = ERROR_FACTOR * relative_error(o, e) + FLOOR
         assert relative_error(g, e) <= bound, (name, relative_error(g, e), relative_error(o, e))
 
 
-def test_in_bf16_and_under_autocast_as_accurate_as_the_reference():
+@pytest.mark.parametrize("backend", FUSED)
+def test_in_bf16_and_under_autocast_as_accurate_as_the_reference(backend):
     """Every tensor in bf16 (FSDP's param_dtype): computed in float32, returned rounded. Under
     bf16 autocast the projections come in bf16 and the residual stays float32; the op computes
     from them in float32 where the reference rounds the gated value to bf16 as well. Either
@@ -87,11 +100,12 @@ def test_in_bf16_and_under_autocast_as_accurate_as_the_reference():
     grad = torch.randn(2, 9, 4, 32, dtype=torch.float64)
     options = (grad, 3, 1e-6)
     exact = run(reference.engram_merge, indices, tensors, torch.float64, *options)
-    got = run(kernels.get("engram_merge", "cpu"), indices, tensors, torch.bfloat16, *options)
+    fused = kernels.get("engram_merge", backend)
+    got = run(fused, indices, tensors, torch.bfloat16, *options)
     own = run(reference.engram_merge, indices, tensors, torch.bfloat16, *options)
     assert all(t.dtype == torch.bfloat16 for t in got)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got_autocast = run(cpu_engram.engram_merge, indices, tensors, torch.float32, *options)
+        got_autocast = run(fused, indices, tensors, torch.float32, *options)
         own_autocast = run(reference.engram_merge, indices, tensors, torch.float32, *options)
     assert got_autocast[0].dtype == own_autocast[0].dtype == torch.float32
     pairs = [*zip(got, own, exact, strict=True)]
@@ -101,15 +115,17 @@ def test_in_bf16_and_under_autocast_as_accurate_as_the_reference():
         assert relative_error(g, e) <= 2 * relative_error(o, e) + 2e-3
 
 
-def test_no_token_gives_no_token():
+@pytest.mark.parametrize("backend", FUSED)
+def test_no_token_gives_no_token(backend):
     """An empty batch or sequence comes back empty (the kernel is not called), as the
     reference's does."""
     for seqs, length in ((2, 0), (0, 5)):
         indices, tensors = merge_inputs(seqs, length, 2, 16, 4)
         table, key, value, streams, norm, conv = tensors
         args = (table, indices, key, value, streams, norm, conv, 3, 1e-6)
-        got = kernels.get("engram_merge", "cpu")(*args)
-        assert got.shape == reference.engram_merge(*args).shape == (seqs, length, 2, 16)
+        got, alpha = kernels.get("engram_merge", backend)(*args)
+        assert got.shape == reference.engram_merge(*args)[0].shape == (seqs, length, 2, 16)
+        assert alpha.shape == (seqs, length, 2)
 
 
 def test_the_cpu_engram_merge_is_a_well_formed_custom_op():

@@ -1,0 +1,319 @@
+"""Engram's merge after its projections as four Triton kernels (the `triton` backend's
+`engram_merge`): two forward, two backward, where the composition (the gate kernel, liger's
+RMSNorm, the convolution's lags, SiLU and the sums in torch) launched about fifty a layer.
+
+Per token t and stream m, with h = streams[t, m], k = keys[t, m], v = value[t], C the width
+(kernels/cpu_engram.c computes the same on a CPU, with the formulas written out):
+    alpha = sigmoid(signed_sqrt(<h', k'> / sqrt(C))),  h' = h r_h, k' = k r_k (r = 1/rms),
+    g = alpha v,  n = g r_g gamma (RMSNorm),  z_t = sum_i w_i n_{t - i d} (causal, lag i),
+    out = h + g + silu(z).
+g and n are a scalar times v per token and stream (n = alpha r_g gamma v), so neither is
+formed: `_stats` keeps five floats per token and stream (alpha, r_g, r_h, r_k, <h', k'>),
+`_forward` reads the earlier tokens' values and scalars for z and writes out. Backward,
+`_backward_dz` writes dz = dout silu'(z) and the weight w's gradient, `_backward` reads dz at
+the later tokens a token's value fed and writes the gradients of the streams, keys, value and
+gamma. The two weights' gradients are summed per program of ROWS tokens into its own row of a
+scratch (no atomics: the same sums every run), then over the programs by one torch sum.
+Float32 inside; out and each gradient in its input's dtype. The tests compare with the
+reference under TRITON_INTERPRET=1.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from birkhoff.kernels import reference
+from birkhoff.kernels.registry import register
+from birkhoff.kernels.triton_engram import SQRT_FLOOR, _gate
+
+BLOCK_C = 128
+ROWS = 16  # tokens a backward program sums the weights' gradients over
+STATS = 5  # per token and stream: alpha, r_g, r_h, r_k, <h', k'>
+
+
+@triton.jit
+def _stats(h_ptr, k_ptr, v_ptr, stats_ptr, C, eps, N: tl.constexpr, NP: tl.constexpr,
+           BLOCK: tl.constexpr):  # fmt: skip
+    token = tl.program_id(0).to(tl.int64)  # 64-bit offsets: tokens x n x C passes 2^31
+    m = tl.arange(0, NP)
+    alpha, _, r_h, r_k, dot = _gate(h_ptr, k_ptr, token, C, eps, N, NP, BLOCK)
+    vv = 0.0
+    for start in range(0, C, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        v = tl.load(v_ptr + token * C + cols, mask=cols < C, other=0.0).to(tl.float32)
+        vv += tl.sum(v * v)
+    r_g = 1.0 / tl.sqrt(alpha * alpha * vv / C + eps)
+    at = stats_ptr + (token * N + m) * 5
+    on = m < N
+    tl.store(at, alpha, mask=on)
+    tl.store(at + 1, r_g, mask=on)
+    tl.store(at + 2, r_h, mask=on)
+    tl.store(at + 3, r_k, mask=on)
+    tl.store(at + 4, dot, mask=on)
+
+
+@triton.jit
+def _conv(v_ptr, w_ptr, stats_ptr, token, position, cols, C, lags, dilation, N: tl.constexpr,
+          NP: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """z / gamma at channels `cols` of a token at `position` in its sequence, (NP, BLOCK)."""
+    m = tl.arange(0, NP)
+    inside = cols < C
+    z = tl.zeros((NP, BLOCK), dtype=tl.float32)
+    for i in range(0, tl.minimum(position // dilation + 1, lags)):
+        u = token - i * dilation
+        st = stats_ptr + (u * N + m) * 5
+        beta = tl.load(st, mask=m < N, other=0.0) * tl.load(st + 1, mask=m < N, other=0.0)
+        v = tl.load(v_ptr + u * C + cols, mask=inside, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + i * C + cols, mask=inside, other=0.0).to(tl.float32)
+        z += beta[:, None] * (w * v)[None, :]
+    return z
+
+
+@triton.jit
+def _forward(
+    h_ptr, v_ptr, gamma_ptr, w_ptr, stats_ptr, out_ptr, length, C, lags, dilation,
+    N: tl.constexpr, NP: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    token = tl.program_id(0).to(tl.int64)
+    m = tl.arange(0, NP)
+    alpha = tl.load(stats_ptr + (token * N + m) * 5, mask=m < N, other=0.0)
+    for start in range(0, C, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        inside = cols < C
+        z = _conv(v_ptr, w_ptr, stats_ptr, token, token % length, cols, C, lags, dilation, N,
+                  NP, BLOCK)  # fmt: skip
+        z *= tl.load(gamma_ptr + cols, mask=inside, other=0.0).to(tl.float32)[None, :]
+        v = tl.load(v_ptr + token * C + cols, mask=inside, other=0.0).to(tl.float32)
+        both = (m < N)[:, None] & inside[None, :]
+        where = token * N * C + m[:, None] * C + cols[None, :]
+        h = tl.load(h_ptr + where, mask=both, other=0.0).to(tl.float32)
+        out = h + alpha[:, None] * v[None, :] + z / (1.0 + tl.exp(-z))
+        tl.store(out_ptr + where, out.to(out_ptr.dtype.element_ty), mask=both)
+
+
+@triton.jit
+def _backward_dz(
+    g_ptr, v_ptr, gamma_ptr, w_ptr, stats_ptr, dz_ptr, sums_ptr, tokens, length, C, lags,
+    dilation, N: tl.constexpr, NP: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+):  # fmt: skip
+    """dz of ROWS tokens, and w's gradient over them into this program's rows 0..lags-1 of
+    sums (lags + 1, C) (row lags, gamma's, zeroed for _backward)."""
+    program = tl.program_id(0).to(tl.int64)
+    m = tl.arange(0, NP)
+    mine = sums_ptr + program * (lags + 1) * C
+    for row in range(0, lags + 1):
+        for start in range(0, C, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            tl.store(mine + row * C + cols, tl.zeros((BLOCK,), tl.float32), mask=cols < C)
+    for r in range(0, ROWS):
+        token = tl.minimum(program * ROWS + r, tokens - 1)
+        # the channels of a token past the last: none (a scalar mask: the interpreter takes
+        # none, so each mask below is a vector)
+        live_width = tl.where(program * ROWS + r < tokens, C, 0)
+        position = token % length
+        for start in range(0, C, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            inside = cols < C
+            both = (m < N)[:, None] & (cols < live_width)[None, :]
+            gamma = tl.load(gamma_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+            z = _conv(v_ptr, w_ptr, stats_ptr, token, position, cols, C, lags, dilation, N,
+                      NP, BLOCK) * gamma[None, :]  # fmt: skip
+            where = token * N * C + m[:, None] * C + cols[None, :]
+            g = tl.load(g_ptr + where, mask=both, other=0.0).to(tl.float32)
+            sig = 1.0 / (1.0 + tl.exp(-z))
+            dz = g * sig * (1.0 + z * (1.0 - sig))
+            tl.store(dz_ptr + where, dz, mask=both)
+            for i in range(0, tl.minimum(position // dilation + 1, lags)):  # lag i read u
+                u = token - i * dilation
+                st = stats_ptr + (u * N + m) * 5
+                beta = tl.load(st, mask=m < N, other=0.0) * tl.load(st + 1, mask=m < N, other=0)
+                v = tl.load(v_ptr + u * C + cols, mask=inside, other=0.0).to(tl.float32)
+                part = tl.sum(dz * beta[:, None], axis=0) * gamma * v
+                at = mine + i * C + cols
+                tl.store(at, tl.load(at, mask=inside, other=0.0) + part, mask=inside)
+
+
+@triton.jit
+def _dn(dz_ptr, w_ptr, token, position, cols, length, C, lags, dilation, N: tl.constexpr,
+        NP: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """The normalised value's gradient at `cols`: sum over the lags of w_i dz_{t + i d}."""
+    m = tl.arange(0, NP)
+    inside = cols < C
+    both = (m < N)[:, None] & inside[None, :]
+    dn = tl.zeros((NP, BLOCK), dtype=tl.float32)
+    for i in range(0, tl.minimum((length - 1 - position) // dilation + 1, lags)):
+        u = token + i * dilation
+        dz = tl.load(dz_ptr + u * N * C + m[:, None] * C + cols[None, :], mask=both, other=0.0)
+        w = tl.load(w_ptr + i * C + cols, mask=inside, other=0.0).to(tl.float32)
+        dn += w[None, :] * dz
+    return dn
+
+
+@triton.jit
+def _token_block(
+    g_ptr, v_ptr, gamma_ptr, dz_ptr, w_ptr, token, position, start, length, C, lags, dilation,
+    N: tl.constexpr, NP: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """A token's channels from `start` for _backward: (cols, their offsets in the streams,
+    v, gamma, dout, dn), float32."""
+    m = tl.arange(0, NP)
+    cols = start + tl.arange(0, BLOCK)
+    inside = cols < C
+    v = tl.load(v_ptr + token * C + cols, mask=inside, other=0.0).to(tl.float32)
+    gamma = tl.load(gamma_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+    where = token * N * C + m[:, None] * C + cols[None, :]
+    g = tl.load(g_ptr + where, mask=(m < N)[:, None] & inside[None, :], other=0.0)
+    dn = _dn(dz_ptr, w_ptr, token, position, cols, length, C, lags, dilation, N, NP, BLOCK)
+    return cols, where, v, gamma, g.to(tl.float32), dn
+
+
+@triton.jit
+def _backward(
+    g_ptr, h_ptr, k_ptr, v_ptr, gamma_ptr, w_ptr, stats_ptr, dz_ptr, dh_ptr, dk_ptr, dv_ptr,
+    sums_ptr, tokens, length, C, lags, dilation, N: tl.constexpr, NP: tl.constexpr,
+    BLOCK: tl.constexpr, ROWS: tl.constexpr,
+):  # fmt: skip
+    """The gradients of ROWS tokens' streams, keys and value; gamma's over them into row
+    `lags` of this program's sums. Two passes a token: the row sums (<dout, v>, <dn gamma, v>,
+    <v, v>), then the gradients."""
+    program = tl.program_id(0).to(tl.int64)
+    m = tl.arange(0, NP)
+    on = m < N
+    mine = sums_ptr + program * (lags + 1) * C + lags * C
+    for r in range(0, ROWS):
+        token = tl.minimum(program * ROWS + r, tokens - 1)
+        # the channels of a token past the last: none (a scalar mask: the interpreter takes
+        # none, so each mask below is a vector)
+        live_width = tl.where(program * ROWS + r < tokens, C, 0)
+        position = token % length
+        st = stats_ptr + (token * N + m) * 5
+        alpha = tl.load(st, mask=on, other=0.0)
+        r_g = tl.load(st + 1, mask=on, other=0.0)
+        r_h = tl.load(st + 2, mask=on, other=0.0)
+        r_k = tl.load(st + 3, mask=on, other=0.0)
+        dot = tl.load(st + 4, mask=on, other=0.0)
+        gv = tl.zeros((NP,), dtype=tl.float32)
+        uv = tl.zeros((NP,), dtype=tl.float32)
+        vv = 0.0
+        for start in range(0, C, BLOCK):
+            cols, where, v, gamma, g, dn = _token_block(
+                g_ptr, v_ptr, gamma_ptr, dz_ptr, w_ptr, token, position, start, length, C, lags,
+                dilation, N, NP, BLOCK,
+            )  # fmt: skip
+            gv += tl.sum(g * v[None, :], axis=1)
+            uv += tl.sum(dn * (gamma * v)[None, :], axis=1)
+            vv += tl.sum(v * v)
+            part = tl.sum(dn * (alpha * r_g)[:, None], axis=0) * v
+            at = mine + cols
+            tl.store(at, tl.load(at, mask=cols < C, other=0.0) + part, mask=cols < live_width)
+        # d_gated = dout + r_g gamma dn - v coef (RMSNorm's backward of g = alpha v)
+        coef = alpha * alpha * r_g * r_g * r_g * uv / C
+        d_alpha = gv + r_g * uv - coef * vv
+        root_c = tl.sqrt(C * 1.0)
+        s = dot / root_c
+        root = tl.sqrt(tl.maximum(tl.abs(s), SQRT_FLOOR))  # unused where clamped
+        d_s = d_alpha * alpha * (1.0 - alpha) * tl.where(tl.abs(s) >= SQRT_FLOOR, 0.5 / root, 0.0)
+        d_dot = d_s / root_c
+        share = dot / C
+        for start in range(0, C, BLOCK):
+            cols, where, v, gamma, g, dn = _token_block(
+                g_ptr, v_ptr, gamma_ptr, dz_ptr, w_ptr, token, position, start, length, C, lags,
+                dilation, N, NP, BLOCK,
+            )  # fmt: skip
+            d_gated = g + r_g[:, None] * dn * gamma[None, :] - coef[:, None] * v[None, :]
+            dv = tl.sum(alpha[:, None] * d_gated, axis=0)
+            live = cols < live_width
+            tl.store(dv_ptr + token * C + cols, dv.to(dv_ptr.dtype.element_ty), mask=live)
+            both = on[:, None] & (cols < C)[None, :]
+            h = tl.load(h_ptr + where, mask=both, other=0.0).to(tl.float32) * r_h[:, None]
+            k = tl.load(k_ptr + where, mask=both, other=0.0).to(tl.float32) * r_k[:, None]
+            dh = g + (d_dot * r_h)[:, None] * (k - h * share[:, None])
+            dk = (d_dot * r_k)[:, None] * (h - k * share[:, None])
+            both = on[:, None] & live[None, :]
+            tl.store(dh_ptr + where, dh.to(dh_ptr.dtype.element_ty), mask=both)
+            tl.store(dk_ptr + where, dk.to(dk_ptr.dtype.element_ty), mask=both)
+
+
+def _sizes(streams: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """(tokens, length, n, n padded to a power of two, C)"""
+    seqs, length, n, width = streams.shape
+    return seqs * length, length, n, triton.next_power_of_2(n), width
+
+
+class _Merge(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, streams, keys, value, norm_weight, conv_weight, dilation: int, eps: float):
+        streams, keys, value = streams.contiguous(), keys.contiguous(), value.contiguous()
+        norm_weight, conv_weight = norm_weight.contiguous(), conv_weight.contiguous()
+        tokens, length, n, padded, width = _sizes(streams)
+        lags = conv_weight.shape[0]
+        stats = torch.empty((*streams.shape[:-1], STATS), device=streams.device)
+        out = torch.empty(streams.shape, dtype=streams.dtype, device=streams.device)
+        shape = {"N": n, "NP": padded, "BLOCK": BLOCK_C}
+        _stats[(tokens,)](streams, keys, value, stats, width, eps, **shape)
+        _forward[(tokens,)](
+            streams, value, norm_weight, conv_weight, stats, out, length, width, lags, dilation,
+            **shape,
+        )  # fmt: skip
+        alpha = stats[..., 0]
+        ctx.mark_non_differentiable(alpha)
+        ctx.set_materialize_grads(False)  # alpha takes none: no zeros made for it
+        ctx.save_for_backward(streams, keys, value, norm_weight, conv_weight, stats)
+        ctx.dilation = dilation
+        return out, alpha
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor | None, _d_alpha: None):
+        if grad is None:
+            return (None,) * 7
+        streams, keys, value, norm_weight, conv_weight, stats = ctx.saved_tensors
+        grad = grad.contiguous()
+        tokens, length, n, padded, width = _sizes(streams)
+        lags = conv_weight.shape[0]
+        programs = triton.cdiv(tokens, ROWS)
+        device = streams.device
+        dz = torch.empty(streams.shape, device=device)
+        sums = torch.empty((programs, lags + 1, width), device=device)
+        d_streams, d_keys, d_value = (
+            torch.empty(t.shape, dtype=t.dtype, device=device) for t in (streams, keys, value)
+        )
+        shape = {"N": n, "NP": padded, "BLOCK": BLOCK_C, "ROWS": ROWS}
+        sizes = (tokens, length, width, lags, ctx.dilation)
+        _backward_dz[(programs,)](
+            grad, value, norm_weight, conv_weight, stats, dz, sums, *sizes, **shape
+        )
+        _backward[(programs,)](
+            grad, streams, keys, value, norm_weight, conv_weight, stats, dz, d_streams, d_keys,
+            d_value, sums, *sizes, **shape,
+        )  # fmt: skip
+        total = sums.sum(0)
+        d_conv = total[:lags].to(conv_weight.dtype)
+        d_norm = total[lags].to(norm_weight.dtype)
+        return d_streams, d_keys, d_value, d_norm, d_conv, None, None
+
+
+@register("engram_merge", "triton")
+def engram_merge(
+    table: torch.Tensor,
+    indices: torch.Tensor,
+    key_weight: torch.Tensor,
+    value_weight: torch.Tensor,
+    streams: torch.Tensor,
+    norm_weight: torch.Tensor,
+    conv_weight: torch.Tensor,
+    dilation: int,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's `engram_merge` (same arguments and results): the rows gathered and
+    projected by torch, the rest in the kernels above, in float32; out in the streams' dtype."""
+    if torch.compiler.is_compiling() or streams.numel() == 0:  # inductor fuses the reference
+        return reference.engram_merge(
+            table, indices, key_weight, value_weight, streams, norm_weight, conv_weight,
+            dilation, eps,
+        )  # fmt: skip
+    memory, value = reference.engram_memory(table, indices, value_weight)
+    keys = F.linear(memory, key_weight).view(streams.shape)
+    return _Merge.apply(streams, keys, value, norm_weight, conv_weight, dilation, eps)
