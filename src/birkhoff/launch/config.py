@@ -25,7 +25,7 @@ class ClusterConfig:
     matmul_efficiency: float | None = None  # share of the bf16 peak the matmuls reach; None: 0.6
     memory_gbps: float | None = None  # device memory (HBM) bandwidth, GB/s
     memory_efficiency: float | None = None  # share of it elementwise kernels reach; None: 0.8
-    launch_us: float | None = None  # host time per eager kernel launch (plan --launches); 27.6
+    launch_us: float | None = None  # host time per eager kernel launch (plan --launches); 28.1
 
 
 @dataclass

@@ -30,9 +30,9 @@ class Cluster:
     memory_gbps: float = 3350.0  # device memory (HBM) bandwidth, GB/s
     # share of it that streaming elementwise kernels reach (traffic.py)
     memory_efficiency: float = 0.8
-    # host time per kernel launch of eager PyTorch (dispatch, autograd, launch): 27.6 us on
-    # the H200 machine of the README (tiny's eager step, 167 ms, over its 6,067 launches)
-    launch_us: float = 27.6
+    # host time per kernel launch of eager PyTorch (dispatch, autograd, launch): 28.1 us on
+    # the H200 machine of the README (tiny's eager step, 167 ms, over its 5,941 launches)
+    launch_us: float = 28.1
 
     def validate(self) -> None:
         for key in ("devices", "node_size"):
