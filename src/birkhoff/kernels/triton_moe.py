@@ -24,6 +24,7 @@ from birkhoff.kernels.reference import tokens_per_expert
 from birkhoff.kernels.registry import register
 
 BLOCK_C = 128
+BLOCK_ROWS = 1024  # rows a program of _invert inverts
 
 
 @triton.jit
@@ -35,10 +36,14 @@ def _slots(inverse_ptr, token, K: tl.constexpr, KP: tl.constexpr):
 
 
 @triton.jit
-def _gather_rows(src_ptr, order_ptr, out_ptr, C, K: tl.constexpr, BLOCK: tl.constexpr):
-    """permuted[r] = tokens[order[r] // k]."""
+def _gather_rows(
+    src_ptr, order_ptr, out_ptr, inverse_ptr, C, K: tl.constexpr, BLOCK: tl.constexpr
+):  # fmt: skip
+    """permuted[r] = tokens[order[r] // k]; and inverse[order[r]] = r (for the backward)."""
     row = tl.program_id(0).to(tl.int64)  # 64-bit offsets: rows x C passes 2^31
-    token = tl.load(order_ptr + row) // K
+    slot = tl.load(order_ptr + row)
+    tl.store(inverse_ptr + slot, row)
+    token = slot // K
     for start in range(0, C, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         inside = cols < C
@@ -91,10 +96,22 @@ def _unpermute_backward(
     tl.store(dw_ptr + token * K + tl.arange(0, KP), dw.to(dw_ptr.dtype.element_ty), mask=on)
 
 
+@triton.jit
+def _invert(order_ptr, inverse_ptr, total, BLOCK: tl.constexpr):
+    """inverse[order[r]] = r for BLOCK rows r."""
+    row = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = row < total
+    tl.store(inverse_ptr + tl.load(order_ptr + row, mask=inside, other=0), row, mask=inside)
+
+
 def _inverse(order: torch.Tensor) -> torch.Tensor:
-    """slot -> permuted row: the inverse permutation of `order` (permuted row -> slot)."""
+    """slot -> permuted row: the inverse permutation of `order` (permuted row -> slot), one
+    launch (arange and index_put were two)."""
     inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device, dtype=order.dtype)
+    if order.numel():
+        _invert[(triton.cdiv(order.numel(), BLOCK_ROWS),)](
+            order, inverse, order.numel(), BLOCK=BLOCK_ROWS
+        )
     return inverse
 
 
@@ -104,18 +121,22 @@ class _Permute(torch.autograd.Function):
         tokens = tokens.contiguous()
         channels = tokens.shape[-1]
         out = tokens.new_empty((order.numel(), channels))
-        _gather_rows[(order.numel(),)](tokens, order, out, channels, K=top_k, BLOCK=BLOCK_C)
+        inverse = torch.empty_like(order)  # written by the same kernel: the backward's
+        if order.numel():
+            _gather_rows[(order.numel(),)](
+                tokens, order, out, inverse, channels, K=top_k, BLOCK=BLOCK_C
+            )
         ctx.top_k, ctx.num_tokens = top_k, tokens.shape[0]
-        ctx.save_for_backward(order)
+        ctx.save_for_backward(inverse)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (order,) = ctx.saved_tensors
+        (inverse,) = ctx.saved_tensors
         k, channels = ctx.top_k, grad.shape[-1]
         d_tokens = grad.new_empty((ctx.num_tokens, channels))
         _weighted_sum[(ctx.num_tokens,)](
-            grad.contiguous(), _inverse(order), grad, d_tokens, channels,
+            grad.contiguous(), inverse, grad, d_tokens, channels,
             K=k, KP=triton.next_power_of_2(k), WEIGHTED=False, BLOCK=BLOCK_C,
         )  # fmt: skip
         return d_tokens, None, None
