@@ -230,6 +230,7 @@ def _load_backends() -> None:
             triton_kv_compress,
             triton_mhc,
             triton_mhc_mapping,
+            triton_mhc_read,
             triton_moe,
             triton_moe_route,
             triton_rope,

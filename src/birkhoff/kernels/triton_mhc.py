@@ -49,8 +49,10 @@ def _pre_forward(x_ptr, h_ptr, out_ptr, C, N: tl.constexpr, NP: tl.constexpr, BL
 
 @triton.jit
 def _pre_backward(
-    x_ptr, h_ptr, g_ptr, dx_ptr, dh_ptr, C, N: tl.constexpr, NP: tl.constexpr, BLOCK: tl.constexpr
-):
+    x_ptr, h_ptr, g_ptr, add_ptr, dx_ptr, dh_ptr, C, N: tl.constexpr, NP: tl.constexpr,
+    BLOCK: tl.constexpr, ADD: tl.constexpr,
+):  # fmt: skip
+    """dx = h g (plus the streams' other gradient at add_ptr, with ADD), dh = <x, g>."""
     token = tl.program_id(0).to(tl.int64)  # 64-bit offsets: tokens x n x C passes 2^31
     streams = tl.arange(0, NP)
     on = streams < N
@@ -60,7 +62,10 @@ def _pre_backward(
         cols, inside, where, both = _tile(token, start, C, N, NP, BLOCK)
         x = tl.load(x_ptr + where, mask=both, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + token * C + cols, mask=inside, other=0.0).to(tl.float32)
-        tl.store(dx_ptr + where, (h[:, None] * g[None, :]).to(dx_ptr.dtype.element_ty), mask=both)
+        dx = h[:, None] * g[None, :]
+        if ADD:
+            dx += tl.load(add_ptr + where, mask=both, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + where, dx.to(dx_ptr.dtype.element_ty), mask=both)
         dh += tl.sum(x * g[None, :], axis=1)
     tl.store(dh_ptr + token * N + streams, dh.to(dh_ptr.dtype.element_ty), mask=on)
 
@@ -126,25 +131,39 @@ def _shape(streams: torch.Tensor) -> tuple[int, int, int, int]:
     return streams.numel() // (n * c), n, triton.next_power_of_2(n), c
 
 
+def pre_forward(streams: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
+    """sum_i h_pre[i] x_i of contiguous streams (B, T, n, C) and h_pre (B, T, n)."""
+    tokens, n, padded, c = _shape(streams)
+    out = torch.empty((*streams.shape[:-2], c), dtype=streams.dtype, device=streams.device)
+    _pre_forward[(tokens,)](streams, h_pre, out, c, N=n, NP=padded, BLOCK=BLOCK_C)
+    return out
+
+
+def pre_backward(
+    streams: torch.Tensor, h_pre: torch.Tensor, grad: torch.Tensor, add: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d_streams, d_h_pre) of pre_forward, d_streams plus `add` (the streams' gradient from
+    elsewhere, in the same pass) where given."""
+    tokens, n, padded, c = _shape(streams)
+    d_streams, d_h = torch.empty_like(streams), torch.empty_like(h_pre)
+    _pre_backward[(tokens,)](
+        streams, h_pre, grad.contiguous(), add, d_streams, d_h, c, N=n, NP=padded,
+        BLOCK=BLOCK_C, ADD=add is not None,
+    )  # fmt: skip
+    return d_streams, d_h
+
+
 class _Pre(torch.autograd.Function):
     @staticmethod
     def forward(ctx, streams: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
         streams, h_pre = streams.contiguous(), h_pre.contiguous()
-        tokens, n, padded, c = _shape(streams)
-        out = streams.new_empty((*streams.shape[:-2], c))
-        _pre_forward[(tokens,)](streams, h_pre, out, c, N=n, NP=padded, BLOCK=BLOCK_C)
         ctx.save_for_backward(streams, h_pre)
-        return out
+        return pre_forward(streams, h_pre)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         streams, h_pre = ctx.saved_tensors
-        tokens, n, padded, c = _shape(streams)
-        d_streams, d_h = torch.empty_like(streams), torch.empty_like(h_pre)
-        _pre_backward[(tokens,)](
-            streams, h_pre, grad.contiguous(), d_streams, d_h, c, N=n, NP=padded, BLOCK=BLOCK_C
-        )
-        return d_streams, d_h
+        return pre_backward(streams, h_pre, grad, None)
 
 
 class _Post(torch.autograd.Function):

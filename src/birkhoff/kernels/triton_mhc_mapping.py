@@ -24,8 +24,6 @@ import torch
 import triton
 import triton.language as tl
 
-from birkhoff.kernels import triton_mhc
-from birkhoff.kernels.mhc_reference import composed_merge_read, composed_read
 from birkhoff.kernels.registry import register
 from birkhoff.kernels.triton_sinkhorn import sinkhorn_knopp, sinkhorn_knopp_eps
 
@@ -106,9 +104,12 @@ def _forward(
 @triton.jit
 def _streams_backward(
     x_ptr, w_ptr, gpre_ptr, gpost_ptr, gres_ptr, l_ptr, alpha_ptr, bpre_ptr, bpost_ptr,
-    bres_ptr, r_ptr, sums_ptr, dlr_ptr, dx_ptr, T, K,
+    bres_ptr, r_ptr, sums_ptr, dlr_ptr, add_ptr, dx_ptr, T, K,
     N: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    ADD: tl.constexpr,
 ):  # fmt: skip
+    """dx (plus the streams' other gradient at add_ptr, with ADD), r dl and the per-token sums
+    of 16 tokens."""
     t = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)  # 64-bit offsets
     m = tl.arange(0, MP)
     on = t < T
@@ -143,6 +144,10 @@ def _streams_backward(
                     mask=(m < M)[:, None] & (k < K)[None, :], other=0.0).to(tl.float32)  # fmt: skip
         x = tl.load(x_ptr + t[:, None] * K + k[None, :], mask=both, other=0.0).to(tl.float32)
         dx = r[:, None] * tl.dot(dl, w, input_precision="ieee") - x * coeff[:, None]
+        if ADD:
+            dx += tl.load(add_ptr + t[:, None] * K + k[None, :], mask=both, other=0.0).to(
+                tl.float32
+            )
         tl.store(dx_ptr + t[:, None] * K + k[None, :], dx.to(dx_ptr.dtype.element_ty), mask=both)
 
 
@@ -152,47 +157,69 @@ def _sizes(n: int) -> tuple[int, int]:
     return m, max(16, triton.next_power_of_2(m))
 
 
+def project_forward(
+    flat: torch.Tensor, weight: torch.Tensor, alpha: torch.Tensor, biases: list[torch.Tensor],
+    n: int, norm_eps: float, pre_eps: float,
+) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """(H_pre, H_post, H_res's logits, then what the backward keeps: l and 1 / rms) of the
+    contiguous (tokens, n C) streams."""
+    tokens, width = flat.shape
+    m, padded = _sizes(n)
+    pre, post = (torch.empty(tokens, n, device=flat.device) for _ in range(2))
+    logits = torch.empty(tokens, n * n, device=flat.device)
+    projected = torch.empty(tokens, m, device=flat.device)
+    r = torch.empty(tokens, device=flat.device)
+    _forward[(triton.cdiv(tokens, BLOCK_T),)](
+        flat, weight, alpha, *biases, pre, post, logits, projected, r, tokens,
+        width, norm_eps, pre_eps, N=n, M=m, MP=padded, BT=BLOCK_T, BK=BLOCK_K,
+    )  # fmt: skip
+    return pre, post, logits, projected, r
+
+
+def project_backward(
+    saved: tuple[torch.Tensor, ...], n: int, grad_pre: torch.Tensor, grad_post: torch.Tensor,
+    grad_res: torch.Tensor, add: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """The gradients of the flat streams (plus `add`, the streams' gradient from elsewhere,
+    in the same pass, where given), the weight, alpha and the three biases; `saved` is (flat,
+    weight, alpha, the three biases, l, 1 / rms)."""
+    flat, weight, alpha, *biases, projected, r = saved
+    tokens, width = flat.shape
+    m, padded = _sizes(n)
+    per_token = torch.empty(tokens, m + 3, device=flat.device)  # dz, then alpha's three
+    d_l_r, d_flat = torch.empty_like(projected), torch.empty_like(flat)
+    _streams_backward[(triton.cdiv(tokens, BLOCK_T),)](
+        flat, weight, grad_pre.contiguous(), grad_post.contiguous(), grad_res.contiguous(),
+        projected, alpha, *biases, r, per_token, d_l_r, add, d_flat, tokens, width,
+        N=n, M=m, MP=padded, BT=BLOCK_T, BK=BLOCK_K, ADD=add is not None,
+    )  # fmt: skip
+    sums = per_token.sum(0)
+    d_biases = sums[:n], sums[n : 2 * n], sums[2 * n : m].view(n, n)
+    with torch.autocast(flat.device.type, enabled=False):  # float32, as the forward's
+        d_weight = d_l_r.T @ flat.float()
+    return (d_flat, d_weight.to(weight.dtype), sums[m:].to(alpha.dtype),
+            *(d.to(b.dtype) for d, b in zip(d_biases, biases, strict=True)))  # fmt: skip
+
+
 class _Project(torch.autograd.Function):
     """(tokens, n C) streams -> H_pre (tokens, n), H_post (tokens, n), H_res's logits
     (tokens, n^2)."""
 
     @staticmethod
     def forward(ctx, flat, weight, alpha, bias_pre, bias_post, bias_res, n, norm_eps, pre_eps):
-        flat, weight = flat.contiguous(), weight.contiguous()
+        flat, weight, alpha = flat.contiguous(), weight.contiguous(), alpha.contiguous()
         biases = [b.contiguous() for b in (bias_pre, bias_post, bias_res)]
-        tokens, width = flat.shape
-        m, padded = _sizes(n)
-        pre, post = (torch.empty(tokens, n, device=flat.device) for _ in range(2))
-        logits = torch.empty(tokens, n * n, device=flat.device)
-        projected = torch.empty(tokens, m, device=flat.device)
-        r = torch.empty(tokens, device=flat.device)
-        _forward[(triton.cdiv(tokens, BLOCK_T),)](
-            flat, weight, alpha.contiguous(), *biases, pre, post, logits, projected, r, tokens,
-            width, norm_eps, pre_eps, N=n, M=m, MP=padded, BT=BLOCK_T, BK=BLOCK_K,
-        )  # fmt: skip
+        pre, post, logits, *kept = project_forward(
+            flat, weight, alpha, biases, n, norm_eps, pre_eps
+        )
         ctx.n = n
-        ctx.save_for_backward(flat, weight, alpha, *biases, projected, r)
+        ctx.save_for_backward(flat, weight, alpha, *biases, *kept)
         return pre, post, logits
 
     @staticmethod
     def backward(ctx, grad_pre: torch.Tensor, grad_post: torch.Tensor, grad_res: torch.Tensor):
-        flat, weight, alpha, *biases, projected, r = ctx.saved_tensors
-        n, (tokens, width) = ctx.n, flat.shape
-        m, padded = _sizes(n)
-        per_token = torch.empty(tokens, m + 3, device=flat.device)  # dz, then alpha's three
-        d_l_r, d_flat = torch.empty_like(projected), torch.empty_like(flat)
-        _streams_backward[(triton.cdiv(tokens, BLOCK_T),)](
-            flat, weight, grad_pre.contiguous(), grad_post.contiguous(), grad_res.contiguous(),
-            projected, alpha.contiguous(), *biases, r, per_token, d_l_r, d_flat, tokens, width,
-            N=n, M=m, MP=padded, BT=BLOCK_T, BK=BLOCK_K,
-        )  # fmt: skip
-        sums = per_token.sum(0)
-        d_biases = sums[:n], sums[n : 2 * n], sums[2 * n : m].view(n, n)
-        with torch.autocast(flat.device.type, enabled=False):  # float32, as the forward's
-            d_weight = d_l_r.T @ flat.float()
-        return (d_flat, d_weight.to(weight.dtype), sums[m:].to(alpha.dtype),
-                *(d.to(b.dtype) for d, b in zip(d_biases, biases, strict=True)),
-                None, None, None)  # fmt: skip
+        grads = project_backward(ctx.saved_tensors, ctx.n, grad_pre, grad_post, grad_res)
+        return *grads, None, None, None
 
 
 @register("mhc_mapping", "triton")
@@ -222,9 +249,3 @@ def mhc_mapping(
     else:
         h_res = sinkhorn_knopp_eps(logits, iters, form_eps)
     return h_pre.reshape(*batch, n), h_post.reshape(*batch, n), h_res
-
-
-# mHC's read: these mappings, then triton_mhc's stream read; a merge and the next read: its
-# merge, then that read
-triton_read = register("mhc_read", "triton")(composed_read(mhc_mapping, triton_mhc.mhc_pre))
-register("mhc_merge_read", "triton")(composed_merge_read(triton_mhc.mhc_post, triton_read))

@@ -151,34 +151,47 @@ def _launch(logits: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
     return flat, flat.shape[0], n, triton.next_power_of_2(n)
 
 
+def sinkhorn_forward(logits: torch.Tensor, iters: int, eps: float | None) -> torch.Tensor:
+    """Either form's projection of logits (..., n, n), float32 (`eps` None: log space)."""
+    flat, count, n, padded = _launch(logits)
+    out = torch.empty_like(flat)
+    kernel, scalars = (_forward, ()) if eps is None else (_forward_eps, (eps,))
+    grid = (triton.cdiv(count, BLOCK_T),)
+    kernel[grid](flat, out, count, *scalars, ITERS=iters, N=n, NP=padded, BLOCK=BLOCK_T)
+    return out.view(logits.shape)
+
+
+def sinkhorn_backward(
+    logits: torch.Tensor, grad: torch.Tensor, iters: int, eps: float | None
+) -> torch.Tensor:
+    """The logits' gradient (float32) of sinkhorn_forward, the iterations recomputed."""
+    flat, count, n, padded = _launch(logits)
+    grad_flat = grad.reshape(-1, n, n).float().contiguous()
+    d_logits = torch.empty_like(flat)
+    norms = torch.empty(count, 2 * iters, padded, device=flat.device)
+    kernel, scalars = (_backward, ()) if eps is None else (_backward_eps, (eps,))
+    grid = (triton.cdiv(count, BLOCK_T),)
+    kernel[grid](
+        flat, grad_flat, d_logits, norms, count, *scalars,
+        ITERS=iters, N=n, NP=padded, BLOCK=BLOCK_T,
+    )  # fmt: skip
+    return d_logits.view(logits.shape)
+
+
 class _Sinkhorn(torch.autograd.Function):
     """Either form: `eps` None is the log-space one, a float V4's."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, iters: int, eps: float | None) -> torch.Tensor:
-        flat, count, n, padded = _launch(logits)
-        out = torch.empty_like(flat)
-        kernel, scalars = (_forward, ()) if eps is None else (_forward_eps, (eps,))
-        grid = (triton.cdiv(count, BLOCK_T),)
-        kernel[grid](flat, out, count, *scalars, ITERS=iters, N=n, NP=padded, BLOCK=BLOCK_T)
         ctx.iters, ctx.eps = iters, eps
         ctx.save_for_backward(logits)
-        return out.view(logits.shape).to(logits.dtype)
+        return sinkhorn_forward(logits, iters, eps).to(logits.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (logits,) = ctx.saved_tensors
-        flat, count, n, padded = _launch(logits)
-        grad_flat = grad.reshape(-1, n, n).float().contiguous()
-        d_logits = torch.empty_like(flat)
-        norms = torch.empty(count, 2 * ctx.iters, padded, device=flat.device)
-        kernel, scalars = (_backward, ()) if ctx.eps is None else (_backward_eps, (ctx.eps,))
-        grid = (triton.cdiv(count, BLOCK_T),)
-        kernel[grid](
-            flat, grad_flat, d_logits, norms, count, *scalars,
-            ITERS=ctx.iters, N=n, NP=padded, BLOCK=BLOCK_T,
-        )  # fmt: skip
-        return d_logits.view(logits.shape).to(logits.dtype), None, None
+        d_logits = sinkhorn_backward(logits, grad, ctx.iters, ctx.eps)
+        return d_logits.to(logits.dtype), None, None
 
 
 @register("sinkhorn_knopp", "triton")

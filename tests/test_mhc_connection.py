@@ -1,6 +1,7 @@
-"""A hyper-connection (read, a sublayer, merge) on the cpu backend's ops against the reference's
-in float64, every gradient: the cpu `mhc_read` hands back the streams the merge takes, so that
-the merge's gradient of them is added in the read's backward pass (kernels/cpu_mhc_read.py);
+"""A hyper-connection (read, a sublayer, merge) on the cpu and triton backends' ops against the
+reference's in float64, every gradient: their `mhc_read` hands back the streams the merge
+takes, so that the merge's gradient of them is added in the read's backward pass
+(kernels/cpu_mhc_read.py, kernels/triton_mhc_read.py, interpreted here);
 also with the streams and the mappings used elsewhere too, a second merge, a merge output with
 no gradient, and a backward run twice."""
 
@@ -10,13 +11,17 @@ import pytest
 import torch
 from test_cpu_kernels import read_inputs
 
+from birkhoff import kernels
 from birkhoff.kernels import cpu_mhc, cpu_mhc_read, reference
 from conftest import assert_within_own_error
 
 OPS = {
     "reference": (reference.mhc_read, reference.mhc_post),
     "cpu": (cpu_mhc_read.mhc_read, cpu_mhc.mhc_post),
+    "triton": (kernels.get("mhc_read", "triton"), kernels.get("mhc_post", "triton")),
 }
+FUSED = ["cpu", "triton"]
+READ_NODE = {"cpu": "ReadPassingStreams", "triton": "_ReadBackward"}
 
 
 def inputs(n: int, c: int, tokens: int) -> list[torch.Tensor]:
@@ -45,12 +50,12 @@ def weighted(t: torch.Tensor, seed: int) -> torch.Tensor:
     return (t * r.to(t.dtype)).sum()
 
 
-def assert_matches_reference(tensors, loss_of) -> None:
-    """The cpu ops' gradients against float64, within twice the float32 reference's own
+def assert_matches_reference(backend, tensors, loss_of) -> None:
+    """The backend's gradients against float64, within twice the float32 reference's own
     error (at least 1e-5), element by element."""
     exact = gradients("reference", tensors, torch.float64, loss_of)
     own = gradients("reference", tensors, torch.float32, loss_of)
-    got = gradients("cpu", tensors, torch.float32, loss_of)
+    got = gradients(backend, tensors, torch.float32, loss_of)
     for i, (e, o, g) in enumerate(zip(exact, own, got, strict=True)):
         if e is None:
             assert g is None or not g.any(), i
@@ -63,19 +68,23 @@ def assert_matches_reference(tensors, loss_of) -> None:
 @pytest.mark.parametrize(
     ("n", "c", "tokens"), [(4, 96, 37), (3, 40, 5), (1, 24, 16), (2, 80, 9), (6, 72, 7)]
 )
-def test_a_hyper_connection_on_the_cpu_ops_matches_the_reference(n, c, tokens):
+@pytest.mark.parametrize("backend", FUSED)
+def test_a_hyper_connection_on_the_fused_ops_matches_the_reference(backend, n, c, tokens):
     """The merge takes the streams through the read's node (so its gradient of them reaches
     the read's backward) and every gradient (the streams, the projection, alpha, the biases,
     the sublayer) is the reference's."""
     torch.manual_seed(n + c)
     tensors = inputs(n, c, tokens)
-    passed = connection("cpu", [t.clone().requires_grad_() for t in tensors])[-1]
-    assert type(passed.grad_fn).__name__ == "ViewBackward0"  # a view of the read's output
-    assert "ReadPassingStreams" in type(passed.grad_fn.next_functions[0][0]).__name__
-    assert_matches_reference(tensors, lambda merged, *_: weighted(merged, 1))
+    passed = connection(backend, [t.clone().requires_grad_() for t in tensors])[-1]
+    node = passed.grad_fn  # the read's node, or a view of its output (cpu: of a reshape)
+    if type(node).__name__ == "ViewBackward0":
+        node = node.next_functions[0][0]
+    assert READ_NODE[backend] in type(node).__name__
+    assert_matches_reference(backend, tensors, lambda merged, *_: weighted(merged, 1))
 
 
-def test_streams_and_h_res_used_elsewhere_too_add_their_gradients():
+@pytest.mark.parametrize("backend", FUSED)
+def test_streams_and_h_res_used_elsewhere_too_add_their_gradients(backend):
     """The passed streams and the mappings also feed the loss directly: their gradients from
     there join the merge's in the read's backward."""
     torch.manual_seed(3)
@@ -83,19 +92,21 @@ def test_streams_and_h_res_used_elsewhere_too_add_their_gradients():
     def loss(merged, layer_in, h_post, h_res, passed):
         return weighted(merged, 1) + weighted(passed, 2) + weighted(h_res, 3) + weighted(h_post, 4)
 
-    assert_matches_reference(inputs(4, 96, 19), loss)
+    assert_matches_reference(backend, inputs(4, 96, 19), loss)
 
 
-def test_a_merge_output_without_gradient_leaves_the_read_its_own():
+@pytest.mark.parametrize("backend", FUSED)
+def test_a_merge_output_without_gradient_leaves_the_read_its_own(backend):
     """Only the read's outputs feed the loss: the merge's backward never runs, and the read's
     backward gets no gradient of the streams to add."""
     torch.manual_seed(4)
     assert_matches_reference(
-        inputs(4, 32, 19), lambda merged, layer_in, h_post, h_res, _: weighted(layer_in, 5)
+        backend, inputs(4, 32, 19), lambda merged, layer_in, h_post, h_res, _: weighted(layer_in, 5)
     )
 
 
-def test_two_merges_of_the_same_streams_add_both_gradients():
+@pytest.mark.parametrize("backend", FUSED)
+def test_two_merges_of_the_same_streams_add_both_gradients(backend):
     """Two merges of the passed streams (one with a copy of H_res): the read's backward gets
     their gradients of the streams summed, and every gradient is the reference's."""
     torch.manual_seed(5)
@@ -112,18 +123,19 @@ def test_two_merges_of_the_same_streams_add_both_gradients():
         return torch.autograd.grad(sum(weighted(m, s) for s, m in enumerate(merges)), leaves)
 
     runs = [twice("reference", torch.float64), twice("reference", torch.float32)]
-    runs.append(twice("cpu", torch.float32))
+    runs.append(twice(backend, torch.float32))
     for i, (e, o, g) in enumerate(zip(*runs, strict=True)):
         assert_within_own_error(g, o, e, f"input {i}")
 
 
-def test_a_backward_run_twice_accumulates_twice():
+@pytest.mark.parametrize("backend", FUSED)
+def test_a_backward_run_twice_accumulates_twice(backend):
     """retain_graph and a second backward: the accumulated gradients are twice one
     backward's (a backward that wrote into what the graph keeps, the saved streams or
     mappings, or into a gradient it was handed, would change the second)."""
     torch.manual_seed(6)
     leaves = [t.requires_grad_() for t in inputs(4, 32, 19)]
-    loss = weighted(connection("cpu", leaves)[0], 1)
+    loss = weighted(connection(backend, leaves)[0], 1)
     loss.backward(retain_graph=True)
     once = [t.grad.clone() for t in leaves]
     loss.backward()
