@@ -99,6 +99,28 @@ def test_a_wrong_kernel_is_a_problem(monkeypatch):
     assert not result["ok"] and result["problem"].startswith("relative error 1.0e-02 above")
 
 
+@pytest.mark.parametrize("op", ["mhc_pre", "rope_trailing"])  # rope: two calls checked
+def test_a_kernel_giving_nan_is_a_problem(monkeypatch, op):
+    """A NaN anywhere in an output fails the check, in the example's call or in a further one
+    (MORE_CALLS: rope_trailing's with V4's query norm)."""
+    real_get = doctor_kernels.kernels.get
+
+    def nan_in_the_last_call(name, backend="reference"):
+        if backend != "triton":
+            return real_get(name, backend)
+
+        def op_with_nan(*args):
+            out = real_get(name, "reference")(*args)
+            last = len(args) > len(doctor_kernels.EXAMPLES[name](4))  # a further call
+            return out * torch.nan if last or name == "mhc_pre" else out
+
+        return op_with_nan
+
+    monkeypatch.setattr(doctor_kernels.kernels, "get", nan_in_the_last_call)
+    result = doctor_kernels._check(op, "triton", torch.device("cpu"))
+    assert not result["ok"] and result["problem"].startswith("relative error nan above")
+
+
 def test_an_op_is_held_to_the_reference_s_own_error_in_its_precision(monkeypatch):
     """At the doctor's GPU batch (4096 tokens) Engram's gate misses float64 by ~7e-4 in
     float32 (its gradient runs through 1/sqrt|s| near s = 0), so the reference itself would

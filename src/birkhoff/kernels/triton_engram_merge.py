@@ -12,8 +12,11 @@ formed: `_stats` keeps five floats per token and stream (alpha, r_g, r_h, r_k, <
 `_forward` reads the earlier tokens' values and scalars for z and writes out. Backward,
 `_backward_dz` writes dz = dout silu'(z) and the weight w's gradient, `_backward` reads dz at
 the later tokens a token's value fed and writes the gradients of the streams, keys, value and
-gamma. The two weights' gradients are summed per program of ROWS tokens into its own row of a
-scratch (no atomics: the same sums every run), then over the programs by one torch sum.
+gamma. The two weights' gradients come from one set of sums per lag i, P_i = sum over t and m
+of dz_{t, m} n_{t - i d, m} / gamma (dw_i = gamma P_i, dgamma = sum_i w_i P_i): each program
+of ROWS tokens holds its sums in registers a block of channels at a time and stores them
+once, and `_finish` adds the programs' in order and writes both gradients (no atomics, no
+read-modify-write of memory: the same sums every run).
 Float32 inside; out and each gradient in its input's dtype. The tests compare with the
 reference under TRITON_INTERPRET=1.
 """
@@ -98,31 +101,30 @@ def _forward(
 def _backward_dz(
     g_ptr, v_ptr, gamma_ptr, w_ptr, stats_ptr, dz_ptr, sums_ptr, tokens, length, C, lags,
     dilation, N: tl.constexpr, NP: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+    LP: tl.constexpr,
 ):  # fmt: skip
-    """dz of ROWS tokens, and w's gradient over them into this program's rows 0..lags-1 of
-    sums (lags + 1, C) (row lags, gamma's, zeroed for _backward)."""
+    """dz of ROWS tokens, and this program's row of sums (lags, C): per lag i the products
+    sum_m dz_{t, m} n_{t - i d, m} / gamma over its tokens t, held in registers a block of
+    channels at a time and stored once (_finish turns them into both weights' gradients)."""
     program = tl.program_id(0).to(tl.int64)
     m = tl.arange(0, NP)
-    mine = sums_ptr + program * (lags + 1) * C
-    for row in range(0, lags + 1):
-        for start in range(0, C, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            tl.store(mine + row * C + cols, tl.zeros((BLOCK,), tl.float32), mask=cols < C)
-    for r in range(0, ROWS):
-        token = tl.minimum(program * ROWS + r, tokens - 1)
-        # the channels of a token past the last: none (a scalar mask: the interpreter takes
-        # none, so each mask below is a vector)
-        live_width = tl.where(program * ROWS + r < tokens, C, 0)
-        position = token % length
-        for start in range(0, C, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            inside = cols < C
+    lag = tl.arange(0, LP)
+    for start in range(0, C, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        inside = cols < C
+        gamma = tl.load(gamma_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+        sums = tl.zeros((LP, BLOCK), dtype=tl.float32)
+        for r in range(0, ROWS):
+            token = tl.minimum(program * ROWS + r, tokens - 1)
+            # the channels of a token past the last: none (a scalar mask: the interpreter
+            # takes none, so each mask here is a vector)
+            live_width = tl.where(program * ROWS + r < tokens, C, 0)
+            position = token % length
             both = (m < N)[:, None] & (cols < live_width)[None, :]
-            gamma = tl.load(gamma_ptr + cols, mask=inside, other=0.0).to(tl.float32)
             z = _conv(v_ptr, w_ptr, stats_ptr, token, position, cols, C, lags, dilation, N,
                       NP, BLOCK) * gamma[None, :]  # fmt: skip
             where = token * N * C + m[:, None] * C + cols[None, :]
-            g = tl.load(g_ptr + where, mask=both, other=0.0).to(tl.float32)
+            g = tl.load(g_ptr + where, mask=both, other=0.0).to(tl.float32)  # 0: past the end
             sig = 1.0 / (1.0 + tl.exp(-z))
             dz = g * sig * (1.0 + z * (1.0 - sig))
             tl.store(dz_ptr + where, dz, mask=both)
@@ -131,9 +133,34 @@ def _backward_dz(
                 st = stats_ptr + (u * N + m) * 5
                 beta = tl.load(st, mask=m < N, other=0.0) * tl.load(st + 1, mask=m < N, other=0)
                 v = tl.load(v_ptr + u * C + cols, mask=inside, other=0.0).to(tl.float32)
-                part = tl.sum(dz * beta[:, None], axis=0) * gamma * v
-                at = mine + i * C + cols
-                tl.store(at, tl.load(at, mask=inside, other=0.0) + part, mask=inside)
+                part = tl.sum(dz * beta[:, None], axis=0) * v
+                sums += tl.where((lag == i)[:, None], part[None, :], 0.0)
+        mine = sums_ptr + (program * lags + lag[:, None]) * C + cols[None, :]
+        tl.store(mine, sums, mask=(lag < lags)[:, None] & inside[None, :])
+
+
+@triton.jit
+def _finish(
+    sums_ptr, gamma_ptr, w_ptr, dgamma_ptr, dw_ptr, programs, C, lags, LP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Both weights' gradients from the programs' sums P (lags, C) of a block of channels:
+    dw_i = gamma P_i, dgamma = sum_i w_i P_i (the norm's output, gamma times the normalised
+    gated value, fed lag i of the convolution)."""
+    cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    lag = tl.arange(0, LP)
+    inside = cols < C
+    both = (lag < lags)[:, None] & inside[None, :]
+    total = tl.zeros((LP, BLOCK), dtype=tl.float32)
+    for program in range(0, programs):  # in order: the same sums every run
+        at = sums_ptr + (program * lags + lag[:, None]).to(tl.int64) * C + cols[None, :]
+        total += tl.load(at, mask=both, other=0.0)
+    gamma = tl.load(gamma_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + lag[:, None] * C + cols[None, :], mask=both, other=0.0).to(tl.float32)
+    dw = total * gamma[None, :]
+    tl.store(dw_ptr + lag[:, None] * C + cols[None, :], dw.to(dw_ptr.dtype.element_ty), mask=both)
+    dgamma = tl.sum(w * total, axis=0)
+    tl.store(dgamma_ptr + cols, dgamma.to(dgamma_ptr.dtype.element_ty), mask=inside)
 
 
 @triton.jit
@@ -173,16 +200,14 @@ def _token_block(
 @triton.jit
 def _backward(
     g_ptr, h_ptr, k_ptr, v_ptr, gamma_ptr, w_ptr, stats_ptr, dz_ptr, dh_ptr, dk_ptr, dv_ptr,
-    sums_ptr, tokens, length, C, lags, dilation, N: tl.constexpr, NP: tl.constexpr,
-    BLOCK: tl.constexpr, ROWS: tl.constexpr,
+    tokens, length, C, lags, dilation, N: tl.constexpr, NP: tl.constexpr, BLOCK: tl.constexpr,
+    ROWS: tl.constexpr,
 ):  # fmt: skip
-    """The gradients of ROWS tokens' streams, keys and value; gamma's over them into row
-    `lags` of this program's sums. Two passes a token: the row sums (<dout, v>, <dn gamma, v>,
-    <v, v>), then the gradients."""
+    """The gradients of ROWS tokens' streams, keys and value. Two passes a token: the row
+    sums (<dout, v>, <dn gamma, v>, <v, v>), then the gradients."""
     program = tl.program_id(0).to(tl.int64)
     m = tl.arange(0, NP)
     on = m < N
-    mine = sums_ptr + program * (lags + 1) * C + lags * C
     for r in range(0, ROWS):
         token = tl.minimum(program * ROWS + r, tokens - 1)
         # the channels of a token past the last: none (a scalar mask: the interpreter takes
@@ -206,9 +231,6 @@ def _backward(
             gv += tl.sum(g * v[None, :], axis=1)
             uv += tl.sum(dn * (gamma * v)[None, :], axis=1)
             vv += tl.sum(v * v)
-            part = tl.sum(dn * (alpha * r_g)[:, None], axis=0) * v
-            at = mine + cols
-            tl.store(at, tl.load(at, mask=cols < C, other=0.0) + part, mask=cols < live_width)
         # d_gated = dout + r_g gamma dn - v coef (RMSNorm's backward of g = alpha v)
         coef = alpha * alpha * r_g * r_g * r_g * uv / C
         d_alpha = gv + r_g * uv - coef * vv
@@ -250,7 +272,9 @@ class _Merge(torch.autograd.Function):
         norm_weight, conv_weight = norm_weight.contiguous(), conv_weight.contiguous()
         tokens, length, n, padded, width = _sizes(streams)
         lags = conv_weight.shape[0]
-        stats = torch.empty((*streams.shape[:-1], STATS), device=streams.device)
+        stats = torch.empty(
+            (*streams.shape[:-1], STATS), dtype=torch.float32, device=streams.device
+        )
         out = torch.empty(streams.shape, dtype=streams.dtype, device=streams.device)
         shape = {"N": n, "NP": padded, "BLOCK": BLOCK_C}
         _stats[(tokens,)](streams, keys, value, stats, width, eps, **shape)
@@ -275,23 +299,28 @@ class _Merge(torch.autograd.Function):
         lags = conv_weight.shape[0]
         programs = triton.cdiv(tokens, ROWS)
         device = streams.device
-        dz = torch.empty(streams.shape, device=device)
-        sums = torch.empty((programs, lags + 1, width), device=device)
-        d_streams, d_keys, d_value = (
-            torch.empty(t.shape, dtype=t.dtype, device=device) for t in (streams, keys, value)
+        f32 = torch.float32
+        dz = torch.empty(streams.shape, dtype=f32, device=device)
+        sums = torch.empty((programs, lags, width), dtype=f32, device=device)
+        d_streams, d_keys, d_value, d_norm, d_conv = (
+            torch.empty(t.shape, dtype=t.dtype, device=device)
+            for t in (streams, keys, value, norm_weight, conv_weight)
         )
         shape = {"N": n, "NP": padded, "BLOCK": BLOCK_C, "ROWS": ROWS}
         sizes = (tokens, length, width, lags, ctx.dilation)
+        padded_lags = triton.next_power_of_2(lags)
         _backward_dz[(programs,)](
-            grad, value, norm_weight, conv_weight, stats, dz, sums, *sizes, **shape
-        )
+            grad, value, norm_weight, conv_weight, stats, dz, sums, *sizes, **shape,
+            LP=padded_lags,
+        )  # fmt: skip
         _backward[(programs,)](
             grad, streams, keys, value, norm_weight, conv_weight, stats, dz, d_streams, d_keys,
-            d_value, sums, *sizes, **shape,
+            d_value, *sizes, **shape,
         )  # fmt: skip
-        total = sums.sum(0)
-        d_conv = total[:lags].to(conv_weight.dtype)
-        d_norm = total[lags].to(norm_weight.dtype)
+        _finish[(triton.cdiv(width, BLOCK_C),)](
+            sums, norm_weight, conv_weight, d_norm, d_conv, programs, width, lags,
+            LP=padded_lags, BLOCK=BLOCK_C,
+        )  # fmt: skip
         return d_streams, d_keys, d_value, d_norm, d_conv, None, None
 
 

@@ -143,7 +143,7 @@ def _launch(
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     width = x.shape[-1]
     total = out.numel() // width if width else 0
-    scale = None if eps is None else torch.empty(total, device=x.device)
+    scale = None if eps is None else torch.empty(total, dtype=torch.float32, device=x.device)
     if not total:
         return out, scale
     rows, sizes, strides = _strided(x)

@@ -7,6 +7,7 @@ able to check it."""
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -252,11 +253,11 @@ def _check(op: str, backend: str, device: torch.device) -> dict:
         grads = [torch.randn_like(e) for e in targets]
         expected_grads = torch.autograd.grad(targets, exact_leaves, grads) if backward else ()
         call_errors = _errors(fused, args, expected, grads, expected_grads, constants)
-        errors = tuple(map(max, errors, call_errors))
+        errors = tuple(map(_worst, errors, call_errors))
         if not rounded and exact_dtype == torch.float64:
             # The reference in the op's own precision: an ill-conditioned op (a gradient
             # through sqrt|s| near 0, say) misses float64 by as much, and the op is held to it.
-            own = max(own, *_errors(reference, args, expected, grads, expected_grads, constants))
+            own = _worst(own, *_errors(reference, args, expected, grads, expected_grads, constants))
             result["reference_own_precision_error"] = own
             tolerance = max(tolerance, CONDITIONING_FACTOR * own)
     result["forward_error"], result["backward_error"] = errors
@@ -269,7 +270,7 @@ def _check(op: str, backend: str, device: torch.device) -> dict:
     else:
         timed = [_seconds(op_, inputs, device, backward, constants) for op_ in (reference, fused)]
         result["speed_ratio"] = timed[0] / timed[1]
-    worst = max(errors)
+    worst = _worst(*errors)
     result["ok"] = worst <= tolerance
     if limited:
         notes.append(f"runs for {' or '.join(map(str, limited))} inputs only; checked in it")
@@ -299,6 +300,12 @@ def _errors(
     cast = [g.to(o.dtype) for g, (o, _) in zip(grads, pairs, strict=True)]
     got_grads = torch.autograd.grad([o for o, _ in pairs], leaves, cast)
     return forward, max(map(_relative, got_grads, expected_grads))
+
+
+def _worst(*errors: float) -> float:
+    """The largest error, NaN if any is (max() keeps whichever comes first of a number and
+    NaN, so a NaN output could pass)."""
+    return math.nan if any(map(math.isnan, errors)) else max(errors)
 
 
 def _outputs(result: torch.Tensor | tuple) -> tuple[torch.Tensor, ...]:
