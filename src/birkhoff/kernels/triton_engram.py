@@ -58,14 +58,21 @@ def _gate(h_ptr, k_ptr, token, C, eps, N: tl.constexpr, NP: tl.constexpr, BLOCK:
 
 
 @triton.jit
+def _dot_grad(d_alpha, alpha, s, C):
+    """The gradient of <h', k'> from alpha's, through the sigmoid and the signed square root
+    (0 where |s| is clamped)."""
+    root = tl.sqrt(tl.maximum(tl.abs(s), SQRT_FLOOR))  # unused where clamped (padding: 0)
+    d_s = d_alpha * alpha * (1.0 - alpha) * tl.where(tl.abs(s) >= SQRT_FLOOR, 0.5 / root, 0.0)
+    return d_s / tl.sqrt(C * 1.0)
+
+
+@triton.jit
 def _forward(
-    h_ptr, k_ptr, v_ptr, out_ptr, alpha_ptr, C, eps,
-    N: tl.constexpr, NP: tl.constexpr, BLOCK: tl.constexpr,
+    h_ptr, k_ptr, v_ptr, out_ptr, C, eps, N: tl.constexpr, NP: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     token = tl.program_id(0).to(tl.int64)  # 64-bit offsets: tokens x n x C passes 2^31
     m = tl.arange(0, NP)
     alpha, _, _, _, _ = _gate(h_ptr, k_ptr, token, C, eps, N, NP, BLOCK)
-    tl.store(alpha_ptr + token * N + m, alpha, mask=m < N)
     # the reference multiplies in the value's dtype: alpha rounded to it first
     alpha = alpha.to(v_ptr.dtype.element_ty).to(tl.float32)
     for start in range(0, C, BLOCK):
@@ -95,9 +102,7 @@ def _backward(
         where = token * N * C + m[:, None] * C + cols[None, :]
         g = tl.load(g_ptr + where, mask=on[:, None] & inside[None, :], other=0.0)
         d_alpha += tl.sum(g.to(tl.float32) * v[None, :], axis=1)
-    root = tl.sqrt(tl.maximum(tl.abs(s), SQRT_FLOOR))  # unused where clamped (padding: 0)
-    d_s = d_alpha * alpha * (1.0 - alpha) * tl.where(tl.abs(s) >= SQRT_FLOOR, 0.5 / root, 0.0)
-    d_dot = d_s / tl.sqrt(C * 1.0)  # gradient of <h', k'>
+    d_dot = _dot_grad(d_alpha, alpha, s, C)
     alpha_v = alpha.to(v_ptr.dtype.element_ty).to(tl.float32)
     for start in range(0, C, BLOCK):
         cols = start + tl.arange(0, BLOCK)
@@ -126,8 +131,7 @@ class _Gate(torch.autograd.Function):
         streams, keys, value = streams.contiguous(), keys.contiguous(), value.contiguous()
         tokens, n, padded, c = _shape(streams)
         out = value.new_empty(streams.shape)
-        alpha = torch.empty(streams.shape[:-1], device=streams.device)
-        _forward[(tokens,)](streams, keys, value, out, alpha, c, eps, N=n, NP=padded, BLOCK=BLOCK_C)
+        _forward[(tokens,)](streams, keys, value, out, c, eps, N=n, NP=padded, BLOCK=BLOCK_C)
         ctx.eps = eps
         ctx.save_for_backward(streams, keys, value)
         return out

@@ -30,11 +30,12 @@ import triton.language as tl
 
 from birkhoff.kernels import reference
 from birkhoff.kernels.registry import register
-from birkhoff.kernels.triton_engram import SQRT_FLOOR, _gate
+from birkhoff.kernels.triton_engram import _dot_grad, _gate
 
 BLOCK_C = 128
 ROWS = 16  # tokens a backward program sums the weights' gradients over
 STATS = 5  # per token and stream: alpha, r_g, r_h, r_k, <h', k'>
+_STATS = tl.constexpr(STATS)  # as the kernels read it
 
 
 @triton.jit
@@ -49,7 +50,7 @@ def _stats(h_ptr, k_ptr, v_ptr, stats_ptr, C, eps, N: tl.constexpr, NP: tl.const
         v = tl.load(v_ptr + token * C + cols, mask=cols < C, other=0.0).to(tl.float32)
         vv += tl.sum(v * v)
     r_g = 1.0 / tl.sqrt(alpha * alpha * vv / C + eps)
-    at = stats_ptr + (token * N + m) * 5
+    at = stats_ptr + (token * N + m) * _STATS
     on = m < N
     tl.store(at, alpha, mask=on)
     tl.store(at + 1, r_g, mask=on)
@@ -67,7 +68,7 @@ def _conv(v_ptr, w_ptr, stats_ptr, token, position, cols, C, lags, dilation, N: 
     z = tl.zeros((NP, BLOCK), dtype=tl.float32)
     for i in range(0, tl.minimum(position // dilation + 1, lags)):
         u = token - i * dilation
-        st = stats_ptr + (u * N + m) * 5
+        st = stats_ptr + (u * N + m) * _STATS
         beta = tl.load(st, mask=m < N, other=0.0) * tl.load(st + 1, mask=m < N, other=0.0)
         v = tl.load(v_ptr + u * C + cols, mask=inside, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + i * C + cols, mask=inside, other=0.0).to(tl.float32)
@@ -82,7 +83,7 @@ def _forward(
 ):  # fmt: skip
     token = tl.program_id(0).to(tl.int64)
     m = tl.arange(0, NP)
-    alpha = tl.load(stats_ptr + (token * N + m) * 5, mask=m < N, other=0.0)
+    alpha = tl.load(stats_ptr + (token * N + m) * _STATS, mask=m < N, other=0.0)
     for start in range(0, C, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         inside = cols < C
@@ -130,7 +131,7 @@ def _backward_dz(
             tl.store(dz_ptr + where, dz, mask=both)
             for i in range(0, tl.minimum(position // dilation + 1, lags)):  # lag i read u
                 u = token - i * dilation
-                st = stats_ptr + (u * N + m) * 5
+                st = stats_ptr + (u * N + m) * _STATS
                 beta = tl.load(st, mask=m < N, other=0.0) * tl.load(st + 1, mask=m < N, other=0)
                 v = tl.load(v_ptr + u * C + cols, mask=inside, other=0.0).to(tl.float32)
                 part = tl.sum(dz * beta[:, None], axis=0) * v
@@ -214,7 +215,7 @@ def _backward(
         # none, so each mask below is a vector)
         live_width = tl.where(program * ROWS + r < tokens, C, 0)
         position = token % length
-        st = stats_ptr + (token * N + m) * 5
+        st = stats_ptr + (token * N + m) * _STATS
         alpha = tl.load(st, mask=on, other=0.0)
         r_g = tl.load(st + 1, mask=on, other=0.0)
         r_h = tl.load(st + 2, mask=on, other=0.0)
@@ -234,11 +235,7 @@ def _backward(
         # d_gated = dout + r_g gamma dn - v coef (RMSNorm's backward of g = alpha v)
         coef = alpha * alpha * r_g * r_g * r_g * uv / C
         d_alpha = gv + r_g * uv - coef * vv
-        root_c = tl.sqrt(C * 1.0)
-        s = dot / root_c
-        root = tl.sqrt(tl.maximum(tl.abs(s), SQRT_FLOOR))  # unused where clamped
-        d_s = d_alpha * alpha * (1.0 - alpha) * tl.where(tl.abs(s) >= SQRT_FLOOR, 0.5 / root, 0.0)
-        d_dot = d_s / root_c
+        d_dot = _dot_grad(d_alpha, alpha, dot / tl.sqrt(C * 1.0), C)
         share = dot / C
         for start in range(0, C, BLOCK):
             cols, where, v, gamma, g, dn = _token_block(

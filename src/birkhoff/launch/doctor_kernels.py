@@ -244,9 +244,8 @@ def _check(op: str, backend: str, device: torch.device) -> dict:
     backward = not (interpreted and op in NO_CPU_BACKWARD) and op not in NO_BACKWARD
     exact_dtype = REFERENCE_DTYPE.get(op, torch.float64)
     constants = CONSTANT_ARGS.get(op, ())
-    calls = [inputs] + [inputs + list(extra) for extra in MORE_CALLS.get(op, ())]
     errors, own = (0.0, 0.0), 0.0
-    for args in calls:
+    for args in example_calls(op, inputs):
         exact, exact_leaves = _leaves(args, exact_dtype, backward, constants)
         expected = _outputs(reference(*exact))
         targets = [e for e in expected if e.requires_grad] if backward else []
@@ -300,6 +299,11 @@ def _errors(
     cast = [g.to(o.dtype) for g, (o, _) in zip(grads, pairs, strict=True)]
     got_grads = torch.autograd.grad([o for o, _ in pairs], leaves, cast)
     return forward, max(map(_relative, got_grads, expected_grads))
+
+
+def example_calls(op: str, inputs: list) -> list[list]:
+    """The argument lists an op is checked with: its example's, then MORE_CALLS'."""
+    return [inputs] + [inputs + list(extra) for extra in MORE_CALLS.get(op, ())]
 
 
 def _worst(*errors: float) -> float:

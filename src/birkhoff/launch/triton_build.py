@@ -54,12 +54,12 @@ def recorded_launches(ops: list[str]) -> dict[tuple, tuple]:
     from birkhoff.launch.doctor_kernels import (
         CONSTANT_ARGS,
         EXAMPLES,
-        MORE_CALLS,
         NO_BACKWARD,
         NO_CPU_BACKWARD,
         _cast,
         _leaves,
         _outputs,
+        example_calls,
     )
 
     launches: dict[tuple, tuple] = {}
@@ -90,10 +90,8 @@ def recorded_launches(ops: list[str]) -> dict[tuple, tuple]:
                 inputs = [_cast(a, limited[0]) for a in inputs]
             # FlexAttention: compiled by inductor instead; entry_mass has no backward
             backward = op not in NO_CPU_BACKWARD and op not in NO_BACKWARD
-            for extra in [(), *MORE_CALLS.get(op, ())]:
-                args, leaves = _leaves(
-                    inputs + list(extra), None, backward, CONSTANT_ARGS.get(op, ())
-                )
+            for call in example_calls(op, inputs):
+                args, leaves = _leaves(call, None, backward, CONSTANT_ARGS.get(op, ()))
                 outs = [o for o in _outputs(kernels.get(op, "triton")(*args)) if o.requires_grad]
                 if backward:
                     grads = [torch.ones_like(o) for o in outs]
