@@ -1,5 +1,5 @@
-"""Engram's merge after its projections as four Triton kernels (the `triton` backend's
-`engram_merge`): two forward, two backward, where the composition (the gate kernel, liger's
+"""Engram's merge after its projections as five Triton kernels (the `triton` backend's
+`engram_merge`): two forward, three backward, where the composition (the gate kernel, liger's
 RMSNorm, the convolution's lags, SiLU and the sums in torch) launched about fifty a layer.
 
 Per token t and stream m, with h = streams[t, m], k = keys[t, m], v = value[t], C the width
@@ -11,12 +11,13 @@ g and n are a scalar times v per token and stream (n = alpha r_g gamma v), so ne
 formed: `_stats` keeps five floats per token and stream (alpha, r_g, r_h, r_k, <h', k'>),
 `_forward` reads the earlier tokens' values and scalars for z and writes out. Backward,
 `_backward_dz` writes dz = dout silu'(z) and the weight w's gradient, `_backward` reads dz at
-the later tokens a token's value fed and writes the gradients of the streams, keys, value and
-gamma. The two weights' gradients come from one set of sums per lag i, P_i = sum over t and m
-of dz_{t, m} n_{t - i d, m} / gamma (dw_i = gamma P_i, dgamma = sum_i w_i P_i): each program
-of ROWS tokens holds its sums in registers a block of channels at a time and stores them
-once, and `_finish` adds the programs' in order and writes both gradients (no atomics, no
-read-modify-write of memory: the same sums every run).
+the later tokens a token's value fed (once: the value's gradient less a row term kept in a
+float32 scratch of the value's size between its two passes) and writes the gradients of the
+streams, keys and value. The two weights' gradients come from one set of sums per lag i,
+P_i = sum over t and m of dz_{t, m} n_{t - i d, m} / gamma (dw_i = gamma P_i, dgamma =
+sum_i w_i P_i): each program of ROWS tokens holds its sums in registers a block of channels
+at a time and stores them once, and `_finish` adds the programs' in order and writes both
+gradients (no atomics, no read-modify-write of memory: the same sums every run).
 Float32 inside; out and each gradient in its input's dtype. The tests compare with the
 reference under TRITON_INTERPRET=1.
 """
@@ -181,31 +182,17 @@ def _dn(dz_ptr, w_ptr, token, position, cols, length, C, lags, dilation, N: tl.c
 
 
 @triton.jit
-def _token_block(
-    g_ptr, v_ptr, gamma_ptr, dz_ptr, w_ptr, token, position, start, length, C, lags, dilation,
-    N: tl.constexpr, NP: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    """A token's channels from `start` for _backward: (cols, their offsets in the streams,
-    v, gamma, dout, dn), float32."""
-    m = tl.arange(0, NP)
-    cols = start + tl.arange(0, BLOCK)
-    inside = cols < C
-    v = tl.load(v_ptr + token * C + cols, mask=inside, other=0.0).to(tl.float32)
-    gamma = tl.load(gamma_ptr + cols, mask=inside, other=0.0).to(tl.float32)
-    where = token * N * C + m[:, None] * C + cols[None, :]
-    g = tl.load(g_ptr + where, mask=(m < N)[:, None] & inside[None, :], other=0.0)
-    dn = _dn(dz_ptr, w_ptr, token, position, cols, length, C, lags, dilation, N, NP, BLOCK)
-    return cols, where, v, gamma, g.to(tl.float32), dn
-
-
-@triton.jit
 def _backward(
-    g_ptr, h_ptr, k_ptr, v_ptr, gamma_ptr, w_ptr, stats_ptr, dz_ptr, dh_ptr, dk_ptr, dv_ptr,
-    tokens, length, C, lags, dilation, N: tl.constexpr, NP: tl.constexpr, BLOCK: tl.constexpr,
-    ROWS: tl.constexpr,
+    g_ptr, h_ptr, k_ptr, v_ptr, gamma_ptr, w_ptr, stats_ptr, dz_ptr, dv_part_ptr, dh_ptr, dk_ptr,
+    dv_ptr, tokens, length, C, lags, dilation, N: tl.constexpr, NP: tl.constexpr,
+    BLOCK: tl.constexpr, ROWS: tl.constexpr,
 ):  # fmt: skip
-    """The gradients of ROWS tokens' streams, keys and value. Two passes a token: the row
-    sums (<dout, v>, <dn gamma, v>, <v, v>), then the gradients."""
+    """The gradients of ROWS tokens' streams, keys and value, two passes a token. The first
+    reads dz at the later tokens once (dn) for the row sums (<dout, v>, <dn gamma, v>, <v, v>)
+    and keeps the value's gradient without the norm's row term, sum_m alpha (dout + r_g gamma
+    dn), in dv_part (float32, the value's shape); the second, knowing the row sums, reads the
+    streams and keys for their gradients and writes the value's, dv_part - sum_m alpha coef v:
+    dz's lags are read once, not once a pass."""
     program = tl.program_id(0).to(tl.int64)
     m = tl.arange(0, NP)
     on = m < N
@@ -225,33 +212,40 @@ def _backward(
         uv = tl.zeros((NP,), dtype=tl.float32)
         vv = 0.0
         for start in range(0, C, BLOCK):
-            cols, where, v, gamma, g, dn = _token_block(
-                g_ptr, v_ptr, gamma_ptr, dz_ptr, w_ptr, token, position, start, length, C, lags,
-                dilation, N, NP, BLOCK,
-            )  # fmt: skip
+            cols = start + tl.arange(0, BLOCK)
+            inside = cols < C
+            v = tl.load(v_ptr + token * C + cols, mask=inside, other=0.0).to(tl.float32)
+            gamma = tl.load(gamma_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+            where = token * N * C + m[:, None] * C + cols[None, :]
+            g = tl.load(g_ptr + where, mask=on[:, None] & inside[None, :], other=0.0)
+            g = g.to(tl.float32)
+            dn = _dn(dz_ptr, w_ptr, token, position, cols, length, C, lags, dilation, N, NP,
+                     BLOCK)  # fmt: skip
             gv += tl.sum(g * v[None, :], axis=1)
             uv += tl.sum(dn * (gamma * v)[None, :], axis=1)
             vv += tl.sum(v * v)
+            part = tl.sum(alpha[:, None] * (g + r_g[:, None] * dn * gamma[None, :]), axis=0)
+            tl.store(dv_part_ptr + token * C + cols, part, mask=cols < live_width)
         # d_gated = dout + r_g gamma dn - v coef (RMSNorm's backward of g = alpha v)
         coef = alpha * alpha * r_g * r_g * r_g * uv / C
         d_alpha = gv + r_g * uv - coef * vv
         d_dot = _dot_grad(d_alpha, alpha, dot / tl.sqrt(C * 1.0), C)
         share = dot / C
+        v_coef = tl.sum(alpha * coef)
         for start in range(0, C, BLOCK):
-            cols, where, v, gamma, g, dn = _token_block(
-                g_ptr, v_ptr, gamma_ptr, dz_ptr, w_ptr, token, position, start, length, C, lags,
-                dilation, N, NP, BLOCK,
-            )  # fmt: skip
-            d_gated = g + r_g[:, None] * dn * gamma[None, :] - coef[:, None] * v[None, :]
-            dv = tl.sum(alpha[:, None] * d_gated, axis=0)
+            cols = start + tl.arange(0, BLOCK)
             live = cols < live_width
+            v = tl.load(v_ptr + token * C + cols, mask=live, other=0.0).to(tl.float32)
+            part = tl.load(dv_part_ptr + token * C + cols, mask=live, other=0.0)
+            dv = part - v_coef * v
             tl.store(dv_ptr + token * C + cols, dv.to(dv_ptr.dtype.element_ty), mask=live)
-            both = on[:, None] & (cols < C)[None, :]
+            where = token * N * C + m[:, None] * C + cols[None, :]
+            both = on[:, None] & live[None, :]
+            g = tl.load(g_ptr + where, mask=both, other=0.0).to(tl.float32)
             h = tl.load(h_ptr + where, mask=both, other=0.0).to(tl.float32) * r_h[:, None]
             k = tl.load(k_ptr + where, mask=both, other=0.0).to(tl.float32) * r_k[:, None]
             dh = g + (d_dot * r_h)[:, None] * (k - h * share[:, None])
             dk = (d_dot * r_k)[:, None] * (h - k * share[:, None])
-            both = on[:, None] & live[None, :]
             tl.store(dh_ptr + where, dh.to(dh_ptr.dtype.element_ty), mask=both)
             tl.store(dk_ptr + where, dk.to(dk_ptr.dtype.element_ty), mask=both)
 
@@ -298,6 +292,7 @@ class _Merge(torch.autograd.Function):
         device = streams.device
         f32 = torch.float32
         dz = torch.empty(streams.shape, dtype=f32, device=device)
+        dv_part = torch.empty(value.shape, dtype=f32, device=device)
         sums = torch.empty((programs, lags, width), dtype=f32, device=device)
         d_streams, d_keys, d_value, d_norm, d_conv = (
             torch.empty(t.shape, dtype=t.dtype, device=device)
@@ -311,8 +306,8 @@ class _Merge(torch.autograd.Function):
             LP=padded_lags,
         )  # fmt: skip
         _backward[(programs,)](
-            grad, streams, keys, value, norm_weight, conv_weight, stats, dz, d_streams, d_keys,
-            d_value, *sizes, **shape,
+            grad, streams, keys, value, norm_weight, conv_weight, stats, dz, dv_part, d_streams,
+            d_keys, d_value, *sizes, **shape,
         )  # fmt: skip
         _finish[(triton.cdiv(width, BLOCK_C),)](
             sums, norm_weight, conv_weight, d_norm, d_conv, programs, width, lags,
