@@ -12,7 +12,12 @@ Each step records its exit code, seconds and output (parsed JSON where it prints
   throughput_small    the same at `small`, 8 x 1024 tokens per step
   train_tiny_*        `birkhoff train model=tiny`, 30 steps, bf16, kernels triton and reference:
                       the trainer end to end (summary.json: tokens/s, MFU, loss)
-  throughput_16b_class       the 16B-class shape below (one variant, triton kernels): MFU
+  throughput_16b_class       the 16B-class shape below (one variant, triton kernels) with as
+                      many of its 8 layers as the plan says fit this GPU's memory (all 8 on
+                      an H200, fewer on an H100), 8 micro-batches of 8 x 1,024 tokens per
+                      optimizer step (AdamW's pass over 6.6x the active parameters paid once
+                      per 64K tokens, as a data-parallel rank of a large batch pays it):
+                      tokens/s, MFU
   v4_attention        benchmarks/v4_attention_kernels.py at V4-Flash shapes (4096 tokens)
   linear_ce_*         benchmarks/linear_cross_entropy.py at V4's vocabulary, reference and
                       triton (liger-kernel's fused op)
@@ -44,6 +49,65 @@ SHAPE_16B_CLASS = [
     "model.moe.expert_ffn_hidden_size=1408", "model.engram.table_size=100000",
     "model.engram.embed_dim=128",
 ]  # fmt: skip
+BIG_SHAPE = (8, 1024)  # sequences x tokens of a micro-batch at the 16B-class shape
+BIG_MICRO_BATCHES = 8
+# model_throughput.py's step as the plan takes it: one GPU, bf16 autocast, AdamW (fused on
+# CUDA: an NVIDIA preset), no checkpointing, the model's own layout, the micro-batches
+# accumulated (the whole gradient is held while the next micro-batch's activations are)
+BIG_PLAN = [
+    "model=small", "optim=adamw_cosine", "cluster.preset=h100", "cluster.devices=1",
+    f"train.global_batch_size={BIG_SHAPE[0] * BIG_MICRO_BATCHES}",
+    f"train.micro_batch_size={BIG_SHAPE[0]}",
+    f"data.seq_len={BIG_SHAPE[1]}", "train.mixed_precision=bf16",
+    "parallel.activation_checkpoint=none", "parallel.dp_shard=1",
+]  # fmt: skip
+MEMORY_MARGIN = 0.92  # of the GPU's memory: the allocator's fragmentation, CUDA's context
+
+
+def planned_gib(layers: int) -> float:
+    """The plan's peak memory per device for the 16B-class step at `layers` layers (it
+    predicted the H200 run's 97.1 GiB peak exactly, README)."""
+    from birkhoff.launch.plan_command import cluster_values, recipe_layout, workload_of
+    from birkhoff.launch.recipe import compose_recipe, typed_recipe
+    from birkhoff.parallel.planning.cluster import cluster_from
+    from birkhoff.parallel.planning.estimate import estimate
+    from birkhoff.parallel.planning.inventory import build_inventory
+
+    overrides = [*BIG_PLAN, *SHAPE_16B_CLASS, *layer_count(layers)]
+    recipe = typed_recipe(compose_recipe(overrides))
+    cluster = cluster_from(cluster_values(recipe))
+    layout = recipe_layout(recipe, cluster.devices)
+    work = workload_of(recipe)
+    return estimate(build_inventory(recipe.model), layout, work, cluster).memory_gib["total"]
+
+
+def layer_count(layers: int) -> list[str]:
+    """Overrides for the shape at `layers` layers, Engram where the 8-layer shape has it (the
+    2nd layer and the third from the end)."""
+    return [f"model.num_layers={layers}", f"model.engram.layers=[1,{layers - 2}]"]
+
+
+def fitting_layers(device_gib: float, most: int = 8) -> int | None:
+    """The most layers (up to `most`) whose planned peak is within MEMORY_MARGIN of the
+    device's memory; None where not even 4 fit."""
+    for layers in range(most, 3, -1):
+        if planned_gib(layers) <= MEMORY_MARGIN * device_gib:
+            return layers
+    return None
+
+
+def gpu_memory_gib() -> float | None:
+    """The first GPU's memory from nvidia-smi (not torch: a CUDA context made here would
+    hold memory through every step); None without one."""
+    try:
+        done = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = done.stdout.split()
+    return float(lines[0]) / 1024 if done.returncode == 0 and lines else None
 
 
 def step(command: list[str], limit: float, summary: Path | None = None) -> dict:
@@ -109,8 +173,11 @@ def plan(args: argparse.Namespace, scratch: Path) -> list[tuple[str, list[str], 
         steps.append((f"train_tiny_{kernels}", command, 150, run_dir / "summary.json"))
     # on a CPU the same command with small's own widths (seconds, not minutes)
     widths = ["model.num_layers=8"] if args.smoke else SHAPE_16B_CLASS
-    big = ["--variants", "default", "--kernels", args.kernels, "--profile", "--set", *widths]
-    big_class = throughput("small", (8, 1024), big, args.smoke)
+    if args.big_layers is not None:
+        widths = [*widths, *layer_count(args.big_layers)]
+    big = ["--variants", "default", "--kernels", args.kernels, "--profile"]
+    big += ["--micro-batches", str(args.big_micro_batches), "--set", *widths]
+    big_class = throughput("small", BIG_SHAPE, big, args.smoke)
     steps.append(("throughput_16b_class", big_class, 240, None))
     attention = [sys.executable, str(BENCHMARKS / "v4_attention_kernels.py")]
     attention += ["--smoke"] if args.smoke else ["--lengths", "4096"]
@@ -133,12 +200,27 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=3600, help="all steps together")
     parser.add_argument("--only", nargs="*", help="run only these steps (names as above)")
     parser.add_argument("--smoke", action="store_true", help="tiny steps on a CPU")
+    parser.add_argument(
+        "--big-layers",
+        type=int,
+        help="layers of the 16B-class shape (default: the most the plan fits in the GPU)",
+    )
     args = parser.parse_args()
     args.kernels = "reference" if args.smoke else "triton"
+    args.big_micro_batches = 2 if args.smoke else BIG_MICRO_BATCHES
     if args.smoke:
         args.steps = 2
     deadline = time.perf_counter() + args.budget_s
     results = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "smoke": args.smoke, "skipped": []}
+    device_gib = None if args.smoke else gpu_memory_gib()
+    if args.big_layers is None and device_gib is not None:
+        args.big_layers = fitting_layers(device_gib)
+    results["big_shape"] = {
+        "gpu_memory_gib": device_gib,
+        "layers": args.big_layers,  # None: the shape's own 8 (no GPU seen, or a smoke run)
+        "planned_gib": None if args.big_layers is None else planned_gib(args.big_layers),
+        "micro_batches": args.big_micro_batches,
+    }
     with tempfile.TemporaryDirectory() as scratch:
         for name, command, limit, summary in plan(args, Path(scratch)):
             left = deadline - time.perf_counter()

@@ -18,7 +18,10 @@ On an accelerator (`--device cuda`) the same run takes the kernel backends to co
 bf16 autocast (`--bf16`), a step shape (`--shape SEQUENCES TOKENS`) and recipe overrides for
 every variant (`--set model.hidden_size=2048 ...`); it reports MFU against the device's bf16
 peak (train/mfu.py), peak memory, and with `--launches` the device kernels one step launches
-(profiler events on the device; on a CPU the aten calls instead).
+(profiler events on the device; on a CPU the aten calls instead). `--micro-batches K`
+accumulates K forwards and backwards per optimizer step (the trainer's gradient accumulation):
+tokens/s and MFU then count K x the batch per step, and the optimizer's pass over every
+parameter is paid once per K (the launches and the profile stay those of one micro-batch).
 
 The host's allocator is set as the trainer sets it (`--host-malloc`, backend.host_malloc,
 train/host_malloc.py: `reuse` by default) and each variant's page faults per timed step are
@@ -103,13 +106,17 @@ def step(
     tokens: torch.Tensor,
     bf16: bool,
     rows: dict[int, torch.Tensor] | None = None,
+    micro_batches: int = 1,
 ) -> None:
     """One training step on `tokens` (B, T + 1); with `rows` (loader_rows) Engram reads them
-    instead of hashing the tokens in the step."""
+    instead of hashing the tokens in the step. `micro_batches` forwards and backwards of
+    `tokens` accumulate their gradients (each loss / micro_batches, as the trainer's) before
+    the one optimizer step."""
     autocast = torch.autocast(tokens.device.type, torch.bfloat16) if bf16 else None
-    with autocast or contextlib.nullcontext():
-        loss = net(tokens[:, :-1], tokens[:, 1:], engram_rows=rows)
-    loss.backward()
+    for _ in range(micro_batches):
+        with autocast or contextlib.nullcontext():
+            loss = net(tokens[:, :-1], tokens[:, 1:], engram_rows=rows)
+        (loss / micro_batches).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -122,6 +129,7 @@ def synchronize(device: torch.device) -> None:
 def measure(model: str, args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     batch, seq = args.shape or SHAPES[model]
+    step_tokens = args.micro_batches * batch * seq
     names = {  # result name: (variant, kernel backend)
         (f"{variant}/{kernels}" if len(args.kernels) > 1 else variant): (variant, kernels)
         for kernels in args.kernels
@@ -147,21 +155,22 @@ def measure(model: str, args: argparse.Namespace) -> dict:
     # to what a step needs (its page faults stop by the third step on a CPU)
     for name, (net, optimizer) in built.items():
         for _ in range(args.warmup):
-            step(net, optimizer, tokens, args.bf16, rows[name])
+            step(net, optimizer, tokens, args.bf16, rows[name], args.micro_batches)
     for _ in range(args.rounds):
         for name, (net, optimizer) in built.items():
             synchronize(device)
             start, faulted = time.perf_counter(), _page_faults()
             for _ in range(args.steps):
-                step(net, optimizer, tokens, args.bf16, rows[name])
+                step(net, optimizer, tokens, args.bf16, rows[name], args.micro_batches)
             synchronize(device)
             seconds[name] += time.perf_counter() - start
             faults[name] += _page_faults() - faulted
     per_step = {name: total / (args.rounds * args.steps) for name, total in seconds.items()}
     result = {
-        "tokens_per_step": batch * seq,
+        "tokens_per_step": step_tokens,
+        "micro_batches": args.micro_batches,
         "parameters": {n: count_parameters(net.cfg).as_dict() for n, (net, _) in built.items()},
-        "tokens_per_s": {n: batch * seq / t for n, t in per_step.items()},
+        "tokens_per_s": {n: step_tokens / t for n, t in per_step.items()},
         "page_faults_per_step": {n: f / (args.rounds * args.steps) for n, f in faults.items()},
     }
     for metric, (over, base) in RATIOS.items():
@@ -174,7 +183,7 @@ def measure(model: str, args: argparse.Namespace) -> dict:
     peak = device_peak(device, args.peak_tflops, dtype, Path(tempfile.gettempdir()))
     result["peak_tflops"] = {"value": peak.tflops, "source": peak.source}
     result["mfu"] = {
-        n: flops_per_token(net.cfg, seq) * batch * seq / per_step[n] / (peak.tflops * 1e12)
+        n: flops_per_token(net.cfg, seq) * step_tokens / per_step[n] / (peak.tflops * 1e12)
         for n, (net, _) in built.items()
     }
     if device.type != "cpu":
@@ -242,6 +251,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=2, help="timed steps per variant per round")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
+    parser.add_argument(
+        "--micro-batches",
+        type=int,
+        default=1,
+        help="forwards and backwards of the batch per optimizer step (gradient accumulation)",
+    )
     parser.add_argument("--profile", action="store_true")
     parser.add_argument(
         "--variants", nargs="+", default=[v for v in VARIANTS if v != "dense"], choices=VARIANTS
@@ -261,6 +276,8 @@ def main() -> None:
     malloc_line = apply_host_malloc(args.host_malloc)
     if "dense" in args.variants and set(args.models) - set(DENSE_BASELINES):
         parser.error(f"--variants dense: only {', '.join(DENSE_BASELINES)} has a dense recipe")
+    if args.micro_batches < 1:
+        parser.error(f"--micro-batches {args.micro_batches}: give 1 or more")
     if args.profile and "default" not in args.variants:
         parser.error("--profile profiles the default variant: include it in --variants")
     report = {

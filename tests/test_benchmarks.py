@@ -12,6 +12,7 @@ import ast
 import importlib
 import inspect
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,56 @@ def test_mhc_stream_ops_swaps_the_read_every_join_calls(benchmark_path, monkeypa
     net(tokens[:, :-1], tokens[:, 1:])
     joins = sum(isinstance(m, mhc_stream_ops.HyperConnection) for m in net.modules())
     assert len(calls) == joins + 1  # every join's read and the readout's
+
+
+def test_the_16b_class_step_takes_the_most_layers_the_plan_fits_in_the_gpu(benchmark_path):
+    """device_checks runs the 16B-class shape at as many of its 8 layers as the plan's peak
+    (micro-batches accumulated: the whole gradient held beside a micro-batch's activations)
+    fits within the margin of the GPU's memory: all 8 on an H200 (planned 100 GiB), fewer on
+    an H100, whose 80 GB the 8 layers' weights, gradients and moments alone (77.7 GiB) fill;
+    the step's command carries them, Engram's layers moved with them, and the micro-batches."""
+    import argparse
+
+    import device_checks
+
+    h100 = 81_559 / 1024  # nvidia-smi's memory.total, MiB
+    assert device_checks.fitting_layers(143_771 / 1024) == 8
+    layers = device_checks.fitting_layers(h100)
+    assert layers is not None and 4 <= layers < 8
+    margin = device_checks.MEMORY_MARGIN * h100
+    assert device_checks.planned_gib(layers) <= margin < device_checks.planned_gib(layers + 1)
+    args = argparse.Namespace(kernels="triton", smoke=False, steps=30, big_layers=layers)
+    args.big_micro_batches = device_checks.BIG_MICRO_BATCHES
+    with tempfile.TemporaryDirectory() as scratch:
+        steps = {name: command for name, command, *_ in device_checks.plan(args, Path(scratch))}
+    command = steps["throughput_16b_class"]
+    overrides = command[command.index("--set") + 1 :]
+    assert overrides[-2:] == [f"model.num_layers={layers}", f"model.engram.layers=[1,{layers - 2}]"]
+    assert command[command.index("--micro-batches") + 1] == "8"
+
+
+def test_micro_batches_accumulate_the_gradient_of_one_batch(benchmark_path):
+    """model_throughput's step with K micro-batches of the same tokens hands the optimizer
+    the gradient one forward and backward of them gives (each loss / K, as the trainer)."""
+    import model_throughput
+
+    from birkhoff.model import build_model
+    from conftest import small_model
+
+    class Recorder(torch.optim.Optimizer):
+        def __init__(self, params):
+            super().__init__(params, {})
+
+        def step(self, closure=None):
+            self.grads = [p.grad.clone() for g in self.param_groups for p in g["params"]]
+
+    torch.manual_seed(0)
+    net = build_model(small_model(max_seq_len=16), "reference")
+    tokens = torch.randint(0, 50, (2, 17))
+    net(tokens[:, :-1], tokens[:, 1:]).backward()
+    once = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad(set_to_none=True)
+    recorder = Recorder(net.parameters())
+    model_throughput.step(net, recorder, tokens, False, micro_batches=3)
+    for got, want in zip(recorder.grads, once, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
