@@ -7,25 +7,24 @@ records the calls), compared with the reference ops forward and backward, and as
 from __future__ import annotations
 
 import ast
-import importlib.machinery
 import re
 import subprocess
 import sys
-import types
 import zipfile
-from itertools import pairwise
 from pathlib import Path
 
 import pytest
 import torch
+from npu_stand_in import MHC_OPERATORS, StandIn
 
 from birkhoff import kernels
-from birkhoff.kernels import npu_ops
+from birkhoff.kernels import npu_mhc, npu_ops
 from birkhoff.launch import doctor_kernels
 from birkhoff.model.config import MoEConfig
 from conftest import assert_backend_trains_as_reference, small_model
 
 WHEELS = Path("~/.cache/birkhoff-test-wheels").expanduser()
+MHC_OPS = MHC_OPERATORS
 USED = {
     "npu_rms_norm",
     "npu_rotary_mul",
@@ -34,6 +33,7 @@ USED = {
     "npu_swiglu",
     "npu_moe_token_permute",
     "npu_moe_token_unpermute",
+    *MHC_OPS,
 }
 
 
@@ -74,9 +74,10 @@ def documented(docs: str, name: str) -> tuple[list[str], set[str], set[str]]:
 
 def npu_calls() -> list[ast.Call]:
     """Every `_torch_npu().npu_*(...)` call in the backend's source."""
-    tree = ast.parse(Path(npu_ops.__file__).read_text())
+    trees = [ast.parse(Path(m.__file__).read_text()) for m in (npu_ops, npu_mhc)]
     return [
         node
+        for tree in trees
         for node in ast.walk(tree)
         if isinstance(node, ast.Call)
         and isinstance(node.func, ast.Attribute)
@@ -91,85 +92,13 @@ def test_every_torch_npu_call_matches_its_documented_signature(op_docs):
     for call in calls:
         positional, required, keyword = documented(op_docs, call.func.attr)
         names = {k.arg for k in call.keywords}
-        where = f"{call.func.attr} (npu_ops.py line {call.lineno})"
+        where = f"{call.func.attr} (line {call.lineno})"
         assert len(call.args) <= len(positional), f"{where}: too many positional arguments"
         given = set(positional[: len(call.args)]) | names
         assert required <= given, f"{where}: missing {sorted(required - given)}"
         unknown = names - set(positional) - keyword
         assert not unknown, f"{where}: undocumented keywords {sorted(unknown)}"
         assert not (names & set(positional[: len(call.args)])), f"{where}: given twice"
-
-
-class StandIn(types.ModuleType):
-    """torch_npu as its docs specify the ops birkhoff calls, in plain torch; records every
-    call."""
-
-    def __init__(self) -> None:
-        super().__init__("torch_npu")
-        self.__spec__ = importlib.machinery.ModuleSpec("torch_npu", None)
-        self.calls: list[str] = []
-
-    def npu_rms_norm(self, x, gamma, epsilon=1e-6):
-        self.calls.append("npu_rms_norm")
-        assert gamma.dtype == x.dtype  # "gamma: the same dtype as self"
-        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + epsilon)
-        return x * rstd * gamma, rstd
-
-    def npu_rotary_mul(self, x, r1, r2, rotary_mode="half", rotate=None):
-        self.calls.append("npu_rotary_mul")
-        assert x.dim() == r1.dim() == r2.dim() == 4 and rotary_mode in ("half", "interleave")
-        if rotary_mode == "half":
-            x1, x2 = x.chunk(2, dim=-1)
-            return r1 * x + r2 * torch.cat((-x2, x1), dim=-1)
-        # interleave, BSND: tables 1S1D only, B * N < 1000, D even and below 896
-        assert r1.shape == r2.shape == (1, x.shape[1], 1, x.shape[3])
-        assert x.shape[0] * x.shape[2] < 1000 and x.shape[3] % 2 == 0 and x.shape[3] < 896
-        turned = torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
-        return r1 * x + r2 * turned
-
-    def npu_fusion_attention(self, query, key, value, head_num, input_layout, *, atten_mask,
-                             scale, keep_prob, sparse_mode):  # fmt: skip
-        self.calls.append("npu_fusion_attention")
-        assert input_layout == "BNSD" and head_num == query.shape[1] and sparse_mode == 0
-        assert keep_prob == 1.0 and head_num % key.shape[1] == 0
-        groups = head_num // key.shape[1]
-        key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
-        scores = scale * query @ key.transpose(-1, -2)  # atten_mask: True is hidden
-        probs = scores.masked_fill(atten_mask, float("-inf")).softmax(-1)
-        return probs @ value, None, None, None, 0, 0, 0
-
-    def npu_grouped_matmul(self, x, weight, *, group_list, split_item, group_type,
-                           group_list_type):  # fmt: skip
-        self.calls.append("npu_grouped_matmul")
-        assert (split_item, group_type, group_list_type) == (3, 0, 0)
-        bounds = pairwise([0, *group_list.tolist()])
-        rows = [x[0][a:b] @ weight[0][e] for e, (a, b) in enumerate(bounds)]
-        return [torch.cat(rows)]
-
-    def npu_swiglu(self, x, dim=-1):
-        self.calls.append("npu_swiglu")
-        a, b = x.chunk(2, dim=dim)  # "A and B: x split in two along dim"
-        return a * torch.sigmoid(a) * b
-
-    def npu_moe_token_permute(self, tokens, indices, num_out_tokens=None, padded_mode=False):
-        self.calls.append("npu_moe_token_permute")
-        # "tokens: bfloat16", "indices: int64", padded_mode "only False"
-        assert tokens.dtype == torch.bfloat16 and indices.dtype == torch.int64
-        assert num_out_tokens in (None, 0, indices.numel()) and not padded_mode
-        # the docs' examples give the sorted indices of a stable sort, as int32
-        sorted_indices = indices.flatten().argsort(stable=True).int()
-        return tokens[sorted_indices // indices.shape[1]], sorted_indices
-
-    def npu_moe_token_unpermute(self, permuted_tokens, sorted_indices, probs=None,
-                                padded_mode=False, restore_shape=None):  # fmt: skip
-        self.calls.append("npu_moe_token_unpermute")
-        assert permuted_tokens.dtype == torch.bfloat16 and not padded_mode
-        assert probs is None or probs.dtype == torch.bfloat16  # "probs: BFLOAT16"
-        top_k = 1 if probs is None else probs.shape[1]  # "topK = probs' second dim, else 1"
-        rows = torch.zeros_like(permuted_tokens)
-        rows = rows.index_copy(0, sorted_indices.long(), permuted_tokens)
-        rows = rows.view(-1, top_k, rows.shape[-1])
-        return (rows if probs is None else rows * probs.unsqueeze(-1)).sum(1)
 
 
 @pytest.fixture
@@ -236,7 +165,7 @@ def test_npu_ops_match_the_reference_through_the_stand_in(stand_in):
     gate, up = 8 * torch.randn(10, 16), 8 * torch.randn(10, 16)  # beyond V4's clamp of 10
     same("swiglu", [gate, up, None], stand_in)
     same("swiglu", [gate, up, 10.0], stand_in)
-    assert set(stand_in.calls) == USED - MOE_OPS
+    assert set(stand_in.calls) == USED - MOE_OPS - MHC_OPS
 
 
 MOE_OPS = {"npu_moe_token_permute", "npu_moe_token_unpermute"}
@@ -278,11 +207,12 @@ def test_npu_moe_permutation_runs_for_bfloat16_and_falls_back_otherwise(stand_in
     line = kernels.describe("npu", torch.float32)
     fallen = "fall back to reference: engram_gather_gate, engram_hash, entry_mass, "
     fallen += "kv_compress, linear_cross_entropy,"
-    assert fallen + " mhc_mapping, mhc_merge_read, mhc_post, mhc_pre, mhc_read," in line
+    read = "(bfloat16 or float16 only; V4's form, 4, 6 or 8 streams, <= 65,536 tokens)"
+    assert f"{fallen} mhc_mapping, mhc_merge_read {read}, mhc_post (bfloat16 or float16" in line
     assert "moe_permute (bfloat16 only), moe_route, moe_unpermute (bfloat16 only)" in line
-    assert "npu for 9 of 23 ops (attention, engram_merge, grouped_gemm, moe_permute (bfloat16" in (
-        kernels.describe("npu", torch.bfloat16)
-    )
+    bf16_line = kernels.describe("npu", torch.bfloat16)
+    own = "npu for 12 of 23 ops (attention, engram_merge, grouped_gemm, mhc_merge_read"
+    assert f"{own} {read}" in bf16_line
 
 
 def test_doctor_checks_every_npu_op_against_the_reference(stand_in):
@@ -304,7 +234,7 @@ def test_doctor_checks_every_npu_op_against_the_reference(stand_in):
 def test_a_model_on_the_npu_backend_trains_as_the_reference_one(stand_in):
     assert_backend_trains_as_reference("npu", seed=3)
     # a dense float32 model: no experts, and no bfloat16 for the MoE permutation
-    assert USED - {"npu_grouped_matmul"} - MOE_OPS <= set(stand_in.calls)
+    assert USED - {"npu_grouped_matmul"} - MOE_OPS - MHC_OPS <= set(stand_in.calls)
 
 
 def test_the_npu_backend_is_available_only_where_torch_npu_imports(stand_in, monkeypatch):

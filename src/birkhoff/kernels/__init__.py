@@ -20,6 +20,7 @@ from birkhoff.kernels.registry import (
     fallbacks,
     get,
     implementations,
+    machine_lacks,
     ops,
     register,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "fallbacks",
     "get",
     "implementations",
+    "machine_lacks",
     "ops",
     "register",
 ]

@@ -6,9 +6,12 @@ Which implementation runs is never hidden: `implementations(backend)` says it op
 a backend lacks runs the reference and is listed as a fallback (`describe` gives the line the
 trainer prints at start, the run's summary and `birkhoff doctor` keep the table). An op a
 backend implements only for some input dtypes (torch_npu's MoE token permutation: bfloat16)
-runs the reference for the others; given the run's compute dtype, the table says which. The table
-is filled once at import by the backend modules and never changes afterwards, so it is not
-run-time mutable state: which backend a model uses is an argument, not a global switch.
+runs the reference for the others; given the run's compute dtype, the table says which. An
+op may also need something of the machine (torch_npu's mHC operators: a CANN that has them):
+its backend's check says what is missing, and the table lists it as a fallback with that
+reason; and it may take only some calls beyond their dtype (a note in the table says which).
+The table is filled once at import by the backend modules and never changes afterwards, so it
+is not run-time mutable state: which backend a model uses is an argument, not a global switch.
 """
 
 from __future__ import annotations
@@ -31,13 +34,21 @@ KEY = "backend.kernels"
 PACKAGES = {"triton": "triton", "npu": "torch_npu"}  # what each backend needs to import
 _OPS: dict[tuple[str, str], Callable[..., Any]] = {}
 _DTYPES: dict[tuple[str, str], tuple[torch.dtype, ...]] = {}  # implementations limited to these
+_NEEDS: dict[tuple[str, str], Callable[[], str | None]] = {}  # what is missing here, or None
+_LIMITS: dict[tuple[str, str], str] = {}  # which calls beyond the dtype run the reference
 
 
 def register(
-    op: str, backend: str, dtypes: tuple[torch.dtype, ...] | None = None
+    op: str,
+    backend: str,
+    dtypes: tuple[torch.dtype, ...] | None = None,
+    needs: Callable[[], str | None] | None = None,
+    limits: str | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator adding `fn` as the `backend` implementation of `op`; with `dtypes`, only for
-    calls whose first tensor argument has one of them (the reference runs the others)."""
+    calls whose first tensor argument has one of them (the reference runs the others); with
+    `needs`, only where it returns None (else what this machine lacks: the reference runs);
+    `limits` names the calls `fn` itself hands to the reference, for the table."""
 
     def add(fn: Callable[..., Any]) -> Callable[..., Any]:
         key = (op, backend)
@@ -46,9 +57,20 @@ def register(
         _OPS[key] = fn if dtypes is None else _for_dtypes(op, fn, dtypes)
         if dtypes is not None:
             _DTYPES[key] = dtypes
+        if needs is not None:
+            _NEEDS[key] = needs
+        if limits is not None:
+            _LIMITS[key] = limits
         return fn
 
     return add
+
+
+def machine_lacks(op: str, backend: str) -> str | None:
+    """What this machine lacks for `backend`'s own `op` (None: nothing, or no such check)."""
+    _load_backends()
+    needs = _NEEDS.get((op, backend))
+    return None if needs is None else needs()
 
 
 def _for_dtypes(op: str, fn: Callable[..., Any], dtypes: tuple[torch.dtype, ...]):
@@ -72,7 +94,7 @@ def get(op: str, backend: str = REFERENCE) -> Callable[..., Any]:
     _load_backends()
     if backend not in BACKENDS:  # `auto` is resolved per device first (backend_for)
         raise ValueError(f"kernel backend {backend!r}: not one of {', '.join(BACKENDS)}")
-    if (op, backend) in _OPS:
+    if (op, backend) in _OPS and machine_lacks(op, backend) is None:
         return _OPS[(op, backend)]
     if (op, REFERENCE) in _OPS:
         return _OPS[(op, REFERENCE)]
@@ -92,7 +114,9 @@ def implementations(backend: str, dtype: torch.dtype | None = None) -> dict[str,
 
     def runs(op: str) -> bool:
         limited = _DTYPES.get((op, backend))
-        return (op, backend) in _OPS and (limited is None or dtype is None or dtype in limited)
+        if (op, backend) not in _OPS or machine_lacks(op, backend) is not None:
+            return False
+        return limited is None or dtype is None or dtype in limited
 
     return {op: backend if runs(op) else REFERENCE for op in ops()}
 
@@ -112,10 +136,16 @@ def describe(backend: str, dtype: torch.dtype | None = None) -> str:
         return f"kernels: reference (plain torch) for all {len(table)} ops"
 
     def named(op: str) -> str:
-        limited = _DTYPES.get((op, backend))
-        if limited is None:
-            return op
-        return f"{op} ({' or '.join(str(d).removeprefix('torch.') for d in limited)} only)"
+        key = (op, backend)
+        said = []
+        if key in _DTYPES:
+            said.append(f"{' or '.join(str(d).removeprefix('torch.') for d in _DTYPES[key])} only")
+        lacking = machine_lacks(op, backend) if key in _OPS else None
+        if lacking:
+            said.append(f"not here: {lacking}")
+        elif key in _LIMITS:
+            said.append(_LIMITS[key])
+        return f"{op} ({'; '.join(said)})" if said else op
 
     own = [named(op) for op, impl in table.items() if impl == backend]
     missing = [named(op) for op in fallbacks(backend, dtype)]
@@ -217,6 +247,7 @@ def _load_backends() -> None:
         cpu_v4_attention,
         linear_cross_entropy,
         moe_route,
+        npu_mhc,
         npu_ops,
         reference,
     )

@@ -1,0 +1,224 @@
+"""A stand-in torch_npu for the tests: the ops birkhoff's `npu` backend calls, as torch_npu's
+docs (and, for the mHC operators, whose docs give no formula, the golden formulas of the vendor's
+own op tests: op-plugin's test_npu_mhc_pre.py and test_npu_mhc_sinkhorn.py) specify them, in
+plain torch; it records every call. The backward operators are autograd through those forward
+formulas, from what the forward handed back, not the backend's own backward."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import types
+from itertools import pairwise
+
+import torch
+import torch.nn.functional as F
+
+MHC_OPERATORS = {  # CANN 9's mHC operators, forward and backward
+    "npu_mhc_pre",
+    "npu_mhc_pre_backward",
+    "npu_mhc_sinkhorn",
+    "npu_mhc_sinkhorn_backward",
+    "npu_mhc_post",
+    "npu_mhc_post_backward",
+}
+
+
+class StandIn(types.ModuleType):
+    """torch_npu as its docs specify the ops birkhoff calls, in plain torch; records every
+    call."""
+
+    def __init__(self) -> None:
+        super().__init__("torch_npu")
+        self.__spec__ = importlib.machinery.ModuleSpec("torch_npu", None)
+        self.calls: list[str] = []
+
+    def npu_rms_norm(self, x, gamma, epsilon=1e-6):
+        self.calls.append("npu_rms_norm")
+        assert gamma.dtype == x.dtype  # "gamma: the same dtype as self"
+        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + epsilon)
+        return x * rstd * gamma, rstd
+
+    def npu_rotary_mul(self, x, r1, r2, rotary_mode="half", rotate=None):
+        self.calls.append("npu_rotary_mul")
+        assert x.dim() == r1.dim() == r2.dim() == 4 and rotary_mode in ("half", "interleave")
+        if rotary_mode == "half":
+            x1, x2 = x.chunk(2, dim=-1)
+            return r1 * x + r2 * torch.cat((-x2, x1), dim=-1)
+        # interleave, BSND: tables 1S1D only, B * N < 1000, D even and below 896
+        assert r1.shape == r2.shape == (1, x.shape[1], 1, x.shape[3])
+        assert x.shape[0] * x.shape[2] < 1000 and x.shape[3] % 2 == 0 and x.shape[3] < 896
+        turned = torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+        return r1 * x + r2 * turned
+
+    def npu_fusion_attention(self, query, key, value, head_num, input_layout, *, atten_mask,
+                             scale, keep_prob, sparse_mode):  # fmt: skip
+        self.calls.append("npu_fusion_attention")
+        assert input_layout == "BNSD" and head_num == query.shape[1] and sparse_mode == 0
+        assert keep_prob == 1.0 and head_num % key.shape[1] == 0
+        groups = head_num // key.shape[1]
+        key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+        scores = scale * query @ key.transpose(-1, -2)  # atten_mask: True is hidden
+        probs = scores.masked_fill(atten_mask, float("-inf")).softmax(-1)
+        return probs @ value, None, None, None, 0, 0, 0
+
+    def npu_grouped_matmul(self, x, weight, *, group_list, split_item, group_type,
+                           group_list_type):  # fmt: skip
+        self.calls.append("npu_grouped_matmul")
+        assert (split_item, group_type, group_list_type) == (3, 0, 0)
+        bounds = pairwise([0, *group_list.tolist()])
+        rows = [x[0][a:b] @ weight[0][e] for e, (a, b) in enumerate(bounds)]
+        return [torch.cat(rows)]
+
+    def npu_swiglu(self, x, dim=-1):
+        self.calls.append("npu_swiglu")
+        a, b = x.chunk(2, dim=dim)  # "A and B: x split in two along dim"
+        return a * torch.sigmoid(a) * b
+
+    def npu_moe_token_permute(self, tokens, indices, num_out_tokens=None, padded_mode=False):
+        self.calls.append("npu_moe_token_permute")
+        # "tokens: bfloat16", "indices: int64", padded_mode "only False"
+        assert tokens.dtype == torch.bfloat16 and indices.dtype == torch.int64
+        assert num_out_tokens in (None, 0, indices.numel()) and not padded_mode
+        # the docs' examples give the sorted indices of a stable sort, as int32
+        sorted_indices = indices.flatten().argsort(stable=True).int()
+        return tokens[sorted_indices // indices.shape[1]], sorted_indices
+
+    def npu_moe_token_unpermute(self, permuted_tokens, sorted_indices, probs=None,
+                                padded_mode=False, restore_shape=None):  # fmt: skip
+        self.calls.append("npu_moe_token_unpermute")
+        assert permuted_tokens.dtype == torch.bfloat16 and not padded_mode
+        assert probs is None or probs.dtype == torch.bfloat16  # "probs: BFLOAT16"
+        top_k = 1 if probs is None else probs.shape[1]  # "topK = probs' second dim, else 1"
+        rows = torch.zeros_like(permuted_tokens)
+        rows = rows.index_copy(0, sorted_indices.long(), permuted_tokens)
+        rows = rows.view(-1, top_k, rows.shape[-1])
+        return (rows if probs is None else rows * probs.unsqueeze(-1)).sum(1)
+
+    # mHC (CANN 9's operators). Shapes as documented: streams (T, n, D) or (B, S, n, D) in
+    # bfloat16 or float16; phi (n^2 + 2n, n D), alpha (3,), bias (n^2 + 2n,) and every mapping
+    # float32; the Sinkhorn's iterates (2 iters, n, n, tokens) and sums (2 iters, n, tokens).
+
+    def npu_mhc_pre(self, x, phi, alpha, bias, *, gamma=None, norm_eps=1e-6, hc_eps=1e-6,
+                    out_flag=0, inner_precise=0):  # fmt: skip
+        self.calls.append("npu_mhc_pre")
+        assert x.dtype in (torch.bfloat16, torch.float16) and x.dim() in (3, 4)
+        assert phi.dtype == alpha.dtype == bias.dtype == torch.float32 and alpha.shape == (3,)
+        assert gamma is None and inner_precise == 0 and out_flag in (0, 1)
+        h_in, h_post, h_res, inv_rms, h_mix, h_pre = self._mhc_pre(
+            x.float(), phi, alpha, bias, norm_eps, hc_eps
+        )
+        optional = (inv_rms, h_mix, h_pre) if out_flag else (None, None, None)
+        return h_in.to(x.dtype), h_post, h_res, *optional
+
+    @staticmethod
+    def _mhc_pre(x, phi, alpha, bias, norm_eps, hc_eps):
+        """The golden formula of the vendor's test (float32; x already float)."""
+        *batch, n, width = x.shape
+        flat = x.reshape(-1, n * width)
+        inv_rms = torch.rsqrt(flat.square().mean(-1, keepdim=True) + norm_eps)
+        h_mix = F.linear(flat, phi)
+        pre, post, res = (h_mix * inv_rms).split([n, n, n * n], dim=-1)
+        h_pre = torch.sigmoid(pre * alpha[0] + bias[:n]) + hc_eps
+        h_post = 2 * torch.sigmoid(post * alpha[1] + bias[n : 2 * n])
+        h_res = res.unflatten(-1, (n, n)) * alpha[2] + bias[2 * n :].view(n, n)
+        h_in = (h_pre.unsqueeze(-1) * flat.unflatten(-1, (n, width))).sum(1)
+        shaped = (h_in.view(*batch, width), h_post.view(*batch, n), h_res.view(*batch, n, n))
+        return *shaped, inv_rms.view(batch), h_mix.view(*batch, -1), h_pre.view(*batch, n)
+
+    def npu_mhc_pre_backward(self, x, phi, alpha, grad_h_in, grad_h_post, grad_h_res, inv_rms,
+                             h_mix, h_pre, h_post, gamma=None, hc_eps=1e-6,
+                             grad_x_post=None):  # fmt: skip
+        """Autograd through the golden formula. The biases are not handed back: the sigmoids'
+        arguments are, as logit(h_pre - hc_eps) and logit(h_post / 2), and H_res is linear in
+        its bias, so a bias with the same gradient is rebuilt from them."""
+        self.calls.append("npu_mhc_pre_backward")
+        assert gamma is None and grad_h_in.dtype == x.dtype and h_mix.shape[-1] == phi.shape[0]
+        n = x.shape[-2]
+        leaves = [x.float(), phi, alpha]
+        leaves = [t.detach().requires_grad_() for t in leaves]
+        weight = (h_mix * inv_rms.unsqueeze(-1)).reshape(-1, 2 * n + n * n)
+        at_pre = torch.logit(h_pre.reshape(-1, n) - hc_eps) - alpha[0] * weight[:, :n]
+        at_post = torch.logit(h_post.reshape(-1, n) / 2) - alpha[1] * weight[:, n : 2 * n]
+        biases = [at_pre.mean(0), at_post.mean(0), torch.zeros(n * n)]  # per token: constant
+        bias = torch.cat(biases).detach().requires_grad_()
+        with torch.enable_grad():  # the backend calls it from a backward (no grad mode)
+            outputs = self._mhc_pre(*leaves, bias, _norm_eps(x, inv_rms), hc_eps)[:3]
+            grads = (grad_h_in.float(), grad_h_post, grad_h_res)
+            grads = torch.autograd.grad(outputs, (*leaves, bias), grads)
+        grad_x = grads[0] + (0 if grad_x_post is None else grad_x_post.float())
+        return grad_x.to(x.dtype), grads[1], grads[2], grads[3], None
+
+    def npu_mhc_sinkhorn(self, x, *, eps=1e-6, num_iters=20, out_flag=0):
+        self.calls.append("npu_mhc_sinkhorn")
+        assert x.dtype == torch.float32 and x.shape[-1] == x.shape[-2] in (4, 6, 8)
+        assert 1 <= num_iters <= 100 and x.dim() in (3, 4)
+        n, batch = x.shape[-1], x.shape[:-2]
+        iterates, sums = _sinkhorn_steps(x.reshape(-1, n, n), eps, num_iters)
+        y = iterates[-1].view(x.shape)
+        if not out_flag:
+            return y, None, None
+        # tokens last: (2 iters, n, n, *batch) and (2 iters, n, *batch)
+        saved = torch.stack(iterates).movedim(1, -1).reshape(2 * num_iters, n, n, *batch)
+        saved_sums = torch.stack(sums).movedim(1, -1).reshape(2 * num_iters, n, *batch)
+        return y, saved, saved_sums
+
+    def npu_mhc_sinkhorn_backward(self, grad_y, norm, sum):  # the docs' names
+        """Autograd through the iterations replayed from the first iterate, softmax + eps,
+        then the softmax's own vector-Jacobian product."""
+        self.calls.append("npu_mhc_sinkhorn_backward")
+        n, iters2 = grad_y.shape[-1], norm.shape[0]
+        assert norm.shape[:3] == (iters2, n, n) and sum.shape[:2] == (iters2, n)
+        first = norm[0].reshape(n, n, -1).movedim(-1, 0)  # (tokens, n, n)
+        eps = (first.sum(-1) - 1).mean().item()  # softmax rows sum to 1: + n eps
+        eps /= n
+        start = first.detach().requires_grad_()
+        with torch.enable_grad():
+            *_, last = _sinkhorn_from(start, eps, iters2 // 2)
+            (d_first,) = torch.autograd.grad(last, start, grad_y.reshape(-1, n, n))
+        p = first - eps
+        d_x = p * (d_first - (d_first * p).sum(-1, keepdim=True))
+        return d_x.reshape(grad_y.shape)
+
+    def npu_mhc_post(self, x, h_res, h_out, h_post):
+        self.calls.append("npu_mhc_post")
+        assert x.dtype in (torch.bfloat16, torch.float16) and h_out.dtype == x.dtype
+        assert h_res.dtype == h_post.dtype == torch.float32
+        return self._mhc_post(x.float(), h_res, h_out.float(), h_post).to(x.dtype)
+
+    @staticmethod
+    def _mhc_post(x, h_res, h_out, h_post):
+        """The docs' formula: x_{l+1} = H_res^T x_l + h_out (x) H_post."""
+        return h_res.transpose(-1, -2) @ x + h_post.unsqueeze(-1) * h_out.unsqueeze(-2)
+
+    def npu_mhc_post_backward(self, grad_y, x, h_res=None, h_out=None, h_post=None):
+        self.calls.append("npu_mhc_post_backward")
+        assert grad_y.dtype == x.dtype and h_res is not None
+        leaves = [t.detach().float().requires_grad_() for t in (x, h_res, h_out, h_post)]
+        with torch.enable_grad():
+            grads = torch.autograd.grad(self._mhc_post(*leaves), leaves, grad_y.float())
+        return tuple(g.to(t.dtype) for g, t in zip(grads, (x, h_res, h_out, h_post), strict=True))
+
+
+def _norm_eps(x: torch.Tensor, inv_rms: torch.Tensor) -> float:
+    """The RMS eps the forward used, from its 1 / rms (the backward operator is not given it)."""
+    flat = x.float().reshape(inv_rms.numel(), -1)
+    return (inv_rms.reshape(-1).pow(-2) - flat.square().mean(-1)).mean().item()
+
+
+def _sinkhorn_from(start: torch.Tensor, eps: float, iters: int) -> list[torch.Tensor]:
+    """The golden Sinkhorn's iterates after its softmax + eps: columns summed first (dim -2),
+    then iters - 1 times rows and columns, each sum + eps."""
+    iterates = [start]
+    for dim in (-2, *(-1, -2) * (iters - 1)):
+        iterates.append(iterates[-1] / (iterates[-1].sum(dim, keepdim=True) + eps))
+    return iterates
+
+
+def _sinkhorn_steps(x: torch.Tensor, eps: float, iters: int):
+    """The golden formula's 2 iters iterates (softmax + eps first) and the sums each divided
+    by (the first, none: the softmax's, kept as the rows' sums of the first iterate)."""
+    iterates = _sinkhorn_from(torch.softmax(x, dim=-1) + eps, eps, iters)
+    sums = [iterates[0].sum(-1)]
+    for step, dim in zip(iterates[:-1], (-2, *(-1, -2) * (iters - 1)), strict=True):
+        sums.append(step.sum(dim) + eps)
+    return iterates, sums
