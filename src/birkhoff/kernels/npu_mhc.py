@@ -46,12 +46,14 @@ def _torch_npu() -> ModuleType:
 
 @functools.cache
 def _probe(module: ModuleType) -> str | None:
-    """None where `module`'s mHC operators run, else why not (its error's first line)."""
+    """None where torch_npu's mHC operators run, else why not (its error's first line);
+    cached per torch_npu `module` (the one imported)."""
     device = "npu" if hasattr(torch, "npu") else "cpu"  # a stand-in torch_npu registers none
     try:
-        module.npu_mhc_sinkhorn(torch.ones(1, 4, 4, device=device), eps=1e-6, num_iters=1)
-    except (RuntimeError, AttributeError) as err:
-        return f"torch_npu's mHC operators do not run ({str(err).splitlines()[0]})"
+        _torch_npu().npu_mhc_sinkhorn(torch.ones(1, 4, 4, device=device), eps=1e-6, num_iters=1)
+    except Exception as err:  # whatever CANN raises; the table shows it
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        return f"torch_npu's mHC operators do not run ({first})"
     return None
 
 
