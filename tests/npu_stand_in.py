@@ -96,7 +96,9 @@ class StandIn(types.ModuleType):
 
     # mHC (CANN 9's operators). Shapes as documented: streams (T, n, D) or (B, S, n, D) in
     # bfloat16 or float16; phi (n^2 + 2n, n D), alpha (3,), bias (n^2 + 2n,) and every mapping
-    # float32; the Sinkhorn's iterates (2 iters, n, n, tokens) and sums (2 iters, n, tokens).
+    # float32. The Sinkhorn's saved iterates and sums: 1-D, as the backward's docs give them
+    # (their layout is the operators' own; here 2 iters x n x n x tokens and 2 iters x n x
+    # tokens, which the backend only hands back).
 
     def npu_mhc_pre(self, x, phi, alpha, bias, *, gamma=None, norm_eps=1e-6, hc_eps=1e-6,
                     out_flag=0, inner_precise=0):  # fmt: skip
@@ -157,18 +159,20 @@ class StandIn(types.ModuleType):
         y = iterates[-1].view(x.shape)
         if not out_flag:
             return y, None, None
-        # tokens last: (2 iters, n, n, *batch) and (2 iters, n, *batch)
-        saved = torch.stack(iterates).movedim(1, -1).reshape(2 * num_iters, n, n, *batch)
-        saved_sums = torch.stack(sums).movedim(1, -1).reshape(2 * num_iters, n, *batch)
+        saved = torch.stack(iterates).movedim(1, -1).flatten()  # tokens last
+        saved_sums = torch.stack(sums).movedim(1, -1).flatten()
+        assert saved.numel() == 2 * num_iters * n * n * batch.numel()
         return y, saved, saved_sums
 
     def npu_mhc_sinkhorn_backward(self, grad_y, norm, sum):  # the docs' names
         """Autograd through the iterations replayed from the first iterate, softmax + eps,
         then the softmax's own vector-Jacobian product."""
         self.calls.append("npu_mhc_sinkhorn_backward")
-        n, iters2 = grad_y.shape[-1], norm.shape[0]
-        assert norm.shape[:3] == (iters2, n, n) and sum.shape[:2] == (iters2, n)
-        first = norm[0].reshape(n, n, -1).movedim(-1, 0)  # (tokens, n, n)
+        n, tokens = grad_y.shape[-1], grad_y[..., 0, 0].numel()
+        assert norm.dim() == sum.dim() == 1 and grad_y.dtype == torch.float32
+        iters2 = norm.numel() // (n * n * tokens)
+        assert norm.numel() == iters2 * n * n * tokens and sum.numel() == iters2 * n * tokens
+        first = norm.view(iters2, n, n, tokens)[0].movedim(-1, 0)  # (tokens, n, n)
         eps = (first.sum(-1) - 1).mean().item()  # softmax rows sum to 1: + n eps
         eps /= n
         start = first.detach().requires_grad_()

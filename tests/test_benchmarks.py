@@ -156,6 +156,7 @@ def test_the_16b_class_step_takes_the_most_layers_the_plan_fits_in_the_gpu(bench
 
     h100 = 81_559 / 1024  # nvidia-smi's memory.total, MiB
     assert device_checks.fitting_layers(143_771 / 1024) == 8
+    assert device_checks.fitting_layers(40.0) is None  # an A100-40: the step is left out
     layers = device_checks.fitting_layers(h100)
     assert layers is not None and 4 <= layers < 8
     margin = device_checks.MEMORY_MARGIN * h100

@@ -24,7 +24,6 @@ from birkhoff.model.config import MoEConfig
 from conftest import assert_backend_trains_as_reference, small_model
 
 WHEELS = Path("~/.cache/birkhoff-test-wheels").expanduser()
-MHC_OPS = MHC_OPERATORS
 USED = {
     "npu_rms_norm",
     "npu_rotary_mul",
@@ -33,7 +32,7 @@ USED = {
     "npu_swiglu",
     "npu_moe_token_permute",
     "npu_moe_token_unpermute",
-    *MHC_OPS,
+    *MHC_OPERATORS,
 }
 
 
@@ -165,7 +164,7 @@ def test_npu_ops_match_the_reference_through_the_stand_in(stand_in):
     gate, up = 8 * torch.randn(10, 16), 8 * torch.randn(10, 16)  # beyond V4's clamp of 10
     same("swiglu", [gate, up, None], stand_in)
     same("swiglu", [gate, up, 10.0], stand_in)
-    assert set(stand_in.calls) == USED - MOE_OPS - MHC_OPS
+    assert set(stand_in.calls) == USED - MOE_OPS - MHC_OPERATORS
 
 
 MOE_OPS = {"npu_moe_token_permute", "npu_moe_token_unpermute"}
@@ -207,8 +206,9 @@ def test_npu_moe_permutation_runs_for_bfloat16_and_falls_back_otherwise(stand_in
     line = kernels.describe("npu", torch.float32)
     fallen = "fall back to reference: engram_gather_gate, engram_hash, entry_mass, "
     fallen += "kv_compress, linear_cross_entropy,"
-    read = "(bfloat16 or float16 only; V4's form, 4, 6 or 8 streams, <= 65,536 tokens)"
-    assert f"{fallen} mhc_mapping, mhc_merge_read {read}, mhc_post (bfloat16 or float16" in line
+    only = "bfloat16 or float16 residual streams only"
+    read = f"({only}; V4's form, 4, 6 or 8 streams, <= 65,536 tokens)"
+    assert f"{fallen} mhc_mapping, mhc_merge_read {read}, mhc_post ({only}" in line
     assert "moe_permute (bfloat16 only), moe_route, moe_unpermute (bfloat16 only)" in line
     bf16_line = kernels.describe("npu", torch.bfloat16)
     own = "npu for 12 of 23 ops (attention, engram_merge, grouped_gemm, mhc_merge_read"
@@ -234,7 +234,7 @@ def test_doctor_checks_every_npu_op_against_the_reference(stand_in):
 def test_a_model_on_the_npu_backend_trains_as_the_reference_one(stand_in):
     assert_backend_trains_as_reference("npu", seed=3)
     # a dense float32 model: no experts, and no bfloat16 for the MoE permutation
-    assert USED - {"npu_grouped_matmul"} - MOE_OPS - MHC_OPS <= set(stand_in.calls)
+    assert USED - {"npu_grouped_matmul"} - MOE_OPS - MHC_OPERATORS <= set(stand_in.calls)
 
 
 def test_the_npu_backend_is_available_only_where_torch_npu_imports(stand_in, monkeypatch):

@@ -83,7 +83,8 @@ def test_the_mhc_operators_match_the_reference(stand_in, n):
 
 def test_calls_the_operators_do_not_take_run_the_reference(stand_in, monkeypatch):
     """float32 streams (the registry's dtype), the paper's form, 3 streams, more tokens than
-    the Sinkhorn takes: the reference runs and only the probe calls torch_npu."""
+    the Sinkhorn takes (the read; the merge has no such limit): the reference runs and only the
+    probe calls torch_npu."""
     torch.manual_seed(0)
     args = mapping_args(4, 8, (1, 3))
     read = kernels.get("mhc_read", "npu")
@@ -93,8 +94,8 @@ def test_calls_the_operators_do_not_take_run_the_reference(stand_in, monkeypatch
     monkeypatch.setattr(npu_mhc, "MOST_TOKENS", 2)
     read(torch.randn(1, 3, 4, 8, dtype=torch.bfloat16), *args)
     post = kernels.get("mhc_post", "npu")
-    streams = torch.randn(1, 3, 4, 8, dtype=torch.bfloat16)
-    post(streams, torch.randn(1, 3, 8), torch.rand(1, 3, 4, 4), torch.rand(1, 3, 4))
+    streams = torch.randn(1, 3, 3, 8, dtype=torch.bfloat16)  # 3 streams (no token limit)
+    post(streams, torch.randn(1, 3, 8), torch.rand(1, 3, 3, 3), torch.rand(1, 3, 3))
     assert set(stand_in.calls) <= {"npu_mhc_sinkhorn"}  # the probe's 4 x 4
 
 
@@ -117,7 +118,8 @@ def test_where_the_operators_do_not_run_the_table_says_why(monkeypatch):
     table = kernels.implementations("npu", torch.bfloat16)
     assert table["mhc_read"] == table["mhc_post"] == table["mhc_merge_read"] == "reference"
     assert table["rms_norm"] == "npu"  # the rest of the backend runs
-    assert f"mhc_read (bfloat16 or float16 only; not here: {reason}" in kernels.describe("npu")
+    line = kernels.describe("npu")
+    assert f"mhc_read (bfloat16 or float16 residual streams only; not here: {reason}" in line
     assert kernels.get("mhc_read", "npu") is kernels.get("mhc_read", "reference")
     assert module.calls == ["npu_mhc_sinkhorn"]  # probed once for the whole table
 
@@ -143,3 +145,21 @@ def test_a_v4_form_model_in_bfloat16_trains_through_the_mhc_operators(stand_in):
     (loss_ref, grads_ref), (loss_npu, grads_npu) = results
     torch.testing.assert_close(loss_npu, loss_ref, rtol=1e-2, atol=1e-2)
     assert torch.nn.functional.cosine_similarity(grads_npu, grads_ref, dim=0) > 0.999
+
+
+def test_the_table_follows_the_residual_streams_dtype(stand_in):
+    """Under autocast the residual streams stay float32 (the parameters'): the table says the
+    reference runs mHC, and no mHC operator runs; with bfloat16 streams the operators do."""
+    assert kernels.implementations("npu", torch.bfloat16, torch.float32)["mhc_read"] == "reference"
+    assert kernels.implementations("npu", torch.bfloat16, torch.bfloat16)["mhc_read"] == "npu"
+    line = kernels.describe("npu", torch.bfloat16, torch.float32)
+    assert "fall back to reference: " in line and "mhc_read (bfloat16 or float16 residual" in line
+    from birkhoff.model import build_model
+
+    cfg = small_model(max_seq_len=16, residual=ResidualConfig(form="v4"))
+    tokens = torch.randint(0, cfg.vocab_size, (2, 16))
+    model = build_model(cfg, "npu", seed=5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(tokens[:, :-1], tokens[:, 1:])
+    loss.backward()
+    assert not set(stand_in.calls) & (MHC_OPERATORS - {"npu_mhc_sinkhorn"})  # the probe's only

@@ -36,8 +36,10 @@ NPU = "npu"
 STREAM_DTYPES = (torch.bfloat16, torch.float16)
 STREAMS = (4, 6, 8)  # the operators' n
 MOST_TOKENS = 65_536  # the Sinkhorn's, training (out_flag=1)
-LIMITS = "4, 6 or 8 streams, <= 65,536 tokens"  # the calls the operators take (the table's)
-READ_LIMITS = f"V4's form, {LIMITS}"
+# the calls the operators take, for the table (other calls run the reference)
+POST_LIMITS = "4, 6 or 8 streams"
+READ_LIMITS = "V4's form, 4, 6 or 8 streams, <= 65,536 tokens"
+SINKHORN_LIMITS = "4 x 4, 6 x 6 or 8 x 8, <= 65,536 matrices, 1 to 100 iterations"
 
 
 def _torch_npu() -> ModuleType:
@@ -51,6 +53,8 @@ def _probe(module: ModuleType) -> str | None:
     device = "npu" if hasattr(torch, "npu") else "cpu"  # a stand-in torch_npu registers none
     try:
         _torch_npu().npu_mhc_sinkhorn(torch.ones(1, 4, 4, device=device), eps=1e-6, num_iters=1)
+        if device == "npu":  # an error of the kernel itself surfaces here
+            torch.npu.synchronize()
     except Exception as err:  # whatever CANN raises; the table shows it
         first = (str(err).splitlines() or [type(err).__name__])[0]
         return f"torch_npu's mHC operators do not run ({first})"
@@ -61,16 +65,19 @@ def mhc_operators_missing() -> str | None:
     """What this machine lacks for torch_npu's mHC operators, or None."""
     try:
         module = _torch_npu()
-    except ImportError as err:
+    except Exception as err:  # ImportError, or CANN's own failure at import
         return f"torch_npu does not import ({err})"
     return _probe(module)
 
 
-def _takes(matrices: torch.Tensor, iters: int = 1) -> bool:
+def _takes(matrices: torch.Tensor, iters: int | None = None) -> bool:
     """Whether the operators take a call on `matrices` (..., n, C or n) (the dtype is the
-    registry's): n of theirs, 1 to MOST_TOKENS tokens, 1 to 100 Sinkhorn iterations."""
+    registry's): n of theirs, a token at least; with a Sinkhorn of `iters` iterations, 1 to
+    100 of them and at most MOST_TOKENS tokens."""
     tokens = matrices[..., 0, 0].numel()
-    return matrices.shape[-2] in STREAMS and 0 < tokens <= MOST_TOKENS and 1 <= iters <= 100
+    if matrices.shape[-2] not in STREAMS or tokens == 0:
+        return False
+    return iters is None or (tokens <= MOST_TOKENS and 1 <= iters <= 100)
 
 
 def _biases(bias_pre, bias_post, bias_res) -> torch.Tensor:
@@ -121,10 +128,11 @@ class _Merge(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, streams, layer_out, h_res, h_post):
-        comb, post = h_res.transpose(-1, -2).float(), h_post.float()
+        ctx.dtypes = (layer_out.dtype, h_res.dtype, h_post.dtype)
+        # comb itself where H_res is our read's (a view of it): no copy
+        comb, post = h_res.transpose(-1, -2).float().contiguous(), h_post.float()
         layer_out = layer_out.to(streams.dtype)
         ctx.save_for_backward(streams, layer_out, comb, post)
-        ctx.dtypes = (layer_out.dtype, h_res.dtype, h_post.dtype)
         return _torch_npu().npu_mhc_post(streams, comb, layer_out, post)
 
     @staticmethod
@@ -159,7 +167,7 @@ class _Sinkhorn(torch.autograd.Function):
         return d_logits.transpose(-1, -2), None, None
 
 
-@register("mhc_read", NPU, STREAM_DTYPES, mhc_operators_missing, READ_LIMITS)
+@register("mhc_read", NPU, STREAM_DTYPES, mhc_operators_missing, READ_LIMITS, on_residual=True)
 def mhc_read(streams, weight, alpha, bias_pre, bias_post, bias_res, norm_eps: float, iters: int,
              form_eps: float | None = None):  # fmt: skip
     """The reference's `mhc_read` (same arguments and results) as npu_mhc_pre and
@@ -170,7 +178,7 @@ def mhc_read(streams, weight, alpha, bias_pre, bias_post, bias_res, norm_eps: fl
     return _Read.apply(streams, *arguments)
 
 
-@register("mhc_post", NPU, STREAM_DTYPES, mhc_operators_missing, LIMITS)
+@register("mhc_post", NPU, STREAM_DTYPES, mhc_operators_missing, POST_LIMITS, on_residual=True)
 def mhc_post(streams, layer_out, h_res, h_post):
     """The reference's `mhc_post` as npu_mhc_post, where the operator takes the streams."""
     if not _takes(streams):
@@ -179,12 +187,12 @@ def mhc_post(streams, layer_out, h_res, h_post):
 
 
 # the merge then the read; the read's backward adds the two gradients of the merged streams
-register("mhc_merge_read", NPU, STREAM_DTYPES, mhc_operators_missing, READ_LIMITS)(
-    composed_merge_read(mhc_post, mhc_read)
-)
+register(
+    "mhc_merge_read", NPU, STREAM_DTYPES, mhc_operators_missing, READ_LIMITS, on_residual=True
+)(composed_merge_read(mhc_post, mhc_read))
 
 
-@register("sinkhorn_knopp_eps", NPU, (torch.float32,), mhc_operators_missing, LIMITS)
+@register("sinkhorn_knopp_eps", NPU, (torch.float32,), mhc_operators_missing, SINKHORN_LIMITS)
 def sinkhorn_knopp_eps(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     """The reference's V4 Sinkhorn as npu_mhc_sinkhorn (its orientation transposed)."""
     if not _takes(logits, iters):

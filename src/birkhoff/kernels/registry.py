@@ -36,6 +36,9 @@ _OPS: dict[tuple[str, str], Callable[..., Any]] = {}
 _DTYPES: dict[tuple[str, str], tuple[torch.dtype, ...]] = {}  # implementations limited to these
 _NEEDS: dict[tuple[str, str], Callable[[], str | None]] = {}  # what is missing here, or None
 _LIMITS: dict[tuple[str, str], str] = {}  # which calls beyond the dtype run the reference
+# implementations whose first tensor is the residual streams: they see the parameters' dtype
+# (float32, or FSDP's param_dtype), not autocast's
+_ON_RESIDUAL: set[tuple[str, str]] = set()
 
 
 def register(
@@ -44,11 +47,13 @@ def register(
     dtypes: tuple[torch.dtype, ...] | None = None,
     needs: Callable[[], str | None] | None = None,
     limits: str | None = None,
+    on_residual: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator adding `fn` as the `backend` implementation of `op`; with `dtypes`, only for
-    calls whose first tensor argument has one of them (the reference runs the others); with
-    `needs`, only where it returns None (else what this machine lacks: the reference runs);
-    `limits` names the calls `fn` itself hands to the reference, for the table."""
+    calls whose first tensor argument has one of them (the reference runs the others), which
+    with `on_residual` is the residual streams (the table then takes the run's residual dtype);
+    with `needs`, only where it returns None (else what this machine lacks: the reference
+    runs); `limits` names the calls `fn` itself hands to the reference, for the table."""
 
     def add(fn: Callable[..., Any]) -> Callable[..., Any]:
         key = (op, backend)
@@ -61,6 +66,8 @@ def register(
             _NEEDS[key] = needs
         if limits is not None:
             _LIMITS[key] = limits
+        if on_residual:
+            _ON_RESIDUAL.add(key)
         return fn
 
     return add
@@ -107,31 +114,42 @@ def ops() -> list[str]:
     return sorted(name for name, backend in _OPS if backend == REFERENCE)
 
 
-def implementations(backend: str, dtype: torch.dtype | None = None) -> dict[str, str]:
+def implementations(
+    backend: str, dtype: torch.dtype | None = None, residual_dtype: torch.dtype | None = None
+) -> dict[str, str]:
     """Per op, the backend whose implementation runs when `backend` is asked for, for inputs
-    of `dtype` (the run's compute dtype; None: any dtype an op's implementation accepts)."""
+    of `dtype` (the run's compute dtype; None: any dtype an op's implementation accepts) and,
+    for ops on the residual streams, of `residual_dtype` (None: `dtype`)."""
     _load_backends()
 
     def runs(op: str) -> bool:
-        limited = _DTYPES.get((op, backend))
-        if (op, backend) not in _OPS or machine_lacks(op, backend) is not None:
+        key = (op, backend)
+        if key not in _OPS or machine_lacks(op, backend) is not None:
             return False
-        return limited is None or dtype is None or dtype in limited
+        seen = residual_dtype if key in _ON_RESIDUAL and residual_dtype is not None else dtype
+        return key not in _DTYPES or seen is None or seen in _DTYPES[key]
 
     return {op: backend if runs(op) else REFERENCE for op in ops()}
 
 
-def fallbacks(backend: str, dtype: torch.dtype | None = None) -> list[str]:
-    """The ops `backend` runs with the reference implementation (for inputs of `dtype`)."""
+def fallbacks(
+    backend: str, dtype: torch.dtype | None = None, residual_dtype: torch.dtype | None = None
+) -> list[str]:
+    """The ops `backend` runs with the reference implementation (for inputs of `dtype`, the
+    residual streams of `residual_dtype`)."""
     if backend == REFERENCE:
         return []
-    return [op for op, impl in implementations(backend, dtype).items() if impl == REFERENCE]
+    table = implementations(backend, dtype, residual_dtype)
+    return [op for op, impl in table.items() if impl == REFERENCE]
 
 
-def describe(backend: str, dtype: torch.dtype | None = None) -> str:
+def describe(
+    backend: str, dtype: torch.dtype | None = None, residual_dtype: torch.dtype | None = None
+) -> str:
     """One line: the backend, the ops it runs itself, and the reference fallbacks (for
-    inputs of `dtype`); an op limited to some dtypes says which."""
-    table = implementations(backend, dtype)
+    inputs of `dtype`, residual streams of `residual_dtype`); an op limited to some dtypes
+    says which (and that it sees the residual streams')."""
+    table = implementations(backend, dtype, residual_dtype)
     if backend == REFERENCE:
         return f"kernels: reference (plain torch) for all {len(table)} ops"
 
@@ -139,7 +157,9 @@ def describe(backend: str, dtype: torch.dtype | None = None) -> str:
         key = (op, backend)
         said = []
         if key in _DTYPES:
-            said.append(f"{' or '.join(str(d).removeprefix('torch.') for d in _DTYPES[key])} only")
+            kinds = " or ".join(str(d).removeprefix("torch.") for d in _DTYPES[key])
+            kinds += " residual streams" if key in _ON_RESIDUAL else ""
+            said.append(f"{kinds} only")
         lacking = machine_lacks(op, backend) if key in _OPS else None
         if lacking:
             said.append(f"not here: {lacking}")
@@ -148,7 +168,7 @@ def describe(backend: str, dtype: torch.dtype | None = None) -> str:
         return f"{op} ({'; '.join(said)})" if said else op
 
     own = [named(op) for op, impl in table.items() if impl == backend]
-    missing = [named(op) for op in fallbacks(backend, dtype)]
+    missing = [named(op) for op in fallbacks(backend, dtype, residual_dtype)]
     return (
         f"kernels: {backend} for {len(own)} of {len(table)} ops ({', '.join(own) or 'none'}); "
         f"{len(missing)} fall back to reference: {', '.join(missing) or 'none'}"

@@ -232,6 +232,9 @@ def _backward(
         d_dot = _dot_grad(d_alpha, alpha, dot / tl.sqrt(C * 1.0), C)
         share = dot / C
         v_coef = tl.sum(alpha * coef)
+        # dv_part's row is read back by other threads of this program than those that
+        # stored it wherever the compiler lays the two passes' vectors out differently
+        tl.debug_barrier()
         for start in range(0, C, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             live = cols < live_width

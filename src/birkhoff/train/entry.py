@@ -156,7 +156,9 @@ def _train_rank(
             if ctx.is_main:
                 print(f"birkhoff: {describe_split(trainer.model_cfg)}", flush=True)
                 print(f"birkhoff: layout {describe_layout(ctx)}, device {device.type}", flush=True)
-                kernel_line = kernels.describe(trainer.kernel_backend, trainer.compute_dtype)
+                kernel_line = kernels.describe(
+                    trainer.kernel_backend, trainer.compute_dtype, trainer.residual_dtype
+                )
                 note = kernels.auto_note(train_recipe.backend.kernels, device.type)
                 kernel_line += f" ({note})" if note else ""
                 print(f"birkhoff: {kernel_line}", flush=True)
@@ -178,7 +180,9 @@ def _train_rank(
         summary["parameters"] = count_parameters(trainer.model_cfg).as_dict()
         summary["parallel"] = dict(ctx.degrees)
         summary["tokenizer"] = data.tokenizer.identity()
-        summary["kernels"] = kernels.implementations(trainer.kernel_backend, trainer.compute_dtype)
+        summary["kernels"] = kernels.implementations(
+            trainer.kernel_backend, trainer.compute_dtype, trainer.residual_dtype
+        )
         if train_recipe.train.compile:
             summary["compile"] = {
                 "blocks": trainer.compiled_blocks,

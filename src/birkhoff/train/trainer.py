@@ -31,6 +31,7 @@ from birkhoff.data import (
 from birkhoff.data.compression import tokenizer_compression
 from birkhoff.parallel import DistributedContext
 from birkhoff.parallel.device import peak_memory_mib
+from birkhoff.parallel.fsdp import DTYPES
 from birkhoff.parallel.grad_norm import clip_grad_norm
 from birkhoff.parallel.parallelize import wrap_ddp
 from birkhoff.train.anticipatory import AnticipatoryRouting
@@ -412,3 +413,11 @@ class Trainer:
     def compute_dtype(self) -> torch.dtype:
         """The dtype the hot ops see (bf16 under autocast): which kernels run depends on it."""
         return torch.bfloat16 if self.recipe.train.mixed_precision == "bf16" else torch.float32
+
+    @property
+    def residual_dtype(self) -> torch.dtype:
+        """The residual streams' dtype, which autocast leaves alone: FSDP's param_dtype where
+        FSDP shards the model, else the parameters' own."""
+        if isinstance(self.model, FSDPModule):
+            return DTYPES[self.recipe.parallel.param_dtype]
+        return next(p.dtype for p in self.model.parameters() if p.is_floating_point())
