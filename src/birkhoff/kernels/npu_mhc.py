@@ -14,7 +14,8 @@ transpose, comb itself: no copy either way.
 Limits (the reference runs otherwise, and the kernel table says so): streams in bfloat16 or
 float16 (the operators take no float32 streams: under autocast the residual streams stay
 float32, under FSDP's bfloat16 parameters they are bfloat16); V4's form (the paper's Sinkhorn
-has no eps); 4, 6 or 8 streams; at most 65,536 tokens a call (the Sinkhorn's saved iterates);
+has no eps); 4, 6 or 8 streams; for the Sinkhorn at most 65,536 tokens a call (op-plugin's
+docs of npu_mhc_sinkhorn, training with out_flag=1; the wheel's docstring gives no bound);
 and a CANN that has the operators (Ascend 950; a 910B or 910C's has none): probed once per
 process with one 4 x 4 Sinkhorn.
 """
