@@ -30,6 +30,7 @@ Each step records its exit code, seconds and output (parsed JSON where it prints
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
@@ -64,6 +65,7 @@ BIG_PLAN = [
 MEMORY_MARGIN = 0.92  # of the GPU's memory: the allocator's fragmentation, CUDA's context
 
 
+@functools.cache  # fitting_layers and the results both ask for the chosen count
 def planned_gib(layers: int) -> float:
     """The plan's peak memory per device for the 16B-class step at `layers` layers (it
     predicted the H200 run's 97.1 GiB peak exactly, README)."""

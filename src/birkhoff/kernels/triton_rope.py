@@ -34,6 +34,22 @@ def _rows(row, s0, s1, s2, n1, n2):
 
 
 @triton.jit
+def _row_block(cos_ptr, sin_ptr, s0, s1, s2, n1, n2, width, pairs, groups, sign, total_rows,
+               ROWS: tl.constexpr, PAIRS: tl.constexpr):  # fmt: skip
+    """This program's ROWS rows: (row, live, their offsets in the strided x, the leading
+    channels' count, pair index, live pairs, cos and sign * sin of their tokens' angles)."""
+    # 64-bit offsets: rows x width passes 2^31
+    row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    live = row < total_rows
+    i = tl.arange(0, PAIRS)
+    on = live[:, None] & (i < pairs)[None, :]
+    table = (row // groups)[:, None] * pairs + i[None, :]
+    c = tl.load(cos_ptr + table, mask=on, other=0.0)
+    s = sign * tl.load(sin_ptr + table, mask=on, other=0.0)
+    return row, live, _rows(row, s0, s1, s2, n1, n2), width - 2 * pairs, i, on, c, s
+
+
+@triton.jit
 def _turn(
     x_ptr, cos_ptr, sin_ptr, out_ptr, scale_ptr, s0, s1, s2, n1, n2, cs, width, pairs, groups,
     sign, eps, total_rows, NORM: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
@@ -41,14 +57,10 @@ def _turn(
 ):  # fmt: skip
     """ROWS rows of x, read through their strides (leading dims (n0, n1, n2): s0, s1, s2;
     channels: cs), into the contiguous out; with NORM each row times its r first, r stored."""
-    # 64-bit offsets: rows x width passes 2^31
-    row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    live = row < total_rows
-    base = _rows(row, s0, s1, s2, n1, n2)
-    lead = width - 2 * pairs
+    row, live, base, lead, i, on, c, s = _row_block(
+        cos_ptr, sin_ptr, s0, s1, s2, n1, n2, width, pairs, groups, sign, total_rows, ROWS, PAIRS
+    )
     kind = out_ptr.dtype.element_ty
-    i = tl.arange(0, PAIRS)
-    on = live[:, None] & (i < pairs)[None, :]
     even_at = base[:, None] + (lead + 2 * i[None, :]) * cs
     even = tl.load(x_ptr + even_at, mask=on, other=0.0).to(tl.float32)
     odd = tl.load(x_ptr + even_at + cs, mask=on, other=0.0).to(tl.float32)
@@ -72,9 +84,6 @@ def _turn(
         if NORM:
             kept = kept.to(tl.float32) * r[:, None]
         tl.store(out_ptr + row[:, None] * width + cols[None, :], kept.to(kind), mask=inside)
-    table = (row // groups)[:, None] * pairs + i[None, :]
-    c = tl.load(cos_ptr + table, mask=on, other=0.0)
-    s = sign * tl.load(sin_ptr + table, mask=on, other=0.0)
     at = row[:, None] * width + lead + 2 * i[None, :]
     tl.store(out_ptr + at, (even * c - odd * s).to(kind), mask=on)
     tl.store(out_ptr + at + 1, (even * s + odd * c).to(kind), mask=on)
@@ -88,16 +97,10 @@ def _normed_backward(
     """dx of ROWS rows of the normed turn: g (strided as in _turn) turned back by -sign to u
     (rounded to x's dtype, as the reference's turn hands it to its norm), then
     dx = r u - x r^3 <u, x> / width; x and dx contiguous."""
-    row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    live = row < total_rows
-    base = _rows(row, s0, s1, s2, n1, n2)
-    lead = width - 2 * pairs
+    row, live, base, lead, i, on, c, s = _row_block(
+        cos_ptr, sin_ptr, s0, s1, s2, n1, n2, width, pairs, groups, -sign, total_rows, ROWS, PAIRS
+    )
     kind = dx_ptr.dtype.element_ty
-    i = tl.arange(0, PAIRS)
-    on = live[:, None] & (i < pairs)[None, :]
-    table = (row // groups)[:, None] * pairs + i[None, :]
-    c = tl.load(cos_ptr + table, mask=on, other=0.0)
-    s = -sign * tl.load(sin_ptr + table, mask=on, other=0.0)
     g_at = base[:, None] + (lead + 2 * i[None, :]) * cs
     g_even = tl.load(g_ptr + g_at, mask=on, other=0.0).to(tl.float32)
     g_odd = tl.load(g_ptr + g_at + cs, mask=on, other=0.0).to(tl.float32)
