@@ -1,8 +1,10 @@
-"""A stand-in torch_npu for the tests: the ops birkhoff's `npu` backend calls, as torch_npu's
-docs (and, for the mHC operators, whose docs give no formula, the golden formulas of the vendor's
-own op tests: op-plugin's test_npu_mhc_pre.py and test_npu_mhc_sinkhorn.py) specify them, in
-plain torch; it records every call. The backward operators are autograd through those forward
-formulas, from what the forward handed back, not the backend's own backward."""
+"""A stand-in torch_npu for the tests: the ops birkhoff's `npu` backend calls, as torch_npu's docs
+(and, for the mHC operators, whose docs give no formula, the golden formulas of the vendor's own
+op tests: op-plugin's test_npu_mhc_pre.py and test_npu_mhc_sinkhorn.py; for the fused head's
+cross-entropy, whose docs name each output but give no formula, Megatron's vocab-parallel
+cross-entropy, which those operators fuse) specify them, in plain torch; it records every call. The
+backward operators are autograd through those forward formulas, from what the forward handed
+back, not the backend's own backward."""
 
 from __future__ import annotations
 
@@ -21,6 +23,12 @@ MHC_OPERATORS = {  # CANN 9's mHC operators, forward and backward
     "npu_mhc_post",
     "npu_mhc_post_backward",
 }
+HEAD_OPERATORS = {  # the vocabulary-parallel head's, used with the whole vocabulary
+    "npu_fused_linear_online_max_sum",
+    "npu_fused_cross_entropy_loss_with_max_sum",
+    "npu_fused_linear_cross_entropy_loss_with_max_sum_backward",
+}
+ROUTER_OPERATORS = {"npu_moe_gating_top_k", "npu_moe_gating_top_k_backward"}
 
 
 class StandIn(types.ModuleType):
@@ -93,6 +101,93 @@ class StandIn(types.ModuleType):
         rows = rows.index_copy(0, sorted_indices.long(), permuted_tokens)
         rows = rows.view(-1, top_k, rows.shape[-1])
         return (rows if probs is None else rows * probs.unsqueeze(-1)).sum(1)
+
+    # The vocabulary-parallel head (used with the whole vocabulary): their docs give each
+    # output's meaning, not its formula; here Megatron's vocab-parallel cross-entropy, which
+    # they fuse: a target outside [start, end) is masked (bit set), its local target 0.
+
+    def npu_fused_linear_online_max_sum(self, input, weight, target, vocab_start_index,
+                                        vocab_end_index, return_logits=False):  # fmt: skip
+        self.calls.append("npu_fused_linear_online_max_sum")
+        # "input: 2-D bfloat16 or float16; weight: 2-D, input's dtype; target 1-D int32/int64"
+        assert input.dtype in (torch.bfloat16, torch.float16) and weight.dtype == input.dtype
+        assert input.dim() == weight.dim() == 2 and target.dim() == 1
+        assert target.dtype in (torch.int32, torch.int64)
+        with torch.autocast(input.device.type, enabled=False):  # an operator: autocast's not
+            logits = input.float() @ weight.float().T
+        outside = (target < vocab_start_index) | (target >= vocab_end_index)
+        local = (target - vocab_start_index).masked_fill(outside, 0)
+        largest = logits.amax(-1)
+        sums = (logits - largest[:, None]).exp().sum(-1)
+        picked = logits.gather(1, local[:, None]).squeeze(1).masked_fill(outside, 0.0)
+        bits = F.pad(outside, (0, -len(outside) % 8)).view(-1, 8).to(torch.uint8)
+        mask = (bits << torch.arange(8, dtype=torch.uint8)).sum(-1).to(torch.uint8)
+        kept = logits.to(input.dtype) if return_logits else None
+        return largest, sums, picked, mask, local, kept
+
+    def npu_fused_cross_entropy_loss_with_max_sum(self, logits_max, sum_exp_logits,
+                                                  predicted_logits, *, label_smoothing=0.0,
+                                                  input=None, weight=None,
+                                                  vocab_parallel_logits=None):  # fmt: skip
+        self.calls.append("npu_fused_cross_entropy_loss_with_max_sum")
+        assert label_smoothing == 0.0 and input is None and weight is None  # "only 0 / None"
+        assert logits_max.dtype == sum_exp_logits.dtype == predicted_logits.dtype == torch.float32
+        assert vocab_parallel_logits is None
+        return sum_exp_logits.log() + logits_max - predicted_logits, None
+
+    def npu_fused_linear_cross_entropy_loss_with_max_sum_backward(
+        self, grad, input, weight, target_mask, masked_target, label_smoothing=0.0,
+        logits_max=None, sum_exp_logits=None, softmax=None,
+    ):  # fmt: skip
+        self.calls.append("npu_fused_linear_cross_entropy_loss_with_max_sum_backward")
+        assert grad.dtype == torch.float32 and grad.shape == masked_target.shape
+        assert weight.shape[0] >= 128  # "weight's dim 0 not below 128"
+        assert softmax is not None or (logits_max is not None and sum_exp_logits is not None)
+        with torch.autocast(input.device.type, enabled=False):
+            logits = input.float() @ weight.float().T
+        probs = (logits - logits_max[:, None]).exp() / sum_exp_logits[:, None]
+        bits = (target_mask[:, None] >> torch.arange(8, dtype=torch.uint8)) & 1
+        inside = bits.flatten()[: len(grad)] == 0
+        rows = torch.arange(len(grad))[inside]
+        probs[rows, masked_target[inside]] -= 1.0
+        grad_logits = probs * grad[:, None]
+        with torch.autocast(input.device.type, enabled=False):
+            grads = grad_logits @ weight.float(), grad_logits.T @ input.float()
+        return tuple(g.to(input.dtype) for g in grads)
+
+    # The MoE router: the docs' equivalent computation (groups of one: ours has none there).
+
+    def npu_moe_gating_top_k(self, x, k, bias=None, input_ids=None, tid2eid=None, k_group=1,
+                             group_count=1, group_select_mode=0, renorm=0, norm_type=0,
+                             out_flag=False, routed_scaling_factor=1.0, eps=1e-20):  # fmt: skip
+        self.calls.append("npu_moe_gating_top_k")
+        assert x.dim() == 2 and 3 <= x.shape[-1] <= 2048 and renorm == 0
+        assert bias is None or (bias.dtype == x.dtype and bias.shape == x.shape[-1:])
+        assert k_group == group_count == 1 and norm_type in (0, 1)
+        scores = x.float().sigmoid() if norm_type == 1 else x.float().softmax(-1)
+        if tid2eid is not None:  # hash mode: "expert indices looked up from tid2eid"
+            assert input_ids.shape == x.shape[:1] and tid2eid.shape[-1] == k
+            ids = tid2eid[input_ids]
+        else:
+            biased = scores if bias is None else scores + bias.float()
+            ids = torch.argsort(-biased, dim=-1, stable=True)[:, :k]
+        chosen = scores.gather(1, ids.long())
+        if norm_type == 1:
+            chosen = chosen / (chosen.sum(-1, keepdim=True) + eps)
+        weights = (chosen * routed_scaling_factor).to(x.dtype)
+        return weights, ids.int(), scores if out_flag else None
+
+    def npu_moe_gating_top_k_backward(self, x_norm, grad_y, expertIdx, *, renorm=0, norm_type=0,
+                                      routed_scaling_factor=1.0, eps=1e-20):  # fmt: skip
+        self.calls.append("npu_moe_gating_top_k_backward")
+        assert norm_type == 1 and x_norm.dtype == torch.float32 and expertIdx.dtype == torch.int32
+        assert grad_y.is_contiguous() and expertIdx.is_contiguous()  # "no non-contiguous"
+        scores = x_norm.detach().requires_grad_()
+        with torch.enable_grad():
+            chosen = scores.gather(1, expertIdx.long())
+            weights = chosen / (chosen.sum(-1, keepdim=True) + eps) * routed_scaling_factor
+            (grad,) = torch.autograd.grad(weights, scores, grad_y.float())
+        return (grad * x_norm * (1 - x_norm)).to(grad_y.dtype)
 
     # mHC (CANN 9's operators). Shapes as documented: streams (T, n, D) or (B, S, n, D) in
     # bfloat16 or float16; phi (n^2 + 2n, n D), alpha (3,), bias (n^2 + 2n,) and every mapping

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from npu_stand_in import MHC_OPERATORS, StandIn
+from npu_stand_in import HEAD_OPERATORS, MHC_OPERATORS, ROUTER_OPERATORS, StandIn
 
 from birkhoff import kernels
-from birkhoff.kernels import npu_mhc, npu_ops
+from birkhoff.kernels import npu_cross_entropy, npu_mhc, npu_ops, npu_router
 from birkhoff.launch import doctor_kernels
 from birkhoff.model.config import MoEConfig
 from conftest import assert_backend_trains_as_reference, small_model
@@ -33,6 +33,8 @@ USED = {
     "npu_moe_token_permute",
     "npu_moe_token_unpermute",
     *MHC_OPERATORS,
+    *HEAD_OPERATORS,
+    *ROUTER_OPERATORS,
 }
 
 
@@ -73,7 +75,8 @@ def documented(docs: str, name: str) -> tuple[list[str], set[str], set[str]]:
 
 def npu_calls() -> list[ast.Call]:
     """Every `_torch_npu().npu_*(...)` call in the backend's source."""
-    trees = [ast.parse(Path(m.__file__).read_text()) for m in (npu_ops, npu_mhc)]
+    modules = (npu_ops, npu_mhc, npu_cross_entropy, npu_router)
+    trees = [ast.parse(Path(m.__file__).read_text()) for m in modules]
     return [
         node
         for tree in trees
@@ -164,7 +167,7 @@ def test_npu_ops_match_the_reference_through_the_stand_in(stand_in):
     gate, up = 8 * torch.randn(10, 16), 8 * torch.randn(10, 16)  # beyond V4's clamp of 10
     same("swiglu", [gate, up, None], stand_in)
     same("swiglu", [gate, up, 10.0], stand_in)
-    assert set(stand_in.calls) == USED - MOE_OPS - MHC_OPERATORS
+    assert set(stand_in.calls) == USED - MOE_OPS - MHC_OPERATORS - HEAD_OPERATORS - ROUTER_OPERATORS
 
 
 MOE_OPS = {"npu_moe_token_permute", "npu_moe_token_unpermute"}
@@ -205,13 +208,15 @@ def test_npu_moe_permutation_runs_for_bfloat16_and_falls_back_otherwise(stand_in
     assert fp32["moe_permute"] == fp32["moe_unpermute"] == "reference"
     line = kernels.describe("npu", torch.float32)
     fallen = "fall back to reference: engram_gather_gate, engram_hash, entry_mass, "
-    fallen += "kv_compress, linear_cross_entropy,"
+    fallen += "kv_compress, linear_cross_entropy (bfloat16 or float16 only; vocabularies of 128 "
+    fallen += "entries or more),"
     only = "bfloat16 or float16 residual streams only"
     read = f"({only}; V4's form, 4, 6 or 8 streams, <= 65,536 tokens)"
     assert f"{fallen} mhc_mapping, mhc_merge_read {read}, mhc_post ({only}" in line
-    assert "moe_permute (bfloat16 only), moe_route, moe_unpermute (bfloat16 only)" in line
+    assert "moe_permute (bfloat16 only), moe_unpermute (bfloat16 only), sinkhorn_knopp," in line
     bf16_line = kernels.describe("npu", torch.bfloat16)
-    own = "npu for 12 of 23 ops (attention, engram_merge, grouped_gemm, mhc_merge_read"
+    own = "npu for 14 of 23 ops (attention, engram_merge, grouped_gemm, linear_cross_entropy "
+    own += "(bfloat16 or float16 only; vocabularies of 128 entries or more), mhc_merge_read"
     assert f"{own} {read}" in bf16_line
 
 
@@ -234,7 +239,9 @@ def test_doctor_checks_every_npu_op_against_the_reference(stand_in):
 def test_a_model_on_the_npu_backend_trains_as_the_reference_one(stand_in):
     assert_backend_trains_as_reference("npu", seed=3)
     # a dense float32 model: no experts, and no bfloat16 for the MoE permutation
-    assert USED - {"npu_grouped_matmul"} - MOE_OPS - MHC_OPERATORS <= set(stand_in.calls)
+    # (and a vocabulary under the fused head's 128, float32 for it anyway)
+    unused = {"npu_grouped_matmul"} | MOE_OPS | MHC_OPERATORS | HEAD_OPERATORS | ROUTER_OPERATORS
+    assert USED - unused <= set(stand_in.calls)
 
 
 def test_the_npu_backend_is_available_only_where_torch_npu_imports(stand_in, monkeypatch):
@@ -247,12 +254,13 @@ def test_the_npu_backend_is_available_only_where_torch_npu_imports(stand_in, mon
 
 def test_a_moe_model_in_bfloat16_permutes_through_torch_npu(stand_in):
     """Under train.mixed_precision=bf16's autocast the MoE tokens are bfloat16, so a MoE
-    model on the npu backend permutes through torch_npu; loss and gradients as the
-    reference's within bf16 rounding."""
+    model on the npu backend permutes through torch_npu, routes through its gating operator
+    (sigmoid scores) and, with a vocabulary of 160, takes its loss from the fused head; loss
+    and gradients as the reference's within bf16 rounding."""
     from birkhoff.model import build_model
 
     moe = MoEConfig(num_experts=4, top_k=2, expert_ffn_hidden_size=8, first_k_dense=1)
-    cfg = small_model(max_seq_len=16, moe=moe)
+    cfg = small_model(max_seq_len=16, moe=moe, vocab_size=160)
     tokens = torch.randint(0, cfg.vocab_size, (2, 16))
     results = []
     for backend in ("reference", "npu"):
@@ -262,7 +270,8 @@ def test_a_moe_model_in_bfloat16_permutes_through_torch_npu(stand_in):
         loss.backward()
         grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
         results.append((loss.detach(), grads))
-    assert set(stand_in.calls) >= MOE_OPS
+    assert set(stand_in.calls) >= MOE_OPS | HEAD_OPERATORS | ROUTER_OPERATORS
     (loss_ref, grads_ref), (loss_npu, grads_npu) = results
     torch.testing.assert_close(loss_npu, loss_ref, rtol=1e-2, atol=1e-2)
     assert torch.nn.functional.cosine_similarity(grads_npu, grads_ref, dim=0) > 0.999
+    torch.testing.assert_close(grads_npu.norm(), grads_ref.norm(), rtol=1e-2, atol=0)

@@ -267,8 +267,10 @@ def _load_backends() -> None:
         cpu_v4_attention,
         linear_cross_entropy,
         moe_route,
+        npu_cross_entropy,
         npu_mhc,
         npu_ops,
+        npu_router,
         reference,
     )
 

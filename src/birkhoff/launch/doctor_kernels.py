@@ -205,9 +205,32 @@ EXAMPLES: dict[str, Callable[[int], list]] = {
 # Floating inputs that are no op's to differentiate (by position): the model's buffers.
 # the rotation tables; the router's bias (balancing's, steering the choice only)
 CONSTANT_ARGS = {"rope": (2, 3), "rope_trailing": (1, 2), "moe_route": (1,)}
-# Further calls checked (and built by launch/triton_build) after the example's own: its
-# arguments followed by these. rope_trailing: V4's query norm (inverse False, norm_eps).
-MORE_CALLS = {"rope_trailing": [(False, 1e-6)]}
+
+
+def _with_query_norm(args: list) -> list:
+    """rope_trailing with V4's query norm (inverse False, norm_eps)."""
+    return [*args, False, 1e-6]
+
+
+def _with_sigmoid_scores(args: list) -> list:
+    """moe_route with V3's sigmoid scores (npu's gating operator takes no other)."""
+    logits, bias, top_k, _, scale = args
+    return [logits, bias, top_k, "sigmoid", scale]
+
+
+def _with_chosen_experts(args: list) -> list:
+    """moe_route (sigmoid) with the experts chosen outside it: a hash layer's."""
+    logits = args[0]
+    chosen = torch.rand(logits.shape, device=logits.device).topk(args[2], dim=-1).indices
+    return [*_with_sigmoid_scores(args), chosen]
+
+
+# Further calls checked (and built by launch/triton_build) after the example's own, each
+# from the example's arguments.
+MORE_CALLS: dict[str, list[Callable[[list], list]]] = {
+    "rope_trailing": [_with_query_norm],
+    "moe_route": [_with_sigmoid_scores, _with_chosen_experts],
+}
 # The reference runs in float64 but for ops whose torch kernel has none (F.grouped_mm).
 REFERENCE_DTYPE = {"grouped_gemm": torch.float32}
 # Ops whose triton implementation has no backward on the CPU (interpreted mode): there only
@@ -303,7 +326,7 @@ def _errors(
 
 def example_calls(op: str, inputs: list) -> list[list]:
     """The argument lists an op is checked with: its example's, then MORE_CALLS'."""
-    return [inputs] + [inputs + list(extra) for extra in MORE_CALLS.get(op, ())]
+    return [inputs] + [further(inputs) for further in MORE_CALLS.get(op, ())]
 
 
 def _worst(*errors: float) -> float:

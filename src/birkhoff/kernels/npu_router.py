@@ -1,0 +1,98 @@
+"""The MoE router after its matmul (`moe_route`) on the `npu` backend through torch_npu's
+`npu_moe_gating_top_k` and its backward operator: sigmoid scores, the top-k experts of scores +
+bias (aux-loss-free balancing's), and the chosen experts' scores normalised over the k and
+scaled (eps 1e-20 in the normalising sum), the scores themselves handed back (out_flag): the
+reference's op (kernels/moe_route.py) in one operator each way. Semantics: the operator's
+documented equivalent computation (torch_npu's docs of npu_moe_gating_top_k).
+
+Experts chosen elsewhere (a hash layer's table, Anticipatory Routing's plan) go in through the
+operator's hash mode: input_ids are the rows' own numbers and tid2eid the chosen experts, so
+row i takes tid2eid[i]. The backward operator differentiates the gate weights; the scores'
+own gradient (a balance loss's) is added here, times the sigmoid's derivative s (1 - s).
+
+Limits (the reference runs otherwise; the table says so): sigmoid scores (V3's; the
+operator's backward has no other, and V4's sqrt(softplus) is not among its scores), 3 to 2,048
+experts, as the operator takes.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from birkhoff.kernels.moe_route import moe_route as reference
+from birkhoff.kernels.registry import register
+
+NPU = "npu"
+SIGMOID = 1  # the operators' norm_type
+EPS = 1e-20  # in the normalising sum: the operators' default, written out for both
+MOST_EXPERTS = 2048
+LIMITS = f"sigmoid scores only, 3 to {MOST_EXPERTS:,} experts"
+
+
+def _torch_npu():
+    return importlib.import_module("torch_npu")
+
+
+@register("moe_route", NPU, limits=LIMITS)
+def moe_route(
+    logits: torch.Tensor,
+    bias: torch.Tensor,
+    top_k: int,
+    score_func: str,
+    route_scale: float,
+    expert_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits (N, E), bias (E,) -> gate weights (N, k), expert ids (N, k) (int64), scores
+    (N, E), as the reference's; sigmoid scores only (others run the reference)."""
+    experts = logits.shape[-1]
+    if score_func != "sigmoid" or not 3 <= experts <= MOST_EXPERTS or logits.shape[0] == 0:
+        return reference(logits, bias, top_k, score_func, route_scale, expert_ids)
+    return _GatingTopK.apply(logits, bias, top_k, route_scale, expert_ids)
+
+
+class _GatingTopK(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, bias, top_k, route_scale, expert_ids):
+        rows = table = None
+        if expert_ids is not None:  # row i takes tid2eid[input_ids[i]] = expert_ids[i]
+            rows = torch.arange(logits.shape[0], device=logits.device)
+            table = expert_ids.contiguous()
+        weights, ids, scores = _torch_npu().npu_moe_gating_top_k(
+            logits,
+            top_k,
+            bias=bias.to(logits.dtype),
+            norm_type=SIGMOID,
+            out_flag=True,
+            routed_scaling_factor=route_scale,
+            eps=EPS,
+            input_ids=rows,
+            tid2eid=table,
+        )
+        ctx.save_for_backward(scores, ids)
+        ctx.route_scale, ctx.dtype = route_scale, logits.dtype
+        ids = ids.long()
+        ctx.mark_non_differentiable(ids)
+        return weights, ids, scores.to(logits.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_weights, _grad_ids, grad_scores):
+        scores, ids = ctx.saved_tensors
+        grad = (
+            _torch_npu()
+            .npu_moe_gating_top_k_backward(
+                scores,
+                grad_weights.contiguous(),
+                ids,
+                norm_type=SIGMOID,
+                routed_scaling_factor=ctx.route_scale,
+                eps=EPS,
+            )
+            .float()
+        )
+        if grad_scores is not None:  # the scores' own use, through the sigmoid
+            grad = grad + grad_scores.float() * scores * (1 - scores)
+        return grad.to(ctx.dtype), None, None, None, None

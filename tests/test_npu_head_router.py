@@ -1,0 +1,147 @@
+"""The head's fused cross-entropy (kernels/npu_cross_entropy.py) and the MoE router
+(kernels/npu_router.py) on the `npu` backend, through a stand-in torch_npu computing what the
+operators' docs specify (tests/npu_stand_in.py): against the reference in float64 (the head,
+bfloat16 matmuls) or float32 (the router), forward and gradients; the calls the operators do
+not take run the reference and call nothing; the kernel table names the limits. The calls'
+signatures are checked against the wheel's docs in test_npu_backend.py."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from npu_stand_in import StandIn
+
+from birkhoff import kernels
+
+HEAD_CALLS = [
+    "npu_fused_linear_online_max_sum",
+    "npu_fused_cross_entropy_loss_with_max_sum",
+    "npu_fused_linear_cross_entropy_loss_with_max_sum_backward",
+]
+ROUTER_CALLS = ["npu_moe_gating_top_k", "npu_moe_gating_top_k_backward"]
+BF16_BOUND = 1e-2  # relative error of bfloat16 matmuls' outputs and gradients
+
+
+@pytest.fixture
+def stand_in(monkeypatch) -> StandIn:
+    module = StandIn()
+    monkeypatch.setitem(sys.modules, "torch_npu", module)
+    return module
+
+
+def relative(got: torch.Tensor, exact: torch.Tensor) -> float:
+    return ((got.double() - exact).abs().max() / exact.abs().max()).item()
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+def test_the_fused_head_matches_the_float64_loss_and_gradients(stand_in, weight_dtype):
+    """bfloat16 hidden states (autocast's) and a float32 or bfloat16 weight: the mean loss
+    and the gradients of both against cross_entropy(hidden @ weight^T) in float64, the
+    weight's gradient in the weight's dtype; three operator calls, the logits never whole."""
+    torch.manual_seed(0)
+    tokens, width, vocab = 37, 32, 300
+    hidden = torch.randn(tokens, width).bfloat16()
+    weight = (torch.randn(vocab, width) / 4).to(weight_dtype)
+    targets = torch.randint(0, vocab, (tokens,))
+    exact = [t.detach().double().requires_grad_() for t in (hidden, weight)]
+    expected = torch.nn.functional.cross_entropy(exact[0] @ exact[1].T, targets)
+    given = [t.detach().clone().requires_grad_() for t in (hidden, weight)]
+    got = kernels.get("linear_cross_entropy", "npu")(*given, targets)
+    assert stand_in.calls == HEAD_CALLS[:2]
+    assert got.dtype == torch.float32 and relative(got, expected) < BF16_BOUND
+    grad = torch.tensor(1.7)
+    expected_grads = torch.autograd.grad(expected, exact, grad.double())
+    got_grads = torch.autograd.grad(got, given, grad)
+    assert stand_in.calls == HEAD_CALLS
+    for g, e, t in zip(got_grads, expected_grads, given, strict=True):
+        assert g.dtype == t.dtype and relative(g, e) < BF16_BOUND
+
+
+def test_head_calls_the_operators_do_not_take_run_the_reference(stand_in):
+    """float32 hidden states (the operators take bfloat16 and float16) and a vocabulary under
+    128 (the backward's least) run the reference, calling nothing; without autograd only the
+    forward operators run. (Under autocast, as in a model: bfloat16 hidden states and a
+    float32 weight.)"""
+    torch.manual_seed(1)
+    npu_op, reference = (kernels.get("linear_cross_entropy", b) for b in ("npu", "reference"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for hidden, weight in [
+            (torch.randn(9, 16), torch.randn(200, 16)),
+            (torch.randn(9, 16).bfloat16(), torch.randn(100, 16)),
+        ]:
+            targets = torch.randint(0, weight.shape[0], (9,))
+            expected = reference(hidden, weight, targets)
+            assert torch.equal(npu_op(hidden, weight, targets), expected)
+        assert stand_in.calls == []
+        hidden, weight = torch.randn(9, 16).bfloat16(), torch.randn(200, 16, requires_grad=True)
+        targets = torch.randint(0, 200, (9,))
+        with torch.no_grad():
+            loss, expected = npu_op(hidden, weight, targets), reference(hidden, weight, targets)
+    assert stand_in.calls == HEAD_CALLS[:2]
+    assert relative(loss, expected.double()) < BF16_BOUND
+
+
+def route_inputs(tokens: int = 24, experts: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits whose biased top-k is far from ties (float32 and the stand-in agree)."""
+    spread = torch.argsort(torch.rand(tokens, experts), -1).float() / experts * 8 - 4
+    return spread + 0.01 * torch.randn(tokens, experts), 0.3 * torch.randn(experts)
+
+
+def check_route(expert_ids: torch.Tensor | None) -> None:
+    """The npu router against the reference's: the same experts, gate weights and scores,
+    and the logits' gradient from both the weights and the scores (a balance loss's use)."""
+    logits, bias = route_inputs()
+    outputs, grads = [], []
+    for backend in ("reference", "npu"):
+        leaf = logits.clone().requires_grad_()
+        weights, ids, scores = kernels.get("moe_route", backend)(
+            leaf, bias, 4, "sigmoid", 2.5, expert_ids
+        )
+        torch.manual_seed(5)  # the same upstream gradients for both
+        upstream = (torch.randn_like(weights), torch.randn_like(scores))
+        (grad,) = torch.autograd.grad((weights, scores), leaf, upstream)
+        outputs.append((weights, ids, scores))
+        grads.append(grad)
+    (w_ref, ids_ref, s_ref), (w_npu, ids_npu, s_npu) = outputs
+    if expert_ids is None:  # the bias steered some choices (it is the operator's to apply)
+        assert not torch.equal(ids_ref, s_ref.topk(4, dim=-1).indices)
+    assert ids_npu.dtype == torch.int64 and torch.equal(ids_npu, ids_ref)
+    torch.testing.assert_close(w_npu, w_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(s_npu, s_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+
+
+def test_the_router_matches_the_reference(stand_in):
+    torch.manual_seed(2)
+    check_route(None)
+    assert stand_in.calls == ROUTER_CALLS
+
+
+def test_experts_chosen_elsewhere_go_through_the_hash_mode(stand_in):
+    """A hash layer's (or Anticipatory Routing's) experts: row i takes tid2eid[i]; the weights
+    are those experts' normalised scores, whatever the bias would have chosen."""
+    torch.manual_seed(3)
+    chosen = torch.stack([torch.randperm(16)[:4] for _ in range(24)])
+    check_route(chosen)
+    assert stand_in.calls == ROUTER_CALLS
+
+
+def test_router_calls_the_operator_does_not_take_run_the_reference(stand_in):
+    """V4's sqrt(softplus) scores and fewer than 3 experts run the reference."""
+    logits, bias = route_inputs()
+    npu_op, reference = (kernels.get("moe_route", b) for b in ("npu", "reference"))
+    for args in [(logits, bias, 4, "sqrt_softplus", 2.5), (logits[:, :2], bias[:2], 1,
+                                                          "sigmoid", 1.0)]:  # fmt: skip
+        for got, expected in zip(npu_op(*args), reference(*args), strict=True):
+            assert torch.equal(got, expected)
+    assert stand_in.calls == []
+
+
+def test_the_table_names_the_head_and_router_limits(stand_in):
+    line = kernels.describe("npu", torch.bfloat16)
+    assert "linear_cross_entropy (bfloat16 or float16 only; vocabularies of 128" in line
+    assert "moe_route (sigmoid scores only, 3 to 2,048 experts)" in line
+    fp32 = kernels.implementations("npu", torch.float32)
+    assert fp32["linear_cross_entropy"] == "reference" and fp32["moe_route"] == "npu"
