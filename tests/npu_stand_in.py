@@ -69,6 +69,35 @@ class StandIn(types.ModuleType):
         probs = scores.masked_fill(atten_mask, float("-inf")).softmax(-1)
         return probs @ value, None, None, None, 0, 0, 0
 
+    def npu_fusion_attention_v2(self, query, key, value, head_num, input_layout, *,
+                                atten_mask=None, scale=1.0, keep_prob=1.0, sparse_mode=0,
+                                sink=None):  # fmt: skip
+        """The docs' formula in BSND: softmax over scale q k^T (atten_mask True: hidden) and,
+        with `sink` (float32, one per head), e^(sink - m) added to the sum; softmax_max and
+        softmax_sum (B, N, S, 8) (the row's max and sum, sink included, repeated 8 times)."""
+        self.calls.append("npu_fusion_attention_v2")
+        assert input_layout == "BSND" and sparse_mode == 0 and keep_prob == 1.0
+        assert query.dtype == key.dtype == value.dtype and head_num == query.shape[2]
+        assert head_num % key.shape[2] == 0 and key.shape[:3] == value.shape[:3]
+        assert query.shape[-1] == key.shape[-1] >= value.shape[-1] and query.shape[-1] <= 768
+        assert sink is None or (sink.dtype == torch.float32 and sink.shape == (head_num,))
+        q, k, v = (t.transpose(1, 2).float() for t in (query, key, value))  # BNSD
+        groups = head_num // key.shape[2]
+        k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+        scores = scale * q @ k.transpose(-1, -2)
+        if atten_mask is not None:
+            scores = scores.masked_fill(atten_mask, float("-inf"))
+        largest = scores.amax(-1, keepdim=True)
+        if sink is not None:
+            largest = torch.maximum(largest, sink.view(1, -1, 1, 1))
+        exps = (scores - largest).exp()
+        sums = exps.sum(-1, keepdim=True)
+        if sink is not None:
+            sums = sums + (sink.view(1, -1, 1, 1) - largest).exp()
+        out = ((exps / sums) @ v).transpose(1, 2).to(query.dtype)
+        stats = [t.detach().expand(*t.shape[:-1], 8).contiguous() for t in (largest, sums)]
+        return out, *stats, torch.empty(0), 0, 0, 0
+
     def npu_grouped_matmul(self, x, weight, *, group_list, split_item, group_type,
                            group_list_type):  # fmt: skip
         self.calls.append("npu_grouped_matmul")

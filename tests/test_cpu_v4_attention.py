@@ -91,7 +91,13 @@ CASES = {  # kind, heads, dim, window, document lengths
 def test_cpu_attention_equals_a_per_query_loop(name):
     """Output, normaliser and every input's gradient (queries, keys, entries, sinks) against
     the loop in float64, within twice the float32 reference's own error (at least 1e-5)."""
-    args = case(*CASES[name])
+    assert_equals_the_loop("cpu", case(*CASES[name]))
+
+
+def assert_equals_the_loop(backend: str, args: tuple) -> None:
+    """`backend`'s v4_attention on `args` (float32): output, normaliser and the gradients of
+    queries, keys, sinks and entries within twice the float32 reference's own error of the
+    per-query loop in float64 (at least 1e-5)."""
     q, kv, positions, sinks, window, entries = args
     grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
     values, index = cpu_v4_attention.entry_lists(q, positions, entries)
@@ -102,14 +108,15 @@ def test_cpu_attention_equals_a_per_query_loop(name):
     out, lse = per_query(exact_q, exact_kv, positions, exact_sinks, window, exact_values, index)
     exact = [out, lse, *torch.autograd.grad(out, exact_leaves, grad)]  # q, kv, sinks, values
     results = {}
-    for backend in ("reference", "cpu"):
+    for name in ("reference", backend):
         got_out, got_lse, got_grads = run(
-            kernels.get("v4_attention", backend), args, torch.float32, grad
+            kernels.get("v4_attention", name), args, torch.float32, grad
         )
-        results[backend] = [got_out, got_lse, *got_grads]
+        results[name] = [got_out, got_lse, *got_grads]
+    assert not results[backend][1].requires_grad  # the normaliser: detached
     for i, expected in enumerate(exact):
         own = relative(results["reference"][i], expected)
-        error = relative(results["cpu"][i], expected)
+        error = relative(results[backend][i], expected)
         assert error <= max(2 * own, 1e-5), (i, error, own)
 
 

@@ -18,7 +18,7 @@ import torch
 from npu_stand_in import HEAD_OPERATORS, MHC_OPERATORS, ROUTER_OPERATORS, StandIn
 
 from birkhoff import kernels
-from birkhoff.kernels import npu_cross_entropy, npu_mhc, npu_ops, npu_router
+from birkhoff.kernels import npu_cross_entropy, npu_mhc, npu_ops, npu_router, npu_v4_attention
 from birkhoff.launch import doctor_kernels
 from birkhoff.model.config import MoEConfig
 from conftest import assert_backend_trains_as_reference, small_model
@@ -35,6 +35,7 @@ USED = {
     *MHC_OPERATORS,
     *HEAD_OPERATORS,
     *ROUTER_OPERATORS,
+    "npu_fusion_attention_v2",
 }
 
 
@@ -75,7 +76,7 @@ def documented(docs: str, name: str) -> tuple[list[str], set[str], set[str]]:
 
 def npu_calls() -> list[ast.Call]:
     """Every `_torch_npu().npu_*(...)` call in the backend's source."""
-    modules = (npu_ops, npu_mhc, npu_cross_entropy, npu_router)
+    modules = (npu_ops, npu_mhc, npu_cross_entropy, npu_router, npu_v4_attention)
     trees = [ast.parse(Path(m.__file__).read_text()) for m in modules]
     return [
         node
@@ -167,10 +168,14 @@ def test_npu_ops_match_the_reference_through_the_stand_in(stand_in):
     gate, up = 8 * torch.randn(10, 16), 8 * torch.randn(10, 16)  # beyond V4's clamp of 10
     same("swiglu", [gate, up, None], stand_in)
     same("swiglu", [gate, up, 10.0], stand_in)
-    assert set(stand_in.calls) == USED - MOE_OPS - MHC_OPERATORS - HEAD_OPERATORS - ROUTER_OPERATORS
+    assert (
+        set(stand_in.calls)
+        == USED - MOE_OPS - MHC_OPERATORS - HEAD_OPERATORS - ROUTER_OPERATORS - V4_OPERATORS
+    )
 
 
 MOE_OPS = {"npu_moe_token_permute", "npu_moe_token_unpermute"}
+V4_OPERATORS = {"npu_fusion_attention_v2"}  # V4 attention's
 
 
 def test_npu_moe_permutation_runs_for_bfloat16_and_falls_back_otherwise(stand_in):
@@ -213,9 +218,11 @@ def test_npu_moe_permutation_runs_for_bfloat16_and_falls_back_otherwise(stand_in
     only = "bfloat16 or float16 residual streams only"
     read = f"({only}; V4's form, 4, 6 or 8 streams, <= 65,536 tokens)"
     assert f"{fallen} mhc_mapping, mhc_merge_read {read}, mhc_post ({only}" in line
-    assert "moe_permute (bfloat16 only), moe_unpermute (bfloat16 only), sinkhorn_knopp," in line
+    assert line.endswith(
+        "moe_permute (bfloat16 only), moe_unpermute (bfloat16 only), sinkhorn_knopp"
+    )
     bf16_line = kernels.describe("npu", torch.bfloat16)
-    own = "npu for 14 of 23 ops (attention, engram_merge, grouped_gemm, linear_cross_entropy "
+    own = "npu for 15 of 23 ops (attention, engram_merge, grouped_gemm, linear_cross_entropy "
     own += "(bfloat16 or float16 only; vocabularies of 128 entries or more), mhc_merge_read"
     assert f"{own} {read}" in bf16_line
 
@@ -241,6 +248,7 @@ def test_a_model_on_the_npu_backend_trains_as_the_reference_one(stand_in):
     # a dense float32 model: no experts, and no bfloat16 for the MoE permutation
     # (and a vocabulary under the fused head's 128, float32 for it anyway)
     unused = {"npu_grouped_matmul"} | MOE_OPS | MHC_OPERATORS | HEAD_OPERATORS | ROUTER_OPERATORS
+    unused |= V4_OPERATORS
     assert USED - unused <= set(stand_in.calls)
 
 

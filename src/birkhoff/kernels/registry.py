@@ -271,6 +271,7 @@ def _load_backends() -> None:
         npu_mhc,
         npu_ops,
         npu_router,
+        npu_v4_attention,
         reference,
     )
 

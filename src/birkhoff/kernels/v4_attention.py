@@ -243,22 +243,45 @@ def _window_logits(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (B, T, H, 2W) of each query against the two key blocks around it (-inf
     outside its window and its document) and those keys (B, T/W blocks, 2W, D)."""
+    seq = positions.shape[1]
+    q_blocks = query_blocks(q, window)
+    keys = window_keys(kv, window)
+    logits = torch.einsum("bnqhd,bnkd->bnqhk", q_blocks.float(), keys.float()) * scale
+    allowed = window_allowed(positions, window)
+    logits = logits.masked_fill(~allowed[:, :, :, None, :], -torch.inf)
+    return logits.flatten(1, 2)[:, :seq], keys
+
+
+def query_blocks(q: torch.Tensor, window: int) -> torch.Tensor:
+    """(B, T, H, D) -> (B, nb, W, H, D): the queries in blocks of `window`, zeros past T."""
+    batch, seq = q.shape[:2]
+    blocks = -(-seq // window)
+    padded = F.pad(q, (0, 0, 0, 0, 0, blocks * window - seq))
+    return padded.view(batch, blocks, window, *q.shape[2:])
+
+
+def window_keys(kv: torch.Tensor, window: int) -> torch.Tensor:
+    """(B, T, D) -> (B, nb, 2W, D): for each block of queries the keys of the block before
+    it and its own (zeros before the first token and past T)."""
+    batch, seq = kv.shape[:2]
+    blocks = -(-seq // window)
+    kv_padded = F.pad(kv, (0, 0, window, blocks * window - seq))
+    kv_padded = kv_padded.view(batch, blocks + 1, window, -1)
+    return torch.cat((kv_padded[:, :-1], kv_padded[:, 1:]), dim=2)
+
+
+def window_allowed(positions: torch.Tensor, window: int) -> torch.Tensor:
+    """(B, nb, W, 2W) bool: whether each query of a block sees each of its window_keys (in
+    its window and its document)."""
     batch, seq = positions.shape
     blocks = -(-seq // window)
     padded = blocks * window
-    q_blocks = F.pad(q, (0, 0, 0, 0, 0, padded - seq))
-    q_blocks = q_blocks.view(batch, blocks, window, -1, q.shape[-1])
-    kv_padded = F.pad(kv, (0, 0, window, padded - seq)).view(batch, blocks + 1, window, -1)
-    keys = torch.cat((kv_padded[:, :-1], kv_padded[:, 1:]), dim=2)  # (B, nb, 2W, D)
-    logits = torch.einsum("bnqhd,bnkd->bnqhk", q_blocks.float(), keys.float()) * scale
-    query = torch.arange(padded, device=q.device).view(blocks, window, 1)
-    key = (torch.arange(blocks, device=q.device) * window - window).view(blocks, 1, 1)
-    key = key + torch.arange(2 * window, device=q.device)
+    query = torch.arange(padded, device=positions.device).view(blocks, window, 1)
+    key = (torch.arange(blocks, device=positions.device) * window - window).view(blocks, 1, 1)
+    key = key + torch.arange(2 * window, device=positions.device)
     behind = query - key  # (nb, W, 2W): how far each key lies behind the query
     in_document = F.pad(positions, (0, padded - seq)).view(batch, blocks, window, 1)
-    allowed = (behind >= 0) & (behind < window) & (behind <= in_document)
-    logits = logits.masked_fill(~allowed[:, :, :, None, :], -torch.inf)
-    return logits.flatten(1, 2)[:, :seq], keys
+    return (behind >= 0) & (behind < window) & (behind <= in_document)
 
 
 def _window_sum(p: torch.Tensor, keys: torch.Tensor, seq: int, window: int) -> torch.Tensor:
