@@ -81,6 +81,11 @@ class StandIn(types.ModuleType):
         assert head_num % key.shape[2] == 0 and key.shape[:3] == value.shape[:3]
         assert query.shape[-1] == key.shape[-1] >= value.shape[-1] and query.shape[-1] <= 768
         assert sink is None or (sink.dtype == torch.float32 and sink.shape == (head_num,))
+        assert query.dim() == 4 and min(query.shape[:2]) >= 1  # "B, S from 1"
+        if atten_mask is not None:  # "bool or uint8; BNSS, B1SS, 11SS or SS"
+            assert atten_mask.dtype in (torch.bool, torch.uint8)
+            assert atten_mask.shape[-2:] == (query.shape[1], key.shape[1])
+            assert atten_mask.dim() == 2 or atten_mask.shape[1] in (1, head_num)
         q, k, v = (t.transpose(1, 2).float() for t in (query, key, value))  # BNSD
         groups = head_num // key.shape[2]
         k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)

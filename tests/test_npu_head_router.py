@@ -60,27 +60,60 @@ def test_the_fused_head_matches_the_float64_loss_and_gradients(stand_in, weight_
 
 
 def test_head_calls_the_operators_do_not_take_run_the_reference(stand_in):
-    """float32 hidden states (the operators take bfloat16 and float16) and a vocabulary under
-    128 (the backward's least) run the reference, calling nothing; without autograd only the
-    forward operators run. (Under autocast, as in a model: bfloat16 hidden states and a
-    float32 weight.)"""
+    """float32 hidden states outside autocast (the operators take bfloat16 and float16) and a
+    vocabulary under 128 (the backward's least) run the reference, calling nothing; without
+    autograd only the forward operators run."""
     torch.manual_seed(1)
     npu_op, reference = (kernels.get("linear_cross_entropy", b) for b in ("npu", "reference"))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        for hidden, weight in [
-            (torch.randn(9, 16), torch.randn(200, 16)),
-            (torch.randn(9, 16).bfloat16(), torch.randn(100, 16)),
-        ]:
-            targets = torch.randint(0, weight.shape[0], (9,))
-            expected = reference(hidden, weight, targets)
-            assert torch.equal(npu_op(hidden, weight, targets), expected)
+    hidden, weight = torch.randn(9, 16), torch.randn(200, 16)
+    targets = torch.randint(0, 100, (9,))
+    assert torch.equal(npu_op(hidden, weight, targets), reference(hidden, weight, targets))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as in a model: a float32 weight
+        hidden = torch.randn(9, 16).bfloat16()
+        small = torch.randn(100, 16)
+        assert torch.equal(npu_op(hidden, small, targets), reference(hidden, small, targets))
         assert stand_in.calls == []
-        hidden, weight = torch.randn(9, 16).bfloat16(), torch.randn(200, 16, requires_grad=True)
-        targets = torch.randint(0, 200, (9,))
         with torch.no_grad():
             loss, expected = npu_op(hidden, weight, targets), reference(hidden, weight, targets)
     assert stand_in.calls == HEAD_CALLS[:2]
     assert relative(loss, expected.double()) < BF16_BOUND
+
+
+def test_float32_hidden_states_under_autocast_go_through_the_operators(stand_in):
+    """A plain residual stream reaches the head in float32 under autocast: the op casts it
+    (and the weight) as autocast casts them for head(x), and its gradient comes back in
+    float32; the tables count it by autocast's dtype."""
+    torch.manual_seed(4)
+    hidden = torch.randn(21, 32, requires_grad=True)
+    weight = (torch.randn(160, 32) / 4).requires_grad_()
+    targets = torch.randint(0, 160, (21,))
+    exact = [t.detach().bfloat16().double().requires_grad_() for t in (hidden, weight)]
+    expected = torch.nn.functional.cross_entropy(exact[0] @ exact[1].T, targets)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = kernels.get("linear_cross_entropy", "npu")(hidden, weight, targets)
+    assert stand_in.calls == HEAD_CALLS[:2] and relative(got, expected) < BF16_BOUND
+    got_grads = torch.autograd.grad(got, (hidden, weight))
+    for g, e, t in zip(got_grads, torch.autograd.grad(expected, exact), (hidden, weight),
+                       strict=True):  # fmt: skip
+        assert g.dtype == t.dtype == torch.float32 and relative(g, e) < BF16_BOUND
+
+
+def test_a_second_backward_scales_the_first_one_s_gradients(stand_in):
+    """A zero-bubble schedule runs a stage's backward twice (inputs, then weights): the
+    second scales the gradients the first computed, with no operator call again."""
+    torch.manual_seed(6)
+    hidden = torch.randn(13, 32).bfloat16().requires_grad_()
+    weight = torch.randn(140, 32).bfloat16().requires_grad_()
+    targets = torch.randint(0, 140, (13,))
+    exact = [t.detach().double().requires_grad_() for t in (hidden, weight)]
+    expected = torch.nn.functional.cross_entropy(exact[0] @ exact[1].T, targets)
+    d_hidden, d_weight = torch.autograd.grad(expected, exact)
+    loss = kernels.get("linear_cross_entropy", "npu")(hidden, weight, targets)
+    (first,) = torch.autograd.grad(loss, hidden, torch.tensor(2.0), retain_graph=True)
+    (second,) = torch.autograd.grad(loss, weight, torch.tensor(3.0))
+    assert stand_in.calls == HEAD_CALLS  # one backward operator call for both
+    assert relative(first, 2 * d_hidden) < BF16_BOUND
+    assert relative(second, 3 * d_weight) < BF16_BOUND
 
 
 def route_inputs(tokens: int = 24, experts: int = 16) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,14 +11,19 @@ on the rank (vocabulary slice [0, V)):
   from the kept maxima and sums (again without them in memory).
 
 The reference (kernels/linear_cross_entropy.py) keeps each chunk's gradients from its forward
-and recomputes nothing; this keeps the hidden states, the weight in the matmul's dtype and
-three floats a row, and multiplies once more in backward.
+and recomputes nothing; this keeps the hidden states and per row two float32 (largest logit,
+sum), its local target and one bit, and multiplies once more in backward (the weight cast again
+there rather than its cast copy kept). The backward computes the gradients for a loss gradient
+of 1 and keeps them, so a second backward of the same graph (a zero-bubble pipeline schedule's,
+inputs then weights) scales them instead of recomputing. The weight's gradient comes back in
+the matmul's dtype (the operator's), as autocast's head(x) would give it; the reference sums it
+in float32.
 
 Limits (the reference runs otherwise; the table says so): bfloat16 or float16 matmuls, the
-operators' only types (under train.mixed_precision=bf16 the hidden states reach the head in
-bfloat16 and the weight is cast to it, as autocast casts it for head(x)); a vocabulary of at
-least 128 entries (the backward's weight rows, its docs). The operators tile by themselves:
-the reference's `chunk` does not apply.
+operators' only types: the hidden states' dtype, or autocast's where autocast casts them (a
+plain residual stream reaches the head in float32; the op casts it, and the weight, as
+autocast casts them for head(x)); a vocabulary of at least 128 entries (the backward's weight
+rows, its docs). The operators tile by themselves: the reference's `chunk` does not apply.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from birkhoff.kernels.linear_cross_entropy import linear_cross_entropy as reference
-from birkhoff.kernels.registry import register
+from birkhoff.kernels.registry import matmul_dtype, register
 
 NPU = "npu"
 MATMUL_DTYPES = (torch.bfloat16, torch.float16)
@@ -41,7 +46,7 @@ def _torch_npu():
     return importlib.import_module("torch_npu")
 
 
-@register("linear_cross_entropy", NPU, dtypes=MATMUL_DTYPES, limits=LIMITS)
+@register("linear_cross_entropy", NPU, dtypes=MATMUL_DTYPES, limits=LIMITS, autocast=True)
 def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -49,11 +54,12 @@ def linear_cross_entropy(
     chunk: int | None = None,
 ) -> torch.Tensor:
     """Mean over tokens of cross_entropy(hidden @ weight.T, targets) in float32: hidden (N, C)
-    in bfloat16 or float16, weight (V, C) (cast to the hidden states' dtype), targets (N,) ->
-    a scalar. `chunk` is the reference's (a smaller vocabulary runs it); the operators tile
-    by themselves."""
+    in bfloat16 or float16 (or float32 under such an autocast: cast to it), weight (V, C)
+    (cast to the hidden states' dtype), targets (N,) -> a scalar. `chunk` is the reference's
+    (a smaller vocabulary runs it); the operators tile by themselves."""
     if weight.shape[0] < LEAST_VOCAB or hidden.shape[0] == 0:
         return reference(hidden, weight, targets, chunk)
+    hidden = hidden.to(matmul_dtype(hidden))  # autocast's cast (its gradient: back to float32)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _FusedLinearCrossEntropy.apply(hidden, weight, targets)
     loss, *_ = _row_losses(hidden.contiguous(), weight.to(hidden.dtype).contiguous(), targets)
@@ -77,24 +83,28 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         hidden = hidden.contiguous()
         matmul_weight = weight.to(hidden.dtype).contiguous()
         losses, in_range, local, largest, sums = _row_losses(hidden, matmul_weight, targets)
-        ctx.save_for_backward(hidden, matmul_weight, in_range, local, largest, sums)
-        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(hidden, weight, in_range, local, largest, sums)
+        ctx.unit_grads = None  # the gradients for a loss gradient of 1, once computed
         return losses.mean()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss):
-        hidden, weight, in_range, local, largest, sums = ctx.saved_tensors
-        # the mean's gradient, one float32 per row, as the operator takes it
-        per_row = (grad_loss.float() / hidden.shape[0]).expand(hidden.shape[0]).contiguous()
-        grad_hidden, grad_weight = (
-            _torch_npu().npu_fused_linear_cross_entropy_loss_with_max_sum_backward(
-                per_row, hidden, weight, in_range, local, logits_max=largest, sum_exp_logits=sums
+        if ctx.unit_grads is None:
+            hidden, weight, in_range, local, largest, sums = ctx.saved_tensors
+            # the mean's gradient, one float32 per row, as the operator takes it
+            rows = hidden.shape[0]
+            per_row = torch.full((rows,), 1.0 / rows, dtype=torch.float32, device=hidden.device)
+            grads = _torch_npu().npu_fused_linear_cross_entropy_loss_with_max_sum_backward(
+                per_row,
+                hidden,
+                weight.to(hidden.dtype).contiguous(),
+                in_range,
+                local,
+                logits_max=largest,
+                sum_exp_logits=sums,
             )
-        )
+            ctx.unit_grads = (grads[0], grads[1].to(weight.dtype))
+        grad_hidden, grad_weight = (g * grad_loss.to(g.dtype) for g in ctx.unit_grads)
         want_hidden, want_weight = ctx.needs_input_grad[:2]
-        return (
-            grad_hidden if want_hidden else None,
-            grad_weight.to(ctx.weight_dtype) if want_weight else None,
-            None,
-        )
+        return grad_hidden if want_hidden else None, grad_weight if want_weight else None, None

@@ -2,13 +2,18 @@
 `npu_moe_gating_top_k` and its backward operator: sigmoid scores, the top-k experts of scores +
 bias (aux-loss-free balancing's), and the chosen experts' scores normalised over the k and
 scaled (eps 1e-20 in the normalising sum), the scores themselves handed back (out_flag): the
-reference's op (kernels/moe_route.py) in one operator each way. Semantics: the operator's
-documented equivalent computation (torch_npu's docs of npu_moe_gating_top_k).
+reference's op (kernels/moe_route.py) in one operator each way. Semantics: the equivalent
+computation in torch_npu's published docs of npu_moe_gating_top_k (the op-plugin docs; the
+wheel's docstring gives none): top-k of sigmoid + bias, the weights the chosen sigmoids over
+their sum + eps, times the scale.
 
 Experts chosen elsewhere (a hash layer's table, Anticipatory Routing's plan) go in through the
 operator's hash mode: input_ids are the rows' own numbers and tid2eid the chosen experts, so
-row i takes tid2eid[i]. The backward operator differentiates the gate weights; the scores'
-own gradient (a balance loss's) is added here, times the sigmoid's derivative s (1 - s).
+row i takes tid2eid[i] (the wheel's docs: expert indices looked up from tid2eid by input_ids;
+the weights as the same operator's hash-mode golden test in CANN's custom ops computes them,
+the looked-up experts' sigmoids normalised: unchecked on a device). The backward operator
+differentiates the gate weights; the scores' own gradient (a balance loss's) is added here,
+times the sigmoid's derivative s (1 - s).
 
 Limits (the reference runs otherwise; the table says so): sigmoid scores (V3's; the
 operator's backward has no other, and V4's sqrt(softplus) is not among its scores), 3 to 2,048
@@ -73,6 +78,7 @@ class _GatingTopK(torch.autograd.Function):
         )
         ctx.save_for_backward(scores, ids)
         ctx.route_scale, ctx.dtype = route_scale, logits.dtype
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None
         ids = ids.long()
         ctx.mark_non_differentiable(ids)
         return weights, ids, scores.to(logits.dtype)
@@ -81,9 +87,9 @@ class _GatingTopK(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_weights, _grad_ids, grad_scores):
         scores, ids = ctx.saved_tensors
-        grad = (
-            _torch_npu()
-            .npu_moe_gating_top_k_backward(
+        grad = None
+        if grad_weights is not None:
+            grad = _torch_npu().npu_moe_gating_top_k_backward(
                 scores,
                 grad_weights.contiguous(),
                 ids,
@@ -91,8 +97,7 @@ class _GatingTopK(torch.autograd.Function):
                 routed_scaling_factor=ctx.route_scale,
                 eps=EPS,
             )
-            .float()
-        )
         if grad_scores is not None:  # the scores' own use, through the sigmoid
-            grad = grad + grad_scores.float() * scores * (1 - scores)
-        return grad.to(ctx.dtype), None, None, None, None
+            through = grad_scores.float() * scores * (1 - scores)
+            grad = through if grad is None else grad.float() + through
+        return None if grad is None else grad.to(ctx.dtype), None, None, None, None

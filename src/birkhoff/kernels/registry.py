@@ -48,18 +48,21 @@ def register(
     needs: Callable[[], str | None] | None = None,
     limits: str | None = None,
     on_residual: bool = False,
+    autocast: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator adding `fn` as the `backend` implementation of `op`; with `dtypes`, only for
     calls whose first tensor argument has one of them (the reference runs the others), which
-    with `on_residual` is the residual streams (the table then takes the run's residual dtype);
-    with `needs`, only where it returns None (else what this machine lacks: the reference
-    runs); `limits` names the calls `fn` itself hands to the reference, for the table."""
+    with `on_residual` is the residual streams (the table then takes the run's residual dtype)
+    and with `autocast` a matmul's input, which counts in autocast's dtype where autocast casts
+    it (matmul_dtype: `fn` casts it so); with `needs`, only where it returns None (else what
+    this machine lacks: the reference runs); `limits` names the calls `fn` itself hands to the
+    reference, for the table."""
 
     def add(fn: Callable[..., Any]) -> Callable[..., Any]:
         key = (op, backend)
         if key in _OPS:
             raise ValueError(f"kernel {op!r} is already registered for backend {backend!r}")
-        _OPS[key] = fn if dtypes is None else _for_dtypes(op, fn, dtypes)
+        _OPS[key] = fn if dtypes is None else _for_dtypes(op, fn, dtypes, autocast)
         if dtypes is not None:
             _DTYPES[key] = dtypes
         if needs is not None:
@@ -80,10 +83,22 @@ def machine_lacks(op: str, backend: str) -> str | None:
     return None if needs is None else needs()
 
 
-def _for_dtypes(op: str, fn: Callable[..., Any], dtypes: tuple[torch.dtype, ...]):
+def matmul_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul computes `t` in: autocast's where autocast is on for its device
+    and would cast it (float32), else its own."""
+    device = t.device.type
+    if t.dtype == torch.float32 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return t.dtype
+
+
+def _for_dtypes(
+    op: str, fn: Callable[..., Any], dtypes: tuple[torch.dtype, ...], autocast: bool
+) -> Callable[..., Any]:
     def dispatch(*args: Any, **kwargs: Any) -> Any:
         first = next(a for a in args if isinstance(a, torch.Tensor))
-        return (fn if first.dtype in dtypes else _OPS[(op, REFERENCE)])(*args, **kwargs)
+        seen = matmul_dtype(first) if autocast else first.dtype
+        return (fn if seen in dtypes else _OPS[(op, REFERENCE)])(*args, **kwargs)
 
     dispatch.__doc__ = fn.__doc__
     return dispatch
