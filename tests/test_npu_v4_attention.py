@@ -86,3 +86,50 @@ def test_a_v4_model_on_the_npu_backend_trains_as_the_reference_one(stand_in):
 
     assert_backend_trains_as_reference("npu", seed=4, cfg=v4_config())
     assert "npu_fusion_attention_v2" in stand_in.calls
+
+
+class _SavingAttention(torch.autograd.Function):
+    """npu_fusion_attention_v2 keeping for backward what torch_npu's autograd node keeps
+    (op-plugin's generated node: query, key, value, atten_mask and the four results)."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, mask, sink, scale):
+        with torch.no_grad():
+            out, largest, sums, empty, *_ = StandIn().npu_fusion_attention_v2(
+                query, key, value, query.shape[2], "BSND", atten_mask=mask, scale=scale,
+                keep_prob=1.0, sparse_mode=0, sink=sink,
+            )  # fmt: skip
+        out = out.contiguous()  # the operator's BSND output
+        ctx.save_for_backward(query, key, value, mask, out, largest, sums, empty)
+        return out, largest, sums, empty
+
+
+class _SavingStandIn(StandIn):
+    def npu_fusion_attention_v2(self, query, key, value, head_num, input_layout, *,
+                                atten_mask, scale, keep_prob, sparse_mode, sink):  # fmt: skip
+        return *_SavingAttention.apply(query, key, value, atten_mask, sink, scale), 0, 0, 0
+
+
+@pytest.mark.parametrize("kind", ["sliding", "hca", "csa"])
+def test_what_the_operator_keeps_per_token(monkeypatch, kind):
+    """Per token: 2 H D values (query blocks, output), the blocks' keys ((2W + E) D / W),
+    their mask (2W + E bytes), 17 float32 per head (max and sum in 8 copies, the
+    normaliser): written out, against the bytes autograd keeps."""
+    from conftest import saved_bytes
+
+    monkeypatch.setitem(sys.modules, "torch_npu", _SavingStandIn())
+    heads, dim, window = 4, 32, 8
+    q, kv, positions, sinks, window, entries = case(kind, heads, dim, window, [64])
+    inputs = [t.requires_grad_() for t in (q, kv)]
+    if entries is not None:
+        entries.values.requires_grad_()
+    attention = torch.nn.Module()
+    attention.sinks = torch.nn.Parameter(sinks)  # a parameter, as the model's
+    attention.forward = lambda q, kv: kernels.get("v4_attention", "npu")(
+        q, kv, positions, attention.sinks, window, entries
+    )[0]
+    count = 0 if entries is None else entries.values.shape[1]
+    keys = 2 * window + count
+    per_token = 2 * heads * dim * 4 + keys * dim * 4 / window + keys + 17 * heads * 4
+    tokens = q.shape[0] * q.shape[1]
+    assert saved_bytes(attention, *inputs) == per_token * tokens
