@@ -260,15 +260,20 @@ def test_the_npu_backend_is_available_only_where_torch_npu_imports(stand_in, mon
     assert kernels.backend_for("auto", "npu") == "reference"
 
 
-def test_a_moe_model_in_bfloat16_permutes_through_torch_npu(stand_in):
-    """Under train.mixed_precision=bf16's autocast the MoE tokens are bfloat16, so a MoE
-    model on the npu backend permutes through torch_npu, routes through its gating operator
-    (sigmoid scores) and, with a vocabulary of 160, takes its loss from the fused head; loss
-    and gradients as the reference's within bf16 rounding."""
+@pytest.mark.parametrize("residual", ["mhc", "plain"])
+def test_a_moe_model_in_bfloat16_permutes_through_torch_npu(stand_in, residual):
+    """Under train.mixed_precision=bf16's autocast a MoE model on the npu backend permutes
+    through torch_npu (mHC's tokens reach the MoE in bfloat16, a plain residual stream's in
+    float32, which the MoE casts for its experts on every backend), routes through its gating
+    operator (sigmoid scores) and, with a vocabulary of 160, takes its loss from the fused
+    head (a plain stream's float32 hidden states cast the same way); loss and gradients as
+    the reference's within bf16 rounding."""
     from birkhoff.model import build_model
+    from birkhoff.model.config import ResidualConfig
 
     moe = MoEConfig(num_experts=4, top_k=2, expert_ffn_hidden_size=8, first_k_dense=1)
-    cfg = small_model(max_seq_len=16, moe=moe, vocab_size=160)
+    form = {"residual": ResidualConfig(mode="plain", form="paper")} if residual == "plain" else {}
+    cfg = small_model(max_seq_len=16, moe=moe, vocab_size=160, **form)
     tokens = torch.randint(0, cfg.vocab_size, (2, 16))
     results = []
     for backend in ("reference", "npu"):

@@ -23,6 +23,7 @@ from torch.distributed.tensor import DTensor
 from birkhoff import kernels
 from birkhoff.kernels.moe_route import expert_scores
 from birkhoff.kernels.reference import group_ends
+from birkhoff.kernels.registry import matmul_dtype
 from birkhoff.model.config import MoEConfig
 from birkhoff.model.init import constant
 from birkhoff.model.mlp import SwiGLU
@@ -208,7 +209,10 @@ class MoE(nn.Module):
         if self.route_record is not None:
             self.route_record.append(expert_ids.detach().to(torch.int16 if
                                      self.cfg.num_experts <= 2**15 else torch.int32))  # fmt: skip
-        permuted, order, counts = self._permute(flat, expert_ids, self.cfg.num_experts)
+        # The experts compute in autocast's dtype, as nn.Linear would (grouped_mm is none of
+        # autocast's ops, and a plain residual stream's tokens arrive in float32): permuted so.
+        tokens = flat.to(matmul_dtype(flat))
+        permuted, order, counts = self._permute(tokens, expert_ids, self.cfg.num_experts)
         if self.training and not recomputing():
             self.tokens_per_expert += counts
         expert_out = self.experts(permuted, counts)
