@@ -72,6 +72,13 @@ def test_activation_terms_are_what_autograd_saves(shape):
     assert predicted == pytest.approx(saved_bytes(model, tokens, tokens.roll(-1, dims=1)), rel=0.03)
 
 
+CSA_LAYER = AttentionConfig(
+    kind="v4", head_dim=32, rope_head_dim=8, q_lora_rank=48, o_groups=2, o_lora_rank=24,
+    sliding_window=8, csa_ratio=4, hca_ratio=8, index_heads=2, index_head_dim=16,
+    index_topk=8, layer_types=["csa"],
+)  # fmt: skip
+
+
 def test_a_tensor_parallel_rank_takes_csa_in_the_form_its_heads_decide(monkeypatch):
     """CSA gathers its picks or masks every entry, whichever keeps less per query, and the kernel
     decides with the heads it holds. A layer of 4 query heads and 2 indexer heads (64 entries, 8
@@ -80,11 +87,7 @@ def test_a_tensor_parallel_rank_takes_csa_in_the_form_its_heads_decide(monkeypat
     not the gather; the plan at tp=2 is the plan forced into the mask (with the layer's 4 heads
     it would gather)."""
     seq, hidden = 256, 64
-    whole = AttentionConfig(
-        kind="v4", head_dim=32, rope_head_dim=8, q_lora_rank=48, o_groups=2, o_lora_rank=24,
-        sliding_window=8, csa_ratio=4, hca_ratio=8, index_heads=2, index_head_dim=16,
-        index_topk=8, layer_types=["csa"],
-    )  # fmt: skip
+    whole = CSA_LAYER
     rank = dataclasses.replace(whole, index_heads=1, o_groups=1)
     x = torch.randn(2, seq, hidden, generator=torch.Generator().manual_seed(0))
     cfg = ModelConfig(hidden_size=hidden, num_heads=4, num_layers=1, attention=whole)
@@ -108,3 +111,37 @@ def test_a_tensor_parallel_rank_takes_csa_in_the_form_its_heads_decide(monkeypat
     assert gathered != masked
     assert kept(None) == masked
     assert planned(None) == planned(True) != planned(False)
+
+
+@pytest.mark.parametrize("layer_type", ["sliding", "hca", "csa"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_npu_attention_terms_are_what_its_layer_keeps_less(monkeypatch, layer_type, dtype):
+    """A V4 layer whose attention runs the npu backend's operator (a stand-in keeping what
+    torch_npu's autograd node keeps) keeps, against the same layer on the reference kernels,
+    the plan's difference between its npu and reference terms: the reference op's own tensors
+    (reference_core_terms) out, the operator's blocks (npu_core_terms) in."""
+    import sys
+
+    from test_npu_v4_attention import _SavingStandIn
+
+    from birkhoff.kernels import npu_v4_attention
+
+    monkeypatch.setitem(sys.modules, "torch_npu", _SavingStandIn())
+    seq, hidden, act = 64, 64, dtype.itemsize
+    cfg = ModelConfig(hidden_size=hidden, num_heads=4, num_layers=1, attention=dataclasses.replace(
+        CSA_LAYER, layer_types=[layer_type]))  # fmt: skip
+    x = torch.randn(2, seq, hidden, generator=torch.Generator().manual_seed(0), dtype=dtype)
+
+    def kept(npu: bool) -> int:
+        torch.manual_seed(0)
+        layer = V4Attention(hidden, 4, cfg.attention, layer_type, 1e-6, 10000.0).to(dtype)
+        if npu:
+            layer._attend = npu_v4_attention.v4_attention
+        return saved_bytes(layer, x, SequenceContext(), [])
+
+    def planned(attention: str) -> float:
+        return bytes_per_token(block_terms(cfg, 0, seq, act, attention), 1, False, "all")
+
+    measured = (kept(True) - kept(False)) / (2 * seq)
+    assert measured == pytest.approx(planned("npu") - planned("reference"), abs=1e-6)
+    assert measured != 0

@@ -19,7 +19,12 @@ import torch.distributed as dist
 from torch import nn
 
 from birkhoff.errors import require
-from birkhoff.launch.plan_command import cluster_values, recipe_layout, workload_of
+from birkhoff.launch.plan_command import (
+    attention_kind,
+    cluster_values,
+    recipe_layout,
+    workload_of,
+)
 from birkhoff.launch.recipe import Recipe
 from birkhoff.model.engram import Engram
 from birkhoff.model.init import clean_name
@@ -113,7 +118,8 @@ def _planned(recipe: Recipe, world: int) -> list[str]:
         return ["(set cluster.preset or the cluster.* figures for the whole plan)"]
     cluster: Cluster = cluster_from({**values, "devices": world})
     layout = recipe_layout(recipe, world)
-    planned = estimate(build_inventory(recipe.model), layout, workload_of(recipe), cluster)
+    work = workload_of(recipe, attention_kind(recipe, cluster))  # as `birkhoff plan` takes it
+    planned = estimate(build_inventory(recipe.model), layout, work, cluster)
     memory = ", ".join(f"{k} {v:.2f}" for k, v in planned.memory_gib.items())
     verdict = "fits" if planned.fits else "does NOT fit"
     return [

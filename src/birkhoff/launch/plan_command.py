@@ -80,7 +80,7 @@ def plan_command(args: list[str]) -> int:
         recipe = typed_recipe(compose_recipe(overrides))
         cluster = cluster_from(cluster_values(recipe))
         recipe.model.validate()
-        work = workload_of(recipe, options.fused_attention)
+        work = workload_of(recipe, attention_kind(recipe, cluster, options.fused_attention))
         if options.launches:
             require(
                 not recipe.train.compile, "train.compile", True,
@@ -178,7 +178,19 @@ def host_snapshots(recipe: Recipe) -> int:
     return spike.snapshots_kept if spike.enabled and spike.snapshot_every > 0 else 0
 
 
-def workload_of(recipe: Recipe, fused_attention: bool = False) -> Workload:
+def attention_kind(recipe: Recipe, cluster: Cluster, fused: bool = False) -> str:
+    """What V4 attention keeps for backward on the cluster's devices (planning/activations.py,
+    ATTENTION_KINDS): a fused kernel's where asked (`--fused-attention`), the npu backend's
+    where it runs (`backend.kernels`, `auto` as the cluster's devices resolve it: Ascend
+    presets), else the reference kernels'."""
+    if fused:
+        return "fused"
+    requested = recipe.backend.kernels
+    chosen = PRESET_KERNELS.get(cluster.name, "reference") if requested == "auto" else requested
+    return "npu" if chosen == "npu" else "reference"
+
+
+def workload_of(recipe: Recipe, attention: str = "reference") -> Workload:
     """What a step of `recipe` computes and moves, as the planner takes it."""
     train, data, parallel = recipe.train, recipe.data, recipe.parallel
     return Workload(
@@ -187,7 +199,7 @@ def workload_of(recipe: Recipe, fused_attention: bool = False) -> Workload:
         mixed_precision=train.mixed_precision == "bf16",
         param_dtype=parallel.param_dtype,
         reduce_dtype=parallel.reduce_dtype,
-        fused_attention=fused_attention,
+        attention=attention,
         positions=data.document_mask,
         loader_rows=data.engram_in_loader,
     )
@@ -249,7 +261,14 @@ def assumptions(cluster: Cluster, work: Workload) -> str:
         "(only their excess exposed); ring collectives at the node's "
         "links inside a node, the NICs across nodes; the pipeline bubble of the schedule's own "
         "order (forward 1, backward 2 per layer, sends taking no time); "
-        "activations of the reference kernels unless --fused-attention"
+        + {
+            "reference": "V4 attention's activations as the reference kernels keep them "
+            "(--fused-attention: a fused kernel's)",
+            "fused": "V4 attention's activations as a fused kernel keeps them (a "
+            "log-sum-exp per head)",
+            "npu": "V4 attention's activations as the npu backend's operator keeps them "
+            "(its query blocks, keys and mask; CSA's gathered picks: the reference's)",
+        }[work.attention]
     )
 
 

@@ -19,6 +19,11 @@ if TYPE_CHECKING:  # inventory.py builds the model; this module only reads its c
     from birkhoff.parallel.planning.inventory import Inventory
 
 FP32, INDEX, MASK = 4, 8, 1
+# What V4 attention keeps for backward: the reference kernels' float32 probabilities over
+# every key; a fused kernel's log-sum-exp per head instead ("fused": FlashAttention-style);
+# the npu backend's operator's blocks (kernels/npu_v4_attention.py; CSA's gathered picks run
+# the reference there)
+ATTENTION_KINDS = ("reference", "fused", "npu")
 
 
 @dataclass(frozen=True)
@@ -35,18 +40,18 @@ def block_terms(
     layer: int,
     seq: int,
     act_bytes: int,
-    fused_attention: bool = False,
+    attention: str = "reference",
     tp: int = 1,
 ) -> list[Term]:
-    """The saved tensors of block `layer` per token, for sequences of `seq` tokens; with
-    `fused_attention`, attention keeps a log-sum-exp per head instead of its probabilities.
-    `tp`: the tensor-parallel degree, whose share of the heads decides CSA's form."""
+    """The saved tensors of block `layer` per token, for sequences of `seq` tokens, V4
+    attention's as `attention` (ATTENTION_KINDS) keeps them. `tp`: the tensor-parallel
+    degree, whose share of the heads decides CSA's form."""
     c = cfg.hidden_size
     terms: list[Term] = []
     for _ in range(2):  # attention and FFN sublayers: the residual join and the sublayer's norm
         terms += _join_terms(cfg, act_bytes)
         terms.append(Term(c + 1, FP32, "stream", False))  # norm input, 1 / rms
-    terms += _attention_terms(cfg, layer, seq, act_bytes, fused_attention, tp)
+    terms += _attention_terms(cfg, layer, seq, act_bytes, attention, tp)
     terms += _ffn_terms(cfg, layer, act_bytes)
     if layer in cfg.engram.layers:
         terms += _engram_terms(cfg, act_bytes)
@@ -58,18 +63,18 @@ def block_bytes(
     layer: int,
     seq: int,
     act_bytes: int,
-    fused_attention: bool,
+    attention: str,
     tp: int,
     sequence_parallel: bool,
     keep: str,
 ) -> float:
     """`bytes_per_token` of block `layer`'s terms, computed once per inventory (`inv`, whose
     model the terms describe) and remembered in it."""
-    key = ("block_bytes", layer, seq, act_bytes, fused_attention, tp, sequence_parallel, keep)
+    key = ("block_bytes", layer, seq, act_bytes, attention, tp, sequence_parallel, keep)
     return inv.remembered(
         key,
         lambda: bytes_per_token(
-            block_terms(inv.cfg, layer, seq, act_bytes, fused_attention, tp),
+            block_terms(inv.cfg, layer, seq, act_bytes, attention, tp),
             tp, sequence_parallel, keep,
         ),
     )  # fmt: skip
@@ -101,7 +106,7 @@ def _join_terms(cfg: ModelConfig, act: int) -> list[Term]:
 
 
 def _attention_terms(
-    cfg: ModelConfig, layer: int, seq: int, act: int, fused: bool, tp: int
+    cfg: ModelConfig, layer: int, seq: int, act: int, attention: str, tp: int
 ) -> list[Term]:
     c, heads = cfg.hidden_size, cfg.num_heads
     a = cfg.attention
@@ -128,6 +133,7 @@ def _attention_terms(
     masked = kind == "csa" and picks_as_mask(max(1, heads // tp), count, a.index_topk, d)
     entries = {"sliding": 0.0, "csa": count if masked else a.index_topk, "hca": count}[kind]
     keys = 2 * window + entries + 1  # window blocks, compressed entries, the sink
+    fused = attention == "fused"
     terms = [
         Term(c, act, "whole", False),  # the projections' input
         Term(a.q_lora_rank, act, "whole", True),  # query latent, then normalised
@@ -167,7 +173,56 @@ def _attention_terms(
         terms.append(Term(hd, FP32, "heads", False))  # queries against every entry
         terms.append(Term(entries, MASK, "whole", False))
         terms += _compressor_terms(1, a.hca_ratio, d)
+    if attention == "npu" and (kind != "csa" or masked):  # the operator runs this layer
+        ratio = a.csa_ratio if kind == "csa" else a.hca_ratio
+        entries_seen = 0.0 if kind == "sliding" else count
+        terms += [Term(-t.elements, t.bytes_each, t.split, t.matmul) for t in
+                  reference_core_terms(heads, d, window, entries_seen, ratio, act)]  # fmt: skip
+        terms += npu_core_terms(heads, d, window, entries_seen, act)
     return terms
+
+
+def reference_core_terms(
+    heads: int, dim: int, window: int, entries: float, ratio: int, act: int
+) -> list[Term]:
+    """What the reference `v4_attention` op itself keeps per token (kernels/v4_attention.py;
+    `entries` per query seen as every entry, HCA's or CSA's picks as a mask, 0 in a sliding
+    layer): its float32 query blocks and window keys (and in a narrower dtype the keys as
+    they are), the probabilities over every key and the sink, the window's in its dtype, the
+    window mask; against entries the float32 queries, the entries in float32 (and as they
+    are), their mask and probabilities in its dtype."""
+    hd, narrow = heads * dim, act != FP32
+    terms = [
+        Term(hd, FP32, "heads", False),
+        Term(2 * dim, FP32, "whole", False),
+        Term(2 * dim if narrow else 0, act, "whole", False),
+        Term(heads * (2 * window + entries + 1), FP32, "heads", False),
+        Term(heads * 2 * window, act, "heads", False),
+        Term(2 * window, MASK, "whole", False),
+    ]
+    if entries:
+        terms += [
+            Term(hd, FP32, "heads", False),
+            Term(dim / ratio, FP32, "whole", False),
+            Term(dim / ratio if narrow else 0, act, "whole", False),
+            Term(entries, MASK, "whole", False),
+            Term(heads * entries if narrow else 0, act, "heads", False),
+        ]
+    return terms
+
+
+def npu_core_terms(heads: int, dim: int, window: int, entries: float, act: int) -> list[Term]:
+    """What the npu backend's V4 attention keeps per token (kernels/npu_v4_attention.py,
+    torch_npu's autograd node for npu_fusion_attention_v2): the query blocks and the output,
+    the blocks' keys (2W + E of them per W queries), their mask, and per head the operator's
+    max and sum (8 copies each) and the normaliser."""
+    keys = 2 * window + entries
+    return [
+        Term(2 * heads * dim, act, "heads", False),
+        Term(keys * dim / window, act, "whole", False),
+        Term(keys, MASK, "whole", False),
+        Term(17 * heads, FP32, "heads", False),
+    ]
 
 
 def _compressor_terms(width: int, ratio: int, dim: int) -> list[Term]:

@@ -288,7 +288,7 @@ def _activations(inv, layout: Layout, work: Workload, stages: dict, order: list)
         per_micro = weight_inputs = recompute = 0.0
         last = stage == layout.num_stages - 1
         for layer in stage_blocks(cfg, layers, last):
-            block = (inv, layer, work.seq_len, act_bytes, work.fused_attention, layout.tp, sp)
+            block = (inv, layer, work.seq_len, act_bytes, work.attention, layout.tp, sp)
             full, kept = block_bytes(*block, "all"), block_bytes(*block, keep)
             if layout.activation_checkpoint == "full":  # the block's input is what it keeps
                 kept = cfg.residual.streams * cfg.hidden_size * 4 / (layout.tp if sp else 1)

@@ -129,9 +129,10 @@ class Workload:
     global_batch: int  # sequences per step
     seq_len: int
     mixed_precision: bool = True  # bf16 autocast (activations in bf16)
-    # Attention that keeps no score matrix for backward (FlashAttention-style kernels); the
-    # reference kernels keep the logits and probabilities.
-    fused_attention: bool = False
+    # What V4 attention keeps for backward (activations.ATTENTION_KINDS): the reference
+    # kernels' probabilities, a fused kernel's log-sum-exp ("fused"), or the npu backend's
+    # operator's blocks ("npu")
+    attention: str = "reference"
     positions: bool = True  # document positions travel between pipeline stages
     loader_rows: bool = True  # Engram rows computed by the loader travel with them
     param_dtype: str = "bfloat16"  # FSDP's gathered parameters

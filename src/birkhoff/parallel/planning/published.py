@@ -72,7 +72,7 @@ def deepseek_v3_run() -> tuple[Layout, Workload, Cluster]:
     )
     cluster = Cluster(name="h800", devices=2048, node_size=8, **PRESETS["h800"])
     # FlashAttention-style: V3's attention kernels keep no score matrix
-    work = Workload(global_batch=15360, seq_len=SEQ_LEN, fused_attention=True)
+    work = Workload(global_batch=15360, seq_len=SEQ_LEN, attention="fused")
     return layout, work, cluster
 
 

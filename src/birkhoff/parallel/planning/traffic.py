@@ -118,7 +118,7 @@ def _saved_per_token(inv, layout, work, mine: list[int], stages: list[list[int]]
         last = stage == layout.num_stages - 1
         for layer in stage_blocks(cfg, stages[stage], last):
             total += block_bytes(
-                inv, layer, work.seq_len, act_bytes, work.fused_attention, layout.tp,
+                inv, layer, work.seq_len, act_bytes, work.attention, layout.tp,
                 layout.sequence_parallel, "all",
             )  # fmt: skip
         if last:
