@@ -114,12 +114,16 @@ def test_a_tensor_parallel_rank_takes_csa_in_the_form_its_heads_decide(monkeypat
 
 
 @pytest.mark.parametrize("layer_type", ["sliding", "hca", "csa"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_npu_attention_terms_are_what_its_layer_keeps_less(monkeypatch, layer_type, dtype):
+@pytest.mark.parametrize(
+    "dtype, tp", [(torch.float32, 1), (torch.bfloat16, 1), (torch.bfloat16, 2)]
+)
+def test_the_npu_attention_terms_are_what_its_layer_keeps_less(monkeypatch, layer_type, dtype, tp):
     """A V4 layer whose attention runs the npu backend's operator (a stand-in keeping what
     torch_npu's autograd node keeps) keeps, against the same layer on the reference kernels,
     the plan's difference between its npu and reference terms: the reference op's own tensors
-    (reference_core_terms) out, the operator's blocks (npu_core_terms) in."""
+    (reference_core_terms) out, the operator's blocks (npu_core_terms) in. At tp=2 a rank's
+    half of the heads (and of the indexer heads and output groups) against the plan's
+    per-rank figure."""
     import sys
 
     from test_npu_v4_attention import _SavingStandIn
@@ -132,15 +136,18 @@ def test_the_npu_attention_terms_are_what_its_layer_keeps_less(monkeypatch, laye
         CSA_LAYER, layer_types=[layer_type]))  # fmt: skip
     x = torch.randn(2, seq, hidden, generator=torch.Generator().manual_seed(0), dtype=dtype)
 
+    rank = dataclasses.replace(cfg.attention, index_heads=2 // tp, o_groups=2 // tp)
+
     def kept(npu: bool) -> int:
         torch.manual_seed(0)
-        layer = V4Attention(hidden, 4, cfg.attention, layer_type, 1e-6, 10000.0).to(dtype)
+        layer = V4Attention(hidden, 4 // tp, rank, layer_type, 1e-6, 10000.0).to(dtype)
         if npu:
             layer._attend = npu_v4_attention.v4_attention
         return saved_bytes(layer, x, SequenceContext(), [])
 
     def planned(attention: str) -> float:
-        return bytes_per_token(block_terms(cfg, 0, seq, act, attention), 1, False, "all")
+        terms = block_terms(cfg, 0, seq, act, attention, tp=tp)
+        return bytes_per_token(terms, tp, False, "all")
 
     measured = (kept(True) - kept(False)) / (2 * seq)
     assert measured == pytest.approx(planned("npu") - planned("reference"), abs=1e-6)

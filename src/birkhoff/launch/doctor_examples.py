@@ -201,13 +201,11 @@ def _with_chosen_experts(args: list) -> list:
     return [*_with_sigmoid_scores(args), chosen]
 
 
-# Further calls checked (and built by launch/triton_build) after the example's own, each
-# from the example's arguments.
 def _with_hca_entries(args: list) -> list:
     """v4_attention with an HCA layer's entries: every complete block of 8 tokens."""
     kv, positions = args[1:3]
     layout = block_entries(positions, 8)
-    values = torch.randn(*layout.start.shape, kv.shape[-1], device=kv.device)
+    values = torch.randn(*layout.start.shape, kv.shape[-1], device=kv.device, dtype=kv.dtype)
     return [*args, EntryKV(values, layout)]
 
 
@@ -216,13 +214,15 @@ def _with_csa_picks(args: list) -> list:
     picked, so that every backend attends them as a mask over the entries)."""
     kv, positions = args[1:3]
     layout = block_entries(positions, 4)
-    values = torch.randn(*layout.start.shape, kv.shape[-1], device=kv.device)
+    values = torch.randn(*layout.start.shape, kv.shape[-1], device=kv.device, dtype=kv.dtype)
     scores = torch.rand(*positions.shape, values.shape[1], device=kv.device)
     scores = scores.masked_fill(~layout.visible(positions), -torch.inf)
     top = scores.topk(max(1, values.shape[1] // 4), dim=-1)
     return [*args, EntryKV(values, layout, top.indices, torch.isfinite(top.values))]
 
 
+# Further calls checked (and built by launch/triton_build) after the example's own, each
+# from the example's arguments (on the device, in the dtype they were given).
 MORE_CALLS: dict[str, list[Callable[[list], list]]] = {
     "rope_trailing": [_with_query_norm],
     "moe_route": [_with_sigmoid_scores, _with_chosen_experts],

@@ -17,10 +17,9 @@ import torch
 
 from birkhoff import kernels
 from birkhoff.kernels.v4_attention import EntryKV
-from birkhoff.launch.doctor_examples import (  # noqa: F401  (MORE_CALLS: triton_build's too)
+from birkhoff.launch.doctor_examples import (
     CONSTANT_ARGS,
     EXAMPLES,
-    MORE_CALLS,
     NO_BACKWARD,
     NO_CPU_BACKWARD,
     REFERENCE_DTYPE,
@@ -58,7 +57,7 @@ def _check(op: str, backend: str, device: torch.device) -> dict:
     result |= {"forward_error": float("nan"), "backward_error": float("nan")}
     result["speed_ratio"] = float("nan")
     if op not in EXAMPLES:
-        result["problem"] = "no example inputs in launch/doctor_kernels.py to check it with"
+        result["problem"] = "no example inputs in launch/doctor_examples.py to check it with"
         return result
     torch.manual_seed(0)
     inputs = [_to(a, device) for a in EXAMPLES[op](_tokens(device, backend))]

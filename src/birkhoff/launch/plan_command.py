@@ -179,8 +179,8 @@ def host_snapshots(recipe: Recipe) -> int:
 
 
 def attention_kind(recipe: Recipe, cluster: Cluster, fused: bool = False) -> str:
-    """What V4 attention keeps for backward on the cluster's devices (planning/activations.py,
-    ATTENTION_KINDS): a fused kernel's where asked (`--fused-attention`), the npu backend's
+    """What V4 attention keeps for backward on the cluster's devices (planning/layout.py,
+    ATTENTION_ACTIVATIONS): a fused kernel's where asked (`--fused-attention`), the npu backend's
     where it runs (`backend.kernels`, `auto` as the cluster's devices resolve it: Ascend
     presets), else the reference kernels'."""
     if fused:

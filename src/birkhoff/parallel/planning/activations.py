@@ -19,11 +19,6 @@ if TYPE_CHECKING:  # inventory.py builds the model; this module only reads its c
     from birkhoff.parallel.planning.inventory import Inventory
 
 FP32, INDEX, MASK = 4, 8, 1
-# What V4 attention keeps for backward: the reference kernels' float32 probabilities over
-# every key; a fused kernel's log-sum-exp per head instead ("fused": FlashAttention-style);
-# the npu backend's operator's blocks (kernels/npu_v4_attention.py; CSA's gathered picks run
-# the reference there)
-ATTENTION_KINDS = ("reference", "fused", "npu")
 
 
 @dataclass(frozen=True)
@@ -44,7 +39,7 @@ def block_terms(
     tp: int = 1,
 ) -> list[Term]:
     """The saved tensors of block `layer` per token, for sequences of `seq` tokens, V4
-    attention's as `attention` (ATTENTION_KINDS) keeps them. `tp`: the tensor-parallel
+    attention's as `attention` (layout.ATTENTION_ACTIVATIONS) keeps them. `tp`: the tensor-parallel
     degree, whose share of the heads decides CSA's form."""
     c = cfg.hidden_size
     terms: list[Term] = []

@@ -9,6 +9,12 @@ from birkhoff.parallel.config import ParallelConfig
 from birkhoff.parallel.planning.inventory import FIRST, LAST
 from birkhoff.parallel.planning.launches import LaunchCount
 
+# What V4 attention keeps for backward (planning/activations.py): the reference kernels'
+# float32 probabilities over every key; a fused kernel's log-sum-exp per head instead
+# ("fused": FlashAttention-style); the npu backend's operator's blocks
+# (kernels/npu_v4_attention.py; CSA's gathered picks run the reference there)
+ATTENTION_ACTIVATIONS = ("reference", "fused", "npu")
+
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 
 
@@ -129,10 +135,7 @@ class Workload:
     global_batch: int  # sequences per step
     seq_len: int
     mixed_precision: bool = True  # bf16 autocast (activations in bf16)
-    # What V4 attention keeps for backward (activations.ATTENTION_KINDS): the reference
-    # kernels' probabilities, a fused kernel's log-sum-exp ("fused"), or the npu backend's
-    # operator's blocks ("npu")
-    attention: str = "reference"
+    attention: str = "reference"  # one of ATTENTION_ACTIVATIONS
     positions: bool = True  # document positions travel between pipeline stages
     loader_rows: bool = True  # Engram rows computed by the loader travel with them
     param_dtype: str = "bfloat16"  # FSDP's gathered parameters
@@ -140,6 +143,11 @@ class Workload:
     # eager kernel launches of a micro-batch's forward and backward and of an optimizer
     # step (launches.py); None: the host's time is not modelled
     launches: LaunchCount | None = None
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_ACTIVATIONS:
+            kinds = ", ".join(ATTENTION_ACTIVATIONS)
+            raise ValueError(f"Workload.attention {self.attention!r}: not one of {kinds}")
 
 
 def stage_layers(num_layers: int, num_stages: int) -> list[list[int]]:
