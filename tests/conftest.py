@@ -208,3 +208,16 @@ def saved_bytes(module: torch.nn.Module, *inputs: object) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         module(*inputs)
     return sum(s.nbytes() for address, s in kept.items() if address not in own)
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    """A stand-in torch_npu (tests/npu_stand_in.py) in sys.modules: the npu backend's ops
+    run through it, and it records their calls."""
+    import sys
+
+    from npu_stand_in import StandIn
+
+    module = StandIn()
+    monkeypatch.setitem(sys.modules, "torch_npu", module)
+    return module

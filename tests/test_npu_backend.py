@@ -104,13 +104,6 @@ def test_every_torch_npu_call_matches_its_documented_signature(op_docs):
         assert not (names & set(positional[: len(call.args)])), f"{where}: given twice"
 
 
-@pytest.fixture
-def stand_in(monkeypatch) -> StandIn:
-    module = StandIn()
-    monkeypatch.setitem(sys.modules, "torch_npu", module)
-    return module
-
-
 def same(op: str, inputs: list, stand_in: StandIn | None) -> None:
     """The npu op (through the stand-in; None: not expected to call it) against the
     reference: forward and the gradients of the floating-point tensor inputs (other arguments

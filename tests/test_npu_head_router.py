@@ -7,11 +7,8 @@ signatures are checked against the wheel's docs in test_npu_backend.py."""
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
-from npu_stand_in import StandIn
 
 from birkhoff import kernels
 
@@ -22,13 +19,6 @@ HEAD_CALLS = [
 ]
 ROUTER_CALLS = ["npu_moe_gating_top_k", "npu_moe_gating_top_k_backward"]
 BF16_BOUND = 1e-2  # relative error of bfloat16 matmuls' outputs and gradients
-
-
-@pytest.fixture
-def stand_in(monkeypatch) -> StandIn:
-    module = StandIn()
-    monkeypatch.setitem(sys.modules, "torch_npu", module)
-    return module
 
 
 def relative(got: torch.Tensor, exact: torch.Tensor) -> float:

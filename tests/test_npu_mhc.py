@@ -22,13 +22,6 @@ from conftest import small_model
 BF16_BOUND = 1.5e-2  # relative error of outputs and gradients rounded to bfloat16
 
 
-@pytest.fixture
-def stand_in(monkeypatch) -> StandIn:
-    module = StandIn()
-    monkeypatch.setitem(sys.modules, "torch_npu", module)
-    return module
-
-
 def mapping_args(n: int, width: int, tokens: tuple[int, int]) -> list:
     """mhc_read's arguments after the streams: V4's form, H_res's logits far from symmetric."""
     weight = torch.randn(2 * n + n * n, n * width) / (n * width) ** 0.5

@@ -22,13 +22,6 @@ from birkhoff.kernels import v4_attention as reference
 from conftest import assert_backend_trains_as_reference
 
 
-@pytest.fixture
-def stand_in(monkeypatch) -> StandIn:
-    module = StandIn()
-    monkeypatch.setitem(sys.modules, "torch_npu", module)
-    return module
-
-
 @pytest.mark.parametrize("name", CASES)
 def test_npu_attention_equals_a_per_query_loop(stand_in, name):
     """Within twice the float32 reference's own error of the loop (at least 1e-5), in one

@@ -28,22 +28,16 @@ rows, its docs). The operators tile by themselves: the reference's `chunk` does 
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 from torch.autograd.function import once_differentiable
 
 from birkhoff.kernels.linear_cross_entropy import linear_cross_entropy as reference
+from birkhoff.kernels.npu_ops import NPU, _torch_npu
 from birkhoff.kernels.registry import matmul_dtype, register
 
-NPU = "npu"
 MATMUL_DTYPES = (torch.bfloat16, torch.float16)
 LEAST_VOCAB = 128  # the backward operator's weight rows
 LIMITS = f"vocabularies of {LEAST_VOCAB} entries or more"
-
-
-def _torch_npu():
-    return importlib.import_module("torch_npu")
 
 
 @register("linear_cross_entropy", NPU, dtypes=MATMUL_DTYPES, limits=LIMITS, autocast=True)

@@ -23,7 +23,6 @@ process with one 4 x 4 Sinkhorn.
 from __future__ import annotations
 
 import functools
-import importlib
 from types import ModuleType
 
 import torch
@@ -31,9 +30,9 @@ from torch.autograd.function import once_differentiable
 
 from birkhoff.kernels import mhc_reference
 from birkhoff.kernels.mhc_reference import composed_merge_read
+from birkhoff.kernels.npu_ops import NPU, _torch_npu
 from birkhoff.kernels.registry import register
 
-NPU = "npu"
 STREAM_DTYPES = (torch.bfloat16, torch.float16)
 STREAMS = (4, 6, 8)  # the operators' n
 MOST_TOKENS = 65_536  # the Sinkhorn's, training (out_flag=1)
@@ -41,10 +40,6 @@ MOST_TOKENS = 65_536  # the Sinkhorn's, training (out_flag=1)
 POST_LIMITS = "4, 6 or 8 streams"
 READ_LIMITS = "V4's form, 4, 6 or 8 streams, <= 65,536 tokens"
 SINKHORN_LIMITS = "4 x 4, 6 x 6 or 8 x 8, <= 65,536 matrices, 1 to 100 iterations"
-
-
-def _torch_npu() -> ModuleType:
-    return importlib.import_module("torch_npu")
 
 
 @functools.cache
@@ -81,6 +76,23 @@ def _takes(matrices: torch.Tensor, iters: int | None = None) -> bool:
     return iters is None or (tokens <= MOST_TOKENS and 1 <= iters <= 100)
 
 
+def _sinkhorn(logits: torch.Tensor, eps: float, iters: int) -> tuple[torch.Tensor, ...]:
+    """npu_mhc_sinkhorn on our logits (..., n, n): H_res (a view of the operator's comb, its
+    transpose) and the iterates and sums its backward takes."""
+    comb, iterates, sums = _torch_npu().npu_mhc_sinkhorn(
+        logits.transpose(-1, -2).contiguous(), eps=eps, num_iters=iters, out_flag=1
+    )
+    return comb.transpose(-1, -2), iterates, sums
+
+
+def _sinkhorn_backward(
+    d_res: torch.Tensor, iterates: torch.Tensor, sums: torch.Tensor
+) -> torch.Tensor:
+    """The gradient of our logits from H_res's, through V4's orientation and back."""
+    d_comb = d_res.transpose(-1, -2).float().contiguous()
+    return _torch_npu().npu_mhc_sinkhorn_backward(d_comb, iterates, sums).transpose(-1, -2)
+
+
 def _biases(bias_pre, bias_post, bias_res) -> torch.Tensor:
     return torch.cat((bias_pre.float(), bias_post.float(), bias_res.float().flatten()))
 
@@ -97,22 +109,18 @@ class _Read(torch.autograd.Function):
             streams, phi, scales, _biases(bias_pre, bias_post, bias_res),
             norm_eps=norm_eps, hc_eps=form_eps, out_flag=1,
         )  # fmt: skip
-        comb, iterates, sums = _torch_npu().npu_mhc_sinkhorn(
-            logits.transpose(-1, -2).contiguous(), eps=form_eps, num_iters=iters, out_flag=1
-        )
+        h_res, iterates, sums = _sinkhorn(logits, form_eps, iters)
         ctx.save_for_backward(streams, phi, scales, inv_rms, mix, h_pre, h_post, iterates, sums)
         ctx.form_eps = form_eps
         ctx.dtypes = [t.dtype for t in (weight, alpha, bias_pre, bias_post, bias_res)]
-        return layer_in, h_post, comb.transpose(-1, -2), streams  # the streams: autograd's view
+        return layer_in, h_post, h_res, streams  # the streams: autograd's view
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_layer_in, d_post, d_res, d_streams):
         streams, phi, scales, inv_rms, mix, h_pre, h_post, iterates, sums = ctx.saved_tensors
         n = streams.shape[-2]
-        d_comb = d_res.transpose(-1, -2).float().contiguous()
-        d_comb_logits = _torch_npu().npu_mhc_sinkhorn_backward(d_comb, iterates, sums)
-        d_logits = d_comb_logits.transpose(-1, -2).contiguous()  # ours from V4's orientation
+        d_logits = _sinkhorn_backward(d_res, iterates, sums).contiguous()
         d_x, d_phi, d_alpha, d_bias, _ = _torch_npu().npu_mhc_pre_backward(
             streams, phi, scales, d_layer_in.to(streams.dtype), d_post.float(), d_logits,
             inv_rms, mix, h_pre, h_post, hc_eps=ctx.form_eps,
@@ -153,19 +161,15 @@ class _Sinkhorn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, iters: int, eps: float):
-        comb, iterates, sums = _torch_npu().npu_mhc_sinkhorn(
-            logits.transpose(-1, -2).contiguous(), eps=eps, num_iters=iters, out_flag=1
-        )
+        h_res, iterates, sums = _sinkhorn(logits, eps, iters)
         ctx.save_for_backward(iterates, sums)
-        return comb.transpose(-1, -2)
+        return h_res
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
         iterates, sums = ctx.saved_tensors
-        d_comb = grad.transpose(-1, -2).contiguous()
-        d_logits = _torch_npu().npu_mhc_sinkhorn_backward(d_comb, iterates, sums)
-        return d_logits.transpose(-1, -2), None, None
+        return _sinkhorn_backward(grad, iterates, sums), None, None
 
 
 @register("mhc_read", NPU, STREAM_DTYPES, mhc_operators_missing, READ_LIMITS, on_residual=True)

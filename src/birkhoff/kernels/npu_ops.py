@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import math
+from types import ModuleType
 
 import torch
 
@@ -27,7 +28,8 @@ from birkhoff.kernels.row_functions import rms_normalised
 NPU = "npu"
 
 
-def _torch_npu():
+def _torch_npu() -> ModuleType:
+    """torch_npu, imported when an op runs (it needs CANN); every npu module calls it so."""
     return importlib.import_module("torch_npu")
 
 

@@ -22,23 +22,17 @@ experts, as the operator takes.
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 from torch.autograd.function import once_differentiable
 
 from birkhoff.kernels.moe_route import moe_route as reference
+from birkhoff.kernels.npu_ops import NPU, _torch_npu
 from birkhoff.kernels.registry import register
 
-NPU = "npu"
 SIGMOID = 1  # the operators' norm_type
 EPS = 1e-20  # in the normalising sum: the operators' default, written out for both
 MOST_EXPERTS = 2048
 LIMITS = f"sigmoid scores only, 3 to {MOST_EXPERTS:,} experts"
-
-
-def _torch_npu():
-    return importlib.import_module("torch_npu")
 
 
 @register("moe_route", NPU, limits=LIMITS)

@@ -26,30 +26,15 @@ work is k keys a query, not E. Every query sees itself (positions >= 0, as the m
 
 from __future__ import annotations
 
-import importlib
-
 import torch
+import torch.nn.functional as F
 
 from birkhoff.kernels import v4_attention as reference
+from birkhoff.kernels.npu_ops import NPU, _torch_npu
 from birkhoff.kernels.registry import register
 
-NPU = "npu"
 DOT_FLOATS = 1 << 24  # float32 values of a block of rows in the sinks' gradient (64 MiB)
 LIMITS = "CSA's picks as a mask only (picks_as_mask; the gathered form runs the reference)"
-
-
-def _torch_npu():
-    return importlib.import_module("torch_npu")
-
-
-def takes(q: torch.Tensor, entries: reference.EntryKV | None) -> bool:
-    """Whether the operator takes these entries: none, every visible one (HCA) or CSA's
-    picks in the reference's mask form."""
-    if entries is None or entries.picks is None:
-        return True
-    heads, dim = q.shape[2:]
-    count, picks = entries.values.shape[1], entries.picks.shape[-1]
-    return reference.picks_as_mask(heads, count, picks, dim)
 
 
 @register("v4_attention", NPU, limits=LIMITS)
@@ -63,15 +48,17 @@ def v4_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference's op (same arguments and outputs: (B, T, H, D) in kv's dtype, and the
     normaliser (B, T, H) float32, detached) as one npu_fusion_attention_v2 call."""
-    if not takes(q, entries) or q.shape[0] * q.shape[1] == 0:  # the operator: B, S >= 1
-        return reference.v4_attention(q, kv, positions, sinks, window, entries)
     batch, seq, heads, dim = q.shape
+    gathered = entries is not None and not entries.as_mask(heads, dim)
+    if gathered or batch * seq == 0:  # the operator: B, S >= 1
+        return reference.v4_attention(q, kv, positions, sinks, window, entries)
     blocks_q = reference.query_blocks(q.to(kv.dtype), window)  # (B, nb, W, H, D)
     blocks = blocks_q.shape[1]
     keys = reference.window_keys(kv, window)  # (B, nb, 2W, D)
     allowed = reference.window_allowed(positions, window)  # (B, nb, W, 2W)
     if entries is not None:
-        seen = _entries_seen(positions, entries, blocks * window)  # (B, nb W, E)
+        # the entries each query sees; none for the padding queries past T
+        seen = F.pad(entries.seen(positions), (0, 0, 0, blocks * window - seq))
         values = entries.values.to(kv.dtype)[:, None].expand(-1, blocks, -1, -1)
         keys = torch.cat((keys, values), dim=2)
         allowed = torch.cat((allowed, seen.view(batch, blocks, window, -1)), dim=-1)
@@ -91,16 +78,6 @@ def v4_attention(
     lse = lse.view(batch, blocks, heads, window).transpose(2, 3).flatten(1, 2)[:, :seq]
     out = out.reshape(batch, blocks * window, heads, dim)[:, :seq]
     return _SinkGradient.apply(out, sinks, lse), lse.contiguous()
-
-
-def _entries_seen(positions: torch.Tensor, entries: reference.EntryKV, padded: int) -> torch.Tensor:
-    """(B, padded, E) bool: the entries each query sees (visible ones, or its picks), none
-    for the padding queries past T."""
-    if entries.picks is None:
-        seen = entries.layout.visible(positions)
-    else:
-        seen = reference.picked_mask(entries.picks, entries.picked, entries.values.shape[1])
-    return torch.nn.functional.pad(seen, (0, 0, 0, padded - seen.shape[1]))
 
 
 class _SinkGradient(torch.autograd.Function):

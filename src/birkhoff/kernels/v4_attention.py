@@ -143,6 +143,19 @@ class EntryKV:
     picks: torch.Tensor | None = None  # (B, T, k) entry indices per query
     picked: torch.Tensor | None = None  # (B, T, k) whether each pick is a visible entry
 
+    def as_mask(self, heads: int, dim: int) -> bool:
+        """Whether queries of `heads` x `dim` attend to these entries as a mask over every
+        entry (HCA's, or CSA's picks where picks_as_mask says so) rather than gathered."""
+        if self.picks is None:
+            return True
+        return picks_as_mask(heads, self.values.shape[1], self.picks.shape[-1], dim)
+
+    def seen(self, positions: torch.Tensor) -> torch.Tensor:
+        """(B, T, E) bool: the entries each query attends to (visible ones, or its picks)."""
+        if self.picks is None:
+            return self.layout.visible(positions)
+        return picked_mask(self.picks, self.picked, self.values.shape[1])
+
 
 @register("v4_attention", REFERENCE)
 def v4_attention(
@@ -299,12 +312,8 @@ def _entry_logits(
     batch, seq, heads, dim = q.shape
     if entries is None:
         return q.new_zeros(batch, seq, heads, 0, dtype=torch.float32), None
-    count, picks = entries.values.shape[1], entries.picks
-    if picks is None or picks_as_mask(heads, count, picks.shape[-1], dim):
-        if picks is None:
-            seen = entries.layout.visible(positions)
-        else:
-            seen = picked_mask(picks, entries.picked, count)
+    if entries.as_mask(heads, dim):
+        seen = entries.seen(positions)
         logits = torch.einsum("bthd,bed->bthe", q.float(), entries.values.float()) * scale
         return logits.masked_fill(~seen[:, :, None, :], -torch.inf), entries.values
     rows = torch.arange(batch, device=q.device)[:, None, None]

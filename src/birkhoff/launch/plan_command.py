@@ -143,8 +143,7 @@ def counted_kernels(recipe: Recipe, cluster: Cluster) -> str:
     the cluster's devices resolve it (triton on NVIDIA presets; a custom cluster: the
     reference). npu's ops need CANN to run: the reference's are counted for them (the line
     of assumptions says so, launches.py)."""
-    requested = recipe.backend.kernels
-    chosen = PRESET_KERNELS.get(cluster.name, "reference") if requested == "auto" else requested
+    requested, chosen = recipe.backend.kernels, cluster_kernels(recipe, cluster)
     require(
         chosen != "cpu", "backend.kernels", requested,
         "the cpu backend runs on CPUs, not on a cluster's accelerators; plan with auto or "
@@ -185,9 +184,14 @@ def attention_kind(recipe: Recipe, cluster: Cluster, fused: bool = False) -> str
     presets), else the reference kernels'."""
     if fused:
         return "fused"
+    return "npu" if cluster_kernels(recipe, cluster) == "npu" else "reference"
+
+
+def cluster_kernels(recipe: Recipe, cluster: Cluster) -> str:
+    """The kernel backend the cluster's devices run: `backend.kernels`, `auto` as the preset
+    resolves it (a custom cluster: the reference)."""
     requested = recipe.backend.kernels
-    chosen = PRESET_KERNELS.get(cluster.name, "reference") if requested == "auto" else requested
-    return "npu" if chosen == "npu" else "reference"
+    return PRESET_KERNELS.get(cluster.name, "reference") if requested == "auto" else requested
 
 
 def workload_of(recipe: Recipe, attention: str = "reference") -> Workload:

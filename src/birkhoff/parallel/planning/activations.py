@@ -39,8 +39,8 @@ def block_terms(
     tp: int = 1,
 ) -> list[Term]:
     """The saved tensors of block `layer` per token, for sequences of `seq` tokens, V4
-    attention's as `attention` (layout.ATTENTION_ACTIVATIONS) keeps them. `tp`: the tensor-parallel
-    degree, whose share of the heads decides CSA's form."""
+    attention's as `attention` (layout.ATTENTION_ACTIVATIONS) keeps them. `tp`: the
+    tensor-parallel degree, whose share of the heads decides CSA's form."""
     c = cfg.hidden_size
     terms: list[Term] = []
     for _ in range(2):  # attention and FFN sublayers: the residual join and the sublayer's norm
@@ -186,11 +186,10 @@ def reference_core_terms(
     they are), the probabilities over every key and the sink, the window's in its dtype, the
     window mask; against entries the float32 queries, the entries in float32 (and as they
     are), their mask and probabilities in its dtype."""
-    hd, narrow = heads * dim, act != FP32
+    hd = heads * dim
     terms = [
         Term(hd, FP32, "heads", False),
         Term(2 * dim, FP32, "whole", False),
-        Term(2 * dim if narrow else 0, act, "whole", False),
         Term(heads * (2 * window + entries + 1), FP32, "heads", False),
         Term(heads * 2 * window, act, "heads", False),
         Term(2 * window, MASK, "whole", False),
@@ -199,10 +198,13 @@ def reference_core_terms(
         terms += [
             Term(hd, FP32, "heads", False),
             Term(dim / ratio, FP32, "whole", False),
-            Term(dim / ratio if narrow else 0, act, "whole", False),
             Term(entries, MASK, "whole", False),
-            Term(heads * entries if narrow else 0, act, "heads", False),
         ]
+    if act != FP32:  # the keys and entries as they are, the entries' probabilities in act
+        terms.append(Term(2 * dim, act, "whole", False))
+        if entries:
+            terms.append(Term(dim / ratio, act, "whole", False))
+            terms.append(Term(heads * entries, act, "heads", False))
     return terms
 
 
