@@ -197,13 +197,25 @@ class StandIn(types.ModuleType):
         self.calls.append("npu_moe_gating_top_k")
         assert x.dim() == 2 and 3 <= x.shape[-1] <= 2048 and renorm == 0
         assert bias is None or (bias.dtype == x.dtype and bias.shape == x.shape[-1:])
-        assert k_group == group_count == 1 and norm_type in (0, 1)
+        assert norm_type in (0, 1) and group_select_mode in (0, 1)
+        # group_count: divides the experts, more than 2 a group, the group rounded up to 32
+        # experts times the groups at most 2048; 1 <= k_group <= group_count; k fits the groups
+        experts, per = x.shape[-1], x.shape[-1] // group_count
+        assert experts % group_count == 0 and (group_count == 1 or per > 2)
+        assert -(-per // 32) * 32 * group_count <= 2048 and 1 <= k_group <= group_count
+        assert 1 <= k <= per * k_group
         scores = x.float().sigmoid() if norm_type == 1 else x.float().softmax(-1)
         if tid2eid is not None:  # hash mode: "expert indices looked up from tid2eid"
             assert input_ids.shape == x.shape[:1] and tid2eid.shape[-1] == k
             ids = tid2eid[input_ids]
         else:
             biased = scores if bias is None else scores + bias.float()
+            if group_count > 1:  # groups scored by their best (mode 0) or best two (mode 1)
+                grouped = biased.unflatten(-1, (group_count, per))
+                best = grouped.topk(1 + group_select_mode, dim=-1).values.sum(-1)
+                kept = torch.argsort(-best, dim=-1, stable=True)[:, :k_group]
+                out = torch.ones_like(best, dtype=torch.bool).scatter(-1, kept, False)
+                biased = grouped.masked_fill(out[..., None], float("-inf")).flatten(-2)
             ids = torch.argsort(-biased, dim=-1, stable=True)[:, :k]
         chosen = scores.gather(1, ids.long())
         if norm_type == 1:

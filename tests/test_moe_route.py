@@ -24,10 +24,16 @@ def inputs(tokens: int, experts: int, seed: int) -> tuple[torch.Tensor, torch.Te
     return logits, 0.01 * torch.randn(experts, generator=g).double()
 
 
+GROUPS = {"no groups": (1, 1), "4 groups keep 2": (4, 2), "V3's 8 keep 4": (8, 4)}
+
+
 @pytest.mark.parametrize("score_func", ["sigmoid", "sqrt_softplus"])
 @pytest.mark.parametrize("given", [False, True], ids=["chosen", "given ids"])
 @pytest.mark.parametrize(("tokens", "experts", "top_k"), [(37, 12, 3), (5, 256, 8), (16, 8, 1)])
-def test_moe_route_matches_the_float64_reference(score_func, given, tokens, experts, top_k):
+@pytest.mark.parametrize("groups", GROUPS.values(), ids=GROUPS.keys())
+def test_moe_route_matches_the_float64_reference(score_func, given, tokens, experts, top_k, groups):
+    if experts % groups[0] or top_k > groups[1] * experts // groups[0]:
+        pytest.skip("the experts do not split into these groups, or the kept hold too few")
     logits, bias = inputs(tokens, experts, seed=tokens + experts)
     g = torch.Generator().manual_seed(1)
     ids = (
@@ -36,7 +42,9 @@ def test_moe_route_matches_the_float64_reference(score_func, given, tokens, expe
         else None
     )
     exact = logits.clone().requires_grad_()
-    expected = kernels.get("moe_route", "reference")(exact, bias, top_k, score_func, 2.5, ids)
+    expected = kernels.get("moe_route", "reference")(
+        exact, bias, top_k, score_func, 2.5, ids, *groups
+    )
     d_weights = torch.randn(tokens, top_k, generator=g).double()
     d_scores = torch.randn(tokens, experts, generator=g).double()
     (expected_grad,) = torch.autograd.grad(
@@ -45,7 +53,7 @@ def test_moe_route_matches_the_float64_reference(score_func, given, tokens, expe
     for backend in ("reference", "triton"):
         x = logits.float().requires_grad_()
         weights, got_ids, scores = kernels.get("moe_route", backend)(
-            x, bias.float(), top_k, score_func, 2.5, ids
+            x, bias.float(), top_k, score_func, 2.5, ids, *groups
         )
         assert torch.equal(got_ids, expected[1]), backend
         assert weights.dtype == scores.dtype == torch.float32
@@ -98,3 +106,25 @@ def test_the_reference_routes_as_the_formula_per_token():
         total = sum(s[e] for e in order)
         assert weights[t].tolist() == pytest.approx([1.5 * s[e] / total for e in order], rel=1e-12)
         assert scores[t].tolist() == pytest.approx(s, rel=1e-12)
+
+
+@pytest.mark.parametrize(("experts", "groups", "kept", "top_k"), [(12, 4, 2, 4), (12, 6, 2, 3)])
+def test_the_reference_limits_the_groups_as_the_formula_per_token(experts, groups, kept, top_k):
+    """V3's group-limited routing per token: a group's score the sum of its two best biased
+    scores (its one where it holds one expert), the `kept` best groups, then the k largest
+    biased scores among their experts; a plain loop."""
+    tokens, per = 11, experts // groups
+    logits, bias = inputs(tokens, experts, seed=7)
+    _, ids, _ = kernels.get("moe_route", "reference")(
+        logits, bias, top_k, "sigmoid", 1.0, None, groups, kept
+    )
+    unlimited = 0
+    for t in range(tokens):
+        pairs = zip(logits[t].tolist(), bias.tolist(), strict=True)
+        biased = [1 / (1 + math.exp(-v)) + b for v, b in pairs]
+        score = [sum(sorted(biased[g * per : (g + 1) * per])[-2:]) for g in range(groups)]
+        best = sorted(range(groups), key=lambda g: score[g], reverse=True)[:kept]
+        allowed = [e for e in range(experts) if e // per in best]
+        assert ids[t].tolist() == sorted(allowed, key=lambda e: biased[e], reverse=True)[:top_k]
+        unlimited += ids[t].tolist() != sorted(range(experts), key=lambda e: -biased[e])[:top_k]
+    assert unlimited  # the limit changed some tokens' choice

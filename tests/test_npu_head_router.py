@@ -112,7 +112,7 @@ def route_inputs(tokens: int = 24, experts: int = 16) -> tuple[torch.Tensor, tor
     return spread + 0.01 * torch.randn(tokens, experts), 0.3 * torch.randn(experts)
 
 
-def check_route(expert_ids: torch.Tensor | None) -> None:
+def check_route(expert_ids: torch.Tensor | None, groups: tuple[int, int] = (1, 1)) -> None:
     """The npu router against the reference's: the same experts, gate weights and scores,
     and the logits' gradient from both the weights and the scores (a balance loss's use)."""
     logits, bias = route_inputs()
@@ -120,7 +120,7 @@ def check_route(expert_ids: torch.Tensor | None) -> None:
     for backend in ("reference", "npu"):
         leaf = logits.clone().requires_grad_()
         weights, ids, scores = kernels.get("moe_route", backend)(
-            leaf, bias, 4, "sigmoid", 2.5, expert_ids
+            leaf, bias, 4, "sigmoid", 2.5, expert_ids, *groups
         )
         torch.manual_seed(5)  # the same upstream gradients for both
         upstream = (torch.randn_like(weights), torch.randn_like(scores))
@@ -140,6 +140,22 @@ def test_the_router_matches_the_reference(stand_in):
     torch.manual_seed(2)
     check_route(None)
     assert stand_in.calls == ROUTER_CALLS
+
+
+@pytest.mark.parametrize(
+    "groups", [(4, 2), (8, 3)], ids=["the operator's groups", "2 experts a group: hash mode"]
+)
+def test_group_limited_routing_matches_the_reference(stand_in, groups):
+    """V3's group-limited routing: in the operator where its limits allow (more than 2
+    experts a group), else chosen as the reference chooses and handed in as a hash table."""
+    torch.manual_seed(4)
+    check_route(None, groups)
+    assert stand_in.calls == ROUTER_CALLS
+    torch.manual_seed(4)
+    logits, bias = route_inputs()  # check_route's
+    _, unlimited, _ = kernels.get("moe_route", "reference")(logits, bias, 4, "sigmoid", 1.0)
+    _, limited, _ = kernels.get("moe_route", "npu")(logits, bias, 4, "sigmoid", 1.0, None, *groups)
+    assert not torch.equal(limited, unlimited)  # the groups changed some choices
 
 
 def test_experts_chosen_elsewhere_go_through_the_hash_mode(stand_in):

@@ -1,10 +1,12 @@
 """The MoE router after its matmul (`moe_route`, kernels/moe_route.py) as one Triton kernel
 per direction (the `triton` backend): a program scores 16 tokens' experts, picks the top k by
 the biased scores (k rounds of an argmax, the winner masked out each time: largest first, as
-torch's topk returns them), and writes the gate weights. Its backward recomputes the scores
-and gives the logits' gradient from the weights' and the scores' in one pass. The reference
-launches about eight kernels forward (the score function, the bias, topk, the gather, the
-sum, the division, the scale) and about ten backward.
+torch's topk returns them; with grouped experts, first the best groups by their two best
+biased scores, and the experts of the others masked out), and writes the gate weights. Its
+backward recomputes the scores and gives the logits' gradient from the weights' and the
+scores' in one pass. The reference launches about eight kernels forward (the score
+function, the bias, topk, the gather, the sum, the division, the scale; six more to limit
+the groups) and about ten backward.
 
 Scores in float32 as the reference's (the router computes in float32); sqrt(softplus) with
 softplus = max(x, 0) + log1p(exp(-|x|)), log1p through log(u) y / (u - 1) with u = 1 + y
@@ -63,10 +65,39 @@ def _picked(values, ids, col, slot, j):
 
 
 @triton.jit
+def _best_groups_only(
+    biased, col, per, ROWS: tl.constexpr, GROUPS: tl.constexpr, GP: tl.constexpr,
+    TOPK_GROUPS: tl.constexpr,
+):  # fmt: skip
+    """The reference's `best_groups_only`: groups of `per` consecutive experts, each scored by
+    its two best biased scores (its one where per = 1), the TOPK_GROUPS best kept (argmax
+    rounds: the lower group among equals) and the other groups' experts set to -inf."""
+    group = col // per
+    slot = tl.arange(0, GP)
+    group_scores = tl.full((ROWS, GP), float("-inf"), tl.float32)
+    for g in tl.static_range(GROUPS):
+        inside = tl.where((group == g)[None, :], biased, float("-inf"))
+        best = tl.argmax(inside, axis=1)
+        second = tl.max(tl.where(col[None, :] == best[:, None], float("-inf"), inside), axis=1)
+        score = tl.max(inside, axis=1) + tl.where(per > 1, second, 0.0)
+        group_scores = tl.where(slot[None, :] == g, score[:, None], group_scores)
+    kept = tl.zeros((ROWS, GP), tl.int32)
+    for _ in tl.static_range(TOPK_GROUPS):
+        best = tl.argmax(group_scores, axis=1)
+        kept = tl.where(slot[None, :] == best[:, None], 1, kept)
+        group_scores = tl.where(slot[None, :] == best[:, None], float("-inf"), group_scores)
+    keep = tl.zeros(biased.shape, tl.int32)
+    for g in tl.static_range(GROUPS):
+        keep += tl.where((group == g)[None, :], _slot(kept, slot, g)[:, None], 0)
+    return tl.where(keep > 0, biased, float("-inf"))
+
+
+@triton.jit
 def _forward(
     logits_ptr, bias_ptr, ids_ptr, weights_ptr, scores_ptr, rows, E, scale,
     K: tl.constexpr, KP: tl.constexpr, EP: tl.constexpr, ROWS: tl.constexpr,
     CHOOSE: tl.constexpr, SQRT_SOFTPLUS: tl.constexpr,
+    GROUPS: tl.constexpr, GP: tl.constexpr, TOPK_GROUPS: tl.constexpr,
 ):  # fmt: skip
     row, live, col, on, at, _, s = _tile(logits_ptr, rows, E, ROWS, EP, SQRT_SOFTPLUS)
     tl.store(scores_ptr + at, s, mask=on)
@@ -76,6 +107,8 @@ def _forward(
     if CHOOSE:
         bias = tl.load(bias_ptr + col, mask=col < E, other=0.0).to(tl.float32)
         biased = tl.where(on, s + bias[None, :], float("-inf"))
+        if GROUPS > 1:
+            biased = _best_groups_only(biased, col, E // GROUPS, ROWS, GROUPS, GP, TOPK_GROUPS)
         ids = tl.zeros((ROWS, KP), tl.int32)
         for j in tl.static_range(K):
             best = tl.argmax(biased, axis=1).to(tl.int32)  # the lowest id among equals
@@ -130,7 +163,7 @@ def _sizes(logits: torch.Tensor, top_k: int) -> dict:
 
 class _Route(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, bias, top_k: int, score_func: str, scale: float, given_ids):
+    def forward(ctx, logits, bias, top_k, score_func, scale, given_ids, num_groups, topk_groups):
         logits = logits.contiguous()
         rows, experts = logits.shape
         choose = given_ids is None
@@ -141,7 +174,9 @@ class _Route(torch.autograd.Function):
         if rows:
             _forward[(triton.cdiv(rows, ROWS),)](
                 logits, bias.contiguous(), ids.contiguous(), weights, scores, rows, experts,
-                float(scale), CHOOSE=choose, SQRT_SOFTPLUS=sqrt_softplus, **_sizes(logits, top_k),
+                float(scale), CHOOSE=choose, SQRT_SOFTPLUS=sqrt_softplus, GROUPS=num_groups,
+                GP=triton.next_power_of_2(num_groups), TOPK_GROUPS=topk_groups,
+                **_sizes(logits, top_k),
             )  # fmt: skip
         ctx.mark_non_differentiable(ids)
         ctx.set_materialize_grads(False)  # an unused output's gradient: None, not zeros made
@@ -164,7 +199,7 @@ class _Route(torch.autograd.Function):
                 float(ctx.scale), SQRT_SOFTPLUS=ctx.sqrt_softplus, HAS_D_SCORES=has_d_scores,
                 **_sizes(logits, ids.shape[1]),
             )  # fmt: skip
-        return d_logits, None, None, None, None, None
+        return d_logits, None, None, None, None, None, None, None
 
 
 @register("moe_route", "triton")
@@ -175,10 +210,13 @@ def moe_route(
     score_func: str,
     route_scale: float,
     expert_ids: torch.Tensor | None = None,
+    num_groups: int = 1,
+    topk_groups: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The reference's `moe_route` in one launch each way (logits (N, E) float32)."""
+    args = (logits, bias, top_k, score_func, route_scale, expert_ids, num_groups, topk_groups)
     if torch.compiler.is_compiling():  # inductor fuses the reference's expression
-        return reference.moe_route(logits, bias, top_k, score_func, route_scale, expert_ids)
+        return reference.moe_route(*args)
     if score_func not in reference.SCORE_FUNCS:
         raise ValueError(f"moe_route: score_func {score_func!r} is none of {reference.SCORE_FUNCS}")
-    return _Route.apply(logits, bias, top_k, score_func, route_scale, expert_ids)
+    return _Route.apply(*args)

@@ -201,6 +201,12 @@ def _with_chosen_experts(args: list) -> list:
     return [*_with_sigmoid_scores(args), chosen]
 
 
+def _with_groups(args: list) -> list:
+    """moe_route as DeepSeek-V3 routes: sigmoid scores, the 256 experts in 8 groups, the 4
+    best groups kept."""
+    return [*_with_sigmoid_scores(args), None, 8, 4]
+
+
 def _with_hca_entries(args: list) -> list:
     """v4_attention with an HCA layer's entries: every complete block of 8 tokens."""
     kv, positions = args[1:3]
@@ -225,7 +231,7 @@ def _with_csa_picks(args: list) -> list:
 # from the example's arguments (on the device, in the dtype they were given).
 MORE_CALLS: dict[str, list[Callable[[list], list]]] = {
     "rope_trailing": [_with_query_norm],
-    "moe_route": [_with_sigmoid_scores, _with_chosen_experts],
+    "moe_route": [_with_sigmoid_scores, _with_chosen_experts, _with_groups],
     "v4_attention": [_with_hca_entries, _with_csa_picks],
 }
 

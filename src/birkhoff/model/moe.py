@@ -21,7 +21,6 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from birkhoff import kernels
-from birkhoff.kernels.moe_route import expert_scores
 from birkhoff.kernels.reference import group_ends
 from birkhoff.kernels.registry import matmul_dtype
 from birkhoff.model.config import MoEConfig
@@ -92,21 +91,10 @@ class Router(nn.Module):
             expert_ids = self.hash_table[token_ids]
         elif planned is not None:
             expert_ids = planned.long()
-        elif cfg.num_groups > 1:  # the groups' limit, then the top-k, in torch
-            biased = expert_scores(logits.detach(), cfg.score_func) + self.bias
-            expert_ids = self._limit_to_top_groups(biased).topk(cfg.top_k, dim=-1).indices
-        # the scores, the choice (unless made above) and the gate weights: one op
+        # the scores, the choice (unless made above; within the best groups where the
+        # experts are grouped) and the gate weights: one op
         return self._route(logits, self.bias, cfg.top_k, cfg.score_func, cfg.route_scale,
-                           expert_ids)  # fmt: skip
-
-    def _limit_to_top_groups(self, biased: torch.Tensor) -> torch.Tensor:
-        """Group-limited routing: only experts of the `topk_groups` best groups may be chosen;
-        a group's score is the sum of its two best biased scores (DeepSeek-V3)."""
-        groups = biased.unflatten(-1, (self.cfg.num_groups, -1))
-        group_scores = groups.topk(min(2, groups.shape[-1]), dim=-1).values.sum(-1)
-        keep = group_scores.topk(self.cfg.topk_groups, dim=-1).indices
-        mask = torch.ones_like(group_scores, dtype=torch.bool).scatter(-1, keep, False)
-        return groups.masked_fill(mask.unsqueeze(-1), float("-inf")).flatten(-2)
+                           expert_ids, cfg.num_groups, cfg.topk_groups)  # fmt: skip
 
     @torch.no_grad()
     def update_bias(self, load: torch.Tensor) -> None:
