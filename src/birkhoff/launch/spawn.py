@@ -9,6 +9,7 @@ import tempfile
 import uuid
 from typing import Any
 
+from torch.distributed.elastic.agent.server.api import WorkerSpec
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig as ElasticConfig
@@ -55,6 +56,7 @@ def launch_ranks(
                 recipe, run_dir, None, public_recipe, error_dir
             )
         except SignalException as stop:
+            stop_rendezvous_heartbeats(stop)
             name = signal.Signals(stop.sigval).name
             _report_failure(error_dir, None)  # a rank that failed while stopping says why
             print(
@@ -68,6 +70,25 @@ def launch_ranks(
         except ChildFailedError as failed:
             return _report_failure(error_dir, failed)
     return 0
+
+
+def stop_rendezvous_heartbeats(stop: SignalException) -> bool:
+    """Stop the keep-alive heartbeats of the rendezvous the stopped agent used, here on the
+    main thread; True if there were some. On a signal torch's agent leaves the rendezvous open
+    (other nodes may go on without this one) and its heartbeat timer running; the timer is
+    stopped by a finalizer when the handler is freed, and when the timer's own thread frees it
+    (it holds the handler while a heartbeat is sent) the finalizer cannot join that thread:
+    "Exception ignored ... cannot join current thread", a traceback in the stderr of a run
+    stopped on purpose. The handler is found in the agent's frames (launch_agent's WorkerSpec)."""
+    frame = stop.__traceback__
+    while frame is not None:
+        for value in frame.tb_frame.f_locals.values():
+            handler = value.rdzv_handler if isinstance(value, WorkerSpec) else None
+            if hasattr(handler, "_stop_heartbeats"):  # torch's dynamic (c10d) rendezvous
+                handler._stop_heartbeats()
+                return True
+        frame = frame.tb_next
+    return False
 
 
 def _report_failure(error_dir: str, failed: ChildFailedError | None) -> int:
