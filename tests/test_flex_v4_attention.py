@@ -15,7 +15,6 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from test_v4_attention import HIDDEN, assert_equals_transformers, assert_gradient_close, pair
 from torch.nn.attention import flex_attention as flex_module
 
@@ -108,72 +107,86 @@ def entries_for(kind: str, positions: torch.Tensor, dim: int, k: int = 5):
     return reference.EntryKV(values, layout, top.indices, torch.isfinite(top.values))
 
 
-def allowed_pairs(kind, positions, window, entries, entries_from, keys):
-    """(B, T, keys) bool from the masking rules, written out with dense tensors."""
+def allowed_pairs(positions, window, entries):
+    """(B, T, T) and (B, T, E) bool (None without entries): the window's and the entries'
+    masking rules, written out with dense tensors."""
     batch, seq = positions.shape
-    q = torch.arange(seq)[:, None]
-    k = torch.arange(keys)[None, :]
-    behind = (q - k)[None]
-    allowed = (k < seq) & (behind >= 0) & (behind < window) & (behind <= positions[:, :, None])
-    if entries is not None:
-        count = entries.values.shape[1]
-        if entries.picks is None:
-            seen = entries.layout.visible(positions)
-        else:
-            seen = torch.zeros(batch, seq, count, dtype=torch.bool)
-            for b, t, i in torch.nonzero(entries.picked).tolist():
-                seen[b, t, entries.picks[b, t, i]] = True
-        allowed[:, :, entries_from : entries_from + count] |= seen
-    return allowed
+    behind = (torch.arange(seq)[:, None] - torch.arange(seq)[None, :])[None]
+    in_window = (behind >= 0) & (behind < window) & (behind <= positions[:, :, None])
+    if entries is None:
+        return in_window, None
+    if entries.picks is None:
+        return in_window, entries.layout.visible(positions)
+    seen = torch.zeros(batch, seq, entries.values.shape[1], dtype=torch.bool)
+    for b, t, i in torch.nonzero(entries.picked).tolist():
+        seen[b, t, entries.picks[b, t, i]] = True
+    return in_window, seen
+
+
+def assert_lists_and_mask(block_mask, allowed: torch.Tensor) -> torch.Tensor:
+    """Every allowed pair's blocks listed, the mask function equal to `allowed` pair by pair
+    (CSA: its picks read from one bit per entry). Returns the listed (B, query blocks, key
+    blocks)."""
+    listed = block_mask.to_dense()[:, 0].bool()
+    b, q, k = torch.nonzero(allowed, as_tuple=True)
+    assert listed[b, q // flex.BLOCK, k // flex.BLOCK].all()
+    batch = torch.arange(allowed.shape[0])[:, None, None]
+    query = torch.arange(allowed.shape[1])[None, :, None]
+    key = torch.arange(allowed.shape[2])[None, None, :]
+    pairs = block_mask.mask_mod(batch, torch.zeros((), dtype=torch.long), query, key)
+    assert torch.equal(pairs.expand_as(allowed), allowed)
+    return listed
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_block_lists_cover_every_pair_the_mask_allows_and_skip_the_rest(kind):
     """700 tokens (6 query blocks), window 128, documents of 300, 290 and 110 tokens."""
     positions = torch.cat([torch.arange(n) for n in (300, 290, 110)])[None].expand(2, -1)
-    seq, window = positions.shape[1], 128
+    window = 128
     entries = entries_for(kind, positions, 8)
-    entries_from = -(-seq // flex.BLOCK) * flex.BLOCK
-    keys = entries_from + (0 if entries is None else entries.values.shape[1])
-    block_mask = flex._block_mask(positions, window, entries, entries_from, keys)
-    listed = block_mask.to_dense()[:, 0].bool()  # (B, query blocks, key blocks)
-    allowed = allowed_pairs(kind, positions, window, entries, entries_from, keys)
-    b, q, k = torch.nonzero(allowed, as_tuple=True)
-    assert listed[b, q // flex.BLOCK, k // flex.BLOCK].all()
-    token_blocks = listed[:, :, : entries_from // flex.BLOCK]
-    assert token_blocks.sum(-1).max() == 2  # a window of 128 spans at most two key blocks
+    in_window, seen = allowed_pairs(positions, window, entries)
+    listed = assert_lists_and_mask(flex._window_block_mask(positions, window), in_window)
+    assert listed.sum(-1).max() == 2  # a window of 128 spans at most two key blocks
+    if entries is None:
+        return
+    listed = assert_lists_and_mask(flex._entry_block_mask(positions, entries), seen)
     if kind == "csa":  # picks: exactly the entry blocks some query of the block picked from
+        b, q, k = torch.nonzero(seen, as_tuple=True)
         needed = torch.zeros_like(listed)
         needed[b, q // flex.BLOCK, k // flex.BLOCK] = True
-        entry_blocks = slice(entries_from // flex.BLOCK, None)
-        assert (listed[:, :, entry_blocks] == needed[:, :, entry_blocks]).all()
+        assert torch.equal(listed, needed)
     if kind == "hca":  # the entries complete before a block's last query, in whole blocks
-        assert (listed[:, 0, entries_from // flex.BLOCK :].sum(-1) == 1).all()  # of 2 blocks
-    # and the mask function, pair by pair (CSA: its picks read from one bit per entry)
-    batch = torch.arange(positions.shape[0])[:, None, None]
-    query, key = torch.arange(seq)[None, :, None], torch.arange(keys)[None, None, :]
-    pairs = block_mask.mask_mod(batch, torch.zeros((), dtype=torch.long), query, key)
-    assert torch.equal(pairs.expand_as(allowed), allowed)
+        assert (listed[:, 0].sum(-1) == 1).all()  # of 2 blocks
 
 
-def test_compiled_flex_kernel_reads_the_block_lists_as_the_reference_masks():
-    """Inductor's CPU FlexAttention kernel (compiled, forward) with our block mask and mask
-    function on CSA (window and picks, 300 tokens in 3 documents), no sinks (the CPU kernel
-    has no log-sum-exp output): equals the reference op with sinks at -inf."""
+def dense_attention(q, keys, allowed):
+    """q (B, T, H, D), keys = values (B, K, D), allowed (B, T, K): softmax over the allowed
+    keys, zeros where none is."""
+    scores = torch.einsum("bthd,bkd->bthk", q, keys) * q.shape[-1] ** -0.5
+    probs = scores.masked_fill(~allowed[:, :, None], -torch.inf).softmax(-1).nan_to_num()
+    return torch.einsum("bthk,bkd->bthd", probs, keys)
+
+
+def test_compiled_flex_kernel_reads_the_block_lists_as_the_masks():
+    """Inductor's CPU FlexAttention kernel (compiled, forward) with the window's and the CSA
+    entries' block masks and mask functions (300 tokens in 3 documents; the entries a
+    broadcast view of a head per query head), each call against a dense softmax over the
+    allowed pairs (the CPU kernel has no log-sum-exp output, which the merge needs)."""
     positions = torch.cat([torch.arange(n) for n in (130, 150, 20)])[None].expand(2, -1)
     seq, heads, dim, window = positions.shape[1], 4, 16, 40
     generator = torch.Generator().manual_seed(28)
     q = torch.randn(2, seq, heads, dim, generator=generator)
     kv = torch.randn(2, seq, dim, generator=generator)
     entries = entries_for("csa", positions, dim)
-    entries_from = -(-seq // flex.BLOCK) * flex.BLOCK
-    keys = torch.cat((F.pad(kv, (0, 0, 0, entries_from - seq)), entries.values), dim=1)
-    block_mask = flex._block_mask(positions, window, entries, entries_from, keys.shape[1])
+    in_window, seen = allowed_pairs(positions, window, entries)
     compiled = torch.compile(flex_module.flex_attention, dynamic=False)
+    values = entries.values[:, None].expand(-1, heads, -1, -1)
+    calls = [
+        (kv[:, None], flex._window_block_mask(positions, window), kv, in_window, True),
+        (values, flex._entry_block_mask(positions, entries), entries.values, seen, False),
+    ]
     with torch.no_grad():
-        out = compiled(
-            q.transpose(1, 2), keys[:, None], keys[:, None], block_mask=block_mask, enable_gqa=True
-        ).transpose(1, 2)
-        no_sinks = torch.full((heads,), -torch.inf)
-        expected, _ = reference.v4_attention(q, kv, positions, no_sinks, window, entries)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        for keys, block_mask, dense_keys, allowed, gqa in calls:
+            out = compiled(q.transpose(1, 2), keys, keys, block_mask=block_mask, enable_gqa=gqa)
+            expected = dense_attention(q, dense_keys, allowed)
+            torch.testing.assert_close(out.transpose(1, 2), expected, rtol=1e-5, atol=1e-5)

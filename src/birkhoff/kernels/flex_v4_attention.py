@@ -1,17 +1,26 @@
 """DeepSeek-V4's attention core (kernels/v4_attention.py) on FlexAttention: the `triton`
 backend's implementation. On CUDA it runs compiled (torch's fused Triton templates, forward
-and backward); nothing T x T is formed: the block mask lists, per block of 128 queries, the
-key blocks of its window and the entry blocks it may use, and the mask function decides each
-query-key pair inside them.
+and backward); nothing T x T is formed: a block mask lists, per block of 128 queries, the key
+blocks it may use, and a mask function decides each query-key pair inside them.
 
-One key sequence: the window's tokens (padded to whole blocks), then the compressed entries.
-HCA and CSA's dense warm-up read an entry's visibility from its layout (complete before the
-query, same document); CSA reads each query's picks from a (B, T, E) boolean (E = T / ratio).
+Two calls where the layer has compressed entries, their results merged by their
+log-sum-exps: the window (the layer's one KV head shared by every query head, as GQA), and the
+entries, given as one KV head per query head (a broadcast view). FlexAttention's backward
+gives each KV head's key blocks to one program, which walks every query head sharing it and
+every query block using the block: a window block is used by two query blocks, but an HCA
+entry by every later query, so in one joint call a single program walked all heads times all
+query blocks (at 4,096 tokens and 64 heads, 64 x 256 tiles of 16 queries) while the others
+had done; that serial program is this file's reading of the H200's HCA and CSA rows (0.08x
+the reference, the sliding layer 0.52x). With a head each, the entries' blocks are spread
+over a program per head. HCA and CSA's dense warm-up read an entry's visibility from its
+layout (complete before the query, same document); CSA reads each query's picks from a (B, T,
+E / 8) bit set (E = T / ratio).
 
 Sinks: FlexAttention has no logit without a key, so a sink enters through the normaliser.
-With L the log-sum-exp over the keys and s the sink, the output is out * exp(L) / (exp(L) +
-exp(s)) = out * sigmoid(L - s) and the normaliser logaddexp(L, s); FlexAttention's L is
-differentiable, so the sink and the keys get their gradients as in one softmax.
+With L_w and L_e the log-sum-exps over the window's keys and the entries and s the sink, L =
+log(exp(L_w) + exp(L_e) + exp(s)) and the output is out_w exp(L_w - L) + out_e exp(L_e - L);
+FlexAttention's L is differentiable, so the sink, keys and entries get their gradients as in
+one softmax (a query that sees no entry has L_e = -inf and out_e = 0).
 
 On a CPU (the tests' interpreted mode of this backend) torch runs FlexAttention unfused
 (it materialises the scores) and refuses the backward; the CPU trains with the reference.
@@ -23,7 +32,6 @@ import functools
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
 
 from birkhoff.kernels.registry import register
@@ -57,66 +65,101 @@ def v4_attention(
     entries: EntryKV | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as the reference `v4_attention`."""
-    seq, dim = q.shape[1], q.shape[-1]
-    entries_from = -(-seq // BLOCK) * BLOCK  # the first entry's key index
-    keys = F.pad(kv, (0, 0, 0, entries_from - seq))
-    if entries is not None:
-        keys = torch.cat((keys, entries.values.to(kv.dtype)), dim=1)  # in the graph if empty
-        if not entries.values.shape[1]:  # no complete block yet: the window alone (the mask
-            entries = None  # function would index the empty entries)
-    block_mask = _block_mask(positions, window, entries, entries_from, keys.shape[1])
-    attend = _fused_flex() if q.is_cuda else flex_attention
-    tiles = WIDE_HEAD_TILES if q.is_cuda and dim > WIDE_HEAD else None
+    query = q.to(kv.dtype).transpose(1, 2)  # (B, H, T, D)
+    values = None if entries is None else entries.values.to(kv.dtype)
+    keys = kv
+    if values is not None and not values.shape[1]:  # no complete block yet: the entries
+        keys = torch.cat((kv, values), dim=1)  # stay in the graph (zero gradients, as the
+        values = None  # reference gives them), the window alone attended
+    parts = [_attend(query, keys[:, None], _window_block_mask(positions, window))]
+    if values is not None:
+        values = values[:, None].expand(-1, q.shape[2], -1, -1)  # a KV head per query head
+        parts.append(_attend(query, values, _entry_block_mask(positions, entries)))
+    sink = sinks.float().expand_as(parts[0][1])
+    lse = torch.stack([*(part_lse for _, part_lse in parts), sink]).logsumexp(0)
+    out = sum(part.float() * torch.exp(part_lse - lse)[..., None] for part, part_lse in parts)
+    return out.to(kv.dtype), lse.detach()
+
+
+def _attend(
+    query: torch.Tensor, keys: torch.Tensor, block_mask: BlockMask
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """query (B, H, T, D), keys = values (B, H or 1, K, D) -> out (B, T, H, D) in the keys'
+    dtype, log-sum-exp (B, T, H) float32 over the keys (-inf where none is allowed)."""
+    dim = query.shape[-1]
+    attend = _fused_flex() if query.is_cuda else flex_attention
     out, aux = attend(
-        q.to(kv.dtype).transpose(1, 2),
-        keys[:, None],
-        keys[:, None],
+        query,
+        keys,
+        keys,
         block_mask=block_mask,
         scale=dim**-0.5,
-        enable_gqa=True,
+        enable_gqa=keys.shape[1] != query.shape[1],
         return_aux=AuxRequest(lse=True),
-        kernel_options=tiles,
+        kernel_options=WIDE_HEAD_TILES if query.is_cuda and dim > WIDE_HEAD else None,
     )
-    lse = aux.lse.transpose(1, 2).float()  # (B, T, H), over the keys only
-    sink = sinks.float().expand_as(lse)
-    out = out.transpose(1, 2).float() * torch.sigmoid(lse - sink)[..., None]
-    return out.to(kv.dtype), torch.logaddexp(lse, sink).detach()
+    return out.transpose(1, 2), aux.lse.transpose(1, 2).float()
 
 
-def _block_mask(
-    positions: torch.Tensor,
-    window: int,
-    entries: EntryKV | None,
-    entries_from: int,
-    keys: int,
-) -> BlockMask:
-    batch, seq = positions.shape
-    device = positions.device
-    q_blocks = -(-seq // BLOCK)
-    qb = torch.arange(q_blocks, device=device)[:, None]
-    kb = torch.arange(q_blocks, device=device)[None, :]
-    # key block kb holds a key 0 <= q - k < window for some query of block qb
-    in_window = (kb <= qb) & ((kb + 1) * BLOCK - 1 > qb * BLOCK - window)
-    used = [in_window.expand(batch, -1, -1)]
-    picked = None
-    if entries is not None:
-        e_blocks = -(-entries.values.shape[1] // BLOCK)
-        if entries.picks is None:
-            # The e-th entry starts at token >= e * ratio (blocks are disjoint and in order),
-            # so a block of queries can see only entries below (last query + 1) / ratio.
-            eb = torch.arange(e_blocks, device=device)[None, :]
-            last = (qb + 1) * BLOCK // entries.layout.ratio
-            used.append((eb * BLOCK < last).expand(batch, -1, -1))
-        else:
-            picked = _picked_entries(entries, seq)
-            used.append(_picked_blocks(entries, q_blocks, e_blocks))
-    dense = torch.cat(used, dim=-1)[:, None]  # (B, 1, query blocks, key blocks)
+def _blocks(dense: torch.Tensor, mask_mod: Callable, seq: int, keys: int) -> BlockMask:
+    """A BlockMask from (B, query blocks, key blocks) bool: the used key blocks of each query
+    block listed first."""
+    dense = dense[:, None]  # (B, 1, query blocks, key blocks): the same for every head
     counts = dense.sum(-1, dtype=torch.int32)
     order = torch.argsort((~dense).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-    mask = _mask_mod(positions, window, entries, entries_from, picked)
     return BlockMask.from_kv_blocks(
-        counts, order, BLOCK_SIZE=BLOCK, mask_mod=mask, seq_lengths=(seq, keys)
+        counts, order, BLOCK_SIZE=BLOCK, mask_mod=mask_mod, seq_lengths=(seq, keys)
     )
+
+
+def _window_block_mask(positions: torch.Tensor, window: int) -> BlockMask:
+    """The keys 0 <= q - k < window of the query's own document."""
+    batch, seq = positions.shape
+    blocks = torch.arange(-(-seq // BLOCK), device=positions.device)
+    qb, kb = blocks[:, None], blocks[None, :]
+    # key block kb holds a key 0 <= q - k < window for some query of block qb
+    in_window = (kb <= qb) & ((kb + 1) * BLOCK - 1 > qb * BLOCK - window)
+
+    def mask(b, h, q_idx, kv_idx):
+        query = q_idx.clamp(max=seq - 1)  # the kernels may ask past the end: read in bounds
+        behind = q_idx - kv_idx
+        own = (kv_idx < seq) & (behind >= 0) & (behind < window)
+        return own & (behind <= positions[b, query])
+
+    return _blocks(in_window.expand(batch, -1, -1), mask, seq, seq)
+
+
+def _entry_block_mask(positions: torch.Tensor, entries: EntryKV) -> BlockMask:
+    """The compressed entries a query sees: complete before it in its document (HCA, CSA's
+    dense warm-up), or the ones it picked (CSA)."""
+    batch, seq = positions.shape
+    count = entries.values.shape[1]
+    device = positions.device
+    q_blocks, e_blocks = -(-seq // BLOCK), -(-count // BLOCK)
+    if entries.picks is None:
+        # The e-th entry starts at token >= e * ratio (blocks are disjoint and in order),
+        # so a block of queries can see only entries below (last query + 1) / ratio.
+        qb = torch.arange(q_blocks, device=device)[:, None]
+        eb = torch.arange(e_blocks, device=device)[None, :]
+        used = (eb * BLOCK < (qb + 1) * BLOCK // entries.layout.ratio).expand(batch, -1, -1)
+        picked = None
+    else:
+        used = _picked_blocks(entries, q_blocks, e_blocks)
+        picked = _picked_entries(entries, seq)
+    layout = entries.layout
+
+    def mask(b, h, q_idx, kv_idx):
+        query = q_idx.clamp(max=seq - 1)  # in bounds, as the window's
+        e = kv_idx.clamp(max=count - 1)
+        if picked is not None:
+            seen = ((picked[b, query, e // 8] >> (e % 8)) & 1).bool()
+        else:
+            start = layout.start[b, e]
+            seen = layout.exists[b, e] & (start + layout.ratio - 1 <= q_idx)
+            seen = seen & (start - layout.position[b, e] == query - positions[b, query])
+        return (kv_idx < count) & seen
+
+    return _blocks(used, mask, seq, count)
 
 
 def _picked_entries(entries: EntryKV, seq: int) -> torch.Tensor:
@@ -138,33 +181,3 @@ def _picked_blocks(entries: EntryKV, q_blocks: int, e_blocks: int) -> torch.Tens
     hits = torch.zeros(batch, q_blocks * e_blocks, dtype=torch.int32, device=cell.device)
     hits.scatter_add_(1, cell.reshape(batch, -1), entries.picked.reshape(batch, -1).int())
     return (hits > 0).view(batch, q_blocks, e_blocks)
-
-
-def _mask_mod(
-    positions: torch.Tensor,
-    window: int,
-    entries: EntryKV | None,
-    entries_from: int,
-    picked: torch.Tensor | None,
-) -> Callable:
-    seq = positions.shape[1]
-    count = 0 if entries is None else entries.values.shape[1]
-
-    def mask(b, h, q_idx, kv_idx):
-        query = q_idx.clamp(max=seq - 1)  # the kernels may ask past the end: read in bounds
-        behind = q_idx - kv_idx
-        own = (kv_idx < seq) & (behind >= 0) & (behind < window)
-        own = own & (behind <= positions[b, query])
-        if entries is None:
-            return own
-        e = (kv_idx - entries_from).clamp(0, count - 1)
-        if picked is not None:
-            seen = ((picked[b, query, e // 8] >> (e % 8)) & 1).bool()
-        else:
-            layout = entries.layout
-            start = layout.start[b, e]
-            seen = layout.exists[b, e] & (start + layout.ratio - 1 <= q_idx)
-            seen = seen & (start - layout.position[b, e] == query - positions[b, query])
-        return own | ((kv_idx >= entries_from) & seen)
-
-    return mask
