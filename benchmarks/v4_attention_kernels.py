@@ -1,8 +1,9 @@
 """DeepSeek-V4's attention core (the `v4_attention` op) on the `triton` backend (FlexAttention,
 compiled) against the `reference` one, measured in the same run on a CUDA device: forward +
-backward seconds (median), peak device memory above the inputs, and each backend's largest
-difference of the output and of every input gradient from the reference run in float32 on
-the same (bf16-rounded) inputs, relative to that oracle's largest value. V4-Flash
+backward seconds (median) and the forward's alone, peak device memory above the inputs, and
+each backend's largest difference of the output and of every input gradient from the
+reference run in float32 on the same (bf16-rounded) inputs, relative to that oracle's largest
+value. V4-Flash
 shapes by default (64 heads of 512, window 128, CSA ratio 4 with top-512, HCA ratio 128),
 bfloat16. A case the reference cannot hold is reported as out of memory. For CSA it also
 times the indexer's target (`entry_mass`: the attention's mass at each query's picks, summed
@@ -85,11 +86,27 @@ def run(backend: str, case: tuple, device: torch.device, repeats: int) -> dict:
             peak = _peak(device) - base
     except torch.OutOfMemoryError:
         return {"out_of_memory": True}
-    result = {"seconds": statistics.median(times[1:])}
+    result = {"seconds": statistics.median(times[1:]), "forward_seconds": _forward_seconds(
+        op, (leaves[0], leaves[1], positions, leaves[2], window, given), device, repeats
+    )}  # fmt: skip
     if device.type == "cuda":
         result["peak_mib"] = peak / 2**20
     result["values"] = [out.detach().float().cpu(), lse.cpu()] + [g.float().cpu() for g in grads]
     return result
+
+
+def _forward_seconds(op, args: tuple, device: torch.device, repeats: int) -> float:
+    """The forward alone (no graph kept), median seconds: with the forward + backward time,
+    which half a slow case spends its time in."""
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats):
+            _synchronize(device)
+            start = time.perf_counter()
+            op(*args)
+            _synchronize(device)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def entry_mass_row(case: tuple, device: torch.device, repeats: int) -> dict:
