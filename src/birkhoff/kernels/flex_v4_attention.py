@@ -18,9 +18,10 @@ E / 8) bit set (E = T / ratio).
 
 Sinks: FlexAttention has no logit without a key, so a sink enters through the normaliser.
 With L_w and L_e the log-sum-exps over the window's keys and the entries and s the sink, L =
-log(exp(L_w) + exp(L_e) + exp(s)) and the output is out_w exp(L_w - L) + out_e exp(L_e - L);
-FlexAttention's L is differentiable, so the sink, keys and entries get their gradients as in
-one softmax (a query that sees no entry has L_e = -inf and out_e = 0).
+log(exp(L_w) + exp(L_e) + exp(s)) and the output is out_w exp(L_w - L) + out_e exp(L_e - L)
+(kernels/lse_merge.py, which keeps no float32 copy of the parts); FlexAttention's L is
+differentiable, so the sink, keys and entries get their gradients as in one softmax (a query
+that sees no entry has L_e = -inf and out_e = 0).
 
 On a CPU (the tests' interpreted mode of this backend) torch runs FlexAttention unfused
 (it materialises the scores) and refuses the backward; the CPU trains with the reference.
@@ -34,6 +35,7 @@ from collections.abc import Callable
 import torch
 from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
 
+from birkhoff.kernels.lse_merge import merge_softmax_parts
 from birkhoff.kernels.registry import register
 from birkhoff.kernels.v4_attention import EntryKV
 
@@ -75,10 +77,8 @@ def v4_attention(
     if values is not None:
         values = values[:, None].expand(-1, q.shape[2], -1, -1)  # a KV head per query head
         parts.append(_attend(query, values, _entry_block_mask(positions, entries)))
-    sink = sinks.float().expand_as(parts[0][1])
-    lse = torch.stack([*(part_lse for _, part_lse in parts), sink]).logsumexp(0)
-    out = sum(part.float() * torch.exp(part_lse - lse)[..., None] for part, part_lse in parts)
-    return out.to(kv.dtype), lse.detach()
+    outs, lses = zip(*parts, strict=True)
+    return merge_softmax_parts(list(outs), list(lses), sinks)
 
 
 def _attend(
