@@ -39,10 +39,9 @@ USED = {
 }
 
 
-@pytest.fixture(scope="module")
-def op_docs() -> str:
-    """_op_plugin_docs.py of the torch_npu wheel for this torch (fetched from the package
-    registry once, kept in a cache outside the test's temporary dirs)."""
+def wheel_file(name: str) -> str:
+    """A file of the torch_npu wheel for this torch (fetched from the package registry once,
+    kept in a cache outside the test's temporary dirs)."""
     version = torch.__version__.split("+")[0]
     found = sorted(WHEELS.glob(f"torch_npu-{version}-*.whl"))
     if not found:
@@ -51,7 +50,31 @@ def op_docs() -> str:
         subprocess.run(command, check=True, timeout=600)
         found = sorted(WHEELS.glob(f"torch_npu-{version}-*.whl"))
     with zipfile.ZipFile(found[-1]) as wheel:
-        return wheel.read("torch_npu/_op_plugin_docs.py").decode().replace("\r\n", "\n")
+        return wheel.read(name).decode().replace("\r\n", "\n")
+
+
+@pytest.fixture(scope="module")
+def op_docs() -> str:
+    """_op_plugin_docs.py of the torch_npu wheel for this torch."""
+    return wheel_file("torch_npu/_op_plugin_docs.py")
+
+
+def test_adamw_takes_the_fused_step_torch_npu_registers_for_ascend():
+    """The trainer asks AdamW's fused step on npu devices (train/optim.py FUSED_DEVICES):
+    torch_npu's wheel declares `_fused_adamw_` for its NPU dispatch key with aten's
+    arguments, in order (the float learning rate's overload), and torch takes its
+    privateuse1 backend (torch_npu's "npu") among the fused optimizers' devices."""
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+    from birkhoff.train.optim import FUSED_DEVICES
+
+    header = wheel_file("torch_npu/include/torch_npu/csrc/aten/ops/_fused_adamw_npu_dispatch.h")
+    declared = re.search(r"void _fused_adamw_\((.*?)\);", header, re.S).group(1)
+    names = [re.split(r"[ &]", arg.split("=")[0].strip())[-1] for arg in declared.split(",")]
+    schema = torch.ops.aten._fused_adamw_.default._schema
+    assert names == [arg.name for arg in schema.arguments]
+    assert "namespace npu" in header and "npu" in FUSED_DEVICES
+    assert torch._C._get_privateuse1_backend_name() in _get_fused_kernels_supported_devices()
 
 
 def documented(docs: str, name: str) -> tuple[list[str], set[str], set[str]]:

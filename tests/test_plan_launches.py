@@ -64,15 +64,19 @@ def test_a_narrowed_model_launches_what_the_model_does():
 
 
 @pytest.mark.parametrize(
-    ("preset", "foreach", "launches"), [("h200", False, 6), ("ascend_910b", True, 25)]
+    ("preset", "asked", "foreach", "launches"),
+    [("h200", None, False, 6), ("ascend_910b", None, False, 6), ("h200", True, True, 25)],
 )
-def test_the_plan_steps_adamw_as_the_trainer_does_on_the_presets_devices(preset, foreach, launches):
-    """NVIDIA presets: AdamW's fused step, as the trainer takes it on CUDA (no foreach
-    temporary in the memory estimate; 6 launches at tiny where foreach takes 25); Ascend:
-    foreach, torch's default there, its float32 temporary counted. The temporary is the
-    estimate's difference between the two settings, 4 bytes per sharded parameter."""
+def test_the_plan_steps_adamw_as_the_trainer_does_on_the_presets_devices(
+    preset, asked, foreach, launches
+):
+    """The presets: AdamW's fused step, as the trainer takes it on CUDA and Ascend (no
+    foreach temporary in the memory estimate; 6 launches at tiny); `foreach_optimizer=true`
+    (a custom cluster's default): foreach, 25 launches, its float32 temporary counted. The
+    temporary is the estimate's difference between the two settings, 4 bytes per sharded
+    parameter."""
     recipe = typed_recipe(compose_recipe(["model=tiny", "optim=adamw_cosine"]))
-    cluster = cluster_from({"preset": preset, "devices": 1})
+    cluster = cluster_from({"preset": preset, "devices": 1, "foreach_optimizer": asked})
     assert cluster.foreach_optimizer is foreach
     optimizer = trainer_optimizer(recipe, cluster)
     groups = optimizer(nn.Linear(4, 4)).param_groups

@@ -21,7 +21,7 @@ class ClusterConfig:
     inter_node_gbps: float | None = None  # GB/s per device across nodes
     node_size: int | None = None
     host_gbps: float | None = None  # GB/s between a device and host memory (PCIe), one direction
-    foreach_optimizer: bool | None = None  # AdamW's foreach step; None: not on NVIDIA presets
+    foreach_optimizer: bool | None = None  # AdamW's foreach step; None: on a custom cluster only
     matmul_efficiency: float | None = None  # share of the bf16 peak the matmuls reach; None: 0.6
     memory_gbps: float | None = None  # device memory (HBM) bandwidth, GB/s
     memory_efficiency: float | None = None  # share of it elementwise kernels reach; None: 0.8

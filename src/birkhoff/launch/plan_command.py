@@ -123,10 +123,11 @@ def trainer_optimizer(
     recipe: Recipe, cluster: Cluster
 ) -> Callable[[torch.nn.Module], torch.optim.Optimizer]:
     """How the trainer builds its optimizer for a model on the cluster's devices. The copy it
-    is counted on lies on a CPU, where the trainer takes AdamW's fused step as on CUDA (or
-    the loop per tensor where DTensors and plain tensors mix, as everywhere); where the
-    cluster's AdamW steps with foreach kernels instead (`cluster.foreach_optimizer`: Ascend,
-    torch's default there), the fused groups step with foreach."""
+    is counted on lies on a CPU, where the trainer takes AdamW's fused step as on CUDA and
+    Ascend (or the loop per tensor where DTensors and plain tensors mix, as everywhere);
+    where the cluster's AdamW steps with foreach kernels instead (`cluster.foreach_optimizer`:
+    a custom cluster, torch's default on other accelerators), the fused groups step with
+    foreach."""
 
     def build(model: torch.nn.Module) -> torch.optim.Optimizer:
         optimizer, _ = build_optimizer(model, recipe.optim, recipe.train.steps)

@@ -101,7 +101,10 @@ def optimizer_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     return [group for group in groups if group["params"]]
 
 
-FUSED_DEVICES = ("cpu", "cuda")  # where torch ships AdamW's fused kernel
+# Where AdamW's fused kernel exists: torch ships it for CPUs and CUDA; torch_npu registers
+# `_fused_adamw_` for Ascend devices (its wheel's aten/ops/_fused_adamw_npu_dispatch.h) and
+# torch takes its privateuse1 backend ("npu") among the fused optimizers' devices.
+FUSED_DEVICES = ("cpu", "cuda", "npu")
 
 
 def adamw_step_kind(model: nn.Module) -> dict[str, bool]:

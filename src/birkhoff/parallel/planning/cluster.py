@@ -21,8 +21,8 @@ class Cluster:
     node_size: int  # devices per node (the fast domain)
     host_gbps: float = 64.0  # GB/s between a device and host memory, one direction (PCIe)
     # AdamW steps with foreach kernels, which hold one more float32 copy of what it updates
-    # (torch's default on accelerators the trainer takes no fused step on: Ascend); false:
-    # fused (CUDA, a CPU) or tensor by tensor (DTensors mixed with plain tensors), no copy
+    # (torch's default on accelerators the trainer takes no fused step on); false: fused
+    # (CUDA, Ascend, a CPU) or tensor by tensor (DTensors mixed with plain tensors), no copy
     foreach_optimizer: bool = True
     # share of the bf16 peak the step's matmuls reach: large fused training kernels ~0.6; an
     # H200 running this project's eager kernels on a 16B-class shape reached 0.118 (README)
@@ -95,10 +95,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 # the kernel backend `backend.kernels=auto` runs on each preset's devices
 PRESET_KERNELS = {"h100": "triton", "h200": "triton", "h800": "triton", "b200": "triton"}
 PRESET_KERNELS |= {"ascend_910b": "npu", "ascend_910c": "npu"}
-# presets whose devices take AdamW's fused step (CUDA, the triton backend's devices:
-# train/optim.py, adamw_step_kind); the others' default, foreach, holds the temporary
-# `foreach_optimizer` counts
-FUSED_ADAMW_PRESETS = {preset for preset, kernels in PRESET_KERNELS.items() if kernels == "triton"}
+# presets whose devices take AdamW's fused step (CUDA's and Ascend's: train/optim.py,
+# adamw_step_kind); a custom cluster's may not, and torch's default there, foreach, holds the
+# temporary `foreach_optimizer` counts
+FUSED_ADAMW_PRESETS = set(PRESET_KERNELS)
 
 
 def cluster_from(values: dict[str, Any]) -> Cluster:

@@ -252,8 +252,8 @@ def _rank_memory(
     backward = state + memory["activations"] + (memory["grads"] if micro_batches > 1 else 0.0)
     muon_step = muon_step_bytes(inv, layout, keys)  # Muon's transient: a bucket's
     # AdamW's foreach step (torch's default on accelerators without the trainer's fused
-    # step: Ascend): the square root of the second moments is one float32 temporary the size
-    # of every element it updates (the fused step, CUDA's and a CPU's, holds none)
+    # step: a custom cluster's may be one): the square root of the second moments is one
+    # float32 temporary the size of every element it updates (the fused step holds none)
     foreach = 4 * (sharded - one_buffer) if cluster.foreach_optimizer else 0.0
     step = state + memory["grads"] + max(muon_step, foreach)
     memory["total"] = max(backward, step)
