@@ -1,8 +1,11 @@
-"""Every Triton kernel of the `triton` backend compiles for Hopper and Ampere with Triton's
-real compiler, on this CPU (launch/triton_build.py). The kernel tests run interpreted
-(TRITON_INTERPRET=1), which enforces none of the compiler's rules: two kernels that passed
-them failed to compile on an H200 (a module-level float read inside a kernel; a loop variable
-whose shape changed between (B, n, 1) and (B, 1, n))."""
+"""Every Triton kernel of the `triton` backend compiles for Hopper with Triton's real
+compiler, on this CPU (launch/triton_build.py): the launches of the doctor's float32
+examples, and those of one bf16 training step of `tiny` (float32 and bf16 parameters), whose
+bf16 variants the examples never give. The kernel tests run interpreted (TRITON_INTERPRET=1),
+which enforces none of the compiler's rules: two kernels that passed them failed to compile on
+an H200 (a module-level float read inside a kernel; a loop variable whose shape changed
+between (B, n, 1) and (B, 1, n)). Ampere (`--arch 80`) is left to the command: it took the
+compiler 5 min cold for the examples alone, against 2 min here for both sets on Hopper."""
 
 from __future__ import annotations
 
@@ -16,17 +19,14 @@ import pytest
 pytest.importorskip("triton")
 
 
-def test_every_triton_kernel_compiles_for_sm90_and_sm80() -> None:
+def test_every_triton_kernel_compiles_for_sm90() -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    command = [sys.executable, "-m", "birkhoff.launch.triton_build", "--arch", "90", "80"]
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    command = [sys.executable, "-m", "birkhoff.launch.triton_build", "--arch", "90"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=480)
+    assert done.returncode in (0, 1), done.stderr[-3000:]
     report = json.loads(done.stdout)
-    failed = [
-        (entry["kernel"], arch, entry[arch]["error"])
-        for entry in report["kernels"]
-        for arch in ("sm_90", "sm_80")
-        if not entry[arch]["ok"]
-    ]
+    failed = [(e["kernel"], e["ops"], e["sm_90"]["error"]) for e in report["kernels"]
+              if not e["sm_90"]["ok"]]  # fmt: skip
     assert not failed, failed
     assert done.returncode == 0, done.stderr[-2000:]
     # every op but FlexAttention (compiled by inductor, not a kernel of ours) launched kernels
@@ -34,6 +34,11 @@ def test_every_triton_kernel_compiles_for_sm90_and_sm80() -> None:
     kernels = {entry["kernel"].rsplit(".", 2)[-2] for entry in report["kernels"]}
     expected = {"triton_engram", "triton_mhc", "triton_mhc_mapping", "triton_moe"}
     assert expected | {"triton_sinkhorn", "triton_entry_mass"} <= kernels
+    # the step's launches: bf16 tensors, which no example hands a kernel
+    step = [e for e in report["kernels"] if "tiny bf16 step" in e["ops"]]
+    bf16 = [e for e in step if "*bf16" in e["signature"].values()]
+    assert bf16 and not any("*bf16" in e["signature"].values() for e in report["kernels"]
+                            if e["ops"] != ["tiny bf16 step"] and e not in step)  # fmt: skip
     # 32-bit offsets wrap silently past 2^31 elements (128K tokens of 4 x 7168 streams): every
     # kernel widens its program ids to 64 bits (read off the compiled TTIR)
     narrow = [e["kernel"] for e in report["kernels"] if not e["int64_program_ids"]]

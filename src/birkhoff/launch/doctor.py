@@ -79,10 +79,12 @@ def doctor(backend: str, ranks: int | None, run_dir: Path) -> Report:
 
 def _triton_build(problems: list[str]) -> dict:
     """Triton's interpreter enforces none of its compiler's rules: on a CPU the doctor also
-    compiles every kernel the backend launches for Hopper (launch/triton_build.py, in a
-    process without TRITON_INTERPRET)."""
+    compiles every kernel the backend launches on its examples for Hopper
+    (launch/triton_build.py, in a process without TRITON_INTERPRET; the bf16 training step's
+    launches too take that command without `--step-model none`, half a minute more)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     command = [sys.executable, "-m", "birkhoff.launch.triton_build", "--arch", "90"]
+    command += ["--step-model", "none"]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     try:
         report = json.loads(done.stdout)

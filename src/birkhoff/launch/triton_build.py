@@ -5,8 +5,10 @@ kernel's Python but enforces none of the compiler's rules: a module-level float 
 a kernel runs interpreted and fails to compile on a GPU. Triton's compiler itself needs no
 GPU (AST -> TTIR -> TTGIR -> LLVM -> PTX -> cubin, ptxas ships in the triton wheel), so this
 runs each triton op of the backend forward and backward on the doctor's example inputs with
-the launches recorded instead of run, then compiles each distinct launch (kernel, argument
-types, constexpr values) for the requested architectures. It must run without
+the launches recorded instead of run, adds the launches of one bf16 training step of a recipe
+model (launch/triton_step_launches.py: the bf16 variants a step hands the kernels), then
+compiles each distinct launch (kernel, argument types, constexpr values) for the requested
+architectures. It must run without
 TRITON_INTERPRET (then `@triton.jit` makes interpreted functions instead of compilable ones).
 
     python -m birkhoff.launch.triton_build --arch 90 80     # exit code 1 on any failure
@@ -19,6 +21,7 @@ import inspect
 import json
 import os
 import re
+import subprocess
 import sys
 from typing import Any
 
@@ -101,8 +104,35 @@ def recorded_launches(ops: list[str]) -> dict[tuple, tuple]:
     return launches
 
 
-def build(archs: list[int]) -> dict:
-    """Compile every launch of every op the triton backend implements itself."""
+def step_launches(model: str) -> dict[tuple, tuple]:
+    """The launches of one bf16 training step of `model` (launch/triton_step_launches.py, run
+    interpreted in a child process), in `recorded_launches`' form."""
+    import importlib
+
+    import triton.language as tl
+
+    command = [sys.executable, "-m", "birkhoff.launch.triton_step_launches", "--model", model]
+    env = os.environ | {"TRITON_INTERPRET": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    if done.returncode:
+        raise RuntimeError(f"triton_step_launches failed:\n{done.stderr[-3000:]}")
+    launches: dict[tuple, tuple] = {}
+    for launch in json.loads(done.stdout):
+        fn = getattr(importlib.import_module(launch["module"]), launch["kernel"])
+        constexprs = {
+            name: tl.dtype(value["triton_dtype"]) if isinstance(value, dict) else value
+            for name, value in launch["constexprs"].items()
+        }
+        signature = launch["signature"]
+        key = (launch["kernel"], launch["module"], tuple(signature.items()))
+        key += (tuple(sorted(constexprs.items(), key=str)),)
+        launches[key] = (fn, signature, constexprs, {f"{model} bf16 step"})
+    return launches
+
+
+def build(archs: list[int], step_model: str | None = "tiny") -> dict:
+    """Compile every launch of every op the triton backend implements itself, on the doctor's
+    examples and in one bf16 training step of `step_model` (None: the examples only)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -111,6 +141,9 @@ def build(archs: list[int]) -> dict:
 
     ops = [op for op, impl in kernels.implementations("triton").items() if impl == "triton"]
     launches = recorded_launches(ops)
+    if step_model is not None:
+        for key, (fn, signature, constexprs, by) in step_launches(step_model).items():
+            launches.setdefault(key, (fn, signature, constexprs, set()))[3].update(by)
     results = []
     for (name, module, _, _), (fn, signature, constexprs, by) in launches.items():
         entry = {"ops": sorted(by), "kernel": f"{module}.{name}", "signature": signature}
@@ -151,11 +184,14 @@ def _root_cause(err: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=inspect.cleandoc(__doc__).splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[90], help="e.g. 90 (H100/H200)")
+    parser.add_argument("--step-model", default="tiny",
+                        help="the recipe model whose bf16 training step's launches are compiled "
+                        "too ('none': the doctor's examples only)")  # fmt: skip
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("triton_build: unset TRITON_INTERPRET (it makes kernels uncompilable)")
         return 2
-    report = build(args.arch)
+    report = build(args.arch, None if args.step_model == "none" else args.step_model)
     print(json.dumps(report, indent=1))
     return 1 if report["failures"] else 0
 
