@@ -39,6 +39,7 @@ class StandIn(types.ModuleType):
         super().__init__("torch_npu")
         self.__spec__ = importlib.machinery.ModuleSpec("torch_npu", None)
         self.calls: list[str] = []
+        self.gating_groups: list[tuple[int, int, int]] = []  # (group_count, k_group, mode)
 
     def npu_rms_norm(self, x, gamma, epsilon=1e-6):
         self.calls.append("npu_rms_norm")
@@ -195,6 +196,7 @@ class StandIn(types.ModuleType):
                              group_count=1, group_select_mode=0, renorm=0, norm_type=0,
                              out_flag=False, routed_scaling_factor=1.0, eps=1e-20):  # fmt: skip
         self.calls.append("npu_moe_gating_top_k")
+        self.gating_groups.append((group_count, k_group, group_select_mode))
         assert x.dim() == 2 and 3 <= x.shape[-1] <= 2048 and renorm == 0
         assert bias is None or (bias.dtype == x.dtype and bias.shape == x.shape[-1:])
         assert norm_type in (0, 1) and group_select_mode in (0, 1)

@@ -62,10 +62,9 @@ def op_docs() -> str:
 def test_adamw_takes_the_fused_step_torch_npu_registers_for_ascend():
     """The trainer asks AdamW's fused step on npu devices (train/optim.py FUSED_DEVICES):
     torch_npu's wheel declares `_fused_adamw_` for its NPU dispatch key with aten's
-    arguments, in order (the float learning rate's overload), and torch takes its
-    privateuse1 backend (torch_npu's "npu") among the fused optimizers' devices."""
-    from torch.optim.optimizer import _get_fused_kernels_supported_devices
-
+    arguments, in order (the float learning rate's overload), and names its devices "npu"
+    (torch's privateuse1 backend renamed, which torch's fused optimizers list whatever its
+    name)."""
     from birkhoff.train.optim import FUSED_DEVICES
 
     header = wheel_file("torch_npu/include/torch_npu/csrc/aten/ops/_fused_adamw_npu_dispatch.h")
@@ -74,7 +73,8 @@ def test_adamw_takes_the_fused_step_torch_npu_registers_for_ascend():
     schema = torch.ops.aten._fused_adamw_.default._schema
     assert names == [arg.name for arg in schema.arguments]
     assert "namespace npu" in header and "npu" in FUSED_DEVICES
-    assert torch._C._get_privateuse1_backend_name() in _get_fused_kernels_supported_devices()
+    backend = wheel_file("torch_npu/_init/registry/backend.py")
+    assert 'torch.utils.rename_privateuse1_backend("npu")' in backend
 
 
 def documented(docs: str, name: str) -> tuple[list[str], set[str], set[str]]:

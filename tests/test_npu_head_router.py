@@ -151,6 +151,8 @@ def test_group_limited_routing_matches_the_reference(stand_in, groups):
     torch.manual_seed(4)
     check_route(None, groups)
     assert stand_in.calls == ROUTER_CALLS
+    # V3's top-2 group scores in the operator; 2 experts a group: none (the hash table's)
+    assert stand_in.gating_groups == [(4, 2, 1) if groups == (4, 2) else (1, 1, 0)]
     torch.manual_seed(4)
     logits, bias = route_inputs()  # check_route's
     _, unlimited, _ = kernels.get("moe_route", "reference")(logits, bias, 4, "sigmoid", 1.0)

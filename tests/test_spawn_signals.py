@@ -14,13 +14,14 @@ import pytest
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.launcher.api import elastic_launch
 
+from birkhoff.launch import spawn
 from birkhoff.launch.spawn import elastic_config, stop_rendezvous_heartbeats
 from birkhoff.launch.topology import Topology
 
 HEARTBEATS = "RendezvousKeepAliveTimer"
 
 
-def signal_the_agent() -> None:
+def signal_the_agent(*_args) -> None:
     """A rank that sends SIGTERM to its agent (the launcher), then waits to be stopped."""
     os.kill(os.getppid(), signal.SIGTERM)
     time.sleep(60)
@@ -52,3 +53,19 @@ def test_a_signalled_launch_stops_its_rendezvous_heartbeats_here(own_signal_hand
     assert heartbeat_threads()  # what torch leaves running after a signal
     assert stop_rendezvous_heartbeats(stopped.value)
     assert not heartbeat_threads()
+
+
+def test_the_launcher_stops_them_before_it_reports_the_signal(own_signal_handlers, monkeypatch):
+    """`launch_ranks` itself, its ranks replaced by one that signals the agent: it stops the
+    heartbeats through the agent's frames (found: True), exits 128 + 15 and leaves no
+    heartbeat thread."""
+    monkeypatch.setattr(
+        spawn, "elastic_launch", lambda config, _ranks: elastic_launch(config, signal_the_agent)
+    )
+    found = []
+    monkeypatch.setattr(spawn, "stop_rendezvous_heartbeats",
+                        lambda stop: found.append(stop_rendezvous_heartbeats(stop)))  # fmt: skip
+    topology = Topology(nnodes=1, node_rank=0, nproc_per_node=1, rdzv_endpoint=None,
+                        rdzv_id="signals", stop_timeout_s=5)  # fmt: skip
+    assert spawn.launch_ranks(topology, {}, "unused", {}) == 128 + signal.SIGTERM
+    assert found == [True] and not heartbeat_threads()

@@ -12,9 +12,11 @@ entry by every later query, so in one joint call a single program walked all hea
 query blocks (at 4,096 tokens and 64 heads, 64 x 256 tiles of 16 queries) while the others
 had done; that serial program is this file's reading of the H200's HCA and CSA rows (0.08x
 the reference, the sliding layer 0.52x). With a head each, the entries' blocks are spread
-over a program per head. HCA and CSA's dense warm-up read an entry's visibility from its
-layout (complete before the query, same document); CSA reads each query's picks from a (B, T,
-E / 8) bit set (E = T / ratio).
+over a program per head. The cost: the backward's key and value gradients of the entries
+are made per head, (B, H, E, D) each, then summed (a transient half the size of the queries'
+gradient in a CSA layer of ratio 4; unmeasured on a GPU, as the speed). HCA and CSA's dense
+warm-up read an entry's visibility from its layout (complete before the query, same
+document); CSA reads each query's picks from a (B, T, ceil(E / 8)) bit set (E = T / ratio).
 
 Sinks: FlexAttention has no logit without a key, so a sink enters through the normaliser.
 With L_w and L_e the log-sum-exps over the window's keys and the entries and s the sink, L =

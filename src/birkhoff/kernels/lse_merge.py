@@ -5,8 +5,9 @@ sum_i o_i exp(L_i - L). The triton backend's V4 attention joins its window and e
 this way (kernels/flex_v4_attention.py).
 
 As one autograd Function: it keeps the parts as they are (the attention kernels keep the same
-tensors for their own backward, so nothing is added) and the (B, T, H) log-sum-exps, and
-recomputes the weights and the output in backward. Written with torch ops, autograd would keep
+tensors for their own backward, so nothing is added), the (B, T, H) log-sum-exps and the
+sinks, and recomputes the weights and the output in backward (float32 temporaries of the
+parts' size there, one layer at a time). Written with torch ops, autograd would keep
 a float32 copy of every part (4 bytes a value: 256 KiB a token at V4-Flash's 64 heads of 512
 for two parts, where the bf16 parts are 128 KiB). Backward, with w_i = exp(L_i - L) and w_s =
 exp(s - L): d o_i = w_i dout, d L_i = w_i dout . (o_i - out), d s = -sum over tokens of

@@ -93,9 +93,9 @@ class _GatingTopK(torch.autograd.Function):
             eps=EPS,
             input_ids=rows,
             tid2eid=table,
-            k_group=topk_groups,
+            k_group=topk_groups,  # 1, 1 and 0 (the operator's defaults) without groups
             group_count=num_groups,
-            group_select_mode=BEST_TWO,
+            group_select_mode=BEST_TWO if num_groups > 1 else 0,
         )
         ctx.save_for_backward(scores, ids)
         ctx.route_scale, ctx.dtype = route_scale, logits.dtype

@@ -219,4 +219,8 @@ def moe_route(
         return reference.moe_route(*args)
     if score_func not in reference.SCORE_FUNCS:
         raise ValueError(f"moe_route: score_func {score_func!r} is none of {reference.SCORE_FUNCS}")
+    if logits.shape[-1] % num_groups:
+        raise ValueError(f"moe_route: {logits.shape[-1]} experts do not split into {num_groups}")
+    if expert_ids is not None:  # the groups only steer a choice: no kernel variant for them
+        args = (*args[:6], 1, 1)
     return _Route.apply(*args)

@@ -74,10 +74,12 @@ def launch_ranks(
 
 def stop_rendezvous_heartbeats(stop: SignalException) -> bool:
     """Stop the keep-alive heartbeats of the rendezvous the stopped agent used, here on the
-    main thread; True if there were some. On a signal torch's agent leaves the rendezvous open
-    (other nodes may go on without this one) and its heartbeat timer running; the timer is
-    stopped by a finalizer when the handler is freed, and when the timer's own thread frees it
-    (it holds the handler while a heartbeat is sent) the finalizer cannot join that thread:
+    main thread (waiting for a heartbeat in flight: at most its timeout, torch's default 5
+    s); True where the agent's rendezvous handler was found. On a signal torch's agent leaves
+    the rendezvous open (other nodes may go on without this one) and its heartbeat timer
+    running; the timer is stopped by a finalizer when the handler is freed, and when the
+    timer's own thread frees it (it holds the handler while a heartbeat is sent) the
+    finalizer cannot join that thread:
     "Exception ignored ... cannot join current thread", a traceback in the stderr of a run
     stopped on purpose. The handler is found in the agent's frames (launch_agent's WorkerSpec)."""
     frame = stop.__traceback__

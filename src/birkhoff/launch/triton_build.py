@@ -47,6 +47,12 @@ def argument_type(value: Any) -> str:
     raise TypeError(f"no Triton type for a launch argument of type {type(value).__name__}")
 
 
+def launch_key(kernel: str, module: str, signature: dict, constexprs: dict) -> tuple:
+    """One launch's identity: the kernel, its argument types and constexpr values (the
+    examples' and a training step's launches are merged by it)."""
+    return (kernel, module, tuple(signature.items()), tuple(sorted(constexprs.items())))
+
+
 def recorded_launches(ops: list[str]) -> dict[tuple, tuple]:
     """Run `ops` of the triton backend forward and backward on the doctor's examples with
     every kernel launch recorded, not run: {(kernel, signature, constexprs): (fn, signature,
@@ -78,8 +84,7 @@ def recorded_launches(ops: list[str]) -> dict[tuple, tuple]:
                 constexprs[param.name] = value
             else:
                 signature[param.name] = argument_type(value)
-        key = (self.fn.__qualname__, self.fn.__module__, tuple(signature.items()))
-        key += (tuple(sorted(constexprs.items())),)
+        key = launch_key(self.fn.__qualname__, self.fn.__module__, signature, constexprs)
         launches.setdefault(key, (self, signature, constexprs, set()))[3].add(current[0])
 
     original, JITFunction.run = JITFunction.run, record
@@ -124,8 +129,7 @@ def step_launches(model: str) -> dict[tuple, tuple]:
             for name, value in launch["constexprs"].items()
         }
         signature = launch["signature"]
-        key = (launch["kernel"], launch["module"], tuple(signature.items()))
-        key += (tuple(sorted(constexprs.items(), key=str)),)
+        key = launch_key(launch["kernel"], launch["module"], signature, constexprs)
         launches[key] = (fn, signature, constexprs, {f"{model} bf16 step"})
     return launches
 

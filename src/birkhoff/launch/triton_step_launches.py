@@ -5,7 +5,9 @@ FSDP's `parallel.param_dtype=bfloat16` computes, run here by Triton's interprete
 distinct launch (kernel, argument types, constexpr values) is printed as JSON for
 `launch/triton_build.py` to compile: the doctor's examples, which it also compiles, are
 float32, while a training step hands most kernels bf16 tensors, and a variant the compiler
-was never given can fail on the GPU where the interpreter ran it.
+was never given can fail on the GPU where the interpreter ran it. CPU autocast's op lists
+are not CUDA's, so the dtypes at some kernel boundaries may differ from a GPU step's: an
+approximation of it, beside the examples.
 
     TRITON_INTERPRET=1 python -m birkhoff.launch.triton_step_launches --model tiny
 
@@ -81,10 +83,13 @@ def recorded(model: str, sequences: int, tokens: int) -> list[dict]:
     batch = torch.randint(0, recipe.model.vocab_size, (sequences, tokens + 1))
     InterpretedFunction.run = record
     try:
-        # float32 parameters (and residual streams), then bf16 ones (FSDP's param_dtype)
+        # float32 parameters (and residual streams), then bf16 ones: FSDP's param_dtype casts
+        # the parameters, not the buffers (router bias, RoPE tables stay float32)
         for dtype in (torch.float32, torch.bfloat16):
+            for param in net.parameters():
+                param.data = param.data.to(dtype)
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = net.to(dtype)(batch[:, :-1], batch[:, 1:])
+                loss = net(batch[:, :-1], batch[:, 1:])
             loss.backward()
     finally:
         InterpretedFunction.run = original

@@ -98,7 +98,7 @@ PRESET_KERNELS |= {"ascend_910b": "npu", "ascend_910c": "npu"}
 # presets whose devices take AdamW's fused step (CUDA's and Ascend's: train/optim.py,
 # adamw_step_kind); a custom cluster's may not, and torch's default there, foreach, holds the
 # temporary `foreach_optimizer` counts
-FUSED_ADAMW_PRESETS = set(PRESET_KERNELS)
+FUSED_ADAMW_PRESETS = set(PRESETS)
 
 
 def cluster_from(values: dict[str, Any]) -> Cluster:
