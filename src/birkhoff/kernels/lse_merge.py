@@ -6,12 +6,12 @@ this way (kernels/flex_v4_attention.py).
 
 As one autograd Function: it keeps the parts as they are (the attention kernels keep the same
 tensors for their own backward, so nothing is added), the (B, T, H) log-sum-exps and the
-sinks, and recomputes the weights and the output in backward (float32 temporaries of the
-parts' size there, one layer at a time). Written with torch ops, autograd would keep
-a float32 copy of every part (4 bytes a value: 256 KiB a token at V4-Flash's 64 heads of 512
-for two parts, where the bf16 parts are 128 KiB). Backward, with w_i = exp(L_i - L) and w_s =
-exp(s - L): d o_i = w_i dout, d L_i = w_i dout . (o_i - out), d s = -sum over tokens of
-w_s dout . out.
+sinks, and recomputes the weights in backward, where dout . out is summed from the parts' own
+(sum_i w_i dout . o_i: the joined output is not made again; float32 temporaries of a part's
+size there, one at a time). Written with torch ops, autograd would keep a float32 copy of
+every part (4 bytes a value: 256 KiB a token at V4-Flash's 64 heads of 512 for two parts,
+where the bf16 parts are 128 KiB). Backward, with w_i = exp(L_i - L) and w_s = exp(s - L):
+d o_i = w_i dout, d L_i = w_i dout . (o_i - out), d s = -sum over tokens of w_s dout . out.
 """
 
 from __future__ import annotations
@@ -60,13 +60,15 @@ class _Merge(torch.autograd.Function):
         sinks, *saved = ctx.saved_tensors
         parts, lses = saved[: ctx.count], saved[ctx.count :]
         lse, weights = _weights(sinks, lses)
-        out = _joined(parts, weights)
         d_out = _wide(d_out)
+        # dout . out, summed from each part's dout . o_i: no joined output made again
+        dots = [(d_out * _wide(part)).sum(-1) for part in parts]
+        d_out_dot_out = sum(w * dot for w, dot in zip(weights, dots, strict=True))
         d_parts = [(d_out * w[..., None]).to(p.dtype) for p, w in zip(parts, weights, strict=True)]
         d_lses = [
-            (w * (d_out * (_wide(p) - out)).sum(-1)).to(part_lse.dtype)
-            for p, w, part_lse in zip(parts, weights, lses, strict=True)
+            (w * (dot - d_out_dot_out)).to(part_lse.dtype)
+            for w, dot, part_lse in zip(weights, dots, lses, strict=True)
         ]
         sink_weight = torch.exp(_wide(sinks) - lse)
-        d_sinks = -(sink_weight * (d_out * out).sum(-1)).flatten(0, -2).sum(0)
+        d_sinks = -(sink_weight * d_out_dot_out).flatten(0, -2).sum(0)
         return d_sinks.to(sinks.dtype), None, *d_parts, *d_lses
