@@ -81,14 +81,11 @@ def _best_groups_only(
         second = tl.max(tl.where(col[None, :] == best[:, None], float("-inf"), inside), axis=1)
         score = tl.max(inside, axis=1) + tl.where(per > 1, second, 0.0)
         group_scores = tl.where(slot[None, :] == g, score[:, None], group_scores)
-    kept = tl.zeros((ROWS, GP), tl.int32)
+    keep = tl.zeros(biased.shape, tl.int32)
     for _ in tl.static_range(TOPK_GROUPS):
         best = tl.argmax(group_scores, axis=1)
-        kept = tl.where(slot[None, :] == best[:, None], 1, kept)
+        keep = tl.where(group[None, :] == best[:, None], 1, keep)
         group_scores = tl.where(slot[None, :] == best[:, None], float("-inf"), group_scores)
-    keep = tl.zeros(biased.shape, tl.int32)
-    for g in tl.static_range(GROUPS):
-        keep += tl.where((group == g)[None, :], _slot(kept, slot, g)[:, None], 0)
     return tl.where(keep > 0, biased, float("-inf"))
 
 

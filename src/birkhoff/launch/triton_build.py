@@ -47,6 +47,23 @@ def argument_type(value: Any) -> str:
     raise TypeError(f"no Triton type for a launch argument of type {type(value).__name__}")
 
 
+def launch_signature(
+    params: list[tuple[str, Any, bool]], arg_names: list[str], args: tuple, kwargs: dict
+) -> tuple[dict, dict]:
+    """A launch's Triton signature and constexpr values, from its kernel's parameters (name,
+    default, declared constexpr) and the launch's arguments; a None argument is a constexpr,
+    as Triton makes it."""
+    bound = dict(zip(arg_names, args, strict=False)) | kwargs
+    signature, constexprs = {}, {}
+    for name, default, constexpr in params:
+        value = bound.get(name, default)
+        if constexpr or value is None:
+            signature[name], constexprs[name] = "constexpr", value
+        else:
+            signature[name] = argument_type(value)
+    return signature, constexprs
+
+
 def launch_key(kernel: str, module: str, signature: dict, constexprs: dict) -> tuple:
     """One launch's identity: the kernel, its argument types and constexpr values (the
     examples' and a training step's launches are merged by it)."""
@@ -75,15 +92,8 @@ def recorded_launches(ops: list[str]) -> dict[tuple, tuple]:
     current: list[str] = []
 
     def record(self, *args, grid, warmup, **kwargs):  # JITFunction.run's signature
-        bound = dict(zip(self.arg_names, args, strict=False)) | kwargs
-        signature, constexprs = {}, {}
-        for param in self.params:
-            value = bound.get(param.name, param.default)
-            if param.is_constexpr or value is None:  # None: Triton makes it a constexpr
-                signature[param.name] = "constexpr"
-                constexprs[param.name] = value
-            else:
-                signature[param.name] = argument_type(value)
+        params = [(p.name, p.default, p.is_constexpr) for p in self.params]
+        signature, constexprs = launch_signature(params, self.arg_names, args, kwargs)
         key = launch_key(self.fn.__qualname__, self.fn.__module__, signature, constexprs)
         launches.setdefault(key, (self, signature, constexprs, set()))[3].add(current[0])
 

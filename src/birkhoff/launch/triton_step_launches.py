@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from birkhoff.launch.triton_build import argument_type
+from birkhoff.launch.triton_build import launch_signature
 
 
 def encode(value: Any) -> Any:
@@ -49,16 +49,14 @@ def _is_constexpr(annotation: Any) -> bool:
 
 def recorded(model: str, sequences: int, tokens: int) -> list[dict]:
     """Every distinct launch of one bf16 step of `model` on the triton backend."""
-    from hydra import compose, initialize_config_module
     from triton.runtime.interpreter import InterpretedFunction
 
     from birkhoff import kernels
-    from birkhoff.launch.recipe import load_recipe
+    from birkhoff.launch.recipe import compose_recipe, load_recipe
     from birkhoff.model import build_model
     from birkhoff.model.v4_attention import V4Attention
 
-    with initialize_config_module(config_module="birkhoff.recipes", version_base=None):
-        recipe, _ = load_recipe(compose(config_name="config", overrides=[f"model={model}"]), {})
+    recipe, _ = load_recipe(compose_recipe([f"model={model}"]), {})
     net = build_model(recipe.model, "triton", seed=0)
     for module in net.modules():
         if isinstance(module, V4Attention):  # see the docstring
@@ -67,16 +65,12 @@ def recorded(model: str, sequences: int, tokens: int) -> list[dict]:
     original = InterpretedFunction.run
 
     def record(self, *args, grid, warmup, **kwargs):  # JITFunction.run's signature
-        bound = dict(zip(self.arg_names, args, strict=False)) | kwargs
-        signature, constexprs = {}, {}
-        for name, param in inspect.signature(self.fn).parameters.items():
-            value = bound.get(name, param.default)
-            if _is_constexpr(param.annotation) or value is None:  # None: Triton's constexpr
-                signature[name], constexprs[name] = "constexpr", encode(value)
-            else:
-                signature[name] = argument_type(value)
+        declared = inspect.signature(self.fn).parameters.items()
+        params = [(name, p.default, _is_constexpr(p.annotation)) for name, p in declared]
+        signature, constexprs = launch_signature(params, self.arg_names, args, kwargs)
         launch = {"module": self.fn.__module__, "kernel": self.fn.__qualname__}
-        launch |= {"signature": signature, "constexprs": constexprs}
+        launch["signature"] = signature
+        launch["constexprs"] = {name: encode(value) for name, value in constexprs.items()}
         launches.setdefault(json.dumps(launch, sort_keys=True), launch)
         return original(self, *args, grid=grid, warmup=warmup, **kwargs)
 

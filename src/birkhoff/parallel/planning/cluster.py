@@ -95,10 +95,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 # the kernel backend `backend.kernels=auto` runs on each preset's devices
 PRESET_KERNELS = {"h100": "triton", "h200": "triton", "h800": "triton", "b200": "triton"}
 PRESET_KERNELS |= {"ascend_910b": "npu", "ascend_910c": "npu"}
-# presets whose devices take AdamW's fused step (CUDA's and Ascend's: train/optim.py,
-# adamw_step_kind); a custom cluster's may not, and torch's default there, foreach, holds the
-# temporary `foreach_optimizer` counts
-FUSED_ADAMW_PRESETS = set(PRESETS)
 
 
 def cluster_from(values: dict[str, Any]) -> Cluster:
@@ -107,7 +103,9 @@ def cluster_from(values: dict[str, Any]) -> Cluster:
     preset = values.pop("preset", None)
     if preset is not None and preset not in PRESETS:
         raise RecipeError("cluster.preset", preset, f"must be one of {', '.join(PRESETS)}")
-    foreach = preset not in FUSED_ADAMW_PRESETS  # a custom cluster: the larger estimate
+    # every preset's devices take AdamW's fused step (CUDA's and Ascend's: train/optim.py,
+    # adamw_step_kind); a custom cluster's may not: foreach, the larger estimate
+    foreach = preset is None
     base = {"name": preset or "custom", "node_size": 8, "foreach_optimizer": foreach}
     base["matmul_efficiency"] = Cluster.matmul_efficiency
     base["memory_efficiency"] = Cluster.memory_efficiency
