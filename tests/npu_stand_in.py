@@ -104,6 +104,54 @@ class StandIn(types.ModuleType):
         stats = [t.detach().expand(*t.shape[:-1], 8).contiguous() for t in (largest, sums)]
         return out, *stats, torch.empty(0), 0, 0, 0
 
+    def npu_sparse_flash_attention(self, query, key, value, sparse_indices, scale_value, *,
+                                   sparse_block_size=1, layout_query="BSND", layout_kv="BSND",
+                                   sparse_mode=3, return_softmax_lse=False):  # fmt: skip
+        """The docs' sparse attention in BSND with single-row picks: query (B, S1, N1, D)
+        against the rows of key/value (B, S2, N2, D) its KV head's `sparse_indices` (B, S1,
+        N2, K) list (int32; valid first, -1 after), softmax over scale q k^T; with
+        return_softmax_lse the row's max and sum (B, N2, S1, N1 / N2) float32 (the schema's
+        shapes, _meta_registrations.py)."""
+        self.calls.append("npu_sparse_flash_attention")
+        _, scores, v = _sparse_scores(query, key, value, sparse_indices, scale_value,
+                                      sparse_block_size, layout_query, layout_kv)  # fmt: skip
+        assert sparse_mode == 0  # 0: everything listed; 3 adds a causal mask
+        largest = scores.amax(-1, keepdim=True)
+        exps = (scores - largest).exp()
+        sums = exps.sum(-1, keepdim=True)
+        out = torch.einsum("bshk,bshkd->bshd", exps / sums, v).to(query.dtype)
+        if not return_softmax_lse:
+            return out, torch.empty(0), torch.empty(0)
+        stats = [_per_kv_head(t[..., 0], key.shape[2]) for t in (largest, sums)]
+        return out, *stats
+
+    def npu_sparse_flash_attention_grad(self, query, key, value, sparse_indices, d_out, out,
+                                        softmax_max, softmax_sum, scale_value,
+                                        sparse_block_size, *, layout="BSND",
+                                        sparse_mode=3):  # fmt: skip
+        """FlashAttention's backward from what it is handed (its registered schema; no docs):
+        p = e^(scale q k^T - max) / sum at the listed rows, dv = p^T dout, ds = p (dout v^T -
+        rowsum(dout * out)), dq = scale ds k, dk = scale ds^T q, each summed into the rows
+        that listed it; (dq, dk, dv, d_query_rope, d_key_rope)."""
+        self.calls.append("npu_sparse_flash_attention_grad")
+        picked, scores, v = _sparse_scores(query, key, value, sparse_indices, scale_value,
+                                           sparse_block_size, layout, layout)  # fmt: skip
+        assert sparse_mode == 0 and d_out.shape == out.shape == query.shape
+        heads, kv_heads = query.shape[2], key.shape[2]
+        largest, sums = (_per_query_head(t, heads) for t in (softmax_max, softmax_sum))
+        p = (scores - largest[..., None]).exp() / sums[..., None]  # (B, S1, N1, K)
+        dout = d_out.float()
+        dots = (dout * out.float()).sum(-1, keepdim=True)
+        ds = p * (torch.einsum("bshd,bshkd->bshk", dout, v) - dots)
+        k = _listed_rows(key.float(), picked, heads)
+        grads = []
+        for per_key in (scale_value * torch.einsum("bshk,bshd->bshkd", ds, query.float()),
+                        torch.einsum("bshk,bshd->bshkd", p, dout)):  # fmt: skip
+            grads.append(_summed_into_rows(per_key, picked, key.shape, kv_heads))
+        dq = scale_value * torch.einsum("bshk,bshkd->bshd", ds, k)
+        empty = torch.empty(0)
+        return dq.to(query.dtype), grads[0].to(key.dtype), grads[1].to(key.dtype), empty, empty
+
     def npu_grouped_matmul(self, x, weight, *, group_list, split_item, group_type,
                            group_list_type):  # fmt: skip
         self.calls.append("npu_grouped_matmul")
@@ -369,3 +417,55 @@ def _sinkhorn_steps(x: torch.Tensor, eps: float, iters: int):
     for step, dim in zip(iterates[:-1], (-2, *(-1, -2) * (iters - 1)), strict=True):
         sums.append(step.sum(dim) + eps)
     return iterates, sums
+
+
+def _sparse_scores(query, key, value, indices, scale, block, layout_q, layout_kv):
+    """The sparse operators' shared checks (their docs and schema) and scale q k^T at the
+    listed rows, -inf where a list holds -1; the listed values; (B, S1, N1, K) indices."""
+    assert layout_q == layout_kv == "BSND" and block == 1
+    assert query.dtype == key.dtype == value.dtype in (torch.bfloat16, torch.float16)
+    assert all(t.is_contiguous() for t in (query, key, value, indices))
+    assert indices.dtype == torch.int32 and indices.shape[:3] == (*query.shape[:2], key.shape[2])
+    valid = indices >= 0
+    assert not (valid[..., 1:] & ~valid[..., :-1]).any(), "valid indices first, -1 after"
+    assert int(indices.max()) < key.shape[1]
+    heads = query.shape[2]
+    picked = indices.long().clamp(min=0).repeat_interleave(heads // key.shape[2], dim=2)
+    k, v = (_listed_rows(t.float(), picked, heads) for t in (key, value))
+    scores = scale * torch.einsum("bshd,bshkd->bshk", query.float(), k)
+    hidden = ~valid.repeat_interleave(heads // key.shape[2], dim=2)
+    return picked, scores.masked_fill(hidden, float("-inf")), v
+
+
+def _listed_rows(rows: torch.Tensor, picked: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, S2, N2, D) rows at (B, S1, N1, K) indices -> (B, S1, N1, K, D), each query head
+    reading its KV head's rows."""
+    batch, _, kv_heads, dim = rows.shape
+    head = torch.arange(heads, device=rows.device) // (heads // kv_heads)
+    flat = rows.transpose(1, 2).reshape(batch, -1, dim)  # (B, N2 S2, D)
+    at = picked + (head * rows.shape[1])[None, None, :, None]
+    return flat.gather(1, at.flatten(1)[..., None].expand(-1, -1, dim)).view(*at.shape, dim)
+
+
+def _summed_into_rows(per_key, picked, shape, kv_heads) -> torch.Tensor:
+    """(B, S1, N1, K, D) contributions summed into the (B, S2, N2, D) rows that were listed
+    (a -1 entry's contribution is 0: its probability is)."""
+    batch, rows, _, dim = shape
+    heads = picked.shape[2]
+    head = torch.arange(heads, device=picked.device) // (heads // kv_heads)
+    at = picked + (head * rows)[None, None, :, None]
+    total = per_key.new_zeros(batch, kv_heads * rows, dim)
+    for b in range(batch):
+        total[b].index_add_(0, at[b].flatten(), per_key[b].flatten(0, 2))
+    return total.view(batch, kv_heads, rows, dim).transpose(1, 2)
+
+
+def _per_kv_head(stat: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """(B, S1, N1) -> (B, N2, S1, N1 / N2): the operators' layout of softmax_max and sum."""
+    batch, seq, heads = stat.shape
+    return stat.view(batch, seq, kv_heads, heads // kv_heads).transpose(1, 2).contiguous()
+
+
+def _per_query_head(stat: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, N2, S1, G) -> (B, S1, N1)."""
+    return stat.transpose(1, 2).reshape(stat.shape[0], stat.shape[2], heads)

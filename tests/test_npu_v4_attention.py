@@ -13,13 +13,21 @@ import sys
 import pytest
 import torch
 from npu_stand_in import StandIn
-from test_cpu_v4_attention import CASES, assert_equals_the_loop, case, relative, run
+from test_cpu_v4_attention import (
+    CASES,
+    assert_equals_the_loop,
+    case,
+    leaves,
+    per_query,
+    relative,
+    run,
+)
 from test_v4_attention import HIDDEN, assert_equals_transformers, force_csa_form, pair
 
 from birkhoff import kernels
-from birkhoff.kernels import npu_v4_attention
+from birkhoff.kernels import cpu_v4_attention, npu_v4_attention
 from birkhoff.kernels import v4_attention as reference
-from conftest import assert_backend_trains_as_reference
+from conftest import assert_backend_trains_as_reference, assert_bf16_trains_as_reference
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -58,9 +66,68 @@ def test_npu_layer_equals_transformers_forward_and_backward(stand_in, layer_type
     assert "npu_fusion_attention_v2" in stand_in.calls
 
 
-def test_gathered_picks_run_the_reference(stand_in):
-    """CSA picks the reference gathers (few picks, many entries, narrow heads): the
-    reference runs, no operator call; the table's note says so."""
+GATHERED = {  # CSA cases whose picks the reference gathers
+    "two documents": ("csa", 6, 64, 16, [30, 29]),
+    "one channel tail": CASES["one channel tail"],
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", GATHERED)
+def test_gathered_picks_in_half_precision_equal_a_per_query_loop(stand_in, monkeypatch, name,
+                                                                 dtype):  # fmt: skip
+    """CSA's gathered picks through npu_sparse_flash_attention and its backward operator
+    (the stand-in's FlashAttention backward from the output and sums it is handed): output,
+    normaliser and the gradients of queries, keys, sinks and entries against the per-query
+    float64 loop, within twice the reference's own error in that dtype or two units of its
+    rounding."""
+    monkeypatch.setattr(reference, "picks_as_mask", lambda *_: False)
+    args = case(*GATHERED[name])
+    q, kv, positions, sinks, window, entries = args
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    values, index = cpu_v4_attention.entry_lists(q, positions, entries)
+    exact_inputs, exact_leaves = leaves([q, kv, sinks, values], torch.float64)
+    exact_q, exact_kv, exact_sinks, exact_values = exact_inputs
+    out, lse = per_query(exact_q, exact_kv, positions, exact_sinks, window, exact_values, index)
+    exact = [out, lse, *torch.autograd.grad(out, exact_leaves, grad)]
+    got, own = (run(op, args, dtype, grad) for op in (npu_v4_attention.v4_attention,
+                                                       reference.v4_attention))  # fmt: skip
+    assert stand_in.calls == ["npu_sparse_flash_attention", "npu_sparse_flash_attention_grad"]
+    assert got[0].dtype == dtype and got[1].dtype == torch.float32
+    assert not got[1].requires_grad  # the normaliser: detached
+    rounding = torch.finfo(dtype).eps  # two units of rounding (eps / 2 each)
+    for i, (value, mine, expected) in enumerate(
+        zip((got[0], got[1], *got[2]), (own[0], own[1], *own[2]), exact, strict=True)
+    ):
+        bound = max(2 * relative(mine, expected), rounding)
+        assert relative(value, expected) <= bound, (i, relative(value, expected), bound)
+
+
+def test_the_sparse_lists_hold_the_window_then_the_picks(stand_in):
+    """Each query's list: the tokens up to itself in its window and document (newest
+    first), then its visible picks past the T token rows, then -1 (written out for one
+    query of each kind)."""
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2]])
+    picks = torch.tensor([[[1, 0]] * 7])
+    picked = torch.tensor([[[False, False]] * 3 + [[True, False], [False, False], [True, True],
+                                                   [False, True]]])  # fmt: skip
+    listed = npu_v4_attention.sparse_key_indices(positions, 3, picks, picked)
+    assert listed.dtype == torch.int32 and listed.shape == (1, 7, 1, 5)
+    expected = {
+        0: [0, -1, -1, -1, -1],  # a document's first token: itself
+        3: [3, 2, 1, 8, -1],  # window of 3, then pick 1 (row 7 + 1)
+        4: [4, -1, -1, -1, -1],  # a new document: nothing behind it
+        5: [5, 4, 8, 7, -1],
+        6: [6, 5, 4, 7, -1],  # its second pick only
+    }
+    for t, row in expected.items():
+        assert listed[0, t, 0].tolist() == row, t
+
+
+def test_float32_gathered_picks_run_the_reference(stand_in):
+    """CSA picks the reference gathers (few picks, many entries, narrow heads) in float32,
+    which the sparse operator does not take: the reference runs, no operator call; the
+    table's note says so."""
     q, kv, positions, sinks, window, entries = case("csa", 8, 4, 16, [50])
     assert not reference.picks_as_mask(8, entries.values.shape[1], 5, 4)
     got = kernels.get("v4_attention", "npu")(q, kv, positions, sinks, window, entries)
@@ -69,7 +136,7 @@ def test_gathered_picks_run_the_reference(stand_in):
     for g, e in zip(got, expected, strict=True):
         assert torch.equal(g, e)
     line = kernels.describe("npu", torch.bfloat16)
-    assert "v4_attention (CSA's picks as a mask only (picks_as_mask; the gathered" in line
+    assert "v4_attention (CSA's gathered picks in bfloat16 or float16 only" in line
 
 
 def test_a_v4_model_on_the_npu_backend_trains_as_the_reference_one(stand_in):
@@ -126,3 +193,43 @@ def test_what_the_operator_keeps_per_token(monkeypatch, kind):
     per_token = 2 * heads * dim * 4 + keys * dim * 4 / window + keys + 17 * heads * 4
     tokens = q.shape[0] * q.shape[1]
     assert saved_bytes(attention, *inputs) == per_token * tokens
+
+
+def test_what_the_sparse_operator_keeps_per_token(stand_in, monkeypatch):
+    """CSA's gathered picks in bfloat16, per token: the query and the output (2 H D), the key
+    rows (the token's and its share of the entries', (T + E) D / T), its list of W + k rows
+    (int32) and 3 float32 per head (max, sum with the sink, normaliser): written out, against
+    the bytes autograd keeps."""
+    from conftest import saved_bytes
+
+    monkeypatch.setattr(reference, "picks_as_mask", lambda *_: False)
+    heads, dim, window = 4, 32, 8
+    q, kv, positions, sinks, window, entries = case("csa", heads, dim, window, [64])
+    q, kv = (t.to(torch.bfloat16).requires_grad_() for t in (q, kv))
+    values = entries.values.to(torch.bfloat16).requires_grad_()
+    entries = reference.EntryKV(values, entries.layout, entries.picks, entries.picked)
+    attention = torch.nn.Module()
+    attention.sinks = torch.nn.Parameter(sinks)
+    attention.forward = lambda q, kv: kernels.get("v4_attention", "npu")(
+        q, kv, positions, attention.sinks, window, entries
+    )[0]
+    seq, count, picks = q.shape[1], values.shape[1], entries.picks.shape[-1]
+    per_token = 2 * heads * dim * 2 + (seq + count) * dim * 2 / seq + (window + picks) * 4
+    per_token += 3 * heads * 4
+    assert saved_bytes(attention, q, kv) == per_token * q.shape[0] * seq
+    assert stand_in.calls == ["npu_sparse_flash_attention"]
+
+
+def test_a_bf16_v4_model_takes_csa_picks_through_the_sparse_operator(stand_in, monkeypatch):
+    """Under train.mixed_precision=bf16's autocast, CSA's picks gathered (forced: at this
+    length the rule would mask): the CSA layer's attention runs npu_sparse_flash_attention
+    forward and backward, and loss and gradients are the reference backend's within bf16
+    rounding."""
+    from test_hf_parity import v4_config
+
+    force_csa_form(monkeypatch, "gather")
+    cfg = v4_config()
+    tokens = torch.randint(0, cfg.vocab_size, (2, 33), generator=torch.Generator().manual_seed(5))
+    assert_bf16_trains_as_reference("npu", cfg, tokens)
+    sparse = {"npu_sparse_flash_attention", "npu_sparse_flash_attention_grad"}
+    assert sparse <= set(stand_in.calls)

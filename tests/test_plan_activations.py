@@ -152,3 +152,36 @@ def test_the_npu_attention_terms_are_what_its_layer_keeps_less(monkeypatch, laye
     measured = (kept(True) - kept(False)) / (2 * seq)
     assert measured == pytest.approx(planned("npu") - planned("reference"), abs=1e-6)
     assert measured != 0
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_the_npu_gathered_csa_terms_are_what_its_layer_keeps_less(monkeypatch, stand_in, tp):
+    """A bfloat16 CSA layer gathering its picks, its attention in npu_sparse_flash_attention
+    (through the stand-in), keeps against the same layer on the reference kernels the plan's
+    difference: the reference op's gathered tensors (reference_core_terms at k picks) out,
+    the sparse operator's (npu_sparse_core_terms) in; at tp=2 per rank."""
+    from birkhoff.kernels import npu_v4_attention
+
+    for module in (v4_attention, compression, activations):
+        monkeypatch.setattr(module, "picks_as_mask", lambda *_: False)
+    seq, hidden, dtype = 64, 64, torch.bfloat16
+    cfg = ModelConfig(hidden_size=hidden, num_heads=4, num_layers=1, attention=CSA_LAYER)
+    x = torch.randn(2, seq, hidden, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    rank = dataclasses.replace(cfg.attention, index_heads=2 // tp, o_groups=2 // tp)
+
+    def kept(npu: bool) -> int:
+        torch.manual_seed(0)
+        layer = V4Attention(hidden, 4 // tp, rank, "csa", 1e-6, 10000.0).to(dtype)
+        if npu:
+            layer._attend = npu_v4_attention.v4_attention
+        return saved_bytes(layer, x, SequenceContext(), [])
+
+    def planned(attention: str) -> float:
+        terms = block_terms(cfg, 0, seq, dtype.itemsize, attention, tp=tp)
+        return bytes_per_token(terms, tp, False, "all")
+
+    # the reference's gather also keeps its batch rows' index (B int64), no per-token term
+    measured = (kept(True) - kept(False) + 2 * 8) / (2 * seq)
+    assert "npu_sparse_flash_attention" in stand_in.calls
+    assert measured == pytest.approx(planned("npu") - planned("reference"), abs=1e-6)
+    assert measured != 0

@@ -17,11 +17,20 @@ the two). The sink's gradient is computed here, -sum over rows of p_sink (dout .
 p_sink = exp(sink - lse): the operator is handed the sink detached, so its autograd, whatever
 it gives the sink, adds nothing.
 
-Limits (the reference runs otherwise; the table says so): CSA's picks where the reference
-itself attends them as a mask over every entry (`picks_as_mask`: up to about 10K tokens at
-V4-Flash's shape); longer sequences' gathered picks run the reference, whose gather holds k
-entries a query where the mask would hold every entry for every block of queries, and whose
-work is k keys a query, not E. Every query sees itself (positions >= 0, as the model's are).
+CSA's picks where the reference gathers them (`picks_as_mask` false: past about 10K tokens at
+V4-Flash's shape) go to `npu_sparse_flash_attention` instead (DeepSeek-V3.2's sparse
+attention on Ascend): the tokens' key-value entries and the compressed entries are one key
+sequence (T + E rows, one KV head), and each query lists its keys, the `window` tokens up to
+itself in its document and its picks, valid ones first and -1 after (the docs' rule), so
+the work is W + k keys a query, not 2W + E. The sink is not handed to the operator (its
+`sinks` input is in the registered schema but not the docs, and whether its softmax_sum
+counts the sink is written nowhere): the operator's softmax over the listed keys is rescaled
+here by sum / (sum + e^(sink - max)), and the backward operator gets that full sum with the
+rescaled output, so the probabilities it recomputes are the ones with the sink.
+
+Limits (the reference runs otherwise; the table says so): the sparse operator takes bfloat16
+and float16 only (its docs), so float32 gathered picks run the reference. Every query sees
+itself (positions >= 0, as the model's are).
 """
 
 from __future__ import annotations
@@ -34,7 +43,8 @@ from birkhoff.kernels.npu_ops import NPU, _torch_npu
 from birkhoff.kernels.registry import register
 
 DOT_FLOATS = 1 << 24  # float32 values of a block of rows in the sinks' gradient (64 MiB)
-LIMITS = "CSA's picks as a mask only (picks_as_mask; the gathered form runs the reference)"
+SPARSE_DTYPES = (torch.bfloat16, torch.float16)  # npu_sparse_flash_attention's (its docs)
+LIMITS = "CSA's gathered picks in bfloat16 or float16 only (float32 runs the reference)"
 
 
 @register("v4_attention", NPU, limits=LIMITS)
@@ -49,9 +59,16 @@ def v4_attention(
     """The reference's op (same arguments and outputs: (B, T, H, D) in kv's dtype, and the
     normaliser (B, T, H) float32, detached) as one npu_fusion_attention_v2 call."""
     batch, seq, heads, dim = q.shape
-    gathered = entries is not None and not entries.as_mask(heads, dim)
-    if gathered or batch * seq == 0:  # the operator: B, S >= 1
+    if batch * seq == 0:  # the operators: B, S >= 1
         return reference.v4_attention(q, kv, positions, sinks, window, entries)
+    if entries is not None and not entries.as_mask(heads, dim):
+        if kv.dtype not in SPARSE_DTYPES:
+            return reference.v4_attention(q, kv, positions, sinks, window, entries)
+        keys = torch.cat((kv, entries.values.to(kv.dtype)), dim=1)[:, :, None].contiguous()
+        listed = sparse_key_indices(positions, window, entries.picks, entries.picked)
+        query = q.to(kv.dtype).contiguous()
+        out, lse = _SparseAttention.apply(query, keys, listed, sinks, dim**-0.5)
+        return out, lse
     blocks_q = reference.query_blocks(q.to(kv.dtype), window)  # (B, nb, W, H, D)
     blocks = blocks_q.shape[1]
     keys = reference.window_keys(kv, window)  # (B, nb, 2W, D)
@@ -111,3 +128,76 @@ def _row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         rows = slice(first, first + step)
         dots[rows] = (flat_a[rows].float() * flat_b[rows].float()).sum(-1)
     return dots.view(a.shape[:-1])
+
+
+def sparse_key_indices(
+    positions: torch.Tensor, window: int, picks: torch.Tensor, picked: torch.Tensor
+) -> torch.Tensor:
+    """(B, T, 1, W + k) int32: the rows of [tokens; entries] each query attends to, its
+    window (t, t - 1, ... while in its document and less than `window` behind) and its
+    visible picks (T + entry), valid ones first in that order and -1 after."""
+    batch, seq = positions.shape
+    behind = torch.arange(window, device=positions.device)
+    tokens = torch.arange(seq, device=positions.device)[:, None] - behind  # (T, W)
+    in_window = behind <= positions[:, :, None]  # (B, T, W): t - j in t's document
+    listed = torch.cat((tokens.expand(batch, -1, -1), seq + picks), dim=-1)
+    valid = torch.cat((in_window, picked), dim=-1)
+    order = torch.sort((~valid).to(torch.uint8), dim=-1, stable=True).indices
+    listed = listed.gather(-1, order).masked_fill_(~valid.gather(-1, order), -1)
+    return listed.to(torch.int32)[:, :, None]
+
+
+class _SparseAttention(torch.autograd.Function):
+    """npu_sparse_flash_attention over listed keys with V4's sink: forward the operator
+    without the sink, its output rescaled by sum / (sum + e^(sink - max)); backward the
+    backward operator given that output and the full sum (it recomputes the probabilities
+    as e^(s - max) / sum and takes dout . out per row), the key gradient its key's and
+    value's (they are one tensor), the sinks' -sum over rows of p_sink (dout . out).
+    Returns the output (B, T, H, D) and the normaliser (B, T, H) float32 (not differentiable)."""
+
+    @staticmethod
+    def forward(ctx, query, keys, listed, sinks, scale):
+        part, largest, sums = _torch_npu().npu_sparse_flash_attention(
+            query,  # (B, T, H, D)
+            keys,  # (B, T + E, 1, D): key and value
+            keys,
+            listed,
+            scale,
+            sparse_block_size=1,  # picks of single rows
+            layout_query="BSND",
+            layout_kv="BSND",
+            sparse_mode=0,  # no causal mask of its own: the lists say what each query sees
+            return_softmax_lse=True,
+        )
+        largest, sums = largest[:, 0], sums[:, 0]  # (B, T, H): one KV head
+        with_sink = sums + torch.exp(sinks.detach().float() - largest)
+        out = (part.float() * (sums / with_sink)[..., None]).to(query.dtype)
+        lse = largest + with_sink.log()
+        ctx.scale = scale
+        ctx.save_for_backward(query, keys, listed, out, largest, with_sink, sinks, lse)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_lse):
+        query, keys, listed, out, largest, with_sink, sinks, lse = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_query, grad_key, grad_value, *_ = _torch_npu().npu_sparse_flash_attention_grad(
+            query,
+            keys,
+            keys,
+            listed,
+            grad_out,
+            out,
+            largest[:, None].contiguous(),
+            with_sink[:, None].contiguous(),
+            ctx.scale,
+            1,
+            layout="BSND",
+            sparse_mode=0,
+        )
+        grad_sinks = None
+        if ctx.needs_input_grad[3]:
+            p_sink = torch.exp(sinks.float() - lse)  # (B, T, H)
+            grad_sinks = -(p_sink * _row_dots(grad_out, out)).sum((0, 1)).to(sinks.dtype)
+        return grad_query, grad_key + grad_value, None, grad_sinks, None

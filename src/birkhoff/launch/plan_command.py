@@ -271,8 +271,9 @@ def assumptions(cluster: Cluster, work: Workload) -> str:
             "(--fused-attention: a fused kernel's)",
             "fused": "V4 attention's activations as a fused kernel keeps them (a "
             "log-sum-exp per head)",
-            "npu": "V4 attention's activations as the npu backend's operator keeps them "
-            "(its query blocks, keys and mask; CSA's gathered picks: the reference's)",
+            "npu": "V4 attention's activations as the npu backend's operators keep them "
+            "(FlashAttention's query blocks, keys and mask; CSA's gathered picks in bf16: "
+            "the sparse operator's queries, key rows and lists)",
         }[work.attention]
     )
 

@@ -18,7 +18,7 @@ from birkhoff.model.config import ModelConfig
 if TYPE_CHECKING:  # inventory.py builds the model; this module only reads its config
     from birkhoff.parallel.planning.inventory import Inventory
 
-FP32, INDEX, MASK = 4, 8, 1
+FP32, INDEX, MASK, INT32 = 4, 8, 1, 4
 
 
 @dataclass(frozen=True)
@@ -171,22 +171,34 @@ def _attention_terms(
     if attention == "npu" and (kind != "csa" or masked):  # the operator runs this layer
         ratio = a.csa_ratio if kind == "csa" else a.hca_ratio
         entries_seen = 0.0 if kind == "sliding" else count
-        terms += [Term(-t.elements, t.bytes_each, t.split, t.matmul) for t in
-                  reference_core_terms(heads, d, window, entries_seen, ratio, act)]  # fmt: skip
+        terms += _negated(reference_core_terms(heads, d, window, entries_seen, ratio, act))
         terms += npu_core_terms(heads, d, window, entries_seen, act)
+    elif attention == "npu" and act < FP32:  # CSA's gathered picks: the sparse operator
+        topk = a.index_topk
+        gathered = reference_core_terms(heads, d, window, topk, a.csa_ratio, act, topk * d)
+        terms += _negated(gathered)
+        terms += npu_sparse_core_terms(heads, d, window, topk, a.csa_ratio, act)
     return terms
 
 
 def reference_core_terms(
-    heads: int, dim: int, window: int, entries: float, ratio: int, act: int
+    heads: int,
+    dim: int,
+    window: int,
+    entries: float,
+    ratio: int,
+    act: int,
+    entry_values: float | None = None,
 ) -> list[Term]:
     """What the reference `v4_attention` op itself keeps per token (kernels/v4_attention.py;
     `entries` per query seen as every entry, HCA's or CSA's picks as a mask, 0 in a sliding
-    layer): its float32 query blocks and window keys (and in a narrower dtype the keys as
-    they are), the probabilities over every key and the sink, the window's in its dtype, the
-    window mask; against entries the float32 queries, the entries in float32 (and as they
-    are), their mask and probabilities in its dtype."""
+    layer, or CSA's picks gathered): its float32 query blocks and window keys (and in a
+    narrower dtype the keys as they are), the probabilities over every key and the sink, the
+    window's in its dtype, the window mask; against entries the float32 queries, the entries
+    in float32 (and as they are: `entry_values` per token, every entry's dim / ratio or the
+    gathered picks' k dim), their mask and probabilities in its dtype."""
     hd = heads * dim
+    entry_values = dim / ratio if entry_values is None else entry_values
     terms = [
         Term(hd, FP32, "heads", False),
         Term(2 * dim, FP32, "whole", False),
@@ -197,13 +209,13 @@ def reference_core_terms(
     if entries:
         terms += [
             Term(hd, FP32, "heads", False),
-            Term(dim / ratio, FP32, "whole", False),
+            Term(entry_values, FP32, "whole", False),
             Term(entries, MASK, "whole", False),
         ]
     if act != FP32:  # the keys and entries as they are, the entries' probabilities in act
         terms.append(Term(2 * dim, act, "whole", False))
         if entries:
-            terms.append(Term(dim / ratio, act, "whole", False))
+            terms.append(Term(entry_values, act, "whole", False))
             terms.append(Term(heads * entries, act, "heads", False))
     return terms
 
@@ -220,6 +232,26 @@ def npu_core_terms(heads: int, dim: int, window: int, entries: float, act: int) 
         Term(keys, MASK, "whole", False),
         Term(17 * heads, FP32, "heads", False),
     ]
+
+
+def npu_sparse_core_terms(
+    heads: int, dim: int, window: int, picks: int, ratio: int, act: int
+) -> list[Term]:
+    """What the npu backend's gathered CSA keeps per token (kernels/npu_v4_attention.py
+    `_SparseAttention`): the queries and the output, the key rows (the tokens' and the
+    entries', dim + dim / ratio), each query's list of W + k rows (int32) and per head the
+    max, the sum with the sink and the normaliser (float32)."""
+    return [
+        Term(2 * heads * dim, act, "heads", False),
+        Term(dim + dim / ratio, act, "whole", False),
+        Term(window + picks, INT32, "whole", False),
+        Term(3 * heads, FP32, "heads", False),
+    ]
+
+
+def _negated(terms: list[Term]) -> list[Term]:
+    """The terms taken out: what another implementation keeps instead."""
+    return [Term(-t.elements, t.bytes_each, t.split, t.matmul) for t in terms]
 
 
 def _compressor_terms(width: int, ratio: int, dim: int) -> list[Term]:
