@@ -305,6 +305,11 @@ def test_doctor_checks_every_npu_op_against_the_reference(stand_in):
             bound = 1.01 * result["reference_own_precision_error"]
         assert result["backward_error"] < bound, op
     assert report["ops"]["moe_permute"]["note"].startswith("runs for torch.bfloat16 inputs only")
+    # V4 attention's further bfloat16 call gathers CSA's picks: the sparse operator's path
+    assert {"npu_sparse_flash_attention", "npu_sparse_flash_attention_grad"} <= set(stand_in.calls)
+    attention = report["ops"]["v4_attention"]
+    assert 0 < attention["half_precision_error"] < doctor_kernels.LIMITED_TOLERANCE
+    assert "1 further call(s) in bfloat16 or float16, held to 0.01" in attention["note"]
 
 
 def test_a_model_on_the_npu_backend_trains_as_the_reference_one(stand_in):

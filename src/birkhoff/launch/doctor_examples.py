@@ -227,12 +227,27 @@ def _with_csa_picks(args: list) -> list:
     return [*args, EntryKV(values, layout, top.indices, torch.isfinite(top.values))]
 
 
+def _with_gathered_csa_picks(args: list) -> list:
+    """v4_attention with a CSA layer's picks in bfloat16, 16 of them: few enough of the
+    entries (blocks of 4 tokens) that they are gathered (picks_as_mask) from 512 tokens on,
+    which on npu is the sparse operator's form (bfloat16 or float16 only)."""
+    q, kv, positions, sinks, window, entries = _with_csa_picks(args)
+    scores = torch.rand(*positions.shape, entries.values.shape[1], device=kv.device)
+    scores = scores.masked_fill(~entries.layout.visible(positions), -torch.inf)
+    top = scores.topk(min(16, entries.values.shape[1]), dim=-1)
+    values = entries.values.to(torch.bfloat16)
+    picks = EntryKV(values, entries.layout, top.indices, torch.isfinite(top.values))
+    half = [t.to(torch.bfloat16) for t in (q, kv, sinks)]
+    return [half[0], half[1], positions, half[2], window, picks]
+
+
 # Further calls checked (and built by launch/triton_build) after the example's own, each
-# from the example's arguments (on the device, in the dtype they were given).
+# from the example's arguments (on the device, in the dtype they were given, but for a call
+# that casts them: held to the doctor's tolerance for its dtype).
 MORE_CALLS: dict[str, list[Callable[[list], list]]] = {
     "rope_trailing": [_with_query_norm],
     "moe_route": [_with_sigmoid_scores, _with_chosen_experts, _with_groups],
-    "v4_attention": [_with_hca_entries, _with_csa_picks],
+    "v4_attention": [_with_hca_entries, _with_csa_picks, _with_gathered_csa_picks],
 }
 
 

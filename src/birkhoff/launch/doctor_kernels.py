@@ -71,7 +71,7 @@ def _check(op: str, backend: str, device: torch.device) -> dict:
     backward = not (interpreted and op in NO_CPU_BACKWARD) and op not in NO_BACKWARD
     exact_dtype = REFERENCE_DTYPE.get(op, torch.float64)
     constants = CONSTANT_ARGS.get(op, ())
-    errors, own = (0.0, 0.0), 0.0
+    errors, own, half_calls = (0.0, 0.0), 0.0, []
     for args in example_calls(op, inputs):
         exact, exact_leaves = _leaves(args, exact_dtype, backward, constants)
         expected = _outputs(reference(*exact))
@@ -79,6 +79,9 @@ def _check(op: str, backend: str, device: torch.device) -> dict:
         grads = [torch.randn_like(e) for e in targets]
         expected_grads = torch.autograd.grad(targets, exact_leaves, grads) if backward else ()
         call_errors = _errors(fused, args, expected, grads, expected_grads, constants)
+        if not rounded and _below_float32(args):  # a further call in bfloat16, say
+            half_calls.append(_worst(*call_errors))
+            continue
         errors = tuple(map(_worst, errors, call_errors))
         if not rounded and exact_dtype == torch.float64:
             # The reference in the op's own precision: an ill-conditioned op (a gradient
@@ -98,6 +101,12 @@ def _check(op: str, backend: str, device: torch.device) -> dict:
         result["speed_ratio"] = timed[0] / timed[1]
     worst = _worst(*errors)
     result["ok"] = worst <= tolerance
+    if half_calls:  # held to the rounding of their dtype, apart from the others
+        half = result["half_precision_error"] = _worst(*half_calls)
+        calls = f"{len(half_calls)} further call(s) in bfloat16 or float16"
+        notes.append(f"{calls}, held to {LIMITED_TOLERANCE:g}: {half:.1e}")
+        if result["ok"] and not half <= LIMITED_TOLERANCE:
+            result["ok"], worst, tolerance = False, half, LIMITED_TOLERANCE
     if limited:
         notes.append(f"runs for {' or '.join(map(str, limited))} inputs only; checked in it")
     if notes:
@@ -105,6 +114,14 @@ def _check(op: str, backend: str, device: torch.device) -> dict:
     if not result["ok"]:
         result["problem"] = f"relative error {worst:.1e} above {tolerance:g}"
     return result
+
+
+def _below_float32(args: list) -> bool:
+    """Whether a call's floating tensors (the entries' values too) are narrower than float32."""
+    tensors = [a.values if isinstance(a, EntryKV) else a for a in args]
+    return any(
+        isinstance(t, torch.Tensor) and t.is_floating_point() and t.itemsize < 4 for t in tensors
+    )
 
 
 def _errors(
