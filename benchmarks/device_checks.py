@@ -19,6 +19,8 @@ Each step records its exit code, seconds and output (parsed JSON where it prints
                       per 64K tokens, as a data-parallel rank of a large batch pays it):
                       tokens/s, MFU
   v4_attention        benchmarks/v4_attention_kernels.py at V4-Flash shapes (4096 tokens)
+  v4_attention_long_csa  the same for CSA at 16,384 tokens, where the picks are gathered:
+                      the triton backend's gathered kernel against its FlexAttention mask form
   linear_ce_*         benchmarks/linear_cross_entropy.py at V4's vocabulary, reference and
                       triton (liger-kernel's fused op)
   throughput_small_compiled  `small` with train.compile's per-block inductor compilation
@@ -186,6 +188,10 @@ def plan(args: argparse.Namespace, scratch: Path) -> list[tuple[str, list[str], 
     attention = [sys.executable, str(BENCHMARKS / "v4_attention_kernels.py")]
     attention += ["--smoke"] if args.smoke else ["--lengths", "4096"]
     steps.append(("v4_attention", attention, 150, None))
+    # CSA at 16K tokens, where the picks are gathered: the kernel against FlexAttention's mask
+    long_csa = [*attention[:2], "--kinds", "csa", "--csa-forms"]
+    long_csa += ["--smoke"] if args.smoke else ["--lengths", "16384", "--no-reference"]
+    steps.append(("v4_attention_long_csa", long_csa, 120, None))
     loss = [sys.executable, str(BENCHMARKS / "linear_cross_entropy.py")]
     shape = ["--tokens", "64", "--hidden", "32", "--vocab", "1000"] if args.smoke else []
     for backend in ("reference",) if args.smoke else ("reference", "triton"):

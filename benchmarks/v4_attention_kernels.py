@@ -12,10 +12,17 @@ takes blocks of queries within its memory budget), with the triton one's largest
 from the reference relative to its largest value. Prints one JSON object.
 
     python benchmarks/v4_attention_kernels.py --lengths 4096 16384
+    python benchmarks/v4_attention_kernels.py --lengths 16384 --kinds csa --csa-forms --no-reference
+
+`--csa-forms` also times, for CSA, the triton backend with the picks forced into
+FlexAttention's mask form (`triton_mask`): where the rule gathers them (16K tokens and more at
+V4-Flash's shape) that is the entries' FlexAttention call the gathered kernel replaced, and
+`forms_speedup` is its time over the kernel's. `--no-reference` leaves out the reference and
+its float32 oracle (lengths whose gather they cannot hold).
 
 `--smoke` runs tiny shapes on the CPU to check this script: torch runs FlexAttention unfused
 there and refuses its backward, so smoke mode lifts that guard (numbers are not a
-measurement); with TRITON_INTERPRET=1 it runs the entry_mass kernel interpreted too.
+measurement), and runs the Triton kernels (entry_mass, the gathered picks) interpreted.
 """
 
 from __future__ import annotations
@@ -24,11 +31,17 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
+from unittest import mock
+
+if "--smoke" in sys.argv:  # on a CPU the Triton kernels run interpreted (set before import)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch
 
 from birkhoff import kernels
+from birkhoff.kernels import v4_attention
 from birkhoff.kernels.v4_attention import EntryKV
 from birkhoff.model.compression import block_entries
 
@@ -169,6 +182,10 @@ def main() -> None:
     parser.add_argument("--topk", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
+    parser.add_argument("--csa-forms", action="store_true",
+                        help="CSA: also triton with the picks as FlexAttention's mask")  # fmt: skip
+    parser.add_argument("--no-reference", action="store_true",
+                        help="leave out the reference and its float32 oracle")  # fmt: skip
     args = parser.parse_args()
     if args.smoke:
         from torch.nn.attention import flex_attention
@@ -186,10 +203,20 @@ def main() -> None:
         for kind in args.kinds:
             case = inputs(kind, seq, args, device)
             row = {"kind": kind, "seq": seq}
-            for backend in ("reference", "triton"):
+            if case[-1] is not None and case[-1].picks is not None:
+                row["picks_gathered"] = not case[-1].as_mask(args.heads, args.dim)
+            backends = ("triton",) if args.no_reference else ("reference", "triton")
+            for backend in backends:
                 row[backend] = run(backend, case, device, args.repeats)
-            ref, flex = row["reference"], row["triton"]
-            oracle = run("reference", widened(case), device, 1)
+            if kind == "csa" and args.csa_forms:
+                with mock.patch.object(v4_attention, "picks_as_mask", lambda *_: True):
+                    masked = row["triton_mask"] = run("triton", case, device, args.repeats)
+                if "values" in masked and "values" in row["triton"]:
+                    row["forms_speedup"] = masked["seconds"] / row["triton"]["seconds"]
+                    row["forms_difference"] = relative(row["triton"]["values"], masked["values"])
+                masked.pop("values", None)
+            ref, flex = row.get("reference", {}), row["triton"]
+            oracle = {} if args.no_reference else run("reference", widened(case), device, 1)
             if "values" in ref and "values" in flex and "values" in oracle:
                 row["relative_error"] = relative(flex["values"], oracle["values"])
                 row["reference_error"] = relative(ref["values"], oracle["values"])
@@ -198,7 +225,7 @@ def main() -> None:
                     row["memory_ratio"] = ref["peak_mib"] / max(flex["peak_mib"], 1e-9)
             for result in (ref, flex):
                 result.pop("values", None)
-            if kind == "csa":
+            if kind == "csa" and not args.no_reference:
                 row["entry_mass"] = entry_mass_row(case, device, args.repeats)
             rows.append(row)
             print(json.dumps(row), flush=True)

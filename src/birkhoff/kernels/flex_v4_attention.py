@@ -16,7 +16,11 @@ over a program per head. The cost: the backward's key and value gradients of the
 are made per head, (B, H, E, D) each, then summed (a transient half the size of the queries'
 gradient in a CSA layer of ratio 4; unmeasured on a GPU, as the speed). HCA and CSA's dense
 warm-up read an entry's visibility from its layout (complete before the query, same
-document); CSA reads each query's picks from a (B, T, ceil(E / 8)) bit set (E = T / ratio).
+document); CSA reads each query's picks from a (B, T, ceil(E / 8)) bit set (E = T / ratio)
+where the picks are taken as a mask (`picks_as_mask`); where the reference gathers them
+(long sequences) the entries' part is a Triton kernel reading each query's own picks
+(kernels/triton_gathered_attention.py): FlexAttention's blocks of 128 entries would compute
+nearly every entry at 64K tokens.
 
 Sinks: FlexAttention has no logit without a key, so a sink enters through the normaliser.
 With L_w and L_e the log-sum-exps over the window's keys and the entries and s the sink, L =
@@ -39,6 +43,7 @@ from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attent
 
 from birkhoff.kernels.lse_merge import merge_softmax_parts
 from birkhoff.kernels.registry import register
+from birkhoff.kernels.triton_gathered_attention import gathered_entry_attention
 from birkhoff.kernels.v4_attention import EntryKV
 
 BLOCK = 128  # FlexAttention's default block of queries and of keys
@@ -76,7 +81,10 @@ def v4_attention(
         keys = torch.cat((kv, values), dim=1)  # stay in the graph (zero gradients, as the
         values = None  # reference gives them), the window alone attended
     parts = [_attend(query, keys[:, None], _window_block_mask(positions, window))]
-    if values is not None:
+    if values is not None and not entries.as_mask(q.shape[2], q.shape[3]):
+        # CSA's picks where the reference gathers them: each query's own rows, in Triton
+        parts.append(gathered_entry_attention(q, values, entries.picks, entries.picked))
+    elif values is not None:
         values = values[:, None].expand(-1, q.shape[2], -1, -1)  # a KV head per query head
         parts.append(_attend(query, values, _entry_block_mask(positions, entries)))
     outs, lses = zip(*parts, strict=True)

@@ -9,7 +9,9 @@ The interpreter departs from the compiler in four places:
   interpreter swaps in its own versions of `tl.math` only, and only for the kernel's call;
 - bfloat16 values are held as their raw 16 bits, and arithmetic on two of them runs on those
   bits as integers (liger's SwiGLU multiplies two bf16 rows: 1e38 where 0.07 is right). Here
-  it runs in float32 and is rounded back to bf16, as the GPU's bf16 arithmetic does;
+  it runs in float32 and is rounded back to bf16, as the GPU's bf16 arithmetic does; a
+  `tl.dot` of bf16 blocks multiplies them in float32 (the GPU's bf16 products are exact in
+  its float32 accumulator);
 - a float32 value cast to bfloat16 (explicitly, or stored through a bf16 pointer) loses its
   low 16 bits, where the compiler rounds to the nearest even: every bf16 output of every
   kernel was up to one unit in the last place low. Here it is rounded.
@@ -116,6 +118,13 @@ def _bf16_arithmetic_in_float32(builder: type) -> None:
             return unary(self, arg, op)
         return self.cast_impl(unary(self, widened(self, arg), op), tl.bfloat16)
 
-    for name, fn in (("binary_op", binary_op), ("unary_op", unary_op)):
+    def create_dot(self, a, b, acc, input_precision, max_num_imprecise_acc):
+        # on the raw bits numpy would multiply integers; the GPU's products of bf16 values
+        # are exact in its float32 accumulator, as they are in float32 here
+        a, b = widened(self, a), widened(self, b)
+        return dot(self, a, b, acc, input_precision, max_num_imprecise_acc)
+
+    dot = builder.create_dot
+    for name, fn in (("binary_op", binary_op), ("unary_op", unary_op), ("create_dot", create_dot)):
         setattr(fn, _ADAPTED, True)
         setattr(builder, name, fn)

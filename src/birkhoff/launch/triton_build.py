@@ -4,9 +4,11 @@ Triton's interpreter (TRITON_INTERPRET=1, how the kernel tests run on a CPU) exe
 kernel's Python but enforces none of the compiler's rules: a module-level float read inside
 a kernel runs interpreted and fails to compile on a GPU. Triton's compiler itself needs no
 GPU (AST -> TTIR -> TTGIR -> LLVM -> PTX -> cubin, ptxas ships in the triton wheel), so this
-runs each triton op of the backend forward and backward on the doctor's example inputs with
-the launches recorded instead of run, adds the launches of one bf16 training step of a recipe
-model (launch/triton_step_launches.py: the bf16 variants a step hands the kernels), then
+runs each triton op of the backend forward and backward on the doctor's example inputs (at
+512 tokens, where V4 attention's further call gathers CSA's picks; its gathered kernels also
+forward and backward at V4's width: the examples' FlexAttention has no backward on a CPU)
+with the launches recorded instead of run, adds the launches of one bf16 training step of a
+recipe model (launch/triton_step_launches.py: the bf16 variants a step hands the kernels), then
 compiles each distinct launch (kernel, argument types, constexpr values) for the requested
 architectures. It must run without
 TRITON_INTERPRET (then `@triton.jit` makes interpreted functions instead of compilable ones).
@@ -32,6 +34,12 @@ TRITON_TYPES = {
     torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8",
     torch.uint8: "u8", torch.bool: "i1",
 }  # fmt: skip
+
+
+# Tokens of the examples whose launches are recorded (not run: only the torch around them
+# computes): the doctor's CPU count, at which V4 attention's further call gathers CSA's picks
+# (too few entries at 16 tokens) and so launches the gathered kernel.
+RECORD_TOKENS = 512
 
 
 def argument_type(value: Any) -> str:
@@ -102,7 +110,7 @@ def recorded_launches(ops: list[str]) -> dict[tuple, tuple]:
         for op in ops:
             current[:] = [op]
             torch.manual_seed(0)
-            inputs = EXAMPLES[op](16)
+            inputs = EXAMPLES[op](RECORD_TOKENS)
             limited = kernels.dtypes_of(op, "triton")
             if limited:
                 inputs = [_cast(a, limited[0]) for a in inputs]
@@ -114,9 +122,28 @@ def recorded_launches(ops: list[str]) -> dict[tuple, tuple]:
                 if backward:
                     grads = [torch.ones_like(o) for o in outs]
                     torch.autograd.grad(outs, leaves, grads, allow_unused=True)
+        if "v4_attention" in ops:  # its backward does not run on a CPU (FlexAttention's)
+            current[:] = ["v4_attention"]
+            _gathered_attention_both_ways()
     finally:
         JITFunction.run = original
     return launches
+
+
+def _gathered_attention_both_ways() -> None:
+    """CSA's gathered-picks kernels (kernels/triton_gathered_attention.py) forward and
+    backward, in float32 and bfloat16 (the doctor's two dtypes of V4 attention), at V4's
+    heads of 512 channels (the channels are one block: the widest tiles)."""
+    from birkhoff.kernels.triton_gathered_attention import gathered_entry_attention
+
+    for dtype in (torch.float32, torch.bfloat16):
+        q = torch.randn(1, 8, 64, 512, dtype=dtype, requires_grad=True)
+        values = torch.randn(1, 32, 512, dtype=dtype, requires_grad=True)
+        picks = torch.randint(0, 32, (1, 8, 16))
+        out, lse = gathered_entry_attention(
+            q, values, picks, torch.ones(1, 8, 16, dtype=torch.bool)
+        )
+        torch.autograd.grad((out, lse), (q, values), (torch.ones_like(out), torch.ones_like(lse)))
 
 
 def step_launches(model: str) -> dict[tuple, tuple]:
