@@ -137,14 +137,15 @@ def sparse_key_indices(
     window (t, t - 1, ... while in its document and less than `window` behind) and its
     visible picks (T + entry), valid ones first in that order and -1 after."""
     batch, seq = positions.shape
-    behind = torch.arange(window, device=positions.device)
-    tokens = torch.arange(seq, device=positions.device)[:, None] - behind  # (T, W)
+    behind = torch.arange(window, device=positions.device, dtype=torch.int32)
+    tokens = torch.arange(seq, device=positions.device, dtype=torch.int32)[:, None] - behind
     in_window = behind <= positions[:, :, None]  # (B, T, W): t - j in t's document
-    listed = torch.cat((tokens.expand(batch, -1, -1), seq + picks), dim=-1)
+    entries = (seq + picks).to(torch.int32)  # int32 throughout: (B, T, W + k) of them
+    listed = torch.cat((tokens.expand(batch, -1, -1), entries), dim=-1)
     valid = torch.cat((in_window, picked), dim=-1)
     order = torch.sort((~valid).to(torch.uint8), dim=-1, stable=True).indices
     listed = listed.gather(-1, order).masked_fill_(~valid.gather(-1, order), -1)
-    return listed.to(torch.int32)[:, :, None]
+    return listed[:, :, None]
 
 
 class _SparseAttention(torch.autograd.Function):
