@@ -194,10 +194,12 @@ def assert_backend_trains_as_reference(
         torch.testing.assert_close(grads_got[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def assert_bf16_trains_as_reference(backend: str, cfg: ModelConfig, tokens: torch.Tensor) -> None:
+def assert_bf16_trains_as_reference(
+    backend: str, cfg: ModelConfig, tokens: torch.Tensor, cosine: float = 0.999
+) -> None:
     """Under bf16 autocast (train.mixed_precision=bf16) the model on `backend` against the
     reference backend's (same weights, same batch): loss, gradient direction (cosine above
-    0.999) and norm within bf16's rounding."""
+    `cosine`) and norm within bf16's rounding."""
     from birkhoff.model import build_model
 
     results = []
@@ -210,7 +212,7 @@ def assert_bf16_trains_as_reference(backend: str, cfg: ModelConfig, tokens: torc
         results.append((loss.detach(), grads))
     (loss_ref, grads_ref), (loss_got, grads_got) = results
     torch.testing.assert_close(loss_got, loss_ref, rtol=1e-2, atol=1e-2)
-    assert torch.nn.functional.cosine_similarity(grads_got, grads_ref, dim=0) > 0.999
+    assert torch.nn.functional.cosine_similarity(grads_got, grads_ref, dim=0) > cosine
     torch.testing.assert_close(grads_got.norm(), grads_ref.norm(), rtol=1e-2, atol=0)
 
 

@@ -420,10 +420,14 @@ def _sinkhorn_steps(x: torch.Tensor, eps: float, iters: int):
 
 
 def _sparse_scores(query, key, value, indices, scale, block, layout_q, layout_kv):
-    """The sparse operators' shared checks (their docs and schema) and scale q k^T at the
-    listed rows, -inf where a list holds -1; the listed values; (B, S1, N1, K) indices."""
+    """The sparse operators' shared checks (their docs, schema and the operator's README in
+    ops-transformer: bf16 out, query heads a power of two to 128, one KV head, 512 channels)
+    and scale q k^T at the listed rows, -inf where a list holds -1; the listed values;
+    (B, S1, N1, K) indices."""
     assert layout_q == layout_kv == "BSND" and block == 1
-    assert query.dtype == key.dtype == value.dtype in (torch.bfloat16, torch.float16)
+    assert query.dtype == key.dtype == value.dtype == torch.bfloat16
+    assert query.shape[2] in (1, 2, 4, 8, 16, 32, 64, 128) and key.shape[2] == 1
+    assert query.shape[-1] == key.shape[-1] == value.shape[-1] == 512
     assert all(t.is_contiguous() for t in (query, key, value, indices))
     assert indices.dtype == torch.int32 and indices.shape[:3] == (*query.shape[:2], key.shape[2])
     valid = indices >= 0

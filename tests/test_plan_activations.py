@@ -165,7 +165,8 @@ def test_the_npu_gathered_csa_terms_are_what_its_layer_keeps_less(monkeypatch, s
     for module in (v4_attention, compression, activations):
         monkeypatch.setattr(module, "picks_as_mask", lambda *_: False)
     seq, hidden, dtype = 64, 64, torch.bfloat16
-    cfg = ModelConfig(hidden_size=hidden, num_heads=4, num_layers=1, attention=CSA_LAYER)
+    wide = dataclasses.replace(CSA_LAYER, head_dim=512)  # the operator's only width
+    cfg = ModelConfig(hidden_size=hidden, num_heads=4, num_layers=1, attention=wide)
     x = torch.randn(2, seq, hidden, generator=torch.Generator().manual_seed(0), dtype=dtype)
     rank = dataclasses.replace(cfg.attention, index_heads=2 // tp, o_groups=2 // tp)
 

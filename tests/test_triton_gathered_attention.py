@@ -123,3 +123,18 @@ def test_a_csa_layer_gathering_picks_on_triton_equals_transformers(
     x = torch.randn(2, 48, HIDDEN, generator=torch.Generator().manual_seed(22))
     assert_equals_transformers(ours, theirs, x)
     assert len(kernel_calls) == 1
+
+
+def test_deterministic_algorithms_keep_flex_attention_for_the_picks(
+    unfused_flex_with_gradients, kernel_calls, monkeypatch
+):
+    """Under torch's deterministic algorithms (train.deterministic) the kernel, whose backward
+    adds atomically, is not used: the picks go through FlexAttention's call, still equal to
+    the loop."""
+    monkeypatch.setattr(reference, "picks_as_mask", lambda *_: False)
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert_equals_the_loop("triton", case("csa", 6, 64, 16, [30, 29]))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert kernel_calls == []

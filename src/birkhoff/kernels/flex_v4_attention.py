@@ -20,7 +20,9 @@ document); CSA reads each query's picks from a (B, T, ceil(E / 8)) bit set (E = 
 where the picks are taken as a mask (`picks_as_mask`); where the reference gathers them
 (long sequences) the entries' part is a Triton kernel reading each query's own picks
 (kernels/triton_gathered_attention.py): FlexAttention's blocks of 128 entries would compute
-nearly every entry at 64K tokens.
+nearly every entry at 64K tokens. Its backward adds into the entries' gradient atomically
+(an order that varies): under train.deterministic (torch's deterministic algorithms) the
+entries keep FlexAttention's call.
 
 Sinks: FlexAttention has no logit without a key, so a sink enters through the normaliser.
 With L_w and L_e the log-sum-exps over the window's keys and the entries and s the sink, L =
@@ -81,7 +83,9 @@ def v4_attention(
         keys = torch.cat((kv, values), dim=1)  # stay in the graph (zero gradients, as the
         values = None  # reference gives them), the window alone attended
     parts = [_attend(query, keys[:, None], _window_block_mask(positions, window))]
-    if values is not None and not entries.as_mask(q.shape[2], q.shape[3]):
+    gathered = values is not None and not entries.as_mask(q.shape[2], q.shape[3])
+    # its backward adds into the entries atomically: not with deterministic algorithms
+    if gathered and not torch.are_deterministic_algorithms_enabled():
         # CSA's picks where the reference gathers them: each query's own rows, in Triton
         parts.append(gathered_entry_attention(q, values, entries.picks, entries.picked))
     elif values is not None:

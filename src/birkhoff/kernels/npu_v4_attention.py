@@ -24,13 +24,16 @@ sequence (T + E rows, one KV head), and each query lists its keys, the `window` 
 itself in its document and its picks, valid ones first and -1 after (the docs' rule), so
 the work is W + k keys a query, not 2W + E. The sink is not handed to the operator (its
 `sinks` input is in the registered schema but not the docs, and whether its softmax_sum
-counts the sink is written nowhere): the operator's softmax over the listed keys is rescaled
-here by sum / (sum + e^(sink - max)), and the backward operator gets that full sum with the
-rescaled output, so the probabilities it recomputes are the ones with the sink.
+counts the sink is written nowhere): with m = max(max, sink) the operator's softmax over the
+listed keys is rescaled here by sum e^(max - m) / (sum e^(max - m) + e^(sink - m)), and the
+backward operator gets m and that full sum with the rescaled output, so the probabilities it
+recomputes are the ones with the sink.
 
-Limits (the reference runs otherwise; the table says so): the sparse operator takes bfloat16
-and float16 only (its docs), so float32 gathered picks run the reference. Every query sees
-itself (positions >= 0, as the model's are).
+Limits (the reference runs otherwise; the table says so): the sparse operator's README
+(ops-transformer; the wheel's docs state none) asks bfloat16, query heads a power of two up to
+128, one KV head and heads of 512 channels (V4's), and names it an inference operator of
+Atlas A3, though the wheel registers its backward; other gathered picks run the reference.
+Every query sees itself (positions >= 0, as the model's are).
 """
 
 from __future__ import annotations
@@ -43,8 +46,13 @@ from birkhoff.kernels.npu_ops import NPU, _torch_npu
 from birkhoff.kernels.registry import register
 
 DOT_FLOATS = 1 << 24  # float32 values of a block of rows in the sinks' gradient (64 MiB)
-SPARSE_DTYPES = (torch.bfloat16, torch.float16)  # npu_sparse_flash_attention's (its docs)
-LIMITS = "CSA's gathered picks in bfloat16 or float16 only (float32 runs the reference)"
+# npu_sparse_flash_attention's constraints (its operator's README in ops-transformer: the
+# wheel's docs give none): bf16 output, query heads a power of two to 128, one KV head, heads
+# of 512 channels (V4's); for inference on Atlas A3 there, though the wheel registers a backward
+SPARSE_DTYPES = (torch.bfloat16,)
+SPARSE_HEADS = (1, 2, 4, 8, 16, 32, 64, 128)
+SPARSE_DIM = 512
+LIMITS = "CSA's gathered picks in bfloat16, 1 to 128 heads (a power of two) of 512 channels only"
 
 
 @register("v4_attention", NPU, limits=LIMITS)
@@ -62,7 +70,7 @@ def v4_attention(
     if batch * seq == 0:  # the operators: B, S >= 1
         return reference.v4_attention(q, kv, positions, sinks, window, entries)
     if entries is not None and not entries.as_mask(heads, dim):
-        if kv.dtype not in SPARSE_DTYPES:
+        if kv.dtype not in SPARSE_DTYPES or heads not in SPARSE_HEADS or dim != SPARSE_DIM:
             return reference.v4_attention(q, kv, positions, sinks, window, entries)
         keys = torch.cat((kv, entries.values.to(kv.dtype)), dim=1)[:, :, None].contiguous()
         listed = sparse_key_indices(positions, window, entries.picks, entries.picked)
@@ -139,7 +147,8 @@ def sparse_key_indices(
     batch, seq = positions.shape
     behind = torch.arange(window, device=positions.device, dtype=torch.int32)
     tokens = torch.arange(seq, device=positions.device, dtype=torch.int32)[:, None] - behind
-    in_window = behind <= positions[:, :, None]  # (B, T, W): t - j in t's document
+    # (B, T, W): t - j in t's document (and in the sequence, should a position exceed t)
+    in_window = (behind <= positions[:, :, None]) & (tokens >= 0)
     entries = (seq + picks).to(torch.int32)  # int32 throughout: (B, T, W + k) of them
     listed = torch.cat((tokens.expand(batch, -1, -1), entries), dim=-1)
     valid = torch.cat((in_window, picked), dim=-1)
@@ -171,9 +180,14 @@ class _SparseAttention(torch.autograd.Function):
             return_softmax_lse=True,
         )
         largest, sums = largest[:, 0], sums[:, 0]  # (B, T, H): one KV head
-        with_sink = sums + torch.exp(sinks.detach().float() - largest)
-        out = (part.float() * (sums / with_sink)[..., None]).to(query.dtype)
-        lse = largest + with_sink.log()
+        # the sink joins the row's max (a sink far above the keys' would overflow e^(sink - max))
+        sink = sinks.detach().float()
+        top = torch.maximum(largest, sink)
+        keys_sum = sums * torch.exp(largest - top)
+        with_sink = keys_sum + torch.exp(sink - top)
+        out = (part.float() * (keys_sum / with_sink)[..., None]).to(query.dtype)
+        lse = top + with_sink.log()
+        largest = top  # the backward's max, with the sum it goes with
         ctx.scale = scale
         ctx.save_for_backward(query, keys, listed, out, largest, with_sink, sinks, lse)
         ctx.mark_non_differentiable(lse)

@@ -228,16 +228,20 @@ def _with_csa_picks(args: list) -> list:
 
 
 def _with_gathered_csa_picks(args: list) -> list:
-    """v4_attention with a CSA layer's picks in bfloat16, 16 of them: few enough of the
-    entries (blocks of 4 tokens) that they are gathered (picks_as_mask) from 512 tokens on,
-    which on npu is the sparse operator's form (bfloat16 or float16 only)."""
-    q, kv, positions, sinks, window, entries = _with_csa_picks(args)
-    scores = torch.rand(*positions.shape, entries.values.shape[1], device=kv.device)
-    scores = scores.masked_fill(~entries.layout.visible(positions), -torch.inf)
-    top = scores.topk(min(16, entries.values.shape[1]), dim=-1)
-    values = entries.values.to(torch.bfloat16)
-    picks = EntryKV(values, entries.layout, top.indices, torch.isfinite(top.values))
-    half = [t.to(torch.bfloat16) for t in (q, kv, sinks)]
+    """v4_attention as V4 runs it at long context: bfloat16, heads of 512 channels (the npu
+    sparse operator's only width) and a CSA layer's picks gathered (picks_as_mask), 3 of
+    them: few enough of the entries (blocks of 4 tokens) for that from 512 tokens on."""
+    q, kv, positions, sinks, window = args
+    # its own generator: the other calls' random gradients stay as they were without it
+    rng = torch.Generator(device=kv.device).manual_seed(3)
+    wide = [torch.randn(*t.shape[:-1], 512, device=t.device, generator=rng) for t in (q, kv)]
+    layout = block_entries(positions, 4)
+    values = torch.randn(*layout.start.shape, 512, device=kv.device, generator=rng)
+    scores = torch.rand(*positions.shape, values.shape[1], device=kv.device, generator=rng)
+    scores = scores.masked_fill(~layout.visible(positions), -torch.inf)
+    top = scores.topk(min(3, values.shape[1]), dim=-1)
+    picks = EntryKV(values.bfloat16(), layout, top.indices, torch.isfinite(top.values))
+    half = [t.to(torch.bfloat16) for t in (*wide, sinks)]
     return [half[0], half[1], positions, half[2], window, picks]
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from birkhoff.kernels.linear_cross_entropy import chunk_tokens
+from birkhoff.kernels.npu_v4_attention import SPARSE_DIM, SPARSE_HEADS
 from birkhoff.kernels.v4_attention import picks_as_mask
 from birkhoff.model.config import ModelConfig
 
@@ -173,7 +174,7 @@ def _attention_terms(
         entries_seen = 0.0 if kind == "sliding" else count
         terms += _negated(reference_core_terms(heads, d, window, entries_seen, ratio, act))
         terms += npu_core_terms(heads, d, window, entries_seen, act)
-    elif attention == "npu" and act < FP32:  # CSA's gathered picks: the sparse operator
+    elif attention == "npu" and sparse_operator_takes(max(1, heads // tp), d, act):
         topk = a.index_topk
         gathered = reference_core_terms(heads, d, window, topk, a.csa_ratio, act, topk * d)
         terms += _negated(gathered)
@@ -232,6 +233,12 @@ def npu_core_terms(heads: int, dim: int, window: int, entries: float, act: int) 
         Term(keys, MASK, "whole", False),
         Term(17 * heads, FP32, "heads", False),
     ]
+
+
+def sparse_operator_takes(heads: int, dim: int, act: int) -> bool:
+    """Whether the npu backend runs CSA's gathered picks of a rank's `heads` in its sparse
+    operator (kernels/npu_v4_attention.py's limits: bf16, heads of 512 channels)."""
+    return act == 2 and heads in SPARSE_HEADS and dim == SPARSE_DIM
 
 
 def npu_sparse_core_terms(
