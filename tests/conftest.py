@@ -233,6 +233,20 @@ def saved_bytes(module: torch.nn.Module, *inputs: object) -> int:
 
 
 @pytest.fixture
+def unfused_flex_with_gradients(monkeypatch):
+    """FlexAttention's unfused CPU path with its backward (torch refuses it on a CPU; its
+    inductor template is forward-only)."""
+    import warnings
+
+    from torch.nn.attention import flex_attention
+
+    monkeypatch.setattr(flex_attention, "_validate_device", lambda *tensors: None)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        yield
+
+
+@pytest.fixture
 def stand_in(monkeypatch):
     """A stand-in torch_npu (tests/npu_stand_in.py) in sys.modules: the npu backend's ops
     run through it, and it records their calls."""

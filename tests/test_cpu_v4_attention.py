@@ -94,10 +94,12 @@ def test_cpu_attention_equals_a_per_query_loop(name):
     assert_equals_the_loop("cpu", case(*CASES[name]))
 
 
-def assert_equals_the_loop(backend: str, args: tuple) -> None:
-    """`backend`'s v4_attention on `args` (float32): output, normaliser and the gradients of
-    queries, keys, sinks and entries within twice the float32 reference's own error of the
-    per-query loop in float64 (at least 1e-5)."""
+def assert_equals_the_loop(
+    backend: str, args: tuple, dtype: torch.dtype = torch.float32, floor: float = 1e-5
+) -> None:
+    """`backend`'s v4_attention on `args` in `dtype`: output (in `dtype`), normaliser
+    (float32) and the gradients of queries, keys, sinks and entries within twice the
+    reference's own error in `dtype` of the per-query loop in float64 (at least `floor`)."""
     q, kv, positions, sinks, window, entries = args
     grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
     values, index = cpu_v4_attention.entry_lists(q, positions, entries)
@@ -109,15 +111,14 @@ def assert_equals_the_loop(backend: str, args: tuple) -> None:
     exact = [out, lse, *torch.autograd.grad(out, exact_leaves, grad)]  # q, kv, sinks, values
     results = {}
     for name in ("reference", backend):
-        got_out, got_lse, got_grads = run(
-            kernels.get("v4_attention", name), args, torch.float32, grad
-        )
+        got_out, got_lse, got_grads = run(kernels.get("v4_attention", name), args, dtype, grad)
         results[name] = [got_out, got_lse, *got_grads]
     assert not results[backend][1].requires_grad  # the normaliser: detached
+    assert results[backend][0].dtype == dtype and results[backend][1].dtype == torch.float32
     for i, expected in enumerate(exact):
         own = relative(results["reference"][i], expected)
         error = relative(results[backend][i], expected)
-        assert error <= max(2 * own, 1e-5), (i, error, own)
+        assert error <= max(2 * own, floor), (i, error, own)
 
 
 def test_cpu_attention_in_bf16_rounds_as_the_reference():

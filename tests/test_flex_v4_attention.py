@@ -11,8 +11,6 @@ CPU kernel (forward; it has no log-sum-exp output on a CPU, so without sinks the
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 from test_v4_attention import HIDDEN, assert_equals_transformers, assert_gradient_close, pair
@@ -26,12 +24,7 @@ from birkhoff.model.context import SequenceContext
 KINDS = ["sliding", "hca", "csa"]
 
 
-@pytest.fixture(autouse=True)
-def unfused_flex_with_gradients(monkeypatch):
-    monkeypatch.setattr(flex_module, "_validate_device", lambda *tensors: None)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-        yield
+pytestmark = pytest.mark.usefixtures("unfused_flex_with_gradients")
 
 
 def backward_grads(layer, x, grad, aux):

@@ -7,26 +7,14 @@ with the picks gathered."""
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 from test_cpu_v4_attention import assert_equals_the_loop, case
 from test_v4_attention import HIDDEN, assert_equals_transformers, force_csa_form, pair
-from torch.nn.attention import flex_attention as flex_module
 
 from birkhoff.kernels import flex_v4_attention
 from birkhoff.kernels import v4_attention as reference
 from birkhoff.kernels.triton_gathered_attention import gathered_entry_attention
-
-
-@pytest.fixture
-def unfused_flex_with_gradients(monkeypatch):
-    """FlexAttention's unfused CPU path with its backward (torch refuses it on a CPU)."""
-    monkeypatch.setattr(flex_module, "_validate_device", lambda *tensors: None)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-        yield
 
 
 @pytest.fixture

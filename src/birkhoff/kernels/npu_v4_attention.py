@@ -52,6 +52,14 @@ DOT_FLOATS = 1 << 24  # float32 values of a block of rows in the sinks' gradient
 SPARSE_DTYPES = (torch.bfloat16,)
 SPARSE_HEADS = (1, 2, 4, 8, 16, 32, 64, 128)
 SPARSE_DIM = 512
+
+
+def sparse_operator_takes(heads: int, dim: int, dtype: torch.dtype) -> bool:
+    """Whether CSA's gathered picks of `heads` x `dim` in `dtype` go to the sparse operator
+    (the planner asks it too)."""
+    return dtype in SPARSE_DTYPES and heads in SPARSE_HEADS and dim == SPARSE_DIM
+
+
 LIMITS = "CSA's gathered picks in bfloat16, 1 to 128 heads (a power of two) of 512 channels only"
 
 
@@ -70,13 +78,12 @@ def v4_attention(
     if batch * seq == 0:  # the operators: B, S >= 1
         return reference.v4_attention(q, kv, positions, sinks, window, entries)
     if entries is not None and not entries.as_mask(heads, dim):
-        if kv.dtype not in SPARSE_DTYPES or heads not in SPARSE_HEADS or dim != SPARSE_DIM:
+        if not sparse_operator_takes(heads, dim, kv.dtype):
             return reference.v4_attention(q, kv, positions, sinks, window, entries)
         keys = torch.cat((kv, entries.values.to(kv.dtype)), dim=1)[:, :, None].contiguous()
         listed = sparse_key_indices(positions, window, entries.picks, entries.picked)
         query = q.to(kv.dtype).contiguous()
-        out, lse = _SparseAttention.apply(query, keys, listed, sinks, dim**-0.5)
-        return out, lse
+        return _SparseAttention.apply(query, keys, listed, sinks, dim**-0.5)
     blocks_q = reference.query_blocks(q.to(kv.dtype), window)  # (B, nb, W, H, D)
     blocks = blocks_q.shape[1]
     keys = reference.window_keys(kv, window)  # (B, nb, 2W, D)
@@ -119,9 +126,15 @@ class _SinkGradient(torch.autograd.Function):
         if not ctx.needs_input_grad[1]:
             return grad_out, None, None
         out, sinks, lse = ctx.saved_tensors
-        p_sink = torch.exp(sinks.float() - lse)  # (B, T, H)
-        grad_sinks = -(p_sink * _row_dots(grad_out, out)).sum((0, 1)).to(sinks.dtype)
-        return grad_out, grad_sinks, None
+        return grad_out, _sink_gradient(grad_out, out, sinks, lse), None
+
+
+def _sink_gradient(
+    grad_out: torch.Tensor, out: torch.Tensor, sinks: torch.Tensor, lse: torch.Tensor
+) -> torch.Tensor:
+    """d sink = -sum over rows of p_sink (dout . out), p_sink = exp(sink - lse) (B, T, H)."""
+    p_sink = torch.exp(sinks.float() - lse)
+    return -(p_sink * _row_dots(grad_out, out)).sum((0, 1)).to(sinks.dtype)
 
 
 def _row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -213,6 +226,5 @@ class _SparseAttention(torch.autograd.Function):
         )
         grad_sinks = None
         if ctx.needs_input_grad[3]:
-            p_sink = torch.exp(sinks.float() - lse)  # (B, T, H)
-            grad_sinks = -(p_sink * _row_dots(grad_out, out)).sum((0, 1)).to(sinks.dtype)
+            grad_sinks = _sink_gradient(grad_out, out, sinks, lse)
         return grad_query, grad_key + grad_value, None, grad_sinks, None

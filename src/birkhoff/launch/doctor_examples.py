@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 
 from birkhoff.kernels.reference import group_ends
-from birkhoff.kernels.v4_attention import EntryKV
+from birkhoff.kernels.v4_attention import BlockEntries, EntryKV
 from birkhoff.model.compression import block_entries
 
 
@@ -221,10 +221,23 @@ def _with_csa_picks(args: list) -> list:
     kv, positions = args[1:3]
     layout = block_entries(positions, 4)
     values = torch.randn(*layout.start.shape, kv.shape[-1], device=kv.device, dtype=kv.dtype)
-    scores = torch.rand(*positions.shape, values.shape[1], device=kv.device)
+    return [*args, _picked(values, layout, positions, max(1, values.shape[1] // 4))]
+
+
+def _picked(
+    values: torch.Tensor,
+    layout: BlockEntries,
+    positions: torch.Tensor,
+    count: int,
+    generator: torch.Generator | None = None,
+) -> EntryKV:
+    """CSA's entries with `count` random visible picks a query (fewer where fewer exist)."""
+    scores = torch.rand(
+        *positions.shape, values.shape[1], device=values.device, generator=generator
+    )
     scores = scores.masked_fill(~layout.visible(positions), -torch.inf)
-    top = scores.topk(max(1, values.shape[1] // 4), dim=-1)
-    return [*args, EntryKV(values, layout, top.indices, torch.isfinite(top.values))]
+    top = scores.topk(min(count, values.shape[1]), dim=-1)
+    return EntryKV(values, layout, top.indices, torch.isfinite(top.values))
 
 
 def _with_gathered_csa_picks(args: list) -> list:
@@ -237,10 +250,7 @@ def _with_gathered_csa_picks(args: list) -> list:
     wide = [torch.randn(*t.shape[:-1], 512, device=t.device, generator=rng) for t in (q, kv)]
     layout = block_entries(positions, 4)
     values = torch.randn(*layout.start.shape, 512, device=kv.device, generator=rng)
-    scores = torch.rand(*positions.shape, values.shape[1], device=kv.device, generator=rng)
-    scores = scores.masked_fill(~layout.visible(positions), -torch.inf)
-    top = scores.topk(min(3, values.shape[1]), dim=-1)
-    picks = EntryKV(values.bfloat16(), layout, top.indices, torch.isfinite(top.values))
+    picks = _picked(values.bfloat16(), layout, positions, 3, rng)
     half = [t.to(torch.bfloat16) for t in (*wide, sinks)]
     return [half[0], half[1], positions, half[2], window, picks]
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import torch
+
 from birkhoff.kernels.linear_cross_entropy import chunk_tokens
-from birkhoff.kernels.npu_v4_attention import SPARSE_DIM, SPARSE_HEADS
+from birkhoff.kernels.npu_v4_attention import sparse_operator_takes
 from birkhoff.kernels.v4_attention import picks_as_mask
 from birkhoff.model.config import ModelConfig
 
@@ -174,7 +176,7 @@ def _attention_terms(
         entries_seen = 0.0 if kind == "sliding" else count
         terms += _negated(reference_core_terms(heads, d, window, entries_seen, ratio, act))
         terms += npu_core_terms(heads, d, window, entries_seen, act)
-    elif attention == "npu" and sparse_operator_takes(max(1, heads // tp), d, act):
+    elif attention == "npu" and sparse_operator_takes(max(1, heads // tp), d, _dtype(act)):
         topk = a.index_topk
         gathered = reference_core_terms(heads, d, window, topk, a.csa_ratio, act, topk * d)
         terms += _negated(gathered)
@@ -235,12 +237,6 @@ def npu_core_terms(heads: int, dim: int, window: int, entries: float, act: int) 
     ]
 
 
-def sparse_operator_takes(heads: int, dim: int, act: int) -> bool:
-    """Whether the npu backend runs CSA's gathered picks of a rank's `heads` in its sparse
-    operator (kernels/npu_v4_attention.py's limits: bf16, heads of 512 channels)."""
-    return act == 2 and heads in SPARSE_HEADS and dim == SPARSE_DIM
-
-
 def npu_sparse_core_terms(
     heads: int, dim: int, window: int, picks: int, ratio: int, act: int
 ) -> list[Term]:
@@ -254,6 +250,11 @@ def npu_sparse_core_terms(
         Term(window + picks, INT32, "whole", False),
         Term(3 * heads, FP32, "heads", False),
     ]
+
+
+def _dtype(act: int) -> torch.dtype:
+    """The activations' dtype from their bytes (2: bf16, the recipes' mixed precision)."""
+    return torch.bfloat16 if act == 2 else torch.float32
 
 
 def _negated(terms: list[Term]) -> list[Term]:
