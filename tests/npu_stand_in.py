@@ -152,6 +152,71 @@ class StandIn(types.ModuleType):
         empty = torch.empty(0)
         return dq.to(query.dtype), grads[0].to(key.dtype), grads[1].to(key.dtype), empty, empty
 
+    def npu_sparse_lightning_indexer_grad_kl_loss(
+        self, query, key, query_index, key_index, weights, sparse_indices, softmax_max,
+        softmax_sum, scale_value, *, query_rope=None, key_rope=None, actual_seq_qlen=None,
+        actual_seq_klen=None, layout="BSND", sparse_mode=3, pre_tokens=2**63 - 1,
+        next_tokens=2**63 - 1, sinks=None,
+    ):  # fmt: skip
+        """The docs' and the operator's README's formulas in BSND: at query t's listed keys s
+        (valid first, -1 after; sparse mode 3 would hide s > t + S2 - S1: none may be listed),
+        I = W @ ReLU(q_I k_I^T)
+        and p = sum over heads of e^(scale q k^T - max) / sum, L1-normalised over the list;
+        loss = sum over t of KL(p || softmax(I)) (float32, shape (1,)); the gradients of
+        query_index, key_index and weights by the README's chain rule, in their dtype."""
+        self.calls.append("npu_sparse_lightning_indexer_grad_kl_loss")
+        # the README's limits: MQA (one KV head), 8-128 heads of 512, 8-64 indexer heads
+        assert layout == "BSND" and sparse_mode == 3 and query_rope is key_rope is None
+        half = (torch.bfloat16, torch.float16)
+        assert query.dtype in half and all(
+            t.dtype == query.dtype for t in (key, query_index, key_index, weights)
+        )
+        assert query.shape[2] in (8, 16, 32, 64, 128) and query_index.shape[2] in (8, 16, 32, 64)
+        assert key.shape[2] == key_index.shape[2] == 1 and query.shape[-1] == key.shape[-1] == 512
+        assert sparse_indices.dtype == torch.int32
+        assert sparse_indices.shape[:3] == (*query.shape[:2], 1)
+        batch, seq, heads, _ = query.shape
+        assert softmax_max.shape == softmax_sum.shape == (batch, 1, seq, heads)
+        assert softmax_max.dtype == softmax_sum.dtype == torch.float32
+        indices = sparse_indices[:, :, 0].long()  # (B, S1, K)
+        valid = indices >= 0
+        assert not (valid[..., 1:] & ~valid[..., :-1]).any(), "valid indices first, -1 after"
+        assert int(indices.max()) < key.shape[1]
+        behind = key.shape[1] - seq  # right-down causal: s <= t + S2 - S1 (what it would hide)
+        assert not (valid & (indices > torch.arange(seq)[:, None] + behind)).any()
+        with torch.autocast("cpu", enabled=False):  # an operator: autocast is torch's
+            return self._indexer_kl(query, key, query_index, key_index, weights, indices.clamp(
+                min=0), valid, softmax_max[:, 0], softmax_sum[:, 0], scale_value)  # fmt: skip
+
+    @staticmethod
+    def _indexer_kl(query, key, query_index, key_index, weights, rows, valid, largest, sums, scale):
+        at = torch.arange(query.shape[0])[:, None, None]
+        k = key[:, :, 0].float()[at, rows]  # (B, S1, K, D)
+        logits = scale * torch.einsum("bshd,bskd->bshk", query.float(), k)
+        p = ((logits - largest[..., None]).exp() / sums[..., None]).sum(2)  # (B, S1, K)
+        p = p.masked_fill(~valid, 0.0)
+        p = p / p.sum(-1, keepdim=True)
+        q_i, k_i, w = (t.float() for t in (query_index, key_index[:, :, 0], weights))
+        per_key = k_i[at, rows]  # (B, S1, K, D_I)
+        s = torch.einsum("bshd,bskd->bshk", q_i, per_key)
+        index = torch.einsum("bsh,bshk->bsk", w, s.relu()).masked_fill(~valid, float("-inf"))
+        log_q = torch.log_softmax(index, -1)
+        loss = torch.where(valid, p * (p.clamp_min(1e-30).log() - log_q), 0.0).sum()
+        # the README's gradients: dI = softmax(I) - p, dW = dI ReLU(S)^T, dS = dI W [S > 0],
+        # dq = dS k, dk = dS^T q (summed into the rows listed)
+        d_index = torch.where(valid, log_q.exp() - p, 0.0)
+        d_w = torch.einsum("bsk,bshk->bsh", d_index, s.relu())
+        d_s = torch.einsum("bsk,bsh->bshk", d_index, w) * (s > 0)
+        d_q = torch.einsum("bshk,bskd->bshd", d_s, per_key)
+        d_k = torch.zeros_like(k_i)
+        for b in range(query.shape[0]):
+            d_k[b].index_add_(
+                0, rows[b].flatten(), torch.einsum("shk,shd->skd", d_s[b], q_i[b]).flatten(0, 1)
+            )
+        grads = (d_q, d_k[:, :, None], d_w)
+        dtypes = (query_index.dtype, key_index.dtype, weights.dtype)
+        return (*(g.to(d) for g, d in zip(grads, dtypes, strict=True)), loss[None])
+
     def npu_grouped_matmul(self, x, weight, *, group_list, split_item, group_type,
                            group_list_type):  # fmt: skip
         self.calls.append("npu_grouped_matmul")

@@ -202,7 +202,7 @@ def test_every_backend_says_which_implementation_runs():
     own = {"engram_gather_gate", "entry_mass", "mhc_mapping", "mhc_pre", "mhc_post", "mhc_read"}
     own |= {"engram_merge", "moe_permute", "mhc_merge_read"}
     own |= {"moe_unpermute", "sinkhorn_knopp", "sinkhorn_knopp_eps", "v4_attention"}
-    own |= {"rope_trailing", "kv_compress", "moe_route"}
+    own |= {"rope_trailing", "kv_compress", "moe_route", "indexer_loss"}  # its target's kernel
     own |= {"linear_cross_entropy", "rms_norm", "rope", "swiglu"}  # from liger-kernel
     assert {op for op, impl in table.items() if impl == "triton"} == own
     assert kernels.fallbacks("triton") == sorted(set(table) - own)
@@ -210,9 +210,9 @@ def test_every_backend_says_which_implementation_runs():
     with pytest.raises(ValueError, match="'auto': not one of reference, cpu, triton, npu"):
         kernels.get("rms_norm", "auto")  # resolved per device before any model is built
     line = kernels.describe("triton")
-    own_ops = "(engram_gather_gate, engram_merge, entry_mass,"
-    assert f"triton for 20 of {len(table)} ops {own_ops}" in line
-    assert f"{len(table) - 20} fall back to reference: attention" in line
+    own_ops = "(engram_gather_gate, engram_merge, entry_mass, indexer_loss,"
+    assert f"triton for 21 of {len(table)} ops {own_ops}" in line
+    assert f"{len(table) - 21} fall back to reference: attention" in line
 
 
 def test_kernel_backend_resolves_per_device(monkeypatch):

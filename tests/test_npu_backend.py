@@ -18,7 +18,14 @@ import torch
 from npu_stand_in import HEAD_OPERATORS, MHC_OPERATORS, ROUTER_OPERATORS, StandIn
 
 from birkhoff import kernels
-from birkhoff.kernels import npu_cross_entropy, npu_mhc, npu_ops, npu_router, npu_v4_attention
+from birkhoff.kernels import (
+    npu_cross_entropy,
+    npu_indexer_loss,
+    npu_mhc,
+    npu_ops,
+    npu_router,
+    npu_v4_attention,
+)
 from birkhoff.launch import doctor_kernels
 from birkhoff.model.config import MoEConfig
 from conftest import (
@@ -42,6 +49,7 @@ USED = {
     "npu_fusion_attention_v2",
     "npu_sparse_flash_attention",
     "npu_sparse_flash_attention_grad",
+    "npu_sparse_lightning_indexer_grad_kl_loss",
 }
 # What the wheel's registered schemas (npu_native_functions_by_codegen.yaml) take that its
 # docs do not describe; None: the docs have no entry for the op. Checked both ways: when the
@@ -112,7 +120,7 @@ def documented(docs: str, name: str) -> tuple[list[str], set[str], set[str]]:
 
 def npu_calls() -> list[ast.Call]:
     """Every `_torch_npu().npu_*(...)` call in the backend's source."""
-    modules = (npu_ops, npu_mhc, npu_cross_entropy, npu_router, npu_v4_attention)
+    modules = (npu_ops, npu_mhc, npu_cross_entropy, npu_router, npu_v4_attention, npu_indexer_loss)
     trees = [ast.parse(Path(m.__file__).read_text()) for m in modules]
     return [
         node
@@ -233,10 +241,11 @@ def test_npu_ops_match_the_reference_through_the_stand_in(stand_in):
 
 
 MOE_OPS = {"npu_moe_token_permute", "npu_moe_token_unpermute"}
-V4_OPERATORS = {  # V4 attention's: blocks of the window and entries, CSA's gathered picks
-    "npu_fusion_attention_v2",
+V4_OPERATORS = {  # V4 attention's (blocks of the window and entries, CSA's gathered picks)
+    "npu_fusion_attention_v2",  # and its indexer's loss: tests/test_indexer_loss.py
     "npu_sparse_flash_attention",
     "npu_sparse_flash_attention_grad",
+    "npu_sparse_lightning_indexer_grad_kl_loss",
 }
 
 
@@ -275,6 +284,9 @@ def test_npu_moe_permutation_runs_for_bfloat16_and_falls_back_otherwise(stand_in
     assert fp32["moe_permute"] == fp32["moe_unpermute"] == "reference"
     line = kernels.describe("npu", torch.float32)
     fallen = "fall back to reference: engram_gather_gate, engram_hash, entry_mass, "
+    fallen += "indexer_loss (bfloat16 or float16 only; 8 to 128 heads of 512 channels and 8 to 64 "
+    fallen += "indexer heads of 128 (powers of two), up to 131,072 tokens, more tokens than "
+    fallen += "entries), "
     fallen += "kv_compress, linear_cross_entropy (bfloat16 or float16 only; vocabularies of 128 "
     fallen += "entries or more),"
     only = "bfloat16 or float16 residual streams only"
@@ -284,7 +296,9 @@ def test_npu_moe_permutation_runs_for_bfloat16_and_falls_back_otherwise(stand_in
         "moe_permute (bfloat16 only), moe_unpermute (bfloat16 only), sinkhorn_knopp"
     )
     bf16_line = kernels.describe("npu", torch.bfloat16)
-    own = "npu for 15 of 23 ops (attention, engram_merge, grouped_gemm, linear_cross_entropy "
+    own = "npu for 16 of 24 ops (attention, engram_merge, grouped_gemm, indexer_loss (bfloat16 "
+    own += "or float16 only; 8 to 128 heads of 512 channels and 8 to 64 indexer heads of 128 "
+    own += "(powers of two), up to 131,072 tokens, more tokens than entries), linear_cross_entropy "
     own += "(bfloat16 or float16 only; vocabularies of 128 entries or more), mhc_merge_read"
     assert f"{own} {read}" in bf16_line
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 from test_parallel import MODEL
 
-from birkhoff.kernels import v4_attention
+from birkhoff.kernels import indexer_loss, v4_attention
 from birkhoff.launch.recipe import typed_recipe
-from birkhoff.model import build_model, compression
+from birkhoff.model import build_model
 from birkhoff.model.budget import apply_sparse_budget
 from birkhoff.model.config import AttentionConfig, ModelConfig
 from birkhoff.model.context import SequenceContext
@@ -95,7 +95,7 @@ def test_a_tensor_parallel_rank_takes_csa_in_the_form_its_heads_decide(monkeypat
     def kept(form: bool | None) -> int:
         with monkeypatch.context() as patches:
             if form is not None:
-                for module in (v4_attention, compression):
+                for module in (v4_attention, indexer_loss):
                     patches.setattr(module, "picks_as_mask", lambda *_: form)
             torch.manual_seed(0)
             layer = V4Attention(hidden, 2, rank, "csa", 1e-6, 10000.0)
@@ -162,7 +162,7 @@ def test_the_npu_gathered_csa_terms_are_what_its_layer_keeps_less(monkeypatch, s
     the sparse operator's (npu_sparse_core_terms) in; at tp=2 per rank."""
     from birkhoff.kernels import npu_v4_attention
 
-    for module in (v4_attention, compression, activations):
+    for module in (v4_attention, indexer_loss, activations):
         monkeypatch.setattr(module, "picks_as_mask", lambda *_: False)
     seq, hidden, dtype = 64, 64, torch.bfloat16
     wide = dataclasses.replace(CSA_LAYER, head_dim=512)  # the operator's only width
@@ -186,3 +186,47 @@ def test_the_npu_gathered_csa_terms_are_what_its_layer_keeps_less(monkeypatch, s
     assert "npu_sparse_flash_attention" in stand_in.calls
     assert measured == pytest.approx(planned("npu") - planned("reference"), abs=1e-6)
     assert measured != 0
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_the_npu_indexer_loss_terms_are_what_its_layer_keeps_less(monkeypatch, masked):
+    """A bfloat16 CSA layer at the indexer operator's widths (8 heads of 512, 8 indexer heads
+    of 128) with its attention and its indexer's loss on the npu backend (stand-ins keeping
+    what torch_npu's autograd keeps) against the same layer on the reference kernels: the
+    plan's difference, the reference indexer loss's own tensors (reference_indexer_loss_terms,
+    its scores at every entry or at the gathered picks) out, the operator's gradients
+    (npu_indexer_loss_terms) in."""
+    import sys
+
+    from test_npu_v4_attention import _SavingStandIn
+
+    from birkhoff.kernels import npu_indexer_loss, npu_v4_attention
+
+    monkeypatch.setitem(sys.modules, "torch_npu", _SavingStandIn())
+    # the indexer's scores in either form, the attention's picks as a mask (its own rule here)
+    monkeypatch.setattr(activations, "picks_as_mask", lambda *args: masked or args[3] == 512)
+    monkeypatch.setattr(indexer_loss, "picks_as_mask", lambda *_: masked)
+    seq, hidden, dtype = 64, 64, torch.bfloat16
+    wide = dataclasses.replace(
+        CSA_LAYER, head_dim=512, rope_head_dim=64, index_heads=8, index_head_dim=128, index_topk=3
+    )
+    cfg = ModelConfig(hidden_size=hidden, num_heads=8, num_layers=1, attention=wide)
+    x = torch.randn(2, seq, hidden, generator=torch.Generator().manual_seed(0), dtype=dtype)
+
+    def kept(npu: bool) -> int:
+        torch.manual_seed(0)
+        layer = V4Attention(hidden, 8, wide, "csa", 1e-6, 10000.0).to(dtype)
+        if npu:
+            layer._attend = npu_v4_attention.v4_attention
+            layer._indexer_loss = npu_indexer_loss.indexer_loss
+        return saved_bytes(layer, x, SequenceContext(), [])
+
+    def planned(attention: str) -> float:
+        return bytes_per_token(block_terms(cfg, 0, seq, 2, attention), 1, False, "all")
+
+    # no per-token terms: the operator's count of queries (a float32 scalar), the reference's
+    # (an int64 scalar) and, gathered, its batch rows' index (B int64)
+    measured = (kept(True) - kept(False) - 4 + 8 + (0 if masked else 2 * 8)) / (2 * seq)
+    assert "npu_sparse_lightning_indexer_grad_kl_loss" in sys.modules["torch_npu"].calls
+    assert measured == pytest.approx(planned("npu") - planned("reference"), abs=1e-6)
+    assert measured < 0

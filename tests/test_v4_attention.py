@@ -16,9 +16,10 @@ from test_train import train_in_process
 
 from birkhoff.checkpoint.contents import read_tensors, tensor_metadata
 from birkhoff.checkpoint.hf_deepseek_v4 import ATTENTION
-from birkhoff.kernels import v4_attention
+from birkhoff.kernels import indexer_loss, v4_attention
+from birkhoff.kernels.indexer_loss import indexer_kl
 from birkhoff.model import compression
-from birkhoff.model.compression import block_entries, indexer_kl, topk_recall
+from birkhoff.model.compression import block_entries, topk_recall
 from birkhoff.model.config import AttentionConfig
 from birkhoff.model.context import SequenceContext
 from birkhoff.model.v4_attention import V4Attention
@@ -129,7 +130,7 @@ def run_theirs(theirs: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 def force_csa_form(monkeypatch, form: str) -> None:
     """CSA's attention and indexer take their picks `gathered` or as a `mask` over every
     entry, whatever `picks_as_mask` would decide for the shape."""
-    for module in (v4_attention, compression):
+    for module in (v4_attention, indexer_loss):
         monkeypatch.setattr(module, "picks_as_mask", lambda *_: form == "mask")
 
 

@@ -164,10 +164,14 @@ def sparse_key_indices(
     in_window = (behind <= positions[:, :, None]) & (tokens >= 0)
     entries = (seq + picks).to(torch.int32)  # int32 throughout: (B, T, W + k) of them
     listed = torch.cat((tokens.expand(batch, -1, -1), entries), dim=-1)
-    valid = torch.cat((in_window, picked), dim=-1)
+    return valid_first(listed, torch.cat((in_window, picked), dim=-1))[:, :, None]
+
+
+def valid_first(listed: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Each row's valid entries of `listed` first, in their order, and -1 after: the lists
+    torch_npu's sparse operators read (their docs' rule)."""
     order = torch.sort((~valid).to(torch.uint8), dim=-1, stable=True).indices
-    listed = listed.gather(-1, order).masked_fill_(~valid.gather(-1, order), -1)
-    return listed[:, :, None]
+    return listed.gather(-1, order).masked_fill_(~valid.gather(-1, order), -1)
 
 
 class _SparseAttention(torch.autograd.Function):

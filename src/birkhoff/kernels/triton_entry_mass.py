@@ -12,7 +12,7 @@ program per query and block of picks reads the picked entries once per block of 
 where they lie, accumulates the logits over blocks of channels in float32 (full precision,
 no TF32), and sums the probabilities over the heads; nothing is gathered into memory. No
 gradient (the target learns nothing back). The tests compare it with the reference under
-TRITON_INTERPRET=1.
+TRITON_INTERPRET=1. The backend's `indexer_loss` is the reference's with this target.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from birkhoff.kernels.indexer_loss import composed_indexer_loss
 from birkhoff.kernels.registry import register
 
 BLOCK_K, BLOCK_H, BLOCK_D = 16, 16, 64  # picks, heads, channels per step (tl.dot: >= 16)
@@ -96,3 +97,19 @@ def entry_mass(
         BK=BLOCK_K, BH=BLOCK_H, BD=BLOCK_D,
     )  # fmt: skip
     return out
+
+
+@register("indexer_loss", "triton")
+def indexer_loss(
+    q: torch.Tensor,
+    values: torch.Tensor,
+    lse: torch.Tensor,
+    index_q: torch.Tensor,
+    index_keys: torch.Tensor,
+    index_weights: torch.Tensor,
+    picks: torch.Tensor,
+    picked: torch.Tensor,
+) -> torch.Tensor:
+    """The reference `indexer_loss` with its target from the kernel above."""
+    args = (q, values, lse, index_q, index_keys, index_weights, picks, picked)
+    return composed_indexer_loss(entry_mass, *args)

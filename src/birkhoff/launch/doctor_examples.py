@@ -107,6 +107,22 @@ def _entry_mass(tokens: int) -> list:
     ]
 
 
+def _indexer_loss(tokens: int) -> list:
+    """A CSA layer's indexer loss at V4's widths (the npu operator's: 8 heads of 512, 8
+    indexer heads of 128) against the entries of two documents' blocks of 4 tokens, up to 16
+    random visible picks a query; the normaliser above the logits, as the attention's is."""
+    split = tokens // 3
+    positions = torch.cat((torch.arange(split), torch.arange(tokens - split)))[None]
+    layout = block_entries(positions, 4)
+    entries = layout.start.shape[1]
+    q, values = torch.randn(1, tokens, 8, 512), torch.randn(1, entries, 512)
+    lse = torch.einsum("bthd,bed->bthe", q, values).mul(512**-0.5).logsumexp(-1)
+    picks = _picked(values, layout, positions, 16)
+    index_q, index_keys = torch.randn(1, tokens, 8, 128), torch.randn(1, entries, 128)
+    weights = torch.randn(1, tokens, 8)
+    return [q, values, lse, index_q, index_keys, weights, picks.picks, picks.picked]
+
+
 def _expert_ids(tokens: int, experts: int = 8, top_k: int = 4) -> torch.Tensor:
     return torch.rand(tokens, experts).topk(top_k, dim=-1).indices  # k distinct per token
 
@@ -171,6 +187,7 @@ EXAMPLES: dict[str, Callable[[int], list]] = {
     "sinkhorn_knopp_eps": _sinkhorn_knopp_eps,
     "v4_attention": _v4_attention,
     "entry_mass": _entry_mass,
+    "indexer_loss": _indexer_loss,
     "moe_permute": _moe_permute,
     "moe_route": _moe_route,
     "moe_unpermute": _moe_unpermute,
@@ -180,7 +197,13 @@ EXAMPLES: dict[str, Callable[[int], list]] = {
 }
 # Floating inputs that are no op's to differentiate (by position): the model's buffers.
 # the rotation tables; the router's bias (balancing's, steering the choice only)
-CONSTANT_ARGS = {"rope": (2, 3), "rope_trailing": (1, 2), "moe_route": (1,)}
+# the attention's queries, entries and normaliser (the indexer learns from them, not back)
+CONSTANT_ARGS = {
+    "rope": (2, 3),
+    "rope_trailing": (1, 2),
+    "moe_route": (1,),
+    "indexer_loss": (0, 1, 2),
+}
 
 
 def _with_query_norm(args: list) -> list:

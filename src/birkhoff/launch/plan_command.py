@@ -273,7 +273,8 @@ def assumptions(cluster: Cluster, work: Workload) -> str:
             "log-sum-exp per head)",
             "npu": "V4 attention's activations as the npu backend's operators keep them "
             "(FlashAttention's query blocks, keys and mask; CSA's gathered picks in bf16: "
-            "the sparse operator's queries, key rows and lists)",
+            "the sparse operator's queries, key rows and lists; in bf16 at V4's widths and "
+            "tp=1, the CSA indexer's loss as its operator's gradients)",
         }[work.attention]
     )
 

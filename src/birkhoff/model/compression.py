@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from birkhoff import kernels
-from birkhoff.kernels.v4_attention import BlockEntries, picks_as_mask
+from birkhoff.kernels.indexer_loss import index_scores
+from birkhoff.kernels.v4_attention import BlockEntries
 from birkhoff.model.group_sums import shared_over, summed_over
 from birkhoff.model.init import constant
 from birkhoff.model.norm import RMSNorm
@@ -111,39 +111,29 @@ class LightningIndexer(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         inv_freq: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Each query's top-k visible entries (B, T, k), whether each pick is visible, and the
-        index scores at the picks (float32, -inf where not visible; differentiable). Where
-        the scores of every entry take no more memory than the picked keys would
-        (`picks_as_mask`, as the attention decides), they are computed once with their
-        gradient and read at the picks. Otherwise selection scores all entries a block of
-        queries at a time without gradients and the picked keys are gathered, so memory grows
-        with T x k, not T x E."""
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Each query's top-k visible entries (B, T, k), whether each pick is visible, and
+        the indexer's queries (B, T, heads here, D), keys (B, E, D) and head weights (B, T,
+        heads here), differentiable, for its loss (kernels' `indexer_loss`, which scores the
+        picks again with their gradient: where it reads them from every entry's, twice the
+        scoring's forward work, against once when this forward kept them with their gradient;
+        tiny's step within the machine's noise). Selection scores all entries a block of
+        queries at a time without gradients, so its memory stays within SCORES_PER_BLOCK."""
         batch, seq, _ = x.shape
         keys, q, weights = self._inputs(x, q_latent, entries, cos, sin, inv_freq)
         k = min(self.topk, keys.shape[1])
-        if picks_as_mask(q.shape[2], keys.shape[1], k, self.head_dim):
-            # every entry's score, differentiable, read at the picks: no gather (and the
-            # scores are computed once, where selection in blocks scores again at the picks)
-            index = summed_over(self._index(q, keys, weights), self.head_group)
-            visible = entries.visible(positions)
-            top = index.detach().masked_fill(~visible, -torch.inf).topk(k, dim=-1)
-            picks, picked = top.indices, torch.isfinite(top.values)
-            return picks, picked, index.gather(-1, picks).masked_fill(~picked, -torch.inf)
         picks = torch.empty(batch, seq, k, dtype=torch.long, device=x.device)
         picked = torch.empty(batch, seq, k, dtype=torch.bool, device=x.device)
         block = queries_per_block(keys.shape[1], self.heads, batch)
         with torch.no_grad():
             for first in range(0, seq, block):
                 queries = slice(first, min(seq, first + block))
-                index = self._index(q[:, queries], keys, weights[:, queries])
+                index = index_scores(q[:, queries], keys, weights[:, queries])
                 index = summed_over(index, self.head_group)
                 index = index.masked_fill(~entries.visible(positions, queries), -torch.inf)
                 top = index.topk(k, dim=-1)
                 picks[:, queries], picked[:, queries] = top.indices, torch.isfinite(top.values)
-        rows = torch.arange(batch, device=x.device)[:, None, None]
-        at_picks = summed_over(self._index(q, keys[rows, picks], weights), self.head_group)
-        return picks, picked, at_picks.masked_fill(~picked, -torch.inf)
+        return picks, picked, (q, keys, weights)
 
     def score_all(
         self,
@@ -158,7 +148,7 @@ class LightningIndexer(nn.Module):
         """Index scores (B, T, E) of every query against every entry, -inf where the entry is
         not visible; differentiable (the dense warm-up's loss covers all entries)."""
         keys, q, weights = self._inputs(x, q_latent, entries, cos, sin, inv_freq)
-        index = summed_over(self._index(q, keys, weights), self.head_group)
+        index = summed_over(index_scores(q, keys, weights), self.head_group)
         return index.masked_fill(~entries.visible(positions), -torch.inf)
 
     def _inputs(
@@ -176,32 +166,6 @@ class LightningIndexer(nn.Module):
         q = self.w_q(q_latent).view(batch, seq, -1, self.head_dim)  # this process's heads
         q = self._rotate(q, cos[:, :, None], sin[:, :, None]).float()
         return keys, q, self.w_weights(x).float() * self.heads**-0.5
-
-    def _index(self, q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """sum_h w[t, h] ReLU(q[t, h] . k) for queries (B, Q, H, D) against keys shared by all
-        queries (B, K, D) or each query's own (B, Q, K, D): (B, Q, K)."""
-        pattern = "bqhd,bkd->bqhk" if keys.dim() == 3 else "bqhd,bqkd->bqhk"
-        per_head = F.relu(torch.einsum(pattern, q, keys))
-        return torch.einsum("bqh,bqhk->bqk", weights, per_head * self.head_dim**-0.5)
-
-
-def indexer_kl(
-    attention_mass: torch.Tensor, index: torch.Tensor, valid: torch.Tensor
-) -> torch.Tensor:
-    """Mean over queries of KL(p || softmax(index)) on each query's selected entries, where p
-    is the main attention's probability of each entry summed over heads, renormalised
-    (detached: the indexer learns from the attention, not the reverse). Queries that selected
-    nothing visible do not count."""
-    target = attention_mass.detach().masked_fill(~valid, 0.0)
-    total = target.sum(-1, keepdim=True)
-    counted = (total.squeeze(-1) > 0) & valid.any(-1)
-    target = target / total.clamp_min(torch.finfo(target.dtype).tiny)
-    # A row with nothing selected would be all -inf: NaN in log_softmax and its gradient.
-    logits = torch.where(counted[..., None], index.masked_fill(~valid, -torch.inf), 0.0)
-    log_q = torch.log_softmax(logits, dim=-1)
-    terms = torch.where(target > 0, target * (target.log() - log_q), torch.zeros_like(target))
-    per_query = terms.sum(-1)
-    return (per_query * counted).sum() / counted.sum().clamp_min(1)
 
 
 @torch.no_grad()

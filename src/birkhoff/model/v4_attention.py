@@ -18,14 +18,9 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from birkhoff import kernels
+from birkhoff.kernels.indexer_loss import composed_indexer_loss, indexer_kl
 from birkhoff.kernels.v4_attention import EntryKV, dense_entry_mass
-from birkhoff.model.compression import (
-    KVCompressor,
-    LightningIndexer,
-    block_entries,
-    indexer_kl,
-    topk_recall,
-)
+from birkhoff.model.compression import KVCompressor, LightningIndexer, block_entries, topk_recall
 from birkhoff.model.config import AttentionConfig
 from birkhoff.model.context import SequenceContext
 from birkhoff.model.group_sums import shared_over, summed_over
@@ -108,6 +103,7 @@ class V4Attention(nn.Module):
         self._attend = kernels.get("v4_attention", backend)
         self._rotate = kernels.get("rope_trailing", backend)
         self._entry_mass = kernels.get("entry_mass", backend)
+        self._indexer_loss = kernels.get("indexer_loss", backend)
         # The indexer's dense warm-up (train.indexer_warmup_steps): a CSA layer attends to every
         # visible entry and its indexer learns the attention over all of them.
         self.dense_indexing = False
@@ -136,14 +132,12 @@ class V4Attention(nn.Module):
         window = self.cfg.sliding_window
         out, lse = self._attend(q, kv, positions, _local(self.sinks), window, entries)
         if indexer_outputs is not None and aux_losses is not None:
-            index, picked, recall = indexer_outputs
+            inputs, picked, recall = indexer_outputs
             if entries.picks is None:  # the dense warm-up: every visible entry
                 mass = dense_entry_mass(q, positions, entries, lse.detach())
+                loss = indexer_kl(summed_over(mass, self.head_group), inputs, picked)
             else:
-                args = (entries.values, entries.picks, entries.picked, lse.detach())
-                mass = self._entry_mass(q, *args)
-            mass = summed_over(mass, self.head_group)
-            loss = indexer_kl(mass, index, picked)
+                loss = self._indexer_loss_at_picks(q, entries, lse.detach(), inputs)
             aux_losses.append(self.cfg.index_loss_weight * loss)
             if self.training and not recomputing():  # recall: none in the dense warm-up
                 one, zero = torch.ones_like(loss), torch.zeros_like(loss)
@@ -158,6 +152,20 @@ class V4Attention(nn.Module):
         mixed = torch.einsum("btgi,gri->btgr", groups, weight).flatten(2)
         return self.w_o(mixed)
 
+    def _indexer_loss_at_picks(
+        self, q: torch.Tensor, entries: EntryKV, lse: torch.Tensor, inputs: tuple
+    ) -> torch.Tensor:
+        """The indexer's KL to the attention over its picks: the backend's `indexer_loss` on
+        all heads; with the heads split over tensor-parallel ranks, its parts with each
+        rank's heads summed before the KL."""
+        args = (q, entries.values, lse, *inputs, entries.picks, entries.picked)
+        if self.head_group is None:
+            return self._indexer_loss(*args)
+        group = self.head_group
+        return composed_indexer_loss(
+            self._entry_mass, *args, head_sum=lambda part: summed_over(part, group)
+        )
+
     def _entries(
         self,
         x: torch.Tensor,
@@ -168,8 +176,10 @@ class V4Attention(nn.Module):
         sin: torch.Tensor,
     ) -> tuple[EntryKV | None, tuple | None]:
         """The compressed entries the queries attend to (none in a sliding layer) and, for
-        CSA, the indexer's scores at its picks, their validity (for its loss) and, in a
-        training forward, its recall against dense attention on a sample of queries."""
+        CSA, what its indexer's loss takes: in the dense warm-up the scores of every entry
+        and their visibility, else the indexer's queries, keys and head weights and whether
+        each pick is visible; in a training forward also its recall against dense attention
+        on a sample of queries."""
         if self.compressor is None:
             return None, None
         layout = block_entries(positions, self.compressor.ratio)
@@ -182,7 +192,7 @@ class V4Attention(nn.Module):
             )
             return EntryKV(values, layout), (index, layout.visible(positions), None)
         # The indexer learns only from its own loss: its inputs are cut from the model's graph.
-        picks, picked, index = self.indexer(
+        picks, picked, inputs = self.indexer(
             x.detach(), q_latent.detach(), layout, positions, cos, sin, self.inv_freq
         )
         recall = None
@@ -195,7 +205,7 @@ class V4Attention(nn.Module):
                 q[0, sample], values[0], layout.visible(positions, sample)[0],
                 picks[0, sample], picked[0, sample], self.head_dim**-0.5, self.head_group,
             )  # fmt: skip
-        return EntryKV(values, layout, picks, picked), (index, picked, recall)
+        return EntryKV(values, layout, picks, picked), (inputs, picked, recall)
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from birkhoff.kernels.linear_cross_entropy import chunk_tokens
+from birkhoff.kernels.npu_indexer_loss import indexer_operator_takes
 from birkhoff.kernels.npu_v4_attention import sparse_operator_takes
 from birkhoff.kernels.v4_attention import picks_as_mask
 from birkhoff.model.config import ModelConfig
@@ -157,15 +158,18 @@ def _attention_terms(
             terms.append(Term(2 * topk, FP32, "whole", False))
             terms.append(Term(3 * topk + 1, MASK, "whole", False))
         terms += _compressor_terms(2, a.csa_ratio, d)
-        terms.append(Term(2 * ih * id_, FP32, "heads", False))
-        # the indexer's scores per head (ReLU's output and scaled) and their head weights,
-        # at its picks with the picked keys, or at every entry (the same rule)
-        if picks_as_mask(max(1, ih // tp), count, topk, id_):
-            terms.append(Term(2 * ih * count + ih, FP32, "heads", False))
-            terms.append(Term(count + id_ / a.csa_ratio, FP32, "whole", False))
+        terms.append(Term(ih * id_, FP32, "heads", False))  # the indexer's queries, rotated
+        index_heads = max(1, ih // tp)
+        if (
+            attention == "npu"
+            and tp == 1  # the operator sums all heads: one rank holds them
+            and count < seq  # its causal layout
+            and indexer_operator_takes(heads, ih, d, id_, _dtype(act), seq)
+        ):
+            terms += npu_indexer_loss_terms(ih, id_, a.csa_ratio, act)
         else:
-            terms.append(Term(2 * ih * topk + ih, FP32, "heads", False))
-            terms.append(Term(topk * id_, FP32, "whole", False))
+            masked_index = picks_as_mask(index_heads, count, topk, id_)
+            terms += reference_indexer_loss_terms(ih, id_, count, topk, a.csa_ratio, masked_index)
         terms += _compressor_terms(2, a.csa_ratio, id_)
     elif kind == "hca":
         terms.append(Term(hd, FP32, "heads", False))  # queries against every entry
@@ -182,6 +186,36 @@ def _attention_terms(
         terms += _negated(gathered)
         terms += npu_sparse_core_terms(heads, d, window, topk, a.csa_ratio, act)
     return terms
+
+
+def reference_indexer_loss_terms(
+    heads: int, dim: int, entries: float, picks: int, ratio: int, masked: bool
+) -> list[Term]:
+    """What the reference `indexer_loss` keeps per token (kernels/indexer_loss.py): the
+    indexer's float32 queries and head weights; its scores per head before and after ReLU at
+    every entry with every entry's score and the keys (`masked`), or at the picks with the
+    picked keys gathered; the picks' indices; the KL's target and log-probabilities and its
+    three masks at the picks and one per query."""
+    if masked:
+        scores = [Term(2 * heads * entries, FP32, "heads", False)]
+        scores.append(Term(entries + dim / ratio, FP32, "whole", False))
+    else:
+        scores = [Term(2 * heads * picks, FP32, "heads", False)]
+        scores.append(Term(picks * dim, FP32, "whole", False))
+    return [
+        Term(heads * dim + heads, FP32, "heads", False),
+        *scores,
+        Term(picks, INDEX, "whole", False),
+        Term(2 * picks, FP32, "whole", False),
+        Term(3 * picks + 1, MASK, "whole", False),
+    ]
+
+
+def npu_indexer_loss_terms(heads: int, dim: int, ratio: int, act: int) -> list[Term]:
+    """What the npu backend's `indexer_loss` keeps per token (kernels/npu_indexer_loss.py):
+    the gradients the operator gave in its forward, of the indexer's queries and head weights
+    and of the keys (dim / ratio a token), in the activations' dtype."""
+    return [Term(heads * dim + heads, act, "heads", False), Term(dim / ratio, act, "whole", False)]
 
 
 def reference_core_terms(

@@ -7,10 +7,10 @@ launch itself), so a step whose device work is small is bound by the host.
 How many ops a model runs does not depend on its widths, except through CSA's forms (its
 picks gathered or taken as a mask over every entry, `v4_attention.picks_as_mask`: the count
 runs the real shape's, `csa_forms`) and three loops that bound their memory: the CSA
-indexer, where it gathers, scores a block of queries at a time
-(`compression.queries_per_block`), `entry_mass` sums the attention at a block of queries at a
-time (`v4_attention.mass_queries_per_block`), and the loss takes its vocabulary logits a chunk
-of tokens at a time (`linear_cross_entropy.chunk_tokens`); their block sizes depend on heads,
+indexer picks for a block of queries at a time (`compression.queries_per_block`),
+`entry_mass` sums the attention at a block of queries at a time
+(`v4_attention.mass_queries_per_block`), and the loss takes its vocabulary logits a chunk of
+tokens at a time (`linear_cross_entropy.chunk_tokens`); their block sizes depend on heads,
 widths, entries, the vocabulary and the micro-batch. So the count is taken on a copy of the
 recipe's model with every width narrowed (the same layers, layer kinds, experts, streams,
 Engram orders and heads), two short sequences on this CPU with the reference kernels: once
@@ -44,6 +44,7 @@ from unittest import mock
 import torch
 from torch import nn
 
+from birkhoff.kernels import indexer_loss as index_kernel
 from birkhoff.kernels import linear_cross_entropy as loss_kernel
 from birkhoff.kernels import v4_attention as attention_kernel
 from birkhoff.kernels.launch_counter import LaunchCounter
@@ -132,7 +133,7 @@ def count_launches(
     def launches(per_query: str | None) -> tuple[int, Counter[tuple[str, str]]]:
         counter = counted_ops.counter = LaunchCounter()
         with ExitStack() as patches, counter:
-            for module, masked in zip((attention_kernel, compression), forms, strict=True):
+            for module, masked in zip((attention_kernel, index_kernel), forms, strict=True):
                 choice = lambda *_, masked=masked: masked  # noqa: E731
                 patches.enter_context(mock.patch.object(module, "picks_as_mask", choice))
             for loop, (module, sizing) in LOOPS.items():
@@ -152,8 +153,6 @@ def count_launches(
     forced = {"loss": math.ceil(tokens.numel() / FORCED_BLOCK)}
     if model_cfg.attention.kind == "v4":
         forced |= dict.fromkeys(("indexer", "entry_mass"), math.ceil(seq / FORCED_BLOCK))
-        if forms[1]:  # the indexer takes every entry at once: no loop
-            del forced["indexer"]
     runs |= {loop: launches(loop) for loop, blocks in forced.items() if blocks > 1}
     per_call = counted_ops.launches_per_call()
     total = {run: aten + charged(tally, per_call) for run, (aten, tally) in runs.items()}
@@ -233,10 +232,9 @@ def csa_forms(cfg: ModelConfig, seq_len: int) -> tuple[bool, bool]:
 
 def loop_iterations(cfg: ModelConfig, micro_batch: int, seq_len: int, tp: int) -> dict[str, int]:
     """Iterations of each budgeted loop per call at the real shape (this process's heads
-    under tensor parallelism), in the forms `csa_forms` gives: the indexer's selection
-    loops only where it gathers, and `entry_mass` takes every entry where the attention
-    does."""
-    attention_masked, index_masked = csa_forms(cfg, seq_len)
+    under tensor parallelism), in the forms `csa_forms` gives: `entry_mass` takes every
+    entry where the attention does."""
+    attention_masked, _ = csa_forms(cfg, seq_len)
     cfg = apply_sparse_budget(cfg)
     a = cfg.attention
     entries = seq_len // a.csa_ratio if a.kind == "v4" else 0
@@ -249,7 +247,7 @@ def loop_iterations(cfg: ModelConfig, micro_batch: int, seq_len: int, tp: int) -
     )
     chunk = loss_kernel.chunk_tokens(cfg.vocab_size)
     return {
-        "indexer": 1 if index_masked else math.ceil(seq_len / index_block),
+        "indexer": math.ceil(seq_len / index_block),
         "entry_mass": math.ceil(seq_len / mass_block),
         "loss": math.ceil(micro_batch * seq_len / chunk),
     }
