@@ -101,3 +101,33 @@ def test_the_triton_kernel_reads_bf16_as_the_reference_does():
     torch.testing.assert_close(
         triton_entry_mass.entry_mass(*inputs), entry_mass(*inputs), rtol=1e-5, atol=1e-6
     )
+
+
+def test_the_triton_indexer_loss_takes_its_target_from_the_kernel(monkeypatch):
+    """The triton backend's `indexer_loss` launches this kernel once for its target, and its
+    loss and gradients are the reference op's."""
+    from birkhoff import kernels
+    from birkhoff.kernels.indexer_loss import indexer_loss
+
+    launches = []
+    kernel = triton_entry_mass._entry_mass_kernel
+
+    class Recorded:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(triton_entry_mass, "_entry_mass_kernel", Recorded())
+    q, values, picks, picked, lse = _inputs(1, 6, 3, 8, 9, 4, seed=4)
+    generator = torch.Generator().manual_seed(5)
+    index_q = torch.randn(1, 6, 2, 5, generator=generator)
+    index_keys = torch.randn(1, 9, 5, generator=generator)
+    weights = torch.randn(1, 6, 2, generator=generator)
+    results = []
+    for op in (kernels.get("indexer_loss", "triton"), indexer_loss):
+        leaves = [t.clone().requires_grad_() for t in (index_q, index_keys, weights)]
+        loss = op(q, values, lse, *leaves, picks, picked)
+        results.append((loss, *torch.autograd.grad(loss, leaves)))
+    assert len(launches) == 1
+    for got, expected in zip(*results, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

@@ -12,7 +12,7 @@ indexer's queries, keys and head weights.
 from the picked keys gathered (whichever keeps less: the attention's rule `picks_as_mask`
 at the indexer's heads and width, so the two may take different forms), the reference
 `entry_mass`, then `indexer_kl`. A backend with its own `entry_mass` registers this op
-composed with it (`composed_indexer_loss`: triton_entry_mass.py); the npu backend runs it as
+composed with it (`indexer_loss_with`: triton_entry_mass.py); the npu backend runs it as
 one torch_npu operator (kernels/npu_indexer_loss.py). The attention's tensors (q, v, lse) are
 detached: the indexer learns from the attention, never the reverse.
 """
@@ -58,18 +58,21 @@ def indexer_kl(
     return (per_query * counted).sum() / counted.sum().clamp_min(1)
 
 
+def _unchanged(part: torch.Tensor) -> torch.Tensor:
+    return part
+
+
 def scores_at_picks(
     index_q: torch.Tensor,
     index_keys: torch.Tensor,
     index_weights: torch.Tensor,
     picks: torch.Tensor,
-    head_sum: HeadSum | None = None,
+    head_sum: HeadSum = _unchanged,
 ) -> torch.Tensor:
     """The index scores (B, T, k) at each query's picks, differentiable: every entry's read at
     the picks or the picked keys gathered, whichever keeps less for backward (the attention's
     rule, `picks_as_mask`, at the indexer's heads and width); `head_sum` adds the other
     tensor-parallel ranks' heads."""
-    head_sum = head_sum or (lambda x: x)
     heads, dim = index_q.shape[2], index_q.shape[3]
     if picks_as_mask(heads, index_keys.shape[1], picks.shape[-1], dim):
         # gathered before the sum: every rank has the same picks, so T x k crosses ranks, not T x E
@@ -88,32 +91,37 @@ def composed_indexer_loss(
     index_weights: torch.Tensor,
     picks: torch.Tensor,
     picked: torch.Tensor,
-    head_sum: HeadSum | None = None,
+    head_sum: HeadSum = _unchanged,
 ) -> torch.Tensor:
     """`indexer_loss` from its parts: the scores at the picks, `mass` (a backend's
     `entry_mass`) and `indexer_kl`; `head_sum` sums a tensor-parallel rank's heads with the
     others' (scores and mass alike) before the KL."""
-    head_sum = head_sum or (lambda x: x)
     index = scores_at_picks(index_q, index_keys, index_weights, picks, head_sum)
     target = head_sum(mass(q.detach(), values.detach(), picks, picked, lse.detach()))
     return indexer_kl(target, index.masked_fill(~picked, -torch.inf), picked)
 
 
-@register("indexer_loss", REFERENCE)
-def indexer_loss(
-    q: torch.Tensor,
-    values: torch.Tensor,
-    lse: torch.Tensor,
-    index_q: torch.Tensor,
-    index_keys: torch.Tensor,
-    index_weights: torch.Tensor,
-    picks: torch.Tensor,
-    picked: torch.Tensor,
-) -> torch.Tensor:
-    """The indexer's loss, a scalar: the attention's queries (B, T, H, D), entries (B, E, D)
-    and normaliser (B, T, H) float32; the indexer's queries (B, T, H_I, D_I), keys (B, E,
-    D_I) and head weights (B, T, H_I); picks (B, T, k) indices of entries, picked (B, T, k)
-    bool (the pick is visible). Differentiable in the indexer's three tensors only."""
-    return composed_indexer_loss(
-        attention.entry_mass, q, values, lse, index_q, index_keys, index_weights, picks, picked
-    )
+def indexer_loss_with(mass: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """The op `indexer_loss` with its target from `mass` (a backend's `entry_mass`)."""
+
+    def indexer_loss(
+        q: torch.Tensor,
+        values: torch.Tensor,
+        lse: torch.Tensor,
+        index_q: torch.Tensor,
+        index_keys: torch.Tensor,
+        index_weights: torch.Tensor,
+        picks: torch.Tensor,
+        picked: torch.Tensor,
+    ) -> torch.Tensor:
+        """The indexer's loss, a scalar: the attention's queries (B, T, H, D), entries (B, E,
+        D) and normaliser (B, T, H) float32; the indexer's queries (B, T, H_I, D_I), keys (B,
+        E, D_I) and head weights (B, T, H_I); picks (B, T, k) indices of entries, picked (B,
+        T, k) bool (the pick is visible). Differentiable in the indexer's three tensors only."""
+        args = (q, values, lse, index_q, index_keys, index_weights, picks, picked)
+        return composed_indexer_loss(mass, *args)
+
+    return indexer_loss
+
+
+indexer_loss = register("indexer_loss", REFERENCE)(indexer_loss_with(attention.entry_mass))

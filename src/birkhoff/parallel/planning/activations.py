@@ -159,7 +159,6 @@ def _attention_terms(
             terms.append(Term(3 * topk + 1, MASK, "whole", False))
         terms += _compressor_terms(2, a.csa_ratio, d)
         terms.append(Term(ih * id_, FP32, "heads", False))  # the indexer's queries, rotated
-        index_heads = max(1, ih // tp)
         if (
             attention == "npu"
             and tp == 1  # the operator sums all heads: one rank holds them
@@ -168,7 +167,7 @@ def _attention_terms(
         ):
             terms += npu_indexer_loss_terms(ih, id_, a.csa_ratio, act)
         else:
-            masked_index = picks_as_mask(index_heads, count, topk, id_)
+            masked_index = picks_as_mask(max(1, ih // tp), count, topk, id_)
             terms += reference_indexer_loss_terms(ih, id_, count, topk, a.csa_ratio, masked_index)
         terms += _compressor_terms(2, a.csa_ratio, id_)
     elif kind == "hca":
