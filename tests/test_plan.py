@@ -136,7 +136,7 @@ def test_the_step_time_is_matmuls_then_memory_traffic_each_at_its_efficiency():
     weights = L * (2 * C * C + 2 * KV * d * C + 3 * C * F) + C * V
     saved = sum(bytes_per_token(block_terms(DENSE, i, 8, 2), 1, False, "all") for i in range(L))
     saved = (saved + bytes_per_token(head_terms(DENSE, 2), 1, False, "all")) * 2 * 8
-    traffic = (84 + 12 + 12) * p + 12 * weights * 2 + ACTIVATION_TRAFFIC * saved
+    traffic = (84 + 12 + 12) * p + 12 * weights * 2 + ACTIVATION_TRAFFIC["reference"] * saved
     for efficiency, memory_efficiency in ((0.6, 0.8), (0.118, 0.5)):
         cluster = replace(CLUSTER, matmul_efficiency=efficiency,
                           memory_efficiency=memory_efficiency)  # fmt: skip

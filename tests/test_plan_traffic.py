@@ -1,26 +1,23 @@
-"""The plan's device-memory traffic (parallel/planning/traffic.py) against bytes counted: a
-dispatch mode adds up what every aten op outside the matmuls reads (its tensor arguments) and
-writes (new outputs, and arguments it mutates) while torch's AdamW, birkhoff's Muon, the
-gradient clipping and the model's forward and backward run."""
+"""The plan's device-memory traffic (parallel/planning/traffic.py) against bytes counted
+(kernels/moved_bytes.py: what every aten op outside the matmuls reads and writes) while
+torch's AdamW, birkhoff's Muon, the gradient clipping and the model's forward and backward
+run."""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from birkhoff.errors import RecipeError
+from birkhoff.kernels.moved_bytes import MovedBytes
 from birkhoff.launch.plan_command import plan_command
 from birkhoff.launch.recipe import typed_recipe
-from birkhoff.model import build_model
-from birkhoff.model.budget import apply_sparse_budget
 from birkhoff.parallel.distributed import DistributedContext
 from birkhoff.parallel.grad_norm import clip_grad_norm
-from birkhoff.parallel.planning.activations import block_terms, bytes_per_token, head_terms
 from birkhoff.parallel.planning.cluster import cluster_from
 from birkhoff.parallel.planning.traffic import (
     ACTIVATION_TRAFFIC,
@@ -34,35 +31,8 @@ from birkhoff.parallel.planning.traffic import (
 from birkhoff.train.muon import MuonV4
 from conftest import compose_recipe
 
-aten = torch.ops.aten
-MATMULS = {aten.mm, aten.addmm, aten.bmm, aten.baddbmm, aten._grouped_mm, aten.linear}
-
-
-def _bytes(values) -> int:
-    return sum(t.numel() * t.element_size() for t in tree_leaves(values) if torch.is_tensor(t))
-
-
-class MovedBytes(TorchDispatchMode):
-    """Bytes that ops outside the matmuls read and write; views move nothing."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.total = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        schema = func._schema
-        if func.overloadpacket in MATMULS:
-            return out
-        given = [*args, *(kwargs.get(a.name) for a in schema.arguments[len(args) :])]
-        mutated = [v for a, v in zip(schema.arguments, given, strict=False)
-                   if a.alias_info is not None and a.alias_info.is_write]  # fmt: skip
-        returns = out if isinstance(out, tuple) else (out,)
-        new = [v for r, v in zip(schema.returns, returns, strict=False) if r.alias_info is None]
-        if mutated or new:
-            self.total += _bytes((args, kwargs)) + _bytes(mutated) + _bytes(new)
-        return out
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+import activation_traffic
 
 
 def _params(shapes, seed: int = 0) -> list[torch.nn.Parameter]:
@@ -114,58 +84,106 @@ def test_clipping_reads_and_scales_every_gradient():
     assert moved.total == pytest.approx(CLIP_BYTES * elements, rel=0.01)
 
 
-WIDE = {
-    "small": ["model=small"],
-    "small, 16B-class widths": [
-        "model=small", "model.hidden_size=1024", "model.num_layers=2", "model.num_heads=8",
-        "model.num_kv_heads=4", "model.moe.num_experts=8", "model.moe.top_k=6",
-        "model.moe.expert_ffn_hidden_size=704", "model.engram.layers=[1]", "data.seq_len=64",
-    ],
-}  # fmt: skip
-
-
-@pytest.mark.parametrize("shape", list(WIDE))
+@pytest.mark.parametrize("shape", list(activation_traffic.SHAPES))
 def test_activation_traffic_is_the_factor_times_what_autograd_saves(shape):
     """Per token (two batch sizes apart, so that what scales with the parameters drops
-    out): the non-matmul bytes of a forward and backward against ACTIVATION_TRAFFIC times the
-    bytes the plan's activation terms say autograd saves."""
-    recipe = typed_recipe(compose_recipe(WIDE[shape]))
+    out): the non-matmul bytes of a forward and backward on the reference kernels against
+    their ACTIVATION_TRAFFIC times the bytes the plan's activation terms say autograd saves
+    (benchmarks/activation_traffic.py's count; the triton backend's is the test below)."""
+    recipe = typed_recipe(compose_recipe(activation_traffic.SHAPES[shape]))
     cfg, seq = recipe.model, recipe.data.seq_len
-    sized = apply_sparse_budget(cfg)
-    model = build_model(cfg, seed=0)
-    counted = []
-    for batch in (1, 3):
-        tokens = torch.randint(0, sized.vocab_size, (batch, seq))
-        model.zero_grad(set_to_none=True)
-        with MovedBytes() as moved:
-            model(tokens, tokens.roll(-1, dims=1)).backward()
-        counted.append(moved.total)
-    per_token = (counted[1] - counted[0]) / (2 * seq)
-    layers = range(sized.num_layers + sized.mtp.depth)
-    saved = sum(bytes_per_token(block_terms(sized, i, seq, 4), 1, False, "all") for i in layers)
-    saved += bytes_per_token(head_terms(sized, 4), 1, False, "all")
-    assert per_token == pytest.approx(ACTIVATION_TRAFFIC * saved, rel=0.25)
+    per_token, _ = activation_traffic.counted(cfg, seq, "reference")
+    saved = activation_traffic.saved_per_token(cfg, seq)
+    assert per_token == pytest.approx(ACTIVATION_TRAFFIC["reference"] * saved, rel=0.25)
 
 
-def test_the_h200_16b_class_step_is_predicted_within_a_quarter(capsys):
+def test_the_triton_factor_is_the_one_counted_at_the_wide_shapes():
+    """The triton backend's factor, counted at the wide shapes by the benchmark (its
+    interpreter takes about 15 minutes a shape: the recorded run,
+    benchmarks/results/activation_traffic_2026-12-07.json), lies within the counted range;
+    so does the reference's, which the test above counts again."""
+    results = Path(__file__).parents[1] / "benchmarks/results/activation_traffic_2026-12-07.json"
+    shapes = json.loads(results.read_text())["shapes"]
+    assert set(shapes) == set(activation_traffic.SHAPES)
+    for backend, factor in ACTIVATION_TRAFFIC.items():
+        counted = [row["factor"][backend] for row in shapes.values()]
+        assert 0.95 * min(counted) <= factor <= 1.05 * max(counted), backend
+
+
+NARROW = ["model=small", "model.hidden_size=128", "model.num_layers=2", "model.num_heads=4",
+          "model.num_kv_heads=2", "model.moe.num_experts=4", "model.moe.top_k=2",
+          "model.moe.expert_ffn_hidden_size=64", "model.engram.layers=[1]",
+          "data.seq_len=8"]  # fmt: skip
+
+
+def test_the_triton_kernels_move_what_they_moved_when_counted(monkeypatch):
+    """At a narrow shape the interpreter counts in seconds: triton's bytes per token over the
+    reference's, measured the same way when the factor was counted (0.373 here, 0.494 and
+    0.472 at the wide shapes, where the reference's fixed-width terms weigh less).
+    A change of the triton kernels' traffic moves it: remeasure the factor then."""
+    recipe = typed_recipe(compose_recipe(NARROW))
+    monkeypatch.setattr(activation_traffic, "BATCHES", (1, 2))
+    triton, _ = activation_traffic.counted(recipe.model, 8, "triton")
+    reference, _ = activation_traffic.counted(recipe.model, 8, "reference")
+    assert triton / reference == pytest.approx(0.373, rel=0.03)
+
+
+def test_the_h200_16b_class_step_is_bounded_by_the_two_factors(capsys):
     """The one accelerator measurement of a shape big enough not to be bound by kernel
     launches (benchmarks/results/h200_2026-12-04_run2.json: the 16B-class shape of
     device_checks.py, 8 x 1,024 tokens, bf16 autocast, AdamW, eager, 24,404 tokens/s): the
-    matmuls alone are a fifth of the step; with the memory traffic the plan is within 25%,
-    and under it (it leaves launch overhead out). Not fitted: the factors come from counts
-    on this CPU, the bandwidth from the H200's data sheet."""
+    matmuls alone are a fifth of the step. That run had triton kernels for 10 of its 16 ops
+    (the doctor's table in the same file: RMSNorm, SwiGLU and RoPE ran the reference), so its
+    traffic lies between the two backends' factors: planned with the reference's the step is
+    within 25% and under the measurement (the plan leaves launch overhead out), with
+    triton's (what `auto` takes on an H200 now) under it too. Not fitted: the factors come
+    from counts on this CPU, the bandwidth from the H200's data sheet."""
     results = Path(__file__).parents[1] / "benchmarks/results/h200_2026-12-04_run2.json"
-    run = json.loads(results.read_text())["throughput_16b_class"]["json"]
+    recorded = json.loads(results.read_text())
+    assert recorded["doctor"]["json"]["kernels"]["summary"].startswith("kernels: triton for 10")
+    run = recorded["throughput_16b_class"]["json"]
     assert run["shape_override"] == [8, 1024] and run["bf16"] and not run["compiled"]
     measured = 8 * 1024 / run["models"]["small"]["tokens_per_s"]["default"]
     overrides = ["model=small", *run["set"], "optim=adamw_cosine", "cluster.preset=h200",
                  "cluster.devices=1", "train.global_batch_size=8", "train.micro_batch_size=8",
                  "data.seq_len=1024", "train.mixed_precision=bf16",
                  "parallel.activation_checkpoint=none", "parallel.tp=1"]  # fmt: skip
-    assert plan_command([*overrides, "--json"]) == 0
-    (layout,) = json.loads(capsys.readouterr().out)["layouts"]
-    assert layout["compute_s"] < 0.25 * measured
-    assert 0.75 * measured < layout["step_s"] < measured
+    steps = {}
+    for kernels in ("reference", "auto"):
+        assert plan_command([*overrides, f"backend.kernels={kernels}", "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        (layout,) = report["layouts"]
+        assert layout["compute_s"] < 0.25 * measured
+        steps[report["workload"]["kernels"]] = layout["step_s"]
+    assert 0.75 * measured < steps["reference"] < measured
+    assert steps["triton"] < steps["reference"]
+
+
+def test_the_plan_takes_the_factor_of_the_kernels_the_devices_run(capsys):
+    """`backend.kernels=auto` on an NVIDIA preset plans the triton backend's activation
+    traffic (the reference's where asked), an Ascend one the reference's factor (npu's
+    operators are not counted), and the line of assumptions says which; the other kinds of
+    traffic do not depend on it."""
+    base = ["model=tiny", "cluster.devices=1", "train.global_batch_size=8",
+            "train.micro_batch_size=8", "parallel.dp_shard=1", "--json"]  # fmt: skip
+    reports = {}
+    for preset, kernels in (("h100", "auto"), ("h100", "reference"), ("ascend_910b", "auto")):
+        assert plan_command([f"cluster.preset={preset}", f"backend.kernels={kernels}", *base]) == 0
+        reports[preset, kernels] = json.loads(capsys.readouterr().out)
+    triton, reference = reports["h100", "auto"], reports["h100", "reference"]
+    npu = reports["ascend_910b", "auto"]
+    assert triton["workload"]["kernels"] == "triton" and npu["workload"]["kernels"] == "npu"
+    moved = {key: r["layouts"][0]["traffic_gib"] for key, r in reports.items()}
+    ratio = ACTIVATION_TRAFFIC["triton"] / ACTIVATION_TRAFFIC["reference"]
+    assert moved["h100", "auto"]["activations"] == pytest.approx(
+        ratio * moved["h100", "reference"]["activations"]
+    )
+    for kind in ("optimizer", "gradients", "casts"):
+        assert moved["h100", "auto"][kind] == moved["h100", "reference"][kind]
+    assert "counted for the triton kernels" in triton["assumptions"]
+    assert "counted for the reference kernels);" in reference["assumptions"]
+    assert "counted for the reference kernels, not for npu's" in npu["assumptions"]
+    assert f"backward's {ACTIVATION_TRAFFIC['reference']:g} times" in npu["assumptions"]
 
 
 def test_the_memory_keys_are_checked_before_planning():

@@ -21,6 +21,7 @@ from torch import nn
 from birkhoff.errors import require
 from birkhoff.launch.plan_command import (
     attention_kind,
+    cluster_kernels,
     cluster_values,
     recipe_layout,
     workload_of,
@@ -118,7 +119,8 @@ def _planned(recipe: Recipe, world: int) -> list[str]:
         return ["(set cluster.preset or the cluster.* figures for the whole plan)"]
     cluster: Cluster = cluster_from({**values, "devices": world})
     layout = recipe_layout(recipe, world)
-    work = workload_of(recipe, attention_kind(recipe, cluster))  # as `birkhoff plan` takes it
+    # as `birkhoff plan` takes it
+    work = workload_of(recipe, attention_kind(recipe, cluster), cluster_kernels(recipe, cluster))
     planned = estimate(build_inventory(recipe.model), layout, work, cluster)
     memory = ", ".join(f"{k} {v:.2f}" for k, v in planned.memory_gib.items())
     verdict = "fits" if planned.fits else "does NOT fit"

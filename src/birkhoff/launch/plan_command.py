@@ -30,6 +30,7 @@ from birkhoff.parallel.planning.published import (
     derived_mfu,
 )
 from birkhoff.parallel.planning.search import check_runnable, plan
+from birkhoff.parallel.planning.traffic import activation_traffic
 from birkhoff.train.config import derived_micro_batch
 from birkhoff.train.optim import build_optimizer
 
@@ -80,7 +81,8 @@ def plan_command(args: list[str]) -> int:
         recipe = typed_recipe(compose_recipe(overrides))
         cluster = cluster_from(cluster_values(recipe))
         recipe.model.validate()
-        work = workload_of(recipe, attention_kind(recipe, cluster, options.fused_attention))
+        attention = attention_kind(recipe, cluster, options.fused_attention)
+        work = workload_of(recipe, attention, cluster_kernels(recipe, cluster))
         if options.launches:
             require(
                 not recipe.train.compile, "train.compile", True,
@@ -195,8 +197,11 @@ def cluster_kernels(recipe: Recipe, cluster: Cluster) -> str:
     return PRESET_KERNELS.get(cluster.name, "reference") if requested == "auto" else requested
 
 
-def workload_of(recipe: Recipe, attention: str = "reference") -> Workload:
-    """What a step of `recipe` computes and moves, as the planner takes it."""
+def workload_of(
+    recipe: Recipe, attention: str = "reference", kernels: str = "reference"
+) -> Workload:
+    """What a step of `recipe` computes and moves, as the planner takes it (`kernels`: the
+    backend the devices run, cluster_kernels)."""
     train, data, parallel = recipe.train, recipe.data, recipe.parallel
     return Workload(
         global_batch=train.global_batch_size,
@@ -205,6 +210,7 @@ def workload_of(recipe: Recipe, attention: str = "reference") -> Workload:
         param_dtype=parallel.param_dtype,
         reduce_dtype=parallel.reduce_dtype,
         attention=attention,
+        kernels=kernels,
         positions=data.document_mask,
         loader_rows=data.engram_in_loader,
     )
@@ -242,7 +248,14 @@ def assumptions(cluster: Cluster, work: Workload) -> str:
         f"matmuls at {cluster.matmul_efficiency:g} of the bf16 peak "
         f"(cluster.matmul_efficiency); elementwise kernels' memory traffic at "
         f"{cluster.memory_efficiency:g} of {cluster.memory_gbps:g} GB/s "
-        "(cluster.memory_efficiency, memory_gbps), after the matmuls, not beside them; "
+        "(cluster.memory_efficiency, memory_gbps), after the matmuls, not beside them, "
+        f"the forward and backward's {activation_traffic(work.kernels):g} times the bytes "
+        + (
+            "autograd saves (counted for the triton kernels); "
+            if work.kernels == "triton"
+            else "autograd saves (counted for the reference kernels"
+            + ("); " if work.kernels == "reference" else f", not for {work.kernels}'s); ")
+        )
         + (
             f"eager launches of the {work.launches.kernels} kernels counted"
             + {

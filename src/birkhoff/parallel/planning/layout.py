@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from birkhoff.kernels.registry import BACKENDS
 from birkhoff.parallel.config import ParallelConfig
 from birkhoff.parallel.planning.inventory import FIRST, LAST
 from birkhoff.parallel.planning.launches import LaunchCount
@@ -136,6 +137,8 @@ class Workload:
     seq_len: int
     mixed_precision: bool = True  # bf16 autocast (activations in bf16)
     attention: str = "reference"  # one of ATTENTION_ACTIVATIONS
+    # the kernel backend the devices run: its elementwise traffic per saved byte (traffic.py)
+    kernels: str = "reference"
     positions: bool = True  # document positions travel between pipeline stages
     loader_rows: bool = True  # Engram rows computed by the loader travel with them
     param_dtype: str = "bfloat16"  # FSDP's gathered parameters
@@ -148,6 +151,8 @@ class Workload:
         if self.attention not in ATTENTION_ACTIVATIONS:
             kinds = ", ".join(ATTENTION_ACTIVATIONS)
             raise ValueError(f"Workload.attention {self.attention!r}: not one of {kinds}")
+        if self.kernels not in BACKENDS:
+            raise ValueError(f"Workload.kernels {self.kernels!r}: not one of {', '.join(BACKENDS)}")
 
 
 def stage_layers(num_layers: int, num_stages: int) -> list[list[int]]:

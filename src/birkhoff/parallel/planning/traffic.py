@@ -19,14 +19,20 @@ bandwidth, not the matmul peak. Bytes per step on one device, by kind:
 - mixed precision: every micro-batch casts the float32 weights it computes with to bf16 (read
   4, write 2) and their bf16 gradients back to float32 (6): 12 bytes per element; under FSDP
   with bf16 parameters the forward's cast is of the rank's shard, before the gather;
-- activations: the forward and backward elementwise kernels (norms, mHC's maps, activations,
-  softmax, routing, casts) read and write ACTIVATION_TRAFFIC times the bytes autograd saves
-  (activations.py), and recomputation runs its forward again. The factor was counted on the
-  reference kernels (every non-matmul aten op's inputs and outputs, per token, in float32;
-  tests/test_plan_traffic.py): 11.0 to 12.5 at `small`'s widths (mHC or plain residual) and
-  at a 16B-class shape's (hidden 1024, 8 experts of 704, top 6), 15.3 at `tiny`'s, where
-  fixed-width terms weigh more; fused kernels move less (a fused mHC join reads its streams
-  once).
+- activations: the forward and backward elementwise kernels (norms, mHC's maps and stream
+  mixes, activations, softmax, routing, casts) read and write ACTIVATION_TRAFFIC times the
+  bytes autograd saves (activations.py), by the kernel backend the devices run, and
+  recomputation runs its forward again. Both factors are counted on this CPU
+  (kernels/moved_bytes.py: every aten op's inputs and outputs but the matmuls', mHC's n x n
+  stream mixes counted with the elementwise ops; every interpreted Triton launch's distinct
+  addresses loaded and stored; per token, in float32; benchmarks/activation_traffic.py,
+  benchmarks/results/activation_traffic_2026-12-07.json): the reference kernels 14.0 at
+  `small`'s widths and 11.8 at a 16B-class shape's (hidden 1024, 8 experts of 704, top 6;
+  more at `tiny`'s, where fixed-width terms weigh more), the triton backend's 6.9 and 5.6
+  there (its fused mHC merge reads the streams and the layer's output once and writes the
+  next streams once; V4 attention's core counted as the reference's, as the launch count and
+  the attention terms take it). The cpu backend's C kernels and npu's operators are not
+  counted: the reference's factor stands for them.
 
 The step's memory-bound time is the sum at `cluster.memory_efficiency` of
 `cluster.memory_gbps`, on the same stream as the matmuls (no overlap). The host's time for
@@ -53,7 +59,14 @@ from birkhoff.parallel.planning.layout import (
 ADAMW_BYTES, ADAMW_NO_DECAY_BYTES = 84, 76
 MUON_BYTES = 72
 CLIP_BYTES = ACCUMULATE_BYTES = CAST_BYTES = 12
-ACTIVATION_TRAFFIC = 11.5
+# bytes moved per byte saved, by the kernels that run the forward and backward (see above)
+ACTIVATION_TRAFFIC = {"reference": 12.9, "triton": 6.2}
+
+
+def activation_traffic(kernels: str) -> float:
+    """The activation traffic factor of the kernel backend `kernels` (the reference's where
+    that backend's is not counted)."""
+    return ACTIVATION_TRAFFIC.get(kernels, ACTIVATION_TRAFFIC["reference"])
 
 
 def muon_iteration_bytes(rows: int, cols: int) -> float:
@@ -100,7 +113,8 @@ def rank_traffic(
         weights = (weights + weights / layout.dp_shard) / 2
     casts = CAST_BYTES * weights * micro_batches if work.mixed_precision else 0.0
     saved = _saved_per_token(inv, layout, work, mine, stages) * layout.micro_batch * work.seq_len
-    activations = ACTIVATION_TRAFFIC * saved * micro_batches * (1 + recompute)
+    factor = activation_traffic(work.kernels)
+    activations = factor * saved * micro_batches * (1 + recompute)
     return {"optimizer": optimizer, "gradients": gradients, "casts": casts,
             "activations": activations}  # fmt: skip
 
