@@ -47,8 +47,8 @@ def test_a_compiled_op_calls_its_kernels_and_matches_the_reference(op):
     inputs = doctor.EXAMPLES[op](TOKENS)
     constants = doctor.CONSTANT_ARGS.get(op, ())
     backward = op not in doctor.NO_BACKWARD
-    exact, exact_leaves = doctor._leaves(inputs, torch.float64, backward, constants)
-    expected = doctor._outputs(kernels.get(op)(*exact))
+    exact, exact_leaves = doctor.leaf_copies(inputs, torch.float64, backward, constants)
+    expected = doctor.as_tuple(kernels.get(op)(*exact))
     targets = [e for e in expected if e.requires_grad]
     grads = [torch.randn_like(e) for e in targets]
     expected_grads = torch.autograd.grad(targets, exact_leaves, grads)

@@ -6,12 +6,13 @@ its tensor arguments and writes its new outputs and the arguments it mutates. Ma
 out (they are timed against the compute peak, not the bandwidth), in-place forms included,
 except a batched product with a side of at most STREAM_SIDE (mHC's stream mixes, n x n by
 n x C: about one FLOP a byte, memory-bound on every device; the plan's FLOPs hold no such
-product). Under `triton()` every
-launch Triton's interpreter runs counts the distinct addresses its loads read and its stores
-and atomics write, the masked-off lanes not, each address once however many programs touch it
-(a kernel's compulsory traffic, as an aten op's tensors count once; what a GPU reads twice
-from device memory because its cache dropped it is not counted). The interpreter's own copies
-of the arguments count nothing.
+product). Under `triton()` every launch Triton's interpreter runs counts the distinct
+addresses its loads read and its stores and atomics write (tensor descriptors load and store
+through the same masked calls in the interpreter; Triton 3.9 has no block pointers), the
+masked-off lanes not, each address once however many programs touch it: a kernel's
+compulsory traffic, as an aten op's tensors count once (what a GPU reads twice from device
+memory because its cache dropped it is not counted). The interpreter's own copies of the
+arguments count nothing.
 """
 
 from __future__ import annotations

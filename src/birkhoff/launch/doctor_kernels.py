@@ -63,7 +63,7 @@ def _check(op: str, backend: str, device: torch.device) -> dict:
     inputs = [_to(a, device) for a in EXAMPLES[op](_tokens(device, backend))]
     limited = kernels.dtypes_of(op, backend)  # e.g. bfloat16 only: checked in it
     if limited:
-        inputs = [_cast(a, limited[0]) for a in inputs]
+        inputs = [cast_floating(a, limited[0]) for a in inputs]
     rounded = bool(limited) and limited[0].itemsize < 4  # below float32: outputs in 8 bits
     tolerance = LIMITED_TOLERANCE if rounded else TOLERANCE
     reference, fused = kernels.get(op, "reference"), kernels.get(op, backend)
@@ -73,8 +73,8 @@ def _check(op: str, backend: str, device: torch.device) -> dict:
     constants = CONSTANT_ARGS.get(op, ())
     errors, own, half_calls = (0.0, 0.0), 0.0, []
     for args in example_calls(op, inputs):
-        exact, exact_leaves = _leaves(args, exact_dtype, backward, constants)
-        expected = _outputs(reference(*exact))
+        exact, exact_leaves = leaf_copies(args, exact_dtype, backward, constants)
+        expected = as_tuple(reference(*exact))
         targets = [e for e in expected if e.requires_grad] if backward else []
         grads = [torch.randn_like(e) for e in targets]
         expected_grads = torch.autograd.grad(targets, exact_leaves, grads) if backward else ()
@@ -134,8 +134,8 @@ def _errors(
 ) -> tuple[float, float]:
     """`op`'s relative forward and backward error on `inputs` (in their own dtype) against
     the expected outputs and input gradients (backward: 0 where `grads` is empty)."""
-    args, leaves = _leaves(inputs, None, bool(grads), constants)
-    got = _outputs(op(*args))
+    args, leaves = leaf_copies(inputs, None, bool(grads), constants)
+    got = as_tuple(op(*args))
     forward = max(map(_relative, got, expected))
     if not grads:
         return forward, 0.0
@@ -151,7 +151,7 @@ def _worst(*errors: float) -> float:
     return math.nan if any(map(math.isnan, errors)) else max(errors)
 
 
-def _outputs(result: torch.Tensor | tuple) -> tuple[torch.Tensor, ...]:
+def as_tuple(result: torch.Tensor | tuple) -> tuple[torch.Tensor, ...]:
     return result if isinstance(result, tuple) else (result,)
 
 
@@ -164,12 +164,12 @@ def _to(arg: Any, device: torch.device) -> Any:
     return arg.to(device) if isinstance(arg, torch.Tensor) else arg
 
 
-def _cast(arg: Any, dtype: torch.dtype) -> Any:
+def cast_floating(arg: Any, dtype: torch.dtype) -> Any:
     floating = isinstance(arg, torch.Tensor) and arg.is_floating_point()
     return arg.to(dtype) if floating else arg
 
 
-def _leaves(
+def leaf_copies(
     inputs: list, dtype: torch.dtype | None, grad: bool = True, constants: tuple[int, ...] = ()
 ) -> tuple[list, list[torch.Tensor]]:
     """Fresh copies of `inputs` whose floating tensors (in `dtype`, if given) take gradients
@@ -204,12 +204,12 @@ def _seconds(
     constants: tuple[int, ...] = (),
 ) -> float:
     """Median seconds of a forward (and backward) of `op` on `inputs`."""
-    args, _ = _leaves(inputs, None, backward, constants)
+    args, _ = leaf_copies(inputs, None, backward, constants)
     times = []
     for _ in range(RUNS + 1):
         start = time.perf_counter()
         with torch.set_grad_enabled(backward):
-            outs = _outputs(op(*args))
+            outs = as_tuple(op(*args))
         if backward:  # ones, not sum(): F.grouped_mm refuses expanded gradients
             outs = [out for out in outs if out.requires_grad]
             torch.autograd.backward(outs, [torch.ones_like(out) for out in outs])

@@ -90,10 +90,10 @@ def recorded_launches(ops: list[str]) -> dict[tuple, tuple]:
         EXAMPLES,
         NO_BACKWARD,
         NO_CPU_BACKWARD,
-        _cast,
-        _leaves,
-        _outputs,
+        as_tuple,
+        cast_floating,
         example_calls,
+        leaf_copies,
     )
 
     launches: dict[tuple, tuple] = {}
@@ -113,12 +113,12 @@ def recorded_launches(ops: list[str]) -> dict[tuple, tuple]:
             inputs = EXAMPLES[op](RECORD_TOKENS)
             limited = kernels.dtypes_of(op, "triton")
             if limited:
-                inputs = [_cast(a, limited[0]) for a in inputs]
+                inputs = [cast_floating(a, limited[0]) for a in inputs]
             # FlexAttention: compiled by inductor instead; entry_mass has no backward
             backward = op not in NO_CPU_BACKWARD and op not in NO_BACKWARD
             for call in example_calls(op, inputs):
-                args, leaves = _leaves(call, None, backward, CONSTANT_ARGS.get(op, ()))
-                outs = [o for o in _outputs(kernels.get(op, "triton")(*args)) if o.requires_grad]
+                args, leaves = leaf_copies(call, None, backward, CONSTANT_ARGS.get(op, ()))
+                outs = [o for o in as_tuple(kernels.get(op, "triton")(*args)) if o.requires_grad]
                 if backward:
                     grads = [torch.ones_like(o) for o in outs]
                     torch.autograd.grad(outs, leaves, grads, allow_unused=True)
