@@ -43,6 +43,12 @@ SHAPES = {
         "model.moe.expert_ffn_hidden_size=704", "model.engram.layers=[1]", "data.seq_len=64",
     ],
 }  # fmt: skip
+# the same with a plain residual (x + F(x)), where the triton kernels have no mHC to fuse
+SHAPES["16b_class_widths_plain"] = [
+    *SHAPES["16b_class_widths"],
+    "model.residual.mode=plain",
+    "model.residual.form=paper",
+]
 BATCHES = (1, 3)
 
 

@@ -17,9 +17,11 @@ with backward) and reference / backend.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import time
 
 import torch
 
@@ -31,11 +33,14 @@ from birkhoff.launch.doctor_kernels import as_tuple, cast_floating, leaf_copies
 COMPILED = {"v4_attention": "FlexAttention runs compiled: its kernels are not counted"}
 
 
-def moved(op, inputs: list, backward: bool, constants: tuple[int, ...]) -> tuple[int, int]:
-    """Bytes of `op`'s forward, and of its forward and backward together."""
+def moved(
+    op, inputs: list, backward: bool, constants: tuple[int, ...], triton: bool
+) -> tuple[int, int]:
+    """Bytes of `op`'s forward, and of its forward and backward together (`triton`: its
+    interpreted launches counted too)."""
     args, _ = leaf_copies(inputs, None, backward, constants)
     counter = MovedBytes()
-    with counter, counter.triton():
+    with counter, counter.triton() if triton else contextlib.nullcontext():
         outs = [out for out in as_tuple(op(*args)) if out.requires_grad or not backward]
         forward = counter.total
         if backward:
@@ -51,7 +56,9 @@ def main() -> None:
     if args.backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("set TRITON_INTERPRET=1: the triton backend runs under Triton's interpreter")
     table = kernels.implementations(args.backend)
-    result: dict = {"backend": args.backend, "tokens": args.tokens, "ops": {}, "left_out": {}}
+    result: dict = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+                    "backend": args.backend, "tokens": args.tokens, "ops": {},
+                    "left_out": {}}  # fmt: skip
     for op in sorted(op for op, impl in table.items() if impl == args.backend):
         if op in COMPILED:
             result["left_out"][op] = COMPILED[op]
@@ -66,7 +73,7 @@ def main() -> None:
         row = {}
         for backend in ("reference", args.backend):
             fn = kernels.get(op, backend)
-            forward, both = moved(fn, inputs, backward, constants)
+            forward, both = moved(fn, inputs, backward, constants, args.backend == "triton")
             row[backend] = {"forward": forward, "with_backward": both}
         total = "with_backward" if backward else "forward"
         row["reference_over_backend"] = round(

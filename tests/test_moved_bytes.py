@@ -33,6 +33,14 @@ def _column_sums(x_ptr, out_ptr, cols, BLOCK: tl.constexpr):
     tl.atomic_add(out_ptr + offsets, tl.load(x_ptr + row * cols + offsets, mask=inside), inside)
 
 
+@triton.jit
+def _copy_tiles(x_ptr, y_ptr, rows, cols, TILE: tl.constexpr):
+    tile = tl.program_id(0)
+    source = tl.make_tensor_descriptor(x_ptr, [rows, cols], [cols, 1], [TILE, TILE])
+    target = tl.make_tensor_descriptor(y_ptr, [rows, cols], [cols, 1], [TILE, TILE])
+    target.store([tile * TILE, 0], source.load([tile * TILE, 0]))
+
+
 def test_aten_ops_move_their_inputs_outputs_and_targets():
     x, y, w = torch.randn(6, 5), torch.randn(6, 5), torch.randn(5, 3)
     mix, streams = torch.randn(6, 4, 4), torch.randn(6, 4, 5)  # mHC's n x n by n x C
@@ -46,8 +54,13 @@ def test_aten_ops_move_their_inputs_outputs_and_targets():
         acc.addmm_(z.t(), g)  # in place too
         wide @ wide  # batched, every side above 8
         mix @ streams  # batched with a side of 4: memory-bound, counted (96 + 2 x 120)
-    assert dict(moved.by_name) == {"aten.mul": 360, "aten.add_": 360, "aten.bmm": 4 * 336}
-    assert moved.total == 4 * (90 + 90 + 336)
+        torch.zeros_like(z)  # writes 30: z only gives the shape
+        acc.copy_(z.t()[:, :3])  # reads 15, writes 15
+        torch.mul(x, y, out=z)  # reads 60, writes 30
+    assert dict(moved.by_name) == {
+        "aten.mul": 4 * (90 + 90), "aten.add_": 360, "aten.bmm": 4 * 336,
+        "aten.zeros_like": 4 * 30, "aten.copy_": 4 * 30,
+    }  # fmt: skip
 
 
 def test_a_triton_kernel_moves_each_address_once_and_no_masked_lane():
@@ -59,6 +72,18 @@ def test_a_triton_kernel_moves_each_address_once_and_no_masked_lane():
     assert moved.total == 4 * (rows * cols + cols + rows * cols)
     assert dict(moved.by_name) == {"triton._scale_rows": moved.total}
     torch.testing.assert_close(y, x * w)  # it ran
+
+
+def test_tensor_descriptors_are_counted_as_their_tiles():
+    """Descriptor loads and stores go through the interpreter's masked calls with keywords;
+    a tile past the tensor's last row reads and writes only the rows inside."""
+    rows, cols, tile = 20, 16, 16  # the second tile has 4 rows inside
+    x, y = torch.randn(rows, cols), torch.zeros(rows, cols)
+    moved = MovedBytes()
+    with moved, moved.triton():
+        _copy_tiles[(2,)](x, y, rows, cols, TILE=tile)
+    assert moved.total == 4 * 2 * rows * cols
+    torch.testing.assert_close(y, x)
 
 
 def test_an_atomic_reads_and_writes_its_target():

@@ -29,7 +29,7 @@ from birkhoff.parallel.planning.inventory import build_inventory
 from birkhoff.parallel.planning.layout import Layout, Workload, stage_layers
 from birkhoff.parallel.planning.published import deepseek_v3_model, deepseek_v3_run, derived_mfu
 from birkhoff.parallel.planning.search import plan
-from birkhoff.parallel.planning.traffic import ACTIVATION_TRAFFIC
+from birkhoff.parallel.planning.traffic import activation_traffic
 from birkhoff.train.mfu import flops_per_token
 
 V, C, L, H, KV, F = 512, 64, 4, 4, 2, 256
@@ -127,8 +127,8 @@ def test_the_step_time_is_matmuls_then_memory_traffic_each_at_its_efficiency():
     `cluster.matmul_efficiency` of the peak, then the elementwise kernels' bytes at
     `cluster.memory_efficiency` of `memory_gbps`: AdamW 84 per parameter, clipping 12, the
     second micro-batch's gradient accumulation 12, bf16 casts 12 per weight-matrix element
-    (the head's too) and micro-batch, and ACTIVATION_TRAFFIC times what the activation terms
-    save (tests/test_plan_traffic.py counts each against torch)."""
+    (the head's too) and micro-batch, and the reference kernels' activation factor times what
+    the terms save (tests/test_plan_traffic.py counts each against torch)."""
     inv = build_inventory(DENSE)
     work = Workload(global_batch=2, seq_len=8)
     flops = flops_per_token(DENSE, 8) * 2 * 8
@@ -136,7 +136,8 @@ def test_the_step_time_is_matmuls_then_memory_traffic_each_at_its_efficiency():
     weights = L * (2 * C * C + 2 * KV * d * C + 3 * C * F) + C * V
     saved = sum(bytes_per_token(block_terms(DENSE, i, 8, 2), 1, False, "all") for i in range(L))
     saved = (saved + bytes_per_token(head_terms(DENSE, 2), 1, False, "all")) * 2 * 8
-    traffic = (84 + 12 + 12) * p + 12 * weights * 2 + ACTIVATION_TRAFFIC["reference"] * saved
+    factor = activation_traffic("reference", DENSE.residual.mode)
+    traffic = (84 + 12 + 12) * p + 12 * weights * 2 + factor * saved
     for efficiency, memory_efficiency in ((0.6, 0.8), (0.118, 0.5)):
         cluster = replace(CLUSTER, matmul_efficiency=efficiency,
                           memory_efficiency=memory_efficiency)  # fmt: skip

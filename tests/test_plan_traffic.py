@@ -25,6 +25,7 @@ from birkhoff.parallel.planning.traffic import (
     ADAMW_NO_DECAY_BYTES,
     CLIP_BYTES,
     MUON_BYTES,
+    activation_traffic,
     muon_iteration_bytes,
     muon_run_bytes,
 )
@@ -32,7 +33,7 @@ from birkhoff.train.muon import MuonV4
 from conftest import compose_recipe
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
-import activation_traffic
+import activation_traffic as traffic_count  # the count the plan's factors come from
 
 
 def _params(shapes, seed: int = 0) -> list[torch.nn.Parameter]:
@@ -84,17 +85,18 @@ def test_clipping_reads_and_scales_every_gradient():
     assert moved.total == pytest.approx(CLIP_BYTES * elements, rel=0.01)
 
 
-@pytest.mark.parametrize("shape", list(activation_traffic.SHAPES))
+@pytest.mark.parametrize("shape", list(traffic_count.SHAPES))
 def test_activation_traffic_is_the_factor_times_what_autograd_saves(shape):
     """Per token (two batch sizes apart, so that what scales with the parameters drops
     out): the non-matmul bytes of a forward and backward on the reference kernels against
-    their ACTIVATION_TRAFFIC times the bytes the plan's activation terms say autograd saves
+    their factor (by the residual) times the bytes the plan's activation terms say autograd saves
     (benchmarks/activation_traffic.py's count; the triton backend's is the test below)."""
-    recipe = typed_recipe(compose_recipe(activation_traffic.SHAPES[shape]))
+    recipe = typed_recipe(compose_recipe(traffic_count.SHAPES[shape]))
     cfg, seq = recipe.model, recipe.data.seq_len
-    per_token, _ = activation_traffic.counted(cfg, seq, "reference")
-    saved = activation_traffic.saved_per_token(cfg, seq)
-    assert per_token == pytest.approx(ACTIVATION_TRAFFIC["reference"] * saved, rel=0.25)
+    per_token, _ = traffic_count.counted(cfg, seq, "reference")
+    saved = traffic_count.saved_per_token(cfg, seq)
+    factor = activation_traffic("reference", cfg.residual.mode)
+    assert per_token == pytest.approx(factor * saved, rel=0.25)
 
 
 def test_the_triton_factor_is_the_one_counted_at_the_wide_shapes():
@@ -104,10 +106,16 @@ def test_the_triton_factor_is_the_one_counted_at_the_wide_shapes():
     so does the reference's, which the test above counts again."""
     results = Path(__file__).parents[1] / "benchmarks/results/activation_traffic_2026-12-07.json"
     shapes = json.loads(results.read_text())["shapes"]
-    assert set(shapes) == set(activation_traffic.SHAPES)
-    for backend, factor in ACTIVATION_TRAFFIC.items():
-        counted = [row["factor"][backend] for row in shapes.values()]
-        assert 0.95 * min(counted) <= factor <= 1.05 * max(counted), backend
+    assert set(shapes) == set(traffic_count.SHAPES)
+    residual = {
+        shape: typed_recipe(compose_recipe(overrides)).model.residual.mode
+        for shape, overrides in traffic_count.SHAPES.items()
+    }
+    for backend, by_residual in ACTIVATION_TRAFFIC.items():
+        for kind, factor in by_residual.items():
+            counted = [row["factor"][backend] for shape, row in shapes.items()
+                       if (residual[shape] == "plain") == (kind == "plain")]  # fmt: skip
+            assert counted and 0.95 * min(counted) <= factor <= 1.05 * max(counted), (backend, kind)
 
 
 NARROW = ["model=small", "model.hidden_size=128", "model.num_layers=2", "model.num_heads=4",
@@ -118,14 +126,14 @@ NARROW = ["model=small", "model.hidden_size=128", "model.num_layers=2", "model.n
 
 def test_the_triton_kernels_move_what_they_moved_when_counted(monkeypatch):
     """At a narrow shape the interpreter counts in seconds: triton's bytes per token over the
-    reference's, measured the same way when the factor was counted (0.373 here, 0.494 and
-    0.472 at the wide shapes, where the reference's fixed-width terms weigh less).
+    reference's, measured the same way when the factor was counted (0.368 here, 0.491 and
+    0.469 at the wide shapes, where the reference's fixed-width terms weigh less).
     A change of the triton kernels' traffic moves it: remeasure the factor then."""
     recipe = typed_recipe(compose_recipe(NARROW))
-    monkeypatch.setattr(activation_traffic, "BATCHES", (1, 2))
-    triton, _ = activation_traffic.counted(recipe.model, 8, "triton")
-    reference, _ = activation_traffic.counted(recipe.model, 8, "reference")
-    assert triton / reference == pytest.approx(0.373, rel=0.03)
+    monkeypatch.setattr(traffic_count, "BATCHES", (1, 2))
+    triton, _ = traffic_count.counted(recipe.model, 8, "triton")
+    reference, _ = traffic_count.counted(recipe.model, 8, "reference")
+    assert triton / reference == pytest.approx(0.368, rel=0.03)
 
 
 def test_the_h200_16b_class_step_is_bounded_by_the_two_factors(capsys):
@@ -136,8 +144,8 @@ def test_the_h200_16b_class_step_is_bounded_by_the_two_factors(capsys):
     (the doctor's table in the same file: RMSNorm, SwiGLU and RoPE ran the reference), so its
     traffic lies between the two backends' factors: planned with the reference's the step is
     within 25% and under the measurement (the plan leaves launch overhead out), with
-    triton's (what `auto` takes on an H200 now) under it too. Not fitted: the factors come
-    from counts on this CPU, the bandwidth from the H200's data sheet."""
+    triton's (what `auto` takes on an H200 now) under it too, and within 40%. Not fitted: the
+    factors come from counts on this CPU, the bandwidth from the H200's data sheet."""
     results = Path(__file__).parents[1] / "benchmarks/results/h200_2026-12-04_run2.json"
     recorded = json.loads(results.read_text())
     assert recorded["doctor"]["json"]["kernels"]["summary"].startswith("kernels: triton for 10")
@@ -156,7 +164,7 @@ def test_the_h200_16b_class_step_is_bounded_by_the_two_factors(capsys):
         assert layout["compute_s"] < 0.25 * measured
         steps[report["workload"]["kernels"]] = layout["step_s"]
     assert 0.75 * measured < steps["reference"] < measured
-    assert steps["triton"] < steps["reference"]
+    assert 0.6 * measured < steps["triton"] < steps["reference"]
 
 
 def test_the_plan_takes_the_factor_of_the_kernels_the_devices_run(capsys):
@@ -165,7 +173,8 @@ def test_the_plan_takes_the_factor_of_the_kernels_the_devices_run(capsys):
     operators are not counted), and the line of assumptions says which; the other kinds of
     traffic do not depend on it."""
     base = ["model=tiny", "cluster.devices=1", "train.global_batch_size=8",
-            "train.micro_batch_size=8", "parallel.dp_shard=1", "--json"]  # fmt: skip
+            "train.micro_batch_size=8", "parallel.dp_shard=1",
+            "parallel.activation_checkpoint=none", "--json"]  # fmt: skip
     reports = {}
     for preset, kernels in (("h100", "auto"), ("h100", "reference"), ("ascend_910b", "auto")):
         assert plan_command([f"cluster.preset={preset}", f"backend.kernels={kernels}", *base]) == 0
@@ -174,7 +183,7 @@ def test_the_plan_takes_the_factor_of_the_kernels_the_devices_run(capsys):
     npu = reports["ascend_910b", "auto"]
     assert triton["workload"]["kernels"] == "triton" and npu["workload"]["kernels"] == "npu"
     moved = {key: r["layouts"][0]["traffic_gib"] for key, r in reports.items()}
-    ratio = ACTIVATION_TRAFFIC["triton"] / ACTIVATION_TRAFFIC["reference"]
+    ratio = ACTIVATION_TRAFFIC["triton"]["streams"] / ACTIVATION_TRAFFIC["reference"]["streams"]
     assert moved["h100", "auto"]["activations"] == pytest.approx(
         ratio * moved["h100", "reference"]["activations"]
     )
@@ -183,7 +192,7 @@ def test_the_plan_takes_the_factor_of_the_kernels_the_devices_run(capsys):
     assert "counted for the triton kernels" in triton["assumptions"]
     assert "counted for the reference kernels);" in reference["assumptions"]
     assert "counted for the reference kernels, not for npu's" in npu["assumptions"]
-    assert f"backward's {ACTIVATION_TRAFFIC['reference']:g} times" in npu["assumptions"]
+    assert f"backward's {ACTIVATION_TRAFFIC['reference']['streams']:g} times" in npu["assumptions"]
 
 
 def test_the_memory_keys_are_checked_before_planning():

@@ -2,17 +2,18 @@
 (parallel/planning/traffic.py) is checked against, per kernel backend.
 
 Every aten op that runs a kernel (launch_counter's rule: views and allocations run none) reads
-its tensor arguments and writes its new outputs and the arguments it mutates. Matmuls are left
-out (they are timed against the compute peak, not the bandwidth), in-place forms included,
-except a batched product with a side of at most STREAM_SIDE (mHC's stream mixes, n x n by
-n x C: about one FLOP a byte, memory-bound on every device; the plan's FLOPs hold no such
-product). Under `triton()` every launch Triton's interpreter runs counts the distinct
-addresses its loads read and its stores and atomics write (tensor descriptors load and store
-through the same masked calls in the interpreter; Triton 3.9 has no block pointers), the
-masked-off lanes not, each address once however many programs touch it: a kernel's
-compulsory traffic, as an aten op's tensors count once (what a GPU reads twice from device
-memory because its cache dropped it is not counted). The interpreter's own copies of the
-arguments count nothing.
+its tensor arguments (but a destination it overwrites, `out` or copy_'s, and a tensor it takes
+for its shape, zeros_like's) and writes its new outputs and the arguments it mutates. Matmuls
+are left out (they are timed against the compute peak, not the bandwidth), in-place forms
+included, except a batched product with a side of at most STREAM_SIDE (mHC's stream mixes,
+n x n by n x C: about one FLOP a byte, memory-bound on every device; the plan's FLOPs hold no
+such product); a Triton kernel's own products load their operands, and those loads count.
+Under `triton()` every launch Triton's interpreter runs counts the distinct addresses its
+loads read and its stores and atomics write (tensor descriptors load and store through the
+same masked calls in the interpreter; Triton 3.9 has no block pointers), the masked-off lanes
+not, each address once however many programs touch it: a kernel's compulsory traffic, as an
+aten op's tensors count once (what a GPU reads twice from device memory because its cache
+dropped it is not counted). The interpreter's own copies of the arguments count nothing.
 """
 
 from __future__ import annotations
@@ -75,12 +76,13 @@ class MovedBytes(TorchDispatchMode):
             return out
         schema = func._schema
         given = [*args, *(kwargs.get(a.name) for a in schema.arguments[len(args) :])]
-        mutated = [v for a, v in zip(schema.arguments, given, strict=False)
-                   if a.alias_info is not None and a.alias_info.is_write]  # fmt: skip
+        pairs = list(zip(schema.arguments, given, strict=False))
+        mutated = [v for a, v in pairs if a.alias_info is not None and a.alias_info.is_write]
         returns = out if isinstance(out, tuple) else (out,)
         new = [v for r, v in zip(schema.returns, returns, strict=False) if r.alias_info is None]
         if mutated or new:  # a view writes nothing and moves nothing
-            self._add(f"aten.{name}", tensor_bytes((args, kwargs, mutated, new)))
+            read = [v for i, (a, v) in enumerate(pairs) if not _unread(name, i, a)]
+            self._add(f"aten.{name}", tensor_bytes((read, mutated, new)))
         return out
 
     @contextmanager
@@ -111,21 +113,21 @@ class MovedBytes(TorchDispatchMode):
                 for i in into:
                     self._launch[i].append((addresses, size))
 
-        def counted_load(builder, ptrs, mask, *rest):
+        def counted_load(builder, ptrs, mask, *rest, **keywords):
             note(ptrs, mask, 0)
-            return load(builder, ptrs, mask, *rest)
+            return load(builder, ptrs, mask, *rest, **keywords)
 
-        def counted_store(builder, ptrs, value, mask, *rest):
+        def counted_store(builder, ptrs, value, mask, *rest, **keywords):
             note(ptrs, mask, 1)
-            return store(builder, ptrs, value, mask, *rest)
+            return store(builder, ptrs, value, mask, *rest, **keywords)
 
-        def counted_rmw(builder, op, ptrs, value, mask, *rest):
+        def counted_rmw(builder, op, ptrs, value, mask, *rest, **keywords):
             note(ptrs, mask, 0, 1)
-            return rmw(builder, op, ptrs, value, mask, *rest)
+            return rmw(builder, op, ptrs, value, mask, *rest, **keywords)
 
-        def counted_cas(builder, ptrs, compare, value, *rest):
+        def counted_cas(builder, ptrs, compare, value, *rest, **keywords):
             note(ptrs, _Everywhere(ptrs), 0, 1)
-            return cas(builder, ptrs, compare, value, *rest)
+            return cas(builder, ptrs, compare, value, *rest, **keywords)
 
         patches = [(InterpretedFunction, "run", counted_run),
                    (InterpreterBuilder, "create_masked_load", counted_load),
@@ -140,6 +142,17 @@ class MovedBytes(TorchDispatchMode):
         finally:
             for owner, attr, original in originals:
                 setattr(owner, attr, original)
+
+
+# ops that take their first argument for its shape or as a destination, not its values
+WRITE_ONLY = {"zeros_like", "ones_like", "full_like", "new_zeros", "new_ones", "new_full",
+              "zero_", "fill_", "copy_"}  # fmt: skip
+
+
+def _unread(name: str, position: int, argument) -> bool:
+    """Whether an op leaves an argument's values unread: a destination it overwrites (`out`,
+    copy_'s target) or a tensor it takes for its shape."""
+    return (position == 0 and name in WRITE_ONLY) or argument.name == "out"
 
 
 class _Everywhere:

@@ -231,7 +231,7 @@ def _report(inv: Inventory, work: Workload, cluster: Cluster, estimates: list[Es
         "engram": bool(inv.cfg.engram.layers),
         "workload": OmegaConf.to_container(OmegaConf.structured(work)),
         "cluster": OmegaConf.to_container(OmegaConf.structured(cluster)),
-        "assumptions": assumptions(cluster, work),
+        "assumptions": assumptions(cluster, work, inv.cfg.residual.mode),
         "layouts": [
             {
                 **e.as_dict(),
@@ -243,13 +243,14 @@ def _report(inv: Inventory, work: Workload, cluster: Cluster, estimates: list[Es
     }
 
 
-def assumptions(cluster: Cluster, work: Workload) -> str:
+def assumptions(cluster: Cluster, work: Workload, residual_mode: str) -> str:
     return (
         f"matmuls at {cluster.matmul_efficiency:g} of the bf16 peak "
         f"(cluster.matmul_efficiency); elementwise kernels' memory traffic at "
         f"{cluster.memory_efficiency:g} of {cluster.memory_gbps:g} GB/s "
         "(cluster.memory_efficiency, memory_gbps), after the matmuls, not beside them, "
-        f"the forward and backward's {activation_traffic(work.kernels):g} times the bytes "
+        f"the forward and backward's {activation_traffic(work.kernels, residual_mode):g} times "
+        "the bytes "
         + (
             "autograd saves (counted for the triton kernels); "
             if work.kernels == "triton"

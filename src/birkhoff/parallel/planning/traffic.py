@@ -21,18 +21,20 @@ bandwidth, not the matmul peak. Bytes per step on one device, by kind:
   with bf16 parameters the forward's cast is of the rank's shard, before the gather;
 - activations: the forward and backward elementwise kernels (norms, mHC's maps and stream
   mixes, activations, softmax, routing, casts) read and write ACTIVATION_TRAFFIC times the
-  bytes autograd saves (activations.py), by the kernel backend the devices run, and
-  recomputation runs its forward again. Both factors are counted on this CPU
-  (kernels/moved_bytes.py: every aten op's inputs and outputs but the matmuls', mHC's n x n
-  stream mixes counted with the elementwise ops; every interpreted Triton launch's distinct
-  addresses loaded and stored; per token, in float32; benchmarks/activation_traffic.py,
-  benchmarks/results/activation_traffic_2026-12-07.json): the reference kernels 14.0 at
-  `small`'s widths and 11.8 at a 16B-class shape's (hidden 1024, 8 experts of 704, top 6;
-  more at `tiny`'s, where fixed-width terms weigh more), the triton backend's 6.9 and 5.6
-  there (its fused mHC merge reads the streams and the layer's output once and writes the
-  next streams once; V4 attention's core counted as the reference's, as the launch count and
-  the attention terms take it). The cpu backend's C kernels and npu's operators are not
-  counted: the reference's factor stands for them.
+  bytes autograd saves (activations.py), by the kernel backend the devices run and by the
+  residual (several streams or plain), and recomputation runs its forward again. The factors
+  are counted on this CPU (kernels/moved_bytes.py: every aten op's inputs and outputs but the
+  matmuls', mHC's n x n stream mixes counted with the elementwise ops; every interpreted
+  Triton launch's distinct addresses loaded and stored; per token, in float32;
+  benchmarks/activation_traffic.py, benchmarks/results/activation_traffic_2026-12-07.json):
+  with mHC the reference kernels 13.8 at `small`'s widths and 11.6 at a 16B-class shape's
+  (hidden 1024, 8 experts of 704, top 6; 15.5 at `tiny`'s, where fixed-width terms weigh
+  more), the triton backend's 6.8 and 5.4; with a plain residual at the 16B-class widths 8.5
+  and 3.9 (11.9 at `tiny`'s for the reference). The triton kernels fuse mHC's merge (the
+  streams and the layer's output read once, the next streams written once) and the norms,
+  SwiGLU and RoPE; V4 attention's core is counted as the reference's, as the launch count and
+  the attention terms take it. The cpu backend's C kernels and npu's operators are not
+  counted: the reference's factors stand for them.
 
 The step's memory-bound time is the sum at `cluster.memory_efficiency` of
 `cluster.memory_gbps`, on the same stream as the matmuls (no overlap). The host's time for
@@ -59,14 +61,19 @@ from birkhoff.parallel.planning.layout import (
 ADAMW_BYTES, ADAMW_NO_DECAY_BYTES = 84, 76
 MUON_BYTES = 72
 CLIP_BYTES = ACCUMULATE_BYTES = CAST_BYTES = 12
-# bytes moved per byte saved, by the kernels that run the forward and backward (see above)
-ACTIVATION_TRAFFIC = {"reference": 12.9, "triton": 6.2}
+# bytes moved per byte saved, by the kernels that run the forward and backward and by the
+# residual: several streams (mHC, hyper-connections) or plain x + F(x) (see above)
+ACTIVATION_TRAFFIC = {
+    "reference": {"streams": 12.7, "plain": 8.5},
+    "triton": {"streams": 6.1, "plain": 3.9},
+}
 
 
-def activation_traffic(kernels: str) -> float:
+def activation_traffic(kernels: str, residual_mode: str) -> float:
     """The activation traffic factor of the kernel backend `kernels` (the reference's where
-    that backend's is not counted)."""
-    return ACTIVATION_TRAFFIC.get(kernels, ACTIVATION_TRAFFIC["reference"])
+    that backend's is not counted) for a model whose residual is `residual_mode`."""
+    by_residual = ACTIVATION_TRAFFIC.get(kernels, ACTIVATION_TRAFFIC["reference"])
+    return by_residual["plain" if residual_mode == "plain" else "streams"]
 
 
 def muon_iteration_bytes(rows: int, cols: int) -> float:
@@ -113,7 +120,7 @@ def rank_traffic(
         weights = (weights + weights / layout.dp_shard) / 2
     casts = CAST_BYTES * weights * micro_batches if work.mixed_precision else 0.0
     saved = _saved_per_token(inv, layout, work, mine, stages) * layout.micro_batch * work.seq_len
-    factor = activation_traffic(work.kernels)
+    factor = activation_traffic(work.kernels, cfg.residual.mode)
     activations = factor * saved * micro_batches * (1 + recompute)
     return {"optimizer": optimizer, "gradients": gradients, "casts": casts,
             "activations": activations}  # fmt: skip
