@@ -30,7 +30,7 @@ from birkhoff.parallel.planning.published import (
     derived_mfu,
 )
 from birkhoff.parallel.planning.search import check_runnable, plan
-from birkhoff.parallel.planning.traffic import activation_traffic
+from birkhoff.parallel.planning.traffic import ACTIVATION_TRAFFIC, activation_traffic
 from birkhoff.train.config import derived_micro_batch
 from birkhoff.train.optim import build_optimizer
 
@@ -244,19 +244,15 @@ def _report(inv: Inventory, work: Workload, cluster: Cluster, estimates: list[Es
 
 
 def assumptions(cluster: Cluster, work: Workload, residual_mode: str) -> str:
+    counted = work.kernels if work.kernels in ACTIVATION_TRAFFIC else "reference"
+    uncounted = "" if counted == work.kernels else f", not for {work.kernels}'s"
     return (
         f"matmuls at {cluster.matmul_efficiency:g} of the bf16 peak "
         f"(cluster.matmul_efficiency); elementwise kernels' memory traffic at "
         f"{cluster.memory_efficiency:g} of {cluster.memory_gbps:g} GB/s "
         "(cluster.memory_efficiency, memory_gbps), after the matmuls, not beside them, "
         f"the forward and backward's {activation_traffic(work.kernels, residual_mode):g} times "
-        "the bytes "
-        + (
-            "autograd saves (counted for the triton kernels); "
-            if work.kernels == "triton"
-            else "autograd saves (counted for the reference kernels"
-            + ("); " if work.kernels == "reference" else f", not for {work.kernels}'s); ")
-        )
+        f"the bytes autograd saves (counted for the {counted} kernels{uncounted}); "
         + (
             f"eager launches of the {work.launches.kernels} kernels counted"
             + {
