@@ -21,7 +21,9 @@ peak (train/mfu.py), peak memory, and with `--launches` the device kernels one s
 (profiler events on the device; on a CPU the aten calls instead). `--micro-batches K`
 accumulates K forwards and backwards per optimizer step (the trainer's gradient accumulation):
 tokens/s and MFU then count K x the batch per step, and the optimizer's pass over every
-parameter is paid once per K (the launches and the profile stay those of one micro-batch).
+parameter is paid once per K (the launches and the profile stay those of one micro-batch);
+under `--bf16` the weights are cast once for the K (`--weight-casts per_step`, the trainer's
+train.weight_casts on one device) or by each (`per_micro_batch`).
 
 The host's allocator is set as the trainer sets it (`--host-malloc`, backend.host_malloc,
 train/host_malloc.py: `reuse` by default) and each variant's page faults per timed step are
@@ -58,6 +60,7 @@ from birkhoff.train.host_malloc import apply_host_malloc
 from birkhoff.train.mfu import device_peak, flops_per_token
 from birkhoff.train.model_share import initialise
 from birkhoff.train.optim import adamw_step_kind
+from birkhoff.train.weight_casts import backward_context, step_context
 
 VARIANTS = {
     "default": [],
@@ -107,16 +110,22 @@ def step(
     bf16: bool,
     rows: dict[int, torch.Tensor] | None = None,
     micro_batches: int = 1,
+    weight_casts: str = "per_step",
 ) -> None:
     """One training step on `tokens` (B, T + 1); with `rows` (loader_rows) Engram reads them
     instead of hashing the tokens in the step. `micro_batches` forwards and backwards of
     `tokens` accumulate their gradients (each loss / micro_batches, as the trainer's) before
-    the one optimizer step."""
-    autocast = torch.autocast(tokens.device.type, torch.bfloat16) if bf16 else None
-    for _ in range(micro_batches):
-        with autocast or contextlib.nullcontext():
-            loss = net(tokens[:, :-1], tokens[:, 1:], engram_rows=rows)
-        (loss / micro_batches).backward()
+    the one optimizer step; under bf16 the weights' casts made once for them all or by each
+    (train.weight_casts; per_step is the trainer's on one device)."""
+    kind = tokens.device.type
+    mode = weight_casts if bf16 else "per_micro_batch"
+    autocast = torch.autocast(kind, torch.bfloat16) if bf16 else contextlib.nullcontext()
+    with step_context(mode, [net], kind):
+        for _ in range(micro_batches):
+            with autocast:
+                loss = net(tokens[:, :-1], tokens[:, 1:], engram_rows=rows)
+            with backward_context(mode, kind):
+                (loss / micro_batches).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -155,13 +164,23 @@ def measure(model: str, args: argparse.Namespace) -> dict:
     # to what a step needs (its page faults stop by the third step on a CPU)
     for name, (net, optimizer) in built.items():
         for _ in range(args.warmup):
-            step(net, optimizer, tokens, args.bf16, rows[name], args.micro_batches)
+            step(
+                net, optimizer, tokens, args.bf16, rows[name], args.micro_batches, args.weight_casts
+            )
     for _ in range(args.rounds):
         for name, (net, optimizer) in built.items():
             synchronize(device)
             start, faulted = time.perf_counter(), _page_faults()
             for _ in range(args.steps):
-                step(net, optimizer, tokens, args.bf16, rows[name], args.micro_batches)
+                step(
+                    net,
+                    optimizer,
+                    tokens,
+                    args.bf16,
+                    rows[name],
+                    args.micro_batches,
+                    args.weight_casts,
+                )
             synchronize(device)
             seconds[name] += time.perf_counter() - start
             faults[name] += _page_faults() - faulted
@@ -169,6 +188,7 @@ def measure(model: str, args: argparse.Namespace) -> dict:
     result = {
         "tokens_per_step": step_tokens,
         "micro_batches": args.micro_batches,
+        "weight_casts": args.weight_casts if args.bf16 else None,
         "parameters": {n: count_parameters(net.cfg).as_dict() for n, (net, _) in built.items()},
         "tokens_per_s": {n: step_tokens / t for n, t in per_step.items()},
         "page_faults_per_step": {n: f / (args.rounds * args.steps) for n, f in faults.items()},
@@ -256,6 +276,13 @@ def main() -> None:
         type=int,
         default=1,
         help="forwards and backwards of the batch per optimizer step (gradient accumulation)",
+    )
+    parser.add_argument(
+        "--weight-casts",
+        choices=("per_step", "per_micro_batch"),
+        default="per_step",
+        help="with --bf16: the weights' bf16 casts once per step (the trainer's on one device) "
+        "or per micro-batch (train.weight_casts)",
     )
     parser.add_argument("--profile", action="store_true")
     parser.add_argument(

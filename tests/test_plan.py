@@ -106,6 +106,37 @@ def test_memory_split_follows_its_formulas():
     assert reduced.comm_gib["fsdp_reduce_scatter"] * GIB == pytest.approx(4 * 4 * p)
 
 
+def test_the_backward_peak_holds_the_weights_bf16_casts():
+    """Under bf16 autocast the forward's casts of the weight matrices (the head's too) live
+    until backward: 2 bytes an element on one device, kept or saved; with whole blocks
+    recomputed and casts made per micro-batch, one block's; none where FSDP gathers bf16
+    parameters, all of a unit's where it gathers float32 ones (autocast casts them)."""
+    inv = build_inventory(DENSE)
+    d = C // H
+    block = 2 * C * C + 2 * KV * d * C + 3 * C * F
+    weights = L * block + C * V
+    work = Workload(global_batch=8, seq_len=8)
+
+    def casts(layout, **changes):
+        got = estimate(inv, layout, replace(work, **changes), CLUSTER)
+        return got.memory_gib["weight_casts"] * GIB
+
+    assert casts(Layout()) == pytest.approx(2 * weights)
+    assert casts(Layout(activation_checkpoint="full")) == pytest.approx(2 * weights)
+    full = Layout(activation_checkpoint="full")
+    assert casts(full, weight_casts="per_micro_batch") == pytest.approx(2 * block)
+    assert casts(Layout(dp_shard=8)) == 0
+    assert casts(Layout(dp_shard=8), param_dtype="float32") == pytest.approx(2 * weights)
+    assert casts(Layout(), mixed_precision=False) == 0
+    # the backward's peak (parameters, moments, buffers, activations, the earlier
+    # micro-batches' gradients) holds them: it is the total where the activations dominate
+    cpu = replace(CLUSTER, foreach_optimizer=False)
+    got = estimate(inv, Layout(), replace(work, global_batch=64, seq_len=64), cpu).memory_gib
+    assert got["activations"] > got["weight_casts"] > 0
+    kinds = ("params", "optimizer", "buffers", "activations", "grads", "weight_casts")
+    assert got["total"] == pytest.approx(sum(got[k] for k in kinds))
+
+
 def test_the_optimizer_step_holds_foreach_adamw_s_temporary():
     """On an accelerator torch's AdamW steps with foreach kernels: the square root of the
     second moments is one more float32 copy of what it updates. (On an H200 the 16B-class
@@ -121,23 +152,28 @@ def test_the_optimizer_step_holds_foreach_adamw_s_temporary():
     assert cpu["total"] * GIB == pytest.approx(4 * p + 4 * p + 8 * p + cpu["buffers"] * GIB)
 
 
-def test_the_step_time_is_matmuls_then_memory_traffic_each_at_its_efficiency():
+@pytest.mark.parametrize("weight_casts, forward_casts", [("auto", 1), ("per_micro_batch", 2)])
+def test_the_step_time_is_matmuls_then_memory_traffic_each_at_its_efficiency(
+    weight_casts, forward_casts
+):
     """One device, no collectives, no recomputation, two micro-batches: the model's FLOPs (as
     the trainer's MFU counts them, train/mfu.py, written out in tests/test_mfu.py) at
     `cluster.matmul_efficiency` of the peak, then the elementwise kernels' bytes at
     `cluster.memory_efficiency` of `memory_gbps`: AdamW 84 per parameter, clipping 12, the
-    second micro-batch's gradient accumulation 12, bf16 casts 12 per weight-matrix element
-    (the head's too) and micro-batch, and the reference kernels' activation factor times what
-    the terms save (tests/test_plan_traffic.py counts each against torch)."""
+    second micro-batch's gradient accumulation 12, bf16 casts of every weight-matrix element
+    (the head's too) 6 in each micro-batch's backward and 6 in the forward, once a step with
+    the casts kept (train.weight_casts=auto on one device) or in each micro-batch, and the
+    reference kernels' activation factor times what the terms save
+    (tests/test_plan_traffic.py counts each against torch)."""
     inv = build_inventory(DENSE)
-    work = Workload(global_batch=2, seq_len=8)
+    work = Workload(global_batch=2, seq_len=8, weight_casts=weight_casts)
     flops = flops_per_token(DENSE, 8) * 2 * 8
     p, d = dense_parameters(), C // H
     weights = L * (2 * C * C + 2 * KV * d * C + 3 * C * F) + C * V
     saved = sum(bytes_per_token(block_terms(DENSE, i, 8, 2), 1, False, "all") for i in range(L))
     saved = (saved + bytes_per_token(head_terms(DENSE, 2), 1, False, "all")) * 2 * 8
     factor = activation_traffic("reference", DENSE.residual.mode)
-    traffic = (84 + 12 + 12) * p + 12 * weights * 2 + factor * saved
+    traffic = (84 + 12 + 12) * p + 6 * weights * (forward_casts + 2) + factor * saved
     for efficiency, memory_efficiency in ((0.6, 0.8), (0.118, 0.5)):
         cluster = replace(CLUSTER, matmul_efficiency=efficiency,
                           memory_efficiency=memory_efficiency)  # fmt: skip

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from birkhoff.kernels.registry import REFERENCE, register
 
@@ -141,7 +142,9 @@ def _chunk(
 ) -> torch.Tensor:
     """One chunk's summed loss; its gradients written into `grad_hidden` (its rows) and
     added to `grad_weight`. Its logits are freed on return, before the next chunk's exist."""
-    logits = hidden @ weight.T  # in autocast's dtype under autocast, as head(x) would be
+    # in autocast's dtype under autocast, as head(x) would be; linear, not hidden @ weight.T:
+    # autocast caches its cast of the weight itself, never one of a view (cast per chunk)
+    logits = F.linear(hidden, weight)
     want_grad = grad_hidden is not None or grad_weight is not None
     loss, grad_logits = row_loss_and_grad(logits.to(wide), targets, count, want_grad)
     if grad_logits is None:

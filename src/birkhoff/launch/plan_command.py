@@ -37,7 +37,7 @@ from birkhoff.train.optim import build_optimizer
 # What picks one layout to check rather than a search (other parallel.* keys are settings).
 DEGREES = ("dp_replicate", "dp_shard", "tp", "pp", "ep")
 LAYOUT_KEYS = {"parallel", *(f"parallel.{key}" for key in DEGREES)}
-GIB_COLUMNS = ("params", "grads", "optimizer", "activations", "buffers", "total")
+GIB_COLUMNS = ("params", "grads", "optimizer", "activations", "buffers", "weight_casts", "total")
 
 
 def plan_parser() -> argparse.ArgumentParser:
@@ -207,6 +207,7 @@ def workload_of(
         global_batch=train.global_batch_size,
         seq_len=data.seq_len,
         mixed_precision=train.mixed_precision == "bf16",
+        weight_casts=train.weight_casts,
         param_dtype=parallel.param_dtype,
         reduce_dtype=parallel.reduce_dtype,
         attention=attention,
@@ -300,7 +301,7 @@ def _table(report: dict, top: int) -> str:
         f"assumptions: {report['assumptions']}",
         "",
         "| pp | dp_rep | dp_shard | tp | ep | micro | AC | Engram | GiB/device "
-        "(par/grad/opt/act/buf) | step s | MFU | tokens/s | dominant | fits |",
+        "(par/grad/opt/act/buf/cast) | step s | MFU | tokens/s | dominant | fits |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for item in layouts[:top]:

@@ -27,6 +27,7 @@ from birkhoff.model.config import MoEConfig
 from birkhoff.model.init import constant
 from birkhoff.model.mlp import SwiGLU
 from birkhoff.model.recompute import recomputing
+from birkhoff.model.step_casts import StepCasts
 
 
 def hash_routing_table(vocab_size: int, num_experts: int, top_k: int, seed: int) -> torch.Tensor:
@@ -127,6 +128,7 @@ class GroupedExperts(nn.Module):
         self._gemm = kernels.get("grouped_gemm", kernel_backend)
         self._swiglu = kernels.get("swiglu", kernel_backend)
         self.limit = cfg.swiglu_limit
+        self.step_casts = StepCasts()  # grouped_mm's weights are cast here, not by autocast
 
     def reset_parameters(self, std: float, out_std: float) -> None:
         """Normal(0, std) gate and up, Normal(0, out_std) down projections, for experts used on
@@ -137,13 +139,15 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x (M, C) sorted by expert, counts (E,) -> (M, C)."""
-        w_gate, w_up, w_down = (
-            _local(w).to(x.dtype) for w in (self.w_gate, self.w_up, self.w_down)
-        )
+        w_gate, w_up, w_down = self._weights(x.dtype)
         offsets = group_ends(counts)  # once for the three GEMMs
         gate, up = self._gemm(x, w_gate, offsets), self._gemm(x, w_up, offsets)
         hidden = self._swiglu(gate, up, self.limit)
         return self._gemm(hidden, w_down, offsets)
+
+    def _weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        stacked = (self.w_gate, self.w_up, self.w_down)
+        return self.step_casts.get(dtype, lambda: tuple(_local(w).to(dtype) for w in stacked))
 
 
 class MoE(nn.Module):

@@ -19,6 +19,7 @@ from torch.distributed.tensor import DTensor
 
 from birkhoff import kernels
 from birkhoff.kernels.indexer_loss import composed_indexer_loss, indexer_kl
+from birkhoff.kernels.registry import matmul_dtype
 from birkhoff.kernels.v4_attention import EntryKV, dense_entry_mass
 from birkhoff.model.compression import KVCompressor, LightningIndexer, block_entries, topk_recall
 from birkhoff.model.config import AttentionConfig
@@ -28,6 +29,7 @@ from birkhoff.model.init import constant
 from birkhoff.model.norm import RMSNorm
 from birkhoff.model.recompute import recomputing
 from birkhoff.model.rope import rope_inv_freq, yarn_inv_freq
+from birkhoff.model.step_casts import StepCasts
 
 RECALL_QUERIES = 256  # the last queries of a batch's first sequence: the most entries visible
 
@@ -56,6 +58,7 @@ class V4Attention(nn.Module):
         # (groups x rank, group width): one block of the block-diagonal first output matrix
         # per group of heads, as transformers' DeepseekV4 lays it out.
         self.w_o_groups = nn.Linear(group_width, cfg.o_groups * cfg.o_lora_rank, bias=False)
+        self.step_casts = StepCasts()  # w_o_groups' grouped view, cast by _output_groups
         self.w_o = nn.Linear(cfg.o_groups * cfg.o_lora_rank, hidden, bias=False)
         compressed = layer_type != "sliding"
         # V4: compressed layers (all their branches) rotate slower, and only they take YaRN
@@ -146,11 +149,17 @@ class V4Attention(nn.Module):
                     self.prepare_stats(loss.device)
                 self.indexer_stats += torch.stack((loss.detach(), one, hits, wanted)).double()
         out = self._rotate(out, cos[:, :, None], sin[:, :, None], inverse=True)  # off the values
-        weight = _local(self.w_o_groups.weight)  # this process's groups of heads
-        weight = weight.view(-1, self.cfg.o_lora_rank, weight.shape[-1])
+        weight = self._output_groups(matmul_dtype(out))
         groups = out.reshape(batch, seq, weight.shape[0], -1)
         mixed = torch.einsum("btgi,gri->btgr", groups, weight).flatten(2)
         return self.w_o(mixed)
+
+    def _output_groups(self, dtype: torch.dtype) -> torch.Tensor:
+        """This process's groups of the output projection, (groups, rank, width) in the
+        matmul's dtype: cast here, as autocast never keeps a cast of a view."""
+        weight = _local(self.w_o_groups.weight)  # this process's groups of heads
+        groups = (-1, self.cfg.o_lora_rank, weight.shape[-1])
+        return self.step_casts.get(dtype, lambda: (weight.to(dtype).view(groups),))[0]
 
     def _indexer_loss_at_picks(
         self, q: torch.Tensor, entries: EntryKV, lse: torch.Tensor, inputs: tuple

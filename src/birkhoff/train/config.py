@@ -12,6 +12,7 @@ from birkhoff.train.stability_config import AnticipatoryConfig, FaultConfig, Spi
 
 SCHEDULES = ("cosine", "wsd", "constant")
 PRECISIONS = ("none", "bf16")
+WEIGHT_CASTS = ("auto", "per_step", "per_micro_batch")
 CONSOLE_MODES = ("auto", "rich", "plain")
 WANDB_MODES = ("offline", "online")
 COMPILE_BACKENDS = ("inductor", "aot_eager")
@@ -120,6 +121,12 @@ class TrainConfig:
     eval_every: int = 100
     eval_batches: int = 4
     mixed_precision: str = "none"
+    # With bf16: the bf16 copies of the weights the matmuls use are made once per step and
+    # kept across its micro-batches (per_step; under activation checkpointing the step holds
+    # them, 2 bytes per weight), or made again by every micro-batch (per_micro_batch: autocast
+    # alone). auto: per_step unless FSDP shards the weights (it gathers them per micro-batch;
+    # its parallel.param_dtype=bfloat16 casts the shard before the gather instead).
+    weight_casts: str = "auto"
     deterministic: bool = False
     # null: start fresh; auto: the newest complete checkpoint of this run dir (fresh if none);
     # or the path of a checkpoint directory (step-N/).
@@ -198,6 +205,7 @@ class TrainConfig:
             "must be null (no warning) or a ratio above 1 (e.g. 1.5)",
         )
         require_choice(f"{prefix}.mixed_precision", self.mixed_precision, PRECISIONS)
+        require_choice(f"{prefix}.weight_casts", self.weight_casts, WEIGHT_CASTS)
         require_choice(f"{prefix}.on_bad_step", self.on_bad_step, BAD_STEP_ACTIONS)
         require_choice(f"{prefix}.compile_backend", self.compile_backend, COMPILE_BACKENDS)
         require(

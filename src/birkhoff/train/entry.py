@@ -43,6 +43,7 @@ from birkhoff.train.secrets import scrub_recipe, scrub_text
 from birkhoff.train.stop import StopSignal
 from birkhoff.train.trainer import Trainer
 from birkhoff.train.watchdog import HangWatchdog, enable_nccl_flight_recorder
+from birkhoff.train.weight_casts import describe_weight_casts
 
 
 def train_recipe_from_dict(recipe: dict[str, Any]) -> TrainRecipe:
@@ -163,6 +164,8 @@ def _train_rank(
                 kernel_line += f" ({note})" if note else ""
                 print(f"birkhoff: {kernel_line}", flush=True)
                 print(f"birkhoff: {malloc_line}", flush=True)
+                casts = describe_weight_casts(trainer.weight_casts, trainer.grad_accum)
+                print(f"birkhoff: {casts}", flush=True)
                 if train_recipe.train.compile:
                     print(f"birkhoff: compile: torch.compile on {trainer.compiled_blocks} "
                           "blocks; the first step compiles them", flush=True)  # fmt: skip

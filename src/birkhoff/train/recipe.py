@@ -17,6 +17,7 @@ from birkhoff.train.config import (
     TrainConfig,
 )
 from birkhoff.train.schedule import wsd_decay_steps
+from birkhoff.train.weight_casts import resolve_weight_casts
 
 
 @dataclass
@@ -42,6 +43,7 @@ class TrainRecipe:
         # whose fix (another batch size) would not help.
         self.parallel.validate_for_model(model, None)
         self.train.validate(dp_size, self.parallel.pp)
+        resolve_weight_casts(self.train, self.parallel, world_size)
         self.parallel.validate_for_model(model, self.train.grad_accum_steps(dp_size))
         self.backend.validate()
         self.logging.validate()

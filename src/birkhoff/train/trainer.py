@@ -56,6 +56,7 @@ from birkhoff.train.spikes import StepGuard
 from birkhoff.train.stop import StopSignal
 from birkhoff.train.stragglers import StragglerMonitor
 from birkhoff.train.watchdog import HangWatchdog
+from birkhoff.train.weight_casts import backward_context, resolve_weight_casts, step_context
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -105,6 +106,7 @@ class Trainer:
         # Called with the trainer once a step's gradients are complete (before clipping).
         self.after_backward: list[Callable[[Trainer], None]] = share.after_backward
         self.model = self.model_parts[0]
+        self.weight_casts = resolve_weight_casts(train_cfg, recipe.parallel, ctx.world_size)
         self.parallel_model = wrap_ddp(self.model, ctx, recipe.parallel)
         # One optimizer per part, so optimizer state is keyed by the whole model's names.
         built = [build_optimizer(p, recipe.optim, train_cfg.steps) for p in self.model_parts]
@@ -333,15 +335,19 @@ class Trainer:
 
     def forward_backward(self, micro_batches: list[Batch]) -> torch.Tensor:
         """Accumulate the gradients of one step; returns the summed micro-batch losses."""
-        if self.pipeline is not None:
-            with self.autocast():
+        if self.pipeline is not None:  # its schedule runs every micro-batch in one autocast
+            kept = step_context(self.weight_casts, self.model_parts, self.device.type)
+            with kept, self.autocast():
                 return self.pipeline.train_step(micro_batches, self.device)
         loss_sum = torch.zeros((), device=self.device)
-        for index, batch in enumerate(micro_batches):
-            with self._gradient_sync(index == len(micro_batches) - 1), self.autocast():
-                loss = self._forward(batch.to(self.device))
-            (loss / self.grad_accum).backward()
-            loss_sum += loss.detach()
+        kind = self.device.type
+        with step_context(self.weight_casts, self.model_parts, kind):
+            for index, batch in enumerate(micro_batches):
+                with self._gradient_sync(index == len(micro_batches) - 1), self.autocast():
+                    loss = self._forward(batch.to(self.device))
+                with backward_context(self.weight_casts, kind):
+                    (loss / self.grad_accum).backward()
+                loss_sum += loss.detach()
         return loss_sum
 
     def reduce_loss(self, loss_sum: torch.Tensor) -> float:

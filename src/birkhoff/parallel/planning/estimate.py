@@ -61,6 +61,7 @@ from birkhoff.parallel.planning.layout import (
     Layout,
     Workload,
     gathered,
+    keeps_weight_casts,
     row_sharded,
     sparse_rows,
     stage_keys,
@@ -81,7 +82,7 @@ from birkhoff.parallel.planning.pipeline_schedule import (
     bubble,
     rank_orders,
 )
-from birkhoff.parallel.planning.traffic import rank_traffic
+from birkhoff.parallel.planning.traffic import cast_weights, rank_traffic
 
 GIB = 2**30
 
@@ -245,11 +246,13 @@ def _rank_memory(
         "optimizer": 8 * (sharded - one_buffer + on_device * tables) + 4 * one_buffer,
         "activations": _activations(inv, layout, work, {s: stages[s] for s in mine}, order),
         "buffers": float(buffers),
+        "weight_casts": _weight_casts_bytes(held, layout, work),
     }
     state = memory["params"] + memory["optimizer"] + memory["buffers"]
     # The backward peak (the loss's backward, or a pipeline stage's last forward) holds the
     # gradients only where an earlier micro-batch of the step made them.
-    backward = state + memory["activations"] + (memory["grads"] if micro_batches > 1 else 0.0)
+    backward = state + memory["activations"] + memory["weight_casts"]
+    backward += memory["grads"] if micro_batches > 1 else 0.0
     muon_step = muon_step_bytes(inv, layout, keys)  # Muon's transient: a bucket's
     # AdamW's foreach step (torch's default on accelerators without the trainer's fused
     # step: a custom cluster's may be one): the square root of the second moments is one
@@ -265,6 +268,21 @@ def _rank_memory(
     optimizer = 8 * (sharded - one_buffer + tables) + 4 * one_buffer
     memory["host"] += layout.host_snapshots * (4 * (sharded + tables) + own_buffers + optimizer)
     return memory
+
+
+def _weight_casts_bytes(held: list, layout: Layout, work: Workload) -> float:
+    """The bf16 casts of the float32 weights alive at the backward peak: every matmul
+    weight's, kept for the step (train.weight_casts) or saved by the forward for its
+    backward; with whole blocks recomputed and no kept casts, one block's. None where FSDP
+    gathers bf16 parameters (buffers count the gathered units)."""
+    fsdp_bf16 = layout.dp_shard > 1 and DTYPE_BYTES[work.param_dtype] == 2
+    if not work.mixed_precision or fsdp_bf16:
+        return 0.0
+    if keeps_weight_casts(layout, work) or layout.activation_checkpoint != "full":
+        return 2 * cast_weights(held, layout)
+    blocks = {g.layer for g in held if g.block}
+    return 2 * max((cast_weights([g for g in held if g.layer == b], layout) for b in blocks),
+                   default=0.0)  # fmt: skip
 
 
 def rank_keys(layout: Layout, stages: list[list[int]], pp_rank: int) -> set[int]:

@@ -139,6 +139,9 @@ class Workload:
     attention: str = "reference"  # one of ATTENTION_ACTIVATIONS
     # the kernel backend the devices run: its elementwise traffic per saved byte (traffic.py)
     kernels: str = "reference"
+    # train.weight_casts: bf16 weight copies made once a step (auto, per_step: where FSDP does
+    # not gather the weights) or by every micro-batch (keeps_weight_casts)
+    weight_casts: str = "auto"
     positions: bool = True  # document positions travel between pipeline stages
     loader_rows: bool = True  # Engram rows computed by the loader travel with them
     param_dtype: str = "bfloat16"  # FSDP's gathered parameters
@@ -153,6 +156,16 @@ class Workload:
             raise ValueError(f"Workload.attention {self.attention!r}: not one of {kinds}")
         if self.kernels not in BACKENDS:
             raise ValueError(f"Workload.kernels {self.kernels!r}: not one of {', '.join(BACKENDS)}")
+
+
+def keeps_weight_casts(layout: Layout, work: Workload) -> bool:
+    """Whether a step's bf16 weight casts serve all its micro-batches, as the trainer
+    resolves train.weight_casts (train/weight_casts.py): not where FSDP wraps the model
+    (every data-parallel layout but pure replication, parallel.config's uses_ddp)."""
+    replicas_only = (layout.dp_shard, layout.tp, layout.pp, layout.ep) == (1, 1, 1, 1)
+    ddp = layout.dp_replicate > 1 and replicas_only and not layout.engram_row_shard
+    fsdp = layout.dp > 1 and not ddp
+    return work.mixed_precision and work.weight_casts != "per_micro_batch" and not fsdp
 
 
 def stage_layers(num_layers: int, num_stages: int) -> list[list[int]]:

@@ -16,9 +16,11 @@ bandwidth, not the matmul peak. Bytes per step on one device, by kind:
   its 10 iterations as everywhere in the plan);
 - gradients: the norm reads every gradient and, when it clips, scales it (12 bytes per
   element); each micro-batch after the first adds its gradients to the accumulated ones (12);
-- mixed precision: every micro-batch casts the float32 weights it computes with to bf16 (read
-  4, write 2) and their bf16 gradients back to float32 (6): 12 bytes per element; under FSDP
-  with bf16 parameters the forward's cast is of the rank's shard, before the gather;
+- mixed precision: the forward casts the float32 weights it computes with to bf16 (read 4,
+  write 2), once a step where the casts are kept across its micro-batches (train.weight_casts,
+  layout.keeps_weight_casts), else in every micro-batch; every micro-batch's backward casts
+  their bf16 gradients back to float32 (6); under FSDP with bf16 parameters the forward's
+  cast is of the rank's shard, before the gather (a recomputation's casts are not counted);
 - activations: the forward and backward elementwise kernels (norms, mHC's maps and stream
   mixes, activations, softmax, routing, casts) read and write ACTIVATION_TRAFFIC times the
   bytes autograd saves (activations.py), by the kernel backend the devices run and by the
@@ -52,6 +54,7 @@ from birkhoff.parallel.planning.activations import (
 from birkhoff.parallel.planning.inventory import LAST
 from birkhoff.parallel.planning.layout import (
     DTYPE_BYTES,
+    keeps_weight_casts,
     sparse_rows,
     tp_local,
     unit,
@@ -60,7 +63,8 @@ from birkhoff.parallel.planning.layout import (
 
 ADAMW_BYTES, ADAMW_NO_DECAY_BYTES = 84, 76
 MUON_BYTES = 72
-CLIP_BYTES = ACCUMULATE_BYTES = CAST_BYTES = 12
+CLIP_BYTES = ACCUMULATE_BYTES = 12
+CAST_BYTES = 6  # one way: float32 to bf16 (read 4, write 2) or back
 # bytes moved per byte saved, by the kernels that run the forward and backward and by the
 # residual: several streams (mHC, hyper-connections) or plain x + F(x) (see above)
 ACTIVATION_TRAFFIC = {
@@ -114,16 +118,23 @@ def rank_traffic(
     accumulated = accumulated and not layout.fsdp_reduce_every_micro_batch
     grads = sum(unit(g, layout) for g in sharded) if accumulated else local
     gradients = CLIP_BYTES * (grads + touched) + ACCUMULATE_BYTES * grads * (micro_batches - 1)
-    weights = sum(unit(g, layout) for g in held if g.muon or _head(g))
+    weights = cast_weights(held, layout)
+    forward, backward = weights, weights
     if layout.dp_shard > 1 and DTYPE_BYTES[work.param_dtype] == 2:
-        # FSDP casts its shard before the gather and the gathered bf16 gradients after
-        weights = (weights + weights / layout.dp_shard) / 2
-    casts = CAST_BYTES * weights * micro_batches if work.mixed_precision else 0.0
+        forward = weights / layout.dp_shard  # FSDP casts its shard before the gather
+    forwards = 1 if keeps_weight_casts(layout, work) else micro_batches
+    casts = CAST_BYTES * (forward * forwards + backward * micro_batches)
+    casts = casts if work.mixed_precision else 0.0
     saved = _saved_per_token(inv, layout, work, mine, stages) * layout.micro_batch * work.seq_len
     factor = activation_traffic(work.kernels, cfg.residual.mode)
     activations = factor * saved * micro_batches * (1 + recompute)
     return {"optimizer": optimizer, "gradients": gradients, "casts": casts,
             "activations": activations}  # fmt: skip
+
+
+def cast_weights(groups, layout) -> float:
+    """Elements of the weights the matmuls cast to bf16 among `groups` (their FSDP units)."""
+    return sum(unit(g, layout) for g in groups if g.muon or _head(g))
 
 
 def _head(g) -> bool:

@@ -1,0 +1,86 @@
+"""bf16 weight copies made once per step instead of once per micro-batch (train.weight_casts).
+
+Under bf16 autocast every micro-batch casts the float32 weights its matmuls use (read 4 bytes,
+write 2, per weight) because autocast empties its cast cache when its outermost context exits.
+Keeping one autocast context open across a step's micro-batches keeps that cache, so the
+forward's casts happen once a step; the casts the model makes itself (model/step_casts.py:
+the grouped experts' stacked weights, V4 attention's grouped output projection) are kept as
+long. Backward runs with autocast off inside that context, as outside it today (autocast is
+for forwards; its state would otherwise follow the backward into every recomputation and
+formula). The gradients are the same bits either way: the same casts of the same weights.
+
+Not under FSDP: its weights are gathered per micro-batch and freed after, and a cache holding
+their casts for the step would hold every gathered unit at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+
+import torch
+from torch import nn
+
+from birkhoff.errors import require
+from birkhoff.model.step_casts import StepCasts
+from birkhoff.parallel.config import ParallelConfig
+from birkhoff.train.config import TrainConfig
+
+
+def resolve_weight_casts(train: TrainConfig, parallel: ParallelConfig, world_size: int) -> str:
+    """per_step or per_micro_batch for this recipe on `world_size` ranks; an explicit per_step
+    that cannot apply is an error naming the key (exit 2 before any work)."""
+    fsdp = parallel.uses_fsdp(world_size)
+    if train.weight_casts == "per_step":
+        require(
+            train.mixed_precision == "bf16",
+            "train.weight_casts",
+            "per_step",
+            "keeps bf16 copies of the weights: it needs train.mixed_precision=bf16 (or set "
+            "train.weight_casts=auto)",
+        )
+        require(
+            not fsdp,
+            "train.weight_casts",
+            "per_step",
+            "cannot apply under FSDP (it gathers the weights per micro-batch): use "
+            "train.weight_casts=auto, and parallel.param_dtype=bfloat16 to cast each shard "
+            "before its gather",
+        )
+        return "per_step"
+    if train.weight_casts == "auto" and train.mixed_precision == "bf16" and not fsdp:
+        return "per_step"
+    return "per_micro_batch"
+
+
+def describe_weight_casts(mode: str, micro_batches: int) -> str:
+    """The start-up line: how often the matmuls' bf16 weight copies are made."""
+    if mode == "per_step":
+        return f"weight casts: once per step, kept across its {micro_batches} micro-batch(es)"
+    return "weight casts: per micro-batch (autocast's own)"
+
+
+@contextmanager
+def casts_kept_for_step(parts: list[nn.Module], device_type: str) -> Iterator[None]:
+    """Within it, bf16 weight casts made by one micro-batch's forward serve the next ones
+    (autocast's cache and the grouped experts' own); both are dropped on the way out."""
+    owners = [getattr(m, "step_casts", None) for part in parts for m in part.modules()]
+    kept = [casts for casts in owners if isinstance(casts, StepCasts)]
+    for casts in kept:
+        casts.kept = {}
+    try:
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            yield
+    finally:
+        for casts in kept:
+            casts.kept = None
+
+
+def step_context(mode: str, parts: list[nn.Module], device_type: str):
+    """The context a step's micro-batches run in for `mode`."""
+    return casts_kept_for_step(parts, device_type) if mode == "per_step" else nullcontext()
+
+
+def backward_context(mode: str, device_type: str):
+    """Backward outside autocast: with per_step casts the step's context is still open."""
+    return torch.autocast(device_type, enabled=False) if mode == "per_step" else nullcontext()

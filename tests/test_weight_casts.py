@@ -1,0 +1,134 @@
+"""train.weight_casts: bf16 weight copies made once a step (per_step) train the same bits as
+autocast's per-micro-batch casts (the independent route: the trainer as it ran before), and
+each weight is cast once a step instead of once a micro-batch (counted at the dispatcher)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from birkhoff.data import open_data
+from birkhoff.errors import RecipeError
+from birkhoff.launch.recipe import load_recipe
+from birkhoff.parallel import distributed
+from birkhoff.parallel.planning.inventory import build_inventory
+from birkhoff.parallel.planning.layout import Layout
+from birkhoff.parallel.planning.traffic import cast_weights
+from birkhoff.train.metrics import MetricLogger
+from birkhoff.train.trainer import Trainer
+from birkhoff.train.weight_casts import resolve_weight_casts
+from conftest import SMALL_OVERRIDES, compose_recipe
+
+MICRO_BATCHES = 4
+BF16 = [
+    "train.mixed_precision=bf16",
+    "train.micro_batch_size=2",  # 8 sequences: 4 micro-batches
+    "model.mtp.depth=1",  # the head's weight serves two losses
+    "train.eval_every=0",
+]
+
+
+class WeightCasts(TorchDispatchMode):
+    """Counts the casts whose input is one of `params` (by storage), and their bytes."""
+
+    def __init__(self, params: dict[int, str]) -> None:
+        super().__init__()
+        self.params = params
+        self.casts: Counter[str] = Counter()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        source = args[0] if args else None
+        if func is torch.ops.aten._to_copy.default and isinstance(source, torch.Tensor):
+            name = self.params.get(source.untyped_storage().data_ptr())
+            if name is not None and out.dtype == torch.bfloat16:
+                self.casts[name] += 1
+                self.bytes += source.nbytes + out.nbytes
+        return out
+
+
+def _trainer(ctx, overrides: list[str]) -> Trainer:
+    recipe, _ = load_recipe(compose_recipe(SMALL_OVERRIDES + BF16 + overrides), env={})
+    return Trainer(recipe, open_data(recipe.data), ctx, torch.device("cpu"), MetricLogger([]))
+
+
+def _one_step(mode: str, checkpoint: str) -> tuple[Trainer, WeightCasts, torch.Tensor]:
+    overrides = [f"train.weight_casts={mode}", f"parallel.activation_checkpoint={checkpoint}"]
+    with distributed(torch.device("cpu"), {}) as ctx:
+        trainer = _trainer(ctx, overrides)
+        assert trainer.weight_casts == mode and trainer.grad_accum == MICRO_BATCHES
+        micro_batches = trainer.routing.next_batch(trainer)
+        params = {p.untyped_storage().data_ptr(): n for n, p in trainer.model.named_parameters()}
+        with WeightCasts(params) as counted:
+            loss_sum = trainer.forward_backward(micro_batches)
+    return trainer, counted, loss_sum
+
+
+@pytest.mark.parametrize("checkpoint", ["none", "full"])
+def test_per_step_casts_give_the_per_micro_batch_gradients_bit_for_bit(checkpoint):
+    kept, kept_casts, kept_loss = _one_step("per_step", checkpoint)
+    each, each_casts, each_loss = _one_step("per_micro_batch", checkpoint)
+    assert torch.equal(kept_loss, each_loss)
+    each_grads = dict(each.model.named_parameters())
+    for name, param in kept.model.named_parameters():
+        other = each_grads[name].grad
+        assert (param.grad is None) == (other is None), name
+        assert param.grad is None or torch.equal(param.grad, other), name
+    # every weight a matmul casts: once a step, where autocast alone casts it in every
+    # micro-batch's forward (and again in each recomputation)
+    assert set(kept_casts.casts) == set(each_casts.casts)
+    assert any("experts" in n for n in kept_casts.casts), "the grouped experts' own casts"
+    assert any("attention" in n or "attn" in n for n in kept_casts.casts), "nn.Linear's"
+    assert set(kept_casts.casts.values()) == {1}
+    passes = MICRO_BATCHES * (2 if checkpoint == "full" else 1)
+    recomputed = {n for n in each_casts.casts if "_checkpoint_wrapped_module" in n}
+    for name, count in each_casts.casts.items():
+        assert count == (passes if name in recomputed else MICRO_BATCHES), (name, count)
+    weights = {n: p for n, p in kept.model.named_parameters() if n in kept_casts.casts}
+    elements = sum(p.numel() for p in weights.values())
+    assert kept_casts.bytes == 6 * elements
+    # the plan's cast weights (traffic.py) also take mHC's and the routers' small matrices,
+    # which run in float32: a few percent above what is cast
+    planned = cast_weights(build_inventory(kept.model_cfg).groups, Layout())
+    assert elements < planned < 1.1 * elements
+
+
+def _recipe(overrides: list[str], world: int):
+    ranks = [f"launch.nproc_per_node={world}", "train.micro_batch_size=2"]
+    recipe, _ = load_recipe(compose_recipe(SMALL_OVERRIDES + ranks + overrides), env={})
+    return recipe
+
+
+@pytest.mark.parametrize(
+    "overrides, world, expected",
+    [
+        (["train.mixed_precision=bf16"], 1, "per_step"),
+        (["train.mixed_precision=none"], 1, "per_micro_batch"),
+        (["train.mixed_precision=bf16", "parallel.dp_replicate=2", "parallel.dp_shard=1"], 2,
+         "per_step"),
+        (["train.mixed_precision=bf16", "parallel.dp_shard=2"], 2, "per_micro_batch"),
+        (["train.mixed_precision=bf16", "train.weight_casts=per_micro_batch"], 1,
+         "per_micro_batch"),
+    ],
+)  # fmt: skip
+def test_auto_keeps_the_casts_unless_fsdp_gathers_the_weights(overrides, world, expected):
+    recipe = _recipe(overrides, world)
+    assert resolve_weight_casts(recipe.train, recipe.parallel, world) == expected
+
+
+@pytest.mark.parametrize(
+    "overrides, world, fix",
+    [
+        (["train.mixed_precision=none"], 1, "train.mixed_precision=bf16"),
+        (["train.mixed_precision=bf16", "parallel.dp_shard=2"], 2, "param_dtype=bfloat16"),
+    ],
+)
+def test_an_explicit_per_step_that_cannot_apply_is_refused(overrides, world, fix):
+    """Refused where the recipe is validated, before any work."""
+    with pytest.raises(RecipeError) as raised:
+        _recipe([*overrides, "train.weight_casts=per_step"], world)
+    assert raised.value.key == "train.weight_casts" and fix in str(raised.value)
