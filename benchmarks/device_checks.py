@@ -16,7 +16,8 @@ Each step records its exit code, seconds and output (parsed JSON where it prints
                       many of its 8 layers as the plan says fit this GPU's memory (all 8 on
                       an H200, fewer on an H100), 8 micro-batches of 8 x 1,024 tokens per
                       optimizer step (AdamW's pass over 6.6x the active parameters paid once
-                      per 64K tokens, as a data-parallel rank of a large batch pays it):
+                      per 64K tokens, as a data-parallel rank of a large batch pays it;
+                      the weights cast to bf16 once a step, train.weight_casts=per_step):
                       tokens/s, MFU
   v4_attention        benchmarks/v4_attention_kernels.py at V4-Flash shapes (4096 tokens)
   v4_attention_long_csa  the same for CSA at 16,384 tokens, where the picks are gathered:

@@ -120,7 +120,7 @@ def step(
     kind = tokens.device.type
     mode = weight_casts if bf16 else "per_micro_batch"
     autocast = torch.autocast(kind, torch.bfloat16) if bf16 else contextlib.nullcontext()
-    with step_context(mode, [net], kind):
+    with step_context(mode, [net], kind, micro_batches):
         for _ in range(micro_batches):
             with autocast:
                 loss = net(tokens[:, :-1], tokens[:, 1:], engram_rows=rows)

@@ -5,14 +5,15 @@ autocast alone), in one run.
 Per model and mode: the step time (the two modes interleaved round by round, so machine noise
 hits both alike) and the bytes the step's elementwise aten ops move outside the matmuls
 (kernels/moved_bytes.py), with the casts' (`aten._to_copy`) and the gradient sums'
-(`aten.add_`) apart; the plan's model (parallel/planning/traffic.py) for the same counts: 6
-bytes per weight-matrix element a forward cast, 6 a backward one, 12 an accumulation.
+(`aten.add_`) apart, and the plan's bytes of casts and gradient sums for the same step
+(parallel/planning/traffic.py: 6 bytes per weight-matrix element a forward cast, once a step
+when kept, 6 a backward one, 12 an accumulation, 10 for the routed experts summed in their
+kept casts).
 
     python benchmarks/weight_casts.py --models small --micro-batches 4
 
-Prints one JSON object; per model `time_ratio` (per_step over per_micro_batch) and
-`casts_saved_bytes` (counted) beside `casts_saved_planned` (6 x (K - 1) x the weights the
-plan casts).
+Prints one JSON object; per model `time_ratio` (per_step over per_micro_batch) and the bytes
+per_step saves, counted (`saved_bytes`) and planned (`saved_bytes_planned`).
 """
 
 from __future__ import annotations
@@ -20,22 +21,33 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 
 import torch
 from model_throughput import SHAPES, build, loader_rows, step, synchronize
 
 from birkhoff.kernels.moved_bytes import MovedBytes
+from birkhoff.parallel.planning.cluster import cluster_from
+from birkhoff.parallel.planning.estimate import GIB, estimate
 from birkhoff.parallel.planning.inventory import build_inventory
-from birkhoff.parallel.planning.layout import Layout
-from birkhoff.parallel.planning.traffic import cast_weights
+from birkhoff.parallel.planning.layout import Layout, Workload
 
 MODES = ("per_step", "per_micro_batch")
+CLUSTER = cluster_from({"preset": "h100", "devices": 1})  # only its bytes are read, not times
 
 
-def planned_casts(net: torch.nn.Module) -> float:
-    """Elements of the weights the plan takes a bf16 step to cast (traffic.py's
-    cast_weights: the weight matrices and the head, on one device)."""
-    return cast_weights(build_inventory(net.cfg).groups, Layout())
+def planned(net: torch.nn.Module, tokens: int, seq: int, micro_batches: int) -> dict[str, float]:
+    """The plan's bytes of casts and gradient sums a step (traffic.py) for each mode, on one
+    device: what differs between them (the activations' and clipping's are the same)."""
+    inv = build_inventory(net.cfg)
+    sequences = tokens // seq
+    work = Workload(global_batch=sequences, seq_len=seq, kernels="reference")
+    layout = Layout(micro_batch=sequences // micro_batches)
+    out = {}
+    for mode in MODES:
+        got = estimate(inv, layout, replace(work, weight_casts=mode), CLUSTER).traffic_gib
+        out[mode] = (got["casts"] + got["gradients"]) * GIB
+    return out
 
 
 def counted(net, optimizer, tokens, rows, micro_batches: int, mode: str) -> dict[str, int]:
@@ -68,16 +80,16 @@ def measure(model: str, args: argparse.Namespace) -> dict:
     per_step = {m: s / (args.rounds * args.steps) for m, s in seconds.items()}
     result = {
         "tokens_per_step": k * batch * seq,
-        "planned_cast_elements": planned_casts(net),
         "step_s": per_step,
         "time_ratio": per_step["per_step"] / per_step["per_micro_batch"],
     }
     if device.type == "cpu":  # the dispatch mode counts aten ops: the device's are the same
         bytes_ = {m: counted(net, optimizer, tokens, rows, k, m) for m in MODES}
         result["bytes"] = bytes_
-        saved = bytes_["per_micro_batch"]["casts"] - bytes_["per_step"]["casts"]
-        result["casts_saved_bytes"] = saved
-        result["casts_saved_planned"] = 6 * (k - 1) * result["planned_cast_elements"]
+        moved = {m: bytes_[m]["casts"] + bytes_[m]["gradient_sums"] for m in MODES}
+        result["saved_bytes"] = moved["per_micro_batch"] - moved["per_step"]
+        plan = planned(net, result["tokens_per_step"], seq, k)
+        result["saved_bytes_planned"] = plan["per_micro_batch"] - plan["per_step"]
         totals = [bytes_[m]["total"] for m in MODES]
         result["total_bytes_ratio"] = totals[0] / totals[1]
     return result

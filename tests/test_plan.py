@@ -106,6 +106,32 @@ def test_memory_split_follows_its_formulas():
     assert reduced.comm_gib["fsdp_reduce_scatter"] * GIB == pytest.approx(4 * 4 * p)
 
 
+def test_kept_casts_sum_the_routed_experts_gradients_in_one_pass():
+    """With the casts kept for the step (one device, bf16), the routed experts' gradients of
+    each later micro-batch are added to their float32 sum in the cast's backward, 10 bytes an
+    element, where autograd's route casts them (6) and adds them to the accumulated gradient
+    (12); every other weight keeps autograd's route. Per micro-batch: casts 6 per weight
+    element forward (once a step when kept) and 6 backward (the experts' first only)."""
+    f, experts = 32, 4
+    moe = MoEConfig(num_experts=experts, top_k=2, expert_ffn_hidden_size=f, first_k_dense=1)
+    inv = build_inventory(replace(DENSE, moe=moe))
+    k, p = 4, inv.total
+    routed = (L - 1) * experts * 3 * C * f
+    assert sum(g.numel for g in inv.groups if g.expert) == routed
+    cast = sum(g.numel for g in inv.groups if g.muon) + C * V  # the matrices and the head
+
+    def traffic(weight_casts):
+        work = Workload(global_batch=k, seq_len=8, weight_casts=weight_casts)
+        return estimate(inv, Layout(), work, CLUSTER).traffic_gib
+
+    kept, each = traffic("auto"), traffic("per_micro_batch")
+    assert kept["casts"] * GIB == pytest.approx(6 * (cast + cast * k - routed * (k - 1)))
+    assert each["casts"] * GIB == pytest.approx(6 * (cast * k + cast * k))
+    later = (k - 1) * (12 * (p - routed) + 10 * routed)
+    assert kept["gradients"] * GIB == pytest.approx(12 * p + later)
+    assert each["gradients"] * GIB == pytest.approx(12 * p + 12 * p * (k - 1))
+
+
 def test_the_backward_peak_holds_the_weights_bf16_casts():
     """Under bf16 autocast the forward's casts of the weight matrices (the head's too) live
     until backward: 2 bytes an element on one device, kept or saved; with whole blocks

@@ -147,7 +147,7 @@ class GroupedExperts(nn.Module):
 
     def _weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         stacked = (self.w_gate, self.w_up, self.w_down)
-        return self.step_casts.get(dtype, lambda: tuple(_local(w).to(dtype) for w in stacked))
+        return self.step_casts.get(dtype, tuple(_local(w) for w in stacked))
 
 
 class MoE(nn.Module):

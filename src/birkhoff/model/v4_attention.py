@@ -158,8 +158,8 @@ class V4Attention(nn.Module):
         """This process's groups of the output projection, (groups, rank, width) in the
         matmul's dtype: cast here, as autocast never keeps a cast of a view."""
         weight = _local(self.w_o_groups.weight)  # this process's groups of heads
-        groups = (-1, self.cfg.o_lora_rank, weight.shape[-1])
-        return self.step_casts.get(dtype, lambda: (weight.to(dtype).view(groups),))[0]
+        (cast,) = self.step_casts.get(dtype, (weight,))
+        return cast.view(-1, self.cfg.o_lora_rank, weight.shape[-1])
 
     def _indexer_loss_at_picks(
         self, q: torch.Tensor, entries: EntryKV, lse: torch.Tensor, inputs: tuple

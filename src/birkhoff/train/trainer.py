@@ -336,12 +336,14 @@ class Trainer:
     def forward_backward(self, micro_batches: list[Batch]) -> torch.Tensor:
         """Accumulate the gradients of one step; returns the summed micro-batch losses."""
         if self.pipeline is not None:  # its schedule runs every micro-batch in one autocast
-            kept = step_context(self.weight_casts, self.model_parts, self.device.type)
+            summing = self.recipe.parallel.pp_schedule != "zero_bubble"
+            kept = step_context(self.weight_casts, self.model_parts, self.device.type,
+                                len(micro_batches), summing)  # fmt: skip
             with kept, self.autocast():
                 return self.pipeline.train_step(micro_batches, self.device)
         loss_sum = torch.zeros((), device=self.device)
         kind = self.device.type
-        with step_context(self.weight_casts, self.model_parts, kind):
+        with step_context(self.weight_casts, self.model_parts, kind, len(micro_batches)):
             for index, batch in enumerate(micro_batches):
                 with self._gradient_sync(index == len(micro_batches) - 1), self.autocast():
                     loss = self._forward(batch.to(self.device))

@@ -61,24 +61,38 @@ def describe_weight_casts(mode: str, micro_batches: int) -> str:
 
 
 @contextmanager
-def casts_kept_for_step(parts: list[nn.Module], device_type: str) -> Iterator[None]:
+def casts_kept_for_step(
+    parts: list[nn.Module], device_type: str, micro_batches: int, summing: bool = True
+) -> Iterator[None]:
     """Within it, bf16 weight casts made by one micro-batch's forward serve the next ones
-    (autocast's cache and the grouped experts' own); both are dropped on the way out."""
+    (autocast's cache and the model's own, model/step_casts.py, whose gradients the casts sum
+    over the `micro_batches` backwards); all are dropped on the way out."""
     owners = [getattr(m, "step_casts", None) for part in parts for m in part.modules()]
     kept = [casts for casts in owners if isinstance(casts, StepCasts)]
     for casts in kept:
-        casts.kept = {}
+        casts.open(micro_batches, summing)
+    failed = True
     try:
         with torch.autocast(device_type, dtype=torch.bfloat16):
             yield
+        failed = False
     finally:
-        for casts in kept:
-            casts.kept = None
+        undelivered = sum(casts.close() for casts in kept)
+    if undelivered and not failed:
+        raise RuntimeError(
+            f"{undelivered} weight gradient(s) summed in their casts were not handed to "
+            f"autograd: the step ran fewer than its {micro_batches} micro-batch backwards"
+        )
 
 
-def step_context(mode: str, parts: list[nn.Module], device_type: str):
-    """The context a step's micro-batches run in for `mode`."""
-    return casts_kept_for_step(parts, device_type) if mode == "per_step" else nullcontext()
+def step_context(
+    mode: str, parts: list[nn.Module], device_type: str, micro_batches: int, summing: bool = True
+):
+    """The context a step's `micro_batches` forwards and backwards run in for `mode`
+    (`summing`: the model's own casts sum their weights' gradients)."""
+    if mode != "per_step":
+        return nullcontext()
+    return casts_kept_for_step(parts, device_type, micro_batches, summing)
 
 
 def backward_context(mode: str, device_type: str):

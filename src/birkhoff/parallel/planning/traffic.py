@@ -15,7 +15,9 @@ bandwidth, not the matmul peak. Bytes per step on one device, by kind:
   shape's batch) 36 n^2 (the identity, and a I and b I for each of V4's two coefficient sets;
   its 10 iterations as everywhere in the plan);
 - gradients: the norm reads every gradient and, when it clips, scales it (12 bytes per
-  element); each micro-batch after the first adds its gradients to the accumulated ones (12);
+  element); each micro-batch after the first adds its gradients to the accumulated ones (12),
+  or, for the routed experts with the casts kept for the step, its bf16 gradients to their
+  float32 sum in the cast's backward (10, and no cast of its own: model/step_casts.py);
 - mixed precision: the forward casts the float32 weights it computes with to bf16 (read 4,
   write 2), once a step where the casts are kept across its micro-batches (train.weight_casts,
   layout.keeps_weight_casts), else in every micro-batch; every micro-batch's backward casts
@@ -65,6 +67,7 @@ ADAMW_BYTES, ADAMW_NO_DECAY_BYTES = 84, 76
 MUON_BYTES = 72
 CLIP_BYTES = ACCUMULATE_BYTES = 12
 CAST_BYTES = 6  # one way: float32 to bf16 (read 4, write 2) or back
+SUMMED_CAST_BYTES = 10  # a bf16 gradient added to a float32 sum in one pass
 # bytes moved per byte saved, by the kernels that run the forward and backward and by the
 # residual: several streams (mHC, hyper-connections) or plain x + F(x) (see above)
 ACTIVATION_TRAFFIC = {
@@ -117,13 +120,17 @@ def rank_traffic(
     accumulated = micro_batches > 1 and layout.dp_shard > 1
     accumulated = accumulated and not layout.fsdp_reduce_every_micro_batch
     grads = sum(unit(g, layout) for g in sharded) if accumulated else local
-    gradients = CLIP_BYTES * (grads + touched) + ACCUMULATE_BYTES * grads * (micro_batches - 1)
+    kept, later = keeps_weight_casts(layout, work), micro_batches - 1
+    # with the casts kept, the routed experts' gradients are summed in their casts
+    summed = cast_weights([g for g in held if g.expert], layout) if kept else 0.0
+    gradients = CLIP_BYTES * (grads + touched) + ACCUMULATE_BYTES * (grads - summed) * later
+    gradients += SUMMED_CAST_BYTES * summed * later
     weights = cast_weights(held, layout)
     forward, backward = weights, weights
     if layout.dp_shard > 1 and DTYPE_BYTES[work.param_dtype] == 2:
         forward = weights / layout.dp_shard  # FSDP casts its shard before the gather
-    forwards = 1 if keeps_weight_casts(layout, work) else micro_batches
-    casts = CAST_BYTES * (forward * forwards + backward * micro_batches)
+    forwards = 1 if kept else micro_batches
+    casts = CAST_BYTES * (forward * forwards + backward * micro_batches - summed * later)
     casts = casts if work.mixed_precision else 0.0
     saved = _saved_per_token(inv, layout, work, mine, stages) * layout.micro_batch * work.seq_len
     factor = activation_traffic(work.kernels, cfg.residual.mode)
