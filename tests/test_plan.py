@@ -125,6 +125,19 @@ def test_kept_casts_sum_the_routed_experts_gradients_in_one_pass():
         return estimate(inv, Layout(), work, CLUSTER).traffic_gib
 
     kept, each = traffic("auto"), traffic("per_micro_batch")
+    # a zero-bubble pipeline takes each micro-batch's weight gradients from autograd: no sums
+    # in the casts, where an interleaved one (the same stages on a rank) has them: the
+    # experts' later micro-batches move 2 more bytes of sums and 6 of casts an element
+    work = Workload(global_batch=k, seq_len=8)
+    by_schedule = {
+        schedule: estimate(inv, Layout(pp=2, pp_schedule=schedule, pp_stages_per_rank=2),
+                           work, CLUSTER).traffic_gib
+        for schedule in ("zero_bubble", "interleaved_1f1b")
+    }  # fmt: skip
+    zb, interleaved = by_schedule["zero_bubble"], by_schedule["interleaved_1f1b"]
+    more_sums = zb["gradients"] - interleaved["gradients"]
+    more_casts = zb["casts"] - interleaved["casts"]
+    assert more_sums > 0 and more_casts == pytest.approx(3 * more_sums)
     assert kept["casts"] * GIB == pytest.approx(6 * (cast + cast * k - routed * (k - 1)))
     assert each["casts"] * GIB == pytest.approx(6 * (cast * k + cast * k))
     later = (k - 1) * (12 * (p - routed) + 10 * routed)

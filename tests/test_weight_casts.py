@@ -207,3 +207,21 @@ def test_without_summing_a_kept_cast_leaves_each_gradient_to_autograd():
         cast.float().sum().backward()
         assert torch.equal(weight.grad, torch.full((3,), float(done)))
     assert casts.close() == 0
+
+
+def test_a_compiled_block_casts_in_its_graph_without_breaking_it():
+    """train.compile: dynamo traces the block whole (a kept cast broke its graph 22 times at
+    `tiny`) and the cast is the graph's own, nothing kept from it."""
+    weight = torch.randn(4, 4, requires_grad=True)
+    casts = StepCasts()
+    casts.open(2)
+
+    def block(x: torch.Tensor) -> torch.Tensor:
+        (cast,) = casts.get(torch.bfloat16, (weight,))
+        return (x.bfloat16() @ cast).float()
+
+    compiled = torch.compile(block, backend="eager", fullgraph=True)
+    out = compiled(torch.randn(2, 4))
+    out.sum().backward()
+    assert casts.kept == {} and weight.grad is not None
+    assert casts.close() == 0

@@ -14,7 +14,8 @@ Autograd's own route casts every micro-batch's gradient (6 bytes) and adds it to
 accumulated one (12). The sums are the same bits: each bf16 gradient is exact in float32 and
 the additions come in the same order. Weights that are not leaves (DTensor shards, taken
 local), and every weight under a zero-bubble pipeline (its weight passes ask autograd for each
-micro-batch's weight gradients), keep autograd's route.
+micro-batch's weight gradients), keep autograd's route; compiled blocks (train.compile) cast
+inside their graphs on every call, as autocast's cache does not reach into them either.
 """
 
 from __future__ import annotations
@@ -61,8 +62,9 @@ class StepCasts:
         """`weights` in `dtype`: the kept casts if this step made them already."""
         kept = self.kept
         # only casts autograd tracks are kept: one made without gradients would cut the
-        # weights off from every later micro-batch's backward
-        if kept is None or not torch.is_grad_enabled():
+        # weights off from every later micro-batch's backward; a compiled block casts inside
+        # its graph (dynamo would break the graph at the kept casts)
+        if kept is None or not torch.is_grad_enabled() or torch.compiler.is_compiling():
             return tuple(w.to(dtype) for w in weights)
         if dtype not in kept:
             kept[dtype] = tuple(self._cast(w, dtype) for w in weights)

@@ -121,8 +121,10 @@ def rank_traffic(
     accumulated = accumulated and not layout.fsdp_reduce_every_micro_batch
     grads = sum(unit(g, layout) for g in sharded) if accumulated else local
     kept, later = keeps_weight_casts(layout, work), micro_batches - 1
-    # with the casts kept, the routed experts' gradients are summed in their casts
-    summed = cast_weights([g for g in held if g.expert], layout) if kept else 0.0
+    # with the casts kept, the routed experts' gradients are summed in their casts (not under
+    # a zero-bubble pipeline, whose weight passes take each micro-batch's from autograd)
+    summing = kept and layout.pp_schedule != "zero_bubble"
+    summed = cast_weights([g for g in held if g.expert], layout) if summing else 0.0
     gradients = CLIP_BYTES * (grads + touched) + ACCUMULATE_BYTES * (grads - summed) * later
     gradients += SUMMED_CAST_BYTES * summed * later
     weights = cast_weights(held, layout)
