@@ -5,9 +5,12 @@ write 2, per weight) because autocast empties its cast cache when its outermost 
 Keeping one autocast context open across a step's micro-batches keeps that cache, so the
 forward's casts happen once a step; the casts the model makes itself (model/step_casts.py:
 the grouped experts' stacked weights, V4 attention's grouped output projection) are kept as
-long. Backward runs with autocast off inside that context, as outside it today (autocast is
-for forwards; its state would otherwise follow the backward into every recomputation and
-formula). The gradients are the same bits either way: the same casts of the same weights.
+long and sum their weights' gradients over the micro-batches (one pass each, where autograd
+casts each micro-batch's gradient and then accumulates it; not under a zero-bubble pipeline,
+whose weight passes take each micro-batch's from autograd). Backward runs with autocast off
+inside that context, as outside it before (autocast is for forwards; its state would
+otherwise follow the backward into every recomputation and formula). The gradients are the
+same bits either way: the same casts of the same weights, summed in the same order.
 
 Not under FSDP: its weights are gathered per micro-batch and freed after, and a cache holding
 their casts for the step would hold every gathered unit at once.
