@@ -160,6 +160,7 @@ def one_rank(tmp_path_factory, shakespeare_shards) -> Path:
     )
     assert "1 rank(s) on 1 node(s)" in result.stdout
     assert "birkhoff: host malloc: " in result.stdout  # what the allocator was set to, or why not
+    assert "birkhoff: weight casts: none (float32 matmuls" in result.stdout
     return run
 
 

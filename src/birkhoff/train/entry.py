@@ -164,7 +164,8 @@ def _train_rank(
                 kernel_line += f" ({note})" if note else ""
                 print(f"birkhoff: {kernel_line}", flush=True)
                 print(f"birkhoff: {malloc_line}", flush=True)
-                casts = describe_weight_casts(trainer.weight_casts, trainer.grad_accum)
+                casts = describe_weight_casts(trainer.weight_casts, trainer.grad_accum,
+                                              train_recipe.train.mixed_precision)  # fmt: skip
                 print(f"birkhoff: {casts}", flush=True)
                 if train_recipe.train.compile:
                     print(f"birkhoff: compile: torch.compile on {trainer.compiled_blocks} "

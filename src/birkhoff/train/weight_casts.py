@@ -56,8 +56,10 @@ def resolve_weight_casts(train: TrainConfig, parallel: ParallelConfig, world_siz
     return "per_micro_batch"
 
 
-def describe_weight_casts(mode: str, micro_batches: int) -> str:
+def describe_weight_casts(mode: str, micro_batches: int, mixed_precision: str) -> str:
     """The start-up line: how often the matmuls' bf16 weight copies are made."""
+    if mixed_precision != "bf16":
+        return "weight casts: none (float32 matmuls: train.mixed_precision=none)"
     if mode == "per_step":
         return f"weight casts: once per step, kept across its {micro_batches} micro-batch(es)"
     return "weight casts: per micro-batch (autocast's own)"
