@@ -60,7 +60,7 @@ from birkhoff.train.host_malloc import apply_host_malloc
 from birkhoff.train.mfu import device_peak, flops_per_token
 from birkhoff.train.model_share import initialise
 from birkhoff.train.optim import adamw_step_kind
-from birkhoff.train.weight_casts import backward_context, step_context
+from birkhoff.train.weight_casts import backward_context, step_casts_of, step_context
 
 VARIANTS = {
     "default": [],
@@ -120,7 +120,8 @@ def step(
     kind = tokens.device.type
     mode = weight_casts if bf16 else "per_micro_batch"
     autocast = torch.autocast(kind, torch.bfloat16) if bf16 else contextlib.nullcontext()
-    with step_context(mode, [net], kind, micro_batches):
+    kept = step_casts_of([net]) if mode == "per_step" else []
+    with step_context(mode, kept, kind, micro_batches):
         for _ in range(micro_batches):
             with autocast:
                 loss = net(tokens[:, :-1], tokens[:, 1:], engram_rows=rows)
@@ -160,27 +161,21 @@ def measure(model: str, args: argparse.Namespace) -> dict:
     tokens = tokens.to(device)
     seconds, faults = dict.fromkeys(built, 0.0), dict.fromkeys(built, 0)
     rows = {name: loader_rows(net, tokens) for name, (net, _) in built.items()}  # as trained
+
+    def one_step(name: str, net: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        step(net, optimizer, tokens, args.bf16, rows[name], args.micro_batches, args.weight_casts)
+
     # warm-up: the optimizer's state made, blocks compiled, and the host allocator's heap grown
     # to what a step needs (its page faults stop by the third step on a CPU)
     for name, (net, optimizer) in built.items():
         for _ in range(args.warmup):
-            step(
-                net, optimizer, tokens, args.bf16, rows[name], args.micro_batches, args.weight_casts
-            )
+            one_step(name, net, optimizer)
     for _ in range(args.rounds):
         for name, (net, optimizer) in built.items():
             synchronize(device)
             start, faulted = time.perf_counter(), _page_faults()
             for _ in range(args.steps):
-                step(
-                    net,
-                    optimizer,
-                    tokens,
-                    args.bf16,
-                    rows[name],
-                    args.micro_batches,
-                    args.weight_casts,
-                )
+                one_step(name, net, optimizer)
             synchronize(device)
             seconds[name] += time.perf_counter() - start
             faults[name] += _page_faults() - faulted

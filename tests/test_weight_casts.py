@@ -24,7 +24,7 @@ from birkhoff.parallel.planning.layout import Layout, Workload
 from birkhoff.parallel.planning.traffic import cast_weights
 from birkhoff.train.metrics import MetricLogger
 from birkhoff.train.trainer import Trainer
-from birkhoff.train.weight_casts import casts_kept_for_step, resolve_weight_casts
+from birkhoff.train.weight_casts import casts_kept_for_step, resolve_weight_casts, step_casts_of
 from conftest import SMALL_OVERRIDES, compose_recipe
 
 MICRO_BATCHES = 4
@@ -63,7 +63,7 @@ class WeightCasts(TorchDispatchMode):
 
 
 def _trainer(ctx, overrides: list[str]) -> Trainer:
-    recipe, _ = load_recipe(compose_recipe(SMALL_OVERRIDES + BF16 + overrides), env={})
+    recipe = _recipe(BF16 + overrides, world=1)
     return Trainer(recipe, open_data(recipe.data), ctx, torch.device("cpu"), MetricLogger([]))
 
 
@@ -190,7 +190,7 @@ def test_a_step_that_runs_fewer_backwards_than_it_said_fails_loudly():
     module.step_casts = StepCasts()
     weight = torch.randn(2, 2, requires_grad=True)
     failing = pytest.raises(RuntimeError, match="not handed to autograd")
-    with failing, casts_kept_for_step([module], "cpu", micro_batches=2):
+    with failing, casts_kept_for_step(step_casts_of([module]), "cpu", micro_batches=2):
         (cast,) = module.step_casts.get(torch.bfloat16, (weight,))
         cast.float().sum().backward()
     assert weight.grad is None and module.step_casts.kept is None

@@ -56,7 +56,12 @@ from birkhoff.train.spikes import StepGuard
 from birkhoff.train.stop import StopSignal
 from birkhoff.train.stragglers import StragglerMonitor
 from birkhoff.train.watchdog import HangWatchdog
-from birkhoff.train.weight_casts import backward_context, resolve_weight_casts, step_context
+from birkhoff.train.weight_casts import (
+    backward_context,
+    resolve_weight_casts,
+    step_casts_of,
+    step_context,
+)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -107,6 +112,7 @@ class Trainer:
         self.after_backward: list[Callable[[Trainer], None]] = share.after_backward
         self.model = self.model_parts[0]
         self.weight_casts = resolve_weight_casts(train_cfg, recipe.parallel, ctx.world_size)
+        self.step_casts = step_casts_of(self.model_parts)
         self.parallel_model = wrap_ddp(self.model, ctx, recipe.parallel)
         # One optimizer per part, so optimizer state is keyed by the whole model's names.
         built = [build_optimizer(p, recipe.optim, train_cfg.steps) for p in self.model_parts]
@@ -337,13 +343,13 @@ class Trainer:
         """Accumulate the gradients of one step; returns the summed micro-batch losses."""
         if self.pipeline is not None:  # its schedule runs every micro-batch in one autocast
             summing = self.recipe.parallel.pp_schedule != "zero_bubble"
-            kept = step_context(self.weight_casts, self.model_parts, self.device.type,
+            kept = step_context(self.weight_casts, self.step_casts, self.device.type,
                                 len(micro_batches), summing)  # fmt: skip
             with kept, self.autocast():
                 return self.pipeline.train_step(micro_batches, self.device)
         loss_sum = torch.zeros((), device=self.device)
         kind = self.device.type
-        with step_context(self.weight_casts, self.model_parts, kind, len(micro_batches)):
+        with step_context(self.weight_casts, self.step_casts, kind, len(micro_batches)):
             for index, batch in enumerate(micro_batches):
                 with self._gradient_sync(index == len(micro_batches) - 1), self.autocast():
                     loss = self._forward(batch.to(self.device))

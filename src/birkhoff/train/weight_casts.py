@@ -65,15 +65,19 @@ def describe_weight_casts(mode: str, micro_batches: int, mixed_precision: str) -
     return "weight casts: per micro-batch (autocast's own)"
 
 
+def step_casts_of(parts: list[nn.Module]) -> list[StepCasts]:
+    """The `StepCasts` of every module of the model parts (found once, not every step)."""
+    owners = [getattr(m, "step_casts", None) for part in parts for m in part.modules()]
+    return [casts for casts in owners if isinstance(casts, StepCasts)]
+
+
 @contextmanager
 def casts_kept_for_step(
-    parts: list[nn.Module], device_type: str, micro_batches: int, summing: bool = True
+    kept: list[StepCasts], device_type: str, micro_batches: int, summing: bool = True
 ) -> Iterator[None]:
     """Within it, bf16 weight casts made by one micro-batch's forward serve the next ones
-    (autocast's cache and the model's own, model/step_casts.py, whose gradients the casts sum
-    over the `micro_batches` backwards); all are dropped on the way out."""
-    owners = [getattr(m, "step_casts", None) for part in parts for m in part.modules()]
-    kept = [casts for casts in owners if isinstance(casts, StepCasts)]
+    (autocast's cache and the model's own, `kept`, whose gradients the casts sum over the
+    `micro_batches` backwards); all are dropped on the way out."""
     for casts in kept:
         casts.open(micro_batches, summing)
     failed = True
@@ -91,13 +95,13 @@ def casts_kept_for_step(
 
 
 def step_context(
-    mode: str, parts: list[nn.Module], device_type: str, micro_batches: int, summing: bool = True
+    mode: str, kept: list[StepCasts], device_type: str, micro_batches: int, summing: bool = True
 ):
-    """The context a step's `micro_batches` forwards and backwards run in for `mode`
-    (`summing`: the model's own casts sum their weights' gradients)."""
+    """The context a step's `micro_batches` forwards and backwards run in for `mode` (`kept`:
+    step_casts_of the model; `summing`: those casts sum their weights' gradients)."""
     if mode != "per_step":
         return nullcontext()
-    return casts_kept_for_step(parts, device_type, micro_batches, summing)
+    return casts_kept_for_step(kept, device_type, micro_batches, summing)
 
 
 def backward_context(mode: str, device_type: str):
